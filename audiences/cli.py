@@ -1,0 +1,255 @@
+"""`audiences`: the command-line tool.
+
+Every command reads its locations from `AUDIENCES_*` environment variables (see
+`audiences.settings`), and the global flags override them, so the tool can be pointed at anyone's
+users and definitions. Exit codes: 0 success, 1 the thing asked about is invalid or missing
+(bad definitions, unknown audience or user), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from audiences.settings import ENVIRONMENT_VARIABLES, Settings, format_time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if not getattr(arguments, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        settings = Settings.from_env(
+            duckdb_path=arguments.duckdb,
+            definitions_dir=arguments.definitions,
+            sources_file=arguments.sources,
+            users_source=arguments.users_source,
+            source_mode=arguments.source_mode,
+            evaluation_time=arguments.evaluation_time,
+            dbt_project_dir=arguments.dbt_project,
+        )
+        return arguments.handler(settings, arguments) or 0
+    except _EXPECTED_ERRORS() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _EXPECTED_ERRORS():
+    from audiences.definitions import DefinitionError
+    from audiences.users.sources import SourceError
+    from audiences.warehouse import WarehouseError
+
+    return (DefinitionError, SourceError, WarehouseError, ValueError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    variables = "\n".join(f"  {name:27} {meaning}" for name, meaning in ENVIRONMENT_VARIABLES.items())
+    parser = argparse.ArgumentParser(
+        prog="audiences",
+        description="A warehouse-native, Knock-compatible audiences engine (Dagster, DuckDB, dbt).",
+        epilog=f"Environment variables (flags override them):\n{variables}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--duckdb", help="the DuckDB warehouse file (AUDIENCES_DUCKDB)")
+    parser.add_argument("--definitions", help="the audience definitions folder (AUDIENCES_DEFINITIONS)")
+    parser.add_argument("--sources", help="the sources YAML file (AUDIENCES_SOURCES)")
+    parser.add_argument("--users-source", help="one users source: a file, Parquet folder or URI (AUDIENCES_USERS_SOURCE)")
+    parser.add_argument("--source-mode", choices=["snapshot", "stream"], help="mode of --users-source")
+    parser.add_argument("--evaluation-time", help="ISO 8601 evaluation time, default now (AUDIENCES_EVALUATION_TIME)")
+    parser.add_argument("--dbt-project", help="the dbt project folder (AUDIENCES_DBT_PROJECT)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=handler.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("run", run, "load users and materialize every audience through Dagster")
+    sub = command("preview", preview, "count and sample the users matching an audience, writing nothing")
+    sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
+    sub.add_argument("--sample", type=int, default=10, help="how many matching users to show (default 10)")
+    sub.add_argument("--sql", action="store_true", help="also print the SQL that was run")
+    sub = command("members", members, "list an audience's members as JSON lines")
+    sub.add_argument("audience", help="the audience key")
+    command("validate", validate, "validate every audience definition")
+    sub = command("explain", explain, "show why a user is in or out of an audience")
+    sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
+    sub.add_argument("user_id", help="the user's id")
+    sub = command("generate", generate, "regenerate the dbt models from the definitions")
+    sub.add_argument("--check", action="store_true", help="fail if the committed models are out of date")
+    return parser
+
+
+def run(settings: Settings, arguments) -> int:
+    """Run the main job: load every user source, validate the definitions, and materialize every
+    audience through Dagster at one evaluation time; then print the member counts.
+
+    Set DAGSTER_HOME to keep the run's history for the Dagster UI (`dg dev`)."""
+    from audiences.evaluation import evaluation_time_for
+    from audiences.warehouse import connect, last_evaluation
+
+    os.environ.update(settings.environment_variables())
+    evaluated_at = evaluation_time_for(settings.evaluation_time)
+    result = _execute_main_job(evaluated_at)
+    if not result.success:
+        print("error: the run failed; see the log above", file=sys.stderr)
+        return 1
+    with connect(settings.duckdb_path, read_only=True) as connection:
+        counts = last_evaluation(connection)
+        users, quarantined = connection.execute(
+            "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
+        ).fetchone()
+    print(f"evaluated at {format_time(evaluated_at)}: {users} users, {quarantined} quarantined rows "
+          f"(see raw.users_quarantine)")
+    width = max((len(row["audience_key"]) for row in counts), default=10)
+    for row in counts:
+        print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,} members")
+    return 0
+
+
+def _execute_main_job(evaluated_at):
+    import dagster as dg
+
+    from pipelines.definitions import defs
+    from pipelines.defs.schedules import MAIN_JOB
+
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    job = defs.resolve_job_def(MAIN_JOB)
+    run_config = {"ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at)}}}}
+    return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+
+
+def _definition(settings: Settings, key_or_file: str):
+    from audiences.definitions import DefinitionError, Problem, load_definition_file, load_definitions
+
+    definitions = load_definitions(settings.definitions_dir) if settings.definitions_dir.is_dir() else {}
+    path = Path(key_or_file)
+    if path.suffix == ".json" or path.is_file():
+        definition = load_definition_file(path)
+        return definition, {**definitions, definition.key: definition}
+    if key_or_file not in definitions:
+        raise DefinitionError([Problem(str(settings.definitions_dir), "$", f"no audience {key_or_file!r}")])
+    return definitions[key_or_file], definitions
+
+
+def preview(settings: Settings, arguments) -> int:
+    """Count and sample the users that match an audience against the current warehouse, right now
+    (or at --evaluation-time). Nothing is written. The audience can be a key from the definitions
+    folder or the path of an audience.json that is not committed yet."""
+    from audiences.evaluation import evaluation_time_for
+    from audiences.warehouse import connect, preview as run_preview
+
+    definition, definitions = _definition(settings, arguments.audience)
+    with connect(settings.duckdb_path, read_only=True) as connection:
+        result = run_preview(connection, definition, definitions, evaluation_time_for(settings.evaluation_time),
+                             sample_size=arguments.sample)
+    share = f" ({result.count / result.total_users:.1%} of {result.total_users:,})" if result.total_users else ""
+    print(f"{definition.key}: {result.count:,} matching users{share} at {format_time(result.evaluated_at)}")
+    for row in result.sample:
+        print("  " + json.dumps(row, ensure_ascii=False))
+    if arguments.sql:
+        print(result.sql)
+    return 0
+
+
+def members(settings: Settings, arguments) -> int:
+    """Print an audience's members at its last evaluation, one JSON object per line:
+    {"user_id": ..., "tenant": ...}."""
+    from audiences.warehouse import connect, members as list_members
+
+    with connect(settings.duckdb_path, read_only=True) as connection:
+        for member in list_members(connection, arguments.audience):
+            sys.stdout.write(json.dumps(member, ensure_ascii=False) + "\n")
+    return 0
+
+
+def validate(settings: Settings, arguments) -> int:
+    """Validate every definition in the definitions folder: keys, operators, arguments (including
+    relative times under 15 minutes), audience references and cycles, and, when a warehouse exists,
+    that no audience changed type. Each problem names the file and the JSON path."""
+    from audiences.dbt_models import custom_audience_keys
+    from audiences.definitions import DefinitionError, load_definitions, validate_definitions
+    from audiences.evaluation import registered_types
+    from audiences.warehouse import WarehouseError, connect
+
+    definitions = load_definitions(settings.definitions_dir)
+    existing: dict[str, str] = {}
+    if settings.duckdb_path.exists():
+        try:
+            with connect(settings.duckdb_path, read_only=True) as connection:
+                existing = registered_types(connection) if _has_registry(connection) else {}
+        except WarehouseError as error:
+            print(f"warning: type changes not checked: {error}", file=sys.stderr)
+    problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir), existing)
+    if problems:
+        raise DefinitionError(problems)
+    kinds = {kind: sum(d.type == kind for d in definitions.values()) for kind in ("dynamic", "static")}
+    print(f"{len(definitions)} definitions are valid ({kinds['dynamic']} dynamic, {kinds['static']} static) "
+          f"in {settings.definitions_dir}")
+    return 0
+
+
+def _has_registry(connection) -> bool:
+    from audiences.warehouse import table_exists
+
+    return table_exists(connection, "raw.audience_registry")
+
+
+def explain(settings: Settings, arguments) -> int:
+    """Explain why a user is in or out of an audience: for each condition, the value seen and
+    whether it holds, then each segment (conditions ANDed) and the verdict (segments ORed)."""
+    from audiences.evaluation import evaluation_time_for
+    from audiences.warehouse import connect, explain as run_explain
+
+    definition, definitions = _definition(settings, arguments.audience)
+    with connect(settings.duckdb_path, read_only=True) as connection:
+        result = run_explain(connection, definition, definitions, arguments.user_id,
+                             evaluation_time_for(settings.evaluation_time))
+    verdict = "IN" if result.is_member else "OUT"
+    print(f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)}")
+    current = 0
+    for verdict_row in result.verdicts:
+        if verdict_row.segment != current:
+            current = verdict_row.segment
+            held = result.segments[current - 1]
+            print(f"  segment {current}: {'true' if held else 'false'} (all conditions must hold)")
+        mark = "true " if verdict_row.result else "false"
+        condition = verdict_row.condition
+        argument = f" {json.dumps(condition['argument'], ensure_ascii=False)}" if "argument" in condition else ""
+        print(f"    {mark}  {condition['property']} {condition['operator']}{argument}   (value: {verdict_row.value})")
+    if not result.segments:
+        print("  no segments: nobody matches")
+    return 0
+
+
+def generate(settings: Settings, arguments) -> int:
+    """Regenerate the dbt models under dbt_project/ from the audience definitions. With --check,
+    change nothing and fail if the files on disk differ from what the definitions generate."""
+    from audiences.dbt_models import drift, generate_models
+    from audiences.dbt_project import generate as write_generated
+    from audiences.definitions import load_definitions
+
+    if arguments.check:
+        files = generate_models(load_definitions(settings.definitions_dir), settings.dbt_project_dir,
+                                source_label=settings.definitions_dir.name)
+        problems = drift(files, settings.dbt_project_dir)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print("error: generated models are out of date; run `audiences generate`", file=sys.stderr)
+            return 1
+        print(f"{len(files)} generated files are up to date")
+        return 0
+    changed = write_generated(settings)
+    print(f"{len(changed)} files changed" + "".join(f"\n  {path}" for path in changed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Knock's condition model: operators, argument parsing, the SQL compiler and a reference evaluator."""

@@ -1,0 +1,616 @@
+"""The one condition compiler: Knock conditions in, SQL boolean expressions out.
+
+Every rule of docs/conditions.md that decides who is in an audience lives here, once. SQL is built
+as a SQLGlot syntax tree from templates we own; user text (property names, arguments) only ever
+enters as quoted identifiers or literals, so a property named `a"; drop table users; --` is just a
+property.
+
+Conditions never read JSON themselves. They read *attributes*: typed views of one property
+(`kind`, `text`, `number`, `boolean`, `items`, `timestamp`, `json`), defined here by
+`attribute_expression`. The dbt model `int_user_attributes` extracts each attribute an audience
+needs once per changed user, so evaluating fifty audiences is fifty scans of typed columns rather
+than fifty passes over JSON; `preview` and `explain` use the same expressions inline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import sqlglot
+from sqlglot import exp
+
+from audiences.conditions.arguments import (
+    EPOCH_RANGE,
+    NUMBER_PATTERN,
+    TIMESTAMP_PATTERN,
+    Argument,
+    ArgumentError,
+    DynamicTime,
+    RelativeTime,
+    TimeArgument,
+    decode_argument,
+    is_number,
+    parse_property_path,
+    parse_time_argument,
+)
+
+DIALECT = "duckdb"
+
+VARIANTS = ("json", "kind", "text", "number", "boolean", "items", "timestamp")
+NUMERIC_JSON_TYPES = ("BIGINT", "UBIGINT", "DOUBLE", "HUGEINT", "INTEGER")
+RESERVED_PROPERTIES = {("created_at",): "created_at", ("updated_at",): "updated_at"}
+
+# Operator name -> the kind of argument it takes (used by validation and compilation alike).
+OPERATORS: dict[str, str] = {
+    "equal_to": "value",
+    "not_equal_to": "value",
+    "greater_than": "number",
+    "greater_than_or_equal_to": "number",
+    "less_than": "number",
+    "less_than_or_equal_to": "number",
+    "is_between": "number_range",
+    "contains": "value",
+    "not_contains": "value",
+    "contains_all": "value",
+    "not_contains_all": "value",
+    "empty": "none",
+    "not_empty": "none",
+    "exists": "none",
+    "not_exists": "none",
+    "is_timestamp_before": "time",
+    "is_timestamp_on_or_after": "time",
+    "is_timestamp_before_date": "time",
+    "is_timestamp_on_or_after_date": "time",
+    "is_timestamp_between": "time_range",
+    "is_timestamp_before_now": "none",
+    "is_timestamp_on_or_after_now": "none",
+    "is_timestamp": "none",
+    "is_not_timestamp": "none",
+    "is_audience_member": "audience",
+    "is_not_audience_member": "audience",
+    "is_in_random_cohort": "percentage",
+}
+
+
+class ConditionError(ValueError):
+    """A condition that cannot be compiled; `field` is the part at fault (property/operator/argument)."""
+
+    def __init__(self, message: str, field: str = "argument"):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One typed view (`variant`) of one user property (`path`)."""
+
+    path: tuple[str, ...]
+    variant: str
+
+    @property
+    def column_name(self) -> str:
+        return f"{property_slug(self.path)}__{self.variant}"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A parsed condition, ready to compile. `location` is its JSON path in the definition file."""
+
+    path: tuple[str, ...]
+    operator: str
+    argument: object
+    location: str = ""
+    has_argument: bool = True
+
+    @classmethod
+    def from_json(cls, raw: object, location: str = "") -> Condition:
+        if not isinstance(raw, dict):
+            raise ConditionError(f"a condition must be an object, got {raw!r}", field="condition")
+        prop = raw.get("property", raw.get("variable"))
+        try:
+            path = parse_property_path(prop)
+        except ArgumentError as error:
+            raise ConditionError(str(error), field="property") from None
+        operator = raw.get("operator")
+        if operator not in OPERATORS:
+            known = ", ".join(sorted(OPERATORS))
+            raise ConditionError(f"unknown operator {operator!r}; known operators: {known}", "operator")
+        return cls(path, operator, raw.get("argument"), location, "argument" in raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attributes: how one property is read from the user's JSON document.
+
+
+def property_slug(path: tuple[str, ...]) -> str:
+    """A readable, collision-free column stem for a property path.
+
+    Simple lower-case paths read as themselves (`address.city`); anything else gets a short hash,
+    because warehouses fold identifier case and cap their length.
+    """
+    dotted = ".".join(path)
+    if all(re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", part) for part in path) and len(dotted) <= 48:
+        return dotted
+    readable = re.sub(r"[^a-z0-9_]+", "_", dotted.lower()).strip("_")[:24]
+    digest = hashlib.sha1("\x1f".join(path).encode()).hexdigest()[:10]
+    return f"{readable}_{digest}" if readable else f"property_{digest}"
+
+
+def json_pointer(path: tuple[str, ...]) -> str:
+    """RFC 6901 pointer for a path: dots, quotes and unicode in names need no escaping."""
+    return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def _template(sql: str, **values: object) -> exp.Expression:
+    tree = sqlglot.parse_one(sql, dialect=DIALECT)
+    converted = {k: v if isinstance(v, exp.Expression) else exp.convert(v) for k, v in values.items()}
+    return exp.replace_placeholders(tree, **converted)
+
+
+def _item_key(element: exp.Expression) -> exp.Expression:
+    """Canonical key of one JSON list item: strings by text, numbers by float value, ..."""
+    numeric = exp.convert(list(NUMERIC_JSON_TYPES))
+    return _template(
+        "case when json_type(:e) = 'VARCHAR' then 's:' || (:e ->> '$') "
+        "when json_type(:e) = 'BOOLEAN' then 'b:' || cast(:e as varchar) "
+        "when json_type(:e) = 'NULL' then 'null' "
+        "when list_contains(:numeric, json_type(:e)) then 'n:' || cast(cast(:e as double) + 0.0 as varchar) "
+        "else 'j:' || cast(:e as varchar) end",
+        e=element,
+        numeric=numeric,
+    )
+
+
+def attribute_expression(value: exp.Expression, variant: str) -> exp.Expression:
+    """The SQL for one variant of a property, given the property's JSON value (NULL if missing)."""
+    numeric = exp.convert(list(NUMERIC_JSON_TYPES))
+    text = _template("(:v ->> '$')", v=value)
+    if variant == "json":
+        return value
+    if variant == "kind":
+        return _template(
+            "case when json_type(:v) = 'VARCHAR' then 'string' "
+            "when list_contains(:numeric, json_type(:v)) then 'number' "
+            "when json_type(:v) = 'BOOLEAN' then 'boolean' "
+            "when json_type(:v) = 'ARRAY' then 'list' "
+            "when json_type(:v) = 'OBJECT' then 'object' end",
+            v=value,
+            numeric=numeric,
+        )
+    if variant == "text":
+        return _template("case when json_type(:v) = 'VARCHAR' then :text end", v=value, text=text)
+    if variant == "number":
+        return _number_expression(value)
+    if variant == "boolean":
+        return _template("case when json_type(:v) = 'BOOLEAN' then cast(:v as boolean) end", v=value)
+    if variant == "items":
+        element = exp.column("item")
+        return _template(
+            "case when json_type(:v) = 'ARRAY' then list_transform(:elements, lambda item: :key) end",
+            v=value,
+            elements=_json_extract(value, "$[*]"),
+            key=_item_key(element),
+        )
+    if variant == "timestamp":
+        return _template(
+            "case when json_type(:v) = 'VARCHAR' and regexp_full_match(:text, :ts_pattern) "
+            "then try_cast(:text as timestamptz) "
+            "when :number between :low and :high then to_timestamp(:number) end",
+            v=value,
+            text=text,
+            ts_pattern=TIMESTAMP_PATTERN,
+            number=_number_expression(value),
+            low=EPOCH_RANGE[0],
+            high=EPOCH_RANGE[1],
+        )
+    raise ValueError(f"unknown attribute variant {variant!r}")
+
+
+def _number_expression(value: exp.Expression) -> exp.Expression:
+    return _template(
+        "case when list_contains(:numeric, json_type(:v)) then cast(:v as double) "
+        "when json_type(:v) = 'VARCHAR' and regexp_full_match(:v ->> '$', :pattern) "
+        "then cast(:v ->> '$' as double) end",
+        v=value,
+        numeric=exp.convert(list(NUMERIC_JSON_TYPES)),
+        pattern=NUMBER_PATTERN,
+    )
+
+
+def property_json(path: tuple[str, ...], properties: exp.Expression, user_id: exp.Expression) -> exp.Expression:
+    """The JSON value of a property read straight from a user's `properties` document."""
+    if path == ("id",):
+        return _template("to_json(:user_id)", user_id=user_id)
+    return _json_extract(properties, json_pointer(path))
+
+
+def _json_extract(document: exp.Expression, path: str) -> exp.Expression:
+    # A plain function call: SQLGlot would write the `->` operator, which DuckDB does not bind
+    # for wildcard paths.
+    return exp.Anonymous(this="json_extract", expressions=[document, exp.Literal.string(path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling conditions.
+
+AttributeReader = Callable[[Attribute], exp.Expression]
+AudienceReader = Callable[[str], exp.Expression]
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    """Where a compiled condition reads from.
+
+    `attribute` gives the SQL of an attribute (a column of `int_user_attributes`, or inline JSON
+    extraction); `audience_members` gives a query of `user_key` of an audience's members with no
+    tenant; `evaluation_time` is the SQL of "now"; `user_key` and `user_id` are the user's columns.
+    """
+
+    attribute: AttributeReader
+    audience_members: AudienceReader
+    evaluation_time: exp.Expression
+    user_key: exp.Expression
+    user_id: exp.Expression
+
+
+def compile_segments(segments: Iterable[Iterable[Condition]], context: CompileContext) -> exp.Expression:
+    """OR of segments, each an AND of conditions. No segments, or an empty segment, matches nobody."""
+    disjuncts = []
+    for segment in segments:
+        conditions = [compile_condition(condition, context) for condition in segment]
+        disjuncts.append(exp.and_(*conditions) if conditions else exp.false())
+    if not disjuncts:
+        return exp.false()
+    return exp.or_(*disjuncts)
+
+
+def compile_condition(condition: Condition, context: CompileContext) -> exp.Expression:
+    """One condition as a SQL boolean that is never NULL (a missing property is never "unknown")."""
+    negated = condition.operator in _NEGATIONS
+    operator = _NEGATIONS.get(condition.operator, condition.operator)
+    if condition.path in RESERVED_PROPERTIES and operator not in ("is_audience_member", "is_in_random_cohort"):
+        raise ConditionError(
+            f"`{condition.path[0]}` is reserved and cannot be used in audience conditions "
+            "(Knock's rule); store it as a custom property instead",
+            field="property",
+        )
+    kind = OPERATORS[condition.operator]
+    if kind == "none" and condition.has_argument and condition.argument not in (None, ""):
+        raise ConditionError(f"`{condition.operator}` takes no argument")
+    reader = _Reader(condition.path, context)
+    expression = _COMPILERS[operator](condition, reader, context)
+    expression = exp.func("coalesce", exp.paren(expression), exp.false())
+    return exp.not_(expression) if negated else expression
+
+
+_NEGATIONS = {
+    "not_equal_to": "equal_to",
+    "not_contains": "contains",
+    "not_contains_all": "contains_all",
+    "not_empty": "empty",
+    "not_exists": "exists",
+    "is_not_timestamp": "is_timestamp",
+    "is_not_audience_member": "is_audience_member",
+}
+
+
+class _Reader:
+    """Attributes of the condition's property, by variant name."""
+
+    def __init__(self, path: tuple[str, ...], context: CompileContext):
+        self.path, self.context = path, context
+
+    def __getattr__(self, variant: str) -> exp.Expression:
+        if variant not in VARIANTS:
+            raise AttributeError(variant)
+        return self.context.attribute(Attribute(self.path, variant))
+
+    def scalar_key(self) -> exp.Expression:
+        """Canonical key of a scalar property; a missing property reads as the string ""."""
+        return _template(
+            "case when :kind is null then 's:' "
+            "when :kind = 'string' then 's:' || :text "
+            "when :kind = 'number' then 'n:' || cast(:number + 0.0 as varchar) "
+            "when :kind = 'boolean' then 'b:' || cast(:boolean as varchar) end",
+            kind=self.kind,
+            text=self.text,
+            number=self.number,
+            boolean=self.boolean,
+        )
+
+
+def _argument_key(value: object) -> exp.Expression:
+    """The canonical key of an argument value, computed by the warehouse like a property's."""
+    if isinstance(value, bool):
+        return exp.Literal.string("b:true" if value else "b:false")
+    if value is None:
+        return exp.Literal.string("null")
+    if isinstance(value, str):
+        return exp.Literal.string("s:" + value)
+    if is_number(value):
+        return _template("'n:' || cast(cast(:n as double) + 0.0 as varchar)", n=_number_literal(value))
+    return _template("'j:' || cast(cast(:j as json) as varchar)", j=_json_text(value))
+
+
+def _number_literal(value: float | int) -> exp.Expression:
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise ConditionError(f"{value!r} is not a usable number")
+    return exp.Literal.number(repr(float(value)) if isinstance(value, float) else str(value))
+
+
+def _json_text(value: object) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _keys(values: list) -> exp.Expression:
+    return exp.Array(expressions=[_argument_key(value) for value in values])
+
+
+def _static(condition: Condition) -> Argument:
+    if not condition.has_argument:
+        raise ConditionError(f"`{condition.operator}` needs an argument")
+    return decode_argument(condition.argument)
+
+
+def _compile_equal_to(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    argument = _static(condition)
+    value = argument.value
+    if isinstance(value, list):
+        return _template("(:kind = 'list' and :items = :keys)", kind=read.kind, items=read.items, keys=_keys(value))
+    if isinstance(value, dict):
+        return exp.false()
+    if isinstance(value, str):
+        if value == "":
+            return _template("(:kind is null or :text = '')", kind=read.kind, text=read.text)
+        return exp.EQ(this=read.text, expression=exp.Literal.string(value))
+    if value is None:
+        matches_value = exp.false()
+    elif isinstance(value, bool):
+        matches_value = exp.EQ(this=read.boolean, expression=exp.Boolean(this=value))
+    else:
+        matches_value = _template(
+            "(:kind = 'number' and :number = :n)", kind=read.kind, number=read.number, n=_number_literal(value)
+        )
+    if argument.original_text is None:
+        return matches_value
+    return exp.or_(matches_value, exp.EQ(this=read.text, expression=exp.Literal.string(argument.original_text)))
+
+
+def _compile_ordering(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    value = _static(condition).value
+    if not is_number(value):
+        raise ConditionError(f"`{condition.operator}` compares numbers; {condition.argument!r} is not a number")
+    comparison = {
+        "greater_than": exp.GT,
+        "greater_than_or_equal_to": exp.GTE,
+        "less_than": exp.LT,
+        "less_than_or_equal_to": exp.LTE,
+    }[condition.operator]
+    return comparison(this=read.number, expression=_number_literal(value))
+
+
+def _compile_is_between(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    value = _static(condition).value
+    if not (isinstance(value, list) and len(value) == 2 and all(is_number(v) for v in value)):
+        raise ConditionError(f"`is_between` needs [low, high] numbers, got {condition.argument!r}")
+    return exp.Between(this=read.number, low=_number_literal(value[0]), high=_number_literal(value[1]))
+
+
+def _compile_contains(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    argument = _static(condition)
+    value = argument.value
+    if isinstance(value, dict):
+        return exp.false()
+    if isinstance(value, list):
+        return _template(
+            "case when :kind = 'list' then list_has_any(:items, :keys) "
+            "when :kind is null or :kind in ('string', 'number', 'boolean') then list_contains(:keys, :key) "
+            "else false end",
+            kind=read.kind,
+            items=read.items,
+            keys=_keys(value),
+            key=read.scalar_key(),
+        )
+    key, text_key = _argument_key(value), exp.Literal.string("s:" + argument.text)
+    in_list = "list_contains(:items, :key)" if key == text_key else "list_contains(:items, :key) or list_contains(:items, :text_key)"
+    return _template(
+        f"case when :kind = 'list' then {in_list} "
+        "when :kind is null then :empty_matches "
+        "when :kind = 'string' then contains(:text, :needle) "
+        "else false end",
+        kind=read.kind,
+        items=read.items,
+        key=key,
+        text_key=text_key,
+        empty_matches=exp.Boolean(this=argument.text == ""),
+        text=read.text,
+        needle=argument.text,
+    )
+
+
+def _compile_contains_all(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    argument = _static(condition)
+    value = argument.value
+    if isinstance(value, dict):
+        return exp.false()
+    if isinstance(value, list):
+        return _template("(:kind = 'list' and list_has_all(:items, :keys))", kind=read.kind, items=read.items, keys=_keys(value))
+    return _template(
+        "(:kind = 'list' and (list_contains(:items, :key) or list_contains(:items, :text_key)))",
+        kind=read.kind,
+        items=read.items,
+        key=_argument_key(value),
+        text_key=exp.Literal.string("s:" + argument.text),
+    )
+
+
+def _compile_empty(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    return _template(
+        "(:kind is null or :text = '' or (:kind = 'list' and len(:items) = 0))",
+        kind=read.kind,
+        text=read.text,
+        items=read.items,
+    )
+
+
+def _compile_exists(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    return exp.Not(this=exp.Is(this=read.kind, expression=exp.Null()))
+
+
+def time_argument_sql(argument: TimeArgument, context: CompileContext) -> exp.Expression:
+    """A parsed time argument as SQL: relative to the evaluation time, absolute, or another property."""
+    if isinstance(argument, RelativeTime):
+        return _template("(:now + to_minutes(cast(:minutes as bigint)))", now=context.evaluation_time, minutes=argument.minutes)
+    if isinstance(argument, DynamicTime):
+        return context.attribute(Attribute(argument.path, "timestamp"))
+    return timestamp_literal(argument)
+
+
+def timestamp_literal(moment: datetime) -> exp.Expression:
+    text = moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build("timestamptz"))
+
+
+def _time_argument(raw: object, context: CompileContext) -> exp.Expression:
+    try:
+        return time_argument_sql(parse_time_argument(raw), context)
+    except ArgumentError as error:
+        raise ConditionError(str(error)) from None
+
+
+def _compile_time_compare(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    if not condition.has_argument:
+        raise ConditionError(f"`{condition.operator}` needs a time argument")
+    bound = _time_argument(condition.argument, context)
+    before = condition.operator.startswith("is_timestamp_before")
+    return (exp.LT if before else exp.GTE)(this=read.timestamp, expression=bound)
+
+
+def _compile_time_between(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    raw = condition.argument
+    if isinstance(raw, str):
+        decoded = decode_argument(raw).value
+        raw = decoded if isinstance(decoded, list) else raw
+    if not (isinstance(raw, list) and len(raw) == 2):
+        raise ConditionError(f"`is_timestamp_between` needs [start, end], got {condition.argument!r}")
+    low, high = (_time_argument(bound, context) for bound in raw)
+    return exp.Between(this=read.timestamp, low=low, high=high)
+
+
+def _compile_now_compare(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    before = condition.operator == "is_timestamp_before_now"
+    return (exp.LT if before else exp.GTE)(this=read.timestamp, expression=context.evaluation_time)
+
+
+def _compile_is_timestamp(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    return exp.Not(this=exp.Is(this=read.timestamp, expression=exp.Null()))
+
+
+def audience_argument(condition: Condition) -> str:
+    """The audience key an `is_audience_member` condition names."""
+    key = condition.argument
+    if not isinstance(key, str) or not re.fullmatch(r"[a-z0-9_-]{1,255}", key):
+        raise ConditionError(f"`{condition.operator}` needs an audience key as argument, got {key!r}")
+    if condition.path not in (("recipient",), ()):
+        raise ConditionError(
+            f"`{condition.operator}` applies to the recipient: use \"property\": \"recipient\"", field="property"
+        )
+    return key
+
+
+def _compile_audience_member(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    members = context.audience_members(audience_argument(condition))
+    return exp.In(this=context.user_key, query=exp.paren(members))
+
+
+def _compile_random_cohort(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+    value = _static(condition).value
+    if not is_number(value) or not 0 <= value <= 100:
+        raise ConditionError(f"`is_in_random_cohort` needs a percentage from 0 to 100, got {condition.argument!r}")
+    if condition.path != ("id",):
+        raise ConditionError("`is_in_random_cohort` applies to `recipient.id`", field="property")
+    return _template(
+        "(cast('0x' || substr(md5(:user_id), 1, 8) as ubigint) % 100) < :percent",
+        user_id=context.user_id,
+        percent=_number_literal(value),
+    )
+
+
+_COMPILERS = {
+    "equal_to": _compile_equal_to,
+    "greater_than": _compile_ordering,
+    "greater_than_or_equal_to": _compile_ordering,
+    "less_than": _compile_ordering,
+    "less_than_or_equal_to": _compile_ordering,
+    "is_between": _compile_is_between,
+    "contains": _compile_contains,
+    "contains_all": _compile_contains_all,
+    "empty": _compile_empty,
+    "exists": _compile_exists,
+    "is_timestamp_before": _compile_time_compare,
+    "is_timestamp_on_or_after": _compile_time_compare,
+    "is_timestamp_before_date": _compile_time_compare,
+    "is_timestamp_on_or_after_date": _compile_time_compare,
+    "is_timestamp_between": _compile_time_between,
+    "is_timestamp_before_now": _compile_now_compare,
+    "is_timestamp_on_or_after_now": _compile_now_compare,
+    "is_timestamp": _compile_is_timestamp,
+    "is_audience_member": _compile_audience_member,
+    "is_in_random_cohort": _compile_random_cohort,
+}
+
+
+def attributes_used(segments: Iterable[Iterable[Condition]]) -> set[Attribute]:
+    """Every attribute the conditions read, found by compiling them against a recording reader."""
+    used: set[Attribute] = set()
+
+    def record(attribute: Attribute) -> exp.Expression:
+        used.add(attribute)
+        return exp.column(attribute.column_name, quoted=True)
+
+    context = CompileContext(
+        attribute=record,
+        audience_members=lambda key: exp.select("user_key").from_("members"),
+        evaluation_time=exp.column("now"),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+    )
+    compile_segments(segments, context)
+    return used
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def render(expression: exp.Expression, pretty: bool = True) -> str:
+    """Readable DuckDB SQL: formatted, with lower-case keywords and function names."""
+    sql = expression.sql(dialect=DIALECT, pretty=pretty, normalize_functions="lower")
+    return lowercase_keywords(sql)
+
+
+def lowercase_keywords(sql: str) -> str:
+    """Lower-case SQL keywords in place, leaving strings, identifiers and comments untouched."""
+    from sqlglot.tokens import TokenType
+
+    tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
+    # Unquoted names (VAR) are case-insensitive, so lower-casing them is safe too.
+    keep = {TokenType.STRING, TokenType.IDENTIFIER, TokenType.NATIONAL_STRING, TokenType.PLACEHOLDER}
+    pieces, position = [], 0
+    for token in tokens:
+        if token.token_type in keep or not token.text.isupper():
+            continue
+        start, end = token.start, token.end + 1
+        if sql[start:end] != token.text:
+            continue
+        pieces.append(sql[position:start])
+        pieces.append(token.text.lower())
+        position = end
+    pieces.append(sql[position:])
+    return "".join(pieces)

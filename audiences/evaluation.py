@@ -1,0 +1,36 @@
+"""Evaluation bookkeeping: the fixed "now" of a run, and the registry of known audience types."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import duckdb
+
+from audiences.definitions import AudienceDefinition
+from audiences.settings import parse_evaluation_time, utc_now
+from audiences.users.store import ensure_schema
+
+
+def evaluation_time_for(requested: datetime | str | None) -> datetime:
+    """The run's evaluation time: the one asked for, else now (UTC). Fixed once per run."""
+    if isinstance(requested, str):
+        requested = parse_evaluation_time(requested)
+    return requested or utc_now()
+
+
+def registered_types(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Audience key -> type, for every audience this warehouse has evaluated (types are immutable)."""
+    ensure_schema(connection)
+    return dict(connection.execute("select audience_key, audience_type from raw.audience_registry").fetchall())
+
+
+def record_registry(connection: duckdb.DuckDBPyConnection, definitions: dict[str, AudienceDefinition]) -> None:
+    """Remember each audience's type the first time it is seen."""
+    ensure_schema(connection)
+    known = registered_types(connection)
+    for key, definition in sorted(definitions.items()):
+        if key not in known:
+            connection.execute(
+                "insert into raw.audience_registry values ($key, $type, now())",
+                {"key": key, "type": definition.type},
+            )

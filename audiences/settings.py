@@ -1,0 +1,109 @@
+"""The one place that decides where things live: DuckDB file, definitions, sources, dbt project.
+
+Every entry point (CLI, Dagster, tests, benchmark) builds a `Settings` from environment variables
+(optionally overridden by command-line flags), so pointing the tool at your own data is a matter of
+setting `AUDIENCES_*` variables. Secrets never live here, only paths and choices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+ENVIRONMENT_VARIABLES = {
+    "AUDIENCES_DUCKDB": "the DuckDB warehouse file (default data/warehouse.duckdb)",
+    "AUDIENCES_DEFINITIONS": "the audience definitions folder, Knock CLI layout (default data/audiences)",
+    "AUDIENCES_SOURCES": "the YAML file that declares user sources (default data/sources.yml)",
+    "AUDIENCES_USERS_SOURCE": "one user source (file, folder or URI) instead of the sources file",
+    "AUDIENCES_SOURCE_MODE": "mode of AUDIENCES_USERS_SOURCE: snapshot (default) or stream",
+    "AUDIENCES_EVALUATION_TIME": "fixed evaluation time, ISO 8601 (default: now, per run)",
+    "AUDIENCES_DBT_PROJECT": "the dbt project folder (default dbt_project)",
+    "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    duckdb_path: Path
+    definitions_dir: Path
+    sources_file: Path
+    users_source: str | None
+    source_mode: str
+    evaluation_time: datetime | None
+    dbt_project_dir: Path
+    environment: str
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        """Read `AUDIENCES_*` variables; keyword overrides (from CLI flags) win when not None."""
+        env = os.environ if environ is None else environ
+
+        def path(name: str, default: str) -> Path:
+            return _absolute(env.get(name) or default)
+
+        settings = cls(
+            duckdb_path=path("AUDIENCES_DUCKDB", "data/warehouse.duckdb"),
+            definitions_dir=path("AUDIENCES_DEFINITIONS", "data/audiences"),
+            sources_file=path("AUDIENCES_SOURCES", "data/sources.yml"),
+            users_source=env.get("AUDIENCES_USERS_SOURCE") or None,
+            source_mode=env.get("AUDIENCES_SOURCE_MODE") or "snapshot",
+            evaluation_time=parse_evaluation_time(env.get("AUDIENCES_EVALUATION_TIME")),
+            dbt_project_dir=path("AUDIENCES_DBT_PROJECT", "dbt_project"),
+            environment=env.get("AUDIENCES_ENV") or "development",
+        )
+        given = {key: value for key, value in overrides.items() if value is not None}
+        for key in ("duckdb_path", "definitions_dir", "sources_file", "dbt_project_dir"):
+            if key in given:
+                given[key] = _absolute(given[key])
+        if isinstance(given.get("evaluation_time"), str):
+            given["evaluation_time"] = parse_evaluation_time(given["evaluation_time"])
+        return replace(settings, **given)
+
+    def environment_variables(self) -> dict[str, str]:
+        """These settings as `AUDIENCES_*` variables, to hand to a child process."""
+        values = {
+            "AUDIENCES_DUCKDB": str(self.duckdb_path),
+            "AUDIENCES_DEFINITIONS": str(self.definitions_dir),
+            "AUDIENCES_SOURCES": str(self.sources_file),
+            "AUDIENCES_SOURCE_MODE": self.source_mode,
+            "AUDIENCES_DBT_PROJECT": str(self.dbt_project_dir),
+            "AUDIENCES_ENV": self.environment,
+        }
+        if self.users_source:
+            values["AUDIENCES_USERS_SOURCE"] = self.users_source
+        if self.evaluation_time:
+            values["AUDIENCES_EVALUATION_TIME"] = format_time(self.evaluation_time)
+        return values
+
+
+def _absolute(value: str | Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (Path.cwd() / path).resolve()
+
+
+def parse_evaluation_time(value: str | None) -> datetime | None:
+    """Parse an ISO 8601 evaluation time; naive times are UTC. `None` or '' means "now"."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"evaluation time {value!r} is not an ISO 8601 timestamp (e.g. 2026-11-01T12:00:00Z)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """UTC ISO 8601 with microseconds and a `Z`, the one format we write times in."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

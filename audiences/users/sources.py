@@ -1,0 +1,213 @@
+"""Where users come from: files (CSV, Parquet, JSON lines) and warehouse tables (DuckDB, SQLite).
+
+A source is declared in `data/sources.yml` (or given as one URI) with a *mode*: `snapshot` (the
+source holds every user; users it no longer holds are deleted) or `stream` (identify-style updates,
+upserts only). Reading returns the raw rows as a polars frame with a 1-based `_row` column, so
+every later error can name the row it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import duckdb
+import polars as pl
+import yaml
+
+ROW_COLUMN = "_row"
+MODES = ("snapshot", "stream")
+FORMATS = ("csv", "parquet", "jsonl", "duckdb", "sqlite")
+_EXTENSIONS = {
+    ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
+    ".ndjson": "jsonl", ".duckdb": "duckdb", ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite",
+}
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing file, no `id` column, bad declaration)."""
+
+
+@dataclass(frozen=True)
+class UserSource:
+    """One declared source of users."""
+
+    name: str
+    format: str
+    location: Path
+    mode: str = "snapshot"
+    table: str | None = None
+    query: str | None = None
+    id_column: str = "id"
+    delimiter: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise SourceError(f"source {self.name!r}: mode must be snapshot or stream, got {self.mode!r}")
+        if self.format not in FORMATS:
+            raise SourceError(f"source {self.name!r}: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.format in ("duckdb", "sqlite") and not (self.table or self.query):
+            raise SourceError(f"source {self.name!r}: a {self.format} source needs `table` or `query`")
+
+    @property
+    def description(self) -> str:
+        what = self.query or self.table
+        return f"{self.format} {self.location}" + (f" ({what})" if what else "") + f", {self.mode}"
+
+
+def sources_from_file(path: Path) -> list[UserSource]:
+    """Read `sources.yml`: `sources: [{name, path, format?, mode?, table?, query?, id_column?}]`."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as error:
+        raise SourceError(f"{path}: cannot read the sources file ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise SourceError(f"{path}: not valid YAML: {error}") from None
+    entries = document.get("sources") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise SourceError(f"{path}: expected `sources:` with a list of sources")
+    sources = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
+            raise SourceError(f"{path}: sources[{index}] needs at least `name` and `path`")
+        location = Path(entry["path"])
+        location = location if location.is_absolute() else (path.parent / location).resolve()
+        sources.append(UserSource(
+            name=str(entry["name"]),
+            format=entry.get("format") or guess_format(location),
+            location=location,
+            mode=entry.get("mode", "snapshot"),
+            table=entry.get("table"),
+            query=entry.get("query"),
+            id_column=entry.get("id_column", "id"),
+            delimiter=entry.get("delimiter"),
+        ))
+    names = [source.name for source in sources]
+    if len(set(names)) != len(names):
+        raise SourceError(f"{path}: source names must be unique, got {names}")
+    return sources
+
+
+def source_from_uri(uri: str, mode: str = "snapshot", name: str = "users") -> UserSource:
+    """One source from a path or URI: `users.csv`, `folder/` of Parquet,
+    `sqlite:///path.db?table=users`, `duckdb:///path.duckdb?query=select ...`."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("sqlite", "duckdb"):
+        params = parse_qs(parsed.query)
+        location = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
+        return UserSource(name, parsed.scheme, location.resolve(), mode,
+                          table=params.get("table", [None])[0], query=params.get("query", [None])[0],
+                          id_column=params.get("id_column", ["id"])[0])
+    location = Path(uri).expanduser().resolve()
+    return UserSource(name, guess_format(location), location, mode)
+
+
+def guess_format(location: Path) -> str:
+    if location.is_dir():
+        return "parquet"
+    fmt = _EXTENSIONS.get(location.suffix.lower())
+    if fmt is None:
+        raise SourceError(f"{location}: cannot tell the format from the extension; set `format:`")
+    return fmt
+
+
+def read_source(source: UserSource) -> pl.DataFrame:
+    """The source's raw rows, with a 1-based `_row` column and the id column renamed to `id`."""
+    if source.format not in ("duckdb", "sqlite") and not source.location.exists():
+        raise SourceError(f"{source.location}: no such file or folder (source {source.name!r})")
+    reader = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl,
+              "duckdb": _read_duckdb, "sqlite": _read_sqlite}[source.format]
+    frame = reader(source)
+    if source.id_column != "id":
+        if "id" in frame.columns:
+            frame = frame.drop("id")
+        frame = frame.rename({source.id_column: "id"}) if source.id_column in frame.columns else frame
+    if "id" not in frame.columns:
+        raise SourceError(f"{source.location}: no `{source.id_column}` column (source {source.name!r}); "
+                          f"columns are {', '.join(frame.columns)}")
+    if ROW_COLUMN in frame.columns:
+        frame = frame.drop(ROW_COLUMN)
+    return frame.with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+
+
+def _read_csv(source: UserSource) -> pl.DataFrame:
+    raw = source.location.read_bytes()
+    text = _decode(raw, source.location)
+    delimiter = source.delimiter or _sniff_delimiter(text)
+    # Every CSV value is a string (Knock's rule); empty cells are nulls (unset properties).
+    return pl.read_csv(text.encode("utf-8"), separator=delimiter, infer_schema=False,
+                       truncate_ragged_lines=False, raise_if_empty=False)
+
+
+def _decode(raw: bytes, location: Path) -> str:
+    """UTF-8 (with or without BOM), else UTF-16 with BOM, else Windows-1252 as a last resort."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return raw[3:].decode("utf-8", errors="replace")
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def _sniff_delimiter(text: str) -> str:
+    header = text.split("\n", 1)[0]
+    counts = {delimiter: header.count(delimiter) for delimiter in (",", ";", "\t", "|")}
+    return max(counts, key=counts.get) if max(counts.values()) else ","
+
+
+def _read_parquet(source: UserSource) -> pl.DataFrame:
+    target = source.location / "**/*.parquet" if source.location.is_dir() else source.location
+    return pl.read_parquet(target)
+
+
+def _read_jsonl(source: UserSource) -> pl.DataFrame:
+    """Each line is a Knock user object; it is kept whole in `properties` so nothing is lost."""
+    ids, documents = [], []
+    for line in source.location.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            document = json.loads(line)
+        except ValueError:
+            ids.append(None)
+            documents.append(line)
+            continue
+        identifier = document.pop("id", None) if isinstance(document, dict) else None
+        ids.append(identifier if isinstance(identifier, str) or identifier is None else json.dumps(identifier))
+        documents.append(json.dumps(document, ensure_ascii=False))
+    return pl.DataFrame({"id": ids, "properties": documents}, schema={"id": pl.String, "properties": pl.String})
+
+
+def _read_duckdb(source: UserSource) -> pl.DataFrame:
+    query = source.query or f"select * from {_quote_qualified(source.table)}"
+    with duckdb.connect(str(source.location), read_only=True) as connection:
+        return connection.sql(query).pl()
+
+
+def _read_sqlite(source: UserSource) -> pl.DataFrame:
+    if not source.location.exists():
+        raise SourceError(f"{source.location}: no such SQLite database (source {source.name!r})")
+    query = source.query or f"select * from {_quote_qualified(source.table)}"
+    with sqlite3.connect(f"file:{source.location}?mode=ro", uri=True) as connection:
+        cursor = connection.execute(query)
+        names = [column[0] for column in cursor.description]
+        rows = cursor.fetchall()
+    # SQLite columns are loosely typed: a column whose values mix types is read as text.
+    columns = {}
+    for index, name in enumerate(names):
+        values = [row[index] for row in rows]
+        kinds = {type(value) for value in values if value is not None}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            values = [None if value is None else str(value) for value in values]
+        columns[name] = values
+    return pl.DataFrame(columns, strict=False)
+
+
+def _quote_qualified(name: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))

@@ -1,0 +1,148 @@
+"""Row-level validation of incoming users (pandera on polars), and the patch each good row becomes.
+
+A row with a missing or malformed id, or a field that cannot be read, is *quarantined*: kept with
+its row number, the reasons and the raw values, never silently dropped and never the reason a load
+fails. Every other row becomes an identify-style JSON patch (Knock's user object minus `id`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pandera.polars as pa
+import polars as pl
+
+from audiences.users.sources import ROW_COLUMN
+
+ID_MAX_LENGTH = 255
+REPLACEMENT_CHARACTER = "\ufffd"
+
+
+@dataclass(frozen=True)
+class ValidatedRows:
+    """Rows that passed (`valid`: `_row`, `user_id`, `patch`) and those quarantined."""
+
+    valid: pl.DataFrame
+    quarantined: pl.DataFrame  # _row, user_id, reason, raw_row
+
+
+def _check(name: str, message: str, expression) -> pa.Check:
+    return pa.Check(lambda data: data.lazyframe.select(expression(pl.col(data.key))), name=name, error=message)
+
+
+def _is_json_object(value: str | None) -> bool:
+    if value is None:
+        return True
+    try:
+        return isinstance(json.loads(value), dict)
+    except ValueError:
+        return False
+
+
+def users_schema(frame: pl.DataFrame) -> pa.DataFrameSchema:
+    """The pandera schema for a frame of incoming users (its columns decide the per-column checks)."""
+    columns = {
+        "id": pa.Column(str, nullable=False, checks=[
+            _check("blank_id", "id is blank", lambda c: c.str.strip_chars() != ""),
+            _check("padded_id", "id has leading or trailing whitespace", lambda c: c.str.strip_chars() == c),
+            _check("long_id", f"id is longer than {ID_MAX_LENGTH} characters",
+                   lambda c: c.str.len_chars() <= ID_MAX_LENGTH),
+            _check("control_characters_in_id", "id contains control characters",
+                   lambda c: ~c.str.contains(r"[\x00-\x1f\x7f]")),
+        ]),
+    }
+    for name, dtype in frame.schema.items():
+        if name in ("id", ROW_COLUMN) or dtype != pl.String:
+            continue
+        checks = [_check("unreadable_text", f"`{name}` has bytes that are not valid text",
+                         lambda c: c.is_null() | ~c.str.contains(REPLACEMENT_CHARACTER, literal=True))]
+        if name == "properties":
+            checks.append(_check("properties_not_object", "`properties` is not a JSON object",
+                                 lambda c: c.map_elements(_is_json_object, return_dtype=pl.Boolean)))
+        columns[name] = pa.Column(pl.String, nullable=True, checks=checks)
+    return pa.DataFrameSchema(columns, strict=False, coerce=False)
+
+
+def validate_users(frame: pl.DataFrame) -> ValidatedRows:
+    """Split rows into valid patches and quarantined rows with their reasons."""
+    if frame.schema.get("id") != pl.String:
+        frame = frame.with_columns(pl.col("id").cast(pl.String))
+    reasons: dict[int, list[str]] = {}
+    try:
+        users_schema(frame).validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as errors:
+        cases = errors.failure_cases
+        for index, check, column in cases.select("index", "check", "column").iter_rows():
+            if index is None:
+                raise ValueError(f"the source as a whole is unreadable: column {column}: {check}") from None
+            reason = "id is missing" if (check == "not_nullable" and column == "id") else check
+            reasons.setdefault(index, [])
+            if reason not in reasons[index]:
+                reasons[index].append(reason)
+    bad = pl.Series("bad", [i in reasons for i in range(frame.height)], dtype=pl.Boolean)
+    quarantined = _quarantine_rows(frame.filter(bad), [reasons[i] for i in sorted(reasons)])
+    return ValidatedRows(_patches(frame.filter(~bad)), quarantined)
+
+
+def _quarantine_rows(frame: pl.DataFrame, reasons: list[list[str]]) -> pl.DataFrame:
+    raw_rows = [json.dumps(row, ensure_ascii=False, default=str) for row in frame.drop(ROW_COLUMN).iter_rows(named=True)]
+    return pl.DataFrame({
+        ROW_COLUMN: frame[ROW_COLUMN],
+        "user_id": frame["id"],
+        "reason": ["; ".join(r) for r in reasons],
+        "raw_row": raw_rows,
+    }, schema={ROW_COLUMN: pl.Int64, "user_id": pl.String, "reason": pl.String, "raw_row": pl.String})
+
+
+def _patches(frame: pl.DataFrame) -> pl.DataFrame:
+    """One JSON patch per row: columns by name, dotted names nested, `properties` merged under them.
+
+    A null cell is a JSON `null` in the patch, which removes the property (Knock's identify rule).
+    """
+    fields = [name for name in frame.columns if name not in ("id", ROW_COLUMN, "properties")]
+    frame = _plain_types(frame)
+    tree: dict = {}
+    for name in fields:
+        node = tree
+        parts = name.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):  # `a` and `a.b` both given: the plain column wins
+                break
+            node = child
+        else:
+            node.setdefault(parts[-1], name)
+
+    def build(node: dict) -> pl.Expr:
+        return pl.struct([
+            (build(value) if isinstance(value, dict) else pl.col(value)).alias(key) for key, value in node.items()
+        ])
+
+    columns_json = build(tree).struct.json_encode() if tree else pl.lit("{}")
+    patches = frame.select(
+        pl.col(ROW_COLUMN),
+        pl.col("id").alias("user_id"),
+        columns_json.alias("columns_patch"),
+        (pl.col("properties") if "properties" in frame.columns else pl.lit(None, dtype=pl.String)).alias("properties_patch"),
+    )
+    return patches
+
+
+def _plain_types(frame: pl.DataFrame) -> pl.DataFrame:
+    """Types JSON can carry: times as ISO 8601 UTC strings, decimals as floats, the rest as text."""
+    conversions = []
+    for name, dtype in frame.schema.items():
+        column = pl.col(name)
+        if isinstance(dtype, pl.Datetime):
+            utc = column.dt.convert_time_zone("UTC") if dtype.time_zone else column.dt.replace_time_zone("UTC")
+            conversions.append(utc.dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ").alias(name))
+        elif dtype == pl.Date:
+            conversions.append(column.dt.strftime("%Y-%m-%d").alias(name))
+        elif isinstance(dtype, pl.Decimal):
+            conversions.append(column.cast(pl.Float64).alias(name))
+        elif dtype in (pl.Time, pl.Binary, pl.Object, pl.Categorical) or isinstance(dtype, (pl.Enum, pl.Duration)):
+            conversions.append(column.cast(pl.String, strict=False).alias(name))
+        elif name == "properties" and isinstance(dtype, pl.Struct):
+            conversions.append(column.struct.json_encode().alias(name))
+    return frame.with_columns(conversions) if conversions else frame

@@ -1,0 +1,293 @@
+"""Reading audiences out of the DuckDB warehouse: preview, members, explain.
+
+These answer questions without running dbt (which costs seconds to start): `preview` compiles a
+definition and counts matching users right now, writing nothing; `members` lists the last
+evaluation's members; `explain` shows, condition by condition, the value seen and the verdict for
+one user. All of them compile conditions with the one compiler, reading attributes from the
+`int_users_flattened` table when it is fresh and has them, and straight from the users' JSON
+otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import duckdb
+from sqlglot import exp
+
+from audiences.conditions.compiler import (
+    Attribute,
+    CompileContext,
+    Condition,
+    attribute_expression,
+    attributes_used,
+    compile_condition,
+    compile_segments,
+    property_json,
+    render,
+    timestamp_literal,
+)
+from audiences.definitions import AudienceDefinition
+from audiences.dbt_models import FLATTENED_MODEL
+
+MEMBERS_TABLE = "main.audience_members"
+FLATTENED_TABLE = f"main.{FLATTENED_MODEL}"
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot answer (missing file, never evaluated, locked by a running job)."""
+
+
+def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the DuckDB warehouse with the session settings every engine query assumes (UTC)."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise WarehouseError(f"{path}: no warehouse yet; run `audiences run` first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        connection = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as error:
+        raise WarehouseError(f"{path}: cannot open the warehouse ({error}); is a pipeline run writing it?") from None
+    connection.execute("set TimeZone = 'UTC'")
+    return connection
+
+
+def table_exists(connection: duckdb.DuckDBPyConnection, qualified: str) -> bool:
+    schema, name = qualified.split(".")
+    return bool(connection.execute(
+        "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
+        {"schema": schema, "name": name},
+    ).fetchone()[0])
+
+
+def _columns(connection, qualified: str) -> set[str]:
+    schema, name = qualified.split(".")
+    rows = connection.execute(
+        "select column_name from information_schema.columns where table_schema = $schema and table_name = $name",
+        {"schema": schema, "name": name},
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+@dataclass
+class _Query:
+    """The FROM clause and compile context for evaluating conditions over users."""
+
+    source: exp.Expression
+    context: CompileContext
+
+
+def _users_query(
+    connection,
+    segments,
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+    user_id: str | None = None,
+) -> _Query:
+    needed = attributes_used(segments)
+    fresh = table_exists(connection, FLATTENED_TABLE) and not user_id and _is_fresh(connection) and {
+        attribute.column_name for attribute in needed
+    } <= _columns(connection, FLATTENED_TABLE)
+    now_sql = timestamp_literal(now)
+    evaluated = table_exists(connection, MEMBERS_TABLE)
+
+    def members_of(key: str) -> exp.Expression:
+        if evaluated:
+            return (exp.select("user_key").from_(MEMBERS_TABLE)
+                    .where(exp.and_(exp.column("audience_key").eq(exp.Literal.string(key)), "tenant is null")))
+        if key not in definitions:
+            raise WarehouseError(f"audience {key!r} has never been evaluated; run `audiences run` first")
+        inner = _users_query(connection, definitions[key].segments, definitions, now)
+        return exp.select("user_key").from_(inner.source).where(compile_segments(definitions[key].segments, inner.context))
+
+    if fresh:
+        source = exp.to_table(FLATTENED_TABLE).as_("users")
+        context = CompileContext(
+            attribute=lambda a: exp.column(a.column_name, table="users", quoted=True),
+            audience_members=members_of,
+            evaluation_time=now_sql,
+            user_key=exp.column("user_key", table="users"),
+            user_id=exp.column("user_id", table="users"),
+        )
+        return _Query(source, context)
+    properties, identifier = exp.column("properties", table="users"), exp.column("user_id", table="users")
+    where = exp.column("deleted_at", table="users").is_(exp.null())
+    if user_id is not None:
+        where = exp.and_(where, identifier.eq(exp.Literal.string(user_id)))
+    source = exp.select("*").from_(exp.to_table("raw.users").as_("users")).where(where).subquery("users")
+    context = CompileContext(
+        attribute=lambda a: attribute_expression(property_json(a.path, properties, identifier), a.variant),
+        audience_members=members_of,
+        evaluation_time=now_sql,
+        user_key=exp.column("user_key", table="users"),
+        user_id=identifier,
+    )
+    return _Query(source, context)
+
+
+def _is_fresh(connection) -> bool:
+    """True when no user changed after the flattened attributes were last built."""
+    return connection.execute(
+        f"select count(*) = 0 from raw.users where updated_at > (select max(updated_at) from {FLATTENED_TABLE})"
+    ).fetchone()[0]
+
+
+@dataclass(frozen=True)
+class Preview:
+    count: int
+    total_users: int
+    sample: list[dict]
+    evaluated_at: datetime
+    sql: str
+
+
+def preview(
+    connection: duckdb.DuckDBPyConnection,
+    definition: AudienceDefinition,
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+    sample_size: int = 10,
+) -> Preview:
+    """Count and sample the users matching a definition now, against the current warehouse."""
+    if definition.type != "dynamic":
+        raise WarehouseError(f"{definition.key!r} is a static audience: its members are added, not matched")
+    _require_users(connection)
+    query = _users_query(connection, definition.segments, definitions, now)
+    condition = compile_segments(definition.segments, query.context)
+    matching = exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
+    sql = render(matching)
+    count = connection.execute(f"select count(*) from ({sql})").fetchone()[0]
+    sampled = connection.execute(
+        f"""
+        select matching.user_id, users.properties
+        from ({sql}) as matching
+        join raw.users as users using (user_key)
+        order by matching.user_id
+        limit {int(sample_size)}
+        """
+    ).fetchall()
+    total = connection.execute("select count(*) from raw.users where deleted_at is null").fetchone()[0]
+    sample = [{"user_id": user_id, **_summary(json.loads(properties))} for user_id, properties in sampled]
+    return Preview(count, total, sample, now, sql)
+
+
+def _summary(properties: dict) -> dict:
+    return {key: properties[key] for key in ("name", "email") if key in properties}
+
+
+def _require_users(connection) -> None:
+    if not table_exists(connection, "raw.users"):
+        raise WarehouseError("the warehouse holds no users yet; run `audiences run` first")
+
+
+def members(connection: duckdb.DuckDBPyConnection, key: str) -> Iterator[dict]:
+    """The members of an audience at its last evaluation: `{"user_id", "tenant"}` per member."""
+    if not table_exists(connection, MEMBERS_TABLE):
+        raise WarehouseError("no evaluation yet; run `audiences run` first")
+    known = connection.execute("select count(*) from main.audience_catalog where audience_key = $key", {"key": key}).fetchone()[0]
+    if not known:
+        raise WarehouseError(f"unknown audience {key!r} (not in the last evaluation)")
+    cursor = connection.execute(
+        f"""
+        select users.user_id, members.tenant
+        from {MEMBERS_TABLE} as members
+        join raw.users as users using (user_key)
+        where members.audience_key = $key
+        order by users.user_id, members.tenant nulls first
+        """,
+        {"key": key},
+    )
+    while batch := cursor.fetchmany(10_000):
+        for user_id, tenant in batch:
+            yield {"user_id": user_id, "tenant": tenant}
+
+
+def last_evaluation(connection: duckdb.DuckDBPyConnection) -> list[dict]:
+    """Member counts per audience from the latest evaluation."""
+    if not table_exists(connection, "main.audience_evaluations"):
+        return []
+    rows = connection.execute(
+        """
+        select audience_key, audience_type, member_count, evaluated_at
+        from main.audience_evaluations
+        where evaluated_at = (select max(evaluated_at) from main.audience_evaluations)
+        order by audience_key
+        """
+    ).fetchall()
+    return [dict(zip(("audience_key", "audience_type", "member_count", "evaluated_at"), row)) for row in rows]
+
+
+@dataclass(frozen=True)
+class ConditionVerdict:
+    segment: int
+    condition: dict
+    value: str
+    result: bool
+
+
+@dataclass(frozen=True)
+class Explanation:
+    user_id: str
+    audience_key: str
+    is_member: bool
+    segments: list[bool]
+    verdicts: list[ConditionVerdict]
+    evaluated_at: datetime
+
+
+def explain(
+    connection: duckdb.DuckDBPyConnection,
+    definition: AudienceDefinition,
+    definitions: dict[str, AudienceDefinition],
+    user_id: str,
+    now: datetime,
+) -> Explanation:
+    """Why a user is in or out: each condition's value seen and verdict, then each segment's."""
+    from audiences.dbt_models import condition_json
+
+    if definition.type != "dynamic":
+        raise WarehouseError(f"{definition.key!r} is a static audience: members are added, not matched")
+    _require_users(connection)
+    exists = connection.execute(
+        "select count(*) from raw.users where user_id = $id and deleted_at is null", {"id": user_id}
+    ).fetchone()[0]
+    if not exists:
+        raise WarehouseError(f"no user {user_id!r} in the warehouse")
+    query = _users_query(connection, definition.segments, definitions, now, user_id=user_id)
+    selections: list[exp.Expression] = []
+    for segment in definition.segments:
+        for condition in segment:
+            selections.append(_seen_value(condition, query.context))
+            selections.append(compile_condition(condition, query.context))
+    row = connection.execute(render(exp.select(*selections).from_(query.source)) if selections else "select 1").fetchone()
+    verdicts, segments, position = [], [], 0
+    for index, segment in enumerate(definition.segments, start=1):
+        results = []
+        for condition in segment:
+            value, result = row[position], bool(row[position + 1])
+            position += 2
+            verdicts.append(ConditionVerdict(index, condition_json(condition), _describe(condition, value), result))
+            results.append(result)
+        segments.append(bool(results) and all(results))
+    return Explanation(user_id, definition.key, any(segments), segments, verdicts, now)
+
+
+def _seen_value(condition: Condition, context: CompileContext) -> exp.Expression:
+    if condition.operator in ("is_audience_member", "is_not_audience_member"):
+        members = context.audience_members(str(condition.argument))
+        return exp.In(this=context.user_key, query=exp.paren(members))
+    if condition.path == ("id",):
+        return context.user_id
+    return exp.cast(context.attribute(Attribute(condition.path, "json")), "varchar")
+
+
+def _describe(condition: Condition, value) -> str:
+    if condition.operator in ("is_audience_member", "is_not_audience_member"):
+        return f"{'a member' if value else 'not a member'} of {condition.argument!r} (no tenant)"
+    if value is None:
+        return "(missing)"
+    return value if condition.path != ("id",) else json.dumps(value)

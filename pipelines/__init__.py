@@ -1,0 +1,1 @@
+"""The Dagster code location of the audiences engine. Domain logic lives in `audiences/`."""

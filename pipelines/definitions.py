@@ -1,0 +1,7 @@
+"""Loads every definition under `pipelines/defs/`; nothing else belongs here."""
+
+from pathlib import Path
+
+import dagster as dg
+
+defs = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)

@@ -1,0 +1,126 @@
+"""Audiences: the definitions asset and the dbt models that materialize every audience."""
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
+
+from audiences.dbt_project import prepare
+from audiences.definitions import load_definitions, validate_definitions
+from audiences.dbt_models import custom_audience_keys
+from audiences.evaluation import evaluation_time_for, record_registry, registered_types
+from audiences.settings import Settings, format_time
+from pipelines.defs.resources import WarehouseResource
+
+DEFINITIONS_KEY = dg.AssetKey("audience_definitions")
+GROUPS = {"staging": "staging", "intermediate": "staging", "audiences": "audiences", "marts": "audiences_marts"}
+
+
+class EvaluationConfig(dg.Config):
+    """Run settings: an explicit evaluation time makes a run reproducible."""
+
+    evaluation_time: str | None = None
+
+
+class AudiencesTranslator(DagsterDbtTranslator):
+    """Audience models are keyed `audiences/<model>` and depend on the definitions they come from."""
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project) -> dg.AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        node = manifest.get("nodes", {}).get(unique_id) or manifest.get("sources", {}).get(unique_id) or {}
+        folder = (node.get("fqn") or ["", ""])[1] if node.get("resource_type") == "model" else None
+        if folder == "audiences":
+            spec = spec.replace_attributes(key=dg.AssetKey(["audiences", node["name"]]))
+            spec = spec.merge_attributes(deps=[DEFINITIONS_KEY])
+        if folder in GROUPS:
+            spec = spec.replace_attributes(group_name=GROUPS[folder])
+        return spec
+
+
+@dg.definitions
+def audiences_definitions() -> dg.Definitions:
+    settings = Settings.from_env()
+    manifest = prepare(settings)
+
+    @dg.asset(
+        key=DEFINITIONS_KEY,
+        group_name="audiences",
+        kinds={"json"},
+        description=(
+            "The audience definitions (Knock CLI layout, `<folder>/<key>/audience.json`), validated: "
+            "keys, operators, arguments, audience references and cycles, and type immutability "
+            "against the audiences the warehouse already knows."
+        ),
+    )
+    def audience_definitions(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        definitions = load_definitions(settings.definitions_dir)
+        with warehouse.connect() as connection:
+            problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir),
+                                            registered_types(connection))
+            if problems:
+                raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
+            record_registry(connection, definitions)
+        rows = ["| key | type | version | name |", "|---|---|---|---|"]
+        rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
+        return dg.MaterializeResult(metadata={
+            "folder": str(settings.definitions_dir),
+            "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
+            "static_audiences": sum(d.type == "static" for d in definitions.values()),
+            "definitions": dg.MetadataValue.md("\n".join(rows)),
+        })
+
+    @dbt_assets(manifest=manifest, dagster_dbt_translator=AudiencesTranslator(), name="audience_models")
+    def audience_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
+                        config: EvaluationConfig):
+        """Build users' attributes and every audience, at one fixed evaluation time."""
+        evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
+        context.log.info(f"evaluation time: {format_time(evaluated_at)}")
+        arguments = ["build", "--vars", json.dumps({"evaluation_time": format_time(evaluated_at)})]
+        # DuckDB allows one writer: read member counts only after dbt has finished and let go.
+        events = list(dbt.cli(arguments, context=context).stream())
+        counts = _member_counts(warehouse)
+        for event in events:
+            key = getattr(event, "asset_key", None)
+            if isinstance(event, dg.Output) and key is None:
+                key = context.asset_key_for_output(event.output_name)
+            if isinstance(event, (dg.Output, dg.AssetMaterialization)) and key is not None:
+                extra = {"evaluated_at": format_time(evaluated_at)}
+                if key.path[0] == "audiences" and key.path[-1] in counts:
+                    extra["member_count"] = counts[key.path[-1]]
+                if key.path[-1] == "audience_members":
+                    extra["member_counts"] = dg.MetadataValue.json(counts)
+                event = event.with_metadata({**event.metadata, **extra})
+            yield event
+
+    @dg.asset_check(
+        asset=dg.AssetKey("audience_evaluations"),
+        description="Every audience in the catalog was evaluated in the latest run.",
+        additional_deps=[dg.AssetKey("audience_catalog")],
+    )
+    def every_audience_built(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        definitions = load_definitions(settings.definitions_dir)
+        with warehouse.connect(read_only=True) as connection:
+            evaluated = {row[0] for row in connection.execute(
+                "select audience_key from main.audience_evaluations "
+                "where evaluated_at = (select max(evaluated_at) from main.audience_evaluations)").fetchall()}
+            catalog = {row[0] for row in connection.execute("select audience_key from main.audience_catalog").fetchall()}
+        missing = sorted((catalog | set(definitions)) - evaluated)
+        return dg.AssetCheckResult(passed=not missing, metadata={"evaluated": len(evaluated), "missing": missing})
+
+    return dg.Definitions(assets=[audience_definitions, audience_models], asset_checks=[every_audience_built])
+
+
+def _member_counts(warehouse: WarehouseResource) -> dict[str, int]:
+    """Members per audience model at the latest evaluation, keyed by model name."""
+    with warehouse.connect(read_only=True) as connection:
+        rows = connection.execute(
+            """
+            select catalog.model_name, evaluations.member_count
+            from main.audience_evaluations as evaluations
+            join main.audience_catalog as catalog using (audience_key)
+            where evaluations.evaluated_at = (select max(evaluated_at) from main.audience_evaluations)
+            """
+        ).fetchall()
+    return dict(rows)

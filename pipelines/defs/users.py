@@ -1,0 +1,81 @@
+"""Users in: one external asset per declared source, and the `users` store they load into."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from audiences.settings import Settings
+from audiences.users import configured_sources, load_source
+from pipelines.defs.resources import WarehouseResource
+
+SOURCE_KINDS = {"csv": "csv", "parquet": "parquet", "jsonl": "json", "duckdb": "duckdb", "sqlite": "sqlite"}
+
+
+def source_asset_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["sources", name])
+
+
+@dg.definitions
+def users_definitions() -> dg.Definitions:
+    sources = configured_sources(Settings.from_env())
+    source_specs = [
+        dg.AssetSpec(
+            key=source_asset_key(source.name),
+            description=f"User source `{source.name}`: {source.description}.",
+            group_name="sources",
+            kinds={SOURCE_KINDS[source.format]},
+            metadata={"location": str(source.location), "mode": source.mode},
+        )
+        for source in sources
+    ]
+
+    @dg.asset(
+        key="users",
+        deps=[spec.key for spec in source_specs],
+        group_name="users",
+        kinds={"duckdb"},
+        description=(
+            "The user store (`raw.users`): every source's rows upserted by id, properties deep-merged "
+            "the way Knock's identify does (`null` removes a property). Snapshot sources delete the "
+            "users they no longer hold. Rows with a missing or malformed id, or an unreadable field, "
+            "go to `raw.users_quarantine` with the reason."
+        ),
+    )
+    def users(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        loaded_at = datetime.now(timezone.utc)
+        metadata: dict = {}
+        with warehouse.connect() as connection:
+            for source in sources:
+                result = load_source(connection, source, loaded_at)
+                context.log.info(f"{source.name}: {result}")
+                for key, value in result.as_metadata().items():
+                    metadata[f"{source.name}/{key}"] = value
+                if result.rows_quarantined:
+                    context.log.warning(
+                        f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.users_quarantine"
+                    )
+            total, quarantined = connection.execute(
+                "select (select count(*) from raw.users where deleted_at is null), "
+                "(select count(*) from raw.users_quarantine)"
+            ).fetchone()
+            reasons = connection.execute(
+                "select source_name, row_number, coalesce(user_id, '(none)'), reason "
+                "from raw.users_quarantine order by source_name, row_number limit 20"
+            ).fetchall()
+        metadata["dagster/row_count"] = total
+        metadata["quarantined_rows"] = quarantined
+        if reasons:
+            lines = ["| source | row | id | reason |", "|---|---|---|---|"]
+            lines += [f"| {s} | {r} | {i!r} | {why} |" for s, r, i, why in reasons]
+            metadata["quarantine_sample"] = dg.MetadataValue.md("\n".join(lines))
+        return dg.MaterializeResult(metadata=metadata)
+
+    @dg.asset_check(asset=users, description="Every user id appears once in the user store.", blocking=True)
+    def users_have_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+        with warehouse.connect(read_only=True) as connection:
+            duplicates = connection.execute(
+                "select count(*) from (select user_id from raw.users group by user_id having count(*) > 1)"
+            ).fetchone()[0]
+        return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicate_ids": duplicates})
+
+    return dg.Definitions(assets=[*source_specs, users], asset_checks=[users_have_unique_ids])
