@@ -116,9 +116,10 @@ def run(settings: Settings, arguments) -> int:
 def _execute_main_job(evaluated_at):
     import dagster as dg
 
-    from pipelines.definitions import defs
+    from pipelines import build_definitions
     from pipelines.defs.schedules import MAIN_JOB
 
+    defs = build_definitions()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     job = defs.resolve_job_def(MAIN_JOB)
     run_config = {"ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at)}}}}

@@ -150,10 +150,14 @@ def attribute_spec_hash(attributes: list[Attribute]) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
+def flattened_columns(attributes: list[Attribute]) -> tuple[str, list[tuple[str, str, str]]]:
+    """The attribute extraction shared by `int_users_flattened` and anyone who needs its columns.
+
+    Returns the SQL of the `property_values` list (every needed property parsed out of the user's
+    JSON in one pass) and, per attribute, (label, SQL over `property_values`, column name).
+    """
     paths = sorted({a.path for a in attributes if a.path != ("id",)})
     position = {path: index + 1 for index, path in enumerate(paths)}
-    spec = attribute_spec_hash(attributes)
 
     def json_value(path: tuple[str, ...]) -> exp.Expression:
         if path == ("id",):
@@ -161,13 +165,24 @@ def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
         return exp.func("list_extract", exp.column("property_values"), exp.Literal.number(position[path]))
 
     pointers = exp.Array(expressions=[exp.Literal.string(json_pointer(path)) for path in paths])
-    columns = []
-    for attribute in attributes:
-        sql = render(attribute_expression(json_value(attribute.path), attribute.variant))
-        sql = _indent(sql, 8).lstrip()
-        label = _comment("recipient." + ".".join(attribute.path))
-        columns.append(f"        -- {label} ({attribute.variant})\n        {sql} as {_quote(attribute.column_name)}")
-    extraction = f"{render(pointers, pretty=False)}" if paths else "cast([] as varchar[])"
+    extraction = f"json_extract(properties, {render(pointers, pretty=False)})" if paths else "cast([] as json[])"
+    columns = [
+        (
+            _comment("recipient." + ".".join(attribute.path)) + f" ({attribute.variant})",
+            render(attribute_expression(json_value(attribute.path), attribute.variant)),
+            _quote(attribute.column_name),
+        )
+        for attribute in attributes
+    ]
+    return extraction, columns
+
+
+def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
+    spec = attribute_spec_hash(attributes)
+    extraction, attribute_columns = flattened_columns(attributes)
+    columns = [
+        f"        -- {label}\n        {_indent(sql, 8).lstrip()} as {name}" for label, sql, name in attribute_columns
+    ]
     body = f"""
 with users as (
 
@@ -188,7 +203,7 @@ extracted as (
         updated_at,
         is_deleted,
         -- one parse of each user's JSON for every property an audience reads
-        json_extract(properties, {escape_jinja(extraction)}) as property_values
+        {escape_jinja(extraction)} as property_values
     from users
 
 ),

@@ -1,7 +1,5 @@
-"""Loads every definition under `pipelines/defs/`; nothing else belongs here."""
+"""The code location's entry point (`dg dev`, `dagster dev`): loads `pipelines/defs/`, nothing else."""
 
-from pathlib import Path
+from pipelines import build_definitions
 
-import dagster as dg
-
-defs = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+defs = build_definitions()

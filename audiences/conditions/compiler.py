@@ -405,7 +405,7 @@ def _compile_is_between(condition: Condition, read: _Reader, context: CompileCon
 def _compile_contains(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
     argument = _static(condition)
     value = argument.value
-    if isinstance(value, dict):
+    if value is None or isinstance(value, dict):
         return exp.false()
     if isinstance(value, list):
         return _template(
@@ -437,7 +437,7 @@ def _compile_contains(condition: Condition, read: _Reader, context: CompileConte
 def _compile_contains_all(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
     argument = _static(condition)
     value = argument.value
-    if isinstance(value, dict):
+    if value is None or isinstance(value, dict):
         return exp.false()
     if isinstance(value, list):
         return _template("(:kind = 'list' and list_has_all(:items, :keys))", kind=read.kind, items=read.items, keys=_keys(value))

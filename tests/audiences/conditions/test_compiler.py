@@ -1,0 +1,289 @@
+"""The compiled SQL of every operator, on real DuckDB, pinned to expected results.
+
+Each case runs three ways: compiled SQL reading JSON inline, compiled SQL over the flattened
+typed-column table (what dbt builds), and the independent reference evaluator. All three must give
+the expected answer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from audiences.conditions.compiler import Condition, ConditionError, compile_condition, attributes_used
+from audiences.conditions.reference import evaluate_condition
+from condition_harness import NOW, connect_memory, insert_users, matching_ids
+
+MISSING = object()
+
+
+def _case(operator, argument, value, expected, path="p"):
+    return pytest.param(operator, argument, value, expected, path,
+                        id=f"{operator}-{argument!r}-{'missing' if value is MISSING else repr(value)}"[:90])
+
+
+CASES = [
+    # equal_to / not_equal_to
+    _case("equal_to", "pro", "pro", True),
+    _case("equal_to", "pro", "Pro", False),
+    _case("equal_to", "pro", MISSING, False),
+    _case("equal_to", "", MISSING, True),
+    _case("equal_to", "", "", True),
+    _case("equal_to", "null", MISSING, False),
+    _case("equal_to", "null", "null", True),
+    _case("equal_to", "null", None, False),
+    _case("equal_to", "5", 5, True),
+    _case("equal_to", "5", 5.0, True),
+    _case("equal_to", "5", "5", True),
+    _case("equal_to", "5", "5.0", False),
+    _case("equal_to", "true", True, True),
+    _case("equal_to", "true", 1, False),
+    _case("equal_to", "1", True, False),
+    _case("equal_to", "true", "true", True),
+    _case("equal_to", '["a","b"]', ["a", "b"], True),
+    _case("equal_to", '["a","b"]', ["b", "a"], False),
+    _case("equal_to", "Zoë 東京 🎉", "Zoë 東京 🎉", True),
+    _case("not_equal_to", "pro", MISSING, True),
+    _case("not_equal_to", "pro", "pro", False),
+    _case("not_equal_to", "pro", [], True),
+    # ordering and ranges
+    _case("greater_than", "5", 6, True),
+    _case("greater_than", "5", 5, False),
+    _case("greater_than", "5", "6", True),
+    _case("greater_than", "5", "06", False),
+    _case("greater_than", "5", " 7", False),
+    _case("greater_than", "5", "+7", False),
+    _case("greater_than", "5", "1e3", True),
+    _case("greater_than", "5", True, False),
+    _case("greater_than", "5", MISSING, False),
+    _case("greater_than", "5", [6], False),
+    _case("greater_than_or_equal_to", "5", 5.0, True),
+    _case("less_than", "0", -2.5, True),
+    _case("less_than", "0", "-2.50", True),
+    _case("less_than_or_equal_to", "10", 10, True),
+    _case("less_than_or_equal_to", "10", "abc", False),
+    _case("is_between", "[1, 10]", 1, True),
+    _case("is_between", "[1, 10]", 10, True),
+    _case("is_between", "[1, 10]", 10.01, False),
+    _case("is_between", "[1, 10]", "3", True),
+    _case("is_between", "[1, 10]", MISSING, False),
+    # contains family
+    _case("contains", "ell", "hello", True),
+    _case("contains", "ELL", "hello", False),
+    _case("contains", "a", ["a", "b"], True),
+    _case("contains", "a", ["ab"], False),
+    _case("contains", "5", [5, 6], True),
+    _case("contains", "5", ["5"], True),
+    _case("contains", '["x","b"]', ["a", "b"], True),
+    _case("contains", '["x","y"]', ["a", "b"], False),
+    _case("contains", '["pro","team"]', "pro", True),
+    _case("contains", '["pro","team"]', "professional", False),
+    _case("contains", '["", "x"]', MISSING, True),
+    _case("contains", "x", MISSING, False),
+    _case("contains", "", MISSING, True),
+    _case("contains", "5", 12345, False),
+    _case("contains", "a", {"a": 1}, False),
+    _case("not_contains", "x", MISSING, True),
+    _case("not_contains", "a", ["a"], False),
+    _case("contains_all", '["a","b"]', ["a", "b", "c"], True),
+    _case("contains_all", '["a","z"]', ["a", "b", "c"], False),
+    _case("contains_all", "a", ["a"], True),
+    _case("contains_all", '["a"]', "a", False),
+    _case("contains_all", '["a"]', MISSING, False),
+    _case("not_contains_all", '["a","z"]', ["a", "b"], True),
+    _case("not_contains_all", '["a","b"]', ["a", "b"], False),
+    # empty / exists
+    _case("empty", None, MISSING, True),
+    _case("empty", None, None, True),
+    _case("empty", None, "", True),
+    _case("empty", None, [], True),
+    _case("empty", None, {}, False),
+    _case("empty", None, 0, False),
+    _case("empty", None, [None], False),
+    _case("not_empty", None, "x", True),
+    _case("not_empty", None, [], False),
+    _case("exists", None, "", True),
+    _case("exists", None, [], True),
+    _case("exists", None, None, False),
+    _case("exists", None, MISSING, False),
+    _case("exists", None, False, True),
+    _case("not_exists", None, MISSING, True),
+    _case("not_exists", None, 0, False),
+    # timestamps (now is 2026-11-01T00:00:00Z)
+    _case("is_timestamp_before", "7 days ago", "2026-10-24T23:59:59Z", True),
+    _case("is_timestamp_before", "7 days ago", "2026-10-25T00:00:00Z", False),
+    _case("is_timestamp_on_or_after", "7 days ago", "2026-10-25T00:00:00Z", True),
+    _case("is_timestamp_on_or_after", "7_days_ago", "2026-10-25T00:00:00+00:00", True),
+    _case("is_timestamp_on_or_after", "1 day from now", "2026-11-02T00:00:00Z", True),
+    _case("is_timestamp_on_or_after", "1 day from now", "2026-11-01T23:59:59Z", False),
+    _case("is_timestamp_before", "2025-06-15T14:30:00Z", "2025-06-15T16:29:59+02:00", True),
+    _case("is_timestamp_before", "2025-06-15T14:30:00Z", "2025-06-15T16:30:00+02:00", False),
+    _case("is_timestamp_before", "2025-06-15", "2025-06-14", True),
+    _case("is_timestamp_before", "2025-06-15", "2025-06-14 23:59", True),
+    _case("is_timestamp_before", "2025-06-15", 1749945599, True),
+    _case("is_timestamp_before", "2025-06-15", "1749945599", True),
+    _case("is_timestamp_before", "2025-06-15", "yesterday", False),
+    _case("is_timestamp_before", "2025-06-15", "2025-02-30", False),
+    _case("is_timestamp_before", "2025-06-15", "2025-06-14T24:00:00Z", False),
+    _case("is_timestamp_before", "2025-06-15", MISSING, False),
+    _case("is_timestamp_before", "2025-06-15", True, False),
+    _case("is_timestamp_between", '["2025-01-01","2025-12-31"]', "2025-12-31", True),
+    _case("is_timestamp_between", '["2025-01-01","2025-12-31"]', "2025-12-31T00:00:01Z", False),
+    _case("is_timestamp_before_now", None, "2026-10-31T23:59:59Z", True),
+    _case("is_timestamp_before_now", None, "2026-11-01T00:00:00Z", False),
+    _case("is_timestamp_on_or_after_now", None, "2026-11-01T00:00:00Z", True),
+    _case("is_timestamp", None, "2025-01-01T00:00:00.123456789Z", True),
+    _case("is_timestamp", None, 0, True),
+    _case("is_timestamp", None, "not a date", False),
+    _case("is_timestamp", None, 1e20, False),
+    _case("is_not_timestamp", None, "not a date", True),
+    _case("is_timestamp_before_date", "2025-01-01", "2024-12-31", True),
+    _case("is_timestamp_on_or_after_date", "2025-01-01", "2025-01-01", True),
+    # nested and hostile paths
+    _case("equal_to", "Paris", "Paris", True, path="address.city"),
+    _case("equal_to", "x", "x", True, path='a"; drop table users; --'),
+    _case("equal_to", "it's {{ x }} {% y %}", "it's {{ x }} {% y %}", True, path="{{ var('x') }}"),
+    _case("equal_to", "v", "v", True, path="ключ.名前"),
+    _case("equal_to", "v", "v", True, path="with/slash.and~tilde"),
+]
+
+
+def _user(path: str, value) -> dict:
+    user: dict = {"id": "user_1"}
+    if value is MISSING:
+        return user
+    node = user
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return user
+
+
+@pytest.mark.parametrize("operator, argument, value, expected, path", CASES)
+def test_operator_semantics(operator, argument, value, expected, path):
+    condition = {"property": f"recipient.{path}", "operator": operator}
+    if argument is not None:
+        condition["argument"] = argument
+    user = _user(path, value)
+    connection = connect_memory()
+    insert_users(connection, [user])
+    parsed = Condition.from_json(condition)
+    inline = matching_ids(connection, [[parsed]]) == {"user_1"}
+    flattened = matching_ids(connection, [[parsed]], flattened=True) == {"user_1"}
+    reference = evaluate_condition(condition, user, now=NOW)
+    assert (inline, flattened, reference) == (expected, expected, expected)
+
+
+def test_missing_property_reads_as_empty_string():
+    connection = connect_memory()
+    insert_users(connection, [{"id": "a"}, {"id": "b", "plan": "pro"}])
+    not_pro = Condition.from_json({"property": "recipient.plan", "operator": "not_equal_to", "argument": "pro"})
+    assert matching_ids(connection, [[not_pro]]) == {"a"}
+
+
+def test_path_through_a_string_or_null_is_missing():
+    connection = connect_memory()
+    insert_users(connection, [{"id": "string", "address": "Paris"}, {"id": "null", "address": None},
+                              {"id": "object", "address": {"city": "Paris"}}])
+    missing = Condition.from_json({"property": "recipient.address.city", "operator": "not_exists"})
+    assert matching_ids(connection, [[missing]]) == {"string", "null"}
+
+
+def test_segments_are_ored_and_conditions_anded():
+    connection = connect_memory()
+    insert_users(connection, [{"id": "a", "x": 1, "y": 1}, {"id": "b", "x": 1, "y": 2}, {"id": "c", "z": True}])
+    x1 = Condition.from_json({"property": "x", "operator": "equal_to", "argument": "1"})
+    y1 = Condition.from_json({"property": "y", "operator": "equal_to", "argument": "1"})
+    z = Condition.from_json({"property": "z", "operator": "equal_to", "argument": "true"})
+    assert matching_ids(connection, [[x1, y1], [z]]) == {"a", "c"}
+    assert matching_ids(connection, []) == set()
+    assert matching_ids(connection, [[]]) == set()
+
+
+def test_audience_membership_reads_the_other_audience_without_tenant():
+    connection = connect_memory()
+    insert_users(connection, [{"id": "a"}, {"id": "b"}])
+    member = Condition.from_json({"property": "recipient", "operator": "is_audience_member", "argument": "vips"})
+    not_member = Condition.from_json({"property": "recipient", "operator": "is_not_audience_member", "argument": "vips"})
+    assert matching_ids(connection, [[member]], members={"vips": {"b"}}) == {"b"}
+    assert matching_ids(connection, [[not_member]], members={"vips": {"b"}}) == {"a"}
+
+
+def test_random_cohort_is_deterministic_and_matches_reference():
+    users = [{"id": f"user_{i}"} for i in range(400)]
+    connection = connect_memory()
+    insert_users(connection, users)
+    raw = {"property": "recipient.id", "operator": "is_in_random_cohort", "argument": "25"}
+    compiled = matching_ids(connection, [[Condition.from_json(raw)]])
+    expected = {u["id"] for u in users if evaluate_condition(raw, u, now=NOW)}
+    assert compiled == expected
+    assert 60 < len(compiled) < 140
+
+
+def test_relative_time_is_exact_to_the_minute():
+    connection = connect_memory()
+    insert_users(connection, [{"id": "a", "t": "2026-10-31T23:45:00Z"}, {"id": "b", "t": "2026-10-31T23:44:59Z"}])
+    recent = Condition.from_json({"property": "t", "operator": "is_timestamp_on_or_after",
+                                  "argument": {"value": 15, "unit": "minutes", "direction": "ago"}})
+    assert matching_ids(connection, [[recent]]) == {"a"}
+    later = datetime(2026, 11, 1, 0, 1, tzinfo=timezone.utc)
+    assert matching_ids(connection, [[recent]], now=later) == set()
+
+
+def test_dynamic_time_argument_compares_two_properties():
+    connection = connect_memory()
+    insert_users(connection, [
+        {"id": "renewed", "paid_at": "2026-10-02", "due_at": "2026-10-01"},
+        {"id": "late", "paid_at": "2026-09-30", "due_at": "2026-10-01"},
+        {"id": "unknown", "paid_at": "2026-09-30"},
+    ])
+    late = Condition.from_json({"property": "paid_at", "operator": "is_timestamp_before",
+                                "argument": "{{ recipient.due_at }}"})
+    assert matching_ids(connection, [[late]]) == {"late"}
+
+
+@pytest.mark.parametrize("raw, field, message", [
+    ({"property": "recipient.x", "operator": "is_like", "argument": "a"}, "operator", "unknown operator"),
+    ({"property": "recipient.x", "operator": "greater_than", "argument": "ten"}, "argument", "not a number"),
+    ({"property": "recipient.x", "operator": "is_between", "argument": "[1]"}, "argument", "[low, high]"),
+    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "10 minutes ago"}, "argument", "15 minutes"),
+    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "soon"}, "argument", "not a time"),
+    ({"property": "recipient.x", "operator": "empty", "argument": "x"}, "argument", "takes no argument"),
+    ({"property": "recipient.created_at", "operator": "exists"}, "property", "reserved"),
+    ({"property": "recipient", "operator": "is_audience_member", "argument": "Not A Key"}, "argument", "audience key"),
+    ({"property": "recipient.x", "operator": "is_in_random_cohort", "argument": "10"}, "property", "recipient.id"),
+    ({"property": "", "operator": "exists"}, "property", "non-empty"),
+])
+def test_bad_conditions_are_rejected_with_the_field_named(raw, field, message):
+    with pytest.raises(ConditionError) as error:
+        attributes_used([[Condition.from_json(raw)]])
+    assert error.value.field == field
+    assert message in str(error.value)
+
+
+def test_hostile_property_names_and_arguments_stay_data():
+    condition = Condition.from_json({"property": 'recipient.a"; drop table users; --',
+                                     "operator": "equal_to", "argument": "'); drop table users; --"})
+    connection = connect_memory()
+    insert_users(connection, [{"id": "a", 'a"; drop table users; --': "'); drop table users; --"}])
+    assert matching_ids(connection, [[condition]]) == {"a"}
+    assert matching_ids(connection, [[condition]], flattened=True) == {"a"}
+    assert connection.execute("select count(*) from raw.users").fetchone()[0] == 1
+    sql = compile_condition(condition, _recording_context()).sql()
+    assert "drop table users; --'" in sql.replace("''", "'")
+
+
+def _recording_context():
+    from sqlglot import exp
+
+    from audiences.conditions.compiler import CompileContext
+
+    return CompileContext(
+        attribute=lambda a: exp.column(a.column_name, quoted=True),
+        audience_members=lambda key: exp.select("user_key").from_("m"),
+        evaluation_time=exp.column("now"),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+    )

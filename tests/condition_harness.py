@@ -1,0 +1,90 @@
+"""Test support: run compiled conditions over users stored the way the loader stores them.
+
+Used by the compiler tests, the property-based comparison with the reference evaluator and the
+pipeline tests. Real DuckDB, real compiler; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+from sqlglot import exp
+
+from audiences.conditions.compiler import (
+    CompileContext,
+    Condition,
+    attribute_expression,
+    attributes_used,
+    compile_segments,
+    property_json,
+    render,
+    timestamp_literal,
+)
+from audiences.dbt_models import flattened_columns
+from audiences.users.store import ensure_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_TIME = "2026-11-01T00:00:00Z"
+NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def connect_memory() -> duckdb.DuckDBPyConnection:
+    connection = duckdb.connect()
+    connection.execute("set TimeZone = 'UTC'")
+    return connection
+
+
+def insert_users(connection: duckdb.DuckDBPyConnection, users: list[dict]) -> None:
+    """Store users as the loader does: properties merged into `{}` (so nulls are removed)."""
+    ensure_schema(connection)
+    for key, user in enumerate(users, start=1):
+        properties = {name: value for name, value in user.items() if name != "id"}
+        connection.execute(
+            "insert into raw.users values ($key, $id, json_merge_patch('{}', $properties::json), 'test', now(), now(), null)",
+            {"key": key, "id": user["id"], "properties": json.dumps(properties)},
+        )
+
+
+def matching_ids(
+    connection: duckdb.DuckDBPyConnection,
+    segments: list[list[Condition]],
+    now: datetime = NOW,
+    flattened: bool = False,
+    members: dict[str, set[str]] | None = None,
+) -> set[str]:
+    """Ids of the users in `raw.users` matching the segments, through the compiled SQL.
+
+    `flattened=False` reads attributes straight from JSON (as `preview` can); `flattened=True`
+    first builds the same typed-column table the dbt model builds, and reads from it.
+    """
+    members = members or {}
+
+    def audience_members(key: str) -> exp.Expression:
+        ids = sorted(members.get(key, set()))
+        listed = exp.Array(expressions=[exp.Literal.string(i) for i in ids]) if ids else exp.cast(exp.Array(), "varchar[]")
+        return exp.select("user_key").from_("raw.users").where(exp.func("list_contains", listed, exp.column("user_id")))
+
+    if flattened:
+        extraction, columns = flattened_columns(sorted(attributes_used(segments), key=lambda a: (a.path, a.variant)))
+        selected = ", ".join(["user_key", "user_id"] + [f"{sql} as {name}" for _, sql, name in columns])
+        connection.execute(
+            f"create or replace temp table flattened as select {selected} "
+            f"from (select user_key, user_id, {extraction} as property_values from raw.users)"
+        )
+        source = "flattened"
+        attribute = lambda a: exp.column(a.column_name, quoted=True)  # noqa: E731
+    else:
+        source = "raw.users"
+        attribute = lambda a: attribute_expression(property_json(a.path, exp.column("properties"), exp.column("user_id")), a.variant)  # noqa: E731
+    context = CompileContext(
+        attribute=attribute,
+        audience_members=audience_members,
+        evaluation_time=timestamp_literal(now),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+    )
+    condition = render(compile_segments(segments, context))
+    return {row[0] for row in connection.execute(f"select user_id from {source} where {condition}").fetchall()}

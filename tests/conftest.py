@@ -1,0 +1,32 @@
+"""Shared fixtures: an in-memory DuckDB, and one real run of the main job on the sample data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from condition_harness import ROOT, SAMPLE_TIME, connect_memory
+
+
+@pytest.fixture
+def memory_connection():
+    connection = connect_memory()
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory):
+    """The main job run once on the sample data, on a temporary DuckDB file, at a fixed time."""
+    from audiences import cli
+
+    folder = tmp_path_factory.mktemp("sample_run")
+    warehouse = folder / "warehouse.duckdb"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
+            patch.delenv(name)
+        patch.chdir(ROOT)
+        code = cli.main(["--duckdb", str(warehouse), "--evaluation-time", SAMPLE_TIME, "run"])
+    assert code == 0, "the main job failed on the sample data"
+    return warehouse
