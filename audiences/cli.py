@@ -120,10 +120,10 @@ def _execute_main_job(evaluated_at):
     from pipelines.defs.schedules import MAIN_JOB
 
     defs = build_definitions()
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     job = defs.resolve_job_def(MAIN_JOB)
     run_config = {"ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at)}}}}
-    return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+    with dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral() as instance:
+        return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
 
 
 def _definition(settings: Settings, key_or_file: str):
@@ -184,7 +184,7 @@ def validate(settings: Settings, arguments) -> int:
     if settings.duckdb_path.exists():
         try:
             with connect(settings.duckdb_path, read_only=True) as connection:
-                existing = registered_types(connection) if _has_registry(connection) else {}
+                existing = registered_types(connection)
         except WarehouseError as error:
             print(f"warning: type changes not checked: {error}", file=sys.stderr)
     problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir), existing)
@@ -194,12 +194,6 @@ def validate(settings: Settings, arguments) -> int:
     print(f"{len(definitions)} definitions are valid ({kinds['dynamic']} dynamic, {kinds['static']} static) "
           f"in {settings.definitions_dir}")
     return 0
-
-
-def _has_registry(connection) -> bool:
-    from audiences.warehouse import table_exists
-
-    return table_exists(connection, "raw.audience_registry")
 
 
 def explain(settings: Settings, arguments) -> int:

@@ -317,8 +317,9 @@ def _audiences_yaml(definitions: list[AudienceDefinition]) -> str:
     for definition in definitions:
         models.append({
             "name": definition.model_name,
-            "description": f"{definition.name} ({definition.type} audience `{definition.key}`). "
-                           + (definition.description or ""),
+            # dbt renders descriptions with Jinja too.
+            "description": escape_jinja(f"{definition.name} ({definition.type} audience `{definition.key}`). "
+                                        + (definition.description or "")),
             "config": {
                 "contract": {"enforced": True},
                 "meta": {"audience_key": definition.key, "audience_type": definition.type,

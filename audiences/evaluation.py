@@ -20,7 +20,11 @@ def evaluation_time_for(requested: datetime | str | None) -> datetime:
 
 def registered_types(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
     """Audience key -> type, for every audience this warehouse has evaluated (types are immutable)."""
-    ensure_schema(connection)
+    known = connection.execute(
+        "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'audience_registry'"
+    ).fetchone()[0]
+    if not known:
+        return {}
     return dict(connection.execute("select audience_key, audience_type from raw.audience_registry").fetchall())
 
 

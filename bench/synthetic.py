@@ -103,7 +103,7 @@ documents as (
             'email', case when r_missing < 0.03 then null
                           when r_missing < 0.04 then ''
                           else lower(first_name) || '.' || i || domain end,
-            'phone_number', case when u(i, 32) < 0.4 then '+1555' || lpad((i % 10000000)::varchar, 7, '0') end,
+            'phone_number', case when u(i, 32) < 0.25 then '+1555' || lpad((i % 10000000)::varchar, 7, '0') end,
             'locale', pick(['en-US', 'en-US', 'en-US', 'en-GB', 'de-DE', 'de-AT', 'fr-FR', 'es-ES',
                             'pt-BR', 'ja-JP', 'nl-NL', 'it-IT'], i, 33),
             'timezone', pick(['America/New_York', 'America/Chicago', 'America/Los_Angeles', 'Europe/London',
@@ -120,7 +120,7 @@ documents as (
                               when u(i, 37) < 0.05 then to_json(floor(r_nps / 0.05)::integer::varchar)
                               else to_json(floor(r_nps / 0.05)::integer) end,
             'is_verified', case when u(i, 38) < 0.05 then null else u(i, 39) < 0.82 end,
-            'marketing_opt_in', u(i, 40) < 0.6,
+            'marketing_opt_in', u(i, 40) < 0.5,
             'age', case when r_age < 0.3 then null else 18 + floor(u(i, 42) * 60)::integer end,
             'signed_up_at', iso(ago(signup_age_s)),
             'last_seen_at', case when r_missing > 0.92 then null else
@@ -130,14 +130,11 @@ documents as (
             'tags', case when u(i, 44) < 0.15 then null else
                 [t for t in ['admin', 'owner', 'billing', 'developer', 'designer', 'marketing', 'sales',
                              'support', 'analyst', 'executive'] if u(i, t) < 0.14] end,
-            'feature_flags', case when u(i, 45) < 0.2 then null else
+            'feature_flags', case when u(i, 45) < 0.12 then null else
                 [f for f in ['beta_dashboard', 'beta_reports', 'beta_api', 'beta_optout', 'dark_mode',
                              'new_editor', 'ai_assist', 'sso'] if u(i, f) < 0.22] end,
             'address', case when r_missing between 0.05 and 0.15 then null else json_object(
-                'street', (1 + i % 400) || ' ' || pick(['Main St', 'High St', 'Hauptstraße', 'Rue de la Paix',
-                                                        'Calle Mayor', 'Via Roma', 'Keizersgracht'], i, 46),
                 'city', city,
-                'postal_code', lpad((hash(i, 47) % 100000)::varchar, 5, '0'),
                 'country', case when u(i, 48) < 0.03 then null else country end,
                 'geo', json_object('lat', round(-40 + u(i, 49) * 100, 5), 'lon', round(-120 + u(i, 50) * 240, 5))
             ) end,
@@ -186,9 +183,10 @@ select
     -- `null` in a JSON merge patch removes the key: properties set to null above are missing ...
     json_merge_patch(
         -- ... except these, which some users hold as an explicit `null`
-        case when r_missing < 0.5 then '{{"referral_code": null}}'
-             when r_missing > 0.98 then '{{"last_seen_at": null, "referral_code": null}}'
-             else '{{"referral_code": "REF' || (i % 9973) || '"}}' end,
+        case when r_missing < 0.4 then '{{"referral_code": null}}'
+             when r_missing < 0.6 then '{{"referral_code": "REF' || (i % 9973) || '"}}'
+             when r_missing > 0.98 then '{{"last_seen_at": null}}'
+             else '{{}}' end,
         json_merge_patch('{{}}', full_document)
     ) as properties,
     'bench' as source_name,
@@ -266,32 +264,32 @@ def audiences() -> dict[str, dict]:
         "high-mrr": _audience("High MRR", "More than $1,000 a month.", [_c("mrr", "greater_than", "1000")]),
         "mid-mrr": _audience("Mid MRR", "$100 to $1,000 a month.", [_c("mrr", "is_between", "[100, 1000]")]),
         "verified-with-email": _audience(
-            "Verified, with email", "Verified users with an email address.",
-            [_c("is_verified", "equal_to", "true"), _c("email", "not_empty")]),
+            "Verified, with email", "Verified users with an email address who opted in.",
+            [_c("is_verified", "equal_to", "true"), _c("email", "not_empty"), _c("marketing_opt_in", "equal_to", "true")]),
         "unverified": _audience("Not verified", "Not verified (or unknown).",
                                 [_c("is_verified", "not_equal_to", "true")]),
-        "nps-detractors": _audience("NPS detractors", "Scored 6 or less.",
-                                    [_c("nps_score", "less_than_or_equal_to", "6")]),
+        "nps-detractors": _audience("NPS detractors", "Scored 3 or less.",
+                                    [_c("nps_score", "less_than_or_equal_to", "3")]),
         "nps-promoters": _audience(
             "NPS promoters", "Scored 9-10 and not at churn risk.",
             [_c("nps_score", "is_between", "[9, 10]"), _c("recipient", "is_not_audience_member", "churn-risk"),
              _c("email", "exists")]),
         "churn-risk": _audience(
-            "Churn risk", "Paying and unseen for 30 days, or paying and unhappy.",
-            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("last_seen_at", "is_timestamp_before", "30 days ago")],
-            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("nps_score", "less_than_or_equal_to", "6")]),
-        "active-last-7-days": _audience("Active this week", "Seen in the last 7 days.",
-                                        [_c("last_seen_at", "is_timestamp_on_or_after", "7 days ago")]),
+            "Churn risk", "Paying and unseen for 90 days, or paying and unhappy.",
+            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("last_seen_at", "is_timestamp_before", "90 days ago")],
+            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("nps_score", "less_than_or_equal_to", "3")]),
+        "active-last-3-days": _audience("Active lately", "Seen in the last 3 days.",
+                                        [_c("last_seen_at", "is_timestamp_on_or_after", "3 days ago")]),
         "dormant-90-days": _audience(
-            "Dormant", "Unseen for 90 days, or never seen and signed up before 2026.",
-            [_c("last_seen_at", "is_timestamp_before", "90 days ago")],
+            "Dormant", "Unseen for 180 days, or never seen and signed up before 2026.",
+            [_c("last_seen_at", "is_timestamp_before", "180 days ago")],
             [_c("last_seen_at", "not_exists"), _c("signed_up_at", "is_timestamp_before", "2026-01-01T00:00:00Z")]),
         "new-signups-30d": _audience(
             "New signups", "Signed up in the last 30 days, not staff.",
             [_c("signed_up_at", "is_timestamp_on_or_after", "30 days ago"), _c("email", "not_contains", STAFF)]),
-        "signed-up-2025": _audience(
-            "2025 cohort", "Signed up during 2025.",
-            [_c("signed_up_at", "is_timestamp_between", '["2025-01-01T00:00:00Z", "2025-12-31T23:59:59Z"]')]),
+        "signed-up-2025-h1": _audience(
+            "2025 H1 cohort", "Signed up in the first half of 2025.",
+            [_c("signed_up_at", "is_timestamp_between", '["2025-01-01T00:00:00Z", "2025-06-30T23:59:59Z"]')]),
         "product-survey-sample": _audience(
             "Survey sample", "A stable 10% of verified users not opted out of marketing.",
             [_c("id", "is_in_random_cohort", "10"), _c("is_verified", "equal_to", "true"),
@@ -322,13 +320,14 @@ def audiences() -> dict[str, dict]:
         "has-phone": _audience("Has phone", "A phone number is known.", [_c("phone_number", "exists")]),
         "german-speaking": _audience("German speaking", "German locales.",
                                      [_c("locale", "contains", '["de-DE", "de-AT", "de-CH"]')]),
-        "english-locale": _audience("English locale", "Any English locale.", [_c("locale", "contains", "en-")]),
+        "uk-audience": _audience("UK audience", "British English, or London time.",
+                                 [_c("locale", "contains", "en-GB")], [_c("timezone", "equal_to", "Europe/London")]),
         "young-adults": _audience("18-29", "Aged 18 to 29.", [_c("age", "is_between", "[18, 29]")]),
         "referred-users": _audience("Referred", "Signed up with a referral code.", [_c("referral_code", "not_empty")]),
         "marketing-reachable": _audience(
-            "Marketing reachable", "Opted in, with email, active in the last 60 days.",
+            "Marketing reachable", "Opted in, with email, active in the last 30 days.",
             [_c("marketing_opt_in", "equal_to", "true"), _c("email", "not_empty"),
-             _c("last_seen_at", "is_timestamp_on_or_after", {"value": 60, "unit": "days", "direction": "ago"})]),
+             _c("last_seen_at", "is_timestamp_on_or_after", {"value": 30, "unit": "days", "direction": "ago"})]),
         "power-users": _audience(
             "Power users", "Owners of teams of 10+ seen in 3 days, or high MRR seen in 3 days.",
             [_c("tags", "contains", "owner"), _c("seats", "greater_than_or_equal_to", "10"),
@@ -351,11 +350,11 @@ def audiences() -> dict[str, dict]:
             "Annual renewal soon", "Annual contracts renewing in the next 60 days.",
             [_c("company.billing.annual", "equal_to", "true"), _c("company.billing.renewal_at", "is_timestamp_on_or_after_now"),
              _c("company.billing.renewal_at", "is_timestamp_before", "60 days from now")]),
-        "large-companies": _audience("Large companies", "500+ employees.",
-                                     [_c("company.size", "greater_than_or_equal_to", "500")]),
+        "large-companies": _audience("Large companies", "1000+ employees.",
+                                     [_c("company.size", "greater_than_or_equal_to", "1000")]),
         "financial-services": _audience(
-            "Financial services", "Fintech, banking, insurance.",
-            [_c("company.industry", "contains", '["fintech", "banking", "insurance"]')]),
+            "Financial services", "Fintech and banking.",
+            [_c("company.industry", "contains", '["fintech", "banking"]')]),
         "digest-never": _audience("Digest off", "Turned digests off.", [_c("preferences.digest", "equal_to", "never")]),
         "sms-reachable": _audience(
             "SMS reachable", "SMS opted in, with a phone number.",
@@ -369,16 +368,18 @@ def audiences() -> dict[str, dict]:
             [_c("signed_up_at", "is_timestamp_between", '["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]'),
              _c("onboarding.completed_steps", "empty")]),
         "team-not-invited": _audience(
-            "Team not invited", "Onboarded 2+ steps, no team invited.",
-            [_c("onboarding.checklist.invited_team", "equal_to", "false"), _c("onboarding.completed_steps", "greater_than_or_equal_to", "2")]),
-        "heavy-users": _audience("Heavy users", "More than 20 logins in 30 days.",
-                                 [_c("stats.logins_30d", "greater_than", "20")]),
-        "mobile-users": _audience("Mobile users", "Last session on a phone.",
-                                  [_c("stats.sessions.last_device", "contains", '["ios", "android"]')]),
+            "Team not invited", "Paying, onboarded 2+ steps, no team invited.",
+            [_c("onboarding.checklist.invited_team", "equal_to", "false"), _c("onboarding.completed_steps", "greater_than_or_equal_to", "2"),
+             _c("plan", "not_equal_to", "free")]),
+        "heavy-users": _audience("Heavy users", "More than 30 logins in 30 days.",
+                                 [_c("stats.logins_30d", "greater_than", "30")]),
+        "mobile-users": _audience("Mobile users", "Last session on a phone, 20+ sessions.",
+                                  [_c("stats.sessions.last_device", "contains", '["ios", "android"]'),
+                                   _c("stats.sessions.total", "greater_than_or_equal_to", "20")]),
         "ai-interested": _audience(
             "AI interested", "Interested in AI, or flagged into the AI assistant.",
-            [_c("custom.interests", "contains", "ai")], [_c("feature_flags", "contains", "ai_assist"),
-                                                         _c("custom.segment", "not_equal_to", "E")]),
+            [_c("custom.interests", "contains_all", '["ai", "analytics"]')], [_c("feature_flags", "contains", "ai_assist"),
+                                                         _c("plan", "not_equal_to", "free")]),
         "northern-high-value": _audience(
             "Northern, high value", "Above 45°N with a lifetime value over 2,500, or a score above 90.",
             [_c("address.geo.lat", "greater_than", "45"), _c("stats.lifetime_value", "greater_than", "2500")],

@@ -45,7 +45,8 @@ def users_schema(frame: pl.DataFrame) -> pa.DataFrameSchema:
     columns = {
         "id": pa.Column(str, nullable=False, checks=[
             _check("blank_id", "id is blank", lambda c: c.str.strip_chars() != ""),
-            _check("padded_id", "id has leading or trailing whitespace", lambda c: c.str.strip_chars() == c),
+            _check("padded_id", "id has leading or trailing whitespace",
+                   lambda c: (c.str.strip_chars() == c) | (c.str.strip_chars() == "")),
             _check("long_id", f"id is longer than {ID_MAX_LENGTH} characters",
                    lambda c: c.str.len_chars() <= ID_MAX_LENGTH),
             _check("control_characters_in_id", "id contains control characters",

@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DbtCliResource, dbt_assets
+from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, dbt_assets
 
 from audiences.dbt_project import prepare
 from audiences.definitions import load_definitions, validate_definitions
@@ -71,7 +71,10 @@ def audiences_definitions() -> dg.Definitions:
             "definitions": dg.MetadataValue.md("\n".join(rows)),
         })
 
-    @dbt_assets(manifest=manifest, dagster_dbt_translator=AudiencesTranslator(), name="audience_models")
+    # dbt tests on the `users` source become checks on the `users` asset (unique, not-null ids).
+    translator = AudiencesTranslator(settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
+
+    @dbt_assets(manifest=manifest, dagster_dbt_translator=translator, name="audience_models")
     def audience_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
                         config: EvaluationConfig):
         """Build users' attributes and every audience, at one fixed evaluation time."""

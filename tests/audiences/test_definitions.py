@@ -1,0 +1,124 @@
+"""Audience definitions in the Knock CLI layout: loading, and validation naming file and JSON path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from audiences.definitions import DefinitionError, evaluation_order, load_definitions, validate_definitions
+from condition_harness import ROOT
+
+
+def write(folder: Path, key: str, document) -> Path:
+    path = folder / key / "audience.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(document if isinstance(document, str) else json.dumps(document), encoding="utf-8")
+    return path
+
+
+def dynamic(*conditions, name="A") -> dict:
+    return {"name": name, "type": "dynamic", "description": None, "segments": [{"conditions": list(conditions)}]}
+
+
+def problems_of(folder: Path) -> list[str]:
+    with pytest.raises(DefinitionError) as error:
+        load_definitions(folder)
+    return [str(problem) for problem in error.value.problems]
+
+
+def test_sample_definitions_load_and_validate():
+    definitions = load_definitions(ROOT / "data" / "audiences")
+    assert len(definitions) >= 10
+    assert validate_definitions(definitions) == []
+    operators = {c.operator for d in definitions.values() for s in d.segments for c in s}
+    assert {"equal_to", "is_between", "contains_all", "not_exists", "is_timestamp_between",
+            "is_audience_member", "is_in_random_cohort"} <= operators
+
+
+def test_knock_cli_document_loads_unchanged(tmp_path):
+    write(tmp_path, "premium-users", {"name": "Premium users", "type": "dynamic", "description": "…",
+                                      "segments": [{"conditions": [{"property": "recipient.plan",
+                                                                    "operator": "equal_to", "argument": "premium"}]}]})
+    definition = load_definitions(tmp_path)["premium-users"]
+    assert (definition.type, definition.model_name) == ("dynamic", "premium_users")
+    assert len(definition.version) == 12
+
+
+def test_bad_key_is_named_with_its_file(tmp_path):
+    path = write(tmp_path, "Premium Users", dynamic({"property": "recipient.plan", "operator": "exists"}))
+    assert problems_of(tmp_path) == [f"{path}: $: bad audience key 'Premium Users': use lower-case letters, digits, '-' and '_'"]
+
+
+def test_unknown_operator_names_the_json_path(tmp_path):
+    path = write(tmp_path, "a", dynamic({"property": "recipient.plan", "operator": "exists"},
+                                        {"property": "recipient.plan", "operator": "is_like", "argument": "x"}))
+    [problem] = problems_of(tmp_path)
+    assert problem.startswith(f"{path}: $.segments[0].conditions[1].operator: unknown operator 'is_like'")
+
+
+def test_bad_argument_and_short_relative_time_are_rejected(tmp_path):
+    write(tmp_path, "a", dynamic({"property": "recipient.seats", "operator": "greater_than", "argument": "many"}))
+    write(tmp_path, "b", dynamic({"property": "recipient.seen_at", "operator": "is_timestamp_on_or_after",
+                                  "argument": "10 minutes ago"}))
+    problems = problems_of(tmp_path)
+    assert any("a/audience.json: $.segments[0].conditions[0].argument:" in p and "not a number" in p for p in problems)
+    assert any("b/audience.json: $.segments[0].conditions[0].argument:" in p and "at least 15 minutes" in p
+               for p in problems)
+
+
+def test_invalid_json_and_missing_fields_are_reported_together(tmp_path):
+    write(tmp_path, "broken", "{not json")
+    write(tmp_path, "nameless", {"type": "dynamic", "segments": []})
+    write(tmp_path, "typeless", {"name": "T", "type": "sometimes"})
+    problems = "\n".join(problems_of(tmp_path))
+    assert "broken/audience.json: $: not valid JSON" in problems
+    assert "nameless/audience.json: $.name:" in problems
+    assert "typeless/audience.json: $.type:" in problems
+
+
+def member_of(key: str) -> dict:
+    return {"property": "recipient", "operator": "is_audience_member", "argument": key}
+
+
+def test_membership_cycle_is_rejected_with_the_cycle_named(tmp_path):
+    write(tmp_path, "a", dynamic(member_of("b")))
+    write(tmp_path, "b", dynamic(member_of("c")))
+    write(tmp_path, "c", dynamic(member_of("a")))
+    write(tmp_path, "self", dynamic(member_of("self")))
+    problems = [str(p) for p in validate_definitions(load_definitions(tmp_path))]
+    assert any("audience membership cycle: a -> b -> c -> a" in p for p in problems)
+    assert any("audience membership cycle: self -> self" in p for p in problems)
+
+
+def test_unknown_audience_reference_is_rejected_unless_written_in_sql(tmp_path):
+    write(tmp_path, "a", dynamic(member_of("elsewhere")))
+    definitions = load_definitions(tmp_path)
+    [problem] = validate_definitions(definitions)
+    assert "$.segments[0].conditions[0].argument: unknown audience 'elsewhere'" in str(problem)
+    assert validate_definitions(definitions, other_audiences=["elsewhere"]) == []
+
+
+def test_type_change_of_an_existing_audience_is_rejected(tmp_path):
+    path = write(tmp_path, "vips", dynamic({"property": "recipient.plan", "operator": "exists"}))
+    [problem] = validate_definitions(load_definitions(tmp_path), existing_types={"vips": "static"})
+    assert str(problem).startswith(f"{path}: $.type: audience 'vips' is static; types cannot be changed")
+
+
+def test_static_audience_cannot_have_segments(tmp_path):
+    write(tmp_path, "s", {"name": "S", "type": "static", "segments": [{"conditions": []}]})
+    assert "s/audience.json: $.segments: a static audience has no segments" in problems_of(tmp_path)[0]
+
+
+def test_keys_that_collide_as_model_names_are_rejected(tmp_path):
+    write(tmp_path, "a-b", dynamic({"property": "recipient.x", "operator": "exists"}))
+    write(tmp_path, "a_b", dynamic({"property": "recipient.x", "operator": "exists"}))
+    assert "map to the same model name 'a_b'" in problems_of(tmp_path)[0]
+
+
+def test_evaluation_order_puts_referenced_audiences_first(tmp_path):
+    write(tmp_path, "a", dynamic(member_of("c")))
+    write(tmp_path, "b", dynamic({"property": "recipient.x", "operator": "exists"}))
+    write(tmp_path, "c", dynamic(member_of("b")))
+    assert evaluation_order(load_definitions(tmp_path)) == ["b", "c", "a"]

@@ -1,0 +1,215 @@
+"""Loading users: every source kind, identify-style deep merges, snapshots, streams, quarantine."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from audiences.users import load_source
+from audiences.users.sources import SourceError, UserSource, source_from_uri, sources_from_file
+from condition_harness import ROOT
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def warehouse(tmp_path):
+    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    connection.execute("set TimeZone = 'UTC'")
+    yield connection
+    connection.close()
+
+
+def users(connection) -> dict[str, dict]:
+    rows = connection.execute("select user_id, properties from raw.users where deleted_at is null").fetchall()
+    return {user_id: json.loads(properties) for user_id, properties in rows}
+
+
+def quarantine(connection) -> list[tuple]:
+    return connection.execute("select row_number, user_id, reason from raw.users_quarantine order by row_number").fetchall()
+
+
+def csv_source(tmp_path: Path, text: str, mode="snapshot", name="users.csv", encoding="utf-8") -> UserSource:
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return source_from_uri(str(path), mode=mode)
+
+
+def test_csv_columns_map_to_knock_user_fields_nested_by_dots(warehouse, tmp_path):
+    source = csv_source(tmp_path, 'id,name,plan,address.city,properties\n'
+                                  'u1,Ann,pro,Paris,"{""tags"": [""a""], ""nps"": 9}"\n')
+    result = load_source(warehouse, source, T0)
+    assert result.users_inserted == 1
+    assert users(warehouse) == {"u1": {"name": "Ann", "plan": "pro", "address": {"city": "Paris"},
+                                       "tags": ["a"], "nps": 9}}
+
+
+def test_reloading_the_same_data_changes_nothing(warehouse, tmp_path):
+    source = csv_source(tmp_path, "id,plan\nu1,pro\nu2,free\n")
+    load_source(warehouse, source, T0)
+    again = load_source(warehouse, source, T0 + timedelta(hours=1))
+    assert (again.users_inserted, again.users_updated, again.users_unchanged) == (0, 0, 2)
+    assert warehouse.execute("select max(updated_at) from raw.users").fetchone()[0] == T0
+
+
+def test_identify_deep_merges_and_null_removes(warehouse, tmp_path):
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"id": "u1", "plan": "pro", "address": {"city": "Paris", "zip": "75001"},
+                                 "trial_ends_at": "2026-02-01"}) + "\n")
+    load_source(warehouse, source_from_uri(str(first), mode="stream"), T0)
+    update = tmp_path / "update.jsonl"
+    update.write_text(json.dumps({"id": "u1", "address": {"city": "Lyon"}, "trial_ends_at": None}) + "\n")
+    result = load_source(warehouse, source_from_uri(str(update), mode="stream"), T0 + timedelta(days=1))
+    assert result.users_updated == 1
+    assert users(warehouse)["u1"] == {"plan": "pro", "address": {"city": "Lyon", "zip": "75001"}}
+
+
+def test_rows_for_one_id_apply_in_order_like_consecutive_identifies(warehouse, tmp_path):
+    source = csv_source(tmp_path, "id,plan,seats\nu1,pro,3\nu1,,5\n")
+    load_source(warehouse, source, T0)
+    assert users(warehouse)["u1"] == {"seats": "5"}
+
+
+def test_snapshot_deletes_missing_users_but_stream_does_not(warehouse, tmp_path):
+    load_source(warehouse, csv_source(tmp_path, "id,plan\nu1,pro\nu2,free\n"), T0)
+    result = load_source(warehouse, csv_source(tmp_path, "id,plan\nu1,pro\n"), T0 + timedelta(days=1))
+    assert result.users_deleted == 1
+    assert set(users(warehouse)) == {"u1"}
+    stream = csv_source(tmp_path, "id,plan\nu3,free\n", mode="stream", name="stream.csv")
+    assert load_source(warehouse, stream, T0 + timedelta(days=2)).users_deleted == 0
+    assert set(users(warehouse)) == {"u1", "u3"}
+
+
+def test_snapshot_never_deletes_a_user_whose_row_was_quarantined(warehouse, tmp_path):
+    load_source(warehouse, csv_source(tmp_path, "id,properties\nu1,\nu2,\n"), T0)
+    result = load_source(warehouse, csv_source(tmp_path, 'id,properties\nu1,\nu2,{broken\n'), T0 + timedelta(days=1))
+    assert (result.users_deleted, result.rows_quarantined) == (0, 1)
+    assert set(users(warehouse)) == {"u1", "u2"}
+
+
+def test_a_deleted_user_who_comes_back_starts_fresh(warehouse, tmp_path):
+    load_source(warehouse, csv_source(tmp_path, "id,plan,seats\nu1,pro,3\n"), T0)
+    load_source(warehouse, csv_source(tmp_path, "id,plan,seats\n"), T0 + timedelta(days=1))
+    load_source(warehouse, csv_source(tmp_path, "id,name\nu1,Ann\n"), T0 + timedelta(days=2))
+    assert users(warehouse) == {"u1": {"name": "Ann"}}
+    assert warehouse.execute("select user_key from raw.users").fetchall() == [(1,)]
+
+
+def test_bad_rows_are_quarantined_with_row_and_reason_and_the_rest_loads(warehouse, tmp_path):
+    long_id = "x" * 256
+    text = ("id,name,properties\n"
+            "ok1,A,\n"
+            ",Missing,\n"
+            "   ,Blank,\n"
+            " padded,Padded,\n"
+            f"{long_id},Long,\n"
+            '"tab\tid",Tab,\n'
+            'ok2,B,"{bad json"\n'
+            'ok3,C,"[1, 2]"\n'
+            "ok4,D,\n")
+    result = load_source(warehouse, csv_source(tmp_path, text), T0)
+    assert (result.rows_read, result.rows_quarantined, result.users_inserted) == (9, 7, 2)
+    assert set(users(warehouse)) == {"ok1", "ok4"}
+    reasons = {row: reason for row, _, reason in quarantine(warehouse)}
+    assert reasons == {
+        2: "id is missing",
+        3: "id is blank",
+        4: "id has leading or trailing whitespace",
+        5: "id is longer than 255 characters",
+        6: "id contains control characters",
+        7: "`properties` is not a JSON object",
+        8: "`properties` is not a JSON object",
+    }
+    raw = json.loads(warehouse.execute("select raw_row from raw.users_quarantine where row_number = 7").fetchone()[0])
+    assert raw == {"id": "ok2", "name": "B", "properties": "{bad json"}
+
+
+def test_csv_dialects_bom_semicolons_quoted_newlines_and_legacy_encoding(warehouse, tmp_path):
+    text = '\ufeffid;name;city\nu1;"Zoë\nSecond line";Köln\n\nu2;Ann;"Paris; France"\n'
+    load_source(warehouse, csv_source(tmp_path, text.encode("utf-8"), name="bom.csv"), T0)
+    assert users(warehouse)["u1"] == {"name": "Zoë\nSecond line", "city": "Köln"}
+    assert users(warehouse)["u2"]["city"] == "Paris; France"
+    legacy = csv_source(tmp_path, "id,name\nu3,Andr\xe9\n", name="legacy.csv", encoding="cp1252", mode="stream")
+    load_source(warehouse, legacy, T0)
+    assert users(warehouse)["u3"] == {"name": "André"}
+
+
+def test_parquet_keeps_types_structs_lists_and_times(warehouse, tmp_path):
+    frame = pl.DataFrame({
+        "id": ["u1", "u2"],
+        "seats": [3, None],
+        "mrr": [49.5, 0.0],
+        "is_verified": [True, False],
+        "signed_up_at": [datetime(2025, 6, 15, 14, 30, tzinfo=timezone.utc), None],
+        "address": [{"city": "Paris", "country": "FR"}, {"city": None, "country": "PE"}],
+        "feature_flags": [["beta"], []],
+    })
+    frame.write_parquet(tmp_path / "users.parquet")
+    load_source(warehouse, source_from_uri(str(tmp_path / "users.parquet")), T0)
+    assert users(warehouse) == {
+        "u1": {"seats": 3, "mrr": 49.5, "is_verified": True, "signed_up_at": "2025-06-15T14:30:00Z",
+               "address": {"city": "Paris", "country": "FR"}, "feature_flags": ["beta"]},
+        "u2": {"mrr": 0.0, "is_verified": False, "address": {"country": "PE"}, "feature_flags": []},
+    }
+
+
+def test_a_folder_of_parquet_files_is_one_source(warehouse, tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    pl.DataFrame({"id": ["a"], "n": [1]}).write_parquet(folder / "part-0.parquet")
+    pl.DataFrame({"id": ["b"], "n": [2]}).write_parquet(folder / "part-1.parquet")
+    load_source(warehouse, source_from_uri(str(folder)), T0)
+    assert users(warehouse) == {"a": {"n": 1}, "b": {"n": 2}}
+
+
+def test_sqlite_table_and_duckdb_query_sources(warehouse, tmp_path):
+    database = tmp_path / "app.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("create table accounts (user_id text, plan text, seats integer, properties text)")
+        connection.execute("""insert into accounts values ('s1', 'pro', 3, '{"region": "eu"}'), (NULL, 'x', 1, NULL)""")
+    source = source_from_uri(f"sqlite:///{database}?table=accounts&id_column=user_id")
+    result = load_source(warehouse, source, T0)
+    assert (result.users_inserted, result.rows_quarantined) == (1, 1)
+    assert users(warehouse)["s1"] == {"plan": "pro", "seats": 3, "region": "eu"}
+
+    other = tmp_path / "analytics.duckdb"
+    with duckdb.connect(str(other)) as connection:
+        connection.execute("create table people as select 'd1' as id, 'free' as plan, [1, 2] as scores")
+    load_source(warehouse, source_from_uri(f"duckdb:///{other}?query=select * from people", mode="stream"), T0)
+    assert users(warehouse)["d1"] == {"plan": "free", "scores": [1, 2]}
+
+
+def test_unreadable_sources_fail_with_the_file_named(tmp_path):
+    with pytest.raises(SourceError, match="no such file"):
+        load_source(duckdb.connect(), source_from_uri(str(tmp_path / "absent.csv")), T0)
+    (tmp_path / "noid.csv").write_text("name\nAnn\n")
+    with pytest.raises(SourceError, match=r"noid\.csv: no `id` column"):
+        load_source(duckdb.connect(), source_from_uri(str(tmp_path / "noid.csv")), T0)
+
+
+def test_sources_file_resolves_paths_beside_it(tmp_path):
+    (tmp_path / "sources.yml").write_text("sources:\n  - name: crm\n    path: users.csv\n    mode: stream\n")
+    [source] = sources_from_file(tmp_path / "sources.yml")
+    assert (source.location, source.format, source.mode) == (tmp_path / "users.csv", "csv", "stream")
+    (tmp_path / "bad.yml").write_text("sources:\n  - name: crm\n    path: users.csv\n    mode: sometimes\n")
+    with pytest.raises(SourceError, match="mode must be snapshot or stream"):
+        sources_from_file(tmp_path / "bad.yml")
+
+
+def test_sample_csv_quarantines_its_messy_rows_and_loads_the_rest(warehouse):
+    [crm, updates] = sources_from_file(ROOT / "data" / "sources.yml")
+    result = load_source(warehouse, crm, T0)
+    assert result.rows_read == 3000
+    assert result.rows_quarantined == 26
+    assert result.users_inserted == 3000 - 26 - 10  # ten ids appear twice
+    reasons = {reason for _, _, reason in quarantine(warehouse)}
+    assert {"id is missing", "id is blank", "id is longer than 255 characters",
+            "`properties` is not a JSON object"} <= reasons
+    streamed = load_source(warehouse, updates, T0 + timedelta(days=1))
+    assert streamed.rows_quarantined == 0 and streamed.users_deleted == 0 and streamed.users_updated > 0

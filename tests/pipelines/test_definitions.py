@@ -1,0 +1,70 @@
+"""The Dagster code location loads, with the asset graph we expect (a snapshot, so changes show)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from pipelines import build_definitions
+
+EXPECTED_ASSET_KEYS = [
+    "audience_catalog",
+    "audience_definitions",
+    "audience_evaluations",
+    "audience_members",
+    "audiences/beta_invite_candidates",
+    "audiences/beta_testers",
+    "audiences/churn_risk",
+    "audiences/dormant_free_users",
+    "audiences/enterprise_admins",
+    "audiences/eu_customers",
+    "audiences/new_signups_this_week",
+    "audiences/nps_promoters",
+    "audiences/onboarding_incomplete",
+    "audiences/power_users",
+    "audiences/product_survey_sample",
+    "audiences/trial_ending_soon",
+    "audiences/trial_expired_unconverted",
+    "audiences/vip_customers",
+    "int_users_flattened",
+    "sources/crm_export",
+    "sources/product_updates",
+    "static_audience_members",
+    "stg_warehouse__users",
+    "users",
+]
+
+
+def test_definitions_load_with_the_expected_asset_graph():
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    assert sorted(key.to_user_string() for key in graph.get_all_asset_keys()) == EXPECTED_ASSET_KEYS
+    assert dg.AssetKey("audience_definitions") in graph.get(dg.AssetKey(["audiences", "power_users"])).parent_keys
+    assert dg.AssetKey(["audiences", "power_users"]) in graph.get(
+        dg.AssetKey(["audiences", "beta_invite_candidates"])).parent_keys
+    assert graph.get(dg.AssetKey("users")).parent_keys == {
+        dg.AssetKey(["sources", "crm_export"]), dg.AssetKey(["sources", "product_updates"])}
+
+
+def test_every_asset_has_a_description():
+    graph = build_definitions().resolve_asset_graph()
+    undocumented = [key.to_user_string() for key in graph.get_all_asset_keys()
+                    if not graph.get(key).description and key != dg.AssetKey("static_audience_members")]
+    assert undocumented == []
+
+
+def test_checks_cover_unique_users_and_every_audience_built():
+    defs = build_definitions()
+    check_names = {key.name for key in defs.resolve_asset_graph().asset_check_keys}
+    assert {"users_have_unique_ids", "every_audience_built"} <= check_names
+    assert any(name.startswith("unique_stg_warehouse__users_user_id") for name in check_names)
+
+
+def test_schedule_reevaluates_at_the_tick_time():
+    defs = build_definitions()
+    schedule = defs.resolve_schedule_def("reevaluate_every_15_minutes")
+    tick = datetime(2026, 11, 27, 9, 15, tzinfo=timezone.utc)
+    request = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick)).run_requests[0]
+    assert request.run_config == {"ops": {"audience_models": {"config": {"evaluation_time": tick.isoformat()}}}}
+    assert schedule.cron_schedule == "*/15 * * * *"

@@ -1,0 +1,101 @@
+"""The whole graph materialized by Dagster on a temporary DuckDB, checked against the reference.
+
+The session's `sample_run` is the main job (`audiences run`) on the sample data in `data/`. Its
+members must be exactly what the independent reference evaluator computes from the same users.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import dagster as dg
+import duckdb
+import pytest
+
+from audiences.conditions.reference import evaluate_audience
+from audiences.definitions import evaluation_order, load_definitions
+from condition_harness import NOW, ROOT
+from pipelines import build_definitions
+
+pytestmark = pytest.mark.slow
+
+
+def reference_members(connection) -> dict[str, set[str]]:
+    users = [{"id": user_id, **json.loads(properties)} for user_id, properties in
+             connection.execute("select user_id, properties from raw.users where deleted_at is null").fetchall()]
+    definitions = load_definitions(ROOT / "data" / "audiences")
+    members: dict[str, set[str]] = {}
+    for key in evaluation_order(definitions):
+        definition = definitions[key]
+        if definition.type != "dynamic":
+            members[key] = set()
+            continue
+        members[key] = {
+            user["id"] for user in users
+            if evaluate_audience(definition.raw, user, now=NOW, is_member=lambda other, uid: uid in members[other])
+        }
+    return members
+
+
+def compiled_members(connection) -> dict[str, set[str]]:
+    rows = connection.execute(
+        "select members.audience_key, users.user_id from main.audience_members as members "
+        "join raw.users as users using (user_key)").fetchall()
+    members: dict[str, set[str]] = {}
+    for key, user_id in rows:
+        members.setdefault(key, set()).add(user_id)
+    return members
+
+
+def test_sample_run_members_equal_the_reference_evaluator(sample_run):
+    with duckdb.connect(str(sample_run), read_only=True) as connection:
+        expected = reference_members(connection)
+        actual = compiled_members(connection)
+    assert {key: len(ids) for key, ids in actual.items()} == {key: len(ids) for key, ids in expected.items() if ids}
+    for key, ids in expected.items():
+        assert actual.get(key, set()) == ids, key
+    assert all(len(ids) > 0 for key, ids in expected.items() if key != "vip-customers")
+
+
+def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
+    with duckdb.connect(str(sample_run), read_only=True) as connection:
+        users, quarantined = connection.execute(
+            "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
+        ).fetchone()
+        evaluations = connection.execute(
+            "select audience_key, strftime(evaluated_at, '%Y-%m-%dT%H:%M:%SZ') from main.audience_evaluations").fetchall()
+        registry = connection.execute("select count(*) from raw.audience_registry").fetchone()[0]
+    assert (users, quarantined) == (2964, 26)
+    assert len(evaluations) == 14 and {time for _, time in evaluations} == {"2026-11-01T00:00:00Z"}
+    assert registry == 14
+
+
+def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, tmp_path, monkeypatch):
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(sample_run, copy)
+    monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
+    defs = build_definitions()
+    later = "2026-11-27T00:00:00+00:00"
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("reevaluate_audiences").execute_in_process(
+            run_config={"ops": {"audience_models": {"config": {"evaluation_time": later}}}},
+            instance=instance,
+        )
+    assert result.success
+    materializations = {
+        event.asset_key.to_user_string(): event.step_materialization_data.materialization.metadata
+        for event in result.get_asset_materialization_events()
+    }
+    assert materializations["audiences/new_signups_this_week"]["member_count"].value == 0
+    assert materializations["audiences/eu_customers"]["member_count"].value > 0
+    checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+    assert checks["every_audience_built"] is True
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        history = connection.execute(
+            "select count(distinct evaluated_at), count(*) from main.audience_evaluations").fetchone()
+        signups = connection.execute(
+            "select member_count from main.audience_evaluations where audience_key = 'new-signups-this-week' "
+            "order by evaluated_at").fetchall()
+    assert history == (2, 28)
+    assert signups[0][0] > 0 and signups[1][0] == 0
