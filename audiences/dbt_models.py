@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import sqlglot
 from sqlglot import exp
 
 from audiences.conditions.compiler import (
@@ -381,8 +382,17 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
 
 
 def _indent(text: str, spaces: int) -> str:
-    pad = " " * spaces
-    return "\n".join(pad + line if line.strip() else line for line in text.splitlines())
+    """Indent SQL for reading, never inside a multi-line string literal or quoted name."""
+    from sqlglot.tokens import TokenType
+
+    tokens = sqlglot.Dialect.get_or_raise("duckdb").tokenize(text)
+    quoted = [(t.start, t.end) for t in tokens if t.token_type in (TokenType.STRING, TokenType.IDENTIFIER)]
+    pad, lines, offset = " " * spaces, [], 0
+    for line in text.split("\n"):
+        inside = any(start < offset <= end for start, end in quoted)
+        lines.append(line if inside or not line.strip() else pad + line)
+        offset += len(line) + 1
+    return "\n".join(lines)
 
 
 def _quote(name: str) -> str:
