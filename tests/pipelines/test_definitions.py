@@ -19,6 +19,7 @@ EXPECTED_ASSET_KEYS = [
     "audiences/dormant_free_users",
     "audiences/enterprise_admins",
     "audiences/eu_customers",
+    "audiences/high_value_accounts",
     "audiences/new_signups_this_week",
     "audiences/nps_promoters",
     "audiences/onboarding_incomplete",

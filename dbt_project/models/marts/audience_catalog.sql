@@ -19,5 +19,6 @@ from (
         ('product-survey-sample', 'Product survey sample', 'dynamic', '7af7842a3539', 'product_survey_sample'),
         ('trial-ending-soon', 'Trial ending soon', 'dynamic', 'f97532d23d6c', 'trial_ending_soon'),
         ('trial-expired-unconverted', 'Trial expired, not converted', 'dynamic', '364e293677bd', 'trial_expired_unconverted'),
-        ('vip-customers', 'VIP customers', 'static', '8bb1baad8c4c', 'vip_customers')
+        ('vip-customers', 'VIP customers', 'static', '8bb1baad8c4c', 'vip_customers'),
+        ('high_value_accounts', 'high_value_accounts', 'sql', null, 'high_value_accounts')
 ) as catalog (audience_key, audience_name, audience_type, audience_version, model_name)

@@ -57,3 +57,7 @@ select 'trial-expired-unconverted' as audience_key, user_key, tenant from {{ ref
 union all
 
 select 'vip-customers' as audience_key, user_key, tenant from {{ ref('vip_customers') }}
+
+union all
+
+select 'high_value_accounts' as audience_key, user_key, tenant from {{ ref('high_value_accounts') }}
