@@ -9,6 +9,8 @@ users and definitions. Exit codes: 0 success, 1 the thing asked about is invalid
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -70,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    command("run", run, "load users and materialize every audience through Dagster")
+    sub = command("run", run, "load users and materialize every audience through Dagster")
+    sub.add_argument("--verbose", action="store_true", help="show Dagster's and dbt's full log")
     sub = command("preview", preview, "count and sample the users matching an audience, writing nothing")
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
     sub.add_argument("--sample", type=int, default=10, help="how many matching users to show (default 10)")
@@ -96,7 +99,7 @@ def run(settings: Settings, arguments) -> int:
 
     os.environ.update(settings.environment_variables())
     evaluated_at = evaluation_time_for(settings.evaluation_time)
-    result = _execute_main_job(evaluated_at)
+    result = _execute_main_job(evaluated_at, verbose=arguments.verbose)
     if not result.success:
         print("error: the run failed; see the log above", file=sys.stderr)
         return 1
@@ -113,7 +116,7 @@ def run(settings: Settings, arguments) -> int:
     return 0
 
 
-def _execute_main_job(evaluated_at):
+def _execute_main_job(evaluated_at, verbose: bool = False):
     import dagster as dg
 
     from pipelines import build_definitions
@@ -121,9 +124,19 @@ def _execute_main_job(evaluated_at):
 
     defs = build_definitions()
     job = defs.resolve_job_def(MAIN_JOB)
-    run_config = {"ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at)}}}}
+    run_config = {
+        "ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at)}}},
+        "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}},
+    }
     with dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral() as instance:
-        return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+        if verbose:
+            return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+        # dbt's own progress lines are echoed to stdout; keep them for --verbose.
+        with contextlib.redirect_stdout(io.StringIO()) as captured:
+            result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+        if not result.success:
+            sys.stderr.write(captured.getvalue()[-8000:])
+        return result
 
 
 def _definition(settings: Settings, key_or_file: str):
