@@ -22,6 +22,11 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_SOURCE_MODE": "mode of AUDIENCES_USERS_SOURCE: snapshot (default) or stream",
     "AUDIENCES_EVALUATION_TIME": "fixed evaluation time, ISO 8601 (default: now, per run)",
     "AUDIENCES_DBT_PROJECT": "the dbt project folder (default dbt_project)",
+    "AUDIENCES_WORKFLOWS": "the workflow triggers folder (default: `workflows` beside the definitions)",
+    "AUDIENCES_SINKS": "the sinks YAML file (default data/sinks.yml; without it, a JSON-lines file)",
+    "AUDIENCES_STORE_URL": "the membership store (default sqlite:///data/store.sqlite; or postgresql://...)",
+    "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves (default 0.2)",
+    "AUDIENCES_BREAKER_MINIMUM": "... and at least this many users (default 1000)",
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
 }
 
@@ -36,6 +41,21 @@ class Settings:
     evaluation_time: datetime | None
     dbt_project_dir: Path
     environment: str
+    workflows_dir: Path | None = None
+    sinks_file: Path | None = None
+    store_url: str | None = None
+    breaker_share: float = 0.2
+    breaker_minimum: int = 1000
+
+    def __post_init__(self):
+        # Defaults that depend on other settings: workflows beside the definitions, the store and
+        # the sinks file beside the DuckDB file's folder.
+        if self.workflows_dir is None:
+            object.__setattr__(self, "workflows_dir", self.definitions_dir.parent / "workflows")
+        if self.sinks_file is None:
+            object.__setattr__(self, "sinks_file", self.definitions_dir.parent / "sinks.yml")
+        if self.store_url is None:
+            object.__setattr__(self, "store_url", f"sqlite:///{self.duckdb_path.parent / 'store.sqlite'}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
@@ -54,14 +74,25 @@ class Settings:
             evaluation_time=parse_evaluation_time(env.get("AUDIENCES_EVALUATION_TIME")),
             dbt_project_dir=path("AUDIENCES_DBT_PROJECT", "dbt_project"),
             environment=env.get("AUDIENCES_ENV") or "development",
+            workflows_dir=_absolute(env["AUDIENCES_WORKFLOWS"]) if env.get("AUDIENCES_WORKFLOWS") else None,
+            sinks_file=_absolute(env["AUDIENCES_SINKS"]) if env.get("AUDIENCES_SINKS") else None,
+            store_url=env.get("AUDIENCES_STORE_URL") or None,
+            breaker_share=float(env.get("AUDIENCES_BREAKER_SHARE") or 0.2),
+            breaker_minimum=int(env.get("AUDIENCES_BREAKER_MINIMUM") or 1000),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
-        for key in ("duckdb_path", "definitions_dir", "sources_file", "dbt_project_dir"):
+        for key in ("duckdb_path", "definitions_dir", "sources_file", "dbt_project_dir", "workflows_dir", "sinks_file"):
             if key in given:
                 given[key] = _absolute(given[key])
         if isinstance(given.get("evaluation_time"), str):
             given["evaluation_time"] = parse_evaluation_time(given["evaluation_time"])
-        return replace(settings, **given)
+        # Derived defaults follow their base setting unless they were set explicitly.
+        explicit = {name for name in ("workflows_dir", "sinks_file", "store_url") if env.get(_VARIABLE[name]) or name in given}
+        rebuilt = replace(settings, **given)
+        for name in ("workflows_dir", "sinks_file", "store_url"):
+            if name not in explicit:
+                rebuilt = replace(rebuilt, **{name: None})
+        return rebuilt
 
     def environment_variables(self) -> dict[str, str]:
         """These settings as `AUDIENCES_*` variables, to hand to a child process."""
@@ -72,12 +103,20 @@ class Settings:
             "AUDIENCES_SOURCE_MODE": self.source_mode,
             "AUDIENCES_DBT_PROJECT": str(self.dbt_project_dir),
             "AUDIENCES_ENV": self.environment,
+            "AUDIENCES_WORKFLOWS": str(self.workflows_dir),
+            "AUDIENCES_SINKS": str(self.sinks_file),
+            "AUDIENCES_STORE_URL": self.store_url,
+            "AUDIENCES_BREAKER_SHARE": str(self.breaker_share),
+            "AUDIENCES_BREAKER_MINIMUM": str(self.breaker_minimum),
         }
         if self.users_source:
             values["AUDIENCES_USERS_SOURCE"] = self.users_source
         if self.evaluation_time:
             values["AUDIENCES_EVALUATION_TIME"] = format_time(self.evaluation_time)
         return values
+
+
+_VARIABLE = {"workflows_dir": "AUDIENCES_WORKFLOWS", "sinks_file": "AUDIENCES_SINKS", "store_url": "AUDIENCES_STORE_URL"}
 
 
 def _absolute(value: str | Path) -> Path:

@@ -86,10 +86,12 @@ def _users_query(
     segments,
     definitions: dict[str, AudienceDefinition],
     now: datetime,
-    user_id: str | None = None,
+    user_filter: exp.Expression | None = None,
 ) -> _Query:
+    """Users to evaluate conditions over: all current users, or those `user_filter` (a condition on
+    `users.user_id`) keeps, in which case attributes are read inline (a few users, no table scan)."""
     needed = attributes_used(segments)
-    fresh = table_exists(connection, FLATTENED_TABLE) and not user_id and _is_fresh(connection) and {
+    fresh = table_exists(connection, FLATTENED_TABLE) and user_filter is None and _is_fresh(connection) and {
         attribute.column_name for attribute in needed
     } <= _columns(connection, FLATTENED_TABLE)
     now_sql = timestamp_literal(now)
@@ -116,8 +118,8 @@ def _users_query(
         return _Query(source, context)
     properties, identifier = exp.column("properties", table="users"), exp.column("user_id", table="users")
     where = exp.column("deleted_at", table="users").is_(exp.null())
-    if user_id is not None:
-        where = exp.and_(where, identifier.eq(exp.Literal.string(user_id)))
+    if user_filter is not None:
+        where = exp.and_(where, user_filter)
     source = exp.select("*").from_(exp.to_table("raw.users").as_("users")).where(where).subquery("users")
     context = CompileContext(
         attribute=lambda a: attribute_expression(property_json(a.path, properties, identifier), a.variant),
@@ -257,7 +259,8 @@ def explain(
     ).fetchone()[0]
     if not exists:
         raise WarehouseError(f"no user {user_id!r} in the warehouse")
-    query = _users_query(connection, definition.segments, definitions, now, user_id=user_id)
+    query = _users_query(connection, definition.segments, definitions, now,
+                         user_filter=exp.column("user_id", table="users").eq(exp.Literal.string(user_id)))
     selections: list[exp.Expression] = []
     for segment in definition.segments:
         for condition in segment:
@@ -291,3 +294,28 @@ def _describe(condition: Condition, value) -> str:
     if value is None:
         return "(missing)"
     return value if condition.path != ("id",) else json.dumps(value)
+
+
+def matching_user_ids(
+    connection: duckdb.DuckDBPyConnection,
+    segments,
+    user_ids: list[str],
+    now: datetime,
+    definitions: dict[str, AudienceDefinition] | None = None,
+) -> set[str]:
+    """Which of `user_ids` match the conditions now (for workflow trigger conditions)."""
+    if not user_ids:
+        return set()
+    if not segments:
+        return set(user_ids)
+    import polars as pl
+
+    connection.register("candidate_ids", pl.DataFrame({"user_id": user_ids}, schema={"user_id": pl.String}).to_arrow())
+    try:
+        candidates = exp.column("user_id", table="users").isin(query=exp.select("user_id").from_("candidate_ids"))
+        query = _users_query(connection, segments, definitions or {}, now, user_filter=candidates)
+        condition = compile_segments(segments, query.context)
+        rows = connection.execute(render(exp.select("users.user_id").from_(query.source).where(condition))).fetchall()
+    finally:
+        connection.unregister("candidate_ids")
+    return {row[0] for row in rows}

@@ -1,0 +1,307 @@
+"""Membership changes: diff each evaluation against the last, keep history, fill the outbox.
+
+After dbt has built `audience_members` for an evaluation, `record_changes` compares it with the
+open membership intervals in DuckDB and, in one transaction:
+- writes one `entered` / `exited` event per change to the outbox (`raw.membership_outbox`), each with
+  a deterministic id: the same change (the n-th entry of a user into an audience, or its end) always
+  gets the same id, so no re-run can mint a second event for it;
+- closes and opens validity intervals (`raw.membership_intervals`), which answer "who was in S at T";
+- marks a new audience's first members as backfill (they trigger nothing, Knock's default);
+- holds the events of an audience whose change is too large to be believed (the circuit breaker).
+
+The outbox is drained into the operational store by `audiences.membership.publish`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import duckdb
+
+SCHEMA_STATEMENTS = (
+    "create schema if not exists raw",
+    "create sequence if not exists raw.membership_outbox_sequence start 1",
+    """
+    create table if not exists raw.membership_intervals (
+        audience_key varchar not null,
+        user_key integer not null,
+        user_id varchar not null,
+        tenant varchar,
+        entry_number integer not null,
+        entered_at timestamptz not null,
+        exited_at timestamptz,
+        audience_version varchar
+    )
+    """,
+    """
+    create table if not exists raw.membership_outbox (
+        sequence bigint not null,
+        event_id varchar not null,
+        audience_key varchar not null,
+        user_id varchar not null,
+        tenant varchar,
+        event_type varchar not null,
+        occurred_at timestamptz not null,
+        audience_version varchar,
+        entry_number integer not null,
+        is_backfill boolean not null,
+        batch_id varchar
+    )
+    """,
+    """
+    create table if not exists raw.membership_batches (
+        batch_id varchar not null,
+        audience_key varchar not null,
+        evaluated_at timestamptz not null,
+        entered integer not null,
+        exited integer not null,
+        audience_size integer not null,
+        last_sequence bigint not null
+    )
+    """,
+    "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
+    "create table if not exists raw.outbox_published (published_sequence bigint not null)",
+)
+
+
+def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
+    for statement in SCHEMA_STATEMENTS:
+        connection.execute(statement)
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    """Hold an audience's events when a run moves more than `share` of it, and at least `minimum`."""
+
+    share: float = 0.2
+    minimum: int = 1000
+
+    def trips(self, changed: int, audience_size: int) -> bool:
+        return changed >= self.minimum and changed > self.share * audience_size
+
+
+@dataclass
+class AudienceChanges:
+    audience_key: str
+    entered: int
+    exited: int
+    size_before: int
+    is_backfill: bool
+    held_batch: str | None
+
+
+@dataclass
+class ChangeSummary:
+    evaluated_at: datetime
+    audiences: list[AudienceChanges] = field(default_factory=list)
+
+    @property
+    def entered(self) -> int:
+        return sum(a.entered for a in self.audiences)
+
+    @property
+    def exited(self) -> int:
+        return sum(a.exited for a in self.audiences)
+
+    @property
+    def held(self) -> list[AudienceChanges]:
+        return [a for a in self.audiences if a.held_batch]
+
+
+def record_changes(
+    connection: duckdb.DuckDBPyConnection,
+    evaluated_at: datetime,
+    breaker: CircuitBreaker = CircuitBreaker(),
+    members_table: str = "main.audience_members",
+    catalog_table: str = "main.audience_catalog",
+) -> ChangeSummary:
+    """Diff the evaluation in `members_table` against the open intervals; see the module docstring."""
+    ensure_schema(connection)
+    connection.execute("begin transaction")
+    try:
+        summary = _record(connection, evaluated_at, breaker, members_table, catalog_table)
+        connection.execute("commit")
+    except BaseException:
+        connection.execute("rollback")
+        raise
+    return summary
+
+
+def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> ChangeSummary:
+    parameters = {"evaluated_at": evaluated_at}
+    latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchone()[0]
+    latest_exit = connection.execute("select max(exited_at) from raw.membership_intervals").fetchone()[0]
+    newest = max((t for t in (latest, latest_exit) if t is not None), default=None)
+    if newest is not None and evaluated_at < newest:
+        raise ValueError(f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
+                         f"({newest.isoformat()}); membership history only moves forward")
+    connection.execute(
+        f"""
+        create or replace temp table changes as
+        with evaluated as (
+            select audience_key, user_key, tenant from {members_table}
+        ),
+        open_intervals as (
+            select audience_key, user_key, user_id, tenant, entry_number
+            from raw.membership_intervals
+            where exited_at is null
+                and audience_key in (select audience_key from {catalog_table})
+        )
+        select
+            coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
+            coalesce(evaluated.user_key, open_intervals.user_key) as user_key,
+            coalesce(evaluated.tenant, open_intervals.tenant) as tenant,
+            open_intervals.user_id as user_id,
+            open_intervals.entry_number as entry_number,
+            case when open_intervals.user_key is null then 'entered' else 'exited' end as event_type
+        from evaluated
+        full outer join open_intervals
+            on evaluated.audience_key = open_intervals.audience_key
+            and evaluated.user_key = open_intervals.user_key
+            and evaluated.tenant is not distinct from open_intervals.tenant
+        where evaluated.user_key is null or open_intervals.user_key is null
+        """
+    )
+    # Entries: the user's id, and which entry this is (1 + earlier intervals of the same membership).
+    connection.execute(
+        """
+        create or replace temp table entries as
+        select
+            changes.audience_key, changes.user_key, changes.tenant, users.user_id,
+            1 + coalesce(earlier.intervals, 0) as entry_number
+        from changes
+        join raw.users as users on users.user_key = changes.user_key
+        left join (
+            select audience_key, user_key, tenant, count(*) as intervals
+            from raw.membership_intervals
+            where (audience_key, user_key) in (select audience_key, user_key from changes where event_type = 'entered')
+            group by all
+        ) as earlier
+            on earlier.audience_key = changes.audience_key
+            and earlier.user_key = changes.user_key
+            and earlier.tenant is not distinct from changes.tenant
+        where changes.event_type = 'entered'
+        """
+    )
+    stats = connection.execute(
+        f"""
+        with sizes as (
+            select audience_key, count(*) as size_before
+            from raw.membership_intervals where exited_at is null group by audience_key
+        ),
+        moved as (
+            select
+                audience_key,
+                count(*) filter (where event_type = 'entered') as entered,
+                count(*) filter (where event_type = 'exited') as exited
+            from changes group by audience_key
+        )
+        select
+            catalog.audience_key,
+            coalesce(moved.entered, 0),
+            coalesce(moved.exited, 0),
+            coalesce(sizes.size_before, 0),
+            catalog.audience_key not in (select audience_key from raw.membership_audiences) as is_new
+        from {catalog_table} as catalog
+        left join moved using (audience_key)
+        left join sizes using (audience_key)
+        order by catalog.audience_key
+        """
+    ).fetchall()
+    summary = ChangeSummary(evaluated_at)
+    batches = []
+    for key, entered, exited, size_before, is_new in stats:
+        held = None
+        if not is_new and breaker.trips(max(entered, exited), size_before):
+            held = _batch_id(connection, key, evaluated_at)
+            batches.append({"batch_id": held, "audience_key": key, "entered": entered, "exited": exited,
+                            "size": size_before})
+        summary.audiences.append(AudienceChanges(key, entered, exited, size_before, bool(is_new), held))
+    connection.execute("create or replace temp table held (audience_key varchar, batch_id varchar)")
+    for batch in batches:
+        connection.execute("insert into held values ($a, $b)", {"a": batch["audience_key"], "b": batch["batch_id"]})
+    connection.execute(
+        f"""
+        insert into raw.membership_outbox
+        with events as (
+            select audience_key, user_id, tenant, 'entered' as event_type, entry_number from entries
+            union all
+            select audience_key, user_id, tenant, 'exited', entry_number from changes where event_type = 'exited'
+        )
+        select
+            nextval('raw.membership_outbox_sequence'),
+            substr(sha256(concat_ws(chr(31), events.audience_key, events.user_id, coalesce(events.tenant, ''),
+                                    events.event_type, events.entry_number::varchar)), 1, 32),
+            events.audience_key, events.user_id, events.tenant, events.event_type, $evaluated_at,
+            catalog.audience_version, events.entry_number,
+            events.audience_key not in (select audience_key from raw.membership_audiences),
+            held.batch_id
+        from events
+        join {catalog_table} as catalog using (audience_key)
+        left join held using (audience_key)
+        order by events.audience_key, events.event_type, events.user_id
+        """,
+        parameters,
+    )
+    for batch in batches:
+        connection.execute(
+            "insert into raw.membership_batches values ($b, $a, $evaluated_at, $entered, $exited, $size, "
+            "(select max(sequence) from raw.membership_outbox))",
+            {"b": batch["batch_id"], "a": batch["audience_key"], "evaluated_at": evaluated_at,
+             "entered": batch["entered"], "exited": batch["exited"], "size": batch["size"]},
+        )
+    connection.execute(
+        """
+        update raw.membership_intervals as intervals
+        set exited_at = $evaluated_at
+        from changes
+        where changes.event_type = 'exited'
+            and intervals.exited_at is null
+            and intervals.audience_key = changes.audience_key
+            and intervals.user_key = changes.user_key
+            and intervals.tenant is not distinct from changes.tenant
+        """,
+        parameters,
+    )
+    connection.execute(
+        f"""
+        insert into raw.membership_intervals
+        select entries.audience_key, entries.user_key, entries.user_id, entries.tenant, entries.entry_number,
+               $evaluated_at, null, catalog.audience_version
+        from entries join {catalog_table} as catalog using (audience_key)
+        """,
+        parameters,
+    )
+    connection.execute(
+        f"""
+        insert into raw.membership_audiences
+        select audience_key, $evaluated_at from {catalog_table}
+        where audience_key not in (select audience_key from raw.membership_audiences)
+        """,
+        parameters,
+    )
+    for table in ("changes", "entries", "held"):
+        connection.execute(f"drop table {table}")
+    return summary
+
+
+def _batch_id(connection, audience_key: str, evaluated_at: datetime) -> str:
+    return connection.execute(
+        "select substr(sha256(concat_ws(chr(31), 'held', $a, strftime($t, '%Y-%m-%dT%H:%M:%S.%fZ'))), 1, 32)",
+        {"a": audience_key, "t": evaluated_at},
+    ).fetchone()[0]
+
+
+def members_at(connection: duckdb.DuckDBPyConnection, audience_key: str, moment: datetime) -> list[dict]:
+    """Who was in the audience at `moment`, from the validity intervals."""
+    ensure_schema(connection)
+    rows = connection.execute(
+        """
+        select user_id, tenant from raw.membership_intervals
+        where audience_key = $a and entered_at <= $t and (exited_at is null or exited_at > $t)
+        order by user_id, tenant nulls first
+        """,
+        {"a": audience_key, "t": moment},
+    ).fetchall()
+    return [{"user_id": user_id, "tenant": tenant} for user_id, tenant in rows]

@@ -1,0 +1,182 @@
+"""The operational membership store: events, current membership, held batches and deliveries.
+
+Other processes (the delivery loop, the API, people releasing held batches) read and write it while
+a pipeline run holds the DuckDB file, so it lives in its own database: SQLite in WAL mode by default
+(`data/store.sqlite`), PostgreSQL in production, through SQLAlchemy Core so the SQL is the same.
+Every write is idempotent: events and deliveries are keyed by deterministic ids and inserted with
+"on conflict do nothing", so publishing the same events twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+metadata = sa.MetaData()
+
+membership_events = sa.Table(
+    "membership_events", metadata,
+    sa.Column("event_id", sa.String(64), primary_key=True),
+    sa.Column("sequence", sa.BigInteger, nullable=False),  # the outbox order in the warehouse
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("tenant", sa.String(255)),
+    sa.Column("event_type", sa.String(16), nullable=False),  # entered | exited
+    sa.Column("occurred_at", sa.String(32), nullable=False),  # the evaluation time, ISO 8601 UTC
+    sa.Column("audience_version", sa.String(64)),
+    sa.Column("entry_number", sa.Integer, nullable=False),
+    sa.Column("is_backfill", sa.Boolean, nullable=False, default=False),
+    sa.Column("batch_id", sa.String(64)),  # set when a circuit breaker held the run's events
+    sa.Column("published_at", sa.String(32), nullable=False),
+    sa.Index("membership_events_by_audience", "audience_key", "occurred_at"),
+    sa.Index("membership_events_by_user", "user_id", "occurred_at"),
+)
+
+# Current members, one row per (audience, user, tenant); `tenant_key` is the tenant or '' so the
+# primary key treats "no tenant" as one value on every database.
+audience_members = sa.Table(
+    "audience_members", metadata,
+    sa.Column("audience_key", sa.String(255), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("tenant_key", sa.String(255), primary_key=True),
+    sa.Column("tenant", sa.String(255)),
+    sa.Column("added_at", sa.String(32), nullable=False),
+)
+
+held_batches = sa.Table(
+    "held_batches", metadata,
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("evaluated_at", sa.String(32), nullable=False),
+    sa.Column("entered", sa.Integer, nullable=False),
+    sa.Column("exited", sa.Integer, nullable=False),
+    sa.Column("audience_size", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # held | released | discarded
+    sa.Column("decided_at", sa.String(32)),
+)
+
+deliveries = sa.Table(
+    "deliveries", metadata,
+    sa.Column("delivery_id", sa.String(64), primary_key=True),
+    sa.Column("event_id", sa.String(64)),
+    sa.Column("broadcast_id", sa.String(64)),
+    sa.Column("workflow_key", sa.String(255), nullable=False),
+    sa.Column("sink", sa.String(255), nullable=False),
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("tenant", sa.String(255)),
+    sa.Column("payload", sa.Text, nullable=False),
+    # pending | delivered | dead | held | discarded
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.String(32), nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.Column("batch_id", sa.String(64)),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("delivered_at", sa.String(32)),
+    sa.Index("deliveries_due", "status", "sink", "next_attempt_at"),
+    sa.Index("deliveries_by_batch", "batch_id"),
+)
+
+# When a workflow trigger was first seen: events before it never trigger it (no backfill).
+workflow_triggers = sa.Table(
+    "workflow_triggers", metadata,
+    sa.Column("workflow_key", sa.String(255), primary_key=True),
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("first_seen_at", sa.String(32), nullable=False),
+    # Only events after this outbox sequence trigger the workflow.
+    sa.Column("first_event_sequence", sa.BigInteger, nullable=False),
+)
+
+# Recipients a frequency-limited trigger has already fired for.
+trigger_recipients = sa.Table(
+    "trigger_recipients", metadata,
+    sa.Column("workflow_key", sa.String(255), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("tenant_key", sa.String(255), primary_key=True),
+    sa.Column("delivery_id", sa.String(64), nullable=False),
+)
+
+DEFAULT_URL = "sqlite:///data/store.sqlite"
+
+
+def now_text() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def tenant_key(tenant: str | None) -> str:
+    return tenant or ""
+
+
+class MembershipStore:
+    """A connection to the operational store; `create()` makes its tables (idempotent)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def create(self) -> MembershipStore:
+        metadata.create_all(self.engine)
+        return self
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def insert_ignoring_duplicates(self, connection, table: sa.Table, rows: Sequence[dict]) -> int:
+        """Insert rows, skipping those whose primary key exists; returns how many were new."""
+        if not rows:
+            return 0
+        dialect = self.engine.dialect.name
+        module = sqlite if dialect == "sqlite" else postgresql if dialect == "postgresql" else None
+        if module is None:
+            raise NotImplementedError(f"the membership store supports SQLite and PostgreSQL, not {dialect}")
+        inserted = 0
+        for start in range(0, len(rows), 5000):
+            chunk = rows[start:start + 5000]
+            statement = module.insert(table).on_conflict_do_nothing()
+            result = connection.execute(statement, list(chunk))
+            inserted += max(result.rowcount, 0)
+        return inserted
+
+    def scalar(self, statement) -> object:
+        with self.engine.connect() as connection:
+            return connection.execute(statement).scalar()
+
+    def rows(self, statement) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(statement)]
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("pragma journal_mode = wal")
+    cursor.execute("pragma synchronous = normal")
+    cursor.execute("pragma busy_timeout = 30000")
+    cursor.close()
+
+
+def apply_membership_changes(store: MembershipStore, connection, events: Iterable[dict]) -> None:
+    """Make the current-membership table reflect entered / exited events (idempotent)."""
+    entered = [
+        {"audience_key": e["audience_key"], "user_id": e["user_id"], "tenant_key": tenant_key(e["tenant"]),
+         "tenant": e["tenant"], "added_at": e["occurred_at"]}
+        for e in events if e["event_type"] == "entered"
+    ]
+    exited = [
+        {"a": e["audience_key"], "u": e["user_id"], "t": tenant_key(e["tenant"])}
+        for e in events if e["event_type"] == "exited"
+    ]
+    store.insert_ignoring_duplicates(connection, audience_members, entered)
+    if exited:
+        statement = audience_members.delete().where(
+            audience_members.c.audience_key == sa.bindparam("a"),
+            audience_members.c.user_id == sa.bindparam("u"),
+            audience_members.c.tenant_key == sa.bindparam("t"),
+        )
+        connection.execute(statement, exited)
