@@ -43,6 +43,7 @@ class UserSource:
     query: str | None = None
     id_column: str = "id"
     delimiter: str | None = None
+    watermark_column: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -85,6 +86,7 @@ def sources_from_file(path: Path) -> list[UserSource]:
             query=entry.get("query"),
             id_column=entry.get("id_column", "id"),
             delimiter=entry.get("delimiter"),
+            watermark_column=entry.get("watermark_column"),
         ))
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
@@ -132,6 +134,29 @@ def read_source(source: UserSource) -> pl.DataFrame:
     if ROW_COLUMN in frame.columns:
         frame = frame.drop(ROW_COLUMN)
     return frame.with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+
+
+def source_fingerprint(source: UserSource) -> str:
+    """What changes when the source's data changes: file sizes and times, or a table's watermark.
+
+    Database sources without a `watermark_column` report their row count, which misses updates in
+    place; declare `watermark_column` (e.g. an `updated_at` column) to catch those.
+    """
+    if source.format in ("duckdb", "sqlite"):
+        if not source.location.exists():
+            return "missing"
+        relation = f"({source.query}) as source" if source.query else _quote_qualified(source.table)
+        measure = f"max({_quote_qualified(source.watermark_column)})" if source.watermark_column else "count(*)"
+        sql = f"select {measure} from {relation}"
+        if source.format == "duckdb":
+            with duckdb.connect(str(source.location), read_only=True) as connection:
+                return str(connection.execute(sql).fetchone()[0])
+        with sqlite3.connect(f"file:{source.location}?mode=ro", uri=True) as connection:
+            return str(connection.execute(sql).fetchone()[0])
+    if not source.location.exists():
+        return "missing"
+    files = sorted(source.location.rglob("*.parquet")) if source.location.is_dir() else [source.location]
+    return ";".join(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files)
 
 
 def _read_csv(source: UserSource) -> pl.DataFrame:

@@ -1,0 +1,131 @@
+"""Membership diffs: events with deterministic ids, validity intervals, backfill, circuit breaker."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import duckdb
+import pytest
+
+from audiences.membership.changes import CircuitBreaker, members_at, record_changes
+from condition_harness import insert_users
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def warehouse():
+    connection = duckdb.connect()
+    connection.execute("set TimeZone = 'UTC'")
+    insert_users(connection, [{"id": f"u{i}"} for i in range(1, 11)])
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    yield connection
+    connection.close()
+
+
+def evaluate(connection, moment, members: dict[str, list], versions: dict[str, str] | None = None,
+             breaker=CircuitBreaker(0.2, 1000)):
+    """Stand in for one dbt evaluation: the catalog and members tables, then the diff."""
+    connection.execute("delete from main.audience_catalog")
+    connection.execute("delete from main.audience_members")
+    for key in members:
+        connection.execute("insert into main.audience_catalog values ($k, $v)", {"k": key, "v": (versions or {}).get(key, "v1")})
+        for member in members[key]:
+            user_key, tenant = (member, None) if isinstance(member, int) else member
+            connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})
+    return record_changes(connection, moment, breaker)
+
+
+def outbox(connection) -> list[tuple]:
+    return connection.execute(
+        "select audience_key, user_id, tenant, event_type, entry_number, is_backfill, batch_id is not null "
+        "from raw.membership_outbox order by sequence").fetchall()
+
+
+def test_first_evaluation_records_entries_as_backfill(warehouse):
+    summary = evaluate(warehouse, T0, {"pro": [1, 2]})
+    assert (summary.entered, summary.exited, summary.audiences[0].is_backfill) == (2, 0, True)
+    assert outbox(warehouse) == [("pro", "u1", None, "entered", 1, True, False), ("pro", "u2", None, "entered", 1, True, False)]
+
+
+def test_enter_exit_and_reenter_get_distinct_deterministic_ids(warehouse):
+    evaluate(warehouse, T0, {"pro": [1]})
+    evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2]})
+    evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1]})
+    evaluate(warehouse, T0 + timedelta(hours=3), {"pro": [1, 2]})
+    events = outbox(warehouse)
+    assert events[1:] == [("pro", "u2", None, "entered", 1, False, False), ("pro", "u2", None, "exited", 1, False, False),
+                          ("pro", "u2", None, "entered", 2, False, False)]
+    ids = [row[0] for row in warehouse.execute("select event_id from raw.membership_outbox").fetchall()]
+    assert len(set(ids)) == len(ids)
+
+
+def test_the_same_change_always_gets_the_same_event_id(warehouse):
+    evaluate(warehouse, T0, {"pro": []})
+    evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [3]})
+    first = warehouse.execute("select event_id from raw.membership_outbox").fetchone()[0]
+    other = duckdb.connect()
+    other.execute("set TimeZone = 'UTC'")
+    insert_users(other, [{"id": f"u{i}"} for i in range(1, 11)])
+    other.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    other.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    evaluate(other, T0, {"pro": []})
+    evaluate(other, T0 + timedelta(hours=5), {"pro": [3]})  # a re-run at another time
+    assert other.execute("select event_id from raw.membership_outbox").fetchone()[0] == first
+
+
+def test_rerunning_an_evaluation_mints_nothing(warehouse):
+    evaluate(warehouse, T0, {"pro": [1, 2]})
+    again = evaluate(warehouse, T0, {"pro": [1, 2]})
+    assert (again.entered, again.exited) == (0, 0)
+    assert len(outbox(warehouse)) == 2
+
+
+def test_deleted_user_exits_and_history_answers_who_was_in_when(warehouse):
+    evaluate(warehouse, T0, {"pro": [1, 2]})
+    evaluate(warehouse, T0 + timedelta(days=1), {"pro": [1]})  # u2 deleted: gone from the members
+    assert outbox(warehouse)[-1] == ("pro", "u2", None, "exited", 1, False, False)
+    assert members_at(warehouse, "pro", T0 + timedelta(hours=12)) == [{"user_id": "u1", "tenant": None},
+                                                                      {"user_id": "u2", "tenant": None}]
+    assert members_at(warehouse, "pro", T0 + timedelta(days=1)) == [{"user_id": "u1", "tenant": None}]
+    assert members_at(warehouse, "pro", T0 - timedelta(seconds=1)) == []
+
+
+def test_definition_change_records_the_new_version(warehouse):
+    evaluate(warehouse, T0, {"pro": [1, 2]}, {"pro": "v1"})
+    evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [2, 3]}, {"pro": "v2"})
+    rows = warehouse.execute("select user_id, event_type, audience_version from raw.membership_outbox where not is_backfill "
+                             "order by user_id").fetchall()
+    assert rows == [("u1", "exited", "v2"), ("u3", "entered", "v2")]
+
+
+def test_tenants_are_distinct_memberships(warehouse):
+    evaluate(warehouse, T0, {"vip": [(1, "acme")]})
+    evaluate(warehouse, T0 + timedelta(hours=1), {"vip": [(1, "acme"), (1, "globex"), (1, None)]})
+    rows = [row[:4] for row in outbox(warehouse)[1:]]
+    assert sorted(rows, key=str) == sorted([("vip", "u1", "globex", "entered"), ("vip", "u1", None, "entered")], key=str)
+
+
+def test_a_new_audience_is_backfill_while_others_trigger(warehouse):
+    evaluate(warehouse, T0, {"pro": [1]})
+    summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2], "new": [3]})
+    by_key = {change.audience_key: change for change in summary.audiences}
+    assert (by_key["new"].is_backfill, by_key["pro"].is_backfill) == (True, False)
+
+
+def test_circuit_breaker_holds_a_mass_exit(warehouse):
+    breaker = CircuitBreaker(share=0.2, minimum=3)
+    evaluate(warehouse, T0, {"pro": list(range(1, 11))}, breaker=breaker)
+    summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2]}, breaker=breaker)  # 8 of 10 leave
+    [held] = summary.held
+    assert (held.exited, held.size_before) == (8, 10)
+    assert all(row[6] for row in outbox(warehouse)[10:])
+    small = evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1, 2, 3]}, breaker=breaker)
+    assert small.held == []  # one user is below the minimum
+
+
+def test_history_only_moves_forward(warehouse):
+    evaluate(warehouse, T0, {"pro": [1]})
+    with pytest.raises(ValueError, match="only moves forward"):
+        evaluate(warehouse, T0 - timedelta(days=1), {"pro": []})
