@@ -1,0 +1,185 @@
+"""Publishing the outbox into the store: idempotence and the workflow trigger rules."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import duckdb
+import pytest
+import sqlalchemy as sa
+
+from audiences.broadcasts import broadcast
+from audiences.membership.changes import CircuitBreaker, record_changes
+from audiences.membership.publish import discard_batch, publish_outbox, release_batch
+from audiences.membership.store import MembershipStore
+from audiences.membership.triggers import WorkflowTrigger, condition_segments
+from condition_harness import insert_users
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def warehouse():
+    connection = duckdb.connect()
+    connection.execute("set TimeZone = 'UTC'")
+    insert_users(connection, [{"id": f"u{i}", "locale": "fr" if i % 2 else "en"} for i in range(1, 21)])
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+    yield store
+    store.dispose()
+
+
+class Pipeline:
+    """One evaluation after another: members in, diff, publish (what the Dagster assets do)."""
+
+    def __init__(self, warehouse, store, triggers, breaker=CircuitBreaker(0.2, 1000)):
+        self.warehouse, self.store, self.triggers, self.breaker = warehouse, store, triggers, breaker
+        self.moment = T0
+
+    def evaluate(self, members: dict[str, list]):
+        connection = self.warehouse
+        connection.execute("delete from main.audience_catalog")
+        connection.execute("delete from main.audience_members")
+        for key, users in members.items():
+            connection.execute("insert into main.audience_catalog values ($k, 'v1')", {"k": key})
+            for member in users:
+                user_key, tenant = (member, None) if isinstance(member, int) else member
+                connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})
+        summary = record_changes(connection, self.moment, self.breaker)
+        report = publish_outbox(connection, self.store, self.triggers, "file", self.moment)
+        self.moment += timedelta(hours=1)
+        return summary, report
+
+    def deliveries(self, status: str | None = None) -> list[dict]:
+        query = "select workflow_key, user_id, tenant, status, payload from deliveries"
+        rows = self.store.rows(sa.text(query + (" where status = :s" if status else "") + " order by created_at, user_id")
+                               .bindparams(**({"s": status} if status else {})))
+        return rows
+
+
+def trigger(**fields) -> dict[str, WorkflowTrigger]:
+    value = WorkflowTrigger(**{"workflow_key": "welcome", "audience_key": "pro", **fields})
+    return {value.workflow_key: value}
+
+
+def test_no_backfill_then_one_trigger_per_entry_with_knock_payload(warehouse, store):
+    pipeline = Pipeline(warehouse, store, trigger())
+    pipeline.evaluate({"pro": [1, 2]})
+    assert pipeline.deliveries() == []
+    pipeline.evaluate({"pro": [1, 2, 3]})
+    [delivery] = pipeline.deliveries()
+    payload = json.loads(delivery["payload"])
+    assert payload["recipients"] == ["u3"] and "tenant" not in payload
+    assert set(payload["data"]) == {"audience_key", "event", "event_id", "occurred_at"}
+    assert payload["data"]["event"] == "entered" and payload["data"]["occurred_at"] == "2026-11-01T01:00:00.000000Z"
+
+
+def test_publishing_twice_changes_nothing(warehouse, store):
+    pipeline = Pipeline(warehouse, store, trigger())
+    pipeline.evaluate({"pro": [1]})
+    pipeline.evaluate({"pro": [1, 2, 3]})
+    counts = store.rows(sa.text("select (select count(*) from membership_events) e, (select count(*) from deliveries) d, "
+                                "(select count(*) from audience_members) m"))
+    warehouse.execute("delete from raw.outbox_published")  # as if the run died before recording the watermark
+    report = publish_outbox(warehouse, store, pipeline.triggers, "file", pipeline.moment)
+    assert report.events == 3 and report.deliveries == 0
+    assert store.rows(sa.text("select (select count(*) from membership_events) e, (select count(*) from deliveries) d, "
+                              "(select count(*) from audience_members) m")) == counts
+
+
+def test_exit_triggers_only_where_asked(warehouse, store):
+    pipeline = Pipeline(warehouse, store, {**trigger(), **trigger(workflow_key="goodbye", on="exited")})
+    pipeline.evaluate({"pro": [1, 2]})
+    pipeline.evaluate({"pro": [1]})
+    assert [(d["workflow_key"], d["user_id"]) for d in pipeline.deliveries()] == [("goodbye", "u2")]
+
+
+def test_once_per_recipient_fires_once_across_reentries_and_tenants(warehouse, store):
+    pipeline = Pipeline(warehouse, store, trigger(trigger_frequency="once_per_recipient"))
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [(1, "acme")]})
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [(1, "acme"), (1, "globex")]})
+    assert [(d["user_id"], d["tenant"]) for d in pipeline.deliveries()] == [("u1", "acme")]
+
+
+def test_once_per_recipient_per_tenant_fires_once_per_tenant(warehouse, store):
+    pipeline = Pipeline(warehouse, store, trigger(trigger_frequency="once_per_recipient_per_tenant"))
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [(1, "acme"), (1, "globex"), (1, None)]})
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [(1, "acme")]})
+    rows = sorted((d["user_id"], d["tenant"] or "") for d in pipeline.deliveries())
+    assert rows == [("u1", ""), ("u1", "acme"), ("u1", "globex")]
+    tenants = {json.loads(d["payload"]).get("tenant") for d in pipeline.deliveries()}
+    assert tenants == {"acme", "globex", None}
+
+
+def test_every_trigger_fires_for_each_tenant_and_each_reentry(warehouse, store):
+    pipeline = Pipeline(warehouse, store, trigger())
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [(1, "acme"), (1, "globex")]})
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [(1, "acme")]})
+    assert len(pipeline.deliveries()) == 3
+
+
+def test_a_trigger_added_later_does_not_fire_for_earlier_events(warehouse, store):
+    pipeline = Pipeline(warehouse, store, {})
+    pipeline.evaluate({"pro": []})
+    pipeline.evaluate({"pro": [1, 2]})  # no trigger yet
+    pipeline.triggers = trigger()
+    pipeline.evaluate({"pro": [1, 2, 3]})
+    assert [d["user_id"] for d in pipeline.deliveries()] == ["u3"]
+
+
+def test_trigger_conditions_are_evaluated_against_the_recipient(warehouse, store):
+    segments = condition_segments({"all": [{"variable": "recipient.locale", "operator": "equal_to", "argument": "en"}]}, "$")
+    pipeline = Pipeline(warehouse, store, trigger(segments=segments))
+    pipeline.evaluate({"pro": []})
+    _, report = pipeline.evaluate({"pro": [1, 2, 3, 4]})
+    assert sorted(d["user_id"] for d in pipeline.deliveries()) == ["u2", "u4"]
+    assert report.skipped_by_conditions == 2
+
+
+def test_held_batch_sends_nothing_until_released_or_discarded(warehouse, store):
+    pipeline = Pipeline(warehouse, store, {**trigger(), **trigger(workflow_key="goodbye", on="exited")},
+                        breaker=CircuitBreaker(share=0.2, minimum=5))
+    pipeline.evaluate({"pro": list(range(1, 21))})
+    _, report = pipeline.evaluate({"pro": [1]})  # a truncated source: 19 of 20 leave
+    [batch] = report.held_batches
+    assert {d["status"] for d in pipeline.deliveries()} == {"held"} and len(pipeline.deliveries()) == 19
+    assert release_batch(store, batch) == 19
+    assert {d["status"] for d in pipeline.deliveries()} == {"pending"}
+    with pytest.raises(ValueError, match="already released"):
+        discard_batch(store, batch)
+    pipeline.evaluate({"pro": list(range(1, 21))})  # they come back: 19 enter, held again
+    held = store.rows(sa.text("select batch_id from held_batches where status = 'held'"))
+    assert len(held) == 1 and discard_batch(store, held[0]["batch_id"]) == 19
+    assert len(pipeline.deliveries("discarded")) == 19
+
+
+def test_store_membership_follows_the_events(warehouse, store):
+    pipeline = Pipeline(warehouse, store, {})
+    pipeline.evaluate({"pro": [1, 2, (3, "acme")]})
+    pipeline.evaluate({"pro": [2, (3, "acme"), 4]})
+    rows = store.rows(sa.text("select user_id, tenant from audience_members order by user_id"))
+    assert rows == [{"user_id": "u2", "tenant": None}, {"user_id": "u3", "tenant": "acme"}, {"user_id": "u4", "tenant": None}]
+
+
+def test_broadcast_sends_one_per_member_and_tenant_and_never_twice(warehouse, store):
+    pipeline = Pipeline(warehouse, store, {})
+    pipeline.evaluate({"pro": [1, (1, "acme"), 2]})
+    first = broadcast(store, "pro", "newsletter", "file", {"issue": 7})
+    again = broadcast(store, "pro", "newsletter", "file", {"issue": 7})
+    assert (first.recipients, first.new_deliveries, again.new_deliveries) == (3, 3, 0)
+    only_acme = broadcast(store, "pro", "newsletter", "file", {"issue": 8}, tenant="acme")
+    assert only_acme.recipients == 1
