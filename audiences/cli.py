@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
             source_mode=arguments.source_mode,
             evaluation_time=arguments.evaluation_time,
             dbt_project_dir=arguments.dbt_project,
+            workflows_dir=arguments.workflows,
+            sinks_file=arguments.sinks,
+            store_url=arguments.store,
         )
         return arguments.handler(settings, arguments) or 0
     except _EXPECTED_ERRORS() as error:
@@ -64,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--source-mode", choices=["snapshot", "stream"], help="mode of --users-source")
     parser.add_argument("--evaluation-time", help="ISO 8601 evaluation time, default now (AUDIENCES_EVALUATION_TIME)")
     parser.add_argument("--dbt-project", help="the dbt project folder (AUDIENCES_DBT_PROJECT)")
+    parser.add_argument("--workflows", help="the workflow triggers folder (AUDIENCES_WORKFLOWS)")
+    parser.add_argument("--sinks", help="the sinks YAML file (AUDIENCES_SINKS)")
+    parser.add_argument("--store", help="the membership store URL (AUDIENCES_STORE_URL)")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
@@ -80,12 +86,39 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--sql", action="store_true", help="also print the SQL that was run")
     sub = command("members", members, "list an audience's members as JSON lines")
     sub.add_argument("audience", help="the audience key")
+    sub.add_argument("--at", help="who was a member at this ISO 8601 time (from the membership history)")
     command("validate", validate, "validate every audience definition")
     sub = command("explain", explain, "show why a user is in or out of an audience")
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
     sub.add_argument("user_id", help="the user's id")
     sub = command("generate", generate, "regenerate the dbt models from the definitions")
     sub.add_argument("--check", action="store_true", help="fail if the committed models are out of date")
+    sub = command("events", events, "list membership events as JSON lines")
+    sub.add_argument("--audience", help="only this audience")
+    sub.add_argument("--user", help="only this user id")
+    sub.add_argument("--type", choices=["entered", "exited"], help="only entered or exited")
+    sub.add_argument("--since", help="events at or after this ISO 8601 time")
+    sub.add_argument("--until", help="events before this ISO 8601 time")
+    sub.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    command("deliveries", deliveries, "delivery status per sink, dead letters and held batches")
+    sub = command("release", release, "send a held batch of membership events")
+    sub.add_argument("batch", help="the held batch id (see `audiences deliveries`)")
+    sub = command("discard", discard, "never send a held batch of membership events")
+    sub.add_argument("batch", help="the held batch id (see `audiences deliveries`)")
+    sub = command("replay", replay, "send dead-lettered deliveries again")
+    sub.add_argument("delivery_ids", nargs="*", help="delivery ids (see `audiences deliveries`)")
+    sub.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
+    sub = command("deliver", deliver, "send due workflow triggers to their sinks")
+    sub.add_argument("--watch", action="store_true", help="keep delivering as new triggers arrive (Ctrl-C stops)")
+    sub.add_argument("--max-attempts", type=int, default=8, help="attempts before a delivery is dead-lettered")
+    sub = command("broadcast", broadcast, "trigger a workflow once per member of an audience")
+    sub.add_argument("audience", help="the audience key")
+    sub.add_argument("--workflow", required=True, help="the workflow key to trigger")
+    sub.add_argument("--data", default="{}", help="JSON object added to each trigger's data")
+    sub.add_argument("--tenant", help="only members with this tenant")
+    sub.add_argument("--sink", help="the sink (default: the sinks file's default)")
+    sub.add_argument("--id", help="an explicit broadcast id (the same id never sends twice)")
+    command("publish", publish, "publish the warehouse's unpublished membership events to the store")
     return parser
 
 
@@ -174,12 +207,135 @@ def preview(settings: Settings, arguments) -> int:
 
 def members(settings: Settings, arguments) -> int:
     """Print an audience's members at its last evaluation, one JSON object per line:
-    {"user_id": ..., "tenant": ...}."""
+    {"user_id": ..., "tenant": ...}. With --at, the members at that time, from the history."""
+    from audiences.membership.changes import members_at
+    from audiences.settings import parse_evaluation_time
     from audiences.warehouse import connect, members as list_members
 
     with connect(settings.duckdb_path, read_only=True) as connection:
-        for member in list_members(connection, arguments.audience):
+        if arguments.at:
+            rows = members_at(connection, arguments.audience, parse_evaluation_time(arguments.at))
+        else:
+            rows = list_members(connection, arguments.audience)
+        for member in rows:
             sys.stdout.write(json.dumps(member, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _store(settings: Settings):
+    from audiences.membership.store import MembershipStore
+
+    return MembershipStore(settings.store_url).create()
+
+
+def events(settings: Settings, arguments) -> int:
+    """Print membership events from the store as JSON lines, oldest first, filtered by audience,
+    user, type (entered / exited) and time."""
+    from audiences.membership.queries import list_events
+
+    for event in list_events(_store(settings), arguments.audience, arguments.user, arguments.type,
+                             arguments.since, arguments.until, arguments.limit):
+        sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+    return 0
+
+
+def deliveries(settings: Settings, arguments) -> int:
+    """Show delivery status per sink (pending, delivered, dead, held, discarded), the dead-letter
+    list, and batches of events held by the circuit breaker."""
+    from audiences.delivery.loop import delivery_status
+    from audiences.membership.queries import dead_letters, held_batches
+
+    store = _store(settings)
+    status = delivery_status(store)
+    print(json.dumps(status, indent=2, default=str))
+    for letter in dead_letters(store):
+        print(f"dead  {letter['delivery_id']}  {letter['workflow_key']}  {letter['user_id']}  "
+              f"attempts={letter['attempts']}  {letter['last_error']}")
+    for batch in held_batches(store):
+        print(f"held  {batch['batch_id']}  {batch['audience_key']}  at {batch['evaluated_at']}: "
+              f"{batch['entered']} entered, {batch['exited']} exited of {batch['audience_size']}")
+    return 0
+
+
+def release(settings: Settings, arguments) -> int:
+    """Release a batch held by the circuit breaker: its deliveries are queued for sending."""
+    from audiences.membership.publish import release_batch
+
+    print(f"released {release_batch(_store(settings), arguments.batch)} deliveries of {arguments.batch}")
+    return 0
+
+
+def discard(settings: Settings, arguments) -> int:
+    """Discard a batch held by the circuit breaker: its events stay recorded, nothing is sent."""
+    from audiences.membership.publish import discard_batch
+
+    print(f"discarded {discard_batch(_store(settings), arguments.batch)} deliveries of {arguments.batch}")
+    return 0
+
+
+def replay(settings: Settings, arguments) -> int:
+    """Queue dead-lettered deliveries again (with fresh attempts); they keep their idempotency keys."""
+    from audiences.delivery.loop import replay as replay_deliveries
+
+    if not arguments.delivery_ids and not arguments.all_dead:
+        raise ValueError("name delivery ids or use --all-dead")
+    count = replay_deliveries(_store(settings), delivery_ids=arguments.delivery_ids or None,
+                              all_dead=arguments.all_dead)
+    print(f"queued {count} deliveries again")
+    return 0
+
+
+def deliver(settings: Settings, arguments) -> int:
+    """Send due workflow triggers to their sinks, at least once, with retries and back-off; with
+    --watch, keep going as new triggers arrive."""
+    from audiences.delivery.loop import deliver_due, run_delivery_loop
+    from audiences.delivery.sinks import load_sinks
+
+    sinks, _ = load_sinks(settings.sinks_file)
+    store = _store(settings)
+    if arguments.watch:
+        try:
+            run_delivery_loop(store, sinks, max_attempts=arguments.max_attempts)
+        except KeyboardInterrupt:
+            return 0
+    report = deliver_due(store, sinks, max_attempts=arguments.max_attempts)
+    print(report)
+    return 0
+
+
+def broadcast(settings: Settings, arguments) -> int:
+    """Trigger a workflow once per member of an audience (one per user and tenant pair), through
+    the same sinks and delivery guarantees; the same broadcast never sends twice."""
+    from audiences.broadcasts import broadcast as send_broadcast
+    from audiences.delivery.sinks import load_sinks
+
+    data = json.loads(arguments.data)
+    if not isinstance(data, dict):
+        raise ValueError("--data must be a JSON object")
+    sinks, default_sink = load_sinks(settings.sinks_file)
+    sink = arguments.sink or default_sink
+    if sink not in sinks:
+        raise ValueError(f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
+    result = send_broadcast(_store(settings), arguments.audience, arguments.workflow, sink, data,
+                            arguments.tenant, arguments.id)
+    print(f"broadcast {result.broadcast_id}: {result.recipients} recipients, {result.new_deliveries} new "
+          f"deliveries queued (run `audiences deliver`)")
+    return 0
+
+
+def publish(settings: Settings, arguments) -> int:
+    """Publish the warehouse's unpublished membership events to the store and queue their workflow
+    triggers (the pipeline does this after each evaluation; this is for recovery)."""
+    from audiences.evaluation import evaluation_time_for
+    from audiences.membership.publish import publish_outbox
+    from audiences.warehouse import connect
+    from audiences.workflows import load_workflow_setup
+
+    setup = load_workflow_setup(settings)
+    with connect(settings.duckdb_path) as connection:
+        report = publish_outbox(connection, _store(settings), setup.triggers, setup.default_sink,
+                                evaluation_time_for(settings.evaluation_time))
+    print(report)
     return 0
 
 
@@ -203,9 +359,13 @@ def validate(settings: Settings, arguments) -> int:
     problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir), existing)
     if problems:
         raise DefinitionError(problems)
+    from audiences.workflows import load_workflow_setup
+
+    setup = load_workflow_setup(settings)
     kinds = {kind: sum(d.type == kind for d in definitions.values()) for kind in ("dynamic", "static")}
     print(f"{len(definitions)} definitions are valid ({kinds['dynamic']} dynamic, {kinds['static']} static) "
-          f"in {settings.definitions_dir}")
+          f"in {settings.definitions_dir}; {len(setup.triggers)} workflow triggers, sinks: "
+          f"{', '.join(sorted(setup.sinks))} (default {setup.default_sink})")
     return 0
 
 

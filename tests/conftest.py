@@ -23,10 +23,13 @@ def sample_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("sample_run")
     warehouse = folder / "warehouse.duckdb"
+    # Triggers go to a file sink in the temporary folder, never into the repository.
+    (folder / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
     with pytest.MonkeyPatch.context() as patch:
         for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
             patch.delenv(name)
         patch.chdir(ROOT)
-        code = cli.main(["--duckdb", str(warehouse), "--evaluation-time", SAMPLE_TIME, "run"])
+        code = cli.main(["--duckdb", str(warehouse), "--sinks", str(folder / "sinks.yml"),
+                         "--evaluation-time", SAMPLE_TIME, "run"])
     assert code == 0, "the main job failed on the sample data"
     return warehouse

@@ -295,7 +295,11 @@ def _batch_id(connection, audience_key: str, evaluated_at: datetime) -> str:
 
 def members_at(connection: duckdb.DuckDBPyConnection, audience_key: str, moment: datetime) -> list[dict]:
     """Who was in the audience at `moment`, from the validity intervals."""
-    ensure_schema(connection)
+    recorded = connection.execute(
+        "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'membership_intervals'"
+    ).fetchone()[0]
+    if not recorded:
+        return []
     rows = connection.execute(
         """
         select user_id, tenant from raw.membership_intervals

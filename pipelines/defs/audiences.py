@@ -12,6 +12,7 @@ from audiences.definitions import load_definitions, validate_definitions
 from audiences.dbt_models import custom_audience_keys
 from audiences.evaluation import evaluation_time_for, record_registry, registered_types
 from audiences.settings import Settings, format_time
+from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import WarehouseResource
 
 DEFINITIONS_KEY = dg.AssetKey("audience_definitions")
@@ -62,12 +63,14 @@ def audiences_definitions() -> dg.Definitions:
             if problems:
                 raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
             record_registry(connection, definitions)
+        triggers = load_workflow_setup(settings).triggers
         rows = ["| key | type | version | name |", "|---|---|---|---|"]
         rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
         return dg.MaterializeResult(metadata={
             "folder": str(settings.definitions_dir),
             "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
             "static_audiences": sum(d.type == "static" for d in definitions.values()),
+            "workflow_triggers": len(triggers),
             "definitions": dg.MetadataValue.md("\n".join(rows)),
         })
 

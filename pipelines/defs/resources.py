@@ -17,12 +17,24 @@ class WarehouseResource(dg.ConfigurableResource):
         return connect(self.duckdb_path, read_only=read_only)
 
 
+class MembershipStoreResource(dg.ConfigurableResource):
+    """The operational membership store (SQLite in WAL mode by default, or PostgreSQL)."""
+
+    url: str
+
+    def open(self):
+        from audiences.membership.store import MembershipStore
+
+        return MembershipStore(self.url).create()
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     settings = Settings.from_env()
     return dg.Definitions(
         resources={
             "warehouse": WarehouseResource(duckdb_path=str(settings.duckdb_path)),
+            "store": MembershipStoreResource(url=settings.store_url),
             # The dbt beside this Python, so the tool works from a virtualenv that is not activated.
             "dbt": DbtCliResource(project_dir=str(settings.dbt_project_dir),
                                   profiles_dir=str(settings.dbt_project_dir),

@@ -4,17 +4,24 @@ import dagster as dg
 
 MAIN_JOB = "audiences_job"
 REEVALUATE_JOB = "reevaluate_audiences"
+DELIVERY_JOB = "deliver_workflow_triggers"
+# DuckDB allows one writer: runs that write it carry this tag, and dagster_home/dagster.yaml limits
+# the tag to one run at a time.
+DUCKDB_WRITER = {"audiences/duckdb": "writer"}
 
 audiences_job = dg.define_asset_job(
     MAIN_JOB,
     selection=dg.AssetSelection.all(),
-    description="Load every user source, validate definitions, and materialize every audience.",
+    description="Load every user source, validate definitions, materialize every audience, publish "
+    "membership events and deliver workflow triggers.",
+    tags=DUCKDB_WRITER,
 )
 
 reevaluate_audiences = dg.define_asset_job(
     REEVALUATE_JOB,
     selection=dg.AssetSelection.all() - dg.AssetSelection.keys("users"),
     description="Re-evaluate every audience against the current users at a new evaluation time.",
+    tags=DUCKDB_WRITER,
 )
 
 

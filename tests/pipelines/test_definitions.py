@@ -29,11 +29,14 @@ EXPECTED_ASSET_KEYS = [
     "audiences/trial_expired_unconverted",
     "audiences/vip_customers",
     "int_users_flattened",
+    "membership_changes",
+    "published_membership_events",
     "sources/crm_export",
     "sources/product_updates",
     "static_audience_members",
     "stg_warehouse__users",
     "users",
+    "workflow_trigger_deliveries",
 ]
 
 

@@ -76,7 +76,10 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
 def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, tmp_path, monkeypatch):
     copy = tmp_path / "warehouse.duckdb"
     shutil.copy(sample_run, copy)
+    shutil.copy(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
+    monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
     defs = build_definitions()
     later = "2026-11-27T00:00:00+00:00"
     with dg.DagsterInstance.ephemeral() as instance:
@@ -93,6 +96,17 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
     assert materializations["audiences/eu_customers"]["member_count"].value > 0
     checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
     assert checks["every_audience_built"] is True
+    assert checks["no_mass_membership_change"] is True
+    # Time passing alone moves users: last week's sign-ups leave, and their exits are events.
+    changes = materializations["membership_changes"]
+    assert changes["exited"].value > 0
+    assert "| new-signups-this-week | 0 | 80 |" in changes["changes_per_audience"].value
+    assert materializations["published_membership_events"]["events_published"].value == (
+        changes["entered"].value + changes["exited"].value)
+    delivered = materializations["workflow_trigger_deliveries"]["delivered"].value
+    lines = (tmp_path / "out" / "triggers.jsonl").read_text().splitlines()
+    assert delivered == len(lines) > 0
+    assert {json.loads(line)["data"]["event"] for line in lines} <= {"entered", "exited"}
     with duckdb.connect(str(copy), read_only=True) as connection:
         history = connection.execute(
             "select count(distinct evaluated_at), count(*) from main.audience_evaluations").fetchone()

@@ -1,0 +1,27 @@
+"""The workflow side of the settings: triggers (validated against the audiences) and sinks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from audiences.dbt_models import custom_audience_keys
+from audiences.definitions import load_definitions
+from audiences.membership.triggers import WorkflowTrigger, load_triggers
+from audiences.settings import Settings
+
+
+@dataclass(frozen=True)
+class WorkflowSetup:
+    triggers: dict[str, WorkflowTrigger]
+    sinks: dict
+    default_sink: str
+
+
+def load_workflow_setup(settings: Settings) -> WorkflowSetup:
+    """Triggers from the workflows folder and sinks from the sinks file, checked against each other."""
+    from audiences.delivery.sinks import load_sinks
+
+    sinks, default_sink = load_sinks(settings.sinks_file)
+    audiences = set(load_definitions(settings.definitions_dir)) | set(custom_audience_keys(settings.dbt_project_dir))
+    triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
+    return WorkflowSetup(triggers, sinks, default_sink)

@@ -1,0 +1,144 @@
+"""Membership events: diff each evaluation into the outbox, publish it, and deliver triggers."""
+
+import dagster as dg
+
+from audiences.membership.changes import CircuitBreaker, record_changes
+from audiences.membership.publish import publish_outbox
+from audiences.settings import Settings, format_time
+from audiences.workflows import load_workflow_setup
+from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
+from pipelines.defs.schedules import DELIVERY_JOB
+
+# Most deliveries one pass inside a pipeline run sends; the rest wait for the delivery schedule.
+PASS_LIMIT = 50_000
+
+
+@dg.definitions
+def membership_definitions() -> dg.Definitions:
+    settings = Settings.from_env()
+
+    @dg.asset(
+        key="membership_changes",
+        deps=[dg.AssetKey("audience_evaluations")],
+        group_name="membership",
+        kinds={"duckdb"},
+        description=(
+            "Entered / exited events of the latest evaluation, diffed against the open membership "
+            "intervals and written to the warehouse's outbox (`raw.membership_outbox`) with "
+            "deterministic event ids; validity intervals (`raw.membership_intervals`) keep the "
+            "history. A new audience's first members are recorded as backfill (no triggers). When "
+            "a run moves too large a share of an audience, its events are held for a person to "
+            "release or discard."
+        ),
+    )
+    def membership_changes(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+        breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
+        with warehouse.connect() as connection:
+            evaluated_at = connection.execute("select max(evaluated_at) from main.audience_evaluations").fetchone()[0]
+            summary = record_changes(connection, evaluated_at, breaker)
+        rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
+        for change in summary.audiences:
+            note = ("held: " + change.held_batch) if change.held_batch else ("first evaluation (backfill)" if change.is_backfill else "")
+            rows.append(f"| {change.audience_key} | {change.entered} | {change.exited} | {change.size_before} | {note} |")
+        for held in summary.held:
+            context.log.warning(
+                f"{held.audience_key}: {held.entered} entered and {held.exited} exited of {held.size_before}: "
+                f"events held as batch {held.held_batch}; `audiences release {held.held_batch}` or "
+                f"`audiences discard {held.held_batch}`")
+        return dg.MaterializeResult(metadata={
+            "evaluated_at": format_time(evaluated_at),
+            "entered": summary.entered,
+            "exited": summary.exited,
+            "held_batches": [held.held_batch for held in summary.held],
+            "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
+        })
+
+    @dg.asset_check(
+        asset=membership_changes,
+        description=(
+            "No audience moved more than the circuit breaker allows in this run. When it fails, the "
+            "run's events for that audience are held until released or discarded."
+        ),
+    )
+    def no_mass_membership_change(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        event = context.instance.get_latest_materialization_event(dg.AssetKey("membership_changes"))
+        held = list(event.asset_materialization.metadata["held_batches"].value) if event else []
+        return dg.AssetCheckResult(
+            passed=not held,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"held_batches": held, "to_release": "audiences release <batch>; audiences discard <batch>"},
+        )
+
+    @dg.asset(
+        key="published_membership_events",
+        deps=[membership_changes],
+        group_name="membership",
+        kinds={"sqlite"},
+        description=(
+            "The outbox drained into the membership store (events, current membership, held batches) "
+            "with one delivery per event and matching workflow trigger (no backfill, trigger "
+            "frequency, trigger conditions). Idempotent: publishing twice changes nothing."
+        ),
+    )
+    def published_membership_events(warehouse: WarehouseResource, store: MembershipStoreResource) -> dg.MaterializeResult:
+        setup = load_workflow_setup(settings)
+        with warehouse.connect() as connection:
+            evaluated_at = connection.execute("select max(evaluated_at) from main.audience_evaluations").fetchone()[0]
+            report = publish_outbox(connection, store.open(), setup.triggers, setup.default_sink, evaluated_at)
+        return dg.MaterializeResult(metadata={
+            "events_published": report.events,
+            "deliveries_created": report.deliveries,
+            "deliveries_held": report.held_deliveries,
+            "skipped_by_trigger_frequency": report.skipped_by_frequency,
+            "skipped_by_trigger_conditions": report.skipped_by_conditions,
+        })
+
+    @dg.asset(
+        key="workflow_trigger_deliveries",
+        deps=[published_membership_events],
+        group_name="membership",
+        kinds={"python"},
+        description=(
+            "One delivery pass: due workflow triggers sent to their sinks (a JSON-lines file, a signed "
+            "webhook, or Knock's workflow trigger API) at least once, with the delivery id as "
+            "idempotency key. Failures are retried later with back-off (never blocking evaluation); "
+            "after too many attempts a delivery is dead-lettered (`audiences deliveries`, "
+            "`audiences replay`). Runs after each evaluation and on its own schedule."
+        ),
+    )
+    def workflow_trigger_deliveries(context: dg.AssetExecutionContext, store: MembershipStoreResource) -> dg.MaterializeResult:
+        from audiences.delivery.loop import deliver_due, delivery_status
+        from audiences.delivery.sinks import close_sinks
+
+        setup = load_workflow_setup(settings)
+        opened = store.open()
+        try:
+            report = deliver_due(opened, setup.sinks, limit=PASS_LIMIT)
+            status = delivery_status(opened)
+        finally:
+            close_sinks(setup.sinks)
+        if report.dead:
+            context.log.warning(f"{report.dead} deliveries were dead-lettered; see `audiences deliveries`")
+        return dg.MaterializeResult(metadata={
+            "delivered": report.delivered,
+            "retried_later": report.retried,
+            "dead_lettered": report.dead,
+            "waiting_for_unknown_sink": report.skipped_unknown_sink,
+            "status_per_sink": dg.MetadataValue.json(status),
+        })
+
+    deliver_job = dg.define_asset_job(
+        DELIVERY_JOB,
+        selection=dg.AssetSelection.assets(workflow_trigger_deliveries),
+        description="Send due workflow triggers (retries included); touches only the membership store.",
+    )
+    delivery_schedule = dg.ScheduleDefinition(
+        name="deliver_every_minute",
+        job=deliver_job,
+        cron_schedule="* * * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Deliver retries and broadcasts every minute; `audiences deliver --watch` is the "
+                    "always-on alternative.",
+    )
+    return dg.Definitions(assets=[membership_changes, published_membership_events, workflow_trigger_deliveries],
+                          asset_checks=[no_mass_membership_change], jobs=[deliver_job], schedules=[delivery_schedule])
