@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--sink", help="the sink (default: the sinks file's default)")
     sub.add_argument("--id", help="an explicit broadcast id (the same id never sends twice)")
     command("publish", publish, "publish the warehouse's unpublished membership events to the store")
+    sub = command("backfill", backfill, "trigger a workflow for its audience's existing members")
+    sub.add_argument("workflow", help="the workflow key (a folder of the workflows folder)")
     return parser
 
 
@@ -319,6 +321,27 @@ def broadcast(settings: Settings, arguments) -> int:
     result = send_broadcast(_store(settings), arguments.audience, arguments.workflow, sink, data,
                             arguments.tenant, arguments.id)
     print(f"broadcast {result.broadcast_id}: {result.recipients} recipients, {result.new_deliveries} new "
+          f"deliveries queued (run `audiences deliver`)")
+    return 0
+
+
+def backfill(settings: Settings, arguments) -> int:
+    """Trigger a workflow once for every current member of its audience, who joined before the
+    trigger existed (Knock never backfills; this is the explicit way). Running it twice sends
+    nothing twice."""
+    from audiences.broadcasts import broadcast as send_broadcast
+    from audiences.workflows import load_workflow_setup
+
+    setup = load_workflow_setup(settings)
+    trigger = setup.triggers.get(arguments.workflow)
+    if trigger is None:
+        raise ValueError(f"no workflow trigger {arguments.workflow!r} in {settings.workflows_dir}")
+    if trigger.on != "entered":
+        raise ValueError(f"{trigger.workflow_key!r} triggers on exit; a backfill sends entry triggers only")
+    result = send_broadcast(_store(settings), trigger.audience_key, trigger.workflow_key,
+                            trigger.sink or setup.default_sink, {**trigger.data, "event": "backfill"},
+                            broadcast_id=f"backfill:{trigger.workflow_key}")
+    print(f"backfill of {trigger.workflow_key}: {result.recipients} members, {result.new_deliveries} new "
           f"deliveries queued (run `audiences deliver`)")
     return 0
 

@@ -104,3 +104,58 @@ def test_validate_rejects_a_type_change_against_the_warehouse(capsys, at_sample,
 def test_generated_models_are_up_to_date(capsys, at_sample):
     code, out, _ = run_cli(capsys, *at_sample, "generate", "--check")
     assert code == 0, out
+
+
+@pytest.fixture
+def store_copy(sample_run, tmp_path, monkeypatch):
+    """Flags for a copy of the sample run's warehouse and store, with triggers sent to a temp file."""
+    import shutil
+
+    monkeypatch.chdir(ROOT)
+    shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
+    shutil.copy(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    return ["--duckdb", str(tmp_path / "warehouse.duckdb"), "--sinks", str(tmp_path / "sinks.yml")]
+
+
+def test_events_lists_the_first_evaluation_as_backfill(capsys, store_copy):
+    code, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "eu-customers", "--limit", "3")
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(events) == 3
+    assert all(e["is_backfill"] and e["event_type"] == "entered" and e["occurred_at"].startswith("2026-11-01")
+               for e in events)
+
+
+def test_broadcast_is_delivered_once_even_when_sent_twice(capsys, store_copy, tmp_path):
+    code, out, _ = run_cli(capsys, *store_copy, "broadcast", "enterprise-admins", "--workflow", "admin-digest",
+                           "--data", '{"issue": 12}')
+    assert code == 0 and ": 65 recipients, 65 new deliveries" in out
+    _, again, _ = run_cli(capsys, *store_copy, "broadcast", "enterprise-admins", "--workflow", "admin-digest",
+                          "--data", '{"issue": 12}')
+    assert "65 recipients, 0 new deliveries" in again
+    assert run_cli(capsys, *store_copy, "deliver")[0] == 0
+    lines = [json.loads(line) for line in (tmp_path / "out" / "triggers.jsonl").read_text().splitlines()]
+    assert len(lines) == 65 and {line["workflow_key"] for line in lines} == {"admin-digest"}
+    assert all(line["data"]["issue"] == 12 for line in lines)
+    _, status, _ = run_cli(capsys, *store_copy, "deliveries")
+    assert '"delivered": 65' in status
+
+
+def test_backfill_sends_entry_triggers_to_existing_members_once(capsys, store_copy):
+    code, out, _ = run_cli(capsys, *store_copy, "backfill", "trial-ending-reminder")
+    assert code == 0 and "52 members, 52 new deliveries" in out
+    assert "0 new deliveries" in run_cli(capsys, *store_copy, "backfill", "trial-ending-reminder")[1]
+    code, _, err = run_cli(capsys, *store_copy, "backfill", "churn-risk-exit")
+    assert code == 1 and "triggers on exit" in err
+
+
+def test_release_of_an_unknown_batch_is_a_clear_error(capsys, store_copy):
+    code, _, err = run_cli(capsys, *store_copy, "release", "no-such-batch")
+    assert code == 1 and "no held batch 'no-such-batch'" in err
+
+
+def test_members_at_a_time_reads_the_history(capsys, store_copy):
+    _, now, _ = run_cli(capsys, *store_copy, "members", "eu-customers")
+    _, then, _ = run_cli(capsys, *store_copy, "members", "eu-customers", "--at", "2026-11-01T00:00:00Z")
+    _, before, _ = run_cli(capsys, *store_copy, "members", "eu-customers", "--at", "2026-10-31T23:59:59Z")
+    assert now == then and before == ""
