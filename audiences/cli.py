@@ -132,9 +132,9 @@ def run(settings: Settings, arguments) -> int:
     from audiences.evaluation import evaluation_time_for
     from audiences.warehouse import connect, last_evaluation
 
-    os.environ.update(settings.environment_variables())
     evaluated_at = evaluation_time_for(settings.evaluation_time)
-    result = _execute_main_job(evaluated_at, verbose=arguments.verbose)
+    with _environment(settings.environment_variables()):
+        result = _execute_main_job(evaluated_at, verbose=arguments.verbose)
     if not result.success:
         print("error: the run failed; see the log above", file=sys.stderr)
         return 1
@@ -149,6 +149,21 @@ def run(settings: Settings, arguments) -> int:
     for row in counts:
         print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,} members")
     return 0
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """These settings as environment variables for Dagster and dbt, for the duration of a run only."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _execute_main_job(evaluated_at, verbose: bool = False):

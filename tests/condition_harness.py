@@ -88,3 +88,11 @@ def matching_ids(
     )
     condition = render(compile_segments(segments, context))
     return {row[0] for row in connection.execute(f"select user_id from {source} where {condition}").fetchall()}
+
+
+def copy_store(source: Path, target: Path) -> None:
+    """Copy a SQLite store consistently (its WAL included) with SQLite's own backup."""
+    import sqlite3
+
+    with sqlite3.connect(source) as origin, sqlite3.connect(target) as copy:
+        origin.backup(copy)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from audiences import cli
-from condition_harness import ROOT, SAMPLE_TIME
+from condition_harness import copy_store, ROOT, SAMPLE_TIME
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ def store_copy(sample_run, tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
-    shutil.copy(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
     (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
     return ["--duckdb", str(tmp_path / "warehouse.duckdb"), "--sinks", str(tmp_path / "sinks.yml")]
 

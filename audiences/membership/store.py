@@ -71,13 +71,14 @@ deliveries = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),
     # pending | delivered | dead | held | discarded
     sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("next_attempt_at", sa.String(32), nullable=False),
     sa.Column("last_error", sa.Text),
     sa.Column("batch_id", sa.String(64)),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("delivered_at", sa.String(32)),
-    sa.Index("deliveries_due", "status", "sink", "next_attempt_at"),
+    # The delivery loop's query: due pending rows across sinks, oldest first.
+    sa.Index("deliveries_due", "status", "next_attempt_at", "created_at", "delivery_id"),
     sa.Index("deliveries_by_batch", "batch_id"),
 )
 

@@ -15,7 +15,7 @@ import pytest
 
 from audiences.conditions.reference import evaluate_audience
 from audiences.definitions import evaluation_order, load_definitions
-from condition_harness import NOW, ROOT
+from condition_harness import copy_store, NOW, ROOT
 from pipelines import build_definitions
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
 def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, tmp_path, monkeypatch):
     copy = tmp_path / "warehouse.duckdb"
     shutil.copy(sample_run, copy)
-    shutil.copy(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
     (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
     monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))

@@ -1,0 +1,473 @@
+"""The delivery loop: back-off, Retry-After, dead letters, replay, rate limits, holds."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from audiences.delivery.loop import (
+    TokenBucket,
+    deliver_due,
+    delivery_status,
+    replay,
+    run_delivery_loop,
+)
+from audiences.delivery.sinks import FileSink, KnockSink, WebhookSink
+from audiences.membership.store import MembershipStore
+from http_recorder import (
+    HttpRecorder,
+    Reply,
+    delivery_row,
+    delivery_row_values,
+    insert_deliveries,
+    insert_delivery,
+)
+
+T0 = datetime(2026, 11, 27, 1, 2, 3, 123456, tzinfo=timezone.utc)
+SECRET = "whsec_" + base64.b64encode(b"loop tests secret").decode()
+
+
+def text(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when the loop sleeps: rate limits measured, not waited."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def recorder():
+    with HttpRecorder() as server:
+        yield server
+
+
+@pytest.fixture
+def knock(recorder):
+    sink = KnockSink("knock", recorder.url, "sk_test", timeout_seconds=0.5)
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def webhook(recorder):
+    sink = WebhookSink("webhook", f"{recorder.url}/hooks", SECRET, timeout_seconds=0.3)
+    yield sink
+    sink.close()
+
+
+def pending(store, delivery_id, sink, **columns):
+    return insert_delivery(store, delivery_id, sink=sink, next_attempt_at=text(T0), **columns)
+
+
+# -- retries --------------------------------------------------------------------------------------
+
+
+def test_server_error_then_success_delivers_on_retry_with_the_same_idempotency_key(
+    store, knock, recorder
+):
+    pending(store, "dlv-1", "knock")
+    recorder.script(500, 200)
+
+    first = deliver_due(store, {"knock": knock}, now=T0)
+    row = delivery_row(store, "dlv-1")
+    assert (first.retried, row["status"], row["attempts"]) == (1, "pending", 1)
+    assert "HTTP 500" in row["last_error"]
+    assert text(T0) <= row["next_attempt_at"] <= text(at(1))  # full jitter up to base_delay
+
+    second = deliver_due(store, {"knock": knock}, now=at(1))
+    row = delivery_row(store, "dlv-1")
+    assert (second.delivered, row["status"], row["attempts"], row["delivered_at"]) == (
+        1,
+        "delivered",
+        2,
+        text(at(1)),
+    )
+    assert [request.header("idempotency-key") for request in recorder.requests] == [
+        "dlv-1",
+        "dlv-1",
+    ]
+
+
+def test_a_retry_is_not_sent_again_before_it_is_due(store, knock, recorder):
+    pending(store, "dlv-1", "knock")
+    recorder.script(Reply(503, headers={"Retry-After": "60"}))
+    deliver_due(store, {"knock": knock}, now=T0)
+
+    report = deliver_due(store, {"knock": knock}, now=at(59))
+
+    assert report.attempted == 0
+    assert len(recorder.requests) == 1
+
+
+def test_retry_after_sets_the_next_attempt_exactly(store, knock, recorder):
+    pending(store, "dlv-1", "knock")
+    recorder.script(Reply(429, headers={"Retry-After": "2"}))
+
+    deliver_due(store, {"knock": knock}, now=T0)
+
+    row = delivery_row(store, "dlv-1")
+    assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("pending", 1, text(at(2)))
+    assert "HTTP 429" in row["last_error"]
+
+
+def test_hanging_past_the_timeout_is_retried(store, webhook, recorder):
+    pending(store, "dlv-1", "webhook")
+    recorder.script(Reply.hang(5))
+
+    report = deliver_due(store, {"webhook": webhook}, now=T0)
+
+    row = delivery_row(store, "dlv-1")
+    assert (report.retried, row["status"], row["attempts"]) == (1, "pending", 1)
+    assert "timed out" in row["last_error"]
+
+
+def test_a_connection_reset_is_retried(store, webhook, recorder):
+    pending(store, "dlv-1", "webhook")
+    recorder.script(Reply.connection_reset())
+    assert deliver_due(store, {"webhook": webhook}, now=T0).retried == 1
+
+
+def test_a_bad_request_is_dead_at_once(store, knock, recorder):
+    pending(store, "dlv-1", "knock")
+    recorder.script(Reply(400, body=b'{"message": "recipients is required"}'))
+
+    report = deliver_due(store, {"knock": knock}, now=T0)
+
+    row = delivery_row(store, "dlv-1")
+    assert (report.dead, row["status"], row["attempts"]) == (1, "dead", 1)
+    assert "HTTP 400" in row["last_error"] and "recipients is required" in row["last_error"]
+    assert deliver_due(store, {"knock": knock}, now=at(3600)).attempted == 0
+
+
+def test_retries_stop_at_max_attempts_and_the_delivery_is_dead(store, knock, recorder):
+    pending(store, "dlv-1", "knock")
+    recorder.respond_with(lambda request: 500)
+
+    outcomes = [
+        deliver_due(store, {"knock": knock}, now=at(1000 * attempt), max_attempts=3)
+        for attempt in range(3)
+    ]
+
+    assert [(report.retried, report.dead) for report in outcomes] == [(1, 0), (1, 0), (0, 1)]
+    row = delivery_row(store, "dlv-1")
+    assert (row["status"], row["attempts"]) == ("dead", 3)
+    assert "gave up after 3 attempts" in row["last_error"]
+    assert len(recorder.requests) == 3
+
+
+def test_backoff_doubles_per_attempt_with_full_jitter_and_a_ceiling(store, knock, recorder):
+    recorder.respond_with(lambda request: 500)
+    for attempts in (0, 3, 20):
+        pending(store, f"dlv-{attempts}", "knock", attempts=attempts)
+    random_source = random.Random(7)
+    jitter = random.Random(7).random()  # the three go out in one send, so they share one draw
+
+    deliver_due(
+        store,
+        {"knock": knock},
+        now=T0,
+        max_attempts=99,
+        base_delay=1.0,
+        max_delay=300.0,
+        rng=random_source,
+    )
+
+    delays = {
+        attempts: (
+            datetime.strptime(
+                delivery_row(store, f"dlv-{attempts}")["next_attempt_at"], "%Y-%m-%dT%H:%M:%S.%fZ"
+            ).replace(tzinfo=timezone.utc)
+            - T0
+        ).total_seconds()
+        for attempts in (0, 3, 20)
+    }
+    assert 0 < jitter < 1
+    assert delays[0] == pytest.approx(jitter * 1, abs=1e-6)
+    assert delays[3] == pytest.approx(jitter * 8, abs=1e-6)
+    assert delays[20] == pytest.approx(jitter * 300, abs=1e-6)
+
+
+# -- dead letters ---------------------------------------------------------------------------------
+
+
+def test_replay_of_dead_letters_delivers_them(store, knock, recorder):
+    pending(store, "dlv-1", "knock")
+    pending(store, "dlv-2", "knock")
+    recorder.script(400, 400)
+    assert deliver_due(store, {"knock": knock}, now=T0).dead == 2
+
+    assert replay(store, delivery_ids=["dlv-1", "not-a-delivery"], now=at(10)) == 1
+    row = delivery_row(store, "dlv-1")
+    assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("pending", 0, text(at(10)))
+    assert delivery_row(store, "dlv-2")["status"] == "dead"
+
+    assert replay(store, all_dead=True, now=at(10)) == 1
+    report = deliver_due(store, {"knock": knock}, now=at(10))
+
+    assert report.delivered == 2
+    assert {delivery_row(store, name)["status"] for name in ("dlv-1", "dlv-2")} == {"delivered"}
+
+
+def test_replay_leaves_deliveries_that_are_not_dead_alone(store):
+    pending(store, "dlv-1", "file")
+    insert_delivery(store, "dlv-2", status="delivered")
+    assert replay(store, delivery_ids=["dlv-1", "dlv-2"]) == 0
+    assert replay(store, all_dead=True) == 0
+    with pytest.raises(ValueError):
+        replay(store)
+
+
+def test_an_unreadable_payload_is_dead_without_being_sent(store, tmp_path):
+    insert_delivery(store, "dlv-1", next_attempt_at=text(T0), payload="{not json")
+    insert_delivery(store, "dlv-2", next_attempt_at=text(T0), payload="[1, 2]")
+    path = tmp_path / "out.jsonl"
+
+    report = deliver_due(store, {"file": FileSink("file", path)}, now=T0)
+
+    assert report.dead == 2
+    assert "not valid JSON" in delivery_row(store, "dlv-1")["last_error"]
+    assert "JSON object" in delivery_row(store, "dlv-2")["last_error"]
+    assert not path.exists()
+
+
+# -- rate limits ----------------------------------------------------------------------------------
+
+
+def test_rate_limit_is_respected_per_delivery(store, recorder):
+    clock = FakeClock()
+    sent_at: list[float] = []
+    recorder.respond_with(lambda request: sent_at.append(clock.now) or 200)
+    insert_deliveries(
+        store,
+        [
+            delivery_row_values(f"dlv-{number:02}", sink="webhook", next_attempt_at=text(T0))
+            for number in range(20)
+        ],
+    )
+    sink = WebhookSink("webhook", recorder.url, SECRET, rate_limit_per_second=5, timeout_seconds=1)
+    try:
+        report = deliver_due(store, {"webhook": sink}, now=T0, clock=clock, sleep=clock.sleep)
+    finally:
+        sink.close()
+
+    assert report.delivered == 20
+    # A burst of one second's worth (5), then one every 0.2 s: 20 deliveries take 3 s.
+    assert sent_at == pytest.approx([0.0] * 5 + [0.2 * step for step in range(1, 16)])
+    for first in range(len(sent_at)):
+        for last in range(first, len(sent_at)):
+            assert last - first + 1 <= 5 + 5 * (sent_at[last] - sent_at[first]) + 1e-9
+
+
+def test_rate_limit_counts_deliveries_not_requests_for_batching_sinks(store, recorder):
+    clock = FakeClock()
+    sent_at: list[float] = []
+    recorder.respond_with(lambda request: sent_at.append(clock.now) or 200)
+    insert_deliveries(
+        store,
+        [
+            delivery_row_values(f"dlv-{number:02}", sink="webhook", next_attempt_at=text(T0))
+            for number in range(40)
+        ],
+    )
+    sink = WebhookSink(
+        "webhook", recorder.url, SECRET, rate_limit_per_second=10, batch_size=10, timeout_seconds=1
+    )
+    try:
+        deliver_due(store, {"webhook": sink}, now=T0, clock=clock, sleep=clock.sleep)
+    finally:
+        sink.close()
+
+    assert [len(request.json()["data"]) for request in recorder.requests] == [10, 10, 10, 10]
+    assert sent_at == pytest.approx([0.0, 1.0, 2.0, 3.0])
+
+
+def test_rate_limit_carries_over_between_passes_of_the_watch_loop(store, tmp_path):
+    clock = FakeClock()
+    sink = FileSink("file", tmp_path / "out.jsonl", batch_size=1)
+    sink.rate_limit_per_second = 2
+    long_ago = "2000-01-01T00:00:00.000000Z"  # the watch loop uses the real clock for `now`
+    insert_deliveries(
+        store, [delivery_row_values(f"dlv-{n}", next_attempt_at=long_ago) for n in range(6)]
+    )
+    insert_delivery(store, "dlv-elsewhere", sink="webhook", next_attempt_at=long_ago)
+    passes = []
+
+    def stop() -> bool:
+        passes.append(clock.now)
+        return len(passes) > 3
+
+    totals = run_delivery_loop(
+        store,
+        {"file": sink},
+        poll_seconds=5,
+        stop=stop,
+        limit=3,
+        clock=clock,
+        sleep=clock.sleep,
+    )
+
+    assert (totals.delivered, totals.skipped_unknown_sink) == (6, 1)  # waiting, not summed
+    assert totals.per_sink == {"file": {"delivered": 6}, "webhook": {"skipped_unknown_sink": 1}}
+    # Pass 1 spends the burst of 2 and waits 0.5 s for the third; pass 2 keeps the empty bucket
+    # and waits for every delivery; pass 3 finds nothing and sleeps the poll interval.
+    assert passes == pytest.approx([0.0, 0.5, 2.0, 7.0])
+
+
+def test_token_bucket_lets_a_batch_larger_than_a_second_go_into_debt():
+    clock = FakeClock()
+    bucket = TokenBucket(5, clock=clock, sleep=clock.sleep)
+    bucket.acquire(12)  # the full bucket of 5 is enough to start; 7 tokens of debt remain
+    bucket.acquire(1)
+    assert clock.now == pytest.approx(1.6)
+
+
+# -- what is never sent, and what cannot be -------------------------------------------------------
+
+
+def test_held_and_discarded_deliveries_are_never_sent(store, knock, recorder):
+    for status in ("held", "discarded", "delivered", "dead"):
+        insert_delivery(
+            store, f"dlv-{status}", sink="knock", status=status, next_attempt_at=text(T0)
+        )
+    pending(store, "dlv-pending", "knock")
+
+    report = deliver_due(store, {"knock": knock}, now=at(3600))
+
+    assert report.delivered == 1
+    assert [request.header("idempotency-key") for request in recorder.requests] == ["dlv-pending"]
+    assert delivery_row(store, "dlv-held")["status"] == "held"
+    assert delivery_row(store, "dlv-discarded")["status"] == "discarded"
+
+
+def test_a_missing_sink_leaves_its_deliveries_pending(store, tmp_path):
+    pending(store, "dlv-1", "webhook")
+    pending(store, "dlv-2", "webhook")
+    pending(store, "dlv-3", "file")
+
+    report = deliver_due(store, {"file": FileSink("file", tmp_path / "out.jsonl")}, now=T0)
+
+    assert (report.delivered, report.skipped_unknown_sink) == (1, 2)
+    assert report.per_sink == {"file": {"delivered": 1}, "webhook": {"skipped_unknown_sink": 2}}
+    for name in ("dlv-1", "dlv-2"):
+        row = delivery_row(store, name)
+        assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("pending", 0, text(T0))
+
+
+def test_deliveries_not_yet_due_wait(store, tmp_path):
+    insert_delivery(store, "dlv-later", next_attempt_at=text(at(60)))
+    report = deliver_due(store, {"file": FileSink("file", tmp_path / "out.jsonl")}, now=T0)
+    assert report.attempted == 0
+    assert delivery_row(store, "dlv-later")["status"] == "pending"
+
+
+# -- order, batches, limits and status ------------------------------------------------------------
+
+
+def test_due_deliveries_go_out_in_order_of_next_attempt_then_creation(store, tmp_path):
+    rows = [
+        delivery_row_values("c", next_attempt_at=text(at(2)), created_at=text(at(-10))),
+        delivery_row_values("a", next_attempt_at=text(at(1)), created_at=text(at(-1))),
+        delivery_row_values("b", next_attempt_at=text(at(1)), created_at=text(at(-2))),
+    ]
+    insert_deliveries(store, rows)
+    path = tmp_path / "out.jsonl"
+
+    deliver_due(store, {"file": FileSink("file", path)}, now=at(5))
+
+    assert [json.loads(line)["delivery_id"] for line in path.read_text().splitlines()] == [
+        "b",
+        "a",
+        "c",
+    ]
+
+
+def test_many_deliveries_go_through_in_batches_across_pages(store, tmp_path):
+    insert_deliveries(
+        store,
+        [
+            delivery_row_values(f"dlv-{number:05}", next_attempt_at=text(T0))
+            for number in range(2500)
+        ],
+    )
+    path = tmp_path / "out.jsonl"
+
+    report = deliver_due(store, {"file": FileSink("file", path, batch_size=300)}, now=T0)
+
+    assert report.delivered == 2500
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["delivery_id"] for line in lines] == [
+        f"dlv-{number:05}" for number in range(2500)
+    ]
+    assert delivery_status(store)["totals"] == {"delivered": 2500}
+
+
+def test_limit_caps_how_many_deliveries_one_pass_sends(store, tmp_path):
+    insert_deliveries(
+        store, [delivery_row_values(f"dlv-{n}", next_attempt_at=text(T0)) for n in range(5)]
+    )
+    sinks = {"file": FileSink("file", tmp_path / "out.jsonl")}
+    assert deliver_due(store, sinks, now=T0, limit=3).delivered == 3
+    assert deliver_due(store, sinks, now=T0, limit=3).delivered == 2
+
+
+def test_a_webhook_batch_shares_one_request_and_one_outcome(store, recorder):
+    for number in range(3):
+        pending(store, f"dlv-{number}", "webhook")
+    recorder.script(503, 200)
+    sink = WebhookSink("webhook", recorder.url, SECRET, batch_size=3, timeout_seconds=1)
+    try:
+        first = deliver_due(store, {"webhook": sink}, now=T0)
+        second = deliver_due(store, {"webhook": sink}, now=at(5))
+    finally:
+        sink.close()
+
+    assert (first.retried, second.delivered) == (3, 3)
+    assert (
+        len({delivery_row(store, f"dlv-{number}")["next_attempt_at"] for number in range(3)}) == 1
+    )
+    assert [len(request.json()["data"]) for request in recorder.requests] == [3, 3]
+    assert recorder.requests[0].header("webhook-id") == recorder.requests[1].header("webhook-id")
+
+
+def test_delivery_status_counts_per_sink_and_the_oldest_pending(store):
+    insert_delivery(store, "a", sink="file", next_attempt_at=text(at(5)))
+    insert_delivery(store, "b", sink="file", next_attempt_at=text(at(1)))
+    insert_delivery(store, "c", sink="file", status="dead")
+    insert_delivery(store, "d", sink="knock", status="delivered")
+
+    status = delivery_status(store)
+
+    assert status == {
+        "sinks": {"file": {"dead": 1, "pending": 2}, "knock": {"delivered": 1}},
+        "totals": {"dead": 1, "delivered": 1, "pending": 2},
+        "oldest_pending_next_attempt_at": text(at(1)),
+    }
+    assert delivery_status(MembershipStore(store.url))[
+        "totals"
+    ]  # any connection sees the same rows
