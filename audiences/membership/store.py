@@ -137,11 +137,19 @@ class MembershipStore:
         module = sqlite if dialect == "sqlite" else postgresql if dialect == "postgresql" else None
         if module is None:
             raise NotImplementedError(f"the membership store supports SQLite and PostgreSQL, not {dialect}")
+        if dialect == "sqlite":
+            # The driver's executemany over tuples: several times faster than SQLAlchemy's
+            # per-row parameter handling, which matters when a first evaluation publishes millions.
+            columns = list(rows[0])
+            quote = self.engine.dialect.identifier_preparer.quote
+            sql = (f"insert or ignore into {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+                   f"values ({', '.join('?' for _ in columns)})")
+            values = [tuple(row[column] for column in columns) for row in rows]
+            return max(connection.exec_driver_sql(sql, values).rowcount, 0)
         inserted = 0
         for start in range(0, len(rows), 5000):
-            chunk = rows[start:start + 5000]
             statement = module.insert(table).on_conflict_do_nothing()
-            result = connection.execute(statement, list(chunk))
+            result = connection.execute(statement, list(rows[start:start + 5000]))
             inserted += max(result.rowcount, 0)
         return inserted
 
@@ -159,6 +167,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("pragma journal_mode = wal")
     cursor.execute("pragma synchronous = normal")
     cursor.execute("pragma busy_timeout = 30000")
+    # A 256 MB page cache: publishing a first evaluation inserts millions of index entries.
+    cursor.execute("pragma cache_size = -262144")
     cursor.close()
 
 
