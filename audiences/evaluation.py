@@ -38,3 +38,10 @@ def record_registry(connection: duckdb.DuckDBPyConnection, definitions: dict[str
                 "insert into raw.audience_registry values ($key, $type, now())",
                 {"key": key, "type": definition.type},
             )
+
+
+def set_evaluation_clock(connection: duckdb.DuckDBPyConnection, evaluated_at: datetime) -> None:
+    """Fix "now" for the next dbt build (read by the `evaluation_time()` macro)."""
+    ensure_schema(connection)
+    connection.execute("delete from raw.evaluation_clock")
+    connection.execute("insert into raw.evaluation_clock values ($t)", {"t": evaluated_at})

@@ -27,6 +27,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_STORE_URL": "the membership store (default sqlite:///data/store.sqlite; or postgresql://...)",
     "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves (default 0.2)",
     "AUDIENCES_BREAKER_MINIMUM": "... and at least this many users (default 1000)",
+    "AUDIENCES_DUCKDB_MEMORY_LIMIT": "DuckDB's memory limit for evaluation and loading (default 1500MB)",
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
 }
 

@@ -11,6 +11,7 @@ otherwise.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,6 +54,7 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     except duckdb.IOException as error:
         raise WarehouseError(f"{path}: cannot open the warehouse ({error}); is a pipeline run writing it?") from None
     connection.execute("set TimeZone = 'UTC'")
+    connection.execute("set memory_limit = $limit", {"limit": os.environ.get("AUDIENCES_DUCKDB_MEMORY_LIMIT", "1500MB")})
     return connection
 
 

@@ -20,7 +20,6 @@ from audiences.users.validation import ValidatedRows
 
 SCHEMA_STATEMENTS = (
     "create schema if not exists raw",
-    "create sequence if not exists raw.user_key_sequence start 1",
     """
     create table if not exists raw.users (
         user_key integer not null,
@@ -51,6 +50,7 @@ SCHEMA_STATEMENTS = (
         added_at timestamptz not null
     )
     """,
+    "create table if not exists raw.evaluation_clock (evaluated_at timestamptz not null)",
     """
     create table if not exists raw.audience_registry (
         audience_key varchar not null,
@@ -166,10 +166,11 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
     connection.execute(
         """
         insert into raw.users
-        select nextval('raw.user_key_sequence'), user_id, new_properties, $source, $loaded_at, $loaded_at, null
+        select
+            (select coalesce(max(user_key), 0) from raw.users) + row_number() over (order by user_id),
+            user_id, new_properties, $source, $loaded_at, $loaded_at, null
         from merged
         where user_key is null
-        order by user_id
         """,
         {"source": source.name, "loaded_at": loaded_at},
     )

@@ -1,11 +1,17 @@
 {#
-    "Now" for a run: the `evaluation_time` var (ISO 8601, set by the engine so results are
-    reproducible), or the moment dbt started when it is run by hand.
+    "Now" for a run. The engine writes the run's evaluation time into raw.evaluation_clock before
+    it starts dbt, so every model of a run sees the same fixed time and dbt's partial parsing is
+    never invalidated by a changing var. Running dbt by hand re-evaluates at the last engine time,
+    unless `--vars '{"evaluation_time": "2026-11-01T00:00:00Z"}'` (ISO 8601) says otherwise.
 #}
 {% macro evaluation_time() -%}
-    {%- set value = var('evaluation_time', none) or run_started_at.strftime('%Y-%m-%dT%H:%M:%S.%fZ') -%}
-    {%- if not modules.re.fullmatch('[0-9T:.+Z -]+', value) -%}
-        {{ exceptions.raise_compiler_error("evaluation_time must be an ISO 8601 timestamp, got " ~ value) }}
+    {%- set value = var('evaluation_time', none) -%}
+    {%- if value -%}
+        {%- if not modules.re.fullmatch('[0-9T:.+Z -]+', value) -%}
+            {{ exceptions.raise_compiler_error("evaluation_time must be an ISO 8601 timestamp, got " ~ value) }}
+        {%- endif -%}
+        cast('{{ value }}' as timestamptz)
+    {%- else -%}
+        (select max(evaluated_at) from raw.evaluation_clock)
     {%- endif -%}
-    cast('{{ value }}' as timestamptz)
 {%- endmacro %}

@@ -1,6 +1,5 @@
 """Audiences: the definitions asset and the dbt models that materialize every audience."""
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +9,7 @@ from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtC
 from audiences.dbt_project import prepare
 from audiences.definitions import load_definitions, validate_definitions
 from audiences.dbt_models import custom_audience_keys
-from audiences.evaluation import evaluation_time_for, record_registry, registered_types
+from audiences.evaluation import evaluation_time_for, record_registry, registered_types, set_evaluation_clock
 from audiences.settings import Settings, format_time
 from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import WarehouseResource
@@ -83,7 +82,9 @@ def audiences_definitions() -> dg.Definitions:
         """Build users' attributes and every audience, at one fixed evaluation time."""
         evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
         context.log.info(f"evaluation time: {format_time(evaluated_at)}")
-        arguments = ["build", "--vars", json.dumps({"evaluation_time": format_time(evaluated_at)})]
+        with warehouse.connect() as connection:
+            set_evaluation_clock(connection, evaluated_at)
+        arguments = ["build"]
         # DuckDB allows one writer: read member counts only after dbt has finished and let go.
         events = list(dbt.cli(arguments, context=context).stream())
         counts = _member_counts(warehouse)
