@@ -27,6 +27,9 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_STORE_URL": "the membership store (default sqlite:///data/store.sqlite; or postgresql://...)",
     "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves (default 0.2)",
     "AUDIENCES_BREAKER_MINIMUM": "... and at least this many users (default 1000)",
+    "AUDIENCES_SYNCS": "the warehouse syncs YAML file (default: syncs.yml beside the definitions)",
+    "AUDIENCES_GUIDES": "the guides folder (default: guides beside the definitions)",
+    "AUDIENCES_UPLOAD_MAX_BYTES": "the largest CSV upload, in bytes (default 10485760, Knock's 10 MB)",
     "AUDIENCES_DUCKDB_MEMORY_LIMIT": "DuckDB's memory limit for evaluation and loading (default 1500MB)",
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
 }
@@ -47,6 +50,15 @@ class Settings:
     store_url: str | None = None
     breaker_share: float = 0.2
     breaker_minimum: int = 1000
+    upload_max_bytes: int = 10 * 1024 * 1024
+
+    @property
+    def syncs_file(self) -> Path:
+        return _absolute(os.environ["AUDIENCES_SYNCS"]) if os.environ.get("AUDIENCES_SYNCS") else self.definitions_dir.parent / "syncs.yml"
+
+    @property
+    def guides_dir(self) -> Path:
+        return _absolute(os.environ["AUDIENCES_GUIDES"]) if os.environ.get("AUDIENCES_GUIDES") else self.definitions_dir.parent / "guides"
 
     def __post_init__(self):
         # Defaults that depend on other settings: workflows beside the definitions, the store and
@@ -80,6 +92,7 @@ class Settings:
             store_url=env.get("AUDIENCES_STORE_URL") or None,
             breaker_share=float(env.get("AUDIENCES_BREAKER_SHARE") or 0.2),
             breaker_minimum=int(env.get("AUDIENCES_BREAKER_MINIMUM") or 1000),
+            upload_max_bytes=int(env.get("AUDIENCES_UPLOAD_MAX_BYTES") or 10 * 1024 * 1024),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
         for key in ("duckdb_path", "definitions_dir", "sources_file", "dbt_project_dir", "workflows_dir", "sinks_file"):

@@ -139,14 +139,19 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
     connection.execute(
         f"""
         create or replace temp table changes as
-        with evaluated as (
+        with evaluated_audiences as (
+            -- static audiences record their events when members are added or removed
+            select audience_key from {catalog_table} where audience_type <> 'static'
+        ),
+        evaluated as (
             select audience_key, user_key, tenant from {members_table}
+            where audience_key in (select audience_key from evaluated_audiences)
         ),
         open_intervals as (
             select audience_key, user_key, user_id, tenant, entry_number
             from raw.membership_intervals
             where exited_at is null
-                and audience_key in (select audience_key from {catalog_table})
+                and audience_key in (select audience_key from evaluated_audiences)
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
@@ -206,6 +211,7 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         from {catalog_table} as catalog
         left join moved using (audience_key)
         left join sizes using (audience_key)
+        where catalog.audience_type <> 'static'
         order by catalog.audience_key
         """
     ).fetchall()
@@ -278,6 +284,7 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         insert into raw.membership_audiences
         select audience_key, $evaluated_at from {catalog_table}
         where audience_key not in (select audience_key from raw.membership_audiences)
+            and audience_type <> 'static'
         """,
         parameters,
     )

@@ -76,9 +76,7 @@ def publish_outbox(
     """Publish every unpublished outbox event; see the module docstring."""
     published, written = outbox_position(connection)
     register_triggers(store, triggers, published)
-    with store.engine.connect() as store_connection:
-        first_sequences = {row.workflow_key: row.first_event_sequence
-                           for row in store_connection.execute(sa.select(tables.workflow_triggers))}
+    first_sequences = _trigger_starts(store)
     report = PublishReport()
     batches = _new_batches(connection, published)
     position = published
@@ -119,6 +117,69 @@ def publish_outbox(
     return report
 
 
+def _trigger_starts(store: MembershipStore) -> dict[str, tuple[int, str]]:
+    """Per workflow: the outbox sequence and the time after which its events may trigger it."""
+    with store.engine.connect() as connection:
+        return {row.workflow_key: (row.first_event_sequence, row.first_seen_at)
+                for row in connection.execute(sa.select(tables.workflow_triggers))}
+
+
+def _after_trigger_start(event: dict, start: tuple[int, str] | None) -> bool:
+    if start is None:
+        return True
+    if event["sequence"] is not None:
+        return event["sequence"] > start[0]
+    return event["occurred_at"] >= start[1]
+
+
+def process_static_triggers(
+    connection: duckdb.DuckDBPyConnection,
+    store: MembershipStore,
+    triggers: dict[str, WorkflowTrigger],
+    default_sink: str,
+    now: datetime,
+) -> PublishReport:
+    """Queue deliveries for static audiences' events recorded since the last run.
+
+    Runs in the pipeline after users were loaded, so trigger conditions see current properties. A
+    member who is still a missing user (never identified) triggers nothing, now or later.
+    """
+    events_table = tables.membership_events
+    published, _ = outbox_position(connection)
+    register_triggers(store, triggers, published)
+    starts = _trigger_starts(store)
+    report = PublishReport()
+    rows = store.rows(sa.select(events_table).where(events_table.c.triggers_processed == sa.false())
+                      .order_by(events_table.c.occurred_at, events_table.c.event_id))
+    for start in range(0, len(rows), CHUNK):
+        events = rows[start:start + CHUNK]
+        known = _identified(connection, sorted({event["user_id"] for event in events}))
+        with store.engine.begin() as store_connection:
+            present = [event for event in events if event["user_id"] in known]
+            deliveries = _deliveries_for(connection, store, store_connection, present, triggers, starts,
+                                         default_sink, now, report)
+            report.deliveries += store.insert_ignoring_duplicates(store_connection, tables.deliveries, deliveries)
+            store_connection.execute(
+                events_table.update().where(events_table.c.event_id.in_([e["event_id"] for e in events]))
+                .values(triggers_processed=True))
+        report.events += len(events)
+    return report
+
+
+def _identified(connection, user_ids: list[str]) -> set[str]:
+    import polars as pl
+
+    if not user_ids:
+        return set()
+    connection.register("event_users", pl.DataFrame({"user_id": user_ids}, schema={"user_id": pl.String}).to_arrow())
+    try:
+        return {row[0] for row in connection.execute(
+            "select user_id from raw.users where deleted_at is null and user_id in (select user_id from event_users)"
+        ).fetchall()}
+    finally:
+        connection.unregister("event_users")
+
+
 def _new_batches(connection, published: int) -> list[dict]:
     rows = connection.execute(
         """
@@ -140,11 +201,11 @@ def _deliveries_for(connection, store, store_connection, events, triggers, first
     deliveries = []
     stamp = now_text()
     for trigger in triggers.values():
-        first_sequence = first_sequences.get(trigger.workflow_key, 0)
+        start = first_sequences.get(trigger.workflow_key)
         candidates = [
             event for event in events
             if event["audience_key"] == trigger.audience_key and event["event_type"] == trigger.on
-            and not event["is_backfill"] and event["sequence"] > first_sequence
+            and not event["is_backfill"] and _after_trigger_start(event, start)
         ]
         if not candidates:
             continue

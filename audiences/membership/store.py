@@ -20,7 +20,9 @@ metadata = sa.MetaData()
 membership_events = sa.Table(
     "membership_events", metadata,
     sa.Column("event_id", sa.String(64), primary_key=True),
-    sa.Column("sequence", sa.BigInteger, nullable=False),  # the outbox order in the warehouse
+    # The warehouse outbox's order for evaluated audiences; null for static audiences' events,
+    # which are written here directly.
+    sa.Column("sequence", sa.BigInteger),
     sa.Column("audience_key", sa.String(255), nullable=False),
     sa.Column("user_id", sa.String(255), nullable=False),
     sa.Column("tenant", sa.String(255)),
@@ -31,6 +33,10 @@ membership_events = sa.Table(
     sa.Column("is_backfill", sa.Boolean, nullable=False, default=False),
     sa.Column("batch_id", sa.String(64)),  # set when a circuit breaker held the run's events
     sa.Column("published_at", sa.String(32), nullable=False),
+    # False until workflow triggers were considered for the event (static events wait for the next
+    # pipeline run, which knows the users' properties).
+    sa.Column("triggers_processed", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
+    sa.Column("source", sa.String(32), nullable=False, default="evaluation", server_default="evaluation"),
     sa.Index("membership_events_by_audience", "audience_key", "occurred_at"),
     sa.Index("membership_events_by_user", "user_id", "occurred_at"),
 )
@@ -82,6 +88,33 @@ deliveries = sa.Table(
     sa.Index("deliveries_by_batch", "batch_id"),
 )
 
+# Identify calls received while the warehouse may be busy; the `users` asset loads them.
+user_patches = sa.Table(
+    "user_patches", metadata,
+    sa.Column("patch_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("patch", sa.Text, nullable=False),  # a JSON object, Knock identify semantics
+    sa.Column("received_at", sa.String(32), nullable=False),
+    sa.Column("loaded", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Index("user_patches_waiting", "loaded", "patch_id"),
+)
+
+# What each warehouse sync last wrote, so the next sync writes only the difference.
+sync_state = sa.Table(
+    "sync_state", metadata,
+    sa.Column("sync_name", sa.String(255), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("tenant_key", sa.String(255), primary_key=True),
+)
+
+# Static audiences created through the API or uploads, beside those defined in files.
+static_audiences = sa.Table(
+    "static_audiences", metadata,
+    sa.Column("audience_key", sa.String(255), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
 # When a workflow trigger was first seen: events before it never trigger it (no backfill).
 workflow_triggers = sa.Table(
     "workflow_triggers", metadata,
@@ -123,7 +156,22 @@ class MembershipStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
     def create(self) -> MembershipStore:
+        """Create missing tables, and add columns that newer versions of the engine introduced."""
         metadata.create_all(self.engine)
+        inspector = sa.inspect(self.engine)
+        with self.engine.begin() as connection:
+            for table in metadata.sorted_tables:
+                present = {column["name"] for column in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in present:
+                        continue
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    default = f" default {column.server_default.arg.compile(dialect=self.engine.dialect)}" \
+                        if column.server_default is not None and not isinstance(column.server_default.arg, str) \
+                        else (f" default '{column.server_default.arg}'" if column.server_default is not None else "")
+                    quote = self.engine.dialect.identifier_preparer.quote
+                    connection.exec_driver_sql(
+                        f"alter table {quote(table.name)} add column {quote(column.name)} {kind}{default}")
         return self
 
     def dispose(self) -> None:
@@ -142,8 +190,10 @@ class MembershipStore:
             # per-row parameter handling, which matters when a first evaluation publishes millions.
             columns = list(rows[0])
             quote = self.engine.dialect.identifier_preparer.quote
-            sql = (f"insert or ignore into {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
-                   f"values ({', '.join('?' for _ in columns)})")
+            # "on conflict do nothing" skips only rows whose key exists ("insert or ignore" would
+            # also swallow NOT NULL and CHECK violations).
+            sql = (f"insert into {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+                   f"values ({', '.join('?' for _ in columns)}) on conflict do nothing")
             values = [tuple(row[column] for column in columns) for row in rows]
             return max(connection.exec_driver_sql(sql, values).rowcount, 0)
         inserted = 0

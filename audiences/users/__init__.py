@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 import duckdb
 
@@ -24,3 +25,33 @@ def configured_sources(settings) -> list[UserSource]:
     if settings.users_source:
         return [source_from_uri(settings.users_source, mode=settings.source_mode)]
     return sources_from_file(settings.sources_file)
+
+
+IDENTIFY_SOURCE = "identify"
+
+
+def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at: datetime) -> LoadResult:
+    """Load identify calls queued in the membership store (API, uploads) as a stream source."""
+    import polars as pl
+    import sqlalchemy as sa
+
+    from audiences.membership import store as tables
+    from audiences.users.sources import ROW_COLUMN
+
+    patches = tables.user_patches
+    rows = store.rows(sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)
+                      .where(patches.c.loaded == sa.false()).order_by(patches.c.patch_id))
+    frame = pl.DataFrame(
+        {"id": [row["user_id"] for row in rows], "properties": [row["patch"] for row in rows]},
+        schema={"id": pl.String, "properties": pl.String},
+    ).with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+    source = UserSource(IDENTIFY_SOURCE, "jsonl", Path("membership-store"), mode="stream")
+    result = load_users(connection, source, validate_users(frame), loaded_at)
+    # Loading is idempotent (the same patches merge to the same users), so marking them loaded
+    # after the warehouse committed loses nothing if the process dies in between.
+    loaded = [row["patch_id"] for row in rows]
+    with store.engine.begin() as store_connection:
+        for start in range(0, len(loaded), 500):
+            store_connection.execute(patches.update().where(patches.c.patch_id.in_(loaded[start:start + 500]))
+                                     .values(loaded=True))
+    return result

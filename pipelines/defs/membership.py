@@ -3,7 +3,7 @@
 import dagster as dg
 
 from audiences.membership.changes import CircuitBreaker, record_changes
-from audiences.membership.publish import publish_outbox
+from audiences.membership.publish import process_static_triggers, publish_outbox
 from audiences.settings import Settings, format_time
 from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
@@ -84,10 +84,14 @@ def membership_definitions() -> dg.Definitions:
         setup = load_workflow_setup(settings)
         with warehouse.connect() as connection:
             evaluated_at = connection.execute("select max(evaluated_at) from main.audience_evaluations").fetchone()[0]
-            report = publish_outbox(connection, store.open(), setup.triggers, setup.default_sink, evaluated_at)
+            opened = store.open()
+            report = publish_outbox(connection, opened, setup.triggers, setup.default_sink, evaluated_at)
+            static = process_static_triggers(connection, opened, setup.triggers, setup.default_sink, evaluated_at)
         return dg.MaterializeResult(metadata={
             "events_published": report.events,
             "deliveries_created": report.deliveries,
+            "static_events_triggered": static.events,
+            "static_deliveries_created": static.deliveries,
             "deliveries_held": report.held_deliveries,
             "skipped_by_trigger_frequency": report.skipped_by_frequency,
             "skipped_by_trigger_conditions": report.skipped_by_conditions,

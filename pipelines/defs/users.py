@@ -5,8 +5,8 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from audiences.settings import Settings
-from audiences.users import configured_sources, load_source
-from pipelines.defs.resources import WarehouseResource
+from audiences.users import configured_sources, load_identify_queue, load_source
+from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 
 SOURCE_KINDS = {"csv": "csv", "parquet": "parquet", "jsonl": "json", "duckdb": "duckdb", "sqlite": "sqlite"}
 
@@ -41,7 +41,8 @@ def users_definitions() -> dg.Definitions:
             "go to `raw.users_quarantine` with the reason."
         ),
     )
-    def users(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def users(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+              store: MembershipStoreResource) -> dg.MaterializeResult:
         loaded_at = datetime.now(timezone.utc)
         metadata: dict = {}
         with warehouse.connect() as connection:
@@ -54,6 +55,10 @@ def users_definitions() -> dg.Definitions:
                     context.log.warning(
                         f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.users_quarantine"
                     )
+            # Identify calls queued in the store (API, uploads) apply after the sources, as the newest.
+            identified = load_identify_queue(connection, store.open(), loaded_at)
+            for key, value in identified.as_metadata().items():
+                metadata[f"identify_queue/{key}"] = value
             total, quarantined = connection.execute(
                 "select (select count(*) from raw.users where deleted_at is null), "
                 "(select count(*) from raw.users_quarantine)"

@@ -18,7 +18,7 @@ def warehouse():
     connection = duckdb.connect()
     connection.execute("set TimeZone = 'UTC'")
     insert_users(connection, [{"id": f"u{i}"} for i in range(1, 11)])
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
     connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
     yield connection
     connection.close()
@@ -30,7 +30,7 @@ def evaluate(connection, moment, members: dict[str, list], versions: dict[str, s
     connection.execute("delete from main.audience_catalog")
     connection.execute("delete from main.audience_members")
     for key in members:
-        connection.execute("insert into main.audience_catalog values ($k, $v)", {"k": key, "v": (versions or {}).get(key, "v1")})
+        connection.execute("insert into main.audience_catalog values ($k, $v, 'dynamic')", {"k": key, "v": (versions or {}).get(key, "v1")})
         for member in members[key]:
             user_key, tenant = (member, None) if isinstance(member, int) else member
             connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})
@@ -68,7 +68,7 @@ def test_the_same_change_always_gets_the_same_event_id(warehouse):
     other = duckdb.connect()
     other.execute("set TimeZone = 'UTC'")
     insert_users(other, [{"id": f"u{i}"} for i in range(1, 11)])
-    other.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    other.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
     other.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
     evaluate(other, T0, {"pro": []})
     evaluate(other, T0 + timedelta(hours=5), {"pro": [3]})  # a re-run at another time

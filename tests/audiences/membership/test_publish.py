@@ -24,7 +24,7 @@ def warehouse():
     connection = duckdb.connect()
     connection.execute("set TimeZone = 'UTC'")
     insert_users(connection, [{"id": f"u{i}", "locale": "fr" if i % 2 else "en"} for i in range(1, 21)])
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
     connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
     yield connection
     connection.close()
@@ -49,7 +49,7 @@ class Pipeline:
         connection.execute("delete from main.audience_catalog")
         connection.execute("delete from main.audience_members")
         for key, users in members.items():
-            connection.execute("insert into main.audience_catalog values ($k, 'v1')", {"k": key})
+            connection.execute("insert into main.audience_catalog values ($k, 'v1', 'dynamic')", {"k": key})
             for member in users:
                 user_key, tenant = (member, None) if isinstance(member, int) else member
                 connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})

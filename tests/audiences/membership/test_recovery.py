@@ -30,7 +30,7 @@ def warehouse():
     connection = duckdb.connect()
     connection.execute("set TimeZone = 'UTC'")
     insert_users(connection, [{"id": f"u{i}"} for i in range(1, 31)])
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar)")
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
     connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
     yield connection
     connection.close()
@@ -46,7 +46,7 @@ def store(tmp_path):
 def evaluate(connection, moment, user_keys):
     connection.execute("delete from main.audience_catalog")
     connection.execute("delete from main.audience_members")
-    connection.execute("insert into main.audience_catalog values ('pro', 'v1')")
+    connection.execute("insert into main.audience_catalog values ('pro', 'v1', 'dynamic')")
     for user_key in user_keys:
         connection.execute("insert into main.audience_members values ('pro', $u, null)", {"u": user_key})
     record_changes(connection, moment)

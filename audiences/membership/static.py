@@ -1,0 +1,193 @@
+"""Static audiences: members added and removed directly, in the membership store.
+
+A member is (audience, user, tenant or none); the same user can be a member once per distinct
+tenant. Adding an existing member or removing a non-member is a successful no-op. Every real add
+and remove records an `entered` / `exited` event (ids computed exactly like the evaluated
+audiences' events) whose workflow triggers run at the next pipeline run, when the users' properties
+are known. A user who does not exist yet is kept as a *missing user* member; when identified later,
+no trigger fires retroactively (Knock's rule).
+
+Everything here writes only to the store, so it works while a pipeline run holds the warehouse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from audiences.membership import store as tables
+from audiences.membership.store import MembershipStore, apply_membership_changes, now_text, tenant_key
+
+MAX_MEMBERS_PER_CALL = 1000
+
+
+class MembershipError(ValueError):
+    """A membership change that cannot be made (unknown audience, dynamic audience, bad member)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: str
+    tenant: str | None = None
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    changed: int
+    unchanged: int
+    events: list[dict]
+
+
+def event_id(audience_key: str, user_id: str, tenant: str | None, event_type: str, entry_number: int) -> str:
+    """The deterministic id of a membership change (the warehouse computes the same in SQL)."""
+    text = "\x1f".join([audience_key, user_id, tenant or "", event_type, str(entry_number)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def require_static(audience_key: str, audience_types: dict[str, str]) -> None:
+    """Refuse changes to dynamic audiences (types are immutable) and to unknown ones."""
+    kind = audience_types.get(audience_key)
+    if kind is None:
+        raise MembershipError(f"unknown audience {audience_key!r}")
+    if kind != "static":
+        raise MembershipError(
+            f"{audience_key!r} is a {kind} audience: its members come from its conditions and cannot be "
+            "added or removed; use a static audience")
+
+
+def audience_types(store: MembershipStore, definitions: dict) -> dict[str, str]:
+    """Every audience's type: from definition files, plus static audiences created in the store."""
+    types = {key: definition.type for key, definition in definitions.items()}
+    for row in store.rows(sa.select(tables.static_audiences.c.audience_key)):
+        types.setdefault(row["audience_key"], "static")
+    return types
+
+
+def create_static_audience(store: MembershipStore, audience_key: str, name: str | None = None) -> bool:
+    """Create a static audience in the store (the API's `create_audience=true`); False if it existed."""
+    from audiences.definitions import KEY_PATTERN
+
+    if not KEY_PATTERN.fullmatch(audience_key):
+        raise MembershipError(f"bad audience key {audience_key!r}: use lower-case letters, digits, '-' and '_'")
+    with store.engine.begin() as connection:
+        return store.insert_ignoring_duplicates(connection, tables.static_audiences, [
+            {"audience_key": audience_key, "name": name or audience_key, "created_at": now_text()}]) == 1
+
+
+def change_members(
+    store: MembershipStore,
+    audience_key: str,
+    members: Iterable[Member],
+    action: str,
+    source: str = "static",
+    occurred_at: str | None = None,
+) -> ChangeResult:
+    """Add or remove members in one transaction; returns the real changes and their events."""
+    if action not in ("add", "remove"):
+        raise ValueError(f"action is add or remove, not {action!r}")
+    wanted: dict[tuple[str, str], Member] = {}
+    for member in members:
+        if not isinstance(member.user_id, str) or not member.user_id.strip():
+            raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
+        wanted.setdefault((member.user_id, tenant_key(member.tenant)), member)
+    if not wanted:
+        return ChangeResult(0, 0, [])
+    stamp = occurred_at or now_text()
+    members_table, events_table = tables.audience_members, tables.membership_events
+    with store.engine.begin() as connection:
+        user_ids = sorted({user_id for user_id, _ in wanted})
+        current = set()
+        entries: dict[tuple[str, str], int] = {}
+        for start in range(0, len(user_ids), 500):
+            chunk = user_ids[start:start + 500]
+            current |= {(row.user_id, row.tenant_key) for row in connection.execute(
+                sa.select(members_table.c.user_id, members_table.c.tenant_key)
+                .where(members_table.c.audience_key == audience_key, members_table.c.user_id.in_(chunk)))}
+            for row in connection.execute(
+                sa.select(events_table.c.user_id, events_table.c.tenant, sa.func.count())
+                .where(events_table.c.audience_key == audience_key, events_table.c.user_id.in_(chunk),
+                       events_table.c.event_type == "entered")
+                .group_by(events_table.c.user_id, events_table.c.tenant)):
+                entries[(row[0], tenant_key(row[1]))] = row[2]
+        if action == "add":
+            changing = [key for key in wanted if key not in current]
+        else:
+            changing = [key for key in wanted if key in current]
+        event_type = "entered" if action == "add" else "exited"
+        events = []
+        for key in changing:
+            member = wanted[key]
+            entry = entries.get(key, 0) + (1 if action == "add" else 0)
+            entry = max(entry, 1)
+            events.append({
+                "event_id": event_id(audience_key, member.user_id, member.tenant, event_type, entry),
+                "sequence": None, "audience_key": audience_key, "user_id": member.user_id,
+                "tenant": member.tenant, "event_type": event_type, "occurred_at": stamp,
+                "audience_version": None, "entry_number": entry, "is_backfill": False, "batch_id": None,
+                "published_at": stamp, "triggers_processed": False, "source": source,
+            })
+        store.insert_ignoring_duplicates(connection, events_table, events)
+        apply_membership_changes(store, connection, events)
+    return ChangeResult(len(events), len(wanted) - len(events), events)
+
+
+def is_member(store: MembershipStore, audience_key: str, user_id: str, tenant: str | None = None) -> bool:
+    """Tenant-strict membership: a member for a run only when the run's tenant equals the
+    membership's tenant; a run with no tenant matches only members added with no tenant.
+
+    This is the one membership check: the CLI's `check`, guides, and workflow trigger conditions
+    use it, and the condition compiler's `is_audience_member` is its SQL form.
+    """
+    members = tables.audience_members
+    found = store.scalar(sa.select(sa.func.count()).where(
+        members.c.audience_key == audience_key, members.c.user_id == user_id,
+        members.c.tenant_key == tenant_key(tenant)))
+    return bool(found)
+
+
+def queue_identify(store: MembershipStore, patches: Iterable[tuple[str, dict]], connection=None) -> int:
+    """Queue identify patches (Knock's inline identify) for the next users load."""
+    stamp = now_text()
+    rows = [{"user_id": user_id, "patch": json.dumps(patch, ensure_ascii=False, separators=(",", ":")),
+             "received_at": stamp, "loaded": False} for user_id, patch in patches]
+    if not rows:
+        return 0
+    if connection is not None:
+        connection.execute(tables.user_patches.insert(), rows)
+    else:
+        with store.engine.begin() as own:
+            own.execute(tables.user_patches.insert(), rows)
+    return len(rows)
+
+
+def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[str]) -> int:
+    """Replace the warehouse's copy of static memberships (`raw.static_audience_members`), which
+    dbt's static audience models and `is_audience_member` conditions read."""
+    import polars as pl
+
+    from audiences.users.store import ensure_schema
+
+    keys = sorted(set(static_keys))
+    members = tables.audience_members
+    rows = store.rows(sa.select(members.c.audience_key, members.c.user_id, members.c.tenant, members.c.added_at)
+                      .where(members.c.audience_key.in_(keys))) if keys else []
+    frame = pl.DataFrame(rows, schema={"audience_key": pl.String, "user_id": pl.String, "tenant": pl.String,
+                                       "added_at": pl.String}, orient="row")
+    ensure_schema(connection)
+    connection.register("static_rows", frame.to_arrow())
+    try:
+        connection.execute("begin transaction")
+        connection.execute("delete from raw.static_audience_members")
+        connection.execute("insert into raw.static_audience_members select audience_key, user_id, tenant, "
+                           "added_at::timestamptz from static_rows")
+        connection.execute("commit")
+    except BaseException:
+        connection.execute("rollback")
+        raise
+    finally:
+        connection.unregister("static_rows")
+    return frame.height

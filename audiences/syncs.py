@@ -1,0 +1,155 @@
+"""Warehouse syncs (reverse ETL, built in): a static audience fed by a table or query.
+
+Declared in `data/syncs.yml`:
+
+```yaml
+syncs:
+  - name: vips_from_crm
+    audience: vip-customers
+    source: {path: crm.duckdb, query: "select account_owner as id, account_id as tenant from vips"}
+    user_id_column: id        # default id
+    tenant_column: tenant     # optional
+    mode: mirror              # insert (adds only) or mirror (adds and removes), as Hightouch and Census
+```
+
+A sync diffs the source against what it wrote last time (kept in the store's `sync_state`), so only
+changes are written, each through the static membership functions (events and triggers included).
+A mirror sync that would remove more than the circuit breaker allows is held: its adds are applied,
+its removals wait until a person runs `audiences release` on the batch (the next sync then applies
+them) or `discard` (the sync keeps being held while the source stays that way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import sqlalchemy as sa
+import yaml
+
+from audiences.membership import store as tables
+from audiences.membership.changes import CircuitBreaker
+from audiences.membership.static import Member, change_members, require_static
+from audiences.membership.store import MembershipStore, now_text, tenant_key
+from audiences.users.sources import UserSource, guess_format, read_source
+from audiences.users.validation import validate_users
+
+MODES = ("insert", "mirror")
+
+
+@dataclass(frozen=True)
+class Sync:
+    name: str
+    audience_key: str
+    source: UserSource
+    tenant_column: str | None = None
+    mode: str = "insert"
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    name: str
+    rows: int
+    rejected: int
+    added: int
+    removed: int
+    held_batch: str | None
+
+
+def load_syncs(path: Path) -> list[Sync]:
+    """Read `syncs.yml`; a missing file means no syncs."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    syncs = []
+    for index, entry in enumerate(document.get("syncs") or []):
+        where = f"{path}: syncs[{index}]"
+        if not isinstance(entry, dict) or not all(entry.get(k) for k in ("name", "audience", "source")):
+            raise ValueError(f"{where} needs name, audience and source")
+        mode = entry.get("mode", "insert")
+        if mode not in MODES:
+            raise ValueError(f"{where}: mode is insert or mirror, got {mode!r}")
+        source = entry["source"]
+        location = Path(source["path"])
+        location = location if location.is_absolute() else (path.parent / location).resolve()
+        syncs.append(Sync(
+            name=entry["name"], audience_key=entry["audience"], mode=mode, tenant_column=entry.get("tenant_column"),
+            source=UserSource(entry["name"], source.get("format") or guess_format(location), location, "stream",
+                              table=source.get("table"), query=source.get("query"),
+                              id_column=entry.get("user_id_column", "id")),
+        ))
+    return syncs
+
+
+def run_sync(
+    store: MembershipStore,
+    sync: Sync,
+    audience_types: dict[str, str],
+    breaker: CircuitBreaker = CircuitBreaker(),
+) -> SyncResult:
+    """Apply the difference between the source and the last synced state; see the module docstring."""
+    require_static(sync.audience_key, audience_types)
+    frame = read_source(sync.source)
+    if sync.tenant_column and sync.tenant_column not in frame.columns:
+        raise ValueError(f"{sync.source.location}: no tenant column {sync.tenant_column!r} (sync {sync.name!r})")
+    validated = validate_users(frame.select("_row", "id"))
+    good = frame.filter(pl.col("_row").is_in(validated.valid["_row"].implode()))
+    tenants = good[sync.tenant_column].cast(pl.String).to_list() if sync.tenant_column else [None] * good.height
+    desired = {(user_id, tenant_key(tenant)): tenant for user_id, tenant in zip(good["id"].to_list(), tenants)}
+    state = tables.sync_state
+    last = {(row["user_id"], row["tenant_key"]) for row in store.rows(
+        sa.select(state.c.user_id, state.c.tenant_key).where(state.c.sync_name == sync.name))}
+    adds = [key for key in desired if key not in last]
+    removes = [key for key in last if key not in desired] if sync.mode == "mirror" else []
+    held = None
+    if removes:
+        size = store.scalar(sa.select(sa.func.count()).where(tables.audience_members.c.audience_key == sync.audience_key))
+        if breaker.trips(len(removes), size) and not _consume_release(store, sync.name):
+            held = _hold(store, sync, len(adds), len(removes), size)
+            removes = []
+    added = change_members(store, sync.audience_key, [Member(u, desired[(u, t)]) for u, t in adds], "add",
+                           source=f"sync:{sync.name}").changed
+    removed = change_members(store, sync.audience_key, [Member(u, t or None) for u, t in removes], "remove",
+                             source=f"sync:{sync.name}").changed
+    with store.engine.begin() as connection:
+        store.insert_ignoring_duplicates(connection, state, [
+            {"sync_name": sync.name, "user_id": u, "tenant_key": t} for u, t in adds])
+        for start in range(0, len(removes), 500):
+            chunk = removes[start:start + 500]
+            connection.execute(state.delete().where(
+                state.c.sync_name == sync.name,
+                sa.tuple_(state.c.user_id, state.c.tenant_key).in_(chunk)))
+    return SyncResult(sync.name, frame.height, validated.quarantined.height, added, removed, held)
+
+
+def _batch_id(sync_name: str) -> str:
+    return "sync-" + hashlib.sha256(f"{sync_name}\x1f{now_text()}".encode()).hexdigest()[:26]
+
+
+def _hold(store: MembershipStore, sync: Sync, adds: int, removes: int, size: int) -> str:
+    batches = tables.held_batches
+    existing = store.rows(sa.select(batches.c.batch_id).where(
+        batches.c.audience_key == sync.audience_key, batches.c.status == "held",
+        batches.c.batch_id.like("sync-%")))
+    if existing:
+        return existing[0]["batch_id"]
+    batch_id = _batch_id(sync.name)
+    with store.engine.begin() as connection:
+        connection.execute(batches.insert().values(
+            batch_id=batch_id, audience_key=sync.audience_key, evaluated_at=now_text(), entered=adds,
+            exited=removes, audience_size=size, status="held", decided_at=None))
+    return batch_id
+
+
+def _consume_release(store: MembershipStore, sync_name: str) -> bool:
+    """A released sync batch lets the next sync remove once; it is then marked applied."""
+    batches = tables.held_batches
+    with store.engine.begin() as connection:
+        released = connection.execute(sa.select(batches.c.batch_id).where(
+            batches.c.batch_id.like("sync-%"), batches.c.status == "released")).scalars().all()
+        for batch_id in released:
+            connection.execute(batches.update().where(batches.c.batch_id == batch_id).values(status="applied"))
+        return bool(released)

@@ -1,0 +1,176 @@
+"""CSV upload into a static audience: map columns, upsert the users, add them as members.
+
+Knock's rules: users are upserted, rows with a missing or malformed id are skipped and reported,
+and files over 10 MB are refused (the limit is a setting). Rejected rows go to a rejects file
+beside the upload (row number, reason, raw values), with spreadsheet formulas neutralised so that
+opening it is safe. Encodings, a BOM, `;` / tab / `|` delimiters, quoted fields with newlines,
+duplicate rows and blank lines are handled by the same reader as user sources.
+
+An empty cell in an upload means "not given" (it never removes a property), since upload files are
+partial by nature.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from audiences.membership.static import Member, change_members, queue_identify, require_static
+from audiences.membership.store import MembershipStore
+from audiences.users.sources import ROW_COLUMN, UserSource, read_source
+from audiences.users.validation import validate_users
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+CHUNK = 5000
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+class UploadError(ValueError):
+    """An upload refused as a whole (too large, unreadable, no id column, unknown audience)."""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    rows: int
+    blank_lines: int
+    members_added: int
+    members_unchanged: int
+    users_identified: int
+    rejected: int
+    rejects_file: Path | None
+
+    def as_metadata(self) -> dict:
+        return {key: (str(value) if isinstance(value, Path) else value) for key, value in self.__dict__.items()}
+
+
+def parse_mapping(pairs: list[str]) -> dict[str, str]:
+    """`["Email Address=email", "Company=company.name"]` -> {column: field}."""
+    mapping = {}
+    for pair in pairs:
+        column, separator, field = pair.partition("=")
+        if not separator or not column or not field:
+            raise UploadError(f"--map takes column=field, got {pair!r}")
+        mapping[column] = field
+    return mapping
+
+
+def upload_csv(
+    store: MembershipStore,
+    audience_key: str,
+    path: Path,
+    audience_types: dict[str, str],
+    mapping: dict[str, str] | None = None,
+    tenant_column: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    rejects_file: Path | None = None,
+    progress: bool | None = None,
+) -> UploadResult:
+    """Upload one CSV file into a static audience; see the module docstring."""
+    path = Path(path)
+    require_static(audience_key, audience_types)
+    if not path.is_file():
+        raise UploadError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UploadError(f"{path}: {size:,} bytes is over the upload limit of {max_bytes:,} bytes "
+                          "(AUDIENCES_UPLOAD_MAX_BYTES); split the file")
+    frame = _read(path)
+    mapping = dict(mapping or {})
+    missing = [column for column in list(mapping) + ([tenant_column] if tenant_column else []) if column not in frame.columns]
+    if missing:
+        raise UploadError(f"{path}: no column {', '.join(map(repr, missing))}; columns are {', '.join(frame.columns)}")
+    tenants = frame[tenant_column] if tenant_column else pl.Series("tenant", [None] * frame.height, dtype=pl.String)
+    if tenant_column:
+        frame = frame.drop(tenant_column)
+    frame = frame.rename({column: field for column, field in mapping.items()})
+    if "id" not in frame.columns and "user_id" in frame.columns:
+        frame = frame.rename({"user_id": "id"})
+    if "id" not in frame.columns:
+        raise UploadError(f"{path}: no id column; map one with --map <column>=id")
+    values = frame.drop(ROW_COLUMN, "id").columns
+    blank = frame.select(pl.all_horizontal(pl.exclude(ROW_COLUMN).is_null())).to_series()
+    blank_lines = int(blank.sum())
+    frame, tenants = frame.filter(~blank), tenants.filter(~blank)
+    validated = validate_users(frame)
+    valid_rows = set(validated.valid[ROW_COLUMN].to_list())
+    tenant_of = dict(zip(frame[ROW_COLUMN].to_list(), tenants.to_list()))
+    rows = [row for row in frame.iter_rows(named=True) if row[ROW_COLUMN] in valid_rows]
+    added = unchanged = identified = 0
+    chunks = range(0, len(rows), CHUNK)
+    for start in _progress(chunks, len(rows), progress, path.name):
+        chunk = rows[start:start + CHUNK]
+        patches = [(row["id"], _patch(row, values)) for row in chunk]
+        identified += queue_identify(store, [(user_id, patch) for user_id, patch in patches if patch])
+        result = change_members(store, audience_key, [Member(row["id"], tenant_of[row[ROW_COLUMN]]) for row in chunk],
+                                "add", source="upload")
+        added, unchanged = added + result.changed, unchanged + result.unchanged
+    target = None
+    if validated.quarantined.height:
+        target = rejects_file or path.with_name(path.stem + ".rejects.csv")
+        _write_rejects(target, validated.quarantined)
+    return UploadResult(frame.height + blank_lines, blank_lines, added, unchanged, identified,
+                        validated.quarantined.height, target)
+
+
+def _read(path: Path) -> pl.DataFrame:
+    try:
+        return read_source(UserSource("upload", "csv", path, mode="stream"))
+    except Exception as error:
+        if "no `id` column" in str(error):
+            # The id may arrive through --map; read again without requiring it.
+            from audiences.users.sources import _read_csv
+
+            return _read_csv(UserSource("upload", "csv", path, mode="stream")).with_row_index(
+                ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+        raise UploadError(f"{path}: cannot read as CSV: {error}") from None
+
+
+def _patch(row: dict, fields: list[str]) -> dict:
+    """The identify patch of one row: given cells only, dotted fields nested."""
+    patch: dict = {}
+    for field in fields:
+        value = row.get(field)
+        if value is None:
+            continue
+        node = patch
+        parts = field.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[parts[-1]] = value
+    if "properties" in patch and isinstance(patch["properties"], str):
+        extra = json.loads(patch.pop("properties"))
+        patch = {**extra, **patch}
+    return patch
+
+
+def _neutralise(value: str | None) -> str:
+    """A cell that a spreadsheet would run as a formula is prefixed with a quote."""
+    if value is None:
+        return ""
+    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
+
+
+def _write_rejects(target: Path, quarantined: pl.DataFrame) -> None:
+    with target.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "reason", "id", "raw"])
+        for row, user_id, reason, raw in quarantined.select(ROW_COLUMN, "user_id", "reason", "raw_row").iter_rows():
+            writer.writerow([row, reason, _neutralise(user_id), _neutralise(raw)])
+
+
+def _progress(chunks, total: int, enabled: bool | None, label: str):
+    if enabled is None:
+        enabled = sys.stderr.isatty() and total > CHUNK
+    if not enabled:
+        return chunks
+    from tqdm import tqdm
+
+    return tqdm(chunks, total=len(chunks), desc=f"uploading {label}", unit="chunk", file=sys.stderr)
