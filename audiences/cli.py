@@ -163,7 +163,7 @@ def run(settings: Settings, arguments) -> int:
         counts = last_evaluation(connection)
         users, quarantined = connection.execute(
             "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
-        ).fetchone()
+        ).fetchall()[0]
     print(f"evaluated at {format_time(evaluated_at)}: {users} users, {quarantined} quarantined rows "
           f"(see raw.users_quarantine)")
     width = max((len(row["audience_key"]) for row in counts), default=10)

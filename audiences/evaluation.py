@@ -22,7 +22,7 @@ def registered_types(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
     """Audience key -> type, for every audience this warehouse has evaluated (types are immutable)."""
     known = connection.execute(
         "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'audience_registry'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not known:
         return {}
     return dict(connection.execute("select audience_key, audience_type from raw.audience_registry").fetchall())

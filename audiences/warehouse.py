@@ -63,7 +63,7 @@ def table_exists(connection: duckdb.DuckDBPyConnection, qualified: str) -> bool:
     return bool(connection.execute(
         "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
         {"schema": schema, "name": name},
-    ).fetchone()[0])
+    ).fetchall()[0][0])
 
 
 def _columns(connection, qualified: str) -> set[str]:
@@ -137,7 +137,7 @@ def _is_fresh(connection) -> bool:
     """True when no user changed after the flattened attributes were last built."""
     return connection.execute(
         f"select count(*) = 0 from raw.users where updated_at > (select max(updated_at) from {FLATTENED_TABLE})"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def preview(
     condition = compile_segments(definition.segments, query.context)
     matching = exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
     sql = render(matching)
-    count = connection.execute(f"select count(*) from ({sql})").fetchone()[0]
+    count = connection.execute(f"select count(*) from ({sql})").fetchall()[0][0]
     sampled = connection.execute(
         f"""
         select matching.user_id, users.properties
@@ -174,7 +174,7 @@ def preview(
         limit {int(sample_size)}
         """
     ).fetchall()
-    total = connection.execute("select count(*) from raw.users where deleted_at is null").fetchone()[0]
+    total = connection.execute("select count(*) from raw.users where deleted_at is null").fetchall()[0][0]
     sample = [{"user_id": user_id, **_summary(json.loads(properties))} for user_id, properties in sampled]
     return Preview(count, total, sample, now, sql)
 
@@ -192,7 +192,7 @@ def members(connection: duckdb.DuckDBPyConnection, key: str) -> Iterator[dict]:
     """The members of an audience at its last evaluation: `{"user_id", "tenant"}` per member."""
     if not table_exists(connection, MEMBERS_TABLE):
         raise WarehouseError("no evaluation yet; run `audiences run` first")
-    known = connection.execute("select count(*) from main.audience_catalog where audience_key = $key", {"key": key}).fetchone()[0]
+    known = connection.execute("select count(*) from main.audience_catalog where audience_key = $key", {"key": key}).fetchall()[0][0]
     if not known:
         raise WarehouseError(f"unknown audience {key!r} (not in the last evaluation)")
     cursor = connection.execute(
@@ -258,7 +258,7 @@ def explain(
     _require_users(connection)
     exists = connection.execute(
         "select count(*) from raw.users where user_id = $id and deleted_at is null", {"id": user_id}
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not exists:
         raise WarehouseError(f"no user {user_id!r} in the warehouse")
     query = _users_query(connection, definition.segments, definitions, now,

@@ -130,8 +130,8 @@ def record_changes(
 
 def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> ChangeSummary:
     parameters = {"evaluated_at": evaluated_at}
-    latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchone()[0]
-    latest_exit = connection.execute("select max(exited_at) from raw.membership_intervals").fetchone()[0]
+    latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchall()[0][0]
+    latest_exit = connection.execute("select max(exited_at) from raw.membership_intervals").fetchall()[0][0]
     newest = max((t for t in (latest, latest_exit) if t is not None), default=None)
     if newest is not None and evaluated_at < newest:
         raise ValueError(f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
@@ -297,14 +297,14 @@ def _batch_id(connection, audience_key: str, evaluated_at: datetime) -> str:
     return connection.execute(
         "select substr(sha256(concat_ws(chr(31), 'held', $a, strftime($t, '%Y-%m-%dT%H:%M:%S.%fZ'))), 1, 32)",
         {"a": audience_key, "t": evaluated_at},
-    ).fetchone()[0]
+    ).fetchall()[0][0]
 
 
 def members_at(connection: duckdb.DuckDBPyConnection, audience_key: str, moment: datetime) -> list[dict]:
     """Who was in the audience at `moment`, from the validity intervals."""
     recorded = connection.execute(
         "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'membership_intervals'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     if not recorded:
         return []
     rows = connection.execute(

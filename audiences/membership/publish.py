@@ -42,8 +42,8 @@ class PublishReport:
 def outbox_position(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     """(last published sequence, last written sequence) of the warehouse's outbox."""
     ensure_schema(connection)
-    published = connection.execute("select coalesce(max(published_sequence), 0) from raw.outbox_published").fetchone()[0]
-    written = connection.execute("select coalesce(max(sequence), 0) from raw.membership_outbox").fetchone()[0]
+    published = connection.execute("select coalesce(max(published_sequence), 0) from raw.outbox_published").fetchall()[0][0]
+    written = connection.execute("select coalesce(max(sequence), 0) from raw.membership_outbox").fetchall()[0][0]
     return published, written
 
 

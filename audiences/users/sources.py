@@ -150,9 +150,9 @@ def source_fingerprint(source: UserSource) -> str:
         sql = f"select {measure} from {relation}"
         if source.format == "duckdb":
             with duckdb.connect(str(source.location), read_only=True) as connection:
-                return str(connection.execute(sql).fetchone()[0])
+                return str(connection.execute(sql).fetchall()[0][0])
         with sqlite3.connect(f"file:{source.location}?mode=ro", uri=True) as connection:
-            return str(connection.execute(sql).fetchone()[0])
+            return str(connection.execute(sql).fetchall()[0][0])
     if not source.location.exists():
         return "missing"
     files = sorted(source.location.rglob("*.parquet")) if source.location.is_dir() else [source.location]

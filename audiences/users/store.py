@@ -152,7 +152,7 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
                 and new_properties::varchar = old_properties::varchar)
         from merged
         """
-    ).fetchone()
+    ).fetchall()[0]
     connection.execute(
         """
         update raw.users as users
@@ -189,7 +189,7 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
                 and user_id not in (select user_id from quarantined_ids)
             """,
             {"source": source.name, "loaded_at": loaded_at},
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         connection.unregister("quarantined_ids")
     _record_quarantine(connection, source, rows.quarantined, loaded_at)
     connection.execute("drop table batch")
