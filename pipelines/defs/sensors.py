@@ -16,12 +16,17 @@ from pipelines.defs.schedules import MAIN_JOB
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Requests the main job (load users, evaluate audiences, publish membership events) when any "
-        "user source changes. Runs are serialized by the `audiences/duckdb` tag (one writer)."
+        "user source changes or a CSV file is dropped in the uploads folder. Runs are serialized by "
+        "the `audiences/duckdb` tag (one writer)."
     ),
 )
 def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    sources = configured_sources(Settings.from_env())
+    settings = Settings.from_env()
+    sources = configured_sources(settings)
     fingerprints = {}
+    uploads = sorted((settings.definitions_dir.parent / "uploads").glob("*/*.csv"))
+    if uploads:  # CSV files dropped for static audiences
+        fingerprints["uploads"] = ";".join(f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in uploads)
     for source in sources:
         try:
             fingerprints[source.name] = source_fingerprint(source)

@@ -31,7 +31,8 @@ def users_definitions() -> dg.Definitions:
 
     @dg.asset(
         key="users",
-        deps=[spec.key for spec in source_specs],
+        # Uploads queue identify calls, which this asset loads.
+        deps=[spec.key for spec in source_specs] + [dg.AssetKey("static_audience_uploads")],
         group_name="users",
         kinds={"duckdb"},
         description=(

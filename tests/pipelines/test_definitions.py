@@ -34,6 +34,8 @@ EXPECTED_ASSET_KEYS = [
     "sources/crm_export",
     "sources/product_updates",
     "static_audience_members",
+    "static_audience_syncs",
+    "static_audience_uploads",
     "stg_warehouse__users",
     "users",
     "workflow_trigger_deliveries",
@@ -48,13 +50,14 @@ def test_definitions_load_with_the_expected_asset_graph():
     assert dg.AssetKey(["audiences", "power_users"]) in graph.get(
         dg.AssetKey(["audiences", "beta_invite_candidates"])).parent_keys
     assert graph.get(dg.AssetKey("users")).parent_keys == {
-        dg.AssetKey(["sources", "crm_export"]), dg.AssetKey(["sources", "product_updates"])}
+        dg.AssetKey(["sources", "crm_export"]), dg.AssetKey(["sources", "product_updates"]),
+        dg.AssetKey("static_audience_uploads")}
 
 
 def test_every_asset_has_a_description():
     graph = build_definitions().resolve_asset_graph()
     undocumented = [key.to_user_string() for key in graph.get_all_asset_keys()
-                    if not graph.get(key).description and key != dg.AssetKey("static_audience_members")]
+                    if not graph.get(key).description]
     assert undocumented == []
 
 

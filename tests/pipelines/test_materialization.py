@@ -115,3 +115,29 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
             "order by evaluated_at").fetchall()
     assert history == (2, 30)
     assert signups[0][0] > 0 and signups[1][0] == 0
+
+
+def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sample_run, tmp_path, monkeypatch):
+    shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
+    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    shutil.copytree(ROOT / "data" / "audiences", tmp_path / "audiences")
+    (tmp_path / "uploads" / "vip-customers").mkdir(parents=True)
+    (tmp_path / "uploads" / "vip-customers" / "vips.csv").write_text(
+        "id,tenant_id,tier\nuser_00042,acme,gold\nuser_00042,globex,gold\nbrand-new-user,,silver\n ,x,y\n")
+    monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))
+    monkeypatch.setenv("AUDIENCES_DEFINITIONS", str(tmp_path / "audiences"))
+    monkeypatch.setenv("AUDIENCES_USERS_SOURCE", str(ROOT / "data" / "sources" / "user_updates.parquet"))
+    monkeypatch.setenv("AUDIENCES_SOURCE_MODE", "stream")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = build_definitions().resolve_job_def("audiences_job").execute_in_process(
+            run_config={"ops": {"audience_models": {"config": {"evaluation_time": "2026-11-01T00:00:00+00:00"}}}},
+            instance=instance)
+    assert result.success
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
+        static = connection.execute("select user_id, tenant from audiences.vip_customers order by user_id").fetchall()
+        new_user = connection.execute(
+            "select properties ->> '$.tier' from raw.users where user_id = 'brand-new-user'").fetchall()
+    assert static == [("brand-new-user", None), ("user_00042", "acme"), ("user_00042", "globex")]
+    assert new_user == [("silver",)]
+    processed = sorted(p.name for p in (tmp_path / "uploads" / "vip-customers" / "processed").iterdir())
+    assert len(processed) == 2 and any(name.endswith(".rejects.csv") for name in processed)
