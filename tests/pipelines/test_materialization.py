@@ -134,7 +134,7 @@ def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sa
             instance=instance)
     assert result.success
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
-        static = connection.execute("select user_id, tenant from audiences.vip_customers order by user_id").fetchall()
+        static = connection.execute("select user_id, tenant from audiences.vip_customers order by user_id, tenant").fetchall()
         new_user = connection.execute(
             "select properties ->> '$.tier' from raw.users where user_id = 'brand-new-user'").fetchall()
     assert static == [("brand-new-user", None), ("user_00042", "acme"), ("user_00042", "globex")]
