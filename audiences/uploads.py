@@ -26,7 +26,7 @@ from audiences.users.sources import ROW_COLUMN, UserSource, read_source
 from audiences.users.validation import validate_users
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
-CHUNK = 5000
+CHUNK = 20_000
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 

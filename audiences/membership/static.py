@@ -102,8 +102,8 @@ def change_members(
         user_ids = sorted({user_id for user_id, _ in wanted})
         current = set()
         entries: dict[tuple[str, str], int] = {}
-        for start in range(0, len(user_ids), 500):
-            chunk = user_ids[start:start + 500]
+        for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
+            chunk = user_ids[start:start + 5000]
             current |= {(row.user_id, row.tenant_key) for row in connection.execute(
                 sa.select(members_table.c.user_id, members_table.c.tenant_key)
                 .where(members_table.c.audience_key == audience_key, members_table.c.user_id.in_(chunk)))}
@@ -157,11 +157,9 @@ def queue_identify(store: MembershipStore, patches: Iterable[tuple[str, dict]], 
     if not rows:
         return 0
     if connection is not None:
-        connection.execute(tables.user_patches.insert(), rows)
-    else:
-        with store.engine.begin() as own:
-            own.execute(tables.user_patches.insert(), rows)
-    return len(rows)
+        return store.insert_ignoring_duplicates(connection, tables.user_patches, rows)
+    with store.engine.begin() as own:
+        return store.insert_ignoring_duplicates(own, tables.user_patches, rows)
 
 
 def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[str]) -> int:

@@ -1,0 +1,153 @@
+"""Benchmark of static audiences: CSV upload and mirror syncs, each against its plain counterpart.
+
+    .venv/bin/python bench/static.py --members 1000000
+
+Measured in one run:
+
+1. **Upload.** A 10 MB CSV (about 100k users with names, emails, plans, a nested field and 1% bad
+   ids) uploaded end to end (read, validate, queue the identify patches, add the members with their
+   events, write the rejects file) into a fresh SQLite store, against DuckDB's own `read_csv` of the
+   same file into a table. Target: within 5 times of `read_csv`.
+2. **Mirror sync.** A Parquet table of 1M members synced into a static audience; then 1% of rows
+   change (0.5% removed, 0.5% new) and the mirror sync runs again, writing only the difference,
+   against a full reload of the same table (the audience emptied and synced from scratch).
+   Target: under 20% of the full reload.
+
+Results go to `bench/static-results.md` and `.json`; data lives in `bench/data/` (ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import duckdb  # noqa: E402
+import polars as pl  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from audiences.membership.store import MembershipStore  # noqa: E402
+from audiences.syncs import Sync, run_sync  # noqa: E402
+from audiences.uploads import upload_csv  # noqa: E402
+from audiences.users.sources import UserSource  # noqa: E402
+
+DATA = ROOT / "bench" / "data" / "static"
+TYPES = {"uploaded": "static", "synced": "static"}
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def fresh_store(name: str) -> MembershipStore:
+    path = DATA / f"{name}.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return MembershipStore(f"sqlite:///{path}").create()
+
+
+def make_csv(path: Path, target_bytes: int) -> int:
+    """Realistic rows until the file is just under `target_bytes`; 1% of ids are malformed."""
+    rng = random.Random(7)
+    plans = ["free", "starter", "pro", "enterprise"]
+    cities = ["Paris", "Berlin", "Lima", "Tokyo", "São Paulo", "Zürich", "Montréal"]
+    header = "id,name,email,plan,seats,address.city,signed_up_at\n"
+    rows, size, lines = 0, len(header), [header]
+    while True:
+        identifier = f"user_{rows:07d}" if rows % 100 else f" bad id {rows}"
+        line = (f"{identifier},User {rows} {rng.choice(['Ann', 'Bob', 'Zoë'])},u{rows}@example.com,"
+                f"{rng.choice(plans)},{rng.randint(1, 500)},{rng.choice(cities)},"
+                f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T10:00:00Z\n")
+        if size + len(line.encode()) > target_bytes:
+            break
+        lines.append(line)
+        size += len(line.encode())
+        rows += 1
+    path.write_text("".join(lines), encoding="utf-8")
+    return rows
+
+
+def bench_upload(target_bytes: int) -> dict:
+    path = DATA / "upload_10mb.csv"
+    rows = make_csv(path, target_bytes)
+    with duckdb.connect() as connection:
+        _, read_csv = timed(lambda: connection.execute(
+            "create table users as select * from read_csv($p, all_varchar = true)", {"p": str(path)}))
+        loaded = connection.execute("select count(*) from users").fetchall()[0][0]
+    store = fresh_store("upload")
+    result, upload = timed(upload_csv, store, "uploaded", path, TYPES, rejects_file=DATA / "upload.rejects.csv",
+                           progress=False)
+    store.dispose()
+    return {"file_bytes": path.stat().st_size, "rows": rows, "duckdb_read_csv_s": read_csv, "duckdb_rows": loaded,
+            "upload_s": upload, "members_added": result.members_added, "rejected": result.rejected,
+            "ratio": upload / read_csv}
+
+
+def bench_mirror(members: int) -> dict:
+    table = DATA / "members.parquet"
+    ids = [f"user_{i:08d}" for i in range(members)]
+    pl.DataFrame({"id": ids}).write_parquet(table)
+    sync = Sync("crm", "synced", UserSource("crm", "parquet", table, "stream"), None, "mirror")
+    store = fresh_store("mirror")
+    first, first_s = timed(run_sync, store, sync, TYPES)
+    changed = members // 100
+    kept = ids[changed // 2:]
+    new = [f"new_{i:08d}" for i in range(changed - changed // 2)]
+    pl.DataFrame({"id": kept + new}).write_parquet(table)
+    second, second_s = timed(run_sync, store, sync, TYPES)
+    # The full reload of the same table: an empty audience and no sync state, then the sync.
+    with store.engine.begin() as connection:
+        for name in ("audience_members", "sync_state", "membership_events"):
+            connection.exec_driver_sql(f"delete from {name}")
+    reload, reload_s = timed(run_sync, store, sync, TYPES)
+    size = store.scalar(sa.text("select count(*) from audience_members"))
+    store.dispose()
+    return {"members": members, "first_sync_s": first_s, "first_added": first.added,
+            "changes": second.added + second.removed, "diff_sync_s": second_s, "diff_added": second.added,
+            "diff_removed": second.removed, "full_reload_s": reload_s, "reload_added": reload.added,
+            "final_members": size, "ratio": second_s / reload_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=1_000_000)
+    parser.add_argument("--upload-bytes", type=int, default=10 * 1024 * 1024 - 1)
+    options = parser.parse_args()
+    if DATA.exists():
+        shutil.rmtree(DATA)
+    DATA.mkdir(parents=True)
+    results = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cores": os.cpu_count(),
+               "upload": bench_upload(options.upload_bytes)}
+    print("upload", results["upload"], flush=True)
+    results["mirror"] = bench_mirror(options.members)
+    print("mirror", results["mirror"], flush=True)
+    (ROOT / "bench" / "static-results.json").write_text(json.dumps(results, indent=2))
+    u, m = results["upload"], results["mirror"]
+    lines = [
+        "# Static audiences benchmark", "",
+        f"Produced by `.venv/bin/python bench/static.py {' '.join(sys.argv[1:])}` on {results['started']} "
+        f"({results['cores']} cores); single runs on a shared, noisy machine. Details: `bench/static.py`.", "",
+        "| measurement | ours | plain counterpart | ratio | target |", "|---|---:|---:|---:|---|",
+        f"| upload of a {u['file_bytes'] / 1048576:.1f} MB CSV ({u['rows']:,} rows, {u['rejected']:,} rejected) "
+        f"vs DuckDB `read_csv` | {u['upload_s']:.2f} s | {u['duckdb_read_csv_s']:.2f} s | **{u['ratio']:.1f}×** | ≤ 5× |",
+        f"| mirror sync of {m['members']:,} members with {m['changes']:,} changes vs a full reload "
+        f"| {m['diff_sync_s']:.2f} s | {m['full_reload_s']:.2f} s | **{m['ratio']:.1%}** | < 20% |", "",
+        f"The first sync of the {m['members']:,} members took {m['first_sync_s']:.1f} s "
+        f"({m['first_added']:,} members added with their events).",
+    ]
+    (ROOT / "bench" / "static-results.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
