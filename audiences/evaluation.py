@@ -45,3 +45,15 @@ def set_evaluation_clock(connection: duckdb.DuckDBPyConnection, evaluated_at: da
     ensure_schema(connection)
     connection.execute("delete from raw.evaluation_clock")
     connection.execute("insert into raw.evaluation_clock values ($t)", {"t": evaluated_at})
+
+
+def last_full_build(connection: duckdb.DuckDBPyConnection) -> str | None:
+    """The dbt project fingerprint this warehouse was last fully built from."""
+    ensure_schema(connection)
+    rows = connection.execute("select fingerprint from raw.dbt_full_builds order by built_at desc limit 1").fetchall()
+    return rows[0][0] if rows else None
+
+
+def record_full_build(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> None:
+    ensure_schema(connection)
+    connection.execute("insert into raw.dbt_full_builds values ($f, now())", {"f": fingerprint})

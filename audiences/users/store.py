@@ -51,6 +51,7 @@ SCHEMA_STATEMENTS = (
     )
     """,
     "create table if not exists raw.evaluation_clock (evaluated_at timestamptz not null)",
+    "create table if not exists raw.dbt_full_builds (fingerprint varchar not null, built_at timestamptz not null)",
     """
     create table if not exists raw.audience_registry (
         audience_key varchar not null,

@@ -6,15 +6,26 @@ from typing import Any
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, dbt_assets
 
-from audiences.dbt_project import prepare
+from audiences.dbt_project import prepare, project_fingerprint
 from audiences.definitions import load_definitions, validate_definitions
 from audiences.dbt_models import custom_audience_keys
-from audiences.evaluation import evaluation_time_for, record_registry, registered_types, set_evaluation_clock
+from audiences.evaluation import (
+    evaluation_time_for,
+    last_full_build,
+    record_full_build,
+    record_registry,
+    registered_types,
+    set_evaluation_clock,
+)
 from audiences.settings import Settings, format_time
 from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import WarehouseResource
 
 DEFINITIONS_KEY = dg.AssetKey("audience_definitions")
+# What a re-evaluation builds when the dbt project has not changed since the last full build, and
+# what it leaves alone (views and tables that only change with the definitions).
+REEVALUATED_MODELS = ("int_users_flattened", "audience_members", "audience_evaluations")
+UNCHANGED_WHEN_DEFINITIONS_ARE = ("tag:audience", "stg_warehouse__users", "audience_catalog", "source:warehouse")
 GROUPS = {"staging": "staging", "intermediate": "staging", "audiences": "audiences", "marts": "audiences_marts"}
 
 
@@ -82,12 +93,26 @@ def audiences_definitions() -> dg.Definitions:
         """Build users' attributes and every audience, at one fixed evaluation time."""
         evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
         context.log.info(f"evaluation time: {format_time(evaluated_at)}")
+        fingerprint = project_fingerprint(settings.dbt_project_dir)
         with warehouse.connect() as connection:
             set_evaluation_clock(connection, evaluated_at)
-        arguments = ["build"]
+            reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
+            lean = reevaluated <= context.selected_asset_keys and last_full_build(connection) == fingerprint
+        # The audience views read the clock table, so while the definitions (the dbt project) are
+        # unchanged a new evaluation only refreshes the attributes and rewrites the memberships.
+        # (dagster-dbt keeps its own --select; an --exclude is how a run narrows it.)
+        arguments = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
+        context.log.info("re-evaluation: views unchanged" if lean else "full build: the dbt project changed")
         # DuckDB allows one writer: read member counts only after dbt has finished and let go.
         events = list(dbt.cli(arguments, context=context).stream())
         counts = _member_counts(warehouse)
+        if not lean:
+            with warehouse.connect() as connection:
+                record_full_build(connection, fingerprint)
+        for model, members in counts.items():
+            if lean:  # the audience's view was not rebuilt, but its members were re-evaluated
+                yield dg.AssetObservation(asset_key=dg.AssetKey(["audiences", model]),
+                                          metadata={"member_count": members, "evaluated_at": format_time(evaluated_at)})
         for event in events:
             key = getattr(event, "asset_key", None)
             if isinstance(event, dg.Output) and key is None:
@@ -104,7 +129,6 @@ def audiences_definitions() -> dg.Definitions:
     @dg.asset_check(
         asset=dg.AssetKey("audience_evaluations"),
         description="Every audience in the catalog was evaluated in the latest run.",
-        additional_deps=[dg.AssetKey("audience_catalog")],
     )
     def every_audience_built(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         definitions = load_definitions(settings.definitions_dir)
