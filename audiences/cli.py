@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     except _EXPECTED_ERRORS() as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (e.g. `head`) has what it wanted
+        sys.stderr.close()
+        return 0
+    except sqlalchemy_errors() as error:
+        print(f"error: the membership store cannot be used: {getattr(error, 'orig', error)}", file=sys.stderr)
+        return 1
+
+
+def sqlalchemy_errors():
+    from sqlalchemy.exc import OperationalError
+
+    return (OperationalError,)
 
 
 def _EXPECTED_ERRORS():

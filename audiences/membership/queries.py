@@ -19,7 +19,7 @@ def list_events(
 ) -> list[dict]:
     """Membership events, newest last, filtered by audience, user, type and time (ISO 8601 bounds)."""
     events = tables.membership_events
-    query = sa.select(events).order_by(events.c.sequence).limit(limit)
+    query = sa.select(events).order_by(events.c.occurred_at, events.c.sequence, events.c.event_id).limit(limit)
     if audience_key:
         query = query.where(events.c.audience_key == audience_key)
     if user_id:

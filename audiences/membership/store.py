@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -151,6 +152,9 @@ class MembershipStore:
     def __init__(self, url: str):
         self.url = url
         connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        database = sa.engine.make_url(url).database
+        if url.startswith("sqlite") and database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)

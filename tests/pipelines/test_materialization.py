@@ -29,7 +29,10 @@ def reference_members(connection) -> dict[str, set[str]]:
     for key in evaluation_order(definitions):
         definition = definitions[key]
         if definition.type != "dynamic":
-            members[key] = set()
+            # Static members come from data/syncs.yml (sources/vip_accounts.csv): identified users only.
+            members[key] = {uid for (uid,) in connection.execute(
+                "select distinct user_id from raw.static_audience_members where audience_key = $k "
+                "and user_id in (select user_id from raw.users where deleted_at is null)", {"k": key}).fetchall()}
             continue
         members[key] = {
             user["id"] for user in users
@@ -54,7 +57,8 @@ def test_sample_run_members_equal_the_reference_evaluator(sample_run):
         actual = compiled_members(connection)
     for key, ids in expected.items():
         assert actual.get(key, set()) == ids, key
-    assert all(len(ids) > 0 for key, ids in expected.items() if key != "vip-customers")
+    assert all(len(ids) > 0 for ids in expected.values())
+    assert expected["vip-customers"] == {"user_00042", "user_00107", "user_00311"}
     # The hand-written SQL audience is evaluated beside the defined ones.
     assert set(actual) == {key for key, ids in expected.items() if ids} | {"high_value_accounts"}
     assert 0 < len(actual["high_value_accounts"]) < 2964
@@ -144,7 +148,9 @@ def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sa
         static = connection.execute("select user_id, tenant from audiences.vip_customers order by user_id, tenant").fetchall()
         new_user = connection.execute(
             "select properties ->> '$.tier' from raw.users where user_id = 'brand-new-user'").fetchall()
-    assert static == [("brand-new-user", None), ("user_00042", "acme"), ("user_00042", "globex")]
+    # The upload's members beside the sample sync's (user_00042 under acme and globex is in both).
+    assert static == [("brand-new-user", None), ("user_00042", "acme"), ("user_00042", "globex"),
+                      ("user_00107", "acme"), ("user_00311", None)]
     assert new_user == [("silver",)]
     processed = sorted(p.name for p in (tmp_path / "uploads" / "vip-customers" / "processed").iterdir())
     assert len(processed) == 2 and any(name.endswith(".rejects.csv") for name in processed)
