@@ -118,12 +118,13 @@ def store_copy(sample_run, tmp_path, monkeypatch):
     return ["--duckdb", str(tmp_path / "warehouse.duckdb"), "--sinks", str(tmp_path / "sinks.yml")]
 
 
-def test_events_lists_the_first_evaluation_as_backfill(capsys, store_copy):
-    code, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "eu-customers", "--limit", "3")
+def test_events_list_changes_but_not_a_first_evaluation(capsys, store_copy):
+    code, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "eu-customers")
+    assert code == 0 and out == ""  # the first evaluation is backfill: history only, no events
+    run_cli(capsys, *store_copy, "add", "vip-customers", "user_00005", "--tenant", "acme")
+    _, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "vip-customers", "--user", "user_00005")
     events = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and len(events) == 3
-    assert all(e["is_backfill"] and e["event_type"] == "entered" and e["occurred_at"].startswith("2026-11-01")
-               for e in events)
+    assert [(e["event_type"], e["tenant"], e["source"]) for e in events] == [("entered", "acme", "manual")]
 
 
 def test_broadcast_is_delivered_once_even_when_sent_twice(capsys, store_copy, tmp_path):

@@ -1,8 +1,9 @@
 """Publishing: drain the warehouse's membership outbox into the operational store.
 
 Each chunk of outbox events, in sequence order, is written to the store in one transaction:
-the events themselves, the current-membership table, the held batches, and one delivery per
-(event, matching workflow trigger). Only then does the warehouse's published watermark move. A
+the events themselves (a new audience's backfill entries only as current membership: they stay in
+the warehouse's outbox and history), the current-membership table, the held batches, and one
+delivery per (event, matching workflow trigger). Only then does the warehouse's published watermark move. A
 crash anywhere means the chunk is published again, and because events and deliveries have
 deterministic ids and are inserted with "on conflict do nothing", publishing twice changes nothing.
 
@@ -106,8 +107,11 @@ def publish_outbox(
                     {**batch, "status": "held", "decided_at": None} for batch in batches])
             deliveries = _deliveries_for(connection, store, store_connection, events, triggers, first_sequences,
                                          default_sink, now, report)
+            # A new audience's first members (backfill) only set the current membership: their
+            # entries stay in the warehouse's history and outbox, and trigger nothing.
             store.insert_ignoring_duplicates(store_connection, tables.membership_events,
-                                             [{**event, "published_at": stamp} for event in events])
+                                             [{**event, "published_at": stamp} for event in events
+                                              if not event["is_backfill"]])
             apply_membership_changes(store, store_connection, events)
             report.deliveries += store.insert_ignoring_duplicates(store_connection, tables.deliveries, deliveries)
         position = events[-1]["sequence"]
