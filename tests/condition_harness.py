@@ -96,3 +96,26 @@ def copy_store(source: Path, target: Path) -> None:
 
     with sqlite3.connect(source) as origin, sqlite3.connect(target) as copy:
         origin.backup(copy)
+
+
+def evaluation_warehouse(users: list[dict]) -> duckdb.DuckDBPyConnection:
+    """An in-memory warehouse with these users and empty evaluation tables (catalog, members),
+    standing in for what dbt builds, so membership diffs can be tested without running dbt."""
+    connection = connect_memory()
+    insert_users(connection, users)
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
+    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    return connection
+
+
+def set_evaluation(connection: duckdb.DuckDBPyConnection, members: dict[str, list],
+                   versions: dict[str, str] | None = None) -> None:
+    """Replace the evaluation tables: `members` maps audience keys to user keys or (user key, tenant)."""
+    connection.execute("delete from main.audience_catalog")
+    connection.execute("delete from main.audience_members")
+    for key, users in members.items():
+        connection.execute("insert into main.audience_catalog values ($k, $v, 'dynamic')",
+                           {"k": key, "v": (versions or {}).get(key, "v1")})
+        for member in users:
+            user_key, tenant = (member, None) if isinstance(member, int) else member
+            connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})

@@ -33,3 +33,13 @@ def sample_run(tmp_path_factory):
                          "--evaluation-time", SAMPLE_TIME, "run"])
     assert code == 0, "the main job failed on the sample data"
     return warehouse
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh membership store: a SQLite file in the test's temporary folder."""
+    from audiences.membership.store import MembershipStore
+
+    opened = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+    yield opened
+    opened.dispose()

@@ -11,19 +11,11 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from audiences.membership.store import MembershipStore
 from audiences.uploads import UploadError, upload_csv
 from condition_harness import ROOT
 
 CORPUS = ROOT / "tests" / "data" / "csv"
 TYPES = {"vips": "static", "pros": "dynamic"}
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
-    yield store
-    store.dispose()
 
 
 def members(store) -> set[tuple]:

@@ -4,36 +4,25 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-import duckdb
 import pytest
 
 from audiences.membership.changes import CircuitBreaker, members_at, record_changes
-from condition_harness import insert_users
+from condition_harness import evaluation_warehouse, set_evaluation
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture
 def warehouse():
-    connection = duckdb.connect()
-    connection.execute("set TimeZone = 'UTC'")
-    insert_users(connection, [{"id": f"u{i}"} for i in range(1, 11)])
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
-    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    connection = evaluation_warehouse([{"id": f"u{i}"} for i in range(1, 11)])
     yield connection
     connection.close()
 
 
 def evaluate(connection, moment, members: dict[str, list], versions: dict[str, str] | None = None,
              breaker=CircuitBreaker(0.2, 1000)):
-    """Stand in for one dbt evaluation: the catalog and members tables, then the diff."""
-    connection.execute("delete from main.audience_catalog")
-    connection.execute("delete from main.audience_members")
-    for key in members:
-        connection.execute("insert into main.audience_catalog values ($k, $v, 'dynamic')", {"k": key, "v": (versions or {}).get(key, "v1")})
-        for member in members[key]:
-            user_key, tenant = (member, None) if isinstance(member, int) else member
-            connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})
+    """Stand in for one dbt evaluation (the catalog and members tables), then the diff."""
+    set_evaluation(connection, members, versions)
     return record_changes(connection, moment, breaker)
 
 
@@ -65,11 +54,7 @@ def test_the_same_change_always_gets_the_same_event_id(warehouse):
     evaluate(warehouse, T0, {"pro": []})
     evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [3]})
     first = warehouse.execute("select event_id from raw.membership_outbox").fetchone()[0]
-    other = duckdb.connect()
-    other.execute("set TimeZone = 'UTC'")
-    insert_users(other, [{"id": f"u{i}"} for i in range(1, 11)])
-    other.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
-    other.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    other = evaluation_warehouse([{"id": f"u{i}"} for i in range(1, 11)])
     evaluate(other, T0, {"pro": []})
     evaluate(other, T0 + timedelta(hours=5), {"pro": [3]})  # a re-run at another time
     assert other.execute("select event_id from raw.membership_outbox").fetchone()[0] == first

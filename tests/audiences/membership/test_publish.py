@@ -5,36 +5,23 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-import duckdb
 import pytest
 import sqlalchemy as sa
 
 from audiences.broadcasts import broadcast
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.membership.publish import discard_batch, publish_outbox, release_batch
-from audiences.membership.store import MembershipStore
 from audiences.membership.triggers import WorkflowTrigger, condition_segments
-from condition_harness import insert_users
+from condition_harness import evaluation_warehouse, set_evaluation
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture
 def warehouse():
-    connection = duckdb.connect()
-    connection.execute("set TimeZone = 'UTC'")
-    insert_users(connection, [{"id": f"u{i}", "locale": "fr" if i % 2 else "en"} for i in range(1, 21)])
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
-    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    connection = evaluation_warehouse([{"id": f"u{i}", "locale": "fr" if i % 2 else "en"} for i in range(1, 21)])
     yield connection
     connection.close()
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
-    yield store
-    store.dispose()
 
 
 class Pipeline:
@@ -45,16 +32,9 @@ class Pipeline:
         self.moment = T0
 
     def evaluate(self, members: dict[str, list]):
-        connection = self.warehouse
-        connection.execute("delete from main.audience_catalog")
-        connection.execute("delete from main.audience_members")
-        for key, users in members.items():
-            connection.execute("insert into main.audience_catalog values ($k, 'v1', 'dynamic')", {"k": key})
-            for member in users:
-                user_key, tenant = (member, None) if isinstance(member, int) else member
-                connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})
-        summary = record_changes(connection, self.moment, self.breaker)
-        report = publish_outbox(connection, self.store, self.triggers, "file", self.moment)
+        set_evaluation(self.warehouse, members)
+        summary = record_changes(self.warehouse, self.moment, self.breaker)
+        report = publish_outbox(self.warehouse, self.store, self.triggers, "file", self.moment)
         self.moment += timedelta(hours=1)
         return summary, report
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-import duckdb
 import pytest
 import sqlalchemy as sa
 
@@ -16,9 +15,8 @@ from audiences.delivery.loop import deliver_due
 from audiences.delivery.sinks import KnockSink
 from audiences.membership.changes import record_changes
 from audiences.membership.publish import publish_outbox
-from audiences.membership.store import MembershipStore
 from audiences.membership.triggers import WorkflowTrigger
-from condition_harness import insert_users
+from condition_harness import evaluation_warehouse, set_evaluation
 from http_recorder import HttpRecorder, Reply
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -27,28 +25,13 @@ TRIGGERS = {"welcome": WorkflowTrigger("welcome", "pro"), "goodbye": WorkflowTri
 
 @pytest.fixture
 def warehouse():
-    connection = duckdb.connect()
-    connection.execute("set TimeZone = 'UTC'")
-    insert_users(connection, [{"id": f"u{i}"} for i in range(1, 31)])
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
-    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    connection = evaluation_warehouse([{"id": f"u{i}"} for i in range(1, 31)])
     yield connection
     connection.close()
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
-    yield store
-    store.dispose()
-
-
 def evaluate(connection, moment, user_keys):
-    connection.execute("delete from main.audience_catalog")
-    connection.execute("delete from main.audience_members")
-    connection.execute("insert into main.audience_catalog values ('pro', 'v1', 'dynamic')")
-    for user_key in user_keys:
-        connection.execute("insert into main.audience_members values ('pro', $u, null)", {"u": user_key})
+    set_evaluation(connection, {"pro": list(user_keys)})
     record_changes(connection, moment)
 
 

@@ -13,20 +13,12 @@ import sqlalchemy as sa
 from audiences.membership.changes import CircuitBreaker
 from audiences.membership.publish import process_static_triggers
 from audiences.membership.static import Member, MembershipError, change_members, is_member, require_static
-from audiences.membership.store import MembershipStore
 from audiences.membership.triggers import WorkflowTrigger
 from audiences.syncs import Sync, run_sync
 from audiences.users.sources import UserSource
 from condition_harness import insert_users
 
 NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
-    yield store
-    store.dispose()
 
 
 def events(store) -> list[tuple]:
