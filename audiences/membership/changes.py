@@ -62,6 +62,8 @@ SCHEMA_STATEMENTS = (
     """,
     "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
     "create table if not exists raw.outbox_published (published_sequence bigint not null)",
+    # Per user, a hash of the set of (audience, tenant) memberships at the last diff.
+    "create table if not exists raw.membership_signatures (user_key integer not null, signature ubigint not null)",
 )
 
 
@@ -136,22 +138,49 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
     if newest is not None and evaluated_at < newest:
         raise ValueError(f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
                          f"({newest.isoformat()}); membership history only moves forward")
+    # Only users whose set of memberships changed need a detailed diff. Each user's memberships
+    # hash to one signature (an order-free XOR of (audience, tenant) hashes); comparing a million
+    # signatures is far cheaper than comparing millions of memberships.
+    connection.execute(
+        f"""
+        create or replace temp table evaluated_audiences as
+        -- static audiences record their events when members are added or removed
+        select audience_key from {catalog_table} where audience_type <> 'static'
+        """
+    )
+    connection.execute(
+        f"""
+        create or replace temp table new_signatures as
+        select user_key, bit_xor(hash(audience_key, coalesce(tenant, chr(0)))) as signature
+        from {members_table}
+        where audience_key in (select audience_key from evaluated_audiences)
+        group by user_key
+        """
+    )
+    connection.execute(
+        """
+        create or replace temp table changed_users as
+        select coalesce(new_signatures.user_key, old_signatures.user_key) as user_key
+        from new_signatures
+        full outer join raw.membership_signatures as old_signatures
+            on old_signatures.user_key = new_signatures.user_key
+        where new_signatures.signature is distinct from old_signatures.signature
+        """
+    )
     connection.execute(
         f"""
         create or replace temp table changes as
-        with evaluated_audiences as (
-            -- static audiences record their events when members are added or removed
-            select audience_key from {catalog_table} where audience_type <> 'static'
-        ),
-        evaluated as (
+        with evaluated as (
             select audience_key, user_key, tenant from {members_table}
             where audience_key in (select audience_key from evaluated_audiences)
+                and user_key in (select user_key from changed_users)
         ),
         open_intervals as (
-            select audience_key, user_key, user_id, tenant, entry_number
+            select rowid as interval_row, audience_key, user_key, user_id, tenant, entry_number
             from raw.membership_intervals
             where exited_at is null
                 and audience_key in (select audience_key from evaluated_audiences)
+                and user_key in (select user_key from changed_users)
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
@@ -159,6 +188,7 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
             coalesce(evaluated.tenant, open_intervals.tenant) as tenant,
             open_intervals.user_id as user_id,
             open_intervals.entry_number as entry_number,
+            open_intervals.interval_row as interval_row,
             case when open_intervals.user_key is null then 'entered' else 'exited' end as event_type
         from evaluated
         full outer join open_intervals
@@ -259,14 +289,9 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         )
     connection.execute(
         """
-        update raw.membership_intervals as intervals
+        update raw.membership_intervals
         set exited_at = $evaluated_at
-        from changes
-        where changes.event_type = 'exited'
-            and intervals.exited_at is null
-            and intervals.audience_key = changes.audience_key
-            and intervals.user_key = changes.user_key
-            and intervals.tenant is not distinct from changes.tenant
+        where rowid in (select interval_row from changes where event_type = 'exited')
         """,
         parameters,
     )
@@ -288,7 +313,11 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         """,
         parameters,
     )
-    for table in ("changes", "entries", "held"):
+    connection.execute("delete from raw.membership_signatures where user_key in (select user_key from changed_users)")
+    connection.execute(
+        "insert into raw.membership_signatures "
+        "select * from new_signatures where user_key in (select user_key from changed_users)")
+    for table in ("changes", "entries", "held", "evaluated_audiences", "new_signatures", "changed_users"):
         connection.execute(f"drop table {table}")
     return summary
 
