@@ -37,9 +37,15 @@ def sample_run(tmp_path_factory):
 
 @pytest.fixture
 def store(tmp_path):
-    """A fresh membership store: a SQLite file in the test's temporary folder."""
-    from audiences.membership.store import MembershipStore
+    """A fresh membership store: a SQLite file in the test's temporary folder, or, when
+    AUDIENCES_TEST_STORE_URL names a PostgreSQL database, that database emptied first (the same
+    tests then check that the store's SQL is portable)."""
+    from audiences.membership.store import MembershipStore, metadata
 
-    opened = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+    url = os.environ.get("AUDIENCES_TEST_STORE_URL") or f"sqlite:///{tmp_path}/store.sqlite"
+    opened = MembershipStore(url)
+    if not url.startswith("sqlite"):
+        metadata.drop_all(opened.engine)
+    opened.create()
     yield opened
     opened.dispose()

@@ -200,11 +200,12 @@ class MembershipStore:
                    f"values ({', '.join('?' for _ in columns)}) on conflict do nothing")
             values = [tuple(row[column] for column in columns) for row in rows]
             return max(connection.exec_driver_sql(sql, values).rowcount, 0)
+        # PostgreSQL drivers report no row count for executemany; RETURNING the key counts new rows.
+        key = list(table.primary_key.columns)[0]
         inserted = 0
         for start in range(0, len(rows), 5000):
-            statement = module.insert(table).on_conflict_do_nothing()
-            result = connection.execute(statement, list(rows[start:start + 5000]))
-            inserted += max(result.rowcount, 0)
+            statement = module.insert(table).on_conflict_do_nothing().returning(key)
+            inserted += len(connection.execute(statement, list(rows[start:start + 5000])).all())
         return inserted
 
     def scalar(self, statement) -> object:
