@@ -9,8 +9,11 @@ DELIVERY_JOB = "deliver_workflow_triggers"
 # the tag to one run at a time.
 DUCKDB_WRITER = {"audiences/duckdb": "writer"}
 
+# Steps run one after another in the run's process: DuckDB allows one writer, and Dagster's default
+# executor would run independent steps (users, uploads, syncs, definitions) in parallel processes.
 audiences_job = dg.define_asset_job(
     MAIN_JOB,
+    executor_def=dg.in_process_executor,
     selection=dg.AssetSelection.all(),
     description="Load every user source, validate definitions, materialize every audience, publish "
     "membership events and deliver workflow triggers.",
@@ -19,6 +22,7 @@ audiences_job = dg.define_asset_job(
 
 reevaluate_audiences = dg.define_asset_job(
     REEVALUATE_JOB,
+    executor_def=dg.in_process_executor,
     selection=dg.AssetSelection.all() - dg.AssetSelection.keys("users"),
     description="Re-evaluate every audience against the current users at a new evaluation time.",
     tags=DUCKDB_WRITER,

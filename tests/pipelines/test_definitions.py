@@ -75,3 +75,13 @@ def test_schedule_reevaluates_at_the_tick_time():
     request = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick)).run_requests[0]
     assert request.run_config == {"ops": {"audience_models": {"config": {"evaluation_time": tick.isoformat()}}}}
     assert schedule.cron_schedule == "*/15 * * * *"
+
+
+def test_jobs_that_write_duckdb_run_one_step_at_a_time_and_are_serialized():
+    defs = build_definitions()
+    for name in ("audiences_job", "reevaluate_audiences"):
+        job = defs.resolve_job_def(name)
+        # Dagster's default executor would run users, uploads and syncs in parallel processes,
+        # and DuckDB allows one writer (seen under `dg dev`: "Could not set lock on file").
+        assert job.executor_def.name == "in_process"
+        assert job.tags.get("audiences/duckdb") == "writer"
