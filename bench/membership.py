@@ -46,7 +46,7 @@ from audiences.membership.changes import record_changes  # noqa: E402
 from audiences.membership.publish import publish_outbox  # noqa: E402
 from audiences.membership.store import MembershipStore  # noqa: E402
 from audiences.membership.triggers import WorkflowTrigger  # noqa: E402
-from audiences.settings import Settings, format_time  # noqa: E402
+from audiences.settings import Settings  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 T0 = datetime(2026, 11, 1, 12, tzinfo=timezone.utc)
