@@ -154,7 +154,60 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--tenant", help="the request's tenant")
     sub = command("backfill", backfill, "trigger a workflow for its audience's existing members")
     sub.add_argument("workflow", help="the workflow key (a folder of the workflows folder)")
+    sub = command("serve", serve, "run the Knock-compatible HTTP API")
+    sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    sub.add_argument("--port", type=int, default=8800, help="the port (default 8800)")
+    sub = command("keys", keys, "create, list and revoke the API's secret keys")
+    sub.add_argument("action", choices=["create", "list", "revoke"])
+    sub.add_argument("key_id", nargs="?", help="the key to revoke (see `audiences keys list`)")
+    sub.add_argument("--environment", default=None,
+                     help="the key's environment (default AUDIENCES_ENV); each has its own store")
+    sub.add_argument("--name", default="default", help="a name to recognize the key by")
     return parser
+
+
+def serve(settings: Settings, arguments) -> int:
+    """Serve the API (Knock's audiences and users endpoints, checks, guides, broadcasts, Census)
+    under uvicorn, one process. The OpenAPI document is at /openapi.json, its pages at /docs.
+    Clients send a key from `audiences keys create` as `Authorization: Bearer <key>`."""
+    import uvicorn
+
+    from audiences.api.app import asgi_app
+
+    uvicorn.run(asgi_app(settings), host=arguments.host, port=arguments.port, log_level="info",
+                access_log=False)
+    return 0
+
+
+def keys(settings: Settings, arguments) -> int:
+    """Secret keys of the API, one set per environment, stored hashed in that environment's store.
+    `create` prints the key once; `list` shows ids and names; `revoke <key_id>` ends a key."""
+    from audiences.api.keys import create_key, list_keys, revoke_key
+    from audiences.membership.store import MembershipStore
+
+    environments = [arguments.environment] if arguments.environment else settings.api_environments
+    if arguments.action == "create":
+        environment = arguments.environment or settings.environment
+        if environment not in settings.api_environments:
+            raise ValueError(f"unknown environment {environment!r}; the API serves "
+                             f"{', '.join(settings.api_environments)} (AUDIENCES_API_ENVIRONMENTS)")
+        key, secret = create_key(MembershipStore(settings.store_url_for(environment)).create(), environment,
+                                 arguments.name)
+        print(f"created key {key.key_id} ({environment}, {key.name!r}); it is shown only now:")
+        print(secret)
+        return 0
+    if arguments.action == "list":
+        for environment in environments:
+            for row in list_keys(MembershipStore(settings.store_url_for(environment)).create()):
+                print(json.dumps(row))
+        return 0
+    if not arguments.key_id:
+        raise ValueError("give the key id to revoke (see `audiences keys list`)")
+    for environment in environments:
+        if revoke_key(MembershipStore(settings.store_url_for(environment)).create(), arguments.key_id):
+            print(f"revoked key {arguments.key_id} ({environment})")
+            return 0
+    raise ValueError(f"no live key {arguments.key_id!r}")
 
 
 def run(settings: Settings, arguments) -> int:

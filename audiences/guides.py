@@ -16,6 +16,7 @@ the user must be a member with any tenant; on, the member's tenant must equal th
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -70,3 +71,33 @@ def eligible(
     if segments and user_id not in matching_user_ids(warehouse, segments, [user_id], now):
         return Eligibility(False, "the target property conditions do not hold")
     return Eligibility(True, f"member of {audience!r}" if audience else "every user is targeted")
+
+
+@contextmanager
+def profile_warehouse(store: MembershipStore, user_id: str):
+    """An in-memory warehouse holding one user as the store knows them (properties and
+    memberships), so the API can evaluate a guide's conditions with the same compiler while a
+    pipeline run holds the real warehouse."""
+    import duckdb
+
+    from audiences.users.profiles import get_profile
+    from audiences.users.store import ensure_schema
+
+    profile = get_profile(store, user_id)
+    members = tables.audience_members
+    memberships = store.rows(sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id))
+    connection = duckdb.connect(":memory:")
+    try:
+        connection.execute("set TimeZone = 'UTC'")
+        ensure_schema(connection)
+        if profile is not None:
+            connection.execute("insert into raw.users values (1, $id, $properties::json, 'store', now(), now(), null)",
+                               {"id": user_id, "properties": json.dumps(profile.properties)})
+        connection.execute("create table main.audience_members (audience_key varchar, user_key integer, "
+                           "user_id varchar, tenant varchar)")
+        if memberships:
+            connection.executemany("insert into main.audience_members values (?, 1, ?, ?)",
+                                   [(row["audience_key"], user_id, row["tenant"]) for row in memberships])
+        yield connection
+    finally:
+        connection.close()

@@ -32,6 +32,13 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_UPLOAD_MAX_BYTES": "the largest CSV upload, in bytes (default 10485760, Knock's 10 MB)",
     "AUDIENCES_DUCKDB_MEMORY_LIMIT": "DuckDB's memory limit for evaluation and loading (default 1500MB)",
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
+    "AUDIENCES_API_ENVIRONMENTS": "environments the API serves, comma-separated (default development,production)",
+    "AUDIENCES_STORE_URL_<ENV>": "the store of one environment, e.g. AUDIENCES_STORE_URL_PRODUCTION (default: "
+                                 "AUDIENCES_STORE_URL for AUDIENCES_ENV, data/<env>/store.sqlite for others)",
+    "AUDIENCES_DEFINITIONS_<ENV>": "the definitions folder of one environment (default AUDIENCES_DEFINITIONS)",
+    "AUDIENCES_API_WRITE_RATE": "API writes per second per key (default 60, Knock's tier 3)",
+    "AUDIENCES_API_READ_RATE": "API reads per second per key (default 200, Knock's tier 4)",
+    "AUDIENCES_API_MAX_BODY_BYTES": "the largest API request body, in bytes (default 10485760)",
 }
 
 
@@ -59,6 +66,36 @@ class Settings:
     @property
     def guides_dir(self) -> Path:
         return _absolute(os.environ["AUDIENCES_GUIDES"]) if os.environ.get("AUDIENCES_GUIDES") else self.definitions_dir.parent / "guides"
+
+    @property
+    def api_environments(self) -> list[str]:
+        names = os.environ.get("AUDIENCES_API_ENVIRONMENTS") or "development,production"
+        return [name.strip() for name in names.split(",") if name.strip()]
+
+    @property
+    def api_write_rate(self) -> float:
+        return _positive_rate("AUDIENCES_API_WRITE_RATE", 60.0)
+
+    @property
+    def api_read_rate(self) -> float:
+        return _positive_rate("AUDIENCES_API_READ_RATE", 200.0)
+
+    @property
+    def api_max_body_bytes(self) -> int:
+        return int(os.environ.get("AUDIENCES_API_MAX_BODY_BYTES") or 10 * 1024 * 1024)
+
+    def store_url_for(self, environment: str) -> str:
+        """Each environment's data lives in its own store, so no key of one can see another's."""
+        explicit = os.environ.get(f"AUDIENCES_STORE_URL_{environment.upper()}")
+        if explicit:
+            return explicit
+        if environment == self.environment:
+            return self.store_url
+        return f"sqlite:///{self.duckdb_path.parent / environment / 'store.sqlite'}"
+
+    def definitions_dir_for(self, environment: str) -> Path:
+        explicit = os.environ.get(f"AUDIENCES_DEFINITIONS_{environment.upper()}")
+        return _absolute(explicit) if explicit else self.definitions_dir
 
     def __post_init__(self):
         # Defaults that depend on other settings: workflows beside the definitions, the store and
@@ -131,6 +168,13 @@ class Settings:
 
 
 _VARIABLE = {"workflows_dir": "AUDIENCES_WORKFLOWS", "sinks_file": "AUDIENCES_SINKS", "store_url": "AUDIENCES_STORE_URL"}
+
+
+def _positive_rate(variable: str, default: float) -> float:
+    value = float(os.environ.get(variable) or default)
+    if value <= 0:
+        raise ValueError(f"{variable} must be a positive number of requests a second, not {value}")
+    return value
 
 
 def _absolute(value: str | Path) -> Path:

@@ -695,8 +695,8 @@ def product_fingerprint() -> str:
 
 
 class Size:
-    def __init__(self, users: int):
-        self.users = users
+    def __init__(self, users: int, resume: bool = False):
+        self.users, self.resume = users, resume
         self.folder = DATA / str(users)
         self.db = self.folder / "warehouse.duckdb"
         self.project = self.folder / "dbt_project"
@@ -710,6 +710,14 @@ class Size:
                 "users": self.users, "sample_path": str(self.results / "reference_sample.json"), **extra}
 
     def measure(self, label: str, step: str, **extra) -> dict:
+        measured_path = self.results / f"{label}.measured.json"
+        if self.resume and measured_path.exists():
+            result = json.loads(measured_path.read_text())
+            result["resumed"] = True
+            print(f"  [{self.users:>10,}] {label:<24} (measured earlier, {result.get('measured_at')}: reused)", flush=True)
+            return result
+        self.resume = False  # steps run in order: once one runs again, every later one does too
+        measured_path.unlink(missing_ok=True)
         result_path = self.results / f"{label}.json"
         result_path.unlink(missing_ok=True)
         params = self.params(result_path=str(result_path), **extra)
@@ -733,6 +741,8 @@ class Size:
         result.update(process_wall_s=wall, process_maxrss_mb=usage.ru_maxrss / 1024,
                       tree_peak_rss_mb=sampler.peak / 2**20, load_average_before=load)
         result["peak_rss_mb"] = max(result["process_maxrss_mb"], result["children_maxrss_mb"], result["tree_peak_rss_mb"])
+        result["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        measured_path.write_text(json.dumps(result, indent=1, default=str))
         print(f"  [{self.users:>10,}] {label:<24} {wall:8.1f} s wall   peak {result['peak_rss_mb']:7.0f} MB"
               f"   (load {load:.2f})", flush=True)
         return result
@@ -753,9 +763,18 @@ def copy_dbt_project(target: Path) -> None:
 
 
 def run_size(users: int, options) -> dict:
-    size = Size(users)
+    """Every measurement of one size, in order. With --resume, a size whose results.json is complete is
+    reused, and otherwise steps measured before an interruption are reused up to the first missing one
+    (the data they left behind is the data the next step needs)."""
+    size = Size(users, resume=options.resume)
+    complete = size.folder / "results.json"
+    if options.resume and complete.exists():
+        print(f"\n=== {users:,} users: complete results of {json.loads(complete.read_text())['started_at']} reused ===")
+        return json.loads(complete.read_text())
     print(f"\n=== {users:,} users ===", flush=True)
-    copy_dbt_project(size.project)
+    if not (options.resume and (size.results / "generate.measured.json").exists()):
+        size.resume = False
+        copy_dbt_project(size.project)
     r: dict = {"users": users, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "product_fingerprint": product_fingerprint(), "invocation": asset_invocation()}
     state_before = product_state()
@@ -1090,6 +1109,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--quick", action="store_true", help="100k users, a smoke test; results stay in bench/data/")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md from results.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="after an interruption: reuse complete sizes and the steps measured before it")
     options = parser.parse_args()
     command = ".venv/bin/python bench/run.py " + " ".join(sys.argv[1:])
     if options.report_only:

@@ -283,7 +283,7 @@ def delivery_status(store: MembershipStore) -> dict:
     )
     per_sink: dict[str, dict[str, int]] = {}
     totals: dict[str, int] = {}
-    with store.engine.connect() as connection:
+    with store.read_engine.connect() as connection:
         for sink, status, number in connection.execute(
             grouped.order_by(deliveries.c.sink, deliveries.c.status)
         ):
@@ -478,7 +478,7 @@ def _unknown_sink_counts(
         .group_by(columns.sink)
         .order_by(columns.sink)
     )
-    with store.engine.connect() as connection:
+    with store.read_engine.connect() as connection:
         return [(sink, count) for sink, count in connection.execute(statement)]
 
 

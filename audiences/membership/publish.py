@@ -123,7 +123,7 @@ def publish_outbox(
 
 def _trigger_starts(store: MembershipStore) -> dict[str, tuple[int, str]]:
     """Per workflow: the outbox sequence and the time after which its events may trigger it."""
-    with store.engine.connect() as connection:
+    with store.read_engine.connect() as connection:
         return {row.workflow_key: (row.first_event_sequence, row.first_seen_at)
                 for row in connection.execute(sa.select(tables.workflow_triggers))}
 

@@ -85,8 +85,10 @@ def change_members(
     action: str,
     source: str = "static",
     occurred_at: str | None = None,
+    connection=None,
 ) -> ChangeResult:
-    """Add or remove members in one transaction; returns the real changes and their events."""
+    """Add or remove members in one transaction (the caller's, when `connection` is given);
+    returns the real changes and their events."""
     if action not in ("add", "remove"):
         raise ValueError(f"action is add or remove, not {action!r}")
     wanted: dict[tuple[str, str], Member] = {}
@@ -97,41 +99,48 @@ def change_members(
     if not wanted:
         return ChangeResult(0, 0, [])
     stamp = occurred_at or now_text()
+    if connection is None:
+        with store.engine.begin() as own:
+            return _change_members(store, own, audience_key, wanted, action, source, stamp)
+    return _change_members(store, connection, audience_key, wanted, action, source, stamp)
+
+
+def _change_members(store, connection, audience_key: str, wanted: dict, action: str, source: str,
+                    stamp: str) -> ChangeResult:
     members_table, events_table = tables.audience_members, tables.membership_events
-    with store.engine.begin() as connection:
-        user_ids = sorted({user_id for user_id, _ in wanted})
-        current = set()
-        entries: dict[tuple[str, str], int] = {}
-        for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
-            chunk = user_ids[start:start + 5000]
-            current |= {(row.user_id, row.tenant_key) for row in connection.execute(
-                sa.select(members_table.c.user_id, members_table.c.tenant_key)
-                .where(members_table.c.audience_key == audience_key, members_table.c.user_id.in_(chunk)))}
-            for row in connection.execute(
-                sa.select(events_table.c.user_id, events_table.c.tenant, sa.func.count())
-                .where(events_table.c.audience_key == audience_key, events_table.c.user_id.in_(chunk),
-                       events_table.c.event_type == "entered")
-                .group_by(events_table.c.user_id, events_table.c.tenant)):
-                entries[(row[0], tenant_key(row[1]))] = row[2]
-        if action == "add":
-            changing = [key for key in wanted if key not in current]
-        else:
-            changing = [key for key in wanted if key in current]
-        event_type = "entered" if action == "add" else "exited"
-        events = []
-        for key in changing:
-            member = wanted[key]
-            entry = entries.get(key, 0) + (1 if action == "add" else 0)
-            entry = max(entry, 1)
-            events.append({
-                "event_id": event_id(audience_key, member.user_id, member.tenant, event_type, entry),
-                "sequence": None, "audience_key": audience_key, "user_id": member.user_id,
-                "tenant": member.tenant, "event_type": event_type, "occurred_at": stamp,
-                "audience_version": None, "entry_number": entry, "is_backfill": False, "batch_id": None,
-                "published_at": stamp, "triggers_processed": False, "source": source,
-            })
-        store.insert_ignoring_duplicates(connection, events_table, events)
-        apply_membership_changes(store, connection, events)
+    user_ids = sorted({user_id for user_id, _ in wanted})
+    current = set()
+    entries: dict[tuple[str, str], int] = {}
+    for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
+        chunk = user_ids[start:start + 5000]
+        current |= {(row.user_id, row.tenant_key) for row in connection.execute(
+            sa.select(members_table.c.user_id, members_table.c.tenant_key)
+            .where(members_table.c.audience_key == audience_key, members_table.c.user_id.in_(chunk)))}
+        for row in connection.execute(
+            sa.select(events_table.c.user_id, events_table.c.tenant, sa.func.count())
+            .where(events_table.c.audience_key == audience_key, events_table.c.user_id.in_(chunk),
+                   events_table.c.event_type == "entered")
+            .group_by(events_table.c.user_id, events_table.c.tenant)):
+            entries[(row[0], tenant_key(row[1]))] = row[2]
+    if action == "add":
+        changing = [key for key in wanted if key not in current]
+    else:
+        changing = [key for key in wanted if key in current]
+    event_type = "entered" if action == "add" else "exited"
+    events = []
+    for key in changing:
+        member = wanted[key]
+        entry = entries.get(key, 0) + (1 if action == "add" else 0)
+        entry = max(entry, 1)
+        events.append({
+            "event_id": event_id(audience_key, member.user_id, member.tenant, event_type, entry),
+            "sequence": None, "audience_key": audience_key, "user_id": member.user_id,
+            "tenant": member.tenant, "event_type": event_type, "occurred_at": stamp,
+            "audience_version": None, "entry_number": entry, "is_backfill": False, "batch_id": None,
+            "published_at": stamp, "triggers_processed": False, "source": source,
+        })
+    store.insert_ignoring_duplicates(connection, events_table, events)
+    apply_membership_changes(store, connection, events)
     return ChangeResult(len(events), len(wanted) - len(events), events)
 
 

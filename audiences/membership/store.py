@@ -116,6 +116,47 @@ static_audiences = sa.Table(
     sa.Column("created_at", sa.String(32), nullable=False),
 )
 
+# The users as the API sees them: identify calls applied at once (read-your-writes), and the
+# warehouse's users published after each load (`audiences.users.profiles`).
+user_profiles = sa.Table(
+    "user_profiles", metadata,
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("properties", sa.Text, nullable=False),  # a JSON object: name, email, ..., custom properties
+    sa.Column("updated_at", sa.String(32), nullable=False),
+    sa.Column("deleted_at", sa.String(32)),
+)
+
+# Small named values the engine keeps between runs (e.g. how far warehouse users were published).
+store_markers = sa.Table(
+    "store_markers", metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+# Secret keys of the HTTP API, one set per environment (each environment has its own store), kept
+# as SHA-256 hashes: a key is shown once, when it is created.
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("environment", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("revoked_at", sa.String(32)),
+)
+
+# First answers to writes sent with an `Idempotency-Key`, replayed for 24 hours.
+idempotent_requests = sa.Table(
+    "idempotent_requests", metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("idempotency_key", sa.String(255), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status_code", sa.Integer),  # null while the first request is in progress
+    sa.Column("body", sa.Text),
+    sa.Column("request_id", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
 # When a workflow trigger was first seen: events before it never trigger it (no backfill).
 workflow_triggers = sa.Table(
     "workflow_triggers", metadata,
@@ -156,13 +197,21 @@ class MembershipStore:
         if url.startswith("sqlite") and database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
+        # Reads go through their own pool, so that on SQLite they never wait for a writer.
+        self.read_engine = sa.create_engine(url, connect_args=connect_args, future=True)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sa.event.listen(self.read_engine, "connect", _sqlite_pragmas)
+            # A write transaction takes SQLite's write lock when it begins ("begin immediate"), so
+            # two processes writing at once wait for each other (busy timeout) instead of failing
+            # with "database is locked" when a read transaction tries to become a write.
+            sa.event.listen(self.engine, "connect", _sqlite_manual_transactions)
+            sa.event.listen(self.engine, "begin", lambda connection: connection.exec_driver_sql("begin immediate"))
 
     def create(self) -> MembershipStore:
         """Create missing tables, and add columns that newer versions of the engine introduced."""
         metadata.create_all(self.engine)
-        inspector = sa.inspect(self.engine)
+        inspector = sa.inspect(self.read_engine)
         with self.engine.begin() as connection:
             for table in metadata.sorted_tables:
                 present = {column["name"] for column in inspector.get_columns(table.name)}
@@ -180,6 +229,7 @@ class MembershipStore:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.read_engine.dispose()
 
     def insert_ignoring_duplicates(self, connection, table: sa.Table, rows: Sequence[dict]) -> int:
         """Insert rows, skipping those whose primary key exists; returns how many were new."""
@@ -209,11 +259,11 @@ class MembershipStore:
         return inserted
 
     def scalar(self, statement) -> object:
-        with self.engine.connect() as connection:
+        with self.read_engine.connect() as connection:
             return connection.execute(statement).scalar()
 
     def rows(self, statement) -> list[dict]:
-        with self.engine.connect() as connection:
+        with self.read_engine.connect() as connection:
             return [dict(row._mapping) for row in connection.execute(statement)]
 
 
@@ -225,6 +275,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     # A 256 MB page cache: publishing a first evaluation inserts millions of index entries.
     cursor.execute("pragma cache_size = -262144")
     cursor.close()
+
+
+def _sqlite_manual_transactions(dbapi_connection, _record) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own BEGIN is deferred).
+    dbapi_connection.isolation_level = None
 
 
 def apply_membership_changes(store: MembershipStore, connection, events: Iterable[dict]) -> None:

@@ -38,15 +38,42 @@ def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at:
     from audiences.membership import store as tables
     from audiences.users.sources import ROW_COLUMN
 
+    from audiences.users.profiles import DELETION
+
     patches = tables.user_patches
     rows = store.rows(sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)
                       .where(patches.c.loaded == sa.false()).order_by(patches.c.patch_id))
-    frame = pl.DataFrame(
-        {"id": [row["user_id"] for row in rows], "properties": [row["patch"] for row in rows]},
-        schema={"id": pl.String, "properties": pl.String},
-    ).with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+    from audiences.users.store import ensure_schema
+
+    ensure_schema(connection)
     source = UserSource(IDENTIFY_SOURCE, "jsonl", Path("membership-store"), mode="stream")
-    result = load_users(connection, source, validate_users(frame), loaded_at)
+    totals: dict[str, int] = {}
+
+    def load(batch: list[dict]) -> None:
+        frame = pl.DataFrame(
+            {"id": [row["user_id"] for row in batch], "properties": [row["patch"] for row in batch]},
+            schema={"id": pl.String, "properties": pl.String},
+        ).with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+        result = load_users(connection, source, validate_users(frame), loaded_at)
+        for key, value in result.as_metadata().items():
+            totals[key] = totals.get(key, 0) + value
+
+    # Patches apply in the order received; a deletion (the patch `null`, from the API's delete user)
+    # applies between the patches before and after it.
+    batch: list[dict] = []
+    for row in rows:
+        if row["patch"] != DELETION:
+            batch.append(row)
+            continue
+        if batch:
+            load(batch)
+            batch = []
+        totals["users_deleted"] = totals.get("users_deleted", 0) + connection.execute(
+            "update raw.users set deleted_at = $at, updated_at = $at, properties = '{}' "
+            "where user_id = $user_id and deleted_at is null",
+            {"at": loaded_at, "user_id": row["user_id"]}).fetchall()[0][0]
+    if batch or not rows:
+        load(batch)
     # Loading is idempotent (the same patches merge to the same users), so marking them loaded
     # after the warehouse committed loses nothing if the process dies in between.
     loaded = [row["patch_id"] for row in rows]
@@ -54,4 +81,5 @@ def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at:
         for start in range(0, len(loaded), 500):
             store_connection.execute(patches.update().where(patches.c.patch_id.in_(loaded[start:start + 500]))
                                      .values(loaded=True))
-    return result
+    return LoadResult(source_name=IDENTIFY_SOURCE, **{key: totals.get(key, 0) for key in (
+        "rows_read", "rows_quarantined", "users_inserted", "users_updated", "users_unchanged", "users_deleted")})

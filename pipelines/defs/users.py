@@ -6,6 +6,7 @@ import dagster as dg
 
 from audiences.settings import Settings
 from audiences.users import configured_sources, load_identify_queue, load_source
+from audiences.users.profiles import publish_changed_users
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 
 SOURCE_KINDS = {"csv": "csv", "parquet": "parquet", "jsonl": "json", "duckdb": "duckdb", "sqlite": "sqlite"}
@@ -57,9 +58,12 @@ def users_definitions() -> dg.Definitions:
                         f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.users_quarantine"
                     )
             # Identify calls queued in the store (API, uploads) apply after the sources, as the newest.
-            identified = load_identify_queue(connection, store.open(), loaded_at)
+            membership_store = store.open()
+            identified = load_identify_queue(connection, membership_store, loaded_at)
             for key, value in identified.as_metadata().items():
                 metadata[f"identify_queue/{key}"] = value
+            # The API reads users from the store, which stays available while a run holds DuckDB.
+            metadata["profiles_published"] = publish_changed_users(membership_store, connection)
             total, quarantined = connection.execute(
                 "select (select count(*) from raw.users where deleted_at is null), "
                 "(select count(*) from raw.users_quarantine)"

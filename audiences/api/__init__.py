@@ -1,0 +1,1 @@
+"""The Knock-compatible HTTP API (`audiences serve`): members, users, checks, guides, broadcasts."""

@@ -1,0 +1,376 @@
+"""The HTTP service: Knock's public API shapes for audiences and users, plus our extensions.
+
+`audiences serve` runs it under uvicorn. Routes are thin: they validate the request (pydantic, which
+also makes the OpenAPI document at `/openapi.json`), authenticate the key, apply the rate limit and
+the idempotency key, and call `Environment` (service.py), which calls the same functions the
+command-line tool does. Every error is Knock's shape (errors.py); bad input never gets a 500.
+"""
+
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from audiences.api import idempotency
+from audiences.api.errors import ApiError, ErrorBody, error_body, invalid
+from audiences.api.keys import ApiKey, find_key
+from audiences.api.limits import BodyLimit, RateLimiter, retry_after_header
+from audiences.api.service import Environment, tenant_of
+from audiences.settings import Settings
+
+log = logging.getLogger("audiences.api")
+
+
+# -- request and response shapes ------------------------------------------------------------------
+
+def _storable(value: str) -> str:
+    """Text must be valid Unicode without NUL, so that every store (PostgreSQL too) can keep it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (a lone surrogate)") from None
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    return value
+
+
+def _identifier(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank")
+    return _storable(value)
+
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_identifier)]
+Tenant = Annotated[str, StringConstraints(max_length=255), AfterValidator(_storable)]
+Text = Annotated[str, AfterValidator(_storable)]
+
+
+class UserProperties(BaseModel):
+    """Knock's user fields; any other property is a custom property (nested objects too).
+    Properties are merged into the user's (a `null` removes one), as Knock's identify does."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Text | None = None
+    email: Text | None = None
+    phone_number: Text | None = None
+    avatar: Text | None = None
+    locale: Text | None = None
+    timezone: Text | None = None
+    created_at: Text | None = None
+
+
+class InlineIdentifyUser(UserProperties):
+    """Knock's `InlineIdentifyUserRequest`: `id` is required."""
+
+    id: Identifier
+
+
+class AudienceMemberRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: InlineIdentifyUser
+    tenant: Tenant | None = None
+
+
+class AudienceMembersRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    members: list[AudienceMemberRequest] = Field(
+        max_length=1000, description="Up to 1,000 members per request (Knock's limit).")
+
+
+class User(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    typename: str = Field("User", alias="__typename")
+    id: str
+    updated_at: str
+
+
+class AudienceMember(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    typename: str = Field("AudienceMember", alias="__typename")
+    added_at: str
+    user_id: str
+    tenant: str | None
+    user: User
+
+
+class PageInfo(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    typename: str = Field("PageInfo", alias="__typename")
+    page_size: int
+    after: str | None
+    before: str | None
+
+
+class AudienceMembersPage(BaseModel):
+    entries: list[AudienceMember]
+    page_info: PageInfo
+
+
+class Membership(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    typename: str = Field("AudienceMembership", alias="__typename")
+    audience_key: str
+    user_id: str
+    tenant: str | None
+    member: bool = Field(description="Tenant-strict: the membership's tenant equals the requested one "
+                                     "(no tenant requested: only a membership without tenant counts).")
+
+
+class GuideEligibility(BaseModel):
+    guide_key: str
+    user_id: str
+    tenant: str | None
+    eligible: bool
+    reason: str
+
+
+class BroadcastRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workflow: Identifier = Field(description="The workflow key each member's trigger names.")
+    data: dict[str, Any] = Field(default_factory=dict)
+    tenant: Tenant | None = Field(None, description="Only members with this tenant.")
+    sink: Identifier | None = Field(None, description="A sink of sinks.yml (default: its default sink).")
+    broadcast_id: Identifier | None = Field(None, description="Default: a hash of the broadcast's content.")
+
+
+class BroadcastResult(BaseModel):
+    broadcast_id: str
+    recipients: int
+    new_deliveries: int
+
+
+ERRORS = {status: {"model": ErrorBody, "description": description} for status, description in {
+    401: "No key, or a key that does not exist or was revoked.",
+    404: "No such audience, user or guide.",
+    413: "The request body is over the limit.",
+    422: "Bad input; `errors` names the field.",
+    429: "Over the key's rate limit; `Retry-After` says when to retry.",
+}.items()}
+
+
+# -- the application ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Caller:
+    key: ApiKey
+    environment: Environment
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    environments = {name: Environment.open(settings, name) for name in settings.api_environments}
+    limiter = RateLimiter({"write": settings.api_write_rate, "read": settings.api_read_rate})
+    bearer = HTTPBearer(auto_error=False, description="A secret key: `audiences keys create --environment ...`")
+
+    app = FastAPI(
+        title="Audiences engine API",
+        version="1",
+        description="Knock's public Audiences and Users API shapes (so Knock's SDKs and reverse-ETL tools "
+                    "work against it), plus membership checks, guide eligibility and broadcasts.",
+    )
+    app.state.environments = environments
+
+    def authenticate(credentials: HTTPAuthorizationCredentials | None) -> Caller:
+        if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+            raise ApiError(401, "unauthenticated", "send a secret key as `Authorization: Bearer <key>`")
+        for environment in environments.values():
+            key = find_key(environment.store, credentials.credentials)
+            if key is not None:
+                return Caller(key, environment)
+        raise ApiError(401, "unauthenticated", "the key does not exist or was revoked")
+
+    def limited(kind: str) -> Callable[..., Caller]:
+        def dependency(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+            caller = authenticate(credentials)
+            wait = limiter.acquire(caller.key.key_id, kind)
+            if wait is not None:
+                raise ApiError(429, "rate_limit_exceeded",
+                               f"over this key's limit of {limiter.rates[kind]:g} {kind}s a second",
+                               headers={"Retry-After": retry_after_header(wait)})
+            return caller
+        return dependency
+
+    Reader = Annotated[Caller, Depends(limited("read"))]
+    Writer = Annotated[Caller, Depends(limited("write"))]
+
+    async def write(request: Request, caller: Caller, work: Callable[[], tuple[int, Any]]) -> Response:
+        """Run a write; with an `Idempotency-Key`, the first 2xx answer is replayed for 24 hours."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return respond(*await run_in_threadpool(work))
+        if not key or len(key) > 255:
+            raise invalid("Idempotency-Key", "between 1 and 255 characters")
+        digest = hashlib.sha256(b"\x1f".join([request.method.encode(), request.url.path.encode(),
+                                              request.url.query.encode(), await request.body()])).hexdigest()
+        store, key_id = caller.environment.store, caller.key.key_id
+        replay = await run_in_threadpool(idempotency.begin, store, key_id, key, digest, request.state.request_id)
+        if replay is not None:
+            return respond(replay.status_code, replay.body, {"idempotent-replayed": "true",
+                                                             "original-x-request-id": replay.request_id})
+        try:
+            status, body = await run_in_threadpool(work)
+        except BaseException:
+            await run_in_threadpool(idempotency.forget, store, key_id, key)
+            raise
+        await run_in_threadpool(idempotency.finish, store, key_id, key, status, body)
+        return respond(status, body)
+
+    # -- audiences ---------------------------------------------------------------------------------
+
+    @app.post("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
+              summary="Add members (inline identify upserts the users)")
+    async def add_members(key: str, body: AudienceMembersRequest, request: Request, caller: Writer,
+                          create_audience: bool = Query(False, description="Create a missing static audience.")):
+        members = [member.model_dump(exclude_unset=True) for member in body.members]
+
+        def work():
+            caller.environment.change_members(key, members, "add", create_audience)
+            return 204, None
+        return await write(request, caller, work)
+
+    @app.delete("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
+                summary="Remove members")
+    async def remove_members(key: str, body: AudienceMembersRequest, request: Request, caller: Writer):
+        members = [member.model_dump(exclude_unset=True) for member in body.members]
+
+        def work():
+            caller.environment.change_members(key, members, "remove")
+            return 204, None
+        return await write(request, caller, work)
+
+    @app.get("/v1/audiences/{key}/members", response_model=AudienceMembersPage, responses=ERRORS,
+             tags=["audiences"], summary="List members, a page at a time")
+    def list_members(key: str, caller: Reader,
+                     page_size: int = Query(50, ge=1, le=50),
+                     after: str | None = Query(None, description="The `page_info.after` of the previous page."),
+                     before: str | None = Query(None, description="The `page_info.before` of the next page."),
+                     tenant: Tenant | None = Query(None, description="Only members with this tenant; empty: "
+                                                                     "only members without tenant.")):
+        if after is not None and before is not None:
+            raise invalid("before", "give `after` or `before`, not both")
+        return caller.environment.list_members(key, page_size, after, before, tenant)
+
+    @app.get("/v1/audiences/{key}/members/{user_id}", response_model=Membership, responses=ERRORS,
+             tags=["audiences"], summary="Check membership, tenant-strict (beyond Knock)")
+    def check_member(key: str, user_id: str, caller: Reader,
+                     tenant: Tenant | None = Query(None, description="The run's tenant; none or empty: no tenant.")):
+        return caller.environment.check(key, checked_identifier(user_id, "user_id"), tenant_of(tenant))
+
+    @app.post("/v1/audiences/{key}/broadcasts", status_code=202, response_model=BroadcastResult,
+              responses=ERRORS, tags=["audiences"], summary="Trigger a workflow for every member (beyond Knock)")
+    async def broadcast(key: str, body: BroadcastRequest, request: Request, caller: Writer):
+        return await write(request, caller, lambda: (202, caller.environment.broadcast(
+            key, body.workflow, body.data, body.tenant, body.sink, body.broadcast_id)))
+
+    # -- users -------------------------------------------------------------------------------------
+
+    @app.put("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"],
+             summary="Identify a user (merge properties; null removes one)")
+    async def identify(user_id: str, body: UserProperties, request: Request, caller: Writer):
+        user_id = checked_identifier(user_id, "user_id")
+        properties = body.model_dump(exclude_unset=True)
+        if properties.get("id", user_id) != user_id:
+            raise invalid("id", "differs from the user id in the path")
+        properties.pop("id", None)
+        return await write(request, caller, lambda: (200, caller.environment.identify(user_id, properties)))
+
+    @app.get("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"], summary="Get a user")
+    def get_user(user_id: str, caller: Reader):
+        return caller.environment.get_user(checked_identifier(user_id, "user_id"))
+
+    @app.delete("/v1/users/{user_id}", status_code=204, responses=ERRORS, tags=["users"],
+                summary="Delete a user; their memberships end, with exit events")
+    async def delete_user(user_id: str, request: Request, caller: Writer):
+        user_id = checked_identifier(user_id, "user_id")
+
+        def work():
+            caller.environment.delete_user(user_id)
+            return 204, None
+        return await write(request, caller, work)
+
+    # -- guides ------------------------------------------------------------------------------------
+
+    @app.get("/v1/guides/{guide_key}/eligibility/{user_id}", response_model=GuideEligibility, responses=ERRORS,
+             tags=["guides"], summary="Is the user eligible for a guide? (beyond Knock)")
+    def guide_eligibility(guide_key: str, user_id: str, caller: Reader,
+                          tenant: Tenant | None = Query(None, description="The request's tenant (strict mode).")):
+        return caller.environment.guide_eligibility(guide_key, checked_identifier(user_id, "user_id"),
+                                                    tenant_of(tenant))
+
+    from audiences.api.census import census_router
+    app.include_router(census_router(environments, authenticate, limiter, bearer))
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        request.state.request_id = uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["x-request-id"] = request.state.request_id
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError):
+        fields = []
+        for problem in error.errors():
+            location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path", "header")]
+            if problem.get("type") == "json_invalid":
+                position = f" at character {location[0]}" if location else ""
+                fields.append({"field": "body", "type": "invalid_json",
+                               "message": f"malformed JSON{position}: {problem.get('ctx', {}).get('error', '')}"})
+            else:
+                fields.append({"field": ".".join(location) or "body", "message": problem.get("msg", "invalid"),
+                               "type": "invalid_params"})
+        summary = "; ".join(f"{item['field']}: {item['message']}" for item in fields[:5])
+        code = fields[0]["type"] if fields else "invalid_params"
+        return JSONResponse(error_body(422, code, summary or "invalid request", fields), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException):
+        code = {404: "resource_missing", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(error_body(error.status_code, code, str(error.detail)), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, error: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, "internal_error", "the server failed; the error is logged"),
+                            status_code=500)
+
+    return app
+
+
+def checked_identifier(value: str, field: str) -> str:
+    if len(value) > 255:
+        raise invalid(field, "at most 255 characters")
+    try:
+        return _identifier(value)
+    except ValueError as error:
+        raise invalid(field, str(error)) from None
+
+
+def respond(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    if status == 204 or body is None:
+        return Response(status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def asgi_app(settings: Settings | None = None):
+    """The service with its body limit, as uvicorn runs it."""
+    settings = settings or Settings.from_env()
+    return BodyLimit(create_app(settings), settings.api_max_body_bytes)

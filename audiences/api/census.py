@@ -1,0 +1,140 @@
+"""Census's custom-destination protocol (JSON-RPC 2.0) for static audiences.
+
+Point a Census custom destination at `POST /v1/integrations/census/custom-destination` with a
+secret key. Objects are the environment's static audiences; a record is a member: `user_id`
+(required, the sync key), and optional `tenant`. Behaviours:
+
+- `insert` / `upsert` (Census's "create only"): add the batch's members;
+- `mirror`: add the batch's members, and remove those Census reports as gone (Census sends them
+  with the operation `delete`).
+
+Per-record results follow the protocol: one `{identifier, success, error_message}` per record, so a
+bad row is reported and the rest of the batch goes in.
+"""
+
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends
+from fastapi.security import HTTPAuthorizationCredentials
+from starlette.concurrency import run_in_threadpool
+
+from audiences.api.errors import ApiError
+from audiences.api.limits import RateLimiter, retry_after_header
+from audiences.api.service import Environment
+
+OPERATIONS = ["insert", "upsert", "mirror"]
+FIELDS = [
+    {"field_api_name": "user_id", "label": "User ID", "identifier": True, "required": True,
+     "createable": True, "updateable": False, "type": "string", "array": False},
+    {"field_api_name": "tenant", "label": "Tenant", "identifier": False, "required": False,
+     "createable": True, "updateable": False, "type": "string", "array": False},
+]
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def census_router(environments: dict[str, Environment], authenticate: Callable, limiter: RateLimiter,
+                  bearer) -> APIRouter:
+    router = APIRouter(tags=["integrations"])
+
+    @router.post("/v1/integrations/census/custom-destination",
+                 summary="Census custom destination (JSON-RPC 2.0): audiences as objects, members as records",
+                 response_model=dict[str, Any])
+    async def census(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+                     request: Annotated[dict[str, Any], Body(description="A JSON-RPC 2.0 request")]):
+        caller = authenticate(credentials)
+        wait = limiter.acquire(caller.key.key_id, "write")
+        if wait is not None:
+            raise ApiError(429, "rate_limit_exceeded", "over this key's write rate limit",
+                           headers={"Retry-After": retry_after_header(wait)})
+        request_id = request.get("id")
+        try:
+            if request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
+                raise RpcError(-32600, "not a JSON-RPC 2.0 request")
+            params = request.get("params") or {}
+            if not isinstance(params, dict):
+                raise RpcError(-32602, "params must be an object")
+            result = await run_in_threadpool(dispatch, caller.environment, request["method"], params)
+        except RpcError as error:
+            return {"jsonrpc": "2.0", "id": request_id, "error": {"code": error.code, "message": error.message}}
+        except ApiError as error:
+            return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32000, "message": error.message}}
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+    return router
+
+
+def dispatch(environment: Environment, method: str, params: dict) -> dict:
+    if method == "test_connection":
+        return {"success": True}
+    if method == "list_objects":
+        return {"objects": [{"object_api_name": key, "label": key}
+                            for key, kind in sorted(environment.audience_types().items()) if kind == "static"]}
+    if method == "list_fields":
+        _audience(environment, params.get("object"))
+        return {"fields": FIELDS}
+    if method == "supported_operations":
+        _audience(environment, params.get("object"))
+        return {"operations": OPERATIONS}
+    if method == "get_sync_speed":
+        return {"maximum_batch_size": 1000, "maximum_parallel_batches": 4, "maximum_records_per_second": 20000}
+    if method == "sync_batch":
+        return sync_batch(environment, params)
+    raise RpcError(-32601, f"unknown method {method!r}")
+
+
+def _audience(environment: Environment, described: object) -> str:
+    key = described.get("object_api_name") if isinstance(described, dict) else None
+    if not isinstance(key, str) or environment.audience_types().get(key) != "static":
+        raise RpcError(-32602, f"unknown static audience {key!r}")
+    return key
+
+
+def sync_batch(environment: Environment, params: dict) -> dict:
+    plan = params.get("sync_plan") or {}
+    key = _audience(environment, plan.get("object"))
+    operation = plan.get("operation")
+    if operation not in (*OPERATIONS, "delete"):
+        raise RpcError(-32602, f"unsupported operation {operation!r}; supported: {', '.join(OPERATIONS)}")
+    records = params.get("records")
+    if not isinstance(records, list):
+        raise RpcError(-32602, "records must be a list")
+    results: list[dict] = []
+    members: list[dict] = []
+    for record in records:
+        user_id = record.get("user_id") if isinstance(record, dict) else None
+        tenant = record.get("tenant") if isinstance(record, dict) else None
+        identifier = user_id if isinstance(user_id, str) else repr(user_id)
+        problem = _problem(user_id, tenant)
+        if problem:
+            results.append({"identifier": identifier, "success": False, "error_message": problem})
+            continue
+        members.append({"user": {"id": user_id}, "tenant": tenant or None})
+        results.append({"identifier": user_id, "success": True, "error_message": None})
+    action = "remove" if operation == "delete" else "add"
+    for start in range(0, len(members), 1000):
+        environment.change_members(key, members[start:start + 1000], action, source="census")
+    return {"record_results": results}
+
+
+def _problem(user_id: object, tenant: object) -> str | None:
+    if not isinstance(user_id, str) or not user_id.strip():
+        return "user_id is missing or blank"
+    if len(user_id) > 255:
+        return "user_id is longer than 255 characters"
+    if tenant is not None and not isinstance(tenant, str):
+        return "tenant must be text"
+    for text in (user_id, tenant or ""):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid Unicode"
+        if "\x00" in text:
+            return "contains a NUL character"
+    return None

@@ -1,0 +1,257 @@
+"""What the API does, without HTTP: one `Environment` per environment the service serves.
+
+Each environment has its own membership store (and so its own keys, members, users and events), its
+definitions folder, and in-process write serialization for SQLite. Every operation calls the same
+domain functions as the command-line tool (`change_members`, `is_member`, `broadcast`, `eligible`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from audiences.api.errors import ApiError, invalid, not_found
+from audiences.definitions import KEY_PATTERN, load_definitions
+from audiences.membership import store as tables
+from audiences.membership.static import (
+    Member,
+    MembershipError,
+    audience_types,
+    change_members,
+    create_static_audience,
+    is_member,
+)
+from audiences.membership.store import MembershipStore, tenant_key
+from audiences.settings import Settings
+from audiences.users import profiles
+
+MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
+
+
+@dataclass
+class Environment:
+    name: str
+    store: MembershipStore
+    definitions_dir: Path
+    settings: Settings
+    _write_lock: threading.Lock = field(default_factory=threading.Lock)
+    _types: tuple[float, dict[str, str]] | None = None
+
+    @classmethod
+    def open(cls, settings: Settings, name: str) -> Environment:
+        return cls(name, MembershipStore(settings.store_url_for(name)).create(), settings.definitions_dir_for(name),
+                   settings)
+
+    # -- audiences --------------------------------------------------------------------------------
+
+    def audience_types(self) -> dict[str, str]:
+        """Audience types from the definition files (re-read at most once a second) and the store."""
+        now = time.monotonic()
+        if self._types is None or now - self._types[0] > 1.0:
+            definitions = load_definitions(self.definitions_dir) if self.definitions_dir.exists() else {}
+            self._types = (now, {key: definition.type for key, definition in definitions.items()})
+        return audience_types(self.store, {}) | self._types[1]
+
+    def require_audience(self, key: str) -> str:
+        kind = self.audience_types().get(key)
+        if kind is None:
+            raise not_found(f"audience {key!r}")
+        return kind
+
+    @contextmanager
+    def writing(self) -> Iterator[sa.Connection]:
+        """One write transaction. SQLite has one writer: threads of this process take turns here
+        rather than polling SQLite's lock, which keeps latency even under concurrent writes."""
+        if self.store.engine.dialect.name == "sqlite":
+            with self._write_lock, self.store.engine.begin() as connection:
+                yield connection
+        else:
+            with self.store.engine.begin() as connection:
+                yield connection
+
+    def change_members(self, key: str, members: list[dict], action: str, create_audience: bool = False,
+                       source: str = "api") -> tuple[int, int]:
+        """Add or remove members (Knock's `AudienceMemberRequest`s), identifying inline users first;
+        returns (changed, unchanged)."""
+        kind = self.audience_types().get(key)
+        if kind is None:
+            if not (create_audience and action == "add"):
+                raise not_found(f"audience {key!r}")
+            if not KEY_PATTERN.fullmatch(key):
+                raise invalid("key", "an audience key uses lower-case letters, digits, '-' and '_'")
+            create_static_audience(self.store, key)
+            kind = "static"
+        if kind != "static":
+            raise ApiError(422, "audience_not_static",
+                           f"{key!r} is a {kind} audience: its members come from its conditions and cannot be "
+                           "added or removed; use a static audience", field="key")
+        patches = []
+        wanted = []
+        for index, member in enumerate(members):
+            user = member["user"]
+            properties = {name: value for name, value in user.items() if name != "id"}
+            if action == "add" and properties:
+                check_properties(properties, f"members.{index}.user")
+                patches.append((user["id"], properties))
+            wanted.append(Member(user["id"], member.get("tenant")))
+        with self.writing() as connection:
+            profiles.identify(self.store, connection, patches)
+            try:
+                result = change_members(self.store, key, wanted, action, source=source, connection=connection)
+            except MembershipError as error:
+                raise invalid("members", str(error)) from None
+        return result.changed, result.unchanged
+
+    def list_members(self, key: str, page_size: int, after: str | None, before: str | None,
+                     tenant: str | None) -> dict:
+        """A page of members in Knock's shape, ordered by user id then tenant, with cursors."""
+        self.require_audience(key)
+        members, users = tables.audience_members, tables.user_profiles
+        query = (sa.select(members.c.user_id, members.c.tenant, members.c.tenant_key, members.c.added_at,
+                           users.c.properties, users.c.updated_at, users.c.deleted_at)
+                 .select_from(members.outerjoin(users, users.c.user_id == members.c.user_id))
+                 .where(members.c.audience_key == key))
+        if tenant is not None:
+            query = query.where(members.c.tenant_key == tenant)
+        position = sa.tuple_(members.c.user_id, members.c.tenant_key)
+        if before is not None:
+            query = query.where(position < sa.tuple_(*map(sa.literal, decode_cursor(before, "before"))))
+            query = query.order_by(members.c.user_id.desc(), members.c.tenant_key.desc())
+        else:
+            if after is not None:
+                query = query.where(position > sa.tuple_(*map(sa.literal, decode_cursor(after, "after"))))
+            query = query.order_by(members.c.user_id, members.c.tenant_key)
+        rows = self.store.rows(query.limit(page_size + 1))
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        if before is not None:
+            rows.reverse()
+        entries = [member_entry(row) for row in rows]
+        first, last = (rows[0], rows[-1]) if rows else (None, None)
+        has_next = more if before is None else True
+        has_previous = (after is not None) if before is None else more
+        return {"entries": entries, "page_info": {
+            "__typename": "PageInfo", "page_size": page_size,
+            "after": encode_cursor(last) if has_next and last else None,
+            "before": encode_cursor(first) if has_previous and first else None}}
+
+    def check(self, key: str, user_id: str, tenant: str | None) -> dict:
+        """The tenant-strict membership check (`is_member`, the same function `audiences check` uses)."""
+        self.require_audience(key)
+        member = is_member(self.store, key, user_id, tenant)
+        return {"__typename": "AudienceMembership", "audience_key": key, "user_id": user_id, "tenant": tenant,
+                "member": member}
+
+    # -- users ------------------------------------------------------------------------------------
+
+    def identify(self, user_id: str, properties: dict) -> dict:
+        check_properties(properties, "body")
+        with self.writing() as connection:
+            profile = profiles.identify(self.store, connection, [(user_id, properties)])[user_id]
+        return profile.as_knock_user()
+
+    def get_user(self, user_id: str) -> dict:
+        profile = profiles.get_profile(self.store, user_id)
+        if profile is None:
+            raise not_found(f"user {user_id!r}")
+        return profile.as_knock_user()
+
+    def delete_user(self, user_id: str) -> None:
+        """Delete a user: their static memberships end now, with exit events; dynamic audiences
+        drop them at the next evaluation (the warehouse loads the deletion)."""
+        types = self.audience_types()
+        members = tables.audience_members
+        with self.writing() as connection:
+            memberships = connection.execute(
+                sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id)).all()
+            known = profiles.delete_user(self.store, connection, user_id)
+            if not known and not memberships:
+                raise not_found(f"user {user_id!r}")
+            for audience_key in sorted({row.audience_key for row in memberships}):
+                if types.get(audience_key) == "static":
+                    change_members(self.store, audience_key,
+                                   [Member(user_id, row.tenant) for row in memberships if row.audience_key == audience_key],
+                                   "remove", source="api", connection=connection)
+
+    # -- guides and broadcasts --------------------------------------------------------------------
+
+    def guide_eligibility(self, guide_key: str, user_id: str, tenant: str | None) -> dict:
+        from audiences.guides import eligible, load_guide, profile_warehouse
+
+        if not KEY_PATTERN.fullmatch(guide_key):
+            raise not_found(f"guide {guide_key!r}")
+        try:
+            guide = load_guide(self.settings.guides_dir, guide_key)
+        except ValueError:
+            raise not_found(f"guide {guide_key!r}") from None
+        with profile_warehouse(self.store, user_id) as warehouse:
+            result = eligible(guide, user_id, tenant, self.store, warehouse, datetime.now(timezone.utc))
+        return {"guide_key": guide_key, "user_id": user_id, "tenant": tenant, "eligible": result.eligible,
+                "reason": result.reason}
+
+    def broadcast(self, key: str, workflow: str, data: dict, tenant: str | None, sink: str | None,
+                  broadcast_id: str | None) -> dict:
+        from audiences.broadcasts import broadcast
+        from audiences.delivery.sinks import close_sinks, load_sinks
+
+        self.require_audience(key)
+        sinks, default_sink = load_sinks(self.settings.sinks_file)
+        close_sinks(sinks)
+        sink = sink or default_sink
+        if sink not in sinks:
+            raise invalid("sink", f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
+        result = broadcast(self.store, key, workflow, sink, data, tenant, broadcast_id)
+        return {"broadcast_id": result.broadcast_id, "recipients": result.recipients,
+                "new_deliveries": result.new_deliveries}
+
+
+def member_entry(row: dict) -> dict:
+    """Knock's `AudienceMember`: the user as the store knows them (a "missing user" has only an id)."""
+    known = row["properties"] is not None and row["deleted_at"] is None
+    user = {**(json.loads(row["properties"]) if known else {}), "__typename": "User", "id": row["user_id"],
+            "updated_at": row["updated_at"] if known else row["added_at"]}
+    return {"__typename": "AudienceMember", "added_at": row["added_at"], "user_id": row["user_id"],
+            "tenant": row["tenant"], "user": user}
+
+
+def encode_cursor(row: dict) -> str:
+    text = json.dumps([row["user_id"], row["tenant_key"]], ensure_ascii=False, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, field_name: str) -> tuple[str, str]:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        value = None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)):
+        raise invalid(field_name, "not a cursor this API returned")
+    return value[0], value[1]
+
+
+def check_properties(properties: dict, field_name: str) -> None:
+    """User properties must be storable: valid Unicode, at most 256 kB (Knock's limit)."""
+    try:
+        size = len(json.dumps(properties, ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise invalid(field_name, "contains text that is not valid Unicode (a lone surrogate)") from None
+    if size > MAX_PROPERTIES_BYTES:
+        raise invalid(field_name, f"properties take {size:,} bytes; the limit is {MAX_PROPERTIES_BYTES:,}")
+
+
+def tenant_of(value: str | None) -> str | None:
+    """A blank tenant means "no tenant" (Knock's rule for guides; we use it everywhere)."""
+    return value or None
+
+
+__all__ = ["Environment", "tenant_key"]

@@ -1,0 +1,178 @@
+"""Users as the operational store sees them: what the API's identify, get and delete work on.
+
+The warehouse (`raw.users` in DuckDB) is the user store that audiences are evaluated over, but a
+pipeline run can hold it for minutes. So the membership store keeps a copy of each user's
+properties (`user_profiles`):
+
+- an identify call (API, inline identify in an add) merges its patch into the copy at once, so a
+  `GET` right after a `PUT` sees it, and queues the same patch (`user_patches`) for the warehouse;
+- after each load, the `users` asset publishes the users that changed in the warehouse, with the
+  patches that arrived since re-applied on top, so no identify call is lost in between.
+
+A patch follows Knock's identify: objects merge, `null` removes a property (RFC 7396), exactly as
+`json_merge_patch` does in the warehouse. A deletion is queued as the patch `null`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from audiences.membership import store as tables
+from audiences.membership.store import MembershipStore, now_text
+
+DELETION = "null"  # the queued patch that deletes a user in the warehouse
+
+
+def merge_patch(target: object, patch: object) -> object:
+    """RFC 7396 JSON merge patch, the same rule as DuckDB's `json_merge_patch`."""
+    if not isinstance(patch, Mapping):
+        return patch
+    merged = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def _dump(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Profile:
+    user_id: str
+    properties: dict
+    updated_at: str
+
+    def as_knock_user(self) -> dict:
+        """Knock's `User` shape: id, `__typename`, `updated_at`, and every property."""
+        return {**self.properties, "__typename": "User", "id": self.user_id, "updated_at": self.updated_at}
+
+
+def identify(store: MembershipStore, connection, patches: Iterable[tuple[str, dict]]) -> dict[str, Profile]:
+    """Apply identify patches inside the caller's write transaction: merge them into the users'
+    profiles and queue them for the warehouse. Returns the resulting profiles."""
+    patches = list(patches)
+    if not patches:
+        return {}
+    stamp = now_text()
+    lock_profiles(store, connection)
+    profiles = tables.user_profiles
+    user_ids = sorted({user_id for user_id, _ in patches})
+    current: dict[str, dict] = {}
+    for start in range(0, len(user_ids), 5000):
+        for row in connection.execute(sa.select(profiles.c.user_id, profiles.c.properties, profiles.c.deleted_at)
+                                      .where(profiles.c.user_id.in_(user_ids[start:start + 5000]))):
+            current[row.user_id] = {} if row.deleted_at else json.loads(row.properties)
+    merged: dict[str, dict] = {}
+    for user_id, patch in patches:
+        merged[user_id] = merge_patch(merged.get(user_id, current.get(user_id, {})), patch)
+    rows = [{"user_id": user_id, "properties": _dump(properties), "updated_at": stamp, "deleted_at": None}
+            for user_id, properties in merged.items()]
+    _upsert_profiles(store, connection, rows)
+    store.insert_ignoring_duplicates(connection, tables.user_patches, [
+        {"user_id": user_id, "patch": _dump(patch), "received_at": stamp, "loaded": False}
+        for user_id, patch in patches])
+    return {row["user_id"]: Profile(row["user_id"], merged[row["user_id"]], stamp) for row in rows}
+
+
+def _upsert_profiles(store: MembershipStore, connection, rows: list[dict]) -> None:
+    if not rows:
+        return
+    profiles = tables.user_profiles
+    dialect = store.engine.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    statement = insert(profiles)
+    statement = statement.on_conflict_do_update(
+        index_elements=[profiles.c.user_id],
+        set_={"properties": statement.excluded.properties, "updated_at": statement.excluded.updated_at,
+              "deleted_at": statement.excluded.deleted_at})
+    for start in range(0, len(rows), 5000):
+        connection.execute(statement, rows[start:start + 5000])
+
+
+def get_profile(store: MembershipStore, user_id: str) -> Profile | None:
+    profiles = tables.user_profiles
+    rows = store.rows(sa.select(profiles).where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None)))
+    if not rows:
+        return None
+    return Profile(user_id, json.loads(rows[0]["properties"]), rows[0]["updated_at"])
+
+
+def delete_user(store: MembershipStore, connection, user_id: str) -> bool:
+    """Mark the user deleted in the store and queue the deletion for the warehouse; False if the
+    store knows no such user. (Their memberships are removed by the caller, with exit events.)"""
+    lock_profiles(store, connection)
+    profiles = tables.user_profiles
+    stamp = now_text()
+    changed = connection.execute(profiles.update()
+                                 .where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None))
+                                 .values(deleted_at=stamp, properties="{}", updated_at=stamp)).rowcount
+    store.insert_ignoring_duplicates(connection, tables.user_patches, [
+        {"user_id": user_id, "patch": DELETION, "received_at": stamp, "loaded": False}])
+    return bool(changed)
+
+
+def publish_warehouse_users(store: MembershipStore, warehouse, since) -> int:
+    """Copy users that changed in the warehouse after `since` (a timestamp, or None for all) into
+    the store's profiles, re-applying identify patches the warehouse has not loaded yet."""
+    import polars as pl
+
+    where = "where updated_at > $since" if since is not None else ""
+    frame = pl.from_arrow(warehouse.execute(
+        f"select user_id, properties::varchar as properties, deleted_at is not null as deleted, "
+        f"strftime(updated_at at time zone 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ') as updated_at "
+        f"from raw.users {where}", {"since": since} if since is not None else {}).arrow())
+    if frame.height == 0:
+        return 0
+    patches = tables.user_patches
+    with store.engine.begin() as connection:
+        # Pending patches are read in the writing transaction, with identify calls locked out, so
+        # a patch cannot arrive between reading them and writing the profiles.
+        lock_profiles(store, connection)
+        pending: dict[str, list[str]] = {}
+        for user_id, patch in connection.execute(sa.select(patches.c.user_id, patches.c.patch)
+                                                 .where(patches.c.loaded == sa.false()).order_by(patches.c.patch_id)):
+            pending.setdefault(user_id, []).append(patch)
+        rows = []
+        for user_id, properties, deleted, updated_at in frame.iter_rows():
+            state: dict | None = None if deleted else json.loads(properties)
+            for patch in pending.get(user_id, ()):
+                state = None if patch == DELETION else merge_patch(state or {}, json.loads(patch))
+            rows.append({"user_id": user_id, "properties": _dump(state or {}), "updated_at": updated_at,
+                         "deleted_at": updated_at if state is None else None})
+        _upsert_profiles(store, connection, rows)
+    return len(rows)
+
+
+def lock_profiles(store: MembershipStore, connection) -> None:
+    """Serialize writers of profiles: SQLite's write transactions already are ("begin immediate");
+    on PostgreSQL a transaction-scoped advisory lock does it."""
+    if store.engine.dialect.name == "postgresql":
+        connection.execute(sa.text("select pg_advisory_xact_lock(hashtext('audiences.user_profiles'))"))
+
+
+WATERMARK = "users_published_through"
+
+
+def publish_changed_users(store: MembershipStore, warehouse) -> int:
+    """Publish the warehouse users that changed since the last publication (all, the first time)."""
+    markers = tables.store_markers
+    since = store.scalar(sa.select(markers.c.value).where(markers.c.name == WATERMARK))
+    through = warehouse.execute("select max(updated_at) from raw.users").fetchall()[0][0]
+    if through is None:
+        return 0
+    published = publish_warehouse_users(store, warehouse, since)
+    with store.engine.begin() as connection:
+        connection.execute(markers.delete().where(markers.c.name == WATERMARK))
+        connection.execute(markers.insert().values(name=WATERMARK, value=through.isoformat()))
+    return published
