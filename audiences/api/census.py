@@ -5,8 +5,8 @@ secret key. Objects are the environment's static audiences; a record is a member
 (required, the sync key), and optional `tenant`. Behaviours:
 
 - `insert` / `upsert` (Census's "create only"): add the batch's members;
-- `mirror`: add the batch's members, and remove those Census reports as gone (Census sends them
-  with the operation `delete`).
+- `mirror`: Census sends the new and present rows as `upsert` batches (added) and the rows gone
+  from the source as separate `delete` batches (removed), so the audience mirrors the source.
 
 Per-record results follow the protocol: one `{identifier, success, error_message}` per record, so a
 bad row is reported and the rest of the batch goes in.
@@ -109,6 +109,8 @@ def sync_batch(environment: Environment, params: dict) -> dict:
     members: list[dict] = []
     for record in records:
         user_id = record.get("user_id") if isinstance(record, dict) else None
+        if isinstance(user_id, int) and not isinstance(user_id, bool):
+            user_id = str(user_id)  # Census allows integer identifiers
         tenant = record.get("tenant") if isinstance(record, dict) else None
         identifier = user_id if isinstance(user_id, str) else repr(user_id)
         problem = _problem(user_id, tenant)
