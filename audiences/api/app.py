@@ -9,12 +9,13 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 
 import hashlib
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -45,15 +46,27 @@ def _storable(value: str) -> str:
     return value
 
 
+# An identifier is not blank (ASCII whitespace only) and holds no NUL; spelled out with an explicit
+# character set so that the OpenAPI document, pydantic and Python's `re` agree on it.
+IDENTIFIER_PATTERN = r"^[^\x00]*[^\x00\t\n\x0b\x0c\r ][^\x00]*$"
+TEXT_PATTERN = r"^[^\x00]*$"
+_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
+
+
 def _identifier(value: str) -> str:
-    if not value.strip():
-        raise ValueError("is blank")
+    if not _IDENTIFIER.match(value):
+        raise ValueError("is blank or contains a NUL character")
     return _storable(value)
 
 
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(_identifier)]
-Tenant = Annotated[str, StringConstraints(max_length=255), AfterValidator(_storable)]
-Text = Annotated[str, AfterValidator(_storable)]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=IDENTIFIER_PATTERN),
+                       AfterValidator(_storable)]
+Tenant = Annotated[str, StringConstraints(max_length=255, pattern=TEXT_PATTERN), AfterValidator(_storable)]
+Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN), AfterValidator(_storable)]
+AudienceKey = Annotated[str, Path(pattern=r"^[a-z0-9_-]{1,255}$",
+                                  description="The audience key: lower-case letters, digits, '-' and '_'.")]
+GuideKey = Annotated[str, Path(pattern=r"^[a-z0-9_-]{1,255}$", description="The guide key (its folder's name).")]
+UserId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, max_length=255, description="The user's id.")]
 
 
 class UserProperties(BaseModel):
@@ -230,7 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
               summary="Add members (inline identify upserts the users)")
-    async def add_members(key: str, body: AudienceMembersRequest, request: Request, caller: Writer,
+    async def add_members(key: AudienceKey, body: AudienceMembersRequest, request: Request, caller: Writer,
                           create_audience: bool = Query(False, description="Create a missing static audience.")):
         members = [member.model_dump(exclude_unset=True) for member in body.members]
 
@@ -241,7 +254,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
                 summary="Remove members")
-    async def remove_members(key: str, body: AudienceMembersRequest, request: Request, caller: Writer):
+    async def remove_members(key: AudienceKey, body: AudienceMembersRequest, request: Request, caller: Writer):
         members = [member.model_dump(exclude_unset=True) for member in body.members]
 
         def work():
@@ -251,25 +264,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/audiences/{key}/members", response_model=AudienceMembersPage, responses=ERRORS,
              tags=["audiences"], summary="List members, a page at a time")
-    def list_members(key: str, caller: Reader,
+    def list_members(key: AudienceKey, caller: Reader,
                      page_size: int = Query(50, ge=1, le=50),
                      after: str | None = Query(None, description="The `page_info.after` of the previous page."),
                      before: str | None = Query(None, description="The `page_info.before` of the next page."),
                      tenant: Tenant | None = Query(None, description="Only members with this tenant; empty: "
                                                                      "only members without tenant.")):
-        if after is not None and before is not None:
-            raise invalid("before", "give `after` or `before`, not both")
         return caller.environment.list_members(key, page_size, after, before, tenant)
 
     @app.get("/v1/audiences/{key}/members/{user_id}", response_model=Membership, responses=ERRORS,
              tags=["audiences"], summary="Check membership, tenant-strict (beyond Knock)")
-    def check_member(key: str, user_id: str, caller: Reader,
+    def check_member(key: AudienceKey, user_id: UserId, caller: Reader,
                      tenant: Tenant | None = Query(None, description="The run's tenant; none or empty: no tenant.")):
         return caller.environment.check(key, checked_identifier(user_id, "user_id"), tenant_of(tenant))
 
     @app.post("/v1/audiences/{key}/broadcasts", status_code=202, response_model=BroadcastResult,
               responses=ERRORS, tags=["audiences"], summary="Trigger a workflow for every member (beyond Knock)")
-    async def broadcast(key: str, body: BroadcastRequest, request: Request, caller: Writer):
+    async def broadcast(key: AudienceKey, body: BroadcastRequest, request: Request, caller: Writer):
         return await write(request, caller, lambda: (202, caller.environment.broadcast(
             key, body.workflow, body.data, body.tenant, body.sink, body.broadcast_id)))
 
@@ -277,7 +288,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.put("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"],
              summary="Identify a user (merge properties; null removes one)")
-    async def identify(user_id: str, body: UserProperties, request: Request, caller: Writer):
+    async def identify(user_id: UserId, body: UserProperties, request: Request, caller: Writer):
         user_id = checked_identifier(user_id, "user_id")
         properties = body.model_dump(exclude_unset=True)
         if properties.get("id", user_id) != user_id:
@@ -286,12 +297,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await write(request, caller, lambda: (200, caller.environment.identify(user_id, properties)))
 
     @app.get("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"], summary="Get a user")
-    def get_user(user_id: str, caller: Reader):
+    def get_user(user_id: UserId, caller: Reader):
         return caller.environment.get_user(checked_identifier(user_id, "user_id"))
 
     @app.delete("/v1/users/{user_id}", status_code=204, responses=ERRORS, tags=["users"],
                 summary="Delete a user; their memberships end, with exit events")
-    async def delete_user(user_id: str, request: Request, caller: Writer):
+    async def delete_user(user_id: UserId, request: Request, caller: Writer):
         user_id = checked_identifier(user_id, "user_id")
 
         def work():
@@ -303,7 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/guides/{guide_key}/eligibility/{user_id}", response_model=GuideEligibility, responses=ERRORS,
              tags=["guides"], summary="Is the user eligible for a guide? (beyond Knock)")
-    def guide_eligibility(guide_key: str, user_id: str, caller: Reader,
+    def guide_eligibility(guide_key: GuideKey, user_id: UserId, caller: Reader,
                           tenant: Tenant | None = Query(None, description="The request's tenant (strict mode).")):
         return caller.environment.guide_eligibility(guide_key, checked_identifier(user_id, "user_id"),
                                                     tenant_of(tenant))

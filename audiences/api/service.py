@@ -116,6 +116,8 @@ class Environment:
                      tenant: str | None) -> dict:
         """A page of members in Knock's shape, ordered by user id then tenant, with cursors."""
         self.require_audience(key)
+        if after is not None and before is not None:
+            raise invalid("before", "give `after` or `before`, not both")
         members, users = tables.audience_members, tables.user_profiles
         query = (sa.select(members.c.user_id, members.c.tenant, members.c.tenant_key, members.c.added_at,
                            users.c.properties, users.c.updated_at, users.c.deleted_at)
