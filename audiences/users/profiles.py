@@ -122,19 +122,16 @@ def delete_user(store: MembershipStore, connection, user_id: str) -> bool:
     return bool(changed)
 
 
-def publish_warehouse_users(store: MembershipStore, warehouse, since) -> int:
-    """Copy users that changed in the warehouse after `since` (a timestamp, or None for all) into
-    the store's profiles, re-applying identify patches the warehouse has not loaded yet."""
-    import polars as pl
-
-    where = "where updated_at > $since" if since is not None else ""
-    frame = pl.from_arrow(warehouse.execute(
-        f"select user_id, properties::varchar as properties, deleted_at is not null as deleted, "
-        f"strftime(updated_at at time zone 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ') as updated_at "
-        f"from raw.users {where}", {"since": since} if since is not None else {}).arrow())
-    if frame.height == 0:
-        return 0
+def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None) -> int:
+    """Copy users that changed in the warehouse after `since` (ISO 8601, or None for all) into the
+    store's profiles, re-applying identify patches the warehouse has not loaded yet."""
+    where = "where updated_at > $since::timestamptz" if since is not None else ""
+    cursor = warehouse.execute(
+        f"select user_id, properties::varchar, deleted_at is not null, "
+        f"strftime(updated_at at time zone 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ') "
+        f"from raw.users {where}", {"since": since} if since is not None else {})
     patches = tables.user_patches
+    published = 0
     with store.engine.begin() as connection:
         # Pending patches are read in the writing transaction, with identify calls locked out, so
         # a patch cannot arrive between reading them and writing the profiles.
@@ -143,15 +140,19 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since) -> int:
         for user_id, patch in connection.execute(sa.select(patches.c.user_id, patches.c.patch)
                                                  .where(patches.c.loaded == sa.false()).order_by(patches.c.patch_id)):
             pending.setdefault(user_id, []).append(patch)
-        rows = []
-        for user_id, properties, deleted, updated_at in frame.iter_rows():
-            state: dict | None = None if deleted else json.loads(properties)
-            for patch in pending.get(user_id, ()):
-                state = None if patch == DELETION else merge_patch(state or {}, json.loads(patch))
-            rows.append({"user_id": user_id, "properties": _dump(state or {}), "updated_at": updated_at,
-                         "deleted_at": updated_at if state is None else None})
-        _upsert_profiles(store, connection, rows)
-    return len(rows)
+        while chunk := cursor.fetchmany(100_000):
+            rows = []
+            for user_id, properties, deleted, updated_at in chunk:
+                if user_id in pending:
+                    state: dict | None = None if deleted else json.loads(properties)
+                    for patch in pending[user_id]:
+                        state = None if patch == DELETION else merge_patch(state or {}, json.loads(patch))
+                    deleted, properties = state is None, _dump(state or {})
+                rows.append({"user_id": user_id, "properties": "{}" if deleted else properties,
+                             "updated_at": updated_at, "deleted_at": updated_at if deleted else None})
+            _upsert_profiles(store, connection, rows)
+            published += len(rows)
+    return published
 
 
 def lock_profiles(store: MembershipStore, connection) -> None:
