@@ -19,7 +19,8 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from typing_extensions import Required, TypedDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,46 +60,49 @@ def _identifier(value: str) -> str:
     return _storable(value)
 
 
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=IDENTIFIER_PATTERN),
-                       AfterValidator(_storable)]
-Tenant = Annotated[str, StringConstraints(max_length=255, pattern=TEXT_PATTERN), AfterValidator(_storable)]
-Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN), AfterValidator(_storable)]
+# pydantic refuses lone surrogates in `str` fields itself; the patterns refuse NUL.
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=IDENTIFIER_PATTERN)]
+Tenant = Annotated[str, StringConstraints(max_length=255, pattern=TEXT_PATTERN)]
+Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]
 AudienceKey = Annotated[str, Path(pattern=r"^[a-z0-9_-]{1,255}$",
                                   description="The audience key: lower-case letters, digits, '-' and '_'.")]
 GuideKey = Annotated[str, Path(pattern=r"^[a-z0-9_-]{1,255}$", description="The guide key (its folder's name).")]
 UserId = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, max_length=255, description="The user's id.")]
 
 
-class UserProperties(BaseModel):
+# Request bodies are TypedDicts: validated as strictly as models (and described the same way in
+# the OpenAPI document), but without building two model objects per member, which made validation
+# the largest cost of a 1,000-member add.
+class UserProperties(TypedDict, total=False):
     """Knock's user fields; any other property is a custom property (nested objects too).
     Properties are merged into the user's (a `null` removes one), as Knock's identify does."""
 
-    model_config = ConfigDict(extra="allow")
-    name: Text | None = None
-    email: Text | None = None
-    phone_number: Text | None = None
-    avatar: Text | None = None
-    locale: Text | None = None
-    timezone: Text | None = None
-    created_at: Text | None = None
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    name: Text | None
+    email: Text | None
+    phone_number: Text | None
+    avatar: Text | None
+    locale: Text | None
+    timezone: Text | None
+    created_at: Text | None
 
 
-class InlineIdentifyUser(UserProperties):
+class InlineIdentifyUser(UserProperties, total=False):
     """Knock's `InlineIdentifyUserRequest`: `id` is required."""
 
-    id: Identifier
+    id: Required[Identifier]
 
 
-class AudienceMemberRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user: InlineIdentifyUser
-    tenant: Tenant | None = None
+class AudienceMemberRequest(TypedDict, total=False):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    user: Required[InlineIdentifyUser]
+    tenant: Tenant | None
 
 
-class AudienceMembersRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    members: list[AudienceMemberRequest] = Field(
-        max_length=1000, description="Up to 1,000 members per request (Knock's limit).")
+class AudienceMembersRequest(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    members: Annotated[list[AudienceMemberRequest],
+                       Field(max_length=1000, description="Up to 1,000 members per request (Knock's limit).")]
 
 
 class User(BaseModel):
@@ -245,20 +249,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               summary="Add members (inline identify upserts the users)")
     async def add_members(key: AudienceKey, body: AudienceMembersRequest, request: Request, caller: Writer,
                           create_audience: bool = Query(False, description="Create a missing static audience.")):
-        members = [member.model_dump(exclude_unset=True) for member in body.members]
-
         def work():
-            caller.environment.change_members(key, members, "add", create_audience)
+            caller.environment.change_members(key, body["members"], "add", create_audience)
             return 204, None
         return await write(request, caller, work)
 
     @app.delete("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
                 summary="Remove members")
     async def remove_members(key: AudienceKey, body: AudienceMembersRequest, request: Request, caller: Writer):
-        members = [member.model_dump(exclude_unset=True) for member in body.members]
-
         def work():
-            caller.environment.change_members(key, members, "remove")
+            caller.environment.change_members(key, body["members"], "remove")
             return 204, None
         return await write(request, caller, work)
 
@@ -290,7 +290,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              summary="Identify a user (merge properties; null removes one)")
     async def identify(user_id: UserId, body: UserProperties, request: Request, caller: Writer):
         user_id = checked_identifier(user_id, "user_id")
-        properties = body.model_dump(exclude_unset=True)
+        properties = dict(body)
         if properties.get("id", user_id) != user_id:
             raise invalid("id", "differs from the user id in the path")
         properties.pop("id", None)

@@ -258,6 +258,22 @@ class MembershipStore:
             inserted += len(connection.execute(statement, list(rows[start:start + 5000])).all())
         return inserted
 
+    @property
+    def placeholder(self) -> str:
+        """The driver's parameter marker, for the few statements written as plain SQL."""
+        return "?" if self.engine.dialect.name == "sqlite" else "%s"
+
+    def insert_rows(self, connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> int:
+        """Insert tuples (in `columns` order) through the driver, skipping rows whose key exists;
+        returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1)."""
+        if not rows:
+            return 0
+        quote = self.engine.dialect.identifier_preparer.quote
+        marks = ", ".join([self.placeholder] * len(columns))
+        sql = (f"insert into {quote(table.name)} ({', '.join(quote(column) for column in columns)}) "
+               f"values ({marks}) on conflict do nothing")
+        return connection.exec_driver_sql(sql, list(rows)).rowcount
+
     def scalar(self, statement) -> object:
         with self.read_engine.connect() as connection:
             return connection.execute(statement).scalar()

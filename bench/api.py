@@ -1,0 +1,271 @@
+"""Load benchmark of the HTTP API, on loopback only, bounded in time.
+
+    .venv/bin/python bench/api.py                       # 8 clients x 30 s of adds, checks at 10M members
+    .venv/bin/python bench/api.py --check-members 1000000 --seconds 10   # a quicker run
+
+Measured in one run, against `audiences serve` started as its own process (uvicorn, one worker) on
+127.0.0.1 with a fresh SQLite store:
+
+1. **Adds.** 8 concurrent clients (one asyncio task each, one key each: eight integrations, each
+   under Knock's default 60 writes a second) send `POST /v1/audiences/bench/members` with batches of
+   1,000 new members for `--seconds`. Every member is a real add: a membership row and an `entered`
+   event, in one transaction per batch. Reported: members a second, p50 / p99 latency, errors.
+   Target: over 20,000 members a second, no errors, p99 under 250 ms, on 2 cores.
+2. **Adds with inline identify.** The same, each member carrying `name`, `email` and a custom
+   property, so each batch also writes 1,000 user profiles and 1,000 queued identify patches.
+3. **Membership checks** `GET /v1/audiences/big/members/{user_id}?tenant=...` against an audience of
+   `--check-members` members (10M by default, bulk-loaded into the store before the server starts;
+   half the checks hit members, half miss), one client, one request at a time, so the latency is
+   the service's own. The read rate limit is raised for this phase (a single key would otherwise
+   be held to Knock's 200 reads a second). Target: p99 under 5 ms at 10M members.
+
+Results go to `bench/api-results.md` and `.json`; data lives in `bench/data/api/` (ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from audiences.api.keys import create_key  # noqa: E402
+from audiences.membership.store import MembershipStore  # noqa: E402
+
+DATA = ROOT / "bench" / "data" / "api"
+CLIENTS = 8
+BATCH = 1000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+class Server:
+    """`audiences serve` in its own process, on a free loopback port."""
+
+    def __init__(self, folder: Path, environ: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(folder / f"serve-{self.port}.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "audiences.cli", "serve", "--port", str(self.port)],
+            cwd=ROOT, env={**os.environ, **environ}, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the server did not start; see {self.log.name}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+def environment_for(folder: Path, **extra: str) -> dict[str, str]:
+    definitions = folder / "audiences"
+    for key in ("bench", "big"):
+        (definitions / key).mkdir(parents=True, exist_ok=True)
+        (definitions / key / "audience.json").write_text(json.dumps({"name": key, "type": "static"}))
+    return {"AUDIENCES_DUCKDB": str(folder / "warehouse.duckdb"), "AUDIENCES_DEFINITIONS": str(definitions),
+            "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}", "AUDIENCES_API_ENVIRONMENTS": "development",
+            **extra}
+
+
+async def add_load(url: str, keys: list[str], seconds: float, identify: bool, label: str) -> dict:
+    """Each client sends batches of new members back to back until the time is up."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    members = 0
+    stop_at = time.monotonic() + seconds
+
+    def body(client: int, batch: int) -> bytes:
+        def user(number: int) -> dict:
+            user_id = f"{label}-c{client}-b{batch}-m{number}"
+            if not identify:
+                return {"id": user_id}
+            return {"id": user_id, "name": f"User {number}", "email": f"{user_id}@example.com",
+                    "plan": random.choice(["free", "pro", "enterprise"])}
+        return json.dumps({"members": [{"user": user(number), "tenant": None} for number in range(BATCH)]}).encode()
+
+    async def client(number: int) -> None:
+        nonlocal members
+        headers = {"Authorization": f"Bearer {keys[number]}", "content-type": "application/json"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as http:
+            batch = 0
+            payload = body(number, batch)
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                try:
+                    response = await http.post("/v1/audiences/bench/members", content=payload)
+                    status = response.status_code
+                except httpx.HTTPError as error:
+                    status, response = None, error
+                latencies.append(time.perf_counter() - started)
+                if status == 204:
+                    members += BATCH
+                else:
+                    errors.append(f"{status}: {getattr(response, 'text', response)!s:.200}")
+                batch += 1
+                payload = body(number, batch)  # built while nothing is waited for: client cost, not latency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(number) for number in range(CLIENTS)))
+    wall = time.perf_counter() - started
+    return {"clients": CLIENTS, "batch": BATCH, "inline_identify": identify, "seconds": round(wall, 2),
+            "requests": len(latencies), "members": members, "members_per_second": round(members / wall),
+            "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
+            "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+            "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+            "errors": len(errors), "error_samples": errors[:3]}
+
+
+def load_members(store_path: Path, audience: str, count: int) -> float:
+    """Bulk-load an audience of `count` members straight into the store (a third with tenants)."""
+    started = time.perf_counter()
+    connection = sqlite3.connect(store_path)
+    connection.execute("pragma journal_mode = wal")
+    connection.execute("pragma synchronous = off")
+    connection.execute("pragma cache_size = -1000000")
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def rows():
+        for number in range(count):
+            tenant = f"tenant-{number % 50}" if number % 3 == 0 else None
+            yield audience, f"user-{number:09d}", tenant or "", tenant, stamp
+
+    connection.execute("begin")
+    connection.executemany("insert into audience_members (audience_key, user_id, tenant_key, tenant, added_at) "
+                           "values (?, ?, ?, ?, ?)", rows())
+    connection.execute("commit")
+    connection.close()
+    return time.perf_counter() - started
+
+
+def check_load(url: str, key: str, count: int, requests: int) -> dict:
+    rng = random.Random(7)
+    latencies: list[float] = []
+    hits = errors = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as http:
+        for number in range(requests + 200):
+            user = rng.randrange(count * 2)  # half of them are not members
+            tenant = f"tenant-{user % 50}" if user % 3 == 0 else None
+            params = {"tenant": tenant} if tenant else {}
+            started = time.perf_counter()
+            response = http.get(f"/v1/audiences/big/members/user-{user:09d}", params=params)
+            elapsed = time.perf_counter() - started
+            if number < 200:
+                continue  # warm-up: connections, caches
+            latencies.append(elapsed)
+            if response.status_code != 200:
+                errors += 1
+            else:
+                hits += response.json()["member"]
+    return {"members": count, "requests": len(latencies), "members_found": hits, "errors": errors,
+            "p50_ms": round(percentile(latencies, 0.50) * 1000, 2), "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+            "max_ms": round(max(latencies) * 1000, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=30.0, help="length of each add phase (default 30)")
+    parser.add_argument("--check-members", type=int, default=10_000_000, help="audience size for checks")
+    parser.add_argument("--checks", type=int, default=5000, help="membership checks to time")
+    options = parser.parse_args()
+    command = ".venv/bin/python bench/api.py " + " ".join(sys.argv[1:])
+    shutil.rmtree(DATA, ignore_errors=True)
+    DATA.mkdir(parents=True)
+    results: dict = {"command": command, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
+
+    for phase, identify in (("adds", False), ("adds_with_identify", True)):
+        folder = DATA / phase
+        folder.mkdir()
+        environ = environment_for(folder)
+        store = MembershipStore(environ["AUDIENCES_STORE_URL"]).create()
+        keys = [create_key(store, "development", f"client-{number}")[1] for number in range(CLIENTS)]
+        store.dispose()
+        server = Server(folder, environ)
+        try:
+            print(f"{phase}: {CLIENTS} clients x {options.seconds:g} s ...", flush=True)
+            results[phase] = asyncio.run(add_load(server.url, keys, options.seconds, identify, phase))
+        finally:
+            server.stop()
+        print(f"  {results[phase]}", flush=True)
+
+    folder = DATA / "checks"
+    folder.mkdir()
+    environ = environment_for(folder, AUDIENCES_API_READ_RATE="1000000")
+    store = MembershipStore(environ["AUDIENCES_STORE_URL"]).create()
+    key = create_key(store, "development", "checks")[1]
+    store.dispose()
+    print(f"checks: loading {options.check_members:,} members ...", flush=True)
+    loaded = load_members(folder / "store.sqlite", "big", options.check_members)
+    server = Server(folder, environ)
+    try:
+        results["checks"] = check_load(server.url, key, options.check_members, options.checks)
+        results["checks"]["bulk_load_seconds"] = round(loaded, 1)
+    finally:
+        server.stop()
+    print(f"  {results['checks']}", flush=True)
+    results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (ROOT / "bench" / "api-results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / "bench" / "api-results.md").write_text(report(results))
+    print((ROOT / "bench" / "api-results.md").read_text())
+
+
+def report(results: dict) -> str:
+    adds, identify, checks = results["adds"], results["adds_with_identify"], results["checks"]
+    verdict = lambda ok: "met" if ok else "**missed**"
+    add_ok = adds["members_per_second"] > 20_000 and adds["errors"] == 0 and adds["p99_ms"] < 250
+    lines = [
+        "# API load benchmark", "",
+        f"`{results['command']}`, started {results['started_at']}, {results['cpus']} CPUs, load average before "
+        f"{results['load_average_before']:.2f}. Server: `audiences serve` (uvicorn, one process) on 127.0.0.1, "
+        "SQLite store; clients in another process. See the docstring of `bench/api.py` for what each phase does.", "",
+        "| phase | requests | members/s | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in (("adds, 8 clients, batches of 1,000", adds), ("adds with inline identify", identify)):
+        lines.append(f"| {name} | {row['requests']:,} | {row['members_per_second']:,} | {row['p50_ms']} | "
+                     f"{row['p99_ms']} | {row['max_ms']} | {row['errors']} |")
+    lines += [
+        "", f"Adds target (over 20,000 members/s, no errors, p99 under 250 ms): {verdict(add_ok)}.", "",
+        "| membership checks | requests | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|",
+        f"| {checks['members']:,} members, one client | {checks['requests']:,} | {checks['p50_ms']} | "
+        f"{checks['p99_ms']} | {checks['max_ms']} | {checks['errors']} |", "",
+        f"Checks target (p99 under 5 ms at 10M members): "
+        f"{verdict(checks['p99_ms'] < 5 and checks['members'] >= 10_000_000 and checks['errors'] == 0)}"
+        + ("" if checks["members"] >= 10_000_000 else f" (this run used {checks['members']:,} members)") + ".", "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
