@@ -39,8 +39,12 @@ membership_events = sa.Table(
     sa.Column("triggers_processed", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column("source", sa.String(32), nullable=False, default="evaluation", server_default="evaluation"),
     sa.Index("membership_events_by_audience", "audience_key", "occurred_at"),
-    sa.Index("membership_events_by_user", "user_id", "occurred_at"),
+    # A user's events; and a member's earlier entries (their entry number), read for every static
+    # add and remove. (It replaces the index `membership_events_by_user` of older stores.)
+    sa.Index("membership_events_by_member", "user_id", "audience_key", "tenant"),
 )
+
+OBSOLETE_INDEXES = ("membership_events_by_user",)
 
 # Current members, one row per (audience, user, tenant); `tenant_key` is the tenant or '' so the
 # primary key treats "no tenant" as one value on every database.
@@ -214,6 +218,12 @@ class MembershipStore:
         inspector = sa.inspect(self.read_engine)
         with self.engine.begin() as connection:
             for table in metadata.sorted_tables:
+                indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+                for name in indexes & set(OBSOLETE_INDEXES):
+                    connection.exec_driver_sql(f"drop index {self.engine.dialect.identifier_preparer.quote(name)}")
+                for index in table.indexes:
+                    if index.name not in indexes:
+                        index.create(connection)
                 present = {column["name"] for column in inspector.get_columns(table.name)}
                 for column in table.columns:
                     if column.name in present:
@@ -288,6 +298,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("pragma journal_mode = wal")
     cursor.execute("pragma synchronous = normal")
     cursor.execute("pragma busy_timeout = 30000")
+    cursor.execute("pragma wal_autocheckpoint = 10000")
     # A 256 MB page cache: publishing a first evaluation inserts millions of index entries.
     cursor.execute("pragma cache_size = -262144")
     cursor.close()
