@@ -12,15 +12,16 @@ import binascii
 import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 
 from audiences.api.errors import ApiError, invalid, not_found
+from audiences.api.writer import GroupCommitWriter
 from audiences.definitions import KEY_PATTERN, load_definitions
 from audiences.membership import store as tables
 from audiences.membership.static import (
@@ -36,6 +37,8 @@ from audiences.settings import Settings
 from audiences.users import profiles
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
+T = TypeVar("T")
+_WRITER_LOCK = threading.Lock()
 
 
 @dataclass
@@ -44,8 +47,8 @@ class Environment:
     store: MembershipStore
     definitions_dir: Path
     settings: Settings
-    _write_lock: threading.Lock = field(default_factory=threading.Lock)
     _types: tuple[float, dict[str, str]] | None = None
+    _writer: GroupCommitWriter | None = None
 
     @classmethod
     def open(cls, settings: Settings, name: str) -> Environment:
@@ -68,16 +71,22 @@ class Environment:
             raise not_found(f"audience {key!r}")
         return kind
 
-    @contextmanager
-    def writing(self) -> Iterator[sa.Connection]:
-        """One write transaction. SQLite has one writer: threads of this process take turns here
-        rather than polling SQLite's lock, which keeps latency even under concurrent writes."""
-        if self.store.engine.dialect.name == "sqlite":
-            with self._write_lock, self.store.engine.begin() as connection:
-                yield connection
-        else:
+    def write(self, work: Callable[[sa.Connection], T]) -> T:
+        """Run `work(connection)` atomically. On SQLite, concurrent writes share one commit (see
+        writer.py); on PostgreSQL each runs in its own transaction."""
+        if self.store.engine.dialect.name != "sqlite":
             with self.store.engine.begin() as connection:
-                yield connection
+                return work(connection)
+        if self._writer is None:
+            with _WRITER_LOCK:
+                if self._writer is None:
+                    self._writer = GroupCommitWriter(self.store.engine, f"writer-{self.name}")
+        return self._writer.write(work)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.store.dispose()
 
     def change_members(self, key: str, members: list[dict], action: str, create_audience: bool = False,
                        source: str = "api") -> tuple[int, int]:
@@ -104,12 +113,14 @@ class Environment:
                 check_properties(properties, f"members.{index}.user")
                 patches.append((user["id"], properties))
             wanted.append(Member(user["id"], member.get("tenant")))
-        with self.writing() as connection:
+        def work(connection):
             profiles.identify(self.store, connection, patches)
             try:
-                result = change_members(self.store, key, wanted, action, source=source, connection=connection)
+                return change_members(self.store, key, wanted, action, source=source, connection=connection)
             except MembershipError as error:
                 raise invalid("members", str(error)) from None
+
+        result = self.write(work)
         return result.changed, result.unchanged
 
     def list_members(self, key: str, page_size: int, after: str | None, before: str | None,
@@ -158,9 +169,8 @@ class Environment:
 
     def identify(self, user_id: str, properties: dict) -> dict:
         check_properties(properties, "body")
-        with self.writing() as connection:
-            profile = profiles.identify(self.store, connection, [(user_id, properties)])[user_id]
-        return profile.as_knock_user()
+        profile = self.write(lambda connection: profiles.identify(self.store, connection, [(user_id, properties)]))
+        return profile[user_id].as_knock_user()
 
     def get_user(self, user_id: str) -> dict:
         profile = profiles.get_profile(self.store, user_id)
@@ -173,7 +183,7 @@ class Environment:
         drop them at the next evaluation (the warehouse loads the deletion)."""
         types = self.audience_types()
         members = tables.audience_members
-        with self.writing() as connection:
+        def work(connection):
             memberships = connection.execute(
                 sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id)).all()
             known = profiles.delete_user(self.store, connection, user_id)
@@ -184,6 +194,8 @@ class Environment:
                     change_members(self.store, audience_key,
                                    [Member(user_id, row.tenant) for row in memberships if row.audience_key == audience_key],
                                    "remove", source="api", connection=connection)
+
+        self.write(work)
 
     # -- guides and broadcasts --------------------------------------------------------------------
 

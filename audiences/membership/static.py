@@ -39,7 +39,7 @@ class Member:
 class ChangeResult:
     changed: int
     unchanged: int
-    events: list[dict]
+    event_ids: list[str]
 
 
 def event_id(audience_key: str, user_id: str, tenant: str | None, event_type: str, entry_number: int) -> str:
@@ -148,7 +148,7 @@ def _change_members(store, connection, audience_key: str, wanted: dict, action: 
         connection.exec_driver_sql(
             f"delete from audience_members where audience_key = {mark} and user_id = {mark} and tenant_key = {mark}",
             [(audience_key, event[3], event[4] or "") for event in events])
-    return ChangeResult(len(events), len(wanted) - len(events), [dict(zip(EVENT_COLUMNS, event)) for event in events])
+    return ChangeResult(len(events), len(wanted) - len(events), [event[0] for event in events])
 
 
 def is_member(store: MembershipStore, audience_key: str, user_id: str, tenant: str | None = None) -> bool:

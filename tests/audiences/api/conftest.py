@@ -76,4 +76,4 @@ def service(service_settings, tmp_path):
         service.app_environments = app.app.state.environments
         yield service
     for environment in app.app.state.environments.values():
-        environment.store.dispose()
+        environment.close()

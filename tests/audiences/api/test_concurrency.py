@@ -82,7 +82,7 @@ def test_api_writes_during_a_pipeline_run_are_all_kept_with_their_events(tmp_pat
         for thread in threads:
             thread.join(timeout=120)
     for environment in app.app.state.environments.values():
-        environment.store.dispose()
+        environment.close()
 
     assert run.returncode == 0, output[-3000:]
     assert not errors, errors[:5]

@@ -122,7 +122,7 @@ def test_bodies_over_the_limit_get_413(service, monkeypatch):
         assert chunked.status_code == 413
         assert client.post("/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "ok"}}]}).status_code == 204
     for environment in app.app.state.environments.values():
-        environment.store.dispose()
+        environment.close()
 
 
 def test_a_key_sees_only_its_environment_and_revoked_keys_stop_working(http, service):

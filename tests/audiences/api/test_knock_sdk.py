@@ -99,4 +99,4 @@ def test_rate_limit_answers_429_with_retry_after(service, monkeypatch):
         patient = knockapi.Knock(api_key=service.development_key, base_url=url, max_retries=3)
         patient.audiences.add_members("newsletter", members=[{"user": {"id": "patient"}}])
     for environment in app.app.state.environments.values():
-        environment.store.dispose()
+        environment.close()
