@@ -54,7 +54,10 @@ def list_keys(store: MembershipStore) -> list[dict]:
 
 def find_key(store: MembershipStore, secret: str) -> ApiKey | None:
     """The live key with this secret in this store, if any."""
-    keys = tables.api_keys
-    rows = store.rows(sa.select(keys.c.key_id, keys.c.environment, keys.c.name)
-                      .where(keys.c.key_hash == key_hash(secret), keys.c.revoked_at.is_(None)))
-    return ApiKey(rows[0]["key_id"], rows[0]["environment"], rows[0]["name"]) if rows else None
+    mark = store.placeholder
+    # Every request runs this: plain SQL on the unique hash index, no statement building.
+    with store.read_engine.connect() as connection:
+        row = connection.exec_driver_sql(
+            f"select key_id, environment, name from api_keys where key_hash = {mark} and revoked_at is null",
+            (key_hash(secret),)).first()
+    return ApiKey(*row) if row else None

@@ -58,12 +58,13 @@ class Environment:
     # -- audiences --------------------------------------------------------------------------------
 
     def audience_types(self) -> dict[str, str]:
-        """Audience types from the definition files (re-read at most once a second) and the store."""
+        """Audience types from the definition files and the store's static audiences, re-read at
+        most once a second (and at once after this process creates an audience)."""
         now = time.monotonic()
         if self._types is None or now - self._types[0] > 1.0:
             definitions = load_definitions(self.definitions_dir) if self.definitions_dir.exists() else {}
-            self._types = (now, {key: definition.type for key, definition in definitions.items()})
-        return audience_types(self.store, {}) | self._types[1]
+            self._types = (now, audience_types(self.store, definitions))
+        return self._types[1]
 
     def require_audience(self, key: str) -> str:
         kind = self.audience_types().get(key)
@@ -99,6 +100,7 @@ class Environment:
             if not KEY_PATTERN.fullmatch(key):
                 raise invalid("key", "an audience key uses lower-case letters, digits, '-' and '_'")
             create_static_audience(self.store, key)
+            self._types = None
             kind = "static"
         if kind != "static":
             raise ApiError(422, "audience_not_static",
