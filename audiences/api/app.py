@@ -187,7 +187,8 @@ class Caller:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     environments = {name: Environment.open(settings, name) for name in settings.api_environments}
-    limiter = RateLimiter({"write": settings.api_write_rate, "read": settings.api_read_rate})
+    limiter = RateLimiter({"write": settings.api_write_rate, "read": settings.api_read_rate},
+                          settings.duckdb_path.parent / "api-rate-limits.bin")
     bearer = HTTPBearer(auto_error=False, description="A secret key: `audiences keys create --environment ...`")
 
     app = FastAPI(
@@ -434,6 +435,8 @@ def respond(status: int, body: Any, headers: dict[str, str] | None = None) -> Re
 
 
 def asgi_app(settings: Settings | None = None):
+    import sys; import os
+    if os.environ.get("SWITCH"): sys.setswitchinterval(float(os.environ["SWITCH"]))
     """The service with its body limit, as uvicorn runs it."""
     settings = settings or Settings.from_env()
     return BodyLimit(create_app(settings), settings.api_max_body_bytes)

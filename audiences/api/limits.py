@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import mmap
+import os
+import struct
 import threading
 import time
+import zlib
+from pathlib import Path
 
 from audiences.api.errors import error_body
 
@@ -13,26 +19,52 @@ from audiences.api.errors import error_body
 class RateLimiter:
     """A token bucket per (key, kind): `rate` requests a second, bursts up to one second's worth.
 
-    Limits are per process; the service runs as one process (uvicorn, one worker) per host.
+    The buckets live in a small memory-mapped file shared by every worker process of the service
+    (`audiences serve --workers N`), guarded by a file lock, so a key's limit holds across them.
+    Slots are found by open addressing on the key; a full table (more than 4,096 live key and
+    kind pairs) lets requests through rather than refusing them.
     """
 
-    def __init__(self, rates: dict[str, float]):
+    SLOTS = 4096
+    SLOT = struct.Struct("<32sdd")  # key and kind, tokens, last refill (CLOCK_MONOTONIC, system-wide)
+
+    def __init__(self, rates: dict[str, float], path: Path):
         self.rates = rates
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
-        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a+b")
+        size = self.SLOTS * self.SLOT.size
+        if os.fstat(self._file.fileno()).st_size < size:
+            self._file.truncate(size)
+        self._map = mmap.mmap(self._file.fileno(), size)
+        self._lock = threading.Lock()  # threads of this process; the file lock covers processes
 
     def acquire(self, key_id: str, kind: str) -> float | None:
         """Take one token; None when allowed, else the seconds to wait before retrying."""
         rate = self.rates[kind]
-        now = time.monotonic()
+        name = f"{key_id}:{kind}".encode()[:32].ljust(32, b"\0")
+        start = zlib.crc32(name) % self.SLOTS
         with self._lock:
-            tokens, stamp = self._buckets.get((key_id, kind), (rate, now))
-            tokens = min(rate, tokens + (now - stamp) * rate)
-            if tokens >= 1:
-                self._buckets[(key_id, kind)] = (tokens - 1, now)
-                return None
-            self._buckets[(key_id, kind)] = (tokens, now)
-            return (1 - tokens) / rate
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            try:
+                now = time.monotonic()
+                for probe in range(self.SLOTS):
+                    offset = ((start + probe) % self.SLOTS) * self.SLOT.size
+                    slot, tokens, stamp = self.SLOT.unpack_from(self._map, offset)
+                    if slot == name:
+                        tokens = min(rate, tokens + (now - stamp) * rate)
+                        break
+                    if slot.strip(b"\0") == b"":
+                        tokens = rate
+                        break
+                else:
+                    return None
+                if tokens >= 1:
+                    self.SLOT.pack_into(self._map, offset, name, tokens - 1, now)
+                    return None
+                self.SLOT.pack_into(self._map, offset, name, tokens, now)
+                return (1 - tokens) / rate
+            finally:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
 
 def retry_after_header(seconds: float) -> str:

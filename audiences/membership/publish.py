@@ -164,7 +164,8 @@ def process_static_triggers(
                                          default_sink, now, report)
             report.deliveries += store.insert_ignoring_duplicates(store_connection, tables.deliveries, deliveries)
             store_connection.execute(
-                events_table.update().where(events_table.c.event_id.in_([e["event_id"] for e in events]))
+                events_table.update().where(events_table.c.triggers_processed == sa.false(),
+                                            events_table.c.event_id.in_([e["event_id"] for e in events]))
                 .values(triggers_processed=True))
         report.events += len(events)
     return report

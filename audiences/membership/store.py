@@ -20,7 +20,10 @@ metadata = sa.MetaData()
 
 membership_events = sa.Table(
     "membership_events", metadata,
-    sa.Column("event_id", sa.String(64), primary_key=True),
+    # Unique, but kept unique through the natural key below rather than an index of its own: a
+    # hash is random, so an index on it made every event write touch a random page (half the
+    # cost of a static add). Stores created before keep event_id as their primary key.
+    sa.Column("event_id", sa.String(64), nullable=False),
     # The warehouse outbox's order for evaluated audiences; null for static audiences' events,
     # which are written here directly.
     sa.Column("sequence", sa.BigInteger),
@@ -39,12 +42,20 @@ membership_events = sa.Table(
     sa.Column("triggers_processed", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column("source", sa.String(32), nullable=False, default="evaluation", server_default="evaluation"),
     sa.Index("membership_events_by_audience", "audience_key", "occurred_at"),
-    # A user's events; and a member's earlier entries (their entry number), read for every static
-    # add and remove. (It replaces the index `membership_events_by_user` of older stores.)
-    sa.Index("membership_events_by_member", "user_id", "audience_key", "tenant"),
 )
+# An event's identity: (user, audience, tenant, entered or exited, entry number), exactly what its
+# id hashes, so "insert, ignore duplicates" keeps publishing idempotent. It also serves a user's
+# events and a member's earlier entries (read for every static add and remove).
+sa.Index("membership_events_identity", membership_events.c.user_id, membership_events.c.audience_key,
+         sa.func.coalesce(membership_events.c.tenant, sa.literal_column("''")), membership_events.c.event_type,
+         membership_events.c.entry_number, unique=True)
+# Static audiences' events whose workflow triggers were not considered yet.
+sa.Index("membership_events_pending_triggers", membership_events.c.occurred_at,
+         sqlite_where=membership_events.c.triggers_processed == sa.false(),
+         postgresql_where=membership_events.c.triggers_processed == sa.false())
 
-OBSOLETE_INDEXES = ("membership_events_by_user",)
+# Indexes of older stores that newer ones replace.
+OBSOLETE_INDEXES = ("membership_events_by_user", "membership_events_by_member")
 
 # Current members, one row per (audience, user, tenant); `tenant_key` is the tenant or '' so the
 # primary key treats "no tenant" as one value on every database.
@@ -220,7 +231,7 @@ class MembershipStore:
         inspector = sa.inspect(self.read_engine)
         with self.engine.begin() as connection:
             for table in metadata.sorted_tables:
-                indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+                indexes = self._index_names(connection, table.name)
                 for name in indexes & set(OBSOLETE_INDEXES):
                     connection.exec_driver_sql(f"drop index {self.engine.dialect.identifier_preparer.quote(name)}")
                 for index in table.indexes:
@@ -238,6 +249,14 @@ class MembershipStore:
                     connection.exec_driver_sql(
                         f"alter table {quote(table.name)} add column {quote(column.name)} {kind}{default}")
         return self
+
+    def _index_names(self, connection, table_name: str) -> set[str]:
+        # Read from the catalog: SQLAlchemy's reflection skips expression indexes (with a warning).
+        if self.engine.dialect.name == "sqlite":
+            sql = "select name from sqlite_master where type = 'index' and tbl_name = ?"
+        else:
+            sql = "select indexname from pg_indexes where tablename = %s and schemaname = current_schema()"
+        return {row[0] for row in connection.exec_driver_sql(sql, (table_name,))}
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -263,7 +282,7 @@ class MembershipStore:
             values = [tuple(row[column] for column in columns) for row in rows]
             return max(connection.exec_driver_sql(sql, values).rowcount, 0)
         # PostgreSQL drivers report no row count for executemany; RETURNING the key counts new rows.
-        key = list(table.primary_key.columns)[0]
+        key = list(table.primary_key.columns or table.columns)[0]
         inserted = 0
         for start in range(0, len(rows), 5000):
             statement = module.insert(table).on_conflict_do_nothing().returning(key)
