@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "work against it), plus membership checks, guide eligibility and broadcasts.",
     )
     app.state.environments = environments
+    app.state.limiter = limiter
 
     def authenticate(credentials: HTTPAuthorizationCredentials | None) -> Caller:
         if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
@@ -364,6 +365,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(error_body(500, "internal_error", "the server failed; the error is logged"),
                             status_code=500)
 
+    app.router.add_event_handler("shutdown", lambda: close_app(app))
     app.openapi = lambda: openapi_with_members_body(app)
     app.add_middleware(RequestId)
     return app
@@ -417,6 +419,13 @@ class RequestId:
             await send(message)
 
         return await self.app(scope, receive, send_with_id)
+
+
+def close_app(app: FastAPI) -> None:
+    """Stop the writer threads and close the stores and the rate-limit file."""
+    for environment in app.state.environments.values():
+        environment.close()
+    app.state.limiter.close()
 
 
 def checked_identifier(value: str, field: str) -> str:

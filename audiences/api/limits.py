@@ -38,6 +38,10 @@ class RateLimiter:
         self._map = mmap.mmap(self._file.fileno(), size)
         self._lock = threading.Lock()  # threads of this process; the file lock covers processes
 
+    def close(self) -> None:
+        self._map.close()
+        self._file.close()
+
     def acquire(self, key_id: str, kind: str) -> float | None:
         """Take one token; None when allowed, else the seconds to wait before retrying."""
         rate = self.rates[kind]

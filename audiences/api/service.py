@@ -27,8 +27,10 @@ from audiences.membership import store as tables
 from audiences.membership.static import (
     Member,
     MembershipError,
+    apply_change,
     audience_types,
     change_members,
+    prepare_change,
     create_static_audience,
     is_member,
 )
@@ -115,12 +117,15 @@ class Environment:
                 check_properties(properties, f"members.{index}.user")
                 patches.append((user["id"], properties))
             wanted.append(Member(user["id"], member.get("tenant")))
+        try:
+            change = prepare_change(key, wanted, action, source)
+        except MembershipError as error:
+            raise invalid("members", str(error)) from None
+        identify = profiles.prepare_identify(patches)
+
         def work(connection):
-            profiles.identify(self.store, connection, patches)
-            try:
-                return change_members(self.store, key, wanted, action, source=source, connection=connection)
-            except MembershipError as error:
-                raise invalid("members", str(error)) from None
+            profiles.identify(self.store, connection, identify)
+            return apply_change(self.store, connection, change)
 
         result = self.write(work)
         return result.changed, result.unchanged

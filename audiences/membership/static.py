@@ -89,20 +89,11 @@ def change_members(
 ) -> ChangeResult:
     """Add or remove members in one transaction (the caller's, when `connection` is given);
     returns the real changes and their events."""
-    if action not in ("add", "remove"):
-        raise ValueError(f"action is add or remove, not {action!r}")
-    wanted: dict[tuple[str, str], Member] = {}
-    for member in members:
-        if not isinstance(member.user_id, str) or not member.user_id.strip():
-            raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
-        wanted.setdefault((member.user_id, tenant_key(member.tenant)), member)
-    if not wanted:
-        return ChangeResult(0, 0, [])
-    stamp = occurred_at or now_text()
+    change = prepare_change(audience_key, members, action, source, occurred_at)
     if connection is None:
         with store.engine.begin() as own:
-            return _change_members(store, own, audience_key, wanted, action, source, stamp)
-    return _change_members(store, connection, audience_key, wanted, action, source, stamp)
+            return apply_change(store, own, change)
+    return apply_change(store, connection, change)
 
 
 EVENT_COLUMNS = ("event_id", "sequence", "audience_key", "user_id", "tenant", "event_type", "occurred_at",
@@ -110,10 +101,42 @@ EVENT_COLUMNS = ("event_id", "sequence", "audience_key", "user_id", "tenant", "e
                  "triggers_processed", "source")
 
 
-def _change_members(store, connection, audience_key: str, wanted: dict, action: str, source: str,
-                    stamp: str) -> ChangeResult:
+@dataclass(frozen=True)
+class PreparedChange:
+    """A membership change worked out as far as it can be without the store: the members, and
+    each one's event id for the usual case of a first entry or exit."""
+
+    audience_key: str
+    action: str
+    source: str
+    stamp: str
+    wanted: dict[tuple[str, str], Member]
+    first_ids: dict[tuple[str, str], str]
+
+
+def prepare_change(audience_key: str, members: Iterable[Member], action: str, source: str = "static",
+                   occurred_at: str | None = None) -> PreparedChange:
+    """Everything of a change that needs no database (the API does it before taking its turn to write)."""
+    if action not in ("add", "remove"):
+        raise ValueError(f"action is add or remove, not {action!r}")
+    wanted: dict[tuple[str, str], Member] = {}
+    for member in members:
+        if not isinstance(member.user_id, str) or not member.user_id.strip():
+            raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
+        wanted.setdefault((member.user_id, tenant_key(member.tenant)), member)
+    event_type = "entered" if action == "add" else "exited"
+    first_ids = {key: event_id(audience_key, member.user_id, member.tenant, event_type, 1)
+                 for key, member in wanted.items()}
+    return PreparedChange(audience_key, action, source, occurred_at or now_text(), wanted, first_ids)
+
+
+def apply_change(store: MembershipStore, connection, change: PreparedChange) -> ChangeResult:
+    """Write a prepared change: the members that really change, and their events."""
     # The API's hot path (a batch of 1,000 members per request): plain SQL through the driver with
     # tuples, since building SQLAlchemy statements and dicts per row costs more than the writes.
+    audience_key, wanted, stamp, source = change.audience_key, change.wanted, change.stamp, change.source
+    if not wanted:
+        return ChangeResult(0, 0, [])
     mark = store.placeholder
     user_ids = sorted({user_id for user_id, _ in wanted})
     current: set[tuple[str, str]] = set()
@@ -129,16 +152,17 @@ def _change_members(store, connection, audience_key: str, wanted: dict, action: 
                 f"and event_type = 'entered' and user_id in ({marks}) group by user_id, tenant",
                 (audience_key, *chunk)):
             entries[(user_id, tenant or "")] = count
-    adding = action == "add"
-    changing = [key for key in wanted if (key in current) != adding]
+    adding = change.action == "add"
     event_type = "entered" if adding else "exited"
     events = []
-    for key in changing:
-        member = wanted[key]
+    for key, member in wanted.items():
+        if (key in current) == adding:
+            continue
         entry = max(entries.get(key, 0) + (1 if adding else 0), 1)
-        events.append((event_id(audience_key, member.user_id, member.tenant, event_type, entry), None, audience_key,
-                       member.user_id, member.tenant, event_type, stamp, None, entry, False, None, stamp, False,
-                       source))
+        identifier = change.first_ids[key] if entry == 1 else event_id(
+            audience_key, member.user_id, member.tenant, event_type, entry)
+        events.append((identifier, None, audience_key, member.user_id, member.tenant, event_type, stamp, None,
+                       entry, False, None, stamp, False, source))
     store.insert_rows(connection, tables.membership_events, EVENT_COLUMNS, events)
     if adding:
         store.insert_rows(connection, tables.audience_members,

@@ -55,49 +55,56 @@ class Profile:
         return {**self.properties, "__typename": "User", "id": self.user_id, "updated_at": self.updated_at}
 
 
-def identify(store: MembershipStore, connection, patches: Iterable[tuple[str, dict]]) -> dict[str, Profile]:
+@dataclass(frozen=True)
+class PreparedIdentify:
+    """Identify patches with their queue rows serialized ahead of the write transaction."""
+
+    patches: list[tuple[str, dict]]
+    patch_texts: list[str]
+    stamp: str
+
+
+def prepare_identify(patches: Iterable[tuple[str, dict]]) -> PreparedIdentify:
+    patches = list(patches)
+    return PreparedIdentify(patches, [_dump(patch) for _, patch in patches], now_text())
+
+
+def identify(store: MembershipStore, connection,
+             patches: Iterable[tuple[str, dict]] | PreparedIdentify) -> dict[str, Profile]:
     """Apply identify patches inside the caller's write transaction: merge them into the users'
     profiles and queue them for the warehouse. Returns the resulting profiles."""
-    patches = list(patches)
-    if not patches:
+    prepared = patches if isinstance(patches, PreparedIdentify) else prepare_identify(patches)
+    if not prepared.patches:
         return {}
-    stamp = now_text()
+    stamp, mark = prepared.stamp, store.placeholder
     lock_profiles(store, connection)
-    profiles = tables.user_profiles
-    user_ids = sorted({user_id for user_id, _ in patches})
+    user_ids = sorted({user_id for user_id, _ in prepared.patches})
     current: dict[str, dict] = {}
     for start in range(0, len(user_ids), 5000):
-        for row in connection.execute(sa.select(profiles.c.user_id, profiles.c.properties, profiles.c.deleted_at)
-                                      .where(profiles.c.user_id.in_(user_ids[start:start + 5000]))):
-            current[row.user_id] = {} if row.deleted_at else json.loads(row.properties)
+        chunk = user_ids[start:start + 5000]
+        for user_id, properties, deleted_at in connection.exec_driver_sql(
+                f"select user_id, properties, deleted_at from user_profiles "
+                f"where user_id in ({', '.join([mark] * len(chunk))})", tuple(chunk)):
+            current[user_id] = {} if deleted_at else json.loads(properties)
     merged: dict[str, dict] = {}
-    for user_id, patch in patches:
+    for user_id, patch in prepared.patches:
         merged[user_id] = merge_patch(merged.get(user_id, current.get(user_id, {})), patch)
-    rows = [{"user_id": user_id, "properties": _dump(properties), "updated_at": stamp, "deleted_at": None}
-            for user_id, properties in merged.items()]
-    _upsert_profiles(store, connection, rows)
-    store.insert_ignoring_duplicates(connection, tables.user_patches, [
-        {"user_id": user_id, "patch": _dump(patch), "received_at": stamp, "loaded": False}
-        for user_id, patch in patches])
-    return {row["user_id"]: Profile(row["user_id"], merged[row["user_id"]], stamp) for row in rows}
+    _upsert_profiles(store, connection, [(user_id, _dump(properties), stamp, None)
+                                         for user_id, properties in merged.items()])
+    store.insert_rows(connection, tables.user_patches, ("user_id", "patch", "received_at", "loaded"),
+                      [(user_id, text, stamp, False) for (user_id, _), text in zip(prepared.patches, prepared.patch_texts)])
+    return {user_id: Profile(user_id, properties, stamp) for user_id, properties in merged.items()}
 
 
-def _upsert_profiles(store: MembershipStore, connection, rows: list[dict]) -> None:
+def _upsert_profiles(store: MembershipStore, connection, rows: list[tuple]) -> None:
+    """Insert or replace profiles, given as (user_id, properties, updated_at, deleted_at) tuples."""
     if not rows:
         return
-    profiles = tables.user_profiles
-    dialect = store.engine.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    statement = insert(profiles)
-    statement = statement.on_conflict_do_update(
-        index_elements=[profiles.c.user_id],
-        set_={"properties": statement.excluded.properties, "updated_at": statement.excluded.updated_at,
-              "deleted_at": statement.excluded.deleted_at})
-    for start in range(0, len(rows), 5000):
-        connection.execute(statement, rows[start:start + 5000])
+    mark = store.placeholder
+    connection.exec_driver_sql(
+        f"insert into user_profiles (user_id, properties, updated_at, deleted_at) values ({mark}, {mark}, {mark}, {mark}) "
+        "on conflict (user_id) do update set properties = excluded.properties, updated_at = excluded.updated_at, "
+        "deleted_at = excluded.deleted_at", rows)
 
 
 def get_profile(store: MembershipStore, user_id: str) -> Profile | None:
@@ -148,8 +155,7 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None
                     for patch in pending[user_id]:
                         state = None if patch == DELETION else merge_patch(state or {}, json.loads(patch))
                     deleted, properties = state is None, _dump(state or {})
-                rows.append({"user_id": user_id, "properties": "{}" if deleted else properties,
-                             "updated_at": updated_at, "deleted_at": updated_at if deleted else None})
+                rows.append((user_id, "{}" if deleted else properties, updated_at, updated_at if deleted else None))
             _upsert_profiles(store, connection, rows)
             published += len(rows)
     return published

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from audiences.api.app import close_app
+
 import json
 import os
 from dataclasses import dataclass
@@ -75,5 +77,4 @@ def service(service_settings, tmp_path):
         service = Service(url, tmp_path, development, production, service_settings)
         service.app_environments = app.app.state.environments
         yield service
-    for environment in app.app.state.environments.values():
-        environment.close()
+    close_app(app.app)

@@ -4,6 +4,8 @@ has its event."""
 
 from __future__ import annotations
 
+from audiences.api.app import close_app
+
 import os
 import random
 import subprocess
@@ -81,8 +83,7 @@ def test_api_writes_during_a_pipeline_run_are_all_kept_with_their_events(tmp_pat
         output, _ = run.communicate(timeout=600)
         for thread in threads:
             thread.join(timeout=120)
-    for environment in app.app.state.environments.values():
-        environment.close()
+    close_app(app.app)
 
     assert run.returncode == 0, output[-3000:]
     assert not errors, errors[:5]

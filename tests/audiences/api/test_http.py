@@ -3,6 +3,8 @@ broadcasts and Census's custom-destination protocol."""
 
 from __future__ import annotations
 
+from audiences.api.app import close_app
+
 import json
 
 import httpx
@@ -121,8 +123,7 @@ def test_bodies_over_the_limit_get_413(service, monkeypatch):
                               headers={"content-type": "application/json"})
         assert chunked.status_code == 413
         assert client.post("/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "ok"}}]}).status_code == 204
-    for environment in app.app.state.environments.values():
-        environment.close()
+    close_app(app.app)
 
 
 def test_a_key_sees_only_its_environment_and_revoked_keys_stop_working(http, service):

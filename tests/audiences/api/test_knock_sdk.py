@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from audiences.api.app import close_app
+
 import knockapi
 import pytest
 import sqlalchemy as sa
@@ -98,5 +100,4 @@ def test_rate_limit_answers_429_with_retry_after(service, monkeypatch):
         # The SDK's own retries honour Retry-After, so a patient client gets through.
         patient = knockapi.Knock(api_key=service.development_key, base_url=url, max_retries=3)
         patient.audiences.add_members("newsletter", members=[{"user": {"id": "patient"}}])
-    for environment in app.app.state.environments.values():
-        environment.close()
+    close_app(app.app)
