@@ -87,12 +87,7 @@ class GroupCommitWriter:
                     self._jobs.put(None)  # finish this group, then stop
                     break
                 group.append(job)
-            import os, time
-            started = time.perf_counter()
             self._commit(group)
-            if os.environ.get("AUDIENCES_DEBUG_GROUPS"):
-                with open(os.environ["AUDIENCES_DEBUG_GROUPS"], "a") as log:
-                    log.write(f"{len(group)} {(time.perf_counter() - started) * 1000:.1f}\n")
 
     def _commit(self, group: list[tuple[Callable[[Any], Any], Future]]) -> None:
         """The group in one transaction. Writes were validated before they got here, so one that
