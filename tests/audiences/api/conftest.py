@@ -52,11 +52,21 @@ def write_definitions(folder: Path) -> Path:
 def service_settings(tmp_path, monkeypatch):
     from audiences.settings import Settings
 
+    postgres = os.environ.get("AUDIENCES_TEST_STORE_URL")
     for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
         monkeypatch.delenv(name)
     definitions = write_definitions(tmp_path)
     monkeypatch.setenv("AUDIENCES_STORE_URL_PRODUCTION", f"sqlite:///{tmp_path}/production/store.sqlite")
-    return Settings.from_env(duckdb_path=tmp_path / "warehouse.duckdb", definitions_dir=definitions)
+    # With AUDIENCES_TEST_STORE_URL naming a PostgreSQL database, the development environment's
+    # store is that database (emptied first), so the API's SQL runs on PostgreSQL too.
+    if postgres:
+        from audiences.membership.store import MembershipStore, metadata
+
+        emptied = MembershipStore(postgres)
+        metadata.drop_all(emptied.engine)
+        emptied.dispose()
+    return Settings.from_env(duckdb_path=tmp_path / "warehouse.duckdb", definitions_dir=definitions,
+                             store_url=postgres or None)
 
 
 def start_service(settings, folder: Path):
@@ -64,8 +74,12 @@ def start_service(settings, folder: Path):
     from audiences.api.keys import create_key
     from audiences.membership.store import MembershipStore
 
-    development = create_key(MembershipStore(settings.store_url_for("development")).create(), "development", "tests")[1]
-    production = create_key(MembershipStore(settings.store_url_for("production")).create(), "production", "tests")[1]
+    secrets = {}
+    for environment in ("development", "production"):
+        store = MembershipStore(settings.store_url_for(environment)).create()
+        secrets[environment] = create_key(store, environment, "tests")[1]
+        store.dispose()
+    development, production = secrets["development"], secrets["production"]
     app = asgi_app(settings)
     return app, development, production
 
