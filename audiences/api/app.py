@@ -8,6 +8,7 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 
 
 import hashlib
+import json
 import logging
 import re
 import uuid
@@ -261,9 +262,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await write(request, caller, work)
 
     @app.delete("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
-                summary="Remove members", openapi_extra=MEMBERS_BODY)
+                summary="Remove members (in the body, or as a `members` query parameter)",
+                openapi_extra=REMOVE_MEMBERS)
     async def remove_members(key: AudienceKey, request: Request, caller: Writer):
-        body = await members_body(request)
+        body = await members_body(request, from_query=True)
 
         def work():
             caller.environment.change_members(key, body["members"], "remove")
@@ -343,8 +345,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for problem in error.errors():
             location = [str(part) for part in problem.get("loc", ()) if part not in ("body", "query", "path", "header")]
             if problem.get("type") == "json_invalid":
-                position = f" at character {location[0]}" if location else ""
-                fields.append({"field": "body", "type": "invalid_json",
+                in_query = tuple(problem.get("loc", ()))[:1] == ("query",)
+                position = f" at character {location[0]}" if location and not in_query else ""
+                fields.append({"field": ".".join(location) if in_query else "body", "type": "invalid_json",
                                "message": f"malformed JSON{position}: {problem.get('ctx', {}).get('error', '')}"})
             else:
                 fields.append({"field": ".".join(location) or "body", "message": problem.get("msg", "invalid"),
@@ -379,9 +382,29 @@ MEMBERS_BODY = {"requestBody": {"required": True, "content": {"application/json"
     "schema": {"$ref": "#/components/schemas/AudienceMembersRequest"}}}}}
 
 
-async def members_body(request: Request) -> dict:
+# Census's HTTP-request destination removes records with `DELETE ...?members=[...]` and no body
+# (Knock's recipe), so removal also reads the members from the query.
+REMOVE_MEMBERS = {
+    "requestBody": {**MEMBERS_BODY["requestBody"], "required": False},
+    "parameters": [{"name": "members", "in": "query", "required": False,
+                    "description": "The members as a JSON array, instead of a body (Census's HTTP destination).",
+                    "content": {"application/json": {"schema": {
+                        "type": "array", "maxItems": 1000,
+                        "items": {"$ref": "#/components/schemas/AudienceMemberRequest"}}}}}],
+}
+
+
+async def members_body(request: Request, from_query: bool = False) -> dict:
+    raw = await request.body()
     try:
-        return MEMBERS_ADAPTER.validate_json(await request.body())
+        if from_query and not raw.strip() and "members" in request.query_params:
+            try:
+                members = json.loads(request.query_params["members"])
+            except ValueError as error:
+                raise RequestValidationError([{"type": "json_invalid", "loc": ("query", "members"), "msg": str(error),
+                                               "ctx": {"error": str(error)}}]) from None
+            return MEMBERS_ADAPTER.validate_python({"members": members})
+        return MEMBERS_ADAPTER.validate_json(raw)
     except ValidationError as error:
         raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])}
                                       for problem in error.errors(include_url=False)]) from None

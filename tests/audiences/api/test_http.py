@@ -199,3 +199,14 @@ def test_census_custom_destination_inserts_and_mirrors(http):
     assert rpc(http, "sync_batch", {"sync_plan": {**plan, "object": {"object_api_name": "pro-plan"}},
                                     "records": []})["error"]["code"] == -32602
     assert rpc(http, "no_such_method")["error"]["code"] == -32601
+
+
+def test_members_can_be_removed_through_the_query_as_censuss_http_destination_sends_them(http):
+    add(http, "newsletter", [{"user": {"id": "q1"}, "tenant": "acme"}, {"user": {"id": "q2"}}])
+    removed = http.delete("/v1/audiences/newsletter/members",
+                          params={"members": json.dumps([{"user": {"id": "q1"}, "tenant": "acme"}])})
+    assert removed.status_code == 204
+    assert [e["user_id"] for e in http.get("/v1/audiences/newsletter/members").json()["entries"]] == ["q2"]
+    bad = http.delete("/v1/audiences/newsletter/members", params={"members": "[{"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "members"
+    assert http.delete("/v1/audiences/newsletter/members").status_code == 422  # neither body nor query
