@@ -255,8 +255,10 @@ def report(results: dict) -> str:
     lines = [
         "# API load benchmark", "",
         f"`{results['command']}`, started {results['started_at']}, {results['cpus']} CPUs, load average before "
-        f"{results['load_average_before']:.2f}. Server: `audiences serve` (uvicorn, one process) on 127.0.0.1, "
-        "SQLite store; clients in another process. See the docstring of `bench/api.py` for what each phase does.", "",
+        f"{results['load_average_before']:.2f}. Server: `audiences serve --workers N` (uvicorn) on 127.0.0.1, "
+        "a fresh SQLite store per phase; clients in another process. With 8 clients each waiting for its answer, "
+        "mean latency is 8 / (requests a second), so p99 under 250 ms needs about 35 requests a second or more. "
+        "See the docstring of `bench/api.py` for what each phase does.", "",
         "| phase | requests | members/s | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|---|",
     ]
     for name, row in ((f"adds, 8 clients, batches of 1,000, {adds['server_workers']} workers", adds),
