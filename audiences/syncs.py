@@ -32,7 +32,7 @@ import yaml
 from audiences.membership import store as tables
 from audiences.membership.changes import CircuitBreaker
 from audiences.membership.static import Member, change_members, require_static
-from audiences.membership.store import MembershipStore, now_text, tenant_key
+from audiences.membership.store import MembershipStore, now_text
 from audiences.users.sources import UserSource, guess_format, read_source
 from audiences.users.validation import validate_users
 
@@ -92,36 +92,47 @@ def run_sync(
 ) -> SyncResult:
     """Apply the difference between the source and the last synced state; see the module docstring."""
     require_static(sync.audience_key, audience_types)
+    state = tables.sync_state
     frame = read_source(sync.source)
     if sync.tenant_column and sync.tenant_column not in frame.columns:
         raise ValueError(f"{sync.source.location}: no tenant column {sync.tenant_column!r} (sync {sync.name!r})")
     validated = validate_users(frame.select("_row", "id"))
     good = frame.filter(pl.col("_row").is_in(validated.valid["_row"].implode()))
-    tenants = good[sync.tenant_column].cast(pl.String).to_list() if sync.tenant_column else [None] * good.height
-    desired = {(user_id, tenant_key(tenant)): tenant for user_id, tenant in zip(good["id"].to_list(), tenants)}
-    state = tables.sync_state
-    last = {(row["user_id"], row["tenant_key"]) for row in store.rows(
-        sa.select(state.c.user_id, state.c.tenant_key).where(state.c.sync_name == sync.name))}
-    adds = [key for key in desired if key not in last]
-    removes = [key for key in last if key not in desired] if sync.mode == "mirror" else []
+    tenant = pl.col(sync.tenant_column).cast(pl.String) if sync.tenant_column else pl.lit(None, pl.String)
+    # The diff runs in polars: the source and the last synced state are a million rows each, and
+    # Python sets of tuples made the reads, not the writes, the cost of a sync.
+    desired = (good.select(pl.col("id").alias("user_id"), tenant.alias("tenant"))
+               .with_columns(pl.col("tenant").fill_null("").alias("tenant_key"))
+               .unique(["user_id", "tenant_key"], keep="first", maintain_order=True))
+    with store.read_engine.connect() as connection:
+        # Straight from the driver's cursor: SQLAlchemy's row objects cost more than the query.
+        driver = connection.connection.driver_connection
+        rows = driver.execute(f"select user_id, tenant_key from sync_state where sync_name = {store.placeholder}",
+                              (sync.name,)).fetchall()
+        last = pl.DataFrame(rows, schema={"user_id": pl.String, "tenant_key": pl.String}, orient="row")
+    adds = desired.join(last, on=["user_id", "tenant_key"], how="anti")
+    removes = (last.join(desired, on=["user_id", "tenant_key"], how="anti") if sync.mode == "mirror"
+               else last.clear())
     held = None
-    if removes:
+    if removes.height:
         size = store.scalar(sa.select(sa.func.count()).where(tables.audience_members.c.audience_key == sync.audience_key))
-        if breaker.trips(len(removes), size) and not _consume_release(store, sync.name):
-            held = _hold(store, sync, len(adds), len(removes), size)
-            removes = []
-    added = change_members(store, sync.audience_key, [Member(u, desired[(u, t)]) for u, t in adds], "add",
+        if breaker.trips(removes.height, size) and not _consume_release(store, sync.name):
+            held = _hold(store, sync, adds.height, removes.height, size)
+            removes = removes.clear()
+    added = change_members(store, sync.audience_key,
+                           [Member(u, t or None) for u, t in adds.select("user_id", "tenant").iter_rows()], "add",
                            source=f"sync:{sync.name}").changed
-    removed = change_members(store, sync.audience_key, [Member(u, t or None) for u, t in removes], "remove",
+    removed = change_members(store, sync.audience_key,
+                             [Member(u, t or None) for u, t in removes.iter_rows()], "remove",
                              source=f"sync:{sync.name}").changed
     with store.engine.begin() as connection:
-        store.insert_ignoring_duplicates(connection, state, [
-            {"sync_name": sync.name, "user_id": u, "tenant_key": t} for u, t in adds])
-        for start in range(0, len(removes), 500):
-            chunk = removes[start:start + 500]
-            connection.execute(state.delete().where(
-                state.c.sync_name == sync.name,
-                sa.tuple_(state.c.user_id, state.c.tenant_key).in_(chunk)))
+        store.insert_rows(connection, state, ("sync_name", "user_id", "tenant_key"),
+                          [(sync.name, u, t) for u, t in adds.select("user_id", "tenant_key").iter_rows()])
+        if removes.height:
+            mark = store.placeholder
+            connection.exec_driver_sql(
+                f"delete from sync_state where sync_name = {mark} and user_id = {mark} and tenant_key = {mark}",
+                [(sync.name, u, t) for u, t in removes.iter_rows()])
     return SyncResult(sync.name, frame.height, validated.quarantined.height, added, removed, held)
 
 
