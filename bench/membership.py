@@ -225,8 +225,12 @@ def main() -> None:
                                      source_mode="stream")
         results["setup_s"], results["cold"] = previous["setup_s"], previous["cold"]
         with duckdb.connect(str(settings.duckdb_path)) as connection:
-            last = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchall()[0][0]
-        base = max(T0, last) + timedelta(hours=1)
+            # After every time already in the history (the freshness rounds evaluate at the wall
+            # clock), and before now, so that this run's freshness rounds come later still.
+            last = connection.execute(
+                "select greatest(max(entered_at), max(exited_at)) from raw.membership_intervals").fetchall()[0][0]
+            clock = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchall()[0][0]
+        base = max(T0, last or T0, clock or T0) + timedelta(minutes=1)
     else:
         settings, results["setup_s"] = timed(setup, folder, options.users)
         base = T0

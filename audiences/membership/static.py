@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore, apply_membership_changes, now_text, tenant_key
+from audiences.membership.store import MembershipStore, now_text, tenant_key
 
 MAX_MEMBERS_PER_CALL = 1000
 
