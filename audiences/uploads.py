@@ -20,8 +20,9 @@ from pathlib import Path
 
 import polars as pl
 
-from audiences.membership.static import Member, change_members, queue_identify, require_static
+from audiences.membership.static import Member, change_members, require_static
 from audiences.membership.store import MembershipStore
+from audiences.users.profiles import identify
 from audiences.users.sources import ROW_COLUMN, UserSource, read_source
 from audiences.users.validation import validate_users
 
@@ -104,10 +105,15 @@ def upload_csv(
     chunks = range(0, len(rows), CHUNK)
     for start in _progress(chunks, len(rows), progress, path.name):
         chunk = rows[start:start + CHUNK]
-        patches = [(row["id"], _patch(row, values)) for row in chunk]
-        identified += queue_identify(store, [(user_id, patch) for user_id, patch in patches if patch])
-        result = change_members(store, audience_key, [Member(row["id"], tenant_of[row[ROW_COLUMN]]) for row in chunk],
-                                "add", source="upload")
+        patches = [(row["id"], patch) for row in chunk if (patch := _patch(row, values))]
+        # One transaction per chunk: the users (the store's copy, which the API reads, and the
+        # identify queue the next run loads) and their memberships go in together.
+        with store.engine.begin() as connection:
+            identify(store, connection, patches)
+            result = change_members(store, audience_key,
+                                    [Member(row["id"], tenant_of[row[ROW_COLUMN]]) for row in chunk], "add",
+                                    source="upload", connection=connection)
+        identified += len(patches)
         added, unchanged = added + result.changed, unchanged + result.unchanged
     target = None
     if validated.quarantined.height:

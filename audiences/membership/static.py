@@ -13,7 +13,6 @@ Everything here writes only to the store, so it works while a pipeline run holds
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -188,19 +187,6 @@ def is_member(store: MembershipStore, audience_key: str, user_id: str, tenant: s
         return connection.exec_driver_sql(
             f"select 1 from audience_members where audience_key = {mark} and user_id = {mark} "
             f"and tenant_key = {mark}", (audience_key, user_id, tenant_key(tenant))).first() is not None
-
-
-def queue_identify(store: MembershipStore, patches: Iterable[tuple[str, dict]], connection=None) -> int:
-    """Queue identify patches (Knock's inline identify) for the next users load."""
-    stamp = now_text()
-    rows = [{"user_id": user_id, "patch": json.dumps(patch, ensure_ascii=False, separators=(",", ":")),
-             "received_at": stamp, "loaded": False} for user_id, patch in patches]
-    if not rows:
-        return 0
-    if connection is not None:
-        return store.insert_ignoring_duplicates(connection, tables.user_patches, rows)
-    with store.engine.begin() as own:
-        return store.insert_ignoring_duplicates(own, tables.user_patches, rows)
 
 
 def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[str]) -> int:

@@ -85,6 +85,10 @@ def test_semicolons_mapping_and_one_user_under_three_tenants(store, tmp_path):
     assert result.members_added == 4
     assert members(store) == {("u1", "acme"), ("u1", "globex"), ("u1", None), ("u2", "acme")}
     assert patches(store)["u1"] == {"billing": {"plan": "pro"}}
+    # The store's copy of the user, which the API serves, has them at once.
+    from audiences.users.profiles import get_profile
+
+    assert get_profile(store, "u1").properties == {"billing": {"plan": "pro"}}
     again = upload(store, "semicolons_with_tenants.csv", tmp_path, mapping={"user": "id"}, tenant_column="tenant")
     assert (again.members_added, again.members_unchanged) == (0, 4)
 
