@@ -210,3 +210,19 @@ def test_members_can_be_removed_through_the_query_as_censuss_http_destination_se
     bad = http.delete("/v1/audiences/newsletter/members", params={"members": "[{"})
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "members"
     assert http.delete("/v1/audiences/newsletter/members").status_code == 422  # neither body nor query
+
+
+def test_a_dynamic_audience_lists_the_members_of_its_last_published_evaluation(http, service):
+    from audiences.membership.store import apply_membership_changes
+
+    store = service.environment("development").store
+    published = [{"audience_key": "pro-plan", "user_id": user, "tenant": None, "event_type": "entered",
+                  "occurred_at": "2026-11-27T00:00:00.000000Z"} for user in ("p1", "p2")]
+    with store.engine.begin() as connection:  # what publishing an evaluation does to current members
+        apply_membership_changes(store, connection, published)
+    listed = http.get("/v1/audiences/pro-plan/members").json()["entries"]
+    assert [(entry["user_id"], entry["added_at"]) for entry in listed] == [
+        ("p1", "2026-11-27T00:00:00.000000Z"), ("p2", "2026-11-27T00:00:00.000000Z")]
+    assert http.get("/v1/audiences/pro-plan/members/p1").json()["member"] is True
+    refused = http.delete("/v1/audiences/pro-plan/members", json={"members": [{"user": {"id": "p1"}}]})
+    assert refused.status_code == 422 and refused.json()["code"] == "audience_not_static"
