@@ -224,5 +224,5 @@ def test_a_dynamic_audience_lists_the_members_of_its_last_published_evaluation(h
     assert [(entry["user_id"], entry["added_at"]) for entry in listed] == [
         ("p1", "2026-11-27T00:00:00.000000Z"), ("p2", "2026-11-27T00:00:00.000000Z")]
     assert http.get("/v1/audiences/pro-plan/members/p1").json()["member"] is True
-    refused = http.delete("/v1/audiences/pro-plan/members", json={"members": [{"user": {"id": "p1"}}]})
+    refused = http.request("DELETE", "/v1/audiences/pro-plan/members", json={"members": [{"user": {"id": "p1"}}]})
     assert refused.status_code == 422 and refused.json()["code"] == "audience_not_static"
