@@ -1,7 +1,7 @@
 """What the API does, without HTTP: one `Environment` per environment the service serves.
 
 Each environment has its own membership store (and so its own keys, members, users and events), its
-definitions folder, and in-process write serialization for SQLite. Every operation calls the same
+definitions folder, and on SQLite a group-commit writer (writer.py). Every operation calls the same
 domain functions as the command-line tool (`change_members`, `is_member`, `broadcast`, `eligible`).
 """
 
@@ -30,11 +30,11 @@ from audiences.membership.static import (
     apply_change,
     audience_types,
     change_members,
-    prepare_change,
     create_static_audience,
     is_member,
+    prepare_change,
 )
-from audiences.membership.store import MembershipStore, tenant_key
+from audiences.membership.store import MembershipStore
 from audiences.settings import Settings
 from audiences.users import profiles
 
@@ -274,5 +274,3 @@ def tenant_of(value: str | None) -> str | None:
     """A blank tenant means "no tenant" (Knock's rule for guides; we use it everywhere)."""
     return value or None
 
-
-__all__ = ["Environment", "tenant_key"]
