@@ -300,10 +300,20 @@ class MembershipStore:
         if not rows:
             return 0
         quote = self.engine.dialect.identifier_preparer.quote
-        marks = ", ".join([self.placeholder] * len(columns))
-        sql = (f"insert into {quote(table.name)} ({', '.join(quote(column) for column in columns)}) "
-               f"values ({marks}) on conflict do nothing")
-        return connection.exec_driver_sql(sql, list(rows)).rowcount
+        marks = "(" + ", ".join([self.placeholder] * len(columns)) + ")"
+        head = f"insert into {quote(table.name)} ({', '.join(quote(column) for column in columns)}) values "
+        if self.engine.dialect.name != "sqlite":
+            return connection.exec_driver_sql(f"{head}{marks} on conflict do nothing", list(rows)).rowcount
+        # On SQLite, multi-row statements: the driver steps once per statement rather than once per
+        # row, and each step hands Python's lock to other threads and waits to get it back, which
+        # under the API's load cost more than the inserts themselves.
+        per_statement = max(1, 32_000 // len(columns))
+        inserted = 0
+        for start in range(0, len(rows), per_statement):
+            chunk = rows[start:start + per_statement]
+            sql = f"{head}{', '.join([marks] * len(chunk))} on conflict do nothing"
+            inserted += connection.exec_driver_sql(sql, tuple(value for row in chunk for value in row)).rowcount
+        return inserted
 
     def scalar(self, statement) -> object:
         with self.read_engine.connect() as connection:
