@@ -167,10 +167,15 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
         store.insert_rows(connection, tables.audience_members,
                           ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
                           [(audience_key, event[3], event[4] or "", event[4], stamp) for event in events])
-    elif events:
-        connection.exec_driver_sql(
-            f"delete from audience_members where audience_key = {mark} and user_id = {mark} and tenant_key = {mark}",
-            [(audience_key, event[3], event[4] or "") for event in events])
+    else:
+        # One statement per 5,000 members rather than one per member (see `insert_rows`).
+        for start in range(0, len(events), 5000):
+            chunk = events[start:start + 5000]
+            pairs = ", ".join([f"({mark}, {mark})"] * len(chunk))
+            connection.exec_driver_sql(
+                f"delete from audience_members where audience_key = {mark} and (user_id, tenant_key) in "
+                f"(values {pairs})",
+                (audience_key, *(value for event in chunk for value in (event[3], event[4] or ""))))
     return ChangeResult(len(events), len(wanted) - len(events), [event[0] for event in events])
 
 

@@ -97,14 +97,23 @@ def identify(store: MembershipStore, connection,
 
 
 def _upsert_profiles(store: MembershipStore, connection, rows: list[tuple]) -> None:
-    """Insert or replace profiles, given as (user_id, properties, updated_at, deleted_at) tuples."""
+    """Insert or replace profiles, given as (user_id, properties, updated_at, deleted_at) tuples
+    with distinct user ids."""
     if not rows:
         return
     mark = store.placeholder
-    connection.exec_driver_sql(
-        f"insert into user_profiles (user_id, properties, updated_at, deleted_at) values ({mark}, {mark}, {mark}, {mark}) "
-        "on conflict (user_id) do update set properties = excluded.properties, updated_at = excluded.updated_at, "
-        "deleted_at = excluded.deleted_at", rows)
+    values = f"({mark}, {mark}, {mark}, {mark})"
+    head = "insert into user_profiles (user_id, properties, updated_at, deleted_at) values "
+    tail = (" on conflict (user_id) do update set properties = excluded.properties, "
+            "updated_at = excluded.updated_at, deleted_at = excluded.deleted_at")
+    if store.engine.dialect.name != "sqlite":
+        connection.exec_driver_sql(head + values + tail, rows)
+        return
+    # Multi-row statements on SQLite, as `MembershipStore.insert_rows` explains.
+    for start in range(0, len(rows), 8000):
+        chunk = rows[start:start + 8000]
+        connection.exec_driver_sql(head + ", ".join([values] * len(chunk)) + tail,
+                                   tuple(value for row in chunk for value in row))
 
 
 def get_profile(store: MembershipStore, user_id: str) -> Profile | None:
