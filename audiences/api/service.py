@@ -112,8 +112,8 @@ class Environment:
         wanted = []
         for index, member in enumerate(members):
             user = member["user"]
-            properties = {name: value for name, value in user.items() if name != "id"}
-            if action == "add" and properties:
+            if action == "add" and len(user) > 1:  # more than an id: an inline identify
+                properties = {name: value for name, value in user.items() if name != "id"}
                 check_properties(properties, f"members.{index}.user")
                 patches.append((user["id"], properties))
             wanted.append(Member(user["id"], member.get("tenant")))

@@ -43,7 +43,7 @@ class ChangeResult:
 
 def event_id(audience_key: str, user_id: str, tenant: str | None, event_type: str, entry_number: int) -> str:
     """The deterministic id of a membership change (the warehouse computes the same in SQL)."""
-    text = "\x1f".join([audience_key, user_id, tenant or "", event_type, str(entry_number)])
+    text = f"{audience_key}\x1f{user_id}\x1f{tenant or ''}\x1f{event_type}\x1f{entry_number}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

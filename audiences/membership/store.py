@@ -10,6 +10,7 @@ Every write is idempotent: events and deliveries are keyed by deterministic ids 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -309,7 +310,7 @@ class MembershipStore:
         for start in range(0, len(rows), per_statement):
             chunk = rows[start:start + per_statement]
             sql = f"{head}{', '.join([marks] * len(chunk))} on conflict do nothing"
-            inserted += connection.exec_driver_sql(sql, tuple(value for row in chunk for value in row)).rowcount
+            inserted += connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk))).rowcount
         return inserted
 
     def scalar(self, statement) -> object:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 
 import sqlalchemy as sa
 
@@ -113,7 +114,7 @@ def _upsert_profiles(store: MembershipStore, connection, rows: list[tuple]) -> N
     for start in range(0, len(rows), 8000):
         chunk = rows[start:start + 8000]
         connection.exec_driver_sql(head + ", ".join([values] * len(chunk)) + tail,
-                                   tuple(value for row in chunk for value in row))
+                                   tuple(chain.from_iterable(chunk)))
 
 
 def get_profile(store: MembershipStore, user_id: str) -> Profile | None:
