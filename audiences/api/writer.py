@@ -1,11 +1,11 @@
 """Group commit for the API's writes to a SQLite store.
 
-SQLite has one writer, and at a thousand members a request most of a write's cost is the commit
-(dirty index pages written to the WAL). So concurrent requests hand their write to one writer
-thread, which runs every write waiting at that moment in one transaction, each inside its own
-savepoint, and commits once: a write that fails rolls back alone and its request gets the error;
-the others are acknowledged only after the shared commit. PostgreSQL needs none of this (each
-request writes in its own transaction).
+SQLite has one writer, and a commit writes every dirty page to the WAL. So concurrent requests
+hand their write to one writer thread, which runs every write waiting at that moment in one
+transaction and commits once; each request is answered only after that commit. If one write of a
+group fails, the group is rolled back and each write runs again alone, so that only the failing one
+fails (see `_commit`). Worker processes take turns through a file lock. PostgreSQL needs none of
+this: each request writes in its own transaction.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import fcntl
 import queue
 import threading
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from concurrent.futures import Future
 from typing import Any
 
