@@ -345,20 +345,16 @@ def _sqlite_manual_transactions(dbapi_connection, _record) -> None:
 
 def apply_membership_changes(store: MembershipStore, connection, events: Iterable[dict]) -> None:
     """Make the current-membership table reflect entered / exited events (idempotent)."""
-    entered = [
-        {"audience_key": e["audience_key"], "user_id": e["user_id"], "tenant_key": tenant_key(e["tenant"]),
-         "tenant": e["tenant"], "added_at": e["occurred_at"]}
-        for e in events if e["event_type"] == "entered"
-    ]
-    exited = [
-        {"a": e["audience_key"], "u": e["user_id"], "t": tenant_key(e["tenant"])}
-        for e in events if e["event_type"] == "exited"
-    ]
-    store.insert_ignoring_duplicates(connection, audience_members, entered)
-    if exited:
-        statement = audience_members.delete().where(
-            audience_members.c.audience_key == sa.bindparam("a"),
-            audience_members.c.user_id == sa.bindparam("u"),
-            audience_members.c.tenant_key == sa.bindparam("t"),
-        )
-        connection.execute(statement, exited)
+    events = list(events)
+    store.insert_rows(connection, audience_members, ("audience_key", "user_id", "tenant_key", "tenant", "added_at"), [
+        (e["audience_key"], e["user_id"], tenant_key(e["tenant"]), e["tenant"], e["occurred_at"])
+        for e in events if e["event_type"] == "entered"])
+    exited = [(e["audience_key"], e["user_id"], tenant_key(e["tenant"])) for e in events if e["event_type"] == "exited"]
+    mark = store.placeholder
+    # One statement per 3,000 memberships rather than one per membership (see `insert_rows`).
+    for start in range(0, len(exited), 3000):
+        chunk = exited[start:start + 3000]
+        triples = ", ".join([f"({mark}, {mark}, {mark})"] * len(chunk))
+        connection.exec_driver_sql(
+            f"delete from audience_members where (audience_key, user_id, tenant_key) in (values {triples})",
+            tuple(chain.from_iterable(chunk)))

@@ -15,10 +15,11 @@ from audiences.membership.store import MembershipStore
 def test_a_failing_write_in_a_group_fails_alone_and_the_others_are_committed(tmp_path):
     store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
     writer = GroupCommitWriter(store.engine)
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     results: dict[int, object] = {}
 
     def blocker(connection):  # holds the writer so that the next writes queue up as one group
+        started.set()
         release.wait(10)
         return "first"
 
@@ -39,6 +40,7 @@ def test_a_failing_write_in_a_group_fails_alone_and_the_others_are_committed(tmp
     threads = [threading.Thread(target=submit, args=(0, blocker))]
     threads += [threading.Thread(target=submit, args=(number, insert(number))) for number in range(1, 6)]
     threads[0].start()
+    assert started.wait(10)
     for thread in threads[1:]:
         thread.start()
     deadline = time.monotonic() + 10
