@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore, now_text, tenant_key
+from audiences.membership.store import MembershipStore, delete_members, now_text, tenant_key
 
 MAX_MEMBERS_PER_CALL = 1000
 
@@ -168,14 +168,7 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
                           ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
                           [(audience_key, event[3], event[4] or "", event[4], stamp) for event in events])
     else:
-        # One statement per 5,000 members rather than one per member (see `insert_rows`).
-        for start in range(0, len(events), 5000):
-            chunk = events[start:start + 5000]
-            pairs = ", ".join([f"({mark}, {mark})"] * len(chunk))
-            connection.exec_driver_sql(
-                f"delete from audience_members where audience_key = {mark} and (user_id, tenant_key) in "
-                f"(values {pairs})",
-                (audience_key, *(value for event in chunk for value in (event[3], event[4] or ""))))
+        delete_members(store, connection, audience_key, [(event[3], event[4] or "") for event in events])
     return ChangeResult(len(events), len(wanted) - len(events), [event[0] for event in events])
 
 

@@ -349,12 +349,24 @@ def apply_membership_changes(store: MembershipStore, connection, events: Iterabl
     store.insert_rows(connection, audience_members, ("audience_key", "user_id", "tenant_key", "tenant", "added_at"), [
         (e["audience_key"], e["user_id"], tenant_key(e["tenant"]), e["tenant"], e["occurred_at"])
         for e in events if e["event_type"] == "entered"])
-    exited = [(e["audience_key"], e["user_id"], tenant_key(e["tenant"])) for e in events if e["event_type"] == "exited"]
+    exited: dict[str, list[tuple[str, str]]] = {}
+    for e in events:
+        if e["event_type"] == "exited":
+            exited.setdefault(e["audience_key"], []).append((e["user_id"], tenant_key(e["tenant"])))
+    for audience_key, members in exited.items():
+        delete_members(store, connection, audience_key, members)
+
+
+def delete_members(store: MembershipStore, connection, audience_key: str, members: Sequence[tuple[str, str]]) -> None:
+    """Remove (user_id, tenant_key) memberships of one audience, a few thousand per statement (see
+    `insert_rows`). The `user_id in (...)` lets the database find them through the primary key; the
+    pairs alone would make SQLite scan the table."""
     mark = store.placeholder
-    # One statement per 3,000 memberships rather than one per membership (see `insert_rows`).
-    for start in range(0, len(exited), 3000):
-        chunk = exited[start:start + 3000]
-        triples = ", ".join([f"({mark}, {mark}, {mark})"] * len(chunk))
+    for start in range(0, len(members), 3000):
+        chunk = members[start:start + 3000]
+        users = ", ".join([mark] * len(chunk))
+        pairs = ", ".join([f"({mark}, {mark})"] * len(chunk))
         connection.exec_driver_sql(
-            f"delete from audience_members where (audience_key, user_id, tenant_key) in (values {triples})",
-            tuple(chain.from_iterable(chunk)))
+            f"delete from audience_members where audience_key = {mark} and user_id in ({users}) "
+            f"and (user_id, tenant_key) in (values {pairs})",
+            (audience_key, *(user_id for user_id, _ in chunk), *chain.from_iterable(chunk)))
