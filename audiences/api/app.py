@@ -10,7 +10,6 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 import hashlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from audiences.api.errors import ApiError, ErrorBody, error_body, invalid
 from audiences.api.keys import ApiKey, find_key
 from audiences.api.limits import BodyLimit, RateLimiter, retry_after_header
 from audiences.api.service import Environment, tenant_of
+from audiences.membership.static import MAX_MEMBERS_PER_CALL
 from audiences.settings import Settings
 
 log = logging.getLogger("audiences.api")
@@ -37,28 +37,11 @@ log = logging.getLogger("audiences.api")
 
 # -- request and response shapes ------------------------------------------------------------------
 
-def _storable(value: str) -> str:
-    """Text must be valid Unicode without NUL, so that every store (PostgreSQL too) can keep it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("is not valid Unicode (a lone surrogate)") from None
-    if "\x00" in value:
-        raise ValueError("contains a NUL character")
-    return value
-
-
 # An identifier is not blank (ASCII whitespace only) and holds no NUL; spelled out with an explicit
-# character set so that the OpenAPI document, pydantic and Python's `re` agree on it.
+# character set so that the OpenAPI document and the validation agree on it. Path parameters are
+# checked by the same pattern (and decoded paths hold no lone surrogates).
 IDENTIFIER_PATTERN = r"^[^\x00]*[^\x00\t\n\x0b\x0c\r ][^\x00]*$"
 TEXT_PATTERN = r"^[^\x00]*$"
-_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
-
-
-def _identifier(value: str) -> str:
-    if not _IDENTIFIER.match(value):
-        raise ValueError("is blank or contains a NUL character")
-    return _storable(value)
 
 
 # pydantic refuses lone surrogates in `str` fields itself; the patterns refuse NUL.
@@ -103,7 +86,8 @@ class AudienceMemberRequest(TypedDict, total=False):
 class AudienceMembersRequest(TypedDict):
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     members: Annotated[list[AudienceMemberRequest],
-                       Field(max_length=1000, description="Up to 1,000 members per request (Knock's limit).")]
+                       Field(max_length=MAX_MEMBERS_PER_CALL,
+                             description="Up to 1,000 members per request (Knock's limit).")]
 
 
 class User(BaseModel):
@@ -287,7 +271,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def check_member(key: AudienceKey, user_id: UserId, caller: Reader,
                      tenant: Tenant | None = Query(None, description="The run's tenant; none or empty: no tenant.")):
         # Two indexed reads, answered on the event loop: cheaper than a hop to a worker thread.
-        return JSONResponse(caller.environment.check(key, checked_identifier(user_id, "user_id"), tenant_of(tenant)))
+        return JSONResponse(caller.environment.check(key, user_id, tenant_of(tenant)))
 
     @app.post("/v1/audiences/{key}/broadcasts", status_code=202, response_model=BroadcastResult,
               responses=ERRORS, tags=["audiences"], summary="Trigger a workflow for every member (beyond Knock)")
@@ -300,7 +284,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.put("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"],
              summary="Identify a user (merge properties; null removes one)")
     async def identify(user_id: UserId, body: UserProperties, request: Request, caller: Writer):
-        user_id = checked_identifier(user_id, "user_id")
         properties = dict(body)
         if properties.get("id", user_id) != user_id:
             raise invalid("id", "differs from the user id in the path")
@@ -309,12 +292,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"], summary="Get a user")
     def get_user(user_id: UserId, caller: Reader):
-        return caller.environment.get_user(checked_identifier(user_id, "user_id"))
+        return caller.environment.get_user(user_id)
 
     @app.delete("/v1/users/{user_id}", status_code=204, responses=ERRORS, tags=["users"],
                 summary="Delete a user; their memberships end, with exit events")
     async def delete_user(user_id: UserId, request: Request, caller: Writer):
-        user_id = checked_identifier(user_id, "user_id")
 
         def work():
             caller.environment.delete_user(user_id)
@@ -327,7 +309,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              tags=["guides"], summary="Is the user eligible for a guide? (beyond Knock)")
     def guide_eligibility(guide_key: GuideKey, user_id: UserId, caller: Reader,
                           tenant: Tenant | None = Query(None, description="The request's tenant (strict mode).")):
-        return caller.environment.guide_eligibility(guide_key, checked_identifier(user_id, "user_id"),
+        return caller.environment.guide_eligibility(guide_key, user_id,
                                                     tenant_of(tenant))
 
     from audiences.api.census import census_router
@@ -449,15 +431,6 @@ def close_app(app: FastAPI) -> None:
     for environment in app.state.environments.values():
         environment.close()
     app.state.limiter.close()
-
-
-def checked_identifier(value: str, field: str) -> str:
-    if len(value) > 255:
-        raise invalid(field, "at most 255 characters")
-    try:
-        return _identifier(value)
-    except ValueError as error:
-        raise invalid(field, str(error)) from None
 
 
 def respond(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:

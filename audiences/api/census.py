@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from audiences.api.errors import ApiError
 from audiences.api.limits import RateLimiter, retry_after_header
 from audiences.api.service import Environment
+from audiences.membership.static import MAX_MEMBERS_PER_CALL
 
 OPERATIONS = ["insert", "upsert", "mirror"]
 FIELDS = [
@@ -83,7 +84,8 @@ def dispatch(environment: Environment, method: str, params: dict) -> dict:
         _audience(environment, params.get("object"))
         return {"operations": OPERATIONS}
     if method == "get_sync_speed":
-        return {"maximum_batch_size": 1000, "maximum_parallel_batches": 4, "maximum_records_per_second": 20000}
+        return {"maximum_batch_size": MAX_MEMBERS_PER_CALL, "maximum_parallel_batches": 4,
+                "maximum_records_per_second": 20000}
     if method == "sync_batch":
         return sync_batch(environment, params)
     raise RpcError(-32601, f"unknown method {method!r}")
@@ -120,8 +122,8 @@ def sync_batch(environment: Environment, params: dict) -> dict:
         members.append({"user": {"id": user_id}, "tenant": tenant or None})
         results.append({"identifier": user_id, "success": True, "error_message": None})
     action = "remove" if operation == "delete" else "add"
-    for start in range(0, len(members), 1000):
-        environment.change_members(key, members[start:start + 1000], action, source="census")
+    for start in range(0, len(members), MAX_MEMBERS_PER_CALL):
+        environment.change_members(key, members[start:start + MAX_MEMBERS_PER_CALL], action, source="census")
     return {"record_results": results}
 
 
