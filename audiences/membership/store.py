@@ -232,12 +232,6 @@ class MembershipStore:
         inspector = sa.inspect(self.read_engine)
         with self.engine.begin() as connection:
             for table in metadata.sorted_tables:
-                indexes = self._index_names(connection, table.name)
-                for name in indexes & set(OBSOLETE_INDEXES):
-                    connection.exec_driver_sql(f"drop index {self.engine.dialect.identifier_preparer.quote(name)}")
-                for index in table.indexes:
-                    if index.name not in indexes:
-                        index.create(connection)
                 present = {column["name"] for column in inspector.get_columns(table.name)}
                 for column in table.columns:
                     if column.name in present:
@@ -249,6 +243,13 @@ class MembershipStore:
                     quote = self.engine.dialect.identifier_preparer.quote
                     connection.exec_driver_sql(
                         f"alter table {quote(table.name)} add column {quote(column.name)} {kind}{default}")
+                # Indexes after columns: a new index may read a column added just above.
+                indexes = self._index_names(connection, table.name)
+                for name in indexes & set(OBSOLETE_INDEXES):
+                    connection.exec_driver_sql(f"drop index {self.engine.dialect.identifier_preparer.quote(name)}")
+                for index in table.indexes:
+                    if index.name not in indexes:
+                        index.create(connection)
         return self
 
     def _index_names(self, connection, table_name: str) -> set[str]:
