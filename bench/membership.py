@@ -231,6 +231,12 @@ def main() -> None:
                 "select greatest(max(entered_at), max(exited_at)) from raw.membership_intervals").fetchall()[0][0]
             clock = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchall()[0][0]
         base = max(T0, last or T0, clock or T0) + timedelta(minutes=1)
+        # The product's current dbt project (the copy is from the earlier run), generated again.
+        shutil.rmtree(settings.dbt_project_dir)
+        shutil.copytree(ROOT / "dbt_project", settings.dbt_project_dir,
+                        ignore=shutil.ignore_patterns("target", "logs", ".user.yml"))
+        shutil.rmtree(settings.dbt_project_dir / "models" / "audiences" / "custom")
+        prepare(settings)
     else:
         settings, results["setup_s"] = timed(setup, folder, options.users)
         base = T0
@@ -238,6 +244,10 @@ def main() -> None:
     if not options.reuse:
         results["cold"] = evaluate(settings, T0, store)
         print("cold", results["cold"], flush=True)
+    if options.reuse:
+        # The first build with this code may rebuild what it changed (a model's SQL): not measured.
+        results["settle"] = evaluate(settings, base, store)
+        print("settle", results["settle"], flush=True)
     warm = []
     for round_number in (1, 2):
         with duckdb.connect(str(settings.duckdb_path)) as connection:
@@ -274,6 +284,12 @@ def write_results(r: dict, arguments: str) -> None:
         f"{cold['diff_s']:.2f} s | {cold['publish_s']:.1f} s | {(cold['diff_s'] + cold['publish_s']) / cold['evaluation_wall_s']:.0%} | "
         f"{cold['entered']:,} | {cold['exited']:,} | {cold['deliveries_created']:,} |",
     ]
+    if r.get("settle"):
+        settle = r["settle"]
+        lines.append(
+            f"| settle (first build with this code, not a warm round) | {settle['evaluation_wall_s']:.1f} s | "
+            f"{settle['evaluation_dbt_s']:.1f} s | {settle['diff_s']:.2f} s | {settle['publish_s']:.2f} s | | "
+            f"{settle['entered']:,} | {settle['exited']:,} | {settle['deliveries_created']:,} |")
     for index, run in enumerate(warm, start=1):
         lines.append(
             f"| warm {index} (1% of users changed) | {run['evaluation_wall_s']:.1f} s | {run['evaluation_dbt_s']:.1f} s | "

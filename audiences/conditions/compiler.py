@@ -255,6 +255,30 @@ class CompileContext:
     evaluation_time: exp.Expression
     user_key: exp.Expression
     user_id: exp.Expression
+    # Told of every comparison of a timestamp attribute with "now" shifted by some minutes.
+    on_time_window: Callable[[TimeWindow], None] | None = None
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """A condition comparing `attribute` (a timestamp) with "now" shifted by `minutes`.
+
+    As "now" moves from t0 to t1, such a condition can only change its value for users whose
+    timestamp lies between t0 + minutes and t1 + minutes. No other condition reads the evaluation
+    time, so an audience's members can only change without a data change for those users: that is
+    what lets `audience_members` re-evaluate a time-relative audience for a handful of users.
+    """
+
+    attribute: Attribute
+    minutes: int
+
+    def moved_over(self, column: exp.Expression, previous: exp.Expression, current: exp.Expression) -> exp.Expression:
+        """True when `column` (this window's timestamp) lies where "now" moved from `previous` to `current`."""
+        return _template(
+            "(:column between least(:previous, :current) + to_minutes(cast(:minutes as bigint)) "
+            "and greatest(:previous, :current) + to_minutes(cast(:minutes as bigint)))",
+            column=column, previous=previous, current=current, minutes=exp.Literal.number(self.minutes),
+        )
 
 
 def compile_segments(segments: Iterable[Iterable[Condition]], context: CompileContext) -> exp.Expression:
@@ -477,17 +501,25 @@ def timestamp_literal(moment: datetime) -> exp.Expression:
     return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build("timestamptz"))
 
 
-def _time_argument(raw: object, context: CompileContext) -> exp.Expression:
+def _time_argument(raw: object, read: _Reader, context: CompileContext) -> exp.Expression:
     try:
-        return time_argument_sql(parse_time_argument(raw), context)
+        argument = parse_time_argument(raw)
     except ArgumentError as error:
         raise ConditionError(str(error)) from None
+    if isinstance(argument, RelativeTime):
+        _note_time_window(read, argument.minutes, context)
+    return time_argument_sql(argument, context)
+
+
+def _note_time_window(read: _Reader, minutes: int, context: CompileContext) -> None:
+    if context.on_time_window is not None:
+        context.on_time_window(TimeWindow(Attribute(read.path, "timestamp"), minutes))
 
 
 def _compile_time_compare(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
     if not condition.has_argument:
         raise ConditionError(f"`{condition.operator}` needs a time argument")
-    bound = _time_argument(condition.argument, context)
+    bound = _time_argument(condition.argument, read, context)
     before = condition.operator.startswith("is_timestamp_before")
     return (exp.LT if before else exp.GTE)(this=read.timestamp, expression=bound)
 
@@ -499,12 +531,13 @@ def _compile_time_between(condition: Condition, read: _Reader, context: CompileC
         raw = decoded if isinstance(decoded, list) else raw
     if not (isinstance(raw, list) and len(raw) == 2):
         raise ConditionError(f"`is_timestamp_between` needs [start, end], got {condition.argument!r}")
-    low, high = (_time_argument(bound, context) for bound in raw)
+    low, high = (_time_argument(bound, read, context) for bound in raw)
     return exp.Between(this=read.timestamp, low=low, high=high)
 
 
 def _compile_now_compare(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
     before = condition.operator == "is_timestamp_before_now"
+    _note_time_window(read, 0, context)
     return (exp.LT if before else exp.GTE)(this=read.timestamp, expression=context.evaluation_time)
 
 
@@ -583,6 +616,21 @@ def attributes_used(segments: Iterable[Iterable[Condition]]) -> set[Attribute]:
     )
     compile_segments(segments, context)
     return used
+
+
+def time_windows(segments: Iterable[Iterable[Condition]]) -> list[TimeWindow]:
+    """Every comparison with the evaluation time in these conditions (see `TimeWindow`), sorted."""
+    windows: set[TimeWindow] = set()
+    context = CompileContext(
+        attribute=lambda attribute: exp.column(attribute.column_name, quoted=True),
+        audience_members=lambda key: exp.select("user_key").from_("members"),
+        evaluation_time=exp.column("now"),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+        on_time_window=windows.add,
+    )
+    compile_segments(segments, context)
+    return sorted(windows, key=lambda window: (window.attribute.path, window.minutes))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ SCHEMA_STATEMENTS = (
     """,
     "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
     "create table if not exists raw.outbox_published (published_sequence bigint not null)",
-    # Per user, a hash of the set of (audience, tenant) memberships at the last diff.
-    "create table if not exists raw.membership_signatures (user_key integer not null, signature ubigint not null)",
+    # Replaced by audience_members__reevaluated, which says which rows a build may have changed.
+    "drop table if exists raw.membership_signatures",
 )
 
 
@@ -118,7 +118,12 @@ def record_changes(
     members_table: str = "main.audience_members",
     catalog_table: str = "main.audience_catalog",
 ) -> ChangeSummary:
-    """Diff the evaluation in `members_table` against the open intervals; see the module docstring."""
+    """Diff the evaluation in `members_table` against the open intervals; see the module docstring.
+
+    Only the rows that the builds since the last diff re-evaluated are compared: dbt logs them in
+    `<members_table>__reevaluated` (see dbt_project/macros/audience_members.sql), and the diff
+    empties that log in its transaction. Without a log, everything is compared.
+    """
     ensure_schema(connection)
     connection.execute("begin transaction")
     try:
@@ -138,9 +143,6 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
     if newest is not None and evaluated_at < newest:
         raise ValueError(f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
                          f"({newest.isoformat()}); membership history only moves forward")
-    # Only users whose set of memberships changed need a detailed diff. Each user's memberships
-    # hash to one signature (an order-free XOR of (audience, tenant) hashes); comparing a million
-    # signatures is far cheaper than comparing millions of memberships.
     connection.execute(
         f"""
         create or replace temp table evaluated_audiences as
@@ -148,39 +150,35 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         select audience_key from {catalog_table} where audience_type <> 'static'
         """
     )
-    connection.execute(
-        f"""
-        create or replace temp table new_signatures as
-        select user_key, bit_xor(hash(audience_key, coalesce(tenant, chr(0)))) as signature
-        from {members_table}
-        where audience_key in (select audience_key from evaluated_audiences)
-        group by user_key
-        """
-    )
-    connection.execute(
-        """
-        create or replace temp table changed_users as
-        select coalesce(new_signatures.user_key, old_signatures.user_key) as user_key
-        from new_signatures
-        full outer join raw.membership_signatures as old_signatures
-            on old_signatures.user_key = new_signatures.user_key
-        where new_signatures.signature is distinct from old_signatures.signature
-        """
-    )
+    # Which rows may have changed since the last diff: audiences evaluated whole, and users
+    # re-evaluated in every audience. Anything else kept its membership.
+    log = _reevaluated_log(connection, members_table)
+    connection.execute("create or replace temp table whole_audiences (audience_key varchar)")
+    connection.execute("create or replace temp table reevaluated_users (user_key integer)")
+    if log is None or connection.execute(
+            f"select count(*) from {log} where audience_key is null and user_key is null").fetchall()[0][0]:
+        connection.execute("insert into whole_audiences select audience_key from evaluated_audiences")
+    else:
+        connection.execute(f"insert into whole_audiences select distinct audience_key from {log} "
+                           "where user_key is null and audience_key is not null")
+        connection.execute(f"insert into reevaluated_users select distinct user_key from {log} "
+                           "where audience_key is null and user_key is not null")
+    in_scope = """
+        audience_key in (select audience_key from evaluated_audiences)
+        and (audience_key in (select audience_key from whole_audiences)
+             or user_key in (select user_key from reevaluated_users))
+    """
     connection.execute(
         f"""
         create or replace temp table changes as
         with evaluated as (
             select audience_key, user_key, tenant from {members_table}
-            where audience_key in (select audience_key from evaluated_audiences)
-                and user_key in (select user_key from changed_users)
+            where {in_scope}
         ),
         open_intervals as (
             select rowid as interval_row, audience_key, user_key, user_id, tenant, entry_number
             from raw.membership_intervals
-            where exited_at is null
-                and audience_key in (select audience_key from evaluated_audiences)
-                and user_key in (select user_key from changed_users)
+            where exited_at is null and {in_scope}
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
@@ -313,13 +311,21 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         """,
         parameters,
     )
-    connection.execute("delete from raw.membership_signatures where user_key in (select user_key from changed_users)")
-    connection.execute(
-        "insert into raw.membership_signatures "
-        "select * from new_signatures where user_key in (select user_key from changed_users)")
-    for table in ("changes", "entries", "held", "evaluated_audiences", "new_signatures", "changed_users"):
+    if log is not None:
+        connection.execute(f"delete from {log}")
+    for table in ("changes", "entries", "held", "evaluated_audiences", "whole_audiences", "reevaluated_users"):
         connection.execute(f"drop table {table}")
     return summary
+
+
+def _reevaluated_log(connection: duckdb.DuckDBPyConnection, members_table: str) -> str | None:
+    """`<members_table>__reevaluated`, written by audience_members' builds, if it exists."""
+    schema, _, name = members_table.rpartition(".")
+    found = connection.execute(
+        "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
+        {"schema": schema or "main", "name": f"{name}__reevaluated"},
+    ).fetchall()[0][0]
+    return f"{members_table}__reevaluated" if found else None
 
 
 def _batch_id(connection, audience_key: str, evaluated_at: datetime) -> str:

@@ -29,6 +29,7 @@ EXPECTED_ASSET_KEYS = [
     "audiences/trial_expired_unconverted",
     "audiences/vip_customers",
     "int_users_flattened",
+    "int_users_to_reevaluate",
     "membership_changes",
     "published_membership_events",
     "sources/crm_export",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import datetime
 
 import dagster as dg
 import duckdb
@@ -21,10 +22,10 @@ from pipelines import build_definitions
 pytestmark = pytest.mark.slow
 
 
-def reference_members(connection) -> dict[str, set[str]]:
+def reference_members(connection, now=NOW, definitions_dir=ROOT / "data" / "audiences") -> dict[str, set[str]]:
     users = [{"id": user_id, **json.loads(properties)} for user_id, properties in
              connection.execute("select user_id, properties from raw.users where deleted_at is null").fetchall()]
-    definitions = load_definitions(ROOT / "data" / "audiences")
+    definitions = load_definitions(definitions_dir)
     members: dict[str, set[str]] = {}
     for key in evaluation_order(definitions):
         definition = definitions[key]
@@ -36,7 +37,7 @@ def reference_members(connection) -> dict[str, set[str]]:
             continue
         members[key] = {
             user["id"] for user in users
-            if evaluate_audience(definition.raw, user, now=NOW, is_member=lambda other, uid: uid in members[other])
+            if evaluate_audience(definition.raw, user, now=now, is_member=lambda other, uid: uid in members[other])
         }
     return members
 
@@ -126,6 +127,87 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
             "order by evaluated_at").fetchall()
     assert history == (2, 30)
     assert signups[0][0] > 0 and signups[1][0] == 0
+    # Re-evaluated incrementally (time-relative audiences only for users near their windows), the
+    # members are still exactly what the reference evaluator computes at the new time.
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        expected = reference_members(connection, now=datetime.fromisoformat(later))
+        actual = compiled_members(connection)
+        reevaluated = connection.execute("select count(*) from main.int_users_to_reevaluate").fetchone()[0]
+    assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
+        key: ids for key, ids in expected.items() if ids}
+    assert 0 < reevaluated < 2964  # 26 days of windows cover most of the sample's users
+
+
+def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_changes(sample_run, tmp_path):
+    """Changed, new and deleted users, "now" moved, and one definition changed, in one run.
+
+    audience_members re-evaluates per user what it can (macros/audience_members.sql); the result
+    must equal the reference evaluator's full evaluation, and the diff must see every change."""
+    from audiences import cli
+
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(sample_run, copy)
+    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
+    definitions = tmp_path / "audiences"
+    shutil.copytree(ROOT / "data" / "audiences", definitions)
+    changed = json.loads((definitions / "eu-customers" / "audience.json").read_text())
+    changed["segments"][0]["conditions"][0]["argument"] = '["DE", "FR", "NL"]'
+    (definitions / "eu-customers" / "audience.json").write_text(json.dumps(changed))
+    # The snapshot loses three users (deleted); a stream moves 40 users around and adds one.
+    lines = (ROOT / "data" / "sources" / "users.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    deleted = ["user_00030", "user_00031", "user_00032"]
+    kept = [line for line in lines if not line.startswith(tuple(f"{user_id}," for user_id in deleted))]
+    assert len(kept) == len(lines) - 3
+    (tmp_path / "users.csv").write_text("".join(kept), encoding="utf-8")
+    updates = [{"id": f"user_{n:05d}", "plan": plan, "address": {"country": country}, "nps_score": score,
+                "last_seen_at": seen}
+               for n, (plan, country, score, seen) in enumerate(
+                   [("enterprise", "DE", 10, "2026-11-20T00:00:00Z"), ("free", "US", 2, "2026-09-01T00:00:00Z"),
+                    ("pro", "FR", None, "2026-11-26T12:00:00Z"), ("starter", "NL", 6, None)] * 10, start=100)]
+    updates.append({"id": "user_new_1", "plan": "enterprise", "address": {"country": "DE"}, "nps_score": 9,
+                    "last_seen_at": "2026-11-26T00:00:00Z"})
+    (tmp_path / "updates.jsonl").write_text("".join(json.dumps(update) + "\n" for update in updates))
+    (tmp_path / "sources.yml").write_text(
+        "sources:\n"
+        "  - {name: crm_export, path: users.csv, mode: snapshot}\n"
+        f"  - {{name: product_updates, path: '{ROOT / 'data' / 'sources' / 'user_updates.parquet'}', mode: stream}}\n"
+        "  - {name: test_updates, path: updates.jsonl, mode: stream}\n")
+    later = "2026-11-01T06:00:00+00:00"
+    code = cli.main(["--duckdb", str(copy), "--sinks", str(tmp_path / "sinks.yml"), "--store",
+                     f"sqlite:///{tmp_path / 'store.sqlite'}", "--sources", str(tmp_path / "sources.yml"),
+                     "--definitions", str(definitions), "--dbt-project", str(project),
+                     "--evaluation-time", later, "run"])
+    assert code == 0
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        expected = reference_members(connection, now=datetime.fromisoformat(later), definitions_dir=definitions)
+        actual = compiled_members(connection)
+        reevaluated = {key for (key,) in connection.execute("select user_id from main.int_users_to_reevaluate "
+                                                            "join raw.users using (user_key)").fetchall()}
+        moved = dict(connection.execute(
+            "select audience_key, count(*) from raw.membership_outbox where occurred_at = $t group by all",
+            {"t": datetime.fromisoformat(later)}).fetchall())
+        gone = connection.execute("select count(*) from raw.users where deleted_at is not null and user_id in "
+                                  "('user_00030', 'user_00031', 'user_00032')").fetchone()[0]
+        unconsumed = connection.execute("select count(*) from main.audience_members__reevaluated").fetchone()[0]
+        intervals = connection.execute(
+            "select audience_key, user_id from raw.membership_intervals where exited_at is null").fetchall()
+    assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
+        key: ids for key, ids in expected.items() if ids}
+    assert {user["id"] for user in updates} | set(deleted) <= reevaluated
+    # Also re-evaluated: users that both the snapshot and the stream set (re-applied each run), and
+    # users with a timestamp in a six-hour window. Not everyone.
+    assert len(reevaluated) < 2964 / 4
+    # The diff saw every change: the open intervals are the new members, and the log is consumed.
+    opened: dict[str, set[str]] = {}
+    for key, user_id in intervals:
+        opened.setdefault(key, set()).add(user_id)
+    assert {key: ids for key, ids in opened.items() if key not in ("vip-customers", "high_value_accounts")} == {
+        key: ids for key, ids in actual.items() if key not in ("vip-customers", "high_value_accounts")}
+    assert moved.get("eu-customers", 0) > 0 and moved.get("churn-risk", 0) > 0
+    assert unconsumed == 0 and gone == 3
 
 
 def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sample_run, tmp_path, monkeypatch):

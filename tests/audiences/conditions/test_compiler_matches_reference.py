@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from audiences.conditions.compiler import Condition
@@ -104,3 +104,40 @@ def test_compiled_sql_agrees_with_reference_evaluator(population, segments, vip_
         accepted = {user["id"] for user in population
                     if evaluate_audience(alone, user, now=NOW, is_member=lambda key, user_id: user_id in vips)}
         assert matching_ids(connection, [[condition]], members={"vips": vips}) == accepted, raw
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(population=users(), segments=definitions, vip_indexes=st.sets(st.integers(0, 5)),
+       moved=st.sampled_from([-10080, -1440, -61, 15, 60, 720, 1440, 10080, 43200]))
+@example(population=[{"id": "user_0", "when": "2026-10-31T12:00:00Z"}], vip_indexes=set(), moved=-1440,
+         segments=[[{"property": "recipient.when", "operator": "is_timestamp_before_now"}]])
+@example(population=[{"id": "user_0", "when": "2026-10-25T08:30:00Z"}], vip_indexes=set(), moved=1440,
+         segments=[[{"property": "recipient.when", "operator": "is_timestamp_on_or_after", "argument": "7 days ago"}]])
+@example(population=[{"id": "user_0", "when": "2026-11-01"}], vip_indexes=set(), moved=1440,
+         segments=[[{"property": "recipient.when", "operator": "is_timestamp_between",
+                     "argument": '["2026-10-01T00:00:00Z", "1 day from now"]'}]])
+def test_membership_changes_with_time_only_inside_the_compilers_time_windows(population, segments, vip_indexes, moved):
+    """`time_windows` is what lets audience_members re-evaluate a time-relative audience for few
+    users: as "now" moves, a user whose timestamps lie outside every window keeps its membership.
+    Checked with the reference evaluator, which knows nothing of windows."""
+    from datetime import timedelta
+
+    from audiences.conditions.compiler import time_windows
+    from audiences.conditions.reference import read_property, timestamp_value
+
+    vips = {f"user_{index}" for index in vip_indexes}
+    audience = {"type": "dynamic", "segments": [{"conditions": segment} for segment in segments]}
+    windows = time_windows([[Condition.from_json(condition) for condition in segment] for segment in segments])
+    later = NOW + timedelta(minutes=moved)
+    low, high = min(NOW, later), max(NOW, later)
+    for user in population:
+        def near(window) -> bool:
+            moment = timestamp_value(read_property(user, "recipient." + ".".join(window.attribute.path)))
+            shift = timedelta(minutes=window.minutes)
+            return moment is not None and low + shift <= moment <= high + shift
+
+        if any(near(window) for window in windows):
+            continue
+        before, after = (evaluate_audience(audience, user, now=now, is_member=lambda key, user_id: user_id in vips)
+                         for now in (NOW, later))
+        assert before == after, (user, windows)

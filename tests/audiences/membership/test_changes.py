@@ -114,3 +114,25 @@ def test_history_only_moves_forward(warehouse):
     evaluate(warehouse, T0, {"pro": [1]})
     with pytest.raises(ValueError, match="only moves forward"):
         evaluate(warehouse, T0 - timedelta(days=1), {"pro": []})
+
+
+def test_only_rows_the_builds_logged_as_reevaluated_are_compared(warehouse):
+    """dbt logs what each build of audience_members re-evaluated; the diff compares just that, then
+    empties the log. (Builds that re-evaluate nothing for a user leave its rows as they were.)"""
+    evaluate(warehouse, T0, {"pro": [1, 2], "eu": [3]})
+    warehouse.execute("create table main.audience_members__reevaluated (audience_key varchar, user_key integer)")
+    # Two builds before a diff: the first re-evaluated user 4, the second audience `eu` whole.
+    warehouse.execute("insert into main.audience_members__reevaluated values (null, 4), ('eu', null)")
+    # User 5's row changed without being logged: a build never does that, and the diff trusts the log.
+    summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2, 4, 5], "eu": [6]})
+    assert set(outbox(warehouse)[3:]) == {("eu", "u3", None, "exited", 1, False, False),
+                                          ("eu", "u6", None, "entered", 1, False, False),
+                                          ("pro", "u4", None, "entered", 1, False, False)}
+    assert (summary.entered, summary.exited) == (2, 1)
+    assert warehouse.execute("select count(*) from main.audience_members__reevaluated").fetchone()[0] == 0
+    # Nothing logged since: nothing compared. `(null, null)` means everything was re-evaluated.
+    assert evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1, 2, 4, 5], "eu": [6]}).entered == 0
+    warehouse.execute("insert into main.audience_members__reevaluated values (null, null)")
+    summary = evaluate(warehouse, T0 + timedelta(hours=3), {"pro": [1, 2, 4, 5], "eu": [6]})
+    assert (summary.entered, summary.exited) == (1, 0)
+    assert outbox(warehouse)[-1][:4] == ("pro", "u5", None, "entered")

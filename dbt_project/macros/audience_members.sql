@@ -1,0 +1,116 @@
+{#
+    How audience_members stays incremental.
+
+    Most audiences read only the user's own properties. Such an audience's membership of a user can
+    change only when that user's data changes, or when "now" moves over one of the user's timestamps
+    that a time-relative condition compares with (int_users_to_reevaluate finds both). So a build:
+
+    1. reads the last build's state (audience_members__state): its evaluation time, the users'
+       watermark, and a hash of the SQL of each audience it re-evaluated per user;
+    2. keeps per-user re-evaluation for the audiences whose hash is unchanged (`per_user`). Every
+       other audience (custom and static ones, audiences over other audiences, new or changed
+       ones) is evaluated whole;
+    3. before appending the new rows, deletes the rows it replaces: those of the audiences evaluated
+       whole, and those of the users re-evaluated;
+    4. after appending, records the new state, and logs what it re-evaluated in
+       audience_members__reevaluated, where the membership diff (audiences/membership/changes.py)
+       reads which rows may have changed, and empties it. `(audience, null)` means the audience
+       was evaluated whole, `(null, user)` that the user was re-evaluated in every audience, and
+       `(null, null)` that everything was.
+
+    All of it runs in the model's transaction: a failed build changes nothing, and the next one
+    starts from the same state. `dbt build --full-refresh` evaluates everything again.
+#}
+
+{% macro audience_members_state_relation() -%}
+    {#- The last build's state table, or none before the first build (and while parsing). -#}
+    {%- if not execute -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set members = graph.nodes.values() | selectattr('resource_type', 'equalto', 'model')
+                      | selectattr('name', 'equalto', 'audience_members') | first -%}
+    {{ return(adapter.get_relation(database=members.database, schema=members.schema,
+                                   identifier='audience_members__state')) }}
+{%- endmacro %}
+
+
+{% macro audience_members_per_user() -%}
+    {#- Keys of the audiences this build re-evaluates per user: unchanged since the last build. -#}
+    {%- if not (execute and is_incremental()) -%}
+        {{ return([]) }}
+    {%- endif -%}
+    {%- set state = audience_members_state_relation() -%}
+    {%- if state is none -%}
+        {{ return([]) }}
+    {%- endif -%}
+    {%- set current = model.config.meta.get('reevaluated_per_user', {}) -%}
+    {%- set last = run_query('select audience_key, audience_hash from ' ~ state ~ ' where audience_hash is not null') -%}
+    {%- set keys = [] -%}
+    {%- for row in last.rows -%}
+        {%- if current.get(row[0]) == row[1] -%}
+            {%- do keys.append(row[0]) -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {{ return(keys | sort) }}
+{%- endmacro %}
+
+
+{% macro audience_members_literals(keys) -%}
+    {%- for key in keys -%}
+        '{{ key | replace("'", "''") }}'{{ ", " if not loop.last }}
+    {%- endfor -%}
+{%- endmacro %}
+
+
+{% macro audience_members_forget_reevaluated() -%}
+    {#- Pre-hook: delete the rows this build replaces. -#}
+    {%- if is_incremental() -%}
+        {%- set per_user = audience_members_per_user() -%}
+        {%- if per_user -%}
+            delete from {{ this }}
+            where audience_key not in ({{ audience_members_literals(per_user) }})
+                or user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+        {%- else -%}
+            delete from {{ this }}
+        {%- endif -%}
+    {%- endif -%}
+{%- endmacro %}
+
+
+{% macro audience_members_record_build() -%}
+    {#- Post-hook: the new state, and what this build re-evaluated (for the membership diff). -#}
+    {%- set per_user = audience_members_per_user() -%}
+    {%- set state = this.incorporate(path={'identifier': this.identifier ~ '__state'}) -%}
+    {%- set reevaluated = this.incorporate(path={'identifier': this.identifier ~ '__reevaluated'}) -%}
+    {%- set hashes = model.config.meta.get('reevaluated_per_user', {}) -%}
+    create table if not exists {{ state }} (
+        audience_key varchar,
+        audience_hash varchar,
+        evaluated_at timestamptz,
+        users_watermark timestamptz
+    );
+    delete from {{ state }};
+    insert into {{ state }}
+    select
+        audiences.audience_key,
+        audiences.audience_hash,
+        {{ evaluation_time() }},
+        (select max(updated_at) from {{ ref('stg_warehouse__users') }})
+    from (
+        {%- for key, hash in hashes.items() | sort %}
+        select '{{ key | replace("'", "''") }}' as audience_key, '{{ hash }}' as audience_hash union all
+        {%- endfor %}
+        select null, null
+    ) as audiences;
+    create table if not exists {{ reevaluated }} (audience_key varchar, user_key integer);
+    {% if per_user -%}
+    insert into {{ reevaluated }}
+    select null, user_key from {{ ref('int_users_to_reevaluate') }}
+    {%- for key in model.config.meta.get('audiences', []) if key not in per_user %}
+    union all
+    select '{{ key | replace("'", "''") }}', null
+    {%- endfor %};
+    {%- else -%}
+    insert into {{ reevaluated }} values (null, null);
+    {%- endif %}
+{%- endmacro %}
