@@ -163,22 +163,31 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
                            "where user_key is null and audience_key is not null")
         connection.execute(f"insert into reevaluated_users select distinct user_key from {log} "
                            "where audience_key is null and user_key is not null")
-    in_scope = """
-        audience_key in (select audience_key from evaluated_audiences)
-        and (audience_key in (select audience_key from whole_audiences)
-             or user_key in (select user_key from reevaluated_users))
-    """
+    connection.execute("""
+        create or replace temp table per_user_audiences as
+        select audience_key from evaluated_audiences
+        where audience_key not in (select audience_key from whole_audiences)
+    """)
+    connection.execute("delete from whole_audiences where audience_key not in (select audience_key from evaluated_audiences)")
+
+    def in_scope(relation: str, columns: str) -> str:
+        # Two simple semi-joins, not one OR of them: DuckDB runs these about four times faster.
+        return f"""
+            select {columns} from {relation} where audience_key in (select audience_key from whole_audiences)
+            union all
+            select {columns} from {relation}
+            where user_key in (select user_key from reevaluated_users)
+                and audience_key in (select audience_key from per_user_audiences)
+        """
     connection.execute(
         f"""
         create or replace temp table changes as
         with evaluated as (
-            select audience_key, user_key, tenant from {members_table}
-            where {in_scope}
+            {in_scope(members_table, "audience_key, user_key, tenant")}
         ),
         open_intervals as (
-            select rowid as interval_row, audience_key, user_key, user_id, tenant, entry_number
-            from raw.membership_intervals
-            where exited_at is null and {in_scope}
+            {in_scope("(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
+                      "interval_row, audience_key, user_key, user_id, tenant, entry_number")}
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
@@ -313,7 +322,8 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
     )
     if log is not None:
         connection.execute(f"delete from {log}")
-    for table in ("changes", "entries", "held", "evaluated_audiences", "whole_audiences", "reevaluated_users"):
+    for table in ("changes", "entries", "held", "evaluated_audiences", "whole_audiences", "reevaluated_users",
+                  "per_user_audiences"):
         connection.execute(f"drop table {table}")
     return summary
 

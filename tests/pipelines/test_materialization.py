@@ -156,6 +156,10 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     changed = json.loads((definitions / "eu-customers" / "audience.json").read_text())
     changed["segments"][0]["conditions"][0]["argument"] = '["DE", "FR", "NL"]'
     (definitions / "eu-customers" / "audience.json").write_text(json.dumps(changed))
+    # beta-invite-candidates reads power-users: a change there must re-evaluate both whole.
+    changed = json.loads((definitions / "power-users" / "audience.json").read_text())
+    changed["segments"][1]["conditions"][0]["argument"] = "500"
+    (definitions / "power-users" / "audience.json").write_text(json.dumps(changed))
     # The snapshot loses three users (deleted); a stream moves 40 users around and adds one.
     lines = (ROOT / "data" / "sources" / "users.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     deleted = ["user_00030", "user_00031", "user_00032"]
@@ -207,6 +211,7 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     assert {key: ids for key, ids in opened.items() if key not in ("vip-customers", "high_value_accounts")} == {
         key: ids for key, ids in actual.items() if key not in ("vip-customers", "high_value_accounts")}
     assert moved.get("eu-customers", 0) > 0 and moved.get("churn-risk", 0) > 0
+    assert moved.get("power-users", 0) > 0 and moved.get("beta-invite-candidates", 0) > 0
     assert unconsumed == 0 and gone == 3
 
 

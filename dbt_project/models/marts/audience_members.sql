@@ -34,12 +34,14 @@
                 "vip-customers"
             ],
             "reevaluated_per_user": {
+                "beta-invite-candidates": "789c0d67707b",
                 "beta-testers": "c88893bd6cfb",
                 "churn-risk": "7d2eb201a9f8",
                 "dormant-free-users": "9c42241bce44",
                 "enterprise-admins": "aec4370d29b7",
                 "eu-customers": "17af3898be58",
                 "new-signups-this-week": "90d52e43b6f4",
+                "nps-promoters": "b798cab58bba",
                 "onboarding-incomplete": "cb69a9804602",
                 "power-users": "3a7bea7b812a",
                 "product-survey-sample": "5e1d4645849f",
@@ -60,7 +62,99 @@ with users_to_reevaluate as materialized (
 
 )
 
+{% if "beta-invite-candidates" in per_user %}
+
+select 'beta-invite-candidates' as audience_key, user_key, cast(null as varchar) as tenant
+from users_to_reevaluate
+where
+    -- segment 1
+    (
+        -- {"property": "recipient", "operator": "is_audience_member", "argument": "power-users"}
+        coalesce(
+          (
+            user_key in (
+              select
+                user_key
+              from users_to_reevaluate
+              where
+                (
+                  coalesce(
+                    (
+                      (
+                        "onboarding.completed_steps__kind" = 'number'
+                        and "onboarding.completed_steps__number" = 5
+                      )
+                      or "onboarding.completed_steps__text" = '5'
+                    ),
+                    false
+                  )
+                  and coalesce((
+                    "seats__number" >= 10
+                  ), false)
+                  and coalesce(
+                    (
+                      "last_seen_at__timestamp" >= (
+                        {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
+                      )
+                    ),
+                    false
+                  )
+                )
+                or (
+                  coalesce((
+                    "mrr__number" > 2000
+                  ), false)
+                  and coalesce(
+                    (
+                      "last_seen_at__timestamp" >= (
+                        {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
+                      )
+                    ),
+                    false
+                  )
+                )
+            )
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "recipient.feature_flags", "operator": "not_contains_all", "argument": "[\"beta_dashboard\", \"beta_reports\"]"}
+        not coalesce(
+          (
+            (
+              "feature_flags__kind" = 'list'
+              and list_has_all("feature_flags__items", ['s:beta_dashboard', 's:beta_reports'])
+            )
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "recipient.feature_flags", "operator": "not_contains", "argument": "beta_optout"}
+        not coalesce(
+          (
+            case
+              when "feature_flags__kind" = 'list'
+              then array_contains("feature_flags__items", 's:beta_optout')
+              when "feature_flags__kind" is null
+              then false
+              when "feature_flags__kind" = 'string'
+              then contains("feature_flags__text", 'beta_optout')
+              else false
+            end
+          ),
+          false
+        )
+    )
+
+{% else %}
+
 select 'beta-invite-candidates' as audience_key, user_key, tenant from {{ ref('beta_invite_candidates') }}
+
+{% endif %}
 
 union all
 
@@ -479,7 +573,109 @@ select 'new-signups-this-week' as audience_key, user_key, tenant from {{ ref('ne
 
 union all
 
+{% if "nps-promoters" in per_user %}
+
+select 'nps-promoters' as audience_key, user_key, cast(null as varchar) as tenant
+from users_to_reevaluate
+where
+    -- segment 1
+    (
+        -- {"property": "recipient.nps_score", "operator": "is_between", "argument": "[9, 10]"}
+        coalesce((
+          "nps_score__number" between 9 and 10
+        ), false)
+
+        and
+
+        -- {"property": "recipient", "operator": "is_not_audience_member", "argument": "churn-risk"}
+        not coalesce(
+          (
+            user_key in (
+              select
+                user_key
+              from users_to_reevaluate
+              where
+                (
+                  coalesce(
+                    (
+                      case
+                        when "plan__kind" = 'list'
+                        then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
+                        when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+                        then array_contains(
+                          ['s:starter', 's:pro', 's:enterprise'],
+                          case
+                            when "plan__kind" is null
+                            then 's:'
+                            when "plan__kind" = 'string'
+                            then 's:' || "plan__text"
+                            when "plan__kind" = 'number'
+                            then 'n:' || cast("plan__number" + 0.0 as text)
+                            when "plan__kind" = 'boolean'
+                            then 'b:' || cast("plan__boolean" as text)
+                          end
+                        )
+                        else false
+                      end
+                    ),
+                    false
+                  )
+                  and coalesce(
+                    (
+                      "last_seen_at__timestamp" < (
+                        {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                      )
+                    ),
+                    false
+                  )
+                )
+                or (
+                  coalesce(
+                    (
+                      case
+                        when "plan__kind" = 'list'
+                        then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
+                        when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+                        then array_contains(
+                          ['s:starter', 's:pro', 's:enterprise'],
+                          case
+                            when "plan__kind" is null
+                            then 's:'
+                            when "plan__kind" = 'string'
+                            then 's:' || "plan__text"
+                            when "plan__kind" = 'number'
+                            then 'n:' || cast("plan__number" + 0.0 as text)
+                            when "plan__kind" = 'boolean'
+                            then 'b:' || cast("plan__boolean" as text)
+                          end
+                        )
+                        else false
+                      end
+                    ),
+                    false
+                  )
+                  and coalesce((
+                    "nps_score__number" <= 6
+                  ), false)
+                )
+            )
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "recipient.email", "operator": "exists"}
+        coalesce((
+          not "email__kind" is null
+        ), false)
+    )
+
+{% else %}
+
 select 'nps-promoters' as audience_key, user_key, tenant from {{ ref('nps_promoters') }}
+
+{% endif %}
 
 union all
 
