@@ -217,7 +217,9 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         left join (
             select audience_key, user_key, tenant, count(*) as intervals
             from raw.membership_intervals
-            where (audience_key, user_key) in (select audience_key, user_key from changes where event_type = 'entered')
+            -- the user's intervals first (an integer semi-join), then the audience
+            where user_key in (select user_key from changes where event_type = 'entered')
+                and (audience_key, user_key) in (select audience_key, user_key from changes where event_type = 'entered')
             group by all
         ) as earlier
             on earlier.audience_key = changes.audience_key
@@ -230,7 +232,9 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         f"""
         with sizes as (
             select audience_key, count(*) as size_before
-            from raw.membership_intervals where exited_at is null group by audience_key
+            from raw.membership_intervals where exited_at is null
+                and audience_key in (select audience_key from changes)
+            group by audience_key
         ),
         moved as (
             select
