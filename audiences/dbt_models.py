@@ -195,7 +195,7 @@ with users as (
     select * from {{{{ ref('{USERS_MODEL}') }}}}
     {{% if is_incremental() %}}
     -- only users changed since the last build, or everyone when the attribute set changed
-    where updated_at >= (select max(updated_at) from {{{{ this }}}})
+    where updated_at > (select max(updated_at) from {{{{ this }}}})
         or (select max(attribute_spec) from {{{{ this }}}}) is distinct from '{spec}'
     {{% endif %}}
 

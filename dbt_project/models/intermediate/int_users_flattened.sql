@@ -18,7 +18,7 @@ with users as (
     select * from {{ ref('stg_warehouse__users') }}
     {% if is_incremental() %}
     -- only users changed since the last build, or everyone when the attribute set changed
-    where updated_at >= (select max(updated_at) from {{ this }})
+    where updated_at > (select max(updated_at) from {{ this }})
         or (select max(attribute_spec) from {{ this }}) is distinct from '9c15b35a8d2b'
     {% endif %}
 
