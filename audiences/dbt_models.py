@@ -194,9 +194,12 @@ with users as (
 
     select * from {{{{ ref('{USERS_MODEL}') }}}}
     {{% if is_incremental() %}}
-    -- only users changed since the last build, or everyone when the attribute set changed
-    where updated_at > (select max(updated_at) from {{{{ this }}}})
-        or (select max(attribute_spec) from {{{{ this }}}}) is distinct from '{spec}'
+    {{% set newest = latest_timestamp(this, 'updated_at') %}}
+    {{% if newest is not none and first_value_of(this, 'attribute_spec') == '{spec}' %}}
+    -- only users changed since the last build (the newest time there, read as the model runs;
+    -- every user when the set of attributes changed, see macros/watermarks.sql)
+    where updated_at > {{{{ newest }}}}
+    {{% endif %}}
     {{% endif %}}
 
 ),
@@ -477,13 +480,17 @@ def _reevaluate_model(definitions: dict[str, AudienceDefinition], source_label: 
     for key in sorted(per_user_audiences(definitions)):
         for window in _compile_audience(definitions[key]).time_windows:
             audiences_by_window.setdefault(window, []).append(key)
+    # Placeholders for the Jinja of the two times: names no property name contains.
+    taken = json.dumps([[list(w.attribute.path) for w in audiences_by_window]], ensure_ascii=False)
+    previous, current = _placeholder("previous_now", taken), _placeholder("current_now", taken)
     windows = []
     for window, keys in sorted(audiences_by_window.items(), key=lambda item: (item[0].attribute.path, item[0].minutes)):
         predicate = window.moved_over(exp.column(window.attribute.column_name, quoted=True),
-                                      exp.column("previous_now"), exp.column("current_now"))
+                                      exp.column(previous), exp.column(current))
         about = (f"-- {', '.join(keys)}: recipient.{'.'.join(window.attribute.path)} against now "
                  f"{window.minutes:+d} minutes")
-        windows.append(escape_jinja(f"{_comment(about)}\n{render(predicate)}"))
+        text = escape_jinja(f"{_comment(about)}\n{render(predicate)}")
+        windows.append(text.replace(previous, "{{ previous_now }}").replace(current, "{{ current_now }}"))
     if windows:
         moved = "\n\n    or\n\n".join(_indent(w, 4) for w in windows)
         timed = f"""
@@ -492,7 +499,7 @@ union
 
 -- users for whom a time-relative condition may have changed as "now" moved
 select user_key
-from {{{{ ref('{FLATTENED_MODEL}') }}}}, last_build
+from {{{{ ref('{FLATTENED_MODEL}') }}}}
 where
 {moved}"""
     else:
@@ -516,20 +523,16 @@ where false
 
 {{% else %}}
 
-with last_build as (
-
-    select
-        max(users_watermark) as users_watermark,
-        max(evaluated_at) as previous_now,
-        {{{{ evaluation_time() }}}} as current_now
-    from {{{{ last_build }}}}
-
-)
+-- The last build's times, read as the model runs and written in as literals, so that the filters
+-- reach the table scans (macros/watermarks.sql).
+{{% set users_watermark = latest_timestamp(last_build, 'users_watermark') %}}
+{{% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}}
+{{% set current_now = evaluation_time_literal() %}}
 
 -- users loaded, changed or deleted since the last build
 select user_key
-from {{{{ ref('{USERS_MODEL}') }}}}, last_build
-where updated_at > last_build.users_watermark{timed}
+from {{{{ ref('{USERS_MODEL}') }}}}
+where {{% if users_watermark %}}updated_at > {{{{ users_watermark }}}}{{% else %}}true{{% endif %}}{timed}
 
 {{% endif %}}
 """

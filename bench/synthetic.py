@@ -213,19 +213,26 @@ def touch_users_sql(round_number: int, modulus: int = 100, remainder: int = 7) -
     """Update 1% of users (user_key % 100 = 7): new activity, plan and a nested change.
 
     `updated_at` is the evaluation time plus `round_number` quarter hours, later than any load, so
-    incremental models see exactly these users as changed.
+    incremental models see exactly these users as changed. Written the way the loader writes
+    (audiences/users/store.py): the changed rows are deleted and inserted again. Several
+    statements; the last one returns the number of users touched.
     """
     minutes = 15 * round_number
     return f"""
-update raw.users
-set properties = json_merge_patch(properties, json_object(
+create or replace temp table touched_users as
+select * replace (
+    json_merge_patch(properties, json_object(
         'last_seen_at', strftime({_NOW} + to_minutes({minutes}), '%Y-%m-%dT%H:%M:%SZ'),
         'plan', case when (user_key // 100 + {round_number}) % 2 = 0 then 'pro' else 'starter' end,
         'stats', json_object('logins_30d', {round_number} + user_key % 40),
         'preferences', json_object('digest', case when {round_number} % 2 = 0 then 'daily' else 'weekly' end)
-    )),
-    updated_at = {_NOW} + to_minutes({minutes})
-where user_key % {modulus} = {remainder} and deleted_at is null
+    ))::json as properties,
+    {_NOW} + to_minutes({minutes}) as updated_at
+)
+from raw.users
+where user_key % {modulus} = {remainder} and deleted_at is null;
+delete from raw.users where user_key in (select user_key from touched_users);
+insert into raw.users select * from touched_users;
 """
 
 

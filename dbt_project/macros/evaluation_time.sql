@@ -15,3 +15,12 @@
         (select max(evaluated_at) from raw.evaluation_clock)
     {%- endif -%}
 {%- endmacro %}
+
+
+{#- "Now" as a literal, read from raw.evaluation_clock as the model runs (see macros/watermarks.sql). -#}
+{% macro evaluation_time_literal() -%}
+    {%- if var('evaluation_time', none) -%}
+        {{ return(evaluation_time()) }}
+    {%- endif -%}
+    {{ return(latest_timestamp('raw.evaluation_clock', 'evaluated_at') or evaluation_time()) }}
+{%- endmacro %}

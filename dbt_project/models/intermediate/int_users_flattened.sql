@@ -17,9 +17,12 @@ with users as (
 
     select * from {{ ref('stg_warehouse__users') }}
     {% if is_incremental() %}
-    -- only users changed since the last build, or everyone when the attribute set changed
-    where updated_at > (select max(updated_at) from {{ this }})
-        or (select max(attribute_spec) from {{ this }}) is distinct from '9c15b35a8d2b'
+    {% set newest = latest_timestamp(this, 'updated_at') %}
+    {% if newest is not none and first_value_of(this, 'attribute_spec') == '9c15b35a8d2b' %}
+    -- only users changed since the last build (the newest time there, read as the model runs;
+    -- every user when the set of attributes changed, see macros/watermarks.sql)
+    where updated_at > {{ newest }}
+    {% endif %}
     {% endif %}
 
 ),

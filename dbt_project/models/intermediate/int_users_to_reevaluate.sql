@@ -17,65 +17,61 @@ where false
 
 {% else %}
 
-with last_build as (
-
-    select
-        max(users_watermark) as users_watermark,
-        max(evaluated_at) as previous_now,
-        {{ evaluation_time() }} as current_now
-    from {{ last_build }}
-
-)
+-- The last build's times, read as the model runs and written in as literals, so that the filters
+-- reach the table scans (macros/watermarks.sql).
+{% set users_watermark = latest_timestamp(last_build, 'users_watermark') %}
+{% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}
+{% set current_now = evaluation_time_literal() %}
 
 -- users loaded, changed or deleted since the last build
 select user_key
-from {{ ref('stg_warehouse__users') }}, last_build
-where updated_at > last_build.users_watermark
+from {{ ref('stg_warehouse__users') }}
+where {% if users_watermark %}updated_at > {{ users_watermark }}{% else %}true{% endif %}
 
 union
 
 -- users for whom a time-relative condition may have changed as "now" moved
 select user_key
-from {{ ref('int_users_flattened') }}, last_build
+from {{ ref('int_users_flattened') }}
 where
     -- dormant-free-users: recipient.last_seen_at against now -129600 minutes
     (
-      "last_seen_at__timestamp" between least(previous_now, current_now) + to_minutes(cast(-129600 as bigint)) and greatest(previous_now, current_now) + to_minutes(cast(-129600 as bigint))
+      "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
     )
 
     or
 
     -- churn-risk: recipient.last_seen_at against now -43200 minutes
     (
-      "last_seen_at__timestamp" between least(previous_now, current_now) + to_minutes(cast(-43200 as bigint)) and greatest(previous_now, current_now) + to_minutes(cast(-43200 as bigint))
+      "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
     )
 
     or
 
     -- power-users: recipient.last_seen_at against now -4320 minutes
     (
-      "last_seen_at__timestamp" between least(previous_now, current_now) + to_minutes(cast(-4320 as bigint)) and greatest(previous_now, current_now) + to_minutes(cast(-4320 as bigint))
+      "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
     )
 
     or
 
     -- new-signups-this-week: recipient.signed_up_at against now -10080 minutes
     (
-      "signed_up_at__timestamp" between least(previous_now, current_now) + to_minutes(cast(-10080 as bigint)) and greatest(previous_now, current_now) + to_minutes(cast(-10080 as bigint))
+      "signed_up_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
     )
 
     or
 
     -- trial-ending-soon, trial-expired-unconverted: recipient.trial_ends_at against now +0 minutes
     (
-      "trial_ends_at__timestamp" between least(previous_now, current_now) + to_minutes(cast(0 as bigint)) and greatest(previous_now, current_now) + to_minutes(cast(0 as bigint))
+      "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
     )
 
     or
 
     -- trial-ending-soon: recipient.trial_ends_at against now +10080 minutes
     (
-      "trial_ends_at__timestamp" between least(previous_now, current_now) + to_minutes(cast(10080 as bigint)) and greatest(previous_now, current_now) + to_minutes(cast(10080 as bigint))
+      "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
     )
 
 {% endif %}

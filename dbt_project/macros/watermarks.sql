@@ -1,0 +1,29 @@
+{#
+    Incremental models select the users changed since their last build. Written as a comparison
+    with a subquery, that filter is a join that DuckDB evaluates after reading every user, JSON
+    properties included (about 5 s at 10M users, even when nothing changed). Read first, and
+    written into the SQL as a literal, the watermark reaches the table scan, so unchanged users
+    are skipped before their properties are read.
+#}
+
+{% macro latest_timestamp(relation, column) -%}
+    {#- `max(column)` of `relation` as a timestamptz literal; none while parsing or when empty. -#}
+    {%- if not execute -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set result = run_query(
+        "select strftime(max(" ~ adapter.quote(column) ~ ") at time zone 'UTC', '%Y-%m-%d %H:%M:%S.%f') from " ~ relation
+    ) -%}
+    {%- set value = result.rows[0][0] -%}
+    {{ return(none if value is none else "cast('" ~ value ~ "+00' as timestamptz)") }}
+{%- endmacro %}
+
+
+{% macro first_value_of(relation, column) -%}
+    {#- Any one value of `column` in `relation` (none while parsing or when empty). -#}
+    {%- if not execute -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set result = run_query("select " ~ adapter.quote(column) ~ " from " ~ relation ~ " limit 1") -%}
+    {{ return(result.rows[0][0] if result.rows else none) }}
+{%- endmacro %}
