@@ -442,11 +442,11 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
 -- The members of every audience at this evaluation: one row per (audience, user, tenant).
 -- Integer user keys keep tens of millions of rows cheap to write; join stg_warehouse__users for ids.
 --
--- Incremental. An audience that reads only the user's own properties is re-evaluated only for the
--- users in int_users_to_reevaluate: those changed since the last build, and those whose timestamps
--- lie where "now" moved since then. Its conditions are those of its model in models/audiences/,
--- repeated here over that subset. Custom and static audiences, audiences over other audiences, and
--- audiences whose SQL changed are evaluated whole. How: macros/audience_members.sql.
+-- Incremental. An audience that reads only the user's own properties (or other such audiences) is
+-- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
+-- and those whose timestamps lie where "now" moved since then. Its conditions are those of its
+-- model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
+-- over them, and audiences whose SQL changed are evaluated whole. How: macros/audience_members.sql.
 
 {{{{
     config(

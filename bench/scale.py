@@ -160,7 +160,7 @@ def main() -> None:
                "runs": {}}
     if previous:
         r["runs"]["cold"] = previous["runs"]["cold"]
-        r["cold_from"] = previous["started"]
+        r["cold_from"] = previous.get("cold_from", previous["started"])
         base = datetime.fromisoformat(in_child("clock", path=settings.duckdb_path)["now"])
     else:
         r.update(in_child("reset", path=settings.duckdb_path, users=options.users))

@@ -7,9 +7,10 @@
 
     1. reads the last build's state (audience_members__state): its evaluation time, the users'
        watermark, its audiences, and a hash of the SQL of each one it re-evaluated per user;
-    2. keeps per-user re-evaluation for the audiences whose hash is unchanged (`per_user`). Every
-       other audience (custom and static ones, audiences over other audiences, new or changed
-       ones) is evaluated whole;
+    2. keeps per-user re-evaluation for the audiences whose hash is unchanged (`per_user`). An
+       audience over other per-user audiences is per-user too: their conditions are inlined over
+       the same users, and into its hash. Every other audience (custom and static ones, audiences
+       over them, new or changed ones) is evaluated whole;
     3. before appending the new rows, deletes the rows it replaces: those of the audiences evaluated
        whole, and those of the users re-evaluated;
     4. after appending, records the new state, and logs what it re-evaluated in
