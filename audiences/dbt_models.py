@@ -32,6 +32,7 @@ from audiences.conditions.compiler import (
     compile_segments,
     json_pointer,
     render,
+    time_windows,
 )
 from audiences.definitions import AudienceDefinition, evaluation_order, model_name_for
 
@@ -251,7 +252,6 @@ class _CompiledAudience:
     """An audience's conditions as SQL with our Jinja in place, and what its result depends on."""
 
     where: str  # over the columns of int_users_flattened, with `{{ evaluation_time() }}` and refs
-    time_windows: list[TimeWindow]
     references: set[str]
 
 
@@ -270,7 +270,6 @@ def _compile_audience(definition: AudienceDefinition, definitions: dict[str, Aud
         {key: other.raw for key, other in (definitions or {}).items()}, ensure_ascii=False)
     ref_prefix = _placeholder("ref", user_text)
     now = _placeholder("evaluation_time", user_text)
-    windows: set[TimeWindow] = set()
     refs: dict[str, str] = {}
     references: set[str] = set()
 
@@ -288,7 +287,6 @@ def _compile_audience(definition: AudienceDefinition, definitions: dict[str, Aud
         evaluation_time=exp.column(now),
         user_key=exp.column("user_key"),
         user_id=exp.column("user_id"),
-        on_time_window=windows.add,
     )
     segments_sql = []
     for index, segment in enumerate(definition.segments, start=1):
@@ -303,7 +301,7 @@ def _compile_audience(definition: AudienceDefinition, definitions: dict[str, Aud
     replacements = {name: f"{{{{ ref('{model_name_for(key)}') }}}}" for key, name in refs.items()}
     replacements[now] = "{{ evaluation_time() }}"
     where = _with_jinja(where, dict(sorted(replacements.items(), key=lambda item: -len(item[0]))))
-    return _CompiledAudience(where, sorted(windows, key=lambda w: (w.attribute.path, w.minutes)), references)
+    return _CompiledAudience(where, references)
 
 
 def per_user_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
@@ -478,7 +476,7 @@ def _reevaluate_model(definitions: dict[str, AudienceDefinition], source_label: 
     header = GENERATED_HEADER.format(source=_comment(source_label))
     audiences_by_window: dict[TimeWindow, list[str]] = {}
     for key in sorted(per_user_audiences(definitions)):
-        for window in _compile_audience(definitions[key]).time_windows:
+        for window in time_windows(definitions[key].segments):
             audiences_by_window.setdefault(window, []).append(key)
     # Placeholders for the Jinja of the two times: names no property name contains.
     taken = json.dumps([[list(w.attribute.path) for w in audiences_by_window]], ensure_ascii=False)
