@@ -229,6 +229,8 @@ class MembershipStore:
     def create(self) -> MembershipStore:
         """Create missing tables, and add columns that newer versions of the engine introduced."""
         metadata.create_all(self.engine)
+        with self.engine.begin() as connection:
+            self._drop_event_id_key(connection)
         inspector = sa.inspect(self.read_engine)
         with self.engine.begin() as connection:
             for table in metadata.sorted_tables:
@@ -251,6 +253,31 @@ class MembershipStore:
                     if index.name not in indexes:
                         index.create(connection)
         return self
+
+    def _drop_event_id_key(self, connection) -> None:
+        """Stores made before events were identified by their natural key have `event_id` as the
+        primary key of membership_events: an index on a random hash that every event write touches
+        (it made publishing about twice as slow). Drop it; the natural-key index replaces it."""
+        events = membership_events.name
+        if self.engine.dialect.name != "sqlite":
+            connection.exec_driver_sql(f"alter table {events} drop constraint if exists {events}_pkey")
+            return
+        table_sql = connection.exec_driver_sql(
+            "select sql from sqlite_master where type = 'table' and name = ?", (events,)).scalar() or ""
+        if "PRIMARY KEY (event_id)" not in table_sql:
+            return
+        # SQLite cannot drop a primary key: copy the rows into a table made without it (columns the
+        # old table lacks take their defaults). Its indexes are created again by `create`, after this.
+        rebuilt = membership_events.to_metadata(sa.MetaData(), name=f"{events}__rebuilt")
+        for index in list(rebuilt.indexes):
+            rebuilt.indexes.discard(index)
+        rebuilt.create(connection)
+        present = {row[1] for row in connection.exec_driver_sql(f"pragma table_info({events})")}
+        columns = ", ".join(self.engine.dialect.identifier_preparer.quote(column.name)
+                            for column in membership_events.columns if column.name in present)
+        connection.exec_driver_sql(f"insert into {rebuilt.name} ({columns}) select {columns} from {events}")
+        connection.exec_driver_sql(f"drop table {events}")
+        connection.exec_driver_sql(f"alter table {rebuilt.name} rename to {events}")
 
     def _index_names(self, connection, table_name: str) -> set[str]:
         # Read from the catalog: SQLAlchemy's reflection skips expression indexes (with a warning).

@@ -163,3 +163,42 @@ def test_broadcast_sends_one_per_member_and_tenant_and_never_twice(warehouse, st
     assert (first.recipients, first.new_deliveries, again.new_deliveries) == (3, 3, 0)
     only_acme = broadcast(store, "pro", "newsletter", "file", {"issue": 8}, tenant="acme")
     assert only_acme.recipients == 1
+
+
+def test_a_store_made_before_natural_key_events_loses_its_event_id_key(tmp_path):
+    """Stores made by older versions have `event_id` as membership_events' primary key, an index
+    on a random hash that every event write touches. `create` rebuilds the table without it, and
+    keeps the rows; the natural-key index still makes publishing idempotent."""
+    import sqlite3
+
+    from audiences.membership.store import MembershipStore, membership_events
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as old:
+        old.execute(
+            "CREATE TABLE membership_events (event_id VARCHAR(64) NOT NULL, sequence BIGINT, "
+            "audience_key VARCHAR(255) NOT NULL, user_id VARCHAR(255) NOT NULL, tenant VARCHAR(255), "
+            "event_type VARCHAR(16) NOT NULL, occurred_at VARCHAR(32) NOT NULL, audience_version VARCHAR(64), "
+            "entry_number INTEGER NOT NULL, is_backfill BOOLEAN NOT NULL, batch_id VARCHAR(64), "
+            "published_at VARCHAR(32) NOT NULL, PRIMARY KEY (event_id))")
+        old.execute("insert into membership_events values ('e1', 1, 'pro', 'u1', null, 'entered', "
+                    "'2026-11-01T00:00:00Z', 'v1', 1, 0, null, '2026-11-01T00:00:00Z')")
+    store = MembershipStore(f"sqlite:///{path}").create()
+    try:
+        with store.engine.begin() as connection:
+            table_sql = connection.exec_driver_sql(
+                "select sql from sqlite_master where name = 'membership_events'").scalar()
+            indexes = {row[0] for row in connection.exec_driver_sql(
+                "select name from sqlite_master where type = 'index' and tbl_name = 'membership_events'")}
+            again = {"event_id": "e1-again", "sequence": 1, "audience_key": "pro", "user_id": "u1", "tenant": None,
+                     "event_type": "entered", "occurred_at": "2026-11-01T00:00:00Z", "audience_version": "v1",
+                     "entry_number": 1, "is_backfill": False, "batch_id": None,
+                     "published_at": "2026-11-01T00:00:00Z"}
+            added = store.insert_ignoring_duplicates(connection, membership_events, [again])
+            rows = connection.execute(sa.select(membership_events.c.event_id, membership_events.c.source)).all()
+        assert "PRIMARY KEY (event_id)" not in table_sql
+        assert "membership_events_identity" in indexes and not any(name.startswith("sqlite_autoindex") for name in indexes)
+        assert added == 0 and rows == [("e1", "evaluation")]
+        store.create()  # a second create finds nothing to do
+    finally:
+        store.dispose()
