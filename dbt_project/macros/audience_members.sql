@@ -121,7 +121,7 @@
         (select max(updated_at) from {{ ref('stg_warehouse__users') }})
     from (
         {%- for key in model.config.meta.get('audiences', []) | sort %}
-        select '{{ key | replace("'", "''") }}' as audience_key,
+        select {{ audience_members_literals([key]) }} as audience_key,
             {% if key in hashes %}'{{ hashes[key] }}'{% else %}null{% endif %} as audience_hash union all
         {%- endfor %}
         select null, null
@@ -132,7 +132,7 @@
     select null, user_key from {{ ref('int_users_to_reevaluate') }}
     {%- for key in model.config.meta.get('audiences', []) if key not in per_user %}
     union all
-    select '{{ key | replace("'", "''") }}', null
+    select {{ audience_members_literals([key]) }}, null
     {%- endfor %};
     {%- else -%}
     insert into {{ reevaluated }} values (null, null);
