@@ -13,7 +13,6 @@ partial by nature.
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import polars as pl
 
 from audiences.membership.static import Member, change_members, require_static
 from audiences.membership.store import MembershipStore
-from audiences.users.profiles import identify
+from audiences.users.profiles import identify_many
 from audiences.users.sources import ROW_COLUMN, UserSource, read_source
 from audiences.users.validation import validate_users
 
@@ -93,27 +92,25 @@ def upload_csv(
         frame = frame.rename({"user_id": "id"})
     if "id" not in frame.columns:
         raise UploadError(f"{path}: no id column; map one with --map <column>=id")
-    values = frame.drop(ROW_COLUMN, "id").columns
     blank = frame.select(pl.all_horizontal(pl.exclude(ROW_COLUMN).is_null())).to_series()
     blank_lines = int(blank.sum())
     frame, tenants = frame.filter(~blank), tenants.filter(~blank)
-    validated = validate_users(frame)
-    valid_rows = set(validated.valid[ROW_COLUMN].to_list())
-    tenant_of = dict(zip(frame[ROW_COLUMN].to_list(), tenants.to_list()))
-    rows = [row for row in frame.iter_rows(named=True) if row[ROW_COLUMN] in valid_rows]
+    # Every column becomes part of the identify patch; an empty cell is "not given".
+    validated = validate_users(frame, empty_cells="skip")
+    valid = (validated.valid
+             .join(pl.DataFrame({ROW_COLUMN: frame[ROW_COLUMN], "tenant": tenants}), on=ROW_COLUMN, how="left")
+             .sort(ROW_COLUMN))
     added = unchanged = identified = 0
-    chunks = range(0, len(rows), CHUNK)
-    for start in _progress(chunks, len(rows), progress, path.name):
-        chunk = rows[start:start + CHUNK]
-        patches = [(row["id"], patch) for row in chunk if (patch := _patch(row, values))]
+    chunks = range(0, valid.height, CHUNK)
+    for start in _progress(chunks, valid.height, progress, path.name):
+        chunk = valid.slice(start, CHUNK)
         # One transaction per chunk: the users (the store's copy, which the API reads, and the
         # identify queue the next run loads) and their memberships go in together.
         with store.engine.begin() as connection:
-            identify(store, connection, patches)
-            result = change_members(store, audience_key,
-                                    [Member(row["id"], tenant_of[row[ROW_COLUMN]]) for row in chunk], "add",
-                                    source="upload", connection=connection)
-        identified += len(patches)
+            identified += identify_many(store, connection, _patch_rows(chunk))
+            result = change_members(store, audience_key, [
+                Member(user_id, tenant) for user_id, tenant in chunk.select("user_id", "tenant").iter_rows()],
+                "add", source="upload", connection=connection)
         added, unchanged = added + result.changed, unchanged + result.unchanged
     target = None
     if validated.quarantined.height:
@@ -136,25 +133,15 @@ def _read(path: Path) -> pl.DataFrame:
         raise UploadError(f"{path}: cannot read as CSV: {error}") from None
 
 
-def _patch(row: dict, fields: list[str]) -> dict:
-    """The identify patch of one row: given cells only, dotted fields nested."""
-    patch: dict = {}
-    for field in fields:
-        value = row.get(field)
-        if value is None:
-            continue
-        node = patch
-        parts = field.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[parts[-1]] = value
-    if "properties" in patch and isinstance(patch["properties"], str):
-        extra = json.loads(patch.pop("properties"))
-        patch = {**extra, **patch}
-    return patch
+def _patch_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """The identify patches of validated rows, in the order the warehouse's loader applies them:
+    per row its `properties` JSON, then its other cells (dotted fields nested); empty ones left out."""
+    return pl.concat([
+        rows.filter(pl.col("properties_patch").is_not_null())
+            .select(ROW_COLUMN, "user_id", pl.lit(0).alias("part"), pl.col("properties_patch").alias("patch")),
+        rows.filter(pl.col("columns_patch") != "{}")
+            .select(ROW_COLUMN, "user_id", pl.lit(1).alias("part"), pl.col("columns_patch").alias("patch")),
+    ]).sort(ROW_COLUMN, "part").select("user_id", "patch")
 
 
 def _neutralise(value: str | None) -> str:

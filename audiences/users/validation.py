@@ -65,8 +65,11 @@ def users_schema(frame: pl.DataFrame) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(columns, strict=False, coerce=False)
 
 
-def validate_users(frame: pl.DataFrame) -> ValidatedRows:
-    """Split rows into valid patches and quarantined rows with their reasons."""
+def validate_users(frame: pl.DataFrame, empty_cells: str = "remove") -> ValidatedRows:
+    """Split rows into valid patches and quarantined rows with their reasons.
+
+    `empty_cells` says what a null cell means in the patch: "remove" (a source's rows: the
+    property is removed, Knock's identify rule) or "skip" (an upload's rows: not given)."""
     if frame.schema.get("id") != pl.String:
         frame = frame.with_columns(pl.col("id").cast(pl.String))
     reasons: dict[int, list[str]] = {}
@@ -83,7 +86,7 @@ def validate_users(frame: pl.DataFrame) -> ValidatedRows:
                 reasons[index].append(reason)
     bad = pl.Series("bad", [i in reasons for i in range(frame.height)], dtype=pl.Boolean)
     quarantined = _quarantine_rows(frame.filter(bad), [reasons[i] for i in sorted(reasons)])
-    return ValidatedRows(_patches(frame.filter(~bad)), quarantined)
+    return ValidatedRows(_patches(frame.filter(~bad), empty_cells), quarantined)
 
 
 def _quarantine_rows(frame: pl.DataFrame, reasons: list[list[str]]) -> pl.DataFrame:
@@ -96,11 +99,15 @@ def _quarantine_rows(frame: pl.DataFrame, reasons: list[list[str]]) -> pl.DataFr
     }, schema={ROW_COLUMN: pl.Int64, "user_id": pl.String, "reason": pl.String, "raw_row": pl.String})
 
 
-def _patches(frame: pl.DataFrame) -> pl.DataFrame:
+def _patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFrame:
     """One JSON patch per row: columns by name, dotted names nested, `properties` merged under them.
 
-    A null cell is a JSON `null` in the patch, which removes the property (Knock's identify rule).
+    With `empty_cells="remove"`, a null cell is a JSON `null` in the patch, which removes the
+    property (Knock's identify rule). With "skip", a null cell is left out of the patch, and so is
+    a nested object with no given cell: a row with no given cell has the patch `{}`.
     """
+    if empty_cells not in ("remove", "skip"):
+        raise ValueError(f"empty_cells is remove or skip, not {empty_cells!r}")
     fields = [name for name in frame.columns if name not in ("id", ROW_COLUMN, "properties")]
     frame = _plain_types(frame)
     tree: dict = {}
@@ -115,12 +122,18 @@ def _patches(frame: pl.DataFrame) -> pl.DataFrame:
         else:
             node.setdefault(parts[-1], name)
 
-    def build(node: dict) -> pl.Expr:
-        return pl.struct([
-            (build(value) if isinstance(value, dict) else pl.col(value)).alias(key) for key, value in node.items()
-        ])
+    def build(node: dict, top: bool = False) -> pl.Expr:
+        children = [(build(value) if isinstance(value, dict) else pl.col(value)).alias(key)
+                    for key, value in node.items()]
+        if empty_cells == "remove" or top:
+            return pl.struct(children)
+        # a nested object with no given cell is null, so that it is left out below
+        return pl.when(pl.any_horizontal([child.is_not_null() for child in children])).then(pl.struct(children))
 
-    columns_json = build(tree).struct.json_encode() if tree else pl.lit("{}")
+    columns_json = build(tree, top=True).struct.json_encode() if tree else pl.lit("{}")
+    if empty_cells == "skip" and tree:
+        # json_encode writes null fields; dropping them is one JSON merge into an empty object
+        columns_json = _without_nulls(columns_json)
     patches = frame.select(
         pl.col(ROW_COLUMN),
         pl.col("id").alias("user_id"),
@@ -128,6 +141,19 @@ def _patches(frame: pl.DataFrame) -> pl.DataFrame:
         (pl.col("properties") if "properties" in frame.columns else pl.lit(None, dtype=pl.String)).alias("properties_patch"),
     )
     return patches
+
+
+def _without_nulls(json_text: pl.Expr) -> pl.Expr:
+    """The JSON objects without their null members, at every depth (RFC 7396: merging a patch into
+    `{}` drops its nulls), through DuckDB's `json_merge_patch`, the rule the loader applies."""
+    import duckdb
+
+    def strip(texts: pl.Series) -> pl.Series:
+        with duckdb.connect() as connection:
+            connection.register("texts", pl.DataFrame({"text": texts}).to_arrow())
+            return connection.sql("select json_merge_patch('{}', text::json)::varchar as text from texts").pl()["text"]
+
+    return json_text.map_batches(strip, return_dtype=pl.String)
 
 
 def _plain_types(frame: pl.DataFrame) -> pl.DataFrame:

@@ -118,3 +118,26 @@ def test_a_hundred_thousand_rows_go_in_and_bad_ones_are_reported(store, tmp_path
 def test_adding_to_a_dynamic_audience_is_refused(store):
     with pytest.raises(ValueError, match="'pros' is a dynamic audience"):
         upload_csv(store, "pros", CORPUS / "bad_ids.csv", TYPES)
+
+
+def test_an_upload_merges_into_known_users_and_empty_cells_change_nothing(store, tmp_path):
+    from audiences.users.profiles import get_profile, identify
+
+    with store.engine.begin() as connection:
+        identify(store, connection, [("u1", {"name": "Ann", "plan": "free", "address": {"city": "Lyon", "zip": "69001"}})])
+    path = tmp_path / "merge.csv"
+    path.write_text("id,name,address.city,address.zip,properties\n"
+                    'u1,,Paris,,"{""plan"": null, ""score"": 3}"\n'
+                    "u2,,,,\n"
+                    "u1,Anna,,,\n")
+    result = upload_csv(store, "vips", path, TYPES)
+    # (a duplicate row of a member is one member: not counted as unchanged)
+    assert (result.rows, result.members_added, result.members_unchanged, result.rejected) == (3, 2, 0, 0)
+    # Per row: its `properties` JSON (a null removes), then its given cells, rows in file order.
+    assert get_profile(store, "u1").properties == {"name": "Anna", "score": 3, "address": {"city": "Paris", "zip": "69001"}}
+    # A row with no given cell adds the member and identifies nobody.
+    assert get_profile(store, "u2") is None
+    assert members(store) == {("u1", None), ("u2", None)}
+    queued = [json.loads(row["patch"]) for row in store.rows(sa.text(
+        "select patch from user_patches where user_id = 'u1' order by patch_id"))]
+    assert queued[1:] == [{"plan": None, "score": 3}, {"address": {"city": "Paris"}}, {"name": "Anna"}]
