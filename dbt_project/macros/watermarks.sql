@@ -27,3 +27,13 @@
     {%- set result = run_query("select " ~ adapter.quote(column) ~ " from " ~ relation ~ " limit 1") -%}
     {{ return(result.rows[0][0] if result.rows else none) }}
 {%- endmacro %}
+
+
+{% macro count_newer(relation, column, since) -%}
+    {#- How many rows of `relation` have `column` after the literal `since` (0 while parsing). -#}
+    {%- if not execute -%}
+        {{ return(0) }}
+    {%- endif -%}
+    {%- set result = run_query("select count(*) from " ~ relation ~ " where " ~ adapter.quote(column) ~ " > " ~ since) -%}
+    {{ return(result.rows[0][0]) }}
+{%- endmacro %}

@@ -39,36 +39,51 @@ where
       "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
     )
 
-    or
+union
 
+select user_key
+from {{ ref('int_users_flattened') }}
+where
     -- churn-risk: recipient.last_seen_at against now -43200 minutes
     (
       "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
     )
 
-    or
+union
 
+select user_key
+from {{ ref('int_users_flattened') }}
+where
     -- power-users: recipient.last_seen_at against now -4320 minutes
     (
       "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
     )
 
-    or
+union
 
+select user_key
+from {{ ref('int_users_flattened') }}
+where
     -- new-signups-this-week: recipient.signed_up_at against now -10080 minutes
     (
       "signed_up_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
     )
 
-    or
+union
 
+select user_key
+from {{ ref('int_users_flattened') }}
+where
     -- trial-ending-soon, trial-expired-unconverted: recipient.trial_ends_at against now +0 minutes
     (
       "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
     )
 
-    or
+union
 
+select user_key
+from {{ ref('int_users_flattened') }}
+where
     -- trial-ending-soon: recipient.trial_ends_at against now +10080 minutes
     (
       "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
