@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import duckdb
+import polars as pl
 import sqlalchemy as sa
 from hypothesis import given, settings, strategies as st
 
 from audiences.membership import store as tables
 from audiences.users import load_identify_queue
-from audiences.users.profiles import get_profile, identify, merge_patch, publish_changed_users
+from audiences.users.profiles import get_profile, identify, identify_many, merge_patch, publish_changed_users
 from audiences.users.store import ensure_schema
 
 json_values = st.recursive(
@@ -28,6 +29,37 @@ def test_merge_patch_agrees_with_duckdbs_json_merge_patch(target, patch):
     expected = duckdb.sql("select json_merge_patch($t::json, $p::json)::varchar",
                           params={"t": json.dumps(target), "p": json.dumps(patch)}).fetchall()[0][0]
     assert merge_patch(target, patch) == json.loads(expected)
+
+
+@given(before=st.lists(st.tuples(st.sampled_from("uvw"), objects), max_size=3),
+       batch=st.lists(st.tuples(st.sampled_from("uvwx"), objects), min_size=1, max_size=6),
+       deleted=st.sampled_from([None, "u", "v"]))
+@settings(max_examples=40, deadline=None)
+def test_identify_many_agrees_with_identify(tmp_path_factory, before, batch, deleted):
+    # Uploads merge a batch in DuckDB, the API one patch at a time in Python: same profiles, same queue.
+    from audiences.membership.store import MembershipStore
+    from audiences.users.profiles import delete_user
+
+    results = []
+    for way in ("one by one", "batch"):
+        store = MembershipStore(f"sqlite:///{tmp_path_factory.mktemp('store')}/store.sqlite").create()
+        with store.engine.begin() as connection:
+            identify(store, connection, before)
+            if deleted:
+                delete_user(store, connection, deleted)
+        with store.engine.begin() as connection:
+            if way == "batch":
+                patches = pl.DataFrame({"user_id": [u for u, _ in batch],
+                                        "patch": [json.dumps(p) for _, p in batch]})
+                assert identify_many(store, connection, patches) == len({u for u, _ in batch})
+            else:
+                identify(store, connection, batch)
+        profiles = {u: (get_profile(store, u).properties if get_profile(store, u) else None) for u in "uvwx"}
+        queued = [(row["user_id"], json.loads(row["patch"])) for row in store.rows(
+            sa.select(tables.user_patches.c.user_id, tables.user_patches.c.patch).order_by(tables.user_patches.c.patch_id))]
+        results.append((profiles, queued))
+        store.dispose()
+    assert results[0] == results[1]
 
 
 def test_identify_merges_into_the_profile_and_queues_the_patch(store):
