@@ -272,15 +272,17 @@ class _CompiledAudience:
     references: set[str]
 
 
-REEVALUATED_USERS = "users_to_reevaluate"  # audience_members' CTE of the users a build re-evaluates
+REEVALUATED_USERS = "users_to_reevaluate"  # audience_members' CTE of the changed users it re-evaluates
+REEVALUATED_IN_TIME = "users_to_reevaluate_in_time"  # ... and of those, plus the users in moved time windows
 
 
-def _compile_audience(definition: AudienceDefinition, definitions: dict[str, AudienceDefinition] | None = None
-                      ) -> _CompiledAudience:
+def _compile_audience(definition: AudienceDefinition, definitions: dict[str, AudienceDefinition] | None = None,
+                      users: str = REEVALUATED_USERS) -> _CompiledAudience:
     """An audience's WHERE clause over the columns of int_users_flattened, ready for a model file.
 
     Another audience's members are read from its model; or, given `definitions` (for
-    audience_members' per-user re-evaluation), computed from its conditions over the same users.
+    audience_members' per-user re-evaluation), computed from its conditions over the same users
+    (the CTE `users`).
     """
     # Placeholders for our Jinja are names that no user text in this definition contains.
     user_text = json.dumps(definition.raw, ensure_ascii=False) + json.dumps(
@@ -295,8 +297,7 @@ def _compile_audience(definition: AudienceDefinition, definitions: dict[str, Aud
         if definitions is None:
             return exp.select("user_key").from_(
                 exp.to_table(refs.setdefault(key, f"{ref_prefix}_{len(refs)}"))).where("tenant is null")
-        return exp.select("user_key").from_(REEVALUATED_USERS).where(
-            compile_segments(definitions[key].segments, context))
+        return exp.select("user_key").from_(users).where(compile_segments(definitions[key].segments, context))
 
     context = CompileContext(
         attribute=lambda attribute: exp.column(attribute.column_name, quoted=True),
@@ -331,6 +332,32 @@ def per_user_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
         if definition.type == "dynamic" and definition.references() <= per_user:
             per_user.add(key)
     return per_user
+
+
+def _closure(key: str, definitions: dict[str, AudienceDefinition]) -> set[str]:
+    """The audience and every audience it reads, directly or not."""
+    seen, pending = set(), [key]
+    while pending:
+        current = pending.pop()
+        if current not in seen and current in definitions:
+            seen.add(current)
+            pending.extend(definitions[current].references())
+    return seen
+
+
+def time_dependent_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
+    """Per-user audiences whose members can change as "now" moves: they, or an audience they read,
+    compare a timestamp with the evaluation time. Only these are re-evaluated for the users whose
+    timestamps "now" moved over; for the others, only a change of the user's data matters."""
+    return {key for key in per_user_audiences(definitions)
+            if any(time_windows(definitions[other].segments) for other in _closure(key, definitions))}
+
+
+def _time_columns(definitions: dict[str, AudienceDefinition], keys: set[str]) -> list[str]:
+    """The int_users_flattened columns that these audiences (their references inlined) read."""
+    read = {key_ for key in keys for key_ in _closure(key, definitions)}
+    attributes = set().union(*(attributes_used(definitions[key].segments) for key in read)) if read else set()
+    return sorted({attribute.column_name for attribute in attributes} - {"user_key", "user_id"})
 
 
 def _dynamic_model(definition: AudienceDefinition) -> str:
@@ -432,6 +459,7 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
     """`audience_members`: incremental, re-evaluating per user what it can (macros/audience_members.sql)."""
     header = GENERATED_HEADER.format(source=_comment(source_label))
     branches, per_user, eligible = [], {}, per_user_audiences(definitions)
+    timed = time_dependent_audiences(definitions)
     for key, definition in sorted(definitions.items()):
         literal = escape_jinja(render(exp.Literal.string(key)))
         full = f"select {literal} as audience_key, user_key, tenant from {{{{ ref('{definition.model_name}') }}}}"
@@ -440,10 +468,11 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
             branches.append(full)
             continue
         # Other audiences' conditions are inlined, so a change to them changes this hash too.
-        compiled = _compile_audience(definition, definitions)
+        users = REEVALUATED_IN_TIME if key in timed else REEVALUATED_USERS
+        compiled = _compile_audience(definition, definitions, users)
         per_user[key] = hashlib.sha256(f"{spec}\n{compiled.where}".encode()).hexdigest()[:12]
         scoped = (f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
-                  f"from {REEVALUATED_USERS}\nwhere\n{_indent(compiled.where, 4)}")
+                  f"from {users}\nwhere\n{_indent(compiled.where, 4)}")
         branches.append(f"{{% if {json.dumps(key)} in per_user %}}\n\n{scoped}\n\n{{% else %}}\n\n{full}\n\n{{% endif %}}")
     branches += [f"select {escape_jinja(render(exp.Literal.string(key)))} as audience_key, user_key, tenant "
                  f"from {{{{ ref('{key}') }}}}" for key in custom if key not in definitions]
@@ -452,15 +481,35 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
                     "cast(null as varchar) as tenant where false"]
     union = "\n\nunion all\n\n".join(branches)
     keys = sorted(set(definitions) | set(custom))
-    meta = json.dumps({"audiences": keys, "reevaluated_per_user": per_user}, indent=4).replace("\n", "\n        ")
+    meta = json.dumps({"audiences": keys, "reevaluated_per_user": per_user, "reevaluated_in_time": sorted(timed)},
+                      indent=4).replace("\n", "\n        ")
+    columns = ",\n        ".join(["user_key", "user_id"] + [_quote(c) for c in _time_columns(definitions, timed)])
+    in_time = f""",
+
+{REEVALUATED_IN_TIME} as materialized (
+
+    -- the changed users, and the users whose timestamps "now" moved over, for the audiences that
+    -- compare a timestamp with "now" (only the columns those read)
+    select
+        {columns}
+    from {REEVALUATED_USERS}
+
+    union all
+
+    select
+        {columns}
+    from {{{{ ref('{FLATTENED_MODEL}') }}}}
+    where user_key in (select user_key from {{{{ ref('{REEVALUATE_MODEL}') }}}} where not changed)
+
+)""" if timed else ""
     return f"""{header}
 -- The members of every audience at this evaluation: one row per (audience, user, tenant).
 -- Integer user keys keep tens of millions of rows cheap to write; join stg_warehouse__users for ids.
 --
 -- Incremental. An audience that reads only the user's own properties (or other such audiences) is
 -- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
--- and those whose timestamps lie where "now" moved since then. Its conditions are those of its
--- model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
+-- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
+-- then. Its conditions are those of its model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
 -- over them, and audiences whose SQL changed are evaluated whole. How: macros/audience_members.sql.
 
 {{{{
@@ -478,11 +527,12 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
 
 with {REEVALUATED_USERS} as materialized (
 
+    -- the users whose data changed since the last build
     select users.*
     from {{{{ ref('{FLATTENED_MODEL}') }}}} as users
-    where users.user_key in (select user_key from {{{{ ref('{REEVALUATE_MODEL}') }}}})
+    where users.user_key in (select user_key from {{{{ ref('{REEVALUATE_MODEL}') }}}} where changed)
 
-)
+){in_time}
 
 {union}
 """
@@ -509,11 +559,12 @@ def _reevaluate_model(definitions: dict[str, AudienceDefinition], source_label: 
     if windows:
         # One select per window rather than an OR of them: a comparison of one column reaches the
         # table scan, an OR over several columns is evaluated after reading them all (0.3 s and 0.4 s at 10M).
-        moved = "\n\nunion\n\n".join(
-            f"select user_key\nfrom {{{{ ref('{FLATTENED_MODEL}') }}}}\nwhere\n{_indent(w, 4)}" for w in windows)
+        moved = "\n\nunion all\n\n".join(
+            f"select user_key, false as changed\nfrom {{{{ ref('{FLATTENED_MODEL}') }}}}\nwhere\n{_indent(w, 4)}"
+            for w in windows)
         timed = f"""
 
-union
+union all
 
 -- users for whom a time-relative condition may have changed as "now" moved
 {moved}"""
@@ -533,7 +584,7 @@ union
 {{% if last_build is none %}}
 
 -- audience_members has not been built: it evaluates every user
-select cast(null as integer) as user_key
+select cast(null as integer) as user_key, cast(null as boolean) as changed
 where false
 
 {{% else %}}
@@ -544,10 +595,18 @@ where false
 {{% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}}
 {{% set current_now = evaluation_time_literal() %}}
 
+-- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
+-- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
+select user_key, bool_or(changed) as changed
+from (
+
 -- users loaded, changed or deleted since the last build
-select user_key
+select user_key, true as changed
 from {{{{ ref('{USERS_MODEL}') }}}}
 where {{% if users_watermark %}}updated_at > {{{{ users_watermark }}}}{{% else %}}true{{% endif %}}{timed}
+
+) as candidates
+group by user_key
 
 {{% endif %}}
 """

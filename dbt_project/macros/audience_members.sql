@@ -12,7 +12,8 @@
        the same users, and into its hash. Every other audience (custom and static ones, audiences
        over them, new or changed ones) is evaluated whole;
     3. before appending the new rows, deletes the rows it replaces: those of the audiences evaluated
-       whole, and those of the users re-evaluated;
+       whole, those of the users whose data changed, and, in the audiences that compare a timestamp
+       with "now" (`reevaluated_in_time`), those of the users in a time window that "now" moved over;
     4. after appending, records the new state, and logs what it re-evaluated in
        audience_members__reevaluated, where the membership diff (audiences/membership/changes.py)
        reads which rows may have changed, and empties it. `(audience, null)` means the audience
@@ -93,8 +94,18 @@
             delete from {{ this }}
             where audience_key in ({{ audience_members_literals(whole) }});
             {%- endif %}
+            {#- A changed user's rows, in every audience; a user only in a time window, in the
+                audiences that compare with "now". One semi-join scans the table; the rest of the
+                condition only sees the rows it keeps. -#}
+            {%- set timed = model.config.meta.get('reevaluated_in_time', []) | select('in', per_user) | list %}
             delete from {{ this }}
             where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+                and (
+                    user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
+                    {%- if timed %}
+                    or audience_key in ({{ audience_members_literals(timed) }})
+                    {%- endif %}
+                )
         {%- endif -%}
     {%- endif -%}
 {%- endmacro %}

@@ -75,3 +75,28 @@ def test_hostile_definitions_build_in_dbt_and_stay_data(tmp_path):
     expected_hostile = {u["id"] for u in users if evaluate_audience(hostile, u, now=NOW)}
     assert expected_hostile == {"match-1", "match-2"}
     assert members == {"hostile": expected_hostile, "follower": {"other"}}
+
+
+def test_only_audiences_that_compare_with_now_are_reevaluated_for_users_in_time_windows():
+    from pathlib import Path
+
+    from audiences.dbt_models import time_dependent_audiences
+    from audiences.definitions import parse_definition
+
+    def audience(key, conditions, kind="dynamic"):
+        raw = {"name": key, "type": kind, "segments": [{"conditions": conditions}] if conditions else []}
+        return parse_definition(raw, key, Path(f"{key}/audience.json"))
+
+    recent = {"property": "recipient.last_seen_at", "operator": "is_timestamp_on_or_after", "argument": "3 days ago"}
+    pro = {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
+    definitions = {d.key: d for d in [
+        audience("active", [recent]),
+        audience("pros", [pro]),
+        audience("active-pros", [pro, {"property": "recipient", "operator": "is_audience_member", "argument": "active"}]),
+        audience("over-pros", [{"property": "recipient", "operator": "is_audience_member", "argument": "pros"}]),
+        audience("vips", [], kind="static"),
+        audience("active-vips", [recent, {"property": "recipient", "operator": "is_audience_member", "argument": "vips"}]),
+    ]}
+    # An audience over a time-dependent one is time-dependent too; one over a static audience is
+    # evaluated whole, not per user.
+    assert time_dependent_audiences(definitions) == {"active", "active-pros"}

@@ -12,7 +12,7 @@
 {% if last_build is none %}
 
 -- audience_members has not been built: it evaluates every user
-select cast(null as integer) as user_key
+select cast(null as integer) as user_key, cast(null as boolean) as changed
 where false
 
 {% else %}
@@ -23,15 +23,20 @@ where false
 {% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}
 {% set current_now = evaluation_time_literal() %}
 
+-- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
+-- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
+select user_key, bool_or(changed) as changed
+from (
+
 -- users loaded, changed or deleted since the last build
-select user_key
+select user_key, true as changed
 from {{ ref('stg_warehouse__users') }}
 where {% if users_watermark %}updated_at > {{ users_watermark }}{% else %}true{% endif %}
 
-union
+union all
 
 -- users for whom a time-relative condition may have changed as "now" moved
-select user_key
+select user_key, false as changed
 from {{ ref('int_users_flattened') }}
 where
     -- dormant-free-users: recipient.last_seen_at against now -129600 minutes
@@ -39,9 +44,9 @@ where
       "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
     )
 
-union
+union all
 
-select user_key
+select user_key, false as changed
 from {{ ref('int_users_flattened') }}
 where
     -- churn-risk: recipient.last_seen_at against now -43200 minutes
@@ -49,9 +54,9 @@ where
       "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
     )
 
-union
+union all
 
-select user_key
+select user_key, false as changed
 from {{ ref('int_users_flattened') }}
 where
     -- power-users: recipient.last_seen_at against now -4320 minutes
@@ -59,9 +64,9 @@ where
       "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
     )
 
-union
+union all
 
-select user_key
+select user_key, false as changed
 from {{ ref('int_users_flattened') }}
 where
     -- new-signups-this-week: recipient.signed_up_at against now -10080 minutes
@@ -69,9 +74,9 @@ where
       "signed_up_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
     )
 
-union
+union all
 
-select user_key
+select user_key, false as changed
 from {{ ref('int_users_flattened') }}
 where
     -- trial-ending-soon, trial-expired-unconverted: recipient.trial_ends_at against now +0 minutes
@@ -79,14 +84,17 @@ where
       "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
     )
 
-union
+union all
 
-select user_key
+select user_key, false as changed
 from {{ ref('int_users_flattened') }}
 where
     -- trial-ending-soon: recipient.trial_ends_at against now +10080 minutes
     (
       "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
     )
+
+) as candidates
+group by user_key
 
 {% endif %}

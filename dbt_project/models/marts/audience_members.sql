@@ -4,8 +4,8 @@
 --
 -- Incremental. An audience that reads only the user's own properties (or other such audiences) is
 -- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
--- and those whose timestamps lie where "now" moved since then. Its conditions are those of its
--- model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
+-- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
+-- then. Its conditions are those of its model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
 -- over them, and audiences whose SQL changed are evaluated whole. How: macros/audience_members.sql.
 
 {{
@@ -34,20 +34,30 @@
                 "vip-customers"
             ],
             "reevaluated_per_user": {
-                "beta-invite-candidates": "789c0d67707b",
+                "beta-invite-candidates": "5bd13b24b050",
                 "beta-testers": "c88893bd6cfb",
                 "churn-risk": "7d2eb201a9f8",
                 "dormant-free-users": "9c42241bce44",
                 "enterprise-admins": "aec4370d29b7",
                 "eu-customers": "17af3898be58",
                 "new-signups-this-week": "90d52e43b6f4",
-                "nps-promoters": "b798cab58bba",
+                "nps-promoters": "2d5447a3954f",
                 "onboarding-incomplete": "cb69a9804602",
                 "power-users": "3a7bea7b812a",
                 "product-survey-sample": "5e1d4645849f",
                 "trial-ending-soon": "5999c10313c5",
                 "trial-expired-unconverted": "7daf0d6c0da5"
-            }
+            },
+            "reevaluated_in_time": [
+                "beta-invite-candidates",
+                "churn-risk",
+                "dormant-free-users",
+                "new-signups-this-week",
+                "nps-promoters",
+                "power-users",
+                "trial-ending-soon",
+                "trial-expired-unconverted"
+            ]
         },
     )
 }}
@@ -56,16 +66,78 @@
 
 with users_to_reevaluate as materialized (
 
+    -- the users whose data changed since the last build
     select users.*
     from {{ ref('int_users_flattened') }} as users
-    where users.user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+    where users.user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
+
+),
+
+users_to_reevaluate_in_time as materialized (
+
+    -- the changed users, and the users whose timestamps "now" moved over, for the audiences that
+    -- compare a timestamp with "now" (only the columns those read)
+    select
+        user_key,
+        user_id,
+        "email__items",
+        "email__kind",
+        "email__text",
+        "feature_flags__items",
+        "feature_flags__kind",
+        "feature_flags__text",
+        "last_seen_at__kind",
+        "last_seen_at__timestamp",
+        "mrr__number",
+        "nps_score__number",
+        "onboarding.completed_steps__kind",
+        "onboarding.completed_steps__number",
+        "onboarding.completed_steps__text",
+        "plan__boolean",
+        "plan__items",
+        "plan__kind",
+        "plan__number",
+        "plan__text",
+        "seats__number",
+        "signed_up_at__timestamp",
+        "trial_ends_at__timestamp"
+    from users_to_reevaluate
+
+    union all
+
+    select
+        user_key,
+        user_id,
+        "email__items",
+        "email__kind",
+        "email__text",
+        "feature_flags__items",
+        "feature_flags__kind",
+        "feature_flags__text",
+        "last_seen_at__kind",
+        "last_seen_at__timestamp",
+        "mrr__number",
+        "nps_score__number",
+        "onboarding.completed_steps__kind",
+        "onboarding.completed_steps__number",
+        "onboarding.completed_steps__text",
+        "plan__boolean",
+        "plan__items",
+        "plan__kind",
+        "plan__number",
+        "plan__text",
+        "seats__number",
+        "signed_up_at__timestamp",
+        "trial_ends_at__timestamp"
+    from {{ ref('int_users_flattened') }}
+    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed)
 
 )
 
 {% if "beta-invite-candidates" in per_user %}
 
 select 'beta-invite-candidates' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -75,7 +147,7 @@ where
             user_key in (
               select
                 user_key
-              from users_to_reevaluate
+              from users_to_reevaluate_in_time
               where
                 (
                   coalesce(
@@ -245,7 +317,7 @@ union all
 {% if "churn-risk" in per_user %}
 
 select 'churn-risk' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -337,7 +409,7 @@ union all
 {% if "dormant-free-users" in per_user %}
 
 select 'dormant-free-users' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -532,7 +604,7 @@ union all
 {% if "new-signups-this-week" in per_user %}
 
 select 'new-signups-this-week' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -576,7 +648,7 @@ union all
 {% if "nps-promoters" in per_user %}
 
 select 'nps-promoters' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -593,7 +665,7 @@ where
             user_key in (
               select
                 user_key
-              from users_to_reevaluate
+              from users_to_reevaluate_in_time
               where
                 (
                   coalesce(
@@ -743,7 +815,7 @@ union all
 {% if "power-users" in per_user %}
 
 select 'power-users' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -852,7 +924,7 @@ union all
 {% if "trial-ending-soon" in per_user %}
 
 select 'trial-ending-soon' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
@@ -901,7 +973,7 @@ union all
 {% if "trial-expired-unconverted" in per_user %}
 
 select 'trial-expired-unconverted' as audience_key, user_key, cast(null as varchar) as tenant
-from users_to_reevaluate
+from users_to_reevaluate_in_time
 where
     -- segment 1
     (
