@@ -484,24 +484,70 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
     meta = json.dumps({"audiences": keys, "reevaluated_per_user": per_user, "reevaluated_in_time": sorted(timed)},
                       indent=4).replace("\n", "\n        ")
     columns = ",\n        ".join(["user_key", "user_id"] + [_quote(c) for c in _time_columns(definitions, timed)])
-    in_time = f""",
+    flattened, reevaluate = f"{{{{ ref('{FLATTENED_MODEL}') }}}}", f"{{{{ ref('{REEVALUATE_MODEL}') }}}}"
+    if timed:
+        users = f"""
+{{% if changed_users %}}
+
+-- Users changed since the last build, and users whose timestamps "now" moved over: one scan.
+users_in_scope as materialized (
+
+    select users.*
+    from {flattened} as users
+    where users.user_key in (select user_key from {reevaluate})
+
+),
+
+{REEVALUATED_USERS} as materialized (
+
+    -- the changed users, for every audience
+    select *
+    from users_in_scope
+    where user_key in (select user_key from {reevaluate} where changed)
+
+),
 
 {REEVALUATED_IN_TIME} as materialized (
 
-    -- the changed users, and the users whose timestamps "now" moved over, for the audiences that
-    -- compare a timestamp with "now" (only the columns those read)
+    -- all of them, for the audiences that compare a timestamp with "now"
     select
         {columns}
-    from {REEVALUATED_USERS}
+    from users_in_scope
 
-    union all
+)
+
+{{% else %}}
+
+-- Nobody's data changed: only the users whose timestamps "now" moved over, only for the audiences
+-- that compare a timestamp with "now", and only the columns those read (a schedule tick).
+{REEVALUATED_USERS} as (
+
+    select users.*
+    from {flattened} as users
+    where false
+
+),
+
+{REEVALUATED_IN_TIME} as materialized (
 
     select
         {columns}
-    from {{{{ ref('{FLATTENED_MODEL}') }}}}
-    where user_key in (select user_key from {{{{ ref('{REEVALUATE_MODEL}') }}}} where not changed)
+    from {flattened}
+    where user_key in (select user_key from {reevaluate})
 
-)""" if timed else ""
+)
+
+{{% endif %}}"""
+    else:
+        users = f"""
+{REEVALUATED_USERS} as materialized (
+
+    -- the users whose data changed since the last build
+    select users.*
+    from {flattened} as users
+    where users.user_key in (select user_key from {reevaluate})
+
+)"""
     return f"""{header}
 -- The members of every audience at this evaluation: one row per (audience, user, tenant).
 -- Integer user keys keep tens of millions of rows cheap to write; join stg_warehouse__users for ids.
@@ -525,14 +571,10 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
 
 {{% set per_user = audience_members_per_user() %}}
 
-with {REEVALUATED_USERS} as materialized (
+{{% set changed_users = count_where(ref('{REEVALUATE_MODEL}'), 'changed') if per_user else 0 %}}
 
-    -- the users whose data changed since the last build
-    select users.*
-    from {{{{ ref('{FLATTENED_MODEL}') }}}} as users
-    where users.user_key in (select user_key from {{{{ ref('{REEVALUATE_MODEL}') }}}} where changed)
-
-){in_time}
+with
+{users}
 
 {union}
 """

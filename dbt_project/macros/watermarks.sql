@@ -37,3 +37,13 @@
     {%- set result = run_query("select count(*) from " ~ relation ~ " where " ~ adapter.quote(column) ~ " > " ~ since) -%}
     {{ return(result.rows[0][0]) }}
 {%- endmacro %}
+
+
+{% macro count_where(relation, condition) -%}
+    {#- How many rows of `relation` meet `condition`, SQL that our generator writes (0 while parsing). -#}
+    {%- if not execute -%}
+        {{ return(0) }}
+    {%- endif -%}
+    {%- set result = run_query("select count(*) from " ~ relation ~ " where " ~ condition) -%}
+    {{ return(result.rows[0][0]) }}
+{%- endmacro %}

@@ -132,10 +132,12 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
     with duckdb.connect(str(copy), read_only=True) as connection:
         expected = reference_members(connection, now=datetime.fromisoformat(later))
         actual = compiled_members(connection)
-        reevaluated = connection.execute("select count(*) from main.int_users_to_reevaluate").fetchone()[0]
+        reevaluated, changed = connection.execute(
+            "select count(*), count(*) filter (where changed) from main.int_users_to_reevaluate").fetchone()
     assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
         key: ids for key, ids in expected.items() if ids}
     assert 0 < reevaluated < 2964  # 26 days of windows cover most of the sample's users
+    assert changed == 0  # no user's data changed: the schedule tick's path
 
 
 def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_changes(sample_run, tmp_path):

@@ -64,19 +64,33 @@
 
 {% set per_user = audience_members_per_user() %}
 
-with users_to_reevaluate as materialized (
+{% set changed_users = count_where(ref('int_users_to_reevaluate'), 'changed') if per_user else 0 %}
 
-    -- the users whose data changed since the last build
+with
+
+{% if changed_users %}
+
+-- Users changed since the last build, and users whose timestamps "now" moved over: one scan.
+users_in_scope as materialized (
+
     select users.*
     from {{ ref('int_users_flattened') }} as users
-    where users.user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
+    where users.user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+
+),
+
+users_to_reevaluate as materialized (
+
+    -- the changed users, for every audience
+    select *
+    from users_in_scope
+    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
 
 ),
 
 users_to_reevaluate_in_time as materialized (
 
-    -- the changed users, and the users whose timestamps "now" moved over, for the audiences that
-    -- compare a timestamp with "now" (only the columns those read)
+    -- all of them, for the audiences that compare a timestamp with "now"
     select
         user_key,
         user_id,
@@ -101,9 +115,23 @@ users_to_reevaluate_in_time as materialized (
         "seats__number",
         "signed_up_at__timestamp",
         "trial_ends_at__timestamp"
-    from users_to_reevaluate
+    from users_in_scope
 
-    union all
+)
+
+{% else %}
+
+-- Nobody's data changed: only the users whose timestamps "now" moved over, only for the audiences
+-- that compare a timestamp with "now", and only the columns those read (a schedule tick).
+users_to_reevaluate as (
+
+    select users.*
+    from {{ ref('int_users_flattened') }} as users
+    where false
+
+),
+
+users_to_reevaluate_in_time as materialized (
 
     select
         user_key,
@@ -130,9 +158,11 @@ users_to_reevaluate_in_time as materialized (
         "signed_up_at__timestamp",
         "trial_ends_at__timestamp"
     from {{ ref('int_users_flattened') }}
-    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed)
+    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
 
 )
+
+{% endif %}
 
 {% if "beta-invite-candidates" in per_user %}
 
