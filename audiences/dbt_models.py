@@ -197,7 +197,7 @@ with users as (
 
     {{% set newest = latest_timestamp(this, 'updated_at') if is_incremental() else none %}}
     {{% set incremental = newest is not none and first_value_of(this, 'attribute_spec') == '{spec}' %}}
-    {{% if incremental and count_newer(ref('{USERS_MODEL}'), 'updated_at', newest) <= {SPREAD_ROWS} %}}
+    {{% if incremental and count_where(ref('{USERS_MODEL}'), 'updated_at > ' ~ newest) <= {SPREAD_ROWS} %}}
     -- only users changed since the last build (the newest time there, read as the model runs;
     -- every user when the set of attributes changed, see macros/watermarks.sql). The loader
     -- writes changed users at the end of raw.users, where a few of them fill one or two of
@@ -555,8 +555,9 @@ users_in_scope as materialized (
 -- Incremental. An audience that reads only the user's own properties (or other such audiences) is
 -- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
 -- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
--- then. Its conditions are those of its model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
--- over them, and audiences whose SQL changed are evaluated whole. How: macros/audience_members.sql.
+-- then. Its conditions are those of its model in models/audiences/, repeated here over that
+-- subset. Custom and static audiences, audiences over them, and audiences whose SQL changed are
+-- evaluated whole. How: macros/audience_members.sql.
 
 {{{{
     config(

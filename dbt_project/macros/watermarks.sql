@@ -29,16 +29,6 @@
 {%- endmacro %}
 
 
-{% macro count_newer(relation, column, since) -%}
-    {#- How many rows of `relation` have `column` after the literal `since` (0 while parsing). -#}
-    {%- if not execute -%}
-        {{ return(0) }}
-    {%- endif -%}
-    {%- set result = run_query("select count(*) from " ~ relation ~ " where " ~ adapter.quote(column) ~ " > " ~ since) -%}
-    {{ return(result.rows[0][0]) }}
-{%- endmacro %}
-
-
 {% macro count_where(relation, condition) -%}
     {#- How many rows of `relation` meet `condition`, SQL that our generator writes (0 while parsing). -#}
     {%- if not execute -%}

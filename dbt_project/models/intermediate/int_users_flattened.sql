@@ -17,7 +17,7 @@ with users as (
 
     {% set newest = latest_timestamp(this, 'updated_at') if is_incremental() else none %}
     {% set incremental = newest is not none and first_value_of(this, 'attribute_spec') == '9c15b35a8d2b' %}
-    {% if incremental and count_newer(ref('stg_warehouse__users'), 'updated_at', newest) <= 245760 %}
+    {% if incremental and count_where(ref('stg_warehouse__users'), 'updated_at > ' ~ newest) <= 245760 %}
     -- only users changed since the last build (the newest time there, read as the model runs;
     -- every user when the set of attributes changed, see macros/watermarks.sql). The loader
     -- writes changed users at the end of raw.users, where a few of them fill one or two of

@@ -5,8 +5,9 @@
 -- Incremental. An audience that reads only the user's own properties (or other such audiences) is
 -- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
 -- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
--- then. Its conditions are those of its model in models/audiences/, repeated here over that subset. Custom and static audiences, audiences
--- over them, and audiences whose SQL changed are evaluated whole. How: macros/audience_members.sql.
+-- then. Its conditions are those of its model in models/audiences/, repeated here over that
+-- subset. Custom and static audiences, audiences over them, and audiences whose SQL changed are
+-- evaluated whole. How: macros/audience_members.sql.
 
 {{
     config(
