@@ -100,14 +100,15 @@ def upload_csv(
     valid = (validated.valid
              .join(pl.DataFrame({ROW_COLUMN: frame[ROW_COLUMN], "tenant": tenants}), on=ROW_COLUMN, how="left")
              .sort(ROW_COLUMN))
-    added = unchanged = identified = 0
+    added = unchanged = 0
+    identified = _patch_rows(valid)["user_id"].n_unique()  # users with at least one given cell
     chunks = range(0, valid.height, CHUNK)
     for start in _progress(chunks, valid.height, progress, path.name):
         chunk = valid.slice(start, CHUNK)
         # One transaction per chunk: the users (the store's copy, which the API reads, and the
         # identify queue the next run loads) and their memberships go in together.
         with store.engine.begin() as connection:
-            identified += identify_many(store, connection, _patch_rows(chunk))
+            identify_many(store, connection, _patch_rows(chunk))
             result = change_members(store, audience_key, [
                 Member(user_id, tenant) for user_id, tenant in chunk.select("user_id", "tenant").iter_rows()],
                 "add", source="upload", connection=connection)

@@ -137,6 +137,7 @@ def test_an_upload_merges_into_known_users_and_empty_cells_change_nothing(store,
     assert get_profile(store, "u1").properties == {"name": "Anna", "score": 3, "address": {"city": "Paris", "zip": "69001"}}
     # A row with no given cell adds the member and identifies nobody.
     assert get_profile(store, "u2") is None
+    assert result.users_identified == 1
     assert members(store) == {("u1", None), ("u2", None)}
     queued = [json.loads(row["patch"]) for row in store.rows(sa.text(
         "select patch from user_patches where user_id = 'u1' order by patch_id"))]
