@@ -86,3 +86,22 @@ def test_jobs_that_write_duckdb_run_one_step_at_a_time_and_are_serialized():
         # and DuckDB allows one writer (seen under `dg dev`: "Could not set lock on file").
         assert job.executor_def.name == "in_process"
         assert job.tags.get("audiences/duckdb") == "writer"
+
+
+def test_the_dbt_resource_knows_the_version_of_the_dbt_it_runs_without_asking_it():
+    import subprocess
+
+    from dagster_dbt import DbtCliResource
+
+    from audiences.dbt_project import dbt_executable
+    from pipelines.defs.resources import DbtResource
+
+    # It replaces two steps of dagster-dbt's resource; if an upgrade renames them, this says so.
+    assert callable(DbtCliResource._initialize_dbt_core_adapter)
+    assert isinstance(DbtCliResource.__dict__["_cli_version"], type(DbtResource.__dict__["_cli_version"]))
+    from condition_harness import ROOT
+
+    resource = DbtResource(project_dir=str(ROOT / "dbt_project"), dbt_executable=dbt_executable())
+    reported = subprocess.run([dbt_executable(), "--version"], capture_output=True, text=True, check=True).stdout
+    assert f"installed: {resource._cli_version}" in reported
+    assert resource._initialize_dbt_core_adapter(["build"]) is None
