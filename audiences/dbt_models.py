@@ -627,7 +627,8 @@ union all
 {{% if last_build is none %}}
 
 -- audience_members has not been built: it evaluates every user
-select cast(null as integer) as user_key, cast(null as boolean) as changed
+select cast(null as integer) as user_key, cast(null as boolean) as changed,
+    cast(null as timestamptz) as users_through
 where false
 
 {{% else %}}
@@ -637,10 +638,14 @@ where false
 {{% set users_watermark = latest_timestamp(last_build, 'users_watermark') %}}
 {{% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}}
 {{% set current_now = evaluation_time_literal() %}}
+{{% set users_through = latest_timestamp(ref('{USERS_MODEL}'), 'updated_at') or 'cast(null as timestamptz)' %}}
 
 -- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
 -- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
-select user_key, bool_or(changed) as changed
+-- `users_through`: the newest user change this list covers, which audience_members records as
+-- its watermark (not the newest change when it is built: a build of it alone must not skip the
+-- changes loaded since this list was made).
+select user_key, bool_or(changed) as changed, {{{{ users_through }}}} as users_through
 from (
 
 -- users loaded, changed or deleted since the last build

@@ -243,3 +243,42 @@ def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sa
     assert new_user == [("silver",)]
     processed = sorted(p.name for p in (tmp_path / "uploads" / "vip-customers" / "processed").iterdir())
     assert len(processed) == 2 and any(name.endswith(".rejects.csv") for name in processed)
+
+
+def test_a_build_of_audience_members_alone_does_not_skip_users_loaded_before_it(sample_run, tmp_path):
+    """An analyst runs `dbt build --select audience_members` (say, after editing a custom audience)
+    between a load and the next evaluation. The next evaluation must still re-evaluate the users
+    that load changed: the watermark audience_members records is what int_users_to_reevaluate
+    covered, not the newest change in the warehouse."""
+    from datetime import timezone
+
+    from audiences.dbt_project import prepare, run_dbt
+    from audiences.settings import Settings
+    from audiences.users import load_source
+    from audiences.users.sources import UserSource
+    from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
+
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(sample_run, copy)
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
+    settings = Settings.from_env({}, duckdb_path=copy, dbt_project_dir=project,
+                                 definitions_dir=ROOT / "data" / "audiences")
+    prepare(settings)
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        (now,) = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchone()
+        before = compiled_members(connection)
+    updates = [{"id": f"user_{n:05d}", "plan": "enterprise", "address": {"country": "DE"}, "nps_score": 10,
+                "last_seen_at": "2026-10-31T12:00:00Z", "mrr": 5000} for n in range(200, 230)]
+    (tmp_path / "updates.jsonl").write_text("".join(json.dumps(update) + "\n" for update in updates))
+    with duckdb.connect(str(copy)) as connection:
+        load_source(connection, UserSource("test_updates", "jsonl", tmp_path / "updates.jsonl", mode="stream"),
+                    datetime.now(timezone.utc))
+    run_dbt(["build", "--select", "audience_members"], settings)  # int_users_to_reevaluate is not rebuilt
+    run_dbt(["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings)  # the next evaluation
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        expected = reference_members(connection, now=now)
+        actual = compiled_members(connection)
+    assert actual != before  # the updates moved users
+    assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
+        key: ids for key, ids in expected.items() if ids}
