@@ -131,6 +131,7 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
             users.user_key,
             users.deleted_at,
             users.properties as old_properties,
+            users.updated_at as old_updated_at,
             list_reduce(
                 list_prepend(
                     case when users.user_key is null or users.deleted_at is not null
@@ -154,6 +155,7 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
         from merged
         """
     ).fetchall()[0]
+    _remember_versions_before_the_run(connection, loaded_at)
     _rewrite(
         connection,
         """
@@ -206,6 +208,62 @@ def _apply(connection, source: UserSource, rows: ValidatedRows, loaded_at: datet
         users_unchanged=unchanged,
         users_deleted=deleted,
     )
+
+
+def _remember_versions_before_the_run(connection, loaded_at: datetime) -> None:
+    """Keep, for `settle_run`, the version each user had before the run's first change to them
+    (a temp table: the connection's lifetime; a run that was not settled is forgotten)."""
+    connection.execute(
+        "create temp table if not exists versions_before_run "
+        "(loaded_at timestamptz, user_key integer, properties json, updated_at timestamptz)"
+    )
+    connection.execute("delete from versions_before_run where loaded_at <> $loaded_at", {"loaded_at": loaded_at})
+    connection.execute(
+        """
+        insert into versions_before_run
+        select $loaded_at, user_key, old_properties, old_updated_at
+        from merged
+        where user_key is not null
+            and deleted_at is null
+            and new_properties::varchar <> old_properties::varchar
+            and user_key not in (select user_key from versions_before_run)
+        """,
+        {"loaded_at": loaded_at},
+    )
+
+
+def settle_run(connection: duckdb.DuckDBPyConnection, loaded_at: datetime) -> int:
+    """After every source of a run (at `loaded_at`) is loaded: users that the run changed and
+    changed back, so that they end as they began (say, a snapshot and a stream that disagree on a
+    property, each applied on every run), get their `updated_at` back. Reloading the same data then
+    changes nothing, and the incremental models do not re-evaluate them. Returns how many."""
+    exists = connection.execute(
+        "select count(*) from duckdb_tables() where temporary and table_name = 'versions_before_run'"
+    ).fetchall()[0][0]
+    if not exists:
+        return 0
+    connection.execute("begin transaction")
+    try:
+        # The run's rows are the newest (`updated_at` = loaded_at), together at the end of the table.
+        settled = _rewrite(
+            connection,
+            """
+            select users.* replace (before.updated_at as updated_at)
+            from raw.users as users
+            join versions_before_run as before
+                on before.user_key = users.user_key and before.loaded_at = $loaded_at
+            where users.updated_at = $loaded_at
+                and users.deleted_at is null
+                and users.properties::varchar = before.properties::varchar
+            """,
+            {"loaded_at": loaded_at},
+        )
+        connection.execute("drop table versions_before_run")
+        connection.execute("commit")
+    except BaseException:
+        connection.execute("rollback")
+        raise
+    return settled
 
 
 def _rewrite(connection, changed_rows_sql: str, parameters: dict) -> int:

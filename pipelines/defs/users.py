@@ -6,6 +6,7 @@ import dagster as dg
 
 from audiences.settings import Settings
 from audiences.users import configured_sources, load_identify_queue, load_source
+from audiences.users.store import settle_run
 from audiences.users.profiles import publish_changed_users
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 
@@ -62,6 +63,8 @@ def users_definitions() -> dg.Definitions:
             identified = load_identify_queue(connection, membership_store, loaded_at)
             for key, value in identified.as_metadata().items():
                 metadata[f"identify_queue/{key}"] = value
+            # Users the run changed and changed back (sources that disagree) keep their updated_at.
+            metadata["users_changed_back"] = settle_run(connection, loaded_at)
             # The API reads users from the store, which stays available while a run holds DuckDB.
             metadata["profiles_published"] = publish_changed_users(membership_store, connection)
             total, quarantined = connection.execute(

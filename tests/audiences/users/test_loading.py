@@ -58,6 +58,39 @@ def test_reloading_the_same_data_changes_nothing(warehouse, tmp_path):
     assert warehouse.execute("select max(updated_at) from raw.users").fetchone()[0] == T0
 
 
+def test_a_run_whose_sources_disagree_but_end_where_they_began_changes_nothing(warehouse, tmp_path):
+    from audiences.users.store import settle_run
+
+    snapshot = csv_source(tmp_path, "id,plan,seats\nu1,free,3\nu2,free,5\nu3,free,7\n")
+    stream = csv_source(tmp_path, "id,plan\nu1,pro\nu2,pro\n", mode="stream", name="stream.csv")
+
+    def run(at, changes=None, changes_mode="stream"):
+        load_source(warehouse, snapshot, at)
+        load_source(warehouse, stream, at)
+        if changes:
+            load_source(warehouse, csv_source(tmp_path, changes, mode=changes_mode, name="changes.csv"), at)
+        settled = settle_run(warehouse, at)
+        rows = warehouse.execute("select user_id, updated_at, deleted_at is not null from raw.users").fetchall()
+        return settled, {user_id: (updated_at, deleted) for user_id, updated_at, deleted in rows}
+
+    assert run(T0)[0] == 0  # new users: nothing to go back to
+    later = T0 + timedelta(hours=1)
+    # The snapshot sets u1 and u2 back to free, the stream to pro again: as they were, so they keep T0.
+    settled, rows = run(later)
+    assert settled == 2
+    assert rows == {"u1": (T0, False), "u2": (T0, False), "u3": (T0, False)}
+    assert users(warehouse)["u1"] == {"plan": "pro", "seats": "3"}
+    # A real change in the same kind of run moves the user.
+    even_later = T0 + timedelta(hours=2)
+    settled, rows = run(even_later, changes="id,seats\nu2,6\n")
+    assert settled == 1 and rows["u1"] == (T0, False) and rows["u2"] == (even_later, False)
+    # Changed back, then deleted by a later snapshot of the same source in the run: a deletion,
+    # which must keep the run's time so that the models see it.
+    last = T0 + timedelta(hours=3)
+    settled, rows = run(last, changes="id,plan\nu3,free\n", changes_mode="snapshot")  # keeps only u3
+    assert settled == 0 and rows["u1"] == (last, True) and rows["u2"] == (last, True)
+
+
 def test_identify_deep_merges_and_null_removes(warehouse, tmp_path):
     first = tmp_path / "first.jsonl"
     first.write_text(json.dumps({"id": "u1", "plan": "pro", "address": {"city": "Paris", "zip": "75001"},
