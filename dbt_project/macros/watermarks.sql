@@ -37,3 +37,25 @@
     {%- set result = run_query("select count(*) from " ~ relation ~ " where " ~ condition) -%}
     {{ return(result.rows[0][0]) }}
 {%- endmacro %}
+
+
+{% macro record_users_covered() -%}
+    {#- Post-hook of int_users_flattened: the newest user change it has extracted, in
+        `<this>__covered` (every change in the warehouse when it was built). -#}
+    create or replace table {{ this.incorporate(path={'identifier': this.identifier ~ '__covered'}) }} as
+    select max(updated_at) as users_through from {{ ref('stg_warehouse__users') }}
+{%- endmacro %}
+
+
+{% macro users_covered(flattened, users) -%}
+    {#- The newest user change that both the warehouse and int_users_flattened have, as a literal:
+        what int_users_to_reevaluate can list (macros/audience_members.sql). -#}
+    {%- set newest = latest_timestamp(users, 'updated_at') -%}
+    {%- set covered = adapter.get_relation(database=flattened.database, schema=flattened.schema,
+                                           identifier=flattened.identifier ~ '__covered') if execute else none -%}
+    {%- set extracted = latest_timestamp(covered, 'users_through') if covered is not none else newest -%}
+    {%- if newest is none or extracted is none -%}
+        {{ return('cast(null as timestamptz)') }}
+    {%- endif -%}
+    {{ return('least(' ~ newest ~ ', ' ~ extracted ~ ')') }}
+{%- endmacro %}

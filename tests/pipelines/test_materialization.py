@@ -245,11 +245,12 @@ def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sa
     assert len(processed) == 2 and any(name.endswith(".rejects.csv") for name in processed)
 
 
-def test_a_build_of_audience_members_alone_does_not_skip_users_loaded_before_it(sample_run, tmp_path):
-    """An analyst runs `dbt build --select audience_members` (say, after editing a custom audience)
-    between a load and the next evaluation. The next evaluation must still re-evaluate the users
-    that load changed: the watermark audience_members records is what int_users_to_reevaluate
-    covered, not the newest change in the warehouse."""
+def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample_run, tmp_path):
+    """An analyst runs `dbt build --select audience_members` (say, after editing a custom audience),
+    then `dbt build --select int_users_to_reevaluate audience_members`, between a load and the next
+    evaluation. The next evaluation must still re-evaluate the users that load changed, with their
+    new attributes: the watermark audience_members records is what int_users_to_reevaluate covered,
+    and that never goes past what int_users_flattened has extracted."""
     from datetime import timezone
 
     from audiences.dbt_project import prepare, run_dbt
@@ -275,6 +276,7 @@ def test_a_build_of_audience_members_alone_does_not_skip_users_loaded_before_it(
         load_source(connection, UserSource("test_updates", "jsonl", tmp_path / "updates.jsonl", mode="stream"),
                     datetime.now(timezone.utc))
     run_dbt(["build", "--select", "audience_members"], settings)  # int_users_to_reevaluate is not rebuilt
+    run_dbt(["build", "--select", "int_users_to_reevaluate", "audience_members"], settings)  # nor the attributes
     run_dbt(["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings)  # the next evaluation
     with duckdb.connect(str(copy), read_only=True) as connection:
         expected = reference_members(connection, now=now)

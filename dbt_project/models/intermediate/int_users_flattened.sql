@@ -9,7 +9,10 @@
         unique_key='user_key',
         incremental_strategy='delete+insert',
         on_schema_change='sync_all_columns',
-        post_hook="delete from {{ this }} where is_deleted",
+        post_hook=[
+            "delete from {{ this }} where is_deleted",
+            "{{ record_users_covered() }}",
+        ],
     )
 }}
 

@@ -23,13 +23,14 @@ where false
 {% set users_watermark = latest_timestamp(last_build, 'users_watermark') %}
 {% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}
 {% set current_now = evaluation_time_literal() %}
-{% set users_through = latest_timestamp(ref('stg_warehouse__users'), 'updated_at') or 'cast(null as timestamptz)' %}
+{% set users_through = users_covered(ref('int_users_flattened'), ref('stg_warehouse__users')) %}
 
 -- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
 -- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
 -- `users_through`: the newest user change this list covers, which audience_members records as
--- its watermark (not the newest change when it is built: a build of it alone must not skip the
--- changes loaded since this list was made).
+-- its watermark: changes that int_users_flattened has extracted (a build without it must not
+-- re-evaluate users from their old attributes), and that were loaded before this list was made
+-- (a build of audience_members alone must not skip them). Later changes wait for the next build.
 select user_key, bool_or(changed) as changed, {{ users_through }} as users_through
 from (
 
@@ -37,6 +38,7 @@ from (
 select user_key, true as changed
 from {{ ref('stg_warehouse__users') }}
 where {% if users_watermark %}updated_at > {{ users_watermark }}{% else %}true{% endif %}
+    and updated_at <= {{ users_through }}
 
 union all
 
