@@ -42,8 +42,10 @@
 {% macro record_users_covered() -%}
     {#- Post-hook of int_users_flattened: the newest user change it has extracted, in
         `<this>__covered` (every change in the warehouse when it was built). -#}
-    create or replace table {{ this.incorporate(path={'identifier': this.identifier ~ '__covered'}) }} as
-    select max(updated_at) as users_through from {{ ref('stg_warehouse__users') }}
+    {%- set covered = this.incorporate(path={'identifier': this.identifier ~ '__covered'}) %}
+    create table if not exists {{ covered }} (users_through timestamptz);
+    delete from {{ covered }};
+    insert into {{ covered }} select max(updated_at) from {{ ref('stg_warehouse__users') }}
 {%- endmacro %}
 
 
