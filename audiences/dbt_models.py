@@ -616,6 +616,11 @@ union all
 {moved}"""
     else:
         timed = "\n\n-- (no audience re-evaluated per user compares with \"now\")"
+    candidates = f"""-- users loaded, changed or deleted since the last build
+select user_key, true as changed
+from {{{{ ref('{USERS_MODEL}') }}}}
+where {{% if users_watermark %}}updated_at > {{{{ users_watermark }}}}{{% else %}}true{{% endif %}}
+    and updated_at <= {{{{ users_through }}}}{timed}"""
     return f"""{header}
 -- depends_on: {{{{ ref('{USERS_MODEL}') }}}}
 -- depends_on: {{{{ ref('{FLATTENED_MODEL}') }}}}
@@ -652,11 +657,7 @@ where false
 select user_key, bool_or(changed) as changed, {{{{ users_through }}}} as users_through
 from (
 
--- users loaded, changed or deleted since the last build
-select user_key, true as changed
-from {{{{ ref('{USERS_MODEL}') }}}}
-where {{% if users_watermark %}}updated_at > {{{{ users_watermark }}}}{{% else %}}true{{% endif %}}
-    and updated_at <= {{{{ users_through }}}}{timed}
+{_indent(candidates, 4)}
 
 ) as candidates
 group by user_key

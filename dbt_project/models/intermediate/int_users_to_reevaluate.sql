@@ -34,72 +34,72 @@ where false
 select user_key, bool_or(changed) as changed, {{ users_through }} as users_through
 from (
 
--- users loaded, changed or deleted since the last build
-select user_key, true as changed
-from {{ ref('stg_warehouse__users') }}
-where {% if users_watermark %}updated_at > {{ users_watermark }}{% else %}true{% endif %}
-    and updated_at <= {{ users_through }}
+    -- users loaded, changed or deleted since the last build
+    select user_key, true as changed
+    from {{ ref('stg_warehouse__users') }}
+    where {% if users_watermark %}updated_at > {{ users_watermark }}{% else %}true{% endif %}
+        and updated_at <= {{ users_through }}
 
-union all
+    union all
 
--- users for whom a time-relative condition may have changed as "now" moved
-select user_key, false as changed
-from {{ ref('int_users_flattened') }}
-where
-    -- dormant-free-users: recipient.last_seen_at against now -129600 minutes
-    (
-      "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
-    )
+    -- users for whom a time-relative condition may have changed as "now" moved
+    select user_key, false as changed
+    from {{ ref('int_users_flattened') }}
+    where
+        -- dormant-free-users: recipient.last_seen_at against now -129600 minutes
+        (
+          "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
+        )
 
-union all
+    union all
 
-select user_key, false as changed
-from {{ ref('int_users_flattened') }}
-where
-    -- churn-risk: recipient.last_seen_at against now -43200 minutes
-    (
-      "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
-    )
+    select user_key, false as changed
+    from {{ ref('int_users_flattened') }}
+    where
+        -- churn-risk: recipient.last_seen_at against now -43200 minutes
+        (
+          "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
+        )
 
-union all
+    union all
 
-select user_key, false as changed
-from {{ ref('int_users_flattened') }}
-where
-    -- power-users: recipient.last_seen_at against now -4320 minutes
-    (
-      "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
-    )
+    select user_key, false as changed
+    from {{ ref('int_users_flattened') }}
+    where
+        -- power-users: recipient.last_seen_at against now -4320 minutes
+        (
+          "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
+        )
 
-union all
+    union all
 
-select user_key, false as changed
-from {{ ref('int_users_flattened') }}
-where
-    -- new-signups-this-week: recipient.signed_up_at against now -10080 minutes
-    (
-      "signed_up_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
-    )
+    select user_key, false as changed
+    from {{ ref('int_users_flattened') }}
+    where
+        -- new-signups-this-week: recipient.signed_up_at against now -10080 minutes
+        (
+          "signed_up_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
+        )
 
-union all
+    union all
 
-select user_key, false as changed
-from {{ ref('int_users_flattened') }}
-where
-    -- trial-ending-soon, trial-expired-unconverted: recipient.trial_ends_at against now +0 minutes
-    (
-      "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
-    )
+    select user_key, false as changed
+    from {{ ref('int_users_flattened') }}
+    where
+        -- trial-ending-soon, trial-expired-unconverted: recipient.trial_ends_at against now +0 minutes
+        (
+          "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
+        )
 
-union all
+    union all
 
-select user_key, false as changed
-from {{ ref('int_users_flattened') }}
-where
-    -- trial-ending-soon: recipient.trial_ends_at against now +10080 minutes
-    (
-      "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
-    )
+    select user_key, false as changed
+    from {{ ref('int_users_flattened') }}
+    where
+        -- trial-ending-soon: recipient.trial_ends_at against now +10080 minutes
+        (
+          "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
+        )
 
 ) as candidates
 group by user_key
