@@ -126,12 +126,13 @@
     delete from {{ state }};
     {#- The users' watermark: what int_users_to_reevaluate covered (or, when it listed nobody, the
         last build's), so changes loaded after it was built are re-evaluated next time; after an
-        evaluation of everything, the newest change. Read before the state is replaced. -#}
+        evaluation of everything, the newest change that int_users_flattened has extracted. Read
+        before the state is replaced. -#}
     {%- if per_user %}
     {%- set users_watermark = "coalesce((select max(users_through) from " ~ ref('int_users_to_reevaluate') ~ "), "
         ~ (latest_timestamp(state, 'users_watermark') or 'null') ~ ")" %}
     {%- else %}
-    {%- set users_watermark = "(select max(updated_at) from " ~ ref('stg_warehouse__users') ~ ")" %}
+    {%- set users_watermark = users_covered(ref('int_users_flattened'), ref('stg_warehouse__users')) %}
     {%- endif %}
     insert into {{ state }}
     select
