@@ -79,16 +79,10 @@ def identify(store: MembershipStore, connection,
     prepared = patches if isinstance(patches, PreparedIdentify) else prepare_identify(patches)
     if not prepared.patches:
         return {}
-    stamp, mark = prepared.stamp, store.placeholder
+    stamp = prepared.stamp
     lock_profiles(store, connection)
-    user_ids = sorted({user_id for user_id, _ in prepared.patches})
-    current: dict[str, dict] = {}
-    for start in range(0, len(user_ids), 5000):
-        chunk = user_ids[start:start + 5000]
-        for user_id, properties, deleted_at in connection.exec_driver_sql(
-                f"select user_id, properties, deleted_at from user_profiles "
-                f"where user_id in ({', '.join([mark] * len(chunk))})", tuple(chunk)):
-            current[user_id] = {} if deleted_at else json.loads(properties)
+    current = {user_id: {} if deleted_at else json.loads(properties) for user_id, properties, deleted_at
+               in _stored_profiles(store, connection, {user_id for user_id, _ in prepared.patches})}
     merged: dict[str, dict] = {}
     for user_id, patch in prepared.patches:
         merged[user_id] = merge_patch(merged.get(user_id, current.get(user_id, {})), patch)
@@ -104,15 +98,9 @@ def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> 
     merged and patches queued inside the caller's write transaction; returns the users identified."""
     if patches.is_empty():
         return 0
-    stamp, mark = now_text(), store.placeholder
+    stamp = now_text()
     lock_profiles(store, connection)
-    user_ids = patches["user_id"].unique().sort().to_list()
-    current: list[tuple] = []
-    for start in range(0, len(user_ids), 5000):
-        chunk = user_ids[start:start + 5000]
-        current.extend(connection.exec_driver_sql(
-            f"select user_id, properties, deleted_at from user_profiles "
-            f"where user_id in ({', '.join([mark] * len(chunk))})", tuple(chunk)).all())
+    current = _stored_profiles(store, connection, patches["user_id"].unique().to_list())
     with duckdb.connect() as merging:
         merging.register("patches", patches.select("user_id", "patch").with_row_index("position").to_arrow())
         merging.register("current", pl.DataFrame(current, orient="row", schema={
@@ -136,6 +124,17 @@ def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> 
     _upsert_profiles(store, connection, [(user_id, properties, stamp, None) for user_id, properties in merged])
     _queue_patches(store, connection, patches.select("user_id", "patch").iter_rows(), stamp)
     return len(merged)
+
+
+def _stored_profiles(store: MembershipStore, connection, user_ids: Iterable[str]) -> list[tuple]:
+    """(user_id, properties, deleted_at) of the stored profiles among these users."""
+    user_ids, mark, rows = sorted(set(user_ids)), store.placeholder, []
+    for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
+        chunk = user_ids[start:start + 5000]
+        rows.extend(connection.exec_driver_sql(
+            f"select user_id, properties, deleted_at from user_profiles "
+            f"where user_id in ({', '.join([mark] * len(chunk))})", tuple(chunk)).all())
+    return rows
 
 
 def _queue_patches(store: MembershipStore, connection, patches: Iterable[tuple[str, str]], stamp: str) -> None:
