@@ -36,6 +36,14 @@ def excluded(operation) -> list:
     return [positive_data_acceptance] if exempt else []
 
 
+def configured_sinks_only(case) -> None:
+    """A broadcast's `sink` names one of sinks.yml, which the service reads per request: any other
+    name is refused with a 422 that no schema can describe. Generated broadcasts use the default
+    sink; every other field is still generated, and every check runs."""
+    if case.operation.path.endswith("/broadcasts") and isinstance(case.body, dict) and case.body.get("sink"):
+        case.body["sink"] = None
+
+
 def test_the_served_openapi_matches_what_the_service_does(served_schema, service):
     # Each operation in turn, through hypothesis (schemathesis's pytest plugin does not run on
     # pytest 9 yet, so the operations are driven directly).
@@ -47,6 +55,7 @@ def test_the_served_openapi_matches_what_the_service_does(served_schema, service
         @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
                              suppress_health_check=list(hypothesis.HealthCheck))
         def exercise(case):
+            configured_sinks_only(case)
             case.call_and_validate(headers=service.headers(), excluded_checks=excluded(operation))
 
         try:
