@@ -217,6 +217,10 @@ with users as (
     select * from {{{{ ref('{USERS_MODEL}') }}}}
     {{% if incremental %}}
     where updated_at > {{{{ newest }}}}
+    {{% elif not is_incremental() %}}
+    -- a new table: deleted users have no row (an incremental build selects them, so that their
+    -- old rows are replaced by none: macros/replace_users.sql)
+    where not is_deleted
     {{% endif %}}
     {{% endif %}}
 
@@ -252,11 +256,8 @@ select * from final
 """
     config = (
         "{{\n    config(\n        materialized='incremental',\n        unique_key='user_key',\n"
-        "        incremental_strategy='delete+insert',\n        on_schema_change='sync_all_columns',\n"
-        "        post_hook=[\n"
-        "            \"delete from {{ this }} where is_deleted\",\n"
-        "            \"{{ record_users_covered() }}\",\n"
-        "        ],\n    )\n}}"
+        "        incremental_strategy='replace_users',\n        on_schema_change='sync_all_columns',\n"
+        "        post_hook=\"{{ record_users_covered() }}\",\n    )\n}}"
     )
     header = GENERATED_HEADER.format(source=source_label)
     explanation = (

@@ -146,6 +146,8 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     audience_members re-evaluates per user what it can (macros/audience_members.sql); the result
     must equal the reference evaluator's full evaluation, and the diff must see every change."""
     from audiences import cli
+    from audiences.dbt_project import run_dbt
+    from audiences.settings import Settings
 
     copy = tmp_path / "warehouse.duckdb"
     shutil.copy(sample_run, copy)
@@ -215,6 +217,19 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     assert moved.get("eu-customers", 0) > 0 and moved.get("churn-risk", 0) > 0
     assert moved.get("power-users", 0) > 0 and moved.get("beta-invite-candidates", 0) > 0
     assert unconsumed == 0 and gone == 3
+    # Deleted users have no attribute row, whether the build replaced their rows or, with
+    # --full-refresh, made the table anew from users that include their tombstones.
+    settings = Settings.from_env({}, duckdb_path=copy, dbt_project_dir=project, definitions_dir=definitions)
+    deleted_rows = ("select count(*) from main.int_users_flattened where user_id in "
+                    "('user_00030', 'user_00031', 'user_00032')")
+    for arguments in ([], ["run", "--full-refresh", "--select", "int_users_flattened"]):
+        if arguments:
+            run_dbt(arguments, settings)
+        with duckdb.connect(str(copy), read_only=True) as connection:
+            users, rows = connection.execute("select count(*), count(distinct user_key) from main.int_users_flattened"
+                                             ).fetchone()
+            live = connection.execute("select count(*) from raw.users where deleted_at is null").fetchone()[0]
+            assert connection.execute(deleted_rows).fetchone()[0] == 0 and users == rows == live
 
 
 def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sample_run, tmp_path, monkeypatch):

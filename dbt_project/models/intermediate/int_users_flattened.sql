@@ -7,12 +7,9 @@
     config(
         materialized='incremental',
         unique_key='user_key',
-        incremental_strategy='delete+insert',
+        incremental_strategy='replace_users',
         on_schema_change='sync_all_columns',
-        post_hook=[
-            "delete from {{ this }} where is_deleted",
-            "{{ record_users_covered() }}",
-        ],
+        post_hook="{{ record_users_covered() }}",
     )
 }}
 
@@ -40,6 +37,10 @@ with users as (
     select * from {{ ref('stg_warehouse__users') }}
     {% if incremental %}
     where updated_at > {{ newest }}
+    {% elif not is_incremental() %}
+    -- a new table: deleted users have no row (an incremental build selects them, so that their
+    -- old rows are replaced by none: macros/replace_users.sql)
+    where not is_deleted
     {% endif %}
     {% endif %}
 
