@@ -489,34 +489,38 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
                       indent=4).replace("\n", "\n        ")
     columns = ",\n        ".join(["user_key", "user_id"] + [_quote(c) for c in _time_columns(definitions, timed)])
     flattened, reevaluate = f"{{{{ ref('{FLATTENED_MODEL}') }}}}", f"{{{{ ref('{REEVALUATE_MODEL}') }}}}"
+    # The changed users' rows: int_users_flattened rewrote them at the end of its table, after
+    # `users_after`, where the scan skips every other row group by its zone maps. The semi-join
+    # alone would read every user's columns (0.9-1.3 s instead of 0.3 s for 100k of 10M users).
+    changed = f"""select users.*
+    from {flattened} as users
+    where users.user_key in (select user_key from {reevaluate} where changed)
+        {{% if users_after %}}and users.updated_at > {{{{ users_after }}}}{{% endif %}}"""
     if timed:
         users = f"""
 {{% if changed_users %}}
 
--- Users changed since the last build, and users whose timestamps "now" moved over: one scan.
-users_in_scope as materialized (
-
-    select users.*
-    from {flattened} as users
-    where users.user_key in (select user_key from {reevaluate})
-
-),
-
 {REEVALUATED_USERS} as materialized (
 
     -- the changed users, for every audience
-    select *
-    from users_in_scope
-    where user_key in (select user_key from {reevaluate} where changed)
+    {changed}
 
 ),
 
 {REEVALUATED_IN_TIME} as materialized (
 
-    -- all of them, for the audiences that compare a timestamp with "now"
+    -- the changed users and those only in a time window, for the audiences that compare a
+    -- timestamp with "now", in the columns those read
     select
         {columns}
-    from users_in_scope
+    from {REEVALUATED_USERS}
+
+    union all
+
+    select
+        {columns}
+    from {flattened}
+    where user_key in (select user_key from {reevaluate} where not changed)
 
 )
 
@@ -547,9 +551,7 @@ users_in_scope as materialized (
 {REEVALUATED_USERS} as materialized (
 
     -- the users whose data changed since the last build
-    select users.*
-    from {flattened} as users
-    where users.user_key in (select user_key from {reevaluate})
+    {changed}
 
 )"""
     return f"""{header}
@@ -577,6 +579,7 @@ users_in_scope as materialized (
 {{% set per_user = audience_members_per_user() %}}
 
 {{% set changed_users = count_where(ref('{REEVALUATE_MODEL}'), 'changed') if per_user else 0 %}}
+{{% set users_after = latest_timestamp(ref('{REEVALUATE_MODEL}'), 'users_after') if changed_users else none %}}
 
 with
 {users}
@@ -637,7 +640,7 @@ where {{% if users_watermark %}}updated_at > {{{{ users_watermark }}}}{{% else %
 
 -- audience_members has not been built: it evaluates every user
 select cast(null as integer) as user_key, cast(null as boolean) as changed,
-    cast(null as timestamptz) as users_through
+    cast(null as timestamptz) as users_after, cast(null as timestamptz) as users_through
 where false
 
 {{% else %}}
@@ -651,11 +654,16 @@ where false
 
 -- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
 -- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
+-- The changed users are those whose change lies after `users_after` and up to `users_through`.
 -- `users_through`: the newest user change this list covers, which audience_members records as
 -- its watermark: changes that int_users_flattened has extracted (a build without it must not
 -- re-evaluate users from their old attributes), and that were loaded before this list was made
 -- (a build of audience_members alone must not skip them). Later changes wait for the next build.
-select user_key, bool_or(changed) as changed, {{{{ users_through }}}} as users_through
+select
+    user_key,
+    bool_or(changed) as changed,
+    {{{{ users_watermark or 'cast(null as timestamptz)' }}}} as users_after,
+    {{{{ users_through }}}} as users_through
 from (
 
 {_indent(candidates, 4)}

@@ -265,7 +265,9 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     then `dbt build --select int_users_to_reevaluate audience_members`, between a load and the next
     evaluation. The next evaluation must still re-evaluate the users that load changed, with their
     new attributes: the watermark audience_members records is what int_users_to_reevaluate covered,
-    and that never goes past what int_users_flattened has extracted."""
+    and that never goes past what int_users_flattened has extracted. The build of audience_members
+    alone re-evaluates the users of the last list again: it reads them from the end of
+    int_users_flattened after that list's own lower bound, not after the watermark it moved."""
     from datetime import timezone
 
     from audiences.dbt_project import prepare, run_dbt
@@ -284,12 +286,17 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     with duckdb.connect(str(copy), read_only=True) as connection:
         (now,) = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchone()
         before = compiled_members(connection)
-    updates = [{"id": f"user_{n:05d}", "plan": "enterprise", "address": {"country": "DE"}, "nps_score": 10,
-                "last_seen_at": "2026-10-31T12:00:00Z", "mrr": 5000} for n in range(200, 230)]
-    (tmp_path / "updates.jsonl").write_text("".join(json.dumps(update) + "\n" for update in updates))
-    with duckdb.connect(str(copy)) as connection:
-        load_source(connection, UserSource("test_updates", "jsonl", tmp_path / "updates.jsonl", mode="stream"),
-                    datetime.now(timezone.utc))
+    # A first load and evaluation, so that the list of users to re-evaluate is not empty when an
+    # analyst's build of audience_members alone re-evaluates it again.
+    for load, batch in enumerate((range(300, 330), range(200, 230))):
+        updates = [{"id": f"user_{n:05d}", "plan": "enterprise", "address": {"country": "DE"}, "nps_score": 10,
+                    "last_seen_at": "2026-10-31T12:00:00Z", "mrr": 5000} for n in batch]
+        (tmp_path / "updates.jsonl").write_text("".join(json.dumps(update) + "\n" for update in updates))
+        with duckdb.connect(str(copy)) as connection:
+            load_source(connection, UserSource("test_updates", "jsonl", tmp_path / "updates.jsonl", mode="stream"),
+                        datetime.now(timezone.utc))
+        if load == 0:
+            run_dbt(["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings)
     run_dbt(["build", "--select", "audience_members"], settings)  # int_users_to_reevaluate is not rebuilt
     run_dbt(["build", "--select", "int_users_to_reevaluate", "audience_members"], settings)  # nor the attributes
     run_dbt(["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings)  # the next evaluation

@@ -13,7 +13,7 @@
 
 -- audience_members has not been built: it evaluates every user
 select cast(null as integer) as user_key, cast(null as boolean) as changed,
-    cast(null as timestamptz) as users_through
+    cast(null as timestamptz) as users_after, cast(null as timestamptz) as users_through
 where false
 
 {% else %}
@@ -27,11 +27,16 @@ where false
 
 -- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
 -- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
+-- The changed users are those whose change lies after `users_after` and up to `users_through`.
 -- `users_through`: the newest user change this list covers, which audience_members records as
 -- its watermark: changes that int_users_flattened has extracted (a build without it must not
 -- re-evaluate users from their old attributes), and that were loaded before this list was made
 -- (a build of audience_members alone must not skip them). Later changes wait for the next build.
-select user_key, bool_or(changed) as changed, {{ users_through }} as users_through
+select
+    user_key,
+    bool_or(changed) as changed,
+    {{ users_watermark or 'cast(null as timestamptz)' }} as users_after,
+    {{ users_through }} as users_through
 from (
 
     -- users loaded, changed or deleted since the last build

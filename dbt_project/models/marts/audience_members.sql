@@ -66,32 +66,26 @@
 {% set per_user = audience_members_per_user() %}
 
 {% set changed_users = count_where(ref('int_users_to_reevaluate'), 'changed') if per_user else 0 %}
+{% set users_after = latest_timestamp(ref('int_users_to_reevaluate'), 'users_after') if changed_users else none %}
 
 with
 
 {% if changed_users %}
 
--- Users changed since the last build, and users whose timestamps "now" moved over: one scan.
-users_in_scope as materialized (
-
-    select users.*
-    from {{ ref('int_users_flattened') }} as users
-    where users.user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
-
-),
-
 users_to_reevaluate as materialized (
 
     -- the changed users, for every audience
-    select *
-    from users_in_scope
-    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
+    select users.*
+    from {{ ref('int_users_flattened') }} as users
+    where users.user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
+        {% if users_after %}and users.updated_at > {{ users_after }}{% endif %}
 
 ),
 
 users_to_reevaluate_in_time as materialized (
 
-    -- all of them, for the audiences that compare a timestamp with "now"
+    -- the changed users and those only in a time window, for the audiences that compare a
+    -- timestamp with "now", in the columns those read
     select
         user_key,
         user_id,
@@ -116,7 +110,36 @@ users_to_reevaluate_in_time as materialized (
         "seats__number",
         "signed_up_at__timestamp",
         "trial_ends_at__timestamp"
-    from users_in_scope
+    from users_to_reevaluate
+
+    union all
+
+    select
+        user_key,
+        user_id,
+        "email__items",
+        "email__kind",
+        "email__text",
+        "feature_flags__items",
+        "feature_flags__kind",
+        "feature_flags__text",
+        "last_seen_at__kind",
+        "last_seen_at__timestamp",
+        "mrr__number",
+        "nps_score__number",
+        "onboarding.completed_steps__kind",
+        "onboarding.completed_steps__number",
+        "onboarding.completed_steps__text",
+        "plan__boolean",
+        "plan__items",
+        "plan__kind",
+        "plan__number",
+        "plan__text",
+        "seats__number",
+        "signed_up_at__timestamp",
+        "trial_ends_at__timestamp"
+    from {{ ref('int_users_flattened') }}
+    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed)
 
 )
 
