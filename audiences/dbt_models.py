@@ -195,11 +195,11 @@ def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
     body = f"""
 with users as (
 
-    {{% set newest = latest_timestamp(this, 'updated_at') if is_incremental() else none %}}
+    {{% set newest = users_extracted(this) if is_incremental() else none %}}
     {{% set incremental = newest is not none and first_value_of(this, 'attribute_spec') == '{spec}' %}}
     {{% if incremental and count_where(ref('{USERS_MODEL}'), 'updated_at > ' ~ newest) <= {SPREAD_ROWS} %}}
-    -- only users changed since the last build (the newest time there, read as the model runs;
-    -- every user when the set of attributes changed, see macros/watermarks.sql). The loader
+    -- only users changed since the last build (the newest change it extracted, read as the model
+    -- runs; every user when the set of attributes changed, see macros/watermarks.sql). The loader
     -- writes changed users at the end of raw.users, where a few of them fill one or two of
     -- DuckDB's row groups, and a scan gives a row group to one thread: grouping by the key (one
     -- row per user already) hands the rows to every thread, so their JSON is extracted in

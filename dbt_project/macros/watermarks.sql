@@ -49,12 +49,28 @@
 {%- endmacro %}
 
 
+{% macro covered_relation(flattened) -%}
+    {#- int_users_flattened's `__covered` table (none before its first build with this record). -#}
+    {{ return(adapter.get_relation(database=flattened.database, schema=flattened.schema,
+                                   identifier=flattened.identifier ~ '__covered') if execute else none) }}
+{%- endmacro %}
+
+
+{% macro users_extracted(flattened) -%}
+    {#- Where int_users_flattened's next build starts: the newest change its last build extracted
+        (a one-row read; deleted users, which it leaves out, are not selected again), or its newest
+        row before there was a record. -#}
+    {%- set covered = covered_relation(flattened) -%}
+    {{ return(latest_timestamp(covered, 'users_through') if covered is not none
+              else latest_timestamp(flattened, 'updated_at')) }}
+{%- endmacro %}
+
+
 {% macro users_covered(flattened, users) -%}
     {#- The newest user change that both the warehouse and int_users_flattened have, as a literal:
         what int_users_to_reevaluate can list (macros/audience_members.sql). -#}
     {%- set newest = latest_timestamp(users, 'updated_at') -%}
-    {%- set covered = adapter.get_relation(database=flattened.database, schema=flattened.schema,
-                                           identifier=flattened.identifier ~ '__covered') if execute else none -%}
+    {%- set covered = covered_relation(flattened) -%}
     {%- set extracted = latest_timestamp(covered, 'users_through') if covered is not none else newest -%}
     {%- if newest is none or extracted is none -%}
         {{ return('cast(null as timestamptz)') }}
