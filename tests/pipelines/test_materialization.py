@@ -306,27 +306,3 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     assert actual != before  # the updates moved users
     assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
         key: ids for key, ids in expected.items() if ids}
-
-
-def test_one_row_per_member_test_fails_on_a_repeated_member_and_not_on_another_tenant(sample_run, tmp_path):
-    """audience_members' key is (audience, user, tenant): the data test fails on a repeated row,
-    not on the same user under another tenant."""
-    from audiences.dbt_project import run_dbt
-    from audiences.settings import Settings
-
-    copy = tmp_path / "warehouse.duckdb"
-    shutil.copy(sample_run, copy)
-    project = tmp_path / "dbt_project"
-    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
-    settings = Settings.from_env({}, duckdb_path=copy, dbt_project_dir=project,
-                                 definitions_dir=ROOT / "data" / "audiences")
-    check = ["test", "--select", "audience_members_one_row_per_member"]
-    with duckdb.connect(str(copy)) as connection:
-        connection.execute("insert into main.audience_members select audience_key, user_key, 'tenant-b' "
-                           "from main.audience_members where tenant is null limit 1")
-    run_dbt(check, settings)
-    with duckdb.connect(str(copy)) as connection:
-        connection.execute("insert into main.audience_members select * from main.audience_members "
-                           "where tenant is null limit 1")
-    with pytest.raises(RuntimeError, match=r"Failure in test audience_members_one_row_per_member[\s\S]*Got 1 result"):
-        run_dbt(check, settings)
