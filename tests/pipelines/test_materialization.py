@@ -43,11 +43,14 @@ def reference_members(connection, now=NOW, definitions_dir=ROOT / "data" / "audi
 
 
 def compiled_members(connection) -> dict[str, set[str]]:
+    """audience_members by audience; it must hold one row per (audience, user, tenant): an
+    incremental build that left a replaced row behind would repeat one."""
     rows = connection.execute(
-        "select members.audience_key, users.user_id from main.audience_members as members "
+        "select members.audience_key, users.user_id, members.tenant from main.audience_members as members "
         "join raw.users as users using (user_key)").fetchall()
+    assert len(rows) == len(set(rows)), "audience_members repeats a member"
     members: dict[str, set[str]] = {}
-    for key, user_id in rows:
+    for key, user_id, _ in rows:
         members.setdefault(key, set()).add(user_id)
     return members
 
