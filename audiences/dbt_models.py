@@ -507,6 +507,20 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
 
 ),
 
+{{% else %}}
+
+-- Nobody's data changed (a schedule tick): only the users whose timestamps "now" moved over, only
+-- for the audiences that compare a timestamp with "now", and only the columns those read.
+{REEVALUATED_USERS} as (
+
+    select users.*
+    from {flattened} as users
+    where false
+
+),
+
+{{% endif %}}
+
 {REEVALUATED_IN_TIME} as materialized (
 
     -- the changed users and those only in a time window, for the audiences that compare a
@@ -522,30 +536,7 @@ def _members_model(definitions: dict[str, AudienceDefinition], custom: list[str]
     from {flattened}
     where user_key in (select user_key from {reevaluate} where not changed)
 
-)
-
-{{% else %}}
-
--- Nobody's data changed: only the users whose timestamps "now" moved over, only for the audiences
--- that compare a timestamp with "now", and only the columns those read (a schedule tick).
-{REEVALUATED_USERS} as (
-
-    select users.*
-    from {flattened} as users
-    where false
-
-),
-
-{REEVALUATED_IN_TIME} as materialized (
-
-    select
-        {columns}
-    from {flattened}
-    where user_key in (select user_key from {reevaluate})
-
-)
-
-{{% endif %}}"""
+)"""
     else:
         users = f"""
 {REEVALUATED_USERS} as materialized (

@@ -82,6 +82,20 @@ users_to_reevaluate as materialized (
 
 ),
 
+{% else %}
+
+-- Nobody's data changed (a schedule tick): only the users whose timestamps "now" moved over, only
+-- for the audiences that compare a timestamp with "now", and only the columns those read.
+users_to_reevaluate as (
+
+    select users.*
+    from {{ ref('int_users_flattened') }} as users
+    where false
+
+),
+
+{% endif %}
+
 users_to_reevaluate_in_time as materialized (
 
     -- the changed users and those only in a time window, for the audiences that compare a
@@ -142,51 +156,6 @@ users_to_reevaluate_in_time as materialized (
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed)
 
 )
-
-{% else %}
-
--- Nobody's data changed: only the users whose timestamps "now" moved over, only for the audiences
--- that compare a timestamp with "now", and only the columns those read (a schedule tick).
-users_to_reevaluate as (
-
-    select users.*
-    from {{ ref('int_users_flattened') }} as users
-    where false
-
-),
-
-users_to_reevaluate_in_time as materialized (
-
-    select
-        user_key,
-        user_id,
-        "email__items",
-        "email__kind",
-        "email__text",
-        "feature_flags__items",
-        "feature_flags__kind",
-        "feature_flags__text",
-        "last_seen_at__kind",
-        "last_seen_at__timestamp",
-        "mrr__number",
-        "nps_score__number",
-        "onboarding.completed_steps__kind",
-        "onboarding.completed_steps__number",
-        "onboarding.completed_steps__text",
-        "plan__boolean",
-        "plan__items",
-        "plan__kind",
-        "plan__number",
-        "plan__text",
-        "seats__number",
-        "signed_up_at__timestamp",
-        "trial_ends_at__timestamp"
-    from {{ ref('int_users_flattened') }}
-    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
-
-)
-
-{% endif %}
 
 {% if "beta-invite-candidates" in per_user %}
 
