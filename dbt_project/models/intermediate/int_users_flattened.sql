@@ -71,9 +71,12 @@ final as (
         case
           when json_type(list_extract(property_values, 1)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 1))
+          when (
+            json_type(list_extract(property_values, 1)) = 'BIGINT'
+            or json_type(list_extract(property_values, 1)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 1)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 1)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 1)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 1)) = 'BOOLEAN'
@@ -92,9 +95,12 @@ final as (
         end as "address.country__text",
         -- recipient.address.country (number)
         case
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 1))
+          when (
+            json_type(list_extract(property_values, 1)) = 'BIGINT'
+            or json_type(list_extract(property_values, 1)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 1)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 1)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 1)) = 'INTEGER'
           )
           then cast(list_extract(property_values, 1) as double)
           when json_type(list_extract(property_values, 1)) = 'VARCHAR'
@@ -125,7 +131,13 @@ final as (
               then 'b:' || cast(item as text)
               when json_type(item) = 'NULL'
               then 'null'
-              when array_contains(['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'], json_type(item))
+              when (
+                json_type(item) = 'BIGINT'
+                or json_type(item) = 'UBIGINT'
+                or json_type(item) = 'DOUBLE'
+                or json_type(item) = 'HUGEINT'
+                or json_type(item) = 'INTEGER'
+              )
               then 'n:' || cast(cast(item as double) + 0.0 as text)
               else 'j:' || cast(item as text)
             end
@@ -135,9 +147,12 @@ final as (
         case
           when json_type(list_extract(property_values, 2)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 2))
+          when (
+            json_type(list_extract(property_values, 2)) = 'BIGINT'
+            or json_type(list_extract(property_values, 2)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 2)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 2)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 2)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 2)) = 'BOOLEAN'
@@ -168,7 +183,13 @@ final as (
               then 'b:' || cast(item as text)
               when json_type(item) = 'NULL'
               then 'null'
-              when array_contains(['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'], json_type(item))
+              when (
+                json_type(item) = 'BIGINT'
+                or json_type(item) = 'UBIGINT'
+                or json_type(item) = 'DOUBLE'
+                or json_type(item) = 'HUGEINT'
+                or json_type(item) = 'INTEGER'
+              )
               then 'n:' || cast(cast(item as double) + 0.0 as text)
               else 'j:' || cast(item as text)
             end
@@ -178,9 +199,12 @@ final as (
         case
           when json_type(list_extract(property_values, 3)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 3))
+          when (
+            json_type(list_extract(property_values, 3)) = 'BIGINT'
+            or json_type(list_extract(property_values, 3)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 3)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 3)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 3)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 3)) = 'BOOLEAN'
@@ -211,7 +235,13 @@ final as (
               then 'b:' || cast(item as text)
               when json_type(item) = 'NULL'
               then 'null'
-              when array_contains(['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'], json_type(item))
+              when (
+                json_type(item) = 'BIGINT'
+                or json_type(item) = 'UBIGINT'
+                or json_type(item) = 'DOUBLE'
+                or json_type(item) = 'HUGEINT'
+                or json_type(item) = 'INTEGER'
+              )
               then 'n:' || cast(cast(item as double) + 0.0 as text)
               else 'j:' || cast(item as text)
             end
@@ -233,9 +263,12 @@ final as (
         case
           when json_type(list_extract(property_values, 5)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 5))
+          when (
+            json_type(list_extract(property_values, 5)) = 'BIGINT'
+            or json_type(list_extract(property_values, 5)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 5)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 5)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 5)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 5)) = 'BOOLEAN'
@@ -258,9 +291,12 @@ final as (
             list_extract(property_values, 5) ->> '$'
           ) as timestamptz)
           when case
-            when array_contains(
-              ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-              json_type(list_extract(property_values, 5))
+            when (
+              json_type(list_extract(property_values, 5)) = 'BIGINT'
+              or json_type(list_extract(property_values, 5)) = 'UBIGINT'
+              or json_type(list_extract(property_values, 5)) = 'DOUBLE'
+              or json_type(list_extract(property_values, 5)) = 'HUGEINT'
+              or json_type(list_extract(property_values, 5)) = 'INTEGER'
             )
             then cast(list_extract(property_values, 5) as double)
             when json_type(list_extract(property_values, 5)) = 'VARCHAR'
@@ -276,9 +312,12 @@ final as (
           ) and 253402300799.0
           then to_timestamp(
             case
-              when array_contains(
-                ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-                json_type(list_extract(property_values, 5))
+              when (
+                json_type(list_extract(property_values, 5)) = 'BIGINT'
+                or json_type(list_extract(property_values, 5)) = 'UBIGINT'
+                or json_type(list_extract(property_values, 5)) = 'DOUBLE'
+                or json_type(list_extract(property_values, 5)) = 'HUGEINT'
+                or json_type(list_extract(property_values, 5)) = 'INTEGER'
               )
               then cast(list_extract(property_values, 5) as double)
               when json_type(list_extract(property_values, 5)) = 'VARCHAR'
@@ -294,9 +333,12 @@ final as (
         end as "last_seen_at__timestamp",
         -- recipient.mrr (number)
         case
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 6))
+          when (
+            json_type(list_extract(property_values, 6)) = 'BIGINT'
+            or json_type(list_extract(property_values, 6)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 6)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 6)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 6)) = 'INTEGER'
           )
           then cast(list_extract(property_values, 6) as double)
           when json_type(list_extract(property_values, 6)) = 'VARCHAR'
@@ -310,9 +352,12 @@ final as (
         end as "mrr__number",
         -- recipient.nps_score (number)
         case
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 7))
+          when (
+            json_type(list_extract(property_values, 7)) = 'BIGINT'
+            or json_type(list_extract(property_values, 7)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 7)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 7)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 7)) = 'INTEGER'
           )
           then cast(list_extract(property_values, 7) as double)
           when json_type(list_extract(property_values, 7)) = 'VARCHAR'
@@ -328,9 +373,12 @@ final as (
         case
           when json_type(list_extract(property_values, 8)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 8))
+          when (
+            json_type(list_extract(property_values, 8)) = 'BIGINT'
+            or json_type(list_extract(property_values, 8)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 8)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 8)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 8)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 8)) = 'BOOLEAN'
@@ -349,9 +397,12 @@ final as (
         end as "onboarding.completed_steps__text",
         -- recipient.onboarding.completed_steps (number)
         case
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 8))
+          when (
+            json_type(list_extract(property_values, 8)) = 'BIGINT'
+            or json_type(list_extract(property_values, 8)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 8)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 8)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 8)) = 'INTEGER'
           )
           then cast(list_extract(property_values, 8) as double)
           when json_type(list_extract(property_values, 8)) = 'VARCHAR'
@@ -377,7 +428,13 @@ final as (
               then 'b:' || cast(item as text)
               when json_type(item) = 'NULL'
               then 'null'
-              when array_contains(['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'], json_type(item))
+              when (
+                json_type(item) = 'BIGINT'
+                or json_type(item) = 'UBIGINT'
+                or json_type(item) = 'DOUBLE'
+                or json_type(item) = 'HUGEINT'
+                or json_type(item) = 'INTEGER'
+              )
               then 'n:' || cast(cast(item as double) + 0.0 as text)
               else 'j:' || cast(item as text)
             end
@@ -387,9 +444,12 @@ final as (
         case
           when json_type(list_extract(property_values, 9)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 9))
+          when (
+            json_type(list_extract(property_values, 9)) = 'BIGINT'
+            or json_type(list_extract(property_values, 9)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 9)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 9)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 9)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 9)) = 'BOOLEAN'
@@ -408,9 +468,12 @@ final as (
         end as "plan__text",
         -- recipient.plan (number)
         case
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 9))
+          when (
+            json_type(list_extract(property_values, 9)) = 'BIGINT'
+            or json_type(list_extract(property_values, 9)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 9)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 9)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 9)) = 'INTEGER'
           )
           then cast(list_extract(property_values, 9) as double)
           when json_type(list_extract(property_values, 9)) = 'VARCHAR'
@@ -441,7 +504,13 @@ final as (
               then 'b:' || cast(item as text)
               when json_type(item) = 'NULL'
               then 'null'
-              when array_contains(['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'], json_type(item))
+              when (
+                json_type(item) = 'BIGINT'
+                or json_type(item) = 'UBIGINT'
+                or json_type(item) = 'DOUBLE'
+                or json_type(item) = 'HUGEINT'
+                or json_type(item) = 'INTEGER'
+              )
               then 'n:' || cast(cast(item as double) + 0.0 as text)
               else 'j:' || cast(item as text)
             end
@@ -456,9 +525,12 @@ final as (
         end as "preferences.digest__text",
         -- recipient.seats (number)
         case
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 11))
+          when (
+            json_type(list_extract(property_values, 11)) = 'BIGINT'
+            or json_type(list_extract(property_values, 11)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 11)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 11)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 11)) = 'INTEGER'
           )
           then cast(list_extract(property_values, 11) as double)
           when json_type(list_extract(property_values, 11)) = 'VARCHAR'
@@ -483,9 +555,12 @@ final as (
             list_extract(property_values, 12) ->> '$'
           ) as timestamptz)
           when case
-            when array_contains(
-              ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-              json_type(list_extract(property_values, 12))
+            when (
+              json_type(list_extract(property_values, 12)) = 'BIGINT'
+              or json_type(list_extract(property_values, 12)) = 'UBIGINT'
+              or json_type(list_extract(property_values, 12)) = 'DOUBLE'
+              or json_type(list_extract(property_values, 12)) = 'HUGEINT'
+              or json_type(list_extract(property_values, 12)) = 'INTEGER'
             )
             then cast(list_extract(property_values, 12) as double)
             when json_type(list_extract(property_values, 12)) = 'VARCHAR'
@@ -501,9 +576,12 @@ final as (
           ) and 253402300799.0
           then to_timestamp(
             case
-              when array_contains(
-                ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-                json_type(list_extract(property_values, 12))
+              when (
+                json_type(list_extract(property_values, 12)) = 'BIGINT'
+                or json_type(list_extract(property_values, 12)) = 'UBIGINT'
+                or json_type(list_extract(property_values, 12)) = 'DOUBLE'
+                or json_type(list_extract(property_values, 12)) = 'HUGEINT'
+                or json_type(list_extract(property_values, 12)) = 'INTEGER'
               )
               then cast(list_extract(property_values, 12) as double)
               when json_type(list_extract(property_values, 12)) = 'VARCHAR'
@@ -521,9 +599,12 @@ final as (
         case
           when json_type(list_extract(property_values, 13)) = 'VARCHAR'
           then 'string'
-          when array_contains(
-            ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-            json_type(list_extract(property_values, 13))
+          when (
+            json_type(list_extract(property_values, 13)) = 'BIGINT'
+            or json_type(list_extract(property_values, 13)) = 'UBIGINT'
+            or json_type(list_extract(property_values, 13)) = 'DOUBLE'
+            or json_type(list_extract(property_values, 13)) = 'HUGEINT'
+            or json_type(list_extract(property_values, 13)) = 'INTEGER'
           )
           then 'number'
           when json_type(list_extract(property_values, 13)) = 'BOOLEAN'
@@ -554,7 +635,13 @@ final as (
               then 'b:' || cast(item as text)
               when json_type(item) = 'NULL'
               then 'null'
-              when array_contains(['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'], json_type(item))
+              when (
+                json_type(item) = 'BIGINT'
+                or json_type(item) = 'UBIGINT'
+                or json_type(item) = 'DOUBLE'
+                or json_type(item) = 'HUGEINT'
+                or json_type(item) = 'INTEGER'
+              )
               then 'n:' || cast(cast(item as double) + 0.0 as text)
               else 'j:' || cast(item as text)
             end
@@ -573,9 +660,12 @@ final as (
             list_extract(property_values, 14) ->> '$'
           ) as timestamptz)
           when case
-            when array_contains(
-              ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-              json_type(list_extract(property_values, 14))
+            when (
+              json_type(list_extract(property_values, 14)) = 'BIGINT'
+              or json_type(list_extract(property_values, 14)) = 'UBIGINT'
+              or json_type(list_extract(property_values, 14)) = 'DOUBLE'
+              or json_type(list_extract(property_values, 14)) = 'HUGEINT'
+              or json_type(list_extract(property_values, 14)) = 'INTEGER'
             )
             then cast(list_extract(property_values, 14) as double)
             when json_type(list_extract(property_values, 14)) = 'VARCHAR'
@@ -591,9 +681,12 @@ final as (
           ) and 253402300799.0
           then to_timestamp(
             case
-              when array_contains(
-                ['BIGINT', 'UBIGINT', 'DOUBLE', 'HUGEINT', 'INTEGER'],
-                json_type(list_extract(property_values, 14))
+              when (
+                json_type(list_extract(property_values, 14)) = 'BIGINT'
+                or json_type(list_extract(property_values, 14)) = 'UBIGINT'
+                or json_type(list_extract(property_values, 14)) = 'DOUBLE'
+                or json_type(list_extract(property_values, 14)) = 'HUGEINT'
+                or json_type(list_extract(property_values, 14)) = 'INTEGER'
               )
               then cast(list_extract(property_values, 14) as double)
               when json_type(list_extract(property_values, 14)) = 'VARCHAR'
