@@ -224,8 +224,10 @@ def run(settings: Settings, arguments) -> int:
 
     Set DAGSTER_HOME to keep the run's history for the Dagster UI (`dg dev`)."""
     from audiences.evaluation import evaluation_time_for
+    from audiences.settings import require_dbt_project
     from audiences.warehouse import connect, last_evaluation
 
+    require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     evaluated_at = evaluation_time_for(settings.evaluation_time)
     with _environment(settings.environment_variables()):
         result = _execute_main_job(evaluated_at, verbose=arguments.verbose)

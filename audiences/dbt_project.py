@@ -15,7 +15,7 @@ from pathlib import Path
 
 from audiences.dbt_models import generate_models, write_models
 from audiences.definitions import load_definitions
-from audiences.settings import Settings
+from audiences.settings import Settings, require_dbt_project
 
 FINGERPRINT_FILE = "audiences_fingerprint.txt"
 
@@ -40,6 +40,7 @@ def project_fingerprint(project_dir: Path) -> str:
 
 def generate(settings: Settings) -> list[Path]:
     """Regenerate audience models from the definitions folder; returns the files that changed."""
+    require_dbt_project(settings.dbt_project_dir)
     definitions = load_definitions(settings.definitions_dir)
     files = generate_models(definitions, settings.dbt_project_dir, source_label=settings.definitions_dir.name)
     return write_models(files, settings.dbt_project_dir)

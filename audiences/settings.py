@@ -21,7 +21,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_USERS_SOURCE": "one user source (file, folder or URI) instead of the sources file",
     "AUDIENCES_SOURCE_MODE": "mode of AUDIENCES_USERS_SOURCE: snapshot (default) or stream",
     "AUDIENCES_EVALUATION_TIME": "fixed evaluation time, ISO 8601 (default: now, per run)",
-    "AUDIENCES_DBT_PROJECT": "the dbt project folder (default dbt_project)",
+    "AUDIENCES_DBT_PROJECT": "the dbt project folder (default ./dbt_project if present, else the engine's own)",
     "AUDIENCES_WORKFLOWS": "the workflow triggers folder (default: `workflows` beside the definitions)",
     "AUDIENCES_SINKS": "the sinks YAML file (default data/sinks.yml; without it, a JSON-lines file)",
     "AUDIENCES_STORE_URL": "the membership store (default sqlite:///data/store.sqlite; or postgresql://...)",
@@ -122,7 +122,8 @@ class Settings:
             users_source=env.get("AUDIENCES_USERS_SOURCE") or None,
             source_mode=env.get("AUDIENCES_SOURCE_MODE") or "snapshot",
             evaluation_time=parse_evaluation_time(env.get("AUDIENCES_EVALUATION_TIME")),
-            dbt_project_dir=path("AUDIENCES_DBT_PROJECT", "dbt_project"),
+            dbt_project_dir=_absolute(env["AUDIENCES_DBT_PROJECT"]) if env.get("AUDIENCES_DBT_PROJECT")
+            else default_dbt_project(),
             environment=env.get("AUDIENCES_ENV") or "development",
             workflows_dir=_absolute(env["AUDIENCES_WORKFLOWS"]) if env.get("AUDIENCES_WORKFLOWS") else None,
             sinks_file=_absolute(env["AUDIENCES_SINKS"]) if env.get("AUDIENCES_SINKS") else None,
@@ -175,6 +176,21 @@ def _positive_rate(variable: str, default: float) -> float:
     if value <= 0:
         raise ValueError(f"{variable} must be a positive number of requests a second, not {value}")
     return value
+
+
+def default_dbt_project() -> Path:
+    """`dbt_project` in the working folder when there is one (a clone of this repository), else the
+    engine's own: someone running `audiences` from a folder of their data gets the same models."""
+    here = _absolute("dbt_project")
+    return here if (here / "dbt_project.yml").is_file() else PROJECT_ROOT / "dbt_project"
+
+
+def require_dbt_project(project_dir: Path) -> None:
+    """Refuse a dbt project folder without `dbt_project.yml`, naming the setting that chose it."""
+    if not (project_dir / "dbt_project.yml").is_file():
+        raise FileNotFoundError(
+            f"{project_dir}: not a dbt project (no dbt_project.yml); point --dbt-project or "
+            f"AUDIENCES_DBT_PROJECT at the engine's dbt_project folder ({PROJECT_ROOT / 'dbt_project'})")
 
 
 def _absolute(value: str | Path) -> Path:

@@ -160,3 +160,22 @@ def test_members_at_a_time_reads_the_history(capsys, store_copy):
     _, then, _ = run_cli(capsys, *store_copy, "members", "eu-customers", "--at", "2026-11-01T00:00:00Z")
     _, before, _ = run_cli(capsys, *store_copy, "members", "eu-customers", "--at", "2026-10-31T23:59:59Z")
     assert now == then and before == ""
+
+
+def test_run_outside_the_repository_uses_the_engines_dbt_project(monkeypatch, tmp_path):
+    from audiences.settings import PROJECT_ROOT, Settings
+
+    monkeypatch.chdir(tmp_path)
+    assert Settings.from_env({}).dbt_project_dir == PROJECT_ROOT / "dbt_project"
+    own = tmp_path / "dbt_project"
+    own.mkdir()
+    (own / "dbt_project.yml").write_text("name: mine\n")
+    assert Settings.from_env({}).dbt_project_dir == own
+
+
+def test_run_names_a_dbt_project_folder_that_is_not_one(capsys, tmp_path):
+    code = cli.main(["--dbt-project", str(tmp_path / "nowhere"), "--duckdb", str(tmp_path / "w.duckdb"), "run"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: not a dbt project (no dbt_project.yml)" in error
+    assert "--dbt-project" in error and not (tmp_path / "w.duckdb").exists()
