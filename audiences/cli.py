@@ -319,12 +319,21 @@ def preview(settings: Settings, arguments) -> int:
 
 
 def members(settings: Settings, arguments) -> int:
-    """Print an audience's members at its last evaluation, one JSON object per line:
-    {"user_id": ..., "tenant": ...}. With --at, the members at that time, from the history."""
+    """Print an audience's members, one JSON object per line: {"user_id": ..., "tenant": ...}.
+    A dynamic audience's are those of its last evaluation; a static audience's are read from the
+    membership store, so adds and removes show at once. With --at, the members at that time, from
+    the warehouse's history (static changes reach it at the next run)."""
     from audiences.membership.changes import members_at
+    from audiences.membership.queries import current_members
     from audiences.settings import parse_evaluation_time
     from audiences.warehouse import connect, members as list_members
 
+    if not arguments.at:
+        store = _store(settings)
+        if _audience_types(settings, store).get(arguments.audience) == "static":
+            for member in current_members(store, arguments.audience):
+                sys.stdout.write(json.dumps(member, ensure_ascii=False) + "\n")
+            return 0
     with connect(settings.duckdb_path, read_only=True) as connection:
         if arguments.at:
             rows = members_at(connection, arguments.audience, parse_evaluation_time(arguments.at))
@@ -440,7 +449,8 @@ def _audience_types(settings: Settings, store) -> dict[str, str]:
     from audiences.definitions import load_definitions
     from audiences.membership.static import audience_types
 
-    return audience_types(store, load_definitions(settings.definitions_dir))
+    definitions = load_definitions(settings.definitions_dir) if settings.definitions_dir.is_dir() else {}
+    return audience_types(store, definitions)
 
 
 def add(settings: Settings, arguments) -> int:
@@ -463,7 +473,8 @@ def _change(settings: Settings, arguments, action: str) -> int:
     result = change_members(store, arguments.audience, [Member(arguments.user_id, arguments.tenant)], action,
                             source="manual")
     verb = {"add": "added to", "remove": "removed from"}[action]
-    print(f"{arguments.user_id} {verb} {arguments.audience}" if result.changed
+    print(f"{arguments.user_id} {verb} {arguments.audience}"
+          + (f" with tenant {arguments.tenant!r}" if arguments.tenant else "") if result.changed
           else f"no change: {arguments.user_id} {'already a member of' if action == 'add' else 'not a member of'} "
                f"{arguments.audience}" + (f" with tenant {arguments.tenant!r}" if arguments.tenant else ""))
     return 0

@@ -179,3 +179,16 @@ def test_run_names_a_dbt_project_folder_that_is_not_one(capsys, tmp_path):
     error = capsys.readouterr().err
     assert f"{tmp_path / 'nowhere'}: not a dbt project (no dbt_project.yml)" in error
     assert "--dbt-project" in error and not (tmp_path / "w.duckdb").exists()
+
+
+def test_a_static_audiences_members_show_adds_and_removes_at_once(capsys, store_copy):
+    _, before, _ = run_cli(capsys, *store_copy, "members", "vip-customers")
+    code, out, _ = run_cli(capsys, *store_copy, "add", "vip-customers", "user_00005", "--tenant", "acme")
+    assert code == 0 and out.strip() == "user_00005 added to vip-customers with tenant 'acme'"
+    _, after_add, _ = run_cli(capsys, *store_copy, "members", "vip-customers")
+    added = {"user_id": "user_00005", "tenant": "acme"}
+    assert added not in [json.loads(line) for line in before.splitlines()]
+    assert [json.loads(line) for line in after_add.splitlines()].count(added) == 1
+    run_cli(capsys, *store_copy, "remove", "vip-customers", "user_00005", "--tenant", "acme")
+    _, after_remove, _ = run_cli(capsys, *store_copy, "members", "vip-customers")
+    assert after_remove == before and before  # the sample's static members are still listed
