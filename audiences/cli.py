@@ -467,14 +467,18 @@ def remove(settings: Settings, arguments) -> int:
 
 def _change(settings: Settings, arguments, action: str) -> int:
     from audiences.membership.static import Member, change_members, require_static
+    from audiences.users.profiles import get_profile
 
     store = _store(settings)
     require_static(arguments.audience, _audience_types(settings, store))
     result = change_members(store, arguments.audience, [Member(arguments.user_id, arguments.tenant)], action,
                             source="manual")
     verb = {"add": "added to", "remove": "removed from"}[action]
+    missing = action == "add" and result.changed and get_profile(store, arguments.user_id) is None
     print(f"{arguments.user_id} {verb} {arguments.audience}"
-          + (f" with tenant {arguments.tenant!r}" if arguments.tenant else "") if result.changed
+          + (f" with tenant {arguments.tenant!r}" if arguments.tenant else "")
+          + (" (no such user yet: kept as a missing user, and identifying them later triggers nothing)"
+             if missing else "") if result.changed
           else f"no change: {arguments.user_id} {'already a member of' if action == 'add' else 'not a member of'} "
                f"{arguments.audience}" + (f" with tenant {arguments.tenant!r}" if arguments.tenant else ""))
     return 0

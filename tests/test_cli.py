@@ -192,3 +192,11 @@ def test_a_static_audiences_members_show_adds_and_removes_at_once(capsys, store_
     run_cli(capsys, *store_copy, "remove", "vip-customers", "user_00005", "--tenant", "acme")
     _, after_remove, _ = run_cli(capsys, *store_copy, "members", "vip-customers")
     assert after_remove == before and before  # the sample's static members are still listed
+
+
+def test_adding_a_user_nobody_identified_says_they_are_kept_as_a_missing_user(capsys, store_copy):
+    _, out, _ = run_cli(capsys, *store_copy, "add", "vip-customers", "nobody-yet")
+    assert out.strip() == ("nobody-yet added to vip-customers (no such user yet: kept as a missing user, "
+                           "and identifying them later triggers nothing)")
+    _, out, _ = run_cli(capsys, *store_copy, "add", "vip-customers", "user_00007")
+    assert out.strip() == "user_00007 added to vip-customers"
