@@ -473,14 +473,15 @@ def _change(settings: Settings, arguments, action: str) -> int:
     require_static(arguments.audience, _audience_types(settings, store))
     result = change_members(store, arguments.audience, [Member(arguments.user_id, arguments.tenant)], action,
                             source="manual")
+    tenant = f" with tenant {arguments.tenant!r}" if arguments.tenant else ""
+    if not result.changed:
+        relation = "already a member of" if action == "add" else "not a member of"
+        print(f"no change: {arguments.user_id} {relation} {arguments.audience}{tenant}")
+        return 0
     verb = {"add": "added to", "remove": "removed from"}[action]
-    missing = action == "add" and result.changed and get_profile(store, arguments.user_id) is None
-    print(f"{arguments.user_id} {verb} {arguments.audience}"
-          + (f" with tenant {arguments.tenant!r}" if arguments.tenant else "")
-          + (" (no such user yet: kept as a missing user, and identifying them later triggers nothing)"
-             if missing else "") if result.changed
-          else f"no change: {arguments.user_id} {'already a member of' if action == 'add' else 'not a member of'} "
-               f"{arguments.audience}" + (f" with tenant {arguments.tenant!r}" if arguments.tenant else ""))
+    missing = action == "add" and get_profile(store, arguments.user_id) is None
+    note = " (no such user yet: kept as a missing user, and identifying them later triggers nothing)" if missing else ""
+    print(f"{arguments.user_id} {verb} {arguments.audience}{tenant}{note}")
     return 0
 
 
