@@ -14,6 +14,7 @@ than fifty passes over JSON; `preview` and `explain` use the same expressions in
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from collections.abc import Callable, Iterable
@@ -117,8 +118,10 @@ class Condition:
             raise ConditionError(str(error), field="property") from None
         operator = raw.get("operator")
         if operator not in OPERATORS:
+            close = difflib.get_close_matches(str(operator), OPERATORS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(sorted(OPERATORS))
-            raise ConditionError(f"unknown operator {operator!r}; known operators: {known}", "operator")
+            raise ConditionError(f"unknown operator {operator!r}{hint}; known operators: {known}", "operator")
         return cls(path, operator, raw.get("argument"), location, "argument" in raw)
 
 

@@ -58,6 +58,13 @@ def test_unknown_operator_names_the_json_path(tmp_path):
     assert problem.startswith(f"{path}: $.segments[0].conditions[1].operator: unknown operator 'is_like'")
 
 
+def test_a_misspelt_operator_gets_the_nearest_known_one(tmp_path):
+    path = write(tmp_path, "a", dynamic({"property": "recipient.plan", "operator": "equals", "argument": "pro"}))
+    [problem] = problems_of(tmp_path)
+    assert problem.startswith(f"{path}: $.segments[0].conditions[0].operator: unknown operator 'equals' "
+                              "(did you mean 'equal_to'?); known operators: contains,")
+
+
 def test_bad_argument_and_short_relative_time_are_rejected(tmp_path):
     write(tmp_path, "a", dynamic({"property": "recipient.seats", "operator": "greater_than", "argument": "many"}))
     write(tmp_path, "b", dynamic({"property": "recipient.seen_at", "operator": "is_timestamp_on_or_after",
