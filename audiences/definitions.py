@@ -128,9 +128,10 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
 
 
 def load_definition_file(path: Path, key: str | None = None) -> AudienceDefinition:
-    """Load one audience.json; the key is its folder's name unless given."""
+    """Load one definition file; the key is its folder's name for an `audience.json` (Knock's CLI
+    layout), else the file's name without `.json` (a draft such as `drafts/premium-users.json`)."""
     path = Path(path)
-    key = key or path.parent.name
+    key = key or (path.parent.name if path.name == DEFINITION_FILE else path.stem)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:

@@ -66,6 +66,14 @@ def test_preview_of_a_new_definition_file_writes_nothing(capsys, at_sample, tmp_
     assert sample_run.stat().st_mtime_ns == before
 
 
+def test_preview_of_a_draft_file_takes_its_key_from_the_file_name(capsys, at_sample, tmp_path):
+    draft = tmp_path / "premium-users.json"
+    draft.write_text(json.dumps({"name": "Premium", "type": "dynamic", "segments": [{"conditions": [
+        {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}]}]}))
+    code, out, _ = run_cli(capsys, *at_sample, "preview", str(draft))
+    assert code == 0 and out.startswith("premium-users: ")
+
+
 def test_explain_shows_values_and_verdicts_consistent_with_membership(capsys, at_sample):
     _, out, _ = run_cli(capsys, *at_sample, "members", "eu-customers")
     member = json.loads(out.splitlines()[0])["user_id"]
