@@ -323,14 +323,23 @@ def members(settings: Settings, arguments) -> int:
     A dynamic audience's are those of its last evaluation; a static audience's are read from the
     membership store, so adds and removes show at once. With --at, the members at that time, from
     the warehouse's history (static changes reach it at the next run)."""
+    from audiences.definitions import DefinitionError
     from audiences.membership.changes import members_at
     from audiences.membership.queries import current_members
+    from audiences.membership.static import audience_types
     from audiences.settings import parse_evaluation_time
     from audiences.warehouse import connect, members as list_members
 
-    if not arguments.at:
+    try:
+        definitions = _definitions(settings)
+    except DefinitionError:  # a broken file elsewhere must not hide the last evaluation
+        definitions = {}
+    defined = definitions.get(arguments.audience)
+    if not arguments.at and (defined is None or defined.type == "static"):
+        # Static, or not in the files (then maybe created in the store): ask the store, which a
+        # dynamic audience's listing need not touch while a run writes to it.
         store = _store(settings)
-        if _audience_types(settings, store).get(arguments.audience) == "static":
+        if audience_types(store, definitions).get(arguments.audience) == "static":
             for member in current_members(store, arguments.audience):
                 sys.stdout.write(json.dumps(member, ensure_ascii=False) + "\n")
             return 0
@@ -445,12 +454,16 @@ def broadcast(settings: Settings, arguments) -> int:
     return 0
 
 
-def _audience_types(settings: Settings, store) -> dict[str, str]:
+def _definitions(settings: Settings) -> dict:
     from audiences.definitions import load_definitions
+
+    return load_definitions(settings.definitions_dir) if settings.definitions_dir.is_dir() else {}
+
+
+def _audience_types(settings: Settings, store) -> dict[str, str]:
     from audiences.membership.static import audience_types
 
-    definitions = load_definitions(settings.definitions_dir) if settings.definitions_dir.is_dir() else {}
-    return audience_types(store, definitions)
+    return audience_types(store, _definitions(settings))
 
 
 def add(settings: Settings, arguments) -> int:

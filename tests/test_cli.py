@@ -208,3 +208,15 @@ def test_adding_a_user_nobody_identified_says_they_are_kept_as_a_missing_user(ca
                            "and identifying them later triggers nothing)")
     _, out, _ = run_cli(capsys, *store_copy, "add", "vip-customers", "user_00007")
     assert out.strip() == "user_00007 added to vip-customers"
+
+
+def test_members_of_a_dynamic_audience_survive_a_broken_definition_elsewhere(capsys, store_copy, tmp_path):
+    import shutil
+
+    definitions = tmp_path / "audiences"
+    shutil.copytree(ROOT / "data" / "audiences", definitions)
+    (definitions / "broken").mkdir()
+    (definitions / "broken" / "audience.json").write_text("{not json")
+    _, expected, _ = run_cli(capsys, *store_copy, "members", "eu-customers")
+    code, out, _ = run_cli(capsys, *store_copy, "--definitions", str(definitions), "members", "eu-customers")
+    assert code == 0 and out == expected and expected
