@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = command("run", run, "load users and materialize every audience through Dagster")
     sub.add_argument("--verbose", action="store_true", help="show Dagster's and dbt's full log")
+    sub.add_argument("--allow-earlier", action="store_true",
+                     help="evaluate at a time earlier than the last recorded evaluation, recording the "
+                          "members but no membership events or workflow triggers")
     sub = command("preview", preview, "count and sample the users matching an audience, writing nothing")
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
     sub.add_argument("--sample", type=int, default=10, help="how many matching users to show (default 10)")
@@ -222,25 +225,35 @@ def run(settings: Settings, arguments) -> int:
     """Run the main job: load every user source, validate the definitions, and materialize every
     audience through Dagster at one evaluation time; then print the member counts.
 
-    Set DAGSTER_HOME to keep the run's history for the Dagster UI (`dg dev`)."""
-    from audiences.evaluation import evaluation_time_for
+    Set DAGSTER_HOME to keep the run's history for the Dagster UI (`dg dev`).
+
+    Time only moves forward: an evaluation time earlier than the last recorded one is refused, and
+    with --allow-earlier it is evaluated (members and counts) without recording membership events
+    or triggering workflows."""
+    from audiences.evaluation import check_evaluation_time, evaluation_time_for
     from audiences.settings import require_dbt_project
     from audiences.warehouse import connect, last_evaluation
 
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     evaluated_at = evaluation_time_for(settings.evaluation_time)
+    earlier = False
+    if settings.duckdb_path.exists():  # refused before anything is loaded or written
+        with connect(settings.duckdb_path, read_only=True) as connection:
+            earlier = check_evaluation_time(connection, evaluated_at, arguments.allow_earlier)
     with _environment(settings.environment_variables()):
-        result = _execute_main_job(evaluated_at, verbose=arguments.verbose)
+        result = _execute_main_job(evaluated_at, verbose=arguments.verbose, allow_earlier=arguments.allow_earlier)
     if not result.success:
         print("error: the run failed; see the log above", file=sys.stderr)
         return 1
     with connect(settings.duckdb_path, read_only=True) as connection:
-        counts = last_evaluation(connection)
+        counts = last_evaluation(connection, evaluated_at)
         users, quarantined = connection.execute(
             "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
         ).fetchall()[0]
     print(f"evaluated at {format_time(evaluated_at)}: {users} users, {quarantined} quarantined rows "
           f"(see raw.users_quarantine)")
+    if earlier:
+        print("  earlier than the last recorded evaluation: no membership events recorded, no workflows triggered")
     width = max((len(row["audience_key"]) for row in counts), default=10)
     for row in counts:
         print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,} members")
@@ -262,7 +275,7 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
-def _execute_main_job(evaluated_at, verbose: bool = False):
+def _execute_main_job(evaluated_at, verbose: bool = False, allow_earlier: bool = False):
     import dagster as dg
 
     from pipelines import build_definitions
@@ -271,7 +284,8 @@ def _execute_main_job(evaluated_at, verbose: bool = False):
     defs = build_definitions()
     job = defs.resolve_job_def(MAIN_JOB)
     run_config = {
-        "ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at)}}},
+        "ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at),
+                                               "allow_earlier": allow_earlier}}},
         "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}},
     }
     with dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral() as instance:

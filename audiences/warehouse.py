@@ -210,17 +210,18 @@ def members(connection: duckdb.DuckDBPyConnection, key: str) -> Iterator[dict]:
             yield {"user_id": user_id, "tenant": tenant}
 
 
-def last_evaluation(connection: duckdb.DuckDBPyConnection) -> list[dict]:
-    """Member counts per audience from the latest evaluation."""
+def last_evaluation(connection: duckdb.DuckDBPyConnection, evaluated_at: datetime | None = None) -> list[dict]:
+    """Member counts per audience from the evaluation at `evaluated_at` (default: the latest)."""
     if not table_exists(connection, "main.audience_evaluations"):
         return []
     rows = connection.execute(
         """
         select audience_key, audience_type, member_count, evaluated_at
         from main.audience_evaluations
-        where evaluated_at = (select max(evaluated_at) from main.audience_evaluations)
+        where evaluated_at = coalesce($at, (select max(evaluated_at) from main.audience_evaluations))
         order by audience_key
-        """
+        """,
+        {"at": evaluated_at},
     ).fetchall()
     return [dict(zip(("audience_key", "audience_type", "member_count", "evaluated_at"), row)) for row in rows]
 

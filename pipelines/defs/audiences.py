@@ -5,11 +5,14 @@ from typing import Any
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, dbt_assets
+from pydantic import Field
 
 from audiences.dbt_project import prepare, project_fingerprint
 from audiences.definitions import load_definitions, validate_definitions
 from audiences.dbt_models import custom_audience_keys
 from audiences.evaluation import (
+    EarlierEvaluationError,
+    check_evaluation_time,
     evaluation_time_for,
     last_full_build,
     record_full_build,
@@ -36,7 +39,11 @@ GROUPS = {"staging": "staging", "intermediate": "staging", "audiences": "audienc
 class EvaluationConfig(dg.Config):
     """Run settings: an explicit evaluation time makes a run reproducible."""
 
-    evaluation_time: str | None = None
+    evaluation_time: str | None = Field(default=None, description=(
+        "ISO 8601 evaluation time (default: AUDIENCES_EVALUATION_TIME, else now)"))
+    allow_earlier: bool = Field(default=False, description=(
+        "evaluate at a time earlier than the last recorded evaluation; such a run records the members "
+        "and their counts, and no membership events or workflow triggers"))
 
 
 class AudiencesTranslator(DagsterDbtTranslator):
@@ -99,6 +106,13 @@ def audiences_definitions() -> dg.Definitions:
         context.log.info(f"evaluation time: {format_time(evaluated_at)}")
         fingerprint = project_fingerprint(settings.dbt_project_dir)
         with warehouse.connect() as connection:
+            try:
+                earlier = check_evaluation_time(connection, evaluated_at, config.allow_earlier)
+            except EarlierEvaluationError as error:
+                raise dg.Failure(description=str(error)) from None
+            if earlier:
+                context.log.warning(f"{format_time(evaluated_at)} is earlier than the last recorded evaluation: "
+                                    "members are evaluated, no membership events are recorded")
             set_evaluation_clock(connection, evaluated_at)
             reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
             lean = reevaluated <= context.selected_asset_keys and last_full_build(connection) == fingerprint
@@ -109,7 +123,7 @@ def audiences_definitions() -> dg.Definitions:
         context.log.info("re-evaluation: views unchanged" if lean else "full build: the dbt project changed")
         # DuckDB allows one writer: read member counts only after dbt has finished and let go.
         events = list(dbt.cli(arguments, context=context).stream())
-        counts = _member_counts(warehouse)
+        counts = _member_counts(warehouse, evaluated_at)
         if not lean:
             with warehouse.connect() as connection:
                 record_full_build(connection, fingerprint)
@@ -147,15 +161,16 @@ def audiences_definitions() -> dg.Definitions:
     return dg.Definitions(assets=[audience_definitions, audience_models], asset_checks=[every_audience_built])
 
 
-def _member_counts(warehouse: WarehouseResource) -> dict[str, int]:
-    """Members per audience model at the latest evaluation, keyed by model name."""
+def _member_counts(warehouse: WarehouseResource, evaluated_at) -> dict[str, int]:
+    """Members per audience model at this run's evaluation, keyed by model name."""
     with warehouse.connect(read_only=True) as connection:
         rows = connection.execute(
             """
             select catalog.model_name, evaluations.member_count
             from main.audience_evaluations as evaluations
             join main.audience_catalog as catalog using (audience_key)
-            where evaluations.evaluated_at = (select max(evaluated_at) from main.audience_evaluations)
-            """
+            where evaluations.evaluated_at = $evaluated_at
+            """,
+            {"evaluated_at": evaluated_at},
         ).fetchall()
     return dict(rows)

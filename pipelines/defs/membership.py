@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from audiences.evaluation import is_earlier_evaluation, last_recorded_evaluation, members_evaluated_at
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.membership.publish import process_static_triggers, publish_outbox
 from audiences.settings import Settings, format_time
@@ -34,7 +35,16 @@ def membership_definitions() -> dg.Definitions:
     def membership_changes(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
         breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
         with warehouse.connect() as connection:
-            evaluated_at = connection.execute("select max(evaluated_at) from main.audience_evaluations").fetchone()[0]
+            # The time of the memberships the diff reads, not the latest evaluation's: an earlier
+            # evaluation (allow_earlier) is no membership change, and records nothing.
+            evaluated_at = members_evaluated_at(connection)
+            if is_earlier_evaluation(connection):
+                last = last_recorded_evaluation(connection)
+                context.log.warning(f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
+                                    f"recorded evaluation {format_time(last)}: no membership events recorded")
+                return dg.MaterializeResult(metadata={
+                    "evaluated_at": format_time(evaluated_at), "entered": 0, "exited": 0, "held_batches": [],
+                    "skipped": f"earlier than the last recorded evaluation ({format_time(last)})"})
             summary = record_changes(connection, evaluated_at, breaker)
         rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
         for change in summary.audiences:
@@ -80,10 +90,16 @@ def membership_definitions() -> dg.Definitions:
             "frequency, trigger conditions). Idempotent: publishing twice changes nothing."
         ),
     )
-    def published_membership_events(warehouse: WarehouseResource, store: MembershipStoreResource) -> dg.MaterializeResult:
+    def published_membership_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                                    store: MembershipStoreResource) -> dg.MaterializeResult:
         setup = load_workflow_setup(settings)
         with warehouse.connect() as connection:
-            evaluated_at = connection.execute("select max(evaluated_at) from main.audience_evaluations").fetchone()[0]
+            evaluated_at = members_evaluated_at(connection)
+            if is_earlier_evaluation(connection):  # no trigger is queued at an earlier time
+                context.log.warning(f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
+                                    "recorded evaluation: nothing published, no workflow triggered")
+                return dg.MaterializeResult(metadata={"events_published": 0, "deliveries_created": 0,
+                                                      "skipped": "an evaluation earlier than the last recorded"})
             opened = store.open()
             report = publish_outbox(connection, opened, setup.triggers, setup.default_sink, evaluated_at)
             static = process_static_triggers(connection, opened, setup.triggers, setup.default_sink, evaluated_at)
