@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    sub = command("init", init, "make a project folder: definitions, sources, sinks, a dbt project, dagster_home")
+    sub.add_argument("folder", nargs="?", default=".", help="the folder (default: the working folder)")
     sub = command("run", run, "load users and materialize every audience through Dagster")
     sub.add_argument("--verbose", action="store_true", help="show Dagster's and dbt's full log")
     sub.add_argument("--allow-earlier", action="store_true",
@@ -219,6 +221,27 @@ def keys(settings: Settings, arguments) -> int:
             print(f"revoked key {arguments.key_id} ({environment})")
             return 0
     raise ValueError(f"no live key {arguments.key_id!r}")
+
+
+def init(settings: Settings, arguments) -> int:
+    """Make FOLDER a project of your own, with the layout every setting defaults to: definitions in
+    data/audiences/ (an example when there are none), users in data/sources.yml, workflow triggers
+    in data/workflows/, sinks in data/sinks.yml, the dbt project in dbt_project/ (the engine's,
+    without its sample audiences, its models generated from your definitions) and Dagster's
+    instance in dagster_home/. Files that exist are kept. With --definitions, the models are
+    generated from that folder instead, and no example is written. Run every other command from
+    FOLDER: nothing it does writes into the engine."""
+    from audiences.scaffold import init_project
+
+    definitions = settings.definitions_dir if arguments.definitions else None
+    report = init_project(Path(arguments.folder), definitions)
+    folder = report.folder
+    print(f"{folder}: {len(report.created)} files created, {len(report.kept)} kept, "
+          f"{len(report.generated)} dbt model files generated from {definitions or folder / 'data' / 'audiences'}")
+    for path in report.kept:
+        print(f"  kept {path.relative_to(folder)}")
+    print(f"next: cd {folder} && audiences run     (the Dagster UI: DAGSTER_HOME=$PWD/dagster_home dagster dev)")
+    return 0
 
 
 def run(settings: Settings, arguments) -> int:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from audiences.dbt_models import generate_models, write_models
+from audiences.dbt_models import CUSTOM_FOLDER, GENERATED_FOLDERS, drift, generate_models, write_models
 from audiences.definitions import load_definitions
-from audiences.settings import Settings, require_dbt_project
+from audiences.settings import ENGINE_DBT_PROJECT, ENGINE_DEFINITIONS, Settings, require_dbt_project
 
 FINGERPRINT_FILE = "audiences_fingerprint.txt"
 
@@ -43,7 +44,65 @@ def generate(settings: Settings) -> list[Path]:
     require_dbt_project(settings.dbt_project_dir)
     definitions = load_definitions(settings.definitions_dir)
     files = generate_models(definitions, settings.dbt_project_dir, source_label=settings.definitions_dir.name)
+    if _is_engine_project(settings.dbt_project_dir) and not _is_engine_project(settings.definitions_dir, ENGINE_DEFINITIONS) \
+            and drift(files, settings.dbt_project_dir):
+        raise ValueError(
+            f"{settings.dbt_project_dir} is the engine's own dbt project, generated from its sample definitions; "
+            f"the models of {settings.definitions_dir} go in a project of your own: run `audiences init <folder>` "
+            f"and run from that folder")
     return write_models(files, settings.dbt_project_dir)
+
+
+def _is_engine_project(folder: Path, engine: Path = ENGINE_DBT_PROJECT) -> bool:
+    return folder.resolve() == engine.resolve()
+
+
+# What `audiences init` leaves out of the engine's dbt project: dbt's own output, and the sample's
+# models (generated ones are written again from the project's definitions; the hand-written
+# sample audience would join every user's results).
+_NOT_SCAFFOLDED = ("target", "logs", "dbt_packages", ".user.yml")
+
+
+def scaffold_dbt_project(target: Path) -> list[Path]:
+    """Copy the engine's dbt project to `target` without the sample's audiences: the staging,
+    intermediate and mart models and macros every project shares, and an empty folder for
+    hand-written SQL audiences. The generated models are left for `generate`. Returns the files
+    written; an existing `target` is refused."""
+    if target.exists():
+        raise FileExistsError(f"{target}: already exists")
+    generated = {ENGINE_DBT_PROJECT / file.path for file in generate_models({}, ENGINE_DBT_PROJECT, "")}
+    left_out = {ENGINE_DBT_PROJECT / folder for folder in (*GENERATED_FOLDERS, CUSTOM_FOLDER)}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        here = Path(folder)
+        return {name for name in names
+                if name in _NOT_SCAFFOLDED or here / name in generated or here / name in left_out}
+
+    shutil.copytree(ENGINE_DBT_PROJECT, target, ignore=ignore)
+    custom = target / CUSTOM_FOLDER
+    custom.mkdir(parents=True)
+    (custom / "_custom_audiences.yml").write_text(CUSTOM_AUDIENCES_YAML, encoding="utf-8")
+    return sorted(path for path in target.rglob("*") if path.is_file())
+
+
+CUSTOM_AUDIENCES_YAML = """\
+version: 2
+
+# Hand-written SQL audiences: each models/audiences/custom/<key>.sql is the audience <key>, for what
+# conditions cannot express (an aggregate across users, a join with another table). Each returns the
+# membership contract every audience model returns, so that audience_members can union them all:
+#
+#   - name: high_value_accounts
+#     config:
+#       contract: {enforced: true}
+#     columns:
+#       - {name: user_key, data_type: integer}
+#       - {name: user_id, data_type: varchar}
+#       - {name: tenant, data_type: varchar}
+#
+# Then run `audiences generate`, and the audience joins the catalog and audience_members.
+models: []
+"""
 
 
 def prepare(settings: Settings) -> Path:

@@ -13,6 +13,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The engine's own dbt project and sample definitions: the template `audiences init` copies, and
+# the sample's project. A user's project never writes into them.
+ENGINE_DBT_PROJECT = PROJECT_ROOT / "dbt_project"
+ENGINE_DEFINITIONS = PROJECT_ROOT / "data" / "audiences"
 
 ENVIRONMENT_VARIABLES = {
     "AUDIENCES_DUCKDB": "the DuckDB warehouse file (default data/warehouse.duckdb)",
@@ -21,7 +25,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_USERS_SOURCE": "one user source (file, folder or URI) instead of the sources file",
     "AUDIENCES_SOURCE_MODE": "mode of AUDIENCES_USERS_SOURCE: snapshot (default) or stream",
     "AUDIENCES_EVALUATION_TIME": "fixed evaluation time, ISO 8601 (default: now, per run)",
-    "AUDIENCES_DBT_PROJECT": "the dbt project folder (default ./dbt_project if present, else the engine's own)",
+    "AUDIENCES_DBT_PROJECT": "the dbt project folder (default ./dbt_project; `audiences init` creates one)",
     "AUDIENCES_WORKFLOWS": "the workflow triggers folder (default: `workflows` beside the definitions)",
     "AUDIENCES_SINKS": "the sinks YAML file (default data/sinks.yml; without it, a JSON-lines file)",
     "AUDIENCES_STORE_URL": "the membership store (default sqlite:///data/store.sqlite; or postgresql://...)",
@@ -179,18 +183,18 @@ def _positive_rate(variable: str, default: float) -> float:
 
 
 def default_dbt_project() -> Path:
-    """`dbt_project` in the working folder when there is one (a clone of this repository), else the
-    engine's own: someone running `audiences` from a folder of their data gets the same models."""
-    here = _absolute("dbt_project")
-    return here if (here / "dbt_project.yml").is_file() else PROJECT_ROOT / "dbt_project"
+    """`dbt_project` in the working folder, like every other path. Never the engine's own from
+    elsewhere: generating a user's models there rewrote the engine's sample (`audiences init`
+    makes a project folder with its own dbt project)."""
+    return _absolute("dbt_project")
 
 
 def require_dbt_project(project_dir: Path) -> None:
-    """Refuse a dbt project folder without `dbt_project.yml`, naming the setting that chose it."""
+    """Refuse a dbt project folder without `dbt_project.yml`, saying how to get one."""
     if not (project_dir / "dbt_project.yml").is_file():
         raise FileNotFoundError(
-            f"{project_dir}: not a dbt project (no dbt_project.yml); point --dbt-project or "
-            f"AUDIENCES_DBT_PROJECT at the engine's dbt_project folder ({PROJECT_ROOT / 'dbt_project'})")
+            f"{project_dir}: not a dbt project (no dbt_project.yml); run `audiences init` to make this folder "
+            f"a project, or point --dbt-project or AUDIENCES_DBT_PROJECT at one")
 
 
 def _absolute(value: str | Path) -> Path:

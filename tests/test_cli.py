@@ -170,15 +170,12 @@ def test_members_at_a_time_reads_the_history(capsys, store_copy):
     assert now == then and before == ""
 
 
-def test_run_outside_the_repository_uses_the_engines_dbt_project(monkeypatch, tmp_path):
-    from audiences.settings import PROJECT_ROOT, Settings
+def test_outside_the_repository_the_dbt_project_is_the_working_folders_never_the_engines(monkeypatch, tmp_path):
+    from audiences.settings import Settings
 
     monkeypatch.chdir(tmp_path)
-    assert Settings.from_env({}).dbt_project_dir == PROJECT_ROOT / "dbt_project"
-    own = tmp_path / "dbt_project"
-    own.mkdir()
-    (own / "dbt_project.yml").write_text("name: mine\n")
-    assert Settings.from_env({}).dbt_project_dir == own
+    # Absent, it is refused with the way out (`audiences init`), rather than replaced by the engine's.
+    assert Settings.from_env({}).dbt_project_dir == tmp_path / "dbt_project"
 
 
 def test_run_names_a_dbt_project_folder_that_is_not_one(capsys, tmp_path):
