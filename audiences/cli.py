@@ -239,8 +239,9 @@ def init(settings: Settings, arguments) -> int:
     print(f"{folder}: {len(report.created)} files created, {len(report.kept)} kept, "
           f"{len(report.generated)} dbt model files generated from {definitions or folder / 'data' / 'audiences'}")
     for path in report.kept:
-        print(f"  kept {path.relative_to(folder)}")
-    print(f"next: cd {folder} && audiences run     (the Dagster UI: DAGSTER_HOME=$PWD/dagster_home dagster dev)")
+        print(f"  kept {os.path.relpath(path, folder)}")
+    flag = f" --definitions {arguments.definitions}" if arguments.definitions else ""
+    print(f"next: cd {folder} && audiences{flag} run     (the Dagster UI: DAGSTER_HOME=$PWD/dagster_home dagster dev)")
     return 0
 
 

@@ -91,15 +91,19 @@ class InitReport:
 def init_project(folder: Path, definitions_dir: Path | None = None) -> InitReport:
     """Scaffold a project folder at `folder` (see the module docstring), keeping what exists, and
     generate its dbt models from its definitions: `definitions_dir` when given (then no example is
-    written), else `data/audiences`."""
+    written, and the workflows folder and sinks file go beside it, where the settings look for
+    them), else `data/audiences`."""
     folder = folder.expanduser().resolve()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder}: not a folder")
-    report = InitReport(folder)
     data = folder / "data"
+    # The paths every command run from `folder` uses, from the one place that decides them.
+    settings = Settings.from_env({}, duckdb_path=data / "warehouse.duckdb",
+                                 definitions_dir=definitions_dir or data / "audiences",
+                                 sources_file=data / "sources.yml", dbt_project_dir=folder / "dbt_project")
+    report = InitReport(folder)
 
-    def write(relative: str, text: str) -> None:
-        path = folder / relative
+    def write(path: Path, text: str) -> None:
         if path.exists():
             report.kept.append(path)
             return
@@ -107,26 +111,22 @@ def init_project(folder: Path, definitions_dir: Path | None = None) -> InitRepor
         path.write_text(text, encoding="utf-8")
         report.created.append(path)
 
-    example = definitions_dir is None and not any((data / "audiences").glob(f"*/{DEFINITION_FILE}"))
+    example = definitions_dir is None and not any(settings.definitions_dir.glob(f"*/{DEFINITION_FILE}"))
     if example:
-        write(f"data/audiences/{EXAMPLE_AUDIENCE}/{DEFINITION_FILE}", json.dumps(EXAMPLE_DEFINITION, indent=2) + "\n")
-        write("data/workflows/welcome-pro-users/trigger.json", json.dumps(EXAMPLE_TRIGGER, indent=2) + "\n")
-        if not (data / "sources.yml").exists():
-            write("data/users.csv", EXAMPLE_USERS)
-    write("data/sources.yml", EXAMPLE_SOURCES if example else SOURCES_TEMPLATE)
-    write("data/sinks.yml", (PROJECT_ROOT / "data" / "sinks.yml").read_text(encoding="utf-8"))
-    (data / "workflows").mkdir(parents=True, exist_ok=True)
-    write("dagster_home/dagster.yaml", (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"))
-    write("workspace.yaml", WORKSPACE)
-    write(".gitignore", GITIGNORE)
-    project = folder / "dbt_project"
-    if project.exists():
-        report.kept.append(project)
+        write(settings.definitions_dir / EXAMPLE_AUDIENCE / DEFINITION_FILE, json.dumps(EXAMPLE_DEFINITION, indent=2) + "\n")
+        write(settings.workflows_dir / "welcome-pro-users" / "trigger.json", json.dumps(EXAMPLE_TRIGGER, indent=2) + "\n")
+        if not settings.sources_file.exists():
+            write(data / "users.csv", EXAMPLE_USERS)
+    write(settings.sources_file, EXAMPLE_SOURCES if example else SOURCES_TEMPLATE)
+    write(settings.sinks_file, (PROJECT_ROOT / "data" / "sinks.yml").read_text(encoding="utf-8"))
+    settings.workflows_dir.mkdir(parents=True, exist_ok=True)
+    write(folder / "dagster_home" / "dagster.yaml",
+          (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"))
+    write(folder / "workspace.yaml", WORKSPACE)
+    write(folder / ".gitignore", GITIGNORE)
+    if settings.dbt_project_dir.exists():
+        report.kept.append(settings.dbt_project_dir)
     else:
-        report.created += scaffold_dbt_project(project)
-    settings = Settings.from_env({}, duckdb_path=data / "warehouse.duckdb",
-                                 definitions_dir=definitions_dir or data / "audiences",
-                                 sources_file=data / "sources.yml", dbt_project_dir=project)
+        report.created += scaffold_dbt_project(settings.dbt_project_dir)
     report.generated = generate(settings)
     return report
-
