@@ -15,6 +15,7 @@ from audiences.evaluation import (
     check_evaluation_time,
     evaluation_time_for,
     last_full_build,
+    members_evaluated_at,
     record_full_build,
     record_registry,
     registered_types,
@@ -151,9 +152,10 @@ def audiences_definitions() -> dg.Definitions:
     def every_audience_built(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         definitions = load_definitions(settings.definitions_dir)
         with warehouse.connect(read_only=True) as connection:
+            # The evaluation audience_members holds: the latest run's, even when it was an earlier time.
             evaluated = {row[0] for row in connection.execute(
-                "select audience_key from main.audience_evaluations "
-                "where evaluated_at = (select max(evaluated_at) from main.audience_evaluations)").fetchall()}
+                "select audience_key from main.audience_evaluations where evaluated_at = $t",
+                {"t": members_evaluated_at(connection)}).fetchall()}
             catalog = {row[0] for row in connection.execute("select audience_key from main.audience_catalog").fetchall()}
         missing = sorted((catalog | set(definitions)) - evaluated)
         return dg.AssetCheckResult(passed=not missing, metadata={"evaluated": len(evaluated), "missing": missing})

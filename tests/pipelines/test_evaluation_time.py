@@ -183,6 +183,8 @@ def test_dagster_runs_refuse_an_earlier_time_unless_run_config_allows_it(later_r
                 for event in allowed.get_asset_materialization_events()}
     assert metadata["membership_changes"]["entered"].value == metadata["membership_changes"]["exited"].value == 0
     assert metadata["published_membership_events"]["deliveries_created"].value == 0
+    checks = {evaluation.check_name: evaluation.passed for evaluation in allowed.get_asset_check_evaluations()}
+    assert checks["every_audience_built"] is True and checks["no_mass_membership_change"] is True
     assert recorded(tmp_path) == before
 
     # The UI's schedule evaluates at its tick's time, later than any recorded: not refused.
