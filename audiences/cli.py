@@ -702,8 +702,10 @@ def generate(settings: Settings, arguments) -> int:
     from audiences.dbt_models import drift, generate_models
     from audiences.dbt_project import generate as write_generated
     from audiences.definitions import load_definitions
+    from audiences.settings import require_dbt_project
 
     if arguments.check:
+        require_dbt_project(settings.dbt_project_dir)
         files = generate_models(load_definitions(settings.definitions_dir), settings.dbt_project_dir,
                                 source_label=settings.definitions_dir.name)
         problems = drift(files, settings.dbt_project_dir)

@@ -29,7 +29,7 @@ def at_sample(sample_run, monkeypatch):
     return ["--duckdb", str(sample_run), "--evaluation-time", SAMPLE_TIME]
 
 
-@pytest.mark.parametrize("command", ["run", "preview", "members", "validate", "explain", "generate", "serve", "keys"])
+@pytest.mark.parametrize("command", ["init", "run", "preview", "members", "validate", "explain", "generate", "serve", "keys"])
 def test_every_command_has_help(command):
     result = subprocess.run([sys.executable, "-m", "audiences.cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0

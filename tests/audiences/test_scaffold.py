@@ -63,7 +63,9 @@ def test_own_definitions_from_another_folder_never_write_into_the_engine(capsys,
         f"error: {own_folder / 'dbt_project'}: not a dbt project (no dbt_project.yml); run `audiences init` to make "
         f"this folder a project, or point --dbt-project or AUDIENCES_DBT_PROJECT at one"]
     assert sorted(path.name for path in own_folder.iterdir()) == ["audiences", "users.csv"]
-    assert cli.main([*flags, "generate"]) == 1
+    for command in (["generate"], ["generate", "--check"]):
+        assert cli.main([*flags, *command]) == 1
+        assert "run `audiences init`" in capsys.readouterr().err
     assert engine_state() == before
 
     assert cli.main(["--definitions", "audiences", "init"]) == 0
