@@ -182,6 +182,9 @@ def serve(settings: Settings, arguments) -> int:
     from audiences.api.app import asgi_app
 
     if arguments.workers > 1:
+        from audiences.api.app import close_app, create_app
+
+        close_app(create_app(settings))  # a misconfigured environment stops here, with its message
         # Each worker process builds the app from these settings, passed as environment variables.
         os.environ.update(settings.environment_variables())
         uvicorn.run("audiences.api.app:asgi_app", factory=True, workers=arguments.workers, host=arguments.host,
@@ -195,8 +198,14 @@ def serve(settings: Settings, arguments) -> int:
 def keys(settings: Settings, arguments) -> int:
     """Secret keys of the API, one set per environment, stored hashed in that environment's store.
     `create` prints the key once; `list` shows ids and names; `revoke <key_id>` ends a key."""
-    from audiences.api.keys import create_key, list_keys, revoke_key
+    from audiences.api.keys import bind_store, create_key, list_keys, revoke_key
     from audiences.membership.store import MembershipStore
+
+    def environment_store(environment: str) -> MembershipStore:
+        # The store `audiences serve` uses for this environment, whatever AUDIENCES_ENV is.
+        store = MembershipStore(settings.store_url_for(environment)).create()
+        bind_store(store, environment)
+        return store
 
     environments = [arguments.environment] if arguments.environment else settings.api_environments
     if arguments.action == "create":
@@ -204,20 +213,19 @@ def keys(settings: Settings, arguments) -> int:
         if environment not in settings.api_environments:
             raise ValueError(f"unknown environment {environment!r}; the API serves "
                              f"{', '.join(settings.api_environments)} (AUDIENCES_API_ENVIRONMENTS)")
-        key, secret = create_key(MembershipStore(settings.store_url_for(environment)).create(), environment,
-                                 arguments.name)
+        key, secret = create_key(environment_store(environment), environment, arguments.name)
         print(f"created key {key.key_id} ({environment}, {key.name!r}); it is shown only now:")
         print(secret)
         return 0
     if arguments.action == "list":
         for environment in environments:
-            for row in list_keys(MembershipStore(settings.store_url_for(environment)).create()):
+            for row in list_keys(environment_store(environment)):
                 print(json.dumps(row))
         return 0
     if not arguments.key_id:
         raise ValueError("give the key id to revoke (see `audiences keys list`)")
     for environment in environments:
-        if revoke_key(MembershipStore(settings.store_url_for(environment)).create(), arguments.key_id):
+        if revoke_key(environment_store(environment), arguments.key_id):
             print(f"revoked key {arguments.key_id} ({environment})")
             return 0
     raise ValueError(f"no live key {arguments.key_id!r}")

@@ -28,7 +28,8 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_DBT_PROJECT": "the dbt project folder (default ./dbt_project; `audiences init` creates one)",
     "AUDIENCES_WORKFLOWS": "the workflow triggers folder (default: `workflows` beside the definitions)",
     "AUDIENCES_SINKS": "the sinks YAML file (default data/sinks.yml; without it, a JSON-lines file)",
-    "AUDIENCES_STORE_URL": "the membership store (default sqlite:///data/store.sqlite; or postgresql://...)",
+    "AUDIENCES_STORE_URL": "the membership store of AUDIENCES_ENV (default sqlite:///data/store.sqlite for "
+                           "development, data/<env>/store.sqlite for others; or postgresql://...)",
     "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves (default 0.2)",
     "AUDIENCES_BREAKER_MINIMUM": "... and at least this many users (default 1000)",
     "AUDIENCES_SYNCS": "the warehouse syncs YAML file (default: syncs.yml beside the definitions)",
@@ -38,7 +39,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
     "AUDIENCES_API_ENVIRONMENTS": "environments the API serves, comma-separated (default development,production)",
     "AUDIENCES_STORE_URL_<ENV>": "the store of one environment, e.g. AUDIENCES_STORE_URL_PRODUCTION (default: "
-                                 "AUDIENCES_STORE_URL for AUDIENCES_ENV, data/<env>/store.sqlite for others)",
+                                 "AUDIENCES_STORE_URL for AUDIENCES_ENV, else the environment's default store)",
     "AUDIENCES_DEFINITIONS_<ENV>": "the definitions folder of one environment (default AUDIENCES_DEFINITIONS)",
     "AUDIENCES_API_WRITE_RATE": "API writes per second per key (default 60, Knock's tier 3)",
     "AUDIENCES_API_READ_RATE": "API reads per second per key (default 200, Knock's tier 4)",
@@ -89,13 +90,21 @@ class Settings:
         return int(os.environ.get("AUDIENCES_API_MAX_BODY_BYTES") or 10 * 1024 * 1024)
 
     def store_url_for(self, environment: str) -> str:
-        """Each environment's data lives in its own store, so no key of one can see another's."""
+        """Each environment's data lives in its own store, so no key of one can see another's. An
+        environment's default store does not depend on `AUDIENCES_ENV`, so that `audiences keys` and
+        `audiences serve` find the same store for it whatever environment each ran in."""
         explicit = os.environ.get(f"AUDIENCES_STORE_URL_{environment.upper()}")
         if explicit:
             return explicit
         if environment == self.environment:
             return self.store_url
-        return f"sqlite:///{self.duckdb_path.parent / environment / 'store.sqlite'}"
+        return self.default_store_url(environment)
+
+    def default_store_url(self, environment: str) -> str:
+        """`store.sqlite` beside the DuckDB file for development (the default environment), and
+        `<environment>/store.sqlite` there for the others."""
+        folder = self.duckdb_path.parent if environment == "development" else self.duckdb_path.parent / environment
+        return f"sqlite:///{folder / 'store.sqlite'}"
 
     def definitions_dir_for(self, environment: str) -> Path:
         explicit = os.environ.get(f"AUDIENCES_DEFINITIONS_{environment.upper()}")
@@ -109,7 +118,7 @@ class Settings:
         if self.sinks_file is None:
             object.__setattr__(self, "sinks_file", self.definitions_dir.parent / "sinks.yml")
         if self.store_url is None:
-            object.__setattr__(self, "store_url", f"sqlite:///{self.duckdb_path.parent / 'store.sqlite'}")
+            object.__setattr__(self, "store_url", self.default_store_url(self.environment))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from audiences.api import idempotency
 from audiences.api.errors import ApiError, ErrorBody, error_body, invalid
-from audiences.api.keys import ApiKey, find_key
+from audiences.api.keys import ApiKey, StoreEnvironmentError, find_key, key_environments, safe_url
 from audiences.api.limits import BodyLimit, RateLimiter, retry_after_header
 from audiences.api.service import Environment, tenant_of
 from audiences.membership.static import MAX_MEMBERS_PER_CALL
@@ -171,7 +171,7 @@ class Caller:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    environments = {name: Environment.open(settings, name) for name in settings.api_environments}
+    environments = open_environments(settings)
     limiter = RateLimiter({"write": settings.api_write_rate, "read": settings.api_read_rate},
                           settings.duckdb_path.parent / "api-rate-limits.bin")
     bearer = HTTPBearer(auto_error=False, description="A secret key: `audiences keys create --environment ...`")
@@ -188,11 +188,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def authenticate(credentials: HTTPAuthorizationCredentials | None) -> Caller:
         if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
             raise ApiError(401, "unauthenticated", "send a secret key as `Authorization: Bearer <key>`")
-        for environment in environments.values():
-            key = find_key(environment.store, credentials.credentials)
+        # Only the store of the environment the key names is asked, and only for a key made for
+        # that environment: a key works in its own environment and nowhere else.
+        secret = credentials.credentials
+        for name in key_environments(secret, environments):
+            key = find_key(environments[name].store, secret, name)
             if key is not None:
-                return Caller(key, environment)
-        raise ApiError(401, "unauthenticated", "the key does not exist or was revoked")
+                return Caller(key, environments[name])
+        raise ApiError(401, "unauthenticated",
+                       "the key does not exist, was revoked, or belongs to an environment this server does not serve")
 
     def limited(kind: str) -> Callable[..., Caller]:
         # Async, so FastAPI runs it on the event loop: the key lookup is one indexed read, cheaper
@@ -424,6 +428,28 @@ class RequestId:
             await send(message)
 
         return await self.app(scope, receive, send_with_id)
+
+
+def open_environments(settings: Settings) -> dict[str, Environment]:
+    """Every environment the API serves, each with its own store: two environments given the same
+    store would share keys and members, so that is refused."""
+    urls: dict[str, str] = {}
+    for name in settings.api_environments:
+        url = settings.store_url_for(name)
+        if url in urls.values():
+            other = next(key for key, value in urls.items() if value == url)
+            raise StoreEnvironmentError(f"the environments {other} and {name} have the same store "
+                                        f"{safe_url(url)}; give each its own (AUDIENCES_STORE_URL_<ENV>)")
+        urls[name] = url
+    opened: dict[str, Environment] = {}
+    try:
+        for name in urls:
+            opened[name] = Environment.open(settings, name)
+    except BaseException:
+        for environment in opened.values():
+            environment.close()
+        raise
+    return opened
 
 
 def close_app(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 
 from audiences.api.errors import ApiError, invalid, not_found
+from audiences.api.keys import StoreEnvironmentError, bind_store
 from audiences.api.writer import GroupCommitWriter
 from audiences.definitions import KEY_PATTERN, load_definitions
 from audiences.membership import store as tables
@@ -54,8 +55,14 @@ class Environment:
 
     @classmethod
     def open(cls, settings: Settings, name: str) -> Environment:
-        return cls(name, MembershipStore(settings.store_url_for(name)).create(), settings.definitions_dir_for(name),
-                   settings)
+        """Open the environment's store (refused if it belongs to another environment)."""
+        store = MembershipStore(settings.store_url_for(name)).create()
+        try:
+            bind_store(store, name)
+        except StoreEnvironmentError:
+            store.dispose()
+            raise
+        return cls(name, store, settings.definitions_dir_for(name), settings)
 
     # -- audiences --------------------------------------------------------------------------------
 
