@@ -1,12 +1,16 @@
-"""A real API server for tests: uvicorn on 127.0.0.1, a free port, in a background thread."""
+"""A real API server for tests: uvicorn on 127.0.0.1, a free port, in a background thread; or
+`audiences serve` as a process of its own (`serve_process`), for tests that kill it."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 
@@ -33,3 +37,33 @@ def running_server(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def serve_process(env: dict, cwd, workers: int = 1):
+    """`audiences serve` in a process of its own, once it answers; yields (url, process) and kills
+    the process (SIGKILL) at the end if it still runs."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "audiences.cli", "serve", "--port", str(port),
+                                "--workers", str(workers)], env=env, cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(f"the service did not start: {process.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not start within 60 s")
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stderr.close()

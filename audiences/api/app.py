@@ -214,27 +214,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     Reader = Annotated[Caller, Depends(limited("read"))]
     Writer = Annotated[Caller, Depends(limited("write"))]
 
-    async def write(request: Request, caller: Caller, work: Callable[[], tuple[int, Any]]) -> Response:
-        """Run a write; with an `Idempotency-Key`, the first 2xx answer is replayed for 24 hours."""
+    async def write(request: Request, caller: Caller, status: int,
+                    work: Callable[[idempotency.Claim | None], Any]) -> Response:
+        """Run a write, `work(claim)`, which answers `status` with the body it returns. With an
+        `Idempotency-Key`, the claim goes into the write's transaction (idempotency.py), and the
+        first 2xx answer is replayed for 24 hours."""
         key = request.headers.get("idempotency-key")
         if key is None:
-            return respond(*await run_in_threadpool(work))
+            return respond(status, await run_in_threadpool(work, None))
         if not key or len(key) > 255:
             raise invalid("Idempotency-Key", "between 1 and 255 characters")
         digest = hashlib.sha256(b"\x1f".join([request.method.encode(), request.url.path.encode(),
                                               request.url.query.encode(), await request.body()])).hexdigest()
-        store, key_id = caller.environment.store, caller.key.key_id
-        replay = await run_in_threadpool(idempotency.begin, store, key_id, key, digest, request.state.request_id)
-        if replay is not None:
-            return respond(replay.status_code, replay.body, {"idempotent-replayed": "true",
-                                                             "original-x-request-id": replay.request_id})
+        claim = idempotency.Claim(caller.key.key_id, key, digest, request.state.request_id, status)
         try:
-            status, body = await run_in_threadpool(work)
-        except BaseException:
-            await run_in_threadpool(idempotency.forget, store, key_id, key)
-            raise
-        await run_in_threadpool(idempotency.finish, store, key_id, key, status, body)
-        return respond(status, body)
+            replay = await run_in_threadpool(idempotency.find, caller.environment.store, claim)
+            if replay is None:
+                return respond(status, await run_in_threadpool(work, claim))
+        except idempotency.Replayed as replayed:
+            replay = replayed.replay
+        return respond(replay.status_code, replay.body, {"idempotent-replayed": "true",
+                                                         "original-x-request-id": replay.request_id})
 
     # -- audiences ---------------------------------------------------------------------------------
 
@@ -243,22 +243,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def add_members(key: AudienceKey, request: Request, caller: Writer,
                           create_audience: bool = Query(False, description="Create a missing static audience.")):
         body = await members_body(request)
-
-        def work():
-            caller.environment.change_members(key, body["members"], "add", create_audience)
-            return 204, None
-        return await write(request, caller, work)
+        return await write(request, caller, 204, lambda claim: caller.environment.change_members(
+            key, body["members"], "add", create_audience, claim=claim))
 
     @app.delete("/v1/audiences/{key}/members", status_code=204, responses=ERRORS, tags=["audiences"],
                 summary="Remove members (in the body, or as a `members` query parameter)",
                 openapi_extra=REMOVE_MEMBERS)
     async def remove_members(key: AudienceKey, request: Request, caller: Writer):
         body = await members_body(request, from_query=True)
-
-        def work():
-            caller.environment.change_members(key, body["members"], "remove")
-            return 204, None
-        return await write(request, caller, work)
+        return await write(request, caller, 204, lambda claim: caller.environment.change_members(
+            key, body["members"], "remove", claim=claim))
 
     @app.get("/v1/audiences/{key}/members", response_model=AudienceMembersPage, responses=ERRORS,
              tags=["audiences"], summary="List members, a page at a time")
@@ -280,8 +274,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/audiences/{key}/broadcasts", status_code=202, response_model=BroadcastResult,
               responses=ERRORS, tags=["audiences"], summary="Trigger a workflow for every member (beyond Knock)")
     async def broadcast(key: AudienceKey, body: BroadcastRequest, request: Request, caller: Writer):
-        return await write(request, caller, lambda: (202, caller.environment.broadcast(
-            key, body.workflow, body.data, body.tenant, body.sink, body.broadcast_id)))
+        return await write(request, caller, 202, lambda claim: caller.environment.broadcast(
+            key, body.workflow, body.data, body.tenant, body.sink, body.broadcast_id, claim))
 
     # -- users -------------------------------------------------------------------------------------
 
@@ -292,7 +286,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if properties.get("id", user_id) != user_id:
             raise invalid("id", "differs from the user id in the path")
         properties.pop("id", None)
-        return await write(request, caller, lambda: (200, caller.environment.identify(user_id, properties)))
+        return await write(request, caller, 200, lambda claim: caller.environment.identify(user_id, properties, claim))
 
     @app.get("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"], summary="Get a user")
     def get_user(user_id: UserId, caller: Reader):
@@ -301,11 +295,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.delete("/v1/users/{user_id}", status_code=204, responses=ERRORS, tags=["users"],
                 summary="Delete a user; their memberships end, with exit events")
     async def delete_user(user_id: UserId, request: Request, caller: Writer):
-
-        def work():
-            caller.environment.delete_user(user_id)
-            return 204, None
-        return await write(request, caller, work)
+        return await write(request, caller, 204, lambda claim: caller.environment.delete_user(user_id, claim))
 
     # -- guides ------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 
+from audiences.api import idempotency
 from audiences.api.errors import ApiError, invalid, not_found
 from audiences.api.keys import StoreEnvironmentError, bind_store
 from audiences.api.writer import GroupCommitWriter
@@ -81,9 +82,12 @@ class Environment:
             raise not_found(f"audience {key!r}")
         return kind
 
-    def write(self, work: Callable[[sa.Connection], T]) -> T:
+    def write(self, work: Callable[[sa.Connection], T], claim: idempotency.Claim | None = None) -> T:
         """Run `work(connection)` atomically. On SQLite, concurrent writes share one commit (see
-        writer.py); on PostgreSQL each runs in its own transaction."""
+        writer.py); on PostgreSQL each runs in its own transaction. With an idempotency `claim`,
+        the key is claimed and the answer (the work's result) recorded in that same transaction."""
+        if claim is not None:
+            work = idempotency.run_once(self.store, claim, work)
         if self.store.engine.dialect.name != "sqlite":
             with self.store.engine.begin() as connection:
                 return work(connection)
@@ -99,7 +103,7 @@ class Environment:
         self.store.dispose()
 
     def change_members(self, key: str, members: list[dict], action: str, create_audience: bool = False,
-                       source: str = "api") -> tuple[int, int]:
+                       source: str = "api", claim: idempotency.Claim | None = None) -> tuple[int, int]:
         """Add or remove members (Knock's `AudienceMemberRequest`s), identifying inline users first;
         returns (changed, unchanged)."""
         kind = self.audience_types().get(key)
@@ -134,7 +138,7 @@ class Environment:
             profiles.identify(self.store, connection, identify)
             return apply_change(self.store, connection, change)
 
-        result = self.write(work)
+        result = self.write(work, claim)
         return result.changed, result.unchanged
 
     def list_members(self, key: str, page_size: int, after: str | None, before: str | None,
@@ -181,10 +185,11 @@ class Environment:
 
     # -- users ------------------------------------------------------------------------------------
 
-    def identify(self, user_id: str, properties: dict) -> dict:
+    def identify(self, user_id: str, properties: dict, claim: idempotency.Claim | None = None) -> dict:
+        """Merge properties into the user (`null` removes one); returns the user in Knock's shape."""
         check_properties(properties, "body")
-        profile = self.write(lambda connection: profiles.identify(self.store, connection, [(user_id, properties)]))
-        return profile[user_id].as_knock_user()
+        return self.write(lambda connection: profiles.identify(
+            self.store, connection, [(user_id, properties)])[user_id].as_knock_user(), claim)
 
     def get_user(self, user_id: str) -> dict:
         profile = profiles.get_profile(self.store, user_id)
@@ -192,7 +197,7 @@ class Environment:
             raise not_found(f"user {user_id!r}")
         return profile.as_knock_user()
 
-    def delete_user(self, user_id: str) -> None:
+    def delete_user(self, user_id: str, claim: idempotency.Claim | None = None) -> None:
         """Delete a user: their static memberships end now, with exit events; dynamic audiences
         drop them at the next evaluation (the warehouse loads the deletion)."""
         types = self.audience_types()
@@ -209,7 +214,7 @@ class Environment:
                                    [Member(user_id, row.tenant) for row in memberships if row.audience_key == audience_key],
                                    "remove", source="api", connection=connection)
 
-        self.write(work)
+        self.write(work, claim)
 
     # -- guides and broadcasts --------------------------------------------------------------------
 
@@ -228,7 +233,10 @@ class Environment:
                 "reason": result.reason}
 
     def broadcast(self, key: str, workflow: str, data: dict, tenant: str | None, sink: str | None,
-                  broadcast_id: str | None) -> dict:
+                  broadcast_id: str | None, claim: idempotency.Claim | None = None) -> dict:
+        """Queue one delivery per member. A broadcast is idempotent by itself (its deliveries have
+        deterministic ids), so its deliveries are written first and an idempotency key's answer
+        is recorded after, in a transaction of its own."""
         from audiences.broadcasts import broadcast
         from audiences.delivery.sinks import close_sinks, load_sinks
 
@@ -239,8 +247,9 @@ class Environment:
         if sink not in sinks:
             raise invalid("sink", f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
         result = broadcast(self.store, key, workflow, sink, data, tenant, broadcast_id)
-        return {"broadcast_id": result.broadcast_id, "recipients": result.recipients,
-                "new_deliveries": result.new_deliveries}
+        answer = {"broadcast_id": result.broadcast_id, "recipients": result.recipients,
+                  "new_deliveries": result.new_deliveries}
+        return self.write(lambda _connection: answer, claim) if claim is not None else answer
 
 
 def member_entry(row: dict) -> dict:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 
 import httpx
 
-from api_server import free_port
+from api_server import free_port, serve_process
 from condition_harness import ROOT
 
 
@@ -34,27 +33,8 @@ def create_key(env: dict, *arguments: str) -> str:
 
 @contextmanager
 def serving(env: dict):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "audiences.cli", "serve", "--port", str(port)], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise AssertionError(f"the service did not start: {server.stderr.read()}")
-            assert time.monotonic() < deadline, "the service did not start"
-            time.sleep(0.2)
+    with serve_process(env, ROOT) as (url, _process):
         yield url
-    finally:
-        server.kill()
-        server.wait(timeout=30)
-        server.stderr.close()
 
 
 def add(url: str, secret: str, user_id: str) -> httpx.Response:
