@@ -8,7 +8,6 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 
 
 import hashlib
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic_core import from_json
 from typing_extensions import Required, TypedDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -280,9 +280,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # -- users -------------------------------------------------------------------------------------
 
     @app.put("/v1/users/{user_id}", response_model=User, responses=ERRORS, tags=["users"],
-             summary="Identify a user (merge properties; null removes one)")
-    async def identify(user_id: UserId, body: UserProperties, request: Request, caller: Writer):
-        properties = dict(body)
+             summary="Identify a user (merge properties; null removes one)", openapi_extra=PROPERTIES_BODY)
+    async def identify(user_id: UserId, request: Request, caller: Writer):
+        properties = dict(await parsed_body(request, PROPERTIES_ADAPTER))
         if properties.get("id", user_id) != user_id:
             raise invalid("id", "differs from the user id in the path")
         properties.pop("id", None)
@@ -356,6 +356,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 MEMBERS_ADAPTER = TypeAdapter(AudienceMembersRequest)
 MEMBERS_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": {"$ref": "#/components/schemas/AudienceMembersRequest"}}}}}
+# Identify's body too: pydantic-core's parser refuses nesting too deep for the stack (where
+# `json.loads` raises RecursionError).
+PROPERTIES_ADAPTER = TypeAdapter(UserProperties)
+PROPERTIES_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/UserProperties"}}}}}
 
 
 # Census's HTTP-request destination removes records with `DELETE ...?members=[...]` and no body
@@ -372,15 +377,26 @@ REMOVE_MEMBERS = {
 
 async def members_body(request: Request, from_query: bool = False) -> dict:
     raw = await request.body()
-    try:
-        if from_query and not raw.strip() and "members" in request.query_params:
-            try:
-                members = json.loads(request.query_params["members"])
-            except ValueError as error:
-                raise RequestValidationError([{"type": "json_invalid", "loc": ("query", "members"), "msg": str(error),
-                                               "ctx": {"error": str(error)}}]) from None
+    if from_query and not raw.strip() and "members" in request.query_params:
+        try:
+            # pydantic-core's parser, like the body's: it refuses nesting too deep for the stack
+            # (`json.loads` raised RecursionError, a 500).
+            members = from_json(request.query_params["members"])
+        except ValueError as error:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("query", "members"), "msg": str(error),
+                                           "ctx": {"error": str(error)}}]) from None
+        try:
             return MEMBERS_ADAPTER.validate_python({"members": members})
-        return MEMBERS_ADAPTER.validate_json(raw)
+        except ValidationError as error:
+            raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])}
+                                          for problem in error.errors(include_url=False)]) from None
+    return await parsed_body(request, MEMBERS_ADAPTER)
+
+
+async def parsed_body(request: Request, adapter: TypeAdapter) -> Any:
+    """The request's JSON body, parsed and validated by pydantic-core in one step."""
+    try:
+        return adapter.validate_json(await request.body())
     except ValidationError as error:
         raise RequestValidationError([{**problem, "loc": ("body", *problem["loc"])}
                                       for problem in error.errors(include_url=False)]) from None
@@ -392,10 +408,11 @@ def openapi_with_members_body(app: FastAPI) -> dict:
 
         document = get_openapi(title=app.title, version=app.version, description=app.description,
                                routes=app.routes)
-        schema = MEMBERS_ADAPTER.json_schema(ref_template="#/components/schemas/{model}")
         components = document.setdefault("components", {}).setdefault("schemas", {})
-        components.update(schema.pop("$defs", {}))
-        components["AudienceMembersRequest"] = schema
+        for name, adapter in (("AudienceMembersRequest", MEMBERS_ADAPTER), ("UserProperties", PROPERTIES_ADAPTER)):
+            schema = adapter.json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[name] = schema
         app.openapi_schema = document
     return app.openapi_schema
 

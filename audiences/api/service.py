@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from audiences.settings import Settings
 from audiences.users import profiles
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
+MAX_NESTING = 100  # objects and arrays in properties and broadcast data
 T = TypeVar("T")
 _WRITER_LOCK = threading.Lock()
 
@@ -187,7 +189,7 @@ class Environment:
 
     def identify(self, user_id: str, properties: dict, claim: idempotency.Claim | None = None) -> dict:
         """Merge properties into the user (`null` removes one); returns the user in Knock's shape."""
-        check_properties(properties, "body")
+        check_properties(properties)
         return self.write(lambda connection: profiles.identify(
             self.store, connection, [(user_id, properties)])[user_id].as_knock_user(), claim)
 
@@ -241,6 +243,7 @@ class Environment:
         from audiences.delivery.sinks import close_sinks, load_sinks
 
         self.require_audience(key)
+        check_json_values(data, "data")
         sinks, default_sink = load_sinks(self.settings.sinks_file)
         close_sinks(sinks)
         sink = sink or default_sink
@@ -276,14 +279,39 @@ def decode_cursor(cursor: str, field_name: str) -> tuple[str, str]:
     return value[0], value[1]
 
 
-def check_properties(properties: dict, field_name: str) -> None:
-    """User properties must be storable: valid Unicode, at most 256 kB (Knock's limit)."""
+def check_properties(properties: dict, path: str = "") -> None:
+    """User properties must be storable: JSON values only (`check_json_values`), valid Unicode, at
+    most 256 kB (Knock's limit). `path` names where they are in the request ("" for a body)."""
+    check_json_values(properties, path)
+    field_name = path or "body"
     try:
         size = len(json.dumps(properties, ensure_ascii=False).encode("utf-8"))
     except UnicodeEncodeError:
         raise invalid(field_name, "contains text that is not valid Unicode (a lone surrogate)") from None
     if size > MAX_PROPERTIES_BYTES:
         raise invalid(field_name, f"properties take {size:,} bytes; the limit is {MAX_PROPERTIES_BYTES:,}")
+
+
+def check_json_values(value: object, path: str = "") -> None:
+    """Refuse what JSON cannot carry, naming the field: `NaN` and `Infinity` (Python's parser reads
+    them, but stored they would be invalid JSON for the warehouse and every reader), and nesting
+    deeper than `MAX_NESTING` (which would exhaust the stack of the code that merges properties).
+    Walked without recursion."""
+    pending = [(value, path, 0)]
+    while pending:
+        item, where, depth = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise invalid(where or "body", f"{item} is not a number JSON can carry (no NaN or Infinity)")
+        if isinstance(item, dict):
+            children = item.items()
+        elif isinstance(item, list):
+            children = enumerate(item)
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            raise invalid(where or "body", f"nested more than {MAX_NESTING} levels deep")
+        pending.extend((child, f"{where}.{name}" if where else str(name), depth + 1)
+                       for name, child in reversed(list(children)))
 
 
 def tenant_of(value: str | None) -> str | None:
