@@ -13,6 +13,8 @@ partial by nature.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,8 @@ import polars as pl
 from audiences.membership.static import Member, change_members, require_static
 from audiences.membership.store import MembershipStore
 from audiences.users.profiles import identify_many
-from audiences.users.sources import ROW_COLUMN, UserSource, read_source
+# The same reading as user sources (encodings, BOM, delimiters).
+from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter
 from audiences.users.validation import validate_users
 
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -79,8 +82,8 @@ def upload_csv(
     if size > max_bytes:
         raise UploadError(f"{path}: {size:,} bytes is over the upload limit of {max_bytes:,} bytes "
                           "(AUDIENCES_UPLOAD_MAX_BYTES); split the file")
-    frame = _read(path)
     mapping = dict(mapping or {})
+    frame, ragged = _read(path, mapping)
     missing = [column for column in list(mapping) + ([tenant_column] if tenant_column else []) if column not in frame.columns]
     if missing:
         raise UploadError(f"{path}: no column {', '.join(map(repr, missing))}; columns are {', '.join(frame.columns)}")
@@ -114,24 +117,78 @@ def upload_csv(
                 "add", source="upload", connection=connection)
         added, unchanged = added + result.changed, unchanged + result.unchanged
     target = None
-    if validated.quarantined.height:
+    quarantined = pl.concat([validated.quarantined, ragged]).sort(ROW_COLUMN)
+    if quarantined.height:
         target = rejects_file or path.with_name(path.stem + ".rejects.csv")
-        _write_rejects(target, validated.quarantined)
-    return UploadResult(frame.height + blank_lines, blank_lines, added, unchanged, identified,
-                        validated.quarantined.height, target)
+        _write_rejects(target, quarantined)
+    return UploadResult(frame.height + blank_lines + ragged.height, blank_lines, added, unchanged, identified,
+                        quarantined.height, target)
 
 
-def _read(path: Path) -> pl.DataFrame:
+def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The file's rows (with their 1-based `_row`), and its ragged rows as rejects: a row with more
+    or fewer fields than the header is reported with its line number, and the others are read."""
+    text = _decode(path.read_bytes(), path)
+    delimiter = _sniff_delimiter(text)
     try:
-        return read_source(UserSource("upload", "csv", path, mode="stream"))
+        header, ragged = _ragged_records(text, delimiter)
+        frame = (_read_csv(UserSource("upload", "csv", path, mode="stream")) if not ragged
+                 else _frame_of_records(text, delimiter, ragged))
     except Exception as error:
-        if "no `id` column" in str(error):
-            # The id may arrive through --map; read again without requiring it.
-            from audiences.users.sources import _read_csv
-
-            return _read_csv(UserSource("upload", "csv", path, mode="stream")).with_row_index(
-                ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
         raise UploadError(f"{path}: cannot read as CSV: {error}") from None
+    if ROW_COLUMN in frame.columns:
+        frame = frame.drop(ROW_COLUMN)
+    frame = frame.with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+    id_column = next((column for column, field in mapping.items() if field == "id"),
+                     "id" if "id" in header else "user_id")
+    position = header.index(id_column) if id_column in header else None
+    rejects = pl.DataFrame(
+        [(row, fields[position] if position is not None and position < len(fields) else None,
+          f"line {line}: {len(fields)} fields where the header has {len(header)}",
+          json.dumps(fields, ensure_ascii=False)) for row, (line, fields) in ragged.items()],
+        schema={ROW_COLUMN: pl.Int64, "user_id": pl.String, "reason": pl.String, "raw_row": pl.String}, orient="row")
+    return frame.filter(~pl.col(ROW_COLUMN).is_in(list(ragged))), rejects
+
+
+def _ragged_records(text: str, delimiter: str) -> tuple[list[str], dict[int, tuple[int, list[str]]]]:
+    """The header, and the records whose number of fields differs from the header's, by row
+    number (1-based, blank lines counted as rows, as the CSV reader counts them): (line, fields)."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell may be as large as the file
+    records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(records, None)
+    if header is None:
+        return [], {}
+    width, ragged, line = len(header), {}, records.line_num + 1
+    for row, fields in enumerate(records, start=1):
+        if fields and len(fields) != width:
+            ragged[row] = (line, fields)
+        line = records.line_num + 1
+    return header, ragged
+
+
+def _frame_of_records(text: str, delimiter: str, ragged: dict) -> pl.DataFrame:
+    """The file read record by record (when it has ragged rows, which the fast reader cannot
+    report): ragged rows are kept as empty rows, to be dropped by their row number."""
+    records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(records)
+    rows = []
+    for row, fields in enumerate(records, start=1):
+        rows.append([None] * len(header) if row in ragged or not fields else [value or None for value in fields])
+    return pl.DataFrame(rows, schema={name: pl.String for name in _unique_names(header)}, orient="row")
+
+
+def _unique_names(header: list[str]) -> list[str]:
+    """Column names as the fast reader makes them unique (`name`, `name_duplicated_0`, ...)."""
+    seen: dict[str, int] = {}
+    names = []
+    for name in header:
+        if name in seen:
+            names.append(f"{name}_duplicated_{seen[name]}")
+            seen[name] += 1
+        else:
+            seen[name] = 0
+            names.append(name)
+    return names
 
 
 def _patch_rows(rows: pl.DataFrame) -> pl.DataFrame:

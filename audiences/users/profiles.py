@@ -75,27 +75,37 @@ def prepare_identify(patches: Iterable[tuple[str, dict]]) -> PreparedIdentify:
 def identify(store: MembershipStore, connection,
              patches: Iterable[tuple[str, dict]] | PreparedIdentify) -> dict[str, Profile]:
     """Apply identify patches inside the caller's write transaction: merge them into the users'
-    profiles and queue them for the warehouse. Returns the resulting profiles."""
+    profiles and queue them for the warehouse. Returns the resulting profiles.
+
+    A known user whose properties the patches leave as they were is neither rewritten nor queued
+    (their `updated_at` stays), so identifying the same data again costs the warehouse nothing."""
     prepared = patches if isinstance(patches, PreparedIdentify) else prepare_identify(patches)
     if not prepared.patches:
         return {}
     stamp = prepared.stamp
     lock_profiles(store, connection)
-    current = {user_id: {} if deleted_at else json.loads(properties) for user_id, properties, deleted_at
-               in _stored_profiles(store, connection, {user_id for user_id, _ in prepared.patches})}
+    stored = {user_id: (None if deleted_at else properties, updated_at) for user_id, properties, deleted_at, updated_at
+              in _stored_profiles(store, connection, {user_id for user_id, _ in prepared.patches})}
+    current = {user_id: json.loads(properties) for user_id, (properties, _) in stored.items() if properties is not None}
     merged: dict[str, dict] = {}
     for user_id, patch in prepared.patches:
         merged[user_id] = merge_patch(merged.get(user_id, current.get(user_id, {})), patch)
-    _upsert_profiles(store, connection, [(user_id, _dump(properties), stamp, None)
-                                         for user_id, properties in merged.items()])
-    _queue_patches(store, connection, zip((user_id for user_id, _ in prepared.patches), prepared.patch_texts), stamp)
-    return {user_id: Profile(user_id, properties, stamp) for user_id, properties in merged.items()}
+    texts = {user_id: _dump(properties) for user_id, properties in merged.items()}
+    unchanged = {user_id for user_id, text in texts.items()
+                 if user_id in current and text == _dump(current[user_id])}
+    _upsert_profiles(store, connection, [(user_id, text, stamp, None)
+                                         for user_id, text in texts.items() if user_id not in unchanged])
+    _queue_patches(store, connection, [(user_id, text) for (user_id, _), text
+                                       in zip(prepared.patches, prepared.patch_texts) if user_id not in unchanged], stamp)
+    return {user_id: Profile(user_id, properties, stored[user_id][1] if user_id in unchanged else stamp)
+            for user_id, properties in merged.items()}
 
 
 def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> int:
     """`identify` for a large batch (an upload), merged in DuckDB instead of row by row in Python:
     `patches` holds `user_id` and `patch` (JSON object text) in the order they apply. Profiles are
-    merged and patches queued inside the caller's write transaction; returns the users identified."""
+    merged and patches queued inside the caller's write transaction, except for known users whose
+    properties they leave as they were (as `identify`); returns the users identified."""
     if patches.is_empty():
         return 0
     stamp = now_text()
@@ -104,35 +114,47 @@ def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> 
     with duckdb.connect() as merging:
         merging.register("patches", patches.select("user_id", "patch").with_row_index("position").to_arrow())
         merging.register("current", pl.DataFrame(current, orient="row", schema={
-            "user_id": pl.String, "properties": pl.String, "deleted_at": pl.String}).to_arrow())
+            "user_id": pl.String, "properties": pl.String, "deleted_at": pl.String,
+            "updated_at": pl.String}).to_arrow())
         # The same rule as `merge_patch` (tested against each other), one user's patches in order.
+        # A live user's stored properties go through `json_merge_patch` with `{}` too, so that both
+        # sides of the comparison are written the same way.
         merged = merging.sql("""
-            select patches.user_id,
-                list_reduce(
-                    list_prepend(
-                        coalesce(any_value(case when current.deleted_at is null then current.properties end),
-                                 '{}')::json,
-                        list(patches.patch::json order by patches.position)
-                    ),
-                    lambda properties, patch: json_merge_patch(properties, patch)
-                )::varchar as properties
-            from patches
-            left join current on current.user_id = patches.user_id
-            group by patches.user_id
-            order by patches.user_id
+            with merged as (
+                select patches.user_id,
+                    list_reduce(
+                        list_prepend(
+                            coalesce(any_value(case when current.deleted_at is null then current.properties end),
+                                     '{}')::json,
+                            list(patches.patch::json order by patches.position)
+                        ),
+                        lambda properties, patch: json_merge_patch(properties, patch)
+                    )::varchar as properties,
+                    any_value(case when current.user_id is not null and current.deleted_at is null
+                                   then json_merge_patch(current.properties::json, '{}')::varchar end) as before
+                from patches
+                left join current on current.user_id = patches.user_id
+                group by patches.user_id
+            )
+            select user_id, properties, properties is not distinct from before as unchanged
+            from merged
+            order by user_id
         """).fetchall()
-    _upsert_profiles(store, connection, [(user_id, properties, stamp, None) for user_id, properties in merged])
-    _queue_patches(store, connection, patches.select("user_id", "patch").iter_rows(), stamp)
+    unchanged = {user_id for user_id, _, same in merged if same}
+    _upsert_profiles(store, connection, [(user_id, properties, stamp, None)
+                                         for user_id, properties, same in merged if not same])
+    _queue_patches(store, connection, [(user_id, patch) for user_id, patch in patches.select("user_id", "patch").iter_rows()
+                                       if user_id not in unchanged], stamp)
     return len(merged)
 
 
 def _stored_profiles(store: MembershipStore, connection, user_ids: Iterable[str]) -> list[tuple]:
-    """(user_id, properties, deleted_at) of the stored profiles among these users."""
+    """(user_id, properties, deleted_at, updated_at) of the stored profiles among these users."""
     user_ids, mark, rows = sorted(set(user_ids)), store.placeholder, []
     for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
         chunk = user_ids[start:start + 5000]
         rows.extend(connection.exec_driver_sql(
-            f"select user_id, properties, deleted_at from user_profiles "
+            f"select user_id, properties, deleted_at, updated_at from user_profiles "
             f"where user_id in ({', '.join([mark] * len(chunk))})", tuple(chunk)).all())
     return rows
 
