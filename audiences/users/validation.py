@@ -68,7 +68,7 @@ def unreadable_text(frame: pl.DataFrame) -> dict[int, list[str]]:
     names = [name for name, dtype in frame.schema.items() if dtype == pl.String and name not in ("id", ROW_COLUMN)]
     if not names:
         return {}
-    flagged = [pl.col(name).str.contains(REPLACEMENT_CHARACTER, literal=True).fill_null(False) for name in names]
+    flagged = pl.col(names).str.contains(REPLACEMENT_CHARACTER, literal=True).fill_null(False)
     rows = frame.with_row_index("_index").filter(pl.any_horizontal(flagged))
     reasons: dict[int, list[str]] = {}
     for row in rows.select("_index", *names).iter_rows():
