@@ -35,9 +35,14 @@ def _is_json_object(value: str | None) -> bool:
     if value is None:
         return True
     try:
-        return isinstance(json.loads(value), dict)
+        return isinstance(json.loads(value, parse_constant=_not_json), dict)
     except ValueError:
         return False
+
+
+def _not_json(constant: str) -> None:
+    """`NaN` and `Infinity` are not JSON, though Python's parser reads them."""
+    raise ValueError(f"{constant} is not JSON")
 
 
 def users_schema(frame: pl.DataFrame) -> pa.DataFrameSchema:

@@ -191,3 +191,14 @@ def test_uploading_the_same_file_again_queues_no_patches_for_unchanged_users(sto
     upload_csv(store, "vips", path, TYPES)
     new = store.rows(sa.text("select user_id, patch from user_patches order by patch_id"))[queued:]
     assert [(row["user_id"], json.loads(row["patch"])) for row in new] == [("u2", {"name": "Bob", "plan": "pro"})]
+
+
+def test_nan_or_infinity_in_properties_is_rejected_not_stored(store, tmp_path):
+    # Python's parser reads them, but they are not JSON: stored, they reached raw.users as such.
+    path = tmp_path / "nan.csv"
+    path.write_text('id,properties\nu1,"{""score"": NaN}"\nu2,"{""score"": -Infinity}"\nu3,"{""score"": 1}"\n')
+    result = upload_csv(store, "vips", path, TYPES, rejects_file=tmp_path / "rejects.csv")
+    assert (result.members_added, result.rejected) == (1, 2)
+    assert [(r["row"], r["reason"]) for r in rejects(result)] == [
+        ("1", "`properties` is not a JSON object"), ("2", "`properties` is not a JSON object")]
+    assert patches(store) == {"u3": {"score": 1}}
