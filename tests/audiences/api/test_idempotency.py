@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 
 import httpx
+import sqlalchemy as sa
 
 from api_server import serve_process
 from condition_harness import ROOT
@@ -108,3 +109,23 @@ def test_concurrent_requests_with_one_key_do_the_work_once_and_both_get_its_answ
     for answer in answers:
         assert answer.json() == first[0].json()
     assert count(tmp_path, "select count(*) from user_patches where user_id = 'ada'") == 1
+
+
+def test_a_claim_left_without_an_answer_by_the_older_engine_does_not_block_its_key(service):
+    # Before, a claim was committed before the work; a crash left it answering 409 for a day.
+    from audiences.membership import store as tables
+    from audiences.membership.store import now_text
+
+    store = service.environment("development").store
+    with store.engine.begin() as connection:
+        key_id = connection.execute(sa.select(tables.api_keys.c.key_id)).scalar()
+        connection.execute(tables.idempotent_requests.insert().values(
+            key_id=key_id, idempotency_key="stuck", request_hash="old", status_code=None, body=None,
+            request_id="old-request", created_at=now_text()))
+    headers = {**service.headers(), "Idempotency-Key": "stuck"}
+    first = httpx.post(f"{service.url}/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "u1"}}]},
+                       headers=headers, timeout=30)
+    assert first.status_code == 204 and "idempotent-replayed" not in first.headers
+    again = httpx.post(f"{service.url}/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "u1"}}]},
+                       headers=headers, timeout=30)
+    assert again.status_code == 204 and again.headers["idempotent-replayed"] == "true"
