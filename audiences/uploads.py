@@ -131,7 +131,7 @@ def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFra
     header, ragged = [], {}
     try:
         frame, failure = _read_csv(UserSource("upload", "csv", path, mode="stream")), None
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (whatever the reader refused, the record-by-record pass decides)
         frame, failure = None, error
     # The fast reader fails on a row with too many fields, and fills a row with too few with
     # nulls: only then (an error, or nulls in the last column) is the file read record by record
