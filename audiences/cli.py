@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("deliver", deliver, "send due workflow triggers to their sinks")
     sub.add_argument("--watch", action="store_true", help="keep delivering as new triggers arrive (Ctrl-C stops)")
     sub.add_argument("--max-attempts", type=int, default=8, help="attempts before a delivery is dead-lettered")
+    sub.add_argument("--lease-seconds", type=float, default=None,
+                     help="how long this worker's claim on deliveries lasts (renewed while it works) before "
+                          "another worker may take them over: how long a dead worker's deliveries wait")
     sub = command("broadcast", broadcast, "trigger a workflow once per member of an audience")
     sub.add_argument("audience", help="the audience key")
     sub.add_argument("--workflow", required=True, help="the workflow key to trigger")
@@ -470,12 +473,15 @@ def deliver(settings: Settings, arguments) -> int:
 
     sinks, _ = load_sinks(settings.sinks_file)
     store = _store(settings)
+    options = {"max_attempts": arguments.max_attempts}
+    if arguments.lease_seconds is not None:
+        options["lease_seconds"] = arguments.lease_seconds
     if arguments.watch:
         try:
-            run_delivery_loop(store, sinks, max_attempts=arguments.max_attempts)
+            run_delivery_loop(store, sinks, **options)
         except KeyboardInterrupt:
             return 0
-    report = deliver_due(store, sinks, max_attempts=arguments.max_attempts)
+    report = deliver_due(store, sinks, **options)
     print(report)
     return 0
 

@@ -14,6 +14,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: bytes
+    received_at: float = 0.0  # time.monotonic() when the request had been read
 
     def header(self, name: str) -> str | None:
         """A header by name, case-insensitively."""
@@ -136,7 +138,9 @@ def _handler_for(recorder: HttpRecorder) -> type[BaseHTTPRequestHandler]:
         def _answer(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            request = RecordedRequest(self.command, self.path, dict(self.headers.items()), body)
+            request = RecordedRequest(
+                self.command, self.path, dict(self.headers.items()), body, time.monotonic()
+            )
             reply = recorder._next_reply(request)
             if reply.reset:
                 # SO_LINGER with a zero timeout makes close() send RST instead of FIN.

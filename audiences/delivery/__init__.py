@@ -14,12 +14,17 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Delivery:
-    """One trigger to send. `idempotency_key` is the same on every attempt (the delivery id)."""
+    """One trigger to send. `idempotency_key` is the same on every attempt (the delivery id).
+
+    `message_id` is set when the delivery belongs to a batch that a batching sink keeps (a webhook
+    with `batch_size` > 1): the batch's id, the same on every attempt of the batch.
+    """
 
     delivery_id: str
     workflow_key: str
     payload: dict
     attempts: int = 0
+    message_id: str | None = None
 
     @property
     def idempotency_key(self) -> str:

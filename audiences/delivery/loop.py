@@ -1,13 +1,26 @@
 """The delivery loop: send due deliveries to their sinks, at least once, and record what happened.
 
-Deliveries wait in the store's `deliveries` table. A pass (`deliver_due`) picks the pending ones
-whose `next_attempt_at` has come, sends them per sink in the sink's batch size and within its rate
-limit, and records every outcome in the same pass: delivered, retried later with exponential
-back-off and full jitter (or exactly when the receiver's `Retry-After` says), or dead after a
-permanent refusal or too many attempts. Dead deliveries are the dead-letter list: `replay` puts them
-back in the queue once the cause is fixed. Because a crash can happen between a send and its record,
-a delivery may be sent twice; sinks carry the delivery id as idempotency key so receivers (Knock
-among them) run it once.
+Deliveries wait in the store's `deliveries` table. A pass (`deliver_due`) works on every sink at
+once, each in its own thread, so a hanging or slow receiver holds up only its own deliveries (and
+`seconds_per_sink` bounds how long a pass spends on one sink). For each sink it *claims* a few due
+pending rows, sends them in the sink's batch size within its rate limit, and records every outcome:
+delivered, retried later with exponential back-off and full jitter (or when the receiver's
+`Retry-After` says, never later than `max_delay`), or dead after a permanent refusal or too many
+attempts. Dead deliveries are the dead-letter list: `replay` puts them back in the queue once the
+cause is fixed.
+
+Several workers may deliver from one store at once: a pipeline run's delivery step, the schedule,
+`audiences deliver --watch`. A claim is one atomic statement that writes the worker's claim and a
+lease (`claimed_by`, `claimed_until`) on rows that are unclaimed or whose lease has ended
+(`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite the UPDATE runs under the write lock), and it is
+committed before anything is sent, so each delivery is sent by one worker. A worker renews its lease
+while it still needs the rows; one that dies (kill -9) leaves them to another once the lease ends.
+A sink's rate limit is one token bucket in the store (`sink_rate_limits`), shared by all workers.
+
+A worker can die between a send and its record, so a delivery may still be sent twice, always under
+the same id: sinks carry the delivery id as idempotency key, and a batching webhook sink a batch id
+that is written to the batch's rows when the batch is formed (`message_id`), before it is first
+sent, so the batch is retried whole under that id. Receivers that honour the id run it once.
 
 Everything goes through SQLAlchemy Core on `store.engine`, in transactions and in bulk, so the same
 code runs on SQLite and PostgreSQL and keeps up with thousands of deliveries a second.
@@ -15,29 +28,48 @@ code runs on SQLite and PostgreSQL and keeps up with thousands of deliveries a s
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
 import random
+import secrets
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_all
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
 from audiences.delivery import Delivery, Outcome
-from audiences.delivery.sinks import Sink
-from audiences.membership.store import MembershipStore, deliveries
+from audiences.delivery.sinks import Sink, batch_message_id
+from audiences.membership.store import MembershipStore, deliveries, sink_rate_limits
 
-# Rows read per query, and the most outcomes (or seconds) held in memory before they are written.
+# The most rows one claim takes; a claim covers this many sends of a sink (fewer rows per claim
+# share a queue better between workers, more cost fewer claim transactions).
 PAGE_SIZE = 1000
+CLAIM_SENDS = 10
+# The most outcomes (or seconds) held in memory before they are written.
 FLUSH_OUTCOMES = 500
 FLUSH_SECONDS = 1.0
 # Dead-letter ids replayed per statement (an IN list), well under every database's parameter limit.
 REPLAY_CHUNK = 500
+# How long a claim holds deliveries before another worker may take them: at least three sends of
+# the sink, and renewed while the worker still needs the rows, so only a dead worker loses them.
+LEASE_SECONDS = 60.0
+# How long one send may take, for a sink that declares no `timeout_seconds` (the file sink).
+SEND_SECONDS = 10.0
+# The most time one pass of `--watch` spends on one sink before it looks again at every sink.
+WATCH_SECONDS_PER_SINK = 10.0
+# A shared rate-limit state dated further ahead than this was written by a skewed clock: reset it.
+CLOCK_SKEW_SECONDS = 86_400.0
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-
-
+_MICROSECOND = timedelta(microseconds=1)
 @dataclass
 class DeliveryReport:
     """What one pass (or a run of passes) did: counts overall and per sink.
@@ -89,7 +121,10 @@ class TokenBucket:
 
     `acquire(n)` waits (through the injected `sleep`) until the bucket holds `min(n, capacity)`
     tokens, then takes `n`; a batch larger than the capacity leaves the bucket in debt, so the next
-    batch waits longer and the average still holds.
+    batch waits longer and the average still holds. Given a `store` and a sink `name`, the bucket
+    lives in the store's `sink_rate_limits` table and every worker delivering from that store takes
+    from it: `acquire` reserves its tokens in one transaction and sleeps after the commit, so the
+    limit holds across workers. `clock` is then read by all of them: the wall clock (the default).
     """
 
     def __init__(
@@ -97,31 +132,77 @@ class TokenBucket:
         rate: float,
         *,
         capacity: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        store: MembershipStore | None = None,
+        name: str | None = None,
     ):
         if not rate > 0:
             raise ValueError(f"a rate limit must be positive, not {rate!r}")
+        if (store is None) != (name is None):
+            raise ValueError("a shared rate limit needs both the store and the sink's name")
         self.rate = float(rate)
         self.capacity = max(1.0, float(capacity if capacity is not None else rate))
         self.tokens = self.capacity
         self._clock = clock
         self._sleep = sleep
         self._updated = clock()
+        self._store = store
+        self._name = name
 
     def acquire(self, count: int) -> None:
         """Take `count` tokens, sleeping first for as long as the bucket needs to hold them."""
-        self._refill()
-        needed = min(float(count), self.capacity)
-        if self.tokens < needed:
-            self._sleep((needed - self.tokens) / self.rate)
-            self._refill()
-        self.tokens -= count
+        if self._store is None:
+            wait, self.tokens, self._updated = _reserve(
+                self.tokens, self._updated, self._clock(), count, self.rate, self.capacity
+            )
+        else:
+            wait = self._reserve_shared(count)
+        if wait > 0:
+            self._sleep(wait)
 
-    def _refill(self) -> None:
-        moment = self._clock()
-        self.tokens = min(self.capacity, self.tokens + (moment - self._updated) * self.rate)
-        self._updated = moment
+    def _reserve_shared(self, count: int) -> float:
+        table = sink_rate_limits
+        this_sink = table.c.sink == self._name
+        with self._store.engine.begin() as connection:
+            moment = self._clock()
+            fresh = {"sink": self._name, "rate": self.rate, "tokens": self.capacity, "updated_at": moment}
+            self._store.insert_ignoring_duplicates(connection, table, [fresh])
+            row = connection.execute(
+                sa.select(table.c.rate, table.c.tokens, table.c.updated_at)
+                .where(this_sink)
+                .with_for_update()
+            ).one()
+            tokens, updated = float(row.tokens), float(row.updated_at)
+            if (
+                float(row.rate) != self.rate
+                or not (math.isfinite(tokens) and math.isfinite(updated))
+                or updated - moment > CLOCK_SKEW_SECONDS
+            ):
+                tokens, updated = self.capacity, moment  # a new limit, or a clock that jumped
+            wait, tokens, updated = _reserve(
+                tokens, updated, moment, count, self.rate, self.capacity
+            )
+            connection.execute(
+                table.update().where(this_sink).values(rate=self.rate, tokens=tokens, updated_at=updated)
+            )
+        self.tokens = tokens
+        return wait
+
+
+def _reserve(
+    tokens: float, updated: float, moment: float, count: int, rate: float, capacity: float
+) -> tuple[float, float, float]:
+    """The bucket's arithmetic: refill from `updated` to `moment`, reserve `count` tokens.
+
+    Returns (seconds to wait, tokens left, the time they are counted at). The wait ends when the
+    bucket holds `min(count, capacity)`; the tokens are taken as of then, so a reservation made by
+    another worker for a later moment is honoured by everyone who reads the bucket before it.
+    """
+    held = min(capacity, tokens + (moment - updated) * rate)
+    needed = min(float(count), capacity)
+    wait = max(0.0, (needed - held) / rate)
+    return wait, held + wait * rate - count, moment + wait
 
 
 def deliver_due(
@@ -133,73 +214,70 @@ def deliver_due(
     limit: int | None = None,
     base_delay: float = 1.0,
     max_delay: float = 300.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
     rate_limiters: dict[str, TokenBucket] | None = None,
     rng: random.Random | None = None,
+    lease_seconds: float = LEASE_SECONDS,
+    seconds_per_sink: float | None = None,
+    worker_id: str | None = None,
 ) -> DeliveryReport:
     """Send every due pending delivery (at most `limit`) to its sink and record each outcome.
 
     Due means status 'pending' and `next_attempt_at` <= `now` (default: the current UTC time), in
-    order of `next_attempt_at`, then `created_at`. Each sink gets its deliveries in batches of its
-    `batch_size` (times its `concurrency`, when it has one), paced by a token bucket at its
-    `rate_limit_per_second` (`clock` and `sleep` drive it; pass `rate_limiters` to keep buckets
-    across passes). Outcomes are written in bulk as the pass goes: delivered sets status
-    'delivered' and `delivered_at`; retry adds an attempt, keeps the error and sets
-    `next_attempt_at` to the sink's `retry_after` exactly when given, else to a random delay up to
-    `min(max_delay, base_delay * 2**attempts)` (full jitter, one draw per send); a failed outcome,
-    an unreadable payload, or a retry that reaches `max_attempts` sets status 'dead'. Deliveries
-    whose sink is not in `sinks` stay pending and are counted as skipped; 'held' and 'discarded'
-    ones are never touched.
+    order of `next_attempt_at`, then `created_at`. The sinks are served at the same time, one
+    thread each; with `seconds_per_sink`, a sink that has used that much time (by `clock`) gets no
+    new sends in this pass. Deliveries are claimed before they are sent (`worker_id` names this
+    worker in the claims, and a lease of `lease_seconds`, longer for a slow sink, lets another
+    worker take them if this one dies), so workers running at once never send the same delivery.
+
+    Each sink gets its deliveries in batches of its `batch_size` (times its `concurrency`, when it
+    has one), paced by its `rate_limit_per_second` in a token bucket kept in the store and shared
+    by every worker (`clock` and `sleep` drive it; `rate_limiters` keeps the bucket objects across
+    passes). A sink with `keeps_batches` (a batching webhook) gets each batch formed once and
+    written with its id before it is first sent, then always sent whole under that id.
+
+    Outcomes are written in bulk as the pass goes: delivered sets status 'delivered' and
+    `delivered_at`; retry adds an attempt, keeps the error and sets `next_attempt_at` to the sink's
+    `retry_after` when given, else to a random delay up to `base_delay * 2**attempts` (full jitter,
+    one draw per send), never later than `max_delay` and never within this pass; a failed outcome,
+    an unreadable payload, or a retry that reaches `max_attempts` sets status 'dead'. A batch's
+    deliveries share their outcome, their next attempt and their attempt count. Deliveries whose
+    sink is not in `sinks` stay pending and are counted as skipped; 'held' and 'discarded' ones
+    are never touched. Claims this worker could not use are given back when the pass ends, even
+    when it ends with an error.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
-    rng = rng or random.Random()
+    for name, value in (("base_delay", base_delay), ("max_delay", max_delay)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
+    if not lease_seconds > 0:
+        raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
     pass_now = _as_utc(now) if now is not None else datetime.now(timezone.utc)
-    due_text = _text(pass_now)
-    buckets = rate_limiters if rate_limiters is not None else {}
-    report = DeliveryReport()
-    recorder = _OutcomeRecorder(
-        store,
-        report,
-        due_text=due_text,
-        max_attempts=max_attempts,
-        base_delay=base_delay,
-        max_delay=max_delay,
-        rng=rng,
-        clock=clock,
+    work = _Pass(
+        store=store,
+        due_at=pass_now,
+        due_text=_text(pass_now),
         moment=(lambda: pass_now) if now is not None else _utc_now,
+        max_attempts=max_attempts,
+        base_delay=float(base_delay),
+        max_delay=float(max_delay),
+        clock=clock,
+        sleep=sleep,
+        buckets=rate_limiters if rate_limiters is not None else {},
+        rng=rng or random.Random(),
+        lease_seconds=float(lease_seconds),
+        seconds_per_sink=seconds_per_sink,
+        worker_id=worker_id or new_worker_id(),
+        remaining=limit,
     )
-    chunk_sizes = {name: _chunk_size(sink) for name, sink in sinks.items()}
-    page_size = max([PAGE_SIZE, *chunk_sizes.values()])
-    known = sorted(sinks)
-
-    cursor: tuple[str, str, str] | None = None
-    remaining = limit
-    while known and (remaining is None or remaining > 0):
-        size = page_size if remaining is None else min(page_size, remaining)
-        rows = store.rows(_due_page(due_text, known, cursor, size))
-        if not rows:
-            break
-        fetched = len(rows)
-        last = rows[-1]
-        cursor = (last["next_attempt_at"], last["created_at"], last["delivery_id"])
-        # A retry whose delay came out as zero is due again at once and sorts after the cursor;
-        # it waits for the next pass rather than being sent twice in this one.
-        rows = [row for row in rows if row["delivery_id"] not in recorder.requeued_now]
-        for sink_name, group in _by_sink(rows).items():
-            sink = sinks[sink_name]
-            bucket = _bucket(buckets, sink_name, sink, clock, sleep)
-            step = chunk_sizes[sink_name]
-            for start in range(0, len(group), step):
-                _send_chunk(sink_name, sink, group[start : start + step], bucket, recorder)
-        if remaining is not None:
-            remaining -= len(rows)
-        if fetched < size:
-            break
-    recorder.flush()
-
-    for sink_name, count in _unknown_sink_counts(store, due_text, known):
+    names = sorted(sinks)
+    reports = _each_sink(work, {name: sinks[name] for name in names})
+    report = DeliveryReport()
+    for name in names:
+        report.merge(reports[name])
+    for sink_name, count in _unknown_sink_counts(store, work.due_text, names):
         report.add(sink_name, "skipped_unknown_sink", count)
     return report
 
@@ -215,12 +293,16 @@ def run_delivery_loop(
     """Deliver due deliveries pass after pass until `stop()` is true (or forever), for `--watch`.
 
     Each pass is a `deliver_due` with the remaining keyword arguments (the current time as `now`
-    unless one is given); when a pass sends nothing, the loop sleeps `poll_seconds` (through the
-    `sleep` argument when given) before looking again. Rate-limit buckets live across passes, so a
-    busy queue stays within each sink's limit. Returns the totals of all passes.
+    unless one is given; at most `WATCH_SECONDS_PER_SINK` per sink unless `seconds_per_sink` says
+    otherwise, so a sink that hangs delays the others' next pass by that much at most); when a pass
+    sends nothing, the loop sleeps `poll_seconds` (through the `sleep` argument when given) before
+    looking again. The worker keeps one id and its rate-limit buckets across passes. Returns the
+    totals of all passes.
     """
     sleep = kwargs.get("sleep", time.sleep)
     kwargs.setdefault("rate_limiters", {})
+    kwargs.setdefault("seconds_per_sink", WATCH_SECONDS_PER_SINK)
+    kwargs.setdefault("worker_id", new_worker_id())
     totals = DeliveryReport()
     while not (stop and stop()):
         report = deliver_due(store, sinks, **kwargs)
@@ -228,6 +310,11 @@ def run_delivery_loop(
         if report.attempted == 0:
             sleep(poll_seconds)
     return totals
+
+
+def new_worker_id() -> str:
+    """A name for this worker in its claims: host, process and a random part (unique per call)."""
+    return f"{socket.gethostname()[:24]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def replay(
@@ -296,104 +383,345 @@ def delivery_status(store: MembershipStore) -> dict:
 # -- one pass, in pieces --------------------------------------------------------------------------
 
 
-class _OutcomeRecorder:
-    """Turns outcomes into row updates and writes them in bulk: by count, by time, at the end."""
+@dataclass
+class _Pass:
+    """What every sink's thread of one pass shares: the settings, the limit, the stop signal."""
 
-    def __init__(
-        self, store, report, *, due_text, max_attempts, base_delay, max_delay, rng, clock, moment
-    ):
-        self.store = store
-        self.due_text = due_text
-        self.report = report
-        self.max_attempts = max_attempts
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.rng = rng
-        self.clock = clock
-        self.moment = moment
-        self.requeued_now: set[str] = set()
-        self._delivered: list[dict] = []
-        self._retried: list[dict] = []
-        self._dead: list[dict] = []
-        self._last_flush = clock()
+    store: MembershipStore
+    due_at: datetime
+    due_text: str
+    moment: Callable[[], datetime]
+    max_attempts: int
+    base_delay: float
+    max_delay: float
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
+    buckets: dict[str, TokenBucket]
+    rng: random.Random
+    lease_seconds: float
+    seconds_per_sink: float | None
+    worker_id: str
+    remaining: int | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _claims: itertools.count = field(default_factory=itertools.count)
 
-    def record(
-        self, sink_name: str, row: dict, outcome: Outcome, moment: datetime, jitter: float
-    ) -> None:
-        attempts = int(row["attempts"] or 0) + 1
-        delivery_id = row["delivery_id"]
-        if outcome.status == "delivered":
-            self._delivered.append(
-                {"b_id": delivery_id, "b_attempts": attempts, "b_at": _text(moment)}
+    def reserve(self, wanted: int) -> int:
+        """How many of `wanted` rows the next claim may take under the pass's `limit`."""
+        with self._lock:
+            if self.remaining is None:
+                return wanted
+            granted = max(0, min(wanted, self.remaining))
+            self.remaining -= granted
+            return granted
+
+    def settle(self, reserved: int, claimed: int) -> None:
+        """Count the rows a claim really took (a batch's other rows may exceed the reservation)."""
+        with self._lock:
+            if self.remaining is not None:
+                self.remaining += reserved - claimed
+
+    def jitter(self) -> float:
+        with self._lock:
+            return self.rng.random()
+
+    def claim_token(self) -> str:
+        return f"{self.worker_id}/{next(self._claims)}"
+
+    def bucket(self, name: str, sink: Sink) -> TokenBucket | None:
+        rate = sink.rate_limit_per_second
+        if rate is None:
+            return None
+        with self._lock:
+            bucket = self.buckets.get(name)
+            if bucket is None or bucket.rate != float(rate):
+                bucket = self.buckets[name] = TokenBucket(
+                    rate, clock=self.clock, sleep=self.sleep, store=self.store, name=name
+                )
+            return bucket
+
+    def spent(self, started: float) -> bool:
+        """Whether a sink that started at `started` has used its time in this pass."""
+        return self.seconds_per_sink is not None and self.clock() - started >= self.seconds_per_sink
+
+
+def _each_sink(work: _Pass, sinks: dict[str, Sink]) -> dict[str, DeliveryReport]:
+    """Deliver for every sink at once, one thread each; errors are raised once all have stopped."""
+    if len(sinks) <= 1:
+        return {name: _deliver_to_sink(work, name, sink) for name, sink in sinks.items()}
+    with ThreadPoolExecutor(max_workers=len(sinks), thread_name_prefix="deliver") as pool:
+        futures = {name: pool.submit(_deliver_to_sink, work, name, sink) for name, sink in sinks.items()}
+        try:
+            wait_for_all(futures.values())
+        except BaseException:
+            # Ctrl-C: every sink finishes the send in flight, records it and gives back its claims
+            # (leaving the pool waits for them).
+            work.stop.set()
+            raise
+    for future in futures.values():
+        if future.exception() is not None:
+            raise future.exception()
+    return {name: future.result() for name, future in futures.items()}
+
+
+def _deliver_to_sink(work: _Pass, sink_name: str, sink: Sink) -> DeliveryReport:
+    """One sink's share of a pass: claim, send, record, until nothing is due or time is up."""
+    report = DeliveryReport()
+    recorder = _OutcomeRecorder(work, report)
+    send_seconds = _send_seconds(sink)
+    lease = max(work.lease_seconds, 3 * send_seconds)
+    claim_size = min(PAGE_SIZE, _chunk_size(sink) * CLAIM_SENDS)
+    started = work.clock()
+    skipped: set[str] = set()
+    claim: _Claim | None = None
+    try:
+        while not work.stop.is_set() and not work.spent(started):
+            reserved = work.reserve(claim_size)
+            if reserved <= 0:
+                break
+            claim = _claim(work, sink_name, sink, work.claim_token(), lease, reserved, skipped)
+            work.settle(reserved, len(claim.rows))
+            if claim.found == 0:
+                break
+            for unit, together in _units(claim.rows, _chunk_size(sink)):
+                if work.stop.is_set() or work.spent(started):
+                    break
+                _send_unit(work, sink_name, sink, unit, together, claim, recorder, send_seconds)
+    finally:
+        try:
+            recorder.flush()
+        finally:
+            if claim is not None:
+                # Rows of the last claim with no outcome recorded: not sent (time was up), or sent
+                # when an error struck. Whoever claims next sends them (under the same ids).
+                _release(work.store, claim.token)
+    return report
+
+
+@dataclass
+class _Claim:
+    """Rows claimed under one token, and when their lease ends."""
+
+    token: str
+    rows: list[dict]
+    until: datetime
+    lease: float
+    found: int
+
+    def hold(self, store: MembershipStore, delivery_ids: list[str], send_seconds: float) -> set[str]:
+        """Which of these rows are still this claim's, with time left to send them.
+
+        The lease is renewed when less than two sends' worth of it is left; rows whose lease ended
+        and that another worker claimed meanwhile are no longer this claim's.
+        """
+        wall = _utc_now()
+        if (self.until - wall).total_seconds() >= 2 * send_seconds:
+            return set(delivery_ids)
+        until = wall + timedelta(seconds=self.lease)
+        columns = deliveries.c
+        with store.engine.begin() as connection:
+            held = {
+                row[0]
+                for row in connection.execute(
+                    deliveries.update()
+                    .where(columns.claimed_by == self.token, columns.status == "pending")
+                    .values(claimed_until=_text(until))
+                    .returning(columns.delivery_id)
+                )
+            }
+        self.until = until
+        return held & set(delivery_ids)
+
+
+_CLAIMED_COLUMNS = (
+    deliveries.c.delivery_id,
+    deliveries.c.workflow_key,
+    deliveries.c.sink,
+    deliveries.c.payload,
+    deliveries.c.attempts,
+    deliveries.c.next_attempt_at,
+    deliveries.c.created_at,
+    deliveries.c.message_id,
+)
+
+
+def _order(row: dict) -> tuple[str, str, str]:
+    return (row["next_attempt_at"], row["created_at"], row["delivery_id"])
+
+
+def _claim(
+    work: _Pass, sink_name: str, sink: Sink, token: str, lease: float, size: int, skipped: set[str]
+) -> _Claim:
+    """Claim up to `size` due rows of one sink (and the rest of their batches) in one transaction.
+
+    A row can be claimed when it is pending and unclaimed or its lease has ended. On PostgreSQL,
+    rows another transaction is claiming are skipped (`FOR UPDATE SKIP LOCKED`); on SQLite the
+    write lock makes the claim atomic. A batch is claimed whole: when another worker holds part of
+    it (possible only in a race on PostgreSQL), this claim gives its part back and skips it for
+    the rest of the pass. New batches of a `keeps_batches` sink are formed here, and their ids
+    written, before the transaction commits.
+    """
+    columns = deliveries.c
+    wall = _utc_now()
+    until = wall + timedelta(seconds=lease)
+    free = sa.or_(columns.claimed_until.is_(None), columns.claimed_until < _text(wall))
+    conditions = [
+        columns.status == "pending",
+        columns.sink == sink_name,
+        columns.next_attempt_at <= work.due_text,
+        free,
+    ]
+    if skipped:
+        conditions.append(columns.delivery_id.not_in(sorted(skipped)))
+    due = (
+        sa.select(columns.delivery_id)
+        .where(*conditions)
+        .order_by(columns.next_attempt_at, columns.created_at, columns.delivery_id)
+        .limit(size)
+        .with_for_update(skip_locked=True)
+    )
+    with work.store.engine.begin() as connection:
+        rows = _take(connection, due, token, until)
+        found = len(rows)
+        messages = sorted({row["message_id"] for row in rows if row["message_id"]})
+        if messages:
+            rest = (
+                sa.select(columns.delivery_id)
+                .where(columns.message_id.in_(messages), columns.status == "pending", free)
+                .with_for_update(skip_locked=True)
             )
-            self.report.add(sink_name, "delivered")
-        elif outcome.status == "retry" and attempts < self.max_attempts:
-            delay = (
-                outcome.retry_after
-                if outcome.retry_after is not None
-                else self._backoff(attempts - 1, jitter)
-            )
-            next_attempt = _text(moment + timedelta(seconds=max(0.0, delay)))
-            if next_attempt <= self.due_text:
-                self.requeued_now.add(delivery_id)
-            self._retried.append(
-                {
-                    "b_id": delivery_id,
-                    "b_attempts": attempts,
-                    "b_error": outcome.error or "retry",
-                    "b_next": next_attempt,
-                }
-            )
-            self.report.add(sink_name, "retried")
-        else:
-            if outcome.status == "retry":
-                error = f"{outcome.error or 'retry'} (gave up after {attempts} attempts)"
-            elif outcome.status == "failed":
-                error = outcome.error or "failed"
-            else:
-                error = f"sink answered an unknown outcome {outcome.status!r}: {outcome.error}"
-            self._dead.append({"b_id": delivery_id, "b_attempts": attempts, "b_error": error})
-            self.report.add(sink_name, "dead")
-        pending = len(self._delivered) + len(self._retried) + len(self._dead)
-        if pending >= FLUSH_OUTCOMES or self.clock() - self._last_flush >= FLUSH_SECONDS:
-            self.flush()
-
-    def unreadable(self, sink_name: str, row: dict, error: str) -> None:
-        """A row that cannot become a `Delivery` (payload not a JSON object): dead at once."""
-        attempts = int(row["attempts"] or 0)
-        self._dead.append({"b_id": row["delivery_id"], "b_attempts": attempts, "b_error": error})
-        self.report.add(sink_name, "dead")
-
-    def flush(self) -> None:
-        if self._delivered or self._retried or self._dead:
-            with self.store.engine.begin() as connection:
-                if self._delivered:
-                    connection.execute(_MARK_DELIVERED, self._delivered)
-                if self._retried:
-                    connection.execute(_MARK_RETRY, self._retried)
-                if self._dead:
-                    connection.execute(_MARK_DEAD, self._dead)
-            self._delivered, self._retried, self._dead = [], [], []
-        self._last_flush = self.clock()
-
-    def _backoff(self, previous_attempts: int, jitter: float) -> float:
-        return jitter * min(self.max_delay, self.base_delay * 2 ** min(previous_attempts, 64))
+            rows += _take(connection, rest, token, until)
+            partial = _partly_held_elsewhere(connection, messages, token)
+            if partial:
+                connection.execute(
+                    deliveries.update()
+                    .where(columns.claimed_by == token, columns.message_id.in_(partial))
+                    .values(claimed_by=None, claimed_until=None)
+                )
+                skipped.update(row["delivery_id"] for row in rows if row["message_id"] in partial)
+                rows = [row for row in rows if row["message_id"] not in partial]
+        if getattr(sink, "keeps_batches", False):
+            _form_batches(connection, rows, int(sink.batch_size))
+    rows.sort(key=_order)
+    return _Claim(token, rows, until, lease, found)
 
 
-def _send_chunk(
-    sink_name: str, sink: Sink, rows: list[dict], bucket: TokenBucket | None, recorder
+def _take(connection, chosen: sa.Select, token: str, until: datetime) -> list[dict]:
+    statement = (
+        deliveries.update()
+        .where(deliveries.c.delivery_id.in_(chosen.scalar_subquery()))
+        .values(claimed_by=token, claimed_until=_text(until))
+        .returning(*_CLAIMED_COLUMNS)
+    )
+    return [dict(row._mapping) for row in connection.execute(statement)]
+
+
+def _partly_held_elsewhere(connection, messages: list[str], token: str) -> set[str]:
+    columns = deliveries.c
+    statement = (
+        sa.select(columns.message_id)
+        .where(
+            columns.message_id.in_(messages),
+            columns.status == "pending",
+            sa.or_(columns.claimed_by.is_(None), columns.claimed_by != token),
+        )
+        .distinct()
+    )
+    return {row[0] for row in connection.execute(statement)}
+
+
+def _form_batches(connection, rows: list[dict], batch_size: int) -> None:
+    """Give claimed rows that are in no batch yet a batch and its id, in the claim's transaction.
+
+    New rows form batches of `batch_size` in queue order. A row already attempted without a batch
+    (sent before batches were kept) becomes a batch of its own under its delivery id, so it keeps
+    the one id a receiver may have seen.
+    """
+    unbatched = sorted((row for row in rows if not row["message_id"]), key=_order)
+    if not unbatched:
+        return
+    forming: list[dict] = []
+    updates: list[dict] = []
+
+    def close(batch: list[dict], message_id: str) -> None:
+        for row in batch:
+            row["message_id"] = message_id
+            updates.append({"b_id": row["delivery_id"], "b_message": message_id})
+
+    for row in unbatched:
+        if int(row["attempts"] or 0) > 0:
+            close([row], row["delivery_id"])
+            continue
+        forming.append(row)
+        if len(forming) == batch_size:
+            close(forming, batch_message_id([member["delivery_id"] for member in forming]))
+            forming = []
+    if forming:
+        close(forming, batch_message_id([member["delivery_id"] for member in forming]))
+    connection.execute(_SET_MESSAGE, updates)
+
+
+def _units(rows: list[dict], chunk_size: int) -> list[tuple[list[dict], bool]]:
+    """What one send carries, in queue order: a whole batch (True), or up to `chunk_size` rows."""
+    members: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["message_id"]:
+            members.setdefault(row["message_id"], []).append(row)
+    units: list[tuple[list[dict], bool]] = []
+    loose: list[dict] = []
+    for row in rows:
+        message_id = row["message_id"]
+        if message_id:
+            if message_id in members:
+                units.append((members.pop(message_id), True))
+            continue
+        loose.append(row)
+        if len(loose) == chunk_size:
+            units.append((loose, False))
+            loose = []
+    if loose:
+        units.append((loose, False))
+    return units
+
+
+def _release(store: MembershipStore, token: str) -> None:
+    with store.engine.begin() as connection:
+        connection.execute(
+            deliveries.update()
+            .where(deliveries.c.claimed_by == token)
+            .values(claimed_by=None, claimed_until=None)
+        )
+
+
+def _send_unit(
+    work: _Pass,
+    sink_name: str,
+    sink: Sink,
+    rows: list[dict],
+    together: bool,
+    claim: _Claim,
+    recorder: _OutcomeRecorder,
+    send_seconds: float,
 ) -> None:
     sendable: list[tuple[dict, Delivery]] = []
     for row in rows:
         delivery, error = _delivery(row)
         if delivery is None:
-            recorder.unreadable(sink_name, row, error)
+            recorder.unreadable(sink_name, row, error, claim.token)
         else:
             sendable.append((row, delivery))
     if not sendable:
         return
+    bucket = work.bucket(sink_name, sink)
     if bucket is not None:
         bucket.acquire(len(sendable))
+    held = claim.hold(work.store, [row["delivery_id"] for row, _ in sendable], send_seconds)
+    if len(held) < len(sendable):
+        if together:
+            return  # part of the batch went to another worker: never send a batch in part
+        sendable = [(row, delivery) for row, delivery in sendable if row["delivery_id"] in held]
+        if not sendable:
+            return
     batch = [delivery for _, delivery in sendable]
     try:
         outcomes = list(sink.send(batch))
@@ -406,12 +734,133 @@ def _send_chunk(
             f"sink {sink_name!r} answered {len(outcomes)} outcomes for {len(batch)} deliveries"
         )
         outcomes = [Outcome.retry(message)] * len(batch)
-    moment = recorder.moment()
     # One jitter draw per send: deliveries that went out together and are retried come back due
-    # together, so a batching sink sends the same batch again (with the same webhook id).
-    jitter = recorder.rng.random()
-    for (row, _), outcome in zip(sendable, outcomes):
-        recorder.record(sink_name, row, outcome, moment, jitter)
+    # together.
+    recorder.record_send(
+        sink_name,
+        [row for row, _ in sendable],
+        outcomes,
+        work.moment(),
+        work.jitter(),
+        claim.token,
+        together,
+    )
+
+
+class _OutcomeRecorder:
+    """Turns outcomes into row updates and writes them in bulk: by count, by time, at the end.
+
+    Every update gives the row's claim back; a retry or a dead letter is written only while the
+    row is still this worker's (a delivery another worker took over keeps that worker's outcome),
+    a delivery whatever happened meanwhile, because it was in fact sent.
+    """
+
+    def __init__(self, work: _Pass, report: DeliveryReport):
+        self.work = work
+        self.report = report
+        self._delivered: list[dict] = []
+        self._retried: list[dict] = []
+        self._dead: list[dict] = []
+        self._last_flush = work.clock()
+
+    def record_send(
+        self,
+        sink_name: str,
+        rows: list[dict],
+        outcomes: list[Outcome],
+        moment: datetime,
+        jitter: float,
+        token: str,
+        together: bool,
+    ) -> None:
+        """Record the outcomes of one send; a batch's rows share one attempt count."""
+        shared = max(int(row["attempts"] or 0) for row in rows) + 1 if together else None
+        for row, outcome in zip(rows, outcomes):
+            attempts = shared if shared is not None else int(row["attempts"] or 0) + 1
+            try:
+                self._record(sink_name, row, outcome, attempts, moment, jitter, token)
+            except Exception as error:  # one outcome that cannot be recorded costs no other its record
+                fallback = Outcome.retry(
+                    f"could not record {outcome!r}: {type(error).__name__}: {error}"
+                )
+                self._record(sink_name, row, fallback, attempts, moment, jitter, token)
+        pending = len(self._delivered) + len(self._retried) + len(self._dead)
+        if pending >= FLUSH_OUTCOMES or self.work.clock() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def _record(
+        self,
+        sink_name: str,
+        row: dict,
+        outcome: Outcome,
+        attempts: int,
+        moment: datetime,
+        jitter: float,
+        token: str,
+    ) -> None:
+        work = self.work
+        delivery_id = row["delivery_id"]
+        if outcome.status == "delivered":
+            self._delivered.append(
+                {"b_id": delivery_id, "b_attempts": attempts, "b_at": _text(moment)}
+            )
+            self.report.add(sink_name, "delivered")
+        elif outcome.status == "retry" and attempts < work.max_attempts:
+            delay = (
+                outcome.retry_after
+                if outcome.retry_after is not None
+                else self._backoff(attempts - 1, jitter)
+            )
+            # A receiver's Retry-After is honoured up to the longest back-off, so a receiver that
+            # asks for years (or for more than a date can hold) still has its deliveries retried,
+            # and their attempts counted towards the dead-letter list.
+            delay = work.max_delay if math.isnan(delay) else min(max(0.0, delay), work.max_delay)
+            next_attempt = max(moment + timedelta(seconds=delay), work.due_at + _MICROSECOND)
+            self._retried.append(
+                {
+                    "b_id": delivery_id,
+                    "b_attempts": attempts,
+                    "b_error": outcome.error or "retry",
+                    "b_next": _text(next_attempt),
+                    "b_token": token,
+                }
+            )
+            self.report.add(sink_name, "retried")
+        else:
+            if outcome.status == "retry":
+                error = f"{outcome.error or 'retry'} (gave up after {attempts} attempts)"
+            elif outcome.status == "failed":
+                error = outcome.error or "failed"
+            else:
+                error = f"sink answered an unknown outcome {outcome.status!r}: {outcome.error}"
+            self._dead.append(
+                {"b_id": delivery_id, "b_attempts": attempts, "b_error": error, "b_token": token}
+            )
+            self.report.add(sink_name, "dead")
+
+    def unreadable(self, sink_name: str, row: dict, error: str, token: str) -> None:
+        """A row that cannot become a `Delivery` (payload not a JSON object): dead at once."""
+        attempts = int(row["attempts"] or 0)
+        self._dead.append(
+            {"b_id": row["delivery_id"], "b_attempts": attempts, "b_error": error, "b_token": token}
+        )
+        self.report.add(sink_name, "dead")
+
+    def flush(self) -> None:
+        if self._delivered or self._retried or self._dead:
+            with self.work.store.engine.begin() as connection:
+                if self._delivered:
+                    connection.execute(_MARK_DELIVERED, self._delivered)
+                if self._retried:
+                    connection.execute(_MARK_RETRY, self._retried)
+                if self._dead:
+                    connection.execute(_MARK_DEAD, self._dead)
+            self._delivered, self._retried, self._dead = [], [], []
+        self._last_flush = self.work.clock()
+
+    def _backoff(self, previous_attempts: int, jitter: float) -> float:
+        work = self.work
+        return jitter * min(work.max_delay, work.base_delay * 2 ** min(previous_attempts, 64))
 
 
 def _delivery(row: dict) -> tuple[Delivery | None, str | None]:
@@ -421,47 +870,14 @@ def _delivery(row: dict) -> tuple[Delivery | None, str | None]:
         return None, f"payload is not valid JSON: {error}"
     if not isinstance(payload, dict):
         return None, f"payload must be a JSON object, not {type(payload).__name__}"
-    return Delivery(
-        row["delivery_id"], row["workflow_key"], payload, int(row["attempts"] or 0)
-    ), None
-
-
-def _due_page(due_text: str, sinks: list[str], cursor: tuple[str, str, str] | None, size: int):
-    columns = deliveries.c
-    conditions = [
-        columns.status == "pending",
-        columns.next_attempt_at <= due_text,
-        columns.sink.in_(sinks),
-    ]
-    if cursor is not None:
-        # Keyset pagination on (next_attempt_at, created_at, delivery_id), spelled out for
-        # databases without row-value comparison.
-        at, created, delivery_id = cursor
-        conditions.append(
-            sa.or_(
-                columns.next_attempt_at > at,
-                sa.and_(columns.next_attempt_at == at, columns.created_at > created),
-                sa.and_(
-                    columns.next_attempt_at == at,
-                    columns.created_at == created,
-                    columns.delivery_id > delivery_id,
-                ),
-            )
-        )
-    return (
-        sa.select(
-            columns.delivery_id,
-            columns.workflow_key,
-            columns.sink,
-            columns.payload,
-            columns.attempts,
-            columns.next_attempt_at,
-            columns.created_at,
-        )
-        .where(*conditions)
-        .order_by(columns.next_attempt_at, columns.created_at, columns.delivery_id)
-        .limit(size)
+    delivery = Delivery(
+        row["delivery_id"],
+        row["workflow_key"],
+        payload,
+        int(row["attempts"] or 0),
+        message_id=row.get("message_id"),
     )
+    return delivery, None
 
 
 def _unknown_sink_counts(
@@ -482,27 +898,15 @@ def _unknown_sink_counts(
         return [(sink, count) for sink, count in connection.execute(statement)]
 
 
-def _by_sink(rows: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(row["sink"], []).append(row)
-    return groups
-
-
 def _chunk_size(sink: Sink) -> int:
     return max(1, int(sink.batch_size)) * max(1, int(getattr(sink, "concurrency", 1) or 1))
 
 
-def _bucket(
-    buckets: dict[str, TokenBucket], name: str, sink: Sink, clock, sleep
-) -> TokenBucket | None:
-    rate = sink.rate_limit_per_second
-    if rate is None:
-        return None
-    bucket = buckets.get(name)
-    if bucket is None or bucket.rate != float(rate):
-        bucket = buckets[name] = TokenBucket(rate, clock=clock, sleep=sleep)
-    return bucket
+def _send_seconds(sink: Sink) -> float:
+    timeout = getattr(sink, "timeout_seconds", None)
+    if isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0:
+        return float(timeout)
+    return SEND_SECONDS
 
 
 def _count(result) -> int:
@@ -525,27 +929,51 @@ def _text(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime(_TIME_FORMAT)
 
 
-# Bulk updates, run with one parameter set per delivery (executemany). Retries and dead letters only
-# touch rows still pending, so a delivery held or discarded meanwhile keeps that decision; a
-# delivered one is recorded whatever happened meanwhile, because it was in fact sent.
+# Bulk updates, run with one parameter set per delivery (executemany). Each gives the claim back.
+# Retries and dead letters only touch rows still pending and still claimed by the worker that sent
+# them, so a delivery held, discarded or taken over meanwhile keeps that decision; a delivered one
+# is recorded whatever happened meanwhile, because it was in fact sent.
+_UNCLAIMED = {"claimed_by": None, "claimed_until": None}
 _MARK_DELIVERED = (
     deliveries.update()
     .where(deliveries.c.delivery_id == sa.bindparam("b_id"))
     .values(
-        status="delivered", attempts=sa.bindparam("b_attempts"), delivered_at=sa.bindparam("b_at")
+        status="delivered",
+        attempts=sa.bindparam("b_attempts"),
+        delivered_at=sa.bindparam("b_at"),
+        **_UNCLAIMED,
     )
 )
 _MARK_RETRY = (
     deliveries.update()
-    .where(deliveries.c.delivery_id == sa.bindparam("b_id"), deliveries.c.status == "pending")
+    .where(
+        deliveries.c.delivery_id == sa.bindparam("b_id"),
+        deliveries.c.status == "pending",
+        deliveries.c.claimed_by == sa.bindparam("b_token"),
+    )
     .values(
         attempts=sa.bindparam("b_attempts"),
         last_error=sa.bindparam("b_error"),
         next_attempt_at=sa.bindparam("b_next"),
+        **_UNCLAIMED,
     )
 )
 _MARK_DEAD = (
     deliveries.update()
-    .where(deliveries.c.delivery_id == sa.bindparam("b_id"), deliveries.c.status == "pending")
-    .values(status="dead", attempts=sa.bindparam("b_attempts"), last_error=sa.bindparam("b_error"))
+    .where(
+        deliveries.c.delivery_id == sa.bindparam("b_id"),
+        deliveries.c.status == "pending",
+        deliveries.c.claimed_by == sa.bindparam("b_token"),
+    )
+    .values(
+        status="dead",
+        attempts=sa.bindparam("b_attempts"),
+        last_error=sa.bindparam("b_error"),
+        **_UNCLAIMED,
+    )
+)
+_SET_MESSAGE = (
+    deliveries.update()
+    .where(deliveries.c.delivery_id == sa.bindparam("b_id"))
+    .values(message_id=sa.bindparam("b_message"))
 )

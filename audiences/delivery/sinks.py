@@ -56,8 +56,11 @@ class Sink(Protocol):
     raises for a network problem (it answers retry outcomes instead). `batch_size` is how many
     deliveries one `send` call is built for and `rate_limit_per_second` (deliveries per second, or
     None for no limit) is honoured by the delivery loop. A sink may also offer `concurrency` (how
-    many batches it sends at once in one `send` call; 1 when absent) and `close()` (release
-    connections; see `close_sinks`).
+    many batches it sends at once in one `send` call; 1 when absent), `timeout_seconds` (how long
+    one send may take; the loop's leases outlast it), `keeps_batches` (True when a batch is one
+    message with an id of its own: the loop then forms each batch once, persists it with its id
+    and retries it whole, see `Delivery.message_id`) and `close()` (release connections; see
+    `close_sinks`).
     """
 
     name: str
@@ -133,9 +136,11 @@ class WebhookSink:
     (`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`). With `batch_size` 1 each request is
     `{"type": "workflow.trigger", "timestamp", "data": {"workflow_key", "delivery_id", **payload}}`
     and its id is the delivery's idempotency key; with a larger `batch_size` each request is
-    `{"type": "workflow.trigger.batch", "timestamp", "data": [...]}` and its id is a hash of the
-    batch's delivery ids, so a retried batch carries the same id and a receiver can deduplicate
-    (the delivery loop retries a batch's deliveries together, so batches do come back whole).
+    `{"type": "workflow.trigger.batch", "timestamp", "data": [...]}` and its id is the batch's
+    `message_id`. The delivery loop forms each batch once and keeps it (`keeps_batches`), so a
+    retried batch is the same deliveries under the same id and a receiver that deduplicates on
+    `webhook-id` runs each delivery once. Deliveries given without a `message_id` are sliced by
+    `batch_size`, each slice under a hash of its delivery ids.
     """
 
     def __init__(
@@ -160,22 +165,43 @@ class WebhookSink:
     def __repr__(self) -> str:
         return f"WebhookSink({self.name!r}, {self.url!r}, batch_size={self.batch_size})"
 
-    def send(self, deliveries: list[Delivery]) -> list[Outcome]:
-        """Send the deliveries, one request per delivery or per `batch_size` of them.
+    @property
+    def keeps_batches(self) -> bool:
+        """Whether a batch is a message of its own (see the class docstring)."""
+        return self.batch_size > 1
 
-        Every delivery of one request shares that request's outcome: 2xx delivered; 408, 429, 5xx,
-        timeouts and connection errors retry (after `Retry-After` when the receiver gives one); any
-        other status fails.
+    def send(self, deliveries: list[Delivery]) -> list[Outcome]:
+        """Send the deliveries: one request per batch (`message_id`), or per `batch_size` of them.
+
+        Consecutive deliveries with the same `message_id` go in one request under that id, however
+        many they are. Every delivery of one request shares that request's outcome: 2xx delivered;
+        408, 429, 5xx, timeouts and connection errors retry (after `Retry-After` when the receiver
+        gives one); any other status fails.
         """
         outcomes: list[Outcome] = []
-        for start in range(0, len(deliveries), self.batch_size):
-            batch = deliveries[start : start + self.batch_size]
+        for batch in self._requests(deliveries):
             outcome = self._post(batch)
             outcomes.extend([outcome] * len(batch))
         return outcomes
 
+    def _requests(self, deliveries: list[Delivery]) -> list[list[Delivery]]:
+        requests: list[list[Delivery]] = []
+        for delivery in deliveries:
+            last = requests[-1] if requests else None
+            if delivery.message_id is not None:
+                joins = last is not None and last[0].message_id == delivery.message_id
+            else:
+                joins = (
+                    last is not None and last[0].message_id is None and len(last) < self.batch_size
+                )
+            if joins:
+                last.append(delivery)
+            else:
+                requests.append([delivery])
+        return requests
+
     def _post(self, batch: list[Delivery]) -> Outcome:
-        if self.batch_size == 1:
+        if batch[0].message_id is None and self.batch_size == 1:
             (delivery,) = batch
             message_id = delivery.idempotency_key
             document = {
@@ -184,7 +210,9 @@ class WebhookSink:
                 "data": _webhook_item(delivery),
             }
         else:
-            message_id = batch_message_id([delivery.delivery_id for delivery in batch])
+            message_id = batch[0].message_id or batch_message_id(
+                [delivery.delivery_id for delivery in batch]
+            )
             document = {
                 "type": "workflow.trigger.batch",
                 "timestamp": now_text(),

@@ -102,9 +102,28 @@ deliveries = sa.Table(
     sa.Column("batch_id", sa.String(64)),
     sa.Column("created_at", sa.String(32), nullable=False),
     sa.Column("delivered_at", sa.String(32)),
+    # The webhook id of the message a batching sink first sent the delivery in: kept for life, so a
+    # retry goes out as the same batch under the same id (null: the delivery id is its own).
+    sa.Column("message_id", sa.String(64)),
+    # The claim of the worker sending the delivery, and when its lease ends (ISO 8601 UTC): another
+    # worker takes the delivery only when it is unclaimed or the lease has ended.
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Column("claimed_until", sa.String(32)),
     # The delivery loop's query: due pending rows across sinks, oldest first.
     sa.Index("deliveries_due", "status", "next_attempt_at", "created_at", "delivery_id"),
     sa.Index("deliveries_by_batch", "batch_id"),
+    sa.Index("deliveries_by_message", "message_id"),
+    sa.Index("deliveries_by_claim", "claimed_by"),
+)
+
+# Each rate-limited sink's token bucket, shared by every worker delivering from this store: the
+# tokens it held at `updated_at` (seconds on the workers' wall clock), for `rate` per second.
+sink_rate_limits = sa.Table(
+    "sink_rate_limits", metadata,
+    sa.Column("sink", sa.String(255), primary_key=True),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )
 
 # Identify calls received while the warehouse may be busy; the `users` asset loads them.
