@@ -467,7 +467,8 @@ def replay(settings: Settings, arguments) -> int:
 
 def deliver(settings: Settings, arguments) -> int:
     """Send due workflow triggers to their sinks, at least once, with retries and back-off; with
-    --watch, keep going as new triggers arrive."""
+    --watch, keep going as new triggers arrive. Several workers may run at once: each delivery is
+    claimed by one of them for a lease (--lease-seconds) before it is sent."""
     from audiences.delivery.loop import deliver_due, run_delivery_loop
     from audiences.delivery.sinks import load_sinks
 

@@ -494,7 +494,7 @@ def _deliver_to_sink(work: _Pass, sink_name: str, sink: Sink) -> DeliveryReport:
             if claim is not None:
                 # Rows of the last claim with no outcome recorded: not sent (time was up), or sent
                 # when an error struck. Whoever claims next sends them (under the same ids).
-                _release(work.store, claim.token)
+                _release(work.store, claim.token, claim.rows)
     return report
 
 
@@ -519,16 +519,23 @@ class _Claim:
             return set(delivery_ids)
         until = wall + timedelta(seconds=self.lease)
         columns = deliveries.c
+        ids = [row["delivery_id"] for row in self.rows]
+        held: set[str] = set()
         with store.engine.begin() as connection:
-            held = {
-                row[0]
-                for row in connection.execute(
-                    deliveries.update()
-                    .where(columns.claimed_by == self.token, columns.status == "pending")
-                    .values(claimed_until=_text(until))
-                    .returning(columns.delivery_id)
+            for start in range(0, len(ids), REPLAY_CHUNK):
+                held.update(
+                    row[0]
+                    for row in connection.execute(
+                        deliveries.update()
+                        .where(
+                            columns.delivery_id.in_(ids[start : start + REPLAY_CHUNK]),
+                            columns.claimed_by == self.token,
+                            columns.status == "pending",
+                        )
+                        .values(claimed_until=_text(until))
+                        .returning(columns.delivery_id)
+                    )
                 )
-            }
         self.until = until
         return held & set(delivery_ids)
 
@@ -554,12 +561,13 @@ def _claim(
 ) -> _Claim:
     """Claim up to `size` due rows of one sink (and the rest of their batches) in one transaction.
 
-    A row can be claimed when it is pending and unclaimed or its lease has ended. On PostgreSQL,
-    rows another transaction is claiming are skipped (`FOR UPDATE SKIP LOCKED`); on SQLite the
-    write lock makes the claim atomic. A batch is claimed whole: when another worker holds part of
-    it (possible only in a race on PostgreSQL), this claim gives its part back and skips it for
-    the rest of the pass. New batches of a `keeps_batches` sink are formed here, and their ids
-    written, before the transaction commits.
+    A row can be claimed when it is pending and unclaimed or its lease has ended. The rows are read
+    and locked, then written with the claim, in one transaction: on SQLite it holds the write lock
+    from its start, so no other worker reads them in between; on PostgreSQL rows that another
+    transaction is claiming are skipped (`FOR UPDATE SKIP LOCKED`). A batch is claimed whole: when
+    another worker holds part of it (possible only in that race on PostgreSQL), this claim leaves
+    it and skips it for the rest of the pass. New batches of a `keeps_batches` sink are formed
+    here, their ids written with the claim, before anything is sent.
     """
     columns = deliveries.c
     wall = _utc_now()
@@ -574,81 +582,78 @@ def _claim(
     if skipped:
         conditions.append(columns.delivery_id.not_in(sorted(skipped)))
     due = (
-        sa.select(columns.delivery_id)
+        sa.select(*_CLAIMED_COLUMNS)
         .where(*conditions)
         .order_by(columns.next_attempt_at, columns.created_at, columns.delivery_id)
         .limit(size)
         .with_for_update(skip_locked=True)
     )
     with work.store.engine.begin() as connection:
-        rows = _take(connection, due, token, until)
+        rows = [dict(row._mapping) for row in connection.execute(due)]
         found = len(rows)
         messages = sorted({row["message_id"] for row in rows if row["message_id"]})
         if messages:
-            rest = (
-                sa.select(columns.delivery_id)
-                .where(columns.message_id.in_(messages), columns.status == "pending", free)
-                .with_for_update(skip_locked=True)
-            )
-            rows += _take(connection, rest, token, until)
-            partial = _partly_held_elsewhere(connection, messages, token)
-            if partial:
-                connection.execute(
-                    deliveries.update()
-                    .where(columns.claimed_by == token, columns.message_id.in_(partial))
-                    .values(claimed_by=None, claimed_until=None)
-                )
-                skipped.update(row["delivery_id"] for row in rows if row["message_id"] in partial)
-                rows = [row for row in rows if row["message_id"] not in partial]
+            rows = _whole_batches(connection, rows, messages, free, skipped)
         if getattr(sink, "keeps_batches", False):
-            _form_batches(connection, rows, int(sink.batch_size))
+            _form_batches(rows, int(sink.batch_size))
+        _write_claim(connection, rows, token, until)
     rows.sort(key=_order)
     return _Claim(token, rows, until, lease, found)
 
 
-def _take(connection, chosen: sa.Select, token: str, until: datetime) -> list[dict]:
-    statement = (
-        deliveries.update()
-        .where(deliveries.c.delivery_id.in_(chosen.scalar_subquery()))
-        .values(claimed_by=token, claimed_until=_text(until))
-        .returning(*_CLAIMED_COLUMNS)
-    )
-    return [dict(row._mapping) for row in connection.execute(statement)]
+def _write_claim(connection, rows: list[dict], token: str, until: datetime) -> None:
+    """Write the claim (and batch ids) on the rows: one statement per batch, or per chunk of rows."""
+    groups: dict[str | None, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row["message_id"], []).append(row["delivery_id"])
+    claim = {"claimed_by": token, "claimed_until": _text(until)}
+    for message_id, ids in groups.items():
+        for start in range(0, len(ids), REPLAY_CHUNK):
+            connection.execute(
+                deliveries.update()
+                .where(deliveries.c.delivery_id.in_(ids[start : start + REPLAY_CHUNK]))
+                .values(**claim, **({"message_id": message_id} if message_id else {}))
+            )
 
 
-def _partly_held_elsewhere(connection, messages: list[str], token: str) -> set[str]:
+def _whole_batches(connection, rows: list[dict], messages: list[str], free, skipped: set[str]):
+    """Add the other pending rows of the claimed rows' batches; leave batches held elsewhere."""
     columns = deliveries.c
-    statement = (
-        sa.select(columns.message_id)
-        .where(
-            columns.message_id.in_(messages),
-            columns.status == "pending",
-            sa.or_(columns.claimed_by.is_(None), columns.claimed_by != token),
+    pending_members = sa.and_(columns.message_id.in_(messages), columns.status == "pending")
+    taken = {row["delivery_id"] for row in rows}
+    for row in connection.execute(
+        sa.select(*_CLAIMED_COLUMNS).where(pending_members, free).with_for_update(skip_locked=True)
+    ):
+        if row.delivery_id not in taken:
+            taken.add(row.delivery_id)
+            rows.append(dict(row._mapping))
+    partial = {
+        message_id
+        for message_id, delivery_id in connection.execute(
+            sa.select(columns.message_id, columns.delivery_id).where(pending_members)
         )
-        .distinct()
-    )
-    return {row[0] for row in connection.execute(statement)}
+        if delivery_id not in taken
+    }
+    if partial:
+        skipped.update(row["delivery_id"] for row in rows if row["message_id"] in partial)
+        rows = [row for row in rows if row["message_id"] not in partial]
+    return rows
 
 
-def _form_batches(connection, rows: list[dict], batch_size: int) -> None:
-    """Give claimed rows that are in no batch yet a batch and its id, in the claim's transaction.
+def _form_batches(rows: list[dict], batch_size: int) -> None:
+    """Give claimed rows that are in no batch yet a batch and its id (written with the claim).
 
     New rows form batches of `batch_size` in queue order. A row already attempted without a batch
     (sent before batches were kept) becomes a batch of its own under its delivery id, so it keeps
     the one id a receiver may have seen.
     """
-    unbatched = sorted((row for row in rows if not row["message_id"]), key=_order)
-    if not unbatched:
-        return
     forming: list[dict] = []
-    updates: list[dict] = []
 
     def close(batch: list[dict], message_id: str) -> None:
         for row in batch:
             row["message_id"] = message_id
-            updates.append({"b_id": row["delivery_id"], "b_message": message_id})
 
-    for row in unbatched:
+    for row in sorted((row for row in rows if not row["message_id"]), key=_order):
         if int(row["attempts"] or 0) > 0:
             close([row], row["delivery_id"])
             continue
@@ -658,7 +663,6 @@ def _form_batches(connection, rows: list[dict], batch_size: int) -> None:
             forming = []
     if forming:
         close(forming, batch_message_id([member["delivery_id"] for member in forming]))
-    connection.execute(_SET_MESSAGE, updates)
 
 
 def _units(rows: list[dict], chunk_size: int) -> list[tuple[list[dict], bool]]:
@@ -684,13 +688,19 @@ def _units(rows: list[dict], chunk_size: int) -> list[tuple[list[dict], bool]]:
     return units
 
 
-def _release(store: MembershipStore, token: str) -> None:
+def _release(store: MembershipStore, token: str, rows: list[dict]) -> None:
+    """Give back those of these rows that are still claimed under `token` (found by key)."""
+    ids = [row["delivery_id"] for row in rows]
     with store.engine.begin() as connection:
-        connection.execute(
-            deliveries.update()
-            .where(deliveries.c.claimed_by == token)
-            .values(claimed_by=None, claimed_until=None)
-        )
+        for start in range(0, len(ids), REPLAY_CHUNK):
+            connection.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.delivery_id.in_(ids[start : start + REPLAY_CHUNK]),
+                    deliveries.c.claimed_by == token,
+                )
+                .values(claimed_by=None, claimed_until=None)
+            )
 
 
 def _send_unit(
@@ -718,7 +728,10 @@ def _send_unit(
     held = claim.hold(work.store, [row["delivery_id"] for row, _ in sendable], send_seconds)
     if len(held) < len(sendable):
         if together:
-            return  # part of the batch went to another worker: never send a batch in part
+            # Part of the batch went to another worker (this worker's lease had ended): never send
+            # a batch in part; give back the rest, so that worker can take the batch whole.
+            _release(work.store, claim.token, rows)
+            return
         sendable = [(row, delivery) for row, delivery in sendable if row["delivery_id"] in held]
         if not sendable:
             return
@@ -971,9 +984,4 @@ _MARK_DEAD = (
         last_error=sa.bindparam("b_error"),
         **_UNCLAIMED,
     )
-)
-_SET_MESSAGE = (
-    deliveries.update()
-    .where(deliveries.c.delivery_id == sa.bindparam("b_id"))
-    .values(message_id=sa.bindparam("b_message"))
 )

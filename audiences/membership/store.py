@@ -113,7 +113,6 @@ deliveries = sa.Table(
     sa.Index("deliveries_due", "status", "next_attempt_at", "created_at", "delivery_id"),
     sa.Index("deliveries_by_batch", "batch_id"),
     sa.Index("deliveries_by_message", "message_id"),
-    sa.Index("deliveries_by_claim", "claimed_by"),
 )
 
 # Each rate-limited sink's token bucket, shared by every worker delivering from this store: the

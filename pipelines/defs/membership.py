@@ -10,8 +10,11 @@ from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 from pipelines.defs.schedules import DELIVERY_JOB
 
-# Most deliveries one pass inside a pipeline run sends; the rest wait for the delivery schedule.
+# Most deliveries one pass inside a pipeline run sends, and most seconds it spends on one sink (a
+# receiver that hangs then delays only its own deliveries, by one schedule tick); the rest wait for
+# the delivery schedule.
 PASS_LIMIT = 50_000
+PASS_SECONDS_PER_SINK = 50.0
 
 
 @dg.definitions
@@ -123,7 +126,9 @@ def membership_definitions() -> dg.Definitions:
             "webhook, or Knock's workflow trigger API) at least once, with the delivery id as "
             "idempotency key. Failures are retried later with back-off (never blocking evaluation); "
             "after too many attempts a delivery is dead-lettered (`audiences deliveries`, "
-            "`audiences replay`). Runs after each evaluation and on its own schedule."
+            "`audiences replay`). Runs after each evaluation and on its own schedule; each delivery "
+            "is claimed before it is sent, so passes that overlap (or `audiences deliver --watch`) "
+            "never send it twice."
         ),
     )
     def workflow_trigger_deliveries(context: dg.AssetExecutionContext, store: MembershipStoreResource) -> dg.MaterializeResult:
@@ -133,7 +138,7 @@ def membership_definitions() -> dg.Definitions:
         setup = load_workflow_setup(settings)
         opened = store.open()
         try:
-            report = deliver_due(opened, setup.sinks, limit=PASS_LIMIT)
+            report = deliver_due(opened, setup.sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK)
             status = delivery_status(opened)
         finally:
             close_sinks(setup.sinks)

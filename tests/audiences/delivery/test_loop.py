@@ -687,3 +687,37 @@ def test_a_store_made_before_claims_gains_them_and_delivers(tmp_path):
         assert delivery_row(store, "dlv-1")["status"] == "delivered"
     finally:
         store.dispose()
+
+
+def test_a_batch_partly_claimed_by_a_live_worker_is_left_whole_to_it(store, recorder):
+    # Batch m-1 (two rows, already sent once) where another worker's live claim holds one row:
+    # this pass must send neither row, and leave the free one unclaimed.
+    later = text(datetime.now(timezone.utc) + timedelta(minutes=5))
+    insert_deliveries(
+        store,
+        [
+            delivery_row_values(name, sink="webhook", attempts=1, next_attempt_at=text(T0))
+            for name in ("dlv-a", "dlv-b", "dlv-c")
+        ],
+    )
+    with store.engine.begin() as connection:
+        connection.execute(
+            sa.text("update deliveries set message_id = 'm-1' where delivery_id in ('dlv-a', 'dlv-b')")
+        )
+        connection.execute(
+            sa.text("update deliveries set claimed_by = 'other', claimed_until = :until "
+                    "where delivery_id = 'dlv-b'"),
+            {"until": later},
+        )
+    sink = WebhookSink("webhook", recorder.url, SECRET, batch_size=2, timeout_seconds=1)
+    try:
+        report = deliver_due(store, {"webhook": sink}, now=T0)
+    finally:
+        sink.close()
+
+    assert report.delivered == 1
+    assert [item["delivery_id"] for request in recorder.requests for item in request.json()["data"]] == ["dlv-c"]
+    assert recorder.requests[0].header("webhook-id") == "dlv-c"  # sent before without a batch
+    a, b = delivery_row(store, "dlv-a"), delivery_row(store, "dlv-b")
+    assert (a["status"], a["claimed_by"], a["attempts"]) == ("pending", None, 1)
+    assert (b["claimed_by"], b["claimed_until"]) == ("other", later)
