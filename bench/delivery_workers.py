@@ -8,7 +8,8 @@ Real `audiences deliver --watch` processes share one membership store (a SQLite 
 HTTP server on 127.0.0.1. The server answers 10% of requests 500, 10% 429 (`Retry-After: 1`), hangs
 on 5% past the sink's timeout and drops 5% (a TCP reset); it deduplicates on `webhook-id`, as
 Standard Webhooks asks, so a repeat of an id it has accepted is not processed again. With
-`--kill-after S`, one worker is killed with SIGKILL after S seconds and a new one started.
+`--kill-after S`, one worker is killed with SIGKILL S seconds after the first request arrived, and
+a new one started.
 
 It reports: deliveries queued; lost (never processed by the receiver and not dead-lettered);
 deliveries sent under more than one webhook id; deliveries processed twice; webhook ids accepted
@@ -191,7 +192,8 @@ def run(arguments) -> dict:
     killed = False
     try:
         while time.monotonic() - started < arguments.timeout:
-            if arguments.kill_after and not killed and time.monotonic() - started >= arguments.kill_after:
+            first = min((stamps[0] for stamps in receiver.arrivals.values() if stamps), default=None)
+            if arguments.kill_after and not killed and first and time.monotonic() - first >= arguments.kill_after:
                 workers[0].send_signal(signal.SIGKILL)
                 workers[0].wait()
                 workers.append(start_worker(folder, store_url, "replacement", arguments.lease_seconds))
@@ -219,7 +221,7 @@ def run(arguments) -> dict:
     result = {
         "deliveries": len(expected),
         "workers": arguments.workers,
-        "killed_one_after_seconds": arguments.kill_after,
+        "killed_one_seconds_after_the_first_request": arguments.kill_after,
         "seconds": round(seconds, 1),
         "store_totals": totals,
         "requests": sum(receiver.faults.values()),
@@ -241,7 +243,7 @@ def main() -> None:
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-after", type=float, default=None,
-                        help="kill one worker with SIGKILL after this many seconds, and start another")
+                        help="kill one worker with SIGKILL this many seconds after the first request, and start another")
     parser.add_argument("--lease-seconds", type=float, default=5.0)
     parser.add_argument("--store-url", default=None)
     parser.add_argument("--seed", type=int, default=7)
