@@ -691,6 +691,8 @@ def _units(rows: list[dict], chunk_size: int) -> list[tuple[list[dict], bool]]:
 def _release(store: MembershipStore, token: str, rows: list[dict]) -> None:
     """Give back those of these rows that are still claimed under `token` (found by key)."""
     ids = [row["delivery_id"] for row in rows]
+    if not ids:
+        return
     with store.engine.begin() as connection:
         for start in range(0, len(ids), REPLAY_CHUNK):
             connection.execute(
