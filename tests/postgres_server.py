@@ -84,7 +84,7 @@ def start_postgres() -> PostgresServer:
 
     def stop() -> None:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, cwd=folder)
+                       check=False, capture_output=True, cwd=folder)  # already stopped is fine
         shutil.rmtree(folder, ignore_errors=True)
 
     return PostgresServer(f"postgresql+psycopg://postgres@/postgres?host={folder}&port={port}", stop)

@@ -70,6 +70,8 @@ CLOCK_SKEW_SECONDS = 86_400.0
 
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _MICROSECOND = timedelta(microseconds=1)
+
+
 @dataclass
 class DeliveryReport:
     """What one pass (or a run of passes) did: counts overall and per sink.
@@ -166,7 +168,12 @@ class TokenBucket:
         this_sink = table.c.sink == self._name
         with self._store.engine.begin() as connection:
             moment = self._clock()
-            fresh = {"sink": self._name, "rate": self.rate, "tokens": self.capacity, "updated_at": moment}
+            fresh = {
+                "sink": self._name,
+                "rate": self.rate,
+                "tokens": self.capacity,
+                "updated_at": moment,
+            }
             self._store.insert_ignoring_duplicates(connection, table, [fresh])
             row = connection.execute(
                 sa.select(table.c.rate, table.c.tokens, table.c.updated_at)
@@ -184,7 +191,9 @@ class TokenBucket:
                 tokens, updated, moment, count, self.rate, self.capacity
             )
             connection.execute(
-                table.update().where(this_sink).values(rate=self.rate, tokens=tokens, updated_at=updated)
+                table.update()
+                .where(this_sink)
+                .values(rate=self.rate, tokens=tokens, updated_at=updated)
             )
         self.tokens = tokens
         return wait
@@ -450,7 +459,9 @@ def _each_sink(work: _Pass, sinks: dict[str, Sink]) -> dict[str, DeliveryReport]
     if len(sinks) <= 1:
         return {name: _deliver_to_sink(work, name, sink) for name, sink in sinks.items()}
     with ThreadPoolExecutor(max_workers=len(sinks), thread_name_prefix="deliver") as pool:
-        futures = {name: pool.submit(_deliver_to_sink, work, name, sink) for name, sink in sinks.items()}
+        futures = {
+            name: pool.submit(_deliver_to_sink, work, name, sink) for name, sink in sinks.items()
+        }
         try:
             wait_for_all(futures.values())
         except BaseException:
@@ -508,7 +519,9 @@ class _Claim:
     lease: float
     found: int
 
-    def hold(self, store: MembershipStore, delivery_ids: list[str], send_seconds: float) -> set[str]:
+    def hold(
+        self, store: MembershipStore, delivery_ids: list[str], send_seconds: float
+    ) -> set[str]:
         """Which of these rows are still this claim's, with time left to send them.
 
         The lease is renewed when less than two sends' worth of it is left; rows whose lease ended
@@ -794,7 +807,8 @@ class _OutcomeRecorder:
             attempts = shared if shared is not None else int(row["attempts"] or 0) + 1
             try:
                 self._record(sink_name, row, outcome, attempts, moment, jitter, token)
-            except Exception as error:  # one outcome that cannot be recorded costs no other its record
+            # One outcome that cannot be recorded (a sink's bad answer) costs no other its record.
+            except Exception as error:  # noqa: BLE001
                 fallback = Outcome.retry(
                     f"could not record {outcome!r}: {type(error).__name__}: {error}"
                 )

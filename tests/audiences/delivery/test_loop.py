@@ -10,6 +10,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
+from http_recorder import (
+    HttpRecorder,
+    Reply,
+    delivery_row,
+    delivery_row_values,
+    insert_deliveries,
+    insert_delivery,
+)
 
 from audiences.delivery import Outcome
 from audiences.delivery.loop import (
@@ -21,14 +29,6 @@ from audiences.delivery.loop import (
 )
 from audiences.delivery.sinks import FileSink, KnockSink, WebhookSink
 from audiences.membership.store import MembershipStore
-from http_recorder import (
-    HttpRecorder,
-    Reply,
-    delivery_row,
-    delivery_row_values,
-    insert_deliveries,
-    insert_delivery,
-)
 
 T0 = datetime(2026, 11, 27, 1, 2, 3, 123456, tzinfo=timezone.utc)
 SECRET = "whsec_" + base64.b64encode(b"loop tests secret").decode()
@@ -495,7 +495,11 @@ def test_a_retried_batch_keeps_its_members_and_its_webhook_id_as_the_queue_chang
 
     recorder.respond_with(receive)
     insert_deliveries(
-        store, [delivery_row_values(f"dlv-{n}", sink="webhook", next_attempt_at=text(T0)) for n in range(5)]
+        store,
+        [
+            delivery_row_values(f"dlv-{n}", sink="webhook", next_attempt_at=text(T0))
+            for n in range(5)
+        ],
     )
     sink = WebhookSink("webhook", recorder.url, SECRET, batch_size=3, timeout_seconds=1)
     try:
@@ -520,7 +524,9 @@ def test_a_retried_batch_keeps_its_members_and_its_webhook_id_as_the_queue_chang
     for request in recorder.requests:
         for item in request.json()["data"]:
             ids_of.setdefault(item["delivery_id"], set()).add(request.header("webhook-id"))
-    assert {delivery_id: len(ids) for delivery_id, ids in ids_of.items()} == dict.fromkeys(everything, 1)
+    assert {delivery_id: len(ids) for delivery_id, ids in ids_of.items()} == dict.fromkeys(
+        everything, 1
+    )
     assert {delivery_row(store, name)["status"] for name in everything} == {"delivered"}
 
 
@@ -545,7 +551,9 @@ def test_a_retry_after_past_any_date_waits_the_longest_delay_and_counts_towards_
             pending(store, f"{name}-{number}", name)
     try:
         first = deliver_due(store, sinks, now=T0, max_delay=300, max_attempts=3)
-        rows = {f"{name}-{n}": delivery_row(store, f"{name}-{n}") for name in sinks for n in range(3)}
+        rows = {
+            f"{name}-{n}": delivery_row(store, f"{name}-{n}") for name in sinks for n in range(3)
+        }
         later = [
             deliver_due(store, sinks, now=at(300 * step), max_delay=300, max_attempts=3)
             for step in (1, 2)
@@ -554,11 +562,19 @@ def test_a_retry_after_past_any_date_waits_the_longest_delay_and_counts_towards_
         for sink in sinks.values():
             sink.close()
 
-    assert first.per_sink == {"fine": {"delivered": 3}, "huge": {"retried": 3}, "far": {"retried": 3}}
+    assert first.per_sink == {
+        "fine": {"delivered": 3},
+        "huge": {"retried": 3},
+        "far": {"retried": 3},
+    }
     for name in ("huge", "far"):
         for number in range(3):
             row = rows[f"{name}-{number}"]
-            assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("pending", 1, text(at(300)))
+            assert (row["status"], row["attempts"], row["next_attempt_at"]) == (
+                "pending",
+                1,
+                text(at(300)),
+            )
     assert [report.per_sink for report in later] == [
         {"huge": {"retried": 3}, "far": {"retried": 3}},
         {"huge": {"dead": 3}, "far": {"dead": 3}},
@@ -575,7 +591,9 @@ class MalformedRetrySink:
 
     def send(self, batch):
         return [
-            Outcome("retry", "slow down", "soon") if delivery.delivery_id == "dlv-bad" else Outcome.delivered()
+            Outcome("retry", "slow down", "soon")
+            if delivery.delivery_id == "dlv-bad"
+            else Outcome.delivered()
             for delivery in batch
         ]
 
@@ -672,7 +690,9 @@ def test_a_store_made_before_claims_gains_them_and_delivers(tmp_path):
         for column in ("message_id", "claimed_by", "claimed_until"):
             row.pop(column, None)
         connection.execute(
-            sa.text(f"insert into deliveries ({', '.join(row)}) values ({', '.join(':' + c for c in row)})"),
+            sa.text(
+                f"insert into deliveries ({', '.join(row)}) values ({', '.join(':' + c for c in row)})"
+            ),
             row,
         )
     old.dispose()
@@ -702,11 +722,15 @@ def test_a_batch_partly_claimed_by_a_live_worker_is_left_whole_to_it(store, reco
     )
     with store.engine.begin() as connection:
         connection.execute(
-            sa.text("update deliveries set message_id = 'm-1' where delivery_id in ('dlv-a', 'dlv-b')")
+            sa.text(
+                "update deliveries set message_id = 'm-1' where delivery_id in ('dlv-a', 'dlv-b')"
+            )
         )
         connection.execute(
-            sa.text("update deliveries set claimed_by = 'other', claimed_until = :until "
-                    "where delivery_id = 'dlv-b'"),
+            sa.text(
+                "update deliveries set claimed_by = 'other', claimed_until = :until "
+                "where delivery_id = 'dlv-b'"
+            ),
             {"until": later},
         )
     sink = WebhookSink("webhook", recorder.url, SECRET, batch_size=2, timeout_seconds=1)
@@ -716,7 +740,9 @@ def test_a_batch_partly_claimed_by_a_live_worker_is_left_whole_to_it(store, reco
         sink.close()
 
     assert report.delivered == 1
-    assert [item["delivery_id"] for request in recorder.requests for item in request.json()["data"]] == ["dlv-c"]
+    assert [
+        item["delivery_id"] for request in recorder.requests for item in request.json()["data"]
+    ] == ["dlv-c"]
     assert recorder.requests[0].header("webhook-id") == "dlv-c"  # sent before without a batch
     a, b = delivery_row(store, "dlv-a"), delivery_row(store, "dlv-b")
     assert (a["status"], a["claimed_by"], a["attempts"]) == ("pending", None, 1)
