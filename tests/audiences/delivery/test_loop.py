@@ -57,9 +57,14 @@ class FakeClock:
         self.now += seconds
 
 
-@pytest.fixture
-def store(tmp_path):
-    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A fresh store: a SQLite file, and a PostgreSQL database (see `postgres_server.py`)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/store.sqlite"
+    else:
+        url = request.getfixturevalue("postgres_server").fresh_database()
+    store = MembershipStore(url).create()
     yield store
     store.dispose()
 
@@ -471,9 +476,11 @@ def test_delivery_status_counts_per_sink_and_the_oldest_pending(store):
         "totals": {"dead": 1, "delivered": 1, "pending": 2},
         "oldest_pending_next_attempt_at": text(at(1)),
     }
-    assert delivery_status(MembershipStore(store.url))[
-        "totals"
-    ]  # any connection sees the same rows
+    other = MembershipStore(store.url)  # any connection sees the same rows
+    try:
+        assert delivery_status(other)["totals"] == status["totals"]
+    finally:
+        other.dispose()
 
 
 # -- a batch keeps its id for life ----------------------------------------------------------------
