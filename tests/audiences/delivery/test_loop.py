@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -754,3 +755,53 @@ def test_a_batch_partly_claimed_by_a_live_worker_is_left_whole_to_it(store, reco
     a, b = delivery_row(store, "dlv-a"), delivery_row(store, "dlv-b")
     assert (a["status"], a["claimed_by"], a["attempts"]) == ("pending", None, 1)
     assert (b["claimed_by"], b["claimed_until"]) == ("other", later)
+
+
+def test_a_worker_slowed_by_the_rate_limit_renews_its_lease_so_no_other_takes_its_rows(
+    store, recorder
+):
+    # Leases of 0.6 s (three sends of 0.2 s) and 15 deliveries at 5 a second (after a burst of 5):
+    # each worker's claim of ten rows outlasts its lease, and the other looks every 50 ms.
+    recorder.respond_with(lambda request: 200)
+    insert_deliveries(
+        store,
+        [
+            delivery_row_values(f"dlv-{n}", sink="webhook", next_attempt_at=text(T0))
+            for n in range(15)
+        ],
+    )
+
+    def webhook():
+        return WebhookSink(
+            "webhook", recorder.url, SECRET, timeout_seconds=0.2, rate_limit_per_second=5
+        )
+
+    first_sink, second_sink = webhook(), webhook()
+    started = threading.Event()
+    done = threading.Event()
+
+    def second_worker():
+        started.wait()
+        run_delivery_loop(
+            store,
+            {"webhook": second_sink},
+            poll_seconds=0.05,
+            stop=done.is_set,
+            lease_seconds=0.3,
+        )
+
+    thread = threading.Thread(target=second_worker)
+    thread.start()
+    try:
+        started.set()
+        report = deliver_due(store, {"webhook": first_sink}, now=T0, lease_seconds=0.3)
+    finally:
+        done.set()
+        thread.join(10)
+        first_sink.close()
+        second_sink.close()
+
+    assert report.delivered > 0
+    ids = [request.header("webhook-id") for request in recorder.requests]
+    assert sorted(ids) == sorted(f"dlv-{n}" for n in range(15))  # each once: the leases held
+    assert recorder.requests[-1].received_at - recorder.requests[0].received_at > 1.5
