@@ -292,7 +292,25 @@ def run(settings: Settings, arguments) -> int:
     width = max((len(row["audience_key"]) for row in counts), default=10)
     for row in counts:
         print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,} members")
+    skipped, problems = _skipped_audiences(result)
+    if skipped:
+        print(f"error: skipped {len(skipped)} audiences whose definitions have errors, or refer to one that has "
+              f"({', '.join(skipped)}); their members are kept as they were and they have no events:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _skipped_audiences(result) -> tuple[list[str], list[str]]:
+    """The audiences a finished run skipped, and why, from its definitions check."""
+    from pipelines.defs.audiences import DEFINITIONS_CHECK
+
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.check_name == DEFINITIONS_CHECK and not evaluation.passed:
+            return (list(evaluation.metadata["skipped_audiences"].value),
+                    list(evaluation.metadata["problems"].value))
+    return [], []
 
 
 @contextlib.contextmanager
@@ -335,16 +353,21 @@ def _execute_main_job(evaluated_at, verbose: bool = False, allow_earlier: bool =
 
 
 def _definition(settings: Settings, key_or_file: str):
-    from audiences.definitions import DefinitionError, Problem, load_definition_file, load_definitions
+    from audiences.definitions import DefinitionError, Problem, load_definition_file, load_definition_set
 
-    definitions = load_definitions(settings.definitions_dir) if settings.definitions_dir.is_dir() else {}
+    # Another audience's broken file does not matter here; this audience's errors (or those of an
+    # audience it refers to) are the error.
+    found = load_definition_set(settings.definitions_dir) if settings.definitions_dir.is_dir() else None
+    definitions = found.definitions if found else {}
     path = Path(key_or_file)
     if path.suffix == ".json" or path.is_file():
         definition = load_definition_file(path)
+        for key in sorted(definition.references() & set(found.skipped if found else ())):
+            raise DefinitionError(found.skipped[key])
         return definition, {**definitions, definition.key: definition}
-    if key_or_file not in definitions:
+    if found is None:
         raise DefinitionError([Problem(str(settings.definitions_dir), "$", f"no audience {key_or_file!r}")])
-    return definitions[key_or_file], definitions
+    return found.require(key_or_file), definitions
 
 
 def preview(settings: Settings, arguments) -> int:
@@ -508,9 +531,10 @@ def broadcast(settings: Settings, arguments) -> int:
 
 
 def _definitions(settings: Settings) -> dict:
-    from audiences.definitions import load_definitions
+    from audiences.definitions import load_definition_set
 
-    return load_definitions(settings.definitions_dir) if settings.definitions_dir.is_dir() else {}
+    # the usable ones: a broken definition file must not stop work on other audiences
+    return load_definition_set(settings.definitions_dir).definitions if settings.definitions_dir.is_dir() else {}
 
 
 def _audience_types(settings: Settings, store) -> dict[str, str]:
@@ -713,7 +737,9 @@ def explain(settings: Settings, arguments) -> int:
 
 def generate(settings: Settings, arguments) -> int:
     """Regenerate the dbt models under dbt_project/ from the audience definitions. With --check,
-    change nothing and fail if the files on disk differ from what the definitions generate."""
+    change nothing and fail if the files on disk differ from what the definitions generate. An
+    audience whose definition has errors gets no model (its last members are kept); the others
+    are generated, and the errors are listed (exit code 1)."""
     from audiences.dbt_models import drift, generate_models
     from audiences.dbt_project import generate as write_generated
     from audiences.definitions import load_definitions
@@ -731,8 +757,14 @@ def generate(settings: Settings, arguments) -> int:
             return 1
         print(f"{len(files)} generated files are up to date")
         return 0
-    changed = write_generated(settings)
+    from audiences.dbt_project import project_definitions
+    from audiences.definitions import DefinitionError
+
+    found = project_definitions(settings)
+    changed = write_generated(settings, found)
     print(f"{len(changed)} files changed" + "".join(f"\n  {path}" for path in changed))
+    if found.skipped:  # generated without them (their members are kept); say why
+        raise DefinitionError(found.reasons)
     return 0
 
 

@@ -14,8 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from audiences.dbt_models import CUSTOM_FOLDER, GENERATED_FOLDERS, drift, generate_models, write_models
-from audiences.definitions import load_definitions
+from audiences.dbt_models import (
+    CUSTOM_FOLDER,
+    GENERATED_FOLDERS,
+    custom_audience_keys,
+    drift,
+    generate_models,
+    write_models,
+)
+from audiences.definitions import DefinitionSet, load_definition_set
 from audiences.settings import ENGINE_DBT_PROJECT, ENGINE_DEFINITIONS, Settings, require_dbt_project
 
 FINGERPRINT_FILE = "audiences_fingerprint.txt"
@@ -39,11 +46,22 @@ def project_fingerprint(project_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def generate(settings: Settings) -> list[Path]:
-    """Regenerate audience models from the definitions folder; returns the files that changed."""
+def project_definitions(settings: Settings) -> DefinitionSet:
+    """The definitions folder as a run uses it: the audiences to evaluate, and those skipped
+    because their definitions have errors (hand-written SQL audiences count as known keys)."""
+    return load_definition_set(settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir))
+
+
+def generate(settings: Settings, definitions: DefinitionSet | None = None) -> list[Path]:
+    """Regenerate audience models from the definitions folder; returns the files that changed.
+
+    An audience whose definition has errors (or refers to one that has) gets no model; its last
+    members are kept as they were (see `generate_models`), and the others are generated as usual.
+    """
     require_dbt_project(settings.dbt_project_dir)
-    definitions = load_definitions(settings.definitions_dir)
-    files = generate_models(definitions, settings.dbt_project_dir, source_label=settings.definitions_dir.name)
+    definitions = definitions or project_definitions(settings)
+    files = generate_models(definitions.definitions, settings.dbt_project_dir, source_label=settings.definitions_dir.name,
+                            skipped=definitions.skipped)
     if _is_engine_project(settings.dbt_project_dir) and not _is_engine_project(settings.definitions_dir, ENGINE_DEFINITIONS) \
             and drift(files, settings.dbt_project_dir):
         raise ValueError(
@@ -105,9 +123,9 @@ models: []
 """
 
 
-def prepare(settings: Settings) -> Path:
+def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Path:
     """Generate models and make sure `target/manifest.json` matches them; returns the manifest."""
-    generate(settings)
+    generate(settings, definitions)
     project_dir = settings.dbt_project_dir
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE

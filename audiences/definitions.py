@@ -133,7 +133,7 @@ def load_definition_file(path: Path, key: str | None = None) -> AudienceDefiniti
     path = Path(path)
     key = key or (path.parent.name if path.name == DEFINITION_FILE else path.stem)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(_read_utf8(path))
     except OSError as error:
         raise DefinitionError([Problem(str(path), "$", f"cannot read: {error.strerror}")]) from None
     except ValueError as error:
@@ -141,36 +141,136 @@ def load_definition_file(path: Path, key: str | None = None) -> AudienceDefiniti
     return parse_definition(raw, key, path)
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text, which must be UTF-8 (a byte-order mark is allowed). Anything else raises
+    `DefinitionError` naming the line and column of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DefinitionError([Problem(str(path), "$", "the file is UTF-16 (it starts with a UTF-16 byte-order "
+                                                        "mark); audience definitions must be saved as UTF-8")])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DefinitionError([Problem(
+            str(path), "$", f"line {line}, column {column}: byte 0x{data[error.start]:02x} is not UTF-8; "
+                            "audience definitions must be saved as UTF-8 (was it saved as Latin-1 or Windows-1252?)"
+        )]) from None
+
+
 def load_definitions(folder: Path) -> dict[str, AudienceDefinition]:
     """Every `<folder>/<key>/audience.json`, keyed by audience key; all problems raised together."""
+    loaded = _load_files(folder)
+    problems = [problem for key in sorted(loaded.broken) for problem in loaded.broken[key]]
+    problems += [problem for _, problem in _model_name_collisions(loaded.definitions.values())]
+    if problems:
+        raise DefinitionError(problems)
+    return loaded.definitions
+
+
+@dataclass
+class _LoadedFiles:
+    definitions: dict[str, AudienceDefinition]
+    broken: dict[str, list[Problem]]  # key (its folder's name) -> why its file cannot be used
+
+
+def _load_files(folder: Path) -> _LoadedFiles:
     folder = Path(folder)
     if not folder.is_dir():
         raise DefinitionError([Problem(str(folder), "$", "the definitions folder does not exist")])
-    definitions: dict[str, AudienceDefinition] = {}
-    problems: list[Problem] = []
+    loaded = _LoadedFiles({}, {})
     for file in sorted(folder.glob(f"*/{DEFINITION_FILE}")):
         try:
             definition = load_definition_file(file)
         except DefinitionError as error:
-            problems.extend(error.problems)
+            loaded.broken[file.parent.name] = list(error.problems)
             continue
-        definitions[definition.key] = definition
-    problems.extend(_model_name_collisions(definitions.values()))
-    if problems:
-        raise DefinitionError(problems)
-    return definitions
+        loaded.definitions[definition.key] = definition
+    return loaded
 
 
-def _model_name_collisions(definitions: Iterable[AudienceDefinition]) -> list[Problem]:
+@dataclass(frozen=True)
+class DefinitionSet:
+    """The definitions folder, split the way a run uses it: the audiences that can be evaluated,
+    and those skipped, with why. An audience is skipped when its file cannot be used (not UTF-8 or
+    not JSON, an unknown operator, a bad argument, a reference to no audience, a cycle, a model
+    name another key also maps to), or when it refers, directly or not, to a skipped audience. A
+    skipped audience is not evaluated: its last members stay as they were, and it has no events.
+    """
+
+    definitions: dict[str, AudienceDefinition]
+    skipped: dict[str, list[Problem]]  # audience key -> why it is skipped
+    problems: list[Problem]  # what is wrong in the files, each once (what `validate` lists)
+    folder: str = ""
+
+    @property
+    def reasons(self) -> list[Problem]:
+        """Why audiences are skipped, each once: the problems in the files first, then each
+        audience skipped because it refers to a skipped one."""
+        return list(dict.fromkeys(self.problems + [problem for found in self.skipped.values() for problem in found]))
+
+    @property
+    def keys(self) -> set[str]:
+        """Every audience the folder defines, evaluated or skipped."""
+        return set(self.definitions) | set(self.skipped)
+
+    def require(self, key: str) -> AudienceDefinition:
+        """The definition of `key`; a `DefinitionError` if it is skipped (saying why) or unknown."""
+        if key in self.skipped:
+            raise DefinitionError(self.skipped[key])
+        if key not in self.definitions:
+            raise DefinitionError([Problem(self.folder, "$", f"no audience {key!r}")])
+        return self.definitions[key]
+
+
+def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> DefinitionSet:
+    """Every definition in `folder`, those that can be evaluated apart from those that cannot (see
+    `DefinitionSet`). Only a missing folder raises: one broken file never hides the others.
+    `other_audiences` are keys defined elsewhere (hand-written SQL audiences)."""
+    loaded = _load_files(folder)
+    problems = [problem for key in sorted(loaded.broken) for problem in loaded.broken[key]]
+    skipped: dict[str, list[Problem]] = {key: list(found) for key, found in loaded.broken.items()}
+    definitions = dict(loaded.definitions)
+    cross = _model_name_collisions(definitions.values()) + _set_problems(
+        definitions, set(other_audiences) | set(loaded.broken))
+    for key, problem in cross:
+        if problem not in problems:
+            problems.append(problem)
+        skipped.setdefault(key, [])
+        if problem not in skipped[key]:
+            skipped[key].append(problem)
+    for key in skipped:
+        definitions.pop(key, None)
+    # Then every audience that refers to a skipped one, until none is left.
+    while True:
+        dependents = {}
+        for key, definition in definitions.items():
+            for segment in definition.segments:
+                for condition in segment:
+                    if (condition.operator in ("is_audience_member", "is_not_audience_member")
+                            and condition.argument in skipped):
+                        dependents.setdefault(key, []).append(Problem(
+                            str(definition.file), f"{condition.location}.argument",
+                            f"refers to audience {condition.argument!r}, which is skipped (its definition has errors)"))
+        if not dependents:
+            break
+        for key, reasons in dependents.items():
+            skipped[key] = reasons
+            del definitions[key]
+    return DefinitionSet(definitions, dict(sorted(skipped.items())), problems, str(folder))
+
+
+def _model_name_collisions(definitions: Iterable[AudienceDefinition]) -> list[tuple[str, Problem]]:
+    """(key, problem) for each pair of keys that map to one model name: both cannot be used."""
     seen: dict[str, AudienceDefinition] = {}
     problems = []
     for definition in definitions:
         other = seen.setdefault(definition.model_name, definition)
         if other is not definition:
-            problems.append(
-                Problem(str(definition.file), "$", f"key {definition.key!r} and {other.key!r} map to the same "
-                        f"model name {definition.model_name!r}; rename one")
-            )
+            problem = Problem(str(definition.file), "$", f"key {definition.key!r} and {other.key!r} map to the same "
+                              f"model name {definition.model_name!r}; rename one")
+            problems += [(definition.key, problem), (other.key, problem)]
     return problems
 
 
@@ -185,6 +285,19 @@ def validate_definitions(
     the types the warehouse has already recorded (types are immutable, Knock's rule).
     """
     problems: list[Problem] = []
+    for _, problem in _set_problems(definitions, other_audiences, existing_types):
+        if problem not in problems:  # a cycle is one problem of each audience along it
+            problems.append(problem)
+    return problems
+
+
+def _set_problems(
+    definitions: dict[str, AudienceDefinition],
+    other_audiences: Iterable[str] = (),
+    existing_types: dict[str, str] | None = None,
+) -> list[tuple[str, Problem]]:
+    """`validate_definitions`' problems, each with the key of every audience it makes unusable."""
+    problems: list[tuple[str, Problem]] = []
     known = set(definitions) | set(other_audiences)
     for definition in definitions.values():
         for s, segment in enumerate(definition.segments):
@@ -192,18 +305,18 @@ def validate_definitions(
                 if condition.operator not in ("is_audience_member", "is_not_audience_member"):
                     continue
                 if condition.argument not in known:
-                    problems.append(Problem(str(definition.file), f"{condition.location}.argument",
-                                            f"unknown audience {condition.argument!r}"))
+                    problems.append((definition.key, Problem(str(definition.file), f"{condition.location}.argument",
+                                                             f"unknown audience {condition.argument!r}")))
     for cycle in _cycles(definitions):
         first = definitions[cycle[0]]
-        problems.append(Problem(str(first.file), "$.segments",
-                                "audience membership cycle: " + " -> ".join(cycle + [cycle[0]])))
+        problem = Problem(str(first.file), "$.segments", "audience membership cycle: " + " -> ".join(cycle + [cycle[0]]))
+        problems += [(key, problem) for key in cycle]
     for key, previous in (existing_types or {}).items():
         definition = definitions.get(key)
         if definition is not None and definition.type != previous:
-            problems.append(Problem(str(definition.file), "$.type",
-                                    f"audience {key!r} is {previous}; types cannot be changed after creation "
-                                    "(create a new audience with another key)"))
+            problems.append((key, Problem(str(definition.file), "$.type",
+                                          f"audience {key!r} is {previous}; types cannot be changed after creation "
+                                          "(create a new audience with another key)")))
     return problems
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from audiences.dbt_models import custom_audience_keys
-from audiences.definitions import load_definitions
+from audiences.definitions import load_definition_set
 from audiences.membership.triggers import WorkflowTrigger, load_triggers
 from audiences.settings import Settings
 
@@ -22,6 +22,7 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
     from audiences.delivery.sinks import load_sinks
 
     sinks, default_sink = load_sinks(settings.sinks_file)
-    audiences = set(load_definitions(settings.definitions_dir)) | set(custom_audience_keys(settings.dbt_project_dir))
+    # A trigger on an audience skipped for errors in its definition stays: the audience still exists.
+    audiences = load_definition_set(settings.definitions_dir).keys | set(custom_audience_keys(settings.dbt_project_dir))
     triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
     return WorkflowSetup(triggers, sinks, default_sink)

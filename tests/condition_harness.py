@@ -103,7 +103,8 @@ def evaluation_warehouse(users: list[dict]) -> duckdb.DuckDBPyConnection:
     standing in for what dbt builds, so membership diffs can be tested without running dbt."""
     connection = connect_memory()
     insert_users(connection, users)
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, audience_type varchar)")
+    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, "
+                       "audience_type varchar, is_skipped boolean not null default false)")
     connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
     return connection
 
@@ -114,7 +115,8 @@ def set_evaluation(connection: duckdb.DuckDBPyConnection, members: dict[str, lis
     connection.execute("delete from main.audience_catalog")
     connection.execute("delete from main.audience_members")
     for key, users in members.items():
-        connection.execute("insert into main.audience_catalog values ($k, $v, 'dynamic')",
+        connection.execute("insert into main.audience_catalog (audience_key, audience_version, audience_type) "
+                           "values ($k, $v, 'dynamic')",
                            {"k": key, "v": (versions or {}).get(key, "v1")})
         for member in users:
             user_key, tenant = (member, None) if isinstance(member, int) else member

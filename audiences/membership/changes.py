@@ -9,6 +9,10 @@ open membership intervals in DuckDB and, in one transaction:
 - marks a new audience's first members as backfill (they trigger nothing, Knock's default);
 - holds the events of an audience whose change is too large to be believed (the circuit breaker).
 
+An audience the catalog marks `is_skipped` (its definition has errors, so this run did not
+evaluate it) is left out: its open intervals stay open and it gets no event, whatever
+`audience_members` holds for it.
+
 The outbox is drained into the operational store by `audiences.membership.publish`.
 """
 
@@ -146,8 +150,9 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
     connection.execute(
         f"""
         create or replace temp table evaluated_audiences as
-        -- static audiences record their events when members are added or removed
-        select audience_key from {catalog_table} where audience_type <> 'static'
+        -- static audiences record their events when members are added or removed; a skipped
+        -- audience (its definition has errors) was not evaluated: its memberships stay open
+        select audience_key from {catalog_table} where audience_type <> 'static' and not is_skipped
         """
     )
     # Which rows may have changed since the last diff: audiences evaluated whole, and users
@@ -252,7 +257,7 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         from {catalog_table} as catalog
         left join moved using (audience_key)
         left join sizes using (audience_key)
-        where catalog.audience_type <> 'static'
+        where catalog.audience_type <> 'static' and not catalog.is_skipped
         order by catalog.audience_key
         """
     ).fetchall()
@@ -320,7 +325,7 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         insert into raw.membership_audiences
         select audience_key, $evaluated_at from {catalog_table}
         where audience_key not in (select audience_key from raw.membership_audiences)
-            and audience_type <> 'static'
+            and audience_type <> 'static' and not is_skipped
         """,
         parameters,
     )

@@ -20,6 +20,10 @@
        was evaluated whole, `(null, user)` that the user was re-evaluated in every audience, and
        `(null, null)` that everything was.
 
+    Skipped audiences (meta `skipped`: their definitions have errors this time) are neither
+    evaluated nor deleted: their rows stay as the last good evaluation left them. The state lists
+    them without a hash, so once fixed they are evaluated whole (users changed meanwhile too).
+
     All of it runs in the model's transaction: a failed build changes nothing, and the next one
     starts from the same state. `dbt build --full-refresh` evaluates everything again.
 #}
@@ -76,20 +80,25 @@
 
 
 {% macro audience_members_forget_reevaluated() -%}
-    {#- Pre-hook: delete the rows this build replaces. -#}
+    {#- Pre-hook: delete the rows this build replaces (never a skipped audience's). -#}
     {%- if is_incremental() -%}
         {%- set per_user = audience_members_per_user() -%}
         {%- set current = model.config.meta.get('audiences', []) -%}
+        {%- set skipped = model.config.meta.get('skipped', []) -%}
         {%- set last = audience_members_last_keys() -%}
-        {%- set whole = (current | reject('in', per_user) | list) + (last | reject('in', current) | list) -%}
+        {%- set whole = (current | reject('in', per_user) | list)
+                        + (last | reject('in', current) | reject('in', skipped) | list) -%}
         {%- if not per_user -%}
             delete from {{ this }}
+            {%- if skipped %}
+            where audience_key not in ({{ audience_members_literals(skipped) }})
+            {%- endif -%}
         {%- else -%}
             {#- Separate deletes: each filter alone reaches the table scan, an OR of them would not. -#}
             {%- if whole | reject('in', last) | list -%}
             {#- An audience the last build did not list (new, or a state written by older code). -#}
             delete from {{ this }}
-            where audience_key not in ({{ audience_members_literals(per_user) }});
+            where audience_key not in ({{ audience_members_literals(per_user + skipped) }});
             {%- elif whole -%}
             delete from {{ this }}
             where audience_key in ({{ audience_members_literals(whole) }});
@@ -100,6 +109,9 @@
             {%- set timed = model.config.meta.get('reevaluated_in_time', []) | select('in', per_user) | list %}
             delete from {{ this }}
             where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+                {%- if skipped %}
+                and audience_key not in ({{ audience_members_literals(skipped) }})
+                {%- endif %}
                 and (
                     user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where changed)
                     {%- if timed %}
@@ -144,6 +156,10 @@
         {%- for key in model.config.meta.get('audiences', []) | sort %}
         select {{ audience_members_literals([key]) }} as audience_key,
             {% if key in hashes %}'{{ hashes[key] }}'{% else %}null{% endif %} as audience_hash union all
+        {%- endfor %}
+        {#- Kept, not evaluated: no hash, so the build after their fix evaluates them whole. #}
+        {%- for key in model.config.meta.get('skipped', []) | sort %}
+        select {{ audience_members_literals([key]) }}, null union all
         {%- endfor %}
         select null, null
     ) as audiences;

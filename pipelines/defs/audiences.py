@@ -7,8 +7,8 @@ import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, dbt_assets
 from pydantic import Field
 
-from audiences.dbt_project import prepare, project_fingerprint
-from audiences.definitions import load_definitions, validate_definitions
+from audiences.dbt_project import prepare, project_definitions, project_fingerprint
+from audiences.definitions import DefinitionSet, validate_definitions
 from audiences.dbt_models import custom_audience_keys
 from audiences.evaluation import (
     EarlierEvaluationError,
@@ -35,6 +35,8 @@ REEVALUATED_MODELS = ("int_users_flattened", "int_users_to_reevaluate", "audienc
 UNCHANGED_WHEN_DEFINITIONS_ARE = ("tag:audience", "stg_warehouse__users", "audience_catalog", "source:warehouse",
                                   "unique_int_users_flattened_user_key")
 GROUPS = {"staging": "staging", "intermediate": "staging", "audiences": "audiences", "marts": "audiences_marts"}
+# The asset check that fails while some definitions have errors; `audiences run` reads it too.
+DEFINITIONS_CHECK = "every_definition_is_usable"
 
 
 class EvaluationConfig(dg.Config):
@@ -65,7 +67,11 @@ class AudiencesTranslator(DagsterDbtTranslator):
 @dg.definitions
 def audiences_definitions() -> dg.Definitions:
     settings = Settings.from_env()
-    manifest = prepare(settings)
+    # Read once, as the models are generated from it: a definition with errors (or one that refers
+    # to it) is skipped, with its last members kept, and the rest are generated and evaluated.
+    definition_set = project_definitions(settings)
+    manifest = prepare(settings, definition_set)
+    definitions = definition_set.definitions
 
     @dg.asset(
         key=DEFINITIONS_KEY,
@@ -74,17 +80,21 @@ def audiences_definitions() -> dg.Definitions:
         description=(
             "The audience definitions (Knock CLI layout, `<folder>/<key>/audience.json`), validated: "
             "keys, operators, arguments, audience references and cycles, and type immutability "
-            "against the audiences the warehouse already knows."
+            "against the audiences the warehouse already knows. An audience whose definition has "
+            "errors, and any audience that refers to it, is skipped: not evaluated, its last members "
+            f"and their memberships kept as they were (the `{DEFINITIONS_CHECK}` check fails)."
         ),
     )
     def audience_definitions(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-        definitions = load_definitions(settings.definitions_dir)
         with warehouse.connect() as connection:
             problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir),
                                             registered_types(connection))
             if problems:
                 raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
             record_registry(connection, definitions)
+        for key, reasons in definition_set.skipped.items():
+            context.log.warning(f"skipped audience {key!r}, its last members are kept: "
+                                + "; ".join(map(str, reasons)))
         triggers = load_workflow_setup(settings).triggers
         rows = ["| key | type | version | name |", "|---|---|---|---|"]
         rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
@@ -92,9 +102,22 @@ def audiences_definitions() -> dg.Definitions:
             "folder": str(settings.definitions_dir),
             "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
             "static_audiences": sum(d.type == "static" for d in definitions.values()),
+            "skipped_audiences": sorted(definition_set.skipped),
             "workflow_triggers": len(triggers),
             "definitions": dg.MetadataValue.md("\n".join(rows)),
         })
+
+    @dg.asset_check(
+        asset=DEFINITIONS_KEY,
+        name=DEFINITIONS_CHECK,
+        description=(
+            "Every definition can be evaluated. When one has errors, it and the audiences that refer "
+            "to it are skipped (their last members kept, no events) while the others are evaluated; "
+            "this check then fails and names each problem's file and JSON path."
+        ),
+    )
+    def every_definition_is_usable() -> dg.AssetCheckResult:
+        return skipped_audiences_check(definition_set)
 
     # dbt tests on the `users` source become checks on the `users` asset (unique, not-null ids).
     translator = AudiencesTranslator(settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
@@ -150,17 +173,41 @@ def audiences_definitions() -> dg.Definitions:
         description="Every audience in the catalog was evaluated in the latest run.",
     )
     def every_audience_built(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        definitions = load_definitions(settings.definitions_dir)
         with warehouse.connect(read_only=True) as connection:
             # The evaluation audience_members holds: the latest run's, even when it was an earlier time.
             evaluated = {row[0] for row in connection.execute(
                 "select audience_key from main.audience_evaluations where evaluated_at = $t",
                 {"t": members_evaluated_at(connection)}).fetchall()}
-            catalog = {row[0] for row in connection.execute("select audience_key from main.audience_catalog").fetchall()}
+            catalog = {row[0] for row in connection.execute(
+                "select audience_key from main.audience_catalog where not is_skipped").fetchall()}
         missing = sorted((catalog | set(definitions)) - evaluated)
-        return dg.AssetCheckResult(passed=not missing, metadata={"evaluated": len(evaluated), "missing": missing})
+        return dg.AssetCheckResult(passed=not missing, metadata={
+            "evaluated": len(evaluated), "missing": missing,
+            # reported by every_definition_is_usable
+            "skipped": sorted(definition_set.skipped)})
 
-    return dg.Definitions(assets=[audience_definitions, audience_models], asset_checks=[every_audience_built])
+    return dg.Definitions(assets=[audience_definitions, audience_models],
+                          asset_checks=[every_definition_is_usable, every_audience_built])
+
+
+def skipped_audiences_check(definition_set: DefinitionSet) -> dg.AssetCheckResult:
+    """Passes when every definition can be evaluated; else names each skipped audience and why."""
+    problems = [str(problem) for problem in definition_set.reasons]
+    rows = ["| audience | file | JSON path | problem |", "|---|---|---|---|"]
+    rows += [f"| {key} | {problem.file} | {problem.json_path} | {problem.message.replace('|', chr(92) + '|')} |"
+             for key, reasons in definition_set.skipped.items() for problem in reasons]
+    return dg.AssetCheckResult(
+        passed=not definition_set.skipped,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(f"{len(definition_set.skipped)} audiences skipped: their definitions have errors (or refer to "
+                     "one that has); their last members are kept and they have no events"
+                     if definition_set.skipped else "every definition can be evaluated"),
+        metadata={
+            "skipped_audiences": sorted(definition_set.skipped),
+            "problems": dg.MetadataValue.json(problems),
+            "skipped": dg.MetadataValue.md("\n".join(rows)),
+        },
+    )
 
 
 def _member_counts(warehouse: WarehouseResource, evaluated_at) -> dict[str, int]:

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from audiences.definitions import load_definitions
+from audiences.definitions import load_definition_set
 from audiences.membership.changes import CircuitBreaker
 from audiences.membership.static import Member, audience_types, change_members, copy_to_warehouse, require_static
 from audiences.settings import Settings
@@ -30,7 +30,8 @@ def static_definitions() -> dg.Definitions:
     uploads_dir = settings.definitions_dir.parent / "uploads"
 
     def types(store) -> dict[str, str]:
-        return audience_types(store, load_definitions(settings.definitions_dir))
+        # a broken definition elsewhere must not stop uploads
+        return audience_types(store, load_definition_set(settings.definitions_dir).definitions)
 
     @dg.asset(
         key="static_audience_uploads",

@@ -12,6 +12,8 @@
 with catalog as (
 
     select * from {{ ref('audience_catalog') }}
+    -- a skipped audience (its definition has errors) was not evaluated
+    where not is_skipped
 
 ),
 

@@ -7,7 +7,8 @@
 -- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
 -- then. Its conditions are those of its model in models/audiences/, repeated here over that
 -- subset. Custom and static audiences, audiences over them, and audiences whose SQL changed are
--- evaluated whole. How: macros/audience_members.sql.
+-- evaluated whole. Skipped audiences (their definitions have errors) keep their rows as they
+-- were. How: macros/audience_members.sql.
 
 {{
     config(
@@ -58,7 +59,8 @@
                 "power-users",
                 "trial-ending-soon",
                 "trial-expired-unconverted"
-            ]
+            ],
+            "skipped": []
         },
     )
 }}
