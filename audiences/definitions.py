@@ -133,9 +133,11 @@ def load_definition_file(path: Path, key: str | None = None) -> AudienceDefiniti
     path = Path(path)
     key = key or (path.parent.name if path.name == DEFINITION_FILE else path.stem)
     try:
-        raw = json.loads(_read_utf8(path))
+        text = _read_utf8(path)
     except OSError as error:
         raise DefinitionError([Problem(str(path), "$", f"cannot read: {error.strerror}")]) from None
+    try:
+        raw = json.loads(text)
     except ValueError as error:
         raise DefinitionError([Problem(str(path), "$", f"not valid JSON: {error}")]) from None
     return parse_definition(raw, key, path)

@@ -110,14 +110,15 @@ def evaluation_warehouse(users: list[dict]) -> duckdb.DuckDBPyConnection:
 
 
 def set_evaluation(connection: duckdb.DuckDBPyConnection, members: dict[str, list],
-                   versions: dict[str, str] | None = None) -> None:
-    """Replace the evaluation tables: `members` maps audience keys to user keys or (user key, tenant)."""
+                   versions: dict[str, str] | None = None, skipped: tuple[str, ...] = ()) -> None:
+    """Replace the evaluation tables: `members` maps audience keys to user keys or (user key, tenant);
+    `skipped` audiences are in the catalog as skipped (their definitions have errors)."""
     connection.execute("delete from main.audience_catalog")
     connection.execute("delete from main.audience_members")
     for key, users in members.items():
-        connection.execute("insert into main.audience_catalog (audience_key, audience_version, audience_type) "
-                           "values ($k, $v, 'dynamic')",
-                           {"k": key, "v": (versions or {}).get(key, "v1")})
+        connection.execute("insert into main.audience_catalog (audience_key, audience_version, audience_type, "
+                           "is_skipped) values ($k, $v, 'dynamic', $s)",
+                           {"k": key, "v": (versions or {}).get(key, "v1"), "s": key in skipped})
         for member in users:
             user_key, tenant = (member, None) if isinstance(member, int) else member
             connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from audiences.definitions import DefinitionError, evaluation_order, load_definitions, validate_definitions
+from audiences.definitions import (
+    DefinitionError,
+    evaluation_order,
+    load_definition_file,
+    load_definition_set,
+    load_definitions,
+    validate_definitions,
+)
 from condition_harness import ROOT
 
 
@@ -129,3 +136,63 @@ def test_evaluation_order_puts_referenced_audiences_first(tmp_path):
     write(tmp_path, "b", dynamic({"property": "recipient.x", "operator": "exists"}))
     write(tmp_path, "c", dynamic(member_of("b")))
     assert evaluation_order(load_definitions(tmp_path)) == ["b", "c", "a"]
+
+
+def member_of(key: str) -> dict:
+    return {"property": "recipient", "operator": "is_audience_member", "argument": key}
+
+
+def test_a_definition_set_skips_broken_definitions_and_every_audience_that_refers_to_them(tmp_path):
+    good = dynamic({"property": "recipient.plan", "operator": "exists"})
+    write(tmp_path, "fine", good)
+    write(tmp_path, "reads-fine", dynamic(member_of("fine")))
+    not_json = write(tmp_path, "not-json", "{not json")
+    unknown_operator = write(tmp_path, "unknown-operator", dynamic({"property": "recipient.plan", "operator": "equals",
+                                                                     "argument": "pro"}))
+    reads_broken = write(tmp_path, "reads-broken", dynamic(good["segments"][0]["conditions"][0],
+                                                           member_of("unknown-operator")))
+    write(tmp_path, "reads-reader", dynamic({**member_of("reads-broken"), "operator": "is_not_audience_member"}))
+    write(tmp_path, "reads-nothing", dynamic(member_of("no-such-audience")))
+    write(tmp_path, "cycle-a", dynamic(member_of("cycle-b")))
+    write(tmp_path, "cycle-b", dynamic(member_of("cycle-a")))
+    found = load_definition_set(tmp_path)
+    assert set(found.definitions) == {"fine", "reads-fine"}
+    assert set(found.skipped) == {"not-json", "unknown-operator", "reads-broken", "reads-reader", "reads-nothing",
+                                  "cycle-a", "cycle-b"}
+    assert str(found.skipped["not-json"][0]).startswith(f"{not_json}: $: not valid JSON: ")
+    assert str(found.skipped["unknown-operator"][0]).startswith(
+        f"{unknown_operator}: $.segments[0].conditions[0].operator: unknown operator 'equals'")
+    assert [str(p) for p in found.skipped["reads-broken"]] == [
+        f"{reads_broken}: $.segments[0].conditions[1].argument: refers to audience 'unknown-operator', which is "
+        "skipped (its definition has errors)"]
+    assert "refers to audience 'reads-broken'" in str(found.skipped["reads-reader"][0])  # transitively
+    assert "unknown audience 'no-such-audience'" in str(found.skipped["reads-nothing"][0])
+    assert "cycle" in str(found.skipped["cycle-b"][0])
+    # What `validate` lists: each problem once, none for the audiences that only refer to one.
+    assert len(found.problems) == 4 and not any("refers to" in str(p) for p in found.problems)
+    with pytest.raises(DefinitionError, match="unknown operator 'equals'"):
+        found.require("unknown-operator")
+    assert found.require("reads-fine").key == "reads-fine"
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_the_expected_encoding(tmp_path):
+    path = tmp_path / "cafe" / "audience.json"
+    path.parent.mkdir()
+    path.write_bytes('{\n  "type": "dynamic",\n  "name": "Caf\u00e9 regulars",\n  "segments": []\n}\n'.encode("cp1252"))
+    with pytest.raises(DefinitionError) as error:
+        load_definition_file(path)
+    assert str(error.value) == (f"{path}: $: line 3, column 15: byte 0xe9 is not UTF-8; audience definitions must be "
+                                "saved as UTF-8 (was it saved as Latin-1 or Windows-1252?)")
+    found = load_definition_set(tmp_path)  # a broken definition like any other: skipped, named
+    assert found.definitions == {} and str(found.skipped["cafe"][0]) == str(error.value)
+
+
+def test_utf16_is_named_and_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    document = json.dumps(dynamic({"property": "recipient.plan", "operator": "exists"}, name="Café"))
+    path = tmp_path / "a" / "audience.json"
+    path.parent.mkdir()
+    path.write_text(document, encoding="utf-16")
+    with pytest.raises(DefinitionError, match=r"\$: the file is UTF-16 .* must be saved as UTF-8"):
+        load_definition_file(path)
+    path.write_text(document, encoding="utf-8-sig")
+    assert load_definition_file(path).name == "Café"

@@ -7,7 +7,10 @@ members must be exactly what the independent reference evaluator computes from t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from datetime import datetime
 
 import dagster as dg
@@ -309,3 +312,112 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     assert actual != before  # the updates moved users
     assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
         key: ids for key, ids in expected.items() if ids}
+
+
+def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_are_evaluated(
+        sample_run, tmp_path, capsys, monkeypatch):
+    """Issue 13, item 3: one audience.json with an unknown operator, and one audience that refers to
+    it, in the second run (after the sample run). The others are evaluated and move; the two keep
+    their members, open memberships and catalog entry, get no event, and the run exits 1 naming
+    file and JSON path. Fixed, the third run evaluates them again, whole."""
+    from audiences import cli
+
+    monkeypatch.chdir(ROOT)
+    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
+        monkeypatch.delenv(name)
+    copy = tmp_path / "warehouse.duckdb"
+    shutil.copy(sample_run, copy)
+    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
+    definitions = tmp_path / "audiences"
+    shutil.copytree(ROOT / "data" / "audiences", definitions)
+    broken_file = definitions / "power-users" / "audience.json"
+    good_text = broken_file.read_text(encoding="utf-8")
+    broken = json.loads(good_text)
+    broken["segments"][0]["conditions"][0]["operator"] = "equals"
+    broken_file.write_text(json.dumps(broken, indent=2), encoding="utf-8")
+    skipped = ("power-users", "beta-invite-candidates")  # beta-invite-candidates reads power-users
+    flags = ["--duckdb", str(copy), "--sinks", str(tmp_path / "sinks.yml"), "--store",
+             f"sqlite:///{tmp_path / 'store.sqlite'}", "--definitions", str(definitions), "--dbt-project", str(project)]
+
+    def state(connection, key):
+        members = sorted(connection.execute("select user_key, tenant from main.audience_members "
+                                            "where audience_key = $k", {"k": key}).fetchall())
+        intervals = sorted(connection.execute("select user_id, entry_number, entered_at from raw.membership_intervals "
+                                              "where audience_key = $k and exited_at is null", {"k": key}).fetchall())
+        return members, intervals
+
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        before = {key: state(connection, key) for key in skipped}
+    assert all(members and intervals for members, intervals in before.values())
+
+    def run_process(*arguments):
+        # A process per run, as a user runs it: what it prints is what they see, and its Dagster
+        # reads the dbt manifest afresh (one process caches it by path).
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("AUDIENCES_")}
+        done = subprocess.run([sys.executable, "-m", "audiences.cli", *flags, *arguments], cwd=ROOT,
+                              env=environment, capture_output=True, text=True, timeout=600)
+        return done.returncode, done.stdout, done.stderr
+
+    later = "2026-11-27T00:00:00+00:00"  # 26 days: power users not seen for 3 days would leave
+    code, out, err = run_process("--evaluation-time", later, "run")
+    assert code == 1, err
+    assert f"{broken_file}: $.segments[0].conditions[0].operator: unknown operator 'equals'" in err
+    assert (f"{definitions / 'beta-invite-candidates' / 'audience.json'}: $.segments[0].conditions[0].argument: "
+            "refers to audience 'power-users', which is skipped") in err
+    assert "skipped 2 audiences" in err and "Traceback" not in out + err
+    assert "new-signups-this-week" in out  # the run's summary of the evaluated audiences
+    at = datetime.fromisoformat(later)
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        after = {key: state(connection, key) for key in skipped}
+        expected = reference_members(connection, now=at, definitions_dir=ROOT / "data" / "audiences")
+        actual = compiled_members(connection)
+        moved = dict(connection.execute("select audience_key, count(*) from raw.membership_outbox "
+                                        "where occurred_at = $t group by all", {"t": at}).fetchall())
+        catalog = dict(connection.execute("select audience_key, is_skipped from main.audience_catalog").fetchall())
+        evaluated = {key for (key,) in connection.execute(
+            "select audience_key from main.audience_evaluations where evaluated_at = $t", {"t": at}).fetchall()}
+    assert after == before  # the same members and open memberships: nobody left
+    assert not set(skipped) & set(moved)  # and no event
+    assert moved.get("new-signups-this-week", 0) > 0  # the others were evaluated, and moved
+    for key, ids in expected.items():
+        if key not in skipped:
+            assert actual.get(key, set()) == ids, key
+    assert {key for key, is_skipped in catalog.items() if is_skipped} == set(skipped)
+    assert evaluated == set(catalog) - set(skipped)
+    # The members of a skipped audience are still listed; preview and explain work for the
+    # others, and name the problem for the skipped ones in one line.
+    code, _ = cli.main([*flags, "members", "power-users"]), None
+    listed = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(listed) == len(before["power-users"][0])
+    assert cli.main([*flags, "--evaluation-time", later, "preview", "eu-customers"]) == 0
+    assert "matching users" in capsys.readouterr().out
+    assert cli.main([*flags, "--evaluation-time", later, "explain", "eu-customers", "user_00001"]) == 0
+    capsys.readouterr()
+    assert cli.main([*flags, "preview", "power-users"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {broken_file}: $.segments[0].conditions[0].operator: unknown operator 'equals'")
+    assert len(err.splitlines()) == 1
+    assert cli.main([*flags, "explain", "beta-invite-candidates", "user_00001"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refers to audience 'power-users', which is skipped" in err
+
+    # Fixed: the next run evaluates both again, whole (users changed meanwhile too), and their
+    # members now leave with exit events.
+    broken_file.write_text(good_text, encoding="utf-8")
+    fixed = "2026-11-27T01:00:00+00:00"
+    code, out, err = run_process("--evaluation-time", fixed, "run")
+    assert code == 0, err
+    at = datetime.fromisoformat(fixed)
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        expected = reference_members(connection, now=at)
+        actual = compiled_members(connection)
+        moved = dict(connection.execute("select audience_key, count(*) from raw.membership_outbox "
+                                        "where occurred_at = $t and event_type = 'exited' group by all",
+                                        {"t": at}).fetchall())
+        skipped_now = connection.execute("select count(*) from main.audience_catalog where is_skipped").fetchone()[0]
+    for key in skipped:
+        assert actual.get(key, set()) == expected[key], key
+    assert moved.get("power-users", 0) > 0 and skipped_now == 0

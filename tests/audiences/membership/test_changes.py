@@ -136,3 +136,18 @@ def test_only_rows_the_builds_logged_as_reevaluated_are_compared(warehouse):
     summary = evaluate(warehouse, T0 + timedelta(hours=3), {"pro": [1, 2, 4, 5], "eu": [6]})
     assert (summary.entered, summary.exited) == (1, 0)
     assert outbox(warehouse)[-1][:4] == ("pro", "u5", None, "entered")
+
+
+def test_a_skipped_audience_keeps_its_open_memberships_and_gets_no_event(warehouse):
+    """Its definition has errors, so the run did not evaluate it: whatever audience_members holds
+    for it (here nothing), nobody left it."""
+    evaluate(warehouse, T0, {"pro": [1, 2], "free": [3]})
+    set_evaluation(warehouse, {"pro": [], "free": [3, 4]}, skipped=("pro",))
+    summary = record_changes(warehouse, T0 + timedelta(hours=1))
+    assert outbox(warehouse)[3:] == [("free", "u4", None, "entered", 1, False, False)]
+    assert [change.audience_key for change in summary.audiences] == ["free"]
+    assert members_at(warehouse, "pro", T0 + timedelta(hours=2)) == [
+        {"user_id": "u1", "tenant": None}, {"user_id": "u2", "tenant": None}]
+    # Fixed, it is evaluated again: now the change is real.
+    evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1], "free": [3, 4]})
+    assert outbox(warehouse)[4:] == [("pro", "u2", None, "exited", 1, False, False)]
