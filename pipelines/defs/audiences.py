@@ -92,9 +92,10 @@ def audiences_definitions() -> dg.Definitions:
             if problems:
                 raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
             record_registry(connection, definitions)
-        for key, reasons in definition_set.skipped.items():
-            context.log.warning(f"skipped audience {key!r}, its last members are kept: "
-                                + "; ".join(map(str, reasons)))
+        if definition_set.skipped:  # the details are the check's (every_definition_is_usable)
+            context.log.warning(f"skipped {len(definition_set.skipped)} audiences whose definitions have errors "
+                                f"(their last members are kept): {', '.join(definition_set.skipped)}; "
+                                f"see the {DEFINITIONS_CHECK} check")
         triggers = load_workflow_setup(settings).triggers
         rows = ["| key | type | version | name |", "|---|---|---|---|"]
         rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
