@@ -353,7 +353,13 @@ def _execute_main_job(evaluated_at, verbose: bool = False, allow_earlier: bool =
 
 
 def _definition(settings: Settings, key_or_file: str):
-    from audiences.definitions import DefinitionError, Problem, load_definition_file, load_definition_set
+    from audiences.definitions import (
+        DefinitionError,
+        Problem,
+        load_definition_file,
+        load_definition_set,
+        references_to_skipped,
+    )
 
     # Another audience's broken file does not matter here; this audience's errors (or those of an
     # audience it refers to) are the error.
@@ -362,8 +368,8 @@ def _definition(settings: Settings, key_or_file: str):
     path = Path(key_or_file)
     if path.suffix == ".json" or path.is_file():
         definition = load_definition_file(path)
-        for key in sorted(definition.references() & set(found.skipped if found else ())):
-            raise DefinitionError(found.skipped[key])
+        if found and (problems := references_to_skipped(definition, found.skipped)):
+            raise DefinitionError(problems)
         return definition, {**definitions, definition.key: definition}
     if found is None:
         raise DefinitionError([Problem(str(settings.definitions_dir), "$", f"no audience {key_or_file!r}")])

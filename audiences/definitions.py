@@ -245,22 +245,24 @@ def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> De
     for key in skipped:
         definitions.pop(key, None)
     # Then every audience that refers to a skipped one, until none is left.
-    while True:
-        dependents = {}
-        for key, definition in definitions.items():
-            for segment in definition.segments:
-                for condition in segment:
-                    if (condition.operator in ("is_audience_member", "is_not_audience_member")
-                            and condition.argument in skipped):
-                        dependents.setdefault(key, []).append(Problem(
-                            str(definition.file), f"{condition.location}.argument",
-                            f"refers to audience {condition.argument!r}, which is skipped (its definition has errors)"))
-        if not dependents:
-            break
+    while dependents := {key: found for key, definition in definitions.items()
+                         if (found := references_to_skipped(definition, skipped))}:
         for key, reasons in dependents.items():
             skipped[key] = reasons
             del definitions[key]
     return DefinitionSet(definitions, dict(sorted(skipped.items())), problems, str(folder))
+
+
+def references_to_skipped(definition: AudienceDefinition, skipped: Iterable[str]) -> list[Problem]:
+    """A problem for each condition of `definition` that refers to one of the `skipped` audiences."""
+    skipped = set(skipped)
+    return [
+        Problem(str(definition.file), f"{condition.location}.argument",
+                f"refers to audience {condition.argument!r}, which is skipped (its definition has errors)")
+        for segment in definition.segments
+        for condition in segment
+        if condition.operator in ("is_audience_member", "is_not_audience_member") and condition.argument in skipped
+    ]
 
 
 def _model_name_collisions(definitions: Iterable[AudienceDefinition]) -> list[tuple[str, Problem]]:
