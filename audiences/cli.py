@@ -689,11 +689,13 @@ def validate(settings: Settings, arguments) -> int:
     relative times under 15 minutes), audience references and cycles, and, when a warehouse exists,
     that no audience changed type. Each problem names the file and the JSON path."""
     from audiences.dbt_models import custom_audience_keys
-    from audiences.definitions import DefinitionError, load_definitions, validate_definitions
+    from audiences.definitions import DefinitionError, load_definition_set, validate_definitions
     from audiences.evaluation import registered_types
     from audiences.warehouse import WarehouseError, connect
 
-    definitions = load_definitions(settings.definitions_dir)
+    # Every problem at once: a broken file does not hide another file's unknown reference.
+    found = load_definition_set(settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir))
+    definitions = found.definitions
     existing: dict[str, str] = {}
     if settings.duckdb_path.exists():
         try:
@@ -701,7 +703,8 @@ def validate(settings: Settings, arguments) -> int:
                 existing = registered_types(connection)
         except WarehouseError as error:
             print(f"warning: type changes not checked: {error}", file=sys.stderr)
-    problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir), existing)
+    problems = found.problems + validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir),
+                                                     existing)
     if problems:
         raise DefinitionError(problems)
     from audiences.workflows import load_workflow_setup

@@ -196,3 +196,14 @@ def test_utf16_is_named_and_a_utf8_byte_order_mark_is_accepted(tmp_path):
         load_definition_file(path)
     path.write_text(document, encoding="utf-8-sig")
     assert load_definition_file(path).name == "Café"
+
+
+def test_validate_lists_a_broken_file_and_another_files_unknown_reference_together(tmp_path, capsys):
+    from audiences import cli
+
+    broken = write(tmp_path, "broken", "{not json")
+    reader = write(tmp_path, "reader", dynamic(member_of("nowhere")))
+    assert cli.main(["--definitions", str(tmp_path), "--duckdb", str(tmp_path / "none.duckdb"), "validate"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"error: {broken}: $: not valid JSON")
+    assert lines[1] == f"{reader}: $.segments[0].conditions[0].argument: unknown audience 'nowhere'"
