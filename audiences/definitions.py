@@ -4,6 +4,10 @@ Definitions pulled with `knock audience pull` work unchanged. Loading parses eve
 compiles every condition (so a definition that validates is one that compiles); validation adds the
 checks that need the whole set: unknown or cyclic audience references, and type changes of an
 audience that already exists in the warehouse. Every problem names the file and the JSON path.
+
+`load_definitions` refuses a folder with any problem (for `generate --check`); a run uses
+`load_definition_set`, where a definition with errors, and every audience that refers to it, is
+skipped while the others are evaluated (dbt's way with a broken model).
 """
 
 from __future__ import annotations

@@ -389,7 +389,7 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     assert evaluated == set(catalog) - set(skipped)
     # The members of a skipped audience are still listed; preview and explain work for the
     # others, and name the problem for the skipped ones in one line.
-    code, _ = cli.main([*flags, "members", "power-users"]), None
+    code = cli.main([*flags, "members", "power-users"])
     listed = capsys.readouterr().out.splitlines()
     assert code == 0 and len(listed) == len(before["power-users"][0])
     assert cli.main([*flags, "--evaluation-time", later, "preview", "eu-customers"]) == 0
