@@ -84,3 +84,25 @@ def test_a_reevaluation_materializes_every_audience_with_its_members_and_holds_a
     instructions = check.metadata["to_release"].value
     assert f"audiences release {batch}" in instructions and f"audiences discard {batch}" in instructions
     assert "<batch>" not in instructions
+
+
+def test_the_first_run_materializes_every_audience_with_its_first_members_as_entered(sample_run, monkeypatch):
+    """`audiences run` with DAGSTER_HOME set (the sample run): a full dbt build, whose audience
+    views dbt rebuilt, is what the UI shows for each audience: a materialization with its members."""
+    monkeypatch.setenv("DAGSTER_HOME", str(sample_run.parent / "dagster_home"))
+    with duckdb.connect(str(sample_run), read_only=True) as connection:
+        audiences = connection.execute(
+            "select catalog.model_name, catalog.audience_type, evaluations.member_count "
+            "from main.audience_evaluations as evaluations join main.audience_catalog as catalog using (audience_key)"
+        ).fetchall()
+    assert len(audiences) == 15
+    with dg.DagsterInstance.get() as instance:
+        for model, audience_type, member_count in audiences:
+            event = instance.get_latest_materialization_event(dg.AssetKey(["audiences", model]))
+            assert event is not None, model
+            metadata = event.asset_materialization.metadata
+            assert metadata["member_count"] == dg.IntMetadataValue(member_count), model
+            assert metadata["status"].value == "success"  # dbt built the view in this run
+            if audience_type != "static":  # a first evaluation: every member entered
+                assert (metadata["entered"], metadata["exited"]) == (
+                    dg.IntMetadataValue(member_count), dg.IntMetadataValue(0)), model
