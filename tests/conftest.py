@@ -29,6 +29,9 @@ def sample_run(tmp_path_factory):
         for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
             patch.delenv(name)
         patch.chdir(ROOT)
+        # The run's Dagster history is kept, as under `dg dev`, for the tests of what the UI shows.
+        (folder / "dagster_home").mkdir()
+        patch.setenv("DAGSTER_HOME", str(folder / "dagster_home"))
         code = cli.main(["--duckdb", str(warehouse), "--sinks", str(folder / "sinks.yml"),
                          "--evaluation-time", SAMPLE_TIME, "run"])
     assert code == 0, "the main job failed on the sample data"

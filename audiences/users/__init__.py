@@ -13,9 +13,11 @@ from audiences.users.validation import validate_users
 
 
 def load_source(connection: duckdb.DuckDBPyConnection, source: UserSource, loaded_at: datetime) -> LoadResult:
-    """Read, validate and upsert one source; bad rows go to `raw.users_quarantine`."""
+    """Read, validate and upsert one source; bad rows go to `raw.users_quarantine`. A snapshot holds
+    each user once: an id on several rows keeps the last, and the earlier rows are quarantined."""
     frame = read_source(source)
-    return load_users(connection, source, validate_users(frame), loaded_at)
+    return load_users(connection, source, validate_users(frame, keep_last_duplicate=source.mode == "snapshot"),
+                      loaded_at)
 
 
 def configured_sources(settings) -> list[UserSource]:

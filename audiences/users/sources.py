@@ -3,7 +3,9 @@
 A source is declared in `data/sources.yml` (or given as one URI) with a *mode*: `snapshot` (the
 source holds every user; users it no longer holds are deleted) or `stream` (identify-style updates,
 upserts only). Reading returns the raw rows as a polars frame with a 1-based `_row` column, so
-every later error can name the row it came from.
+every later error can name the row it came from. A row of a file with bytes that are not valid in
+its encoding (UTF-8) is read with U+FFFD in their place and a reason naming the file, the line and
+the encoding (`UNREADABLE_COLUMN`), which validation quarantines it with.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import polars as pl
 import yaml
 
 ROW_COLUMN = "_row"
+# Set on rows of a file that hold bytes the file's encoding cannot read: why, naming file and line.
+UNREADABLE_COLUMN = "_unreadable"
 MODES = ("snapshot", "stream")
 FORMATS = ("csv", "parquet", "jsonl", "duckdb", "sqlite")
 _EXTENSIONS = {
@@ -161,23 +165,103 @@ def source_fingerprint(source: UserSource) -> str:
 
 def _read_csv(source: UserSource) -> pl.DataFrame:
     raw = source.location.read_bytes()
-    text = _decode(raw, source.location)
+    text, encoding, lossy = _read_text(raw)
     delimiter = source.delimiter or _sniff_delimiter(text)
     # Every CSV value is a string (Knock's rule); empty cells are nulls (unset properties).
-    return pl.read_csv(text.encode("utf-8"), separator=delimiter, infer_schema=False,
-                       truncate_ragged_lines=False, raise_if_empty=False)
+    frame = pl.read_csv(text.encode("utf-8"), separator=delimiter, infer_schema=False,
+                        truncate_ragged_lines=False, raise_if_empty=False)
+    if not lossy:
+        return frame
+    return frame.with_columns(pl.Series(UNREADABLE_COLUMN, _unreadable_csv_rows(
+        raw, text, delimiter, frame, source.location, encoding), dtype=pl.String))
 
 
-def _decode(raw: bytes, location: Path) -> str:
-    """UTF-8 (with or without BOM), else UTF-16 with BOM, else Windows-1252 as a last resort."""
-    if raw.startswith(b"\xef\xbb\xbf"):
-        return raw[3:].decode("utf-8", errors="replace")
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
+REPLACEMENT = "\ufffd"
+# Bytes that Windows-1252 leaves undefined.
+_UNDEFINED_IN_CP1252 = frozenset(b"\x81\x8d\x8f\x90\x9d")
+
+
+def _decode(raw: bytes, location: Path | None = None) -> str:
+    """The file's text (see `_read_text`)."""
+    return _read_text(raw)[0]
+
+
+def _read_text(raw: bytes) -> tuple[str, str, bool]:
+    """The text, the encoding it was read in, and whether some bytes could not be read: UTF-8
+    (with or without BOM), else UTF-16 with BOM, else Windows-1252 for a file with no UTF-8 in it at
+    all (a legacy export). Unreadable bytes become U+FFFD; `_unreadable_csv_rows` names their lines."""
+    for bom, encoding, codec in ((b"\xef\xbb\xbf", "UTF-8", "utf-8"), (b"\xff\xfe", "UTF-16", "utf-16"),
+                                 (b"\xfe\xff", "UTF-16", "utf-16")):
+        if raw.startswith(bom):
+            body = raw[len(bom):] if codec == "utf-8" else raw
+            try:
+                return body.decode(codec), encoding, False
+            except UnicodeDecodeError:
+                return body.decode(codec, errors="replace"), encoding, True
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), "UTF-8", False
     except UnicodeDecodeError:
-        return raw.decode("cp1252", errors="replace")
+        pass
+    text = raw.decode("utf-8", errors="replace")
+    if any(character > "\x7f" and character != REPLACEMENT for character in text):
+        return text, "UTF-8", True  # UTF-8 with some bad bytes: read as Windows-1252, the rest would garble
+    if not _UNDEFINED_IN_CP1252.intersection(raw):
+        return raw.decode("cp1252"), "Windows-1252", False
+    return raw.decode("cp1252", errors="replace"), "Windows-1252", True
+
+
+def _bad_byte(line: bytes, encoding: str) -> tuple[int, int] | None:
+    """The first byte of `line` that `encoding` cannot read, and its 1-based column in bytes."""
+    if encoding == "Windows-1252":
+        found = next((index for index, byte in enumerate(line) if byte in _UNDEFINED_IN_CP1252), None)
+        return None if found is None else (line[found], found + 1)
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return line[error.start], error.start + 1
+    return None
+
+
+def _unreadable_message(location: Path, line_number: int, line: bytes | None, encoding: str) -> str:
+    """Why a line cannot be read: the file, the line, the byte, and the encoding expected (UTF-8)."""
+    found = _bad_byte(line, encoding) if line is not None else None
+    what = f"byte 0x{found[0]:02X} (column {found[1]})" if found else "a byte"
+    valid = {"UTF-8": "UTF-8", "Windows-1252": "UTF-8, nor Windows-1252"}.get(encoding, encoding)
+    return f"{location}, line {line_number}: {what} is not valid {valid}; the file must be encoded in UTF-8"
+
+
+def _unreadable_csv_rows(raw: bytes, text: str, delimiter: str, frame: pl.DataFrame, location: Path,
+                         encoding: str) -> list[str | None]:
+    """Per data row, why it cannot be read (the first line of it holding an unreadable byte), or None.
+    Records are counted again with Python's csv module, which tells the lines each one spans."""
+    import csv
+    import io
+
+    lines = text.split("\n")
+    raw_lines = raw.split(b"\n") if encoding != "UTF-16" else [None] * len(lines)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw_lines[0] = raw_lines[0][3:]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    spans = []
+    start = 1
+    for _ in reader:  # a blank line is a row of nulls, as polars reads it
+        end = reader.line_num
+        spans.append((start, end))
+        start = end + 1
+    spans = spans[1:]  # the header
+    if len(spans) != frame.height:  # the two parsers disagree: name the row instead of its line
+        unreadable = frame.select(pl.any_horizontal(
+            pl.col(pl.String).str.contains(REPLACEMENT, literal=True).fill_null(False))).to_series()
+        return [f"{location}, row {index + 1}: bytes that are not valid {encoding}; the file must be encoded "
+                "in UTF-8" if bad else None for index, bad in enumerate(unreadable)]
+    reasons: list[str | None] = []
+    for first, last in spans:
+        bad = next((number for number in range(first, last + 1)
+                    if number <= len(lines) and REPLACEMENT in lines[number - 1]
+                    and (raw_lines[number - 1] is None or _bad_byte(raw_lines[number - 1], encoding))), None)
+        reasons.append(None if bad is None else _unreadable_message(
+            location, bad, raw_lines[bad - 1] if bad <= len(raw_lines) else None, encoding))
+    return reasons
 
 
 def _sniff_delimiter(text: str) -> str:
@@ -192,11 +276,22 @@ def _read_parquet(source: UserSource) -> pl.DataFrame:
 
 
 def _read_jsonl(source: UserSource) -> pl.DataFrame:
-    """Each line is a Knock user object; it is kept whole in `properties` so nothing is lost."""
-    ids, documents = [], []
-    for line in source.location.read_text(encoding="utf-8", errors="replace").splitlines():
+    """Each line is a Knock user object; it is kept whole in `properties` so nothing is lost.
+    A line that is not valid UTF-8 is read with U+FFFD in place of its bad bytes (so its id is
+    still known) and marked unreadable, naming the file and the line."""
+    ids, documents, unreadable = [], [], []
+    raw = source.location.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for number, raw_line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line, problem = raw_line.decode("utf-8"), None
+        except UnicodeDecodeError:
+            line = raw_line.decode("utf-8", errors="replace")
+            problem = _unreadable_message(source.location, number, raw_line, "UTF-8")
         if not line.strip():
             continue
+        unreadable.append(problem)
         try:
             document = json.loads(line)
         except ValueError:
@@ -206,7 +301,10 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
         identifier = document.pop("id", None) if isinstance(document, dict) else None
         ids.append(identifier if isinstance(identifier, str) or identifier is None else json.dumps(identifier))
         documents.append(json.dumps(document, ensure_ascii=False))
-    return pl.DataFrame({"id": ids, "properties": documents}, schema={"id": pl.String, "properties": pl.String})
+    frame = pl.DataFrame({"id": ids, "properties": documents}, schema={"id": pl.String, "properties": pl.String})
+    if any(problem is not None for problem in unreadable):
+        frame = frame.with_columns(pl.Series(UNREADABLE_COLUMN, unreadable, dtype=pl.String))
+    return frame
 
 
 def _read_duckdb(source: UserSource) -> pl.DataFrame:

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import pandera.polars as pa
 import polars as pl
 
-from audiences.users.sources import ROW_COLUMN
+from audiences.users.sources import ROW_COLUMN, UNREADABLE_COLUMN
 
 ID_MAX_LENGTH = 255
 REPLACEMENT_CHARACTER = "\ufffd"
+UNREADABLE_TEXT = "has bytes that are not valid text"
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,26 @@ def unreadable_text(frame: pl.DataFrame) -> dict[int, list[str]]:
     rows = frame.with_row_index("_index").filter(pl.any_horizontal(flagged))
     reasons: dict[int, list[str]] = {}
     for row in rows.select("_index", *names).iter_rows():
-        reasons[row[0]] = [f"`{name}` has bytes that are not valid text"
+        reasons[row[0]] = [f"`{name}` {UNREADABLE_TEXT}"
                            for name, value in zip(names, row[1:]) if value is not None and REPLACEMENT_CHARACTER in value]
     return reasons
 
 
-def validate_users(frame: pl.DataFrame, empty_cells: str = "remove") -> ValidatedRows:
+def validate_users(frame: pl.DataFrame, empty_cells: str = "remove", keep_last_duplicate: bool = False) -> ValidatedRows:
     """Split rows into valid patches and quarantined rows with their reasons.
 
     `empty_cells` says what a null cell means in the patch: "remove" (a source's rows: the
-    property is removed, Knock's identify rule) or "skip" (an upload's rows: not given)."""
+    property is removed, Knock's identify rule) or "skip" (an upload's rows: not given).
+    With `keep_last_duplicate` (a snapshot, which holds each user once), an id on several valid
+    rows keeps its last row; the earlier ones are quarantined with the rows and the one kept named.
+    Otherwise such rows all apply in order, like consecutive identify calls (a stream).
+    A row that `read_source` found unreadable (`UNREADABLE_COLUMN`) is quarantined with that reason,
+    which names the file, the line and the encoding expected."""
     if frame.schema.get("id") != pl.String:
         frame = frame.with_columns(pl.col("id").cast(pl.String))
+    unreadable_lines = frame[UNREADABLE_COLUMN] if UNREADABLE_COLUMN in frame.columns else None
+    if unreadable_lines is not None:
+        frame = frame.drop(UNREADABLE_COLUMN)
     reasons: dict[int, list[str]] = {}
     try:
         users_schema(frame).validate(frame, lazy=True)
@@ -103,9 +112,31 @@ def validate_users(frame: pl.DataFrame, empty_cells: str = "remove") -> Validate
                 reasons[index].append(reason)
     for index, unreadable in unreadable_text(frame).items():
         reasons.setdefault(index, []).extend(unreadable)
+    if unreadable_lines is not None:
+        for index, problem in enumerate(unreadable_lines):
+            if problem is not None:  # the file's own reason replaces the generic one
+                reasons[index] = [problem] + [reason for reason in reasons.get(index, [])
+                                              if not reason.endswith(UNREADABLE_TEXT)]
+    if keep_last_duplicate:
+        reasons.update(_earlier_duplicates(frame, reasons))
     bad = pl.Series("bad", [i in reasons for i in range(frame.height)], dtype=pl.Boolean)
     quarantined = _quarantine_rows(frame.filter(bad), [reasons[i] for i in sorted(reasons)])
     return ValidatedRows(_patches(frame.filter(~bad), empty_cells), quarantined)
+
+
+def _earlier_duplicates(frame: pl.DataFrame, reasons: dict[int, list[str]]) -> dict[int, list[str]]:
+    """The reasons of the rows that a later valid row with the same id replaces (by position)."""
+    valid = (frame.select(pl.col("id"), pl.col(ROW_COLUMN)).with_row_index("position")
+             .filter(~pl.col("position").is_in(list(reasons))))
+    repeated = valid.filter(pl.col("id").is_duplicated()).sort("position")
+    found: dict[int, list[str]] = {}
+    for (user_id,), rows in repeated.group_by("id", maintain_order=True):
+        numbers = rows[ROW_COLUMN].to_list()
+        listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+        for position in rows["position"].to_list()[:-1]:
+            found[position] = [f"duplicate id {user_id!r} on rows {listed}: the last (row {numbers[-1]}) "
+                               "was loaded, this row was not"]
+    return found
 
 
 def _quarantine_rows(frame: pl.DataFrame, reasons: list[list[str]]) -> pl.DataFrame:

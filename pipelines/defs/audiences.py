@@ -1,6 +1,7 @@
 """Audiences: the definitions asset and the dbt models that materialize every audience."""
 
 from collections.abc import Mapping
+from graphlib import TopologicalSorter
 from typing import Any
 
 import dagster as dg
@@ -10,6 +11,7 @@ from pydantic import Field
 from audiences.dbt_project import prepare, project_definitions, project_fingerprint
 from audiences.definitions import DefinitionSet, validate_definitions
 from audiences.dbt_models import custom_audience_keys
+from audiences.membership.changes import pending_changes
 from audiences.evaluation import (
     EarlierEvaluationError,
     check_evaluation_time,
@@ -148,26 +150,42 @@ def audiences_definitions() -> dg.Definitions:
         context.log.info("re-evaluation: views unchanged" if lean else "full build: the dbt project changed")
         # DuckDB allows one writer: read member counts only after dbt has finished and let go.
         events = list(dbt.cli(arguments, context=context).stream())
-        counts = _member_counts(warehouse, evaluated_at)
+        # An earlier evaluation records no membership events: its audiences report their members only.
+        audiences = _audience_metadata(warehouse, evaluated_at, with_changes=not earlier)
         if not lean:
             with warehouse.connect() as connection:
                 record_full_build(connection, fingerprint)
-        for model, members in counts.items():
-            if lean:  # the audience's view was not rebuilt, but its members were re-evaluated
-                yield dg.AssetObservation(asset_key=dg.AssetKey(["audiences", model]),
-                                          metadata={"member_count": members, "evaluated_at": format_time(evaluated_at)})
+        outputs: dict[dg.AssetKey, Any] = {}
+        others = []
         for event in events:
             key = getattr(event, "asset_key", None)
             if isinstance(event, dg.Output) and key is None:
                 key = context.asset_key_for_output(event.output_name)
-            if isinstance(event, (dg.Output, dg.AssetMaterialization)) and key is not None:
-                extra = {"evaluated_at": format_time(evaluated_at)}
-                if key.path[0] == "audiences" and key.path[-1] in counts:
-                    extra["member_count"] = counts[key.path[-1]]
-                if key.path[-1] == "audience_members":
-                    extra["member_counts"] = dg.MetadataValue.json(counts)
-                event = event.with_metadata({**event.metadata, **extra})
-            yield event
+            if not isinstance(event, (dg.Output, dg.AssetMaterialization)) or key is None:
+                others.append(event)
+                continue
+            extra = {"evaluated_at": format_time(evaluated_at)}
+            if key.path[0] == "audiences" and key.path[-1] in audiences:
+                extra.update(audiences[key.path[-1]])
+            if key.path[-1] == "audience_members":
+                extra["member_counts"] = dg.MetadataValue.json(
+                    {model: values["member_count"] for model, values in audiences.items()})
+            outputs[key] = event.with_metadata({**event.metadata, **extra})
+        # Every audience was evaluated, whether or not dbt rebuilt its view (a re-evaluation leaves
+        # the views alone): each gets a materialization with its members, so the asset's history
+        # (and its Plots tab) follows the member count run by run.
+        for model, metadata in audiences.items():
+            key = dg.AssetKey(["audiences", model])
+            if key not in outputs and key in context.selected_asset_keys:
+                outputs[key] = dg.MaterializeResult(asset_key=key, metadata={
+                    **metadata, "evaluated_at": format_time(evaluated_at),
+                    "status": "members re-evaluated (view unchanged)"})
+        # A multi-asset yields its assets in dependency order; dbt's tests (checks) after them.
+        for key in TopologicalSorter(context.assets_def.asset_deps).static_order():
+            if key in outputs:
+                yield outputs.pop(key)
+        yield from outputs.values()
+        yield from others
 
     @dg.asset_check(
         asset=dg.AssetKey("audience_evaluations"),
@@ -211,16 +229,25 @@ def skipped_audiences_check(definition_set: DefinitionSet) -> dg.AssetCheckResul
     )
 
 
-def _member_counts(warehouse: WarehouseResource, evaluated_at) -> dict[str, int]:
-    """Members per audience model at this run's evaluation, keyed by model name."""
-    with warehouse.connect(read_only=True) as connection:
+def _audience_metadata(warehouse: WarehouseResource, evaluated_at, with_changes: bool = True
+                       ) -> dict[str, dict[str, int]]:
+    """Per audience model at this evaluation: its member count, and how many users entered and
+    exited it (what the membership diff that follows will record; static audiences, whose events are
+    written when they change, and an earlier evaluation, which records none, report members only)."""
+    with warehouse.connect() as connection:
         rows = connection.execute(
             """
-            select catalog.model_name, evaluations.member_count
+            select catalog.model_name, catalog.audience_key, evaluations.member_count
             from main.audience_evaluations as evaluations
             join main.audience_catalog as catalog using (audience_key)
             where evaluations.evaluated_at = $evaluated_at
             """,
             {"evaluated_at": evaluated_at},
         ).fetchall()
-    return dict(rows)
+        moved = pending_changes(connection) if with_changes else {}
+    metadata = {}
+    for model, audience_key, member_count in rows:
+        metadata[model] = {"member_count": member_count}
+        if audience_key in moved:
+            metadata[model]["entered"], metadata[model]["exited"] = moved[audience_key]
+    return metadata

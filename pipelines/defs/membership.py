@@ -79,7 +79,7 @@ def membership_definitions() -> dg.Definitions:
         return dg.AssetCheckResult(
             passed=not held,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"held_batches": held, "to_release": "audiences release <batch>; audiences discard <batch>"},
+            metadata={"held_batches": held, "to_release": dg.MetadataValue.md(release_instructions(held))},
         )
 
     @dg.asset(
@@ -167,3 +167,11 @@ def membership_definitions() -> dg.Definitions:
     )
     return dg.Definitions(assets=[membership_changes, published_membership_events, workflow_trigger_deliveries],
                           asset_checks=[no_mass_membership_change], jobs=[deliver_job], schedules=[delivery_schedule])
+
+
+def release_instructions(batches: list[str]) -> str:
+    """What a person runs for each held batch (Markdown): release its events, or discard them."""
+    if not batches:
+        return "No batch is held."
+    return "\n".join(f"- batch `{batch}`: `audiences release {batch}` delivers its events, "
+                     f"`audiences discard {batch}` drops them" for batch in batches)

@@ -151,3 +151,29 @@ def test_a_skipped_audience_keeps_its_open_memberships_and_gets_no_event(warehou
     # Fixed, it is evaluated again: now the change is real.
     evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1], "free": [3, 4]})
     assert outbox(warehouse)[4:] == [("pro", "u2", None, "exited", 1, False, False)]
+
+
+def test_an_audience_nobody_entered_or_left_reports_its_members_as_its_size_before(warehouse):
+    evaluate(warehouse, T0, {"pro": [1, 2, 3], "eu": [4, 5]})
+    summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2, 3], "eu": [4, 5, 6]})
+    sizes = {change.audience_key: (change.entered, change.exited, change.size_before) for change in summary.audiences}
+    assert sizes == {"pro": (0, 0, 3), "eu": (1, 0, 2)}
+    # With the evaluation's member counts beside the catalog (as dbt builds them), those are read.
+    warehouse.execute("create table main.audience_evaluations as select $t::timestamptz as evaluated_at, "
+                      "'pro' as audience_key, 3 as member_count", {"t": T0 + timedelta(hours=2)})
+    summary = evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1, 2, 3], "eu": [4, 5]})
+    sizes = {change.audience_key: (change.entered, change.exited, change.size_before) for change in summary.audiences}
+    assert sizes == {"pro": (0, 0, 3), "eu": (0, 1, 3)}
+
+
+def test_pending_changes_counts_what_the_diff_will_record_and_records_nothing(warehouse):
+    from audiences.membership.changes import pending_changes
+
+    evaluate(warehouse, T0, {"pro": [1, 2, 3], "eu": [4]})
+    set_evaluation(warehouse, {"pro": [1, 2, 7], "eu": [4]})
+    outbox_before = outbox(warehouse)
+    assert pending_changes(warehouse) == {"pro": (1, 1), "eu": (0, 0)}
+    assert outbox(warehouse) == outbox_before
+    summary = record_changes(warehouse, T0 + timedelta(hours=1))
+    assert {change.audience_key: (change.entered, change.exited) for change in summary.audiences} == {
+        "pro": (1, 1), "eu": (0, 0)}
