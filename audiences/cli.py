@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 sinks_file=arguments.sinks,
                 store_url=arguments.store,
             )
+            _require_named_files(arguments)
             return arguments.handler(settings, arguments) or 0
     except BrokenPipeError:  # the reader (e.g. `head`) has what it wanted
         sys.stderr.close()
@@ -58,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {_user_message(error, settings)}", file=sys.stderr)
         return 1
+
+
+def _require_named_files(arguments) -> None:
+    """A sinks file or workflows folder named by a flag must exist: without one, the engine would
+    quietly fall back to its default (a JSON-lines file, no triggers), which a typo should not do."""
+    for flag, value in (("--sinks", arguments.sinks), ("--workflows", arguments.workflows)):
+        if value and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {value}: no such file or folder")
 
 
 def _user_message(error: BaseException, settings: Settings | None) -> str:

@@ -57,6 +57,7 @@ CASES = {
     "--evaluation-time after the command": (["explain", "eu-customers", "u", "--evaluation-time", "noon"],
                                             ["--evaluation-time", "ISO 8601"]),
     "bad sinks.yml": (["--sinks", "{tmp}/sinks.yml", "deliver"], ["{tmp}/sinks.yml", "carrier-pigeon"]),
+    "--sinks naming no file": (["deliver", "--sinks", "{tmp}/typo.yml"], ["--sinks {tmp}/typo.yml"]),
     "bad syncs.yml": (["--definitions", "{tmp}/audiences", "sync"], ["{tmp}/syncs.yml"]),
     "draft definition not JSON": (["preview", "{tmp}/draft.json"], ["{tmp}/draft.json"]),
     "definitions folder that does not exist": (["--definitions", "{tmp}/nowhere", "validate"], ["{tmp}/nowhere"]),
