@@ -1,9 +1,11 @@
 """`audiences`: the command-line tool.
 
 Every command reads its locations from `AUDIENCES_*` environment variables (see
-`audiences.settings`), and the global flags override them, so the tool can be pointed at anyone's
-users and definitions. Exit codes: 0 success, 1 the thing asked about is invalid or missing
-(bad definitions, unknown audience or user), 2 bad usage.
+`audiences.settings`), or from `.env` in the working folder, and the global flags (before or after
+the command) override them, so the tool can be pointed at anyone's users and definitions. Exit
+codes: 0 success, 1 the thing asked about is invalid or missing (bad definitions, unknown audience
+or user, a failed run), 2 bad usage, 130 interrupted. Errors are one line each; --debug adds the
+traceback.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _user_message(error: BaseException, settings: Settings | None) -> str:
             return f"{store} needs PostgreSQL's driver: pip install -e \".[postgres]\""
         if isinstance(chain, _EXPECTED_ERRORS()):
             return str(chain)
-        chain = chain.__cause__ or chain.__context__
+        chain = chain.__cause__
     return f"{type(error).__name__}: {error} (unexpected; run again with --debug for the traceback)"
 
 
@@ -820,9 +822,11 @@ def publish(settings: Settings, arguments) -> int:
     triggers (the pipeline does this after each evaluation; this is for recovery)."""
     from audiences.evaluation import evaluation_time_for
     from audiences.membership.publish import publish_outbox
-    from audiences.warehouse import connect
+    from audiences.warehouse import WarehouseError, connect
     from audiences.workflows import load_workflow_setup
 
+    if not settings.duckdb_path.exists():  # nothing to publish, and no empty warehouse to leave behind
+        raise WarehouseError(f"{settings.duckdb_path}: no warehouse yet; run `audiences run` first")
     setup = load_workflow_setup(settings)
     with connect(settings.duckdb_path) as connection:
         report = publish_outbox(connection, _store(settings), setup.triggers, setup.default_sink,

@@ -58,6 +58,13 @@ CASES = {
                                             ["--evaluation-time", "ISO 8601"]),
     "bad sinks.yml": (["--sinks", "{tmp}/sinks.yml", "deliver"], ["{tmp}/sinks.yml", "carrier-pigeon"]),
     "--sinks naming no file": (["deliver", "--sinks", "{tmp}/typo.yml"], ["--sinks {tmp}/typo.yml"]),
+    "publish with no warehouse": (["publish"], ["{tmp}/w.duckdb", "no warehouse yet"]),
+    "generate from a folder that does not exist": (["--definitions", "{tmp}/nowhere", "generate"], ["{tmp}/nowhere"]),
+    "discard of an unknown batch": (["discard", "no-such-batch"], ["no-such-batch"]),
+    "revoke of an unknown key": (["keys", "revoke", "no-such-key"], ["no-such-key"]),
+    "remove from an unknown audience": (["remove", "no-such-audience", "u1"], ["no-such-audience"]),
+    "deliveries from a store that is not a database": (["deliveries", "--store", "{tmp}/draft.json"],
+                                                       ["{tmp}/draft.json", "--store"]),
     "bad syncs.yml": (["--definitions", "{tmp}/audiences", "sync"], ["{tmp}/syncs.yml"]),
     "draft definition not JSON": (["preview", "{tmp}/draft.json"], ["{tmp}/draft.json"]),
     "definitions folder that does not exist": (["--definitions", "{tmp}/nowhere", "validate"], ["{tmp}/nowhere"]),
@@ -84,6 +91,7 @@ def test_bad_input_is_one_or_two_lines_naming_it_without_a_traceback(case, scrat
 def test_a_bad_environment_variable_is_named(variable, value, tmp_path):
     result = audiences("--duckdb", str(tmp_path / "w.duckdb"), "events", env={variable: value})
     assert_user_error(result, variable, repr(value))
+    assert not (tmp_path / "w.duckdb").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
