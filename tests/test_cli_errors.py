@@ -79,7 +79,10 @@ CASES = {
 def test_bad_input_is_one_or_two_lines_naming_it_without_a_traceback(case, scratch):
     arguments, named = CASES[case]
     (scratch / "audiences").mkdir()
-    fill = lambda text: text.replace("{tmp}", str(scratch))  # noqa: E731
+
+    def fill(text: str) -> str:
+        return text.replace("{tmp}", str(scratch))
+
     result = audiences("--duckdb", str(scratch / "w.duckdb"), "--store", f"sqlite:///{scratch}/store.sqlite",
                        *map(fill, arguments), timeout=120)
     assert_user_error(result, *map(fill, named))
