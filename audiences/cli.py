@@ -1,59 +1,96 @@
 """`audiences`: the command-line tool.
 
 Every command reads its locations from `AUDIENCES_*` environment variables (see
-`audiences.settings`), and the global flags override them, so the tool can be pointed at anyone's
-users and definitions. Exit codes: 0 success, 1 the thing asked about is invalid or missing
-(bad definitions, unknown audience or user), 2 bad usage.
+`audiences.settings`), or from `.env` in the working folder, and the global flags (before or after
+the command) override them, so the tool can be pointed at anyone's users and definitions. Exit
+codes: 0 success, 1 the thing asked about is invalid or missing (bad definitions, unknown audience
+or user, a failed run), 2 bad usage, 130 interrupted. Errors are one line each; --debug adds the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from audiences.settings import ENVIRONMENT_VARIABLES, Settings, format_time
+from audiences.settings import ENVIRONMENT_VARIABLES, Settings, dotenv_variables, format_time
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `audiences` entry point. Settings come from flags, then the environment, then `.env` in
+    the working folder. An error is printed as one line (or one per problem) naming the file, field
+    or flag, with exit status 1; `--debug` adds the traceback."""
     parser = _parser()
     arguments = parser.parse_args(argv)
     if not getattr(arguments, "handler", None):
         parser.print_help()
         return 2
+    settings = None
     try:
-        settings = Settings.from_env(
-            duckdb_path=arguments.duckdb,
-            definitions_dir=arguments.definitions,
-            sources_file=arguments.sources,
-            users_source=arguments.users_source,
-            source_mode=arguments.source_mode,
-            evaluation_time=arguments.evaluation_time,
-            dbt_project_dir=arguments.dbt_project,
-            workflows_dir=arguments.workflows,
-            sinks_file=arguments.sinks,
-            store_url=arguments.store,
-        )
-        return arguments.handler(settings, arguments) or 0
-    except _EXPECTED_ERRORS() as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        with dotenv_variables() as from_dotenv:
+            arguments.from_dotenv = set(from_dotenv)
+            settings = Settings.from_env(
+                duckdb_path=arguments.duckdb,
+                definitions_dir=arguments.definitions,
+                sources_file=arguments.sources,
+                users_source=arguments.users_source,
+                source_mode=arguments.source_mode,
+                evaluation_time=arguments.evaluation_time,
+                dbt_project_dir=arguments.dbt_project,
+                workflows_dir=arguments.workflows,
+                sinks_file=arguments.sinks,
+                store_url=arguments.store,
+            )
+            _require_named_files(arguments)
+            return arguments.handler(settings, arguments) or 0
     except BrokenPipeError:  # the reader (e.g. `head`) has what it wanted
         sys.stderr.close()
         return 0
-    except sqlalchemy_errors() as error:
-        print(f"error: the membership store cannot be used: {getattr(error, 'orig', error)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place errors become messages
+        if arguments.debug:
+            traceback.print_exc()
+        print(f"error: {_user_message(error, settings)}", file=sys.stderr)
         return 1
 
 
-def sqlalchemy_errors():
-    from sqlalchemy.exc import OperationalError
+def _require_named_files(arguments) -> None:
+    """A sinks file or workflows folder named by a flag must exist: without one, the engine would
+    quietly fall back to its default (a JSON-lines file, no triggers), which a typo should not do."""
+    for flag, value in (("--sinks", arguments.sinks), ("--workflows", arguments.workflows)):
+        if value and not Path(value).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {value}: no such file or folder")
 
-    return (OperationalError,)
+
+def _user_message(error: BaseException, settings: Settings | None) -> str:
+    """What the user needs from an error: the message of the first error in its chain that is about
+    their input (a wrapper such as Dagster's names only itself); anything else is a bug, shown as
+    its type and message with a pointer to --debug."""
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
+    store = f"the membership store {settings.store_url!r} (--store, AUDIENCES_STORE_URL)" if settings else "the membership store"
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, OperationalError):
+            return f"{store} cannot be used: {getattr(chain, 'orig', chain)}"
+        if isinstance(chain, (ArgumentError, NoSuchModuleError)):
+            return f"{store} is not a usable database URL: {chain}"
+        if isinstance(chain, ModuleNotFoundError) and chain.name == "psycopg":
+            return f"{store} needs PostgreSQL's driver: pip install -e \".[postgres]\""
+        if isinstance(chain, _EXPECTED_ERRORS()):
+            return str(chain)
+        chain = chain.__cause__
+    return f"{type(error).__name__}: {error} (unexpected; run again with --debug for the traceback)"
 
 
 def _EXPECTED_ERRORS():
@@ -61,33 +98,73 @@ def _EXPECTED_ERRORS():
     from audiences.users.sources import SourceError
     from audiences.warehouse import WarehouseError
 
-    # MembershipError, UploadError and the sinks' errors are ValueErrors too.
-    return (DefinitionError, SourceError, WarehouseError, ValueError, FileNotFoundError)
+    # MembershipError, UploadError and the sinks' errors are ValueErrors too; OSError covers a
+    # missing, unreadable or unwritable file named by the user.
+    return (DefinitionError, SourceError, WarehouseError, ValueError, OSError)
+
+
+TIME_FORMAT = "ISO 8601, e.g. 2026-11-01T12:00:00Z or 2026-11-01"
+
+
+def _time_flag(value: str):
+    """An ISO 8601 time given to a flag (UTC when it has no offset); argparse names the flag."""
+    from audiences.settings import parse_evaluation_time
+
+    try:
+        return parse_evaluation_time(value) if value.strip() else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a time ({TIME_FORMAT})") from None
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)")
+    return int(value)
+
+
+def _global_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """The options every command takes, before or after its name. After it, they default to
+    "not given" (argparse.SUPPRESS), so they do not undo the same option given before it."""
+    group = parser.add_argument_group("global options (also accepted before the command)") if after_command else parser
+    default = {"default": argparse.SUPPRESS} if after_command else {}
+    group.add_argument("--duckdb", help="the DuckDB warehouse file (AUDIENCES_DUCKDB)", **default)
+    group.add_argument("--definitions", help="the audience definitions folder (AUDIENCES_DEFINITIONS)", **default)
+    group.add_argument("--sources", help="the sources YAML file (AUDIENCES_SOURCES)", **default)
+    group.add_argument("--users-source", help="one users source: a file, Parquet folder or URI (AUDIENCES_USERS_SOURCE)",
+                       **default)
+    group.add_argument("--source-mode", choices=["snapshot", "stream"], help="mode of --users-source", **default)
+    group.add_argument("--evaluation-time", type=_time_flag, metavar="TIME",
+                       help=f"the evaluation time, {TIME_FORMAT} (AUDIENCES_EVALUATION_TIME); default: now, and "
+                            "for explain the last evaluation's", **default)
+    group.add_argument("--dbt-project", help="the dbt project folder (AUDIENCES_DBT_PROJECT)", **default)
+    group.add_argument("--workflows", help="the workflow triggers folder (AUDIENCES_WORKFLOWS)", **default)
+    group.add_argument("--sinks", help="the sinks YAML file (AUDIENCES_SINKS)", **default)
+    group.add_argument("--store", help="the membership store URL (AUDIENCES_STORE_URL)", **default)
+    group.add_argument("--debug", action="store_true", help="show the traceback of an error", **default)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines, the option and what was wrong, rather than the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     variables = "\n".join(f"  {name:27} {meaning}" for name, meaning in ENVIRONMENT_VARIABLES.items())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="audiences",
         description="A warehouse-native, Knock-compatible audiences engine (Dagster, DuckDB, dbt).",
         epilog=f"Environment variables (flags override them):\n{variables}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--duckdb", help="the DuckDB warehouse file (AUDIENCES_DUCKDB)")
-    parser.add_argument("--definitions", help="the audience definitions folder (AUDIENCES_DEFINITIONS)")
-    parser.add_argument("--sources", help="the sources YAML file (AUDIENCES_SOURCES)")
-    parser.add_argument("--users-source", help="one users source: a file, Parquet folder or URI (AUDIENCES_USERS_SOURCE)")
-    parser.add_argument("--source-mode", choices=["snapshot", "stream"], help="mode of --users-source")
-    parser.add_argument("--evaluation-time", help="ISO 8601 evaluation time, default now (AUDIENCES_EVALUATION_TIME)")
-    parser.add_argument("--dbt-project", help="the dbt project folder (AUDIENCES_DBT_PROJECT)")
-    parser.add_argument("--workflows", help="the workflow triggers folder (AUDIENCES_WORKFLOWS)")
-    parser.add_argument("--sinks", help="the sinks YAML file (AUDIENCES_SINKS)")
-    parser.add_argument("--store", help="the membership store URL (AUDIENCES_STORE_URL)")
+    _global_options(parser)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=handler.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        _global_options(sub, after_command=True)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -104,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--sql", action="store_true", help="also print the SQL that was run")
     sub = command("members", members, "list an audience's members as JSON lines")
     sub.add_argument("audience", help="the audience key")
-    sub.add_argument("--at", help="who was a member at this ISO 8601 time (from the membership history)")
+    sub.add_argument("--at", type=_time_flag, metavar="TIME",
+                     help=f"who was a member at this time, {TIME_FORMAT} (from the membership history)")
     command("validate", validate, "validate every audience definition")
     sub = command("explain", explain, "show why a user is in or out of an audience")
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
@@ -115,8 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--audience", help="only this audience")
     sub.add_argument("--user", help="only this user id")
     sub.add_argument("--type", choices=["entered", "exited"], help="only entered or exited")
-    sub.add_argument("--since", help="events at or after this ISO 8601 time")
-    sub.add_argument("--until", help="events before this ISO 8601 time")
+    sub.add_argument("--since", type=_time_flag, metavar="TIME", help=f"events at or after this time ({TIME_FORMAT})")
+    sub.add_argument("--until", type=_time_flag, metavar="TIME", help=f"events before this time ({TIME_FORMAT})")
     sub.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     command("deliveries", deliveries, "delivery status per sink, dead letters and held batches")
     sub = command("release", release, "send a held batch of membership events")
@@ -164,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("workflow", help="the workflow key (a folder of the workflows folder)")
     sub = command("serve", serve, "run the Knock-compatible HTTP API")
     sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
-    sub.add_argument("--port", type=int, default=8800, help="the port (default 8800)")
+    sub.add_argument("--port", type=_port, default=8800, help="the port (default 8800)")
     sub.add_argument("--workers", type=int, default=1,
                      help="worker processes (default 1; 2 on a 2-core machine serves about twice the writes)")
     sub = command("keys", keys, "create, list and revoke the API's secret keys")
@@ -258,52 +336,78 @@ def init(settings: Settings, arguments) -> int:
 
 def run(settings: Settings, arguments) -> int:
     """Run the main job: load every user source, validate the definitions, and materialize every
-    audience through Dagster at one evaluation time; then print the member counts.
+    audience through Dagster at one evaluation time; then print, for that evaluation, each
+    audience's members and how many users entered and exited it, the deliveries queued and sent,
+    and where the results are.
 
     Set DAGSTER_HOME to keep the run's history for the Dagster UI (`dg dev`).
 
     Time only moves forward: an evaluation time earlier than the last recorded one is refused, and
     with --allow-earlier it is evaluated (members and counts) without recording membership events
     or triggering workflows."""
+    from audiences.delivery.sinks import load_sinks
     from audiences.evaluation import check_evaluation_time, evaluation_time_for
     from audiences.settings import require_dbt_project
     from audiences.warehouse import connect, last_evaluation
 
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
+    sinks, default_sink = load_sinks(settings.sinks_file)  # a bad sinks file fails here, not in the run
     evaluated_at = evaluation_time_for(settings.evaluation_time)
     earlier = False
     if settings.duckdb_path.exists():  # refused before anything is loaded or written
         with connect(settings.duckdb_path, read_only=True) as connection:
             earlier = check_evaluation_time(connection, evaluated_at, arguments.allow_earlier)
     with _environment(settings.environment_variables()):
-        result = _execute_main_job(evaluated_at, verbose=arguments.verbose, allow_earlier=arguments.allow_earlier)
-    if not result.success:
-        print("error: the run failed; see the log above", file=sys.stderr)
+        outcome = _execute_main_job(evaluated_at, verbose=arguments.verbose, debug=arguments.debug,
+                                    allow_earlier=arguments.allow_earlier)
+    for warning in outcome.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if not outcome.success:
+        for failure in outcome.failures or ["the run failed (--verbose shows Dagster's and dbt's log)"]:
+            print(f"error: {failure}", file=sys.stderr)
         return 1
     with connect(settings.duckdb_path, read_only=True) as connection:
         counts = last_evaluation(connection, evaluated_at)
         users, quarantined = connection.execute(
             "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
         ).fetchall()[0]
-    print(f"evaluated at {format_time(evaluated_at)}: {users} users, {quarantined} quarantined rows "
+    print(f"evaluated at {format_time(evaluated_at)}: {users:,} users, {quarantined:,} quarantined rows "
           f"(see raw.users_quarantine)")
     if earlier:
         print("  earlier than the last recorded evaluation: no membership events recorded, no workflows triggered")
     width = max((len(row["audience_key"]) for row in counts), default=10)
+    print(f"  {'audience':<{width}}  {'type':<8}  {'members':>9}  {'entered':>8}  {'exited':>8}")
     for row in counts:
-        print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,} members")
-    skipped, problems = _skipped_audiences(result)
-    if skipped:
-        print(f"error: skipped {len(skipped)} audiences whose definitions have errors, or refer to one that has "
-              f"({', '.join(skipped)}); their members are kept as they were and they have no events:", file=sys.stderr)
-        for problem in problems:
+        change = outcome.changes.get(row["audience_key"], {})
+        note = ("first evaluation: no triggers" if change.get("is_backfill") else
+                f"held as {change['held_batch']}: `audiences release` or `discard` it" if change.get("held_batch")
+                else "")
+        print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,}  "
+              f"{'+' + format(change.get('entered', 0), ','):>8}  {'-' + format(change.get('exited', 0), ','):>8}"
+              f"  {note}".rstrip())
+    published, sent = outcome.published, outcome.delivered
+    queued = published.get("deliveries_created", 0) + published.get("static_deliveries_created", 0)
+    print(f"deliveries: {queued:,} queued ({published.get('deliveries_held', 0):,} held), "
+          f"{sent.get('delivered', 0):,} delivered, {sent.get('retried_later', 0):,} to retry, "
+          f"{sent.get('dead_lettered', 0):,} dead-lettered (`audiences deliveries`)")
+    print("results:")
+    print(f"  warehouse  {settings.duckdb_path} (audience_members, audience_evaluations, audiences.<key>)")
+    print(f"  store      {settings.store_url} (`audiences events`, `audiences members`)")
+    for name, sink in sorted(sinks.items()):
+        where = getattr(sink, "path", None) or getattr(sink, "url", None) or getattr(sink, "base_url", "")
+        print(f"  sink       {name}{' (default)' if name == default_sink else ''}: {where}")
+    if outcome.skipped:
+        print(f"error: skipped {len(outcome.skipped)} audiences whose definitions have errors, or refer to one that "
+              f"has ({', '.join(outcome.skipped)}); their members are kept as they were and they have no events:",
+              file=sys.stderr)
+        for problem in outcome.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     return 0
 
 
 def _skipped_audiences(result) -> tuple[list[str], list[str]]:
-    """The audiences a finished run skipped, and why, from its definitions check."""
+    """The audiences a run skipped, and why, from its definitions check."""
     from pipelines.defs.audiences import DEFINITIONS_CHECK
 
     for evaluation in result.get_asset_check_evaluations():
@@ -328,7 +432,24 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
-def _execute_main_job(evaluated_at, verbose: bool = False, allow_earlier: bool = False):
+@dataclasses.dataclass
+class _RunOutcome:
+    """What `run` needs from a Dagster run: success, the failed steps' messages, warnings logged,
+    the metadata of the membership and delivery assets, and the audiences skipped for their
+    definitions' errors (with each problem)."""
+
+    success: bool
+    failures: list[str]
+    warnings: list[str]
+    changes: dict
+    published: dict
+    delivered: dict
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def _execute_main_job(evaluated_at, verbose: bool = False, debug: bool = False,
+                      allow_earlier: bool = False) -> _RunOutcome:
     import dagster as dg
 
     from pipelines import build_definitions
@@ -336,20 +457,57 @@ def _execute_main_job(evaluated_at, verbose: bool = False, allow_earlier: bool =
 
     defs = build_definitions()
     job = defs.resolve_job_def(MAIN_JOB)
+    # Without --verbose, Dagster's console stays quiet: its warnings and failures are read back from
+    # the run's event log and printed as the user's messages, not as Dagster's tracebacks.
     run_config = {
         "ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at),
                                                "allow_earlier": allow_earlier}}},
-        "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "WARNING"}}},
+        "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}},
     }
     with dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral() as instance:
         if verbose:
-            return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-        # dbt's own progress lines are echoed to stdout; keep them for --verbose.
-        with contextlib.redirect_stdout(io.StringIO()) as captured:
             result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-        if not result.success:
-            sys.stderr.write(captured.getvalue()[-8000:])
-        return result
+        else:
+            # dbt's own progress lines are echoed to stdout; keep them for --verbose.
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+        warnings = [] if verbose else [
+            f"{entry.step_key}: {entry.user_message}" if entry.step_key else entry.user_message
+            for entry in instance.all_logs(result.run_id)
+            if not entry.is_dagster_event and entry.level == logging.WARNING]
+    failures = []
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        if debug and error is not None:
+            sys.stderr.write(error.to_string())
+        failures.append(f"step {event.step_key} failed: {_step_error_message(error)}")
+
+    def metadata(node: str) -> dict:
+        found = result.asset_materializations_for_node(node) if result.success else []
+        return {key: value.value for key, value in found[-1].metadata.items()} if found else {}
+
+    return _RunOutcome(result.success, failures, warnings, metadata("membership_changes").get("changes") or {},
+                       metadata("published_membership_events"), metadata("workflow_trigger_deliveries"),
+                       *_skipped_audiences(result))
+
+
+def _step_error_message(error) -> str:
+    """The user-facing message of a failed step: the error Dagster wrapped (an `Error occurred while
+    executing op` names only Dagster), without its module path; a `dg.Failure`'s own description."""
+    while error is not None and error.cls_name.startswith("Dagster") and error.cause is not None:
+        error = error.cause
+    if error is None:
+        return "no error recorded"
+    message = error.message.strip()
+    qualified = message.split(":", 1)[0]
+    if qualified.endswith(error.cls_name) and " " not in qualified:
+        message = message.split(":", 1)[1].strip()
+        user_error = error.cls_name in ("Failure", "SourceError", "DefinitionError", "WarehouseError", "ValueError",
+                                        "FileNotFoundError", "SinkConfigError", "DbtCliRuntimeError",
+                                        "DagsterDbtCliRuntimeError")
+        if not user_error:
+            message = f"{error.cls_name}: {message} (unexpected; --debug shows the traceback)"
+    return message
 
 
 def _definition(settings: Settings, key_or_file: str):
@@ -376,19 +534,40 @@ def _definition(settings: Settings, key_or_file: str):
     return found.require(key_or_file), definitions
 
 
+def _chosen_time(settings: Settings, arguments, connection, default_to_last_evaluation: bool):
+    """The time to evaluate at and where it came from: --evaluation-time, then
+    AUDIENCES_EVALUATION_TIME, then the last evaluation's time (explain: what `members` shows) or
+    now (preview: who matches now)."""
+    from audiences.evaluation import members_evaluated_at
+    from audiences.settings import utc_now
+
+    if arguments.evaluation_time is not None:
+        return arguments.evaluation_time, "from --evaluation-time"
+    if settings.evaluation_time is not None:
+        where = ".env" if "AUDIENCES_EVALUATION_TIME" in getattr(arguments, "from_dotenv", ()) else "the environment"
+        return settings.evaluation_time, f"from AUDIENCES_EVALUATION_TIME in {where}"
+    last = members_evaluated_at(connection)
+    if default_to_last_evaluation:
+        if last is not None:
+            return last, "the last evaluation's time, as `members` lists it; --evaluation-time picks another"
+        return utc_now(), "now: the warehouse has no evaluation yet"
+    last_note = f"; the last evaluation was at {format_time(last)}" if last is not None else ""
+    return utc_now(), f"now{last_note}; --evaluation-time picks another"
+
+
 def preview(settings: Settings, arguments) -> int:
     """Count and sample the users that match an audience against the current warehouse, right now
-    (or at --evaluation-time). Nothing is written. The audience can be a key from the definitions
-    folder or the path of an audience.json that is not committed yet."""
-    from audiences.evaluation import evaluation_time_for
+    (or at --evaluation-time; the output says which, and when the last evaluation was). Nothing is
+    written. The audience can be a key from the definitions folder or the path of an audience.json
+    that is not committed yet."""
     from audiences.warehouse import connect, preview as run_preview
 
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
-        result = run_preview(connection, definition, definitions, evaluation_time_for(settings.evaluation_time),
-                             sample_size=arguments.sample)
+        now, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=False)
+        result = run_preview(connection, definition, definitions, now, sample_size=arguments.sample)
     share = f" ({result.count / result.total_users:.1%} of {result.total_users:,})" if result.total_users else ""
-    print(f"{definition.key}: {result.count:,} matching users{share} at {format_time(result.evaluated_at)}")
+    print(f"{definition.key}: {result.count:,} matching users{share} at {format_time(result.evaluated_at)} ({source})")
     for row in result.sample:
         print("  " + json.dumps(row, ensure_ascii=False))
     if arguments.sql:
@@ -405,7 +584,6 @@ def members(settings: Settings, arguments) -> int:
     from audiences.membership.changes import members_at
     from audiences.membership.queries import current_members
     from audiences.membership.static import audience_types
-    from audiences.settings import parse_evaluation_time
     from audiences.warehouse import connect, members as list_members
 
     try:
@@ -423,7 +601,7 @@ def members(settings: Settings, arguments) -> int:
             return 0
     with connect(settings.duckdb_path, read_only=True) as connection:
         if arguments.at:
-            rows = members_at(connection, arguments.audience, parse_evaluation_time(arguments.at))
+            rows = members_at(connection, arguments.audience, arguments.at)
         else:
             rows = list_members(connection, arguments.audience)
         for member in rows:
@@ -442,8 +620,10 @@ def events(settings: Settings, arguments) -> int:
     user, type (entered / exited) and time."""
     from audiences.membership.queries import list_events
 
+    # The store keeps times as UTC ISO 8601 text in one format, so bounds are written the same way.
+    since, until = (format_time(moment) if moment else None for moment in (arguments.since, arguments.until))
     for event in list_events(_store(settings), arguments.audience, arguments.user, arguments.type,
-                             arguments.since, arguments.until, arguments.limit):
+                             since, until, arguments.limit):
         sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
     return 0
 
@@ -522,7 +702,10 @@ def broadcast(settings: Settings, arguments) -> int:
     from audiences.broadcasts import broadcast as send_broadcast
     from audiences.delivery.sinks import load_sinks
 
-    data = json.loads(arguments.data)
+    try:
+        data = json.loads(arguments.data)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--data is not JSON: {error}") from None
     if not isinstance(data, dict):
         raise ValueError("--data must be a JSON object")
     sinks, default_sink = load_sinks(settings.sinks_file)
@@ -673,9 +856,11 @@ def publish(settings: Settings, arguments) -> int:
     triggers (the pipeline does this after each evaluation; this is for recovery)."""
     from audiences.evaluation import evaluation_time_for
     from audiences.membership.publish import publish_outbox
-    from audiences.warehouse import connect
+    from audiences.warehouse import WarehouseError, connect
     from audiences.workflows import load_workflow_setup
 
+    if not settings.duckdb_path.exists():  # nothing to publish, and no empty warehouse to leave behind
+        raise WarehouseError(f"{settings.duckdb_path}: no warehouse yet; run `audiences run` first")
     setup = load_workflow_setup(settings)
     with connect(settings.duckdb_path) as connection:
         report = publish_outbox(connection, _store(settings), setup.triggers, setup.default_sink,
@@ -719,16 +904,17 @@ def validate(settings: Settings, arguments) -> int:
 
 def explain(settings: Settings, arguments) -> int:
     """Explain why a user is in or out of an audience: for each condition, the value seen and
-    whether it holds, then each segment (conditions ANDed) and the verdict (segments ORed)."""
-    from audiences.evaluation import evaluation_time_for
+    whether it holds, then each segment (conditions ANDed) and the verdict (segments ORed). The
+    time is the last evaluation's, the one `members` lists, unless --evaluation-time (or
+    AUDIENCES_EVALUATION_TIME) gives another; the output says which."""
     from audiences.warehouse import connect, explain as run_explain
 
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
-        result = run_explain(connection, definition, definitions, arguments.user_id,
-                             evaluation_time_for(settings.evaluation_time))
+        at, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=True)
+        result = run_explain(connection, definition, definitions, arguments.user_id, at)
     verdict = "IN" if result.is_member else "OUT"
-    print(f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)}")
+    print(f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)} ({source})")
     current = 0
     for verdict_row in result.verdicts:
         if verdict_row.segment != current:

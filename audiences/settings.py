@@ -7,6 +7,7 @@ setting `AUDIENCES_*` variables. Secrets never live here, only paths and choices
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -87,7 +88,7 @@ class Settings:
 
     @property
     def api_max_body_bytes(self) -> int:
-        return int(os.environ.get("AUDIENCES_API_MAX_BODY_BYTES") or 10 * 1024 * 1024)
+        return _variable(os.environ, "AUDIENCES_API_MAX_BODY_BYTES", int, 10 * 1024 * 1024)
 
     def store_url_for(self, environment: str) -> str:
         """Each environment's data lives in its own store, so no key of one can see another's. An
@@ -134,16 +135,16 @@ class Settings:
             sources_file=path("AUDIENCES_SOURCES", "data/sources.yml"),
             users_source=env.get("AUDIENCES_USERS_SOURCE") or None,
             source_mode=env.get("AUDIENCES_SOURCE_MODE") or "snapshot",
-            evaluation_time=parse_evaluation_time(env.get("AUDIENCES_EVALUATION_TIME")),
+            evaluation_time=_variable(env, "AUDIENCES_EVALUATION_TIME", parse_evaluation_time, None),
             dbt_project_dir=_absolute(env["AUDIENCES_DBT_PROJECT"]) if env.get("AUDIENCES_DBT_PROJECT")
             else default_dbt_project(),
             environment=env.get("AUDIENCES_ENV") or "development",
             workflows_dir=_absolute(env["AUDIENCES_WORKFLOWS"]) if env.get("AUDIENCES_WORKFLOWS") else None,
             sinks_file=_absolute(env["AUDIENCES_SINKS"]) if env.get("AUDIENCES_SINKS") else None,
             store_url=env.get("AUDIENCES_STORE_URL") or None,
-            breaker_share=float(env.get("AUDIENCES_BREAKER_SHARE") or 0.2),
-            breaker_minimum=int(env.get("AUDIENCES_BREAKER_MINIMUM") or 1000),
-            upload_max_bytes=int(env.get("AUDIENCES_UPLOAD_MAX_BYTES") or 10 * 1024 * 1024),
+            breaker_share=_variable(env, "AUDIENCES_BREAKER_SHARE", float, 0.2),
+            breaker_minimum=_variable(env, "AUDIENCES_BREAKER_MINIMUM", int, 1000),
+            upload_max_bytes=_variable(env, "AUDIENCES_UPLOAD_MAX_BYTES", int, 10 * 1024 * 1024),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
         for key in ("duckdb_path", "definitions_dir", "sources_file", "dbt_project_dir", "workflows_dir", "sinks_file"):
@@ -181,11 +182,42 @@ class Settings:
         return values
 
 
+def _variable(env, name: str, parse, default):
+    """The variable's value parsed, or the default when it is unset or empty; a bad value is an
+    error that names the variable."""
+    value = env.get(name)
+    if not value:
+        return default
+    try:
+        return parse(value)
+    except ValueError:
+        kind = {float: "a number", int: "a whole number"}.get(parse, "an ISO 8601 time, e.g. 2026-11-01T12:00:00Z")
+        raise ValueError(f"{name}={value!r} is not {kind}") from None
+
+
+@contextlib.contextmanager
+def dotenv_variables(folder: Path | None = None):
+    """The variables of `.env` in the working folder (as `.env.example` describes), set for as long
+    as the block runs. A variable already in the environment wins over `.env`, and flags win over
+    both (`Settings.from_env`). Yields the names that came from `.env`."""
+    from dotenv import dotenv_values
+
+    path = (folder or Path.cwd()) / ".env"
+    values = dotenv_values(path) if path.is_file() else {}
+    added = {name: value for name, value in values.items() if value is not None and name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield added
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 _VARIABLE = {"workflows_dir": "AUDIENCES_WORKFLOWS", "sinks_file": "AUDIENCES_SINKS", "store_url": "AUDIENCES_STORE_URL"}
 
 
 def _positive_rate(variable: str, default: float) -> float:
-    value = float(os.environ.get(variable) or default)
+    value = _variable(os.environ, variable, float, default)
     if value <= 0:
         raise ValueError(f"{variable} must be a positive number of requests a second, not {value}")
     return value

@@ -63,12 +63,19 @@ def load_syncs(path: Path) -> list[Sync]:
     path = Path(path)
     if not path.exists():
         return []
-    document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("syncs") or [], list):
+        raise ValueError(f"{path}: expected `syncs:` and a list of syncs")
     syncs = []
     for index, entry in enumerate(document.get("syncs") or []):
         where = f"{path}: syncs[{index}]"
         if not isinstance(entry, dict) or not all(entry.get(k) for k in ("name", "audience", "source")):
             raise ValueError(f"{where} needs name, audience and source")
+        if not isinstance(entry["source"], dict) or not entry["source"].get("path"):
+            raise ValueError(f"{where}.source needs a path (and a table or query for a database)")
         mode = entry.get("mode", "insert")
         if mode not in MODES:
             raise ValueError(f"{where}: mode is insert or mirror, got {mode!r}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,7 +81,7 @@ def test_explain_shows_values_and_verdicts_consistent_with_membership(capsys, at
     member = json.loads(out.splitlines()[0])["user_id"]
     code, explained, _ = run_cli(capsys, *at_sample, "explain", "eu-customers", member)
     assert code == 0
-    assert explained.splitlines()[0] == f"{member} is IN eu-customers at 2026-11-01T00:00:00.000000Z"
+    assert explained.splitlines()[0] == f"{member} is IN eu-customers at 2026-11-01T00:00:00.000000Z (from --evaluation-time)"
     assert "recipient.address.country" in explained and "(value: " in explained
 
 
@@ -217,3 +219,119 @@ def test_members_of_a_dynamic_audience_survive_a_broken_definition_elsewhere(cap
     _, expected, _ = run_cli(capsys, *store_copy, "members", "eu-customers")
     code, out, _ = run_cli(capsys, *store_copy, "--definitions", str(definitions), "members", "eu-customers")
     assert code == 0 and out == expected and expected
+
+
+def _summary_rows(out: str) -> dict[str, list[str]]:
+    """The per-audience lines of `run`'s summary: key -> [type, members, entered, exited, ...]."""
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith("  ") and len(line.split()) >= 5 and line.split()[3].startswith("+")}
+
+
+def test_run_reports_the_evaluation_it_ran_with_changes_deliveries_and_where_results_are(capsys, store_copy, tmp_path):
+    later = "2026-12-15T00:00:00Z"  # a month on: this week's signups are no longer new
+    code, out, _ = run_cli(capsys, *store_copy, "--evaluation-time", later, "run")
+    assert code == 0, out
+    rows = _summary_rows(out)
+    assert rows["new-signups-this-week"][:4] == ["dynamic", "0", "+0", "-80"]
+    assert "deliveries:" in out and " queued" in out
+    assert str(tmp_path / "warehouse.duckdb") in out and f"sqlite:///{tmp_path / 'store.sqlite'}" in out
+    assert str(tmp_path / "out" / "triggers.jsonl") in out
+    # Evaluating an earlier time again: the summary is that evaluation's, as members and preview say.
+    _, out, _ = run_cli(capsys, *store_copy, "--evaluation-time", SAMPLE_TIME, "run", "--allow-earlier")
+    assert out.startswith(f"evaluated at 2026-11-01T00:00:00.000000Z")
+    rows = _summary_rows(out)
+    for audience in ("new-signups-this-week", "power-users"):
+        _, members, _ = run_cli(capsys, *store_copy, "members", audience)
+        _, preview, _ = run_cli(capsys, *store_copy, "--evaluation-time", SAMPLE_TIME, "preview", audience)
+        assert int(rows[audience][1].replace(",", "")) == len(members.splitlines()) > 0
+        assert preview.startswith(f"{audience}: {len(members.splitlines()):,} matching users")
+
+
+@pytest.fixture
+def at_last_evaluation(sample_run, monkeypatch):
+    """Flags pointing at the sample run with no evaluation time given anywhere."""
+    monkeypatch.chdir(ROOT)
+    for name in ("AUDIENCES_DUCKDB", "AUDIENCES_DEFINITIONS", "AUDIENCES_EVALUATION_TIME", "AUDIENCES_USERS_SOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    return ["--duckdb", str(sample_run)]
+
+
+def test_explain_uses_the_last_evaluations_time_so_a_listed_member_is_in(capsys, at_last_evaluation):
+    # This week's signups at the sample's time are no longer new at the time the test runs.
+    _, out, _ = run_cli(capsys, *at_last_evaluation, "members", "new-signups-this-week")
+    member = json.loads(out.splitlines()[0])["user_id"]
+    code, explained, _ = run_cli(capsys, *at_last_evaluation, "explain", "new-signups-this-week", member)
+    assert code == 0
+    assert explained.splitlines()[0] == (f"{member} is IN new-signups-this-week at 2026-11-01T00:00:00.000000Z "
+                                         "(the last evaluation's time, as `members` lists it; --evaluation-time "
+                                         "picks another)")
+    _, later, _ = run_cli(capsys, *at_last_evaluation, "explain", "new-signups-this-week", member,
+                          "--evaluation-time", "2026-12-15")
+    assert later.splitlines()[0] == (f"{member} is OUT new-signups-this-week at 2026-12-15T00:00:00.000000Z "
+                                     "(from --evaluation-time)")
+
+
+def test_preview_says_it_matches_now_and_when_the_last_evaluation_was(capsys, at_last_evaluation):
+    from audiences.settings import utc_now
+
+    before = utc_now()
+    code, out, _ = run_cli(capsys, *at_last_evaluation, "preview", "eu-customers", "--sample", "0")
+    moment = out.split(" at ", 1)[1].split(" ", 1)[0]
+    assert code == 0 and moment >= before.strftime("%Y-%m-%dT%H:%M:%S")
+    assert out.strip().endswith("(now; the last evaluation was at 2026-11-01T00:00:00.000000Z; "
+                                "--evaluation-time picks another)")
+
+
+def test_events_since_and_until_take_times_in_any_iso_8601_form(capsys, store_copy):
+    run_cli(capsys, *store_copy, "add", "vip-customers", "user_00005")
+    _, everything, _ = run_cli(capsys, *store_copy, "events", "--audience", "vip-customers")
+    occurred = json.loads(everything.splitlines()[-1])["occurred_at"]
+    code, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "vip-customers", "--since", occurred[:10])
+    assert code == 0 and json.loads(out.splitlines()[-1])["occurred_at"] == occurred
+    # The same moment (to the second) in Paris's winter time, not the store's text form, still bounds it.
+    from datetime import datetime, timedelta, timezone
+
+    paris = datetime.fromisoformat(occurred[:19] + "+00:00").astimezone(timezone(timedelta(hours=1))).isoformat()
+    _, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "vip-customers", "--since", paris)
+    assert json.loads(out.splitlines()[-1])["occurred_at"] == occurred
+    _, out, _ = run_cli(capsys, *store_copy, "events", "--audience", "vip-customers", "--until", paris)
+    assert occurred not in out
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*store_copy, "events", "--since", "yesterday"])
+    assert exited.value.code == 2
+    assert "argument --since: 'yesterday' is not a time (ISO 8601" in capsys.readouterr().err
+
+
+def test_every_command_lists_the_global_options_and_accepts_them_after_its_name(capsys):
+    commands = cli._parser()._subparsers._group_actions[0].choices
+    for name in commands:
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        help_text = capsys.readouterr().out
+        for option in ("--duckdb", "--definitions", "--evaluation-time", "--store", "--debug"):
+            assert option in help_text, (name, option)
+    arguments = cli._parser().parse_args(["--duckdb", "a.duckdb", "run", "--duckdb", "b.duckdb", "--debug"])
+    assert arguments.duckdb == "b.duckdb" and arguments.debug
+    arguments = cli._parser().parse_args(["--duckdb", "a.duckdb", "run"])
+    assert arguments.duckdb == "a.duckdb" and not arguments.debug
+
+
+def test_dotenv_in_the_working_folder_is_read_with_the_environment_and_flags_winning(tmp_path):
+    import shutil
+
+    for folder in ("from-dotenv", "from-environment", "from-flag"):
+        shutil.copytree(ROOT / "data" / "audiences" / "eu-customers", tmp_path / folder / "eu-customers")
+    (tmp_path / ".env").write_text("# as .env.example says\nAUDIENCES_DEFINITIONS=from-dotenv\n")
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("AUDIENCES_")}
+    script = Path(sys.executable).parent / "audiences"
+
+    def validate(*flags: str, **variables: str) -> str:
+        result = subprocess.run([str(script), "validate", *flags], cwd=tmp_path, capture_output=True, text=True,
+                                env={**environment, **variables})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert f"in {tmp_path / 'from-dotenv'};" in validate()
+    assert f"in {tmp_path / 'from-environment'};" in validate(AUDIENCES_DEFINITIONS="from-environment")
+    assert f"in {tmp_path / 'from-flag'};" in validate("--definitions", "from-flag",
+                                                      AUDIENCES_DEFINITIONS="from-environment")

@@ -486,7 +486,7 @@ def load_sinks(path: Path, environ: Mapping[str, str] = os.environ) -> tuple[dic
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise SinkConfigError(f"{path} is not valid YAML: {error}") from None
+        raise SinkConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
     if document is None:
         return fallback, "file"
     try:

@@ -71,7 +71,7 @@ def sources_from_file(path: Path) -> list[UserSource]:
     except OSError as error:
         raise SourceError(f"{path}: cannot read the sources file ({error.strerror})") from None
     except yaml.YAMLError as error:
-        raise SourceError(f"{path}: not valid YAML: {error}") from None
+        raise SourceError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     entries = document.get("sources") if isinstance(document, dict) else None
     if not isinstance(entries, list):
         raise SourceError(f"{path}: expected `sources:` with a list of sources")

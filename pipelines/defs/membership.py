@@ -64,6 +64,10 @@ def membership_definitions() -> dg.Definitions:
             "exited": summary.exited,
             "held_batches": [held.held_batch for held in summary.held],
             "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
+            # The same, for `audiences run`'s summary.
+            "changes": dg.MetadataValue.json({change.audience_key: {
+                "entered": change.entered, "exited": change.exited, "is_backfill": change.is_backfill,
+                "held_batch": change.held_batch} for change in summary.audiences}),
         })
 
     @dg.asset_check(
