@@ -115,7 +115,8 @@ def test_init_then_run_in_the_new_folder(capsys, tmp_path, monkeypatch):
     capsys.readouterr()
     assert cli.main(["--evaluation-time", TIME, "run"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[1:] == ["  pro-users  dynamic           2 members"]
+    assert out.splitlines()[1:3] == ["  audience   type        members   entered    exited",
+                                     "  pro-users  dynamic           2        +2        -0  first evaluation: no triggers"]
     assert cli.main(["members", "pro-users"]) == 0
     assert [json.loads(line)["user_id"] for line in capsys.readouterr().out.splitlines()] == ["user_1", "user_3"]
     assert (folder / "data" / "store.sqlite").is_file()
