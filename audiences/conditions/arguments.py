@@ -60,10 +60,27 @@ def decode_argument(raw: object) -> Argument:
     """
     if isinstance(raw, str):
         try:
-            return Argument(json.loads(raw), raw)
+            return Argument(json_decode(raw), raw)
         except ValueError:
             return Argument(raw, raw)
     return Argument(raw, None)
+
+
+def json_decode(text: str) -> object:
+    """Strict JSON: `NaN` and `Infinity` are not JSON (they stay text), and an integer too long
+    for Python's int parser is still a number (a float)."""
+    return json.loads(text, parse_constant=_not_json, parse_int=_integer)
+
+
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _integer(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def is_number(value: object) -> bool:

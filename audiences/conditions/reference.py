@@ -108,6 +108,17 @@ def read_property(user: dict, path: str) -> Any:
     return current
 
 
+def _valid_unicode(value: Any) -> bool:
+    """Text that UTF-8 can hold (no lone surrogate), through lists and objects."""
+    if isinstance(value, str):
+        return not any(0xD800 <= ord(character) <= 0xDFFF for character in value)
+    if isinstance(value, list):
+        return all(_valid_unicode(item) for item in value)
+    if isinstance(value, dict):
+        return all(_valid_unicode(key) and _valid_unicode(item) for key, item in value.items())
+    return True
+
+
 def _check_not_reserved(path: str) -> None:
     first = _strip_prefix(path).split(".")[0]
     if first in _RESERVED_PROPERTIES:
@@ -519,6 +530,8 @@ def evaluate_condition(
     _check_not_reserved(path)
     operator = condition.get("operator")
     argument = condition.get("argument")
+    if not _valid_unicode(path) or not _valid_unicode(argument):
+        raise ValueError("a property or argument with a lone surrogate is not valid Unicode text")
     decoded, original = decode_argument(argument)
 
     # Operators that do not read the property.
