@@ -37,6 +37,7 @@ from audiences.conditions.arguments import (
     is_number,
     parse_property_path,
     parse_time_argument,
+    time_from_decoded,
 )
 
 DIALECT = "duckdb"
@@ -543,13 +544,17 @@ def timestamp_literal(moment: datetime) -> exp.Expression:
     return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build("timestamptz"))
 
 
-def _time_argument(raw: object, read: _Reader, context: CompileContext) -> exp.Expression:
+def _time_argument(raw: object, read: _Reader, context: CompileContext, bound: int | None = None) -> exp.Expression:
+    """A time argument as SQL; `bound` is the index of an already-decoded `[start, end]` bound."""
     try:
-        argument = parse_time_argument(raw)
+        argument = parse_time_argument(raw) if bound is None else time_from_decoded(raw)
     except ArgumentError as error:
-        raise ConditionError(str(error)) from None
+        raise ConditionError(str(error), "argument" if bound is None else f"argument[{bound}]") from None
     if isinstance(argument, RelativeTime):
         _note_time_window(read, argument.minutes, context)
+    if isinstance(argument, DynamicTime) and argument.path in RESERVED_PROPERTIES:
+        raise ConditionError(f"`{argument.path[0]}` is reserved and cannot be used in audience conditions (Knock's rule)",
+                             "argument" if bound is None else f"argument[{bound}]")
     return time_argument_sql(argument, context)
 
 
@@ -573,7 +578,7 @@ def _compile_time_between(condition: Condition, read: _Reader, context: CompileC
         raw = decoded if isinstance(decoded, list) else raw
     if not (isinstance(raw, list) and len(raw) == 2):
         raise ConditionError(f"`is_timestamp_between` needs [start, end], got {condition.argument!r}")
-    low, high = (_time_argument(bound, read, context) for bound in raw)
+    low, high = (_time_argument(value, read, context, bound) for bound, value in enumerate(raw))
     return exp.Between(this=read.timestamp, low=low, high=high)
 
 

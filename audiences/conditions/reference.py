@@ -247,7 +247,7 @@ def _epoch_timestamp(seconds: float) -> datetime | None:
     """Unix seconds as a UTC datetime, only when it falls in years 1..9999."""
     try:
         return _UNIX_EPOCH + timedelta(seconds=seconds)
-    except (OverflowError, ValueError):
+    except (OverflowError, ValueError, TypeError):
         return None
 
 
@@ -355,6 +355,12 @@ def _time_from_decoded(decoded: Any, user: dict, now: datetime) -> datetime | No
         if set(decoded) != {"value", "unit", "direction"}:
             raise ValueError(f"malformed relative time {decoded!r}")
         return _relative_time(decoded["value"], decoded["unit"], decoded["direction"], now)
+    if _is_number(decoded):
+        # A number is Unix seconds; outside years 1..9999 the argument is an error.
+        absolute = _epoch_timestamp(decoded)
+        if absolute is None:
+            raise ValueError(f"{decoded!r} Unix seconds is outside years 1..9999")
+        return absolute
     if not isinstance(decoded, str):
         raise ValueError(f"not a time argument: {decoded!r}")
 
@@ -382,7 +388,8 @@ def resolve_time_argument(argument: Any, user: dict, now: datetime) -> datetime 
     * relative: "7 days ago", "30 minutes from now", "30_days_ago", "2_hours_from_now" or
       {"value": 7, "unit": "days", "direction": "ago"}; exactly value * unit before/after `now`;
       raises ValueError when malformed or below 15 minutes;
-    * absolute: an ISO-8601 string readable as a timestamp value;
+    * absolute: an ISO-8601 string readable as a timestamp value, or a number: Unix seconds
+      (integer or fractional), which must fall in years 1..9999 (else ValueError);
     * dynamic: "{{ recipient.<path> }}": the timestamp value of that property of `user`, or None
       when it has none (then the condition is false).
     Anything else raises ValueError.
