@@ -169,3 +169,49 @@ def test_generation_time_grows_linearly_with_a_contains_list(tmp_path):
         generate_models(definitions, ROOT / "dbt_project", "audiences")
         costs.append(time.process_time() - started)
     assert costs[1] < 20 * costs[0], costs
+
+
+@pytest.mark.slow
+def test_original_text_quoting_and_epoch_times_agree_with_the_reference_in_dbt(tmp_path):
+    """Issue 13 through the real dbt build: names and values holding quotes, backslashes, Jinja,
+    LIKE wildcards and newlines, and Unix-second time arguments, give the reference's members."""
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs"))
+    definitions_dir = tmp_path / "audiences"
+    odd = "it's\\{{ %_\n"
+    audiences = {
+        "quoted": [{"property": 'recipient."quoted"', "operator": "equal_to", "argument": '"q"'}],
+        "not-quoted": [{"property": 'recipient."quoted"', "operator": "not_equal_to", "argument": '"q"'}],
+        "backslash": [{"property": f"recipient.{odd}", "operator": "equal_to", "argument": '"a\\\\b"'}],
+        "wildcards": [{"property": f"recipient.{odd}", "operator": "contains", "argument": "a%_"}],
+        "listed": [{"property": "recipient.tags", "operator": "contains", "argument": '["\\"q\\"", "{{ x }}"]'}],
+        "newline": [{"property": f"recipient.{odd}", "operator": "contains", "argument": "1\n2"}],
+        "epoch": [{"property": "recipient.seen", "operator": "is_timestamp_before", "argument": "1788825601"}],
+        "epoch-between": [{"property": "recipient.seen", "operator": "is_timestamp_between",
+                           "argument": [1788825600, "2026-09-08T00:00:00.5Z"]}],
+    }
+    for key, conditions in audiences.items():
+        (definitions_dir / key).mkdir(parents=True)
+        (definitions_dir / key / "audience.json").write_text(json.dumps(
+            {"name": key, "type": "dynamic", "segments": [{"conditions": conditions}]}))
+    users = [
+        {"id": "q-quoted", '"quoted"': '"q"', odd: "a\\b", "tags": ['"q"'], "seen": 1788825600},
+        {"id": "q-bare", '"quoted"': "q", odd: '"a\\\\b"', "tags": ["q", "{{ x }}"], "seen": "2026-09-08T00:00:01Z"},
+        {"id": "wild", '"quoted"': "'q'", odd: "xa%_y 1\n2", "tags": ["x"], "seen": 1788825600.25},
+        {"id": "tame", odd: "abc 12", "seen": "2026-09-08T00:00:00.6Z"},
+    ]
+    warehouse = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(warehouse)) as connection:
+        insert_users(connection, users)
+    settings = Settings.from_env({}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project)
+    prepare(settings)
+    run_dbt(["build", "--vars", json.dumps({"evaluation_time": SAMPLE_TIME})], settings)
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        rows = connection.execute("select audience_key, user_id from main.audience_members join raw.users using (user_key)").fetchall()
+    members = {key: set() for key in audiences}
+    for key, user_id in rows:
+        members[key].add(user_id)
+    expected = {key: {u["id"] for u in users if evaluate_audience(
+        {"segments": [{"conditions": conditions}]}, u, now=NOW)} for key, conditions in audiences.items()}
+    assert expected["quoted"] == {"q-quoted", "q-bare"} and expected["epoch"] == {"q-quoted", "wild", "tame"}
+    assert members == expected
