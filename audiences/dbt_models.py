@@ -700,10 +700,14 @@ def _indent(text: str, spaces: int) -> str:
     from sqlglot.tokens import TokenType
 
     tokens = sqlglot.Dialect.get_or_raise("duckdb").tokenize(text)
+    # Quoted tokens in text order; they never overlap, so one pass over lines and tokens together
+    # (linear: a condition with a 20,000-item list renders as 20,000 lines).
     quoted = [(t.start, t.end) for t in tokens if t.token_type in (TokenType.STRING, TokenType.IDENTIFIER)]
-    pad, lines, offset = " " * spaces, [], 0
+    pad, lines, offset, index = " " * spaces, [], 0, 0
     for line in text.split("\n"):
-        inside = any(start < offset <= end for start, end in quoted)
+        while index < len(quoted) and quoted[index][1] < offset:
+            index += 1
+        inside = index < len(quoted) and quoted[index][0] < offset <= quoted[index][1]
         lines.append(line if inside or not line.strip() else pad + line)
         offset += len(line) + 1
     return "\n".join(lines)

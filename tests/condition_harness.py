@@ -23,7 +23,7 @@ from audiences.conditions.compiler import (
     render,
     timestamp_literal,
 )
-from audiences.dbt_models import flattened_columns
+from audiences.dbt_models import flattened_columns, generate_models
 from audiences.users.store import ensure_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,12 +68,7 @@ def matching_ids(
         return exp.select("user_key").from_("raw.users").where(exp.func("list_contains", listed, exp.column("user_id")))
 
     if flattened:
-        extraction, columns = flattened_columns(sorted(attributes_used(segments), key=lambda a: (a.path, a.variant)))
-        selected = ", ".join(["user_key", "user_id"] + [f"{sql} as {name}" for _, sql, name in columns])
-        connection.execute(
-            f"create or replace temp table flattened as select {selected} "
-            f"from (select user_key, user_id, {extraction} as property_values from raw.users)"
-        )
+        _build_flattened(connection, sorted(attributes_used(segments), key=lambda a: (a.path, a.variant)))
         source = "flattened"
         attribute = lambda a: exp.column(a.column_name, quoted=True)  # noqa: E731
     else:
@@ -88,6 +83,54 @@ def matching_ids(
     )
     condition = render(compile_segments(segments, context))
     return {row[0] for row in connection.execute(f"select user_id from {source} where {condition}").fetchall()}
+
+
+def model_matching_ids(
+    connection: duckdb.DuckDBPyConnection,
+    segments: list[list[dict]],
+    now: datetime = NOW,
+    members: dict[str, set[str]] | None = None,
+) -> set[str]:
+    """Ids of the users matching these conditions (raw JSON, as in an audience.json) through the
+    generated dbt model of an audience holding them: the file `audiences generate` writes, its Jinja
+    rendered with Jinja (as dbt does; `ref`, `config` and `evaluation_time()` supplied here) and run
+    over the same typed columns `int_users_flattened` builds. Other audiences (`is_audience_member`)
+    are static ones whose members are `members`."""
+    import jinja2
+
+    from audiences.definitions import parse_definition
+
+    members = members or {}
+    key = "under-test"
+    raw = {"name": "Under test", "type": "dynamic", "segments": [{"conditions": segment} for segment in segments]}
+    definitions = {key: parse_definition(raw, key, Path(key) / "audience.json")}
+    for other in sorted({c["argument"] for segment in segments for c in segment
+                         if c.get("operator") in ("is_audience_member", "is_not_audience_member")}):
+        definitions[other] = parse_definition({"name": other, "type": "static"}, other, Path(other) / "audience.json")
+    files = {str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")}
+    model = files[f"models/audiences/dynamic/{definitions[key].model_name}.sql"]
+    _build_flattened(connection, sorted(attributes_used(definitions[key].segments), key=lambda a: (a.path, a.variant)))
+
+    def ref(name: str) -> str:
+        if name == "int_users_flattened":
+            return "flattened"
+        ids = sorted(members.get(name.replace("_", "-"), members.get(name, set())))
+        listed = render(exp.Array(expressions=[exp.Literal.string(i) for i in ids]) if ids
+                        else exp.cast(exp.Array(), "varchar[]"), pretty=False)
+        return f"(select user_key, cast(null as varchar) as tenant from raw.users where list_contains({listed}, user_id))"
+
+    sql = jinja2.Environment(extensions=["jinja2.ext.do"]).from_string(model).render(
+        ref=ref, config=lambda **_: "", evaluation_time=lambda: render(timestamp_literal(now), pretty=False))
+    return {row[0] for row in connection.execute(f"select user_id from ({sql})").fetchall()}
+
+
+def _build_flattened(connection: duckdb.DuckDBPyConnection, attributes: list) -> None:
+    extraction, columns = flattened_columns(attributes)
+    selected = ", ".join(["user_key", "user_id"] + [f"{sql} as {name}" for _, sql, name in columns])
+    connection.execute(
+        f"create or replace temp table flattened as select {selected} "
+        f"from (select user_key, user_id, {extraction} as property_values from raw.users)"
+    )
 
 
 def copy_store(source: Path, target: Path) -> None:

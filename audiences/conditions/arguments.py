@@ -22,13 +22,16 @@ TIMESTAMP_PATTERN = (
 )
 # Unix seconds inside years 1..9999, the range both Python and SQL engines can represent.
 EPOCH_RANGE = (-62135596800.0, 253402300799.0)
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 _UNITS = {"minute": 1, "hour": 60, "day": 60 * 24, "week": 60 * 24 * 7}
-_RELATIVE_TEXT = re.compile(
-    r"^\s*(?P<value>[0-9]+)[\s_]+(?P<unit>minutes?|hours?|days?|weeks?)[\s_]+"
-    r"(?P<direction>ago|from[\s_]+now)\s*$"
-)
-_DYNAMIC = re.compile(r"^\s*\{\{\s*(?P<path>[^{}]+?)\s*\}\}\s*$")
+_UNIT_NAMES = "minutes?|hours?|days?|weeks?"
+# Exactly the documented forms: "7 days ago", "30 minutes from now", "30_days_ago", "2_hours_from_now".
+_RELATIVE_TEXT = (re.compile(rf"(?P<value>[0-9]+) (?P<unit>{_UNIT_NAMES}) (?P<direction>ago|from now)"),
+                  re.compile(rf"(?P<value>[0-9]+)_(?P<unit>{_UNIT_NAMES})_(?P<direction>ago|from_now)"))
+_DYNAMIC = re.compile(r"\{\{\s*(?P<path>recipient\.[^\s{}]+)\s*\}\}")
+# A relative time reaches at most across years 1..9999.
+_LONGEST_RELATIVE = datetime.max - datetime.min
 
 
 class ArgumentError(ValueError):
@@ -60,10 +63,27 @@ def decode_argument(raw: object) -> Argument:
     """
     if isinstance(raw, str):
         try:
-            return Argument(json.loads(raw), raw)
+            return Argument(json_decode(raw), raw)
         except ValueError:
             return Argument(raw, raw)
     return Argument(raw, None)
+
+
+def json_decode(text: str) -> object:
+    """Strict JSON: `NaN` and `Infinity` are not JSON (they stay text), and an integer too long
+    for Python's int parser is still a number (a float)."""
+    return json.loads(text, parse_constant=_not_json, parse_int=_integer)
+
+
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _integer(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def is_number(value: object) -> bool:
@@ -91,48 +111,69 @@ TimeArgument = datetime | RelativeTime | DynamicTime
 
 
 def parse_time_argument(raw: object) -> TimeArgument:
-    """Parse a relative (`"7 days ago"`), absolute (ISO 8601) or dynamic (`{{ recipient.x }}`) time."""
-    if isinstance(raw, dict):
-        return _relative_from_object(raw)
-    if not isinstance(raw, str):
-        raise ArgumentError(f"expected a time (e.g. \"7 days ago\" or an ISO 8601 date), got {raw!r}")
-    dynamic = _DYNAMIC.match(raw)
+    """Parse a timestamp operator's argument, JSON-decoded first like every argument.
+
+    Relative (`"7 days ago"`, `{"value": 7, "unit": "days", "direction": "ago"}`), absolute
+    (an ISO 8601 string, or a number: Unix seconds) or dynamic (`{{ recipient.x }}`).
+    """
+    return time_from_decoded(decode_argument(raw).value)
+
+
+def time_from_decoded(value: object) -> TimeArgument:
+    """Parse one already-decoded time: also each bound of `is_timestamp_between`'s `[start, end]`."""
+    if isinstance(value, dict):
+        return _relative_from_object(value)
+    if is_number(value):
+        return epoch_seconds(value)
+    if not isinstance(value, str):
+        raise ArgumentError(f"{value!r} is not a time: use a relative time (\"7 days ago\"), "
+                            "an ISO 8601 timestamp, Unix seconds or {{ recipient.<property> }}")
+    dynamic = _DYNAMIC.fullmatch(value)
     if dynamic:
         return DynamicTime(parse_property_path(dynamic.group("path")))
-    relative = _RELATIVE_TEXT.match(raw.lower())
-    if relative:
-        return _relative(int(relative.group("value")), relative.group("unit"), relative.group("direction"))
-    try:
-        decoded = json.loads(raw)
-    except ValueError:
-        decoded = None
-    if isinstance(decoded, dict):
-        return _relative_from_object(decoded)
-    absolute = parse_timestamp_text(raw)
+    for pattern in _RELATIVE_TEXT:
+        relative = pattern.fullmatch(value)
+        if relative:
+            return _relative(int(relative.group("value")), relative.group("unit"), relative.group("direction"))
+    absolute = parse_timestamp_text(value)
     if absolute is None:
         raise ArgumentError(
-            f"{raw!r} is not a time: use a relative time (\"7 days ago\", \"30 minutes from now\"), "
-            "an ISO 8601 timestamp or {{ recipient.<property> }}"
+            f"{value!r} is not a time: use a relative time (\"7 days ago\", \"30 minutes from now\"), "
+            "an ISO 8601 timestamp, Unix seconds or {{ recipient.<property> }}"
         )
     return absolute
 
 
+def epoch_seconds(seconds: int | float) -> datetime:
+    """Unix seconds (integer or fractional) as a UTC datetime, to the microsecond; only in years 1..9999."""
+    try:
+        if seconds != seconds:
+            raise OverflowError
+        return UNIX_EPOCH + timedelta(seconds=seconds)
+    except (OverflowError, ValueError):
+        raise ArgumentError(f"{seconds!r} is not a time in years 1..9999 when read as Unix seconds "
+                            f"(from {EPOCH_RANGE[0]:.0f} to {EPOCH_RANGE[1]:.0f})") from None
+
+
 def _relative_from_object(raw: dict) -> RelativeTime:
-    value, unit, direction = raw.get("value"), raw.get("unit"), raw.get("direction")
-    if not (isinstance(value, int) and not isinstance(value, bool)) or not isinstance(unit, str):
-        raise ArgumentError(f"a relative time object needs an integer value and a unit, got {raw!r}")
+    if set(raw) != {"value", "unit", "direction"}:
+        raise ArgumentError(f"a relative time object is {{\"value\", \"unit\", \"direction\"}}, got {raw!r}")
+    value, unit, direction = raw["value"], raw["unit"], raw["direction"]
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ArgumentError(f"a relative time's value is a positive integer, got {value!r}")
+    if not isinstance(unit, str) or not re.fullmatch(_UNIT_NAMES, unit):
+        raise ArgumentError(f"unknown time unit {unit!r}: use minutes, hours, days or weeks")
     if direction not in ("ago", "from_now", "from now"):
         raise ArgumentError(f"a relative time direction is \"ago\" or \"from_now\", got {direction!r}")
-    return _relative(value, unit.lower(), direction)
+    return _relative(value, unit, direction)
 
 
 def _relative(value: int, unit: str, direction: str) -> RelativeTime:
-    base = unit.rstrip("s")
-    if base not in _UNITS:
-        raise ArgumentError(f"unknown time unit {unit!r}: use minutes, hours, days or weeks")
-    minutes = value * _UNITS[base]
-    if timedelta(minutes=minutes) < MINIMUM_RELATIVE:
+    minutes = value * _UNITS[unit.removesuffix("s")]
+    if minutes * 60 < MINIMUM_RELATIVE.total_seconds():
         raise ArgumentError(f"relative times must be at least 15 minutes, got {value} {unit}")
+    if minutes * 60 > _LONGEST_RELATIVE.total_seconds():
+        raise ArgumentError(f"relative time {value} {unit} reaches beyond years 1..9999")
     return RelativeTime(-minutes if direction == "ago" else minutes)
 
 

@@ -37,6 +37,7 @@ from audiences.conditions.arguments import (
     is_number,
     parse_property_path,
     parse_time_argument,
+    time_from_decoded,
 )
 
 DIALECT = "duckdb"
@@ -116,6 +117,10 @@ class Condition:
             path = parse_property_path(prop)
         except ArgumentError as error:
             raise ConditionError(str(error), field="property") from None
+        if not _is_unicode(path):
+            raise ConditionError("the property contains text that is not valid Unicode (a lone surrogate)", "property")
+        if not _is_unicode(raw.get("argument")):
+            raise ConditionError("the argument contains text that is not valid Unicode (a lone surrogate)")
         operator = raw.get("operator")
         if operator not in OPERATORS:
             close = difflib.get_close_matches(str(operator), OPERATORS, n=1)
@@ -123,6 +128,21 @@ class Condition:
             known = ", ".join(sorted(OPERATORS))
             raise ConditionError(f"unknown operator {operator!r}{hint}; known operators: {known}", "operator")
         return cls(path, operator, raw.get("argument"), location, "argument" in raw)
+
+
+def _is_unicode(value: object) -> bool:
+    """No lone surrogate anywhere in this JSON value's text (SQL text is UTF-8)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_unicode(item) for item in value)
+    if isinstance(value, dict):
+        return all(_is_unicode(key) and _is_unicode(item) for key, item in value.items())
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,23 +383,22 @@ def _argument_key(value: object) -> exp.Expression:
         return exp.Literal.string("b:true" if value else "b:false")
     if value is None:
         return exp.Literal.string("null")
-    if isinstance(value, str):
+    if isinstance(value, str) and _is_unicode(value):
         return exp.Literal.string("s:" + value)
     if is_number(value):
         return _template("'n:' || cast(cast(:n as double) + 0.0 as varchar)", n=_number_literal(value))
-    return _template("'j:' || cast(cast(:j as json) as varchar)", j=_json_text(value))
+    # A list or an object has no key: it matches no item (a nested item's key starts with 'j:'),
+    # nor does a string no property can hold (`"\\ud800"` decodes to a lone surrogate).
+    return exp.Literal.string("x:")
 
 
 def _number_literal(value: float | int) -> exp.Expression:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+    if isinstance(value, float) and value != value:
         raise ConditionError(f"{value!r} is not a usable number")
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        # A JSON number beyond a double's range (1e400) reads as an infinite double.
+        return exp.cast(exp.Literal.string("inf" if value > 0 else "-inf"), "double")
     return exp.Literal.number(repr(float(value)) if isinstance(value, float) else str(value))
-
-
-def _json_text(value: object) -> str:
-    import json
-
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _keys(values: list) -> exp.Expression:
@@ -399,11 +418,11 @@ def _compile_equal_to(condition: Condition, read: _Reader, context: CompileConte
         return _template("(:kind = 'list' and :items = :keys)", kind=read.kind, items=read.items, keys=_keys(value))
     if isinstance(value, dict):
         return exp.false()
-    if isinstance(value, str):
-        if value == "":
-            return _template("(:kind is null or :text = '')", kind=read.kind, text=read.text)
-        return exp.EQ(this=read.text, expression=exp.Literal.string(value))
-    if value is None:
+    if isinstance(value, str) and value == "":
+        matches_value = _template("(:kind is null or :text = '')", kind=read.kind, text=read.text)
+    elif isinstance(value, str):
+        matches_value = exp.EQ(this=read.text, expression=exp.Literal.string(value)) if _is_unicode(value) else exp.false()
+    elif value is None:
         matches_value = exp.false()
     elif isinstance(value, bool):
         matches_value = exp.EQ(this=read.boolean, expression=exp.Boolean(this=value))
@@ -411,7 +430,9 @@ def _compile_equal_to(condition: Condition, read: _Reader, context: CompileConte
         matches_value = _template(
             "(:kind = 'number' and :number = :n)", kind=read.kind, number=read.number, n=_number_literal(value)
         )
-    if argument.original_text is None:
+    # Or the property is a string equal to the argument's original text (`"\"q\""` matches `"q"`
+    # with its quotes, `"5"` matches the string "5").
+    if argument.original_text is None or argument.original_text == value:
         return matches_value
     return exp.or_(matches_value, exp.EQ(this=read.text, expression=exp.Literal.string(argument.original_text)))
 
@@ -451,8 +472,10 @@ def _compile_contains(condition: Condition, read: _Reader, context: CompileConte
             keys=_keys(value),
             key=read.scalar_key(),
         )
-    key, text_key = _argument_key(value), exp.Literal.string("s:" + argument.text)
-    in_list = "list_contains(:items, :key)" if key == text_key else "list_contains(:items, :key) or list_contains(:items, :text_key)"
+    # A list item matches by key, or (for an argument written as text) as a string equal to the
+    # argument's original text.
+    key, text_key = _argument_key(value), _original_text_key(argument)
+    in_list = "list_contains(:items, :key)" if text_key in (None, key) else "list_contains(:items, :key) or list_contains(:items, :text_key)"
     return _template(
         f"case when :kind = 'list' then {in_list} "
         "when :kind is null then :empty_matches "
@@ -475,13 +498,23 @@ def _compile_contains_all(condition: Condition, read: _Reader, context: CompileC
         return exp.false()
     if isinstance(value, list):
         return _template("(:kind = 'list' and list_has_all(:items, :keys))", kind=read.kind, items=read.items, keys=_keys(value))
+    key, text_key = _argument_key(value), _original_text_key(argument)
+    if text_key in (None, key):
+        return _template("(:kind = 'list' and list_contains(:items, :key))", kind=read.kind, items=read.items, key=key)
     return _template(
         "(:kind = 'list' and (list_contains(:items, :key) or list_contains(:items, :text_key)))",
         kind=read.kind,
         items=read.items,
-        key=_argument_key(value),
-        text_key=exp.Literal.string("s:" + argument.text),
+        key=key,
+        text_key=text_key,
     )
+
+
+def _original_text_key(argument: Argument) -> exp.Expression | None:
+    """The key of a string item equal to the argument's original text (none for a non-string argument)."""
+    if argument.original_text is None:
+        return None
+    return exp.Literal.string("s:" + argument.original_text)
 
 
 def _compile_empty(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
@@ -511,13 +544,17 @@ def timestamp_literal(moment: datetime) -> exp.Expression:
     return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build("timestamptz"))
 
 
-def _time_argument(raw: object, read: _Reader, context: CompileContext) -> exp.Expression:
+def _time_argument(raw: object, read: _Reader, context: CompileContext, bound: int | None = None) -> exp.Expression:
+    """A time argument as SQL; `bound` is the index of an already-decoded `[start, end]` bound."""
     try:
-        argument = parse_time_argument(raw)
+        argument = parse_time_argument(raw) if bound is None else time_from_decoded(raw)
     except ArgumentError as error:
-        raise ConditionError(str(error)) from None
+        raise ConditionError(str(error), "argument" if bound is None else f"argument[{bound}]") from None
     if isinstance(argument, RelativeTime):
         _note_time_window(read, argument.minutes, context)
+    if isinstance(argument, DynamicTime) and argument.path in RESERVED_PROPERTIES:
+        raise ConditionError(f"`{argument.path[0]}` is reserved and cannot be used in audience conditions (Knock's rule)",
+                             "argument" if bound is None else f"argument[{bound}]")
     return time_argument_sql(argument, context)
 
 
@@ -541,7 +578,7 @@ def _compile_time_between(condition: Condition, read: _Reader, context: CompileC
         raw = decoded if isinstance(decoded, list) else raw
     if not (isinstance(raw, list) and len(raw) == 2):
         raise ConditionError(f"`is_timestamp_between` needs [start, end], got {condition.argument!r}")
-    low, high = (_time_argument(bound, read, context) for bound in raw)
+    low, high = (_time_argument(value, read, context, bound) for bound, value in enumerate(raw))
     return exp.Between(this=read.timestamp, low=low, high=high)
 
 

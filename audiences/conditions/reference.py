@@ -108,6 +108,17 @@ def read_property(user: dict, path: str) -> Any:
     return current
 
 
+def _valid_unicode(value: Any) -> bool:
+    """Text that UTF-8 can hold (no lone surrogate), through lists and objects."""
+    if isinstance(value, str):
+        return not any(0xD800 <= ord(character) <= 0xDFFF for character in value)
+    if isinstance(value, list):
+        return all(_valid_unicode(item) for item in value)
+    if isinstance(value, dict):
+        return all(_valid_unicode(key) and _valid_unicode(item) for key, item in value.items())
+    return True
+
+
 def _check_not_reserved(path: str) -> None:
     first = _strip_prefix(path).split(".")[0]
     if first in _RESERVED_PROPERTIES:
@@ -236,7 +247,7 @@ def _epoch_timestamp(seconds: float) -> datetime | None:
     """Unix seconds as a UTC datetime, only when it falls in years 1..9999."""
     try:
         return _UNIX_EPOCH + timedelta(seconds=seconds)
-    except (OverflowError, ValueError):
+    except (OverflowError, ValueError, TypeError):
         return None
 
 
@@ -344,6 +355,12 @@ def _time_from_decoded(decoded: Any, user: dict, now: datetime) -> datetime | No
         if set(decoded) != {"value", "unit", "direction"}:
             raise ValueError(f"malformed relative time {decoded!r}")
         return _relative_time(decoded["value"], decoded["unit"], decoded["direction"], now)
+    if _is_number(decoded):
+        # A number is Unix seconds; outside years 1..9999 the argument is an error.
+        absolute = _epoch_timestamp(decoded)
+        if absolute is None:
+            raise ValueError(f"{decoded!r} Unix seconds is outside years 1..9999")
+        return absolute
     if not isinstance(decoded, str):
         raise ValueError(f"not a time argument: {decoded!r}")
 
@@ -371,7 +388,8 @@ def resolve_time_argument(argument: Any, user: dict, now: datetime) -> datetime 
     * relative: "7 days ago", "30 minutes from now", "30_days_ago", "2_hours_from_now" or
       {"value": 7, "unit": "days", "direction": "ago"}; exactly value * unit before/after `now`;
       raises ValueError when malformed or below 15 minutes;
-    * absolute: an ISO-8601 string readable as a timestamp value;
+    * absolute: an ISO-8601 string readable as a timestamp value, or a number: Unix seconds
+      (integer or fractional), which must fall in years 1..9999 (else ValueError);
     * dynamic: "{{ recipient.<path> }}": the timestamp value of that property of `user`, or None
       when it has none (then the condition is false).
     Anything else raises ValueError.
@@ -519,6 +537,8 @@ def evaluate_condition(
     _check_not_reserved(path)
     operator = condition.get("operator")
     argument = condition.get("argument")
+    if not _valid_unicode(path) or not _valid_unicode(argument):
+        raise ValueError("a property or argument with a lone surrogate is not valid Unicode text")
     decoded, original = decode_argument(argument)
 
     # Operators that do not read the property.

@@ -120,3 +120,98 @@ def test_only_audiences_that_compare_with_now_are_reevaluated_for_users_in_time_
     # An audience over a time-dependent one is time-dependent too; one over a static audience is
     # evaluated whole, not per user.
     assert time_dependent_audiences(definitions) == {"active", "active-pros"}
+
+
+def _big_contains_definition(folder, items: int) -> None:
+    tags = json.dumps([f"tag-{n}" for n in range(items)])
+    document = {"name": "Big list", "type": "dynamic", "segments": [{"conditions": [
+        {"property": "recipient.tags", "operator": "contains", "argument": tags}]}]}
+    (folder / "big").mkdir(parents=True)
+    (folder / "big" / "audience.json").write_text(json.dumps(document))
+
+
+def test_a_20000_item_contains_list_generates_in_seconds(tmp_path):
+    """Issue 23: `audiences generate` took 291 s for a `contains` list of 20,000 items (indenting
+    the SQL compared every line with every string token). The real command, in its own process:
+    a few seconds of CPU now; 120 s of wall time leaves room for a busy machine."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs"))
+    _big_contains_definition(tmp_path / "audiences", 20_000)
+    environment = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path),
+                   "AUDIENCES_DEFINITIONS": str(tmp_path / "audiences"), "AUDIENCES_DBT_PROJECT": str(project)}
+    started = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "audiences"), "generate"], cwd=tmp_path,
+                          env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 120
+    model = (project / "models/audiences/dynamic/big.sql").read_text()
+    assert "'s:tag-0'" in model and "'s:tag-19999'" in model
+
+
+def test_generation_time_grows_linearly_with_a_contains_list(tmp_path):
+    """Eight times the items costs about eight times the CPU (it was 64 times: quadratic)."""
+    import time
+
+    from audiences.definitions import load_definitions
+
+    costs = []
+    for items in (1_000, 8_000):
+        folder = tmp_path / str(items)
+        _big_contains_definition(folder, items)
+        definitions = load_definitions(folder)
+        generate_models(definitions, ROOT / "dbt_project", "audiences")  # warm up (imports, caches)
+        started = time.process_time()
+        generate_models(definitions, ROOT / "dbt_project", "audiences")
+        costs.append(time.process_time() - started)
+    assert costs[1] < 20 * costs[0], costs
+
+
+@pytest.mark.slow
+def test_original_text_quoting_and_epoch_times_agree_with_the_reference_in_dbt(tmp_path):
+    """Issue 13 through the real dbt build: names and values holding quotes, backslashes, Jinja,
+    LIKE wildcards and newlines, and Unix-second time arguments, give the reference's members."""
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs"))
+    definitions_dir = tmp_path / "audiences"
+    odd = "it's\\{{ %_\n"
+    audiences = {
+        "quoted": [{"property": 'recipient."quoted"', "operator": "equal_to", "argument": '"q"'}],
+        "not-quoted": [{"property": 'recipient."quoted"', "operator": "not_equal_to", "argument": '"q"'}],
+        "backslash": [{"property": f"recipient.{odd}", "operator": "equal_to", "argument": '"a\\\\b"'}],
+        "wildcards": [{"property": f"recipient.{odd}", "operator": "contains", "argument": "a%_"}],
+        "listed": [{"property": "recipient.tags", "operator": "contains", "argument": '["\\"q\\"", "{{ x }}"]'}],
+        "newline": [{"property": f"recipient.{odd}", "operator": "contains", "argument": "1\n2"}],
+        "epoch": [{"property": "recipient.seen", "operator": "is_timestamp_before", "argument": "1788825601"}],
+        "epoch-between": [{"property": "recipient.seen", "operator": "is_timestamp_between",
+                           "argument": [1788825600, "2026-09-08T00:00:00.5Z"]}],
+    }
+    for key, conditions in audiences.items():
+        (definitions_dir / key).mkdir(parents=True)
+        (definitions_dir / key / "audience.json").write_text(json.dumps(
+            {"name": key, "type": "dynamic", "segments": [{"conditions": conditions}]}))
+    users = [
+        {"id": "q-quoted", '"quoted"': '"q"', odd: "a\\b", "tags": ['"q"'], "seen": 1788825600},
+        {"id": "q-bare", '"quoted"': "q", odd: '"a\\\\b"', "tags": ["q", "{{ x }}"], "seen": "2026-09-08T00:00:01Z"},
+        {"id": "wild", '"quoted"': "'q'", odd: "xa%_y 1\n2", "tags": ["x"], "seen": 1788825600.25},
+        {"id": "tame", odd: "abc 12", "seen": "2026-09-08T00:00:00.6Z"},
+    ]
+    warehouse = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(warehouse)) as connection:
+        insert_users(connection, users)
+    settings = Settings.from_env({}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project)
+    prepare(settings)
+    run_dbt(["build", "--vars", json.dumps({"evaluation_time": SAMPLE_TIME})], settings)
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        rows = connection.execute("select audience_key, user_id from main.audience_members join raw.users using (user_key)").fetchall()
+    members = {key: set() for key in audiences}
+    for key, user_id in rows:
+        members[key].add(user_id)
+    expected = {key: {u["id"] for u in users if evaluate_audience(
+        {"segments": [{"conditions": conditions}]}, u, now=NOW)} for key, conditions in audiences.items()}
+    assert expected["quoted"] == {"q-quoted", "q-bare"} and expected["epoch"] == {"q-quoted", "wild", "tame"}
+    assert members == expected

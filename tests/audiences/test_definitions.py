@@ -207,3 +207,16 @@ def test_validate_lists_a_broken_file_and_another_files_unknown_reference_togeth
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith(f"error: {broken}: $: not valid JSON")
     assert lines[1] == f"{reader}: $.segments[0].conditions[0].argument: unknown audience 'nowhere'"
+
+def test_epoch_seconds_are_a_time_and_out_of_range_ones_are_named(tmp_path):
+    """A number argument of a timestamp operator is Unix seconds (docs/conditions.md)."""
+    write(tmp_path, "a", dynamic({"property": "recipient.t", "operator": "is_timestamp_before", "argument": "1788825601"},
+                                 {"property": "recipient.t", "operator": "is_timestamp_between",
+                                  "argument": "[1788825600.5, \"2026-12-31\"]"}))
+    assert set(load_definitions(tmp_path)) == {"a"}
+    path = write(tmp_path, "b", dynamic({"property": "recipient.t", "operator": "is_timestamp_on_or_after", "argument": "1e20"},
+                                        {"property": "recipient.t", "operator": "is_timestamp_between", "argument": [0, -1e15]}))
+    first, second = problems_of(tmp_path)
+    assert first.startswith(f"{path}: $.segments[0].conditions[0].argument: 1e+20 ")
+    assert "years 1..9999" in first
+    assert second.startswith(f"{path}: $.segments[0].conditions[1].argument[1]: -1000000000000000.0 ")

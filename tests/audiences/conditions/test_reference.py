@@ -770,8 +770,12 @@ def test_relative_time_below_15_minutes_raises_from_the_operator_too():
         {"value": 7, "unit": "days"},
         {"value": 7, "unit": "days", "direction": "ago", "extra": 1},
         {"value": 10**12, "unit": "weeks", "direction": "ago"},  # out of range
-        5,
-        "1750000000",  # Unix seconds are not an absolute time argument
+        1e20,  # Unix seconds outside years 1..9999
+        "-62135596801",
+        "253402300800",
+        "1e400",
+        "NaN",
+        True,
         None,
         ["2025-01-01"],
         "2025-02-30",
@@ -791,6 +795,12 @@ def test_unusable_time_argument_is_an_error(argument):
         ("2025-01-01", datetime(2025, 1, 1, tzinfo=UTC)),
         ("2025-01-01 08:00+01:00", datetime(2025, 1, 1, 7, 0, tzinfo=UTC)),
         ('"2025-01-01"', datetime(2025, 1, 1, tzinfo=UTC)),
+        # a number (the argument is JSON-decoded first) is Unix seconds
+        ("1788825601", datetime(2026, 9, 8, 0, 0, 1, tzinfo=UTC)),
+        (1788825601, datetime(2026, 9, 8, 0, 0, 1, tzinfo=UTC)),
+        ("1788825601.25", datetime(2026, 9, 8, 0, 0, 1, 250000, tzinfo=UTC)),
+        ("-62135596800", datetime(1, 1, 1, tzinfo=UTC)),
+        ("253402300799", datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)),
     ],
 )
 def test_absolute_time_argument_is_an_iso_timestamp(argument, expected):
