@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -145,14 +144,13 @@ def test_an_upload_merges_into_known_users_and_empty_cells_change_nothing(store,
     assert queued[1:] == [{"plan": None, "score": 3}, {"address": {"city": "Paris"}}, {"name": "Anna"}]
 
 
-def test_a_row_with_thousands_of_columns_uploads_in_seconds(store, tmp_path):
-    # 4,000 columns took 89 s (pandera read the whole schema once per column); now about 1 s.
+def test_a_row_with_thousands_of_columns_uploads_every_column(store, tmp_path):
+    # 4,000 columns took 89 s (pandera read the whole schema once per column); bench/input_sizes.py
+    # measures that the cost now grows linearly with the columns.
     path = tmp_path / "wide.csv"
     path.write_text("id," + ",".join(f"c{i}" for i in range(4000)) + "\n"
                     "u1," + ",".join(f"v{i}" for i in range(4000)) + "\n")
-    started = time.perf_counter()
     result = upload_csv(store, "vips", path, TYPES)
-    assert time.perf_counter() - started < 15
     assert (result.members_added, result.rejected) == (1, 0)
     from audiences.users.profiles import get_profile
 
