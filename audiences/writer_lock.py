@@ -51,12 +51,11 @@ def describe_holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], None] | None = None,
-                     wait: bool = True) -> Iterator[None]:
-    """Hold the warehouse's writer lock for the block: wait for the run holding it (calling
-    `report` with a sentence naming it now and every minute), or with `wait=False` raise
-    `WarehouseBusy` at once. Re-entrant within a process: `audiences run` holds it around the job
-    whose resource asks for it again."""
+def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the warehouse's writer lock for the block, waiting for the run holding it (calling
+    `report` with a sentence naming it now and every minute). `holder` (run id, job, trigger) is
+    written into the lock file for the runs that wait. Re-entrant within a process: `audiences run`
+    holds it around the job whose resource asks for it again."""
     path = lock_path(duckdb_path)
     with _guard:
         if path in _held:
@@ -77,7 +76,7 @@ def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], No
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        _acquire(descriptor, path, Path(duckdb_path), report, wait)
+        _acquire(descriptor, path, Path(duckdb_path), report)
     except BaseException:
         os.close(descriptor)
         raise
@@ -91,19 +90,13 @@ def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], No
         _release(path)
 
 
-class WarehouseBusy(RuntimeError):
-    """Another run holds the warehouse's writer lock (and we were told not to wait)."""
-
-
-def _acquire(descriptor: int, path: Path, warehouse: Path, report: Callable[[str], None] | None, wait: bool) -> None:
+def _acquire(descriptor: int, path: Path, warehouse: Path, report: Callable[[str], None] | None) -> None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return
     except BlockingIOError:
         pass
     message = f"{warehouse}: {describe_holder(path)} is writing this warehouse"
-    if not wait:
-        raise WarehouseBusy(message + "; try again when it has finished")
     while True:
         if report:
             report(message + "; waiting for it to finish")

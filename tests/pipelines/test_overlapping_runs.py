@@ -93,3 +93,36 @@ def test_cli_and_dg_dev_share_the_working_folders_dagster_home(tmp_path, monkeyp
     assert "audiences/duckdb" in (tmp_path / "dagster_home" / "dagster.yaml").read_text()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
     assert Settings.from_env({}).dagster_home == tmp_path / "elsewhere"
+
+
+def test_a_run_killed_while_holding_the_warehouse_does_not_block_the_next(tmp_path):
+    import signal
+    import threading
+    import time
+
+    from audiences.writer_lock import hold_writer_lock, lock_path
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from audiences.writer_lock import hold_writer_lock\n"
+        f"with hold_writer_lock({str(warehouse)!r}, {{'run_id': 'r-1', 'job': 'audiences_job'}}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    reports: list[str] = []
+    try:
+        killer = threading.Timer(1.5, lambda: os.kill(holder.pid, signal.SIGKILL))
+        killer.start()
+        started = time.monotonic()
+        with hold_writer_lock(warehouse, {"job": "reevaluate_audiences"}, report=reports.append):
+            waited = time.monotonic() - started
+            assert f'"pid": {os.getpid()}' in lock_path(warehouse).read_text()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert 1 < waited < 30
+    assert reports == [f"{warehouse}: run r-1 (audiences_job, pid {holder.pid}, started "
+                       + reports[0].split("started ", 1)[1].split(")", 1)[0]
+                       + ") is writing this warehouse; waiting for it to finish"]
