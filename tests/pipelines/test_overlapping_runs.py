@@ -27,6 +27,7 @@ def audiences_run(folder: Path, environment: dict[str, str]) -> subprocess.Popen
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "audiences"), "--duckdb", str(folder / "warehouse.duckdb"),
          "--sinks", str(folder / "sinks.yml"), "--sources", str(folder / "sources.yml"),
+         "--dbt-project", str(ROOT / "dbt_project"),
          "--definitions", str(ROOT / "data" / "audiences"), "--evaluation-time", SAMPLE_TIME, "run"],
         cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
