@@ -5,9 +5,10 @@ command). Two overlapping runs would take turns at the file until one of them fo
 failed, then the other, leaving the outbox half published. Dagster's tag concurrency
 (`dagster_home/dagster.yaml`) serializes the runs its daemon launches, but not `audiences run`,
 which executes the job in its own process. So every run that writes the warehouse holds an
-exclusive lock on a file beside it (`<warehouse>.run-lock`) from its start to its end, and a second
-run waits for it, saying which run it waits for. The operating system releases the lock when its
-holder exits, even when killed, so a crashed run never blocks the next one.
+exclusive lock on a file beside it (`<warehouse>.run-lock`, removed when the run ends) from its
+start to its end, and a second run waits for it, saying which run it waits for. The operating
+system releases the lock when its holder exits, even when killed, so a crashed run never blocks the
+next one.
 """
 
 from __future__ import annotations
@@ -74,12 +75,20 @@ def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], No
             _release(path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        _acquire(descriptor, path, Path(duckdb_path), report)
-    except BaseException:
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _acquire(descriptor, path, Path(duckdb_path), report)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        # The holder we waited for removed the file as it finished: lock the one now at the path.
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(descriptor)
-        raise
     record = {**holder, "pid": os.getpid(), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     _write(descriptor, record)
     with _guard:
@@ -122,7 +131,8 @@ def _release(path: Path) -> None:
             _held[path] = (descriptor, holds - 1, record)
             return
         del _held[path]
-    # The file stays (removing it would race with a waiter that opened it); its content says no one.
-    os.ftruncate(descriptor, 0)
+    # Removed while still locked, so a finished run leaves no file behind; a run waiting on this
+    # file sees that it is gone and locks a new one.
+    path.unlink(missing_ok=True)
     fcntl.flock(descriptor, fcntl.LOCK_UN)
     os.close(descriptor)

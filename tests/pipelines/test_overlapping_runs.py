@@ -124,6 +124,7 @@ def test_a_run_killed_while_holding_the_warehouse_does_not_block_the_next(tmp_pa
         holder.wait()
         holder.stdout.close()
     assert 1 < waited < 30
+    assert not lock_path(warehouse).exists()  # a finished run leaves no file behind
     assert reports == [f"{warehouse}: run r-1 (audiences_job, pid {holder.pid}, started "
                        + reports[0].split("started ", 1)[1].split(")", 1)[0]
                        + ") is writing this warehouse; waiting for it to finish"]
