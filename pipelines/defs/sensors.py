@@ -90,11 +90,16 @@ def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     store = existing_store(Settings.from_env())
     if store is None:
         return dg.SensorResult(skip_reason="no membership store yet")
+    now = now_text()
+    columns = deliveries.c
     try:
         with store.read_engine.connect() as connection:
+            # Due as a delivery worker sees it: pending, its time come, and not claimed by a worker
+            # whose lease still runs (`audiences deliver --watch` sending it now).
             due, newest = connection.execute(
-                sa.select(sa.func.count(), sa.func.max(deliveries.c.next_attempt_at))
-                .where(deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now_text())).one()
+                sa.select(sa.func.count(), sa.func.max(columns.next_attempt_at))
+                .where(columns.status == "pending", columns.next_attempt_at <= now,
+                       sa.or_(columns.claimed_until.is_(None), columns.claimed_until < now))).one()
     except sa.exc.SQLAlchemyError as error:
         return dg.SensorResult(skip_reason=f"cannot read the deliveries: {error}")
     finally:

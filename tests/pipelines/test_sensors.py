@@ -125,6 +125,11 @@ def test_deliveries_due_start_a_delivery_run_and_nothing_else_does(tmp_path, mon
         assert nothing.run_requests in (None, [])
         add("later", "2999-01-01T00:00:00.000000Z")  # a retry not due yet
         assert tick(nothing.cursor).run_requests in (None, [])
+        add("sending", "2026-01-01T00:00:00.000000Z")  # claimed by a live worker (`deliver --watch`)
+        with store.engine.begin() as connection:
+            connection.execute(deliveries.update().where(deliveries.c.delivery_id == "sending").values(
+                claimed_by="watch/1", claimed_until="2999-01-01T00:00:00.000000Z"))
+        assert tick(nothing.cursor).run_requests in (None, [])
         add("due", "2026-01-01T00:00:00.000000Z", sink="nowhere")
         due = tick(nothing.cursor)
         [request] = due.run_requests
