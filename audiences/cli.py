@@ -340,26 +340,38 @@ def run(settings: Settings, arguments) -> int:
     audience's members and how many users entered and exited it, the deliveries queued and sent,
     and where the results are.
 
-    Set DAGSTER_HOME to keep the run's history for the Dagster UI (`dg dev`).
+    The run is recorded in the Dagster instance that `dg dev` shows (DAGSTER_HOME, by default
+    `dagster_home` in the working folder). While another run writes the warehouse, this one waits
+    for it and says which run it waits for.
 
     Time only moves forward: an evaluation time earlier than the last recorded one is refused, and
     with --allow-earlier it is evaluated (members and counts) without recording membership events
     or triggering workflows."""
     from audiences.delivery.sinks import load_sinks
-    from audiences.evaluation import check_evaluation_time, evaluation_time_for
     from audiences.settings import require_dbt_project
-    from audiences.warehouse import connect, last_evaluation
+    from audiences.writer_lock import hold_writer_lock
 
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     sinks, default_sink = load_sinks(settings.sinks_file)  # a bad sinks file fails here, not in the run
+    # The lock covers the checks and the summary too: a run that starts after ours must not take
+    # the file from them.
+    with hold_writer_lock(settings.duckdb_path, {"trigger": "audiences run"},
+                          report=lambda message: print(message, file=sys.stderr, flush=True)):
+        return _run(settings, arguments, sinks, default_sink)
+
+
+def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
+    from audiences.evaluation import check_evaluation_time, evaluation_time_for
+    from audiences.warehouse import connect, last_evaluation
+
     evaluated_at = evaluation_time_for(settings.evaluation_time)
     earlier = False
     if settings.duckdb_path.exists():  # refused before anything is loaded or written
         with connect(settings.duckdb_path, read_only=True) as connection:
             earlier = check_evaluation_time(connection, evaluated_at, arguments.allow_earlier)
     with _environment(settings.environment_variables()):
-        outcome = _execute_main_job(evaluated_at, verbose=arguments.verbose, debug=arguments.debug,
-                                    allow_earlier=arguments.allow_earlier)
+        outcome = _execute_main_job(evaluated_at, settings.dagster_home, verbose=arguments.verbose,
+                                    debug=arguments.debug, allow_earlier=arguments.allow_earlier)
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not outcome.success:
@@ -448,10 +460,11 @@ class _RunOutcome:
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
-def _execute_main_job(evaluated_at, verbose: bool = False, debug: bool = False,
+def _execute_main_job(evaluated_at, dagster_home: Path, verbose: bool = False, debug: bool = False,
                       allow_earlier: bool = False) -> _RunOutcome:
     import dagster as dg
 
+    from audiences.settings import prepare_dagster_home
     from pipelines import build_definitions
     from pipelines.defs.schedules import MAIN_JOB
 
@@ -464,13 +477,17 @@ def _execute_main_job(evaluated_at, verbose: bool = False, debug: bool = False,
                                                "allow_earlier": allow_earlier}}},
         "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}},
     }
-    with dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral() as instance:
+    tags = {"audiences/launched_by": "audiences run"}
+    # The instance `dg dev` shows, so that the run appears in its runs list.
+    with dg.DagsterInstance.from_config(str(prepare_dagster_home(dagster_home))) as instance:
         if verbose:
-            result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+            result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
+                                                tags=tags)
         else:
             # dbt's own progress lines are echoed to stdout; keep them for --verbose.
             with contextlib.redirect_stdout(io.StringIO()):
-                result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+                result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
+                                                tags=tags)
         warnings = [] if verbose else [
             f"{entry.step_key}: {entry.user_message}" if entry.step_key else entry.user_message
             for entry in instance.all_logs(result.run_id)

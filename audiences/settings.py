@@ -74,6 +74,12 @@ class Settings:
         return _absolute(os.environ["AUDIENCES_GUIDES"]) if os.environ.get("AUDIENCES_GUIDES") else self.definitions_dir.parent / "guides"
 
     @property
+    def dagster_home(self) -> Path:
+        """The Dagster instance's folder, one for `audiences run` and `dg dev`: DAGSTER_HOME, else
+        `dagster_home` in the working folder."""
+        return _absolute(os.environ.get("DAGSTER_HOME") or "dagster_home")
+
+    @property
     def api_environments(self) -> list[str]:
         names = os.environ.get("AUDIENCES_API_ENVIRONMENTS") or "development,production"
         return [name.strip() for name in names.split(",") if name.strip()]
@@ -228,6 +234,17 @@ def default_dbt_project() -> Path:
     elsewhere: generating a user's models there rewrote the engine's sample (`audiences init`
     makes a project folder with its own dbt project)."""
     return _absolute("dbt_project")
+
+
+def prepare_dagster_home(folder: Path) -> Path:
+    """A Dagster instance folder ready to use: created, with the engine's `dagster.yaml` (which
+    serializes the runs that write DuckDB) when it has none. Returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    instance_file = folder / "dagster.yaml"
+    if not instance_file.exists():
+        instance_file.write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"),
+                                 encoding="utf-8")
+    return folder
 
 
 def require_dbt_project(project_dir: Path) -> None:

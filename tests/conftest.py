@@ -9,6 +9,16 @@ import pytest
 from condition_harness import ROOT, SAMPLE_TIME, connect_memory
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dagster_home(tmp_path_factory):
+    """`audiences run` records its runs in the Dagster instance of DAGSTER_HOME (by default the
+    working folder's `dagster_home`, which `dg dev` shows): the tests' go to a temporary one."""
+    folder = tmp_path_factory.mktemp("dagster_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DAGSTER_HOME", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def memory_connection():
     connection = connect_memory()

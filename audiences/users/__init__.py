@@ -32,6 +32,20 @@ def configured_sources(settings) -> list[UserSource]:
 IDENTIFY_SOURCE = "identify"
 
 
+def identify_queue_waiting(store) -> tuple[int, int | None]:
+    """How many identify calls wait in the store's queue for the `users` asset, and the newest
+    one's id (None when none wait). Reads only the queue's index of waiting patches."""
+    import sqlalchemy as sa
+
+    from audiences.membership import store as tables
+
+    patches = tables.user_patches
+    with store.read_engine.connect() as connection:
+        waiting, newest = connection.execute(sa.select(sa.func.count(), sa.func.max(patches.c.patch_id))
+                                             .where(patches.c.loaded == sa.false())).one()
+    return waiting, newest
+
+
 def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at: datetime) -> LoadResult:
     """Load identify calls queued in the membership store (API, uploads) as a stream source."""
     import polars as pl
@@ -56,7 +70,7 @@ def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at:
             {"id": [row["user_id"] for row in batch], "properties": [row["patch"] for row in batch]},
             schema={"id": pl.String, "properties": pl.String},
         ).with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
-        result = load_users(connection, source, validate_users(frame), loaded_at)
+        result = load_users(connection, source, validate_users(frame), loaded_at, only_changed_rows=False)
         for key, value in result.as_metadata().items():
             totals[key] = totals.get(key, 0) + value
 

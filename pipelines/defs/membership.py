@@ -8,11 +8,10 @@ from audiences.membership.publish import process_static_triggers, publish_outbox
 from audiences.settings import Settings, format_time
 from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
-from pipelines.defs.schedules import DELIVERY_JOB
 
 # Most deliveries one pass inside a pipeline run sends, and most seconds it spends on one sink (a
-# receiver that hangs then delays only its own deliveries, by one schedule tick); the rest wait for
-# the delivery schedule.
+# receiver that hangs then delays only its own deliveries, until the `deliveries_due` sensor's next
+# run); the rest wait for that sensor.
 PASS_LIMIT = 50_000
 PASS_SECONDS_PER_SINK = 50.0
 
@@ -130,9 +129,9 @@ def membership_definitions() -> dg.Definitions:
             "webhook, or Knock's workflow trigger API) at least once, with the delivery id as "
             "idempotency key. Failures are retried later with back-off (never blocking evaluation); "
             "after too many attempts a delivery is dead-lettered (`audiences deliveries`, "
-            "`audiences replay`). Runs after each evaluation and on its own schedule; each delivery "
-            "is claimed before it is sent, so passes that overlap (or `audiences deliver --watch`) "
-            "never send it twice."
+            "`audiences replay`). Runs after each evaluation, and when the `deliveries_due` sensor "
+            "sees deliveries due; each delivery is claimed before it is sent, so passes that overlap "
+            "(or `audiences deliver --watch`) never send it twice."
         ),
     )
     def workflow_trigger_deliveries(context: dg.AssetExecutionContext, store: MembershipStoreResource) -> dg.MaterializeResult:
@@ -156,21 +155,8 @@ def membership_definitions() -> dg.Definitions:
             "status_per_sink": dg.MetadataValue.json(status),
         })
 
-    deliver_job = dg.define_asset_job(
-        DELIVERY_JOB,
-        selection=dg.AssetSelection.assets(workflow_trigger_deliveries),
-        description="Send due workflow triggers (retries included); touches only the membership store.",
-    )
-    delivery_schedule = dg.ScheduleDefinition(
-        name="deliver_every_minute",
-        job=deliver_job,
-        cron_schedule="* * * * *",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Deliver retries and broadcasts every minute; `audiences deliver --watch` is the "
-                    "always-on alternative.",
-    )
     return dg.Definitions(assets=[membership_changes, published_membership_events, workflow_trigger_deliveries],
-                          asset_checks=[no_mass_membership_change], jobs=[deliver_job], schedules=[delivery_schedule])
+                          asset_checks=[no_mass_membership_change])
 
 
 def release_instructions(batches: list[str]) -> str:

@@ -1,7 +1,9 @@
 """Resources: the DuckDB warehouse and the dbt CLI, both located by `audiences.settings`."""
 
+from contextlib import contextmanager
 from functools import cached_property
 from importlib.metadata import version
+from pathlib import Path
 
 import dagster as dg
 from dagster_dbt import DbtCliResource
@@ -10,6 +12,7 @@ from packaging.version import Version
 from audiences.dbt_project import dbt_executable
 from audiences.settings import Settings
 from audiences.warehouse import connect
+from audiences.writer_lock import hold_writer_lock
 
 
 class DbtResource(DbtCliResource):
@@ -30,10 +33,30 @@ class DbtResource(DbtCliResource):
         return None
 
 
+def run_trigger(tags: dict[str, str]) -> str:
+    """What started a run, from its tags: a sensor, a schedule, `audiences run`, or the UI."""
+    if tags.get("dagster/sensor_name"):
+        return f"sensor {tags['dagster/sensor_name']}"
+    if tags.get("dagster/schedule_name"):
+        return f"schedule {tags['dagster/schedule_name']}"
+    return tags.get("audiences/launched_by") or "launched by hand"
+
+
 class WarehouseResource(dg.ConfigurableResource):
-    """The DuckDB warehouse file that sources load into and dbt builds audiences in."""
+    """The DuckDB warehouse file that sources load into and dbt builds audiences in.
+
+    A run that uses it holds the warehouse's writer lock from its start to its end
+    (`audiences/writer_lock.py`): a second run, whether `audiences run`, a sensor's or a schedule's,
+    waits for the first, and says in its log which run it waits for."""
 
     duckdb_path: str
+
+    @contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext):
+        run = context.dagster_run
+        holder = {"run_id": run.run_id, "job": run.job_name, "trigger": run_trigger(run.tags)} if run else {}
+        with hold_writer_lock(Path(self.duckdb_path), holder, report=context.log.warning):
+            yield self
 
     def connect(self, read_only: bool = False):
         return connect(self.duckdb_path, read_only=read_only)

@@ -20,26 +20,41 @@ audiences_job = dg.define_asset_job(
     tags=DUCKDB_WRITER,
 )
 
+# The `users` asset loads only the identify queue in a re-evaluation: the sources are the sensor's.
+IDENTIFY_QUEUE_ONLY = {"users": {"config": {"load_sources": False}}}
+
 reevaluate_audiences = dg.define_asset_job(
     REEVALUATE_JOB,
     executor_def=dg.in_process_executor,
-    selection=dg.AssetSelection.all() - dg.AssetSelection.keys("users"),
-    description="Re-evaluate every audience against the current users at a new evaluation time.",
+    selection=dg.AssetSelection.all(),
+    description="Re-evaluate every audience at a new evaluation time, after loading the identify calls "
+    "queued since the last run (the sources are not read again).",
     tags=DUCKDB_WRITER,
+    config={"ops": IDENTIFY_QUEUE_ONLY},
+)
+
+deliver_workflow_triggers = dg.define_asset_job(
+    DELIVERY_JOB,
+    selection=dg.AssetSelection.assets("workflow_trigger_deliveries"),
+    description="Send due workflow triggers (retries included); touches only the membership store. "
+    "The `deliveries_due` sensor starts it when deliveries are due.",
 )
 
 
 @dg.schedule(job=reevaluate_audiences, cron_schedule="*/15 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING)
 def reevaluate_every_15_minutes(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     """Every 15 minutes (the smallest relative time Knock allows), evaluated at the tick's time,
-    so users enter and leave time-relative audiences as time passes without any data change."""
+    so users enter and leave time-relative audiences as time passes without any data change, and
+    identify calls queued since the last run are loaded first."""
     evaluation_time = context.scheduled_execution_time.isoformat()
     return dg.RunRequest(
         run_key=evaluation_time,
-        run_config={"ops": {"audience_models": {"config": {"evaluation_time": evaluation_time}}}},
+        run_config={"ops": {"audience_models": {"config": {"evaluation_time": evaluation_time}},
+                            **IDENTIFY_QUEUE_ONLY}},
     )
 
 
 @dg.definitions
 def schedules() -> dg.Definitions:
-    return dg.Definitions(jobs=[audiences_job, reevaluate_audiences], schedules=[reevaluate_every_15_minutes])
+    return dg.Definitions(jobs=[audiences_job, reevaluate_audiences, deliver_workflow_triggers],
+                          schedules=[reevaluate_every_15_minutes])

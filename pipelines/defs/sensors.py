@@ -1,13 +1,28 @@
-"""Sensors: evaluate as soon as a user source changes (file sizes and times, or a table watermark)."""
+"""Sensors: evaluate as soon as users change (a source's files or table watermark, a dropped upload,
+identify calls queued through the API), and deliver when deliveries are due."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
+import sqlalchemy as sa
 
 from audiences.settings import Settings
-from audiences.users import configured_sources
+from audiences.users import configured_sources, identify_queue_waiting
 from audiences.users.sources import source_fingerprint
-from pipelines.defs.schedules import MAIN_JOB
+from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
+
+IDENTIFY_QUEUE = "identify_queue"  # the fingerprint of the store's identify queue, beside the sources'
+
+
+def existing_store(settings: Settings):
+    """The membership store, or None when there is none yet (a sensor must not create it)."""
+    from audiences.membership.store import MembershipStore
+
+    url = sa.engine.make_url(settings.store_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        return None
+    return MembershipStore(settings.store_url)
 
 
 @dg.sensor(
@@ -16,13 +31,15 @@ from pipelines.defs.schedules import MAIN_JOB
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Requests the main job (load users, evaluate audiences, publish membership events) when any "
-        "user source changes or a CSV file is dropped in the uploads folder. Runs are serialized by "
-        "the `audiences/duckdb` tag (one writer)."
+        "user source changes, a CSV file is dropped in the uploads folder, or identify calls (the "
+        "API's `PUT /v1/users/{id}`, uploads) wait in the store's queue. The run's tags say which "
+        "(`audiences/changed_sources`). Runs are serialized by the `audiences/duckdb` tag (one writer)."
     ),
 )
 def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     settings = Settings.from_env()
     sources = configured_sources(settings)
+    previous = json.loads(context.cursor) if context.cursor else None
     fingerprints = {}
     uploads = sorted((settings.definitions_dir.parent / "uploads").glob("*/*.csv"))
     if uploads:  # CSV files dropped for static audiences
@@ -32,18 +49,76 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
             fingerprints[source.name] = source_fingerprint(source)
         except Exception as error:  # a source that cannot be read now is retried on the next tick
             context.log.warning(f"{source.name}: cannot read its fingerprint: {error}")
-            fingerprints[source.name] = (json.loads(context.cursor) if context.cursor else {}).get(source.name, "")
-    previous = json.loads(context.cursor) if context.cursor else None
+            fingerprints[source.name] = (previous or {}).get(source.name, "")
+    # The newest identify call waiting: a new one changes it; once loaded, the last one's stays.
+    waiting, newest = 0, None
+    store = existing_store(settings)
+    if store is not None:
+        try:
+            waiting, newest = identify_queue_waiting(store)
+        except sa.exc.SQLAlchemyError as error:  # no queue yet, or the store is unreachable now
+            context.log.warning(f"cannot read the identify queue: {error}")
+        finally:
+            store.dispose()
+    if newest is not None:
+        fingerprints[IDENTIFY_QUEUE] = str(newest)
+    elif (previous or {}).get(IDENTIFY_QUEUE):
+        fingerprints[IDENTIFY_QUEUE] = previous[IDENTIFY_QUEUE]
     cursor = json.dumps(fingerprints, sort_keys=True)
     if previous == fingerprints:
-        return dg.SensorResult(skip_reason="no user source changed", cursor=cursor)
+        return dg.SensorResult(skip_reason="no user source changed and no identify call waits", cursor=cursor)
     changed = sorted(name for name in fingerprints if (previous or {}).get(name) != fingerprints[name])
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=cursor, tags={"audiences/changed_sources": ",".join(changed)})],
-        cursor=cursor,
-    )
+    tags = {"audiences/changed_sources": ",".join(changed)}
+    if waiting:
+        tags["audiences/identify_calls_waiting"] = str(waiting)
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=cursor, tags=tags)], cursor=cursor)
+
+
+@dg.sensor(
+    job_name=DELIVERY_JOB,
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Requests a delivery run when workflow triggers are due (retries, broadcasts, triggers a run "
+        "did not finish sending), and none is running: one indexed query on the store per tick, "
+        "and no run when nothing is due. `audiences deliver --watch` is the always-on alternative."
+    ),
+)
+def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    from audiences.membership.store import deliveries, now_text
+
+    store = existing_store(Settings.from_env())
+    if store is None:
+        return dg.SensorResult(skip_reason="no membership store yet")
+    now = now_text()
+    columns = deliveries.c
+    try:
+        with store.read_engine.connect() as connection:
+            # Due as a delivery worker sees it: pending, its time come, and not claimed by a worker
+            # whose lease still runs (`audiences deliver --watch` sending it now).
+            due, newest = connection.execute(
+                sa.select(sa.func.count(), sa.func.max(columns.next_attempt_at))
+                .where(columns.status == "pending", columns.next_attempt_at <= now,
+                       sa.or_(columns.claimed_until.is_(None), columns.claimed_until < now))).one()
+    except sa.exc.SQLAlchemyError as error:
+        return dg.SensorResult(skip_reason=f"cannot read the deliveries: {error}")
+    finally:
+        store.dispose()
+    if not due:
+        return dg.SensorResult(skip_reason="no delivery is due", cursor="")
+    state = f"{due}:{newest}"
+    if state == context.cursor:
+        # The last delivery run left exactly these (a sink that is not configured, say): a new
+        # delivery or a retry coming due changes the count or the newest time.
+        return dg.SensorResult(skip_reason=f"{due} deliveries are due, as after the last delivery run")
+    active = context.instance.get_runs(filters=dg.RunsFilter(job_name=DELIVERY_JOB, statuses=[
+        dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED]), limit=1)
+    if active:
+        return dg.SensorResult(skip_reason=f"{due} deliveries are due; run {active[0].run_id} is delivering")
+    return dg.SensorResult(run_requests=[dg.RunRequest(tags={"audiences/deliveries_due": str(due)})], cursor=state)
 
 
 @dg.definitions
 def sensors() -> dg.Definitions:
-    return dg.Definitions(sensors=[user_sources_changed])
+    return dg.Definitions(sensors=[user_sources_changed, deliveries_due])

@@ -3,6 +3,7 @@
 from datetime import datetime, timezone
 
 import dagster as dg
+from pydantic import Field
 
 from audiences.settings import Settings
 from audiences.users import configured_sources, load_identify_queue, load_source
@@ -11,6 +12,15 @@ from audiences.users.store import settle_run
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 
 SOURCE_KINDS = {"csv": "csv", "parquet": "parquet", "jsonl": "json", "duckdb": "duckdb", "sqlite": "sqlite"}
+
+
+class UsersConfig(dg.Config):
+    """What the `users` asset loads: the declared sources, then the identify queue."""
+
+    load_sources: bool = Field(
+        default=True,
+        description="Read every declared source; false loads only the identify calls queued in the "
+                    "store (the scheduled re-evaluation: the sources are watched by a sensor).")
 
 
 def source_asset_key(name: str) -> dg.AssetKey:
@@ -41,15 +51,17 @@ def users_definitions() -> dg.Definitions:
             "The user store (`raw.users`): every source's rows upserted by id, properties deep-merged "
             "the way Knock's identify does (`null` removes a property). Snapshot sources delete the "
             "users they no longer hold. Rows with a missing or malformed id, or an unreadable field, "
-            "go to `raw.users_quarantine` with the reason."
+            "go to `raw.users_quarantine` with the reason. A source's rows that did not change "
+            "since its last load change nothing, so newer identify calls stay. Identify calls "
+            "queued in the store (the API, uploads) apply last."
         ),
     )
-    def users(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+    def users(context: dg.AssetExecutionContext, config: UsersConfig, warehouse: WarehouseResource,
               store: MembershipStoreResource) -> dg.MaterializeResult:
         loaded_at = datetime.now(timezone.utc)
-        metadata: dict = {}
+        metadata: dict = {"sources_loaded": config.load_sources}
         with warehouse.connect() as connection:
-            for source in sources:
+            for source in sources if config.load_sources else []:
                 result = load_source(connection, source, loaded_at)
                 context.log.info(f"{source.name}: {result}")
                 for key, value in result.as_metadata().items():

@@ -74,8 +74,21 @@ def test_schedule_reevaluates_at_the_tick_time():
     schedule = defs.resolve_schedule_def("reevaluate_every_15_minutes")
     tick = datetime(2026, 11, 27, 9, 15, tzinfo=timezone.utc)
     request = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick)).run_requests[0]
-    assert request.run_config == {"ops": {"audience_models": {"config": {"evaluation_time": tick.isoformat()}}}}
+    # The tick's time, and the identify calls queued since the last run loaded first (not the sources).
+    assert request.run_config == {"ops": {"audience_models": {"config": {"evaluation_time": tick.isoformat()}},
+                                          "users": {"config": {"load_sources": False}}}}
     assert schedule.cron_schedule == "*/15 * * * *"
+    assert "users" in {key.to_user_string() for key in defs.resolve_job_def("reevaluate_audiences").asset_layer
+                       .selected_asset_keys}
+
+
+def test_delivery_runs_only_when_deliveries_are_due():
+    defs = build_definitions()
+    assert [schedule.name for schedule in defs.schedules] == ["reevaluate_every_15_minutes"]
+    sensor = defs.resolve_sensor_def("deliveries_due")
+    assert sensor.job_name == "deliver_workflow_triggers"
+    assert defs.resolve_job_def("deliver_workflow_triggers").asset_layer.selected_asset_keys == {
+        dg.AssetKey("workflow_trigger_deliveries")}
 
 
 def test_jobs_that_write_duckdb_run_one_step_at_a_time_and_are_serialized():

@@ -419,3 +419,55 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     for key in skipped:
         assert actual.get(key, set()) == expected[key], key
     assert moved.get("power-users", 0) > 0 and skipped_now == 0
+
+
+def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_stay(sample_run, tmp_path, monkeypatch):
+    """Issue 23: with `dg dev` running and no one typing `audiences run`, an identify call through
+    the API that moves a user into an audience must produce `entered` at the next scheduled
+    evaluation, and the main job that reads the sample's sources again must not put them back."""
+    import sqlalchemy as sa
+
+    from audiences.membership.store import MembershipStore, membership_events
+    from audiences.users.profiles import identify
+
+    shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
+    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
+    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))
+    monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
+        members = {user_id for (user_id,) in connection.execute(
+            "select user_id from audiences.enterprise_admins").fetchall()}
+        crm_users = [user_id for (user_id,) in connection.execute(
+            "select user_id from raw.users where source_name = 'crm_export' and deleted_at is null "
+            "order by user_id").fetchall() if user_id not in members][:40]
+    store = MembershipStore(f"sqlite:///{tmp_path / 'store.sqlite'}").create()
+    with store.engine.begin() as connection:  # what `PUT /v1/users/{id}` does
+        identify(store, connection, [(user_id, {"plan": "enterprise", "tags": ["admin"], "email": f"{user_id}@acme.test"})
+                                     for user_id in crm_users])
+
+    def events(kind: str) -> set[str]:
+        columns = membership_events.c
+        return {row["user_id"] for row in store.rows(sa.select(columns.user_id).where(
+            columns.audience_key == "enterprise-admins", columns.event_type == kind))}
+
+    defs = build_definitions()
+    tick = datetime.fromisoformat("2026-11-01T00:15:00+00:00")
+    with dg.DagsterInstance.ephemeral() as instance:
+        schedule = defs.resolve_schedule_def("reevaluate_every_15_minutes")
+        [request] = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+                                           ).run_requests
+        result = defs.resolve_job_def(request.job_name or "reevaluate_audiences").execute_in_process(
+            run_config=request.run_config, instance=instance, tags=request.tags)
+        assert result.success
+        assert events("entered") >= set(crm_users)
+        # The main job reads crm_export's unchanged file again: the identifies stay, no one exits.
+        result = defs.resolve_job_def("audiences_job").execute_in_process(
+            run_config={"ops": {"audience_models": {"config": {"evaluation_time": "2026-11-01T00:16:00+00:00"}}}},
+            instance=instance)
+        assert result.success
+    assert not events("exited") & set(crm_users)
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
+        assert set(crm_users) <= {user_id for (user_id,) in connection.execute(
+            "select user_id from audiences.enterprise_admins").fetchall()}
+    store.dispose()

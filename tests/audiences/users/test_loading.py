@@ -307,3 +307,57 @@ def test_a_csv_with_bad_bytes_is_quarantined_by_line_and_the_rest_is_not_garbled
         "select row_number, user_id, reason from raw.users_quarantine where location = $l", {"l": str(legacy)}).fetchall()
     assert (user_id, reason) == ("u5", f"{legacy}, line 3: byte 0x81 (column 7) is not valid UTF-8, nor "
                                        "Windows-1252; the file must be encoded in UTF-8")
+
+
+def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(warehouse, tmp_path, store):
+    """Issue 23: 540 users identified through the API were put back to a snapshot file's values by
+    the next run, though the file had not changed. Last change wins, per source row and identify:
+    an unchanged row changes nothing, a changed row wins over an older identify."""
+    from audiences.users import load_identify_queue
+    from audiences.users.profiles import identify
+
+    snapshot = UserSource("crm", "csv", tmp_path / "crm.csv", mode="snapshot")
+    stream = UserSource("updates", "jsonl", tmp_path / "updates.jsonl", mode="stream")
+    snapshot.location.write_text("id,plan,seats\nu1,free,3\nu2,free,5\nu3,free,7\n")
+    stream.location.write_text('{"id": "u3", "plan": "pro"}\n')
+
+    def run(at):
+        results = [load_source(warehouse, snapshot, at), load_source(warehouse, stream, at),
+                   load_identify_queue(warehouse, store, at)]
+        return results, warehouse.execute("select user_id, updated_at from raw.users order by 1").fetchall()
+
+    run(T0)
+    with store.engine.begin() as connection:
+        identify(store, connection, [("u1", {"plan": "pro"}), ("u2", {"plan": "enterprise", "seats": None})])
+    run(T0 + timedelta(hours=1))
+    assert users(warehouse) == {"u1": {"plan": "pro", "seats": "3"}, "u2": {"plan": "enterprise"},
+                                "u3": {"plan": "pro", "seats": "7"}}
+    # The next run reads the same files: nothing reverts, nobody's updated_at moves.
+    later = T0 + timedelta(hours=2)
+    (crm, updates, _), rows = run(later)
+    assert users(warehouse)["u1"] == {"plan": "pro", "seats": "3"}
+    assert users(warehouse)["u2"] == {"plan": "enterprise"}
+    assert all(updated_at < later for _, updated_at in rows)
+    assert (crm.users_updated, crm.rows_unchanged, updates.users_updated, updates.rows_unchanged) == (0, 3, 0, 1)
+    # The file changes u2's row: the source's change is now the newest, its whole row applies.
+    # u1's row did not change, so u1 keeps what identify wrote.
+    snapshot.location.write_text("id,plan,seats\nu1,free,3\nu2,free,6\nu3,free,7\n")
+    (crm, _, _), _ = run(T0 + timedelta(hours=3))
+    assert crm.users_updated == 1
+    assert users(warehouse) == {"u1": {"plan": "pro", "seats": "3"}, "u2": {"plan": "free", "seats": "6"},
+                                "u3": {"plan": "pro", "seats": "7"}}
+    # A row that leaves the snapshot deletes its user; coming back, it is a change again.
+    snapshot.location.write_text("id,plan,seats\nu1,free,3\nu3,free,7\n")
+    run(T0 + timedelta(hours=4))
+    assert set(users(warehouse)) == {"u1", "u3"}
+    snapshot.location.write_text("id,plan,seats\nu1,free,3\nu2,free,6\nu3,free,7\n")
+    run(T0 + timedelta(hours=5))
+    assert users(warehouse)["u2"] == {"plan": "free", "seats": "6"}
+    # An identify that deletes a user is not undone by the unchanged row either.
+    from audiences.users.profiles import delete_user
+
+    with store.engine.begin() as connection:
+        delete_user(store, connection, "u1")
+    run(T0 + timedelta(hours=6))
+    run(T0 + timedelta(hours=7))
+    assert set(users(warehouse)) == {"u2", "u3"}
