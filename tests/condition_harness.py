@@ -141,6 +141,19 @@ def copy_store(source: Path, target: Path) -> None:
         origin.backup(copy)
 
 
+FILE_SINKS = "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
+
+
+def copy_sample_run(sample_run: Path, folder: Path) -> None:
+    """The session's sample run, copied into `folder` for one test to change: `warehouse.duckdb`,
+    `store.sqlite`, and a `sinks.yml` whose file sink writes `out/triggers.jsonl` there."""
+    import shutil
+
+    shutil.copy(sample_run, folder / "warehouse.duckdb")
+    copy_store(sample_run.parent / "store.sqlite", folder / "store.sqlite")
+    (folder / "sinks.yml").write_text(FILE_SINKS)
+
+
 def evaluation_warehouse(users: list[dict]) -> duckdb.DuckDBPyConnection:
     """An in-memory warehouse with these users and empty evaluation tables (catalog, members),
     standing in for what dbt builds, so membership diffs can be tested without running dbt."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from audiences import cli
-from condition_harness import copy_store, ROOT, SAMPLE_TIME
+from condition_harness import copy_sample_run, ROOT, SAMPLE_TIME
 
 pytestmark = pytest.mark.slow
 
@@ -119,12 +119,8 @@ def test_generated_models_are_up_to_date(capsys, at_sample):
 @pytest.fixture
 def store_copy(sample_run, tmp_path, monkeypatch):
     """Flags for a copy of the sample run's warehouse and store, with triggers sent to a temp file."""
-    import shutil
-
     monkeypatch.chdir(ROOT)
-    shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
-    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    copy_sample_run(sample_run, tmp_path)
     return ["--duckdb", str(tmp_path / "warehouse.duckdb"), "--sinks", str(tmp_path / "sinks.yml")]
 
 

@@ -4,14 +4,13 @@ membership-changes table, and the held-batch check telling a person what to run.
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime
 
 import dagster as dg
 import duckdb
 import pytest
 
-from condition_harness import copy_store
+from condition_harness import copy_sample_run
 from pipelines import build_definitions
 
 pytestmark = pytest.mark.slow
@@ -22,9 +21,7 @@ LATER = "2026-11-27T00:00:00+00:00"
 def test_a_reevaluation_materializes_every_audience_with_its_members_and_holds_a_mass_exit(
         sample_run, tmp_path, monkeypatch):
     copy = tmp_path / "warehouse.duckdb"
-    shutil.copy(sample_run, copy)
-    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    copy_sample_run(sample_run, tmp_path)
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
     monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
     # When "now" moves 26 days, 431 users enter churn-risk (338 members): over a breaker of 400 users.

@@ -18,7 +18,7 @@ import duckdb
 import pytest
 
 from audiences import cli
-from condition_harness import copy_store, ROOT, SAMPLE_TIME
+from condition_harness import FILE_SINKS as SINKS, copy_sample_run, copy_store, ROOT, SAMPLE_TIME
 from pipelines import build_definitions
 from pipelines.defs.schedules import reevaluate_every_15_minutes
 
@@ -26,14 +26,11 @@ pytestmark = pytest.mark.slow
 
 LATER = "2026-11-27T00:00:00Z"
 LATER_STILL = "2026-11-28T00:00:00Z"
-SINKS = "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
 
 
 def copy_sample(sample_run, folder):
     """The sample run's warehouse and store in `folder`, triggers to `folder/out/triggers.jsonl`."""
-    shutil.copy(sample_run, folder / "warehouse.duckdb")
-    copy_store(sample_run.parent / "store.sqlite", folder / "store.sqlite")
-    (folder / "sinks.yml").write_text(SINKS)
+    copy_sample_run(sample_run, folder)
     return ["--duckdb", str(folder / "warehouse.duckdb"), "--sinks", str(folder / "sinks.yml")]
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from audiences.conditions.reference import evaluate_audience
 from audiences.definitions import evaluation_order, load_definitions
-from condition_harness import copy_store, NOW, ROOT
+from condition_harness import copy_sample_run, copy_store, NOW, ROOT
 from pipelines import build_definitions
 
 pytestmark = pytest.mark.slow
@@ -87,9 +87,7 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
 
 def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, tmp_path, monkeypatch):
     copy = tmp_path / "warehouse.duckdb"
-    shutil.copy(sample_run, copy)
-    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    copy_sample_run(sample_run, tmp_path)
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
     monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
     defs = build_definitions()
@@ -154,9 +152,7 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     from audiences.settings import Settings
 
     copy = tmp_path / "warehouse.duckdb"
-    shutil.copy(sample_run, copy)
-    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    copy_sample_run(sample_run, tmp_path)
     project = tmp_path / "dbt_project"
     shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
     definitions = tmp_path / "audiences"
@@ -324,9 +320,7 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
         monkeypatch.delenv(name)
     copy = tmp_path / "warehouse.duckdb"
-    shutil.copy(sample_run, copy)
-    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    copy_sample_run(sample_run, tmp_path)
     project = tmp_path / "dbt_project"
     shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
     definitions = tmp_path / "audiences"
@@ -430,9 +424,7 @@ def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_sta
     from audiences.membership.store import MembershipStore, membership_events
     from audiences.users.profiles import identify
 
-    shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
-    copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    copy_sample_run(sample_run, tmp_path)
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))
     monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
