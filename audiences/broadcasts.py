@@ -36,26 +36,43 @@ def broadcast(
     """Queue one delivery per (member, tenant) of the audience; returns how many were new."""
     data = data or {}
     if broadcast_id is None:
-        identity = json.dumps([audience_key, workflow_key, data, tenant], sort_keys=True, separators=(",", ":"))
+        identity = json.dumps(
+            [audience_key, workflow_key, data, tenant], sort_keys=True, separators=(",", ":")
+        )
         broadcast_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
     members = current_members(store, audience_key, tenant)
     stamp = now_text()
     rows = []
     for member in members:
         delivery_id = hashlib.sha256(
-            f"{broadcast_id}\x1f{member['user_id']}\x1f{member['tenant'] or ''}".encode()).hexdigest()[:32]
-        payload = {"recipients": [member["user_id"]],
-                   "data": {**data, "audience_key": audience_key, "broadcast_id": broadcast_id}}
+            f"{broadcast_id}\x1f{member['user_id']}\x1f{member['tenant'] or ''}".encode()
+        ).hexdigest()[:32]
+        payload = {
+            "recipients": [member["user_id"]],
+            "data": {**data, "audience_key": audience_key, "broadcast_id": broadcast_id},
+        }
         if member["tenant"] is not None:
             payload["tenant"] = member["tenant"]
-        rows.append({
-            "delivery_id": delivery_id, "event_id": None, "broadcast_id": broadcast_id,
-            "workflow_key": workflow_key, "sink": sink, "audience_key": audience_key,
-            "user_id": member["user_id"], "tenant": member["tenant"],
-            "payload": json.dumps(payload, ensure_ascii=False, separators=(",", ":")), "status": "pending",
-            "attempts": 0, "next_attempt_at": stamp, "last_error": None, "batch_id": None,
-            "created_at": stamp, "delivered_at": None,
-        })
+        rows.append(
+            {
+                "delivery_id": delivery_id,
+                "event_id": None,
+                "broadcast_id": broadcast_id,
+                "workflow_key": workflow_key,
+                "sink": sink,
+                "audience_key": audience_key,
+                "user_id": member["user_id"],
+                "tenant": member["tenant"],
+                "payload": json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": stamp,
+                "last_error": None,
+                "batch_id": None,
+                "created_at": stamp,
+                "delivered_at": None,
+            }
+        )
     with store.engine.begin() as connection:
         inserted = store.insert_ignoring_duplicates(connection, tables.deliveries, rows)
     return BroadcastResult(broadcast_id, len(members), inserted)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
-    except Exception as error:  # noqa: BLE001 - the one place errors become messages
+    except Exception as error:
         if arguments.debug:
             traceback.print_exc()
         print(f"error: {_user_message(error, settings)}", file=sys.stderr)
@@ -77,7 +77,11 @@ def _user_message(error: BaseException, settings: Settings | None) -> str:
     its type and message with a pointer to --debug."""
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
-    store = f"the membership store {settings.store_url!r} (--store, AUDIENCES_STORE_URL)" if settings else "the membership store"
+    store = (
+        f"the membership store {settings.store_url!r} (--store, AUDIENCES_STORE_URL)"
+        if settings
+        else "the membership store"
+    )
     chain, seen = error, set()
     while chain is not None and id(chain) not in seen:
         seen.add(id(chain))
@@ -86,7 +90,7 @@ def _user_message(error: BaseException, settings: Settings | None) -> str:
         if isinstance(chain, (ArgumentError, NoSuchModuleError)):
             return f"{store} is not a usable database URL: {chain}"
         if isinstance(chain, ModuleNotFoundError) and chain.name == "psycopg":
-            return f"{store} needs PostgreSQL's driver: pip install -e \".[postgres]\""
+            return f'{store} needs PostgreSQL\'s driver: pip install -e ".[postgres]"'
         if isinstance(chain, _EXPECTED_ERRORS()):
             return str(chain)
         chain = chain.__cause__
@@ -125,22 +129,44 @@ def _port(value: str) -> int:
 def _global_options(parser: argparse.ArgumentParser, after_command: bool = False) -> None:
     """The options every command takes, before or after its name. After it, they default to
     "not given" (argparse.SUPPRESS), so they do not undo the same option given before it."""
-    group = parser.add_argument_group("global options (also accepted before the command)") if after_command else parser
+    group = (
+        parser.add_argument_group("global options (also accepted before the command)")
+        if after_command
+        else parser
+    )
     default = {"default": argparse.SUPPRESS} if after_command else {}
     group.add_argument("--duckdb", help="the DuckDB warehouse file (AUDIENCES_DUCKDB)", **default)
-    group.add_argument("--definitions", help="the audience definitions folder (AUDIENCES_DEFINITIONS)", **default)
+    group.add_argument(
+        "--definitions", help="the audience definitions folder (AUDIENCES_DEFINITIONS)", **default
+    )
     group.add_argument("--sources", help="the sources YAML file (AUDIENCES_SOURCES)", **default)
-    group.add_argument("--users-source", help="one users source: a file, Parquet folder or URI (AUDIENCES_USERS_SOURCE)",
-                       **default)
-    group.add_argument("--source-mode", choices=["snapshot", "stream"], help="mode of --users-source", **default)
-    group.add_argument("--evaluation-time", type=_time_flag, metavar="TIME",
-                       help=f"the evaluation time, {TIME_FORMAT} (AUDIENCES_EVALUATION_TIME); default: now, and "
-                            "for explain the last evaluation's", **default)
-    group.add_argument("--dbt-project", help="the dbt project folder (AUDIENCES_DBT_PROJECT)", **default)
-    group.add_argument("--workflows", help="the workflow triggers folder (AUDIENCES_WORKFLOWS)", **default)
+    group.add_argument(
+        "--users-source",
+        help="one users source: a file, Parquet folder or URI (AUDIENCES_USERS_SOURCE)",
+        **default,
+    )
+    group.add_argument(
+        "--source-mode", choices=["snapshot", "stream"], help="mode of --users-source", **default
+    )
+    group.add_argument(
+        "--evaluation-time",
+        type=_time_flag,
+        metavar="TIME",
+        help=f"the evaluation time, {TIME_FORMAT} (AUDIENCES_EVALUATION_TIME); default: now, and "
+        "for explain the last evaluation's",
+        **default,
+    )
+    group.add_argument(
+        "--dbt-project", help="the dbt project folder (AUDIENCES_DBT_PROJECT)", **default
+    )
+    group.add_argument(
+        "--workflows", help="the workflow triggers folder (AUDIENCES_WORKFLOWS)", **default
+    )
     group.add_argument("--sinks", help="the sinks YAML file (AUDIENCES_SINKS)", **default)
     group.add_argument("--store", help="the membership store URL (AUDIENCES_STORE_URL)", **default)
-    group.add_argument("--debug", action="store_true", help="show the traceback of an error", **default)
+    group.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error", **default
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -151,7 +177,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    variables = "\n".join(f"  {name:27} {meaning}" for name, meaning in ENVIRONMENT_VARIABLES.items())
+    variables = "\n".join(
+        f"  {name:27} {meaning}" for name, meaning in ENVIRONMENT_VARIABLES.items()
+    )
     parser = _Parser(
         prog="audiences",
         description="A warehouse-native, Knock-compatible audiences engine (Dagster, DuckDB, dbt).",
@@ -162,39 +190,69 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=handler.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=handler.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _global_options(sub, after_command=True)
         sub.set_defaults(handler=handler)
         return sub
 
-    sub = command("init", init, "make a project folder: definitions, sources, sinks, a dbt project, dagster_home")
-    sub.add_argument("folder", nargs="?", default=".", help="the folder (default: the working folder)")
+    sub = command(
+        "init",
+        init,
+        "make a project folder: definitions, sources, sinks, a dbt project, dagster_home",
+    )
+    sub.add_argument(
+        "folder", nargs="?", default=".", help="the folder (default: the working folder)"
+    )
     sub = command("run", run, "load users and materialize every audience through Dagster")
     sub.add_argument("--verbose", action="store_true", help="show Dagster's and dbt's full log")
-    sub.add_argument("--allow-earlier", action="store_true",
-                     help="evaluate at a time earlier than the last recorded evaluation, recording the "
-                          "members but no membership events or workflow triggers")
-    sub = command("preview", preview, "count and sample the users matching an audience, writing nothing")
+    sub.add_argument(
+        "--allow-earlier",
+        action="store_true",
+        help="evaluate at a time earlier than the last recorded evaluation, recording the "
+        "members but no membership events or workflow triggers",
+    )
+    sub = command(
+        "preview", preview, "count and sample the users matching an audience, writing nothing"
+    )
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
-    sub.add_argument("--sample", type=int, default=10, help="how many matching users to show (default 10)")
+    sub.add_argument(
+        "--sample", type=int, default=10, help="how many matching users to show (default 10)"
+    )
     sub.add_argument("--sql", action="store_true", help="also print the SQL that was run")
     sub = command("members", members, "list an audience's members as JSON lines")
     sub.add_argument("audience", help="the audience key")
-    sub.add_argument("--at", type=_time_flag, metavar="TIME",
-                     help=f"who was a member at this time, {TIME_FORMAT} (from the membership history)")
+    sub.add_argument(
+        "--at",
+        type=_time_flag,
+        metavar="TIME",
+        help=f"who was a member at this time, {TIME_FORMAT} (from the membership history)",
+    )
     command("validate", validate, "validate every audience definition")
     sub = command("explain", explain, "show why a user is in or out of an audience")
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
     sub.add_argument("user_id", help="the user's id")
     sub = command("generate", generate, "regenerate the dbt models from the definitions")
-    sub.add_argument("--check", action="store_true", help="fail if the committed models are out of date")
+    sub.add_argument(
+        "--check", action="store_true", help="fail if the committed models are out of date"
+    )
     sub = command("events", events, "list membership events as JSON lines")
     sub.add_argument("--audience", help="only this audience")
     sub.add_argument("--user", help="only this user id")
     sub.add_argument("--type", choices=["entered", "exited"], help="only entered or exited")
-    sub.add_argument("--since", type=_time_flag, metavar="TIME", help=f"events at or after this time ({TIME_FORMAT})")
-    sub.add_argument("--until", type=_time_flag, metavar="TIME", help=f"events before this time ({TIME_FORMAT})")
+    sub.add_argument(
+        "--since",
+        type=_time_flag,
+        metavar="TIME",
+        help=f"events at or after this time ({TIME_FORMAT})",
+    )
+    sub.add_argument(
+        "--until", type=_time_flag, metavar="TIME", help=f"events before this time ({TIME_FORMAT})"
+    )
     sub.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     command("deliveries", deliveries, "delivery status per sink, dead letters and held batches")
     sub = command("release", release, "send a held batch of membership events")
@@ -205,11 +263,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("delivery_ids", nargs="*", help="delivery ids (see `audiences deliveries`)")
     sub.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
     sub = command("deliver", deliver, "send due workflow triggers to their sinks")
-    sub.add_argument("--watch", action="store_true", help="keep delivering as new triggers arrive (Ctrl-C stops)")
-    sub.add_argument("--max-attempts", type=int, default=8, help="attempts before a delivery is dead-lettered")
-    sub.add_argument("--lease-seconds", type=float, default=None,
-                     help="how long this worker's claim on deliveries lasts (renewed while it works) before "
-                          "another worker may take them over: how long a dead worker's deliveries wait")
+    sub.add_argument(
+        "--watch", action="store_true", help="keep delivering as new triggers arrive (Ctrl-C stops)"
+    )
+    sub.add_argument(
+        "--max-attempts", type=int, default=8, help="attempts before a delivery is dead-lettered"
+    )
+    sub.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=None,
+        help="how long this worker's claim on deliveries lasts (renewed while it works) before "
+        "another worker may take them over: how long a dead worker's deliveries wait",
+    )
     sub = command("broadcast", broadcast, "trigger a workflow once per member of an audience")
     sub.add_argument("audience", help="the audience key")
     sub.add_argument("--workflow", required=True, help="the workflow key to trigger")
@@ -217,23 +283,36 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--tenant", help="only members with this tenant")
     sub.add_argument("--sink", help="the sink (default: the sinks file's default)")
     sub.add_argument("--id", help="an explicit broadcast id (the same id never sends twice)")
-    command("publish", publish, "publish the warehouse's unpublished membership events to the store")
-    for name, handler, text in (("add", add, "add a member to a static audience"),
-                                ("remove", remove, "remove a member from a static audience"),
-                                ("check", check, "is this user a member (tenant-strict)?")):
+    command(
+        "publish", publish, "publish the warehouse's unpublished membership events to the store"
+    )
+    for name, handler, text in (
+        ("add", add, "add a member to a static audience"),
+        ("remove", remove, "remove a member from a static audience"),
+        ("check", check, "is this user a member (tenant-strict)?"),
+    ):
         sub = command(name, handler, text)
         sub.add_argument("audience", help="the audience key")
         sub.add_argument("user_id", help="the user's id")
         sub.add_argument("--tenant", help="the tenant (none: the membership without tenant)")
     sub = command("upload", upload, "upload a CSV file of users into a static audience")
     sub.add_argument("audience", help="the static audience key")
-    sub.add_argument("file", help="the CSV file (at most 10 MB unless AUDIENCES_UPLOAD_MAX_BYTES says otherwise)")
-    sub.add_argument("--map", action="append", default=[], metavar="COLUMN=FIELD",
-                     help="map a column to a user field or custom property (dots nest); repeatable")
+    sub.add_argument(
+        "file", help="the CSV file (at most 10 MB unless AUDIENCES_UPLOAD_MAX_BYTES says otherwise)"
+    )
+    sub.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=FIELD",
+        help="map a column to a user field or custom property (dots nest); repeatable",
+    )
     sub.add_argument("--tenant-column", help="the column that holds each membership's tenant")
     sub.add_argument("--rejects", help="where to write rejected rows (default: <file>.rejects.csv)")
     sub = command("sync", sync, "run the warehouse syncs that feed static audiences")
-    sub.add_argument("names", nargs="*", help="only these syncs (default: every sync in the syncs file)")
+    sub.add_argument(
+        "names", nargs="*", help="only these syncs (default: every sync in the syncs file)"
+    )
     sub = command("eligible", eligible, "is this user eligible for a guide?")
     sub.add_argument("guide", help="the guide key (a folder of the guides folder)")
     sub.add_argument("user_id", help="the user's id")
@@ -241,15 +320,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("backfill", backfill, "trigger a workflow for its audience's existing members")
     sub.add_argument("workflow", help="the workflow key (a folder of the workflows folder)")
     sub = command("serve", serve, "run the Knock-compatible HTTP API")
-    sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    sub.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)"
+    )
     sub.add_argument("--port", type=_port, default=8800, help="the port (default 8800)")
-    sub.add_argument("--workers", type=int, default=1,
-                     help="worker processes (default 1; 2 on a 2-core machine serves about twice the writes)")
+    sub.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1; 2 on a 2-core machine serves about twice the writes)",
+    )
     sub = command("keys", keys, "create, list and revoke the API's secret keys")
     sub.add_argument("action", choices=["create", "list", "revoke"])
     sub.add_argument("key_id", nargs="?", help="the key to revoke (see `audiences keys list`)")
-    sub.add_argument("--environment", default=None,
-                     help="the key's environment (default AUDIENCES_ENV); each has its own store")
+    sub.add_argument(
+        "--environment",
+        default=None,
+        help="the key's environment (default AUDIENCES_ENV); each has its own store",
+    )
     sub.add_argument("--name", default="default", help="a name to recognize the key by")
     return parser
 
@@ -268,11 +356,23 @@ def serve(settings: Settings, arguments) -> int:
         close_app(create_app(settings))  # a misconfigured environment stops here, with its message
         # Each worker process builds the app from these settings, passed as environment variables.
         os.environ.update(settings.environment_variables())
-        uvicorn.run("audiences.api.app:asgi_app", factory=True, workers=arguments.workers, host=arguments.host,
-                    port=arguments.port, log_level="info", access_log=False)
+        uvicorn.run(
+            "audiences.api.app:asgi_app",
+            factory=True,
+            workers=arguments.workers,
+            host=arguments.host,
+            port=arguments.port,
+            log_level="info",
+            access_log=False,
+        )
     else:
-        uvicorn.run(asgi_app(settings), host=arguments.host, port=arguments.port, log_level="info",
-                    access_log=False)
+        uvicorn.run(
+            asgi_app(settings),
+            host=arguments.host,
+            port=arguments.port,
+            log_level="info",
+            access_log=False,
+        )
     return 0
 
 
@@ -292,8 +392,10 @@ def keys(settings: Settings, arguments) -> int:
     if arguments.action == "create":
         environment = arguments.environment or settings.environment
         if environment not in settings.api_environments:
-            raise ValueError(f"unknown environment {environment!r}; the API serves "
-                             f"{', '.join(settings.api_environments)} (AUDIENCES_API_ENVIRONMENTS)")
+            raise ValueError(
+                f"unknown environment {environment!r}; the API serves "
+                f"{', '.join(settings.api_environments)} (AUDIENCES_API_ENVIRONMENTS)"
+            )
         key, secret = create_key(environment_store(environment), environment, arguments.name)
         print(f"created key {key.key_id} ({environment}, {key.name!r}); it is shown only now:")
         print(secret)
@@ -325,12 +427,16 @@ def init(settings: Settings, arguments) -> int:
     definitions = settings.definitions_dir if arguments.definitions else None
     report = init_project(Path(arguments.folder), definitions)
     folder = report.folder
-    print(f"{folder}: {len(report.created)} files created, {len(report.kept)} kept, "
-          f"{len(report.generated)} dbt model files generated from {definitions or folder / 'data' / 'audiences'}")
+    print(
+        f"{folder}: {len(report.created)} files created, {len(report.kept)} kept, "
+        f"{len(report.generated)} dbt model files generated from {definitions or folder / 'data' / 'audiences'}"
+    )
     for path in report.kept:
         print(f"  kept {os.path.relpath(path, folder)}")
     flag = f" --definitions {arguments.definitions}" if arguments.definitions else ""
-    print(f"next: cd {folder} && audiences{flag} run     (the Dagster UI: DAGSTER_HOME=$PWD/dagster_home dagster dev)")
+    print(
+        f"next: cd {folder} && audiences{flag} run     (the Dagster UI: DAGSTER_HOME=$PWD/dagster_home dagster dev)"
+    )
     return 0
 
 
@@ -352,11 +458,16 @@ def run(settings: Settings, arguments) -> int:
     from audiences.writer_lock import hold_writer_lock
 
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
-    sinks, default_sink = load_sinks(settings.sinks_file)  # a bad sinks file fails here, not in the run
+    sinks, default_sink = load_sinks(
+        settings.sinks_file
+    )  # a bad sinks file fails here, not in the run
     # The lock covers the checks and the summary too: a run that starts after ours must not take
     # the file from them.
-    with hold_writer_lock(settings.duckdb_path, {"trigger": "audiences run"},
-                          report=lambda message: print(message, file=sys.stderr, flush=True)):
+    with hold_writer_lock(
+        settings.duckdb_path,
+        {"trigger": "audiences run"},
+        report=lambda message: print(message, file=sys.stderr, flush=True),
+    ):
         return _run(settings, arguments, sinks, default_sink)
 
 
@@ -370,12 +481,19 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
         with connect(settings.duckdb_path, read_only=True) as connection:
             earlier = check_evaluation_time(connection, evaluated_at, arguments.allow_earlier)
     with _environment(settings.environment_variables()):
-        outcome = _execute_main_job(evaluated_at, settings.dagster_home, verbose=arguments.verbose,
-                                    debug=arguments.debug, allow_earlier=arguments.allow_earlier)
+        outcome = _execute_main_job(
+            evaluated_at,
+            settings.dagster_home,
+            verbose=arguments.verbose,
+            debug=arguments.debug,
+            allow_earlier=arguments.allow_earlier,
+        )
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if not outcome.success:
-        for failure in outcome.failures or ["the run failed (--verbose shows Dagster's and dbt's log)"]:
+        for failure in outcome.failures or [
+            "the run failed (--verbose shows Dagster's and dbt's log)"
+        ]:
             print(f"error: {failure}", file=sys.stderr)
         return 1
     with connect(settings.duckdb_path, read_only=True) as connection:
@@ -383,35 +501,55 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
         users, quarantined = connection.execute(
             "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
         ).fetchall()[0]
-    print(f"evaluated at {format_time(evaluated_at)}: {users:,} users, {quarantined:,} quarantined rows "
-          f"(see raw.users_quarantine)")
+    print(
+        f"evaluated at {format_time(evaluated_at)}: {users:,} users, {quarantined:,} quarantined rows "
+        f"(see raw.users_quarantine)"
+    )
     if earlier:
-        print("  earlier than the last recorded evaluation: no membership events recorded, no workflows triggered")
+        print(
+            "  earlier than the last recorded evaluation: no membership events recorded, no workflows triggered"
+        )
     width = max((len(row["audience_key"]) for row in counts), default=10)
     print(f"  {'audience':<{width}}  {'type':<8}  {'members':>9}  {'entered':>8}  {'exited':>8}")
     for row in counts:
         change = outcome.changes.get(row["audience_key"], {})
-        note = ("first evaluation: no triggers" if change.get("is_backfill") else
-                f"held as {change['held_batch']}: `audiences release` or `discard` it" if change.get("held_batch")
-                else "")
-        print(f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,}  "
-              f"{'+' + format(change.get('entered', 0), ','):>8}  {'-' + format(change.get('exited', 0), ','):>8}"
-              f"  {note}".rstrip())
+        note = (
+            "first evaluation: no triggers"
+            if change.get("is_backfill")
+            else f"held as {change['held_batch']}: `audiences release` or `discard` it"
+            if change.get("held_batch")
+            else ""
+        )
+        print(
+            f"  {row['audience_key']:<{width}}  {row['audience_type']:<8}  {row['member_count']:>9,}  "
+            f"{'+' + format(change.get('entered', 0), ','):>8}  {'-' + format(change.get('exited', 0), ','):>8}"
+            f"  {note}".rstrip()
+        )
     published, sent = outcome.published, outcome.delivered
     queued = published.get("deliveries_created", 0) + published.get("static_deliveries_created", 0)
-    print(f"deliveries: {queued:,} queued ({published.get('deliveries_held', 0):,} held), "
-          f"{sent.get('delivered', 0):,} delivered, {sent.get('retried_later', 0):,} to retry, "
-          f"{sent.get('dead_lettered', 0):,} dead-lettered (`audiences deliveries`)")
+    print(
+        f"deliveries: {queued:,} queued ({published.get('deliveries_held', 0):,} held), "
+        f"{sent.get('delivered', 0):,} delivered, {sent.get('retried_later', 0):,} to retry, "
+        f"{sent.get('dead_lettered', 0):,} dead-lettered (`audiences deliveries`)"
+    )
     print("results:")
-    print(f"  warehouse  {settings.duckdb_path} (audience_members, audience_evaluations, audiences.<key>)")
+    print(
+        f"  warehouse  {settings.duckdb_path} (audience_members, audience_evaluations, audiences.<key>)"
+    )
     print(f"  store      {settings.store_url} (`audiences events`, `audiences members`)")
     for name, sink in sorted(sinks.items()):
-        where = getattr(sink, "path", None) or getattr(sink, "url", None) or getattr(sink, "base_url", "")
+        where = (
+            getattr(sink, "path", None)
+            or getattr(sink, "url", None)
+            or getattr(sink, "base_url", "")
+        )
         print(f"  sink       {name}{' (default)' if name == default_sink else ''}: {where}")
     if outcome.skipped:
-        print(f"error: skipped {len(outcome.skipped)} audiences whose definitions have errors, or refer to one that "
-              f"has ({', '.join(outcome.skipped)}); their members are kept as they were and they have no events:",
-              file=sys.stderr)
+        print(
+            f"error: skipped {len(outcome.skipped)} audiences whose definitions have errors, or refer to one that "
+            f"has ({', '.join(outcome.skipped)}); their members are kept as they were and they have no events:",
+            file=sys.stderr,
+        )
         for problem in outcome.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
@@ -424,8 +562,10 @@ def _skipped_audiences(result) -> tuple[list[str], list[str]]:
 
     for evaluation in result.get_asset_check_evaluations():
         if evaluation.check_name == DEFINITIONS_CHECK and not evaluation.passed:
-            return (list(evaluation.metadata["skipped_audiences"].value),
-                    list(evaluation.metadata["problems"].value))
+            return (
+                list(evaluation.metadata["skipped_audiences"].value),
+                list(evaluation.metadata["problems"].value),
+            )
     return [], []
 
 
@@ -460,8 +600,13 @@ class _RunOutcome:
     problems: list[str] = dataclasses.field(default_factory=list)
 
 
-def _execute_main_job(evaluated_at, dagster_home: Path, verbose: bool = False, debug: bool = False,
-                      allow_earlier: bool = False) -> _RunOutcome:
+def _execute_main_job(
+    evaluated_at,
+    dagster_home: Path,
+    verbose: bool = False,
+    debug: bool = False,
+    allow_earlier: bool = False,
+) -> _RunOutcome:
     import dagster as dg
 
     from audiences.settings import prepare_dagster_home
@@ -473,25 +618,38 @@ def _execute_main_job(evaluated_at, dagster_home: Path, verbose: bool = False, d
     # Without --verbose, Dagster's console stays quiet: its warnings and failures are read back from
     # the run's event log and printed as the user's messages, not as Dagster's tracebacks.
     run_config = {
-        "ops": {"audience_models": {"config": {"evaluation_time": format_time(evaluated_at),
-                                               "allow_earlier": allow_earlier}}},
+        "ops": {
+            "audience_models": {
+                "config": {
+                    "evaluation_time": format_time(evaluated_at),
+                    "allow_earlier": allow_earlier,
+                }
+            }
+        },
         "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}},
     }
     tags = {"audiences/launched_by": "audiences run"}
     # The instance `dg dev` shows, so that the run appears in its runs list.
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(dagster_home))) as instance:
         if verbose:
-            result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
-                                                tags=tags)
+            result = job.execute_in_process(
+                run_config=run_config, instance=instance, raise_on_error=False, tags=tags
+            )
         else:
             # dbt's own progress lines are echoed to stdout; keep them for --verbose.
             with contextlib.redirect_stdout(io.StringIO()):
-                result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False,
-                                                tags=tags)
-        warnings = [] if verbose else [
-            f"{entry.step_key}: {entry.user_message}" if entry.step_key else entry.user_message
-            for entry in instance.all_logs(result.run_id)
-            if not entry.is_dagster_event and entry.level == logging.WARNING]
+                result = job.execute_in_process(
+                    run_config=run_config, instance=instance, raise_on_error=False, tags=tags
+                )
+        warnings = (
+            []
+            if verbose
+            else [
+                f"{entry.step_key}: {entry.user_message}" if entry.step_key else entry.user_message
+                for entry in instance.all_logs(result.run_id)
+                if not entry.is_dagster_event and entry.level == logging.WARNING
+            ]
+        )
     failures = []
     for event in result.get_step_failure_events():
         error = event.step_failure_data.error
@@ -503,9 +661,15 @@ def _execute_main_job(evaluated_at, dagster_home: Path, verbose: bool = False, d
         found = result.asset_materializations_for_node(node) if result.success else []
         return {key: value.value for key, value in found[-1].metadata.items()} if found else {}
 
-    return _RunOutcome(result.success, failures, warnings, metadata("membership_changes").get("changes") or {},
-                       metadata("published_membership_events"), metadata("workflow_trigger_deliveries"),
-                       *_skipped_audiences(result))
+    return _RunOutcome(
+        result.success,
+        failures,
+        warnings,
+        metadata("membership_changes").get("changes") or {},
+        metadata("published_membership_events"),
+        metadata("workflow_trigger_deliveries"),
+        *_skipped_audiences(result),
+    )
 
 
 def _step_error_message(error) -> str:
@@ -519,9 +683,17 @@ def _step_error_message(error) -> str:
     qualified = message.split(":", 1)[0]
     if qualified.endswith(error.cls_name) and " " not in qualified:
         message = message.split(":", 1)[1].strip()
-        user_error = error.cls_name in ("Failure", "SourceError", "DefinitionError", "WarehouseError", "ValueError",
-                                        "FileNotFoundError", "SinkConfigError", "DbtCliRuntimeError",
-                                        "DagsterDbtCliRuntimeError")
+        user_error = error.cls_name in (
+            "Failure",
+            "SourceError",
+            "DefinitionError",
+            "WarehouseError",
+            "ValueError",
+            "FileNotFoundError",
+            "SinkConfigError",
+            "DbtCliRuntimeError",
+            "DagsterDbtCliRuntimeError",
+        )
         if not user_error:
             message = f"{error.cls_name}: {message} (unexpected; --debug shows the traceback)"
     return message
@@ -538,7 +710,9 @@ def _definition(settings: Settings, key_or_file: str):
 
     # Another audience's broken file does not matter here; this audience's errors (or those of an
     # audience it refers to) are the error.
-    found = load_definition_set(settings.definitions_dir) if settings.definitions_dir.is_dir() else None
+    found = (
+        load_definition_set(settings.definitions_dir) if settings.definitions_dir.is_dir() else None
+    )
     definitions = found.definitions if found else {}
     path = Path(key_or_file)
     if path.suffix == ".json" or path.is_file():
@@ -547,7 +721,9 @@ def _definition(settings: Settings, key_or_file: str):
             raise DefinitionError(problems)
         return definition, {**definitions, definition.key: definition}
     if found is None:
-        raise DefinitionError([Problem(str(settings.definitions_dir), "$", f"no audience {key_or_file!r}")])
+        raise DefinitionError(
+            [Problem(str(settings.definitions_dir), "$", f"no audience {key_or_file!r}")]
+        )
     return found.require(key_or_file), definitions
 
 
@@ -561,12 +737,19 @@ def _chosen_time(settings: Settings, arguments, connection, default_to_last_eval
     if arguments.evaluation_time is not None:
         return arguments.evaluation_time, "from --evaluation-time"
     if settings.evaluation_time is not None:
-        where = ".env" if "AUDIENCES_EVALUATION_TIME" in getattr(arguments, "from_dotenv", ()) else "the environment"
+        where = (
+            ".env"
+            if "AUDIENCES_EVALUATION_TIME" in getattr(arguments, "from_dotenv", ())
+            else "the environment"
+        )
         return settings.evaluation_time, f"from AUDIENCES_EVALUATION_TIME in {where}"
     last = members_evaluated_at(connection)
     if default_to_last_evaluation:
         if last is not None:
-            return last, "the last evaluation's time, as `members` lists it; --evaluation-time picks another"
+            return (
+                last,
+                "the last evaluation's time, as `members` lists it; --evaluation-time picks another",
+            )
         return utc_now(), "now: the warehouse has no evaluation yet"
     last_note = f"; the last evaluation was at {format_time(last)}" if last is not None else ""
     return utc_now(), f"now{last_note}; --evaluation-time picks another"
@@ -577,14 +760,23 @@ def preview(settings: Settings, arguments) -> int:
     (or at --evaluation-time; the output says which, and when the last evaluation was). Nothing is
     written. The audience can be a key from the definitions folder or the path of an audience.json
     that is not committed yet."""
-    from audiences.warehouse import connect, preview as run_preview
+    from audiences.warehouse import connect
+    from audiences.warehouse import preview as run_preview
 
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
-        now, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=False)
+        now, source = _chosen_time(
+            settings, arguments, connection, default_to_last_evaluation=False
+        )
         result = run_preview(connection, definition, definitions, now, sample_size=arguments.sample)
-    share = f" ({result.count / result.total_users:.1%} of {result.total_users:,})" if result.total_users else ""
-    print(f"{definition.key}: {result.count:,} matching users{share} at {format_time(result.evaluated_at)} ({source})")
+    share = (
+        f" ({result.count / result.total_users:.1%} of {result.total_users:,})"
+        if result.total_users
+        else ""
+    )
+    print(
+        f"{definition.key}: {result.count:,} matching users{share} at {format_time(result.evaluated_at)} ({source})"
+    )
     for row in result.sample:
         print("  " + json.dumps(row, ensure_ascii=False))
     if arguments.sql:
@@ -601,7 +793,8 @@ def members(settings: Settings, arguments) -> int:
     from audiences.membership.changes import members_at
     from audiences.membership.queries import current_members
     from audiences.membership.static import audience_types
-    from audiences.warehouse import connect, members as list_members
+    from audiences.warehouse import connect
+    from audiences.warehouse import members as list_members
 
     try:
         definitions = _definitions(settings)
@@ -638,9 +831,18 @@ def events(settings: Settings, arguments) -> int:
     from audiences.membership.queries import list_events
 
     # The store keeps times as UTC ISO 8601 text in one format, so bounds are written the same way.
-    since, until = (format_time(moment) if moment else None for moment in (arguments.since, arguments.until))
-    for event in list_events(_store(settings), arguments.audience, arguments.user, arguments.type,
-                             since, until, arguments.limit):
+    since, until = (
+        format_time(moment) if moment else None for moment in (arguments.since, arguments.until)
+    )
+    for event in list_events(
+        _store(settings),
+        arguments.audience,
+        arguments.user,
+        arguments.type,
+        since,
+        until,
+        arguments.limit,
+    ):
         sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
     return 0
 
@@ -655,11 +857,15 @@ def deliveries(settings: Settings, arguments) -> int:
     status = delivery_status(store)
     print(json.dumps(status, indent=2, default=str))
     for letter in dead_letters(store):
-        print(f"dead  {letter['delivery_id']}  {letter['workflow_key']}  {letter['user_id']}  "
-              f"attempts={letter['attempts']}  {letter['last_error']}")
+        print(
+            f"dead  {letter['delivery_id']}  {letter['workflow_key']}  {letter['user_id']}  "
+            f"attempts={letter['attempts']}  {letter['last_error']}"
+        )
     for batch in held_batches(store):
-        print(f"held  {batch['batch_id']}  {batch['audience_key']}  at {batch['evaluated_at']}: "
-              f"{batch['entered']} entered, {batch['exited']} exited of {batch['audience_size']}")
+        print(
+            f"held  {batch['batch_id']}  {batch['audience_key']}  at {batch['evaluated_at']}: "
+            f"{batch['entered']} entered, {batch['exited']} exited of {batch['audience_size']}"
+        )
     return 0
 
 
@@ -667,7 +873,9 @@ def release(settings: Settings, arguments) -> int:
     """Release a batch held by the circuit breaker: its deliveries are queued for sending."""
     from audiences.membership.publish import release_batch
 
-    print(f"released {release_batch(_store(settings), arguments.batch)} deliveries of {arguments.batch}")
+    print(
+        f"released {release_batch(_store(settings), arguments.batch)} deliveries of {arguments.batch}"
+    )
     return 0
 
 
@@ -675,7 +883,9 @@ def discard(settings: Settings, arguments) -> int:
     """Discard a batch held by the circuit breaker: its events stay recorded, nothing is sent."""
     from audiences.membership.publish import discard_batch
 
-    print(f"discarded {discard_batch(_store(settings), arguments.batch)} deliveries of {arguments.batch}")
+    print(
+        f"discarded {discard_batch(_store(settings), arguments.batch)} deliveries of {arguments.batch}"
+    )
     return 0
 
 
@@ -685,8 +895,9 @@ def replay(settings: Settings, arguments) -> int:
 
     if not arguments.delivery_ids and not arguments.all_dead:
         raise ValueError("name delivery ids or use --all-dead")
-    count = replay_deliveries(_store(settings), delivery_ids=arguments.delivery_ids or None,
-                              all_dead=arguments.all_dead)
+    count = replay_deliveries(
+        _store(settings), delivery_ids=arguments.delivery_ids or None, all_dead=arguments.all_dead
+    )
     print(f"queued {count} deliveries again")
     return 0
 
@@ -729,10 +940,19 @@ def broadcast(settings: Settings, arguments) -> int:
     sink = arguments.sink or default_sink
     if sink not in sinks:
         raise ValueError(f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
-    result = send_broadcast(_store(settings), arguments.audience, arguments.workflow, sink, data,
-                            arguments.tenant, arguments.id)
-    print(f"broadcast {result.broadcast_id}: {result.recipients} recipients, {result.new_deliveries} new "
-          f"deliveries queued (run `audiences deliver`)")
+    result = send_broadcast(
+        _store(settings),
+        arguments.audience,
+        arguments.workflow,
+        sink,
+        data,
+        arguments.tenant,
+        arguments.id,
+    )
+    print(
+        f"broadcast {result.broadcast_id}: {result.recipients} recipients, {result.new_deliveries} new "
+        f"deliveries queued (run `audiences deliver`)"
+    )
     return 0
 
 
@@ -740,7 +960,11 @@ def _definitions(settings: Settings) -> dict:
     from audiences.definitions import load_definition_set
 
     # the usable ones: a broken definition file must not stop work on other audiences
-    return load_definition_set(settings.definitions_dir).definitions if settings.definitions_dir.is_dir() else {}
+    return (
+        load_definition_set(settings.definitions_dir).definitions
+        if settings.definitions_dir.is_dir()
+        else {}
+    )
 
 
 def _audience_types(settings: Settings, store) -> dict[str, str]:
@@ -767,8 +991,13 @@ def _change(settings: Settings, arguments, action: str) -> int:
 
     store = _store(settings)
     require_static(arguments.audience, _audience_types(settings, store))
-    result = change_members(store, arguments.audience, [Member(arguments.user_id, arguments.tenant)], action,
-                            source="manual")
+    result = change_members(
+        store,
+        arguments.audience,
+        [Member(arguments.user_id, arguments.tenant)],
+        action,
+        source="manual",
+    )
     tenant = f" with tenant {arguments.tenant!r}" if arguments.tenant else ""
     if not result.changed:
         relation = "already a member of" if action == "add" else "not a member of"
@@ -776,7 +1005,11 @@ def _change(settings: Settings, arguments, action: str) -> int:
         return 0
     verb = {"add": "added to", "remove": "removed from"}[action]
     missing = action == "add" and get_profile(store, arguments.user_id) is None
-    note = " (no such user yet: kept as a missing user, and identifying them later triggers nothing)" if missing else ""
+    note = (
+        " (no such user yet: kept as a missing user, and identifying them later triggers nothing)"
+        if missing
+        else ""
+    )
     print(f"{arguments.user_id} {verb} {arguments.audience}{tenant}{note}")
     return 0
 
@@ -791,7 +1024,9 @@ def check(settings: Settings, arguments) -> int:
         raise ValueError(f"unknown audience {arguments.audience!r}")
     member = is_member(store, arguments.audience, arguments.user_id, arguments.tenant)
     scope = f"with tenant {arguments.tenant!r}" if arguments.tenant else "with no tenant"
-    print(f"{arguments.user_id} is {'a member' if member else 'not a member'} of {arguments.audience} {scope}")
+    print(
+        f"{arguments.user_id} is {'a member' if member else 'not a member'} of {arguments.audience} {scope}"
+    )
     return 0 if member else 1
 
 
@@ -802,13 +1037,22 @@ def upload(settings: Settings, arguments) -> int:
     from audiences.uploads import parse_mapping, upload_csv
 
     store = _store(settings)
-    result = upload_csv(store, arguments.audience, Path(arguments.file), _audience_types(settings, store),
-                        parse_mapping(arguments.map), arguments.tenant_column, settings.upload_max_bytes,
-                        Path(arguments.rejects) if arguments.rejects else None)
-    print(f"{arguments.file}: {result.rows:,} rows, {result.members_added:,} members added, "
-          f"{result.members_unchanged:,} already members, {result.rejected:,} rejected"
-          + (f" (see {result.rejects_file})" if result.rejects_file else "")
-          + (f", {result.blank_lines} blank lines skipped" if result.blank_lines else ""))
+    result = upload_csv(
+        store,
+        arguments.audience,
+        Path(arguments.file),
+        _audience_types(settings, store),
+        parse_mapping(arguments.map),
+        arguments.tenant_column,
+        settings.upload_max_bytes,
+        Path(arguments.rejects) if arguments.rejects else None,
+    )
+    print(
+        f"{arguments.file}: {result.rows:,} rows, {result.members_added:,} members added, "
+        f"{result.members_unchanged:,} already members, {result.rejected:,} rejected"
+        + (f" (see {result.rejects_file})" if result.rejects_file else "")
+        + (f", {result.blank_lines} blank lines skipped" if result.blank_lines else "")
+    )
     return 0
 
 
@@ -820,14 +1064,22 @@ def sync(settings: Settings, arguments) -> int:
 
     store = _store(settings)
     types = _audience_types(settings, store)
-    syncs = [s for s in load_syncs(settings.syncs_file) if not arguments.names or s.name in arguments.names]
+    syncs = [
+        s
+        for s in load_syncs(settings.syncs_file)
+        if not arguments.names or s.name in arguments.names
+    ]
     if not syncs:
         raise ValueError(f"no syncs to run in {settings.syncs_file}")
     for one in syncs:
-        result = run_sync(store, one, types, CircuitBreaker(settings.breaker_share, settings.breaker_minimum))
+        result = run_sync(
+            store, one, types, CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
+        )
         held = f"; removals held as {result.held_batch}" if result.held_batch else ""
-        print(f"{result.name}: {result.rows:,} rows, +{result.added:,} -{result.removed:,}, "
-              f"{result.rejected:,} rejected{held}")
+        print(
+            f"{result.name}: {result.rows:,} rows, +{result.added:,} -{result.removed:,}, "
+            f"{result.rejected:,} rejected{held}"
+        )
     return 0
 
 
@@ -835,15 +1087,24 @@ def eligible(settings: Settings, arguments) -> int:
     """Guide eligibility for a user (and the request's tenant): the guide's audience, with Knock's
     tenancy strict mode, and its property conditions. Exit code 0 when eligible, 1 when not."""
     from audiences.evaluation import evaluation_time_for
-    from audiences.guides import eligible as guide_eligibility, load_guide
+    from audiences.guides import eligible as guide_eligibility
+    from audiences.guides import load_guide
     from audiences.warehouse import connect
 
     guide = load_guide(settings.guides_dir, arguments.guide)
     with connect(settings.duckdb_path, read_only=True) as connection:
-        result = guide_eligibility(guide, arguments.user_id, arguments.tenant, _store(settings), connection,
-                                   evaluation_time_for(settings.evaluation_time))
-    print(f"{arguments.user_id} is {'eligible' if result.eligible else 'not eligible'} for {arguments.guide}: "
-          f"{result.reason}")
+        result = guide_eligibility(
+            guide,
+            arguments.user_id,
+            arguments.tenant,
+            _store(settings),
+            connection,
+            evaluation_time_for(settings.evaluation_time),
+        )
+    print(
+        f"{arguments.user_id} is {'eligible' if result.eligible else 'not eligible'} for {arguments.guide}: "
+        f"{result.reason}"
+    )
     return 0 if result.eligible else 1
 
 
@@ -859,12 +1120,21 @@ def backfill(settings: Settings, arguments) -> int:
     if trigger is None:
         raise ValueError(f"no workflow trigger {arguments.workflow!r} in {settings.workflows_dir}")
     if trigger.on != "entered":
-        raise ValueError(f"{trigger.workflow_key!r} triggers on exit; a backfill sends entry triggers only")
-    result = send_broadcast(_store(settings), trigger.audience_key, trigger.workflow_key,
-                            trigger.sink or setup.default_sink, {**trigger.data, "event": "backfill"},
-                            broadcast_id=f"backfill:{trigger.workflow_key}")
-    print(f"backfill of {trigger.workflow_key}: {result.recipients} members, {result.new_deliveries} new "
-          f"deliveries queued (run `audiences deliver`)")
+        raise ValueError(
+            f"{trigger.workflow_key!r} triggers on exit; a backfill sends entry triggers only"
+        )
+    result = send_broadcast(
+        _store(settings),
+        trigger.audience_key,
+        trigger.workflow_key,
+        trigger.sink or setup.default_sink,
+        {**trigger.data, "event": "backfill"},
+        broadcast_id=f"backfill:{trigger.workflow_key}",
+    )
+    print(
+        f"backfill of {trigger.workflow_key}: {result.recipients} members, {result.new_deliveries} new "
+        f"deliveries queued (run `audiences deliver`)"
+    )
     return 0
 
 
@@ -876,12 +1146,19 @@ def publish(settings: Settings, arguments) -> int:
     from audiences.warehouse import WarehouseError, connect
     from audiences.workflows import load_workflow_setup
 
-    if not settings.duckdb_path.exists():  # nothing to publish, and no empty warehouse to leave behind
+    if (
+        not settings.duckdb_path.exists()
+    ):  # nothing to publish, and no empty warehouse to leave behind
         raise WarehouseError(f"{settings.duckdb_path}: no warehouse yet; run `audiences run` first")
     setup = load_workflow_setup(settings)
     with connect(settings.duckdb_path) as connection:
-        report = publish_outbox(connection, _store(settings), setup.triggers, setup.default_sink,
-                                evaluation_time_for(settings.evaluation_time))
+        report = publish_outbox(
+            connection,
+            _store(settings),
+            setup.triggers,
+            setup.default_sink,
+            evaluation_time_for(settings.evaluation_time),
+        )
     print(report)
     return 0
 
@@ -896,7 +1173,9 @@ def validate(settings: Settings, arguments) -> int:
     from audiences.warehouse import WarehouseError, connect
 
     # Every problem at once: a broken file does not hide another file's unknown reference.
-    found = load_definition_set(settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir))
+    found = load_definition_set(
+        settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir)
+    )
     definitions = found.definitions
     existing: dict[str, str] = {}
     if settings.duckdb_path.exists():
@@ -905,17 +1184,22 @@ def validate(settings: Settings, arguments) -> int:
                 existing = registered_types(connection)
         except WarehouseError as error:
             print(f"warning: type changes not checked: {error}", file=sys.stderr)
-    problems = found.problems + validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir),
-                                                     existing)
+    problems = found.problems + validate_definitions(
+        definitions, custom_audience_keys(settings.dbt_project_dir), existing
+    )
     if problems:
         raise DefinitionError(problems)
     from audiences.workflows import load_workflow_setup
 
     setup = load_workflow_setup(settings)
-    kinds = {kind: sum(d.type == kind for d in definitions.values()) for kind in ("dynamic", "static")}
-    print(f"{len(definitions)} definitions are valid ({kinds['dynamic']} dynamic, {kinds['static']} static) "
-          f"in {settings.definitions_dir}; {len(setup.triggers)} workflow triggers, sinks: "
-          f"{', '.join(sorted(setup.sinks))} (default {setup.default_sink})")
+    kinds = {
+        kind: sum(d.type == kind for d in definitions.values()) for kind in ("dynamic", "static")
+    }
+    print(
+        f"{len(definitions)} definitions are valid ({kinds['dynamic']} dynamic, {kinds['static']} static) "
+        f"in {settings.definitions_dir}; {len(setup.triggers)} workflow triggers, sinks: "
+        f"{', '.join(sorted(setup.sinks))} (default {setup.default_sink})"
+    )
     return 0
 
 
@@ -924,14 +1208,17 @@ def explain(settings: Settings, arguments) -> int:
     whether it holds, then each segment (conditions ANDed) and the verdict (segments ORed). The
     time is the last evaluation's, the one `members` lists, unless --evaluation-time (or
     AUDIENCES_EVALUATION_TIME) gives another; the output says which."""
-    from audiences.warehouse import connect, explain as run_explain
+    from audiences.warehouse import connect
+    from audiences.warehouse import explain as run_explain
 
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
         at, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=True)
         result = run_explain(connection, definition, definitions, arguments.user_id, at)
     verdict = "IN" if result.is_member else "OUT"
-    print(f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)} ({source})")
+    print(
+        f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)} ({source})"
+    )
     current = 0
     for verdict_row in result.verdicts:
         if verdict_row.segment != current:
@@ -940,8 +1227,14 @@ def explain(settings: Settings, arguments) -> int:
             print(f"  segment {current}: {'true' if held else 'false'} (all conditions must hold)")
         mark = "true " if verdict_row.result else "false"
         condition = verdict_row.condition
-        argument = f" {json.dumps(condition['argument'], ensure_ascii=False)}" if "argument" in condition else ""
-        print(f"    {mark}  {condition['property']} {condition['operator']}{argument}   (value: {verdict_row.value})")
+        argument = (
+            f" {json.dumps(condition['argument'], ensure_ascii=False)}"
+            if "argument" in condition
+            else ""
+        )
+        print(
+            f"    {mark}  {condition['property']} {condition['operator']}{argument}   (value: {verdict_row.value})"
+        )
     if not result.segments:
         print("  no segments: nobody matches")
     return 0
@@ -959,13 +1252,18 @@ def generate(settings: Settings, arguments) -> int:
 
     if arguments.check:
         require_dbt_project(settings.dbt_project_dir)
-        files = generate_models(load_definitions(settings.definitions_dir), settings.dbt_project_dir,
-                                source_label=settings.definitions_dir.name)
+        files = generate_models(
+            load_definitions(settings.definitions_dir),
+            settings.dbt_project_dir,
+            source_label=settings.definitions_dir.name,
+        )
         problems = drift(files, settings.dbt_project_dir)
         for problem in problems:
             print(problem)
         if problems:
-            print("error: generated models are out of date; run `audiences generate`", file=sys.stderr)
+            print(
+                "error: generated models are out of date; run `audiences generate`", file=sys.stderr
+            )
             return 1
         print(f"{len(files)} generated files are up to date")
         return 0

@@ -49,7 +49,9 @@ def project_fingerprint(project_dir: Path) -> str:
 def project_definitions(settings: Settings) -> DefinitionSet:
     """The definitions folder as a run uses it: the audiences to evaluate, and those skipped
     because their definitions have errors (hand-written SQL audiences count as known keys)."""
-    return load_definition_set(settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir))
+    return load_definition_set(
+        settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir)
+    )
 
 
 def generate(settings: Settings, definitions: DefinitionSet | None = None) -> list[Path]:
@@ -60,14 +62,22 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
     """
     require_dbt_project(settings.dbt_project_dir)
     definitions = definitions or project_definitions(settings)
-    files = generate_models(definitions.definitions, settings.dbt_project_dir, source_label=settings.definitions_dir.name,
-                            skipped=definitions.skipped)
-    if _is_engine_project(settings.dbt_project_dir) and not _is_engine_project(settings.definitions_dir, ENGINE_DEFINITIONS) \
-            and drift(files, settings.dbt_project_dir):
+    files = generate_models(
+        definitions.definitions,
+        settings.dbt_project_dir,
+        source_label=settings.definitions_dir.name,
+        skipped=definitions.skipped,
+    )
+    if (
+        _is_engine_project(settings.dbt_project_dir)
+        and not _is_engine_project(settings.definitions_dir, ENGINE_DEFINITIONS)
+        and drift(files, settings.dbt_project_dir)
+    ):
         raise ValueError(
             f"{settings.dbt_project_dir} is the engine's own dbt project, generated from its sample definitions; "
             f"the models of {settings.definitions_dir} go in a project of your own: run `audiences init <folder>` "
-            f"and run from that folder")
+            f"and run from that folder"
+        )
     return write_models(files, settings.dbt_project_dir)
 
 
@@ -88,13 +98,18 @@ def scaffold_dbt_project(target: Path) -> list[Path]:
     written; an existing `target` is refused."""
     if target.exists():
         raise FileExistsError(f"{target}: already exists")
-    generated = {ENGINE_DBT_PROJECT / file.path for file in generate_models({}, ENGINE_DBT_PROJECT, "")}
+    generated = {
+        ENGINE_DBT_PROJECT / file.path for file in generate_models({}, ENGINE_DBT_PROJECT, "")
+    }
     left_out = {ENGINE_DBT_PROJECT / folder for folder in (*GENERATED_FOLDERS, CUSTOM_FOLDER)}
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         here = Path(folder)
-        return {name for name in names
-                if name in _NOT_SCAFFOLDED or here / name in generated or here / name in left_out}
+        return {
+            name
+            for name in names
+            if name in _NOT_SCAFFOLDED or here / name in generated or here / name in left_out
+        }
 
     shutil.copytree(ENGINE_DBT_PROJECT, target, ignore=ignore)
     custom = target / CUSTOM_FOLDER
@@ -130,7 +145,11 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE
     fingerprint = project_fingerprint(project_dir)
-    if manifest.exists() and fingerprint_file.exists() and fingerprint_file.read_text() == fingerprint:
+    if (
+        manifest.exists()
+        and fingerprint_file.exists()
+        and fingerprint_file.read_text() == fingerprint
+    ):
         return manifest
     run_dbt(["parse"], settings)
     fingerprint_file.write_text(fingerprint)
@@ -140,9 +159,17 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
 def run_dbt(arguments: list[str], settings: Settings) -> subprocess.CompletedProcess:
     """Run one dbt command against the project with the engine's settings in its environment."""
     environment = {**os.environ, **settings.environment_variables()}
-    command = [dbt_executable(), *arguments, "--project-dir", str(settings.dbt_project_dir),
-               "--profiles-dir", str(settings.dbt_project_dir)]
+    command = [
+        dbt_executable(),
+        *arguments,
+        "--project-dir",
+        str(settings.dbt_project_dir),
+        "--profiles-dir",
+        str(settings.dbt_project_dir),
+    ]
     result = subprocess.run(command, env=environment, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"`dbt {' '.join(arguments)}` failed:\n{result.stdout[-4000:]}{result.stderr[-2000:]}")
+        raise RuntimeError(
+            f"`dbt {' '.join(arguments)}` failed:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+        )
     return result

@@ -22,8 +22,8 @@ from pathlib import Path
 from audiences.conditions.compiler import (
     Condition,
     ConditionError,
-    audience_argument,
     attributes_used,
+    audience_argument,
 )
 
 KEY_PATTERN = re.compile(r"[a-z0-9_-]{1,255}")
@@ -91,30 +91,46 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
     where = str(file)
     problems: list[Problem] = []
     if not KEY_PATTERN.fullmatch(key):
-        problems.append(Problem(where, "$", f"bad audience key {key!r}: use lower-case letters, digits, '-' and '_'"))
+        problems.append(
+            Problem(
+                where, "$", f"bad audience key {key!r}: use lower-case letters, digits, '-' and '_'"
+            )
+        )
     if not isinstance(raw, dict):
-        raise DefinitionError(problems + [Problem(where, "$", "an audience definition must be a JSON object")])
+        raise DefinitionError(
+            [*problems, Problem(where, "$", "an audience definition must be a JSON object")]
+        )
     name = raw.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.append(Problem(where, "$.name", "`name` must be a non-empty string"))
     audience_type = raw.get("type")
     if audience_type not in AUDIENCE_TYPES:
-        problems.append(Problem(where, "$.type", f"`type` must be \"dynamic\" or \"static\", got {audience_type!r}"))
+        problems.append(
+            Problem(where, "$.type", f'`type` must be "dynamic" or "static", got {audience_type!r}')
+        )
     description = raw.get("description")
     if description is not None and not isinstance(description, str):
         problems.append(Problem(where, "$.description", "`description` must be a string or null"))
     segments: list[tuple[Condition, ...]] = []
     raw_segments = raw.get("segments")
     if audience_type == "static" and raw_segments:
-        problems.append(Problem(where, "$.segments", "a static audience has no segments (members are added to it)"))
+        problems.append(
+            Problem(
+                where, "$.segments", "a static audience has no segments (members are added to it)"
+            )
+        )
     elif audience_type == "dynamic":
         if not isinstance(raw_segments, list):
-            problems.append(Problem(where, "$.segments", "a dynamic audience needs a `segments` list"))
+            problems.append(
+                Problem(where, "$.segments", "a dynamic audience needs a `segments` list")
+            )
             raw_segments = []
         for s, raw_segment in enumerate(raw_segments):
             conditions = raw_segment.get("conditions") if isinstance(raw_segment, dict) else None
             if not isinstance(conditions, list):
-                problems.append(Problem(where, f"$.segments[{s}]", "a segment is {\"conditions\": [...]}"))
+                problems.append(
+                    Problem(where, f"$.segments[{s}]", 'a segment is {"conditions": [...]}')
+                )
                 continue
             parsed = []
             for c, raw_condition in enumerate(conditions):
@@ -152,17 +168,31 @@ def _read_utf8(path: Path) -> str:
     `DefinitionError` naming the line and column of the first byte that is not UTF-8."""
     data = path.read_bytes()
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DefinitionError([Problem(str(path), "$", "the file is UTF-16 (it starts with a UTF-16 byte-order "
-                                                        "mark); audience definitions must be saved as UTF-8")])
+        raise DefinitionError(
+            [
+                Problem(
+                    str(path),
+                    "$",
+                    "the file is UTF-16 (it starts with a UTF-16 byte-order "
+                    "mark); audience definitions must be saved as UTF-8",
+                )
+            ]
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise DefinitionError([Problem(
-            str(path), "$", f"line {line}, column {column}: byte 0x{data[error.start]:02x} is not UTF-8; "
-                            "audience definitions must be saved as UTF-8 (was it saved as Latin-1 or Windows-1252?)"
-        )]) from None
+        raise DefinitionError(
+            [
+                Problem(
+                    str(path),
+                    "$",
+                    f"line {line}, column {column}: byte 0x{data[error.start]:02x} is not UTF-8; "
+                    "audience definitions must be saved as UTF-8 (was it saved as Latin-1 or Windows-1252?)",
+                )
+            ]
+        ) from None
 
 
 def load_definitions(folder: Path) -> dict[str, AudienceDefinition]:
@@ -214,7 +244,11 @@ class DefinitionSet:
     def reasons(self) -> list[Problem]:
         """Why audiences are skipped, each once: the problems in the files first, then each
         audience skipped because it refers to a skipped one."""
-        return list(dict.fromkeys(self.problems + [problem for found in self.skipped.values() for problem in found]))
+        return list(
+            dict.fromkeys(
+                self.problems + [problem for found in self.skipped.values() for problem in found]
+            )
+        )
 
     @property
     def keys(self) -> set[str]:
@@ -239,7 +273,8 @@ def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> De
     skipped: dict[str, list[Problem]] = {key: list(found) for key, found in loaded.broken.items()}
     definitions = dict(loaded.definitions)
     cross = _model_name_collisions(definitions.values()) + _set_problems(
-        definitions, set(other_audiences) | set(loaded.broken))
+        definitions, set(other_audiences) | set(loaded.broken)
+    )
     for key, problem in cross:
         if problem not in problems:
             problems.append(problem)
@@ -249,8 +284,11 @@ def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> De
     for key in skipped:
         definitions.pop(key, None)
     # Then every audience that refers to a skipped one, until none is left.
-    while dependents := {key: found for key, definition in definitions.items()
-                         if (found := references_to_skipped(definition, skipped))}:
+    while dependents := {
+        key: found
+        for key, definition in definitions.items()
+        if (found := references_to_skipped(definition, skipped))
+    }:
         for key, reasons in dependents.items():
             skipped[key] = reasons
             del definitions[key]
@@ -261,11 +299,15 @@ def references_to_skipped(definition: AudienceDefinition, skipped: Iterable[str]
     """A problem for each condition of `definition` that refers to one of the `skipped` audiences."""
     skipped = set(skipped)
     return [
-        Problem(str(definition.file), f"{condition.location}.argument",
-                f"refers to audience {condition.argument!r}, which is skipped (its definition has errors)")
+        Problem(
+            str(definition.file),
+            f"{condition.location}.argument",
+            f"refers to audience {condition.argument!r}, which is skipped (its definition has errors)",
+        )
         for segment in definition.segments
         for condition in segment
-        if condition.operator in ("is_audience_member", "is_not_audience_member") and condition.argument in skipped
+        if condition.operator in ("is_audience_member", "is_not_audience_member")
+        and condition.argument in skipped
     ]
 
 
@@ -276,8 +318,12 @@ def _model_name_collisions(definitions: Iterable[AudienceDefinition]) -> list[tu
     for definition in definitions:
         other = seen.setdefault(definition.model_name, definition)
         if other is not definition:
-            problem = Problem(str(definition.file), "$", f"key {definition.key!r} and {other.key!r} map to the same "
-                              f"model name {definition.model_name!r}; rename one")
+            problem = Problem(
+                str(definition.file),
+                "$",
+                f"key {definition.key!r} and {other.key!r} map to the same "
+                f"model name {definition.model_name!r}; rename one",
+            )
             problems += [(definition.key, problem), (other.key, problem)]
     return problems
 
@@ -313,18 +359,38 @@ def _set_problems(
                 if condition.operator not in ("is_audience_member", "is_not_audience_member"):
                     continue
                 if condition.argument not in known:
-                    problems.append((definition.key, Problem(str(definition.file), f"{condition.location}.argument",
-                                                             f"unknown audience {condition.argument!r}")))
+                    problems.append(
+                        (
+                            definition.key,
+                            Problem(
+                                str(definition.file),
+                                f"{condition.location}.argument",
+                                f"unknown audience {condition.argument!r}",
+                            ),
+                        )
+                    )
     for cycle in _cycles(definitions):
         first = definitions[cycle[0]]
-        problem = Problem(str(first.file), "$.segments", "audience membership cycle: " + " -> ".join(cycle + [cycle[0]]))
+        problem = Problem(
+            str(first.file),
+            "$.segments",
+            "audience membership cycle: " + " -> ".join([*cycle, cycle[0]]),
+        )
         problems += [(key, problem) for key in cycle]
     for key, previous in (existing_types or {}).items():
         definition = definitions.get(key)
         if definition is not None and definition.type != previous:
-            problems.append((key, Problem(str(definition.file), "$.type",
-                                          f"audience {key!r} is {previous}; types cannot be changed after creation "
-                                          "(create a new audience with another key)")))
+            problems.append(
+                (
+                    key,
+                    Problem(
+                        str(definition.file),
+                        "$.type",
+                        f"audience {key!r} is {previous}; types cannot be changed after creation "
+                        "(create a new audience with another key)",
+                    ),
+                )
+            )
     return problems
 
 
@@ -339,12 +405,12 @@ def _cycles(definitions: dict[str, AudienceDefinition]) -> list[list[str]]:
             if target not in definitions:
                 continue
             if state.get(target) == "active":
-                cycle = trail[trail.index(target):] if target in trail else [target]
+                cycle = trail[trail.index(target) :] if target in trail else [target]
                 if frozenset(cycle) not in seen_cycles:
                     seen_cycles.add(frozenset(cycle))
                     cycles.append(cycle)
             elif target not in state:
-                visit(target, trail + [target])
+                visit(target, [*trail, target])
         state[key] = "done"
 
     for key in sorted(definitions):

@@ -34,14 +34,20 @@ def last_recorded_evaluation(connection: duckdb.DuckDBPyConnection) -> datetime 
     """The latest evaluation time this warehouse recorded: of an evaluation (`audience_evaluations`)
     or of a membership change (`raw.membership_intervals`); None before the first evaluation."""
     times = []
-    for table, columns in (("main.audience_evaluations", ("evaluated_at",)),
-                           ("raw.membership_intervals", ("entered_at", "exited_at"))):
+    for table, columns in (
+        ("main.audience_evaluations", ("evaluated_at",)),
+        ("raw.membership_intervals", ("entered_at", "exited_at")),
+    ):
         if _table_exists(connection, table):
-            times += connection.execute(f"select {', '.join(f'max({c})' for c in columns)} from {table}").fetchall()[0]
+            times += connection.execute(
+                f"select {', '.join(f'max({c})' for c in columns)} from {table}"
+            ).fetchall()[0]
     return max((time for time in times if time is not None), default=None)
 
 
-def check_evaluation_time(connection: duckdb.DuckDBPyConnection, evaluated_at: datetime, allow_earlier: bool) -> bool:
+def check_evaluation_time(
+    connection: duckdb.DuckDBPyConnection, evaluated_at: datetime, allow_earlier: bool
+) -> bool:
     """Refuse an evaluation time earlier than the last recorded one unless `allow_earlier`.
 
     Returns True for an allowed earlier evaluation, whose members are recorded without events or
@@ -54,7 +60,8 @@ def check_evaluation_time(connection: duckdb.DuckDBPyConnection, evaluated_at: d
         raise EarlierEvaluationError(
             f"evaluation time {format_time(evaluated_at)} is earlier than the last recorded evaluation "
             f"{format_time(last)}; --allow-earlier (run config allow_earlier: true) evaluates it without "
-            f"recording membership events or triggering workflows")
+            f"recording membership events or triggering workflows"
+        )
     return True
 
 
@@ -79,10 +86,12 @@ def is_earlier_evaluation(connection: duckdb.DuckDBPyConnection) -> bool:
 
 def _table_exists(connection: duckdb.DuckDBPyConnection, qualified: str) -> bool:
     schema, name = qualified.split(".")
-    return bool(connection.execute(
-        "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
-        {"schema": schema, "name": name},
-    ).fetchall()[0][0])
+    return bool(
+        connection.execute(
+            "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
+            {"schema": schema, "name": name},
+        ).fetchall()[0][0]
+    )
 
 
 def registered_types(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
@@ -92,10 +101,16 @@ def registered_types(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
     ).fetchall()[0][0]
     if not known:
         return {}
-    return dict(connection.execute("select audience_key, audience_type from raw.audience_registry").fetchall())
+    return dict(
+        connection.execute(
+            "select audience_key, audience_type from raw.audience_registry"
+        ).fetchall()
+    )
 
 
-def record_registry(connection: duckdb.DuckDBPyConnection, definitions: dict[str, AudienceDefinition]) -> None:
+def record_registry(
+    connection: duckdb.DuckDBPyConnection, definitions: dict[str, AudienceDefinition]
+) -> None:
     """Remember each audience's type the first time it is seen."""
     ensure_schema(connection)
     known = registered_types(connection)
@@ -117,7 +132,9 @@ def set_evaluation_clock(connection: duckdb.DuckDBPyConnection, evaluated_at: da
 def last_full_build(connection: duckdb.DuckDBPyConnection) -> str | None:
     """The dbt project fingerprint this warehouse was last fully built from."""
     ensure_schema(connection)
-    rows = connection.execute("select fingerprint from raw.dbt_full_builds order by built_at desc limit 1").fetchall()
+    rows = connection.execute(
+        "select fingerprint from raw.dbt_full_builds order by built_at desc limit 1"
+    ).fetchall()
     return rows[0][0] if rows else None
 
 

@@ -62,12 +62,23 @@ def eligible(
             member = is_member(store, audience, user_id, tenant)
         else:
             members = tables.audience_members
-            member = bool(store.scalar(sa.select(sa.func.count()).where(
-                members.c.audience_key == audience, members.c.user_id == user_id)))
+            member = bool(
+                store.scalar(
+                    sa.select(sa.func.count()).where(
+                        members.c.audience_key == audience, members.c.user_id == user_id
+                    )
+                )
+            )
         if not member:
-            scope = f" with tenant {tenant!r}" if strict and tenant else (" with no tenant" if strict else "")
+            scope = (
+                f" with tenant {tenant!r}"
+                if strict and tenant
+                else (" with no tenant" if strict else "")
+            )
             return Eligibility(False, f"not a member of {audience!r}{scope}")
-    segments = condition_segments(guide.get("target_property_conditions"), "$.target_property_conditions")
+    segments = condition_segments(
+        guide.get("target_property_conditions"), "$.target_property_conditions"
+    )
     if segments and user_id not in matching_user_ids(warehouse, segments, [user_id], now):
         return Eligibility(False, "the target property conditions do not hold")
     return Eligibility(True, f"member of {audience!r}" if audience else "every user is targeted")
@@ -85,19 +96,27 @@ def profile_warehouse(store: MembershipStore, user_id: str):
 
     profile = get_profile(store, user_id)
     members = tables.audience_members
-    memberships = store.rows(sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id))
+    memberships = store.rows(
+        sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id)
+    )
     connection = duckdb.connect(":memory:")
     try:
         connection.execute("set TimeZone = 'UTC'")
         ensure_schema(connection)
         if profile is not None:
-            connection.execute("insert into raw.users values (1, $id, $properties::json, 'store', now(), now(), null)",
-                               {"id": user_id, "properties": json.dumps(profile.properties)})
-        connection.execute("create table main.audience_members (audience_key varchar, user_key integer, "
-                           "user_id varchar, tenant varchar)")
+            connection.execute(
+                "insert into raw.users values (1, $id, $properties::json, 'store', now(), now(), null)",
+                {"id": user_id, "properties": json.dumps(profile.properties)},
+            )
+        connection.execute(
+            "create table main.audience_members (audience_key varchar, user_key integer, "
+            "user_id varchar, tenant varchar)"
+        )
         if memberships:
-            connection.executemany("insert into main.audience_members values (?, 1, ?, ?)",
-                                   [(row["audience_key"], user_id, row["tenant"]) for row in memberships])
+            connection.executemany(
+                "insert into main.audience_members values (?, 1, ?, ?)",
+                [(row["audience_key"], user_id, row["tenant"]) for row in memberships],
+            )
         yield connection
     finally:
         connection.close()

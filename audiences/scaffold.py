@@ -27,7 +27,9 @@ EXAMPLE_DEFINITION = {
     "name": "Pro users",
     "type": "dynamic",
     "description": "Users on the pro plan. An example: replace it with your own definitions.",
-    "segments": [{"conditions": [{"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}]}],
+    "segments": [
+        {"conditions": [{"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}]}
+    ],
 }
 EXAMPLE_USERS = """\
 id,name,email,plan,signed_up_at,address.country
@@ -46,18 +48,25 @@ sources:
     path: users.csv
     mode: snapshot
 """
-SOURCES_TEMPLATE = EXAMPLE_SOURCES.replace("""sources:
+SOURCES_TEMPLATE = EXAMPLE_SOURCES.replace(
+    """sources:
   - name: users
     path: users.csv
     mode: snapshot
-""", """# sources:
+""",
+    """# sources:
 #   - name: users
 #     path: users.csv
 #     mode: snapshot
 sources: []
-""")
-EXAMPLE_TRIGGER = {"audience": EXAMPLE_AUDIENCE, "on": "entered", "trigger_frequency": "once_per_recipient",
-                   "data": {"campaign": "pro-welcome"}}
+""",
+)
+EXAMPLE_TRIGGER = {
+    "audience": EXAMPLE_AUDIENCE,
+    "on": "entered",
+    "trigger_frequency": "once_per_recipient",
+    "data": {"campaign": "pro-welcome"},
+}
 WORKSPACE = """\
 # `DAGSTER_HOME=$PWD/dagster_home dagster dev` in this folder: the engine's code location.
 load_from:
@@ -98,9 +107,13 @@ def init_project(folder: Path, definitions_dir: Path | None = None) -> InitRepor
         raise ValueError(f"{folder}: not a folder")
     data = folder / "data"
     # The paths every command run from `folder` uses, from the one place that decides them.
-    settings = Settings.from_env({}, duckdb_path=data / "warehouse.duckdb",
-                                 definitions_dir=definitions_dir or data / "audiences",
-                                 sources_file=data / "sources.yml", dbt_project_dir=folder / "dbt_project")
+    settings = Settings.from_env(
+        {},
+        duckdb_path=data / "warehouse.duckdb",
+        definitions_dir=definitions_dir or data / "audiences",
+        sources_file=data / "sources.yml",
+        dbt_project_dir=folder / "dbt_project",
+    )
     report = InitReport(folder)
 
     def write(path: Path, text: str) -> None:
@@ -111,17 +124,27 @@ def init_project(folder: Path, definitions_dir: Path | None = None) -> InitRepor
         path.write_text(text, encoding="utf-8")
         report.created.append(path)
 
-    example = definitions_dir is None and not any(settings.definitions_dir.glob(f"*/{DEFINITION_FILE}"))
+    example = definitions_dir is None and not any(
+        settings.definitions_dir.glob(f"*/{DEFINITION_FILE}")
+    )
     if example:
-        write(settings.definitions_dir / EXAMPLE_AUDIENCE / DEFINITION_FILE, json.dumps(EXAMPLE_DEFINITION, indent=2) + "\n")
-        write(settings.workflows_dir / "welcome-pro-users" / "trigger.json", json.dumps(EXAMPLE_TRIGGER, indent=2) + "\n")
+        write(
+            settings.definitions_dir / EXAMPLE_AUDIENCE / DEFINITION_FILE,
+            json.dumps(EXAMPLE_DEFINITION, indent=2) + "\n",
+        )
+        write(
+            settings.workflows_dir / "welcome-pro-users" / "trigger.json",
+            json.dumps(EXAMPLE_TRIGGER, indent=2) + "\n",
+        )
         if not settings.sources_file.exists():
             write(data / "users.csv", EXAMPLE_USERS)
     write(settings.sources_file, EXAMPLE_SOURCES if example else SOURCES_TEMPLATE)
     write(settings.sinks_file, (PROJECT_ROOT / "data" / "sinks.yml").read_text(encoding="utf-8"))
     settings.workflows_dir.mkdir(parents=True, exist_ok=True)
-    write(folder / "dagster_home" / "dagster.yaml",
-          (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"))
+    write(
+        folder / "dagster_home" / "dagster.yaml",
+        (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"),
+    )
     write(folder / "workspace.yaml", WORKSPACE)
     write(folder / ".gitignore", GITIGNORE)
     if settings.dbt_project_dir.exists():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_WORKFLOWS": "the workflow triggers folder (default: `workflows` beside the definitions)",
     "AUDIENCES_SINKS": "the sinks YAML file (default data/sinks.yml; without it, a JSON-lines file)",
     "AUDIENCES_STORE_URL": "the membership store of AUDIENCES_ENV (default sqlite:///data/store.sqlite for "
-                           "development, data/<env>/store.sqlite for others; or postgresql://...)",
+    "development, data/<env>/store.sqlite for others; or postgresql://...)",
     "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves (default 0.2)",
     "AUDIENCES_BREAKER_MINIMUM": "... and at least this many users (default 1000)",
     "AUDIENCES_SYNCS": "the warehouse syncs YAML file (default: syncs.yml beside the definitions)",
@@ -40,7 +40,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
     "AUDIENCES_API_ENVIRONMENTS": "environments the API serves, comma-separated (default development,production)",
     "AUDIENCES_STORE_URL_<ENV>": "the store of one environment, e.g. AUDIENCES_STORE_URL_PRODUCTION (default: "
-                                 "AUDIENCES_STORE_URL for AUDIENCES_ENV, else the environment's default store)",
+    "AUDIENCES_STORE_URL for AUDIENCES_ENV, else the environment's default store)",
     "AUDIENCES_DEFINITIONS_<ENV>": "the definitions folder of one environment (default AUDIENCES_DEFINITIONS)",
     "AUDIENCES_API_WRITE_RATE": "API writes per second per key (default 60, Knock's tier 3)",
     "AUDIENCES_API_READ_RATE": "API reads per second per key (default 200, Knock's tier 4)",
@@ -67,11 +67,19 @@ class Settings:
 
     @property
     def syncs_file(self) -> Path:
-        return _absolute(os.environ["AUDIENCES_SYNCS"]) if os.environ.get("AUDIENCES_SYNCS") else self.definitions_dir.parent / "syncs.yml"
+        return (
+            _absolute(os.environ["AUDIENCES_SYNCS"])
+            if os.environ.get("AUDIENCES_SYNCS")
+            else self.definitions_dir.parent / "syncs.yml"
+        )
 
     @property
     def guides_dir(self) -> Path:
-        return _absolute(os.environ["AUDIENCES_GUIDES"]) if os.environ.get("AUDIENCES_GUIDES") else self.definitions_dir.parent / "guides"
+        return (
+            _absolute(os.environ["AUDIENCES_GUIDES"])
+            if os.environ.get("AUDIENCES_GUIDES")
+            else self.definitions_dir.parent / "guides"
+        )
 
     @property
     def dagster_home(self) -> Path:
@@ -110,7 +118,11 @@ class Settings:
     def default_store_url(self, environment: str) -> str:
         """`store.sqlite` beside the DuckDB file for development (the default environment), and
         `<environment>/store.sqlite` there for the others."""
-        folder = self.duckdb_path.parent if environment == "development" else self.duckdb_path.parent / environment
+        folder = (
+            self.duckdb_path.parent
+            if environment == "development"
+            else self.duckdb_path.parent / environment
+        )
         return f"sqlite:///{folder / 'store.sqlite'}"
 
     def definitions_dir_for(self, environment: str) -> Path:
@@ -141,11 +153,16 @@ class Settings:
             sources_file=path("AUDIENCES_SOURCES", "data/sources.yml"),
             users_source=env.get("AUDIENCES_USERS_SOURCE") or None,
             source_mode=env.get("AUDIENCES_SOURCE_MODE") or "snapshot",
-            evaluation_time=_variable(env, "AUDIENCES_EVALUATION_TIME", parse_evaluation_time, None),
-            dbt_project_dir=_absolute(env["AUDIENCES_DBT_PROJECT"]) if env.get("AUDIENCES_DBT_PROJECT")
+            evaluation_time=_variable(
+                env, "AUDIENCES_EVALUATION_TIME", parse_evaluation_time, None
+            ),
+            dbt_project_dir=_absolute(env["AUDIENCES_DBT_PROJECT"])
+            if env.get("AUDIENCES_DBT_PROJECT")
             else default_dbt_project(),
             environment=env.get("AUDIENCES_ENV") or "development",
-            workflows_dir=_absolute(env["AUDIENCES_WORKFLOWS"]) if env.get("AUDIENCES_WORKFLOWS") else None,
+            workflows_dir=_absolute(env["AUDIENCES_WORKFLOWS"])
+            if env.get("AUDIENCES_WORKFLOWS")
+            else None,
             sinks_file=_absolute(env["AUDIENCES_SINKS"]) if env.get("AUDIENCES_SINKS") else None,
             store_url=env.get("AUDIENCES_STORE_URL") or None,
             breaker_share=_variable(env, "AUDIENCES_BREAKER_SHARE", float, 0.2),
@@ -153,13 +170,24 @@ class Settings:
             upload_max_bytes=_variable(env, "AUDIENCES_UPLOAD_MAX_BYTES", int, 10 * 1024 * 1024),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
-        for key in ("duckdb_path", "definitions_dir", "sources_file", "dbt_project_dir", "workflows_dir", "sinks_file"):
+        for key in (
+            "duckdb_path",
+            "definitions_dir",
+            "sources_file",
+            "dbt_project_dir",
+            "workflows_dir",
+            "sinks_file",
+        ):
             if key in given:
                 given[key] = _absolute(given[key])
         if isinstance(given.get("evaluation_time"), str):
             given["evaluation_time"] = parse_evaluation_time(given["evaluation_time"])
         # Derived defaults follow their base setting unless they were set explicitly.
-        explicit = {name for name in ("workflows_dir", "sinks_file", "store_url") if env.get(_VARIABLE[name]) or name in given}
+        explicit = {
+            name
+            for name in ("workflows_dir", "sinks_file", "store_url")
+            if env.get(_VARIABLE[name]) or name in given
+        }
         rebuilt = replace(settings, **given)
         for name in ("workflows_dir", "sinks_file", "store_url"):
             if name not in explicit:
@@ -197,7 +225,9 @@ def _variable(env, name: str, parse, default):
     try:
         return parse(value)
     except ValueError:
-        kind = {float: "a number", int: "a whole number"}.get(parse, "an ISO 8601 time, e.g. 2026-11-01T12:00:00Z")
+        kind = {float: "a number", int: "a whole number"}.get(
+            parse, "an ISO 8601 time, e.g. 2026-11-01T12:00:00Z"
+        )
         raise ValueError(f"{name}={value!r} is not {kind}") from None
 
 
@@ -210,7 +240,11 @@ def dotenv_variables(folder: Path | None = None):
 
     path = (folder or Path.cwd()) / ".env"
     values = dotenv_values(path) if path.is_file() else {}
-    added = {name: value for name, value in values.items() if value is not None and name not in os.environ}
+    added = {
+        name: value
+        for name, value in values.items()
+        if value is not None and name not in os.environ
+    }
     os.environ.update(added)
     try:
         yield added
@@ -219,7 +253,11 @@ def dotenv_variables(folder: Path | None = None):
             os.environ.pop(name, None)
 
 
-_VARIABLE = {"workflows_dir": "AUDIENCES_WORKFLOWS", "sinks_file": "AUDIENCES_SINKS", "store_url": "AUDIENCES_STORE_URL"}
+_VARIABLE = {
+    "workflows_dir": "AUDIENCES_WORKFLOWS",
+    "sinks_file": "AUDIENCES_SINKS",
+    "store_url": "AUDIENCES_STORE_URL",
+}
 
 
 def _positive_rate(variable: str, default: float) -> float:
@@ -242,8 +280,10 @@ def prepare_dagster_home(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     instance_file = folder / "dagster.yaml"
     if not instance_file.exists():
-        instance_file.write_text((PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"),
-                                 encoding="utf-8")
+        instance_file.write_text(
+            (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"),
+            encoding="utf-8",
+        )
     return folder
 
 
@@ -252,7 +292,8 @@ def require_dbt_project(project_dir: Path) -> None:
     if not (project_dir / "dbt_project.yml").is_file():
         raise FileNotFoundError(
             f"{project_dir}: not a dbt project (no dbt_project.yml); run `audiences init` to make this folder "
-            f"a project, or point --dbt-project or AUDIENCES_DBT_PROJECT at one")
+            f"a project, or point --dbt-project or AUDIENCES_DBT_PROJECT at one"
+        )
 
 
 def _absolute(value: str | Path) -> Path:
@@ -271,14 +312,14 @@ def parse_evaluation_time(value: str | None) -> datetime | None:
             f"evaluation time {value!r} is not an ISO 8601 timestamp (e.g. 2026-11-01T12:00:00Z)"
         ) from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def format_time(moment: datetime) -> str:
     """UTC ISO 8601 with microseconds and a `Z`, the one format we write times in."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -72,7 +72,9 @@ def load_syncs(path: Path) -> list[Sync]:
     syncs = []
     for index, entry in enumerate(document.get("syncs") or []):
         where = f"{path}: syncs[{index}]"
-        if not isinstance(entry, dict) or not all(entry.get(k) for k in ("name", "audience", "source")):
+        if not isinstance(entry, dict) or not all(
+            entry.get(k) for k in ("name", "audience", "source")
+        ):
             raise ValueError(f"{where} needs name, audience and source")
         if not isinstance(entry["source"], dict) or not entry["source"].get("path"):
             raise ValueError(f"{where}.source needs a path (and a table or query for a database)")
@@ -82,12 +84,23 @@ def load_syncs(path: Path) -> list[Sync]:
         source = entry["source"]
         location = Path(source["path"])
         location = location if location.is_absolute() else (path.parent / location).resolve()
-        syncs.append(Sync(
-            name=entry["name"], audience_key=entry["audience"], mode=mode, tenant_column=entry.get("tenant_column"),
-            source=UserSource(entry["name"], source.get("format") or guess_format(location), location, "stream",
-                              table=source.get("table"), query=source.get("query"),
-                              id_column=entry.get("user_id_column", "id")),
-        ))
+        syncs.append(
+            Sync(
+                name=entry["name"],
+                audience_key=entry["audience"],
+                mode=mode,
+                tenant_column=entry.get("tenant_column"),
+                source=UserSource(
+                    entry["name"],
+                    source.get("format") or guess_format(location),
+                    location,
+                    "stream",
+                    table=source.get("table"),
+                    query=source.get("query"),
+                    id_column=entry.get("user_id_column", "id"),
+                ),
+            )
+        )
     return syncs
 
 
@@ -102,44 +115,76 @@ def run_sync(
     state = tables.sync_state
     frame = read_source(sync.source)
     if sync.tenant_column and sync.tenant_column not in frame.columns:
-        raise ValueError(f"{sync.source.location}: no tenant column {sync.tenant_column!r} (sync {sync.name!r})")
+        raise ValueError(
+            f"{sync.source.location}: no tenant column {sync.tenant_column!r} (sync {sync.name!r})"
+        )
     validated = validate_users(frame.select("_row", "id"))
     good = frame.filter(pl.col("_row").is_in(validated.valid["_row"].implode()))
-    tenant = pl.col(sync.tenant_column).cast(pl.String) if sync.tenant_column else pl.lit(None, pl.String)
+    tenant = (
+        pl.col(sync.tenant_column).cast(pl.String)
+        if sync.tenant_column
+        else pl.lit(None, pl.String)
+    )
     # The diff runs in polars: the source and the last synced state are a million rows each, and
     # Python sets of tuples made the reads, not the writes, the cost of a sync.
-    desired = (good.select(pl.col("id").alias("user_id"), tenant.alias("tenant"))
-               .with_columns(pl.col("tenant").fill_null("").alias("tenant_key"))
-               .unique(["user_id", "tenant_key"], keep="first", maintain_order=True))
+    desired = (
+        good.select(pl.col("id").alias("user_id"), tenant.alias("tenant"))
+        .with_columns(pl.col("tenant").fill_null("").alias("tenant_key"))
+        .unique(["user_id", "tenant_key"], keep="first", maintain_order=True)
+    )
     with store.read_engine.connect() as connection:
         # Straight from the driver's cursor: SQLAlchemy's row objects cost more than the query.
         driver = connection.connection.driver_connection
-        rows = driver.execute(f"select user_id, tenant_key from sync_state where sync_name = {store.placeholder}",
-                              (sync.name,)).fetchall()
-        last = pl.DataFrame(rows, schema={"user_id": pl.String, "tenant_key": pl.String}, orient="row")
+        rows = driver.execute(
+            f"select user_id, tenant_key from sync_state where sync_name = {store.placeholder}",
+            (sync.name,),
+        ).fetchall()
+        last = pl.DataFrame(
+            rows, schema={"user_id": pl.String, "tenant_key": pl.String}, orient="row"
+        )
     adds = desired.join(last, on=["user_id", "tenant_key"], how="anti")
-    removes = (last.join(desired, on=["user_id", "tenant_key"], how="anti") if sync.mode == "mirror"
-               else last.clear())
+    removes = (
+        last.join(desired, on=["user_id", "tenant_key"], how="anti")
+        if sync.mode == "mirror"
+        else last.clear()
+    )
     held = None
     if removes.height:
-        size = store.scalar(sa.select(sa.func.count()).where(tables.audience_members.c.audience_key == sync.audience_key))
+        size = store.scalar(
+            sa.select(sa.func.count()).where(
+                tables.audience_members.c.audience_key == sync.audience_key
+            )
+        )
         if breaker.trips(removes.height, size) and not _consume_release(store, sync.name):
             held = _hold(store, sync, adds.height, removes.height, size)
             removes = removes.clear()
-    added = change_members(store, sync.audience_key,
-                           [Member(u, t or None) for u, t in adds.select("user_id", "tenant").iter_rows()], "add",
-                           source=f"sync:{sync.name}").changed
-    removed = change_members(store, sync.audience_key,
-                             [Member(u, t or None) for u, t in removes.iter_rows()], "remove",
-                             source=f"sync:{sync.name}").changed
+    added = change_members(
+        store,
+        sync.audience_key,
+        [Member(u, t or None) for u, t in adds.select("user_id", "tenant").iter_rows()],
+        "add",
+        source=f"sync:{sync.name}",
+    ).changed
+    removed = change_members(
+        store,
+        sync.audience_key,
+        [Member(u, t or None) for u, t in removes.iter_rows()],
+        "remove",
+        source=f"sync:{sync.name}",
+    ).changed
     with store.engine.begin() as connection:
-        store.insert_rows(connection, state, ("sync_name", "user_id", "tenant_key"),
-                          [(sync.name, u, t) for u, t in adds.select("user_id", "tenant_key").iter_rows()])
+        store.insert_rows(
+            connection,
+            state,
+            ("sync_name", "user_id", "tenant_key"),
+            [(sync.name, u, t) for u, t in adds.select("user_id", "tenant_key").iter_rows()],
+        )
         if removes.height:
             mark = store.placeholder
             connection.exec_driver_sql(
                 f"delete from sync_state where sync_name = {mark} and user_id = {mark} and tenant_key = {mark}",
-                [(sync.name, u, t) for u, t in removes.iter_rows()])
+                [(sync.name, u, t) for u, t in removes.iter_rows()],
+            )
     return SyncResult(sync.name, frame.height, validated.quarantined.height, added, removed, held)
 
 
@@ -149,16 +194,29 @@ def _batch_id(sync_name: str) -> str:
 
 def _hold(store: MembershipStore, sync: Sync, adds: int, removes: int, size: int) -> str:
     batches = tables.held_batches
-    existing = store.rows(sa.select(batches.c.batch_id).where(
-        batches.c.audience_key == sync.audience_key, batches.c.status == "held",
-        batches.c.batch_id.like("sync-%")))
+    existing = store.rows(
+        sa.select(batches.c.batch_id).where(
+            batches.c.audience_key == sync.audience_key,
+            batches.c.status == "held",
+            batches.c.batch_id.like("sync-%"),
+        )
+    )
     if existing:
         return existing[0]["batch_id"]
     batch_id = _batch_id(sync.name)
     with store.engine.begin() as connection:
-        connection.execute(batches.insert().values(
-            batch_id=batch_id, audience_key=sync.audience_key, evaluated_at=now_text(), entered=adds,
-            exited=removes, audience_size=size, status="held", decided_at=None))
+        connection.execute(
+            batches.insert().values(
+                batch_id=batch_id,
+                audience_key=sync.audience_key,
+                evaluated_at=now_text(),
+                entered=adds,
+                exited=removes,
+                audience_size=size,
+                status="held",
+                decided_at=None,
+            )
+        )
     return batch_id
 
 
@@ -166,8 +224,17 @@ def _consume_release(store: MembershipStore, sync_name: str) -> bool:
     """A released sync batch lets the next sync remove once; it is then marked applied."""
     batches = tables.held_batches
     with store.engine.begin() as connection:
-        released = connection.execute(sa.select(batches.c.batch_id).where(
-            batches.c.batch_id.like("sync-%"), batches.c.status == "released")).scalars().all()
+        released = (
+            connection.execute(
+                sa.select(batches.c.batch_id).where(
+                    batches.c.batch_id.like("sync-%"), batches.c.status == "released"
+                )
+            )
+            .scalars()
+            .all()
+        )
         for batch_id in released:
-            connection.execute(batches.update().where(batches.c.batch_id == batch_id).values(status="applied"))
+            connection.execute(
+                batches.update().where(batches.c.batch_id == batch_id).values(status="applied")
+            )
         return bool(released)

@@ -24,6 +24,7 @@ import polars as pl
 from audiences.membership.static import Member, change_members, require_static
 from audiences.membership.store import MembershipStore
 from audiences.users.profiles import identify_many
+
 # The same reading as user sources (encodings, BOM, delimiters).
 from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter
 from audiences.users.validation import validate_users
@@ -48,7 +49,10 @@ class UploadResult:
     rejects_file: Path | None
 
     def as_metadata(self) -> dict:
-        return {key: (str(value) if isinstance(value, Path) else value) for key, value in self.__dict__.items()}
+        return {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in self.__dict__.items()
+        }
 
 
 def parse_mapping(pairs: list[str]) -> dict[str, str]:
@@ -80,14 +84,26 @@ def upload_csv(
         raise UploadError(f"{path}: no such file")
     size = path.stat().st_size
     if size > max_bytes:
-        raise UploadError(f"{path}: {size:,} bytes is over the upload limit of {max_bytes:,} bytes "
-                          "(AUDIENCES_UPLOAD_MAX_BYTES); split the file")
+        raise UploadError(
+            f"{path}: {size:,} bytes is over the upload limit of {max_bytes:,} bytes "
+            "(AUDIENCES_UPLOAD_MAX_BYTES); split the file"
+        )
     mapping = dict(mapping or {})
     frame, ragged = _read(path, mapping)
-    missing = [column for column in list(mapping) + ([tenant_column] if tenant_column else []) if column not in frame.columns]
+    missing = [
+        column
+        for column in list(mapping) + ([tenant_column] if tenant_column else [])
+        if column not in frame.columns
+    ]
     if missing:
-        raise UploadError(f"{path}: no column {', '.join(map(repr, missing))}; columns are {', '.join(frame.columns)}")
-    tenants = frame[tenant_column] if tenant_column else pl.Series("tenant", [None] * frame.height, dtype=pl.String)
+        raise UploadError(
+            f"{path}: no column {', '.join(map(repr, missing))}; columns are {', '.join(frame.columns)}"
+        )
+    tenants = (
+        frame[tenant_column]
+        if tenant_column
+        else pl.Series("tenant", [None] * frame.height, dtype=pl.String)
+    )
     if tenant_column:
         frame = frame.drop(tenant_column)
     frame = frame.rename({column: field for column, field in mapping.items()})
@@ -100,9 +116,9 @@ def upload_csv(
     frame, tenants = frame.filter(~blank), tenants.filter(~blank)
     # Every column becomes part of the identify patch; an empty cell is "not given".
     validated = validate_users(frame, empty_cells="skip")
-    valid = (validated.valid
-             .join(pl.DataFrame({ROW_COLUMN: frame[ROW_COLUMN], "tenant": tenants}), on=ROW_COLUMN, how="left")
-             .sort(ROW_COLUMN))
+    valid = validated.valid.join(
+        pl.DataFrame({ROW_COLUMN: frame[ROW_COLUMN], "tenant": tenants}), on=ROW_COLUMN, how="left"
+    ).sort(ROW_COLUMN)
     added = unchanged = 0
     identified = _patch_rows(valid)["user_id"].n_unique()  # users with at least one given cell
     chunks = range(0, valid.height, CHUNK)
@@ -112,17 +128,32 @@ def upload_csv(
         # identify queue the next run loads) and their memberships go in together.
         with store.engine.begin() as connection:
             identify_many(store, connection, _patch_rows(chunk))
-            result = change_members(store, audience_key, [
-                Member(user_id, tenant) for user_id, tenant in chunk.select("user_id", "tenant").iter_rows()],
-                "add", source="upload", connection=connection)
+            result = change_members(
+                store,
+                audience_key,
+                [
+                    Member(user_id, tenant)
+                    for user_id, tenant in chunk.select("user_id", "tenant").iter_rows()
+                ],
+                "add",
+                source="upload",
+                connection=connection,
+            )
         added, unchanged = added + result.changed, unchanged + result.unchanged
     target = None
     quarantined = pl.concat([validated.quarantined, ragged]).sort(ROW_COLUMN)
     if quarantined.height:
         target = rejects_file or path.with_name(path.stem + ".rejects.csv")
         _write_rejects(target, quarantined)
-    return UploadResult(frame.height + blank_lines + ragged.height, blank_lines, added, unchanged, identified,
-                        quarantined.height, target)
+    return UploadResult(
+        frame.height + blank_lines + ragged.height,
+        blank_lines,
+        added,
+        unchanged,
+        identified,
+        quarantined.height,
+        target,
+    )
 
 
 def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -131,7 +162,7 @@ def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFra
     header, ragged = [], {}
     try:
         frame, failure = _read_csv(UserSource("upload", "csv", path, mode="stream")), None
-    except Exception as error:  # noqa: BLE001 (whatever the reader refused, the record-by-record pass decides)
+    except Exception as error:
         frame, failure = None, error
     # The fast reader fails on a row with too many fields, and fills a row with too few with
     # nulls: only then (an error, or nulls in the last column) is the file read record by record
@@ -149,22 +180,43 @@ def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFra
         raise UploadError(f"{path}: cannot read as CSV: {failure}")
     if ROW_COLUMN in frame.columns:
         frame = frame.drop(ROW_COLUMN)
-    frame = frame.with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
-    id_column = next((column for column, field in mapping.items() if field == "id"),
-                     "id" if "id" in header else "user_id")
+    frame = frame.with_row_index(ROW_COLUMN, offset=1).with_columns(
+        pl.col(ROW_COLUMN).cast(pl.Int64)
+    )
+    id_column = next(
+        (column for column, field in mapping.items() if field == "id"),
+        "id" if "id" in header else "user_id",
+    )
     position = header.index(id_column) if id_column in header else None
     rejects = pl.DataFrame(
-        [(row, fields[position] if position is not None and position < len(fields) else None,
-          f"line {line}: {len(fields)} fields where the header has {len(header)}",
-          json.dumps(fields, ensure_ascii=False)) for row, (line, fields) in ragged.items()],
-        schema={ROW_COLUMN: pl.Int64, "user_id": pl.String, "reason": pl.String, "raw_row": pl.String}, orient="row")
+        [
+            (
+                row,
+                fields[position] if position is not None and position < len(fields) else None,
+                f"line {line}: {len(fields)} fields where the header has {len(header)}",
+                json.dumps(fields, ensure_ascii=False),
+            )
+            for row, (line, fields) in ragged.items()
+        ],
+        schema={
+            ROW_COLUMN: pl.Int64,
+            "user_id": pl.String,
+            "reason": pl.String,
+            "raw_row": pl.String,
+        },
+        orient="row",
+    )
     return frame.filter(~pl.col(ROW_COLUMN).is_in(list(ragged))), rejects
 
 
-def _ragged_records(text: str, delimiter: str) -> tuple[list[str], dict[int, tuple[int, list[str]]]]:
+def _ragged_records(
+    text: str, delimiter: str
+) -> tuple[list[str], dict[int, tuple[int, list[str]]]]:
     """The header, and the records whose number of fields differs from the header's, by row
     number (1-based, blank lines counted as rows, as the CSV reader counts them): (line, fields)."""
-    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a cell may be as large as the file
+    csv.field_size_limit(
+        max(csv.field_size_limit(), len(text))
+    )  # a cell may be as large as the file
     records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(records, None)
     if header is None:
@@ -184,8 +236,14 @@ def _frame_of_records(text: str, delimiter: str, ragged: dict) -> pl.DataFrame:
     header = next(records)
     rows = []
     for row, fields in enumerate(records, start=1):
-        rows.append([None] * len(header) if row in ragged or not fields else [value or None for value in fields])
-    return pl.DataFrame(rows, schema={name: pl.String for name in _unique_names(header)}, orient="row")
+        rows.append(
+            [None] * len(header)
+            if row in ragged or not fields
+            else [value or None for value in fields]
+        )
+    return pl.DataFrame(
+        rows, schema={name: pl.String for name in _unique_names(header)}, orient="row"
+    )
 
 
 def _unique_names(header: list[str]) -> list[str]:
@@ -205,12 +263,26 @@ def _unique_names(header: list[str]) -> list[str]:
 def _patch_rows(rows: pl.DataFrame) -> pl.DataFrame:
     """The identify patches of validated rows, in the order the warehouse's loader applies them:
     per row its `properties` JSON, then its other cells (dotted fields nested); empty ones left out."""
-    return pl.concat([
-        rows.filter(pl.col("properties_patch").is_not_null())
-            .select(ROW_COLUMN, "user_id", pl.lit(0).alias("part"), pl.col("properties_patch").alias("patch")),
-        rows.filter(pl.col("columns_patch") != "{}")
-            .select(ROW_COLUMN, "user_id", pl.lit(1).alias("part"), pl.col("columns_patch").alias("patch")),
-    ]).sort(ROW_COLUMN, "part").select("user_id", "patch")
+    return (
+        pl.concat(
+            [
+                rows.filter(pl.col("properties_patch").is_not_null()).select(
+                    ROW_COLUMN,
+                    "user_id",
+                    pl.lit(0).alias("part"),
+                    pl.col("properties_patch").alias("patch"),
+                ),
+                rows.filter(pl.col("columns_patch") != "{}").select(
+                    ROW_COLUMN,
+                    "user_id",
+                    pl.lit(1).alias("part"),
+                    pl.col("columns_patch").alias("patch"),
+                ),
+            ]
+        )
+        .sort(ROW_COLUMN, "part")
+        .select("user_id", "patch")
+    )
 
 
 def _neutralise(value: str | None) -> str:
@@ -224,7 +296,9 @@ def _write_rejects(target: Path, quarantined: pl.DataFrame) -> None:
     with target.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "reason", "id", "raw"])
-        for row, user_id, reason, raw in quarantined.select(ROW_COLUMN, "user_id", "reason", "raw_row").iter_rows():
+        for row, user_id, reason, raw in quarantined.select(
+            ROW_COLUMN, "user_id", "reason", "raw_row"
+        ).iter_rows():
             writer.writerow([row, reason, _neutralise(user_id), _neutralise(raw)])
 
 

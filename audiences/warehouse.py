@@ -32,8 +32,8 @@ from audiences.conditions.compiler import (
     render,
     timestamp_literal,
 )
-from audiences.definitions import AudienceDefinition
 from audiences.dbt_models import FLATTENED_MODEL
+from audiences.definitions import AudienceDefinition
 
 MEMBERS_TABLE = "main.audience_members"
 FLATTENED_TABLE = f"main.{FLATTENED_MODEL}"
@@ -52,18 +52,25 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     try:
         connection = duckdb.connect(str(path), read_only=read_only)
     except duckdb.IOException as error:
-        raise WarehouseError(f"{path}: cannot open the warehouse ({error}); is a pipeline run writing it?") from None
+        raise WarehouseError(
+            f"{path}: cannot open the warehouse ({error}); is a pipeline run writing it?"
+        ) from None
     connection.execute("set TimeZone = 'UTC'")
-    connection.execute("set memory_limit = $limit", {"limit": os.environ.get("AUDIENCES_DUCKDB_MEMORY_LIMIT", "1500MB")})
+    connection.execute(
+        "set memory_limit = $limit",
+        {"limit": os.environ.get("AUDIENCES_DUCKDB_MEMORY_LIMIT", "1500MB")},
+    )
     return connection
 
 
 def table_exists(connection: duckdb.DuckDBPyConnection, qualified: str) -> bool:
     schema, name = qualified.split(".")
-    return bool(connection.execute(
-        "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
-        {"schema": schema, "name": name},
-    ).fetchall()[0][0])
+    return bool(
+        connection.execute(
+            "select count(*) from information_schema.tables where table_schema = $schema and table_name = $name",
+            {"schema": schema, "name": name},
+        ).fetchall()[0][0]
+    )
 
 
 def _columns(connection, qualified: str) -> set[str]:
@@ -93,20 +100,36 @@ def _users_query(
     """Users to evaluate conditions over: all current users, or those `user_filter` (a condition on
     `users.user_id`) keeps, in which case attributes are read inline (a few users, no table scan)."""
     needed = attributes_used(segments)
-    fresh = table_exists(connection, FLATTENED_TABLE) and user_filter is None and _is_fresh(connection) and {
-        attribute.column_name for attribute in needed
-    } <= _columns(connection, FLATTENED_TABLE)
+    fresh = (
+        table_exists(connection, FLATTENED_TABLE)
+        and user_filter is None
+        and _is_fresh(connection)
+        and {attribute.column_name for attribute in needed} <= _columns(connection, FLATTENED_TABLE)
+    )
     now_sql = timestamp_literal(now)
     evaluated = table_exists(connection, MEMBERS_TABLE)
 
     def members_of(key: str) -> exp.Expression:
         if evaluated:
-            return (exp.select("user_key").from_(MEMBERS_TABLE)
-                    .where(exp.and_(exp.column("audience_key").eq(exp.Literal.string(key)), "tenant is null")))
+            return (
+                exp.select("user_key")
+                .from_(MEMBERS_TABLE)
+                .where(
+                    exp.and_(
+                        exp.column("audience_key").eq(exp.Literal.string(key)), "tenant is null"
+                    )
+                )
+            )
         if key not in definitions:
-            raise WarehouseError(f"audience {key!r} has never been evaluated; run `audiences run` first")
+            raise WarehouseError(
+                f"audience {key!r} has never been evaluated; run `audiences run` first"
+            )
         inner = _users_query(connection, definitions[key].segments, definitions, now)
-        return exp.select("user_key").from_(inner.source).where(compile_segments(definitions[key].segments, inner.context))
+        return (
+            exp.select("user_key")
+            .from_(inner.source)
+            .where(compile_segments(definitions[key].segments, inner.context))
+        )
 
     if fresh:
         source = exp.to_table(FLATTENED_TABLE).as_("users")
@@ -118,13 +141,20 @@ def _users_query(
             user_id=exp.column("user_id", table="users"),
         )
         return _Query(source, context)
-    properties, identifier = exp.column("properties", table="users"), exp.column("user_id", table="users")
+    properties, identifier = (
+        exp.column("properties", table="users"),
+        exp.column("user_id", table="users"),
+    )
     where = exp.column("deleted_at", table="users").is_(exp.null())
     if user_filter is not None:
         where = exp.and_(where, user_filter)
-    source = exp.select("*").from_(exp.to_table("raw.users").as_("users")).where(where).subquery("users")
+    source = (
+        exp.select("*").from_(exp.to_table("raw.users").as_("users")).where(where).subquery("users")
+    )
     context = CompileContext(
-        attribute=lambda a: attribute_expression(property_json(a.path, properties, identifier), a.variant),
+        attribute=lambda a: attribute_expression(
+            property_json(a.path, properties, identifier), a.variant
+        ),
         audience_members=members_of,
         evaluation_time=now_sql,
         user_key=exp.column("user_key", table="users"),
@@ -158,7 +188,9 @@ def preview(
 ) -> Preview:
     """Count and sample the users matching a definition now, against the current warehouse."""
     if definition.type != "dynamic":
-        raise WarehouseError(f"{definition.key!r} is a static audience: its members are added, not matched")
+        raise WarehouseError(
+            f"{definition.key!r} is a static audience: its members are added, not matched"
+        )
     _require_users(connection)
     query = _users_query(connection, definition.segments, definitions, now)
     condition = compile_segments(definition.segments, query.context)
@@ -174,8 +206,12 @@ def preview(
         limit {int(sample_size)}
         """
     ).fetchall()
-    total = connection.execute("select count(*) from raw.users where deleted_at is null").fetchall()[0][0]
-    sample = [{"user_id": user_id, **_summary(json.loads(properties))} for user_id, properties in sampled]
+    total = connection.execute(
+        "select count(*) from raw.users where deleted_at is null"
+    ).fetchall()[0][0]
+    sample = [
+        {"user_id": user_id, **_summary(json.loads(properties))} for user_id, properties in sampled
+    ]
     return Preview(count, total, sample, now, sql)
 
 
@@ -192,7 +228,9 @@ def members(connection: duckdb.DuckDBPyConnection, key: str) -> Iterator[dict]:
     """The members of an audience at its last evaluation: `{"user_id", "tenant"}` per member."""
     if not table_exists(connection, MEMBERS_TABLE):
         raise WarehouseError("no evaluation yet; run `audiences run` first")
-    known = connection.execute("select count(*) from main.audience_catalog where audience_key = $key", {"key": key}).fetchall()[0][0]
+    known = connection.execute(
+        "select count(*) from main.audience_catalog where audience_key = $key", {"key": key}
+    ).fetchall()[0][0]
     if not known:
         raise WarehouseError(f"unknown audience {key!r} (not in the last evaluation)")
     cursor = connection.execute(
@@ -210,7 +248,9 @@ def members(connection: duckdb.DuckDBPyConnection, key: str) -> Iterator[dict]:
             yield {"user_id": user_id, "tenant": tenant}
 
 
-def last_evaluation(connection: duckdb.DuckDBPyConnection, evaluated_at: datetime | None = None) -> list[dict]:
+def last_evaluation(
+    connection: duckdb.DuckDBPyConnection, evaluated_at: datetime | None = None
+) -> list[dict]:
     """Member counts per audience from the evaluation at `evaluated_at` (default: the latest)."""
     if not table_exists(connection, "main.audience_evaluations"):
         return []
@@ -223,7 +263,12 @@ def last_evaluation(connection: duckdb.DuckDBPyConnection, evaluated_at: datetim
         """,
         {"at": evaluated_at},
     ).fetchall()
-    return [dict(zip(("audience_key", "audience_type", "member_count", "evaluated_at"), row)) for row in rows]
+    return [
+        dict(
+            zip(("audience_key", "audience_type", "member_count", "evaluated_at"), row, strict=True)
+        )
+        for row in rows
+    ]
 
 
 @dataclass(frozen=True)
@@ -255,28 +300,41 @@ def explain(
     from audiences.dbt_models import condition_json
 
     if definition.type != "dynamic":
-        raise WarehouseError(f"{definition.key!r} is a static audience: members are added, not matched")
+        raise WarehouseError(
+            f"{definition.key!r} is a static audience: members are added, not matched"
+        )
     _require_users(connection)
     exists = connection.execute(
         "select count(*) from raw.users where user_id = $id and deleted_at is null", {"id": user_id}
     ).fetchall()[0][0]
     if not exists:
         raise WarehouseError(f"no user {user_id!r} in the warehouse")
-    query = _users_query(connection, definition.segments, definitions, now,
-                         user_filter=exp.column("user_id", table="users").eq(exp.Literal.string(user_id)))
+    query = _users_query(
+        connection,
+        definition.segments,
+        definitions,
+        now,
+        user_filter=exp.column("user_id", table="users").eq(exp.Literal.string(user_id)),
+    )
     selections: list[exp.Expression] = []
     for segment in definition.segments:
         for condition in segment:
             selections.append(_seen_value(condition, query.context))
             selections.append(compile_condition(condition, query.context))
-    row = connection.execute(render(exp.select(*selections).from_(query.source)) if selections else "select 1").fetchone()
+    row = connection.execute(
+        render(exp.select(*selections).from_(query.source)) if selections else "select 1"
+    ).fetchone()
     verdicts, segments, position = [], [], 0
     for index, segment in enumerate(definition.segments, start=1):
         results = []
         for condition in segment:
             value, result = row[position], bool(row[position + 1])
             position += 2
-            verdicts.append(ConditionVerdict(index, condition_json(condition), _describe(condition, value), result))
+            verdicts.append(
+                ConditionVerdict(
+                    index, condition_json(condition), _describe(condition, value), result
+                )
+            )
             results.append(result)
         segments.append(bool(results) and all(results))
     return Explanation(user_id, definition.key, any(segments), segments, verdicts, now)
@@ -313,12 +371,19 @@ def matching_user_ids(
         return set(user_ids)
     import polars as pl
 
-    connection.register("candidate_ids", pl.DataFrame({"user_id": user_ids}, schema={"user_id": pl.String}).to_arrow())
+    connection.register(
+        "candidate_ids",
+        pl.DataFrame({"user_id": user_ids}, schema={"user_id": pl.String}).to_arrow(),
+    )
     try:
-        candidates = exp.column("user_id", table="users").isin(query=exp.select("user_id").from_("candidate_ids"))
+        candidates = exp.column("user_id", table="users").isin(
+            query=exp.select("user_id").from_("candidate_ids")
+        )
         query = _users_query(connection, segments, definitions or {}, now, user_filter=candidates)
         condition = compile_segments(segments, query.context)
-        rows = connection.execute(render(exp.select("users.user_id").from_(query.source).where(condition))).fetchall()
+        rows = connection.execute(
+            render(exp.select("users.user_id").from_(query.source).where(condition))
+        ).fetchall()
     finally:
         connection.unregister("candidate_ids")
     return {row[0] for row in rows}

@@ -23,6 +23,8 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
 
     sinks, default_sink = load_sinks(settings.sinks_file)
     # A trigger on an audience skipped for errors in its definition stays: the audience still exists.
-    audiences = load_definition_set(settings.definitions_dir).keys | set(custom_audience_keys(settings.dbt_project_dir))
+    audiences = load_definition_set(settings.definitions_dir).keys | set(
+        custom_audience_keys(settings.dbt_project_dir)
+    )
     triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
     return WorkflowSetup(triggers, sinks, default_sink)

@@ -20,13 +20,15 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 # How often a waiting run says again what it waits for.
 REPORT_EVERY_SECONDS = 60.0
 
-_held: dict[Path, tuple[int, int, dict]] = {}  # lock path -> (descriptor, holds, record), this process
+_held: dict[
+    Path, tuple[int, int, dict]
+] = {}  # lock path -> (descriptor, holds, record), this process
 _guard = threading.Lock()
 
 
@@ -46,13 +48,17 @@ def describe_holder(path: Path) -> str:
         return "another run"
     parts = [f"run {holder['run_id']}" if holder.get("run_id") else "a run"]
     details = [holder.get(key) for key in ("job", "trigger") if holder.get(key)]
-    details += [f"pid {holder['pid']}" if holder.get("pid") else None,
-                f"started {holder['started_at']}" if holder.get("started_at") else None]
+    details += [
+        f"pid {holder['pid']}" if holder.get("pid") else None,
+        f"started {holder['started_at']}" if holder.get("started_at") else None,
+    ]
     return parts[0] + " (" + ", ".join(detail for detail in details if detail) + ")"
 
 
 @contextlib.contextmanager
-def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], None] | None = None) -> Iterator[None]:
+def hold_writer_lock(
+    duckdb_path: Path, holder: dict, report: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Hold the warehouse's writer lock for the block, waiting for the run holding it (calling
     `report` with a sentence naming it now and every minute). `holder` (run id, job, trigger) is
     written into the lock file for the runs that wait. Re-entrant within a process: `audiences run`
@@ -89,7 +95,11 @@ def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], No
         except FileNotFoundError:
             pass
         os.close(descriptor)
-    record = {**holder, "pid": os.getpid(), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        **holder,
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     _write(descriptor, record)
     with _guard:
         _held[path] = (descriptor, 1, record)
@@ -99,7 +109,9 @@ def hold_writer_lock(duckdb_path: Path, holder: dict, report: Callable[[str], No
         _release(path)
 
 
-def _acquire(descriptor: int, path: Path, warehouse: Path, report: Callable[[str], None] | None) -> None:
+def _acquire(
+    descriptor: int, path: Path, warehouse: Path, report: Callable[[str], None] | None
+) -> None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return

@@ -36,7 +36,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,11 @@ def free_port() -> int:
 
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))] if ordered else float("nan")
+    return (
+        ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+        if ordered
+        else float("nan")
+    )
 
 
 class Server:
@@ -71,8 +75,21 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(folder / f"serve-{self.port}.log", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "audiences.cli", "serve", "--port", str(self.port), "--workers", str(workers)],
-            cwd=ROOT, env={**os.environ, **environ}, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "audiences.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **environ},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -94,10 +111,16 @@ def environment_for(folder: Path, **extra: str) -> dict[str, str]:
     definitions = folder / "audiences"
     for key in ("bench", "big"):
         (definitions / key).mkdir(parents=True, exist_ok=True)
-        (definitions / key / "audience.json").write_text(json.dumps({"name": key, "type": "static"}))
-    return {"AUDIENCES_DUCKDB": str(folder / "warehouse.duckdb"), "AUDIENCES_DEFINITIONS": str(definitions),
-            "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}", "AUDIENCES_API_ENVIRONMENTS": "development",
-            **extra}
+        (definitions / key / "audience.json").write_text(
+            json.dumps({"name": key, "type": "static"})
+        )
+    return {
+        "AUDIENCES_DUCKDB": str(folder / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(definitions),
+        "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}",
+        "AUDIENCES_API_ENVIRONMENTS": "development",
+        **extra,
+    }
 
 
 async def add_load(url: str, keys: list[str], seconds: float, identify: bool, label: str) -> dict:
@@ -112,9 +135,16 @@ async def add_load(url: str, keys: list[str], seconds: float, identify: bool, la
             user_id = f"{label}-c{client}-b{batch}-m{number}"
             if not identify:
                 return {"id": user_id}
-            return {"id": user_id, "name": f"User {number}", "email": f"{user_id}@example.com",
-                    "plan": random.choice(["free", "pro", "enterprise"])}
-        return json.dumps({"members": [{"user": user(number), "tenant": None} for number in range(BATCH)]}).encode()
+            return {
+                "id": user_id,
+                "name": f"User {number}",
+                "email": f"{user_id}@example.com",
+                "plan": random.choice(["free", "pro", "enterprise"]),
+            }
+
+        return json.dumps(
+            {"members": [{"user": user(number), "tenant": None} for number in range(BATCH)]}
+        ).encode()
 
     async def client(number: int) -> None:
         nonlocal members
@@ -135,17 +165,27 @@ async def add_load(url: str, keys: list[str], seconds: float, identify: bool, la
                 else:
                     errors.append(f"{status}: {getattr(response, 'text', response)!s:.200}")
                 batch += 1
-                payload = body(number, batch)  # built while nothing is waited for: client cost, not latency
+                payload = body(
+                    number, batch
+                )  # built while nothing is waited for: client cost, not latency
 
     started = time.perf_counter()
     await asyncio.gather(*(client(number) for number in range(CLIENTS)))
     wall = time.perf_counter() - started
-    return {"clients": CLIENTS, "batch": BATCH, "inline_identify": identify, "seconds": round(wall, 2),
-            "requests": len(latencies), "members": members, "members_per_second": round(members / wall),
-            "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
-            "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
-            "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
-            "errors": len(errors), "error_samples": errors[:3]}
+    return {
+        "clients": CLIENTS,
+        "batch": BATCH,
+        "inline_identify": identify,
+        "seconds": round(wall, 2),
+        "requests": len(latencies),
+        "members": members,
+        "members_per_second": round(members / wall),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
 
 
 def load_members(store_path: Path, audience: str, count: int) -> float:
@@ -155,7 +195,7 @@ def load_members(store_path: Path, audience: str, count: int) -> float:
     connection.execute("pragma journal_mode = wal")
     connection.execute("pragma synchronous = off")
     connection.execute("pragma cache_size = -1000000")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     def rows():
         for number in range(count):
@@ -163,8 +203,11 @@ def load_members(store_path: Path, audience: str, count: int) -> float:
             yield audience, f"user-{number:09d}", tenant or "", tenant, stamp
 
     connection.execute("begin")
-    connection.executemany("insert into audience_members (audience_key, user_id, tenant_key, tenant, added_at) "
-                           "values (?, ?, ?, ?, ?)", rows())
+    connection.executemany(
+        "insert into audience_members (audience_key, user_id, tenant_key, tenant, added_at) "
+        "values (?, ?, ?, ?, ?)",
+        rows(),
+    )
     connection.execute("commit")
     connection.close()
     return time.perf_counter() - started
@@ -189,38 +232,69 @@ def check_load(url: str, key: str, count: int, requests: int) -> dict:
                 errors += 1
             else:
                 hits += response.json()["member"]
-    return {"members": count, "requests": len(latencies), "members_found": hits, "errors": errors,
-            "p50_ms": round(percentile(latencies, 0.50) * 1000, 2), "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-            "max_ms": round(max(latencies) * 1000, 2)}
+    return {
+        "members": count,
+        "requests": len(latencies),
+        "members_found": hits,
+        "errors": errors,
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "max_ms": round(max(latencies) * 1000, 2),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of each add phase (default 30)")
-    parser.add_argument("--check-members", type=int, default=10_000_000, help="audience size for checks")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="length of each add phase (default 30)"
+    )
+    parser.add_argument(
+        "--check-members", type=int, default=10_000_000, help="audience size for checks"
+    )
     parser.add_argument("--checks", type=int, default=5000, help="membership checks to time")
-    parser.add_argument("--workers", type=int, default=2, help="server worker processes for the add phases "
-                                                               "(default 2, one per core; a 1-worker run is reported too)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="server worker processes for the add phases "
+        "(default 2, one per core; a 1-worker run is reported too)",
+    )
     options = parser.parse_args()
     command = ".venv/bin/python bench/api.py " + " ".join(sys.argv[1:])
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir(parents=True)
-    results: dict = {"command": command, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
+    results: dict = {
+        "command": command,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg()[0],
+    }
 
-    for phase, identify, workers in (("adds", False, options.workers), ("adds_with_identify", True, options.workers),
-                                     ("adds_one_worker", False, 1)):
+    for phase, identify, workers in (
+        ("adds", False, options.workers),
+        ("adds_with_identify", True, options.workers),
+        ("adds_one_worker", False, 1),
+    ):
         folder = DATA / phase
         folder.mkdir()
         environ = environment_for(folder)
         store = MembershipStore(environ["AUDIENCES_STORE_URL"]).create()
-        keys = [create_key(store, "development", f"client-{number}")[1] for number in range(CLIENTS)]
+        keys = [
+            create_key(store, "development", f"client-{number}")[1] for number in range(CLIENTS)
+        ]
         store.dispose()
         server = Server(folder, environ, workers)
         try:
-            print(f"{phase}: {CLIENTS} clients x {options.seconds:g} s, {workers} server worker(s) ...", flush=True)
-            results[phase] = {**asyncio.run(add_load(server.url, keys, options.seconds, identify, phase)),
-                              "server_workers": workers}
+            print(
+                f"{phase}: {CLIENTS} clients x {options.seconds:g} s, {workers} server worker(s) ...",
+                flush=True,
+            )
+            results[phase] = {
+                **asyncio.run(add_load(server.url, keys, options.seconds, identify, phase)),
+                "server_workers": workers,
+            }
         finally:
             server.stop()
         print(f"  {results[phase]}", flush=True)
@@ -240,7 +314,7 @@ def main() -> None:
     finally:
         server.stop()
     print(f"  {results['checks']}", flush=True)
-    results["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     (ROOT / "bench" / "api-results.json").write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / "bench" / "api-results.md").write_text(report(results))
     print((ROOT / "bench" / "api-results.md").read_text())
@@ -253,29 +327,46 @@ def report(results: dict) -> str:
     add_ok = adds["members_per_second"] > 20_000 and adds["errors"] == 0 and adds["p99_ms"] < 250
     one_ok = one["members_per_second"] > 20_000 and one["errors"] == 0 and one["p99_ms"] < 250
     lines = [
-        "# API load benchmark", "",
+        "# API load benchmark",
+        "",
         f"`{results['command']}`, started {results['started_at']}, {results['cpus']} CPUs, load average before "
         f"{results['load_average_before']:.2f}. Server: `audiences serve --workers N` (uvicorn) on 127.0.0.1, "
         "a fresh SQLite store per phase; clients in another process. With 8 clients each waiting for its answer, "
         "the mean latency is 8 ÷ requests a second (Little's law): a mean under 250 ms alone takes over 32 "
         "requests (32,000 members) a second, and the p99 more. "
-        "See the docstring of `bench/api.py` for what each phase does.", "",
-        "| phase | requests | members/s | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|---|",
+        "See the docstring of `bench/api.py` for what each phase does.",
+        "",
+        "| phase | requests | members/s | p50 ms | p99 ms | max ms | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, row in ((f"adds, 8 clients, batches of 1,000, {adds['server_workers']} workers", adds),
-                      (f"adds with inline identify, {identify['server_workers']} workers", identify),
-                      ("adds, 8 clients, batches of 1,000, 1 worker", one)):
-        lines.append(f"| {name} | {row['requests']:,} | {row['members_per_second']:,} | {row['p50_ms']} | "
-                     f"{row['p99_ms']} | {row['max_ms']} | {row['errors']} |")
+    for name, row in (
+        (f"adds, 8 clients, batches of 1,000, {adds['server_workers']} workers", adds),
+        (f"adds with inline identify, {identify['server_workers']} workers", identify),
+        ("adds, 8 clients, batches of 1,000, 1 worker", one),
+    ):
+        lines.append(
+            f"| {name} | {row['requests']:,} | {row['members_per_second']:,} | {row['p50_ms']} | "
+            f"{row['p99_ms']} | {row['max_ms']} | {row['errors']} |"
+        )
     lines += [
-        "", f"Adds target (over 20,000 members/s, no errors, p99 under 250 ms): {verdict(add_ok)} with "
-        f"{adds['server_workers']} workers; {verdict(one_ok)} with one.", "",
-        "| membership checks | requests | p50 ms | p99 ms | max ms | errors |", "|---|---|---|---|---|---|",
+        "",
+        f"Adds target (over 20,000 members/s, no errors, p99 under 250 ms): {verdict(add_ok)} with "
+        f"{adds['server_workers']} workers; {verdict(one_ok)} with one.",
+        "",
+        "| membership checks | requests | p50 ms | p99 ms | max ms | errors |",
+        "|---|---|---|---|---|---|",
         f"| {checks['members']:,} members, one client | {checks['requests']:,} | {checks['p50_ms']} | "
-        f"{checks['p99_ms']} | {checks['max_ms']} | {checks['errors']} |", "",
+        f"{checks['p99_ms']} | {checks['max_ms']} | {checks['errors']} |",
+        "",
         f"Checks target (p99 under 5 ms at 10M members): "
         f"{verdict(checks['p99_ms'] < 5 and checks['members'] >= 10_000_000 and checks['errors'] == 0)}"
-        + ("" if checks["members"] >= 10_000_000 else f" (this run used {checks['members']:,} members)") + ".", "",
+        + (
+            ""
+            if checks["members"] >= 10_000_000
+            else f" (this run used {checks['members']:,} members)"
+        )
+        + ".",
+        "",
     ]
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -89,7 +89,9 @@ def handler_for(receiver: Receiver):
                 receiver.arrivals[self.path].append(arrived)
                 # Another request for this id that its sender is still waiting for (younger than
                 # the sink's timeout): two workers sending one message at once.
-                if any(arrived - start < TIMEOUT_SECONDS for start in receiver.in_flight[webhook_id]):
+                if any(
+                    arrived - start < TIMEOUT_SECONDS for start in receiver.in_flight[webhook_id]
+                ):
                     receiver.overlapping += 1
                 receiver.in_flight[webhook_id].append(arrived)
                 for item in items:
@@ -108,7 +110,9 @@ def handler_for(receiver: Receiver):
                 self.close_connection = True
                 return
             if fault == "drop":
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
                 self.close_connection = True
                 self.connection.close()
                 return
@@ -137,14 +141,33 @@ def handler_for(receiver: Receiver):
 
 
 def start_worker(folder: Path, store_url: str, name: str, lease: float) -> subprocess.Popen:
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("AUDIENCES_")}
-    environment.update(AUDIENCES_STORE_URL=store_url, AUDIENCES_SINKS=str(folder / "sinks.yml"),
-                       HOOK_SECRET=SECRET, PYTHONPATH=str(ROOT))
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("AUDIENCES_")
+    }
+    environment.update(
+        AUDIENCES_STORE_URL=store_url,
+        AUDIENCES_SINKS=str(folder / "sinks.yml"),
+        HOOK_SECRET=SECRET,
+        PYTHONPATH=str(ROOT),
+    )
     log = (folder / f"worker-{name}.log").open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "audiences.cli", "deliver", "--watch", "--max-attempts", "30",
-         "--lease-seconds", str(lease)],
-        cwd=folder, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "audiences.cli",
+            "deliver",
+            "--watch",
+            "--max-attempts",
+            "30",
+            "--lease-seconds",
+            str(lease),
+        ],
+        cwd=folder,
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     log.close()
     return process
 
@@ -168,35 +191,74 @@ def run(arguments) -> dict:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    sinks = {"sinks": {
-        "single": {"type": "webhook", "url": f"{url}/single", "secret_env": "HOOK_SECRET",
-                   "timeout_seconds": TIMEOUT_SECONDS, "rate_limit_per_second": RATE_LIMIT},
-        "batched": {"type": "webhook", "url": f"{url}/batched", "secret_env": "HOOK_SECRET",
-                    "timeout_seconds": TIMEOUT_SECONDS, "batch_size": 10},
-    }, "default": "single"}
+    sinks = {
+        "sinks": {
+            "single": {
+                "type": "webhook",
+                "url": f"{url}/single",
+                "secret_env": "HOOK_SECRET",
+                "timeout_seconds": TIMEOUT_SECONDS,
+                "rate_limit_per_second": RATE_LIMIT,
+            },
+            "batched": {
+                "type": "webhook",
+                "url": f"{url}/batched",
+                "secret_env": "HOOK_SECRET",
+                "timeout_seconds": TIMEOUT_SECONDS,
+                "batch_size": 10,
+            },
+        },
+        "default": "single",
+    }
     (folder / "sinks.yml").write_text(json.dumps(sinks))
     half = arguments.deliveries // 2
-    rows = [{"delivery_id": f"d{number:07d}", "event_id": None, "broadcast_id": None, "workflow_key": "welcome",
-             "sink": "single" if number < half else "batched", "audience_key": "vip", "user_id": f"u{number}",
-             "tenant": None, "payload": json.dumps({"recipients": [f"u{number}"], "data": {"n": number}}),
-             "status": "pending", "attempts": 0, "next_attempt_at": LONG_AGO, "last_error": None,
-             "batch_id": None, "created_at": LONG_AGO, "delivered_at": None}
-            for number in range(arguments.deliveries)]
+    rows = [
+        {
+            "delivery_id": f"d{number:07d}",
+            "event_id": None,
+            "broadcast_id": None,
+            "workflow_key": "welcome",
+            "sink": "single" if number < half else "batched",
+            "audience_key": "vip",
+            "user_id": f"u{number}",
+            "tenant": None,
+            "payload": json.dumps({"recipients": [f"u{number}"], "data": {"n": number}}),
+            "status": "pending",
+            "attempts": 0,
+            "next_attempt_at": LONG_AGO,
+            "last_error": None,
+            "batch_id": None,
+            "created_at": LONG_AGO,
+            "delivered_at": None,
+        }
+        for number in range(arguments.deliveries)
+    ]
     with store.engine.begin() as connection:
         store.insert_ignoring_duplicates(connection, deliveries, rows)
     expected = {row["delivery_id"] for row in rows}
 
     started = time.monotonic()
-    workers = [start_worker(folder, store_url, str(number), arguments.lease_seconds)
-               for number in range(arguments.workers)]
+    workers = [
+        start_worker(folder, store_url, str(number), arguments.lease_seconds)
+        for number in range(arguments.workers)
+    ]
     killed = False
     try:
         while time.monotonic() - started < arguments.timeout:
-            first = min((stamps[0] for stamps in receiver.arrivals.values() if stamps), default=None)
-            if arguments.kill_after and not killed and first and time.monotonic() - first >= arguments.kill_after:
+            first = min(
+                (stamps[0] for stamps in receiver.arrivals.values() if stamps), default=None
+            )
+            if (
+                arguments.kill_after
+                and not killed
+                and first
+                and time.monotonic() - first >= arguments.kill_after
+            ):
                 workers[0].send_signal(signal.SIGKILL)
                 workers[0].wait()
-                workers.append(start_worker(folder, store_url, "replacement", arguments.lease_seconds))
+                workers.append(
+                    start_worker(folder, store_url, "replacement", arguments.lease_seconds)
+                )
                 killed = True
             totals = delivery_status(store)["totals"]
             if totals.get("pending", 0) == 0:
@@ -215,8 +277,14 @@ def run(arguments) -> dict:
                 process.wait()
         server.shutdown()
     totals = delivery_status(store)["totals"]
-    dead = {row["delivery_id"] for row in store.rows(
-        deliveries.select().with_only_columns(deliveries.c.delivery_id).where(deliveries.c.status == "dead"))}
+    dead = {
+        row["delivery_id"]
+        for row in store.rows(
+            deliveries.select()
+            .with_only_columns(deliveries.c.delivery_id)
+            .where(deliveries.c.status == "dead")
+        )
+    }
     store.dispose()
     result = {
         "deliveries": len(expected),
@@ -232,7 +300,9 @@ def run(arguments) -> dict:
         "processed_twice": sum(count > 1 for count in receiver.processed.values()),
         "ids_accepted_twice": sum(count > 1 for count in receiver.accepts.values()),
         "sent_while_in_flight": receiver.overlapping,
-        "most_requests_in_one_second_at_the_rate_limited_sink": most_in_one_second(receiver.arrivals["/single"]),
+        "most_requests_in_one_second_at_the_rate_limited_sink": most_in_one_second(
+            receiver.arrivals["/single"]
+        ),
         "rate_limit_per_second": RATE_LIMIT,
     }
     return result
@@ -242,8 +312,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kill-after", type=float, default=None,
-                        help="kill one worker with SIGKILL this many seconds after the first request, and start another")
+    parser.add_argument(
+        "--kill-after",
+        type=float,
+        default=None,
+        help="kill one worker with SIGKILL this many seconds after the first request, and start another",
+    )
     parser.add_argument("--lease-seconds", type=float, default=5.0)
     parser.add_argument("--store-url", default=None)
     parser.add_argument("--seed", type=int, default=7)
@@ -253,7 +327,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     command = "bench/delivery_workers.py " + " ".join(sys.argv[1:])
     with (ROOT / "bench" / "delivery-workers-results.md").open("a") as handle:
-        handle.write(f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: `{command.strip()}`\n\n")
+        handle.write(f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: `{command.strip()}`\n\n")
         handle.write("\n".join(f"- {key}: {value}" for key, value in result.items()) + "\n")
 
 

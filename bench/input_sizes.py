@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,12 +49,29 @@ def bench_generation(folder: Path) -> list[dict]:
         definitions_dir = folder / f"list-{items}"
         (definitions_dir / "big").mkdir(parents=True)
         argument = json.dumps([f"tag-{n}" for n in range(items)])
-        (definitions_dir / "big" / "audience.json").write_text(json.dumps({
-            "name": "Big list", "type": "dynamic",
-            "segments": [{"conditions": [{"property": "recipient.tags", "operator": "contains",
-                                          "argument": argument}]}]}))
+        (definitions_dir / "big" / "audience.json").write_text(
+            json.dumps(
+                {
+                    "name": "Big list",
+                    "type": "dynamic",
+                    "segments": [
+                        {
+                            "conditions": [
+                                {
+                                    "property": "recipient.tags",
+                                    "operator": "contains",
+                                    "argument": argument,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            )
+        )
         definitions = load_definitions(definitions_dir)
-        seconds = cpu_seconds(lambda: generate_models(definitions, ROOT / "dbt_project", "audiences"))
+        seconds = cpu_seconds(
+            lambda: generate_models(definitions, ROOT / "dbt_project", "audiences")
+        )
         results.append({"items": items, "cpu_seconds": round(seconds, 3)})
         print("generate", results[-1], flush=True)
     return results
@@ -64,8 +81,10 @@ def bench_upload(folder: Path) -> list[dict]:
     results = []
     for columns in COLUMN_COUNTS:
         path = folder / f"wide-{columns}.csv"
-        path.write_text("id," + ",".join(f"c{i}" for i in range(columns)) + "\n"
-                        "u1," + ",".join(f"v{i}" for i in range(columns)) + "\n")
+        path.write_text(
+            "id," + ",".join(f"c{i}" for i in range(columns)) + "\n"
+            "u1," + ",".join(f"v{i}" for i in range(columns)) + "\n"
+        )
         store = MembershipStore(f"sqlite:///{folder}/store-{columns}.sqlite").create()
         seconds = cpu_seconds(lambda: upload_csv(store, "vips", path, {"vips": "static"}))
         store.dispose()
@@ -77,11 +96,16 @@ def bench_upload(folder: Path) -> list[dict]:
 def per_unit_ratios(rows: list[dict], unit: str) -> None:
     base = rows[0]["cpu_seconds"] / rows[0][unit]
     for row in rows:
-        row["per_unit_vs_smallest"] = round(row["cpu_seconds"] / row[unit] / base, 2) if base else None
+        row["per_unit_vs_smallest"] = (
+            round(row["cpu_seconds"] / row[unit] / base, 2) if base else None
+        )
 
 
 def main() -> None:
-    results = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cores": os.cpu_count()}
+    results = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         results["generate"] = bench_generation(folder)
@@ -90,15 +114,25 @@ def main() -> None:
     per_unit_ratios(results["upload"][1:], "columns")  # 10 columns is all fixed cost
     (ROOT / "bench" / "input-sizes-results.json").write_text(json.dumps(results, indent=2))
     lines = [
-        "# Input sizes: generation and wide uploads", "",
+        "# Input sizes: generation and wide uploads",
+        "",
         f"Produced by `.venv/bin/python bench/input_sizes.py` on {results['started']} ({results['cores']} cores); "
         "CPU seconds of one run on a shared machine. Per-unit cost relative to the smallest size: near 1 is "
-        "linear. Details: `bench/input_sizes.py`.", "",
-        "| `contains` items | generate CPU s | per item vs 1k |", "|---:|---:|---:|",
-        *[f"| {r['items']:,} | {r['cpu_seconds']} | {r['per_unit_vs_smallest']} |" for r in results["generate"]],
-        "", "| CSV columns (one row) | upload CPU s | per column vs 1k |", "|---:|---:|---:|",
-        *[f"| {r['columns']:,} | {r['cpu_seconds']} | {r.get('per_unit_vs_smallest', '—')} |"
-          for r in results["upload"]],
+        "linear. Details: `bench/input_sizes.py`.",
+        "",
+        "| `contains` items | generate CPU s | per item vs 1k |",
+        "|---:|---:|---:|",
+        *[
+            f"| {r['items']:,} | {r['cpu_seconds']} | {r['per_unit_vs_smallest']} |"
+            for r in results["generate"]
+        ],
+        "",
+        "| CSV columns (one row) | upload CPU s | per column vs 1k |",
+        "|---:|---:|---:|",
+        *[
+            f"| {r['columns']:,} | {r['cpu_seconds']} | {r.get('per_unit_vs_smallest', '—')} |"
+            for r in results["upload"]
+        ],
     ]
     (ROOT / "bench" / "input-sizes-results.md").write_text("\n".join(lines) + "\n")
 

@@ -35,8 +35,12 @@ SINK_FILE = Path("data/out/workflow_triggers.jsonl")
 
 def run_and_kill(evaluation_time: str, delay: float) -> bool:
     """Start a run, kill it with SIGKILL after `delay` seconds; True if it was killed."""
-    process = subprocess.Popen([".venv/bin/audiences", "--evaluation-time", evaluation_time, "run"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [".venv/bin/audiences", "--evaluation-time", evaluation_time, "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         process.wait(timeout=delay)
         return False
@@ -50,34 +54,61 @@ def check(warehouse: Path, store: Path) -> dict:
     connection = duckdb.connect(str(warehouse), read_only=True)
     outbox = connection.execute(
         "select audience_key, user_id, coalesce(tenant, ''), event_type from raw.membership_outbox "
-        "order by audience_key, user_id, 3, sequence").fetchall()
+        "order by audience_key, user_id, 3, sequence"
+    ).fetchall()
     last, not_alternating = {}, 0
     for audience, user, tenant, event in outbox:
         previous = last.get((audience, user, tenant))
         not_alternating += (previous is None and event != "entered") or previous == event
         last[(audience, user, tenant)] = event
-    published = {row[0] for row in connection.execute(
-        "select event_id from raw.membership_outbox where not is_backfill").fetchall()}
+    published = {
+        row[0]
+        for row in connection.execute(
+            "select event_id from raw.membership_outbox where not is_backfill"
+        ).fetchall()
+    }
     dynamic = "audience_key in (select audience_key from audience_catalog where audience_type <> 'static')"
-    intervals = set(connection.execute(
-        f"select audience_key, user_key, coalesce(tenant, '') from raw.membership_intervals "
-        f"where exited_at is null and {dynamic}").fetchall())
-    members = set(connection.execute(
-        f"select audience_key, user_key, coalesce(tenant, '') from audience_members where {dynamic}").fetchall())
-    stored = {row[0] for row in sqlite3.connect(store).execute(
-        "select event_id from membership_events where source = 'evaluation'").fetchall()}
-    sent = [json.loads(line) for line in SINK_FILE.read_text().splitlines()] if SINK_FILE.exists() else []
+    intervals = set(
+        connection.execute(
+            f"select audience_key, user_key, coalesce(tenant, '') from raw.membership_intervals "
+            f"where exited_at is null and {dynamic}"
+        ).fetchall()
+    )
+    members = set(
+        connection.execute(
+            f"select audience_key, user_key, coalesce(tenant, '') from audience_members where {dynamic}"
+        ).fetchall()
+    )
+    stored = {
+        row[0]
+        for row in sqlite3.connect(store)
+        .execute("select event_id from membership_events where source = 'evaluation'")
+        .fetchall()
+    }
+    sent = (
+        [json.loads(line) for line in SINK_FILE.read_text().splitlines()]
+        if SINK_FILE.exists()
+        else []
+    )
     ids = [line.get("delivery_id") or json.dumps(line, sort_keys=True) for line in sent]
-    return {"outbox_events": len(outbox), "not_alternating": not_alternating,
-            "store_missing": len(published - stored), "store_extra": len(stored - published),
-            "open_intervals": len(intervals), "intervals_not_members": len(intervals ^ members),
-            "sink_lines": len(sent), "sink_duplicates": len(ids) - len(set(ids))}
+    return {
+        "outbox_events": len(outbox),
+        "not_alternating": not_alternating,
+        "store_missing": len(published - stored),
+        "store_extra": len(stored - published),
+        "open_intervals": len(intervals),
+        "intervals_not_members": len(intervals ^ members),
+        "sink_lines": len(sent),
+        "sink_duplicates": len(ids) - len(set(ids)),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=8, help="how many evaluations (default 8)")
-    parser.add_argument("--first-day", type=int, default=2, help="the first November day (default 2)")
+    parser.add_argument(
+        "--first-day", type=int, default=2, help="the first November day (default 2)"
+    )
     parser.add_argument("--seed", type=int, default=7)
     options = parser.parse_args()
     randomness = random.Random(options.seed)
@@ -87,11 +118,21 @@ def main() -> None:
         delay = randomness.uniform(1, 15)
         killed = run_and_kill(evaluation_time, delay)
         kills += killed
-        again = subprocess.run([".venv/bin/audiences", "--evaluation-time", evaluation_time, "run"],
-                               capture_output=True, text=True)
-        print(f"{evaluation_time}: {'killed at' if killed else 'finished before'} {delay:.1f} s; "
-              f"run again: exit {again.returncode}", flush=True)
-    print(json.dumps({"kills": kills, **check(Path("data/warehouse.duckdb"), Path("data/store.sqlite"))}))
+        again = subprocess.run(
+            [".venv/bin/audiences", "--evaluation-time", evaluation_time, "run"],
+            capture_output=True,
+            text=True,
+        )
+        print(
+            f"{evaluation_time}: {'killed at' if killed else 'finished before'} {delay:.1f} s; "
+            f"run again: exit {again.returncode}",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {"kills": kills, **check(Path("data/warehouse.duckdb"), Path("data/store.sqlite"))}
+        )
+    )
 
 
 if __name__ == "__main__":

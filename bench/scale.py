@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -44,36 +44,61 @@ import synthetic  # noqa: E402
 from audiences.dbt_project import dbt_executable, prepare  # noqa: E402
 from audiences.evaluation import set_evaluation_clock  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
+import contextlib
 
 DATA = BENCH / "data"
 DEFINITIONS = DATA / "audiences"
-NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)  # synthetic.py's evaluation time
+NOW = datetime(2026, 11, 1, tzinfo=UTC)  # synthetic.py's evaluation time
 REFERENCE_MS_PER_USER_FALLBACK = 1.039  # bench/results.md, 1M users, if results.json lacks it
 ISSUE_BASELINE_10M_S = 45.0  # the issue's plain baseline at 10M users on a 2-core machine
 
 
 def dbt(settings: Settings, arguments: list[str]) -> dict:
-    command = [dbt_executable(), *arguments, "--project-dir", str(settings.dbt_project_dir),
-               "--profiles-dir", str(settings.dbt_project_dir)]
-    environment = {**os.environ, **settings.environment_variables(), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    command = [
+        dbt_executable(),
+        *arguments,
+        "--project-dir",
+        str(settings.dbt_project_dir),
+        "--profiles-dir",
+        str(settings.dbt_project_dir),
+    ]
+    environment = {
+        **os.environ,
+        **settings.environment_variables(),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if status != 0:
         raise RuntimeError(f"dbt {' '.join(arguments)} failed:\n{output[-4000:]}")
     results = json.loads((settings.dbt_project_dir / "target" / "run_results.json").read_text())
-    nodes = sorted(((r["unique_id"], r["execution_time"]) for r in results["results"]), key=lambda n: -n[1])
-    return {"arguments": arguments, "wall_s": wall, "evaluation_s": results["elapsed_time"],
-            "peak_rss_mb": usage.ru_maxrss / 1024, "nodes": len(nodes), "slowest": nodes[:6]}
+    nodes = sorted(
+        ((r["unique_id"], r["execution_time"]) for r in results["results"]), key=lambda n: -n[1]
+    )
+    return {
+        "arguments": arguments,
+        "wall_s": wall,
+        "evaluation_s": results["elapsed_time"],
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "nodes": len(nodes),
+        "slowest": nodes[:6],
+    }
 
 
 def in_child(step: str, **params) -> dict:
     """Run a DuckDB step in its own process, so this process stays small: a forked dbt starts as a
     copy of it, and its peak resident set would otherwise count this process's memory too."""
-    result = subprocess.run([sys.executable, __file__, "--child", step, json.dumps(params, default=str)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", step, json.dumps(params, default=str)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -84,22 +109,31 @@ def child(step: str, params: dict) -> dict:
     with duckdb.connect(str(path)) as connection:
         if step == "reset":
             out = {}
-            has_users = connection.execute(
-                "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'users'"
-            ).fetchone()[0] and connection.execute("select count(*) from raw.users").fetchone()[0] == params["users"]
+            has_users = (
+                connection.execute(
+                    "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'users'"
+                ).fetchone()[0]
+                and connection.execute("select count(*) from raw.users").fetchone()[0]
+                == params["users"]
+            )
             if not has_users:
                 start = time.perf_counter()
                 synthetic.generate_users(connection, params["users"])
                 out["generate_s"] = time.perf_counter() - start
             # Leave no state of earlier code or runs behind: cold means cold.
             for schema, name, kind in connection.execute(
-                    "select table_schema, table_name, table_type from information_schema.tables "
-                    "where table_schema in ('main', 'audiences', 'bench')").fetchall():
-                connection.execute(f'drop {"view" if kind == "VIEW" else "table"} if exists {schema}."{name}" cascade')
+                "select table_schema, table_name, table_type from information_schema.tables "
+                "where table_schema in ('main', 'audiences', 'bench')"
+            ).fetchall():
+                connection.execute(
+                    f'drop {"view" if kind == "VIEW" else "table"} if exists {schema}."{name}" cascade'
+                )
             connection.execute("checkpoint")
             return out
         if step == "clock":
-            now = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchone()[0]
+            now = connection.execute(
+                "select max(evaluated_at) from raw.evaluation_clock"
+            ).fetchone()[0]
             return {"now": now.isoformat()}
         if params.get("touch"):
             # Later than every update so far (earlier runs touched users too): the loader's times
@@ -116,11 +150,21 @@ def child(step: str, params: dict) -> dict:
 def full_evaluation_check(path: Path) -> dict:
     """audience_members against every audience view evaluated whole: counts and symmetric difference."""
     with duckdb.connect(str(path), read_only=True) as connection:
-        views = [row[0] for row in connection.execute(
-            "select model_name from main.audience_catalog order by audience_key").fetchall()]
-        keys = dict(connection.execute("select model_name, audience_key from main.audience_catalog").fetchall())
+        views = [
+            row[0]
+            for row in connection.execute(
+                "select model_name from main.audience_catalog order by audience_key"
+            ).fetchall()
+        ]
+        keys = dict(
+            connection.execute(
+                "select model_name, audience_key from main.audience_catalog"
+            ).fetchall()
+        )
         union = " union all ".join(
-            f"select '{keys[view]}' as audience_key, user_key, tenant from audiences.\"{view}\"" for view in views)
+            f"select '{keys[view]}' as audience_key, user_key, tenant from audiences.\"{view}\""
+            for view in views
+        )
         start = time.perf_counter()
         missing, extra = connection.execute(
             f"""
@@ -129,10 +173,16 @@ def full_evaluation_check(path: Path) -> dict:
             select
                 (select count(*) from (select * from full_evaluation except all select * from incremental)),
                 (select count(*) from (select * from incremental except all select * from full_evaluation))
-            """).fetchone()
+            """
+        ).fetchone()
         rows = connection.execute("select count(*) from main.audience_members").fetchone()[0]
-    return {"members": rows, "missing": missing, "extra": extra, "seconds": time.perf_counter() - start,
-            "ok": missing == 0 and extra == 0}
+    return {
+        "members": rows,
+        "missing": missing,
+        "extra": extra,
+        "seconds": time.perf_counter() - start,
+        "ok": missing == 0 and extra == 0,
+    }
 
 
 def main() -> None:
@@ -141,8 +191,11 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=10_000_000)
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep the last run's cold build and measure the other runs again on it")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the last run's cold build and measure the other runs again on it",
+    )
     options = parser.parse_args()
     folder = DATA / str(options.users)
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,14 +203,28 @@ def main() -> None:
     project = folder / "dbt_project"
     if project.exists():
         shutil.rmtree(project)
-    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", ".user.yml"))
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", ".user.yml")
+    )
     shutil.rmtree(project / "models" / "audiences" / "custom", ignore_errors=True)
-    settings = Settings.from_env({}, duckdb_path=folder / "warehouse.duckdb", definitions_dir=DEFINITIONS,
-                                 dbt_project_dir=project, store_url=f"sqlite:///{folder / 'store.sqlite'}")
+    settings = Settings.from_env(
+        {},
+        duckdb_path=folder / "warehouse.duckdb",
+        definitions_dir=DEFINITIONS,
+        dbt_project_dir=project,
+        store_url=f"sqlite:///{folder / 'store.sqlite'}",
+    )
     previous = json.loads((BENCH / "scale-results.json").read_text()) if options.reuse else None
-    r: dict = {"users": options.users, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "duckdb": duckdb.__version__},
-               "runs": {}}
+    r: dict = {
+        "users": options.users,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "duckdb": duckdb.__version__,
+        },
+        "runs": {},
+    }
     if previous:
         r["runs"]["cold"] = previous["runs"]["cold"]
         r["cold_from"] = previous.get("cold_from", previous["started"])
@@ -169,11 +236,22 @@ def main() -> None:
     from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
 
     lean = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
-    rounds = (3, 4) if previous else (1, 2)  # other values than the last run's, so the touches change data
-    steps = [("cold", 0, None, ["build", "--full-refresh"]), ("warm", 15, rounds[0], lean), ("tick", 30, None, lean),
-             ("warm_full_build", 45, rounds[1], ["build"])]
+    rounds = (
+        (3, 4) if previous else (1, 2)
+    )  # other values than the last run's, so the touches change data
+    steps = [
+        ("cold", 0, None, ["build", "--full-refresh"]),
+        ("warm", 15, rounds[0], lean),
+        ("tick", 30, None, lean),
+        ("warm_full_build", 45, rounds[1], ["build"]),
+    ]
     for name, minutes, touch, arguments in steps[1:] if previous else steps:
-        in_child("step", path=settings.duckdb_path, touch=touch, now=(base + timedelta(minutes=minutes)).isoformat())
+        in_child(
+            "step",
+            path=settings.duckdb_path,
+            touch=touch,
+            now=(base + timedelta(minutes=minutes)).isoformat(),
+        )
         r["runs"][name] = dbt(settings, arguments)
         print(name, {k: v for k, v in r["runs"][name].items() if k != "slowest"}, flush=True)
     r["check"] = in_child("check", path=settings.duckdb_path)
@@ -184,10 +262,10 @@ def main() -> None:
 def write_results(r: dict) -> None:
     (BENCH / "scale-results.json").write_text(json.dumps(r, indent=1, default=str))
     reference_ms = REFERENCE_MS_PER_USER_FALLBACK
-    try:
-        reference_ms = json.loads((BENCH / "results.json").read_text())["sizes"]["1000000"]["reference"]["per_user_ms"]
-    except (OSError, KeyError, TypeError, ZeroDivisionError):
-        pass
+    with contextlib.suppress(OSError, KeyError, TypeError, ZeroDivisionError):
+        reference_ms = json.loads((BENCH / "results.json").read_text())["sizes"]["1000000"][
+            "reference"
+        ]["per_user_ms"]
     reference_s = reference_ms / 1000 * r["users"]
     baseline_s = ISSUE_BASELINE_10M_S * r["users"] / 10_000_000
     lines = [
@@ -198,25 +276,43 @@ def write_results(r: dict) -> None:
         "single runs on a shared, noisy machine. What each run is: the docstring of `bench/scale.py`.",
         "",
         f"{r['users']:,} synthetic users, 50 audiences, {r['check']['members']:,} memberships."
-        + (f" The cold run is the one of {r['cold_from']} (`--reuse`); the others ran on its warehouse." if r.get("cold_from") else ""),
+        + (
+            f" The cold run is the one of {r['cold_from']} (`--reuse`); the others ran on its warehouse."
+            if r.get("cold_from")
+            else ""
+        ),
         "",
         "| run | evaluation (dbt elapsed) | wall | peak memory | dbt nodes | slowest nodes |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for name, run in r["runs"].items():
-        slowest = ", ".join(f"`{node.split('.')[-1]}` {seconds:.1f} s" for node, seconds in run["slowest"][:3])
-        lines.append(f"| {name.replace('_', ' ')} | {run['evaluation_s']:.1f} s | {run['wall_s']:.1f} s | "
-                     f"{run['peak_rss_mb'] / 1024:.2f} GB | {run['nodes']} | {slowest} |")
+        slowest = ", ".join(
+            f"`{node.split('.')[-1]}` {seconds:.1f} s" for node, seconds in run["slowest"][:3]
+        )
+        lines.append(
+            f"| {name.replace('_', ' ')} | {run['evaluation_s']:.1f} s | {run['wall_s']:.1f} s | "
+            f"{run['peak_rss_mb'] / 1024:.2f} GB | {run['nodes']} | {slowest} |"
+        )
     check = r["check"]
-    lines += ["", f"Correctness: `audience_members` after these runs against every audience view evaluated whole: "
-              f"{check['missing']:,} missing and {check['extra']:,} extra rows: **{'OK' if check['ok'] else 'MISMATCH'}**.",
-              "", "Against the targets (ratios of the evaluation, dbt's elapsed time):", "",
-              "| comparison | warm | tick | cold | target |", "|---|---:|---:|---:|---|"]
+    lines += [
+        "",
+        f"Correctness: `audience_members` after these runs against every audience view evaluated whole: "
+        f"{check['missing']:,} missing and {check['extra']:,} extra rows: **{'OK' if check['ok'] else 'MISMATCH'}**.",
+        "",
+        "Against the targets (ratios of the evaluation, dbt's elapsed time):",
+        "",
+        "| comparison | warm | tick | cold | target |",
+        "|---|---:|---:|---:|---|",
+    ]
     warm, tick, cold = (r["runs"][name]["evaluation_s"] for name in ("warm", "tick", "cold"))
-    lines.append(f"| the issue's plain baseline ({baseline_s:.1f} s at this size) ÷ evaluation | "
-                 f"{baseline_s / warm:.1f}× | {baseline_s / tick:.1f}× | {baseline_s / cold:.2f}× | ≥ 10× |")
-    lines.append(f"| reference evaluator ({reference_ms:.3f} ms per user measured at 1M, {reference_s:,.0f} s) ÷ evaluation | "
-                 f"{reference_s / warm:,.0f}× | {reference_s / tick:,.0f}× | {reference_s / cold:.0f}× | ≥ 200× |")
+    lines.append(
+        f"| the issue's plain baseline ({baseline_s:.1f} s at this size) ÷ evaluation | "
+        f"{baseline_s / warm:.1f}× | {baseline_s / tick:.1f}× | {baseline_s / cold:.2f}× | ≥ 10× |"
+    )
+    lines.append(
+        f"| reference evaluator ({reference_ms:.3f} ms per user measured at 1M, {reference_s:,.0f} s) ÷ evaluation | "
+        f"{reference_s / warm:,.0f}× | {reference_s / tick:,.0f}× | {reference_s / cold:.0f}× | ≥ 200× |"
+    )
     peak = max(run["peak_rss_mb"] for run in r["runs"].values()) / 1024
     lines.append(f"| peak memory, largest of the runs | {peak:.2f} GB | | | < 2 GB |")
     (BENCH / "scale-results.md").write_text("\n".join(lines) + "\n")

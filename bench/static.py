@@ -28,7 +28,7 @@ import random
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,9 +70,11 @@ def make_csv(path: Path, target_bytes: int) -> int:
     rows, size, lines = 0, len(header), [header]
     while True:
         identifier = f"user_{rows:07d}" if rows % 100 else f" bad id {rows}"
-        line = (f"{identifier},User {rows} {rng.choice(['Ann', 'Bob', 'Zoë'])},u{rows}@example.com,"
-                f"{rng.choice(plans)},{rng.randint(1, 500)},{rng.choice(cities)},"
-                f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T10:00:00Z\n")
+        line = (
+            f"{identifier},User {rows} {rng.choice(['Ann', 'Bob', 'Zoë'])},u{rows}@example.com,"
+            f"{rng.choice(plans)},{rng.randint(1, 500)},{rng.choice(cities)},"
+            f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T10:00:00Z\n"
+        )
         if size + len(line.encode()) > target_bytes:
             break
         lines.append(line)
@@ -86,30 +88,61 @@ def bench_upload(target_bytes: int) -> dict:
     path = DATA / "upload_10mb.csv"
     rows = make_csv(path, target_bytes)
     with duckdb.connect() as connection:
-        _, read_csv = timed(lambda: connection.execute(
-            "create table users as select * from read_csv($p, all_varchar = true)", {"p": str(path)}))
+        _, read_csv = timed(
+            lambda: connection.execute(
+                "create table users as select * from read_csv($p, all_varchar = true)",
+                {"p": str(path)},
+            )
+        )
         loaded = connection.execute("select count(*) from users").fetchall()[0][0]
     store = fresh_store("upload")
-    result, upload = timed(upload_csv, store, "uploaded", path, TYPES, rejects_file=DATA / "upload.rejects.csv",
-                           progress=False)
+    result, upload = timed(
+        upload_csv,
+        store,
+        "uploaded",
+        path,
+        TYPES,
+        rejects_file=DATA / "upload.rejects.csv",
+        progress=False,
+    )
     floor, floor_rows = store_floor(store)
     store.dispose()
-    return {"file_bytes": path.stat().st_size, "rows": rows, "duckdb_read_csv_s": read_csv, "duckdb_rows": loaded,
-            "upload_s": upload, "members_added": result.members_added, "rejected": result.rejected,
-            "ratio": upload / read_csv, "store_floor_s": floor, "store_floor_rows": floor_rows,
-            "store_floor_ratio": sum(floor.values()) / read_csv}
+    return {
+        "file_bytes": path.stat().st_size,
+        "rows": rows,
+        "duckdb_read_csv_s": read_csv,
+        "duckdb_rows": loaded,
+        "upload_s": upload,
+        "members_added": result.members_added,
+        "rejected": result.rejected,
+        "ratio": upload / read_csv,
+        "store_floor_s": floor,
+        "store_floor_rows": floor_rows,
+        "store_floor_ratio": sum(floor.values()) / read_csv,
+    }
 
 
 def store_floor(uploaded: MembershipStore) -> tuple[dict[str, float], dict[str, int]]:
     """Seconds to write the upload's rows again, table by table, into a fresh store (one transaction)."""
-    tables = (store_tables.user_profiles, store_tables.user_patches, store_tables.audience_members,
-              store_tables.membership_events)
+    tables = (
+        store_tables.user_profiles,
+        store_tables.user_patches,
+        store_tables.audience_members,
+        store_tables.membership_events,
+    )
     copies = {}
     with uploaded.read_engine.connect() as connection:
         for table in tables:
             columns = [column.name for column in table.columns if column.name != "patch_id"]
-            copies[table.name] = (columns, [tuple(row) for row in connection.execute(
-                sa.select(*(table.c[column] for column in columns)))])
+            copies[table.name] = (
+                columns,
+                [
+                    tuple(row)
+                    for row in connection.execute(
+                        sa.select(*(table.c[column] for column in columns))
+                    )
+                ],
+            )
     target = fresh_store("floor")
     seconds = {}
     with target.engine.begin() as connection:
@@ -132,7 +165,7 @@ def bench_mirror(members: int) -> dict:
     store = fresh_store("mirror")
     first, first_s = timed(run_sync, store, sync, TYPES)
     changed = members // 100
-    kept = ids[changed // 2:]
+    kept = ids[changed // 2 :]
     new = [f"new_{i:08d}" for i in range(changed - changed // 2)]
     pl.DataFrame({"id": kept + new}).write_parquet(table)
     second, second_s = timed(run_sync, store, sync, TYPES)
@@ -143,10 +176,19 @@ def bench_mirror(members: int) -> dict:
     reload, reload_s = timed(run_sync, store, sync, TYPES)
     size = store.scalar(sa.text("select count(*) from audience_members"))
     store.dispose()
-    return {"members": members, "first_sync_s": first_s, "first_added": first.added,
-            "changes": second.added + second.removed, "diff_sync_s": second_s, "diff_added": second.added,
-            "diff_removed": second.removed, "full_reload_s": reload_s, "reload_added": reload.added,
-            "final_members": size, "ratio": second_s / reload_s}
+    return {
+        "members": members,
+        "first_sync_s": first_s,
+        "first_added": first.added,
+        "changes": second.added + second.removed,
+        "diff_sync_s": second_s,
+        "diff_added": second.added,
+        "diff_removed": second.removed,
+        "full_reload_s": reload_s,
+        "reload_added": reload.added,
+        "final_members": size,
+        "ratio": second_s / reload_s,
+    }
 
 
 def main() -> None:
@@ -157,18 +199,24 @@ def main() -> None:
     if DATA.exists():
         shutil.rmtree(DATA)
     DATA.mkdir(parents=True)
-    results = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cores": os.cpu_count(),
-               "upload": bench_upload(options.upload_bytes)}
+    results = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "upload": bench_upload(options.upload_bytes),
+    }
     print("upload", results["upload"], flush=True)
     results["mirror"] = bench_mirror(options.members)
     print("mirror", results["mirror"], flush=True)
     (ROOT / "bench" / "static-results.json").write_text(json.dumps(results, indent=2))
     u, m = results["upload"], results["mirror"]
     lines = [
-        "# Static audiences benchmark", "",
+        "# Static audiences benchmark",
+        "",
         f"Produced by `.venv/bin/python bench/static.py {' '.join(sys.argv[1:])}` on {results['started']} "
-        f"({results['cores']} cores); single runs on a shared, noisy machine. Details: `bench/static.py`.", "",
-        "| measurement | ours | plain counterpart | ratio | target |", "|---|---:|---:|---:|---|",
+        f"({results['cores']} cores); single runs on a shared, noisy machine. Details: `bench/static.py`.",
+        "",
+        "| measurement | ours | plain counterpart | ratio | target |",
+        "|---|---:|---:|---:|---|",
         f"| upload of a {u['file_bytes'] / 1048576:.1f} MB CSV ({u['rows']:,} rows, {u['rejected']:,} rejected) "
         f"vs DuckDB `read_csv` | {u['upload_s']:.2f} s | {u['duckdb_read_csv_s']:.2f} s | **{u['ratio']:.1f}×** | ≤ 5× |",
         f"| the store floor: the same upload's rows written again into a fresh store, nothing else "
@@ -176,11 +224,14 @@ def main() -> None:
         f"| {sum(u['store_floor_s'].values()):.2f} s | {u['duckdb_read_csv_s']:.2f} s "
         f"| **{u['store_floor_ratio']:.1f}×** | |",
         f"| mirror sync of {m['members']:,} members with {m['changes']:,} changes vs a full reload "
-        f"| {m['diff_sync_s']:.2f} s | {m['full_reload_s']:.2f} s | **{m['ratio']:.1%}** | < 20% |", "",
+        f"| {m['diff_sync_s']:.2f} s | {m['full_reload_s']:.2f} s | **{m['ratio']:.1%}** | < 20% |",
+        "",
         f"The first sync of the {m['members']:,} members took {m['first_sync_s']:.1f} s "
-        f"({m['first_added']:,} members added with their events).", "",
-        "The store floor, by table: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds
-                                                  in u['store_floor_s'].items()) + ".",
+        f"({m['first_added']:,} members added with their events).",
+        "",
+        "The store floor, by table: "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in u["store_floor_s"].items())
+        + ".",
     ]
     (ROOT / "bench" / "static-results.md").write_text("\n".join(lines) + "\n")
 

@@ -29,16 +29,69 @@ create or replace temp macro iso(ts) as strftime(ts, '%Y-%m-%dT%H:%M:%SZ');
 create or replace temp macro ago(seconds) as {_NOW} - to_seconds(cast(seconds as bigint));
 """
 
-FIRST_NAMES = ["Ada", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas",
-               "Kenji", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara",
-               "Uma", "Victor", "Wen", "Xavier", "Yara", "Zoe"]
-LAST_NAMES = ["Smith", "Garcia", "Müller", "Martin", "Rossi", "Kowalski", "Silva", "Tanaka", "Nguyen",
-              "Johnson", "Dubois", "Jansen", "Andersson", "Kim", "Patel", "O'Brien", "Novak", "Costa"]
-CITIES = {"US": ["New York", "Austin", "Seattle", "Chicago"], "GB": ["London", "Leeds"],
-          "DE": ["Berlin", "München"], "FR": ["Paris", "Lyon"], "ES": ["Madrid", "Sevilla"],
-          "IT": ["Milano", "Roma"], "NL": ["Amsterdam", "Utrecht"], "BR": ["São Paulo", "Recife"],
-          "CA": ["Toronto", "Montréal"], "IN": ["Bengaluru", "Pune"], "JP": ["Tokyo", "Osaka"],
-          "SE": ["Stockholm"], "PL": ["Warszawa", "Kraków"]}
+FIRST_NAMES = [
+    "Ada",
+    "Ben",
+    "Chloe",
+    "Diego",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kenji",
+    "Lena",
+    "Mateo",
+    "Nora",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Xavier",
+    "Yara",
+    "Zoe",
+]
+LAST_NAMES = [
+    "Smith",
+    "Garcia",
+    "Müller",
+    "Martin",
+    "Rossi",
+    "Kowalski",
+    "Silva",
+    "Tanaka",
+    "Nguyen",
+    "Johnson",
+    "Dubois",
+    "Jansen",
+    "Andersson",
+    "Kim",
+    "Patel",
+    "O'Brien",
+    "Novak",
+    "Costa",
+]
+CITIES = {
+    "US": ["New York", "Austin", "Seattle", "Chicago"],
+    "GB": ["London", "Leeds"],
+    "DE": ["Berlin", "München"],
+    "FR": ["Paris", "Lyon"],
+    "ES": ["Madrid", "Sevilla"],
+    "IT": ["Milano", "Roma"],
+    "NL": ["Amsterdam", "Utrecht"],
+    "BR": ["São Paulo", "Recife"],
+    "CA": ["Toronto", "Montréal"],
+    "IN": ["Bengaluru", "Pune"],
+    "JP": ["Tokyo", "Osaka"],
+    "SE": ["Stockholm"],
+    "PL": ["Warszawa", "Kraków"],
+}
 
 
 def _sql_list(values: list[str]) -> str:
@@ -52,13 +105,18 @@ def users_sql(count: int) -> str:
     # CA 5, IN 5, JP 4, SE 2, PL 2.
     weights = [35, 10, 10, 8, 5, 5, 4, 5, 5, 5, 4, 2, 2]
     bounds, total = [], 0
-    for country, weight in zip(countries, weights):
+    for country, weight in zip(countries, weights, strict=True):
         total += weight
         bounds.append((total / 100, country))
     country_case = "case " + " ".join(f"when r_country < {b} then '{c}'" for b, c in bounds[:-1])
     country_case += f" else '{bounds[-1][1]}' end"
-    city_case = "case " + " ".join(f"when country = '{c}' then pick({_sql_list(v)}, i, 41)"
-                                   for c, v in CITIES.items()) + " end"
+    city_case = (
+        "case "
+        + " ".join(
+            f"when country = '{c}' then pick({_sql_list(v)}, i, 41)" for c, v in CITIES.items()
+        )
+        + " end"
+    )
     return f"""
 insert into raw.users
 with base as (
@@ -241,15 +299,22 @@ insert into raw.users select * from touched_users;
 
 
 def _c(prop: str, operator: str, argument=None) -> dict:
-    condition = {"property": prop if prop == "recipient" else f"recipient.{prop}", "operator": operator}
+    condition = {
+        "property": prop if prop == "recipient" else f"recipient.{prop}",
+        "operator": operator,
+    }
     if argument is not None:
         condition["argument"] = argument
     return condition
 
 
 def _audience(name: str, description: str, *segments: list[dict]) -> dict:
-    return {"name": name, "type": "dynamic", "description": description,
-            "segments": [{"conditions": list(conditions)} for conditions in segments]}
+    return {
+        "name": name,
+        "type": "dynamic",
+        "description": description,
+        "segments": [{"conditions": list(conditions)} for conditions in segments],
+    }
 
 
 STAFF = "@lumenboard.example"
@@ -260,146 +325,341 @@ def audiences() -> dict[str, dict]:
     """The 50 benchmark audiences, keyed by audience key."""
     a = {
         # --- top-level properties -------------------------------------------------------------
-        "free-plan": _audience("Free plan", "Everyone on the free plan.", [_c("plan", "equal_to", "free")]),
+        "free-plan": _audience(
+            "Free plan", "Everyone on the free plan.", [_c("plan", "equal_to", "free")]
+        ),
         "paying-customers": _audience(
-            "Paying customers", "Starter, Pro and Enterprise.",
-            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("email", "not_contains", STAFF)]),
-        "enterprise-accounts": _audience("Enterprise", "Enterprise plan.", [_c("plan", "equal_to", "enterprise")]),
+            "Paying customers",
+            "Starter, Pro and Enterprise.",
+            [
+                _c("plan", "contains", '["starter", "pro", "enterprise"]'),
+                _c("email", "not_contains", STAFF),
+            ],
+        ),
+        "enterprise-accounts": _audience(
+            "Enterprise", "Enterprise plan.", [_c("plan", "equal_to", "enterprise")]
+        ),
         "pro-large-teams": _audience(
-            "Pro, 20+ seats", "Pro accounts with 20 seats or more.",
-            [_c("plan", "equal_to", "pro"), _c("seats", "greater_than_or_equal_to", "20")]),
-        "high-mrr": _audience("High MRR", "More than $1,000 a month.", [_c("mrr", "greater_than", "1000")]),
-        "mid-mrr": _audience("Mid MRR", "$100 to $1,000 a month.", [_c("mrr", "is_between", "[100, 1000]")]),
+            "Pro, 20+ seats",
+            "Pro accounts with 20 seats or more.",
+            [_c("plan", "equal_to", "pro"), _c("seats", "greater_than_or_equal_to", "20")],
+        ),
+        "high-mrr": _audience(
+            "High MRR", "More than $1,000 a month.", [_c("mrr", "greater_than", "1000")]
+        ),
+        "mid-mrr": _audience(
+            "Mid MRR", "$100 to $1,000 a month.", [_c("mrr", "is_between", "[100, 1000]")]
+        ),
         "verified-with-email": _audience(
-            "Verified, with email", "Verified users with an email address who opted in.",
-            [_c("is_verified", "equal_to", "true"), _c("email", "not_empty"), _c("marketing_opt_in", "equal_to", "true")]),
-        "unverified": _audience("Not verified", "Not verified (or unknown).",
-                                [_c("is_verified", "not_equal_to", "true")]),
-        "nps-detractors": _audience("NPS detractors", "Scored 3 or less.",
-                                    [_c("nps_score", "less_than_or_equal_to", "3")]),
+            "Verified, with email",
+            "Verified users with an email address who opted in.",
+            [
+                _c("is_verified", "equal_to", "true"),
+                _c("email", "not_empty"),
+                _c("marketing_opt_in", "equal_to", "true"),
+            ],
+        ),
+        "unverified": _audience(
+            "Not verified",
+            "Not verified (or unknown).",
+            [_c("is_verified", "not_equal_to", "true")],
+        ),
+        "nps-detractors": _audience(
+            "NPS detractors", "Scored 3 or less.", [_c("nps_score", "less_than_or_equal_to", "3")]
+        ),
         "nps-promoters": _audience(
-            "NPS promoters", "Scored 9-10 and not at churn risk.",
-            [_c("nps_score", "is_between", "[9, 10]"), _c("recipient", "is_not_audience_member", "churn-risk"),
-             _c("email", "exists")]),
+            "NPS promoters",
+            "Scored 9-10 and not at churn risk.",
+            [
+                _c("nps_score", "is_between", "[9, 10]"),
+                _c("recipient", "is_not_audience_member", "churn-risk"),
+                _c("email", "exists"),
+            ],
+        ),
         "churn-risk": _audience(
-            "Churn risk", "Paying and unseen for 90 days, or paying and unhappy.",
-            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("last_seen_at", "is_timestamp_before", "90 days ago")],
-            [_c("plan", "contains", '["starter", "pro", "enterprise"]'), _c("nps_score", "less_than_or_equal_to", "3")]),
-        "active-last-3-days": _audience("Active lately", "Seen in the last 3 days.",
-                                        [_c("last_seen_at", "is_timestamp_on_or_after", "3 days ago")]),
+            "Churn risk",
+            "Paying and unseen for 90 days, or paying and unhappy.",
+            [
+                _c("plan", "contains", '["starter", "pro", "enterprise"]'),
+                _c("last_seen_at", "is_timestamp_before", "90 days ago"),
+            ],
+            [
+                _c("plan", "contains", '["starter", "pro", "enterprise"]'),
+                _c("nps_score", "less_than_or_equal_to", "3"),
+            ],
+        ),
+        "active-last-3-days": _audience(
+            "Active lately",
+            "Seen in the last 3 days.",
+            [_c("last_seen_at", "is_timestamp_on_or_after", "3 days ago")],
+        ),
         "dormant-90-days": _audience(
-            "Dormant", "Unseen for 180 days, or never seen and signed up before 2026.",
+            "Dormant",
+            "Unseen for 180 days, or never seen and signed up before 2026.",
             [_c("last_seen_at", "is_timestamp_before", "180 days ago")],
-            [_c("last_seen_at", "not_exists"), _c("signed_up_at", "is_timestamp_before", "2026-01-01T00:00:00Z")]),
+            [
+                _c("last_seen_at", "not_exists"),
+                _c("signed_up_at", "is_timestamp_before", "2026-01-01T00:00:00Z"),
+            ],
+        ),
         "new-signups-30d": _audience(
-            "New signups", "Signed up in the last 30 days, not staff.",
-            [_c("signed_up_at", "is_timestamp_on_or_after", "30 days ago"), _c("email", "not_contains", STAFF)]),
+            "New signups",
+            "Signed up in the last 30 days, not staff.",
+            [
+                _c("signed_up_at", "is_timestamp_on_or_after", "30 days ago"),
+                _c("email", "not_contains", STAFF),
+            ],
+        ),
         "signed-up-2025-h1": _audience(
-            "2025 H1 cohort", "Signed up in the first half of 2025.",
-            [_c("signed_up_at", "is_timestamp_between", '["2025-01-01T00:00:00Z", "2025-06-30T23:59:59Z"]')]),
+            "2025 H1 cohort",
+            "Signed up in the first half of 2025.",
+            [
+                _c(
+                    "signed_up_at",
+                    "is_timestamp_between",
+                    '["2025-01-01T00:00:00Z", "2025-06-30T23:59:59Z"]',
+                )
+            ],
+        ),
         "product-survey-sample": _audience(
-            "Survey sample", "A stable 10% of verified users not opted out of marketing.",
-            [_c("id", "is_in_random_cohort", "10"), _c("is_verified", "equal_to", "true"),
-             _c("marketing_opt_in", "not_equal_to", "false")]),
+            "Survey sample",
+            "A stable 10% of verified users not opted out of marketing.",
+            [
+                _c("id", "is_in_random_cohort", "10"),
+                _c("is_verified", "equal_to", "true"),
+                _c("marketing_opt_in", "not_equal_to", "false"),
+            ],
+        ),
         "trial-ending-soon": _audience(
-            "Trial ending soon", "Trial ends within 7 days.",
-            [_c("trial_ends_at", "is_timestamp_on_or_after_now"), _c("trial_ends_at", "is_timestamp_before", "7 days from now"),
-             _c("email", "not_empty")]),
+            "Trial ending soon",
+            "Trial ends within 7 days.",
+            [
+                _c("trial_ends_at", "is_timestamp_on_or_after_now"),
+                _c("trial_ends_at", "is_timestamp_before", "7 days from now"),
+                _c("email", "not_empty"),
+            ],
+        ),
         "trial-expired-free": _audience(
-            "Trial expired, free", "Trial over, back on free, seen at least once.",
-            [_c("trial_ends_at", "is_timestamp_before_now"), _c("plan", "equal_to", "free"), _c("last_seen_at", "is_timestamp")]),
+            "Trial expired, free",
+            "Trial over, back on free, seen at least once.",
+            [
+                _c("trial_ends_at", "is_timestamp_before_now"),
+                _c("plan", "equal_to", "free"),
+                _c("last_seen_at", "is_timestamp"),
+            ],
+        ),
         "admins": _audience("Admins", "Tagged admin.", [_c("tags", "contains", "admin")]),
         "billing-contacts": _audience(
-            "Billing contacts", "Billing owners, or executives.",
-            [_c("tags", "contains_all", '["billing", "owner"]')], [_c("tags", "contains", "executive")]),
+            "Billing contacts",
+            "Billing owners, or executives.",
+            [_c("tags", "contains_all", '["billing", "owner"]')],
+            [_c("tags", "contains", "executive")],
+        ),
         "developers-without-sso": _audience(
-            "Developers without SSO", "Developers on paying plans without SSO.",
-            [_c("tags", "contains", "developer"), _c("feature_flags", "not_contains", "sso"),
-             _c("plan", "not_equal_to", "free")]),
+            "Developers without SSO",
+            "Developers on paying plans without SSO.",
+            [
+                _c("tags", "contains", "developer"),
+                _c("feature_flags", "not_contains", "sso"),
+                _c("plan", "not_equal_to", "free"),
+            ],
+        ),
         "beta-testers": _audience(
-            "Beta testers", "Dashboard+reports beta, or API beta; not staff.",
-            [_c("feature_flags", "contains_all", '["beta_dashboard", "beta_reports"]'), _c("email", "not_contains", STAFF)],
-            [_c("feature_flags", "contains", "beta_api"), _c("email", "not_contains", STAFF)]),
-        "no-feature-flags": _audience("No feature flags", "No flag set.", [_c("feature_flags", "empty")]),
-        "gmail-users": _audience("Gmail users", "Gmail addresses.", [_c("email", "contains", "@gmail.com")]),
+            "Beta testers",
+            "Dashboard+reports beta, or API beta; not staff.",
+            [
+                _c("feature_flags", "contains_all", '["beta_dashboard", "beta_reports"]'),
+                _c("email", "not_contains", STAFF),
+            ],
+            [_c("feature_flags", "contains", "beta_api"), _c("email", "not_contains", STAFF)],
+        ),
+        "no-feature-flags": _audience(
+            "No feature flags", "No flag set.", [_c("feature_flags", "empty")]
+        ),
+        "gmail-users": _audience(
+            "Gmail users", "Gmail addresses.", [_c("email", "contains", "@gmail.com")]
+        ),
         "staff": _audience("Staff", "Lumenboard staff.", [_c("email", "contains", STAFF)]),
         "missing-email": _audience("Missing email", "No usable email.", [_c("email", "empty")]),
-        "has-phone": _audience("Has phone", "A phone number is known.", [_c("phone_number", "exists")]),
-        "german-speaking": _audience("German speaking", "German locales.",
-                                     [_c("locale", "contains", '["de-DE", "de-AT", "de-CH"]')]),
-        "uk-audience": _audience("UK audience", "British English, or London time.",
-                                 [_c("locale", "contains", "en-GB")], [_c("timezone", "equal_to", "Europe/London")]),
+        "has-phone": _audience(
+            "Has phone", "A phone number is known.", [_c("phone_number", "exists")]
+        ),
+        "german-speaking": _audience(
+            "German speaking",
+            "German locales.",
+            [_c("locale", "contains", '["de-DE", "de-AT", "de-CH"]')],
+        ),
+        "uk-audience": _audience(
+            "UK audience",
+            "British English, or London time.",
+            [_c("locale", "contains", "en-GB")],
+            [_c("timezone", "equal_to", "Europe/London")],
+        ),
         "young-adults": _audience("18-29", "Aged 18 to 29.", [_c("age", "is_between", "[18, 29]")]),
-        "referred-users": _audience("Referred", "Signed up with a referral code.", [_c("referral_code", "not_empty")]),
+        "referred-users": _audience(
+            "Referred", "Signed up with a referral code.", [_c("referral_code", "not_empty")]
+        ),
         "marketing-reachable": _audience(
-            "Marketing reachable", "Opted in, with email, active in the last 30 days.",
-            [_c("marketing_opt_in", "equal_to", "true"), _c("email", "not_empty"),
-             _c("last_seen_at", "is_timestamp_on_or_after", {"value": 30, "unit": "days", "direction": "ago"})]),
+            "Marketing reachable",
+            "Opted in, with email, active in the last 30 days.",
+            [
+                _c("marketing_opt_in", "equal_to", "true"),
+                _c("email", "not_empty"),
+                _c(
+                    "last_seen_at",
+                    "is_timestamp_on_or_after",
+                    {"value": 30, "unit": "days", "direction": "ago"},
+                ),
+            ],
+        ),
         "power-users": _audience(
-            "Power users", "Owners of teams of 10+ seen in 3 days, or high MRR seen in 3 days.",
-            [_c("tags", "contains", "owner"), _c("seats", "greater_than_or_equal_to", "10"),
-             _c("last_seen_at", "is_timestamp_on_or_after", "3 days ago")],
-            [_c("mrr", "greater_than", "2000"), _c("last_seen_at", "is_timestamp_on_or_after", "3 days ago")]),
+            "Power users",
+            "Owners of teams of 10+ seen in 3 days, or high MRR seen in 3 days.",
+            [
+                _c("tags", "contains", "owner"),
+                _c("seats", "greater_than_or_equal_to", "10"),
+                _c("last_seen_at", "is_timestamp_on_or_after", "3 days ago"),
+            ],
+            [
+                _c("mrr", "greater_than", "2000"),
+                _c("last_seen_at", "is_timestamp_on_or_after", "3 days ago"),
+            ],
+        ),
         # --- nested properties ----------------------------------------------------------------
         "beta-invite-candidates": _audience(
-            "Beta invite candidates", "Power users not in the full beta and not opted out.",
-            [_c("recipient", "is_audience_member", "power-users"),
-             _c("feature_flags", "not_contains_all", '["beta_dashboard", "beta_reports"]'),
-             _c("feature_flags", "not_contains", "beta_optout"),
-             _c("preferences.channels.email", "equal_to", "true")]),
+            "Beta invite candidates",
+            "Power users not in the full beta and not opted out.",
+            [
+                _c("recipient", "is_audience_member", "power-users"),
+                _c("feature_flags", "not_contains_all", '["beta_dashboard", "beta_reports"]'),
+                _c("feature_flags", "not_contains", "beta_optout"),
+                _c("preferences.channels.email", "equal_to", "true"),
+            ],
+        ),
         "eu-customers": _audience(
-            "EU customers", "Paying customers billed in the EU.",
-            [_c("address.country", "contains", EU), _c("plan", "not_equal_to", "free")]),
-        "us-users": _audience("US users", "Address in the US.", [_c("address.country", "equal_to", "US")]),
-        "no-country": _audience("Country unknown", "No address country.", [_c("address.country", "empty")]),
-        "growth-tier": _audience("Growth tier", "Billing tier growth.", [_c("company.billing.tier", "equal_to", "growth")]),
+            "EU customers",
+            "Paying customers billed in the EU.",
+            [_c("address.country", "contains", EU), _c("plan", "not_equal_to", "free")],
+        ),
+        "us-users": _audience(
+            "US users", "Address in the US.", [_c("address.country", "equal_to", "US")]
+        ),
+        "no-country": _audience(
+            "Country unknown", "No address country.", [_c("address.country", "empty")]
+        ),
+        "growth-tier": _audience(
+            "Growth tier",
+            "Billing tier growth.",
+            [_c("company.billing.tier", "equal_to", "growth")],
+        ),
         "annual-renewal-soon": _audience(
-            "Annual renewal soon", "Annual contracts renewing in the next 60 days.",
-            [_c("company.billing.annual", "equal_to", "true"), _c("company.billing.renewal_at", "is_timestamp_on_or_after_now"),
-             _c("company.billing.renewal_at", "is_timestamp_before", "60 days from now")]),
-        "large-companies": _audience("Large companies", "1000+ employees.",
-                                     [_c("company.size", "greater_than_or_equal_to", "1000")]),
+            "Annual renewal soon",
+            "Annual contracts renewing in the next 60 days.",
+            [
+                _c("company.billing.annual", "equal_to", "true"),
+                _c("company.billing.renewal_at", "is_timestamp_on_or_after_now"),
+                _c("company.billing.renewal_at", "is_timestamp_before", "60 days from now"),
+            ],
+        ),
+        "large-companies": _audience(
+            "Large companies",
+            "1000+ employees.",
+            [_c("company.size", "greater_than_or_equal_to", "1000")],
+        ),
         "financial-services": _audience(
-            "Financial services", "Fintech and banking.",
-            [_c("company.industry", "contains", '["fintech", "banking"]')]),
-        "digest-never": _audience("Digest off", "Turned digests off.", [_c("preferences.digest", "equal_to", "never")]),
+            "Financial services",
+            "Fintech and banking.",
+            [_c("company.industry", "contains", '["fintech", "banking"]')],
+        ),
+        "digest-never": _audience(
+            "Digest off", "Turned digests off.", [_c("preferences.digest", "equal_to", "never")]
+        ),
         "sms-reachable": _audience(
-            "SMS reachable", "SMS opted in, with a phone number.",
-            [_c("preferences.channels.sms", "equal_to", "true"), _c("phone_number", "exists")]),
-        "email-channel-off": _audience("Email off", "Email channel turned off.",
-                                       [_c("preferences.channels.email", "equal_to", "false")]),
+            "SMS reachable",
+            "SMS opted in, with a phone number.",
+            [_c("preferences.channels.sms", "equal_to", "true"), _c("phone_number", "exists")],
+        ),
+        "email-channel-off": _audience(
+            "Email off",
+            "Email channel turned off.",
+            [_c("preferences.channels.email", "equal_to", "false")],
+        ),
         "onboarding-incomplete": _audience(
-            "Onboarding incomplete", "2026 H2 signups not fully onboarded.",
-            [_c("signed_up_at", "is_timestamp_between", '["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]'),
-             _c("onboarding.completed_steps", "less_than", "5")],
-            [_c("signed_up_at", "is_timestamp_between", '["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]'),
-             _c("onboarding.completed_steps", "empty")]),
+            "Onboarding incomplete",
+            "2026 H2 signups not fully onboarded.",
+            [
+                _c(
+                    "signed_up_at",
+                    "is_timestamp_between",
+                    '["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]',
+                ),
+                _c("onboarding.completed_steps", "less_than", "5"),
+            ],
+            [
+                _c(
+                    "signed_up_at",
+                    "is_timestamp_between",
+                    '["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]',
+                ),
+                _c("onboarding.completed_steps", "empty"),
+            ],
+        ),
         "team-not-invited": _audience(
-            "Team not invited", "Paying, onboarded 2+ steps, no team invited.",
-            [_c("onboarding.checklist.invited_team", "equal_to", "false"), _c("onboarding.completed_steps", "greater_than_or_equal_to", "2"),
-             _c("plan", "not_equal_to", "free")]),
-        "heavy-users": _audience("Heavy users", "More than 30 logins in 30 days.",
-                                 [_c("stats.logins_30d", "greater_than", "30")]),
-        "mobile-users": _audience("Mobile users", "Last session on a phone, 20+ sessions.",
-                                  [_c("stats.sessions.last_device", "contains", '["ios", "android"]'),
-                                   _c("stats.sessions.total", "greater_than_or_equal_to", "20")]),
+            "Team not invited",
+            "Paying, onboarded 2+ steps, no team invited.",
+            [
+                _c("onboarding.checklist.invited_team", "equal_to", "false"),
+                _c("onboarding.completed_steps", "greater_than_or_equal_to", "2"),
+                _c("plan", "not_equal_to", "free"),
+            ],
+        ),
+        "heavy-users": _audience(
+            "Heavy users",
+            "More than 30 logins in 30 days.",
+            [_c("stats.logins_30d", "greater_than", "30")],
+        ),
+        "mobile-users": _audience(
+            "Mobile users",
+            "Last session on a phone, 20+ sessions.",
+            [
+                _c("stats.sessions.last_device", "contains", '["ios", "android"]'),
+                _c("stats.sessions.total", "greater_than_or_equal_to", "20"),
+            ],
+        ),
         "ai-interested": _audience(
-            "AI interested", "Interested in AI, or flagged into the AI assistant.",
-            [_c("custom.interests", "contains_all", '["ai", "analytics"]')], [_c("feature_flags", "contains", "ai_assist"),
-                                                         _c("plan", "not_equal_to", "free")]),
+            "AI interested",
+            "Interested in AI, or flagged into the AI assistant.",
+            [_c("custom.interests", "contains_all", '["ai", "analytics"]')],
+            [_c("feature_flags", "contains", "ai_assist"), _c("plan", "not_equal_to", "free")],
+        ),
         "northern-high-value": _audience(
-            "Northern, high value", "Above 45°N with a lifetime value over 2,500, or a score above 90.",
-            [_c("address.geo.lat", "greater_than", "45"), _c("stats.lifetime_value", "greater_than", "2500")],
+            "Northern, high value",
+            "Above 45°N with a lifetime value over 2,500, or a score above 90.",
+            [
+                _c("address.geo.lat", "greater_than", "45"),
+                _c("stats.lifetime_value", "greater_than", "2500"),
+            ],
             [_c("custom.score", "greater_than", "90"), _c("address.geo.lat", "exists")],
-            [_c("custom.segment", "equal_to", "A"), _c("address.geo.lat", "greater_than", "55"),
-             _c("recipient", "is_audience_member", "paying-customers")]),
+            [
+                _c("custom.segment", "equal_to", "A"),
+                _c("address.geo.lat", "greater_than", "55"),
+                _c("recipient", "is_audience_member", "paying-customers"),
+            ],
+        ),
     }
     assert len(a) == 50, len(a)
     return a
 
 
-NESTED = {key for key, audience in audiences().items()
-          if any("." in c["property"].removeprefix("recipient.") for s in audience["segments"] for c in s["conditions"])}
+NESTED = {
+    key
+    for key, audience in audiences().items()
+    if any(
+        "." in c["property"].removeprefix("recipient.")
+        for s in audience["segments"]
+        for c in s["conditions"]
+    )
+}
 
 
 def write_definitions(folder: Path) -> None:

@@ -34,20 +34,37 @@ import random
 import unicodedata
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 SEED = 20261101
-REFERENCE_TIME = datetime(2026, 11, 1, tzinfo=timezone.utc)
+REFERENCE_TIME = datetime(2026, 11, 1, tzinfo=UTC)
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 CSV_COLUMNS = (
-    "id", "name", "email", "phone_number", "avatar", "locale", "timezone", "plan", "seats", "mrr",
-    "tags", "signed_up_at", "last_seen_at", "trial_ends_at", "is_verified", "address.city",
-    "address.country", "company.name", "company.size", "properties",
+    "id",
+    "name",
+    "email",
+    "phone_number",
+    "avatar",
+    "locale",
+    "timezone",
+    "plan",
+    "seats",
+    "mrr",
+    "tags",
+    "signed_up_at",
+    "last_seen_at",
+    "trial_ends_at",
+    "is_verified",
+    "address.city",
+    "address.country",
+    "company.name",
+    "company.size",
+    "properties",
 )
 CSV_ROW_COUNT = 3000
 STAFF_COUNT = 24
@@ -76,14 +93,21 @@ PLAN_DOWNGRADES = {"starter": "free", "pro": "starter"}
 # Share of users who were last seen that long ago, by whether they pay. The windows are in days
 # before REFERENCE_TIME; "never" users have no last_seen_at at all.
 ENGAGEMENT_WINDOWS = {
-    "active": (0.02, 3), "weekly": (3, 14), "monthly": (14, 30), "dormant": (30, 540),
+    "active": (0.02, 3),
+    "weekly": (3, 14),
+    "monthly": (14, 30),
+    "dormant": (30, 540),
 }
 PAID_ENGAGEMENT = {"active": 50, "weekly": 18, "monthly": 12, "dormant": 18, "never": 2}
 FREE_ENGAGEMENT = {"active": 22, "weekly": 13, "monthly": 10, "dormant": 40, "never": 15}
 
 ROLE_TAGS = ("admin", "owner", "billing", "developer", "marketing", "support", "analyst")
 FEATURE_FLAG_WEIGHTS = {
-    "dark_mode": 30, "beta_dashboard": 25, "ai_assistant": 18, "beta_reports": 12, "beta_api": 10,
+    "dark_mode": 30,
+    "beta_dashboard": 25,
+    "ai_assistant": 18,
+    "beta_reports": 12,
+    "beta_api": 10,
     "new_editor": 10,
 }
 ALL_BETA_FLAGS = ["beta_api", "beta_dashboard", "beta_reports"]
@@ -99,30 +123,98 @@ COMPANY_SIZES_BY_PLAN = {
     "pro": ("11-50", "51-200", "201-1000"),
     "enterprise": ("201-1000", "1001-5000", "5000+"),
 }
-COMPANY_REUSE_PROBABILITY = {"1-10": 0.2, "11-50": 0.4, "51-200": 0.5, "201-1000": 0.6,
-                             "1001-5000": 0.7, "5000+": 0.75}
-COMPANY_PREFIXES = ("Bright", "North", "Blue", "Iron", "Silver", "Quantum", "Harbor", "Cedar",
-                    "Maple", "Nimbus", "Atlas", "Copper", "Summit", "Pixel", "Vertex", "Orbit",
-                    "Granite", "Willow", "Falcon", "Tidal", "Ember", "Juniper")
-COMPANY_SUFFIXES = ("loop", "works", "stack", "labs", "forge", "wave", "line", "field", "bridge",
-                    "point", "scale", "flow", "hub", "nest", "path", "yard")
-COMPANY_INDUSTRIES = ("Analytics", "Data", "Software", "Systems", "Digital", "Cloud", "Logistics",
-                      "Health", "Media", "Commerce", "Robotics", "Foods", "Studio", "Energy")
+COMPANY_REUSE_PROBABILITY = {
+    "1-10": 0.2,
+    "11-50": 0.4,
+    "51-200": 0.5,
+    "201-1000": 0.6,
+    "1001-5000": 0.7,
+    "5000+": 0.75,
+}
+COMPANY_PREFIXES = (
+    "Bright",
+    "North",
+    "Blue",
+    "Iron",
+    "Silver",
+    "Quantum",
+    "Harbor",
+    "Cedar",
+    "Maple",
+    "Nimbus",
+    "Atlas",
+    "Copper",
+    "Summit",
+    "Pixel",
+    "Vertex",
+    "Orbit",
+    "Granite",
+    "Willow",
+    "Falcon",
+    "Tidal",
+    "Ember",
+    "Juniper",
+)
+COMPANY_SUFFIXES = (
+    "loop",
+    "works",
+    "stack",
+    "labs",
+    "forge",
+    "wave",
+    "line",
+    "field",
+    "bridge",
+    "point",
+    "scale",
+    "flow",
+    "hub",
+    "nest",
+    "path",
+    "yard",
+)
+COMPANY_INDUSTRIES = (
+    "Analytics",
+    "Data",
+    "Software",
+    "Systems",
+    "Digital",
+    "Cloud",
+    "Logistics",
+    "Health",
+    "Media",
+    "Commerce",
+    "Robotics",
+    "Foods",
+    "Studio",
+    "Energy",
+)
 
 # Messy rows: how many of each kind end up in users.csv. The id and properties kinds are the
 # row-level problems the loader must reject; the others load but are odd.
 MESSY_ROW_COUNTS = {
-    "missing_id": 3, "blank_id": 3, "padded_id": 4, "long_id": 3, "newline_id": 2, "tab_id": 2,
-    "invalid_json_properties": 5, "list_properties": 4, "leading_zero_seats": 8,
-    "decimal_mrr": 5, "exponent_mrr": 5, "unreadable_signed_up_at": 4, "sparse": 12,
+    "missing_id": 3,
+    "blank_id": 3,
+    "padded_id": 4,
+    "long_id": 3,
+    "newline_id": 2,
+    "tab_id": 2,
+    "invalid_json_properties": 5,
+    "list_properties": 4,
+    "leading_zero_seats": 8,
+    "decimal_mrr": 5,
+    "exponent_mrr": 5,
+    "unreadable_signed_up_at": 4,
+    "sparse": 12,
 }
 DUPLICATE_ROW_COUNT = 10
 BLANK_IDS = (" ", "   ", "    ")
 UNREADABLE_DATES = ("yesterday", "yesterday", "2025-02-30", "03/14/2025")
 EXPONENT_MRR = ((1000.0, "1e3"), (2500.0, "2.5e3"), (1200.0, "1.2E+03"))
 LIST_PROPERTIES = ('["beta_dashboard", "dark_mode"]', '[{"preferences": {"digest": "weekly"}}]')
-ASCII_FOLDS = str.maketrans({"ß": "ss", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "æ": "ae",
-                             "đ": "d", "'": "", "’": ""})
+ASCII_FOLDS = str.maketrans(
+    {"ß": "ss", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "æ": "ae", "đ": "d", "'": "", "’": ""}
+)
 
 
 @dataclass(frozen=True)
@@ -151,148 +243,684 @@ def _cities(timezone_name: str, *names: str) -> tuple[City, ...]:
     return tuple(City(name, timezone_name) for name in names)
 
 
-ENGLISH_GIVEN = ("James", "Olivia", "Liam", "Emma", "Noah", "Ava", "Ethan", "Sophia", "Mason",
-                 "Isabella", "Lucas", "Mia", "Harper", "Elijah", "Chloe", "Grace", "Daniel", "Zoe",
-                 "Marcus", "Aaliyah", "Jamal", "Carlos", "Sofia", "Wei", "Priya", "Hannah", "Tyler")
-ENGLISH_FAMILY = ("Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis",
-                  "Rodriguez", "Martinez", "Nguyen", "Kim", "Patel", "O'Brien", "Anderson",
-                  "Thompson", "White", "Harris", "Clark", "Lewis", "Walker", "Young", "Wright",
-                  "Hernández", "Chen", "Okafor", "Reyes")
-GERMAN_GIVEN = ("Lukas", "Anna", "Jonas", "Lea", "Felix", "Sophie", "Maximilian", "Marie", "Jürgen",
-                "Björn", "Jörg", "Käthe", "Paul", "Emilia", "Hannah", "Matthias")
-GERMAN_FAMILY = ("Müller", "Schmidt", "Schneider", "Fischer", "Weber", "Meyer", "Wagner", "Becker",
-                 "Schäfer", "Groß", "Köhler", "Hoffmann", "Krüger", "Weiß", "Zimmermann")
-SPANISH_GIVEN = ("Lucía", "Sofía", "Martín", "Hugo", "Alejandro", "María José", "Pablo", "Álvaro",
-                 "Jimena", "Begoña", "Íñigo", "Nuria", "Santiago", "Ximena", "Andrés")
-SPANISH_FAMILY = ("García", "Fernández", "González", "Rodríguez", "López", "Martínez", "Sánchez",
-                  "Pérez", "Gómez", "Núñez", "Muñoz", "Hernández", "Ibáñez", "Peña")
-PORTUGUESE_GIVEN = ("João", "Ana", "Gonçalo", "Inês", "Tomás", "Beatriz", "Luís", "Mariana",
-                    "Thiago", "Letícia", "Gabriel", "Júlia", "Caio", "Lívia")
-PORTUGUESE_FAMILY = ("Silva", "Santos", "Oliveira", "Souza", "Pereira", "Costa", "Rodrigues",
-                     "Almeida", "Ferreira", "Gonçalves", "Araújo", "Conceição")
+ENGLISH_GIVEN = (
+    "James",
+    "Olivia",
+    "Liam",
+    "Emma",
+    "Noah",
+    "Ava",
+    "Ethan",
+    "Sophia",
+    "Mason",
+    "Isabella",
+    "Lucas",
+    "Mia",
+    "Harper",
+    "Elijah",
+    "Chloe",
+    "Grace",
+    "Daniel",
+    "Zoe",
+    "Marcus",
+    "Aaliyah",
+    "Jamal",
+    "Carlos",
+    "Sofia",
+    "Wei",
+    "Priya",
+    "Hannah",
+    "Tyler",
+)
+ENGLISH_FAMILY = (
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Nguyen",
+    "Kim",
+    "Patel",
+    "O'Brien",
+    "Anderson",
+    "Thompson",
+    "White",
+    "Harris",
+    "Clark",
+    "Lewis",
+    "Walker",
+    "Young",
+    "Wright",
+    "Hernández",
+    "Chen",
+    "Okafor",
+    "Reyes",
+)
+GERMAN_GIVEN = (
+    "Lukas",
+    "Anna",
+    "Jonas",
+    "Lea",
+    "Felix",
+    "Sophie",
+    "Maximilian",
+    "Marie",
+    "Jürgen",
+    "Björn",
+    "Jörg",
+    "Käthe",
+    "Paul",
+    "Emilia",
+    "Hannah",
+    "Matthias",
+)
+GERMAN_FAMILY = (
+    "Müller",
+    "Schmidt",
+    "Schneider",
+    "Fischer",
+    "Weber",
+    "Meyer",
+    "Wagner",
+    "Becker",
+    "Schäfer",
+    "Groß",
+    "Köhler",
+    "Hoffmann",
+    "Krüger",
+    "Weiß",
+    "Zimmermann",
+)
+SPANISH_GIVEN = (
+    "Lucía",
+    "Sofía",
+    "Martín",
+    "Hugo",
+    "Alejandro",
+    "María José",
+    "Pablo",
+    "Álvaro",
+    "Jimena",
+    "Begoña",
+    "Íñigo",
+    "Nuria",
+    "Santiago",
+    "Ximena",
+    "Andrés",
+)
+SPANISH_FAMILY = (
+    "García",
+    "Fernández",
+    "González",
+    "Rodríguez",
+    "López",
+    "Martínez",
+    "Sánchez",
+    "Pérez",
+    "Gómez",
+    "Núñez",
+    "Muñoz",
+    "Hernández",
+    "Ibáñez",
+    "Peña",
+)
+PORTUGUESE_GIVEN = (
+    "João",
+    "Ana",
+    "Gonçalo",
+    "Inês",
+    "Tomás",
+    "Beatriz",
+    "Luís",
+    "Mariana",
+    "Thiago",
+    "Letícia",
+    "Gabriel",
+    "Júlia",
+    "Caio",
+    "Lívia",
+)
+PORTUGUESE_FAMILY = (
+    "Silva",
+    "Santos",
+    "Oliveira",
+    "Souza",
+    "Pereira",
+    "Costa",
+    "Rodrigues",
+    "Almeida",
+    "Ferreira",
+    "Gonçalves",
+    "Araújo",
+    "Conceição",
+)
 
 COUNTRIES = (
-    Country("US", 28, "en-US", "+1", 10,
-            _cities("America/New_York", "New York", "Brooklyn", "Boston", "Atlanta")
-            + _cities("America/Chicago", "Chicago", "Austin")
-            + _cities("America/Denver", "Denver")
-            + _cities("America/Los_Angeles", "San Francisco", "Seattle", "Los Angeles", "Portland"),
-            ENGLISH_GIVEN, ENGLISH_FAMILY, "Inc."),
-    Country("CA", 4, "en-CA", "+1", 10,
-            (City("Toronto", "America/Toronto"), City("Montréal", "America/Toronto", "fr-CA"),
-             City("Québec", "America/Toronto", "fr-CA"), City("Vancouver", "America/Vancouver"),
-             City("Calgary", "America/Edmonton")),
-            ENGLISH_GIVEN + ("Élodie", "François", "Gabrielle", "Étienne", "Amélie"),
-            ENGLISH_FAMILY + ("Tremblay", "Gagnon", "Côté", "Bouchard", "Gauthier"), "Inc."),
-    Country("GB", 7, "en-GB", "+44", 10,
-            _cities("Europe/London", "London", "Manchester", "Edinburgh", "Bristol", "Leeds"),
-            ("Oliver", "Amelia", "George", "Isla", "Harry", "Freya", "Charlie", "Poppy", "Alfie",
-             "Evie", "Siobhan", "Rhys", "Aisha", "Callum"),
-            ("Taylor", "Davies", "Evans", "Wilson", "Thomas", "Roberts", "Hughes", "Robinson",
-             "Khan", "Patel", "MacLeod", "Ahmed"), "Ltd"),
-    Country("IE", 1, "en-IE", "+353", 9, _cities("Europe/Dublin", "Dublin", "Cork", "Galway"),
-            ("Aoife", "Seán", "Niamh", "Ciarán", "Saoirse", "Oisín", "Róisín", "Pádraig"),
-            ("Murphy", "Kelly", "O'Sullivan", "Walsh", "Byrne", "Ryan", "O'Connor", "McCarthy"),
-            "Ltd"),
-    Country("DE", 8, "de-DE", "+49", 11,
-            _cities("Europe/Berlin", "Berlin", "München", "Köln", "Hamburg", "Düsseldorf",
-                    "Frankfurt am Main", "Leipzig"),
-            GERMAN_GIVEN, GERMAN_FAMILY, "GmbH",
-            ("Nordlicht", "Bergblick", "Weißwald", "Flussmühle")),
-    Country("AT", 1, "de-AT", "+43", 10, _cities("Europe/Vienna", "Wien", "Graz", "Salzburg"),
-            GERMAN_GIVEN, GERMAN_FAMILY + ("Gruber", "Huber", "Pichler"), "GmbH", ("Alpenglühen",)),
-    Country("FR", 6, "fr-FR", "+33", 9,
-            _cities("Europe/Paris", "Paris", "Lyon", "Marseille", "Toulouse", "Nantes", "Lille"),
-            ("Léa", "Chloé", "Hugo", "Louis", "Inès", "Zoé", "Théo", "Camille", "Jérôme", "Maëlle",
-             "François", "Gaëlle", "Noémie", "Benoît"),
-            ("Martin", "Bernard", "Dubois", "Thomas", "Robert", "Richard", "Petit", "Durand",
-             "Leroy", "Moreau", "Lefèvre", "Girard", "Mercier", "Faure"),
-            "SAS", ("Étoile", "Lumière", "Côte", "Mistral")),
-    Country("ES", 4, "es-ES", "+34", 9,
-            _cities("Europe/Madrid", "Madrid", "Barcelona", "Sevilla", "Málaga", "València",
-                    "Bilbao"),
-            SPANISH_GIVEN, SPANISH_FAMILY, "S.L.", ("Sol", "Brisa", "Olivo", "Alborada")),
-    Country("IT", 3, "it-IT", "+39", 10,
-            _cities("Europe/Rome", "Roma", "Milano", "Torino", "Napoli", "Bologna"),
-            ("Giulia", "Alessandro", "Francesca", "Lorenzo", "Chiara", "Matteo", "Sofia", "Niccolò",
-             "Beatrice", "Gabriele"),
-            ("Rossi", "Russo", "Ferrari", "Esposito", "Bianchi", "Romano", "Colombo", "Ricci",
-             "Marino", "Greco", "De Luca", "D'Angelo"),
-            "S.r.l.", ("Aurora", "Vento", "Stella")),
-    Country("NL", 3, "nl-NL", "+31", 9,
-            _cities("Europe/Amsterdam", "Amsterdam", "Rotterdam", "Utrecht", "Den Haag",
-                    "Eindhoven"),
-            ("Daan", "Emma", "Sem", "Julia", "Lotte", "Bram", "Sanne", "Thijs", "Fleur", "Joost"),
-            ("de Jong", "Jansen", "de Vries", "van den Berg", "van Dijk", "Bakker", "Visser",
-             "Smit", "Meijer", "de Boer", "van der Meer"),
-            "B.V.", ("Polder", "Tulp", "Duin")),
-    Country("SE", 2, "sv-SE", "+46", 9,
-            _cities("Europe/Stockholm", "Stockholm", "Göteborg", "Malmö", "Uppsala"),
-            ("Elsa", "Astrid", "Björn", "Maja", "Linnéa", "Oskar", "Saga", "Hugo", "Åsa", "Göran"),
-            ("Andersson", "Johansson", "Karlsson", "Nilsson", "Eriksson", "Larsson", "Öberg",
-             "Åberg", "Lindqvist", "Sjöberg"),
-            "AB", ("Fjäll", "Ljus", "Norrsken")),
-    Country("PL", 2, "pl-PL", "+48", 9,
-            _cities("Europe/Warsaw", "Warszawa", "Kraków", "Łódź", "Wrocław", "Gdańsk"),
-            ("Zofia", "Jakub", "Łucja", "Wojciech", "Agnieszka", "Paweł", "Małgorzata", "Michał",
-             "Katarzyna", "Grzegorz"),
-            ("Nowak", "Wiśniewski", "Wójcik", "Kowalczyk", "Kamiński", "Lewandowski",
-             "Zieliński", "Szymański", "Dąbrowski"),
-            "sp. z o.o.", ("Wisła", "Bursztyn", "Sokół")),
-    Country("PT", 1, "pt-PT", "+351", 9, _cities("Europe/Lisbon", "Lisboa", "Porto", "Coimbra"),
-            PORTUGUESE_GIVEN, PORTUGUESE_FAMILY, "Lda.", ("Maré", "Farol")),
-    Country("UA", 2, "uk-UA", "+380", 9,
-            _cities("Europe/Kyiv", "Київ", "Львів", "Одеса", "Харків", "Дніпро"),
-            (("Олена", "Olena"), ("Андрій", "Andrii"), ("Оксана", "Oksana"), ("Дмитро", "Dmytro"),
-             ("Ірина", "Iryna"), ("Тарас", "Taras"), ("Наталія", "Nataliia"), ("Богдан", "Bohdan"),
-             ("Юлія", "Yuliia"), ("Максим", "Maksym")),
-            (("Коваленко", "Kovalenko"), ("Шевченко", "Shevchenko"), ("Бондаренко", "Bondarenko"),
-             ("Ткаченко", "Tkachenko"), ("Кравченко", "Kravchenko"), ("Олійник", "Oliinyk"),
-             ("Мельник", "Melnyk"), ("Бойко", "Boiko"))),
-    Country("JP", 6, "ja-JP", "+81", 10,
-            _cities("Asia/Tokyo", "東京", "大阪", "京都", "横浜", "福岡", "札幌"),
-            (("花子", "Hanako"), ("太郎", "Taro"), ("さくら", "Sakura"), ("健太", "Kenta"),
-             ("美咲", "Misaki"), ("翔太", "Shota"), ("陽菜", "Hina"), ("大輔", "Daisuke"),
-             ("結衣", "Yui"), ("蓮", "Ren")),
-            (("佐藤", "Sato"), ("鈴木", "Suzuki"), ("高橋", "Takahashi"), ("田中", "Tanaka"),
-             ("伊藤", "Ito"), ("渡辺", "Watanabe"), ("山本", "Yamamoto"), ("中村", "Nakamura"),
-             ("小林", "Kobayashi"), ("加藤", "Kato")),
-            name_order="family_first"),
-    Country("KR", 2, "ko-KR", "+82", 10, _cities("Asia/Seoul", "서울", "부산", "인천", "대전"),
-            (("민준", "Minjun"), ("서연", "Seoyeon"), ("지훈", "Jihoon"), ("하은", "Haeun"),
-             ("도윤", "Doyoon"), ("수아", "Sua"), ("예준", "Yejun"), ("지민", "Jimin")),
-            (("김", "Kim"), ("이", "Lee"), ("박", "Park"), ("최", "Choi"), ("정", "Jung"),
-             ("강", "Kang"), ("조", "Cho"), ("윤", "Yoon")),
-            name_order="family_first"),
-    Country("CN", 2, "zh-CN", "+86", 11, _cities("Asia/Shanghai", "上海", "北京", "深圳", "杭州", "成都"),
-            (("伟", "Wei"), ("芳", "Fang"), ("娜", "Na"), ("敏", "Min"), ("静", "Jing"),
-             ("磊", "Lei"), ("洋", "Yang"), ("婷", "Ting"), ("浩然", "Haoran"), ("子涵", "Zihan")),
-            (("王", "Wang"), ("李", "Li"), ("张", "Zhang"), ("刘", "Liu"), ("陈", "Chen"),
-             ("杨", "Yang"), ("黄", "Huang"), ("赵", "Zhao"), ("吴", "Wu"), ("周", "Zhou")),
-            name_order="family_first"),
-    Country("IN", 7, "en-IN", "+91", 10,
-            _cities("Asia/Kolkata", "Bengaluru", "Mumbai", "Pune", "Hyderabad", "Chennai",
-                    "New Delhi"),
-            ("Aarav", "Priya", "Rohan", "Ananya", "Vihaan", "Diya", "Arjun", "Isha", "Karthik",
-             "Sneha", "Aditya", "Meera", "Siddharth", "Lakshmi"),
-            ("Sharma", "Patel", "Gupta", "Iyer", "Reddy", "Nair", "Singh", "Kumar", "Rao", "Menon",
-             "Banerjee", "Desai", "Chatterjee"),
-            "Pvt. Ltd."),
-    Country("BR", 5, "pt-BR", "+55", 11,
-            _cities("America/Sao_Paulo", "São Paulo", "Rio de Janeiro", "Belo Horizonte",
-                    "Curitiba", "Florianópolis", "Porto Alegre"),
-            PORTUGUESE_GIVEN, PORTUGUESE_FAMILY, "Ltda.", ("Ipê", "Jangada", "Araucária")),
-    Country("MX", 3, "es-MX", "+52", 10,
-            _cities("America/Mexico_City", "Ciudad de México", "Guadalajara", "Monterrey",
-                    "Puebla"),
-            SPANISH_GIVEN, SPANISH_FAMILY, "S.A. de C.V.", ("Nopal", "Colibrí", "Jacaranda")),
-    Country("AU", 3, "en-AU", "+61", 9,
-            (City("Sydney", "Australia/Sydney"), City("Melbourne", "Australia/Melbourne"),
-             City("Brisbane", "Australia/Brisbane"), City("Perth", "Australia/Perth")),
-            ENGLISH_GIVEN + ("Matilda", "Lachlan"), ENGLISH_FAMILY + ("Mitchell",), "Pty Ltd"),
-    Country("NG", 1, "en-NG", "+234", 10, _cities("Africa/Lagos", "Lagos", "Abuja"),
-            ("Chinedu", "Ngozi", "Oluwaseun", "Adaeze", "Emeka", "Funmilayo", "Tunde", "Chiamaka"),
-            ("Okafor", "Adeyemi", "Okonkwo", "Balogun", "Eze", "Nwosu", "Adebayo"), "Ltd"),
+    Country(
+        "US",
+        28,
+        "en-US",
+        "+1",
+        10,
+        _cities("America/New_York", "New York", "Brooklyn", "Boston", "Atlanta")
+        + _cities("America/Chicago", "Chicago", "Austin")
+        + _cities("America/Denver", "Denver")
+        + _cities("America/Los_Angeles", "San Francisco", "Seattle", "Los Angeles", "Portland"),
+        ENGLISH_GIVEN,
+        ENGLISH_FAMILY,
+        "Inc.",
+    ),
+    Country(
+        "CA",
+        4,
+        "en-CA",
+        "+1",
+        10,
+        (
+            City("Toronto", "America/Toronto"),
+            City("Montréal", "America/Toronto", "fr-CA"),
+            City("Québec", "America/Toronto", "fr-CA"),
+            City("Vancouver", "America/Vancouver"),
+            City("Calgary", "America/Edmonton"),
+        ),
+        (*ENGLISH_GIVEN, "Élodie", "François", "Gabrielle", "Étienne", "Amélie"),
+        (*ENGLISH_FAMILY, "Tremblay", "Gagnon", "Côté", "Bouchard", "Gauthier"),
+        "Inc.",
+    ),
+    Country(
+        "GB",
+        7,
+        "en-GB",
+        "+44",
+        10,
+        _cities("Europe/London", "London", "Manchester", "Edinburgh", "Bristol", "Leeds"),
+        (
+            "Oliver",
+            "Amelia",
+            "George",
+            "Isla",
+            "Harry",
+            "Freya",
+            "Charlie",
+            "Poppy",
+            "Alfie",
+            "Evie",
+            "Siobhan",
+            "Rhys",
+            "Aisha",
+            "Callum",
+        ),
+        (
+            "Taylor",
+            "Davies",
+            "Evans",
+            "Wilson",
+            "Thomas",
+            "Roberts",
+            "Hughes",
+            "Robinson",
+            "Khan",
+            "Patel",
+            "MacLeod",
+            "Ahmed",
+        ),
+        "Ltd",
+    ),
+    Country(
+        "IE",
+        1,
+        "en-IE",
+        "+353",
+        9,
+        _cities("Europe/Dublin", "Dublin", "Cork", "Galway"),
+        ("Aoife", "Seán", "Niamh", "Ciarán", "Saoirse", "Oisín", "Róisín", "Pádraig"),
+        ("Murphy", "Kelly", "O'Sullivan", "Walsh", "Byrne", "Ryan", "O'Connor", "McCarthy"),
+        "Ltd",
+    ),
+    Country(
+        "DE",
+        8,
+        "de-DE",
+        "+49",
+        11,
+        _cities(
+            "Europe/Berlin",
+            "Berlin",
+            "München",
+            "Köln",
+            "Hamburg",
+            "Düsseldorf",
+            "Frankfurt am Main",
+            "Leipzig",
+        ),
+        GERMAN_GIVEN,
+        GERMAN_FAMILY,
+        "GmbH",
+        ("Nordlicht", "Bergblick", "Weißwald", "Flussmühle"),
+    ),
+    Country(
+        "AT",
+        1,
+        "de-AT",
+        "+43",
+        10,
+        _cities("Europe/Vienna", "Wien", "Graz", "Salzburg"),
+        GERMAN_GIVEN,
+        (*GERMAN_FAMILY, "Gruber", "Huber", "Pichler"),
+        "GmbH",
+        ("Alpenglühen",),
+    ),
+    Country(
+        "FR",
+        6,
+        "fr-FR",
+        "+33",
+        9,
+        _cities("Europe/Paris", "Paris", "Lyon", "Marseille", "Toulouse", "Nantes", "Lille"),
+        (
+            "Léa",
+            "Chloé",
+            "Hugo",
+            "Louis",
+            "Inès",
+            "Zoé",
+            "Théo",
+            "Camille",
+            "Jérôme",
+            "Maëlle",
+            "François",
+            "Gaëlle",
+            "Noémie",
+            "Benoît",
+        ),
+        (
+            "Martin",
+            "Bernard",
+            "Dubois",
+            "Thomas",
+            "Robert",
+            "Richard",
+            "Petit",
+            "Durand",
+            "Leroy",
+            "Moreau",
+            "Lefèvre",
+            "Girard",
+            "Mercier",
+            "Faure",
+        ),
+        "SAS",
+        ("Étoile", "Lumière", "Côte", "Mistral"),
+    ),
+    Country(
+        "ES",
+        4,
+        "es-ES",
+        "+34",
+        9,
+        _cities("Europe/Madrid", "Madrid", "Barcelona", "Sevilla", "Málaga", "València", "Bilbao"),
+        SPANISH_GIVEN,
+        SPANISH_FAMILY,
+        "S.L.",
+        ("Sol", "Brisa", "Olivo", "Alborada"),
+    ),
+    Country(
+        "IT",
+        3,
+        "it-IT",
+        "+39",
+        10,
+        _cities("Europe/Rome", "Roma", "Milano", "Torino", "Napoli", "Bologna"),
+        (
+            "Giulia",
+            "Alessandro",
+            "Francesca",
+            "Lorenzo",
+            "Chiara",
+            "Matteo",
+            "Sofia",
+            "Niccolò",
+            "Beatrice",
+            "Gabriele",
+        ),
+        (
+            "Rossi",
+            "Russo",
+            "Ferrari",
+            "Esposito",
+            "Bianchi",
+            "Romano",
+            "Colombo",
+            "Ricci",
+            "Marino",
+            "Greco",
+            "De Luca",
+            "D'Angelo",
+        ),
+        "S.r.l.",
+        ("Aurora", "Vento", "Stella"),
+    ),
+    Country(
+        "NL",
+        3,
+        "nl-NL",
+        "+31",
+        9,
+        _cities("Europe/Amsterdam", "Amsterdam", "Rotterdam", "Utrecht", "Den Haag", "Eindhoven"),
+        ("Daan", "Emma", "Sem", "Julia", "Lotte", "Bram", "Sanne", "Thijs", "Fleur", "Joost"),
+        (
+            "de Jong",
+            "Jansen",
+            "de Vries",
+            "van den Berg",
+            "van Dijk",
+            "Bakker",
+            "Visser",
+            "Smit",
+            "Meijer",
+            "de Boer",
+            "van der Meer",
+        ),
+        "B.V.",
+        ("Polder", "Tulp", "Duin"),
+    ),
+    Country(
+        "SE",
+        2,
+        "sv-SE",
+        "+46",
+        9,
+        _cities("Europe/Stockholm", "Stockholm", "Göteborg", "Malmö", "Uppsala"),
+        ("Elsa", "Astrid", "Björn", "Maja", "Linnéa", "Oskar", "Saga", "Hugo", "Åsa", "Göran"),
+        (
+            "Andersson",
+            "Johansson",
+            "Karlsson",
+            "Nilsson",
+            "Eriksson",
+            "Larsson",
+            "Öberg",
+            "Åberg",
+            "Lindqvist",
+            "Sjöberg",
+        ),
+        "AB",
+        ("Fjäll", "Ljus", "Norrsken"),
+    ),
+    Country(
+        "PL",
+        2,
+        "pl-PL",
+        "+48",
+        9,
+        _cities("Europe/Warsaw", "Warszawa", "Kraków", "Łódź", "Wrocław", "Gdańsk"),
+        (
+            "Zofia",
+            "Jakub",
+            "Łucja",
+            "Wojciech",
+            "Agnieszka",
+            "Paweł",
+            "Małgorzata",
+            "Michał",
+            "Katarzyna",
+            "Grzegorz",
+        ),
+        (
+            "Nowak",
+            "Wiśniewski",
+            "Wójcik",
+            "Kowalczyk",
+            "Kamiński",
+            "Lewandowski",
+            "Zieliński",
+            "Szymański",
+            "Dąbrowski",
+        ),
+        "sp. z o.o.",
+        ("Wisła", "Bursztyn", "Sokół"),
+    ),
+    Country(
+        "PT",
+        1,
+        "pt-PT",
+        "+351",
+        9,
+        _cities("Europe/Lisbon", "Lisboa", "Porto", "Coimbra"),
+        PORTUGUESE_GIVEN,
+        PORTUGUESE_FAMILY,
+        "Lda.",
+        ("Maré", "Farol"),
+    ),
+    Country(
+        "UA",
+        2,
+        "uk-UA",
+        "+380",
+        9,
+        _cities("Europe/Kyiv", "Київ", "Львів", "Одеса", "Харків", "Дніпро"),
+        (
+            ("Олена", "Olena"),
+            ("Андрій", "Andrii"),
+            ("Оксана", "Oksana"),
+            ("Дмитро", "Dmytro"),
+            ("Ірина", "Iryna"),
+            ("Тарас", "Taras"),
+            ("Наталія", "Nataliia"),
+            ("Богдан", "Bohdan"),
+            ("Юлія", "Yuliia"),
+            ("Максим", "Maksym"),
+        ),
+        (
+            ("Коваленко", "Kovalenko"),
+            ("Шевченко", "Shevchenko"),
+            ("Бондаренко", "Bondarenko"),
+            ("Ткаченко", "Tkachenko"),
+            ("Кравченко", "Kravchenko"),
+            ("Олійник", "Oliinyk"),
+            ("Мельник", "Melnyk"),
+            ("Бойко", "Boiko"),
+        ),
+    ),
+    Country(
+        "JP",
+        6,
+        "ja-JP",
+        "+81",
+        10,
+        _cities("Asia/Tokyo", "東京", "大阪", "京都", "横浜", "福岡", "札幌"),
+        (
+            ("花子", "Hanako"),
+            ("太郎", "Taro"),
+            ("さくら", "Sakura"),
+            ("健太", "Kenta"),
+            ("美咲", "Misaki"),
+            ("翔太", "Shota"),
+            ("陽菜", "Hina"),
+            ("大輔", "Daisuke"),
+            ("結衣", "Yui"),
+            ("蓮", "Ren"),
+        ),
+        (
+            ("佐藤", "Sato"),
+            ("鈴木", "Suzuki"),
+            ("高橋", "Takahashi"),
+            ("田中", "Tanaka"),
+            ("伊藤", "Ito"),
+            ("渡辺", "Watanabe"),
+            ("山本", "Yamamoto"),
+            ("中村", "Nakamura"),
+            ("小林", "Kobayashi"),
+            ("加藤", "Kato"),
+        ),
+        name_order="family_first",
+    ),
+    Country(
+        "KR",
+        2,
+        "ko-KR",
+        "+82",
+        10,
+        _cities("Asia/Seoul", "서울", "부산", "인천", "대전"),
+        (
+            ("민준", "Minjun"),
+            ("서연", "Seoyeon"),
+            ("지훈", "Jihoon"),
+            ("하은", "Haeun"),
+            ("도윤", "Doyoon"),
+            ("수아", "Sua"),
+            ("예준", "Yejun"),
+            ("지민", "Jimin"),
+        ),
+        (
+            ("김", "Kim"),
+            ("이", "Lee"),
+            ("박", "Park"),
+            ("최", "Choi"),
+            ("정", "Jung"),
+            ("강", "Kang"),
+            ("조", "Cho"),
+            ("윤", "Yoon"),
+        ),
+        name_order="family_first",
+    ),
+    Country(
+        "CN",
+        2,
+        "zh-CN",
+        "+86",
+        11,
+        _cities("Asia/Shanghai", "上海", "北京", "深圳", "杭州", "成都"),
+        (
+            ("伟", "Wei"),
+            ("芳", "Fang"),
+            ("娜", "Na"),
+            ("敏", "Min"),
+            ("静", "Jing"),
+            ("磊", "Lei"),
+            ("洋", "Yang"),
+            ("婷", "Ting"),
+            ("浩然", "Haoran"),
+            ("子涵", "Zihan"),
+        ),
+        (
+            ("王", "Wang"),
+            ("李", "Li"),
+            ("张", "Zhang"),
+            ("刘", "Liu"),
+            ("陈", "Chen"),
+            ("杨", "Yang"),
+            ("黄", "Huang"),
+            ("赵", "Zhao"),
+            ("吴", "Wu"),
+            ("周", "Zhou"),
+        ),
+        name_order="family_first",
+    ),
+    Country(
+        "IN",
+        7,
+        "en-IN",
+        "+91",
+        10,
+        _cities("Asia/Kolkata", "Bengaluru", "Mumbai", "Pune", "Hyderabad", "Chennai", "New Delhi"),
+        (
+            "Aarav",
+            "Priya",
+            "Rohan",
+            "Ananya",
+            "Vihaan",
+            "Diya",
+            "Arjun",
+            "Isha",
+            "Karthik",
+            "Sneha",
+            "Aditya",
+            "Meera",
+            "Siddharth",
+            "Lakshmi",
+        ),
+        (
+            "Sharma",
+            "Patel",
+            "Gupta",
+            "Iyer",
+            "Reddy",
+            "Nair",
+            "Singh",
+            "Kumar",
+            "Rao",
+            "Menon",
+            "Banerjee",
+            "Desai",
+            "Chatterjee",
+        ),
+        "Pvt. Ltd.",
+    ),
+    Country(
+        "BR",
+        5,
+        "pt-BR",
+        "+55",
+        11,
+        _cities(
+            "America/Sao_Paulo",
+            "São Paulo",
+            "Rio de Janeiro",
+            "Belo Horizonte",
+            "Curitiba",
+            "Florianópolis",
+            "Porto Alegre",
+        ),
+        PORTUGUESE_GIVEN,
+        PORTUGUESE_FAMILY,
+        "Ltda.",
+        ("Ipê", "Jangada", "Araucária"),
+    ),
+    Country(
+        "MX",
+        3,
+        "es-MX",
+        "+52",
+        10,
+        _cities("America/Mexico_City", "Ciudad de México", "Guadalajara", "Monterrey", "Puebla"),
+        SPANISH_GIVEN,
+        SPANISH_FAMILY,
+        "S.A. de C.V.",
+        ("Nopal", "Colibrí", "Jacaranda"),
+    ),
+    Country(
+        "AU",
+        3,
+        "en-AU",
+        "+61",
+        9,
+        (
+            City("Sydney", "Australia/Sydney"),
+            City("Melbourne", "Australia/Melbourne"),
+            City("Brisbane", "Australia/Brisbane"),
+            City("Perth", "Australia/Perth"),
+        ),
+        (*ENGLISH_GIVEN, "Matilda", "Lachlan"),
+        (*ENGLISH_FAMILY, "Mitchell"),
+        "Pty Ltd",
+    ),
+    Country(
+        "NG",
+        1,
+        "en-NG",
+        "+234",
+        10,
+        _cities("Africa/Lagos", "Lagos", "Abuja"),
+        ("Chinedu", "Ngozi", "Oluwaseun", "Adaeze", "Emeka", "Funmilayo", "Tunde", "Chiamaka"),
+        ("Okafor", "Adeyemi", "Okonkwo", "Balogun", "Eze", "Nwosu", "Adebayo"),
+        "Ltd",
+    ),
 )
 COUNTRY_BY_CODE = {country.code: country for country in COUNTRIES}
 STAFF_COUNTRIES = ("US", "US", "GB", "DE", "FR", "CA")
@@ -300,17 +928,43 @@ STAFF_COUNTRIES = ("US", "US", "GB", "DE", "FR", "CA")
 # Company names written in the local script, as (prefix, word, kind, legal) pieces, each a
 # (native, romanized) pair; the romanized form becomes the email domain.
 NATIVE_COMPANY_PARTS = {
-    "JP": ("株式会社", (("サクラ", "sakura"), ("ミライ", "mirai"), ("ヒカリ", "hikari"),
-                       ("アオゾラ", "aozora"), ("ツバサ", "tsubasa")),
-           (("テック", "tech"), ("ソリューションズ", "solutions"), ("システムズ", "systems"),
-            ("ラボ", "labs"))),
-    "CN": ("", (("星辰", "xingchen"), ("云帆", "yunfan"), ("海澜", "hailan"), ("智联", "zhilian"),
-                ("锦程", "jincheng")),
-           (("科技有限公司", "tech"), ("网络科技有限公司", "net"), ("信息技术有限公司", "it"))),
-    "KR": ("주식회사 ", (("한빛", "hanbit"), ("누리", "nuri"), ("별빛", "byeolbit"), ("미르", "mir")),
-           (("테크", "tech"), ("소프트", "soft"), ("랩스", "labs"))),
-    "UA": ("ТОВ «", (("Світанок", "svitanok"), ("Горизонт", "horyzont"), ("Карпати", "karpaty")),
-           ((" Софт»", "soft"), (" Технології»", "tech"), (" Лабс»", "labs"))),
+    "JP": (
+        "株式会社",
+        (
+            ("サクラ", "sakura"),
+            ("ミライ", "mirai"),
+            ("ヒカリ", "hikari"),
+            ("アオゾラ", "aozora"),
+            ("ツバサ", "tsubasa"),
+        ),
+        (
+            ("テック", "tech"),
+            ("ソリューションズ", "solutions"),
+            ("システムズ", "systems"),
+            ("ラボ", "labs"),
+        ),
+    ),
+    "CN": (
+        "",
+        (
+            ("星辰", "xingchen"),
+            ("云帆", "yunfan"),
+            ("海澜", "hailan"),
+            ("智联", "zhilian"),
+            ("锦程", "jincheng"),
+        ),
+        (("科技有限公司", "tech"), ("网络科技有限公司", "net"), ("信息技术有限公司", "it")),
+    ),
+    "KR": (
+        "주식회사 ",
+        (("한빛", "hanbit"), ("누리", "nuri"), ("별빛", "byeolbit"), ("미르", "mir")),
+        (("테크", "tech"), ("소프트", "soft"), ("랩스", "labs")),
+    ),
+    "UA": (
+        "ТОВ «",
+        (("Світанок", "svitanok"), ("Горизонт", "horyzont"), ("Карпати", "karpaty")),
+        ((" Софт»", "soft"), (" Технології»", "tech"), (" Лабс»", "labs")),
+    ),
 }
 
 # Example audiences (Knock CLI layout). Arguments are strings, as Knock stores them.
@@ -341,17 +995,25 @@ DYNAMIC_AUDIENCES = {
         "Trial ending soon",
         "Users whose free trial of Pro ends within the next 7 days. Feeds the trial-conversion "
         "email sequence, so it needs an email address.",
-        [[condition("trial_ends_at", "is_timestamp_on_or_after_now"),
-          condition("trial_ends_at", "is_timestamp_before", "7 days from now"),
-          condition("email", "not_empty")]],
+        [
+            [
+                condition("trial_ends_at", "is_timestamp_on_or_after_now"),
+                condition("trial_ends_at", "is_timestamp_before", "7 days from now"),
+                condition("email", "not_empty"),
+            ]
+        ],
     ),
     "trial-expired-unconverted": (
         "Trial expired, not converted",
         "Users whose trial has ended and who are back on the Free plan, and who logged in at "
         "least once. Target of the win-back offer.",
-        [[condition("trial_ends_at", "is_timestamp_before_now"),
-          condition("plan", "equal_to", "free"),
-          condition("last_seen_at", "is_timestamp")]],
+        [
+            [
+                condition("trial_ends_at", "is_timestamp_before_now"),
+                condition("plan", "equal_to", "free"),
+                condition("last_seen_at", "is_timestamp"),
+            ]
+        ],
     ),
     "new-signups-this-week": (
         "New signups this week",
@@ -363,92 +1025,150 @@ DYNAMIC_AUDIENCES = {
         "Onboarding incomplete (H2 2026 cohort)",
         "Users who signed up in the second half of 2026 and have not finished the five onboarding "
         "steps, or never started them. Receives onboarding nudges from customer success.",
-        [[condition("signed_up_at", "is_timestamp_between",
-                    as_argument(["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"])),
-          condition("onboarding.completed_steps", "less_than", "5")],
-         [condition("signed_up_at", "is_timestamp_between",
-                    as_argument(["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"])),
-          condition("onboarding.completed_steps", "empty")]],
+        [
+            [
+                condition(
+                    "signed_up_at",
+                    "is_timestamp_between",
+                    as_argument(["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]),
+                ),
+                condition("onboarding.completed_steps", "less_than", "5"),
+            ],
+            [
+                condition(
+                    "signed_up_at",
+                    "is_timestamp_between",
+                    as_argument(["2026-07-01T00:00:00Z", "2026-12-31T23:59:59Z"]),
+                ),
+                condition("onboarding.completed_steps", "empty"),
+            ],
+        ],
     ),
     "power-users": (
         "Power users",
         "Highly engaged accounts: seen in the last 3 days and either a fully onboarded team of 10+ "
         "seats or an account paying more than $2,000 a month. Used for case-study and "
         "advisory-board invitations.",
-        [[condition("onboarding.completed_steps", "equal_to", "5"),
-          condition("seats", "greater_than_or_equal_to", "10"),
-          condition("last_seen_at", "is_timestamp_on_or_after", "3 days ago")],
-         [condition("mrr", "greater_than", "2000"),
-          condition("last_seen_at", "is_timestamp_on_or_after", "3 days ago")]],
+        [
+            [
+                condition("onboarding.completed_steps", "equal_to", "5"),
+                condition("seats", "greater_than_or_equal_to", "10"),
+                condition("last_seen_at", "is_timestamp_on_or_after", "3 days ago"),
+            ],
+            [
+                condition("mrr", "greater_than", "2000"),
+                condition("last_seen_at", "is_timestamp_on_or_after", "3 days ago"),
+            ],
+        ],
     ),
     "churn-risk": (
         "Churn risk",
         "Paying customers who have not been seen for 30 days or who gave an NPS score of 6 or "
         "less. Routed to their account manager for a check-in.",
-        [[condition("plan", "contains", as_argument(PAID_PLANS)),
-          condition("last_seen_at", "is_timestamp_before", "30 days ago")],
-         [condition("plan", "contains", as_argument(PAID_PLANS)),
-          condition("nps_score", "less_than_or_equal_to", "6")]],
+        [
+            [
+                condition("plan", "contains", as_argument(PAID_PLANS)),
+                condition("last_seen_at", "is_timestamp_before", "30 days ago"),
+            ],
+            [
+                condition("plan", "contains", as_argument(PAID_PLANS)),
+                condition("nps_score", "less_than_or_equal_to", "6"),
+            ],
+        ],
     ),
     "eu-customers": (
         "EU customers",
         "Paying customers whose billing address is in the European Union. Receives GDPR and "
         "EU data-residency announcements.",
-        [[condition("address.country", "contains", as_argument(EU_COUNTRY_CODES)),
-          condition("plan", "not_equal_to", "free")]],
+        [
+            [
+                condition("address.country", "contains", as_argument(EU_COUNTRY_CODES)),
+                condition("plan", "not_equal_to", "free"),
+            ]
+        ],
     ),
     "enterprise-admins": (
         "Enterprise admins",
         "Administrators of Enterprise accounts (not Lumenboard staff). Receives security, SSO "
         "and contract notices.",
-        [[condition("plan", "equal_to", "enterprise"),
-          condition("tags", "contains", "admin"),
-          not_staff()]],
+        [
+            [
+                condition("plan", "equal_to", "enterprise"),
+                condition("tags", "contains", "admin"),
+                not_staff(),
+            ]
+        ],
     ),
     "beta-testers": (
         "Beta testers",
         "Customers enrolled in both the dashboard and reports betas, or in the API beta. "
         "Receives beta release notes and feedback surveys. Staff are excluded.",
-        [[condition("feature_flags", "contains_all",
-                    as_argument(["beta_dashboard", "beta_reports"])),
-          not_staff()],
-         [condition("feature_flags", "contains", "beta_api"), not_staff()]],
+        [
+            [
+                condition(
+                    "feature_flags", "contains_all", as_argument(["beta_dashboard", "beta_reports"])
+                ),
+                not_staff(),
+            ],
+            [condition("feature_flags", "contains", "beta_api"), not_staff()],
+        ],
     ),
     "beta-invite-candidates": (
         "Beta invite candidates",
         "Power users who are not yet in the full dashboard+reports beta and have not opted out "
         "of betas. Product invites them to the next beta wave.",
-        [[condition("", "is_audience_member", "power-users"),
-          condition("feature_flags", "not_contains_all",
-                    as_argument(["beta_dashboard", "beta_reports"])),
-          condition("feature_flags", "not_contains", "beta_optout")]],
+        [
+            [
+                condition("", "is_audience_member", "power-users"),
+                condition(
+                    "feature_flags",
+                    "not_contains_all",
+                    as_argument(["beta_dashboard", "beta_reports"]),
+                ),
+                condition("feature_flags", "not_contains", "beta_optout"),
+            ]
+        ],
     ),
     "dormant-free-users": (
         "Dormant free users",
         "Free-plan users who have not been seen since before August 2026 (90+ days) or who "
         "never logged in after signing up before September 2026. Receives the re-engagement "
         "campaign.",
-        [[condition("plan", "equal_to", "free"),
-          condition("last_seen_at", "is_timestamp_before", "90 days ago")],
-         [condition("plan", "equal_to", "free"),
-          condition("last_seen_at", "not_exists"),
-          condition("signed_up_at", "is_timestamp_before", "2026-09-01T00:00:00Z")]],
+        [
+            [
+                condition("plan", "equal_to", "free"),
+                condition("last_seen_at", "is_timestamp_before", "90 days ago"),
+            ],
+            [
+                condition("plan", "equal_to", "free"),
+                condition("last_seen_at", "not_exists"),
+                condition("signed_up_at", "is_timestamp_before", "2026-09-01T00:00:00Z"),
+            ],
+        ],
     ),
     "nps-promoters": (
         "NPS promoters",
         "Users who scored us 9 or 10 and are not at churn risk. Asked for a G2 review or a "
         "referral.",
-        [[condition("nps_score", "is_between", "[9, 10]"),
-          condition("", "is_not_audience_member", "churn-risk"),
-          condition("email", "exists")]],
+        [
+            [
+                condition("nps_score", "is_between", "[9, 10]"),
+                condition("", "is_not_audience_member", "churn-risk"),
+                condition("email", "exists"),
+            ]
+        ],
     ),
     "product-survey-sample": (
         "Product survey sample",
         "A stable 10% random sample of verified users who have not turned digests off. Receives "
         "the quarterly product survey.",
-        [[condition("id", "is_in_random_cohort", "10"),
-          condition("is_verified", "equal_to", "true"),
-          condition("preferences.digest", "not_equal_to", "never")]],
+        [
+            [
+                condition("id", "is_in_random_cohort", "10"),
+                condition("is_verified", "equal_to", "true"),
+                condition("preferences.digest", "not_equal_to", "never"),
+            ]
+        ],
     ),
 }
 STATIC_AUDIENCES = {
@@ -523,7 +1243,7 @@ def format_number(value: float) -> str:
 
 
 def format_timestamp(moment: datetime, style: str) -> str:
-    utc = moment.astimezone(timezone.utc)
+    utc = moment.astimezone(UTC)
     if style == "date":
         return utc.strftime("%Y-%m-%d")
     if style == "offset":
@@ -613,9 +1333,13 @@ def draw_last_seen(rng: random.Random, plan: str, signed_up_at: datetime) -> dat
     return seconds_before_reference(min(rng.uniform(low, high), age_days))
 
 
-def draw_company(rng: random.Random, country: Country, plan: str,
-                 companies: dict[tuple[str, str], list[Company]],
-                 used_domains: set[str]) -> Company | None:
+def draw_company(
+    rng: random.Random,
+    country: Country,
+    plan: str,
+    companies: dict[tuple[str, str], list[Company]],
+    used_domains: set[str],
+) -> Company | None:
     """Teammates share companies; bigger plans work at bigger companies."""
     if rng.random() > (0.55 if plan == "free" else 0.97):
         return None
@@ -653,8 +1377,9 @@ def draw_company_name(rng: random.Random, country: Country) -> tuple[str, str]:
     return name, slug(stem)
 
 
-def draw_email(rng: random.Random, romanized: tuple[str, str], company: Company | None,
-               used_emails: set[str]) -> str | None:
+def draw_email(
+    rng: random.Random, romanized: tuple[str, str], company: Company | None, used_emails: set[str]
+) -> str | None:
     if rng.random() < 0.03:
         return None
     given, family = (slug(part) for part in romanized)
@@ -662,8 +1387,13 @@ def draw_email(rng: random.Random, romanized: tuple[str, str], company: Company 
         local = rng.choice((f"{given}.{family}", f"{given[0]}{family}", given, f"{given}_{family}"))
         domain = company.domain
     else:
-        local = rng.choice((f"{given}.{family}", f"{given}{family}{rng.randint(1, 99)}",
-                            f"{family}.{given}{rng.randint(70, 99)}"))
+        local = rng.choice(
+            (
+                f"{given}.{family}",
+                f"{given}{family}{rng.randint(1, 99)}",
+                f"{family}.{given}{rng.randint(70, 99)}",
+            )
+        )
         domain = rng.choice(PERSONAL_EMAIL_DOMAINS)
     email = f"{local}@{domain}"
     counter = 2
@@ -704,8 +1434,9 @@ def draw_feature_flags(rng: random.Random) -> list[str]:
         return []
     flags: list[str] = []
     for _ in range(weighted_choice(rng, {1: 50, 2: 35, 3: 15})):
-        remaining = {flag: weight for flag, weight in FEATURE_FLAG_WEIGHTS.items()
-                     if flag not in flags}
+        remaining = {
+            flag: weight for flag, weight in FEATURE_FLAG_WEIGHTS.items() if flag not in flags
+        }
         flags.append(weighted_choice(rng, remaining))
     if "beta_dashboard" in flags and "beta_reports" not in flags and rng.random() < 0.4:
         flags.append("beta_reports")  # the two betas were offered together
@@ -734,11 +1465,15 @@ def draw_properties(rng: random.Random, plan: str, signed_up_at: datetime) -> di
         low, high = weighted_choice(rng, NPS_BANDS)
         properties["nps_score"] = rng.randint(low, high)
     if rng.random() < (0.85 if age_days < 120 else 0.25):
-        properties["onboarding"] = {"completed_steps": draw_onboarding_steps(rng, age_days),
-                                    "total_steps": ONBOARDING_TOTAL_STEPS}
+        properties["onboarding"] = {
+            "completed_steps": draw_onboarding_steps(rng, age_days),
+            "total_steps": ONBOARDING_TOTAL_STEPS,
+        }
     if plan != "free" and rng.random() < 0.25:
-        properties["usage"] = {"dashboards": rng.randint(1, 120),
-                               "api_calls_30d": rng.randint(0, 250000)}
+        properties["usage"] = {
+            "dashboards": rng.randint(1, 120),
+            "api_calls_30d": rng.randint(0, 250000),
+        }
     if rng.random() < 0.15:
         properties["referral_source"] = rng.choice(REFERRAL_SOURCES)
     return properties
@@ -749,8 +1484,9 @@ def draw_timestamp_style(rng: random.Random) -> str:
     return weighted_choice(rng, {"utc": 95, "offset": 2, "date": 1.5, "millis": 1.5})
 
 
-def draw_user(rng: random.Random, companies: dict, used_domains: set[str],
-              used_emails: set[str]) -> User:
+def draw_user(
+    rng: random.Random, companies: dict, used_domains: set[str], used_emails: set[str]
+) -> User:
     weights = [country.weight for country in COUNTRIES]
     country = COUNTRIES[rng.choices(range(len(COUNTRIES)), weights=weights)[0]]
     city = rng.choice(country.cities)
@@ -794,17 +1530,30 @@ def draw_staff_user(rng: random.Random, index: int, used_emails: set[str]) -> Us
     company = Company("Lumenboard Inc.", PRODUCT_DOMAIN, "51-200")
     signed_up_at = seconds_before_reference(rng.uniform(60, HISTORY_DAYS))
     return User(
-        id="", name=name, romanized_name=romanized,
+        id="",
+        name=name,
+        romanized_name=romanized,
         email=draw_email(rng, romanized, company, used_emails) or f"staff{index}@{PRODUCT_DOMAIN}",
-        phone_number=None, avatar=AVATAR_URL.format(f"{rng.getrandbits(48):012x}"),
-        locale=city.locale or country.locale, timezone=city.timezone,
-        plan="enterprise", seats=1, mrr=0.0,
+        phone_number=None,
+        avatar=AVATAR_URL.format(f"{rng.getrandbits(48):012x}"),
+        locale=city.locale or country.locale,
+        timezone=city.timezone,
+        plan="enterprise",
+        seats=1,
+        mrr=0.0,
         tags=["admin", "internal"] + (["support"] if rng.random() < 0.3 else []),
-        signed_up_at=signed_up_at, last_seen_at=seconds_before_reference(rng.uniform(0.02, 2)),
-        trial_ends_at=None, is_verified=True, city=city.name, country=country.code, company=company,
-        properties={"preferences": {"digest": "daily"},
-                    "feature_flags": ALL_BETA_FLAGS + ["dark_mode"],
-                    "onboarding": {"completed_steps": 5, "total_steps": ONBOARDING_TOTAL_STEPS}},
+        signed_up_at=signed_up_at,
+        last_seen_at=seconds_before_reference(rng.uniform(0.02, 2)),
+        trial_ends_at=None,
+        is_verified=True,
+        city=city.name,
+        country=country.code,
+        company=company,
+        properties={
+            "preferences": {"digest": "daily"},
+            "feature_flags": [*ALL_BETA_FLAGS, "dark_mode"],
+            "onboarding": {"completed_steps": 5, "total_steps": ONBOARDING_TOTAL_STEPS},
+        },
         is_staff=True,
     )
 
@@ -890,8 +1639,11 @@ def fits_messy_kind(kind: str, user: User) -> bool:
 
 def sprinkle_messy_rows(rng: random.Random, users: list[User]) -> None:
     """Break scattered rows (never staff, never UUID or email ids), each in exactly one way."""
-    candidates = [index for index, user in enumerate(users)
-                  if not user.is_staff and user.id.startswith("user_")]
+    candidates = [
+        index
+        for index, user in enumerate(users)
+        if not user.is_staff and user.id.startswith("user_")
+    ]
     rng.shuffle(candidates)
     for kind, count in MESSY_ROW_COUNTS.items():
         chosen = [index for index in candidates if fits_messy_kind(kind, users[index])][:count]
@@ -914,8 +1666,11 @@ def updated_copy(rng: random.Random, user: User) -> User:
 
 def insert_duplicates(rng: random.Random, users: list[User]) -> list[User]:
     """Add DUPLICATE_ROW_COUNT rows that repeat an earlier clean user's id further down."""
-    clean = [index for index, user in enumerate(users[: len(users) - 300])
-             if not user.messy_kinds and not user.is_staff]
+    clean = [
+        index
+        for index, user in enumerate(users[: len(users) - 300])
+        if not user.messy_kinds and not user.is_staff
+    ]
     originals = sorted(rng.sample(clean, DUPLICATE_ROW_COUNT))
     insert_after = {index: rng.randint(index + 50, len(users) - 1) for index in originals}
     result: list[User] = []
@@ -956,8 +1711,9 @@ def render_csv_row(user: User) -> list[str]:
         "mrr": "" if user.mrr is None else format_number(user.mrr),
         "tags": json.dumps(user.tags, separators=(",", ":")) if user.tags else "",
         "signed_up_at": moment(user.signed_up_at, user.timestamp_style),
-        "last_seen_at": moment(user.last_seen_at,
-                               "offset" if user.timestamp_style == "offset" else "utc"),
+        "last_seen_at": moment(
+            user.last_seen_at, "offset" if user.timestamp_style == "offset" else "utc"
+        ),
         "trial_ends_at": moment(user.trial_ends_at, "utc"),
         "is_verified": is_verified,
         "address.city": text(user.city),
@@ -985,30 +1741,40 @@ def write_users_csv(path: Path, users: list[User]) -> None:
 
 # --- the identify stream (Parquet) ----------------------------------------------------------------
 
-UPDATE_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("name", pa.string()),
-    ("email", pa.string()),
-    ("phone_number", pa.string()),
-    ("avatar", pa.string()),
-    ("locale", pa.string()),
-    ("timezone", pa.string()),
-    ("plan", pa.string()),
-    ("seats", pa.int64()),
-    ("mrr", pa.float64()),
-    ("tags", pa.string()),
-    ("signed_up_at", pa.timestamp("us", tz="UTC")),
-    ("last_seen_at", pa.timestamp("us", tz="UTC")),
-    ("trial_ends_at", pa.timestamp("us", tz="UTC")),
-    ("is_verified", pa.bool_()),
-    ("address", pa.struct([("city", pa.string()), ("country", pa.string())])),
-    ("company.name", pa.string()),
-    ("company.size", pa.string()),
-    ("feature_flags", pa.list_(pa.string())),
-])
-UPDATE_KIND_WEIGHTS = {"upgrade": 22, "trial_converted": 10, "trial_cancelled": 4, "move_city": 16,
-                       "activity": 22, "beta_enrolment": 10, "verified": 8, "downgrade": 6,
-                       "phone_removed": 2}
+UPDATE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("name", pa.string()),
+        ("email", pa.string()),
+        ("phone_number", pa.string()),
+        ("avatar", pa.string()),
+        ("locale", pa.string()),
+        ("timezone", pa.string()),
+        ("plan", pa.string()),
+        ("seats", pa.int64()),
+        ("mrr", pa.float64()),
+        ("tags", pa.string()),
+        ("signed_up_at", pa.timestamp("us", tz="UTC")),
+        ("last_seen_at", pa.timestamp("us", tz="UTC")),
+        ("trial_ends_at", pa.timestamp("us", tz="UTC")),
+        ("is_verified", pa.bool_()),
+        ("address", pa.struct([("city", pa.string()), ("country", pa.string())])),
+        ("company.name", pa.string()),
+        ("company.size", pa.string()),
+        ("feature_flags", pa.list_(pa.string())),
+    ]
+)
+UPDATE_KIND_WEIGHTS = {
+    "upgrade": 22,
+    "trial_converted": 10,
+    "trial_cancelled": 4,
+    "move_city": 16,
+    "activity": 22,
+    "beta_enrolment": 10,
+    "verified": 8,
+    "downgrade": 6,
+    "phone_removed": 2,
+}
 
 
 def apply_update(rng: random.Random, user: User, kind: str, seen_at: datetime) -> None:
@@ -1063,12 +1829,22 @@ def update_row(user: User) -> dict:
     if user.city is None and user.country is None:
         address = None
     return {
-        "id": user.id, "name": user.name, "email": user.email, "phone_number": user.phone_number,
-        "avatar": user.avatar, "locale": user.locale, "timezone": user.timezone, "plan": user.plan,
-        "seats": user.seats, "mrr": user.mrr,
+        "id": user.id,
+        "name": user.name,
+        "email": user.email,
+        "phone_number": user.phone_number,
+        "avatar": user.avatar,
+        "locale": user.locale,
+        "timezone": user.timezone,
+        "plan": user.plan,
+        "seats": user.seats,
+        "mrr": user.mrr,
         "tags": json.dumps(user.tags, separators=(",", ":")) if user.tags else None,
-        "signed_up_at": user.signed_up_at, "last_seen_at": user.last_seen_at,
-        "trial_ends_at": user.trial_ends_at, "is_verified": user.is_verified, "address": address,
+        "signed_up_at": user.signed_up_at,
+        "last_seen_at": user.last_seen_at,
+        "trial_ends_at": user.trial_ends_at,
+        "is_verified": user.is_verified,
+        "address": address,
         "company.name": user.company.name if user.company else None,
         "company.size": user.company.size if user.company else None,
         "feature_flags": user.properties.get("feature_flags"),
@@ -1077,8 +1853,11 @@ def update_row(user: User) -> dict:
 
 def build_updates(rng: random.Random, users: list[User]) -> list[dict]:
     """~200 updates to clean, existing users in time order; a few users are updated twice."""
-    clean = [user for user in users if not user.messy_kinds and not user.is_staff
-             and user.id.strip() == user.id]
+    clean = [
+        user
+        for user in users
+        if not user.messy_kinds and not user.is_staff and user.id.strip() == user.id
+    ]
     duplicated_ids = {user.id for user in users if "duplicate_id" in user.messy_kinds}
     clean = [user for user in clean if user.id not in duplicated_ids]
     trials = [user for user in clean if eligible_for("trial_converted", user)]
@@ -1088,13 +1867,14 @@ def build_updates(rng: random.Random, users: list[User]) -> list[dict]:
     picked += rng.sample(others, UPDATE_ROW_COUNT - REPEAT_UPDATE_COUNT - len(picked))
     targets = picked + rng.sample(picked, REPEAT_UPDATE_COUNT)
     window_seconds = int(UPDATE_WINDOW.total_seconds())
-    moments = sorted(REFERENCE_TIME + timedelta(seconds=rng.randint(600, window_seconds))
-                     for _ in targets)
+    moments = sorted(
+        REFERENCE_TIME + timedelta(seconds=rng.randint(600, window_seconds)) for _ in targets
+    )
     order = list(range(len(targets)))
     rng.shuffle(order)
     states = {user.id: copy.deepcopy(user) for user in picked}
     rows = []
-    for moment, target_index in zip(moments, order):
+    for moment, target_index in zip(moments, order, strict=True):
         state = states[targets[target_index].id]
         kinds = [kind for kind in UPDATE_KIND_WEIGHTS if eligible_for(kind, state)]
         kind = weighted_choice(rng, {kind: UPDATE_KIND_WEIGHTS[kind] for kind in kinds})
@@ -1115,12 +1895,20 @@ def write_updates_parquet(path: Path, rows: list[dict]) -> None:
 
 def write_audiences(directory: Path) -> None:
     documents = {
-        key: {"name": name, "type": "dynamic", "description": description,
-              "segments": [{"conditions": conditions} for conditions in segments]}
+        key: {
+            "name": name,
+            "type": "dynamic",
+            "description": description,
+            "segments": [{"conditions": conditions} for conditions in segments],
+        }
         for key, (name, description, segments) in DYNAMIC_AUDIENCES.items()
     }
-    documents.update({key: {"name": name, "type": "static", "description": description}
-                      for key, (name, description) in STATIC_AUDIENCES.items()})
+    documents.update(
+        {
+            key: {"name": name, "type": "static", "description": description}
+            for key, (name, description) in STATIC_AUDIENCES.items()
+        }
+    )
     for key, document in documents.items():
         target = directory / key / "audience.json"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -1146,8 +1934,12 @@ def generate_users(rng: random.Random) -> list[User]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="where to write sources/ and audiences/ (default: the repo's data/)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="where to write sources/ and audiences/ (default: the repo's data/)",
+    )
     arguments = parser.parse_args()
     rng = random.Random(SEED)
     users = generate_users(rng)
@@ -1155,8 +1947,10 @@ def main() -> None:
     updates = build_updates(rng, users)
     write_updates_parquet(arguments.data_dir / "sources" / "user_updates.parquet", updates)
     write_audiences(arguments.data_dir / "audiences")
-    print(f"wrote {len(users)} user rows, {len(updates)} updates and "
-          f"{len(DYNAMIC_AUDIENCES) + len(STATIC_AUDIENCES)} audiences to {arguments.data_dir}")
+    print(
+        f"wrote {len(users)} user rows, {len(updates)} updates and "
+        f"{len(DYNAMIC_AUDIENCES) + len(STATIC_AUDIENCES)} audiences to {arguments.data_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ def free_port() -> int:
 @contextmanager
 def running_server(app):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -44,9 +47,23 @@ def serve_process(env: dict, cwd, workers: int = 1):
     """`audiences serve` in a process of its own, once it answers; yields (url, process) and kills
     the process (SIGKILL) at the end if it still runs."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "audiences.cli", "serve", "--port", str(port),
-                                "--workers", str(workers)], env=env, cwd=cwd,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "audiences.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

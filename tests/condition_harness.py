@@ -7,7 +7,7 @@ pipeline tests. Real DuckDB, real compiler; nothing is mocked.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -28,7 +28,7 @@ from audiences.users.store import ensure_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TIME = "2026-11-01T00:00:00Z"
-NOW = datetime(2026, 11, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def connect_memory() -> duckdb.DuckDBPyConnection:
@@ -64,16 +64,28 @@ def matching_ids(
 
     def audience_members(key: str) -> exp.Expression:
         ids = sorted(members.get(key, set()))
-        listed = exp.Array(expressions=[exp.Literal.string(i) for i in ids]) if ids else exp.cast(exp.Array(), "varchar[]")
-        return exp.select("user_key").from_("raw.users").where(exp.func("list_contains", listed, exp.column("user_id")))
+        listed = (
+            exp.Array(expressions=[exp.Literal.string(i) for i in ids])
+            if ids
+            else exp.cast(exp.Array(), "varchar[]")
+        )
+        return (
+            exp.select("user_key")
+            .from_("raw.users")
+            .where(exp.func("list_contains", listed, exp.column("user_id")))
+        )
 
     if flattened:
-        _build_flattened(connection, sorted(attributes_used(segments), key=lambda a: (a.path, a.variant)))
+        _build_flattened(
+            connection, sorted(attributes_used(segments), key=lambda a: (a.path, a.variant))
+        )
         source = "flattened"
         attribute = lambda a: exp.column(a.column_name, quoted=True)  # noqa: E731
     else:
         source = "raw.users"
-        attribute = lambda a: attribute_expression(property_json(a.path, exp.column("properties"), exp.column("user_id")), a.variant)  # noqa: E731
+        attribute = lambda a: attribute_expression(
+            property_json(a.path, exp.column("properties"), exp.column("user_id")), a.variant
+        )
     context = CompileContext(
         attribute=attribute,
         audience_members=audience_members,
@@ -82,7 +94,10 @@ def matching_ids(
         user_id=exp.column("user_id"),
     )
     condition = render(compile_segments(segments, context))
-    return {row[0] for row in connection.execute(f"select user_id from {source} where {condition}").fetchall()}
+    return {
+        row[0]
+        for row in connection.execute(f"select user_id from {source} where {condition}").fetchall()
+    }
 
 
 def model_matching_ids(
@@ -102,25 +117,53 @@ def model_matching_ids(
 
     members = members or {}
     key = "under-test"
-    raw = {"name": "Under test", "type": "dynamic", "segments": [{"conditions": segment} for segment in segments]}
+    raw = {
+        "name": "Under test",
+        "type": "dynamic",
+        "segments": [{"conditions": segment} for segment in segments],
+    }
     definitions = {key: parse_definition(raw, key, Path(key) / "audience.json")}
-    for other in sorted({c["argument"] for segment in segments for c in segment
-                         if c.get("operator") in ("is_audience_member", "is_not_audience_member")}):
-        definitions[other] = parse_definition({"name": other, "type": "static"}, other, Path(other) / "audience.json")
-    files = {str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")}
+    for other in sorted(
+        {
+            c["argument"]
+            for segment in segments
+            for c in segment
+            if c.get("operator") in ("is_audience_member", "is_not_audience_member")
+        }
+    ):
+        definitions[other] = parse_definition(
+            {"name": other, "type": "static"}, other, Path(other) / "audience.json"
+        )
+    files = {
+        str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")
+    }
     model = files[f"models/audiences/dynamic/{definitions[key].model_name}.sql"]
-    _build_flattened(connection, sorted(attributes_used(definitions[key].segments), key=lambda a: (a.path, a.variant)))
+    _build_flattened(
+        connection,
+        sorted(attributes_used(definitions[key].segments), key=lambda a: (a.path, a.variant)),
+    )
 
     def ref(name: str) -> str:
         if name == "int_users_flattened":
             return "flattened"
         ids = sorted(members.get(name.replace("_", "-"), members.get(name, set())))
-        listed = render(exp.Array(expressions=[exp.Literal.string(i) for i in ids]) if ids
-                        else exp.cast(exp.Array(), "varchar[]"), pretty=False)
+        listed = render(
+            exp.Array(expressions=[exp.Literal.string(i) for i in ids])
+            if ids
+            else exp.cast(exp.Array(), "varchar[]"),
+            pretty=False,
+        )
         return f"(select user_key, cast(null as varchar) as tenant from raw.users where list_contains({listed}, user_id))"
 
-    sql = jinja2.Environment(extensions=["jinja2.ext.do"]).from_string(model).render(
-        ref=ref, config=lambda **_: "", evaluation_time=lambda: render(timestamp_literal(now), pretty=False))
+    sql = (
+        jinja2.Environment(extensions=["jinja2.ext.do"])
+        .from_string(model)
+        .render(
+            ref=ref,
+            config=lambda **_: "",
+            evaluation_time=lambda: render(timestamp_literal(now), pretty=False),
+        )
+    )
     return {row[0] for row in connection.execute(f"select user_id from ({sql})").fetchall()}
 
 
@@ -159,22 +202,35 @@ def evaluation_warehouse(users: list[dict]) -> duckdb.DuckDBPyConnection:
     standing in for what dbt builds, so membership diffs can be tested without running dbt."""
     connection = connect_memory()
     insert_users(connection, users)
-    connection.execute("create table main.audience_catalog (audience_key varchar, audience_version varchar, "
-                       "audience_type varchar, is_skipped boolean not null default false)")
-    connection.execute("create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)")
+    connection.execute(
+        "create table main.audience_catalog (audience_key varchar, audience_version varchar, "
+        "audience_type varchar, is_skipped boolean not null default false)"
+    )
+    connection.execute(
+        "create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)"
+    )
     return connection
 
 
-def set_evaluation(connection: duckdb.DuckDBPyConnection, members: dict[str, list],
-                   versions: dict[str, str] | None = None, skipped: tuple[str, ...] = ()) -> None:
+def set_evaluation(
+    connection: duckdb.DuckDBPyConnection,
+    members: dict[str, list],
+    versions: dict[str, str] | None = None,
+    skipped: tuple[str, ...] = (),
+) -> None:
     """Replace the evaluation tables: `members` maps audience keys to user keys or (user key, tenant);
     `skipped` audiences are in the catalog as skipped (their definitions have errors)."""
     connection.execute("delete from main.audience_catalog")
     connection.execute("delete from main.audience_members")
     for key, users in members.items():
-        connection.execute("insert into main.audience_catalog (audience_key, audience_version, audience_type, "
-                           "is_skipped) values ($k, $v, 'dynamic', $s)",
-                           {"k": key, "v": (versions or {}).get(key, "v1"), "s": key in skipped})
+        connection.execute(
+            "insert into main.audience_catalog (audience_key, audience_version, audience_type, "
+            "is_skipped) values ($k, $v, 'dynamic', $s)",
+            {"k": key, "v": (versions or {}).get(key, "v1"), "s": key in skipped},
+        )
         for member in users:
             user_key, tenant = (member, None) if isinstance(member, int) else member
-            connection.execute("insert into main.audience_members values ($k, $u, $t)", {"k": key, "u": user_key, "t": tenant})
+            connection.execute(
+                "insert into main.audience_members values ($k, $u, $t)",
+                {"k": key, "u": user_key, "t": tenant},
+            )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from condition_harness import ROOT, SAMPLE_TIME, connect_memory
 
 
@@ -34,7 +33,9 @@ def sample_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sample_run")
     warehouse = folder / "warehouse.duckdb"
     # Triggers go to a file sink in the temporary folder, never into the repository.
-    (folder / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    (folder / "sinks.yml").write_text(
+        "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
+    )
     with pytest.MonkeyPatch.context() as patch:
         for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
             patch.delenv(name)
@@ -42,8 +43,17 @@ def sample_run(tmp_path_factory):
         # The run's Dagster history is kept, as under `dg dev`, for the tests of what the UI shows.
         (folder / "dagster_home").mkdir()
         patch.setenv("DAGSTER_HOME", str(folder / "dagster_home"))
-        code = cli.main(["--duckdb", str(warehouse), "--sinks", str(folder / "sinks.yml"),
-                         "--evaluation-time", SAMPLE_TIME, "run"])
+        code = cli.main(
+            [
+                "--duckdb",
+                str(warehouse),
+                "--sinks",
+                str(folder / "sinks.yml"),
+                "--evaluation-time",
+                SAMPLE_TIME,
+                "run",
+            ]
+        )
     assert code == 0, "the main job failed on the sample data"
     return warehouse
 

@@ -38,7 +38,9 @@ class PostgresServer:
                 connection.exec_driver_sql(f'create database "{name}"')
         finally:
             engine.dispose()
-        return str(sa.engine.make_url(self.url).set(database=name).render_as_string(hide_password=False))
+        return str(
+            sa.engine.make_url(self.url).set(database=name).render_as_string(hide_password=False)
+        )
 
     def stop(self) -> None:
         if self._stop:
@@ -65,7 +67,9 @@ def start_postgres() -> PostgresServer:
         pytest.skip("PostgreSQL tests need the psycopg driver (pip install -e '.[postgres]')")
     programs = _programs()
     if programs is None:
-        pytest.skip("PostgreSQL tests need PostgreSQL's initdb and pg_ctl, or AUDIENCES_TEST_STORE_URL")
+        pytest.skip(
+            "PostgreSQL tests need PostgreSQL's initdb and pg_ctl, or AUDIENCES_TEST_STORE_URL"
+        )
     initdb, pg_ctl = programs
     # PostgreSQL refuses to run as root: run it as the `postgres` account then.
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -76,15 +80,52 @@ def start_postgres() -> PostgresServer:
         shutil.chown(folder, "postgres")
     data = folder / "data"
     port = "5432"
-    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync",
-                    "-E", "UTF8"], check=True, capture_output=True, cwd=folder)
+    subprocess.run(
+        [
+            *as_user,
+            initdb,
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=folder,
+    )
     options = f"-k {folder} -c listen_addresses='' -p {port} -c fsync=off -c max_connections=100"
-    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"),
-                    "-w", "start"], check=True, capture_output=True, cwd=folder)
+    subprocess.run(
+        [
+            *as_user,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(folder / "server.log"),
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=folder,
+    )
 
     def stop() -> None:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
-                       check=False, capture_output=True, cwd=folder)  # already stopped is fine
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"],
+            check=False,
+            capture_output=True,
+            cwd=folder,
+        )  # already stopped is fine
         shutil.rmtree(folder, ignore_errors=True)
 
-    return PostgresServer(f"postgresql+psycopg://postgres@/postgres?host={folder}&port={port}", stop)
+    return PostgresServer(
+        f"postgresql+psycopg://postgres@/postgres?host={folder}&port={port}", stop
+    )

@@ -10,19 +10,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from condition_harness import ROOT, SAMPLE_TIME, copy_store
 
 AUDIENCES = Path(sys.executable).parent / "audiences"
 
 
-def audiences(*arguments: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
-              timeout: float = 300) -> subprocess.CompletedProcess:
+def audiences(
+    *arguments: str, cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the installed `audiences` script the way a user does, with no stray AUDIENCES_* variables."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("AUDIENCES_")}
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("AUDIENCES_")
+    }
     environment.pop("DAGSTER_HOME", None)
-    return subprocess.run([str(AUDIENCES), *arguments], cwd=cwd, env={**environment, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(AUDIENCES), *arguments],
+        cwd=cwd,
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *named: str, max_lines: int = 2) -> None:
@@ -47,31 +55,59 @@ def scratch(tmp_path) -> Path:
 # (arguments, the text the message must name); the folder `{tmp}` holds the scratch files.
 CASES = {
     "bad store URL": (["--store", "foo://bar", "events"], ["foo://bar", "--store"]),
-    "broadcast with --data not JSON": (["broadcast", "eu-customers", "--workflow", "w", "--data", "{bad"],
-                                       ["--data"]),
+    "broadcast with --data not JSON": (
+        ["broadcast", "eu-customers", "--workflow", "w", "--data", "{bad"],
+        ["--data"],
+    ),
     "events --since not a time": (["events", "--since", "yesterday"], ["--since", "ISO 8601"]),
     "events --until not a time": (["events", "--until", "2026-13-45"], ["--until", "ISO 8601"]),
-    "members --at not a time": (["members", "eu-customers", "--at", "last week"], ["--at", "ISO 8601"]),
-    "--evaluation-time not a time": (["--evaluation-time", "tomorrow", "preview", "eu-customers"],
-                                     ["--evaluation-time", "ISO 8601"]),
-    "--evaluation-time after the command": (["explain", "eu-customers", "u", "--evaluation-time", "noon"],
-                                            ["--evaluation-time", "ISO 8601"]),
-    "bad sinks.yml": (["--sinks", "{tmp}/sinks.yml", "deliver"], ["{tmp}/sinks.yml", "carrier-pigeon"]),
-    "--sinks naming no file": (["deliver", "--sinks", "{tmp}/typo.yml"], ["--sinks {tmp}/typo.yml"]),
+    "members --at not a time": (
+        ["members", "eu-customers", "--at", "last week"],
+        ["--at", "ISO 8601"],
+    ),
+    "--evaluation-time not a time": (
+        ["--evaluation-time", "tomorrow", "preview", "eu-customers"],
+        ["--evaluation-time", "ISO 8601"],
+    ),
+    "--evaluation-time after the command": (
+        ["explain", "eu-customers", "u", "--evaluation-time", "noon"],
+        ["--evaluation-time", "ISO 8601"],
+    ),
+    "bad sinks.yml": (
+        ["--sinks", "{tmp}/sinks.yml", "deliver"],
+        ["{tmp}/sinks.yml", "carrier-pigeon"],
+    ),
+    "--sinks naming no file": (
+        ["deliver", "--sinks", "{tmp}/typo.yml"],
+        ["--sinks {tmp}/typo.yml"],
+    ),
     "publish with no warehouse": (["publish"], ["{tmp}/w.duckdb", "no warehouse yet"]),
-    "generate from a folder that does not exist": (["--definitions", "{tmp}/nowhere", "generate"], ["{tmp}/nowhere"]),
+    "generate from a folder that does not exist": (
+        ["--definitions", "{tmp}/nowhere", "generate"],
+        ["{tmp}/nowhere"],
+    ),
     "discard of an unknown batch": (["discard", "no-such-batch"], ["no-such-batch"]),
     "revoke of an unknown key": (["keys", "revoke", "no-such-key"], ["no-such-key"]),
     "remove from an unknown audience": (["remove", "no-such-audience", "u1"], ["no-such-audience"]),
-    "deliveries from a store that is not a database": (["deliveries", "--store", "{tmp}/draft.json"],
-                                                       ["{tmp}/draft.json", "--store"]),
+    "deliveries from a store that is not a database": (
+        ["deliveries", "--store", "{tmp}/draft.json"],
+        ["{tmp}/draft.json", "--store"],
+    ),
     "bad syncs.yml": (["--definitions", "{tmp}/audiences", "sync"], ["{tmp}/syncs.yml"]),
     "draft definition not JSON": (["preview", "{tmp}/draft.json"], ["{tmp}/draft.json"]),
-    "definitions folder that does not exist": (["--definitions", "{tmp}/nowhere", "validate"], ["{tmp}/nowhere"]),
-    "upload of a file that does not exist": (["upload", "vip-customers", "{tmp}/nowhere.csv"], ["{tmp}/nowhere.csv"]),
+    "definitions folder that does not exist": (
+        ["--definitions", "{tmp}/nowhere", "validate"],
+        ["{tmp}/nowhere"],
+    ),
+    "upload of a file that does not exist": (
+        ["upload", "vip-customers", "{tmp}/nowhere.csv"],
+        ["{tmp}/nowhere.csv"],
+    ),
     "serve on a port that cannot be": (["serve", "--port", "99999"], ["--port"]),
-    "bad sources.yml when the run loads it": (["--sources", "{tmp}/sources.yml", "--duckdb", "{tmp}/w.duckdb", "run"],
-                                              ["{tmp}/sources.yml"]),
+    "bad sources.yml when the run loads it": (
+        ["--sources", "{tmp}/sources.yml", "--duckdb", "{tmp}/w.duckdb", "run"],
+        ["{tmp}/sources.yml"],
+    ),
 }
 
 
@@ -83,14 +119,25 @@ def test_bad_input_is_one_or_two_lines_naming_it_without_a_traceback(case, scrat
     def fill(text: str) -> str:
         return text.replace("{tmp}", str(scratch))
 
-    result = audiences("--duckdb", str(scratch / "w.duckdb"), "--store", f"sqlite:///{scratch}/store.sqlite",
-                       *map(fill, arguments), timeout=120)
+    result = audiences(
+        "--duckdb",
+        str(scratch / "w.duckdb"),
+        "--store",
+        f"sqlite:///{scratch}/store.sqlite",
+        *map(fill, arguments),
+        timeout=120,
+    )
     assert_user_error(result, *map(fill, named))
 
 
-@pytest.mark.parametrize("variable, value", [("AUDIENCES_EVALUATION_TIME", "soon"),
-                                             ("AUDIENCES_BREAKER_SHARE", "a fifth"),
-                                             ("AUDIENCES_UPLOAD_MAX_BYTES", "10MB")])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("AUDIENCES_EVALUATION_TIME", "soon"),
+        ("AUDIENCES_BREAKER_SHARE", "a fifth"),
+        ("AUDIENCES_UPLOAD_MAX_BYTES", "10MB"),
+    ],
+)
 def test_a_bad_environment_variable_is_named(variable, value, tmp_path):
     result = audiences("--duckdb", str(tmp_path / "w.duckdb"), "events", env={variable: value})
     assert_user_error(result, variable, repr(value))
@@ -106,7 +153,9 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_an_unexpected_error_is_one_line_that_points_at_debug(tmp_path):
     (tmp_path / "syncs.yml").write_text("- just\n- a list\n")
     (tmp_path / "audiences").mkdir()
-    result = audiences("--definitions", str(tmp_path / "audiences"), "--duckdb", str(tmp_path / "w.duckdb"), "sync")
+    result = audiences(
+        "--definitions", str(tmp_path / "audiences"), "--duckdb", str(tmp_path / "w.duckdb"), "sync"
+    )
     assert_user_error(result, f"{tmp_path / 'syncs.yml'}")
 
 
@@ -116,7 +165,16 @@ def test_a_run_that_fails_on_a_source_names_the_file_and_column_not_dagster(tmp_
     copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
     (tmp_path / "users.csv").write_text("user_id,name\nu1,Ann\n")
     (tmp_path / "sources.yml").write_text("sources:\n  - name: crm\n    path: users.csv\n")
-    result = audiences("--duckdb", str(tmp_path / "warehouse.duckdb"), "--sources", str(tmp_path / "sources.yml"),
-                       "--sinks", str(sample_run.parent / "sinks.yml"), "--evaluation-time", SAMPLE_TIME, "run")
+    result = audiences(
+        "--duckdb",
+        str(tmp_path / "warehouse.duckdb"),
+        "--sources",
+        str(tmp_path / "sources.yml"),
+        "--sinks",
+        str(sample_run.parent / "sinks.yml"),
+        "--evaluation-time",
+        SAMPLE_TIME,
+        "run",
+    )
     assert_user_error(result, f"{tmp_path / 'users.csv'}: no `id` column", "user_id", "users")
     assert "dagster" not in result.stderr.lower()

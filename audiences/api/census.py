@@ -12,7 +12,6 @@ Per-record results follow the protocol: one `{identifier, success, error_message
 bad row is reported and the rest of the batch goes in.
 """
 
-
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -27,10 +26,26 @@ from audiences.membership.static import MAX_MEMBERS_PER_CALL
 
 OPERATIONS = ["insert", "upsert", "mirror"]
 FIELDS = [
-    {"field_api_name": "user_id", "label": "User ID", "identifier": True, "required": True,
-     "createable": True, "updateable": False, "type": "string", "array": False},
-    {"field_api_name": "tenant", "label": "Tenant", "identifier": False, "required": False,
-     "createable": True, "updateable": False, "type": "string", "array": False},
+    {
+        "field_api_name": "user_id",
+        "label": "User ID",
+        "identifier": True,
+        "required": True,
+        "createable": True,
+        "updateable": False,
+        "type": "string",
+        "array": False,
+    },
+    {
+        "field_api_name": "tenant",
+        "label": "Tenant",
+        "identifier": False,
+        "required": False,
+        "createable": True,
+        "updateable": False,
+        "type": "string",
+        "array": False,
+    },
 ]
 
 
@@ -40,20 +55,29 @@ class RpcError(Exception):
         self.code, self.message = code, message
 
 
-def census_router(environments: dict[str, Environment], authenticate: Callable, limiter: RateLimiter,
-                  bearer) -> APIRouter:
+def census_router(
+    environments: dict[str, Environment], authenticate: Callable, limiter: RateLimiter, bearer
+) -> APIRouter:
     router = APIRouter(tags=["integrations"])
 
-    @router.post("/v1/integrations/census/custom-destination",
-                 summary="Census custom destination (JSON-RPC 2.0): audiences as objects, members as records",
-                 response_model=dict[str, Any])
-    async def census(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-                     request: Annotated[dict[str, Any], Body(description="A JSON-RPC 2.0 request")]):
+    @router.post(
+        "/v1/integrations/census/custom-destination",
+        summary="Census custom destination (JSON-RPC 2.0): audiences as objects, members as records",
+        response_model=dict[str, Any],
+    )
+    async def census(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        request: Annotated[dict[str, Any], Body(description="A JSON-RPC 2.0 request")],
+    ):
         caller = authenticate(credentials)
         wait = limiter.acquire(caller.key.key_id, "write")
         if wait is not None:
-            raise ApiError(429, "rate_limit_exceeded", "over this key's write rate limit",
-                           headers={"Retry-After": retry_after_header(wait)})
+            raise ApiError(
+                429,
+                "rate_limit_exceeded",
+                "over this key's write rate limit",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
         request_id = request.get("id")
         try:
             if request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
@@ -61,11 +85,21 @@ def census_router(environments: dict[str, Environment], authenticate: Callable, 
             params = request.get("params") or {}
             if not isinstance(params, dict):
                 raise RpcError(-32602, "params must be an object")
-            result = await run_in_threadpool(dispatch, caller.environment, request["method"], params)
+            result = await run_in_threadpool(
+                dispatch, caller.environment, request["method"], params
+            )
         except RpcError as error:
-            return {"jsonrpc": "2.0", "id": request_id, "error": {"code": error.code, "message": error.message}}
+            return {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "error": {"code": error.code, "message": error.message},
+            }
         except ApiError as error:
-            return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32000, "message": error.message}}
+            return {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "error": {"code": -32000, "message": error.message},
+            }
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
     return router
@@ -75,8 +109,13 @@ def dispatch(environment: Environment, method: str, params: dict) -> dict:
     if method == "test_connection":
         return {"success": True}
     if method == "list_objects":
-        return {"objects": [{"object_api_name": key, "label": key}
-                            for key, kind in sorted(environment.audience_types().items()) if kind == "static"]}
+        return {
+            "objects": [
+                {"object_api_name": key, "label": key}
+                for key, kind in sorted(environment.audience_types().items())
+                if kind == "static"
+            ]
+        }
     if method == "list_fields":
         _audience(environment, params.get("object"))
         return {"fields": FIELDS}
@@ -84,8 +123,11 @@ def dispatch(environment: Environment, method: str, params: dict) -> dict:
         _audience(environment, params.get("object"))
         return {"operations": OPERATIONS}
     if method == "get_sync_speed":
-        return {"maximum_batch_size": MAX_MEMBERS_PER_CALL, "maximum_parallel_batches": 4,
-                "maximum_records_per_second": 20000}
+        return {
+            "maximum_batch_size": MAX_MEMBERS_PER_CALL,
+            "maximum_parallel_batches": 4,
+            "maximum_records_per_second": 20000,
+        }
     if method == "sync_batch":
         return sync_batch(environment, params)
     raise RpcError(-32601, f"unknown method {method!r}")
@@ -103,7 +145,9 @@ def sync_batch(environment: Environment, params: dict) -> dict:
     key = _audience(environment, plan.get("object"))
     operation = plan.get("operation")
     if operation not in (*OPERATIONS, "delete"):
-        raise RpcError(-32602, f"unsupported operation {operation!r}; supported: {', '.join(OPERATIONS)}")
+        raise RpcError(
+            -32602, f"unsupported operation {operation!r}; supported: {', '.join(OPERATIONS)}"
+        )
     records = params.get("records")
     if not isinstance(records, list):
         raise RpcError(-32602, "records must be a list")
@@ -123,7 +167,9 @@ def sync_batch(environment: Environment, params: dict) -> dict:
         results.append({"identifier": user_id, "success": True, "error_message": None})
     action = "remove" if operation == "delete" else "add"
     for start in range(0, len(members), MAX_MEMBERS_PER_CALL):
-        environment.change_members(key, members[start:start + MAX_MEMBERS_PER_CALL], action, source="census")
+        environment.change_members(
+            key, members[start : start + MAX_MEMBERS_PER_CALL], action, source="census"
+        )
     return {"record_results": results}
 
 

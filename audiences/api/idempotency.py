@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -62,14 +62,17 @@ class Claim:
 
 
 def _cutoff() -> str:
-    return (datetime.now(timezone.utc) - WINDOW).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (datetime.now(UTC) - WINDOW).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _replay_of(row, claim: Claim) -> Replay:
     if row.request_hash != claim.request_hash:
-        raise ApiError(422, "idempotency_key_reused",
-                       "this Idempotency-Key was used with different parameters in the last 24 hours",
-                       field="Idempotency-Key")
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with different parameters in the last 24 hours",
+            field="Idempotency-Key",
+        )
     return Replay(row.status_code, json.loads(row.body) if row.body else None, row.request_id)
 
 
@@ -78,12 +81,19 @@ def find(store: MembershipStore, claim: Claim) -> Replay | None:
     here); the write's transaction checks again (`run_once`)."""
     requests = tables.idempotent_requests
     with store.read_engine.connect() as connection:
-        row = connection.execute(sa.select(requests).where(*claim.where(), requests.c.created_at >= _cutoff(),
-                                                           requests.c.status_code.is_not(None))).first()
+        row = connection.execute(
+            sa.select(requests).where(
+                *claim.where(),
+                requests.c.created_at >= _cutoff(),
+                requests.c.status_code.is_not(None),
+            )
+        ).first()
     return _replay_of(row, claim) if row is not None else None
 
 
-def run_once(store: MembershipStore, claim: Claim, work: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def run_once(
+    store: MembershipStore, claim: Claim, work: Callable[[Any], Any]
+) -> Callable[[Any], Any]:
     """`work(connection)` wrapped to claim the key first and record the answer after, in the same
     transaction: the answer's body is the work's result (none for a 204)."""
 
@@ -91,8 +101,11 @@ def run_once(store: MembershipStore, claim: Claim, work: Callable[[Any], Any]) -
         _claim(store, connection, claim)
         result = work(connection)
         body = None if claim.status_code == 204 or result is None else json.dumps(result)
-        connection.execute(tables.idempotent_requests.update().where(*claim.where())
-                           .values(status_code=claim.status_code, body=body))
+        connection.execute(
+            tables.idempotent_requests.update()
+            .where(*claim.where())
+            .values(status_code=claim.status_code, body=body)
+        )
         return result
 
     return claimed_work
@@ -102,8 +115,15 @@ def _claim(store: MembershipStore, connection, claim: Claim) -> None:
     """Claim the key inside the write's transaction, or raise `Replayed` with its recorded answer."""
     requests = tables.idempotent_requests
     connection.execute(requests.delete().where(*claim.where(), requests.c.created_at < _cutoff()))
-    row = {"key_id": claim.key_id, "idempotency_key": claim.key, "request_hash": claim.request_hash,
-           "status_code": None, "body": None, "request_id": claim.request_id, "created_at": now_text()}
+    row = {
+        "key_id": claim.key_id,
+        "idempotency_key": claim.key,
+        "request_hash": claim.request_hash,
+        "status_code": None,
+        "body": None,
+        "request_id": claim.request_id,
+        "created_at": now_text(),
+    }
     if store.insert_ignoring_duplicates(connection, requests, [row]):
         return
     existing = connection.execute(sa.select(requests).where(*claim.where())).first()
@@ -111,7 +131,16 @@ def _claim(store: MembershipStore, connection, claim: Claim) -> None:
         # A claim committed without its answer by an older version of the engine, which claimed
         # keys before doing the work: a server killed in between left it. The work was not
         # recorded as done, so this request does it.
-        connection.execute(requests.update().where(*claim.where()).values(
-            {name: value for name, value in row.items() if name not in ("key_id", "idempotency_key")}))
+        connection.execute(
+            requests.update()
+            .where(*claim.where())
+            .values(
+                {
+                    name: value
+                    for name, value in row.items()
+                    if name not in ("key_id", "idempotency_key")
+                }
+            )
+        )
         return
     raise Replayed(_replay_of(existing, claim))

@@ -40,23 +40,39 @@ def create_key(store: MembershipStore, environment: str, name: str) -> tuple[Api
     secret = f"sk_{environment}_{secrets.token_urlsafe(32)}"
     key = ApiKey(secrets.token_hex(8), environment, name)
     with store.engine.begin() as connection:
-        connection.execute(tables.api_keys.insert().values(
-            key_id=key.key_id, key_hash=key_hash(secret), name=name, environment=environment,
-            created_at=now_text(), revoked_at=None))
+        connection.execute(
+            tables.api_keys.insert().values(
+                key_id=key.key_id,
+                key_hash=key_hash(secret),
+                name=name,
+                environment=environment,
+                created_at=now_text(),
+                revoked_at=None,
+            )
+        )
     return key, secret
 
 
 def revoke_key(store: MembershipStore, key_id: str) -> bool:
     keys = tables.api_keys
     with store.engine.begin() as connection:
-        return connection.execute(keys.update().where(keys.c.key_id == key_id, keys.c.revoked_at.is_(None))
-                                  .values(revoked_at=now_text())).rowcount == 1
+        return (
+            connection.execute(
+                keys.update()
+                .where(keys.c.key_id == key_id, keys.c.revoked_at.is_(None))
+                .values(revoked_at=now_text())
+            ).rowcount
+            == 1
+        )
 
 
 def list_keys(store: MembershipStore) -> list[dict]:
     keys = tables.api_keys
-    return store.rows(sa.select(keys.c.key_id, keys.c.name, keys.c.environment, keys.c.created_at,
-                                keys.c.revoked_at).order_by(keys.c.created_at))
+    return store.rows(
+        sa.select(
+            keys.c.key_id, keys.c.name, keys.c.environment, keys.c.created_at, keys.c.revoked_at
+        ).order_by(keys.c.created_at)
+    )
 
 
 def find_key(store: MembershipStore, secret: str, environment: str) -> ApiKey | None:
@@ -67,7 +83,9 @@ def find_key(store: MembershipStore, secret: str, environment: str) -> ApiKey | 
     with store.read_engine.connect() as connection:
         row = connection.exec_driver_sql(
             f"select key_id, environment, name from api_keys where key_hash = {mark} and revoked_at is null "
-            f"and environment = {mark}", (key_hash(secret), environment)).first()
+            f"and environment = {mark}",
+            (key_hash(secret), environment),
+        ).first()
     return ApiKey(*row) if row else None
 
 
@@ -90,20 +108,27 @@ def bind_store(store: MembershipStore, environment: str) -> None:
     stores recorded their environment) belongs to those: it is refused as well."""
     markers, keys = tables.store_markers, tables.api_keys
     with store.engine.begin() as connection:
-        owner = connection.execute(sa.select(markers.c.value).where(markers.c.name == ENVIRONMENT_MARKER)).scalar()
+        owner = connection.execute(
+            sa.select(markers.c.value).where(markers.c.name == ENVIRONMENT_MARKER)
+        ).scalar()
         if owner is None:
-            held = sorted(set(connection.execute(sa.select(keys.c.environment).distinct()).scalars()))
+            held = sorted(
+                set(connection.execute(sa.select(keys.c.environment).distinct()).scalars())
+            )
             if held and environment not in held:
                 owner = ", ".join(held)
             else:
-                store.insert_ignoring_duplicates(connection, markers, [
-                    {"name": ENVIRONMENT_MARKER, "value": environment}])
+                store.insert_ignoring_duplicates(
+                    connection, markers, [{"name": ENVIRONMENT_MARKER, "value": environment}]
+                )
                 owner = connection.execute(
-                    sa.select(markers.c.value).where(markers.c.name == ENVIRONMENT_MARKER)).scalar()
+                    sa.select(markers.c.value).where(markers.c.name == ENVIRONMENT_MARKER)
+                ).scalar()
     if owner != environment:
         raise StoreEnvironmentError(
             f"the store {safe_url(store.url)} belongs to the {owner} environment, not {environment}; "
-            f"check AUDIENCES_ENV, AUDIENCES_STORE_URL and AUDIENCES_STORE_URL_{environment.upper()}")
+            f"check AUDIENCES_ENV, AUDIENCES_STORE_URL and AUDIENCES_STORE_URL_{environment.upper()}"
+        )
 
 
 def safe_url(url: str) -> str:

@@ -26,7 +26,9 @@ class RateLimiter:
     """
 
     SLOTS = 4096
-    SLOT = struct.Struct("<32sdd")  # key and kind, tokens, last refill (CLOCK_MONOTONIC, system-wide)
+    SLOT = struct.Struct(
+        "<32sdd"
+    )  # key and kind, tokens, last refill (CLOCK_MONOTONIC, system-wide)
 
     def __init__(self, rates: dict[str, float], path: Path):
         self.rates = rates
@@ -111,9 +113,22 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
     async def _refuse(self, send):
-        payload = json.dumps(error_body(413, "request_too_large",
-                                        f"the request body is over the limit of {self.max_bytes:,} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
+        payload = json.dumps(
+            error_body(
+                413,
+                "request_too_large",
+                f"the request body is over the limit of {self.max_bytes:,} bytes",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -74,7 +74,9 @@ class Environment:
         most once a second (and at once after this process creates an audience)."""
         now = time.monotonic()
         if self._types is None or now - self._types[0] > 1.0:
-            definitions = load_definitions(self.definitions_dir) if self.definitions_dir.exists() else {}
+            definitions = (
+                load_definitions(self.definitions_dir) if self.definitions_dir.exists() else {}
+            )
             self._types = (now, audience_types(self.store, definitions))
         return self._types[1]
 
@@ -84,7 +86,9 @@ class Environment:
             raise not_found(f"audience {key!r}")
         return kind
 
-    def write(self, work: Callable[[sa.Connection], T], claim: idempotency.Claim | None = None) -> T:
+    def write(
+        self, work: Callable[[sa.Connection], T], claim: idempotency.Claim | None = None
+    ) -> T:
         """Run `work(connection)` atomically. On SQLite, concurrent writes share one commit (see
         writer.py); on PostgreSQL each runs in its own transaction. With an idempotency `claim`,
         the key is claimed and the answer (the work's result) recorded in that same transaction."""
@@ -104,8 +108,15 @@ class Environment:
             self._writer.close()
         self.store.dispose()
 
-    def change_members(self, key: str, members: list[dict], action: str, create_audience: bool = False,
-                       source: str = "api", claim: idempotency.Claim | None = None) -> tuple[int, int]:
+    def change_members(
+        self,
+        key: str,
+        members: list[dict],
+        action: str,
+        create_audience: bool = False,
+        source: str = "api",
+        claim: idempotency.Claim | None = None,
+    ) -> tuple[int, int]:
         """Add or remove members (Knock's `AudienceMemberRequest`s), identifying inline users first;
         returns (changed, unchanged)."""
         kind = self.audience_types().get(key)
@@ -118,9 +129,13 @@ class Environment:
             self._types = None
             kind = "static"
         if kind != "static":
-            raise ApiError(422, "audience_not_static",
-                           f"{key!r} is a {kind} audience: its members come from its conditions and cannot be "
-                           "added or removed; use a static audience", field="key")
+            raise ApiError(
+                422,
+                "audience_not_static",
+                f"{key!r} is a {kind} audience: its members come from its conditions and cannot be "
+                "added or removed; use a static audience",
+                field="key",
+            )
         patches = []
         wanted = []
         for index, member in enumerate(members):
@@ -143,26 +158,40 @@ class Environment:
         result = self.write(work, claim)
         return result.changed, result.unchanged
 
-    def list_members(self, key: str, page_size: int, after: str | None, before: str | None,
-                     tenant: str | None) -> dict:
+    def list_members(
+        self, key: str, page_size: int, after: str | None, before: str | None, tenant: str | None
+    ) -> dict:
         """A page of members in Knock's shape, ordered by user id then tenant, with cursors."""
         self.require_audience(key)
         if after is not None and before is not None:
             raise invalid("before", "give `after` or `before`, not both")
         members, users = tables.audience_members, tables.user_profiles
-        query = (sa.select(members.c.user_id, members.c.tenant, members.c.tenant_key, members.c.added_at,
-                           users.c.properties, users.c.updated_at, users.c.deleted_at)
-                 .select_from(members.outerjoin(users, users.c.user_id == members.c.user_id))
-                 .where(members.c.audience_key == key))
+        query = (
+            sa.select(
+                members.c.user_id,
+                members.c.tenant,
+                members.c.tenant_key,
+                members.c.added_at,
+                users.c.properties,
+                users.c.updated_at,
+                users.c.deleted_at,
+            )
+            .select_from(members.outerjoin(users, users.c.user_id == members.c.user_id))
+            .where(members.c.audience_key == key)
+        )
         if tenant is not None:
             query = query.where(members.c.tenant_key == tenant)
         position = sa.tuple_(members.c.user_id, members.c.tenant_key)
         if before is not None:
-            query = query.where(position < sa.tuple_(*map(sa.literal, decode_cursor(before, "before"))))
+            query = query.where(
+                position < sa.tuple_(*map(sa.literal, decode_cursor(before, "before")))
+            )
             query = query.order_by(members.c.user_id.desc(), members.c.tenant_key.desc())
         else:
             if after is not None:
-                query = query.where(position > sa.tuple_(*map(sa.literal, decode_cursor(after, "after"))))
+                query = query.where(
+                    position > sa.tuple_(*map(sa.literal, decode_cursor(after, "after")))
+                )
             query = query.order_by(members.c.user_id, members.c.tenant_key)
         rows = self.store.rows(query.limit(page_size + 1))
         more = len(rows) > page_size
@@ -173,25 +202,41 @@ class Environment:
         first, last = (rows[0], rows[-1]) if rows else (None, None)
         has_next = more if before is None else True
         has_previous = (after is not None) if before is None else more
-        return {"entries": entries, "page_info": {
-            "__typename": "PageInfo", "page_size": page_size,
-            "after": encode_cursor(last) if has_next and last else None,
-            "before": encode_cursor(first) if has_previous and first else None}}
+        return {
+            "entries": entries,
+            "page_info": {
+                "__typename": "PageInfo",
+                "page_size": page_size,
+                "after": encode_cursor(last) if has_next and last else None,
+                "before": encode_cursor(first) if has_previous and first else None,
+            },
+        }
 
     def check(self, key: str, user_id: str, tenant: str | None) -> dict:
         """The tenant-strict membership check (`is_member`, the same function `audiences check` uses)."""
         self.require_audience(key)
         member = is_member(self.store, key, user_id, tenant)
-        return {"__typename": "AudienceMembership", "audience_key": key, "user_id": user_id, "tenant": tenant,
-                "member": member}
+        return {
+            "__typename": "AudienceMembership",
+            "audience_key": key,
+            "user_id": user_id,
+            "tenant": tenant,
+            "member": member,
+        }
 
     # -- users ------------------------------------------------------------------------------------
 
-    def identify(self, user_id: str, properties: dict, claim: idempotency.Claim | None = None) -> dict:
+    def identify(
+        self, user_id: str, properties: dict, claim: idempotency.Claim | None = None
+    ) -> dict:
         """Merge properties into the user (`null` removes one); returns the user in Knock's shape."""
         check_properties(properties)
-        return self.write(lambda connection: profiles.identify(
-            self.store, connection, [(user_id, properties)])[user_id].as_knock_user(), claim)
+        return self.write(
+            lambda connection: profiles.identify(self.store, connection, [(user_id, properties)])[
+                user_id
+            ].as_knock_user(),
+            claim,
+        )
 
     def get_user(self, user_id: str) -> dict:
         profile = profiles.get_profile(self.store, user_id)
@@ -204,17 +249,30 @@ class Environment:
         drop them at the next evaluation (the warehouse loads the deletion)."""
         types = self.audience_types()
         members = tables.audience_members
+
         def work(connection):
             memberships = connection.execute(
-                sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id)).all()
+                sa.select(members.c.audience_key, members.c.tenant).where(
+                    members.c.user_id == user_id
+                )
+            ).all()
             known = profiles.delete_user(self.store, connection, user_id)
             if not known and not memberships:
                 raise not_found(f"user {user_id!r}")
             for audience_key in sorted({row.audience_key for row in memberships}):
                 if types.get(audience_key) == "static":
-                    change_members(self.store, audience_key,
-                                   [Member(user_id, row.tenant) for row in memberships if row.audience_key == audience_key],
-                                   "remove", source="api", connection=connection)
+                    change_members(
+                        self.store,
+                        audience_key,
+                        [
+                            Member(user_id, row.tenant)
+                            for row in memberships
+                            if row.audience_key == audience_key
+                        ],
+                        "remove",
+                        source="api",
+                        connection=connection,
+                    )
 
         self.write(work, claim)
 
@@ -230,12 +288,25 @@ class Environment:
         except ValueError:
             raise not_found(f"guide {guide_key!r}") from None
         with profile_warehouse(self.store, user_id) as warehouse:
-            result = eligible(guide, user_id, tenant, self.store, warehouse, datetime.now(timezone.utc))
-        return {"guide_key": guide_key, "user_id": user_id, "tenant": tenant, "eligible": result.eligible,
-                "reason": result.reason}
+            result = eligible(guide, user_id, tenant, self.store, warehouse, datetime.now(UTC))
+        return {
+            "guide_key": guide_key,
+            "user_id": user_id,
+            "tenant": tenant,
+            "eligible": result.eligible,
+            "reason": result.reason,
+        }
 
-    def broadcast(self, key: str, workflow: str, data: dict, tenant: str | None, sink: str | None,
-                  broadcast_id: str | None, claim: idempotency.Claim | None = None) -> dict:
+    def broadcast(
+        self,
+        key: str,
+        workflow: str,
+        data: dict,
+        tenant: str | None,
+        sink: str | None,
+        broadcast_id: str | None,
+        claim: idempotency.Claim | None = None,
+    ) -> dict:
         """Queue one delivery per member. A broadcast is idempotent by itself (its deliveries have
         deterministic ids), so its deliveries are written first and an idempotency key's answer
         is recorded after, in a transaction of its own."""
@@ -250,22 +321,36 @@ class Environment:
         if sink not in sinks:
             raise invalid("sink", f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
         result = broadcast(self.store, key, workflow, sink, data, tenant, broadcast_id)
-        answer = {"broadcast_id": result.broadcast_id, "recipients": result.recipients,
-                  "new_deliveries": result.new_deliveries}
+        answer = {
+            "broadcast_id": result.broadcast_id,
+            "recipients": result.recipients,
+            "new_deliveries": result.new_deliveries,
+        }
         return self.write(lambda _connection: answer, claim) if claim is not None else answer
 
 
 def member_entry(row: dict) -> dict:
     """Knock's `AudienceMember`: the user as the store knows them (a "missing user" has only an id)."""
     known = row["properties"] is not None and row["deleted_at"] is None
-    user = {**(json.loads(row["properties"]) if known else {}), "__typename": "User", "id": row["user_id"],
-            "updated_at": row["updated_at"] if known else row["added_at"]}
-    return {"__typename": "AudienceMember", "added_at": row["added_at"], "user_id": row["user_id"],
-            "tenant": row["tenant"], "user": user}
+    user = {
+        **(json.loads(row["properties"]) if known else {}),
+        "__typename": "User",
+        "id": row["user_id"],
+        "updated_at": row["updated_at"] if known else row["added_at"],
+    }
+    return {
+        "__typename": "AudienceMember",
+        "added_at": row["added_at"],
+        "user_id": row["user_id"],
+        "tenant": row["tenant"],
+        "user": user,
+    }
 
 
 def encode_cursor(row: dict) -> str:
-    text = json.dumps([row["user_id"], row["tenant_key"]], ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(
+        [row["user_id"], row["tenant_key"]], ensure_ascii=False, separators=(",", ":")
+    )
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
@@ -274,7 +359,9 @@ def decode_cursor(cursor: str, field_name: str) -> tuple[str, str]:
         value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode())
     except (binascii.Error, UnicodeDecodeError, ValueError):
         value = None
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)):
+    if not (
+        isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)
+    ):
         raise invalid(field_name, "not a cursor this API returned")
     return value[0], value[1]
 
@@ -287,9 +374,13 @@ def check_properties(properties: dict, path: str = "") -> None:
     try:
         size = len(json.dumps(properties, ensure_ascii=False).encode("utf-8"))
     except UnicodeEncodeError:
-        raise invalid(field_name, "contains text that is not valid Unicode (a lone surrogate)") from None
+        raise invalid(
+            field_name, "contains text that is not valid Unicode (a lone surrogate)"
+        ) from None
     if size > MAX_PROPERTIES_BYTES:
-        raise invalid(field_name, f"properties take {size:,} bytes; the limit is {MAX_PROPERTIES_BYTES:,}")
+        raise invalid(
+            field_name, f"properties take {size:,} bytes; the limit is {MAX_PROPERTIES_BYTES:,}"
+        )
 
 
 def check_json_values(value: object, path: str = "") -> None:
@@ -301,7 +392,9 @@ def check_json_values(value: object, path: str = "") -> None:
     while pending:
         item, where, depth = pending.pop()
         if isinstance(item, float) and not math.isfinite(item):
-            raise invalid(where or "body", f"{item} is not a number JSON can carry (no NaN or Infinity)")
+            raise invalid(
+                where or "body", f"{item} is not a number JSON can carry (no NaN or Infinity)"
+            )
         if isinstance(item, dict):
             children = item.items()
         elif isinstance(item, list):
@@ -310,11 +403,12 @@ def check_json_values(value: object, path: str = "") -> None:
             continue
         if depth >= MAX_NESTING:
             raise invalid(where or "body", f"nested more than {MAX_NESTING} levels deep")
-        pending.extend((child, f"{where}.{name}" if where else str(name), depth + 1)
-                       for name, child in reversed(list(children)))
+        pending.extend(
+            (child, f"{where}.{name}" if where else str(name), depth + 1)
+            for name, child in reversed(list(children))
+        )
 
 
 def tenant_of(value: str | None) -> str | None:
     """A blank tenant means "no tenant" (Knock's rule for guides; we use it everywhere)."""
     return value or None
-

@@ -14,8 +14,8 @@ import fcntl
 import queue
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 MAX_GROUP = 32
@@ -25,15 +25,23 @@ class GroupCommitWriter:
     def __init__(self, engine, name: str = "store-writer", checkpoint_every: float = 1.0):
         self.engine = engine
         database = engine.url.database
-        self._lock_file = open(f"{database}-writer.lock", "a+b") if database and database != ":memory:" else None
-        self._jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], Future] | None] = queue.SimpleQueue()
+        self._lock_file = (
+            open(f"{database}-writer.lock", "a+b") if database and database != ":memory:" else None
+        )
+        self._jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], Future] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         # WAL checkpoints off the request path: a passive checkpoint every second copies committed
         # pages into the database without blocking writers, so no commit pays for a large one.
         self._stopped = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoint, args=(checkpoint_every,),
-                                              name=f"{name}-checkpoint", daemon=True)
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint,
+            args=(checkpoint_every,),
+            name=f"{name}-checkpoint",
+            daemon=True,
+        )
         self._checkpointer.start()
 
     @contextmanager
@@ -55,7 +63,7 @@ class GroupCommitWriter:
             while not self._stopped.wait(every):
                 try:
                     raw.execute("pragma wal_checkpoint(passive)").fetchall()
-                except Exception:  # noqa: BLE001  (a busy database: the next round checkpoints)
+                except Exception:
                     continue
 
     def write(self, work: Callable[[Any], Any]) -> Any:
@@ -104,5 +112,5 @@ class GroupCommitWriter:
             for job in group:
                 self._commit([job])
             return
-        for (_, future), result in zip(group, results):
+        for (_, future), result in zip(group, results, strict=True):
             future.set_result(result)

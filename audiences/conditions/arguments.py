@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 MINIMUM_RELATIVE = timedelta(minutes=15)
 
@@ -22,13 +22,15 @@ TIMESTAMP_PATTERN = (
 )
 # Unix seconds inside years 1..9999, the range both Python and SQL engines can represent.
 EPOCH_RANGE = (-62135596800.0, 253402300799.0)
-UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _UNITS = {"minute": 1, "hour": 60, "day": 60 * 24, "week": 60 * 24 * 7}
 _UNIT_NAMES = "minutes?|hours?|days?|weeks?"
 # Exactly the documented forms: "7 days ago", "30 minutes from now", "30_days_ago", "2_hours_from_now".
-_RELATIVE_TEXT = (re.compile(rf"(?P<value>[0-9]+) (?P<unit>{_UNIT_NAMES}) (?P<direction>ago|from now)"),
-                  re.compile(rf"(?P<value>[0-9]+)_(?P<unit>{_UNIT_NAMES})_(?P<direction>ago|from_now)"))
+_RELATIVE_TEXT = (
+    re.compile(rf"(?P<value>[0-9]+) (?P<unit>{_UNIT_NAMES}) (?P<direction>ago|from now)"),
+    re.compile(rf"(?P<value>[0-9]+)_(?P<unit>{_UNIT_NAMES})_(?P<direction>ago|from_now)"),
+)
 _DYNAMIC = re.compile(r"\{\{\s*(?P<path>recipient\.[^\s{}]+)\s*\}\}")
 # A relative time reaches at most across years 1..9999.
 _LONGEST_RELATIVE = datetime.max - datetime.min
@@ -126,19 +128,23 @@ def time_from_decoded(value: object) -> TimeArgument:
     if is_number(value):
         return epoch_seconds(value)
     if not isinstance(value, str):
-        raise ArgumentError(f"{value!r} is not a time: use a relative time (\"7 days ago\"), "
-                            "an ISO 8601 timestamp, Unix seconds or {{ recipient.<property> }}")
+        raise ArgumentError(
+            f'{value!r} is not a time: use a relative time ("7 days ago"), '
+            "an ISO 8601 timestamp, Unix seconds or {{ recipient.<property> }}"
+        )
     dynamic = _DYNAMIC.fullmatch(value)
     if dynamic:
         return DynamicTime(parse_property_path(dynamic.group("path")))
     for pattern in _RELATIVE_TEXT:
         relative = pattern.fullmatch(value)
         if relative:
-            return _relative(int(relative.group("value")), relative.group("unit"), relative.group("direction"))
+            return _relative(
+                int(relative.group("value")), relative.group("unit"), relative.group("direction")
+            )
     absolute = parse_timestamp_text(value)
     if absolute is None:
         raise ArgumentError(
-            f"{value!r} is not a time: use a relative time (\"7 days ago\", \"30 minutes from now\"), "
+            f'{value!r} is not a time: use a relative time ("7 days ago", "30 minutes from now"), '
             "an ISO 8601 timestamp, Unix seconds or {{ recipient.<property> }}"
         )
     return absolute
@@ -151,20 +157,24 @@ def epoch_seconds(seconds: int | float) -> datetime:
             raise OverflowError
         return UNIX_EPOCH + timedelta(seconds=seconds)
     except (OverflowError, ValueError):
-        raise ArgumentError(f"{seconds!r} is not a time in years 1..9999 when read as Unix seconds "
-                            f"(from {EPOCH_RANGE[0]:.0f} to {EPOCH_RANGE[1]:.0f})") from None
+        raise ArgumentError(
+            f"{seconds!r} is not a time in years 1..9999 when read as Unix seconds "
+            f"(from {EPOCH_RANGE[0]:.0f} to {EPOCH_RANGE[1]:.0f})"
+        ) from None
 
 
 def _relative_from_object(raw: dict) -> RelativeTime:
     if set(raw) != {"value", "unit", "direction"}:
-        raise ArgumentError(f"a relative time object is {{\"value\", \"unit\", \"direction\"}}, got {raw!r}")
+        raise ArgumentError(
+            f'a relative time object is {{"value", "unit", "direction"}}, got {raw!r}'
+        )
     value, unit, direction = raw["value"], raw["unit"], raw["direction"]
     if not (isinstance(value, int) and not isinstance(value, bool)):
         raise ArgumentError(f"a relative time's value is a positive integer, got {value!r}")
     if not isinstance(unit, str) or not re.fullmatch(_UNIT_NAMES, unit):
         raise ArgumentError(f"unknown time unit {unit!r}: use minutes, hours, days or weeks")
     if direction not in ("ago", "from_now", "from now"):
-        raise ArgumentError(f"a relative time direction is \"ago\" or \"from_now\", got {direction!r}")
+        raise ArgumentError(f'a relative time direction is "ago" or "from_now", got {direction!r}')
     return _relative(value, unit, direction)
 
 
@@ -190,8 +200,8 @@ def parse_timestamp_text(text: str) -> datetime | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
 
 
 def parse_property_path(text: str) -> tuple[str, ...]:

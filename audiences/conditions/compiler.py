@@ -19,7 +19,7 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlglot
 from sqlglot import exp
@@ -118,15 +118,22 @@ class Condition:
         except ArgumentError as error:
             raise ConditionError(str(error), field="property") from None
         if not _is_unicode(path):
-            raise ConditionError("the property contains text that is not valid Unicode (a lone surrogate)", "property")
+            raise ConditionError(
+                "the property contains text that is not valid Unicode (a lone surrogate)",
+                "property",
+            )
         if not _is_unicode(raw.get("argument")):
-            raise ConditionError("the argument contains text that is not valid Unicode (a lone surrogate)")
+            raise ConditionError(
+                "the argument contains text that is not valid Unicode (a lone surrogate)"
+            )
         operator = raw.get("operator")
         if operator not in OPERATORS:
             close = difflib.get_close_matches(str(operator), OPERATORS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(sorted(OPERATORS))
-            raise ConditionError(f"unknown operator {operator!r}{hint}; known operators: {known}", "operator")
+            raise ConditionError(
+                f"unknown operator {operator!r}{hint}; known operators: {known}", "operator"
+            )
         return cls(path, operator, raw.get("argument"), location, "argument" in raw)
 
 
@@ -170,7 +177,9 @@ def json_pointer(path: tuple[str, ...]) -> str:
 
 def _template(sql: str, **values: object) -> exp.Expression:
     tree = sqlglot.parse_one(sql, dialect=DIALECT)
-    converted = {k: v if isinstance(v, exp.Expression) else exp.convert(v) for k, v in values.items()}
+    converted = {
+        k: v if isinstance(v, exp.Expression) else exp.convert(v) for k, v in values.items()
+    }
     return exp.replace_placeholders(tree, **converted)
 
 
@@ -179,8 +188,14 @@ def _is_json_number(value: exp.Expression) -> exp.Expression:
     IN or list_contains over a constant list into a join per property, which made extracting
     users' attributes 8-10% slower (bench/analysis.md)."""
     kind = exp.func("json_type", value)
-    return exp.paren(exp.or_(*(exp.EQ(this=kind.copy(), expression=exp.Literal.string(name))
-                               for name in NUMERIC_JSON_TYPES)))
+    return exp.paren(
+        exp.or_(
+            *(
+                exp.EQ(this=kind.copy(), expression=exp.Literal.string(name))
+                for name in NUMERIC_JSON_TYPES
+            )
+        )
+    )
 
 
 def _item_key(element: exp.Expression) -> exp.Expression:
@@ -216,7 +231,9 @@ def attribute_expression(value: exp.Expression, variant: str) -> exp.Expression:
     if variant == "number":
         return _number_expression(value)
     if variant == "boolean":
-        return _template("case when json_type(:v) = 'BOOLEAN' then cast(:v as boolean) end", v=value)
+        return _template(
+            "case when json_type(:v) = 'BOOLEAN' then cast(:v as boolean) end", v=value
+        )
     if variant == "items":
         element = exp.column("item")
         return _template(
@@ -251,7 +268,9 @@ def _number_expression(value: exp.Expression) -> exp.Expression:
     )
 
 
-def property_json(path: tuple[str, ...], properties: exp.Expression, user_id: exp.Expression) -> exp.Expression:
+def property_json(
+    path: tuple[str, ...], properties: exp.Expression, user_id: exp.Expression
+) -> exp.Expression:
     """The JSON value of a property read straight from a user's `properties` document."""
     if path == ("id",):
         return _template("to_json(:user_id)", user_id=user_id)
@@ -302,16 +321,23 @@ class TimeWindow:
     attribute: Attribute
     minutes: int
 
-    def moved_over(self, column: exp.Expression, previous: exp.Expression, current: exp.Expression) -> exp.Expression:
+    def moved_over(
+        self, column: exp.Expression, previous: exp.Expression, current: exp.Expression
+    ) -> exp.Expression:
         """True when `column` (this window's timestamp) lies where "now" moved from `previous` to `current`."""
         return _template(
             "(:column between least(:previous, :current) + to_minutes(cast(:minutes as bigint)) "
             "and greatest(:previous, :current) + to_minutes(cast(:minutes as bigint)))",
-            column=column, previous=previous, current=current, minutes=exp.Literal.number(self.minutes),
+            column=column,
+            previous=previous,
+            current=current,
+            minutes=exp.Literal.number(self.minutes),
         )
 
 
-def compile_segments(segments: Iterable[Iterable[Condition]], context: CompileContext) -> exp.Expression:
+def compile_segments(
+    segments: Iterable[Iterable[Condition]], context: CompileContext
+) -> exp.Expression:
     """OR of segments, each an AND of conditions. No segments, or an empty segment, matches nobody."""
     disjuncts = []
     for segment in segments:
@@ -326,7 +352,10 @@ def compile_condition(condition: Condition, context: CompileContext) -> exp.Expr
     """One condition as a SQL boolean that is never NULL (a missing property is never "unknown")."""
     negated = condition.operator in _NEGATIONS
     operator = _NEGATIONS.get(condition.operator, condition.operator)
-    if condition.path in RESERVED_PROPERTIES and operator not in ("is_audience_member", "is_in_random_cohort"):
+    if condition.path in RESERVED_PROPERTIES and operator not in (
+        "is_audience_member",
+        "is_in_random_cohort",
+    ):
         raise ConditionError(
             f"`{condition.path[0]}` is reserved and cannot be used in audience conditions "
             "(Knock's rule); store it as a custom property instead",
@@ -386,7 +415,9 @@ def _argument_key(value: object) -> exp.Expression:
     if isinstance(value, str) and _is_unicode(value):
         return exp.Literal.string("s:" + value)
     if is_number(value):
-        return _template("'n:' || cast(cast(:n as double) + 0.0 as varchar)", n=_number_literal(value))
+        return _template(
+            "'n:' || cast(cast(:n as double) + 0.0 as varchar)", n=_number_literal(value)
+        )
     # A list or an object has no key: it matches no item (a nested item's key starts with 'j:'),
     # nor does a string no property can hold (`"\\ud800"` decodes to a lone surrogate).
     return exp.Literal.string("x:")
@@ -411,36 +442,56 @@ def _static(condition: Condition) -> Argument:
     return decode_argument(condition.argument)
 
 
-def _compile_equal_to(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_equal_to(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     argument = _static(condition)
     value = argument.value
     if isinstance(value, list):
-        return _template("(:kind = 'list' and :items = :keys)", kind=read.kind, items=read.items, keys=_keys(value))
+        return _template(
+            "(:kind = 'list' and :items = :keys)",
+            kind=read.kind,
+            items=read.items,
+            keys=_keys(value),
+        )
     if isinstance(value, dict):
         return exp.false()
     if isinstance(value, str) and value == "":
         matches_value = _template("(:kind is null or :text = '')", kind=read.kind, text=read.text)
     elif isinstance(value, str):
-        matches_value = exp.EQ(this=read.text, expression=exp.Literal.string(value)) if _is_unicode(value) else exp.false()
+        matches_value = (
+            exp.EQ(this=read.text, expression=exp.Literal.string(value))
+            if _is_unicode(value)
+            else exp.false()
+        )
     elif value is None:
         matches_value = exp.false()
     elif isinstance(value, bool):
         matches_value = exp.EQ(this=read.boolean, expression=exp.Boolean(this=value))
     else:
         matches_value = _template(
-            "(:kind = 'number' and :number = :n)", kind=read.kind, number=read.number, n=_number_literal(value)
+            "(:kind = 'number' and :number = :n)",
+            kind=read.kind,
+            number=read.number,
+            n=_number_literal(value),
         )
     # Or the property is a string equal to the argument's original text (`"\"q\""` matches `"q"`
     # with its quotes, `"5"` matches the string "5").
     if argument.original_text is None or argument.original_text == value:
         return matches_value
-    return exp.or_(matches_value, exp.EQ(this=read.text, expression=exp.Literal.string(argument.original_text)))
+    return exp.or_(
+        matches_value, exp.EQ(this=read.text, expression=exp.Literal.string(argument.original_text))
+    )
 
 
-def _compile_ordering(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_ordering(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     value = _static(condition).value
     if not is_number(value):
-        raise ConditionError(f"`{condition.operator}` compares numbers; {condition.argument!r} is not a number")
+        raise ConditionError(
+            f"`{condition.operator}` compares numbers; {condition.argument!r} is not a number"
+        )
     comparison = {
         "greater_than": exp.GT,
         "greater_than_or_equal_to": exp.GTE,
@@ -450,14 +501,20 @@ def _compile_ordering(condition: Condition, read: _Reader, context: CompileConte
     return comparison(this=read.number, expression=_number_literal(value))
 
 
-def _compile_is_between(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_is_between(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     value = _static(condition).value
     if not (isinstance(value, list) and len(value) == 2 and all(is_number(v) for v in value)):
         raise ConditionError(f"`is_between` needs [low, high] numbers, got {condition.argument!r}")
-    return exp.Between(this=read.number, low=_number_literal(value[0]), high=_number_literal(value[1]))
+    return exp.Between(
+        this=read.number, low=_number_literal(value[0]), high=_number_literal(value[1])
+    )
 
 
-def _compile_contains(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_contains(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     argument = _static(condition)
     value = argument.value
     if value is None or isinstance(value, dict):
@@ -475,7 +532,11 @@ def _compile_contains(condition: Condition, read: _Reader, context: CompileConte
     # A list item matches by key, or (for an argument written as text) as a string equal to the
     # argument's original text.
     key, text_key = _argument_key(value), _original_text_key(argument)
-    in_list = "list_contains(:items, :key)" if text_key in (None, key) else "list_contains(:items, :key) or list_contains(:items, :text_key)"
+    in_list = (
+        "list_contains(:items, :key)"
+        if text_key in (None, key)
+        else "list_contains(:items, :key) or list_contains(:items, :text_key)"
+    )
     return _template(
         f"case when :kind = 'list' then {in_list} "
         "when :kind is null then :empty_matches "
@@ -491,16 +552,28 @@ def _compile_contains(condition: Condition, read: _Reader, context: CompileConte
     )
 
 
-def _compile_contains_all(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_contains_all(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     argument = _static(condition)
     value = argument.value
     if value is None or isinstance(value, dict):
         return exp.false()
     if isinstance(value, list):
-        return _template("(:kind = 'list' and list_has_all(:items, :keys))", kind=read.kind, items=read.items, keys=_keys(value))
+        return _template(
+            "(:kind = 'list' and list_has_all(:items, :keys))",
+            kind=read.kind,
+            items=read.items,
+            keys=_keys(value),
+        )
     key, text_key = _argument_key(value), _original_text_key(argument)
     if text_key in (None, key):
-        return _template("(:kind = 'list' and list_contains(:items, :key))", kind=read.kind, items=read.items, key=key)
+        return _template(
+            "(:kind = 'list' and list_contains(:items, :key))",
+            kind=read.kind,
+            items=read.items,
+            key=key,
+        )
     return _template(
         "(:kind = 'list' and (list_contains(:items, :key) or list_contains(:items, :text_key)))",
         kind=read.kind,
@@ -533,28 +606,38 @@ def _compile_exists(condition: Condition, read: _Reader, context: CompileContext
 def time_argument_sql(argument: TimeArgument, context: CompileContext) -> exp.Expression:
     """A parsed time argument as SQL: relative to the evaluation time, absolute, or another property."""
     if isinstance(argument, RelativeTime):
-        return _template("(:now + to_minutes(cast(:minutes as bigint)))", now=context.evaluation_time, minutes=argument.minutes)
+        return _template(
+            "(:now + to_minutes(cast(:minutes as bigint)))",
+            now=context.evaluation_time,
+            minutes=argument.minutes,
+        )
     if isinstance(argument, DynamicTime):
         return context.attribute(Attribute(argument.path, "timestamp"))
     return timestamp_literal(argument)
 
 
 def timestamp_literal(moment: datetime) -> exp.Expression:
-    text = moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
+    text = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")
     return exp.Cast(this=exp.Literal.string(text), to=exp.DataType.build("timestamptz"))
 
 
-def _time_argument(raw: object, read: _Reader, context: CompileContext, bound: int | None = None) -> exp.Expression:
+def _time_argument(
+    raw: object, read: _Reader, context: CompileContext, bound: int | None = None
+) -> exp.Expression:
     """A time argument as SQL; `bound` is the index of an already-decoded `[start, end]` bound."""
     try:
         argument = parse_time_argument(raw) if bound is None else time_from_decoded(raw)
     except ArgumentError as error:
-        raise ConditionError(str(error), "argument" if bound is None else f"argument[{bound}]") from None
+        raise ConditionError(
+            str(error), "argument" if bound is None else f"argument[{bound}]"
+        ) from None
     if isinstance(argument, RelativeTime):
         _note_time_window(read, argument.minutes, context)
     if isinstance(argument, DynamicTime) and argument.path in RESERVED_PROPERTIES:
-        raise ConditionError(f"`{argument.path[0]}` is reserved and cannot be used in audience conditions (Knock's rule)",
-                             "argument" if bound is None else f"argument[{bound}]")
+        raise ConditionError(
+            f"`{argument.path[0]}` is reserved and cannot be used in audience conditions (Knock's rule)",
+            "argument" if bound is None else f"argument[{bound}]",
+        )
     return time_argument_sql(argument, context)
 
 
@@ -563,7 +646,9 @@ def _note_time_window(read: _Reader, minutes: int, context: CompileContext) -> N
         context.on_time_window(TimeWindow(Attribute(read.path, "timestamp"), minutes))
 
 
-def _compile_time_compare(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_time_compare(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     if not condition.has_argument:
         raise ConditionError(f"`{condition.operator}` needs a time argument")
     bound = _time_argument(condition.argument, read, context)
@@ -571,24 +656,32 @@ def _compile_time_compare(condition: Condition, read: _Reader, context: CompileC
     return (exp.LT if before else exp.GTE)(this=read.timestamp, expression=bound)
 
 
-def _compile_time_between(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_time_between(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     raw = condition.argument
     if isinstance(raw, str):
         decoded = decode_argument(raw).value
         raw = decoded if isinstance(decoded, list) else raw
     if not (isinstance(raw, list) and len(raw) == 2):
-        raise ConditionError(f"`is_timestamp_between` needs [start, end], got {condition.argument!r}")
+        raise ConditionError(
+            f"`is_timestamp_between` needs [start, end], got {condition.argument!r}"
+        )
     low, high = (_time_argument(value, read, context, bound) for bound, value in enumerate(raw))
     return exp.Between(this=read.timestamp, low=low, high=high)
 
 
-def _compile_now_compare(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_now_compare(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     before = condition.operator == "is_timestamp_before_now"
     _note_time_window(read, 0, context)
     return (exp.LT if before else exp.GTE)(this=read.timestamp, expression=context.evaluation_time)
 
 
-def _compile_is_timestamp(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_is_timestamp(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     return exp.Not(this=exp.Is(this=read.timestamp, expression=exp.Null()))
 
 
@@ -596,23 +689,32 @@ def audience_argument(condition: Condition) -> str:
     """The audience key an `is_audience_member` condition names."""
     key = condition.argument
     if not isinstance(key, str) or not re.fullmatch(r"[a-z0-9_-]{1,255}", key):
-        raise ConditionError(f"`{condition.operator}` needs an audience key as argument, got {key!r}")
+        raise ConditionError(
+            f"`{condition.operator}` needs an audience key as argument, got {key!r}"
+        )
     if condition.path not in (("recipient",), ()):
         raise ConditionError(
-            f"`{condition.operator}` applies to the recipient: use \"property\": \"recipient\"", field="property"
+            f'`{condition.operator}` applies to the recipient: use "property": "recipient"',
+            field="property",
         )
     return key
 
 
-def _compile_audience_member(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_audience_member(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     members = context.audience_members(audience_argument(condition))
     return exp.In(this=context.user_key, query=exp.paren(members))
 
 
-def _compile_random_cohort(condition: Condition, read: _Reader, context: CompileContext) -> exp.Expression:
+def _compile_random_cohort(
+    condition: Condition, read: _Reader, context: CompileContext
+) -> exp.Expression:
     value = _static(condition).value
     if not is_number(value) or not 0 <= value <= 100:
-        raise ConditionError(f"`is_in_random_cohort` needs a percentage from 0 to 100, got {condition.argument!r}")
+        raise ConditionError(
+            f"`is_in_random_cohort` needs a percentage from 0 to 100, got {condition.argument!r}"
+        )
     if condition.path != ("id",):
         raise ConditionError("`is_in_random_cohort` applies to `recipient.id`", field="property")
     return _template(
@@ -696,7 +798,12 @@ def lowercase_keywords(sql: str) -> str:
 
     tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
     # Unquoted names (VAR) are case-insensitive, so lower-casing them is safe too.
-    keep = {TokenType.STRING, TokenType.IDENTIFIER, TokenType.NATIONAL_STRING, TokenType.PLACEHOLDER}
+    keep = {
+        TokenType.STRING,
+        TokenType.IDENTIFIER,
+        TokenType.NATIONAL_STRING,
+        TokenType.PLACEHOLDER,
+    }
     pieces, position = [], 0
     for token in tokens:
         if token.token_type in keep or not token.text.isupper():

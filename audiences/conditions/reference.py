@@ -27,8 +27,9 @@ import hashlib
 import json
 import math
 import re
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 __all__ = [
     "MISSING",
@@ -72,7 +73,7 @@ _MISSING_AS_TEXT = ""
 # Knock's rule: these reserved user fields cannot be used in dynamic audience conditions.
 _RESERVED_PROPERTIES = frozenset({"created_at", "updated_at"})
 
-_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def _iso_timestamp(text: str) -> datetime | None:
     parts = match.groupdict()
     fraction = parts["fraction"] or ""
     microsecond = int((fraction + "000000")[:6])  # truncate beyond microseconds
-    tz = timezone.utc
+    tz = UTC
     offset = parts["offset"]
     if offset is not None and offset != "Z":
         sign = -1 if offset[0] == "-" else 1
@@ -238,7 +239,7 @@ def _iso_timestamp(text: str) -> datetime | None:
             microsecond,
             tzinfo=tz,
         )
-        return moment.astimezone(timezone.utc)
+        return moment.astimezone(UTC)
     except (ValueError, OverflowError):
         return None  # not a real date/time (2025-02-30, 24:00, ...) or outside years 1..9999
 
@@ -401,7 +402,7 @@ def resolve_time_argument(argument: Any, user: dict, now: datetime) -> datetime 
 def _utc(now: datetime) -> datetime:
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
-    return now.astimezone(timezone.utc)
+    return now.astimezone(UTC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +423,7 @@ def _equal_to(prop: Any, decoded: Any, original: str | None) -> bool:
         return (
             isinstance(prop, list)
             and len(prop) == len(decoded)
-            and all(_keys_match(p, d) for p, d in zip(prop, decoded))
+            and all(_keys_match(p, d) for p, d in zip(prop, decoded, strict=True))
         )
     return False  # an object argument
 

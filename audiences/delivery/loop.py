@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_all
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -263,7 +263,7 @@ def deliver_due(
             raise ValueError(f"{name} must be a finite number of seconds, not {value!r}")
     if not lease_seconds > 0:
         raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
-    pass_now = _as_utc(now) if now is not None else datetime.now(timezone.utc)
+    pass_now = _as_utc(now) if now is not None else datetime.now(UTC)
     work = _Pass(
         store=store,
         due_at=pass_now,
@@ -803,12 +803,12 @@ class _OutcomeRecorder:
     ) -> None:
         """Record the outcomes of one send; a batch's rows share one attempt count."""
         shared = max(int(row["attempts"] or 0) for row in rows) + 1 if together else None
-        for row, outcome in zip(rows, outcomes):
+        for row, outcome in zip(rows, outcomes, strict=True):
             attempts = shared if shared is not None else int(row["attempts"] or 0) + 1
             try:
                 self._record(sink_name, row, outcome, attempts, moment, jitter, token)
             # One outcome that cannot be recorded (a sink's bad answer) costs no other its record.
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 fallback = Outcome.retry(
                     f"could not record {outcome!r}: {type(error).__name__}: {error}"
                 )
@@ -943,19 +943,15 @@ def _count(result) -> int:
 
 
 def _as_utc(moment: datetime) -> datetime:
-    return (
-        moment.replace(tzinfo=timezone.utc)
-        if moment.tzinfo is None
-        else moment.astimezone(timezone.utc)
-    )
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _text(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime(_TIME_FORMAT)
+    return moment.astimezone(UTC).strftime(_TIME_FORMAT)
 
 
 # Bulk updates, run with one parameter set per delivery (executemany). Each gives the claim back.

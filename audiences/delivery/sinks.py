@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -323,7 +323,7 @@ def sign_webhook(secret: bytes, message_id: str, timestamp: str, body: str) -> s
     The signed content is `"{message_id}.{timestamp}.{body}"` in UTF-8, keyed with the secret's
     bytes (see `webhook_secret_bytes`), exactly what receivers' verification libraries recompute.
     """
-    content = f"{message_id}.{timestamp}.{body}".encode("utf-8")
+    content = f"{message_id}.{timestamp}.{body}".encode()
     digest = hmac.new(secret, content, hashlib.sha256).digest()
     return "v1," + base64.b64encode(digest).decode("ascii")
 
@@ -378,8 +378,8 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
         except (TypeError, ValueError, IndexError):
             return None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        seconds = (moment - (now or datetime.now(timezone.utc))).total_seconds()
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
     if math.isnan(seconds) or math.isinf(seconds):
         return None
     return max(0.0, seconds)

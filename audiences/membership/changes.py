@@ -141,12 +141,18 @@ def record_changes(
 
 def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> ChangeSummary:
     parameters = {"evaluated_at": evaluated_at}
-    latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchall()[0][0]
-    latest_exit = connection.execute("select max(exited_at) from raw.membership_intervals").fetchall()[0][0]
+    latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchall()[
+        0
+    ][0]
+    latest_exit = connection.execute(
+        "select max(exited_at) from raw.membership_intervals"
+    ).fetchall()[0][0]
     newest = max((t for t in (latest, latest_exit) if t is not None), default=None)
     if newest is not None and evaluated_at < newest:
-        raise ValueError(f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
-                         f"({newest.isoformat()}); membership history only moves forward")
+        raise ValueError(
+            f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
+            f"({newest.isoformat()}); membership history only moves forward"
+        )
     log = _diff(connection, members_table, catalog_table)
     # Entries: the user's id, and which entry this is (1 + earlier intervals of the same membership).
     connection.execute(
@@ -210,12 +216,23 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         held = None
         if not is_new and breaker.trips(max(entered, exited), size_before):
             held = _batch_id(connection, key, evaluated_at)
-            batches.append({"batch_id": held, "audience_key": key, "entered": entered, "exited": exited,
-                            "size": size_before})
-        summary.audiences.append(AudienceChanges(key, entered, exited, size_before, bool(is_new), held))
+            batches.append(
+                {
+                    "batch_id": held,
+                    "audience_key": key,
+                    "entered": entered,
+                    "exited": exited,
+                    "size": size_before,
+                }
+            )
+        summary.audiences.append(
+            AudienceChanges(key, entered, exited, size_before, bool(is_new), held)
+        )
     connection.execute("create or replace temp table held (audience_key varchar, batch_id varchar)")
     for batch in batches:
-        connection.execute("insert into held values ($a, $b)", {"a": batch["audience_key"], "b": batch["batch_id"]})
+        connection.execute(
+            "insert into held values ($a, $b)", {"a": batch["audience_key"], "b": batch["batch_id"]}
+        )
     connection.execute(
         f"""
         insert into raw.membership_outbox
@@ -243,8 +260,14 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         connection.execute(
             "insert into raw.membership_batches values ($b, $a, $evaluated_at, $entered, $exited, $size, "
             "(select max(sequence) from raw.membership_outbox))",
-            {"b": batch["batch_id"], "a": batch["audience_key"], "evaluated_at": evaluated_at,
-             "entered": batch["entered"], "exited": batch["exited"], "size": batch["size"]},
+            {
+                "b": batch["batch_id"],
+                "a": batch["audience_key"],
+                "evaluated_at": evaluated_at,
+                "entered": batch["entered"],
+                "exited": batch["exited"],
+                "size": batch["size"],
+            },
         )
     connection.execute(
         """
@@ -274,8 +297,15 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
     )
     if log is not None:
         connection.execute(f"delete from {log}")
-    for table in ("changes", "entries", "held", "evaluated_audiences", "whole_audiences", "reevaluated_users",
-                  "per_user_audiences"):
+    for table in (
+        "changes",
+        "entries",
+        "held",
+        "evaluated_audiences",
+        "whole_audiences",
+        "reevaluated_users",
+        "per_user_audiences",
+    ):
         connection.execute(f"drop table {table}")
     return summary
 
@@ -297,20 +327,32 @@ def _diff(connection, members_table: str, catalog_table: str) -> str | None:
     log = _reevaluated_log(connection, members_table)
     connection.execute("create or replace temp table whole_audiences (audience_key varchar)")
     connection.execute("create or replace temp table reevaluated_users (user_key integer)")
-    if log is None or connection.execute(
-            f"select count(*) from {log} where audience_key is null and user_key is null").fetchall()[0][0]:
-        connection.execute("insert into whole_audiences select audience_key from evaluated_audiences")
+    if (
+        log is None
+        or connection.execute(
+            f"select count(*) from {log} where audience_key is null and user_key is null"
+        ).fetchall()[0][0]
+    ):
+        connection.execute(
+            "insert into whole_audiences select audience_key from evaluated_audiences"
+        )
     else:
-        connection.execute(f"insert into whole_audiences select distinct audience_key from {log} "
-                           "where user_key is null and audience_key is not null")
-        connection.execute(f"insert into reevaluated_users select distinct user_key from {log} "
-                           "where audience_key is null and user_key is not null")
+        connection.execute(
+            f"insert into whole_audiences select distinct audience_key from {log} "
+            "where user_key is null and audience_key is not null"
+        )
+        connection.execute(
+            f"insert into reevaluated_users select distinct user_key from {log} "
+            "where audience_key is null and user_key is not null"
+        )
     connection.execute("""
         create or replace temp table per_user_audiences as
         select audience_key from evaluated_audiences
         where audience_key not in (select audience_key from whole_audiences)
     """)
-    connection.execute("delete from whole_audiences where audience_key not in (select audience_key from evaluated_audiences)")
+    connection.execute(
+        "delete from whole_audiences where audience_key not in (select audience_key from evaluated_audiences)"
+    )
 
     def in_scope(relation: str, columns: str) -> str:
         # Two simple semi-joins, not one OR of them: DuckDB runs these about four times faster.
@@ -321,6 +363,7 @@ def _diff(connection, members_table: str, catalog_table: str) -> str | None:
             where user_key in (select user_key from reevaluated_users)
                 and audience_key in (select audience_key from per_user_audiences)
         """
+
     connection.execute(
         f"""
         create or replace temp table changes as
@@ -328,8 +371,12 @@ def _diff(connection, members_table: str, catalog_table: str) -> str | None:
             {in_scope(members_table, "audience_key, user_key, tenant")}
         ),
         open_intervals as (
-            {in_scope("(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
-                      "interval_row, audience_key, user_key, user_id, tenant, entry_number")}
+            {
+            in_scope(
+                "(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
+                "interval_row, audience_key, user_key, user_id, tenant, entry_number",
+            )
+        }
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
@@ -356,15 +403,26 @@ def _unmoved_sizes(connection, evaluated_at: datetime, catalog_table: str) -> tu
     schema = catalog_table.rpartition(".")[0] or "main"
     counted = connection.execute(
         "select count(*) from information_schema.tables where table_schema = $schema "
-        "and table_name = 'audience_evaluations'", {"schema": schema}).fetchall()[0][0]
-    if counted and connection.execute(
+        "and table_name = 'audience_evaluations'",
+        {"schema": schema},
+    ).fetchall()[0][0]
+    if (
+        counted
+        and connection.execute(
             f"select count(*) from {schema}.audience_evaluations where evaluated_at = $t",
-            {"t": evaluated_at}).fetchall()[0][0]:
-        return (f"select audience_key, member_count from {schema}.audience_evaluations "
-                "where evaluated_at = $evaluated_at and audience_key not in (select audience_key from changes)",
-                {"evaluated_at": evaluated_at})
-    return ("select audience_key, count(*) from raw.membership_intervals where exited_at is null "
-            "and audience_key not in (select audience_key from changes) group by audience_key", {})
+            {"t": evaluated_at},
+        ).fetchall()[0][0]
+    ):
+        return (
+            f"select audience_key, member_count from {schema}.audience_evaluations "
+            "where evaluated_at = $evaluated_at and audience_key not in (select audience_key from changes)",
+            {"evaluated_at": evaluated_at},
+        )
+    return (
+        "select audience_key, count(*) from raw.membership_intervals where exited_at is null "
+        "and audience_key not in (select audience_key from changes) group by audience_key",
+        {},
+    )
 
 
 def pending_changes(
@@ -379,11 +437,24 @@ def pending_changes(
     try:
         ensure_schema(connection)
         _diff(connection, members_table, catalog_table)
-        moved = dict.fromkeys((key for (key,) in connection.execute(
-            "select audience_key from evaluated_audiences").fetchall()), (0, 0))
-        moved.update({key: (entered, exited) for key, entered, exited in connection.execute(
-            "select audience_key, count(*) filter (where event_type = 'entered'), "
-            "count(*) filter (where event_type = 'exited') from changes group by audience_key").fetchall()})
+        moved = dict.fromkeys(
+            (
+                key
+                for (key,) in connection.execute(
+                    "select audience_key from evaluated_audiences"
+                ).fetchall()
+            ),
+            (0, 0),
+        )
+        moved.update(
+            {
+                key: (entered, exited)
+                for key, entered, exited in connection.execute(
+                    "select audience_key, count(*) filter (where event_type = 'entered'), "
+                    "count(*) filter (where event_type = 'exited') from changes group by audience_key"
+                ).fetchall()
+            }
+        )
     finally:
         connection.execute("rollback")
     return moved
@@ -406,7 +477,9 @@ def _batch_id(connection, audience_key: str, evaluated_at: datetime) -> str:
     ).fetchall()[0][0]
 
 
-def members_at(connection: duckdb.DuckDBPyConnection, audience_key: str, moment: datetime) -> list[dict]:
+def members_at(
+    connection: duckdb.DuckDBPyConnection, audience_key: str, moment: datetime
+) -> list[dict]:
     """Who was in the audience at `moment`, from the validity intervals."""
     recorded = connection.execute(
         "select count(*) from information_schema.tables where table_schema = 'raw' and table_name = 'membership_intervals'"

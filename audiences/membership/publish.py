@@ -23,7 +23,12 @@ import sqlalchemy as sa
 
 from audiences.membership import store as tables
 from audiences.membership.changes import ensure_schema
-from audiences.membership.store import MembershipStore, apply_membership_changes, now_text, tenant_key
+from audiences.membership.store import (
+    MembershipStore,
+    apply_membership_changes,
+    now_text,
+    tenant_key,
+)
 from audiences.membership.triggers import WorkflowTrigger, trigger_payload
 from audiences.warehouse import matching_user_ids
 
@@ -43,25 +48,42 @@ class PublishReport:
 def outbox_position(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     """(last published sequence, last written sequence) of the warehouse's outbox."""
     ensure_schema(connection)
-    published = connection.execute("select coalesce(max(published_sequence), 0) from raw.outbox_published").fetchall()[0][0]
-    written = connection.execute("select coalesce(max(sequence), 0) from raw.membership_outbox").fetchall()[0][0]
+    published = connection.execute(
+        "select coalesce(max(published_sequence), 0) from raw.outbox_published"
+    ).fetchall()[0][0]
+    written = connection.execute(
+        "select coalesce(max(sequence), 0) from raw.membership_outbox"
+    ).fetchall()[0][0]
     return published, written
 
 
-def register_triggers(store: MembershipStore, triggers: dict[str, WorkflowTrigger], current_sequence: int) -> list[str]:
+def register_triggers(
+    store: MembershipStore, triggers: dict[str, WorkflowTrigger], current_sequence: int
+) -> list[str]:
     """Record new (or re-pointed) triggers; they fire only for events after `current_sequence`."""
     added = []
     with store.engine.begin() as connection:
-        known = {row.workflow_key: row for row in connection.execute(sa.select(tables.workflow_triggers))}
+        known = {
+            row.workflow_key: row for row in connection.execute(sa.select(tables.workflow_triggers))
+        }
         for key, trigger in sorted(triggers.items()):
             existing = known.get(key)
             if existing is not None and existing.audience_key == trigger.audience_key:
                 continue
             if existing is not None:
-                connection.execute(tables.workflow_triggers.delete().where(tables.workflow_triggers.c.workflow_key == key))
-            connection.execute(tables.workflow_triggers.insert().values(
-                workflow_key=key, audience_key=trigger.audience_key, first_seen_at=now_text(),
-                first_event_sequence=current_sequence))
+                connection.execute(
+                    tables.workflow_triggers.delete().where(
+                        tables.workflow_triggers.c.workflow_key == key
+                    )
+                )
+            connection.execute(
+                tables.workflow_triggers.insert().values(
+                    workflow_key=key,
+                    audience_key=trigger.audience_key,
+                    first_seen_at=now_text(),
+                    first_event_sequence=current_sequence,
+                )
+            )
             added.append(key)
     return added
 
@@ -96,26 +118,55 @@ def publish_outbox(
         ).fetchall()
         if not rows:
             break
-        names = ("sequence", "event_id", "audience_key", "user_id", "tenant", "event_type", "occurred_at",
-                 "audience_version", "entry_number", "is_backfill", "batch_id")
-        events = [dict(zip(names, row)) for row in rows]
+        names = (
+            "sequence",
+            "event_id",
+            "audience_key",
+            "user_id",
+            "tenant",
+            "event_type",
+            "occurred_at",
+            "audience_version",
+            "entry_number",
+            "is_backfill",
+            "batch_id",
+        )
+        events = [dict(zip(names, row, strict=True)) for row in rows]
         stamp = now_text()
         # One store transaction per chunk: a crash leaves all of it, or none of it, published.
         with store.engine.begin() as store_connection:
             if position == published and batches:
-                store.insert_ignoring_duplicates(store_connection, tables.held_batches, [
-                    {**batch, "status": "held", "decided_at": None} for batch in batches])
-            deliveries = _deliveries_for(connection, store, store_connection, events, triggers, first_sequences,
-                                         default_sink, now, report)
+                store.insert_ignoring_duplicates(
+                    store_connection,
+                    tables.held_batches,
+                    [{**batch, "status": "held", "decided_at": None} for batch in batches],
+                )
+            deliveries = _deliveries_for(
+                connection,
+                store,
+                store_connection,
+                events,
+                triggers,
+                first_sequences,
+                default_sink,
+                now,
+                report,
+            )
             # A new audience's first members (backfill) only set the current membership: their
             # entries stay in the warehouse's history and outbox, and trigger nothing.
-            store.insert_ignoring_duplicates(store_connection, tables.membership_events,
-                                             [{**event, "published_at": stamp} for event in events
-                                              if not event["is_backfill"]])
+            store.insert_ignoring_duplicates(
+                store_connection,
+                tables.membership_events,
+                [{**event, "published_at": stamp} for event in events if not event["is_backfill"]],
+            )
             apply_membership_changes(store, store_connection, events)
-            report.deliveries += store.insert_ignoring_duplicates(store_connection, tables.deliveries, deliveries)
+            report.deliveries += store.insert_ignoring_duplicates(
+                store_connection, tables.deliveries, deliveries
+            )
         position = events[-1]["sequence"]
-        connection.execute("insert into raw.outbox_published values ($position)", {"position": position})
+        connection.execute(
+            "insert into raw.outbox_published values ($position)", {"position": position}
+        )
         report.events += len(events)
     report.held_batches = sorted(batch["batch_id"] for batch in batches)
     return report
@@ -124,8 +175,10 @@ def publish_outbox(
 def _trigger_starts(store: MembershipStore) -> dict[str, tuple[int, str]]:
     """Per workflow: the outbox sequence and the time after which its events may trigger it."""
     with store.read_engine.connect() as connection:
-        return {row.workflow_key: (row.first_event_sequence, row.first_seen_at)
-                for row in connection.execute(sa.select(tables.workflow_triggers))}
+        return {
+            row.workflow_key: (row.first_event_sequence, row.first_seen_at)
+            for row in connection.execute(sa.select(tables.workflow_triggers))
+        }
 
 
 def _after_trigger_start(event: dict, start: tuple[int, str] | None) -> bool:
@@ -153,20 +206,38 @@ def process_static_triggers(
     register_triggers(store, triggers, published)
     starts = _trigger_starts(store)
     report = PublishReport()
-    rows = store.rows(sa.select(events_table).where(events_table.c.triggers_processed == sa.false())
-                      .order_by(events_table.c.occurred_at, events_table.c.event_id))
+    rows = store.rows(
+        sa.select(events_table)
+        .where(events_table.c.triggers_processed == sa.false())
+        .order_by(events_table.c.occurred_at, events_table.c.event_id)
+    )
     for start in range(0, len(rows), CHUNK):
-        events = rows[start:start + CHUNK]
+        events = rows[start : start + CHUNK]
         known = _identified(connection, sorted({event["user_id"] for event in events}))
         with store.engine.begin() as store_connection:
             present = [event for event in events if event["user_id"] in known]
-            deliveries = _deliveries_for(connection, store, store_connection, present, triggers, starts,
-                                         default_sink, now, report)
-            report.deliveries += store.insert_ignoring_duplicates(store_connection, tables.deliveries, deliveries)
+            deliveries = _deliveries_for(
+                connection,
+                store,
+                store_connection,
+                present,
+                triggers,
+                starts,
+                default_sink,
+                now,
+                report,
+            )
+            report.deliveries += store.insert_ignoring_duplicates(
+                store_connection, tables.deliveries, deliveries
+            )
             store_connection.execute(
-                events_table.update().where(events_table.c.triggers_processed == sa.false(),
-                                            events_table.c.event_id.in_([e["event_id"] for e in events]))
-                .values(triggers_processed=True))
+                events_table.update()
+                .where(
+                    events_table.c.triggers_processed == sa.false(),
+                    events_table.c.event_id.in_([e["event_id"] for e in events]),
+                )
+                .values(triggers_processed=True)
+            )
         report.events += len(events)
     return report
 
@@ -176,11 +247,16 @@ def _identified(connection, user_ids: list[str]) -> set[str]:
 
     if not user_ids:
         return set()
-    connection.register("event_users", pl.DataFrame({"user_id": user_ids}, schema={"user_id": pl.String}).to_arrow())
+    connection.register(
+        "event_users", pl.DataFrame({"user_id": user_ids}, schema={"user_id": pl.String}).to_arrow()
+    )
     try:
-        return {row[0] for row in connection.execute(
-            "select user_id from raw.users where deleted_at is null and user_id in (select user_id from event_users)"
-        ).fetchall()}
+        return {
+            row[0]
+            for row in connection.execute(
+                "select user_id from raw.users where deleted_at is null and user_id in (select user_id from event_users)"
+            ).fetchall()
+        }
     finally:
         connection.unregister("event_users")
 
@@ -194,53 +270,88 @@ def _new_batches(connection, published: int) -> list[dict]:
         {"after": published},
     ).fetchall()
     names = ("batch_id", "audience_key", "evaluated_at", "entered", "exited", "audience_size")
-    return [dict(zip(names, row)) for row in rows]
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def _delivery_id(event: dict, trigger: WorkflowTrigger) -> str:
-    return hashlib.sha256(f"{event['event_id']}\x1f{trigger.workflow_key}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{event['event_id']}\x1f{trigger.workflow_key}".encode()).hexdigest()[
+        :32
+    ]
 
 
-def _deliveries_for(connection, store, store_connection, events, triggers, first_sequences, default_sink, now,
-                    report) -> list[dict]:
+def _deliveries_for(
+    connection,
+    store,
+    store_connection,
+    events,
+    triggers,
+    first_sequences,
+    default_sink,
+    now,
+    report,
+) -> list[dict]:
     deliveries = []
     stamp = now_text()
     for trigger in triggers.values():
         start = first_sequences.get(trigger.workflow_key)
         candidates = [
-            event for event in events
-            if event["audience_key"] == trigger.audience_key and event["event_type"] == trigger.on
-            and not event["is_backfill"] and _after_trigger_start(event, start)
+            event
+            for event in events
+            if event["audience_key"] == trigger.audience_key
+            and event["event_type"] == trigger.on
+            and not event["is_backfill"]
+            and _after_trigger_start(event, start)
         ]
         if not candidates:
             continue
         if trigger.has_conditions:
-            passing = matching_user_ids(connection, trigger.segments, sorted({e["user_id"] for e in candidates}), now)
+            passing = matching_user_ids(
+                connection, trigger.segments, sorted({e["user_id"] for e in candidates}), now
+            )
             report.skipped_by_conditions += sum(e["user_id"] not in passing for e in candidates)
             candidates = [event for event in candidates if event["user_id"] in passing]
         candidates = _apply_frequency(store, store_connection, trigger, candidates, report)
         for event in candidates:
             delivery_id = _delivery_id(event, trigger)
-            status = "held" if event["batch_id"] and _is_held(store_connection, event["batch_id"]) else "pending"
+            status = (
+                "held"
+                if event["batch_id"] and _is_held(store_connection, event["batch_id"])
+                else "pending"
+            )
             report.held_deliveries += status == "held"
-            deliveries.append({
-                "delivery_id": delivery_id, "event_id": event["event_id"], "broadcast_id": None,
-                "workflow_key": trigger.workflow_key, "sink": trigger.sink or default_sink,
-                "audience_key": event["audience_key"], "user_id": event["user_id"], "tenant": event["tenant"],
-                "payload": _json(trigger_payload(trigger.data, event)), "status": status, "attempts": 0,
-                "next_attempt_at": stamp, "last_error": None, "batch_id": event["batch_id"],
-                "created_at": stamp, "delivered_at": None,
-            })
+            deliveries.append(
+                {
+                    "delivery_id": delivery_id,
+                    "event_id": event["event_id"],
+                    "broadcast_id": None,
+                    "workflow_key": trigger.workflow_key,
+                    "sink": trigger.sink or default_sink,
+                    "audience_key": event["audience_key"],
+                    "user_id": event["user_id"],
+                    "tenant": event["tenant"],
+                    "payload": _json(trigger_payload(trigger.data, event)),
+                    "status": status,
+                    "attempts": 0,
+                    "next_attempt_at": stamp,
+                    "last_error": None,
+                    "batch_id": event["batch_id"],
+                    "created_at": stamp,
+                    "delivered_at": None,
+                }
+            )
     return deliveries
 
 
 def _is_held(store_connection, batch_id: str) -> bool:
     status = store_connection.execute(
-        sa.select(tables.held_batches.c.status).where(tables.held_batches.c.batch_id == batch_id)).scalar()
+        sa.select(tables.held_batches.c.status).where(tables.held_batches.c.batch_id == batch_id)
+    ).scalar()
     return status in (None, "held")
 
 
-def _apply_frequency(store, store_connection, trigger: WorkflowTrigger, events: list[dict], report) -> list[dict]:
+def _apply_frequency(
+    store, store_connection, trigger: WorkflowTrigger, events: list[dict], report
+) -> list[dict]:
     """Drop events for recipients a once-per-recipient trigger already fired for, and remember the rest.
 
     Runs inside the publishing transaction, so "fired" is recorded together with the delivery.
@@ -249,20 +360,33 @@ def _apply_frequency(store, store_connection, trigger: WorkflowTrigger, events: 
         return events
     per_tenant = trigger.trigger_frequency == "once_per_recipient_per_tenant"
     recipients = tables.trigger_recipients
-    fired = {(row.user_id, row.tenant_key): row.delivery_id for row in store_connection.execute(
-        sa.select(recipients.c.user_id, recipients.c.tenant_key, recipients.c.delivery_id)
-        .where(recipients.c.workflow_key == trigger.workflow_key))}
+    fired = {
+        (row.user_id, row.tenant_key): row.delivery_id
+        for row in store_connection.execute(
+            sa.select(
+                recipients.c.user_id, recipients.c.tenant_key, recipients.c.delivery_id
+            ).where(recipients.c.workflow_key == trigger.workflow_key)
+        )
+    }
     kept, rows = [], []
     for event in events:
         recipient = (event["user_id"], tenant_key(event["tenant"]) if per_tenant else "")
         delivery_id = _delivery_id(event, trigger)
-        if recipient in fired and fired[recipient] != delivery_id:  # the same delivery again is a re-publish
+        if (
+            recipient in fired and fired[recipient] != delivery_id
+        ):  # the same delivery again is a re-publish
             report.skipped_by_frequency += 1
             continue
         fired[recipient] = delivery_id
         kept.append(event)
-        rows.append({"workflow_key": trigger.workflow_key, "user_id": recipient[0], "tenant_key": recipient[1],
-                     "delivery_id": delivery_id})
+        rows.append(
+            {
+                "workflow_key": trigger.workflow_key,
+                "user_id": recipient[0],
+                "tenant_key": recipient[1],
+                "delivery_id": delivery_id,
+            }
+        )
     store.insert_ignoring_duplicates(store_connection, recipients, rows)
     return kept
 
@@ -286,15 +410,21 @@ def discard_batch(store: MembershipStore, batch_id: str) -> int:
 def _decide(store: MembershipStore, batch_id: str, batch_status: str, delivery_status: str) -> int:
     batches, deliveries = tables.held_batches, tables.deliveries
     with store.engine.begin() as connection:
-        status = connection.execute(sa.select(batches.c.status).where(batches.c.batch_id == batch_id)).scalar()
+        status = connection.execute(
+            sa.select(batches.c.status).where(batches.c.batch_id == batch_id)
+        ).scalar()
         if status is None:
             raise ValueError(f"no held batch {batch_id!r}")
         if status != "held":
             raise ValueError(f"batch {batch_id!r} was already {status}")
-        connection.execute(batches.update().where(batches.c.batch_id == batch_id)
-                           .values(status=batch_status, decided_at=now_text()))
+        connection.execute(
+            batches.update()
+            .where(batches.c.batch_id == batch_id)
+            .values(status=batch_status, decided_at=now_text())
+        )
         result = connection.execute(
             deliveries.update()
             .where(deliveries.c.batch_id == batch_id, deliveries.c.status == "held")
-            .values(status=delivery_status, next_attempt_at=now_text()))
+            .values(status=delivery_status, next_attempt_at=now_text())
+        )
         return result.rowcount

@@ -19,7 +19,11 @@ def list_events(
 ) -> list[dict]:
     """Membership events, newest last, filtered by audience, user, type and time (ISO 8601 bounds)."""
     events = tables.membership_events
-    query = sa.select(events).order_by(events.c.occurred_at, events.c.sequence, events.c.event_id).limit(limit)
+    query = (
+        sa.select(events)
+        .order_by(events.c.occurred_at, events.c.sequence, events.c.event_id)
+        .limit(limit)
+    )
     if audience_key:
         query = query.where(events.c.audience_key == audience_key)
     if user_id:
@@ -44,16 +48,32 @@ def held_batches(store: MembershipStore, status: str | None = "held") -> list[di
 def dead_letters(store: MembershipStore, limit: int = 100) -> list[dict]:
     deliveries = tables.deliveries
     return store.rows(
-        sa.select(deliveries.c.delivery_id, deliveries.c.workflow_key, deliveries.c.sink, deliveries.c.user_id,
-                  deliveries.c.tenant, deliveries.c.attempts, deliveries.c.last_error, deliveries.c.created_at)
-        .where(deliveries.c.status == "dead").order_by(deliveries.c.created_at).limit(limit))
+        sa.select(
+            deliveries.c.delivery_id,
+            deliveries.c.workflow_key,
+            deliveries.c.sink,
+            deliveries.c.user_id,
+            deliveries.c.tenant,
+            deliveries.c.attempts,
+            deliveries.c.last_error,
+            deliveries.c.created_at,
+        )
+        .where(deliveries.c.status == "dead")
+        .order_by(deliveries.c.created_at)
+        .limit(limit)
+    )
 
 
-def current_members(store: MembershipStore, audience_key: str, tenant: str | None = None) -> list[dict]:
+def current_members(
+    store: MembershipStore, audience_key: str, tenant: str | None = None
+) -> list[dict]:
     """The published members of an audience (optionally only those with one tenant)."""
     members = tables.audience_members
-    query = (sa.select(members.c.user_id, members.c.tenant).where(members.c.audience_key == audience_key)
-             .order_by(members.c.user_id, members.c.tenant_key))
+    query = (
+        sa.select(members.c.user_id, members.c.tenant)
+        .where(members.c.audience_key == audience_key)
+        .order_by(members.c.user_id, members.c.tenant_key)
+    )
     if tenant is not None:
         query = query.where(members.c.tenant_key == tenant)
     return store.rows(query)

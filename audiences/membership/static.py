@@ -42,7 +42,9 @@ class ChangeResult:
     event_ids: list[str]
 
 
-def event_id(audience_key: str, user_id: str, tenant: str | None, event_type: str, entry_number: int) -> str:
+def event_id(
+    audience_key: str, user_id: str, tenant: str | None, event_type: str, entry_number: int
+) -> str:
     """The deterministic id of a membership change (the warehouse computes the same in SQL)."""
     text = f"{audience_key}\x1f{user_id}\x1f{tenant or ''}\x1f{event_type}\x1f{entry_number}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -56,7 +58,8 @@ def require_static(audience_key: str, audience_types: dict[str, str]) -> None:
     if kind != "static":
         raise MembershipError(
             f"{audience_key!r} is a {kind} audience: its members come from its conditions and cannot be "
-            "added or removed; use a static audience")
+            "added or removed; use a static audience"
+        )
 
 
 def audience_types(store: MembershipStore, definitions: dict) -> dict[str, str]:
@@ -67,15 +70,31 @@ def audience_types(store: MembershipStore, definitions: dict) -> dict[str, str]:
     return types
 
 
-def create_static_audience(store: MembershipStore, audience_key: str, name: str | None = None) -> bool:
+def create_static_audience(
+    store: MembershipStore, audience_key: str, name: str | None = None
+) -> bool:
     """Create a static audience in the store (the API's `create_audience=true`); False if it existed."""
     from audiences.definitions import KEY_PATTERN
 
     if not KEY_PATTERN.fullmatch(audience_key):
-        raise MembershipError(f"bad audience key {audience_key!r}: use lower-case letters, digits, '-' and '_'")
+        raise MembershipError(
+            f"bad audience key {audience_key!r}: use lower-case letters, digits, '-' and '_'"
+        )
     with store.engine.begin() as connection:
-        return store.insert_ignoring_duplicates(connection, tables.static_audiences, [
-            {"audience_key": audience_key, "name": name or audience_key, "created_at": now_text()}]) == 1
+        return (
+            store.insert_ignoring_duplicates(
+                connection,
+                tables.static_audiences,
+                [
+                    {
+                        "audience_key": audience_key,
+                        "name": name or audience_key,
+                        "created_at": now_text(),
+                    }
+                ],
+            )
+            == 1
+        )
 
 
 def change_members(
@@ -96,9 +115,22 @@ def change_members(
     return apply_change(store, connection, change)
 
 
-EVENT_COLUMNS = ("event_id", "sequence", "audience_key", "user_id", "tenant", "event_type", "occurred_at",
-                 "audience_version", "entry_number", "is_backfill", "batch_id", "published_at",
-                 "triggers_processed", "source")
+EVENT_COLUMNS = (
+    "event_id",
+    "sequence",
+    "audience_key",
+    "user_id",
+    "tenant",
+    "event_type",
+    "occurred_at",
+    "audience_version",
+    "entry_number",
+    "is_backfill",
+    "batch_id",
+    "published_at",
+    "triggers_processed",
+    "source",
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +146,13 @@ class PreparedChange:
     first_ids: dict[tuple[str, str], str]
 
 
-def prepare_change(audience_key: str, members: Iterable[Member], action: str, source: str = "static",
-                   occurred_at: str | None = None) -> PreparedChange:
+def prepare_change(
+    audience_key: str,
+    members: Iterable[Member],
+    action: str,
+    source: str = "static",
+    occurred_at: str | None = None,
+) -> PreparedChange:
     """Everything of a change that needs no database (the API does it before taking its turn to write)."""
     if action not in ("add", "remove"):
         raise ValueError(f"action is add or remove, not {action!r}")
@@ -125,16 +162,25 @@ def prepare_change(audience_key: str, members: Iterable[Member], action: str, so
             raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
         wanted.setdefault((member.user_id, tenant_key(member.tenant)), member)
     event_type = "entered" if action == "add" else "exited"
-    first_ids = {key: event_id(audience_key, member.user_id, member.tenant, event_type, 1)
-                 for key, member in wanted.items()}
-    return PreparedChange(audience_key, action, source, occurred_at or now_text(), wanted, first_ids)
+    first_ids = {
+        key: event_id(audience_key, member.user_id, member.tenant, event_type, 1)
+        for key, member in wanted.items()
+    }
+    return PreparedChange(
+        audience_key, action, source, occurred_at or now_text(), wanted, first_ids
+    )
 
 
 def apply_change(store: MembershipStore, connection, change: PreparedChange) -> ChangeResult:
     """Write a prepared change: the members that really change, and their events."""
     # The API's hot path (a batch of 1,000 members per request): plain SQL through the driver with
     # tuples, since building SQLAlchemy statements and dicts per row costs more than the writes.
-    audience_key, wanted, stamp, source = change.audience_key, change.wanted, change.stamp, change.source
+    audience_key, wanted, stamp, source = (
+        change.audience_key,
+        change.wanted,
+        change.stamp,
+        change.source,
+    )
     if not wanted:
         return ChangeResult(0, 0, [])
     mark = store.placeholder
@@ -142,15 +188,19 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
     current: set[tuple[str, str]] = set()
     entries: dict[tuple[str, str], int] = {}
     for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
-        chunk = user_ids[start:start + 5000]
+        chunk = user_ids[start : start + 5000]
         marks = ", ".join([mark] * len(chunk))
-        current.update(connection.exec_driver_sql(
-            f"select user_id, tenant_key from audience_members where audience_key = {mark} and user_id in ({marks})",
-            (audience_key, *chunk)).all())
+        current.update(
+            connection.exec_driver_sql(
+                f"select user_id, tenant_key from audience_members where audience_key = {mark} and user_id in ({marks})",
+                (audience_key, *chunk),
+            ).all()
+        )
         for user_id, tenant, count in connection.exec_driver_sql(
-                f"select user_id, tenant, count(*) from membership_events where audience_key = {mark} "
-                f"and event_type = 'entered' and user_id in ({marks}) group by user_id, tenant",
-                (audience_key, *chunk)):
+            f"select user_id, tenant, count(*) from membership_events where audience_key = {mark} "
+            f"and event_type = 'entered' and user_id in ({marks}) group by user_id, tenant",
+            (audience_key, *chunk),
+        ):
             entries[(user_id, tenant or "")] = count
     adding = change.action == "add"
     event_type = "entered" if adding else "exited"
@@ -159,21 +209,47 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
         if (key in current) == adding:
             continue
         entry = max(entries.get(key, 0) + (1 if adding else 0), 1)
-        identifier = change.first_ids[key] if entry == 1 else event_id(
-            audience_key, member.user_id, member.tenant, event_type, entry)
-        events.append((identifier, None, audience_key, member.user_id, member.tenant, event_type, stamp, None,
-                       entry, False, None, stamp, False, source))
+        identifier = (
+            change.first_ids[key]
+            if entry == 1
+            else event_id(audience_key, member.user_id, member.tenant, event_type, entry)
+        )
+        events.append(
+            (
+                identifier,
+                None,
+                audience_key,
+                member.user_id,
+                member.tenant,
+                event_type,
+                stamp,
+                None,
+                entry,
+                False,
+                None,
+                stamp,
+                False,
+                source,
+            )
+        )
     store.insert_rows(connection, tables.membership_events, EVENT_COLUMNS, events)
     if adding:
-        store.insert_rows(connection, tables.audience_members,
-                          ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
-                          [(audience_key, event[3], event[4] or "", event[4], stamp) for event in events])
+        store.insert_rows(
+            connection,
+            tables.audience_members,
+            ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
+            [(audience_key, event[3], event[4] or "", event[4], stamp) for event in events],
+        )
     else:
-        delete_members(store, connection, audience_key, [(event[3], event[4] or "") for event in events])
+        delete_members(
+            store, connection, audience_key, [(event[3], event[4] or "") for event in events]
+        )
     return ChangeResult(len(events), len(wanted) - len(events), [event[0] for event in events])
 
 
-def is_member(store: MembershipStore, audience_key: str, user_id: str, tenant: str | None = None) -> bool:
+def is_member(
+    store: MembershipStore, audience_key: str, user_id: str, tenant: str | None = None
+) -> bool:
     """Tenant-strict membership: a member for a run only when the run's tenant equals the
     membership's tenant; a run with no tenant matches only members added with no tenant.
 
@@ -183,9 +259,14 @@ def is_member(store: MembershipStore, audience_key: str, user_id: str, tenant: s
     mark = store.placeholder
     # Plain SQL on the primary key: the API answers this within a few milliseconds at 10M members.
     with store.read_engine.connect() as connection:
-        return connection.exec_driver_sql(
-            f"select 1 from audience_members where audience_key = {mark} and user_id = {mark} "
-            f"and tenant_key = {mark}", (audience_key, user_id, tenant_key(tenant))).first() is not None
+        return (
+            connection.exec_driver_sql(
+                f"select 1 from audience_members where audience_key = {mark} and user_id = {mark} "
+                f"and tenant_key = {mark}",
+                (audience_key, user_id, tenant_key(tenant)),
+            ).first()
+            is not None
+        )
 
 
 def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[str]) -> int:
@@ -197,17 +278,34 @@ def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[
 
     keys = sorted(set(static_keys))
     members = tables.audience_members
-    rows = store.rows(sa.select(members.c.audience_key, members.c.user_id, members.c.tenant, members.c.added_at)
-                      .where(members.c.audience_key.in_(keys))) if keys else []
-    frame = pl.DataFrame(rows, schema={"audience_key": pl.String, "user_id": pl.String, "tenant": pl.String,
-                                       "added_at": pl.String}, orient="row")
+    rows = (
+        store.rows(
+            sa.select(
+                members.c.audience_key, members.c.user_id, members.c.tenant, members.c.added_at
+            ).where(members.c.audience_key.in_(keys))
+        )
+        if keys
+        else []
+    )
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "audience_key": pl.String,
+            "user_id": pl.String,
+            "tenant": pl.String,
+            "added_at": pl.String,
+        },
+        orient="row",
+    )
     ensure_schema(connection)
     connection.register("static_rows", frame.to_arrow())
     try:
         connection.execute("begin transaction")
         connection.execute("delete from raw.static_audience_members")
-        connection.execute("insert into raw.static_audience_members select audience_key, user_id, tenant, "
-                           "added_at::timestamptz from static_rows")
+        connection.execute(
+            "insert into raw.static_audience_members select audience_key, user_id, tenant, "
+            "added_at::timestamptz from static_rows"
+        )
         connection.execute("commit")
     except BaseException:
         connection.execute("rollback")

@@ -10,8 +10,8 @@ Every write is idempotent: events and deliveries are keyed by deterministic ids 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from itertools import chain
-from datetime import datetime, timezone
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -20,7 +20,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 metadata = sa.MetaData()
 
 membership_events = sa.Table(
-    "membership_events", metadata,
+    "membership_events",
+    metadata,
     # Unique, but kept unique through the natural key below rather than an index of its own: a
     # hash is random, so an index on it made every event write touch a random page (half the
     # cost of a static add). Stores created before keep event_id as their primary key.
@@ -40,20 +41,33 @@ membership_events = sa.Table(
     sa.Column("published_at", sa.String(32), nullable=False),
     # False until workflow triggers were considered for the event (static events wait for the next
     # pipeline run, which knows the users' properties).
-    sa.Column("triggers_processed", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
-    sa.Column("source", sa.String(32), nullable=False, default="evaluation", server_default="evaluation"),
+    sa.Column(
+        "triggers_processed", sa.Boolean, nullable=False, default=True, server_default=sa.true()
+    ),
+    sa.Column(
+        "source", sa.String(32), nullable=False, default="evaluation", server_default="evaluation"
+    ),
     sa.Index("membership_events_by_audience", "audience_key", "occurred_at"),
 )
 # An event's identity: (user, audience, tenant, entered or exited, entry number), exactly what its
 # id hashes, so "insert, ignore duplicates" keeps publishing idempotent. It also serves a user's
 # events and a member's earlier entries (read for every static add and remove).
-sa.Index("membership_events_identity", membership_events.c.user_id, membership_events.c.audience_key,
-         sa.func.coalesce(membership_events.c.tenant, sa.literal_column("''")), membership_events.c.event_type,
-         membership_events.c.entry_number, unique=True)
+sa.Index(
+    "membership_events_identity",
+    membership_events.c.user_id,
+    membership_events.c.audience_key,
+    sa.func.coalesce(membership_events.c.tenant, sa.literal_column("''")),
+    membership_events.c.event_type,
+    membership_events.c.entry_number,
+    unique=True,
+)
 # Static audiences' events whose workflow triggers were not considered yet.
-sa.Index("membership_events_pending_triggers", membership_events.c.occurred_at,
-         sqlite_where=membership_events.c.triggers_processed == sa.false(),
-         postgresql_where=membership_events.c.triggers_processed == sa.false())
+sa.Index(
+    "membership_events_pending_triggers",
+    membership_events.c.occurred_at,
+    sqlite_where=membership_events.c.triggers_processed == sa.false(),
+    postgresql_where=membership_events.c.triggers_processed == sa.false(),
+)
 
 # Indexes of older stores that newer ones replace.
 OBSOLETE_INDEXES = ("membership_events_by_user", "membership_events_by_member")
@@ -61,7 +75,8 @@ OBSOLETE_INDEXES = ("membership_events_by_user", "membership_events_by_member")
 # Current members, one row per (audience, user, tenant); `tenant_key` is the tenant or '' so the
 # primary key treats "no tenant" as one value on every database.
 audience_members = sa.Table(
-    "audience_members", metadata,
+    "audience_members",
+    metadata,
     sa.Column("audience_key", sa.String(255), primary_key=True),
     sa.Column("user_id", sa.String(255), primary_key=True),
     sa.Column("tenant_key", sa.String(255), primary_key=True),
@@ -72,7 +87,8 @@ audience_members = sa.Table(
 )
 
 held_batches = sa.Table(
-    "held_batches", metadata,
+    "held_batches",
+    metadata,
     sa.Column("batch_id", sa.String(64), primary_key=True),
     sa.Column("audience_key", sa.String(255), nullable=False),
     sa.Column("evaluated_at", sa.String(32), nullable=False),
@@ -84,7 +100,8 @@ held_batches = sa.Table(
 )
 
 deliveries = sa.Table(
-    "deliveries", metadata,
+    "deliveries",
+    metadata,
     sa.Column("delivery_id", sa.String(64), primary_key=True),
     sa.Column("event_id", sa.String(64)),
     sa.Column("broadcast_id", sa.String(64)),
@@ -118,7 +135,8 @@ deliveries = sa.Table(
 # Each rate-limited sink's token bucket, shared by every worker delivering from this store: the
 # tokens it held at `updated_at` (seconds on the workers' wall clock), for `rate` per second.
 sink_rate_limits = sa.Table(
-    "sink_rate_limits", metadata,
+    "sink_rate_limits",
+    metadata,
     sa.Column("sink", sa.String(255), primary_key=True),
     sa.Column("rate", sa.Float, nullable=False),
     sa.Column("tokens", sa.Float, nullable=False),
@@ -127,7 +145,8 @@ sink_rate_limits = sa.Table(
 
 # Identify calls received while the warehouse may be busy; the `users` asset loads them.
 user_patches = sa.Table(
-    "user_patches", metadata,
+    "user_patches",
+    metadata,
     sa.Column("patch_id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("user_id", sa.String(255), nullable=False),
     sa.Column("patch", sa.Text, nullable=False),  # a JSON object, Knock identify semantics
@@ -138,7 +157,8 @@ user_patches = sa.Table(
 
 # What each warehouse sync last wrote, so the next sync writes only the difference.
 sync_state = sa.Table(
-    "sync_state", metadata,
+    "sync_state",
+    metadata,
     sa.Column("sync_name", sa.String(255), primary_key=True),
     sa.Column("user_id", sa.String(255), primary_key=True),
     sa.Column("tenant_key", sa.String(255), primary_key=True),
@@ -146,7 +166,8 @@ sync_state = sa.Table(
 
 # Static audiences created through the API or uploads, beside those defined in files.
 static_audiences = sa.Table(
-    "static_audiences", metadata,
+    "static_audiences",
+    metadata,
     sa.Column("audience_key", sa.String(255), primary_key=True),
     sa.Column("name", sa.String(255), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
@@ -155,16 +176,20 @@ static_audiences = sa.Table(
 # The users as the API sees them: identify calls applied at once (read-your-writes), and the
 # warehouse's users published after each load (`audiences.users.profiles`).
 user_profiles = sa.Table(
-    "user_profiles", metadata,
+    "user_profiles",
+    metadata,
     sa.Column("user_id", sa.String(255), primary_key=True),
-    sa.Column("properties", sa.Text, nullable=False),  # a JSON object: name, email, ..., custom properties
+    sa.Column(
+        "properties", sa.Text, nullable=False
+    ),  # a JSON object: name, email, ..., custom properties
     sa.Column("updated_at", sa.String(32), nullable=False),
     sa.Column("deleted_at", sa.String(32)),
 )
 
 # Small named values the engine keeps between runs (e.g. how far warehouse users were published).
 store_markers = sa.Table(
-    "store_markers", metadata,
+    "store_markers",
+    metadata,
     sa.Column("name", sa.String(255), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
@@ -172,7 +197,8 @@ store_markers = sa.Table(
 # Secret keys of the HTTP API, one set per environment (each environment has its own store), kept
 # as SHA-256 hashes: a key is shown once, when it is created.
 api_keys = sa.Table(
-    "api_keys", metadata,
+    "api_keys",
+    metadata,
     sa.Column("key_id", sa.String(32), primary_key=True),
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("name", sa.String(255), nullable=False),
@@ -183,7 +209,8 @@ api_keys = sa.Table(
 
 # First answers to writes sent with an `Idempotency-Key`, replayed for 24 hours.
 idempotent_requests = sa.Table(
-    "idempotent_requests", metadata,
+    "idempotent_requests",
+    metadata,
     sa.Column("key_id", sa.String(32), primary_key=True),
     sa.Column("idempotency_key", sa.String(255), primary_key=True),
     sa.Column("request_hash", sa.String(64), nullable=False),
@@ -195,7 +222,8 @@ idempotent_requests = sa.Table(
 
 # When a workflow trigger was first seen: events before it never trigger it (no backfill).
 workflow_triggers = sa.Table(
-    "workflow_triggers", metadata,
+    "workflow_triggers",
+    metadata,
     sa.Column("workflow_key", sa.String(255), primary_key=True),
     sa.Column("audience_key", sa.String(255), nullable=False),
     sa.Column("first_seen_at", sa.String(32), nullable=False),
@@ -205,7 +233,8 @@ workflow_triggers = sa.Table(
 
 # Recipients a frequency-limited trigger has already fired for.
 trigger_recipients = sa.Table(
-    "trigger_recipients", metadata,
+    "trigger_recipients",
+    metadata,
     sa.Column("workflow_key", sa.String(255), primary_key=True),
     sa.Column("user_id", sa.String(255), primary_key=True),
     sa.Column("tenant_key", sa.String(255), primary_key=True),
@@ -216,7 +245,7 @@ DEFAULT_URL = "sqlite:///data/store.sqlite"
 
 
 def now_text() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def tenant_key(tenant: str | None) -> str:
@@ -242,7 +271,11 @@ class MembershipStore:
             # two processes writing at once wait for each other (busy timeout) instead of failing
             # with "database is locked" when a read transaction tries to become a write.
             sa.event.listen(self.engine, "connect", _sqlite_manual_transactions)
-            sa.event.listen(self.engine, "begin", lambda connection: connection.exec_driver_sql("begin immediate"))
+            sa.event.listen(
+                self.engine,
+                "begin",
+                lambda connection: connection.exec_driver_sql("begin immediate"),
+            )
 
     def create(self) -> MembershipStore:
         """Create missing tables, and add columns that newer versions of the engine introduced."""
@@ -257,16 +290,26 @@ class MembershipStore:
                     if column.name in present:
                         continue
                     kind = column.type.compile(dialect=self.engine.dialect)
-                    default = f" default {column.server_default.arg.compile(dialect=self.engine.dialect)}" \
-                        if column.server_default is not None and not isinstance(column.server_default.arg, str) \
-                        else (f" default '{column.server_default.arg}'" if column.server_default is not None else "")
+                    default = (
+                        f" default {column.server_default.arg.compile(dialect=self.engine.dialect)}"
+                        if column.server_default is not None
+                        and not isinstance(column.server_default.arg, str)
+                        else (
+                            f" default '{column.server_default.arg}'"
+                            if column.server_default is not None
+                            else ""
+                        )
+                    )
                     quote = self.engine.dialect.identifier_preparer.quote
                     connection.exec_driver_sql(
-                        f"alter table {quote(table.name)} add column {quote(column.name)} {kind}{default}")
+                        f"alter table {quote(table.name)} add column {quote(column.name)} {kind}{default}"
+                    )
                 # Indexes after columns: a new index may read a column added just above.
                 indexes = self._index_names(connection, table.name)
                 for name in indexes & set(OBSOLETE_INDEXES):
-                    connection.exec_driver_sql(f"drop index {self.engine.dialect.identifier_preparer.quote(name)}")
+                    connection.exec_driver_sql(
+                        f"drop index {self.engine.dialect.identifier_preparer.quote(name)}"
+                    )
                 for index in table.indexes:
                     if index.name not in indexes:
                         index.create(connection)
@@ -278,10 +321,16 @@ class MembershipStore:
         (it made publishing about twice as slow). Drop it; the natural-key index replaces it."""
         events = membership_events.name
         if self.engine.dialect.name != "sqlite":
-            connection.exec_driver_sql(f"alter table {events} drop constraint if exists {events}_pkey")
+            connection.exec_driver_sql(
+                f"alter table {events} drop constraint if exists {events}_pkey"
+            )
             return
-        table_sql = connection.exec_driver_sql(
-            "select sql from sqlite_master where type = 'table' and name = ?", (events,)).scalar() or ""
+        table_sql = (
+            connection.exec_driver_sql(
+                "select sql from sqlite_master where type = 'table' and name = ?", (events,)
+            ).scalar()
+            or ""
+        )
         if "PRIMARY KEY (event_id)" not in table_sql:
             return
         # SQLite cannot drop a primary key: copy the rows into a table made without it (columns the
@@ -291,9 +340,14 @@ class MembershipStore:
             rebuilt.indexes.discard(index)
         rebuilt.create(connection)
         present = {row[1] for row in connection.exec_driver_sql(f"pragma table_info({events})")}
-        columns = ", ".join(self.engine.dialect.identifier_preparer.quote(column.name)
-                            for column in membership_events.columns if column.name in present)
-        connection.exec_driver_sql(f"insert into {rebuilt.name} ({columns}) select {columns} from {events}")
+        columns = ", ".join(
+            self.engine.dialect.identifier_preparer.quote(column.name)
+            for column in membership_events.columns
+            if column.name in present
+        )
+        connection.exec_driver_sql(
+            f"insert into {rebuilt.name} ({columns}) select {columns} from {events}"
+        )
         connection.exec_driver_sql(f"drop table {events}")
         connection.exec_driver_sql(f"alter table {rebuilt.name} rename to {events}")
 
@@ -316,21 +370,30 @@ class MembershipStore:
         dialect = self.engine.dialect.name
         module = sqlite if dialect == "sqlite" else postgresql if dialect == "postgresql" else None
         if module is None:
-            raise NotImplementedError(f"the membership store supports SQLite and PostgreSQL, not {dialect}")
+            raise NotImplementedError(
+                f"the membership store supports SQLite and PostgreSQL, not {dialect}"
+            )
         if dialect == "sqlite":
             # Tuples through the driver (`insert_rows`): several times faster than SQLAlchemy's
             # per-row parameter handling, which matters when a first evaluation publishes millions.
             # "on conflict do nothing" skips only rows whose key exists ("insert or ignore" would
             # also swallow NOT NULL and CHECK violations).
             columns = list(rows[0])
-            return max(self.insert_rows(connection, table, columns,
-                                        [tuple(row[column] for column in columns) for row in rows]), 0)
+            return max(
+                self.insert_rows(
+                    connection,
+                    table,
+                    columns,
+                    [tuple(row[column] for column in columns) for row in rows],
+                ),
+                0,
+            )
         # PostgreSQL drivers report no row count for executemany; RETURNING the key counts new rows.
-        key = list(table.primary_key.columns or table.columns)[0]
+        key = next(iter(table.primary_key.columns or table.columns))
         inserted = 0
         for start in range(0, len(rows), 5000):
             statement = module.insert(table).on_conflict_do_nothing().returning(key)
-            inserted += len(connection.execute(statement, list(rows[start:start + 5000])).all())
+            inserted += len(connection.execute(statement, list(rows[start : start + 5000])).all())
         return inserted
 
     @property
@@ -338,7 +401,9 @@ class MembershipStore:
         """The driver's parameter marker, for the few statements written as plain SQL."""
         return "?" if self.engine.dialect.name == "sqlite" else "%s"
 
-    def insert_rows(self, connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]) -> int:
+    def insert_rows(
+        self, connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]
+    ) -> int:
         """Insert tuples (in `columns` order) through the driver, skipping rows whose key exists;
         returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1)."""
         if not rows:
@@ -347,14 +412,16 @@ class MembershipStore:
         marks = "(" + ", ".join([self.placeholder] * len(columns)) + ")"
         head = f"insert into {quote(table.name)} ({', '.join(quote(column) for column in columns)}) values "
         if self.engine.dialect.name != "sqlite":
-            return connection.exec_driver_sql(f"{head}{marks} on conflict do nothing", list(rows)).rowcount
+            return connection.exec_driver_sql(
+                f"{head}{marks} on conflict do nothing", list(rows)
+            ).rowcount
         # On SQLite, multi-row statements: the driver steps once per statement rather than once per
         # row, and each step hands Python's lock to other threads and waits to get it back, which
         # under the API's load cost more than the inserts themselves.
         per_statement = max(1, 32_000 // len(columns))
         inserted = 0
         for start in range(0, len(rows), per_statement):
-            chunk = rows[start:start + per_statement]
+            chunk = rows[start : start + per_statement]
             sql = f"{head}{', '.join([marks] * len(chunk))} on conflict do nothing"
             inserted += connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk))).rowcount
         return inserted
@@ -392,9 +459,22 @@ def _sqlite_manual_transactions(dbapi_connection, _record) -> None:
 def apply_membership_changes(store: MembershipStore, connection, events: Iterable[dict]) -> None:
     """Make the current-membership table reflect entered / exited events (idempotent)."""
     events = list(events)
-    store.insert_rows(connection, audience_members, ("audience_key", "user_id", "tenant_key", "tenant", "added_at"), [
-        (e["audience_key"], e["user_id"], tenant_key(e["tenant"]), e["tenant"], e["occurred_at"])
-        for e in events if e["event_type"] == "entered"])
+    store.insert_rows(
+        connection,
+        audience_members,
+        ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
+        [
+            (
+                e["audience_key"],
+                e["user_id"],
+                tenant_key(e["tenant"]),
+                e["tenant"],
+                e["occurred_at"],
+            )
+            for e in events
+            if e["event_type"] == "entered"
+        ],
+    )
     exited: dict[str, list[tuple[str, str]]] = {}
     for e in events:
         if e["event_type"] == "exited":
@@ -403,16 +483,19 @@ def apply_membership_changes(store: MembershipStore, connection, events: Iterabl
         delete_members(store, connection, audience_key, members)
 
 
-def delete_members(store: MembershipStore, connection, audience_key: str, members: Sequence[tuple[str, str]]) -> None:
+def delete_members(
+    store: MembershipStore, connection, audience_key: str, members: Sequence[tuple[str, str]]
+) -> None:
     """Remove (user_id, tenant_key) memberships of one audience, a few thousand per statement (see
     `insert_rows`). The `user_id in (...)` lets the database find them through the primary key; the
     pairs alone would make SQLite scan the table."""
     mark = store.placeholder
     for start in range(0, len(members), 3000):
-        chunk = members[start:start + 3000]
+        chunk = members[start : start + 3000]
         users = ", ".join([mark] * len(chunk))
         pairs = ", ".join([f"({mark}, {mark})"] * len(chunk))
         connection.exec_driver_sql(
             f"delete from audience_members where audience_key = {mark} and user_id in ({users}) "
             f"and (user_id, tenant_key) in (values {pairs})",
-            (audience_key, *(user_id for user_id, _ in chunk), *chain.from_iterable(chunk)))
+            (audience_key, *(user_id for user_id, _ in chunk), *chain.from_iterable(chunk)),
+        )

@@ -62,7 +62,9 @@ def condition_segments(raw: object, location: str) -> tuple[tuple[Condition, ...
     if isinstance(raw, list):
         return (tuple(Condition.from_json(c, f"{location}[{i}]") for i, c in enumerate(raw)),)
     if isinstance(raw, dict) and "all" in raw and isinstance(raw["all"], list):
-        return (tuple(Condition.from_json(c, f"{location}.all[{i}]") for i, c in enumerate(raw["all"])),)
+        return (
+            tuple(Condition.from_json(c, f"{location}.all[{i}]") for i, c in enumerate(raw["all"])),
+        )
     if isinstance(raw, dict) and "any" in raw and isinstance(raw["any"], list):
         segments = []
         for i, item in enumerate(raw["any"]):
@@ -71,28 +73,42 @@ def condition_segments(raw: object, location: str) -> tuple[tuple[Condition, ...
             else:
                 segments.append((Condition.from_json(item, f"{location}.any[{i}]"),))
         return tuple(segments)
-    raise ConditionError("conditions are a list, {\"all\": [...]} or {\"any\": [...]}", field="conditions")
+    raise ConditionError(
+        'conditions are a list, {"all": [...]} or {"any": [...]}', field="conditions"
+    )
 
 
-def _parse(raw: object, workflow_key: str, file: Path, audiences: set[str], sinks: set[str] | None) -> WorkflowTrigger:
+def _parse(
+    raw: object, workflow_key: str, file: Path, audiences: set[str], sinks: set[str] | None
+) -> WorkflowTrigger:
     where = str(file)
     problems: list[Problem] = []
     if not WORKFLOW_KEY.fullmatch(workflow_key):
-        problems.append(Problem(where, "$", f"bad workflow key {workflow_key!r}: 3-255 of a-z, 0-9, '-', '_'"))
+        problems.append(
+            Problem(where, "$", f"bad workflow key {workflow_key!r}: 3-255 of a-z, 0-9, '-', '_'")
+        )
     if not isinstance(raw, dict):
-        raise DefinitionError(problems + [Problem(where, "$", "a trigger must be a JSON object")])
+        raise DefinitionError([*problems, Problem(where, "$", "a trigger must be a JSON object")])
     audience = raw.get("audience")
     if not isinstance(audience, str) or audience not in audiences:
         problems.append(Problem(where, "$.audience", f"unknown audience {audience!r}"))
     on = raw.get("on", "entered")
     if on not in EVENTS:
-        problems.append(Problem(where, "$.on", f"`on` is \"entered\" or \"exited\", got {on!r}"))
+        problems.append(Problem(where, "$.on", f'`on` is "entered" or "exited", got {on!r}'))
     frequency = raw.get("trigger_frequency", "every_trigger")
     if frequency not in FREQUENCIES:
-        problems.append(Problem(where, "$.trigger_frequency", f"`trigger_frequency` is one of {', '.join(FREQUENCIES)}"))
+        problems.append(
+            Problem(
+                where,
+                "$.trigger_frequency",
+                f"`trigger_frequency` is one of {', '.join(FREQUENCIES)}",
+            )
+        )
     sink = raw.get("sink")
     if sink is not None and sinks is not None and sink not in sinks:
-        problems.append(Problem(where, "$.sink", f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}"))
+        problems.append(
+            Problem(where, "$.sink", f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
+        )
     data = raw.get("data", {})
     if not isinstance(data, dict):
         problems.append(Problem(where, "$.data", "`data` must be an object"))
@@ -104,13 +120,19 @@ def _parse(raw: object, workflow_key: str, file: Path, audiences: set[str], sink
                 continue
             attributes_used([[condition]])
     except ConditionError as error:
-        problems.append(Problem(where, f"$.conditions.{error.field}" if error.field else "$.conditions", str(error)))
+        problems.append(
+            Problem(
+                where, f"$.conditions.{error.field}" if error.field else "$.conditions", str(error)
+            )
+        )
     if problems:
         raise DefinitionError(problems)
     return WorkflowTrigger(workflow_key, audience, on, frequency, segments, sink, data, file)
 
 
-def load_triggers(folder: Path, audiences: set[str], sinks: set[str] | None = None) -> dict[str, WorkflowTrigger]:
+def load_triggers(
+    folder: Path, audiences: set[str], sinks: set[str] | None = None
+) -> dict[str, WorkflowTrigger]:
     """Every `<folder>/<workflow_key>/trigger.json`; a missing folder means no triggers."""
     folder = Path(folder)
     if not folder.is_dir():

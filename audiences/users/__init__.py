@@ -12,12 +12,18 @@ from audiences.users.store import LoadResult, load_users
 from audiences.users.validation import validate_users
 
 
-def load_source(connection: duckdb.DuckDBPyConnection, source: UserSource, loaded_at: datetime) -> LoadResult:
+def load_source(
+    connection: duckdb.DuckDBPyConnection, source: UserSource, loaded_at: datetime
+) -> LoadResult:
     """Read, validate and upsert one source; bad rows go to `raw.users_quarantine`. A snapshot holds
     each user once: an id on several rows keeps the last, and the earlier rows are quarantined."""
     frame = read_source(source)
-    return load_users(connection, source, validate_users(frame, keep_last_duplicate=source.mode == "snapshot"),
-                      loaded_at)
+    return load_users(
+        connection,
+        source,
+        validate_users(frame, keep_last_duplicate=source.mode == "snapshot"),
+        loaded_at,
+    )
 
 
 def configured_sources(settings) -> list[UserSource]:
@@ -41,24 +47,31 @@ def identify_queue_waiting(store) -> tuple[int, int | None]:
 
     patches = tables.user_patches
     with store.read_engine.connect() as connection:
-        waiting, newest = connection.execute(sa.select(sa.func.count(), sa.func.max(patches.c.patch_id))
-                                             .where(patches.c.loaded == sa.false())).one()
+        waiting, newest = connection.execute(
+            sa.select(sa.func.count(), sa.func.max(patches.c.patch_id)).where(
+                patches.c.loaded == sa.false()
+            )
+        ).one()
     return waiting, newest
 
 
-def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at: datetime) -> LoadResult:
+def load_identify_queue(
+    connection: duckdb.DuckDBPyConnection, store, loaded_at: datetime
+) -> LoadResult:
     """Load identify calls queued in the membership store (API, uploads) as a stream source."""
     import polars as pl
     import sqlalchemy as sa
 
     from audiences.membership import store as tables
+    from audiences.users.profiles import DELETION
     from audiences.users.sources import ROW_COLUMN
 
-    from audiences.users.profiles import DELETION
-
     patches = tables.user_patches
-    rows = store.rows(sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)
-                      .where(patches.c.loaded == sa.false()).order_by(patches.c.patch_id))
+    rows = store.rows(
+        sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)
+        .where(patches.c.loaded == sa.false())
+        .order_by(patches.c.patch_id)
+    )
     from audiences.users.store import ensure_schema
 
     ensure_schema(connection)
@@ -66,11 +79,20 @@ def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at:
     totals: dict[str, int] = {}
 
     def load(batch: list[dict]) -> None:
-        frame = pl.DataFrame(
-            {"id": [row["user_id"] for row in batch], "properties": [row["patch"] for row in batch]},
-            schema={"id": pl.String, "properties": pl.String},
-        ).with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
-        result = load_users(connection, source, validate_users(frame), loaded_at, only_changed_rows=False)
+        frame = (
+            pl.DataFrame(
+                {
+                    "id": [row["user_id"] for row in batch],
+                    "properties": [row["patch"] for row in batch],
+                },
+                schema={"id": pl.String, "properties": pl.String},
+            )
+            .with_row_index(ROW_COLUMN, offset=1)
+            .with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+        )
+        result = load_users(
+            connection, source, validate_users(frame), loaded_at, only_changed_rows=False
+        )
         for key, value in result.as_metadata().items():
             totals[key] = totals.get(key, 0) + value
 
@@ -84,10 +106,14 @@ def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at:
         if batch:
             load(batch)
             batch = []
-        totals["users_deleted"] = totals.get("users_deleted", 0) + connection.execute(
-            "update raw.users set deleted_at = $at, updated_at = $at, properties = '{}' "
-            "where user_id = $user_id and deleted_at is null",
-            {"at": loaded_at, "user_id": row["user_id"]}).fetchall()[0][0]
+        totals["users_deleted"] = (
+            totals.get("users_deleted", 0)
+            + connection.execute(
+                "update raw.users set deleted_at = $at, updated_at = $at, properties = '{}' "
+                "where user_id = $user_id and deleted_at is null",
+                {"at": loaded_at, "user_id": row["user_id"]},
+            ).fetchall()[0][0]
+        )
     if batch or not rows:
         load(batch)
     # Loading is idempotent (the same patches merge to the same users), so marking them loaded
@@ -95,7 +121,22 @@ def load_identify_queue(connection: duckdb.DuckDBPyConnection, store, loaded_at:
     loaded = [row["patch_id"] for row in rows]
     with store.engine.begin() as store_connection:
         for start in range(0, len(loaded), 500):
-            store_connection.execute(patches.update().where(patches.c.patch_id.in_(loaded[start:start + 500]))
-                                     .values(loaded=True))
-    return LoadResult(source_name=IDENTIFY_SOURCE, **{key: totals.get(key, 0) for key in (
-        "rows_read", "rows_quarantined", "users_inserted", "users_updated", "users_unchanged", "users_deleted")})
+            store_connection.execute(
+                patches.update()
+                .where(patches.c.patch_id.in_(loaded[start : start + 500]))
+                .values(loaded=True)
+            )
+    return LoadResult(
+        source_name=IDENTIFY_SOURCE,
+        **{
+            key: totals.get(key, 0)
+            for key in (
+                "rows_read",
+                "rows_quarantined",
+                "users_inserted",
+                "users_updated",
+                "users_unchanged",
+                "users_deleted",
+            )
+        },
+    )

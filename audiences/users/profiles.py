@@ -55,7 +55,12 @@ class Profile:
 
     def as_knock_user(self) -> dict:
         """Knock's `User` shape: id, `__typename`, `updated_at`, and every property."""
-        return {**self.properties, "__typename": "User", "id": self.user_id, "updated_at": self.updated_at}
+        return {
+            **self.properties,
+            "__typename": "User",
+            "id": self.user_id,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,9 @@ def prepare_identify(patches: Iterable[tuple[str, dict]]) -> PreparedIdentify:
     return PreparedIdentify(patches, [_dump(patch) for _, patch in patches], now_text())
 
 
-def identify(store: MembershipStore, connection,
-             patches: Iterable[tuple[str, dict]] | PreparedIdentify) -> dict[str, Profile]:
+def identify(
+    store: MembershipStore, connection, patches: Iterable[tuple[str, dict]] | PreparedIdentify
+) -> dict[str, Profile]:
     """Apply identify patches inside the caller's write transaction: merge them into the users'
     profiles and queue them for the warehouse. Returns the resulting profiles.
 
@@ -84,21 +90,49 @@ def identify(store: MembershipStore, connection,
         return {}
     stamp = prepared.stamp
     lock_profiles(store, connection)
-    stored = {user_id: (None if deleted_at else properties, updated_at) for user_id, properties, deleted_at, updated_at
-              in _stored_profiles(store, connection, {user_id for user_id, _ in prepared.patches})}
-    current = {user_id: json.loads(properties) for user_id, (properties, _) in stored.items() if properties is not None}
+    stored = {
+        user_id: (None if deleted_at else properties, updated_at)
+        for user_id, properties, deleted_at, updated_at in _stored_profiles(
+            store, connection, {user_id for user_id, _ in prepared.patches}
+        )
+    }
+    current = {
+        user_id: json.loads(properties)
+        for user_id, (properties, _) in stored.items()
+        if properties is not None
+    }
     merged: dict[str, dict] = {}
     for user_id, patch in prepared.patches:
         merged[user_id] = merge_patch(merged.get(user_id, current.get(user_id, {})), patch)
     texts = {user_id: _dump(properties) for user_id, properties in merged.items()}
-    unchanged = {user_id for user_id, text in texts.items()
-                 if user_id in current and text == _dump(current[user_id])}
-    _upsert_profiles(store, connection, [(user_id, text, stamp, None)
-                                         for user_id, text in texts.items() if user_id not in unchanged])
-    _queue_patches(store, connection, [(user_id, text) for (user_id, _), text
-                                       in zip(prepared.patches, prepared.patch_texts) if user_id not in unchanged], stamp)
-    return {user_id: Profile(user_id, properties, stored[user_id][1] if user_id in unchanged else stamp)
-            for user_id, properties in merged.items()}
+    unchanged = {
+        user_id
+        for user_id, text in texts.items()
+        if user_id in current and text == _dump(current[user_id])
+    }
+    _upsert_profiles(
+        store,
+        connection,
+        [
+            (user_id, text, stamp, None)
+            for user_id, text in texts.items()
+            if user_id not in unchanged
+        ],
+    )
+    _queue_patches(
+        store,
+        connection,
+        [
+            (user_id, text)
+            for (user_id, _), text in zip(prepared.patches, prepared.patch_texts, strict=True)
+            if user_id not in unchanged
+        ],
+        stamp,
+    )
+    return {
+        user_id: Profile(user_id, properties, stored[user_id][1] if user_id in unchanged else stamp)
+        for user_id, properties in merged.items()
+    }
 
 
 def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> int:
@@ -112,10 +146,22 @@ def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> 
     lock_profiles(store, connection)
     current = _stored_profiles(store, connection, patches["user_id"].unique().to_list())
     with duckdb.connect() as merging:
-        merging.register("patches", patches.select("user_id", "patch").with_row_index("position").to_arrow())
-        merging.register("current", pl.DataFrame(current, orient="row", schema={
-            "user_id": pl.String, "properties": pl.String, "deleted_at": pl.String,
-            "updated_at": pl.String}).to_arrow())
+        merging.register(
+            "patches", patches.select("user_id", "patch").with_row_index("position").to_arrow()
+        )
+        merging.register(
+            "current",
+            pl.DataFrame(
+                current,
+                orient="row",
+                schema={
+                    "user_id": pl.String,
+                    "properties": pl.String,
+                    "deleted_at": pl.String,
+                    "updated_at": pl.String,
+                },
+            ).to_arrow(),
+        )
         # The same rule as `merge_patch` (tested against each other), one user's patches in order.
         # A live user's stored properties go through `json_merge_patch` with `{}` too, so that both
         # sides of the comparison are written the same way.
@@ -141,10 +187,21 @@ def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> 
             order by user_id
         """).fetchall()
     unchanged = {user_id for user_id, _, same in merged if same}
-    _upsert_profiles(store, connection, [(user_id, properties, stamp, None)
-                                         for user_id, properties, same in merged if not same])
-    _queue_patches(store, connection, [(user_id, patch) for user_id, patch in patches.select("user_id", "patch").iter_rows()
-                                       if user_id not in unchanged], stamp)
+    _upsert_profiles(
+        store,
+        connection,
+        [(user_id, properties, stamp, None) for user_id, properties, same in merged if not same],
+    )
+    _queue_patches(
+        store,
+        connection,
+        [
+            (user_id, patch)
+            for user_id, patch in patches.select("user_id", "patch").iter_rows()
+            if user_id not in unchanged
+        ],
+        stamp,
+    )
     return len(merged)
 
 
@@ -152,17 +209,27 @@ def _stored_profiles(store: MembershipStore, connection, user_ids: Iterable[str]
     """(user_id, properties, deleted_at, updated_at) of the stored profiles among these users."""
     user_ids, mark, rows = sorted(set(user_ids)), store.placeholder, []
     for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
-        chunk = user_ids[start:start + 5000]
-        rows.extend(connection.exec_driver_sql(
-            f"select user_id, properties, deleted_at, updated_at from user_profiles "
-            f"where user_id in ({', '.join([mark] * len(chunk))})", tuple(chunk)).all())
+        chunk = user_ids[start : start + 5000]
+        rows.extend(
+            connection.exec_driver_sql(
+                f"select user_id, properties, deleted_at, updated_at from user_profiles "
+                f"where user_id in ({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            ).all()
+        )
     return rows
 
 
-def _queue_patches(store: MembershipStore, connection, patches: Iterable[tuple[str, str]], stamp: str) -> None:
+def _queue_patches(
+    store: MembershipStore, connection, patches: Iterable[tuple[str, str]], stamp: str
+) -> None:
     """Queue (user_id, patch text) pairs for the warehouse's next load, in order."""
-    store.insert_rows(connection, tables.user_patches, ("user_id", "patch", "received_at", "loaded"),
-                      [(user_id, text, stamp, False) for user_id, text in patches])
+    store.insert_rows(
+        connection,
+        tables.user_patches,
+        ("user_id", "patch", "received_at", "loaded"),
+        [(user_id, text, stamp, False) for user_id, text in patches],
+    )
 
 
 def _upsert_profiles(store: MembershipStore, connection, rows: list[tuple]) -> None:
@@ -173,21 +240,26 @@ def _upsert_profiles(store: MembershipStore, connection, rows: list[tuple]) -> N
     mark = store.placeholder
     values = f"({mark}, {mark}, {mark}, {mark})"
     head = "insert into user_profiles (user_id, properties, updated_at, deleted_at) values "
-    tail = (" on conflict (user_id) do update set properties = excluded.properties, "
-            "updated_at = excluded.updated_at, deleted_at = excluded.deleted_at")
+    tail = (
+        " on conflict (user_id) do update set properties = excluded.properties, "
+        "updated_at = excluded.updated_at, deleted_at = excluded.deleted_at"
+    )
     if store.engine.dialect.name != "sqlite":
         connection.exec_driver_sql(head + values + tail, rows)
         return
     # Multi-row statements on SQLite, as `MembershipStore.insert_rows` explains.
     for start in range(0, len(rows), 8000):
-        chunk = rows[start:start + 8000]
-        connection.exec_driver_sql(head + ", ".join([values] * len(chunk)) + tail,
-                                   tuple(chain.from_iterable(chunk)))
+        chunk = rows[start : start + 8000]
+        connection.exec_driver_sql(
+            head + ", ".join([values] * len(chunk)) + tail, tuple(chain.from_iterable(chunk))
+        )
 
 
 def get_profile(store: MembershipStore, user_id: str) -> Profile | None:
     profiles = tables.user_profiles
-    rows = store.rows(sa.select(profiles).where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None)))
+    rows = store.rows(
+        sa.select(profiles).where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None))
+    )
     if not rows:
         return None
     return Profile(user_id, json.loads(rows[0]["properties"]), rows[0]["updated_at"])
@@ -199,11 +271,16 @@ def delete_user(store: MembershipStore, connection, user_id: str) -> bool:
     lock_profiles(store, connection)
     profiles = tables.user_profiles
     stamp = now_text()
-    changed = connection.execute(profiles.update()
-                                 .where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None))
-                                 .values(deleted_at=stamp, properties="{}", updated_at=stamp)).rowcount
-    store.insert_ignoring_duplicates(connection, tables.user_patches, [
-        {"user_id": user_id, "patch": DELETION, "received_at": stamp, "loaded": False}])
+    changed = connection.execute(
+        profiles.update()
+        .where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None))
+        .values(deleted_at=stamp, properties="{}", updated_at=stamp)
+    ).rowcount
+    store.insert_ignoring_duplicates(
+        connection,
+        tables.user_patches,
+        [{"user_id": user_id, "patch": DELETION, "received_at": stamp, "loaded": False}],
+    )
     return bool(changed)
 
 
@@ -214,7 +291,9 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None
     cursor = warehouse.execute(
         f"select user_id, properties::varchar, deleted_at is not null, "
         f"strftime(updated_at at time zone 'UTC', '%Y-%m-%dT%H:%M:%S.%fZ') "
-        f"from raw.users {where}", {"since": since} if since is not None else {})
+        f"from raw.users {where}",
+        {"since": since} if since is not None else {},
+    )
     patches = tables.user_patches
     published = 0
     with store.engine.begin() as connection:
@@ -222,8 +301,11 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None
         # a patch cannot arrive between reading them and writing the profiles.
         lock_profiles(store, connection)
         pending: dict[str, list[str]] = {}
-        for user_id, patch in connection.execute(sa.select(patches.c.user_id, patches.c.patch)
-                                                 .where(patches.c.loaded == sa.false()).order_by(patches.c.patch_id)):
+        for user_id, patch in connection.execute(
+            sa.select(patches.c.user_id, patches.c.patch)
+            .where(patches.c.loaded == sa.false())
+            .order_by(patches.c.patch_id)
+        ):
             pending.setdefault(user_id, []).append(patch)
         while chunk := cursor.fetchmany(100_000):
             rows = []
@@ -231,9 +313,20 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None
                 if user_id in pending:
                     state: dict | None = None if deleted else json.loads(properties)
                     for patch in pending[user_id]:
-                        state = None if patch == DELETION else merge_patch(state or {}, json.loads(patch))
+                        state = (
+                            None
+                            if patch == DELETION
+                            else merge_patch(state or {}, json.loads(patch))
+                        )
                     deleted, properties = state is None, _dump(state or {})
-                rows.append((user_id, "{}" if deleted else properties, updated_at, updated_at if deleted else None))
+                rows.append(
+                    (
+                        user_id,
+                        "{}" if deleted else properties,
+                        updated_at,
+                        updated_at if deleted else None,
+                    )
+                )
             _upsert_profiles(store, connection, rows)
             published += len(rows)
     return published
@@ -243,7 +336,9 @@ def lock_profiles(store: MembershipStore, connection) -> None:
     """Serialize writers of profiles: SQLite's write transactions already are ("begin immediate");
     on PostgreSQL a transaction-scoped advisory lock does it."""
     if store.engine.dialect.name == "postgresql":
-        connection.execute(sa.text("select pg_advisory_xact_lock(hashtext('audiences.user_profiles'))"))
+        connection.execute(
+            sa.text("select pg_advisory_xact_lock(hashtext('audiences.user_profiles'))")
+        )
 
 
 WATERMARK = "users_published_through"

@@ -26,8 +26,16 @@ UNREADABLE_COLUMN = "_unreadable"
 MODES = ("snapshot", "stream")
 FORMATS = ("csv", "parquet", "jsonl", "duckdb", "sqlite")
 _EXTENSIONS = {
-    ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
-    ".ndjson": "jsonl", ".duckdb": "duckdb", ".db": "sqlite", ".sqlite": "sqlite", ".sqlite3": "sqlite",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".duckdb": "duckdb",
+    ".db": "sqlite",
+    ".sqlite": "sqlite",
+    ".sqlite3": "sqlite",
 }
 
 
@@ -51,11 +59,17 @@ class UserSource:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise SourceError(f"source {self.name!r}: mode must be snapshot or stream, got {self.mode!r}")
+            raise SourceError(
+                f"source {self.name!r}: mode must be snapshot or stream, got {self.mode!r}"
+            )
         if self.format not in FORMATS:
-            raise SourceError(f"source {self.name!r}: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise SourceError(
+                f"source {self.name!r}: format must be one of {', '.join(FORMATS)}, got {self.format!r}"
+            )
         if self.format in ("duckdb", "sqlite") and not (self.table or self.query):
-            raise SourceError(f"source {self.name!r}: a {self.format} source needs `table` or `query`")
+            raise SourceError(
+                f"source {self.name!r}: a {self.format} source needs `table` or `query`"
+            )
 
     @property
     def description(self) -> str:
@@ -81,17 +95,19 @@ def sources_from_file(path: Path) -> list[UserSource]:
             raise SourceError(f"{path}: sources[{index}] needs at least `name` and `path`")
         location = Path(entry["path"])
         location = location if location.is_absolute() else (path.parent / location).resolve()
-        sources.append(UserSource(
-            name=str(entry["name"]),
-            format=entry.get("format") or guess_format(location),
-            location=location,
-            mode=entry.get("mode", "snapshot"),
-            table=entry.get("table"),
-            query=entry.get("query"),
-            id_column=entry.get("id_column", "id"),
-            delimiter=entry.get("delimiter"),
-            watermark_column=entry.get("watermark_column"),
-        ))
+        sources.append(
+            UserSource(
+                name=str(entry["name"]),
+                format=entry.get("format") or guess_format(location),
+                location=location,
+                mode=entry.get("mode", "snapshot"),
+                table=entry.get("table"),
+                query=entry.get("query"),
+                id_column=entry.get("id_column", "id"),
+                delimiter=entry.get("delimiter"),
+                watermark_column=entry.get("watermark_column"),
+            )
+        )
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise SourceError(f"{path}: source names must be unique, got {names}")
@@ -105,9 +121,15 @@ def source_from_uri(uri: str, mode: str = "snapshot", name: str = "users") -> Us
     if parsed.scheme in ("sqlite", "duckdb"):
         params = parse_qs(parsed.query)
         location = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
-        return UserSource(name, parsed.scheme, location.resolve(), mode,
-                          table=params.get("table", [None])[0], query=params.get("query", [None])[0],
-                          id_column=params.get("id_column", ["id"])[0])
+        return UserSource(
+            name,
+            parsed.scheme,
+            location.resolve(),
+            mode,
+            table=params.get("table", [None])[0],
+            query=params.get("query", [None])[0],
+            id_column=params.get("id_column", ["id"])[0],
+        )
     location = Path(uri).expanduser().resolve()
     return UserSource(name, guess_format(location), location, mode)
 
@@ -125,19 +147,30 @@ def read_source(source: UserSource) -> pl.DataFrame:
     """The source's raw rows, with a 1-based `_row` column and the id column renamed to `id`."""
     if source.format not in ("duckdb", "sqlite") and not source.location.exists():
         raise SourceError(f"{source.location}: no such file or folder (source {source.name!r})")
-    reader = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl,
-              "duckdb": _read_duckdb, "sqlite": _read_sqlite}[source.format]
+    reader = {
+        "csv": _read_csv,
+        "parquet": _read_parquet,
+        "jsonl": _read_jsonl,
+        "duckdb": _read_duckdb,
+        "sqlite": _read_sqlite,
+    }[source.format]
     frame = reader(source)
     if source.id_column != "id":
         if "id" in frame.columns:
             frame = frame.drop("id")
-        frame = frame.rename({source.id_column: "id"}) if source.id_column in frame.columns else frame
+        frame = (
+            frame.rename({source.id_column: "id"}) if source.id_column in frame.columns else frame
+        )
     if "id" not in frame.columns:
-        raise SourceError(f"{source.location}: no `{source.id_column}` column (source {source.name!r}); "
-                          f"columns are {', '.join(frame.columns)}")
+        raise SourceError(
+            f"{source.location}: no `{source.id_column}` column (source {source.name!r}); "
+            f"columns are {', '.join(frame.columns)}"
+        )
     if ROW_COLUMN in frame.columns:
         frame = frame.drop(ROW_COLUMN)
-    return frame.with_row_index(ROW_COLUMN, offset=1).with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+    return frame.with_row_index(ROW_COLUMN, offset=1).with_columns(
+        pl.col(ROW_COLUMN).cast(pl.Int64)
+    )
 
 
 def source_fingerprint(source: UserSource) -> str:
@@ -150,7 +183,11 @@ def source_fingerprint(source: UserSource) -> str:
         if not source.location.exists():
             return "missing"
         relation = f"({source.query}) as source" if source.query else _quote_qualified(source.table)
-        measure = f"max({_quote_qualified(source.watermark_column)})" if source.watermark_column else "count(*)"
+        measure = (
+            f"max({_quote_qualified(source.watermark_column)})"
+            if source.watermark_column
+            else "count(*)"
+        )
         sql = f"select {measure} from {relation}"
         if source.format == "duckdb":
             with duckdb.connect(str(source.location), read_only=True) as connection:
@@ -159,8 +196,14 @@ def source_fingerprint(source: UserSource) -> str:
             return str(connection.execute(sql).fetchall()[0][0])
     if not source.location.exists():
         return "missing"
-    files = sorted(source.location.rglob("*.parquet")) if source.location.is_dir() else [source.location]
-    return ";".join(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files)
+    files = (
+        sorted(source.location.rglob("*.parquet"))
+        if source.location.is_dir()
+        else [source.location]
+    )
+    return ";".join(
+        f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in files
+    )
 
 
 def _read_csv(source: UserSource) -> pl.DataFrame:
@@ -168,12 +211,22 @@ def _read_csv(source: UserSource) -> pl.DataFrame:
     text, encoding, lossy = _read_text(raw)
     delimiter = source.delimiter or _sniff_delimiter(text)
     # Every CSV value is a string (Knock's rule); empty cells are nulls (unset properties).
-    frame = pl.read_csv(text.encode("utf-8"), separator=delimiter, infer_schema=False,
-                        truncate_ragged_lines=False, raise_if_empty=False)
+    frame = pl.read_csv(
+        text.encode("utf-8"),
+        separator=delimiter,
+        infer_schema=False,
+        truncate_ragged_lines=False,
+        raise_if_empty=False,
+    )
     if not lossy:
         return frame
-    return frame.with_columns(pl.Series(UNREADABLE_COLUMN, _unreadable_csv_rows(
-        raw, text, delimiter, frame, source.location, encoding), dtype=pl.String))
+    return frame.with_columns(
+        pl.Series(
+            UNREADABLE_COLUMN,
+            _unreadable_csv_rows(raw, text, delimiter, frame, source.location, encoding),
+            dtype=pl.String,
+        )
+    )
 
 
 REPLACEMENT = "\ufffd"
@@ -190,10 +243,13 @@ def _read_text(raw: bytes) -> tuple[str, str, bool]:
     """The text, the encoding it was read in, and whether some bytes could not be read: UTF-8
     (with or without BOM), else UTF-16 with BOM, else Windows-1252 for a file with no UTF-8 in it at
     all (a legacy export). Unreadable bytes become U+FFFD; `_unreadable_csv_rows` names their lines."""
-    for bom, encoding, codec in ((b"\xef\xbb\xbf", "UTF-8", "utf-8"), (b"\xff\xfe", "UTF-16", "utf-16"),
-                                 (b"\xfe\xff", "UTF-16", "utf-16")):
+    for bom, encoding, codec in (
+        (b"\xef\xbb\xbf", "UTF-8", "utf-8"),
+        (b"\xff\xfe", "UTF-16", "utf-16"),
+        (b"\xfe\xff", "UTF-16", "utf-16"),
+    ):
         if raw.startswith(bom):
-            body = raw[len(bom):] if codec == "utf-8" else raw
+            body = raw[len(bom) :] if codec == "utf-8" else raw
             try:
                 return body.decode(codec), encoding, False
             except UnicodeDecodeError:
@@ -204,7 +260,11 @@ def _read_text(raw: bytes) -> tuple[str, str, bool]:
         pass
     text = raw.decode("utf-8", errors="replace")
     if any(character > "\x7f" and character != REPLACEMENT for character in text):
-        return text, "UTF-8", True  # UTF-8 with some bad bytes: read as Windows-1252, the rest would garble
+        return (
+            text,
+            "UTF-8",
+            True,
+        )  # UTF-8 with some bad bytes: read as Windows-1252, the rest would garble
     if not _UNDEFINED_IN_CP1252.intersection(raw):
         return raw.decode("cp1252"), "Windows-1252", False
     return raw.decode("cp1252", errors="replace"), "Windows-1252", True
@@ -213,7 +273,9 @@ def _read_text(raw: bytes) -> tuple[str, str, bool]:
 def _bad_byte(line: bytes, encoding: str) -> tuple[int, int] | None:
     """The first byte of `line` that `encoding` cannot read, and its 1-based column in bytes."""
     if encoding == "Windows-1252":
-        found = next((index for index, byte in enumerate(line) if byte in _UNDEFINED_IN_CP1252), None)
+        found = next(
+            (index for index, byte in enumerate(line) if byte in _UNDEFINED_IN_CP1252), None
+        )
         return None if found is None else (line[found], found + 1)
     try:
         line.decode("utf-8")
@@ -230,8 +292,9 @@ def _unreadable_message(location: Path, line_number: int, line: bytes | None, en
     return f"{location}, line {line_number}: {what} is not valid {valid}; the file must be encoded in UTF-8"
 
 
-def _unreadable_csv_rows(raw: bytes, text: str, delimiter: str, frame: pl.DataFrame, location: Path,
-                         encoding: str) -> list[str | None]:
+def _unreadable_csv_rows(
+    raw: bytes, text: str, delimiter: str, frame: pl.DataFrame, location: Path, encoding: str
+) -> list[str | None]:
     """Per data row, why it cannot be read (the first line of it holding an unreadable byte), or None.
     Records are counted again with Python's csv module, which tells the lines each one spans."""
     import csv
@@ -250,17 +313,37 @@ def _unreadable_csv_rows(raw: bytes, text: str, delimiter: str, frame: pl.DataFr
         start = end + 1
     spans = spans[1:]  # the header
     if len(spans) != frame.height:  # the two parsers disagree: name the row instead of its line
-        unreadable = frame.select(pl.any_horizontal(
-            pl.col(pl.String).str.contains(REPLACEMENT, literal=True).fill_null(False))).to_series()
-        return [f"{location}, row {index + 1}: bytes that are not valid {encoding}; the file must be encoded "
-                "in UTF-8" if bad else None for index, bad in enumerate(unreadable)]
+        unreadable = frame.select(
+            pl.any_horizontal(
+                pl.col(pl.String).str.contains(REPLACEMENT, literal=True).fill_null(False)
+            )
+        ).to_series()
+        return [
+            f"{location}, row {index + 1}: bytes that are not valid {encoding}; the file must be encoded "
+            "in UTF-8"
+            if bad
+            else None
+            for index, bad in enumerate(unreadable)
+        ]
     reasons: list[str | None] = []
     for first, last in spans:
-        bad = next((number for number in range(first, last + 1)
-                    if number <= len(lines) and REPLACEMENT in lines[number - 1]
-                    and (raw_lines[number - 1] is None or _bad_byte(raw_lines[number - 1], encoding))), None)
-        reasons.append(None if bad is None else _unreadable_message(
-            location, bad, raw_lines[bad - 1] if bad <= len(raw_lines) else None, encoding))
+        bad = next(
+            (
+                number
+                for number in range(first, last + 1)
+                if number <= len(lines)
+                and REPLACEMENT in lines[number - 1]
+                and (raw_lines[number - 1] is None or _bad_byte(raw_lines[number - 1], encoding))
+            ),
+            None,
+        )
+        reasons.append(
+            None
+            if bad is None
+            else _unreadable_message(
+                location, bad, raw_lines[bad - 1] if bad <= len(raw_lines) else None, encoding
+            )
+        )
     return reasons
 
 
@@ -299,9 +382,15 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
             documents.append(line)
             continue
         identifier = document.pop("id", None) if isinstance(document, dict) else None
-        ids.append(identifier if isinstance(identifier, str) or identifier is None else json.dumps(identifier))
+        ids.append(
+            identifier
+            if isinstance(identifier, str) or identifier is None
+            else json.dumps(identifier)
+        )
         documents.append(json.dumps(document, ensure_ascii=False))
-    frame = pl.DataFrame({"id": ids, "properties": documents}, schema={"id": pl.String, "properties": pl.String})
+    frame = pl.DataFrame(
+        {"id": ids, "properties": documents}, schema={"id": pl.String, "properties": pl.String}
+    )
     if any(problem is not None for problem in unreadable):
         frame = frame.with_columns(pl.Series(UNREADABLE_COLUMN, unreadable, dtype=pl.String))
     return frame

@@ -29,7 +29,9 @@ class ValidatedRows:
 
 
 def _check(name: str, message: str, expression) -> pa.Check:
-    return pa.Check(lambda data: data.lazyframe.select(expression(pl.col(data.key))), name=name, error=message)
+    return pa.Check(
+        lambda data: data.lazyframe.select(expression(pl.col(data.key))), name=name, error=message
+    )
 
 
 def _is_json_object(value: str | None) -> bool:
@@ -49,20 +51,41 @@ def _not_json(constant: str) -> None:
 def users_schema(frame: pl.DataFrame) -> pa.DataFrameSchema:
     """The pandera schema for a frame of incoming users (its columns decide the per-column checks)."""
     columns = {
-        "id": pa.Column(str, nullable=False, checks=[
-            _check("blank_id", "id is blank", lambda c: c.str.strip_chars() != ""),
-            _check("padded_id", "id has leading or trailing whitespace",
-                   lambda c: (c.str.strip_chars() == c) | (c.str.strip_chars() == "")),
-            _check("long_id", f"id is longer than {ID_MAX_LENGTH} characters",
-                   lambda c: c.str.len_chars() <= ID_MAX_LENGTH),
-            _check("control_characters_in_id", "id contains control characters",
-                   lambda c: ~c.str.contains(r"[\x00-\x1f\x7f]")),
-        ]),
+        "id": pa.Column(
+            str,
+            nullable=False,
+            checks=[
+                _check("blank_id", "id is blank", lambda c: c.str.strip_chars() != ""),
+                _check(
+                    "padded_id",
+                    "id has leading or trailing whitespace",
+                    lambda c: (c.str.strip_chars() == c) | (c.str.strip_chars() == ""),
+                ),
+                _check(
+                    "long_id",
+                    f"id is longer than {ID_MAX_LENGTH} characters",
+                    lambda c: c.str.len_chars() <= ID_MAX_LENGTH,
+                ),
+                _check(
+                    "control_characters_in_id",
+                    "id contains control characters",
+                    lambda c: ~c.str.contains(r"[\x00-\x1f\x7f]"),
+                ),
+            ],
+        ),
     }
     if frame.schema.get("properties") == pl.String:
-        columns["properties"] = pa.Column(pl.String, nullable=True, checks=[
-            _check("properties_not_object", "`properties` is not a JSON object",
-                   lambda c: c.map_elements(_is_json_object, return_dtype=pl.Boolean))])
+        columns["properties"] = pa.Column(
+            pl.String,
+            nullable=True,
+            checks=[
+                _check(
+                    "properties_not_object",
+                    "`properties` is not a JSON object",
+                    lambda c: c.map_elements(_is_json_object, return_dtype=pl.Boolean),
+                )
+            ],
+        )
     return pa.DataFrameSchema(columns, strict=False, coerce=False)
 
 
@@ -71,19 +94,28 @@ def unreadable_text(frame: pl.DataFrame) -> dict[int, list[str]]:
     (decoding replaced them). One pass over every column at once: as a pandera check per column,
     a file with thousands of columns took minutes, since pandera reads the frame's whole schema
     once per column."""
-    names = [name for name, dtype in frame.schema.items() if dtype == pl.String and name not in ("id", ROW_COLUMN)]
+    names = [
+        name
+        for name, dtype in frame.schema.items()
+        if dtype == pl.String and name not in ("id", ROW_COLUMN)
+    ]
     if not names:
         return {}
     flagged = pl.col(names).str.contains(REPLACEMENT_CHARACTER, literal=True).fill_null(False)
     rows = frame.with_row_index("_index").filter(pl.any_horizontal(flagged))
     reasons: dict[int, list[str]] = {}
     for row in rows.select("_index", *names).iter_rows():
-        reasons[row[0]] = [f"`{name}` {UNREADABLE_TEXT}"
-                           for name, value in zip(names, row[1:]) if value is not None and REPLACEMENT_CHARACTER in value]
+        reasons[row[0]] = [
+            f"`{name}` {UNREADABLE_TEXT}"
+            for name, value in zip(names, row[1:], strict=True)
+            if value is not None and REPLACEMENT_CHARACTER in value
+        ]
     return reasons
 
 
-def validate_users(frame: pl.DataFrame, empty_cells: str = "remove", keep_last_duplicate: bool = False) -> ValidatedRows:
+def validate_users(
+    frame: pl.DataFrame, empty_cells: str = "remove", keep_last_duplicate: bool = False
+) -> ValidatedRows:
     """Split rows into valid patches and quarantined rows with their reasons.
 
     `empty_cells` says what a null cell means in the patch: "remove" (a source's rows: the
@@ -105,7 +137,9 @@ def validate_users(frame: pl.DataFrame, empty_cells: str = "remove", keep_last_d
         cases = errors.failure_cases
         for index, check, column in cases.select("index", "check", "column").iter_rows():
             if index is None:
-                raise ValueError(f"the source as a whole is unreadable: column {column}: {check}") from None
+                raise ValueError(
+                    f"the source as a whole is unreadable: column {column}: {check}"
+                ) from None
             reason = "id is missing" if (check == "not_nullable" and column == "id") else check
             reasons.setdefault(index, [])
             if reason not in reasons[index]:
@@ -115,8 +149,11 @@ def validate_users(frame: pl.DataFrame, empty_cells: str = "remove", keep_last_d
     if unreadable_lines is not None:
         for index, problem in enumerate(unreadable_lines):
             if problem is not None:  # the file's own reason replaces the generic one
-                reasons[index] = [problem] + [reason for reason in reasons.get(index, [])
-                                              if not reason.endswith(UNREADABLE_TEXT)]
+                reasons[index] = [problem] + [
+                    reason
+                    for reason in reasons.get(index, [])
+                    if not reason.endswith(UNREADABLE_TEXT)
+                ]
     if keep_last_duplicate:
         reasons.update(_earlier_duplicates(frame, reasons))
     bad = pl.Series("bad", [i in reasons for i in range(frame.height)], dtype=pl.Boolean)
@@ -126,27 +163,43 @@ def validate_users(frame: pl.DataFrame, empty_cells: str = "remove", keep_last_d
 
 def _earlier_duplicates(frame: pl.DataFrame, reasons: dict[int, list[str]]) -> dict[int, list[str]]:
     """The reasons of the rows that a later valid row with the same id replaces (by position)."""
-    valid = (frame.select(pl.col("id"), pl.col(ROW_COLUMN)).with_row_index("position")
-             .filter(~pl.col("position").is_in(list(reasons))))
+    valid = (
+        frame.select(pl.col("id"), pl.col(ROW_COLUMN))
+        .with_row_index("position")
+        .filter(~pl.col("position").is_in(list(reasons)))
+    )
     repeated = valid.filter(pl.col("id").is_duplicated()).sort("position")
     found: dict[int, list[str]] = {}
     for (user_id,), rows in repeated.group_by("id", maintain_order=True):
         numbers = rows[ROW_COLUMN].to_list()
         listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
         for position in rows["position"].to_list()[:-1]:
-            found[position] = [f"duplicate id {user_id!r} on rows {listed}: the last (row {numbers[-1]}) "
-                               "was loaded, this row was not"]
+            found[position] = [
+                f"duplicate id {user_id!r} on rows {listed}: the last (row {numbers[-1]}) "
+                "was loaded, this row was not"
+            ]
     return found
 
 
 def _quarantine_rows(frame: pl.DataFrame, reasons: list[list[str]]) -> pl.DataFrame:
-    raw_rows = [json.dumps(row, ensure_ascii=False, default=str) for row in frame.drop(ROW_COLUMN).iter_rows(named=True)]
-    return pl.DataFrame({
-        ROW_COLUMN: frame[ROW_COLUMN],
-        "user_id": frame["id"],
-        "reason": ["; ".join(r) for r in reasons],
-        "raw_row": raw_rows,
-    }, schema={ROW_COLUMN: pl.Int64, "user_id": pl.String, "reason": pl.String, "raw_row": pl.String})
+    raw_rows = [
+        json.dumps(row, ensure_ascii=False, default=str)
+        for row in frame.drop(ROW_COLUMN).iter_rows(named=True)
+    ]
+    return pl.DataFrame(
+        {
+            ROW_COLUMN: frame[ROW_COLUMN],
+            "user_id": frame["id"],
+            "reason": ["; ".join(r) for r in reasons],
+            "raw_row": raw_rows,
+        },
+        schema={
+            ROW_COLUMN: pl.Int64,
+            "user_id": pl.String,
+            "reason": pl.String,
+            "raw_row": pl.String,
+        },
+    )
 
 
 def _patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFrame:
@@ -173,12 +226,16 @@ def _patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFrame:
             node.setdefault(parts[-1], name)
 
     def build(node: dict, top: bool = False) -> pl.Expr:
-        children = [(build(value) if isinstance(value, dict) else pl.col(value)).alias(key)
-                    for key, value in node.items()]
+        children = [
+            (build(value) if isinstance(value, dict) else pl.col(value)).alias(key)
+            for key, value in node.items()
+        ]
         if empty_cells == "remove" or top:
             return pl.struct(children)
         # a nested object with no given cell is null, so that it is left out below
-        return pl.when(pl.any_horizontal([child.is_not_null() for child in children])).then(pl.struct(children))
+        return pl.when(pl.any_horizontal([child.is_not_null() for child in children])).then(
+            pl.struct(children)
+        )
 
     columns_json = build(tree, top=True).struct.json_encode() if tree else pl.lit("{}")
     if empty_cells == "skip" and tree:
@@ -188,7 +245,9 @@ def _patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFrame:
         pl.col(ROW_COLUMN),
         pl.col("id").alias("user_id"),
         columns_json.alias("columns_patch"),
-        (pl.col("properties") if "properties" in frame.columns else pl.lit(None, dtype=pl.String)).alias("properties_patch"),
+        (
+            pl.col("properties") if "properties" in frame.columns else pl.lit(None, dtype=pl.String)
+        ).alias("properties_patch"),
     )
     return patches
 
@@ -201,7 +260,9 @@ def _without_nulls(json_text: pl.Expr) -> pl.Expr:
     def strip(texts: pl.Series) -> pl.Series:
         with duckdb.connect() as connection:
             connection.register("texts", pl.DataFrame({"text": texts}).to_arrow())
-            return connection.sql("select json_merge_patch('{}', text::json)::varchar as text from texts").pl()["text"]
+            return connection.sql(
+                "select json_merge_patch('{}', text::json)::varchar as text from texts"
+            ).pl()["text"]
 
     return json_text.map_batches(strip, return_dtype=pl.String)
 
@@ -212,13 +273,19 @@ def _plain_types(frame: pl.DataFrame) -> pl.DataFrame:
     for name, dtype in frame.schema.items():
         column = pl.col(name)
         if isinstance(dtype, pl.Datetime):
-            utc = column.dt.convert_time_zone("UTC") if dtype.time_zone else column.dt.replace_time_zone("UTC")
+            utc = (
+                column.dt.convert_time_zone("UTC")
+                if dtype.time_zone
+                else column.dt.replace_time_zone("UTC")
+            )
             conversions.append(utc.dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ").alias(name))
         elif dtype == pl.Date:
             conversions.append(column.dt.strftime("%Y-%m-%d").alias(name))
         elif isinstance(dtype, pl.Decimal):
             conversions.append(column.cast(pl.Float64).alias(name))
-        elif dtype in (pl.Time, pl.Binary, pl.Object, pl.Categorical) or isinstance(dtype, (pl.Enum, pl.Duration)):
+        elif dtype in (pl.Time, pl.Binary, pl.Object, pl.Categorical) or isinstance(
+            dtype, (pl.Enum, pl.Duration)
+        ):
             conversions.append(column.cast(pl.String, strict=False).alias(name))
         elif name == "properties" and isinstance(dtype, pl.Struct):
             conversions.append(column.struct.json_encode().alias(name))

@@ -5,13 +5,17 @@ from graphlib import TopologicalSorter
 from typing import Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DagsterDbtTranslatorSettings, DbtCliResource, dbt_assets
+from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
+    DbtCliResource,
+    dbt_assets,
+)
 from pydantic import Field
 
+from audiences.dbt_models import custom_audience_keys
 from audiences.dbt_project import prepare, project_definitions, project_fingerprint
 from audiences.definitions import DefinitionSet, validate_definitions
-from audiences.dbt_models import custom_audience_keys
-from audiences.membership.changes import pending_changes
 from audiences.evaluation import (
     EarlierEvaluationError,
     check_evaluation_time,
@@ -23,6 +27,7 @@ from audiences.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
+from audiences.membership.changes import pending_changes
 from audiences.settings import Settings, format_time
 from audiences.workflows import load_workflow_setup
 from pipelines.defs.resources import WarehouseResource
@@ -30,13 +35,28 @@ from pipelines.defs.resources import WarehouseResource
 DEFINITIONS_KEY = dg.AssetKey("audience_definitions")
 # What a re-evaluation builds when the dbt project has not changed since the last full build, and
 # what it leaves alone (views and tables that only change with the definitions).
-REEVALUATED_MODELS = ("int_users_flattened", "int_users_to_reevaluate", "audience_members", "audience_evaluations")
+REEVALUATED_MODELS = (
+    "int_users_flattened",
+    "int_users_to_reevaluate",
+    "audience_members",
+    "audience_evaluations",
+)
 # The uniqueness test of int_users_flattened's keys (a 10M-row aggregate, 1.2 s) is left to full
 # builds: every load checks that user ids are unique (`users_have_unique_ids`), the loader gives each
 # new user the next key, and the model replaces rows by delete+insert on that key.
-UNCHANGED_WHEN_DEFINITIONS_ARE = ("tag:audience", "stg_warehouse__users", "audience_catalog", "source:warehouse",
-                                  "unique_int_users_flattened_user_key")
-GROUPS = {"staging": "staging", "intermediate": "staging", "audiences": "audiences", "marts": "audiences_marts"}
+UNCHANGED_WHEN_DEFINITIONS_ARE = (
+    "tag:audience",
+    "stg_warehouse__users",
+    "audience_catalog",
+    "source:warehouse",
+    "unique_int_users_flattened_user_key",
+)
+GROUPS = {
+    "staging": "staging",
+    "intermediate": "staging",
+    "audiences": "audiences",
+    "marts": "audiences_marts",
+}
 # The asset check that fails while some definitions have errors; `audiences run` reads it too.
 DEFINITIONS_CHECK = "every_definition_is_usable"
 
@@ -44,11 +64,17 @@ DEFINITIONS_CHECK = "every_definition_is_usable"
 class EvaluationConfig(dg.Config):
     """Run settings: an explicit evaluation time makes a run reproducible."""
 
-    evaluation_time: str | None = Field(default=None, description=(
-        "ISO 8601 evaluation time (default: AUDIENCES_EVALUATION_TIME, else now)"))
-    allow_earlier: bool = Field(default=False, description=(
-        "evaluate at a time earlier than the last recorded evaluation; such a run records the members "
-        "and their counts, and no membership events or workflow triggers"))
+    evaluation_time: str | None = Field(
+        default=None,
+        description=("ISO 8601 evaluation time (default: AUDIENCES_EVALUATION_TIME, else now)"),
+    )
+    allow_earlier: bool = Field(
+        default=False,
+        description=(
+            "evaluate at a time earlier than the last recorded evaluation; such a run records the members "
+            "and their counts, and no membership events or workflow triggers"
+        ),
+    )
 
 
 class AudiencesTranslator(DagsterDbtTranslator):
@@ -56,7 +82,11 @@ class AudiencesTranslator(DagsterDbtTranslator):
 
     def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project) -> dg.AssetSpec:
         spec = super().get_asset_spec(manifest, unique_id, project)
-        node = manifest.get("nodes", {}).get(unique_id) or manifest.get("sources", {}).get(unique_id) or {}
+        node = (
+            manifest.get("nodes", {}).get(unique_id)
+            or manifest.get("sources", {}).get(unique_id)
+            or {}
+        )
         folder = (node.get("fqn") or ["", ""])[1] if node.get("resource_type") == "model" else None
         if folder == "audiences":
             spec = spec.replace_attributes(key=dg.AssetKey(["audiences", node["name"]]))
@@ -87,28 +117,37 @@ def audiences_definitions() -> dg.Definitions:
             f"and their memberships kept as they were (the `{DEFINITIONS_CHECK}` check fails)."
         ),
     )
-    def audience_definitions(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def audience_definitions(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
         with warehouse.connect() as connection:
-            problems = validate_definitions(definitions, custom_audience_keys(settings.dbt_project_dir),
-                                            registered_types(connection))
+            problems = validate_definitions(
+                definitions,
+                custom_audience_keys(settings.dbt_project_dir),
+                registered_types(connection),
+            )
             if problems:
                 raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
             record_registry(connection, definitions)
         if definition_set.skipped:  # the details are the check's (every_definition_is_usable)
-            context.log.warning(f"skipped {len(definition_set.skipped)} audiences whose definitions have errors "
-                                f"(their last members are kept): {', '.join(definition_set.skipped)}; "
-                                f"see the {DEFINITIONS_CHECK} check")
+            context.log.warning(
+                f"skipped {len(definition_set.skipped)} audiences whose definitions have errors "
+                f"(their last members are kept): {', '.join(definition_set.skipped)}; "
+                f"see the {DEFINITIONS_CHECK} check"
+            )
         triggers = load_workflow_setup(settings).triggers
         rows = ["| key | type | version | name |", "|---|---|---|---|"]
         rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
-        return dg.MaterializeResult(metadata={
-            "folder": str(settings.definitions_dir),
-            "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
-            "static_audiences": sum(d.type == "static" for d in definitions.values()),
-            "skipped_audiences": sorted(definition_set.skipped),
-            "workflow_triggers": len(triggers),
-            "definitions": dg.MetadataValue.md("\n".join(rows)),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "folder": str(settings.definitions_dir),
+                "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
+                "static_audiences": sum(d.type == "static" for d in definitions.values()),
+                "skipped_audiences": sorted(definition_set.skipped),
+                "workflow_triggers": len(triggers),
+                "definitions": dg.MetadataValue.md("\n".join(rows)),
+            }
+        )
 
     @dg.asset_check(
         asset=DEFINITIONS_KEY,
@@ -123,11 +162,17 @@ def audiences_definitions() -> dg.Definitions:
         return skipped_audiences_check(definition_set)
 
     # dbt tests on the `users` source become checks on the `users` asset (unique, not-null ids).
-    translator = AudiencesTranslator(settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
+    translator = AudiencesTranslator(
+        settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True)
+    )
 
     @dbt_assets(manifest=manifest, dagster_dbt_translator=translator, name="audience_models")
-    def audience_models(context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: WarehouseResource,
-                        config: EvaluationConfig):
+    def audience_models(
+        context: dg.AssetExecutionContext,
+        dbt: DbtCliResource,
+        warehouse: WarehouseResource,
+        config: EvaluationConfig,
+    ):
         """Build users' attributes and every audience, at one fixed evaluation time."""
         evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
         context.log.info(f"evaluation time: {format_time(evaluated_at)}")
@@ -138,16 +183,25 @@ def audiences_definitions() -> dg.Definitions:
             except EarlierEvaluationError as error:
                 raise dg.Failure(description=str(error)) from None
             if earlier:
-                context.log.warning(f"{format_time(evaluated_at)} is earlier than the last recorded evaluation: "
-                                    "members are evaluated, no membership events are recorded")
+                context.log.warning(
+                    f"{format_time(evaluated_at)} is earlier than the last recorded evaluation: "
+                    "members are evaluated, no membership events are recorded"
+                )
             set_evaluation_clock(connection, evaluated_at)
             reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
-            lean = reevaluated <= context.selected_asset_keys and last_full_build(connection) == fingerprint
+            lean = (
+                reevaluated <= context.selected_asset_keys
+                and last_full_build(connection) == fingerprint
+            )
         # The audience views read the clock table, so while the definitions (the dbt project) are
         # unchanged a new evaluation only refreshes the attributes and rewrites the memberships.
         # (dagster-dbt keeps its own --select; an --exclude is how a run narrows it.)
-        arguments = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
-        context.log.info("re-evaluation: views unchanged" if lean else "full build: the dbt project changed")
+        arguments = (
+            ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
+        )
+        context.log.info(
+            "re-evaluation: views unchanged" if lean else "full build: the dbt project changed"
+        )
         # DuckDB allows one writer: read member counts only after dbt has finished and let go.
         events = list(dbt.cli(arguments, context=context).stream())
         # An earlier evaluation records no membership events: its audiences report their members only.
@@ -169,7 +223,8 @@ def audiences_definitions() -> dg.Definitions:
                 extra.update(audiences[key.path[-1]])
             if key.path[-1] == "audience_members":
                 extra["member_counts"] = dg.MetadataValue.json(
-                    {model: values["member_count"] for model, values in audiences.items()})
+                    {model: values["member_count"] for model, values in audiences.items()}
+                )
             outputs[key] = event.with_metadata({**event.metadata, **extra})
         # Every audience was evaluated, whether or not dbt rebuilt its view (a re-evaluation leaves
         # the views alone): each gets a materialization with its members, so the asset's history
@@ -177,9 +232,14 @@ def audiences_definitions() -> dg.Definitions:
         for model, metadata in audiences.items():
             key = dg.AssetKey(["audiences", model])
             if key not in outputs and key in context.selected_asset_keys:
-                outputs[key] = dg.MaterializeResult(asset_key=key, metadata={
-                    **metadata, "evaluated_at": format_time(evaluated_at),
-                    "status": "members re-evaluated (view unchanged)"})
+                outputs[key] = dg.MaterializeResult(
+                    asset_key=key,
+                    metadata={
+                        **metadata,
+                        "evaluated_at": format_time(evaluated_at),
+                        "status": "members re-evaluated (view unchanged)",
+                    },
+                )
         # A multi-asset yields its assets in dependency order; dbt's tests (checks) after them.
         for key in TopologicalSorter(context.assets_def.asset_deps).static_order():
             if key in outputs:
@@ -194,33 +254,54 @@ def audiences_definitions() -> dg.Definitions:
     def every_audience_built(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         with warehouse.connect(read_only=True) as connection:
             # The evaluation audience_members holds: the latest run's, even when it was an earlier time.
-            evaluated = {row[0] for row in connection.execute(
-                "select audience_key from main.audience_evaluations where evaluated_at = $t",
-                {"t": members_evaluated_at(connection)}).fetchall()}
-            catalog = {row[0] for row in connection.execute(
-                "select audience_key from main.audience_catalog where not is_skipped").fetchall()}
+            evaluated = {
+                row[0]
+                for row in connection.execute(
+                    "select audience_key from main.audience_evaluations where evaluated_at = $t",
+                    {"t": members_evaluated_at(connection)},
+                ).fetchall()
+            }
+            catalog = {
+                row[0]
+                for row in connection.execute(
+                    "select audience_key from main.audience_catalog where not is_skipped"
+                ).fetchall()
+            }
         missing = sorted((catalog | set(definitions)) - evaluated)
-        return dg.AssetCheckResult(passed=not missing, metadata={
-            "evaluated": len(evaluated), "missing": missing,
-            # reported by every_definition_is_usable
-            "skipped": sorted(definition_set.skipped)})
+        return dg.AssetCheckResult(
+            passed=not missing,
+            metadata={
+                "evaluated": len(evaluated),
+                "missing": missing,
+                # reported by every_definition_is_usable
+                "skipped": sorted(definition_set.skipped),
+            },
+        )
 
-    return dg.Definitions(assets=[audience_definitions, audience_models],
-                          asset_checks=[every_definition_is_usable, every_audience_built])
+    return dg.Definitions(
+        assets=[audience_definitions, audience_models],
+        asset_checks=[every_definition_is_usable, every_audience_built],
+    )
 
 
 def skipped_audiences_check(definition_set: DefinitionSet) -> dg.AssetCheckResult:
     """Passes when every definition can be evaluated; else names each skipped audience and why."""
     problems = [str(problem) for problem in definition_set.reasons]
     rows = ["| audience | file | JSON path | problem |", "|---|---|---|---|"]
-    rows += [f"| {key} | {problem.file} | {problem.json_path} | {problem.message.replace('|', chr(92) + '|')} |"
-             for key, reasons in definition_set.skipped.items() for problem in reasons]
+    rows += [
+        f"| {key} | {problem.file} | {problem.json_path} | {problem.message.replace('|', chr(92) + '|')} |"
+        for key, reasons in definition_set.skipped.items()
+        for problem in reasons
+    ]
     return dg.AssetCheckResult(
         passed=not definition_set.skipped,
         severity=dg.AssetCheckSeverity.ERROR,
-        description=(f"{len(definition_set.skipped)} audiences skipped: their definitions have errors (or refer to "
-                     "one that has); their last members are kept and they have no events"
-                     if definition_set.skipped else "every definition can be evaluated"),
+        description=(
+            f"{len(definition_set.skipped)} audiences skipped: their definitions have errors (or refer to "
+            "one that has); their last members are kept and they have no events"
+            if definition_set.skipped
+            else "every definition can be evaluated"
+        ),
         metadata={
             "skipped_audiences": sorted(definition_set.skipped),
             "problems": dg.MetadataValue.json(problems),
@@ -229,8 +310,9 @@ def skipped_audiences_check(definition_set: DefinitionSet) -> dg.AssetCheckResul
     )
 
 
-def _audience_metadata(warehouse: WarehouseResource, evaluated_at, with_changes: bool = True
-                       ) -> dict[str, dict[str, int]]:
+def _audience_metadata(
+    warehouse: WarehouseResource, evaluated_at, with_changes: bool = True
+) -> dict[str, dict[str, int]]:
     """Per audience model at this evaluation: its member count, and how many users entered and
     exited it (what the membership diff that follows will record; static audiences, whose events are
     written when they change, and an earlier evaluation, which records none, report members only)."""

@@ -2,7 +2,11 @@
 
 import dagster as dg
 
-from audiences.evaluation import is_earlier_evaluation, last_recorded_evaluation, members_evaluated_at
+from audiences.evaluation import (
+    is_earlier_evaluation,
+    last_recorded_evaluation,
+    members_evaluated_at,
+)
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.membership.publish import process_static_triggers, publish_outbox
 from audiences.settings import Settings, format_time
@@ -34,7 +38,9 @@ def membership_definitions() -> dg.Definitions:
             "release or discard."
         ),
     )
-    def membership_changes(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    def membership_changes(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource
+    ) -> dg.MaterializeResult:
         breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
         with warehouse.connect() as connection:
             # The time of the memberships the diff reads, not the latest evaluation's: an earlier
@@ -42,32 +48,57 @@ def membership_definitions() -> dg.Definitions:
             evaluated_at = members_evaluated_at(connection)
             if is_earlier_evaluation(connection):
                 last = last_recorded_evaluation(connection)
-                context.log.warning(f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
-                                    f"recorded evaluation {format_time(last)}: no membership events recorded")
-                return dg.MaterializeResult(metadata={
-                    "evaluated_at": format_time(evaluated_at), "entered": 0, "exited": 0, "held_batches": [],
-                    "skipped": f"earlier than the last recorded evaluation ({format_time(last)})"})
+                context.log.warning(
+                    f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
+                    f"recorded evaluation {format_time(last)}: no membership events recorded"
+                )
+                return dg.MaterializeResult(
+                    metadata={
+                        "evaluated_at": format_time(evaluated_at),
+                        "entered": 0,
+                        "exited": 0,
+                        "held_batches": [],
+                        "skipped": f"earlier than the last recorded evaluation ({format_time(last)})",
+                    }
+                )
             summary = record_changes(connection, evaluated_at, breaker)
         rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
         for change in summary.audiences:
-            note = ("held: " + change.held_batch) if change.held_batch else ("first evaluation (backfill)" if change.is_backfill else "")
-            rows.append(f"| {change.audience_key} | {change.entered} | {change.exited} | {change.size_before} | {note} |")
+            note = (
+                ("held: " + change.held_batch)
+                if change.held_batch
+                else ("first evaluation (backfill)" if change.is_backfill else "")
+            )
+            rows.append(
+                f"| {change.audience_key} | {change.entered} | {change.exited} | {change.size_before} | {note} |"
+            )
         for held in summary.held:
             context.log.warning(
                 f"{held.audience_key}: {held.entered} entered and {held.exited} exited of {held.size_before}: "
                 f"events held as batch {held.held_batch}; `audiences release {held.held_batch}` or "
-                f"`audiences discard {held.held_batch}`")
-        return dg.MaterializeResult(metadata={
-            "evaluated_at": format_time(evaluated_at),
-            "entered": summary.entered,
-            "exited": summary.exited,
-            "held_batches": [held.held_batch for held in summary.held],
-            "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
-            # The same, for `audiences run`'s summary.
-            "changes": dg.MetadataValue.json({change.audience_key: {
-                "entered": change.entered, "exited": change.exited, "is_backfill": change.is_backfill,
-                "held_batch": change.held_batch} for change in summary.audiences}),
-        })
+                f"`audiences discard {held.held_batch}`"
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "evaluated_at": format_time(evaluated_at),
+                "entered": summary.entered,
+                "exited": summary.exited,
+                "held_batches": [held.held_batch for held in summary.held],
+                "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
+                # The same, for `audiences run`'s summary.
+                "changes": dg.MetadataValue.json(
+                    {
+                        change.audience_key: {
+                            "entered": change.entered,
+                            "exited": change.exited,
+                            "is_backfill": change.is_backfill,
+                            "held_batch": change.held_batch,
+                        }
+                        for change in summary.audiences
+                    }
+                ),
+            }
+        )
 
     @dg.asset_check(
         asset=membership_changes,
@@ -82,7 +113,10 @@ def membership_definitions() -> dg.Definitions:
         return dg.AssetCheckResult(
             passed=not held,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"held_batches": held, "to_release": dg.MetadataValue.md(release_instructions(held))},
+            metadata={
+                "held_batches": held,
+                "to_release": dg.MetadataValue.md(release_instructions(held)),
+            },
         )
 
     @dg.asset(
@@ -96,28 +130,44 @@ def membership_definitions() -> dg.Definitions:
             "frequency, trigger conditions). Idempotent: publishing twice changes nothing."
         ),
     )
-    def published_membership_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
-                                    store: MembershipStoreResource) -> dg.MaterializeResult:
+    def published_membership_events(
+        context: dg.AssetExecutionContext,
+        warehouse: WarehouseResource,
+        store: MembershipStoreResource,
+    ) -> dg.MaterializeResult:
         setup = load_workflow_setup(settings)
         with warehouse.connect() as connection:
             evaluated_at = members_evaluated_at(connection)
             if is_earlier_evaluation(connection):  # no trigger is queued at an earlier time
-                context.log.warning(f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
-                                    "recorded evaluation: nothing published, no workflow triggered")
-                return dg.MaterializeResult(metadata={"events_published": 0, "deliveries_created": 0,
-                                                      "skipped": "an evaluation earlier than the last recorded"})
+                context.log.warning(
+                    f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
+                    "recorded evaluation: nothing published, no workflow triggered"
+                )
+                return dg.MaterializeResult(
+                    metadata={
+                        "events_published": 0,
+                        "deliveries_created": 0,
+                        "skipped": "an evaluation earlier than the last recorded",
+                    }
+                )
             opened = store.open()
-            report = publish_outbox(connection, opened, setup.triggers, setup.default_sink, evaluated_at)
-            static = process_static_triggers(connection, opened, setup.triggers, setup.default_sink, evaluated_at)
-        return dg.MaterializeResult(metadata={
-            "events_published": report.events,
-            "deliveries_created": report.deliveries,
-            "static_events_triggered": static.events,
-            "static_deliveries_created": static.deliveries,
-            "deliveries_held": report.held_deliveries,
-            "skipped_by_trigger_frequency": report.skipped_by_frequency,
-            "skipped_by_trigger_conditions": report.skipped_by_conditions,
-        })
+            report = publish_outbox(
+                connection, opened, setup.triggers, setup.default_sink, evaluated_at
+            )
+            static = process_static_triggers(
+                connection, opened, setup.triggers, setup.default_sink, evaluated_at
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "events_published": report.events,
+                "deliveries_created": report.deliveries,
+                "static_events_triggered": static.events,
+                "static_deliveries_created": static.deliveries,
+                "deliveries_held": report.held_deliveries,
+                "skipped_by_trigger_frequency": report.skipped_by_frequency,
+                "skipped_by_trigger_conditions": report.skipped_by_conditions,
+            }
+        )
 
     @dg.asset(
         key="workflow_trigger_deliveries",
@@ -134,34 +184,47 @@ def membership_definitions() -> dg.Definitions:
             "(or `audiences deliver --watch`) never send it twice."
         ),
     )
-    def workflow_trigger_deliveries(context: dg.AssetExecutionContext, store: MembershipStoreResource) -> dg.MaterializeResult:
+    def workflow_trigger_deliveries(
+        context: dg.AssetExecutionContext, store: MembershipStoreResource
+    ) -> dg.MaterializeResult:
         from audiences.delivery.loop import deliver_due, delivery_status
         from audiences.delivery.sinks import close_sinks
 
         setup = load_workflow_setup(settings)
         opened = store.open()
         try:
-            report = deliver_due(opened, setup.sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK)
+            report = deliver_due(
+                opened, setup.sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK
+            )
             status = delivery_status(opened)
         finally:
             close_sinks(setup.sinks)
         if report.dead:
-            context.log.warning(f"{report.dead} deliveries were dead-lettered; see `audiences deliveries`")
-        return dg.MaterializeResult(metadata={
-            "delivered": report.delivered,
-            "retried_later": report.retried,
-            "dead_lettered": report.dead,
-            "waiting_for_unknown_sink": report.skipped_unknown_sink,
-            "status_per_sink": dg.MetadataValue.json(status),
-        })
+            context.log.warning(
+                f"{report.dead} deliveries were dead-lettered; see `audiences deliveries`"
+            )
+        return dg.MaterializeResult(
+            metadata={
+                "delivered": report.delivered,
+                "retried_later": report.retried,
+                "dead_lettered": report.dead,
+                "waiting_for_unknown_sink": report.skipped_unknown_sink,
+                "status_per_sink": dg.MetadataValue.json(status),
+            }
+        )
 
-    return dg.Definitions(assets=[membership_changes, published_membership_events, workflow_trigger_deliveries],
-                          asset_checks=[no_mass_membership_change])
+    return dg.Definitions(
+        assets=[membership_changes, published_membership_events, workflow_trigger_deliveries],
+        asset_checks=[no_mass_membership_change],
+    )
 
 
 def release_instructions(batches: list[str]) -> str:
     """What a person runs for each held batch (Markdown): release its events, or discard them."""
     if not batches:
         return "No batch is held."
-    return "\n".join(f"- batch `{batch}`: `audiences release {batch}` delivers its events, "
-                     f"`audiences discard {batch}` drops them" for batch in batches)
+    return "\n".join(
+        f"- batch `{batch}`: `audiences release {batch}` delivers its events, "
+        f"`audiences discard {batch}` drops them"
+        for batch in batches
+    )

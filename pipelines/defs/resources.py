@@ -54,7 +54,11 @@ class WarehouseResource(dg.ConfigurableResource):
     @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext):
         run = context.dagster_run
-        holder = {"run_id": run.run_id, "job": run.job_name, "trigger": run_trigger(run.tags)} if run else {}
+        holder = (
+            {"run_id": run.run_id, "job": run.job_name, "trigger": run_trigger(run.tags)}
+            if run
+            else {}
+        )
         with hold_writer_lock(Path(self.duckdb_path), holder, report=context.log.warning):
             yield self
 
@@ -81,8 +85,10 @@ def resources() -> dg.Definitions:
             "warehouse": WarehouseResource(duckdb_path=str(settings.duckdb_path)),
             "store": MembershipStoreResource(url=settings.store_url),
             # The dbt beside this Python, so the tool works from a virtualenv that is not activated.
-            "dbt": DbtResource(project_dir=str(settings.dbt_project_dir),
-                               profiles_dir=str(settings.dbt_project_dir),
-                               dbt_executable=dbt_executable()),
+            "dbt": DbtResource(
+                project_dir=str(settings.dbt_project_dir),
+                profiles_dir=str(settings.dbt_project_dir),
+                dbt_executable=dbt_executable(),
+            ),
         }
     )

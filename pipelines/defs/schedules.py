@@ -41,7 +41,11 @@ deliver_workflow_triggers = dg.define_asset_job(
 )
 
 
-@dg.schedule(job=reevaluate_audiences, cron_schedule="*/15 * * * *", default_status=dg.DefaultScheduleStatus.RUNNING)
+@dg.schedule(
+    job=reevaluate_audiences,
+    cron_schedule="*/15 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
 def reevaluate_every_15_minutes(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     """Every 15 minutes (the smallest relative time Knock allows), evaluated at the tick's time,
     so users enter and leave time-relative audiences as time passes without any data change, and
@@ -49,12 +53,18 @@ def reevaluate_every_15_minutes(context: dg.ScheduleEvaluationContext) -> dg.Run
     evaluation_time = context.scheduled_execution_time.isoformat()
     return dg.RunRequest(
         run_key=evaluation_time,
-        run_config={"ops": {"audience_models": {"config": {"evaluation_time": evaluation_time}},
-                            **IDENTIFY_QUEUE_ONLY}},
+        run_config={
+            "ops": {
+                "audience_models": {"config": {"evaluation_time": evaluation_time}},
+                **IDENTIFY_QUEUE_ONLY,
+            }
+        },
     )
 
 
 @dg.definitions
 def schedules() -> dg.Definitions:
-    return dg.Definitions(jobs=[audiences_job, reevaluate_audiences, deliver_workflow_triggers],
-                          schedules=[reevaluate_every_15_minutes])
+    return dg.Definitions(
+        jobs=[audiences_job, reevaluate_audiences, deliver_workflow_triggers],
+        schedules=[reevaluate_every_15_minutes],
+    )

@@ -12,7 +12,9 @@ from audiences.users import configured_sources, identify_queue_waiting
 from audiences.users.sources import source_fingerprint
 from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
 
-IDENTIFY_QUEUE = "identify_queue"  # the fingerprint of the store's identify queue, beside the sources'
+IDENTIFY_QUEUE = (
+    "identify_queue"  # the fingerprint of the store's identify queue, beside the sources'
+)
 
 
 def existing_store(settings: Settings):
@@ -43,7 +45,9 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
     fingerprints = {}
     uploads = sorted((settings.definitions_dir.parent / "uploads").glob("*/*.csv"))
     if uploads:  # CSV files dropped for static audiences
-        fingerprints["uploads"] = ";".join(f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in uploads)
+        fingerprints["uploads"] = ";".join(
+            f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in uploads
+        )
     for source in sources:
         try:
             fingerprints[source.name] = source_fingerprint(source)
@@ -66,8 +70,12 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
         fingerprints[IDENTIFY_QUEUE] = previous[IDENTIFY_QUEUE]
     cursor = json.dumps(fingerprints, sort_keys=True)
     if previous == fingerprints:
-        return dg.SensorResult(skip_reason="no user source changed and no identify call waits", cursor=cursor)
-    changed = sorted(name for name in fingerprints if (previous or {}).get(name) != fingerprints[name])
+        return dg.SensorResult(
+            skip_reason="no user source changed and no identify call waits", cursor=cursor
+        )
+    changed = sorted(
+        name for name in fingerprints if (previous or {}).get(name) != fingerprints[name]
+    )
     tags = {"audiences/changed_sources": ",".join(changed)}
     if waiting:
         tags["audiences/identify_calls_waiting"] = str(waiting)
@@ -97,9 +105,12 @@ def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
             # Due as a delivery worker sees it: pending, its time come, and not claimed by a worker
             # whose lease still runs (`audiences deliver --watch` sending it now).
             due, newest = connection.execute(
-                sa.select(sa.func.count(), sa.func.max(columns.next_attempt_at))
-                .where(columns.status == "pending", columns.next_attempt_at <= now,
-                       sa.or_(columns.claimed_until.is_(None), columns.claimed_until < now))).one()
+                sa.select(sa.func.count(), sa.func.max(columns.next_attempt_at)).where(
+                    columns.status == "pending",
+                    columns.next_attempt_at <= now,
+                    sa.or_(columns.claimed_until.is_(None), columns.claimed_until < now),
+                )
+            ).one()
     except sa.exc.SQLAlchemyError as error:
         return dg.SensorResult(skip_reason=f"cannot read the deliveries: {error}")
     finally:
@@ -110,13 +121,28 @@ def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     if state == context.cursor:
         # The last delivery run left exactly these (a sink that is not configured, say): a new
         # delivery or a retry coming due changes the count or the newest time.
-        return dg.SensorResult(skip_reason=f"{due} deliveries are due, as after the last delivery run")
-    active = context.instance.get_runs(filters=dg.RunsFilter(job_name=DELIVERY_JOB, statuses=[
-        dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-        dg.DagsterRunStatus.STARTED]), limit=1)
+        return dg.SensorResult(
+            skip_reason=f"{due} deliveries are due, as after the last delivery run"
+        )
+    active = context.instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=DELIVERY_JOB,
+            statuses=[
+                dg.DagsterRunStatus.QUEUED,
+                dg.DagsterRunStatus.NOT_STARTED,
+                dg.DagsterRunStatus.STARTING,
+                dg.DagsterRunStatus.STARTED,
+            ],
+        ),
+        limit=1,
+    )
     if active:
-        return dg.SensorResult(skip_reason=f"{due} deliveries are due; run {active[0].run_id} is delivering")
-    return dg.SensorResult(run_requests=[dg.RunRequest(tags={"audiences/deliveries_due": str(due)})], cursor=state)
+        return dg.SensorResult(
+            skip_reason=f"{due} deliveries are due; run {active[0].run_id} is delivering"
+        )
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(tags={"audiences/deliveries_due": str(due)})], cursor=state
+    )
 
 
 @dg.definitions

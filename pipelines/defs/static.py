@@ -2,13 +2,19 @@
 of static memberships into the warehouse."""
 
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
 from audiences.definitions import load_definition_set
 from audiences.membership.changes import CircuitBreaker
-from audiences.membership.static import Member, audience_types, change_members, copy_to_warehouse, require_static
+from audiences.membership.static import (
+    Member,
+    audience_types,
+    change_members,
+    copy_to_warehouse,
+    require_static,
+)
 from audiences.settings import Settings
 from audiences.syncs import load_syncs, run_sync
 from audiences.uploads import UploadError, upload_csv
@@ -44,26 +50,48 @@ def static_definitions() -> dg.Definitions:
             "Processed files move to `processed/`."
         ),
     )
-    def static_audience_uploads(context: dg.AssetExecutionContext, store: MembershipStoreResource) -> dg.MaterializeResult:
+    def static_audience_uploads(
+        context: dg.AssetExecutionContext, store: MembershipStoreResource
+    ) -> dg.MaterializeResult:
         opened = store.open()
         known = types(opened)
-        files = sorted(path for path in uploads_dir.glob("*/*.csv") if not path.name.endswith(".rejects.csv"))
+        files = sorted(
+            path for path in uploads_dir.glob("*/*.csv") if not path.name.endswith(".rejects.csv")
+        )
         rows, metadata = [], {"files": len(files)}
         for path in files:
             audience = path.parent.name
             done = path.parent / "processed"
             done.mkdir(exist_ok=True)
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             target = done / f"{stamp}-{path.name}"
             try:
                 # Dropped files name their tenant column the Knock way: `tenant_id` (or `tenant`).
-                header = path.read_bytes()[:4096].decode("utf-8", "replace").lstrip("\ufeff").splitlines()[:1]
-                columns = {c.strip().strip('"') for c in header[0].replace(";", ",").split(",")} if header else set()
+                header = (
+                    path.read_bytes()[:4096]
+                    .decode("utf-8", "replace")
+                    .lstrip("\ufeff")
+                    .splitlines()[:1]
+                )
+                columns = (
+                    {c.strip().strip('"') for c in header[0].replace(";", ",").split(",")}
+                    if header
+                    else set()
+                )
                 tenant_column = next((c for c in ("tenant_id", "tenant") if c in columns), None)
-                result = upload_csv(opened, audience, path, known, tenant_column=tenant_column,
-                                    max_bytes=settings.upload_max_bytes,
-                                    rejects_file=done / f"{stamp}-{path.stem}.rejects.csv", progress=False)
-                rows.append(f"| {path.name} | {audience} | {result.members_added} | {result.rejected} | |")
+                result = upload_csv(
+                    opened,
+                    audience,
+                    path,
+                    known,
+                    tenant_column=tenant_column,
+                    max_bytes=settings.upload_max_bytes,
+                    rejects_file=done / f"{stamp}-{path.stem}.rejects.csv",
+                    progress=False,
+                )
+                rows.append(
+                    f"| {path.name} | {audience} | {result.members_added} | {result.rejected} | |"
+                )
             except (UploadError, ValueError) as error:
                 context.log.error(f"{path}: {error}")
                 rows.append(f"| {path.name} | {audience} | 0 | 0 | {error} |")
@@ -71,7 +99,9 @@ def static_definitions() -> dg.Definitions:
             shutil.move(str(path), target)
         if rows:
             metadata["uploads"] = dg.MetadataValue.md(
-                "| file | audience | added | rejected | refused |\n|---|---|---|---|---|\n" + "\n".join(rows))
+                "| file | audience | added | rejected | refused |\n|---|---|---|---|---|\n"
+                + "\n".join(rows)
+            )
         return dg.MaterializeResult(metadata=metadata)
 
     @dg.asset(
@@ -84,21 +114,33 @@ def static_definitions() -> dg.Definitions:
             "sync that would remove too many members is held for a person to release."
         ),
     )
-    def static_audience_syncs(context: dg.AssetExecutionContext, store: MembershipStoreResource) -> dg.MaterializeResult:
+    def static_audience_syncs(
+        context: dg.AssetExecutionContext, store: MembershipStoreResource
+    ) -> dg.MaterializeResult:
         opened = store.open()
         breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
         rows, held = [], []
         for sync in load_syncs(settings.syncs_file):
             result = run_sync(opened, sync, types(opened), breaker)
-            rows.append(f"| {result.name} | {result.rows} | {result.added} | {result.removed} | {result.rejected} |")
+            rows.append(
+                f"| {result.name} | {result.rows} | {result.added} | {result.removed} | {result.rejected} |"
+            )
             if result.held_batch:
                 held.append(result.held_batch)
-                context.log.warning(f"{sync.name}: removals held as {result.held_batch}; `audiences release` it")
-        return dg.MaterializeResult(metadata={
-            "syncs": dg.MetadataValue.md("| sync | rows | added | removed | rejected |\n|---|---|---|---|---|\n"
-                                         + "\n".join(rows)) if rows else "none",
-            "held_batches": held,
-        })
+                context.log.warning(
+                    f"{sync.name}: removals held as {result.held_batch}; `audiences release` it"
+                )
+        return dg.MaterializeResult(
+            metadata={
+                "syncs": dg.MetadataValue.md(
+                    "| sync | rows | added | removed | rejected |\n|---|---|---|---|---|\n"
+                    + "\n".join(rows)
+                )
+                if rows
+                else "none",
+                "held_batches": held,
+            }
+        )
 
     @dg.asset(
         key="static_audience_members",
@@ -111,27 +153,45 @@ def static_definitions() -> dg.Definitions:
             "models and `is_audience_member` conditions can read them."
         ),
     )
-    def static_audience_members(warehouse: WarehouseResource, store: MembershipStoreResource) -> dg.MaterializeResult:
+    def static_audience_members(
+        warehouse: WarehouseResource, store: MembershipStoreResource
+    ) -> dg.MaterializeResult:
         opened = store.open()
         with warehouse.connect() as connection:
-            copied = copy_to_warehouse(connection, opened, [key for key, kind in types(opened).items() if kind == "static"])
+            copied = copy_to_warehouse(
+                connection, opened, [key for key, kind in types(opened).items() if kind == "static"]
+            )
         return dg.MaterializeResult(metadata={"dagster/row_count": copied})
 
     @dg.op(description="Add or remove one member of a static audience, recording the event.")
-    def change_static_membership(context: dg.OpExecutionContext, config: MembershipChangeConfig,
-                                 store: MembershipStoreResource) -> None:
+    def change_static_membership(
+        context: dg.OpExecutionContext,
+        config: MembershipChangeConfig,
+        store: MembershipStoreResource,
+    ) -> None:
         if config.action not in ("add", "remove"):
             raise dg.Failure(f"action is add or remove, not {config.action!r}")
         opened = store.open()
         require_static(config.audience, types(opened))
-        result = change_members(opened, config.audience, [Member(config.user_id, config.tenant)], config.action,
-                                source="dagster")
-        context.log.info(f"{config.action} {config.user_id} ({config.tenant or 'no tenant'}) in {config.audience}: "
-                         f"{'changed' if result.changed else 'no change'}")
+        result = change_members(
+            opened,
+            config.audience,
+            [Member(config.user_id, config.tenant)],
+            config.action,
+            source="dagster",
+        )
+        context.log.info(
+            f"{config.action} {config.user_id} ({config.tenant or 'no tenant'}) in {config.audience}: "
+            f"{'changed' if result.changed else 'no change'}"
+        )
 
-    @dg.job(description="Add or remove a member of a static audience from the UI (like `audiences add`).")
+    @dg.job(
+        description="Add or remove a member of a static audience from the UI (like `audiences add`)."
+    )
     def change_static_audience_member():
         change_static_membership()
 
-    return dg.Definitions(assets=[static_audience_uploads, static_audience_syncs, static_audience_members],
-                          jobs=[change_static_audience_member])
+    return dg.Definitions(
+        assets=[static_audience_uploads, static_audience_syncs, static_audience_members],
+        jobs=[change_static_audience_member],
+    )

@@ -1,6 +1,6 @@
 """Users in: one external asset per declared source, and the `users` store they load into."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -11,7 +11,13 @@ from audiences.users.profiles import publish_changed_users
 from audiences.users.store import settle_run
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 
-SOURCE_KINDS = {"csv": "csv", "parquet": "parquet", "jsonl": "json", "duckdb": "duckdb", "sqlite": "sqlite"}
+SOURCE_KINDS = {
+    "csv": "csv",
+    "parquet": "parquet",
+    "jsonl": "json",
+    "duckdb": "duckdb",
+    "sqlite": "sqlite",
+}
 
 
 class UsersConfig(dg.Config):
@@ -20,7 +26,8 @@ class UsersConfig(dg.Config):
     load_sources: bool = Field(
         default=True,
         description="Read every declared source; false loads only the identify calls queued in the "
-                    "store (the scheduled re-evaluation: the sources are watched by a sensor).")
+        "store (the scheduled re-evaluation: the sources are watched by a sensor).",
+    )
 
 
 def source_asset_key(name: str) -> dg.AssetKey:
@@ -56,9 +63,13 @@ def users_definitions() -> dg.Definitions:
             "queued in the store (the API, uploads) apply last."
         ),
     )
-    def users(context: dg.AssetExecutionContext, config: UsersConfig, warehouse: WarehouseResource,
-              store: MembershipStoreResource) -> dg.MaterializeResult:
-        loaded_at = datetime.now(timezone.utc)
+    def users(
+        context: dg.AssetExecutionContext,
+        config: UsersConfig,
+        warehouse: WarehouseResource,
+        store: MembershipStoreResource,
+    ) -> dg.MaterializeResult:
+        loaded_at = datetime.now(UTC)
         metadata: dict = {"sources_loaded": config.load_sources}
         with warehouse.connect() as connection:
             for source in sources if config.load_sources else []:
@@ -95,7 +106,9 @@ def users_definitions() -> dg.Definitions:
             metadata["quarantine_sample"] = dg.MetadataValue.md("\n".join(lines))
         return dg.MaterializeResult(metadata=metadata)
 
-    @dg.asset_check(asset=users, description="Every user id appears once in the user store.", blocking=True)
+    @dg.asset_check(
+        asset=users, description="Every user id appears once in the user store.", blocking=True
+    )
     def users_have_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
         with warehouse.connect(read_only=True) as connection:
             duplicates = connection.execute(

@@ -7,13 +7,13 @@ import shutil
 
 import duckdb
 import pytest
+from condition_harness import NOW, ROOT, SAMPLE_TIME, insert_users
 
 from audiences.conditions.reference import evaluate_audience
 from audiences.dbt_models import drift, escape_jinja, generate_models
 from audiences.dbt_project import prepare, run_dbt
 from audiences.definitions import load_definitions
 from audiences.settings import Settings
-from condition_harness import NOW, ROOT, SAMPLE_TIME, insert_users
 
 HOSTILE_PROPERTY = 'a"; drop table users; --'
 HOSTILE_TEXT = "it's {{ run_query('drop table raw.users') }} {% do x %} {# c #} */ \n -- end"
@@ -29,7 +29,9 @@ def test_escape_jinja_renders_back_to_the_original_text():
 
 
 def test_repository_models_match_the_sample_definitions():
-    files = generate_models(load_definitions(ROOT / "data" / "audiences"), ROOT / "dbt_project", "audiences")
+    files = generate_models(
+        load_definitions(ROOT / "data" / "audiences"), ROOT / "dbt_project", "audiences"
+    )
     assert drift(files, ROOT / "dbt_project") == []
 
 
@@ -40,12 +42,22 @@ def test_skipped_audiences_get_no_model_and_keep_their_rows_and_catalog_entry():
     definitions = load_definitions(ROOT / "data" / "audiences")
     del definitions["power-users"], definitions["beta-invite-candidates"]
     hostile = "x'}}{{ run_query('drop table raw.users') }}"
-    files = {str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences",
-                                                          skipped=["power-users", "beta-invite-candidates", hostile])}
+    files = {
+        str(f.path): f.text
+        for f in generate_models(
+            definitions,
+            ROOT / "dbt_project",
+            "audiences",
+            skipped=["power-users", "beta-invite-candidates", hostile],
+        )
+    }
     assert "models/audiences/dynamic/power_users.sql" not in files
     assert "models/audiences/dynamic/eu_customers.sql" in files
     members = files["models/marts/audience_members.sql"]
-    assert '"skipped": [\n                "beta-invite-candidates",\n                "power-users"\n            ]' in members
+    assert (
+        '"skipped": [\n                "beta-invite-candidates",\n                "power-users"\n            ]'
+        in members
+    )
     assert "ref('power_users')" not in members
     catalog = files["models/marts/audience_catalog.sql"]
     assert "where audience_key in ('beta-invite-candidates', 'power-users')" in catalog
@@ -67,27 +79,65 @@ def test_hostile_definitions_build_in_dbt_and_stay_data(tmp_path):
     shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs"))
     definitions_dir = tmp_path / "audiences"
     hostile = {
-        "name": "Hostile {{ name }}", "type": "dynamic", "description": HOSTILE_TEXT,
+        "name": "Hostile {{ name }}",
+        "type": "dynamic",
+        "description": HOSTILE_TEXT,
         "segments": [
-            {"conditions": [{"property": f"recipient.{HOSTILE_PROPERTY}", "operator": "equal_to", "argument": HOSTILE_TEXT}]},
-            {"conditions": [{"property": "recipient.{{ var('x') }}", "operator": "contains", "argument": "{%"}]},
+            {
+                "conditions": [
+                    {
+                        "property": f"recipient.{HOSTILE_PROPERTY}",
+                        "operator": "equal_to",
+                        "argument": HOSTILE_TEXT,
+                    }
+                ]
+            },
+            {
+                "conditions": [
+                    {
+                        "property": "recipient.{{ var('x') }}",
+                        "operator": "contains",
+                        "argument": "{%",
+                    }
+                ]
+            },
         ],
     }
-    follower = {"name": "Follower", "type": "dynamic", "segments": [{"conditions": [
-        {"property": "recipient", "operator": "is_not_audience_member", "argument": "hostile"}]}]}
+    follower = {
+        "name": "Follower",
+        "type": "dynamic",
+        "segments": [
+            {
+                "conditions": [
+                    {
+                        "property": "recipient",
+                        "operator": "is_not_audience_member",
+                        "argument": "hostile",
+                    }
+                ]
+            }
+        ],
+    }
     for key, document in {"hostile": hostile, "follower": follower}.items():
         (definitions_dir / key).mkdir(parents=True)
         (definitions_dir / key / "audience.json").write_text(json.dumps(document))
     warehouse = tmp_path / "warehouse.duckdb"
-    users = [{"id": "match-1", HOSTILE_PROPERTY: HOSTILE_TEXT}, {"id": "match-2", "{{ var('x') }}": "a{%b"},
-             {"id": "other", HOSTILE_PROPERTY: "it's"}]
+    users = [
+        {"id": "match-1", HOSTILE_PROPERTY: HOSTILE_TEXT},
+        {"id": "match-2", "{{ var('x') }}": "a{%b"},
+        {"id": "other", HOSTILE_PROPERTY: "it's"},
+    ]
     with duckdb.connect(str(warehouse)) as connection:
         insert_users(connection, users)
-    settings = Settings.from_env({}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project)
+    settings = Settings.from_env(
+        {}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project
+    )
     prepare(settings)
     run_dbt(["build", "--vars", json.dumps({"evaluation_time": SAMPLE_TIME})], settings)
     with duckdb.connect(str(warehouse), read_only=True) as connection:
-        rows = connection.execute("select audience_key, user_id from main.audience_members join raw.users using (user_key)").fetchall()
+        rows = connection.execute(
+            "select audience_key, user_id from main.audience_members join raw.users using (user_key)"
+        ).fetchall()
         assert connection.execute("select count(*) from raw.users").fetchone()[0] == 3
     members = {}
     for key, user_id in rows:
@@ -104,19 +154,49 @@ def test_only_audiences_that_compare_with_now_are_reevaluated_for_users_in_time_
     from audiences.definitions import parse_definition
 
     def audience(key, conditions, kind="dynamic"):
-        raw = {"name": key, "type": kind, "segments": [{"conditions": conditions}] if conditions else []}
+        raw = {
+            "name": key,
+            "type": kind,
+            "segments": [{"conditions": conditions}] if conditions else [],
+        }
         return parse_definition(raw, key, Path(f"{key}/audience.json"))
 
-    recent = {"property": "recipient.last_seen_at", "operator": "is_timestamp_on_or_after", "argument": "3 days ago"}
+    recent = {
+        "property": "recipient.last_seen_at",
+        "operator": "is_timestamp_on_or_after",
+        "argument": "3 days ago",
+    }
     pro = {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
-    definitions = {d.key: d for d in [
-        audience("active", [recent]),
-        audience("pros", [pro]),
-        audience("active-pros", [pro, {"property": "recipient", "operator": "is_audience_member", "argument": "active"}]),
-        audience("over-pros", [{"property": "recipient", "operator": "is_audience_member", "argument": "pros"}]),
-        audience("vips", [], kind="static"),
-        audience("active-vips", [recent, {"property": "recipient", "operator": "is_audience_member", "argument": "vips"}]),
-    ]}
+    definitions = {
+        d.key: d
+        for d in [
+            audience("active", [recent]),
+            audience("pros", [pro]),
+            audience(
+                "active-pros",
+                [
+                    pro,
+                    {
+                        "property": "recipient",
+                        "operator": "is_audience_member",
+                        "argument": "active",
+                    },
+                ],
+            ),
+            audience(
+                "over-pros",
+                [{"property": "recipient", "operator": "is_audience_member", "argument": "pros"}],
+            ),
+            audience("vips", [], kind="static"),
+            audience(
+                "active-vips",
+                [
+                    recent,
+                    {"property": "recipient", "operator": "is_audience_member", "argument": "vips"},
+                ],
+            ),
+        ]
+    }
     # An audience over a time-dependent one is time-dependent too; one over a static audience is
     # evaluated whole, not per user.
     assert time_dependent_audiences(definitions) == {"active", "active-pros"}
@@ -124,8 +204,17 @@ def test_only_audiences_that_compare_with_now_are_reevaluated_for_users_in_time_
 
 def _big_contains_definition(folder, items: int) -> None:
     tags = json.dumps([f"tag-{n}" for n in range(items)])
-    document = {"name": "Big list", "type": "dynamic", "segments": [{"conditions": [
-        {"property": "recipient.tags", "operator": "contains", "argument": tags}]}]}
+    document = {
+        "name": "Big list",
+        "type": "dynamic",
+        "segments": [
+            {
+                "conditions": [
+                    {"property": "recipient.tags", "operator": "contains", "argument": tags}
+                ]
+            }
+        ],
+    }
     (folder / "big").mkdir(parents=True)
     (folder / "big" / "audience.json").write_text(json.dumps(document))
 
@@ -137,7 +226,9 @@ def test_a_20000_item_contains_list_generates_every_item(tmp_path):
     from audiences.definitions import load_definitions
 
     _big_contains_definition(tmp_path / "audiences", 20_000)
-    files = generate_models(load_definitions(tmp_path / "audiences"), ROOT / "dbt_project", "audiences")
+    files = generate_models(
+        load_definitions(tmp_path / "audiences"), ROOT / "dbt_project", "audiences"
+    )
     model = next(file.text for file in files if file.path.name == "big.sql")
     items = [line for line in model.splitlines() if "'s:tag-" in line]
     assert len(items) == 2 * 20_000  # the list is written twice: list/list and text/list
@@ -156,37 +247,79 @@ def test_original_text_quoting_and_epoch_times_agree_with_the_reference_in_dbt(t
     odd = "it's\\{{ %_\n"
     audiences = {
         "quoted": [{"property": 'recipient."quoted"', "operator": "equal_to", "argument": '"q"'}],
-        "not-quoted": [{"property": 'recipient."quoted"', "operator": "not_equal_to", "argument": '"q"'}],
-        "backslash": [{"property": f"recipient.{odd}", "operator": "equal_to", "argument": '"a\\\\b"'}],
+        "not-quoted": [
+            {"property": 'recipient."quoted"', "operator": "not_equal_to", "argument": '"q"'}
+        ],
+        "backslash": [
+            {"property": f"recipient.{odd}", "operator": "equal_to", "argument": '"a\\\\b"'}
+        ],
         "wildcards": [{"property": f"recipient.{odd}", "operator": "contains", "argument": "a%_"}],
-        "listed": [{"property": "recipient.tags", "operator": "contains", "argument": '["\\"q\\"", "{{ x }}"]'}],
+        "listed": [
+            {
+                "property": "recipient.tags",
+                "operator": "contains",
+                "argument": '["\\"q\\"", "{{ x }}"]',
+            }
+        ],
         "newline": [{"property": f"recipient.{odd}", "operator": "contains", "argument": "1\n2"}],
-        "epoch": [{"property": "recipient.seen", "operator": "is_timestamp_before", "argument": "1788825601"}],
-        "epoch-between": [{"property": "recipient.seen", "operator": "is_timestamp_between",
-                           "argument": [1788825600, "2026-09-08T00:00:00.5Z"]}],
+        "epoch": [
+            {
+                "property": "recipient.seen",
+                "operator": "is_timestamp_before",
+                "argument": "1788825601",
+            }
+        ],
+        "epoch-between": [
+            {
+                "property": "recipient.seen",
+                "operator": "is_timestamp_between",
+                "argument": [1788825600, "2026-09-08T00:00:00.5Z"],
+            }
+        ],
     }
     for key, conditions in audiences.items():
         (definitions_dir / key).mkdir(parents=True)
-        (definitions_dir / key / "audience.json").write_text(json.dumps(
-            {"name": key, "type": "dynamic", "segments": [{"conditions": conditions}]}))
+        (definitions_dir / key / "audience.json").write_text(
+            json.dumps({"name": key, "type": "dynamic", "segments": [{"conditions": conditions}]})
+        )
     users = [
         {"id": "q-quoted", '"quoted"': '"q"', odd: "a\\b", "tags": ['"q"'], "seen": 1788825600},
-        {"id": "q-bare", '"quoted"': "q", odd: '"a\\\\b"', "tags": ["q", "{{ x }}"], "seen": "2026-09-08T00:00:01Z"},
+        {
+            "id": "q-bare",
+            '"quoted"': "q",
+            odd: '"a\\\\b"',
+            "tags": ["q", "{{ x }}"],
+            "seen": "2026-09-08T00:00:01Z",
+        },
         {"id": "wild", '"quoted"': "'q'", odd: "xa%_y 1\n2", "tags": ["x"], "seen": 1788825600.25},
         {"id": "tame", odd: "abc 12", "seen": "2026-09-08T00:00:00.6Z"},
     ]
     warehouse = tmp_path / "warehouse.duckdb"
     with duckdb.connect(str(warehouse)) as connection:
         insert_users(connection, users)
-    settings = Settings.from_env({}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project)
+    settings = Settings.from_env(
+        {}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project
+    )
     prepare(settings)
     run_dbt(["build", "--vars", json.dumps({"evaluation_time": SAMPLE_TIME})], settings)
     with duckdb.connect(str(warehouse), read_only=True) as connection:
-        rows = connection.execute("select audience_key, user_id from main.audience_members join raw.users using (user_key)").fetchall()
+        rows = connection.execute(
+            "select audience_key, user_id from main.audience_members join raw.users using (user_key)"
+        ).fetchall()
     members = {key: set() for key in audiences}
     for key, user_id in rows:
         members[key].add(user_id)
-    expected = {key: {u["id"] for u in users if evaluate_audience(
-        {"segments": [{"conditions": conditions}]}, u, now=NOW)} for key, conditions in audiences.items()}
-    assert expected["quoted"] == {"q-quoted", "q-bare"} and expected["epoch"] == {"q-quoted", "wild", "tame"}
+    expected = {
+        key: {
+            u["id"]
+            for u in users
+            if evaluate_audience({"segments": [{"conditions": conditions}]}, u, now=NOW)
+        }
+        for key, conditions in audiences.items()
+    }
+    assert expected["quoted"] == {"q-quoted", "q-bare"} and expected["epoch"] == {
+        "q-quoted",
+        "wild",
+        "tame",
+    }
     assert members == expected

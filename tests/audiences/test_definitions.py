@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from condition_harness import ROOT
 
 from audiences.definitions import (
     DefinitionError,
@@ -15,18 +16,24 @@ from audiences.definitions import (
     load_definitions,
     validate_definitions,
 )
-from condition_harness import ROOT
 
 
 def write(folder: Path, key: str, document) -> Path:
     path = folder / key / "audience.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(document if isinstance(document, str) else json.dumps(document), encoding="utf-8")
+    path.write_text(
+        document if isinstance(document, str) else json.dumps(document), encoding="utf-8"
+    )
     return path
 
 
 def dynamic(*conditions, name="A") -> dict:
-    return {"name": name, "type": "dynamic", "description": None, "segments": [{"conditions": list(conditions)}]}
+    return {
+        "name": name,
+        "type": "dynamic",
+        "description": None,
+        "segments": [{"conditions": list(conditions)}],
+    }
 
 
 def problems_of(folder: Path) -> list[str]:
@@ -40,46 +47,106 @@ def test_sample_definitions_load_and_validate():
     assert len(definitions) >= 10
     assert validate_definitions(definitions) == []
     operators = {c.operator for d in definitions.values() for s in d.segments for c in s}
-    assert {"equal_to", "is_between", "contains_all", "not_exists", "is_timestamp_between",
-            "is_audience_member", "is_in_random_cohort"} <= operators
+    assert {
+        "equal_to",
+        "is_between",
+        "contains_all",
+        "not_exists",
+        "is_timestamp_between",
+        "is_audience_member",
+        "is_in_random_cohort",
+    } <= operators
 
 
 def test_knock_cli_document_loads_unchanged(tmp_path):
-    write(tmp_path, "premium-users", {"name": "Premium users", "type": "dynamic", "description": "…",
-                                      "segments": [{"conditions": [{"property": "recipient.plan",
-                                                                    "operator": "equal_to", "argument": "premium"}]}]})
+    write(
+        tmp_path,
+        "premium-users",
+        {
+            "name": "Premium users",
+            "type": "dynamic",
+            "description": "…",
+            "segments": [
+                {
+                    "conditions": [
+                        {
+                            "property": "recipient.plan",
+                            "operator": "equal_to",
+                            "argument": "premium",
+                        }
+                    ]
+                }
+            ],
+        },
+    )
     definition = load_definitions(tmp_path)["premium-users"]
     assert (definition.type, definition.model_name) == ("dynamic", "premium_users")
     assert len(definition.version) == 12
 
 
 def test_bad_key_is_named_with_its_file(tmp_path):
-    path = write(tmp_path, "Premium Users", dynamic({"property": "recipient.plan", "operator": "exists"}))
-    assert problems_of(tmp_path) == [f"{path}: $: bad audience key 'Premium Users': use lower-case letters, digits, '-' and '_'"]
+    path = write(
+        tmp_path, "Premium Users", dynamic({"property": "recipient.plan", "operator": "exists"})
+    )
+    assert problems_of(tmp_path) == [
+        f"{path}: $: bad audience key 'Premium Users': use lower-case letters, digits, '-' and '_'"
+    ]
 
 
 def test_unknown_operator_names_the_json_path(tmp_path):
-    path = write(tmp_path, "a", dynamic({"property": "recipient.plan", "operator": "exists"},
-                                        {"property": "recipient.plan", "operator": "is_like", "argument": "x"}))
+    path = write(
+        tmp_path,
+        "a",
+        dynamic(
+            {"property": "recipient.plan", "operator": "exists"},
+            {"property": "recipient.plan", "operator": "is_like", "argument": "x"},
+        ),
+    )
     [problem] = problems_of(tmp_path)
-    assert problem.startswith(f"{path}: $.segments[0].conditions[1].operator: unknown operator 'is_like'")
+    assert problem.startswith(
+        f"{path}: $.segments[0].conditions[1].operator: unknown operator 'is_like'"
+    )
 
 
 def test_a_misspelt_operator_gets_the_nearest_known_one(tmp_path):
-    path = write(tmp_path, "a", dynamic({"property": "recipient.plan", "operator": "equals", "argument": "pro"}))
+    path = write(
+        tmp_path,
+        "a",
+        dynamic({"property": "recipient.plan", "operator": "equals", "argument": "pro"}),
+    )
     [problem] = problems_of(tmp_path)
-    assert problem.startswith(f"{path}: $.segments[0].conditions[0].operator: unknown operator 'equals' "
-                              "(did you mean 'equal_to'?); known operators: contains,")
+    assert problem.startswith(
+        f"{path}: $.segments[0].conditions[0].operator: unknown operator 'equals' "
+        "(did you mean 'equal_to'?); known operators: contains,"
+    )
 
 
 def test_bad_argument_and_short_relative_time_are_rejected(tmp_path):
-    write(tmp_path, "a", dynamic({"property": "recipient.seats", "operator": "greater_than", "argument": "many"}))
-    write(tmp_path, "b", dynamic({"property": "recipient.seen_at", "operator": "is_timestamp_on_or_after",
-                                  "argument": "10 minutes ago"}))
+    write(
+        tmp_path,
+        "a",
+        dynamic({"property": "recipient.seats", "operator": "greater_than", "argument": "many"}),
+    )
+    write(
+        tmp_path,
+        "b",
+        dynamic(
+            {
+                "property": "recipient.seen_at",
+                "operator": "is_timestamp_on_or_after",
+                "argument": "10 minutes ago",
+            }
+        ),
+    )
     problems = problems_of(tmp_path)
-    assert any("a/audience.json: $.segments[0].conditions[0].argument:" in p and "not a number" in p for p in problems)
-    assert any("b/audience.json: $.segments[0].conditions[0].argument:" in p and "at least 15 minutes" in p
-               for p in problems)
+    assert any(
+        "a/audience.json: $.segments[0].conditions[0].argument:" in p and "not a number" in p
+        for p in problems
+    )
+    assert any(
+        "b/audience.json: $.segments[0].conditions[0].argument:" in p and "at least 15 minutes" in p
+        for p in problems
+    )
 
 
 def test_invalid_json_and_missing_fields_are_reported_together(tmp_path):
@@ -117,12 +184,16 @@ def test_unknown_audience_reference_is_rejected_unless_written_in_sql(tmp_path):
 def test_type_change_of_an_existing_audience_is_rejected(tmp_path):
     path = write(tmp_path, "vips", dynamic({"property": "recipient.plan", "operator": "exists"}))
     [problem] = validate_definitions(load_definitions(tmp_path), existing_types={"vips": "static"})
-    assert str(problem).startswith(f"{path}: $.type: audience 'vips' is static; types cannot be changed")
+    assert str(problem).startswith(
+        f"{path}: $.type: audience 'vips' is static; types cannot be changed"
+    )
 
 
 def test_static_audience_cannot_have_segments(tmp_path):
     write(tmp_path, "s", {"name": "S", "type": "static", "segments": [{"conditions": []}]})
-    assert "s/audience.json: $.segments: a static audience has no segments" in problems_of(tmp_path)[0]
+    assert (
+        "s/audience.json: $.segments: a static audience has no segments" in problems_of(tmp_path)[0]
+    )
 
 
 def test_keys_that_collide_as_model_names_are_rejected(tmp_path):
@@ -147,25 +218,46 @@ def test_a_definition_set_skips_broken_definitions_and_every_audience_that_refer
     write(tmp_path, "fine", good)
     write(tmp_path, "reads-fine", dynamic(member_of("fine")))
     not_json = write(tmp_path, "not-json", "{not json")
-    unknown_operator = write(tmp_path, "unknown-operator", dynamic({"property": "recipient.plan", "operator": "equals",
-                                                                     "argument": "pro"}))
-    reads_broken = write(tmp_path, "reads-broken", dynamic(good["segments"][0]["conditions"][0],
-                                                           member_of("unknown-operator")))
-    write(tmp_path, "reads-reader", dynamic({**member_of("reads-broken"), "operator": "is_not_audience_member"}))
+    unknown_operator = write(
+        tmp_path,
+        "unknown-operator",
+        dynamic({"property": "recipient.plan", "operator": "equals", "argument": "pro"}),
+    )
+    reads_broken = write(
+        tmp_path,
+        "reads-broken",
+        dynamic(good["segments"][0]["conditions"][0], member_of("unknown-operator")),
+    )
+    write(
+        tmp_path,
+        "reads-reader",
+        dynamic({**member_of("reads-broken"), "operator": "is_not_audience_member"}),
+    )
     write(tmp_path, "reads-nothing", dynamic(member_of("no-such-audience")))
     write(tmp_path, "cycle-a", dynamic(member_of("cycle-b")))
     write(tmp_path, "cycle-b", dynamic(member_of("cycle-a")))
     found = load_definition_set(tmp_path)
     assert set(found.definitions) == {"fine", "reads-fine"}
-    assert set(found.skipped) == {"not-json", "unknown-operator", "reads-broken", "reads-reader", "reads-nothing",
-                                  "cycle-a", "cycle-b"}
+    assert set(found.skipped) == {
+        "not-json",
+        "unknown-operator",
+        "reads-broken",
+        "reads-reader",
+        "reads-nothing",
+        "cycle-a",
+        "cycle-b",
+    }
     assert str(found.skipped["not-json"][0]).startswith(f"{not_json}: $: not valid JSON: ")
     assert str(found.skipped["unknown-operator"][0]).startswith(
-        f"{unknown_operator}: $.segments[0].conditions[0].operator: unknown operator 'equals'")
+        f"{unknown_operator}: $.segments[0].conditions[0].operator: unknown operator 'equals'"
+    )
     assert [str(p) for p in found.skipped["reads-broken"]] == [
         f"{reads_broken}: $.segments[0].conditions[1].argument: refers to audience 'unknown-operator', which is "
-        "skipped (its definition has errors)"]
-    assert "refers to audience 'reads-broken'" in str(found.skipped["reads-reader"][0])  # transitively
+        "skipped (its definition has errors)"
+    ]
+    assert "refers to audience 'reads-broken'" in str(
+        found.skipped["reads-reader"][0]
+    )  # transitively
     assert "unknown audience 'no-such-audience'" in str(found.skipped["reads-nothing"][0])
     assert "cycle" in str(found.skipped["cycle-b"][0])
     # What `validate` lists: each problem once, none for the audiences that only refer to one.
@@ -178,17 +270,25 @@ def test_a_definition_set_skips_broken_definitions_and_every_audience_that_refer
 def test_a_file_that_is_not_utf8_names_its_line_and_the_expected_encoding(tmp_path):
     path = tmp_path / "cafe" / "audience.json"
     path.parent.mkdir()
-    path.write_bytes('{\n  "type": "dynamic",\n  "name": "Caf\u00e9 regulars",\n  "segments": []\n}\n'.encode("cp1252"))
+    path.write_bytes(
+        '{\n  "type": "dynamic",\n  "name": "Caf\u00e9 regulars",\n  "segments": []\n}\n'.encode(
+            "cp1252"
+        )
+    )
     with pytest.raises(DefinitionError) as error:
         load_definition_file(path)
-    assert str(error.value) == (f"{path}: $: line 3, column 15: byte 0xe9 is not UTF-8; audience definitions must be "
-                                "saved as UTF-8 (was it saved as Latin-1 or Windows-1252?)")
+    assert str(error.value) == (
+        f"{path}: $: line 3, column 15: byte 0xe9 is not UTF-8; audience definitions must be "
+        "saved as UTF-8 (was it saved as Latin-1 or Windows-1252?)"
+    )
     found = load_definition_set(tmp_path)  # a broken definition like any other: skipped, named
     assert found.definitions == {} and str(found.skipped["cafe"][0]) == str(error.value)
 
 
 def test_utf16_is_named_and_a_utf8_byte_order_mark_is_accepted(tmp_path):
-    document = json.dumps(dynamic({"property": "recipient.plan", "operator": "exists"}, name="Café"))
+    document = json.dumps(
+        dynamic({"property": "recipient.plan", "operator": "exists"}, name="Café")
+    )
     path = tmp_path / "a" / "audience.json"
     path.parent.mkdir()
     path.write_text(document, encoding="utf-16")
@@ -198,25 +298,54 @@ def test_utf16_is_named_and_a_utf8_byte_order_mark_is_accepted(tmp_path):
     assert load_definition_file(path).name == "Café"
 
 
-def test_validate_lists_a_broken_file_and_another_files_unknown_reference_together(tmp_path, capsys):
+def test_validate_lists_a_broken_file_and_another_files_unknown_reference_together(
+    tmp_path, capsys
+):
     from audiences import cli
 
     broken = write(tmp_path, "broken", "{not json")
     reader = write(tmp_path, "reader", dynamic(member_of("nowhere")))
-    assert cli.main(["--definitions", str(tmp_path), "--duckdb", str(tmp_path / "none.duckdb"), "validate"]) == 1
+    assert (
+        cli.main(
+            ["--definitions", str(tmp_path), "--duckdb", str(tmp_path / "none.duckdb"), "validate"]
+        )
+        == 1
+    )
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith(f"error: {broken}: $: not valid JSON")
     assert lines[1] == f"{reader}: $.segments[0].conditions[0].argument: unknown audience 'nowhere'"
 
+
 def test_epoch_seconds_are_a_time_and_out_of_range_ones_are_named(tmp_path):
     """A number argument of a timestamp operator is Unix seconds (docs/conditions.md)."""
-    write(tmp_path, "a", dynamic({"property": "recipient.t", "operator": "is_timestamp_before", "argument": "1788825601"},
-                                 {"property": "recipient.t", "operator": "is_timestamp_between",
-                                  "argument": "[1788825600.5, \"2026-12-31\"]"}))
+    write(
+        tmp_path,
+        "a",
+        dynamic(
+            {
+                "property": "recipient.t",
+                "operator": "is_timestamp_before",
+                "argument": "1788825601",
+            },
+            {
+                "property": "recipient.t",
+                "operator": "is_timestamp_between",
+                "argument": '[1788825600.5, "2026-12-31"]',
+            },
+        ),
+    )
     assert set(load_definitions(tmp_path)) == {"a"}
-    path = write(tmp_path, "b", dynamic({"property": "recipient.t", "operator": "is_timestamp_on_or_after", "argument": "1e20"},
-                                        {"property": "recipient.t", "operator": "is_timestamp_between", "argument": [0, -1e15]}))
+    path = write(
+        tmp_path,
+        "b",
+        dynamic(
+            {"property": "recipient.t", "operator": "is_timestamp_on_or_after", "argument": "1e20"},
+            {"property": "recipient.t", "operator": "is_timestamp_between", "argument": [0, -1e15]},
+        ),
+    )
     first, second = problems_of(tmp_path)
     assert first.startswith(f"{path}: $.segments[0].conditions[0].argument: 1e+20 ")
     assert "years 1..9999" in first
-    assert second.startswith(f"{path}: $.segments[0].conditions[1].argument[1]: -1000000000000000.0 ")
+    assert second.startswith(
+        f"{path}: $.segments[0].conditions[1].argument[1]: -1000000000000000.0 "
+    )

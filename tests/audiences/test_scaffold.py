@@ -13,9 +13,9 @@ import subprocess
 
 import duckdb
 import pytest
+from condition_harness import ROOT
 
 from audiences import cli
-from condition_harness import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,19 @@ def engine_state() -> tuple[str, dict]:
     """`git status` of the engine's repository, and every file under its dbt project and sample
     data with its size and modification time (git does not see inside ignored folders like
     `dbt_project/target`)."""
-    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout
-    files = {str(path): (path.stat().st_size, path.stat().st_mtime_ns)
-             for folder in (ROOT / "dbt_project", ROOT / "data") for path in folder.rglob("*") if path.is_file()}
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    files = {
+        str(path): (path.stat().st_size, path.stat().st_mtime_ns)
+        for folder in (ROOT / "dbt_project", ROOT / "data")
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
     return status, files
 
 
@@ -39,12 +48,15 @@ def own_folder(tmp_path, monkeypatch):
     folder = tmp_path / "mine"
     assert ROOT not in folder.parents
     for key, conditions in {
-        "big-spenders": [{"property": "recipient.mrr", "operator": "greater_than", "argument": "100"}],
+        "big-spenders": [
+            {"property": "recipient.mrr", "operator": "greater_than", "argument": "100"}
+        ],
         "germans": [{"property": "recipient.country", "operator": "equal_to", "argument": "DE"}],
     }.items():
         (folder / "audiences" / key).mkdir(parents=True)
-        (folder / "audiences" / key / "audience.json").write_text(json.dumps(
-            {"name": key, "type": "dynamic", "segments": [{"conditions": conditions}]}))
+        (folder / "audiences" / key / "audience.json").write_text(
+            json.dumps({"name": key, "type": "dynamic", "segments": [{"conditions": conditions}]})
+        )
     (folder / "users.csv").write_text("id,mrr,country\nu1,500,DE\nu2,50,DE\nu3,900,FR\nu4,10,US\n")
     for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
         monkeypatch.delenv(name)
@@ -61,7 +73,8 @@ def test_own_definitions_from_another_folder_never_write_into_the_engine(capsys,
     error = capsys.readouterr().err
     assert error.splitlines() == [
         f"error: {own_folder / 'dbt_project'}: not a dbt project (no dbt_project.yml); run `audiences init` to make "
-        f"this folder a project, or point --dbt-project or AUDIENCES_DBT_PROJECT at one"]
+        f"this folder a project, or point --dbt-project or AUDIENCES_DBT_PROJECT at one"
+    ]
     assert sorted(path.name for path in own_folder.iterdir()) == ["audiences", "users.csv"]
     for command in (["generate"], ["generate", "--check"]):
         assert cli.main([*flags, *command]) == 1
@@ -69,23 +82,36 @@ def test_own_definitions_from_another_folder_never_write_into_the_engine(capsys,
     assert engine_state() == before
 
     assert cli.main(["--definitions", "audiences", "init"]) == 0
-    assert not (own_folder / "data" / "audiences").exists()  # no example beside one's own definitions
+    assert not (
+        own_folder / "data" / "audiences"
+    ).exists()  # no example beside one's own definitions
     assert cli.main([*flags, "run"]) == 0
     out = capsys.readouterr().out
-    with duckdb.connect(str(own_folder / "data" / "warehouse.duckdb"), read_only=True) as connection:
-        catalog = connection.execute("select audience_key from main.audience_catalog order by 1").fetchall()
+    with duckdb.connect(
+        str(own_folder / "data" / "warehouse.duckdb"), read_only=True
+    ) as connection:
+        catalog = connection.execute(
+            "select audience_key from main.audience_catalog order by 1"
+        ).fetchall()
         members = connection.execute(
             "select audience_key, user_id from main.audience_members join raw.users using (user_key) order by all"
         ).fetchall()
     assert catalog == [("big-spenders",), ("germans",)]
-    assert members == [("big-spenders", "u1"), ("big-spenders", "u3"), ("germans", "u1"), ("germans", "u2")]
+    assert members == [
+        ("big-spenders", "u1"),
+        ("big-spenders", "u3"),
+        ("germans", "u1"),
+        ("germans", "u2"),
+    ]
     assert "high_value_accounts" not in out
     assert engine_state() == before
 
 
 def test_the_engines_own_dbt_project_refuses_someone_elses_models(capsys, own_folder):
     before = engine_state()
-    code = cli.main(["--definitions", "audiences", "--dbt-project", str(ROOT / "dbt_project"), "generate"])
+    code = cli.main(
+        ["--definitions", "audiences", "--dbt-project", str(ROOT / "dbt_project"), "generate"]
+    )
     assert code == 1
     assert "is the engine's own dbt project" in capsys.readouterr().err
     assert engine_state() == before
@@ -99,15 +125,26 @@ def test_init_then_run_in_the_new_folder(capsys, tmp_path, monkeypatch):
     before = engine_state()
     assert cli.main(["init", "project"]) == 0
     folder = tmp_path / "project"
-    for expected in ("data/audiences/pro-users/audience.json", "data/sources.yml", "data/users.csv",
-                     "data/sinks.yml", "data/workflows/welcome-pro-users/trigger.json", "dbt_project/dbt_project.yml",
-                     "dbt_project/profiles.yml", "dbt_project/models/audiences/dynamic/pro_users.sql",
-                     "dbt_project/models/audiences/custom/_custom_audiences.yml", "dagster_home/dagster.yaml",
-                     "workspace.yaml", ".gitignore"):
+    for expected in (
+        "data/audiences/pro-users/audience.json",
+        "data/sources.yml",
+        "data/users.csv",
+        "data/sinks.yml",
+        "data/workflows/welcome-pro-users/trigger.json",
+        "dbt_project/dbt_project.yml",
+        "dbt_project/profiles.yml",
+        "dbt_project/models/audiences/dynamic/pro_users.sql",
+        "dbt_project/models/audiences/custom/_custom_audiences.yml",
+        "dagster_home/dagster.yaml",
+        "workspace.yaml",
+        ".gitignore",
+    ):
         assert (folder / expected).is_file(), expected
     # The engine's sample audiences stay behind: generated and hand-written alike.
     assert not list((folder / "dbt_project" / "models" / "audiences" / "custom").glob("*.sql"))
-    assert [p.name for p in (folder / "dbt_project" / "models" / "audiences").rglob("*.sql")] == ["pro_users.sql"]
+    assert [p.name for p in (folder / "dbt_project" / "models" / "audiences").rglob("*.sql")] == [
+        "pro_users.sql"
+    ]
 
     monkeypatch.chdir(folder)
     capsys.readouterr()
@@ -115,17 +152,25 @@ def test_init_then_run_in_the_new_folder(capsys, tmp_path, monkeypatch):
     capsys.readouterr()
     assert cli.main(["--evaluation-time", TIME, "run"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[1:3] == ["  audience   type        members   entered    exited",
-                                     "  pro-users  dynamic           2        +2        -0  first evaluation: no triggers"]
+    assert out.splitlines()[1:3] == [
+        "  audience   type        members   entered    exited",
+        "  pro-users  dynamic           2        +2        -0  first evaluation: no triggers",
+    ]
     assert cli.main(["members", "pro-users"]) == 0
-    assert [json.loads(line)["user_id"] for line in capsys.readouterr().out.splitlines()] == ["user_1", "user_3"]
+    assert [json.loads(line)["user_id"] for line in capsys.readouterr().out.splitlines()] == [
+        "user_1",
+        "user_3",
+    ]
     assert (folder / "data" / "store.sqlite").is_file()
 
     # init again keeps every file that is there (the run's databases aside: the store's SQLite
     # connections, still open in this process, may checkpoint).
     def project_files():
-        return {path: path.read_bytes() for path in folder.rglob("*")
-                if path.is_file() and not path.name.startswith(("store.sqlite", "warehouse.duckdb"))}
+        return {
+            path: path.read_bytes()
+            for path in folder.rglob("*")
+            if path.is_file() and not path.name.startswith(("store.sqlite", "warehouse.duckdb"))
+        }
 
     written = project_files()
     assert cli.main(["init"]) == 0

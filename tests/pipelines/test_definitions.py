@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 
@@ -47,18 +47,26 @@ def test_definitions_load_with_the_expected_asset_graph():
     defs = build_definitions()
     graph = defs.resolve_asset_graph()
     assert sorted(key.to_user_string() for key in graph.get_all_asset_keys()) == EXPECTED_ASSET_KEYS
-    assert dg.AssetKey("audience_definitions") in graph.get(dg.AssetKey(["audiences", "power_users"])).parent_keys
-    assert dg.AssetKey(["audiences", "power_users"]) in graph.get(
-        dg.AssetKey(["audiences", "beta_invite_candidates"])).parent_keys
+    assert (
+        dg.AssetKey("audience_definitions")
+        in graph.get(dg.AssetKey(["audiences", "power_users"])).parent_keys
+    )
+    assert (
+        dg.AssetKey(["audiences", "power_users"])
+        in graph.get(dg.AssetKey(["audiences", "beta_invite_candidates"])).parent_keys
+    )
     assert graph.get(dg.AssetKey("users")).parent_keys == {
-        dg.AssetKey(["sources", "crm_export"]), dg.AssetKey(["sources", "product_updates"]),
-        dg.AssetKey("static_audience_uploads")}
+        dg.AssetKey(["sources", "crm_export"]),
+        dg.AssetKey(["sources", "product_updates"]),
+        dg.AssetKey("static_audience_uploads"),
+    }
 
 
 def test_every_asset_has_a_description():
     graph = build_definitions().resolve_asset_graph()
-    undocumented = [key.to_user_string() for key in graph.get_all_asset_keys()
-                    if not graph.get(key).description]
+    undocumented = [
+        key.to_user_string() for key in graph.get_all_asset_keys() if not graph.get(key).description
+    ]
     assert undocumented == []
 
 
@@ -72,14 +80,22 @@ def test_checks_cover_unique_users_and_every_audience_built():
 def test_schedule_reevaluates_at_the_tick_time():
     defs = build_definitions()
     schedule = defs.resolve_schedule_def("reevaluate_every_15_minutes")
-    tick = datetime(2026, 11, 27, 9, 15, tzinfo=timezone.utc)
-    request = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=tick)).run_requests[0]
+    tick = datetime(2026, 11, 27, 9, 15, tzinfo=UTC)
+    request = schedule.evaluate_tick(
+        dg.build_schedule_context(scheduled_execution_time=tick)
+    ).run_requests[0]
     # The tick's time, and the identify calls queued since the last run loaded first (not the sources).
-    assert request.run_config == {"ops": {"audience_models": {"config": {"evaluation_time": tick.isoformat()}},
-                                          "users": {"config": {"load_sources": False}}}}
+    assert request.run_config == {
+        "ops": {
+            "audience_models": {"config": {"evaluation_time": tick.isoformat()}},
+            "users": {"config": {"load_sources": False}},
+        }
+    }
     assert schedule.cron_schedule == "*/15 * * * *"
-    assert "users" in {key.to_user_string() for key in defs.resolve_job_def("reevaluate_audiences").asset_layer
-                       .selected_asset_keys}
+    assert "users" in {
+        key.to_user_string()
+        for key in defs.resolve_job_def("reevaluate_audiences").asset_layer.selected_asset_keys
+    }
 
 
 def test_delivery_runs_only_when_deliveries_are_due():
@@ -88,7 +104,8 @@ def test_delivery_runs_only_when_deliveries_are_due():
     sensor = defs.resolve_sensor_def("deliveries_due")
     assert sensor.job_name == "deliver_workflow_triggers"
     assert defs.resolve_job_def("deliver_workflow_triggers").asset_layer.selected_asset_keys == {
-        dg.AssetKey("workflow_trigger_deliveries")}
+        dg.AssetKey("workflow_trigger_deliveries")
+    }
 
 
 def test_jobs_that_write_duckdb_run_one_step_at_a_time_and_are_serialized():
@@ -111,10 +128,14 @@ def test_the_dbt_resource_knows_the_version_of_the_dbt_it_runs_without_asking_it
 
     # It replaces two steps of dagster-dbt's resource; if an upgrade renames them, this says so.
     assert callable(DbtCliResource._initialize_dbt_core_adapter)
-    assert isinstance(DbtCliResource.__dict__["_cli_version"], type(DbtResource.__dict__["_cli_version"]))
+    assert isinstance(
+        DbtCliResource.__dict__["_cli_version"], type(DbtResource.__dict__["_cli_version"])
+    )
     from condition_harness import ROOT
 
     resource = DbtResource(project_dir=str(ROOT / "dbt_project"), dbt_executable=dbt_executable())
-    reported = subprocess.run([dbt_executable(), "--version"], capture_output=True, text=True, check=True).stdout
+    reported = subprocess.run(
+        [dbt_executable(), "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert f"installed: {resource._cli_version}" in reported
     assert resource._initialize_dbt_core_adapter(["build"]) is None

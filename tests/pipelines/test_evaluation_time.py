@@ -16,9 +16,10 @@ from datetime import datetime
 import dagster as dg
 import duckdb
 import pytest
+from condition_harness import FILE_SINKS as SINKS
+from condition_harness import ROOT, SAMPLE_TIME, copy_sample_run, copy_store
 
 from audiences import cli
-from condition_harness import FILE_SINKS as SINKS, copy_sample_run, copy_store, ROOT, SAMPLE_TIME
 from pipelines import build_definitions
 from pipelines.defs.schedules import reevaluate_every_15_minutes
 
@@ -42,7 +43,9 @@ def later_run(sample_run, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         _plain_environment(patch)
         assert cli.main([*copy_sample(sample_run, folder), "--evaluation-time", LATER, "run"]) == 0
-    assert (folder / "out" / "triggers.jsonl").read_text().count("\n") > 0, "the later run triggers workflows"
+    assert (folder / "out" / "triggers.jsonl").read_text().count("\n") > 0, (
+        "the later run triggers workflows"
+    )
     return folder
 
 
@@ -59,14 +62,25 @@ def walk(later_run, tmp_path, monkeypatch):
 
 def _plain_environment(patch):
     patch.chdir(ROOT)
-    for name in ("AUDIENCES_DUCKDB", "AUDIENCES_DEFINITIONS", "AUDIENCES_EVALUATION_TIME", "AUDIENCES_USERS_SOURCE",
-                 "AUDIENCES_SINKS", "AUDIENCES_STORE_URL", "AUDIENCES_WORKFLOWS", "DAGSTER_HOME"):
+    for name in (
+        "AUDIENCES_DUCKDB",
+        "AUDIENCES_DEFINITIONS",
+        "AUDIENCES_EVALUATION_TIME",
+        "AUDIENCES_USERS_SOURCE",
+        "AUDIENCES_SINKS",
+        "AUDIENCES_STORE_URL",
+        "AUDIENCES_WORKFLOWS",
+        "DAGSTER_HOME",
+    ):
         patch.delenv(name, raising=False)
 
 
 def file_hashes(folder) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def recorded(folder) -> dict[str, int]:
@@ -78,14 +92,25 @@ def recorded(folder) -> dict[str, int]:
         ).fetchone()
     with sqlite3.connect(folder / "store.sqlite") as store:
         events, deliveries = store.execute(
-            "select (select count(*) from membership_events), (select count(*) from deliveries)").fetchone()
+            "select (select count(*) from membership_events), (select count(*) from deliveries)"
+        ).fetchone()
     lines = (folder / "out" / "triggers.jsonl").read_text().count("\n")
-    return {"outbox": outbox, "intervals": intervals, "events": events, "deliveries": deliveries, "triggers": lines}
+    return {
+        "outbox": outbox,
+        "intervals": intervals,
+        "events": events,
+        "deliveries": deliveries,
+        "triggers": lines,
+    }
 
 
 def members(path) -> set[tuple]:
     with duckdb.connect(str(path), read_only=True) as connection:
-        return set(connection.execute("select audience_key, user_key, tenant from main.audience_members").fetchall())
+        return set(
+            connection.execute(
+                "select audience_key, user_key, tenant from main.audience_members"
+            ).fetchall()
+        )
 
 
 def test_an_earlier_evaluation_time_is_refused_and_writes_nothing(capsys, walk, tmp_path):
@@ -96,11 +121,14 @@ def test_an_earlier_evaluation_time_is_refused_and_writes_nothing(capsys, walk, 
     assert err.splitlines() == [
         "error: evaluation time 2026-11-01T00:00:00.000000Z is earlier than the last recorded evaluation "
         "2026-11-27T00:00:00.000000Z; --allow-earlier (run config allow_earlier: true) evaluates it without "
-        "recording membership events or triggering workflows"]
+        "recording membership events or triggering workflows"
+    ]
     assert file_hashes(tmp_path) == before
 
 
-def test_allow_earlier_evaluates_without_events_or_triggers(capsys, walk, tmp_path, sample_run, later_run):
+def test_allow_earlier_evaluates_without_events_or_triggers(
+    capsys, walk, tmp_path, sample_run, later_run
+):
     before = recorded(tmp_path)
     code = cli.main([*walk, "--evaluation-time", SAMPLE_TIME, "run", "--allow-earlier"])
     out = capsys.readouterr().out
@@ -110,8 +138,10 @@ def test_allow_earlier_evaluates_without_events_or_triggers(capsys, walk, tmp_pa
     assert recorded(tmp_path) == before
     # Evaluated: the members are those of the sample run at the same time, and so are the counts.
     assert members(tmp_path / "warehouse.duckdb") == members(sample_run)
-    count_query = ("select audience_key, member_count from main.audience_evaluations where evaluated_at = $t "
-                   "order by all")
+    count_query = (
+        "select audience_key, member_count from main.audience_evaluations where evaluated_at = $t "
+        "order by all"
+    )
     at = {"t": datetime.fromisoformat(SAMPLE_TIME)}
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
         counts = connection.execute(count_query, at).fetchall()
@@ -123,29 +153,52 @@ def test_allow_earlier_evaluates_without_events_or_triggers(capsys, walk, tmp_pa
     assert cli.main([*walk, "--evaluation-time", LATER_STILL, "run"]) == 0
     direct = tmp_path / "direct"
     direct.mkdir()
-    assert cli.main([*copy_sample(later_run / "warehouse.duckdb", direct), "--evaluation-time", LATER_STILL, "run"]) == 0
-    after_earlier, after_direct = (new_events(folder, before["outbox"]) for folder in (tmp_path, direct))
+    assert (
+        cli.main(
+            [
+                *copy_sample(later_run / "warehouse.duckdb", direct),
+                "--evaluation-time",
+                LATER_STILL,
+                "run",
+            ]
+        )
+        == 0
+    )
+    after_earlier, after_direct = (
+        new_events(folder, before["outbox"]) for folder in (tmp_path, direct)
+    )
     assert after_earlier == after_direct
     assert {event[-1] for event in after_earlier} <= {datetime.fromisoformat(LATER_STILL)}
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
         dynamic = "(select audience_key from main.audience_catalog where audience_type = 'dynamic')"
-        open_intervals = set(connection.execute(
-            "select audience_key, user_key, tenant from raw.membership_intervals "
-            f"where exited_at is null and audience_key in {dynamic}").fetchall())
-        evaluated = set(connection.execute(
-            f"select audience_key, user_key, tenant from main.audience_members where audience_key in {dynamic}"
-        ).fetchall())
+        open_intervals = set(
+            connection.execute(
+                "select audience_key, user_key, tenant from raw.membership_intervals "
+                f"where exited_at is null and audience_key in {dynamic}"
+            ).fetchall()
+        )
+        evaluated = set(
+            connection.execute(
+                f"select audience_key, user_key, tenant from main.audience_members where audience_key in {dynamic}"
+            ).fetchall()
+        )
     assert open_intervals == evaluated
 
 
 def new_events(folder, after: int) -> set[tuple]:
     with duckdb.connect(str(folder / "warehouse.duckdb"), read_only=True) as connection:
-        return set(connection.execute(
-            "select audience_key, user_id, tenant, event_type, occurred_at from raw.membership_outbox "
-            "where sequence > $n", {"n": after}).fetchall())
+        return set(
+            connection.execute(
+                "select audience_key, user_id, tenant, event_type, occurred_at from raw.membership_outbox "
+                "where sequence > $n",
+                {"n": after},
+            ).fetchall()
+        )
 
 
-def test_dagster_runs_refuse_an_earlier_time_unless_run_config_allows_it(later_run, tmp_path, monkeypatch):
+def test_dagster_runs_refuse_an_earlier_time_unless_run_config_allows_it(
+    later_run, tmp_path, monkeypatch
+):
     copy_sample_later = tmp_path / "warehouse.duckdb"
     shutil.copy(later_run / "warehouse.duckdb", copy_sample_later)
     copy_store(later_run / "store.sqlite", tmp_path / "store.sqlite")
@@ -159,8 +212,11 @@ def test_dagster_runs_refuse_an_earlier_time_unless_run_config_allows_it(later_r
 
     def launch(config: dict):
         with dg.DagsterInstance.ephemeral() as instance:
-            return job.execute_in_process(run_config={"ops": {"audience_models": {"config": config}}},
-                                          instance=instance, raise_on_error=False)
+            return job.execute_in_process(
+                run_config={"ops": {"audience_models": {"config": config}}},
+                instance=instance,
+                raise_on_error=False,
+            )
 
     refused = launch({"evaluation_time": SAMPLE_TIME})
     assert not refused.success
@@ -168,19 +224,31 @@ def test_dagster_runs_refuse_an_earlier_time_unless_run_config_allows_it(later_r
     assert failure.step_key == "audience_models"
     assert failure.event_specific_data.error.message.startswith(
         "dagster._core.definitions.events.Failure: evaluation time 2026-11-01T00:00:00.000000Z is earlier than "
-        "the last recorded evaluation 2026-11-27T00:00:00.000000Z;")
+        "the last recorded evaluation 2026-11-27T00:00:00.000000Z;"
+    )
     assert recorded(tmp_path) == before
     with duckdb.connect(str(copy_sample_later), read_only=True) as connection:
-        clock = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchone()[0]
+        clock = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchone()[
+            0
+        ]
     assert clock == datetime.fromisoformat(LATER)  # refused before "now" was set
 
     allowed = launch({"evaluation_time": SAMPLE_TIME, "allow_earlier": True})
     assert allowed.success
-    metadata = {event.asset_key.to_user_string(): event.step_materialization_data.materialization.metadata
-                for event in allowed.get_asset_materialization_events()}
-    assert metadata["membership_changes"]["entered"].value == metadata["membership_changes"]["exited"].value == 0
+    metadata = {
+        event.asset_key.to_user_string(): event.step_materialization_data.materialization.metadata
+        for event in allowed.get_asset_materialization_events()
+    }
+    assert (
+        metadata["membership_changes"]["entered"].value
+        == metadata["membership_changes"]["exited"].value
+        == 0
+    )
     assert metadata["published_membership_events"]["deliveries_created"].value == 0
-    checks = {evaluation.check_name: evaluation.passed for evaluation in allowed.get_asset_check_evaluations()}
+    checks = {
+        evaluation.check_name: evaluation.passed
+        for evaluation in allowed.get_asset_check_evaluations()
+    }
     assert checks["every_audience_built"] is True and checks["no_mass_membership_change"] is True
     assert recorded(tmp_path) == before
 

@@ -11,36 +11,50 @@ import os
 import shutil
 import subprocess
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 
 import dagster as dg
 import duckdb
 import pytest
+from condition_harness import NOW, ROOT, copy_sample_run, copy_store
 
 from audiences.conditions.reference import evaluate_audience
 from audiences.definitions import evaluation_order, load_definitions
-from condition_harness import copy_sample_run, copy_store, NOW, ROOT
 from pipelines import build_definitions
 
 pytestmark = pytest.mark.slow
 
 
-def reference_members(connection, now=NOW, definitions_dir=ROOT / "data" / "audiences") -> dict[str, set[str]]:
-    users = [{"id": user_id, **json.loads(properties)} for user_id, properties in
-             connection.execute("select user_id, properties from raw.users where deleted_at is null").fetchall()]
+def reference_members(
+    connection, now=NOW, definitions_dir=ROOT / "data" / "audiences"
+) -> dict[str, set[str]]:
+    users = [
+        {"id": user_id, **json.loads(properties)}
+        for user_id, properties in connection.execute(
+            "select user_id, properties from raw.users where deleted_at is null"
+        ).fetchall()
+    ]
     definitions = load_definitions(definitions_dir)
     members: dict[str, set[str]] = {}
     for key in evaluation_order(definitions):
         definition = definitions[key]
         if definition.type != "dynamic":
             # Static members come from data/syncs.yml (sources/vip_accounts.csv): identified users only.
-            members[key] = {uid for (uid,) in connection.execute(
-                "select distinct user_id from raw.static_audience_members where audience_key = $k "
-                "and user_id in (select user_id from raw.users where deleted_at is null)", {"k": key}).fetchall()}
+            members[key] = {
+                uid
+                for (uid,) in connection.execute(
+                    "select distinct user_id from raw.static_audience_members where audience_key = $k "
+                    "and user_id in (select user_id from raw.users where deleted_at is null)",
+                    {"k": key},
+                ).fetchall()
+            }
             continue
         members[key] = {
-            user["id"] for user in users
-            if evaluate_audience(definition.raw, user, now=now, is_member=lambda other, uid: uid in members[other])
+            user["id"]
+            for user in users
+            if evaluate_audience(
+                definition.raw, user, now=now, is_member=lambda other, uid: uid in members[other]
+            )
         }
     return members
 
@@ -50,7 +64,8 @@ def compiled_members(connection) -> dict[str, set[str]]:
     incremental build that left a replaced row behind would repeat one."""
     rows = connection.execute(
         "select members.audience_key, users.user_id, members.tenant from main.audience_members as members "
-        "join raw.users as users using (user_key)").fetchall()
+        "join raw.users as users using (user_key)"
+    ).fetchall()
     assert len(rows) == len(set(rows)), "audience_members repeats a member"
     members: dict[str, set[str]] = {}
     for key, user_id, _ in rows:
@@ -77,7 +92,8 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
             "select (select count(*) from raw.users where deleted_at is null), (select count(*) from raw.users_quarantine)"
         ).fetchone()
         evaluations = connection.execute(
-            "select audience_key, strftime(evaluated_at, '%Y-%m-%dT%H:%M:%SZ') from main.audience_evaluations").fetchall()
+            "select audience_key, strftime(evaluated_at, '%Y-%m-%dT%H:%M:%SZ') from main.audience_evaluations"
+        ).fetchall()
         registry = connection.execute("select count(*) from raw.audience_registry").fetchone()[0]
     # 26 bad rows, and the first row of each of the ten ids that the snapshot holds twice
     assert (users, quarantined) == (2964, 26 + 10)
@@ -85,7 +101,9 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
     assert registry == 14
 
 
-def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, tmp_path, monkeypatch):
+def test_reevaluation_moves_users_as_time_passes_and_reports_counts(
+    sample_run, tmp_path, monkeypatch
+):
     copy = tmp_path / "warehouse.duckdb"
     copy_sample_run(sample_run, tmp_path)
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
@@ -104,11 +122,17 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
     }
     # The definitions did not change: the audience views were not rebuilt, their members were
     # re-evaluated, and each audience is materialized with them.
-    assert materializations["audiences/eu_customers"]["status"].value == "members re-evaluated (view unchanged)"
+    assert (
+        materializations["audiences/eu_customers"]["status"].value
+        == "members re-evaluated (view unchanged)"
+    )
     assert materializations["audiences/new_signups_this_week"]["member_count"].value == 0
     assert materializations["audiences/eu_customers"]["member_count"].value > 0
     assert materializations["audience_members"]["member_counts"].value["eu_customers"] > 0
-    checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+    checks = {
+        evaluation.check_name: evaluation.passed
+        for evaluation in result.get_asset_check_evaluations()
+    }
     assert checks["every_audience_built"] is True
     assert checks["no_mass_membership_change"] is True
     # Time passing alone moves users: last week's sign-ups leave, and their exits are events.
@@ -116,17 +140,20 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
     assert changes["exited"].value > 0
     assert "| new-signups-this-week | 0 | 80 |" in changes["changes_per_audience"].value
     assert materializations["published_membership_events"]["events_published"].value == (
-        changes["entered"].value + changes["exited"].value)
+        changes["entered"].value + changes["exited"].value
+    )
     delivered = materializations["workflow_trigger_deliveries"]["delivered"].value
     lines = (tmp_path / "out" / "triggers.jsonl").read_text().splitlines()
     assert delivered == len(lines) > 0
     assert {json.loads(line)["data"]["event"] for line in lines} <= {"entered", "exited"}
     with duckdb.connect(str(copy), read_only=True) as connection:
         history = connection.execute(
-            "select count(distinct evaluated_at), count(*) from main.audience_evaluations").fetchone()
+            "select count(distinct evaluated_at), count(*) from main.audience_evaluations"
+        ).fetchone()
         signups = connection.execute(
             "select member_count from main.audience_evaluations where audience_key = 'new-signups-this-week' "
-            "order by evaluated_at").fetchall()
+            "order by evaluated_at"
+        ).fetchall()
     assert history == (2, 30)
     assert signups[0][0] > 0 and signups[1][0] == 0
     # Re-evaluated incrementally (time-relative audiences only for users near their windows), the
@@ -135,14 +162,18 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(sample_run, 
         expected = reference_members(connection, now=datetime.fromisoformat(later))
         actual = compiled_members(connection)
         reevaluated, changed = connection.execute(
-            "select count(*), count(*) filter (where changed) from main.int_users_to_reevaluate").fetchone()
+            "select count(*), count(*) filter (where changed) from main.int_users_to_reevaluate"
+        ).fetchone()
     assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
-        key: ids for key, ids in expected.items() if ids}
+        key: ids for key, ids in expected.items() if ids
+    }
     assert 0 < reevaluated < 2964  # 26 days of windows cover most of the sample's users
     assert changed == 0  # no user's data changed: the schedule tick's path
 
 
-def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_changes(sample_run, tmp_path):
+def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_changes(
+    sample_run, tmp_path
+):
     """Changed, new and deleted users, "now" moved, and one definition changed, in one run.
 
     audience_members re-evaluates per user what it can (macros/audience_members.sql); the result
@@ -154,7 +185,9 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     copy = tmp_path / "warehouse.duckdb"
     copy_sample_run(sample_run, tmp_path)
     project = tmp_path / "dbt_project"
-    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb")
+    )
     definitions = tmp_path / "audiences"
     shutil.copytree(ROOT / "data" / "audiences", definitions)
     changed = json.loads((definitions / "eu-customers" / "audience.json").read_text())
@@ -165,45 +198,105 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     changed["segments"][1]["conditions"][0]["argument"] = "500"
     (definitions / "power-users" / "audience.json").write_text(json.dumps(changed))
     # The snapshot loses three users (deleted); a stream moves 40 users around and adds one.
-    lines = (ROOT / "data" / "sources" / "users.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = (
+        (ROOT / "data" / "sources" / "users.csv")
+        .read_text(encoding="utf-8")
+        .splitlines(keepends=True)
+    )
     deleted = ["user_00030", "user_00031", "user_00032"]
-    kept = [line for line in lines if not line.startswith(tuple(f"{user_id}," for user_id in deleted))]
+    kept = [
+        line for line in lines if not line.startswith(tuple(f"{user_id}," for user_id in deleted))
+    ]
     assert len(kept) == len(lines) - 3
     (tmp_path / "users.csv").write_text("".join(kept), encoding="utf-8")
-    updates = [{"id": f"user_{n:05d}", "plan": plan, "address": {"country": country}, "nps_score": score,
-                "last_seen_at": seen}
-               for n, (plan, country, score, seen) in enumerate(
-                   [("enterprise", "DE", 10, "2026-11-20T00:00:00Z"), ("free", "US", 2, "2026-09-01T00:00:00Z"),
-                    ("pro", "FR", None, "2026-11-26T12:00:00Z"), ("starter", "NL", 6, None)] * 10, start=100)]
-    updates.append({"id": "user_new_1", "plan": "enterprise", "address": {"country": "DE"}, "nps_score": 9,
-                    "last_seen_at": "2026-11-26T00:00:00Z"})
-    (tmp_path / "updates.jsonl").write_text("".join(json.dumps(update) + "\n" for update in updates))
+    updates = [
+        {
+            "id": f"user_{n:05d}",
+            "plan": plan,
+            "address": {"country": country},
+            "nps_score": score,
+            "last_seen_at": seen,
+        }
+        for n, (plan, country, score, seen) in enumerate(
+            [
+                ("enterprise", "DE", 10, "2026-11-20T00:00:00Z"),
+                ("free", "US", 2, "2026-09-01T00:00:00Z"),
+                ("pro", "FR", None, "2026-11-26T12:00:00Z"),
+                ("starter", "NL", 6, None),
+            ]
+            * 10,
+            start=100,
+        )
+    ]
+    updates.append(
+        {
+            "id": "user_new_1",
+            "plan": "enterprise",
+            "address": {"country": "DE"},
+            "nps_score": 9,
+            "last_seen_at": "2026-11-26T00:00:00Z",
+        }
+    )
+    (tmp_path / "updates.jsonl").write_text(
+        "".join(json.dumps(update) + "\n" for update in updates)
+    )
     (tmp_path / "sources.yml").write_text(
         "sources:\n"
         "  - {name: crm_export, path: users.csv, mode: snapshot}\n"
         f"  - {{name: product_updates, path: '{ROOT / 'data' / 'sources' / 'user_updates.parquet'}', mode: stream}}\n"
-        "  - {name: test_updates, path: updates.jsonl, mode: stream}\n")
+        "  - {name: test_updates, path: updates.jsonl, mode: stream}\n"
+    )
     later = "2026-11-01T06:00:00+00:00"
-    code = cli.main(["--duckdb", str(copy), "--sinks", str(tmp_path / "sinks.yml"), "--store",
-                     f"sqlite:///{tmp_path / 'store.sqlite'}", "--sources", str(tmp_path / "sources.yml"),
-                     "--definitions", str(definitions), "--dbt-project", str(project),
-                     "--evaluation-time", later, "run"])
+    code = cli.main(
+        [
+            "--duckdb",
+            str(copy),
+            "--sinks",
+            str(tmp_path / "sinks.yml"),
+            "--store",
+            f"sqlite:///{tmp_path / 'store.sqlite'}",
+            "--sources",
+            str(tmp_path / "sources.yml"),
+            "--definitions",
+            str(definitions),
+            "--dbt-project",
+            str(project),
+            "--evaluation-time",
+            later,
+            "run",
+        ]
+    )
     assert code == 0
     with duckdb.connect(str(copy), read_only=True) as connection:
-        expected = reference_members(connection, now=datetime.fromisoformat(later), definitions_dir=definitions)
+        expected = reference_members(
+            connection, now=datetime.fromisoformat(later), definitions_dir=definitions
+        )
         actual = compiled_members(connection)
-        reevaluated = {key for (key,) in connection.execute("select user_id from main.int_users_to_reevaluate "
-                                                            "join raw.users using (user_key)").fetchall()}
-        moved = dict(connection.execute(
-            "select audience_key, count(*) from raw.membership_outbox where occurred_at = $t group by all",
-            {"t": datetime.fromisoformat(later)}).fetchall())
-        gone = connection.execute("select count(*) from raw.users where deleted_at is not null and user_id in "
-                                  "('user_00030', 'user_00031', 'user_00032')").fetchone()[0]
-        unconsumed = connection.execute("select count(*) from main.audience_members__reevaluated").fetchone()[0]
+        reevaluated = {
+            key
+            for (key,) in connection.execute(
+                "select user_id from main.int_users_to_reevaluate join raw.users using (user_key)"
+            ).fetchall()
+        }
+        moved = dict(
+            connection.execute(
+                "select audience_key, count(*) from raw.membership_outbox where occurred_at = $t group by all",
+                {"t": datetime.fromisoformat(later)},
+            ).fetchall()
+        )
+        gone = connection.execute(
+            "select count(*) from raw.users where deleted_at is not null and user_id in "
+            "('user_00030', 'user_00031', 'user_00032')"
+        ).fetchone()[0]
+        unconsumed = connection.execute(
+            "select count(*) from main.audience_members__reevaluated"
+        ).fetchone()[0]
         intervals = connection.execute(
-            "select audience_key, user_id from raw.membership_intervals where exited_at is null").fetchall()
+            "select audience_key, user_id from raw.membership_intervals where exited_at is null"
+        ).fetchall()
     assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
-        key: ids for key, ids in expected.items() if ids}
+        key: ids for key, ids in expected.items() if ids
+    }
     assert {user["id"] for user in updates} | set(deleted) <= reevaluated
     # Also re-evaluated: users with a timestamp in a six-hour window. Not everyone. (Users that the
     # snapshot and the stream both set, re-applied on each run, end as they were: not re-evaluated.)
@@ -212,51 +305,91 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     opened: dict[str, set[str]] = {}
     for key, user_id in intervals:
         opened.setdefault(key, set()).add(user_id)
-    assert {key: ids for key, ids in opened.items() if key not in ("vip-customers", "high_value_accounts")} == {
-        key: ids for key, ids in actual.items() if key not in ("vip-customers", "high_value_accounts")}
+    assert {
+        key: ids
+        for key, ids in opened.items()
+        if key not in ("vip-customers", "high_value_accounts")
+    } == {
+        key: ids
+        for key, ids in actual.items()
+        if key not in ("vip-customers", "high_value_accounts")
+    }
     assert moved.get("eu-customers", 0) > 0 and moved.get("churn-risk", 0) > 0
     assert moved.get("power-users", 0) > 0 and moved.get("beta-invite-candidates", 0) > 0
     assert unconsumed == 0 and gone == 3
     # Deleted users have no attribute row, whether the build replaced their rows or, with
     # --full-refresh, made the table anew from users that include their tombstones.
-    settings = Settings.from_env({}, duckdb_path=copy, dbt_project_dir=project, definitions_dir=definitions)
-    deleted_rows = ("select count(*) from main.int_users_flattened where user_id in "
-                    "('user_00030', 'user_00031', 'user_00032')")
+    settings = Settings.from_env(
+        {}, duckdb_path=copy, dbt_project_dir=project, definitions_dir=definitions
+    )
+    deleted_rows = (
+        "select count(*) from main.int_users_flattened where user_id in "
+        "('user_00030', 'user_00031', 'user_00032')"
+    )
     for arguments in ([], ["run", "--full-refresh", "--select", "int_users_flattened"]):
         if arguments:
             run_dbt(arguments, settings)
         with duckdb.connect(str(copy), read_only=True) as connection:
-            users, rows = connection.execute("select count(*), count(distinct user_key) from main.int_users_flattened"
-                                             ).fetchone()
-            live = connection.execute("select count(*) from raw.users where deleted_at is null").fetchone()[0]
+            users, rows = connection.execute(
+                "select count(*), count(distinct user_key) from main.int_users_flattened"
+            ).fetchone()
+            live = connection.execute(
+                "select count(*) from raw.users where deleted_at is null"
+            ).fetchone()[0]
             assert connection.execute(deleted_rows).fetchone()[0] == 0 and users == rows == live
 
 
-def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(sample_run, tmp_path, monkeypatch):
+def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(
+    sample_run, tmp_path, monkeypatch
+):
     shutil.copy(sample_run, tmp_path / "warehouse.duckdb")
     copy_store(sample_run.parent / "store.sqlite", tmp_path / "store.sqlite")
     shutil.copytree(ROOT / "data" / "audiences", tmp_path / "audiences")
     (tmp_path / "uploads" / "vip-customers").mkdir(parents=True)
     (tmp_path / "uploads" / "vip-customers" / "vips.csv").write_text(
-        "id,tenant_id,tier\nuser_00042,acme,gold\nuser_00042,globex,gold\nbrand-new-user,,silver\n ,x,y\n")
+        "id,tenant_id,tier\nuser_00042,acme,gold\nuser_00042,globex,gold\nbrand-new-user,,silver\n ,x,y\n"
+    )
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))
     monkeypatch.setenv("AUDIENCES_DEFINITIONS", str(tmp_path / "audiences"))
-    monkeypatch.setenv("AUDIENCES_USERS_SOURCE", str(ROOT / "data" / "sources" / "user_updates.parquet"))
+    monkeypatch.setenv(
+        "AUDIENCES_USERS_SOURCE", str(ROOT / "data" / "sources" / "user_updates.parquet")
+    )
     monkeypatch.setenv("AUDIENCES_SOURCE_MODE", "stream")
     with dg.DagsterInstance.ephemeral() as instance:
-        result = build_definitions().resolve_job_def("audiences_job").execute_in_process(
-            run_config={"ops": {"audience_models": {"config": {"evaluation_time": "2026-11-01T00:00:00+00:00"}}}},
-            instance=instance)
+        result = (
+            build_definitions()
+            .resolve_job_def("audiences_job")
+            .execute_in_process(
+                run_config={
+                    "ops": {
+                        "audience_models": {
+                            "config": {"evaluation_time": "2026-11-01T00:00:00+00:00"}
+                        }
+                    }
+                },
+                instance=instance,
+            )
+        )
     assert result.success
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
-        static = connection.execute("select user_id, tenant from audiences.vip_customers order by user_id, tenant").fetchall()
+        static = connection.execute(
+            "select user_id, tenant from audiences.vip_customers order by user_id, tenant"
+        ).fetchall()
         new_user = connection.execute(
-            "select properties ->> '$.tier' from raw.users where user_id = 'brand-new-user'").fetchall()
+            "select properties ->> '$.tier' from raw.users where user_id = 'brand-new-user'"
+        ).fetchall()
     # The upload's members beside the sample sync's (user_00042 under acme and globex is in both).
-    assert static == [("brand-new-user", None), ("user_00042", "acme"), ("user_00042", "globex"),
-                      ("user_00107", "acme"), ("user_00311", None)]
+    assert static == [
+        ("brand-new-user", None),
+        ("user_00042", "acme"),
+        ("user_00042", "globex"),
+        ("user_00107", "acme"),
+        ("user_00311", None),
+    ]
     assert new_user == [("silver",)]
-    processed = sorted(p.name for p in (tmp_path / "uploads" / "vip-customers" / "processed").iterdir())
+    processed = sorted(
+        p.name for p in (tmp_path / "uploads" / "vip-customers" / "processed").iterdir()
+    )
     assert len(processed) == 2 and any(name.endswith(".rejects.csv") for name in processed)
 
 
@@ -268,7 +401,6 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     and that never goes past what int_users_flattened has extracted. The build of audience_members
     alone re-evaluates the users of the last list again: it reads them from the end of
     int_users_flattened after that list's own lower bound, not after the watermark it moved."""
-    from datetime import timezone
 
     from audiences.dbt_project import prepare, run_dbt
     from audiences.settings import Settings
@@ -279,9 +411,12 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     copy = tmp_path / "warehouse.duckdb"
     shutil.copy(sample_run, copy)
     project = tmp_path / "dbt_project"
-    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
-    settings = Settings.from_env({}, duckdb_path=copy, dbt_project_dir=project,
-                                 definitions_dir=ROOT / "data" / "audiences")
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb")
+    )
+    settings = Settings.from_env(
+        {}, duckdb_path=copy, dbt_project_dir=project, definitions_dir=ROOT / "data" / "audiences"
+    )
     prepare(settings)
     with duckdb.connect(str(copy), read_only=True) as connection:
         (now,) = connection.execute("select max(evaluated_at) from raw.evaluation_clock").fetchone()
@@ -289,27 +424,49 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     # A first load and evaluation, so that the list of users to re-evaluate is not empty when an
     # analyst's build of audience_members alone re-evaluates it again.
     for load, batch in enumerate((range(300, 330), range(200, 230))):
-        updates = [{"id": f"user_{n:05d}", "plan": "enterprise", "address": {"country": "DE"}, "nps_score": 10,
-                    "last_seen_at": "2026-10-31T12:00:00Z", "mrr": 5000} for n in batch]
-        (tmp_path / "updates.jsonl").write_text("".join(json.dumps(update) + "\n" for update in updates))
+        updates = [
+            {
+                "id": f"user_{n:05d}",
+                "plan": "enterprise",
+                "address": {"country": "DE"},
+                "nps_score": 10,
+                "last_seen_at": "2026-10-31T12:00:00Z",
+                "mrr": 5000,
+            }
+            for n in batch
+        ]
+        (tmp_path / "updates.jsonl").write_text(
+            "".join(json.dumps(update) + "\n" for update in updates)
+        )
         with duckdb.connect(str(copy)) as connection:
-            load_source(connection, UserSource("test_updates", "jsonl", tmp_path / "updates.jsonl", mode="stream"),
-                        datetime.now(timezone.utc))
+            load_source(
+                connection,
+                UserSource("test_updates", "jsonl", tmp_path / "updates.jsonl", mode="stream"),
+                datetime.now(UTC),
+            )
         if load == 0:
             run_dbt(["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings)
-    run_dbt(["build", "--select", "audience_members"], settings)  # int_users_to_reevaluate is not rebuilt
-    run_dbt(["build", "--select", "int_users_to_reevaluate", "audience_members"], settings)  # nor the attributes
-    run_dbt(["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings)  # the next evaluation
+    run_dbt(
+        ["build", "--select", "audience_members"], settings
+    )  # int_users_to_reevaluate is not rebuilt
+    run_dbt(
+        ["build", "--select", "int_users_to_reevaluate", "audience_members"], settings
+    )  # nor the attributes
+    run_dbt(
+        ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)], settings
+    )  # the next evaluation
     with duckdb.connect(str(copy), read_only=True) as connection:
         expected = reference_members(connection, now=now)
         actual = compiled_members(connection)
     assert actual != before  # the updates moved users
     assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
-        key: ids for key, ids in expected.items() if ids}
+        key: ids for key, ids in expected.items() if ids
+    }
 
 
 def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_are_evaluated(
-        sample_run, tmp_path, capsys, monkeypatch):
+    sample_run, tmp_path, capsys, monkeypatch
+):
     """Issue 13, item 3: one audience.json with an unknown operator, and one audience that refers to
     it, in the second run (after the sample run). The others are evaluated and move; the two keep
     their members, open memberships and catalog entry, get no event, and the run exits 1 naming
@@ -322,7 +479,9 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     copy = tmp_path / "warehouse.duckdb"
     copy_sample_run(sample_run, tmp_path)
     project = tmp_path / "dbt_project"
-    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb"))
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb")
+    )
     definitions = tmp_path / "audiences"
     shutil.copytree(ROOT / "data" / "audiences", definitions)
     broken_file = definitions / "power-users" / "audience.json"
@@ -331,14 +490,33 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     broken["segments"][0]["conditions"][0]["operator"] = "equals"
     broken_file.write_text(json.dumps(broken, indent=2), encoding="utf-8")
     skipped = ("power-users", "beta-invite-candidates")  # beta-invite-candidates reads power-users
-    flags = ["--duckdb", str(copy), "--sinks", str(tmp_path / "sinks.yml"), "--store",
-             f"sqlite:///{tmp_path / 'store.sqlite'}", "--definitions", str(definitions), "--dbt-project", str(project)]
+    flags = [
+        "--duckdb",
+        str(copy),
+        "--sinks",
+        str(tmp_path / "sinks.yml"),
+        "--store",
+        f"sqlite:///{tmp_path / 'store.sqlite'}",
+        "--definitions",
+        str(definitions),
+        "--dbt-project",
+        str(project),
+    ]
 
     def state(connection, key):
-        members = sorted(connection.execute("select user_key, tenant from main.audience_members "
-                                            "where audience_key = $k", {"k": key}).fetchall())
-        intervals = sorted(connection.execute("select user_id, entry_number, entered_at from raw.membership_intervals "
-                                              "where audience_key = $k and exited_at is null", {"k": key}).fetchall())
+        members = sorted(
+            connection.execute(
+                "select user_key, tenant from main.audience_members where audience_key = $k",
+                {"k": key},
+            ).fetchall()
+        )
+        intervals = sorted(
+            connection.execute(
+                "select user_id, entry_number, entered_at from raw.membership_intervals "
+                "where audience_key = $k and exited_at is null",
+                {"k": key},
+            ).fetchall()
+        )
         return members, intervals
 
     with duckdb.connect(str(copy), read_only=True) as connection:
@@ -348,29 +526,55 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     def run_process(*arguments):
         # A process per run, as a user runs it: what it prints is what they see, and its Dagster
         # reads the dbt manifest afresh (one process caches it by path).
-        environment = {name: value for name, value in os.environ.items() if not name.startswith("AUDIENCES_")}
-        done = subprocess.run([sys.executable, "-m", "audiences.cli", *flags, *arguments], cwd=ROOT,
-                              env=environment, capture_output=True, text=True, timeout=600)
+        environment = {
+            name: value for name, value in os.environ.items() if not name.startswith("AUDIENCES_")
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "audiences.cli", *flags, *arguments],
+            cwd=ROOT,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return done.returncode, done.stdout, done.stderr
 
     later = "2026-11-27T00:00:00+00:00"  # 26 days: power users not seen for 3 days would leave
     code, out, err = run_process("--evaluation-time", later, "run")
     assert code == 1, err
     assert f"{broken_file}: $.segments[0].conditions[0].operator: unknown operator 'equals'" in err
-    assert (f"{definitions / 'beta-invite-candidates' / 'audience.json'}: $.segments[0].conditions[0].argument: "
-            "refers to audience 'power-users', which is skipped") in err
+    assert (
+        f"{definitions / 'beta-invite-candidates' / 'audience.json'}: $.segments[0].conditions[0].argument: "
+        "refers to audience 'power-users', which is skipped"
+    ) in err
     assert "skipped 2 audiences" in err and "Traceback" not in out + err
     assert "new-signups-this-week" in out  # the run's summary of the evaluated audiences
     at = datetime.fromisoformat(later)
     with duckdb.connect(str(copy), read_only=True) as connection:
         after = {key: state(connection, key) for key in skipped}
-        expected = reference_members(connection, now=at, definitions_dir=ROOT / "data" / "audiences")
+        expected = reference_members(
+            connection, now=at, definitions_dir=ROOT / "data" / "audiences"
+        )
         actual = compiled_members(connection)
-        moved = dict(connection.execute("select audience_key, count(*) from raw.membership_outbox "
-                                        "where occurred_at = $t group by all", {"t": at}).fetchall())
-        catalog = dict(connection.execute("select audience_key, is_skipped from main.audience_catalog").fetchall())
-        evaluated = {key for (key,) in connection.execute(
-            "select audience_key from main.audience_evaluations where evaluated_at = $t", {"t": at}).fetchall()}
+        moved = dict(
+            connection.execute(
+                "select audience_key, count(*) from raw.membership_outbox "
+                "where occurred_at = $t group by all",
+                {"t": at},
+            ).fetchall()
+        )
+        catalog = dict(
+            connection.execute(
+                "select audience_key, is_skipped from main.audience_catalog"
+            ).fetchall()
+        )
+        evaluated = {
+            key
+            for (key,) in connection.execute(
+                "select audience_key from main.audience_evaluations where evaluated_at = $t",
+                {"t": at},
+            ).fetchall()
+        }
     assert after == before  # the same members and open memberships: nobody left
     assert not set(skipped) & set(moved)  # and no event
     assert moved.get("new-signups-this-week", 0) > 0  # the others were evaluated, and moved
@@ -386,15 +590,21 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     assert code == 0 and len(listed) == len(before["power-users"][0])
     assert cli.main([*flags, "--evaluation-time", later, "preview", "eu-customers"]) == 0
     assert "matching users" in capsys.readouterr().out
-    assert cli.main([*flags, "--evaluation-time", later, "explain", "eu-customers", "user_00001"]) == 0
+    assert (
+        cli.main([*flags, "--evaluation-time", later, "explain", "eu-customers", "user_00001"]) == 0
+    )
     capsys.readouterr()
     assert cli.main([*flags, "preview", "power-users"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: {broken_file}: $.segments[0].conditions[0].operator: unknown operator 'equals'")
+    assert err.startswith(
+        f"error: {broken_file}: $.segments[0].conditions[0].operator: unknown operator 'equals'"
+    )
     assert len(err.splitlines()) == 1
     assert cli.main([*flags, "explain", "beta-invite-candidates", "user_00001"]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "refers to audience 'power-users', which is skipped" in err
+    assert (
+        len(err.splitlines()) == 1 and "refers to audience 'power-users', which is skipped" in err
+    )
 
     # Fixed: the next run evaluates both again, whole (users changed meanwhile too), and their
     # members now leave with exit events.
@@ -406,16 +616,24 @@ def test_a_broken_definition_is_skipped_with_its_members_kept_while_the_others_a
     with duckdb.connect(str(copy), read_only=True) as connection:
         expected = reference_members(connection, now=at)
         actual = compiled_members(connection)
-        moved = dict(connection.execute("select audience_key, count(*) from raw.membership_outbox "
-                                        "where occurred_at = $t and event_type = 'exited' group by all",
-                                        {"t": at}).fetchall())
-        skipped_now = connection.execute("select count(*) from main.audience_catalog where is_skipped").fetchone()[0]
+        moved = dict(
+            connection.execute(
+                "select audience_key, count(*) from raw.membership_outbox "
+                "where occurred_at = $t and event_type = 'exited' group by all",
+                {"t": at},
+            ).fetchall()
+        )
+        skipped_now = connection.execute(
+            "select count(*) from main.audience_catalog where is_skipped"
+        ).fetchone()[0]
     for key in skipped:
         assert actual.get(key, set()) == expected[key], key
     assert moved.get("power-users", 0) > 0 and skipped_now == 0
 
 
-def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_stay(sample_run, tmp_path, monkeypatch):
+def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_stay(
+    sample_run, tmp_path, monkeypatch
+):
     """Issue 23: with `dg dev` running and no one typing `audiences run`, an identify call through
     the API that moves a user into an audience must produce `entered` at the next scheduled
     evaluation, and the main job that reads the sample's sources again must not put them back."""
@@ -428,38 +646,73 @@ def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_sta
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))
     monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
-        members = {user_id for (user_id,) in connection.execute(
-            "select user_id from audiences.enterprise_admins").fetchall()}
-        crm_users = [user_id for (user_id,) in connection.execute(
-            "select user_id from raw.users where source_name = 'crm_export' and deleted_at is null "
-            "order by user_id").fetchall() if user_id not in members][:40]
+        members = {
+            user_id
+            for (user_id,) in connection.execute(
+                "select user_id from audiences.enterprise_admins"
+            ).fetchall()
+        }
+        crm_users = [
+            user_id
+            for (user_id,) in connection.execute(
+                "select user_id from raw.users where source_name = 'crm_export' and deleted_at is null "
+                "order by user_id"
+            ).fetchall()
+            if user_id not in members
+        ][:40]
     store = MembershipStore(f"sqlite:///{tmp_path / 'store.sqlite'}").create()
     with store.engine.begin() as connection:  # what `PUT /v1/users/{id}` does
-        identify(store, connection, [(user_id, {"plan": "enterprise", "tags": ["admin"], "email": f"{user_id}@acme.test"})
-                                     for user_id in crm_users])
+        identify(
+            store,
+            connection,
+            [
+                (
+                    user_id,
+                    {"plan": "enterprise", "tags": ["admin"], "email": f"{user_id}@acme.test"},
+                )
+                for user_id in crm_users
+            ],
+        )
 
     def events(kind: str) -> set[str]:
         columns = membership_events.c
-        return {row["user_id"] for row in store.rows(sa.select(columns.user_id).where(
-            columns.audience_key == "enterprise-admins", columns.event_type == kind))}
+        return {
+            row["user_id"]
+            for row in store.rows(
+                sa.select(columns.user_id).where(
+                    columns.audience_key == "enterprise-admins", columns.event_type == kind
+                )
+            )
+        }
 
     defs = build_definitions()
     tick = datetime.fromisoformat("2026-11-01T00:15:00+00:00")
     with dg.DagsterInstance.ephemeral() as instance:
         schedule = defs.resolve_schedule_def("reevaluate_every_15_minutes")
-        [request] = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
-                                           ).run_requests
-        result = defs.resolve_job_def(request.job_name or "reevaluate_audiences").execute_in_process(
-            run_config=request.run_config, instance=instance, tags=request.tags)
+        [request] = schedule.evaluate_tick(
+            dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+        ).run_requests
+        result = defs.resolve_job_def(
+            request.job_name or "reevaluate_audiences"
+        ).execute_in_process(run_config=request.run_config, instance=instance, tags=request.tags)
         assert result.success
         assert events("entered") >= set(crm_users)
         # The main job reads crm_export's unchanged file again: the identifies stay, no one exits.
         result = defs.resolve_job_def("audiences_job").execute_in_process(
-            run_config={"ops": {"audience_models": {"config": {"evaluation_time": "2026-11-01T00:16:00+00:00"}}}},
-            instance=instance)
+            run_config={
+                "ops": {
+                    "audience_models": {"config": {"evaluation_time": "2026-11-01T00:16:00+00:00"}}
+                }
+            },
+            instance=instance,
+        )
         assert result.success
     assert not events("exited") & set(crm_users)
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
-        assert set(crm_users) <= {user_id for (user_id,) in connection.execute(
-            "select user_id from audiences.enterprise_admins").fetchall()}
+        assert set(crm_users) <= {
+            user_id
+            for (user_id,) in connection.execute(
+                "select user_id from audiences.enterprise_admins"
+            ).fetchall()
+        }
     store.dispose()

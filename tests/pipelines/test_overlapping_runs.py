@@ -17,7 +17,6 @@ import dagster as dg
 import duckdb
 import pytest
 import sqlalchemy as sa
-
 from condition_harness import ROOT, SAMPLE_TIME
 
 pytestmark = pytest.mark.slow
@@ -25,35 +24,60 @@ pytestmark = pytest.mark.slow
 
 def audiences_run(folder: Path, environment: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "audiences"), "--duckdb", str(folder / "warehouse.duckdb"),
-         "--sinks", str(folder / "sinks.yml"), "--sources", str(folder / "sources.yml"),
-         "--dbt-project", str(ROOT / "dbt_project"),
-         "--definitions", str(ROOT / "data" / "audiences"), "--evaluation-time", SAMPLE_TIME, "run"],
-        cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            str(Path(sys.executable).parent / "audiences"),
+            "--duckdb",
+            str(folder / "warehouse.duckdb"),
+            "--sinks",
+            str(folder / "sinks.yml"),
+            "--sources",
+            str(folder / "sources.yml"),
+            "--dbt-project",
+            str(ROOT / "dbt_project"),
+            "--definitions",
+            str(ROOT / "data" / "audiences"),
+            "--evaluation-time",
+            SAMPLE_TIME,
+            "run",
+        ],
+        cwd=folder,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_concurrent_cli_runs_both_complete_one_after_the_other(tmp_path):
     from audiences.membership.store import MembershipStore, membership_events
 
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    (tmp_path / "sinks.yml").write_text(
+        "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
+    )
     # The sample's sources, and one whose query takes seconds, while the run holds the warehouse.
     with sqlite3.connect(tmp_path / "slow.sqlite") as connection:
         connection.execute("create table users (id text, plan text)")
         connection.execute("insert into users values ('slow-user', 'free')")
-    slow = ("select * from users where (with recursive counter(n) as (select 1 union all "
-            "select n + 1 from counter where n < 3000000) select count(*) from counter) > 0")
+    slow = (
+        "select * from users where (with recursive counter(n) as (select 1 union all "
+        "select n + 1 from counter where n < 3000000) select count(*) from counter) > 0"
+    )
     (tmp_path / "sources.yml").write_text(
         "sources:\n"
         f"  - {{name: crm_export, path: '{ROOT / 'data' / 'sources' / 'users.csv'}', mode: snapshot}}\n"
         f"  - {{name: product_updates, path: '{ROOT / 'data' / 'sources' / 'user_updates.parquet'}', mode: stream}}\n"
-        f"  - {{name: slow, path: slow.sqlite, format: sqlite, mode: stream, query: '{slow}'}}\n")
+        f"  - {{name: slow, path: slow.sqlite, format: sqlite, mode: stream, query: '{slow}'}}\n"
+    )
     # No DAGSTER_HOME: both runs go to the working folder's `dagster_home`, the one `dg dev` shows.
-    environment = {name: value for name, value in os.environ.items()
-                   if not name.startswith("AUDIENCES_") and name != "DAGSTER_HOME"}
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("AUDIENCES_") and name != "DAGSTER_HOME"
+    }
     # Started together, both reach the warehouse within moments of each other.
     runs = [audiences_run(tmp_path, environment), audiences_run(tmp_path, environment)]
     outputs = [run.communicate(timeout=900) for run in runs]
-    for run, (_, err) in zip(runs, outputs):
+    for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err
     assert all("evaluated at" in out for out, _ in outputs)
     # One waited for the other, and said which run it waited for.
@@ -65,9 +89,14 @@ def test_two_concurrent_cli_runs_both_complete_one_after_the_other(tmp_path):
     with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as connection:
         published, written = connection.execute(
             "select (select max(published_sequence) from raw.outbox_published), "
-            "(select max(sequence) from raw.membership_outbox)").fetchone()
-        events = {event_id for (event_id,) in connection.execute(
-            "select event_id from raw.membership_outbox where not is_backfill").fetchall()}
+            "(select max(sequence) from raw.membership_outbox)"
+        ).fetchone()
+        events = {
+            event_id
+            for (event_id,) in connection.execute(
+                "select event_id from raw.membership_outbox where not is_backfill"
+            ).fetchall()
+        }
     assert written and published == written
     store = MembershipStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
     stored = {row["event_id"] for row in store.rows(sa.select(membership_events.c.event_id))}
@@ -78,7 +107,9 @@ def test_two_concurrent_cli_runs_both_complete_one_after_the_other(tmp_path):
         runs = instance.get_runs(filters=dg.RunsFilter(job_name="audiences_job"))
         assert [run.status for run in runs] == [dg.DagsterRunStatus.SUCCESS] * 2
         assert {run.tags.get("audiences/launched_by") for run in runs} == {"audiences run"}
-        stats = sorted((instance.get_run_stats(run.run_id) for run in runs), key=lambda s: s.start_time)
+        stats = sorted(
+            (instance.get_run_stats(run.run_id) for run in runs), key=lambda s: s.start_time
+        )
         assert stats[0].end_time <= stats[1].start_time
 
 
@@ -104,12 +135,21 @@ def test_a_run_killed_while_holding_the_warehouse_does_not_block_the_next(tmp_pa
     from audiences.writer_lock import hold_writer_lock, lock_path
 
     warehouse = tmp_path / "warehouse.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from audiences.writer_lock import hold_writer_lock\n"
-        f"with hold_writer_lock({str(warehouse)!r}, {{'run_id': 'r-1', 'job': 'audiences_job'}}):\n"
-        "    print('held', flush=True)\n"
-        "    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from audiences.writer_lock import hold_writer_lock\n"
+                f"with hold_writer_lock({str(warehouse)!r}, {{'run_id': 'r-1', 'job': 'audiences_job'}}):\n"
+                "    print('held', flush=True)\n"
+                "    time.sleep(600)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     reports: list[str] = []
     try:
@@ -125,6 +165,8 @@ def test_a_run_killed_while_holding_the_warehouse_does_not_block_the_next(tmp_pa
         holder.stdout.close()
     assert 1 < waited < 30
     assert not lock_path(warehouse).exists()  # a finished run leaves no file behind
-    assert reports == [f"{warehouse}: run r-1 (audiences_job, pid {holder.pid}, started "
-                       + reports[0].split("started ", 1)[1].split(")", 1)[0]
-                       + ") is writing this warehouse; waiting for it to finish"]
+    assert reports == [
+        f"{warehouse}: run r-1 (audiences_job, pid {holder.pid}, started "
+        + reports[0].split("started ", 1)[1].split(")", 1)[0]
+        + ") is writing this warehouse; waiting for it to finish"
+    ]

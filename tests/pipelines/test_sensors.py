@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from datetime import UTC
 
 import dagster as dg
 
@@ -38,7 +39,8 @@ def test_sensor_watches_a_table_watermark(tmp_path, monkeypatch):
         connection.execute("create table users (id text, updated_at text)")
         connection.execute("insert into users values ('u1', '2026-11-01T00:00:00Z')")
     (tmp_path / "sources.yml").write_text(
-        f"sources:\n  - name: app\n    path: {database}\n    table: users\n    watermark_column: updated_at\n    mode: stream\n")
+        f"sources:\n  - name: app\n    path: {database}\n    table: users\n    watermark_column: updated_at\n    mode: stream\n"
+    )
     monkeypatch.delenv("AUDIENCES_USERS_SOURCE", raising=False)
     monkeypatch.setenv("AUDIENCES_SOURCES", str(tmp_path / "sources.yml"))
     first = evaluate(None)
@@ -59,7 +61,7 @@ def _identify(store, *patches) -> None:
 def test_identify_calls_waiting_in_the_store_request_a_run_once(tmp_path, monkeypatch):
     """Issue 23: identify calls (`PUT /v1/users/{id}`) queue in the store; with no one typing
     `audiences run`, the sensor must start the main job, and only once per batch of calls."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import duckdb
 
@@ -87,12 +89,14 @@ def test_identify_calls_waiting_in_the_store_request_a_run_once(tmp_path, monkey
     # The run loads them; nothing waits, nothing is requested.
     with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as warehouse:
         ensure_schema(warehouse)
-        load_identify_queue(warehouse, store, datetime.now(timezone.utc))
+        load_identify_queue(warehouse, store, datetime.now(UTC))
     loaded = evaluate(requested.cursor)
     assert loaded.run_requests in (None, []) and loaded.cursor == requested.cursor
     _identify(store, ("u1", {"plan": "pro"}))
     [again] = evaluate(loaded.cursor).run_requests
-    assert again.tags["audiences/identify_calls_waiting"] == "1" and again.run_key != request.run_key
+    assert (
+        again.tags["audiences/identify_calls_waiting"] == "1" and again.run_key != request.run_key
+    )
     store.dispose()
 
 
@@ -112,12 +116,23 @@ def test_deliveries_due_start_a_delivery_run_and_nothing_else_does(tmp_path, mon
 
     def add(delivery_id: str, next_attempt_at: str, sink: str = "file") -> None:
         with store.engine.begin() as connection:
-            connection.execute(deliveries.insert().values(
-                delivery_id=delivery_id, workflow_key="welcome", sink=sink, audience_key="a", user_id="u1",
-                payload="{}", status="pending", attempts=0, next_attempt_at=next_attempt_at,
-                created_at="2026-01-01T00:00:00.000000Z"))
+            connection.execute(
+                deliveries.insert().values(
+                    delivery_id=delivery_id,
+                    workflow_key="welcome",
+                    sink=sink,
+                    audience_key="a",
+                    user_id="u1",
+                    payload="{}",
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=next_attempt_at,
+                    created_at="2026-01-01T00:00:00.000000Z",
+                )
+            )
 
     with dg.instance_for_test() as instance:
+
         def tick(cursor):
             return deliveries_due(dg.build_sensor_context(instance=instance, cursor=cursor))
 
@@ -125,10 +140,15 @@ def test_deliveries_due_start_a_delivery_run_and_nothing_else_does(tmp_path, mon
         assert nothing.run_requests in (None, [])
         add("later", "2999-01-01T00:00:00.000000Z")  # a retry not due yet
         assert tick(nothing.cursor).run_requests in (None, [])
-        add("sending", "2026-01-01T00:00:00.000000Z")  # claimed by a live worker (`deliver --watch`)
+        add(
+            "sending", "2026-01-01T00:00:00.000000Z"
+        )  # claimed by a live worker (`deliver --watch`)
         with store.engine.begin() as connection:
-            connection.execute(deliveries.update().where(deliveries.c.delivery_id == "sending").values(
-                claimed_by="watch/1", claimed_until="2999-01-01T00:00:00.000000Z"))
+            connection.execute(
+                deliveries.update()
+                .where(deliveries.c.delivery_id == "sending")
+                .values(claimed_by="watch/1", claimed_until="2999-01-01T00:00:00.000000Z")
+            )
         assert tick(nothing.cursor).run_requests in (None, [])
         add("due", "2026-01-01T00:00:00.000000Z", sink="nowhere")
         due = tick(nothing.cursor)
@@ -136,8 +156,11 @@ def test_deliveries_due_start_a_delivery_run_and_nothing_else_does(tmp_path, mon
         assert request.tags["audiences/deliveries_due"] == "1"
         # While a delivery run is queued or going on, no second one.
         run = instance.create_run_for_job(
-            job_def=dg.Definitions(jobs=[dg.define_asset_job(DELIVERY_JOB)]).resolve_job_def(DELIVERY_JOB),
-            status=dg.DagsterRunStatus.STARTED)
+            job_def=dg.Definitions(jobs=[dg.define_asset_job(DELIVERY_JOB)]).resolve_job_def(
+                DELIVERY_JOB
+            ),
+            status=dg.DagsterRunStatus.STARTED,
+        )
         add("due-2", "2026-01-01T00:00:01.000000Z", sink="nowhere")
         busy = tick(due.cursor)
         assert busy.run_requests in (None, []) and run.run_id in busy.skip_reason.skip_message

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from audiences.api.app import close_app
-
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from api_server import running_server
+
+from audiences.api.app import close_app
 
 
 @dataclass
@@ -33,18 +32,38 @@ def write_definitions(folder: Path) -> Path:
     definitions = folder / "audiences"
     for key, definition in {
         "newsletter": {"name": "Newsletter", "type": "static", "description": "static members"},
-        "pro-plan": {"name": "Pro plan", "type": "dynamic", "segments": [
-            {"conditions": [{"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}]}]},
+        "pro-plan": {
+            "name": "Pro plan",
+            "type": "dynamic",
+            "segments": [
+                {
+                    "conditions": [
+                        {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
+                    ]
+                }
+            ],
+        },
     }.items():
         (definitions / key).mkdir(parents=True)
         (definitions / key / "audience.json").write_text(json.dumps(definition))
     guides = folder / "guides" / "upgrade-banner"
     guides.mkdir(parents=True)
-    (guides / "guide.json").write_text(json.dumps({
-        "target_audience_key": "newsletter", "tenancy_strict": True,
-        "target_property_conditions": {"all": [{"variable": "recipient.plan", "operator": "equal_to",
-                                                "argument": "free"}]}}))
-    (folder / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
+    (guides / "guide.json").write_text(
+        json.dumps(
+            {
+                "target_audience_key": "newsletter",
+                "tenancy_strict": True,
+                "target_property_conditions": {
+                    "all": [
+                        {"variable": "recipient.plan", "operator": "equal_to", "argument": "free"}
+                    ]
+                },
+            }
+        )
+    )
+    (folder / "sinks.yml").write_text(
+        "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
+    )
     return definitions
 
 
@@ -56,7 +75,9 @@ def service_settings(tmp_path, monkeypatch):
     for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
         monkeypatch.delenv(name)
     definitions = write_definitions(tmp_path)
-    monkeypatch.setenv("AUDIENCES_STORE_URL_PRODUCTION", f"sqlite:///{tmp_path}/production/store.sqlite")
+    monkeypatch.setenv(
+        "AUDIENCES_STORE_URL_PRODUCTION", f"sqlite:///{tmp_path}/production/store.sqlite"
+    )
     # With AUDIENCES_TEST_STORE_URL naming a PostgreSQL database, the development environment's
     # store is that database (emptied first), so the API's SQL runs on PostgreSQL too.
     if postgres:
@@ -65,8 +86,11 @@ def service_settings(tmp_path, monkeypatch):
         emptied = MembershipStore(postgres)
         metadata.drop_all(emptied.engine)
         emptied.dispose()
-    return Settings.from_env(duckdb_path=tmp_path / "warehouse.duckdb", definitions_dir=definitions,
-                             store_url=postgres or None)
+    return Settings.from_env(
+        duckdb_path=tmp_path / "warehouse.duckdb",
+        definitions_dir=definitions,
+        store_url=postgres or None,
+    )
 
 
 def start_service(settings, folder: Path):

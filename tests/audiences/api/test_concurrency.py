@@ -4,8 +4,6 @@ has its event."""
 
 from __future__ import annotations
 
-from audiences.api.app import close_app
-
 import os
 import random
 import subprocess
@@ -16,9 +14,10 @@ from collections import Counter
 import httpx
 import pytest
 import sqlalchemy as sa
-
 from api_server import running_server
 from condition_harness import ROOT, SAMPLE_TIME
+
+from audiences.api.app import close_app
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +37,35 @@ def test_api_writes_during_a_pipeline_run_are_all_kept_with_their_events(tmp_pat
     monkeypatch.setenv("AUDIENCES_API_WRITE_RATE", "100000")
     store_url = f"sqlite:///{tmp_path}/store.sqlite"
     warehouse = tmp_path / "warehouse.duckdb"
-    (tmp_path / "sinks.yml").write_text("default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n")
-    settings = Settings.from_env(duckdb_path=warehouse, definitions_dir=ROOT / "data" / "audiences",
-                                 store_url=store_url)
+    (tmp_path / "sinks.yml").write_text(
+        "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
+    )
+    settings = Settings.from_env(
+        duckdb_path=warehouse, definitions_dir=ROOT / "data" / "audiences", store_url=store_url
+    )
     secret = create_key(MembershipStore(store_url).create(), "development", "concurrency")[1]
 
     run = subprocess.Popen(
-        [sys.executable, "-m", "audiences.cli", "--duckdb", str(warehouse), "--store", store_url,
-         "--sinks", str(tmp_path / "sinks.yml"), "--evaluation-time", SAMPLE_TIME, "run"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")}})
+        [
+            sys.executable,
+            "-m",
+            "audiences.cli",
+            "--duckdb",
+            str(warehouse),
+            "--store",
+            store_url,
+            "--sinks",
+            str(tmp_path / "sinks.yml"),
+            "--evaluation-time",
+            SAMPLE_TIME,
+            "run",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")}},
+    )
 
     app = asgi_app(settings)
     acknowledged: list[Counter] = [Counter() for _ in range(CLIENTS)]
@@ -57,14 +75,28 @@ def test_api_writes_during_a_pipeline_run_are_all_kept_with_their_events(tmp_pat
     def client(number: int, url: str) -> None:
         rng = random.Random(number)
         pool = [(f"c{number}-u{user}", rng.choice([None, "acme", "globex"])) for user in range(300)]
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=60) as http:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=60
+        ) as http:
             while run.poll() is None or sum(acknowledged[number].values()) < 20:
                 action = rng.choice(["add", "add", "remove"])
                 batch = rng.sample(pool, rng.randint(1, 150))
-                body = {"members": [{"user": {"id": user, "batch_plan": rng.choice(["a", "b"])} if action == "add"
-                                     else {"id": user}, "tenant": tenant} for user, tenant in batch]}
-                response = http.request("POST" if action == "add" else "DELETE",
-                                        f"/v1/audiences/{AUDIENCE}/members", json=body)
+                body = {
+                    "members": [
+                        {
+                            "user": {"id": user, "batch_plan": rng.choice(["a", "b"])}
+                            if action == "add"
+                            else {"id": user},
+                            "tenant": tenant,
+                        }
+                        for user, tenant in batch
+                    ]
+                }
+                response = http.request(
+                    "POST" if action == "add" else "DELETE",
+                    f"/v1/audiences/{AUDIENCE}/members",
+                    json=body,
+                )
                 if response.status_code != 204:
                     errors.append(f"{response.status_code} {response.text[:300]}")
                     return
@@ -89,13 +121,23 @@ def test_api_writes_during_a_pipeline_run_are_all_kept_with_their_events(tmp_pat
     assert not errors, errors[:5]
     store = MembershipStore(store_url)
     members, events = tables.audience_members, tables.membership_events
-    stored = {(row["user_id"], row["tenant"]) for row in store.rows(
-        sa.select(members.c.user_id, members.c.tenant).where(members.c.audience_key == AUDIENCE,
-                                                             members.c.user_id.like("c%-u%")))}
+    stored = {
+        (row["user_id"], row["tenant"])
+        for row in store.rows(
+            sa.select(members.c.user_id, members.c.tenant).where(
+                members.c.audience_key == AUDIENCE, members.c.user_id.like("c%-u%")
+            )
+        )
+    }
     assert stored == set().union(*models)
-    counted = Counter(((row["user_id"], row["tenant"]), row["event_type"]) for row in store.rows(
-        sa.select(events.c.user_id, events.c.tenant, events.c.event_type)
-        .where(events.c.audience_key == AUDIENCE, events.c.user_id.like("c%-u%"))))
+    counted = Counter(
+        ((row["user_id"], row["tenant"]), row["event_type"])
+        for row in store.rows(
+            sa.select(events.c.user_id, events.c.tenant, events.c.event_type).where(
+                events.c.audience_key == AUDIENCE, events.c.user_id.like("c%-u%")
+            )
+        )
+    )
     expected = sum(acknowledged, Counter())
     assert counted == expected and sum(expected.values()) > 0
     store.dispose()

@@ -9,20 +9,28 @@ import sys
 from contextlib import contextmanager
 
 import httpx
-
 from api_server import free_port, serve_process
 from condition_harness import ROOT
 
 
 def audiences(*arguments: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "audiences.cli", *arguments], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "audiences.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def clean_env(tmp_path, **variables: str) -> dict:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
-            "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
-            "AUDIENCES_DEFINITIONS": str(tmp_path / "audiences"), **variables}
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(tmp_path / "audiences"),
+        **variables,
+    }
 
 
 def create_key(env: dict, *arguments: str) -> str:
@@ -38,17 +46,30 @@ def serving(env: dict):
 
 
 def add(url: str, secret: str, user_id: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/audiences/vips/members?create_audience=true",
-                      json={"members": [{"user": {"id": user_id}}]},
-                      headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    return httpx.post(
+        f"{url}/v1/audiences/vips/members?create_audience=true",
+        json={"members": [{"user": {"id": user_id}}]},
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
 
 
 def listed(url: str, secret: str) -> list[str] | int:
-    answer = httpx.get(f"{url}/v1/audiences/vips/members", headers={"Authorization": f"Bearer {secret}"}, timeout=30)
-    return [entry["user_id"] for entry in answer.json()["entries"]] if answer.status_code == 200 else answer.status_code
+    answer = httpx.get(
+        f"{url}/v1/audiences/vips/members",
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=30,
+    )
+    return (
+        [entry["user_id"] for entry in answer.json()["entries"]]
+        if answer.status_code == 200
+        else answer.status_code
+    )
 
 
-def test_each_key_works_in_its_own_environment_whatever_audiences_env_the_server_runs_with(tmp_path):
+def test_each_key_works_in_its_own_environment_whatever_audiences_env_the_server_runs_with(
+    tmp_path,
+):
     keys_env = clean_env(tmp_path)  # `keys` run with the default AUDIENCES_ENV (development)
     development = create_key(keys_env, "--name", "dev")
     production = create_key(keys_env, "--environment", "production", "--name", "prod")
@@ -67,7 +88,9 @@ def test_each_key_works_in_its_own_environment_whatever_audiences_env_the_server
 def test_a_key_of_an_environment_the_server_does_not_serve_is_refused_without_naming_it(tmp_path):
     development = create_key(clean_env(tmp_path), "--name", "dev")
     production = create_key(clean_env(tmp_path), "--environment", "production", "--name", "prod")
-    with serving(clean_env(tmp_path, AUDIENCES_ENV="production", AUDIENCES_API_ENVIRONMENTS="production")) as url:
+    with serving(
+        clean_env(tmp_path, AUDIENCES_ENV="production", AUDIENCES_API_ENVIRONMENTS="production")
+    ) as url:
         assert add(url, production, "prod-user").status_code == 204
         answer = add(url, development, "intruder")
         assert answer.status_code == 401
@@ -77,18 +100,39 @@ def test_a_key_of_an_environment_the_server_does_not_serve_is_refused_without_na
 
 
 def test_a_store_given_to_another_environment_is_refused_at_start(tmp_path):
-    create_key(clean_env(tmp_path), "--name", "dev")  # the development store now holds a development key
+    create_key(
+        clean_env(tmp_path), "--name", "dev"
+    )  # the development store now holds a development key
     development_store = f"sqlite:///{tmp_path / 'store.sqlite'}"
     # A server told that the development store is production's: it would serve development's
     # keys and members as production's.
     env = clean_env(tmp_path, AUDIENCES_ENV="production", AUDIENCES_STORE_URL=development_store)
     for workers, served, message in [
-            ("1", "production", "belongs to the development environment, not production"),
-            ("2", "production", "belongs to the development environment, not production"),
-            ("1", "development,production", "the environments development and production have the same store")]:
-        refused = subprocess.run([sys.executable, "-m", "audiences.cli", "serve", "--port", str(free_port()),
-                                  "--workers", workers], capture_output=True, text=True, cwd=ROOT, timeout=120,
-                                 env={**env, "AUDIENCES_API_ENVIRONMENTS": served})
+        ("1", "production", "belongs to the development environment, not production"),
+        ("2", "production", "belongs to the development environment, not production"),
+        (
+            "1",
+            "development,production",
+            "the environments development and production have the same store",
+        ),
+    ]:
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "audiences.cli",
+                "serve",
+                "--port",
+                str(free_port()),
+                "--workers",
+                workers,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            env={**env, "AUDIENCES_API_ENVIRONMENTS": served},
+        )
         assert refused.returncode == 1
         assert refused.stderr.startswith("error: ") and "Traceback" not in refused.stderr
         assert message in refused.stderr and "sqlite:///" in refused.stderr

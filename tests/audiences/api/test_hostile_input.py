@@ -20,8 +20,16 @@ def http(service):
 
 def written(service) -> dict[str, int]:
     store = service.environment("development").store
-    return {table: store.scalar(sa.text(f"select count(*) from {table}"))
-            for table in ("user_profiles", "user_patches", "audience_members", "membership_events", "deliveries")}
+    return {
+        table: store.scalar(sa.text(f"select count(*) from {table}"))
+        for table in (
+            "user_profiles",
+            "user_patches",
+            "audience_members",
+            "membership_events",
+            "deliveries",
+        )
+    }
 
 
 def assert_refused(response: httpx.Response, field: str) -> None:
@@ -32,29 +40,65 @@ def assert_refused(response: httpx.Response, field: str) -> None:
 
 
 def test_deep_nesting_is_refused_in_the_query_and_in_the_body(http, service):
-    members = '[{"user": {"id": "u1", "deep": ' + DEEP + '}}]'
-    assert_refused(http.delete("/v1/audiences/newsletter/members", params={"members": DEEP}), "members")
-    assert_refused(http.delete("/v1/audiences/newsletter/members", params={"members": members}), "members")
-    assert http.post("/v1/audiences/newsletter/members", content='{"members": ' + members + "}",
-                     headers={"content-type": "application/json"}).status_code == 422
-    assert http.put("/v1/users/u1", content='{"deep": ' + DEEP + "}",
-                    headers={"content-type": "application/json"}).status_code == 422
+    members = '[{"user": {"id": "u1", "deep": ' + DEEP + "}}]"
+    assert_refused(
+        http.delete("/v1/audiences/newsletter/members", params={"members": DEEP}), "members"
+    )
+    assert_refused(
+        http.delete("/v1/audiences/newsletter/members", params={"members": members}), "members"
+    )
+    assert (
+        http.post(
+            "/v1/audiences/newsletter/members",
+            content='{"members": ' + members + "}",
+            headers={"content-type": "application/json"},
+        ).status_code
+        == 422
+    )
+    assert (
+        http.put(
+            "/v1/users/u1",
+            content='{"deep": ' + DEEP + "}",
+            headers={"content-type": "application/json"},
+        ).status_code
+        == 422
+    )
     assert written(service) == dict.fromkeys(written(service), 0)
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
 def test_numbers_json_cannot_carry_are_refused_before_anything_is_written(http, service, number):
     identify = '{"name": "Ada", "stats": {"score": ' + number + "}}"
-    assert_refused(http.put("/v1/users/u1", content=identify, headers={"content-type": "application/json"}),
-                   "stats.score")
-    added = '{"members": [{"user": {"id": "u0"}}, {"user": {"id": "u1", "ratio": [1, ' + number + "]}}]}"
-    assert_refused(http.post("/v1/audiences/newsletter/members", content=added,
-                             headers={"content-type": "application/json"}), "members.1.user.ratio.1")
+    assert_refused(
+        http.put("/v1/users/u1", content=identify, headers={"content-type": "application/json"}),
+        "stats.score",
+    )
+    added = (
+        '{"members": [{"user": {"id": "u0"}}, {"user": {"id": "u1", "ratio": [1, '
+        + number
+        + "]}}]}"
+    )
+    assert_refused(
+        http.post(
+            "/v1/audiences/newsletter/members",
+            content=added,
+            headers={"content-type": "application/json"},
+        ),
+        "members.1.user.ratio.1",
+    )
     broadcast = '{"workflow": "welcome", "data": {"discount": ' + number + "}}"
-    assert_refused(http.post("/v1/audiences/newsletter/broadcasts", content=broadcast,
-                             headers={"content-type": "application/json"}), "data.discount")
+    assert_refused(
+        http.post(
+            "/v1/audiences/newsletter/broadcasts",
+            content=broadcast,
+            headers={"content-type": "application/json"},
+        ),
+        "data.discount",
+    )
     assert written(service) == dict.fromkeys(written(service), 0)
     assert http.get("/v1/users/u1").status_code == 404
     # A large number that JSON can carry is kept, exactly.
-    kept = http.put("/v1/users/u1", content='{"big": 1e308}', headers={"content-type": "application/json"})
+    kept = http.put(
+        "/v1/users/u1", content='{"big": 1e308}', headers={"content-type": "application/json"}
+    )
     assert kept.status_code == 200 and json.loads(kept.text)["big"] == 1e308

@@ -14,19 +14,28 @@ from contextlib import contextmanager
 
 import httpx
 import sqlalchemy as sa
-
 from api_server import serve_process
 from condition_harness import ROOT
 
-MEMBERS = [{"user": {"id": f"u{index:04d}", "plan": "pro", "notes": "x" * 200}} for index in range(1000)]
+MEMBERS = [
+    {"user": {"id": f"u{index:04d}", "plan": "pro", "notes": "x" * 200}} for index in range(1000)
+]
 
 
 def environment(tmp_path) -> tuple[dict, str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
-           "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
-           "AUDIENCES_DEFINITIONS": str(tmp_path / "audiences")}
-    created = subprocess.run([sys.executable, "-m", "audiences.cli", "keys", "create", "--name", "test"],
-                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(tmp_path / "audiences"),
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "audiences.cli", "keys", "create", "--name", "test"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stderr
     return env, created.stdout.strip().splitlines()[-1]
 
@@ -49,20 +58,23 @@ def count(tmp_path, sql: str) -> int:
 
 
 def add(url: str, secret: str, key: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/audiences/vips/members?create_audience=true", json={"members": MEMBERS},
-                      headers={"Authorization": f"Bearer {secret}", "Idempotency-Key": key}, timeout=60)
+    return httpx.post(
+        f"{url}/v1/audiences/vips/members?create_audience=true",
+        json={"members": MEMBERS},
+        headers={"Authorization": f"Bearer {secret}", "Idempotency-Key": key},
+        timeout=60,
+    )
 
 
 def test_a_write_killed_mid_request_is_done_once_when_retried_with_its_key(tmp_path):
     env, secret = environment(tmp_path)
     answers: list = []
-    with serve_process(env, ROOT) as (url, server):
-        with writes_held(tmp_path):
-            request = threading.Thread(target=lambda: answers.append(_attempt(url, secret)))
-            request.start()
-            time.sleep(2)  # the add is parsed, validated and waiting for its turn to write
-            server.kill()  # SIGKILL
-            request.join(timeout=30)
+    with serve_process(env, ROOT) as (url, server), writes_held(tmp_path):
+        request = threading.Thread(target=lambda: answers.append(_attempt(url, secret)))
+        request.start()
+        time.sleep(2)  # the add is parsed, validated and waiting for its turn to write
+        server.kill()  # SIGKILL
+        request.join(timeout=30)
     assert answers and isinstance(answers[0], httpx.HTTPError)  # the client saw the connection drop
     assert count(tmp_path, "select count(*) from audience_members") == 0
     with serve_process(env, ROOT) as (url, server):
@@ -75,7 +87,10 @@ def test_a_write_killed_mid_request_is_done_once_when_retried_with_its_key(tmp_p
         assert again.status_code == 204 and again.headers["idempotent-replayed"] == "true"
         assert again.headers["original-x-request-id"] == retried.headers["x-request-id"]
     assert count(tmp_path, "select count(*) from audience_members") == 1000
-    assert count(tmp_path, "select count(*) from membership_events where event_type = 'entered'") == 1000
+    assert (
+        count(tmp_path, "select count(*) from membership_events where event_type = 'entered'")
+        == 1000
+    )
     assert count(tmp_path, "select count(*) from user_patches") == 1000  # each user identified once
 
 
@@ -92,8 +107,14 @@ def test_concurrent_requests_with_one_key_do_the_work_once_and_both_get_its_answ
     answers: list[httpx.Response] = []
 
     def identify():
-        answers.append(httpx.put(f"{url}/v1/users/ada", json={"name": "Ada", "plan": "pro"}, headers=headers,
-                                 timeout=60))
+        answers.append(
+            httpx.put(
+                f"{url}/v1/users/ada",
+                json={"name": "Ada", "plan": "pro"},
+                headers=headers,
+                timeout=60,
+            )
+        )
 
     with serve_process(env, ROOT, workers=2) as (url, _server):
         with writes_held(tmp_path):
@@ -119,13 +140,29 @@ def test_a_claim_left_without_an_answer_by_the_older_engine_does_not_block_its_k
     store = service.environment("development").store
     with store.engine.begin() as connection:
         key_id = connection.execute(sa.select(tables.api_keys.c.key_id)).scalar()
-        connection.execute(tables.idempotent_requests.insert().values(
-            key_id=key_id, idempotency_key="stuck", request_hash="old", status_code=None, body=None,
-            request_id="old-request", created_at=now_text()))
+        connection.execute(
+            tables.idempotent_requests.insert().values(
+                key_id=key_id,
+                idempotency_key="stuck",
+                request_hash="old",
+                status_code=None,
+                body=None,
+                request_id="old-request",
+                created_at=now_text(),
+            )
+        )
     headers = {**service.headers(), "Idempotency-Key": "stuck"}
-    first = httpx.post(f"{service.url}/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "u1"}}]},
-                       headers=headers, timeout=30)
+    first = httpx.post(
+        f"{service.url}/v1/audiences/newsletter/members",
+        json={"members": [{"user": {"id": "u1"}}]},
+        headers=headers,
+        timeout=30,
+    )
     assert first.status_code == 204 and "idempotent-replayed" not in first.headers
-    again = httpx.post(f"{service.url}/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "u1"}}]},
-                       headers=headers, timeout=30)
+    again = httpx.post(
+        f"{service.url}/v1/audiences/newsletter/members",
+        json={"members": [{"user": {"id": "u1"}}]},
+        headers=headers,
+        timeout=30,
+    )
     assert again.status_code == 204 and again.headers["idempotent-replayed"] == "true"

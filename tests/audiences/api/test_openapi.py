@@ -7,6 +7,7 @@ import hypothesis
 import pytest
 import schemathesis
 
+
 @pytest.fixture(autouse=True)
 def generous_rate_limits(monkeypatch):
     # Generated requests come fast; rate limiting has its own tests.
@@ -19,20 +20,31 @@ def served_schema(service):
     import httpx
 
     # A few known members, so that generated requests also reach existing data.
-    httpx.post(f"{service.url}/v1/audiences/newsletter/members", headers=service.headers(),
-               json={"members": [{"user": {"id": "ada", "plan": "free"}}, {"user": {"id": "bob"}, "tenant": "acme"}]})
+    httpx.post(
+        f"{service.url}/v1/audiences/newsletter/members",
+        headers=service.headers(),
+        json={
+            "members": [
+                {"user": {"id": "ada", "plan": "free"}},
+                {"user": {"id": "bob"}, "tenant": "acme"},
+            ]
+        },
+    )
     return schemathesis.openapi.from_url(f"{service.url}/openapi.json")
 
 
 def excluded(operation) -> list:
-    """"Schema-valid data is accepted" cannot hold on two operations, for reasons no schema can
+    """ "Schema-valid data is accepted" cannot hold on two operations, for reasons no schema can
     describe: listing members takes opaque cursors (a string the service did not hand out is
     refused with a 422), and removing members needs them in the body or in the query, one of the
     two (OpenAPI has no way to say so). Every other check still runs on both, and every check on
     the other operations."""
     from schemathesis.checks import positive_data_acceptance
 
-    exempt = operation.path == "/v1/audiences/{key}/members" and operation.method.upper() in ("GET", "DELETE")
+    exempt = operation.path == "/v1/audiences/{key}/members" and operation.method.upper() in (
+        "GET",
+        "DELETE",
+    )
     return [positive_data_acceptance] if exempt else []
 
 
@@ -40,7 +52,11 @@ def configured_sinks_only(case) -> None:
     """A broadcast's `sink` names one of sinks.yml, which the service reads per request: any other
     name is refused with a 422 that no schema can describe. Generated broadcasts use the default
     sink; every other field is still generated, and every check runs."""
-    if case.operation.path.endswith("/broadcasts") and isinstance(case.body, dict) and case.body.get("sink"):
+    if (
+        case.operation.path.endswith("/broadcasts")
+        and isinstance(case.body, dict)
+        and case.body.get("sink")
+    ):
         case.body["sink"] = None
 
 
@@ -51,9 +67,15 @@ def test_the_served_openapi_matches_what_the_service_does(served_schema, service
     assert len(operations) >= 10
     failures = []
     for operation in operations:
+
         @hypothesis.given(case=operation.as_strategy())
-        @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.settings(
+            max_examples=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
         def exercise(case):
             configured_sinks_only(case)
             case.call_and_validate(headers=service.headers(), excluded_checks=excluded(operation))

@@ -25,10 +25,13 @@ def test_a_failing_write_in_a_group_fails_alone_and_the_others_are_committed(tmp
 
     def insert(number: int):
         def work(connection):
-            connection.exec_driver_sql("insert into store_markers (name, value) values (?, ?)", (f"m{number}", "x"))
+            connection.exec_driver_sql(
+                "insert into store_markers (name, value) values (?, ?)", (f"m{number}", "x")
+            )
             if number == 3:
                 raise ValueError("write 3 fails")
             return number
+
         return work
 
     def submit(number: int, work) -> None:
@@ -38,7 +41,9 @@ def test_a_failing_write_in_a_group_fails_alone_and_the_others_are_committed(tmp
             results[number] = error
 
     threads = [threading.Thread(target=submit, args=(0, blocker))]
-    threads += [threading.Thread(target=submit, args=(number, insert(number))) for number in range(1, 6)]
+    threads += [
+        threading.Thread(target=submit, args=(number, insert(number))) for number in range(1, 6)
+    ]
     threads[0].start()
     assert started.wait(10)
     for thread in threads[1:]:
@@ -61,9 +66,14 @@ def test_a_failing_write_in_a_group_fails_alone_and_the_others_are_committed(tmp
 def test_writes_are_visible_only_after_they_return(tmp_path):
     store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
     writer = GroupCommitWriter(store.engine)
-    writer.write(lambda connection: connection.exec_driver_sql(
-        "insert into store_markers (name, value) values ('a', '1')"))
-    assert store.rows(sa.text("select value from store_markers where name = 'a'")) == [{"value": "1"}]
+    writer.write(
+        lambda connection: connection.exec_driver_sql(
+            "insert into store_markers (name, value) values ('a', '1')"
+        )
+    )
+    assert store.rows(sa.text("select value from store_markers where name = 'a'")) == [
+        {"value": "1"}
+    ]
     with pytest.raises(RuntimeError):
         writer.write(lambda connection: (_ for _ in ()).throw(RuntimeError("no")))
     writer.close()

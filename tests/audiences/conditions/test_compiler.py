@@ -7,20 +7,31 @@ the expected answer.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-
-from audiences.conditions.compiler import Condition, ConditionError, compile_condition, attributes_used
-from audiences.conditions.reference import evaluate_condition
 from condition_harness import NOW, connect_memory, insert_users, matching_ids
+
+from audiences.conditions.compiler import (
+    Condition,
+    ConditionError,
+    attributes_used,
+    compile_condition,
+)
+from audiences.conditions.reference import evaluate_condition
 
 MISSING = object()
 
 
 def _case(operator, argument, value, expected, path="p"):
-    return pytest.param(operator, argument, value, expected, path,
-                        id=f"{operator}-{argument!r}-{'missing' if value is MISSING else repr(value)}"[:90])
+    return pytest.param(
+        operator,
+        argument,
+        value,
+        expected,
+        path,
+        id=f"{operator}-{argument!r}-{'missing' if value is MISSING else repr(value)}"[:90],
+    )
 
 
 CASES = [
@@ -155,7 +166,12 @@ CASES = [
     _case("is_timestamp_on_or_after_date", "0", "1970-01-01", True),
     _case("is_timestamp_between", "[1788825600, 1788825601]", "2026-09-08T00:00:01Z", True),
     _case("is_timestamp_between", "[1788825600, 1788825601]", "2026-09-08T00:00:01.000001Z", False),
-    _case("is_timestamp_between", '[1788825600, "2026-09-08T00:00:00.5Z"]', "2026-09-08T00:00:01Z", False),
+    _case(
+        "is_timestamp_between",
+        '[1788825600, "2026-09-08T00:00:00.5Z"]',
+        "2026-09-08T00:00:01Z",
+        False,
+    ),
     _case("is_timestamp_between", '["2026-09-07", 1788825601]', 1788825601, True),
     _case("is_timestamp_between", [1788825600, 1788825602], "2026-09-08T00:00:01Z", True),
     _case("is_timestamp_before", '"2025-06-15"', "2025-06-14", True),
@@ -243,21 +259,32 @@ def test_operator_semantics(operator, argument, value, expected, path):
 def test_missing_property_reads_as_empty_string():
     connection = connect_memory()
     insert_users(connection, [{"id": "a"}, {"id": "b", "plan": "pro"}])
-    not_pro = Condition.from_json({"property": "recipient.plan", "operator": "not_equal_to", "argument": "pro"})
+    not_pro = Condition.from_json(
+        {"property": "recipient.plan", "operator": "not_equal_to", "argument": "pro"}
+    )
     assert matching_ids(connection, [[not_pro]]) == {"a"}
 
 
 def test_path_through_a_string_or_null_is_missing():
     connection = connect_memory()
-    insert_users(connection, [{"id": "string", "address": "Paris"}, {"id": "null", "address": None},
-                              {"id": "object", "address": {"city": "Paris"}}])
+    insert_users(
+        connection,
+        [
+            {"id": "string", "address": "Paris"},
+            {"id": "null", "address": None},
+            {"id": "object", "address": {"city": "Paris"}},
+        ],
+    )
     missing = Condition.from_json({"property": "recipient.address.city", "operator": "not_exists"})
     assert matching_ids(connection, [[missing]]) == {"string", "null"}
 
 
 def test_segments_are_ored_and_conditions_anded():
     connection = connect_memory()
-    insert_users(connection, [{"id": "a", "x": 1, "y": 1}, {"id": "b", "x": 1, "y": 2}, {"id": "c", "z": True}])
+    insert_users(
+        connection,
+        [{"id": "a", "x": 1, "y": 1}, {"id": "b", "x": 1, "y": 2}, {"id": "c", "z": True}],
+    )
     x1 = Condition.from_json({"property": "x", "operator": "equal_to", "argument": "1"})
     y1 = Condition.from_json({"property": "y", "operator": "equal_to", "argument": "1"})
     z = Condition.from_json({"property": "z", "operator": "equal_to", "argument": "true"})
@@ -269,8 +296,12 @@ def test_segments_are_ored_and_conditions_anded():
 def test_audience_membership_reads_the_other_audience_without_tenant():
     connection = connect_memory()
     insert_users(connection, [{"id": "a"}, {"id": "b"}])
-    member = Condition.from_json({"property": "recipient", "operator": "is_audience_member", "argument": "vips"})
-    not_member = Condition.from_json({"property": "recipient", "operator": "is_not_audience_member", "argument": "vips"})
+    member = Condition.from_json(
+        {"property": "recipient", "operator": "is_audience_member", "argument": "vips"}
+    )
+    not_member = Condition.from_json(
+        {"property": "recipient", "operator": "is_not_audience_member", "argument": "vips"}
+    )
     assert matching_ids(connection, [[member]], members={"vips": {"b"}}) == {"b"}
     assert matching_ids(connection, [[not_member]], members={"vips": {"b"}}) == {"a"}
 
@@ -288,60 +319,219 @@ def test_random_cohort_is_deterministic_and_matches_reference():
 
 def test_relative_time_is_exact_to_the_minute():
     connection = connect_memory()
-    insert_users(connection, [{"id": "a", "t": "2026-10-31T23:45:00Z"}, {"id": "b", "t": "2026-10-31T23:44:59Z"}])
-    recent = Condition.from_json({"property": "t", "operator": "is_timestamp_on_or_after",
-                                  "argument": {"value": 15, "unit": "minutes", "direction": "ago"}})
+    insert_users(
+        connection,
+        [{"id": "a", "t": "2026-10-31T23:45:00Z"}, {"id": "b", "t": "2026-10-31T23:44:59Z"}],
+    )
+    recent = Condition.from_json(
+        {
+            "property": "t",
+            "operator": "is_timestamp_on_or_after",
+            "argument": {"value": 15, "unit": "minutes", "direction": "ago"},
+        }
+    )
     assert matching_ids(connection, [[recent]]) == {"a"}
-    later = datetime(2026, 11, 1, 0, 1, tzinfo=timezone.utc)
+    later = datetime(2026, 11, 1, 0, 1, tzinfo=UTC)
     assert matching_ids(connection, [[recent]], now=later) == set()
 
 
 def test_dynamic_time_argument_compares_two_properties():
     connection = connect_memory()
-    insert_users(connection, [
-        {"id": "renewed", "paid_at": "2026-10-02", "due_at": "2026-10-01"},
-        {"id": "late", "paid_at": "2026-09-30", "due_at": "2026-10-01"},
-        {"id": "unknown", "paid_at": "2026-09-30"},
-    ])
-    late = Condition.from_json({"property": "paid_at", "operator": "is_timestamp_before",
-                                "argument": "{{ recipient.due_at }}"})
+    insert_users(
+        connection,
+        [
+            {"id": "renewed", "paid_at": "2026-10-02", "due_at": "2026-10-01"},
+            {"id": "late", "paid_at": "2026-09-30", "due_at": "2026-10-01"},
+            {"id": "unknown", "paid_at": "2026-09-30"},
+        ],
+    )
+    late = Condition.from_json(
+        {
+            "property": "paid_at",
+            "operator": "is_timestamp_before",
+            "argument": "{{ recipient.due_at }}",
+        }
+    )
     assert matching_ids(connection, [[late]]) == {"late"}
 
 
-@pytest.mark.parametrize("raw, field, message", [
-    ({"property": "recipient.x", "operator": "is_like", "argument": "a"}, "operator", "unknown operator"),
-    ({"property": "recipient.x", "operator": "greater_than", "argument": "ten"}, "argument", "not a number"),
-    ({"property": "recipient.x", "operator": "is_between", "argument": "[1]"}, "argument", "[low, high]"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "10 minutes ago"}, "argument", "15 minutes"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "soon"}, "argument", "not a time"),
-    ({"property": "recipient.x", "operator": "empty", "argument": "x"}, "argument", "takes no argument"),
-    ({"property": "recipient.created_at", "operator": "exists"}, "property", "reserved"),
-    ({"property": "recipient", "operator": "is_audience_member", "argument": "Not A Key"}, "argument", "audience key"),
-    ({"property": "recipient.x", "operator": "is_in_random_cohort", "argument": "10"}, "property", "recipient.id"),
-    ({"property": "", "operator": "exists"}, "property", "non-empty"),
-    ({"property": "recipient.x", "operator": "equal_to", "argument": "\ud83c"}, "argument", "not valid Unicode"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "1e20"}, "argument", "years 1..9999"),
-    ({"property": "recipient.x", "operator": "is_timestamp_on_or_after", "argument": "-62135596801"}, "argument", "years 1..9999"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "1e400"}, "argument", "years 1..9999"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": 253402300800}, "argument", "years 1..9999"),
-    ({"property": "recipient.x", "operator": "is_timestamp_between", "argument": "[0, 1e20]"}, "argument[1]", "years 1..9999"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "NaN"}, "argument", "not a time"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "true"}, "argument", "not a time"),
-    # only the documented time forms, as the reference evaluator reads them
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "7 Days Ago"}, "argument", "not a time"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": " 7 days ago"}, "argument", "not a time"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "7 dayss ago"}, "argument", "not a time"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "{{ due_at }}"}, "argument", "not a time"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "{{ recipient.created_at }}"},
-     "argument", "reserved"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before",
-      "argument": {"value": 7, "unit": "days", "direction": "ago", "extra": 1}}, "argument", "relative time object"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before",
-      "argument": {"value": 7, "unit": "Days", "direction": "ago"}}, "argument", "unknown time unit"),
-    ({"property": "recipient.x", "operator": "is_timestamp_before", "argument": "99999999999999 weeks ago"},
-     "argument", "beyond years 1..9999"),
-    ({"property": "recipient.\udc00", "operator": "exists"}, "property", "not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    "raw, field, message",
+    [
+        (
+            {"property": "recipient.x", "operator": "is_like", "argument": "a"},
+            "operator",
+            "unknown operator",
+        ),
+        (
+            {"property": "recipient.x", "operator": "greater_than", "argument": "ten"},
+            "argument",
+            "not a number",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_between", "argument": "[1]"},
+            "argument",
+            "[low, high]",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": "10 minutes ago",
+            },
+            "argument",
+            "15 minutes",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_timestamp_before", "argument": "soon"},
+            "argument",
+            "not a time",
+        ),
+        (
+            {"property": "recipient.x", "operator": "empty", "argument": "x"},
+            "argument",
+            "takes no argument",
+        ),
+        ({"property": "recipient.created_at", "operator": "exists"}, "property", "reserved"),
+        (
+            {"property": "recipient", "operator": "is_audience_member", "argument": "Not A Key"},
+            "argument",
+            "audience key",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_in_random_cohort", "argument": "10"},
+            "property",
+            "recipient.id",
+        ),
+        ({"property": "", "operator": "exists"}, "property", "non-empty"),
+        (
+            {"property": "recipient.x", "operator": "equal_to", "argument": "\ud83c"},
+            "argument",
+            "not valid Unicode",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_timestamp_before", "argument": "1e20"},
+            "argument",
+            "years 1..9999",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_on_or_after",
+                "argument": "-62135596801",
+            },
+            "argument",
+            "years 1..9999",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_timestamp_before", "argument": "1e400"},
+            "argument",
+            "years 1..9999",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": 253402300800,
+            },
+            "argument",
+            "years 1..9999",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_between",
+                "argument": "[0, 1e20]",
+            },
+            "argument[1]",
+            "years 1..9999",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_timestamp_before", "argument": "NaN"},
+            "argument",
+            "not a time",
+        ),
+        (
+            {"property": "recipient.x", "operator": "is_timestamp_before", "argument": "true"},
+            "argument",
+            "not a time",
+        ),
+        # only the documented time forms, as the reference evaluator reads them
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": "7 Days Ago",
+            },
+            "argument",
+            "not a time",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": " 7 days ago",
+            },
+            "argument",
+            "not a time",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": "7 dayss ago",
+            },
+            "argument",
+            "not a time",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": "{{ due_at }}",
+            },
+            "argument",
+            "not a time",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": "{{ recipient.created_at }}",
+            },
+            "argument",
+            "reserved",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": {"value": 7, "unit": "days", "direction": "ago", "extra": 1},
+            },
+            "argument",
+            "relative time object",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": {"value": 7, "unit": "Days", "direction": "ago"},
+            },
+            "argument",
+            "unknown time unit",
+        ),
+        (
+            {
+                "property": "recipient.x",
+                "operator": "is_timestamp_before",
+                "argument": "99999999999999 weeks ago",
+            },
+            "argument",
+            "beyond years 1..9999",
+        ),
+        ({"property": "recipient.\udc00", "operator": "exists"}, "property", "not valid Unicode"),
+    ],
+)
 def test_bad_conditions_are_rejected_with_the_field_named(raw, field, message):
     with pytest.raises(ConditionError) as error:
         attributes_used([[Condition.from_json(raw)]])
@@ -350,8 +540,13 @@ def test_bad_conditions_are_rejected_with_the_field_named(raw, field, message):
 
 
 def test_hostile_property_names_and_arguments_stay_data():
-    condition = Condition.from_json({"property": 'recipient.a"; drop table users; --',
-                                     "operator": "equal_to", "argument": "'); drop table users; --"})
+    condition = Condition.from_json(
+        {
+            "property": 'recipient.a"; drop table users; --',
+            "operator": "equal_to",
+            "argument": "'); drop table users; --",
+        }
+    )
     connection = connect_memory()
     insert_users(connection, [{"id": "a", 'a"; drop table users; --': "'); drop table users; --"}])
     assert matching_ids(connection, [[condition]]) == {"a"}

@@ -7,7 +7,7 @@ reference can be trusted as the oracle for the property-based comparison with th
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -22,7 +22,7 @@ from audiences.conditions.reference import (
     timestamp_value,
 )
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2025, 6, 15, 12, 0, 0, tzinfo=UTC)
 _ABSENT = object()
 
@@ -543,7 +543,7 @@ def test_is_between_is_an_inclusive_numeric_range(value, argument, expected):
         ("order 5.0", "5.0", True),
         ("order 5", "5.0", False),  # substring of the original text, not the number
         ("is true", "true", True),
-        ("say \"hi\" now", '"hi"', True),  # original text includes the quotes
+        ('say "hi" now', '"hi"', True),  # original text includes the quotes
         ("hi", '"hi"', False),
         ("value 5", 5, True),  # non-string argument: its JSON text
         ("value 5.0", 5.0, True),

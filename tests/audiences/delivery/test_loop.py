@@ -7,7 +7,7 @@ import json
 import random
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -31,7 +31,7 @@ from audiences.delivery.loop import (
 from audiences.delivery.sinks import FileSink, KnockSink, WebhookSink
 from audiences.membership.store import MembershipStore
 
-T0 = datetime(2026, 11, 27, 1, 2, 3, 123456, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 27, 1, 2, 3, 123456, tzinfo=UTC)
 SECRET = "whsec_" + base64.b64encode(b"loop tests secret").decode()
 
 
@@ -211,7 +211,7 @@ def test_backoff_doubles_per_attempt_with_full_jitter_and_a_ceiling(store, knock
         attempts: (
             datetime.strptime(
                 delivery_row(store, f"dlv-{attempts}")["next_attempt_at"], "%Y-%m-%dT%H:%M:%S.%fZ"
-            ).replace(tzinfo=timezone.utc)
+            ).replace(tzinfo=UTC)
             - T0
         ).total_seconds()
         for attempts in (0, 3, 20)
@@ -720,7 +720,7 @@ def test_a_store_made_before_claims_gains_them_and_delivers(tmp_path):
 def test_a_batch_partly_claimed_by_a_live_worker_is_left_whole_to_it(store, recorder):
     # Batch m-1 (two rows, already sent once) where another worker's live claim holds one row:
     # this pass must send neither row, and leave the free one unclaimed.
-    later = text(datetime.now(timezone.utc) + timedelta(minutes=5))
+    later = text(datetime.now(UTC) + timedelta(minutes=5))
     insert_deliveries(
         store,
         [

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from http_recorder import HttpRecorder, Reply
 from standardwebhooks import Webhook
 
 from audiences.delivery import Delivery, Outcome
@@ -24,7 +25,6 @@ from audiences.delivery.sinks import (
     parse_retry_after,
     sinks_from_config,
 )
-from http_recorder import HttpRecorder, Reply
 
 SECRET = "whsec_" + base64.b64encode(b"a shared secret of thirty-two b!").decode()
 
@@ -231,7 +231,7 @@ def test_webhook_nothing_listening_answers_retry():
 
 
 def test_retry_after_reads_seconds_and_http_dates():
-    now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=timezone.utc)
+    now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
     assert parse_retry_after("120") == 120.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=now) == 30.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now=now) == 0.0

@@ -62,19 +62,32 @@ class Workers:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, sinks: dict, *arguments: str) -> subprocess.Popen:
-        settings = {"default": "warmup", "sinks": {
-            "warmup": {"type": "file", "path": f"warmup-{name}.jsonl", "batch_size": 1},
-            **{sink: {**options, "headers": {"X-Worker": name}} for sink, options in sinks.items()},
-        }}
+        settings = {
+            "default": "warmup",
+            "sinks": {
+                "warmup": {"type": "file", "path": f"warmup-{name}.jsonl", "batch_size": 1},
+                **{
+                    sink: {**options, "headers": {"X-Worker": name}}
+                    for sink, options in sinks.items()
+                },
+            },
+        }
         sinks_file = self.folder / f"sinks-{name}.yml"
         sinks_file.write_text(json.dumps(settings))  # JSON is YAML
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("AUDIENCES_")}
-        environment.update(AUDIENCES_STORE_URL=self.store_url, AUDIENCES_SINKS=str(sinks_file),
-                           HOOK_SECRET=SECRET)
+        environment = {
+            key: value for key, value in os.environ.items() if not key.startswith("AUDIENCES_")
+        }
+        environment.update(
+            AUDIENCES_STORE_URL=self.store_url, AUDIENCES_SINKS=str(sinks_file), HOOK_SECRET=SECRET
+        )
         log = (self.folder / f"worker-{name}.log").open("w")
         process = subprocess.Popen(
             [sys.executable, "-m", "audiences.cli", "deliver", "--watch", *arguments],
-            cwd=self.folder, env=environment, stdout=log, stderr=subprocess.STDOUT)
+            cwd=self.folder,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.processes[name] = process
         return process
@@ -88,8 +101,10 @@ class Workers:
                 return
             self.check_alive()
             assert time.monotonic() < deadline, "the workers did not start"
-            insert_deliveries(store, [delivery_row_values(f"warmup-{number}", sink="warmup",
-                                                          next_attempt_at=LONG_AGO)])
+            insert_deliveries(
+                store,
+                [delivery_row_values(f"warmup-{number}", sink="warmup", next_attempt_at=LONG_AGO)],
+            )
             time.sleep(0.3)
 
     def check_alive(self) -> None:
@@ -124,17 +139,29 @@ def workers(tmp_path, store_url):
 
 
 def webhook(url: str, **options) -> dict:
-    return {"type": "webhook", "url": url, "secret_env": "HOOK_SECRET", "timeout_seconds": 2, **options}
+    return {
+        "type": "webhook",
+        "url": url,
+        "secret_env": "HOOK_SECRET",
+        "timeout_seconds": 2,
+        **options,
+    }
 
 
 def queue(store, sink: str, count: int, prefix: str) -> set[str]:
-    rows = [delivery_row_values(f"{prefix}-{number:04}", sink=sink, next_attempt_at=LONG_AGO,
-                                created_at=LONG_AGO) for number in range(count)]
+    rows = [
+        delivery_row_values(
+            f"{prefix}-{number:04}", sink=sink, next_attempt_at=LONG_AGO, created_at=LONG_AGO
+        )
+        for number in range(count)
+    ]
     insert_deliveries(store, rows)
     return {row["delivery_id"] for row in rows}
 
 
-def wait_delivered(store, workers: Workers, sinks: list[str], expected: int, timeout: float = 90) -> None:
+def wait_delivered(
+    store, workers: Workers, sinks: list[str], expected: int, timeout: float = 90
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         workers.check_alive()
@@ -142,7 +169,9 @@ def wait_delivered(store, workers: Workers, sinks: list[str], expected: int, tim
         delivered = sum(status.get(sink, {}).get("delivered", 0) for sink in sinks)
         if delivered >= expected:
             return
-        assert time.monotonic() < deadline, f"only {delivered} of {expected} delivered in {timeout} s"
+        assert time.monotonic() < deadline, (
+            f"only {delivered} of {expected} delivered in {timeout} s"
+        )
         time.sleep(0.2)
 
 
@@ -153,9 +182,13 @@ def items(request) -> list[str]:
 
 
 def test_two_workers_send_every_delivery_exactly_once(store, recorder, workers):
-    recorder.respond_with(lambda request: time.sleep(0.003) or 200)  # a receiver that takes a moment
-    sinks = {"single": webhook(f"{recorder.url}/single"),
-             "batched": webhook(f"{recorder.url}/batched", batch_size=5)}
+    recorder.respond_with(
+        lambda request: time.sleep(0.003) or 200
+    )  # a receiver that takes a moment
+    sinks = {
+        "single": webhook(f"{recorder.url}/single"),
+        "batched": webhook(f"{recorder.url}/batched", batch_size=5),
+    }
     workers.start("a", sinks)
     workers.start("b", sinks)
     workers.wait_ready(store, ["a", "b"])
@@ -208,9 +241,13 @@ def test_a_killed_workers_batch_is_sent_by_another_after_the_lease_under_the_sam
     # ... so worker b took none of it before the lease ended (it started well before that) ...
     assert min(request.received_at for request in later) >= hung_at[0] + lease - 1.0
     # ... and then sent the killed worker's batch again, whole and under the same webhook id.
-    again = [request for request in later if request.header("webhook-id") == first.header("webhook-id")]
+    again = [
+        request for request in later if request.header("webhook-id") == first.header("webhook-id")
+    ]
     assert len(again) == 1 and items(again[0]) == items(first)
-    assert sorted(delivery_id for request in later for delivery_id in items(request)) == sorted(expected)
+    assert sorted(delivery_id for request in later for delivery_id in items(request)) == sorted(
+        expected
+    )
     assert Counter(request.header("webhook-id") for request in later).most_common(1)[0][1] == 1
 
 
@@ -227,12 +264,17 @@ def test_a_sinks_rate_limit_holds_across_two_workers(store, recorder, workers):
     workers.stop_all()
 
     hooks = [request for request in recorder.requests if request.path == "/limited"]
-    assert sorted(delivery_id for request in hooks for delivery_id in items(request)) == sorted(expected)
+    assert sorted(delivery_id for request in hooks for delivery_id in items(request)) == sorted(
+        expected
+    )
     assert {request.header("X-Worker") for request in hooks} == {"a", "b"}
     stamps = sorted(request.received_at for request in hooks)
     # A burst of one second's worth, then `rate` a second, whichever worker sends (a little slack
     # for the time between a send and its arrival).
-    worst = max(last - first + 1 - rate * (stamps[last] - stamps[first])
-                for first in range(len(stamps)) for last in range(first, len(stamps)))
+    worst = max(
+        last - first + 1 - rate * (stamps[last] - stamps[first])
+        for first in range(len(stamps))
+        for last in range(first, len(stamps))
+    )
     assert worst <= rate + 2
     assert stamps[-1] - stamps[0] >= (len(stamps) - rate) / rate - 0.2

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
-from audiences.membership.changes import CircuitBreaker, members_at, record_changes
 from condition_harness import evaluation_warehouse, set_evaluation
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+from audiences.membership.changes import CircuitBreaker, members_at, record_changes
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -19,8 +19,13 @@ def warehouse():
     connection.close()
 
 
-def evaluate(connection, moment, members: dict[str, list], versions: dict[str, str] | None = None,
-             breaker=CircuitBreaker(0.2, 1000)):
+def evaluate(
+    connection,
+    moment,
+    members: dict[str, list],
+    versions: dict[str, str] | None = None,
+    breaker=CircuitBreaker(0.2, 1000),
+):
     """Stand in for one dbt evaluation (the catalog and members tables), then the diff."""
     set_evaluation(connection, members, versions)
     return record_changes(connection, moment, breaker)
@@ -29,13 +34,17 @@ def evaluate(connection, moment, members: dict[str, list], versions: dict[str, s
 def outbox(connection) -> list[tuple]:
     return connection.execute(
         "select audience_key, user_id, tenant, event_type, entry_number, is_backfill, batch_id is not null "
-        "from raw.membership_outbox order by sequence").fetchall()
+        "from raw.membership_outbox order by sequence"
+    ).fetchall()
 
 
 def test_first_evaluation_records_entries_as_backfill(warehouse):
     summary = evaluate(warehouse, T0, {"pro": [1, 2]})
     assert (summary.entered, summary.exited, summary.audiences[0].is_backfill) == (2, 0, True)
-    assert outbox(warehouse) == [("pro", "u1", None, "entered", 1, True, False), ("pro", "u2", None, "entered", 1, True, False)]
+    assert outbox(warehouse) == [
+        ("pro", "u1", None, "entered", 1, True, False),
+        ("pro", "u2", None, "entered", 1, True, False),
+    ]
 
 
 def test_enter_exit_and_reenter_get_distinct_deterministic_ids(warehouse):
@@ -44,9 +53,14 @@ def test_enter_exit_and_reenter_get_distinct_deterministic_ids(warehouse):
     evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1]})
     evaluate(warehouse, T0 + timedelta(hours=3), {"pro": [1, 2]})
     events = outbox(warehouse)
-    assert events[1:] == [("pro", "u2", None, "entered", 1, False, False), ("pro", "u2", None, "exited", 1, False, False),
-                          ("pro", "u2", None, "entered", 2, False, False)]
-    ids = [row[0] for row in warehouse.execute("select event_id from raw.membership_outbox").fetchall()]
+    assert events[1:] == [
+        ("pro", "u2", None, "entered", 1, False, False),
+        ("pro", "u2", None, "exited", 1, False, False),
+        ("pro", "u2", None, "entered", 2, False, False),
+    ]
+    ids = [
+        row[0] for row in warehouse.execute("select event_id from raw.membership_outbox").fetchall()
+    ]
     assert len(set(ids)) == len(ids)
 
 
@@ -71,17 +85,23 @@ def test_deleted_user_exits_and_history_answers_who_was_in_when(warehouse):
     evaluate(warehouse, T0, {"pro": [1, 2]})
     evaluate(warehouse, T0 + timedelta(days=1), {"pro": [1]})  # u2 deleted: gone from the members
     assert outbox(warehouse)[-1] == ("pro", "u2", None, "exited", 1, False, False)
-    assert members_at(warehouse, "pro", T0 + timedelta(hours=12)) == [{"user_id": "u1", "tenant": None},
-                                                                      {"user_id": "u2", "tenant": None}]
-    assert members_at(warehouse, "pro", T0 + timedelta(days=1)) == [{"user_id": "u1", "tenant": None}]
+    assert members_at(warehouse, "pro", T0 + timedelta(hours=12)) == [
+        {"user_id": "u1", "tenant": None},
+        {"user_id": "u2", "tenant": None},
+    ]
+    assert members_at(warehouse, "pro", T0 + timedelta(days=1)) == [
+        {"user_id": "u1", "tenant": None}
+    ]
     assert members_at(warehouse, "pro", T0 - timedelta(seconds=1)) == []
 
 
 def test_definition_change_records_the_new_version(warehouse):
     evaluate(warehouse, T0, {"pro": [1, 2]}, {"pro": "v1"})
     evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [2, 3]}, {"pro": "v2"})
-    rows = warehouse.execute("select user_id, event_type, audience_version from raw.membership_outbox where not is_backfill "
-                             "order by user_id").fetchall()
+    rows = warehouse.execute(
+        "select user_id, event_type, audience_version from raw.membership_outbox where not is_backfill "
+        "order by user_id"
+    ).fetchall()
     assert rows == [("u1", "exited", "v2"), ("u3", "entered", "v2")]
 
 
@@ -89,7 +109,9 @@ def test_tenants_are_distinct_memberships(warehouse):
     evaluate(warehouse, T0, {"vip": [(1, "acme")]})
     evaluate(warehouse, T0 + timedelta(hours=1), {"vip": [(1, "acme"), (1, "globex"), (1, None)]})
     rows = [row[:4] for row in outbox(warehouse)[1:]]
-    assert sorted(rows, key=str) == sorted([("vip", "u1", "globex", "entered"), ("vip", "u1", None, "entered")], key=str)
+    assert sorted(rows, key=str) == sorted(
+        [("vip", "u1", "globex", "entered"), ("vip", "u1", None, "entered")], key=str
+    )
 
 
 def test_a_new_audience_is_backfill_while_others_trigger(warehouse):
@@ -102,7 +124,9 @@ def test_a_new_audience_is_backfill_while_others_trigger(warehouse):
 def test_circuit_breaker_holds_a_mass_exit(warehouse):
     breaker = CircuitBreaker(share=0.2, minimum=3)
     evaluate(warehouse, T0, {"pro": list(range(1, 11))}, breaker=breaker)
-    summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2]}, breaker=breaker)  # 8 of 10 leave
+    summary = evaluate(
+        warehouse, T0 + timedelta(hours=1), {"pro": [1, 2]}, breaker=breaker
+    )  # 8 of 10 leave
     [held] = summary.held
     assert (held.exited, held.size_before) == (8, 10)
     assert all(row[6] for row in outbox(warehouse)[10:])
@@ -120,18 +144,29 @@ def test_only_rows_the_builds_logged_as_reevaluated_are_compared(warehouse):
     """dbt logs what each build of audience_members re-evaluated; the diff compares just that, then
     empties the log. (Builds that re-evaluate nothing for a user leave its rows as they were.)"""
     evaluate(warehouse, T0, {"pro": [1, 2], "eu": [3]})
-    warehouse.execute("create table main.audience_members__reevaluated (audience_key varchar, user_key integer)")
+    warehouse.execute(
+        "create table main.audience_members__reevaluated (audience_key varchar, user_key integer)"
+    )
     # Two builds before a diff: the first re-evaluated user 4, the second audience `eu` whole.
-    warehouse.execute("insert into main.audience_members__reevaluated values (null, 4), ('eu', null)")
+    warehouse.execute(
+        "insert into main.audience_members__reevaluated values (null, 4), ('eu', null)"
+    )
     # User 5's row changed without being logged: a build never does that, and the diff trusts the log.
     summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2, 4, 5], "eu": [6]})
-    assert set(outbox(warehouse)[3:]) == {("eu", "u3", None, "exited", 1, False, False),
-                                          ("eu", "u6", None, "entered", 1, False, False),
-                                          ("pro", "u4", None, "entered", 1, False, False)}
+    assert set(outbox(warehouse)[3:]) == {
+        ("eu", "u3", None, "exited", 1, False, False),
+        ("eu", "u6", None, "entered", 1, False, False),
+        ("pro", "u4", None, "entered", 1, False, False),
+    }
     assert (summary.entered, summary.exited) == (2, 1)
-    assert warehouse.execute("select count(*) from main.audience_members__reevaluated").fetchone()[0] == 0
+    assert (
+        warehouse.execute("select count(*) from main.audience_members__reevaluated").fetchone()[0]
+        == 0
+    )
     # Nothing logged since: nothing compared. `(null, null)` means everything was re-evaluated.
-    assert evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1, 2, 4, 5], "eu": [6]}).entered == 0
+    assert (
+        evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1, 2, 4, 5], "eu": [6]}).entered == 0
+    )
     warehouse.execute("insert into main.audience_members__reevaluated values (null, null)")
     summary = evaluate(warehouse, T0 + timedelta(hours=3), {"pro": [1, 2, 4, 5], "eu": [6]})
     assert (summary.entered, summary.exited) == (1, 0)
@@ -147,7 +182,9 @@ def test_a_skipped_audience_keeps_its_open_memberships_and_gets_no_event(warehou
     assert outbox(warehouse)[3:] == [("free", "u4", None, "entered", 1, False, False)]
     assert [change.audience_key for change in summary.audiences] == ["free"]
     assert members_at(warehouse, "pro", T0 + timedelta(hours=2)) == [
-        {"user_id": "u1", "tenant": None}, {"user_id": "u2", "tenant": None}]
+        {"user_id": "u1", "tenant": None},
+        {"user_id": "u2", "tenant": None},
+    ]
     # Fixed, it is evaluated again: now the change is real.
     evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1], "free": [3, 4]})
     assert outbox(warehouse)[4:] == [("pro", "u2", None, "exited", 1, False, False)]
@@ -156,13 +193,22 @@ def test_a_skipped_audience_keeps_its_open_memberships_and_gets_no_event(warehou
 def test_an_audience_nobody_entered_or_left_reports_its_members_as_its_size_before(warehouse):
     evaluate(warehouse, T0, {"pro": [1, 2, 3], "eu": [4, 5]})
     summary = evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2, 3], "eu": [4, 5, 6]})
-    sizes = {change.audience_key: (change.entered, change.exited, change.size_before) for change in summary.audiences}
+    sizes = {
+        change.audience_key: (change.entered, change.exited, change.size_before)
+        for change in summary.audiences
+    }
     assert sizes == {"pro": (0, 0, 3), "eu": (1, 0, 2)}
     # With the evaluation's member counts beside the catalog (as dbt builds them), those are read.
-    warehouse.execute("create table main.audience_evaluations as select $t::timestamptz as evaluated_at, "
-                      "'pro' as audience_key, 3 as member_count", {"t": T0 + timedelta(hours=2)})
+    warehouse.execute(
+        "create table main.audience_evaluations as select $t::timestamptz as evaluated_at, "
+        "'pro' as audience_key, 3 as member_count",
+        {"t": T0 + timedelta(hours=2)},
+    )
     summary = evaluate(warehouse, T0 + timedelta(hours=2), {"pro": [1, 2, 3], "eu": [4, 5]})
-    sizes = {change.audience_key: (change.entered, change.exited, change.size_before) for change in summary.audiences}
+    sizes = {
+        change.audience_key: (change.entered, change.exited, change.size_before)
+        for change in summary.audiences
+    }
     assert sizes == {"pro": (0, 0, 3), "eu": (0, 1, 3)}
 
 
@@ -175,5 +221,6 @@ def test_pending_changes_counts_what_the_diff_will_record_and_records_nothing(wa
     assert pending_changes(warehouse) == {"pro": (1, 1), "eu": (0, 0)}
     assert outbox(warehouse) == outbox_before
     summary = record_changes(warehouse, T0 + timedelta(hours=1))
-    assert {change.audience_key: (change.entered, change.exited) for change in summary.audiences} == {
-        "pro": (1, 1), "eu": (0, 0)}
+    assert {
+        change.audience_key: (change.entered, change.exited) for change in summary.audiences
+    } == {"pro": (1, 1), "eu": (0, 0)}

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from condition_harness import evaluation_warehouse, set_evaluation
 
 from audiences.broadcasts import broadcast
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.membership.publish import discard_batch, publish_outbox, release_batch
 from audiences.membership.triggers import WorkflowTrigger, condition_segments
-from condition_harness import evaluation_warehouse, set_evaluation
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 @pytest.fixture
 def warehouse():
-    connection = evaluation_warehouse([{"id": f"u{i}", "locale": "fr" if i % 2 else "en"} for i in range(1, 21)])
+    connection = evaluation_warehouse(
+        [{"id": f"u{i}", "locale": "fr" if i % 2 else "en"} for i in range(1, 21)]
+    )
     yield connection
     connection.close()
 
@@ -28,7 +30,12 @@ class Pipeline:
     """One evaluation after another: members in, diff, publish (what the Dagster assets do)."""
 
     def __init__(self, warehouse, store, triggers, breaker=CircuitBreaker(0.2, 1000)):
-        self.warehouse, self.store, self.triggers, self.breaker = warehouse, store, triggers, breaker
+        self.warehouse, self.store, self.triggers, self.breaker = (
+            warehouse,
+            store,
+            triggers,
+            breaker,
+        )
         self.moment = T0
 
     def evaluate(self, members: dict[str, list]):
@@ -40,8 +47,11 @@ class Pipeline:
 
     def deliveries(self, status: str | None = None) -> list[dict]:
         query = "select workflow_key, user_id, tenant, status, payload from deliveries"
-        rows = self.store.rows(sa.text(query + (" where status = :s" if status else "") + " order by created_at, user_id")
-                               .bindparams(**({"s": status} if status else {})))
+        rows = self.store.rows(
+            sa.text(
+                query + (" where status = :s" if status else "") + " order by created_at, user_id"
+            ).bindparams(**({"s": status} if status else {}))
+        )
         return rows
 
 
@@ -59,24 +69,42 @@ def test_no_backfill_then_one_trigger_per_entry_with_knock_payload(warehouse, st
     payload = json.loads(delivery["payload"])
     assert payload["recipients"] == ["u3"] and "tenant" not in payload
     assert set(payload["data"]) == {"audience_key", "event", "event_id", "occurred_at"}
-    assert payload["data"]["event"] == "entered" and payload["data"]["occurred_at"] == "2026-11-01T01:00:00.000000Z"
+    assert (
+        payload["data"]["event"] == "entered"
+        and payload["data"]["occurred_at"] == "2026-11-01T01:00:00.000000Z"
+    )
 
 
 def test_publishing_twice_changes_nothing(warehouse, store):
     pipeline = Pipeline(warehouse, store, trigger())
     pipeline.evaluate({"pro": [1]})
     pipeline.evaluate({"pro": [1, 2, 3]})
-    counts = store.rows(sa.text("select (select count(*) from membership_events) e, (select count(*) from deliveries) d, "
-                                "(select count(*) from audience_members) m"))
-    warehouse.execute("delete from raw.outbox_published")  # as if the run died before recording the watermark
+    counts = store.rows(
+        sa.text(
+            "select (select count(*) from membership_events) e, (select count(*) from deliveries) d, "
+            "(select count(*) from audience_members) m"
+        )
+    )
+    warehouse.execute(
+        "delete from raw.outbox_published"
+    )  # as if the run died before recording the watermark
     report = publish_outbox(warehouse, store, pipeline.triggers, "file", pipeline.moment)
     assert report.events == 3 and report.deliveries == 0
-    assert store.rows(sa.text("select (select count(*) from membership_events) e, (select count(*) from deliveries) d, "
-                              "(select count(*) from audience_members) m")) == counts
+    assert (
+        store.rows(
+            sa.text(
+                "select (select count(*) from membership_events) e, (select count(*) from deliveries) d, "
+                "(select count(*) from audience_members) m"
+            )
+        )
+        == counts
+    )
 
 
 def test_exit_triggers_only_where_asked(warehouse, store):
-    pipeline = Pipeline(warehouse, store, {**trigger(), **trigger(workflow_key="goodbye", on="exited")})
+    pipeline = Pipeline(
+        warehouse, store, {**trigger(), **trigger(workflow_key="goodbye", on="exited")}
+    )
     pipeline.evaluate({"pro": [1, 2]})
     pipeline.evaluate({"pro": [1]})
     assert [(d["workflow_key"], d["user_id"]) for d in pipeline.deliveries()] == [("goodbye", "u2")]
@@ -92,7 +120,9 @@ def test_once_per_recipient_fires_once_across_reentries_and_tenants(warehouse, s
 
 
 def test_once_per_recipient_per_tenant_fires_once_per_tenant(warehouse, store):
-    pipeline = Pipeline(warehouse, store, trigger(trigger_frequency="once_per_recipient_per_tenant"))
+    pipeline = Pipeline(
+        warehouse, store, trigger(trigger_frequency="once_per_recipient_per_tenant")
+    )
     pipeline.evaluate({"pro": []})
     pipeline.evaluate({"pro": [(1, "acme"), (1, "globex"), (1, None)]})
     pipeline.evaluate({"pro": []})
@@ -122,7 +152,9 @@ def test_a_trigger_added_later_does_not_fire_for_earlier_events(warehouse, store
 
 
 def test_trigger_conditions_are_evaluated_against_the_recipient(warehouse, store):
-    segments = condition_segments({"all": [{"variable": "recipient.locale", "operator": "equal_to", "argument": "en"}]}, "$")
+    segments = condition_segments(
+        {"all": [{"variable": "recipient.locale", "operator": "equal_to", "argument": "en"}]}, "$"
+    )
     pipeline = Pipeline(warehouse, store, trigger(segments=segments))
     pipeline.evaluate({"pro": []})
     _, report = pipeline.evaluate({"pro": [1, 2, 3, 4]})
@@ -131,12 +163,18 @@ def test_trigger_conditions_are_evaluated_against_the_recipient(warehouse, store
 
 
 def test_held_batch_sends_nothing_until_released_or_discarded(warehouse, store):
-    pipeline = Pipeline(warehouse, store, {**trigger(), **trigger(workflow_key="goodbye", on="exited")},
-                        breaker=CircuitBreaker(share=0.2, minimum=5))
+    pipeline = Pipeline(
+        warehouse,
+        store,
+        {**trigger(), **trigger(workflow_key="goodbye", on="exited")},
+        breaker=CircuitBreaker(share=0.2, minimum=5),
+    )
     pipeline.evaluate({"pro": list(range(1, 21))})
     _, report = pipeline.evaluate({"pro": [1]})  # a truncated source: 19 of 20 leave
     [batch] = report.held_batches
-    assert {d["status"] for d in pipeline.deliveries()} == {"held"} and len(pipeline.deliveries()) == 19
+    assert {d["status"] for d in pipeline.deliveries()} == {"held"} and len(
+        pipeline.deliveries()
+    ) == 19
     assert release_batch(store, batch) == 19
     assert {d["status"] for d in pipeline.deliveries()} == {"pending"}
     with pytest.raises(ValueError, match="already released"):
@@ -152,7 +190,11 @@ def test_store_membership_follows_the_events(warehouse, store):
     pipeline.evaluate({"pro": [1, 2, (3, "acme")]})
     pipeline.evaluate({"pro": [2, (3, "acme"), 4]})
     rows = store.rows(sa.text("select user_id, tenant from audience_members order by user_id"))
-    assert rows == [{"user_id": "u2", "tenant": None}, {"user_id": "u3", "tenant": "acme"}, {"user_id": "u4", "tenant": None}]
+    assert rows == [
+        {"user_id": "u2", "tenant": None},
+        {"user_id": "u3", "tenant": "acme"},
+        {"user_id": "u4", "tenant": None},
+    ]
 
 
 def test_broadcast_sends_one_per_member_and_tenant_and_never_twice(warehouse, store):
@@ -180,24 +222,46 @@ def test_a_store_made_before_natural_key_events_loses_its_event_id_key(tmp_path)
             "audience_key VARCHAR(255) NOT NULL, user_id VARCHAR(255) NOT NULL, tenant VARCHAR(255), "
             "event_type VARCHAR(16) NOT NULL, occurred_at VARCHAR(32) NOT NULL, audience_version VARCHAR(64), "
             "entry_number INTEGER NOT NULL, is_backfill BOOLEAN NOT NULL, batch_id VARCHAR(64), "
-            "published_at VARCHAR(32) NOT NULL, PRIMARY KEY (event_id))")
-        old.execute("insert into membership_events values ('e1', 1, 'pro', 'u1', null, 'entered', "
-                    "'2026-11-01T00:00:00Z', 'v1', 1, 0, null, '2026-11-01T00:00:00Z')")
+            "published_at VARCHAR(32) NOT NULL, PRIMARY KEY (event_id))"
+        )
+        old.execute(
+            "insert into membership_events values ('e1', 1, 'pro', 'u1', null, 'entered', "
+            "'2026-11-01T00:00:00Z', 'v1', 1, 0, null, '2026-11-01T00:00:00Z')"
+        )
     store = MembershipStore(f"sqlite:///{path}").create()
     try:
         with store.engine.begin() as connection:
             table_sql = connection.exec_driver_sql(
-                "select sql from sqlite_master where name = 'membership_events'").scalar()
-            indexes = {row[0] for row in connection.exec_driver_sql(
-                "select name from sqlite_master where type = 'index' and tbl_name = 'membership_events'")}
-            again = {"event_id": "e1-again", "sequence": 1, "audience_key": "pro", "user_id": "u1", "tenant": None,
-                     "event_type": "entered", "occurred_at": "2026-11-01T00:00:00Z", "audience_version": "v1",
-                     "entry_number": 1, "is_backfill": False, "batch_id": None,
-                     "published_at": "2026-11-01T00:00:00Z"}
+                "select sql from sqlite_master where name = 'membership_events'"
+            ).scalar()
+            indexes = {
+                row[0]
+                for row in connection.exec_driver_sql(
+                    "select name from sqlite_master where type = 'index' and tbl_name = 'membership_events'"
+                )
+            }
+            again = {
+                "event_id": "e1-again",
+                "sequence": 1,
+                "audience_key": "pro",
+                "user_id": "u1",
+                "tenant": None,
+                "event_type": "entered",
+                "occurred_at": "2026-11-01T00:00:00Z",
+                "audience_version": "v1",
+                "entry_number": 1,
+                "is_backfill": False,
+                "batch_id": None,
+                "published_at": "2026-11-01T00:00:00Z",
+            }
             added = store.insert_ignoring_duplicates(connection, membership_events, [again])
-            rows = connection.execute(sa.select(membership_events.c.event_id, membership_events.c.source)).all()
+            rows = connection.execute(
+                sa.select(membership_events.c.event_id, membership_events.c.source)
+            ).all()
         assert "PRIMARY KEY (event_id)" not in table_sql
-        assert "membership_events_identity" in indexes and not any(name.startswith("sqlite_autoindex") for name in indexes)
+        assert "membership_events_identity" in indexes and not any(
+            name.startswith("sqlite_autoindex") for name in indexes
+        )
         assert added == 0 and rows == [("e1", "evaluation")]
         store.create()  # a second create finds nothing to do
     finally:

@@ -6,21 +6,24 @@ idempotency key. The sink is a real HTTP server on 127.0.0.1 speaking Knock's tr
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from condition_harness import evaluation_warehouse, set_evaluation
+from http_recorder import HttpRecorder, Reply
 
 from audiences.delivery.loop import deliver_due
 from audiences.delivery.sinks import KnockSink
 from audiences.membership.changes import record_changes
 from audiences.membership.publish import publish_outbox
 from audiences.membership.triggers import WorkflowTrigger
-from condition_harness import evaluation_warehouse, set_evaluation
-from http_recorder import HttpRecorder, Reply
 
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
-TRIGGERS = {"welcome": WorkflowTrigger("welcome", "pro"), "goodbye": WorkflowTrigger("goodbye", "pro", on="exited")}
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+TRIGGERS = {
+    "welcome": WorkflowTrigger("welcome", "pro"),
+    "goodbye": WorkflowTrigger("goodbye", "pro", on="exited"),
+}
 
 
 @pytest.fixture
@@ -40,7 +43,11 @@ class CrashAfterSending:
 
     def __init__(self, sink):
         self.sink, self.crashed = sink, False
-        self.name, self.rate_limit_per_second, self.batch_size = sink.name, sink.rate_limit_per_second, sink.batch_size
+        self.name, self.rate_limit_per_second, self.batch_size = (
+            sink.name,
+            sink.rate_limit_per_second,
+            sink.batch_size,
+        )
 
     def send(self, deliveries):
         outcomes = self.sink.send(deliveries)
@@ -50,22 +57,32 @@ class CrashAfterSending:
         return outcomes
 
 
-def test_every_event_reaches_the_sink_once_in_effect_despite_crashes_and_a_flaky_sink(warehouse, store):
+def test_every_event_reaches_the_sink_once_in_effect_despite_crashes_and_a_flaky_sink(
+    warehouse, store
+):
     evaluate(warehouse, T0, range(1, 11))  # first evaluation: backfill, nothing to send
     publish_outbox(warehouse, store, TRIGGERS, "knock", T0)
     evaluate(warehouse, T0 + timedelta(hours=1), range(6, 21))  # 10 enter, 5 exit ...
     # ... and the run dies between the diff and publishing: the events wait in the outbox.
     evaluate(warehouse, T0 + timedelta(hours=2), range(6, 26))  # 5 more enter
     publish_outbox(warehouse, store, TRIGGERS, "knock", T0 + timedelta(hours=2))
-    expected = {row["event_id"] for row in store.rows(sa.text(
-        "select event_id from membership_events where not is_backfill"))}
+    expected = {
+        row["event_id"]
+        for row in store.rows(
+            sa.text("select event_id from membership_events where not is_backfill")
+        )
+    }
     assert len(expected) == 20
 
     with HttpRecorder() as knock:
-        knock.script(500, Reply(429, {"Retry-After": "1"}), Reply.hang(1.5), Reply.connection_reset())
-        sink = KnockSink("knock", knock.url, "sk_test_secret", timeout_seconds=0.5, rate_limit_per_second=None)
+        knock.script(
+            500, Reply(429, {"Retry-After": "1"}), Reply.hang(1.5), Reply.connection_reset()
+        )
+        sink = KnockSink(
+            "knock", knock.url, "sk_test_secret", timeout_seconds=0.5, rate_limit_per_second=None
+        )
         flaky = CrashAfterSending(sink)
-        moment = datetime.now(timezone.utc)
+        moment = datetime.now(UTC)
         with pytest.raises(SystemExit, match="killed between sending and recording"):
             deliver_due(store, {"knock": flaky}, now=moment)
         for _ in range(20):

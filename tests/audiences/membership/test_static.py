@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import duckdb
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from condition_harness import insert_users
 
 from audiences.membership.changes import CircuitBreaker
 from audiences.membership.publish import process_static_triggers
-from audiences.membership.static import Member, MembershipError, change_members, is_member, require_static
+from audiences.membership.static import (
+    Member,
+    MembershipError,
+    change_members,
+    is_member,
+    require_static,
+)
 from audiences.membership.triggers import WorkflowTrigger
 from audiences.syncs import Sync, run_sync
 from audiences.users.sources import UserSource
-from condition_harness import insert_users
 
-NOW = datetime(2026, 11, 27, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
 
 
 def events(store) -> list[tuple]:
-    return [tuple(row.values()) for row in store.rows(sa.text(
-        "select user_id, tenant, event_type, entry_number from membership_events order by occurred_at, user_id"))]
+    return [
+        tuple(row.values())
+        for row in store.rows(
+            sa.text(
+                "select user_id, tenant, event_type, entry_number from membership_events order by occurred_at, user_id"
+            )
+        )
+    ]
 
 
 def test_adding_an_existing_member_and_removing_a_non_member_are_no_ops(store):
@@ -32,14 +44,25 @@ def test_adding_an_existing_member_and_removing_a_non_member_are_no_ops(store):
     assert change_members(store, "vips", [Member("u2")], "remove").changed == 0
     assert change_members(store, "vips", [Member("u1")], "remove").changed == 1
     assert change_members(store, "vips", [Member("u1")], "add").changed == 1
-    assert events(store) == [("u1", None, "entered", 1), ("u1", None, "exited", 1), ("u1", None, "entered", 2)]
+    assert events(store) == [
+        ("u1", None, "entered", 1),
+        ("u1", None, "exited", 1),
+        ("u1", None, "entered", 2),
+    ]
 
 
 def test_one_user_under_three_tenants_and_tenant_strict_checks(store):
-    change_members(store, "vips", [Member("u1", "acme"), Member("u1", "globex"), Member("u1", "initech")], "add")
+    change_members(
+        store,
+        "vips",
+        [Member("u1", "acme"), Member("u1", "globex"), Member("u1", "initech")],
+        "add",
+    )
     assert is_member(store, "vips", "u1", "acme") and is_member(store, "vips", "u1", "globex")
     assert not is_member(store, "vips", "u1", "umbrella")  # another tenant
-    assert not is_member(store, "vips", "u1")  # a run with no tenant matches only tenant-less members
+    assert not is_member(
+        store, "vips", "u1"
+    )  # a run with no tenant matches only tenant-less members
     change_members(store, "vips", [Member("u1")], "add")
     assert is_member(store, "vips", "u1")
     change_members(store, "vips", [Member("u1", "acme")], "remove")
@@ -57,15 +80,30 @@ def test_static_events_trigger_per_tenant_and_missing_users_never_trigger(store)
     warehouse = duckdb.connect()
     warehouse.execute("set TimeZone = 'UTC'")
     insert_users(warehouse, [{"id": "u1"}, {"id": "u2"}])
-    triggers = {"welcome": WorkflowTrigger("welcome", "vips", trigger_frequency="once_per_recipient_per_tenant")}
-    process_static_triggers(warehouse, store, triggers, "file", NOW)  # the trigger is registered first
-    change_members(store, "vips", [Member("u1", "acme"), Member("u1", "globex"), Member("ghost", "acme")], "add")
+    triggers = {
+        "welcome": WorkflowTrigger(
+            "welcome", "vips", trigger_frequency="once_per_recipient_per_tenant"
+        )
+    }
+    process_static_triggers(
+        warehouse, store, triggers, "file", NOW
+    )  # the trigger is registered first
+    change_members(
+        store,
+        "vips",
+        [Member("u1", "acme"), Member("u1", "globex"), Member("ghost", "acme")],
+        "add",
+    )
     report = process_static_triggers(warehouse, store, triggers, "file", NOW)
     assert (report.events, report.deliveries) == (3, 2)
-    payloads = [json.loads(row["payload"]) for row in store.rows(sa.text("select payload from deliveries"))]
+    payloads = [
+        json.loads(row["payload"]) for row in store.rows(sa.text("select payload from deliveries"))
+    ]
     assert sorted(p["tenant"] for p in payloads) == ["acme", "globex"]
     warehouse.execute("insert into raw.users values (3, 'ghost', '{}', 'test', now(), now(), null)")
-    again = process_static_triggers(warehouse, store, triggers, "file", NOW)  # identified later: no retro trigger
+    again = process_static_triggers(
+        warehouse, store, triggers, "file", NOW
+    )  # identified later: no retro trigger
     assert (again.events, again.deliveries) == (0, 0)
     change_members(store, "vips", [Member("u1", "acme")], "remove")
     change_members(store, "vips", [Member("u1", "acme")], "add")  # re-entry under the same tenant
@@ -74,8 +112,12 @@ def test_static_events_trigger_per_tenant_and_missing_users_never_trigger(store)
 
 def sync(tmp_path, rows, mode="mirror") -> Sync:
     path = tmp_path / "vips.parquet"
-    pl.DataFrame(rows, schema={"id": pl.String, "account": pl.String}, orient="row").write_parquet(path)
-    return Sync("crm_vips", "vips", UserSource("crm_vips", "parquet", path, "stream"), "account", mode)
+    pl.DataFrame(rows, schema={"id": pl.String, "account": pl.String}, orient="row").write_parquet(
+        path
+    )
+    return Sync(
+        "crm_vips", "vips", UserSource("crm_vips", "parquet", path, "stream"), "account", mode
+    )
 
 
 def test_mirror_sync_writes_only_the_difference(store, tmp_path):

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
 import polars as pl
 import pytest
+from condition_harness import ROOT
 
 from audiences.users import load_source
 from audiences.users.sources import SourceError, UserSource, source_from_uri, sources_from_file
-from condition_harness import ROOT
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -27,27 +27,37 @@ def warehouse(tmp_path):
 
 
 def users(connection) -> dict[str, dict]:
-    rows = connection.execute("select user_id, properties from raw.users where deleted_at is null").fetchall()
+    rows = connection.execute(
+        "select user_id, properties from raw.users where deleted_at is null"
+    ).fetchall()
     return {user_id: json.loads(properties) for user_id, properties in rows}
 
 
 def quarantine(connection) -> list[tuple]:
-    return connection.execute("select row_number, user_id, reason from raw.users_quarantine order by row_number").fetchall()
+    return connection.execute(
+        "select row_number, user_id, reason from raw.users_quarantine order by row_number"
+    ).fetchall()
 
 
-def csv_source(tmp_path: Path, text: str, mode="snapshot", name="users.csv", encoding="utf-8") -> UserSource:
+def csv_source(
+    tmp_path: Path, text: str, mode="snapshot", name="users.csv", encoding="utf-8"
+) -> UserSource:
     path = tmp_path / name
     path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
     return source_from_uri(str(path), mode=mode)
 
 
 def test_csv_columns_map_to_knock_user_fields_nested_by_dots(warehouse, tmp_path):
-    source = csv_source(tmp_path, 'id,name,plan,address.city,properties\n'
-                                  'u1,Ann,pro,Paris,"{""tags"": [""a""], ""nps"": 9}"\n')
+    source = csv_source(
+        tmp_path,
+        "id,name,plan,address.city,properties\n"
+        'u1,Ann,pro,Paris,"{""tags"": [""a""], ""nps"": 9}"\n',
+    )
     result = load_source(warehouse, source, T0)
     assert result.users_inserted == 1
-    assert users(warehouse) == {"u1": {"name": "Ann", "plan": "pro", "address": {"city": "Paris"},
-                                       "tags": ["a"], "nps": 9}}
+    assert users(warehouse) == {
+        "u1": {"name": "Ann", "plan": "pro", "address": {"city": "Paris"}, "tags": ["a"], "nps": 9}
+    }
 
 
 def test_reloading_the_same_data_changes_nothing(warehouse, tmp_path):
@@ -68,9 +78,13 @@ def test_a_run_whose_sources_disagree_but_end_where_they_began_changes_nothing(w
         load_source(warehouse, snapshot, at)
         load_source(warehouse, stream, at)
         if changes:
-            load_source(warehouse, csv_source(tmp_path, changes, mode=changes_mode, name="changes.csv"), at)
+            load_source(
+                warehouse, csv_source(tmp_path, changes, mode=changes_mode, name="changes.csv"), at
+            )
         settled = settle_run(warehouse, at)
-        rows = warehouse.execute("select user_id, updated_at, deleted_at is not null from raw.users").fetchall()
+        rows = warehouse.execute(
+            "select user_id, updated_at, deleted_at is not null from raw.users"
+        ).fetchall()
         return settled, {user_id: (updated_at, deleted) for user_id, updated_at, deleted in rows}
 
     assert run(T0)[0] == 0  # new users: nothing to go back to
@@ -87,18 +101,33 @@ def test_a_run_whose_sources_disagree_but_end_where_they_began_changes_nothing(w
     # Changed back, then deleted by a later snapshot of the same source in the run: a deletion,
     # which must keep the run's time so that the models see it.
     last = T0 + timedelta(hours=3)
-    settled, rows = run(last, changes="id,plan\nu3,free\n", changes_mode="snapshot")  # keeps only u3
+    settled, rows = run(
+        last, changes="id,plan\nu3,free\n", changes_mode="snapshot"
+    )  # keeps only u3
     assert settled == 0 and rows["u1"] == (last, True) and rows["u2"] == (last, True)
 
 
 def test_identify_deep_merges_and_null_removes(warehouse, tmp_path):
     first = tmp_path / "first.jsonl"
-    first.write_text(json.dumps({"id": "u1", "plan": "pro", "address": {"city": "Paris", "zip": "75001"},
-                                 "trial_ends_at": "2026-02-01"}) + "\n")
+    first.write_text(
+        json.dumps(
+            {
+                "id": "u1",
+                "plan": "pro",
+                "address": {"city": "Paris", "zip": "75001"},
+                "trial_ends_at": "2026-02-01",
+            }
+        )
+        + "\n"
+    )
     load_source(warehouse, source_from_uri(str(first), mode="stream"), T0)
     update = tmp_path / "update.jsonl"
-    update.write_text(json.dumps({"id": "u1", "address": {"city": "Lyon"}, "trial_ends_at": None}) + "\n")
-    result = load_source(warehouse, source_from_uri(str(update), mode="stream"), T0 + timedelta(days=1))
+    update.write_text(
+        json.dumps({"id": "u1", "address": {"city": "Lyon"}, "trial_ends_at": None}) + "\n"
+    )
+    result = load_source(
+        warehouse, source_from_uri(str(update), mode="stream"), T0 + timedelta(days=1)
+    )
     assert result.users_updated == 1
     assert users(warehouse)["u1"] == {"plan": "pro", "address": {"city": "Lyon", "zip": "75001"}}
 
@@ -111,7 +140,9 @@ def test_rows_for_one_id_apply_in_order_like_consecutive_identifies(warehouse, t
 
 def test_snapshot_deletes_missing_users_but_stream_does_not(warehouse, tmp_path):
     load_source(warehouse, csv_source(tmp_path, "id,plan\nu1,pro\nu2,free\n"), T0)
-    result = load_source(warehouse, csv_source(tmp_path, "id,plan\nu1,pro\n"), T0 + timedelta(days=1))
+    result = load_source(
+        warehouse, csv_source(tmp_path, "id,plan\nu1,pro\n"), T0 + timedelta(days=1)
+    )
     assert result.users_deleted == 1
     assert set(users(warehouse)) == {"u1"}
     stream = csv_source(tmp_path, "id,plan\nu3,free\n", mode="stream", name="stream.csv")
@@ -121,7 +152,9 @@ def test_snapshot_deletes_missing_users_but_stream_does_not(warehouse, tmp_path)
 
 def test_snapshot_never_deletes_a_user_whose_row_was_quarantined(warehouse, tmp_path):
     load_source(warehouse, csv_source(tmp_path, "id,properties\nu1,\nu2,\n"), T0)
-    result = load_source(warehouse, csv_source(tmp_path, 'id,properties\nu1,\nu2,{broken\n'), T0 + timedelta(days=1))
+    result = load_source(
+        warehouse, csv_source(tmp_path, "id,properties\nu1,\nu2,{broken\n"), T0 + timedelta(days=1)
+    )
     assert (result.users_deleted, result.rows_quarantined) == (0, 1)
     assert set(users(warehouse)) == {"u1", "u2"}
 
@@ -136,16 +169,18 @@ def test_a_deleted_user_who_comes_back_starts_fresh(warehouse, tmp_path):
 
 def test_bad_rows_are_quarantined_with_row_and_reason_and_the_rest_loads(warehouse, tmp_path):
     long_id = "x" * 256
-    text = ("id,name,properties\n"
-            "ok1,A,\n"
-            ",Missing,\n"
-            "   ,Blank,\n"
-            " padded,Padded,\n"
-            f"{long_id},Long,\n"
-            '"tab\tid",Tab,\n'
-            'ok2,B,"{bad json"\n'
-            'ok3,C,"[1, 2]"\n'
-            "ok4,D,\n")
+    text = (
+        "id,name,properties\n"
+        "ok1,A,\n"
+        ",Missing,\n"
+        "   ,Blank,\n"
+        " padded,Padded,\n"
+        f"{long_id},Long,\n"
+        '"tab\tid",Tab,\n'
+        'ok2,B,"{bad json"\n'
+        'ok3,C,"[1, 2]"\n'
+        "ok4,D,\n"
+    )
     result = load_source(warehouse, csv_source(tmp_path, text), T0)
     assert (result.rows_read, result.rows_quarantined, result.users_inserted) == (9, 7, 2)
     assert set(users(warehouse)) == {"ok1", "ok4"}
@@ -159,7 +194,11 @@ def test_bad_rows_are_quarantined_with_row_and_reason_and_the_rest_loads(warehou
         7: "`properties` is not a JSON object",
         8: "`properties` is not a JSON object",
     }
-    raw = json.loads(warehouse.execute("select raw_row from raw.users_quarantine where row_number = 7").fetchone()[0])
+    raw = json.loads(
+        warehouse.execute(
+            "select raw_row from raw.users_quarantine where row_number = 7"
+        ).fetchone()[0]
+    )
     assert raw == {"id": "ok2", "name": "B", "properties": "{bad json"}
 
 
@@ -168,26 +207,36 @@ def test_csv_dialects_bom_semicolons_quoted_newlines_and_legacy_encoding(warehou
     load_source(warehouse, csv_source(tmp_path, text.encode("utf-8"), name="bom.csv"), T0)
     assert users(warehouse)["u1"] == {"name": "Zoë\nSecond line", "city": "Köln"}
     assert users(warehouse)["u2"]["city"] == "Paris; France"
-    legacy = csv_source(tmp_path, "id,name\nu3,Andr\xe9\n", name="legacy.csv", encoding="cp1252", mode="stream")
+    legacy = csv_source(
+        tmp_path, "id,name\nu3,Andr\xe9\n", name="legacy.csv", encoding="cp1252", mode="stream"
+    )
     load_source(warehouse, legacy, T0)
     assert users(warehouse)["u3"] == {"name": "André"}
 
 
 def test_parquet_keeps_types_structs_lists_and_times(warehouse, tmp_path):
-    frame = pl.DataFrame({
-        "id": ["u1", "u2"],
-        "seats": [3, None],
-        "mrr": [49.5, 0.0],
-        "is_verified": [True, False],
-        "signed_up_at": [datetime(2025, 6, 15, 14, 30, tzinfo=timezone.utc), None],
-        "address": [{"city": "Paris", "country": "FR"}, {"city": None, "country": "PE"}],
-        "feature_flags": [["beta"], []],
-    })
+    frame = pl.DataFrame(
+        {
+            "id": ["u1", "u2"],
+            "seats": [3, None],
+            "mrr": [49.5, 0.0],
+            "is_verified": [True, False],
+            "signed_up_at": [datetime(2025, 6, 15, 14, 30, tzinfo=UTC), None],
+            "address": [{"city": "Paris", "country": "FR"}, {"city": None, "country": "PE"}],
+            "feature_flags": [["beta"], []],
+        }
+    )
     frame.write_parquet(tmp_path / "users.parquet")
     load_source(warehouse, source_from_uri(str(tmp_path / "users.parquet")), T0)
     assert users(warehouse) == {
-        "u1": {"seats": 3, "mrr": 49.5, "is_verified": True, "signed_up_at": "2025-06-15T14:30:00Z",
-               "address": {"city": "Paris", "country": "FR"}, "feature_flags": ["beta"]},
+        "u1": {
+            "seats": 3,
+            "mrr": 49.5,
+            "is_verified": True,
+            "signed_up_at": "2025-06-15T14:30:00Z",
+            "address": {"city": "Paris", "country": "FR"},
+            "feature_flags": ["beta"],
+        },
         "u2": {"mrr": 0.0, "is_verified": False, "address": {"country": "PE"}, "feature_flags": []},
     }
 
@@ -204,8 +253,12 @@ def test_a_folder_of_parquet_files_is_one_source(warehouse, tmp_path):
 def test_sqlite_table_and_duckdb_query_sources(warehouse, tmp_path):
     database = tmp_path / "app.db"
     with sqlite3.connect(database) as connection:
-        connection.execute("create table accounts (user_id text, plan text, seats integer, properties text)")
-        connection.execute("""insert into accounts values ('s1', 'pro', 3, '{"region": "eu"}'), (NULL, 'x', 1, NULL)""")
+        connection.execute(
+            "create table accounts (user_id text, plan text, seats integer, properties text)"
+        )
+        connection.execute(
+            """insert into accounts values ('s1', 'pro', 3, '{"region": "eu"}'), (NULL, 'x', 1, NULL)"""
+        )
     source = source_from_uri(f"sqlite:///{database}?table=accounts&id_column=user_id")
     result = load_source(warehouse, source, T0)
     assert (result.users_inserted, result.rows_quarantined) == (1, 1)
@@ -213,8 +266,14 @@ def test_sqlite_table_and_duckdb_query_sources(warehouse, tmp_path):
 
     other = tmp_path / "analytics.duckdb"
     with duckdb.connect(str(other)) as connection:
-        connection.execute("create table people as select 'd1' as id, 'free' as plan, [1, 2] as scores")
-    load_source(warehouse, source_from_uri(f"duckdb:///{other}?query=select * from people", mode="stream"), T0)
+        connection.execute(
+            "create table people as select 'd1' as id, 'free' as plan, [1, 2] as scores"
+        )
+    load_source(
+        warehouse,
+        source_from_uri(f"duckdb:///{other}?query=select * from people", mode="stream"),
+        T0,
+    )
     assert users(warehouse)["d1"] == {"plan": "free", "scores": [1, 2]}
 
 
@@ -227,10 +286,18 @@ def test_unreadable_sources_fail_with_the_file_named(tmp_path):
 
 
 def test_sources_file_resolves_paths_beside_it(tmp_path):
-    (tmp_path / "sources.yml").write_text("sources:\n  - name: crm\n    path: users.csv\n    mode: stream\n")
+    (tmp_path / "sources.yml").write_text(
+        "sources:\n  - name: crm\n    path: users.csv\n    mode: stream\n"
+    )
     [source] = sources_from_file(tmp_path / "sources.yml")
-    assert (source.location, source.format, source.mode) == (tmp_path / "users.csv", "csv", "stream")
-    (tmp_path / "bad.yml").write_text("sources:\n  - name: crm\n    path: users.csv\n    mode: sometimes\n")
+    assert (source.location, source.format, source.mode) == (
+        tmp_path / "users.csv",
+        "csv",
+        "stream",
+    )
+    (tmp_path / "bad.yml").write_text(
+        "sources:\n  - name: crm\n    path: users.csv\n    mode: sometimes\n"
+    )
     with pytest.raises(SourceError, match="mode must be snapshot or stream"):
         sources_from_file(tmp_path / "bad.yml")
 
@@ -239,77 +306,131 @@ def test_sample_csv_quarantines_its_messy_rows_and_loads_the_rest(warehouse):
     [crm, updates] = sources_from_file(ROOT / "data" / "sources.yml")
     result = load_source(warehouse, crm, T0)
     assert result.rows_read == 3000
-    assert result.rows_quarantined == 26 + 10  # bad rows, and the first of each of ten ids that appear twice
+    assert (
+        result.rows_quarantined == 26 + 10
+    )  # bad rows, and the first of each of ten ids that appear twice
     assert result.users_inserted == 3000 - 26 - 10
     reasons = {reason for _, _, reason in quarantine(warehouse)}
-    assert {"id is missing", "id is blank", "id is longer than 255 characters",
-            "`properties` is not a JSON object"} <= reasons
+    assert {
+        "id is missing",
+        "id is blank",
+        "id is longer than 255 characters",
+        "`properties` is not a JSON object",
+    } <= reasons
     assert len([reason for reason in reasons if reason.startswith("duplicate id")]) == 10
-    assert "duplicate id 'user_00062' on rows 62 and 282: the last (row 282) was loaded, this row was not" in reasons
+    assert (
+        "duplicate id 'user_00062' on rows 62 and 282: the last (row 282) was loaded, this row was not"
+        in reasons
+    )
     streamed = load_source(warehouse, updates, T0 + timedelta(days=1))
-    assert streamed.rows_quarantined == 0 and streamed.users_deleted == 0 and streamed.users_updated > 0
+    assert (
+        streamed.rows_quarantined == 0
+        and streamed.users_deleted == 0
+        and streamed.users_updated > 0
+    )
 
 
 def test_a_snapshot_reports_a_duplicate_id_and_keeps_its_last_row(warehouse, tmp_path):
-    source = csv_source(tmp_path, 'id,plan,seats,properties\n'
-                                  'u1,pro,3,"{""region"": ""eu""}"\nu2,free,1,\nu1,starter,5,\nu1,enterprise,9,\n')
+    source = csv_source(
+        tmp_path,
+        "id,plan,seats,properties\n"
+        'u1,pro,3,"{""region"": ""eu""}"\nu2,free,1,\nu1,starter,5,\nu1,enterprise,9,\n',
+    )
     result = load_source(warehouse, source, T0)
     assert (result.rows_read, result.rows_quarantined, result.users_inserted) == (4, 2, 2)
     # The last row of u1 is loaded alone: the first row's properties are not merged in.
-    assert users(warehouse) == {"u1": {"plan": "enterprise", "seats": "9"}, "u2": {"plan": "free", "seats": "1"}}
+    assert users(warehouse) == {
+        "u1": {"plan": "enterprise", "seats": "9"},
+        "u2": {"plan": "free", "seats": "1"},
+    }
     reported = "duplicate id 'u1' on rows 1, 3 and 4: the last (row 4) was loaded, this row was not"
     assert quarantine(warehouse) == [(1, "u1", reported), (3, "u1", reported)]
-    raw = [json.loads(row) for (row,) in warehouse.execute(
-        "select raw_row from raw.users_quarantine order by row_number").fetchall()]
+    raw = [
+        json.loads(row)
+        for (row,) in warehouse.execute(
+            "select raw_row from raw.users_quarantine order by row_number"
+        ).fetchall()
+    ]
     assert [row["plan"] for row in raw] == ["pro", "starter"]
     # The next snapshot without the duplicate empties the report, and deletes nobody.
-    fixed = load_source(warehouse, csv_source(tmp_path, "id,plan,seats\nu1,enterprise,9\nu2,free,1\n"),
-                        T0 + timedelta(hours=1))
+    fixed = load_source(
+        warehouse,
+        csv_source(tmp_path, "id,plan,seats\nu1,enterprise,9\nu2,free,1\n"),
+        T0 + timedelta(hours=1),
+    )
     assert (fixed.rows_quarantined, fixed.users_deleted, quarantine(warehouse)) == (0, 0, [])
 
 
 def test_a_stream_applies_every_row_of_an_id_in_order_without_a_report(warehouse, tmp_path):
     stream = tmp_path / "updates.jsonl"
-    stream.write_text(json.dumps({"id": "u1", "plan": "pro"}) + "\n" + json.dumps({"id": "u1", "seats": 3}) + "\n")
+    stream.write_text(
+        json.dumps({"id": "u1", "plan": "pro"}) + "\n" + json.dumps({"id": "u1", "seats": 3}) + "\n"
+    )
     result = load_source(warehouse, source_from_uri(str(stream), mode="stream"), T0)
     assert (result.rows_quarantined, quarantine(warehouse)) == (0, [])
     assert users(warehouse) == {"u1": {"plan": "pro", "seats": 3}}
 
 
-def test_a_latin_1_json_lines_file_is_quarantined_naming_the_file_the_line_and_utf_8(warehouse, tmp_path):
+def test_a_latin_1_json_lines_file_is_quarantined_naming_the_file_the_line_and_utf_8(
+    warehouse, tmp_path
+):
     path = tmp_path / "people.jsonl"
-    path.write_bytes(b'{"id": "u1", "name": "Ann"}\n\n'
-                     + '{"id": "u2", "name": "Ren\u00e9e"}\n'.encode("latin-1")
-                     + '{"id": "u3", "name": "Zo\u00eb"}\n'.encode("utf-8"))
+    path.write_bytes(
+        b'{"id": "u1", "name": "Ann"}\n\n'
+        + '{"id": "u2", "name": "Ren\u00e9e"}\n'.encode("latin-1")
+        + '{"id": "u3", "name": "Zo\u00eb"}\n'.encode("utf-8")
+    )
     result = load_source(warehouse, source_from_uri(str(path)), T0)
     assert (result.rows_quarantined, set(users(warehouse))) == (1, {"u1", "u3"})
     assert users(warehouse)["u3"] == {"name": "Zoë"}
     assert quarantine(warehouse) == [
-        (2, "u2", f"{path}, line 3: byte 0xE9 (column 26) is not valid UTF-8; the file must be encoded in UTF-8")]
+        (
+            2,
+            "u2",
+            f"{path}, line 3: byte 0xE9 (column 26) is not valid UTF-8; the file must be encoded in UTF-8",
+        )
+    ]
 
 
-def test_a_csv_with_bad_bytes_is_quarantined_by_line_and_the_rest_is_not_garbled(warehouse, tmp_path):
+def test_a_csv_with_bad_bytes_is_quarantined_by_line_and_the_rest_is_not_garbled(
+    warehouse, tmp_path
+):
     path = tmp_path / "crm.csv"
-    path.write_bytes('id,name,city\nu1,"Zoë\nSecond line",Köln\nu2,Ann,'.encode("utf-8") + b"Montr\xe9al\n"
-                     + "u3,Ren\u00e9e,東京\n".encode("utf-8"))
+    path.write_bytes(
+        'id,name,city\nu1,"Zoë\nSecond line",Köln\nu2,Ann,'.encode()
+        + b"Montr\xe9al\n"
+        + "u3,Ren\u00e9e,東京\n".encode("utf-8")
+    )
     result = load_source(warehouse, source_from_uri(str(path)), T0)
     assert (result.rows_quarantined, set(users(warehouse))) == (1, {"u1", "u3"})
     assert users(warehouse)["u1"] == {"name": "Zoë\nSecond line", "city": "Köln"}
     assert users(warehouse)["u3"] == {"name": "Renée", "city": "東京"}
     assert quarantine(warehouse) == [
-        (2, "u2", f"{path}, line 4: byte 0xE9 (column 13) is not valid UTF-8; the file must be encoded in UTF-8")]
+        (
+            2,
+            "u2",
+            f"{path}, line 4: byte 0xE9 (column 13) is not valid UTF-8; the file must be encoded in UTF-8",
+        )
+    ]
     # A Windows-1252 export is read as such; a byte it leaves undefined is named the same way.
     legacy = tmp_path / "legacy.csv"
     legacy.write_bytes(b"id,name\r\nu4,Andr\xe9\r\nu5,Bad\x81byte\r\n")
     load_source(warehouse, source_from_uri(str(legacy), mode="stream"), T0)
     assert users(warehouse)["u4"] == {"name": "André"}
     [(_, user_id, reason)] = warehouse.execute(
-        "select row_number, user_id, reason from raw.users_quarantine where location = $l", {"l": str(legacy)}).fetchall()
-    assert (user_id, reason) == ("u5", f"{legacy}, line 3: byte 0x81 (column 7) is not valid UTF-8, nor "
-                                       "Windows-1252; the file must be encoded in UTF-8")
+        "select row_number, user_id, reason from raw.users_quarantine where location = $l",
+        {"l": str(legacy)},
+    ).fetchall()
+    assert (user_id, reason) == (
+        "u5",
+        f"{legacy}, line 3: byte 0x81 (column 7) is not valid UTF-8, nor "
+        "Windows-1252; the file must be encoded in UTF-8",
+    )
 
 
-def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(warehouse, tmp_path, store):
+def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(
+    warehouse, tmp_path, store
+):
     """Issue 23: 540 users identified through the API were put back to a snapshot file's values by
     the next run, though the file had not changed. Last change wins, per source row and identify:
     an unchanged row changes nothing, a changed row wins over an older identify."""
@@ -322,30 +443,50 @@ def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(wareh
     stream.location.write_text('{"id": "u3", "plan": "pro"}\n')
 
     def run(at):
-        results = [load_source(warehouse, snapshot, at), load_source(warehouse, stream, at),
-                   load_identify_queue(warehouse, store, at)]
-        return results, warehouse.execute("select user_id, updated_at from raw.users order by 1").fetchall()
+        results = [
+            load_source(warehouse, snapshot, at),
+            load_source(warehouse, stream, at),
+            load_identify_queue(warehouse, store, at),
+        ]
+        return results, warehouse.execute(
+            "select user_id, updated_at from raw.users order by 1"
+        ).fetchall()
 
     run(T0)
     with store.engine.begin() as connection:
-        identify(store, connection, [("u1", {"plan": "pro"}), ("u2", {"plan": "enterprise", "seats": None})])
+        identify(
+            store,
+            connection,
+            [("u1", {"plan": "pro"}), ("u2", {"plan": "enterprise", "seats": None})],
+        )
     run(T0 + timedelta(hours=1))
-    assert users(warehouse) == {"u1": {"plan": "pro", "seats": "3"}, "u2": {"plan": "enterprise"},
-                                "u3": {"plan": "pro", "seats": "7"}}
+    assert users(warehouse) == {
+        "u1": {"plan": "pro", "seats": "3"},
+        "u2": {"plan": "enterprise"},
+        "u3": {"plan": "pro", "seats": "7"},
+    }
     # The next run reads the same files: nothing reverts, nobody's updated_at moves.
     later = T0 + timedelta(hours=2)
     (crm, updates, _), rows = run(later)
     assert users(warehouse)["u1"] == {"plan": "pro", "seats": "3"}
     assert users(warehouse)["u2"] == {"plan": "enterprise"}
     assert all(updated_at < later for _, updated_at in rows)
-    assert (crm.users_updated, crm.rows_unchanged, updates.users_updated, updates.rows_unchanged) == (0, 3, 0, 1)
+    assert (
+        crm.users_updated,
+        crm.rows_unchanged,
+        updates.users_updated,
+        updates.rows_unchanged,
+    ) == (0, 3, 0, 1)
     # The file changes u2's row: the source's change is now the newest, its whole row applies.
     # u1's row did not change, so u1 keeps what identify wrote.
     snapshot.location.write_text("id,plan,seats\nu1,free,3\nu2,free,6\nu3,free,7\n")
     (crm, _, _), _ = run(T0 + timedelta(hours=3))
     assert crm.users_updated == 1
-    assert users(warehouse) == {"u1": {"plan": "pro", "seats": "3"}, "u2": {"plan": "free", "seats": "6"},
-                                "u3": {"plan": "pro", "seats": "7"}}
+    assert users(warehouse) == {
+        "u1": {"plan": "pro", "seats": "3"},
+        "u2": {"plan": "free", "seats": "6"},
+        "u3": {"plan": "pro", "seats": "7"},
+    }
     # A row that leaves the snapshot deletes its user; coming back, it is a change again.
     snapshot.location.write_text("id,plan,seats\nu1,free,3\nu3,free,7\n")
     run(T0 + timedelta(hours=4))
