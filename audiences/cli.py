@@ -98,9 +98,9 @@ def _user_message(error: BaseException, settings: Settings | None) -> str:
 
 
 def _EXPECTED_ERRORS():
-    from audiences.definitions import DefinitionError
+    from audiences.conditions.definitions import DefinitionError
     from audiences.users.sources import SourceError
-    from audiences.warehouse import WarehouseError
+    from audiences.warehouse.queries import WarehouseError
 
     # MembershipError, UploadError and the sinks' errors are ValueErrors too; OSError covers a
     # missing, unreadable or unwritable file named by the user.
@@ -380,7 +380,7 @@ def keys(settings: Settings, arguments) -> int:
     """Secret keys of the API, one set per environment, stored hashed in that environment's store.
     `create` prints the key once; `list` shows ids and names; `revoke <key_id>` ends a key."""
     from audiences.api.keys import bind_store, create_key, list_keys, revoke_key
-    from audiences.membership.store import MembershipStore
+    from audiences.store.database import MembershipStore
 
     def environment_store(environment: str) -> MembershipStore:
         # The store `audiences serve` uses for this environment, whatever AUDIENCES_ENV is.
@@ -455,7 +455,7 @@ def run(settings: Settings, arguments) -> int:
     or triggering workflows."""
     from audiences.delivery.sinks import load_sinks
     from audiences.settings import require_dbt_project
-    from audiences.writer_lock import hold_writer_lock
+    from audiences.warehouse.lock import hold_writer_lock
 
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     sinks, default_sink = load_sinks(
@@ -472,8 +472,8 @@ def run(settings: Settings, arguments) -> int:
 
 
 def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
-    from audiences.evaluation import check_evaluation_time, evaluation_time_for
-    from audiences.warehouse import connect, last_evaluation
+    from audiences.warehouse.evaluation import check_evaluation_time, evaluation_time_for
+    from audiences.warehouse.queries import connect, last_evaluation
 
     evaluated_at = evaluation_time_for(settings.evaluation_time)
     earlier = False
@@ -700,7 +700,7 @@ def _step_error_message(error) -> str:
 
 
 def _definition(settings: Settings, key_or_file: str):
-    from audiences.definitions import (
+    from audiences.conditions.definitions import (
         DefinitionError,
         Problem,
         load_definition_file,
@@ -731,8 +731,8 @@ def _chosen_time(settings: Settings, arguments, connection, default_to_last_eval
     """The time to evaluate at and where it came from: --evaluation-time, then
     AUDIENCES_EVALUATION_TIME, then the last evaluation's time (explain: what `members` shows) or
     now (preview: who matches now)."""
-    from audiences.evaluation import members_evaluated_at
     from audiences.settings import utc_now
+    from audiences.warehouse.evaluation import members_evaluated_at
 
     if arguments.evaluation_time is not None:
         return arguments.evaluation_time, "from --evaluation-time"
@@ -760,8 +760,8 @@ def preview(settings: Settings, arguments) -> int:
     (or at --evaluation-time; the output says which, and when the last evaluation was). Nothing is
     written. The audience can be a key from the definitions folder or the path of an audience.json
     that is not committed yet."""
-    from audiences.warehouse import connect
-    from audiences.warehouse import preview as run_preview
+    from audiences.warehouse.queries import connect
+    from audiences.warehouse.queries import preview as run_preview
 
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
@@ -789,12 +789,12 @@ def members(settings: Settings, arguments) -> int:
     A dynamic audience's are those of its last evaluation; a static audience's are read from the
     membership store, so adds and removes show at once. With --at, the members at that time, from
     the warehouse's history (static changes reach it at the next run)."""
-    from audiences.definitions import DefinitionError
+    from audiences.conditions.definitions import DefinitionError
     from audiences.membership.changes import members_at
-    from audiences.membership.queries import current_members
-    from audiences.membership.static import audience_types
-    from audiences.warehouse import connect
-    from audiences.warehouse import members as list_members
+    from audiences.static.members import audience_types
+    from audiences.store.queries import current_members
+    from audiences.warehouse.queries import connect
+    from audiences.warehouse.queries import members as list_members
 
     try:
         definitions = _definitions(settings)
@@ -820,7 +820,7 @@ def members(settings: Settings, arguments) -> int:
 
 
 def _store(settings: Settings):
-    from audiences.membership.store import MembershipStore
+    from audiences.store.database import MembershipStore
 
     return MembershipStore(settings.store_url).create()
 
@@ -828,7 +828,7 @@ def _store(settings: Settings):
 def events(settings: Settings, arguments) -> int:
     """Print membership events from the store as JSON lines, oldest first, filtered by audience,
     user, type (entered / exited) and time."""
-    from audiences.membership.queries import list_events
+    from audiences.store.queries import list_events
 
     # The store keeps times as UTC ISO 8601 text in one format, so bounds are written the same way.
     since, until = (
@@ -851,7 +851,7 @@ def deliveries(settings: Settings, arguments) -> int:
     """Show delivery status per sink (pending, delivered, dead, held, discarded), the dead-letter
     list, and batches of events held by the circuit breaker."""
     from audiences.delivery.loop import delivery_status
-    from audiences.membership.queries import dead_letters, held_batches
+    from audiences.store.queries import dead_letters, held_batches
 
     store = _store(settings)
     status = delivery_status(store)
@@ -927,8 +927,8 @@ def deliver(settings: Settings, arguments) -> int:
 def broadcast(settings: Settings, arguments) -> int:
     """Trigger a workflow once per member of an audience (one per user and tenant pair), through
     the same sinks and delivery guarantees; the same broadcast never sends twice."""
-    from audiences.broadcasts import broadcast as send_broadcast
     from audiences.delivery.sinks import load_sinks
+    from audiences.workflows.broadcasts import broadcast as send_broadcast
 
     try:
         data = json.loads(arguments.data)
@@ -957,7 +957,7 @@ def broadcast(settings: Settings, arguments) -> int:
 
 
 def _definitions(settings: Settings) -> dict:
-    from audiences.definitions import load_definition_set
+    from audiences.conditions.definitions import load_definition_set
 
     # the usable ones: a broken definition file must not stop work on other audiences
     return (
@@ -968,7 +968,7 @@ def _definitions(settings: Settings) -> dict:
 
 
 def _audience_types(settings: Settings, store) -> dict[str, str]:
-    from audiences.membership.static import audience_types
+    from audiences.static.members import audience_types
 
     return audience_types(store, _definitions(settings))
 
@@ -986,7 +986,7 @@ def remove(settings: Settings, arguments) -> int:
 
 
 def _change(settings: Settings, arguments, action: str) -> int:
-    from audiences.membership.static import Member, change_members, require_static
+    from audiences.static.members import Member, change_members, require_static
     from audiences.users.profiles import get_profile
 
     store = _store(settings)
@@ -1017,7 +1017,7 @@ def _change(settings: Settings, arguments, action: str) -> int:
 def check(settings: Settings, arguments) -> int:
     """Tenant-strict membership check: a member only when the membership's tenant equals --tenant
     (no --tenant: only a membership without tenant counts). Exit code 0 when a member, 1 when not."""
-    from audiences.membership.static import is_member
+    from audiences.static.members import is_member
 
     store = _store(settings)
     if arguments.audience not in _audience_types(settings, store):
@@ -1034,7 +1034,7 @@ def upload(settings: Settings, arguments) -> int:
     """Upload a CSV file into a static audience: map columns to user fields (--map column=field,
     dots for nested properties), upsert the users, add them as members (tenant from
     --tenant-column). Rows with a missing or malformed id are skipped and written to a rejects file."""
-    from audiences.uploads import parse_mapping, upload_csv
+    from audiences.static.uploads import parse_mapping, upload_csv
 
     store = _store(settings)
     result = upload_csv(
@@ -1060,7 +1060,7 @@ def sync(settings: Settings, arguments) -> int:
     """Run warehouse syncs (syncs.yml): each diffs its table or query against what it last wrote
     and applies only the changes, in insert or mirror mode; mass removals are held."""
     from audiences.membership.changes import CircuitBreaker
-    from audiences.syncs import load_syncs, run_sync
+    from audiences.static.syncs import load_syncs, run_sync
 
     store = _store(settings)
     types = _audience_types(settings, store)
@@ -1086,10 +1086,10 @@ def sync(settings: Settings, arguments) -> int:
 def eligible(settings: Settings, arguments) -> int:
     """Guide eligibility for a user (and the request's tenant): the guide's audience, with Knock's
     tenancy strict mode, and its property conditions. Exit code 0 when eligible, 1 when not."""
-    from audiences.evaluation import evaluation_time_for
-    from audiences.guides import eligible as guide_eligibility
-    from audiences.guides import load_guide
-    from audiences.warehouse import connect
+    from audiences.warehouse.evaluation import evaluation_time_for
+    from audiences.warehouse.queries import connect
+    from audiences.workflows.guides import eligible as guide_eligibility
+    from audiences.workflows.guides import load_guide
 
     guide = load_guide(settings.guides_dir, arguments.guide)
     with connect(settings.duckdb_path, read_only=True) as connection:
@@ -1112,8 +1112,8 @@ def backfill(settings: Settings, arguments) -> int:
     """Trigger a workflow once for every current member of its audience, who joined before the
     trigger existed (Knock never backfills; this is the explicit way). Running it twice sends
     nothing twice."""
-    from audiences.broadcasts import broadcast as send_broadcast
-    from audiences.workflows import load_workflow_setup
+    from audiences.workflows.broadcasts import broadcast as send_broadcast
+    from audiences.workflows.setup import load_workflow_setup
 
     setup = load_workflow_setup(settings)
     trigger = setup.triggers.get(arguments.workflow)
@@ -1141,10 +1141,10 @@ def backfill(settings: Settings, arguments) -> int:
 def publish(settings: Settings, arguments) -> int:
     """Publish the warehouse's unpublished membership events to the store and queue their workflow
     triggers (the pipeline does this after each evaluation; this is for recovery)."""
-    from audiences.evaluation import evaluation_time_for
     from audiences.membership.publish import publish_outbox
-    from audiences.warehouse import WarehouseError, connect
-    from audiences.workflows import load_workflow_setup
+    from audiences.warehouse.evaluation import evaluation_time_for
+    from audiences.warehouse.queries import WarehouseError, connect
+    from audiences.workflows.setup import load_workflow_setup
 
     if (
         not settings.duckdb_path.exists()
@@ -1167,10 +1167,14 @@ def validate(settings: Settings, arguments) -> int:
     """Validate every definition in the definitions folder: keys, operators, arguments (including
     relative times under 15 minutes), audience references and cycles, and, when a warehouse exists,
     that no audience changed type. Each problem names the file and the JSON path."""
-    from audiences.dbt_models import custom_audience_keys
-    from audiences.definitions import DefinitionError, load_definition_set, validate_definitions
-    from audiences.evaluation import registered_types
-    from audiences.warehouse import WarehouseError, connect
+    from audiences.conditions.definitions import (
+        DefinitionError,
+        load_definition_set,
+        validate_definitions,
+    )
+    from audiences.dbt.models import custom_audience_keys
+    from audiences.warehouse.evaluation import registered_types
+    from audiences.warehouse.queries import WarehouseError, connect
 
     # Every problem at once: a broken file does not hide another file's unknown reference.
     found = load_definition_set(
@@ -1189,7 +1193,7 @@ def validate(settings: Settings, arguments) -> int:
     )
     if problems:
         raise DefinitionError(problems)
-    from audiences.workflows import load_workflow_setup
+    from audiences.workflows.setup import load_workflow_setup
 
     setup = load_workflow_setup(settings)
     kinds = {
@@ -1208,8 +1212,8 @@ def explain(settings: Settings, arguments) -> int:
     whether it holds, then each segment (conditions ANDed) and the verdict (segments ORed). The
     time is the last evaluation's, the one `members` lists, unless --evaluation-time (or
     AUDIENCES_EVALUATION_TIME) gives another; the output says which."""
-    from audiences.warehouse import connect
-    from audiences.warehouse import explain as run_explain
+    from audiences.warehouse.queries import connect
+    from audiences.warehouse.queries import explain as run_explain
 
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
@@ -1245,9 +1249,9 @@ def generate(settings: Settings, arguments) -> int:
     change nothing and fail if the files on disk differ from what the definitions generate. An
     audience whose definition has errors gets no model (its last members are kept); the others
     are generated, and the errors are listed (exit code 1)."""
-    from audiences.dbt_models import drift, generate_models
-    from audiences.dbt_project import generate as write_generated
-    from audiences.definitions import load_definitions
+    from audiences.conditions.definitions import load_definitions
+    from audiences.dbt.models import drift, generate_models
+    from audiences.dbt.project import generate as write_generated
     from audiences.settings import require_dbt_project
 
     if arguments.check:
@@ -1267,8 +1271,8 @@ def generate(settings: Settings, arguments) -> int:
             return 1
         print(f"{len(files)} generated files are up to date")
         return 0
-    from audiences.dbt_project import project_definitions
-    from audiences.definitions import DefinitionError
+    from audiences.conditions.definitions import DefinitionError
+    from audiences.dbt.project import project_definitions
 
     found = project_definitions(settings)
     changed = write_generated(settings, found)

@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audiences.dbt_project import generate, scaffold_dbt_project
-from audiences.definitions import DEFINITION_FILE
+from audiences.conditions.definitions import DEFINITION_FILE
+from audiences.dbt.project import generate, scaffold_dbt_project
 from audiences.settings import PROJECT_ROOT, Settings
 
 # An example to start from, written only into a folder without definitions: one audience, the

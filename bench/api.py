@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from audiences.api.keys import create_key  # noqa: E402
-from audiences.membership.store import MembershipStore  # noqa: E402
+from audiences.store.database import MembershipStore  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "api"
 CLIENTS = 8

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from audiences.delivery.loop import delivery_status
-from audiences.membership.store import MembershipStore, deliveries
+from audiences.store.database import MembershipStore, deliveries
 
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMhIQ=="
 LONG_AGO = "2000-01-01T00:00:00.000000Z"

@@ -57,7 +57,7 @@ def _timed(connection, sql: str) -> dict:
 
 def time_dependent_audiences(definitions_dir: Path, project: Path) -> set[str]:
     """Audiences whose generated model reads the evaluation time, or that refer to one that does."""
-    from audiences.definitions import load_definitions
+    from audiences.conditions.definitions import load_definitions
 
     definitions = load_definitions(definitions_dir)
     direct = {
@@ -182,7 +182,7 @@ def rewritten_flattened_sql(definitions_dir: Path, source: str) -> str:
         attributes_used,
         json_pointer,
     )
-    from audiences.definitions import load_definitions
+    from audiences.conditions.definitions import load_definitions
 
     definitions = load_definitions(definitions_dir)
     attributes = sorted(

@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from audiences.dbt_models import generate_models  # noqa: E402
-from audiences.definitions import load_definitions  # noqa: E402
-from audiences.membership.store import MembershipStore  # noqa: E402
-from audiences.uploads import upload_csv  # noqa: E402
+from audiences.conditions.definitions import load_definitions  # noqa: E402
+from audiences.dbt.models import generate_models  # noqa: E402
+from audiences.static.uploads import upload_csv  # noqa: E402
+from audiences.store.database import MembershipStore  # noqa: E402
 
 LIST_SIZES = (1_000, 8_000, 20_000, 50_000)
 COLUMN_COUNTS = (10, 1_000, 4_000, 8_000)

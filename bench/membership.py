@@ -41,12 +41,12 @@ import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 import synthetic  # noqa: E402
 
-from audiences.dbt_project import prepare, run_dbt  # noqa: E402
+from audiences.dbt.project import prepare, run_dbt  # noqa: E402
 from audiences.membership.changes import record_changes  # noqa: E402
 from audiences.membership.publish import publish_outbox  # noqa: E402
-from audiences.membership.store import MembershipStore  # noqa: E402
-from audiences.membership.triggers import WorkflowTrigger  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
+from audiences.store.database import MembershipStore  # noqa: E402
+from audiences.workflows.triggers import WorkflowTrigger  # noqa: E402
 
 DATA = ROOT / "bench" / "data"
 T0 = datetime(2026, 11, 1, 12, tzinfo=UTC)
@@ -125,7 +125,7 @@ def evaluate(
 ) -> dict:
     """One evaluation as the pipeline runs it: the clock set, dbt build (after the first, only the
     models a re-evaluation rebuilds, as the Dagster asset does), the diff, the publish."""
-    from audiences.evaluation import set_evaluation_clock
+    from audiences.warehouse.evaluation import set_evaluation_clock
     from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
 
     with duckdb.connect(str(settings.duckdb_path)) as connection:
@@ -169,7 +169,7 @@ class _Sink(BaseHTTPRequestHandler):
 def delivery_throughput(folder: Path, count: int) -> dict:
     from audiences.delivery.loop import deliver_due
     from audiences.delivery.sinks import WebhookSink
-    from audiences.membership import store as tables
+    from audiences.store import database as tables
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     server.daemon_threads = True

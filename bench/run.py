@@ -19,7 +19,7 @@ DuckDB lives), and the peak of the summed RSS of the whole process tree, sampled
 
 1. Product evaluation, cold (no `int_users_flattened` yet: every user's JSON is extracted): the
    `dbt build --vars {"evaluation_time": ...}` that the Dagster asset `audience_models` runs, once
-   through `audiences.dbt_project.run_dbt` and once through Dagster itself (the `reevaluate_audiences`
+   through `audiences.dbt.project.run_dbt` and once through Dagster itself (the `reevaluate_audiences`
    job of `pipelines.definitions.defs`, `execute_in_process`). dbt's own numbers come from
    target/run_results.json: `elapsed_time` is the evaluation itself; wall minus that is the fixed
    start-up cost (dbt start-up and parsing, Dagster's definitions load, run and event overhead).
@@ -30,11 +30,11 @@ DuckDB lives), and the peak of the summed RSS of the whole process tree, sampled
    data change at all.
 3. Plain baseline: one `insert ... select` per audience straight over raw.users, reading every
    property from JSON with the product's own compiler (`property_json` + `attribute_expression`, as
-   `audiences/warehouse.py` does when there is no flattened table), writing (audience_key, user_id).
+   `audiences/warehouse/queries.py` does when there is no flattened table), writing (audience_key, user_id).
 4. Reference evaluator (`audiences.conditions.reference.evaluate_audience`) on a ~20k-user sample,
    extrapolated linearly to the full size (evaluation time only, not JSON parsing: the conservative
    choice for the product's ratio).
-5. `preview` (`audiences.warehouse.preview`) of 5 audiences, with `int_users_flattened` absent (inline
+5. `preview` (`audiences.warehouse.queries.preview`) of 5 audiences, with `int_users_flattened` absent (inline
    JSON) and fresh.
 
 Correctness is checked in the same run: the product's member counts per audience must equal the
@@ -113,7 +113,7 @@ def _settings(params):
 
 
 def _connect(params, read_only=False):
-    from audiences.warehouse import connect
+    from audiences.warehouse.queries import connect
 
     return connect(Path(params["db"]), read_only=read_only)
 
@@ -140,7 +140,7 @@ def step_generate(params):
 
 
 def step_prepare(params):
-    from audiences.dbt_project import prepare
+    from audiences.dbt.project import prepare
 
     start = time.perf_counter()
     manifest = prepare(_settings(params))
@@ -149,7 +149,7 @@ def step_prepare(params):
 
 def step_dbt_noop(params):
     """dbt's start-up: a build that selects nothing (optionally with new --vars, which forces a full parse)."""
-    from audiences.dbt_project import run_dbt
+    from audiences.dbt.project import run_dbt
 
     arguments = ["build", "--select", "none_such"]
     if params.get("evaluation_time"):
@@ -269,14 +269,14 @@ def asset_invocation() -> str:
 
 
 def step_product_dbt(params):
-    from audiences.dbt_project import run_dbt
+    from audiences.dbt.project import run_dbt
     from audiences.settings import parse_evaluation_time
 
     settings = _settings(params)
     invocation = params.get("invocation") or asset_invocation()
     start = time.perf_counter()
     if invocation == "clock":
-        from audiences.evaluation import set_evaluation_clock
+        from audiences.warehouse.evaluation import set_evaluation_clock
 
         connection = _connect(params)
         set_evaluation_clock(connection, parse_evaluation_time(params["evaluation_time"]))
@@ -472,14 +472,14 @@ def step_baseline(params):
     """The plain baseline: one insert per audience straight over raw.users' JSON.
 
     variant "inline": every attribute read is its own JSON extraction, exactly the SQL that
-    `audiences/warehouse.py` runs without a flattened table. variant "lean": each user's document is
+    `audiences/warehouse/queries.py` runs without a flattened table. variant "lean": each user's document is
     parsed once per query (json_extract of the list of paths the audience reads), then the same
     compiled conditions.
     """
     from sqlglot import exp
 
     from audiences.conditions.compiler import compile_segments, render
-    from audiences.definitions import evaluation_order, load_definitions
+    from audiences.conditions.definitions import evaluation_order, load_definitions
     from audiences.settings import parse_evaluation_time
 
     definitions = load_definitions(Path(params["definitions"]))
@@ -558,8 +558,8 @@ def _sample_step(params) -> int:
 
 
 def step_reference(params):
+    from audiences.conditions.definitions import evaluation_order, load_definitions
     from audiences.conditions.reference import evaluate_audience
-    from audiences.definitions import evaluation_order, load_definitions
     from audiences.settings import parse_evaluation_time
 
     definitions = load_definitions(Path(params["definitions"]))
@@ -710,9 +710,9 @@ def step_touch(params):
 
 
 def step_preview(params):
-    from audiences.definitions import load_definitions
+    from audiences.conditions.definitions import load_definitions
     from audiences.settings import parse_evaluation_time
-    from audiences.warehouse import FLATTENED_TABLE, connect, preview, table_exists
+    from audiences.warehouse.queries import FLATTENED_TABLE, connect, preview, table_exists
 
     definitions = load_definitions(Path(params["definitions"]))
     now = parse_evaluation_time(params["evaluation_time"])
@@ -1285,14 +1285,14 @@ def render_markdown(document: dict) -> str:
         f"Dagster {m['dagster']} + dagster-dbt {m['dagster_dbt']}.",
         "",
         "The **Dagster job** rows are the product as its jobs run it (the `audience_models` asset decides what dbt "
-        "builds); the *full `dbt build`* rows run every node of the project through `audiences.dbt_project.run_dbt`, "
+        "builds); the *full `dbt build`* rows run every node of the project through `audiences.dbt.project.run_dbt`, "
         "as a reference point and to separate dbt from Dagster. "
         "How to read the tables (details in the docstring of `bench/run.py`): *evaluation* is dbt's `elapsed_time` "
         "from `run_results.json` (the build itself, all 69 nodes: models and data tests); *fixed cost* is wall minus "
         "evaluation (dbt start-up and parse; for the Dagster rows also loading the definitions and running the job); "
         "*peak memory* is the peak RSS of the whole process tree, dbt's DuckDB included. *Baseline*: one "
         "`insert ... select` per audience over raw.users, reading properties straight from JSON with the product's "
-        "compiler inline (as `audiences/warehouse.py` does without a flattened table). *Lean baseline*: the same "
+        "compiler inline (as `audiences/warehouse/queries.py` does without a flattened table). *Lean baseline*: the same "
         "queries, but each user's JSON is parsed once per query. *Reference*: the Python reference evaluator on a "
         "~20k-user sample, extrapolated. *Warm*: after touching 1% of users; *tick*: nothing changed, new evaluation time.",
         "",

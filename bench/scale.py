@@ -39,12 +39,13 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
+import contextlib
+
 import synthetic  # noqa: E402
 
-from audiences.dbt_project import dbt_executable, prepare  # noqa: E402
-from audiences.evaluation import set_evaluation_clock  # noqa: E402
+from audiences.dbt.project import dbt_executable, prepare  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
-import contextlib
+from audiences.warehouse.evaluation import set_evaluation_clock  # noqa: E402
 
 DATA = BENCH / "data"
 DEFINITIONS = DATA / "audiences"

@@ -39,9 +39,9 @@ import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from audiences.membership import store as store_tables  # noqa: E402
-from audiences.membership.store import MembershipStore  # noqa: E402
-from audiences.syncs import Sync, run_sync  # noqa: E402
-from audiences.uploads import upload_csv  # noqa: E402
+from audiences.static.syncs import Sync, run_sync  # noqa: E402
+from audiences.static.uploads import upload_csv  # noqa: E402
+from audiences.store.database import MembershipStore  # noqa: E402
 from audiences.users.sources import UserSource  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "static"

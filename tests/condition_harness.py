@@ -23,7 +23,7 @@ from audiences.conditions.compiler import (
     render,
     timestamp_literal,
 )
-from audiences.dbt_models import flattened_columns, generate_models
+from audiences.dbt.models import flattened_columns, generate_models
 from audiences.users.store import ensure_schema
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def model_matching_ids(
     are static ones whose members are `members`."""
     import jinja2
 
-    from audiences.definitions import parse_definition
+    from audiences.conditions.definitions import parse_definition
 
     members = members or {}
     key = "under-test"

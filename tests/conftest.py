@@ -63,7 +63,7 @@ def store(tmp_path):
     """A fresh membership store: a SQLite file in the test's temporary folder, or, when
     AUDIENCES_TEST_STORE_URL names a PostgreSQL database, that database emptied first (the same
     tests then check that the store's SQL is portable)."""
-    from audiences.membership.store import MembershipStore, metadata
+    from audiences.store.database import MembershipStore, metadata
 
     url = os.environ.get("AUDIENCES_TEST_STORE_URL") or f"sqlite:///{tmp_path}/store.sqlite"
     opened = MembershipStore(url)

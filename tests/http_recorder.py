@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from audiences.membership.store import MembershipStore, deliveries
+from audiences.store.database import MembershipStore, deliveries
 
 
 @dataclass(frozen=True)

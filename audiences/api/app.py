@@ -28,8 +28,8 @@ from audiences.api.errors import ApiError, ErrorBody, error_body, invalid
 from audiences.api.keys import ApiKey, StoreEnvironmentError, find_key, key_environments, safe_url
 from audiences.api.limits import BodyLimit, RateLimiter, retry_after_header
 from audiences.api.service import Environment, tenant_of
-from audiences.membership.static import MAX_MEMBERS_PER_CALL
 from audiences.settings import Settings
+from audiences.static.members import MAX_MEMBERS_PER_CALL
 
 log = logging.getLogger("audiences.api")
 

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from audiences.api.errors import ApiError
 from audiences.api.limits import RateLimiter, retry_after_header
 from audiences.api.service import Environment
-from audiences.membership.static import MAX_MEMBERS_PER_CALL
+from audiences.static.members import MAX_MEMBERS_PER_CALL
 
 OPERATIONS = ["insert", "upsert", "mirror"]
 FIELDS = [

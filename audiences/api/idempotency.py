@@ -24,8 +24,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from audiences.api.errors import ApiError
-from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore, now_text
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, now_text
 
 WINDOW = timedelta(hours=24)
 

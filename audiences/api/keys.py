@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore, now_text
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, now_text
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from audiences.api import idempotency
 from audiences.api.errors import ApiError, invalid, not_found
 from audiences.api.keys import StoreEnvironmentError, bind_store
 from audiences.api.writer import GroupCommitWriter
-from audiences.definitions import KEY_PATTERN, load_definitions
-from audiences.membership import store as tables
-from audiences.membership.static import (
+from audiences.conditions.definitions import KEY_PATTERN, load_definitions
+from audiences.settings import Settings
+from audiences.static.members import (
     Member,
     MembershipError,
     apply_change,
@@ -37,8 +37,8 @@ from audiences.membership.static import (
     is_member,
     prepare_change,
 )
-from audiences.membership.store import MembershipStore
-from audiences.settings import Settings
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore
 from audiences.users import profiles
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
@@ -279,7 +279,7 @@ class Environment:
     # -- guides and broadcasts --------------------------------------------------------------------
 
     def guide_eligibility(self, guide_key: str, user_id: str, tenant: str | None) -> dict:
-        from audiences.guides import eligible, load_guide, profile_warehouse
+        from audiences.workflows.guides import eligible, load_guide, profile_warehouse
 
         if not KEY_PATTERN.fullmatch(guide_key):
             raise not_found(f"guide {guide_key!r}")
@@ -310,8 +310,8 @@ class Environment:
         """Queue one delivery per member. A broadcast is idempotent by itself (its deliveries have
         deterministic ids), so its deliveries are written first and an idempotency key's answer
         is recorded after, in a transaction of its own."""
-        from audiences.broadcasts import broadcast
         from audiences.delivery.sinks import close_sinks, load_sinks
+        from audiences.workflows.broadcasts import broadcast
 
         self.require_audience(key)
         check_json_values(data, "data")

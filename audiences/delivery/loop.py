@@ -47,7 +47,7 @@ import sqlalchemy as sa
 
 from audiences.delivery import Delivery, Outcome
 from audiences.delivery.sinks import Sink, batch_message_id
-from audiences.membership.store import MembershipStore, deliveries, sink_rate_limits
+from audiences.store.database import MembershipStore, deliveries, sink_rate_limits
 
 # The most rows one claim takes; a claim covers this many sends of a sink (fewer rows per claim
 # share a queue better between workers, more cost fewer claim transactions).

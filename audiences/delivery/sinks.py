@@ -37,7 +37,7 @@ import yaml
 from requests.adapters import HTTPAdapter
 
 from audiences.delivery import Delivery, Outcome
-from audiences.membership.store import now_text
+from audiences.store.database import now_text
 
 USER_AGENT = "audiences-engine/0.1"
 DEFAULT_FILE_SINK_PATH = Path("out") / "workflow_triggers.jsonl"

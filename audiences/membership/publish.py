@@ -21,16 +21,16 @@ from datetime import datetime
 import duckdb
 import sqlalchemy as sa
 
-from audiences.membership import store as tables
 from audiences.membership.changes import ensure_schema
-from audiences.membership.store import (
+from audiences.store import database as tables
+from audiences.store.database import (
     MembershipStore,
     apply_membership_changes,
     now_text,
     tenant_key,
 )
-from audiences.membership.triggers import WorkflowTrigger, trigger_payload
-from audiences.warehouse import matching_user_ids
+from audiences.warehouse.queries import matching_user_ids
+from audiences.workflows.triggers import WorkflowTrigger, trigger_payload
 
 CHUNK = 50_000
 

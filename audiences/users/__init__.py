@@ -43,7 +43,7 @@ def identify_queue_waiting(store) -> tuple[int, int | None]:
     one's id (None when none wait). Reads only the queue's index of waiting patches."""
     import sqlalchemy as sa
 
-    from audiences.membership import store as tables
+    from audiences.store import database as tables
 
     patches = tables.user_patches
     with store.read_engine.connect() as connection:
@@ -62,7 +62,7 @@ def load_identify_queue(
     import polars as pl
     import sqlalchemy as sa
 
-    from audiences.membership import store as tables
+    from audiences.store import database as tables
     from audiences.users.profiles import DELETION
     from audiences.users.sources import ROW_COLUMN
 

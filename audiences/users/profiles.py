@@ -24,8 +24,8 @@ import duckdb
 import polars as pl
 import sqlalchemy as sa
 
-from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore, now_text
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, now_text
 
 DELETION = "null"  # the queued patch that deletes a user in the warehouse
 

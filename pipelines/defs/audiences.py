@@ -13,10 +13,12 @@ from dagster_dbt import (
 )
 from pydantic import Field
 
-from audiences.dbt_models import custom_audience_keys
-from audiences.dbt_project import prepare, project_definitions, project_fingerprint
-from audiences.definitions import DefinitionSet, validate_definitions
-from audiences.evaluation import (
+from audiences.conditions.definitions import DefinitionSet, validate_definitions
+from audiences.dbt.models import custom_audience_keys
+from audiences.dbt.project import prepare, project_definitions, project_fingerprint
+from audiences.membership.changes import pending_changes
+from audiences.settings import Settings, format_time
+from audiences.warehouse.evaluation import (
     EarlierEvaluationError,
     check_evaluation_time,
     evaluation_time_for,
@@ -27,9 +29,7 @@ from audiences.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
-from audiences.membership.changes import pending_changes
-from audiences.settings import Settings, format_time
-from audiences.workflows import load_workflow_setup
+from audiences.workflows.setup import load_workflow_setup
 from pipelines.defs.resources import WarehouseResource
 
 DEFINITIONS_KEY = dg.AssetKey("audience_definitions")

@@ -9,10 +9,10 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 from packaging.version import Version
 
-from audiences.dbt_project import dbt_executable
+from audiences.dbt.project import dbt_executable
 from audiences.settings import Settings
-from audiences.warehouse import connect
-from audiences.writer_lock import hold_writer_lock
+from audiences.warehouse.lock import hold_writer_lock
+from audiences.warehouse.queries import connect
 
 
 class DbtResource(DbtCliResource):
@@ -46,7 +46,7 @@ class WarehouseResource(dg.ConfigurableResource):
     """The DuckDB warehouse file that sources load into and dbt builds audiences in.
 
     A run that uses it holds the warehouse's writer lock from its start to its end
-    (`audiences/writer_lock.py`): a second run, whether `audiences run`, a sensor's or a schedule's,
+    (`audiences/warehouse/lock.py`): a second run, whether `audiences run`, a sensor's or a schedule's,
     waits for the first, and says in its log which run it waits for."""
 
     duckdb_path: str
@@ -72,7 +72,7 @@ class MembershipStoreResource(dg.ConfigurableResource):
     url: str
 
     def open(self):
-        from audiences.membership.store import MembershipStore
+        from audiences.store.database import MembershipStore
 
         return MembershipStore(self.url).create()
 

@@ -19,7 +19,7 @@ IDENTIFY_QUEUE = (
 
 def existing_store(settings: Settings):
     """The membership store, or None when there is none yet (a sensor must not create it)."""
-    from audiences.membership.store import MembershipStore
+    from audiences.store.database import MembershipStore
 
     url = sa.engine.make_url(settings.store_url)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
@@ -93,7 +93,7 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
     ),
 )
 def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    from audiences.membership.store import deliveries, now_text
+    from audiences.store.database import deliveries, now_text
 
     store = existing_store(Settings.from_env())
     if store is None:

@@ -6,18 +6,18 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from audiences.definitions import load_definition_set
+from audiences.conditions.definitions import load_definition_set
 from audiences.membership.changes import CircuitBreaker
-from audiences.membership.static import (
+from audiences.settings import Settings
+from audiences.static.members import (
     Member,
     audience_types,
     change_members,
     copy_to_warehouse,
     require_static,
 )
-from audiences.settings import Settings
-from audiences.syncs import load_syncs, run_sync
-from audiences.uploads import UploadError, upload_csv
+from audiences.static.syncs import load_syncs, run_sync
+from audiences.static.uploads import UploadError, upload_csv
 from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
 
 

@@ -9,10 +9,10 @@ import duckdb
 import pytest
 from condition_harness import NOW, ROOT, SAMPLE_TIME, insert_users
 
+from audiences.conditions.definitions import load_definitions
 from audiences.conditions.reference import evaluate_audience
-from audiences.dbt_models import drift, escape_jinja, generate_models
-from audiences.dbt_project import prepare, run_dbt
-from audiences.definitions import load_definitions
+from audiences.dbt.models import drift, escape_jinja, generate_models
+from audiences.dbt.project import prepare, run_dbt
 from audiences.settings import Settings
 
 HOSTILE_PROPERTY = 'a"; drop table users; --'
@@ -150,8 +150,8 @@ def test_hostile_definitions_build_in_dbt_and_stay_data(tmp_path):
 def test_only_audiences_that_compare_with_now_are_reevaluated_for_users_in_time_windows():
     from pathlib import Path
 
-    from audiences.dbt_models import time_dependent_audiences
-    from audiences.definitions import parse_definition
+    from audiences.conditions.definitions import parse_definition
+    from audiences.dbt.models import time_dependent_audiences
 
     def audience(key, conditions, kind="dynamic"):
         raw = {
@@ -223,7 +223,7 @@ def test_a_20000_item_contains_list_generates_every_item(tmp_path):
     """Issue 23: generating a `contains` list of 20,000 items took 291 s (indenting the SQL compared
     every line with every string token). Every item reaches the model, each line indented alike;
     `bench/input_sizes.py` measures that the cost grows linearly."""
-    from audiences.definitions import load_definitions
+    from audiences.conditions.definitions import load_definitions
 
     _big_contains_definition(tmp_path / "audiences", 20_000)
     files = generate_models(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from condition_harness import ROOT
 
-from audiences.definitions import (
+from audiences.conditions.definitions import (
     DefinitionError,
     evaluation_order,
     load_definition_file,

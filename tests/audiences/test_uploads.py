@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from condition_harness import ROOT
 
-from audiences.uploads import UploadError, upload_csv
+from audiences.static.uploads import UploadError, upload_csv
 
 CORPUS = ROOT / "tests" / "data" / "csv"
 TYPES = {"vips": "static", "pros": "dynamic"}

@@ -123,7 +123,7 @@ def test_the_dbt_resource_knows_the_version_of_the_dbt_it_runs_without_asking_it
 
     from dagster_dbt import DbtCliResource
 
-    from audiences.dbt_project import dbt_executable
+    from audiences.dbt.project import dbt_executable
     from pipelines.defs.resources import DbtResource
 
     # It replaces two steps of dagster-dbt's resource; if an upgrade renames them, this says so.

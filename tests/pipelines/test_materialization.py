@@ -18,8 +18,8 @@ import duckdb
 import pytest
 from condition_harness import NOW, ROOT, copy_sample_run, copy_store
 
+from audiences.conditions.definitions import evaluation_order, load_definitions
 from audiences.conditions.reference import evaluate_audience
-from audiences.definitions import evaluation_order, load_definitions
 from pipelines import build_definitions
 
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
     audience_members re-evaluates per user what it can (macros/audience_members.sql); the result
     must equal the reference evaluator's full evaluation, and the diff must see every change."""
     from audiences import cli
-    from audiences.dbt_project import run_dbt
+    from audiences.dbt.project import run_dbt
     from audiences.settings import Settings
 
     copy = tmp_path / "warehouse.duckdb"
@@ -402,7 +402,7 @@ def test_partial_dbt_builds_between_a_load_and_an_evaluation_skip_no_user(sample
     alone re-evaluates the users of the last list again: it reads them from the end of
     int_users_flattened after that list's own lower bound, not after the watermark it moved."""
 
-    from audiences.dbt_project import prepare, run_dbt
+    from audiences.dbt.project import prepare, run_dbt
     from audiences.settings import Settings
     from audiences.users import load_source
     from audiences.users.sources import UserSource
@@ -639,7 +639,7 @@ def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_sta
     evaluation, and the main job that reads the sample's sources again must not put them back."""
     import sqlalchemy as sa
 
-    from audiences.membership.store import MembershipStore, membership_events
+    from audiences.store.database import MembershipStore, membership_events
     from audiences.users.profiles import identify
 
     copy_sample_run(sample_run, tmp_path)

@@ -49,7 +49,7 @@ def audiences_run(folder: Path, environment: dict[str, str]) -> subprocess.Popen
 
 
 def test_two_concurrent_cli_runs_both_complete_one_after_the_other(tmp_path):
-    from audiences.membership.store import MembershipStore, membership_events
+    from audiences.store.database import MembershipStore, membership_events
 
     (tmp_path / "sinks.yml").write_text(
         "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
@@ -132,7 +132,7 @@ def test_a_run_killed_while_holding_the_warehouse_does_not_block_the_next(tmp_pa
     import threading
     import time
 
-    from audiences.writer_lock import hold_writer_lock, lock_path
+    from audiences.warehouse.lock import hold_writer_lock, lock_path
 
     warehouse = tmp_path / "warehouse.duckdb"
     holder = subprocess.Popen(
@@ -141,7 +141,7 @@ def test_a_run_killed_while_holding_the_warehouse_does_not_block_the_next(tmp_pa
             "-c",
             (
                 "import sys, time\n"
-                "from audiences.writer_lock import hold_writer_lock\n"
+                "from audiences.warehouse.lock import hold_writer_lock\n"
                 f"with hold_writer_lock({str(warehouse)!r}, {{'run_id': 'r-1', 'job': 'audiences_job'}}):\n"
                 "    print('held', flush=True)\n"
                 "    time.sleep(600)\n"

@@ -65,7 +65,7 @@ def test_identify_calls_waiting_in_the_store_request_a_run_once(tmp_path, monkey
 
     import duckdb
 
-    from audiences.membership.store import MembershipStore
+    from audiences.store.database import MembershipStore
     from audiences.users import load_identify_queue
     from audiences.users.store import ensure_schema
 
@@ -107,7 +107,7 @@ def test_the_identify_sensor_ticks_at_least_every_30_seconds():
 def test_deliveries_due_start_a_delivery_run_and_nothing_else_does(tmp_path, monkeypatch):
     """The every-minute delivery schedule flooded the runs list: a run only when deliveries are
     due, none while one runs, and none again for deliveries the last run could not send."""
-    from audiences.membership.store import MembershipStore, deliveries
+    from audiences.store.database import MembershipStore, deliveries
     from pipelines.defs.schedules import DELIVERY_JOB
     from pipelines.defs.sensors import deliveries_due
 

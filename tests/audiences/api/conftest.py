@@ -81,7 +81,7 @@ def service_settings(tmp_path, monkeypatch):
     # With AUDIENCES_TEST_STORE_URL naming a PostgreSQL database, the development environment's
     # store is that database (emptied first), so the API's SQL runs on PostgreSQL too.
     if postgres:
-        from audiences.membership.store import MembershipStore, metadata
+        from audiences.store.database import MembershipStore, metadata
 
         emptied = MembershipStore(postgres)
         metadata.drop_all(emptied.engine)
@@ -96,7 +96,7 @@ def service_settings(tmp_path, monkeypatch):
 def start_service(settings, folder: Path):
     from audiences.api.app import asgi_app
     from audiences.api.keys import create_key
-    from audiences.membership.store import MembershipStore
+    from audiences.store.database import MembershipStore
 
     secrets = {}
     for environment in ("development", "production"):

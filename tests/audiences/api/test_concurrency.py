@@ -28,9 +28,9 @@ CLIENTS = 4
 def test_api_writes_during_a_pipeline_run_are_all_kept_with_their_events(tmp_path, monkeypatch):
     from audiences.api.app import asgi_app
     from audiences.api.keys import create_key
-    from audiences.membership import store as tables
-    from audiences.membership.store import MembershipStore
     from audiences.settings import Settings
+    from audiences.store import database as tables
+    from audiences.store.database import MembershipStore
 
     for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
         monkeypatch.delenv(name)

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from audiences.api.app import close_app
-from audiences.membership import store as tables
+from audiences.store import database as tables
 
 
 @pytest.fixture
@@ -339,7 +339,7 @@ def test_members_can_be_removed_through_the_query_as_censuss_http_destination_se
 
 
 def test_a_dynamic_audience_lists_the_members_of_its_last_published_evaluation(http, service):
-    from audiences.membership.store import apply_membership_changes
+    from audiences.store.database import apply_membership_changes
 
     store = service.environment("development").store
     published = [

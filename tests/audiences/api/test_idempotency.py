@@ -134,8 +134,8 @@ def test_concurrent_requests_with_one_key_do_the_work_once_and_both_get_its_answ
 
 def test_a_claim_left_without_an_answer_by_the_older_engine_does_not_block_its_key(service):
     # Before, a claim was committed before the work; a crash left it answering 409 for a day.
-    from audiences.membership import store as tables
-    from audiences.membership.store import now_text
+    from audiences.store import database as tables
+    from audiences.store.database import now_text
 
     store = service.environment("development").store
     with store.engine.begin() as connection:

@@ -7,7 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from audiences.api.app import close_app
-from audiences.membership import store as tables
+from audiences.store import database as tables
 
 
 def client(service, key: str | None = None, **options) -> knockapi.Knock:

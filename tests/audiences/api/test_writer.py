@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from audiences.api.writer import GroupCommitWriter
-from audiences.membership.store import MembershipStore
+from audiences.store.database import MembershipStore
 
 
 def test_a_failing_write_in_a_group_fails_alone_and_the_others_are_committed(tmp_path):

@@ -1,4 +1,4 @@
-"""`preview` and `explain` (audiences/warehouse.py) agree with the reference evaluator on names and
+"""`preview` and `explain` (audiences/warehouse/queries.py) agree with the reference evaluator on names and
 values holding quotes, backslashes, Jinja, LIKE wildcards, newlines and JSON-looking text (issue 13),
 on a real DuckDB warehouse file."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from condition_harness import NOW, insert_users
 
-from audiences import warehouse
+from audiences.conditions.definitions import parse_definition
 from audiences.conditions.reference import evaluate_condition
-from audiences.definitions import parse_definition
+from audiences.warehouse.queries import queries as warehouse
 
 KEYS = ['"quoted"', "it's\\{{ %_\n", "tags"]
 VALUES = [

@@ -29,7 +29,7 @@ from audiences.delivery.loop import (
     run_delivery_loop,
 )
 from audiences.delivery.sinks import FileSink, KnockSink, WebhookSink
-from audiences.membership.store import MembershipStore
+from audiences.store.database import MembershipStore
 
 T0 = datetime(2026, 11, 27, 1, 2, 3, 123456, tzinfo=UTC)
 SECRET = "whsec_" + base64.b64encode(b"loop tests secret").decode()

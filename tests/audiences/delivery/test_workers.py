@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from http_recorder import HttpRecorder, Reply, delivery_row_values, insert_deliveries
 
 from audiences.delivery.loop import delivery_status
-from audiences.membership.store import MembershipStore, deliveries
+from audiences.store.database import MembershipStore, deliveries
 
 SECRET = "whsec_" + base64.b64encode(b"workers tests secret").decode()
 LONG_AGO = "2000-01-01T00:00:00.000000Z"

@@ -9,10 +9,10 @@ import pytest
 import sqlalchemy as sa
 from condition_harness import evaluation_warehouse, set_evaluation
 
-from audiences.broadcasts import broadcast
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.membership.publish import discard_batch, publish_outbox, release_batch
-from audiences.membership.triggers import WorkflowTrigger, condition_segments
+from audiences.workflows.broadcasts import broadcast
+from audiences.workflows.triggers import WorkflowTrigger, condition_segments
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -213,7 +213,7 @@ def test_a_store_made_before_natural_key_events_loses_its_event_id_key(tmp_path)
     keeps the rows; the natural-key index still makes publishing idempotent."""
     import sqlite3
 
-    from audiences.membership.store import MembershipStore, membership_events
+    from audiences.store.database import MembershipStore, membership_events
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as old:

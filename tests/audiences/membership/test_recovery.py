@@ -17,7 +17,7 @@ from audiences.delivery.loop import deliver_due
 from audiences.delivery.sinks import KnockSink
 from audiences.membership.changes import record_changes
 from audiences.membership.publish import publish_outbox
-from audiences.membership.triggers import WorkflowTrigger
+from audiences.workflows.triggers import WorkflowTrigger
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 TRIGGERS = {

@@ -13,16 +13,16 @@ from condition_harness import insert_users
 
 from audiences.membership.changes import CircuitBreaker
 from audiences.membership.publish import process_static_triggers
-from audiences.membership.static import (
+from audiences.static.members import (
     Member,
     MembershipError,
     change_members,
     is_member,
     require_static,
 )
-from audiences.membership.triggers import WorkflowTrigger
-from audiences.syncs import Sync, run_sync
+from audiences.static.syncs import Sync, run_sync
 from audiences.users.sources import UserSource
+from audiences.workflows.triggers import WorkflowTrigger
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 

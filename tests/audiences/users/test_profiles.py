@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audiences.membership import store as tables
+from audiences.store import database as tables
 from audiences.users import load_identify_queue
 from audiences.users.profiles import (
     get_profile,
@@ -53,7 +53,7 @@ def test_merge_patch_agrees_with_duckdbs_json_merge_patch(target, patch):
 @settings(max_examples=40, deadline=None)
 def test_identify_many_agrees_with_identify(tmp_path_factory, before, batch, deleted):
     # Uploads merge a batch in DuckDB, the API one patch at a time in Python: same profiles, same queue.
-    from audiences.membership.store import MembershipStore
+    from audiences.store.database import MembershipStore
     from audiences.users.profiles import delete_user
 
     results = []

@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from audiences.dbt_models import (
+from audiences.conditions.definitions import DefinitionSet, load_definition_set
+from audiences.dbt.models import (
     CUSTOM_FOLDER,
     GENERATED_FOLDERS,
     custom_audience_keys,
@@ -22,7 +23,6 @@ from audiences.dbt_models import (
     generate_models,
     write_models,
 )
-from audiences.definitions import DefinitionSet, load_definition_set
 from audiences.settings import ENGINE_DBT_PROJECT, ENGINE_DEFINITIONS, Settings, require_dbt_project
 
 FINGERPRINT_FILE = "audiences_fingerprint.txt"

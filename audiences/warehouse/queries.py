@@ -32,8 +32,8 @@ from audiences.conditions.compiler import (
     render,
     timestamp_literal,
 )
-from audiences.dbt_models import FLATTENED_MODEL
-from audiences.definitions import AudienceDefinition
+from audiences.conditions.definitions import AudienceDefinition
+from audiences.dbt.models import FLATTENED_MODEL
 
 MEMBERS_TABLE = "main.audience_members"
 FLATTENED_TABLE = f"main.{FLATTENED_MODEL}"
@@ -297,7 +297,7 @@ def explain(
     now: datetime,
 ) -> Explanation:
     """Why a user is in or out: each condition's value seen and verdict, then each segment's."""
-    from audiences.dbt_models import condition_json
+    from audiences.dbt.models import condition_json
 
     if definition.type != "dynamic":
         raise WarehouseError(

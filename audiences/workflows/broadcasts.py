@@ -12,9 +12,9 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from audiences.membership import store as tables
-from audiences.membership.queries import current_members
-from audiences.membership.store import MembershipStore, now_text
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, now_text
+from audiences.store.queries import current_members
 
 
 @dataclass(frozen=True)

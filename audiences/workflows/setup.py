@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from audiences.dbt_models import custom_audience_keys
-from audiences.definitions import load_definition_set
-from audiences.membership.triggers import WorkflowTrigger, load_triggers
+from audiences.conditions.definitions import load_definition_set
+from audiences.dbt.models import custom_audience_keys
 from audiences.settings import Settings
+from audiences.workflows.triggers import WorkflowTrigger, load_triggers
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audiences.conditions.compiler import Condition, ConditionError, attributes_used
-from audiences.definitions import DefinitionError, Problem
+from audiences.conditions.definitions import DefinitionError, Problem
 
 WORKFLOW_KEY = re.compile(r"[a-z0-9_-]{3,255}")
 TRIGGER_FILE = "trigger.json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore
 
 
 def list_events(

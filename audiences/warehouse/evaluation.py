@@ -14,7 +14,7 @@ from datetime import datetime
 
 import duckdb
 
-from audiences.definitions import AudienceDefinition
+from audiences.conditions.definitions import AudienceDefinition
 from audiences.settings import format_time, parse_evaluation_time, utc_now
 from audiences.users.store import ensure_schema
 

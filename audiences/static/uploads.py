@@ -21,8 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
-from audiences.membership.static import Member, change_members, require_static
-from audiences.membership.store import MembershipStore
+from audiences.static.members import Member, change_members, require_static
+from audiences.store.database import MembershipStore
 from audiences.users.profiles import identify_many
 
 # The same reading as user sources (encodings, BOM, delimiters).

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from audiences.membership import store as tables
-from audiences.membership.static import is_member
-from audiences.membership.store import MembershipStore
-from audiences.membership.triggers import condition_segments
+from audiences.static.members import is_member
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore
+from audiences.workflows.triggers import condition_segments
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def eligible(
     now: datetime,
 ) -> Eligibility:
     """Whether the user (with the request's tenant) is eligible for the guide, and why."""
-    from audiences.warehouse import matching_user_ids
+    from audiences.warehouse.queries import matching_user_ids
 
     audience = guide.get("target_audience_key")
     strict = bool(guide.get("tenancy_strict", False))

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 
-from audiences.membership import store as tables
-from audiences.membership.store import MembershipStore, delete_members, now_text, tenant_key
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, delete_members, now_text, tenant_key
 
 MAX_MEMBERS_PER_CALL = 1000
 
@@ -74,7 +74,7 @@ def create_static_audience(
     store: MembershipStore, audience_key: str, name: str | None = None
 ) -> bool:
     """Create a static audience in the store (the API's `create_audience=true`); False if it existed."""
-    from audiences.definitions import KEY_PATTERN
+    from audiences.conditions.definitions import KEY_PATTERN
 
     if not KEY_PATTERN.fullmatch(audience_key):
         raise MembershipError(

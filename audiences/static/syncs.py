@@ -29,10 +29,10 @@ import polars as pl
 import sqlalchemy as sa
 import yaml
 
-from audiences.membership import store as tables
 from audiences.membership.changes import CircuitBreaker
-from audiences.membership.static import Member, change_members, require_static
-from audiences.membership.store import MembershipStore, now_text
+from audiences.static.members import Member, change_members, require_static
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, now_text
 from audiences.users.sources import UserSource, guess_format, read_source
 from audiences.users.validation import validate_users
 
