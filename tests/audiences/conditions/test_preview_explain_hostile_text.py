@@ -11,7 +11,7 @@ from condition_harness import NOW, insert_users
 
 from audiences.conditions.definitions import parse_definition
 from audiences.conditions.reference import evaluate_condition
-from audiences.warehouse.queries import queries as warehouse
+from audiences.warehouse import queries as warehouse
 
 KEYS = ['"quoted"', "it's\\{{ %_\n", "tags"]
 VALUES = [
