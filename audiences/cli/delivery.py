@@ -1,0 +1,184 @@
+"""Workflow triggers on their way to sinks: `deliveries`, `release`, `discard`, `replay`, `deliver`, `broadcast`, `backfill`."""
+
+from __future__ import annotations
+
+import json
+
+from audiences.cli.common import open_store
+from audiences.settings import Settings
+
+
+def deliveries(settings: Settings, arguments) -> int:
+    """Show delivery status per sink (pending, delivered, dead, held, discarded), the dead-letter
+    list, and batches of events held by the circuit breaker."""
+    from audiences.delivery.loop import delivery_status
+    from audiences.store.queries import dead_letters, held_batches
+
+    store = open_store(settings)
+    status = delivery_status(store)
+    print(json.dumps(status, indent=2, default=str))
+    for letter in dead_letters(store):
+        print(
+            f"dead  {letter['delivery_id']}  {letter['workflow_key']}  {letter['user_id']}  "
+            f"attempts={letter['attempts']}  {letter['last_error']}"
+        )
+    for batch in held_batches(store):
+        print(
+            f"held  {batch['batch_id']}  {batch['audience_key']}  at {batch['evaluated_at']}: "
+            f"{batch['entered']} entered, {batch['exited']} exited of {batch['audience_size']}"
+        )
+    return 0
+
+
+def release(settings: Settings, arguments) -> int:
+    """Release a batch held by the circuit breaker: its deliveries are queued for sending."""
+    from audiences.membership.publish import release_batch
+
+    print(
+        f"released {release_batch(open_store(settings), arguments.batch)} deliveries of {arguments.batch}"
+    )
+    return 0
+
+
+def discard(settings: Settings, arguments) -> int:
+    """Discard a batch held by the circuit breaker: its events stay recorded, nothing is sent."""
+    from audiences.membership.publish import discard_batch
+
+    print(
+        f"discarded {discard_batch(open_store(settings), arguments.batch)} deliveries of {arguments.batch}"
+    )
+    return 0
+
+
+def replay(settings: Settings, arguments) -> int:
+    """Queue dead-lettered deliveries again (with fresh attempts); they keep their idempotency keys."""
+    from audiences.delivery.loop import replay as replay_deliveries
+
+    if not arguments.delivery_ids and not arguments.all_dead:
+        raise ValueError("name delivery ids or use --all-dead")
+    count = replay_deliveries(
+        open_store(settings),
+        delivery_ids=arguments.delivery_ids or None,
+        all_dead=arguments.all_dead,
+    )
+    print(f"queued {count} deliveries again")
+    return 0
+
+
+def deliver(settings: Settings, arguments) -> int:
+    """Send due workflow triggers to their sinks, at least once, with retries and back-off; with
+    --watch, keep going as new triggers arrive. Several workers may run at once: each delivery is
+    claimed by one of them for a lease (--lease-seconds) before it is sent."""
+    from audiences.delivery.loop import deliver_due, run_delivery_loop
+    from audiences.delivery.sinks import load_sinks
+
+    sinks, _ = load_sinks(settings.sinks_file)
+    store = open_store(settings)
+    options = {"max_attempts": arguments.max_attempts}
+    if arguments.lease_seconds is not None:
+        options["lease_seconds"] = arguments.lease_seconds
+    if arguments.watch:
+        try:
+            run_delivery_loop(store, sinks, **options)
+        except KeyboardInterrupt:
+            return 0
+    report = deliver_due(store, sinks, **options)
+    print(report)
+    return 0
+
+
+def broadcast(settings: Settings, arguments) -> int:
+    """Trigger a workflow once per member of an audience (one per user and tenant pair), through
+    the same sinks and delivery guarantees; the same broadcast never sends twice."""
+    from audiences.delivery.sinks import load_sinks
+    from audiences.workflows.broadcasts import broadcast as send_broadcast
+
+    try:
+        data = json.loads(arguments.data)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--data is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError("--data must be a JSON object")
+    sinks, default_sink = load_sinks(settings.sinks_file)
+    sink = arguments.sink or default_sink
+    if sink not in sinks:
+        raise ValueError(f"unknown sink {sink!r}; sinks: {', '.join(sorted(sinks))}")
+    result = send_broadcast(
+        open_store(settings),
+        arguments.audience,
+        arguments.workflow,
+        sink,
+        data,
+        arguments.tenant,
+        arguments.id,
+    )
+    print(
+        f"broadcast {result.broadcast_id}: {result.recipients} recipients, {result.new_deliveries} new "
+        f"deliveries queued (run `audiences deliver`)"
+    )
+    return 0
+
+
+def backfill(settings: Settings, arguments) -> int:
+    """Trigger a workflow once for every current member of its audience, who joined before the
+    trigger existed (Knock never backfills; this is the explicit way). Running it twice sends
+    nothing twice."""
+    from audiences.workflows.broadcasts import broadcast as send_broadcast
+    from audiences.workflows.setup import load_workflow_setup
+
+    setup = load_workflow_setup(settings)
+    trigger = setup.triggers.get(arguments.workflow)
+    if trigger is None:
+        raise ValueError(f"no workflow trigger {arguments.workflow!r} in {settings.workflows_dir}")
+    if trigger.on != "entered":
+        raise ValueError(
+            f"{trigger.workflow_key!r} triggers on exit; a backfill sends entry triggers only"
+        )
+    result = send_broadcast(
+        open_store(settings),
+        trigger.audience_key,
+        trigger.workflow_key,
+        trigger.sink or setup.default_sink,
+        {**trigger.data, "event": "backfill"},
+        broadcast_id=f"backfill:{trigger.workflow_key}",
+    )
+    print(
+        f"backfill of {trigger.workflow_key}: {result.recipients} members, {result.new_deliveries} new "
+        f"deliveries queued (run `audiences deliver`)"
+    )
+    return 0
+
+
+def register(command) -> None:
+    """Add this group's commands to the parser (`command` makes one subcommand)."""
+    command("deliveries", deliveries, "delivery status per sink, dead letters and held batches")
+    sub = command("release", release, "send a held batch of membership events")
+    sub.add_argument("batch", help="the held batch id (see `audiences deliveries`)")
+    sub = command("discard", discard, "never send a held batch of membership events")
+    sub.add_argument("batch", help="the held batch id (see `audiences deliveries`)")
+    sub = command("replay", replay, "send dead-lettered deliveries again")
+    sub.add_argument("delivery_ids", nargs="*", help="delivery ids (see `audiences deliveries`)")
+    sub.add_argument("--all-dead", action="store_true", help="every dead-lettered delivery")
+    sub = command("deliver", deliver, "send due workflow triggers to their sinks")
+    sub.add_argument(
+        "--watch", action="store_true", help="keep delivering as new triggers arrive (Ctrl-C stops)"
+    )
+    sub.add_argument(
+        "--max-attempts", type=int, default=8, help="attempts before a delivery is dead-lettered"
+    )
+    sub.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=None,
+        help="how long this worker's claim on deliveries lasts (renewed while it works) before "
+        "another worker may take them over: how long a dead worker's deliveries wait",
+    )
+    sub = command("broadcast", broadcast, "trigger a workflow once per member of an audience")
+    sub.add_argument("audience", help="the audience key")
+    sub.add_argument("--workflow", required=True, help="the workflow key to trigger")
+    sub.add_argument("--data", default="{}", help="JSON object added to each trigger's data")
+    sub.add_argument("--tenant", help="only members with this tenant")
+    sub.add_argument("--sink", help="the sink (default: the sinks file's default)")
+    sub.add_argument("--id", help="an explicit broadcast id (the same id never sends twice)")
+    sub = command("backfill", backfill, "trigger a workflow for its audience's existing members")
+    sub.add_argument("workflow", help="the workflow key (a folder of the workflows folder)")
