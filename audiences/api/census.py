@@ -12,15 +12,15 @@ Per-record results follow the protocol: one `{identifier, success, error_message
 bad row is reported and the rest of the batch goes in.
 """
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 
+from audiences.api.dependencies import authenticate, bearer
 from audiences.api.errors import ApiError
-from audiences.api.limits import RateLimiter, retry_after_header
+from audiences.api.limits import retry_after_header
 from audiences.api.service import Environment
 from audiences.static.members import MAX_MEMBERS_PER_CALL
 
@@ -55,54 +55,49 @@ class RpcError(Exception):
         self.code, self.message = code, message
 
 
-def census_router(
-    environments: dict[str, Environment], authenticate: Callable, limiter: RateLimiter, bearer
-) -> APIRouter:
-    router = APIRouter(tags=["integrations"])
+router = APIRouter(tags=["integrations"])
 
-    @router.post(
-        "/v1/integrations/census/custom-destination",
-        summary="Census custom destination (JSON-RPC 2.0): audiences as objects, members as records",
-        response_model=dict[str, Any],
-    )
-    async def census(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-        request: Annotated[dict[str, Any], Body(description="A JSON-RPC 2.0 request")],
-    ):
-        caller = authenticate(credentials)
-        wait = limiter.acquire(caller.key.key_id, "write")
-        if wait is not None:
-            raise ApiError(
-                429,
-                "rate_limit_exceeded",
-                "over this key's write rate limit",
-                headers={"Retry-After": retry_after_header(wait)},
-            )
-        request_id = request.get("id")
-        try:
-            if request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
-                raise RpcError(-32600, "not a JSON-RPC 2.0 request")
-            params = request.get("params") or {}
-            if not isinstance(params, dict):
-                raise RpcError(-32602, "params must be an object")
-            result = await run_in_threadpool(
-                dispatch, caller.environment, request["method"], params
-            )
-        except RpcError as error:
-            return {
-                "jsonrpc": "2.0",
-                "id": request_id,
-                "error": {"code": error.code, "message": error.message},
-            }
-        except ApiError as error:
-            return {
-                "jsonrpc": "2.0",
-                "id": request_id,
-                "error": {"code": -32000, "message": error.message},
-            }
-        return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
-    return router
+@router.post(
+    "/v1/integrations/census/custom-destination",
+    summary="Census custom destination (JSON-RPC 2.0): audiences as objects, members as records",
+    response_model=dict[str, Any],
+)
+async def census(
+    http: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    request: Annotated[dict[str, Any], Body(description="A JSON-RPC 2.0 request")],
+):
+    caller = authenticate(http, credentials)
+    wait = http.app.state.limiter.acquire(caller.key.key_id, "write")
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limit_exceeded",
+            "over this key's write rate limit",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
+    request_id = request.get("id")
+    try:
+        if request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
+            raise RpcError(-32600, "not a JSON-RPC 2.0 request")
+        params = request.get("params") or {}
+        if not isinstance(params, dict):
+            raise RpcError(-32602, "params must be an object")
+        result = await run_in_threadpool(dispatch, caller.environment, request["method"], params)
+    except RpcError as error:
+        return {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "error": {"code": error.code, "message": error.message},
+        }
+    except ApiError as error:
+        return {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "error": {"code": -32000, "message": error.message},
+        }
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 
 def dispatch(environment: Environment, method: str, params: dict) -> dict:

@@ -1,0 +1,172 @@
+"""What every route shares: the caller (authenticated key and its environment), the rate limit,
+the idempotent write, and the bodies parsed by pydantic-core.
+
+The app's state holds the environments and the rate limiter (`create_app` sets them), so these
+dependencies are plain functions of the request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import from_json
+from starlette.concurrency import run_in_threadpool
+
+from audiences.api import idempotency
+from audiences.api.errors import ApiError, invalid
+from audiences.api.keys import ApiKey, find_key, key_environments
+from audiences.api.limits import retry_after_header
+from audiences.api.models import MEMBERS_ADAPTER
+from audiences.api.service import Environment
+
+bearer = HTTPBearer(
+    auto_error=False, description="A secret key: `audiences keys create --environment ...`"
+)
+
+
+@dataclass(frozen=True)
+class Caller:
+    key: ApiKey
+    environment: Environment
+
+
+def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+    """The caller a secret key names; 401 in Knock's shape when there is none."""
+    environments = request.app.state.environments
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise ApiError(401, "unauthenticated", "send a secret key as `Authorization: Bearer <key>`")
+    # Only the store of the environment the key names is asked, and only for a key made for
+    # that environment: a key works in its own environment and nowhere else.
+    secret = credentials.credentials
+    for name in key_environments(secret, environments):
+        key = find_key(environments[name].store, secret, name)
+        if key is not None:
+            return Caller(key, environments[name])
+    raise ApiError(
+        401,
+        "unauthenticated",
+        "the key does not exist, was revoked, or belongs to an environment this server does not serve",
+    )
+
+
+def limited(kind: str) -> Callable[..., Caller]:
+    """A dependency: the authenticated caller, within its `kind` ("read" or "write") rate limit."""
+
+    # Async, so FastAPI runs it on the event loop: the key lookup is one indexed read, cheaper
+    # than handing the request to a worker thread and back.
+    async def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Caller:
+        limiter = request.app.state.limiter
+        caller = authenticate(request, credentials)
+        wait = limiter.acquire(caller.key.key_id, kind)
+        if wait is not None:
+            raise ApiError(
+                429,
+                "rate_limit_exceeded",
+                f"over this key's limit of {limiter.rates[kind]:g} {kind}s a second",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
+        return caller
+
+    return dependency
+
+
+Reader = Annotated[Caller, Depends(limited("read"))]
+Writer = Annotated[Caller, Depends(limited("write"))]
+
+
+async def write(
+    request: Request,
+    caller: Caller,
+    status: int,
+    work: Callable[[idempotency.Claim | None], Any],
+) -> Response:
+    """Run a write, `work(claim)`, which answers `status` with the body it returns. With an
+    `Idempotency-Key`, the claim goes into the write's transaction (idempotency.py), and the
+    first 2xx answer is replayed for 24 hours."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return respond(status, await run_in_threadpool(work, None))
+    if not key or len(key) > 255:
+        raise invalid("Idempotency-Key", "between 1 and 255 characters")
+    digest = hashlib.sha256(
+        b"\x1f".join(
+            [
+                request.method.encode(),
+                request.url.path.encode(),
+                request.url.query.encode(),
+                await request.body(),
+            ]
+        )
+    ).hexdigest()
+    claim = idempotency.Claim(caller.key.key_id, key, digest, request.state.request_id, status)
+    try:
+        replay = await run_in_threadpool(idempotency.find, caller.environment.store, claim)
+        if replay is None:
+            return respond(status, await run_in_threadpool(work, claim))
+    except idempotency.Replayed as replayed:
+        replay = replayed.replay
+    return respond(
+        replay.status_code,
+        replay.body,
+        {"idempotent-replayed": "true", "original-x-request-id": replay.request_id},
+    )
+
+
+async def members_body(request: Request, from_query: bool = False) -> dict:
+    raw = await request.body()
+    if from_query and not raw.strip() and "members" in request.query_params:
+        try:
+            # pydantic-core's parser, like the body's: it refuses nesting too deep for the stack
+            # (`json.loads` raised RecursionError, a 500).
+            members = from_json(request.query_params["members"])
+        except ValueError as error:
+            raise RequestValidationError(
+                [
+                    {
+                        "type": "json_invalid",
+                        "loc": ("query", "members"),
+                        "msg": str(error),
+                        "ctx": {"error": str(error)},
+                    }
+                ]
+            ) from None
+        try:
+            return MEMBERS_ADAPTER.validate_python({"members": members})
+        except ValidationError as error:
+            raise RequestValidationError(
+                [
+                    {**problem, "loc": ("body", *problem["loc"])}
+                    for problem in error.errors(include_url=False)
+                ]
+            ) from None
+    return await parsed_body(request, MEMBERS_ADAPTER)
+
+
+async def parsed_body(request: Request, adapter: TypeAdapter) -> Any:
+    """The request's JSON body, parsed and validated by pydantic-core in one step."""
+    try:
+        return adapter.validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(
+            [
+                {**problem, "loc": ("body", *problem["loc"])}
+                for problem in error.errors(include_url=False)
+            ]
+        ) from None
+
+
+def respond(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    if status == 204 or body is None:
+        return Response(status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
