@@ -83,7 +83,7 @@ def matching_ids(
         attribute = lambda a: exp.column(a.column_name, quoted=True)  # noqa: E731
     else:
         source = "raw.users"
-        attribute = lambda a: attribute_expression(
+        attribute = lambda a: attribute_expression(  # noqa: E731 (as the branch above)
             property_json(a.path, exp.column("properties"), exp.column("user_id")), a.variant
         )
     context = CompileContext(
@@ -182,6 +182,28 @@ def copy_store(source: Path, target: Path) -> None:
 
     with sqlite3.connect(source) as origin, sqlite3.connect(target) as copy:
         origin.backup(copy)
+
+
+def copy_dbt_project(target: Path) -> Path:
+    """A copy of the engine's dbt project at `target`, without dbt's output (`target/`, `logs/`):
+    a test that runs the pipeline writes there, never into the repository's working tree."""
+    import shutil
+
+    shutil.copytree(
+        ROOT / "dbt_project", target, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb")
+    )
+    return target
+
+
+def dbt_project_files(project: Path) -> dict[str, bytes]:
+    """The files of a dbt project that people and `audiences generate` write (models, macros,
+    project and profile files), by relative path."""
+    return {
+        str(path.relative_to(project)): path.read_bytes()
+        for folder in ("models", "macros")
+        for path in sorted((project / folder).rglob("*"))
+        if path.is_file()
+    } | {name: (project / name).read_bytes() for name in ("dbt_project.yml", "profiles.yml")}
 
 
 FILE_SINKS = "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from condition_harness import ROOT, SAMPLE_TIME, connect_memory
+from condition_harness import ROOT, SAMPLE_TIME, connect_memory, copy_dbt_project, dbt_project_files
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,6 +18,28 @@ def dagster_home(tmp_path_factory):
         yield folder
 
 
+@pytest.fixture(scope="session")
+def dbt_project_copy(tmp_path_factory):
+    """The session's copy of the engine's dbt project, for the runs of the sample definitions."""
+    return copy_dbt_project(tmp_path_factory.mktemp("engine") / "dbt_project")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_dbt_project_is_left_alone(dbt_project_copy):
+    """No test writes the repository's dbt project: `audiences run` and `audiences generate` in a
+    test write the session's copy (AUDIENCES_DBT_PROJECT), and loading the code location never
+    writes models. Otherwise a plain `pytest` would regenerate the models it then checks."""
+    before = dbt_project_files(ROOT / "dbt_project")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUDIENCES_DBT_PROJECT", str(dbt_project_copy))
+        yield
+    after = dbt_project_files(ROOT / "dbt_project")
+    changed = sorted(
+        name for name in before.keys() | after.keys() if before.get(name) != after.get(name)
+    )
+    assert not changed, f"the tests wrote the repository's dbt project: {changed}"
+
+
 @pytest.fixture
 def memory_connection():
     connection = connect_memory()
@@ -26,7 +48,7 @@ def memory_connection():
 
 
 @pytest.fixture(scope="session")
-def sample_run(tmp_path_factory):
+def sample_run(tmp_path_factory, dbt_project_copy):
     """The main job run once on the sample data, on a temporary DuckDB file, at a fixed time."""
     from audiences import cli
 
@@ -49,6 +71,8 @@ def sample_run(tmp_path_factory):
                 str(warehouse),
                 "--sinks",
                 str(folder / "sinks.yml"),
+                "--dbt-project",
+                str(dbt_project_copy),
                 "--evaluation-time",
                 SAMPLE_TIME,
                 "run",

@@ -197,8 +197,28 @@ def test_validate_rejects_a_type_change_against_the_warehouse(capsys, at_sample,
 
 
 def test_generated_models_are_up_to_date(capsys, at_sample):
-    code, out, _ = run_cli(capsys, *at_sample, "generate", "--check")
+    """The repository's models, which no test writes (the runs use a copy of the project)."""
+    flags = [*at_sample, "--dbt-project", str(ROOT / "dbt_project")]
+    code, out, _ = run_cli(capsys, *flags, "generate", "--check")
     assert code == 0, out
+
+
+def test_generate_check_fails_on_a_hand_made_drift_and_changes_nothing(
+    capsys, tmp_path, dbt_project_copy
+):
+    import shutil
+
+    project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
+    model = project / "models" / "audiences" / "dynamic" / "eu_customers.sql"
+    model.write_text(model.read_text() + "-- a hand edit\n")
+    stale = project / "models" / "audiences" / "dynamic" / "left_over.sql"
+    stale.write_text("select 1\n")
+    flags = ["--dbt-project", str(project), "--definitions", str(ROOT / "data" / "audiences")]
+    code, out, err = run_cli(capsys, *flags, "generate", "--check")
+    assert code == 1
+    assert f"out of date: {model}" in out and f"stale: {stale}" in out
+    assert "run `audiences generate`" in err
+    assert model.read_text().endswith("-- a hand edit\n") and stale.exists()
 
 
 @pytest.fixture

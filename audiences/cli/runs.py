@@ -27,11 +27,14 @@ def run(settings: Settings, arguments) -> int:
     Time only moves forward: an evaluation time earlier than the last recorded one is refused, and
     with --allow-earlier it is evaluated (members and counts) without recording membership events
     or triggering workflows."""
+    from audiences.dbt.project import generate as generate_models
     from audiences.delivery.sinks import load_sinks
     from audiences.settings import require_dbt_project
     from audiences.warehouse.lock import hold_writer_lock
 
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
+    # The models follow the definitions before the code location loads (loading never writes them).
+    generate_models(settings)
     sinks, default_sink = load_sinks(
         settings.sinks_file
     )  # a bad sinks file fails here, not in the run

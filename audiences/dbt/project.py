@@ -1,8 +1,11 @@
 """Preparing the dbt project: generate the audience models, then parse only when something changed.
 
-Dagster cannot load dbt assets before a manifest exists, and every dbt command costs seconds to
-start, so `prepare` regenerates models from the definitions (writing only files that changed) and
-runs `dbt parse` only when the project's files differ from those the manifest was parsed from.
+`generate` (the `audiences generate` and `audiences run` commands) writes the audience models from
+the definitions, only the files that changed. Loading the code location never writes them: Dagster
+cannot load dbt assets before a manifest exists, and every dbt command costs seconds to start, so
+`prepare` checks that the models on disk are the ones the definitions generate (failing with "run
+`audiences generate`" when they drift) and runs `dbt parse` only when the project's files differ
+from those the manifest was parsed from.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from audiences.conditions.definitions import DefinitionSet, load_definition_set
 from audiences.dbt.models import (
     CUSTOM_FOLDER,
     GENERATED_FOLDERS,
+    GeneratedFile,
     custom_audience_keys,
     drift,
     generate_models,
@@ -54,6 +58,20 @@ def project_definitions(settings: Settings) -> DefinitionSet:
     )
 
 
+class ModelsOutOfDate(ValueError):
+    """The dbt project's generated models are not the ones the definitions generate."""
+
+
+def generated_files(settings: Settings, definitions: DefinitionSet) -> list[GeneratedFile]:
+    """The generated files the definitions call for in the settings' dbt project."""
+    return generate_models(
+        definitions.definitions,
+        settings.dbt_project_dir,
+        source_label=settings.definitions_dir.name,
+        skipped=definitions.skipped,
+    )
+
+
 def generate(settings: Settings, definitions: DefinitionSet | None = None) -> list[Path]:
     """Regenerate audience models from the definitions folder; returns the files that changed.
 
@@ -62,12 +80,7 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
     """
     require_dbt_project(settings.dbt_project_dir)
     definitions = definitions or project_definitions(settings)
-    files = generate_models(
-        definitions.definitions,
-        settings.dbt_project_dir,
-        source_label=settings.definitions_dir.name,
-        skipped=definitions.skipped,
-    )
+    files = generated_files(settings, definitions)
     if (
         _is_engine_project(settings.dbt_project_dir)
         and not _is_engine_project(settings.definitions_dir, ENGINE_DEFINITIONS)
@@ -138,9 +151,27 @@ models: []
 """
 
 
+def check_generated(settings: Settings, definitions: DefinitionSet | None = None) -> None:
+    """Fail with `ModelsOutOfDate` when the generated models on disk differ from what the
+    definitions generate (missing, different or stale files). Reads only."""
+    require_dbt_project(settings.dbt_project_dir)
+    definitions = definitions or project_definitions(settings)
+    problems = drift(generated_files(settings, definitions), settings.dbt_project_dir)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ModelsOutOfDate(
+            f"{settings.dbt_project_dir}: the generated models differ from the definitions in "
+            f"{settings.definitions_dir}: {problems[0]}{more}; run `audiences generate`"
+        )
+
+
 def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Path:
-    """Generate models and make sure `target/manifest.json` matches them; returns the manifest."""
-    generate(settings, definitions)
+    """Make sure `target/manifest.json` matches the project's models; returns the manifest.
+
+    Called when the code location loads: it never writes the models (`ModelsOutOfDate` says to run
+    `audiences generate` when they drift from the definitions), and runs `dbt parse` (which writes
+    only dbt's `target/`) when the project changed since the manifest was parsed."""
+    check_generated(settings, definitions)
     project_dir = settings.dbt_project_dir
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE

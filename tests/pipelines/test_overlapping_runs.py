@@ -17,12 +17,13 @@ import dagster as dg
 import duckdb
 import pytest
 import sqlalchemy as sa
-from condition_harness import ROOT, SAMPLE_TIME
+from condition_harness import ROOT, SAMPLE_TIME, copy_dbt_project
 
 pytestmark = pytest.mark.slow
 
 
 def audiences_run(folder: Path, environment: dict[str, str]) -> subprocess.Popen:
+    """`audiences run` of the sample definitions in `folder`, with the dbt project in `folder`."""
     return subprocess.Popen(
         [
             str(Path(sys.executable).parent / "audiences"),
@@ -33,7 +34,7 @@ def audiences_run(folder: Path, environment: dict[str, str]) -> subprocess.Popen
             "--sources",
             str(folder / "sources.yml"),
             "--dbt-project",
-            str(ROOT / "dbt_project"),
+            str(folder / "dbt_project"),
             "--definitions",
             str(ROOT / "data" / "audiences"),
             "--evaluation-time",
@@ -74,6 +75,14 @@ def test_two_concurrent_cli_runs_both_complete_one_after_the_other(tmp_path):
         for name, value in os.environ.items()
         if not name.startswith("AUDIENCES_") and name != "DAGSTER_HOME"
     }
+    # The runs' dbt project: a copy of the engine's, parsed before they start together.
+    from audiences.dbt.project import prepare
+    from audiences.settings import Settings
+
+    project = copy_dbt_project(tmp_path / "dbt_project")
+    prepare(
+        Settings.from_env({}, dbt_project_dir=project, definitions_dir=ROOT / "data" / "audiences")
+    )
     # Started together, both reach the warehouse within moments of each other.
     runs = [audiences_run(tmp_path, environment), audiences_run(tmp_path, environment)]
     outputs = [run.communicate(timeout=900) for run in runs]

@@ -35,6 +35,47 @@ def test_repository_models_match_the_sample_definitions():
     assert drift(files, ROOT / "dbt_project") == []
 
 
+def test_loading_the_code_location_never_writes_models_and_names_the_drift(
+    tmp_path, monkeypatch, dbt_project_copy
+):
+    """Issue 14 item 1: `prepare` (the code location's load) on a project whose models drifted from
+    the definitions by hand (one edited, one stale, one removed) fails with "run `audiences
+    generate`" and leaves every file as it was; `audiences generate` then puts them right."""
+    from condition_harness import dbt_project_files
+
+    from audiences.dbt.project import ModelsOutOfDate, generate
+
+    project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
+    dynamic = project / "models" / "audiences" / "dynamic"
+    (dynamic / "eu_customers.sql").write_text("select 1 as hand_edited\n")
+    (dynamic / "left_over.sql").write_text("select 1\n")
+    (dynamic / "churn_risk.sql").unlink()
+    settings = Settings.from_env(
+        {}, definitions_dir=ROOT / "data" / "audiences", dbt_project_dir=project
+    )
+    before = dbt_project_files(project)
+    with pytest.raises(ModelsOutOfDate, match=r"run `audiences generate`") as raised:
+        prepare(settings)
+    assert f"stale: {dynamic / 'left_over.sql'}" in str(raised.value)
+    assert "(and 2 more)" in str(raised.value)
+    assert dbt_project_files(project) == before
+
+    monkeypatch.setenv("AUDIENCES_DBT_PROJECT", str(project))
+    monkeypatch.setenv("AUDIENCES_DEFINITIONS", str(ROOT / "data" / "audiences"))
+    from pipelines import build_definitions
+
+    with pytest.raises(Exception) as loading:  # Dagster names the defs file that failed
+        build_definitions()
+    causes = [loading.value]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    assert any(isinstance(cause, ModelsOutOfDate) for cause in causes), causes
+    assert dbt_project_files(project) == before
+
+    generate(settings)
+    assert dbt_project_files(project) == dbt_project_files(dbt_project_copy)
+
+
 def test_skipped_audiences_get_no_model_and_keep_their_rows_and_catalog_entry():
     """An audience skipped for errors in its definition: no model, listed in audience_members'
     meta as `skipped` (its rows are kept) and carried over in the catalog. A folder name that is
@@ -65,12 +106,67 @@ def test_skipped_audiences_get_no_model_and_keep_their_rows_and_catalog_entry():
     assert not any("drop table" in text for text in files.values())
 
 
-def test_generated_audience_sql_is_headed_by_its_source_and_readable():
+def readability_problems(text: str) -> list[str]:
+    """What keeps a generated model from reading like one a person wrote, per STYLE.md: SQL that
+    is not lower-case outside comments, string literals, quoted identifiers and Jinja; tabs;
+    trailing spaces; code lines (not comments) over 100 characters; more than one blank line in a
+    row; no final newline."""
+    import re
+
+    problems = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if "\t" in line:
+            problems.append(f"line {number}: a tab")
+        if line != line.rstrip():
+            problems.append(f"line {number}: trailing spaces")
+        code = line.split("--", 1)[0] if not line.lstrip().startswith("--") else ""
+        if len(code) > 100:
+            problems.append(f"line {number}: {len(code)} characters of code")
+    if "\n\n\n" in text:
+        problems.append("more than one blank line in a row")
+    if not text.endswith("\n"):
+        problems.append("no final newline")
+    code = re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", " ", text, flags=re.DOTALL)
+    code = re.sub(r"--[^\n]*|/\*.*?\*/", " ", code, flags=re.DOTALL)
+    code = re.sub(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"", " ", code)
+    shouting = sorted(set(re.findall(r"\b\w*[A-Z]\w*\b", code)))
+    if shouting:
+        problems.append(f"not lower-case: {', '.join(shouting)}")
+    return problems
+
+
+def test_the_readability_check_catches_what_it_names():
+    readable = "-- A Comment\nselect 'Text', \"Column\" from {{ ref('Model') }}\n"
+    assert readability_problems(readable) == []
+    assert readability_problems(readable.replace("select", "SELECT")) == ["not lower-case: SELECT"]
+    assert readability_problems("select\t1 \n") == ["line 1: a tab", "line 1: trailing spaces"]
+    assert readability_problems("select 1\n\n\nfrom x") == [
+        "more than one blank line in a row",
+        "no final newline",
+    ]
+    long = "select " + ", ".join(["a_column"] * 12)  # 125 characters
+    assert readability_problems(long + "\n") == ["line 1: 125 characters of code"]
+    assert readability_problems(long.replace("select", "-- select") + "\n") == []
+
+
+def test_generated_models_read_like_hand_written_ones():
+    """Every model and yml file `audiences generate` writes for the sample definitions."""
+    files = generate_models(
+        load_definitions(ROOT / "data" / "audiences"), ROOT / "dbt_project", "audiences"
+    )
+    problems = {
+        str(file.path): readability_problems(file.text)
+        for file in files
+        if str(file.path).endswith(".sql")
+    }
+    assert {path: found for path, found in problems.items() if found} == {}
+
+
+def test_generated_audience_sql_is_headed_by_its_source():
     text = (ROOT / "dbt_project/models/audiences/dynamic/eu_customers.sql").read_text()
     assert text.startswith("-- Generated by `audiences generate` from eu-customers/audience.json.")
     assert "{{ ref('int_users_flattened') }}" in text
     assert '"address.country__text"' in text
-    assert text == text.lower() or "SELECT" not in text
 
 
 @pytest.mark.slow
