@@ -74,6 +74,24 @@ def test_the_same_change_always_gets_the_same_event_id(warehouse):
     assert other.execute("select event_id from raw.membership_outbox").fetchone()[0] == first
 
 
+def test_the_warehouses_event_ids_are_the_ones_python_computes_for_static_changes(warehouse):
+    """The diff's SQL and `static.members.event_id` mint the id of the same change alike: entered
+    and exited, a second entry, with a tenant and without (no tenant hashes as '')."""
+    from audiences.static.members import event_id
+
+    evaluate(warehouse, T0, {"pro": []})
+    evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, (2, "acme")]})
+    evaluate(warehouse, T0 + timedelta(hours=2), {"pro": []})
+    evaluate(warehouse, T0 + timedelta(hours=3), {"pro": [1]})
+    rows = warehouse.execute(
+        "select event_id, audience_key, user_id, tenant, event_type, entry_number "
+        "from raw.membership_outbox order by sequence"
+    ).fetchall()
+    assert len(rows) == 5
+    assert {row[3] for row in rows} == {None, "acme"}
+    assert [row[0] for row in rows] == [event_id(*row[1:]) for row in rows]
+
+
 def test_rerunning_an_evaluation_mints_nothing(warehouse):
     evaluate(warehouse, T0, {"pro": [1, 2]})
     again = evaluate(warehouse, T0, {"pro": [1, 2]})
