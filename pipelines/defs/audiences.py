@@ -2,6 +2,7 @@
 
 from collections.abc import Mapping
 from graphlib import TopologicalSorter
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -30,7 +31,10 @@ from audiences.warehouse.evaluation import (
     set_evaluation_clock,
 )
 from audiences.workflows.setup import load_workflow_setup
-from pipelines.defs.resources import WarehouseResource
+from pipelines.defs.resources import SettingsParam, WarehouseResource
+
+# The definitions the code location loaded with, which its models were generated from.
+DefinitionSetParam = dg.ResourceParam[DefinitionSet]
 
 DEFINITIONS_KEY = dg.AssetKey("audience_definitions")
 # What a re-evaluation builds when the dbt project has not changed since the last full build, and
@@ -96,191 +100,209 @@ class AudiencesTranslator(DagsterDbtTranslator):
         return spec
 
 
-@dg.definitions
-def audiences_definitions() -> dg.Definitions:
-    settings = Settings.from_env()
-    # Read once, as the models are generated from it: a definition with errors (or one that refers
-    # to it) is skipped, with its last members kept, and the rest are generated and evaluated.
-    definition_set = project_definitions(settings)
-    manifest = prepare(settings, definition_set)
+@dg.asset(
+    key=DEFINITIONS_KEY,
+    group_name="audiences",
+    kinds={"json"},
+    description=(
+        "The audience definitions (Knock CLI layout, `<folder>/<key>/audience.json`), validated: "
+        "keys, operators, arguments, audience references and cycles, and type immutability "
+        "against the audiences the warehouse already knows. An audience whose definition has "
+        "errors, and any audience that refers to it, is skipped: not evaluated, its last members "
+        f"and their memberships kept as they were (the `{DEFINITIONS_CHECK}` check fails)."
+    ),
+)
+def audience_definitions(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    settings: SettingsParam,
+    definition_set: DefinitionSetParam,
+) -> dg.MaterializeResult:
     definitions = definition_set.definitions
-
-    @dg.asset(
-        key=DEFINITIONS_KEY,
-        group_name="audiences",
-        kinds={"json"},
-        description=(
-            "The audience definitions (Knock CLI layout, `<folder>/<key>/audience.json`), validated: "
-            "keys, operators, arguments, audience references and cycles, and type immutability "
-            "against the audiences the warehouse already knows. An audience whose definition has "
-            "errors, and any audience that refers to it, is skipped: not evaluated, its last members "
-            f"and their memberships kept as they were (the `{DEFINITIONS_CHECK}` check fails)."
-        ),
-    )
-    def audience_definitions(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource
-    ) -> dg.MaterializeResult:
-        with warehouse.connect() as connection:
-            problems = validate_definitions(
-                definitions,
-                custom_audience_keys(settings.dbt_project_dir),
-                registered_types(connection),
-            )
-            if problems:
-                raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
-            record_registry(connection, definitions)
-        if definition_set.skipped:  # the details are the check's (every_definition_is_usable)
-            context.log.warning(
-                f"skipped {len(definition_set.skipped)} audiences whose definitions have errors "
-                f"(their last members are kept): {', '.join(definition_set.skipped)}; "
-                f"see the {DEFINITIONS_CHECK} check"
-            )
-        triggers = load_workflow_setup(settings).triggers
-        rows = ["| key | type | version | name |", "|---|---|---|---|"]
-        rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
-        return dg.MaterializeResult(
-            metadata={
-                "folder": str(settings.definitions_dir),
-                "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
-                "static_audiences": sum(d.type == "static" for d in definitions.values()),
-                "skipped_audiences": sorted(definition_set.skipped),
-                "workflow_triggers": len(triggers),
-                "definitions": dg.MetadataValue.md("\n".join(rows)),
-            }
+    with warehouse.connect() as connection:
+        problems = validate_definitions(
+            definitions,
+            custom_audience_keys(settings.dbt_project_dir),
+            registered_types(connection),
         )
-
-    @dg.asset_check(
-        asset=DEFINITIONS_KEY,
-        name=DEFINITIONS_CHECK,
-        description=(
-            "Every definition can be evaluated. When one has errors, it and the audiences that refer "
-            "to it are skipped (their last members kept, no events) while the others are evaluated; "
-            "this check then fails and names each problem's file and JSON path."
-        ),
+        if problems:
+            raise dg.Failure("invalid audience definitions:\n" + "\n".join(map(str, problems)))
+        record_registry(connection, definitions)
+    if definition_set.skipped:  # the details are the check's (every_definition_is_usable)
+        context.log.warning(
+            f"skipped {len(definition_set.skipped)} audiences whose definitions have errors "
+            f"(their last members are kept): {', '.join(definition_set.skipped)}; "
+            f"see the {DEFINITIONS_CHECK} check"
+        )
+    triggers = load_workflow_setup(settings).triggers
+    rows = ["| key | type | version | name |", "|---|---|---|---|"]
+    rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
+    return dg.MaterializeResult(
+        metadata={
+            "folder": str(settings.definitions_dir),
+            "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
+            "static_audiences": sum(d.type == "static" for d in definitions.values()),
+            "skipped_audiences": sorted(definition_set.skipped),
+            "workflow_triggers": len(triggers),
+            "definitions": dg.MetadataValue.md("\n".join(rows)),
+        }
     )
-    def every_definition_is_usable() -> dg.AssetCheckResult:
-        return skipped_audiences_check(definition_set)
 
-    # dbt tests on the `users` source become checks on the `users` asset (unique, not-null ids).
+
+@dg.asset_check(
+    asset=DEFINITIONS_KEY,
+    name=DEFINITIONS_CHECK,
+    description=(
+        "Every definition can be evaluated. When one has errors, it and the audiences that refer "
+        "to it are skipped (their last members kept, no events) while the others are evaluated; "
+        "this check then fails and names each problem's file and JSON path."
+    ),
+)
+def every_definition_is_usable(definition_set: DefinitionSetParam) -> dg.AssetCheckResult:
+    return skipped_audiences_check(definition_set)
+
+
+def build_audiences(
+    context: dg.AssetExecutionContext,
+    dbt: DbtCliResource,
+    warehouse: WarehouseResource,
+    config: EvaluationConfig,
+    settings: SettingsParam,
+):
+    """Build users' attributes and every audience, at one fixed evaluation time (the body of the
+    `audience_models` dbt assets, which `audience_models_from` makes from the manifest)."""
+    evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
+    context.log.info(f"evaluation time: {format_time(evaluated_at)}")
+    fingerprint = project_fingerprint(settings.dbt_project_dir)
+    with warehouse.connect() as connection:
+        try:
+            earlier = check_evaluation_time(connection, evaluated_at, config.allow_earlier)
+        except EarlierEvaluationError as error:
+            raise dg.Failure(description=str(error)) from None
+        if earlier:
+            context.log.warning(
+                f"{format_time(evaluated_at)} is earlier than the last recorded evaluation: "
+                "members are evaluated, no membership events are recorded"
+            )
+        set_evaluation_clock(connection, evaluated_at)
+        reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
+        lean = (
+            reevaluated <= context.selected_asset_keys
+            and last_full_build(connection) == fingerprint
+        )
+    # The audience views read the clock table, so while the definitions (the dbt project) are
+    # unchanged a new evaluation only refreshes the attributes and rewrites the memberships.
+    # (dagster-dbt keeps its own --select; an --exclude is how a run narrows it.)
+    arguments = (
+        ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
+    )
+    context.log.info(
+        "re-evaluation: views unchanged" if lean else "full build: the dbt project changed"
+    )
+    # DuckDB allows one writer: read member counts only after dbt has finished and let go.
+    events = list(dbt.cli(arguments, context=context).stream())
+    # An earlier evaluation records no membership events: its audiences report their members only.
+    audiences = _audience_metadata(warehouse, evaluated_at, with_changes=not earlier)
+    if not lean:
+        with warehouse.connect() as connection:
+            record_full_build(connection, fingerprint)
+    outputs: dict[dg.AssetKey, Any] = {}
+    others = []
+    for event in events:
+        key = getattr(event, "asset_key", None)
+        if isinstance(event, dg.Output) and key is None:
+            key = context.asset_key_for_output(event.output_name)
+        if not isinstance(event, (dg.Output, dg.AssetMaterialization)) or key is None:
+            others.append(event)
+            continue
+        extra = {"evaluated_at": format_time(evaluated_at)}
+        if key.path[0] == "audiences" and key.path[-1] in audiences:
+            extra.update(audiences[key.path[-1]])
+        if key.path[-1] == "audience_members":
+            extra["member_counts"] = dg.MetadataValue.json(
+                {model: values["member_count"] for model, values in audiences.items()}
+            )
+        outputs[key] = event.with_metadata({**event.metadata, **extra})
+    # Every audience was evaluated, whether or not dbt rebuilt its view (a re-evaluation leaves
+    # the views alone): each gets a materialization with its members, so the asset's history
+    # (and its Plots tab) follows the member count run by run.
+    for model, metadata in audiences.items():
+        key = dg.AssetKey(["audiences", model])
+        if key not in outputs and key in context.selected_asset_keys:
+            outputs[key] = dg.MaterializeResult(
+                asset_key=key,
+                metadata={
+                    **metadata,
+                    "evaluated_at": format_time(evaluated_at),
+                    "status": "members re-evaluated (view unchanged)",
+                },
+            )
+    # A multi-asset yields its assets in dependency order; dbt's tests (checks) after them.
+    for key in TopologicalSorter(context.assets_def.asset_deps).static_order():
+        if key in outputs:
+            yield outputs.pop(key)
+    yield from outputs.values()
+    yield from others
+
+
+@dg.asset_check(
+    asset=dg.AssetKey("audience_evaluations"),
+    description="Every audience in the catalog was evaluated in the latest run.",
+)
+def every_audience_built(
+    warehouse: WarehouseResource, definition_set: DefinitionSetParam
+) -> dg.AssetCheckResult:
+    with warehouse.connect(read_only=True) as connection:
+        # The evaluation audience_members holds: the latest run's, even when it was an earlier time.
+        evaluated = {
+            row[0]
+            for row in connection.execute(
+                "select audience_key from main.audience_evaluations where evaluated_at = $t",
+                {"t": members_evaluated_at(connection)},
+            ).fetchall()
+        }
+        catalog = {
+            row[0]
+            for row in connection.execute(
+                "select audience_key from main.audience_catalog where not is_skipped"
+            ).fetchall()
+        }
+    missing = sorted((catalog | set(definition_set.definitions)) - evaluated)
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={
+            "evaluated": len(evaluated),
+            "missing": missing,
+            # reported by every_definition_is_usable
+            "skipped": sorted(definition_set.skipped),
+        },
+    )
+
+
+def audience_models_from(manifest: Path) -> dg.AssetsDefinition:
+    """The dbt project's models as assets (`build_audiences` builds them), keyed and grouped by
+    `AudiencesTranslator`; dbt tests on the `users` source become checks on the `users` asset."""
     translator = AudiencesTranslator(
         settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True)
     )
-
-    @dbt_assets(manifest=manifest, dagster_dbt_translator=translator, name="audience_models")
-    def audience_models(
-        context: dg.AssetExecutionContext,
-        dbt: DbtCliResource,
-        warehouse: WarehouseResource,
-        config: EvaluationConfig,
-    ):
-        """Build users' attributes and every audience, at one fixed evaluation time."""
-        evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
-        context.log.info(f"evaluation time: {format_time(evaluated_at)}")
-        fingerprint = project_fingerprint(settings.dbt_project_dir)
-        with warehouse.connect() as connection:
-            try:
-                earlier = check_evaluation_time(connection, evaluated_at, config.allow_earlier)
-            except EarlierEvaluationError as error:
-                raise dg.Failure(description=str(error)) from None
-            if earlier:
-                context.log.warning(
-                    f"{format_time(evaluated_at)} is earlier than the last recorded evaluation: "
-                    "members are evaluated, no membership events are recorded"
-                )
-            set_evaluation_clock(connection, evaluated_at)
-            reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
-            lean = (
-                reevaluated <= context.selected_asset_keys
-                and last_full_build(connection) == fingerprint
-            )
-        # The audience views read the clock table, so while the definitions (the dbt project) are
-        # unchanged a new evaluation only refreshes the attributes and rewrites the memberships.
-        # (dagster-dbt keeps its own --select; an --exclude is how a run narrows it.)
-        arguments = (
-            ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
-        )
-        context.log.info(
-            "re-evaluation: views unchanged" if lean else "full build: the dbt project changed"
-        )
-        # DuckDB allows one writer: read member counts only after dbt has finished and let go.
-        events = list(dbt.cli(arguments, context=context).stream())
-        # An earlier evaluation records no membership events: its audiences report their members only.
-        audiences = _audience_metadata(warehouse, evaluated_at, with_changes=not earlier)
-        if not lean:
-            with warehouse.connect() as connection:
-                record_full_build(connection, fingerprint)
-        outputs: dict[dg.AssetKey, Any] = {}
-        others = []
-        for event in events:
-            key = getattr(event, "asset_key", None)
-            if isinstance(event, dg.Output) and key is None:
-                key = context.asset_key_for_output(event.output_name)
-            if not isinstance(event, (dg.Output, dg.AssetMaterialization)) or key is None:
-                others.append(event)
-                continue
-            extra = {"evaluated_at": format_time(evaluated_at)}
-            if key.path[0] == "audiences" and key.path[-1] in audiences:
-                extra.update(audiences[key.path[-1]])
-            if key.path[-1] == "audience_members":
-                extra["member_counts"] = dg.MetadataValue.json(
-                    {model: values["member_count"] for model, values in audiences.items()}
-                )
-            outputs[key] = event.with_metadata({**event.metadata, **extra})
-        # Every audience was evaluated, whether or not dbt rebuilt its view (a re-evaluation leaves
-        # the views alone): each gets a materialization with its members, so the asset's history
-        # (and its Plots tab) follows the member count run by run.
-        for model, metadata in audiences.items():
-            key = dg.AssetKey(["audiences", model])
-            if key not in outputs and key in context.selected_asset_keys:
-                outputs[key] = dg.MaterializeResult(
-                    asset_key=key,
-                    metadata={
-                        **metadata,
-                        "evaluated_at": format_time(evaluated_at),
-                        "status": "members re-evaluated (view unchanged)",
-                    },
-                )
-        # A multi-asset yields its assets in dependency order; dbt's tests (checks) after them.
-        for key in TopologicalSorter(context.assets_def.asset_deps).static_order():
-            if key in outputs:
-                yield outputs.pop(key)
-        yield from outputs.values()
-        yield from others
-
-    @dg.asset_check(
-        asset=dg.AssetKey("audience_evaluations"),
-        description="Every audience in the catalog was evaluated in the latest run.",
+    return dbt_assets(manifest=manifest, dagster_dbt_translator=translator, name="audience_models")(
+        build_audiences
     )
-    def every_audience_built(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        with warehouse.connect(read_only=True) as connection:
-            # The evaluation audience_members holds: the latest run's, even when it was an earlier time.
-            evaluated = {
-                row[0]
-                for row in connection.execute(
-                    "select audience_key from main.audience_evaluations where evaluated_at = $t",
-                    {"t": members_evaluated_at(connection)},
-                ).fetchall()
-            }
-            catalog = {
-                row[0]
-                for row in connection.execute(
-                    "select audience_key from main.audience_catalog where not is_skipped"
-                ).fetchall()
-            }
-        missing = sorted((catalog | set(definitions)) - evaluated)
-        return dg.AssetCheckResult(
-            passed=not missing,
-            metadata={
-                "evaluated": len(evaluated),
-                "missing": missing,
-                # reported by every_definition_is_usable
-                "skipped": sorted(definition_set.skipped),
-            },
-        )
 
+
+@dg.definitions
+def audiences_definitions() -> dg.Definitions:
+    """What depends on the dbt project, made each time the code location loads: the definitions
+    (read once, as the models were generated from them: a definition with errors, or one that refers
+    to it, is skipped with its last members kept) and the models' assets from the manifest that
+    `prepare` checks against them. Loading never writes the models."""
+    settings = Settings.from_env()
+    definition_set = project_definitions(settings)
+    manifest = prepare(settings, definition_set)
     return dg.Definitions(
-        assets=[audience_definitions, audience_models],
+        assets=[audience_definitions, audience_models_from(manifest)],
         asset_checks=[every_definition_is_usable, every_audience_built],
+        resources={"definition_set": definition_set},
     )
 
 

@@ -4,14 +4,14 @@ import dagster as dg
 
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.membership.publish import process_static_triggers, publish_outbox
-from audiences.settings import Settings, format_time
+from audiences.settings import format_time
 from audiences.warehouse.evaluation import (
     is_earlier_evaluation,
     last_recorded_evaluation,
     members_evaluated_at,
 )
 from audiences.workflows.setup import load_workflow_setup
-from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
+from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
 
 # Most deliveries one pass inside a pipeline run sends, and most seconds it spends on one sink (a
 # receiver that hangs then delays only its own deliveries, until the `deliveries_due` sensor's next
@@ -20,202 +20,197 @@ PASS_LIMIT = 50_000
 PASS_SECONDS_PER_SINK = 50.0
 
 
-@dg.definitions
-def membership_definitions() -> dg.Definitions:
-    settings = Settings.from_env()
-
-    @dg.asset(
-        key="membership_changes",
-        deps=[dg.AssetKey("audience_evaluations")],
-        group_name="membership",
-        kinds={"duckdb"},
-        description=(
-            "Entered / exited events of the latest evaluation, diffed against the open membership "
-            "intervals and written to the warehouse's outbox (`raw.membership_outbox`) with "
-            "deterministic event ids; validity intervals (`raw.membership_intervals`) keep the "
-            "history. A new audience's first members are recorded as backfill (no triggers). When "
-            "a run moves too large a share of an audience, its events are held for a person to "
-            "release or discard."
-        ),
-    )
-    def membership_changes(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource
-    ) -> dg.MaterializeResult:
-        breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
-        with warehouse.connect() as connection:
-            # The time of the memberships the diff reads, not the latest evaluation's: an earlier
-            # evaluation (allow_earlier) is no membership change, and records nothing.
-            evaluated_at = members_evaluated_at(connection)
-            if is_earlier_evaluation(connection):
-                last = last_recorded_evaluation(connection)
-                context.log.warning(
-                    f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
-                    f"recorded evaluation {format_time(last)}: no membership events recorded"
-                )
-                return dg.MaterializeResult(
-                    metadata={
-                        "evaluated_at": format_time(evaluated_at),
-                        "entered": 0,
-                        "exited": 0,
-                        "held_batches": [],
-                        "skipped": f"earlier than the last recorded evaluation ({format_time(last)})",
-                    }
-                )
-            summary = record_changes(connection, evaluated_at, breaker)
-        rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
-        for change in summary.audiences:
-            note = (
-                ("held: " + change.held_batch)
-                if change.held_batch
-                else ("first evaluation (backfill)" if change.is_backfill else "")
-            )
-            rows.append(
-                f"| {change.audience_key} | {change.entered} | {change.exited} | {change.size_before} | {note} |"
-            )
-        for held in summary.held:
+@dg.asset(
+    key="membership_changes",
+    deps=[dg.AssetKey("audience_evaluations")],
+    group_name="membership",
+    kinds={"duckdb"},
+    description=(
+        "Entered / exited events of the latest evaluation, diffed against the open membership "
+        "intervals and written to the warehouse's outbox (`raw.membership_outbox`) with "
+        "deterministic event ids; validity intervals (`raw.membership_intervals`) keep the "
+        "history. A new audience's first members are recorded as backfill (no triggers). When "
+        "a run moves too large a share of an audience, its events are held for a person to "
+        "release or discard."
+    ),
+)
+def membership_changes(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: SettingsParam
+) -> dg.MaterializeResult:
+    breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
+    with warehouse.connect() as connection:
+        # The time of the memberships the diff reads, not the latest evaluation's: an earlier
+        # evaluation (allow_earlier) is no membership change, and records nothing.
+        evaluated_at = members_evaluated_at(connection)
+        if is_earlier_evaluation(connection):
+            last = last_recorded_evaluation(connection)
             context.log.warning(
-                f"{held.audience_key}: {held.entered} entered and {held.exited} exited of {held.size_before}: "
-                f"events held as batch {held.held_batch}; `audiences release {held.held_batch}` or "
-                f"`audiences discard {held.held_batch}`"
+                f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
+                f"recorded evaluation {format_time(last)}: no membership events recorded"
             )
-        return dg.MaterializeResult(
-            metadata={
-                "evaluated_at": format_time(evaluated_at),
-                "entered": summary.entered,
-                "exited": summary.exited,
-                "held_batches": [held.held_batch for held in summary.held],
-                "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
-                # The same, for `audiences run`'s summary.
-                "changes": dg.MetadataValue.json(
-                    {
-                        change.audience_key: {
-                            "entered": change.entered,
-                            "exited": change.exited,
-                            "is_backfill": change.is_backfill,
-                            "held_batch": change.held_batch,
-                        }
-                        for change in summary.audiences
+            return dg.MaterializeResult(
+                metadata={
+                    "evaluated_at": format_time(evaluated_at),
+                    "entered": 0,
+                    "exited": 0,
+                    "held_batches": [],
+                    "skipped": f"earlier than the last recorded evaluation ({format_time(last)})",
+                }
+            )
+        summary = record_changes(connection, evaluated_at, breaker)
+    rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
+    for change in summary.audiences:
+        note = (
+            ("held: " + change.held_batch)
+            if change.held_batch
+            else ("first evaluation (backfill)" if change.is_backfill else "")
+        )
+        rows.append(
+            f"| {change.audience_key} | {change.entered} | {change.exited} | {change.size_before} | {note} |"
+        )
+    for held in summary.held:
+        context.log.warning(
+            f"{held.audience_key}: {held.entered} entered and {held.exited} exited of {held.size_before}: "
+            f"events held as batch {held.held_batch}; `audiences release {held.held_batch}` or "
+            f"`audiences discard {held.held_batch}`"
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "evaluated_at": format_time(evaluated_at),
+            "entered": summary.entered,
+            "exited": summary.exited,
+            "held_batches": [held.held_batch for held in summary.held],
+            "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
+            # The same, for `audiences run`'s summary.
+            "changes": dg.MetadataValue.json(
+                {
+                    change.audience_key: {
+                        "entered": change.entered,
+                        "exited": change.exited,
+                        "is_backfill": change.is_backfill,
+                        "held_batch": change.held_batch,
                     }
-                ),
-            }
-        )
-
-    @dg.asset_check(
-        asset=membership_changes,
-        description=(
-            "No audience moved more than the circuit breaker allows in this run. When it fails, the "
-            "run's events for that audience are held until released or discarded."
-        ),
+                    for change in summary.audiences
+                }
+            ),
+        }
     )
-    def no_mass_membership_change(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        event = context.instance.get_latest_materialization_event(dg.AssetKey("membership_changes"))
-        held = list(event.asset_materialization.metadata["held_batches"].value) if event else []
-        return dg.AssetCheckResult(
-            passed=not held,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={
-                "held_batches": held,
-                "to_release": dg.MetadataValue.md(release_instructions(held)),
-            },
-        )
 
-    @dg.asset(
-        key="published_membership_events",
-        deps=[membership_changes],
-        group_name="membership",
-        kinds={"sqlite"},
-        description=(
-            "The outbox drained into the membership store (events, current membership, held batches) "
-            "with one delivery per event and matching workflow trigger (no backfill, trigger "
-            "frequency, trigger conditions). Idempotent: publishing twice changes nothing."
-        ),
+
+@dg.asset_check(
+    asset=membership_changes,
+    description=(
+        "No audience moved more than the circuit breaker allows in this run. When it fails, the "
+        "run's events for that audience are held until released or discarded."
+    ),
+)
+def no_mass_membership_change(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("membership_changes"))
+    held = list(event.asset_materialization.metadata["held_batches"].value) if event else []
+    return dg.AssetCheckResult(
+        passed=not held,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "held_batches": held,
+            "to_release": dg.MetadataValue.md(release_instructions(held)),
+        },
     )
-    def published_membership_events(
-        context: dg.AssetExecutionContext,
-        warehouse: WarehouseResource,
-        store: MembershipStoreResource,
-    ) -> dg.MaterializeResult:
-        setup = load_workflow_setup(settings)
-        with warehouse.connect() as connection:
-            evaluated_at = members_evaluated_at(connection)
-            if is_earlier_evaluation(connection):  # no trigger is queued at an earlier time
-                context.log.warning(
-                    f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
-                    "recorded evaluation: nothing published, no workflow triggered"
-                )
-                return dg.MaterializeResult(
-                    metadata={
-                        "events_published": 0,
-                        "deliveries_created": 0,
-                        "skipped": "an evaluation earlier than the last recorded",
-                    }
-                )
-            opened = store.open()
-            report = publish_outbox(
-                connection, opened, setup.triggers, setup.default_sink, evaluated_at
+
+
+@dg.asset(
+    key="published_membership_events",
+    deps=[membership_changes],
+    group_name="membership",
+    kinds={"sqlite"},
+    description=(
+        "The outbox drained into the membership store (events, current membership, held batches) "
+        "with one delivery per event and matching workflow trigger (no backfill, trigger "
+        "frequency, trigger conditions). Idempotent: publishing twice changes nothing."
+    ),
+)
+def published_membership_events(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    store: MembershipStoreResource,
+    settings: SettingsParam,
+) -> dg.MaterializeResult:
+    setup = load_workflow_setup(settings)
+    with warehouse.connect() as connection:
+        evaluated_at = members_evaluated_at(connection)
+        if is_earlier_evaluation(connection):  # no trigger is queued at an earlier time
+            context.log.warning(
+                f"members evaluated at {format_time(evaluated_at)}, earlier than the last "
+                "recorded evaluation: nothing published, no workflow triggered"
             )
-            static = process_static_triggers(
-                connection, opened, setup.triggers, setup.default_sink, evaluated_at
+            return dg.MaterializeResult(
+                metadata={
+                    "events_published": 0,
+                    "deliveries_created": 0,
+                    "skipped": "an evaluation earlier than the last recorded",
+                }
             )
-        return dg.MaterializeResult(
-            metadata={
-                "events_published": report.events,
-                "deliveries_created": report.deliveries,
-                "static_events_triggered": static.events,
-                "static_deliveries_created": static.deliveries,
-                "deliveries_held": report.held_deliveries,
-                "skipped_by_trigger_frequency": report.skipped_by_frequency,
-                "skipped_by_trigger_conditions": report.skipped_by_conditions,
-            }
-        )
-
-    @dg.asset(
-        key="workflow_trigger_deliveries",
-        deps=[published_membership_events],
-        group_name="membership",
-        kinds={"python"},
-        description=(
-            "One delivery pass: due workflow triggers sent to their sinks (a JSON-lines file, a signed "
-            "webhook, or Knock's workflow trigger API) at least once, with the delivery id as "
-            "idempotency key. Failures are retried later with back-off (never blocking evaluation); "
-            "after too many attempts a delivery is dead-lettered (`audiences deliveries`, "
-            "`audiences replay`). Runs after each evaluation, and when the `deliveries_due` sensor "
-            "sees deliveries due; each delivery is claimed before it is sent, so passes that overlap "
-            "(or `audiences deliver --watch`) never send it twice."
-        ),
-    )
-    def workflow_trigger_deliveries(
-        context: dg.AssetExecutionContext, store: MembershipStoreResource
-    ) -> dg.MaterializeResult:
-        from audiences.delivery.loop import deliver_due, delivery_status
-        from audiences.delivery.sinks import close_sinks
-
-        setup = load_workflow_setup(settings)
         opened = store.open()
-        try:
-            report = deliver_due(
-                opened, setup.sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK
-            )
-            status = delivery_status(opened)
-        finally:
-            close_sinks(setup.sinks)
-        if report.dead:
-            context.log.warning(
-                f"{report.dead} deliveries were dead-lettered; see `audiences deliveries`"
-            )
-        return dg.MaterializeResult(
-            metadata={
-                "delivered": report.delivered,
-                "retried_later": report.retried,
-                "dead_lettered": report.dead,
-                "waiting_for_unknown_sink": report.skipped_unknown_sink,
-                "status_per_sink": dg.MetadataValue.json(status),
-            }
+        report = publish_outbox(
+            connection, opened, setup.triggers, setup.default_sink, evaluated_at
         )
+        static = process_static_triggers(
+            connection, opened, setup.triggers, setup.default_sink, evaluated_at
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "events_published": report.events,
+            "deliveries_created": report.deliveries,
+            "static_events_triggered": static.events,
+            "static_deliveries_created": static.deliveries,
+            "deliveries_held": report.held_deliveries,
+            "skipped_by_trigger_frequency": report.skipped_by_frequency,
+            "skipped_by_trigger_conditions": report.skipped_by_conditions,
+        }
+    )
 
-    return dg.Definitions(
-        assets=[membership_changes, published_membership_events, workflow_trigger_deliveries],
-        asset_checks=[no_mass_membership_change],
+
+@dg.asset(
+    key="workflow_trigger_deliveries",
+    deps=[published_membership_events],
+    group_name="membership",
+    kinds={"python"},
+    description=(
+        "One delivery pass: due workflow triggers sent to their sinks (a JSON-lines file, a signed "
+        "webhook, or Knock's workflow trigger API) at least once, with the delivery id as "
+        "idempotency key. Failures are retried later with back-off (never blocking evaluation); "
+        "after too many attempts a delivery is dead-lettered (`audiences deliveries`, "
+        "`audiences replay`). Runs after each evaluation, and when the `deliveries_due` sensor "
+        "sees deliveries due; each delivery is claimed before it is sent, so passes that overlap "
+        "(or `audiences deliver --watch`) never send it twice."
+    ),
+)
+def workflow_trigger_deliveries(
+    context: dg.AssetExecutionContext, store: MembershipStoreResource, settings: SettingsParam
+) -> dg.MaterializeResult:
+    from audiences.delivery.loop import deliver_due, delivery_status
+    from audiences.delivery.sinks import close_sinks
+
+    setup = load_workflow_setup(settings)
+    opened = store.open()
+    try:
+        report = deliver_due(
+            opened, setup.sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK
+        )
+        status = delivery_status(opened)
+    finally:
+        close_sinks(setup.sinks)
+    if report.dead:
+        context.log.warning(
+            f"{report.dead} deliveries were dead-lettered; see `audiences deliveries`"
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "delivered": report.delivered,
+            "retried_later": report.retried,
+            "dead_lettered": report.dead,
+            "waiting_for_unknown_sink": report.skipped_unknown_sink,
+            "status_per_sink": dg.MetadataValue.json(status),
+        }
     )
 
 

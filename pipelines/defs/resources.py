@@ -77,11 +77,19 @@ class MembershipStoreResource(dg.ConfigurableResource):
         return MembershipStore(self.url).create()
 
 
+# The engine's settings (`audiences.settings.Settings`, read from `AUDIENCES_*` when the code
+# location loads) as a resource: assets and ops take `settings: SettingsParam`.
+SettingsParam = dg.ResourceParam[Settings]
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
+    """The resources every asset takes, made from the settings each time the code location loads
+    (the assets themselves are module-level objects)."""
     settings = Settings.from_env()
     return dg.Definitions(
         resources={
+            "settings": settings,
             "warehouse": WarehouseResource(duckdb_path=str(settings.duckdb_path)),
             "store": MembershipStoreResource(url=settings.store_url),
             # The dbt beside this Python, so the tool works from a virtualenv that is not activated.

@@ -60,11 +60,3 @@ def reevaluate_every_15_minutes(context: dg.ScheduleEvaluationContext) -> dg.Run
             }
         },
     )
-
-
-@dg.definitions
-def schedules() -> dg.Definitions:
-    return dg.Definitions(
-        jobs=[audiences_job, reevaluate_audiences, deliver_workflow_triggers],
-        schedules=[reevaluate_every_15_minutes],
-    )

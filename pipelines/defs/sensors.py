@@ -11,6 +11,7 @@ from audiences.settings import Settings
 from audiences.users import configured_sources, identify_queue_waiting
 from audiences.users.sources import source_fingerprint
 from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
+from pipelines.defs.static import uploads_dir
 
 IDENTIFY_QUEUE = (
     "identify_queue"  # the fingerprint of the store's identify queue, beside the sources'
@@ -43,7 +44,7 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
     sources = configured_sources(settings)
     previous = json.loads(context.cursor) if context.cursor else None
     fingerprints = {}
-    uploads = sorted((settings.definitions_dir.parent / "uploads").glob("*/*.csv"))
+    uploads = sorted(uploads_dir(settings).glob("*/*.csv"))
     if uploads:  # CSV files dropped for static audiences
         fingerprints["uploads"] = ";".join(
             f"{p.parent.name}/{p.name}:{p.stat().st_size}" for p in uploads
@@ -143,8 +144,3 @@ def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     return dg.SensorResult(
         run_requests=[dg.RunRequest(tags={"audiences/deliveries_due": str(due)})], cursor=state
     )
-
-
-@dg.definitions
-def sensors() -> dg.Definitions:
-    return dg.Definitions(sensors=[user_sources_changed, deliveries_due])

@@ -9,7 +9,7 @@ from audiences.settings import Settings
 from audiences.users import configured_sources, load_identify_queue, load_source
 from audiences.users.profiles import publish_changed_users
 from audiences.users.store import settle_run
-from pipelines.defs.resources import MembershipStoreResource, WarehouseResource
+from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
 
 SOURCE_KINDS = {
     "csv": "csv",
@@ -34,8 +34,82 @@ def source_asset_key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["sources", name])
 
 
+@dg.asset(
+    key="users",
+    # Uploads queue identify calls, which this asset loads; `users_definitions` adds the sources.
+    deps=[dg.AssetKey("static_audience_uploads")],
+    group_name="users",
+    kinds={"duckdb"},
+    description=(
+        "The user store (`raw.users`): every source's rows upserted by id, properties deep-merged "
+        "the way Knock's identify does (`null` removes a property). Snapshot sources delete the "
+        "users they no longer hold. Rows with a missing or malformed id, or an unreadable field, "
+        "go to `raw.users_quarantine` with the reason. A source's rows that did not change "
+        "since its last load change nothing, so newer identify calls stay. Identify calls "
+        "queued in the store (the API, uploads) apply last."
+    ),
+)
+def users(
+    context: dg.AssetExecutionContext,
+    config: UsersConfig,
+    warehouse: WarehouseResource,
+    store: MembershipStoreResource,
+    settings: SettingsParam,
+) -> dg.MaterializeResult:
+    loaded_at = datetime.now(UTC)
+    sources = configured_sources(settings)
+    metadata: dict = {"sources_loaded": config.load_sources}
+    with warehouse.connect() as connection:
+        for source in sources if config.load_sources else []:
+            result = load_source(connection, source, loaded_at)
+            context.log.info(f"{source.name}: {result}")
+            for key, value in result.as_metadata().items():
+                metadata[f"{source.name}/{key}"] = value
+            if result.rows_quarantined:
+                context.log.warning(
+                    f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.users_quarantine"
+                )
+        # Identify calls queued in the store (API, uploads) apply after the sources, as the newest.
+        membership_store = store.open()
+        identified = load_identify_queue(connection, membership_store, loaded_at)
+        for key, value in identified.as_metadata().items():
+            metadata[f"identify_queue/{key}"] = value
+        # Users the run changed and changed back (sources that disagree) keep their updated_at.
+        metadata["users_changed_back"] = settle_run(connection, loaded_at)
+        # The API reads users from the store, which stays available while a run holds DuckDB.
+        metadata["profiles_published"] = publish_changed_users(membership_store, connection)
+        total, quarantined = connection.execute(
+            "select (select count(*) from raw.users where deleted_at is null), "
+            "(select count(*) from raw.users_quarantine)"
+        ).fetchone()
+        reasons = connection.execute(
+            "select source_name, row_number, coalesce(user_id, '(none)'), reason "
+            "from raw.users_quarantine order by source_name, row_number limit 20"
+        ).fetchall()
+    metadata["dagster/row_count"] = total
+    metadata["quarantined_rows"] = quarantined
+    if reasons:
+        lines = ["| source | row | id | reason |", "|---|---|---|---|"]
+        lines += [f"| {s} | {r} | {i!r} | {why} |" for s, r, i, why in reasons]
+        metadata["quarantine_sample"] = dg.MetadataValue.md("\n".join(lines))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset_check(
+    asset=users, description="Every user id appears once in the user store.", blocking=True
+)
+def users_have_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
+    with warehouse.connect(read_only=True) as connection:
+        duplicates = connection.execute(
+            "select count(*) from (select user_id from raw.users group by user_id having count(*) > 1)"
+        ).fetchone()[0]
+    return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicate_ids": duplicates})
+
+
 @dg.definitions
 def users_definitions() -> dg.Definitions:
+    """One external asset per source declared when the code location loads, and `users` after
+    them."""
     sources = configured_sources(Settings.from_env())
     source_specs = [
         dg.AssetSpec(
@@ -47,73 +121,10 @@ def users_definitions() -> dg.Definitions:
         )
         for source in sources
     ]
-
-    @dg.asset(
-        key="users",
-        # Uploads queue identify calls, which this asset loads.
-        deps=[spec.key for spec in source_specs] + [dg.AssetKey("static_audience_uploads")],
-        group_name="users",
-        kinds={"duckdb"},
-        description=(
-            "The user store (`raw.users`): every source's rows upserted by id, properties deep-merged "
-            "the way Knock's identify does (`null` removes a property). Snapshot sources delete the "
-            "users they no longer hold. Rows with a missing or malformed id, or an unreadable field, "
-            "go to `raw.users_quarantine` with the reason. A source's rows that did not change "
-            "since its last load change nothing, so newer identify calls stay. Identify calls "
-            "queued in the store (the API, uploads) apply last."
-        ),
+    # `users` reads every declared source: each is an upstream asset.
+    users_after_sources = users.map_asset_specs(
+        lambda spec: spec.merge_attributes(deps=[source.key for source in source_specs])
     )
-    def users(
-        context: dg.AssetExecutionContext,
-        config: UsersConfig,
-        warehouse: WarehouseResource,
-        store: MembershipStoreResource,
-    ) -> dg.MaterializeResult:
-        loaded_at = datetime.now(UTC)
-        metadata: dict = {"sources_loaded": config.load_sources}
-        with warehouse.connect() as connection:
-            for source in sources if config.load_sources else []:
-                result = load_source(connection, source, loaded_at)
-                context.log.info(f"{source.name}: {result}")
-                for key, value in result.as_metadata().items():
-                    metadata[f"{source.name}/{key}"] = value
-                if result.rows_quarantined:
-                    context.log.warning(
-                        f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.users_quarantine"
-                    )
-            # Identify calls queued in the store (API, uploads) apply after the sources, as the newest.
-            membership_store = store.open()
-            identified = load_identify_queue(connection, membership_store, loaded_at)
-            for key, value in identified.as_metadata().items():
-                metadata[f"identify_queue/{key}"] = value
-            # Users the run changed and changed back (sources that disagree) keep their updated_at.
-            metadata["users_changed_back"] = settle_run(connection, loaded_at)
-            # The API reads users from the store, which stays available while a run holds DuckDB.
-            metadata["profiles_published"] = publish_changed_users(membership_store, connection)
-            total, quarantined = connection.execute(
-                "select (select count(*) from raw.users where deleted_at is null), "
-                "(select count(*) from raw.users_quarantine)"
-            ).fetchone()
-            reasons = connection.execute(
-                "select source_name, row_number, coalesce(user_id, '(none)'), reason "
-                "from raw.users_quarantine order by source_name, row_number limit 20"
-            ).fetchall()
-        metadata["dagster/row_count"] = total
-        metadata["quarantined_rows"] = quarantined
-        if reasons:
-            lines = ["| source | row | id | reason |", "|---|---|---|---|"]
-            lines += [f"| {s} | {r} | {i!r} | {why} |" for s, r, i, why in reasons]
-            metadata["quarantine_sample"] = dg.MetadataValue.md("\n".join(lines))
-        return dg.MaterializeResult(metadata=metadata)
-
-    @dg.asset_check(
-        asset=users, description="Every user id appears once in the user store.", blocking=True
+    return dg.Definitions(
+        assets=[*source_specs, users_after_sources], asset_checks=[users_have_unique_ids]
     )
-    def users_have_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        with warehouse.connect(read_only=True) as connection:
-            duplicates = connection.execute(
-                "select count(*) from (select user_id from raw.users group by user_id having count(*) > 1)"
-            ).fetchone()[0]
-        return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicate_ids": duplicates})
-
-    return dg.Definitions(assets=[*source_specs, users], asset_checks=[users_have_unique_ids])
