@@ -73,7 +73,8 @@ class Server:
     def __init__(self, folder: Path, environ: dict[str, str], workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(folder / f"serve-{self.port}.log", "w")
+        # The server's output, for the server's life; `stop()` closes it.
+        self.log = open(folder / f"serve-{self.port}.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -322,7 +323,10 @@ def main() -> None:
 
 def report(results: dict) -> str:
     adds, identify, checks = results["adds"], results["adds_with_identify"], results["checks"]
-    verdict = lambda ok: "met" if ok else "**missed**"
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
     one = results["adds_one_worker"]
     add_ok = adds["members_per_second"] > 20_000 and adds["errors"] == 0 and adds["p99_ms"] < 250
     one_ok = one["members_per_second"] > 20_000 and one["errors"] == 0 and one["p99_ms"] < 250

@@ -41,8 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from audiences.delivery.loop import delivery_status
-from audiences.store.database import MembershipStore, deliveries
+from audiences.delivery.loop import delivery_status  # noqa: E402 (after the path above)
+from audiences.store.database import MembershipStore, deliveries  # noqa: E402
 
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMhIQ=="
 LONG_AGO = "2000-01-01T00:00:00.000000Z"

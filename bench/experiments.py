@@ -201,7 +201,7 @@ def rewritten_flattened_sql(definitions_dir: Path, source: str) -> str:
     pointers = "[" + ", ".join(quote(json_pointer(p)) for p in paths) + "]"
     numbers = {a.path for a in attributes if a.variant in ("number", "timestamp")}
     typed = []
-    for path, i in position.items():
+    for i in position.values():
         typed += [f"types[{i}] as t{i}", f"texts[{i}] as s{i}"]
     with_numbers = []
     for path, i in position.items():

@@ -70,7 +70,9 @@ def bench_generation(folder: Path) -> list[dict]:
         )
         definitions = load_definitions(definitions_dir)
         seconds = cpu_seconds(
-            lambda: generate_models(definitions, ROOT / "dbt_project", "audiences")
+            lambda definitions=definitions: generate_models(
+                definitions, ROOT / "dbt_project", "audiences"
+            )
         )
         results.append({"items": items, "cpu_seconds": round(seconds, 3)})
         print("generate", results[-1], flush=True)
@@ -86,7 +88,9 @@ def bench_upload(folder: Path) -> list[dict]:
             "u1," + ",".join(f"v{i}" for i in range(columns)) + "\n"
         )
         store = MembershipStore(f"sqlite:///{folder}/store-{columns}.sqlite").create()
-        seconds = cpu_seconds(lambda: upload_csv(store, "vips", path, {"vips": "static"}))
+        seconds = cpu_seconds(
+            lambda store=store, path=path: upload_csv(store, "vips", path, {"vips": "static"})
+        )
         store.dispose()
         results.append({"columns": columns, "cpu_seconds": round(seconds, 3)})
         print("upload", results[-1], flush=True)

@@ -1418,7 +1418,7 @@ def render_markdown(document: dict) -> str:
             for run in ("warm_dbt", "tick_dbt", "warm_dagster", "tick_dagster")
         }
 
-        def cell(run, uid):
+        def cell(run, uid, other=other):
             return f"{other[run][uid]:.2f}" if uid in other[run] else "not run"
 
         for node in r["cold_dbt"]["dbt"]["nodes"][:10]:

@@ -23,6 +23,7 @@ the runs, `audience_members` is compared with a full evaluation of every audienc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,7 +40,6 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
-import contextlib
 
 import synthetic  # noqa: E402
 

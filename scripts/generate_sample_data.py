@@ -1560,10 +1560,8 @@ def draw_staff_user(rng: random.Random, index: int, used_emails: set[str]) -> Us
 
 def assign_ids(rng: random.Random, users: list[User]) -> None:
     """Mostly `user_00042` in signup order; some UUIDs (an old auth system) and some email ids."""
-    sequence = 0
-    for user in users:
+    for sequence, user in enumerate(users, start=1):
         style = weighted_choice(rng, {"sequential": 92, "uuid": 5, "email": 3})
-        sequence += 1
         if style == "uuid":
             user.id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         elif style == "email" and user.email:

@@ -33,7 +33,8 @@ class RateLimiter:
     def __init__(self, rates: dict[str, float], path: Path):
         self.rates = rates
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a+b")
+        # Mapped for the limiter's life and closed by `close()`, not a `with` block.
+        self._file = open(path, "a+b")  # noqa: SIM115
         size = self.SLOTS * self.SLOT.size
         if os.fstat(self._file.fileno()).st_size < size:
             self._file.truncate(size)

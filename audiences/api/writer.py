@@ -25,8 +25,11 @@ class GroupCommitWriter:
     def __init__(self, engine, name: str = "store-writer", checkpoint_every: float = 1.0):
         self.engine = engine
         database = engine.url.database
+        # Held (and locked) for the writer's life and closed by `close()`, not a `with` block.
         self._lock_file = (
-            open(f"{database}-writer.lock", "a+b") if database and database != ":memory:" else None
+            open(f"{database}-writer.lock", "a+b")  # noqa: SIM115
+            if database and database != ":memory:"
+            else None
         )
         self._jobs: queue.SimpleQueue[tuple[Callable[[Any], Any], Future] | None] = (
             queue.SimpleQueue()

@@ -354,7 +354,7 @@ def _set_problems(
     problems: list[tuple[str, Problem]] = []
     known = set(definitions) | set(other_audiences)
     for definition in definitions.values():
-        for s, segment in enumerate(definition.segments):
+        for segment in definition.segments:
             for condition in segment:
                 if condition.operator not in ("is_audience_member", "is_not_audience_member"):
                     continue

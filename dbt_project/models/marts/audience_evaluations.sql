@@ -44,7 +44,7 @@ final as (
         '{{ invocation_id }}' as dbt_invocation_id
     from catalog
     left join member_counts
-        on member_counts.audience_key = catalog.audience_key
+        on catalog.audience_key = member_counts.audience_key
 
 )
 

@@ -77,9 +77,10 @@ def _cursor(http, position: int) -> str:
 
 def test_membership_check_is_tenant_strict(http):
     add(http, "newsletter", [{"user": {"id": "ada"}, "tenant": "acme"}, {"user": {"id": "bob"}}])
-    check = lambda user, **params: http.get(
-        f"/v1/audiences/newsletter/members/{user}", params=params
-    ).json()["member"]
+
+    def check(user, **params):
+        return http.get(f"/v1/audiences/newsletter/members/{user}", params=params).json()["member"]
+
     assert check("ada", tenant="acme") is True
     assert check("ada", tenant="globex") is False
     assert check("ada") is False  # no tenant: only a membership without tenant counts
@@ -212,9 +213,10 @@ def test_a_key_sees_only_its_environment_and_revoked_keys_stop_working(http, ser
 
 def test_guide_eligibility_uses_membership_tenancy_and_properties(http):
     add(http, "newsletter", [{"user": {"id": "gia", "plan": "free"}, "tenant": "acme"}])
-    eligible = lambda **params: http.get(
-        "/v1/guides/upgrade-banner/eligibility/gia", params=params
-    ).json()
+
+    def eligible(**params):
+        return http.get("/v1/guides/upgrade-banner/eligibility/gia", params=params).json()
+
     assert eligible(tenant="acme")["eligible"] is True
     assert eligible(tenant="globex")["eligible"] is False  # tenancy strict mode
     http.put("/v1/users/gia", json={"plan": "pro"})

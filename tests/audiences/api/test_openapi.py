@@ -76,7 +76,7 @@ def test_the_served_openapi_matches_what_the_service_does(served_schema, service
             database=None,
             suppress_health_check=list(hypothesis.HealthCheck),
         )
-        def exercise(case):
+        def exercise(case, operation=operation):
             configured_sinks_only(case)
             case.call_and_validate(headers=service.headers(), excluded_checks=excluded(operation))
 

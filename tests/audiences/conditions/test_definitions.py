@@ -209,10 +209,6 @@ def test_evaluation_order_puts_referenced_audiences_first(tmp_path):
     assert evaluation_order(load_definitions(tmp_path)) == ["b", "c", "a"]
 
 
-def member_of(key: str) -> dict:
-    return {"property": "recipient", "operator": "is_audience_member", "argument": key}
-
-
 def test_a_definition_set_skips_broken_definitions_and_every_audience_that_refers_to_them(tmp_path):
     good = dynamic({"property": "recipient.plan", "operator": "exists"})
     write(tmp_path, "fine", good)
