@@ -41,7 +41,7 @@ import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 import synthetic  # noqa: E402
 
-from audiences.dbt.project import prepare, run_dbt  # noqa: E402
+from audiences.dbt.project import generate, prepare, run_dbt  # noqa: E402
 from audiences.membership.changes import record_changes  # noqa: E402
 from audiences.membership.publish import publish_outbox  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
@@ -112,6 +112,7 @@ def setup(folder: Path, users: int) -> Settings:
     pl.DataFrame({"id": ["user_000000001"], "probe_round": [0]}).write_parquet(
         folder / "updates.parquet"
     )
+    generate(settings)  # loading only checks the models
     prepare(settings)
     return settings
 
@@ -343,6 +344,7 @@ def main() -> None:
             ignore=shutil.ignore_patterns("target", "logs", ".user.yml"),
         )
         shutil.rmtree(settings.dbt_project_dir / "models" / "audiences" / "custom")
+        generate(settings)  # loading only checks the models
         prepare(settings)
     else:
         settings, results["setup_s"] = timed(setup, folder, options.users)

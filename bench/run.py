@@ -140,9 +140,10 @@ def step_generate(params):
 
 
 def step_prepare(params):
-    from audiences.dbt.project import prepare
+    from audiences.dbt.project import generate, prepare
 
     start = time.perf_counter()
+    generate(_settings(params))  # loading the code location only checks the models
     manifest = prepare(_settings(params))
     return {"seconds": time.perf_counter() - start, "manifest": str(manifest)}
 

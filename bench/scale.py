@@ -43,7 +43,7 @@ sys.path.insert(0, str(BENCH))
 
 import synthetic  # noqa: E402
 
-from audiences.dbt.project import dbt_executable, prepare  # noqa: E402
+from audiences.dbt.project import dbt_executable, generate, prepare  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
 from audiences.warehouse.evaluation import set_evaluation_clock  # noqa: E402
 
@@ -233,6 +233,7 @@ def main() -> None:
     else:
         r.update(in_child("reset", path=settings.duckdb_path, users=options.users))
         base = NOW
+    generate(settings)  # loading only checks the models
     prepare(settings)
     from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
 

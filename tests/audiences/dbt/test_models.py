@@ -12,7 +12,7 @@ from condition_harness import NOW, ROOT, SAMPLE_TIME, insert_users
 from audiences.conditions.definitions import load_definitions
 from audiences.conditions.reference import evaluate_audience
 from audiences.dbt.models import drift, escape_jinja, generate_models
-from audiences.dbt.project import prepare, run_dbt
+from audiences.dbt.project import generate, prepare, run_dbt
 from audiences.settings import Settings
 
 HOSTILE_PROPERTY = 'a"; drop table users; --'
@@ -43,7 +43,7 @@ def test_loading_the_code_location_never_writes_models_and_names_the_drift(
     generate`" and leaves every file as it was; `audiences generate` then puts them right."""
     from condition_harness import dbt_project_files
 
-    from audiences.dbt.project import ModelsOutOfDate, generate
+    from audiences.dbt.project import ModelsOutOfDate
 
     project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
     dynamic = project / "models" / "audiences" / "dynamic"
@@ -228,6 +228,7 @@ def test_hostile_definitions_build_in_dbt_and_stay_data(tmp_path):
     settings = Settings.from_env(
         {}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project
     )
+    generate(settings)  # the models of these definitions (loading only checks them)
     prepare(settings)
     run_dbt(["build", "--vars", json.dumps({"evaluation_time": SAMPLE_TIME})], settings)
     with duckdb.connect(str(warehouse), read_only=True) as connection:
@@ -396,6 +397,7 @@ def test_original_text_quoting_and_epoch_times_agree_with_the_reference_in_dbt(t
     settings = Settings.from_env(
         {}, duckdb_path=warehouse, definitions_dir=definitions_dir, dbt_project_dir=project
     )
+    generate(settings)  # the models of these definitions (loading only checks them)
     prepare(settings)
     run_dbt(["build", "--vars", json.dumps({"evaluation_time": SAMPLE_TIME})], settings)
     with duckdb.connect(str(warehouse), read_only=True) as connection:
