@@ -23,6 +23,8 @@ from datetime import datetime
 
 import duckdb
 
+from audiences.settings import BREAKER_MINIMUM, BREAKER_SHARE
+
 SCHEMA_STATEMENTS = (
     "create schema if not exists raw",
     "create sequence if not exists raw.membership_outbox_sequence start 1",
@@ -80,8 +82,8 @@ def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
 class CircuitBreaker:
     """Hold an audience's events when a run moves more than `share` of it, and at least `minimum`."""
 
-    share: float = 0.2
-    minimum: int = 1000
+    share: float = BREAKER_SHARE
+    minimum: int = BREAKER_MINIMUM
 
     def trips(self, changed: int, audience_size: int) -> bool:
         return changed >= self.minimum and changed > self.share * audience_size

@@ -9,6 +9,7 @@ Every write is idempotent: events and deliveries are keyed by deterministic ids 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import chain
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+
+from audiences.conditions.compiler import BLANK_TENANT
 
 metadata = sa.MetaData()
 
@@ -248,8 +251,24 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_BLANK = re.compile(BLANK_TENANT)
+
+
+def normalize_tenant(tenant: str | None) -> str | None:
+    """A member's tenant as stored: a blank or whitespace-only tenant is no tenant (None).
+
+    Every write of a member goes through it (API, uploads, syncs, the CLI, through
+    `static.members.prepare_change`); `compiler.normalized_tenant` is the same rule in SQL.
+    Other tenants are kept as given."""
+    if tenant is None or _BLANK.fullmatch(tenant):
+        return None
+    return tenant
+
+
 def tenant_key(tenant: str | None) -> str:
-    return tenant or ""
+    """The tenant as a key column: the normalized tenant, or '' for none (primary keys cannot hold
+    null)."""
+    return normalize_tenant(tenant) or ""
 
 
 class MembershipStore:

@@ -87,6 +87,27 @@ def test_membership_check_is_tenant_strict(http):
     assert http.get("/v1/audiences/nope/members/ada").status_code == 404
 
 
+def test_a_blank_tenant_is_no_tenant(http):
+    """Issue 20, defect 1: "" then null is one member without tenant; "  " is not a tenant."""
+    for tenant in ("", None, "  "):
+        assert (
+            add(http, "newsletter", [{"user": {"id": "b1"}, "tenant": tenant}]).status_code == 204
+        )
+    page = http.get("/v1/audiences/newsletter/members").json()
+    assert [(entry["user"]["id"], entry["tenant"]) for entry in page["entries"]] == [("b1", None)]
+    for params in ({}, {"tenant": ""}, {"tenant": " "}):
+        assert http.get("/v1/audiences/newsletter/members/b1", params=params).json()["member"]
+    only = http.get("/v1/audiences/newsletter/members", params={"tenant": "  "}).json()
+    assert [entry["user"]["id"] for entry in only["entries"]] == ["b1"]
+    removed = http.request(
+        "DELETE",
+        "/v1/audiences/newsletter/members",
+        json={"members": [{"user": {"id": "b1"}, "tenant": " "}]},
+    )
+    assert removed.status_code == 204
+    assert http.get("/v1/audiences/newsletter/members").json()["entries"] == []
+
+
 def test_idempotency_key_replays_the_first_answer_and_refuses_other_parameters(http, service):
     headers = {"Idempotency-Key": "sync-42"}
     first = http.put("/v1/users/eve", json={"name": "Eve"}, headers=headers)
