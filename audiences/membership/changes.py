@@ -142,7 +142,30 @@ def record_changes(
 
 
 def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> ChangeSummary:
-    parameters = {"evaluated_at": evaluated_at}
+    """The steps of `record_changes`, inside its transaction."""
+    _refuse_earlier(connection, evaluated_at)
+    log = _diff(connection, members_table, catalog_table)
+    _number_entries(connection)
+    summary, batches = _hold_large_changes(
+        connection, evaluated_at, breaker, _audience_moves(connection, evaluated_at, catalog_table)
+    )
+    _write_outbox(connection, evaluated_at, catalog_table, batches)
+    _move_intervals(connection, evaluated_at, catalog_table)
+    _clean_up(connection, log)
+    return summary
+
+
+@dataclass(frozen=True)
+class _HeldBatch:
+    batch_id: str
+    audience_key: str
+    entered: int
+    exited: int
+    size: int
+
+
+def _refuse_earlier(connection, evaluated_at: datetime) -> None:
+    """Membership history only moves forward: refuse a time before its last entry or exit."""
     latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchall()[
         0
     ][0]
@@ -155,8 +178,11 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
             f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
             f"({newest.isoformat()}); membership history only moves forward"
         )
-    log = _diff(connection, members_table, catalog_table)
-    # Entries: the user's id, and which entry this is (1 + earlier intervals of the same membership).
+
+
+def _number_entries(connection) -> None:
+    """The temp table `entries`: each entered change with the user's id, and which entry this is
+    (1 + earlier intervals of the same membership)."""
     connection.execute(
         """
         create or replace temp table entries as
@@ -179,8 +205,12 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         where changes.event_type = 'entered'
         """
     )
+
+
+def _audience_moves(connection, evaluated_at: datetime, catalog_table: str) -> list[tuple]:
+    """Per evaluated audience: (key, entered, exited, size before, is new)."""
     unmoved_sizes, unmoved_parameters = _unmoved_sizes(connection, evaluated_at, catalog_table)
-    stats = connection.execute(
+    return connection.execute(
         f"""
         with sizes as (
             -- counting every audience's open intervals takes seconds at 10M users: only the moved ones
@@ -212,29 +242,36 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         """,
         unmoved_parameters,
     ).fetchall()
+
+
+def _hold_large_changes(
+    connection, evaluated_at: datetime, breaker: CircuitBreaker, moves: list[tuple]
+) -> tuple[ChangeSummary, list[_HeldBatch]]:
+    """The circuit breaker: a held batch for each audience (not new) that moved too much, in the
+    temp table `held`; and the run's summary."""
     summary = ChangeSummary(evaluated_at)
     batches = []
-    for key, entered, exited, size_before, is_new in stats:
+    for key, entered, exited, size_before, is_new in moves:
         held = None
         if not is_new and breaker.trips(max(entered, exited), size_before):
             held = _batch_id(connection, key, evaluated_at)
-            batches.append(
-                {
-                    "batch_id": held,
-                    "audience_key": key,
-                    "entered": entered,
-                    "exited": exited,
-                    "size": size_before,
-                }
-            )
+            batches.append(_HeldBatch(held, key, entered, exited, size_before))
         summary.audiences.append(
             AudienceChanges(key, entered, exited, size_before, bool(is_new), held)
         )
     connection.execute("create or replace temp table held (audience_key varchar, batch_id varchar)")
     for batch in batches:
         connection.execute(
-            "insert into held values ($a, $b)", {"a": batch["audience_key"], "b": batch["batch_id"]}
+            "insert into held values ($a, $b)", {"a": batch.audience_key, "b": batch.batch_id}
         )
+    return summary, batches
+
+
+def _write_outbox(
+    connection, evaluated_at: datetime, catalog_table: str, batches: list[_HeldBatch]
+) -> None:
+    """One outbox event per change, with its deterministic id, then the held batches (each up to
+    the outbox's last sequence)."""
     connection.execute(
         f"""
         insert into raw.membership_outbox
@@ -256,21 +293,27 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         left join held using (audience_key)
         order by events.audience_key, events.event_type, events.user_id
         """,
-        parameters,
+        {"evaluated_at": evaluated_at},
     )
     for batch in batches:
         connection.execute(
             "insert into raw.membership_batches values ($b, $a, $evaluated_at, $entered, $exited, $size, "
             "(select max(sequence) from raw.membership_outbox))",
             {
-                "b": batch["batch_id"],
-                "a": batch["audience_key"],
+                "b": batch.batch_id,
+                "a": batch.audience_key,
                 "evaluated_at": evaluated_at,
-                "entered": batch["entered"],
-                "exited": batch["exited"],
-                "size": batch["size"],
+                "entered": batch.entered,
+                "exited": batch.exited,
+                "size": batch.size,
             },
         )
+
+
+def _move_intervals(connection, evaluated_at: datetime, catalog_table: str) -> None:
+    """Close the exited memberships' intervals, open the entered ones', and remember the audiences
+    evaluated for the first time (their first members were backfill)."""
+    parameters = {"evaluated_at": evaluated_at}
     connection.execute(
         """
         update raw.membership_intervals
@@ -297,6 +340,10 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         """,
         parameters,
     )
+
+
+def _clean_up(connection, log: str | None) -> None:
+    """Empty the re-evaluation log the diff read, and drop the diff's temp tables."""
     if log is not None:
         connection.execute(f"delete from {log}")
     for table in (
@@ -309,7 +356,6 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         "per_user_audiences",
     ):
         connection.execute(f"drop table {table}")
-    return summary
 
 
 def _diff(connection, members_table: str, catalog_table: str) -> str | None:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from audiences.conditions.compiler import BLANK_TENANT
+from audiences.membership.events import MembershipEvent
 
 metadata = sa.MetaData()
 
@@ -134,6 +135,44 @@ deliveries = sa.Table(
     sa.Index("deliveries_by_batch", "batch_id"),
     sa.Index("deliveries_by_message", "message_id"),
 )
+
+
+def new_delivery(
+    delivery_id: str,
+    *,
+    workflow_key: str,
+    sink: str,
+    audience_key: str,
+    user_id: str,
+    tenant: str | None,
+    payload: str,
+    stamp: str,
+    event_id: str | None = None,
+    broadcast_id: str | None = None,
+    status: str = "pending",
+    batch_id: str | None = None,
+) -> dict:
+    """A `deliveries` row as it is first queued (for an event's trigger or a broadcast's member):
+    due at once, no attempts yet. The one place such rows are built."""
+    return {
+        "delivery_id": delivery_id,
+        "event_id": event_id,
+        "broadcast_id": broadcast_id,
+        "workflow_key": workflow_key,
+        "sink": sink,
+        "audience_key": audience_key,
+        "user_id": user_id,
+        "tenant": tenant,
+        "payload": payload,
+        "status": status,
+        "attempts": 0,
+        "next_attempt_at": stamp,
+        "last_error": None,
+        "batch_id": batch_id,
+        "created_at": stamp,
+        "delivered_at": None,
+    }
+
 
 # Each rate-limited sink's token bucket, shared by every worker delivering from this store: the
 # tokens it held at `updated_at` (seconds on the workers' wall clock), for `rate` per second.
@@ -475,7 +514,9 @@ def _sqlite_manual_transactions(dbapi_connection, _record) -> None:
     dbapi_connection.isolation_level = None
 
 
-def apply_membership_changes(store: MembershipStore, connection, events: Iterable[dict]) -> None:
+def apply_membership_changes(
+    store: MembershipStore, connection, events: Iterable[MembershipEvent]
+) -> None:
     """Make the current-membership table reflect entered / exited events (idempotent)."""
     events = list(events)
     store.insert_rows(
@@ -483,21 +524,15 @@ def apply_membership_changes(store: MembershipStore, connection, events: Iterabl
         audience_members,
         ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
         [
-            (
-                e["audience_key"],
-                e["user_id"],
-                tenant_key(e["tenant"]),
-                e["tenant"],
-                e["occurred_at"],
-            )
+            (e.audience_key, e.user_id, tenant_key(e.tenant), e.tenant, e.occurred_at)
             for e in events
-            if e["event_type"] == "entered"
+            if e.event_type == "entered"
         ],
     )
     exited: dict[str, list[tuple[str, str]]] = {}
     for e in events:
-        if e["event_type"] == "exited":
-            exited.setdefault(e["audience_key"], []).append((e["user_id"], tenant_key(e["tenant"])))
+        if e.event_type == "exited":
+            exited.setdefault(e.audience_key, []).append((e.user_id, tenant_key(e.tenant)))
     for audience_key, members in exited.items():
         delete_members(store, connection, audience_key, members)
 

@@ -360,17 +360,20 @@ def test_members_can_be_removed_through_the_query_as_censuss_http_destination_se
 
 
 def test_a_dynamic_audience_lists_the_members_of_its_last_published_evaluation(http, service):
+    from audiences.membership.events import MembershipEvent
     from audiences.store.database import apply_membership_changes
 
     store = service.environment("development").store
     published = [
-        {
-            "audience_key": "pro-plan",
-            "user_id": user,
-            "tenant": None,
-            "event_type": "entered",
-            "occurred_at": "2026-11-27T00:00:00.000000Z",
-        }
+        MembershipEvent(
+            event_id=f"e-{user}",
+            audience_key="pro-plan",
+            user_id=user,
+            tenant=None,
+            event_type="entered",
+            occurred_at="2026-11-27T00:00:00.000000Z",
+            entry_number=1,
+        )
         for user in ("p1", "p2")
     ]
     with (
