@@ -38,8 +38,8 @@ from audiences.static.members import (
     prepare_change,
 )
 from audiences.store import database as tables
+from audiences.store import profiles
 from audiences.store.database import MembershipStore, normalize_tenant, tenant_key
-from audiences.users import profiles
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
 MAX_NESTING = 100  # objects and arrays in properties and broadcast data

@@ -13,7 +13,7 @@ An audience the catalog marks `is_skipped` (its definition has errors, so this r
 evaluate it) is left out: its open intervals stay open and it gets no event, whatever
 `audience_members` holds for it.
 
-The outbox is drained into the operational store by `audiences.membership.publish`.
+The outbox is drained into the operational store by `audiences.workflows.publish`.
 """
 
 from __future__ import annotations
@@ -24,58 +24,7 @@ from datetime import datetime
 import duckdb
 
 from audiences.settings import BREAKER_MINIMUM, BREAKER_SHARE
-
-SCHEMA_STATEMENTS = (
-    "create schema if not exists raw",
-    "create sequence if not exists raw.membership_outbox_sequence start 1",
-    """
-    create table if not exists raw.membership_intervals (
-        audience_key varchar not null,
-        user_key integer not null,
-        user_id varchar not null,
-        tenant varchar,
-        entry_number integer not null,
-        entered_at timestamptz not null,
-        exited_at timestamptz,
-        audience_version varchar
-    )
-    """,
-    """
-    create table if not exists raw.membership_outbox (
-        sequence bigint not null,
-        event_id varchar not null,
-        audience_key varchar not null,
-        user_id varchar not null,
-        tenant varchar,
-        event_type varchar not null,
-        occurred_at timestamptz not null,
-        audience_version varchar,
-        entry_number integer not null,
-        is_backfill boolean not null,
-        batch_id varchar
-    )
-    """,
-    """
-    create table if not exists raw.membership_batches (
-        batch_id varchar not null,
-        audience_key varchar not null,
-        evaluated_at timestamptz not null,
-        entered integer not null,
-        exited integer not null,
-        audience_size integer not null,
-        last_sequence bigint not null
-    )
-    """,
-    "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
-    "create table if not exists raw.outbox_published (published_sequence bigint not null)",
-    # Replaced by audience_members__reevaluated, which says which rows a build may have changed.
-    "drop table if exists raw.membership_signatures",
-)
-
-
-def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
-    for statement in SCHEMA_STATEMENTS:
-        connection.execute(statement)
+from audiences.warehouse.schema import ensure_membership_tables
 
 
 @dataclass(frozen=True)
@@ -130,7 +79,7 @@ def record_changes(
     `<members_table>__reevaluated` (see dbt_project/macros/audience_members.sql), and the diff
     empties that log in its transaction. Without a log, everything is compared.
     """
-    ensure_schema(connection)
+    ensure_membership_tables(connection)
     connection.execute("begin transaction")
     try:
         summary = _record(connection, evaluated_at, breaker, members_table, catalog_table)
@@ -483,7 +432,7 @@ def pending_changes(
     nobody are (0, 0); static audiences, whose events are written when they change, are left out."""
     connection.execute("begin transaction")
     try:
-        ensure_schema(connection)
+        ensure_membership_tables(connection)
         _diff(connection, members_table, catalog_table)
         moved = dict.fromkeys(
             (

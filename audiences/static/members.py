@@ -285,7 +285,7 @@ def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[
     import polars as pl
 
     from audiences.conditions.compiler import normalized_tenant, render
-    from audiences.users.store import ensure_schema
+    from audiences.warehouse.schema import ensure_user_tables
 
     keys = sorted(set(static_keys))
     members = tables.audience_members
@@ -308,7 +308,7 @@ def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[
         },
         orient="row",
     )
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     connection.register("static_rows", frame.to_arrow())
     try:
         connection.execute("begin transaction")

@@ -24,7 +24,7 @@ import polars as pl
 from audiences.settings import UPLOAD_MAX_BYTES
 from audiences.static.members import Member, change_members, require_static
 from audiences.store.database import MembershipStore
-from audiences.users.profiles import identify_many
+from audiences.store.profiles import identify_many
 
 # The same reading as user sources (encodings, BOM, delimiters).
 from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter

@@ -216,7 +216,7 @@ static_audiences = sa.Table(
 )
 
 # The users as the API sees them: identify calls applied at once (read-your-writes), and the
-# warehouse's users published after each load (`audiences.users.profiles`).
+# warehouse's users published after each load (`audiences.store.profiles`).
 user_profiles = sa.Table(
     "user_profiles",
     metadata,

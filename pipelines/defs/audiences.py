@@ -16,6 +16,7 @@ from pydantic import Field
 from audiences.conditions.definitions import DefinitionSet, validate_definitions
 from audiences.dbt.models import custom_audience_keys
 from audiences.dbt.project import prepare, project_definitions, project_fingerprint
+from audiences.delivery.setup import load_workflow_setup
 from audiences.membership.changes import pending_changes
 from audiences.settings import Settings, format_time
 from audiences.warehouse.evaluation import (
@@ -29,7 +30,6 @@ from audiences.warehouse.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
-from audiences.workflows.setup import load_workflow_setup
 from pipelines.defs.resources import WarehouseResource
 
 DEFINITIONS_KEY = dg.AssetKey("audience_definitions")

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import duckdb
 
-from audiences.membership.changes import ensure_schema
 from audiences.membership.events import FIELDS, MembershipEvent
-from audiences.membership.publish import OUTBOX_COLUMNS
 from audiences.store import database as tables
+from audiences.warehouse.schema import ensure_membership_tables
+from audiences.workflows.publish import OUTBOX_COLUMNS
 
 
 def test_the_outbox_columns_are_the_event_fields():
     connection = duckdb.connect()
-    ensure_schema(connection)
+    ensure_membership_tables(connection)
     columns = [row[0] for row in connection.execute("describe raw.membership_outbox").fetchall()]
     assert columns == list(OUTBOX_COLUMNS)
     assert set(columns) == set(FIELDS)

@@ -21,7 +21,6 @@ from datetime import datetime
 import duckdb
 import sqlalchemy as sa
 
-from audiences.membership.changes import ensure_schema
 from audiences.membership.events import FIELDS as EVENT_FIELDS
 from audiences.membership.events import MembershipEvent
 from audiences.store import database as tables
@@ -33,6 +32,7 @@ from audiences.store.database import (
     tenant_key,
 )
 from audiences.warehouse.queries import matching_user_ids
+from audiences.warehouse.schema import ensure_membership_tables
 from audiences.workflows.triggers import WorkflowTrigger, trigger_payload
 
 CHUNK = 50_000
@@ -64,7 +64,7 @@ class PublishReport:
 
 def outbox_position(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     """(last published sequence, last written sequence) of the warehouse's outbox."""
-    ensure_schema(connection)
+    ensure_membership_tables(connection)
     published = connection.execute(
         "select coalesce(max(published_sequence), 0) from raw.outbox_published"
     ).fetchall()[0][0]
