@@ -290,7 +290,9 @@ def now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_BLANK = re.compile(BLANK_TENANT)
+# The characters BLANK_TENANT allows: stripping them is the same test as the pattern, and several
+# times faster on the API's path (a thousand members per request).
+_BLANK_CHARACTERS = "".join(c for c in map(chr, range(128)) if re.fullmatch(BLANK_TENANT, c))
 
 
 def normalize_tenant(tenant: str | None) -> str | None:
@@ -299,7 +301,7 @@ def normalize_tenant(tenant: str | None) -> str | None:
     Every write of a member goes through it (API, uploads, syncs, the CLI, through
     `static.members.prepare_change`); `compiler.normalized_tenant` is the same rule in SQL.
     Other tenants are kept as given."""
-    if tenant is None or _BLANK.fullmatch(tenant):
+    if tenant is None or not tenant.strip(_BLANK_CHARACTERS):
         return None
     return tenant
 
