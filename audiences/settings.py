@@ -19,6 +19,13 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_DBT_PROJECT = PROJECT_ROOT / "dbt_project"
 ENGINE_DEFINITIONS = PROJECT_ROOT / "data" / "audiences"
 
+# Defaults spelled once: the circuit breaker (`membership.changes.CircuitBreaker`), Knock's 10 MB
+# upload limit, and the API's body limit.
+BREAKER_SHARE = 0.2
+BREAKER_MINIMUM = 1000
+UPLOAD_MAX_BYTES = 10 * 1024 * 1024
+API_MAX_BODY_BYTES = 10 * 1024 * 1024
+
 ENVIRONMENT_VARIABLES = {
     "AUDIENCES_DUCKDB": "the DuckDB warehouse file (default data/warehouse.duckdb)",
     "AUDIENCES_DEFINITIONS": "the audience definitions folder, Knock CLI layout (default data/audiences)",
@@ -31,11 +38,12 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_SINKS": "the sinks YAML file (default data/sinks.yml; without it, a JSON-lines file)",
     "AUDIENCES_STORE_URL": "the membership store of AUDIENCES_ENV (default sqlite:///data/store.sqlite for "
     "development, data/<env>/store.sqlite for others; or postgresql://...)",
-    "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves (default 0.2)",
-    "AUDIENCES_BREAKER_MINIMUM": "... and at least this many users (default 1000)",
+    "AUDIENCES_BREAKER_SHARE": "hold a run's events when more than this share of an audience moves "
+    f"(default {BREAKER_SHARE})",
+    "AUDIENCES_BREAKER_MINIMUM": f"... and at least this many users (default {BREAKER_MINIMUM})",
     "AUDIENCES_SYNCS": "the warehouse syncs YAML file (default: syncs.yml beside the definitions)",
     "AUDIENCES_GUIDES": "the guides folder (default: guides beside the definitions)",
-    "AUDIENCES_UPLOAD_MAX_BYTES": "the largest CSV upload, in bytes (default 10485760, Knock's 10 MB)",
+    "AUDIENCES_UPLOAD_MAX_BYTES": f"the largest CSV upload, in bytes (default {UPLOAD_MAX_BYTES}, Knock's 10 MB)",
     "AUDIENCES_DUCKDB_MEMORY_LIMIT": "DuckDB's memory limit for evaluation and loading (default 1500MB)",
     "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
     "AUDIENCES_API_ENVIRONMENTS": "environments the API serves, comma-separated (default development,production)",
@@ -44,7 +52,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_DEFINITIONS_<ENV>": "the definitions folder of one environment (default AUDIENCES_DEFINITIONS)",
     "AUDIENCES_API_WRITE_RATE": "API writes per second per key (default 60, Knock's tier 3)",
     "AUDIENCES_API_READ_RATE": "API reads per second per key (default 200, Knock's tier 4)",
-    "AUDIENCES_API_MAX_BODY_BYTES": "the largest API request body, in bytes (default 10485760)",
+    "AUDIENCES_API_MAX_BODY_BYTES": f"the largest API request body, in bytes (default {API_MAX_BODY_BYTES})",
 }
 
 
@@ -61,9 +69,9 @@ class Settings:
     workflows_dir: Path | None = None
     sinks_file: Path | None = None
     store_url: str | None = None
-    breaker_share: float = 0.2
-    breaker_minimum: int = 1000
-    upload_max_bytes: int = 10 * 1024 * 1024
+    breaker_share: float = BREAKER_SHARE
+    breaker_minimum: int = BREAKER_MINIMUM
+    upload_max_bytes: int = UPLOAD_MAX_BYTES
 
     @property
     def syncs_file(self) -> Path:
@@ -102,7 +110,7 @@ class Settings:
 
     @property
     def api_max_body_bytes(self) -> int:
-        return _variable(os.environ, "AUDIENCES_API_MAX_BODY_BYTES", int, 10 * 1024 * 1024)
+        return _variable(os.environ, "AUDIENCES_API_MAX_BODY_BYTES", int, API_MAX_BODY_BYTES)
 
     def store_url_for(self, environment: str) -> str:
         """Each environment's data lives in its own store, so no key of one can see another's. An
@@ -165,9 +173,9 @@ class Settings:
             else None,
             sinks_file=_absolute(env["AUDIENCES_SINKS"]) if env.get("AUDIENCES_SINKS") else None,
             store_url=env.get("AUDIENCES_STORE_URL") or None,
-            breaker_share=_variable(env, "AUDIENCES_BREAKER_SHARE", float, 0.2),
-            breaker_minimum=_variable(env, "AUDIENCES_BREAKER_MINIMUM", int, 1000),
-            upload_max_bytes=_variable(env, "AUDIENCES_UPLOAD_MAX_BYTES", int, 10 * 1024 * 1024),
+            breaker_share=_variable(env, "AUDIENCES_BREAKER_SHARE", float, BREAKER_SHARE),
+            breaker_minimum=_variable(env, "AUDIENCES_BREAKER_MINIMUM", int, BREAKER_MINIMUM),
+            upload_max_bytes=_variable(env, "AUDIENCES_UPLOAD_MAX_BYTES", int, UPLOAD_MAX_BYTES),
         )
         given = {key: value for key, value in overrides.items() if value is not None}
         for key in (

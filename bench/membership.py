@@ -43,9 +43,9 @@ import synthetic  # noqa: E402
 
 from audiences.dbt.project import generate, prepare, run_dbt  # noqa: E402
 from audiences.membership.changes import record_changes  # noqa: E402
-from audiences.membership.publish import publish_outbox  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
 from audiences.store.database import MembershipStore  # noqa: E402
+from audiences.workflows.publish import publish_outbox  # noqa: E402
 from audiences.workflows.triggers import WorkflowTrigger  # noqa: E402
 
 DATA = ROOT / "bench" / "data"

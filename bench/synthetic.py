@@ -256,9 +256,9 @@ from documents
 
 
 def generate_users(connection, count: int) -> None:
-    from audiences.users.store import ensure_schema
+    from audiences.warehouse.schema import ensure_user_tables
 
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     connection.execute("delete from raw.users")
     for statement in _MACROS.strip().split(";"):
         if statement.strip():

@@ -24,7 +24,7 @@ from audiences.conditions.compiler import (
     timestamp_literal,
 )
 from audiences.dbt.models import flattened_columns, generate_models
-from audiences.users.store import ensure_schema
+from audiences.warehouse.schema import ensure_user_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_TIME = "2026-11-01T00:00:00Z"
@@ -39,7 +39,7 @@ def connect_memory() -> duckdb.DuckDBPyConnection:
 
 def insert_users(connection: duckdb.DuckDBPyConnection, users: list[dict]) -> None:
     """Store users as the loader does: properties merged into `{}` (so nulls are removed)."""
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     for key, user in enumerate(users, start=1):
         properties = {name: value for name, value in user.items() if name != "id"}
         connection.execute(

@@ -23,6 +23,7 @@ from audiences.api.errors import ApiError
 from audiences.api.limits import retry_after_header
 from audiences.api.service import Environment
 from audiences.static.members import MAX_MEMBERS_PER_CALL
+from audiences.store.database import normalize_tenant
 
 OPERATIONS = ["insert", "upsert", "mirror"]
 FIELDS = [
@@ -158,7 +159,7 @@ def sync_batch(environment: Environment, params: dict) -> dict:
         if problem:
             results.append({"identifier": identifier, "success": False, "error_message": problem})
             continue
-        members.append({"user": {"id": user_id}, "tenant": tenant or None})
+        members.append({"user": {"id": user_id}, "tenant": normalize_tenant(tenant)})
         results.append({"identifier": user_id, "success": True, "error_message": None})
     action = "remove" if operation == "delete" else "add"
     for start in range(0, len(members), MAX_MEMBERS_PER_CALL):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from typing_extensions import TypedDict
 
 from audiences.api.errors import ErrorBody
+from audiences.conditions.definitions import KEY_PATTERN
 from audiences.static.members import MAX_MEMBERS_PER_CALL
 
 # -- request and response shapes ------------------------------------------------------------------
@@ -32,12 +33,12 @@ Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]
 AudienceKey = Annotated[
     str,
     Path(
-        pattern=r"^[a-z0-9_-]{1,255}$",
+        pattern=f"^{KEY_PATTERN.pattern}$",
         description="The audience key: lower-case letters, digits, '-' and '_'.",
     ),
 ]
 GuideKey = Annotated[
-    str, Path(pattern=r"^[a-z0-9_-]{1,255}$", description="The guide key (its folder's name).")
+    str, Path(pattern=f"^{KEY_PATTERN.pattern}$", description="The guide key (its folder's name).")
 ]
 UserId = Annotated[
     str, Path(pattern=IDENTIFIER_PATTERN, max_length=255, description="The user's id.")
@@ -206,7 +207,7 @@ REMOVE_MEMBERS = {
                 "application/json": {
                     "schema": {
                         "type": "array",
-                        "maxItems": 1000,
+                        "maxItems": MAX_MEMBERS_PER_CALL,
                         "items": {"$ref": "#/components/schemas/AudienceMemberRequest"},
                     }
                 }

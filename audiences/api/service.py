@@ -38,8 +38,8 @@ from audiences.static.members import (
     prepare_change,
 )
 from audiences.store import database as tables
-from audiences.store.database import MembershipStore
-from audiences.users import profiles
+from audiences.store import profiles
+from audiences.store.database import MembershipStore, normalize_tenant, tenant_key
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
 MAX_NESTING = 100  # objects and arrays in properties and broadcast data
@@ -180,7 +180,7 @@ class Environment:
             .where(members.c.audience_key == key)
         )
         if tenant is not None:
-            query = query.where(members.c.tenant_key == tenant)
+            query = query.where(members.c.tenant_key == tenant_key(tenant))
         position = sa.tuple_(members.c.user_id, members.c.tenant_key)
         if before is not None:
             query = query.where(
@@ -411,4 +411,4 @@ def check_json_values(value: object, path: str = "") -> None:
 
 def tenant_of(value: str | None) -> str | None:
     """A blank tenant means "no tenant" (Knock's rule for guides; we use it everywhere)."""
-    return value or None
+    return normalize_tenant(value)

@@ -32,7 +32,7 @@ def deliveries(settings: Settings, arguments) -> int:
 
 def release(settings: Settings, arguments) -> int:
     """Release a batch held by the circuit breaker: its deliveries are queued for sending."""
-    from audiences.membership.publish import release_batch
+    from audiences.workflows.publish import release_batch
 
     print(
         f"released {release_batch(open_store(settings), arguments.batch)} deliveries of {arguments.batch}"
@@ -42,7 +42,7 @@ def release(settings: Settings, arguments) -> int:
 
 def discard(settings: Settings, arguments) -> int:
     """Discard a batch held by the circuit breaker: its events stay recorded, nothing is sent."""
-    from audiences.membership.publish import discard_batch
+    from audiences.workflows.publish import discard_batch
 
     print(
         f"discarded {discard_batch(open_store(settings), arguments.batch)} deliveries of {arguments.batch}"
@@ -123,8 +123,8 @@ def backfill(settings: Settings, arguments) -> int:
     """Trigger a workflow once for every current member of its audience, who joined before the
     trigger existed (Knock never backfills; this is the explicit way). Running it twice sends
     nothing twice."""
+    from audiences.delivery.setup import load_workflow_setup
     from audiences.workflows.broadcasts import broadcast as send_broadcast
-    from audiences.workflows.setup import load_workflow_setup
 
     setup = load_workflow_setup(settings)
     trigger = setup.triggers.get(arguments.workflow)

@@ -65,7 +65,7 @@ def validate(settings: Settings, arguments) -> int:
     )
     if problems:
         raise DefinitionError(problems)
-    from audiences.workflows.setup import load_workflow_setup
+    from audiences.delivery.setup import load_workflow_setup
 
     setup = load_workflow_setup(settings)
     kinds = {

@@ -279,10 +279,10 @@ def _step_error_message(error) -> str:
 def publish(settings: Settings, arguments) -> int:
     """Publish the warehouse's unpublished membership events to the store and queue their workflow
     triggers (the pipeline does this after each evaluation; this is for recovery)."""
-    from audiences.membership.publish import publish_outbox
+    from audiences.delivery.setup import load_workflow_setup
     from audiences.warehouse.evaluation import evaluation_time_for
     from audiences.warehouse.queries import WarehouseError, connect
-    from audiences.workflows.setup import load_workflow_setup
+    from audiences.workflows.publish import publish_outbox
 
     if (
         not settings.duckdb_path.exists()

@@ -28,7 +28,7 @@ def remove(settings: Settings, arguments) -> int:
 
 def _change(settings: Settings, arguments, action: str) -> int:
     from audiences.static.members import Member, change_members, require_static
-    from audiences.users.profiles import get_profile
+    from audiences.store.profiles import get_profile
 
     store = open_store(settings)
     require_static(arguments.audience, _audience_types(settings, store))

@@ -289,6 +289,34 @@ def _json_extract(document: exp.Expression, path: str) -> exp.Expression:
 AttributeReader = Callable[[Attribute], exp.Expression]
 AudienceReader = Callable[[str], exp.Expression]
 
+# An audience key (and a guide's): the folder name in Knock's CLI layout. Spelled here only.
+KEY_PATTERN = re.compile(r"[a-z0-9_-]{1,255}")
+
+# A tenant that is empty or only ASCII whitespace is no tenant (null). The same pattern serves
+# Python's `re` (`normalize_tenant` in audiences/store/database.py, on every write) and DuckDB's
+# RE2 (`normalized_tenant` and `without_tenant` below), so a blank tenant means the same thing to
+# `audiences check` and to an `is_audience_member` condition.
+BLANK_TENANT = r"[ \t\n\r\v\f]*"
+
+
+def normalized_tenant(column: str | exp.Expression = "tenant") -> exp.Expression:
+    """SQL of a member's tenant with a blank one as null (`normalize_tenant` in SQL)."""
+    value = exp.column(column) if isinstance(column, str) else column
+    blank = exp.func("regexp_full_match", value.copy(), exp.Literal.string(BLANK_TENANT))
+    return exp.Case(ifs=[exp.If(this=blank, true=exp.Null())], default=value.copy())
+
+
+def without_tenant(column: str | exp.Expression = "tenant") -> exp.Expression:
+    """SQL of "a member with no tenant": the membership `is_audience_member` and `audiences check`
+    (with no tenant) count. Null and blank tenants alike."""
+    value = exp.column(column) if isinstance(column, str) else column
+    return exp.paren(
+        exp.or_(
+            exp.Is(this=value.copy(), expression=exp.Null()),
+            exp.func("regexp_full_match", value.copy(), exp.Literal.string(BLANK_TENANT)),
+        )
+    )
+
 
 @dataclass(frozen=True)
 class CompileContext:
@@ -688,7 +716,7 @@ def _compile_is_timestamp(
 def audience_argument(condition: Condition) -> str:
     """The audience key an `is_audience_member` condition names."""
     key = condition.argument
-    if not isinstance(key, str) or not re.fullmatch(r"[a-z0-9_-]{1,255}", key):
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
         raise ConditionError(
             f"`{condition.operator}` needs an audience key as argument, got {key!r}"
         )

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from audiences.conditions.compiler import (
+    KEY_PATTERN,
     Condition,
     ConditionError,
     attributes_used,
     audience_argument,
 )
 
-KEY_PATTERN = re.compile(r"[a-z0-9_-]{1,255}")
 AUDIENCE_TYPES = ("dynamic", "static")
 DEFINITION_FILE = "audience.json"
 

@@ -32,8 +32,10 @@ from audiences.conditions.compiler import (
     compile_condition,
     compile_segments,
     json_pointer,
+    normalized_tenant,
     render,
     time_windows,
+    without_tenant,
 )
 from audiences.conditions.definitions import (
     KEY_PATTERN,
@@ -373,7 +375,7 @@ def _compile_audience(
             return (
                 exp.select("user_key")
                 .from_(exp.to_table(refs.setdefault(key, f"{ref_prefix}_{len(refs)}")))
-                .where("tenant is null")
+                .where(without_tenant())
             )
         return (
             exp.select("user_key")
@@ -642,9 +644,11 @@ def _members_model(
         branches.append(
             f"{{% if {json.dumps(key)} in per_user %}}\n\n{scoped}\n\n{{% else %}}\n\n{full}\n\n{{% endif %}}"
         )
+    # A custom SQL audience's blank tenant is no tenant, as on every other write path.
+    tenant = render(normalized_tenant())
     branches += [
-        f"select {escape_jinja(render(exp.Literal.string(key)))} as audience_key, user_key, tenant "
-        f"from {{{{ ref('{key}') }}}}"
+        f"select {escape_jinja(render(exp.Literal.string(key)))} as audience_key, user_key, "
+        f"{tenant} as tenant from {{{{ ref('{key}') }}}}"
         for key in custom
         if key not in definitions
     ]

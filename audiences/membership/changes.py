@@ -13,7 +13,7 @@ An audience the catalog marks `is_skipped` (its definition has errors, so this r
 evaluate it) is left out: its open intervals stay open and it gets no event, whatever
 `audience_members` holds for it.
 
-The outbox is drained into the operational store by `audiences.membership.publish`.
+The outbox is drained into the operational store by `audiences.workflows.publish`.
 """
 
 from __future__ import annotations
@@ -23,65 +23,16 @@ from datetime import datetime
 
 import duckdb
 
-SCHEMA_STATEMENTS = (
-    "create schema if not exists raw",
-    "create sequence if not exists raw.membership_outbox_sequence start 1",
-    """
-    create table if not exists raw.membership_intervals (
-        audience_key varchar not null,
-        user_key integer not null,
-        user_id varchar not null,
-        tenant varchar,
-        entry_number integer not null,
-        entered_at timestamptz not null,
-        exited_at timestamptz,
-        audience_version varchar
-    )
-    """,
-    """
-    create table if not exists raw.membership_outbox (
-        sequence bigint not null,
-        event_id varchar not null,
-        audience_key varchar not null,
-        user_id varchar not null,
-        tenant varchar,
-        event_type varchar not null,
-        occurred_at timestamptz not null,
-        audience_version varchar,
-        entry_number integer not null,
-        is_backfill boolean not null,
-        batch_id varchar
-    )
-    """,
-    """
-    create table if not exists raw.membership_batches (
-        batch_id varchar not null,
-        audience_key varchar not null,
-        evaluated_at timestamptz not null,
-        entered integer not null,
-        exited integer not null,
-        audience_size integer not null,
-        last_sequence bigint not null
-    )
-    """,
-    "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
-    "create table if not exists raw.outbox_published (published_sequence bigint not null)",
-    # Replaced by audience_members__reevaluated, which says which rows a build may have changed.
-    "drop table if exists raw.membership_signatures",
-)
-
-
-def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
-    for statement in SCHEMA_STATEMENTS:
-        connection.execute(statement)
+from audiences.settings import BREAKER_MINIMUM, BREAKER_SHARE
+from audiences.warehouse.schema import ensure_membership_tables
 
 
 @dataclass(frozen=True)
 class CircuitBreaker:
     """Hold an audience's events when a run moves more than `share` of it, and at least `minimum`."""
 
-    share: float = 0.2
-    minimum: int = 1000
+    share: float = BREAKER_SHARE
+    minimum: int = BREAKER_MINIMUM
 
     def trips(self, changed: int, audience_size: int) -> bool:
         return changed >= self.minimum and changed > self.share * audience_size
@@ -128,7 +79,7 @@ def record_changes(
     `<members_table>__reevaluated` (see dbt_project/macros/audience_members.sql), and the diff
     empties that log in its transaction. Without a log, everything is compared.
     """
-    ensure_schema(connection)
+    ensure_membership_tables(connection)
     connection.execute("begin transaction")
     try:
         summary = _record(connection, evaluated_at, breaker, members_table, catalog_table)
@@ -140,7 +91,30 @@ def record_changes(
 
 
 def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> ChangeSummary:
-    parameters = {"evaluated_at": evaluated_at}
+    """The steps of `record_changes`, inside its transaction."""
+    _refuse_earlier(connection, evaluated_at)
+    log = _diff(connection, members_table, catalog_table)
+    _number_entries(connection)
+    summary, batches = _hold_large_changes(
+        connection, evaluated_at, breaker, _audience_moves(connection, evaluated_at, catalog_table)
+    )
+    _write_outbox(connection, evaluated_at, catalog_table, batches)
+    _move_intervals(connection, evaluated_at, catalog_table)
+    _clean_up(connection, log)
+    return summary
+
+
+@dataclass(frozen=True)
+class _HeldBatch:
+    batch_id: str
+    audience_key: str
+    entered: int
+    exited: int
+    size: int
+
+
+def _refuse_earlier(connection, evaluated_at: datetime) -> None:
+    """Membership history only moves forward: refuse a time before its last entry or exit."""
     latest = connection.execute("select max(entered_at) from raw.membership_intervals").fetchall()[
         0
     ][0]
@@ -153,8 +127,11 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
             f"evaluation time {evaluated_at.isoformat()} is before the last recorded change "
             f"({newest.isoformat()}); membership history only moves forward"
         )
-    log = _diff(connection, members_table, catalog_table)
-    # Entries: the user's id, and which entry this is (1 + earlier intervals of the same membership).
+
+
+def _number_entries(connection) -> None:
+    """The temp table `entries`: each entered change with the user's id, and which entry this is
+    (1 + earlier intervals of the same membership)."""
     connection.execute(
         """
         create or replace temp table entries as
@@ -177,8 +154,12 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         where changes.event_type = 'entered'
         """
     )
+
+
+def _audience_moves(connection, evaluated_at: datetime, catalog_table: str) -> list[tuple]:
+    """Per evaluated audience: (key, entered, exited, size before, is new)."""
     unmoved_sizes, unmoved_parameters = _unmoved_sizes(connection, evaluated_at, catalog_table)
-    stats = connection.execute(
+    return connection.execute(
         f"""
         with sizes as (
             -- counting every audience's open intervals takes seconds at 10M users: only the moved ones
@@ -210,29 +191,36 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         """,
         unmoved_parameters,
     ).fetchall()
+
+
+def _hold_large_changes(
+    connection, evaluated_at: datetime, breaker: CircuitBreaker, moves: list[tuple]
+) -> tuple[ChangeSummary, list[_HeldBatch]]:
+    """The circuit breaker: a held batch for each audience (not new) that moved too much, in the
+    temp table `held`; and the run's summary."""
     summary = ChangeSummary(evaluated_at)
     batches = []
-    for key, entered, exited, size_before, is_new in stats:
+    for key, entered, exited, size_before, is_new in moves:
         held = None
         if not is_new and breaker.trips(max(entered, exited), size_before):
             held = _batch_id(connection, key, evaluated_at)
-            batches.append(
-                {
-                    "batch_id": held,
-                    "audience_key": key,
-                    "entered": entered,
-                    "exited": exited,
-                    "size": size_before,
-                }
-            )
+            batches.append(_HeldBatch(held, key, entered, exited, size_before))
         summary.audiences.append(
             AudienceChanges(key, entered, exited, size_before, bool(is_new), held)
         )
     connection.execute("create or replace temp table held (audience_key varchar, batch_id varchar)")
     for batch in batches:
         connection.execute(
-            "insert into held values ($a, $b)", {"a": batch["audience_key"], "b": batch["batch_id"]}
+            "insert into held values ($a, $b)", {"a": batch.audience_key, "b": batch.batch_id}
         )
+    return summary, batches
+
+
+def _write_outbox(
+    connection, evaluated_at: datetime, catalog_table: str, batches: list[_HeldBatch]
+) -> None:
+    """One outbox event per change, with its deterministic id, then the held batches (each up to
+    the outbox's last sequence)."""
     connection.execute(
         f"""
         insert into raw.membership_outbox
@@ -254,21 +242,27 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         left join held using (audience_key)
         order by events.audience_key, events.event_type, events.user_id
         """,
-        parameters,
+        {"evaluated_at": evaluated_at},
     )
     for batch in batches:
         connection.execute(
             "insert into raw.membership_batches values ($b, $a, $evaluated_at, $entered, $exited, $size, "
             "(select max(sequence) from raw.membership_outbox))",
             {
-                "b": batch["batch_id"],
-                "a": batch["audience_key"],
+                "b": batch.batch_id,
+                "a": batch.audience_key,
                 "evaluated_at": evaluated_at,
-                "entered": batch["entered"],
-                "exited": batch["exited"],
-                "size": batch["size"],
+                "entered": batch.entered,
+                "exited": batch.exited,
+                "size": batch.size,
             },
         )
+
+
+def _move_intervals(connection, evaluated_at: datetime, catalog_table: str) -> None:
+    """Close the exited memberships' intervals, open the entered ones', and remember the audiences
+    evaluated for the first time (their first members were backfill)."""
+    parameters = {"evaluated_at": evaluated_at}
     connection.execute(
         """
         update raw.membership_intervals
@@ -295,6 +289,10 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         """,
         parameters,
     )
+
+
+def _clean_up(connection, log: str | None) -> None:
+    """Empty the re-evaluation log the diff read, and drop the diff's temp tables."""
     if log is not None:
         connection.execute(f"delete from {log}")
     for table in (
@@ -307,7 +305,6 @@ def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> 
         "per_user_audiences",
     ):
         connection.execute(f"drop table {table}")
-    return summary
 
 
 def _diff(connection, members_table: str, catalog_table: str) -> str | None:
@@ -435,7 +432,7 @@ def pending_changes(
     nobody are (0, 0); static audiences, whose events are written when they change, are left out."""
     connection.execute("begin transaction")
     try:
-        ensure_schema(connection)
+        ensure_membership_tables(connection)
         _diff(connection, members_table, catalog_table)
         moved = dict.fromkeys(
             (

@@ -20,7 +20,13 @@ from typing import NamedTuple
 import sqlalchemy as sa
 
 from audiences.store import database as tables
-from audiences.store.database import MembershipStore, delete_members, now_text, tenant_key
+from audiences.store.database import (
+    MembershipStore,
+    delete_members,
+    normalize_tenant,
+    now_text,
+    tenant_key,
+)
 
 MAX_MEMBERS_PER_CALL = 1000
 
@@ -160,7 +166,10 @@ def prepare_change(
     for member in members:
         if not isinstance(member.user_id, str) or not member.user_id.strip():
             raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
-        wanted.setdefault((member.user_id, tenant_key(member.tenant)), member)
+        tenant = normalize_tenant(member.tenant)
+        if tenant is not member.tenant:  # a blank tenant is no tenant, on every write path
+            member = member._replace(tenant=tenant)
+        wanted.setdefault((member.user_id, tenant or ""), member)
     event_type = "entered" if action == "add" else "exited"
     first_ids = {
         key: event_id(audience_key, member.user_id, member.tenant, event_type, 1)
@@ -201,7 +210,8 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
             f"and event_type = 'entered' and user_id in ({marks}) group by user_id, tenant",
             (audience_key, *chunk),
         ):
-            entries[(user_id, tenant or "")] = count
+            key = (user_id, tenant_key(tenant))  # events written before blanks were no tenant
+            entries[key] = entries.get(key, 0) + count
     adding = change.action == "add"
     event_type = "entered" if adding else "exited"
     events = []
@@ -274,7 +284,8 @@ def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[
     dbt's static audience models and `is_audience_member` conditions read."""
     import polars as pl
 
-    from audiences.users.store import ensure_schema
+    from audiences.conditions.compiler import normalized_tenant, render
+    from audiences.warehouse.schema import ensure_user_tables
 
     keys = sorted(set(static_keys))
     members = tables.audience_members
@@ -297,14 +308,14 @@ def copy_to_warehouse(connection, store: MembershipStore, static_keys: Iterable[
         },
         orient="row",
     )
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     connection.register("static_rows", frame.to_arrow())
     try:
         connection.execute("begin transaction")
         connection.execute("delete from raw.static_audience_members")
         connection.execute(
-            "insert into raw.static_audience_members select audience_key, user_id, tenant, "
-            "added_at::timestamptz from static_rows"
+            "insert into raw.static_audience_members select audience_key, user_id, "
+            f"{render(normalized_tenant())}, added_at::timestamptz from static_rows"
         )
         connection.execute("commit")
     except BaseException:

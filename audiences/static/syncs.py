@@ -29,6 +29,7 @@ import polars as pl
 import sqlalchemy as sa
 import yaml
 
+from audiences.conditions.compiler import BLANK_TENANT
 from audiences.membership.changes import CircuitBreaker
 from audiences.static.members import Member, change_members, require_static
 from audiences.store import database as tables
@@ -128,7 +129,7 @@ def run_sync(
     # The diff runs in polars: the source and the last synced state are a million rows each, and
     # Python sets of tuples made the reads, not the writes, the cost of a sync.
     desired = (
-        good.select(pl.col("id").alias("user_id"), tenant.alias("tenant"))
+        good.select(pl.col("id").alias("user_id"), _normalized(tenant).alias("tenant"))
         .with_columns(pl.col("tenant").fill_null("").alias("tenant_key"))
         .unique(["user_id", "tenant_key"], keep="first", maintain_order=True)
     )
@@ -139,9 +140,12 @@ def run_sync(
             f"select user_id, tenant_key from sync_state where sync_name = {store.placeholder}",
             (sync.name,),
         ).fetchall()
+        # The state as stored (`stored_key`, to delete by) and normalized (a state written before
+        # blank tenants were no tenant compares equal to the same member without tenant).
         last = pl.DataFrame(
-            rows, schema={"user_id": pl.String, "tenant_key": pl.String}, orient="row"
-        )
+            rows, schema={"user_id": pl.String, "stored_key": pl.String}, orient="row"
+        ).with_columns(_normalized(pl.col("stored_key")).alias("tenant"))
+        last = last.with_columns(pl.col("tenant").fill_null("").alias("tenant_key"))
     adds = desired.join(last, on=["user_id", "tenant_key"], how="anti")
     removes = (
         last.join(desired, on=["user_id", "tenant_key"], how="anti")
@@ -161,14 +165,14 @@ def run_sync(
     added = change_members(
         store,
         sync.audience_key,
-        [Member(u, t or None) for u, t in adds.select("user_id", "tenant").iter_rows()],
+        [Member(u, t) for u, t in adds.select("user_id", "tenant").iter_rows()],
         "add",
         source=f"sync:{sync.name}",
     ).changed
     removed = change_members(
         store,
         sync.audience_key,
-        [Member(u, t or None) for u, t in removes.iter_rows()],
+        [Member(u, t) for u, t in removes.select("user_id", "tenant").iter_rows()],
         "remove",
         source=f"sync:{sync.name}",
     ).changed
@@ -183,9 +187,15 @@ def run_sync(
             mark = store.placeholder
             connection.exec_driver_sql(
                 f"delete from sync_state where sync_name = {mark} and user_id = {mark} and tenant_key = {mark}",
-                [(sync.name, u, t) for u, t in removes.iter_rows()],
+                [(sync.name, u, t) for u, t in removes.select("user_id", "stored_key").iter_rows()],
             )
     return SyncResult(sync.name, frame.height, validated.quarantined.height, added, removed, held)
+
+
+def _normalized(tenant: pl.Expr) -> pl.Expr:
+    """`normalize_tenant` over a column: a blank or whitespace-only tenant is null."""
+    blank = tenant.str.contains(f"^(?:{BLANK_TENANT})$")
+    return pl.when(blank).then(pl.lit(None, pl.String)).otherwise(tenant)
 
 
 def _batch_id(sync_name: str) -> str:

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import polars as pl
 
+from audiences.settings import UPLOAD_MAX_BYTES
 from audiences.static.members import Member, change_members, require_static
 from audiences.store.database import MembershipStore
-from audiences.users.profiles import identify_many
+from audiences.store.profiles import identify_many
 
 # The same reading as user sources (encodings, BOM, delimiters).
 from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter
 from audiences.users.validation import validate_users
 
-DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_BYTES = UPLOAD_MAX_BYTES
 CHUNK = 20_000
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 

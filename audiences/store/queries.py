@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from audiences.store import database as tables
-from audiences.store.database import MembershipStore
+from audiences.store.database import MembershipStore, tenant_key
 
 
 def list_events(
@@ -75,5 +75,5 @@ def current_members(
         .order_by(members.c.user_id, members.c.tenant_key)
     )
     if tenant is not None:
-        query = query.where(members.c.tenant_key == tenant)
+        query = query.where(members.c.tenant_key == tenant_key(tenant))
     return store.rows(query)

@@ -17,65 +17,7 @@ import polars as pl
 
 from audiences.users.sources import ROW_COLUMN, UserSource
 from audiences.users.validation import ValidatedRows
-
-SCHEMA_STATEMENTS = (
-    "create schema if not exists raw",
-    """
-    create table if not exists raw.users (
-        user_key integer not null,
-        user_id varchar not null,
-        properties json not null,
-        source_name varchar,
-        first_loaded_at timestamptz not null,
-        updated_at timestamptz not null,
-        deleted_at timestamptz
-    )
-    """,
-    """
-    create table if not exists raw.users_quarantine (
-        source_name varchar not null,
-        location varchar not null,
-        row_number bigint not null,
-        user_id varchar,
-        reason varchar not null,
-        raw_row json,
-        quarantined_at timestamptz not null
-    )
-    """,
-    """
-    create table if not exists raw.static_audience_members (
-        audience_key varchar not null,
-        user_id varchar not null,
-        tenant varchar,
-        added_at timestamptz not null
-    )
-    """,
-    # Per source, each user's rows as its last load read them (a hash of their patches): a row that
-    # did not change since changes nothing, so identifies written after it stay (last change wins).
-    """
-    create table if not exists raw.source_rows (
-        source_name varchar not null,
-        user_id varchar not null,
-        row_hash uhugeint not null,
-        loaded_at timestamptz not null
-    )
-    """,
-    "create table if not exists raw.evaluation_clock (evaluated_at timestamptz not null)",
-    "create table if not exists raw.dbt_full_builds (fingerprint varchar not null, built_at timestamptz not null)",
-    """
-    create table if not exists raw.audience_registry (
-        audience_key varchar not null,
-        audience_type varchar not null,
-        first_seen_at timestamptz not null
-    )
-    """,
-)
-
-
-def ensure_schema(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create the engine's raw tables if they are not there yet (idempotent)."""
-    for statement in SCHEMA_STATEMENTS:
-        connection.execute(statement)
+from audiences.warehouse.schema import ensure_user_tables
 
 
 @dataclass(frozen=True)
@@ -106,7 +48,7 @@ def load_users(
     source last loaded them change nothing (`raw.source_rows` remembers them), so a property an
     identify wrote since stays until the source changes that user's rows again. With
     `only_changed_rows=False` (the identify queue: every patch is a new call) every row applies."""
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     connection.execute("begin transaction")
     try:
         result = _apply(connection, source, rows, loaded_at, only_changed_rows)

@@ -16,7 +16,7 @@ import duckdb
 
 from audiences.conditions.definitions import AudienceDefinition
 from audiences.settings import format_time, parse_evaluation_time, utc_now
-from audiences.users.store import ensure_schema
+from audiences.warehouse.schema import ensure_user_tables
 
 
 def evaluation_time_for(requested: datetime | str | None) -> datetime:
@@ -112,7 +112,7 @@ def record_registry(
     connection: duckdb.DuckDBPyConnection, definitions: dict[str, AudienceDefinition]
 ) -> None:
     """Remember each audience's type the first time it is seen."""
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     known = registered_types(connection)
     for key, definition in sorted(definitions.items()):
         if key not in known:
@@ -124,14 +124,14 @@ def record_registry(
 
 def set_evaluation_clock(connection: duckdb.DuckDBPyConnection, evaluated_at: datetime) -> None:
     """Fix "now" for the next dbt build (read by the `evaluation_time()` macro)."""
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     connection.execute("delete from raw.evaluation_clock")
     connection.execute("insert into raw.evaluation_clock values ($t)", {"t": evaluated_at})
 
 
 def last_full_build(connection: duckdb.DuckDBPyConnection) -> str | None:
     """The dbt project fingerprint this warehouse was last fully built from."""
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     rows = connection.execute(
         "select fingerprint from raw.dbt_full_builds order by built_at desc limit 1"
     ).fetchall()
@@ -139,5 +139,5 @@ def last_full_build(connection: duckdb.DuckDBPyConnection) -> str | None:
 
 
 def record_full_build(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> None:
-    ensure_schema(connection)
+    ensure_user_tables(connection)
     connection.execute("insert into raw.dbt_full_builds values ($f, now())", {"f": fingerprint})

@@ -31,6 +31,7 @@ from audiences.conditions.compiler import (
     property_json,
     render,
     timestamp_literal,
+    without_tenant,
 )
 from audiences.conditions.definitions import AudienceDefinition
 from audiences.dbt.models import FLATTENED_MODEL
@@ -116,7 +117,7 @@ def _users_query(
                 .from_(MEMBERS_TABLE)
                 .where(
                     exp.and_(
-                        exp.column("audience_key").eq(exp.Literal.string(key)), "tenant is null"
+                        exp.column("audience_key").eq(exp.Literal.string(key)), without_tenant()
                     )
                 )
             )

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from audiences.store import database as tables
-from audiences.store.database import MembershipStore, now_text
+from audiences.store.database import MembershipStore, new_delivery, now_text
 from audiences.store.queries import current_members
 
 
@@ -54,24 +54,17 @@ def broadcast(
         if member["tenant"] is not None:
             payload["tenant"] = member["tenant"]
         rows.append(
-            {
-                "delivery_id": delivery_id,
-                "event_id": None,
-                "broadcast_id": broadcast_id,
-                "workflow_key": workflow_key,
-                "sink": sink,
-                "audience_key": audience_key,
-                "user_id": member["user_id"],
-                "tenant": member["tenant"],
-                "payload": json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-                "status": "pending",
-                "attempts": 0,
-                "next_attempt_at": stamp,
-                "last_error": None,
-                "batch_id": None,
-                "created_at": stamp,
-                "delivered_at": None,
-            }
+            new_delivery(
+                delivery_id,
+                broadcast_id=broadcast_id,
+                workflow_key=workflow_key,
+                sink=sink,
+                audience_key=audience_key,
+                user_id=member["user_id"],
+                tenant=member["tenant"],
+                payload=json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                stamp=stamp,
+            )
         )
     with store.engine.begin() as connection:
         inserted = store.insert_ignoring_duplicates(connection, tables.deliveries, rows)

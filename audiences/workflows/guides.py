@@ -91,8 +91,8 @@ def profile_warehouse(store: MembershipStore, user_id: str):
     pipeline run holds the real warehouse."""
     import duckdb
 
-    from audiences.users.profiles import get_profile
-    from audiences.users.store import ensure_schema
+    from audiences.store.profiles import get_profile
+    from audiences.warehouse.schema import AUDIENCE_MEMBERS_STAND_IN, ensure_user_tables
 
     profile = get_profile(store, user_id)
     members = tables.audience_members
@@ -102,16 +102,13 @@ def profile_warehouse(store: MembershipStore, user_id: str):
     connection = duckdb.connect(":memory:")
     try:
         connection.execute("set TimeZone = 'UTC'")
-        ensure_schema(connection)
+        ensure_user_tables(connection)
         if profile is not None:
             connection.execute(
                 "insert into raw.users values (1, $id, $properties::json, 'store', now(), now(), null)",
                 {"id": user_id, "properties": json.dumps(profile.properties)},
             )
-        connection.execute(
-            "create table main.audience_members (audience_key varchar, user_key integer, "
-            "user_id varchar, tenant varchar)"
-        )
+        connection.execute(AUDIENCE_MEMBERS_STAND_IN)
         if memberships:
             connection.executemany(
                 "insert into main.audience_members values (?, 1, ?, ?)",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from audiences.conditions.compiler import Condition, ConditionError, attributes_used
 from audiences.conditions.definitions import DefinitionError, Problem
+from audiences.membership.events import MembershipEvent
 
 WORKFLOW_KEY = re.compile(r"[a-z0-9_-]{3,255}")
 TRIGGER_FILE = "trigger.json"
@@ -154,18 +155,18 @@ def load_triggers(
     return triggers
 
 
-def trigger_payload(trigger_data: dict, event: dict) -> dict:
+def trigger_payload(trigger_data: dict, event: MembershipEvent) -> dict:
     """The workflow trigger body for one membership event (the Knock reference, section 10.7)."""
     body: dict = {
-        "recipients": [event["user_id"]],
+        "recipients": [event.user_id],
         "data": {
             **trigger_data,
-            "audience_key": event["audience_key"],
-            "event": event["event_type"],
-            "event_id": event["event_id"],
-            "occurred_at": event["occurred_at"],
+            "audience_key": event.audience_key,
+            "event": event.event_type,
+            "event_id": event.event_id,
+            "occurred_at": event.occurred_at,
         },
     }
-    if event.get("tenant") is not None:
-        body["tenant"] = event["tenant"]
+    if event.tenant is not None:
+        body["tenant"] = event.tenant
     return body

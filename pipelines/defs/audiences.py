@@ -17,6 +17,7 @@ from pydantic import Field
 from audiences.conditions.definitions import DefinitionSet, validate_definitions
 from audiences.dbt.models import custom_audience_keys
 from audiences.dbt.project import prepare, project_definitions, project_fingerprint
+from audiences.delivery.setup import load_workflow_setup
 from audiences.membership.changes import pending_changes
 from audiences.settings import Settings, format_time
 from audiences.warehouse.evaluation import (
@@ -30,7 +31,6 @@ from audiences.warehouse.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
-from audiences.workflows.setup import load_workflow_setup
 from pipelines.defs.resources import SettingsParam, WarehouseResource
 
 # The definitions the code location loaded with, which its models were generated from.

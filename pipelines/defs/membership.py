@@ -2,15 +2,15 @@
 
 import dagster as dg
 
+from audiences.delivery.setup import load_workflow_setup
 from audiences.membership.changes import CircuitBreaker, record_changes
-from audiences.membership.publish import process_static_triggers, publish_outbox
 from audiences.settings import format_time
 from audiences.warehouse.evaluation import (
     is_earlier_evaluation,
     last_recorded_evaluation,
     members_evaluated_at,
 )
-from audiences.workflows.setup import load_workflow_setup
+from audiences.workflows.publish import process_static_triggers, publish_outbox
 from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
 
 # Most deliveries one pass inside a pipeline run sends, and most seconds it spends on one sink (a

@@ -8,7 +8,8 @@ import dagster as dg
 import sqlalchemy as sa
 
 from audiences.settings import Settings
-from audiences.users import configured_sources, identify_queue_waiting
+from audiences.store.profiles import identify_queue_waiting
+from audiences.users import configured_sources
 from audiences.users.sources import source_fingerprint
 from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
 from pipelines.defs.static import uploads_dir

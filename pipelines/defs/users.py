@@ -6,8 +6,8 @@ import dagster as dg
 from pydantic import Field
 
 from audiences.settings import Settings
-from audiences.users import configured_sources, load_identify_queue, load_source
-from audiences.users.profiles import publish_changed_users
+from audiences.store.profiles import load_identify_queue, publish_changed_users
+from audiences.users import configured_sources, load_source
 from audiences.users.store import settle_run
 from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
 

@@ -640,7 +640,7 @@ def test_identify_calls_enter_audiences_at_the_next_scheduled_evaluation_and_sta
     import sqlalchemy as sa
 
     from audiences.store.database import MembershipStore, membership_events
-    from audiences.users.profiles import identify
+    from audiences.store.profiles import identify
 
     copy_sample_run(sample_run, tmp_path)
     monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))

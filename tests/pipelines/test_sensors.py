@@ -52,7 +52,7 @@ def test_sensor_watches_a_table_watermark(tmp_path, monkeypatch):
 
 
 def _identify(store, *patches) -> None:
-    from audiences.users.profiles import identify
+    from audiences.store.profiles import identify
 
     with store.engine.begin() as connection:
         identify(store, connection, list(patches))
@@ -66,8 +66,8 @@ def test_identify_calls_waiting_in_the_store_request_a_run_once(tmp_path, monkey
     import duckdb
 
     from audiences.store.database import MembershipStore
-    from audiences.users import load_identify_queue
-    from audiences.users.store import ensure_schema
+    from audiences.store.profiles import load_identify_queue
+    from audiences.warehouse.schema import ensure_user_tables
 
     source = tmp_path / "users.csv"
     source.write_text("id,plan\nu1,pro\n")
@@ -88,7 +88,7 @@ def test_identify_calls_waiting_in_the_store_request_a_run_once(tmp_path, monkey
     assert evaluate(requested.cursor).run_requests in (None, [])
     # The run loads them; nothing waits, nothing is requested.
     with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as warehouse:
-        ensure_schema(warehouse)
+        ensure_user_tables(warehouse)
         load_identify_queue(warehouse, store, datetime.now(UTC))
     loaded = evaluate(requested.cursor)
     assert loaded.run_requests in (None, []) and loaded.cursor == requested.cursor

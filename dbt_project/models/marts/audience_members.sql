@@ -1034,4 +1034,4 @@ select 'vip-customers' as audience_key, user_key, tenant from {{ ref('vip_custom
 
 union all
 
-select 'high_value_accounts' as audience_key, user_key, tenant from {{ ref('high_value_accounts') }}
+select 'high_value_accounts' as audience_key, user_key, case when regexp_full_match(tenant, '[ \t\n\r\v\f]*') then null else tenant end as tenant from {{ ref('high_value_accounts') }}

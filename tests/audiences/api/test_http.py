@@ -88,6 +88,27 @@ def test_membership_check_is_tenant_strict(http):
     assert http.get("/v1/audiences/nope/members/ada").status_code == 404
 
 
+def test_a_blank_tenant_is_no_tenant(http):
+    """Issue 20, defect 1: "" then null is one member without tenant; "  " is not a tenant."""
+    for tenant in ("", None, "  "):
+        assert (
+            add(http, "newsletter", [{"user": {"id": "b1"}, "tenant": tenant}]).status_code == 204
+        )
+    page = http.get("/v1/audiences/newsletter/members").json()
+    assert [(entry["user"]["id"], entry["tenant"]) for entry in page["entries"]] == [("b1", None)]
+    for params in ({}, {"tenant": ""}, {"tenant": " "}):
+        assert http.get("/v1/audiences/newsletter/members/b1", params=params).json()["member"]
+    only = http.get("/v1/audiences/newsletter/members", params={"tenant": "  "}).json()
+    assert [entry["user"]["id"] for entry in only["entries"]] == ["b1"]
+    removed = http.request(
+        "DELETE",
+        "/v1/audiences/newsletter/members",
+        json={"members": [{"user": {"id": "b1"}, "tenant": " "}]},
+    )
+    assert removed.status_code == 204
+    assert http.get("/v1/audiences/newsletter/members").json()["entries"] == []
+
+
 def test_idempotency_key_replays_the_first_answer_and_refuses_other_parameters(http, service):
     headers = {"Idempotency-Key": "sync-42"}
     first = http.put("/v1/users/eve", json={"name": "Eve"}, headers=headers)
@@ -341,17 +362,20 @@ def test_members_can_be_removed_through_the_query_as_censuss_http_destination_se
 
 
 def test_a_dynamic_audience_lists_the_members_of_its_last_published_evaluation(http, service):
+    from audiences.membership.events import MembershipEvent
     from audiences.store.database import apply_membership_changes
 
     store = service.environment("development").store
     published = [
-        {
-            "audience_key": "pro-plan",
-            "user_id": user,
-            "tenant": None,
-            "event_type": "entered",
-            "occurred_at": "2026-11-27T00:00:00.000000Z",
-        }
+        MembershipEvent(
+            event_id=f"e-{user}",
+            audience_key="pro-plan",
+            user_id=user,
+            tenant=None,
+            event_type="entered",
+            occurred_at="2026-11-27T00:00:00.000000Z",
+            entry_number=1,
+        )
         for user in ("p1", "p2")
     ]
     with (

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from condition_harness import evaluation_warehouse, set_evaluation
 
 from audiences.membership.changes import CircuitBreaker, record_changes
-from audiences.membership.publish import discard_batch, publish_outbox, release_batch
 from audiences.workflows.broadcasts import broadcast
+from audiences.workflows.publish import discard_batch, publish_outbox, release_batch
 from audiences.workflows.triggers import WorkflowTrigger, condition_segments
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

@@ -16,7 +16,7 @@ from http_recorder import HttpRecorder, Reply
 from audiences.delivery.loop import deliver_due
 from audiences.delivery.sinks import KnockSink
 from audiences.membership.changes import record_changes
-from audiences.membership.publish import publish_outbox
+from audiences.workflows.publish import publish_outbox
 from audiences.workflows.triggers import WorkflowTrigger
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)

@@ -12,7 +12,6 @@ import sqlalchemy as sa
 from condition_harness import insert_users
 
 from audiences.membership.changes import CircuitBreaker
-from audiences.membership.publish import process_static_triggers
 from audiences.static.members import (
     Member,
     MembershipError,
@@ -22,6 +21,7 @@ from audiences.static.members import (
 )
 from audiences.static.syncs import Sync, run_sync
 from audiences.users.sources import UserSource
+from audiences.workflows.publish import process_static_triggers
 from audiences.workflows.triggers import WorkflowTrigger
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
@@ -139,7 +139,7 @@ def test_a_sync_from_an_emptied_table_is_held(store, tmp_path):
     held = run_sync(store, sync(tmp_path, []), types, breaker)
     assert held.held_batch and held.removed == 0
     assert len(store.rows(sa.text("select * from audience_members"))) == 10
-    from audiences.membership.publish import release_batch
+    from audiences.workflows.publish import release_batch
 
     release_batch(store, held.held_batch)
     applied = run_sync(store, sync(tmp_path, []), types, breaker)

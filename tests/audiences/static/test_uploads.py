@@ -110,7 +110,7 @@ def test_semicolons_mapping_and_one_user_under_three_tenants(store, tmp_path):
     assert members(store) == {("u1", "acme"), ("u1", "globex"), ("u1", None), ("u2", "acme")}
     assert patches(store)["u1"] == {"billing": {"plan": "pro"}}
     # The store's copy of the user, which the API serves, has them at once.
-    from audiences.users.profiles import get_profile
+    from audiences.store.profiles import get_profile
 
     assert get_profile(store, "u1").properties == {"billing": {"plan": "pro"}}
     again = upload(
@@ -155,7 +155,7 @@ def test_adding_to_a_dynamic_audience_is_refused(store):
 
 
 def test_an_upload_merges_into_known_users_and_empty_cells_change_nothing(store, tmp_path):
-    from audiences.users.profiles import get_profile, identify
+    from audiences.store.profiles import get_profile, identify
 
     with store.engine.begin() as connection:
         identify(
@@ -211,7 +211,7 @@ def test_a_row_with_thousands_of_columns_uploads_every_column(store, tmp_path):
     )
     result = upload_csv(store, "vips", path, TYPES)
     assert (result.members_added, result.rejected) == (1, 0)
-    from audiences.users.profiles import get_profile
+    from audiences.store.profiles import get_profile
 
     assert get_profile(store, "u1").properties == {f"c{i}": f"v{i}" for i in range(4000)}
 

@@ -434,8 +434,7 @@ def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(
     """Issue 23: 540 users identified through the API were put back to a snapshot file's values by
     the next run, though the file had not changed. Last change wins, per source row and identify:
     an unchanged row changes nothing, a changed row wins over an older identify."""
-    from audiences.users import load_identify_queue
-    from audiences.users.profiles import identify
+    from audiences.store.profiles import identify, load_identify_queue
 
     snapshot = UserSource("crm", "csv", tmp_path / "crm.csv", mode="snapshot")
     stream = UserSource("updates", "jsonl", tmp_path / "updates.jsonl", mode="stream")
@@ -495,7 +494,7 @@ def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(
     run(T0 + timedelta(hours=5))
     assert users(warehouse)["u2"] == {"plan": "free", "seats": "6"}
     # An identify that deletes a user is not undone by the unchanged row either.
-    from audiences.users.profiles import delete_user
+    from audiences.store.profiles import delete_user
 
     with store.engine.begin() as connection:
         delete_user(store, connection, "u1")

@@ -13,15 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audiences.store import database as tables
-from audiences.users import load_identify_queue
-from audiences.users.profiles import (
+from audiences.store.profiles import (
     get_profile,
     identify,
     identify_many,
+    load_identify_queue,
     merge_patch,
     publish_changed_users,
 )
-from audiences.users.store import ensure_schema
+from audiences.warehouse.schema import ensure_user_tables
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10, 10) | st.text(max_size=3),
@@ -54,7 +54,7 @@ def test_merge_patch_agrees_with_duckdbs_json_merge_patch(target, patch):
 def test_identify_many_agrees_with_identify(tmp_path_factory, before, batch, deleted):
     # Uploads merge a batch in DuckDB, the API one patch at a time in Python: same profiles, same queue.
     from audiences.store.database import MembershipStore
-    from audiences.users.profiles import delete_user
+    from audiences.store.profiles import delete_user
 
     results = []
     for way in ("one by one", "batch"):
@@ -124,7 +124,7 @@ def test_a_queued_deletion_applies_between_the_patches_around_it(store, tmp_path
     from datetime import datetime
 
     warehouse = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    ensure_schema(warehouse)
+    ensure_user_tables(warehouse)
     for user_id, patch in [
         ("bo", '{"a": 1}'),
         ("bo", "null"),
@@ -152,7 +152,7 @@ def test_published_warehouse_users_keep_patches_that_arrived_after_the_load(stor
     from datetime import datetime
 
     warehouse = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    ensure_schema(warehouse)
+    ensure_user_tables(warehouse)
     _queue(store, "dee", '{"plan": "free", "name": "Dee"}')
     load_identify_queue(warehouse, store, datetime(2026, 11, 27, tzinfo=UTC))
     _queue(store, "dee", '{"plan": "pro"}')  # arrives while the run goes on

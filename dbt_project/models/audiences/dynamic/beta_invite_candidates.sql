@@ -20,7 +20,9 @@ where
                 user_key
               from {{ ref('power_users') }}
               where
-                tenant is null
+                (
+                  tenant is null or regexp_full_match(tenant, '[ \t\n\r\v\f]*')
+                )
             )
           ),
           false

@@ -27,7 +27,9 @@ where
                 user_key
               from {{ ref('churn_risk') }}
               where
-                tenant is null
+                (
+                  tenant is null or regexp_full_match(tenant, '[ \t\n\r\v\f]*')
+                )
             )
           ),
           false

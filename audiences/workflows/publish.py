@@ -21,18 +21,35 @@ from datetime import datetime
 import duckdb
 import sqlalchemy as sa
 
-from audiences.membership.changes import ensure_schema
+from audiences.membership.events import FIELDS as EVENT_FIELDS
+from audiences.membership.events import MembershipEvent
 from audiences.store import database as tables
 from audiences.store.database import (
     MembershipStore,
     apply_membership_changes,
+    new_delivery,
     now_text,
     tenant_key,
 )
 from audiences.warehouse.queries import matching_user_ids
+from audiences.warehouse.schema import ensure_membership_tables
 from audiences.workflows.triggers import WorkflowTrigger, trigger_payload
 
 CHUNK = 50_000
+# The outbox's columns, in MembershipEvent's names (occurred_at read as the store's text).
+OUTBOX_COLUMNS = (
+    "sequence",
+    "event_id",
+    "audience_key",
+    "user_id",
+    "tenant",
+    "event_type",
+    "occurred_at",
+    "audience_version",
+    "entry_number",
+    "is_backfill",
+    "batch_id",
+)
 
 
 @dataclass
@@ -47,7 +64,7 @@ class PublishReport:
 
 def outbox_position(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     """(last published sequence, last written sequence) of the warehouse's outbox."""
-    ensure_schema(connection)
+    ensure_membership_tables(connection)
     published = connection.execute(
         "select coalesce(max(published_sequence), 0) from raw.outbox_published"
     ).fetchall()[0][0]
@@ -105,10 +122,10 @@ def publish_outbox(
     position = published
     while position < written:
         rows = connection.execute(
-            """
-            select sequence, event_id, audience_key, user_id, tenant, event_type,
+            f"""
+            select {", ".join(OUTBOX_COLUMNS[:6])},
                    strftime(occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') as occurred_at,
-                   audience_version, entry_number, is_backfill, batch_id
+                   {", ".join(OUTBOX_COLUMNS[7:])}
             from raw.membership_outbox
             where sequence > $after
             order by sequence
@@ -118,20 +135,7 @@ def publish_outbox(
         ).fetchall()
         if not rows:
             break
-        names = (
-            "sequence",
-            "event_id",
-            "audience_key",
-            "user_id",
-            "tenant",
-            "event_type",
-            "occurred_at",
-            "audience_version",
-            "entry_number",
-            "is_backfill",
-            "batch_id",
-        )
-        events = [dict(zip(names, row, strict=True)) for row in rows]
+        events = [MembershipEvent(**dict(zip(OUTBOX_COLUMNS, row, strict=True))) for row in rows]
         stamp = now_text()
         # One store transaction per chunk: a crash leaves all of it, or none of it, published.
         with store.engine.begin() as store_connection:
@@ -157,13 +161,17 @@ def publish_outbox(
             store.insert_ignoring_duplicates(
                 store_connection,
                 tables.membership_events,
-                [{**event, "published_at": stamp} for event in events if not event["is_backfill"]],
+                [
+                    {**event.as_row(), "published_at": stamp}
+                    for event in events
+                    if not event.is_backfill
+                ],
             )
             apply_membership_changes(store, store_connection, events)
             report.deliveries += store.insert_ignoring_duplicates(
                 store_connection, tables.deliveries, deliveries
             )
-        position = events[-1]["sequence"]
+        position = events[-1].sequence
         connection.execute(
             "insert into raw.outbox_published values ($position)", {"position": position}
         )
@@ -181,12 +189,12 @@ def _trigger_starts(store: MembershipStore) -> dict[str, tuple[int, str]]:
         }
 
 
-def _after_trigger_start(event: dict, start: tuple[int, str] | None) -> bool:
+def _after_trigger_start(event: MembershipEvent, start: tuple[int, str] | None) -> bool:
     if start is None:
         return True
-    if event["sequence"] is not None:
-        return event["sequence"] > start[0]
-    return event["occurred_at"] >= start[1]
+    if event.sequence is not None:
+        return event.sequence > start[0]
+    return event.occurred_at >= start[1]
 
 
 def process_static_triggers(
@@ -206,16 +214,19 @@ def process_static_triggers(
     register_triggers(store, triggers, published)
     starts = _trigger_starts(store)
     report = PublishReport()
-    rows = store.rows(
-        sa.select(events_table)
-        .where(events_table.c.triggers_processed == sa.false())
-        .order_by(events_table.c.occurred_at, events_table.c.event_id)
-    )
+    rows = [
+        MembershipEvent.from_row(row)
+        for row in store.rows(
+            sa.select(*(events_table.c[name] for name in EVENT_FIELDS))
+            .where(events_table.c.triggers_processed == sa.false())
+            .order_by(events_table.c.occurred_at, events_table.c.event_id)
+        )
+    ]
     for start in range(0, len(rows), CHUNK):
         events = rows[start : start + CHUNK]
-        known = _identified(connection, sorted({event["user_id"] for event in events}))
+        known = _identified(connection, sorted({event.user_id for event in events}))
         with store.engine.begin() as store_connection:
-            present = [event for event in events if event["user_id"] in known]
+            present = [event for event in events if event.user_id in known]
             deliveries = _deliveries_for(
                 connection,
                 store,
@@ -234,7 +245,7 @@ def process_static_triggers(
                 events_table.update()
                 .where(
                     events_table.c.triggers_processed == sa.false(),
-                    events_table.c.event_id.in_([e["event_id"] for e in events]),
+                    events_table.c.event_id.in_([e.event_id for e in events]),
                 )
                 .values(triggers_processed=True)
             )
@@ -273,17 +284,15 @@ def _new_batches(connection, published: int) -> list[dict]:
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
-def _delivery_id(event: dict, trigger: WorkflowTrigger) -> str:
-    return hashlib.sha256(f"{event['event_id']}\x1f{trigger.workflow_key}".encode()).hexdigest()[
-        :32
-    ]
+def _delivery_id(event: MembershipEvent, trigger: WorkflowTrigger) -> str:
+    return hashlib.sha256(f"{event.event_id}\x1f{trigger.workflow_key}".encode()).hexdigest()[:32]
 
 
 def _deliveries_for(
     connection,
     store,
     store_connection,
-    events,
+    events: list[MembershipEvent],
     triggers,
     first_sequences,
     default_sink,
@@ -297,47 +306,42 @@ def _deliveries_for(
         candidates = [
             event
             for event in events
-            if event["audience_key"] == trigger.audience_key
-            and event["event_type"] == trigger.on
-            and not event["is_backfill"]
+            if event.audience_key == trigger.audience_key
+            and event.event_type == trigger.on
+            and not event.is_backfill
             and _after_trigger_start(event, start)
         ]
         if not candidates:
             continue
         if trigger.has_conditions:
             passing = matching_user_ids(
-                connection, trigger.segments, sorted({e["user_id"] for e in candidates}), now
+                connection, trigger.segments, sorted({e.user_id for e in candidates}), now
             )
-            report.skipped_by_conditions += sum(e["user_id"] not in passing for e in candidates)
-            candidates = [event for event in candidates if event["user_id"] in passing]
+            report.skipped_by_conditions += sum(e.user_id not in passing for e in candidates)
+            candidates = [event for event in candidates if event.user_id in passing]
         candidates = _apply_frequency(store, store_connection, trigger, candidates, report)
         for event in candidates:
             delivery_id = _delivery_id(event, trigger)
             status = (
                 "held"
-                if event["batch_id"] and _is_held(store_connection, event["batch_id"])
+                if event.batch_id and _is_held(store_connection, event.batch_id)
                 else "pending"
             )
             report.held_deliveries += status == "held"
             deliveries.append(
-                {
-                    "delivery_id": delivery_id,
-                    "event_id": event["event_id"],
-                    "broadcast_id": None,
-                    "workflow_key": trigger.workflow_key,
-                    "sink": trigger.sink or default_sink,
-                    "audience_key": event["audience_key"],
-                    "user_id": event["user_id"],
-                    "tenant": event["tenant"],
-                    "payload": _json(trigger_payload(trigger.data, event)),
-                    "status": status,
-                    "attempts": 0,
-                    "next_attempt_at": stamp,
-                    "last_error": None,
-                    "batch_id": event["batch_id"],
-                    "created_at": stamp,
-                    "delivered_at": None,
-                }
+                new_delivery(
+                    delivery_id,
+                    event_id=event.event_id,
+                    workflow_key=trigger.workflow_key,
+                    sink=trigger.sink or default_sink,
+                    audience_key=event.audience_key,
+                    user_id=event.user_id,
+                    tenant=event.tenant,
+                    payload=_json(trigger_payload(trigger.data, event)),
+                    stamp=stamp,
+                    status=status,
+                    batch_id=event.batch_id,
+                )
             )
     return deliveries
 
@@ -350,8 +354,8 @@ def _is_held(store_connection, batch_id: str) -> bool:
 
 
 def _apply_frequency(
-    store, store_connection, trigger: WorkflowTrigger, events: list[dict], report
-) -> list[dict]:
+    store, store_connection, trigger: WorkflowTrigger, events: list[MembershipEvent], report
+) -> list[MembershipEvent]:
     """Drop events for recipients a once-per-recipient trigger already fired for, and remember the rest.
 
     Runs inside the publishing transaction, so "fired" is recorded together with the delivery.
@@ -370,7 +374,7 @@ def _apply_frequency(
     }
     kept, rows = [], []
     for event in events:
-        recipient = (event["user_id"], tenant_key(event["tenant"]) if per_tenant else "")
+        recipient = (event.user_id, tenant_key(event.tenant) if per_tenant else "")
         delivery_id = _delivery_id(event, trigger)
         if (
             recipient in fired and fired[recipient] != delivery_id

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import chain
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -26,6 +28,10 @@ import sqlalchemy as sa
 
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
+from audiences.users.sources import ROW_COLUMN, UserSource
+from audiences.users.store import LoadResult, load_users
+from audiences.users.validation import validate_users
+from audiences.warehouse.schema import ensure_user_tables
 
 DELETION = "null"  # the queued patch that deletes a user in the warehouse
 
@@ -356,3 +362,97 @@ def publish_changed_users(store: MembershipStore, warehouse) -> int:
         connection.execute(markers.delete().where(markers.c.name == WATERMARK))
         connection.execute(markers.insert().values(name=WATERMARK, value=through.isoformat()))
     return published
+
+
+IDENTIFY_SOURCE = "identify"
+
+
+def identify_queue_waiting(store) -> tuple[int, int | None]:
+    """How many identify calls wait in the store's queue for the `users` asset, and the newest
+    one's id (None when none wait). Reads only the queue's index of waiting patches."""
+    patches = tables.user_patches
+    with store.read_engine.connect() as connection:
+        waiting, newest = connection.execute(
+            sa.select(sa.func.count(), sa.func.max(patches.c.patch_id)).where(
+                patches.c.loaded == sa.false()
+            )
+        ).one()
+    return waiting, newest
+
+
+def load_identify_queue(
+    connection: duckdb.DuckDBPyConnection, store, loaded_at: datetime
+) -> LoadResult:
+    """Load identify calls queued in the membership store (API, uploads) as a stream source."""
+    patches = tables.user_patches
+    rows = store.rows(
+        sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)
+        .where(patches.c.loaded == sa.false())
+        .order_by(patches.c.patch_id)
+    )
+    ensure_user_tables(connection)
+    source = UserSource(IDENTIFY_SOURCE, "jsonl", Path("membership-store"), mode="stream")
+    totals: dict[str, int] = {}
+
+    def load(batch: list[dict]) -> None:
+        frame = (
+            pl.DataFrame(
+                {
+                    "id": [row["user_id"] for row in batch],
+                    "properties": [row["patch"] for row in batch],
+                },
+                schema={"id": pl.String, "properties": pl.String},
+            )
+            .with_row_index(ROW_COLUMN, offset=1)
+            .with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+        )
+        result = load_users(
+            connection, source, validate_users(frame), loaded_at, only_changed_rows=False
+        )
+        for key, value in result.as_metadata().items():
+            totals[key] = totals.get(key, 0) + value
+
+    # Patches apply in the order received; a deletion (the patch `null`, from the API's delete user)
+    # applies between the patches before and after it.
+    batch: list[dict] = []
+    for row in rows:
+        if row["patch"] != DELETION:
+            batch.append(row)
+            continue
+        if batch:
+            load(batch)
+            batch = []
+        totals["users_deleted"] = (
+            totals.get("users_deleted", 0)
+            + connection.execute(
+                "update raw.users set deleted_at = $at, updated_at = $at, properties = '{}' "
+                "where user_id = $user_id and deleted_at is null",
+                {"at": loaded_at, "user_id": row["user_id"]},
+            ).fetchall()[0][0]
+        )
+    if batch or not rows:
+        load(batch)
+    # Loading is idempotent (the same patches merge to the same users), so marking them loaded
+    # after the warehouse committed loses nothing if the process dies in between.
+    loaded = [row["patch_id"] for row in rows]
+    with store.engine.begin() as store_connection:
+        for start in range(0, len(loaded), 500):
+            store_connection.execute(
+                patches.update()
+                .where(patches.c.patch_id.in_(loaded[start : start + 500]))
+                .values(loaded=True)
+            )
+    return LoadResult(
+        source_name=IDENTIFY_SOURCE,
+        **{
+            key: totals.get(key, 0)
+            for key in (
+                "rows_read",
+                "rows_quarantined",
+                "users_inserted",
+                "users_updated",
+                "users_unchanged",
+                "users_deleted",
+            )
+        },
+    )

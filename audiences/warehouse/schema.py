@@ -1,0 +1,138 @@
+"""The warehouse's own tables: every `raw.*` table the engine creates in DuckDB, declared here.
+
+Two groups, each created where it is first written (statements are idempotent):
+- `USER_TABLES`: what loading writes and dbt reads: `raw.users` and its quarantine, the sources'
+  row hashes, the static memberships' copy, the evaluation clock, full builds, the audience
+  registry (`ensure_user_tables`, from users loading, evaluation and the static copy);
+- `MEMBERSHIP_TABLES`: what the membership diff writes: validity intervals, the outbox and its
+  sequence, held batches, first evaluations, the published watermark (`ensure_membership_tables`,
+  from `membership.changes` and `workflows.publish`).
+
+`AUDIENCE_MEMBERS_STAND_IN` is the shape of dbt's `audience_members` that conditions read, for a
+warehouse without dbt (guide eligibility's one-user DuckDB).
+
+This module imports nothing from the engine, so every stage may import it.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+USER_TABLES = (
+    "create schema if not exists raw",
+    """
+    create table if not exists raw.users (
+        user_key integer not null,
+        user_id varchar not null,
+        properties json not null,
+        source_name varchar,
+        first_loaded_at timestamptz not null,
+        updated_at timestamptz not null,
+        deleted_at timestamptz
+    )
+    """,
+    """
+    create table if not exists raw.users_quarantine (
+        source_name varchar not null,
+        location varchar not null,
+        row_number bigint not null,
+        user_id varchar,
+        reason varchar not null,
+        raw_row json,
+        quarantined_at timestamptz not null
+    )
+    """,
+    """
+    create table if not exists raw.static_audience_members (
+        audience_key varchar not null,
+        user_id varchar not null,
+        tenant varchar,
+        added_at timestamptz not null
+    )
+    """,
+    # Per source, each user's rows as its last load read them (a hash of their patches): a row that
+    # did not change since changes nothing, so identifies written after it stay (last change wins).
+    """
+    create table if not exists raw.source_rows (
+        source_name varchar not null,
+        user_id varchar not null,
+        row_hash uhugeint not null,
+        loaded_at timestamptz not null
+    )
+    """,
+    "create table if not exists raw.evaluation_clock (evaluated_at timestamptz not null)",
+    "create table if not exists raw.dbt_full_builds (fingerprint varchar not null, built_at timestamptz not null)",
+    """
+    create table if not exists raw.audience_registry (
+        audience_key varchar not null,
+        audience_type varchar not null,
+        first_seen_at timestamptz not null
+    )
+    """,
+)
+
+
+MEMBERSHIP_TABLES = (
+    "create schema if not exists raw",
+    "create sequence if not exists raw.membership_outbox_sequence start 1",
+    """
+    create table if not exists raw.membership_intervals (
+        audience_key varchar not null,
+        user_key integer not null,
+        user_id varchar not null,
+        tenant varchar,
+        entry_number integer not null,
+        entered_at timestamptz not null,
+        exited_at timestamptz,
+        audience_version varchar
+    )
+    """,
+    """
+    create table if not exists raw.membership_outbox (
+        sequence bigint not null,
+        event_id varchar not null,
+        audience_key varchar not null,
+        user_id varchar not null,
+        tenant varchar,
+        event_type varchar not null,
+        occurred_at timestamptz not null,
+        audience_version varchar,
+        entry_number integer not null,
+        is_backfill boolean not null,
+        batch_id varchar
+    )
+    """,
+    """
+    create table if not exists raw.membership_batches (
+        batch_id varchar not null,
+        audience_key varchar not null,
+        evaluated_at timestamptz not null,
+        entered integer not null,
+        exited integer not null,
+        audience_size integer not null,
+        last_sequence bigint not null
+    )
+    """,
+    "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
+    "create table if not exists raw.outbox_published (published_sequence bigint not null)",
+    # Replaced by audience_members__reevaluated, which says which rows a build may have changed.
+    "drop table if exists raw.membership_signatures",
+)
+
+
+AUDIENCE_MEMBERS_STAND_IN = (
+    "create table main.audience_members (audience_key varchar, user_key integer, "
+    "user_id varchar, tenant varchar)"
+)
+
+
+def ensure_user_tables(connection: duckdb.DuckDBPyConnection) -> None:
+    """Create the users' raw tables if they are not there yet (idempotent)."""
+    for statement in USER_TABLES:
+        connection.execute(statement)
+
+
+def ensure_membership_tables(connection: duckdb.DuckDBPyConnection) -> None:
+    """Create the membership history's raw tables if they are not there yet (idempotent)."""
+    for statement in MEMBERSHIP_TABLES:
+        connection.execute(statement)
