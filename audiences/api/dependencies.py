@@ -42,7 +42,7 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
     """The caller a secret key names; 401 in Knock's shape when there is none."""
     environments = request.app.state.environments
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise ApiError(401, "unauthenticated", "send a secret key as `Authorization: Bearer <key>`")
+        raise ApiError(401, "api_key_missing", "send a secret key as `Authorization: Bearer <key>`")
     # Only the store of the environment the key names is asked, and only for a key made for
     # that environment: a key works in its own environment and nowhere else.
     secret = credentials.credentials
@@ -52,7 +52,7 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
             return Caller(key, environments[name])
     raise ApiError(
         401,
-        "unauthenticated",
+        "authentication_required",
         "the key does not exist, was revoked, or belongs to an environment this server does not serve",
     )
 
@@ -150,13 +150,31 @@ async def members_body(request: Request, from_query: bool = False) -> dict:
                     for problem in error.errors(include_url=False)
                 ]
             ) from None
-    return await parsed_body(request, MEMBERS_ADAPTER)
+    return await parsed_body(
+        request,
+        MEMBERS_ADAPTER,
+        "the request has no body; send the members in it"
+        + (", or as a `members` query parameter" if from_query else ""),
+    )
 
 
-async def parsed_body(request: Request, adapter: TypeAdapter) -> Any:
-    """The request's JSON body, parsed and validated by pydantic-core in one step."""
+async def parsed_body(request: Request, adapter: TypeAdapter, missing: str = "") -> Any:
+    """The request's JSON body, parsed and validated by pydantic-core in one step, whatever its
+    content type says. An empty body is `invalid_json` too, with `missing` saying what to send."""
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body",),
+                    "msg": "no body",
+                    "ctx": {"error": missing or "the request has no body; send a JSON object"},
+                }
+            ]
+        )
     try:
-        return adapter.validate_json(await request.body())
+        return adapter.validate_json(raw)
     except ValidationError as error:
         raise RequestValidationError(
             [

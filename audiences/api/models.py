@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from typing_extensions import TypedDict
 
 from audiences.api.errors import ErrorBody
+from audiences.api.identifiers import ID_PATTERN, DateTime, Id
 from audiences.static.members import MAX_MEMBERS_PER_CALL
 
 # -- request and response shapes ------------------------------------------------------------------
@@ -40,7 +41,10 @@ GuideKey = Annotated[
     str, Path(pattern=r"^[a-z0-9_-]{1,255}$", description="The guide key (its folder's name).")
 ]
 UserId = Annotated[
-    str, Path(pattern=IDENTIFIER_PATTERN, max_length=255, description="The user's id.")
+    str,
+    Path(
+        pattern=ID_PATTERN, max_length=255, description="The user's id (Knock's rule: no '/' or '#')."
+    ),
 ]
 
 
@@ -58,23 +62,24 @@ class UserProperties(TypedDict, total=False):
     avatar: Text | None
     locale: Text | None
     timezone: Text | None
-    created_at: Text | None
+    created_at: DateTime | None
 
 
 class InlineIdentifyUser(UserProperties, total=False):
     """Knock's `InlineIdentifyUserRequest`: `id` is required."""
 
-    id: Required[Identifier]
+    id: Required[Id]
 
 
+# Unknown keys are accepted and ignored, as Knock's schemas do (`additionalProperties`).
 class AudienceMemberRequest(TypedDict, total=False):
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
     user: Required[InlineIdentifyUser]
     tenant: Tenant | None
 
 
 class AudienceMembersRequest(TypedDict):
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
     members: Annotated[
         list[AudienceMemberRequest],
         Field(
@@ -134,7 +139,7 @@ class GuideEligibility(BaseModel):
 
 
 class BroadcastRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     workflow: Identifier = Field(description="The workflow key each member's trigger names.")
     data: dict[str, Any] = Field(default_factory=dict)
     tenant: Tenant | None = Field(None, description="Only members with this tenant.")
@@ -155,11 +160,14 @@ class BroadcastResult(BaseModel):
 ERRORS = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
-        401: "No key, or a key that does not exist or was revoked.",
+        400: "The request could not be read (a request line or headers too long, or malformed).",
+        401: "No key (`api_key_missing`), or a key that does not exist or was revoked "
+        "(`authentication_required`).",
         404: "No such audience, user or guide.",
         413: "The request body is over the limit.",
         422: "Bad input; `errors` names the field.",
-        429: "Over the key's rate limit; `Retry-After` says when to retry.",
+        429: "Over the environment's rate limit for the endpoint's tier; `Retry-After` says "
+        "when to retry.",
     }.items()
 }
 
@@ -179,6 +187,20 @@ MEMBERS_BODY = {
         },
     }
 }
+def json_body(schema: str, required: bool = True) -> dict:
+    """The OpenAPI `requestBody` of a route that reads its JSON body itself (`parsed_body`);
+    the schema is added to the document's components by `create_app` (`BODY_SCHEMAS`)."""
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
+            },
+        }
+    }
+
+
+BROADCAST_ADAPTER = TypeAdapter(BroadcastRequest)
 # Identify's body too: pydantic-core's parser refuses nesting too deep for the stack (where
 # `json.loads` raises RecursionError).
 PROPERTIES_ADAPTER = TypeAdapter(UserProperties)
