@@ -10,6 +10,7 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 
 import logging
 import uuid
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,9 +20,9 @@ from starlette.routing import Match
 
 from audiences.api import census
 from audiences.api.errors import ApiError, error_body, invalid
+from audiences.api.identifiers import encoded_slash
 from audiences.api.keys import StoreEnvironmentError, safe_url
 from audiences.api.limits import BodyLimit, RateLimiter
-from audiences.api.identifiers import encoded_slash
 from audiences.api.models import (
     BROADCAST_ADAPTER,
     ERRORS,
@@ -104,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # A percent-encoded '/' in an id splits the path, so no route matches: name the id.
             slashed = encoded_slash(
                 request.scope.get("raw_path") or b"",
-                [route.path_regex for route in app.router.routes if hasattr(route, "path_regex")],
+                [route.path_regex for route in plain_routes(app.router.routes)],
             )
             if slashed is not None:
                 name, value = slashed
@@ -185,10 +186,21 @@ def document_every_error(document: dict) -> None:
 def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
     """The methods some route answers on this scope's path, and OPTIONS."""
     methods = {"OPTIONS"}
-    for route in app.router.routes:
+    for route in plain_routes(app.router.routes):
         if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
             methods |= set(route.methods) - {"HEAD"}
     return sorted(methods)
+
+
+def plain_routes(routes: list) -> Iterator:
+    """The routes with a path of their own, inside the included routers too (FastAPI keeps an
+    included router as one entry; ours have no prefix, so their routes' paths are the app's)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from plain_routes(included.routes)
+        elif hasattr(route, "path_regex"):
+            yield route
 
 
 class RequestId:

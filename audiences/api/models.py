@@ -43,7 +43,9 @@ GuideKey = Annotated[
 UserId = Annotated[
     str,
     Path(
-        pattern=ID_PATTERN, max_length=255, description="The user's id (Knock's rule: no '/' or '#')."
+        pattern=ID_PATTERN,
+        max_length=255,
+        description="The user's id (Knock's rule: no '/' or '#').",
     ),
 ]
 
@@ -187,15 +189,15 @@ MEMBERS_BODY = {
         },
     }
 }
+
+
 def json_body(schema: str, required: bool = True) -> dict:
     """The OpenAPI `requestBody` of a route that reads its JSON body itself (`parsed_body`);
     the schema is added to the document's components by `create_app` (`BODY_SCHEMAS`)."""
     return {
         "requestBody": {
             "required": required,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
-            },
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
         }
     }
 

@@ -14,10 +14,10 @@ from audiences.api.models import (
     AudienceKey,
     AudienceMembersPage,
     BroadcastResult,
-    json_body,
     Membership,
     Tenant,
     UserId,
+    json_body,
 )
 from audiences.api.service import tenant_of
 
