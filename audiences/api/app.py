@@ -19,18 +19,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from audiences.api import census
+from audiences.api.bulk import BulkWorker
 from audiences.api.errors import ApiError, error_body, invalid
 from audiences.api.identifiers import encoded_slash
 from audiences.api.keys import StoreEnvironmentError, safe_url
 from audiences.api.limits import BodyLimit, RateLimiter
 from audiences.api.models import (
-    BROADCAST_ADAPTER,
+    BODY_SCHEMAS,
     ERRORS,
     MEMBERS_ADAPTER,
     PROPERTIES_ADAPTER,
     ErrorBody,
 )
-from audiences.api.routes import audiences, guides, users
+from audiences.api.routes import (
+    audiences,
+    bulk,
+    guides,
+    tenants,
+    user_list,
+    user_merge,
+    users,
+)
 from audiences.api.service import Environment
 from audiences.settings import Settings
 
@@ -41,7 +50,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     environments = open_environments(settings)
     limiter = RateLimiter(
-        {"write": settings.api_write_rate, "read": settings.api_read_rate},
+        {
+            "read": settings.api_read_rate,
+            "write": settings.api_write_rate,
+            "delete": settings.api_delete_rate,
+            "bulk": settings.api_bulk_rate,
+        },
         settings.duckdb_path.parent / "api-rate-limits.bin",
     )
     app = FastAPI(
@@ -52,8 +66,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.environments = environments
     app.state.limiter = limiter
+    for environment in environments.values():
+        environment.bulk_worker = BulkWorker(environment).start()
 
-    for routes in (audiences, users, guides, census):
+    # The bulk and list routes before users' `/v1/users/{user_id}`: FastAPI matches in order.
+    for routes in (audiences, bulk, user_list, user_merge, users, tenants, guides, census):
         app.include_router(routes.router)
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -152,7 +169,7 @@ def openapi_with_members_body(app: FastAPI) -> dict:
         for name, adapter in (
             ("AudienceMembersRequest", MEMBERS_ADAPTER),
             ("UserProperties", PROPERTIES_ADAPTER),
-            ("BroadcastRequest", BROADCAST_ADAPTER),
+            *BODY_SCHEMAS.items(),
         ):
             schema = adapter.json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))

@@ -19,10 +19,9 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from audiences.api.dependencies import authenticate, bearer, parsed_body
+from audiences.api.dependencies import authenticate, bearer, check_rate, parsed_body
 from audiences.api.errors import ApiError
 from audiences.api.identifiers import id_problem
-from audiences.api.limits import retry_after_header
 from audiences.api.service import Environment
 from audiences.static.members import MAX_MEMBERS_PER_CALL
 
@@ -81,14 +80,7 @@ async def census(
 ):
     # The key first, then the body: a caller without a key learns nothing of the body's checks.
     caller = authenticate(http, credentials)
-    wait = http.app.state.limiter.acquire(caller.key.key_id, "write")
-    if wait is not None:
-        raise ApiError(
-            429,
-            "rate_limit_exceeded",
-            "over this key's write rate limit",
-            headers={"Retry-After": retry_after_header(wait)},
-        )
+    check_rate(http, caller, "write")
     request = await parsed_body(http, RPC_ADAPTER)
     request_id = request.get("id")
     try:

@@ -58,7 +58,9 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
 
 
 def limited(kind: str) -> Callable[..., Caller]:
-    """A dependency: the authenticated caller, within its `kind` ("read" or "write") rate limit."""
+    """A dependency: the authenticated caller, within the rate limit of the endpoint's tier
+    (`kind`: "read", "write", "delete" or "bulk", Knock's tiers 4, 3, 2 and 1). As Knock scopes
+    them, limits are per environment, not per key: a second key does not double the rate."""
 
     # Async, so FastAPI runs it on the event loop: the key lookup is one indexed read, cheaper
     # than handing the request to a worker thread and back.
@@ -66,23 +68,31 @@ def limited(kind: str) -> Callable[..., Caller]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
-        limiter = request.app.state.limiter
         caller = authenticate(request, credentials)
-        wait = limiter.acquire(caller.key.key_id, kind)
-        if wait is not None:
-            raise ApiError(
-                429,
-                "rate_limit_exceeded",
-                f"over this key's limit of {limiter.rates[kind]:g} {kind}s a second",
-                headers={"Retry-After": retry_after_header(wait)},
-            )
+        check_rate(request, caller, kind)
         return caller
 
     return dependency
 
 
+def check_rate(request: Request, caller: Caller, kind: str) -> None:
+    """Take one request from the caller's environment's `kind` bucket, or answer 429."""
+    limiter = request.app.state.limiter
+    wait = limiter.acquire(caller.environment.name, kind)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limit_exceeded",
+            f"over the {caller.environment.name} environment's limit of "
+            f"{limiter.rates[kind]:g} {kind} requests a second",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
+
+
 Reader = Annotated[Caller, Depends(limited("read"))]
 Writer = Annotated[Caller, Depends(limited("write"))]
+Deleter = Annotated[Caller, Depends(limited("delete"))]  # deletes and merges: Knock's tier 2
+BulkWriter = Annotated[Caller, Depends(limited("bulk"))]  # bulk operations: Knock's tier 1
 
 
 async def write(

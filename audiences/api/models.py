@@ -73,11 +73,28 @@ class InlineIdentifyUser(UserProperties, total=False):
     id: Required[Id]
 
 
+class TenantProperties(TypedDict, total=False):
+    """Knock's tenant fields: `name`, `settings` (branding, preference set); any other property
+    is a custom property. Merged into the stored tenant (a `null` removes one). `channel_data` and
+    `preferences` are accepted and not kept."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    name: Text | None
+    settings: dict[str, Any] | None
+
+
+class InlineTenant(TenantProperties, total=False):
+    """Knock's `InlineTenantRequest` as an object: `id` is required; it is set (upserted) with
+    the members that name it."""
+
+    id: Required[Id]
+
+
 # Unknown keys are accepted and ignored, as Knock's schemas do (`additionalProperties`).
 class AudienceMemberRequest(TypedDict, total=False):
     __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
     user: Required[InlineIdentifyUser]
-    tenant: Tenant | None
+    tenant: Tenant | InlineTenant | None
 
 
 class AudienceMembersRequest(TypedDict):
@@ -191,9 +208,16 @@ MEMBERS_BODY = {
 }
 
 
-def json_body(schema: str, required: bool = True) -> dict:
+# Bodies that routes parse themselves (`parsed_body`), by schema name: the OpenAPI document gets
+# their schemas from here.
+BODY_SCHEMAS: dict[str, TypeAdapter] = {}
+
+
+def json_body(schema: str, adapter: TypeAdapter | None = None, required: bool = True) -> dict:
     """The OpenAPI `requestBody` of a route that reads its JSON body itself (`parsed_body`);
-    the schema is added to the document's components by `create_app` (`BODY_SCHEMAS`)."""
+    `adapter`'s schema goes into the document's components under `schema`."""
+    if adapter is not None:
+        BODY_SCHEMAS[schema] = adapter
     return {
         "requestBody": {
             "required": required,
@@ -203,6 +227,7 @@ def json_body(schema: str, required: bool = True) -> dict:
 
 
 BROADCAST_ADAPTER = TypeAdapter(BroadcastRequest)
+BODY_SCHEMAS["BroadcastRequest"] = BROADCAST_ADAPTER
 # Identify's body too: pydantic-core's parser refuses nesting too deep for the stack (where
 # `json.loads` raises RecursionError).
 PROPERTIES_ADAPTER = TypeAdapter(UserProperties)
