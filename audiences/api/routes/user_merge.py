@@ -9,7 +9,7 @@ from pydantic import ConfigDict, TypeAdapter
 from typing_extensions import TypedDict
 
 from audiences.api.dependencies import Deleter, parsed_body, write
-from audiences.api.errors import invalid, not_found
+from audiences.api.errors import not_found
 from audiences.api.identifiers import Id
 from audiences.api.models import ERRORS, User, UserId, json_body
 from audiences.users.merge import merge_users
@@ -35,9 +35,9 @@ MERGE_ADAPTER = TypeAdapter(MergeRequest)
 )
 async def merge(user_id: UserId, request: Request, caller: Deleter):
     from_user_id = (await parsed_body(request, MERGE_ADAPTER))["from_user_id"]
-    if from_user_id == user_id:
-        raise invalid("from_user_id", "is the user itself; give another user's id")
     environment = caller.environment
+    if from_user_id == user_id:  # nothing to merge: the user as it is (404 if there is none)
+        return environment.get_user(user_id)
     static = {key for key, kind in environment.audience_types().items() if kind == "static"}
 
     def work(connection):

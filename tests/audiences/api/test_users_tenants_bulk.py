@@ -98,8 +98,10 @@ def test_merge_moves_static_memberships_with_events_and_deletes_the_other_user(s
     assert json.loads(patches[-2]["patch"])["seats"] == 3
     with pytest.raises(knockapi.NotFoundError):
         knock.users.merge("kept", from_user_id="nobody")
-    with pytest.raises(knockapi.UnprocessableEntityError):
-        knock.users.merge("kept", from_user_id="kept")
+    # Merging a user into itself changes nothing.
+    assert knock.users.merge("kept", from_user_id="kept").seats == 3
+    with pytest.raises(knockapi.NotFoundError):
+        knock.users.merge("nobody", from_user_id="nobody")
 
 
 def wait_for(knock, operation_id: str, timeout: float = 60):
