@@ -273,3 +273,45 @@ def test_rate_limits_are_per_environment_and_tier_not_per_key(service, monkeypat
             )
     finally:
         close_app(app.app)
+
+
+def test_audiences_serve_with_two_workers_processes_bulk_operations_and_serves_tenants(tmp_path):
+    """Through `audiences serve --workers 2`: whichever process answers a request, the bulk
+    operation queued by one is applied by a worker and reported by the other, through the store."""
+    import os
+    import subprocess
+    import sys
+
+    from api_server import serve_process
+    from condition_harness import ROOT
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(ROOT / "data" / "audiences"),
+        "AUDIENCES_API_BULK_RATE": "100",
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "audiences.cli", "keys", "create", "--name", "ci"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+    with serve_process(env, ROOT, workers=2) as (url, _):
+        knock = knockapi.Knock(api_key=secret, base_url=url, max_retries=0)
+        operations = [
+            knock.users.bulk.identify(
+                users=[{"id": f"served-{batch}-{n:03}", "plan": "pro"} for n in range(500)]
+            ).id
+            for batch in range(4)
+        ]
+        for operation_id in operations:
+            done = wait_for(knock, operation_id)
+            assert (done.status, done.success_count) == ("completed", 500)
+        assert sum(1 for _ in knock.users.list(page_size=50)) == 2000
+        knock.tenants.set("acme", name="Acme")
+        assert [tenant.name for tenant in knock.tenants.list()] == ["Acme"]
