@@ -10,7 +10,9 @@ transaction with its progress (`processed_rows`, `success_count`, `error_count`,
 `error_items`), so `GET /v1/bulk_operations/{id}` shows it move. An item that cannot be applied
 (properties over 256 kB, NaN, an id Knock refuses) is an error item naming its id; the others go
 in. A chunk is applied once: the progress it writes is in its own transaction, and a worker that
-takes over resumes after the last committed chunk.
+takes over resumes after the last committed chunk. A chunk whose transaction fails (the store
+refused it) is retried; after three failures in a row the operation is `failed`, with
+`failed_at`, and what its earlier chunks applied stays applied, as `processed_rows` says.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger("audiences.api.bulk")
 MAX_ITEMS = 1000  # Knock's limit per bulk request
 CHUNK = 100  # items per write transaction: progress moves at least this often
 LEASE = timedelta(seconds=60)
+MAX_ATTEMPTS = 3  # a chunk that fails this many times in a row fails its operation
 OPERATIONS = {"users.identify", "users.delete"}
 
 
@@ -115,6 +118,7 @@ class BulkWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._failures: dict[str, int] = {}
 
     def start(self) -> BulkWorker:
         self._thread.start()
@@ -146,12 +150,22 @@ class BulkWorker:
             return False
         items = json.loads(operation["items"])
         position = operation["processed_rows"]
+        operation_id = operation["operation_id"]
         try:
             while position < len(items) and not self._stop.is_set():
                 chunk = items[position : position + CHUNK]
                 self._apply(operation, chunk, position + len(chunk))
                 position += len(chunk)
+                self._failures.pop(operation_id, None)
         except LostLease:
+            return True
+        except Exception:
+            # The chunk's transaction rolled back: nothing of it is applied. Retried from there,
+            # and after MAX_ATTEMPTS failures in a row the operation is `failed`.
+            log.exception("bulk operation %s failed at item %d", operation_id, position)
+            failures = self._failures[operation_id] = self._failures.get(operation_id, 0) + 1
+            self._release(operation_id, failed=failures >= MAX_ATTEMPTS)
+            self._stop.wait(0.2 * failures)  # a store that is briefly unavailable gets time
             return True
         if position >= len(items):
             self._finish(operation["operation_id"])
@@ -263,6 +277,23 @@ class BulkWorker:
         except ApiError as error:
             return error.message
         return None
+
+    def _release(self, operation_id: str, failed: bool) -> None:
+        """Give the operation back to be retried now, or mark it failed."""
+        table = tables.bulk_operations
+        stamp = now_text()
+        values = (
+            {"status": "failed", "failed_at": stamp, "claimed_until": None, "items": "[]"}
+            if failed
+            else {"status": "queued", "claimed_by": None, "claimed_until": None}
+        )
+        self.environment.write(
+            lambda connection: connection.execute(
+                table.update()
+                .where(table.c.operation_id == operation_id, table.c.claimed_by == self.name)
+                .values(updated_at=stamp, **values)
+            )
+        )
 
     def _finish(self, operation_id: str) -> None:
         table = tables.bulk_operations

@@ -315,3 +315,28 @@ def test_audiences_serve_with_two_workers_processes_bulk_operations_and_serves_t
         assert sum(1 for _ in knock.users.list(page_size=50)) == 2000
         knock.tenants.set("acme", name="Acme")
         assert [tenant.name for tenant in knock.tenants.list()] == ["Acme"]
+
+
+def test_a_bulk_operation_whose_chunk_keeps_failing_ends_failed_with_its_progress(
+    service, monkeypatch
+):
+    from audiences.api import bulk
+
+    real_identify = bulk.profiles.identify
+
+    def identify_refusing_poison(store, connection, patches):
+        patches = list(patches)
+        if any(user_id == "poison" for user_id, _ in patches):
+            raise RuntimeError("the store refused the chunk")
+        return real_identify(store, connection, patches)
+
+    monkeypatch.setattr(bulk.profiles, "identify", identify_refusing_poison)
+    knock = sdk(service)
+    users = [{"id": f"ok-{n:03}"} for n in range(150)] + [{"id": "poison"}]
+    done = wait_for(knock, knock.users.bulk.identify(users=users).id)
+    assert done.status == "failed" and done.failed_at is not None
+    # The first chunk of 100 was applied; the failing chunk (50 and the poison) was not.
+    assert (done.processed_rows, done.success_count) == (100, 100)
+    assert knock.users.get("ok-099").id == "ok-099"
+    with pytest.raises(knockapi.NotFoundError):
+        knock.users.get("ok-100")
