@@ -50,8 +50,10 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_STORE_URL_<ENV>": "the store of one environment, e.g. AUDIENCES_STORE_URL_PRODUCTION (default: "
     "AUDIENCES_STORE_URL for AUDIENCES_ENV, else the environment's default store)",
     "AUDIENCES_DEFINITIONS_<ENV>": "the definitions folder of one environment (default AUDIENCES_DEFINITIONS)",
-    "AUDIENCES_API_WRITE_RATE": "API writes per second per key (default 60, Knock's tier 3)",
-    "AUDIENCES_API_READ_RATE": "API reads per second per key (default 200, Knock's tier 4)",
+    "AUDIENCES_API_WRITE_RATE": "API writes per second per environment (default 60, Knock's tier 3)",
+    "AUDIENCES_API_READ_RATE": "API reads per second per environment (default 200, Knock's tier 4)",
+    "AUDIENCES_API_DELETE_RATE": "API deletes and merges per second per environment (default 5, Knock's tier 2)",
+    "AUDIENCES_API_BULK_RATE": "API bulk operations per second per environment (default 1, Knock's tier 1)",
     "AUDIENCES_API_MAX_BODY_BYTES": f"the largest API request body, in bytes (default {API_MAX_BODY_BYTES})",
 }
 
@@ -107,6 +109,14 @@ class Settings:
     @property
     def api_read_rate(self) -> float:
         return _positive_rate("AUDIENCES_API_READ_RATE", 200.0)
+
+    @property
+    def api_delete_rate(self) -> float:
+        return _positive_rate("AUDIENCES_API_DELETE_RATE", 5.0)
+
+    @property
+    def api_bulk_rate(self) -> float:
+        return _positive_rate("AUDIENCES_API_BULK_RATE", 1.0)
 
     @property
     def api_max_body_bytes(self) -> int:

@@ -20,7 +20,20 @@ Measured in one run, against `audiences serve` started as its own process (uvico
    the service's own. The read rate limit is raised for this phase (a single key would otherwise
    be held to Knock's 200 reads a second). Target: p99 under 5 ms at 10M members.
 
-Results go to `bench/api-results.md` and `.json`; data lives in `bench/data/api/` (ignored).
+4. **Adds through Knock's SDK** (`knockapi`'s `AsyncKnock`, 8 tasks, `add_members` with batches
+   of 1,000): the SDK sends an `Idempotency-Key` on every write, which the server claims and
+   records in the write's transaction.
+5. **Bulk identify** of `--bulk-users` users (100k by default) through the SDK's
+   `users.bulk.identify`, 1,000 a request (Knock's limit), then `bulk_operations.get` until every
+   operation is `completed`: users a second from the first request to the last completion.
+6. **Merges** through the SDK's `users.merge`, 4 clients for `--seconds`: each merges a user who
+   is a member of a static audience and has properties into another (properties merged, the
+   membership moved with an `exited` and an `entered` event, the merged user deleted).
+
+Rate limits are per environment and tier (Knock's): the benchmark measures the server, so it
+raises every tier's limit. `--phases adds,sdk_adds,...` runs some phases only; their results then
+go to `bench/api-results-<phases>.md` and `.json` instead of `bench/api-results.md` and `.json`.
+Data lives in `bench/data/api/` (ignored).
 """
 
 from __future__ import annotations
@@ -48,6 +61,15 @@ from audiences.api.keys import create_key  # noqa: E402
 from audiences.store.database import MembershipStore  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "api"
+PHASES = (
+    "adds",
+    "adds_with_identify",
+    "adds_one_worker",
+    "sdk_adds",
+    "bulk_identify",
+    "merges",
+    "checks",
+)
 CLIENTS = 8
 BATCH = 1000
 
@@ -120,6 +142,8 @@ def environment_for(folder: Path, **extra: str) -> dict[str, str]:
         "AUDIENCES_DEFINITIONS": str(definitions),
         "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}",
         "AUDIENCES_API_ENVIRONMENTS": "development",
+        # Limits are per environment (Knock's scope): the clients here are one environment.
+        **{f"AUDIENCES_API_{tier}_RATE": "1000000" for tier in ("READ", "WRITE", "DELETE", "BULK")},
         **extra,
     }
 
@@ -186,6 +210,148 @@ async def add_load(url: str, keys: list[str], seconds: float, identify: bool, la
         "max_ms": round(max(latencies) * 1000, 1) if latencies else None,
         "errors": len(errors),
         "error_samples": errors[:3],
+    }
+
+
+async def sdk_add_load(url: str, key: str, seconds: float) -> dict:
+    """Adds through Knock's SDK: 8 tasks, batches of 1,000 new members, each with the
+    `Idempotency-Key` the SDK sends on every write."""
+    import knockapi
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    members = 0
+    stop_at = time.monotonic() + seconds
+    knock = knockapi.AsyncKnock(api_key=key, base_url=url, max_retries=0, timeout=30)
+
+    async def client(number: int) -> None:
+        nonlocal members
+        batch = 0
+        while time.monotonic() < stop_at:
+            batch_members = [
+                {"user": {"id": f"sdk-c{number}-b{batch}-m{index}"}} for index in range(BATCH)
+            ]
+            started = time.perf_counter()
+            try:
+                await knock.audiences.add_members("bench", members=batch_members)
+                members += BATCH
+            except knockapi.APIError as error:
+                errors.append(f"{error!s:.200}")
+            latencies.append(time.perf_counter() - started)
+            batch += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(number) for number in range(CLIENTS)))
+    wall = time.perf_counter() - started
+    await knock.close()
+    return {
+        "clients": CLIENTS,
+        "batch": BATCH,
+        "seconds": round(wall, 2),
+        "requests": len(latencies),
+        "members": members,
+        "members_per_second": round(members / wall),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+    }
+
+
+def bulk_identify_load(url: str, key: str, users: int) -> dict:
+    """Bulk identify `users` users through the SDK, 1,000 a request, and wait for every
+    operation to complete."""
+    import knockapi
+
+    knock = knockapi.Knock(api_key=key, base_url=url, max_retries=0, timeout=60)
+    started = time.perf_counter()
+    operations = []
+    for first in range(0, users, BATCH):
+        batch = [
+            {"id": f"bulk-{number:07d}", "name": f"User {number}", "plan": "pro"}
+            for number in range(first, min(first + BATCH, users))
+        ]
+        operations.append(knock.users.bulk.identify(users=batch).id)
+    submitted = time.perf_counter() - started
+    pending, final = list(operations), {}
+    while pending:
+        for operation_id in list(pending):
+            operation = knock.bulk_operations.get(operation_id)
+            if operation.status in ("completed", "failed"):
+                final[operation_id] = operation
+                pending.remove(operation_id)
+        if pending:
+            time.sleep(0.05)
+    completed = time.perf_counter() - started
+    knock.close()
+    return {
+        "users": users,
+        "requests": len(operations),
+        "submit_seconds": round(submitted, 2),
+        "seconds_to_completed": round(completed, 2),
+        "users_per_second": round(users / completed),
+        "succeeded": sum(operation.success_count for operation in final.values()),
+        "errors": sum(operation.error_count or 0 for operation in final.values()),
+        "failed_operations": sum(op.status == "failed" for op in final.values()),
+    }
+
+
+async def merge_load(url: str, key: str, seconds: float, pairs: int) -> dict:
+    """Merges through the SDK, 4 clients: `pairs` pairs of users are identified and the merged
+    ones added to the static audience `bench` first (bulk identify, adds), then merged."""
+    import knockapi
+
+    setup = knockapi.Knock(api_key=key, base_url=url, max_retries=0, timeout=60)
+    operations = []
+    for first in range(0, pairs, BATCH):
+        numbers = range(first, min(first + BATCH, pairs))
+        for users in (
+            [{"id": f"kept-{n}", "name": "Kept", "plan": "pro"} for n in numbers],
+            [{"id": f"old-{n}", "seats": n, "profile": {"source": "old"}} for n in numbers],
+        ):
+            operations.append(setup.users.bulk.identify(users=users).id)
+        setup.audiences.add_members(
+            "bench", members=[{"user": {"id": f"old-{n}"}, "tenant": "acme"} for n in numbers]
+        )
+    for operation_id in operations:  # the users are identified before the merges start
+        while setup.bulk_operations.get(operation_id).status not in ("completed", "failed"):
+            time.sleep(0.1)
+    setup.close()
+    clients = 4
+    latencies: list[float] = []
+    errors: list[str] = []
+    merged = 0
+    stop_at = time.monotonic() + seconds
+    next_pair = iter(range(pairs))
+    knock = knockapi.AsyncKnock(api_key=key, base_url=url, max_retries=0, timeout=30)
+
+    async def client() -> None:
+        nonlocal merged
+        for number in next_pair:
+            if time.monotonic() >= stop_at:
+                return
+            started = time.perf_counter()
+            try:
+                await knock.users.merge(f"kept-{number}", from_user_id=f"old-{number}")
+                merged += 1
+            except knockapi.APIError as error:
+                errors.append(f"{error!s:.200}")
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - started
+    await knock.close()
+    return {
+        "clients": clients,
+        "seconds": round(wall, 2),
+        "merges": merged,
+        "merges_per_second": round(merged / wall, 1),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "ran_out_of_pairs": merged + len(errors) >= pairs,
     }
 
 
@@ -262,7 +428,22 @@ def main() -> None:
         help="server worker processes for the add phases "
         "(default 2, one per core; a 1-worker run is reported too)",
     )
+    parser.add_argument(
+        "--bulk-users", type=int, default=100_000, help="users to bulk identify (default 100k)"
+    )
+    parser.add_argument(
+        "--merge-pairs", type=int, default=20_000, help="user pairs prepared for merges"
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
+    )
     options = parser.parse_args()
+    phases = [phase.strip() for phase in options.phases.split(",") if phase.strip()]
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown:
+        parser.error(f"unknown phases {', '.join(unknown)}; phases: {', '.join(PHASES)}")
     command = ".venv/bin/python bench/api.py " + " ".join(sys.argv[1:])
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir(parents=True)
@@ -278,6 +459,8 @@ def main() -> None:
         ("adds_with_identify", True, options.workers),
         ("adds_one_worker", False, 1),
     ):
+        if phase not in phases:
+            continue
         folder = DATA / phase
         folder.mkdir()
         environ = environment_for(folder)
@@ -300,6 +483,41 @@ def main() -> None:
             server.stop()
         print(f"  {results[phase]}", flush=True)
 
+    for phase in ("sdk_adds", "bulk_identify", "merges"):
+        if phase not in phases:
+            continue
+        folder = DATA / phase
+        folder.mkdir()
+        environ = environment_for(folder)
+        store = MembershipStore(environ["AUDIENCES_STORE_URL"]).create()
+        key = create_key(store, "development", phase)[1]
+        store.dispose()
+        server = Server(folder, environ, options.workers)
+        try:
+            print(f"{phase}: {options.workers} server worker(s) ...", flush=True)
+            if phase == "sdk_adds":
+                result = asyncio.run(sdk_add_load(server.url, key, options.seconds))
+            elif phase == "bulk_identify":
+                result = bulk_identify_load(server.url, key, options.bulk_users)
+            else:
+                result = asyncio.run(
+                    merge_load(server.url, key, options.seconds, options.merge_pairs)
+                )
+            results[phase] = {**result, "server_workers": options.workers}
+        finally:
+            server.stop()
+        print(f"  {results[phase]}", flush=True)
+
+    if "checks" in phases:
+        run_checks(options, results)
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    name = "api-results" if phases == list(PHASES) else "api-results-" + "-".join(phases)
+    (ROOT / "bench" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / "bench" / f"{name}.md").write_text(report(results))
+    print((ROOT / "bench" / f"{name}.md").read_text())
+
+
+def run_checks(options, results: dict) -> None:
     folder = DATA / "checks"
     folder.mkdir()
     environ = environment_for(folder, AUDIENCES_API_READ_RATE="1000000")
@@ -315,21 +533,14 @@ def main() -> None:
     finally:
         server.stop()
     print(f"  {results['checks']}", flush=True)
-    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    (ROOT / "bench" / "api-results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (ROOT / "bench" / "api-results.md").write_text(report(results))
-    print((ROOT / "bench" / "api-results.md").read_text())
 
 
 def report(results: dict) -> str:
-    adds, identify, checks = results["adds"], results["adds_with_identify"], results["checks"]
+    """The results as markdown: every phase that ran, and the targets' verdicts."""
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    one = results["adds_one_worker"]
-    add_ok = adds["members_per_second"] > 20_000 and adds["errors"] == 0 and adds["p99_ms"] < 250
-    one_ok = one["members_per_second"] > 20_000 and one["errors"] == 0 and one["p99_ms"] < 250
     lines = [
         "# API load benchmark",
         "",
@@ -340,38 +551,78 @@ def report(results: dict) -> str:
         "requests (32,000 members) a second, and the p99 more. "
         "See the docstring of `bench/api.py` for what each phase does.",
         "",
-        "| phase | requests | members/s | p50 ms | p99 ms | max ms | errors |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for name, row in (
-        (f"adds, 8 clients, batches of 1,000, {adds['server_workers']} workers", adds),
-        (f"adds with inline identify, {identify['server_workers']} workers", identify),
-        ("adds, 8 clients, batches of 1,000, 1 worker", one),
-    ):
-        lines.append(
-            f"| {name} | {row['requests']:,} | {row['members_per_second']:,} | {row['p50_ms']} | "
-            f"{row['p99_ms']} | {row['max_ms']} | {row['errors']} |"
+    adds_rows = [
+        (name, results[phase])
+        for phase, name in (
+            ("adds", "adds, 8 clients, batches of 1,000, {workers} workers"),
+            ("adds_with_identify", "adds with inline identify, {workers} workers"),
+            ("adds_one_worker", "adds, 8 clients, batches of 1,000, 1 worker"),
+            ("sdk_adds", "adds through Knock's SDK (Idempotency-Key on each), {workers} workers"),
         )
-    lines += [
-        "",
-        f"Adds target (over 20,000 members/s, no errors, p99 under 250 ms): {verdict(add_ok)} with "
-        f"{adds['server_workers']} workers; {verdict(one_ok)} with one.",
-        "",
-        "| membership checks | requests | p50 ms | p99 ms | max ms | errors |",
-        "|---|---|---|---|---|---|",
-        f"| {checks['members']:,} members, one client | {checks['requests']:,} | {checks['p50_ms']} | "
-        f"{checks['p99_ms']} | {checks['max_ms']} | {checks['errors']} |",
-        "",
-        f"Checks target (p99 under 5 ms at 10M members): "
-        f"{verdict(checks['p99_ms'] < 5 and checks['members'] >= 10_000_000 and checks['errors'] == 0)}"
-        + (
-            ""
-            if checks["members"] >= 10_000_000
-            else f" (this run used {checks['members']:,} members)"
-        )
-        + ".",
-        "",
+        if phase in results
     ]
+    if adds_rows:
+        lines += [
+            "| phase | requests | members/s | p50 ms | p99 ms | max ms | errors |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, row in adds_rows:
+            lines.append(
+                f"| {name.format(workers=row['server_workers'])} | {row['requests']:,} | "
+                f"{row['members_per_second']:,} | {row['p50_ms']} | {row['p99_ms']} | "
+                f"{row.get('max_ms', '')} | {row['errors']} |"
+            )
+        lines.append("")
+    for phase, label in (("adds", "with {workers} workers"), ("adds_one_worker", "with one")):
+        if phase in results:
+            row = results[phase]
+            ok = row["members_per_second"] > 20_000 and row["errors"] == 0 and row["p99_ms"] < 250
+            lines.append(
+                "Adds target (over 20,000 members/s, no errors, p99 under 250 ms) "
+                f"{label.format(workers=row['server_workers'])}: {verdict(ok)}."
+            )
+    if "bulk_identify" in results:
+        bulk = results["bulk_identify"]
+        lines += [
+            "",
+            "| bulk identify | requests | users | submitted in s | completed in s | users/s | errors |",
+            "|---|---|---|---|---|---|---|",
+            f"| SDK `users.bulk.identify`, 1,000 a request, {bulk['server_workers']} workers | "
+            f"{bulk['requests']:,} | {bulk['users']:,} | {bulk['submit_seconds']} | "
+            f"{bulk['seconds_to_completed']} | {bulk['users_per_second']:,} | "
+            f"{bulk['errors'] + bulk['failed_operations']} |",
+        ]
+    if "merges" in results:
+        merges = results["merges"]
+        lines += [
+            "",
+            "| merges | merges | merges/s | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|",
+            f"| SDK `users.merge`, {merges['clients']} clients, {merges['server_workers']} workers, "
+            f"a static membership and properties each | {merges['merges']:,} | "
+            f"{merges['merges_per_second']} | {merges['p50_ms']} | {merges['p99_ms']} | "
+            f"{merges['errors']} |",
+        ]
+    if "checks" in results:
+        checks = results["checks"]
+        lines += [
+            "",
+            "| membership checks | requests | p50 ms | p99 ms | max ms | errors |",
+            "|---|---|---|---|---|---|",
+            f"| {checks['members']:,} members, one client | {checks['requests']:,} | "
+            f"{checks['p50_ms']} | {checks['p99_ms']} | {checks['max_ms']} | {checks['errors']} |",
+            "",
+            f"Checks target (p99 under 5 ms at 10M members): "
+            f"{verdict(checks['p99_ms'] < 5 and checks['members'] >= 10_000_000 and checks['errors'] == 0)}"
+            + (
+                ""
+                if checks["members"] >= 10_000_000
+                else f" (this run used {checks['members']:,} members)"
+            )
+            + ".",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -10,18 +10,36 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 
 import logging
 import uuid
+from collections.abc import Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from audiences.api import census
-from audiences.api.errors import ApiError, error_body
+from audiences.api.bulk import BulkWorker
+from audiences.api.errors import ApiError, error_body, invalid
+from audiences.api.identifiers import encoded_slash
 from audiences.api.keys import StoreEnvironmentError, safe_url
 from audiences.api.limits import BodyLimit, RateLimiter
-from audiences.api.models import MEMBERS_ADAPTER, PROPERTIES_ADAPTER
-from audiences.api.routes import audiences, guides, users
+from audiences.api.models import (
+    BODY_SCHEMAS,
+    ERRORS,
+    MEMBERS_ADAPTER,
+    PROPERTIES_ADAPTER,
+    ErrorBody,
+)
+from audiences.api.routes import (
+    audiences,
+    bulk,
+    guides,
+    tenants,
+    user_list,
+    user_merge,
+    users,
+)
 from audiences.api.service import Environment
 from audiences.settings import Settings
 
@@ -32,7 +50,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     environments = open_environments(settings)
     limiter = RateLimiter(
-        {"write": settings.api_write_rate, "read": settings.api_read_rate},
+        {
+            "read": settings.api_read_rate,
+            "write": settings.api_write_rate,
+            "delete": settings.api_delete_rate,
+            "bulk": settings.api_bulk_rate,
+        },
         settings.duckdb_path.parent / "api-rate-limits.bin",
     )
     app = FastAPI(
@@ -43,8 +66,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.environments = environments
     app.state.limiter = limiter
+    for environment in environments.values():
+        environment.bulk_worker = BulkWorker(environment).start()
 
-    for routes in (audiences, users, guides, census):
+    # The bulk and list routes before users' `/v1/users/{user_id}`: FastAPI matches in order.
+    for routes in (audiences, bulk, user_list, user_merge, users, tenants, guides, census):
         app.include_router(routes.router)
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -65,11 +91,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if problem.get("type") == "json_invalid":
                 in_query = tuple(problem.get("loc", ()))[:1] == ("query",)
                 position = f" at character {location[0]}" if location and not in_query else ""
+                reason = problem.get("ctx", {}).get("error", "")
                 fields.append(
                     {
                         "field": ".".join(location) if in_query else "body",
                         "type": "invalid_json",
-                        "message": f"malformed JSON{position}: {problem.get('ctx', {}).get('error', '')}",
+                        "message": reason
+                        if problem.get("msg") == "no body"
+                        else f"malformed JSON{position}: {reason}",
                     }
                 )
             else:
@@ -87,14 +116,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, error: StarletteHTTPException):
+    async def http_error(request: Request, error: StarletteHTTPException):
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.status_code == 404:
+            # A percent-encoded '/' in an id splits the path, so no route matches: name the id.
+            slashed = encoded_slash(
+                request.scope.get("raw_path") or b"",
+                [route.path_regex for route in plain_routes(app.router.routes)],
+            )
+            if slashed is not None:
+                name, value = slashed
+                refused = invalid(
+                    name, f"{value!r} contains '/': Knock's ids cannot contain '/' or '#'"
+                )
+                return JSONResponse(refused.body(), status_code=refused.status)
+        if error.status_code == 405:
+            # Every method of every route on this path (Starlette names only the first route's).
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=headers)
         code = {404: "resource_missing", 405: "method_not_allowed"}.get(
             error.status_code, "http_error"
         )
         return JSONResponse(
             error_body(error.status_code, code, str(error.detail)),
             status_code=error.status_code,
-            headers=getattr(error, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(Exception)
@@ -122,12 +169,55 @@ def openapi_with_members_body(app: FastAPI) -> dict:
         for name, adapter in (
             ("AudienceMembersRequest", MEMBERS_ADAPTER),
             ("UserProperties", PROPERTIES_ADAPTER),
+            *BODY_SCHEMAS.items(),
         ):
             schema = adapter.json_schema(ref_template="#/components/schemas/{model}")
             components.update(schema.pop("$defs", {}))
             components[name] = schema
+        document_every_error(document)
         app.openapi_schema = document
     return app.openapi_schema
+
+
+def document_every_error(document: dict) -> None:
+    """Every operation can answer 400 (a request uvicorn could not read), 401, 404, 413, 422 and
+    429, each with Knock's error body, whichever router it comes from: say so in the document."""
+    schemas = document["components"]["schemas"]
+    error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(error_schema.pop("$defs", {}))
+    schemas.setdefault("ErrorBody", error_schema)
+    reference = {"$ref": "#/components/schemas/ErrorBody"}
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, answer in ERRORS.items():
+                responses.setdefault(
+                    str(status),
+                    {
+                        "description": answer["description"],
+                        "content": {"application/json": {"schema": reference}},
+                    },
+                )
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """The methods some route answers on this scope's path, and OPTIONS."""
+    methods = {"OPTIONS"}
+    for route in plain_routes(app.router.routes):
+        if getattr(route, "methods", None) and route.matches(scope)[0] != Match.NONE:
+            methods |= set(route.methods) - {"HEAD"}
+    return sorted(methods)
+
+
+def plain_routes(routes: list) -> Iterator:
+    """The routes with a path of their own, inside the included routers too (FastAPI keeps an
+    included router as one entry; ours have no prefix, so their routes' paths are the app's)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from plain_routes(included.routes)
+        elif hasattr(route, "path_regex"):
+            yield route
 
 
 class RequestId:

@@ -14,18 +14,20 @@ bad row is reported and the rest of the batch goes in.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
-from audiences.api.dependencies import authenticate, bearer
+from audiences.api.dependencies import authenticate, bearer, check_rate, parsed_body
 from audiences.api.errors import ApiError
-from audiences.api.limits import retry_after_header
+from audiences.api.identifiers import id_problem
 from audiences.api.service import Environment
 from audiences.static.members import MAX_MEMBERS_PER_CALL
 from audiences.store.database import normalize_tenant
 
 OPERATIONS = ["insert", "upsert", "mirror"]
+RPC_ADAPTER = TypeAdapter(dict[str, Any])
 FIELDS = [
     {
         "field_api_name": "user_id",
@@ -63,21 +65,24 @@ router = APIRouter(tags=["integrations"])
     "/v1/integrations/census/custom-destination",
     summary="Census custom destination (JSON-RPC 2.0): audiences as objects, members as records",
     response_model=dict[str, Any],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "A JSON-RPC 2.0 request",
+            "content": {
+                "application/json": {"schema": {"type": "object", "additionalProperties": True}}
+            },
+        }
+    },
 )
 async def census(
     http: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    request: Annotated[dict[str, Any], Body(description="A JSON-RPC 2.0 request")],
 ):
+    # The key first, then the body: a caller without a key learns nothing of the body's checks.
     caller = authenticate(http, credentials)
-    wait = http.app.state.limiter.acquire(caller.key.key_id, "write")
-    if wait is not None:
-        raise ApiError(
-            429,
-            "rate_limit_exceeded",
-            "over this key's write rate limit",
-            headers={"Retry-After": retry_after_header(wait)},
-        )
+    check_rate(http, caller, "write")
+    request = await parsed_body(http, RPC_ADAPTER)
     request_id = request.get("id")
     try:
         if request.get("jsonrpc") != "2.0" or not isinstance(request.get("method"), str):
@@ -172,8 +177,9 @@ def sync_batch(environment: Environment, params: dict) -> dict:
 def _problem(user_id: object, tenant: object) -> str | None:
     if not isinstance(user_id, str) or not user_id.strip():
         return "user_id is missing or blank"
-    if len(user_id) > 255:
-        return "user_id is longer than 255 characters"
+    problem = id_problem(user_id)
+    if problem:
+        return f"user_id: {problem}"
     if tenant is not None and not isinstance(tenant, str):
         return "tenant must be text"
     for text in (user_id, tenant or ""):

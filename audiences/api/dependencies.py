@@ -42,7 +42,7 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
     """The caller a secret key names; 401 in Knock's shape when there is none."""
     environments = request.app.state.environments
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise ApiError(401, "unauthenticated", "send a secret key as `Authorization: Bearer <key>`")
+        raise ApiError(401, "api_key_missing", "send a secret key as `Authorization: Bearer <key>`")
     # Only the store of the environment the key names is asked, and only for a key made for
     # that environment: a key works in its own environment and nowhere else.
     secret = credentials.credentials
@@ -52,13 +52,15 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
             return Caller(key, environments[name])
     raise ApiError(
         401,
-        "unauthenticated",
+        "authentication_required",
         "the key does not exist, was revoked, or belongs to an environment this server does not serve",
     )
 
 
 def limited(kind: str) -> Callable[..., Caller]:
-    """A dependency: the authenticated caller, within its `kind` ("read" or "write") rate limit."""
+    """A dependency: the authenticated caller, within the rate limit of the endpoint's tier
+    (`kind`: "read", "write", "delete" or "bulk", Knock's tiers 4, 3, 2 and 1). As Knock scopes
+    them, limits are per environment, not per key: a second key does not double the rate."""
 
     # Async, so FastAPI runs it on the event loop: the key lookup is one indexed read, cheaper
     # than handing the request to a worker thread and back.
@@ -66,23 +68,31 @@ def limited(kind: str) -> Callable[..., Caller]:
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> Caller:
-        limiter = request.app.state.limiter
         caller = authenticate(request, credentials)
-        wait = limiter.acquire(caller.key.key_id, kind)
-        if wait is not None:
-            raise ApiError(
-                429,
-                "rate_limit_exceeded",
-                f"over this key's limit of {limiter.rates[kind]:g} {kind}s a second",
-                headers={"Retry-After": retry_after_header(wait)},
-            )
+        check_rate(request, caller, kind)
         return caller
 
     return dependency
 
 
+def check_rate(request: Request, caller: Caller, kind: str) -> None:
+    """Take one request from the caller's environment's `kind` bucket, or answer 429."""
+    limiter = request.app.state.limiter
+    wait = limiter.acquire(caller.environment.name, kind)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limit_exceeded",
+            f"over the {caller.environment.name} environment's limit of "
+            f"{limiter.rates[kind]:g} {kind} requests a second",
+            headers={"Retry-After": retry_after_header(wait)},
+        )
+
+
 Reader = Annotated[Caller, Depends(limited("read"))]
 Writer = Annotated[Caller, Depends(limited("write"))]
+Deleter = Annotated[Caller, Depends(limited("delete"))]  # deletes and merges: Knock's tier 2
+BulkWriter = Annotated[Caller, Depends(limited("bulk"))]  # bulk operations: Knock's tier 1
 
 
 async def write(
@@ -150,13 +160,31 @@ async def members_body(request: Request, from_query: bool = False) -> dict:
                     for problem in error.errors(include_url=False)
                 ]
             ) from None
-    return await parsed_body(request, MEMBERS_ADAPTER)
+    return await parsed_body(
+        request,
+        MEMBERS_ADAPTER,
+        "the request has no body; send the members in it"
+        + (", or as a `members` query parameter" if from_query else ""),
+    )
 
 
-async def parsed_body(request: Request, adapter: TypeAdapter) -> Any:
-    """The request's JSON body, parsed and validated by pydantic-core in one step."""
+async def parsed_body(request: Request, adapter: TypeAdapter, missing: str = "") -> Any:
+    """The request's JSON body, parsed and validated by pydantic-core in one step, whatever its
+    content type says. An empty body is `invalid_json` too, with `missing` saying what to send."""
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body",),
+                    "msg": "no body",
+                    "ctx": {"error": missing or "the request has no body; send a JSON object"},
+                }
+            ]
+        )
     try:
-        return adapter.validate_json(await request.body())
+        return adapter.validate_json(raw)
     except ValidationError as error:
         raise RequestValidationError(
             [

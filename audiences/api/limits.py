@@ -17,7 +17,8 @@ from audiences.api.errors import error_body
 
 
 class RateLimiter:
-    """A token bucket per (key, kind): `rate` requests a second, bursts up to one second's worth.
+    """A token bucket per (environment, tier): `rate` requests a second, bursts up to one
+    second's worth.
 
     The buckets live in a small memory-mapped file shared by every worker process of the service
     (`audiences serve --workers N`), guarded by a file lock, so a key's limit holds across them.

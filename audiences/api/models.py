@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from typing_extensions import TypedDict
 
 from audiences.api.errors import ErrorBody
+from audiences.api.identifiers import ID_PATTERN, DateTime, Id
 from audiences.conditions.definitions import KEY_PATTERN
 from audiences.static.members import MAX_MEMBERS_PER_CALL
 
@@ -41,7 +42,12 @@ GuideKey = Annotated[
     str, Path(pattern=f"^{KEY_PATTERN.pattern}$", description="The guide key (its folder's name).")
 ]
 UserId = Annotated[
-    str, Path(pattern=IDENTIFIER_PATTERN, max_length=255, description="The user's id.")
+    str,
+    Path(
+        pattern=ID_PATTERN,
+        max_length=255,
+        description="The user's id (Knock's rule: no '/' or '#').",
+    ),
 ]
 
 
@@ -59,23 +65,41 @@ class UserProperties(TypedDict, total=False):
     avatar: Text | None
     locale: Text | None
     timezone: Text | None
-    created_at: Text | None
+    created_at: DateTime | None
 
 
 class InlineIdentifyUser(UserProperties, total=False):
     """Knock's `InlineIdentifyUserRequest`: `id` is required."""
 
-    id: Required[Identifier]
+    id: Required[Id]
 
 
+class TenantProperties(TypedDict, total=False):
+    """Knock's tenant fields: `name`, `settings` (branding, preference set); any other property
+    is a custom property. Merged into the stored tenant (a `null` removes one). `channel_data` and
+    `preferences` are accepted and not kept."""
+
+    __pydantic_config__ = ConfigDict(extra="allow")  # type: ignore[misc]
+    name: Text | None
+    settings: dict[str, Any] | None
+
+
+class InlineTenant(TenantProperties, total=False):
+    """Knock's `InlineTenantRequest` as an object: `id` is required; it is set (upserted) with
+    the members that name it."""
+
+    id: Required[Id]
+
+
+# Unknown keys are accepted and ignored, as Knock's schemas do (`additionalProperties`).
 class AudienceMemberRequest(TypedDict, total=False):
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
     user: Required[InlineIdentifyUser]
-    tenant: Tenant | None
+    tenant: Tenant | InlineTenant | None
 
 
 class AudienceMembersRequest(TypedDict):
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    __pydantic_config__ = ConfigDict(extra="ignore")  # type: ignore[misc]
     members: Annotated[
         list[AudienceMemberRequest],
         Field(
@@ -135,7 +159,7 @@ class GuideEligibility(BaseModel):
 
 
 class BroadcastRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     workflow: Identifier = Field(description="The workflow key each member's trigger names.")
     data: dict[str, Any] = Field(default_factory=dict)
     tenant: Tenant | None = Field(None, description="Only members with this tenant.")
@@ -156,11 +180,14 @@ class BroadcastResult(BaseModel):
 ERRORS = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
-        401: "No key, or a key that does not exist or was revoked.",
+        400: "The request could not be read (a request line or headers too long, or malformed).",
+        401: "No key (`api_key_missing`), or a key that does not exist or was revoked "
+        "(`authentication_required`).",
         404: "No such audience, user or guide.",
         413: "The request body is over the limit.",
         422: "Bad input; `errors` names the field.",
-        429: "Over the key's rate limit; `Retry-After` says when to retry.",
+        429: "Over the environment's rate limit for the endpoint's tier; `Retry-After` says "
+        "when to retry.",
     }.items()
 }
 
@@ -180,6 +207,28 @@ MEMBERS_BODY = {
         },
     }
 }
+
+
+# Bodies that routes parse themselves (`parsed_body`), by schema name: the OpenAPI document gets
+# their schemas from here.
+BODY_SCHEMAS: dict[str, TypeAdapter] = {}
+
+
+def json_body(schema: str, adapter: TypeAdapter | None = None, required: bool = True) -> dict:
+    """The OpenAPI `requestBody` of a route that reads its JSON body itself (`parsed_body`);
+    `adapter`'s schema goes into the document's components under `schema`."""
+    if adapter is not None:
+        BODY_SCHEMAS[schema] = adapter
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+        }
+    }
+
+
+BROADCAST_ADAPTER = TypeAdapter(BroadcastRequest)
+BODY_SCHEMAS["BroadcastRequest"] = BROADCAST_ADAPTER
 # Identify's body too: pydantic-core's parser refuses nesting too deep for the stack (where
 # `json.loads` raises RecursionError).
 PROPERTIES_ADAPTER = TypeAdapter(UserProperties)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 
@@ -25,6 +25,9 @@ from audiences.api import idempotency
 from audiences.api.errors import ApiError, invalid, not_found
 from audiences.api.keys import StoreEnvironmentError, bind_store
 from audiences.api.writer import GroupCommitWriter
+
+if TYPE_CHECKING:
+    from audiences.api.bulk import BulkWorker
 from audiences.conditions.definitions import KEY_PATTERN, load_definitions
 from audiences.settings import Settings
 from audiences.static.members import (
@@ -40,6 +43,7 @@ from audiences.static.members import (
 from audiences.store import database as tables
 from audiences.store import profiles
 from audiences.store.database import MembershipStore, normalize_tenant, tenant_key
+from audiences.store.tenants import set_tenants
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
 MAX_NESTING = 100  # objects and arrays in properties and broadcast data
@@ -55,6 +59,7 @@ class Environment:
     settings: Settings
     _types: tuple[float, dict[str, str]] | None = None
     _writer: GroupCommitWriter | None = None
+    bulk_worker: BulkWorker | None = None  # processes queued bulk operations (api/bulk.py)
 
     @classmethod
     def open(cls, settings: Settings, name: str) -> Environment:
@@ -104,6 +109,8 @@ class Environment:
         return self._writer.write(work)
 
     def close(self) -> None:
+        if self.bulk_worker is not None:
+            self.bulk_worker.close()
         if self._writer is not None:
             self._writer.close()
         self.store.dispose()
@@ -137,14 +144,23 @@ class Environment:
                 field="key",
             )
         patches = []
+        tenant_patches = []
         wanted = []
         for index, member in enumerate(members):
             user = member["user"]
             if action == "add" and len(user) > 1:  # more than an id: an inline identify
-                properties = {name: value for name, value in user.items() if name != "id"}
+                properties = profiles.user_properties(user)
                 check_properties(properties, f"members.{index}.user")
-                patches.append((user["id"], properties))
-            wanted.append(Member(user["id"], member.get("tenant")))
+                if properties:
+                    patches.append((user["id"], properties))
+            tenant = member.get("tenant")
+            if isinstance(tenant, dict):  # Knock's inline tenant: set it, and name it by its id
+                if action == "add" and len(tenant) > 1:
+                    details = {name: value for name, value in tenant.items() if name != "id"}
+                    check_properties(details, f"members.{index}.tenant")
+                    tenant_patches.append((tenant["id"], details))
+                tenant = tenant["id"]
+            wanted.append(Member(user["id"], tenant))
         try:
             change = prepare_change(key, wanted, action, source)
         except MembershipError as error:
@@ -152,6 +168,8 @@ class Environment:
         identify = profiles.prepare_identify(patches)
 
         def work(connection):
+            if tenant_patches:
+                set_tenants(self.store, connection, tenant_patches)
             profiles.identify(self.store, connection, identify)
             return apply_change(self.store, connection, change)
 
@@ -230,6 +248,7 @@ class Environment:
         self, user_id: str, properties: dict, claim: idempotency.Claim | None = None
     ) -> dict:
         """Merge properties into the user (`null` removes one); returns the user in Knock's shape."""
+        properties = profiles.user_properties(properties)
         check_properties(properties)
         return self.write(
             lambda connection: profiles.identify(self.store, connection, [(user_id, properties)])[
@@ -247,34 +266,37 @@ class Environment:
     def delete_user(self, user_id: str, claim: idempotency.Claim | None = None) -> None:
         """Delete a user: their static memberships end now, with exit events; dynamic audiences
         drop them at the next evaluation (the warehouse loads the deletion)."""
+        self.audience_types()  # read before the write transaction, not inside it
+        self.write(lambda connection: self.delete_user_in(connection, user_id), claim)
+
+    def delete_user_in(self, connection, user_id: str, missing_ok: bool = False) -> bool:
+        """`delete_user` inside the caller's write transaction (bulk deletes and merges use it);
+        False when the store knew no such user (404 unless `missing_ok`)."""
         types = self.audience_types()
         members = tables.audience_members
-
-        def work(connection):
-            memberships = connection.execute(
-                sa.select(members.c.audience_key, members.c.tenant).where(
-                    members.c.user_id == user_id
+        memberships = connection.execute(
+            sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id)
+        ).all()
+        known = profiles.delete_user(self.store, connection, user_id)
+        if not known and not memberships:
+            if missing_ok:
+                return False
+            raise not_found(f"user {user_id!r}")
+        for audience_key in sorted({row.audience_key for row in memberships}):
+            if types.get(audience_key) == "static":
+                change_members(
+                    self.store,
+                    audience_key,
+                    [
+                        Member(user_id, row.tenant)
+                        for row in memberships
+                        if row.audience_key == audience_key
+                    ],
+                    "remove",
+                    source="api",
+                    connection=connection,
                 )
-            ).all()
-            known = profiles.delete_user(self.store, connection, user_id)
-            if not known and not memberships:
-                raise not_found(f"user {user_id!r}")
-            for audience_key in sorted({row.audience_key for row in memberships}):
-                if types.get(audience_key) == "static":
-                    change_members(
-                        self.store,
-                        audience_key,
-                        [
-                            Member(user_id, row.tenant)
-                            for row in memberships
-                            if row.audience_key == audience_key
-                        ],
-                        "remove",
-                        source="api",
-                        connection=connection,
-                    )
-
-        self.write(work, claim)
+        return True
 
     # -- guides and broadcasts --------------------------------------------------------------------
 

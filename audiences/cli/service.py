@@ -16,6 +16,7 @@ def serve(settings: Settings, arguments) -> int:
     import uvicorn
 
     from audiences.api.app import asgi_app
+    from audiences.api.protocol import PROTOCOL
 
     if arguments.workers > 1:
         from audiences.api.app import close_app, create_app
@@ -31,6 +32,7 @@ def serve(settings: Settings, arguments) -> int:
             port=arguments.port,
             log_level="info",
             access_log=False,
+            http=PROTOCOL,
         )
     else:
         uvicorn.run(
@@ -39,6 +41,7 @@ def serve(settings: Settings, arguments) -> int:
             port=arguments.port,
             log_level="info",
             access_log=False,
+            http=PROTOCOL,
         )
     return 0
 

@@ -164,7 +164,9 @@ def prepare_change(
         raise ValueError(f"action is add or remove, not {action!r}")
     wanted: dict[tuple[str, str], Member] = {}
     for member in members:
-        if not isinstance(member.user_id, str) or not member.user_id.strip():
+        # Blank is ASCII whitespace only, as the API's id pattern says (`str.strip` also strips
+        # control characters such as \x1d, which the API accepts).
+        if not isinstance(member.user_id, str) or not member.user_id.strip("\t\n\x0b\x0c\r "):
             raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
         tenant = normalize_tenant(member.tenant)
         if tenant is not member.tenant:  # a blank tenant is no tenant, on every write path

@@ -228,6 +228,44 @@ user_profiles = sa.Table(
     sa.Column("deleted_at", sa.String(32)),
 )
 
+# Knock's tenants, set through the API (`PUT /v1/tenants/{id}`): one row per tenant, in Knock's
+# shape (`name`, custom `properties`, `settings`), so a warehouse source can read them as they are.
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("tenant_id", sa.String(255), primary_key=True),
+    sa.Column("name", sa.Text),
+    sa.Column("properties", sa.Text, nullable=False),  # a JSON object: the custom properties
+    sa.Column("settings", sa.Text),  # a JSON object: branding, preference_set
+    sa.Column("created_at", sa.String(32), nullable=False),
+    sa.Column("updated_at", sa.String(32), nullable=False),
+)
+
+# Bulk identify and delete (`POST /v1/users/bulk/...`): each request is queued here with its
+# items and processed by the API's worker (api/bulk.py), which reports progress and per-item
+# errors in Knock's `BulkOperation` shape.
+bulk_operations = sa.Table(
+    "bulk_operations",
+    metadata,
+    sa.Column("operation_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),  # users.identify | users.delete
+    sa.Column("status", sa.String(16), nullable=False),  # queued | processing | completed | failed
+    sa.Column("items", sa.Text, nullable=False),  # a JSON array: the users, or their ids
+    sa.Column("estimated_total_rows", sa.Integer, nullable=False),
+    sa.Column("processed_rows", sa.Integer, nullable=False, default=0),
+    sa.Column("success_count", sa.Integer, nullable=False, default=0),
+    sa.Column("error_count", sa.Integer, nullable=False, default=0),
+    sa.Column("error_items", sa.Text, nullable=False, default="[]"),  # [{"id", "message"}]
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Column("claimed_until", sa.String(32)),
+    sa.Column("inserted_at", sa.String(32), nullable=False),
+    sa.Column("updated_at", sa.String(32), nullable=False),
+    sa.Column("started_at", sa.String(32)),
+    sa.Column("completed_at", sa.String(32)),
+    sa.Column("failed_at", sa.String(32)),
+)
+sa.Index("bulk_operations_by_status", bulk_operations.c.status, bulk_operations.c.inserted_at)
+
 # Small named values the engine keeps between runs (e.g. how far warehouse users were published).
 store_markers = sa.Table(
     "store_markers",

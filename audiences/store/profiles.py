@@ -34,6 +34,14 @@ from audiences.users.validation import validate_users
 from audiences.warehouse.schema import ensure_user_tables
 
 DELETION = "null"  # the queued patch that deletes a user in the warehouse
+# Knock's identify takes these beside the properties, but they are delivery settings, not user
+# properties (they never reach `recipient.*`): they are not kept (docs/api.md).
+NOT_PROPERTIES = ("preferences", "channel_data")
+
+
+def user_properties(patch: Mapping) -> dict:
+    """An identify call's properties: the patch without `id` and Knock's non-properties."""
+    return {name: value for name, value in patch.items() if name not in ("id", *NOT_PROPERTIES)}
 
 
 def merge_patch(target: object, patch: object) -> object:

@@ -5,18 +5,19 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from audiences.api.dependencies import Reader, Writer, members_body, write
+from audiences.api.dependencies import Reader, Writer, members_body, parsed_body, write
 from audiences.api.models import (
+    BROADCAST_ADAPTER,
     ERRORS,
     MEMBERS_BODY,
     REMOVE_MEMBERS,
     AudienceKey,
     AudienceMembersPage,
-    BroadcastRequest,
     BroadcastResult,
     Membership,
     Tenant,
     UserId,
+    json_body,
 )
 from audiences.api.service import tenant_of
 
@@ -112,8 +113,10 @@ async def check_member(
     responses=ERRORS,
     tags=["audiences"],
     summary="Trigger a workflow for every member (beyond Knock)",
+    openapi_extra=json_body("BroadcastRequest"),
 )
-async def broadcast(key: AudienceKey, body: BroadcastRequest, request: Request, caller: Writer):
+async def broadcast(key: AudienceKey, request: Request, caller: Writer):
+    body = await parsed_body(request, BROADCAST_ADAPTER)
     return await write(
         request,
         caller,

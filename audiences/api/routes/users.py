@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from audiences.api.dependencies import Reader, Writer, parsed_body, write
+from audiences.api.dependencies import Deleter, Reader, Writer, parsed_body, write
 from audiences.api.errors import invalid
 from audiences.api.models import ERRORS, PROPERTIES_ADAPTER, PROPERTIES_BODY, User, UserId
 
@@ -50,7 +50,7 @@ def get_user(user_id: UserId, caller: Reader):
     tags=["users"],
     summary="Delete a user; their memberships end, with exit events",
 )
-async def delete_user(user_id: UserId, request: Request, caller: Writer):
+async def delete_user(user_id: UserId, request: Request, caller: Deleter):
     return await write(
         request, caller, 204, lambda claim: caller.environment.delete_user(user_id, claim)
     )
