@@ -128,9 +128,7 @@ def generate_models(
     files.append(
         GeneratedFile(
             Path("models/marts/audience_members.sql"),
-            _members_model(
-                definitions, custom, skipped, attribute_spec_hash(attributes), source_label
-            ),
+            _members_model(definitions, custom, skipped, source_label),
         )
     )
     return files
@@ -209,11 +207,6 @@ def _comment(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Models.
-
-
-def attribute_spec_hash(attributes: list[Attribute]) -> str:
-    spec = json.dumps([[list(a.path), a.variant] for a in attributes])
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
 def flattened_columns(attributes: list[Attribute]) -> tuple[str, list[tuple[str, str, str]]]:
@@ -667,7 +660,6 @@ def _members_model(
     definitions: dict[str, AudienceDefinition],
     custom: list[str],
     skipped: list[str],
-    spec: str,
     source_label: str,
 ) -> str:
     """`audience_members`: incremental, re-evaluating per user what it can (macros/audience_members.sql)."""
@@ -681,10 +673,12 @@ def _members_model(
             # Static audiences, and audiences over static or custom SQL ones, are evaluated whole.
             branches.append(full)
             continue
-        # Other audiences' conditions are inlined, so a change to them changes this hash too.
+        # Other audiences' conditions are inlined, so a change to them changes this hash too. The
+        # columns it reads keep their values when other properties are added or dropped
+        # (int_users_flattened), so the set of all properties is not part of it.
         users = REEVALUATED_IN_TIME if key in timed else REEVALUATED_USERS
         compiled = _compile_audience(definition, definitions, users)
-        per_user[key] = hashlib.sha256(f"{spec}\n{compiled.where}".encode()).hexdigest()[:12]
+        per_user[key] = hashlib.sha256(compiled.where.encode()).hexdigest()[:12]
         scoped = (
             f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
             f"from {users}\nwhere\n{_indent(compiled.where, 4)}"

@@ -75,7 +75,10 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
     (definitions / "large-companies").mkdir()
     (definitions / "large-companies" / "audience.json").write_text(json.dumps(NEW_AUDIENCE))
     prepare(settings)
-    run_dbt(["build", "--select", "int_users_flattened"], settings)
+    run_dbt(
+        ["build", "--select", "int_users_flattened", "large_companies", "audience_members"],
+        settings,
+    )
 
     new = [Attribute(("company", "name"), variant) for variant in ("kind", "text", "items")]
     extraction, expected = flattened_columns(new)
@@ -113,6 +116,25 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
                 "select count(*) from main.int_users_flattened where \"company.name__kind\" = 'string'"
             ).fetchone()[0]
             > 0
+        )
+        # audience_members evaluates the new audience whole, and the sample's other dynamic
+        # audiences still per user: the columns they read kept their values (static and custom
+        # SQL audiences are always evaluated whole). Nobody's data changed: no user is listed.
+        whole = connection.execute(
+            "select audience_key from main.audience_members__reevaluated where user_key is null"
+        ).fetchall()
+        dynamic = {
+            folder.name
+            for folder in (ROOT / "data" / "audiences").iterdir()
+            if json.loads((folder / "audience.json").read_text())["type"] == "dynamic"
+        }
+        assert "large-companies" in {key for (key,) in whole}
+        assert not dynamic & {key for (key,) in whole}
+        assert (
+            connection.execute(
+                "select count(*) from main.audience_members__reevaluated where user_key is not null"
+            ).fetchone()[0]
+            == 0
         )
 
     # No definition reads the property any more: its columns go, the others stay as they were.
