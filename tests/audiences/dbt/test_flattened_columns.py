@@ -8,10 +8,10 @@ import json
 import shutil
 
 import duckdb
+from condition_harness import ROOT
 
 from audiences.conditions.compiler import Attribute
 from audiences.dbt.models import flattened_columns
-from tests.condition_harness import ROOT
 
 NEW_AUDIENCE = {
     "name": "Large companies",
