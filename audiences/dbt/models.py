@@ -33,6 +33,7 @@ from audiences.conditions.compiler import (
     compile_segments,
     json_pointer,
     normalized_tenant,
+    property_json,
     render,
     time_windows,
     without_tenant,
@@ -129,9 +130,7 @@ def generate_models(
     files.append(
         GeneratedFile(
             Path("models/marts/audience_members.sql"),
-            _members_model(
-                definitions, custom, skipped, attribute_spec_hash(attributes), source_label
-            ),
+            _members_model(definitions, custom, skipped, source_label),
         )
     )
     return files
@@ -212,11 +211,6 @@ def _comment(text: str) -> str:
 # Models.
 
 
-def attribute_spec_hash(attributes: list[Attribute]) -> str:
-    spec = json.dumps([[list(a.path), a.variant] for a in attributes])
-    return hashlib.sha256(spec.encode()).hexdigest()[:12]
-
-
 def flattened_columns(attributes: list[Attribute]) -> tuple[str, list[tuple[str, str, str]]]:
     """The attribute extraction shared by `int_users_flattened` and anyone who needs its columns.
 
@@ -241,7 +235,7 @@ def flattened_columns(attributes: list[Attribute]) -> tuple[str, list[tuple[str,
     )
     columns = [
         (
-            _comment("recipient." + ".".join(attribute.path)) + f" ({attribute.variant})",
+            _attribute_label(attribute),
             render(attribute_expression(json_value(attribute.path), attribute.variant)),
             _quote(attribute.column_name),
         )
@@ -250,21 +244,47 @@ def flattened_columns(attributes: list[Attribute]) -> tuple[str, list[tuple[str,
     return extraction, columns
 
 
+def _attribute_label(attribute: Attribute) -> str:
+    return _comment("recipient." + ".".join(attribute.path)) + f" ({attribute.variant})"
+
+
+def _added_column_sql(attribute: Attribute) -> str:
+    """One attribute read straight from the user's JSON: a column that the table lacks, extracted
+    for the users whose other columns are kept (the same `attribute_expression`)."""
+    value = property_json(attribute.path, exp.column("properties"), exp.column("user_id"))
+    return render(attribute_expression(value, attribute.variant))
+
+
 def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
-    spec = attribute_spec_hash(attributes)
     extraction, attribute_columns = flattened_columns(attributes)
+    keys = ["user_key", "user_id", "updated_at", "is_deleted"]
     columns = [
-        f"        -- {label}\n        {_indent(sql, 8).lstrip()} as {name}"
+        f"        -- {escape_jinja(label)}\n        {_indent(escape_jinja(sql), 8).lstrip()} as {name}"
         for label, sql, name in attribute_columns
     ]
+    # Users whose row is kept when a definition starts reading a new property: the columns the
+    # table has are copied, and only the others are extracted (`existing` is read as the model runs).
+    kept = []
+    for attribute, (label, _, name) in zip(attributes, attribute_columns, strict=True):
+        added = _indent(escape_jinja(_added_column_sql(attribute)), 8).lstrip()
+        kept.append(
+            f"        -- {escape_jinja(label)}\n"
+            f"        {{% if {json.dumps(attribute.column_name)} in existing %}}kept.{name}"
+            f"{{% else %}}{added}{{% endif %}} as {name}"
+        )
+    wanted = json.dumps([attribute.column_name for attribute in attributes])
+    select_keys = "".join(f"        {key},\n" for key in keys)
     body = f"""
+{{% set newest = users_extracted(this) if is_incremental() else none %}}
+{{% set existing = column_names(this) if newest is not none else [] %}}
+{{% set incremental = newest is not none %}}
+{{% set added = {wanted} | reject('in', existing) | list if incremental else [] %}}
+
 with users as (
 
-    {{% set newest = users_extracted(this) if is_incremental() else none %}}
-    {{% set incremental = newest is not none and first_value_of(this, 'attribute_spec') == '{spec}' %}}
     {{% if incremental and count_where(ref('{USERS_MODEL}'), 'updated_at > ' ~ newest) <= {SPREAD_ROWS} %}}
     -- only users changed since the last build (the newest change it extracted, read as the model
-    -- runs; every user when the set of attributes changed, see macros/watermarks.sql). The loader
+    -- runs, see macros/watermarks.sql). The loader
     -- writes changed users at the end of raw.users, where a few of them fill one or two of
     -- DuckDB's row groups, and a scan gives a row group to one thread: grouping by the key (one
     -- row per user already) hands the rows to every thread, so their JSON is extracted in
@@ -282,7 +302,7 @@ with users as (
     select * from {{{{ ref('{USERS_MODEL}') }}}}
     {{% if incremental %}}
     where updated_at > {{{{ newest }}}}
-    {{% elif not is_incremental() %}}
+    {{% else %}}
     -- a new table: deleted users have no row (an incremental build selects them, so that their
     -- old rows are replaced by none: macros/replace_users.sql)
     where not is_deleted
@@ -307,17 +327,39 @@ extracted as (
 final as (
 
     select
-        user_key,
-        user_id,
-        updated_at,
-        is_deleted,
-        '{spec}' as attribute_spec{"," if columns else ""}
-{escape_jinja(",".join(chr(10) + c for c in columns).lstrip(chr(10)))}
+{select_keys.rstrip(chr(10)).rstrip(",")}{"," if columns else ""}
+{",".join(chr(10) + c for c in columns).lstrip(chr(10))}
     from extracted
 
-)
+){{% if added %}},
+
+-- A definition reads a property that the table has no columns for: every user not changed since
+-- the last build keeps the columns the table has, and only the new columns are extracted from
+-- their JSON (one parse of each user's JSON for those properties alone). The build then replaces
+-- every row. A property no definition reads any more loses its columns (`sync_all_columns`).
+kept_users as (
+
+    select kept.*, current_users.properties
+    from {{{{ this }}}} as kept
+    join {{{{ ref('{USERS_MODEL}') }}}} as current_users using (user_key)
+    where kept.user_key not in (select user_key from users)
+
+),
+
+kept_final as (
+
+    select
+{"".join(f"        kept.{key},{chr(10)}" for key in keys).rstrip(chr(10)).rstrip(",")}{"," if kept else ""}
+{",".join(chr(10) + c for c in kept).lstrip(chr(10))}
+    from kept_users as kept
+
+){{% endif %}}
 
 select * from final
+{{% if added %}}
+union all
+select * from kept_final
+{{% endif %}}
 """
     config = (
         "{{\n    config(\n        materialized='incremental',\n        unique_key='user_key',\n"
@@ -328,7 +370,8 @@ select * from final
     explanation = (
         "-- One row per user and one typed column per property variant that an audience reads, so\n"
         "-- evaluating audiences scans typed columns instead of parsing JSON. Incremental: only users\n"
-        "-- changed since the last build are extracted again."
+        "-- changed since the last build are extracted again, and a property that a definition starts\n"
+        "-- reading adds its own columns, the others kept."
     )
     return f"{header}\n{explanation}\n\n{config}\n{body}"
 
@@ -619,7 +662,6 @@ def _members_model(
     definitions: dict[str, AudienceDefinition],
     custom: list[str],
     skipped: list[str],
-    spec: str,
     source_label: str,
 ) -> str:
     """`audience_members`: incremental, re-evaluating per user what it can (macros/audience_members.sql)."""
@@ -633,10 +675,12 @@ def _members_model(
             # Static audiences, and audiences over static or custom SQL ones, are evaluated whole.
             branches.append(full)
             continue
-        # Other audiences' conditions are inlined, so a change to them changes this hash too.
+        # Other audiences' conditions are inlined, so a change to them changes this hash too. The
+        # columns it reads keep their values when other properties are added or dropped
+        # (int_users_flattened), so the set of all properties is not part of it.
         users = REEVALUATED_IN_TIME if key in timed else REEVALUATED_USERS
         compiled = _compile_audience(definition, definitions, users)
-        per_user[key] = hashlib.sha256(f"{spec}\n{compiled.where}".encode()).hexdigest()[:12]
+        per_user[key] = hashlib.sha256(compiled.where.encode()).hexdigest()[:12]
         scoped = (
             f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
             f"from {users}\nwhere\n{_indent(compiled.where, 4)}"

@@ -36,19 +36,19 @@
                 "vip-customers"
             ],
             "reevaluated_per_user": {
-                "beta-invite-candidates": "5bd13b24b050",
-                "beta-testers": "c88893bd6cfb",
-                "churn-risk": "7d2eb201a9f8",
-                "dormant-free-users": "9c42241bce44",
-                "enterprise-admins": "aec4370d29b7",
-                "eu-customers": "17af3898be58",
-                "new-signups-this-week": "90d52e43b6f4",
-                "nps-promoters": "2d5447a3954f",
-                "onboarding-incomplete": "cb69a9804602",
-                "power-users": "3a7bea7b812a",
-                "product-survey-sample": "5e1d4645849f",
-                "trial-ending-soon": "5999c10313c5",
-                "trial-expired-unconverted": "7daf0d6c0da5"
+                "beta-invite-candidates": "efb596e7b937",
+                "beta-testers": "97503e363610",
+                "churn-risk": "9b3abaef4629",
+                "dormant-free-users": "66400af00f05",
+                "enterprise-admins": "012af915d0af",
+                "eu-customers": "a5f8bfb83482",
+                "new-signups-this-week": "7a9ca9b4e4a4",
+                "nps-promoters": "ea8d9912d399",
+                "onboarding-incomplete": "bcbb2131c6be",
+                "power-users": "0fae450b22df",
+                "product-survey-sample": "35ebffe91aec",
+                "trial-ending-soon": "e715763ae558",
+                "trial-expired-unconverted": "f590bb4fe5d6"
             },
             "reevaluated_in_time": [
                 "beta-invite-candidates",

@@ -1,0 +1,151 @@
+"""int_users_flattened when the set of properties that definitions read changes: a new property
+adds its own columns and keeps every other column as it is; a property no definition reads any
+more loses its columns. Real dbt builds on a copy of the sample run's warehouse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import duckdb
+from condition_harness import ROOT
+
+from audiences.conditions.compiler import Attribute
+from audiences.dbt.models import flattened_columns
+
+NEW_AUDIENCE = {
+    "name": "Large companies",
+    "type": "dynamic",
+    "description": "Reads a property no other definition reads.",
+    "segments": [
+        {"conditions": [{"property": "recipient.company.name", "operator": "exists"}]},
+        {
+            "conditions": [
+                {"property": "recipient.company.name", "operator": "contains", "argument": "Ltd"}
+            ]
+        },
+    ],
+}
+# Marks one existing column of one user: it survives only if the build does not extract it again.
+MARK = "kept, not extracted again"
+
+
+def _project(sample_run, tmp_path):
+    from audiences.settings import Settings
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    shutil.copy(sample_run, warehouse)
+    project = tmp_path / "dbt_project"
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", "*.duckdb")
+    )
+    definitions = tmp_path / "audiences"
+    shutil.copytree(ROOT / "data" / "audiences", definitions)
+    settings = Settings.from_env(
+        {}, duckdb_path=warehouse, dbt_project_dir=project, definitions_dir=definitions
+    )
+    return settings, warehouse, definitions
+
+
+def _columns(connection) -> list[str]:
+    return [
+        row[0]
+        for row in connection.execute(
+            "select column_name from information_schema.columns "
+            "where table_name = 'int_users_flattened' order by ordinal_position"
+        ).fetchall()
+    ]
+
+
+def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_path):
+    from audiences.dbt.project import prepare, run_dbt
+
+    settings, warehouse, definitions = _project(sample_run, tmp_path)
+    with duckdb.connect(str(warehouse)) as connection:
+        before = _columns(connection)
+        rows_before = connection.execute(
+            "select count(*) from main.int_users_flattened"
+        ).fetchone()[0]
+        connection.execute(
+            "update main.int_users_flattened set \"plan__text\" = $mark where user_id = 'user_00001'",
+            {"mark": MARK},
+        )
+    assert "company.name__kind" not in before
+
+    (definitions / "large-companies").mkdir()
+    (definitions / "large-companies" / "audience.json").write_text(json.dumps(NEW_AUDIENCE))
+    prepare(settings)
+    run_dbt(
+        ["build", "--select", "int_users_flattened", "large_companies", "audience_members"],
+        settings,
+    )
+
+    new = [Attribute(("company", "name"), variant) for variant in ("kind", "text", "items")]
+    extraction, expected = flattened_columns(new)
+    with duckdb.connect(str(warehouse)) as connection:
+        after = _columns(connection)
+        assert set(after) == set(before) | {attribute.column_name for attribute in new}
+        # The user's other columns were kept: the mark is still there.
+        assert (
+            connection.execute(
+                "select plan__text from main.int_users_flattened where user_id = 'user_00001'"
+            ).fetchone()[0]
+            == MARK
+        )
+        # Every user's new columns hold what a full extraction gives.
+        selected = ", ".join(f"{sql} as {name}" for _, sql, name in expected)
+        differences = connection.execute(
+            f"""
+            with expected as (
+                select user_key, {selected}
+                from (select user_key, user_id, {extraction} as property_values
+                      from raw.users where deleted_at is null)
+            )
+            select count(*) from expected
+            full join main.int_users_flattened as built using (user_key)
+            where {" or ".join(f"expected.{name} is distinct from built.{name}" for _, _, name in expected)}
+            """
+        ).fetchone()[0]
+        assert differences == 0
+        assert (
+            connection.execute("select count(*) from main.int_users_flattened").fetchone()[0]
+            == rows_before
+        )
+        assert (
+            connection.execute(
+                "select count(*) from main.int_users_flattened where \"company.name__kind\" = 'string'"
+            ).fetchone()[0]
+            > 0
+        )
+        # audience_members evaluates the new audience whole, and the sample's other dynamic
+        # audiences still per user: the columns they read kept their values (static and custom
+        # SQL audiences are always evaluated whole). Nobody's data changed: no user is listed.
+        whole = connection.execute(
+            "select audience_key from main.audience_members__reevaluated where user_key is null"
+        ).fetchall()
+        dynamic = {
+            folder.name
+            for folder in (ROOT / "data" / "audiences").iterdir()
+            if json.loads((folder / "audience.json").read_text())["type"] == "dynamic"
+        }
+        assert "large-companies" in {key for (key,) in whole}
+        assert not dynamic & {key for (key,) in whole}
+        assert (
+            connection.execute(
+                "select count(*) from main.audience_members__reevaluated where user_key is not null"
+            ).fetchone()[0]
+            == 0
+        )
+
+    # No definition reads the property any more: its columns go, the others stay as they were.
+    shutil.rmtree(definitions / "large-companies")
+    prepare(settings)
+    run_dbt(["build", "--select", "int_users_flattened"], settings)
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        assert set(_columns(connection)) == set(before)
+        assert (
+            connection.execute(
+                "select plan__text from main.int_users_flattened where user_id = 'user_00001'"
+            ).fetchone()[0]
+            == MARK
+        )
