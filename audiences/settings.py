@@ -45,11 +45,17 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_GUIDES": "the guides folder (default: guides beside the definitions)",
     "AUDIENCES_UPLOAD_MAX_BYTES": f"the largest CSV upload, in bytes (default {UPLOAD_MAX_BYTES}, Knock's 10 MB)",
     "AUDIENCES_DUCKDB_MEMORY_LIMIT": "DuckDB's memory limit for evaluation and loading (default 1500MB)",
-    "AUDIENCES_ENV": "environment name recorded with runs: development (default) or production",
-    "AUDIENCES_API_ENVIRONMENTS": "environments the API serves, comma-separated (default development,production)",
+    "AUDIENCES_ENV": "the environment every command works in (default: the first of AUDIENCES_ENVIRONMENTS)",
+    "AUDIENCES_ENVIRONMENTS": "the environments, in promotion order, comma-separated (default development,production)",
+    "AUDIENCES_API_ENVIRONMENTS": "environments the API serves, comma-separated (default AUDIENCES_ENVIRONMENTS)",
+    "AUDIENCES_DUCKDB_<ENV>": "the warehouse of one environment (default: AUDIENCES_DUCKDB for the first, "
+    "<its folder>/<env>/<its name> for the others)",
+    "AUDIENCES_DBT_PROJECT_<ENV>": "the dbt project of one environment (default: AUDIENCES_DBT_PROJECT for the "
+    "first, a copy in <data>/<env>/dbt_project that promotion refreshes for the others)",
     "AUDIENCES_STORE_URL_<ENV>": "the store of one environment, e.g. AUDIENCES_STORE_URL_PRODUCTION (default: "
     "AUDIENCES_STORE_URL for AUDIENCES_ENV, else the environment's default store)",
-    "AUDIENCES_DEFINITIONS_<ENV>": "the definitions folder of one environment (default AUDIENCES_DEFINITIONS)",
+    "AUDIENCES_DEFINITIONS_<ENV>": "the definitions one environment evaluates (default: AUDIENCES_DEFINITIONS, the "
+    "working files, for the first; <data>/<env>/audiences, written from its promoted commits, for the others)",
     "AUDIENCES_API_WRITE_RATE": "API writes per second per environment (default 60, Knock's tier 3)",
     "AUDIENCES_API_READ_RATE": "API reads per second per environment (default 200, Knock's tier 4)",
     "AUDIENCES_API_DELETE_RATE": "API deletes and merges per second per environment (default 5, Knock's tier 2)",
@@ -74,6 +80,10 @@ class Settings:
     breaker_share: float = BREAKER_SHARE
     breaker_minimum: int = BREAKER_MINIMUM
     upload_max_bytes: int = UPLOAD_MAX_BYTES
+    # The analysts' working files and the first environment's warehouse: the other environments'
+    # outputs are derived from them (None: the same as `definitions_dir` and `duckdb_path`).
+    working_definitions_dir: Path | None = None
+    warehouse_root: Path | None = None
 
     @property
     def syncs_file(self) -> Path:
@@ -98,9 +108,64 @@ class Settings:
         return _absolute(os.environ.get("DAGSTER_HOME") or "dagster_home")
 
     @property
+    def environments(self) -> list[str]:
+        """Every environment, in promotion order: the first is where definitions are edited and
+        committed, and each later one receives the commits promoted from the one before."""
+        return environment_names(os.environ)
+
+    @property
+    def development_environment(self) -> str:
+        return self.environments[0]
+
+    @property
     def api_environments(self) -> list[str]:
-        names = os.environ.get("AUDIENCES_API_ENVIRONMENTS") or "development,production"
+        names = os.environ.get("AUDIENCES_API_ENVIRONMENTS")
+        if not names:
+            return self.environments
         return [name.strip() for name in names.split(",") if name.strip()]
+
+    def environment_folder(self, environment: str) -> Path:
+        """Where an environment's own files live: the warehouse's folder for the first
+        environment, `<that folder>/<environment>` for the others."""
+        root = (self.warehouse_root or self.duckdb_path).parent
+        return root if environment == self.development_environment else root / environment
+
+    def duckdb_path_for(self, environment: str) -> Path:
+        """Each environment has its own warehouse, so a promotion's re-evaluation and its events
+        never touch another environment's members."""
+        explicit = os.environ.get(f"AUDIENCES_DUCKDB_{_suffix(environment)}")
+        if explicit:
+            return _absolute(explicit)
+        if environment == self.environment:
+            return self.duckdb_path
+        name = (self.warehouse_root or self.duckdb_path).name
+        return self.environment_folder(environment) / name
+
+    def dbt_project_dir_for(self, environment: str) -> Path:
+        """The first environment's dbt project is the analysts' one; a later environment evaluates
+        its promoted definitions in a copy of it (the generated models differ between them)."""
+        explicit = os.environ.get(f"AUDIENCES_DBT_PROJECT_{_suffix(environment)}")
+        if explicit:
+            return _absolute(explicit)
+        if environment == self.environment:
+            return self.dbt_project_dir
+        if environment == self.development_environment:
+            return _absolute(os.environ.get("AUDIENCES_DBT_PROJECT") or default_dbt_project())
+        return self.environment_folder(environment) / "dbt_project"
+
+    def for_environment(self, environment: str) -> Settings:
+        """These settings, pointed at another environment (its warehouse, store, definitions and
+        dbt project)."""
+        if environment == self.environment:
+            return self
+        return replace(
+            self,
+            environment=environment,
+            duckdb_path=self.duckdb_path_for(environment),
+            definitions_dir=self.definitions_dir_for(environment),
+            dbt_project_dir=self.dbt_project_dir_for(environment),
+            store_url=self.store_url_for(environment),
+        )
 
     @property
     def api_write_rate(self) -> float:
@@ -126,7 +191,7 @@ class Settings:
         """Each environment's data lives in its own store, so no key of one can see another's. An
         environment's default store does not depend on `AUDIENCES_ENV`, so that `audiences keys` and
         `audiences serve` find the same store for it whatever environment each ran in."""
-        explicit = os.environ.get(f"AUDIENCES_STORE_URL_{environment.upper()}")
+        explicit = os.environ.get(f"AUDIENCES_STORE_URL_{_suffix(environment)}")
         if explicit:
             return explicit
         if environment == self.environment:
@@ -134,26 +199,34 @@ class Settings:
         return self.default_store_url(environment)
 
     def default_store_url(self, environment: str) -> str:
-        """`store.sqlite` beside the DuckDB file for development (the default environment), and
+        """`store.sqlite` beside the DuckDB file for the first environment (development), and
         `<environment>/store.sqlite` there for the others."""
-        folder = (
-            self.duckdb_path.parent
-            if environment == "development"
-            else self.duckdb_path.parent / environment
-        )
-        return f"sqlite:///{folder / 'store.sqlite'}"
+        return f"sqlite:///{self.environment_folder(environment) / 'store.sqlite'}"
 
     def definitions_dir_for(self, environment: str) -> Path:
-        explicit = os.environ.get(f"AUDIENCES_DEFINITIONS_{environment.upper()}")
-        return _absolute(explicit) if explicit else self.definitions_dir
+        """The definitions an environment evaluates: the working files in the first environment,
+        and in the others the folder written from their promoted commits (the store holds them)."""
+        explicit = os.environ.get(f"AUDIENCES_DEFINITIONS_{_suffix(environment)}")
+        if explicit:
+            return _absolute(explicit)
+        if environment == self.development_environment:
+            return self.working_definitions_dir or self.definitions_dir
+        if environment == self.environment:
+            return self.definitions_dir
+        return self.environment_folder(environment) / "audiences"
 
     def __post_init__(self):
         # Defaults that depend on other settings: workflows beside the definitions, the store and
         # the sinks file beside the DuckDB file's folder.
+        if self.working_definitions_dir is None:
+            object.__setattr__(self, "working_definitions_dir", self.definitions_dir)
+        if self.warehouse_root is None:
+            object.__setattr__(self, "warehouse_root", self.duckdb_path)
+        working = self.working_definitions_dir
         if self.workflows_dir is None:
-            object.__setattr__(self, "workflows_dir", self.definitions_dir.parent / "workflows")
+            object.__setattr__(self, "workflows_dir", working.parent / "workflows")
         if self.sinks_file is None:
-            object.__setattr__(self, "sinks_file", self.definitions_dir.parent / "sinks.yml")
+            object.__setattr__(self, "sinks_file", working.parent / "sinks.yml")
         if self.store_url is None:
             object.__setattr__(self, "store_url", self.default_store_url(self.environment))
 
@@ -177,7 +250,7 @@ class Settings:
             dbt_project_dir=_absolute(env["AUDIENCES_DBT_PROJECT"])
             if env.get("AUDIENCES_DBT_PROJECT")
             else default_dbt_project(),
-            environment=env.get("AUDIENCES_ENV") or "development",
+            environment=env.get("AUDIENCES_ENV") or environment_names(env)[0],
             workflows_dir=_absolute(env["AUDIENCES_WORKFLOWS"])
             if env.get("AUDIENCES_WORKFLOWS")
             else None,
@@ -207,6 +280,26 @@ class Settings:
             if env.get(_VARIABLE[name]) or name in given
         }
         rebuilt = replace(settings, **given)
+        if rebuilt.environment not in environment_names(env):
+            raise ValueError(
+                f"unknown environment {rebuilt.environment!r}; the environments are "
+                f"{', '.join(environment_names(env))} (AUDIENCES_ENVIRONMENTS)"
+            )
+        # Each environment evaluates its own definitions in its own warehouse and dbt project,
+        # unless a flag names them: derived from the working files and the first warehouse.
+        base = replace(
+            rebuilt,
+            working_definitions_dir=rebuilt.definitions_dir,
+            warehouse_root=rebuilt.duckdb_path,
+            environment="",
+        )
+        environment = rebuilt.environment
+        derived = {"definitions_dir": base.definitions_dir_for(environment)}
+        if "duckdb_path" not in given:
+            derived["duckdb_path"] = base.duckdb_path_for(environment)
+        if "dbt_project_dir" not in given:
+            derived["dbt_project_dir"] = base.dbt_project_dir_for(environment)
+        rebuilt = replace(base, environment=environment, **derived)
         for name in ("workflows_dir", "sinks_file", "store_url"):
             if name not in explicit:
                 rebuilt = replace(rebuilt, **{name: None})
@@ -214,9 +307,14 @@ class Settings:
 
     def environment_variables(self) -> dict[str, str]:
         """These settings as `AUDIENCES_*` variables, to hand to a child process."""
+        suffix = _suffix(self.environment)
         values = {
+            # dbt's profile reads AUDIENCES_DUCKDB: this environment's own warehouse.
             "AUDIENCES_DUCKDB": str(self.duckdb_path),
-            "AUDIENCES_DEFINITIONS": str(self.definitions_dir),
+            f"AUDIENCES_DUCKDB_{suffix}": str(self.duckdb_path),
+            "AUDIENCES_DEFINITIONS": str(self.working_definitions_dir),
+            f"AUDIENCES_DEFINITIONS_{suffix}": str(self.definitions_dir),
+            f"AUDIENCES_DBT_PROJECT_{suffix}": str(self.dbt_project_dir),
             "AUDIENCES_SOURCES": str(self.sources_file),
             "AUDIENCES_SOURCE_MODE": self.source_mode,
             "AUDIENCES_DBT_PROJECT": str(self.dbt_project_dir),
@@ -269,6 +367,18 @@ def dotenv_variables(folder: Path | None = None):
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def environment_names(environ) -> list[str]:
+    """The environments in promotion order (AUDIENCES_ENVIRONMENTS; default development,
+    production)."""
+    names = environ.get("AUDIENCES_ENVIRONMENTS") or "development,production"
+    return [name.strip() for name in names.split(",") if name.strip()]
+
+
+def _suffix(environment: str) -> str:
+    """The environment as a variable name's suffix: `AUDIENCES_STORE_URL_PRODUCTION`."""
+    return environment.upper().replace("-", "_")
 
 
 _VARIABLE = {

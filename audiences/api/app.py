@@ -20,10 +20,12 @@ from starlette.routing import Match
 
 from audiences.api import census
 from audiences.api.bulk import BulkWorker
+from audiences.api.dependencies import bearer
 from audiences.api.errors import ApiError, error_body, invalid
 from audiences.api.identifiers import encoded_slash
 from audiences.api.keys import StoreEnvironmentError, safe_url
 from audiences.api.limits import BodyLimit, RateLimiter
+from audiences.api.management import management_router
 from audiences.api.models import (
     BODY_SCHEMAS,
     ERRORS,
@@ -72,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The bulk and list routes before users' `/v1/users/{user_id}`: FastAPI matches in order.
     for routes in (audiences, bulk, user_list, user_merge, users, tenants, guides, census):
         app.include_router(routes.router)
+    # Knock's management API (its CLI), built with the settings: environments and their files.
+    app.include_router(management_router(settings, bearer))
 
     # -- plumbing ----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from audiences.cli import delivery, inspect, project, runs, service, static
 from audiences.cli.common import Parser, global_options
+from audiences.lifecycle.commands import register as lifecycle_commands
 from audiences.settings import ENVIRONMENT_VARIABLES, Settings, dotenv_variables
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 workflows_dir=arguments.workflows,
                 sinks_file=arguments.sinks,
                 store_url=arguments.store,
+                environment=arguments.environment,
             )
             _require_named_files(arguments)
             return arguments.handler(settings, arguments) or 0
@@ -133,4 +135,5 @@ def _parser() -> argparse.ArgumentParser:
     delivery.register(command)
     static.register(command)
     service.register(command)
+    lifecycle_commands(command)
     return parser

@@ -64,6 +64,11 @@ def global_options(parser: argparse.ArgumentParser, after_command: bool = False)
     group.add_argument("--sinks", help="the sinks YAML file (AUDIENCES_SINKS)", **default)
     group.add_argument("--store", help="the membership store URL (AUDIENCES_STORE_URL)", **default)
     group.add_argument(
+        "--environment",
+        help="the environment: its warehouse, store and definitions (AUDIENCES_ENV)",
+        **default,
+    )
+    group.add_argument(
         "--debug", action="store_true", help="show the traceback of an error", **default
     )
 

@@ -100,9 +100,4 @@ def register(command) -> None:
     sub = command("keys", keys, "create, list and revoke the API's secret keys")
     sub.add_argument("action", choices=["create", "list", "revoke"])
     sub.add_argument("key_id", nargs="?", help="the key to revoke (see `audiences keys list`)")
-    sub.add_argument(
-        "--environment",
-        default=None,
-        help="the key's environment (default AUDIENCES_ENV); each has its own store",
-    )
     sub.add_argument("--name", default="default", help="a name to recognize the key by")

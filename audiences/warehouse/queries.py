@@ -216,6 +216,23 @@ def preview(
     return Preview(count, total, sample, now, sql)
 
 
+def matching_users_sql(
+    connection: duckdb.DuckDBPyConnection,
+    definition: AudienceDefinition,
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+) -> str:
+    """The SQL (`user_key`, `user_id`) of the current users a dynamic definition matches now,
+    compiled as `preview` compiles it: over the flattened attributes when they are fresh and hold
+    every property it reads, else over `raw.users`."""
+    _require_users(connection)
+    query = _users_query(connection, definition.segments, definitions, now)
+    condition = compile_segments(definition.segments, query.context)
+    return render(
+        exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
+    )
+
+
 def _summary(properties: dict) -> dict:
     return {key: properties[key] for key in ("name", "email") if key in properties}
 
