@@ -158,6 +158,8 @@ class Settings:
         dbt project)."""
         if environment == self.environment:
             return self
+        shared_sinks = self.working_definitions_dir.parent / "sinks.yml"
+        own_sinks = self.environment_folder(environment) / "sinks.yml"
         return replace(
             self,
             environment=environment,
@@ -165,6 +167,9 @@ class Settings:
             definitions_dir=self.definitions_dir_for(environment),
             dbt_project_dir=self.dbt_project_dir_for(environment),
             store_url=self.store_url_for(environment),
+            sinks_file=own_sinks
+            if self.sinks_file == shared_sinks and own_sinks.exists()
+            else self.sinks_file,
         )
 
     @property
@@ -226,7 +231,11 @@ class Settings:
         if self.workflows_dir is None:
             object.__setattr__(self, "workflows_dir", working.parent / "workflows")
         if self.sinks_file is None:
-            object.__setattr__(self, "sinks_file", working.parent / "sinks.yml")
+            # A later environment's own sinks file, when it has one, sends its deliveries apart.
+            own = self.environment_folder(self.environment) / "sinks.yml"
+            shared = working.parent / "sinks.yml"
+            first = self.environment in ("", self.development_environment)
+            object.__setattr__(self, "sinks_file", shared if first or not own.exists() else own)
         if self.store_url is None:
             object.__setattr__(self, "store_url", self.default_store_url(self.environment))
 

@@ -114,6 +114,7 @@ def bind_store(store: MembershipStore, environment: str) -> None:
         if owner is None:
             held = sorted(
                 set(connection.execute(sa.select(keys.c.environment).distinct()).scalars())
+                - {"*"}  # service tokens (api/management.py) serve every environment
             )
             if held and environment not in held:
                 owner = ", ".join(held)

@@ -10,8 +10,6 @@ file in the Knock CLI layout; committing, promoting and archiving call the same 
 `audiences` commands (`audiences/lifecycle/`).
 """
 
-from __future__ import annotations
-
 import json
 import os
 import secrets

@@ -59,6 +59,16 @@ def keys(settings: Settings, arguments) -> int:
         return store
 
     environments = [arguments.environment] if arguments.environment else settings.api_environments
+    if arguments.action == "create" and arguments.service_token:
+        from audiences.api.management import create_service_token
+
+        first = settings.development_environment
+        key_id, secret = create_service_token(environment_store(first), arguments.name)
+        print(
+            f"created service token {key_id} ({arguments.name!r}, every environment); it is shown only now:"
+        )
+        print(secret)
+        return 0
     if arguments.action == "create":
         environment = arguments.environment or settings.environment
         if environment not in settings.api_environments:
@@ -101,3 +111,8 @@ def register(command) -> None:
     sub.add_argument("action", choices=["create", "list", "revoke"])
     sub.add_argument("key_id", nargs="?", help="the key to revoke (see `audiences keys list`)")
     sub.add_argument("--name", default="default", help="a name to recognize the key by")
+    sub.add_argument(
+        "--service-token",
+        action="store_true",
+        help="a service token for Knock's CLI (the management API), valid in every environment",
+    )
