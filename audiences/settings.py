@@ -56,6 +56,8 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_STORE_URL for AUDIENCES_ENV, else the environment's default store)",
     "AUDIENCES_DEFINITIONS_<ENV>": "the definitions one environment evaluates (default: AUDIENCES_DEFINITIONS, the "
     "working files, for the first; <data>/<env>/audiences, written from its promoted commits, for the others)",
+    "AUDIENCES_PROMOTION_EVALUATES": "whether a promotion through the API starts the target's evaluation at once "
+    "(default true)",
     "AUDIENCES_API_WRITE_RATE": "API writes per second per environment (default 60, Knock's tier 3)",
     "AUDIENCES_API_READ_RATE": "API reads per second per environment (default 200, Knock's tier 4)",
     "AUDIENCES_API_DELETE_RATE": "API deletes and merges per second per environment (default 5, Knock's tier 2)",
@@ -170,6 +172,17 @@ class Settings:
             sinks_file=own_sinks
             if self.sinks_file == shared_sinks and own_sinks.exists()
             else self.sinks_file,
+        )
+
+    @property
+    def promotion_evaluates(self) -> bool:
+        """A promotion through the management API evaluates the target environment at once, in
+        a process of its own (`audiences promote` evaluates in its own process, unless
+        --no-evaluate)."""
+        return os.environ.get("AUDIENCES_PROMOTION_EVALUATES", "true").lower() not in (
+            "false",
+            "0",
+            "no",
         )
 
     @property

@@ -507,7 +507,7 @@ def management_router(settings: Settings, bearer) -> APIRouter:
             lifecycle.promote(settings, to, commit_id)
         except lifecycle.LifecycleError as error:
             raise refuse(error) from None
-        if os.environ.get("AUDIENCES_PROMOTION_EVALUATES", "true") != "false":
+        if settings.promotion_evaluates:
             evaluate(to)
 
     @router.put("/v1/commits/promote", summary="Promote every commit to an environment")

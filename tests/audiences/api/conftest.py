@@ -78,6 +78,9 @@ def service_settings(tmp_path, monkeypatch):
     monkeypatch.setenv(
         "AUDIENCES_STORE_URL_PRODUCTION", f"sqlite:///{tmp_path}/production/store.sqlite"
     )
+    # Production evaluates only promoted definitions (audiences/lifecycle/); here both
+    # environments serve the same folder, as if every definition had been promoted.
+    monkeypatch.setenv("AUDIENCES_DEFINITIONS_PRODUCTION", str(definitions))
     # With AUDIENCES_TEST_STORE_URL naming a PostgreSQL database, the development environment's
     # store is that database (emptied first), so the API's SQL runs on PostgreSQL too.
     if postgres:
