@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
 
-from audiences.api.errors import ApiError, not_found
+from audiences.api.errors import ApiError, ErrorBody, not_found
 from audiences.api.keys import key_hash
 from audiences.conditions.definitions import (
     DEFINITION_FILE,
@@ -44,6 +44,15 @@ from audiences.store.database import MembershipStore, now_text
 SERVICE_TOKEN_SCOPE = "*"
 SERVICE_TOKEN_PREFIX = "knock_st_"
 READONLY_FIELDS = ["environment", "key", "created_at", "updated_at", "sha"]
+ERRORS = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        401: "No service token, or one that does not exist or was revoked.",
+        404: "No such audience or commit.",
+        422: "Bad input, or a refused definition, commit or promotion: `message` names the "
+        "audience and field, the commit or the environment.",
+    }.items()
+}
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 
@@ -151,7 +160,7 @@ def page(entries: list[dict], limit: int | None, after: str | None, cursor: Call
 
 def management_router(settings: Settings, bearer) -> APIRouter:
     """The management routes, authenticated with a service token."""
-    router = APIRouter(tags=["management (Knock CLI)"])
+    router = APIRouter(tags=["management (Knock CLI)"], responses=ERRORS)
     first = settings.development_environment
     token_store = lifecycle.open_store(settings, first)
 
