@@ -111,12 +111,7 @@ def impact(
             users = connection.execute(
                 "select count(*) from raw.users where deleted_at is null"
             ).fetchall()[0][0]
-        for key in sorted(after):
-            results.append(
-                _audience_impact(
-                    connection, key, before.get(key), definitions.get(key), definitions, now
-                )
-            )
+        results = _measure(connection, after, before, definitions, now)
     finally:
         if connection is not None:
             connection.close()
@@ -175,65 +170,109 @@ def _definitions_after(settings: Settings, after: dict[str, dict | None]) -> dic
     return documents
 
 
-def _audience_impact(
+def _measure(
     connection,
-    key: str,
-    previous: dict | None,
-    definition: AudienceDefinition | None,
+    after: dict[str, dict | None],
+    before: dict[str, dict | None],
     definitions: dict[str, AudienceDefinition],
     now: datetime,
-) -> AudienceImpact:
-    change = "archived" if definition is None else "created" if previous is None else "modified"
-    evaluated = connection is not None and table_exists(connection, MEMBERS_TABLE)
+) -> list[AudienceImpact]:
+    """Every changed audience's members now and after, entering and exiting, in one DuckDB query:
+    the new definitions' matches (one branch each, scanned in parallel) against the members the
+    environment's last evaluation recorded."""
+    from sqlglot import exp
+
+    keys = sorted(after)
+    changes = {
+        key: "archived"
+        if after[key] is None
+        else "created"
+        if before.get(key) is None
+        else "modified"
+        for key in keys
+    }
+    empty = {
+        key: AudienceImpact(key, changes[key], 0, 0, 0, 0, [], [], before.get(key) is None, False)
+        for key in keys
+    }
     if connection is None or not table_exists(connection, "raw.users"):
-        return AudienceImpact(key, change, 0, 0, 0, 0, [], [], previous is None, False)
+        return [empty[key] for key in keys]
+    evaluated = table_exists(connection, MEMBERS_TABLE)
     now_members = (
-        f"select distinct user_key from {MEMBERS_TABLE} where audience_key = $key"
+        f"select distinct audience_key, user_key from {MEMBERS_TABLE} "
+        "where list_contains($keys, audience_key)"
         if evaluated
-        else "select null::integer as user_key where false"
+        else "select null::varchar as audience_key, null::integer as user_key where false"
     )
-    if definition is None:
-        after_members = "select null::integer as user_key where false"
-    elif definition.type == "static":
-        after_members = now_members  # static members are added, not matched
-    else:
-        after_members = (
-            f"select user_key from ({matching_users_sql(connection, definition, definitions, now)})"
-        )
-    row = connection.execute(
+    branches = ["select null::varchar as audience_key, null::integer as user_key where false"]
+    for key in keys:
+        label = exp.Literal.string(key).sql(dialect="duckdb")
+        definition = definitions.get(key)
+        if definition is None:
+            continue  # archived: nobody after
+        if definition.type == "static":  # static members are added, not matched
+            branches.append(
+                f"select audience_key, user_key from now_members where audience_key = {label}"
+            )
+        else:
+            matching = matching_users_sql(connection, definition, definitions, now)
+            branches.append(f"select {label} as audience_key, user_key from ({matching})")
+    rows = connection.execute(
         f"""
-        with now_members as ({now_members}),
-        after_members as ({after_members}),
-        entering as (select user_key from after_members except select user_key from now_members),
-        exiting as (select user_key from now_members except select user_key from after_members)
-        select
-            (select count(*) from now_members),
-            (select count(*) from after_members),
-            (select count(*) from entering),
-            (select count(*) from exiting),
-            (select coalesce(list(user_id order by user_id), []) from (
-                select users.user_id from entering join raw.users as users using (user_key)
-                order by users.user_id limit {SAMPLE_SIZE})),
-            (select coalesce(list(user_id order by user_id), []) from (
-                select users.user_id from exiting join raw.users as users using (user_key)
-                order by users.user_id limit {SAMPLE_SIZE}))
+        with now_members as materialized ({now_members}),
+        after_members as materialized ({" union all ".join(branches)}),
+        entering as materialized (select * from after_members except select * from now_members),
+        exiting as materialized (select * from now_members except select * from after_members),
+        counted as (
+            select audience_key, 'now' as side, count(*) as total, [] as sample from now_members group by all
+            union all
+            select audience_key, 'after', count(*), [] from after_members group by all
+            union all
+            select audience_key, 'entering', count(*), [] from entering group by all
+            union all
+            select audience_key, 'exiting', count(*), [] from exiting group by all
+        ),
+        sampled as (
+            select audience_key, side, 0 as total, list(user_id order by user_id) as sample
+            from (
+                select side, moved.audience_key, users.user_id
+                from (
+                    select 'entering' as side, * from entering
+                    union all
+                    select 'exiting', * from exiting
+                ) as moved
+                join raw.users as users using (user_key)
+                qualify row_number() over (
+                    partition by side, moved.audience_key order by users.user_id
+                ) <= {SAMPLE_SIZE}
+            )
+            group by all
+        )
+        select audience_key, side, total, sample from counted
+        union all
+        select audience_key, side || '_sample', total, sample from sampled
         """,
-        {"key": key},
-    ).fetchall()[0]
-    members_now, members_after, entered, exited, entered_sample, exited_sample = row
-    is_new = previous is None
-    return AudienceImpact(
-        key,
-        change,
-        members_now,
-        members_after,
-        entered,
-        exited,
-        list(entered_sample),
-        list(exited_sample),
-        is_new,
-        False,
-    )
+        {"keys": keys},
+    ).fetchall()
+    found: dict[str, dict] = {key: {} for key in keys}
+    for key, side, total, sample in rows:
+        if key in found:
+            found[key][side] = list(sample) if side.endswith("_sample") else total
+    return [
+        AudienceImpact(
+            key,
+            changes[key],
+            found[key].get("now", 0),
+            found[key].get("after", 0),
+            found[key].get("entering", 0),
+            found[key].get("exiting", 0),
+            found[key].get("entering_sample", []),
+            found[key].get("exiting_sample", []),
+            before.get(key) is None,
+            False,
+        )
+        for key in keys
+    ]
 
 
 def format_impact(result: Impact) -> list[str]:
