@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import synthetic  # noqa: E402
+import synthetic
 
-from audiences.settings import ENGINE_DBT_PROJECT, Settings  # noqa: E402
+from audiences.settings import ENGINE_DBT_PROJECT, Settings
 
 BENCH = Path(__file__).resolve().parent
 
