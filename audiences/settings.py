@@ -155,6 +155,13 @@ class Settings:
             return _absolute(os.environ.get("AUDIENCES_DBT_PROJECT") or default_dbt_project())
         return self.environment_folder(environment) / "dbt_project"
 
+    def written_by_promotion(self, environment: str) -> bool:
+        """Whether promotion writes the environment's definitions folder and dbt project: a later
+        environment's, unless AUDIENCES_DEFINITIONS_<ENV> names a folder of one's own."""
+        return environment != self.development_environment and not os.environ.get(
+            f"AUDIENCES_DEFINITIONS_{_suffix(environment)}"
+        )
+
     def for_environment(self, environment: str) -> Settings:
         """These settings, pointed at another environment (its warehouse, store, definitions and
         dbt project)."""

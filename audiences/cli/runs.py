@@ -29,9 +29,11 @@ def run(settings: Settings, arguments) -> int:
     or triggering workflows."""
     from audiences.dbt.project import generate as generate_models
     from audiences.delivery.sinks import load_sinks
+    from audiences.lifecycle.commits import prepare_environment
     from audiences.settings import require_dbt_project
     from audiences.warehouse.lock import hold_writer_lock
 
+    prepare_environment(settings)  # a later environment evaluates what its store holds
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     # The models follow the definitions before the code location loads (loading never writes them).
     generate_models(settings)

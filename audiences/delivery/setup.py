@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from audiences.conditions.definitions import load_definition_set
+from audiences.conditions.definitions import DefinitionError, load_definition_set
 from audiences.dbt.models import custom_audience_keys
 from audiences.settings import Settings
 from audiences.workflows.triggers import WorkflowTrigger, load_triggers
@@ -26,5 +26,19 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
     audiences = load_definition_set(settings.definitions_dir).keys | set(
         custom_audience_keys(settings.dbt_project_dir)
     )
-    triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
+    try:
+        triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
+    except DefinitionError:
+        # An archived audience's triggers stop (audiences/lifecycle/), and in a later environment
+        # a trigger on an audience not promoted there yet waits for it: known, so not an error,
+        # and left out. The store is asked only when a trigger names an unknown audience.
+        from audiences.lifecycle.commits import archived_audiences
+
+        inactive = archived_audiences(settings)
+        if settings.environment != settings.development_environment:
+            inactive |= load_definition_set(settings.working_definitions_dir).keys - audiences
+        if not inactive:
+            raise
+        triggers = load_triggers(settings.workflows_dir, audiences | inactive, set(sinks))
+        triggers = {key: t for key, t in triggers.items() if t.audience_key not in inactive}
     return WorkflowSetup(triggers, sinks, default_sink)

@@ -561,10 +561,56 @@ def write_definition(folder: Path, key: str, definition: dict) -> Path:
     return path
 
 
+def archived_audiences(settings: Settings) -> set[str]:
+    """The audiences archived in the settings' environment (their latest commit there is an
+    archive): no longer evaluated, and their workflow triggers stop."""
+    store = MembershipStore(settings.store_url).create()
+    try:
+        return {
+            key for key, commit in current_versions(store).items() if commit.action == "archive"
+        }
+    finally:
+        store.dispose()
+
+
+def prepare_environment(settings: Settings) -> None:
+    """Before a later environment evaluates: its definitions folder and dbt project written again
+    from its store (the record), or a refusal when nothing was ever promoted to it."""
+    environment = settings.environment
+    if not settings.written_by_promotion(environment):
+        return
+    if not _has_commits(settings.store_url_for(environment)):
+        raise LifecycleError(
+            f"{environment} has no promoted definitions yet: commit in "
+            f"{settings.development_environment} (`audiences commit -m ...`), then "
+            f"`audiences promote --to {environment}`"
+        )
+    write_environment(settings, environment)
+
+
+def _has_commits(url: str) -> bool:
+    """Whether the store holds any commit, without creating it (a refusal writes nothing)."""
+    database = sa.engine.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).expanduser().exists():
+        return False
+    store = MembershipStore(url)
+    try:
+        if not sa.inspect(store.read_engine).has_table(definition_commits.name):
+            return False
+        with store.read_engine.connect() as connection:
+            return (
+                connection.execute(sa.select(definition_commits.c.commit_id).limit(1)).first()
+                is not None
+            )
+    finally:
+        store.dispose()
+
+
 def write_environment(settings: Settings, environment: str) -> None:
     """Write a later environment's definitions folder from its store (its live definitions, no
-    others), and give it its own copy of the first environment's dbt project to generate into."""
-    if environment == settings.development_environment:
+    others), and give it its own copy of the first environment's dbt project to generate into.
+    An environment whose definitions folder is set by AUDIENCES_DEFINITIONS_<ENV> is left alone."""
+    if not settings.written_by_promotion(environment):
         return
     target = settings.for_environment(environment)
     store = open_store(settings, environment)

@@ -259,3 +259,35 @@ def test_a_commit_while_a_promotion_runs_is_refused(project, capsys):
 def test_nothing_to_commit_says_so(project, capsys):
     committed_and_promoted(project, capsys)
     assert "nothing to commit" in refused(project, capsys, "commit", "-m", "again")
+
+
+def write_trigger(project: Path, workflow: str, audience: str) -> None:
+    folder = project / "data" / "workflows" / workflow
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "trigger.json").write_text(json.dumps({"audience": audience, "on": "entered"}))
+
+
+def test_an_archived_audience_stops_its_triggers_and_an_unpromoted_one_waits(project, capsys):
+    from audiences.workflows.setup import load_workflow_setup
+
+    write_trigger(project, "welcome-pro", "pro")
+    committed_and_promoted(project, capsys)
+    write(project / "data" / "audiences", "trial", {**PRO, "name": "Trial"})
+    write_trigger(project, "trial-nudge", "trial")
+    audiences("commit", "-m", "trial", capsys=capsys)
+
+    development = load_workflow_setup(Settings.from_env())
+    production = load_workflow_setup(Settings.from_env(environment="production"))
+    assert set(development.triggers) == {"welcome-pro", "trial-nudge"}
+    assert set(production.triggers) == {"welcome-pro"}  # trial is not in production yet
+
+    assert audiences("archive", "pro", capsys=capsys)[0] == 0
+    for environment in ("development", "production"):
+        setup = load_workflow_setup(Settings.from_env(environment=environment))
+        assert "welcome-pro" not in setup.triggers
+
+
+def test_a_later_environment_never_promoted_to_is_not_run(project, capsys):
+    err = refused(project, capsys, "--environment", "production", "run")
+    assert "production has no promoted definitions yet" in err
+    assert "audiences promote --to production" in err
