@@ -66,6 +66,10 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
             verbose=arguments.verbose,
             debug=arguments.debug,
             allow_earlier=arguments.allow_earlier,
+            tags={
+                "audiences/environment": settings.environment,
+                **getattr(arguments, "run_tags", {}),
+            },
         )
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -185,6 +189,7 @@ def _execute_main_job(
     verbose: bool = False,
     debug: bool = False,
     allow_earlier: bool = False,
+    tags: dict[str, str] | None = None,
 ) -> _RunOutcome:
     import dagster as dg
 
@@ -207,7 +212,8 @@ def _execute_main_job(
         },
         "loggers": {"console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}},
     }
-    tags = {"audiences/launched_by": "audiences run"}
+    # A promotion's run carries its commits and impact (audiences/lifecycle/commands.py).
+    tags = {"audiences/launched_by": "audiences run", **(tags or {})}
     # The instance `dg dev` shows, so that the run appears in its runs list.
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(dagster_home))) as instance:
         if verbose:

@@ -162,14 +162,22 @@ def promote(settings: Settings, arguments) -> int:
         print("\n".join(format_impact(result)))
     status = 0
     if not arguments.no_evaluate:
-        status = _evaluate(settings.for_environment(arguments.to), arguments)
+        tags = {
+            "audiences/promotion": f"{plan.source} -> {plan.target}",
+            "audiences/commits": ", ".join(commit.commit_id for commit in plan.commits)[:2000],
+            "audiences/impact": "; ".join(
+                f"{a.audience_key} +{a.entered} -{a.exited}" for a in result.audiences
+            )[:2000],
+        }
+        status = _evaluate(settings.for_environment(arguments.to), arguments, tags)
     if arguments.json:
         print(json.dumps({**summary, "evaluated": not arguments.no_evaluate}, indent=2))
     return status
 
 
-def _evaluate(settings: Settings, arguments) -> int:
-    """Evaluate the environment now, as `audiences run` does."""
+def _evaluate(settings: Settings, arguments, tags: dict[str, str]) -> int:
+    """Evaluate the environment now, as `audiences run` does; the Dagster run carries the
+    promotion's commits and impact as tags, so the UI shows it as the promotion's run."""
     from audiences.cli.runs import run
 
     run_arguments = argparse.Namespace(
@@ -177,6 +185,7 @@ def _evaluate(settings: Settings, arguments) -> int:
             **vars(arguments),
             "allow_earlier": False,
             "verbose": getattr(arguments, "verbose", False),
+            "run_tags": tags,
         }
     )
     print(f"evaluating {settings.environment}:", flush=True)

@@ -130,6 +130,15 @@ def test_edit_preview_dry_run_commit_promote_and_roll_back(project, capsys):
     assert delivered_to(production_sink) == ["user_2"]
     assert events(development_store) == []
     assert delivered_to(development_sink) == []
+    # The promotion is a Dagster run of production, tagged with its commits and impact.
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as instance:
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(tags={"audiences/promotion": "development -> production"})
+        )
+    assert {run.tags["audiences/environment"] for run in runs} == {"production"}
+    assert "pro-users +1 -0" in {run.tags["audiences/impact"] for run in runs}
 
     # Roll back: the old definition, committed again and promoted; user_2 exits in production.
     definition.write_text(json.dumps(PRO_ONLY, indent=2))
