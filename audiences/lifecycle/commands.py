@@ -156,10 +156,11 @@ def promote(settings: Settings, arguments) -> int:
             )
             print("\n".join(format_impact(result)))
         return 0
+    if not arguments.json:  # the impact first: a change the breaker would hold is flagged before
+        print("\n".join(format_impact(result)))
     lifecycle.promote(settings, arguments.to, arguments.commit)
     if not arguments.json:
         print(f"promoted {len(plan.commits)} commits from {plan.source} to {plan.target}")
-        print("\n".join(format_impact(result)))
     status = 0
     if not arguments.no_evaluate:
         tags = {

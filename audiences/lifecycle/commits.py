@@ -573,6 +573,36 @@ def archived_audiences(settings: Settings) -> set[str]:
         store.dispose()
 
 
+def version_metadata(settings: Settings) -> dict[str, dict[str, str]]:
+    """Per audience model, the version the settings' environment evaluates: the commit id,
+    message and author of its latest commit there, or "uncommitted" where the first
+    environment's working file differs from it (what the Dagster UI shows on each audience)."""
+    from audiences.conditions.definitions import model_name_for
+
+    store = MembershipStore(settings.store_url).create()
+    try:
+        latest = current_versions(store)
+    finally:
+        store.dispose()
+    working: dict[str, dict] = {}
+    if settings.environment == settings.development_environment:
+        working, _ = working_documents(settings.working_definitions_dir)
+    found = {}
+    for key in set(latest) | set(working):
+        commit = latest.get(key)
+        if commit is not None and commit.action != "commit":
+            continue
+        if commit is None or (key in working and content_hash(working[key]) != commit.content_hash):
+            found[model_name_for(key)] = {"commit_id": "uncommitted", "commit_message": ""}
+        else:
+            found[model_name_for(key)] = {
+                "commit_id": commit.commit_id,
+                "commit_message": commit.message,
+                "commit_author": commit.author,
+            }
+    return found
+
+
 def prepare_environment(settings: Settings) -> None:
     """Before a later environment evaluates: its definitions folder and dbt project written again
     from its store (the record), or a refusal when nothing was ever promoted to it."""

@@ -291,3 +291,14 @@ def test_a_later_environment_never_promoted_to_is_not_run(project, capsys):
     err = refused(project, capsys, "--environment", "production", "run")
     assert "production has no promoted definitions yet" in err
     assert "audiences promote --to production" in err
+
+
+def test_each_environment_reports_the_version_it_evaluates(project, capsys):
+    committed_and_promoted(project, capsys)
+    write(project / "data" / "audiences", "pro", {**PRO, "name": "Pro plan"})
+    development = lifecycle.version_metadata(Settings.from_env())
+    production = lifecycle.version_metadata(Settings.from_env(environment="production"))
+    assert development["pro"]["commit_id"] == "uncommitted"
+    assert development["newsletter"]["commit_message"] == "first"
+    assert production["pro"]["commit_message"] == "first"
+    assert production["pro"]["commit_id"] != "uncommitted"
