@@ -18,6 +18,7 @@ from audiences.conditions.definitions import DefinitionSet, validate_definitions
 from audiences.dbt.models import custom_audience_keys
 from audiences.dbt.project import prepare, project_definitions, project_fingerprint
 from audiences.delivery.setup import load_workflow_setup
+from audiences.lifecycle.commits import version_metadata
 from audiences.membership.changes import pending_changes
 from audiences.settings import Settings, format_time
 from audiences.warehouse.evaluation import (
@@ -203,6 +204,10 @@ def build_audiences(
     events = list(dbt.cli(arguments, context=context).stream())
     # An earlier evaluation records no membership events: its audiences report their members only.
     audiences = _audience_metadata(warehouse, evaluated_at, with_changes=not earlier)
+    # Each audience names the version it was evaluated from: its commit in this environment.
+    for model, version in version_metadata(settings).items():
+        if model in audiences:
+            audiences[model].update(version)
     if not lean:
         with warehouse.connect() as connection:
             record_full_build(connection, fingerprint)
