@@ -29,12 +29,12 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
     try:
         triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
     except DefinitionError:
-        # An archived audience's triggers stop (audiences/lifecycle/), and in a later environment
+        # An archived audience's triggers stop (`audiences archive`), and in a later environment
         # a trigger on an audience not promoted there yet waits for it: known, so not an error,
         # and left out. The store is asked only when a trigger names an unknown audience.
-        from audiences.lifecycle.commits import archived_audiences
+        from audiences.store.commits import archived_in
 
-        inactive = archived_audiences(settings)
+        inactive = archived_in(settings.store_url)
         if settings.environment != settings.development_environment:
             inactive |= load_definition_set(settings.working_definitions_dir).keys - audiences
         if not inactive:

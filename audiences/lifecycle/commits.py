@@ -36,29 +36,8 @@ from audiences.conditions.definitions import (
 )
 from audiences.settings import Settings
 from audiences.store import database as tables
+from audiences.store.commits import definition_commits
 from audiences.store.database import MembershipStore, now_text
-
-definition_commits = sa.Table(
-    "definition_commits",
-    tables.metadata,
-    sa.Column("commit_id", sa.String(36), primary_key=True),
-    # The order commits were made in, the same in every store they reach.
-    sa.Column("position", sa.BigInteger, nullable=False),
-    sa.Column("audience_key", sa.String(255), nullable=False),
-    sa.Column("action", sa.String(16), nullable=False),  # commit | archive
-    sa.Column("definition", sa.Text),  # the audience.json document; null for an archive
-    # The definition's version (`AudienceDefinition.version`), which membership intervals and
-    # events record, and the full SHA-256 of its canonical JSON.
-    sa.Column("version", sa.String(64)),
-    sa.Column("content_hash", sa.String(64)),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("author", sa.String(255), nullable=False),
-    sa.Column("created_at", sa.String(32), nullable=False),
-    sa.Column("environment", sa.String(64), nullable=False),  # where it was made
-    sa.Column("promoted_at", sa.String(32)),  # when it reached this store by promotion
-    sa.Index("definition_commits_position", "position", unique=True),
-    sa.Index("definition_commits_by_audience", "audience_key", "position"),
-)
 
 PROMOTION_MARKER = "promotion_in_progress"
 # A promotion that crashed leaves its marker; after this long it no longer blocks commits.
@@ -559,18 +538,6 @@ def write_definition(folder: Path, key: str, definition: dict) -> Path:
         temporary.write_text(text, encoding="utf-8")
         temporary.replace(path)
     return path
-
-
-def archived_audiences(settings: Settings) -> set[str]:
-    """The audiences archived in the settings' environment (their latest commit there is an
-    archive): no longer evaluated, and their workflow triggers stop."""
-    store = MembershipStore(settings.store_url).create()
-    try:
-        return {
-            key for key, commit in current_versions(store).items() if commit.action == "archive"
-        }
-    finally:
-        store.dispose()
 
 
 def version_metadata(settings: Settings) -> dict[str, dict[str, str]]:

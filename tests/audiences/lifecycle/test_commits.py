@@ -268,7 +268,7 @@ def write_trigger(project: Path, workflow: str, audience: str) -> None:
 
 
 def test_an_archived_audience_stops_its_triggers_and_an_unpromoted_one_waits(project, capsys):
-    from audiences.workflows.setup import load_workflow_setup
+    from audiences.delivery.setup import load_workflow_setup
 
     write_trigger(project, "welcome-pro", "pro")
     committed_and_promoted(project, capsys)
