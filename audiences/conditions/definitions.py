@@ -271,7 +271,7 @@ def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> De
     problems = [problem for key in sorted(loaded.broken) for problem in loaded.broken[key]]
     skipped: dict[str, list[Problem]] = {key: list(found) for key, found in loaded.broken.items()}
     definitions = dict(loaded.definitions)
-    cross = _model_name_collisions(definitions.values()) + _set_problems(
+    cross = _model_name_collisions(definitions.values(), other_audiences) + _set_problems(
         definitions, set(other_audiences) | set(loaded.broken)
     )
     for key, problem in cross:
@@ -310,20 +310,69 @@ def references_to_skipped(definition: AudienceDefinition, skipped: Iterable[str]
     ]
 
 
-def _model_name_collisions(definitions: Iterable[AudienceDefinition]) -> list[tuple[str, Problem]]:
-    """(key, problem) for each pair of keys that map to one model name: both cannot be used."""
+# Models (and their state tables) of the engine's dbt project: no audience's model may take their name.
+ENGINE_MODEL_NAMES = frozenset(
+    {
+        "stg_warehouse__users",
+        "int_users_flattened",
+        "int_users_flattened__covered",
+        "int_users_to_reevaluate",
+        "audience_catalog",
+        "audience_evaluations",
+        "audience_members",
+        "audience_members__state",
+        "audience_members__reevaluated",
+        "audience_members__per_user",
+        "static_audience_members",
+        "users_to_reevaluate",
+        "users_to_reevaluate_in_time",
+    }
+)
+# An audience's model file is `<model name>.sql`, and file systems allow 255 bytes in a name.
+MODEL_NAME_BYTES = 255 - len(".sql")
+
+
+def _model_name_collisions(
+    definitions: Iterable[AudienceDefinition], other_audiences: Iterable[str] = ()
+) -> list[tuple[str, Problem]]:
+    """(key, problem) for each definition whose model name (the dbt model, the relation and the
+    file name) is another's: keys that differ only by case or punctuation (`a-b`, `a_b`; DuckDB's
+    names and some file systems ignore case), a hand-written SQL audience's (`other_audiences`), one
+    of the engine's models, or too long for a file name. Both definitions of a pair are unusable."""
     seen: dict[str, AudienceDefinition] = {}
+    custom = {model_name_for(key).casefold(): key for key in sorted(other_audiences)}
     problems = []
-    for definition in definitions:
-        other = seen.setdefault(definition.model_name, definition)
-        if other is not definition:
-            problem = Problem(
-                str(definition.file),
-                "$",
-                f"key {definition.key!r} and {other.key!r} map to the same "
-                f"model name {definition.model_name!r}; rename one",
+    for definition in sorted(definitions, key=lambda d: d.key):
+        name = definition.model_name
+        folded = name.casefold()
+        if folded in ENGINE_MODEL_NAMES:
+            message = (
+                f"key {definition.key!r} maps to the model name {name!r}, which the engine's dbt "
+                "project uses; rename the audience"
             )
-            problems += [(definition.key, problem), (other.key, problem)]
+        elif folded in custom:
+            message = (
+                f"key {definition.key!r} maps to the model name {name!r} of the hand-written SQL "
+                f"audience models/audiences/custom/{custom[folded]}.sql; rename one"
+            )
+        elif len(name.encode()) > MODEL_NAME_BYTES:
+            message = (
+                f"key {definition.key!r} is {len(name.encode())} bytes long: its model file "
+                f"{name[:20]}....sql would exceed the 255-byte file name limit (at most "
+                f"{MODEL_NAME_BYTES})"
+            )
+        else:
+            other = seen.setdefault(folded, definition)
+            if other is not definition:
+                problem = Problem(
+                    str(definition.file),
+                    "$",
+                    f"key {definition.key!r} and {other.key!r} map to the same "
+                    f"model name {other.model_name!r}; rename one",
+                )
+                problems += [(definition.key, problem), (other.key, problem)]
+            continue
+        problems.append((definition.key, Problem(str(definition.file), "$", message)))
     return problems
 
 
@@ -394,41 +443,58 @@ def _set_problems(
 
 
 def _cycles(definitions: dict[str, AudienceDefinition]) -> list[list[str]]:
-    """Each reference cycle once, as the list of keys along it."""
+    """Each reference cycle once, as the list of keys along it.
+
+    A depth-first walk with its own stack, not Python's: a chain of thousands of audiences is a
+    valid workspace (or a cycle to name), never a RecursionError.
+    """
     cycles, seen_cycles = [], set()
     state: dict[str, str] = {}
-
-    def visit(key: str, trail: list[str]) -> None:
-        state[key] = "active"
-        for target in sorted(definitions[key].references()):
+    for root in sorted(definitions):
+        if root in state:
+            continue
+        state[root] = "active"
+        trail = [root]
+        stack = [iter(sorted(definitions[root].references()))]
+        while stack:
+            target = next(stack[-1], None)
+            if target is None:
+                stack.pop()
+                state[trail.pop()] = "done"
+                continue
             if target not in definitions:
                 continue
             if state.get(target) == "active":
-                cycle = trail[trail.index(target) :] if target in trail else [target]
+                cycle = trail[trail.index(target) :]
                 if frozenset(cycle) not in seen_cycles:
                     seen_cycles.add(frozenset(cycle))
                     cycles.append(cycle)
             elif target not in state:
-                visit(target, [*trail, target])
-        state[key] = "done"
-
-    for key in sorted(definitions):
-        if key not in state:
-            visit(key, [key])
+                state[target] = "active"
+                trail.append(target)
+                stack.append(iter(sorted(definitions[target].references())))
     return cycles
 
 
 def evaluation_order(definitions: dict[str, AudienceDefinition]) -> list[str]:
-    """Keys with every referenced audience before the audiences that refer to it."""
+    """Keys with every referenced audience before the audiences that refer to it.
+
+    Iterative (any depth of references), and linear: each key is placed once.
+    """
     order: list[str] = []
-
-    def place(key: str) -> None:
-        if key in order or key not in definitions:
-            return
-        for target in sorted(definitions[key].references()):
-            place(target)
-        order.append(key)
-
-    for key in sorted(definitions):
-        place(key)
+    placed: set[str] = set()
+    for root in sorted(definitions):
+        if root in placed:
+            continue
+        placed.add(root)
+        stack = [(root, iter(sorted(definitions[root].references())))]
+        while stack:
+            key, targets = stack[-1]
+            target = next(targets, None)
+            if target is None:
+                stack.pop()
+                order.append(key)
+            elif target in definitions and target not in placed:
+                placed.add(target)
+                stack.append((target, iter(sorted(definitions[target].references()))))
     return order

@@ -54,7 +54,17 @@ REEVALUATE_MODEL = "int_users_to_reevaluate"
 # Up to this many changed users, int_users_flattened spreads them over threads (two row groups).
 SPREAD_ROWS = 2 * 122_880
 CUSTOM_FOLDER = Path("models/audiences/custom")
-GENERATED_FOLDERS = (Path("models/audiences/dynamic"), Path("models/audiences/static"))
+# The macros that evaluate audience_members batch by batch (one statement per batch).
+MEMBERS_MACROS = Path("macros/generated")
+# Audiences per statement of audience_members: the planning of one statement grows with the square
+# of its branches, so a bounded batch keeps every cost linear in the number of audiences; 100 was
+# the fastest of the sizes measured (bench/analysis.md, "Thousands of audiences").
+MEMBERS_BATCH_SIZE = 100
+GENERATED_FOLDERS = (
+    Path("models/audiences/dynamic"),
+    Path("models/audiences/static"),
+    MEMBERS_MACROS,
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,12 @@ def generate_models(
     custom = [key for key in custom_audience_keys(project_dir) if key not in skipped]
     dynamic = [d for key, d in sorted(definitions.items()) if d.type == "dynamic"]
     static = [d for key, d in sorted(definitions.items()) if d.type == "static"]
+    placeholders = _Placeholders.for_definitions(definitions.values())
+    # Each definition is compiled once here; audience_members compiles again only the audiences
+    # that read others (their conditions are inlined there).
+    analysed = _analyse(definitions, placeholders)
     attributes = sorted(
-        set().union(*(attributes_used(d.segments) for d in dynamic)) if dynamic else set(),
+        set().union(*(analysed[d.key].attributes for d in dynamic)) if dynamic else set(),
         key=lambda a: (a.path, VARIANTS.index(a.variant)),
     )
     files = [
@@ -100,7 +114,7 @@ def generate_models(
         files.append(
             GeneratedFile(
                 Path(f"models/audiences/dynamic/{definition.model_name}.sql"),
-                _dynamic_model(definition),
+                _dynamic_model(definition, analysed[definition.key]),
             )
         )
     for definition in static:
@@ -124,14 +138,16 @@ def generate_models(
     files.append(
         GeneratedFile(
             Path(f"models/intermediate/{REEVALUATE_MODEL}.sql"),
-            _reevaluate_model(definitions, source_label),
+            _reevaluate_model(definitions, source_label, analysed),
         )
     )
-    files.append(
-        GeneratedFile(
-            Path("models/marts/audience_members.sql"),
-            _members_model(definitions, custom, skipped, source_label),
-        )
+    files += _members_files(
+        definitions,
+        custom,
+        skipped,
+        source_label,
+        placeholders,
+        analysed,
     )
     return files
 
@@ -200,6 +216,11 @@ def _placeholder(name: str, taken: str) -> str:
     while candidate in taken:
         candidate += "_x"
     return candidate
+
+
+def _jinja_comment(text: str) -> str:
+    """Text as a Jinja comment, which dbt leaves out of the SQL it runs (never ended early)."""
+    return "{# " + escape_jinja(text).replace("#}", "# }") + " #}"
 
 
 def _comment(text: str) -> str:
@@ -392,23 +413,39 @@ REEVALUATED_IN_TIME = (
 )
 
 
+@dataclass(frozen=True)
+class _Placeholders:
+    """Names for our Jinja in compiled SQL that no user text of any definition contains."""
+
+    ref_prefix: str
+    now: str
+
+    @classmethod
+    def for_definitions(cls, definitions: Iterable[AudienceDefinition]) -> _Placeholders:
+        # One serialisation of every definition, not one per audience compiled (that was
+        # quadratic in the number of audiences: issue 25).
+        user_text = json.dumps([d.raw for d in definitions], ensure_ascii=False)
+        return cls(_placeholder("ref", user_text), _placeholder("evaluation_time", user_text))
+
+
 def _compile_audience(
     definition: AudienceDefinition,
     definitions: dict[str, AudienceDefinition] | None = None,
     users: str = REEVALUATED_USERS,
+    placeholders: _Placeholders | None = None,
+    attributes: set[Attribute] | None = None,
+    windows: set[TimeWindow] | None = None,
 ) -> _CompiledAudience:
     """An audience's WHERE clause over the columns of int_users_flattened, ready for a model file.
 
     Another audience's members are read from its model; or, given `definitions` (for
     audience_members' per-user re-evaluation), computed from its conditions over the same users
-    (the CTE `users`).
+    (the table `users`). `placeholders` are computed once for a whole generation. The attributes
+    it reads and its comparisons with "now" are added to `attributes` and `windows`, if given.
     """
-    # Placeholders for our Jinja are names that no user text in this definition contains.
-    user_text = json.dumps(definition.raw, ensure_ascii=False) + json.dumps(
-        {key: other.raw for key, other in (definitions or {}).items()}, ensure_ascii=False
-    )
-    ref_prefix = _placeholder("ref", user_text)
-    now = _placeholder("evaluation_time", user_text)
+    if placeholders is None:
+        placeholders = _Placeholders.for_definitions([definition, *(definitions or {}).values()])
+    ref_prefix, now = placeholders.ref_prefix, placeholders.now
     refs: dict[str, str] = {}
     references: set[str] = set()
 
@@ -426,12 +463,18 @@ def _compile_audience(
             .where(compile_segments(definitions[key].segments, context))
         )
 
+    def attribute_column(attribute: Attribute) -> exp.Expression:
+        if attributes is not None:
+            attributes.add(attribute)
+        return exp.column(attribute.column_name, quoted=True)
+
     context = CompileContext(
-        attribute=lambda attribute: exp.column(attribute.column_name, quoted=True),
+        attribute=attribute_column,
         audience_members=members_of,
         evaluation_time=exp.column(now),
         user_key=exp.column("user_key"),
         user_id=exp.column("user_id"),
+        on_time_window=windows.add if windows is not None else None,
     )
     segments_sql = []
     for index, segment in enumerate(definition.segments, start=1):
@@ -449,6 +492,45 @@ def _compile_audience(
     replacements[now] = "{{ evaluation_time() }}"
     where = _with_jinja(where, dict(sorted(replacements.items(), key=lambda item: -len(item[0]))))
     return _CompiledAudience(where, references)
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """One compilation of a dynamic audience: its model's WHERE clause (other audiences read from
+    their models), the attributes it reads and its comparisons with "now"."""
+
+    where: str
+    attributes: frozenset[Attribute]
+    windows: tuple[TimeWindow, ...]
+
+
+def _analyse(
+    definitions: dict[str, AudienceDefinition], placeholders: _Placeholders
+) -> dict[str, _Analysis]:
+    """Each dynamic audience compiled once, for everything generation needs to know of it."""
+    analysed = {}
+    for key, definition in definitions.items():
+        if definition.type != "dynamic":
+            continue
+        attributes: set[Attribute] = set()
+        windows: set[TimeWindow] = set()
+        compiled = _compile_audience(
+            definition, placeholders=placeholders, attributes=attributes, windows=windows
+        )
+        analysed[key] = _Analysis(
+            compiled.where,
+            frozenset(attributes),
+            tuple(sorted(windows, key=lambda window: (window.attribute.path, window.minutes))),
+        )
+    return analysed
+
+
+def _windows_of(
+    key: str, definitions: dict[str, AudienceDefinition], analysed: dict[str, _Analysis] | None
+) -> tuple[TimeWindow, ...] | list[TimeWindow]:
+    if analysed is not None:
+        return analysed[key].windows if key in analysed else ()
+    return time_windows(definitions[key].segments)
 
 
 def per_user_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
@@ -474,30 +556,38 @@ def _closure(key: str, definitions: dict[str, AudienceDefinition]) -> set[str]:
     return seen
 
 
-def time_dependent_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
+def time_dependent_audiences(
+    definitions: dict[str, AudienceDefinition], analysed: dict[str, _Analysis] | None = None
+) -> set[str]:
     """Per-user audiences whose members can change as "now" moves: they, or an audience they read,
     compare a timestamp with the evaluation time. Only these are re-evaluated for the users whose
     timestamps "now" moved over; for the others, only a change of the user's data matters."""
     return {
         key
         for key in per_user_audiences(definitions)
-        if any(time_windows(definitions[other].segments) for other in _closure(key, definitions))
+        if any(_windows_of(other, definitions, analysed) for other in _closure(key, definitions))
     }
 
 
-def _time_columns(definitions: dict[str, AudienceDefinition], keys: set[str]) -> list[str]:
+def _time_columns(
+    definitions: dict[str, AudienceDefinition],
+    keys: set[str],
+    analysed: dict[str, _Analysis] | None = None,
+) -> list[str]:
     """The int_users_flattened columns that these audiences (their references inlined) read."""
     read = {key_ for key in keys for key_ in _closure(key, definitions)}
-    attributes = (
-        set().union(*(attributes_used(definitions[key].segments) for key in read))
-        if read
-        else set()
-    )
+    attributes = set()
+    for key in read:
+        attributes |= (
+            analysed[key].attributes
+            if analysed is not None and key in analysed
+            else attributes_used(definitions[key].segments)
+        )
     return sorted({attribute.column_name for attribute in attributes} - {"user_key", "user_id"})
 
 
-def _dynamic_model(definition: AudienceDefinition) -> str:
-    compiled = _compile_audience(definition)
+def _dynamic_model(definition: AudienceDefinition, analysis: _Analysis | None = None) -> str:
+    compiled = analysis or _compile_audience(definition)
     body = f"""
 select
     user_key,
@@ -658,16 +748,16 @@ where audience_key in ({keys})
     return f"{header}\n{about}\n\n{{{{ config(materialized='table') }}}}\n\n{values}\n"
 
 
-def _members_model(
+def _members_branches(
     definitions: dict[str, AudienceDefinition],
     custom: list[str],
-    skipped: list[str],
-    source_label: str,
-) -> str:
-    """`audience_members`: incremental, re-evaluating per user what it can (macros/audience_members.sql)."""
-    header = GENERATED_HEADER.format(source=_comment(source_label))
+    placeholders: _Placeholders,
+    analysed: dict[str, _Analysis] | None = None,
+) -> tuple[list[str], dict[str, str], set[str]]:
+    """One SELECT per audience for `audience_members`, the hash of each per-user audience's SQL,
+    and the per-user audiences that compare a timestamp with "now"."""
     branches, per_user, eligible = [], {}, per_user_audiences(definitions)
-    timed = time_dependent_audiences(definitions)
+    timed = time_dependent_audiences(definitions, analysed)
     for key, definition in sorted(definitions.items()):
         literal = escape_jinja(render(exp.Literal.string(key)))
         full = f"select {literal} as audience_key, user_key, tenant from {{{{ ref('{definition.model_name}') }}}}"
@@ -679,14 +769,26 @@ def _members_model(
         # columns it reads keep their values when other properties are added or dropped
         # (int_users_flattened), so the set of all properties is not part of it.
         users = REEVALUATED_IN_TIME if key in timed else REEVALUATED_USERS
-        compiled = _compile_audience(definition, definitions, users)
+        if analysed is not None and not definition.references():
+            compiled = analysed[key]  # no other audience to inline: the model's own conditions
+        else:
+            compiled = _compile_audience(definition, definitions, users, placeholders)
         per_user[key] = hashlib.sha256(compiled.where.encode()).hexdigest()[:12]
         scoped = (
             f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
             f"from {users}\nwhere\n{_indent(compiled.where, 4)}"
         )
+        quoted = json.dumps(key)
+        # In a schedule tick (nobody's data changed) an audience that does not compare with "now"
+        # has nobody to re-evaluate: it is `idle`, and DuckDB need not plan its conditions.
+        idle = (
+            ""
+            if key in timed
+            else f"{{% if {quoted} in idle %}}\n\n{_idle_branch(literal)}\n\n{{% el"
+        )
         branches.append(
-            f"{{% if {json.dumps(key)} in per_user %}}\n\n{scoped}\n\n{{% else %}}\n\n{full}\n\n{{% endif %}}"
+            f"{idle or '{% '}if {quoted} in per_user %}}\n\n{scoped}\n\n"
+            f"{{% else %}}\n\n{full}\n\n{{% endif %}}"
         )
     # A custom SQL audience's blank tenant is no tenant, as on every other write path.
     tenant = render(normalized_tenant())
@@ -696,12 +798,72 @@ def _members_model(
         for key in custom
         if key not in definitions
     ]
-    if not branches:
-        branches = [
-            "select cast(null as varchar) as audience_key, cast(null as integer) as user_key, "
-            "cast(null as varchar) as tenant where false"
-        ]
-    union = "\n\nunion all\n\n".join(branches)
+    return branches, per_user, timed
+
+
+def _members_files(
+    definitions: dict[str, AudienceDefinition],
+    custom: list[str],
+    skipped: list[str],
+    source_label: str,
+    placeholders: _Placeholders,
+    analysed: dict[str, _Analysis] | None = None,
+) -> list[GeneratedFile]:
+    """`audience_members` and the macros that evaluate it in batches (macros/audience_members.sql).
+
+    Every audience's SELECT goes to one batch of at most `MEMBERS_BATCH_SIZE` audiences, and each
+    batch is one INSERT statement: no statement grows with the number of audiences (DuckDB's
+    planning of one statement over every audience grew with its square; bench/analysis.md).
+    """
+    branches, per_user, timed = _members_branches(definitions, custom, placeholders, analysed)
+    batches = [
+        branches[start : start + MEMBERS_BATCH_SIZE]
+        for start in range(0, len(branches), MEMBERS_BATCH_SIZE)
+    ]
+    label = _comment(source_label)
+    files = [
+        GeneratedFile(
+            Path("models/marts/audience_members.sql"),
+            _members_model(definitions, custom, skipped, per_user, timed, label, len(batches)),
+        ),
+        GeneratedFile(
+            MEMBERS_MACROS / "audience_members.sql",
+            _members_users_macro(definitions, timed, label, len(batches), analysed),
+        ),
+    ]
+    for number, batch in enumerate(batches, start=1):
+        files.append(
+            GeneratedFile(
+                MEMBERS_MACROS / f"{_batch_macro(number)}.sql",
+                _members_batch_macro(number, len(batches), batch, label),
+            )
+        )
+    return files
+
+
+def _idle_branch(literal: str) -> str:
+    return (
+        f'-- nobody\'s data changed and it does not compare with "now": nothing to re-evaluate\n'
+        f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
+        f"from {REEVALUATED_USERS}\nwhere false"
+    )
+
+
+def _batch_macro(number: int) -> str:
+    return f"audience_members_batch_{number:03d}"
+
+
+def _members_model(
+    definitions: dict[str, AudienceDefinition],
+    custom: list[str],
+    skipped: list[str],
+    per_user: dict[str, str],
+    timed: set[str],
+    label: str,
+    batches: int,
+) -> str:
+    """`audience_members`: incremental, re-evaluating per user what it can (macros/audience_members.sql)."""
+    header = GENERATED_HEADER.format(source=label)
     keys = sorted(set(definitions) | set(custom))
     meta = json.dumps(
         {
@@ -712,49 +874,87 @@ def _members_model(
         },
         indent=4,
     ).replace("\n", "\n        ")
-    columns = ",\n        ".join(
-        ["user_key", "user_id"] + [_quote(c) for c in _time_columns(definitions, timed)]
+    # The batches (macros) read these models; dbt must know it before it runs the hooks.
+    reads = [FLATTENED_MODEL, REEVALUATE_MODEL]
+    reads += [definitions[key].model_name for key in sorted(definitions)]
+    reads += [key for key in custom if key not in definitions]
+    depends_on = "\n".join(f"-- depends_on: {{{{ ref('{name}') }}}}" for name in reads)
+    return f"""{header}
+-- The members of every audience at this evaluation: one row per (audience, user, tenant).
+-- Integer user keys keep tens of millions of rows cheap to write; join stg_warehouse__users for ids.
+--
+-- Incremental. An audience that reads only the user's own properties (or other such audiences) is
+-- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
+-- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
+-- then. Its conditions are those of its model in models/audiences/, repeated over that subset.
+-- Custom and static audiences, audiences over them, and audiences whose SQL changed are
+-- evaluated whole. Skipped audiences (their definitions have errors) keep their rows as they
+-- were. How: macros/audience_members.sql.
+--
+-- The audiences are evaluated in {batches} batch(es) of at most {MEMBERS_BATCH_SIZE}, one statement each
+-- (macros/generated/audience_members_batch_*.sql), by the post-hook `audience_members_evaluate`:
+-- the select below only gives the table its columns.
+
+{{{{
+    config(
+        materialized='incremental',
+        incremental_strategy='append',
+        on_schema_change='fail',
+        pre_hook="{{{{ audience_members_forget_reevaluated() }}}}",
+        post_hook=[
+            "{{{{ audience_members_evaluate() }}}}",
+            "{{{{ audience_members_record_build() }}}}",
+        ],
+        meta={meta},
     )
-    flattened, reevaluate = (
-        f"{{{{ ref('{FLATTENED_MODEL}') }}}}",
-        f"{{{{ ref('{REEVALUATE_MODEL}') }}}}",
-    )
+}}}}
+
+{depends_on}
+
+select
+    cast(null as varchar) as audience_key,
+    cast(null as integer) as user_key,
+    cast(null as varchar) as tenant
+where false
+"""
+
+
+def _members_users_macro(
+    definitions: dict[str, AudienceDefinition],
+    timed: set[str],
+    label: str,
+    batches: int,
+    analysed: dict[str, _Analysis] | None = None,
+) -> str:
+    """The users that audience_members re-evaluates per user, as temporary tables that every batch
+    reads, and the list of batches."""
+    header = GENERATED_HEADER.format(source=label)
+    flattened = f"{{{{ ref('{FLATTENED_MODEL}') }}}}"
+    reevaluate = f"{{{{ ref('{REEVALUATE_MODEL}') }}}}"
     # The changed users' rows: int_users_flattened rewrote them at the end of its table, after
     # `users_after`, where the scan skips every other row group by its zone maps. The semi-join
     # alone would read every user's columns (0.9-1.3 s instead of 0.3 s for 100k of 10M users).
-    changed = f"""select users.*
-    from {flattened} as users
-    where users.user_key in (select user_key from {reevaluate} where changed)
-        {{% if users_after %}}and users.updated_at > {{{{ users_after }}}}{{% endif %}}"""
-    if timed:
-        users = f"""
-{{% if changed_users %}}
-
-{REEVALUATED_USERS} as materialized (
-
-    -- the changed users, for every audience
-    {changed}
-
-),
-
-{{% else %}}
-
--- Nobody's data changed (a schedule tick): only the users whose timestamps "now" moved over, only
--- for the audiences that compare a timestamp with "now", and only the columns those read.
-{REEVALUATED_USERS} as (
-
+    users = f"""
+    {{#- the users whose data changed since the last build, for every audience -#}}
+    create or replace temp table {REEVALUATED_USERS} as
     select users.*
     from {flattened} as users
-    where false
+    {{% if changed_users %}}
+    where users.user_key in (select user_key from {reevaluate} where changed)
+        {{% if users_after %}}and users.updated_at > {{{{ users_after }}}}{{% endif %}}
+    {{% else %}}
+    where false {{#- nobody's data changed (a schedule tick) #}}
+    {{% endif %}};"""
+    if timed:
+        columns = ",\n        ".join(
+            ["user_key", "user_id"]
+            + [_quote(c) for c in _time_columns(definitions, timed, analysed)]
+        )
+        users += f"""
 
-),
-
-{{% endif %}}
-
-{REEVALUATED_IN_TIME} as materialized (
-
-    -- the changed users and those only in a time window, for the audiences that compare a
-    -- timestamp with "now", in the columns those read
+    {{#- the changed users and those only in a time window, for the audiences that compare a
+        timestamp with "now", in the columns those read -#}}
+    create or replace temp table {REEVALUATED_IN_TIME} as
     select
         {columns}
     from {REEVALUATED_USERS}
@@ -764,58 +964,55 @@ def _members_model(
     select
         {columns}
     from {flattened}
-    where user_key in (select user_key from {reevaluate} where not changed)
+    where user_key in (select user_key from {reevaluate} where not changed);"""
+    calls = ",\n        ".join(f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1))
+    return f"""{_jinja_comment(header[3:])}
 
-)"""
-    else:
-        users = f"""
-{REEVALUATED_USERS} as materialized (
-
-    -- the users whose data changed since the last build
-    {changed}
-
-)"""
-    return f"""{header}
--- The members of every audience at this evaluation: one row per (audience, user, tenant).
--- Integer user keys keep tens of millions of rows cheap to write; join stg_warehouse__users for ids.
---
--- Incremental. An audience that reads only the user's own properties (or other such audiences) is
--- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
--- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
--- then. Its conditions are those of its model in models/audiences/, repeated here over that
--- subset. Custom and static audiences, audiences over them, and audiences whose SQL changed are
--- evaluated whole. Skipped audiences (their definitions have errors) keep their rows as they
--- were. How: macros/audience_members.sql.
-
-{{{{
-    config(
-        materialized='incremental',
-        incremental_strategy='append',
-        on_schema_change='fail',
-        pre_hook="{{{{ audience_members_forget_reevaluated() }}}}",
-        post_hook="{{{{ audience_members_record_build() }}}}",
-        meta={meta},
-    )
-}}}}
-
-{{% set per_user = audience_members_per_user() %}}
-
-{{% set changed_users = count_where(ref('{REEVALUATE_MODEL}'), 'changed') if per_user else 0 %}}
-{{% set users_after = latest_timestamp(ref('{REEVALUATE_MODEL}'), 'users_after') if changed_users else none %}}
-
-with
+{{% macro audience_members_users(changed_users, users_after) -%}}
 {users}
+{{%- endmacro %}}
 
-{union}
+
+{{% macro audience_members_batches(per_user, idle) -%}}
+    {{#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}}
+    {{{{ return([
+        {calls}
+    ]) }}}}
+{{%- endmacro %}}
 """
 
 
-def _reevaluate_model(definitions: dict[str, AudienceDefinition], source_label: str) -> str:
+def _members_batch_macro(number: int, batches: int, branches: list[str], label: str) -> str:
+    header = GENERATED_HEADER.format(source=label)
+    union = "\n\nunion all\n\n".join(branches) if branches else _NO_MEMBERS
+    about = f"Batch {number} of {batches} of audience_members: one statement (macros/audience_members.sql)."
+    return f"""{_jinja_comment(header[3:])}
+{_jinja_comment(about)}
+
+{{% macro {_batch_macro(number)}(per_user, idle) %}}
+
+{union}
+
+{{% endmacro %}}
+"""
+
+
+_NO_MEMBERS = (
+    "select cast(null as varchar) as audience_key, cast(null as integer) as user_key, "
+    "cast(null as varchar) as tenant where false"
+)
+
+
+def _reevaluate_model(
+    definitions: dict[str, AudienceDefinition],
+    source_label: str,
+    analysed: dict[str, _Analysis] | None = None,
+) -> str:
     """`int_users_to_reevaluate`: users whose data changed, or whose timestamps "now" moved over."""
     header = GENERATED_HEADER.format(source=_comment(source_label))
     audiences_by_window: dict[TimeWindow, list[str]] = {}
     for key in sorted(per_user_audiences(definitions)):
-        for window in time_windows(definitions[key].segments):
+        for window in _windows_of(key, definitions, analysed):
             audiences_by_window.setdefault(window, []).append(key)
     # Placeholders for the Jinja of the two times: names no property name contains.
     taken = json.dumps([[list(w.attribute.path) for w in audiences_by_window]], ensure_ascii=False)

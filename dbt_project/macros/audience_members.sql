@@ -26,6 +26,12 @@
 
     All of it runs in the model's transaction: a failed build changes nothing, and the next one
     starts from the same state. `dbt build --full-refresh` evaluates everything again.
+
+    The evaluation itself is the post-hook `audience_members_evaluate`: one INSERT per batch of at
+    most 100 audiences (macros/generated/, written by `audiences generate`), never one statement
+    over every audience, whose planning grew with the square of their number (bench/analysis.md).
+    The pre-hook decides which audiences are re-evaluated per user and keeps that decision in a
+    temporary table, so the post-hooks, which run after the table exists, act on the same one.
 #}
 
 {% macro audience_members_state_relation() -%}
@@ -79,10 +85,49 @@
 {%- endmacro %}
 
 
+{% macro audience_members_decided() -%}
+    {#- The per-user audiences the pre-hook decided on (for the post-hooks). -#}
+    {%- if not execute -%}
+        {{ return([]) }}
+    {%- endif -%}
+    {%- set decided = run_query('select audience_key from audience_members__per_user') -%}
+    {{ return(decided.rows | map(attribute=0) | sort) }}
+{%- endmacro %}
+
+
+{% macro audience_members_evaluate() -%}
+    {#- Post-hook: evaluate every audience, one INSERT per batch. The users re-evaluated per user
+        are selected once, into temporary tables that every batch reads. -#}
+    {%- set per_user = audience_members_decided() -%}
+    {%- set changed_users = count_where(ref('int_users_to_reevaluate'), 'changed') if per_user else 0 -%}
+    {%- set users_after = latest_timestamp(ref('int_users_to_reevaluate'), 'users_after') if changed_users else none -%}
+    {#- In a schedule tick, the per-user audiences that do not compare with "now" have nobody to
+        re-evaluate: their branches select nothing, and DuckDB does not plan their conditions. -#}
+    {%- set timed = model.config.meta.get('reevaluated_in_time', []) -%}
+    {%- set idle = [] if changed_users else per_user | reject('in', timed) | list -%}
+    {%- if per_user %}
+    {{ audience_members_users(changed_users, users_after) }}
+    {%- endif %}
+    {%- for batch in audience_members_batches(per_user, idle) %}
+    insert into {{ this }} (audience_key, user_key, tenant)
+    {{ batch }};
+    {%- endfor %}
+    drop table if exists temp.users_to_reevaluate;
+    drop table if exists temp.users_to_reevaluate_in_time
+{%- endmacro %}
+
+
 {% macro audience_members_forget_reevaluated() -%}
-    {#- Pre-hook: delete the rows this build replaces (never a skipped audience's). -#}
+    {#- Pre-hook: decide which audiences are re-evaluated per user (kept for the post-hooks), and
+        delete the rows this build replaces (never a skipped audience's). -#}
+    {%- set decided = audience_members_per_user() -%}
+    create or replace temp table audience_members__per_user (audience_key varchar);
+    {%- if decided %}
+    insert into audience_members__per_user values
+    {%- for key in decided %} ({{ audience_members_literals([key]) }}){{ "," if not loop.last }}{% endfor %};
+    {%- endif %}
     {%- if is_incremental() -%}
-        {%- set per_user = audience_members_per_user() -%}
+        {%- set per_user = decided -%}
         {%- set current = model.config.meta.get('audiences', []) -%}
         {%- set skipped = model.config.meta.get('skipped', []) -%}
         {%- set last = audience_members_last_keys() -%}
@@ -125,7 +170,7 @@
 
 {% macro audience_members_record_build() -%}
     {#- Post-hook: the new state, and what this build re-evaluated (for the membership diff). -#}
-    {%- set per_user = audience_members_per_user() -%}
+    {%- set per_user = audience_members_decided() -%}
     {%- set state = this.incorporate(path={'identifier': this.identifier ~ '__state'}) -%}
     {%- set reevaluated = this.incorporate(path={'identifier': this.identifier ~ '__reevaluated'}) -%}
     {%- set hashes = model.config.meta.get('reevaluated_per_user', {}) -%}

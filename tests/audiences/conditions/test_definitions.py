@@ -345,3 +345,50 @@ def test_epoch_seconds_are_a_time_and_out_of_range_ones_are_named(tmp_path):
     assert second.startswith(
         f"{path}: $.segments[0].conditions[1].argument[1]: -1000000000000000.0 "
     )
+
+
+def test_a_cycle_at_the_end_of_a_long_chain_is_named_not_a_recursion_error(tmp_path):
+    """Issue 25: with thousands of audiences, references may chain deeper than Python's recursion
+    limit; validation still names the cycle, and the rest is ordered."""
+    length = 1_500
+    for n in range(length):
+        write(tmp_path, f"a{n:04d}", dynamic(member_of(f"a{n + 1:04d}")))
+    write(tmp_path, f"a{length:04d}", dynamic(member_of(f"a{length - 2:04d}")))
+    write(tmp_path, "fine", dynamic({"property": "recipient.x", "operator": "exists"}))
+    found = load_definition_set(tmp_path)
+    cycle = f"audience membership cycle: a{length - 2:04d} -> a{length - 1:04d} -> a{length:04d} -> a{length - 2:04d}"
+    assert any(cycle in str(problem) for problem in found.problems)
+    assert set(found.definitions) == {"fine"} and len(found.skipped) == length + 1
+    chain = {f"b{n:04d}": dynamic(member_of(f"b{n + 1:04d}")) for n in range(length)}
+    chain[f"b{length:04d}"] = dynamic({"property": "recipient.x", "operator": "exists"})
+    for key, document in chain.items():
+        write(tmp_path / "chain", key, document)
+    order = evaluation_order(load_definitions(tmp_path / "chain"))
+    assert order == [f"b{n:04d}" for n in range(length, -1, -1)]
+
+
+def test_keys_that_collide_with_sql_audiences_or_engine_models_are_refused_by_name(tmp_path):
+    """Issue 25: a definition whose model (relation, file) would be a hand-written SQL audience's
+    (names compared ignoring case), an engine model's, or too long for a file name is refused by
+    name; the others are used."""
+    exists = {"property": "recipient.x", "operator": "exists"}
+    write(tmp_path, "power-users", dynamic(exists))
+    write(tmp_path, "audience-members", dynamic(exists))
+    write(tmp_path, "int_users_flattened", dynamic(exists))
+    long_key = "k" * 252
+    write(tmp_path, long_key, dynamic(exists))
+    write(tmp_path, "fine", dynamic(exists))
+    found = load_definition_set(tmp_path, other_audiences=["Power_Users"])
+    messages = [str(problem) for problem in found.problems]
+    assert set(found.definitions) == {"fine"}
+    assert any(
+        "power-users/audience.json: $: key 'power-users' maps to the model name 'power_users' of "
+        "the hand-written SQL audience models/audiences/custom/Power_Users.sql" in m
+        for m in messages
+    )
+    assert any(
+        "key 'audience-members' maps to the model name 'audience_members', which the engine's" in m
+        for m in messages
+    )
+    assert any("key 'int_users_flattened' maps to the model name" in m for m in messages)
+    assert any(f"key '{long_key}' is 252 bytes long" in m for m in messages)

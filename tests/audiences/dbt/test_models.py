@@ -421,3 +421,109 @@ def test_original_text_quoting_and_epoch_times_agree_with_the_reference_in_dbt(t
         "tame",
     }
     assert members == expected
+
+
+def _bench_module(name: str):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_audience_members_is_evaluated_in_statements_of_bounded_size(tmp_path, monkeypatch):
+    """Issue 25: no statement of audience_members grows with the number of audiences: each batch
+    macro holds at most MEMBERS_BATCH_SIZE audiences, and the batches cover every audience once."""
+    from audiences.dbt import models
+
+    audience_count = _bench_module("audience_count")
+    audience_count.write_definitions(tmp_path / "audiences", 230)
+    definitions = load_definitions(tmp_path / "audiences")
+    files = {str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "x")}
+    batches = sorted(p for p in files if p.startswith("macros/generated/audience_members_batch_"))
+    assert len(batches) == 3
+    # every audience has one branch that evaluates it whole, from its model
+    per_batch = [
+        [
+            key
+            for key in definitions
+            if f"select '{key}' as audience_key, user_key, tenant from" in files[path]
+        ]
+        for path in batches
+    ]
+    assert all(len(keys) <= models.MEMBERS_BATCH_SIZE for keys in per_batch)
+    keys = [key for batch in per_batch for key in batch]
+    assert sorted(keys) == sorted(definitions)
+    assert "where false" in files["models/marts/audience_members.sql"]
+
+
+@pytest.mark.slow
+def test_audience_members_in_many_batches_equals_every_view_cold_and_incrementally(
+    tmp_path, monkeypatch
+):
+    """Evaluated in batches of 7 audiences (60 audiences, references within each copy), a cold
+    build and an incremental one after 1% of users changed and "now" moved give exactly the
+    members of every audience view evaluated whole."""
+    from datetime import timedelta
+
+    from audiences.dbt import models
+    from audiences.warehouse.evaluation import set_evaluation_clock
+
+    audience_count = _bench_module("audience_count")
+    synthetic = _bench_module("synthetic")
+    monkeypatch.setattr(models, "MEMBERS_BATCH_SIZE", 7)
+    project = tmp_path / "dbt_project"
+    shutil.copytree(ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs"))
+    shutil.rmtree(project / "models" / "audiences" / "custom")
+    audience_count.write_definitions(tmp_path / "audiences", 60)
+    warehouse = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(warehouse)) as connection:
+        synthetic.generate_users(connection, 2_000)
+        set_evaluation_clock(connection, NOW)
+    settings = Settings.from_env(
+        {}, duckdb_path=warehouse, definitions_dir=tmp_path / "audiences", dbt_project_dir=project
+    )
+    prepare(settings)
+    assert len(list((project / "macros" / "generated").glob("audience_members_batch_*.sql"))) == 9
+
+    def compare() -> int:
+        with duckdb.connect(str(warehouse), read_only=True) as connection:
+            views = connection.execute(
+                "select audience_key, model_name from main.audience_catalog"
+            ).fetchall()
+            union = " union all ".join(
+                f"select '{key}' as audience_key, user_key, tenant from audiences.{name}"
+                for key, name in views
+            )
+            difference = connection.execute(
+                f"""
+                select count(*) from (
+                    (select audience_key, user_key, tenant from main.audience_members
+                     except all ({union}))
+                    union all
+                    (({union}) except all
+                     select audience_key, user_key, tenant from main.audience_members)
+                )
+                """
+            ).fetchone()[0]
+            assert difference == 0
+            return connection.execute("select count(*) from main.audience_members").fetchone()[0]
+
+    run_dbt(["build"], settings)
+    assert compare() > 1_000
+    with duckdb.connect(str(warehouse)) as connection:
+        connection.execute(synthetic.touch_users_sql(1))
+        set_evaluation_clock(connection, NOW + timedelta(minutes=15))
+    run_dbt(["build"], settings)
+    compare()
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        # the second build re-evaluated the changed users (the log keeps the cold build's
+        # `(null, null)` too, until a membership diff reads it)
+        per_user = connection.execute(
+            "select count(*) from main.audience_members__reevaluated "
+            "where audience_key is null and user_key is not null"
+        ).fetchone()[0]
+    assert per_user > 0

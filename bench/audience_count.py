@@ -1,0 +1,392 @@
+"""How every cost grows with the number of audiences (issue 25).
+
+    .venv/bin/python bench/audience_count.py --users 300000 --counts 50 500 2000
+    # writes bench/audience-count-results.md and .json
+
+The same synthetic users as `bench/scale.py` (`bench/data/<size>/warehouse.duckdb`), and N
+audiences: the 50 of `bench/synthetic.py` repeated N/50 times under other keys (`<key>--c<copy>`),
+each copy's `is_audience_member` references pointing into the same copy, so audience-of-audience
+ordering is exercised at every N. For each N, in this order, on a fresh copy of the dbt project:
+
+1. **generate**: `generate` (definitions loaded, compiled, files written), its CPU time, and the
+   size of the generated files (lines, and the largest single file);
+2. **generate again**: nothing changed, so nothing may be written;
+3. **parse**: `dbt parse`;
+4. **cold**: `dbt build --full-refresh`;
+5. **warm**: 1% of users touched, "now" 15 minutes later, the selection the Dagster job runs while
+   the definitions are unchanged (`pipelines/defs/audiences.py`: `--exclude` the views);
+6. **tick**: nothing changed, "now" 15 minutes later again, the same selection;
+7. **one definition changed**: one audience's argument edited, `generate`, and the build the
+   Dagster job runs then (a full `dbt build`, partial parsing on);
+8. **check**: `audience_members` against every audience view evaluated whole, and against the
+   independent reference evaluator (`audiences/conditions/reference.py`) on a sample of users.
+
+Each dbt command runs in its own process: *elapsed* is dbt's `elapsed_time`, *peak* the process's
+maximum resident set. The largest statement `audience_members` runs is reported too (its
+branches): it must not grow with N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+import scale  # noqa: E402
+import synthetic  # noqa: E402
+
+from audiences.dbt.project import generate  # noqa: E402
+from audiences.settings import Settings  # noqa: E402
+
+DATA = BENCH / "data"
+NOW = scale.NOW
+REFERENCE_SAMPLE = 2_000  # users evaluated by the reference evaluator, per N
+
+
+def definitions_for(count: int) -> dict[str, dict]:
+    """`count` audiences: the 50 synthetic ones, copied with their references kept in the copy."""
+    base = synthetic.audiences()
+    result: dict[str, dict] = {}
+    copy = 0
+    while len(result) < count:
+        for key, definition in base.items():
+            if len(result) == count:
+                break
+            new_key = key if copy == 0 else f"{key}--c{copy}"
+            text = json.dumps(definition)
+            if copy:
+                for other in base:
+                    text = text.replace(f'"argument": "{other}"', f'"argument": "{other}--c{copy}"')
+            result[new_key] = json.loads(text)
+        copy += 1
+    return result
+
+
+def write_definitions(folder: Path, count: int) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    for key, definition in definitions_for(count).items():
+        (folder / key).mkdir(parents=True)
+        (folder / key / "audience.json").write_text(json.dumps(definition, indent=2) + "\n")
+
+
+def statement_sizes(project: Path) -> dict:
+    """Lines of the generated files, and the most audiences one audience_members statement holds."""
+    generated = [
+        *project.glob("models/audiences/dynamic/*.sql"),
+        *project.glob("macros/generated/*.sql"),
+        project / "models/marts/audience_members.sql",
+    ]
+    lines = {path: path.read_text().count("\n") for path in generated if path.exists()}
+    batches = list(project.glob("macros/generated/audience_members_batch_*.sql"))
+    per_statement = [path.read_text().count(" as audience_key,") for path in batches]
+    if not batches:  # one statement over every audience (the code before issue 25)
+        per_statement = [
+            (project / "models/marts/audience_members.sql").read_text().count(" as audience_key,")
+        ]
+    members_lines = sum(
+        n
+        for path, n in lines.items()
+        if "audience_members" in path.name or "generated" in str(path)
+    )
+    return {
+        "generated_lines": sum(lines.values()),
+        "largest_file_lines": max(lines.values()),
+        "audience_members_lines": members_lines,
+        "statements": len(per_statement),
+        "largest_statement_branches": max(per_statement) // 2 or max(per_statement),
+    }
+
+
+def reference_check(path: Path, definitions_dir: Path, evaluated_at: datetime) -> dict:
+    """The product's members of a sample of users against the reference evaluator's."""
+    from audiences.conditions.definitions import evaluation_order, load_definitions
+    from audiences.conditions.reference import evaluate_audience
+
+    definitions = load_definitions(definitions_dir)
+    with duckdb.connect(str(path), read_only=True) as connection:
+        step = max(
+            1,
+            connection.execute("select count(*) from raw.users").fetchone()[0] // REFERENCE_SAMPLE,
+        )
+        rows = connection.execute(
+            f"select user_key, user_id, properties from raw.users "
+            f"where deleted_at is null and user_key % {step} = 0"
+        ).fetchall()
+        keys = [row[0] for row in rows]
+        product = {
+            (audience, user)
+            for audience, user in connection.execute(
+                "select audience_key, user_key from main.audience_members "
+                "where tenant is null and list_contains($keys, user_key)",
+                {"keys": keys},
+            ).fetchall()
+        }
+    users = {key: {**json.loads(properties), "id": user_id} for key, user_id, properties in rows}
+    members: dict[str, set[str]] = {}
+    expected = set()
+    for audience in evaluation_order(definitions):
+        members[audience] = {
+            user["id"]
+            for user in users.values()
+            if evaluate_audience(
+                definitions[audience].raw,
+                user,
+                now=evaluated_at,
+                is_member=lambda other, user_id: user_id in members.get(other, ()),
+            )
+        }
+        expected |= {
+            (audience, key) for key, user in users.items() if user["id"] in members[audience]
+        }
+    return {
+        "sample_users": len(users),
+        "expected": len(expected),
+        "missing": len(expected - product),
+        "extra": len(product - expected),
+        "ok": expected == product,
+    }
+
+
+def parse(settings: Settings) -> dict:
+    """`dbt parse` in its own process (it writes no run_results.json)."""
+    environment = {
+        **os.environ,
+        **settings.environment_variables(),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            scale.dbt_executable(),
+            "parse",
+            "--project-dir",
+            str(settings.dbt_project_dir),
+            "--profiles-dir",
+            str(settings.dbt_project_dir),
+        ],
+        env=environment,
+        check=True,
+        capture_output=True,
+    )
+    return {"wall_s": time.perf_counter() - start}
+
+
+def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -> dict:
+    project = folder / f"dbt_project_{count}"
+    definitions_dir = folder / f"audiences_{count}"
+    if project.exists():
+        shutil.rmtree(project)
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", ".user.yml")
+    )
+    shutil.rmtree(project / "models" / "audiences" / "custom", ignore_errors=True)
+    write_definitions(definitions_dir, count)
+    settings = Settings.from_env(
+        {},
+        duckdb_path=folder / "warehouse.duckdb",
+        definitions_dir=definitions_dir,
+        dbt_project_dir=project,
+        store_url=f"sqlite:///{folder / 'store.sqlite'}",
+    )
+    r: dict = {"audiences": count, "users": users, "runs": {}}
+    r.update(scale.in_child("reset", path=settings.duckdb_path, users=users))
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    written = generate(settings)
+    r["generate"] = {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "files_written": len(written),
+    }
+    cpu, wall = time.process_time(), time.perf_counter()
+    written = generate(settings)
+    r["generate_again"] = {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "files_written": len(written),
+    }
+    r["sizes"] = statement_sizes(project)
+    print(count, "generate", r["generate"], r["generate_again"], r["sizes"], flush=True)
+    r["runs"]["parse"] = parse(settings)
+    from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
+
+    lean = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
+    steps = [
+        ("cold", 0, None, ["build", "--full-refresh"]),
+        ("warm", 15, 1, lean),
+        ("tick", 30, None, lean),
+    ]
+    for name, minutes, touch, arguments in steps:
+        scale.in_child(
+            "step",
+            path=settings.duckdb_path,
+            touch=touch,
+            now=(NOW + timedelta(minutes=minutes)).isoformat(),
+        )
+        r["runs"][name] = scale.dbt(settings, arguments)
+        print(count, name, {k: v for k, v in r["runs"][name].items() if k != "slowest"}, flush=True)
+    r["check"] = scale.in_child("check", path=settings.duckdb_path)
+    r["reference"] = reference_check(
+        settings.duckdb_path, definitions_dir, NOW + timedelta(minutes=30)
+    )
+    print(count, "check", r["check"], r["reference"], flush=True)
+    if skip_change:
+        return r
+    # One definition changed: its argument edited, generated again, and the full build that the
+    # Dagster job runs when the dbt project changed.
+    changed = definitions_dir / "free-plan" / "audience.json"
+    changed.write_text(changed.read_text().replace('"free"', '"starter"'))
+    cpu, wall = time.process_time(), time.perf_counter()
+    written = generate(settings)
+    r["generate_one_changed"] = {
+        "wall_s": time.perf_counter() - wall,
+        "cpu_s": time.process_time() - cpu,
+        "files_written": len(written),
+    }
+    scale.in_child(
+        "step", path=settings.duckdb_path, touch=None, now=(NOW + timedelta(minutes=45)).isoformat()
+    )
+    r["runs"]["one_definition_changed"] = scale.dbt(settings, ["build"])
+    print(
+        count,
+        "one changed",
+        r["generate_one_changed"],
+        r["runs"]["one_definition_changed"]["wall_s"],
+        flush=True,
+    )
+    r["check_after_change"] = scale.in_child("check", path=settings.duckdb_path)
+    print(count, "check after the change", r["check_after_change"], flush=True)
+    shutil.rmtree(project, ignore_errors=True)
+    shutil.rmtree(definitions_dir, ignore_errors=True)
+    return r
+
+
+def render(document: dict) -> str:
+    counts = [r["audiences"] for r in document["results"]]
+    first = document["results"][0]
+    lines = [
+        "# Thousands of audiences",
+        "",
+        f"Produced by `{document['command']}` on {document['started']} "
+        f"({document['machine']['cores']} cores, Python {document['machine']['python']}, "
+        f"DuckDB {document['machine']['duckdb']}); single runs on a shared machine. "
+        f"{first['users']:,} synthetic users. What each step is: the docstring of `bench/audience_count.py`.",
+        "",
+        "| step | " + " | ".join(f"N={n:,}" for n in counts) + f" | {counts[-1]} ÷ {counts[0]} |",
+        "|---|" + "---:|" * (len(counts) + 1),
+    ]
+
+    def row(label, values, unit="s", digits=1):
+        cells = [f"{v:,.{digits}f} {unit}".strip() for v in values]
+        ratio = values[-1] / values[0] if values[0] else float("nan")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.1f}x |")
+
+    results = document["results"]
+    row("`generate` (wall)", [r["generate"]["wall_s"] for r in results], digits=2)
+    row(
+        "`generate` again, nothing changed",
+        [r["generate_again"]["wall_s"] for r in results],
+        digits=2,
+    )
+    row("files written by it", [r["generate_again"]["files_written"] for r in results], "", 0)
+    row("generated lines", [r["sizes"]["generated_lines"] for r in results], "", 0)
+    row(
+        "largest generated file (lines)", [r["sizes"]["largest_file_lines"] for r in results], "", 0
+    )
+    row("audience_members statements", [r["sizes"]["statements"] for r in results], "", 0)
+    row(
+        "audiences in its largest statement",
+        [r["sizes"]["largest_statement_branches"] for r in results],
+        "",
+        0,
+    )
+    row("`dbt parse` (wall)", [r["runs"]["parse"]["wall_s"] for r in results])
+    for name, label in (
+        ("cold", "cold build"),
+        ("warm", "warm build, 1% of users changed"),
+        ("tick", "schedule tick"),
+        ("one_definition_changed", "one definition changed: build"),
+    ):
+        if not all(name in r["runs"] for r in results):
+            continue
+        row(f"{label} (wall)", [r["runs"][name]["wall_s"] for r in results])
+        row(f"{label} (dbt elapsed)", [r["runs"][name]["evaluation_s"] for r in results])
+        row(f"{label} (peak memory)", [r["runs"][name]["peak_rss_mb"] for r in results], "MB", 0)
+    changed = all("generate_one_changed" in r for r in results)
+    row(
+        "one definition changed: `generate`",
+        [r["generate_one_changed"]["wall_s"] if changed else 0.0 for r in results],
+        digits=2,
+    )
+    row(
+        "... files it wrote",
+        [r["generate_one_changed"]["files_written"] if changed else 0 for r in results],
+        "",
+        0,
+    )
+    row("memberships", [r["check"]["members"] for r in results], "", 0)
+    lines += [
+        "",
+        "Correctness, at every N: `audience_members` against every audience view evaluated whole, "
+        "and against the reference evaluator on a sample of users:",
+        "",
+    ]
+    for r in results:
+        c, ref = r["check"], r["reference"]
+        lines.append(
+            f"- N={r['audiences']:,}: views {c['missing']} missing, {c['extra']} extra; reference "
+            f"({ref['sample_users']:,} users, {ref['expected']:,} memberships) {ref['missing']} missing, "
+            f"{ref['extra']} extra: **{'OK' if c['ok'] and ref['ok'] else 'MISMATCH'}**"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=300_000)
+    parser.add_argument("--counts", type=int, nargs="+", default=[50, 500, 2000])
+    parser.add_argument(
+        "--output", default="audience-count-results", help="file name in bench/, no suffix"
+    )
+    parser.add_argument(
+        "--skip-change",
+        action="store_true",
+        help="leave out step 7 (one definition changed: a full build, as long as a cold one)",
+    )
+    options = parser.parse_args()
+    folder = DATA / f"audience-count-{options.users}"
+    folder.mkdir(parents=True, exist_ok=True)
+    document = {
+        "command": "bench/audience_count.py " + " ".join(sys.argv[1:]),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "duckdb": duckdb.__version__,
+        },
+        "results": [
+            run_count(count, options.users, folder, options.skip_change) for count in options.counts
+        ],
+    }
+    (BENCH / f"{options.output}.json").write_text(json.dumps(document, indent=1, default=str))
+    (BENCH / f"{options.output}.md").write_text(render(document))
+    print(render(document))
+
+
+if __name__ == "__main__":
+    main()
