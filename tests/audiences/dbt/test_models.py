@@ -486,6 +486,7 @@ def test_audience_members_in_many_batches_equals_every_view_cold_and_incremental
     settings = Settings.from_env(
         {}, duckdb_path=warehouse, definitions_dir=tmp_path / "audiences", dbt_project_dir=project
     )
+    generate(settings)
     prepare(settings)
     assert len(list((project / "macros" / "generated").glob("audience_members_batch_*.sql"))) == 9
 
