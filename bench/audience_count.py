@@ -93,7 +93,10 @@ def statement_sizes(project: Path) -> dict:
     ]
     lines = {path: path.read_text().count("\n") for path in generated if path.exists()}
     batches = list(project.glob("macros/generated/audience_members_batch_*.sql"))
-    per_statement = [path.read_text().count(" as audience_key,") for path in batches]
+    # every audience has one branch that evaluates it whole, from its model
+    per_statement = [
+        path.read_text().count(" as audience_key, user_key, tenant from") for path in batches
+    ]
     if not batches:  # one statement over every audience (the code before issue 25)
         per_statement = [
             (project / "models/marts/audience_members.sql").read_text().count(" as audience_key,")
@@ -108,7 +111,7 @@ def statement_sizes(project: Path) -> dict:
         "largest_file_lines": max(lines.values()),
         "audience_members_lines": members_lines,
         "statements": len(per_statement),
-        "largest_statement_branches": max(per_statement) // 2 or max(per_statement),
+        "largest_statement_branches": max(per_statement),
     }
 
 
