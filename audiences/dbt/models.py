@@ -972,7 +972,6 @@ def _members_users_macro(
 {users}
 {{%- endmacro %}}
 
-
 {{% macro audience_members_batches(per_user, idle) -%}}
     {{#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}}
     {{{{ return([

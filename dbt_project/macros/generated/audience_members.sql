@@ -72,7 +72,6 @@
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed);
 {%- endmacro %}
 
-
 {% macro audience_members_batches(per_user, idle) -%}
     {#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}
     {{ return([
