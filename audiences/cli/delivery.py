@@ -156,9 +156,9 @@ def backfill_entries(settings: Settings, arguments) -> int:
     --dry-run, print what it would send and change nothing."""
     from datetime import UTC, datetime
 
+    from audiences.delivery.setup import load_workflow_setup
     from audiences.warehouse.queries import connect
     from audiences.workflows.entry_backfill import backfill_entries as run_backfill
-    from audiences.workflows.setup import load_workflow_setup
 
     setup = load_workflow_setup(settings)
     with connect(settings.duckdb_path, read_only=True) as connection:

@@ -16,10 +16,11 @@ from datetime import datetime
 
 import duckdb
 
-from audiences.membership.publish import PublishReport, _deliveries_for
+from audiences.membership.events import MembershipEvent
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore
 from audiences.warehouse.queries import table_exists
+from audiences.workflows.publish import PublishReport, _deliveries_for
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,9 @@ class EntryBackfill:
     skipped_by_frequency: int
 
 
-def backfilled_entries(connection: duckdb.DuckDBPyConnection, audience_key: str) -> list[dict]:
+def backfilled_entries(
+    connection: duckdb.DuckDBPyConnection, audience_key: str
+) -> list[MembershipEvent]:
     """The audience's current members whose entry was recorded as a backfill, as membership
     events (from the warehouse's outbox: a backfill entry never reaches the store's events)."""
     if not table_exists(connection, "raw.membership_outbox"):
@@ -72,7 +75,10 @@ def backfilled_entries(connection: duckdb.DuckDBPyConnection, audience_key: str)
         "batch_id",
     )
     # Sent now as the entries they are: no longer a suppressed backfill.
-    return [{**dict(zip(names, row, strict=True)), "is_backfill": False} for row in rows]
+    return [
+        MembershipEvent.from_row({**dict(zip(names, row, strict=True)), "is_backfill": False})
+        for row in rows
+    ]
 
 
 def backfill_entries(
