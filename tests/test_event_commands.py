@@ -38,7 +38,7 @@ def sample_copy(sample_run, tmp_path, monkeypatch):
 
 
 def test_knock_compatible_validation_names_every_event_condition(capsys, sample_copy):
-    code, out, _ = run_cli(capsys, *sample_copy, "validate")
+    code, _, _ = run_cli(capsys, *sample_copy, "validate")
     assert code == 0
     code, _, err = run_cli(capsys, *sample_copy, "validate", "--knock-compatible")
     assert code == 1
