@@ -31,6 +31,9 @@ from audiences.conditions.compiler import (
 )
 from audiences.dbt.models import flattened_columns
 
+# Conditions evaluated per query: one query per condition costs Spark seconds of planning each.
+CHUNK = 300
+
 # A local session like the `spark` target's (dbt_project/profiles.yml).
 SPARK_CONFIG = {
     "spark.sql.session.timeZone": "UTC",
@@ -139,7 +142,7 @@ def matches(
     now: datetime = NOW,
 ) -> list[set[str]]:
     """For each audience (segments of conditions), the ids of the users it selects, in one query
-    per 40 audiences. `run(sql)` returns rows of (user_id, bool, bool, ...)."""
+    per `CHUNK` audiences. `run(sql)` returns rows of (user_id, bool, bool, ...)."""
     members = members or {}
     context = _context(dialect, members, flattened, now)
     source = "raw.users" if dialect == DIALECT else "users"
@@ -151,8 +154,8 @@ def matches(
         run(f"{build} flattened as {flattened_select(attributes, dialect)}")
         source = "flattened"
     found: list[set[str]] = []
-    for start in range(0, len(audiences), 40):
-        chunk = audiences[start : start + 40]
+    for start in range(0, len(audiences), CHUNK):
+        chunk = audiences[start : start + CHUNK]
         columns = [
             f"{render(compile_segments(segments, context), pretty=False, dialect=dialect)} as m{i}"
             for i, segments in enumerate(chunk)
