@@ -122,15 +122,19 @@ def _context(dialect: str, members: dict[str, set[str]], flattened: bool, now: d
     )
 
 
-def flattened_select(attributes: list[Attribute], dialect: str) -> str:
-    """The typed-column table int_users_flattened builds, as a query over the users."""
+def flattened_statements(attributes: list[Attribute], dialect: str) -> list[str]:
+    """The typed-column table int_users_flattened builds, in two steps: the properties parsed out
+    of each user's JSON (`extracted`), then the typed columns (`flattened`). One projection would
+    let Spark's optimizer inline the parse into every column, which costs it minutes of planning."""
     source = "raw.users" if dialect == DIALECT else "users"
+    build = "cache table" if dialect == SPARK else "create or replace temp table"
     extraction, columns = flattened_columns(attributes, dialect)
     selected = ", ".join(["user_key", "user_id"] + [f"{sql} as {name}" for _, sql, name in columns])
-    return (
-        f"select {selected} from (select user_key, user_id, properties, {extraction} "
-        f"as property_values from {source})"
-    )
+    return [
+        f"{build} extracted as select user_key, user_id, properties, {extraction} "
+        f"as property_values from {source}",
+        f"{build} flattened as select {selected} from extracted",
+    ]
 
 
 def matches(
@@ -150,8 +154,8 @@ def matches(
         used = set().union(*(attributes_used(segments) for segments in audiences))
         attributes = sorted(used, key=lambda a: (a.path, a.variant))
         # Built once, as dbt builds the table (Spark: cached, so each query reads typed columns).
-        build = "cache table" if dialect == SPARK else "create or replace temp table"
-        run(f"{build} flattened as {flattened_select(attributes, dialect)}")
+        for statement in flattened_statements(attributes, dialect):
+            run(statement)
         source = "flattened"
     found: list[set[str]] = []
     for start in range(0, len(audiences), CHUNK):
@@ -172,7 +176,7 @@ def on_duckdb(connection: duckdb.DuckDBPyConnection):
 def on_spark(spark):
     def run(sql: str) -> list[tuple]:
         if sql.startswith("cache table"):
-            spark.sql("uncache table if exists flattened")
+            spark.sql(f"uncache table if exists {sql.split()[2]}")
         return [tuple(row) for row in spark.sql(sql).collect()]
 
     return run

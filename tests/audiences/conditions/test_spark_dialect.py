@@ -160,7 +160,7 @@ def test_every_operator_and_hostile_value_selects_the_same_users_on_spark_and_du
 
 @pytest.mark.slow
 @settings(
-    max_examples=25,
+    max_examples=10,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
