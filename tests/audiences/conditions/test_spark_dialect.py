@@ -37,7 +37,9 @@ CASES = _reference_cases()
 
 @pytest.fixture(scope="module")
 def spark():
-    return spark_session()
+    session = spark_session()
+    yield session
+    session.stop()  # its JVM holds a gigabyte the rest of the suite can use
 
 
 def _population() -> list[dict]:
