@@ -175,8 +175,8 @@ def on_duckdb(connection: duckdb.DuckDBPyConnection):
 
 def on_spark(spark):
     def run(sql: str) -> list[tuple]:
-        if sql.startswith("cache table"):
-            spark.sql(f"uncache table if exists {sql.split()[2]}")
+        if sql.startswith("cache table"):  # a cached temp view: replaced, not kept
+            spark.catalog.dropTempView(sql.split()[2])
         return [tuple(row) for row in spark.sql(sql).collect()]
 
     return run

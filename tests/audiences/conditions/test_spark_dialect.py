@@ -104,7 +104,8 @@ def _conditions() -> list[dict]:
                     {"property": "recipient.id", "operator": operator, "argument": argument}
                 )
                 continue
-            for path in paths if OPERATORS[operator] == "none" else paths[:2]:
+            # every name for the operators without argument (recipient.id among them)
+            for path in [*paths, "recipient.id"] if OPERATORS[operator] == "none" else paths[:2]:
                 condition = {"property": path, "operator": operator}
                 if argument is not None or OPERATORS[operator] == "value":
                     condition["argument"] = argument
