@@ -71,7 +71,11 @@ def spark_session():
 
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
+    import tempfile
+
     builder = SparkSession.builder.master("local[1]").appName("audiences-tests")
+    # Spark makes its warehouse folder at start: a temporary one, not ./spark-warehouse.
+    builder = builder.config("spark.sql.warehouse.dir", tempfile.mkdtemp(prefix="spark-warehouse-"))
     for key, value in SPARK_CONFIG.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
