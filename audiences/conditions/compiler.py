@@ -41,6 +41,10 @@ from audiences.conditions.arguments import (
 )
 
 DIALECT = "duckdb"
+# The SQL dialects the compiler writes. DuckDB is the embedded warehouse; Spark (local, a cluster,
+# Databricks) reads a property through Spark 4's VARIANT instead of DuckDB's JSON functions.
+SPARK = "spark"
+DIALECTS = (DIALECT, SPARK)
 
 VARIANTS = ("json", "kind", "text", "number", "boolean", "items", "timestamp")
 NUMERIC_JSON_TYPES = ("BIGINT", "UBIGINT", "DOUBLE", "HUGEINT", "INTEGER")
@@ -181,8 +185,8 @@ def json_pointer(path: tuple[str, ...]) -> str:
     return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in path)
 
 
-def _template(sql: str, **values: object) -> exp.Expression:
-    tree = sqlglot.parse_one(sql, dialect=DIALECT)
+def _template(sql: str, dialect: str = DIALECT, **values: object) -> exp.Expression:
+    tree = sqlglot.parse_one(sql, dialect=dialect)
     converted = {
         k: v if isinstance(v, exp.Expression) else exp.convert(v) for k, v in values.items()
     }
@@ -217,8 +221,14 @@ def _item_key(element: exp.Expression) -> exp.Expression:
     )
 
 
-def attribute_expression(value: exp.Expression, variant: str) -> exp.Expression:
-    """The SQL for one variant of a property, given the property's JSON value (NULL if missing)."""
+def attribute_expression(
+    value: exp.Expression, variant: str, dialect: str = DIALECT
+) -> exp.Expression:
+    """The SQL for one variant of a property, given the property's JSON value (NULL if missing).
+
+    On Spark the value is a VARIANT (`property_json` with `dialect="spark"`)."""
+    if dialect == SPARK:
+        return _spark_attribute(value, variant)
     text = _template("(:v ->> '$')", v=value)
     if variant == "json":
         return value
@@ -275,9 +285,18 @@ def _number_expression(value: exp.Expression) -> exp.Expression:
 
 
 def property_json(
-    path: tuple[str, ...], properties: exp.Expression, user_id: exp.Expression
+    path: tuple[str, ...],
+    properties: exp.Expression,
+    user_id: exp.Expression,
+    dialect: str = DIALECT,
 ) -> exp.Expression:
-    """The JSON value of a property read straight from a user's `properties` document."""
+    """The JSON value of a property read straight from a user's `properties` document.
+
+    On Spark: a VARIANT, the document parsed with `parse_json` (`properties` is its JSON text)."""
+    if dialect == SPARK:
+        if path == ("id",):
+            return exp.cast(user_id, exp.DataType.build("variant", dialect=SPARK))
+        return spark_member(exp.Anonymous(this="parse_json", expressions=[properties]), path)
     if path == ("id",):
         return _template("to_json(:user_id)", user_id=user_id)
     return _json_extract(properties, json_pointer(path))
@@ -287,6 +306,147 @@ def _json_extract(document: exp.Expression, path: str) -> exp.Expression:
     # A plain function call: SQLGlot would write the `->` operator, which DuckDB does not bind
     # for wildcard paths.
     return exp.Anonymous(this="json_extract", expressions=[document, exp.Literal.string(path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark: a property is a VARIANT (Spark 4), read with the same meaning as DuckDB's JSON above.
+
+# schema_of_variant's names of a JSON number (integers read as BIGINT, decimals as DECIMAL(p,s),
+# exponents and huge values as DOUBLE).
+_SPARK_NUMBER_TYPES = ("BIGINT", "DOUBLE", "FLOAT", "INT", "SMALLINT", "TINYINT")
+
+
+def spark_member(document: exp.Expression, path: tuple[str, ...]) -> exp.Expression:
+    """A VARIANT's member at `path` (NULL when missing or when a step is not an object).
+
+    Each step reads the object as a map and takes the key as a string literal: Spark's
+    variant paths (`$.a`, `$["a"]`) have no escape for a quote in a key, so a property named
+    `a"b` could not be addressed by path at all.
+    """
+    value = document
+    for part in path:
+        as_map = exp.Anonymous(
+            this="try_variant_get",
+            expressions=[value, exp.Literal.string("$"), exp.Literal.string("map<string,variant>")],
+        )
+        value = exp.Anonymous(this="try_element_at", expressions=[as_map, exp.Literal.string(part)])
+    return value
+
+
+def _spark_get(value: exp.Expression, type_name: str) -> exp.Expression:
+    return exp.Anonymous(
+        this="try_variant_get",
+        expressions=[value, exp.Literal.string("$"), exp.Literal.string(type_name)],
+    )
+
+
+def _spark_kind(value: exp.Expression) -> exp.Expression:
+    """`string`, `number`, `boolean`, `list`, `object`; NULL when missing or JSON null."""
+    return _template(
+        "case when :t = 'STRING' then 'string' "
+        "when :is_number then 'number' "
+        "when :t = 'BOOLEAN' then 'boolean' "
+        "when :t like 'ARRAY%' then 'list' "
+        "when :t like 'OBJECT%' then 'object' end",
+        dialect=SPARK,
+        t=exp.Anonymous(this="schema_of_variant", expressions=[value]),
+        is_number=_spark_is_number(value),
+    )
+
+
+def _spark_is_number(value: exp.Expression) -> exp.Expression:
+    kind = exp.Anonymous(this="schema_of_variant", expressions=[value])
+    listed = exp.In(
+        this=kind, expressions=[exp.Literal.string(name) for name in _SPARK_NUMBER_TYPES]
+    )
+    decimal = exp.Like(this=kind.copy(), expression=exp.Literal.string("DECIMAL%"))
+    return exp.paren(exp.or_(listed, decimal))
+
+
+def _spark_full_match(text: exp.Expression, pattern: str) -> exp.Expression:
+    # Java's `$` also matches before a final line break ("5\n"); `\z` is the very end.
+    return exp.RegexpLike(this=text, expression=exp.Literal.string(f"^(?:{pattern})\\z"))
+
+
+def _spark_attribute(value: exp.Expression, variant: str) -> exp.Expression:
+    """`attribute_expression` on Spark: the same typed views, from a VARIANT."""
+    if variant == "json":
+        return value
+    kind = _spark_kind(value)
+    text = _template(
+        "case when :kind = 'string' then :text end",
+        SPARK,
+        kind=kind,
+        text=_spark_get(value, "string"),
+    )
+    if variant == "kind":
+        return kind
+    if variant == "text":
+        return text
+    if variant == "number":
+        return _spark_number(value)
+    if variant == "boolean":
+        return _template(
+            "case when :kind = 'boolean' then :b end",
+            SPARK,
+            kind=kind,
+            b=_spark_get(value, "boolean"),
+        )
+    if variant == "items":
+        item = exp.column("item")
+        key = _template(
+            "case when :t = 'STRING' then 's:' || :text "
+            "when :t = 'BOOLEAN' then 'b:' || cast(:b as string) "
+            "when :t = 'VOID' then 'null' "
+            "when :is_number then 'n:' || cast(:n + 0.0 as string) "
+            "else 'j:' || to_json(:e) end",
+            SPARK,
+            t=exp.Anonymous(this="schema_of_variant", expressions=[item]),
+            text=_spark_get(item, "string"),
+            b=_spark_get(item, "boolean"),
+            is_number=_spark_is_number(item),
+            n=_spark_get(item, "double"),
+            e=item,
+        )
+        return _template(
+            "case when :kind = 'list' then transform(:elements, item -> :key) end",
+            SPARK,
+            kind=kind,
+            elements=_spark_get(value, "array<variant>"),
+            key=key,
+        )
+    if variant == "timestamp":
+        return _template(
+            "case when :matches then try_cast(:text as timestamp) "
+            "when :number between :low and :high then :from_number end",
+            SPARK,
+            matches=exp.and_(
+                exp.EQ(this=kind, expression=exp.Literal.string("string")),
+                _spark_full_match(text.copy(), TIMESTAMP_PATTERN),
+            ),
+            text=text,
+            number=_spark_number(value),
+            low=EPOCH_RANGE[0],
+            high=EPOCH_RANGE[1],
+            from_number=exp.Anonymous(this="timestamp_seconds", expressions=[_spark_number(value)]),
+        )
+    raise ValueError(f"unknown attribute variant {variant!r}")
+
+
+def _spark_number(value: exp.Expression) -> exp.Expression:
+    text = _spark_get(value, "string")
+    return _template(
+        "case when :is_number then :n when :is_string and :matches then cast(:text as double) end",
+        SPARK,
+        is_number=_spark_is_number(value),
+        n=_spark_get(value, "double"),
+        is_string=exp.EQ(
+            this=exp.Anonymous(this="schema_of_variant", expressions=[value]),
+            expression=exp.Literal.string("STRING"),
+        ),
+        matches=_spark_full_match(text.copy(), NUMBER_PATTERN),
+        text=text,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1216,17 +1376,63 @@ def time_windows(segments: Iterable[Iterable[Condition]]) -> list[TimeWindow]:
 # Rendering.
 
 
-def render(expression: exp.Expression, pretty: bool = True) -> str:
-    """Readable DuckDB SQL: formatted, with lower-case keywords and function names."""
-    sql = expression.sql(dialect=DIALECT, pretty=pretty, normalize_functions="lower")
-    return lowercase_keywords(sql)
+def render(expression: exp.Expression, pretty: bool = True, dialect: str = DIALECT) -> str:
+    """Readable SQL in `dialect`: formatted, with lower-case keywords and function names.
+
+    The compiler's trees are written in DuckDB's terms; for Spark, `_for_spark` first rewrites the
+    few constructs SQLGlot's transpiler writes wrong or leaves in DuckDB's words.
+    """
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown SQL dialect {dialect!r}; known: {', '.join(DIALECTS)}")
+    if dialect == SPARK:
+        expression = _for_spark(expression.copy())
+    sql = expression.sql(dialect=dialect, pretty=pretty, normalize_functions="lower")
+    return lowercase_keywords(sql, dialect)
 
 
-def lowercase_keywords(sql: str) -> str:
+def _for_spark(tree: exp.Expression) -> exp.Expression:
+    """DuckDB constructs of the compiler's templates, in Spark's words with the same meaning."""
+
+    def rewrite(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Length):  # `len` of a list (the compiler takes no text's length)
+            return exp.Anonymous(this="size", expressions=[node.this])
+        if isinstance(node, exp.ArrayOverlaps):  # list_has_any: SQLGlot writes `&&`
+            return exp.Anonymous(this="arrays_overlap", expressions=[node.this, node.expression])
+        name = node.name.lower() if isinstance(node, exp.Anonymous) else ""
+        if name == "list_has_all":  # every key of the second list is in the first
+            items, keys = node.expressions
+            missing = exp.Anonymous(this="array_except", expressions=[keys, items])
+            return exp.EQ(
+                this=exp.Anonymous(this="size", expressions=[missing]),
+                expression=exp.Literal.number(0),
+            )
+        if name == "to_minutes":
+            return exp.Mul(
+                this=node.expressions[0],
+                expression=exp.Interval(this=exp.Literal.string("1"), unit=exp.Var(this="MINUTE")),
+            )
+        if (
+            isinstance(node, exp.Cast)
+            and node.to.is_type(exp.DataType.Type.UBIGINT)
+            and isinstance(node.this, exp.DPipe)
+            and node.this.this == exp.Literal.string("0x")
+        ):  # hexadecimal text to an integer (random cohorts)
+            digits = node.this.expression
+            converted = exp.Anonymous(
+                this="conv",
+                expressions=[digits, exp.Literal.number(16), exp.Literal.number(10)],
+            )
+            return exp.cast(converted, "bigint")
+        return node
+
+    return tree.transform(rewrite)
+
+
+def lowercase_keywords(sql: str, dialect: str = DIALECT) -> str:
     """Lower-case SQL keywords in place, leaving strings, identifiers and comments untouched."""
     from sqlglot.tokens import TokenType
 
-    tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
+    tokens = sqlglot.Dialect.get_or_raise(dialect).tokenize(sql)
     # Unquoted names (VAR) are case-insensitive, so lower-casing them is safe too.
     keep = {
         TokenType.STRING,

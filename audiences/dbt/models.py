@@ -23,6 +23,8 @@ import sqlglot
 from sqlglot import exp
 
 from audiences.conditions.compiler import (
+    DIALECT,
+    SPARK,
     VARIANTS,
     Attribute,
     CompileContext,
@@ -37,6 +39,7 @@ from audiences.conditions.compiler import (
     property_json,
     reads_events,
     render,
+    spark_member,
     time_windows,
     without_tenant,
 )
@@ -227,33 +230,48 @@ def _comment(text: str) -> str:
 # Models.
 
 
-def flattened_columns(attributes: list[Attribute]) -> tuple[str, list[tuple[str, str, str]]]:
+def flattened_columns(
+    attributes: list[Attribute], dialect: str = DIALECT
+) -> tuple[str, list[tuple[str, str, str]]]:
     """The attribute extraction shared by `int_users_flattened` and anyone who needs its columns.
 
     Returns the SQL of the `property_values` list (every needed property parsed out of the user's
-    JSON in one pass) and, per attribute, (label, SQL over `property_values`, column name).
+    JSON in one pass; on Spark, a list of VARIANTs) and, per attribute, (label, SQL over
+    `property_values`, column name), in `dialect`.
     """
     paths = sorted({a.path for a in attributes if a.path != ("id",)})
     position = {path: index + 1 for index, path in enumerate(paths)}
 
     def json_value(path: tuple[str, ...]) -> exp.Expression:
         if path == ("id",):
-            return exp.func("to_json", exp.column("user_id"))
-        return exp.func(
-            "list_extract", exp.column("property_values"), exp.Literal.number(position[path])
-        )
+            return property_json(path, exp.column("properties"), exp.column("user_id"), dialect)
+        index = exp.Literal.number(position[path])
+        name = "element_at" if dialect == SPARK else "list_extract"
+        return exp.Anonymous(this=name, expressions=[exp.column("property_values"), index])
 
-    pointers = exp.Array(expressions=[exp.Literal.string(json_pointer(path)) for path in paths])
-    extraction = (
-        f"json_extract(properties, {render(pointers, pretty=False)})"
-        if paths
-        else "cast([] as json[])"
-    )
+    if dialect == SPARK:
+        document = exp.Anonymous(this="parse_json", expressions=[exp.column("properties")])
+        members = [spark_member(document.copy(), path) for path in paths]
+        extraction = (
+            render(exp.Array(expressions=members), dialect=SPARK)
+            if paths
+            else "cast(array() as array<variant>)"
+        )
+    else:
+        pointers = exp.Array(expressions=[exp.Literal.string(json_pointer(path)) for path in paths])
+        extraction = (
+            f"json_extract(properties, {render(pointers, pretty=False)})"
+            if paths
+            else "cast([] as json[])"
+        )
     columns = [
         (
             _attribute_label(attribute),
-            render(attribute_expression(json_value(attribute.path), attribute.variant)),
-            _quote(attribute.column_name),
+            render(
+                attribute_expression(json_value(attribute.path), attribute.variant, dialect),
+                dialect=dialect,
+            ),
+            _quote(attribute.column_name, dialect),
         )
         for attribute in attributes
     ]
@@ -999,5 +1017,5 @@ def _indent(text: str, spaces: int) -> str:
     return "\n".join(lines)
 
 
-def _quote(name: str) -> str:
-    return exp.to_identifier(name, quoted=True).sql(dialect="duckdb")
+def _quote(name: str, dialect: str = DIALECT) -> str:
+    return exp.to_identifier(name, quoted=True).sql(dialect=dialect)
