@@ -47,6 +47,13 @@ sources:
   - name: users
     path: users.csv
     mode: snapshot
+# Event sources (what users did) for event conditions (`performed`, ...): JSON lines of Segment
+# track calls, Parquet, or a duckdb table/query; `columns` maps message_id, user_id, event,
+# timestamp and properties to the source's names (docs/conditions.md, "Event conditions").
+# events:
+#   - name: segment_tracks
+#     path: events/
+#     format: jsonl
 """
 SOURCES_TEMPLATE = EXAMPLE_SOURCES.replace(
     """sources:

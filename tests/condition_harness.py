@@ -162,6 +162,7 @@ def model_matching_ids(
             ref=ref,
             config=lambda **_: "",
             evaluation_time=lambda: render(timestamp_literal(now), pretty=False),
+            source=lambda schema, table: f"{schema.replace('warehouse', 'raw')}.{table}",
         )
     )
     return {row[0] for row in connection.execute(f"select user_id from ({sql})").fetchall()}
@@ -256,3 +257,16 @@ def set_evaluation(
                 "insert into main.audience_members values ($k, $u, $t)",
                 {"k": key, "u": user_key, "t": tenant},
             )
+
+
+def load_events(connection: duckdb.DuckDBPyConnection, events: list[dict], folder: Path) -> None:
+    """Load events the way an event source does: written as a JSON-lines file (Segment's track
+    shape) in `folder` and loaded by the real loader, quarantine and dedupe included."""
+    from audiences.events.loading import EventSource, load_event_source
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"events_{len(list(folder.glob('*.jsonl'))):04d}.jsonl"
+    path.write_text(
+        "".join(json.dumps(event, ensure_ascii=False) + "\n" for event in events), encoding="utf-8"
+    )
+    load_event_source(connection, EventSource("tracks", "jsonl", path), NOW)

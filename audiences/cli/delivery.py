@@ -149,6 +149,51 @@ def backfill(settings: Settings, arguments) -> int:
     return 0
 
 
+def backfill_entries(settings: Settings, arguments) -> int:
+    """Send the `entered` triggers that an audience's first members never got (a new audience's
+    first evaluation triggers nothing): each backfilled member once per `entered` trigger, under
+    the id that entry's delivery would have had, so running it again sends nothing twice. With
+    --dry-run, print what it would send and change nothing."""
+    from datetime import UTC, datetime
+
+    from audiences.delivery.setup import load_workflow_setup
+    from audiences.warehouse.queries import connect
+    from audiences.workflows.entry_backfill import backfill_entries as run_backfill
+
+    setup = load_workflow_setup(settings)
+    with connect(settings.duckdb_path, read_only=True) as connection:
+        result = run_backfill(
+            connection,
+            open_store(settings),
+            setup.triggers,
+            setup.default_sink,
+            arguments.audience,
+            datetime.now(UTC),
+            dry_run=arguments.dry_run,
+        )
+    for delivery in result.deliveries if arguments.dry_run else []:
+        print(
+            json.dumps(
+                {
+                    key: delivery[key]
+                    for key in ("delivery_id", "workflow_key", "sink", "user_id", "tenant")
+                }
+                | {"payload": json.loads(delivery["payload"])},
+                ensure_ascii=False,
+            )
+        )
+    verb = "would queue" if arguments.dry_run else "queued"
+    print(
+        f"entry backfill of {result.audience_key} ({', '.join(result.workflows)}): "
+        f"{result.members} backfilled members, {verb} {result.new_deliveries} new deliveries "
+        f"({len(result.deliveries) - result.new_deliveries} sent before, "
+        f"{result.skipped_by_conditions} skipped by trigger conditions, "
+        f"{result.skipped_by_frequency} by frequency)"
+        + ("" if arguments.dry_run else "; run `audiences deliver`")
+    )
+    return 0
+
+
 def register(command) -> None:
     """Add this group's commands to the parser (`command` makes one subcommand)."""
     command("deliveries", deliveries, "delivery status per sink, dead letters and held batches")
@@ -182,3 +227,12 @@ def register(command) -> None:
     sub.add_argument("--id", help="an explicit broadcast id (the same id never sends twice)")
     sub = command("backfill", backfill, "trigger a workflow for its audience's existing members")
     sub.add_argument("workflow", help="the workflow key (a folder of the workflows folder)")
+    sub = command(
+        "backfill-entries",
+        backfill_entries,
+        "send the entry triggers an audience's first (backfilled) members never got, once",
+    )
+    sub.add_argument("audience", help="the audience key")
+    sub.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent; change nothing"
+    )

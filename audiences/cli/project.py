@@ -38,7 +38,8 @@ def init(settings: Settings, arguments) -> int:
 def validate(settings: Settings, arguments) -> int:
     """Validate every definition in the definitions folder: keys, operators, arguments (including
     relative times under 15 minutes), audience references and cycles, and, when a warehouse exists,
-    that no audience changed type. Each problem names the file and the JSON path."""
+    that no audience changed type. Each problem names the file and the JSON path. With
+    --knock-compatible, conditions Knock cannot hold (event conditions) are problems too."""
     from audiences.conditions.definitions import (
         DefinitionError,
         load_definition_set,
@@ -63,6 +64,12 @@ def validate(settings: Settings, arguments) -> int:
     problems = found.problems + validate_definitions(
         definitions, custom_audience_keys(settings.dbt_project_dir), existing
     )
+    if getattr(arguments, "knock_compatible", False):
+        from audiences.conditions.definitions import knock_incompatibilities
+
+        # Valid here, but Knock cannot hold them: not pushable with `knock audience push`.
+        for key in sorted(definitions):
+            problems += knock_incompatibilities(definitions[key])
     if problems:
         raise DefinitionError(problems)
     from audiences.delivery.setup import load_workflow_setup
@@ -127,7 +134,12 @@ def register(command) -> None:
     sub.add_argument(
         "folder", nargs="?", default=".", help="the folder (default: the working folder)"
     )
-    command("validate", validate, "validate every audience definition")
+    sub = command("validate", validate, "validate every audience definition")
+    sub.add_argument(
+        "--knock-compatible",
+        action="store_true",
+        help="also reject what Knock cannot hold (event conditions), naming each condition",
+    )
     sub = command("generate", generate, "regenerate the dbt models from the definitions")
     sub.add_argument(
         "--check", action="store_true", help="fail if the committed models are out of date"

@@ -271,6 +271,7 @@ def _step_error_message(error) -> str:
         user_error = error.cls_name in (
             "Failure",
             "SourceError",
+            "EventSourceError",
             "DefinitionError",
             "WarehouseError",
             "ValueError",

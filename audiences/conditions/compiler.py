@@ -18,7 +18,7 @@ import difflib
 import hashlib
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import sqlglot
@@ -41,6 +41,10 @@ from audiences.conditions.arguments import (
 )
 
 DIALECT = "duckdb"
+# The SQL dialects the compiler writes. DuckDB is the embedded warehouse; Spark (local, a cluster,
+# Databricks) reads a property through Spark 4's VARIANT instead of DuckDB's JSON functions.
+SPARK = "spark"
+DIALECTS = (DIALECT, SPARK)
 
 VARIANTS = ("json", "kind", "text", "number", "boolean", "items", "timestamp")
 NUMERIC_JSON_TYPES = ("BIGINT", "UBIGINT", "DOUBLE", "HUGEINT", "INTEGER")
@@ -75,7 +79,13 @@ OPERATORS: dict[str, str] = {
     "is_audience_member": "audience",
     "is_not_audience_member": "audience",
     "is_in_random_cohort": "percentage",
+    # Extensions beyond Knock (docs/conditions.md, "Event conditions"): what the user did.
+    "performed": "event",
+    "last_performed_before": "event_time",
+    "last_performed_after": "event_time",
 }
+# Operators Knock does not have: a definition using them is valid here, but not pushable to Knock.
+EXTENSION_OPERATORS = ("performed", "last_performed_before", "last_performed_after")
 
 
 class ConditionError(ValueError):
@@ -175,8 +185,8 @@ def json_pointer(path: tuple[str, ...]) -> str:
     return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in path)
 
 
-def _template(sql: str, **values: object) -> exp.Expression:
-    tree = sqlglot.parse_one(sql, dialect=DIALECT)
+def _template(sql: str, dialect: str = DIALECT, **values: object) -> exp.Expression:
+    tree = sqlglot.parse_one(sql, dialect=dialect)
     converted = {
         k: v if isinstance(v, exp.Expression) else exp.convert(v) for k, v in values.items()
     }
@@ -211,8 +221,14 @@ def _item_key(element: exp.Expression) -> exp.Expression:
     )
 
 
-def attribute_expression(value: exp.Expression, variant: str) -> exp.Expression:
-    """The SQL for one variant of a property, given the property's JSON value (NULL if missing)."""
+def attribute_expression(
+    value: exp.Expression, variant: str, dialect: str = DIALECT
+) -> exp.Expression:
+    """The SQL for one variant of a property, given the property's JSON value (NULL if missing).
+
+    On Spark the value is a VARIANT (`property_json` with `dialect="spark"`)."""
+    if dialect == SPARK:
+        return _spark_attribute(value, variant)
     text = _template("(:v ->> '$')", v=value)
     if variant == "json":
         return value
@@ -269,9 +285,18 @@ def _number_expression(value: exp.Expression) -> exp.Expression:
 
 
 def property_json(
-    path: tuple[str, ...], properties: exp.Expression, user_id: exp.Expression
+    path: tuple[str, ...],
+    properties: exp.Expression,
+    user_id: exp.Expression,
+    dialect: str = DIALECT,
 ) -> exp.Expression:
-    """The JSON value of a property read straight from a user's `properties` document."""
+    """The JSON value of a property read straight from a user's `properties` document.
+
+    On Spark: a VARIANT, the document parsed with `parse_json` (`properties` is its JSON text)."""
+    if dialect == SPARK:
+        if path == ("id",):
+            return exp.cast(user_id, exp.DataType.build("variant", dialect=SPARK))
+        return spark_member(exp.Anonymous(this="parse_json", expressions=[properties]), path)
     if path == ("id",):
         return _template("to_json(:user_id)", user_id=user_id)
     return _json_extract(properties, json_pointer(path))
@@ -281,6 +306,147 @@ def _json_extract(document: exp.Expression, path: str) -> exp.Expression:
     # A plain function call: SQLGlot would write the `->` operator, which DuckDB does not bind
     # for wildcard paths.
     return exp.Anonymous(this="json_extract", expressions=[document, exp.Literal.string(path)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark: a property is a VARIANT (Spark 4), read with the same meaning as DuckDB's JSON above.
+
+# schema_of_variant's names of a JSON number (integers read as BIGINT, decimals as DECIMAL(p,s),
+# exponents and huge values as DOUBLE).
+_SPARK_NUMBER_TYPES = ("BIGINT", "DOUBLE", "FLOAT", "INT", "SMALLINT", "TINYINT")
+
+
+def spark_member(document: exp.Expression, path: tuple[str, ...]) -> exp.Expression:
+    """A VARIANT's member at `path` (NULL when missing or when a step is not an object).
+
+    Each step reads the object as a map and takes the key as a string literal: Spark's
+    variant paths (`$.a`, `$["a"]`) have no escape for a quote in a key, so a property named
+    `a"b` could not be addressed by path at all.
+    """
+    value = document
+    for part in path:
+        as_map = exp.Anonymous(
+            this="try_variant_get",
+            expressions=[value, exp.Literal.string("$"), exp.Literal.string("map<string,variant>")],
+        )
+        value = exp.Anonymous(this="try_element_at", expressions=[as_map, exp.Literal.string(part)])
+    return value
+
+
+def _spark_get(value: exp.Expression, type_name: str) -> exp.Expression:
+    return exp.Anonymous(
+        this="try_variant_get",
+        expressions=[value, exp.Literal.string("$"), exp.Literal.string(type_name)],
+    )
+
+
+def _spark_kind(value: exp.Expression) -> exp.Expression:
+    """`string`, `number`, `boolean`, `list`, `object`; NULL when missing or JSON null."""
+    return _template(
+        "case when :t = 'STRING' then 'string' "
+        "when :is_number then 'number' "
+        "when :t = 'BOOLEAN' then 'boolean' "
+        "when :t like 'ARRAY%' then 'list' "
+        "when :t like 'OBJECT%' then 'object' end",
+        dialect=SPARK,
+        t=exp.Anonymous(this="schema_of_variant", expressions=[value]),
+        is_number=_spark_is_number(value),
+    )
+
+
+def _spark_is_number(value: exp.Expression) -> exp.Expression:
+    kind = exp.Anonymous(this="schema_of_variant", expressions=[value])
+    listed = exp.In(
+        this=kind, expressions=[exp.Literal.string(name) for name in _SPARK_NUMBER_TYPES]
+    )
+    decimal = exp.Like(this=kind.copy(), expression=exp.Literal.string("DECIMAL%"))
+    return exp.paren(exp.or_(listed, decimal))
+
+
+def _spark_full_match(text: exp.Expression, pattern: str) -> exp.Expression:
+    # Java's `$` also matches before a final line break ("5\n"); `\z` is the very end.
+    return exp.RegexpLike(this=text, expression=exp.Literal.string(f"^(?:{pattern})\\z"))
+
+
+def _spark_attribute(value: exp.Expression, variant: str) -> exp.Expression:
+    """`attribute_expression` on Spark: the same typed views, from a VARIANT."""
+    if variant == "json":
+        return value
+    kind = _spark_kind(value)
+    text = _template(
+        "case when :kind = 'string' then :text end",
+        SPARK,
+        kind=kind,
+        text=_spark_get(value, "string"),
+    )
+    if variant == "kind":
+        return kind
+    if variant == "text":
+        return text
+    if variant == "number":
+        return _spark_number(value)
+    if variant == "boolean":
+        return _template(
+            "case when :kind = 'boolean' then :b end",
+            SPARK,
+            kind=kind,
+            b=_spark_get(value, "boolean"),
+        )
+    if variant == "items":
+        item = exp.column("item")
+        key = _template(
+            "case when :t = 'STRING' then 's:' || :text "
+            "when :t = 'BOOLEAN' then 'b:' || cast(:b as string) "
+            "when :t = 'VOID' then 'null' "
+            "when :is_number then 'n:' || cast(:n + 0.0 as string) "
+            "else 'j:' || to_json(:e) end",
+            SPARK,
+            t=exp.Anonymous(this="schema_of_variant", expressions=[item]),
+            text=_spark_get(item, "string"),
+            b=_spark_get(item, "boolean"),
+            is_number=_spark_is_number(item),
+            n=_spark_get(item, "double"),
+            e=item,
+        )
+        return _template(
+            "case when :kind = 'list' then transform(:elements, item -> :key) end",
+            SPARK,
+            kind=kind,
+            elements=_spark_get(value, "array<variant>"),
+            key=key,
+        )
+    if variant == "timestamp":
+        return _template(
+            "case when :matches then try_cast(:text as timestamp) "
+            "when :number between :low and :high then :from_number end",
+            SPARK,
+            matches=exp.and_(
+                exp.EQ(this=kind, expression=exp.Literal.string("string")),
+                _spark_full_match(text.copy(), TIMESTAMP_PATTERN),
+            ),
+            text=text,
+            number=_spark_number(value),
+            low=EPOCH_RANGE[0],
+            high=EPOCH_RANGE[1],
+            from_number=exp.Anonymous(this="timestamp_seconds", expressions=[_spark_number(value)]),
+        )
+    raise ValueError(f"unknown attribute variant {variant!r}")
+
+
+def _spark_number(value: exp.Expression) -> exp.Expression:
+    text = _spark_get(value, "string")
+    return _template(
+        "case when :is_number then :n when :is_string and :matches then cast(:text as double) end",
+        SPARK,
+        is_number=_spark_is_number(value),
+        n=_spark_get(value, "double"),
+        is_string=exp.EQ(
+            this=exp.Anonymous(this="schema_of_variant", expressions=[value]),
+            expression=exp.Literal.string("STRING"),
+        ),
+        matches=_spark_full_match(text.copy(), NUMBER_PATTERN),
+        text=text,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +500,9 @@ class CompileContext:
     user_id: exp.Expression
     # Told of every comparison of a timestamp attribute with "now" shifted by some minutes.
     on_time_window: Callable[[TimeWindow], None] | None = None
+    # The relation of loaded events (`message_id`, `user_id`, `event`, `timestamp`, `properties`),
+    # which event conditions count (the loader's table unless told otherwise).
+    events: exp.Expression | None = None
 
 
 @dataclass(frozen=True)
@@ -383,6 +552,7 @@ def compile_condition(condition: Condition, context: CompileContext) -> exp.Expr
     if condition.path in RESERVED_PROPERTIES and operator not in (
         "is_audience_member",
         "is_in_random_cohort",
+        *EXTENSION_OPERATORS,
     ):
         raise ConditionError(
             f"`{condition.path[0]}` is reserved and cannot be used in audience conditions "
@@ -752,6 +922,391 @@ def _compile_random_cohort(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Event conditions (an extension beyond Knock): what the user did, counted over loaded events.
+
+EVENTS_TABLE = "raw.events"
+EVENT_COUNTS = ("at_least", "at_most", "exactly")
+_EVENT_KEYS = {
+    "performed": ("event", "count", "within", "where"),
+    "last_performed_before": ("event", "time", "where"),
+    "last_performed_after": ("event", "time", "where"),
+}
+# Operators a `where` cannot use: they read the user, not the event.
+_NOT_EVENT_PROPERTY_OPERATORS = (
+    "is_audience_member",
+    "is_not_audience_member",
+    "is_in_random_cohort",
+    *EXTENSION_OPERATORS,
+)
+_WITHIN_TEXT = re.compile(r"(?P<value>[0-9]+)[ _](?P<unit>(minute|hour|day|week)s?)([ _]ago)?")
+
+
+@dataclass(frozen=True)
+class EventArgument:
+    """An event condition's argument, parsed: which events count, and the verdict's rule.
+
+    `count` is (`at_least`|`at_most`|`exactly`, N) for `performed`; `window` is a `RelativeTime`
+    (the last D before "now"), `(after, before)` bounds (either may be None), or None (all time);
+    `time` is the bound `last_performed_before/after` compares the last event's time with.
+    """
+
+    event: str
+    where: tuple[Condition, ...]
+    count: tuple[str, int] | None = None
+    window: RelativeTime | tuple[TimeArgument | None, TimeArgument | None] | None = None
+    time: TimeArgument | None = None
+
+
+def event_argument(condition: Condition) -> EventArgument:
+    """Parse an event condition's argument; a `ConditionError` names the field at fault."""
+    raw = condition.argument
+    if isinstance(raw, str):
+        raw = decode_argument(raw).value
+    allowed = _EVENT_KEYS[condition.operator]
+    if not isinstance(raw, dict):
+        raise ConditionError(
+            f"`{condition.operator}` takes an object {{{', '.join(map(repr, allowed))}}}, got {condition.argument!r}"
+        )
+    unknown = sorted(set(raw) - set(allowed), key=str)
+    if unknown:
+        raise ConditionError(
+            f"unknown key {unknown[0]!r}; `{condition.operator}` takes {', '.join(allowed)}",
+            f"argument.{unknown[0]}",
+        )
+    event = raw.get("event")
+    if not isinstance(event, str) or event == "":
+        raise ConditionError(
+            f"`event` is the event's name, a non-empty string, got {event!r}", "argument.event"
+        )
+    where = _event_where(raw.get("where"))
+    if condition.operator != "performed":
+        if "time" not in raw:
+            raise ConditionError(f"`{condition.operator}` needs a `time`", "argument.time")
+        return EventArgument(event, where, time=_event_time(raw["time"], "argument.time"))
+    return EventArgument(event, where, _event_count(raw.get("count")), _event_window(raw))
+
+
+def _event_count(raw: object) -> tuple[str, int]:
+    if raw is None:
+        raise ConditionError(
+            '`performed` needs a `count`: {"at_least"|"at_most"|"exactly": N}', "argument.count"
+        )
+    if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in EVENT_COUNTS):
+        raise ConditionError(
+            f'`count` is one of {{"at_least": N}}, {{"at_most": N}}, {{"exactly": N}}, got {raw!r}',
+            "argument.count",
+        )
+    ((kind, number),) = raw.items()
+    if not (isinstance(number, int) and not isinstance(number, bool)) or number < 0:
+        raise ConditionError(
+            f"`count.{kind}` is a whole number, 0 or more, got {number!r}", f"argument.count.{kind}"
+        )
+    return kind, number
+
+
+def _event_window(raw: dict) -> RelativeTime | tuple | None:
+    within = raw.get("within")
+    if within is None:
+        return None
+    if isinstance(within, str):
+        match = _WITHIN_TEXT.fullmatch(within)
+        if match is None:
+            raise ConditionError(
+                f'`within` is a duration ("30 days", {{"value": 30, "unit": "days"}}) or '
+                f'{{"after": T, "before": T}}, got {within!r}',
+                "argument.within",
+            )
+        return _duration(int(match.group("value")), match.group("unit"))
+    if isinstance(within, dict) and "value" in within:
+        if (
+            not set(within) <= {"value", "unit", "direction"}
+            or within.get("direction", "ago") != "ago"
+        ):
+            raise ConditionError(
+                f'a `within` duration is {{"value": N, "unit": "days"}}, got {within!r}',
+                "argument.within",
+            )
+        value, unit = within.get("value"), within.get("unit")
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ConditionError(
+                f"`within.value` is a positive whole number, got {value!r}", "argument.within.value"
+            )
+        if not isinstance(unit, str) or not re.fullmatch(r"(minute|hour|day|week)s?", unit):
+            raise ConditionError(
+                f"unknown time unit {unit!r}: use minutes, hours, days or weeks",
+                "argument.within.unit",
+            )
+        return _duration(value, unit)
+    if isinstance(within, dict) and within and set(within) <= {"after", "before"}:
+        return (
+            _event_time(within["after"], "argument.within.after") if "after" in within else None,
+            _event_time(within["before"], "argument.within.before") if "before" in within else None,
+        )
+    raise ConditionError(
+        f'`within` is a duration ("30 days", {{"value": 30, "unit": "days"}}) or '
+        f'{{"after": T, "before": T}}, got {within!r}',
+        "argument.within",
+    )
+
+
+def _duration(value: int, unit: str) -> RelativeTime:
+    try:
+        return parse_time_argument({"value": value, "unit": unit, "direction": "ago"})
+    except ArgumentError as error:
+        raise ConditionError(str(error), "argument.within") from None
+
+
+def _event_time(raw: object, field: str) -> TimeArgument:
+    try:
+        moment = parse_time_argument(raw)
+    except ArgumentError as error:
+        raise ConditionError(str(error), field) from None
+    if isinstance(moment, DynamicTime) and moment.path in RESERVED_PROPERTIES:
+        raise ConditionError(
+            f"`{moment.path[0]}` is reserved and cannot be used in audience conditions (Knock's rule)",
+            field,
+        )
+    return moment
+
+
+def _event_where(raw: object) -> tuple[Condition, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConditionError(
+            f"`where` is a list of conditions on the event's properties, got {raw!r}",
+            "argument.where",
+        )
+    conditions = []
+    for index, item in enumerate(raw):
+        field = f"argument.where[{index}]"
+        try:
+            condition = Condition.from_json(item)
+        except ConditionError as error:
+            raise ConditionError(str(error), f"{field}.{error.field}") from None
+        if len(condition.path) < 2 or condition.path[0] != "data":
+            raise ConditionError(
+                "a `where` condition reads an event property: `data.<property>`",
+                f"{field}.property",
+            )
+        if condition.operator in _NOT_EVENT_PROPERTY_OPERATORS:
+            raise ConditionError(
+                f"`{condition.operator}` cannot filter events; use a property operator",
+                f"{field}.operator",
+            )
+        try:  # compiling is the argument check, as for any condition
+            compile_condition(condition, _event_property_context(_recording_context()))
+        except ConditionError as error:
+            raise ConditionError(str(error), f"{field}.{error.field}") from None
+        conditions.append(condition)
+    return tuple(conditions)
+
+
+def _recording_context() -> CompileContext:
+    return CompileContext(
+        attribute=lambda attribute: exp.column(attribute.column_name, quoted=True),
+        audience_members=lambda key: exp.select("user_key").from_("members"),
+        evaluation_time=exp.column("now"),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+    )
+
+
+def _event_property_context(context: CompileContext) -> CompileContext:
+    """The context of a `where` condition: attributes are the event's properties (`data.<path>`),
+    read from its JSON like a user's, with the same typing and null rules."""
+
+    def event_property(attribute: Attribute) -> exp.Expression:
+        if attribute.path[:1] != ("data",) or len(attribute.path) < 2:
+            raise ConditionError(
+                "a `where` condition reads only the event's properties (`data.<property>`)"
+            )
+        value = _json_extract(exp.column("event_properties"), json_pointer(attribute.path[1:]))
+        return attribute_expression(value, attribute.variant)
+
+    return CompileContext(
+        attribute=event_property,
+        audience_members=context.audience_members,
+        evaluation_time=context.evaluation_time,
+        user_key=context.user_key,
+        user_id=context.user_id,
+    )
+
+
+def _counted_events(
+    condition: Condition, context: CompileContext, correlated: bool = True
+) -> tuple[exp.Select, EventArgument]:
+    """The query of the events that the condition counts (filters only, no projection): this
+    user's (`correlated`), or every user's.
+
+    The events' columns are renamed (`event_user_id`, ...) so that, in a correlated subquery,
+    every other column name binds to the user's row.
+    """
+    argument = event_argument(condition)
+    table = context.events if context.events is not None else exp.to_table(EVENTS_TABLE)
+    renamed = exp.select(
+        exp.alias_(exp.column("message_id"), "event_message_id"),
+        exp.alias_(exp.column("user_id"), "event_user_id"),
+        exp.alias_(exp.column("event"), "event_name"),
+        exp.alias_(exp.column("timestamp", quoted=True), "event_at"),
+        exp.alias_(exp.column("properties"), "event_properties"),
+    ).from_(table)
+    at = exp.column("event_at")
+    filters: list[exp.Expression] = [
+        exp.column("event_name").eq(exp.Literal.string(argument.event)),
+        # an event stamped after "now" has not happened yet at this evaluation
+        exp.LTE(this=at.copy(), expression=context.evaluation_time),
+    ]
+    if isinstance(argument.window, RelativeTime):
+        filters.append(
+            exp.GT(this=at.copy(), expression=time_argument_sql(argument.window, context))
+        )
+    elif argument.window is not None:
+        after, before = argument.window
+        if after is not None:
+            filters.append(exp.GT(this=at.copy(), expression=time_argument_sql(after, context)))
+        if before is not None:
+            filters.append(exp.LT(this=at.copy(), expression=time_argument_sql(before, context)))
+    nested = _event_property_context(context)
+    filters += [compile_condition(where, nested) for where in argument.where]
+    if correlated:
+        filters.insert(0, exp.column("event_user_id").eq(context.user_id))
+    query = exp.select().from_(renamed.subquery("counted_events")).where(exp.and_(*filters))
+    return query, argument
+
+
+def _reads_the_user(argument: EventArgument) -> bool:
+    """True when a bound is `{{ recipient.<path> }}`: the events counted then depend on the user."""
+    bounds = [argument.time, *(argument.window if isinstance(argument.window, tuple) else ())]
+    return any(isinstance(bound, DynamicTime) for bound in bounds)
+
+
+def _users_having(
+    condition: Condition, context: CompileContext, having: Callable[[EventArgument], exp.Expression]
+) -> exp.Expression:
+    """The user is among those whose counted events meet `having`: one uncorrelated semi-join (a
+    scan and a hash aggregate of the events, cheap to plan), or, when a bound reads the user, the
+    same aggregate correlated with the user's row."""
+    argument = event_argument(condition)
+    if _reads_the_user(argument):
+        query, _ = _counted_events(condition, context)
+        return exp.Exists(
+            this=exp.paren(query.select(exp.Literal.number(1)).having(having(argument)))
+        )
+    query, _ = _counted_events(condition, context, correlated=False)
+    users = (
+        query.select(exp.column("event_user_id"))
+        .group_by(exp.column("event_user_id"))
+        .having(having(argument))
+    )
+    return exp.In(this=context.user_id, query=exp.paren(users))
+
+
+_COUNT_COMPARISONS = {"at_least": exp.GTE, "at_most": exp.LTE, "exactly": exp.EQ}
+
+
+def _compile_performed(condition: Condition, context: CompileContext) -> exp.Expression:
+    kind, number = event_argument(condition).count
+    if kind == "at_least" and number == 0:
+        return exp.true()
+    if kind == "at_most" or (kind == "exactly" and number == 0):
+        # No counted event is a count of 0: "at most N" is "not more than N".
+        more = _users_having(
+            condition,
+            context,
+            lambda _: exp.GT(
+                this=exp.Count(this=exp.Star()), expression=exp.Literal.number(number)
+            ),
+        )
+        return exp.not_(exp.func("coalesce", exp.paren(more), exp.false()))
+    return _users_having(
+        condition,
+        context,
+        lambda _: _COUNT_COMPARISONS[kind](
+            this=exp.Count(this=exp.Star()), expression=exp.Literal.number(number)
+        ),
+    )
+
+
+def _compile_last_performed(condition: Condition, context: CompileContext) -> exp.Expression:
+    before = condition.operator == "last_performed_before"
+
+    def last_event(argument: EventArgument) -> exp.Expression:
+        bound = time_argument_sql(argument.time, context)
+        return (exp.LT if before else exp.GTE)(
+            this=exp.Max(this=exp.column("event_at")), expression=bound
+        )
+
+    return _users_having(condition, context, last_event)
+
+
+def event_summary(condition: Condition, context: CompileContext, ids: int = 3) -> exp.Expression:
+    """What an event condition counted for one user (for `explain`), as one struct: the number of
+    events (`event_count`), the first and last timestamps, and the newest `ids` message ids. For
+    `performed`, the events in its window; for `last_performed_*`, every event that qualifies."""
+    query, _ = _counted_events(condition, context)
+    summary = _template(
+        "{'event_count': count(*), 'first_at': min(event_at), 'last_at': max(event_at), "
+        "'message_ids': list(event_message_id order by event_at desc, event_message_id)[1:(:ids)]}",
+        ids=exp.Literal.number(ids),
+    )
+    return exp.Subquery(this=query.select(summary))
+
+
+@dataclass(frozen=True)
+class EventWindow:
+    """An event condition's comparison of `event`'s times with "now" shifted by `minutes`.
+
+    As "now" moves from t0 to t1, an event condition can only change its verdict for a user who has
+    an event named `event` stamped between t0 + minutes and t1 + minutes, for one of its windows:
+    shift 0 (an event that "now" reaches starts to count) and each relative bound (an event leaves
+    "the last 7 days" when now passes its time plus 7 days). Its where filters only narrow the
+    events, so they are left out: the users found are a superset of those whose verdict changes.
+    """
+
+    event: str
+    minutes: int
+
+
+def event_windows(segments: Iterable[Iterable[Condition]]) -> list[EventWindow] | None:
+    """Every `EventWindow` of these conditions, sorted; None when a `where` compares an event
+    property with "now" (that verdict moves with the property, not the event's time, and the
+    audience is evaluated whole)."""
+    windows: set[EventWindow] = set()
+    compares_now: list[TimeWindow] = []
+    context = replace(_recording_context(), on_time_window=compares_now.append)
+    for segment in segments:
+        for condition in segment:
+            if condition.operator not in EXTENSION_OPERATORS:
+                continue
+            argument = event_argument(condition)
+            nested = replace(_event_property_context(context), on_time_window=compares_now.append)
+            for where in argument.where:
+                compile_condition(where, nested)
+            bounds = [argument.time]
+            if isinstance(argument.window, tuple):
+                bounds += list(argument.window)
+            else:
+                bounds.append(argument.window)
+            windows.add(EventWindow(argument.event, 0))
+            windows |= {
+                EventWindow(argument.event, bound.minutes)
+                for bound in bounds
+                if isinstance(bound, RelativeTime)
+            }
+    if compares_now:
+        return None
+    return sorted(windows, key=lambda window: (window.event, window.minutes))
+
+
+def reads_events(segments: Iterable[Iterable[Condition]]) -> bool:
+    """True when some condition counts events (an extension operator)."""
+    return any(
+        condition.operator in EXTENSION_OPERATORS for segment in segments for condition in segment
+    )
+
+
 _COMPILERS = {
     "equal_to": _compile_equal_to,
     "greater_than": _compile_ordering,
@@ -773,6 +1328,13 @@ _COMPILERS = {
     "is_timestamp": _compile_is_timestamp,
     "is_audience_member": _compile_audience_member,
     "is_in_random_cohort": _compile_random_cohort,
+    "performed": lambda condition, read, context: _compile_performed(condition, context),
+    "last_performed_before": lambda condition, read, context: _compile_last_performed(
+        condition, context
+    ),
+    "last_performed_after": lambda condition, read, context: _compile_last_performed(
+        condition, context
+    ),
 }
 
 
@@ -814,17 +1376,63 @@ def time_windows(segments: Iterable[Iterable[Condition]]) -> list[TimeWindow]:
 # Rendering.
 
 
-def render(expression: exp.Expression, pretty: bool = True) -> str:
-    """Readable DuckDB SQL: formatted, with lower-case keywords and function names."""
-    sql = expression.sql(dialect=DIALECT, pretty=pretty, normalize_functions="lower")
-    return lowercase_keywords(sql)
+def render(expression: exp.Expression, pretty: bool = True, dialect: str = DIALECT) -> str:
+    """Readable SQL in `dialect`: formatted, with lower-case keywords and function names.
+
+    The compiler's trees are written in DuckDB's terms; for Spark, `_for_spark` first rewrites the
+    few constructs SQLGlot's transpiler writes wrong or leaves in DuckDB's words.
+    """
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown SQL dialect {dialect!r}; known: {', '.join(DIALECTS)}")
+    if dialect == SPARK:
+        expression = _for_spark(expression.copy())
+    sql = expression.sql(dialect=dialect, pretty=pretty, normalize_functions="lower")
+    return lowercase_keywords(sql, dialect)
 
 
-def lowercase_keywords(sql: str) -> str:
+def _for_spark(tree: exp.Expression) -> exp.Expression:
+    """DuckDB constructs of the compiler's templates, in Spark's words with the same meaning."""
+
+    def rewrite(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Length):  # `len` of a list (the compiler takes no text's length)
+            return exp.Anonymous(this="size", expressions=[node.this])
+        if isinstance(node, exp.ArrayOverlaps):  # list_has_any: SQLGlot writes `&&`
+            return exp.Anonymous(this="arrays_overlap", expressions=[node.this, node.expression])
+        name = node.name.lower() if isinstance(node, exp.Anonymous) else ""
+        if name == "list_has_all":  # every key of the second list is in the first
+            items, keys = node.expressions
+            missing = exp.Anonymous(this="array_except", expressions=[keys, items])
+            return exp.EQ(
+                this=exp.Anonymous(this="size", expressions=[missing]),
+                expression=exp.Literal.number(0),
+            )
+        if name == "to_minutes":
+            return exp.Mul(
+                this=node.expressions[0],
+                expression=exp.Interval(this=exp.Literal.string("1"), unit=exp.Var(this="MINUTE")),
+            )
+        if (
+            isinstance(node, exp.Cast)
+            and node.to.is_type(exp.DataType.Type.UBIGINT)
+            and isinstance(node.this, exp.DPipe)
+            and node.this.this == exp.Literal.string("0x")
+        ):  # hexadecimal text to an integer (random cohorts)
+            digits = node.this.expression
+            converted = exp.Anonymous(
+                this="conv",
+                expressions=[digits, exp.Literal.number(16), exp.Literal.number(10)],
+            )
+            return exp.cast(converted, "bigint")
+        return node
+
+    return tree.transform(rewrite)
+
+
+def lowercase_keywords(sql: str, dialect: str = DIALECT) -> str:
     """Lower-case SQL keywords in place, leaving strings, identifiers and comments untouched."""
     from sqlglot.tokens import TokenType
 
-    tokens = sqlglot.Dialect.get_or_raise(DIALECT).tokenize(sql)
+    tokens = sqlglot.Dialect.get_or_raise(dialect).tokenize(sql)
     # Unquoted names (VAR) are case-insensitive, so lower-casing them is safe too.
     keep = {
         TokenType.STRING,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from audiences.conditions.compiler import (
+    EXTENSION_OPERATORS,
     KEY_PATTERN,
     Condition,
     ConditionError,
@@ -79,6 +80,22 @@ class AudienceDefinition:
             for condition in segment
             if condition.operator in ("is_audience_member", "is_not_audience_member")
         }
+
+
+def knock_incompatibilities(definition: AudienceDefinition) -> list[Problem]:
+    """A problem for each condition Knock cannot hold (our extensions, such as event conditions):
+    the definition is valid here, but cannot be pushed to Knock as it is."""
+    return [
+        Problem(
+            str(definition.file),
+            f"{condition.location}.operator",
+            f"`{condition.operator}` is an extension of this engine (event conditions); "
+            "Knock's audiences cannot hold it, so this audience cannot be pushed to Knock",
+        )
+        for segment in definition.segments
+        for condition in segment
+        if condition.operator in EXTENSION_OPERATORS
+    ]
 
 
 def model_name_for(key: str) -> str:

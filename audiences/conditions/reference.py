@@ -529,17 +529,24 @@ def evaluate_condition(
     *,
     now: datetime,
     is_member: Callable[[str, str], bool] | None = None,
+    events: list[dict] | None = None,
 ) -> bool:
-    """Evaluate one condition `{"property"|"variable", "operator", "argument"}` for `user`."""
+    """Evaluate one condition `{"property"|"variable", "operator", "argument"}` for `user`.
+
+    `events` are every tracked event in arrival order (Segment's track shape: `userId`, `event`,
+    `timestamp`, `messageId`, `properties`), which the event operators read the user's ones from.
+    """
     now = _utc(now)
     path = condition.get("property", condition.get("variable"))
     if not isinstance(path, str):
         raise ValueError(f"condition has no property: {condition!r}")
-    _check_not_reserved(path)
     operator = condition.get("operator")
     argument = condition.get("argument")
     if not _valid_unicode(path) or not _valid_unicode(argument):
         raise ValueError("a property or argument with a lone surrogate is not valid Unicode text")
+    if operator in _EVENT_OPERATORS:
+        return _event_condition(operator, argument, user, now, events or [])
+    _check_not_reserved(path)
     decoded, original = decode_argument(argument)
 
     # Operators that do not read the property.
@@ -606,6 +613,7 @@ def evaluate_audience(
     *,
     now: datetime,
     is_member: Callable[[str, str], bool] | None = None,
+    events: list[dict] | None = None,
 ) -> bool:
     """Does `user` match `audience`? Segments are ORed, a segment's conditions are ANDed.
 
@@ -616,9 +624,182 @@ def evaluate_audience(
     for segment in audience.get("segments") or []:
         conditions = segment.get("conditions") or []
         results = [
-            evaluate_condition(condition, user, now=now, is_member=is_member)
+            evaluate_condition(condition, user, now=now, is_member=is_member, events=events)
             for condition in conditions
         ]
         if results and all(results):
             matched = True
     return matched
+
+
+# ---------------------------------------------------------------------------------------------
+# Event conditions (our extension): performed, last_performed_before, last_performed_after
+# ---------------------------------------------------------------------------------------------
+
+_EVENT_OPERATORS = ("performed", "last_performed_before", "last_performed_after")
+_EVENT_ARGUMENT_KEYS = {
+    "performed": {"event", "count", "within", "where"},
+    "last_performed_before": {"event", "time", "where"},
+    "last_performed_after": {"event", "time", "where"},
+}
+_WITHIN = re.compile(rf"([0-9]+)[ _]({_UNIT_NAMES})(?:[ _]ago)?")
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _event_time(event: dict) -> datetime | None:
+    """An event's time: its `timestamp`, an ISO-8601 text (a loader quarantines any other)."""
+    stamp = event.get("timestamp")
+    return _iso_timestamp(stamp) if isinstance(stamp, str) else None
+
+
+def _usable(event: dict) -> bool:
+    """An event a loader keeps: a user id, an event name and a message id (non-empty strings),
+    a readable timestamp, and properties that are an object (or none). Any other row is
+    quarantined and never counts."""
+    properties = event.get("properties")
+    return (
+        all(
+            isinstance(event.get(key), str) and event[key] != ""
+            for key in ("userId", "event", "messageId")
+        )
+        and _event_time(event) is not None
+        and (properties is None or isinstance(properties, dict))
+    )
+
+
+def _distinct_events(events: list[dict], user_id: Any) -> list[dict]:
+    """The user's events. Events are append-only: a messageId seen before (for any user) is the
+    same event, counted once as it first arrived."""
+    seen: set[str] = set()
+    kept = []
+    for event in events:
+        if not _usable(event):
+            continue
+        message_id = event["messageId"]
+        if message_id in seen:
+            continue
+        seen.add(message_id)
+        if event["userId"] == user_id:
+            kept.append(event)
+    return kept
+
+
+def _within_bounds(
+    within: Any, user: dict, now: datetime
+) -> tuple[datetime | None, datetime | None]:
+    """The (exclusive) lower and upper bounds on the event's time that `within` sets."""
+    if within is None:
+        return None, None
+    if isinstance(within, str):
+        match = _WITHIN.fullmatch(within)
+        if match is None:
+            raise ValueError(f"within is not a duration: {within!r}")
+        return _relative_time(int(match.group(1)), match.group(2), "ago", now), None
+    if isinstance(within, dict) and "value" in within:
+        if (
+            not set(within) <= {"value", "unit", "direction"}
+            or within.get("direction", "ago") != "ago"
+        ):
+            raise ValueError(f"malformed within duration {within!r}")
+        return _relative_time(within["value"], within.get("unit"), "ago", now), None
+    if isinstance(within, dict) and within and set(within) <= {"after", "before"}:
+        after = (
+            _time_from_decoded(decode_argument(within["after"])[0], user, now)
+            if "after" in within
+            else None
+        )
+        before = (
+            _time_from_decoded(decode_argument(within["before"])[0], user, now)
+            if "before" in within
+            else None
+        )
+        if ("after" in within and after is None) or ("before" in within and before is None):
+            return _NOTHING, _NOTHING  # a dynamic bound the user does not have: nothing counts
+        return after, before
+    raise ValueError(f"within is not a duration or bounds: {within!r}")
+
+
+_NOTHING = datetime.max.replace(tzinfo=UTC)
+
+
+def _event_condition(
+    operator: str, argument: Any, user: dict, now: datetime, events: list[dict]
+) -> bool:
+    """Evaluate an event condition over the user's events (see docs/conditions.md)."""
+    spec = decode_argument(argument)[0] if isinstance(argument, str) else argument
+    if not isinstance(spec, dict) or not set(spec) <= _EVENT_ARGUMENT_KEYS[operator]:
+        raise ValueError(f"malformed {operator} argument {argument!r}")
+    name = spec.get("event")
+    if not isinstance(name, str) or name == "":
+        raise ValueError(f"{operator} needs an event name, got {name!r}")
+    where = spec.get("where") or []
+    if not isinstance(where, list):
+        raise ValueError(f"where must be a list, got {where!r}")
+    for filter_condition in where:
+        path = (
+            filter_condition.get("property", filter_condition.get("variable"))
+            if isinstance(filter_condition, dict)
+            else None
+        )
+        if not isinstance(path, str) or not path.startswith("data.") or path == "data.":
+            raise ValueError(f"a where condition reads data.<property>, got {filter_condition!r}")
+        if filter_condition.get("operator") in (
+            "is_audience_member",
+            "is_not_audience_member",
+            "is_in_random_cohort",
+            *_EVENT_OPERATORS,
+        ):
+            raise ValueError(f"{filter_condition.get('operator')} cannot filter events")
+
+    def qualifies(event: dict) -> bool:
+        """The event's name is exactly `name`, it happened by now, and every `where` holds over
+        its properties (read as `data.<path>`)."""
+        moment = _event_time(event)
+        if event.get("event") != name or moment is None or moment > now:
+            return False
+        properties = event.get("properties")
+        document = {"data": properties if isinstance(properties, dict) else {}}
+        results = [evaluate_condition(c, document, now=now) for c in where]
+        return all(results)
+
+    if operator == "performed":
+        count = spec.get("count")
+        if not (isinstance(count, dict) and len(count) == 1):
+            raise ValueError(f"performed needs a count, got {count!r}")
+        ((kind, number),) = count.items()
+        if (
+            kind not in ("at_least", "at_most", "exactly")
+            or not _whole_number(number)
+            or number < 0
+        ):
+            raise ValueError(f"malformed count {count!r}")
+        after, before = _within_bounds(spec.get("within"), user, now)
+        counted = 0
+        for event in _distinct_events(events, user.get("id")):
+            if not qualifies(event):
+                continue
+            moment = _event_time(event)
+            if after is not None and not moment > after:
+                continue
+            if before is not None and not moment < before:
+                continue
+            counted += 1
+        if kind == "at_least":
+            return counted >= number
+        if kind == "at_most":
+            return counted <= number
+        return counted == number
+
+    if "time" not in spec:
+        raise ValueError(f"{operator} needs a time")
+    bound = _time_from_decoded(decode_argument(spec["time"])[0], user, now)
+    times = [
+        _event_time(event) for event in _distinct_events(events, user.get("id")) if qualifies(event)
+    ]
+    if not times or bound is None:
+        return False  # never performed (or no bound): neither operator matches
+    last = max(times)
+    return last < bound if operator == "last_performed_before" else last >= bound

@@ -14,13 +14,14 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 from sqlglot import exp
 
 from audiences.conditions.compiler import (
+    EXTENSION_OPERATORS,
     Attribute,
     CompileContext,
     Condition,
@@ -28,6 +29,7 @@ from audiences.conditions.compiler import (
     attributes_used,
     compile_condition,
     compile_segments,
+    event_summary,
     property_json,
     render,
     timestamp_literal,
@@ -359,6 +361,8 @@ def explain(
 
 
 def _seen_value(condition: Condition, context: CompileContext) -> exp.Expression:
+    if condition.operator in EXTENSION_OPERATORS:
+        return event_summary(condition, context)
     if condition.operator in ("is_audience_member", "is_not_audience_member"):
         members = context.audience_members(str(condition.argument))
         return exp.In(this=context.user_key, query=exp.paren(members))
@@ -368,11 +372,28 @@ def _seen_value(condition: Condition, context: CompileContext) -> exp.Expression
 
 
 def _describe(condition: Condition, value) -> str:
+    if condition.operator in EXTENSION_OPERATORS:
+        return _describe_events(value)
     if condition.operator in ("is_audience_member", "is_not_audience_member"):
         return f"{'a member' if value else 'not a member'} of {condition.argument!r} (no tenant)"
     if value is None:
         return "(missing)"
     return value if condition.path != ("id",) else json.dumps(value)
+
+
+def _describe_events(summary: dict) -> str:
+    """`3 events counted (first ..., last ...; newest message ids: a, b, c)`."""
+    count = summary["event_count"]
+    if not count:
+        return "no events counted"
+    times = "; ".join(
+        f"{name} {moment.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
+        for name, moment in (("first", summary["first_at"]), ("last", summary["last_at"]))
+    )
+    noun = "event" if count == 1 else "events"
+    return (
+        f"{count} {noun} counted ({times}; newest message ids: {', '.join(summary['message_ids'])})"
+    )
 
 
 def matching_user_ids(

@@ -4,6 +4,8 @@ Two groups, each created where it is first written (statements are idempotent):
 - `USER_TABLES`: what loading writes and dbt reads: `raw.users` and its quarantine, the sources'
   row hashes, the static memberships' copy, the evaluation clock, full builds, the audience
   registry (`ensure_user_tables`, from users loading, evaluation and the static copy);
+- `EVENT_TABLES`: tracked events (`raw.events`, append-only by message id), their quarantine and
+  each event source's load log (`ensure_event_tables`, also from `ensure_user_tables`);
 - `MEMBERSHIP_TABLES`: what the membership diff writes: validity intervals, the outbox and its
   sequence, held batches, first evaluations, the published watermark (`ensure_membership_tables`,
   from `membership.changes` and `workflows.publish`).
@@ -72,6 +74,43 @@ USER_TABLES = (
 )
 
 
+# What the events asset writes and event conditions read (audiences/events/loading.py).
+EVENT_TABLES = (
+    "create schema if not exists raw",
+    """
+    create table if not exists raw.events (
+        event_seq bigint not null,
+        message_id varchar not null,
+        user_id varchar not null,
+        event varchar not null,
+        "timestamp" timestamptz not null,
+        properties json not null,
+        source_name varchar not null,
+        loaded_at timestamptz not null
+    )
+    """,
+    """
+    create table if not exists raw.events_quarantine (
+        source_name varchar not null,
+        location varchar not null,
+        row_number bigint not null,
+        message_id varchar,
+        reason varchar not null,
+        raw_row varchar,
+        quarantined_at timestamptz not null
+    )
+    """,
+    # What each source has loaded: a file's fingerprint, or a table's ingestion-time watermark.
+    """
+    create table if not exists raw.event_loads (
+        source_name varchar not null,
+        loaded varchar not null,
+        loaded_at timestamptz not null
+    )
+    """,
+)
+
+
 MEMBERSHIP_TABLES = (
     "create schema if not exists raw",
     "create sequence if not exists raw.membership_outbox_sequence start 1",
@@ -127,8 +166,16 @@ AUDIENCE_MEMBERS_STAND_IN = (
 
 
 def ensure_user_tables(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create the users' raw tables if they are not there yet (idempotent)."""
+    """Create the users' raw tables if they are not there yet (idempotent), and the events' ones:
+    event conditions read `raw.events`, so it exists (empty) before any event source loads."""
     for statement in USER_TABLES:
+        connection.execute(statement)
+    ensure_event_tables(connection)
+
+
+def ensure_event_tables(connection: duckdb.DuckDBPyConnection) -> None:
+    """Create `raw.events`, its quarantine and its load log if they are not there (idempotent)."""
+    for statement in EVENT_TABLES:
         connection.execute(statement)
 
 

@@ -113,7 +113,8 @@
     {{ batch }};
     {%- endfor %}
     drop table if exists temp.users_to_reevaluate;
-    drop table if exists temp.users_to_reevaluate_in_time
+    drop table if exists temp.users_to_reevaluate_in_time;
+    drop table if exists temp.events_to_reevaluate
 {%- endmacro %}
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 import sqlalchemy as sa
 
+from audiences.events.loading import configured_event_sources, event_source_fingerprint
 from audiences.settings import Settings
 from audiences.store.profiles import identify_queue_waiting
 from audiences.users import configured_sources
@@ -35,7 +36,7 @@ def existing_store(settings: Settings):
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Requests the main job (load users, evaluate audiences, publish membership events) when any "
-        "user source changes, a CSV file is dropped in the uploads folder, or identify calls (the "
+        "user source changes, an event source gains files or rows, a CSV file is dropped in the uploads folder, or identify calls (the "
         "API's `PUT /v1/users/{id}`, uploads) wait in the store's queue. The run's tags say which "
         "(`audiences/changed_sources`). Runs are serialized by the `audiences/duckdb` tag (one writer)."
     ),
@@ -56,6 +57,13 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
         except Exception as error:  # a source that cannot be read now is retried on the next tick
             context.log.warning(f"{source.name}: cannot read its fingerprint: {error}")
             fingerprints[source.name] = (previous or {}).get(source.name, "")
+    for source in configured_event_sources(settings):  # new event files or rows
+        key = f"events/{source.name}"
+        try:
+            fingerprints[key] = event_source_fingerprint(source)
+        except Exception as error:
+            context.log.warning(f"{key}: cannot read its fingerprint: {error}")
+            fingerprints[key] = (previous or {}).get(key, "")
     # The newest identify call waiting: a new one changes it; once loaded, the last one's stays.
     waiting, newest = 0, None
     store = existing_store(settings)

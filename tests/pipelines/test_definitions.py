@@ -19,15 +19,21 @@ EXPECTED_ASSET_KEYS = [
     "audiences/dormant_free_users",
     "audiences/enterprise_admins",
     "audiences/eu_customers",
+    "audiences/frequent_buyers",
     "audiences/high_value_accounts",
     "audiences/new_signups_this_week",
     "audiences/nps_promoters",
     "audiences/onboarding_incomplete",
     "audiences/power_users",
     "audiences/product_survey_sample",
+    "audiences/recent_big_spenders",
+    "audiences/signed_up_no_order",
     "audiences/trial_ending_soon",
     "audiences/trial_expired_unconverted",
     "audiences/vip_customers",
+    "event_sources/segment_tracks",
+    "events",
+    "int_event_users_to_reevaluate",
     "int_users_flattened",
     "int_users_to_reevaluate",
     "membership_changes",
@@ -54,6 +60,14 @@ def test_definitions_load_with_the_expected_asset_graph():
     assert (
         dg.AssetKey(["audiences", "power_users"])
         in graph.get(dg.AssetKey(["audiences", "beta_invite_candidates"])).parent_keys
+    )
+    # Event audiences read the events the `events` asset loads from the declared event sources.
+    assert graph.get(dg.AssetKey("events")).parent_keys == {
+        dg.AssetKey(["event_sources", "segment_tracks"])
+    }
+    assert (
+        dg.AssetKey("events")
+        in graph.get(dg.AssetKey(["audiences", "frequent_buyers"])).parent_keys
     )
     assert graph.get(dg.AssetKey("users")).parent_keys == {
         dg.AssetKey(["sources", "crm_export"]),

@@ -35,6 +35,7 @@ def reference_members(
         ).fetchall()
     ]
     definitions = load_definitions(definitions_dir)
+    events_by_user = sample_events_by_user()
     members: dict[str, set[str]] = {}
     for key in evaluation_order(definitions):
         definition = definitions[key]
@@ -53,10 +54,29 @@ def reference_members(
             user["id"]
             for user in users
             if evaluate_audience(
-                definition.raw, user, now=now, is_member=lambda other, uid: uid in members[other]
+                definition.raw,
+                user,
+                now=now,
+                is_member=lambda other, uid: uid in members[other],
+                events=events_by_user.get(user["id"], []),
             )
         }
     return members
+
+
+def sample_events_by_user() -> dict[object, list[dict]]:
+    """The sample's tracked events (data/sources/events.jsonl) as written, in arrival order, by
+    `userId`: the reference evaluator reads them raw (its own dedupe and validity rules). A line
+    that is not a JSON object is no event at all."""
+    by_user: dict[object, list[dict]] = {}
+    for line in (ROOT / "data" / "sources" / "events.jsonl").read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("userId"), str):
+            by_user.setdefault(event["userId"], []).append(event)
+    return by_user
 
 
 def compiled_members(connection) -> dict[str, set[str]]:
@@ -97,8 +117,8 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
         registry = connection.execute("select count(*) from raw.audience_registry").fetchone()[0]
     # 26 bad rows, and the first row of each of the ten ids that the snapshot holds twice
     assert (users, quarantined) == (2964, 26 + 10)
-    assert len(evaluations) == 15 and {time for _, time in evaluations} == {"2026-11-01T00:00:00Z"}
-    assert registry == 14
+    assert len(evaluations) == 18 and {time for _, time in evaluations} == {"2026-11-01T00:00:00Z"}
+    assert registry == 17
 
 
 def test_reevaluation_moves_users_as_time_passes_and_reports_counts(
@@ -154,7 +174,7 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(
             "select member_count from main.audience_evaluations where audience_key = 'new-signups-this-week' "
             "order by evaluated_at"
         ).fetchall()
-    assert history == (2, 30)
+    assert history == (2, 36)
     assert signups[0][0] > 0 and signups[1][0] == 0
     # Re-evaluated incrementally (time-relative audiences only for users near their windows), the
     # members are still exactly what the reference evaluator computes at the new time.

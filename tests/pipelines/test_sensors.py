@@ -170,3 +170,24 @@ def test_deliveries_due_start_a_delivery_run_and_nothing_else_does(tmp_path, mon
         # The run could not send them (no such sink): the same deliveries do not start another.
         assert tick(after.cursor).run_requests in (None, [])
     store.dispose()
+
+
+def test_sensor_requests_a_run_when_an_event_source_gains_a_file(tmp_path, monkeypatch):
+    (tmp_path / "users.csv").write_text("id,plan\nu1,pro\n")
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "a.jsonl").write_text(
+        '{"userId": "u1", "event": "Signed Up", "timestamp": "2026-10-01T00:00:00Z", "messageId": "m1"}\n'
+    )
+    (tmp_path / "sources.yml").write_text(
+        "sources:\n  - {name: crm, path: users.csv}\nevents:\n  - {name: tracks, path: events}\n"
+    )
+    monkeypatch.delenv("AUDIENCES_USERS_SOURCE", raising=False)
+    monkeypatch.setenv("AUDIENCES_SOURCES", str(tmp_path / "sources.yml"))
+    first = evaluate(None)
+    quiet = evaluate(first.cursor)
+    assert quiet.run_requests in (None, [])
+    (tmp_path / "events" / "b.jsonl").write_text(
+        '{"userId": "u1", "event": "Order Completed", "timestamp": "2026-10-02T00:00:00Z", "messageId": "m2"}\n'
+    )
+    [request] = evaluate(quiet.cursor).run_requests
+    assert request.tags["audiences/changed_sources"] == "events/tracks"

@@ -70,6 +70,13 @@
         "trial_ends_at__timestamp"
     from {{ ref('int_users_flattened') }}
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed);
+
+    {#- the events of those users: event conditions re-evaluated per user count only theirs, so
+        the events are read once here rather than once per event condition -#}
+    create or replace temp table events_to_reevaluate as
+    select *
+    from {{ source('warehouse', 'events') }}
+    where user_id in (select user_id from users_to_reevaluate_in_time);
 {%- endmacro %}
 
 {% macro audience_members_batches(per_user, idle) -%}

@@ -491,6 +491,52 @@ select 'eu-customers' as audience_key, user_key, tenant from {{ ref('eu_customer
 
 union all
 
+{% if "frequent-buyers" in per_user %}
+
+select 'frequent-buyers' as audience_key, user_key, cast(null as varchar) as tenant
+from users_to_reevaluate_in_time
+where
+    -- segment 1
+    (
+        -- {"property": "recipient", "operator": "performed", "argument": {"event": "Order Completed", "count": {"at_least": 3}, "within": "30 days"}}
+        coalesce(
+          (
+            user_id in (
+              select
+                event_user_id
+              from (
+                select
+                  message_id as event_message_id,
+                  user_id as event_user_id,
+                  event as event_name,
+                  "timestamp" as event_at,
+                  properties as event_properties
+                from events_to_reevaluate
+              ) as counted_events
+              where
+                event_name = 'Order Completed'
+                and event_at <= {{ evaluation_time() }}
+                and event_at > (
+                  {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                )
+              group by
+                event_user_id
+              having
+                count(*) >= 3
+            )
+          ),
+          false
+        )
+    )
+
+{% else %}
+
+select 'frequent-buyers' as audience_key, user_key, tenant from {{ ref('frequent_buyers') }}
+
+{% endif %}
+
+union all
+
 {% if "new-signups-this-week" in per_user %}
 
 select 'new-signups-this-week' as audience_key, user_key, cast(null as varchar) as tenant
@@ -820,6 +866,239 @@ where
 {% else %}
 
 select 'product-survey-sample' as audience_key, user_key, tenant from {{ ref('product_survey_sample') }}
+
+{% endif %}
+
+union all
+
+{% if "recent-big-spenders" in per_user %}
+
+select 'recent-big-spenders' as audience_key, user_key, cast(null as varchar) as tenant
+from users_to_reevaluate_in_time
+where
+    -- segment 1
+    (
+        -- {"property": "recipient", "operator": "performed", "argument": {"event": "Order Completed", "count": {"at_least": 1}, "within": {"value": 14, "unit": "days"}, "where": [{"property": "data.total", "operator": "greater_than", "argument": "200"}, {"property": "data.currency", "operator": "equal_to", "argument": "USD"}]}}
+        coalesce(
+          (
+            user_id in (
+              select
+                event_user_id
+              from (
+                select
+                  message_id as event_message_id,
+                  user_id as event_user_id,
+                  event as event_name,
+                  "timestamp" as event_at,
+                  properties as event_properties
+                from events_to_reevaluate
+              ) as counted_events
+              where
+                event_name = 'Order Completed'
+                and event_at <= {{ evaluation_time() }}
+                and event_at > (
+                  {{ evaluation_time() }} + to_minutes(cast(-20160 as bigint))
+                )
+                and coalesce(
+                  (
+                    case
+                      when (
+                        json_type(json_extract(event_properties, '/total')) = 'BIGINT'
+                        or json_type(json_extract(event_properties, '/total')) = 'UBIGINT'
+                        or json_type(json_extract(event_properties, '/total')) = 'DOUBLE'
+                        or json_type(json_extract(event_properties, '/total')) = 'HUGEINT'
+                        or json_type(json_extract(event_properties, '/total')) = 'INTEGER'
+                      )
+                      then cast(json_extract(event_properties, '/total') as double)
+                      when json_type(json_extract(event_properties, '/total')) = 'VARCHAR'
+                      and regexp_full_match(
+                        (
+                          json_extract(event_properties, '/total') ->> '$'
+                        ),
+                        '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                      )
+                      then cast(json_extract(event_properties, '/total') ->> '$' as double)
+                    end > 200
+                  ),
+                  false
+                )
+                and coalesce(
+                  (
+                    case
+                      when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR'
+                      then (
+                        json_extract(event_properties, '/currency') ->> '$'
+                      )
+                    end = 'USD'
+                  ),
+                  false
+                )
+              group by
+                event_user_id
+              having
+                count(*) >= 1
+            )
+          ),
+          false
+        )
+    )
+
+    or
+
+    -- segment 2
+    (
+        -- {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
+        coalesce((
+          "plan__text" = 'pro'
+        ), false)
+
+        and
+
+        -- {"property": "recipient", "operator": "last_performed_after", "argument": {"event": "Order Completed", "time": "7 days ago"}}
+        coalesce(
+          (
+            user_id in (
+              select
+                event_user_id
+              from (
+                select
+                  message_id as event_message_id,
+                  user_id as event_user_id,
+                  event as event_name,
+                  "timestamp" as event_at,
+                  properties as event_properties
+                from events_to_reevaluate
+              ) as counted_events
+              where
+                event_name = 'Order Completed' and event_at <= {{ evaluation_time() }}
+              group by
+                event_user_id
+              having
+                max(event_at) >= (
+                  {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
+                )
+            )
+          ),
+          false
+        )
+    )
+
+{% else %}
+
+select 'recent-big-spenders' as audience_key, user_key, tenant from {{ ref('recent_big_spenders') }}
+
+{% endif %}
+
+union all
+
+{% if "signed-up-no-order" in per_user %}
+
+select 'signed-up-no-order' as audience_key, user_key, cast(null as varchar) as tenant
+from users_to_reevaluate_in_time
+where
+    -- segment 1
+    (
+        -- {"property": "recipient", "operator": "performed", "argument": {"event": "Signed Up", "count": {"at_least": 1}, "within": "30 days"}}
+        coalesce(
+          (
+            user_id in (
+              select
+                event_user_id
+              from (
+                select
+                  message_id as event_message_id,
+                  user_id as event_user_id,
+                  event as event_name,
+                  "timestamp" as event_at,
+                  properties as event_properties
+                from events_to_reevaluate
+              ) as counted_events
+              where
+                event_name = 'Signed Up'
+                and event_at <= {{ evaluation_time() }}
+                and event_at > (
+                  {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                )
+              group by
+                event_user_id
+              having
+                count(*) >= 1
+            )
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "recipient", "operator": "last_performed_before", "argument": {"event": "Signed Up", "time": "7 days ago"}}
+        coalesce(
+          (
+            user_id in (
+              select
+                event_user_id
+              from (
+                select
+                  message_id as event_message_id,
+                  user_id as event_user_id,
+                  event as event_name,
+                  "timestamp" as event_at,
+                  properties as event_properties
+                from events_to_reevaluate
+              ) as counted_events
+              where
+                event_name = 'Signed Up' and event_at <= {{ evaluation_time() }}
+              group by
+                event_user_id
+              having
+                max(event_at) < (
+                  {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
+                )
+            )
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "recipient", "operator": "performed", "argument": {"event": "Order Completed", "count": {"at_most": 0}, "within": "30 days"}}
+        coalesce(
+          (
+            not coalesce(
+              (
+                user_id in (
+                  select
+                    event_user_id
+                  from (
+                    select
+                      message_id as event_message_id,
+                      user_id as event_user_id,
+                      event as event_name,
+                      "timestamp" as event_at,
+                      properties as event_properties
+                    from events_to_reevaluate
+                  ) as counted_events
+                  where
+                    event_name = 'Order Completed'
+                    and event_at <= {{ evaluation_time() }}
+                    and event_at > (
+                      {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                    )
+                  group by
+                    event_user_id
+                  having
+                    count(*) > 0
+                )
+              ),
+              false
+            )
+          ),
+          false
+        )
+    )
+
+{% else %}
+
+select 'signed-up-no-order' as audience_key, user_key, tenant from {{ ref('signed_up_no_order') }}
 
 {% endif %}
 

@@ -22,6 +22,7 @@
         pre_hook="{{ audience_members_forget_reevaluated() }}",
         post_hook=[
             "{{ audience_members_evaluate() }}",
+            "{{ audience_members_record_events() }}",
             "{{ audience_members_record_build() }}",
         ],
         meta={
@@ -32,12 +33,15 @@
                 "dormant-free-users",
                 "enterprise-admins",
                 "eu-customers",
+                "frequent-buyers",
                 "high_value_accounts",
                 "new-signups-this-week",
                 "nps-promoters",
                 "onboarding-incomplete",
                 "power-users",
                 "product-survey-sample",
+                "recent-big-spenders",
+                "signed-up-no-order",
                 "trial-ending-soon",
                 "trial-expired-unconverted",
                 "vip-customers"
@@ -49,11 +53,14 @@
                 "dormant-free-users": "66400af00f05",
                 "enterprise-admins": "012af915d0af",
                 "eu-customers": "a5f8bfb83482",
+                "frequent-buyers": "0ebd1f2dffdb",
                 "new-signups-this-week": "7a9ca9b4e4a4",
                 "nps-promoters": "ea8d9912d399",
                 "onboarding-incomplete": "bcbb2131c6be",
                 "power-users": "0fae450b22df",
                 "product-survey-sample": "35ebffe91aec",
+                "recent-big-spenders": "5525ea2a3977",
+                "signed-up-no-order": "28ad4db385f9",
                 "trial-ending-soon": "e715763ae558",
                 "trial-expired-unconverted": "f590bb4fe5d6"
             },
@@ -61,9 +68,12 @@
                 "beta-invite-candidates",
                 "churn-risk",
                 "dormant-free-users",
+                "frequent-buyers",
                 "new-signups-this-week",
                 "nps-promoters",
                 "power-users",
+                "recent-big-spenders",
+                "signed-up-no-order",
                 "trial-ending-soon",
                 "trial-expired-unconverted"
             ],
@@ -74,17 +84,21 @@
 
 -- depends_on: {{ ref('int_users_flattened') }}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}
+-- depends_on: {{ ref('int_event_users_to_reevaluate') }}
 -- depends_on: {{ ref('beta_invite_candidates') }}
 -- depends_on: {{ ref('beta_testers') }}
 -- depends_on: {{ ref('churn_risk') }}
 -- depends_on: {{ ref('dormant_free_users') }}
 -- depends_on: {{ ref('enterprise_admins') }}
 -- depends_on: {{ ref('eu_customers') }}
+-- depends_on: {{ ref('frequent_buyers') }}
 -- depends_on: {{ ref('new_signups_this_week') }}
 -- depends_on: {{ ref('nps_promoters') }}
 -- depends_on: {{ ref('onboarding_incomplete') }}
 -- depends_on: {{ ref('power_users') }}
 -- depends_on: {{ ref('product_survey_sample') }}
+-- depends_on: {{ ref('recent_big_spenders') }}
+-- depends_on: {{ ref('signed_up_no_order') }}
 -- depends_on: {{ ref('trial_ending_soon') }}
 -- depends_on: {{ ref('trial_expired_unconverted') }}
 -- depends_on: {{ ref('vip_customers') }}

@@ -58,7 +58,7 @@ def _columns(connection) -> list[str]:
 
 
 def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_path):
-    from audiences.dbt.project import prepare, run_dbt
+    from audiences.dbt.project import generate, prepare, run_dbt
 
     settings, warehouse, definitions = _project(sample_run, tmp_path)
     with duckdb.connect(str(warehouse)) as connection:
@@ -74,6 +74,7 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
 
     (definitions / "large-companies").mkdir()
     (definitions / "large-companies" / "audience.json").write_text(json.dumps(NEW_AUDIENCE))
+    generate(settings)
     prepare(settings)
     run_dbt(
         ["build", "--select", "int_users_flattened", "large_companies", "audience_members"],
@@ -139,6 +140,7 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
 
     # No definition reads the property any more: its columns go, the others stay as they were.
     shutil.rmtree(definitions / "large-companies")
+    generate(settings)
     prepare(settings)
     run_dbt(["build", "--select", "int_users_flattened"], settings)
     with duckdb.connect(str(warehouse), read_only=True) as connection:
