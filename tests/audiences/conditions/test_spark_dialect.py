@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spark_harness import DIALECT, SPARK, load_users, matches, on_duckdb, on_spark, spark_session
 
-from audiences.conditions.compiler import OPERATORS, Condition
+from audiences.conditions.compiler import EXTENSION_OPERATORS, OPERATORS, Condition
 from audiences.conditions.reference import evaluate_audience
 
 
@@ -92,7 +92,9 @@ def _conditions() -> list[dict]:
     paths = ["recipient.n", "recipient.address.city", "recipient." + CASES.KEYS[5]]
     paths += ["recipient." + CASES.KEYS[8], "recipient.address.zip"]
     conditions = []
-    for operator in OPERATORS:
+    # Knock's property operators; the event conditions (our extension) do not run on Spark yet
+    # (docs/scale-out.md).
+    for operator in (name for name in OPERATORS if name not in EXTENSION_OPERATORS):
         for argument in _arguments(operator):
             if OPERATORS[operator] == "audience":
                 conditions.append(
