@@ -307,6 +307,8 @@ def test_outside_the_repository_the_dbt_project_is_the_working_folders_never_the
     from audiences.settings import Settings
 
     monkeypatch.chdir(tmp_path)
+    # The default, so no environment variable may name one (the test session names its copy).
+    monkeypatch.delenv("AUDIENCES_DBT_PROJECT", raising=False)
     # Absent, it is refused with the way out (`audiences init`), rather than replaced by the engine's.
     assert Settings.from_env({}).dbt_project_dir == tmp_path / "dbt_project"
 
