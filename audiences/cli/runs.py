@@ -277,6 +277,7 @@ def _step_error_message(error) -> str:
             "ValueError",
             "FileNotFoundError",
             "SinkConfigError",
+            "StoreBusy",
             "DbtCliRuntimeError",
             "DagsterDbtCliRuntimeError",
         )

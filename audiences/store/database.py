@@ -9,7 +9,12 @@ Every write is idempotent: events and deliveries are keyed by deterministic ids 
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import re
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import chain
@@ -355,10 +360,12 @@ class MembershipStore:
 
     def __init__(self, url: str):
         self.url = url
-        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        connect_args = {"timeout": SQLITE_WRITE_WAIT_SECONDS} if url.startswith("sqlite") else {}
         database = sa.engine.make_url(url).database
+        writers = None
         if url.startswith("sqlite") and database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            writers = _WriterTurns(Path(database).expanduser())
         self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
         # Reads go through their own pool, so that on SQLite they never wait for a writer.
         self.read_engine = sa.create_engine(url, connect_args=connect_args, future=True)
@@ -369,11 +376,16 @@ class MembershipStore:
             # two processes writing at once wait for each other (busy timeout) instead of failing
             # with "database is locked" when a read transaction tries to become a write.
             sa.event.listen(self.engine, "connect", _sqlite_manual_transactions)
-            sa.event.listen(
-                self.engine,
-                "begin",
-                lambda connection: connection.exec_driver_sql("begin immediate"),
-            )
+            if writers is not None:
+                # SQLite's busy handler is not fair: a writer that has waited a while retries every
+                # 100 ms, so writers that commit back to back (API clients) can starve it past its
+                # timeout. Writers first take turns on a lock file, which a waiter polls every
+                # millisecond or two, so it gets the lock in the first gap between other writers.
+                sa.event.listen(self.engine, "begin", writers.begin)
+                sa.event.listen(self.engine, "commit", writers.give_back)
+                sa.event.listen(self.engine, "rollback", writers.give_back)
+            else:
+                sa.event.listen(self.engine, "begin", _begin_immediate)
 
     def create(self) -> MembershipStore:
         """Create missing tables, and add columns that newer versions of the engine introduced."""
@@ -533,6 +545,78 @@ class MembershipStore:
             return [dict(row._mapping) for row in connection.execute(statement)]
 
 
+# How long a write to a SQLite store waits for other writers before it fails with "database is
+# locked". A first publication of millions of members holds the lock for a while; waiting is cheap.
+SQLITE_WRITE_WAIT_SECONDS = 120
+
+
+class StoreBusy(RuntimeError):
+    """A write to a SQLite store waited `SQLITE_WRITE_WAIT_SECONDS` for other writers."""
+
+
+class _WriterTurns:
+    """Writers to one SQLite file take turns, across threads and processes, before SQLite's own
+    write lock: a writer holds `<file>-write.lock` (an advisory `flock`) for its transaction, and to
+    get it must first hold `<file>-write.queue`, which it keeps while it waits. So a writer that has
+    just committed and writes again queues behind the one already waiting instead of barging in
+    ahead of it, and no writer waits longer than the writers ahead of it take."""
+
+    def __init__(self, database: Path):
+        self.lock = database.with_name(database.name + "-write.lock")
+        self.queue = database.with_name(database.name + "-write.queue")
+        self.held: dict[int, int] = {}  # id(sqlalchemy connection) -> descriptor holding the lock
+        self.guard = threading.Lock()
+
+    def begin(self, connection) -> None:
+        self.take(connection)
+        try:
+            _begin_immediate(connection)
+        except BaseException:
+            self.give_back(connection)
+            raise
+
+    def take(self, connection) -> None:
+        self.give_back(connection)  # a turn that a failed transaction left behind
+        deadline = time.monotonic() + SQLITE_WRITE_WAIT_SECONDS
+        queue = self._hold(self.queue, deadline)
+        try:
+            lock = self._hold(self.lock, deadline)
+        finally:
+            os.close(queue)  # closing a descriptor releases its flock
+        with self.guard:
+            self.held[id(connection)] = lock
+
+    def give_back(self, connection) -> None:
+        with self.guard:
+            descriptor = self.held.pop(id(connection), None)
+        if descriptor is not None:
+            os.close(descriptor)
+
+    def _hold(self, path: Path, deadline: float) -> int:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        pause = 0.0002
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return descriptor
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(descriptor)
+                    raise
+            if time.monotonic() > deadline:
+                os.close(descriptor)
+                raise StoreBusy(
+                    f"the store {path.name.rsplit('-write.', 1)[0]} is busy: other writers held it "
+                    f"for {SQLITE_WRITE_WAIT_SECONDS} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+
+def _begin_immediate(connection) -> None:
+    connection.exec_driver_sql("begin immediate")
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # 8 KB pages (set before a new store's first table; an existing store keeps its size): fewer
@@ -540,7 +624,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("pragma page_size = 8192")
     cursor.execute("pragma journal_mode = wal")
     cursor.execute("pragma synchronous = normal")
-    cursor.execute("pragma busy_timeout = 30000")
+    cursor.execute(f"pragma busy_timeout = {SQLITE_WRITE_WAIT_SECONDS * 1000}")
     # Checkpoint every 50,000 pages (400 MB of WAL at most) rather than SQLite's 1,000: a page
     # changed by many commits is copied into the database once.
     cursor.execute("pragma wal_autocheckpoint = 50000")
