@@ -31,6 +31,7 @@ from audiences.conditions.definitions import (
     DEFINITION_FILE,
     KEY_PATTERN,
     DefinitionError,
+    knock_incompatibilities,
     parse_definition,
     validate_definitions,
 )
@@ -43,7 +44,9 @@ from audiences.store.database import MembershipStore, now_text
 # environment: they are valid in every environment.
 SERVICE_TOKEN_SCOPE = "*"
 SERVICE_TOKEN_PREFIX = "knock_st_"
-READONLY_FIELDS = ["environment", "key", "created_at", "updated_at", "sha"]
+# `knock_extensions`: the conditions Knock's own audiences cannot hold (event conditions), so that a
+# `knock audience pull` shows in the file's `__readonly` why this audience cannot go to Knock.
+READONLY_FIELDS = ["environment", "key", "created_at", "updated_at", "sha", "knock_extensions"]
 ERRORS = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {
@@ -118,9 +121,25 @@ def audience_body(
         "updated_at": _iso(updated_at),
         "sha": lifecycle.content_hash(definition),
     }
+    extensions = knock_extensions(key, definition)
+    if extensions:
+        body["knock_extensions"] = extensions
     if annotate:
         body["__annotation"] = {"extractable_fields": {}, "readonly_fields": READONLY_FIELDS}
     return body
+
+
+def knock_extensions(key: str, definition: dict) -> list[str]:
+    """Each condition of a definition that is valid here but that Knock cannot hold, as
+    `<json path>: <why>` (`validate --knock-compatible`'s problems); none for a definition that does
+    not parse (its errors are reported where it is validated)."""
+    try:
+        parsed = parse_definition(definition, key, Path(key) / DEFINITION_FILE)
+    except DefinitionError:
+        return []
+    return [
+        f"{problem.json_path}: {problem.message}" for problem in knock_incompatibilities(parsed)
+    ]
 
 
 def commit_body(commit: lifecycle.Commit, environment: str) -> dict:
