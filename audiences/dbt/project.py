@@ -30,6 +30,8 @@ from audiences.dbt.models import (
 from audiences.settings import ENGINE_DBT_PROJECT, ENGINE_DEFINITIONS, Settings, require_dbt_project
 
 FINGERPRINT_FILE = "audiences_fingerprint.txt"
+BUILD_STATE_FOLDER = "build_state"
+BUILD_STATES_KEPT = 3
 
 
 def dbt_executable() -> str:
@@ -185,6 +187,45 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
     run_dbt(["parse"], settings)
     fingerprint_file.write_text(fingerprint)
     return manifest
+
+
+def build_state(project_dir: Path, fingerprint: str | None) -> Path | None:
+    """The folder holding the manifest a warehouse was last fully built from (its project's
+    fingerprint), for dbt's `--state`: a run after a definitions change rebuilds only the audience
+    views whose nodes changed (`state:unmodified` ones are left as they are). None when not kept."""
+    if fingerprint is None:
+        return None
+    folder = project_dir / "target" / BUILD_STATE_FOLDER / fingerprint
+    return folder if (folder / "manifest.json").exists() else None
+
+
+def keep_build_state(project_dir: Path, fingerprint: str) -> None:
+    """Keep `target/manifest.json` as the state of a build from `fingerprint`, when it is that
+    project's manifest (the newest `BUILD_STATES_KEPT` states are kept)."""
+    target = project_dir / "target"
+    parsed = target / FINGERPRINT_FILE
+    if (
+        not parsed.exists()
+        or parsed.read_text() != fingerprint
+        or build_state(project_dir, fingerprint)
+    ):
+        return
+    states = target / BUILD_STATE_FOLDER
+    # Copied beside, then renamed into place: a killed run leaves no half-written state.
+    scratch = states / f".{fingerprint}.{os.getpid()}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(target / "manifest.json", scratch / "manifest.json")
+    try:
+        scratch.rename(states / fingerprint)
+    except OSError:  # another run kept the same state first
+        shutil.rmtree(scratch, ignore_errors=True)
+    kept = sorted(
+        (folder for folder in states.iterdir() if not folder.name.startswith(".")),
+        key=lambda folder: folder.stat().st_mtime,
+        reverse=True,
+    )
+    for folder in kept[BUILD_STATES_KEPT:]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_dbt(arguments: list[str], settings: Settings) -> subprocess.CompletedProcess:

@@ -16,7 +16,13 @@ from pydantic import Field
 
 from audiences.conditions.definitions import DefinitionSet, validate_definitions
 from audiences.dbt.models import custom_audience_keys
-from audiences.dbt.project import prepare, project_definitions, project_fingerprint
+from audiences.dbt.project import (
+    build_state,
+    keep_build_state,
+    prepare,
+    project_definitions,
+    project_fingerprint,
+)
 from audiences.delivery.setup import load_workflow_setup
 from audiences.lifecycle.commits import version_metadata
 from audiences.membership.changes import pending_changes
@@ -187,19 +193,23 @@ def build_audiences(
             )
         set_evaluation_clock(connection, evaluated_at)
         reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
-        lean = (
-            reevaluated <= context.selected_asset_keys
-            and last_full_build(connection) == fingerprint
-        )
+        built_from = last_full_build(connection)
+        lean = reevaluated <= context.selected_asset_keys and built_from == fingerprint
     # The audience views read the clock table, so while the definitions (the dbt project) are
     # unchanged a new evaluation only refreshes the attributes and rewrites the memberships.
+    # After a definitions change, the audience views dbt sees unchanged against the manifest this
+    # warehouse was built from are left as they are: editing one of 2,000 audiences rebuilds one.
     # (dagster-dbt keeps its own --select; an --exclude is how a run narrows it.)
-    arguments = (
-        ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
-    )
-    context.log.info(
-        "re-evaluation: views unchanged" if lean else "full build: the dbt project changed"
-    )
+    state = None if lean else build_state(settings.dbt_project_dir, built_from)
+    if lean:
+        arguments = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
+        context.log.info("re-evaluation: views unchanged")
+    elif state is not None:
+        arguments = ["build", "--exclude", "tag:audience,state:unmodified", "--state", str(state)]
+        context.log.info("definitions changed: rebuilding the changed audience views")
+    else:
+        arguments = ["build"]
+        context.log.info("full build: the dbt project changed")
     # DuckDB allows one writer: read member counts only after dbt has finished and let go.
     events = list(dbt.cli(arguments, context=context).stream())
     # An earlier evaluation records no membership events: its audiences report their members only.
@@ -211,6 +221,7 @@ def build_audiences(
     if not lean:
         with warehouse.connect() as connection:
             record_full_build(connection, fingerprint)
+        keep_build_state(settings.dbt_project_dir, fingerprint)
     outputs: dict[dg.AssetKey, Any] = {}
     others = []
     for event in events:

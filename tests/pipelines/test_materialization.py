@@ -358,6 +358,55 @@ def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_c
             ).fetchone()[0]
             assert connection.execute(deleted_rows).fetchone()[0] == 0 and users == rows == live
 
+    # One more definition changes: dbt compares the project with the manifest this warehouse was
+    # last built from and rebuilds that audience's view, not the others.
+    from audiences.dbt.project import build_state, generate, project_fingerprint
+
+    assert build_state(project, project_fingerprint(project)) is not None
+    changed = json.loads((definitions / "eu-customers" / "audience.json").read_text())
+    changed["segments"][0]["conditions"][0]["argument"] = '["DE", "FR", "NL", "IT"]'
+    (definitions / "eu-customers" / "audience.json").write_text(json.dumps(changed))
+    generate(settings)
+    latest = "2026-11-01T07:00:00+00:00"
+    code = cli.main(
+        [
+            "--duckdb",
+            str(copy),
+            "--sinks",
+            str(tmp_path / "sinks.yml"),
+            "--store",
+            f"sqlite:///{tmp_path / 'store.sqlite'}",
+            "--sources",
+            str(tmp_path / "sources.yml"),
+            "--definitions",
+            str(definitions),
+            "--dbt-project",
+            str(project),
+            "--evaluation-time",
+            latest,
+            "run",
+        ]
+    )
+    assert code == 0
+    results = max(
+        (project / "target").glob("*/run_results.json"), key=lambda path: path.stat().st_mtime
+    )
+    built = {
+        result["unique_id"].split(".")[-1]
+        for result in json.loads(results.read_text())["results"]
+        if result["unique_id"].startswith("model.")
+    }
+    assert "eu_customers" in built and "audience_members" in built, built
+    assert not built & {"power_users", "churn_risk", "beta_invite_candidates"}, built
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        expected = reference_members(
+            connection, now=datetime.fromisoformat(latest), definitions_dir=definitions
+        )
+        actual = compiled_members(connection)
+    assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
+        key: ids for key, ids in expected.items() if ids
+    }
+
 
 def test_uploads_dropped_in_the_folder_become_static_members_in_the_warehouse(
     sample_run, tmp_path, monkeypatch
