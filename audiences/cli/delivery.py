@@ -67,9 +67,10 @@ def replay(settings: Settings, arguments) -> int:
 
 def deliver(settings: Settings, arguments) -> int:
     """Send due workflow triggers to their sinks, at least once, with retries and back-off; with
-    --watch, keep going as new triggers arrive. Several workers may run at once: each delivery is
-    claimed by one of them for a lease (--lease-seconds) before it is sent."""
-    from audiences.delivery.loop import deliver_due, run_delivery_loop
+    --watch, keep delivering until SIGTERM or Ctrl-C, each trigger as soon as it is queued. Several
+    workers may run at once: each delivery is claimed by one of them for a lease (--lease-seconds)
+    before it is sent."""
+    from audiences.delivery.loop import deliver_due
     from audiences.delivery.sinks import load_sinks
 
     sinks, _ = load_sinks(settings.sinks_file)
@@ -78,13 +79,64 @@ def deliver(settings: Settings, arguments) -> int:
     if arguments.lease_seconds is not None:
         options["lease_seconds"] = arguments.lease_seconds
     if arguments.watch:
-        try:
-            run_delivery_loop(store, sinks, **options)
-        except KeyboardInterrupt:
-            return 0
+        from audiences.delivery.worker import DeliveryWorker
+
+        worker = DeliveryWorker(store, sinks, poll_seconds=arguments.poll_seconds, **options)
+        until_signalled(worker.start)
+        print(worker.stop())
+        return 0
     report = deliver_due(store, sinks, **options)
     print(report)
     return 0
+
+
+def start_delivery_workers(
+    settings: Settings, environments: list[str], poll_seconds: float | None = None
+) -> list:
+    """An always-on delivery worker (`delivery/worker.py`) for each environment, started: each
+    delivers from its environment's store to that environment's sinks."""
+    from audiences.delivery.sinks import load_sinks
+    from audiences.delivery.worker import DeliveryWorker
+    from audiences.store.database import MembershipStore
+
+    workers = []
+    try:
+        for environment in environments:
+            own = settings.for_environment(environment)
+            sinks, _ = load_sinks(own.sinks_file)
+            store = MembershipStore(own.store_url).create()
+            workers.append(DeliveryWorker(store, sinks, poll_seconds=poll_seconds).start())
+    except BaseException:
+        stop_delivery_workers(workers)
+        raise
+    return workers
+
+
+def stop_delivery_workers(workers: list) -> None:
+    """Stop the workers (each finishes and records its sends in flight) and close their stores."""
+    for worker in workers:
+        worker.stop()
+        worker.store.dispose()
+
+
+def until_signalled(start) -> None:
+    """Call `start()`, then wait until SIGTERM or SIGINT (Ctrl-C); the previous handlers are put
+    back before returning."""
+    import signal
+    import threading
+
+    stopping = threading.Event()
+    previous = {
+        number: signal.signal(number, lambda *_: stopping.set())
+        for number in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        start()
+        while not stopping.wait(1.0):
+            pass
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def broadcast(settings: Settings, arguments) -> int:
@@ -217,6 +269,13 @@ def register(command) -> None:
         default=None,
         help="how long this worker's claim on deliveries lasts (renewed while it works) before "
         "another worker may take them over: how long a dead worker's deliveries wait",
+    )
+    sub.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=None,
+        help="with --watch, how often an idle worker looks for deliveries queued by other "
+        "processes (default 0.2 s on SQLite, 2 s on PostgreSQL, where NOTIFY wakes it)",
     )
     sub = command("broadcast", broadcast, "trigger a workflow once per member of an audience")
     sub.add_argument("audience", help="the audience key")

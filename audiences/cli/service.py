@@ -12,37 +12,50 @@ from audiences.settings import Settings
 def serve(settings: Settings, arguments) -> int:
     """Serve the API (Knock's audiences and users endpoints, checks, guides, broadcasts, Census)
     under uvicorn, one process. The OpenAPI document is at /openapi.json, its pages at /docs.
-    Clients send a key from `audiences keys create` as `Authorization: Bearer <key>`."""
+    Clients send a key from `audiences keys create` as `Authorization: Bearer <key>`. Unless
+    --no-deliver, it also delivers every served environment's workflow triggers as they are queued
+    (the worker of `audiences deliver --watch`); SIGTERM stops both cleanly."""
+    import signal
+
     import uvicorn
 
     from audiences.api.app import asgi_app
     from audiences.api.protocol import PROTOCOL
 
+    options = {"host": arguments.host, "port": arguments.port, "log_level": "info"}
+    options.update(access_log=False, http=PROTOCOL)
     if arguments.workers > 1:
         from audiences.api.app import close_app, create_app
 
         close_app(create_app(settings))  # a misconfigured environment stops here, with its message
         # Each worker process builds the app from these settings, passed as environment variables.
         os.environ.update(settings.environment_variables())
-        uvicorn.run(
-            "audiences.api.app:asgi_app",
-            factory=True,
-            workers=arguments.workers,
-            host=arguments.host,
-            port=arguments.port,
-            log_level="info",
-            access_log=False,
-            http=PROTOCOL,
-        )
+        app, options = "audiences.api.app:asgi_app", {**options, "factory": True}
+        options["workers"] = arguments.workers
     else:
-        uvicorn.run(
-            asgi_app(settings),
-            host=arguments.host,
-            port=arguments.port,
-            log_level="info",
-            access_log=False,
-            http=PROTOCOL,
+        app = asgi_app(settings)
+    workers = []
+    if arguments.deliver:
+        from audiences.cli.delivery import start_delivery_workers
+
+        # In this process: its API's writes wake them directly; other processes' by poll or NOTIFY.
+        workers = start_delivery_workers(
+            settings, settings.api_environments, arguments.poll_seconds
         )
+    # uvicorn handles SIGTERM and Ctrl-C itself (a graceful shutdown), then raises the signal again
+    # under the handlers it found: these ones let the delivery workers stop cleanly after it.
+    previous = {
+        number: signal.signal(number, lambda *_: None) for number in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        uvicorn.run(app, **options)
+    finally:
+        if workers:
+            from audiences.cli.delivery import stop_delivery_workers
+
+            stop_delivery_workers(workers)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return 0
 
 
@@ -106,6 +119,19 @@ def register(command) -> None:
         type=int,
         default=1,
         help="worker processes (default 1; 2 on a 2-core machine serves about twice the writes)",
+    )
+    sub.add_argument(
+        "--no-deliver",
+        dest="deliver",
+        action="store_false",
+        help="do not deliver workflow triggers in this process (run `audiences deliver --watch`)",
+    )
+    sub.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=None,
+        help="how often the delivery worker looks for deliveries queued by other processes "
+        "(default 0.2 s on SQLite, 2 s on PostgreSQL, where NOTIFY wakes it)",
     )
     sub = command("keys", keys, "create, list and revoke the API's secret keys")
     sub.add_argument("action", choices=["create", "list", "revoke"])

@@ -47,7 +47,12 @@ import sqlalchemy as sa
 
 from audiences.delivery import Delivery, Outcome
 from audiences.delivery.sinks import Sink, batch_message_id
-from audiences.store.database import MembershipStore, deliveries, sink_rate_limits
+from audiences.store.database import (
+    MembershipStore,
+    deliveries,
+    deliveries_queued,
+    sink_rate_limits,
+)
 
 # The most rows one claim takes; a claim covers this many sends of a sink (fewer rows per claim
 # share a queue better between workers, more cost fewer claim transactions).
@@ -230,6 +235,8 @@ def deliver_due(
     lease_seconds: float = LEASE_SECONDS,
     seconds_per_sink: float | None = None,
     worker_id: str | None = None,
+    stop: threading.Event | None = None,
+    report_unknown_sinks: bool = True,
 ) -> DeliveryReport:
     """Send every due pending delivery (at most `limit`) to its sink and record each outcome.
 
@@ -253,8 +260,9 @@ def deliver_due(
     an unreadable payload, or a retry that reaches `max_attempts` sets status 'dead'. A batch's
     deliveries share their outcome, their next attempt and their attempt count. Deliveries whose
     sink is not in `sinks` stay pending and are counted as skipped; 'held' and 'discarded' ones
-    are never touched. Claims this worker could not use are given back when the pass ends, even
-    when it ends with an error.
+    are never touched (`report_unknown_sinks=False` skips counting them). Claims this worker could
+    not use are given back when the pass ends, even when it ends with an error. Setting `stop` ends
+    the pass early: each sink finishes and records the send in flight and gives back its claims.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -280,13 +288,16 @@ def deliver_due(
         seconds_per_sink=seconds_per_sink,
         worker_id=worker_id or new_worker_id(),
         remaining=limit,
+        stop=stop if stop is not None else threading.Event(),
     )
     names = sorted(sinks)
     reports = _each_sink(work, {name: sinks[name] for name in names})
     report = DeliveryReport()
     for name in names:
         report.merge(reports[name])
-    for sink_name, count in _unknown_sink_counts(store, work.due_text, names):
+    for sink_name, count in (
+        _unknown_sink_counts(store, work.due_text, names) if report_unknown_sinks else ()
+    ):
         report.add(sink_name, "skipped_unknown_sink", count)
     return report
 
@@ -348,6 +359,7 @@ def replay(
     }
     is_dead = deliveries.c.status == "dead"
     with store.engine.begin() as connection:
+        deliveries_queued(connection)
         if all_dead:
             return _count(connection.execute(deliveries.update().where(is_dead).values(**values)))
         replayed = 0

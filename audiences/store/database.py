@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
@@ -355,6 +355,51 @@ def tenant_key(tenant: str | None) -> str:
     return normalize_tenant(tenant) or ""
 
 
+# -- waking the delivery workers ------------------------------------------------------------------
+# Whatever queues deliveries (inserts pending rows, or makes rows pending) says so with
+# `deliveries_queued(connection)` inside its transaction, and the delivery workers wake when it
+# commits: on PostgreSQL by a NOTIFY on this channel (transactional, so sent at the commit, to every
+# process LISTENing), on SQLite by calling the wakers registered in this process for the store's URL
+# (other processes find the rows by a short poll, `delivery/worker.py`).
+DELIVERIES_CHANNEL = "audiences_deliveries"
+_QUEUED = "audiences.deliveries_queued"
+_wakers: dict[str, list[Callable[[], None]]] = {}
+_wakers_lock = threading.Lock()
+
+
+def deliveries_queued(connection: sa.Connection) -> None:
+    """Say that this transaction queued deliveries: the delivery workers wake when it commits."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.select(sa.func.pg_notify(DELIVERIES_CHANNEL, "")))
+    else:
+        connection.info[_QUEUED] = True
+
+
+def on_deliveries_queued(url: str, wake: Callable[[], None]) -> Callable[[], None]:
+    """Call `wake()` each time a transaction of this process that queued deliveries in the SQLite
+    store at `url` commits. Returns the function that stops the calls."""
+    with _wakers_lock:
+        _wakers.setdefault(url, []).append(wake)
+
+    def stop() -> None:
+        with _wakers_lock:
+            listeners = _wakers.get(url, [])
+            if wake in listeners:
+                listeners.remove(wake)
+
+    return stop
+
+
+def _wake_workers(url: str, connection: sa.Connection) -> None:
+    # Called as the transaction commits: a woken worker's claim begins with SQLite's write lock,
+    # which this transaction holds until its commit is done, so the worker sees the new rows.
+    if connection.info.pop(_QUEUED, False):
+        with _wakers_lock:
+            listeners = list(_wakers.get(url, ()))
+        for wake in listeners:
+            wake()
+
+
 class MembershipStore:
     """A connection to the operational store; `create()` makes its tables (idempotent)."""
 
@@ -386,6 +431,8 @@ class MembershipStore:
                 sa.event.listen(self.engine, "rollback", writers.give_back)
             else:
                 sa.event.listen(self.engine, "begin", _begin_immediate)
+            sa.event.listen(self.engine, "commit", lambda c: _wake_workers(url, c))
+            sa.event.listen(self.engine, "rollback", lambda c: c.info.pop(_QUEUED, None))
 
     def create(self) -> MembershipStore:
         """Create missing tables, and add columns that newer versions of the engine introduced."""
@@ -489,7 +536,7 @@ class MembershipStore:
             # "on conflict do nothing" skips only rows whose key exists ("insert or ignore" would
             # also swallow NOT NULL and CHECK violations).
             columns = list(rows[0])
-            return max(
+            inserted = max(
                 self.insert_rows(
                     connection,
                     table,
@@ -498,12 +545,17 @@ class MembershipStore:
                 ),
                 0,
             )
+            if inserted and table is deliveries:
+                deliveries_queued(connection)
+            return inserted
         # PostgreSQL drivers report no row count for executemany; RETURNING the key counts new rows.
         key = next(iter(table.primary_key.columns or table.columns))
         inserted = 0
         for start in range(0, len(rows), 5000):
             statement = module.insert(table).on_conflict_do_nothing().returning(key)
             inserted += len(connection.execute(statement, list(rows[start : start + 5000])).all())
+        if inserted and table is deliveries:
+            deliveries_queued(connection)
         return inserted
 
     @property

@@ -431,4 +431,6 @@ def _decide(store: MembershipStore, batch_id: str, batch_status: str, delivery_s
             .where(deliveries.c.batch_id == batch_id, deliveries.c.status == "held")
             .values(status=delivery_status, next_attempt_at=now_text())
         )
+        if delivery_status == "pending" and result.rowcount:
+            tables.deliveries_queued(connection)
         return result.rowcount
