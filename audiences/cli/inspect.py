@@ -123,6 +123,11 @@ def members(settings: Settings, arguments) -> int:
     with connect(settings.duckdb_path, read_only=True) as connection:
         if arguments.at:
             rows = members_at(connection, arguments.audience, arguments.at)
+            # The definition in force then, on stderr: stdout stays JSON lines.
+            print(
+                _version_note(settings, connection, arguments.audience, arguments.at),
+                file=sys.stderr,
+            )
         else:
             rows = list_members(connection, arguments.audience)
         for member in rows:
@@ -135,6 +140,7 @@ def explain(settings: Settings, arguments) -> int:
     whether it holds, then each segment (conditions ANDed) and the verdict (segments ORed). The
     time is the last evaluation's, the one `members` lists, unless --evaluation-time (or
     AUDIENCES_EVALUATION_TIME) gives another; the output says which."""
+    from audiences.lifecycle.commits import describe_version, stored_commits
     from audiences.warehouse.queries import connect
     from audiences.warehouse.queries import explain as run_explain
 
@@ -142,10 +148,15 @@ def explain(settings: Settings, arguments) -> int:
     with connect(settings.duckdb_path, read_only=True) as connection:
         at, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=True)
         result = run_explain(connection, definition, definitions, arguments.user_id, at)
+        in_force = _version_note(settings, connection, definition.key, at, definition.version)
     verdict = "IN" if result.is_member else "OUT"
     print(
         f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)} ({source})"
     )
+    commits = stored_commits(settings.store_url, definition.key)
+    print(f"  definition: {describe_version(commits, definition.version)}")
+    if in_force:
+        print(f"  {in_force}")
     current = 0
     for verdict_row in result.verdicts:
         if verdict_row.segment != current:
@@ -165,6 +176,28 @@ def explain(settings: Settings, arguments) -> int:
     if not result.segments:
         print("  no segments: nobody matches")
     return 0
+
+
+def _version_note(settings: Settings, connection, key: str, at, explained: str | None = None):
+    """Which definition the evaluation in force at `at` used, and its commit in this environment
+    (`members --at`), or the archive that ended the audience; for `explain` (`explained`: the
+    version it evaluates) only when that is not the version in force then, else None."""
+    from audiences.lifecycle.commits import describe_archive, describe_version, stored_commits
+    from audiences.warehouse.queries import version_at
+
+    found = version_at(connection, key, at)
+    if found is None:
+        return f"{key}: no evaluation at or before {format_time(at)}"
+    version, evaluated_at, still_evaluated = found
+    commits = stored_commits(settings.store_url, key)
+    archive = None if still_evaluated else describe_archive(commits)
+    if explained is not None and archive is None and version == explained:
+        return None
+    described = archive or (
+        f"the evaluation of {format_time(evaluated_at)} used "
+        + describe_version(commits, version, at)
+    )
+    return f"{key} at {format_time(at)}: {described}"
 
 
 def events(settings: Settings, arguments) -> int:

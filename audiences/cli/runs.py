@@ -92,6 +92,12 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
         print(
             "  earlier than the last recorded evaluation: no membership events recorded, no workflows triggered"
         )
+    # An archived audience is no longer evaluated; the run that saw its members exit lists it.
+    evaluated = {row["audience_key"] for row in counts}
+    counts = counts + [
+        {"audience_key": key, "audience_type": "archived", "member_count": 0}
+        for key in sorted(set(outcome.changes) - evaluated)
+    ]
     width = max((len(row["audience_key"]) for row in counts), default=10)
     print(f"  {'audience':<{width}}  {'type':<8}  {'members':>9}  {'entered':>8}  {'exited':>8}")
     for row in counts:

@@ -29,16 +29,23 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
     try:
         triggers = load_triggers(settings.workflows_dir, audiences, set(sinks))
     except DefinitionError:
-        # An archived audience's triggers stop (`audiences archive`), and in a later environment
-        # a trigger on an audience not promoted there yet waits for it: known, so not an error,
-        # and left out. The store is asked only when a trigger names an unknown audience.
+        # An archived audience's triggers stop (`audiences archive`), but for the exits of its
+        # last members (its `exited` triggers, once: it never moves again); in a later
+        # environment a trigger on an audience not promoted there yet waits for it. Both are
+        # known, so not an error, and left out. The store is asked only when a trigger names an
+        # unknown audience.
         from audiences.store.commits import archived_in
 
-        inactive = archived_in(settings.store_url)
+        archived = archived_in(settings.store_url)
+        inactive = set(archived)
         if settings.environment != settings.development_environment:
             inactive |= load_definition_set(settings.working_definitions_dir).keys - audiences
         if not inactive:
             raise
         triggers = load_triggers(settings.workflows_dir, audiences | inactive, set(sinks))
-        triggers = {key: t for key, t in triggers.items() if t.audience_key not in inactive}
+        triggers = {
+            key: t
+            for key, t in triggers.items()
+            if t.audience_key not in inactive or (t.audience_key in archived and t.on == "exited")
+        }
     return WorkflowSetup(triggers, sinks, default_sink)

@@ -34,7 +34,7 @@ from audiences.conditions.definitions import (
     parse_definition,
     validate_definitions,
 )
-from audiences.settings import Settings
+from audiences.settings import Settings, format_time
 from audiences.store import database as tables
 from audiences.store.commits import definition_commits
 from audiences.store.database import MembershipStore, now_text
@@ -136,6 +136,56 @@ def live_definitions(store: MembershipStore) -> dict[str, dict]:
         for key, commit in current_versions(store).items()
         if commit.action == "commit"
     }
+
+
+def stored_commits(url: str, key: str) -> list[Commit]:
+    """One audience's commits in the store at `url`, oldest first, read without creating the
+    store (none when it or its commits table does not exist): for commands that only look."""
+    database = sa.engine.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).expanduser().exists():
+        return []
+    store = MembershipStore(url)
+    try:
+        if not sa.inspect(store.read_engine).has_table(definition_commits.name):
+            return []
+        return commits_in(store, key)
+    finally:
+        store.dispose()
+
+
+def describe_version(commits: list[Commit], version: str | None, at: datetime | None = None) -> str:
+    """A definition version named the way `members --at` and `explain` print it, from the
+    audience's commits in an environment (`stored_commits`): the commit of that content (id, message, author, when it reached the
+    environment), the latest one by `at` when there is one (a rollback commits old content
+    again), else the first; or that it is not committed."""
+    matching = [
+        commit for commit in commits if commit.action == "commit" and commit.version == version
+    ]
+    limit = format_time(at) if at is not None else None
+    by_then = [commit for commit in matching if limit is None or _reached(commit) <= limit]
+    if not matching:
+        return f"version {version}, not committed"
+    commit = by_then[-1] if by_then else matching[0]
+    return (
+        f"version {version}, commit {commit.commit_id} ({commit.message!r}, {commit.author}, "
+        f"{_reached(commit)})"
+    )
+
+
+def describe_archive(commits: list[Commit]) -> str | None:
+    """The archive commit of an audience archived in its commits' environment, or None."""
+    latest = commits[-1] if commits else None
+    if latest is None or latest.action != "archive":
+        return None
+    return (
+        f"archived by commit {latest.commit_id} ({latest.message!r}, {latest.author}, "
+        f"{_reached(latest)})"
+    )
+
+
+def _reached(commit: Commit) -> str:
+    """When the commit reached its store's environment: promoted there, or made there."""
+    return commit.promoted_at or commit.created_at
 
 
 @dataclass(frozen=True)

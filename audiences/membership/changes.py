@@ -11,13 +11,16 @@ open membership intervals in DuckDB and, in one transaction:
 
 An audience the catalog marks `is_skipped` (its definition has errors, so this run did not
 evaluate it) is left out: its open intervals stay open and it gets no event, whatever
-`audience_members` holds for it.
+`audience_members` holds for it. An *archived* audience (named in `archived`: its latest commit in
+the environment is an archive) that the catalog no longer evaluates has every open interval closed:
+its members exit once, and having no open interval left it never moves again.
 
 The outbox is drained into the operational store by `audiences.workflows.publish`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -72,17 +75,20 @@ def record_changes(
     breaker: CircuitBreaker = CircuitBreaker(),
     members_table: str = "main.audience_members",
     catalog_table: str = "main.audience_catalog",
+    archived: Collection[str] = (),
 ) -> ChangeSummary:
     """Diff the evaluation in `members_table` against the open intervals; see the module docstring.
 
     Only the rows that the builds since the last diff re-evaluated are compared: dbt logs them in
     `<members_table>__reevaluated` (see dbt_project/macros/audience_members.sql), and the diff
-    empties that log in its transaction. Without a log, everything is compared.
+    empties that log in its transaction. Without a log, everything is compared. The `archived`
+    audiences that the catalog does not evaluate lose every member (the circuit breaker applies to
+    them as to any other audience).
     """
     ensure_membership_tables(connection)
     connection.execute("begin transaction")
     try:
-        summary = _record(connection, evaluated_at, breaker, members_table, catalog_table)
+        summary = _record(connection, evaluated_at, breaker, members_table, catalog_table, archived)
         connection.execute("commit")
     except BaseException:
         connection.execute("rollback")
@@ -90,10 +96,12 @@ def record_changes(
     return summary
 
 
-def _record(connection, evaluated_at, breaker, members_table, catalog_table) -> ChangeSummary:
+def _record(
+    connection, evaluated_at, breaker, members_table, catalog_table, archived
+) -> ChangeSummary:
     """The steps of `record_changes`, inside its transaction."""
     _refuse_earlier(connection, evaluated_at)
-    log = _diff(connection, members_table, catalog_table)
+    log = _diff(connection, members_table, catalog_table, archived)
     _number_entries(connection)
     summary, batches = _hold_large_changes(
         connection, evaluated_at, breaker, _audience_moves(connection, evaluated_at, catalog_table)
@@ -183,7 +191,7 @@ def _audience_moves(connection, evaluated_at: datetime, catalog_table: str) -> l
             coalesce(moved.exited, 0),
             coalesce(sizes.size_before, 0),
             catalog.audience_key not in (select audience_key from raw.membership_audiences) as is_new
-        from {catalog_table} as catalog
+        from {_with_archived(catalog_table)} as catalog
         left join moved using (audience_key)
         left join sizes using (audience_key)
         where catalog.audience_type <> 'static' and not catalog.is_skipped
@@ -238,7 +246,7 @@ def _write_outbox(
             events.audience_key not in (select audience_key from raw.membership_audiences),
             held.batch_id
         from events
-        join {catalog_table} as catalog using (audience_key)
+        join {_with_archived(catalog_table)} as catalog using (audience_key)
         left join held using (audience_key)
         order by events.audience_key, events.event_type, events.user_id
         """,
@@ -296,6 +304,7 @@ def _clean_up(connection, log: str | None) -> None:
     if log is not None:
         connection.execute(f"delete from {log}")
     for table in (
+        "archived_audiences",
         "changes",
         "entries",
         "held",
@@ -307,16 +316,20 @@ def _clean_up(connection, log: str | None) -> None:
         connection.execute(f"drop table {table}")
 
 
-def _diff(connection, members_table: str, catalog_table: str) -> str | None:
+def _diff(
+    connection, members_table: str, catalog_table: str, archived: Collection[str] = ()
+) -> str | None:
     """Build the temp table `changes`: one row per membership that entered or exited since the last
     diff (the evaluated rows in scope against the open intervals). Returns the re-evaluation log
     the diff read, if any."""
+    _archived_audiences(connection, catalog_table, archived)
     connection.execute(
         f"""
         create or replace temp table evaluated_audiences as
         -- static audiences record their events when members are added or removed; a skipped
         -- audience (its definition has errors) was not evaluated: its memberships stay open
-        select audience_key from {catalog_table} where audience_type <> 'static' and not is_skipped
+        select audience_key from {_with_archived(catalog_table)}
+        where audience_type <> 'static' and not is_skipped
         """
     )
     # Which rows may have changed since the last diff: audiences evaluated whole, and users
@@ -341,6 +354,10 @@ def _diff(connection, members_table: str, catalog_table: str) -> str | None:
         connection.execute(
             f"insert into reevaluated_users select distinct user_key from {log} "
             "where audience_key is null and user_key is not null"
+        )
+        # An archived audience is compared whole: nobody is its member any more.
+        connection.execute(
+            "insert into whole_audiences select audience_key from archived_audiences"
         )
     connection.execute("""
         create or replace temp table per_user_audiences as
@@ -392,6 +409,35 @@ def _diff(connection, members_table: str, catalog_table: str) -> str | None:
         """
     )
     return log
+
+
+def _archived_audiences(connection, catalog_table: str, archived: Collection[str]) -> None:
+    """The temp table `archived_audiences`: the archived audiences the catalog does not evaluate
+    that still have open intervals, each with the version its members' intervals last recorded."""
+    connection.execute(
+        f"""
+        create or replace temp table archived_audiences as
+        select audience_key, arg_max(audience_version, entered_at) as audience_version
+        from raw.membership_intervals
+        where exited_at is null
+            and audience_key in (select unnest($archived::varchar[]))
+            and audience_key not in (
+                select audience_key from {catalog_table}
+                where audience_type <> 'static' and not is_skipped
+            )
+        group by audience_key
+        """,
+        {"archived": sorted(archived)},
+    )
+
+
+def _with_archived(catalog_table: str) -> str:
+    """The catalog's columns the diff reads, with a row for each archived audience it closes."""
+    return f"""(
+        select audience_key, audience_type, audience_version, is_skipped from {catalog_table}
+        union all
+        select audience_key, 'dynamic', audience_version, false from archived_audiences
+    )"""
 
 
 def _unmoved_sizes(connection, evaluated_at: datetime, catalog_table: str) -> tuple[str, dict]:

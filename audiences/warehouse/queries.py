@@ -268,6 +268,38 @@ def members(connection: duckdb.DuckDBPyConnection, key: str) -> Iterator[dict]:
             yield {"user_id": user_id, "tenant": tenant}
 
 
+def version_at(
+    connection: duckdb.DuckDBPyConnection, audience_key: str, moment: datetime
+) -> tuple[str | None, datetime, bool] | None:
+    """The definition version in force at `moment`: (version, evaluated_at, still evaluated) of
+    the audience's latest evaluation at or before it (`audience_evaluations`), where "still
+    evaluated" is false when a later evaluation by then left it out (another audience evaluated
+    without it, or its members' exit when it was archived); None when it was never evaluated."""
+    if not table_exists(connection, "main.audience_evaluations"):
+        return None
+    row = connection.execute(
+        """
+        select audience_version, evaluated_at from main.audience_evaluations
+        where audience_key = $key and evaluated_at <= $at
+        order by evaluated_at desc limit 1
+        """,
+        {"key": audience_key, "at": moment},
+    ).fetchone()
+    if row is None:
+        return None
+    later = connection.execute(
+        "select count(*) from main.audience_evaluations where evaluated_at > $t and evaluated_at <= $at",
+        {"t": row[1], "at": moment},
+    ).fetchone()[0]
+    if not later and table_exists(connection, "raw.membership_intervals"):
+        later = connection.execute(
+            "select count(*) from raw.membership_intervals where audience_key = $key "
+            "and exited_at > $t and exited_at <= $at",
+            {"key": audience_key, "t": row[1], "at": moment},
+        ).fetchone()[0]
+    return row[0], row[1], not later
+
+
 def last_evaluation(
     connection: duckdb.DuckDBPyConnection, evaluated_at: datetime | None = None
 ) -> list[dict]:

@@ -207,7 +207,7 @@
         {%- for key in model.config.meta.get('skipped', []) | sort %}
         select {{ audience_members_literals([key]) }}, null union all
         {%- endfor %}
-        select null, null
+        select null as audience_key, null as audience_hash
     ) as audiences;
     create table if not exists {{ reevaluated }} (audience_key varchar, user_key integer);
     {% if per_user -%}

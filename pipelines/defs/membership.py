@@ -5,6 +5,7 @@ import dagster as dg
 from audiences.delivery.setup import load_workflow_setup
 from audiences.membership.changes import CircuitBreaker, record_changes
 from audiences.settings import format_time
+from audiences.store.commits import archived_in
 from audiences.warehouse.evaluation import (
     is_earlier_evaluation,
     last_recorded_evaluation,
@@ -31,7 +32,7 @@ PASS_SECONDS_PER_SINK = 50.0
         "deterministic event ids; validity intervals (`raw.membership_intervals`) keep the "
         "history. A new audience's first members are recorded as backfill (no triggers). When "
         "a run moves too large a share of an audience, its events are held for a person to "
-        "release or discard."
+        "release or discard. An archived audience's members exit, once."
     ),
 )
 def membership_changes(
@@ -57,7 +58,9 @@ def membership_changes(
                     "skipped": f"earlier than the last recorded evaluation ({format_time(last)})",
                 }
             )
-        summary = record_changes(connection, evaluated_at, breaker)
+        # An audience archived in this environment: its members exit once (`record_changes`).
+        archived = archived_in(settings.store_url)
+        summary = record_changes(connection, evaluated_at, breaker, archived=archived)
     rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
     for change in summary.audiences:
         note = (

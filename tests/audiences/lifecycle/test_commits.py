@@ -302,3 +302,47 @@ def test_each_environment_reports_the_version_it_evaluates(project, capsys):
     assert development["newsletter"]["commit_message"] == "first"
     assert production["pro"]["commit_message"] == "first"
     assert production["pro"]["commit_id"] != "uncommitted"
+
+
+def test_members_at_names_the_version_in_force_and_its_commit(project, capsys):
+    """Two evaluations of production (as dbt records them in `audience_evaluations`, with the
+    version each used): `members --at` names the version in force then and the commit that
+    brought it to production; stdout stays the members' JSON lines."""
+    import duckdb
+
+    committed_and_promoted(project, capsys)
+    write(project / "data" / "audiences", "pro", {**PRO, "name": "Pro plan"})
+    assert audiences("commit", "-m", "rename", capsys=capsys)[0] == 0
+    assert audiences("promote", "--to", "production", "--no-evaluate", capsys=capsys)[0] == 0
+    settings = Settings.from_env(environment="production")
+    store = lifecycle.open_store(settings, "production")
+    first, renamed = lifecycle.commits_in(store, "pro")
+    store.dispose()
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        connection.execute(
+            "create table main.audience_evaluations as select * from (values "
+            "('2026-11-01 08:00:00+00'::timestamptz, 'pro', 'dynamic', $v1, 3, 'i1'), "
+            "('2026-11-01 09:00:00+00'::timestamptz, 'pro', 'dynamic', $v2, 4, 'i2')) "
+            "as t(evaluated_at, audience_key, audience_type, audience_version, member_count, "
+            "dbt_invocation_id)",
+            {"v1": first.version, "v2": renamed.version},
+        )
+
+    def note(at: str) -> str:
+        code, out, err = audiences(
+            "--environment", "production", "members", "pro", "--at", at, capsys=capsys
+        )
+        assert code == 0 and out == "", err
+        return err.strip()
+
+    assert note("2026-11-01T08:30:00Z") == (
+        "pro at 2026-11-01T08:30:00.000000Z: the evaluation of 2026-11-01T08:00:00.000000Z used "
+        f"version {first.version}, commit {first.commit_id} ('first', ana, {first.promoted_at})"
+    )
+    assert note("2026-11-01T09:30:00Z").endswith(
+        f"version {renamed.version}, commit {renamed.commit_id} ('rename', ana, "
+        f"{renamed.promoted_at})"
+    )
+    assert note("2026-11-01T07:00:00Z") == (
+        "pro: no evaluation at or before 2026-11-01T07:00:00.000000Z"
+    )

@@ -242,3 +242,46 @@ def test_pending_changes_counts_what_the_diff_will_record_and_records_nothing(wa
     assert {
         change.audience_key: (change.entered, change.exited) for change in summary.audiences
     } == {"pro": (1, 1), "eu": (0, 0)}
+
+
+def test_an_archived_audiences_members_exit_once_and_only_once(warehouse):
+    """Archived (its latest commit is an archive), the audience is no longer in the catalog: every
+    open membership closes with an exit event, under the version its members entered with, and
+    later runs (archived still) record nothing more. Even with a re-evaluation log naming no one."""
+    evaluate(warehouse, T0, {"pro": [1, 2, (3, "acme")], "eu": [4]}, versions={"pro": "p1"})
+    evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, 2, (3, "acme")], "eu": [4]})
+    warehouse.execute(
+        "create table main.audience_members__reevaluated (audience_key varchar, user_key integer)"
+    )
+    warehouse.execute("insert into main.audience_members__reevaluated values (null, 4)")
+    set_evaluation(warehouse, {"eu": [4]})
+    summary = record_changes(warehouse, T0 + timedelta(hours=2), archived={"pro", "gone-long-ago"})
+    assert sorted(outbox(warehouse)[4:], key=str) == [
+        ("pro", "u1", None, "exited", 1, False, False),
+        ("pro", "u2", None, "exited", 1, False, False),
+        ("pro", "u3", "acme", "exited", 1, False, False),
+    ]
+    assert warehouse.execute(
+        "select distinct audience_version from raw.membership_outbox where event_type = 'exited'"
+    ).fetchall() == [("p1",)]
+    pro = next(change for change in summary.audiences if change.audience_key == "pro")
+    assert (pro.entered, pro.exited, pro.size_before, pro.is_backfill) == (0, 3, 3, False)
+    assert members_at(warehouse, "pro", T0 + timedelta(hours=3)) == []
+    assert members_at(warehouse, "pro", T0 + timedelta(hours=1))[0] == {
+        "user_id": "u1",
+        "tenant": None,
+    }
+    for hours in (3, 4):
+        summary = record_changes(warehouse, T0 + timedelta(hours=hours), archived={"pro"})
+        assert (summary.entered, summary.exited) == (0, 0)
+    assert len(outbox(warehouse)) == 7
+
+
+def test_an_archived_audience_that_empties_a_large_audience_is_held(warehouse):
+    evaluate(warehouse, T0, {"pro": list(range(1, 11))})
+    set_evaluation(warehouse, {})
+    summary = record_changes(
+        warehouse, T0 + timedelta(hours=1), CircuitBreaker(0.2, 5), archived={"pro"}
+    )
+    assert [change.held_batch is not None for change in summary.audiences] == [True]
+    assert {row[6] for row in outbox(warehouse)[10:]} == {True}
