@@ -73,7 +73,7 @@ def main() -> None:
     )
     settings = Settings.from_env(environment="production")
 
-    from audiences.dbt.project import prepare, run_dbt
+    from audiences.dbt.project import generate, prepare, run_dbt
     from audiences.lifecycle.impact import impact
     from audiences.warehouse.queries import connect
 
@@ -82,6 +82,7 @@ def main() -> None:
         synthetic.generate_users(connection, arguments.users)
     generated = time.perf_counter() - start
     start = time.perf_counter()
+    generate(settings)  # the copied project holds the engine's sample models: these replace them
     prepare(settings)
     run_dbt(
         ["build", "--vars", json.dumps({"evaluation_time": synthetic.EVALUATION_TIME})], settings
