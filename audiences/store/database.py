@@ -246,6 +246,20 @@ tenants = sa.Table(
     sa.Column("updated_at", sa.String(32), nullable=False),
 )
 
+# Tenant writes waiting for the warehouse (`raw.tenants`), as `user_patches` are for users: each
+# `PUT /v1/tenants/{id}` queues its patch (Knock's tenant object without `id`), a delete queues
+# `null`; the `users` asset applies them in order after the tenants sources.
+tenant_patches = sa.Table(
+    "tenant_patches",
+    metadata,
+    sa.Column("patch_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant_id", sa.String(255), nullable=False),
+    sa.Column("patch", sa.Text, nullable=False),
+    sa.Column("received_at", sa.String(32), nullable=False),
+    sa.Column("loaded", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Index("tenant_patches_waiting", "loaded", "patch_id"),
+)
+
 # Bulk identify and delete (`POST /v1/users/bulk/...`): each request is queued here with its
 # items and processed by the API's worker (api/bulk.py), which reports progress and per-item
 # errors in Knock's `BulkOperation` shape.

@@ -6,17 +6,31 @@ merge and a `null` removes a property (RFC 7396, the same `merge_patch` as users
 `channel_data` and `preferences` are Knock's delivery settings, not properties: they are not kept
 (docs/api.md). Memberships name tenants by id and do not need a tenant row; deleting a tenant
 leaves memberships as they are.
+
+Each write also queues its patch (`tenant_patches`, a deletion as `null`) for the warehouse's
+`raw.tenants`, which per-tenant audiences read; `load_tenant_queue` applies the queue at the next
+run, after the tenants sources, the way the identify queue applies to users.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
+from pathlib import Path
 
+import duckdb
+import polars as pl
 import sqlalchemy as sa
 
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
-from audiences.store.profiles import merge_patch
+from audiences.store.profiles import DELETION, merge_patch
+from audiences.users.sources import ROW_COLUMN, UserSource
+from audiences.users.store import TENANTS, LoadResult, load_users
+from audiences.users.validation import validate_users
+from audiences.warehouse.schema import ensure_user_tables
+
+TENANT_QUEUE_SOURCE = "tenant_api"
 
 NOT_PROPERTIES = ("id", "name", "settings", "channel_data", "preferences", "__typename")
 
@@ -79,6 +93,18 @@ def set_tenants(store: MembershipStore, connection, patches: list[tuple[str, dic
             connection.execute(table.update().where(table.c.tenant_id == tenant_id).values(**row))
         else:
             connection.execute(table.insert().values(**row))
+    connection.execute(
+        tables.tenant_patches.insert(),
+        [
+            {
+                "tenant_id": tenant_id,
+                "patch": _dump(warehouse_patch(patch)),
+                "received_at": stamp,
+                "loaded": False,
+            }
+            for tenant_id, patch in patches
+        ],
+    )
     return [tenant_object(row) for row in merged.values()]
 
 
@@ -91,4 +117,109 @@ def get_tenant(store: MembershipStore, tenant_id: str) -> dict | None:
 def delete_tenant(connection, tenant_id: str) -> bool:
     """Delete a tenant; False if there was none. Memberships that name it stay."""
     table = tables.tenants
-    return bool(connection.execute(table.delete().where(table.c.tenant_id == tenant_id)).rowcount)
+    deleted = bool(
+        connection.execute(table.delete().where(table.c.tenant_id == tenant_id)).rowcount
+    )
+    if deleted:
+        connection.execute(
+            tables.tenant_patches.insert().values(
+                tenant_id=tenant_id, patch=DELETION, received_at=now_text(), loaded=False
+            )
+        )
+    return deleted
+
+
+def warehouse_patch(patch: dict) -> dict:
+    """A tenant write as the warehouse keeps it (`raw.tenants.properties`, what `tenant.*` reads):
+    Knock's tenant object without its id and delivery settings; merging it is the same RFC 7396
+    merge as `set_tenants` (the name replaced, settings and custom properties merged)."""
+    return {
+        key: value
+        for key, value in patch.items()
+        if key not in ("id", "__typename", "channel_data", "preferences")
+    }
+
+
+def tenant_queue_waiting(store: MembershipStore) -> int:
+    """How many tenant writes wait in the store's queue for the warehouse."""
+    patches = tables.tenant_patches
+    with store.read_engine.connect() as connection:
+        return connection.execute(
+            sa.select(sa.func.count()).where(patches.c.loaded == sa.false())
+        ).scalar_one()
+
+
+def load_tenant_queue(
+    connection: duckdb.DuckDBPyConnection, store: MembershipStore, loaded_at: datetime
+) -> LoadResult:
+    """Apply the tenant writes queued in the store (`PUT` and `DELETE /v1/tenants/{id}`) to
+    `raw.tenants` as a stream source, in the order received; a deletion leaves a tombstone."""
+    patches = tables.tenant_patches
+    rows = store.rows(
+        sa.select(patches.c.patch_id, patches.c.tenant_id, patches.c.patch)
+        .where(patches.c.loaded == sa.false())
+        .order_by(patches.c.patch_id)
+    )
+    ensure_user_tables(connection)
+    source = UserSource(
+        TENANT_QUEUE_SOURCE, "jsonl", Path("membership-store"), mode="stream", kind="tenants"
+    )
+    totals: dict[str, int] = {}
+
+    def load(batch: list[dict]) -> None:
+        frame = pl.DataFrame(
+            {
+                "id": [row["tenant_id"] for row in batch],
+                "properties": [row["patch"] for row in batch],
+            },
+            schema={"id": pl.String, "properties": pl.String},
+        ).with_row_index(ROW_COLUMN, offset=1)
+        frame = frame.with_columns(pl.col(ROW_COLUMN).cast(pl.Int64))
+        result = load_users(
+            connection, source, validate_users(frame), loaded_at, False, entity=TENANTS
+        )
+        for key, value in result.as_metadata().items():
+            totals[key] = totals.get(key, 0) + value
+
+    batch: list[dict] = []
+    for row in rows:
+        if row["patch"] != DELETION:
+            batch.append(row)
+            continue
+        if batch:
+            load(batch)
+            batch = []
+        totals["users_deleted"] = (
+            totals.get("users_deleted", 0)
+            + connection.execute(
+                "update raw.tenants set deleted_at = $at, updated_at = $at, properties = '{}' "
+                "where tenant_id = $tenant_id and deleted_at is null",
+                {"at": loaded_at, "tenant_id": row["tenant_id"]},
+            ).fetchall()[0][0]
+        )
+    if batch or not rows:
+        load(batch)
+    # Loading is idempotent, so marking the patches loaded after the warehouse committed loses
+    # nothing if the process dies in between.
+    loaded = [row["patch_id"] for row in rows]
+    with store.engine.begin() as store_connection:
+        for start in range(0, len(loaded), 500):
+            store_connection.execute(
+                patches.update()
+                .where(patches.c.patch_id.in_(loaded[start : start + 500]))
+                .values(loaded=True)
+            )
+    return LoadResult(
+        source_name=TENANT_QUEUE_SOURCE,
+        **{
+            key: totals.get(key, 0)
+            for key in (
+                "rows_read",
+                "rows_quarantined",
+                "users_inserted",
+                "users_updated",
+                "users_unchanged",
+                "users_deleted",
+            )
+        },
+    )

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import duckdb
 
-from audiences.users.sources import UserSource, read_source
+from audiences.users.sources import MEMBERSHIP_ID_COLUMNS, UserSource, read_source
 from audiences.users.store import LoadResult, load_users
 from audiences.users.validation import validate_users
 
@@ -15,12 +15,15 @@ def load_source(
     connection: duckdb.DuckDBPyConnection, source: UserSource, loaded_at: datetime
 ) -> LoadResult:
     """Read, validate and upsert one source; bad rows go to `raw.users_quarantine`. A snapshot holds
-    each user once: an id on several rows keeps the last, and the earlier rows are quarantined."""
+    each user once: an id on several rows keeps the last, and the earlier rows are quarantined.
+    A tenants or tenant memberships source (`source.kind`) loads the same way into its own tables
+    (`raw.tenants`, `raw.tenant_memberships` and their quarantines)."""
     frame = read_source(source)
+    id_columns = MEMBERSHIP_ID_COLUMNS if source.kind == "tenant_memberships" else ("id",)
     return load_users(
         connection,
         source,
-        validate_users(frame, keep_last_duplicate=source.mode == "snapshot"),
+        validate_users(frame, keep_last_duplicate=source.mode == "snapshot", id_columns=id_columns),
         loaded_at,
     )
 
@@ -32,3 +35,34 @@ def configured_sources(settings) -> list[UserSource]:
     if settings.users_source:
         return [source_from_uri(settings.users_source, mode=settings.source_mode)]
     return sources_from_file(settings.sources_file)
+
+
+def configured_tenant_sources(settings) -> list[UserSource]:
+    """The tenants sources, then the tenant memberships sources, of the sources file (none when
+    a single `AUDIENCES_USERS_SOURCE` is set, or the file declares none)."""
+    from audiences.users.sources import sources_from_file
+
+    if settings.users_source or not settings.sources_file.exists():
+        return []
+    return sources_from_file(settings.sources_file, "tenants") + sources_from_file(
+        settings.sources_file, "tenant_memberships"
+    )
+
+
+def missing_memberships(connection: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """Memberships kept though they name a user or a tenant that is not loaded (or deleted): they
+    are not evaluated until both exist. Counts, for the `users` asset's report."""
+    users, tenants = connection.execute(
+        """
+        select
+            count(*) filter (where users.user_id is null),
+            count(*) filter (where tenants.tenant_id is null)
+        from raw.tenant_memberships as memberships
+        left join raw.users as users
+            on users.user_id = memberships.user_id and users.deleted_at is null
+        left join raw.tenants as tenants
+            on tenants.tenant_id = memberships.tenant_id and tenants.deleted_at is null
+        where memberships.deleted_at is null
+        """
+    ).fetchall()[0]
+    return {"memberships_missing_user": users, "memberships_missing_tenant": tenants}

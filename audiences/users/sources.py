@@ -24,6 +24,11 @@ ROW_COLUMN = "_row"
 # Set on rows of a file that hold bytes the file's encoding cannot read: why, naming file and line.
 UNREADABLE_COLUMN = "_unreadable"
 MODES = ("snapshot", "stream")
+# What a source holds: users (`sources:`), Knock tenants (`tenants:`), or which users belong to
+# which tenants (`tenant_memberships:`, a row per user and tenant with the membership's properties).
+KINDS = {"users": "sources", "tenants": "tenants", "tenant_memberships": "tenant_memberships"}
+# A membership row is named by these two columns; its `id` is both, as a JSON object.
+MEMBERSHIP_ID_COLUMNS = ("user_id", "tenant_id")
 FORMATS = ("csv", "parquet", "jsonl", "duckdb", "sqlite")
 _EXTENSIONS = {
     ".csv": "csv",
@@ -56,8 +61,11 @@ class UserSource:
     id_column: str = "id"
     delimiter: str | None = None
     watermark_column: str | None = None
+    kind: str = "users"
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise SourceError(f"source {self.name!r}: kind must be one of {', '.join(KINDS)}")
         if self.mode not in MODES:
             raise SourceError(
                 f"source {self.name!r}: mode must be snapshot or stream, got {self.mode!r}"
@@ -77,22 +85,28 @@ class UserSource:
         return f"{self.format} {self.location}" + (f" ({what})" if what else "") + f", {self.mode}"
 
 
-def sources_from_file(path: Path) -> list[UserSource]:
-    """Read `sources.yml`: `sources: [{name, path, format?, mode?, table?, query?, id_column?}]`."""
+def sources_from_file(path: Path, kind: str = "users") -> list[UserSource]:
+    """Read `sources.yml`: `sources: [{name, path, format?, mode?, table?, query?, id_column?}]`.
+
+    With `kind="tenants"` or `"tenant_memberships"`, the list of that name (optional: none when
+    the file has no such list); source names are unique across the three lists."""
     path = Path(path)
+    section = KINDS[kind]
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as error:
         raise SourceError(f"{path}: cannot read the sources file ({error.strerror})") from None
     except yaml.YAMLError as error:
         raise SourceError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    entries = document.get("sources") if isinstance(document, dict) else None
+    entries = document.get(section) if isinstance(document, dict) else None
+    if kind != "users" and isinstance(document, dict) and entries is None:
+        return []
     if not isinstance(entries, list):
-        raise SourceError(f"{path}: expected `sources:` with a list of sources")
+        raise SourceError(f"{path}: expected `{section}:` with a list of sources")
     sources = []
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("path"):
-            raise SourceError(f"{path}: sources[{index}] needs at least `name` and `path`")
+            raise SourceError(f"{path}: {section}[{index}] needs at least `name` and `path`")
         location = Path(entry["path"])
         location = location if location.is_absolute() else (path.parent / location).resolve()
         sources.append(
@@ -106,12 +120,31 @@ def sources_from_file(path: Path) -> list[UserSource]:
                 id_column=entry.get("id_column", "id"),
                 delimiter=entry.get("delimiter"),
                 watermark_column=entry.get("watermark_column"),
+                kind=kind,
             )
         )
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise SourceError(f"{path}: source names must be unique, got {names}")
+    if kind != "users":
+        others = {
+            name for other in KINDS if other != kind for name in _names(document.get(KINDS[other]))
+        }
+        clashing = sorted(others.intersection(names))
+        if clashing:
+            raise SourceError(
+                f"{path}: source names must be unique across {', '.join(KINDS.values())}; "
+                f"{', '.join(map(repr, clashing))} is used twice"
+            )
     return sources
+
+
+def _names(entries: object) -> list[str]:
+    if not isinstance(entries, list):
+        return []
+    return [
+        str(entry["name"]) for entry in entries if isinstance(entry, dict) and entry.get("name")
+    ]
 
 
 def source_from_uri(uri: str, mode: str = "snapshot", name: str = "users") -> UserSource:
@@ -155,6 +188,8 @@ def read_source(source: UserSource) -> pl.DataFrame:
         "sqlite": _read_sqlite,
     }[source.format]
     frame = reader(source)
+    if source.kind == "tenant_memberships":
+        return _membership_rows(source, frame)
     if source.id_column != "id":
         if "id" in frame.columns:
             frame = frame.drop("id")
@@ -168,6 +203,29 @@ def read_source(source: UserSource) -> pl.DataFrame:
         )
     if ROW_COLUMN in frame.columns:
         frame = frame.drop(ROW_COLUMN)
+    return frame.with_row_index(ROW_COLUMN, offset=1).with_columns(
+        pl.col(ROW_COLUMN).cast(pl.Int64)
+    )
+
+
+def _membership_rows(source: UserSource, frame: pl.DataFrame) -> pl.DataFrame:
+    """A membership source's rows: `user_id` and `tenant_id` as text, and `id` naming both (a JSON
+    object; null when either is missing, which validation reports by column)."""
+    missing = [name for name in MEMBERSHIP_ID_COLUMNS if name not in frame.columns]
+    if missing:
+        raise SourceError(
+            f"{source.location}: no {' or '.join(f'`{name}`' for name in missing)} column "
+            f"(tenant membership source {source.name!r}); columns are {', '.join(frame.columns)}"
+        )
+    frame = frame.drop([name for name in ("id", ROW_COLUMN) if name in frame.columns])
+    frame = frame.with_columns(pl.col(name).cast(pl.String) for name in MEMBERSHIP_ID_COLUMNS)
+    both = pl.all_horizontal(pl.col(name).is_not_null() for name in MEMBERSHIP_ID_COLUMNS)
+    frame = frame.with_columns(
+        pl.when(both)
+        .then(pl.struct(*MEMBERSHIP_ID_COLUMNS).struct.json_encode())
+        .otherwise(pl.lit(None, dtype=pl.String))
+        .alias("id")
+    )
     return frame.with_row_index(ROW_COLUMN, offset=1).with_columns(
         pl.col(ROW_COLUMN).cast(pl.Int64)
     )
@@ -359,10 +417,13 @@ def _read_parquet(source: UserSource) -> pl.DataFrame:
 
 
 def _read_jsonl(source: UserSource) -> pl.DataFrame:
-    """Each line is a Knock user object; it is kept whole in `properties` so nothing is lost.
+    """Each line is a Knock user (or tenant) object; it is kept whole in `properties` so nothing is
+    lost. A membership line's `user_id` and `tenant_id` are its id columns, the rest its properties.
     A line that is not valid UTF-8 is read with U+FFFD in place of its bad bytes (so its id is
     still known) and marked unreadable, naming the file and the line."""
-    ids, documents, unreadable = [], [], []
+    keys = MEMBERSHIP_ID_COLUMNS if source.kind == "tenant_memberships" else ("id",)
+    ids: dict[str, list] = {key: [] for key in keys}
+    documents, unreadable = [], []
     raw = source.location.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -378,18 +439,21 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
         try:
             document = json.loads(line)
         except ValueError:
-            ids.append(None)
+            for key in keys:
+                ids[key].append(None)
             documents.append(line)
             continue
-        identifier = document.pop("id", None) if isinstance(document, dict) else None
-        ids.append(
-            identifier
-            if isinstance(identifier, str) or identifier is None
-            else json.dumps(identifier)
-        )
+        for key in keys:
+            identifier = document.pop(key, None) if isinstance(document, dict) else None
+            ids[key].append(
+                identifier
+                if isinstance(identifier, str) or identifier is None
+                else json.dumps(identifier)
+            )
         documents.append(json.dumps(document, ensure_ascii=False))
     frame = pl.DataFrame(
-        {"id": ids, "properties": documents}, schema={"id": pl.String, "properties": pl.String}
+        {**ids, "properties": documents},
+        schema={**dict.fromkeys(keys, pl.String), "properties": pl.String},
     )
     if any(problem is not None for problem in unreadable):
         frame = frame.with_columns(pl.Series(UNREADABLE_COLUMN, unreadable, dtype=pl.String))

@@ -21,6 +21,45 @@ from audiences.warehouse.schema import ensure_user_tables
 
 
 @dataclass(frozen=True)
+class Entity:
+    """What a load writes: users, tenants or tenant memberships, each in its own `raw.*` tables of
+    the same shape (key, id, properties, source, times, tombstone), loaded by the same rules.
+    Names are the engine's own constants (schema.py), never user input."""
+
+    table: str  # raw.users
+    key: str  # user_key: a stable integer surrogate
+    id: str  # user_id: the source's id
+    rows_table: str  # raw.source_rows: per source and id, a hash of its rows at the last load
+    quarantine: str  # raw.users_quarantine
+    # Columns after `deleted_at`, SQL over the id `{id}` (a membership's user_id and tenant_id).
+    derived: tuple[tuple[str, str], ...] = ()
+    # Quarantine columns naming the row, as SQL over `user_id` (the id) and `raw_row`.
+    quarantine_names: tuple[str, ...] = ("user_id",)
+    settles: bool = False  # whether `settle_run` gives changed-back rows their `updated_at` back
+
+
+USERS = Entity(
+    "raw.users", "user_key", "user_id", "raw.source_rows", "raw.users_quarantine", settles=True
+)
+TENANTS = Entity(
+    "raw.tenants", "tenant_key", "tenant_id", "raw.tenant_source_rows", "raw.tenants_quarantine"
+)
+MEMBERSHIPS = Entity(
+    "raw.tenant_memberships",
+    "membership_key",
+    "membership_id",
+    "raw.membership_source_rows",
+    "raw.tenant_memberships_quarantine",
+    derived=(
+        ("user_id", "{id}->>'$.user_id'"),
+        ("tenant_id", "{id}->>'$.tenant_id'"),
+    ),
+    quarantine_names=("raw_row->>'$.user_id'", "raw_row->>'$.tenant_id'"),
+)
+ENTITIES = {"users": USERS, "tenants": TENANTS, "tenant_memberships": MEMBERSHIPS}
+
+
+@dataclass(frozen=True)
 class LoadResult:
     source_name: str
     rows_read: int
@@ -41,17 +80,20 @@ def load_users(
     rows: ValidatedRows,
     loaded_at: datetime,
     only_changed_rows: bool = True,
+    entity: Entity | None = None,
 ) -> LoadResult:
     """Apply one source's validated rows to `raw.users` in one transaction.
 
     Last change wins, per source row and identify: a user's rows that are the same as when this
     source last loaded them change nothing (`raw.source_rows` remembers them), so a property an
     identify wrote since stays until the source changes that user's rows again. With
-    `only_changed_rows=False` (the identify queue: every patch is a new call) every row applies."""
+    `only_changed_rows=False` (the identify queue: every patch is a new call) every row applies.
+    `entity` says which tables: the source's kind's by default (users, tenants, memberships)."""
     ensure_user_tables(connection)
+    entity = entity or ENTITIES[source.kind]
     connection.execute("begin transaction")
     try:
-        result = _apply(connection, source, rows, loaded_at, only_changed_rows)
+        result = _apply(connection, source, rows, loaded_at, only_changed_rows, entity)
         connection.execute("commit")
     except BaseException:
         connection.execute("rollback")
@@ -65,7 +107,9 @@ def _apply(
     rows: ValidatedRows,
     loaded_at: datetime,
     only_changed_rows: bool,
+    entity: Entity = USERS,
 ) -> LoadResult:
+    e = entity
     incoming = rows.valid.select(
         ROW_COLUMN, "user_id", "columns_patch", "properties_patch"
     ).to_arrow()
@@ -77,7 +121,7 @@ def _apply(
     # `batch_ids`: every user the source holds; `changed_rows`: those whose rows are to be applied.
     skipped = 0
     if only_changed_rows:
-        skipped = _changed_rows(connection, source, loaded_at)
+        skipped = _changed_rows(connection, source, loaded_at, e)
     else:
         connection.execute(
             "create or replace temp table batch_ids as select distinct user_id from incoming_rows"
@@ -107,24 +151,24 @@ def _apply(
     )
     connection.execute("drop table changed_rows")
     connection.execute(
-        """
+        f"""
         create or replace temp table merged as
         select
             batch.user_id,
-            users.user_key,
+            users.{e.key} as user_key,
             users.deleted_at,
             users.properties as old_properties,
             users.updated_at as old_updated_at,
             list_reduce(
                 list_prepend(
-                    case when users.user_key is null or users.deleted_at is not null
-                        then '{}'::json else users.properties end,
+                    case when users.{e.key} is null or users.deleted_at is not null
+                        then '{{}}'::json else users.properties end,
                     batch.patches
                 ),
                 lambda properties, patch: json_merge_patch(properties, patch)
             ) as new_properties
         from batch
-        left join raw.users as users on users.user_id = batch.user_id
+        left join {e.table} as users on users.{e.id} = batch.user_id
         """
     )
     inserted, updated, unchanged = connection.execute(
@@ -138,24 +182,27 @@ def _apply(
         from merged
         """
     ).fetchall()[0]
-    _remember_versions_before_the_run(connection, loaded_at)
+    if e.settles:
+        _remember_versions_before_the_run(connection, loaded_at)
     _rewrite(
         connection,
-        """
+        f"""
         select users.* replace (merged.new_properties as properties, $loaded_at as updated_at,
                                 cast(null as timestamptz) as deleted_at)
-        from raw.users as users
-        join merged on merged.user_key = users.user_key
+        from {e.table} as users
+        join merged on merged.user_key = users.{e.key}
         where merged.deleted_at is not null or merged.new_properties::varchar <> merged.old_properties::varchar
         """,
         {"loaded_at": loaded_at},
+        e,
     )
+    derived = "".join(f", {expression.format(id='user_id')}" for _, expression in e.derived)
     connection.execute(
-        """
-        insert into raw.users
+        f"""
+        insert into {e.table}
         select
-            (select coalesce(max(user_key), 0) from raw.users) + row_number() over (order by user_id),
-            user_id, new_properties, $source, $loaded_at, $loaded_at, null
+            (select coalesce(max({e.key}), 0) from {e.table}) + row_number() over (order by user_id),
+            user_id, new_properties, $source, $loaded_at, $loaded_at, null{derived}
         from merged
         where user_key is null
         """,
@@ -163,21 +210,22 @@ def _apply(
     )
     deleted = 0
     if source.mode == "snapshot":
-        # Users whose row was quarantined are still in the source: never delete them.
+        # Rows that were quarantined are still in the source: never delete them.
         deleted = _rewrite(
             connection,
-            """
+            f"""
             select * replace ($loaded_at as deleted_at, $loaded_at as updated_at)
-            from raw.users
+            from {e.table}
             where source_name = $source
                 and deleted_at is null
-                and user_id not in (select user_id from batch_ids)
-                and user_id not in (select user_id from quarantined_ids)
+                and {e.id} not in (select user_id from batch_ids)
+                and {e.id} not in (select user_id from quarantined_ids)
             """,
             {"source": source.name, "loaded_at": loaded_at},
+            e,
         )
     connection.unregister("quarantined_ids")
-    _record_quarantine(connection, source, rows.quarantined, loaded_at)
+    _record_quarantine(connection, source, rows.quarantined, loaded_at, e)
     connection.execute("drop table batch")
     connection.execute("drop table batch_ids")
     connection.execute("drop table merged")
@@ -193,7 +241,7 @@ def _apply(
     )
 
 
-def _changed_rows(connection, source: UserSource, loaded_at: datetime) -> int:
+def _changed_rows(connection, source: UserSource, loaded_at: datetime, e: Entity = USERS) -> int:
     """Of the source's rows (`incoming_rows`), keep those of users whose rows changed since this
     source's last load (`changed_rows`; every user it holds in `batch_ids`), and remember this
     load's rows in `raw.source_rows`. Returns how many users were skipped.
@@ -224,12 +272,12 @@ def _changed_rows(connection, source: UserSource, loaded_at: datetime) -> int:
         """
     )
     connection.execute(
-        """
+        f"""
         create or replace temp table changed_ids as
         select user_id, row_hash
         from batch_ids
-        anti join (select user_id, row_hash from raw.source_rows where source_name = $source) as known
-            using (user_id, row_hash)
+        anti join (select {e.id} as user_id, row_hash from {e.rows_table} where source_name = $source)
+            as known using (user_id, row_hash)
         """,
         {"source": source.name},
     )
@@ -238,17 +286,17 @@ def _changed_rows(connection, source: UserSource, loaded_at: datetime) -> int:
         "select * from incoming_rows semi join changed_ids using (user_id)"
     )
     connection.execute(
-        """
-        delete from raw.source_rows
+        f"""
+        delete from {e.rows_table}
         where source_name = $source
-            and (user_id in (select user_id from changed_ids)
-                 or (user_id not in (select user_id from batch_ids)
-                     and user_id not in (select user_id from quarantined_ids)))
+            and ({e.id} in (select user_id from changed_ids)
+                 or ({e.id} not in (select user_id from batch_ids)
+                     and {e.id} not in (select user_id from quarantined_ids)))
         """,
         {"source": source.name},
     )
     connection.execute(
-        "insert into raw.source_rows select $source, user_id, row_hash, $loaded_at from changed_ids",
+        f"insert into {e.rows_table} select $source, user_id, row_hash, $loaded_at from changed_ids",
         {"source": source.name, "loaded_at": loaded_at},
     )
     changed, total = connection.execute(
@@ -316,7 +364,7 @@ def settle_run(connection: duckdb.DuckDBPyConnection, loaded_at: datetime) -> in
     return settled
 
 
-def _rewrite(connection, changed_rows_sql: str, parameters: dict) -> int:
+def _rewrite(connection, changed_rows_sql: str, parameters: dict, e: Entity = USERS) -> int:
     """Replace users by new versions of their rows (`changed_rows_sql` selects them, every column).
 
     Delete and insert rather than update: the new rows land together at the end of the table, so
@@ -328,30 +376,35 @@ def _rewrite(connection, changed_rows_sql: str, parameters: dict) -> int:
         f"create or replace temp table rewritten_users as {changed_rows_sql}", parameters
     )
     connection.execute(
-        "delete from raw.users where user_key in (select user_key from rewritten_users)"
+        f"delete from {e.table} where {e.key} in (select {e.key} from rewritten_users)"
     )
-    count = connection.execute("insert into raw.users select * from rewritten_users").fetchall()[0][
+    count = connection.execute(f"insert into {e.table} select * from rewritten_users").fetchall()[
         0
-    ]
+    ][0]
     connection.execute("drop table rewritten_users")
     return count
 
 
 def _record_quarantine(
-    connection, source: UserSource, quarantined: pl.DataFrame, loaded_at: datetime
+    connection,
+    source: UserSource,
+    quarantined: pl.DataFrame,
+    loaded_at: datetime,
+    e: Entity = USERS,
 ) -> None:
     """Replace this source's quarantine rows with this load's (a fixed row leaves the quarantine)."""
     connection.execute(
-        "delete from raw.users_quarantine where source_name = $source", {"source": source.name}
+        f"delete from {e.quarantine} where source_name = $source", {"source": source.name}
     )
     if quarantined.height == 0:
         return
     connection.register("quarantined_rows", quarantined.to_arrow())
+    names = ", ".join(e.quarantine_names)
     connection.execute(
-        """
-        insert into raw.users_quarantine
-        select $source, $location, _row, user_id, reason, raw_row::json, $loaded_at
-        from quarantined_rows
+        f"""
+        insert into {e.quarantine}
+        select $source, $location, _row, {names}, reason, raw_row, $loaded_at
+        from (select * replace (raw_row::json as raw_row) from quarantined_rows)
         order by _row
         """,
         {"source": source.name, "location": str(source.location), "loaded_at": loaded_at},

@@ -48,32 +48,36 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not JSON")
 
 
-def users_schema(frame: pl.DataFrame) -> pa.DataFrameSchema:
-    """The pandera schema for a frame of incoming users (its columns decide the per-column checks)."""
-    columns = {
-        "id": pa.Column(
-            str,
-            nullable=False,
-            checks=[
-                _check("blank_id", "id is blank", lambda c: c.str.strip_chars() != ""),
-                _check(
-                    "padded_id",
-                    "id has leading or trailing whitespace",
-                    lambda c: (c.str.strip_chars() == c) | (c.str.strip_chars() == ""),
-                ),
-                _check(
-                    "long_id",
-                    f"id is longer than {ID_MAX_LENGTH} characters",
-                    lambda c: c.str.len_chars() <= ID_MAX_LENGTH,
-                ),
-                _check(
-                    "control_characters_in_id",
-                    "id contains control characters",
-                    lambda c: ~c.str.contains(r"[\x00-\x1f\x7f]"),
-                ),
-            ],
-        ),
-    }
+def _id_column(name: str) -> pa.Column:
+    """The checks of an id column (`id`, or a membership's `user_id` and `tenant_id`)."""
+    return pa.Column(
+        str,
+        nullable=False,
+        checks=[
+            _check(f"blank_{name}", f"{name} is blank", lambda c: c.str.strip_chars() != ""),
+            _check(
+                f"padded_{name}",
+                f"{name} has leading or trailing whitespace",
+                lambda c: (c.str.strip_chars() == c) | (c.str.strip_chars() == ""),
+            ),
+            _check(
+                f"long_{name}",
+                f"{name} is longer than {ID_MAX_LENGTH} characters",
+                lambda c: c.str.len_chars() <= ID_MAX_LENGTH,
+            ),
+            _check(
+                f"control_characters_in_{name}",
+                f"{name} contains control characters",
+                lambda c: ~c.str.contains(r"[\x00-\x1f\x7f]"),
+            ),
+        ],
+    )
+
+
+def users_schema(frame: pl.DataFrame, id_columns: tuple[str, ...] = ("id",)) -> pa.DataFrameSchema:
+    """The pandera schema for a frame of incoming users, tenants or memberships (`id_columns` name
+    the row; its columns decide the per-column checks)."""
+    columns = {name: _id_column(name) for name in id_columns}
     if frame.schema.get("properties") == pl.String:
         columns["properties"] = pa.Column(
             pl.String,
@@ -114,7 +118,10 @@ def unreadable_text(frame: pl.DataFrame) -> dict[int, list[str]]:
 
 
 def validate_users(
-    frame: pl.DataFrame, empty_cells: str = "remove", keep_last_duplicate: bool = False
+    frame: pl.DataFrame,
+    empty_cells: str = "remove",
+    keep_last_duplicate: bool = False,
+    id_columns: tuple[str, ...] = ("id",),
 ) -> ValidatedRows:
     """Split rows into valid patches and quarantined rows with their reasons.
 
@@ -124,15 +131,18 @@ def validate_users(
     rows keeps its last row; the earlier ones are quarantined with the rows and the one kept named.
     Otherwise such rows all apply in order, like consecutive identify calls (a stream).
     A row that `read_source` found unreadable (`UNREADABLE_COLUMN`) is quarantined with that reason,
-    which names the file, the line and the encoding expected."""
-    if frame.schema.get("id") != pl.String:
-        frame = frame.with_columns(pl.col("id").cast(pl.String))
+    which names the file, the line and the encoding expected.
+    `id_columns` are the columns checked as ids: a membership's `user_id` and `tenant_id` (its
+    `id`, both as a JSON object, is built from them by `read_source`); they are not properties."""
+    for name in {"id", *id_columns}:
+        if frame.schema.get(name) != pl.String:
+            frame = frame.with_columns(pl.col(name).cast(pl.String))
     unreadable_lines = frame[UNREADABLE_COLUMN] if UNREADABLE_COLUMN in frame.columns else None
     if unreadable_lines is not None:
         frame = frame.drop(UNREADABLE_COLUMN)
     reasons: dict[int, list[str]] = {}
     try:
-        users_schema(frame).validate(frame, lazy=True)
+        users_schema(frame, id_columns).validate(frame, lazy=True)
     except pa.errors.SchemaErrors as errors:
         cases = errors.failure_cases
         for index, check, column in cases.select("index", "check", "column").iter_rows():
@@ -140,7 +150,8 @@ def validate_users(
                 raise ValueError(
                     f"the source as a whole is unreadable: column {column}: {check}"
                 ) from None
-            reason = "id is missing" if (check == "not_nullable" and column == "id") else check
+            missing = check == "not_nullable" and column in id_columns
+            reason = f"{column} is missing" if missing else check
             reasons.setdefault(index, [])
             if reason not in reasons[index]:
                 reasons[index].append(reason)
@@ -158,7 +169,10 @@ def validate_users(
         reasons.update(_earlier_duplicates(frame, reasons))
     bad = pl.Series("bad", [i in reasons for i in range(frame.height)], dtype=pl.Boolean)
     quarantined = _quarantine_rows(frame.filter(bad), [reasons[i] for i in sorted(reasons)])
-    return ValidatedRows(_patches(frame.filter(~bad), empty_cells), quarantined)
+    not_properties = [name for name in id_columns if name != "id"]
+    return ValidatedRows(
+        _patches(frame.filter(~bad).drop(not_properties), empty_cells), quarantined
+    )
 
 
 def _earlier_duplicates(frame: pl.DataFrame, reasons: dict[int, list[str]]) -> dict[int, list[str]]:

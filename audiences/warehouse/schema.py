@@ -62,6 +62,73 @@ USER_TABLES = (
         loaded_at timestamptz not null
     )
     """,
+    # Knock's tenants and which users belong to which tenants (sources.yml `tenants:` and
+    # `tenant_memberships:`, and the API's `PUT /v1/tenants/{id}` through the store's queue), in
+    # the users' shape and by the users' rules (audiences/users/store.py `Entity`). A membership's
+    # id is `{"user_id": ..., "tenant_id": ...}`; one naming a user or tenant not loaded is kept.
+    """
+    create table if not exists raw.tenants (
+        tenant_key integer not null,
+        tenant_id varchar not null,
+        properties json not null,
+        source_name varchar,
+        first_loaded_at timestamptz not null,
+        updated_at timestamptz not null,
+        deleted_at timestamptz
+    )
+    """,
+    """
+    create table if not exists raw.tenant_memberships (
+        membership_key integer not null,
+        membership_id varchar not null,
+        properties json not null,
+        source_name varchar,
+        first_loaded_at timestamptz not null,
+        updated_at timestamptz not null,
+        deleted_at timestamptz,
+        user_id varchar not null,
+        tenant_id varchar not null
+    )
+    """,
+    """
+    create table if not exists raw.tenants_quarantine (
+        source_name varchar not null,
+        location varchar not null,
+        row_number bigint not null,
+        tenant_id varchar,
+        reason varchar not null,
+        raw_row json,
+        quarantined_at timestamptz not null
+    )
+    """,
+    """
+    create table if not exists raw.tenant_memberships_quarantine (
+        source_name varchar not null,
+        location varchar not null,
+        row_number bigint not null,
+        user_id varchar,
+        tenant_id varchar,
+        reason varchar not null,
+        raw_row json,
+        quarantined_at timestamptz not null
+    )
+    """,
+    """
+    create table if not exists raw.tenant_source_rows (
+        source_name varchar not null,
+        tenant_id varchar not null,
+        row_hash uhugeint not null,
+        loaded_at timestamptz not null
+    )
+    """,
+    """
+    create table if not exists raw.membership_source_rows (
+        source_name varchar not null,
+        membership_id varchar not null,
+        row_hash uhugeint not null,
+        loaded_at timestamptz not null
+    )
+    """,
     "create table if not exists raw.evaluation_clock (evaluated_at timestamptz not null)",
     "create table if not exists raw.dbt_full_builds (fingerprint varchar not null, built_at timestamptz not null)",
     """

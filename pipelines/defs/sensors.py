@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from audiences.events.loading import configured_event_sources, event_source_fingerprint
 from audiences.settings import Settings
 from audiences.store.profiles import identify_queue_waiting
-from audiences.users import configured_sources
+from audiences.users import configured_sources, configured_tenant_sources
 from audiences.users.sources import source_fingerprint
 from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
 from pipelines.defs.static import uploads_dir
@@ -43,7 +43,7 @@ def existing_store(settings: Settings):
 )
 def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     settings = Settings.from_env()
-    sources = configured_sources(settings)
+    sources = configured_sources(settings) + configured_tenant_sources(settings)
     previous = json.loads(context.cursor) if context.cursor else None
     fingerprints = {}
     uploads = sorted(uploads_dir(settings).glob("*/*.csv"))

@@ -7,7 +7,13 @@ from pydantic import Field
 
 from audiences.settings import Settings
 from audiences.store.profiles import load_identify_queue, publish_changed_users
-from audiences.users import configured_sources, load_source
+from audiences.store.tenants import load_tenant_queue
+from audiences.users import (
+    configured_sources,
+    configured_tenant_sources,
+    load_source,
+    missing_memberships,
+)
 from audiences.users.store import settle_run
 from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
 
@@ -46,7 +52,9 @@ def source_asset_key(name: str) -> dg.AssetKey:
         "users they no longer hold. Rows with a missing or malformed id, or an unreadable field, "
         "go to `raw.users_quarantine` with the reason. A source's rows that did not change "
         "since its last load change nothing, so newer identify calls stay. Identify calls "
-        "queued in the store (the API, uploads) apply last."
+        "queued in the store (the API, uploads) apply last. Tenants and tenant memberships "
+        "(sources.yml `tenants:`, `tenant_memberships:`, and the API's tenant writes) load after "
+        "the users by the same rules into `raw.tenants` and `raw.tenant_memberships`."
     ),
 )
 def users(
@@ -58,6 +66,8 @@ def users(
 ) -> dg.MaterializeResult:
     loaded_at = datetime.now(UTC)
     sources = configured_sources(settings)
+    if config.load_sources:
+        sources += configured_tenant_sources(settings)
     metadata: dict = {"sources_loaded": config.load_sources}
     with warehouse.connect() as connection:
         for source in sources if config.load_sources else []:
@@ -66,14 +76,28 @@ def users(
             for key, value in result.as_metadata().items():
                 metadata[f"{source.name}/{key}"] = value
             if result.rows_quarantined:
+                table = {"users": "users", "tenants": "tenants"}.get(
+                    source.kind, "tenant_memberships"
+                )
                 context.log.warning(
-                    f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.users_quarantine"
+                    f"{source.name}: {result.rows_quarantined} rows quarantined; see raw.{table}_quarantine"
                 )
         # Identify calls queued in the store (API, uploads) apply after the sources, as the newest.
         membership_store = store.open()
         identified = load_identify_queue(connection, membership_store, loaded_at)
         for key, value in identified.as_metadata().items():
             metadata[f"identify_queue/{key}"] = value
+        for key, value in (
+            load_tenant_queue(connection, membership_store, loaded_at).as_metadata().items()
+        ):
+            metadata[f"tenant_queue/{key}"] = value
+        missing = missing_memberships(connection)
+        metadata.update(missing)
+        if any(missing.values()):
+            context.log.warning(
+                f"tenant memberships kept but not evaluated: {missing['memberships_missing_user']} "
+                f"name a user and {missing['memberships_missing_tenant']} a tenant that is not loaded"
+            )
         # Users the run changed and changed back (sources that disagree) keep their updated_at.
         metadata["users_changed_back"] = settle_run(connection, loaded_at)
         # The API reads users from the store, which stays available while a run holds DuckDB.
@@ -110,7 +134,8 @@ def users_have_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
 def users_definitions() -> dg.Definitions:
     """One external asset per source declared when the code location loads, and `users` after
     them."""
-    sources = configured_sources(Settings.from_env())
+    settings = Settings.from_env()
+    sources = configured_sources(settings) + configured_tenant_sources(settings)
     source_specs = [
         dg.AssetSpec(
             key=source_asset_key(source.name),
