@@ -96,16 +96,25 @@ class ConditionError(ValueError):
         self.field = field
 
 
+# Whose property a condition reads: the user's (`recipient.*`, or no prefix), or, in an audience
+# with `"tenancy": "per_tenant"` (evaluated per user and tenant the user belongs to), the tenant's
+# (`tenant.*`) or the user's membership of it (`membership.*`).
+RECIPIENT = "recipient"
+PAIR_SCOPES = ("tenant", "membership")
+
+
 @dataclass(frozen=True)
 class Attribute:
-    """One typed view (`variant`) of one user property (`path`)."""
+    """One typed view (`variant`) of one property (`path`) of the user, tenant or membership."""
 
     path: tuple[str, ...]
     variant: str
+    scope: str = RECIPIENT
 
     @property
     def column_name(self) -> str:
-        return f"{property_slug(self.path)}__{self.variant}"
+        stem = f"{property_slug(self.path)}__{self.variant}"
+        return stem if self.scope == RECIPIENT else f"{self.scope}:{stem}"
 
 
 @dataclass(frozen=True)
@@ -117,12 +126,23 @@ class Condition:
     argument: object
     location: str = ""
     has_argument: bool = True
+    scope: str = RECIPIENT  # whose property: the recipient's, or a per-tenant pair's (PAIR_SCOPES)
+
+    @property
+    def property_name(self) -> str:
+        """The property as written in a definition (`recipient.plan`, `tenant.plan`)."""
+        if self.scope == RECIPIENT and self.path in ((), ("recipient",)):
+            return "recipient"
+        return f"{self.scope}." + ".".join(self.path)
 
     @classmethod
     def from_json(cls, raw: object, location: str = "") -> Condition:
         if not isinstance(raw, dict):
             raise ConditionError(f"a condition must be an object, got {raw!r}", field="condition")
         prop = raw.get("property", raw.get("variable"))
+        scope = RECIPIENT
+        if isinstance(prop, str) and prop.split(".", 1)[0] in PAIR_SCOPES and "." in prop:
+            scope, prop = prop.split(".", 1)
         try:
             path = parse_property_path(prop)
         except ArgumentError as error:
@@ -144,7 +164,7 @@ class Condition:
             raise ConditionError(
                 f"unknown operator {operator!r}{hint}; known operators: {known}", "operator"
             )
-        return cls(path, operator, raw.get("argument"), location, "argument" in raw)
+        return cls(path, operator, raw.get("argument"), location, "argument" in raw, scope)
 
 
 def _is_unicode(value: object) -> bool:
@@ -503,6 +523,22 @@ class CompileContext:
     # The relation of loaded events (`message_id`, `user_id`, `event`, `timestamp`, `properties`),
     # which event conditions count (the loader's table unless told otherwise).
     events: exp.Expression | None = None
+    # The SQL of a tenant's or membership's attribute, for an audience evaluated per (user,
+    # tenant) pair (`pair_attribute`); None where conditions read only the recipient, so that a
+    # `tenant.*` or `membership.*` condition is an error naming the property.
+    pair_attribute: AttributeReader | None = None
+
+
+def pair_attribute(attribute: Attribute) -> exp.Expression:
+    """A tenant's or membership's attribute, read from the pair's JSON documents: the columns
+    `tenant_properties` and `membership_properties`, beside `tenant` (the tenant's id, which
+    `tenant.id` reads). The same typed views, so the same operators and rules as the user's."""
+    document = exp.column(f"{attribute.scope}_properties")
+    if attribute.scope == "tenant":
+        value = property_json(attribute.path, document, exp.column("tenant"))
+    else:
+        value = _json_extract(document, json_pointer(attribute.path))
+    return attribute_expression(value, attribute.variant)
 
 
 @dataclass(frozen=True)
@@ -562,7 +598,22 @@ def compile_condition(condition: Condition, context: CompileContext) -> exp.Expr
     kind = OPERATORS[condition.operator]
     if kind == "none" and condition.has_argument and condition.argument not in (None, ""):
         raise ConditionError(f"`{condition.operator}` takes no argument")
-    reader = _Reader(condition.path, context)
+    if condition.scope != RECIPIENT and context.pair_attribute is None:
+        raise ConditionError(
+            f"`{condition.property_name}` reads the {condition.scope}: only an audience with "
+            '"tenancy": "per_tenant" is evaluated per tenant',
+            field="property",
+        )
+    if condition.scope != RECIPIENT and operator in (
+        "is_audience_member",
+        "is_in_random_cohort",
+        *EXTENSION_OPERATORS,
+    ):
+        raise ConditionError(
+            f"`{condition.operator}` applies to the recipient, not `{condition.property_name}`",
+            field="property",
+        )
+    reader = _Reader(condition.path, context, condition.scope)
     expression = _COMPILERS[operator](condition, reader, context)
     expression = exp.func("coalesce", exp.paren(expression), exp.false())
     return exp.not_(expression) if negated else expression
@@ -582,12 +633,14 @@ _NEGATIONS = {
 class _Reader:
     """Attributes of the condition's property, by variant name."""
 
-    def __init__(self, path: tuple[str, ...], context: CompileContext):
-        self.path, self.context = path, context
+    def __init__(self, path: tuple[str, ...], context: CompileContext, scope: str = RECIPIENT):
+        self.path, self.context, self.scope = path, context, scope
 
     def __getattr__(self, variant: str) -> exp.Expression:
         if variant not in VARIANTS:
             raise AttributeError(variant)
+        if self.scope != RECIPIENT:
+            return self.context.pair_attribute(Attribute(self.path, variant, self.scope))
         return self.context.attribute(Attribute(self.path, variant))
 
     def scalar_key(self) -> exp.Expression:
@@ -840,7 +893,9 @@ def _time_argument(
 
 
 def _note_time_window(read: _Reader, minutes: int, context: CompileContext) -> None:
-    if context.on_time_window is not None:
+    # A tenant's or membership's timestamp is not the user's: per-tenant audiences are evaluated
+    # by pairs (audiences/dbt/tenants.py), not in the users' time windows.
+    if context.on_time_window is not None and read.scope == RECIPIENT:
         context.on_time_window(TimeWindow(Attribute(read.path, "timestamp"), minutes))
 
 
@@ -1339,7 +1394,8 @@ _COMPILERS = {
 
 
 def attributes_used(segments: Iterable[Iterable[Condition]]) -> set[Attribute]:
-    """Every attribute the conditions read, found by compiling them against a recording reader."""
+    """Every attribute of the user the conditions read, found by compiling them against a
+    recording reader (a tenant's or membership's attributes are read from their JSON)."""
     used: set[Attribute] = set()
 
     def record(attribute: Attribute) -> exp.Expression:
@@ -1352,6 +1408,7 @@ def attributes_used(segments: Iterable[Iterable[Condition]]) -> set[Attribute]:
         evaluation_time=exp.column("now"),
         user_key=exp.column("user_key"),
         user_id=exp.column("user_id"),
+        pair_attribute=pair_attribute,
     )
     compile_segments(segments, context)
     return used
@@ -1367,6 +1424,7 @@ def time_windows(segments: Iterable[Iterable[Condition]]) -> list[TimeWindow]:
         user_key=exp.column("user_key"),
         user_id=exp.column("user_id"),
         on_time_window=windows.add,
+        pair_attribute=pair_attribute,
     )
     compile_segments(segments, context)
     return sorted(windows, key=lambda window: (window.attribute.path, window.minutes))

@@ -21,6 +21,7 @@ from pathlib import Path
 from audiences.conditions.compiler import (
     EXTENSION_OPERATORS,
     KEY_PATTERN,
+    RECIPIENT,
     Condition,
     ConditionError,
     attributes_used,
@@ -60,6 +61,15 @@ class AudienceDefinition:
     segments: tuple[tuple[Condition, ...], ...]
     file: Path
     raw: dict = field(compare=False, repr=False)
+    # "per_tenant": evaluated once per (user, tenant) pair the user belongs to (our field; Knock's
+    # CLI keeps it untouched). None: once per user, with no tenant.
+    tenancy: str | None = None
+
+    @property
+    def per_tenant(self) -> bool:
+        """Whether members are (user, tenant) pairs and conditions may read `tenant.*` and
+        `membership.*`."""
+        return self.tenancy == PER_TENANT
 
     @property
     def version(self) -> str:
@@ -102,6 +112,9 @@ def model_name_for(key: str) -> str:
     return key.replace("-", "_")
 
 
+PER_TENANT = "per_tenant"
+
+
 def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
     """Parse one audience.json document; raise `DefinitionError` naming every problem in it."""
     where = str(file)
@@ -127,6 +140,19 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
     description = raw.get("description")
     if description is not None and not isinstance(description, str):
         problems.append(Problem(where, "$.description", "`description` must be a string or null"))
+    tenancy = raw.get("tenancy")
+    if tenancy not in (None, PER_TENANT):
+        problems.append(
+            Problem(where, "$.tenancy", f'`tenancy` must be "{PER_TENANT}" or absent, got {tenancy!r}')
+        )
+    elif tenancy == PER_TENANT and audience_type == "static":
+        problems.append(
+            Problem(
+                where,
+                "$.tenancy",
+                "a static audience has no tenancy: its members carry their tenants",
+            )
+        )
     segments: list[tuple[Condition, ...]] = []
     raw_segments = raw.get("segments")
     if audience_type == "static" and raw_segments:
@@ -154,13 +180,21 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
                 try:
                     condition = Condition.from_json(raw_condition, location)
                     attributes_used([[condition]])  # compiling is the argument check
+                    if condition.scope != RECIPIENT and tenancy != PER_TENANT:
+                        raise ConditionError(
+                            f"`{condition.property_name}` reads the {condition.scope}: only an "
+                            f'audience with "tenancy": "{PER_TENANT}" is evaluated per tenant',
+                            field="property",
+                        )
                     parsed.append(condition)
                 except ConditionError as error:
                     problems.append(Problem(where, f"{location}.{error.field}", str(error)))
             segments.append(tuple(parsed))
     if problems:
         raise DefinitionError(problems)
-    return AudienceDefinition(key, name, audience_type, description, tuple(segments), file, raw)
+    return AudienceDefinition(
+        key, name, audience_type, description, tuple(segments), file, raw, tenancy
+    )
 
 
 def load_definition_file(path: Path, key: str | None = None) -> AudienceDefinition:

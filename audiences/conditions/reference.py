@@ -36,6 +36,7 @@ __all__ = [
     "decode_argument",
     "evaluate_audience",
     "evaluate_condition",
+    "evaluate_pairs",
     "numeric_value",
     "read_property",
     "resolve_time_argument",
@@ -523,6 +524,9 @@ def _audience_member(
     return bool(is_member(argument, user.get("id")))
 
 
+_PAIR_SCOPES = ("tenant", "membership")
+
+
 def evaluate_condition(
     condition: dict,
     user: dict,
@@ -530,11 +534,18 @@ def evaluate_condition(
     now: datetime,
     is_member: Callable[[str, str], bool] | None = None,
     events: list[dict] | None = None,
+    tenant: dict | None = None,
+    membership: dict | None = None,
 ) -> bool:
     """Evaluate one condition `{"property"|"variable", "operator", "argument"}` for `user`.
 
     `events` are every tracked event in arrival order (Segment's track shape: `userId`, `event`,
     `timestamp`, `messageId`, `properties`), which the event operators read the user's ones from.
+
+    Per-tenant audiences evaluate a (user, tenant) pair: `tenant` is the tenant (its `id` and
+    properties) and `membership` the properties of the user's membership of it. A property
+    `tenant.<path>` or `membership.<path>` reads those by the same rules as the user's; without a
+    pair it is an error.
     """
     now = _utc(now)
     path = condition.get("property", condition.get("variable"))
@@ -544,6 +555,17 @@ def evaluate_condition(
     argument = condition.get("argument")
     if not _valid_unicode(path) or not _valid_unicode(argument):
         raise ValueError("a property or argument with a lone surrogate is not valid Unicode text")
+    scope, inner = path.split(".", 1) if "." in path else ("recipient", path)
+    subject = user
+    if scope in _PAIR_SCOPES:
+        if tenant is None:
+            raise ValueError(f"{path!r} reads the {scope}: the audience is not per tenant")
+        if operator in (*_EVENT_OPERATORS, "is_audience_member", "is_not_audience_member"):
+            raise ValueError(f"{operator} applies to the recipient, not {path!r}")
+        if operator == "is_in_random_cohort":
+            raise ValueError(f"is_in_random_cohort applies to recipient.id, not {path!r}")
+        subject = tenant if scope == "tenant" else (membership or {})
+        path = inner
     if operator in _EVENT_OPERATORS:
         return _event_condition(operator, argument, user, now, events or [])
     _check_not_reserved(path)
@@ -556,7 +578,7 @@ def evaluate_condition(
     if operator == "is_in_random_cohort":
         return _random_cohort(user, decoded)
 
-    prop = read_property(user, path)
+    prop = read_property(subject, path)
 
     if operator == "equal_to":
         return _equal_to(prop, decoded, original)
@@ -614,22 +636,64 @@ def evaluate_audience(
     now: datetime,
     is_member: Callable[[str, str], bool] | None = None,
     events: list[dict] | None = None,
+    tenant: dict | None = None,
+    membership: dict | None = None,
 ) -> bool:
     """Does `user` match `audience`? Segments are ORed, a segment's conditions are ANDed.
 
     No segments, or a segment with no conditions, matches nobody. Every condition is evaluated
-    (no short-circuit) so that an invalid definition always raises ValueError.
+    (no short-circuit) so that an invalid definition always raises ValueError. For a per-tenant
+    audience, call it once per (user, tenant) pair with `tenant` and `membership` (see
+    `evaluate_pairs`).
     """
     matched = False
     for segment in audience.get("segments") or []:
         conditions = segment.get("conditions") or []
         results = [
-            evaluate_condition(condition, user, now=now, is_member=is_member, events=events)
+            evaluate_condition(
+                condition,
+                user,
+                now=now,
+                is_member=is_member,
+                events=events,
+                tenant=tenant,
+                membership=membership,
+            )
             for condition in conditions
         ]
         if results and all(results):
             matched = True
     return matched
+
+
+def evaluate_pairs(
+    audience: dict,
+    users: list[dict],
+    tenants: list[dict],
+    memberships: list[dict],
+    *,
+    now: datetime,
+) -> set[tuple[str, str]]:
+    """The (user id, tenant id) members of a per-tenant audience: each membership (`user_id`,
+    `tenant_id`, and its properties) whose user and tenant both exist is one pair, evaluated with
+    `tenant.*` reading the tenant and `membership.*` the membership's properties. A membership
+    naming a missing user or tenant is no pair."""
+    by_user = {user["id"]: user for user in users}
+    by_tenant = {tenant["id"]: tenant for tenant in tenants}
+    members = set()
+    for membership in memberships:
+        user = by_user.get(membership["user_id"])
+        tenant = by_tenant.get(membership["tenant_id"])
+        if user is None or tenant is None:
+            continue
+        properties = {
+            name: value
+            for name, value in membership.items()
+            if name not in ("user_id", "tenant_id")
+        }
+        if evaluate_audience(audience, user, now=now, tenant=tenant, membership=properties):
+            members.add((user["id"], tenant["id"]))
+    return members
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,260 @@
+"""Per-tenant audiences: conditions over `recipient.*`, `tenant.*` and `membership.*`, evaluated
+once per (user, tenant) pair. Property-based: the generated dbt model (its Jinja rendered, run in
+DuckDB over the loader's tables) selects exactly the pairs the reference evaluator accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+import pytest
+from condition_harness import NOW, ROOT, _build_flattened, connect_memory, insert_users
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from audiences.conditions.compiler import attributes_used, render, timestamp_literal
+from audiences.conditions.definitions import DefinitionError, parse_definition
+from audiences.conditions.reference import evaluate_audience, evaluate_pairs
+from audiences.dbt.models import generate_models
+
+
+def _strategies():
+    """The recipient conditions' strategies (messy values, every operator family), reused."""
+    import importlib.util
+
+    path = Path(__file__).with_name("test_compiler_matches_reference.py")
+    spec = importlib.util.spec_from_file_location("_recipient_strategies", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.KEYS, module.conditions, module.values
+
+
+KEYS, conditions, values = _strategies()
+TENANT_IDS = ["acme", "globex", "it's", "東京"]
+
+
+def per_tenant(segments: list[list[dict]]) -> dict:
+    return {
+        "name": "Under test",
+        "type": "dynamic",
+        "tenancy": "per_tenant",
+        "segments": [{"conditions": segment} for segment in segments],
+    }
+
+
+def insert_pairs(connection, tenants: list[dict], memberships: list[dict]) -> None:
+    """Tenants and memberships stored as the loader stores them (nulls merged away)."""
+    for key, tenant in enumerate(tenants, start=1):
+        properties = {name: value for name, value in tenant.items() if name != "id"}
+        connection.execute(
+            "insert into raw.tenants values ($key, $id, json_merge_patch('{}', $p::json), 't', "
+            "now(), now(), null)",
+            {"key": key, "id": tenant["id"], "p": json.dumps(properties)},
+        )
+    for key, membership in enumerate(memberships, start=1):
+        properties = {k: v for k, v in membership.items() if k not in ("user_id", "tenant_id")}
+        connection.execute(
+            "insert into raw.tenant_memberships values ($key, $mid, json_merge_patch('{}', "
+            "$p::json), 't', now(), now(), null, $user, $tenant)",
+            {
+                "key": key,
+                "mid": json.dumps([membership["user_id"], membership["tenant_id"]]),
+                "p": json.dumps(properties),
+                "user": membership["user_id"],
+                "tenant": membership["tenant_id"],
+            },
+        )
+
+
+def model_pairs(connection, audience: dict) -> set[tuple[str, str]]:
+    """The pairs the generated model of `audience` selects: the file `audiences generate` writes,
+    rendered with Jinja as dbt does, over the typed columns int_users_flattened builds."""
+    definition = parse_definition(audience, "under-test", Path("under-test") / "audience.json")
+    files = {
+        str(f.path): f.text
+        for f in generate_models({"under-test": definition}, ROOT / "dbt_project", "audiences")
+    }
+    model = files["models/audiences/dynamic/under_test.sql"]
+    _build_flattened(
+        connection,
+        sorted(attributes_used(definition.segments), key=lambda a: (a.path, a.variant)),
+    )
+    relations = {
+        "int_users_flattened": "flattened",
+        "stg_warehouse__tenants": "(select * from raw.tenants where deleted_at is null)",
+        "stg_warehouse__tenant_memberships": (
+            "(select * from raw.tenant_memberships where deleted_at is null)"
+        ),
+    }
+    sql = (
+        jinja2.Environment(extensions=["jinja2.ext.do"])
+        .from_string(model)
+        .render(
+            ref=relations.__getitem__,
+            config=lambda **_: "",
+            evaluation_time=lambda: render(timestamp_literal(NOW), pretty=False),
+        )
+    )
+    return {
+        tuple(row) for row in connection.execute(f"select user_id, tenant from ({sql})").fetchall()
+    }
+
+
+@st.composite
+def pair_conditions(draw) -> dict:
+    """Any property condition of the recipient's kinds, reading the recipient, the tenant or the
+    membership (audience membership is the recipient's: its own tests cover it)."""
+    condition = draw(conditions().filter(lambda c: c["property"] != "recipient"))
+    scope = draw(st.sampled_from(["recipient", "tenant", "membership"]))
+    return {**condition, "property": scope + condition["property"][len("recipient") :]}
+
+
+@st.composite
+def population(draw):
+    users = [
+        {
+            "id": f"user_{index}",
+            **{
+                k: draw(values)
+                for k in draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=3))
+            },
+        }
+        for index in range(draw(st.integers(1, 4)))
+    ]
+    tenants = [
+        {
+            "id": tenant_id,
+            **{
+                k: draw(values)
+                for k in draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=3))
+            },
+        }
+        for tenant_id in draw(st.lists(st.sampled_from(TENANT_IDS), unique=True, max_size=3))
+    ]
+    pairs = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from([*(u["id"] for u in users), "ghost"]), st.sampled_from(TENANT_IDS)
+            ),
+            unique=True,
+            max_size=6,
+        )
+    )
+    memberships = [
+        {
+            "user_id": user_id,
+            "tenant_id": tenant_id,
+            **{
+                k: draw(values)
+                for k in draw(st.lists(st.sampled_from(KEYS), unique=True, max_size=2))
+            },
+        }
+        for user_id, tenant_id in pairs
+    ]
+    return users, tenants, memberships
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    drawn=population(),
+    segments=st.lists(st.lists(pair_conditions(), min_size=1, max_size=3), min_size=1, max_size=2),
+)
+@example(
+    drawn=(
+        [{"id": "user_0", "plan": "pro"}, {"id": "user_1", "plan": "pro"}],
+        [{"id": "acme", "plan": "pro"}, {"id": "globex", "plan": "free"}],
+        [
+            {"user_id": "user_0", "tenant_id": "acme", "plan": "admin"},
+            {"user_id": "user_0", "tenant_id": "globex", "plan": "admin"},
+            {"user_id": "user_1", "tenant_id": "acme", "plan": "viewer"},
+            {"user_id": "ghost", "tenant_id": "acme", "plan": "admin"},
+        ],
+    ),
+    segments=[
+        [
+            {"property": "tenant.plan", "operator": "equal_to", "argument": "pro"},
+            {"property": "membership.plan", "operator": "equal_to", "argument": "admin"},
+        ]
+    ],
+)
+def test_generated_per_tenant_model_agrees_with_reference_pairs(drawn, segments):
+    users, tenants, memberships = drawn
+    audience = per_tenant(segments)
+    expected = evaluate_pairs(audience, users, tenants, memberships, now=NOW)
+    connection = connect_memory()
+    insert_users(connection, users)
+    insert_pairs(connection, tenants, memberships)
+    assert model_pairs(connection, audience) == expected
+
+
+def test_a_pair_reads_its_own_tenant_and_membership():
+    users = [{"id": "ann", "plan": "free"}, {"id": "bob"}]
+    tenants = [{"id": "acme", "plan": "pro"}, {"id": "globex", "plan": "free"}]
+    memberships = [
+        {"user_id": "ann", "tenant_id": "acme", "role": "admin"},
+        {"user_id": "ann", "tenant_id": "globex", "role": "admin"},
+        {"user_id": "bob", "tenant_id": "acme", "role": "viewer"},
+        {"user_id": "nobody", "tenant_id": "acme", "role": "admin"},
+        {"user_id": "ann", "tenant_id": "missing", "role": "admin"},
+    ]
+    audience = per_tenant(
+        [
+            [
+                {"property": "tenant.plan", "operator": "equal_to", "argument": "pro"},
+                {"property": "membership.role", "operator": "equal_to", "argument": "admin"},
+                # the recipient's own `plan` is not the tenant's
+                {"property": "recipient.plan", "operator": "equal_to", "argument": "free"},
+            ]
+        ]
+    )
+    expected = {("ann", "acme")}
+    assert evaluate_pairs(audience, users, tenants, memberships, now=NOW) == expected
+    connection = connect_memory()
+    insert_users(connection, users)
+    insert_pairs(connection, tenants, memberships)
+    assert model_pairs(connection, audience) == expected
+    # tenant.id is the tenant's id
+    by_id = per_tenant([[{"property": "tenant.id", "operator": "equal_to", "argument": "globex"}]])
+    assert model_pairs(connection, by_id) == {("ann", "globex")}
+    assert evaluate_pairs(by_id, users, tenants, memberships, now=NOW) == {("ann", "globex")}
+
+
+def test_tenant_conditions_without_per_tenant_tenancy_are_a_validate_error_naming_the_field():
+    raw = per_tenant([[{"property": "tenant.plan", "operator": "equal_to", "argument": "pro"}]])
+    del raw["tenancy"]
+    with pytest.raises(DefinitionError) as error:
+        parse_definition(raw, "x", Path("x/audience.json"))
+    (problem,) = error.value.problems
+    assert problem.json_path == "$.segments[0].conditions[0].property"
+    assert "`tenant.plan` reads the tenant" in problem.message
+    assert '"tenancy": "per_tenant"' in problem.message
+    with pytest.raises(ValueError, match="not per tenant"):
+        evaluate_audience(raw, {"id": "u"}, now=NOW)
+    # a static audience has no tenancy; an unknown tenancy is named
+    for bad, path in (
+        ({"name": "s", "type": "static", "tenancy": "per_tenant"}, "$.tenancy"),
+        ({**raw, "tenancy": "per_user"}, "$.tenancy"),
+    ):
+        with pytest.raises(DefinitionError) as error:
+            parse_definition(bad, "x", Path("x/audience.json"))
+        assert error.value.problems[0].json_path == path
+    # the recipient's own property `tenant` is still read as `recipient.tenant.plan`
+    recipient = {
+        "name": "r",
+        "type": "dynamic",
+        "segments": [{"conditions": [{"property": "recipient.tenant.plan", "operator": "exists"}]}],
+    }
+    assert (
+        parse_definition(recipient, "r", Path("r/audience.json")).segments[0][0].scope
+        == "recipient"
+    )
+    # membership conditions do not test audience membership or events
+    with pytest.raises(DefinitionError, match="applies to the recipient"):
+        parse_definition(
+            per_tenant(
+                [[{"property": "membership.x", "operator": "is_audience_member", "argument": "a"}]]
+            ),
+            "x",
+            Path("x/audience.json"),
+        )
