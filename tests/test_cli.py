@@ -173,7 +173,7 @@ def test_validate_reports_file_and_json_path(capsys, at_sample, tmp_path):
         in err
     )
     code, out, _ = run_cli(capsys, *at_sample, "validate")
-    assert code == 0 and "17 definitions are valid" in out
+    assert code == 0 and "18 definitions are valid" in out
 
 
 def test_validate_rejects_a_type_change_against_the_warehouse(capsys, at_sample, tmp_path):

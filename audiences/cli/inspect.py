@@ -79,14 +79,23 @@ def preview(settings: Settings, arguments) -> int:
         now, source = _chosen_time(
             settings, arguments, connection, default_to_last_evaluation=False
         )
-        result = run_preview(connection, definition, definitions, now, sample_size=arguments.sample)
+        result = run_preview(
+            connection,
+            definition,
+            definitions,
+            now,
+            sample_size=arguments.sample,
+            tenant=arguments.tenant,
+        )
     share = (
         f" ({result.count / result.total_users:.1%} of {result.total_users:,})"
         if result.total_users
         else ""
     )
+    what = "matching (user, tenant) pairs" if definition.per_tenant else "matching users"
+    where = f" in tenant {arguments.tenant!r}" if arguments.tenant is not None else ""
     print(
-        f"{definition.key}: {result.count:,} matching users{share} at {format_time(result.evaluated_at)} ({source})"
+        f"{definition.key}: {result.count:,} {what}{where}{share} at {format_time(result.evaluated_at)} ({source})"
     )
     for row in result.sample:
         print("  " + json.dumps(row, ensure_ascii=False))
@@ -147,11 +156,14 @@ def explain(settings: Settings, arguments) -> int:
     definition, definitions = _definition(settings, arguments.audience)
     with connect(settings.duckdb_path, read_only=True) as connection:
         at, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=True)
-        result = run_explain(connection, definition, definitions, arguments.user_id, at)
+        result = run_explain(
+            connection, definition, definitions, arguments.user_id, at, tenant=arguments.tenant
+        )
         in_force = _version_note(settings, connection, definition.key, at, definition.version)
     verdict = "IN" if result.is_member else "OUT"
+    pair = f" in tenant {result.tenant!r}" if result.tenant is not None else ""
     print(
-        f"{result.user_id} is {verdict} {definition.key} at {format_time(result.evaluated_at)} ({source})"
+        f"{result.user_id}{pair} is {verdict} {definition.key} at {format_time(result.evaluated_at)} ({source})"
     )
     commits = stored_commits(settings.store_url, definition.key)
     print(f"  definition: {describe_version(commits, definition.version)}")
@@ -232,6 +244,9 @@ def register(command) -> None:
         "--sample", type=int, default=10, help="how many matching users to show (default 10)"
     )
     sub.add_argument("--sql", action="store_true", help="also print the SQL that was run")
+    sub.add_argument(
+        "--tenant", help="a per-tenant audience: only the pairs of this tenant (default: all)"
+    )
     sub = command("members", members, "list an audience's members as JSON lines")
     sub.add_argument("audience", help="the audience key")
     sub.add_argument(
@@ -243,6 +258,9 @@ def register(command) -> None:
     sub = command("explain", explain, "show why a user is in or out of an audience")
     sub.add_argument("audience", help="an audience key, or the path of an audience.json file")
     sub.add_argument("user_id", help="the user's id")
+    sub.add_argument(
+        "--tenant", help="a per-tenant audience: the tenant of the (user, tenant) pair to explain"
+    )
     sub = command("events", events, "list membership events as JSON lines")
     sub.add_argument("--audience", help="only this audience")
     sub.add_argument("--user", help="only this user id")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from sqlglot import exp
 
 from audiences.conditions.compiler import (
     EXTENSION_OPERATORS,
+    RECIPIENT,
     Attribute,
     CompileContext,
     Condition,
@@ -30,6 +31,7 @@ from audiences.conditions.compiler import (
     compile_condition,
     compile_segments,
     event_summary,
+    pair_attribute,
     property_json,
     render,
     timestamp_literal,
@@ -166,6 +168,49 @@ def _users_query(
     return _Query(source, context)
 
 
+def _pairs(connection, query: _Query, tenant: str | None = None) -> _Query:
+    """A per-tenant audience's (user, tenant) pairs over the users of `query`, aliased `users` as
+    they were (audiences/dbt/tenants.py builds the same pairs for dbt): the tenant memberships
+    whose user and tenant exist, with `tenant`, `tenant_properties` and `membership_properties`,
+    which `tenant.*` and `membership.*` read. Only the pairs of `tenant` when one is given."""
+    if not (
+        table_exists(connection, "raw.tenants")
+        and table_exists(connection, "raw.tenant_memberships")
+    ):
+        raise WarehouseError(
+            "no tenants or tenant memberships are loaded: declare `tenants:` and "
+            "`tenant_memberships:` in sources.yml, then `audiences run`"
+        )
+    memberships = (
+        exp.select("user_id", "tenant_id", "properties")
+        .from_("raw.tenant_memberships")
+        .where("deleted_at is null")
+        .subquery("memberships")
+    )
+    tenants = (
+        exp.select("tenant_id", "properties")
+        .from_("raw.tenants")
+        .where("deleted_at is null")
+        .subquery("tenants")
+    )
+    pairs = (
+        exp.select(
+            "users.*",
+            "memberships.tenant_id as tenant",
+            "tenants.properties as tenant_properties",
+            "memberships.properties as membership_properties",
+        )
+        .from_(query.source)
+        .join(memberships, on="memberships.user_id = users.user_id", join_type="inner")
+        .join(tenants, on="tenants.tenant_id = memberships.tenant_id", join_type="inner")
+    )
+    if tenant is not None:
+        pairs = pairs.where(
+            exp.column("tenant_id", table="memberships").eq(exp.Literal.string(tenant))
+        )
+    return _Query(pairs.subquery("users"), replace(query.context, pair_attribute=pair_attribute))
+
+
 def _is_fresh(connection) -> bool:
     """True when no user changed after the flattened attributes were last built."""
     return connection.execute(
@@ -188,32 +233,55 @@ def preview(
     definitions: dict[str, AudienceDefinition],
     now: datetime,
     sample_size: int = 10,
+    tenant: str | None = None,
 ) -> Preview:
-    """Count and sample the users matching a definition now, against the current warehouse."""
+    """Count and sample the users matching a definition now, against the current warehouse.
+    A per-tenant audience counts (user, tenant) pairs (only `tenant`'s, if given), and each
+    sampled row names its tenant."""
     if definition.type != "dynamic":
         raise WarehouseError(
             f"{definition.key!r} is a static audience: its members are added, not matched"
         )
+    if tenant is not None and not definition.per_tenant:
+        raise WarehouseError(
+            f'{definition.key!r} is not per tenant (no "tenancy": "per_tenant"): '
+            "its members have no tenant, so --tenant does not apply"
+        )
     _require_users(connection)
     query = _users_query(connection, definition.segments, definitions, now)
+    tenant_column = exp.cast(exp.null(), "varchar").as_("tenant")
+    if definition.per_tenant:
+        query = _pairs(connection, query, tenant)
+        tenant_column = exp.column("tenant", table="users")
     condition = compile_segments(definition.segments, query.context)
-    matching = exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
+    matching = (
+        exp.select("users.user_key", "users.user_id", tenant_column)
+        .from_(query.source)
+        .where(condition)
+    )
     sql = render(matching)
     count = connection.execute(f"select count(*) from ({sql})").fetchall()[0][0]
     sampled = connection.execute(
         f"""
-        select matching.user_id, users.properties
+        select matching.user_id, users.properties, matching.tenant
         from ({sql}) as matching
         join raw.users as users using (user_key)
-        order by matching.user_id
+        order by matching.user_id, matching.tenant
         limit {int(sample_size)}
         """
     ).fetchall()
     total = connection.execute(
-        "select count(*) from raw.users where deleted_at is null"
+        f"select count(*) from {render(query.source, pretty=False)}"
+        if definition.per_tenant  # of the pairs (in the tenant, if given)
+        else "select count(*) from raw.users where deleted_at is null"
     ).fetchall()[0][0]
     sample = [
-        {"user_id": user_id, **_summary(json.loads(properties))} for user_id, properties in sampled
+        {
+            "user_id": user_id,
+            **({"tenant": tenant_id} if definition.per_tenant else {}),
+            **_summary(json.loads(properties)),
+        }
+        for user_id, properties, tenant_id in sampled
     ]
     return Preview(count, total, sample, now, sql)
 
@@ -339,6 +407,7 @@ class Explanation:
     segments: list[bool]
     verdicts: list[ConditionVerdict]
     evaluated_at: datetime
+    tenant: str | None = None
 
 
 def explain(
@@ -347,13 +416,24 @@ def explain(
     definitions: dict[str, AudienceDefinition],
     user_id: str,
     now: datetime,
+    tenant: str | None = None,
 ) -> Explanation:
-    """Why a user is in or out: each condition's value seen and verdict, then each segment's."""
+    """Why a user is in or out: each condition's value seen and verdict, then each segment's.
+    A per-tenant audience is explained for one (user, `tenant`) pair: the tenant is required."""
     from audiences.dbt.models import condition_json
 
     if definition.type != "dynamic":
         raise WarehouseError(
             f"{definition.key!r} is a static audience: members are added, not matched"
+        )
+    if definition.per_tenant and tenant is None:
+        raise WarehouseError(
+            f"{definition.key!r} is per tenant: give the tenant to explain (--tenant)"
+        )
+    if tenant is not None and not definition.per_tenant:
+        raise WarehouseError(
+            f'{definition.key!r} is not per tenant (no "tenancy": "per_tenant"): '
+            "its members have no tenant, so --tenant does not apply"
         )
     _require_users(connection)
     exists = connection.execute(
@@ -368,6 +448,16 @@ def explain(
         now,
         user_filter=exp.column("user_id", table="users").eq(exp.Literal.string(user_id)),
     )
+    if definition.per_tenant:
+        query = _pairs(connection, query, tenant)
+        belongs = connection.execute(
+            f"select count(*) from {render(query.source, pretty=False)}"
+        ).fetchall()[0][0]
+        if not belongs:
+            raise WarehouseError(
+                f"user {user_id!r} does not belong to tenant {tenant!r} (no tenant membership of "
+                "both loaded), so the pair is not evaluated"
+            )
     selections: list[exp.Expression] = []
     for segment in definition.segments:
         for condition in segment:
@@ -389,7 +479,7 @@ def explain(
             )
             results.append(result)
         segments.append(bool(results) and all(results))
-    return Explanation(user_id, definition.key, any(segments), segments, verdicts, now)
+    return Explanation(user_id, definition.key, any(segments), segments, verdicts, now, tenant)
 
 
 def _seen_value(condition: Condition, context: CompileContext) -> exp.Expression:
@@ -398,6 +488,9 @@ def _seen_value(condition: Condition, context: CompileContext) -> exp.Expression
     if condition.operator in ("is_audience_member", "is_not_audience_member"):
         members = context.audience_members(str(condition.argument))
         return exp.In(this=context.user_key, query=exp.paren(members))
+    if condition.scope != RECIPIENT:
+        attribute = Attribute(condition.path, "json", condition.scope)
+        return exp.cast(context.pair_attribute(attribute), "varchar")
     if condition.path == ("id",):
         return context.user_id
     return exp.cast(context.attribute(Attribute(condition.path, "json")), "varchar")
@@ -410,7 +503,7 @@ def _describe(condition: Condition, value) -> str:
         return f"{'a member' if value else 'not a member'} of {condition.argument!r} (no tenant)"
     if value is None:
         return "(missing)"
-    return value if condition.path != ("id",) else json.dumps(value)
+    return value if (condition.path, condition.scope) != (("id",), RECIPIENT) else json.dumps(value)
 
 
 def _describe_events(summary: dict) -> str:

@@ -79,8 +79,8 @@ def test_a_reevaluation_materializes_every_audience_with_its_members_and_holds_a
     ]
     assert observed == []
     assert (
-        len(members) == 18
-    )  # 17 definitions (3 of them event audiences) and the custom SQL audience
+        len(members) == 19
+    )  # 18 definitions (3 of them event audiences, 1 per tenant) and the custom SQL audience
     for model, member_count in members.items():
         metadata = materialized[dg.AssetKey(["audiences", model])]
         assert isinstance(metadata["member_count"], dg.IntMetadataValue), model
@@ -146,7 +146,7 @@ def test_the_first_run_materializes_every_audience_with_its_first_members_as_ent
             "select catalog.model_name, catalog.audience_type, evaluations.member_count "
             "from main.audience_evaluations as evaluations join main.audience_catalog as catalog using (audience_key)"
         ).fetchall()
-    assert len(audiences) == 18
+    assert len(audiences) == 19
     with dg.DagsterInstance.get() as instance:
         for model, audience_type, member_count in audiences:
             event = instance.get_latest_materialization_event(dg.AssetKey(["audiences", model]))

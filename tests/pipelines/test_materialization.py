@@ -19,7 +19,7 @@ import pytest
 from condition_harness import NOW, ROOT, copy_sample_run, copy_store
 
 from audiences.conditions.definitions import evaluation_order, load_definitions
-from audiences.conditions.reference import evaluate_audience
+from audiences.conditions.reference import evaluate_audience, evaluate_pairs
 from pipelines import build_definitions
 
 pytestmark = pytest.mark.slow
@@ -36,9 +36,26 @@ def reference_members(
     ]
     definitions = load_definitions(definitions_dir)
     events_by_user = sample_events_by_user()
-    members: dict[str, set[str]] = {}
+    members: dict[str, set] = {}
     for key in evaluation_order(definitions):
         definition = definitions[key]
+        if definition.per_tenant:
+            # Members are (user, tenant) pairs: the memberships whose user and tenant exist.
+            tenants = [
+                {"id": tenant_id, **json.loads(properties)}
+                for tenant_id, properties in connection.execute(
+                    "select tenant_id, properties from raw.tenants where deleted_at is null"
+                ).fetchall()
+            ]
+            memberships = [
+                {"user_id": user_id, "tenant_id": tenant_id, **json.loads(properties)}
+                for user_id, tenant_id, properties in connection.execute(
+                    "select user_id, tenant_id, properties from raw.tenant_memberships "
+                    "where deleted_at is null"
+                ).fetchall()
+            ]
+            members[key] = evaluate_pairs(definition.raw, users, tenants, memberships, now=now)
+            continue
         if definition.type != "dynamic":
             # Static members come from data/syncs.yml (sources/vip_accounts.csv): identified users only.
             members[key] = {
@@ -79,17 +96,23 @@ def sample_events_by_user() -> dict[object, list[dict]]:
     return by_user
 
 
-def compiled_members(connection) -> dict[str, set[str]]:
+def compiled_members(connection) -> dict[str, set]:
     """audience_members by audience; it must hold one row per (audience, user, tenant): an
-    incremental build that left a replaced row behind would repeat one."""
+    incremental build that left a replaced row behind would repeat one. A per-tenant audience's
+    members are (user id, tenant) pairs."""
     rows = connection.execute(
         "select members.audience_key, users.user_id, members.tenant from main.audience_members as members "
         "join raw.users as users using (user_key)"
     ).fetchall()
     assert len(rows) == len(set(rows)), "audience_members repeats a member"
-    members: dict[str, set[str]] = {}
-    for key, user_id, _ in rows:
-        members.setdefault(key, set()).add(user_id)
+    per_tenant = {
+        key
+        for key, definition in load_definitions(ROOT / "data" / "audiences").items()
+        if definition.per_tenant
+    }
+    members: dict[str, set] = {}
+    for key, user_id, tenant in rows:
+        members.setdefault(key, set()).add((user_id, tenant) if key in per_tenant else user_id)
     return members
 
 
@@ -117,8 +140,8 @@ def test_sample_run_records_users_quarantine_and_evaluation_time(sample_run):
         registry = connection.execute("select count(*) from raw.audience_registry").fetchone()[0]
     # 26 bad rows, and the first row of each of the ten ids that the snapshot holds twice
     assert (users, quarantined) == (2964, 26 + 10)
-    assert len(evaluations) == 18 and {time for _, time in evaluations} == {"2026-11-01T00:00:00Z"}
-    assert registry == 17
+    assert len(evaluations) == 19 and {time for _, time in evaluations} == {"2026-11-01T00:00:00Z"}
+    assert registry == 18
 
 
 def test_reevaluation_moves_users_as_time_passes_and_reports_counts(

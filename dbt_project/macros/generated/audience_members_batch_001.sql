@@ -1192,6 +1192,10 @@ select 'vip-customers' as audience_key, user_key, tenant from {{ ref('vip_custom
 
 union all
 
+select 'workspace-admins-trial-ending' as audience_key, user_key, tenant from {{ ref('workspace_admins_trial_ending') }}
+
+union all
+
 select 'high_value_accounts' as audience_key, user_key, case when regexp_full_match(tenant, '[ \t\n\r\v\f]*') then null else tenant end as tenant from {{ ref('high_value_accounts') }}
 
 {% endmacro %}

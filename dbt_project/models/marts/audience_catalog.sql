@@ -24,5 +24,6 @@ from (
         ('trial-ending-soon', 'Trial ending soon', 'dynamic', 'f97532d23d6c', 'trial_ending_soon', false),
         ('trial-expired-unconverted', 'Trial expired, not converted', 'dynamic', '364e293677bd', 'trial_expired_unconverted', false),
         ('vip-customers', 'VIP customers', 'static', '8bb1baad8c4c', 'vip_customers', false),
+        ('workspace-admins-trial-ending', 'Workspace admins whose trial ends this week', 'dynamic', 'a42eeafa0a98', 'workspace_admins_trial_ending', false),
         ('high_value_accounts', 'high_value_accounts', 'sql', null, 'high_value_accounts', false)
 ) as catalog (audience_key, audience_name, audience_type, audience_version, model_name, is_skipped)

@@ -44,7 +44,8 @@
                 "signed-up-no-order",
                 "trial-ending-soon",
                 "trial-expired-unconverted",
-                "vip-customers"
+                "vip-customers",
+                "workspace-admins-trial-ending"
             ],
             "reevaluated_per_user": {
                 "beta-invite-candidates": "efb596e7b937",
@@ -102,6 +103,7 @@
 -- depends_on: {{ ref('trial_ending_soon') }}
 -- depends_on: {{ ref('trial_expired_unconverted') }}
 -- depends_on: {{ ref('vip_customers') }}
+-- depends_on: {{ ref('workspace_admins_trial_ending') }}
 -- depends_on: {{ ref('high_value_accounts') }}
 
 select
