@@ -116,6 +116,8 @@ def audience_body(
             if definition.get("type") == "dynamic"
             else {}
         ),
+        # Our field: Knock's CLI writes every field it is given, so a pull keeps it.
+        **({"tenancy": definition["tenancy"]} if "tenancy" in definition else {}),
         "environment": environment,
         "created_at": _iso(created_at),
         "updated_at": _iso(updated_at),

@@ -230,3 +230,44 @@ def test_knock_cli_pulls_pushes_commits_and_promotes(knock, served, tmp_path):
         knock, served, "audience", "list", "--environment", "production", "--json"
     )
     assert [entry["key"] for entry in json.loads(production.stdout)["entries"]] == ["newsletter"]
+
+
+def test_knock_cli_keeps_a_per_tenant_audiences_tenancy_through_push_and_pull(
+    knock, served, tmp_path
+):
+    """`tenancy` is our field: Knock's CLI pushes it as written and writes it back on pull."""
+    project, _url, _token = served
+    admins = {
+        "name": "Workspace admins",
+        "type": "dynamic",
+        "tenancy": "per_tenant",
+        "segments": [
+            {
+                "conditions": [
+                    {"property": "membership.role", "operator": "equal_to", "argument": "admin"}
+                ]
+            }
+        ],
+    }
+    local = tmp_path / "local"
+    (local / "admins").mkdir(parents=True)
+    (local / "admins" / "audience.json").write_text(json.dumps(admins, indent=2))
+    pushed = run_knock(knock, served, "audience", "push", "admins", cwd=local)
+    assert pushed.returncode == 0, pushed.stderr + pushed.stdout
+    written = json.loads((project / "data" / "audiences" / "admins" / "audience.json").read_text())
+    assert written == admins
+    pulled = tmp_path / "pulled"
+    pull = run_knock(
+        knock, served, "audience", "pull", "--all", "--audiences-dir", str(pulled), "--force"
+    )
+    assert pull.returncode == 0, pull.stderr
+    document = json.loads((pulled / "admins" / "audience.json").read_text())
+    assert document["tenancy"] == "per_tenant"
+    assert {k: v for k, v in document.items() if not k.startswith(("$", "__"))} == admins
+    # Pushed back unchanged, it stays per tenant.
+    again = run_knock(knock, served, "audience", "push", "admins", cwd=pulled)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert (
+        json.loads((project / "data" / "audiences" / "admins" / "audience.json").read_text())
+        == admins
+    )
