@@ -294,13 +294,15 @@ def matching_users_sql(
 ) -> str:
     """The SQL (`user_key`, `user_id`) of the current users a dynamic definition matches now,
     compiled as `preview` compiles it: over the flattened attributes when they are fresh and hold
-    every property it reads, else over `raw.users`."""
+    every property it reads, else over `raw.users`. A per-tenant audience's users are those with
+    at least one matching (user, tenant) pair, each once."""
     _require_users(connection)
     query = _users_query(connection, definition.segments, definitions, now)
+    if definition.per_tenant:
+        query = _pairs(connection, query)
     condition = compile_segments(definition.segments, query.context)
-    return render(
-        exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
-    )
+    selected = exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
+    return render(selected.distinct() if definition.per_tenant else selected)
 
 
 def _summary(properties: dict) -> dict:

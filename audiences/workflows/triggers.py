@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audiences.conditions.compiler import Condition, ConditionError, attributes_used
+from audiences.conditions.compiler import RECIPIENT, Condition, ConditionError, attributes_used
 from audiences.conditions.definitions import DefinitionError, Problem
 from audiences.membership.events import MembershipEvent
 
@@ -57,7 +57,23 @@ class WorkflowTrigger:
 
 
 def condition_segments(raw: object, location: str) -> tuple[tuple[Condition, ...], ...]:
-    """Knock condition groups (list, `all`, `any` of conditions and `all` groups) as OR-of-AND segments."""
+    """Knock condition groups (list, `all`, `any` of conditions and `all` groups) as OR-of-AND
+    segments. They read the recipient: `tenant.*` and `membership.*` belong to per-tenant
+    audiences, and are refused here naming the property."""
+    segments = _condition_segments(raw, location)
+    for segment in segments:
+        for condition in segment:
+            if condition.scope != RECIPIENT:
+                raise ConditionError(
+                    f"{condition.location}: `{condition.property_name}` reads the "
+                    f"{condition.scope}; these conditions read the recipient (a property of "
+                    f"the user named {condition.scope!r} is `recipient.{condition.scope}...`)",
+                    field="property",
+                )
+    return segments
+
+
+def _condition_segments(raw: object, location: str) -> tuple[tuple[Condition, ...], ...]:
     if raw is None:
         return ()
     if isinstance(raw, list):
@@ -70,7 +86,7 @@ def condition_segments(raw: object, location: str) -> tuple[tuple[Condition, ...
         segments = []
         for i, item in enumerate(raw["any"]):
             if isinstance(item, dict) and "all" in item:
-                segments.extend(condition_segments(item, f"{location}.any[{i}]"))
+                segments.extend(_condition_segments(item, f"{location}.any[{i}]"))
             else:
                 segments.append((Condition.from_json(item, f"{location}.any[{i}]"),))
         return tuple(segments)

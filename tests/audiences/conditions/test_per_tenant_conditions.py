@@ -258,3 +258,43 @@ def test_tenant_conditions_without_per_tenant_tenancy_are_a_validate_error_namin
             "x",
             Path("x/audience.json"),
         )
+
+
+def test_trigger_and_guide_conditions_read_the_recipient_only():
+    from audiences.conditions.compiler import ConditionError
+    from audiences.workflows.triggers import condition_segments
+
+    with pytest.raises(
+        ConditionError, match=r"\$\.conditions\[0\]: `tenant\.plan` reads the tenant"
+    ):
+        condition_segments(
+            [{"variable": "tenant.plan", "operator": "equal_to", "argument": "pro"}],
+            "$.conditions",
+        )
+    (segment,) = condition_segments(
+        {"all": [{"variable": "recipient.tenant.plan", "operator": "exists"}]}, "$.conditions"
+    )
+    assert segment[0].path == ("tenant", "plan") and segment[0].scope == "recipient"
+
+
+def test_the_promotion_impact_query_counts_a_per_tenant_audiences_users_once():
+    """`matching_users_sql` (the impact dry run's) compiles a per-tenant audience over its pairs."""
+    from audiences.warehouse.queries import matching_users_sql
+
+    connection = connect_memory()
+    insert_users(connection, [{"id": "ann"}, {"id": "bob"}])
+    insert_pairs(
+        connection,
+        [{"id": "acme", "plan": "pro"}, {"id": "globex", "plan": "pro"}],
+        [
+            {"user_id": "ann", "tenant_id": "acme", "role": "admin"},
+            {"user_id": "ann", "tenant_id": "globex", "role": "admin"},
+            {"user_id": "bob", "tenant_id": "acme", "role": "viewer"},
+        ],
+    )
+    raw = per_tenant(
+        [[{"property": "membership.role", "operator": "equal_to", "argument": "admin"}]]
+    )
+    definition = parse_definition(raw, "admins", Path("admins/audience.json"))
+    sql = matching_users_sql(connection, definition, {"admins": definition}, NOW)
+    assert connection.execute(f"select user_id from ({sql})").fetchall() == [("ann",)]
