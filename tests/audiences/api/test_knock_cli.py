@@ -240,6 +240,7 @@ def test_knock_cli_keeps_a_per_tenant_audiences_tenancy_through_push_and_pull(
     admins = {
         "name": "Workspace admins",
         "type": "dynamic",
+        "description": "Each workspace's admins",
         "tenancy": "per_tenant",
         "segments": [
             {
