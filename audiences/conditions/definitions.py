@@ -143,7 +143,9 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
     tenancy = raw.get("tenancy")
     if tenancy not in (None, PER_TENANT):
         problems.append(
-            Problem(where, "$.tenancy", f'`tenancy` must be "{PER_TENANT}" or absent, got {tenancy!r}')
+            Problem(
+                where, "$.tenancy", f'`tenancy` must be "{PER_TENANT}" or absent, got {tenancy!r}'
+            )
         )
     elif tenancy == PER_TENANT and audience_type == "static":
         problems.append(
