@@ -140,13 +140,17 @@ def warehouse_patch(patch: dict) -> dict:
     }
 
 
-def tenant_queue_waiting(store: MembershipStore) -> int:
-    """How many tenant writes wait in the store's queue for the warehouse."""
+def tenant_queue_waiting(store: MembershipStore) -> tuple[int, int | None]:
+    """How many tenant writes wait in the store's queue for the warehouse, and the newest one's id
+    (None when none wait), as `identify_queue_waiting` tells of identify calls."""
     patches = tables.tenant_patches
     with store.read_engine.connect() as connection:
-        return connection.execute(
-            sa.select(sa.func.count()).where(patches.c.loaded == sa.false())
-        ).scalar_one()
+        waiting, newest = connection.execute(
+            sa.select(sa.func.count(), sa.func.max(patches.c.patch_id)).where(
+                patches.c.loaded == sa.false()
+            )
+        ).one()
+    return waiting, newest
 
 
 def load_tenant_queue(

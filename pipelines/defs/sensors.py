@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from audiences.events.loading import configured_event_sources, event_source_fingerprint
 from audiences.settings import Settings
 from audiences.store.profiles import identify_queue_waiting
+from audiences.store.tenants import tenant_queue_waiting
 from audiences.users import configured_sources, configured_tenant_sources
 from audiences.users.sources import source_fingerprint
 from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
@@ -18,6 +19,7 @@ from pipelines.defs.static import uploads_dir
 IDENTIFY_QUEUE = (
     "identify_queue"  # the fingerprint of the store's identify queue, beside the sources'
 )
+TENANT_QUEUE = "tenant_queue"  # ... and of its tenant queue
 
 
 def existing_store(settings: Settings):
@@ -78,6 +80,20 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
         fingerprints[IDENTIFY_QUEUE] = str(newest)
     elif (previous or {}).get(IDENTIFY_QUEUE):
         fingerprints[IDENTIFY_QUEUE] = previous[IDENTIFY_QUEUE]
+    # Tenant writes (`PUT /v1/tenants/{id}`) wait in their own queue, read the same way.
+    tenants_newest = None
+    store = existing_store(settings)
+    if store is not None:
+        try:
+            tenants_newest = tenant_queue_waiting(store)[1]
+        except sa.exc.SQLAlchemyError as error:
+            context.log.warning(f"cannot read the tenant queue: {error}")
+        finally:
+            store.dispose()
+    if tenants_newest is not None:
+        fingerprints[TENANT_QUEUE] = str(tenants_newest)
+    elif (previous or {}).get(TENANT_QUEUE):
+        fingerprints[TENANT_QUEUE] = previous[TENANT_QUEUE]
     cursor = json.dumps(fingerprints, sort_keys=True)
     if previous == fingerprints:
         return dg.SensorResult(

@@ -191,3 +191,39 @@ def test_sensor_requests_a_run_when_an_event_source_gains_a_file(tmp_path, monke
     )
     [request] = evaluate(quiet.cursor).run_requests
     assert request.tags["audiences/changed_sources"] == "events/tracks"
+
+
+def test_a_tenant_source_or_a_tenant_write_requests_a_run(tmp_path, monkeypatch):
+    """Per-tenant audiences read tenants and memberships: a change to their sources, or a tenant
+    written through the API (queued in the store), starts the main job like a user change."""
+    from audiences.store.database import MembershipStore
+    from audiences.store.tenants import set_tenants
+
+    for name, text in (
+        ("users.csv", "id,plan\nu1,pro\n"),
+        ("tenants.csv", "id,plan\nacme,trial\n"),
+        ("seats.csv", "user_id,tenant_id,role\nu1,acme,admin\n"),
+    ):
+        (tmp_path / name).write_text(text)
+    (tmp_path / "sources.yml").write_text(
+        "sources:\n  - {name: crm, path: users.csv}\n"
+        "tenants:\n  - {name: workspaces, path: tenants.csv}\n"
+        "tenant_memberships:\n  - {name: seats, path: seats.csv}\n"
+    )
+    monkeypatch.delenv("AUDIENCES_USERS_SOURCE", raising=False)
+    monkeypatch.setenv("AUDIENCES_SOURCES", str(tmp_path / "sources.yml"))
+    monkeypatch.setenv("AUDIENCES_STORE_URL", f"sqlite:///{tmp_path / 'store.sqlite'}")
+    first = evaluate(None)
+    assert set(json.loads(first.cursor)) == {"crm", "workspaces", "seats"}
+    assert evaluate(first.cursor).run_requests in (None, [])
+    (tmp_path / "seats.csv").write_text("user_id,tenant_id,role\nu1,acme,viewer\n")
+    os.utime(tmp_path / "seats.csv", ns=(1, 2))
+    changed = evaluate(first.cursor)
+    [request] = changed.run_requests
+    assert request.tags["audiences/changed_sources"] == "seats"
+    store = MembershipStore(f"sqlite:///{tmp_path / 'store.sqlite'}").create()
+    with store.engine.begin() as connection:
+        set_tenants(store, connection, [("acme", {"plan": "pro"})])
+    [written] = evaluate(changed.cursor).run_requests
+    assert written.tags["audiences/changed_sources"] == "tenant_queue"
+    store.dispose()
