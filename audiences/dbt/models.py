@@ -51,6 +51,7 @@ from audiences.conditions.definitions import (
     model_name_for,
 )
 from audiences.dbt.events import EVENT_REEVALUATE_MODEL, event_reevaluate_model
+from audiences.dbt.flattened import ADDED_COLUMNS_MACRO, added_columns_macro
 from audiences.dbt.tenants import per_tenant_body
 
 GENERATED_HEADER = (
@@ -119,7 +120,14 @@ def generate_models(
         GeneratedFile(
             Path(f"models/intermediate/{FLATTENED_MODEL}.sql"),
             _flattened_model(attributes, source_label),
-        )
+        ),
+        GeneratedFile(
+            MEMBERS_MACROS / f"{ADDED_COLUMNS_MACRO}.sql",
+            added_columns_macro(
+                attributes,
+                _jinja_comment(GENERATED_HEADER.format(source=_comment(source_label))[3:]),
+            ),
+        ),
     ]
     for definition in dynamic:
         files.append(
@@ -305,13 +313,6 @@ def _attribute_label(attribute: Attribute) -> str:
     return _comment("recipient." + ".".join(attribute.path)) + f" ({attribute.variant})"
 
 
-def _added_column_sql(attribute: Attribute) -> str:
-    """One attribute read straight from the user's JSON: a column that the table lacks, extracted
-    for the users whose other columns are kept (the same `attribute_expression`)."""
-    value = property_json(attribute.path, exp.column("properties"), exp.column("user_id"))
-    return render(attribute_expression(value, attribute.variant))
-
-
 def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
     extraction, attribute_columns = flattened_columns(attributes)
     keys = ["user_key", "user_id", "updated_at", "is_deleted"]
@@ -319,23 +320,10 @@ def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
         f"        -- {escape_jinja(label)}\n        {_indent(escape_jinja(sql), 8).lstrip()} as {name}"
         for label, sql, name in attribute_columns
     ]
-    # Users whose row is kept when a definition starts reading a new property: the columns the
-    # table has are copied, and only the others are extracted (`existing` is read as the model runs).
-    kept = []
-    for attribute, (label, _, name) in zip(attributes, attribute_columns, strict=True):
-        added = _indent(escape_jinja(_added_column_sql(attribute)), 8).lstrip()
-        kept.append(
-            f"        -- {escape_jinja(label)}\n"
-            f"        {{% if {json.dumps(attribute.column_name)} in existing %}}kept.{name}"
-            f"{{% else %}}{added}{{% endif %}} as {name}"
-        )
-    wanted = json.dumps([attribute.column_name for attribute in attributes])
     select_keys = "".join(f"        {key},\n" for key in keys)
     body = f"""
 {{% set newest = users_extracted(this) if is_incremental() else none %}}
-{{% set existing = column_names(this) if newest is not none else [] %}}
 {{% set incremental = newest is not none %}}
-{{% set added = {wanted} | reject('in', existing) | list if incremental else [] %}}
 
 with users as (
 
@@ -388,39 +376,14 @@ final as (
 {",".join(chr(10) + c for c in columns).lstrip(chr(10))}
     from extracted
 
-){{% if added %}},
-
--- A definition reads a property that the table has no columns for: every user not changed since
--- the last build keeps the columns the table has, and only the new columns are extracted from
--- their JSON (one parse of each user's JSON for those properties alone). The build then replaces
--- every row. A property no definition reads any more loses its columns (`sync_all_columns`).
-kept_users as (
-
-    select kept.*, current_users.properties
-    from {{{{ this }}}} as kept
-    join {{{{ ref('{USERS_MODEL}') }}}} as current_users using (user_key)
-    where kept.user_key not in (select user_key from users)
-
-),
-
-kept_final as (
-
-    select
-{"".join(f"        kept.{key},{chr(10)}" for key in keys).rstrip(chr(10)).rstrip(",")}{"," if kept else ""}
-{",".join(chr(10) + c for c in kept).lstrip(chr(10))}
-    from kept_users as kept
-
-){{% endif %}}
+)
 
 select * from final
-{{% if added %}}
-union all
-select * from kept_final
-{{% endif %}}
 """
     config = (
         "{{\n    config(\n        materialized='incremental',\n        unique_key='user_key',\n"
         "        incremental_strategy='replace_users',\n        on_schema_change='sync_all_columns',\n"
+        f'        pre_hook="{{{{ {ADDED_COLUMNS_MACRO}() }}}}",\n'
         '        post_hook="{{ record_users_covered() }}",\n    )\n}}'
     )
     header = GENERATED_HEADER.format(source=source_label)
@@ -428,7 +391,8 @@ select * from kept_final
         "-- One row per user and one typed column per property variant that an audience reads, so\n"
         "-- evaluating audiences scans typed columns instead of parsing JSON. Incremental: only users\n"
         "-- changed since the last build are extracted again, and a property that a definition starts\n"
-        "-- reading adds its own columns, the others kept."
+        "-- reading adds its own columns to every row in place (the pre-hook, macros/generated/), the\n"
+        "-- others kept."
     )
     return f"{header}\n{explanation}\n\n{config}\n{body}"
 

@@ -1,6 +1,7 @@
 """int_users_flattened when the set of properties that definitions read changes: a new property
-adds its own columns and keeps every other column as it is; a property no definition reads any
-more loses its columns. Real dbt builds on a copy of the sample run's warehouse."""
+adds its own columns in place, rewriting no row and keeping every other column as it is; a
+property no definition reads any more loses its columns. Real dbt builds on a copy of the sample
+run's warehouse."""
 
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def _project(sample_run, tmp_path):
     return settings, warehouse, definitions
 
 
+def _row_ids(connection) -> dict[int, int]:
+    """Each user's row id: a row deleted and inserted again gets a new one."""
+    return dict(
+        connection.execute("select user_key, rowid from main.int_users_flattened").fetchall()
+    )
+
+
 def _columns(connection) -> list[str]:
     return [
         row[0]
@@ -70,6 +78,7 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
             "update main.int_users_flattened set \"plan__text\" = $mark where user_id = 'user_00001'",
             {"mark": MARK},
         )
+        row_ids = _row_ids(connection)
     assert "company.name__kind" not in before
 
     (definitions / "large-companies").mkdir()
@@ -86,6 +95,8 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
     with duckdb.connect(str(warehouse)) as connection:
         after = _columns(connection)
         assert set(after) == set(before) | {attribute.column_name for attribute in new}
+        # No row was rewritten: the columns were added in place (a rewrite gives new row ids).
+        assert _row_ids(connection) == row_ids
         # The user's other columns were kept: the mark is still there.
         assert (
             connection.execute(
@@ -151,3 +162,68 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
             ).fetchone()[0]
             == MARK
         )
+
+
+def test_a_new_property_and_changed_users_in_one_build_equal_a_full_build(sample_run, tmp_path):
+    """A user who changed in the same build as a new property: the new columns added in place and
+    the changed user's row extracted again give exactly the table (values and column types) that a
+    full build of the same definitions gives."""
+    from audiences.dbt.project import generate, prepare, run_dbt
+    from audiences.settings import Settings
+
+    settings, warehouse, definitions = _project(sample_run, tmp_path)
+    with duckdb.connect(str(warehouse)) as connection:
+        connection.execute(
+            """
+            update raw.users
+            set properties = json_merge_patch(
+                    properties, '{"company": {"name": "Zeta Ltd"}, "plan": "changed"}'
+                ),
+                updated_at = (select max(updated_at) from raw.users) + interval 1 hour
+            where user_id = 'user_00002'
+            """
+        )
+    (definitions / "large-companies").mkdir()
+    (definitions / "large-companies" / "audience.json").write_text(json.dumps(NEW_AUDIENCE))
+    generate(settings)
+    prepare(settings)
+    run_dbt(["build", "--select", "int_users_flattened"], settings)
+
+    full = tmp_path / "full.duckdb"
+    shutil.copy(warehouse, full)
+    run_dbt(
+        ["build", "--select", "int_users_flattened", "--full-refresh"],
+        Settings.from_env(
+            {},
+            duckdb_path=full,
+            dbt_project_dir=settings.dbt_project_dir,
+            definitions_dir=definitions,
+        ),
+    )
+    with duckdb.connect(str(warehouse)) as connection:
+        connection.execute(f"attach '{full}' as full_build (read_only)")
+        types = {
+            name: sorted(
+                connection.execute(
+                    "select column_name, data_type from information_schema.columns "
+                    "where table_catalog = $catalog and table_name = 'int_users_flattened'",
+                    {"catalog": catalog},
+                ).fetchall()
+            )
+            for name, catalog in (("added", warehouse.stem), ("full", "full_build"))
+        }
+        assert types["added"] == types["full"]
+        names = [name for name, _ in types["full"]]
+        differences = connection.execute(
+            f"""
+            select count(*)
+            from main.int_users_flattened as added
+            full join full_build.main.int_users_flattened as rebuilt using (user_key)
+            where {" or ".join(f'added."{n}" is distinct from rebuilt."{n}"' for n in names)}
+            """
+        ).fetchone()[0]
+        assert differences == 0
+        assert connection.execute(
+            'select "company.name__text", plan__text from main.int_users_flattened '
+            "where user_id = 'user_00002'"
+        ).fetchone() == ("Zeta Ltd", "changed")
