@@ -1,7 +1,8 @@
 """The same users through a typed Parquet source and through JSON lines: every audience has the
-same members. A typed column's type is the property's JSON type (a VARCHAR "5" is a string, an
-INTEGER 5 a number, a TIMESTAMP an ISO 8601 string), so whichever way users arrive, the
-conditions of docs/conditions.md see the same values."""
+same members, and they are the members the reference evaluator (`conditions/reference.py`)
+gives for the users as the JSON lines describe them. A typed column's type is the property's
+JSON type (a VARCHAR "5" is a string, an INTEGER 5 a number, a TIMESTAMP an ISO 8601 string), so
+whichever way users arrive, the conditions of docs/conditions.md see the same values."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from condition_harness import NOW, matching_ids
 
 from audiences.conditions.compiler import Condition
+from audiences.conditions.reference import evaluate_audience
 from audiences.users import load_source
 from audiences.users.sources import UserSource
 
@@ -113,18 +115,23 @@ def _parquet(users: list[dict], path) -> None:
     frame.write_parquet(path)
 
 
-def _json_lines(users: list[dict], path) -> None:
-    def plain(value):
-        if isinstance(value, datetime):
-            return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items() if item is not None}
-        return value
+def _plain(value):
+    """A typed value as JSON has it: a timestamp as ISO 8601 text, nulls left out."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items() if item is not None}
+    return value
 
-    lines = [
-        json.dumps({key: plain(value) for key, value in user.items() if value is not None})
-        for user in users
+
+def _documents(users: list[dict]) -> list[dict]:
+    return [
+        {key: _plain(value) for key, value in user.items() if value is not None} for user in users
     ]
+
+
+def _json_lines(users: list[dict], path) -> None:
+    lines = [json.dumps(document) for document in _documents(users)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -148,5 +155,13 @@ def test_typed_parquet_and_json_lines_give_every_audience_the_same_members(tmp_p
         from_parquet = matching_ids(typed, compiled, flattened=flattened)
         from_json = matching_ids(documents, compiled, flattened=flattened)
         assert from_parquet == from_json, key
+        reference = {
+            document["id"]
+            for document in _documents(users)
+            if evaluate_audience(
+                {"segments": [{"conditions": segment} for segment in segments]}, document, now=NOW
+            )
+        }
+        assert from_parquet == reference, key
         # Each audience tells some users apart, so equal members are not equal emptiness.
         assert 0 < len(from_json) < len(users), key
