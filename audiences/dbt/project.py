@@ -32,6 +32,14 @@ from audiences.settings import ENGINE_DBT_PROJECT, ENGINE_DEFINITIONS, Settings,
 FINGERPRINT_FILE = "audiences_fingerprint.txt"
 BUILD_STATE_FOLDER = "build_state"
 BUILD_STATES_KEPT = 3
+# The models on disk were generated from these definitions by this generator (target/, beside the
+# manifest): a run whose definitions, generator and project files are unchanged compiles nothing.
+GENERATED_STAMP_FILE = "audiences_generated.txt"
+# The generator's own source: a change to it changes what the same definitions generate.
+_GENERATOR_SOURCES = (
+    Path(__file__).parent,
+    Path(__file__).parent.parent / "conditions",
+)
 
 
 def dbt_executable() -> str:
@@ -50,6 +58,39 @@ def project_fingerprint(project_dir: Path) -> str:
     for name in ("dbt_project.yml", "profiles.yml"):
         digest.update((project_dir / name).read_bytes())
     return digest.hexdigest()
+
+
+def generation_fingerprint(settings: Settings) -> str:
+    """A hash of what the generated models depend on: the definitions folder's files, the
+    generator's source and every file of the dbt project (hand-written SQL audiences included).
+    Reading the files costs milliseconds; compiling the definitions again, seconds."""
+    digest = hashlib.sha256(project_fingerprint(settings.dbt_project_dir).encode())
+    digest.update(settings.definitions_dir.name.encode())
+    folders = [settings.definitions_dir, *_GENERATOR_SOURCES]
+    for folder in folders:
+        digest.update(b"\0" + str(folder).encode())
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and path.suffix in (".json", ".py"):
+                    digest.update(str(path.relative_to(folder)).encode() + b"\0")
+                    digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp(settings: Settings) -> Path:
+    return settings.dbt_project_dir / "target" / GENERATED_STAMP_FILE
+
+
+def _models_are_current(settings: Settings) -> bool:
+    """Whether the models on disk were generated, or checked, from what is there now."""
+    stamp = _stamp(settings)
+    return stamp.exists() and stamp.read_text() == generation_fingerprint(settings)
+
+
+def _record_models_current(settings: Settings) -> None:
+    stamp = _stamp(settings)
+    stamp.parent.mkdir(exist_ok=True)
+    stamp.write_text(generation_fingerprint(settings))
 
 
 def project_definitions(settings: Settings) -> DefinitionSet:
@@ -81,6 +122,8 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
     members are kept as they were (see `generate_models`), and the others are generated as usual.
     """
     require_dbt_project(settings.dbt_project_dir)
+    if _models_are_current(settings):
+        return []
     definitions = definitions or project_definitions(settings)
     files = generated_files(settings, definitions)
     if (
@@ -93,7 +136,9 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
             f"the models of {settings.definitions_dir} go in a project of your own: run `audiences init <folder>` "
             f"and run from that folder"
         )
-    return write_models(files, settings.dbt_project_dir)
+    changed = write_models(files, settings.dbt_project_dir)
+    _record_models_current(settings)
+    return changed
 
 
 def _is_engine_project(folder: Path, engine: Path = ENGINE_DBT_PROJECT) -> bool:
@@ -155,8 +200,12 @@ models: []
 
 def check_generated(settings: Settings, definitions: DefinitionSet | None = None) -> None:
     """Fail with `ModelsOutOfDate` when the generated models on disk differ from what the
-    definitions generate (missing, different or stale files). Reads only."""
+    definitions generate (missing, different or stale files). Reads only; skipped when the
+    definitions, the generator and the project are those the models were last generated or
+    checked from (`generation_fingerprint`)."""
     require_dbt_project(settings.dbt_project_dir)
+    if _models_are_current(settings):
+        return
     definitions = definitions or project_definitions(settings)
     problems = drift(generated_files(settings, definitions), settings.dbt_project_dir)
     if problems:
@@ -174,6 +223,7 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
     `audiences generate` when they drift from the definitions), and runs `dbt parse` (which writes
     only dbt's `target/`) when the project changed since the manifest was parsed."""
     check_generated(settings, definitions)
+    _record_models_current(settings)
     project_dir = settings.dbt_project_dir
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE

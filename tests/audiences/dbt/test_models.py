@@ -528,3 +528,40 @@ def test_audience_members_in_many_batches_equals_every_view_cold_and_incremental
             "where audience_key is null and user_key is not null"
         ).fetchone()[0]
     assert per_user > 0
+
+
+def test_a_run_with_nothing_changed_compiles_no_definition(tmp_path, monkeypatch, dbt_project_copy):
+    """Issue 17, the fixed cost of a run: `audiences run` generates the models and the code
+    location's load checks them, each compiling every definition (seconds with many audiences).
+    When the definitions, the generator and the project's files are those the models were last
+    generated or checked from, neither compiles anything; a change to any of them does."""
+    import audiences.dbt.project as project_module
+    from audiences.dbt.project import ModelsOutOfDate, check_generated
+
+    project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
+    definitions = shutil.copytree(ROOT / "data" / "audiences", tmp_path / "audiences")
+    settings = Settings.from_env({}, dbt_project_dir=project, definitions_dir=definitions)
+    generate(settings)
+    compiled = []
+    real = project_module.generate_models
+    monkeypatch.setattr(
+        project_module,
+        "generate_models",
+        lambda *args, **kwargs: compiled.append(1) or real(*args, **kwargs),
+    )
+    assert generate(settings) == []
+    check_generated(settings)
+    assert compiled == []
+
+    # A definition changed: generate compiles and writes its model again.
+    eu = definitions / "eu-customers" / "audience.json"
+    document = json.loads(eu.read_text())
+    document["segments"][0]["conditions"][0]["argument"] = '["DE"]'
+    eu.write_text(json.dumps(document))
+    assert project / "models/audiences/dynamic/eu_customers.sql" in generate(settings)
+    assert compiled == [1]
+    # A generated model edited by hand: the check compiles and names the drift.
+    (project / "models/audiences/dynamic/eu_customers.sql").write_text("select 1 as edited\n")
+    with pytest.raises(ModelsOutOfDate):
+        check_generated(settings)
+    assert compiled == [1, 1]
