@@ -222,8 +222,9 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
     Called when the code location loads: it never writes the models (`ModelsOutOfDate` says to run
     `audiences generate` when they drift from the definitions), and runs `dbt parse` (which writes
     only dbt's `target/`) when the project changed since the manifest was parsed."""
-    check_generated(settings, definitions)
-    _record_models_current(settings)
+    if not _models_are_current(settings):
+        check_generated(settings, definitions)
+        _record_models_current(settings)
     project_dir = settings.dbt_project_dir
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE
