@@ -62,7 +62,8 @@ def project_fingerprint(project_dir: Path) -> str:
 
 def generation_fingerprint(settings: Settings) -> str:
     """A hash of what the generated models depend on: the definitions folder's files, the
-    generator's source and every file of the dbt project (hand-written SQL audiences included).
+    generator's source (its templates too) and every file of the dbt project (hand-written SQL
+    audiences included).
     Reading the files costs milliseconds; compiling the definitions again, seconds."""
     digest = hashlib.sha256(project_fingerprint(settings.dbt_project_dir).encode())
     digest.update(settings.definitions_dir.name.encode())
@@ -71,7 +72,7 @@ def generation_fingerprint(settings: Settings) -> str:
         digest.update(b"\0" + str(folder).encode())
         if folder.is_dir():
             for path in sorted(folder.rglob("*")):
-                if path.is_file() and path.suffix in (".json", ".py"):
+                if path.is_file() and path.suffix in (".json", ".py", ".sql"):
                     digest.update(str(path.relative_to(folder)).encode() + b"\0")
                     digest.update(path.read_bytes())
     return digest.hexdigest()
