@@ -18,7 +18,7 @@ from audiences.api.errors import error_body
 
 class RateLimiter:
     """A token bucket per (environment, tier): `rate` requests a second, bursts up to one
-    second's worth.
+    second's worth (one request at least).
 
     The buckets live in a small memory-mapped file shared by every worker process of the service
     (`audiences serve --workers N`), guarded by a file lock, so a key's limit holds across them.
@@ -49,6 +49,9 @@ class RateLimiter:
     def acquire(self, key_id: str, kind: str) -> float | None:
         """Take one token; None when allowed, else the seconds to wait before retrying."""
         rate = self.rates[kind]
+        # A burst of one second's worth, and of one request at least: a rate under one a second
+        # (one every few seconds) lets its request through, then waits.
+        burst = max(1.0, rate)
         name = f"{key_id}:{kind}".encode()[:32].ljust(32, b"\0")
         start = zlib.crc32(name) % self.SLOTS
         with self._lock:
@@ -59,10 +62,10 @@ class RateLimiter:
                     offset = ((start + probe) % self.SLOTS) * self.SLOT.size
                     slot, tokens, stamp = self.SLOT.unpack_from(self._map, offset)
                     if slot == name:
-                        tokens = min(rate, tokens + (now - stamp) * rate)
+                        tokens = min(burst, tokens + (now - stamp) * rate)
                         break
                     if slot.strip(b"\0") == b"":
-                        tokens = rate
+                        tokens = burst
                         break
                 else:
                     return None

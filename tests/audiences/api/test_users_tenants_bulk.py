@@ -232,8 +232,10 @@ def test_preferences_and_channel_data_are_not_user_properties(service):
 
 
 def test_rate_limits_are_per_environment_and_tier_not_per_key(service, monkeypatch):
-    monkeypatch.setenv("AUDIENCES_API_WRITE_RATE", "1")
-    monkeypatch.setenv("AUDIENCES_API_DELETE_RATE", "1")
+    # One request every 30 s: the second comes long before another is due, however slow the
+    # machine (and a rate under one a second still lets its first request through).
+    monkeypatch.setenv("AUDIENCES_API_WRITE_RATE", str(1 / 30))
+    monkeypatch.setenv("AUDIENCES_API_DELETE_RATE", str(1 / 30))
     environment = service.environment("development")
     second_key = create_key(environment.store, "development", "second")[1]
     app = asgi_app(service.settings)
