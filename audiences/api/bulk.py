@@ -261,6 +261,8 @@ class BulkWorker:
             )
 
         environment.write(work)
+        if operation["name"] == "users.identify":
+            environment.identified(item["id"] for item in valid)
 
     def _problem(self, name: str, item: object) -> str | None:
         from audiences.api.service import check_properties
