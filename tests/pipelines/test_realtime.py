@@ -4,6 +4,7 @@ agrees and repeats none of them; a disagreement is corrected by the batch and co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from datetime import UTC, datetime
@@ -248,4 +249,70 @@ def test_an_invalid_identify_changes_nothing_and_names_the_field(project):
         profiles = tables.user_profiles.c
         assert store.rows(sa.select(profiles.user_id).where(profiles.user_id == "rt-carol")) == []
     close_app(app.app)
+    store.dispose()
+
+
+def serve_env(project, **extra) -> dict:
+    import os
+
+    env = {name: value for name, value in os.environ.items() if name != "AUDIENCES_FAULT_POINT"}
+    return {**env, **extra}
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_identify_and_its_events_loses_no_event(project):
+    """`audiences serve` is killed (SIGKILL, at the fault point) after an identify committed and
+    before its events did: the next run records the event (once, with real time's id), and a
+    restarted service records a waiting user's event (once), which the next run repeats not."""
+    import signal
+
+    from api_server import serve_process
+    from condition_harness import ROOT
+
+    from audiences.workflows.realtime import FAULT_BEFORE_EVENTS
+
+    store = MembershipStore(f"sqlite:///{project / 'store.sqlite'}").create()
+    from audiences.api.keys import create_key
+
+    headers = {"Authorization": f"Bearer {create_key(store, 'development', 'tests')[1]}"}
+    admin = {"plan": "enterprise", "tags": ["admin"], "email": "x@example.com"}
+    faulty = serve_env(project, AUDIENCES_FAULT_POINT=FAULT_BEFORE_EVENTS)
+
+    def killed_after_identify(user_id):
+        with serve_process(faulty, ROOT) as (url, process):
+            # Killed before or while answering: the patch committed all the same.
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.put(f"{url}/v1/users/{user_id}", json=admin, headers=headers, timeout=10)
+            assert process.wait(timeout=30) == -signal.SIGKILL
+        assert events_of(store, user_id) == []
+        patches = tables.user_patches.c
+        assert store.rows(sa.select(patches.patch).where(patches.user_id == user_id))
+
+    expected = [
+        (
+            "enterprise-admins",
+            "entered",
+            1,
+            event_id("enterprise-admins", "rt-dora", None, "entered", 1),
+        )
+    ]
+    with dg.DagsterInstance.ephemeral() as instance:
+        # The batch path records it.
+        killed_after_identify("rt-dora")
+        metadata = run_pipeline(instance, 15)
+        assert metadata["realtime_disagreements"] == 0
+        assert [e[:4] for e in events_of(store, "rt-dora")] == expected
+        # A restart records it.
+        killed_after_identify("rt-erin")
+        with serve_process(serve_env(project), ROOT):
+            deadline = time.monotonic() + 30
+            while not events_of(store, "rt-erin") and time.monotonic() < deadline:
+                time.sleep(0.1)
+        recorded = events_of(store, "rt-erin")
+        assert [e[:3] for e in recorded] == [("enterprise-admins", "entered", 1)]
+        assert recorded[0][4] == "realtime"
+        metadata = run_pipeline(instance, 30)
+        assert metadata["realtime_disagreements"] == 0
+        assert events_of(store, "rt-erin") == recorded
+        assert [e[:4] for e in events_of(store, "rt-dora")] == expected
     store.dispose()
