@@ -316,3 +316,23 @@ def test_a_kill_between_the_identify_and_its_events_loses_no_event(project):
         assert events_of(store, "rt-erin") == recorded
         assert [e[:4] for e in events_of(store, "rt-dora")] == expected
     store.dispose()
+
+
+def test_each_audience_catalog_entry_says_which_path_it_takes():
+    """Property audiences (and those over them) are real time; event audiences, custom SQL
+    audiences and static ones say what they are."""
+    defs = build_definitions()
+    specs = {
+        spec.key.path[-1]: spec
+        for assets in defs.assets
+        if isinstance(assets, dg.AssetsDefinition)
+        for spec in assets.specs
+        if spec.key.path[0] == "audiences"
+    }
+    path = {name: spec.metadata.get("evaluation_path", "") for name, spec in specs.items()}
+    assert path["enterprise_admins"].startswith("real time")
+    assert path["beta_invite_candidates"].startswith("real time")  # refers to power-users
+    assert path["signed_up_no_order"].startswith("next run: reads behavioral events")
+    assert path["high_value_accounts"].startswith("next run: a custom SQL audience")
+    assert path["vip_customers"].startswith("static")
+    assert "Evaluation path: real time" in specs["enterprise_admins"].description
