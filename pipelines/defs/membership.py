@@ -37,7 +37,9 @@ PASS_SECONDS_PER_SINK = 50.0
         "deterministic event ids; validity intervals (`raw.membership_intervals`) keep the "
         "history. A new audience's first members are recorded as backfill (no triggers). When "
         "a run moves too large a share of an audience, its events are held for a person to "
-        "release or discard. An archived audience's members exit, once."
+        "release or discard. An archived audience's members exit, once. The API's real-time "
+        "events whose patches this run loaded join the history first, so none is emitted twice; "
+        "a correction of one is counted in `realtime_disagreements`."
     ),
 )
 def membership_changes(
