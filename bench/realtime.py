@@ -239,86 +239,91 @@ def run_mode(
     log = settings.duckdb_path.parent / f"processes-{'on' if realtime else 'off'}.log"
     server = start(["serve", "--port", str(port)], env, log)
     worker = start(["deliver", "--watch"], env, log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or server.poll() is not None:
-            raise RuntimeError(f"the service did not start; see {log}")
-        time.sleep(0.2)
-    with sink.lock:
-        sink.received.clear()
-    responses: dict[str, float] = {}  # user id -> when the identify that moved them in answered
-    moved_out: set[str] = set()  # moved out again: with real time off, maybe never seen in
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop_at = time.perf_counter() + seconds
-    per_client = rate / CLIENTS
-    batch_stop = threading.Event()
-    passes: list[dict] = []
-
-    def batch_loop():  # the sensor's main job, as often as it can run, with real time off
-        while not batch_stop.is_set():
-            passes.append(pipeline_pass(settings, store))
-
-    def client(number: int):
-        rng = random.Random(number)
-        moved_in: list[str] = []
-        sequence = 0
-        with httpx.Client(headers=headers, timeout=30) as http:
-            next_call = time.perf_counter()
-            while next_call < stop_at:
-                time.sleep(max(0.0, next_call - time.perf_counter()))
-                if moved_in and rng.random() < 0.3:
-                    user, value = moved_in.pop(rng.randrange(len(moved_in))), "out"
-                else:
-                    sequence += 1
-                    index = offset + (number * 1_000_003 + sequence * 7919) % (users // 2)
-                    user, value = f"user_{index:09d}", "in"
-                sent = time.perf_counter()
-                response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
-                answered = time.perf_counter()
-                assert response.status_code == 200, response.text
-                with lock:
-                    latencies.append(answered - sent)
-                    if value == "in" and user not in responses:
-                        responses[user] = answered
-                if value == "in":
-                    moved_in.append(user)
-                else:
-                    with lock:
-                        moved_out.add(user)
-                next_call += 1 / per_client
-
-    batcher = threading.Thread(target=batch_loop, daemon=True) if not realtime else None
-    if batcher:
-        batcher.start()
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    # Wait for the entered triggers of users still in (those moved out again may never enter).
-    if batcher:
-        batch_stop.set()
-        batcher.join()
-    final = pipeline_pass(settings, store)  # the same patches through the batch path
-    time.sleep(3)  # the delivery worker's last polls
-    drain_deadline = time.monotonic() + 30
-    while time.monotonic() < drain_deadline:
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"the service did not start; see {log}")
+            time.sleep(0.2)
         with sink.lock:
-            got = {user for _, _, user, _ in sink.received}
-        if set(responses) - moved_out <= got:
-            break
-        time.sleep(0.5)
-    server.terminate()
-    worker.terminate()
-    server.wait(30)
-    worker.wait(30)
+            sink.received.clear()
+        responses: dict[str, float] = {}  # user id -> when the identify that moved them in answered
+        moved_out: set[str] = set()  # moved out again: with real time off, maybe never seen in
+        latencies: list[float] = []
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + seconds
+        per_client = rate / CLIENTS
+        batch_stop = threading.Event()
+        passes: list[dict] = []
+
+        def batch_loop():  # the sensor's main job, as often as it can run, with real time off
+            while not batch_stop.is_set():
+                passes.append(pipeline_pass(settings, store))
+
+        def client(number: int):
+            rng = random.Random(number)
+            moved_in: list[str] = []
+            sequence = 0
+            with httpx.Client(headers=headers, timeout=30) as http:
+                next_call = time.perf_counter()
+                while next_call < stop_at:
+                    time.sleep(max(0.0, next_call - time.perf_counter()))
+                    if moved_in and rng.random() < 0.3:
+                        user, value = moved_in.pop(rng.randrange(len(moved_in))), "out"
+                    else:
+                        sequence += 1
+                        index = offset + (number * 1_000_003 + sequence * 7919) % (users // 2)
+                        user, value = f"user_{index:09d}", "in"
+                    sent = time.perf_counter()
+                    response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
+                    answered = time.perf_counter()
+                    assert response.status_code == 200, response.text
+                    with lock:
+                        latencies.append(answered - sent)
+                        if value == "in" and user not in responses:
+                            responses[user] = answered
+                    if value == "in":
+                        moved_in.append(user)
+                    else:
+                        with lock:
+                            moved_out.add(user)
+                    next_call += 1 / per_client
+
+        batcher = threading.Thread(target=batch_loop, daemon=True) if not realtime else None
+        if batcher:
+            batcher.start()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # Wait for the entered triggers of users still in (those moved out again may never enter).
+        if batcher:
+            batch_stop.set()
+            batcher.join()
+        final = pipeline_pass(settings, store)  # the same patches through the batch path
+        time.sleep(3)  # the delivery worker's last polls
+        drain_deadline = time.monotonic() + 30
+        while time.monotonic() < drain_deadline:
+            with sink.lock:
+                got = {user for _, _, user, _ in sink.received}
+            if set(responses) - moved_out <= got:
+                break
+            time.sleep(0.5)
+    finally:
+        for process in (server, worker):
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
     with sink.lock:
         received = list(sink.received)
     first: dict[str, float] = {}
