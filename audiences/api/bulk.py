@@ -261,8 +261,10 @@ class BulkWorker:
             )
 
         environment.write(work)
-        if operation["name"] == "users.identify":
-            environment.identified(item["id"] for item in valid)
+        # Real time: the users identified or deleted are evaluated at once.
+        environment.identified(
+            item["id"] if operation["name"] == "users.identify" else item for item in valid
+        )
 
     def _problem(self, name: str, item: object) -> str | None:
         from audiences.api.service import check_properties

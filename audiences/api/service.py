@@ -278,9 +278,11 @@ class Environment:
 
     def delete_user(self, user_id: str, claim: idempotency.Claim | None = None) -> None:
         """Delete a user: their static memberships end now, with exit events; dynamic audiences
-        drop them at the next evaluation (the warehouse loads the deletion)."""
+        drop them at once with real time on, else at the next evaluation (the warehouse loads
+        the deletion)."""
         self.audience_types()  # read before the write transaction, not inside it
         self.write(lambda connection: self.delete_user_in(connection, user_id), claim)
+        self.identified([user_id])
 
     def delete_user_in(self, connection, user_id: str, missing_ok: bool = False) -> bool:
         """`delete_user` inside the caller's write transaction (bulk deletes and merges use it);
