@@ -1,7 +1,7 @@
 """The API's real-time worker: users identified through the API are evaluated off the request path.
 
 An identify answers once its patch is committed; its user id goes to this worker, which takes every
-user waiting at that moment, evaluates them with `workflows.realtime.record_users` and records
+user waiting at that moment, evaluates them together (`workflows.realtime.decide`) and records
 their events and deliveries in one store write (the group commit on SQLite). The plan (which
 audiences, compiled once) is re-read at most once a second: the pipeline's published plan, the
 definitions and the workflow triggers. At its start, the worker evaluates again the users whose
@@ -23,8 +23,9 @@ from audiences.workflows.realtime import (
     Plan,
     UserEvaluator,
     compile_plan,
+    decide,
     read_plan,
-    record_users,
+    record,
     waiting_users,
 )
 
@@ -106,12 +107,16 @@ class RealtimeWorker:
         return plan, setup.triggers, setup.default_sink
 
     def _record(self, user_ids: set[str], plan: Plan, triggers: dict, default_sink: str) -> None:
+        """Evaluate outside the store's write lock, then record the events in one write."""
         store, evaluator = self.environment.store, self.evaluator
-        self.environment.write(
-            lambda connection: record_users(
-                store, connection, user_ids, plan, evaluator, triggers, default_sink
-            )
-        )
+        with evaluator.lock:
+            decisions = decide(store, user_ids, plan, evaluator)
+            if decisions.events:
+                self.environment.write(
+                    lambda connection: record(
+                        store, connection, decisions, evaluator, triggers, default_sink
+                    )
+                )
 
     def _run(self) -> None:
         while True:

@@ -100,9 +100,13 @@ def profile_warehouse(store: MembershipStore, user_id: str):
     evaluator = UserEvaluator()
     try:
         evaluator.load(
-            user_id,
-            None if profile is None else profile.properties,
-            [(row["audience_key"], row["tenant"]) for row in memberships],
+            [
+                (
+                    user_id,
+                    None if profile is None else profile.properties,
+                    [(row["audience_key"], row["tenant"]) for row in memberships],
+                )
+            ],
             datetime.now(UTC),
         )
         yield evaluator.connection

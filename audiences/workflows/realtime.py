@@ -2,7 +2,7 @@
 
 An identify through the API (one user, a bulk identify, an inline identify in an add) commits the
 patch and the store's copy of the user (`store/profiles.py`). Then, with real time on
-(`AUDIENCES_REALTIME`, default on), `record_users` evaluates that user's dynamic audiences in an
+(`AUDIENCES_REALTIME`, default on), `decide` evaluates that user's dynamic audiences in an
 in-memory DuckDB holding only the user as the store knows them and their memberships (static and
 dynamic), with the conditions compiled by the one compiler, audiences that refer to others after
 them. Each change against the store's current membership is an entered / exited event with the id
@@ -42,8 +42,10 @@ from sqlglot import exp
 
 from audiences.conditions.compiler import (
     EXTENSION_OPERATORS,
+    Attribute,
     CompileContext,
     attribute_expression,
+    attributes_used,
     compile_segments,
     property_json,
     render,
@@ -114,11 +116,14 @@ def path_description(reason: str | None) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """The audiences real time evaluates, in levels (an audience after those it refers to), and one
-    query per level selecting one membership verdict per audience of the level."""
+    """The audiences real time evaluates, in levels (an audience after those it refers to): the
+    query that extracts every attribute they read into one typed column each (as
+    `int_users_flattened` does), and one query per level selecting one membership verdict per
+    audience of the level over those columns."""
 
     definitions: dict[str, AudienceDefinition]
     levels: tuple[tuple[str, ...], ...]
+    flatten: str
     queries: tuple[str, ...]
 
     @property
@@ -154,13 +159,41 @@ def compile_plan(
         tuple(sorted(key for key in chosen if depth[key] == level))
         for level in range(1 + max(depth.values(), default=-1))
     )
-    return Plan(chosen, levels, tuple(_level_query(chosen, level) for level in levels))
+    attributes = sorted(
+        attributes_used(segment for d in chosen.values() for segment in d.segments),
+        key=lambda attribute: attribute.column_name,
+    )
+    return Plan(
+        chosen,
+        levels,
+        _flatten_query(attributes),
+        tuple(_level_query(chosen, level) for level in levels),
+    )
+
+
+def _flatten_query(attributes: list[Attribute]) -> str:
+    """The user's attributes, one typed column each, with "now" beside them."""
+    users = exp.to_table("raw.users").as_("users")
+    properties = exp.column("properties", table="users")
+    identifier = exp.column("user_id", table="users")
+    columns = [
+        exp.alias_(
+            attribute_expression(property_json(a.path, properties, identifier), a.variant),
+            a.column_name,
+            quoted=True,
+        )
+        for a in attributes
+    ]
+    return render(
+        exp.select("users.user_key", "users.user_id", "clock.evaluated_at", *columns)
+        .from_(users)
+        .join(exp.to_table("main.realtime_clock").as_("clock"), join_type="cross")
+        .where(exp.column("deleted_at", table="users").is_(exp.null())),
+        pretty=False,
+    )
 
 
 def _level_query(definitions: Mapping[str, AudienceDefinition], keys: tuple[str, ...]) -> str:
-    properties = exp.column("properties", table="users")
-    identifier = exp.column("user_id", table="users")
-
     def members_of(key: str) -> exp.Expression:
         return (
             exp.select("user_key")
@@ -171,30 +204,28 @@ def _level_query(definitions: Mapping[str, AudienceDefinition], keys: tuple[str,
         )
 
     context = CompileContext(
-        attribute=lambda a: attribute_expression(
-            property_json(a.path, properties, identifier), a.variant
-        ),
+        attribute=lambda a: exp.column(a.column_name, table="users", quoted=True),
         audience_members=members_of,
-        evaluation_time=exp.select("evaluated_at").from_("main.realtime_clock").subquery(),
+        evaluation_time=exp.column("evaluated_at", table="users"),
         user_key=exp.column("user_key", table="users"),
-        user_id=identifier,
-    )
-    source = (
-        exp.select("*")
-        .from_(exp.to_table("raw.users").as_("users"))
-        .where(exp.column("deleted_at", table="users").is_(exp.null()))
-        .subquery("users")
+        user_id=exp.column("user_id", table="users"),
     )
     verdicts = [
         exp.alias_(compile_segments(definitions[key].segments, context), f"v{index}")
         for index, key in enumerate(keys)
     ]
-    return render(exp.select(*verdicts).from_(source), pretty=False)
+    return render(
+        exp.select("users.user_id", "users.user_key", *verdicts).from_(
+            exp.to_table("main.realtime_users").as_("users")
+        ),
+        pretty=False,
+    )
 
 
 class UserEvaluator:
     """An in-memory DuckDB holding one user at a time as the store knows them (properties and
-    memberships), opened once and reused; the callers serialize on `lock`."""
+    memberships), opened once and reused; a plan's queries are prepared once. The callers
+    serialize on `lock`."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -203,45 +234,75 @@ class UserEvaluator:
         ensure_user_tables(self.connection)
         self.connection.execute(AUDIENCE_MEMBERS_STAND_IN)
         self.connection.execute("create table main.realtime_clock (evaluated_at timestamptz)")
+        self._prepared: tuple[Plan, int] | None = None
+        self._generation = 0
 
     def load(
         self,
-        user_id: str,
-        properties: dict | None,
-        memberships: Iterable[tuple[str, str | None]],
+        users: Iterable[tuple[str, dict | None, Iterable[tuple[str, str | None]]]],
         now: datetime,
     ) -> None:
-        """Hold this user (None: deleted or unknown) and their memberships, at `now`."""
+        """Hold these users, each (user id, properties or None when deleted or unknown, memberships
+        [(audience, tenant)]), at `now`."""
         connection = self.connection
         for table in ("raw.users", "main.audience_members", "main.realtime_clock"):
             connection.execute(f"delete from {table}")
         connection.execute("insert into main.realtime_clock values ($now)", {"now": now})
-        if properties is not None:
-            connection.execute(
-                "insert into raw.users values (1, $id, $properties::json, 'store', $now, $now, null)",
-                {"id": user_id, "properties": json.dumps(properties), "now": now},
-            )
-        rows = [(key, user_id, tenant) for key, tenant in memberships]
+        users, rows, members = list(users), [], []
+        for key, (user_id, properties, memberships) in enumerate(users, start=1):
+            if properties is not None:
+                rows.append((key, user_id, json.dumps(properties), now, now))
+            members += [(audience, key, user_id, tenant) for audience, tenant in memberships]
         if rows:
-            connection.executemany("insert into main.audience_members values (?, 1, ?, ?)", rows)
+            connection.executemany(
+                "insert into raw.users values (?, ?, ?::json, 'store', ?, ?, null)", rows
+            )
+        if members:
+            connection.executemany("insert into main.audience_members values (?, ?, ?, ?)", members)
 
-    def evaluate(self, plan: Plan) -> set[str]:
-        """The plan's audiences the loaded user is a member of (with no tenant)."""
+    def _prepare(self, plan: Plan) -> int:
+        """Prepare the plan's statements (once per plan): planning a query of every audience
+        costs far more than running it on one user."""
+        if self._prepared is not None and self._prepared[0] is plan:
+            return self._prepared[1]
+        self._generation += 1
+        generation, connection = self._generation, self.connection
+        connection.execute(f"create or replace table main.realtime_users as {plan.flatten} limit 0")
+        connection.execute(
+            f"prepare flatten_{generation} as insert into main.realtime_users {plan.flatten}"
+        )
+        for index, query in enumerate(plan.queries):
+            connection.execute(f"prepare level_{generation}_{index} as {query}")
+        self._prepared = (plan, generation)
+        return generation
+
+    def evaluate(self, plan: Plan) -> dict[str, set[str]]:
+        """Per loaded user id: the plan's audiences they are a member of (with no tenant). One
+        query per level for every loaded user: a query's cost is mostly fixed, not per user."""
+        if not plan.levels:
+            return {}
+        generation = self._prepare(plan)
         connection = self.connection
-        members: set[str] = set()
-        for keys, query in zip(plan.levels, plan.queries, strict=True):
-            row = connection.execute(query).fetchone()
-            now_in = {key for key, verdict in zip(keys, row or (), strict=False) if verdict}
-            members |= now_in
+        connection.execute("delete from main.realtime_users")
+        connection.execute(f"execute flatten_{generation}")
+        members: dict[str, set[str]] = {}
+        for index, keys in enumerate(plan.levels):
+            result = connection.execute(f"execute level_{generation}_{index}").fetchall()
+            entered = []
+            for user_id, user_key, *verdicts in result:
+                now_in = {key for key, verdict in zip(keys, verdicts, strict=True) if verdict}
+                members.setdefault(user_id, set()).update(now_in)
+                entered += [(key, user_key, user_id) for key in sorted(now_in)]
+            if index + 1 == len(plan.levels):
+                break
             # Later levels read this level's verdicts as memberships.
             connection.executemany(
                 "delete from main.audience_members where audience_key = ? and tenant is null",
                 [(key,) for key in keys],
             )
-            if now_in:
+            if entered:
                 connection.executemany(
-                    "insert into main.audience_members select ?, 1, user_id, null from raw.users",
-                    [(key,) for key in sorted(now_in)],
+                    "insert into main.audience_members values (?, ?, ?, null)", entered
                 )
         return members
 
@@ -258,95 +319,101 @@ def event_id(
 
 
 @dataclass
-class RealtimeReport:
-    users: int = 0
+class Decisions:
+    """What an evaluation of some users decided: their events, and the rows that record them."""
+
     events: list[MembershipEvent] = field(default_factory=list)
-    deliveries: PublishReport = field(default_factory=PublishReport)
+    event_rows: list[dict] = field(default_factory=list)
+    realtime_rows: list[dict] = field(default_factory=list)
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-def record_users(
+def decide(
     store: MembershipStore,
-    connection,
     user_ids: Iterable[str],
     plan: Plan,
     evaluator: UserEvaluator,
-    triggers: Mapping[str, WorkflowTrigger],
-    default_sink: str,
     now: datetime | None = None,
-) -> RealtimeReport:
-    """Evaluate these users' real-time audiences and record each change, inside the caller's
-    store transaction: the events (source `realtime`), the current membership, `realtime_events`
-    and the deliveries of their triggers. Idempotent: evaluating a user again changes nothing."""
-    report = RealtimeReport()
+) -> Decisions:
+    """Evaluate these users' real-time audiences over the store's copy of them (read outside any
+    write, so the store's write lock is not held meanwhile); each difference from the store's
+    current membership is an event with the pipeline's id. The caller holds `evaluator.lock`
+    until `record` has run (trigger conditions read the users the evaluator holds)."""
+    decisions = Decisions(now=now or datetime.now(UTC))
     user_ids = sorted(set(user_ids))
     if not user_ids or not plan.definitions:
-        return report
-    now = now or datetime.now(UTC)
-    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    state = _read_state(store, connection, user_ids, plan)
-    new_rows, realtime_rows, events = [], [], []
-    with evaluator.lock:
-        for user_id in user_ids:
-            profile, memberships, entries, patch_id = state[user_id]
-            if patch_id is None:
-                continue  # never identified through the store: the pipeline's users only
-            evaluator.load(user_id, profile, memberships, now)
-            members = evaluator.evaluate(plan)
-            current = {key for key, tenant in memberships if tenant is None}
-            changed = []
-            for key in sorted(plan.keys):
-                if (key in members) == (key in current):
-                    continue
-                kind = "entered" if key in members else "exited"
-                last = entries.get(key, 0)
-                entry = last + 1 if kind == "entered" else max(last, 1)
-                changed.append(
-                    MembershipEvent(
-                        event_id=event_id(key, user_id, None, kind, entry),
-                        audience_key=key,
-                        user_id=user_id,
-                        tenant=None,
-                        event_type=kind,
-                        occurred_at=stamp,
-                        entry_number=entry,
-                        audience_version=plan.definitions[key].version,
-                    )
-                )
-            if not changed:
+        return decisions
+    stamp = decisions.now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with store.read_engine.connect() as connection:
+        state = _read_state(store, connection, user_ids, plan)
+    # Never identified through the store (no patch): the pipeline's users only.
+    known = [user_id for user_id in user_ids if state[user_id][3] is not None]
+    evaluator.load([(u, state[u][0], state[u][1]) for u in known], decisions.now)
+    verdicts = evaluator.evaluate(plan)
+    for user_id in known:
+        _, memberships, entries, patch_id = state[user_id]
+        members = verdicts.get(user_id, set())
+        current = {key for key, tenant in memberships if tenant is None}
+        for key in sorted(plan.keys):
+            if (key in members) == (key in current):
                 continue
-            # Trigger conditions read the recipient's properties: the user the evaluator holds.
-            queued = queue_event_deliveries(
-                evaluator.connection, store, connection, changed, triggers, default_sink, now
+            kind = "entered" if key in members else "exited"
+            last = entries.get(key, 0)
+            entry = last + 1 if kind == "entered" else max(last, 1)
+            event = MembershipEvent(
+                event_id=event_id(key, user_id, None, kind, entry),
+                audience_key=key,
+                user_id=user_id,
+                tenant=None,
+                event_type=kind,
+                occurred_at=stamp,
+                entry_number=entry,
+                audience_version=plan.definitions[key].version,
             )
-            report.deliveries.deliveries += queued.deliveries
-            report.deliveries.skipped_by_conditions += queued.skipped_by_conditions
-            report.deliveries.skipped_by_frequency += queued.skipped_by_frequency
-            events += changed
-            new_rows += [
-                {**event.as_row(), "published_at": stamp, "source": SOURCE} for event in changed
-            ]
-            realtime_rows += [
+            decisions.events.append(event)
+            decisions.event_rows.append({**event.as_row(), "published_at": stamp, "source": SOURCE})
+            decisions.realtime_rows.append(
                 {
                     "event_id": event.event_id,
-                    "audience_key": event.audience_key,
-                    "user_id": event.user_id,
-                    "event_type": event.event_type,
-                    "entry_number": event.entry_number,
+                    "audience_key": key,
+                    "user_id": user_id,
+                    "event_type": kind,
+                    "entry_number": entry,
                     "occurred_at": stamp,
                     "patch_id": patch_id,
                     "imported_at": None,
                 }
-                for event in changed
-            ]
-    report.users = len(user_ids)
-    if not events:
-        return report
+            )
+    return decisions
+
+
+def record(
+    store: MembershipStore,
+    connection,
+    decisions: Decisions,
+    evaluator: UserEvaluator,
+    triggers: Mapping[str, WorkflowTrigger],
+    default_sink: str,
+) -> PublishReport:
+    """Record decided events inside the caller's store transaction: the events (source
+    `realtime`, inserted ignoring those already there), the current membership,
+    `realtime_events` and the deliveries of their triggers. Idempotent."""
+    if not decisions.events:
+        return PublishReport()
     if os.environ.get(FAULT_POINT) == FAULT_BEFORE_EVENTS:
         os.kill(os.getpid(), signal.SIGKILL)
-    store.insert_ignoring_duplicates(connection, tables.membership_events, new_rows)
-    store.insert_ignoring_duplicates(connection, tables.realtime_events, realtime_rows)
-    apply_membership_changes(store, connection, events)
-    report.events = events
+    report = queue_event_deliveries(
+        evaluator.connection,
+        store,
+        connection,
+        decisions.events,
+        dict(triggers),
+        default_sink,
+        decisions.now,
+    )
+    store.insert_ignoring_duplicates(connection, tables.membership_events, decisions.event_rows)
+    store.insert_ignoring_duplicates(connection, tables.realtime_events, decisions.realtime_rows)
+    apply_membership_changes(store, connection, decisions.events)
     return report
 
 
