@@ -8,8 +8,8 @@ served on 127.0.0.1, after a first evaluation (dbt build, diff, publish, the use
 the store as the `users` asset does, the real-time plan published):
 
 For each mode, real time on and off (`AUDIENCES_REALTIME`), in the same run: `audiences serve`
-in a process of its own; `audiences deliver --watch` in another (the delivery worker of
-`audiences serve` is another item; `deliver --watch` polls the store every second); 8 client
+in a process of its own, with its always-on delivery worker (woken when its own transactions queue
+deliveries; the pipeline's, from another process, found by its 0.2 s poll); 8 client
 threads make `--rate` identify calls a second for `--seconds`, each moving a fresh user into the
 probe audience or a user it moved in back out; with real time off, the pipeline (load the identify
 queue, dbt re-evaluation, diff, publish, as the main job does) runs in a loop meanwhile, as the
@@ -238,7 +238,6 @@ def run_mode(
     port = free_port()
     log = settings.duckdb_path.parent / f"processes-{'on' if realtime else 'off'}.log"
     server = start(["serve", "--port", str(port)], env, log)
-    worker = start(["deliver", "--watch"], env, log)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -317,7 +316,7 @@ def run_mode(
                 break
             time.sleep(0.5)
     finally:
-        for process in (server, worker):
+        for process in (server,):
             process.terminate()
             try:
                 process.wait(30)
@@ -379,7 +378,7 @@ def main() -> None:
         "clients": CLIENTS,
         "setup_seconds": setup_seconds,
         "first_evaluation": first,
-        "delivery_worker": "`audiences deliver --watch` (polls the store every second)",
+        "delivery_worker": "`audiences serve`'s always-on worker",
         "modes": [],
     }
     half = arguments.users // 2

@@ -3,7 +3,7 @@
 An identify answers once its patch is committed; its user id goes to this worker, which takes every
 user waiting at that moment, evaluates them together (`workflows.realtime.decide`) and records
 their events and deliveries in one store write (the group commit on SQLite). The plan (which
-audiences, compiled once) is re-read at most once a second: the pipeline's published plan, the
+audiences, compiled once) is re-read at most every `PLAN_REFRESH_SECONDS`: the pipeline's published plan, the
 definitions and the workflow triggers. At its start, the worker evaluates again the users whose
 patches the pipeline has not loaded yet, so a process that died between an identify's commit and
 its events' commit loses no event. Off (`AUDIENCES_REALTIME=false`), nothing runs here.
@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("audiences.realtime")
 MAX_USERS_PER_WRITE = 256  # users evaluated in one store transaction
-PLAN_REFRESH_SECONDS = 1.0
+# The plan, definitions and triggers are re-read at most this often: reading and checking them
+# costs more than evaluating a batch of users. A definition changed since is evaluated by the
+# next run (the batch wins).
+PLAN_REFRESH_SECONDS = 5.0
 
 
 class RealtimeWorker:
@@ -76,7 +79,7 @@ class RealtimeWorker:
         self.evaluator.close()
 
     def _current(self) -> tuple[Plan, dict, str]:
-        """The plan, triggers and default sink, re-read at most once a second."""
+        """The plan, triggers and default sink, re-read at most every `PLAN_REFRESH_SECONDS`."""
         now = time.monotonic()
         if self._plan is not None and now - self._plan[0] < PLAN_REFRESH_SECONDS:
             return self._plan[2], self._plan[3], self._plan[4]
