@@ -14,7 +14,8 @@ Which audiences are evaluated at once (`paths`): dynamic audiences whose conditi
 user's properties and memberships of static audiences or of such audiences, and that the pipeline
 has already evaluated with the same definition (the plan it publishes, `publish_plan`; a new
 audience's first members are backfill, which only the pipeline records). Custom SQL audiences,
-event (behavioral) audiences and audiences that refer to them wait for the next run.
+event (behavioral) audiences, per-tenant audiences and audiences that refer to them wait for the
+next run.
 
 The pipeline agrees and never doubles (`import_realtime_events`): before its diff, it imports the
 real-time events whose identify patch it has loaded into its membership history, so its diff
@@ -82,6 +83,12 @@ def paths(
     for key in order.static_order():
         definition = definitions[key]
         if definition.type != "dynamic":
+            continue
+        if definition.per_tenant:
+            reasons[key] = (
+                "is evaluated per tenant, over tenants and memberships only the warehouse holds: "
+                "evaluated at the next pipeline run"
+            )
             continue
         operators = {c.operator for segment in definition.segments for c in segment}
         if operators & set(EXTENSION_OPERATORS):

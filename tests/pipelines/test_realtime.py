@@ -332,4 +332,5 @@ def test_each_audience_catalog_entry_says_which_path_it_takes():
     assert path["signed_up_no_order"].startswith("next run: reads behavioral events")
     assert path["high_value_accounts"].startswith("next run: a custom SQL audience")
     assert path["vip_customers"].startswith("static")
+    assert path["workspace_admins_trial_ending"].startswith("next run: is evaluated per tenant")
     assert "Evaluation path: real time" in specs["enterprise_admins"].description
