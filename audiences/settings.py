@@ -58,6 +58,8 @@ ENVIRONMENT_VARIABLES = {
     "working files, for the first; <data>/<env>/audiences, written from its promoted commits, for the others)",
     "AUDIENCES_PROMOTION_EVALUATES": "whether a promotion through the API starts the target's evaluation at once "
     "(default true)",
+    "AUDIENCES_REALTIME": "whether an identify through the API re-evaluates that user's dynamic audiences at once "
+    "(default true; false leaves every change to the next pipeline run)",
     "AUDIENCES_API_WRITE_RATE": "API writes per second per environment (default 60, Knock's tier 3)",
     "AUDIENCES_API_READ_RATE": "API reads per second per environment (default 200, Knock's tier 4)",
     "AUDIENCES_API_DELETE_RATE": "API deletes and merges per second per environment (default 5, Knock's tier 2)",
@@ -191,6 +193,12 @@ class Settings:
             "0",
             "no",
         )
+
+    @property
+    def realtime(self) -> bool:
+        """An identify through the API re-evaluates that user's dynamic audiences at once and
+        records their events (`workflows/realtime.py`); off, changes wait for the next run."""
+        return os.environ.get("AUDIENCES_REALTIME", "true").lower() not in ("false", "0", "no")
 
     @property
     def api_write_rate(self) -> float:

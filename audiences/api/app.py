@@ -33,6 +33,7 @@ from audiences.api.models import (
     PROPERTIES_ADAPTER,
     ErrorBody,
 )
+from audiences.api.realtime import RealtimeWorker
 from audiences.api.routes import (
     audiences,
     bulk,
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limiter = limiter
     for environment in environments.values():
         environment.bulk_worker = BulkWorker(environment).start()
+        if settings.realtime:
+            environment.realtime = RealtimeWorker(environment).start()
 
     # The bulk and list routes before users' `/v1/users/{user_id}`: FastAPI matches in order.
     for routes in (audiences, bulk, user_list, user_merge, users, tenants, guides, census):

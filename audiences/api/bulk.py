@@ -261,6 +261,10 @@ class BulkWorker:
             )
 
         environment.write(work)
+        # Real time: the users identified or deleted are evaluated at once.
+        environment.identified(
+            item["id"] if operation["name"] == "users.identify" else item for item in valid
+        )
 
     def _problem(self, name: str, item: object) -> str | None:
         from audiences.api.service import check_properties

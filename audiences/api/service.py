@@ -28,6 +28,7 @@ from audiences.api.writer import GroupCommitWriter
 
 if TYPE_CHECKING:
     from audiences.api.bulk import BulkWorker
+    from audiences.api.realtime import RealtimeWorker
 from audiences.conditions.definitions import KEY_PATTERN, load_definitions
 from audiences.settings import Settings
 from audiences.static.members import (
@@ -60,6 +61,8 @@ class Environment:
     _types: tuple[float, dict[str, str]] | None = None
     _writer: GroupCommitWriter | None = None
     bulk_worker: BulkWorker | None = None  # processes queued bulk operations (api/bulk.py)
+    # Evaluates identified users at once (api/realtime.py); None when real time is off.
+    realtime: RealtimeWorker | None = None
 
     @classmethod
     def open(cls, settings: Settings, name: str) -> Environment:
@@ -108,9 +111,16 @@ class Environment:
                     self._writer = GroupCommitWriter(self.store.engine, f"writer-{self.name}")
         return self._writer.write(work)
 
+    def identified(self, user_ids) -> None:
+        """Users whose identify committed: evaluate their audiences at once (with real time on)."""
+        if self.realtime is not None:
+            self.realtime.submit(user_ids)
+
     def close(self) -> None:
         if self.bulk_worker is not None:
             self.bulk_worker.close()
+        if self.realtime is not None:
+            self.realtime.close()
         if self._writer is not None:
             self._writer.close()
         self.store.dispose()
@@ -174,6 +184,7 @@ class Environment:
             return apply_change(self.store, connection, change)
 
         result = self.write(work, claim)
+        self.identified(user_id for user_id, _ in patches)
         return result.changed, result.unchanged
 
     def list_members(
@@ -250,12 +261,14 @@ class Environment:
         """Merge properties into the user (`null` removes one); returns the user in Knock's shape."""
         properties = profiles.user_properties(properties)
         check_properties(properties)
-        return self.write(
+        user = self.write(
             lambda connection: profiles.identify(self.store, connection, [(user_id, properties)])[
                 user_id
             ].as_knock_user(),
             claim,
         )
+        self.identified([user_id])
+        return user
 
     def get_user(self, user_id: str) -> dict:
         profile = profiles.get_profile(self.store, user_id)
@@ -265,9 +278,11 @@ class Environment:
 
     def delete_user(self, user_id: str, claim: idempotency.Claim | None = None) -> None:
         """Delete a user: their static memberships end now, with exit events; dynamic audiences
-        drop them at the next evaluation (the warehouse loads the deletion)."""
+        drop them at once with real time on, else at the next evaluation (the warehouse loads
+        the deletion)."""
         self.audience_types()  # read before the write transaction, not inside it
         self.write(lambda connection: self.delete_user_in(connection, user_id), claim)
+        self.identified([user_id])
 
     def delete_user_in(self, connection, user_id: str, missing_ok: bool = False) -> bool:
         """`delete_user` inside the caller's write transaction (bulk deletes and merges use it);

@@ -340,6 +340,24 @@ trigger_recipients = sa.Table(
     sa.Column("delivery_id", sa.String(64), nullable=False),
 )
 
+# Membership events the API's real-time path recorded (`workflows/realtime.py`), with the identify
+# patch they were decided on: the pipeline's diff imports into its history those whose patch it has
+# loaded (`imported_at` set then), so its own evaluation neither repeats nor contradicts them.
+realtime_events = sa.Table(
+    "realtime_events",
+    metadata,
+    sa.Column("event_id", sa.String(64), primary_key=True),
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("event_type", sa.String(16), nullable=False),
+    sa.Column("entry_number", sa.Integer, nullable=False),
+    sa.Column("occurred_at", sa.String(32), nullable=False),
+    # The user's newest queued identify patch when the decision was made.
+    sa.Column("patch_id", sa.Integer, nullable=False),
+    sa.Column("imported_at", sa.String(32)),
+    sa.Index("realtime_events_to_import", "imported_at", "patch_id"),
+)
+
 DEFAULT_URL = "sqlite:///data/store.sqlite"
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -88,32 +88,27 @@ def eligible(
 def profile_warehouse(store: MembershipStore, user_id: str):
     """An in-memory warehouse holding one user as the store knows them (properties and
     memberships), so the API can evaluate a guide's conditions with the same compiler while a
-    pipeline run holds the real warehouse."""
-    import duckdb
-
+    pipeline run holds the real warehouse: real time's evaluator (`realtime.UserEvaluator`)."""
     from audiences.store.profiles import get_profile
-    from audiences.warehouse.schema import AUDIENCE_MEMBERS_STAND_IN, ensure_user_tables
+    from audiences.workflows.realtime import UserEvaluator
 
     profile = get_profile(store, user_id)
     members = tables.audience_members
     memberships = store.rows(
         sa.select(members.c.audience_key, members.c.tenant).where(members.c.user_id == user_id)
     )
-    connection = duckdb.connect(":memory:")
+    evaluator = UserEvaluator()
     try:
-        connection.execute("set TimeZone = 'UTC'")
-        ensure_user_tables(connection)
-        if profile is not None:
-            connection.execute(
-                "insert into raw.users values (1, $id, $properties::json, 'store', now(), now(), null)",
-                {"id": user_id, "properties": json.dumps(profile.properties)},
-            )
-        connection.execute(AUDIENCE_MEMBERS_STAND_IN)
-        if memberships:
-            connection.executemany(
-                "insert into main.audience_members values (?, 1, ?, ?)",
-                [(row["audience_key"], user_id, row["tenant"]) for row in memberships],
-            )
-        yield connection
+        evaluator.load(
+            [
+                (
+                    user_id,
+                    None if profile is None else profile.properties,
+                    [(row["audience_key"], row["tenant"]) for row in memberships],
+                )
+            ],
+            datetime.now(UTC),
+        )
+        yield evaluator.connection
     finally:
-        connection.close()
+        evaluator.close()

@@ -253,6 +253,32 @@ def process_static_triggers(
     return report
 
 
+def queue_event_deliveries(
+    connection: duckdb.DuckDBPyConnection,
+    store: MembershipStore,
+    store_connection,
+    events: list[MembershipEvent],
+    triggers: dict[str, WorkflowTrigger],
+    default_sink: str,
+    now: datetime,
+) -> PublishReport:
+    """Queue the deliveries of events recorded outside the outbox (real time, `realtime.py`)
+    inside the caller's store transaction, by the same trigger rules as `publish_outbox`; trigger
+    conditions are evaluated over the users `connection` holds."""
+    report = PublishReport()
+    starts = {
+        row.workflow_key: (row.first_event_sequence, row.first_seen_at)
+        for row in store_connection.execute(sa.select(tables.workflow_triggers))
+    }
+    deliveries = _deliveries_for(
+        connection, store, store_connection, events, triggers, starts, default_sink, now, report
+    )
+    report.deliveries += store.insert_ignoring_duplicates(
+        store_connection, tables.deliveries, deliveries
+    )
+    return report
+
+
 def _identified(connection, user_ids: list[str]) -> set[str]:
     import polars as pl
 

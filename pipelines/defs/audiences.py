@@ -102,6 +102,12 @@ class AudiencesTranslator(DagsterDbtTranslator):
         if folder == "audiences":
             spec = spec.replace_attributes(key=dg.AssetKey(["audiences", node["name"]]))
             spec = spec.merge_attributes(deps=[DEFINITIONS_KEY])
+            # Which path the audience takes: real time on identify, or the next run (issue 19).
+            path = getattr(self, "evaluation_paths", {}).get(node["name"])
+            if path is not None:
+                spec = spec.replace_attributes(
+                    description=f"{spec.description or ''}\n\nEvaluation path: {path}".strip()
+                ).merge_attributes(metadata={"evaluation_path": path})
         if folder in GROUPS:
             spec = spec.replace_attributes(group_name=GROUPS[folder])
         return spec
@@ -295,12 +301,16 @@ def every_audience_built(
     )
 
 
-def audience_models_from(manifest: Path) -> dg.AssetsDefinition:
+def audience_models_from(
+    manifest: Path, evaluation_paths: Mapping[str, str] | None = None
+) -> dg.AssetsDefinition:
     """The dbt project's models as assets (`build_audiences` builds them), keyed and grouped by
-    `AudiencesTranslator`; dbt tests on the `users` source become checks on the `users` asset."""
+    `AudiencesTranslator`; dbt tests on the `users` source become checks on the `users` asset.
+    `evaluation_paths` (per model name, `evaluation_paths`) go into each audience's catalog entry."""
     translator = AudiencesTranslator(
         settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True)
     )
+    translator.evaluation_paths = dict(evaluation_paths or {})
     return dbt_assets(manifest=manifest, dagster_dbt_translator=translator, name="audience_models")(
         build_audiences
     )
@@ -316,10 +326,34 @@ def audiences_definitions() -> dg.Definitions:
     definition_set = project_definitions(settings)
     manifest = prepare(settings, definition_set)
     return dg.Definitions(
-        assets=[audience_definitions, audience_models_from(manifest)],
+        assets=[
+            audience_definitions,
+            audience_models_from(manifest, evaluation_paths(settings, definition_set)),
+        ],
         asset_checks=[every_definition_is_usable, every_audience_built],
         resources={"definition_set": definition_set},
     )
+
+
+def evaluation_paths(settings: Settings, definition_set: DefinitionSet) -> dict[str, str]:
+    """Per audience model: the path its changes take (`workflows/realtime.py`'s `paths`): real
+    time on an identify through the API, the next pipeline run, or static changes."""
+    from audiences.conditions.definitions import model_name_for
+    from audiences.workflows.realtime import path_description, paths
+
+    found = {
+        model_name_for(key): path_description(reason)
+        for key, reason in paths(
+            definition_set.definitions, custom_audience_keys(settings.dbt_project_dir)
+        ).items()
+    }
+    for key, definition in definition_set.definitions.items():
+        if definition.type == "static":
+            found[model_name_for(key)] = (
+                "static: members are added and removed through the API, the CLI, uploads and "
+                "syncs, and their events recorded at once"
+            )
+    return found
 
 
 def skipped_audiences_check(definition_set: DefinitionSet) -> dg.AssetCheckResult:

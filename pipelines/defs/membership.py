@@ -12,6 +12,11 @@ from audiences.warehouse.evaluation import (
     members_evaluated_at,
 )
 from audiences.workflows.publish import process_static_triggers, publish_outbox
+from audiences.workflows.realtime import (
+    import_realtime_events,
+    publish_plan,
+    realtime_disagreements,
+)
 from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
 
 # Most deliveries one pass inside a pipeline run sends, and most seconds it spends on one sink (a
@@ -32,11 +37,16 @@ PASS_SECONDS_PER_SINK = 50.0
         "deterministic event ids; validity intervals (`raw.membership_intervals`) keep the "
         "history. A new audience's first members are recorded as backfill (no triggers). When "
         "a run moves too large a share of an audience, its events are held for a person to "
-        "release or discard. An archived audience's members exit, once."
+        "release or discard. An archived audience's members exit, once. The API's real-time "
+        "events whose patches this run loaded join the history first, so none is emitted twice; "
+        "a correction of one is counted in `realtime_disagreements`."
     ),
 )
 def membership_changes(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource, settings: SettingsParam
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    store: MembershipStoreResource,
+    settings: SettingsParam,
 ) -> dg.MaterializeResult:
     breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
     with warehouse.connect() as connection:
@@ -58,9 +68,20 @@ def membership_changes(
                     "skipped": f"earlier than the last recorded evaluation ({format_time(last)})",
                 }
             )
+        # Real time's events whose patches this run loaded join the history first: the diff then
+        # repeats none of them, and what it still finds against them is a disagreement.
+        imported = import_realtime_events(connection, store.open(), evaluated_at)
         # An audience archived in this environment: its members exit once (`record_changes`).
         archived = archived_in(settings.store_url)
         summary = record_changes(connection, evaluated_at, breaker, archived=archived)
+        disagreements = realtime_disagreements(connection, evaluated_at)
+    for disagreement in disagreements[:20]:
+        context.log.error(
+            f"real time disagreed with the batch on {disagreement['audience_key']} / "
+            f"{disagreement['user_id']}: real time recorded {disagreement['realtime_event']} "
+            f"#{disagreement['realtime_entry']}, the batch corrects it with "
+            f"{disagreement['event_type']} #{disagreement['entry_number']} (a defect)"
+        )
     rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
     for change in summary.audiences:
         note = (
@@ -83,6 +104,9 @@ def membership_changes(
             "entered": summary.entered,
             "exited": summary.exited,
             "held_batches": [held.held_batch for held in summary.held],
+            "realtime_events_imported": imported,
+            # The batch wins; each of these is a defect of the real-time path.
+            "realtime_disagreements": len(disagreements),
             "changes_per_audience": dg.MetadataValue.md("\n".join(rows)),
             # The same, for `audiences run`'s summary.
             "changes": dg.MetadataValue.json(
@@ -159,6 +183,8 @@ def published_membership_events(
         static = process_static_triggers(
             connection, opened, setup.triggers, setup.default_sink, evaluated_at
         )
+        # Which audiences the API's real time may now evaluate, and at which version.
+        plan = publish_plan(opened, connection)
     return dg.MaterializeResult(
         metadata={
             "events_published": report.events,
@@ -168,6 +194,7 @@ def published_membership_events(
             "deliveries_held": report.held_deliveries,
             "skipped_by_trigger_frequency": report.skipped_by_frequency,
             "skipped_by_trigger_conditions": report.skipped_by_conditions,
+            "realtime_audiences_published": len(plan),
         }
     )
 

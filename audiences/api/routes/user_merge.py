@@ -46,4 +46,6 @@ async def merge(user_id: UserId, request: Request, caller: Deleter):
             raise not_found(f"user {from_user_id!r}")
         return merged[0].as_knock_user()
 
-    return await write(request, caller, 200, lambda claim: environment.write(work, claim))
+    response = await write(request, caller, 200, lambda claim: environment.write(work, claim))
+    environment.identified([user_id, from_user_id])  # real time: both users changed
+    return response

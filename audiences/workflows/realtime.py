@@ -1,0 +1,655 @@
+"""Real time: a user changed through the API is evaluated at once, with the pipeline's semantics.
+
+An identify through the API (one user, a bulk identify, an inline identify in an add) commits the
+patch and the store's copy of the user (`store/profiles.py`). Then, with real time on
+(`AUDIENCES_REALTIME`, default on), `decide` evaluates that user's dynamic audiences in an
+in-memory DuckDB holding only the user as the store knows them and their memberships (static and
+dynamic), with the conditions compiled by the one compiler, audiences that refer to others after
+them. Each change against the store's current membership is an entered / exited event with the id
+the pipeline's diff gives the same change (`membership/changes.py`: the hash of audience, user,
+tenant, type and entry number), written with the current membership, the deliveries of its
+workflow triggers and a row of `realtime_events`, in one store transaction.
+
+Which audiences are evaluated at once (`paths`): dynamic audiences whose conditions read only the
+user's properties and memberships of static audiences or of such audiences, and that the pipeline
+has already evaluated with the same definition (the plan it publishes, `publish_plan`; a new
+audience's first members are backfill, which only the pipeline records). Custom SQL audiences,
+event (behavioral) audiences, per-tenant audiences and audiences that refer to them wait for the
+next run.
+
+The pipeline agrees and never doubles (`import_realtime_events`): before its diff, it imports the
+real-time events whose identify patch it has loaded into its membership history, so its diff
+starts from the memberships real time left; if its evaluation still differs, the diff's event is
+the correction (the batch wins) and the run counts the disagreement. A crash between the
+identify's commit and the events' loses nothing: the next run's diff finds the change and records
+it with the same id, and the API re-evaluates the users whose patches wait at its start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from graphlib import TopologicalSorter
+
+import duckdb
+import sqlalchemy as sa
+from sqlglot import exp
+
+from audiences.conditions.compiler import (
+    EXTENSION_OPERATORS,
+    Attribute,
+    CompileContext,
+    attribute_expression,
+    attributes_used,
+    compile_segments,
+    property_json,
+    render,
+    without_tenant,
+)
+from audiences.conditions.definitions import AudienceDefinition
+from audiences.membership.events import MembershipEvent
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore, apply_membership_changes, now_text
+from audiences.warehouse.schema import AUDIENCE_MEMBERS_STAND_IN, ensure_user_tables
+from audiences.workflows.publish import PublishReport, queue_event_deliveries
+from audiences.workflows.triggers import WorkflowTrigger
+
+# The store marker holding the pipeline's plan: {audience key: version} of the dynamic audiences it
+# has evaluated, which real time may evaluate when the definition it has is that version.
+PLAN_MARKER = "realtime_plan"
+# A test's fault point: the real-time path kills its own process (SIGKILL) right before it commits
+# the events of an identify that has committed.
+FAULT_POINT = "AUDIENCES_FAULT_POINT"
+FAULT_BEFORE_EVENTS = "realtime-before-events"
+SOURCE = "realtime"
+NEXT_RUN_SQL = "a custom SQL audience: evaluated in the warehouse, at the next pipeline run"
+
+
+def paths(
+    definitions: Mapping[str, AudienceDefinition], custom_keys: Iterable[str] = ()
+) -> dict[str, str | None]:
+    """For each dynamic and custom SQL audience: None when an identify evaluates it at once, else
+    why it waits for the next pipeline run."""
+    reasons: dict[str, str | None] = dict.fromkeys(custom_keys, NEXT_RUN_SQL)
+    order = TopologicalSorter(
+        {key: definition.references() & set(definitions) for key, definition in definitions.items()}
+    )
+    for key in order.static_order():
+        definition = definitions[key]
+        if definition.type != "dynamic":
+            continue
+        if definition.per_tenant:
+            reasons[key] = (
+                "is evaluated per tenant, over tenants and memberships only the warehouse holds: "
+                "evaluated at the next pipeline run"
+            )
+            continue
+        operators = {c.operator for segment in definition.segments for c in segment}
+        if operators & set(EXTENSION_OPERATORS):
+            reasons[key] = (
+                "reads behavioral events, which only the warehouse holds: evaluated at the next "
+                "pipeline run"
+            )
+            continue
+        reasons[key] = None
+        for reference in sorted(definition.references()):
+            kind = definitions[reference].type if reference in definitions else None
+            if kind == "static":
+                continue
+            if kind is None or reasons.get(reference) is not None:
+                reasons[key] = (
+                    f"refers to {reference!r}, which is evaluated at the next pipeline run: "
+                    "evaluated at the next pipeline run too"
+                )
+                break
+    return reasons
+
+
+def path_description(reason: str | None) -> str:
+    """The catalog's words for an audience's path (`paths`)."""
+    if reason is None:
+        return (
+            "real time: an identify through the API evaluates the user at once; the next "
+            "pipeline run confirms"
+        )
+    return f"next run: {reason}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The audiences real time evaluates, in levels (an audience after those it refers to): the
+    query that extracts every attribute they read into one typed column each (as
+    `int_users_flattened` does), and one query per level selecting one membership verdict per
+    audience of the level over those columns."""
+
+    definitions: dict[str, AudienceDefinition]
+    levels: tuple[tuple[str, ...], ...]
+    flatten: str
+    queries: tuple[str, ...]
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.definitions)
+
+
+def compile_plan(
+    definitions: Mapping[str, AudienceDefinition],
+    evaluated_versions: Mapping[str, str],
+    custom_keys: Iterable[str] = (),
+) -> Plan:
+    """The plan for these definitions: the real-time audiences (`paths`) that the pipeline has
+    evaluated at their current version, and their queries, compiled once."""
+    reasons = paths(definitions, custom_keys)
+    chosen: dict[str, AudienceDefinition] = {}
+    order = TopologicalSorter(
+        {key: definition.references() & set(definitions) for key, definition in definitions.items()}
+    )
+    depth: dict[str, int] = {}
+    for key in order.static_order():
+        definition = definitions[key]
+        if definition.type != "dynamic" or reasons.get(key) is not None:
+            continue
+        if evaluated_versions.get(key) != definition.version:
+            continue
+        references = definition.references()
+        if not all(r in chosen or definitions[r].type == "static" for r in references):
+            continue  # it refers to an audience real time leaves to the next run
+        chosen[key] = definition
+        depth[key] = 1 + max((depth[r] for r in references if r in depth), default=-1)
+    levels = tuple(
+        tuple(sorted(key for key in chosen if depth[key] == level))
+        for level in range(1 + max(depth.values(), default=-1))
+    )
+    attributes = sorted(
+        attributes_used(segment for d in chosen.values() for segment in d.segments),
+        key=lambda attribute: attribute.column_name,
+    )
+    return Plan(
+        chosen,
+        levels,
+        _flatten_query(attributes),
+        tuple(_level_query(chosen, level) for level in levels),
+    )
+
+
+def _flatten_query(attributes: list[Attribute]) -> str:
+    """The user's attributes, one typed column each, with "now" beside them."""
+    users = exp.to_table("raw.users").as_("users")
+    properties = exp.column("properties", table="users")
+    identifier = exp.column("user_id", table="users")
+    columns = [
+        exp.alias_(
+            attribute_expression(property_json(a.path, properties, identifier), a.variant),
+            a.column_name,
+            quoted=True,
+        )
+        for a in attributes
+    ]
+    return render(
+        exp.select("users.user_key", "users.user_id", "clock.evaluated_at", *columns)
+        .from_(users)
+        .join(exp.to_table("main.realtime_clock").as_("clock"), join_type="cross")
+        .where(exp.column("deleted_at", table="users").is_(exp.null())),
+        pretty=False,
+    )
+
+
+def _level_query(definitions: Mapping[str, AudienceDefinition], keys: tuple[str, ...]) -> str:
+    def members_of(key: str) -> exp.Expression:
+        return (
+            exp.select("user_key")
+            .from_("main.audience_members")
+            .where(
+                exp.and_(exp.column("audience_key").eq(exp.Literal.string(key)), without_tenant())
+            )
+        )
+
+    context = CompileContext(
+        attribute=lambda a: exp.column(a.column_name, table="users", quoted=True),
+        audience_members=members_of,
+        evaluation_time=exp.column("evaluated_at", table="users"),
+        user_key=exp.column("user_key", table="users"),
+        user_id=exp.column("user_id", table="users"),
+    )
+    verdicts = [
+        exp.alias_(compile_segments(definitions[key].segments, context), f"v{index}")
+        for index, key in enumerate(keys)
+    ]
+    return render(
+        exp.select("users.user_id", "users.user_key", *verdicts).from_(
+            exp.to_table("main.realtime_users").as_("users")
+        ),
+        pretty=False,
+    )
+
+
+class UserEvaluator:
+    """An in-memory DuckDB holding one user at a time as the store knows them (properties and
+    memberships), opened once and reused; a plan's queries are prepared once. The callers
+    serialize on `lock`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.connection = duckdb.connect(":memory:")
+        self.connection.execute("set TimeZone = 'UTC'")
+        ensure_user_tables(self.connection)
+        self.connection.execute(AUDIENCE_MEMBERS_STAND_IN)
+        self.connection.execute("create table main.realtime_clock (evaluated_at timestamptz)")
+        self._prepared: tuple[Plan, int] | None = None
+        self._generation = 0
+
+    def load(
+        self,
+        users: Iterable[tuple[str, dict | None, Iterable[tuple[str, str | None]]]],
+        now: datetime,
+    ) -> None:
+        """Hold these users, each (user id, properties or None when deleted or unknown, memberships
+        [(audience, tenant)]), at `now`."""
+        connection = self.connection
+        for table in ("raw.users", "main.audience_members", "main.realtime_clock"):
+            connection.execute(f"delete from {table}")
+        connection.execute("insert into main.realtime_clock values ($now)", {"now": now})
+        users, rows, members = list(users), [], []
+        for key, (user_id, properties, memberships) in enumerate(users, start=1):
+            if properties is not None:
+                rows.append((key, user_id, json.dumps(properties), now, now))
+            members += [(audience, key, user_id, tenant) for audience, tenant in memberships]
+        if rows:
+            connection.executemany(
+                "insert into raw.users values (?, ?, ?::json, 'store', ?, ?, null)", rows
+            )
+        if members:
+            connection.executemany("insert into main.audience_members values (?, ?, ?, ?)", members)
+
+    def _prepare(self, plan: Plan) -> int:
+        """Prepare the plan's statements (once per plan): planning a query of every audience
+        costs far more than running it on one user."""
+        if self._prepared is not None and self._prepared[0] is plan:
+            return self._prepared[1]
+        self._generation += 1
+        generation, connection = self._generation, self.connection
+        connection.execute(f"create or replace table main.realtime_users as {plan.flatten} limit 0")
+        connection.execute(
+            f"prepare flatten_{generation} as insert into main.realtime_users {plan.flatten}"
+        )
+        for index, query in enumerate(plan.queries):
+            connection.execute(f"prepare level_{generation}_{index} as {query}")
+        self._prepared = (plan, generation)
+        return generation
+
+    def evaluate(self, plan: Plan) -> dict[str, set[str]]:
+        """Per loaded user id: the plan's audiences they are a member of (with no tenant). One
+        query per level for every loaded user: a query's cost is mostly fixed, not per user."""
+        if not plan.levels:
+            return {}
+        generation = self._prepare(plan)
+        connection = self.connection
+        connection.execute("delete from main.realtime_users")
+        connection.execute(f"execute flatten_{generation}")
+        members: dict[str, set[str]] = {}
+        for index, keys in enumerate(plan.levels):
+            result = connection.execute(f"execute level_{generation}_{index}").fetchall()
+            entered = []
+            for user_id, user_key, *verdicts in result:
+                now_in = {key for key, verdict in zip(keys, verdicts, strict=True) if verdict}
+                members.setdefault(user_id, set()).update(now_in)
+                entered += [(key, user_key, user_id) for key in sorted(now_in)]
+            if index + 1 == len(plan.levels):
+                break
+            # Later levels read this level's verdicts as memberships.
+            connection.executemany(
+                "delete from main.audience_members where audience_key = ? and tenant is null",
+                [(key,) for key in keys],
+            )
+            if entered:
+                connection.executemany(
+                    "insert into main.audience_members values (?, ?, ?, null)", entered
+                )
+        return members
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def event_id(
+    audience_key: str, user_id: str, tenant: str | None, event_type: str, entry: int
+) -> str:
+    """The event's deterministic id, as the pipeline's diff computes it in SQL."""
+    text = "\x1f".join((audience_key, user_id, tenant or "", event_type, str(entry)))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass
+class Decisions:
+    """What an evaluation of some users decided: their events, and the rows that record them."""
+
+    events: list[MembershipEvent] = field(default_factory=list)
+    event_rows: list[dict] = field(default_factory=list)
+    realtime_rows: list[dict] = field(default_factory=list)
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+def decide(
+    store: MembershipStore,
+    user_ids: Iterable[str],
+    plan: Plan,
+    evaluator: UserEvaluator,
+    now: datetime | None = None,
+) -> Decisions:
+    """Evaluate these users' real-time audiences over the store's copy of them (read outside any
+    write, so the store's write lock is not held meanwhile); each difference from the store's
+    current membership is an event with the pipeline's id. The caller holds `evaluator.lock`
+    until `record` has run (trigger conditions read the users the evaluator holds)."""
+    decisions = Decisions(now=now or datetime.now(UTC))
+    user_ids = sorted(set(user_ids))
+    if not user_ids or not plan.definitions:
+        return decisions
+    stamp = decisions.now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    with store.read_engine.connect() as connection:
+        state = _read_state(store, connection, user_ids, plan)
+    # Never identified through the store (no patch): the pipeline's users only.
+    known = [user_id for user_id in user_ids if state[user_id][3] is not None]
+    evaluator.load([(u, state[u][0], state[u][1]) for u in known], decisions.now)
+    verdicts = evaluator.evaluate(plan)
+    for user_id in known:
+        _, memberships, entries, patch_id = state[user_id]
+        members = verdicts.get(user_id, set())
+        current = {key for key, tenant in memberships if tenant is None}
+        for key in sorted(plan.keys):
+            if (key in members) == (key in current):
+                continue
+            kind = "entered" if key in members else "exited"
+            last = entries.get(key, 0)
+            entry = last + 1 if kind == "entered" else max(last, 1)
+            event = MembershipEvent(
+                event_id=event_id(key, user_id, None, kind, entry),
+                audience_key=key,
+                user_id=user_id,
+                tenant=None,
+                event_type=kind,
+                occurred_at=stamp,
+                entry_number=entry,
+                audience_version=plan.definitions[key].version,
+            )
+            decisions.events.append(event)
+            decisions.event_rows.append({**event.as_row(), "published_at": stamp, "source": SOURCE})
+            decisions.realtime_rows.append(
+                {
+                    "event_id": event.event_id,
+                    "audience_key": key,
+                    "user_id": user_id,
+                    "event_type": kind,
+                    "entry_number": entry,
+                    "occurred_at": stamp,
+                    "patch_id": patch_id,
+                    "imported_at": None,
+                }
+            )
+    return decisions
+
+
+def record(
+    store: MembershipStore,
+    connection,
+    decisions: Decisions,
+    evaluator: UserEvaluator,
+    triggers: Mapping[str, WorkflowTrigger],
+    default_sink: str,
+) -> PublishReport:
+    """Record decided events inside the caller's store transaction: the events (source
+    `realtime`, inserted ignoring those already there), the current membership,
+    `realtime_events` and the deliveries of their triggers. Idempotent."""
+    if not decisions.events:
+        return PublishReport()
+    if os.environ.get(FAULT_POINT) == FAULT_BEFORE_EVENTS:
+        os.kill(os.getpid(), signal.SIGKILL)
+    report = queue_event_deliveries(
+        evaluator.connection,
+        store,
+        connection,
+        decisions.events,
+        dict(triggers),
+        default_sink,
+        decisions.now,
+    )
+    store.insert_ignoring_duplicates(connection, tables.membership_events, decisions.event_rows)
+    store.insert_ignoring_duplicates(connection, tables.realtime_events, decisions.realtime_rows)
+    apply_membership_changes(store, connection, decisions.events)
+    return report
+
+
+def _read_state(store: MembershipStore, connection, user_ids: list[str], plan: Plan) -> dict:
+    """Per user: (properties or None, memberships [(audience, tenant)], last entry number per plan
+    audience with no tenant, newest identify patch id or None)."""
+    profiles, members = tables.user_profiles, tables.audience_members
+    events, patches = tables.membership_events, tables.user_patches
+    state: dict[str, tuple] = {}
+    for start in range(0, len(user_ids), 500):
+        chunk = user_ids[start : start + 500]
+        found = {
+            row.user_id: (None if row.deleted_at else json.loads(row.properties))
+            for row in connection.execute(
+                sa.select(profiles.c.user_id, profiles.c.properties, profiles.c.deleted_at).where(
+                    profiles.c.user_id.in_(chunk)
+                )
+            )
+        }
+        memberships: dict[str, list] = {}
+        for row in connection.execute(
+            sa.select(members.c.user_id, members.c.audience_key, members.c.tenant).where(
+                members.c.user_id.in_(chunk)
+            )
+        ):
+            memberships.setdefault(row.user_id, []).append((row.audience_key, row.tenant))
+        entries: dict[str, dict[str, int]] = {}
+        for row in connection.execute(
+            sa.select(events.c.user_id, events.c.audience_key, sa.func.max(events.c.entry_number))
+            .where(
+                events.c.user_id.in_(chunk),
+                events.c.audience_key.in_(sorted(plan.keys)),
+                events.c.tenant.is_(None),
+            )
+            .group_by(events.c.user_id, events.c.audience_key)
+        ):
+            entries.setdefault(row[0], {})[row[1]] = row[2]
+        newest = {
+            row[0]: row[1]
+            for row in connection.execute(
+                sa.select(patches.c.user_id, sa.func.max(patches.c.patch_id))
+                .where(patches.c.user_id.in_(chunk))
+                .group_by(patches.c.user_id)
+            )
+        }
+        for user_id in chunk:
+            state[user_id] = (
+                found.get(user_id),
+                memberships.get(user_id, []),
+                entries.get(user_id, {}),
+                newest.get(user_id),
+            )
+    return state
+
+
+def read_plan(store: MembershipStore) -> dict[str, str]:
+    """The pipeline's plan: {audience key: version} of the dynamic audiences it has evaluated."""
+    markers = tables.store_markers
+    value = store.scalar(sa.select(markers.c.value).where(markers.c.name == PLAN_MARKER))
+    return json.loads(value) if value else {}
+
+
+def publish_plan(store: MembershipStore, warehouse: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Tell real time which dynamic audiences the pipeline has evaluated, at which version: those
+    of the catalog (not skipped) whose first members are recorded. Run after publishing."""
+    rows = warehouse.execute(
+        """
+        select audience_key, audience_version from main.audience_catalog
+        where audience_type = 'dynamic' and not is_skipped
+            and audience_key in (select audience_key from raw.membership_audiences)
+        order by audience_key
+        """
+    ).fetchall()
+    plan = {key: version for key, version in rows}
+    markers = tables.store_markers
+    with store.engine.begin() as connection:
+        connection.execute(markers.delete().where(markers.c.name == PLAN_MARKER))
+        connection.execute(
+            markers.insert().values(name=PLAN_MARKER, value=json.dumps(plan, sort_keys=True))
+        )
+    return plan
+
+
+def waiting_users(store: MembershipStore) -> list[str]:
+    """Users whose identify patches the pipeline has not loaded yet: those a restarted API
+    evaluates again, in case it died before recording their events."""
+    patches = tables.user_patches
+    return [
+        row["user_id"]
+        for row in store.rows(
+            sa.select(patches.c.user_id).where(patches.c.loaded == sa.false()).distinct()
+        )
+    ]
+
+
+def import_realtime_events(
+    warehouse: duckdb.DuckDBPyConnection, store: MembershipStore, evaluated_at: datetime
+) -> int:
+    """Before the diff: apply to the warehouse's membership history (`raw.membership_intervals`)
+    the real-time events whose identify patch the warehouse has loaded, in order, so the diff
+    starts from the memberships real time left and finds nothing to repeat. Idempotent (an entry
+    already open, or an exit already closed, is left). An event's time is kept, or the
+    evaluation's when it is later (history only moves forward). Remembered in
+    `raw.realtime_imports` with this evaluation's time, for `realtime_disagreements`."""
+    from audiences.warehouse.schema import ensure_membership_tables
+
+    ensure_membership_tables(warehouse)
+    events, patches = tables.realtime_events, tables.user_patches
+    rows = store.rows(
+        sa.select(events)
+        .where(
+            events.c.imported_at.is_(None),
+            events.c.patch_id.in_(
+                sa.select(patches.c.patch_id).where(patches.c.loaded == sa.true())
+            ),
+        )
+        .order_by(
+            events.c.audience_key, events.c.user_id, events.c.entry_number, events.c.event_type
+        )
+    )
+    warehouse.execute(
+        """
+        create table if not exists raw.realtime_imports (
+            event_id varchar primary key, audience_key varchar, user_id varchar,
+            event_type varchar, entry_number integer, occurred_at timestamptz,
+            imported_for timestamptz
+        )
+        """
+    )
+    if not rows:
+        return 0
+    warehouse.execute("begin transaction")
+    try:
+        for row in rows:  # entered before exited of the same entry: 'entered' < 'exited'
+            at = min(
+                datetime.fromisoformat(row["occurred_at"].replace("Z", "+00:00")), evaluated_at
+            )
+            parameters = {
+                "a": row["audience_key"],
+                "u": row["user_id"],
+                "n": row["entry_number"],
+                "at": at,
+            }
+            if row["event_type"] == "entered":
+                warehouse.execute(
+                    """
+                    insert into raw.membership_intervals
+                    select $a, users.user_key, users.user_id, null, $n, $at, null, null
+                    from raw.users as users
+                    where users.user_id = $u and not exists (
+                        select 1 from raw.membership_intervals as i
+                        where i.audience_key = $a and i.user_key = users.user_key and i.tenant is null
+                            and (i.entry_number = $n or i.exited_at is null)
+                    )
+                    """,
+                    parameters,
+                )
+            else:
+                warehouse.execute(
+                    """
+                    update raw.membership_intervals set exited_at = $at
+                    where audience_key = $a and tenant is null and entry_number = $n
+                        and exited_at is null
+                        and user_key = (select user_key from raw.users where user_id = $u)
+                    """,
+                    parameters,
+                )
+            warehouse.execute(
+                "insert or ignore into raw.realtime_imports values ($id, $a, $u, $t, $n, $o, $e)",
+                {
+                    "id": row["event_id"],
+                    "a": row["audience_key"],
+                    "u": row["user_id"],
+                    "t": row["event_type"],
+                    "n": row["entry_number"],
+                    "o": row["occurred_at"],
+                    "e": evaluated_at,
+                },
+            )
+        warehouse.execute("commit")
+    except BaseException:
+        warehouse.execute("rollback")
+        raise
+    # After the warehouse committed: a crash in between imports them again, which changes nothing.
+    stamp = now_text()
+    ids = [row["event_id"] for row in rows]
+    with store.engine.begin() as connection:
+        for start in range(0, len(ids), 500):
+            connection.execute(
+                events.update()
+                .where(events.c.event_id.in_(ids[start : start + 500]))
+                .values(imported_at=stamp)
+            )
+    return len(rows)
+
+
+def realtime_disagreements(
+    warehouse: duckdb.DuckDBPyConnection, evaluated_at: datetime
+) -> list[dict]:
+    """The diff's events at `evaluated_at` on a membership that a real-time event imported for
+    this evaluation had set: the batch evaluation disagreed with real time (it wins: its event is
+    the correction). Each is a defect to investigate."""
+    found = warehouse.execute(
+        "select count(*) from information_schema.tables where table_schema = 'raw' "
+        "and table_name = 'realtime_imports'"
+    ).fetchall()[0][0]
+    if not found:
+        return []
+    rows = warehouse.execute(
+        """
+        select outbox.audience_key, outbox.user_id, outbox.event_type, outbox.entry_number,
+               imports.event_type as realtime_event, imports.entry_number as realtime_entry
+        from raw.membership_outbox as outbox
+        join raw.realtime_imports as imports
+            on imports.audience_key = outbox.audience_key and imports.user_id = outbox.user_id
+        where outbox.occurred_at = $at and imports.imported_for = $at and outbox.tenant is null
+        qualify row_number() over (
+            partition by outbox.event_id order by imports.entry_number desc, imports.event_type desc
+        ) = 1
+        order by outbox.audience_key, outbox.user_id
+        """,
+        {"at": evaluated_at},
+    ).fetchall()
+    names = (
+        "audience_key",
+        "user_id",
+        "event_type",
+        "entry_number",
+        "realtime_event",
+        "realtime_entry",
+    )
+    return [dict(zip(names, row, strict=True)) for row in rows]

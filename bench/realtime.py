@@ -1,0 +1,456 @@
+"""Benchmark of real time (issue 19): identify through the API to the entered event at a webhook.
+
+    .venv/bin/python bench/realtime.py --users 1000000 --seconds 60 --rate 100
+
+On the synthetic users and the 50 benchmark audiences (`bench/synthetic.py`) plus one probe
+audience (`recipient.rt_probe` equal to "in") with an entered trigger to a Standard Webhooks sink
+served on 127.0.0.1, after a first evaluation (dbt build, diff, publish, the users published to
+the store as the `users` asset does, the real-time plan published):
+
+For each mode, real time on and off (`AUDIENCES_REALTIME`), in the same run: `audiences serve`
+in a process of its own, with its always-on delivery worker (woken when its own transactions queue
+deliveries; the pipeline's, from another process, found by its 0.2 s poll); 8 client
+threads make `--rate` identify calls a second for `--seconds`, each moving a fresh user into the
+probe audience or a user it moved in back out; with real time off, the pipeline (load the identify
+queue, dbt re-evaluation, diff, publish, as the main job does) runs in a loop meanwhile, as the
+sensor would start it. Measured: from the identify's response to the webhook receiving the
+entered event, p50 and p99; identify latency p99; entered events lost; events delivered twice
+under different keys; and, after one more pipeline run over the same patches, the extra events
+it emitted for the probe users.
+
+Results go to `bench/realtime-results.md` and `.json`. Data lives in `bench/data/` (ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import duckdb  # noqa: E402
+import httpx  # noqa: E402
+import synthetic  # noqa: E402
+from api_server import free_port  # noqa: E402
+
+from audiences.dbt.project import generate, prepare, run_dbt  # noqa: E402
+from audiences.membership.changes import record_changes  # noqa: E402
+from audiences.settings import Settings  # noqa: E402
+from audiences.store.database import MembershipStore  # noqa: E402
+from audiences.store.profiles import load_identify_queue, publish_changed_users  # noqa: E402
+from audiences.workflows.publish import publish_outbox  # noqa: E402
+from audiences.workflows.realtime import (  # noqa: E402
+    import_realtime_events,
+    publish_plan,
+    realtime_disagreements,
+)
+from audiences.workflows.triggers import load_triggers  # noqa: E402
+
+DATA = ROOT / "bench" / "data" / "realtime"
+PROBE_KEY = "rt-probe"
+PROBE = {
+    "name": "Real-time probe",
+    "type": "dynamic",
+    "description": "Users the real-time benchmark moved in.",
+    "segments": [
+        {
+            "conditions": [
+                {"property": "recipient.rt_probe", "operator": "equal_to", "argument": "in"}
+            ]
+        }
+    ],
+}
+CLIENTS = 8
+SECRET_ENV = "BENCH_REALTIME_WEBHOOK_SECRET"
+
+
+def setup(folder: Path, users: int, sink_port: int) -> Settings:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    definitions = folder / "audiences"
+    synthetic.write_definitions(definitions)
+    (definitions / PROBE_KEY).mkdir()
+    (definitions / PROBE_KEY / "audience.json").write_text(json.dumps(PROBE))
+    project = folder / "dbt_project"
+    shutil.copytree(
+        ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs", ".user.yml")
+    )
+    shutil.rmtree(project / "models" / "audiences" / "custom")
+    workflows = folder / "workflows" / "probe-welcome"
+    workflows.mkdir(parents=True)
+    (workflows / "trigger.json").write_text(json.dumps({"audience": PROBE_KEY, "on": "entered"}))
+    (folder / "sinks.yml").write_text(
+        "default: webhook\nsinks:\n"
+        f"  webhook: {{type: webhook, url: 'http://127.0.0.1:{sink_port}/hook', "
+        f"secret_env: {SECRET_ENV}}}\n"
+    )
+    settings = Settings.from_env(
+        {},
+        duckdb_path=folder / "warehouse.duckdb",
+        definitions_dir=definitions,
+        dbt_project_dir=project,
+        workflows_dir=folder / "workflows",
+        sinks_file=folder / "sinks.yml",
+    )
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        synthetic.generate_users(connection, users)
+    generate(settings)
+    prepare(settings)
+    return settings
+
+
+def pipeline_pass(settings: Settings, store: MembershipStore, lean: bool = True) -> dict:
+    """What the main job does, without Dagster: load the identify queue, the dbt re-evaluation,
+    real time's events imported, the diff, the publish, the users and the plan published."""
+    from audiences.warehouse.evaluation import set_evaluation_clock
+    from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
+
+    moment = datetime.now(UTC)
+    started = time.perf_counter()
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        connection.execute("set TimeZone = 'UTC'")
+        load_identify_queue(connection, store, moment)
+        set_evaluation_clock(connection, moment)
+    arguments = (
+        ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)] if lean else ["build"]
+    )
+    run_dbt(arguments, settings)
+    triggers = load_triggers(settings.workflows_dir, {PROBE_KEY, *synthetic.audiences()})
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        connection.execute("set TimeZone = 'UTC'")
+        imported = import_realtime_events(connection, store, moment)
+        summary = record_changes(connection, moment)
+        disagreements = realtime_disagreements(connection, moment)
+        report = publish_outbox(connection, store, triggers, "webhook", moment)
+        publish_changed_users(store, connection)
+        publish_plan(store, connection)
+        probe_events = connection.execute(
+            "select count(*) from raw.membership_outbox where occurred_at = $t "
+            "and audience_key = $a",
+            {"t": moment, "a": PROBE_KEY},
+        ).fetchall()[0][0]
+    return {
+        "seconds": time.perf_counter() - started,
+        "imported": imported,
+        "entered": summary.entered,
+        "exited": summary.exited,
+        "disagreements": len(disagreements),
+        "deliveries": report.deliveries,
+        "probe_events": probe_events,
+    }
+
+
+class Sink:
+    """The webhook receiver: when each entered trigger arrived, under which webhook id."""
+
+    def __init__(self, port: int):
+        received = self.received = []
+        lock = self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                at = time.perf_counter()
+                message = json.loads(body)
+                data = message.get("data", {})
+                with lock:
+                    received.append(
+                        (
+                            at,
+                            self.headers.get("webhook-id"),
+                            data.get("recipients", [None])[0],
+                            data.get("data", {}).get("event_id"),
+                        )
+                    )
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start(arguments: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "audiences.cli", *arguments],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def run_mode(
+    settings: Settings,
+    store: MembershipStore,
+    sink: Sink,
+    realtime: bool,
+    users: int,
+    seconds: float,
+    rate: float,
+    offset: int,
+) -> dict:
+    from audiences.api.keys import create_key
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        **settings.environment_variables(),
+        "AUDIENCES_REALTIME": "true" if realtime else "false",
+        "AUDIENCES_API_WRITE_RATE": str(max(rate * 4, 1000)),
+        SECRET_ENV: os.environ[SECRET_ENV],
+    }
+    env.pop("AUDIENCES_EVALUATION_TIME", None)
+    secret = create_key(store, "development", f"bench-{realtime}")[1]
+    headers = {"Authorization": f"Bearer {secret}"}
+    port = free_port()
+    log = settings.duckdb_path.parent / f"processes-{'on' if realtime else 'off'}.log"
+    server = start(["serve", "--port", str(port)], env, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"the service did not start; see {log}")
+            time.sleep(0.2)
+        with sink.lock:
+            sink.received.clear()
+        responses: dict[str, float] = {}  # user id -> when the identify that moved them in answered
+        moved_out: set[str] = set()  # moved out again: with real time off, maybe never seen in
+        latencies: list[float] = []
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + seconds
+        per_client = rate / CLIENTS
+        batch_stop = threading.Event()
+        passes: list[dict] = []
+
+        def batch_loop():  # the sensor's main job, as often as it can run, with real time off
+            while not batch_stop.is_set():
+                passes.append(pipeline_pass(settings, store))
+
+        def client(number: int):
+            rng = random.Random(number)
+            moved_in: list[str] = []
+            sequence = 0
+            with httpx.Client(headers=headers, timeout=30) as http:
+                next_call = time.perf_counter()
+                while next_call < stop_at:
+                    time.sleep(max(0.0, next_call - time.perf_counter()))
+                    if moved_in and rng.random() < 0.3:
+                        user, value = moved_in.pop(rng.randrange(len(moved_in))), "out"
+                    else:
+                        sequence += 1
+                        index = offset + (number * 1_000_003 + sequence * 7919) % (users // 2)
+                        user, value = f"user_{index:09d}", "in"
+                    sent = time.perf_counter()
+                    response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
+                    answered = time.perf_counter()
+                    assert response.status_code == 200, response.text
+                    with lock:
+                        latencies.append(answered - sent)
+                        if value == "in" and user not in responses:
+                            responses[user] = answered
+                    if value == "in":
+                        moved_in.append(user)
+                    else:
+                        with lock:
+                            moved_out.add(user)
+                    next_call += 1 / per_client
+
+        batcher = threading.Thread(target=batch_loop, daemon=True) if not realtime else None
+        if batcher:
+            batcher.start()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        # Wait for the entered triggers of users still in (those moved out again may never enter).
+        if batcher:
+            batch_stop.set()
+            batcher.join()
+        final = pipeline_pass(settings, store)  # the same patches through the batch path
+        time.sleep(3)  # the delivery worker's last polls
+        drain_deadline = time.monotonic() + 30
+        while time.monotonic() < drain_deadline:
+            with sink.lock:
+                got = {user for _, _, user, _ in sink.received}
+            if set(responses) - moved_out <= got:
+                break
+            time.sleep(0.5)
+    finally:
+        for process in (server,):
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(30)
+    with sink.lock:
+        received = list(sink.received)
+    first: dict[str, float] = {}
+    keys: dict[str, set[str]] = {}
+    for at, webhook_id, user, event in received:
+        if user in responses:
+            first.setdefault(user, at)
+        keys.setdefault(event, set()).add(webhook_id)
+    to_sink = [first[user] - answered for user, answered in responses.items() if user in first]
+    # An entered event that was never delivered: the user's entry is recorded, its trigger lost.
+    lost = sum(1 for user in responses if user not in first and user not in moved_out)
+    return {
+        "realtime": realtime,
+        "identify_calls": len(latencies),
+        "users_moved_in": len(responses),
+        "identify_p50_ms": 1000 * percentile(latencies, 0.5),
+        "identify_p99_ms": 1000 * percentile(latencies, 0.99),
+        "to_webhook_p50_ms": None if not to_sink else 1000 * percentile(to_sink, 0.5),
+        "to_webhook_p99_ms": None if not to_sink else 1000 * percentile(to_sink, 0.99),
+        "events_lost": lost,
+        "delivered_twice_with_different_keys": sum(1 for ids in keys.values() if len(ids) > 1),
+        "pipeline_passes_during": len(passes),
+        "extra_events_after_pipeline_run": final["probe_events"] if realtime else None,
+        "disagreements_after_pipeline_run": final["disagreements"],
+        "final_pipeline_pass": final,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument(
+        "--rate", type=float, default=100, help="identify calls per second, all clients"
+    )
+    parser.add_argument("--keep", action="store_true", help="reuse bench/data/realtime's warehouse")
+    arguments = parser.parse_args()
+    os.environ.setdefault(SECRET_ENV, "whsec_" + base64.b64encode(os.urandom(24)).decode())
+    sink_port = free_port()
+    sink = Sink(sink_port)
+    started = time.perf_counter()
+    settings = setup(DATA, arguments.users, sink_port)
+    store = MembershipStore(settings.store_url).create()
+    first = pipeline_pass(settings, store, lean=False)
+    setup_seconds = time.perf_counter() - started
+    results = {
+        "run_at": datetime.now(UTC).isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "users": arguments.users,
+        "audiences": len(synthetic.audiences()) + 1,
+        "seconds": arguments.seconds,
+        "rate": arguments.rate,
+        "clients": CLIENTS,
+        "setup_seconds": setup_seconds,
+        "first_evaluation": first,
+        "delivery_worker": "`audiences serve`'s always-on worker",
+        "modes": [],
+    }
+    half = arguments.users // 2
+    for realtime, offset in ((True, 0), (False, half)):
+        results["modes"].append(
+            run_mode(
+                settings,
+                store,
+                sink,
+                realtime,
+                arguments.users,
+                arguments.seconds,
+                arguments.rate,
+                offset,
+            )
+        )
+    sink.close()
+    store.dispose()
+    write_results(results, " ".join(sys.argv[1:]))
+
+
+def write_results(results: dict, arguments: str) -> None:
+    (ROOT / "bench" / "realtime-results.json").write_text(
+        json.dumps(results, indent=2, default=str)
+    )
+    rows = [
+        "| figure | real time on | real time off (next run) |",
+        "|---|---|---|",
+    ]
+    on, off = results["modes"]
+
+    def value(mode, key):
+        found = mode.get(key)
+        return (
+            "n/a"
+            if found is None
+            else (f"{found:,.1f}" if isinstance(found, float) else f"{found:,}")
+        )
+
+    for key in (
+        "identify_calls",
+        "users_moved_in",
+        "identify_p50_ms",
+        "identify_p99_ms",
+        "to_webhook_p50_ms",
+        "to_webhook_p99_ms",
+        "events_lost",
+        "delivered_twice_with_different_keys",
+        "pipeline_passes_during",
+        "extra_events_after_pipeline_run",
+        "disagreements_after_pipeline_run",
+    ):
+        rows.append(f"| {key} | {value(on, key)} | {value(off, key)} |")
+    text = f"""# Real-time benchmark
+
+`.venv/bin/python bench/realtime.py {arguments}` at {results["run_at"]} on {results["machine"]}.
+
+{results["users"]:,} users, {results["audiences"]} audiences (the 50 benchmark audiences and the
+probe), {results["clients"]} clients at {results["rate"]} identify calls a second for
+{results["seconds"]} s per mode; setup (users, first evaluation) {results["setup_seconds"]:.0f} s.
+Delivery worker: {results["delivery_worker"]}.
+
+{chr(10).join(rows)}
+
+"to webhook" is from the identify's response to the webhook receiving the entered trigger.
+"events lost" counts users moved in whose entered trigger never reached the webhook (30 s grace
+after the final pipeline pass). With real time off, entered events come from the pipeline passes
+that ran meanwhile (load the identify queue, dbt re-evaluation, diff, publish).
+"""
+    (ROOT / "bench" / "realtime-results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
