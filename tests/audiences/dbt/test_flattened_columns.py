@@ -135,10 +135,16 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
         whole = connection.execute(
             "select audience_key from main.audience_members__reevaluated where user_key is null"
         ).fetchall()
-        dynamic = {
-            folder.name
+        # (Per-tenant audiences are evaluated whole at every build until their pairs are
+        # re-evaluated incrementally: issue 18.)
+        documents = {
+            folder.name: json.loads((folder / "audience.json").read_text())
             for folder in (ROOT / "data" / "audiences").iterdir()
-            if json.loads((folder / "audience.json").read_text())["type"] == "dynamic"
+        }
+        dynamic = {
+            key
+            for key, document in documents.items()
+            if document["type"] == "dynamic" and document.get("tenancy") != "per_tenant"
         }
         assert "large-companies" in {key for (key,) in whole}
         assert not dynamic & {key for (key,) in whole}
