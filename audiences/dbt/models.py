@@ -591,6 +591,21 @@ def time_dependent_audiences(
     }
 
 
+def events_of_users(
+    users: str, events: str = EVENTS_SOURCE, event_users: str = EVENT_USERS_SOURCE
+) -> str:
+    """The events of the users in the relation `users` (a `user_id` column), selected by their
+    numbers: DuckDB checks `user_number` against the join's filter in the scan, before it reads the
+    events' other columns, so the other users' events are not read in full."""
+    return f"""select *
+    from {events}
+    where user_number in (
+        select user_number
+        from {event_users}
+        where user_id in (select user_id from {users})
+    )"""
+
+
 def event_audiences_per_user(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """Per-user audiences that count events, themselves or through an audience they read: their
     users are also those `int_event_users_to_reevaluate` lists."""
@@ -1009,13 +1024,7 @@ def _members_users_macro(
         users' numbers (integers), which the scan checks before reading the events' other
         columns: only those users' events are read in full -#}}
     create or replace temp table {EVENTS_TO_REEVALUATE} as
-    select *
-    from {EVENTS_SOURCE}
-    where user_number in (
-        select user_number
-        from {EVENT_USERS_SOURCE}
-        where user_id in (select user_id from {REEVALUATED_IN_TIME})
-    );"""
+    {events_of_users(REEVALUATED_IN_TIME)};"""
     calls = ",\n        ".join(f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1))
     return f"""{_jinja_comment(header[3:])}
 
