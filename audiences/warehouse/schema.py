@@ -5,7 +5,8 @@ Two groups, each created where it is first written (statements are idempotent):
   row hashes, the static memberships' copy, the evaluation clock, full builds, the audience
   registry (`ensure_user_tables`, from users loading, evaluation and the static copy);
 - `EVENT_TABLES`: tracked events (`raw.events`, append-only by message id), their users' numbers
-  (`raw.event_users`), their quarantine and each event source's load log (`ensure_event_tables`, also from `ensure_user_tables`);
+  (`raw.event_users`), their quarantine and each event source's load log (`ensure_event_tables`,
+  also from `ensure_user_tables`);
 - `MEMBERSHIP_TABLES`: what the membership diff writes: validity intervals, the outbox and its
   sequence, held batches, first evaluations, the published watermark (`ensure_membership_tables`,
   from `membership.changes` and `workflows.publish`).
