@@ -65,6 +65,7 @@ SPREAD_ROWS = 2 * 122_880
 CUSTOM_FOLDER = Path("models/audiences/custom")
 # Event conditions count the loaded events (the `events` asset's table).
 EVENTS_SOURCE = "{{ source('warehouse', 'events') }}"
+EVENT_USERS_SOURCE = "{{ source('warehouse', 'event_users') }}"  # user id -> events' user_number
 EVENTS_TO_REEVALUATE = "events_to_reevaluate"  # audience_members' CTE of those users' events
 # The macros that evaluate audience_members batch by batch (one statement per batch).
 MEMBERS_MACROS = Path("macros/generated")
@@ -590,6 +591,21 @@ def time_dependent_audiences(
     }
 
 
+def events_of_users(
+    users: str, events: str = EVENTS_SOURCE, event_users: str = EVENT_USERS_SOURCE
+) -> str:
+    """The events of the users in the relation `users` (a `user_id` column), selected by their
+    numbers: DuckDB checks `user_number` against the join's filter in the scan, before it reads the
+    events' other columns, so the other users' events are not read in full."""
+    return f"""select *
+    from {events}
+    where user_number in (
+        select user_number
+        from {event_users}
+        where user_id in (select user_id from {users})
+    )"""
+
+
 def event_audiences_per_user(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """Per-user audiences that count events, themselves or through an audience they read: their
     users are also those `int_event_users_to_reevaluate` lists."""
@@ -1004,11 +1020,11 @@ def _members_users_macro(
             users += f"""
 
     {{#- the events of those users: event conditions re-evaluated per user count only theirs, so
-        the events are read once here rather than once per event condition -#}}
+        the events are read once here rather than once per event condition. Selected by the
+        users' numbers (integers), which the scan checks before reading the events' other
+        columns: only those users' events are read in full -#}}
     create or replace temp table {EVENTS_TO_REEVALUATE} as
-    select *
-    from {EVENTS_SOURCE}
-    where user_id in (select user_id from {REEVALUATED_IN_TIME});"""
+    {events_of_users(REEVALUATED_IN_TIME)};"""
     calls = ",\n        ".join(f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1))
     return f"""{_jinja_comment(header[3:])}
 

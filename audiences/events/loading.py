@@ -23,7 +23,7 @@ import polars as pl
 import yaml
 
 from audiences.conditions.arguments import TIMESTAMP_PATTERN
-from audiences.warehouse.schema import ensure_event_tables
+from audiences.warehouse.schema import ensure_event_tables, number_event_users
 
 FORMATS = ("jsonl", "parquet", "duckdb")
 FIELDS = ("message_id", "user_id", "event", "timestamp", "properties")
@@ -417,21 +417,27 @@ def _append(connection, source: EventSource, rows_sql: str, path: Path | None, l
         """,
         {"source": source.name, "location": location, "at": loaded_at},
     ).fetchone()[0]
+    number_event_users(connection, "select user_id from incoming_events where _reason is null")
     # A message id seen before (earlier in this batch, or in raw.events) is the same event.
     loaded = connection.execute(
         """
-        insert into raw.events
+        insert into raw.events (
+            event_seq, message_id, user_id, event, "timestamp", properties, source_name, loaded_at,
+            user_number
+        )
         select
             coalesce((select max(event_seq) from raw.events), 0)
                 + row_number() over (order by _row) as event_seq,
             message_id,
-            user_id,
+            incoming.user_id,
             event,
             _at,
             coalesce(cast(properties as json), '{}'::json),
             $source,
-            $at
+            $at,
+            numbers.user_number
         from incoming_events as incoming
+        join raw.event_users as numbers on numbers.user_id = incoming.user_id
         where _reason is null
             and not exists (select 1 from raw.events as seen where seen.message_id = incoming.message_id)
         qualify row_number() over (partition by message_id order by _row) = 1

@@ -4,8 +4,9 @@ Two groups, each created where it is first written (statements are idempotent):
 - `USER_TABLES`: what loading writes and dbt reads: `raw.users` and its quarantine, the sources'
   row hashes, the static memberships' copy, the evaluation clock, full builds, the audience
   registry (`ensure_user_tables`, from users loading, evaluation and the static copy);
-- `EVENT_TABLES`: tracked events (`raw.events`, append-only by message id), their quarantine and
-  each event source's load log (`ensure_event_tables`, also from `ensure_user_tables`);
+- `EVENT_TABLES`: tracked events (`raw.events`, append-only by message id), their users' numbers
+  (`raw.event_users`), their quarantine and each event source's load log (`ensure_event_tables`,
+  also from `ensure_user_tables`);
 - `MEMBERSHIP_TABLES`: what the membership diff writes: validity intervals, the outbox and its
   sequence, held batches, first evaluations, the published watermark (`ensure_membership_tables`,
   from `membership.changes` and `workflows.publish`).
@@ -153,7 +154,17 @@ EVENT_TABLES = (
         "timestamp" timestamptz not null,
         properties json not null,
         source_name varchar not null,
-        loaded_at timestamptz not null
+        loaded_at timestamptz not null,
+        user_number bigint
+    )
+    """,
+    # Each user id that events name, numbered at first sight: `raw.events.user_number`. A user's
+    # events are selected by this integer, which DuckDB's join filter checks in the scan before
+    # it reads any other column (re-evaluating a few users then reads only their events' rows).
+    """
+    create table if not exists raw.event_users (
+        user_id varchar not null,
+        user_number bigint not null
     )
     """,
     """
@@ -241,9 +252,40 @@ def ensure_user_tables(connection: duckdb.DuckDBPyConnection) -> None:
 
 
 def ensure_event_tables(connection: duckdb.DuckDBPyConnection) -> None:
-    """Create `raw.events`, its quarantine and its load log if they are not there (idempotent)."""
+    """Create `raw.events`, its quarantine, its users' numbers and its load log if they are not
+    there (idempotent). A `raw.events` written before `user_number` existed gains the column and
+    its users their numbers, once."""
     for statement in EVENT_TABLES:
         connection.execute(statement)
+    numbered = connection.execute(
+        "select count(*) from duckdb_columns() where schema_name = 'raw' "
+        "and table_name = 'events' and column_name = 'user_number'"
+    ).fetchall()[0][0]
+    if not numbered:
+        connection.execute("alter table raw.events add column user_number bigint").fetchall()
+    if connection.execute(
+        "select exists (select 1 from raw.events where user_number is null)"
+    ).fetchall()[0][0]:
+        number_event_users(connection, "select user_id from raw.events")
+        connection.execute(
+            "update raw.events set user_number = numbers.user_number from raw.event_users as numbers "
+            "where numbers.user_id = raw.events.user_id and raw.events.user_number is null"
+        ).fetchall()
+
+
+def number_event_users(connection: duckdb.DuckDBPyConnection, user_ids_sql: str) -> None:
+    """Give each user id that `user_ids_sql` selects and `raw.event_users` lacks the next number."""
+    connection.execute(
+        f"""
+        insert into raw.event_users
+        select
+            user_id,
+            coalesce((select max(user_number) from raw.event_users), 0)
+                + row_number() over (order by user_id)
+        from (select distinct user_id from ({user_ids_sql}) where user_id is not null)
+        where user_id not in (select user_id from raw.event_users)
+        """
+    ).fetchall()
 
 
 def ensure_membership_tables(connection: duckdb.DuckDBPyConnection) -> None:

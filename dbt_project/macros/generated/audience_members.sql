@@ -72,11 +72,17 @@
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed);
 
     {#- the events of those users: event conditions re-evaluated per user count only theirs, so
-        the events are read once here rather than once per event condition -#}
+        the events are read once here rather than once per event condition. Selected by the
+        users' numbers (integers), which the scan checks before reading the events' other
+        columns: only those users' events are read in full -#}
     create or replace temp table events_to_reevaluate as
     select *
     from {{ source('warehouse', 'events') }}
-    where user_id in (select user_id from users_to_reevaluate_in_time);
+    where user_number in (
+        select user_number
+        from {{ source('warehouse', 'event_users') }}
+        where user_id in (select user_id from users_to_reevaluate_in_time)
+    );
 {%- endmacro %}
 
 {% macro audience_members_batches(per_user, idle) -%}

@@ -23,14 +23,26 @@ from condition_harness import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlglot import exp
 
-from audiences.conditions.compiler import Condition, ConditionError, attributes_used
+from audiences.conditions.compiler import (
+    CompileContext,
+    Condition,
+    ConditionError,
+    attribute_expression,
+    attributes_used,
+    compile_segments,
+    property_json,
+    render,
+    timestamp_literal,
+)
 from audiences.conditions.definitions import (
     DefinitionError,
     knock_incompatibilities,
     parse_definition,
 )
 from audiences.conditions.reference import evaluate_audience
+from audiences.dbt.models import events_of_users
 
 
 def iso(moment) -> str:
@@ -351,3 +363,63 @@ def test_a_bound_read_from_the_user_is_compared_per_user(tmp_path):
     # cat has no trial end: a bound the user lacks counts nothing, so "at most 0" holds
     assert compiled(tmp_path / "2", users, events, none_after) == {"ann", "cat"}
     assert reference(users, events, none_after) == {"ann", "cat"}
+
+
+# --- re-evaluating some users over their own events (audience_members' events_to_reevaluate) ----
+
+USER_IDS = ["ann", "bob", "cat", "dan", 'it\'s "{{ x }}"', "東京", "ann "]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    event_streams(),
+    st.lists(st.sampled_from(USER_IDS), max_size=6),
+    st.lists(event_conditions(), min_size=1, max_size=2),
+    st.sets(st.sampled_from(USER_IDS)),
+    st.integers(1, 3),
+)
+def test_users_reevaluated_over_their_own_events_match_a_full_evaluation(
+    stream, owners, conditions, listed, batches
+):
+    """The events of the listed users, selected by the numbers the loader gives user ids
+    (`events_of_users`, loaded in several batches, user ids hostile), give those users the verdicts
+    a full evaluation over every event gives them."""
+
+    for index, owner in enumerate(owners[: len(stream)]):
+        stream[index]["userId"] = owner
+    users = [{"id": user} for user in USER_IDS]
+    segments = [[Condition.from_json(c) for c in conditions]]
+    with tempfile.TemporaryDirectory() as folder:
+        connection = connect_memory()
+        insert_users(connection, users)
+        size = -(-len(stream) // batches) or 1
+        for start in range(0, max(len(stream), 1), size):
+            load_events(connection, stream[start : start + size], Path(folder) / "events")
+        full = matching_ids(connection, segments)
+        connection.execute("create temp table listed (user_id varchar)")
+        connection.execute(
+            "insert into listed select unnest($ids::varchar[])", {"ids": sorted(listed)}
+        )
+        connection.execute(
+            "create temp table their_events as "
+            + events_of_users("listed", events="raw.events", event_users="raw.event_users")
+        )
+        context = CompileContext(
+            attribute=lambda a: attribute_expression(
+                property_json(a.path, exp.column("properties"), exp.column("user_id")), a.variant
+            ),
+            audience_members=lambda key: exp.select("user_key").from_("raw.users"),
+            evaluation_time=timestamp_literal(NOW),
+            user_key=exp.column("user_key"),
+            user_id=exp.column("user_id"),
+            events=exp.to_table("their_events"),
+        )
+        condition = render(compile_segments(segments, context))
+        again = {
+            row[0]
+            for row in connection.execute(
+                f"select user_id from raw.users where user_id in (select user_id from listed) "
+                f"and {condition}"
+            ).fetchall()
+        }
+    assert again == full & set(listed)
