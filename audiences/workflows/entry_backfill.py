@@ -20,7 +20,12 @@ from audiences.membership.events import MembershipEvent
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore
 from audiences.warehouse.queries import table_exists
-from audiences.workflows.publish import PublishReport, _deliveries_for
+from audiences.workflows.publish import (
+    OUTBOX_COLUMNS,
+    PublishReport,
+    _deliveries_for,
+    outbox_select_list,
+)
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,8 @@ def backfilled_entries(
     if not table_exists(connection, "raw.membership_outbox"):
         raise ValueError("no evaluation yet; run `audiences run` first")
     rows = connection.execute(
-        """
-        select outbox.sequence, outbox.event_id, outbox.audience_key, outbox.user_id,
-               outbox.tenant, outbox.event_type,
-               strftime(outbox.occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ'), outbox.audience_version,
-               outbox.entry_number, outbox.batch_id
+        f"""
+        select {outbox_select_list("outbox")}
         from raw.membership_outbox as outbox
         join raw.membership_intervals as open_entry
             on open_entry.audience_key = outbox.audience_key
@@ -62,21 +64,11 @@ def backfilled_entries(
         """,
         {"key": audience_key},
     ).fetchall()
-    names = (
-        "sequence",
-        "event_id",
-        "audience_key",
-        "user_id",
-        "tenant",
-        "event_type",
-        "occurred_at",
-        "audience_version",
-        "entry_number",
-        "batch_id",
-    )
     # Sent now as the entries they are: no longer a suppressed backfill.
     return [
-        MembershipEvent.from_row({**dict(zip(names, row, strict=True)), "is_backfill": False})
+        MembershipEvent.from_row(
+            {**dict(zip(OUTBOX_COLUMNS, row, strict=True)), "is_backfill": False}
+        )
         for row in rows
     ]
 

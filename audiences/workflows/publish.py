@@ -52,6 +52,18 @@ OUTBOX_COLUMNS = (
 )
 
 
+def outbox_select_list(alias: str = "") -> str:
+    """The SELECT list that reads the outbox's OUTBOX_COLUMNS in order (`occurred_at` as the
+    store's text), from the table or its `alias`."""
+    prefix = f"{alias}." if alias else ""
+    return ", ".join(
+        f"strftime({prefix}{column}, '%Y-%m-%dT%H:%M:%S.%fZ') as {column}"
+        if column == "occurred_at"
+        else prefix + column
+        for column in OUTBOX_COLUMNS
+    )
+
+
 @dataclass
 class PublishReport:
     events: int = 0
@@ -123,9 +135,7 @@ def publish_outbox(
     while position < written:
         rows = connection.execute(
             f"""
-            select {", ".join(OUTBOX_COLUMNS[:6])},
-                   strftime(occurred_at, '%Y-%m-%dT%H:%M:%S.%fZ') as occurred_at,
-                   {", ".join(OUTBOX_COLUMNS[7:])}
+            select {outbox_select_list()}
             from raw.membership_outbox
             where sequence > $after
             order by sequence
