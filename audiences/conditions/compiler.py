@@ -113,8 +113,15 @@ class Attribute:
 
     @property
     def column_name(self) -> str:
+        """Its column: `address__country__text` for the recipient's `address.country`; a
+        tenant's or membership's property is prefixed with its scope (`tenant:plan__text`)."""
         stem = f"{property_slug(self.path)}__{self.variant}"
         return stem if self.scope == RECIPIENT else f"{self.scope}:{stem}"
+
+    def column(self, table: str | None = None) -> exp.Column:
+        """Its column as SQL, quoted only where the name needs it (a hashed stem may start with a
+        digit; a name with `__` and a variant is never a keyword)."""
+        return exp.column(exp.to_identifier(self.column_name), table=table)
 
 
 @dataclass(frozen=True)
@@ -186,18 +193,28 @@ def _is_unicode(value: object) -> bool:
 # Attributes: how one property is read from the user's JSON document.
 
 
-def property_slug(path: tuple[str, ...]) -> str:
-    """A readable, collision-free column stem for a property path.
+# One part of a property path that reads as itself in a column name: lower-case snake_case, with no
+# leading, trailing or double underscore, so `__` between parts is never ambiguous.
+_SNAKE_PART = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
+# Warehouses cap identifier length; a longer path gets the hashed stem.
+SLUG_CHARACTERS = 48
 
-    Simple lower-case paths read as themselves (`address.city`); anything else gets a short hash,
-    because warehouses fold identifier case and cap their length.
+
+def property_slug(path: tuple[str, ...]) -> str:
+    """A readable, collision-free snake_case column stem for a property path.
+
+    Paths of snake_case parts read as themselves, parts joined by `__` (`address.country` is
+    `address__country`, an analyst's column needs no quotes). Anything else (upper case, other
+    characters, a `__` inside a part, too long) gets a readable prefix, `___` and a short hash,
+    because warehouses fold identifier case and cap their length: a readable stem never contains
+    `___`, so the two kinds never meet, and two readable stems are equal only for equal paths.
     """
-    dotted = ".".join(path)
-    if all(re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", part) for part in path) and len(dotted) <= 48:
-        return dotted
-    readable = re.sub(r"[^a-z0-9_]+", "_", dotted.lower()).strip("_")[:24]
+    slug = "__".join(path)
+    if all(_SNAKE_PART.fullmatch(part) for part in path) and len(slug) <= SLUG_CHARACTERS:
+        return slug
+    readable = "_".join(re.findall(r"[a-z0-9]+", ".".join(path).lower()))[:24].strip("_")
     digest = hashlib.sha1("\x1f".join(path).encode()).hexdigest()[:10]
-    return f"{readable}_{digest}" if readable else f"property_{digest}"
+    return f"{readable or 'property'}___{digest}"
 
 
 def json_pointer(path: tuple[str, ...]) -> str:

@@ -22,6 +22,7 @@ from audiences.conditions.compiler import (
     EXTENSION_OPERATORS,
     KEY_PATTERN,
     RECIPIENT,
+    Attribute,
     Condition,
     ConditionError,
     attributes_used,
@@ -252,6 +253,7 @@ def load_definitions(folder: Path) -> dict[str, AudienceDefinition]:
     loaded = _load_files(folder)
     problems = [problem for key in sorted(loaded.broken) for problem in loaded.broken[key]]
     problems += [problem for _, problem in _model_name_collisions(loaded.definitions.values())]
+    problems += [problem for _, problem in _column_collisions(loaded.definitions.values())]
     if problems:
         raise DefinitionError(problems)
     return loaded.definitions
@@ -324,9 +326,10 @@ def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> De
     problems = [problem for key in sorted(loaded.broken) for problem in loaded.broken[key]]
     skipped: dict[str, list[Problem]] = {key: list(found) for key, found in loaded.broken.items()}
     definitions = dict(loaded.definitions)
-    cross = _model_name_collisions(definitions.values(), other_audiences) + _set_problems(
-        definitions, set(other_audiences) | set(loaded.broken)
-    )
+    cross = (
+        _model_name_collisions(definitions.values(), other_audiences)
+        + _column_collisions(definitions.values())
+    ) + _set_problems(definitions, set(other_audiences) | set(loaded.broken))
     for key, problem in cross:
         if problem not in problems:
             problems.append(problem)
@@ -426,6 +429,37 @@ def _model_name_collisions(
                 problems += [(definition.key, problem), (other.key, problem)]
             continue
         problems.append((definition.key, Problem(str(definition.file), "$", message)))
+    return problems
+
+
+def _column_collisions(definitions: Iterable[AudienceDefinition]) -> list[tuple[str, Problem]]:
+    """(key, problem) for each definition that reads a property whose columns in
+    `int_users_flattened` (`property_slug`) would be another property's: two hashed stems whose
+    10-digit hashes clash (snake_case stems are distinct by construction). Every definition reading
+    either property is unusable."""
+    readers: dict[tuple[str, tuple[str, ...]], list[tuple[AudienceDefinition, str]]] = {}
+    for definition in sorted(definitions, key=lambda d: d.key):
+        for segment in definition.segments:
+            for condition in segment:
+                if condition.path:
+                    readers.setdefault((condition.scope, condition.path), []).append(
+                        (definition, condition.location)
+                    )
+    by_stem: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for scope, path in sorted(readers):
+        stem = Attribute(path, "", scope).column_name.removesuffix("__")
+        by_stem.setdefault(stem.casefold(), []).append((scope, path))
+    problems = []
+    for stem, paths in sorted(by_stem.items()):
+        if len(paths) < 2:
+            continue
+        names = " and ".join(repr(f"{scope}." + ".".join(path)) for scope, path in paths)
+        for pair in paths:
+            for definition, location in readers[pair]:
+                message = f"the properties {names} map to the same columns ({stem}__*); rename one"
+                problems.append(
+                    (definition.key, Problem(str(definition.file), location or "$", message))
+                )
     return problems
 
 

@@ -474,7 +474,7 @@ def _compile_audience(
     def attribute_column(attribute: Attribute) -> exp.Expression:
         if attributes is not None:
             attributes.add(attribute)
-        return exp.column(attribute.column_name, quoted=True)
+        return attribute.column()
 
     context = CompileContext(
         attribute=attribute_column,
@@ -1081,7 +1081,7 @@ def _reevaluate_model(
         audiences_by_window.items(), key=lambda item: (item[0].attribute.path, item[0].minutes)
     ):
         predicate = window.moved_over(
-            exp.column(window.attribute.column_name, quoted=True),
+            window.attribute.column(),
             exp.column(previous),
             exp.column(current),
         )
@@ -1198,4 +1198,5 @@ def _indent(text: str, spaces: int) -> str:
 
 
 def _quote(name: str, dialect: str = DIALECT) -> str:
-    return exp.to_identifier(name, quoted=True).sql(dialect=dialect)
+    """A column name as SQL, quoted only where it needs to be."""
+    return exp.to_identifier(name).sql(dialect=dialect)

@@ -139,7 +139,7 @@ def _users_query(
     if fresh:
         source = exp.to_table(FLATTENED_TABLE).as_("users")
         context = CompileContext(
-            attribute=lambda a: exp.column(a.column_name, table="users", quoted=True),
+            attribute=lambda a: a.column(table="users"),
             audience_members=members_of,
             evaluation_time=now_sql,
             user_key=exp.column("user_key", table="users"),

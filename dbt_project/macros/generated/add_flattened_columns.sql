@@ -7,18 +7,18 @@
         model's build then extracts every column of the users who changed, as always, and drops
         the columns no definition reads any more. -#}
     {%- set existing = column_names(this) if execute and is_incremental() else [] -%}
-    {%- set missing = ["address.country__kind", "address.country__text", "address.country__number", "address.country__boolean", "address.country__items", "email__kind", "email__text", "email__items", "feature_flags__kind", "feature_flags__text", "feature_flags__items", "is_verified__text", "is_verified__boolean", "last_seen_at__kind", "last_seen_at__timestamp", "mrr__number", "nps_score__number", "onboarding.completed_steps__kind", "onboarding.completed_steps__text", "onboarding.completed_steps__number", "onboarding.completed_steps__items", "plan__kind", "plan__text", "plan__number", "plan__boolean", "plan__items", "preferences.digest__text", "seats__number", "signed_up_at__timestamp", "tags__kind", "tags__text", "tags__items", "trial_ends_at__timestamp"] | reject('in', existing) | list if existing else [] -%}
+    {%- set missing = ["address__country__kind", "address__country__text", "address__country__number", "address__country__boolean", "address__country__items", "email__kind", "email__text", "email__items", "feature_flags__kind", "feature_flags__text", "feature_flags__items", "is_verified__text", "is_verified__boolean", "last_seen_at__kind", "last_seen_at__timestamp", "mrr__number", "nps_score__number", "onboarding__completed_steps__kind", "onboarding__completed_steps__text", "onboarding__completed_steps__number", "onboarding__completed_steps__items", "plan__kind", "plan__text", "plan__number", "plan__boolean", "plan__items", "preferences__digest__text", "seats__number", "signed_up_at__timestamp", "tags__kind", "tags__text", "tags__items", "trial_ends_at__timestamp"] | reject('in', existing) | list if existing else [] -%}
     {%- set reads = {
-        "address.country__added": ["address.country__kind", "address.country__text", "address.country__number", "address.country__boolean", "address.country__items"],
+        "address__country__added": ["address__country__kind", "address__country__text", "address__country__number", "address__country__boolean", "address__country__items"],
         "email__added": ["email__kind", "email__text", "email__items"],
         "feature_flags__added": ["feature_flags__kind", "feature_flags__text", "feature_flags__items"],
         "is_verified__added": ["is_verified__text", "is_verified__boolean"],
         "last_seen_at__added": ["last_seen_at__kind", "last_seen_at__timestamp"],
         "mrr__added": ["mrr__number"],
         "nps_score__added": ["nps_score__number"],
-        "onboarding.completed_steps__added": ["onboarding.completed_steps__kind", "onboarding.completed_steps__text", "onboarding.completed_steps__number", "onboarding.completed_steps__items"],
+        "onboarding__completed_steps__added": ["onboarding__completed_steps__kind", "onboarding__completed_steps__text", "onboarding__completed_steps__number", "onboarding__completed_steps__items"],
         "plan__added": ["plan__kind", "plan__text", "plan__number", "plan__boolean", "plan__items"],
-        "preferences.digest__added": ["preferences.digest__text"],
+        "preferences__digest__added": ["preferences__digest__text"],
         "seats__added": ["seats__number"],
         "signed_up_at__added": ["signed_up_at__timestamp"],
         "tags__added": ["tags__kind", "tags__text", "tags__items"],
@@ -40,16 +40,16 @@
         select
             user_key,
             json_extract(properties, [
-            {% if "address.country__added" in values %}{{ ', ' if values.index("address.country__added") else '' }}'/address/country'{% endif %}
+            {% if "address__country__added" in values %}{{ ', ' if values.index("address__country__added") else '' }}'/address/country'{% endif %}
             {% if "email__added" in values %}{{ ', ' if values.index("email__added") else '' }}'/email'{% endif %}
             {% if "feature_flags__added" in values %}{{ ', ' if values.index("feature_flags__added") else '' }}'/feature_flags'{% endif %}
             {% if "is_verified__added" in values %}{{ ', ' if values.index("is_verified__added") else '' }}'/is_verified'{% endif %}
             {% if "last_seen_at__added" in values %}{{ ', ' if values.index("last_seen_at__added") else '' }}'/last_seen_at'{% endif %}
             {% if "mrr__added" in values %}{{ ', ' if values.index("mrr__added") else '' }}'/mrr'{% endif %}
             {% if "nps_score__added" in values %}{{ ', ' if values.index("nps_score__added") else '' }}'/nps_score'{% endif %}
-            {% if "onboarding.completed_steps__added" in values %}{{ ', ' if values.index("onboarding.completed_steps__added") else '' }}'/onboarding/completed_steps'{% endif %}
+            {% if "onboarding__completed_steps__added" in values %}{{ ', ' if values.index("onboarding__completed_steps__added") else '' }}'/onboarding/completed_steps'{% endif %}
             {% if "plan__added" in values %}{{ ', ' if values.index("plan__added") else '' }}'/plan'{% endif %}
-            {% if "preferences.digest__added" in values %}{{ ', ' if values.index("preferences.digest__added") else '' }}'/preferences/digest'{% endif %}
+            {% if "preferences__digest__added" in values %}{{ ', ' if values.index("preferences__digest__added") else '' }}'/preferences/digest'{% endif %}
             {% if "seats__added" in values %}{{ ', ' if values.index("seats__added") else '' }}'/seats'{% endif %}
             {% if "signed_up_at__added" in values %}{{ ', ' if values.index("signed_up_at__added") else '' }}'/signed_up_at'{% endif %}
             {% if "tags__added" in values %}{{ ', ' if values.index("tags__added") else '' }}'/tags'{% endif %}
@@ -61,80 +61,80 @@
     where flattened.user_key = extracted.user_key;
     {% endif %}
 
-    {% if "address.country__kind" in missing %}
-    alter table {{ this }} add column "address.country__kind" varchar;
-    alter table {{ this }} alter column "address.country__kind"
+    {% if "address__country__kind" in missing %}
+    alter table {{ this }} add column "address__country__kind" varchar;
+    alter table {{ this }} alter column "address__country__kind"
     set data type varchar
     using case
-      when json_type("address.country__added") = 'VARCHAR'
+      when json_type("address__country__added") = 'VARCHAR'
       then 'string'
       when (
-        json_type("address.country__added") = 'BIGINT'
-        or json_type("address.country__added") = 'UBIGINT'
-        or json_type("address.country__added") = 'DOUBLE'
-        or json_type("address.country__added") = 'HUGEINT'
-        or json_type("address.country__added") = 'INTEGER'
+        json_type("address__country__added") = 'BIGINT'
+        or json_type("address__country__added") = 'UBIGINT'
+        or json_type("address__country__added") = 'DOUBLE'
+        or json_type("address__country__added") = 'HUGEINT'
+        or json_type("address__country__added") = 'INTEGER'
       )
       then 'number'
-      when json_type("address.country__added") = 'BOOLEAN'
+      when json_type("address__country__added") = 'BOOLEAN'
       then 'boolean'
-      when json_type("address.country__added") = 'ARRAY'
+      when json_type("address__country__added") = 'ARRAY'
       then 'list'
-      when json_type("address.country__added") = 'OBJECT'
+      when json_type("address__country__added") = 'OBJECT'
       then 'object'
     end;
     {% endif %}
-    {% if "address.country__text" in missing %}
-    alter table {{ this }} add column "address.country__text" varchar;
-    alter table {{ this }} alter column "address.country__text"
+    {% if "address__country__text" in missing %}
+    alter table {{ this }} add column "address__country__text" varchar;
+    alter table {{ this }} alter column "address__country__text"
     set data type varchar
     using case
-      when json_type("address.country__added") = 'VARCHAR'
+      when json_type("address__country__added") = 'VARCHAR'
       then (
-        "address.country__added" ->> '$'
+        "address__country__added" ->> '$'
       )
     end;
     {% endif %}
-    {% if "address.country__number" in missing %}
-    alter table {{ this }} add column "address.country__number" double;
-    alter table {{ this }} alter column "address.country__number"
+    {% if "address__country__number" in missing %}
+    alter table {{ this }} add column "address__country__number" double;
+    alter table {{ this }} alter column "address__country__number"
     set data type double
     using case
       when (
-        json_type("address.country__added") = 'BIGINT'
-        or json_type("address.country__added") = 'UBIGINT'
-        or json_type("address.country__added") = 'DOUBLE'
-        or json_type("address.country__added") = 'HUGEINT'
-        or json_type("address.country__added") = 'INTEGER'
+        json_type("address__country__added") = 'BIGINT'
+        or json_type("address__country__added") = 'UBIGINT'
+        or json_type("address__country__added") = 'DOUBLE'
+        or json_type("address__country__added") = 'HUGEINT'
+        or json_type("address__country__added") = 'INTEGER'
       )
-      then cast("address.country__added" as double)
-      when json_type("address.country__added") = 'VARCHAR'
+      then cast("address__country__added" as double)
+      when json_type("address__country__added") = 'VARCHAR'
       and regexp_full_match(
         (
-          "address.country__added" ->> '$'
+          "address__country__added" ->> '$'
         ),
         '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
       )
-      then cast("address.country__added" ->> '$' as double)
+      then cast("address__country__added" ->> '$' as double)
     end;
     {% endif %}
-    {% if "address.country__boolean" in missing %}
-    alter table {{ this }} add column "address.country__boolean" boolean;
-    alter table {{ this }} alter column "address.country__boolean"
+    {% if "address__country__boolean" in missing %}
+    alter table {{ this }} add column "address__country__boolean" boolean;
+    alter table {{ this }} alter column "address__country__boolean"
     set data type boolean
     using case
-      when json_type("address.country__added") = 'BOOLEAN'
-      then cast("address.country__added" as boolean)
+      when json_type("address__country__added") = 'BOOLEAN'
+      then cast("address__country__added" as boolean)
     end;
     {% endif %}
-    {% if "address.country__items" in missing %}
-    alter table {{ this }} add column "address.country__items" varchar[];
-    alter table {{ this }} alter column "address.country__items"
+    {% if "address__country__items" in missing %}
+    alter table {{ this }} add column "address__country__items" varchar[];
+    alter table {{ this }} alter column "address__country__items"
     set data type varchar[]
     using case
-      when json_type("address.country__added") = 'ARRAY'
+      when json_type("address__country__added") = 'ARRAY'
       then list_transform(
-        json_extract("address.country__added", '$[*]'),
+        json_extract("address__country__added", '$[*]'),
         lambda item : case
           when json_type(item) = 'VARCHAR'
           then 's:' || (
@@ -425,71 +425,71 @@
       then cast("nps_score__added" ->> '$' as double)
     end;
     {% endif %}
-    {% if "onboarding.completed_steps__kind" in missing %}
-    alter table {{ this }} add column "onboarding.completed_steps__kind" varchar;
-    alter table {{ this }} alter column "onboarding.completed_steps__kind"
+    {% if "onboarding__completed_steps__kind" in missing %}
+    alter table {{ this }} add column "onboarding__completed_steps__kind" varchar;
+    alter table {{ this }} alter column "onboarding__completed_steps__kind"
     set data type varchar
     using case
-      when json_type("onboarding.completed_steps__added") = 'VARCHAR'
+      when json_type("onboarding__completed_steps__added") = 'VARCHAR'
       then 'string'
       when (
-        json_type("onboarding.completed_steps__added") = 'BIGINT'
-        or json_type("onboarding.completed_steps__added") = 'UBIGINT'
-        or json_type("onboarding.completed_steps__added") = 'DOUBLE'
-        or json_type("onboarding.completed_steps__added") = 'HUGEINT'
-        or json_type("onboarding.completed_steps__added") = 'INTEGER'
+        json_type("onboarding__completed_steps__added") = 'BIGINT'
+        or json_type("onboarding__completed_steps__added") = 'UBIGINT'
+        or json_type("onboarding__completed_steps__added") = 'DOUBLE'
+        or json_type("onboarding__completed_steps__added") = 'HUGEINT'
+        or json_type("onboarding__completed_steps__added") = 'INTEGER'
       )
       then 'number'
-      when json_type("onboarding.completed_steps__added") = 'BOOLEAN'
+      when json_type("onboarding__completed_steps__added") = 'BOOLEAN'
       then 'boolean'
-      when json_type("onboarding.completed_steps__added") = 'ARRAY'
+      when json_type("onboarding__completed_steps__added") = 'ARRAY'
       then 'list'
-      when json_type("onboarding.completed_steps__added") = 'OBJECT'
+      when json_type("onboarding__completed_steps__added") = 'OBJECT'
       then 'object'
     end;
     {% endif %}
-    {% if "onboarding.completed_steps__text" in missing %}
-    alter table {{ this }} add column "onboarding.completed_steps__text" varchar;
-    alter table {{ this }} alter column "onboarding.completed_steps__text"
+    {% if "onboarding__completed_steps__text" in missing %}
+    alter table {{ this }} add column "onboarding__completed_steps__text" varchar;
+    alter table {{ this }} alter column "onboarding__completed_steps__text"
     set data type varchar
     using case
-      when json_type("onboarding.completed_steps__added") = 'VARCHAR'
+      when json_type("onboarding__completed_steps__added") = 'VARCHAR'
       then (
-        "onboarding.completed_steps__added" ->> '$'
+        "onboarding__completed_steps__added" ->> '$'
       )
     end;
     {% endif %}
-    {% if "onboarding.completed_steps__number" in missing %}
-    alter table {{ this }} add column "onboarding.completed_steps__number" double;
-    alter table {{ this }} alter column "onboarding.completed_steps__number"
+    {% if "onboarding__completed_steps__number" in missing %}
+    alter table {{ this }} add column "onboarding__completed_steps__number" double;
+    alter table {{ this }} alter column "onboarding__completed_steps__number"
     set data type double
     using case
       when (
-        json_type("onboarding.completed_steps__added") = 'BIGINT'
-        or json_type("onboarding.completed_steps__added") = 'UBIGINT'
-        or json_type("onboarding.completed_steps__added") = 'DOUBLE'
-        or json_type("onboarding.completed_steps__added") = 'HUGEINT'
-        or json_type("onboarding.completed_steps__added") = 'INTEGER'
+        json_type("onboarding__completed_steps__added") = 'BIGINT'
+        or json_type("onboarding__completed_steps__added") = 'UBIGINT'
+        or json_type("onboarding__completed_steps__added") = 'DOUBLE'
+        or json_type("onboarding__completed_steps__added") = 'HUGEINT'
+        or json_type("onboarding__completed_steps__added") = 'INTEGER'
       )
-      then cast("onboarding.completed_steps__added" as double)
-      when json_type("onboarding.completed_steps__added") = 'VARCHAR'
+      then cast("onboarding__completed_steps__added" as double)
+      when json_type("onboarding__completed_steps__added") = 'VARCHAR'
       and regexp_full_match(
         (
-          "onboarding.completed_steps__added" ->> '$'
+          "onboarding__completed_steps__added" ->> '$'
         ),
         '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
       )
-      then cast("onboarding.completed_steps__added" ->> '$' as double)
+      then cast("onboarding__completed_steps__added" ->> '$' as double)
     end;
     {% endif %}
-    {% if "onboarding.completed_steps__items" in missing %}
-    alter table {{ this }} add column "onboarding.completed_steps__items" varchar[];
-    alter table {{ this }} alter column "onboarding.completed_steps__items"
+    {% if "onboarding__completed_steps__items" in missing %}
+    alter table {{ this }} add column "onboarding__completed_steps__items" varchar[];
+    alter table {{ this }} alter column "onboarding__completed_steps__items"
     set data type varchar[]
     using case
-      when json_type("onboarding.completed_steps__added") = 'ARRAY'
+      when json_type("onboarding__completed_steps__added") = 'ARRAY'
       then list_transform(
-        json_extract("onboarding.completed_steps__added", '$[*]'),
+        json_extract("onboarding__completed_steps__added", '$[*]'),
         lambda item : case
           when json_type(item) = 'VARCHAR'
           then 's:' || (
@@ -602,14 +602,14 @@
       )
     end;
     {% endif %}
-    {% if "preferences.digest__text" in missing %}
-    alter table {{ this }} add column "preferences.digest__text" varchar;
-    alter table {{ this }} alter column "preferences.digest__text"
+    {% if "preferences__digest__text" in missing %}
+    alter table {{ this }} add column "preferences__digest__text" varchar;
+    alter table {{ this }} alter column "preferences__digest__text"
     set data type varchar
     using case
-      when json_type("preferences.digest__added") = 'VARCHAR'
+      when json_type("preferences__digest__added") = 'VARCHAR'
       then (
-        "preferences.digest__added" ->> '$'
+        "preferences__digest__added" ->> '$'
       )
     end;
     {% endif %}

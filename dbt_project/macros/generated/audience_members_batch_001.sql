@@ -22,19 +22,19 @@ where
                   coalesce(
                     (
                       (
-                        "onboarding.completed_steps__kind" = 'number'
-                        and "onboarding.completed_steps__number" = 5
+                        onboarding__completed_steps__kind = 'number'
+                        and onboarding__completed_steps__number = 5
                       )
-                      or "onboarding.completed_steps__text" = '5'
+                      or onboarding__completed_steps__text = '5'
                     ),
                     false
                   )
                   and coalesce((
-                    "seats__number" >= 10
+                    seats__number >= 10
                   ), false)
                   and coalesce(
                     (
-                      "last_seen_at__timestamp" >= (
+                      last_seen_at__timestamp >= (
                         {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
                       )
                     ),
@@ -43,11 +43,11 @@ where
                 )
                 or (
                   coalesce((
-                    "mrr__number" > 2000
+                    mrr__number > 2000
                   ), false)
                   and coalesce(
                     (
-                      "last_seen_at__timestamp" >= (
+                      last_seen_at__timestamp >= (
                         {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
                       )
                     ),
@@ -65,8 +65,8 @@ where
         not coalesce(
           (
             (
-              "feature_flags__kind" = 'list'
-              and list_has_all("feature_flags__items", ['s:beta_dashboard', 's:beta_reports'])
+              feature_flags__kind = 'list'
+              and list_has_all(feature_flags__items, ['s:beta_dashboard', 's:beta_reports'])
             )
           ),
           false
@@ -78,12 +78,12 @@ where
         not coalesce(
           (
             case
-              when "feature_flags__kind" = 'list'
-              then array_contains("feature_flags__items", 's:beta_optout')
-              when "feature_flags__kind" is null
+              when feature_flags__kind = 'list'
+              then array_contains(feature_flags__items, 's:beta_optout')
+              when feature_flags__kind is null
               then false
-              when "feature_flags__kind" = 'string'
-              then contains("feature_flags__text", 'beta_optout')
+              when feature_flags__kind = 'string'
+              then contains(feature_flags__text, 'beta_optout')
               else false
             end
           ),
@@ -117,8 +117,8 @@ where
         coalesce(
           (
             (
-              "feature_flags__kind" = 'list'
-              and list_has_all("feature_flags__items", ['s:beta_dashboard', 's:beta_reports'])
+              feature_flags__kind = 'list'
+              and list_has_all(feature_flags__items, ['s:beta_dashboard', 's:beta_reports'])
             )
           ),
           false
@@ -130,12 +130,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),
@@ -151,12 +151,12 @@ where
         coalesce(
           (
             case
-              when "feature_flags__kind" = 'list'
-              then array_contains("feature_flags__items", 's:beta_api')
-              when "feature_flags__kind" is null
+              when feature_flags__kind = 'list'
+              then array_contains(feature_flags__items, 's:beta_api')
+              when feature_flags__kind is null
               then false
-              when "feature_flags__kind" = 'string'
-              then contains("feature_flags__text", 'beta_api')
+              when feature_flags__kind = 'string'
+              then contains(feature_flags__text, 'beta_api')
               else false
             end
           ),
@@ -169,12 +169,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),
@@ -201,20 +201,20 @@ where
         coalesce(
           (
             case
-              when "plan__kind" = 'list'
-              then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
-              when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+              when plan__kind = 'list'
+              then plan__items && ['s:starter', 's:pro', 's:enterprise']
+              when plan__kind is null or plan__kind in ('string', 'number', 'boolean')
               then array_contains(
                 ['s:starter', 's:pro', 's:enterprise'],
                 case
-                  when "plan__kind" is null
+                  when plan__kind is null
                   then 's:'
-                  when "plan__kind" = 'string'
-                  then 's:' || "plan__text"
-                  when "plan__kind" = 'number'
-                  then 'n:' || cast("plan__number" + 0.0 as text)
-                  when "plan__kind" = 'boolean'
-                  then 'b:' || cast("plan__boolean" as text)
+                  when plan__kind = 'string'
+                  then 's:' || plan__text
+                  when plan__kind = 'number'
+                  then 'n:' || cast(plan__number + 0.0 as text)
+                  when plan__kind = 'boolean'
+                  then 'b:' || cast(plan__boolean as text)
                 end
               )
               else false
@@ -228,7 +228,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_before", "argument": "30 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" < (
+            last_seen_at__timestamp < (
               {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
             )
           ),
@@ -244,20 +244,20 @@ where
         coalesce(
           (
             case
-              when "plan__kind" = 'list'
-              then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
-              when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+              when plan__kind = 'list'
+              then plan__items && ['s:starter', 's:pro', 's:enterprise']
+              when plan__kind is null or plan__kind in ('string', 'number', 'boolean')
               then array_contains(
                 ['s:starter', 's:pro', 's:enterprise'],
                 case
-                  when "plan__kind" is null
+                  when plan__kind is null
                   then 's:'
-                  when "plan__kind" = 'string'
-                  then 's:' || "plan__text"
-                  when "plan__kind" = 'number'
-                  then 'n:' || cast("plan__number" + 0.0 as text)
-                  when "plan__kind" = 'boolean'
-                  then 'b:' || cast("plan__boolean" as text)
+                  when plan__kind = 'string'
+                  then 's:' || plan__text
+                  when plan__kind = 'number'
+                  then 'n:' || cast(plan__number + 0.0 as text)
+                  when plan__kind = 'boolean'
+                  then 'b:' || cast(plan__boolean as text)
                 end
               )
               else false
@@ -270,7 +270,7 @@ where
 
         -- {"property": "recipient.nps_score", "operator": "less_than_or_equal_to", "argument": "6"}
         coalesce((
-          "nps_score__number" <= 6
+          nps_score__number <= 6
         ), false)
     )
 
@@ -291,7 +291,7 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "free"}
         coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
 
         and
@@ -299,7 +299,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_before", "argument": "90 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" < (
+            last_seen_at__timestamp < (
               {{ evaluation_time() }} + to_minutes(cast(-129600 as bigint))
             )
           ),
@@ -313,14 +313,14 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "free"}
         coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
 
         and
 
         -- {"property": "recipient.last_seen_at", "operator": "not_exists"}
         not coalesce((
-          not "last_seen_at__kind" is null
+          not last_seen_at__kind is null
         ), false)
 
         and
@@ -328,7 +328,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_before", "argument": "2026-09-01T00:00:00Z"}
         coalesce(
           (
-            "signed_up_at__timestamp" < cast('2026-09-01 00:00:00.000000+00' as timestamptz)
+            signed_up_at__timestamp < cast('2026-09-01 00:00:00.000000+00' as timestamptz)
           ),
           false
         )
@@ -358,7 +358,7 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "enterprise"}
         coalesce((
-          "plan__text" = 'enterprise'
+          plan__text = 'enterprise'
         ), false)
 
         and
@@ -367,12 +367,12 @@ where
         coalesce(
           (
             case
-              when "tags__kind" = 'list'
-              then array_contains("tags__items", 's:admin')
-              when "tags__kind" is null
+              when tags__kind = 'list'
+              then array_contains(tags__items, 's:admin')
+              when tags__kind is null
               then false
-              when "tags__kind" = 'string'
-              then contains("tags__text", 'admin')
+              when tags__kind = 'string'
+              then contains(tags__text, 'admin')
               else false
             end
           ),
@@ -385,12 +385,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),
@@ -424,8 +424,8 @@ where
         coalesce(
           (
             case
-              when "address.country__kind" = 'list'
-              then "address.country__items" && [
+              when address__country__kind = 'list'
+              then address__country__items && [
                 's:AT',
                 's:BE',
                 's:DE',
@@ -440,8 +440,8 @@ where
                 's:PT',
                 's:SE'
               ]
-              when "address.country__kind" is null
-              or "address.country__kind" in ('string', 'number', 'boolean')
+              when address__country__kind is null
+              or address__country__kind in ('string', 'number', 'boolean')
               then array_contains(
                 [
                   's:AT',
@@ -459,14 +459,14 @@ where
                   's:SE'
                 ],
                 case
-                  when "address.country__kind" is null
+                  when address__country__kind is null
                   then 's:'
-                  when "address.country__kind" = 'string'
-                  then 's:' || "address.country__text"
-                  when "address.country__kind" = 'number'
-                  then 'n:' || cast("address.country__number" + 0.0 as text)
-                  when "address.country__kind" = 'boolean'
-                  then 'b:' || cast("address.country__boolean" as text)
+                  when address__country__kind = 'string'
+                  then 's:' || address__country__text
+                  when address__country__kind = 'number'
+                  then 'n:' || cast(address__country__number + 0.0 as text)
+                  when address__country__kind = 'boolean'
+                  then 'b:' || cast(address__country__boolean as text)
                 end
               )
               else false
@@ -479,7 +479,7 @@ where
 
         -- {"property": "recipient.plan", "operator": "not_equal_to", "argument": "free"}
         not coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
     )
 
@@ -547,7 +547,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_on_or_after", "argument": "7 days ago"}
         coalesce(
           (
-            "signed_up_at__timestamp" >= (
+            signed_up_at__timestamp >= (
               {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
             )
           ),
@@ -560,12 +560,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),
@@ -590,7 +590,7 @@ where
     (
         -- {"property": "recipient.nps_score", "operator": "is_between", "argument": "[9, 10]"}
         coalesce((
-          "nps_score__number" between 9 and 10
+          nps_score__number between 9 and 10
         ), false)
 
         and
@@ -607,20 +607,20 @@ where
                   coalesce(
                     (
                       case
-                        when "plan__kind" = 'list'
-                        then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
-                        when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+                        when plan__kind = 'list'
+                        then plan__items && ['s:starter', 's:pro', 's:enterprise']
+                        when plan__kind is null or plan__kind in ('string', 'number', 'boolean')
                         then array_contains(
                           ['s:starter', 's:pro', 's:enterprise'],
                           case
-                            when "plan__kind" is null
+                            when plan__kind is null
                             then 's:'
-                            when "plan__kind" = 'string'
-                            then 's:' || "plan__text"
-                            when "plan__kind" = 'number'
-                            then 'n:' || cast("plan__number" + 0.0 as text)
-                            when "plan__kind" = 'boolean'
-                            then 'b:' || cast("plan__boolean" as text)
+                            when plan__kind = 'string'
+                            then 's:' || plan__text
+                            when plan__kind = 'number'
+                            then 'n:' || cast(plan__number + 0.0 as text)
+                            when plan__kind = 'boolean'
+                            then 'b:' || cast(plan__boolean as text)
                           end
                         )
                         else false
@@ -630,7 +630,7 @@ where
                   )
                   and coalesce(
                     (
-                      "last_seen_at__timestamp" < (
+                      last_seen_at__timestamp < (
                         {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
                       )
                     ),
@@ -641,20 +641,20 @@ where
                   coalesce(
                     (
                       case
-                        when "plan__kind" = 'list'
-                        then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
-                        when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+                        when plan__kind = 'list'
+                        then plan__items && ['s:starter', 's:pro', 's:enterprise']
+                        when plan__kind is null or plan__kind in ('string', 'number', 'boolean')
                         then array_contains(
                           ['s:starter', 's:pro', 's:enterprise'],
                           case
-                            when "plan__kind" is null
+                            when plan__kind is null
                             then 's:'
-                            when "plan__kind" = 'string'
-                            then 's:' || "plan__text"
-                            when "plan__kind" = 'number'
-                            then 'n:' || cast("plan__number" + 0.0 as text)
-                            when "plan__kind" = 'boolean'
-                            then 'b:' || cast("plan__boolean" as text)
+                            when plan__kind = 'string'
+                            then 's:' || plan__text
+                            when plan__kind = 'number'
+                            then 'n:' || cast(plan__number + 0.0 as text)
+                            when plan__kind = 'boolean'
+                            then 'b:' || cast(plan__boolean as text)
                           end
                         )
                         else false
@@ -663,7 +663,7 @@ where
                     false
                   )
                   and coalesce((
-                    "nps_score__number" <= 6
+                    nps_score__number <= 6
                   ), false)
                 )
             )
@@ -675,7 +675,7 @@ where
 
         -- {"property": "recipient.email", "operator": "exists"}
         coalesce((
-          not "email__kind" is null
+          not email__kind is null
         ), false)
     )
 
@@ -704,7 +704,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_between", "argument": "[\"2026-07-01T00:00:00Z\", \"2026-12-31T23:59:59Z\"]"}
         coalesce(
           (
-            "signed_up_at__timestamp" between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
+            signed_up_at__timestamp between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
           ),
           false
         )
@@ -713,7 +713,7 @@ where
 
         -- {"property": "recipient.onboarding.completed_steps", "operator": "less_than", "argument": "5"}
         coalesce((
-          "onboarding.completed_steps__number" < 5
+          onboarding__completed_steps__number < 5
         ), false)
     )
 
@@ -724,7 +724,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_between", "argument": "[\"2026-07-01T00:00:00Z\", \"2026-12-31T23:59:59Z\"]"}
         coalesce(
           (
-            "signed_up_at__timestamp" between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
+            signed_up_at__timestamp between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
           ),
           false
         )
@@ -735,11 +735,11 @@ where
         coalesce(
           (
             (
-              "onboarding.completed_steps__kind" is null
-              or "onboarding.completed_steps__text" = ''
+              onboarding__completed_steps__kind is null
+              or onboarding__completed_steps__text = ''
               or (
-                "onboarding.completed_steps__kind" = 'list'
-                and length("onboarding.completed_steps__items") = 0
+                onboarding__completed_steps__kind = 'list'
+                and length(onboarding__completed_steps__items) = 0
               )
             )
           ),
@@ -766,10 +766,10 @@ where
         coalesce(
           (
             (
-              "onboarding.completed_steps__kind" = 'number'
-              and "onboarding.completed_steps__number" = 5
+              onboarding__completed_steps__kind = 'number'
+              and onboarding__completed_steps__number = 5
             )
-            or "onboarding.completed_steps__text" = '5'
+            or onboarding__completed_steps__text = '5'
           ),
           false
         )
@@ -778,7 +778,7 @@ where
 
         -- {"property": "recipient.seats", "operator": "greater_than_or_equal_to", "argument": "10"}
         coalesce((
-          "seats__number" >= 10
+          seats__number >= 10
         ), false)
 
         and
@@ -786,7 +786,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_on_or_after", "argument": "3 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" >= (
+            last_seen_at__timestamp >= (
               {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
             )
           ),
@@ -800,7 +800,7 @@ where
     (
         -- {"property": "recipient.mrr", "operator": "greater_than", "argument": "2000"}
         coalesce((
-          "mrr__number" > 2000
+          mrr__number > 2000
         ), false)
 
         and
@@ -808,7 +808,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_on_or_after", "argument": "3 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" >= (
+            last_seen_at__timestamp >= (
               {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
             )
           ),
@@ -852,14 +852,14 @@ where
 
         -- {"property": "recipient.is_verified", "operator": "equal_to", "argument": "true"}
         coalesce((
-          "is_verified__boolean" = true or "is_verified__text" = 'true'
+          is_verified__boolean = true or is_verified__text = 'true'
         ), false)
 
         and
 
         -- {"property": "recipient.preferences.digest", "operator": "not_equal_to", "argument": "never"}
         not coalesce((
-          "preferences.digest__text" = 'never'
+          preferences__digest__text = 'never'
         ), false)
     )
 
@@ -949,7 +949,7 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
         coalesce((
-          "plan__text" = 'pro'
+          plan__text = 'pro'
         ), false)
 
         and
@@ -1113,7 +1113,7 @@ where
     (
         -- {"property": "recipient.trial_ends_at", "operator": "is_timestamp_on_or_after_now"}
         coalesce((
-          "trial_ends_at__timestamp" >= {{ evaluation_time() }}
+          trial_ends_at__timestamp >= {{ evaluation_time() }}
         ), false)
 
         and
@@ -1121,7 +1121,7 @@ where
         -- {"property": "recipient.trial_ends_at", "operator": "is_timestamp_before", "argument": "7 days from now"}
         coalesce(
           (
-            "trial_ends_at__timestamp" < (
+            trial_ends_at__timestamp < (
               {{ evaluation_time() }} + to_minutes(cast(10080 as bigint))
             )
           ),
@@ -1134,10 +1134,10 @@ where
         not coalesce(
           (
             (
-              "email__kind" is null
-              or "email__text" = ''
+              email__kind is null
+              or email__text = ''
               or (
-                "email__kind" = 'list' and length("email__items") = 0
+                email__kind = 'list' and length(email__items) = 0
               )
             )
           ),
@@ -1162,21 +1162,21 @@ where
     (
         -- {"property": "recipient.trial_ends_at", "operator": "is_timestamp_before_now"}
         coalesce((
-          "trial_ends_at__timestamp" < {{ evaluation_time() }}
+          trial_ends_at__timestamp < {{ evaluation_time() }}
         ), false)
 
         and
 
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "free"}
         coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
 
         and
 
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp"}
         coalesce((
-          not "last_seen_at__timestamp" is null
+          not last_seen_at__timestamp is null
         ), false)
     )
 

@@ -88,14 +88,14 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 1)) = 'OBJECT'
           then 'object'
-        end as "address.country__kind",
+        end as address__country__kind,
         -- recipient.address.country (text)
         case
           when json_type(list_extract(property_values, 1)) = 'VARCHAR'
           then (
             list_extract(property_values, 1) ->> '$'
           )
-        end as "address.country__text",
+        end as address__country__text,
         -- recipient.address.country (number)
         case
           when (
@@ -114,12 +114,12 @@ final as (
             '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
           )
           then cast(list_extract(property_values, 1) ->> '$' as double)
-        end as "address.country__number",
+        end as address__country__number,
         -- recipient.address.country (boolean)
         case
           when json_type(list_extract(property_values, 1)) = 'BOOLEAN'
           then cast(list_extract(property_values, 1) as boolean)
-        end as "address.country__boolean",
+        end as address__country__boolean,
         -- recipient.address.country (items)
         case
           when json_type(list_extract(property_values, 1)) = 'ARRAY'
@@ -145,7 +145,7 @@ final as (
               else 'j:' || cast(item as text)
             end
           )
-        end as "address.country__items",
+        end as address__country__items,
         -- recipient.email (kind)
         case
           when json_type(list_extract(property_values, 2)) = 'VARCHAR'
@@ -164,14 +164,14 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 2)) = 'OBJECT'
           then 'object'
-        end as "email__kind",
+        end as email__kind,
         -- recipient.email (text)
         case
           when json_type(list_extract(property_values, 2)) = 'VARCHAR'
           then (
             list_extract(property_values, 2) ->> '$'
           )
-        end as "email__text",
+        end as email__text,
         -- recipient.email (items)
         case
           when json_type(list_extract(property_values, 2)) = 'ARRAY'
@@ -197,7 +197,7 @@ final as (
               else 'j:' || cast(item as text)
             end
           )
-        end as "email__items",
+        end as email__items,
         -- recipient.feature_flags (kind)
         case
           when json_type(list_extract(property_values, 3)) = 'VARCHAR'
@@ -216,14 +216,14 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 3)) = 'OBJECT'
           then 'object'
-        end as "feature_flags__kind",
+        end as feature_flags__kind,
         -- recipient.feature_flags (text)
         case
           when json_type(list_extract(property_values, 3)) = 'VARCHAR'
           then (
             list_extract(property_values, 3) ->> '$'
           )
-        end as "feature_flags__text",
+        end as feature_flags__text,
         -- recipient.feature_flags (items)
         case
           when json_type(list_extract(property_values, 3)) = 'ARRAY'
@@ -249,19 +249,19 @@ final as (
               else 'j:' || cast(item as text)
             end
           )
-        end as "feature_flags__items",
+        end as feature_flags__items,
         -- recipient.is_verified (text)
         case
           when json_type(list_extract(property_values, 4)) = 'VARCHAR'
           then (
             list_extract(property_values, 4) ->> '$'
           )
-        end as "is_verified__text",
+        end as is_verified__text,
         -- recipient.is_verified (boolean)
         case
           when json_type(list_extract(property_values, 4)) = 'BOOLEAN'
           then cast(list_extract(property_values, 4) as boolean)
-        end as "is_verified__boolean",
+        end as is_verified__boolean,
         -- recipient.last_seen_at (kind)
         case
           when json_type(list_extract(property_values, 5)) = 'VARCHAR'
@@ -280,7 +280,7 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 5)) = 'OBJECT'
           then 'object'
-        end as "last_seen_at__kind",
+        end as last_seen_at__kind,
         -- recipient.last_seen_at (timestamp)
         case
           when json_type(list_extract(property_values, 5)) = 'VARCHAR'
@@ -333,7 +333,7 @@ final as (
               then cast(list_extract(property_values, 5) ->> '$' as double)
             end
           )
-        end as "last_seen_at__timestamp",
+        end as last_seen_at__timestamp,
         -- recipient.mrr (number)
         case
           when (
@@ -352,7 +352,7 @@ final as (
             '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
           )
           then cast(list_extract(property_values, 6) ->> '$' as double)
-        end as "mrr__number",
+        end as mrr__number,
         -- recipient.nps_score (number)
         case
           when (
@@ -371,7 +371,7 @@ final as (
             '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
           )
           then cast(list_extract(property_values, 7) ->> '$' as double)
-        end as "nps_score__number",
+        end as nps_score__number,
         -- recipient.onboarding.completed_steps (kind)
         case
           when json_type(list_extract(property_values, 8)) = 'VARCHAR'
@@ -390,14 +390,14 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 8)) = 'OBJECT'
           then 'object'
-        end as "onboarding.completed_steps__kind",
+        end as onboarding__completed_steps__kind,
         -- recipient.onboarding.completed_steps (text)
         case
           when json_type(list_extract(property_values, 8)) = 'VARCHAR'
           then (
             list_extract(property_values, 8) ->> '$'
           )
-        end as "onboarding.completed_steps__text",
+        end as onboarding__completed_steps__text,
         -- recipient.onboarding.completed_steps (number)
         case
           when (
@@ -416,7 +416,7 @@ final as (
             '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
           )
           then cast(list_extract(property_values, 8) ->> '$' as double)
-        end as "onboarding.completed_steps__number",
+        end as onboarding__completed_steps__number,
         -- recipient.onboarding.completed_steps (items)
         case
           when json_type(list_extract(property_values, 8)) = 'ARRAY'
@@ -442,7 +442,7 @@ final as (
               else 'j:' || cast(item as text)
             end
           )
-        end as "onboarding.completed_steps__items",
+        end as onboarding__completed_steps__items,
         -- recipient.plan (kind)
         case
           when json_type(list_extract(property_values, 9)) = 'VARCHAR'
@@ -461,14 +461,14 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 9)) = 'OBJECT'
           then 'object'
-        end as "plan__kind",
+        end as plan__kind,
         -- recipient.plan (text)
         case
           when json_type(list_extract(property_values, 9)) = 'VARCHAR'
           then (
             list_extract(property_values, 9) ->> '$'
           )
-        end as "plan__text",
+        end as plan__text,
         -- recipient.plan (number)
         case
           when (
@@ -487,12 +487,12 @@ final as (
             '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
           )
           then cast(list_extract(property_values, 9) ->> '$' as double)
-        end as "plan__number",
+        end as plan__number,
         -- recipient.plan (boolean)
         case
           when json_type(list_extract(property_values, 9)) = 'BOOLEAN'
           then cast(list_extract(property_values, 9) as boolean)
-        end as "plan__boolean",
+        end as plan__boolean,
         -- recipient.plan (items)
         case
           when json_type(list_extract(property_values, 9)) = 'ARRAY'
@@ -518,14 +518,14 @@ final as (
               else 'j:' || cast(item as text)
             end
           )
-        end as "plan__items",
+        end as plan__items,
         -- recipient.preferences.digest (text)
         case
           when json_type(list_extract(property_values, 10)) = 'VARCHAR'
           then (
             list_extract(property_values, 10) ->> '$'
           )
-        end as "preferences.digest__text",
+        end as preferences__digest__text,
         -- recipient.seats (number)
         case
           when (
@@ -544,7 +544,7 @@ final as (
             '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
           )
           then cast(list_extract(property_values, 11) ->> '$' as double)
-        end as "seats__number",
+        end as seats__number,
         -- recipient.signed_up_at (timestamp)
         case
           when json_type(list_extract(property_values, 12)) = 'VARCHAR'
@@ -597,7 +597,7 @@ final as (
               then cast(list_extract(property_values, 12) ->> '$' as double)
             end
           )
-        end as "signed_up_at__timestamp",
+        end as signed_up_at__timestamp,
         -- recipient.tags (kind)
         case
           when json_type(list_extract(property_values, 13)) = 'VARCHAR'
@@ -616,14 +616,14 @@ final as (
           then 'list'
           when json_type(list_extract(property_values, 13)) = 'OBJECT'
           then 'object'
-        end as "tags__kind",
+        end as tags__kind,
         -- recipient.tags (text)
         case
           when json_type(list_extract(property_values, 13)) = 'VARCHAR'
           then (
             list_extract(property_values, 13) ->> '$'
           )
-        end as "tags__text",
+        end as tags__text,
         -- recipient.tags (items)
         case
           when json_type(list_extract(property_values, 13)) = 'ARRAY'
@@ -649,7 +649,7 @@ final as (
               else 'j:' || cast(item as text)
             end
           )
-        end as "tags__items",
+        end as tags__items,
         -- recipient.trial_ends_at (timestamp)
         case
           when json_type(list_extract(property_values, 14)) = 'VARCHAR'
@@ -702,7 +702,7 @@ final as (
               then cast(list_extract(property_values, 14) ->> '$' as double)
             end
           )
-        end as "trial_ends_at__timestamp"
+        end as trial_ends_at__timestamp
     from extracted
 
 )

@@ -54,7 +54,7 @@ from (
     where
         -- dormant-free-users: recipient.last_seen_at against now -129600 minutes
         (
-          "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
+          last_seen_at__timestamp between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-129600 as bigint))
         )
 
     union all
@@ -64,7 +64,7 @@ from (
     where
         -- churn-risk: recipient.last_seen_at against now -43200 minutes
         (
-          "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
+          last_seen_at__timestamp between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
         )
 
     union all
@@ -74,7 +74,7 @@ from (
     where
         -- power-users: recipient.last_seen_at against now -4320 minutes
         (
-          "last_seen_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
+          last_seen_at__timestamp between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-4320 as bigint))
         )
 
     union all
@@ -84,7 +84,7 @@ from (
     where
         -- new-signups-this-week: recipient.signed_up_at against now -10080 minutes
         (
-          "signed_up_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
+          signed_up_at__timestamp between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
         )
 
     union all
@@ -94,7 +94,7 @@ from (
     where
         -- trial-ending-soon, trial-expired-unconverted: recipient.trial_ends_at against now +0 minutes
         (
-          "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
+          trial_ends_at__timestamp between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
         )
 
     union all
@@ -104,7 +104,7 @@ from (
     where
         -- trial-ending-soon: recipient.trial_ends_at against now +10080 minutes
         (
-          "trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
+          trial_ends_at__timestamp between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
         )
 
     union all

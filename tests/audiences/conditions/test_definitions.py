@@ -392,3 +392,52 @@ def test_keys_that_collide_with_sql_audiences_or_engine_models_are_refused_by_na
     )
     assert any("key 'int_users_flattened' maps to the model name" in m for m in messages)
     assert any(f"key '{long_key}' is 252 bytes long" in m for m in messages)
+
+
+# Two property names whose hashed column stems clash (the first 10 hex digits of their SHA-1 are
+# equal, found by a birthday search): the only way two paths can share columns.
+CLASHING_PROPERTIES = ("XXxxXxXXxxXxxXxxXxxXxxxxxxxxxx", "xXxxxXxXxxXXXXxXxxxxXxxxxxxxxx")
+
+
+def test_snake_case_columns_are_distinct_for_distinct_paths():
+    """Issue 14 item 8: a property's columns read `address__country__kind`, and paths that a naive
+    snake_case would merge (`a.b` and `a__b`, `a_.b` and `a._b`, case) keep apart."""
+    from audiences.conditions.compiler import Attribute, property_slug
+
+    assert Attribute(("address", "country"), "kind").column_name == "address__country__kind"
+    assert Attribute(("plan",), "text").column_name == "plan__text"
+    tricky = [
+        ("a", "b"),
+        ("a__b",),
+        ("a_b",),
+        ("a_", "b"),
+        ("a", "_b"),
+        ("a___b",),
+        ("a.b",),
+        ("A", "b"),
+        ("a", "B"),
+        ("a", "b", "c"),
+        ("a__b", "c"),
+        ("a", "b__c"),
+        ("1st",),
+        ('a"; drop table users; --',),
+    ]
+    stems = [property_slug(path).casefold() for path in tricky]
+    assert len(set(stems)) == len(tricky), stems
+    assert property_slug(CLASHING_PROPERTIES[:1]) == property_slug(CLASHING_PROPERTIES[1:])
+
+
+def test_two_properties_that_would_share_columns_make_their_audiences_unusable(tmp_path):
+    """The definitions reading either of two properties with the same columns are skipped, with a
+    problem naming both properties and the condition; the other audiences are evaluated."""
+    first, second = (f"recipient.{name}" for name in CLASHING_PROPERTIES)
+    write(tmp_path, "first", dynamic({"property": first, "operator": "exists"}))
+    write(tmp_path, "second", dynamic({"property": second, "operator": "exists"}))
+    write(tmp_path, "fine", dynamic({"property": "recipient.plan", "operator": "exists"}))
+    found = load_definition_set(tmp_path)
+    assert sorted(found.definitions) == ["fine"]
+    assert sorted(found.skipped) == ["first", "second"]
+    message = str(found.skipped["first"][0])
+    assert repr(first) in message and repr(second) in message
+    assert "map to the same columns" in message and "$.segments[0]" in message
+    assert any("map to the same columns" in problem for problem in problems_of(tmp_path))

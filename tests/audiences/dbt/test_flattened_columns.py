@@ -79,7 +79,7 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
             {"mark": MARK},
         )
         row_ids = _row_ids(connection)
-    assert "company.name__kind" not in before
+    assert "company__name__kind" not in before
 
     (definitions / "large-companies").mkdir()
     (definitions / "large-companies" / "audience.json").write_text(json.dumps(NEW_AUDIENCE))
@@ -125,7 +125,7 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
         )
         assert (
             connection.execute(
-                "select count(*) from main.int_users_flattened where \"company.name__kind\" = 'string'"
+                "select count(*) from main.int_users_flattened where company__name__kind = 'string'"
             ).fetchone()[0]
             > 0
         )
@@ -230,6 +230,6 @@ def test_a_new_property_and_changed_users_in_one_build_equal_a_full_build(sample
         ).fetchone()[0]
         assert differences == 0
         assert connection.execute(
-            'select "company.name__text", plan__text from main.int_users_flattened '
+            "select company__name__text, plan__text from main.int_users_flattened "
             "where user_id = 'user_00002'"
         ).fetchone() == ("Zeta Ltd", "changed")

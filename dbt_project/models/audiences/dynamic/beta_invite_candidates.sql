@@ -34,8 +34,8 @@ where
         not coalesce(
           (
             (
-              "feature_flags__kind" = 'list'
-              and list_has_all("feature_flags__items", ['s:beta_dashboard', 's:beta_reports'])
+              feature_flags__kind = 'list'
+              and list_has_all(feature_flags__items, ['s:beta_dashboard', 's:beta_reports'])
             )
           ),
           false
@@ -47,12 +47,12 @@ where
         not coalesce(
           (
             case
-              when "feature_flags__kind" = 'list'
-              then array_contains("feature_flags__items", 's:beta_optout')
-              when "feature_flags__kind" is null
+              when feature_flags__kind = 'list'
+              then array_contains(feature_flags__items, 's:beta_optout')
+              when feature_flags__kind is null
               then false
-              when "feature_flags__kind" = 'string'
-              then contains("feature_flags__text", 'beta_optout')
+              when feature_flags__kind = 'string'
+              then contains(feature_flags__text, 'beta_optout')
               else false
             end
           ),

@@ -16,8 +16,8 @@ where
         coalesce(
           (
             (
-              "feature_flags__kind" = 'list'
-              and list_has_all("feature_flags__items", ['s:beta_dashboard', 's:beta_reports'])
+              feature_flags__kind = 'list'
+              and list_has_all(feature_flags__items, ['s:beta_dashboard', 's:beta_reports'])
             )
           ),
           false
@@ -29,12 +29,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),
@@ -50,12 +50,12 @@ where
         coalesce(
           (
             case
-              when "feature_flags__kind" = 'list'
-              then array_contains("feature_flags__items", 's:beta_api')
-              when "feature_flags__kind" is null
+              when feature_flags__kind = 'list'
+              then array_contains(feature_flags__items, 's:beta_api')
+              when feature_flags__kind is null
               then false
-              when "feature_flags__kind" = 'string'
-              then contains("feature_flags__text", 'beta_api')
+              when feature_flags__kind = 'string'
+              then contains(feature_flags__text, 'beta_api')
               else false
             end
           ),
@@ -68,12 +68,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),

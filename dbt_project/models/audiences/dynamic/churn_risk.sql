@@ -16,20 +16,20 @@ where
         coalesce(
           (
             case
-              when "plan__kind" = 'list'
-              then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
-              when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+              when plan__kind = 'list'
+              then plan__items && ['s:starter', 's:pro', 's:enterprise']
+              when plan__kind is null or plan__kind in ('string', 'number', 'boolean')
               then array_contains(
                 ['s:starter', 's:pro', 's:enterprise'],
                 case
-                  when "plan__kind" is null
+                  when plan__kind is null
                   then 's:'
-                  when "plan__kind" = 'string'
-                  then 's:' || "plan__text"
-                  when "plan__kind" = 'number'
-                  then 'n:' || cast("plan__number" + 0.0 as text)
-                  when "plan__kind" = 'boolean'
-                  then 'b:' || cast("plan__boolean" as text)
+                  when plan__kind = 'string'
+                  then 's:' || plan__text
+                  when plan__kind = 'number'
+                  then 'n:' || cast(plan__number + 0.0 as text)
+                  when plan__kind = 'boolean'
+                  then 'b:' || cast(plan__boolean as text)
                 end
               )
               else false
@@ -43,7 +43,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_before", "argument": "30 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" < (
+            last_seen_at__timestamp < (
               {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
             )
           ),
@@ -59,20 +59,20 @@ where
         coalesce(
           (
             case
-              when "plan__kind" = 'list'
-              then "plan__items" && ['s:starter', 's:pro', 's:enterprise']
-              when "plan__kind" is null or "plan__kind" in ('string', 'number', 'boolean')
+              when plan__kind = 'list'
+              then plan__items && ['s:starter', 's:pro', 's:enterprise']
+              when plan__kind is null or plan__kind in ('string', 'number', 'boolean')
               then array_contains(
                 ['s:starter', 's:pro', 's:enterprise'],
                 case
-                  when "plan__kind" is null
+                  when plan__kind is null
                   then 's:'
-                  when "plan__kind" = 'string'
-                  then 's:' || "plan__text"
-                  when "plan__kind" = 'number'
-                  then 'n:' || cast("plan__number" + 0.0 as text)
-                  when "plan__kind" = 'boolean'
-                  then 'b:' || cast("plan__boolean" as text)
+                  when plan__kind = 'string'
+                  then 's:' || plan__text
+                  when plan__kind = 'number'
+                  then 'n:' || cast(plan__number + 0.0 as text)
+                  when plan__kind = 'boolean'
+                  then 'b:' || cast(plan__boolean as text)
                 end
               )
               else false
@@ -85,6 +85,6 @@ where
 
         -- {"property": "recipient.nps_score", "operator": "less_than_or_equal_to", "argument": "6"}
         coalesce((
-          "nps_score__number" <= 6
+          nps_score__number <= 6
         ), false)
     )

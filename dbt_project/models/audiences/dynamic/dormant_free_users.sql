@@ -14,7 +14,7 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "free"}
         coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
 
         and
@@ -22,7 +22,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_before", "argument": "90 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" < (
+            last_seen_at__timestamp < (
               {{ evaluation_time() }} + to_minutes(cast(-129600 as bigint))
             )
           ),
@@ -36,14 +36,14 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "free"}
         coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
 
         and
 
         -- {"property": "recipient.last_seen_at", "operator": "not_exists"}
         not coalesce((
-          not "last_seen_at__kind" is null
+          not last_seen_at__kind is null
         ), false)
 
         and
@@ -51,7 +51,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_before", "argument": "2026-09-01T00:00:00Z"}
         coalesce(
           (
-            "signed_up_at__timestamp" < cast('2026-09-01 00:00:00.000000+00' as timestamptz)
+            signed_up_at__timestamp < cast('2026-09-01 00:00:00.000000+00' as timestamptz)
           ),
           false
         )

@@ -14,7 +14,7 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "enterprise"}
         coalesce((
-          "plan__text" = 'enterprise'
+          plan__text = 'enterprise'
         ), false)
 
         and
@@ -23,12 +23,12 @@ where
         coalesce(
           (
             case
-              when "tags__kind" = 'list'
-              then array_contains("tags__items", 's:admin')
-              when "tags__kind" is null
+              when tags__kind = 'list'
+              then array_contains(tags__items, 's:admin')
+              when tags__kind is null
               then false
-              when "tags__kind" = 'string'
-              then contains("tags__text", 'admin')
+              when tags__kind = 'string'
+              then contains(tags__text, 'admin')
               else false
             end
           ),
@@ -41,12 +41,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),

@@ -16,8 +16,8 @@ where
         coalesce(
           (
             case
-              when "address.country__kind" = 'list'
-              then "address.country__items" && [
+              when address__country__kind = 'list'
+              then address__country__items && [
                 's:AT',
                 's:BE',
                 's:DE',
@@ -32,8 +32,8 @@ where
                 's:PT',
                 's:SE'
               ]
-              when "address.country__kind" is null
-              or "address.country__kind" in ('string', 'number', 'boolean')
+              when address__country__kind is null
+              or address__country__kind in ('string', 'number', 'boolean')
               then array_contains(
                 [
                   's:AT',
@@ -51,14 +51,14 @@ where
                   's:SE'
                 ],
                 case
-                  when "address.country__kind" is null
+                  when address__country__kind is null
                   then 's:'
-                  when "address.country__kind" = 'string'
-                  then 's:' || "address.country__text"
-                  when "address.country__kind" = 'number'
-                  then 'n:' || cast("address.country__number" + 0.0 as text)
-                  when "address.country__kind" = 'boolean'
-                  then 'b:' || cast("address.country__boolean" as text)
+                  when address__country__kind = 'string'
+                  then 's:' || address__country__text
+                  when address__country__kind = 'number'
+                  then 'n:' || cast(address__country__number + 0.0 as text)
+                  when address__country__kind = 'boolean'
+                  then 'b:' || cast(address__country__boolean as text)
                 end
               )
               else false
@@ -71,6 +71,6 @@ where
 
         -- {"property": "recipient.plan", "operator": "not_equal_to", "argument": "free"}
         not coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
     )

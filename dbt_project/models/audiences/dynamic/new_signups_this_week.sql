@@ -15,7 +15,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_on_or_after", "argument": "7 days ago"}
         coalesce(
           (
-            "signed_up_at__timestamp" >= (
+            signed_up_at__timestamp >= (
               {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
             )
           ),
@@ -28,12 +28,12 @@ where
         not coalesce(
           (
             case
-              when "email__kind" = 'list'
-              then array_contains("email__items", 's:@lumenboard.example')
-              when "email__kind" is null
+              when email__kind = 'list'
+              then array_contains(email__items, 's:@lumenboard.example')
+              when email__kind is null
               then false
-              when "email__kind" = 'string'
-              then contains("email__text", '@lumenboard.example')
+              when email__kind = 'string'
+              then contains(email__text, '@lumenboard.example')
               else false
             end
           ),

@@ -14,7 +14,7 @@ where
     (
         -- {"property": "recipient.nps_score", "operator": "is_between", "argument": "[9, 10]"}
         coalesce((
-          "nps_score__number" between 9 and 10
+          nps_score__number between 9 and 10
         ), false)
 
         and
@@ -39,6 +39,6 @@ where
 
         -- {"property": "recipient.email", "operator": "exists"}
         coalesce((
-          not "email__kind" is null
+          not email__kind is null
         ), false)
     )

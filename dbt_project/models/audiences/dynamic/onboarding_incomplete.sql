@@ -15,7 +15,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_between", "argument": "[\"2026-07-01T00:00:00Z\", \"2026-12-31T23:59:59Z\"]"}
         coalesce(
           (
-            "signed_up_at__timestamp" between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
+            signed_up_at__timestamp between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
           ),
           false
         )
@@ -24,7 +24,7 @@ where
 
         -- {"property": "recipient.onboarding.completed_steps", "operator": "less_than", "argument": "5"}
         coalesce((
-          "onboarding.completed_steps__number" < 5
+          onboarding__completed_steps__number < 5
         ), false)
     )
 
@@ -35,7 +35,7 @@ where
         -- {"property": "recipient.signed_up_at", "operator": "is_timestamp_between", "argument": "[\"2026-07-01T00:00:00Z\", \"2026-12-31T23:59:59Z\"]"}
         coalesce(
           (
-            "signed_up_at__timestamp" between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
+            signed_up_at__timestamp between cast('2026-07-01 00:00:00.000000+00' as timestamptz) and cast('2026-12-31 23:59:59.000000+00' as timestamptz)
           ),
           false
         )
@@ -46,11 +46,11 @@ where
         coalesce(
           (
             (
-              "onboarding.completed_steps__kind" is null
-              or "onboarding.completed_steps__text" = ''
+              onboarding__completed_steps__kind is null
+              or onboarding__completed_steps__text = ''
               or (
-                "onboarding.completed_steps__kind" = 'list'
-                and length("onboarding.completed_steps__items") = 0
+                onboarding__completed_steps__kind = 'list'
+                and length(onboarding__completed_steps__items) = 0
               )
             )
           ),

@@ -16,10 +16,10 @@ where
         coalesce(
           (
             (
-              "onboarding.completed_steps__kind" = 'number'
-              and "onboarding.completed_steps__number" = 5
+              onboarding__completed_steps__kind = 'number'
+              and onboarding__completed_steps__number = 5
             )
-            or "onboarding.completed_steps__text" = '5'
+            or onboarding__completed_steps__text = '5'
           ),
           false
         )
@@ -28,7 +28,7 @@ where
 
         -- {"property": "recipient.seats", "operator": "greater_than_or_equal_to", "argument": "10"}
         coalesce((
-          "seats__number" >= 10
+          seats__number >= 10
         ), false)
 
         and
@@ -36,7 +36,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_on_or_after", "argument": "3 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" >= (
+            last_seen_at__timestamp >= (
               {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
             )
           ),
@@ -50,7 +50,7 @@ where
     (
         -- {"property": "recipient.mrr", "operator": "greater_than", "argument": "2000"}
         coalesce((
-          "mrr__number" > 2000
+          mrr__number > 2000
         ), false)
 
         and
@@ -58,7 +58,7 @@ where
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp_on_or_after", "argument": "3 days ago"}
         coalesce(
           (
-            "last_seen_at__timestamp" >= (
+            last_seen_at__timestamp >= (
               {{ evaluation_time() }} + to_minutes(cast(-4320 as bigint))
             )
           ),

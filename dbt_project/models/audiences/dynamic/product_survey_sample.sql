@@ -26,13 +26,13 @@ where
 
         -- {"property": "recipient.is_verified", "operator": "equal_to", "argument": "true"}
         coalesce((
-          "is_verified__boolean" = true or "is_verified__text" = 'true'
+          is_verified__boolean = true or is_verified__text = 'true'
         ), false)
 
         and
 
         -- {"property": "recipient.preferences.digest", "operator": "not_equal_to", "argument": "never"}
         not coalesce((
-          "preferences.digest__text" = 'never'
+          preferences__digest__text = 'never'
         ), false)
     )

@@ -83,7 +83,7 @@ where
     (
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
         coalesce((
-          "plan__text" = 'pro'
+          plan__text = 'pro'
         ), false)
 
         and

@@ -14,7 +14,7 @@ where
     (
         -- {"property": "recipient.trial_ends_at", "operator": "is_timestamp_on_or_after_now"}
         coalesce((
-          "trial_ends_at__timestamp" >= {{ evaluation_time() }}
+          trial_ends_at__timestamp >= {{ evaluation_time() }}
         ), false)
 
         and
@@ -22,7 +22,7 @@ where
         -- {"property": "recipient.trial_ends_at", "operator": "is_timestamp_before", "argument": "7 days from now"}
         coalesce(
           (
-            "trial_ends_at__timestamp" < (
+            trial_ends_at__timestamp < (
               {{ evaluation_time() }} + to_minutes(cast(10080 as bigint))
             )
           ),
@@ -35,10 +35,10 @@ where
         not coalesce(
           (
             (
-              "email__kind" is null
-              or "email__text" = ''
+              email__kind is null
+              or email__text = ''
               or (
-                "email__kind" = 'list' and length("email__items") = 0
+                email__kind = 'list' and length(email__items) = 0
               )
             )
           ),

@@ -14,20 +14,20 @@ where
     (
         -- {"property": "recipient.trial_ends_at", "operator": "is_timestamp_before_now"}
         coalesce((
-          "trial_ends_at__timestamp" < {{ evaluation_time() }}
+          trial_ends_at__timestamp < {{ evaluation_time() }}
         ), false)
 
         and
 
         -- {"property": "recipient.plan", "operator": "equal_to", "argument": "free"}
         coalesce((
-          "plan__text" = 'free'
+          plan__text = 'free'
         ), false)
 
         and
 
         -- {"property": "recipient.last_seen_at", "operator": "is_timestamp"}
         coalesce((
-          not "last_seen_at__timestamp" is null
+          not last_seen_at__timestamp is null
         ), false)
     )
