@@ -5,9 +5,11 @@ Generated files are plain, readable SQL that an analyst can open: one model per 
 the `audience_catalog` and the `audience_members` union. They are committed, and
 `audiences generate --check` (run in CI) fails when they drift from the definitions.
 
-User text never becomes Jinja or SQL code: SQL is rendered by the condition compiler (identifiers
-quoted, values as literals) and every `{{`, `{%` or `{#` it contains is escaped before our own
-Jinja (`ref`, `evaluation_time`) is put in.
+Each file's shape is a template under `audiences/dbt/templates/`, rendered with `[[ ]]` and
+`[% %]` so that dbt's own `{{ }}` and `{% %}` read there as they will in the model. User text never
+becomes Jinja or SQL code: the templates receive SQL that the condition compiler rendered
+(identifiers quoted where needed, values as literals), in which every `{{`, `{%` or `{#` is
+escaped before our own Jinja (`ref`, `evaluation_time`) is put in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import sqlglot
 from sqlglot import exp
 
@@ -78,6 +81,29 @@ GENERATED_FOLDERS = (
     Path("models/audiences/static"),
     MEMBERS_MACROS,
 )
+
+
+# The generator's templates: `[[ value ]]`, `[% block %]`, `[# comment #]`, so that the dbt Jinja
+# they contain is plain text to them. Every value is SQL or text prepared here, never raw user input.
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("audiences.dbt", "templates"),
+    variable_start_string="[[",
+    variable_end_string="]]",
+    block_start_string="[%",
+    block_end_string="%]",
+    comment_start_string="[#",
+    comment_end_string="#]",
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+)
+
+
+def render_template(template: str, **values: object) -> str:
+    """One generated file from `audiences/dbt/templates/<template>`."""
+    return TEMPLATES.get_template(template).render(**values)
 
 
 @dataclass(frozen=True)
@@ -315,87 +341,21 @@ def _attribute_label(attribute: Attribute) -> str:
 
 
 def _flattened_model(attributes: list[Attribute], source_label: str) -> str:
+    """`int_users_flattened` (templates/int_users_flattened.sql)."""
     extraction, attribute_columns = flattened_columns(attributes)
-    keys = ["user_key", "user_id", "updated_at", "is_deleted"]
     columns = [
-        f"        -- {escape_jinja(label)}\n        {_indent(escape_jinja(sql), 8).lstrip()} as {name}"
+        {"label": escape_jinja(label), "sql": _indent(escape_jinja(sql), 8).lstrip(), "name": name}
         for label, sql, name in attribute_columns
     ]
-    select_keys = "".join(f"        {key},\n" for key in keys)
-    body = f"""
-{{% set newest = users_extracted(this) if is_incremental() else none %}}
-{{% set incremental = newest is not none %}}
-
-with users as (
-
-    {{% if incremental and count_where(ref('{USERS_MODEL}'), 'updated_at > ' ~ newest) <= {SPREAD_ROWS} %}}
-    -- only users changed since the last build (the newest change it extracted, read as the model
-    -- runs, see macros/watermarks.sql). The loader
-    -- writes changed users at the end of raw.users, where a few of them fill one or two of
-    -- DuckDB's row groups, and a scan gives a row group to one thread: grouping by the key (one
-    -- row per user already) hands the rows to every thread, so their JSON is extracted in
-    -- parallel. (More users span enough row groups; grouping them would only cost memory.)
-    select
-        user_key,
-        any_value(user_id) as user_id,
-        any_value(updated_at) as updated_at,
-        any_value(is_deleted) as is_deleted,
-        any_value(properties) as properties
-    from {{{{ ref('{USERS_MODEL}') }}}}
-    where updated_at > {{{{ newest }}}}
-    group by user_key
-    {{% else %}}
-    select * from {{{{ ref('{USERS_MODEL}') }}}}
-    {{% if incremental %}}
-    where updated_at > {{{{ newest }}}}
-    {{% else %}}
-    -- a new table: deleted users have no row (an incremental build selects them, so that their
-    -- old rows are replaced by none: macros/replace_users.sql)
-    where not is_deleted
-    {{% endif %}}
-    {{% endif %}}
-
-),
-
-extracted as (
-
-    select
-        user_key,
-        user_id,
-        updated_at,
-        is_deleted,
-        -- one parse of each user's JSON for every property an audience reads
-        {escape_jinja(extraction)} as property_values
-    from users
-
-),
-
-final as (
-
-    select
-{select_keys.rstrip(chr(10)).rstrip(",")}{"," if columns else ""}
-{",".join(chr(10) + c for c in columns).lstrip(chr(10))}
-    from extracted
-
-)
-
-select * from final
-"""
-    config = (
-        "{{\n    config(\n        materialized='incremental',\n        unique_key='user_key',\n"
-        "        incremental_strategy='replace_users',\n        on_schema_change='sync_all_columns',\n"
-        f'        pre_hook="{{{{ {ADDED_COLUMNS_MACRO}() }}}}",\n'
-        '        post_hook="{{ record_users_covered() }}",\n    )\n}}'
+    return render_template(
+        "int_users_flattened.sql",
+        header=GENERATED_HEADER.format(source=source_label),
+        users=USERS_MODEL,
+        spread_rows=SPREAD_ROWS,
+        added_columns_macro=ADDED_COLUMNS_MACRO,
+        extraction=escape_jinja(extraction),
+        columns=columns,
     )
-    header = GENERATED_HEADER.format(source=source_label)
-    explanation = (
-        "-- One row per user and one typed column per property variant that an audience reads, so\n"
-        "-- evaluating audiences scans typed columns instead of parsing JSON. Incremental: only users\n"
-        "-- changed since the last build are extracted again, and a property that a definition starts\n"
-        "-- reading adds its own columns to every row in place (the pre-hook, macros/generated/), the\n"
-        "-- others kept."
-    )
-    return f"{header}\n{explanation}\n\n{config}\n{body}"
 
 
 @dataclass(frozen=True)
@@ -634,26 +594,25 @@ def _time_columns(
 
 
 def _dynamic_model(definition: AudienceDefinition, analysis: _Analysis | None = None) -> str:
+    """An audience's model (templates/audience_dynamic.sql)."""
     compiled = analysis or _compile_audience(definition)
-    body = f"""
-select
-    user_key,
-    user_id,
-    cast(null as varchar) as tenant
-from {{{{ ref('{FLATTENED_MODEL}') }}}}
-where
-{_indent(compiled.where, 4)}
-"""
-    if definition.per_tenant:
-        body = per_tenant_body(FLATTENED_MODEL, compiled.where)
-    header = GENERATED_HEADER.format(
-        source=_comment(definition.file.parent.name + "/audience.json")
+    return render_template(
+        "audience_dynamic.sql",
+        header=escape_jinja(
+            GENERATED_HEADER.format(source=_comment(definition.file.parent.name + "/audience.json"))
+        ),
+        key=escape_jinja(definition.key),
+        tenancy=", per tenant" if definition.per_tenant else "",
+        version=escape_jinja(definition.version),
+        name=escape_jinja(_comment(definition.name)),
+        description=escape_jinja(_comment(definition.description or "")),
+        flattened=FLATTENED_MODEL,
+        where=_indent(compiled.where, 4),
+        # A per-tenant audience selects from its (user, tenant) pairs (audiences/dbt/tenants.py).
+        per_tenant=per_tenant_body(FLATTENED_MODEL, compiled.where).strip("\n")
+        if definition.per_tenant
+        else "",
     )
-    tenancy = ", per tenant" if definition.per_tenant else ""
-    about = f"-- Audience `{definition.key}` (dynamic{tenancy}, version {definition.version}): {_comment(definition.name)}"
-    description = f"\n-- {_comment(definition.description)}" if definition.description else ""
-    config = "{{ config(materialized='view', tags=['audience']) }}"
-    return f"{escape_jinja(header)}\n{escape_jinja(about + description)}\n\n{config}\n{body}"
 
 
 def condition_json(condition) -> dict:
@@ -664,27 +623,18 @@ def condition_json(condition) -> dict:
 
 
 def _static_model(definition: AudienceDefinition) -> str:
-    header = GENERATED_HEADER.format(
-        source=_comment(str(definition.file.parent.name + "/audience.json"))
+    """A static audience's model (templates/audience_static.sql)."""
+    return render_template(
+        "audience_static.sql",
+        header=escape_jinja(
+            GENERATED_HEADER.format(source=_comment(definition.file.parent.name + "/audience.json"))
+        ),
+        key=escape_jinja(definition.key),
+        version=escape_jinja(definition.version),
+        name=escape_jinja(_comment(definition.name)),
+        users=USERS_MODEL,
+        key_literal=escape_jinja(render(exp.Literal.string(definition.key))),
     )
-    about = f"-- Audience `{definition.key}` (static, version {definition.version}): {_comment(definition.name)}"
-    key = render(exp.Literal.string(definition.key))
-    return f"""{escape_jinja(header)}
-{escape_jinja(about)}
--- Members are added directly (API, CSV, syncs); only identified users are listed here.
-
-{{{{ config(materialized='view', tags=['audience']) }}}}
-
-select
-    users.user_key,
-    users.user_id,
-    members.tenant
-from {{{{ source('warehouse', 'static_audience_members') }}}} as members
-inner join {{{{ ref('{USERS_MODEL}') }}}} as users
-    on users.user_id = members.user_id
-    and not users.is_deleted
-where members.audience_key = {escape_jinja(key)}
-"""
 
 
 def _audiences_yaml(definitions: list[AudienceDefinition]) -> str:
@@ -763,34 +713,13 @@ def _catalog_model(
         for key in custom
         if key not in definitions
     ]
-    header = GENERATED_HEADER.format(source=_comment(source_label))
-    columns = "audience_key, audience_name, audience_type, audience_version, model_name, is_skipped"
-    if not rows:
-        values = f"select * from (values (null, null, null, null, null, false)) as catalog ({columns}) where false"
-    else:
-        values_sql = ",\n".join("        " + render(row, pretty=False) for row in rows)
-        values = "select *\nfrom (\n    values\n" + values_sql + f"\n) as catalog ({columns})"
-    values = escape_jinja(values)
-    if skipped:
-        keys = escape_jinja(", ".join(render(exp.Literal.string(key)) for key in skipped))
-        values += f"""
-
-{{% set previous = adapter.get_relation(database=this.database, schema=this.schema, identifier=this.identifier) if execute else none %}}
-{{% if previous is not none %}}
-
-union all
-
--- Skipped: their definitions have errors. Their last entry is kept, and they are not evaluated.
-select audience_key, audience_name, audience_type, audience_version, model_name, true as is_skipped
-from {{{{ previous }}}}
-where audience_key in ({keys})
-
-{{% endif %}}"""
-    about = (
-        "-- Every audience: defined in files, or written as SQL under models/audiences/custom/. An\n"
-        "-- audience whose definition has errors keeps its last entry, with `is_skipped`."
+    return render_template(
+        "audience_catalog.sql",
+        header=GENERATED_HEADER.format(source=_comment(source_label)),
+        columns="audience_key, audience_name, audience_type, audience_version, model_name, is_skipped",
+        rows=["        " + escape_jinja(render(row, pretty=False)) for row in rows],
+        skipped=escape_jinja(", ".join(render(exp.Literal.string(key)) for key in skipped)),
     )
-    return f"{header}\n{about}\n\n{{{{ config(materialized='table') }}}}\n\n{values}\n"
 
 
 def _members_branches(
@@ -913,7 +842,6 @@ def _members_model(
     batches: int,
 ) -> str:
     """`audience_members`: incremental, re-evaluating per user what it can (macros/audience_members.sql)."""
-    header = GENERATED_HEADER.format(source=label)
     keys = sorted(set(definitions) | set(custom))
     meta = json.dumps(
         {
@@ -928,46 +856,14 @@ def _members_model(
     reads = [FLATTENED_MODEL, REEVALUATE_MODEL, EVENT_REEVALUATE_MODEL]
     reads += [definitions[key].model_name for key in sorted(definitions)]
     reads += [key for key in custom if key not in definitions]
-    depends_on = "\n".join(f"-- depends_on: {{{{ ref('{name}') }}}}" for name in reads)
-    return f"""{header}
--- The members of every audience at this evaluation: one row per (audience, user, tenant).
--- Integer user keys keep tens of millions of rows cheap to write; join stg_warehouse__users for ids.
---
--- Incremental. An audience that reads only the user's own properties (or other such audiences) is
--- re-evaluated only for the users in int_users_to_reevaluate: those changed since the last build,
--- and, if it compares a timestamp with "now", those whose timestamps lie where "now" moved since
--- then. Its conditions are those of its model in models/audiences/, repeated over that subset.
--- Custom and static audiences, audiences over them, and audiences whose SQL changed are
--- evaluated whole. Skipped audiences (their definitions have errors) keep their rows as they
--- were. How: macros/audience_members.sql.
---
--- The audiences are evaluated in {batches} batch(es) of at most {MEMBERS_BATCH_SIZE}, one statement each
--- (macros/generated/audience_members_batch_*.sql), by the post-hook `audience_members_evaluate`:
--- the select below only gives the table its columns.
-
-{{{{
-    config(
-        materialized='incremental',
-        incremental_strategy='append',
-        on_schema_change='fail',
-        pre_hook="{{{{ audience_members_forget_reevaluated() }}}}",
-        post_hook=[
-            "{{{{ audience_members_evaluate() }}}}",
-            "{{{{ audience_members_record_events() }}}}",
-            "{{{{ audience_members_record_build() }}}}",
-        ],
-        meta={meta},
+    return render_template(
+        "audience_members.sql",
+        header=GENERATED_HEADER.format(source=label),
+        batches=batches,
+        batch_size=MEMBERS_BATCH_SIZE,
+        meta=meta,
+        reads=reads,
     )
-}}}}
-
-{depends_on}
-
-select
-    cast(null as varchar) as audience_key,
-    cast(null as integer) as user_key,
-    cast(null as varchar) as tenant
-where false
-"""
 
 
 def _members_users_macro(
@@ -978,82 +874,39 @@ def _members_users_macro(
     analysed: dict[str, _Analysis] | None = None,
 ) -> str:
     """The users that audience_members re-evaluates per user, as temporary tables that every batch
-    reads, and the list of batches."""
-    header = GENERATED_HEADER.format(source=label)
-    flattened = f"{{{{ ref('{FLATTENED_MODEL}') }}}}"
-    reevaluate = f"{{{{ ref('{REEVALUATE_MODEL}') }}}}"
-    # The changed users' rows: int_users_flattened rewrote them at the end of its table, after
-    # `users_after`, where the scan skips every other row group by its zone maps. The semi-join
-    # alone would read every user's columns (0.9-1.3 s instead of 0.3 s for 100k of 10M users).
-    users = f"""
-    {{#- the users whose data changed since the last build, for every audience -#}}
-    create or replace temp table {REEVALUATED_USERS} as
-    select users.*
-    from {flattened} as users
-    {{% if changed_users %}}
-    where users.user_key in (select user_key from {reevaluate} where changed)
-        {{% if users_after %}}and users.updated_at > {{{{ users_after }}}}{{% endif %}}
-    {{% else %}}
-    where false {{#- nobody's data changed (a schedule tick) #}}
-    {{% endif %}};"""
+    reads, and the list of batches (templates/audience_members_users.sql).
+
+    The changed users' rows: int_users_flattened rewrote them at the end of its table, after
+    `users_after`, where the scan skips every other row group by its zone maps. The semi-join
+    alone would read every user's columns (0.9-1.3 s instead of 0.3 s for 100k of 10M users)."""
+    columns = ["user_key", "user_id"]
     if timed:
-        columns = ",\n        ".join(
-            ["user_key", "user_id"]
-            + [_quote(c) for c in _time_columns(definitions, timed, analysed)]
-        )
-        users += f"""
-
-    {{#- the changed users and those only in a time window, for the audiences that compare a
-        timestamp with "now", in the columns those read -#}}
-    create or replace temp table {REEVALUATED_IN_TIME} as
-    select
-        {columns}
-    from {REEVALUATED_USERS}
-
-    union all
-
-    select
-        {columns}
-    from {flattened}
-    where user_key in (select user_key from {reevaluate} where not changed);"""
-        if event_audiences_per_user(definitions):
-            users += f"""
-
-    {{#- the events of those users: event conditions re-evaluated per user count only theirs, so
-        the events are read once here rather than once per event condition. Selected by the
-        users' numbers (integers), which the scan checks before reading the events' other
-        columns: only those users' events are read in full -#}}
-    create or replace temp table {EVENTS_TO_REEVALUATE} as
-    {events_of_users(REEVALUATED_IN_TIME)};"""
-    calls = ",\n        ".join(f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1))
-    return f"""{_jinja_comment(header[3:])}
-
-{{% macro audience_members_users(changed_users, users_after) -%}}
-{users}
-{{%- endmacro %}}
-
-{{% macro audience_members_batches(per_user, idle) -%}}
-    {{#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}}
-    {{{{ return([
-        {calls}
-    ]) }}}}
-{{%- endmacro %}}
-"""
+        columns += [_quote(c) for c in _time_columns(definitions, timed, analysed)]
+    return render_template(
+        "audience_members_users.sql",
+        header=_jinja_comment(GENERATED_HEADER.format(source=label)[3:]),
+        reevaluated_users=REEVALUATED_USERS,
+        reevaluated_in_time=REEVALUATED_IN_TIME,
+        events_to_reevaluate=EVENTS_TO_REEVALUATE,
+        events_of_users=events_of_users(REEVALUATED_IN_TIME),
+        flattened=FLATTENED_MODEL,
+        reevaluate=REEVALUATE_MODEL,
+        timed=bool(timed),
+        columns=columns,
+        events=bool(event_audiences_per_user(definitions)),
+        calls=[f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1)],
+    )
 
 
 def _members_batch_macro(number: int, batches: int, branches: list[str], label: str) -> str:
-    header = GENERATED_HEADER.format(source=label)
-    union = "\n\nunion all\n\n".join(branches) if branches else _NO_MEMBERS
-    about = f"Batch {number} of {batches} of audience_members: one statement (macros/audience_members.sql)."
-    return f"""{_jinja_comment(header[3:])}
-{_jinja_comment(about)}
-
-{{% macro {_batch_macro(number)}(per_user, idle) %}}
-
-{union}
-
-{{% endmacro %}}
-"""
+    return render_template(
+        "audience_members_batch.sql",
+        header=_jinja_comment(GENERATED_HEADER.format(source=label)[3:]),
+        number=number,
+        batches=batches,
+        name=_batch_macro(number),
+        union="\n\nunion all\n\n".join(branches) if branches else _NO_MEMBERS,
+    )
 
 
 _NO_MEMBERS = (
@@ -1067,8 +920,11 @@ def _reevaluate_model(
     source_label: str,
     analysed: dict[str, _Analysis] | None = None,
 ) -> str:
-    """`int_users_to_reevaluate`: users whose data changed, or whose timestamps "now" moved over."""
-    header = GENERATED_HEADER.format(source=_comment(source_label))
+    """`int_users_to_reevaluate`: users whose data changed, or whose timestamps "now" moved over.
+
+    One select per time window rather than an OR of them: a comparison of one column reaches the
+    table scan, an OR over several columns is evaluated after reading them all (0.3 s and 0.4 s at
+    10M)."""
     audiences_by_window: dict[TimeWindow, list[str]] = {}
     for key in sorted(per_user_audiences(definitions)):
         for window in _windows_of(key, definitions, analysed):
@@ -1081,100 +937,24 @@ def _reevaluate_model(
         audiences_by_window.items(), key=lambda item: (item[0].attribute.path, item[0].minutes)
     ):
         predicate = window.moved_over(
-            window.attribute.column(),
-            exp.column(previous),
-            exp.column(current),
+            window.attribute.column(), exp.column(previous), exp.column(current)
         )
         about = (
             f"-- {', '.join(keys)}: recipient.{'.'.join(window.attribute.path)} against now "
             f"{window.minutes:+d} minutes"
         )
         text = escape_jinja(f"{_comment(about)}\n{render(predicate)}")
-        windows.append(
-            text.replace(previous, "{{ previous_now }}").replace(current, "{{ current_now }}")
-        )
-    if windows:
-        # One select per window rather than an OR of them: a comparison of one column reaches the
-        # table scan, an OR over several columns is evaluated after reading them all (0.3 s and 0.4 s at 10M).
-        moved = "\n\nunion all\n\n".join(
-            f"select user_key, false as changed\nfrom {{{{ ref('{FLATTENED_MODEL}') }}}}\nwhere\n{_indent(w, 4)}"
-            for w in windows
-        )
-        timed = f"""
-
-union all
-
--- users for whom a time-relative condition may have changed as "now" moved
-{moved}"""
-    else:
-        timed = '\n\n-- (no audience re-evaluated per user compares with "now")'
-    if event_audiences_per_user(definitions):
-        timed += f"""
-
-union all
-
--- users with new events, or events in a window that "now" moved over ({EVENT_REEVALUATE_MODEL})
-select user_key, false as changed
-from {{{{ ref('{EVENT_REEVALUATE_MODEL}') }}}}
-where user_key is not null"""
-    candidates = f"""-- users loaded, changed or deleted since the last build
-select user_key, true as changed
-from {{{{ ref('{USERS_MODEL}') }}}}
-where {{% if users_watermark %}}updated_at > {{{{ users_watermark }}}}{{% else %}}true{{% endif %}}
-    and updated_at <= {{{{ users_through }}}}{timed}"""
-    events_dependency = (
-        f"-- depends_on: {{{{ ref('{EVENT_REEVALUATE_MODEL}') }}}}\n"
-        if event_audiences_per_user(definitions)
-        else ""
+        text = text.replace(previous, "{{ previous_now }}").replace(current, "{{ current_now }}")
+        windows.append(_indent(text, 8))
+    return render_template(
+        "int_users_to_reevaluate.sql",
+        header=GENERATED_HEADER.format(source=_comment(source_label)),
+        users=USERS_MODEL,
+        flattened=FLATTENED_MODEL,
+        event_reevaluate=EVENT_REEVALUATE_MODEL,
+        events=bool(event_audiences_per_user(definitions)),
+        windows=windows,
     )
-    return f"""{header}
--- depends_on: {{{{ ref('{USERS_MODEL}') }}}}
--- depends_on: {{{{ ref('{FLATTENED_MODEL}') }}}}
-{events_dependency}-- The users whose memberships audience_members re-evaluates in this build (see its comments):
--- users whose data changed since its last build (deleted users too), and users with a timestamp
--- in a window that "now" moved over since then, where a time-relative condition may have changed.
-
-{{{{ config(materialized='table') }}}}
-
-{{% set last_build = audience_members_state_relation() %}}
-
-{{% if last_build is none %}}
-
--- audience_members has not been built: it evaluates every user
-select cast(null as integer) as user_key, cast(null as boolean) as changed,
-    cast(null as timestamptz) as users_after, cast(null as timestamptz) as users_through
-where false
-
-{{% else %}}
-
--- The last build's times, read as the model runs and written in as literals, so that the filters
--- reach the table scans (macros/watermarks.sql).
-{{% set users_watermark = latest_timestamp(last_build, 'users_watermark') %}}
-{{% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}}
-{{% set current_now = evaluation_time_literal() %}}
-{{% set users_through = users_covered(ref('{FLATTENED_MODEL}'), ref('{USERS_MODEL}')) %}}
-
--- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
--- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
--- The changed users are those whose change lies after `users_after` and up to `users_through`.
--- `users_through`: the newest user change this list covers, which audience_members records as
--- its watermark: changes that int_users_flattened has extracted (a build without it must not
--- re-evaluate users from their old attributes), and that were loaded before this list was made
--- (a build of audience_members alone must not skip them). Later changes wait for the next build.
-select
-    user_key,
-    bool_or(changed) as changed,
-    {{{{ users_watermark or 'cast(null as timestamptz)' }}}} as users_after,
-    {{{{ users_through }}}} as users_through
-from (
-
-{_indent(candidates, 4)}
-
-) as candidates
-group by user_key
-
-{{% endif %}}
-"""
 
 
 def _indent(text: str, spaces: int) -> str:

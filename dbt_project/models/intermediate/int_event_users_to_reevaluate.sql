@@ -40,6 +40,7 @@ where users.user_id in (
     where event = 'Order Completed'
         and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
             and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
+
     union all
 
     -- recent-big-spenders: events named Order Completed at now -20160 minutes
@@ -48,6 +49,7 @@ where users.user_id in (
     where event = 'Order Completed'
         and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-20160 as bigint))
             and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-20160 as bigint))
+
     union all
 
     -- recent-big-spenders: events named Order Completed at now -10080 minutes
@@ -56,6 +58,7 @@ where users.user_id in (
     where event = 'Order Completed'
         and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
             and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
+
     union all
 
     -- frequent-buyers, recent-big-spenders, signed-up-no-order: events named Order Completed at now +0 minutes
@@ -64,6 +67,7 @@ where users.user_id in (
     where event = 'Order Completed'
         and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
             and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
+
     union all
 
     -- signed-up-no-order: events named Signed Up at now -43200 minutes
@@ -72,6 +76,7 @@ where users.user_id in (
     where event = 'Signed Up'
         and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
             and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-43200 as bigint))
+
     union all
 
     -- signed-up-no-order: events named Signed Up at now -10080 minutes
@@ -80,6 +85,7 @@ where users.user_id in (
     where event = 'Signed Up'
         and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
             and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(-10080 as bigint))
+
     union all
 
     -- signed-up-no-order: events named Signed Up at now +0 minutes

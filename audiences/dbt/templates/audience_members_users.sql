@@ -1,0 +1,50 @@
+[# The users audience_members re-evaluates per user, as temporary tables every batch reads, and
+   the list of batches. `columns` are the int_users_flattened columns the time-relative audiences
+   read (`timed`); `events` when per-user audiences count events. #]
+[[ header ]]
+
+{% macro audience_members_users(changed_users, users_after) -%}
+
+    {#- the users whose data changed since the last build, for every audience -#}
+    create or replace temp table [[ reevaluated_users ]] as
+    select users.*
+    from {{ ref('[[ flattened ]]') }} as users
+    {% if changed_users %}
+    where users.user_key in (select user_key from {{ ref('[[ reevaluate ]]') }} where changed)
+        {% if users_after %}and users.updated_at > {{ users_after }}{% endif %}
+    {% else %}
+    where false {#- nobody's data changed (a schedule tick) #}
+    {% endif %};
+[% if timed %]
+
+    {#- the changed users and those only in a time window, for the audiences that compare a
+        timestamp with "now", in the columns those read -#}
+    create or replace temp table [[ reevaluated_in_time ]] as
+    select
+        [[ columns | join(",\n        ") ]]
+    from [[ reevaluated_users ]]
+
+    union all
+
+    select
+        [[ columns | join(",\n        ") ]]
+    from {{ ref('[[ flattened ]]') }}
+    where user_key in (select user_key from {{ ref('[[ reevaluate ]]') }} where not changed);
+[% if events %]
+
+    {#- the events of those users: event conditions re-evaluated per user count only theirs, so
+        the events are read once here rather than once per event condition. Selected by the
+        users' numbers (integers), which the scan checks before reading the events' other
+        columns: only those users' events are read in full -#}
+    create or replace temp table [[ events_to_reevaluate ]] as
+    [[ events_of_users ]];
+[% endif %]
+[% endif %]
+{%- endmacro %}
+
+{% macro audience_members_batches(per_user, idle) -%}
+    {#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}
+    {{ return([
+        [[ calls | join(",\n        ") ]]
+    ]) }}
+{%- endmacro %}

@@ -1,0 +1,55 @@
+[# int_event_users_to_reevaluate: whom events re-evaluate (audiences/dbt/events.py). Each of
+   `windows` has the audiences' keys (`about`), the event name as a comment and as a literal,
+   and the window's minutes. #]
+[[ header ]]
+-- depends_on: {{ ref('[[ users ]]') }}
+-- The users whose event conditions may have changed since the last build of audience_members:
+-- those with events loaded since (by `event_seq`), and those with an event whose time, shifted by
+-- one of the windows below, lies where "now" moved since. int_users_to_reevaluate lists them as
+-- users in a time window. One row with no user carries `events_through`: the newest event this
+-- list covers, which audience_members records as where its next build starts.
+
+{{ config(materialized='table') }}
+
+{% set last_build = audience_members_state_relation() %}
+{% set events_state = events_state_relation() %}
+{% set events_through = newest_event_seq() %}
+
+{% if last_build is none %}
+
+-- audience_members has not been built: it evaluates every user
+select cast(null as integer) as user_key, {{ events_through }} as events_through
+
+{% else %}
+
+{% set events_after = last_events_through(events_state) %}
+{% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}
+{% set current_now = evaluation_time_literal() %}
+
+select users.user_key, {{ events_through }} as events_through
+from {{ ref('[[ users ]]') }} as users
+where users.user_id in (
+
+    -- events loaded since the last build
+    select user_id
+    from [[ events_source ]]
+    where event_seq > {{ events_after }} and event_seq <= {{ events_through }}
+[% for window in windows %]
+
+    union all
+
+    -- [[ window.about ]]: events named [[ window.event ]] at now [[ window.minutes ]] minutes
+    select user_id
+    from [[ events_source ]]
+    where event = [[ window.name ]]
+        and "timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast([[ window.shift ]] as bigint))
+            and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast([[ window.shift ]] as bigint))
+[% endfor %]
+
+)
+
+union all
+
+select null, {{ events_through }}
+
+{% endif %}
