@@ -822,7 +822,7 @@ def _members_files(
 
 def _idle_branch(literal: str) -> str:
     return (
-        f'-- nobody\'s data changed and it does not compare with "now": nothing to re-evaluate\n'
+        '{# nobody\'s data changed and it does not compare with "now": nothing to re-evaluate #}\n'
         f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
         f"from {REEVALUATED_USERS}\nwhere false"
     )

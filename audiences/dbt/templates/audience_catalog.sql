@@ -22,7 +22,7 @@ select * from (values (null, null, null, null, null, false)) as catalog ([[ colu
 
 union all
 
--- Skipped: their definitions have errors. Their last entry is kept, and they are not evaluated.
+{# Skipped: their definitions have errors. Their last entry is kept, and they are not evaluated. #}
 select audience_key, audience_name, audience_type, audience_version, model_name, true as is_skipped
 from {{ previous }}
 where audience_key in ([[ skipped ]])

@@ -3,11 +3,11 @@
    and the window's minutes. #]
 [[ header ]]
 -- depends_on: {{ ref('[[ users ]]') }}
--- The users whose event conditions may have changed since the last build of audience_members:
--- those with events loaded since (by `event_seq`), and those with an event whose time, shifted by
--- one of the windows below, lies where "now" moved since. int_users_to_reevaluate lists them as
--- users in a time window. One row with no user carries `events_through`: the newest event this
--- list covers, which audience_members records as where its next build starts.
+{# The users whose event conditions may have changed since the last build of audience_members:
+   those with events loaded since (by `event_seq`), and those with an event whose time, shifted
+   by one of the windows below, lies where "now" moved since. int_users_to_reevaluate lists them
+   as users in a time window. One row with no user carries `events_through`: the newest event
+   this list covers, which audience_members records as where its next build starts. #}
 
 {{ config(materialized='table') }}
 
@@ -17,7 +17,7 @@
 
 {% if last_build is none %}
 
--- audience_members has not been built: it evaluates every user
+{# audience_members has not been built: it evaluates every user #}
 select cast(null as integer) as user_key, {{ events_through }} as events_through
 
 {% else %}

@@ -3,11 +3,11 @@
    the one JSON parse of every property read. A property a definition starts reading gets its
    columns in place from the pre-hook (audiences/dbt/flattened.py). #]
 [[ header ]]
--- One row per user and one typed column per property variant that an audience reads, so
--- evaluating audiences scans typed columns instead of parsing JSON. Incremental: only users
--- changed since the last build are extracted again, and a property that a definition starts
--- reading adds its own columns to every row in place (the pre-hook, macros/generated/), the
--- others kept.
+{# One row per user and one typed column per property variant that an audience reads, so
+   evaluating audiences scans typed columns instead of parsing JSON. Incremental: only users
+   changed since the last build are extracted again, and a property that a definition starts
+   reading adds its own columns to every row in place (the pre-hook, macros/generated/), the
+   others kept. #}
 
 {{
     config(
@@ -26,12 +26,12 @@
 with users as (
 
     {% if incremental and count_where(ref('[[ users ]]'), 'updated_at > ' ~ newest) <= [[ spread_rows ]] %}
-    -- only users changed since the last build (the newest change it extracted, read as the model
-    -- runs, see macros/watermarks.sql). The loader
-    -- writes changed users at the end of raw.users, where a few of them fill one or two of
-    -- DuckDB's row groups, and a scan gives a row group to one thread: grouping by the key (one
-    -- row per user already) hands the rows to every thread, so their JSON is extracted in
-    -- parallel. (More users span enough row groups; grouping them would only cost memory.)
+    {# only users changed since the last build (the newest change it extracted, read as the
+       model runs, see macros/watermarks.sql). The loader writes changed users at the end of
+       raw.users, where a few of them fill one or two of DuckDB's row groups, and a scan gives a
+       row group to one thread: grouping by the key (one row per user already) hands the rows to
+       every thread, so their JSON is extracted in parallel. (More users span enough row groups;
+       grouping them would only cost memory.) #}
     select
         user_key,
         any_value(user_id) as user_id,
@@ -46,8 +46,8 @@ with users as (
     {% if incremental %}
     where updated_at > {{ newest }}
     {% else %}
-    -- a new table: deleted users have no row (an incremental build selects them, so that their
-    -- old rows are replaced by none: macros/replace_users.sql)
+    {# a new table: deleted users have no row (an incremental build selects them, so that their
+       old rows are replaced by none: macros/replace_users.sql) #}
     where not is_deleted
     {% endif %}
     {% endif %}

@@ -101,7 +101,7 @@ union all
 
 {% if "beta-testers" in idle %}
 
--- nobody's data changed and it does not compare with "now": nothing to re-evaluate
+{# nobody's data changed and it does not compare with "now": nothing to re-evaluate #}
 select 'beta-testers' as audience_key, user_key, cast(null as varchar) as tenant
 from users_to_reevaluate
 where false
@@ -344,7 +344,7 @@ union all
 
 {% if "enterprise-admins" in idle %}
 
--- nobody's data changed and it does not compare with "now": nothing to re-evaluate
+{# nobody's data changed and it does not compare with "now": nothing to re-evaluate #}
 select 'enterprise-admins' as audience_key, user_key, cast(null as varchar) as tenant
 from users_to_reevaluate
 where false
@@ -408,7 +408,7 @@ union all
 
 {% if "eu-customers" in idle %}
 
--- nobody's data changed and it does not compare with "now": nothing to re-evaluate
+{# nobody's data changed and it does not compare with "now": nothing to re-evaluate #}
 select 'eu-customers' as audience_key, user_key, cast(null as varchar) as tenant
 from users_to_reevaluate
 where false
@@ -689,7 +689,7 @@ union all
 
 {% if "onboarding-incomplete" in idle %}
 
--- nobody's data changed and it does not compare with "now": nothing to re-evaluate
+{# nobody's data changed and it does not compare with "now": nothing to re-evaluate #}
 select 'onboarding-incomplete' as audience_key, user_key, cast(null as varchar) as tenant
 from users_to_reevaluate
 where false
@@ -826,7 +826,7 @@ union all
 
 {% if "product-survey-sample" in idle %}
 
--- nobody's data changed and it does not compare with "now": nothing to re-evaluate
+{# nobody's data changed and it does not compare with "now": nothing to re-evaluate #}
 select 'product-survey-sample' as audience_key, user_key, cast(null as varchar) as tenant
 from users_to_reevaluate
 where false

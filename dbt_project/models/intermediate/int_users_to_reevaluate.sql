@@ -2,9 +2,10 @@
 -- depends_on: {{ ref('stg_warehouse__users') }}
 -- depends_on: {{ ref('int_users_flattened') }}
 -- depends_on: {{ ref('int_event_users_to_reevaluate') }}
--- The users whose memberships audience_members re-evaluates in this build (see its comments):
--- users whose data changed since its last build (deleted users too), and users with a timestamp
--- in a window that "now" moved over since then, where a time-relative condition may have changed.
+{# The users whose memberships audience_members re-evaluates in this build (see its comments):
+   users whose data changed since its last build (deleted users too), and users with a timestamp
+   in a window that "now" moved over since then, where a time-relative condition may have
+   changed. #}
 
 {{ config(materialized='table') }}
 
@@ -12,27 +13,28 @@
 
 {% if last_build is none %}
 
--- audience_members has not been built: it evaluates every user
+{# audience_members has not been built: it evaluates every user #}
 select cast(null as integer) as user_key, cast(null as boolean) as changed,
     cast(null as timestamptz) as users_after, cast(null as timestamptz) as users_through
 where false
 
 {% else %}
 
--- The last build's times, read as the model runs and written in as literals, so that the filters
--- reach the table scans (macros/watermarks.sql).
+{# The last build's times, read as the model runs and written in as literals, so that the
+   filters reach the table scans (macros/watermarks.sql). #}
 {% set users_watermark = latest_timestamp(last_build, 'users_watermark') %}
 {% set previous_now = latest_timestamp(last_build, 'evaluated_at') or 'null' %}
 {% set current_now = evaluation_time_literal() %}
 {% set users_through = users_covered(ref('int_users_flattened'), ref('stg_warehouse__users')) %}
 
--- One row per user: `changed` when the user's data changed (every audience re-evaluates them),
--- otherwise the user is only in a time window (audiences that compare with "now" re-evaluate them).
--- The changed users are those whose change lies after `users_after` and up to `users_through`.
--- `users_through`: the newest user change this list covers, which audience_members records as
--- its watermark: changes that int_users_flattened has extracted (a build without it must not
--- re-evaluate users from their old attributes), and that were loaded before this list was made
--- (a build of audience_members alone must not skip them). Later changes wait for the next build.
+{# One row per user: `changed` when the user's data changed (every audience re-evaluates them),
+   otherwise the user is only in a time window (audiences that compare with "now" re-evaluate
+   them). The changed users are those whose change lies after `users_after` and up to
+   `users_through`. `users_through`: the newest user change this list covers, which
+   audience_members records as its watermark: changes that int_users_flattened has extracted (a
+   build without it must not re-evaluate users from their old attributes), and that were loaded
+   before this list was made (a build of audience_members alone must not skip them). Later
+   changes wait for the next build. #}
 select
     user_key,
     bool_or(changed) as changed,

@@ -532,6 +532,30 @@ def test_audience_members_in_many_batches_equals_every_view_cold_and_incremental
     assert per_user > 0
 
 
+def test_the_engine_notes_in_generated_files_are_jinja_comments():
+    """Issue 14 item 8: how the engine works (watermarks, batches, why a query is shaped so) is
+    told in Jinja comments, which dbt leaves out of the compiled SQL. The SQL comments left are
+    short labels an analyst reads in the compiled query: the file's source, the audience's name
+    and description, a segment, a condition, a property, a branch of a union."""
+    import re
+
+    files = generate_models(
+        load_definitions(ROOT / "data" / "audiences"), ROOT / "dbt_project", "audiences"
+    )
+    for file in files:
+        if not str(file.path).endswith(".sql"):
+            continue
+        code = re.sub(r"\{#.*?#\}", "", file.text, flags=re.DOTALL)
+        block: list[str] = []
+        for line in code.split("\n"):
+            stripped = line.strip()
+            if stripped.startswith("--") and not stripped.startswith("-- depends_on:"):
+                block.append(stripped)
+                assert len(block) <= 3, f"{file.path}: a note in SQL comments: {block}"
+            else:
+                block = []
+
+
 def test_a_run_with_nothing_changed_compiles_no_definition(tmp_path, monkeypatch, dbt_project_copy):
     """Issue 17, the fixed cost of a run: `audiences run` generates the models and the code
     location's load checks them, each compiling every definition (seconds with many audiences).
