@@ -391,7 +391,7 @@ def spark_drift(files: list[GeneratedFile], project_dir: Path) -> list[str]:
 # Running the Spark project.
 
 
-class SparkTargetError(RuntimeError):
+class SparkTargetError(ValueError):
     """The Spark target cannot be used (no Java runtime, a cluster that does not answer): one line."""
 
 
@@ -413,7 +413,7 @@ def check_java(environ: dict[str, str] | None = None) -> None:
         )
 
 
-def check_reachable(host: str, port: int, setting: str = "AUDIENCES_SPARK_HOST") -> None:
+def check_reachable(host: str, port: int, setting: str = "--spark-host, --spark-port") -> None:
     """Fail with one line naming the setting when a cluster target does not accept a connection."""
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS):
@@ -468,7 +468,7 @@ class SparkRun:
         """The one-line checks made before anything is written."""
         if self.target == "cluster":
             if not self.host:
-                raise SparkTargetError("the Spark target `cluster` needs AUDIENCES_SPARK_HOST")
+                raise SparkTargetError("the Spark target `cluster` needs --spark-host")
             check_reachable(self.host, self.port)
         else:
             check_java()
