@@ -34,7 +34,7 @@ from audiences.dbt.models import flattened_columns
 # Conditions evaluated per query: one query per condition costs Spark seconds of planning each.
 CHUNK = 300
 
-# A local session like the `spark` target's (dbt_project/profiles.yml).
+# A local session like the `spark` target's (dbt_spark/profiles.yml).
 SPARK_CONFIG = {
     "spark.sql.session.timeZone": "UTC",
     "spark.ui.enabled": "false",
