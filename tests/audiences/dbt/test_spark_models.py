@@ -160,15 +160,18 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     # 1. Killed (SIGKILL, the whole process group) once its events are staged, before they are
     # published.
     process = spark.start(FIRST, users)
-    output = []
+    output, killed_run = [], None
     for line in process.stdout:
         output.append(line)
         if "membership events staged" in line:
             os.killpg(process.pid, signal.SIGKILL)
+            killed_run = line.rsplit("run_id=", 1)[1].strip()
             break
+    output.append(process.stdout.read())
+    process.stdout.close()
     process.wait()
     assert process.returncode == -signal.SIGKILL, "".join(output[-40:])
-    assert not any("membership events published" in line for line in output)
+    assert killed_run and not any("membership events published" in line for line in output)
 
     # 2. The rerun at the same time, then the evaluation a week later.
     spark.run(FIRST, users)
@@ -188,6 +191,7 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     spark_first = [r for r in events if r["evaluated_at"].startswith("2026-11-01")]
     spark_later = [r for r in events if r["evaluated_at"].startswith("2026-11-09")]
     assert len({r["run_id"] for r in spark_first}) == 1
+    assert killed_run not in {r["run_id"] for r in events}, "the killed run published nothing"
     assert len(spark_first) + len(spark_later) == len(events)
 
     # The first evaluation: every member entered (backfill), as on DuckDB, per audience.
