@@ -14,7 +14,8 @@ definitions. Then, one after the other:
    process, `local[2]`), the users loaded from a parquet export of raw.users first, the membership
    events published; then warm: the same run an hour later (Spark's models are full rebuilds: the
    whole table is evaluated again).
-3. The members per audience on both engines must be equal (`dbt show` reads Spark's).
+3. The member counts per audience on both engines must be equal (`dbt show` reads Spark's; the
+   tests compare the members themselves).
 
 Wall times include each tool's start-up (dbt's parse; Spark's JVM and metastore), which dominates
 at small sizes; the ratio is Spark's wall time over DuckDB's, measured in the same run on the same
@@ -162,7 +163,7 @@ def main() -> None:
 
 `{document["command"]}` on {document["machine"]}, started {document["started"]}.
 {options.users:,} synthetic users, {document["audiences"]} audiences, {document["memberships"]:,}
-memberships. Members per audience equal on both engines: **{equal}**.
+memberships. Member counts per audience equal on both engines: **{equal}**.
 
 | | DuckDB (dbt-duckdb) | Spark local[2] (dbt-spark session) | Spark / DuckDB |
 |---|---|---|---|
