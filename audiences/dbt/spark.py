@@ -74,7 +74,11 @@ def spark_unsupported(definitions: dict[str, AudienceDefinition]) -> dict[str, s
         definition = definitions[key]
         if definition.type == "static":
             continue
-        if reads_events(definition.segments):
+        if definition.per_tenant:
+            reasons[key] = (
+                "a per-tenant audience (tenancy: per_tenant) is evaluated on DuckDB only for now"
+            )
+        elif reads_events(definition.segments):
             reasons[key] = (
                 "event conditions (performed, last_performed_*) run on DuckDB only for now"
             )
@@ -100,8 +104,8 @@ def spark_problems(definitions: dict[str, AudienceDefinition]) -> list[Problem]:
     problems = []
     for key, reason in sorted(spark_unsupported(definitions).items()):
         definition = definitions[key]
-        where = "$"
-        for segment in definition.segments:
+        where = "$.tenancy" if definition.per_tenant else "$"
+        for segment in definition.segments if not definition.per_tenant else ():
             for condition in segment:
                 if reads_events([[condition]]) or (
                     condition.operator.endswith("is_audience_member")

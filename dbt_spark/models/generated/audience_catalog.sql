@@ -3,6 +3,7 @@
 -- not on Spark: frequent-buyers: event conditions (performed, last_performed_*) run on DuckDB only for now
 -- not on Spark: recent-big-spenders: event conditions (performed, last_performed_*) run on DuckDB only for now
 -- not on Spark: signed-up-no-order: event conditions (performed, last_performed_*) run on DuckDB only for now
+-- not on Spark: workspace-admins-trial-ending: a per-tenant audience (tenancy: per_tenant) is evaluated on DuckDB only for now
 
 {{ config(materialized='table') }}
 

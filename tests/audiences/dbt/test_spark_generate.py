@@ -80,7 +80,11 @@ def test_validate_for_spark_names_each_audience_and_condition_spark_cannot_run(p
     line = next(line for line in err.splitlines() if "frequent-buyers" in line)
     assert "audience.json: $.segments[0].conditions[" in line
     assert "cannot run on the Spark target: event conditions" in line
-    assert sum("cannot run on the Spark target" in line for line in err.splitlines()) == 3
+    tenancy = next(line for line in err.splitlines() if "workspace-admins-trial-ending" in line)
+    assert (
+        "audience.json: $.tenancy: cannot run on the Spark target: a per-tenant audience" in tenancy
+    )
+    assert sum("cannot run on the Spark target" in line for line in err.splitlines()) == 4
 
 
 def test_spark_run_without_java_or_a_reachable_cluster_is_one_line_and_writes_nothing(
