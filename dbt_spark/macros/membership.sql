@@ -57,6 +57,7 @@
 {% macro publish_membership_changes() %}
     {% if execute %}
         {% set folder = spark_warehouse() ~ "/membership_events_published/run_id=" ~ invocation_id %}
+        {{ log("membership events staging: " ~ folder, info=true) }}
         {% do run_query("insert overwrite directory " ~ path_literal(folder) ~ " using parquet "
             ~ "select event_id, audience_key, user_key, user_id, tenant, event_type, entry_number, "
             ~ "evaluated_at, audience_version, is_backfill from " ~ this) %}

@@ -4,7 +4,7 @@ Real parts only: the generated Spark project run by `dbt run` (dbt-spark's sessi
 bundled Spark inside the dbt process, tables and a Hive metastore in a temporary folder), the
 sample users exported from the DuckDB warehouse of the sample run, and DuckDB's own diff
 (`record_changes`). The first Spark run is killed with SIGKILL (its whole process group, JVM
-included) right after it staged its events and before it published them; the rerun must publish
+included) while it writes its events, before it publishes them; the rerun must publish
 each event exactly once, with the ids DuckDB gives the same changes. A second evaluation, a week
 later, moves the time-relative audiences: exits and entries against DuckDB's diff at that time.
 
@@ -157,13 +157,14 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     )
     spark = SparkRun(project, tmp_path / "spark")
 
-    # 1. Killed (SIGKILL, the whole process group) once its events are staged, before they are
-    # published.
+    # 1. Killed (SIGKILL, the whole process group, JVM included) while it writes its events into
+    # their folder, before it attaches them. (A kill at the "staged" line races with the attach,
+    # which follows within milliseconds; the write takes Spark seconds.)
     process = spark.start(FIRST, users)
     output, killed_run = [], None
     for line in process.stdout:
         output.append(line)
-        if "membership events staged" in line:
+        if "membership events staging" in line:  # while it writes them, before it attaches them
             os.killpg(process.pid, signal.SIGKILL)
             killed_run = line.rsplit("run_id=", 1)[1].strip()
             break
