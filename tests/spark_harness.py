@@ -34,7 +34,7 @@ from audiences.dbt.models import flattened_columns
 # Conditions evaluated per query: one query per condition costs Spark seconds of planning each.
 CHUNK = 300
 
-# A local session like the `spark` target's (dbt_project/profiles.yml).
+# A local session like the `spark` target's (dbt_spark/profiles.yml).
 SPARK_CONFIG = {
     "spark.sql.session.timeZone": "UTC",
     "spark.ui.enabled": "false",
@@ -50,12 +50,9 @@ SPARK_CONFIG = {
 }
 
 
-def spark_session():
-    """The process's local SparkSession (started once, ~20-40 s on two cores).
-
-    Skipped, saying why, where pyspark or Java is missing; CI installs both (`.ci/run`), so there
-    a missing one fails instead of skipping.
-    """
+def require_spark() -> None:
+    """Skip, saying why, where pyspark or Java is missing; CI installs both (`.ci/run`), so there
+    a missing one fails instead of skipping."""
     missing = None
     try:
         import pyspark  # noqa: F401
@@ -67,6 +64,15 @@ def spark_session():
         if os.environ.get("CI"):
             pytest.fail(f"Spark tests need it in CI: {missing}")
         pytest.skip(missing)
+
+
+def spark_session():
+    """The process's local SparkSession (started once, ~20-40 s on two cores).
+
+    Skipped, saying why, where pyspark or Java is missing; CI installs both (`.ci/run`), so there
+    a missing one fails instead of skipping.
+    """
+    require_spark()
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -186,4 +192,13 @@ def on_spark(spark):
     return run
 
 
-__all__ = ["DIALECT", "SPARK", "load_users", "matches", "on_duckdb", "on_spark", "spark_session"]
+__all__ = [
+    "DIALECT",
+    "SPARK",
+    "load_users",
+    "matches",
+    "on_duckdb",
+    "on_spark",
+    "require_spark",
+    "spark_session",
+]

@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from audiences.cli import delivery, inspect, project, runs, service, static
+from audiences.cli import delivery, inspect, project, runs, service, spark, static
 from audiences.cli.common import Parser, global_options
 from audiences.lifecycle.commands import register as lifecycle_commands
 from audiences.settings import ENVIRONMENT_VARIABLES, Settings, dotenv_variables
@@ -135,5 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     delivery.register(command)
     static.register(command)
     service.register(command)
+    spark.register(command)
     lifecycle_commands(command)
     return parser

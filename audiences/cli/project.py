@@ -70,6 +70,10 @@ def validate(settings: Settings, arguments) -> int:
         # Valid here, but Knock cannot hold them: not pushable with `knock audience push`.
         for key in sorted(definitions):
             problems += knock_incompatibilities(definitions[key])
+    if getattr(arguments, "target", "duckdb") == "spark":
+        from audiences.dbt.spark import spark_problems
+
+        problems += spark_problems(definitions)
     if problems:
         raise DefinitionError(problems)
     from audiences.delivery.setup import load_workflow_setup
@@ -96,6 +100,10 @@ def generate(settings: Settings, arguments) -> int:
     from audiences.dbt.project import generate as write_generated
     from audiences.settings import require_dbt_project
 
+    if getattr(arguments, "target", "duckdb") == "spark":
+        from audiences.dbt.spark import generate_spark
+
+        return generate_spark(settings, check=arguments.check)
     if arguments.check:
         require_dbt_project(settings.dbt_project_dir)
         files = generate_models(
@@ -136,6 +144,12 @@ def register(command) -> None:
     )
     sub = command("validate", validate, "validate every audience definition")
     sub.add_argument(
+        "--target",
+        choices=("duckdb", "spark"),
+        default="duckdb",
+        help="also reject what the target cannot evaluate yet (spark: event conditions, static audiences)",
+    )
+    sub.add_argument(
         "--knock-compatible",
         action="store_true",
         help="also reject what Knock cannot hold (event conditions), naming each condition",
@@ -143,4 +157,10 @@ def register(command) -> None:
     sub = command("generate", generate, "regenerate the dbt models from the definitions")
     sub.add_argument(
         "--check", action="store_true", help="fail if the committed models are out of date"
+    )
+    sub.add_argument(
+        "--target",
+        choices=("duckdb", "spark"),
+        default="duckdb",
+        help="the warehouse to generate for: duckdb (dbt_project/, default) or spark (dbt_spark/)",
     )

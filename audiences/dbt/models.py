@@ -957,11 +957,11 @@ def _reevaluate_model(
     )
 
 
-def _indent(text: str, spaces: int) -> str:
+def _indent(text: str, spaces: int, dialect: str = DIALECT) -> str:
     """Indent SQL for reading, never inside a multi-line string literal or quoted name."""
     from sqlglot.tokens import TokenType
 
-    tokens = sqlglot.Dialect.get_or_raise("duckdb").tokenize(text)
+    tokens = sqlglot.Dialect.get_or_raise(dialect).tokenize(text)
     # Quoted tokens in text order; they never overlap, so one pass over lines and tokens together
     # (linear: a condition with a 20,000-item list renders as 20,000 lines).
     quoted = [

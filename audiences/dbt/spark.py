@@ -1,0 +1,534 @@
+"""The audience models for Apache Spark (dbt-spark), generated from the same definitions.
+
+`audiences generate --target spark` writes them into the Spark dbt project (`dbt_spark/`, beside
+the DuckDB one): the attribute layer in two tables (each user's JSON parsed once into VARIANTs,
+then the typed columns), one view per audience with its conditions compiled by the same compiler
+in Spark's dialect, `audience_members` (their union) and `audience_catalog` (the audiences this
+evaluation covers). The project's hand-written models then diff the members against the committed
+membership history in Spark SQL and publish the events atomically (`macros/membership.sql`).
+
+What does not run on Spark yet is named, per audience, by `spark_unsupported`: static audiences
+(their members live in the store), audiences with event conditions, and those reading either.
+Hand-written SQL audiences (`models/generated/custom/`) are DuckDB SQL and stay there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlglot import exp
+
+from audiences.conditions.compiler import (
+    SPARK,
+    VARIANTS,
+    Attribute,
+    CompileContext,
+    compile_condition,
+    reads_events,
+    render,
+)
+from audiences.conditions.definitions import AudienceDefinition, Problem, evaluation_order
+from audiences.dbt.models import (
+    GENERATED_HEADER,
+    GeneratedFile,
+    _comment,
+    _indent,
+    _Placeholders,
+    _with_jinja,
+    condition_json,
+    escape_jinja,
+    flattened_columns,
+)
+
+# The Spark dbt project: a folder beside the DuckDB project (`dbt_project`).
+SPARK_PROJECT_FOLDER = "dbt_spark"
+EXTRACTED_MODEL = "int_users_extracted"
+FLATTENED_MODEL = "int_users_flattened"
+USERS_MODEL = "stg_users"
+# Generated into the Spark project (the rest of it is hand-written).
+SPARK_GENERATED_FOLDERS = (Path("models/generated"),)
+# How long a cluster target may take to accept a connection before it counts as unreachable.
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def spark_project_dir(dbt_project_dir: Path) -> Path:
+    """The Spark dbt project that goes with this DuckDB dbt project."""
+    return Path(dbt_project_dir).parent / SPARK_PROJECT_FOLDER
+
+
+def spark_unsupported(definitions: dict[str, AudienceDefinition]) -> dict[str, str]:
+    """Dynamic audiences that cannot be evaluated on Spark yet, each with the reason (for
+    `validate --target spark` and the generator, which leaves them out). Static audiences are not
+    evaluated anywhere (their events are written when they change), but Spark has no copy of their
+    members, so an audience reading one cannot run there."""
+    reasons: dict[str, str] = {}
+    static = {key for key, d in definitions.items() if d.type == "static"}
+    for key in evaluation_order(definitions):
+        definition = definitions[key]
+        if definition.type == "static":
+            continue
+        if definition.per_tenant:
+            reasons[key] = (
+                "a per-tenant audience (tenancy: per_tenant) is evaluated on DuckDB only for now"
+            )
+        elif reads_events(definition.segments):
+            reasons[key] = (
+                "event conditions (performed, last_performed_*) run on DuckDB only for now"
+            )
+        else:
+            unknown = sorted(k for k in definition.references() if k not in definitions)
+            blocked = sorted(k for k in definition.references() if k in reasons)
+            if unknown:
+                reasons[key] = (
+                    f"reads the hand-written SQL audience `{unknown[0]}`, which is DuckDB SQL"
+                )
+            elif blocked:
+                reasons[key] = f"reads the audience `{blocked[0]}`, which does not run on Spark"
+            elif definition.references() & static:
+                reasons[key] = (
+                    f"reads the static audience `{sorted(definition.references() & static)[0]}`, "
+                    "whose members only the DuckDB warehouse copies in from the store"
+                )
+    return reasons
+
+
+def spark_problems(definitions: dict[str, AudienceDefinition]) -> list[Problem]:
+    """`spark_unsupported` as definition problems, each naming the file and the condition."""
+    problems = []
+    for key, reason in sorted(spark_unsupported(definitions).items()):
+        definition = definitions[key]
+        where = "$.tenancy" if definition.per_tenant else "$"
+        for segment in definition.segments if not definition.per_tenant else ():
+            for condition in segment:
+                if reads_events([[condition]]) or (
+                    condition.operator.endswith("is_audience_member")
+                    or condition.operator.endswith("is_not_audience_member")
+                ):
+                    where = condition.location or where
+                    break
+            if where != "$":
+                break
+        problems.append(
+            Problem(str(definition.file), where, f"cannot run on the Spark target: {reason}")
+        )
+    return problems
+
+
+def generate_spark(settings, check: bool = False) -> int:
+    """`audiences generate --target spark`: write (or with `check`, compare) the Spark project's
+    generated models; the audiences left out are listed on stderr. Returns the exit code."""
+    import sys
+
+    from audiences.dbt.project import project_definitions
+
+    project = spark_project_dir(settings.dbt_project_dir)
+    if not (project / "dbt_project.yml").is_file():
+        print(f"error: {project}: no Spark dbt project (dbt_project.yml) there", file=sys.stderr)
+        return 1
+    found = project_definitions(settings)
+    files = generate_spark_models(found.definitions, settings.definitions_dir.name)
+    if check:
+        problems = spark_drift(files, project)
+        for problem in problems:
+            print(problem)
+        if problems:
+            print(
+                "error: generated Spark models are out of date; run `audiences generate --target spark`",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{len(files)} generated Spark files are up to date")
+        return 0
+    changed = write_spark_models(files, project)
+    print(f"{len(changed)} files changed" + "".join(f"\n  {path}" for path in changed))
+    for key, reason in sorted(spark_unsupported(found.definitions).items()):
+        print(f"not on Spark: {key}: {reason}", file=sys.stderr)
+    return 0
+
+
+@dataclass(frozen=True)
+class _SparkAudience:
+    where: str
+    attributes: frozenset[Attribute]
+
+
+def _compile(definition: AudienceDefinition, placeholders: _Placeholders) -> _SparkAudience:
+    """The audience's WHERE clause in Spark SQL over int_users_flattened's columns (other
+    audiences read from their views), and the attributes it reads."""
+    refs: dict[str, str] = {}
+    attributes: set[Attribute] = set()
+
+    def members_of(key: str) -> exp.Expression:
+        # Dynamic audiences have no tenant (the only ones a Spark audience can read).
+        return (
+            exp.select("user_key")
+            .from_(exp.to_table(refs.setdefault(key, f"{placeholders.ref_prefix}_{len(refs)}")))
+            .where(exp.Is(this=exp.column("tenant"), expression=exp.Null()))
+        )
+
+    def attribute_column(attribute: Attribute) -> exp.Expression:
+        attributes.add(attribute)
+        return exp.column(attribute.column_name, quoted=True)
+
+    context = CompileContext(
+        attribute=attribute_column,
+        audience_members=members_of,
+        evaluation_time=exp.column(placeholders.now),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+    )
+    segments_sql = []
+    for index, segment in enumerate(definition.segments, start=1):
+        parts = []
+        for condition in segment:
+            described = _comment(json.dumps(condition_json(condition), ensure_ascii=False))
+            compiled = render(compile_condition(condition, context), dialect=SPARK)
+            parts.append(f"-- {described}\n{compiled}")
+        inner = "\n\nand\n\n".join(parts) if parts else "false"
+        segments_sql.append(f"-- segment {index}\n(\n{_indent(inner, 4, SPARK)}\n)")
+    where = (
+        "\n\nor\n\n".join(segments_sql) if segments_sql else "false -- no segments: nobody matches"
+    )
+    from audiences.conditions.definitions import model_name_for
+
+    replacements = {name: f"{{{{ ref('{model_name_for(key)}') }}}}" for key, name in refs.items()}
+    replacements[placeholders.now] = "{{ evaluation_time() }}"
+    # Spark quotes every identifier with backticks: the quoted placeholder goes first.
+    ordered = sorted(replacements.items(), key=lambda item: -len(item[0]))
+    quoted = {f"`{name}`": jinja for name, jinja in ordered}
+    return _SparkAudience(_with_jinja(where, {**quoted, **dict(ordered)}), frozenset(attributes))
+
+
+def generate_spark_models(
+    definitions: dict[str, AudienceDefinition], source_label: str
+) -> list[GeneratedFile]:
+    """Every generated file of the Spark dbt project, deterministically, for these definitions.
+    Audiences `spark_unsupported` names are left out (`validate --target spark` says why)."""
+    unsupported = spark_unsupported(definitions)
+    audiences = [
+        definitions[key]
+        for key in sorted(definitions)
+        if key not in unsupported and definitions[key].type == "dynamic"
+    ]
+    placeholders = _Placeholders.for_definitions(definitions.values())
+    compiled = {d.key: _compile(d, placeholders) for d in audiences}
+    attributes = sorted(
+        set().union(*(c.attributes for c in compiled.values())),
+        key=lambda a: (a.path, VARIANTS.index(a.variant)),
+    )
+    header = escape_jinja(GENERATED_HEADER.format(source=_comment(source_label)))
+    files = [
+        GeneratedFile(
+            Path(f"models/generated/{EXTRACTED_MODEL}.sql"), _extracted(attributes, header)
+        ),
+        GeneratedFile(
+            Path(f"models/generated/{FLATTENED_MODEL}.sql"), _flattened(attributes, header)
+        ),
+    ]
+    for definition in audiences:
+        files.append(
+            GeneratedFile(
+                Path(f"models/generated/{definition.model_name}.sql"),
+                _audience_model(definition, compiled[definition.key]),
+            )
+        )
+    files.append(
+        GeneratedFile(
+            Path("models/generated/audience_catalog.sql"), _catalog(audiences, unsupported, header)
+        )
+    )
+    files.append(
+        GeneratedFile(Path("models/generated/audience_members.sql"), _members(audiences, header))
+    )
+    return files
+
+
+def _extracted(attributes: list[Attribute], header: str) -> str:
+    extraction, _ = flattened_columns(attributes, SPARK)
+    return f"""{header}
+-- Every property an audience reads, parsed out of each user's JSON once (Spark 4 VARIANTs). A
+-- table of its own: one projection would let Spark's optimizer inline the parse into every column.
+
+{{{{ config(materialized='table') }}}}
+
+select
+    user_key,
+    user_id,
+    {_indent(escape_jinja(extraction), 4, SPARK).lstrip()} as property_values
+from {{{{ ref('{USERS_MODEL}') }}}}
+"""
+
+
+def _flattened(attributes: list[Attribute], header: str) -> str:
+    _, columns = flattened_columns(attributes, SPARK)
+    selected = [
+        f"    -- {escape_jinja(label)}\n    {_indent(escape_jinja(sql), 4, SPARK).lstrip()} as {name}"
+        for label, sql, name in columns
+    ]
+    body = ",\n".join(["    user_key", "    user_id", *selected])
+    return f"""{header}
+-- One typed column per property an audience reads (`<property>__text`, `__number`, ...).
+
+{{{{ config(materialized='table') }}}}
+
+select
+{body}
+from {{{{ ref('{EXTRACTED_MODEL}') }}}}
+"""
+
+
+def _audience_model(definition: AudienceDefinition, compiled: _SparkAudience) -> str:
+    header = GENERATED_HEADER.format(
+        source=_comment(definition.file.parent.name + "/audience.json")
+    )
+    about = (
+        f"-- Audience `{definition.key}` (dynamic, version {definition.version}): "
+        f"{_comment(definition.name)}"
+    )
+    return f"""{escape_jinja(header)}
+{escape_jinja(about)}
+
+{{{{ config(materialized='view') }}}}
+
+select
+    user_key,
+    user_id,
+    cast(null as string) as tenant
+from {{{{ ref('{FLATTENED_MODEL}') }}}}
+where
+{_indent(compiled.where, 4, SPARK)}
+"""
+
+
+def _literal(value: object) -> str:
+    return escape_jinja(render(exp.convert(value), dialect=SPARK))
+
+
+def _catalog(audiences: list[AudienceDefinition], unsupported: dict[str, str], header: str) -> str:
+    rows = [f"    ({_literal(d.key)}, {_literal(d.version)})" for d in audiences]
+    left_out = "".join(
+        f"\n-- not on Spark: {escape_jinja(_comment(key))}: {escape_jinja(_comment(reason))}"
+        for key, reason in sorted(unsupported.items())
+    )
+    values = (
+        "select audience_key, audience_version from values\n"
+        + ",\n".join(rows)
+        + "\nas audiences (audience_key, audience_version)"
+        if rows
+        else "select cast(null as string) as audience_key, cast(null as string) as audience_version where false"
+    )
+    return f"""{header}
+-- The audiences this evaluation covers: the membership diff compares exactly these.{left_out}
+
+{{{{ config(materialized='table') }}}}
+
+{values}
+"""
+
+
+def _members(audiences: list[AudienceDefinition], header: str) -> str:
+    branches = [
+        f"select {_literal(d.key)} as audience_key, user_key, user_id, tenant\n"
+        f"from {{{{ ref('{d.model_name}') }}}}"
+        for d in audiences
+    ]
+    union = (
+        "\n\nunion all\n\n".join(branches)
+        if branches
+        else "select cast(null as string) as audience_key, cast(null as int) as user_key, "
+        "cast(null as string) as user_id, cast(null as string) as tenant where false"
+    )
+    return f"""{header}
+-- (audience_key, user_key, user_id, tenant): every Spark audience's members at this evaluation.
+
+{{{{ config(materialized='table') }}}}
+
+{union}
+"""
+
+
+def write_spark_models(files: list[GeneratedFile], project_dir: Path) -> list[Path]:
+    """Write the generated files that changed and remove stale ones; returns what changed."""
+    changed = []
+    wanted = {project_dir / f.path for f in files}
+    for folder in SPARK_GENERATED_FOLDERS:
+        for stale in sorted((project_dir / folder).glob("*.sql")):
+            if stale not in wanted:
+                stale.unlink()
+                changed.append(stale)
+    for generated in files:
+        target = project_dir / generated.path
+        if target.exists() and target.read_text(encoding="utf-8") == generated.text:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(generated.text, encoding="utf-8")
+        changed.append(target)
+    return changed
+
+
+def spark_drift(files: list[GeneratedFile], project_dir: Path) -> list[str]:
+    """Generated files that are missing, different or stale (for `generate --target spark --check`)."""
+    wanted = {project_dir / f.path for f in files}
+    problems = [
+        f"stale: {path}"
+        for folder in SPARK_GENERATED_FOLDERS
+        for path in sorted((project_dir / folder).glob("*.sql"))
+        if path not in wanted
+    ]
+    for generated in files:
+        target = project_dir / generated.path
+        if not target.exists():
+            problems.append(f"missing: {target}")
+        elif target.read_text(encoding="utf-8") != generated.text:
+            problems.append(f"out of date: {target}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the Spark project.
+
+
+class SparkTargetError(ValueError):
+    """The Spark target cannot be used (no Java runtime, a cluster that does not answer): one line."""
+
+
+def check_java(environ: dict[str, str] | None = None) -> None:
+    """Fail with one line when no Java runtime is there for Spark (JAVA_HOME, else `java` on PATH)."""
+    environ = os.environ if environ is None else environ
+    home = environ.get("JAVA_HOME")
+    if home:
+        if not (Path(home) / "bin" / "java").exists():
+            raise SparkTargetError(
+                f"JAVA_HOME={home} has no bin/java: Spark needs a Java runtime "
+                "(apt-get install openjdk-17-jre-headless, or unset JAVA_HOME)"
+            )
+        return
+    if shutil.which("java", path=environ.get("PATH")) is None:
+        raise SparkTargetError(
+            "no Java runtime: Spark needs one (JAVA_HOME or `java` on PATH; "
+            "apt-get install openjdk-17-jre-headless)"
+        )
+
+
+def check_reachable(host: str, port: int, setting: str = "--spark-host, --spark-port") -> None:
+    """Fail with one line naming the setting when a cluster target does not accept a connection."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS):
+            return
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise SparkTargetError(
+            f"the Spark target at {host}:{port} ({setting}) is not reachable: {reason}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class SparkRun:
+    """Where a Spark evaluation runs: the dbt project, the warehouse folder (tables, metastore)
+    and the dbt target (`spark`: in this machine's process; `cluster`: thrift to a host)."""
+
+    project_dir: Path
+    warehouse_dir: Path
+    target: str = "spark"
+    host: str | None = None
+    port: int = 10000
+
+    def environment(self) -> dict[str, str]:
+        values = {
+            **os.environ,
+            "AUDIENCES_SPARK_WAREHOUSE": str(Path(self.warehouse_dir).resolve()),
+            "AUDIENCES_DBT_TARGET": self.target,
+        }
+        if self.host:
+            values["AUDIENCES_SPARK_HOST"] = self.host
+            values["AUDIENCES_SPARK_PORT"] = str(self.port)
+        return values
+
+    def command(self, evaluation_time: datetime, users_parquet: Path | None = None) -> list[str]:
+        from audiences.dbt.project import dbt_executable
+
+        variables = {"evaluation_time": evaluation_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        if users_parquet is not None:
+            variables["users_parquet"] = str(Path(users_parquet).resolve())
+        return [
+            dbt_executable(),
+            "run",
+            "--project-dir",
+            str(self.project_dir),
+            "--profiles-dir",
+            str(self.project_dir),
+            "--vars",
+            json.dumps(variables),
+        ]
+
+    def check(self) -> None:
+        """The one-line checks made before anything is written."""
+        if self.target == "cluster":
+            if not self.host:
+                raise SparkTargetError("the Spark target `cluster` needs --spark-host")
+            check_reachable(self.host, self.port)
+        else:
+            check_java()
+
+    def start(
+        self, evaluation_time: datetime, users_parquet: Path | None = None
+    ) -> subprocess.Popen:
+        """`run` as a process of its own (its own process group), its output in a pipe."""
+        self.check()
+        Path(self.warehouse_dir).mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            self.command(evaluation_time, users_parquet),
+            env=self.environment(),
+            cwd=self.warehouse_dir,  # Spark's and Derby's own logs land there
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def run(self, evaluation_time: datetime, users_parquet: Path | None = None) -> str:
+        """Evaluate every Spark audience at `evaluation_time` and publish the membership events
+        (one `dbt run`; `users_parquet` first replaces `raw.users` with those users). Returns
+        dbt's output."""
+        process = self.start(evaluation_time, users_parquet)
+        output, _ = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"`dbt run` on Spark failed:\n{output[-6000:]}")
+        return output
+
+    def query(self, sql: str) -> list[dict]:
+        """Rows of one query on the target, through dbt (`dbt show`; one Spark start)."""
+        from audiences.dbt.project import dbt_executable
+
+        self.check()
+        command = [
+            dbt_executable(),
+            "--quiet",
+            "show",
+            "--inline",
+            sql,
+            "--limit",
+            "-1",
+            "--output",
+            "json",
+            "--project-dir",
+            str(self.project_dir),
+            "--profiles-dir",
+            str(self.project_dir),
+        ]
+        result = subprocess.run(
+            command, env=self.environment(), cwd=self.warehouse_dir, capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"`dbt show` on Spark failed:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+            )
+        start = result.stdout.index("{")
+        return json.loads(result.stdout[start:])["show"]
