@@ -15,24 +15,24 @@ where
         coalesce(
           (
             case
-              when `address.country__kind` = 'list'
+              when `address__country__kind` = 'list'
               then arrays_overlap(
-                `address.country__items`,
+                `address__country__items`,
                 array('s:AT', 's:BE', 's:DE', 's:DK', 's:ES', 's:FI', 's:FR', 's:IE', 's:IT', 's:NL', 's:PL', 's:PT', 's:SE')
               )
-              when `address.country__kind` is null
-              or `address.country__kind` in ('string', 'number', 'boolean')
+              when `address__country__kind` is null
+              or `address__country__kind` in ('string', 'number', 'boolean')
               then array_contains(
                 array('s:AT', 's:BE', 's:DE', 's:DK', 's:ES', 's:FI', 's:FR', 's:IE', 's:IT', 's:NL', 's:PL', 's:PT', 's:SE'),
                 case
-                  when `address.country__kind` is null
+                  when `address__country__kind` is null
                   then 's:'
-                  when `address.country__kind` = 'string'
-                  then 's:' || `address.country__text`
-                  when `address.country__kind` = 'number'
-                  then 'n:' || cast(`address.country__number` + 0.0 as string)
-                  when `address.country__kind` = 'boolean'
-                  then 'b:' || cast(`address.country__boolean` as string)
+                  when `address__country__kind` = 'string'
+                  then 's:' || `address__country__text`
+                  when `address__country__kind` = 'number'
+                  then 'n:' || cast(`address__country__number` + 0.0 as string)
+                  when `address__country__kind` = 'boolean'
+                  then 'b:' || cast(`address__country__boolean` as string)
                 end
               )
               else false

@@ -21,7 +21,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 1)) like 'OBJECT%'
       then 'object'
-    end as `address.country__kind`,
+    end as address__country__kind,
     -- recipient.address.country (text)
     case
       when case
@@ -40,7 +40,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 1), '$', 'string')
-    end as `address.country__text`,
+    end as address__country__text,
     -- recipient.address.country (number)
     case
       when (
@@ -55,7 +55,7 @@ select
         try_variant_get(element_at(property_values, 1), '$', 'string') rlike '^(?:-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?)\\z'
       )
       then cast(try_variant_get(element_at(property_values, 1), '$', 'string') as double)
-    end as `address.country__number`,
+    end as address__country__number,
     -- recipient.address.country (boolean)
     case
       when case
@@ -74,7 +74,7 @@ select
         then 'object'
       end = 'boolean'
       then try_variant_get(element_at(property_values, 1), '$', 'boolean')
-    end as `address.country__boolean`,
+    end as address__country__boolean,
     -- recipient.address.country (items)
     case
       when case
@@ -109,7 +109,7 @@ select
           else 'j:' || to_json(item)
         end
       )
-    end as `address.country__items`,
+    end as address__country__items,
     -- recipient.email (kind)
     case
       when schema_of_variant(element_at(property_values, 2)) = 'STRING'
@@ -125,7 +125,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 2)) like 'OBJECT%'
       then 'object'
-    end as `email__kind`,
+    end as email__kind,
     -- recipient.email (text)
     case
       when case
@@ -144,7 +144,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 2), '$', 'string')
-    end as `email__text`,
+    end as email__text,
     -- recipient.email (items)
     case
       when case
@@ -179,7 +179,7 @@ select
           else 'j:' || to_json(item)
         end
       )
-    end as `email__items`,
+    end as email__items,
     -- recipient.feature_flags (kind)
     case
       when schema_of_variant(element_at(property_values, 3)) = 'STRING'
@@ -195,7 +195,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 3)) like 'OBJECT%'
       then 'object'
-    end as `feature_flags__kind`,
+    end as feature_flags__kind,
     -- recipient.feature_flags (text)
     case
       when case
@@ -214,7 +214,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 3), '$', 'string')
-    end as `feature_flags__text`,
+    end as feature_flags__text,
     -- recipient.feature_flags (items)
     case
       when case
@@ -249,7 +249,7 @@ select
           else 'j:' || to_json(item)
         end
       )
-    end as `feature_flags__items`,
+    end as feature_flags__items,
     -- recipient.is_verified (text)
     case
       when case
@@ -268,7 +268,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 4), '$', 'string')
-    end as `is_verified__text`,
+    end as is_verified__text,
     -- recipient.is_verified (boolean)
     case
       when case
@@ -287,7 +287,7 @@ select
         then 'object'
       end = 'boolean'
       then try_variant_get(element_at(property_values, 4), '$', 'boolean')
-    end as `is_verified__boolean`,
+    end as is_verified__boolean,
     -- recipient.last_seen_at (kind)
     case
       when schema_of_variant(element_at(property_values, 5)) = 'STRING'
@@ -303,7 +303,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 5)) like 'OBJECT%'
       then 'object'
-    end as `last_seen_at__kind`,
+    end as last_seen_at__kind,
     -- recipient.last_seen_at (timestamp)
     case
       when case
@@ -389,7 +389,7 @@ select
           then cast(try_variant_get(element_at(property_values, 5), '$', 'string') as double)
         end
       )
-    end as `last_seen_at__timestamp`,
+    end as last_seen_at__timestamp,
     -- recipient.mrr (number)
     case
       when (
@@ -404,7 +404,7 @@ select
         try_variant_get(element_at(property_values, 6), '$', 'string') rlike '^(?:-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?)\\z'
       )
       then cast(try_variant_get(element_at(property_values, 6), '$', 'string') as double)
-    end as `mrr__number`,
+    end as mrr__number,
     -- recipient.nps_score (number)
     case
       when (
@@ -419,7 +419,7 @@ select
         try_variant_get(element_at(property_values, 7), '$', 'string') rlike '^(?:-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?)\\z'
       )
       then cast(try_variant_get(element_at(property_values, 7), '$', 'string') as double)
-    end as `nps_score__number`,
+    end as nps_score__number,
     -- recipient.onboarding.completed_steps (kind)
     case
       when schema_of_variant(element_at(property_values, 8)) = 'STRING'
@@ -435,7 +435,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 8)) like 'OBJECT%'
       then 'object'
-    end as `onboarding.completed_steps__kind`,
+    end as onboarding__completed_steps__kind,
     -- recipient.onboarding.completed_steps (text)
     case
       when case
@@ -454,7 +454,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 8), '$', 'string')
-    end as `onboarding.completed_steps__text`,
+    end as onboarding__completed_steps__text,
     -- recipient.onboarding.completed_steps (number)
     case
       when (
@@ -469,7 +469,7 @@ select
         try_variant_get(element_at(property_values, 8), '$', 'string') rlike '^(?:-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?)\\z'
       )
       then cast(try_variant_get(element_at(property_values, 8), '$', 'string') as double)
-    end as `onboarding.completed_steps__number`,
+    end as onboarding__completed_steps__number,
     -- recipient.onboarding.completed_steps (items)
     case
       when case
@@ -504,7 +504,7 @@ select
           else 'j:' || to_json(item)
         end
       )
-    end as `onboarding.completed_steps__items`,
+    end as onboarding__completed_steps__items,
     -- recipient.plan (kind)
     case
       when schema_of_variant(element_at(property_values, 9)) = 'STRING'
@@ -520,7 +520,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 9)) like 'OBJECT%'
       then 'object'
-    end as `plan__kind`,
+    end as plan__kind,
     -- recipient.plan (text)
     case
       when case
@@ -539,7 +539,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 9), '$', 'string')
-    end as `plan__text`,
+    end as plan__text,
     -- recipient.plan (number)
     case
       when (
@@ -554,7 +554,7 @@ select
         try_variant_get(element_at(property_values, 9), '$', 'string') rlike '^(?:-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?)\\z'
       )
       then cast(try_variant_get(element_at(property_values, 9), '$', 'string') as double)
-    end as `plan__number`,
+    end as plan__number,
     -- recipient.plan (boolean)
     case
       when case
@@ -573,7 +573,7 @@ select
         then 'object'
       end = 'boolean'
       then try_variant_get(element_at(property_values, 9), '$', 'boolean')
-    end as `plan__boolean`,
+    end as plan__boolean,
     -- recipient.plan (items)
     case
       when case
@@ -608,7 +608,7 @@ select
           else 'j:' || to_json(item)
         end
       )
-    end as `plan__items`,
+    end as plan__items,
     -- recipient.preferences.digest (text)
     case
       when case
@@ -627,7 +627,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 10), '$', 'string')
-    end as `preferences.digest__text`,
+    end as preferences__digest__text,
     -- recipient.seats (number)
     case
       when (
@@ -642,7 +642,7 @@ select
         try_variant_get(element_at(property_values, 11), '$', 'string') rlike '^(?:-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?)\\z'
       )
       then cast(try_variant_get(element_at(property_values, 11), '$', 'string') as double)
-    end as `seats__number`,
+    end as seats__number,
     -- recipient.signed_up_at (timestamp)
     case
       when case
@@ -728,7 +728,7 @@ select
           then cast(try_variant_get(element_at(property_values, 12), '$', 'string') as double)
         end
       )
-    end as `signed_up_at__timestamp`,
+    end as signed_up_at__timestamp,
     -- recipient.tags (kind)
     case
       when schema_of_variant(element_at(property_values, 13)) = 'STRING'
@@ -744,7 +744,7 @@ select
       then 'list'
       when schema_of_variant(element_at(property_values, 13)) like 'OBJECT%'
       then 'object'
-    end as `tags__kind`,
+    end as tags__kind,
     -- recipient.tags (text)
     case
       when case
@@ -763,7 +763,7 @@ select
         then 'object'
       end = 'string'
       then try_variant_get(element_at(property_values, 13), '$', 'string')
-    end as `tags__text`,
+    end as tags__text,
     -- recipient.tags (items)
     case
       when case
@@ -798,7 +798,7 @@ select
           else 'j:' || to_json(item)
         end
       )
-    end as `tags__items`,
+    end as tags__items,
     -- recipient.trial_ends_at (timestamp)
     case
       when case
@@ -884,5 +884,5 @@ select
           then cast(try_variant_get(element_at(property_values, 14), '$', 'string') as double)
         end
       )
-    end as `trial_ends_at__timestamp`
+    end as trial_ends_at__timestamp
 from {{ ref('int_users_extracted') }}

@@ -23,7 +23,7 @@ where
 
         -- {"property": "recipient.onboarding.completed_steps", "operator": "less_than", "argument": "5"}
         coalesce((
-          `onboarding.completed_steps__number` < 5
+          `onboarding__completed_steps__number` < 5
         ), false)
     )
 
@@ -45,11 +45,11 @@ where
         coalesce(
           (
             (
-              `onboarding.completed_steps__kind` is null
-              or `onboarding.completed_steps__text` = ''
+              `onboarding__completed_steps__kind` is null
+              or `onboarding__completed_steps__text` = ''
               or (
-                `onboarding.completed_steps__kind` = 'list'
-                and size(`onboarding.completed_steps__items`) = 0
+                `onboarding__completed_steps__kind` = 'list'
+                and size(`onboarding__completed_steps__items`) = 0
               )
             )
           ),

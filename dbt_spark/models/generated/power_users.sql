@@ -15,10 +15,10 @@ where
         coalesce(
           (
             (
-              `onboarding.completed_steps__kind` = 'number'
-              and `onboarding.completed_steps__number` = 5
+              `onboarding__completed_steps__kind` = 'number'
+              and `onboarding__completed_steps__number` = 5
             )
-            or `onboarding.completed_steps__text` = '5'
+            or `onboarding__completed_steps__text` = '5'
           ),
           false
         )

@@ -32,6 +32,6 @@ where
 
         -- {"property": "recipient.preferences.digest", "operator": "not_equal_to", "argument": "never"}
         not coalesce((
-          `preferences.digest__text` = 'never'
+          `preferences__digest__text` = 'never'
         ), false)
     )
