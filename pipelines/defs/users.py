@@ -150,6 +150,31 @@ def users_definitions() -> dg.Definitions:
     users_after_sources = users.map_asset_specs(
         lambda spec: spec.merge_attributes(deps=[source.key for source in source_specs])
     )
+    # The `users` step also writes the tenants and tenant memberships (sources.yml `tenants:` and
+    # `tenant_memberships:`, and the API's tenant queue), which per-tenant audiences read.
+    tenant_tables = [
+        dg.AssetSpec(
+            key=name,
+            description=description,
+            group_name="users",
+            kinds={"duckdb"},
+            deps=[dg.AssetKey("users")],
+        )
+        for name, description in (
+            (
+                "tenants",
+                "Knock's tenants (`raw.tenants`), one row per tenant id, written by the `users` "
+                "step after the users: sources.yml `tenants:` and the API's `PUT /v1/tenants/{id}`.",
+            ),
+            (
+                "tenant_memberships",
+                "Which users belong to which tenants (`raw.tenant_memberships`), with each "
+                "membership's properties, written by the `users` step: sources.yml "
+                "`tenant_memberships:`.",
+            ),
+        )
+    ]
     return dg.Definitions(
-        assets=[*source_specs, users_after_sources], asset_checks=[users_have_unique_ids]
+        assets=[*source_specs, users_after_sources, *tenant_tables],
+        asset_checks=[users_have_unique_ids],
     )

@@ -31,6 +31,7 @@ EXPECTED_ASSET_KEYS = [
     "audiences/trial_ending_soon",
     "audiences/trial_expired_unconverted",
     "audiences/vip_customers",
+    "audiences/workspace_admins_trial_ending",
     "event_sources/segment_tracks",
     "events",
     "int_event_users_to_reevaluate",
@@ -40,10 +41,16 @@ EXPECTED_ASSET_KEYS = [
     "published_membership_events",
     "sources/crm_export",
     "sources/product_updates",
+    "sources/workspace_members",
+    "sources/workspaces",
     "static_audience_members",
     "static_audience_syncs",
     "static_audience_uploads",
+    "stg_warehouse__tenant_memberships",
+    "stg_warehouse__tenants",
     "stg_warehouse__users",
+    "tenant_memberships",
+    "tenants",
     "users",
     "workflow_trigger_deliveries",
 ]
@@ -72,6 +79,8 @@ def test_definitions_load_with_the_expected_asset_graph():
     assert graph.get(dg.AssetKey("users")).parent_keys == {
         dg.AssetKey(["sources", "crm_export"]),
         dg.AssetKey(["sources", "product_updates"]),
+        dg.AssetKey(["sources", "workspaces"]),
+        dg.AssetKey(["sources", "workspace_members"]),
         dg.AssetKey("static_audience_uploads"),
     }
 
