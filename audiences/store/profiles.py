@@ -422,34 +422,7 @@ def load_identify_queue(
 
     # Patches apply in the order received; a deletion (the patch `null`, from the API's delete user)
     # applies between the patches before and after it.
-    batch: list[dict] = []
-    for row in rows:
-        if row["patch"] != DELETION:
-            batch.append(row)
-            continue
-        if batch:
-            load(batch)
-            batch = []
-        totals["users_deleted"] = (
-            totals.get("users_deleted", 0)
-            + connection.execute(
-                "update raw.users set deleted_at = $at, updated_at = $at, properties = '{}' "
-                "where user_id = $user_id and deleted_at is null",
-                {"at": loaded_at, "user_id": row["user_id"]},
-            ).fetchall()[0][0]
-        )
-    if batch or not rows:
-        load(batch)
-    # Loading is idempotent (the same patches merge to the same users), so marking them loaded
-    # after the warehouse committed loses nothing if the process dies in between.
-    loaded = [row["patch_id"] for row in rows]
-    with store.engine.begin() as store_connection:
-        for start in range(0, len(loaded), 500):
-            store_connection.execute(
-                patches.update()
-                .where(patches.c.patch_id.in_(loaded[start : start + 500]))
-                .values(loaded=True)
-            )
+    apply_patch_queue(connection, store, patches, rows, load, "users", "user_id", loaded_at, totals)
     return LoadResult(
         source_name=IDENTIFY_SOURCE,
         **{
@@ -464,3 +437,47 @@ def load_identify_queue(
             )
         },
     )
+
+
+def apply_patch_queue(
+    connection,
+    store: MembershipStore,
+    patches: sa.Table,
+    rows: list[dict],
+    load,
+    table: str,
+    id_column: str,
+    loaded_at: datetime,
+    totals: dict[str, int],
+) -> None:
+    """Apply queued patches (identify or tenant writes) in the order received: runs of patches go
+    to `load`, and a deletion (the patch `null`) tombstones its row of `raw.<table>` between the
+    patches before and after it; then the patches are marked loaded. Loading is idempotent (the
+    same patches merge to the same rows), so marking them after the warehouse committed loses
+    nothing if the process dies in between. `table` and `id_column` are the engine's own names."""
+    batch: list[dict] = []
+    for row in rows:
+        if row["patch"] != DELETION:
+            batch.append(row)
+            continue
+        if batch:
+            load(batch)
+            batch = []
+        totals["users_deleted"] = (
+            totals.get("users_deleted", 0)
+            + connection.execute(
+                f"update raw.{table} set deleted_at = $at, updated_at = $at, properties = '{{}}' "
+                f"where {id_column} = $id and deleted_at is null",
+                {"at": loaded_at, "id": row[id_column]},
+            ).fetchall()[0][0]
+        )
+    if batch or not rows:
+        load(batch)
+    loaded = [row["patch_id"] for row in rows]
+    with store.engine.begin() as store_connection:
+        for start in range(0, len(loaded), 500):
+            store_connection.execute(
+                patches.update()
+                .where(patches.c.patch_id.in_(loaded[start : start + 500]))
+                .values(loaded=True)
+            )

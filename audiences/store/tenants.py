@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
-from audiences.store.profiles import DELETION, merge_patch
+from audiences.store.profiles import DELETION, apply_patch_queue, merge_patch
 from audiences.users.sources import ROW_COLUMN, UserSource
 from audiences.users.store import TENANTS, LoadResult, load_users
 from audiences.users.validation import validate_users
@@ -185,34 +185,9 @@ def load_tenant_queue(
         for key, value in result.as_metadata().items():
             totals[key] = totals.get(key, 0) + value
 
-    batch: list[dict] = []
-    for row in rows:
-        if row["patch"] != DELETION:
-            batch.append(row)
-            continue
-        if batch:
-            load(batch)
-            batch = []
-        totals["users_deleted"] = (
-            totals.get("users_deleted", 0)
-            + connection.execute(
-                "update raw.tenants set deleted_at = $at, updated_at = $at, properties = '{}' "
-                "where tenant_id = $tenant_id and deleted_at is null",
-                {"at": loaded_at, "tenant_id": row["tenant_id"]},
-            ).fetchall()[0][0]
-        )
-    if batch or not rows:
-        load(batch)
-    # Loading is idempotent, so marking the patches loaded after the warehouse committed loses
-    # nothing if the process dies in between.
-    loaded = [row["patch_id"] for row in rows]
-    with store.engine.begin() as store_connection:
-        for start in range(0, len(loaded), 500):
-            store_connection.execute(
-                patches.update()
-                .where(patches.c.patch_id.in_(loaded[start : start + 500]))
-                .values(loaded=True)
-            )
+    apply_patch_queue(
+        connection, store, patches, rows, load, "tenants", "tenant_id", loaded_at, totals
+    )
     return LoadResult(
         source_name=TENANT_QUEUE_SOURCE,
         **{
