@@ -208,7 +208,9 @@ def generate_models(
     return files
 
 
-def write_models(files: list[GeneratedFile], project_dir: Path) -> list[Path]:
+def write_models(
+    files: list[GeneratedFile], project_dir: Path, folders: tuple[str | Path, ...] | None = None
+) -> list[Path]:
     """Write generated files that changed and remove stale generated audience models.
 
     Returns the paths that changed, so callers know whether dbt must parse again.
@@ -216,7 +218,7 @@ def write_models(files: list[GeneratedFile], project_dir: Path) -> list[Path]:
     project_dir = Path(project_dir)
     changed = []
     wanted = {project_dir / f.path for f in files}
-    for folder in GENERATED_FOLDERS:
+    for folder in folders or GENERATED_FOLDERS:
         for stale in sorted((project_dir / folder).glob("*.sql")):
             if stale not in wanted:
                 stale.unlink()
@@ -231,12 +233,14 @@ def write_models(files: list[GeneratedFile], project_dir: Path) -> list[Path]:
     return changed
 
 
-def drift(files: list[GeneratedFile], project_dir: Path) -> list[str]:
+def drift(
+    files: list[GeneratedFile], project_dir: Path, folders: tuple[str | Path, ...] | None = None
+) -> list[str]:
     """Generated files that are missing, different or stale on disk (for `generate --check`)."""
     project_dir = Path(project_dir)
     problems = []
     wanted = {project_dir / f.path for f in files}
-    for folder in GENERATED_FOLDERS:
+    for folder in folders or GENERATED_FOLDERS:
         problems += [
             f"stale: {p}" for p in sorted((project_dir / folder).glob("*.sql")) if p not in wanted
         ]

@@ -43,8 +43,10 @@ from audiences.dbt.models import (
     _Placeholders,
     _with_jinja,
     condition_json,
+    drift,
     escape_jinja,
     flattened_columns,
+    write_models,
 )
 
 # The Spark dbt project: a folder beside the DuckDB project (`dbt_project`).
@@ -356,39 +358,12 @@ def _members(audiences: list[AudienceDefinition], header: str) -> str:
 
 def write_spark_models(files: list[GeneratedFile], project_dir: Path) -> list[Path]:
     """Write the generated files that changed and remove stale ones; returns what changed."""
-    changed = []
-    wanted = {project_dir / f.path for f in files}
-    for folder in SPARK_GENERATED_FOLDERS:
-        for stale in sorted((project_dir / folder).glob("*.sql")):
-            if stale not in wanted:
-                stale.unlink()
-                changed.append(stale)
-    for generated in files:
-        target = project_dir / generated.path
-        if target.exists() and target.read_text(encoding="utf-8") == generated.text:
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(generated.text, encoding="utf-8")
-        changed.append(target)
-    return changed
+    return write_models(files, project_dir, SPARK_GENERATED_FOLDERS)
 
 
 def spark_drift(files: list[GeneratedFile], project_dir: Path) -> list[str]:
     """Generated files that are missing, different or stale (for `generate --target spark --check`)."""
-    wanted = {project_dir / f.path for f in files}
-    problems = [
-        f"stale: {path}"
-        for folder in SPARK_GENERATED_FOLDERS
-        for path in sorted((project_dir / folder).glob("*.sql"))
-        if path not in wanted
-    ]
-    for generated in files:
-        target = project_dir / generated.path
-        if not target.exists():
-            problems.append(f"missing: {target}")
-        elif target.read_text(encoding="utf-8") != generated.text:
-            problems.append(f"out of date: {target}")
-    return problems
+    return drift(files, project_dir, SPARK_GENERATED_FOLDERS)
 
 
 # ---------------------------------------------------------------------------------------------
