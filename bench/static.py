@@ -38,7 +38,7 @@ import duckdb  # noqa: E402
 import polars as pl  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from audiences.membership import store as store_tables  # noqa: E402
+from audiences.store import database as store_tables  # noqa: E402
 from audiences.static.syncs import Sync, run_sync  # noqa: E402
 from audiences.static.uploads import upload_csv  # noqa: E402
 from audiences.store.database import MembershipStore  # noqa: E402

@@ -13,7 +13,7 @@ Everything here writes only to the store, so it works while a pipeline run holds
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -121,24 +121,6 @@ def change_members(
     return apply_change(store, connection, change)
 
 
-EVENT_COLUMNS = (
-    "event_id",
-    "sequence",
-    "audience_key",
-    "user_id",
-    "tenant",
-    "event_type",
-    "occurred_at",
-    "audience_version",
-    "entry_number",
-    "is_backfill",
-    "batch_id",
-    "published_at",
-    "triggers_processed",
-    "source",
-)
-
-
 @dataclass(frozen=True)
 class PreparedChange:
     """A membership change worked out as far as it can be without the store: the members, and
@@ -182,10 +164,107 @@ def prepare_change(
     )
 
 
+def prepare_checked_change(
+    audience_key: str,
+    user_ids: Sequence[str],
+    tenants: Sequence[str | None],
+    action: str,
+    source: str = "static",
+    occurred_at: str | None = None,
+) -> PreparedChange:
+    """`prepare_change` for a large batch whose user ids were already checked (an upload's rows,
+    by `validate_users`): the same normalized tenants, first occurrences and event ids, without a
+    `Member` check per row."""
+    if action not in ("add", "remove"):
+        raise ValueError(f"action is add or remove, not {action!r}")
+    normalized = {tenant: normalize_tenant(tenant) for tenant in set(tenants)}
+    wanted: dict[tuple[str, str], Member] = {}
+    for user_id, tenant in zip(user_ids, tenants, strict=True):
+        tenant = normalized[tenant]
+        wanted.setdefault((user_id, tenant or ""), Member(user_id, tenant))
+    event_type = "entered" if action == "add" else "exited"
+    first_ids = {
+        key: event_id(audience_key, user_id, tenant, event_type, 1)
+        for key, (user_id, tenant) in wanted.items()
+    }
+    return PreparedChange(
+        audience_key, action, source, occurred_at or now_text(), wanted, first_ids
+    )
+
+
+def _current_state(
+    store: MembershipStore, connection, audience_key: str, user_ids: list[str]
+) -> tuple[set[tuple[str, str]], dict[tuple[str, str], int]]:
+    """The audience's current members among these users, and each one's number of entries.
+
+    An audience with fewer rows than the users asked about is read whole, through its index, in
+    one range scan: an upload of 100,000 users into a new or small audience would otherwise probe
+    the indexes once per user. (Counting stops at the number of users, so a large audience costs
+    no more to decide than the probes would.)"""
+    mark = store.placeholder
+    bound = len(user_ids)
+    current: set[tuple[str, str]] = set()
+    entries: dict[tuple[str, str], int] = {}
+
+    def smaller(table: str) -> bool:
+        return (
+            connection.exec_driver_sql(
+                f"select count(*) from (select 1 from {table} where audience_key = {mark} "
+                f"limit {mark}) as bounded",
+                (audience_key, bound),
+            ).scalar()
+            < bound
+        )
+
+    wanted = set(user_ids)
+    members_whole, events_whole = smaller("audience_members"), smaller("membership_events")
+    if members_whole:
+        current.update(
+            (user_id, tenant)
+            for user_id, tenant in connection.exec_driver_sql(
+                f"select user_id, tenant_key from audience_members where audience_key = {mark}",
+                (audience_key,),
+            )
+            if user_id in wanted
+        )
+    if events_whole:
+        for user_id, tenant, count in connection.exec_driver_sql(
+            f"select user_id, tenant, count(*) from membership_events where audience_key = {mark} "
+            "and event_type = 'entered' group by user_id, tenant",
+            (audience_key,),
+        ):
+            if user_id in wanted:
+                key = (user_id, tenant_key(tenant))  # events written before blanks were no tenant
+                entries[key] = entries.get(key, 0) + count
+    if members_whole and events_whole:
+        return current, entries
+    for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
+        chunk = user_ids[start : start + 5000]
+        marks = ", ".join([mark] * len(chunk))
+        if not members_whole:
+            current.update(
+                connection.exec_driver_sql(
+                    f"select user_id, tenant_key from audience_members where audience_key = {mark} "
+                    f"and user_id in ({marks})",
+                    (audience_key, *chunk),
+                ).all()
+            )
+        if not events_whole:
+            for user_id, tenant, count in connection.exec_driver_sql(
+                f"select user_id, tenant, count(*) from membership_events where audience_key = {mark} "
+                f"and event_type = 'entered' and user_id in ({marks}) group by user_id, tenant",
+                (audience_key, *chunk),
+            ):
+                key = (user_id, tenant_key(tenant))
+                entries[key] = entries.get(key, 0) + count
+    return current, entries
+
+
 def apply_change(store: MembershipStore, connection, change: PreparedChange) -> ChangeResult:
     """Write a prepared change: the members that really change, and their events."""
-    # The API's hot path (a batch of 1,000 members per request): plain SQL through the driver with
-    # tuples, since building SQLAlchemy statements and dicts per row costs more than the writes.
+    # The API's hot path (a batch of 1,000 members per request) and uploads (100,000): plain SQL
+    # through the driver with tuples, since building SQLAlchemy statements and dicts per row costs
+    # more than the writes; the columns every row shares are bound once per statement.
     audience_key, wanted, stamp, source = (
         change.audience_key,
         change.wanted,
@@ -194,67 +273,50 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
     )
     if not wanted:
         return ChangeResult(0, 0, [])
-    mark = store.placeholder
-    user_ids = sorted({user_id for user_id, _ in wanted})
-    current: set[tuple[str, str]] = set()
-    entries: dict[tuple[str, str], int] = {}
-    for start in range(0, len(user_ids), 5000):  # well under SQLite's 32,766 parameters
-        chunk = user_ids[start : start + 5000]
-        marks = ", ".join([mark] * len(chunk))
-        current.update(
-            connection.exec_driver_sql(
-                f"select user_id, tenant_key from audience_members where audience_key = {mark} and user_id in ({marks})",
-                (audience_key, *chunk),
-            ).all()
-        )
-        for user_id, tenant, count in connection.exec_driver_sql(
-            f"select user_id, tenant, count(*) from membership_events where audience_key = {mark} "
-            f"and event_type = 'entered' and user_id in ({marks}) group by user_id, tenant",
-            (audience_key, *chunk),
-        ):
-            key = (user_id, tenant_key(tenant))  # events written before blanks were no tenant
-            entries[key] = entries.get(key, 0) + count
+    current, entries = _current_state(
+        store, connection, audience_key, sorted({user_id for user_id, _ in wanted})
+    )
     adding = change.action == "add"
     event_type = "entered" if adding else "exited"
     events = []
-    for key, member in wanted.items():
+    # In key order: the rows land in the indexes' order, next to each other.
+    for key in sorted(wanted):
         if (key in current) == adding:
             continue
+        member = wanted[key]
         entry = max(entries.get(key, 0) + (1 if adding else 0), 1)
         identifier = (
             change.first_ids[key]
             if entry == 1
             else event_id(audience_key, member.user_id, member.tenant, event_type, entry)
         )
-        events.append(
-            (
-                identifier,
-                None,
-                audience_key,
-                member.user_id,
-                member.tenant,
-                event_type,
-                stamp,
-                None,
-                entry,
-                False,
-                None,
-                stamp,
-                False,
-                source,
-            )
-        )
-    store.insert_rows(connection, tables.membership_events, EVENT_COLUMNS, events)
+        events.append((identifier, member.user_id, member.tenant, entry))
+    store.insert_rows(
+        connection,
+        tables.membership_events,
+        ("event_id", "user_id", "tenant", "entry_number"),
+        events,
+        constants={
+            "audience_key": audience_key,
+            "event_type": event_type,
+            "occurred_at": stamp,
+            "is_backfill": False,
+            "published_at": stamp,
+            "triggers_processed": False,
+            "source": source,
+        },
+    )
     if adding:
         store.insert_rows(
             connection,
             tables.audience_members,
-            ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
-            [(audience_key, event[3], event[4] or "", event[4], stamp) for event in events],
+            ("user_id", "tenant_key", "tenant"),
+            [(user_id, tenant or "", tenant) for _, user_id, tenant, _ in events],
+            constants={"audience_key": audience_key, "added_at": stamp},
         )
     else:
         delete_members(
-            store, connection, audience_key, [(event[3], event[4] or "") for event in events]
+            store, connection, audience_key, [(event[1], event[2] or "") for event in events]
         )
     return ChangeResult(len(events), len(wanted) - len(events), [event[0] for event in events])
 

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
@@ -200,6 +200,19 @@ user_patches = sa.Table(
     sa.Column("received_at", sa.String(32), nullable=False),
     sa.Column("loaded", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Index("user_patches_waiting", "loaded", "patch_id"),
+)
+
+# Uploads whose identify patches wait to be applied (`store/profiles.py`): an upload records its
+# members and events and, in the same transaction, its checked rows as one batch (Arrow IPC);
+# the profiles and the identify queue follow from it, in the order the batches came.
+upload_batches = sa.Table(
+    "upload_batches",
+    metadata,
+    sa.Column("batch_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("audience_key", sa.String(255), nullable=False),
+    sa.Column("received_at", sa.String(32), nullable=False),
+    sa.Column("row_count", sa.Integer, nullable=False),
+    sa.Column("rows", sa.LargeBinary, nullable=False),
 )
 
 # What each warehouse sync last wrote, so the next sync writes only the difference.
@@ -596,28 +609,56 @@ class MembershipStore:
         return "?" if self.engine.dialect.name == "sqlite" else "%s"
 
     def insert_rows(
-        self, connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]
+        self,
+        connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: Sequence[tuple],
+        constants: Mapping[str, object] | None = None,
     ) -> int:
         """Insert tuples (in `columns` order) through the driver, skipping rows whose key exists;
-        returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1)."""
+        returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1).
+        `constants` are columns with the same value in every row: on SQLite they are bound once
+        per statement (numbered parameters), not once per row."""
         if not rows:
             return 0
+        constants = dict(constants or {})
         quote = self.engine.dialect.identifier_preparer.quote
-        marks = "(" + ", ".join([self.placeholder] * len(columns)) + ")"
-        head = f"insert into {quote(table.name)} ({', '.join(quote(column) for column in columns)}) values "
+        names = ", ".join(quote(column) for column in (*columns, *constants))
+        head = f"insert into {quote(table.name)} ({names}) values "
         if self.engine.dialect.name != "sqlite":
+            marks = "(" + ", ".join([self.placeholder] * (len(columns) + len(constants))) + ")"
+            fixed = tuple(constants.values())
             return connection.exec_driver_sql(
-                f"{head}{marks} on conflict do nothing", list(rows)
+                f"{head}{marks} on conflict do nothing",
+                [(*row, *fixed) if fixed else row for row in rows],
             ).rowcount
         # On SQLite, multi-row statements: the driver steps once per statement rather than once per
         # row, and each step hands Python's lock to other threads and waits to get it back, which
-        # under the API's load cost more than the inserts themselves.
-        per_statement = max(1, 32_000 // len(columns))
+        # under the API's load cost more than the inserts themselves. Constants are ?1..?k.
+        width, fixed = len(columns), len(constants)
+        shared = ", ".join(f"?{number}" for number in range(1, fixed + 1))
+        per_statement = max(1, (32_000 - fixed) // max(width, 1))
         inserted = 0
         for start in range(0, len(rows), per_statement):
             chunk = rows[start : start + per_statement]
-            sql = f"{head}{', '.join([marks] * len(chunk))} on conflict do nothing"
-            inserted += connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk))).rowcount
+            if fixed:
+                values = ", ".join(
+                    "("
+                    + ", ".join(
+                        f"?{fixed + row * width + column}" for column in range(1, width + 1)
+                    )
+                    + (", " + shared if width else shared)
+                    + ")"
+                    for row in range(len(chunk))
+                )
+                parameters = (*constants.values(), *chain.from_iterable(chunk))
+            else:
+                marks = "(" + ", ".join(["?"] * width) + ")"
+                values = ", ".join([marks] * len(chunk))
+                parameters = tuple(chain.from_iterable(chunk))
+            sql = f"{head}{values} on conflict do nothing"
+            inserted += connection.exec_driver_sql(sql, parameters).rowcount
         return inserted
 
     def scalar(self, statement) -> object:
