@@ -70,6 +70,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.environments = environments
     app.state.limiter = limiter
     for environment in environments.values():
+        # Uploads answered just before a previous process died: their identify patches now.
+        try:
+            environment.apply_uploads()
+        except Exception:
+            log.exception("%s: could not apply the queued uploads' patches", environment.name)
         environment.bulk_worker = BulkWorker(environment).start()
         if settings.realtime:
             environment.realtime = RealtimeWorker(environment).start()

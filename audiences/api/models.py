@@ -177,6 +177,34 @@ class BroadcastResult(BaseModel):
     new_deliveries: int
 
 
+class UploadRejection(BaseModel):
+    row: int = Field(description="The row's number in the file (the header is row 0).")
+    reason: str
+    id: str | None
+
+
+class UploadAnswer(BaseModel):
+    """An upload recorded: its members and their events are committed; the users' properties
+    follow within moments (applied after the answer)."""
+
+    rows: int
+    blank_lines: int
+    members_added: int
+    members_unchanged: int
+    users_identified: int
+    rejected: list[UploadRejection]
+
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The CSV file, as `audiences upload` reads it (a header row; `id` or "
+        "`user_id`, or a column mapped to `id`).",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
+
+
 ERRORS = {
     status: {"model": ErrorBody, "description": description}
     for status, description in {

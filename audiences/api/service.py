@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,10 +42,12 @@ from audiences.static.members import (
     is_member,
     prepare_change,
 )
+from audiences.static.uploads import prepare_upload, record_upload
 from audiences.store import database as tables
 from audiences.store import profiles
 from audiences.store.database import MembershipStore, normalize_tenant, tenant_key
 from audiences.store.tenants import set_tenants
+from audiences.users.sources import ROW_COLUMN
 
 MAX_PROPERTIES_BYTES = 256 * 1024  # Knock's limit on a recipient's custom properties
 MAX_NESTING = 100  # objects and arrays in properties and broadcast data
@@ -136,23 +139,7 @@ class Environment:
     ) -> tuple[int, int]:
         """Add or remove members (Knock's `AudienceMemberRequest`s), identifying inline users first;
         returns (changed, unchanged)."""
-        kind = self.audience_types().get(key)
-        if kind is None:
-            if not (create_audience and action == "add"):
-                raise not_found(f"audience {key!r}")
-            if not KEY_PATTERN.fullmatch(key):
-                raise invalid("key", "an audience key uses lower-case letters, digits, '-' and '_'")
-            create_static_audience(self.store, key)
-            self._types = None
-            kind = "static"
-        if kind != "static":
-            raise ApiError(
-                422,
-                "audience_not_static",
-                f"{key!r} is a {kind} audience: its members come from its conditions and cannot be "
-                "added or removed; use a static audience",
-                field="key",
-            )
+        self._static_audience(key, create_audience and action == "add")
         patches = []
         tenant_patches = []
         wanted = []
@@ -186,6 +173,74 @@ class Environment:
         result = self.write(work, claim)
         self.identified(user_id for user_id, _ in patches)
         return result.changed, result.unchanged
+
+    def _static_audience(self, key: str, create: bool) -> None:
+        """Refuse a change to an unknown (unless `create`) or dynamic audience."""
+        kind = self.audience_types().get(key)
+        if kind is None:
+            if not create:
+                raise not_found(f"audience {key!r}")
+            if not KEY_PATTERN.fullmatch(key):
+                raise invalid("key", "an audience key uses lower-case letters, digits, '-' and '_'")
+            create_static_audience(self.store, key)
+            self._types = None
+            kind = "static"
+        if kind != "static":
+            raise ApiError(
+                422,
+                "audience_not_static",
+                f"{key!r} is a {kind} audience: its members come from its conditions and cannot be "
+                "added or removed; use a static audience",
+                field="key",
+            )
+
+    def upload(
+        self,
+        key: str,
+        body: bytes,
+        mapping: dict[str, str],
+        tenant_column: str | None,
+        create_audience: bool = False,
+        claim: idempotency.Claim | None = None,
+    ) -> dict:
+        """Upload a CSV file (the request body) into a static audience, as `audiences upload` does:
+        answered once its members, their events and its rows' identify patches (one queued batch)
+        are committed; the patches are applied after the answer (`apply_uploads`)."""
+        self._static_audience(key, create_audience)
+        with tempfile.TemporaryDirectory(prefix="audiences-upload-") as folder:
+            path = Path(folder) / "upload.csv"
+            path.write_bytes(body)
+            try:
+                upload = prepare_upload(
+                    key,
+                    path,
+                    self.audience_types(),
+                    mapping,
+                    tenant_column,
+                    self.settings.upload_max_bytes,
+                )
+            except ValueError as error:  # UploadError, MembershipError, an unreadable file
+                message = str(error).replace(str(path), "the uploaded file")
+                raise invalid("body", message) from None
+        result = self.write(lambda connection: record_upload(self.store, connection, upload), claim)
+        return {
+            "rows": upload.rows_read,
+            "blank_lines": upload.blank_lines,
+            "members_added": result.changed,
+            "members_unchanged": result.unchanged,
+            "users_identified": upload.users_identified,
+            "rejected": [
+                {"row": row, "reason": reason, "id": user_id}
+                for row, reason, user_id in upload.quarantined.select(
+                    ROW_COLUMN, "reason", "user_id"
+                ).iter_rows()
+            ],
+        }
+
+    def apply_uploads(self) -> int:
+        """Apply the identify patches of uploads this store has queued (after an upload's answer,
+        and when the service starts: an upload answered just before the process died)."""
+        return profiles.apply_uploads(self.store)
 
     def list_members(
         self, key: str, page_size: int, after: str | None, before: str | None, tenant: str | None

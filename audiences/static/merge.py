@@ -38,6 +38,7 @@ def merge_users(
     kept user and the number of static memberships moved, or None if the store knows nothing of
     `from_user_id` (no profile, no membership)."""
     users, members = tables.user_profiles, tables.audience_members
+    profiles.lock_profiles(store, connection)  # uploads queued before apply first
     stored = {
         row.user_id: json.loads(row.properties)
         for row in connection.execute(

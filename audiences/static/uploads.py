@@ -15,23 +15,27 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from audiences.settings import UPLOAD_MAX_BYTES
-from audiences.static.members import Member, change_members, require_static
+from audiences.static.members import (
+    ChangeResult,
+    PreparedChange,
+    apply_change,
+    prepare_checked_change,
+    require_static,
+)
 from audiences.store.database import MembershipStore
-from audiences.store.profiles import identify_many
+from audiences.store.profiles import apply_uploads, queue_upload
 
 # The same reading as user sources (encodings, BOM, delimiters).
 from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter
-from audiences.users.validation import validate_users
+from audiences.users.validation import check_users
 
 DEFAULT_MAX_BYTES = UPLOAD_MAX_BYTES
-CHUNK = 20_000
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -67,18 +71,31 @@ def parse_mapping(pairs: list[str]) -> dict[str, str]:
     return mapping
 
 
-def upload_csv(
-    store: MembershipStore,
+@dataclass(frozen=True)
+class PreparedUpload:
+    """An upload read and checked, with nothing written yet: the membership change, the rows whose
+    identify patches follow, and what to report."""
+
+    audience_key: str
+    path: Path
+    change: PreparedChange
+    rows: pl.DataFrame  # `_row`, `id` and the other cells of the rows that passed
+    rows_read: int
+    blank_lines: int
+    users_identified: int
+    quarantined: pl.DataFrame  # `_row`, `user_id`, `reason`, `raw_row`
+
+
+def prepare_upload(
     audience_key: str,
     path: Path,
     audience_types: dict[str, str],
     mapping: dict[str, str] | None = None,
     tenant_column: str | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    rejects_file: Path | None = None,
-    progress: bool | None = None,
-) -> UploadResult:
-    """Upload one CSV file into a static audience; see the module docstring."""
+) -> PreparedUpload:
+    """Read and check one CSV file for a static audience (see the module docstring); writes
+    nothing. Raises `UploadError` for a file refused as a whole."""
     path = Path(path)
     require_static(audience_key, audience_types)
     if not path.is_file():
@@ -101,9 +118,9 @@ def upload_csv(
             f"{path}: no column {', '.join(map(repr, missing))}; columns are {', '.join(frame.columns)}"
         )
     tenants = (
-        frame[tenant_column]
+        frame.select(ROW_COLUMN, pl.col(tenant_column).alias("tenant"))
         if tenant_column
-        else pl.Series("tenant", [None] * frame.height, dtype=pl.String)
+        else frame.select(ROW_COLUMN, pl.lit(None, dtype=pl.String).alias("tenant"))
     )
     if tenant_column:
         frame = frame.drop(tenant_column)
@@ -114,47 +131,86 @@ def upload_csv(
         raise UploadError(f"{path}: no id column; map one with --map <column>=id")
     blank = frame.select(pl.all_horizontal(pl.exclude(ROW_COLUMN).is_null())).to_series()
     blank_lines = int(blank.sum())
-    frame, tenants = frame.filter(~blank), tenants.filter(~blank)
-    # Every column becomes part of the identify patch; an empty cell is "not given".
-    validated = validate_users(frame, empty_cells="skip")
-    valid = validated.valid.join(
-        pl.DataFrame({ROW_COLUMN: frame[ROW_COLUMN], "tenant": tenants}), on=ROW_COLUMN, how="left"
-    ).sort(ROW_COLUMN)
-    added = unchanged = 0
-    identified = _patch_rows(valid)["user_id"].n_unique()  # users with at least one given cell
-    chunks = range(0, valid.height, CHUNK)
-    for start in _progress(chunks, valid.height, progress, path.name):
-        chunk = valid.slice(start, CHUNK)
-        # One transaction per chunk: the users (the store's copy, which the API reads, and the
-        # identify queue the next run loads) and their memberships go in together.
-        with store.engine.begin() as connection:
-            identify_many(store, connection, _patch_rows(chunk))
-            result = change_members(
-                store,
-                audience_key,
-                [
-                    Member(user_id, tenant)
-                    for user_id, tenant in chunk.select("user_id", "tenant").iter_rows()
-                ],
-                "add",
-                source="upload",
-                connection=connection,
-            )
-        added, unchanged = added + result.changed, unchanged + result.unchanged
-    target = None
-    quarantined = pl.concat([validated.quarantined, ragged]).sort(ROW_COLUMN)
-    if quarantined.height:
-        target = rejects_file or path.with_name(path.stem + ".rejects.csv")
-        _write_rejects(target, quarantined)
-    return UploadResult(
+    frame = frame.filter(~blank)
+    # The rows' checks now (a bad row is rejected with its number); their identify patches are
+    # built after the upload is acknowledged, from the rows as they are (`queue_upload`).
+    passed, quarantined = check_users(frame)
+    passed = passed.sort(ROW_COLUMN)
+    members = passed.select(ROW_COLUMN, "id").join(tenants, on=ROW_COLUMN, how="left")
+    cells = [name for name in passed.columns if name not in (ROW_COLUMN, "id")]
+    given = (
+        passed.filter(pl.any_horizontal(pl.col(cells).is_not_null())) if cells else passed.clear()
+    )
+    return PreparedUpload(
+        audience_key,
+        path,
+        prepare_checked_change(
+            audience_key,
+            members["id"].to_list(),
+            members["tenant"].to_list(),
+            "add",
+            source="upload",
+        ),
+        given,
         frame.height + blank_lines + ragged.height,
         blank_lines,
-        added,
-        unchanged,
-        identified,
-        quarantined.height,
+        given["id"].n_unique(),
+        pl.concat([quarantined, ragged]).sort(ROW_COLUMN),
+    )
+
+
+def record_upload(store: MembershipStore, connection, upload: PreparedUpload) -> ChangeResult:
+    """Write a prepared upload inside the caller's write transaction: its members and their events,
+    and its rows as one queued batch whose identify patches follow (`apply_uploads`)."""
+    result = apply_change(store, connection, upload.change)
+    if upload.rows.height:
+        queue_upload(store, connection, upload.audience_key, upload.rows)
+    return result
+
+
+def upload_csv(
+    store: MembershipStore,
+    audience_key: str,
+    path: Path,
+    audience_types: dict[str, str],
+    mapping: dict[str, str] | None = None,
+    tenant_column: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    rejects_file: Path | None = None,
+    apply_patches: bool = True,
+) -> UploadResult:
+    """Upload one CSV file into a static audience; see the module docstring.
+
+    The members, their events and the rows' identify patches (as one batch) are committed in one
+    transaction: that is the upload done, and nothing of it is lost if the process dies after it.
+    With `apply_patches` (the CLI), the batch's patches are then applied (users' profiles merged,
+    patches queued for the warehouse) before returning; otherwise whoever writes profiles next
+    applies them first (`store.profiles.lock_profiles`), the API right after answering."""
+    upload = prepare_upload(audience_key, path, audience_types, mapping, tenant_column, max_bytes)
+    with store.engine.begin() as connection:
+        result = record_upload(store, connection, upload)
+    target = write_rejects(upload, rejects_file)
+    if apply_patches:
+        apply_uploads(store)
+    return UploadResult(
+        upload.rows_read,
+        upload.blank_lines,
+        result.changed,
+        result.unchanged,
+        upload.users_identified,
+        upload.quarantined.height,
         target,
     )
+
+
+def write_rejects(upload: PreparedUpload, rejects_file: Path | None = None) -> Path | None:
+    """Write the upload's rejected rows to `rejects_file` (by default beside the upload, as
+    `<name>.rejects.csv`); None when no row was rejected."""
+    if not upload.quarantined.height:
+        return None
+    target = rejects_file or upload.path.with_name(upload.path.stem + ".rejects.csv")
+    _write_rejects(target, upload.quarantined)
+    return target
 
 
 def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -261,31 +317,6 @@ def _unique_names(header: list[str]) -> list[str]:
     return names
 
 
-def _patch_rows(rows: pl.DataFrame) -> pl.DataFrame:
-    """The identify patches of validated rows, in the order the warehouse's loader applies them:
-    per row its `properties` JSON, then its other cells (dotted fields nested); empty ones left out."""
-    return (
-        pl.concat(
-            [
-                rows.filter(pl.col("properties_patch").is_not_null()).select(
-                    ROW_COLUMN,
-                    "user_id",
-                    pl.lit(0).alias("part"),
-                    pl.col("properties_patch").alias("patch"),
-                ),
-                rows.filter(pl.col("columns_patch") != "{}").select(
-                    ROW_COLUMN,
-                    "user_id",
-                    pl.lit(1).alias("part"),
-                    pl.col("columns_patch").alias("patch"),
-                ),
-            ]
-        )
-        .sort(ROW_COLUMN, "part")
-        .select("user_id", "patch")
-    )
-
-
 def _neutralise(value: str | None) -> str:
     """A cell that a spreadsheet would run as a formula is prefixed with a quote."""
     if value is None:
@@ -301,13 +332,3 @@ def _write_rejects(target: Path, quarantined: pl.DataFrame) -> None:
             ROW_COLUMN, "user_id", "reason", "raw_row"
         ).iter_rows():
             writer.writerow([row, reason, _neutralise(user_id), _neutralise(raw)])
-
-
-def _progress(chunks, total: int, enabled: bool | None, label: str):
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > CHUNK
-    if not enabled:
-        return chunks
-    from tqdm import tqdm
-
-    return tqdm(chunks, total=len(chunks), desc=f"uploading {label}", unit="chunk", file=sys.stderr)

@@ -619,7 +619,7 @@ class MembershipStore:
         """Insert tuples (in `columns` order) through the driver, skipping rows whose key exists;
         returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1).
         `constants` are columns with the same value in every row: on SQLite they are bound once
-        per statement (numbered parameters), not once per row."""
+        per statement, not once per row."""
         if not rows:
             return 0
         constants = dict(constants or {})
@@ -635,29 +635,25 @@ class MembershipStore:
             ).rowcount
         # On SQLite, multi-row statements: the driver steps once per statement rather than once per
         # row, and each step hands Python's lock to other threads and waits to get it back, which
-        # under the API's load cost more than the inserts themselves. Constants are ?1..?k.
+        # under the API's load cost more than the inserts themselves. Constants are selected beside
+        # the rows' VALUES, with plain `?` (numbered parameters made binding quadratic in the
+        # statement's size); "where true" keeps SQLite from reading `on conflict` as a join's `on`.
         width, fixed = len(columns), len(constants)
-        shared = ", ".join(f"?{number}" for number in range(1, fixed + 1))
         per_statement = max(1, (32_000 - fixed) // max(width, 1))
+        marks = "(" + ", ".join(["?"] * width) + ")"
+        if fixed:
+            picked = ", ".join(
+                [f"column{number}" for number in range(1, width + 1)] + ["?"] * fixed
+            )
+            head = f"{head.removesuffix(' values ')} select {picked} from (values "
+            tail = ") where true on conflict do nothing"
+        else:
+            tail = " on conflict do nothing"
         inserted = 0
         for start in range(0, len(rows), per_statement):
             chunk = rows[start : start + per_statement]
-            if fixed:
-                values = ", ".join(
-                    "("
-                    + ", ".join(
-                        f"?{fixed + row * width + column}" for column in range(1, width + 1)
-                    )
-                    + (", " + shared if width else shared)
-                    + ")"
-                    for row in range(len(chunk))
-                )
-                parameters = (*constants.values(), *chain.from_iterable(chunk))
-            else:
-                marks = "(" + ", ".join(["?"] * width) + ")"
-                values = ", ".join([marks] * len(chunk))
-                parameters = tuple(chain.from_iterable(chunk))
-            sql = f"{head}{values} on conflict do nothing"
+            sql = f"{head}{', '.join([marks] * len(chunk))}{tail}"
+            parameters = (*constants.values(), *chain.from_iterable(chunk))
             inserted += connection.exec_driver_sql(sql, parameters).rowcount
         return inserted
 

@@ -15,6 +15,7 @@ A patch follows Knock's identify: objects merge, `null` removes a property (RFC 
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
 from audiences.users.sources import ROW_COLUMN, UserSource
 from audiences.users.store import LoadResult, load_users
-from audiences.users.validation import validate_users
+from audiences.users.validation import row_patches, validate_users
 from audiences.warehouse.schema import ensure_user_tables
 
 DELETION = "null"  # the queued patch that deletes a user in the warehouse
@@ -156,8 +157,15 @@ def identify_many(store: MembershipStore, connection, patches: pl.DataFrame) -> 
     properties they leave as they were (as `identify`); returns the users identified."""
     if patches.is_empty():
         return 0
-    stamp = now_text()
     lock_profiles(store, connection)
+    return _identify_rows(store, connection, patches)
+
+
+def _identify_rows(store: MembershipStore, connection, patches: pl.DataFrame) -> int:
+    """`identify_many` once the profiles are locked."""
+    if patches.is_empty():
+        return 0
+    stamp = now_text()
     current = _stored_profiles(store, connection, patches["user_id"].unique().to_list())
     with duckdb.connect() as merging:
         merging.register(
@@ -348,11 +356,96 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None
 
 def lock_profiles(store: MembershipStore, connection) -> None:
     """Serialize writers of profiles: SQLite's write transactions already are ("begin immediate");
-    on PostgreSQL a transaction-scoped advisory lock does it."""
+    on PostgreSQL a transaction-scoped advisory lock does it. Then the uploads queued before are
+    applied (`apply_queued_uploads`), so that every writer of profiles (identify, delete, merge,
+    publishing the warehouse's users) comes after them: patches apply in the order they arrived."""
+    _lock_profiles_only(store, connection)
+    apply_queued_uploads(store, connection)
+
+
+def _lock_profiles_only(store: MembershipStore, connection) -> None:
     if store.engine.dialect.name == "postgresql":
         connection.execute(
             sa.text("select pg_advisory_xact_lock(hashtext('audiences.user_profiles'))")
         )
+
+
+# An upload's batch, as Arrow IPC: LZ4 compresses a 10 MB CSV's rows to a few MB in milliseconds.
+UPLOAD_COMPRESSION = "lz4"
+
+
+def queue_upload(store: MembershipStore, connection, audience_key: str, rows: pl.DataFrame) -> None:
+    """Queue an upload's checked rows (`_row`, `id` and its other cells, every one text) as one
+    batch, inside the upload's write transaction: the upload is acknowledged once its members,
+    events and this batch are committed, and the batch's identify patches follow
+    (`apply_queued_uploads`: profiles merged and patches queued for the warehouse)."""
+    buffer = io.BytesIO()
+    rows.write_ipc(buffer, compression=UPLOAD_COMPRESSION)
+    batches = tables.upload_batches
+    connection.execute(
+        batches.insert().values(
+            audience_key=audience_key,
+            received_at=now_text(),
+            row_count=rows.height,
+            rows=buffer.getvalue(),
+        )
+    )
+
+
+def apply_queued_uploads(store: MembershipStore, connection) -> int:
+    """Apply queued uploads' identify patches inside the caller's write transaction, oldest first,
+    and remove their batches in it (so each applies exactly once, whenever the process dies);
+    returns how many users they identified. `lock_profiles` calls it: call that instead."""
+    batches = tables.upload_batches
+    queued = connection.execute(
+        sa.select(batches.c.batch_id).order_by(batches.c.batch_id)
+    ).scalars()
+    identified = 0
+    for batch_id in list(queued):
+        data = connection.execute(
+            sa.select(batches.c.rows).where(batches.c.batch_id == batch_id)
+        ).scalar_one()
+        identified += _identify_rows(store, connection, upload_patches(pl.read_ipc(data)))
+        connection.execute(batches.delete().where(batches.c.batch_id == batch_id))
+    return identified
+
+
+def apply_uploads(store: MembershipStore) -> int:
+    """Apply every queued upload's identify patches, in a transaction of their own (after an
+    upload's acknowledgement, and when a service starts); returns the users identified."""
+    batches = tables.upload_batches
+    if store.scalar(sa.select(sa.func.count()).select_from(batches)) == 0:
+        return 0
+    with store.engine.begin() as connection:
+        _lock_profiles_only(store, connection)
+        return apply_queued_uploads(store, connection)
+
+
+def upload_patches(rows: pl.DataFrame) -> pl.DataFrame:
+    """The identify patches of an upload's checked rows (`user_id`, `patch`), in the order the
+    warehouse's loader applies them: per row its `properties` JSON, then its other cells (dotted
+    fields nested); an empty cell is "not given" and a row with none gives no patch."""
+    patches = row_patches(rows, empty_cells="skip")
+    return (
+        pl.concat(
+            [
+                patches.filter(pl.col("properties_patch").is_not_null()).select(
+                    ROW_COLUMN,
+                    "user_id",
+                    pl.lit(0).alias("part"),
+                    pl.col("properties_patch").alias("patch"),
+                ),
+                patches.filter(pl.col("columns_patch") != "{}").select(
+                    ROW_COLUMN,
+                    "user_id",
+                    pl.lit(1).alias("part"),
+                    pl.col("columns_patch").alias("patch"),
+                ),
+            ]
+        )
+        .sort(ROW_COLUMN, "part")
+        .select("user_id", "patch")
+    )
 
 
 WATERMARK = "users_published_through"
@@ -385,13 +478,18 @@ def identify_queue_waiting(store) -> tuple[int, int | None]:
                 patches.c.loaded == sa.false()
             )
         ).one()
-    return waiting, newest
+        # An upload whose patches are not applied yet counts as its rows.
+        uploads = connection.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(tables.upload_batches.c.row_count), 0))
+        ).scalar()
+    return waiting + uploads, newest
 
 
 def load_identify_queue(
     connection: duckdb.DuckDBPyConnection, store, loaded_at: datetime
 ) -> LoadResult:
     """Load identify calls queued in the membership store (API, uploads) as a stream source."""
+    apply_uploads(store)  # an upload's patches join the queue first, in the order they came
     patches = tables.user_patches
     rows = store.rows(
         sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)

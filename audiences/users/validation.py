@@ -123,10 +123,25 @@ def validate_users(
     keep_last_duplicate: bool = False,
     id_columns: tuple[str, ...] = ("id",),
 ) -> ValidatedRows:
-    """Split rows into valid patches and quarantined rows with their reasons.
+    """Split rows into valid patches and quarantined rows with their reasons: `check_users`, then
+    `row_patches` of the rows that passed (see both).
 
     `empty_cells` says what a null cell means in the patch: "remove" (a source's rows: the
     property is removed, Knock's identify rule) or "skip" (an upload's rows: not given).
+    """
+    passed, quarantined = check_users(frame, keep_last_duplicate, id_columns)
+    not_properties = [name for name in id_columns if name != "id"]
+    return ValidatedRows(row_patches(passed.drop(not_properties), empty_cells), quarantined)
+
+
+def check_users(
+    frame: pl.DataFrame,
+    keep_last_duplicate: bool = False,
+    id_columns: tuple[str, ...] = ("id",),
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows that pass (as given, ids as text) and the quarantined rows with their reasons;
+    `validate_users` without building the patches (an upload builds them after acknowledging).
+
     With `keep_last_duplicate` (a snapshot, which holds each user once), an id on several valid
     rows keeps its last row; the earlier ones are quarantined with the rows and the one kept named.
     Otherwise such rows all apply in order, like consecutive identify calls (a stream).
@@ -169,10 +184,7 @@ def validate_users(
         reasons.update(_earlier_duplicates(frame, reasons))
     bad = pl.Series("bad", [i in reasons for i in range(frame.height)], dtype=pl.Boolean)
     quarantined = _quarantine_rows(frame.filter(bad), [reasons[i] for i in sorted(reasons)])
-    not_properties = [name for name in id_columns if name != "id"]
-    return ValidatedRows(
-        _patches(frame.filter(~bad).drop(not_properties), empty_cells), quarantined
-    )
+    return frame.filter(~bad), quarantined
 
 
 def _earlier_duplicates(frame: pl.DataFrame, reasons: dict[int, list[str]]) -> dict[int, list[str]]:
@@ -216,7 +228,7 @@ def _quarantine_rows(frame: pl.DataFrame, reasons: list[list[str]]) -> pl.DataFr
     )
 
 
-def _patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFrame:
+def row_patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFrame:
     """One JSON patch per row: columns by name, dotted names nested, `properties` merged under them.
 
     With `empty_cells="remove"`, a null cell is a JSON `null` in the patch, which removes the

@@ -94,7 +94,6 @@ def static_audience_uploads(
                 tenant_column=tenant_column,
                 max_bytes=settings.upload_max_bytes,
                 rejects_file=done / f"{stamp}-{path.stem}.rejects.csv",
-                progress=False,
             )
             rows.append(
                 f"| {path.name} | {audience} | {result.members_added} | {result.rejected} | |"

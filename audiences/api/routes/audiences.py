@@ -4,22 +4,27 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 
 from audiences.api.dependencies import Reader, Writer, members_body, parsed_body, write
+from audiences.api.errors import invalid
 from audiences.api.models import (
     BROADCAST_ADAPTER,
     ERRORS,
     MEMBERS_BODY,
     REMOVE_MEMBERS,
+    UPLOAD_BODY,
     AudienceKey,
     AudienceMembersPage,
     BroadcastResult,
     Membership,
     Tenant,
+    UploadAnswer,
     UserId,
     json_body,
 )
 from audiences.api.service import tenant_of
+from audiences.static.uploads import UploadError, parse_mapping
 
 router = APIRouter()
 
@@ -47,6 +52,49 @@ async def add_members(
             key, body["members"], "add", create_audience, claim=claim
         ),
     )
+
+
+@router.post(
+    "/v1/audiences/{key}/members/upload",
+    response_model=UploadAnswer,
+    responses=ERRORS,
+    tags=["audiences"],
+    summary="Upload a CSV file of members (our extension; `audiences upload` over HTTP)",
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload_members(
+    key: AudienceKey,
+    request: Request,
+    caller: Writer,
+    columns: list[str] = Query(
+        [],
+        alias="map",
+        description="`column=field` (dots for nested properties), as `audiences upload --map`.",
+    ),
+    tenant_column: str | None = Query(None, description="The column holding each row's tenant."),
+    create_audience: bool = Query(False, description="Create a missing static audience."),
+):
+    """The answer comes once the members, their events and the rows' identify patches (one
+    queued batch) are committed; the patches are applied right after it, or when the service
+    next starts if it dies first."""
+    try:
+        mapping = parse_mapping(columns)
+    except UploadError as error:
+        raise invalid("map", str(error)) from None
+    body = await request.body()
+    if not body.strip():
+        raise invalid("body", "the request has no body; send the CSV file in it")
+    environment = caller.environment
+    response = await write(
+        request,
+        caller,
+        200,
+        lambda claim: environment.upload(
+            key, body, mapping, tenant_column, create_audience, claim=claim
+        ),
+    )
+    response.background = BackgroundTask(environment.apply_uploads)
+    return response
 
 
 @router.delete(

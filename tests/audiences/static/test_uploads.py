@@ -268,3 +268,34 @@ def test_nan_or_infinity_in_properties_is_rejected_not_stored(store, tmp_path):
         ("2", "`properties` is not a JSON object"),
     ]
     assert patches(store) == {"u3": {"score": 1}}
+
+
+def test_an_acknowledged_upload_keeps_its_place_before_a_later_identify(store, tmp_path):
+    """The upload's members and events are committed with its rows as one queued batch; its
+    identify patches follow. An identify that comes in between applies after them, as it came
+    after them: the upload's patch first, then the identify's, in the profile and in the queue."""
+    from audiences.static.uploads import prepare_upload, record_upload
+    from audiences.store.profiles import get_profile, identify
+
+    path = tmp_path / "plans.csv"
+    path.write_text("id,plan,city\nu1,free,Lima\nu2,pro,\n", encoding="utf-8")
+    upload = prepare_upload("vips", path, TYPES)
+    with store.engine.begin() as connection:
+        result = record_upload(store, connection, upload)
+    assert (result.changed, upload.users_identified) == (2, 2)
+    # Acknowledged: members and events are there, the patches wait as one batch.
+    assert members(store) == {("u1", None), ("u2", None)}
+    assert store.scalar(sa.text("select count(*) from membership_events")) == 2
+    assert store.scalar(sa.text("select count(*) from upload_batches")) == 1
+    assert store.scalar(sa.text("select count(*) from user_patches")) == 0
+    with store.engine.begin() as connection:
+        identify(store, connection, [("u1", {"plan": "enterprise"})])
+    assert get_profile(store, "u1").properties == {"plan": "enterprise", "city": "Lima"}
+    assert get_profile(store, "u2").properties == {"plan": "pro"}
+    queued = store.rows(sa.text("select user_id, patch from user_patches order by patch_id"))
+    assert [(row["user_id"], json.loads(row["patch"])) for row in queued] == [
+        ("u1", {"plan": "free", "city": "Lima"}),
+        ("u2", {"plan": "pro"}),
+        ("u1", {"plan": "enterprise"}),
+    ]
+    assert store.scalar(sa.text("select count(*) from upload_batches")) == 0

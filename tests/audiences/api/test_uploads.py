@@ -1,0 +1,122 @@
+"""CSV uploads through the HTTP API (`POST /v1/audiences/{key}/members/upload`), against a real
+`audiences serve` process: what the answer promises survives a SIGKILL right after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import sqlalchemy as sa
+from api_server import serve_process
+from condition_harness import ROOT
+
+from audiences.store.database import MembershipStore
+
+USERS = 20_000
+BAD = range(0, USERS, 1000)  # every thousandth id is padded: rejected with its row number
+
+
+def upload_file() -> bytes:
+    lines = ["id,name,plan,address.city"]
+    for number in range(USERS):
+        user_id = f" u{number}" if number in BAD else f"u{number}"
+        lines.append(f"{user_id},User {number},{('free', 'pro')[number % 2]},Lima")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def counts(url: str) -> dict[str, int]:
+    store = MembershipStore(url)
+    try:
+        return {
+            table: store.scalar(sa.text(f"select count(*) from {table}"))
+            for table in ("audience_members", "membership_events", "upload_batches", "user_patches")
+        }
+    finally:
+        store.dispose()
+
+
+def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_path):
+    store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(ROOT / "data" / "audiences"),
+        "AUDIENCES_STORE_URL": store_url,
+        "AUDIENCES_REALTIME": "false",
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "audiences.cli", "keys", "create", "--name", "ci"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    headers = {
+        "Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}",
+        "Content-Type": "text/csv",
+    }
+    kept = USERS - len(BAD)
+    with serve_process(env, ROOT) as (url, process):
+        answer = httpx.post(
+            f"{url}/v1/audiences/imported/members/upload",
+            params={"create_audience": "true"},
+            content=upload_file(),
+            headers=headers,
+            timeout=120,
+        )
+        process.kill()  # SIGKILL, right after the answer: its patches are still being applied
+        process.wait(timeout=30)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["rows"], body["members_added"], body["users_identified"]) == (USERS, kept, kept)
+    assert [(r["row"], r["id"]) for r in body["rejected"]] == [
+        (number + 1, f" u{number}") for number in BAD
+    ]
+    assert {r["reason"] for r in body["rejected"]} == {"id has leading or trailing whitespace"}
+    # What the answer promised is committed: the members, their events, the queued batch.
+    died = counts(store_url)
+    assert (died["audience_members"], died["membership_events"]) == (kept, kept)
+    assert died["upload_batches"] == 1 and died["user_patches"] == 0, died
+
+    # Restarted, the service applies the queued patches once, before it answers.
+    with serve_process(env, ROOT) as (url, process):
+        user = httpx.get(f"{url}/v1/users/u7", headers=headers, timeout=30)
+        member = httpx.get(f"{url}/v1/audiences/imported/members/u7", headers=headers, timeout=30)
+    assert user.status_code == 200, user.text
+    assert {name: user.json()[name] for name in ("name", "plan", "address")} == {
+        "name": "User 7",
+        "plan": "pro",
+        "address": {"city": "Lima"},
+    }
+    assert member.json()["member"] is True
+    after = counts(store_url)
+    assert after == {
+        "audience_members": kept,
+        "membership_events": kept,
+        "upload_batches": 0,
+        "user_patches": kept,
+    }
+    store = MembershipStore(store_url)
+    try:
+        per_user = store.rows(
+            sa.text(
+                "select user_id, count(*) as events, min(entry_number) as entry, "
+                "min(event_type) as kind from membership_events group by user_id"
+            )
+        )
+        patches = store.rows(sa.text("select user_id, patch from user_patches"))
+        profiles = store.scalar(sa.text("select count(*) from user_profiles"))
+    finally:
+        store.dispose()
+    assert {(row["events"], row["entry"], row["kind"]) for row in per_user} == {(1, 1, "entered")}
+    assert len({row["user_id"] for row in patches}) == kept and profiles == kept
+    assert json.loads(next(p["patch"] for p in patches if p["user_id"] == "u8")) == {
+        "name": "User 8",
+        "plan": "free",
+        "address": {"city": "Lima"},
+    }
