@@ -145,11 +145,7 @@ def prepare_upload(
         audience_key,
         path,
         prepare_checked_change(
-            audience_key,
-            members["id"].to_list(),
-            members["tenant"].to_list(),
-            "add",
-            source="upload",
+            audience_key, members.rename({"id": "user_id"}), "add", source="upload"
         ),
         given,
         frame.height + blank_lines + ragged.height,

@@ -144,3 +144,33 @@ def test_a_sync_from_an_emptied_table_is_held(store, tmp_path):
     release_batch(store, held.held_batch)
     applied = run_sync(store, sync(tmp_path, []), types, breaker)
     assert (applied.removed, applied.held_batch) == (10, None)
+
+
+def test_a_batch_prepared_at_once_has_the_ids_and_members_of_one_by_one():
+    """An upload's change is worked out a column at a time (event ids in DuckDB): the same
+    members (first of repeated rows, blank tenants none) and the same ids as `prepare_change`."""
+    from audiences.static.members import Member, prepare_change, prepare_checked_change
+
+    rows = [
+        ("u1", None),
+        ("ü ñ 😀", None),
+        ("u2", "acme"),
+        ("a\x1fb", "t é"),
+        ("u3", "  "),
+        ("u1", None),
+        ("u2", "acme"),
+        ("u2", None),
+    ]
+    for action in ("add", "remove"):
+        one_by_one = prepare_change("vip-1", [Member(*row) for row in rows], action)
+        at_once = prepare_checked_change(
+            "vip-1",
+            pl.DataFrame(
+                {"user_id": [r[0] for r in rows], "tenant": [r[1] for r in rows]},
+                schema={"user_id": pl.String, "tenant": pl.String},
+            ),
+            action,
+        )
+        assert at_once.wanted == one_by_one.wanted
+        assert list(at_once.wanted) == list(one_by_one.wanted)
+        assert at_once.first_ids == one_by_one.first_ids
