@@ -139,6 +139,24 @@ def change_members(
     return apply_change(store, connection, change)
 
 
+EVENT_COLUMNS = (
+    "event_id",
+    "sequence",
+    "audience_key",
+    "user_id",
+    "tenant",
+    "event_type",
+    "occurred_at",
+    "audience_version",
+    "entry_number",
+    "is_backfill",
+    "batch_id",
+    "published_at",
+    "triggers_processed",
+    "source",
+)
+
+
 @dataclass(frozen=True)
 class PreparedChange:
     """A membership change worked out as far as it can be without the store: the members, and
@@ -292,7 +310,7 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
     """Write a prepared change: the members that really change, and their events."""
     # The API's hot path (a batch of 1,000 members per request) and uploads (100,000): plain SQL
     # through the driver with tuples, since building SQLAlchemy statements and dicts per row costs
-    # more than the writes; the columns every row shares are bound once per statement.
+    # more than the writes.
     audience_key, wanted, stamp, source = (
         change.audience_key,
         change.wanted,
@@ -318,37 +336,35 @@ def apply_change(store: MembershipStore, connection, change: PreparedChange) -> 
             if entry == 1
             else event_id(audience_key, key[0], tenant, event_type, entry)
         )
-        events.append((identifier, key[0], tenant, entry))
-    store.insert_rows(
-        connection,
-        tables.membership_events,
-        ("event_id", "user_id", "tenant", "entry_number"),
-        events,
-        constants={
-            "audience_key": audience_key,
-            "event_type": event_type,
-            "occurred_at": stamp,
-            "is_backfill": False,
-            "published_at": stamp,
-            "triggers_processed": False,
-            "source": source,
-        },
-    )
+        events.append(
+            (
+                identifier,
+                None,
+                audience_key,
+                key[0],
+                tenant,
+                event_type,
+                stamp,
+                None,
+                entry,
+                False,
+                None,
+                stamp,
+                False,
+                source,
+            )
+        )
+    store.insert_rows(connection, tables.membership_events, EVENT_COLUMNS, events)
     if adding:
-        # Constants bound per row here: selecting them beside the VALUES made SQLite's insert into
-        # this WITHOUT ROWID table three times slower.
         store.insert_rows(
             connection,
             tables.audience_members,
             ("audience_key", "user_id", "tenant_key", "tenant", "added_at"),
-            [
-                (audience_key, user_id, tenant or "", tenant, stamp)
-                for _, user_id, tenant, _ in events
-            ],
+            [(audience_key, event[3], event[4] or "", event[4], stamp) for event in events],
         )
     else:
         delete_members(
-            store, connection, audience_key, [(event[1], event[2] or "") for event in events]
+            store, connection, audience_key, [(event[3], event[4] or "") for event in events]
         )
     return ChangeResult(len(events), len(wanted) - len(events), [event[0] for event in events])
 

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
@@ -609,52 +609,28 @@ class MembershipStore:
         return "?" if self.engine.dialect.name == "sqlite" else "%s"
 
     def insert_rows(
-        self,
-        connection,
-        table: sa.Table,
-        columns: Sequence[str],
-        rows: Sequence[tuple],
-        constants: Mapping[str, object] | None = None,
+        self, connection, table: sa.Table, columns: Sequence[str], rows: Sequence[tuple]
     ) -> int:
         """Insert tuples (in `columns` order) through the driver, skipping rows whose key exists;
-        returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1).
-        `constants` are columns with the same value in every row: on SQLite they are bound once
-        per statement, not once per row."""
+        returns how many were new on SQLite (PostgreSQL's executemany reports no count: -1)."""
         if not rows:
             return 0
-        constants = dict(constants or {})
         quote = self.engine.dialect.identifier_preparer.quote
-        names = ", ".join(quote(column) for column in (*columns, *constants))
-        head = f"insert into {quote(table.name)} ({names}) values "
+        marks = "(" + ", ".join([self.placeholder] * len(columns)) + ")"
+        head = f"insert into {quote(table.name)} ({', '.join(quote(column) for column in columns)}) values "
         if self.engine.dialect.name != "sqlite":
-            marks = "(" + ", ".join([self.placeholder] * (len(columns) + len(constants))) + ")"
-            fixed = tuple(constants.values())
             return connection.exec_driver_sql(
-                f"{head}{marks} on conflict do nothing",
-                [(*row, *fixed) if fixed else row for row in rows],
+                f"{head}{marks} on conflict do nothing", list(rows)
             ).rowcount
         # On SQLite, multi-row statements: the driver steps once per statement rather than once per
         # row, and each step hands Python's lock to other threads and waits to get it back, which
-        # under the API's load cost more than the inserts themselves. Constants are selected beside
-        # the rows' VALUES, with plain `?` (numbered parameters made binding quadratic in the
-        # statement's size); "where true" keeps SQLite from reading `on conflict` as a join's `on`.
-        width, fixed = len(columns), len(constants)
-        per_statement = max(1, (32_000 - fixed) // max(width, 1))
-        marks = "(" + ", ".join(["?"] * width) + ")"
-        if fixed:
-            picked = ", ".join(
-                [f"column{number}" for number in range(1, width + 1)] + ["?"] * fixed
-            )
-            head = f"{head.removesuffix(' values ')} select {picked} from (values "
-            tail = ") where true on conflict do nothing"
-        else:
-            tail = " on conflict do nothing"
+        # under the API's load cost more than the inserts themselves.
+        per_statement = max(1, 32_000 // len(columns))
         inserted = 0
         for start in range(0, len(rows), per_statement):
             chunk = rows[start : start + per_statement]
-            sql = f"{head}{', '.join([marks] * len(chunk))}{tail}"
-            parameters = (*constants.values(), *chain.from_iterable(chunk))
-            inserted += connection.exec_driver_sql(sql, parameters).rowcount
+            sql = f"{head}{', '.join([marks] * len(chunk))} on conflict do nothing"
+            inserted += connection.exec_driver_sql(sql, tuple(chain.from_iterable(chunk))).rowcount
         return inserted
 
     def scalar(self, statement) -> object:
