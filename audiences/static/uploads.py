@@ -8,6 +8,11 @@ duplicate rows and blank lines are handled by the same reader as user sources.
 
 An empty cell in an upload means "not given" (it never removes a property), since upload files are
 partial by nature.
+
+What an upload records before it is answered: its members and their `entered` events, and its
+checked rows as one queued batch (`store.profiles.queue_upload`), in one transaction. What follows:
+the rows' identify patches, merged into the users' profiles and queued for the warehouse
+(`apply_uploads`), exactly once, before any later write of those profiles.
 """
 
 from __future__ import annotations
