@@ -81,10 +81,12 @@ async def upload_members(
         mapping = parse_mapping(columns)
     except UploadError as error:
         raise invalid("map", str(error)) from None
+    environment = caller.environment
+    if not create_audience:
+        environment.require_audience(key)  # an unknown audience is a 404 before the body's checks
     body = await request.body()
     if not body.strip():
         raise invalid("body", "the request has no body; send the CSV file in it")
-    environment = caller.environment
     response = await write(
         request,
         caller,

@@ -7,16 +7,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from api_server import serve_process
 from condition_harness import ROOT
 
 from audiences.store.database import MembershipStore
 
-USERS = 20_000
-BAD = range(0, USERS, 1000)  # every thousandth id is padded: rejected with its row number
+USERS = 5_000
+BAD = range(0, USERS, 500)  # every 500th id is padded: rejected with its row number
 
 
 def upload_file() -> bytes:
@@ -38,6 +40,7 @@ def counts(url: str) -> dict[str, int]:
         store.dispose()
 
 
+@pytest.mark.slow  # two `audiences serve` processes: 15-60 s
 def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_path):
     store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     env = {
@@ -120,3 +123,51 @@ def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_pa
         "plan": "free",
         "address": {"city": "Lima"},
     }
+
+
+def test_uploads_refuse_what_the_cli_refuses_and_tenants_stay_strict(service):
+    """Through the API, an upload keeps `audiences upload`'s rules: a dynamic audience is refused,
+    an unknown one is missing, a file with no id column is refused on `body`; a tenant column gives
+    each membership its tenant, checked tenant-strictly; the patches follow the answer."""
+    url, headers = service.url, {**service.headers(), "Content-Type": "text/csv"}
+    endpoint = f"{url}/v1/audiences/{{}}/members/upload"
+    csv = b"id,plan,tenant_id\nu1,pro,acme\nu1,pro,globex\nu2,,\n"
+    dynamic = httpx.post(endpoint.format("pro-plan"), content=csv, headers=headers)
+    assert (dynamic.status_code, dynamic.json()["code"]) == (422, "audience_not_static")
+    assert httpx.post(endpoint.format("nope"), content=csv, headers=headers).status_code == 404
+    no_id = httpx.post(endpoint.format("newsletter"), content=b"name\nAnn\n", headers=headers)
+    assert no_id.status_code == 422 and no_id.json()["errors"][0]["field"] == "body", no_id.text
+    answer = httpx.post(
+        endpoint.format("newsletter"),
+        params={"tenant_column": "tenant_id", "map": "plan=billing.plan"},
+        content=csv,
+        headers=headers,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "rows": 3,
+        "blank_lines": 0,
+        "members_added": 3,
+        "members_unchanged": 0,
+        "users_identified": 1,
+        "rejected": [],
+    }
+
+    def member(user_id, tenant=None):
+        return httpx.get(
+            f"{url}/v1/audiences/newsletter/members/{user_id}",
+            params={"tenant": tenant} if tenant else {},
+            headers=headers,
+        ).json()["member"]
+
+    assert (member("u1", "acme"), member("u1", "globex"), member("u1"), member("u2")) == (
+        True,
+        True,
+        False,
+        True,
+    )
+    deadline = time.monotonic() + 20  # applied right after the answer, by a background task
+    while (user := httpx.get(f"{url}/v1/users/u1", headers=headers)).status_code == 404:
+        assert time.monotonic() < deadline, "the upload's patches were not applied"
+        time.sleep(0.05)
+    assert user.json()["billing"] == {"plan": "pro"}, user.text
