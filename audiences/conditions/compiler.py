@@ -910,10 +910,10 @@ def _time_argument(
 
 
 def _note_time_window(read: _Reader, minutes: int, context: CompileContext) -> None:
-    # A tenant's or membership's timestamp is not the user's: per-tenant audiences are evaluated
-    # by pairs (audiences/dbt/tenants.py), not in the users' time windows.
-    if context.on_time_window is not None and read.scope == RECIPIENT:
-        context.on_time_window(TimeWindow(Attribute(read.path, "timestamp"), minutes))
+    # A tenant's or membership's timestamp keeps its scope: the users' time windows take the
+    # recipient's, a per-tenant audience's pairs the others (audiences/dbt/tenants.py).
+    if context.on_time_window is not None:
+        context.on_time_window(TimeWindow(Attribute(read.path, "timestamp", read.scope), minutes))
 
 
 def _compile_time_compare(
@@ -1444,7 +1444,12 @@ def time_windows(segments: Iterable[Iterable[Condition]]) -> list[TimeWindow]:
         pair_attribute=pair_attribute,
     )
     compile_segments(segments, context)
-    return sorted(windows, key=lambda window: (window.attribute.path, window.minutes))
+    return sorted(windows, key=window_order)
+
+
+def window_order(window: TimeWindow) -> tuple:
+    """The order time windows are listed in (scope, path, minutes): generated files are stable."""
+    return (window.attribute.scope, window.attribute.path, window.minutes)
 
 
 # ---------------------------------------------------------------------------------------------

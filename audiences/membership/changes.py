@@ -311,6 +311,7 @@ def _clean_up(connection, log: str | None) -> None:
         "evaluated_audiences",
         "whole_audiences",
         "reevaluated_users",
+        "reevaluated_audience_users",
         "per_user_audiences",
     ):
         connection.execute(f"drop table {table}")
@@ -332,11 +333,15 @@ def _diff(
         where audience_type <> 'static' and not is_skipped
         """
     )
-    # Which rows may have changed since the last diff: audiences evaluated whole, and users
-    # re-evaluated in every audience. Anything else kept its membership.
+    # Which rows may have changed since the last diff: audiences evaluated whole, users
+    # re-evaluated in every audience, and users re-evaluated in one audience (the users of the
+    # pairs a per-tenant audience re-evaluated). Anything else kept its membership.
     log = _reevaluated_log(connection, members_table)
     connection.execute("create or replace temp table whole_audiences (audience_key varchar)")
     connection.execute("create or replace temp table reevaluated_users (user_key integer)")
+    connection.execute(
+        "create or replace temp table reevaluated_audience_users (audience_key varchar, user_key integer)"
+    )
     if (
         log is None
         or connection.execute(
@@ -367,6 +372,17 @@ def _diff(
     connection.execute(
         "delete from whole_audiences where audience_key not in (select audience_key from evaluated_audiences)"
     )
+    if log is not None:
+        # Rows the two other scopes do not already compare (each row is compared once).
+        connection.execute(
+            f"""
+            insert into reevaluated_audience_users
+            select distinct audience_key, user_key from {log}
+            where audience_key is not null and user_key is not null
+                and audience_key in (select audience_key from per_user_audiences)
+                and user_key not in (select user_key from reevaluated_users)
+            """
+        )
 
     def in_scope(relation: str, columns: str) -> str:
         # Two simple semi-joins, not one OR of them: DuckDB runs these about four times faster.
@@ -376,6 +392,11 @@ def _diff(
             select {columns} from {relation}
             where user_key in (select user_key from reevaluated_users)
                 and audience_key in (select audience_key from per_user_audiences)
+            union all
+            select {columns} from {relation}
+            where (audience_key, user_key) in (
+                select audience_key, user_key from reevaluated_audience_users
+            )
         """
 
     connection.execute(

@@ -20,6 +20,13 @@
        was evaluated whole, `(null, user)` that the user was re-evaluated in every audience, and
        `(null, null)` that everything was.
 
+    Per-tenant audiences (meta `reevaluated_per_pair`, audiences/dbt/tenants.py) are re-evaluated
+    by (user, tenant) pairs the same way: while their SQL is unchanged, only the pairs whose user,
+    tenant or membership changed since the last build (the state's `tenants_watermark` and
+    `memberships_watermark`), or whose tenant's or membership's timestamp "now" moved over, in
+    the temporary table pairs_to_reevaluate (`audience_members_pairs`, macros/generated/). Their
+    rows are deleted first, and the log names `(audience, user)` for each user of those pairs.
+
     Skipped audiences (meta `skipped`: their definitions have errors this time) are neither
     evaluated nor deleted: their rows stay as the last good evaluation left them. The state lists
     them without a hash, so once fixed they are evaluated whole (users changed meanwhile too).
@@ -56,14 +63,31 @@
         {{ return([]) }}
     {%- endif -%}
     {%- set current = model.config.meta.get('reevaluated_per_user', {}) -%}
+    {#- Per-tenant audiences need the watermarks of tenants and memberships (a state written by
+        older code has none: they are evaluated whole once). -#}
+    {%- set by_pairs = model.config.meta.get('reevaluated_per_pair', []) -%}
+    {%- set pairs_known = audience_members_pair_watermarks(state) is not none -%}
     {%- set last = run_query('select audience_key, audience_hash from ' ~ state ~ ' where audience_hash is not null') -%}
     {%- set keys = [] -%}
     {%- for row in last.rows -%}
-        {%- if current.get(row[0]) == row[1] -%}
+        {%- if current.get(row[0]) == row[1] and (pairs_known or row[0] not in by_pairs) -%}
             {%- do keys.append(row[0]) -%}
         {%- endif -%}
     {%- endfor -%}
     {{ return(keys | sort) }}
+{%- endmacro %}
+
+
+{% macro audience_members_pair_watermarks(state) -%}
+    {#- The last build's newest tenant and membership changes, as literals: [tenants, memberships],
+        or none when the state does not record them. -#}
+    {%- set columns = adapter.get_columns_in_relation(state) | map(attribute='name') | list -%}
+    {%- if 'tenants_watermark' not in columns -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set tenants = latest_timestamp(state, 'tenants_watermark') -%}
+    {%- set memberships = latest_timestamp(state, 'memberships_watermark') -%}
+    {{ return(none if tenants is none or memberships is none else [tenants, memberships]) }}
 {%- endmacro %}
 
 
@@ -114,7 +138,8 @@
     {%- endfor %}
     drop table if exists temp.users_to_reevaluate;
     drop table if exists temp.users_to_reevaluate_in_time;
-    drop table if exists temp.events_to_reevaluate
+    drop table if exists temp.events_to_reevaluate;
+    drop table if exists temp.pair_users_to_reevaluate
 {%- endmacro %}
 
 
@@ -164,6 +189,21 @@
                     or audience_key in ({{ audience_members_literals(timed) }})
                     {%- endif %}
                 )
+            {#- The pairs the per-tenant audiences re-evaluate (macros/generated/), and their rows. -#}
+            {%- set by_pairs = model.config.meta.get('reevaluated_per_pair', []) | select('in', per_user) | list %}
+            {%- if by_pairs -%}
+            {%- set state = audience_members_state_relation() -%}
+            {%- set watermarks = audience_members_pair_watermarks(state) -%}
+            ;
+            {{ audience_members_pairs(watermarks[0], watermarks[1],
+                                      latest_timestamp(state, 'evaluated_at') or 'null',
+                                      evaluation_time_literal()) }};
+            delete from {{ this }} as members
+            using pairs_to_reevaluate as pairs
+            where members.audience_key in ({{ audience_members_literals(by_pairs) }})
+                and members.user_key = pairs.user_key
+                and members.tenant = pairs.tenant
+            {%- endif -%}
         {%- endif -%}
     {%- endif -%}
 {%- endmacro %}
@@ -181,6 +221,10 @@
         evaluated_at timestamptz,
         users_watermark timestamptz
     );
+    {#- Added after the first states were written: a state without them re-evaluates per-tenant
+        audiences whole once. -#}
+    alter table {{ state }} add column if not exists tenants_watermark timestamptz;
+    alter table {{ state }} add column if not exists memberships_watermark timestamptz;
     delete from {{ state }};
     {#- The users' watermark: what int_users_to_reevaluate covered (or, when it listed nobody, the
         last build's), so changes loaded after it was built are re-evaluated next time; after an
@@ -192,12 +236,19 @@
     {%- else %}
     {%- set users_watermark = users_covered(ref('int_users_flattened'), ref('stg_warehouse__users')) %}
     {%- endif %}
-    insert into {{ state }}
+    {#- The newest tenant and membership changes this build saw (in its transaction, under the
+        run lock: the pairs it listed read the same tables); the oldest time when there are none. -#}
+    insert into {{ state }} (audience_key, audience_hash, evaluated_at, users_watermark,
+                             tenants_watermark, memberships_watermark)
     select
         audiences.audience_key,
         audiences.audience_hash,
         {{ evaluation_time() }},
-        {{ users_watermark }}
+        {{ users_watermark }},
+        (select coalesce(max(updated_at), timestamptz '0001-01-01 00:00:00+00')
+         from {{ source('warehouse', 'tenants') }}),
+        (select coalesce(max(updated_at), timestamptz '0001-01-01 00:00:00+00')
+         from {{ source('warehouse', 'tenant_memberships') }})
     from (
         {%- for key in model.config.meta.get('audiences', []) | sort %}
         select {{ audience_members_literals([key]) }} as audience_key,
@@ -211,12 +262,19 @@
     ) as audiences;
     create table if not exists {{ reevaluated }} (audience_key varchar, user_key integer);
     {% if per_user -%}
+    {%- set by_pairs = model.config.meta.get('reevaluated_per_pair', []) | select('in', per_user) | list %}
     insert into {{ reevaluated }}
     select null, user_key from {{ ref('int_users_to_reevaluate') }}
     {%- for key in model.config.meta.get('audiences', []) if key not in per_user %}
     union all
     select {{ audience_members_literals([key]) }}, null
+    {%- endfor %}
+    {#- A per-tenant audience re-evaluated by pairs: the users of those pairs, in it. -#}
+    {%- for key in by_pairs %}
+    union all
+    select distinct {{ audience_members_literals([key]) }}, user_key from pairs_to_reevaluate
     {%- endfor %};
+    drop table if exists temp.pairs_to_reevaluate;
     {%- else -%}
     insert into {{ reevaluated }} values (null, null);
     {%- endif %}

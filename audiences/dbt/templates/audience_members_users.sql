@@ -42,6 +42,62 @@
 [% endif %]
 {%- endmacro %}
 
+{% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}
+
+    {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,
+        tenant or user changed since the last build (deleted ones too, whose rows go), or whose
+        tenant's or membership's timestamp lies where "now" moved over; the times are literals -#}
+    create or replace temp table [[ pairs ]] as
+    with memberships as (
+        select
+            users.user_key,
+            memberships.tenant_id as tenant,
+            memberships.updated_at,
+            memberships.deleted_at is null as is_current
+        from {{ source('warehouse', 'tenant_memberships') }} as memberships
+        inner join {{ source('warehouse', 'users') }} as users on users.user_id = memberships.user_id
+    )
+
+    select user_key, tenant from memberships
+    where updated_at > {{ memberships_after }}
+
+    union
+
+    {#- (a membership deleted before the last build has no rows) #}
+    select user_key, tenant from memberships
+    where is_current and tenant in (
+        select tenant_id from {{ source('warehouse', 'tenants') }}
+        where updated_at > {{ tenants_after }}
+
+        union all
+
+        -- tenants whose timestamp "now" moved over
+        (
+[[ tenants_in_time ]]
+        )
+    )
+
+    union
+
+    select user_key, tenant from memberships
+    where is_current and user_key in (select user_key from {{ ref('[[ reevaluate ]]') }})
+
+    union
+
+    -- memberships whose timestamp "now" moved over
+    select users.user_key, in_time.tenant
+    from (
+[[ memberships_in_time ]]
+    ) as in_time
+    inner join {{ source('warehouse', 'users') }} as users on users.user_id = in_time.user_id;
+
+    {#- their users' attributes, read once -#}
+    create or replace temp table [[ pair_users ]] as
+    select users.*
+    from {{ ref('[[ flattened ]]') }} as users
+    where users.user_key in (select user_key from [[ pairs ]])
+{%- endmacro %}
+
 {% macro audience_members_batches(per_user, idle) -%}
     {#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}
     {{ return([

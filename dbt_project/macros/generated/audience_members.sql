@@ -85,6 +85,179 @@
     );
 {%- endmacro %}
 
+{% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}
+
+    {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,
+        tenant or user changed since the last build (deleted ones too, whose rows go), or whose
+        tenant's or membership's timestamp lies where "now" moved over; the times are literals -#}
+    create or replace temp table pairs_to_reevaluate as
+    with memberships as (
+        select
+            users.user_key,
+            memberships.tenant_id as tenant,
+            memberships.updated_at,
+            memberships.deleted_at is null as is_current
+        from {{ source('warehouse', 'tenant_memberships') }} as memberships
+        inner join {{ source('warehouse', 'users') }} as users on users.user_id = memberships.user_id
+    )
+
+    select user_key, tenant from memberships
+    where updated_at > {{ memberships_after }}
+
+    union
+
+    {#- (a membership deleted before the last build has no rows) #}
+    select user_key, tenant from memberships
+    where is_current and tenant in (
+        select tenant_id from {{ source('warehouse', 'tenants') }}
+        where updated_at > {{ tenants_after }}
+
+        union all
+
+        -- tenants whose timestamp "now" moved over
+        (
+            select tenant from (
+                select tenant_id as tenant, properties as tenant_properties
+                from {{ ref('stg_warehouse__tenants') }}
+            ) as tenants
+            where
+            (
+              case
+                when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                and regexp_full_match(
+                  (
+                    json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                  ),
+                  '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?'
+                )
+                then try_cast((
+                  json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                ) as timestamptz)
+                when case
+                  when (
+                    json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                  when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                  and regexp_full_match(
+                    (
+                      json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                    ),
+                    '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+                end between (
+                  -62135596800.0
+                ) and 253402300799.0
+                then to_timestamp(
+                  case
+                    when (
+                      json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                    )
+                    then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                    when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                    and regexp_full_match(
+                      (
+                        json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                      ),
+                      '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                    )
+                    then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+                  end
+                )
+              end between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
+            )
+            or (
+              case
+                when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                and regexp_full_match(
+                  (
+                    json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                  ),
+                  '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?'
+                )
+                then try_cast((
+                  json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                ) as timestamptz)
+                when case
+                  when (
+                    json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                  when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                  and regexp_full_match(
+                    (
+                      json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                    ),
+                    '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+                end between (
+                  -62135596800.0
+                ) and 253402300799.0
+                then to_timestamp(
+                  case
+                    when (
+                      json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                    )
+                    then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                    when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                    and regexp_full_match(
+                      (
+                        json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                      ),
+                      '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                    )
+                    then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+                  end
+                )
+              end between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
+            )
+        )
+    )
+
+    union
+
+    select user_key, tenant from memberships
+    where is_current and user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+
+    union
+
+    -- memberships whose timestamp "now" moved over
+    select users.user_key, in_time.tenant
+    from (
+        select user_id, tenant from (
+            select user_id, tenant_id as tenant, properties as membership_properties
+            from {{ ref('stg_warehouse__tenant_memberships') }}
+        ) as memberships
+        where
+        false
+    ) as in_time
+    inner join {{ source('warehouse', 'users') }} as users on users.user_id = in_time.user_id;
+
+    {#- their users' attributes, read once -#}
+    create or replace temp table pair_users_to_reevaluate as
+    select users.*
+    from {{ ref('int_users_flattened') }} as users
+    where users.user_key in (select user_key from pairs_to_reevaluate)
+{%- endmacro %}
+
 {% macro audience_members_batches(per_user, idle) -%}
     {#- Each batch's SELECT (macros/generated/audience_members_batch_*.sql). -#}
     {{ return([

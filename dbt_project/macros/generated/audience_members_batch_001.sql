@@ -1192,7 +1192,182 @@ select 'vip-customers' as audience_key, user_key, tenant from {{ ref('vip_custom
 
 union all
 
+{% if "workspace-admins-trial-ending" in per_user %}
+
+select 'workspace-admins-trial-ending' as audience_key, user_key, tenant
+from (
+    select
+        users.*,
+        memberships.tenant_id as tenant,
+        tenants.properties as tenant_properties,
+        memberships.properties as membership_properties
+    from pair_users_to_reevaluate as users
+    inner join {{ ref('stg_warehouse__tenant_memberships') }} as memberships on memberships.user_id = users.user_id
+    inner join {{ ref('stg_warehouse__tenants') }} as tenants on tenants.tenant_id = memberships.tenant_id
+    inner join pairs_to_reevaluate as reevaluated
+        on reevaluated.user_key = users.user_key and reevaluated.tenant = memberships.tenant_id
+) as pairs
+where
+    -- segment 1
+    (
+        -- {"property": "tenant.plan", "operator": "equal_to", "argument": "trial"}
+        coalesce(
+          (
+            case
+              when json_type(json_extract(tenant_properties, '/plan')) = 'VARCHAR'
+              then (
+                json_extract(tenant_properties, '/plan') ->> '$'
+              )
+            end = 'trial'
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "tenant.trial_ends_at", "operator": "is_timestamp_on_or_after_now"}
+        coalesce(
+          (
+            case
+              when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+              and regexp_full_match(
+                (
+                  json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                ),
+                '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?'
+              )
+              then try_cast((
+                json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+              ) as timestamptz)
+              when case
+                when (
+                  json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                )
+                then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                and regexp_full_match(
+                  (
+                    json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                  ),
+                  '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                )
+                then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+              end between (
+                -62135596800.0
+              ) and 253402300799.0
+              then to_timestamp(
+                case
+                  when (
+                    json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                  when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                  and regexp_full_match(
+                    (
+                      json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                    ),
+                    '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+                end
+              )
+            end >= {{ evaluation_time() }}
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "tenant.trial_ends_at", "operator": "is_timestamp_before", "argument": "7 days from now"}
+        coalesce(
+          (
+            case
+              when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+              and regexp_full_match(
+                (
+                  json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                ),
+                '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?'
+              )
+              then try_cast((
+                json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+              ) as timestamptz)
+              when case
+                when (
+                  json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                  or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                )
+                then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                and regexp_full_match(
+                  (
+                    json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                  ),
+                  '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                )
+                then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+              end between (
+                -62135596800.0
+              ) and 253402300799.0
+              then to_timestamp(
+                case
+                  when (
+                    json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
+                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
+                  when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
+                  and regexp_full_match(
+                    (
+                      json_extract(tenant_properties, '/trial_ends_at') ->> '$'
+                    ),
+                    '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
+                  )
+                  then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
+                end
+              )
+            end < (
+              {{ evaluation_time() }} + to_minutes(cast(10080 as bigint))
+            )
+          ),
+          false
+        )
+
+        and
+
+        -- {"property": "membership.role", "operator": "equal_to", "argument": "admin"}
+        coalesce(
+          (
+            case
+              when json_type(json_extract(membership_properties, '/role')) = 'VARCHAR'
+              then (
+                json_extract(membership_properties, '/role') ->> '$'
+              )
+            end = 'admin'
+          ),
+          false
+        )
+    )
+
+{% else %}
+
 select 'workspace-admins-trial-ending' as audience_key, user_key, tenant from {{ ref('workspace_admins_trial_ending') }}
+
+{% endif %}
 
 union all
 

@@ -63,7 +63,8 @@
                 "recent-big-spenders": "756636d6c8bc",
                 "signed-up-no-order": "28ad4db385f9",
                 "trial-ending-soon": "a787403f7c66",
-                "trial-expired-unconverted": "fd4920ac8e48"
+                "trial-expired-unconverted": "fd4920ac8e48",
+                "workspace-admins-trial-ending": "89edec583950"
             },
             "reevaluated_in_time": [
                 "beta-invite-candidates",
@@ -78,6 +79,9 @@
                 "trial-ending-soon",
                 "trial-expired-unconverted"
             ],
+            "reevaluated_per_pair": [
+                "workspace-admins-trial-ending"
+            ],
             "skipped": []
         },
     )
@@ -86,6 +90,8 @@
 -- depends_on: {{ ref('int_users_flattened') }}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}
 -- depends_on: {{ ref('int_event_users_to_reevaluate') }}
+-- depends_on: {{ ref('stg_warehouse__tenants') }}
+-- depends_on: {{ ref('stg_warehouse__tenant_memberships') }}
 -- depends_on: {{ ref('beta_invite_candidates') }}
 -- depends_on: {{ ref('beta_testers') }}
 -- depends_on: {{ ref('churn_risk') }}

@@ -1,0 +1,277 @@
+"""Per-tenant audiences re-evaluated by (user, tenant) pairs (issue 18 item 3): a build after a
+change re-evaluates only the pairs whose user, tenant or membership changed, or whose tenant's
+timestamp "now" moved over, and gives the members and events a full evaluation gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import timedelta
+
+import duckdb
+import pytest
+from condition_harness import NOW, ROOT
+
+from audiences.dbt.project import generate, prepare, run_dbt
+from audiences.membership.changes import record_changes
+from audiences.settings import Settings
+from audiences.users import load_source
+from audiences.users.sources import UserSource
+from audiences.warehouse.evaluation import set_evaluation_clock
+
+pytestmark = pytest.mark.slow  # five real dbt builds
+
+DEFINITIONS = {
+    # per user, read by a per-tenant audience (inlined over the pairs' users)
+    "active-users": {
+        "name": "Active users",
+        "type": "dynamic",
+        "segments": [
+            {
+                "conditions": [
+                    {"property": "recipient.active", "operator": "equal_to", "argument": True}
+                ]
+            }
+        ],
+    },
+    "pro-admins": {
+        "name": "Active admins of pro workspaces",
+        "type": "dynamic",
+        "tenancy": "per_tenant",
+        "segments": [
+            {
+                "conditions": [
+                    {"property": "tenant.plan", "operator": "equal_to", "argument": "pro"},
+                    {"property": "membership.role", "operator": "equal_to", "argument": "admin"},
+                    {
+                        "property": "recipient",
+                        "operator": "is_audience_member",
+                        "argument": "active-users",
+                    },
+                ]
+            }
+        ],
+    },
+    # compares a tenant's timestamp with "now": its pairs move as "now" moves
+    "trial-ending": {
+        "name": "Members of workspaces whose trial ends within a week",
+        "type": "dynamic",
+        "tenancy": "per_tenant",
+        "segments": [
+            {
+                "conditions": [
+                    {
+                        "property": "tenant.trial_ends_at",
+                        "operator": "is_timestamp_on_or_after_now",
+                    },
+                    {
+                        "property": "tenant.trial_ends_at",
+                        "operator": "is_timestamp_before",
+                        "argument": "7 days from now",
+                    },
+                ]
+            }
+        ],
+    },
+}
+PER_TENANT = ("pro-admins", "trial-ending")
+
+
+def day(days: float) -> str:
+    return (NOW + timedelta(days=days)).isoformat().replace("+00:00", "Z")
+
+
+def initial_data() -> tuple[dict, dict, dict]:
+    """20 users in 6 workspaces, each user in one to three of them."""
+    users = {f"u{n:02d}": {"id": f"u{n:02d}", "active": n % 4 != 0} for n in range(1, 21)}
+    tenants = {
+        f"t{n}": {"id": f"t{n}", "name": f"Workspace {n}", "plan": "pro" if n % 2 else "free"}
+        for n in range(1, 7)
+    }
+    tenants["t2"]["trial_ends_at"] = day(3)
+    tenants["t4"]["trial_ends_at"] = day(9)  # enters "trial-ending" when "now" moves 3 days
+    tenants["t6"]["trial_ends_at"] = day(30)
+    memberships = {}
+    for n in range(1, 21):
+        for t in sorted({n % 6 + 1, (n * 5) % 6 + 1, 6 if n % 7 == 0 else n % 6 + 1}):
+            role = "admin" if (n + t) % 3 == 0 else "member"
+            memberships[(f"u{n:02d}", f"t{t}")] = {
+                "user_id": f"u{n:02d}",
+                "tenant_id": f"t{t}",
+                "role": role,
+            }
+    return users, tenants, memberships
+
+
+class Workspace:
+    """A warehouse, its dbt project and snapshot sources of users, tenants and memberships."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        project = folder / "dbt_project"
+        shutil.copytree(
+            ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs")
+        )
+        shutil.rmtree(project / "models" / "audiences" / "custom")
+        for key, document in DEFINITIONS.items():
+            (folder / "audiences" / key).mkdir(parents=True)
+            (folder / "audiences" / key / "audience.json").write_text(json.dumps(document))
+        self.warehouse = folder / "warehouse.duckdb"
+        self.settings = Settings.from_env(
+            {},
+            duckdb_path=self.warehouse,
+            definitions_dir=folder / "audiences",
+            dbt_project_dir=project,
+        )
+        generate(self.settings)
+        prepare(self.settings)
+        self.now = NOW
+        self.loads = 0
+        self.previous_members: set = set()
+
+    def load(self, users: dict, tenants: dict, memberships: dict) -> None:
+        """Load the three snapshots, as the `users` asset does, a minute after the last load."""
+        self.loads += 1
+        loaded_at = NOW + timedelta(minutes=self.loads)
+        with duckdb.connect(str(self.warehouse)) as connection:
+            for kind, rows in (
+                ("users", users.values()),
+                ("tenants", tenants.values()),
+                ("tenant_memberships", memberships.values()),
+            ):
+                path = self.folder / f"{kind}.jsonl"
+                path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+                load_source(connection, UserSource(kind, "jsonl", path, kind=kind), loaded_at)
+
+    def build(self, now) -> dict:
+        """One incremental dbt build at `now` and the membership diff after it: what the build
+        re-evaluated (its log, read before the diff empties it) and the events the diff queued."""
+        self.now = now
+        with duckdb.connect(str(self.warehouse)) as connection:
+            set_evaluation_clock(connection, now)
+        run_dbt(["run"], self.settings)
+        with duckdb.connect(str(self.warehouse)) as connection:
+            log = connection.execute(
+                "select audience_key, users.user_id from main.audience_members__reevaluated "
+                "left join raw.users as users using (user_key)"
+            ).fetchall()
+            record_changes(connection, now)
+            events = connection.execute(
+                "select event_type, audience_key, user_id, tenant from raw.membership_outbox "
+                "where occurred_at = $now",
+                {"now": now},
+            ).fetchall()
+            members = self.members(connection)
+            views = self.views(connection)
+            open_intervals = set(
+                connection.execute(
+                    "select audience_key, user_id, tenant from raw.membership_intervals "
+                    "where exited_at is null"
+                ).fetchall()
+            )
+        # The incremental members are what every audience's view, evaluated whole, holds; the
+        # events are what a full evaluation's diff gives: the difference with the last members.
+        assert members == views
+        assert open_intervals == views
+        full_events = {("entered", *row) for row in views - self.previous_members} | {
+            ("exited", *row) for row in self.previous_members - views
+        }
+        assert set(events) == full_events
+        assert len(events) == len(full_events)
+        self.previous_members = views
+        return {"log": set(log), "events": full_events}
+
+    @staticmethod
+    def members(connection) -> set:
+        return set(
+            connection.execute(
+                "select audience_key, users.user_id, members.tenant "
+                "from main.audience_members as members join raw.users as users using (user_key)"
+            ).fetchall()
+        )
+
+    @staticmethod
+    def views(connection) -> set:
+        rows = set()
+        for key, model in connection.execute(
+            "select audience_key, model_name from main.audience_catalog"
+        ).fetchall():
+            rows |= {
+                (key, *row)
+                for row in connection.execute(
+                    f'select user_id, tenant from audiences."{model}"'
+                ).fetchall()
+            }
+        return rows
+
+
+def reevaluated_pairs(log: set) -> dict:
+    """Per per-tenant audience, the users the build re-evaluated by pairs; `None` when it was
+    evaluated whole."""
+    result = {}
+    for key in PER_TENANT:
+        if (key, None) in log:
+            result[key] = None
+        else:
+            result[key] = {user for audience, user in log if audience == key}
+    return result
+
+
+def users_of(memberships: dict, tenant: str) -> set:
+    return {user for user, t in memberships if t == tenant}
+
+
+def test_per_tenant_audiences_reevaluate_only_the_changed_pairs(tmp_path):
+    space = Workspace(tmp_path)
+    users, tenants, memberships = initial_data()
+    space.load(users, tenants, memberships)
+    first = space.build(NOW)
+    assert first["events"]  # the first build evaluates everything
+    assert {row[1] for row in first["events"]} >= set(DEFINITIONS)
+
+    # 1. a tenant's plan changes: only its members' pairs are re-evaluated
+    tenants["t2"]["plan"] = "pro"
+    space.load(users, tenants, memberships)
+    step = space.build(NOW + timedelta(minutes=10))
+    assert step["events"]  # t2's active admins entered pro-admins
+    assert reevaluated_pairs(step["log"]) == {
+        key: users_of(memberships, "t2") for key in PER_TENANT
+    }
+
+    # 2. memberships added, removed and changed role
+    added, removed, promoted = ("u01", "t3"), ("u04", "t3"), ("u02", "t3")
+    assert added not in memberships and removed in memberships and promoted in memberships
+    memberships[added] = {"user_id": "u01", "tenant_id": "t3", "role": "admin"}
+    del memberships[removed]
+    memberships[promoted] = {**memberships[promoted], "role": "admin"}
+    space.load(users, tenants, memberships)
+    step = space.build(NOW + timedelta(minutes=20))
+    assert {(event[0], event[1], event[2]) for event in step["events"]} == {
+        ("entered", "pro-admins", "u01"),
+        ("entered", "pro-admins", "u02"),
+    }
+    assert reevaluated_pairs(step["log"]) == {key: {"u01", "u02", "u04"} for key in PER_TENANT}
+
+    # 3. a user's property changes (that user's pairs, and the user in per-user audiences), and
+    # a tenant is deleted (gone from the snapshot): its pairs exit
+    users["u05"]["active"] = False
+    del tenants["t3"]
+    space.load(users, tenants, memberships)
+    step = space.build(NOW + timedelta(minutes=30))
+    assert step["events"] == {
+        ("exited", "active-users", "u05", None),
+        ("exited", "pro-admins", "u01", "t3"),
+        ("exited", "pro-admins", "u02", "t3"),
+    }
+    expected = {"u05"} | users_of(memberships, "t3")
+    assert reevaluated_pairs(step["log"]) == {key: expected for key in PER_TENANT}
+
+    # 4. nothing changes but "now" moves 3 days: t4's trial enters the week, t2's ends; only the
+    # pairs of the tenants whose timestamp "now" moved over are re-evaluated
+    step = space.build(NOW + timedelta(days=3, minutes=30))
+    assert {(event[0], event[1], event[3]) for event in step["events"]} == {
+        ("entered", "trial-ending", "t4"),
+        ("exited", "trial-ending", "t2"),
+    }
+    expected = users_of(memberships, "t4") | users_of(memberships, "t2")
+    assert reevaluated_pairs(step["log"]) == {key: expected for key in PER_TENANT}
