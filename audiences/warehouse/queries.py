@@ -129,11 +129,26 @@ def _users_query(
             raise WarehouseError(
                 f"audience {key!r} has never been evaluated; run `audiences run` first"
             )
-        inner = _users_query(connection, definitions[key].segments, definitions, now)
+        referenced = definitions[key]
+        inner = _users_query(connection, referenced.segments, definitions, now)
+        if not referenced.per_tenant:
+            return (
+                exp.select("user_key")
+                .from_(inner.source)
+                .where(compile_segments(referenced.segments, inner.context))
+            )
+        # A per-tenant audience is evaluated per tenant, over its pairs, and read tenant-strict
+        # as the warehouse reads its members (`without_tenant`): every pair has a tenant.
+        inner = _pairs(connection, inner)
         return (
             exp.select("user_key")
             .from_(inner.source)
-            .where(compile_segments(definitions[key].segments, inner.context))
+            .where(
+                exp.and_(
+                    compile_segments(referenced.segments, inner.context),
+                    without_tenant(exp.column("tenant", table="users")),
+                )
+            )
         )
 
     if fresh:

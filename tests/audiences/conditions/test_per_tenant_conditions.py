@@ -298,3 +298,84 @@ def test_the_promotion_impact_query_counts_a_per_tenant_audiences_users_once():
     definition = parse_definition(raw, "admins", Path("admins/audience.json"))
     sql = matching_users_sql(connection, definition, {"admins": definition}, NOW)
     assert connection.execute(f"select user_id from ({sql})").fetchall() == [("ann",)]
+
+
+def test_preview_of_an_audience_over_a_per_tenant_audience_evaluates_it_per_tenant():
+    """Issue 18 item 3: `preview` of an audience that reads a per-tenant audience (before the
+    warehouse has evaluated it) evaluates that audience over its (user, tenant) pairs and reads
+    its members tenant-strict, as the generated models do (their Jinja rendered and run here, each
+    audience's `ref` its own model): it failed on `tenant.plan` when it compiled them per user."""
+    from audiences.warehouse.queries import preview
+
+    users = [{"id": "ann", "plan": "free"}, {"id": "bob"}, {"id": "cid"}]
+    tenants = [{"id": "acme", "plan": "pro"}, {"id": "globex", "plan": "free"}]
+    memberships = [
+        {"user_id": "ann", "tenant_id": "acme", "role": "admin"},
+        {"user_id": "ann", "tenant_id": "globex", "role": "admin"},
+        {"user_id": "bob", "tenant_id": "acme", "role": "viewer"},
+        {"user_id": "cid", "tenant_id": "globex", "role": "admin"},
+    ]
+    member = {"property": "recipient", "operator": "is_audience_member", "argument": "pro"}
+    not_member = {**member, "operator": "is_not_audience_member"}
+    admin = {"property": "membership.role", "operator": "equal_to", "argument": "admin"}
+    documents = {
+        "pro": per_tenant(
+            [[{"property": "tenant.plan", "operator": "equal_to", "argument": "pro"}]]
+        ),
+        "in-pro": {"name": "i", "type": "dynamic", "segments": [{"conditions": [member]}]},
+        "not-in-pro": {"name": "n", "type": "dynamic", "segments": [{"conditions": [not_member]}]},
+        "admins-in-pro": per_tenant([[member, admin]]),
+        "admins-not-in-pro": per_tenant([[not_member, admin]]),
+    }
+    definitions = {
+        key: parse_definition(document, key, Path(key) / "audience.json")
+        for key, document in documents.items()
+    }
+    connection = connect_memory()
+    insert_users(connection, users)
+    insert_pairs(connection, tenants, memberships)
+
+    previewed = {}
+    for key, definition in definitions.items():
+        result = preview(connection, definition, definitions, NOW, sample_size=100)
+        previewed[key] = {(row["user_id"], row.get("tenant")) for row in result.sample}
+        assert result.count == len(previewed[key])
+
+    # The generated models, rendered as dbt renders them: what a run gives.
+    files = {
+        str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")
+    }
+    _build_flattened(
+        connection,
+        sorted(
+            {a for d in definitions.values() for a in attributes_used(d.segments)},
+            key=lambda a: (a.path, a.variant),
+        ),
+    )
+    relations = {
+        "int_users_flattened": "flattened",
+        "stg_warehouse__tenants": "(select * from raw.tenants where deleted_at is null)",
+        "stg_warehouse__tenant_memberships": (
+            "(select * from raw.tenant_memberships where deleted_at is null)"
+        ),
+    }
+    evaluated = {}
+    for key in ("pro", "in-pro", "not-in-pro", "admins-in-pro", "admins-not-in-pro"):
+        name = definitions[key].model_name
+        sql = (
+            jinja2.Environment(extensions=["jinja2.ext.do"])
+            .from_string(files[f"models/audiences/dynamic/{name}.sql"])
+            .render(
+                ref=relations.__getitem__,
+                config=lambda **_: "",
+                evaluation_time=lambda: render(timestamp_literal(NOW), pretty=False),
+            )
+        )
+        relations[name] = f"({sql})"
+        evaluated[key] = set(connection.execute(f"select user_id, tenant from ({sql})").fetchall())
+    assert previewed == evaluated
+    assert previewed["pro"] == {("ann", "acme"), ("bob", "acme")}
+    # tenant-strict: the per-tenant audience has no member without a tenant
+    assert previewed["in-pro"] == set() and previewed["admins-in-pro"] == set()
+    assert previewed["not-in-pro"] == {("ann", None), ("bob", None), ("cid", None)}
+    assert previewed["admins-not-in-pro"] == {("ann", "acme"), ("ann", "globex"), ("cid", "globex")}
