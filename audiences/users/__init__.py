@@ -66,3 +66,49 @@ def missing_memberships(connection: duckdb.DuckDBPyConnection) -> dict[str, int]
         """
     ).fetchall()[0]
     return {"memberships_missing_user": users, "memberships_missing_tenant": tenants}
+
+
+def missing_membership_rows(connection: duckdb.DuckDBPyConnection, limit: int = 5) -> list[tuple]:
+    """The first `limit` memberships `missing_memberships` counts, by user and tenant id:
+    `(user_id, tenant_id, what is missing)`, for the `users` asset's report to name them."""
+    return connection.execute(
+        """
+        select
+            memberships.user_id,
+            memberships.tenant_id,
+            case
+                when users.user_id is null and tenants.tenant_id is null then 'user and tenant'
+                when users.user_id is null then 'user'
+                else 'tenant'
+            end
+        from raw.tenant_memberships as memberships
+        left join raw.users as users
+            on users.user_id = memberships.user_id and users.deleted_at is null
+        left join raw.tenants as tenants
+            on tenants.tenant_id = memberships.tenant_id and tenants.deleted_at is null
+        where memberships.deleted_at is null
+            and (users.user_id is null or tenants.tenant_id is null)
+        order by memberships.user_id, memberships.tenant_id
+        limit $limit
+        """,
+        {"limit": limit},
+    ).fetchall()
+
+
+def missing_memberships_report(connection: duckdb.DuckDBPyConnection) -> str | None:
+    """One line naming the memberships kept but not evaluated (a user or tenant not loaded), with
+    the first few by id; None when there are none."""
+    missing = missing_memberships(connection)
+    if not any(missing.values()):
+        return None
+    shown = 5
+    rows = missing_membership_rows(connection, shown + 1)
+    named = ", ".join(
+        f"{user_id!r} in {tenant_id!r} (no such {what})"
+        for user_id, tenant_id, what in rows[:shown]
+    )
+    more = ", ..." if len(rows) > shown else ""
+    return (
+        f"tenant memberships kept but not evaluated: {missing['memberships_missing_user']} name a "
+        f"user and {missing['memberships_missing_tenant']} a tenant that is not loaded: {named}{more}"
+    )

@@ -13,6 +13,7 @@ from audiences.users import (
     configured_tenant_sources,
     load_source,
     missing_memberships,
+    missing_memberships_report,
 )
 from audiences.users.store import settle_run
 from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
@@ -91,13 +92,11 @@ def users(
             load_tenant_queue(connection, membership_store, loaded_at).as_metadata().items()
         ):
             metadata[f"tenant_queue/{key}"] = value
-        missing = missing_memberships(connection)
-        metadata.update(missing)
-        if any(missing.values()):
-            context.log.warning(
-                f"tenant memberships kept but not evaluated: {missing['memberships_missing_user']} "
-                f"name a user and {missing['memberships_missing_tenant']} a tenant that is not loaded"
-            )
+        metadata.update(missing_memberships(connection))
+        report = missing_memberships_report(connection)
+        if report:
+            context.log.warning(report)
+            metadata["memberships_missing_sample"] = report
         # Users the run changed and changed back (sources that disagree) keep their updated_at.
         metadata["users_changed_back"] = settle_run(connection, loaded_at)
         # The API reads users from the store, which stays available while a run holds DuckDB.

@@ -11,7 +11,7 @@ import pytest
 
 from audiences.store.database import MembershipStore
 from audiences.store.tenants import delete_tenant, load_tenant_queue, set_tenants
-from audiences.users import load_source, missing_memberships
+from audiences.users import load_source, missing_memberships, missing_memberships_report
 from audiences.users.sources import SourceError, UserSource, sources_from_file
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -146,6 +146,11 @@ def test_memberships_load_by_user_and_tenant_and_report_unknown_ones(warehouse, 
         "memberships_missing_user": 1,
         "memberships_missing_tenant": 1,
     }
+    # the users asset's report names them, by user and tenant
+    assert missing_memberships_report(warehouse) == (
+        "tenant memberships kept but not evaluated: 1 name a user and 1 a tenant that is not "
+        "loaded: 'nobody' in 'acme' (no such user), 'u1' in 'ghost' (no such tenant)"
+    )
     # A stream source updates one membership's properties; null removes one.
     stream = source(
         tmp_path,
