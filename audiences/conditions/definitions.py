@@ -383,7 +383,7 @@ ENGINE_MODEL_NAMES = frozenset(
         "users_to_reevaluate",
         "users_to_reevaluate_in_time",
         "pairs_to_reevaluate",
-        "pair_users_to_reevaluate",
+        "pair_rows_to_reevaluate",
     }
 )
 # An audience's model file is `<model name>.sql`, and file systems allow 255 bytes in a name.

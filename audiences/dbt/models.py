@@ -59,7 +59,7 @@ from audiences.dbt.events import EVENT_REEVALUATE_MODEL, event_reevaluate_model
 from audiences.dbt.flattened import ADDED_COLUMNS_MACRO, added_columns_macro
 from audiences.dbt.tenants import (
     MEMBERSHIPS_MODEL,
-    PAIR_USERS,
+    PAIR_ROWS,
     PAIRS_TO_REEVALUATE,
     TENANTS_MODEL,
     pair_windows_sql,
@@ -834,17 +834,11 @@ def _pairs_branch(
         compiled = analysed[key]
     else:
         # Audiences it reads (per-user ones) are inlined over the pairs' users.
-        compiled = _compile_audience(definition, definitions, PAIR_USERS, placeholders)
+        compiled = _compile_audience(definition, definitions, PAIR_ROWS, placeholders)
     per_user[key] = hashlib.sha256(f"pairs\n{compiled.where}".encode()).hexdigest()[:12]
-    pairs = pairs_sql(
-        PAIR_USERS,
-        f"{{{{ ref('{MEMBERSHIPS_MODEL}') }}}}",
-        f"{{{{ ref('{TENANTS_MODEL}') }}}}",
-        only=PAIRS_TO_REEVALUATE,
-    )
     scoped = (
         f"select {literal} as audience_key, user_key, tenant\n"
-        f"from (\n{_indent(pairs, 4)}\n) as pairs\nwhere\n{_indent(compiled.where, 4)}"
+        f"from {PAIR_ROWS}\nwhere\n{_indent(compiled.where, 4)}"
     )
     full = f"select {literal} as audience_key, user_key, tenant from {{{{ ref('{definition.model_name}') }}}}"
     return (
@@ -984,7 +978,17 @@ def _members_users_macro(
         events=bool(event_audiences_per_user(definitions)),
         calls=[f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1)],
         pairs=PAIRS_TO_REEVALUATE,
-        pair_users=PAIR_USERS,
+        pair_rows=PAIR_ROWS,
+        pair_rows_sql=_indent(
+            pairs_sql(
+                f"(\n    select * from {{{{ ref('{FLATTENED_MODEL}') }}}}\n"
+                f"    where user_key in (select user_key from {PAIRS_TO_REEVALUATE})\n)",
+                f"{{{{ ref('{MEMBERSHIPS_MODEL}') }}}}",
+                f"{{{{ ref('{TENANTS_MODEL}') }}}}",
+                only=PAIRS_TO_REEVALUATE,
+            ),
+            4,
+        ),
         tenants_in_time=_indent(tenants_in_time, 12),
         memberships_in_time=_indent(memberships_in_time, 8),
     )

@@ -11,7 +11,8 @@ audience model keeps.
 `audience_members` re-evaluates such an audience by pairs (macros/audience_members.sql): only the
 pairs whose user, tenant or membership changed since its last build, or whose tenant's or
 membership's timestamp lies where "now" moved over (`pair_windows_sql`), listed in the temporary
-table `PAIRS_TO_REEVALUATE`; their users' attributes are read once into `PAIR_USERS`.
+table `PAIRS_TO_REEVALUATE`, whose rows (the user's attributes, the tenant's and membership's
+JSON) are read once into `PAIR_ROWS`, which every such audience's conditions then read.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from audiences.conditions.compiler import TimeWindow, pair_attribute, render
 TENANTS_MODEL = "stg_warehouse__tenants"
 MEMBERSHIPS_MODEL = "stg_warehouse__tenant_memberships"
 # audience_members' temporary tables: the (user_key, tenant) pairs it re-evaluates in a build, and
-# the int_users_flattened rows of their users.
+# their rows as `pairs_sql` gives them.
 PAIRS_TO_REEVALUATE = "pairs_to_reevaluate"
-PAIR_USERS = "pair_users_to_reevaluate"
+PAIR_ROWS = "pair_rows_to_reevaluate"
 
 
 def pairs_sql(users: str, memberships: str, tenants: str, only: str | None = None) -> str:

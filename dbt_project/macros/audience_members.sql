@@ -139,7 +139,7 @@
     drop table if exists temp.users_to_reevaluate;
     drop table if exists temp.users_to_reevaluate_in_time;
     drop table if exists temp.events_to_reevaluate;
-    drop table if exists temp.pair_users_to_reevaluate
+    drop table if exists temp.pair_rows_to_reevaluate
 {%- endmacro %}
 
 

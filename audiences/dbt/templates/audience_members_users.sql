@@ -91,11 +91,10 @@
     ) as in_time
     inner join {{ source('warehouse', 'users') }} as users on users.user_id = in_time.user_id;
 
-    {#- their users' attributes, read once -#}
-    create or replace temp table [[ pair_users ]] as
-    select users.*
-    from {{ ref('[[ flattened ]]') }} as users
-    where users.user_key in (select user_key from [[ pairs ]])
+    {#- their rows (the user's attributes, the tenant's and membership's JSON), read once for every
+        per-tenant audience -#}
+    create or replace temp table [[ pair_rows ]] as
+[[ pair_rows_sql ]]
 {%- endmacro %}
 
 {% macro audience_members_batches(per_user, idle) -%}

@@ -251,11 +251,22 @@
     ) as in_time
     inner join {{ source('warehouse', 'users') }} as users on users.user_id = in_time.user_id;
 
-    {#- their users' attributes, read once -#}
-    create or replace temp table pair_users_to_reevaluate as
-    select users.*
-    from {{ ref('int_users_flattened') }} as users
-    where users.user_key in (select user_key from pairs_to_reevaluate)
+    {#- their rows (the user's attributes, the tenant's and membership's JSON), read once for every
+        per-tenant audience -#}
+    create or replace temp table pair_rows_to_reevaluate as
+    select
+        users.*,
+        memberships.tenant_id as tenant,
+        tenants.properties as tenant_properties,
+        memberships.properties as membership_properties
+    from (
+        select * from {{ ref('int_users_flattened') }}
+        where user_key in (select user_key from pairs_to_reevaluate)
+    ) as users
+    inner join {{ ref('stg_warehouse__tenant_memberships') }} as memberships on memberships.user_id = users.user_id
+    inner join {{ ref('stg_warehouse__tenants') }} as tenants on tenants.tenant_id = memberships.tenant_id
+    inner join pairs_to_reevaluate as reevaluated
+        on reevaluated.user_key = users.user_key and reevaluated.tenant = memberships.tenant_id
 {%- endmacro %}
 
 {% macro audience_members_batches(per_user, idle) -%}

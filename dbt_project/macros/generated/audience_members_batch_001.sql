@@ -1195,18 +1195,7 @@ union all
 {% if "workspace-admins-trial-ending" in per_user %}
 
 select 'workspace-admins-trial-ending' as audience_key, user_key, tenant
-from (
-    select
-        users.*,
-        memberships.tenant_id as tenant,
-        tenants.properties as tenant_properties,
-        memberships.properties as membership_properties
-    from pair_users_to_reevaluate as users
-    inner join {{ ref('stg_warehouse__tenant_memberships') }} as memberships on memberships.user_id = users.user_id
-    inner join {{ ref('stg_warehouse__tenants') }} as tenants on tenants.tenant_id = memberships.tenant_id
-    inner join pairs_to_reevaluate as reevaluated
-        on reevaluated.user_key = users.user_key and reevaluated.tenant = memberships.tenant_id
-) as pairs
+from pair_rows_to_reevaluate
 where
     -- segment 1
     (
