@@ -575,6 +575,7 @@ class TimeWindow:
         self, column: exp.Expression, previous: exp.Expression, current: exp.Expression
     ) -> exp.Expression:
         """True when `column` (this window's timestamp) lies where "now" moved from `previous` to `current`."""
+        # (parsed with an empty alias around it: unwrapped, so that it combines as a condition)
         return _template(
             "(:column between least(:previous, :current) + to_minutes(cast(:minutes as bigint)) "
             "and greatest(:previous, :current) + to_minutes(cast(:minutes as bigint)))",
@@ -582,7 +583,7 @@ class TimeWindow:
             previous=previous,
             current=current,
             minutes=exp.Literal.number(self.minutes),
-        )
+        ).unalias()
 
 
 def compile_segments(
