@@ -191,6 +191,38 @@ def test_only_rows_the_builds_logged_as_reevaluated_are_compared(warehouse):
     assert outbox(warehouse)[-1][:4] == ("pro", "u5", None, "entered")
 
 
+def test_users_logged_in_one_audience_are_compared_in_that_audience_only(warehouse):
+    """A per-tenant audience re-evaluated by pairs logs `(audience, user)` for the users of those
+    pairs: the diff compares every tenant of theirs in that audience, and nothing else, once even
+    when the user is also logged in every audience."""
+    evaluate(warehouse, T0, {"admins": [(1, "acme"), (2, "acme")], "pro": [1, 2]})
+    warehouse.execute(
+        "create table main.audience_members__reevaluated (audience_key varchar, user_key integer)"
+    )
+    warehouse.execute(
+        "insert into main.audience_members__reevaluated values "
+        "('admins', 1), ('admins', 3), ('admins', 3), ('admins', 4), (null, 4)"
+    )
+    # Not logged: user 2's row in `admins`, user 1's in `pro` (the diff trusts the log).
+    summary = evaluate(
+        warehouse,
+        T0 + timedelta(hours=1),
+        {
+            "admins": [(1, "globex"), (3, "acme"), (4, "acme"), (4, "globex")],
+            "pro": [2, 4],
+        },
+    )
+    assert set(outbox(warehouse)[4:]) == {
+        ("admins", "u1", "acme", "exited", 1, False, False),
+        ("admins", "u1", "globex", "entered", 1, False, False),
+        ("admins", "u3", "acme", "entered", 1, False, False),
+        ("admins", "u4", "acme", "entered", 1, False, False),
+        ("admins", "u4", "globex", "entered", 1, False, False),
+        ("pro", "u4", None, "entered", 1, False, False),
+    }
+    assert (summary.entered, summary.exited) == (5, 1)
+
+
 def test_a_skipped_audience_keeps_its_open_memberships_and_gets_no_event(warehouse):
     """Its definition has errors, so the run did not evaluate it: whatever audience_members holds
     for it (here nothing), nobody left it."""
