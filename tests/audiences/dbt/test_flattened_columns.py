@@ -135,17 +135,12 @@ def test_a_new_property_adds_its_columns_and_keeps_the_others(sample_run, tmp_pa
         whole = connection.execute(
             "select audience_key from main.audience_members__reevaluated where user_key is null"
         ).fetchall()
-        # (Per-tenant audiences are evaluated whole at every build until their pairs are
-        # re-evaluated incrementally: issue 18.)
+        # (Per-tenant audiences too: they are re-evaluated by pairs, and no pair changed.)
         documents = {
             folder.name: json.loads((folder / "audience.json").read_text())
             for folder in (ROOT / "data" / "audiences").iterdir()
         }
-        dynamic = {
-            key
-            for key, document in documents.items()
-            if document["type"] == "dynamic" and document.get("tenancy") != "per_tenant"
-        }
+        dynamic = {key for key, document in documents.items() if document["type"] == "dynamic"}
         assert "large-companies" in {key for (key,) in whole}
         assert not dynamic & {key for (key,) in whole}
         assert (
