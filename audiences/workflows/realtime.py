@@ -529,8 +529,11 @@ def import_realtime_events(
 
     ensure_membership_tables(warehouse)
     events, patches = tables.realtime_events, tables.user_patches
+    # The version real time evaluated is its membership event's: each interval names it.
+    recorded = tables.membership_events
     rows = store.rows(
-        sa.select(events)
+        sa.select(events, recorded.c.audience_version)
+        .select_from(events.outerjoin(recorded, recorded.c.event_id == events.c.event_id))
         .where(
             events.c.imported_at.is_(None),
             events.c.patch_id.in_(
@@ -568,7 +571,7 @@ def import_realtime_events(
                 warehouse.execute(
                     """
                     insert into raw.membership_intervals
-                    select $a, users.user_key, users.user_id, null, $n, $at, null, null
+                    select $a, users.user_key, users.user_id, null, $n, $at, null, $v
                     from raw.users as users
                     where users.user_id = $u and not exists (
                         select 1 from raw.membership_intervals as i
@@ -576,7 +579,7 @@ def import_realtime_events(
                             and (i.entry_number = $n or i.exited_at is null)
                     )
                     """,
-                    parameters,
+                    {**parameters, "v": row["audience_version"]},
                 )
             else:
                 warehouse.execute(
