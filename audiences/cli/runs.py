@@ -63,6 +63,8 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
         outcome = _execute_main_job(
             evaluated_at,
             settings.dagster_home,
+            environment=settings.environment,
+            instance=getattr(arguments, "instance", None),
             verbose=arguments.verbose,
             debug=arguments.debug,
             allow_earlier=arguments.allow_earlier,
@@ -196,20 +198,26 @@ def _execute_main_job(
     debug: bool = False,
     allow_earlier: bool = False,
     tags: dict[str, str] | None = None,
+    environment: str | None = None,
+    instance=None,
 ) -> _RunOutcome:
     import dagster as dg
 
-    from audiences.settings import prepare_dagster_home
+    from audiences.settings import Settings, prepare_dagster_home
     from pipelines import build_definitions
+    from pipelines.defs.resources import EnvironmentNames
     from pipelines.defs.schedules import MAIN_JOB
 
-    defs = build_definitions()
-    job = defs.resolve_job_def(MAIN_JOB)
+    # Only the environment this run evaluates is loaded; its job, ops and asset keys are named as
+    # in the code location that serves every environment (`EnvironmentNames`).
+    names = EnvironmentNames.of(Settings.from_env())
+    defs = build_definitions([environment] if environment else None)
+    job = defs.resolve_job_def(names.name(MAIN_JOB))
     # Without --verbose, Dagster's console stays quiet: its warnings and failures are read back from
     # the run's event log and printed as the user's messages, not as Dagster's tracebacks.
     run_config = {
         "ops": {
-            "audience_models": {
+            names.name("audience_models"): {
                 "config": {
                     "evaluation_time": format_time(evaluated_at),
                     "allow_earlier": allow_earlier,
@@ -220,8 +228,14 @@ def _execute_main_job(
     }
     # A promotion's run carries its commits and impact (audiences/lifecycle/commands.py).
     tags = {"audiences/launched_by": "audiences run", **(tags or {})}
-    # The instance `dg dev` shows, so that the run appears in its runs list.
-    with dg.DagsterInstance.from_config(str(prepare_dagster_home(dagster_home))) as instance:
+    # The instance `dg dev` shows, so that the run appears in its runs list (or the one given:
+    # the promotion job's, whose run this evaluation belongs to).
+    opened = (
+        contextlib.nullcontext(instance)
+        if instance is not None
+        else dg.DagsterInstance.from_config(str(prepare_dagster_home(dagster_home)))
+    )
+    with opened as instance:
         if verbose:
             result = job.execute_in_process(
                 run_config=run_config, instance=instance, raise_on_error=False, tags=tags
@@ -249,7 +263,7 @@ def _execute_main_job(
         failures.append(f"step {event.step_key} failed: {_step_error_message(error)}")
 
     def metadata(node: str) -> dict:
-        found = result.asset_materializations_for_node(node) if result.success else []
+        found = result.asset_materializations_for_node(names.name(node)) if result.success else []
         return {key: value.value for key, value in found[-1].metadata.items()} if found else {}
 
     return _RunOutcome(

@@ -10,9 +10,11 @@ import argparse
 import difflib
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from audiences.lifecycle import commits as lifecycle
-from audiences.lifecycle.impact import format_impact, impact
+from audiences.lifecycle.impact import Impact, format_impact, impact
 from audiences.settings import Settings
 
 
@@ -137,18 +139,11 @@ def promote(settings: Settings, arguments) -> int:
     changed audience, against the target's current users, the members now and after, who would
     enter and exit, the deliveries per workflow, and any change the circuit breaker would hold
     (--json for CI)."""
-    plan = lifecycle.plan_promotion(settings, arguments.to, arguments.commit)
-    changed = {key: plan.after[key] for key in plan.changed}
-    result = impact(settings, arguments.to, {key: plan.before.get(key) for key in changed}, changed)
-    summary = {
-        "source": plan.source,
-        "target": plan.target,
-        "commits": [commit.commit_id for commit in plan.commits],
-        "impact": result.as_json(),
-    }
     if arguments.dry_run:
+        plan = lifecycle.plan_promotion(settings, arguments.to, arguments.commit)
+        result = planned_impact(settings, plan)
         if arguments.json:
-            print(json.dumps(summary, indent=2))
+            print(json.dumps(promotion_summary(plan, result), indent=2))
         else:
             print(
                 f"would promote {len(plan.commits)} commits from {plan.source} to {plan.target} "
@@ -156,13 +151,80 @@ def promote(settings: Settings, arguments) -> int:
             )
             print("\n".join(format_impact(result)))
         return 0
-    if not arguments.json:  # the impact first: a change the breaker would hold is flagged before
-        print("\n".join(format_impact(result)))
-    lifecycle.promote(settings, arguments.to, arguments.commit)
-    if not arguments.json:
-        print(f"promoted {len(plan.commits)} commits from {plan.source} to {plan.target}")
-    status = 0
-    if not arguments.no_evaluate:
+
+    def report(plan, result) -> None:
+        # The impact first: a change the breaker would hold is flagged before it happens.
+        if not arguments.json:
+            print("\n".join(format_impact(result)))
+
+    def promoted(plan) -> None:
+        if not arguments.json:
+            print(f"promoted {len(plan.commits)} commits from {plan.source} to {plan.target}")
+
+    outcome = promote_now(
+        settings,
+        arguments.to,
+        arguments.commit,
+        evaluate=not arguments.no_evaluate,
+        arguments=arguments,
+        before=report,
+        promoted=promoted,
+    )
+    if arguments.json:
+        summary = promotion_summary(outcome.plan, outcome.impact)
+        print(json.dumps({**summary, "evaluated": not arguments.no_evaluate}, indent=2))
+    return outcome.status or 0
+
+
+@dataclass
+class PromotionOutcome:
+    """What `promote_now` did: the promotion, its impact measured before it, and the exit status
+    of the target's evaluation (None when it was not evaluated)."""
+
+    plan: lifecycle.Promotion
+    impact: Impact
+    status: int | None
+
+
+def planned_impact(settings: Settings, plan: lifecycle.Promotion) -> Impact:
+    """The impact of a planned promotion on the target's current users, per changed audience."""
+    changed = {key: plan.after[key] for key in plan.changed}
+    return impact(settings, plan.target, {key: plan.before.get(key) for key in changed}, changed)
+
+
+def promotion_summary(plan: lifecycle.Promotion, result: Impact) -> dict:
+    return {
+        "source": plan.source,
+        "target": plan.target,
+        "commits": [commit.commit_id for commit in plan.commits],
+        "impact": result.as_json(),
+    }
+
+
+def promote_now(
+    settings: Settings,
+    to: str,
+    commit_id: str | None = None,
+    *,
+    evaluate: bool = True,
+    arguments=None,
+    instance=None,
+    before: Callable[[lifecycle.Promotion, Impact], None] | None = None,
+    promoted: Callable[[lifecycle.Promotion], object] | None = None,
+) -> PromotionOutcome:
+    """Promote, the one way `audiences promote` and the Dagster promotion job both do: plan it,
+    measure its impact on the target's users (`before` sees both before anything is written),
+    promote, and evaluate the target at once through its Dagster job, tagged with the promotion's
+    commits and impact (in `instance`, else the DAGSTER_HOME one)."""
+    plan = lifecycle.plan_promotion(settings, to, commit_id)
+    result = planned_impact(settings, plan)
+    if before is not None:
+        before(plan, result)
+    lifecycle.promote(settings, to, commit_id)
+    if promoted is not None:
+        promoted(plan)
+    status = None
+    if evaluate:
         tags = {
             "audiences/promotion": f"{plan.source} -> {plan.target}",
             "audiences/commits": ", ".join(commit.commit_id for commit in plan.commits)[:2000],
@@ -170,23 +232,23 @@ def promote(settings: Settings, arguments) -> int:
                 f"{a.audience_key} +{a.entered} -{a.exited}" for a in result.audiences
             )[:2000],
         }
-        status = _evaluate(settings.for_environment(arguments.to), arguments, tags)
-    if arguments.json:
-        print(json.dumps({**summary, "evaluated": not arguments.no_evaluate}, indent=2))
-    return status
+        status = _evaluate(settings.for_environment(to), arguments, tags, instance)
+    return PromotionOutcome(plan, result, status)
 
 
-def _evaluate(settings: Settings, arguments, tags: dict[str, str]) -> int:
+def _evaluate(settings: Settings, arguments, tags: dict[str, str], instance=None) -> int:
     """Evaluate the environment now, as `audiences run` does; the Dagster run carries the
     promotion's commits and impact as tags, so the UI shows it as the promotion's run."""
     from audiences.cli.runs import run
 
+    given = vars(arguments) if arguments is not None else {"debug": False}
     run_arguments = argparse.Namespace(
         **{
-            **vars(arguments),
+            **given,
             "allow_earlier": False,
-            "verbose": getattr(arguments, "verbose", False),
+            "verbose": given.get("verbose", False),
             "run_tags": tags,
+            "instance": instance,
         }
     )
     print(f"evaluating {settings.environment}:", flush=True)

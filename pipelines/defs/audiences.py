@@ -14,7 +14,7 @@ from dagster_dbt import (
 )
 from pydantic import Field
 
-from audiences.conditions.definitions import DefinitionSet, validate_definitions
+from audiences.conditions.definitions import DefinitionSet, model_name_for, validate_definitions
 from audiences.dbt.models import custom_audience_keys
 from audiences.dbt.project import (
     build_state,
@@ -38,7 +38,7 @@ from audiences.warehouse.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
-from pipelines.defs.resources import SettingsParam, WarehouseResource
+from pipelines.defs.resources import EnvironmentNames, SettingsParam, WarehouseResource
 
 # The definitions the code location loaded with, which its models were generated from.
 DefinitionSetParam = dg.ResourceParam[DefinitionSet]
@@ -89,9 +89,23 @@ class EvaluationConfig(dg.Config):
 
 
 class AudiencesTranslator(DagsterDbtTranslator):
-    """Audience models are keyed `audiences/<model>` and depend on the definitions they come from."""
+    """Audience models are keyed `audiences/<model>` and depend on the definitions they come from;
+    a later environment's keys and groups carry its name (`EnvironmentNames`): dagster-dbt maps
+    the run's selected keys to dbt models through this translator, so the prefix lives here."""
+
+    names = EnvironmentNames()
 
     def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project) -> dg.AssetSpec:
+        spec = self._unprefixed_spec(manifest, unique_id, project)
+        if not self.names.prefix:
+            return spec
+        # Dependencies were resolved through this method, so they carry the prefix already.
+        return spec.replace_attributes(
+            key=self.names.prefixed(spec.key),
+            group_name=self.names.group(spec.group_name) if spec.group_name else None,
+        )
+
+    def _unprefixed_spec(self, manifest: Mapping[str, Any], unique_id: str, project):
         spec = super().get_asset_spec(manifest, unique_id, project)
         node = (
             manifest.get("nodes", {}).get(unique_id)
@@ -101,7 +115,7 @@ class AudiencesTranslator(DagsterDbtTranslator):
         folder = (node.get("fqn") or ["", ""])[1] if node.get("resource_type") == "model" else None
         if folder == "audiences":
             spec = spec.replace_attributes(key=dg.AssetKey(["audiences", node["name"]]))
-            spec = spec.merge_attributes(deps=[DEFINITIONS_KEY])
+            spec = spec.merge_attributes(deps=[self.names.prefixed(DEFINITIONS_KEY)])
             # Which path the audience takes: real time on identify, or the next run (issue 19).
             path = getattr(self, "evaluation_paths", {}).get(node["name"])
             if path is not None:
@@ -148,10 +162,20 @@ def audience_definitions(
             f"see the {DEFINITIONS_CHECK} check"
         )
     triggers = load_workflow_setup(settings).triggers
-    rows = ["| key | type | version | name |", "|---|---|---|---|"]
-    rows += [f"| {d.key} | {d.type} | {d.version} | {d.name} |" for d in definitions.values()]
+    # Which commit each definition is in this environment (`commit_id` "uncommitted" for a
+    # working file that differs from development's latest commit).
+    commits = version_metadata(settings)
+    rows = ["| key | type | version | commit | message | name |", "|---|---|---|---|---|---|"]
+    for d in definitions.values():
+        commit = commits.get(model_name_for(d.key), {})
+        message = commit.get("commit_message", "").replace("|", "\\|")
+        rows.append(
+            f"| {d.key} | {d.type} | {d.version} | {commit.get('commit_id', '')} | {message} "
+            f"| {d.name} |"
+        )
     return dg.MaterializeResult(
         metadata={
+            "environment": settings.environment,
             "folder": str(settings.definitions_dir),
             "dynamic_audiences": sum(d.type == "dynamic" for d in definitions.values()),
             "static_audiences": sum(d.type == "static" for d in definitions.values()),
@@ -185,7 +209,8 @@ def build_audiences(
     """Build users' attributes and every audience, at one fixed evaluation time (the body of the
     `audience_models` dbt assets, which `audience_models_from` makes from the manifest)."""
     evaluated_at = evaluation_time_for(config.evaluation_time or settings.evaluation_time)
-    context.log.info(f"evaluation time: {format_time(evaluated_at)}")
+    names = EnvironmentNames.of(settings)
+    context.log.info(f"{settings.environment}: evaluation time {format_time(evaluated_at)}")
     fingerprint = project_fingerprint(settings.dbt_project_dir)
     with warehouse.connect() as connection:
         try:
@@ -198,7 +223,7 @@ def build_audiences(
                 "members are evaluated, no membership events are recorded"
             )
         set_evaluation_clock(connection, evaluated_at)
-        reevaluated = {dg.AssetKey(name) for name in REEVALUATED_MODELS}
+        reevaluated = {names.key(name) for name in REEVALUATED_MODELS}
         built_from = last_full_build(connection)
         lean = reevaluated <= context.selected_asset_keys and built_from == fingerprint
     # The audience views read the clock table, so while the definitions (the dbt project) are
@@ -238,7 +263,8 @@ def build_audiences(
             others.append(event)
             continue
         extra = {"evaluated_at": format_time(evaluated_at)}
-        if key.path[0] == "audiences" and key.path[-1] in audiences:
+        relative = key.path[len(names.prefix) :]
+        if relative[0] == "audiences" and key.path[-1] in audiences:
             extra.update(audiences[key.path[-1]])
         if key.path[-1] == "audience_members":
             extra["member_counts"] = dg.MetadataValue.json(
@@ -249,7 +275,7 @@ def build_audiences(
     # the views alone): each gets a materialization with its members, so the asset's history
     # (and its Plots tab) follows the member count run by run.
     for model, metadata in audiences.items():
-        key = dg.AssetKey(["audiences", model])
+        key = names.key("audiences", model)
         if key not in outputs and key in context.selected_asset_keys:
             outputs[key] = dg.MaterializeResult(
                 asset_key=key,
@@ -302,36 +328,38 @@ def every_audience_built(
 
 
 def audience_models_from(
-    manifest: Path, evaluation_paths: Mapping[str, str] | None = None
+    manifest: Path,
+    evaluation_paths: Mapping[str, str] | None = None,
+    names: EnvironmentNames | None = None,
 ) -> dg.AssetsDefinition:
     """The dbt project's models as assets (`build_audiences` builds them), keyed and grouped by
-    `AudiencesTranslator`; dbt tests on the `users` source become checks on the `users` asset.
-    `evaluation_paths` (per model name, `evaluation_paths`) go into each audience's catalog entry."""
+    `AudiencesTranslator` (under the environment's `names`); dbt tests on the `users` source
+    become checks on the `users` asset. `evaluation_paths` (per model name, `evaluation_paths`)
+    go into each audience's catalog entry."""
     translator = AudiencesTranslator(
         settings=DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True)
     )
     translator.evaluation_paths = dict(evaluation_paths or {})
-    return dbt_assets(manifest=manifest, dagster_dbt_translator=translator, name="audience_models")(
-        build_audiences
-    )
+    translator.names = names = names or EnvironmentNames()
+    return dbt_assets(
+        manifest=manifest,
+        dagster_dbt_translator=translator,
+        name=names.name("audience_models"),
+    )(build_audiences)
 
 
-@dg.definitions
-def audiences_definitions() -> dg.Definitions:
-    """What depends on the dbt project, made each time the code location loads: the definitions
-    (read once, as the models were generated from them: a definition with errors, or one that refers
-    to it, is skipped with its last members kept) and the models' assets from the manifest that
-    `prepare` checks against them. Loading never writes the models."""
-    settings = Settings.from_env()
+def audience_models(settings: Settings) -> tuple[dg.AssetsDefinition, DefinitionSet]:
+    """What depends on an environment's dbt project, made when the code location loads: its
+    definitions (read once, as the models were generated from them: a definition with errors, or
+    one that refers to it, is skipped with its last members kept) and its models' assets from the
+    manifest that `prepare` checks against them. Loading never writes the models."""
     definition_set = project_definitions(settings)
     manifest = prepare(settings, definition_set)
-    return dg.Definitions(
-        assets=[
-            audience_definitions,
-            audience_models_from(manifest, evaluation_paths(settings, definition_set)),
-        ],
-        asset_checks=[every_definition_is_usable, every_audience_built],
-        resources={"definition_set": definition_set},
+    return (
+        audience_models_from(
+            manifest, evaluation_paths(settings, definition_set), EnvironmentNames.of(settings)
+        ),
+        definition_set,
     )
 
 

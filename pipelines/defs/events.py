@@ -15,9 +15,9 @@ def event_source_asset_key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["event_sources", name])
 
 
-@dg.definitions
-def events_definitions() -> dg.Definitions:
-    sources = configured_event_sources(Settings.from_env())
+def events_definitions(settings: Settings) -> dg.Definitions:
+    """One external asset per event source the settings declare, and `events` after them."""
+    sources = configured_event_sources(settings)
     source_specs = [
         dg.AssetSpec(
             key=event_source_asset_key(source.name),

@@ -17,7 +17,12 @@ from audiences.workflows.realtime import (
     publish_plan,
     realtime_disagreements,
 )
-from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
+from pipelines.defs.resources import (
+    EnvironmentNames,
+    MembershipStoreResource,
+    SettingsParam,
+    WarehouseResource,
+)
 
 # Most deliveries one pass inside a pipeline run sends, and most seconds it spends on one sink (a
 # receiver that hangs then delays only its own deliveries, until the `deliveries_due` sensor's next
@@ -131,8 +136,12 @@ def membership_changes(
         "run's events for that audience are held until released or discarded."
     ),
 )
-def no_mass_membership_change(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    event = context.instance.get_latest_materialization_event(dg.AssetKey("membership_changes"))
+def no_mass_membership_change(
+    context: dg.AssetCheckExecutionContext, settings: SettingsParam
+) -> dg.AssetCheckResult:
+    # This environment's membership_changes (a later environment's key carries its name).
+    key = EnvironmentNames.of(settings).key("membership_changes")
+    event = context.instance.get_latest_materialization_event(key)
     held = list(event.asset_materialization.metadata["held_batches"].value) if event else []
     return dg.AssetCheckResult(
         passed=not held,

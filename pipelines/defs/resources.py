@@ -1,6 +1,10 @@
-"""Resources: the DuckDB warehouse and the dbt CLI, both located by `audiences.settings`."""
+"""Resources: the DuckDB warehouse and the dbt CLI, both located by `audiences.settings`, and how
+each environment's objects are named in the one code location."""
 
+import re
+from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from importlib.metadata import version
 from pathlib import Path
@@ -53,6 +57,12 @@ class WarehouseResource(dg.ConfigurableResource):
 
     @contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext):
+        with self.held_for_run(context):
+            yield self
+
+    @contextmanager
+    def held_for_run(self, context: dg.InitResourceContext):
+        """The writer lock, held for the run `context` initializes this resource for."""
         run = context.dagster_run
         holder = (
             {"run_id": run.run_id, "job": run.job_name, "trigger": run_trigger(run.tags)}
@@ -60,7 +70,7 @@ class WarehouseResource(dg.ConfigurableResource):
             else {}
         )
         with hold_writer_lock(Path(self.duckdb_path), holder, report=context.log.warning):
-            yield self
+            yield
 
     def connect(self, read_only: bool = False):
         return connect(self.duckdb_path, read_only=read_only)
@@ -82,21 +92,135 @@ class MembershipStoreResource(dg.ConfigurableResource):
 SettingsParam = dg.ResourceParam[Settings]
 
 
-@dg.definitions
-def resources() -> dg.Definitions:
-    """The resources every asset takes, made from the settings each time the code location loads
-    (the assets themselves are module-level objects)."""
-    settings = Settings.from_env()
-    return dg.Definitions(
-        resources={
-            "settings": settings,
-            "warehouse": WarehouseResource(duckdb_path=str(settings.duckdb_path)),
-            "store": MembershipStoreResource(url=settings.store_url),
-            # The dbt beside this Python, so the tool works from a virtualenv that is not activated.
-            "dbt": DbtResource(
-                project_dir=str(settings.dbt_project_dir),
-                profiles_dir=str(settings.dbt_project_dir),
-                dbt_executable=dbt_executable(),
-            ),
+# The tag naming the environment a run works in: every job of an environment carries it.
+ENVIRONMENT_TAG = "audiences/environment"
+
+
+def dagster_name(environment: str) -> str:
+    """An environment's name as Dagster accepts it in names and asset keys (`[A-Za-z0-9_]`)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", environment)
+
+
+@dataclass(frozen=True)
+class EnvironmentNames:
+    """How one environment's assets, ops, groups, jobs, schedules and sensors are named in the
+    code location. The first environment (development, where analysts work) keeps the names it
+    always had (`users`, `audiences/power_users`, `audiences_job`), so its history and run
+    configuration stay; each later one is prefixed with its name (`production/users`,
+    `production/audiences/power_users`, `production__audiences_job`, group `production_audiences`)."""
+
+    environment: str | None = None
+    prefix: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, settings: Settings) -> "EnvironmentNames":
+        first = settings.environment == settings.development_environment
+        return cls(settings.environment, () if first else (dagster_name(settings.environment),))
+
+    def key(self, *path: str) -> dg.AssetKey:
+        return dg.AssetKey([*self.prefix, *path])
+
+    def prefixed(self, key: dg.AssetKey) -> dg.AssetKey:
+        return dg.AssetKey([*self.prefix, *key.path])
+
+    def name(self, name: str) -> str:
+        """An op, job, schedule or sensor name (Dagster's own `prefix__name` for prefixed keys)."""
+        return "__".join([*self.prefix, name])
+
+    def group(self, group: str) -> str:
+        return "_".join([*self.prefix, group])
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {ENVIRONMENT_TAG: self.environment} if self.environment else {}
+
+
+def run_environment(context: dg.InitResourceContext, served: list[str], settings: Settings) -> str:
+    """The environment a run works in: its `audiences/environment` tag (every environment's jobs
+    carry it), else the environment of the assets it selects (a run started from the asset
+    graph), else the first environment served. A run over two environments' assets is refused."""
+    run = context.dagster_run
+    if run is None:
+        return served[0]
+    tagged = run.tags.get(ENVIRONMENT_TAG)
+    if not tagged:
+        later = {
+            dagster_name(name): name
+            for name in settings.environments
+            if name != settings.development_environment
         }
+        first = settings.development_environment
+        keys = [
+            *(run.asset_selection or ()),
+            *(c.asset_key for c in run.asset_check_selection or ()),
+        ]
+        found = {later.get(key.path[0], first) if len(key.path) > 1 else first for key in keys}
+        if len(found) > 1:
+            raise dg.Failure(
+                f"a run works in one environment, and this one selects assets of "
+                f"{', '.join(sorted(found))}: select the assets of one environment"
+            )
+        tagged = found.pop() if found else served[0]
+    if tagged not in served:
+        raise dg.Failure(
+            f"this code location does not serve the environment {tagged!r} (it serves "
+            f"{', '.join(served)})"
+        )
+    return tagged
+
+
+def environment_resources(
+    environments: Mapping[str, Settings], definition_sets: Mapping[str, object]
+) -> dict[str, dg.ResourceDefinition]:
+    """The resources every asset takes (`settings`, `warehouse`, `store`, `dbt`,
+    `definition_set`), each the one of the run's environment (`run_environment`): so one asset
+    function serves every environment, and a run never touches another environment's warehouse,
+    store or dbt project. `definition_sets` holds the definitions each environment loaded with."""
+    served = list(environments)
+    any_settings = next(iter(environments.values()))
+
+    def chosen(context: dg.InitResourceContext) -> Settings:
+        return environments[run_environment(context, served, any_settings)]
+
+    @dg.resource(
+        description="The engine's settings (`audiences.settings`) of the run's environment."
     )
+    def settings(context: dg.InitResourceContext) -> Settings:
+        return chosen(context)
+
+    @dg.resource(
+        description="The DuckDB warehouse of the run's environment; the run holds its writer lock."
+    )
+    def warehouse(context: dg.InitResourceContext):
+        resource = WarehouseResource(duckdb_path=str(chosen(context).duckdb_path))
+        with resource.held_for_run(context):
+            yield resource
+
+    @dg.resource(description="The membership store of the run's environment.")
+    def store(context: dg.InitResourceContext) -> MembershipStoreResource:
+        return MembershipStoreResource(url=chosen(context).store_url)
+
+    @dg.resource(
+        description="The dbt project of the run's environment, run by the dbt beside this Python."
+    )
+    def dbt(context: dg.InitResourceContext) -> DbtResource:
+        # The dbt beside this Python, so the tool works from a virtualenv that is not activated.
+        project = str(chosen(context).dbt_project_dir)
+        return DbtResource(
+            project_dir=project, profiles_dir=project, dbt_executable=dbt_executable()
+        )
+
+    @dg.resource(description="The audience definitions the run's environment loaded with.")
+    def definition_set(context: dg.InitResourceContext):
+        environment = chosen(context).environment
+        if environment not in definition_sets:
+            raise dg.Failure(f"{environment} has no definitions to evaluate yet")
+        return definition_sets[environment]
+
+    return {
+        "settings": settings,
+        "warehouse": warehouse,
+        "store": store,
+        "dbt": dbt,
+        "definition_set": definition_set,
+    }

@@ -13,6 +13,7 @@ from audiences.store.profiles import identify_queue_waiting
 from audiences.store.tenants import tenant_queue_waiting
 from audiences.users import configured_sources, configured_tenant_sources
 from audiences.users.sources import source_fingerprint
+from pipelines.defs.resources import EnvironmentNames
 from pipelines.defs.schedules import DELIVERY_JOB, MAIN_JOB
 from pipelines.defs.static import uploads_dir
 
@@ -32,19 +33,61 @@ def existing_store(settings: Settings):
     return MembershipStore(settings.store_url)
 
 
+SOURCES_DESCRIPTION = (
+    "Requests the main job (load users, evaluate audiences, publish membership events) when any "
+    "user source changes, an event source gains files or rows, a CSV file is dropped in the uploads folder, or identify calls (the "
+    "API's `PUT /v1/users/{id}`, uploads) wait in the store's queue. The run's tags say which "
+    "(`audiences/changed_sources`). Runs are serialized by the `audiences/duckdb` tag (one writer)."
+)
+DELIVERIES_DESCRIPTION = (
+    "Requests a delivery run when workflow triggers are due (retries, broadcasts, triggers a run "
+    "did not finish sending), and none is running: one indexed query on the store per tick, "
+    "and no run when nothing is due. `audiences deliver --watch` is the always-on alternative."
+)
+
+
+def environment_sensors(settings: Settings, names: EnvironmentNames) -> list[dg.SensorDefinition]:
+    """An environment's two sensors, reading its own sources, uploads and store, and requesting
+    its own jobs (`EnvironmentNames`)."""
+    where = f" ({settings.environment})"
+
+    @dg.sensor(
+        name=names.name("user_sources_changed"),
+        job_name=names.name(MAIN_JOB),
+        minimum_interval_seconds=5,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=SOURCES_DESCRIPTION + where,
+    )
+    def sources(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        return sources_changed(context, settings)
+
+    @dg.sensor(
+        name=names.name("deliveries_due"),
+        job_name=names.name(DELIVERY_JOB),
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=DELIVERIES_DESCRIPTION + where,
+    )
+    def deliveries(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        return due_deliveries(context, settings, names.name(DELIVERY_JOB))
+
+    return [sources, deliveries]
+
+
 @dg.sensor(
     job_name=MAIN_JOB,
     minimum_interval_seconds=5,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description=(
-        "Requests the main job (load users, evaluate audiences, publish membership events) when any "
-        "user source changes, an event source gains files or rows, a CSV file is dropped in the uploads folder, or identify calls (the "
-        "API's `PUT /v1/users/{id}`, uploads) wait in the store's queue. The run's tags say which "
-        "(`audiences/changed_sources`). Runs are serialized by the `audiences/duckdb` tag (one writer)."
-    ),
+    description=SOURCES_DESCRIPTION,
 )
 def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    settings = Settings.from_env()
+    """The sensor of the environment the settings name (AUDIENCES_ENV)."""
+    return sources_changed(context, Settings.from_env())
+
+
+def sources_changed(context: dg.SensorEvaluationContext, settings: Settings) -> dg.SensorResult:
+    """A run request when a source, an upload, an event source or the store's queues changed
+    since the cursor's fingerprints."""
     sources = configured_sources(settings) + configured_tenant_sources(settings)
     previous = json.loads(context.cursor) if context.cursor else None
     fingerprints = {}
@@ -112,16 +155,21 @@ def user_sources_changed(context: dg.SensorEvaluationContext) -> dg.SensorResult
     job_name=DELIVERY_JOB,
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description=(
-        "Requests a delivery run when workflow triggers are due (retries, broadcasts, triggers a run "
-        "did not finish sending), and none is running: one indexed query on the store per tick, "
-        "and no run when nothing is due. `audiences deliver --watch` is the always-on alternative."
-    ),
+    description=DELIVERIES_DESCRIPTION,
 )
 def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """The sensor of the environment the settings name (AUDIENCES_ENV)."""
+    return due_deliveries(context, Settings.from_env(), DELIVERY_JOB)
+
+
+def due_deliveries(
+    context: dg.SensorEvaluationContext, settings: Settings, job_name: str
+) -> dg.SensorResult:
+    """A delivery run request when deliveries are due in the settings' store and no run of
+    `job_name` is delivering."""
     from audiences.store.database import deliveries, now_text
 
-    store = existing_store(Settings.from_env())
+    store = existing_store(settings)
     if store is None:
         return dg.SensorResult(skip_reason="no membership store yet")
     now = now_text()
@@ -152,7 +200,7 @@ def deliveries_due(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         )
     active = context.instance.get_runs(
         filters=dg.RunsFilter(
-            job_name=DELIVERY_JOB,
+            job_name=job_name,
             statuses=[
                 dg.DagsterRunStatus.QUEUED,
                 dg.DagsterRunStatus.NOT_STARTED,

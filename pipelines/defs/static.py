@@ -19,7 +19,12 @@ from audiences.static.members import (
 )
 from audiences.static.syncs import load_syncs, run_sync
 from audiences.static.uploads import UploadError, upload_csv
-from pipelines.defs.resources import MembershipStoreResource, SettingsParam, WarehouseResource
+from pipelines.defs.resources import (
+    EnvironmentNames,
+    MembershipStoreResource,
+    SettingsParam,
+    WarehouseResource,
+)
 
 
 class MembershipChangeConfig(dg.Config):
@@ -198,8 +203,19 @@ def change_static_membership(
     )
 
 
-@dg.job(
-    description="Add or remove a member of a static audience from the UI (like `audiences add`)."
-)
-def change_static_audience_member():
-    change_static_membership()
+def static_member_job(names: EnvironmentNames) -> dg.JobDefinition:
+    """An environment's job that adds or removes one member of a static audience."""
+
+    @dg.job(
+        name=names.name("change_static_audience_member"),
+        description="Add or remove a member of a static audience from the UI (like "
+        f"`audiences add`){f' in {names.environment}' if names.environment else ''}.",
+        tags=names.tags,
+    )
+    def change_static_audience_member():
+        change_static_membership()
+
+    return change_static_audience_member
+
+
+change_static_audience_member = static_member_job(EnvironmentNames())

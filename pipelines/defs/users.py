@@ -129,11 +129,9 @@ def users_have_unique_ids(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=duplicates == 0, metadata={"duplicate_ids": duplicates})
 
 
-@dg.definitions
-def users_definitions() -> dg.Definitions:
+def users_definitions(settings: Settings) -> dg.Definitions:
     """One external asset per source declared when the code location loads, and `users` after
-    them."""
-    settings = Settings.from_env()
+    them (an environment's; `pipelines/defs/environments.py` names them for it)."""
     sources = configured_sources(settings) + configured_tenant_sources(settings)
     source_specs = [
         dg.AssetSpec(

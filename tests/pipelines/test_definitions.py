@@ -38,6 +38,9 @@ EXPECTED_ASSET_KEYS = [
     "int_users_flattened",
     "int_users_to_reevaluate",
     "membership_changes",
+    # Every environment is served (issue 15); nothing is promoted to production in the sample, so
+    # production is this one asset, whose description says how to promote.
+    "production/audience_definitions",
     "published_membership_events",
     "sources/crm_export",
     "sources/product_updates",
