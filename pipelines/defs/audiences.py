@@ -1,5 +1,6 @@
 """Audiences: the definitions asset and the dbt models that materialize every audience."""
 
+import json
 from collections.abc import Mapping
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -342,7 +343,9 @@ def audience_models_from(
     translator.evaluation_paths = dict(evaluation_paths or {})
     translator.names = names = names or EnvironmentNames()
     return dbt_assets(
-        manifest=manifest,
+        # Read now, not through dagster-dbt's cache of manifests by path: a promotion evaluates
+        # the target environment in the process that loaded its previous manifest.
+        manifest=json.loads(manifest.read_bytes()),
         dagster_dbt_translator=translator,
         name=names.name("audience_models"),
     )(build_audiences)

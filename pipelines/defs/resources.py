@@ -1,6 +1,7 @@
 """Resources: the DuckDB warehouse and the dbt CLI, both located by `audiences.settings`, and how
 each environment's objects are named in the one code location."""
 
+import os
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_dbt import DbtCliResource
 from packaging.version import Version
+from pydantic import Field
 
 from audiences.dbt.project import dbt_executable
 from audiences.settings import Settings
@@ -29,12 +31,29 @@ class DbtResource(DbtCliResource):
       `fetch_column_metadata`, which the assets do not call (they read counts from the warehouse).
     """
 
+    # The engine's settings as `AUDIENCES_*` variables, for dbt's profile (`AUDIENCES_DUCKDB`:
+    # the environment's own warehouse) and the models; dagster-dbt hands dbt this process's.
+    variables: dict[str, str] = Field(default_factory=dict)
+
     @cached_property
     def _cli_version(self) -> Version:
         return Version(version("dbt-core"))
 
     def _initialize_dbt_core_adapter(self, args):
         return None
+
+    def cli(self, *args, **kwargs):
+        """dagster-dbt's `cli`, with `variables` in the environment dbt starts in."""
+        saved = {name: os.environ.get(name) for name in self.variables}
+        os.environ.update(self.variables)
+        try:
+            return super().cli(*args, **kwargs)  # dbt has started when it returns
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def run_trigger(tags: dict[str, str]) -> str:
@@ -205,9 +224,13 @@ def environment_resources(
     )
     def dbt(context: dg.InitResourceContext) -> DbtResource:
         # The dbt beside this Python, so the tool works from a virtualenv that is not activated.
-        project = str(chosen(context).dbt_project_dir)
+        settings = chosen(context)
+        project = str(settings.dbt_project_dir)
         return DbtResource(
-            project_dir=project, profiles_dir=project, dbt_executable=dbt_executable()
+            project_dir=project,
+            profiles_dir=project,
+            dbt_executable=dbt_executable(),
+            variables=settings.environment_variables(),
         )
 
     @dg.resource(description="The audience definitions the run's environment loaded with.")
