@@ -137,8 +137,11 @@ def test_edit_preview_dry_run_commit_promote_and_roll_back(project, capsys):
         runs = instance.get_runs(
             filters=dg.RunsFilter(tags={"audiences/promotion": "development -> production"})
         )
-        # Its audience's materialization names the version it evaluated.
-        latest = instance.get_latest_materialization_event(dg.AssetKey(["audiences", "pro_users"]))
+        # Its audience's materialization (production's asset, under its name) names the version
+        # it evaluated.
+        latest = instance.get_latest_materialization_event(
+            dg.AssetKey(["production", "audiences", "pro_users"])
+        )
     assert {run.tags["audiences/environment"] for run in runs} == {"production"}
     assert "pro-users +1 -0" in {run.tags["audiences/impact"] for run in runs}
     metadata = latest.asset_materialization.metadata
