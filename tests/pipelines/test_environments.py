@@ -65,7 +65,8 @@ def metadata(instance, *path: str) -> dict:
 @pytest.fixture(scope="module")
 def environments(tmp_path_factory):
     """`audiences init`'s project with pro-users committed and promoted to production (whose
-    models are generated), free-users only in development's working files; then each
+    models are generated), then renamed and committed in development only, and free-users only in
+    development's working files; then each
     environment's main job run once from one code location that serves both."""
     folder = tmp_path_factory.mktemp("environments") / "project"
     with pytest.MonkeyPatch.context() as patch:
@@ -77,6 +78,10 @@ def environments(tmp_path_factory):
         audiences("commit", "-m", "pro users")
         audiences("promote", "--to", "production", "--no-evaluate")
         audiences("--environment", "production", "generate")
+        # A newer version of pro-users, committed in development and not promoted.
+        pro = folder / "data" / "audiences" / "pro-users" / "audience.json"
+        pro.write_text(json.dumps({**json.loads(pro.read_text()), "name": "Pro plan users"}))
+        audiences("commit", "-m", "rename pro users")
         working = folder / "data" / "audiences" / "free-users"
         working.mkdir()
         (working / "audience.json").write_text(json.dumps(FREE_USERS))
@@ -136,11 +141,16 @@ def test_each_environment_writes_only_its_own_warehouse_and_store(environments):
 
 def test_each_environments_audiences_name_the_commit_they_were_evaluated_from(environments):
     folder, _, instance = environments
-    pro_id, message = commit_ids(folder, "production")["pro-users"]
-    assert commit_ids(folder, "development")["pro-users"] == (pro_id, message)
+    pro_id, _ = commit_ids(folder, "production")["pro-users"]
+    renamed_id, _ = commit_ids(folder, "development")["pro-users"]
+    assert renamed_id != pro_id
     production = metadata(instance, "production", "audiences", "pro_users")
     assert (production["commit_id"], production["commit_message"]) == (pro_id, "pro users")
-    assert metadata(instance, "audiences", "pro_users")["commit_id"] == pro_id
+    development = metadata(instance, "audiences", "pro_users")
+    assert (development["commit_id"], development["commit_message"]) == (
+        renamed_id,
+        "rename pro users",
+    )
     # free-users is only a working file in development: not committed.
     assert metadata(instance, "audiences", "free_users")["commit_id"] == "uncommitted"
     # The definitions asset lists each audience's commit, in its environment.
