@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -544,6 +545,10 @@ class CompileContext:
     # tenant) pair (`pair_attribute`); None where conditions read only the recipient, so that a
     # `tenant.*` or `membership.*` condition is an error naming the property.
     pair_attribute: AttributeReader | None = None
+    # The relation of event states (`int_event_state`: `state_key`, `user_number`, `user_id`,
+    # `times`), from which an event condition that has a state (`event_state`) reads its verdict
+    # instead of counting events; None: count the events.
+    event_state: exp.Expression | None = None
 
 
 def pair_attribute(attribute: Attribute) -> exp.Expression:
@@ -1283,6 +1288,9 @@ def _compile_performed(condition: Condition, context: CompileContext) -> exp.Exp
     kind, number = event_argument(condition).count
     if kind == "at_least" and number == 0:
         return exp.true()
+    state = event_state(condition) if context.event_state is not None else None
+    if state is not None:
+        return _performed_from_state(state, kind, number, context)
     if kind == "at_most" or (kind == "exactly" and number == 0):
         # No counted event is a count of 0: "at most N" is "not more than N".
         more = _users_having(
@@ -1304,6 +1312,14 @@ def _compile_performed(condition: Condition, context: CompileContext) -> exp.Exp
 
 def _compile_last_performed(condition: Condition, context: CompileContext) -> exp.Expression:
     before = condition.operator == "last_performed_before"
+    state = event_state(condition) if context.event_state is not None else None
+    if state is not None:
+        comparison = exp.LT if before else exp.GTE
+        last = _template(
+            "list_max(list_filter(times, lambda t: t <= :now))", now=context.evaluation_time
+        )
+        bound = time_argument_sql(event_argument(condition).time, context)
+        return _state_users(state, context, comparison(this=last, expression=bound))
 
     def last_event(argument: EventArgument) -> exp.Expression:
         bound = time_argument_sql(argument.time, context)
@@ -1312,6 +1328,253 @@ def _compile_last_performed(condition: Condition, context: CompileContext) -> ex
         )
 
     return _users_having(condition, context, last_event)
+
+
+# ---------------------------------------------------------------------------------------------
+# Event state (int_event_state): per user and event condition, what its verdict needs, kept up to
+# date from new events alone, and the time at which its verdict can next change.
+
+EVENT_STATE_MARKER = -1  # `user_number` of a condition's marker row: its watermark and "now"
+
+
+@dataclass(frozen=True)
+class EventState:
+    """What an event condition keeps per user (docs/conditions.md, "Event state").
+
+    A user's state is the times of their qualifying events (the name, `where`, absolute bounds),
+    newest first: every one stamped after "now" (it counts once "now" reaches it) and, of those
+    at or before "now" and inside a relative window, the `keep` most recent: enough to tell the
+    count up to `keep`, which each comparison needs, and the last time. As "now" only moves
+    forward, an event that left the window or is older than the `keep` most recent can never
+    count again; a late event merges into the list like any other, and nothing else is read.
+
+    `window` is a relative window's shift in minutes (an event counts while its time is after
+    now + window); `thresholds` are the ranks j whose event leaving the window flips the verdict
+    (the N-th most recent for "at least N", the (N+1)-th for "at most N", both for "exactly N");
+    `last_shift` is the shift of a `last_performed_*` relative bound.
+    """
+
+    key: str
+    event: str
+    where: tuple[Condition, ...]
+    after: datetime | None
+    before: datetime | None
+    keep: int
+    window: int | None = None
+    thresholds: tuple[int, ...] = ()
+    last_shift: int | None = None
+
+
+def event_state(condition: Condition) -> EventState | None:
+    """The state an event condition keeps per user; None for "at least 0" (always true) and for
+    conditions counted over the user's events instead: a bound read from the user, a relative
+    bound inside `within: {after, before}`, a `where` that compares a property with "now"."""
+    argument = event_argument(condition)
+    if _reads_the_user(argument):
+        return None
+    compares_now: list[TimeWindow] = []
+    nested = replace(
+        _event_property_context(_recording_context()), on_time_window=compares_now.append
+    )
+    for where in argument.where:
+        compile_condition(where, nested)
+    if compares_now:
+        return None
+    raw = condition.argument
+    if isinstance(raw, str):
+        raw = decode_argument(raw).value
+    text = json.dumps([condition.operator, raw], sort_keys=True, ensure_ascii=False, default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if condition.operator != "performed":
+        shift = argument.time.minutes if isinstance(argument.time, RelativeTime) else None
+        return EventState(key, argument.event, argument.where, None, None, 1, last_shift=shift)
+    kind, number = argument.count
+    if kind == "at_least" and number == 0:
+        return None
+    ranks = {"at_least": (number,), "at_most": (number + 1,), "exactly": (number, number + 1)}
+    thresholds = tuple(rank for rank in ranks[kind] if rank >= 1)
+    after = before = None
+    window = argument.window
+    if isinstance(window, tuple):
+        after, before = window
+        if not all(bound is None or isinstance(bound, datetime) for bound in window):
+            return None
+    shift = window.minutes if isinstance(window, RelativeTime) else None
+    return EventState(
+        key,
+        argument.event,
+        argument.where,
+        after,
+        before,
+        max(thresholds),
+        shift,
+        thresholds if shift is not None else (),
+    )
+
+
+def _state_qualifies(state: EventState, context: CompileContext) -> exp.Expression:
+    """Whether an event (`event_name`, `event_at`, `event_properties`) is one the state keeps,
+    whatever "now" is: as `_counted_events`, less its comparisons with "now"."""
+    at = exp.column("event_at")
+    filters: list[exp.Expression] = [
+        exp.column("event_name").eq(exp.Literal.string(state.event))
+    ]
+    if state.after is not None:
+        filters.append(exp.GT(this=at.copy(), expression=timestamp_literal(state.after)))
+    if state.before is not None:
+        filters.append(exp.LT(this=at.copy(), expression=timestamp_literal(state.before)))
+    nested = _event_property_context(context)
+    filters += [compile_condition(where, nested) for where in state.where]
+    return exp.and_(*filters)
+
+
+def _counts_now(state: EventState, now: exp.Expression) -> exp.Expression:
+    """The lambda body telling whether a kept time `t` counts at `now`."""
+    if state.window is None:
+        return _template("t <= :now", now=now)
+    return _template(
+        "t <= :now and t > :now + to_minutes(cast(:minutes as bigint))",
+        now=now,
+        minutes=state.window,
+    )
+
+
+def _next_change(state: EventState, now: exp.Expression) -> exp.Expression:
+    """The earliest time after `now` at which the verdict from `times` (kept at `now`) can change:
+    the first event stamped after `now` starts to count; in a relative window the threshold
+    ranks' events leave it at their time plus its length; the last time crosses a relative bound
+    one microsecond after it equals it (before: `last < now + shift`; after: `last >= now + shift`).
+    """
+    past = _template("list_filter(times, lambda t: t <= :now)", now=now)
+    parts = [_template("list_min(list_filter(times, lambda t: t > :now))", now=now)]
+    for rank in state.thresholds:
+        parts.append(
+            _template(
+                f":past[{int(rank)}] - to_minutes(cast(:minutes as bigint))",
+                past=past.copy(),
+                minutes=state.window,
+            )
+        )
+    if state.last_shift is not None:
+        parts.append(
+            _template(
+                ":past[1] - to_minutes(cast(:minutes as bigint)) + to_microseconds(cast(1 as bigint))",
+                past=past.copy(),
+                minutes=state.last_shift,
+            )
+        )
+    return parts[0] if len(parts) == 1 else exp.func("least", *parts)
+
+
+_EMPTY_TIMES = "cast([] as timestamptz[])"
+
+
+def event_state_rows(
+    condition: Condition,
+    context: CompileContext,
+    through: exp.Expression,
+    previous: exp.Expression | None = None,
+    after: exp.Expression | None = None,
+    due: exp.Expression | None = None,
+) -> str:
+    """One event condition's rows of `int_event_state`, as DuckDB SQL at `context.evaluation_time`, over the
+    events `context.events` (with `event_seq` and `user_number`) loaded up to `through`.
+
+    Given `previous` (the state table) and `after` (the newest event its rows of this condition
+    cover), only the users with qualifying events loaded since, and those whose verdict is due to
+    change (`next_change` at or before "now"), are computed: from their kept times and their new
+    events alone, never their older events. Otherwise every user, from all events, with `due_at`
+    set to `due`. `due_at` is the latest `next_change` a row passed: `int_event_users_to_reevaluate`
+    lists the users whose `due_at` "now" moved over. The last row is the condition's marker
+    (`user_number` -1): the events its state covers, and the "now" it was kept at.
+    """
+    state = event_state(condition)
+    if state is None:
+        raise ConditionError("this event condition is counted over events, it keeps no state")
+
+    def sql(expression: exp.Expression) -> str:
+        return render(expression, pretty=False)
+
+    now = sql(context.evaluation_time)
+    table = sql(context.events if context.events is not None else exp.to_table(EVENTS_TABLE))
+    first = sql(after) if after is not None and previous is not None else "0"
+    key = sql(exp.Literal.string(state.key))
+    new_events = (
+        "select user_number, any_value(event_user_id) as user_id, list(event_at) as times "
+        "from (select event_seq, user_number, user_id as event_user_id, event as event_name, "
+        f'"timestamp" as event_at, properties as event_properties from {table}) as counted_events '
+        f"where event_seq > {first} and event_seq <= {sql(through)} "
+        f"and {sql(_state_qualifies(state, context))} group by user_number"
+    )
+    if previous is None:
+        due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
+        merged = (
+            f"select user_number, user_id, list_sort(times, 'DESC') as times, {due_at} as due_at "
+            f"from ({new_events}) as new_events"
+        )
+    else:
+        merged = (
+            f"with new_events as ({new_events}) "
+            "select coalesce(previous.user_number, new_events.user_number) as user_number, "
+            "coalesce(previous.user_id, new_events.user_id) as user_id, "
+            f"list_sort(list_concat(coalesce(previous.times, {_EMPTY_TIMES}), "
+            f"coalesce(new_events.times, {_EMPTY_TIMES})), 'DESC') as times, "
+            f"case when previous.next_change <= {now} then previous.next_change "
+            "else previous.due_at end as due_at "
+            f"from (select * from {sql(previous)} where state_key = {key} "
+            f"and user_number <> {EVENT_STATE_MARKER} and (next_change <= {now} "
+            "or user_number in (select user_number from new_events))) as previous "
+            "full outer join new_events on previous.user_number = new_events.user_number"
+        )
+    kept = (
+        "select user_number, user_id, due_at, list_concat("
+        f"list_filter(times, lambda t: t > {now}), "
+        f"list_filter(times, lambda t: {sql(_counts_now(state, context.evaluation_time))})"
+        f"[1:{int(state.keep)}]) as times from ({merged}) as merged"
+    )
+    next_change = sql(exp.cast(_next_change(state, context.evaluation_time), "timestamptz"))
+    return (
+        f"select {key} as state_key, user_number, user_id, times, {next_change} as next_change, "
+        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from ({kept}) as kept "
+        f"union all select {key}, {EVENT_STATE_MARKER}, null, {_EMPTY_TIMES}, null, null, "
+        f"{sql(through)}, {now}"
+    )
+
+
+def _state_users(
+    state: EventState, context: CompileContext, predicate: exp.Expression
+) -> exp.Expression:
+    """The user is among those whose state of this condition meets `predicate` (on `times`)."""
+    users = (
+        exp.select(exp.column("user_id"))
+        .from_(context.event_state.copy())
+        .where(
+            exp.and_(
+                exp.column("state_key").eq(exp.Literal.string(state.key)),
+                exp.column("user_number").neq(exp.Literal.number(EVENT_STATE_MARKER)),
+                predicate,
+            )
+        )
+    )
+    return exp.In(this=context.user_id, query=exp.paren(users))
+
+
+def _performed_from_state(
+    state: EventState, kind: str, number: int, context: CompileContext
+) -> exp.Expression:
+    """`performed`'s verdict from the user's kept times: their count at "now" is exact up to
+    `keep`, which is all that "at least / at most / exactly N" compare."""
+    count = _template(
+        "len(list_filter(times, lambda t: :counts))",
+        counts=_counts_now(state, context.evaluation_time),
+    )
+    if kind == "at_most" or (kind == "exactly" and number == 0):
+        more = _state_users(
+            state, context, exp.GT(this=count, expression=exp.Literal.number(number))
+        )
+        return exp.not_(exp.func("coalesce", exp.paren(more), exp.false()))
+    comparison = _COUNT_COMPARISONS[kind](this=count, expression=exp.Literal.number(number))
+    return _state_users(state, context, comparison)
 
 
 def event_summary(condition: Condition, context: CompileContext, ids: int = 3) -> exp.Expression:
