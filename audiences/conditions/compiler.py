@@ -1416,9 +1416,7 @@ def _state_qualifies(state: EventState, context: CompileContext) -> exp.Expressi
     """Whether an event (`event_name`, `event_at`, `event_properties`) is one the state keeps,
     whatever "now" is: as `_counted_events`, less its comparisons with "now"."""
     at = exp.column("event_at")
-    filters: list[exp.Expression] = [
-        exp.column("event_name").eq(exp.Literal.string(state.event))
-    ]
+    filters: list[exp.Expression] = [exp.column("event_name").eq(exp.Literal.string(state.event))]
     if state.after is not None:
         filters.append(exp.GT(this=at.copy(), expression=timestamp_literal(state.after)))
     if state.before is not None:

@@ -21,7 +21,7 @@ from condition_harness import (
     matching_ids,
     model_matching_ids,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlglot import exp
 
@@ -433,21 +433,17 @@ def test_users_reevaluated_over_their_own_events_match_a_full_evaluation(
 # replaced by (state_key, user_number)), only the users it lists are re-evaluated (new events, or a
 # `due_at` that "now" moved over), and the members equal the reference over every event so far.
 
-# Evaluation times after NOW: at, just before and just after events near NOW leaving a 1-day or
-# 7-day window, reaching an event stamped 2 hours after NOW, crossing "1 day ago" bounds.
-STEPS = [
-    timedelta(0),
-    timedelta(microseconds=1),
-    timedelta(hours=2),
-    timedelta(days=1, microseconds=-1),
-    timedelta(days=1),
-    timedelta(days=1, microseconds=1),
-    timedelta(days=1, hours=2),
-    timedelta(days=1, hours=2, microseconds=1),
-    timedelta(days=7),
-    timedelta(days=7, microseconds=1),
-    timedelta(days=8),
-]
+# Evaluation times where verdicts change: when an event is reached (its time), leaves a 1-day or
+# 7-day window (its time plus that), or crosses a "1 day ago" / "7 days ago" bound (a microsecond
+# later); each also a microsecond before and after.
+EDGES = sorted(
+    {
+        NOW - offset + length + tick
+        for offset in OFFSETS
+        for length in (timedelta(0), timedelta(days=1), timedelta(days=7))
+        for tick in (-timedelta(microseconds=1), timedelta(0), timedelta(microseconds=1))
+    }
+)
 
 
 def state_context(now, events="raw.events", state="state") -> CompileContext:
@@ -473,9 +469,13 @@ def update_state(connection, conditions: list[Condition], now) -> set[str]:
     first = not connection.execute(
         "select count(*) from information_schema.tables where table_name = 'state'"
     ).fetchone()[0]
-    previous_now, after = (None, 0) if first else connection.execute(
-        "select max(evaluated_at), max(events_through) from state where user_number = -1"
-    ).fetchone()
+    previous_now, after = (
+        (None, 0)
+        if first
+        else connection.execute(
+            "select max(evaluated_at), max(events_through) from state where user_number = -1"
+        ).fetchone()
+    )
     seen = set()
     selects = []
     for condition in conditions:
@@ -521,21 +521,64 @@ def state_members(connection, segments, now) -> set[str]:
 
 def stateful_conditions():
     """Event conditions that keep a state (no bound read from the user)."""
-    return event_conditions().filter(
-        lambda raw: event_state(Condition.from_json(raw)) is not None
-    )
+    return event_conditions().filter(lambda raw: event_state(Condition.from_json(raw)) is not None)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LAPSES = [
+    # an order leaves "at least 1 in 1 day" exactly 1 day after it, not a microsecond before
+    (
+        [[event("ann", "Order Completed", NOW, "o1")]],
+        [NOW, NOW + timedelta(days=1, microseconds=-1), NOW + timedelta(days=1)],
+        [performed(count={"at_least": 1}, within="1 day")],
+    ),
+    # "at most 1 in 1 day" holds again when the 2nd most recent order leaves; a late order
+    (
+        [
+            [event("ann", "Order Completed", NOW, "o1")],
+            [event("ann", "Order Completed", NOW - timedelta(hours=2), "o2")],
+            [],
+        ],
+        [NOW, NOW + timedelta(hours=1), NOW + timedelta(days=1, hours=-2)],
+        [performed(count={"at_most": 1}, within="1 day")],
+    ),
+    # "last performed before 1 day ago" a microsecond after the last order plus 1 day, not at it
+    (
+        [[event("bob", "Order Completed", NOW, "o1")]],
+        [NOW, NOW + timedelta(days=1), NOW + timedelta(days=1, microseconds=1)],
+        [
+            {
+                "property": "recipient",
+                "operator": "last_performed_before",
+                "argument": {"event": "Order Completed", "time": "1 day ago"},
+            }
+        ],
+    ),
+    # an order stamped after "now" counts when "now" reaches it; the same id again counts once
+    (
+        [
+            [event("cat", "Order Completed", NOW + timedelta(hours=2), "o1")],
+            [event("cat", "Order Completed", NOW + timedelta(hours=2), "o1")],
+        ],
+        [NOW, NOW + timedelta(hours=2)],
+        [performed(count={"exactly": 1}, within="7 days")],
+    ),
+]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(event_streams(), min_size=1, max_size=3),
-    st.lists(st.sampled_from(STEPS), min_size=1, max_size=4),
+    st.lists(st.sampled_from(EDGES), min_size=1, max_size=5),
     st.lists(stateful_conditions(), min_size=1, max_size=2),
 )
+@example(*LAPSES[0])
+@example(*LAPSES[1])
+@example(*LAPSES[2])
+@example(*LAPSES[3])
 def test_incremental_builds_of_the_event_state_match_a_full_evaluation(batches, steps, conditions):
     users = [{"id": "ann", "plan": "pro"}, {"id": "bob"}, {"id": "cat"}]
     segments = [[Condition.from_json(c) for c in conditions]]
-    times = sorted(NOW + step for step in steps)
+    times = sorted(steps)
     # A batch per evaluation; an evaluation without a batch is time passing with no new event.
     batches = (batches + [[]] * len(times))[: len(times)]
     loaded: list[dict] = []
@@ -555,7 +598,7 @@ def test_incremental_builds_of_the_event_state_match_a_full_evaluation(batches, 
 
 
 def test_a_verdict_is_due_the_moment_the_window_lapses(tmp_path):
-    """"At least 2 within 1 day": due when the 2nd most recent order is 1 day old, not a
+    """ "At least 2 within 1 day": due when the 2nd most recent order is 1 day old, not a
     microsecond later (it left the window then) nor earlier; "last performed before 1 day ago":
     a microsecond after the last time plus 1 day (strictly before)."""
     day, tick = timedelta(days=1), timedelta(microseconds=1)
