@@ -1437,105 +1437,140 @@ def _counts_now(state: EventState, now: exp.Expression) -> exp.Expression:
     )
 
 
-def _next_change(state: EventState, now: exp.Expression) -> exp.Expression:
-    """The earliest time after `now` at which the verdict from `times` (kept at `now`) can change:
-    the first event stamped after `now` starts to count; in a relative window the threshold
-    ranks' events leave it at their time plus its length; the last time crosses a relative bound
-    one microsecond after it equals it (before: `last < now + shift`; after: `last >= now + shift`).
-    """
-    past = _template("list_filter(times, lambda t: t <= :now)", now=now)
-    parts = [_template("list_min(list_filter(times, lambda t: t > :now))", now=now)]
-    for rank in state.thresholds:
-        parts.append(
-            _template(
-                f":past[{int(rank)}] - to_minutes(cast(:minutes as bigint))",
-                past=past.copy(),
-                minutes=state.window,
-            )
-        )
-    if state.last_shift is not None:
-        parts.append(
-            _template(
-                ":past[1] - to_minutes(cast(:minutes as bigint)) + to_microseconds(cast(1 as bigint))",
-                past=past.copy(),
-                minutes=state.last_shift,
-            )
-        )
-    return parts[0] if len(parts) == 1 else exp.func("least", *parts)
-
-
+# The per-condition numbers of the state's rule, as the columns of one `parameters` row: the
+# kept count, the window's shift, the two threshold ranks, the last-performed bound's shift.
+_STATE_PARAMETERS = (
+    "state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental"
+)
 _EMPTY_TIMES = "cast([] as timestamptz[])"
 
 
-def event_state_rows(
-    condition: Condition,
+def event_state_sql(
+    conditions: Iterable[Condition],
     context: CompileContext,
     through: exp.Expression,
     previous: exp.Expression | None = None,
-    after: exp.Expression | None = None,
+    markers: Callable[[str], tuple[exp.Expression, exp.Expression]] | None = None,
     due: exp.Expression | None = None,
 ) -> str:
-    """One event condition's rows of `int_event_state`, as DuckDB SQL at `context.evaluation_time`, over the
-    events `context.events` (with `event_seq` and `user_number`) loaded up to `through`.
+    """The rows of `int_event_state` for these event conditions (those with a state; the others
+    are left out) at `context.evaluation_time`, over the events `context.events` (with
+    `event_seq`, `user_number`) loaded up to `through`, as one DuckDB statement.
 
-    Given `previous` (the state table) and `after` (the newest event its rows of this condition
-    cover), only the users with qualifying events loaded since, and those whose verdict is due to
-    change (`next_change` at or before "now"), are computed: from their kept times and their new
-    events alone, never their older events. Otherwise every user, from all events, with `due_at`
-    set to `due`. `due_at` is the latest `next_change` a row passed: `int_event_users_to_reevaluate`
-    lists the users whose `due_at` "now" moved over. The last row is the condition's marker
-    (`user_number` -1): the events its state covers, and the "now" it was kept at.
+    Given `previous` (the state table), `markers(key)` gives a condition's (`after`, `incremental`)
+    SQL: when `incremental` holds, only the users with qualifying events loaded after `after`,
+    and those whose verdict is due to change (`next_change` at or before "now"), are computed:
+    from their kept times and their new events alone, never their older events. Otherwise (and
+    for every condition without `previous`) every user, from all events, with `due_at` = `due`.
+    Each row keeps the times the verdict needs (`EventState`), the next change: the first event
+    stamped after "now" (it then counts); in a relative window, the threshold ranks' events plus
+    the window's length (they leave it then); for a `last_performed_*` relative bound, the last
+    time minus its shift plus a microsecond (before: `last < now + shift`; after:
+    `last >= now + shift`, both cross one microsecond after equality); and `due_at`, the latest
+    next change a build passed, which `int_event_users_to_reevaluate` lists. Each condition also
+    writes its marker row (`user_number` -1): the events its state covers and the "now" it was
+    kept at.
     """
-    state = event_state(condition)
-    if state is None:
-        raise ConditionError("this event condition is counted over events, it keeps no state")
 
     def sql(expression: exp.Expression) -> str:
         return render(expression, pretty=False)
 
+    states: dict[str, tuple[Condition, EventState]] = {}
+    for condition in conditions:
+        state = event_state(condition)
+        if state is not None:
+            states.setdefault(state.key, (condition, state))
     now = sql(context.evaluation_time)
     table = sql(context.events if context.events is not None else exp.to_table(EVENTS_TABLE))
-    first = sql(after) if after is not None and previous is not None else "0"
-    key = sql(exp.Literal.string(state.key))
-    new_events = (
-        "select user_number, any_value(event_user_id) as user_id, list(event_at) as times "
-        "from (select event_seq, user_number, user_id as event_user_id, event as event_name, "
-        f'"timestamp" as event_at, properties as event_properties from {table}) as counted_events '
-        f"where event_seq > {first} and event_seq <= {sql(through)} "
-        f"and {sql(_state_qualifies(state, context))} group by user_number"
-    )
+    rows, qualifying = [], []
+    for key, (_, state) in sorted(states.items()):
+        after, incremental = (
+            markers(key) if markers is not None and previous is not None else (None, None)
+        )
+        ranks = [*state.thresholds, None, None][:2]
+        values = [
+            exp.Literal.string(key),
+            *(
+                exp.cast(exp.Literal.number(value) if value is not None else exp.null(), "bigint")
+                for value in (state.keep, state.window, *ranks, state.last_shift)
+            ),
+            exp.cast(after if after is not None else exp.Literal.number(0), "bigint"),
+            exp.cast(incremental if incremental is not None else exp.false(), "boolean"),
+        ]
+        rows.append("(" + ", ".join(sql(value) for value in values) + ")")
+        qualifying.append(
+            f"select {sql(exp.Literal.string(key))} as state_key, user_number, "
+            "event_user_id as user_id, event_at from (select event_seq, user_number, "
+            'user_id as event_user_id, event as event_name, "timestamp" as event_at, '
+            f"properties as event_properties from {table}) as counted_events "
+            f"where event_seq > {sql(values[6])} and event_seq <= {sql(through)} "
+            f"and {sql(_state_qualifies(state, context))}"
+        )
+    if not rows:
+        return (
+            "select cast(null as varchar) as state_key, cast(null as bigint) as user_number, "
+            f"cast(null as varchar) as user_id, {_EMPTY_TIMES} as times, "
+            "cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at, "
+            "cast(null as bigint) as events_through, cast(null as timestamptz) as evaluated_at "
+            "where false"
+        )
+    due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
+    marker = EVENT_STATE_MARKER
     if previous is None:
-        due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
-        merged = (
-            f"select user_number, user_id, list_sort(times, 'DESC') as times, {due_at} as due_at "
-            f"from ({new_events}) as new_events"
+        previous_rows = (
+            "select cast(null as varchar) as state_key, cast(null as bigint) as user_number, "
+            f"cast(null as varchar) as user_id, {_EMPTY_TIMES} as times, "
+            "cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at "
+            "where false"
         )
     else:
-        merged = (
-            f"with new_events as ({new_events}) "
-            "select coalesce(previous.user_number, new_events.user_number) as user_number, "
-            "coalesce(previous.user_id, new_events.user_id) as user_id, "
-            f"list_sort(list_concat(coalesce(previous.times, {_EMPTY_TIMES}), "
-            f"coalesce(new_events.times, {_EMPTY_TIMES})), 'DESC') as times, "
-            f"case when previous.next_change <= {now} then previous.next_change "
-            "else previous.due_at end as due_at "
-            f"from (select * from {sql(previous)} where state_key = {key} "
-            f"and user_number <> {EVENT_STATE_MARKER} and (next_change <= {now} "
-            "or user_number in (select user_number from new_events))) as previous "
-            "full outer join new_events on previous.user_number = new_events.user_number"
+        table_sql = sql(previous)
+        incremental_keys = "select state_key from parameters where incremental"
+        columns = "state_key, user_number, user_id, times, next_change, due_at"
+        # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
+        # the rows of users with new events by their numbers. Disjoint, so nothing is doubled.
+        previous_rows = (
+            f"select {columns} from {table_sql} where next_change <= {now} "
+            f"and user_number <> {marker} and state_key in ({incremental_keys}) "
+            f"union all select {columns} from {table_sql} "
+            "where user_number in (select user_number from new_events) "
+            f"and user_number <> {marker} and coalesce(next_change > {now}, true) "
+            f"and state_key in ({incremental_keys})"
         )
-    kept = (
-        "select user_number, user_id, due_at, list_concat("
-        f"list_filter(times, lambda t: t > {now}), "
-        f"list_filter(times, lambda t: {sql(_counts_now(state, context.evaluation_time))})"
-        f"[1:{int(state.keep)}]) as times from ({merged}) as merged"
-    )
-    next_change = sql(exp.cast(_next_change(state, context.evaluation_time), "timestamptz"))
     return (
-        f"select {key} as state_key, user_number, user_id, times, {next_change} as next_change, "
-        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from ({kept}) as kept "
-        f"union all select {key}, {EVENT_STATE_MARKER}, null, {_EMPTY_TIMES}, null, null, "
-        f"{sql(through)}, {now}"
+        f"with parameters({_STATE_PARAMETERS}) as (values {', '.join(rows)}), "
+        f"qualifying as ({' union all '.join(qualifying)}), "
+        "new_events as (select state_key, user_number, any_value(user_id) as user_id, "
+        "list(event_at) as times from qualifying group by state_key, user_number), "
+        f"previous as ({previous_rows}), "
+        "merged as (select coalesce(previous.state_key, new_events.state_key) as state_key, "
+        "coalesce(previous.user_number, new_events.user_number) as user_number, "
+        "coalesce(previous.user_id, new_events.user_id) as user_id, "
+        f"list_sort(list_concat(coalesce(previous.times, {_EMPTY_TIMES}), "
+        f"coalesce(new_events.times, {_EMPTY_TIMES})), 'DESC') as times, "
+        f"case when previous.next_change <= {now} then previous.next_change "
+        "when previous.state_key is not null then previous.due_at "
+        "when parameters.incremental then null "
+        f"else {due_at} end as due_at "
+        "from previous full outer join new_events "
+        "on previous.state_key = new_events.state_key "
+        "and previous.user_number = new_events.user_number "
+        "join parameters on parameters.state_key = coalesce(previous.state_key, new_events.state_key)), "
+        "kept as (select merged.state_key, user_number, user_id, due_at, window_minutes, rank_a, "
+        f"rank_b, last_shift, list_concat(list_filter(times, lambda t: t > {now}), "
+        f"list_slice(list_filter(times, lambda t: t <= {now} and (window_minutes is null "
+        f"or t > {now} + to_minutes(window_minutes))), 1, keep)) as times "
+        "from merged join parameters on parameters.state_key = merged.state_key), "
+        f"past as (select *, list_filter(times, lambda t: t <= {now}) as past_times from kept) "
+        "select state_key, user_number, user_id, times, "
+        f"least(list_min(list_filter(times, lambda t: t > {now})), "
+        "past_times[rank_a] - to_minutes(window_minutes), "
+        "past_times[rank_b] - to_minutes(window_minutes), "
+        "past_times[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint))"
+        ") as next_change, "
+        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from past "
+        f"union all select state_key, {marker}, null, {_EMPTY_TIMES}, null, null, "
+        f"{sql(through)}, {now} from parameters"
     )
 
 

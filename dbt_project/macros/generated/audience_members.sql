@@ -71,13 +71,11 @@
     from {{ ref('int_users_flattened') }}
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed);
 
-    {#- the events of those users: event conditions re-evaluated per user count only theirs, so
-        the events are read once here rather than once per event condition. Selected by the
-        users' numbers (integers), which the scan checks before reading the events' other
-        columns: only those users' events are read in full -#}
-    create or replace temp table events_to_reevaluate as
+    {#- those users' rows of int_event_state: event conditions with a state read their verdicts
+        from it, never the events (selected by the users' numbers, as below) -#}
+    create or replace temp table event_state_to_reevaluate as
     select *
-    from {{ source('warehouse', 'events') }}
+    from {{ ref('int_event_state') }}
     where user_number in (
         select user_number
         from {{ source('warehouse', 'event_users') }}

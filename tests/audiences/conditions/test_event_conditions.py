@@ -33,7 +33,7 @@ from audiences.conditions.compiler import (
     attributes_used,
     compile_segments,
     event_state,
-    event_state_rows,
+    event_state_sql,
     property_json,
     render,
     timestamp_literal,
@@ -476,28 +476,20 @@ def update_state(connection, conditions: list[Condition], now) -> set[str]:
             "select max(evaluated_at), max(events_through) from state where user_number = -1"
         ).fetchone()
     )
-    seen = set()
-    selects = []
-    for condition in conditions:
-        state = event_state(condition)
-        if state is None or state.key in seen:
-            continue
-        seen.add(state.key)
-        if first:
-            rows = event_state_rows(condition, context, exp.Literal.number(through))
-        else:
-            rows = event_state_rows(
-                condition,
-                context,
-                exp.Literal.number(through),
-                previous=exp.to_table("state"),
-                after=exp.Literal.number(after),
-            )
-        selects.append(f"select * from ({rows})")
     if first:
-        connection.execute("create table state as " + " union all ".join(selects))
+        rows = event_state_sql(conditions, context, exp.Literal.number(through))
+    else:
+        rows = event_state_sql(
+            conditions,
+            context,
+            exp.Literal.number(through),
+            previous=exp.to_table("state"),
+            markers=lambda key: (exp.Literal.number(after), exp.true()),
+        )
+    if first:
+        connection.execute("create table state as " + rows)
         return set()
-    connection.execute("create or replace temp table fresh as " + " union all ".join(selects))
+    connection.execute("create or replace temp table fresh as " + rows)
     connection.execute(
         "delete from state using fresh where state.state_key = fresh.state_key "
         "and state.user_number = fresh.user_number"
