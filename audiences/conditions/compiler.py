@@ -1316,7 +1316,7 @@ def _compile_last_performed(condition: Condition, context: CompileContext) -> ex
     if state is not None:
         comparison = exp.LT if before else exp.GTE
         last = _template(
-            "list_max(list_filter(times, lambda t: t <= :now))", now=context.evaluation_time
+            "list_max(list_filter(times, lambda t: t <= :now))", now=exp.column(_STATE_NOW)
         )
         bound = time_argument_sql(event_argument(condition).time, context)
         return _state_users(state, context, comparison(this=last, expression=bound))
@@ -1334,6 +1334,7 @@ def _compile_last_performed(condition: Condition, context: CompileContext) -> ex
 # Event state (int_event_state): per user and event condition, what its verdict needs, kept up to
 # date from new events alone, and the time at which its verdict can next change.
 
+_STATE_NOW = "state_now"  # "now" beside each state row, which a verdict's lambdas read
 EVENT_STATE_MARKER = -1  # `user_number` of a condition's marker row: its watermark and "now"
 
 
@@ -1440,7 +1441,7 @@ def _counts_now(state: EventState, now: exp.Expression) -> exp.Expression:
 # The per-condition numbers of the state's rule, as the columns of one `parameters` row: the
 # kept count, the window's shift, the two threshold ranks, the last-performed bound's shift.
 _STATE_PARAMETERS = (
-    "state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental"
+    "state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now"
 )
 _EMPTY_TIMES = "cast([] as timestamptz[])"
 
@@ -1496,6 +1497,7 @@ def event_state_sql(
             ),
             exp.cast(after if after is not None else exp.Literal.number(0), "bigint"),
             exp.cast(incremental if incremental is not None else exp.false(), "boolean"),
+            exp.cast(context.evaluation_time.copy(), "timestamptz"),
         ]
         rows.append("(" + ", ".join(sql(value) for value in values) + ")")
         qualifying.append(
@@ -1516,59 +1518,76 @@ def event_state_sql(
         )
     due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
     marker = EVENT_STATE_MARKER
+    widest = max(state.keep for _, state in states.values())
+    in_window = f"(window_minutes is null or {{at}} > {now} + to_minutes(window_minutes))"
+    # The new events of each (condition, user): those after "now", and the `widest` most recent
+    # at or before it inside the window (an aggregate, newest first: no per-row list work).
+    fresh = (
+        "select qualifying.state_key, user_number, any_value(user_id) as user_id, "
+        f"coalesce(list(event_at order by event_at desc) filter (where event_at > {now}), "
+        f"{_EMPTY_TIMES}) as future, "
+        f"coalesce(max(event_at, {int(widest)}) filter (where event_at <= {now} and "
+        f"{in_window.format(at='event_at')}), {_EMPTY_TIMES}) as past "
+        "from qualifying join parameters on parameters.state_key = qualifying.state_key "
+        "group by qualifying.state_key, user_number"
+    )
     if previous is None:
-        previous_rows = (
-            "select cast(null as varchar) as state_key, cast(null as bigint) as user_number, "
-            f"cast(null as varchar) as user_id, {_EMPTY_TIMES} as times, "
-            "cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at "
-            "where false"
-        )
+        merged = f"select *, {due_at} as due_at from fresh"
+        previous_cte = ""
     else:
         table_sql = sql(previous)
         incremental_keys = "select state_key from parameters where incremental"
         columns = "state_key, user_number, user_id, times, next_change, due_at"
         # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
         # the rows of users with new events by their numbers. Disjoint, so nothing is doubled.
-        previous_rows = (
-            f"select {columns} from {table_sql} where next_change <= {now} "
+        previous_cte = (
+            f"previous as (select {columns} from {table_sql} where next_change <= {now} "
             f"and user_number <> {marker} and state_key in ({incremental_keys}) "
             f"union all select {columns} from {table_sql} "
-            "where user_number in (select user_number from new_events) "
+            "where user_number in (select user_number from fresh) "
             f"and user_number <> {marker} and coalesce(next_change > {now}, true) "
-            f"and state_key in ({incremental_keys})"
+            f"and state_key in ({incremental_keys})), "
+        )
+        # The kept times of those users, split again at this "now" (a few rows), merged with
+        # their new events: a late event merges like any other.
+        merged = (
+            "select coalesce(previous.state_key, fresh.state_key) as state_key, "
+            "coalesce(previous.user_number, fresh.user_number) as user_number, "
+            "coalesce(previous.user_id, fresh.user_id) as user_id, "
+            f"list_sort(list_concat(list_filter(coalesce(previous.times, {_EMPTY_TIMES}), "
+            "lambda t: t > state_now), "
+            f"coalesce(fresh.future, {_EMPTY_TIMES})), 'DESC') as future, "
+            f"list_sort(list_concat(list_filter(coalesce(previous.times, {_EMPTY_TIMES}), "
+            "lambda t: t <= state_now and (window_minutes is null "
+            "or t > state_now + to_minutes(window_minutes))), "
+            f"coalesce(fresh.past, {_EMPTY_TIMES})), 'DESC') as past, "
+            f"case when previous.next_change <= {now} then previous.next_change "
+            "when previous.state_key is not null then previous.due_at "
+            "when parameters.incremental then null "
+            f"else {due_at} end as due_at "
+            "from previous full outer join fresh "
+            "on previous.state_key = fresh.state_key "
+            "and previous.user_number = fresh.user_number "
+            "join parameters on parameters.state_key = "
+            "coalesce(previous.state_key, fresh.state_key)"
         )
     return (
         f"with parameters({_STATE_PARAMETERS}) as (values {', '.join(rows)}), "
         f"qualifying as ({' union all '.join(qualifying)}), "
-        "new_events as (select state_key, user_number, any_value(user_id) as user_id, "
-        "list(event_at) as times from qualifying group by state_key, user_number), "
-        f"previous as ({previous_rows}), "
-        "merged as (select coalesce(previous.state_key, new_events.state_key) as state_key, "
-        "coalesce(previous.user_number, new_events.user_number) as user_number, "
-        "coalesce(previous.user_id, new_events.user_id) as user_id, "
-        f"list_sort(list_concat(coalesce(previous.times, {_EMPTY_TIMES}), "
-        f"coalesce(new_events.times, {_EMPTY_TIMES})), 'DESC') as times, "
-        f"case when previous.next_change <= {now} then previous.next_change "
-        "when previous.state_key is not null then previous.due_at "
-        "when parameters.incremental then null "
-        f"else {due_at} end as due_at "
-        "from previous full outer join new_events "
-        "on previous.state_key = new_events.state_key "
-        "and previous.user_number = new_events.user_number "
-        "join parameters on parameters.state_key = coalesce(previous.state_key, new_events.state_key)), "
-        "kept as (select merged.state_key, user_number, user_id, due_at, window_minutes, rank_a, "
-        f"rank_b, last_shift, list_concat(list_filter(times, lambda t: t > {now}), "
-        f"list_slice(list_filter(times, lambda t: t <= {now} and (window_minutes is null "
-        f"or t > {now} + to_minutes(window_minutes))), 1, keep)) as times "
-        "from merged join parameters on parameters.state_key = merged.state_key), "
-        f"past as (select *, list_filter(times, lambda t: t <= {now}) as past_times from kept) "
-        "select state_key, user_number, user_id, times, "
-        f"least(list_min(list_filter(times, lambda t: t > {now})), "
-        "past_times[rank_a] - to_minutes(window_minutes), "
-        "past_times[rank_b] - to_minutes(window_minutes), "
-        "past_times[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint))"
+        f"fresh as ({fresh}), {previous_cte}"
+        f"merged as ({merged}), "
+        "kept as (select merged.state_key, user_number, user_id, due_at, future, "
+        "list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift "
+        "from merged join parameters on parameters.state_key = merged.state_key) "
+        "select state_key, user_number, user_id, list_concat(future, past) as times, "
+        "least(list_min(future), "
+        "past[rank_a] - to_minutes(window_minutes), "
+        "past[rank_b] - to_minutes(window_minutes), "
+        "case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) "
+        f"> {now} then past[1] - to_minutes(last_shift) "
+        "+ to_microseconds(cast(1 as bigint)) end"
         ") as next_change, "
-        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from past "
+        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from kept "
         f"union all select state_key, {marker}, null, {_EMPTY_TIMES}, null, null, "
         f"{sql(through)}, {now} from parameters"
     )
@@ -1578,9 +1597,13 @@ def _state_users(
     state: EventState, context: CompileContext, predicate: exp.Expression
 ) -> exp.Expression:
     """The user is among those whose state of this condition meets `predicate` (on `times`)."""
+    # "Now" as a column: in a lambda DuckDB binds columns but not subqueries (dbt's "now" is one).
+    rows = exp.select(exp.Star(), exp.alias_(context.evaluation_time.copy(), _STATE_NOW)).from_(
+        context.event_state.copy()
+    )
     users = (
         exp.select(exp.column("user_id"))
-        .from_(context.event_state.copy())
+        .from_(rows.subquery("state_rows"))
         .where(
             exp.and_(
                 exp.column("state_key").eq(exp.Literal.string(state.key)),
@@ -1599,7 +1622,7 @@ def _performed_from_state(
     `keep`, which is all that "at least / at most / exactly N" compare."""
     count = _template(
         "len(list_filter(times, lambda t: :counts))",
-        counts=_counts_now(state, context.evaluation_time),
+        counts=_counts_now(state, exp.column(_STATE_NOW)),
     )
     if kind == "at_most" or (kind == "exactly" and number == 0):
         more = _state_users(

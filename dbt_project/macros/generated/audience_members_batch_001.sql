@@ -504,15 +504,19 @@ where
             user_id in (
               select
                 user_id
-              from event_state_to_reevaluate
+              from (
+                select
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
                 state_key = '2cd1652570e9199f'
                 and user_number <> -1
                 and length(
                   list_filter(
                     times,
-                    lambda t : t <= {{ evaluation_time() }}
-                    and t > {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
                   )
                 ) >= 3
             )
@@ -876,15 +880,19 @@ where
             user_id in (
               select
                 user_id
-              from event_state_to_reevaluate
+              from (
+                select
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
                 state_key = '604bdf1234c424a4'
                 and user_number <> -1
                 and length(
                   list_filter(
                     times,
-                    lambda t : t <= {{ evaluation_time() }}
-                    and t > {{ evaluation_time() }} + to_minutes(cast(-20160 as bigint))
+                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-20160 as bigint))
                   )
                 ) >= 1
             )
@@ -910,11 +918,16 @@ where
             user_id in (
               select
                 user_id
-              from event_state_to_reevaluate
+              from (
+                select
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
                 state_key = '2321f9e67d1bd871'
                 and user_number <> -1
-                and list_max(list_filter(times, lambda t : t <= {{ evaluation_time() }})) >= (
+                and list_max(list_filter(times, lambda t : t <= state_now)) >= (
                   {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
                 )
             )
@@ -944,15 +957,19 @@ where
             user_id in (
               select
                 user_id
-              from event_state_to_reevaluate
+              from (
+                select
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
                 state_key = '3e00b5869b7c70aa'
                 and user_number <> -1
                 and length(
                   list_filter(
                     times,
-                    lambda t : t <= {{ evaluation_time() }}
-                    and t > {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
                   )
                 ) >= 1
             )
@@ -968,11 +985,16 @@ where
             user_id in (
               select
                 user_id
-              from event_state_to_reevaluate
+              from (
+                select
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
                 state_key = '88369935f63d16d1'
                 and user_number <> -1
-                and list_max(list_filter(times, lambda t : t <= {{ evaluation_time() }})) < (
+                and list_max(list_filter(times, lambda t : t <= state_now)) < (
                   {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
                 )
             )
@@ -990,15 +1012,19 @@ where
                 user_id in (
                   select
                     user_id
-                  from event_state_to_reevaluate
+                  from (
+                    select
+                      *,
+                      {{ evaluation_time() }} as state_now
+                    from event_state_to_reevaluate
+                  ) as state_rows
                   where
                     state_key = 'f2ef26d2823ed4b3'
                     and user_number <> -1
                     and length(
                       list_filter(
                         times,
-                        lambda t : t <= {{ evaluation_time() }}
-                        and t > {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
+                        lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
                       )
                     ) > 0
                 )

@@ -31,7 +31,7 @@
 
 {% set markers = event_state_markers(this, now) %}
 {% set due = now %}
-with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint), cast({{ '2321f9e67d1bd871' in markers }} as boolean)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint), cast({{ '2cd1652570e9199f' in markers }} as boolean)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint), cast({{ '3e00b5869b7c70aa' in markers }} as boolean)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint), cast({{ '604bdf1234c424a4' in markers }} as boolean)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('88369935f63d16d1', 0) }} as bigint), cast({{ '88369935f63d16d1' in markers }} as boolean)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint), cast({{ 'f2ef26d2823ed4b3' in markers }} as boolean))),
+with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint), cast({{ '2321f9e67d1bd871' in markers }} as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint), cast({{ '2cd1652570e9199f' in markers }} as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint), cast({{ '3e00b5869b7c70aa' in markers }} as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint), cast({{ '604bdf1234c424a4' in markers }} as boolean), cast({{ now }} as timestamptz)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('88369935f63d16d1', 0) }} as bigint), cast({{ '88369935f63d16d1' in markers }} as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint), cast({{ 'f2ef26d2823ed4b3' in markers }} as boolean), cast({{ now }} as timestamptz))),
 qualifying as (select '2321f9e67d1bd871' as state_key, user_number, event_user_id as user_id, event_at
 from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
@@ -61,9 +61,10 @@ select 'f2ef26d2823ed4b3' as state_key, user_number, event_user_id as user_id, e
 from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'),
-new_events as (select state_key, user_number, any_value(user_id) as user_id, list(event_at) as times
+fresh as (select qualifying.state_key, user_number, any_value(user_id) as user_id, coalesce(list(event_at order by event_at desc) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and (window_minutes is null or event_at > {{ now }} + to_minutes(window_minutes))), cast([] as timestamptz[])) as past
 from qualifying
-group by state_key, user_number),
+join parameters on parameters.state_key = qualifying.state_key
+group by qualifying.state_key, user_number),
 previous as (select state_key, user_number, user_id, times, next_change, due_at
 from {{ this }}
 where next_change <= {{ now }} and user_number <> -1 and state_key in (select state_key
@@ -73,28 +74,26 @@ union all
 select state_key, user_number, user_id, times, next_change, due_at
 from {{ this }}
 where user_number in (select user_number
-from new_events) and user_number <> -1 and coalesce(next_change > {{ now }}, true) and state_key in (select state_key
+from fresh) and user_number <> -1 and coalesce(next_change > {{ now }}, true) and state_key in (select state_key
 from parameters
 where incremental)),
-merged as (select coalesce(previous.state_key, new_events.state_key) as state_key, coalesce(previous.user_number, new_events.user_number) as user_number, coalesce(previous.user_id, new_events.user_id) as user_id, list_sort(list_concat(coalesce(previous.times, cast([] as timestamptz[])), coalesce(new_events.times, cast([] as timestamptz[]))), 'DESC') as times, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast({{ due }} as timestamptz) end as due_at
+merged as (select coalesce(previous.state_key, fresh.state_key) as state_key, coalesce(previous.user_number, fresh.user_number) as user_number, coalesce(previous.user_id, fresh.user_id) as user_id, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t > state_now), coalesce(fresh.future, cast([] as timestamptz[]))), 'DESC') as future, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t <= state_now and (window_minutes is null or t > state_now + to_minutes(window_minutes))), coalesce(fresh.past, cast([] as timestamptz[]))), 'DESC') as past, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast({{ due }} as timestamptz) end as due_at
 from previous
 full outer
-join new_events on previous.state_key = new_events.state_key and previous.user_number = new_events.user_number
-join parameters on parameters.state_key = coalesce(previous.state_key, new_events.state_key)),
-kept as (select merged.state_key, user_number, user_id, due_at, window_minutes, rank_a, rank_b, last_shift, list_concat(list_filter(times, lambda t: t > {{ now }}), list_slice(list_filter(times, lambda t: t <= {{ now }} and (window_minutes is null or t > {{ now }} + to_minutes(window_minutes))), 1, keep)) as times
+join fresh on previous.state_key = fresh.state_key and previous.user_number = fresh.user_number
+join parameters on parameters.state_key = coalesce(previous.state_key, fresh.state_key)),
+kept as (select merged.state_key, user_number, user_id, due_at, future, list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift
 from merged
-join parameters on parameters.state_key = merged.state_key),
-past as (select *, list_filter(times, lambda t: t <= {{ now }}) as past_times
-from kept)
-select state_key, user_number, user_id, times, least(list_min(list_filter(times, lambda t: t > {{ now }})), past_times[rank_a] - to_minutes(window_minutes), past_times[rank_b] - to_minutes(window_minutes), past_times[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint))) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
-from past
+join parameters on parameters.state_key = merged.state_key)
+select state_key, user_number, user_id, list_concat(future, past) as times, least(list_min(future), past[rank_a] - to_minutes(window_minutes), past[rank_b] - to_minutes(window_minutes), case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) > {{ now }} then past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) end) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
+from kept
 union all
 select state_key, -1, null, cast([] as timestamptz[]), null, null, {{ through }}, {{ now }}
 from parameters
 
 {% else %}
 
-with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean))),
+with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz))),
 qualifying as (select '2321f9e67d1bd871' as state_key, user_number, event_user_id as user_id, event_at
 from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
@@ -124,23 +123,17 @@ select 'f2ef26d2823ed4b3' as state_key, user_number, event_user_id as user_id, e
 from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'),
-new_events as (select state_key, user_number, any_value(user_id) as user_id, list(event_at) as times
+fresh as (select qualifying.state_key, user_number, any_value(user_id) as user_id, coalesce(list(event_at order by event_at desc) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and (window_minutes is null or event_at > {{ now }} + to_minutes(window_minutes))), cast([] as timestamptz[])) as past
 from qualifying
-group by state_key, user_number),
-previous as (select cast(null as varchar) as state_key, cast(null as bigint) as user_number, cast(null as varchar) as user_id, cast([] as timestamptz[]) as times, cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at
-where false),
-merged as (select coalesce(previous.state_key, new_events.state_key) as state_key, coalesce(previous.user_number, new_events.user_number) as user_number, coalesce(previous.user_id, new_events.user_id) as user_id, list_sort(list_concat(coalesce(previous.times, cast([] as timestamptz[])), coalesce(new_events.times, cast([] as timestamptz[]))), 'DESC') as times, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast(null as timestamptz) end as due_at
-from previous
-full outer
-join new_events on previous.state_key = new_events.state_key and previous.user_number = new_events.user_number
-join parameters on parameters.state_key = coalesce(previous.state_key, new_events.state_key)),
-kept as (select merged.state_key, user_number, user_id, due_at, window_minutes, rank_a, rank_b, last_shift, list_concat(list_filter(times, lambda t: t > {{ now }}), list_slice(list_filter(times, lambda t: t <= {{ now }} and (window_minutes is null or t > {{ now }} + to_minutes(window_minutes))), 1, keep)) as times
+join parameters on parameters.state_key = qualifying.state_key
+group by qualifying.state_key, user_number),
+merged as (select *, cast(null as timestamptz) as due_at
+from fresh),
+kept as (select merged.state_key, user_number, user_id, due_at, future, list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift
 from merged
-join parameters on parameters.state_key = merged.state_key),
-past as (select *, list_filter(times, lambda t: t <= {{ now }}) as past_times
-from kept)
-select state_key, user_number, user_id, times, least(list_min(list_filter(times, lambda t: t > {{ now }})), past_times[rank_a] - to_minutes(window_minutes), past_times[rank_b] - to_minutes(window_minutes), past_times[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint))) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
-from past
+join parameters on parameters.state_key = merged.state_key)
+select state_key, user_number, user_id, list_concat(future, past) as times, least(list_min(future), past[rank_a] - to_minutes(window_minutes), past[rank_b] - to_minutes(window_minutes), case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) > {{ now }} then past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) end) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
+from kept
 union all
 select state_key, -1, null, cast([] as timestamptz[]), null, null, {{ through }}, {{ now }}
 from parameters

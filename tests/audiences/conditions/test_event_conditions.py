@@ -488,6 +488,7 @@ def update_state(connection, conditions: list[Condition], now) -> set[str]:
         )
     if first:
         connection.execute("create table state as " + rows)
+        assert_next_changes_ahead(connection, now)
         return set()
     connection.execute("create or replace temp table fresh as " + rows)
     connection.execute(
@@ -495,12 +496,22 @@ def update_state(connection, conditions: list[Condition], now) -> set[str]:
         "and state.user_number = fresh.user_number"
     )
     connection.execute("insert into state select * from fresh")
+    assert_next_changes_ahead(connection, now)
     listed = connection.execute(
         "select user_id from raw.events where event_seq > $after "
         "union select user_id from state where due_at > $previous and due_at <= $now",
         {"after": after, "previous": previous_now, "now": now},
     ).fetchall()
     return {row[0] for row in listed}
+
+
+def assert_next_changes_ahead(connection, now) -> None:
+    """After a build, every kept verdict's next change lies after "now": a row left due would be
+    recomputed at every later build (not proportional to the verdicts that change)."""
+    stale = connection.execute(
+        "select state_key, user_id, next_change from state where next_change <= $now", {"now": now}
+    ).fetchall()
+    assert stale == [], stale
 
 
 def state_members(connection, segments, now) -> set[str]:
