@@ -187,7 +187,7 @@ def users_to_reevaluate(connection, previous, now, watermark: int) -> int:
         where user_id in (
             select user_id from raw.events where event_seq > {int(watermark)}
             union all
-            select user_id from bench_state_rows
+            select user_id from bench_state_rows join raw.event_users using (user_number)
             where (due_at > {low} and due_at <= {high}) or due_at = {high}
         )
         """

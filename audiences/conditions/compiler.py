@@ -1500,44 +1500,46 @@ def event_state_sql(
             exp.cast(context.evaluation_time.copy(), "timestamptz"),
         ]
         rows.append("(" + ", ".join(sql(value) for value in values) + ")")
+        # The new events of this condition per user: those stamped after "now", and the `keep`
+        # most recent at or before it inside the window (newest first). Aggregates of constants
+        # per condition: no per-row list work, and no user id (read from raw.event_users).
+        counts = f"event_at <= {now}"
+        if state.window is not None:
+            counts += f" and event_at > {now} + to_minutes(cast({int(state.window)} as bigint))"
+        past = (
+            f"case when max(event_at) filter (where {counts}) is null then {_EMPTY_TIMES} "
+            f"else [max(event_at) filter (where {counts})] end"
+            if state.keep == 1
+            else f"coalesce(max(event_at, {int(state.keep)}) filter (where {counts}), "
+            f"{_EMPTY_TIMES})"
+        )
         qualifying.append(
             f"select {sql(exp.Literal.string(key))} as state_key, user_number, "
-            "event_user_id as user_id, event_at from (select event_seq, user_number, "
-            'user_id as event_user_id, event as event_name, "timestamp" as event_at, '
+            f"coalesce(list(event_at) filter (where event_at > {now}), {_EMPTY_TIMES}) as future, "
+            f"{past} as past from (select event_seq, user_number, "
+            'event as event_name, "timestamp" as event_at, '
             f"properties as event_properties from {table}) as counted_events "
             f"where event_seq > {sql(values[6])} and event_seq <= {sql(through)} "
-            f"and {sql(_state_qualifies(state, context))}"
+            f"and {sql(_state_qualifies(state, context))} group by user_number"
         )
     if not rows:
         return (
             "select cast(null as varchar) as state_key, cast(null as bigint) as user_number, "
-            f"cast(null as varchar) as user_id, {_EMPTY_TIMES} as times, "
+            f"{_EMPTY_TIMES} as times, "
             "cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at, "
             "cast(null as bigint) as events_through, cast(null as timestamptz) as evaluated_at "
             "where false"
         )
     due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
     marker = EVENT_STATE_MARKER
-    widest = max(state.keep for _, state in states.values())
-    in_window = f"(window_minutes is null or {{at}} > {now} + to_minutes(window_minutes))"
-    # The new events of each (condition, user): those after "now", and the `widest` most recent
-    # at or before it inside the window (an aggregate, newest first: no per-row list work).
-    fresh = (
-        "select qualifying.state_key, user_number, any_value(user_id) as user_id, "
-        f"coalesce(list(event_at order by event_at desc) filter (where event_at > {now}), "
-        f"{_EMPTY_TIMES}) as future, "
-        f"coalesce(max(event_at, {int(widest)}) filter (where event_at <= {now} and "
-        f"{in_window.format(at='event_at')}), {_EMPTY_TIMES}) as past "
-        "from qualifying join parameters on parameters.state_key = qualifying.state_key "
-        "group by qualifying.state_key, user_number"
-    )
+    fresh = " union all ".join(qualifying)
     if previous is None:
         merged = f"select *, {due_at} as due_at from fresh"
         previous_cte = ""
     else:
         table_sql = sql(previous)
         incremental_keys = "select state_key from parameters where incremental"
-        columns = "state_key, user_number, user_id, times, next_change, due_at"
+        columns = "state_key, user_number, times, next_change, due_at"
         # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
         # the rows of users with new events by their numbers. Disjoint, so nothing is doubled.
         previous_cte = (
@@ -1553,7 +1555,6 @@ def event_state_sql(
         merged = (
             "select coalesce(previous.state_key, fresh.state_key) as state_key, "
             "coalesce(previous.user_number, fresh.user_number) as user_number, "
-            "coalesce(previous.user_id, fresh.user_id) as user_id, "
             f"list_sort(list_concat(list_filter(coalesce(previous.times, {_EMPTY_TIMES}), "
             "lambda t: t > state_now), "
             f"coalesce(fresh.future, {_EMPTY_TIMES})), 'DESC') as future, "
@@ -1573,13 +1574,12 @@ def event_state_sql(
         )
     return (
         f"with parameters({_STATE_PARAMETERS}) as (values {', '.join(rows)}), "
-        f"qualifying as ({' union all '.join(qualifying)}), "
         f"fresh as ({fresh}), {previous_cte}"
         f"merged as ({merged}), "
-        "kept as (select merged.state_key, user_number, user_id, due_at, future, "
+        "kept as (select merged.state_key, user_number, due_at, list_sort(future, 'DESC') as future, "
         "list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift "
         "from merged join parameters on parameters.state_key = merged.state_key) "
-        "select state_key, user_number, user_id, list_concat(future, past) as times, "
+        "select state_key, user_number, list_concat(future, past) as times, "
         "least(list_min(future), "
         "past[rank_a] - to_minutes(window_minutes), "
         "past[rank_b] - to_minutes(window_minutes), "
@@ -1588,7 +1588,7 @@ def event_state_sql(
         "+ to_microseconds(cast(1 as bigint)) end"
         ") as next_change, "
         f"due_at, {sql(through)} as events_through, {now} as evaluated_at from kept "
-        f"union all select state_key, {marker}, null, {_EMPTY_TIMES}, null, null, "
+        f"union all select state_key, {marker}, {_EMPTY_TIMES}, null, null, "
         f"{sql(through)}, {now} from parameters"
     )
 

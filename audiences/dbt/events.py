@@ -179,6 +179,7 @@ def event_reevaluate_model(
         header=header,
         users=USERS_MODEL,
         state=EVENT_STATE_MODEL,
+        event_users="{{ source('warehouse', 'event_users') }}",
         events_source=EVENTS_SOURCE,
         windows=moved,
     )

@@ -653,15 +653,15 @@ def counts_events_per_user(definitions: dict[str, AudienceDefinition]) -> bool:
 
 
 def events_state_of_users(users: str, state: str, event_users: str = EVENT_USERS_SOURCE) -> str:
-    """The rows of int_event_state of the users in the relation `users` (a `user_id` column),
-    selected by their numbers, as `events_of_users` selects their events."""
-    return f"""select *
-    from {state}
-    where user_number in (
-        select user_number
+    """The rows of int_event_state of the users in the relation `users` (a `user_id` column), with
+    their user ids, selected by their numbers, as `events_of_users` selects their events."""
+    return f"""select state.*, numbers.user_id
+    from {state} as state
+    join (
+        select user_number, user_id
         from {event_users}
         where user_id in (select user_id from {users})
-    )"""
+    ) as numbers on numbers.user_number = state.user_number"""
 
 
 def _time_columns(

@@ -41,9 +41,11 @@ where users.user_id in (
     union all
 
     -- verdicts of event conditions with a state that fell due since the last build
-    select user_id
-    from {{ ref('[[ state ]]') }}
-    where (due_at > {{ previous_now }} and due_at <= {{ current_now }}) or due_at = {{ current_now }}
+    select numbers.user_id
+    from {{ ref('[[ state ]]') }} as state
+    join [[ event_users ]] as numbers on numbers.user_number = state.user_number
+    where (state.due_at > {{ previous_now }} and state.due_at <= {{ current_now }})
+        or state.due_at = {{ current_now }}
 [% for window in windows %]
 
     union all

@@ -74,13 +74,13 @@
     {#- those users' rows of int_event_state: event conditions with a state read their verdicts
         from it, never the events (selected by the users' numbers, as below) -#}
     create or replace temp table event_state_to_reevaluate as
-    select *
-    from {{ ref('int_event_state') }}
-    where user_number in (
-        select user_number
+    select state.*, numbers.user_id
+    from {{ ref('int_event_state') }} as state
+    join (
+        select user_number, user_id
         from {{ source('warehouse', 'event_users') }}
         where user_id in (select user_id from users_to_reevaluate_in_time)
-    );
+    ) as numbers on numbers.user_number = state.user_number;
 {%- endmacro %}
 
 {% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}

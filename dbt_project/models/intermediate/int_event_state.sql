@@ -32,110 +32,114 @@
 {% set markers = event_state_markers(this, now) %}
 {% set due = now %}
 with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint), cast({{ '2321f9e67d1bd871' in markers }} as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint), cast({{ '2cd1652570e9199f' in markers }} as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint), cast({{ '3e00b5869b7c70aa' in markers }} as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint), cast({{ '604bdf1234c424a4' in markers }} as boolean), cast({{ now }} as timestamptz)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('88369935f63d16d1', 0) }} as bigint), cast({{ '88369935f63d16d1' in markers }} as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint), cast({{ 'f2ef26d2823ed4b3' in markers }} as boolean), cast({{ now }} as timestamptz))),
-qualifying as (select '2321f9e67d1bd871' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+fresh as (select '2321f9e67d1bd871' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+group by user_number
 union all
-select '2cd1652570e9199f' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))), cast([] as timestamptz[])) as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+group by user_number
 union all
-select '3e00b5869b7c70aa' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+group by user_number
 union all
-select '604bdf1234c424a4' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint)))] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false)
+group by user_number
 union all
-select '88369935f63d16d1' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '88369935f63d16d1' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('88369935f63d16d1', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+group by user_number
 union all
-select 'f2ef26d2823ed4b3' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'),
-fresh as (select qualifying.state_key, user_number, any_value(user_id) as user_id, coalesce(list(event_at order by event_at desc) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and (window_minutes is null or event_at > {{ now }} + to_minutes(window_minutes))), cast([] as timestamptz[])) as past
-from qualifying
-join parameters on parameters.state_key = qualifying.state_key
-group by qualifying.state_key, user_number),
-previous as (select state_key, user_number, user_id, times, next_change, due_at
+where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+group by user_number),
+previous as (select state_key, user_number, times, next_change, due_at
 from {{ this }}
 where next_change <= {{ now }} and user_number <> -1 and state_key in (select state_key
 from parameters
 where incremental)
 union all
-select state_key, user_number, user_id, times, next_change, due_at
+select state_key, user_number, times, next_change, due_at
 from {{ this }}
 where user_number in (select user_number
 from fresh) and user_number <> -1 and coalesce(next_change > {{ now }}, true) and state_key in (select state_key
 from parameters
 where incremental)),
-merged as (select coalesce(previous.state_key, fresh.state_key) as state_key, coalesce(previous.user_number, fresh.user_number) as user_number, coalesce(previous.user_id, fresh.user_id) as user_id, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t > state_now), coalesce(fresh.future, cast([] as timestamptz[]))), 'DESC') as future, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t <= state_now and (window_minutes is null or t > state_now + to_minutes(window_minutes))), coalesce(fresh.past, cast([] as timestamptz[]))), 'DESC') as past, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast({{ due }} as timestamptz) end as due_at
+merged as (select coalesce(previous.state_key, fresh.state_key) as state_key, coalesce(previous.user_number, fresh.user_number) as user_number, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t > state_now), coalesce(fresh.future, cast([] as timestamptz[]))), 'DESC') as future, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t <= state_now and (window_minutes is null or t > state_now + to_minutes(window_minutes))), coalesce(fresh.past, cast([] as timestamptz[]))), 'DESC') as past, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast({{ due }} as timestamptz) end as due_at
 from previous
 full outer
 join fresh on previous.state_key = fresh.state_key and previous.user_number = fresh.user_number
 join parameters on parameters.state_key = coalesce(previous.state_key, fresh.state_key)),
-kept as (select merged.state_key, user_number, user_id, due_at, future, list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift
+kept as (select merged.state_key, user_number, due_at, list_sort(future, 'DESC') as future, list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift
 from merged
 join parameters on parameters.state_key = merged.state_key)
-select state_key, user_number, user_id, list_concat(future, past) as times, least(list_min(future), past[rank_a] - to_minutes(window_minutes), past[rank_b] - to_minutes(window_minutes), case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) > {{ now }} then past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) end) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
+select state_key, user_number, list_concat(future, past) as times, least(list_min(future), past[rank_a] - to_minutes(window_minutes), past[rank_b] - to_minutes(window_minutes), case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) > {{ now }} then past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) end) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
 from kept
 union all
-select state_key, -1, null, cast([] as timestamptz[]), null, null, {{ through }}, {{ now }}
+select state_key, -1, cast([] as timestamptz[]), null, null, {{ through }}, {{ now }}
 from parameters
 
 {% else %}
 
 with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz))),
-qualifying as (select '2321f9e67d1bd871' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+fresh as (select '2321f9e67d1bd871' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+group by user_number
 union all
-select '2cd1652570e9199f' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))), cast([] as timestamptz[])) as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+group by user_number
 union all
-select '3e00b5869b7c70aa' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+group by user_number
 union all
-select '604bdf1234c424a4' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint)))] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false)
+group by user_number
 union all
-select '88369935f63d16d1' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select '88369935f63d16d1' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+group by user_number
 union all
-select 'f2ef26d2823ed4b3' as state_key, user_number, event_user_id as user_id, event_at
-from (select event_seq, user_number, user_id as event_user_id, event as event_name, "timestamp" as event_at, properties as event_properties
+select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'),
-fresh as (select qualifying.state_key, user_number, any_value(user_id) as user_id, coalesce(list(event_at order by event_at desc) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and (window_minutes is null or event_at > {{ now }} + to_minutes(window_minutes))), cast([] as timestamptz[])) as past
-from qualifying
-join parameters on parameters.state_key = qualifying.state_key
-group by qualifying.state_key, user_number),
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+group by user_number),
 merged as (select *, cast(null as timestamptz) as due_at
 from fresh),
-kept as (select merged.state_key, user_number, user_id, due_at, future, list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift
+kept as (select merged.state_key, user_number, due_at, list_sort(future, 'DESC') as future, list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift
 from merged
 join parameters on parameters.state_key = merged.state_key)
-select state_key, user_number, user_id, list_concat(future, past) as times, least(list_min(future), past[rank_a] - to_minutes(window_minutes), past[rank_b] - to_minutes(window_minutes), case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) > {{ now }} then past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) end) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
+select state_key, user_number, list_concat(future, past) as times, least(list_min(future), past[rank_a] - to_minutes(window_minutes), past[rank_b] - to_minutes(window_minutes), case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) > {{ now }} then past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) end) as next_change, due_at, {{ through }} as events_through, {{ now }} as evaluated_at
 from kept
 union all
-select state_key, -1, null, cast([] as timestamptz[]), null, null, {{ through }}, {{ now }}
+select state_key, -1, cast([] as timestamptz[]), null, null, {{ through }}, {{ now }}
 from parameters
 
 {% endif %}
