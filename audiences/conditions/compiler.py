@@ -1541,14 +1541,16 @@ def event_state_sql(
         incremental_keys = "select state_key from parameters where incremental"
         columns = "state_key, user_number, times, next_change, due_at"
         # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
-        # the rows of users with new events by their numbers. Disjoint, so nothing is doubled.
+        # the rows with new events by their (key, number) pairs; a row in both once. Any other
+        # filter in the scans (the keys kept incrementally, "not due") made DuckDB read every
+        # row: they apply to the few rows found.
         previous_cte = (
-            f"previous as (select {columns} from {table_sql} where next_change <= {now} "
-            f"and user_number <> {marker} and state_key in ({incremental_keys}) "
-            f"union all select {columns} from {table_sql} "
-            "where user_number in (select user_number from fresh) "
-            f"and user_number <> {marker} and coalesce(next_change > {now}, true) "
-            f"and state_key in ({incremental_keys})), "
+            f"previous as (select * from (select {columns} from {table_sql} "
+            f"where next_change <= {now} union all select {columns} from {table_sql} as kept_rows "
+            "semi join fresh on fresh.state_key = kept_rows.state_key "
+            "and fresh.user_number = kept_rows.user_number) as found "
+            f"where user_number <> {marker} and state_key in ({incremental_keys}) "
+            "qualify row_number() over (partition by state_key, user_number) = 1), "
         )
         # The kept times of those users, split again at this "now" (a few rows), merged with
         # their new events: a late event merges like any other.

@@ -67,18 +67,17 @@ from (select event_seq, user_number, event as event_name, "timestamp" as event_a
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
 group by user_number),
-previous as (select state_key, user_number, times, next_change, due_at
+previous as (select *
+from (select state_key, user_number, times, next_change, due_at
 from {{ this }}
-where next_change <= {{ now }} and user_number <> -1 and state_key in (select state_key
-from parameters
-where incremental)
+where next_change <= {{ now }}
 union all
 select state_key, user_number, times, next_change, due_at
-from {{ this }}
-where user_number in (select user_number
-from fresh) and user_number <> -1 and coalesce(next_change > {{ now }}, true) and state_key in (select state_key
+from {{ this }} as kept_rows semi
+join fresh on fresh.state_key = kept_rows.state_key and fresh.user_number = kept_rows.user_number) as found
+where user_number <> -1 and state_key in (select state_key
 from parameters
-where incremental)),
+where incremental) qualify row_number() over (partition by state_key, user_number) = 1),
 merged as (select coalesce(previous.state_key, fresh.state_key) as state_key, coalesce(previous.user_number, fresh.user_number) as user_number, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t > state_now), coalesce(fresh.future, cast([] as timestamptz[]))), 'DESC') as future, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t <= state_now and (window_minutes is null or t > state_now + to_minutes(window_minutes))), coalesce(fresh.past, cast([] as timestamptz[]))), 'DESC') as past, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast({{ due }} as timestamptz) end as due_at
 from previous
 full outer
