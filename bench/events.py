@@ -9,12 +9,16 @@ one DuckDB file and one run:
 
 - **floor**: `select user_id, event, count(*) from raw.events group by all`;
 - **cold**: every event audience evaluated over every user, with the compiler's SQL (what the
-  audience views and `audience_members` run), the results written to a table;
-- **new events** (0.1% and 1% more, some late, some duplicates): loading them, finding the users to
-  re-evaluate (the SQL of `int_event_users_to_reevaluate`: events past the `event_seq` watermark,
-  and events whose shifted times "now" moved over) and re-evaluating only those users;
+  audience views and `audience_members`' first build run), the results written to a table, plus
+  the first build of the event state (`int_event_state`: per user and event condition, the kept
+  times and the next change, from every event);
+- **new events** (0.1% and 1% more, some late, some duplicates): loading them, updating the event
+  state (the users with new events and those whose next change "now" reached, from their kept
+  times and new events alone, replaced by (state_key, user_number) as dbt's delete+insert does),
+  finding the users to re-evaluate (as `int_event_users_to_reevaluate`: events past the watermark,
+  rows whose `due_at` "now" moved over) and re-evaluating only those, from their state rows;
 - **time passes** (one hour, one day, no new event): the same, the users found being only those
-  whose windows lapsed or were reached.
+  whose verdicts fell due.
 
 Each incremental result is checked against a full evaluation at the same time. Prints a Markdown
 table and writes `bench/events-results.json`. Peak memory is the process's maximum RSS.
@@ -37,11 +41,12 @@ from audiences.conditions.compiler import (
     CompileContext,
     Condition,
     compile_segments,
-    event_windows,
+    event_state,
+    event_state_sql,
     render,
     timestamp_literal,
 )
-from audiences.dbt.models import events_of_users
+from audiences.dbt.models import events_state_of_users
 from audiences.events.loading import EventSource, load_event_source
 from audiences.warehouse.schema import ensure_user_tables
 
@@ -103,7 +108,7 @@ def audiences(count: int) -> dict[str, list[list[Condition]]]:
     return dict(kinds)
 
 
-def context(now: datetime, events: str = "raw.events") -> CompileContext:
+def context(now: datetime, events: str = "raw.events", state: str | None = None) -> CompileContext:
     return CompileContext(
         events=exp.to_table(events),
         attribute=lambda attribute: exp.column(attribute.column_name, quoted=True),
@@ -111,14 +116,16 @@ def context(now: datetime, events: str = "raw.events") -> CompileContext:
         evaluation_time=timestamp_literal(now),
         user_key=exp.column("user_key", table="users"),
         user_id=exp.column("user_id", table="users"),
+        event_state=exp.to_table(state) if state is not None else None,
     )
 
 
-def compiled(definitions, now, users_table: str, events: str = "raw.events") -> str:
-    """Every audience over `users_table`, as SQL (rendered once, as `audiences generate` does)."""
+def compiled(definitions, now, users_table: str, state: str | None = None) -> str:
+    """Every audience over `users_table`, as SQL (rendered once, as `audiences generate` does):
+    counting the events, or, given `state`, reading the verdicts from those state rows."""
     return " union all ".join(
         f"select '{key}' as audience_key, users.user_key from {users_table} as users "
-        f"where {render(compile_segments(segments, context(now, events)), pretty=False)}"
+        f"where {render(compile_segments(segments, context(now, state=state)), pretty=False)}"
         for key, segments in definitions.items()
     )
 
@@ -128,25 +135,60 @@ def evaluate(connection, sql: str) -> None:
     connection.execute("create or replace table bench_members as " + sql)
 
 
-def users_to_reevaluate(connection, definitions, previous, now, watermark: int) -> int:
-    """The users of int_event_users_to_reevaluate, into `bench_reevaluate`; returns how many."""
-    windows = sorted(
-        {window for segments in definitions.values() for window in event_windows(segments)},
-        key=lambda w: (w.event, w.minutes),
+def state_conditions(definitions) -> list[Condition]:
+    found = {}
+    for segments in definitions.values():
+        for segment in segments:
+            for condition in segment:
+                state = event_state(condition)
+                if state is not None:
+                    found.setdefault(state.key, condition)
+    return list(found.values())
+
+
+def build_state(connection, definitions, now) -> None:
+    """The first build of int_event_state: every condition's rows from every event."""
+    through = connection.execute("select coalesce(max(event_seq), 0) from raw.events").fetchone()[0]
+    rows = event_state_sql(state_conditions(definitions), context(now), exp.Literal.number(through))
+    connection.execute("create or replace table bench_state_rows as " + rows)
+
+
+def update_state(connection, definitions, now) -> None:
+    """An incremental build of int_event_state, as dbt's delete+insert runs the model: the rows
+    of the users with new events or a due verdict, then those keys replaced."""
+    through, after = connection.execute(
+        "select coalesce(max(event_seq), 0), "
+        "(select max(events_through) from bench_state_rows where user_number = -1) from raw.events"
+    ).fetchone()
+    rows = event_state_sql(
+        state_conditions(definitions),
+        context(now),
+        exp.Literal.number(through),
+        previous=exp.to_table("bench_state_rows"),
+        markers=lambda key: (exp.Literal.number(after), exp.true()),
     )
+    connection.execute("create or replace temp table bench_fresh as " + rows)
+    connection.execute(
+        "delete from bench_state_rows using bench_fresh "
+        "where bench_state_rows.state_key = bench_fresh.state_key "
+        "and bench_state_rows.user_number = bench_fresh.user_number"
+    )
+    connection.execute("insert into bench_state_rows select * from bench_fresh")
+
+
+def users_to_reevaluate(connection, previous, now, watermark: int) -> int:
+    """The users of int_event_users_to_reevaluate, into `bench_reevaluate`; returns how many:
+    events loaded since the last build, and verdicts that fell due since (`due_at`)."""
     low, high = (render(timestamp_literal(t), pretty=False) for t in (previous, now))
-    moved = " union all ".join(
-        f"select user_id from raw.events where event = {render(exp.Literal.string(w.event))} "
-        f'and "timestamp" between {low} + to_minutes({w.minutes}) and {high} + to_minutes({w.minutes})'
-        for w in windows
-    )
     connection.execute(
         f"""
         create or replace table bench_reevaluate as
         select user_key, user_id from raw.users
         where user_id in (
             select user_id from raw.events where event_seq > {int(watermark)}
-            union all {moved}
+            union all
+            select user_id from bench_state_rows join raw.event_users using (user_number)
+            where (due_at > {low} and due_at <= {high}) or due_at = {high}
         )
         """
     )
@@ -154,18 +196,18 @@ def users_to_reevaluate(connection, definitions, previous, now, watermark: int) 
 
 
 def incremental(connection, sql: str, results: dict, label: str) -> None:
-    """Re-evaluate the listed users: delete their rows, evaluate them over their own events (read
-    once, by their numbers, with the SQL of audience_members' `events_to_reevaluate`), append.
-    Each step is timed under `label`."""
+    """Re-evaluate the listed users: delete their rows, select their state rows (by their
+    numbers, with the SQL of audience_members' `event_state_to_reevaluate`), evaluate the
+    audiences from them, append. Each step is timed under `label`."""
     steps = [
         (
             "delete",
             "delete from bench_state where user_key in (select user_key from bench_reevaluate)",
         ),
         (
-            "their events",
-            "create or replace temp table bench_events_subset as "
-            + events_of_users("bench_reevaluate", "raw.events", "raw.event_users"),
+            "their state",
+            "create or replace temp table bench_state_subset as "
+            + events_state_of_users("bench_reevaluate", "bench_state_rows", "raw.event_users"),
         ),
         ("evaluate", "create or replace table bench_members as " + sql),
         ("insert", "insert into bench_state select * from bench_members"),
@@ -196,8 +238,8 @@ def timed(label, results, function, *arguments):
 
 
 def ratios(results: dict, label: str) -> None:
-    """A run (listing + re-evaluating) over the cold build, in wall and in CPU time."""
-    steps = [f"{label}: {step}" for step in ("users to re-evaluate", "re-evaluate")]
+    """A run (updating the state, listing, re-evaluating) over the cold build, wall and CPU."""
+    steps = [f"{label}: {step}" for step in ("event state", "users to re-evaluate", "re-evaluate")]
     results[f"{label}: run / cold"] = round(
         sum(results[s] for s in steps) / results["cold build"], 4
     )
@@ -269,11 +311,29 @@ def main() -> None:
             "create or replace table bench_floor as select user_id, event, count(*) from raw.events group by all"
         ),
     )
-    timed("cold build", results, evaluate, connection, compiled(definitions, NOW, "raw.users"))
+    timed(
+        "cold build: evaluate",
+        results,
+        evaluate,
+        connection,
+        compiled(definitions, NOW, "raw.users"),
+    )
+    timed("cold build: event state", results, build_state, connection, definitions, NOW)
+    for kind in ("", "cpu"):
+        where = results["cpu"] if kind else results
+        where["cold build"] = round(
+            where["cold build: evaluate"] + where["cold build: event state"], 3
+        )
+    results["event state rows"] = connection.execute(
+        "select count(*) from bench_state_rows"
+    ).fetchone()[0]
     connection.execute("create or replace table bench_state as select * from bench_members")
     results["members"] = connection.execute("select count(*) from bench_state").fetchone()[0]
     results["cold / floor"] = round(
         results["cold build"] / results["floor: group by user_id, event"], 2
+    )
+    results["cold / floor (CPU)"] = round(
+        results["cpu"]["cold build"] / results["cpu"]["floor: group by user_id, event"], 2
     )
 
     previous, offset = NOW, arguments.events
@@ -287,18 +347,18 @@ def main() -> None:
         watermark = connection.execute("select max(event_seq) from raw.events").fetchone()[0]
         label = f"{share:.1%} new events"
         timed(f"{label}: load", results, load_event_source, connection, source, now)
+        timed(f"{label}: event state", results, update_state, connection, definitions, now)
         listed = timed(
             f"{label}: users to re-evaluate",
             results,
             users_to_reevaluate,
             connection,
-            definitions,
             previous,
             now,
             watermark,
         )
         results[f"{label}: users listed"] = listed
-        sql = compiled(definitions, now, "bench_reevaluate", "bench_events_subset")
+        sql = compiled(definitions, now, "bench_reevaluate", "bench_state_subset")
         timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label)
         ratios(results, label)
         assert set(connection.execute("select * from bench_state").fetchall()) == full_members(
@@ -310,18 +370,18 @@ def main() -> None:
         now = previous + step
         watermark = connection.execute("select max(event_seq) from raw.events").fetchone()[0]
         label = f"time passes {step}"
+        timed(f"{label}: event state", results, update_state, connection, definitions, now)
         listed = timed(
             f"{label}: users to re-evaluate",
             results,
             users_to_reevaluate,
             connection,
-            definitions,
             previous,
             now,
             watermark,
         )
         results[f"{label}: users listed"] = listed
-        sql = compiled(definitions, now, "bench_reevaluate", "bench_events_subset")
+        sql = compiled(definitions, now, "bench_reevaluate", "bench_state_subset")
         timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label)
         ratios(results, label)
         assert set(connection.execute("select * from bench_state").fetchall()) == full_members(

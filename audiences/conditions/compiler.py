@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -544,6 +545,10 @@ class CompileContext:
     # tenant) pair (`pair_attribute`); None where conditions read only the recipient, so that a
     # `tenant.*` or `membership.*` condition is an error naming the property.
     pair_attribute: AttributeReader | None = None
+    # The relation of event states (`int_event_state`: `state_key`, `user_number`, `user_id`,
+    # `times`), from which an event condition that has a state (`event_state`) reads its verdict
+    # instead of counting events; None: count the events.
+    event_state: exp.Expression | None = None
 
 
 def pair_attribute(attribute: Attribute) -> exp.Expression:
@@ -1283,6 +1288,9 @@ def _compile_performed(condition: Condition, context: CompileContext) -> exp.Exp
     kind, number = event_argument(condition).count
     if kind == "at_least" and number == 0:
         return exp.true()
+    state = event_state(condition) if context.event_state is not None else None
+    if state is not None:
+        return _performed_from_state(state, kind, number, context)
     if kind == "at_most" or (kind == "exactly" and number == 0):
         # No counted event is a count of 0: "at most N" is "not more than N".
         more = _users_having(
@@ -1304,6 +1312,14 @@ def _compile_performed(condition: Condition, context: CompileContext) -> exp.Exp
 
 def _compile_last_performed(condition: Condition, context: CompileContext) -> exp.Expression:
     before = condition.operator == "last_performed_before"
+    state = event_state(condition) if context.event_state is not None else None
+    if state is not None:
+        comparison = exp.LT if before else exp.GTE
+        last = _template(
+            "list_max(list_filter(times, lambda t: t <= :now))", now=exp.column(_STATE_NOW)
+        )
+        bound = time_argument_sql(event_argument(condition).time, context)
+        return _state_users(state, context, comparison(this=last, expression=bound))
 
     def last_event(argument: EventArgument) -> exp.Expression:
         bound = time_argument_sql(argument.time, context)
@@ -1312,6 +1328,311 @@ def _compile_last_performed(condition: Condition, context: CompileContext) -> ex
         )
 
     return _users_having(condition, context, last_event)
+
+
+# ---------------------------------------------------------------------------------------------
+# Event state (int_event_state): per user and event condition, what its verdict needs, kept up to
+# date from new events alone, and the time at which its verdict can next change.
+
+_STATE_NOW = "state_now"  # "now" beside each state row, which a verdict's lambdas read
+EVENT_STATE_MARKER = -1  # `user_number` of a condition's marker row: its watermark and "now"
+
+
+@dataclass(frozen=True)
+class EventState:
+    """What an event condition keeps per user (docs/conditions.md, "Event state").
+
+    A user's state is the times of their qualifying events (the name, `where`, absolute bounds),
+    newest first: every one stamped after "now" (it counts once "now" reaches it) and, of those
+    at or before "now" and inside a relative window, the `keep` most recent: enough to tell the
+    count up to `keep`, which each comparison needs, and the last time. As "now" only moves
+    forward, an event that left the window or is older than the `keep` most recent can never
+    count again; a late event merges into the list like any other, and nothing else is read.
+
+    `window` is a relative window's shift in minutes (an event counts while its time is after
+    now + window); `thresholds` are the ranks j whose event leaving the window flips the verdict
+    (the N-th most recent for "at least N", the (N+1)-th for "at most N", both for "exactly N");
+    `last_shift` is the shift of a `last_performed_*` relative bound.
+    """
+
+    key: str
+    event: str
+    where: tuple[Condition, ...]
+    after: datetime | None
+    before: datetime | None
+    keep: int
+    window: int | None = None
+    thresholds: tuple[int, ...] = ()
+    last_shift: int | None = None
+
+
+def event_state(condition: Condition) -> EventState | None:
+    """The state an event condition keeps per user; None for "at least 0" (always true) and for
+    conditions counted over the user's events instead: a bound read from the user, a relative
+    bound inside `within: {after, before}`, a `where` that compares a property with "now"."""
+    argument = event_argument(condition)
+    if _reads_the_user(argument):
+        return None
+    compares_now: list[TimeWindow] = []
+    nested = replace(
+        _event_property_context(_recording_context()), on_time_window=compares_now.append
+    )
+    for where in argument.where:
+        compile_condition(where, nested)
+    if compares_now:
+        return None
+    raw = condition.argument
+    if isinstance(raw, str):
+        raw = decode_argument(raw).value
+    text = json.dumps([condition.operator, raw], sort_keys=True, ensure_ascii=False, default=str)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if condition.operator != "performed":
+        shift = argument.time.minutes if isinstance(argument.time, RelativeTime) else None
+        return EventState(key, argument.event, argument.where, None, None, 1, last_shift=shift)
+    kind, number = argument.count
+    if kind == "at_least" and number == 0:
+        return None
+    ranks = {"at_least": (number,), "at_most": (number + 1,), "exactly": (number, number + 1)}
+    thresholds = tuple(rank for rank in ranks[kind] if rank >= 1)
+    after = before = None
+    window = argument.window
+    if isinstance(window, tuple):
+        after, before = window
+        if not all(bound is None or isinstance(bound, datetime) for bound in window):
+            return None
+    shift = window.minutes if isinstance(window, RelativeTime) else None
+    return EventState(
+        key,
+        argument.event,
+        argument.where,
+        after,
+        before,
+        max(thresholds),
+        shift,
+        thresholds if shift is not None else (),
+    )
+
+
+def _state_qualifies(state: EventState, context: CompileContext) -> exp.Expression:
+    """Whether an event (`event_name`, `event_at`, `event_properties`) is one the state keeps,
+    whatever "now" is: as `_counted_events`, less its comparisons with "now"."""
+    at = exp.column("event_at")
+    filters: list[exp.Expression] = [exp.column("event_name").eq(exp.Literal.string(state.event))]
+    if state.after is not None:
+        filters.append(exp.GT(this=at.copy(), expression=timestamp_literal(state.after)))
+    if state.before is not None:
+        filters.append(exp.LT(this=at.copy(), expression=timestamp_literal(state.before)))
+    nested = _event_property_context(context)
+    filters += [compile_condition(where, nested) for where in state.where]
+    return exp.and_(*filters)
+
+
+def _counts_now(state: EventState, now: exp.Expression) -> exp.Expression:
+    """The lambda body telling whether a kept time `t` counts at `now`."""
+    if state.window is None:
+        return _template("t <= :now", now=now)
+    return _template(
+        "t <= :now and t > :now + to_minutes(cast(:minutes as bigint))",
+        now=now,
+        minutes=state.window,
+    )
+
+
+# The per-condition numbers of the state's rule, as the columns of one `parameters` row: the
+# kept count, the window's shift, the two threshold ranks, the last-performed bound's shift.
+_STATE_PARAMETERS = (
+    "state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now"
+)
+_EMPTY_TIMES = "cast([] as timestamptz[])"
+
+
+def event_state_sql(
+    conditions: Iterable[Condition],
+    context: CompileContext,
+    through: exp.Expression,
+    previous: exp.Expression | None = None,
+    markers: Callable[[str], tuple[exp.Expression, exp.Expression]] | None = None,
+    due: exp.Expression | None = None,
+) -> str:
+    """The rows of `int_event_state` for these event conditions (those with a state; the others
+    are left out) at `context.evaluation_time`, over the events `context.events` (with
+    `event_seq`, `user_number`) loaded up to `through`, as one DuckDB statement.
+
+    Given `previous` (the state table), `markers(key)` gives a condition's (`after`, `incremental`)
+    SQL: when `incremental` holds, only the users with qualifying events loaded after `after`,
+    and those whose verdict is due to change (`next_change` at or before "now"), are computed:
+    from their kept times and their new events alone, never their older events. Otherwise (and
+    for every condition without `previous`) every user, from all events, with `due_at` = `due`.
+    Each row keeps the times the verdict needs (`EventState`), the next change: the first event
+    stamped after "now" (it then counts); in a relative window, the threshold ranks' events plus
+    the window's length (they leave it then); for a `last_performed_*` relative bound, the last
+    time minus its shift plus a microsecond (before: `last < now + shift`; after:
+    `last >= now + shift`, both cross one microsecond after equality); and `due_at`, the latest
+    next change a build passed, which `int_event_users_to_reevaluate` lists. Each condition also
+    writes its marker row (`user_number` -1): the events its state covers and the "now" it was
+    kept at.
+    """
+
+    def sql(expression: exp.Expression) -> str:
+        return render(expression, pretty=False)
+
+    states: dict[str, tuple[Condition, EventState]] = {}
+    for condition in conditions:
+        state = event_state(condition)
+        if state is not None:
+            states.setdefault(state.key, (condition, state))
+    now = sql(context.evaluation_time)
+    table = sql(context.events if context.events is not None else exp.to_table(EVENTS_TABLE))
+    rows, qualifying = [], []
+    for key, (_, state) in sorted(states.items()):
+        after, incremental = (
+            markers(key) if markers is not None and previous is not None else (None, None)
+        )
+        ranks = [*state.thresholds, None, None][:2]
+        values = [
+            exp.Literal.string(key),
+            *(
+                exp.cast(exp.Literal.number(value) if value is not None else exp.null(), "bigint")
+                for value in (state.keep, state.window, *ranks, state.last_shift)
+            ),
+            exp.cast(after if after is not None else exp.Literal.number(0), "bigint"),
+            exp.cast(incremental if incremental is not None else exp.false(), "boolean"),
+            exp.cast(context.evaluation_time.copy(), "timestamptz"),
+        ]
+        rows.append("(" + ", ".join(sql(value) for value in values) + ")")
+        # The new events of this condition per user: those stamped after "now", and the `keep`
+        # most recent at or before it inside the window (newest first). Aggregates of constants
+        # per condition: no per-row list work, and no user id (read from raw.event_users).
+        counts = f"event_at <= {now}"
+        if state.window is not None:
+            counts += f" and event_at > {now} + to_minutes(cast({int(state.window)} as bigint))"
+        past = (
+            f"case when max(event_at) filter (where {counts}) is null then {_EMPTY_TIMES} "
+            f"else [max(event_at) filter (where {counts})] end"
+            if state.keep == 1
+            else f"coalesce(max(event_at, {int(state.keep)}) filter (where {counts}), "
+            f"{_EMPTY_TIMES})"
+        )
+        qualifying.append(
+            f"select {sql(exp.Literal.string(key))} as state_key, user_number, "
+            f"coalesce(list(event_at) filter (where event_at > {now}), {_EMPTY_TIMES}) as future, "
+            f"{past} as past from (select event_seq, user_number, "
+            'event as event_name, "timestamp" as event_at, '
+            f"properties as event_properties from {table}) as counted_events "
+            f"where event_seq > {sql(values[6])} and event_seq <= {sql(through)} "
+            f"and {sql(_state_qualifies(state, context))} group by user_number"
+        )
+    if not rows:
+        return (
+            "select cast(null as varchar) as state_key, cast(null as bigint) as user_number, "
+            f"{_EMPTY_TIMES} as times, "
+            "cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at, "
+            "cast(null as bigint) as events_through, cast(null as timestamptz) as evaluated_at "
+            "where false"
+        )
+    due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
+    marker = EVENT_STATE_MARKER
+    fresh = " union all ".join(qualifying)
+    if previous is None:
+        merged = f"select *, {due_at} as due_at from fresh"
+        previous_cte = ""
+    else:
+        table_sql = sql(previous)
+        incremental_keys = "select state_key from parameters where incremental"
+        columns = "state_key, user_number, times, next_change, due_at"
+        # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
+        # the rows with new events by their (key, number) pairs; a row in both once. Any other
+        # filter in the scans (the keys kept incrementally, "not due") made DuckDB read every
+        # row: they apply to the few rows found.
+        previous_cte = (
+            f"previous as (select * from (select {columns} from {table_sql} "
+            f"where next_change <= {now} union all select {columns} from {table_sql} as kept_rows "
+            "semi join fresh on fresh.state_key = kept_rows.state_key "
+            "and fresh.user_number = kept_rows.user_number) as found "
+            f"where user_number <> {marker} and state_key in ({incremental_keys}) "
+            "qualify row_number() over (partition by state_key, user_number) = 1), "
+        )
+        # The kept times of those users, split again at this "now" (a few rows), merged with
+        # their new events: a late event merges like any other.
+        merged = (
+            "select coalesce(previous.state_key, fresh.state_key) as state_key, "
+            "coalesce(previous.user_number, fresh.user_number) as user_number, "
+            f"list_sort(list_concat(list_filter(coalesce(previous.times, {_EMPTY_TIMES}), "
+            "lambda t: t > state_now), "
+            f"coalesce(fresh.future, {_EMPTY_TIMES})), 'DESC') as future, "
+            f"list_sort(list_concat(list_filter(coalesce(previous.times, {_EMPTY_TIMES}), "
+            "lambda t: t <= state_now and (window_minutes is null "
+            "or t > state_now + to_minutes(window_minutes))), "
+            f"coalesce(fresh.past, {_EMPTY_TIMES})), 'DESC') as past, "
+            f"case when previous.next_change <= {now} then previous.next_change "
+            "when previous.state_key is not null then previous.due_at "
+            "when parameters.incremental then null "
+            f"else {due_at} end as due_at "
+            "from previous full outer join fresh "
+            "on previous.state_key = fresh.state_key "
+            "and previous.user_number = fresh.user_number "
+            "join parameters on parameters.state_key = "
+            "coalesce(previous.state_key, fresh.state_key)"
+        )
+    return (
+        f"with parameters({_STATE_PARAMETERS}) as (values {', '.join(rows)}), "
+        f"fresh as ({fresh}), {previous_cte}"
+        f"merged as ({merged}), "
+        "kept as (select merged.state_key, user_number, due_at, list_sort(future, 'DESC') as future, "
+        "list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift "
+        "from merged join parameters on parameters.state_key = merged.state_key) "
+        "select state_key, user_number, list_concat(future, past) as times, "
+        "least(list_min(future), "
+        "past[rank_a] - to_minutes(window_minutes), "
+        "past[rank_b] - to_minutes(window_minutes), "
+        "case when past[1] - to_minutes(last_shift) + to_microseconds(cast(1 as bigint)) "
+        f"> {now} then past[1] - to_minutes(last_shift) "
+        "+ to_microseconds(cast(1 as bigint)) end"
+        ") as next_change, "
+        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from kept "
+        f"union all select state_key, {marker}, {_EMPTY_TIMES}, null, null, "
+        f"{sql(through)}, {now} from parameters"
+    )
+
+
+def _state_users(
+    state: EventState, context: CompileContext, predicate: exp.Expression
+) -> exp.Expression:
+    """The user is among those whose state of this condition meets `predicate` (on `times`)."""
+    # "Now" as a column: in a lambda DuckDB binds columns but not subqueries (dbt's "now" is one).
+    rows = exp.select(exp.Star(), exp.alias_(context.evaluation_time.copy(), _STATE_NOW)).from_(
+        context.event_state.copy()
+    )
+    users = (
+        exp.select(exp.column("user_id"))
+        .from_(rows.subquery("state_rows"))
+        .where(
+            exp.and_(
+                exp.column("state_key").eq(exp.Literal.string(state.key)),
+                exp.column("user_number").neq(exp.Literal.number(EVENT_STATE_MARKER)),
+                predicate,
+            )
+        )
+    )
+    return exp.In(this=context.user_id, query=exp.paren(users))
+
+
+def _performed_from_state(
+    state: EventState, kind: str, number: int, context: CompileContext
+) -> exp.Expression:
+    """`performed`'s verdict from the user's kept times: their count at "now" is exact up to
+    `keep`, which is all that "at least / at most / exactly N" compare."""
+    count = _template(
+        "len(list_filter(times, lambda t: :counts))",
+        counts=_counts_now(state, exp.column(_STATE_NOW)),
+    )
+    if kind == "at_most" or (kind == "exactly" and number == 0):
+        more = _state_users(
+            state, context, exp.GT(this=count, expression=exp.Literal.number(number))
+        )
+        return exp.not_(exp.func("coalesce", exp.paren(more), exp.false()))
+    comparison = _COUNT_COMPARISONS[kind](this=count, expression=exp.Literal.number(number))
+    return _state_users(state, context, comparison)
 
 
 def event_summary(condition: Condition, context: CompileContext, ids: int = 3) -> exp.Expression:

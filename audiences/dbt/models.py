@@ -37,6 +37,7 @@ from audiences.conditions.compiler import (
     attributes_used,
     compile_condition,
     compile_segments,
+    event_state,
     event_windows,
     json_pointer,
     normalized_tenant,
@@ -55,7 +56,13 @@ from audiences.conditions.definitions import (
     evaluation_order,
     model_name_for,
 )
-from audiences.dbt.events import EVENT_REEVALUATE_MODEL, event_reevaluate_model
+from audiences.dbt.events import (
+    EVENT_REEVALUATE_MODEL,
+    EVENT_STATE_MODEL,
+    event_reevaluate_model,
+    event_state_model,
+    state_conditions,
+)
 from audiences.dbt.flattened import ADDED_COLUMNS_MACRO, added_columns_macro
 from audiences.dbt.tenants import (
     MEMBERSHIPS_MODEL,
@@ -80,6 +87,8 @@ CUSTOM_FOLDER = Path("models/audiences/custom")
 EVENTS_SOURCE = "{{ source('warehouse', 'events') }}"
 EVENT_USERS_SOURCE = "{{ source('warehouse', 'event_users') }}"  # user id -> events' user_number
 EVENTS_TO_REEVALUATE = "events_to_reevaluate"  # audience_members' CTE of those users' events
+# ... and of those users' rows of int_event_state, which event conditions with a state read
+EVENT_STATE_TO_REEVALUATE = "event_state_to_reevaluate"
 # The macros that evaluate audience_members batch by batch (one statement per batch).
 MEMBERS_MACROS = Path("macros/generated")
 # Audiences per statement of audience_members: the planning of one statement grows with the square
@@ -195,6 +204,16 @@ def generate_models(
         GeneratedFile(
             Path(f"models/intermediate/{REEVALUATE_MODEL}.sql"),
             _reevaluate_model(definitions, source_label, analysed),
+        )
+    )
+    files.append(
+        GeneratedFile(
+            Path(f"models/intermediate/{EVENT_STATE_MODEL}.sql"),
+            event_state_model(
+                definitions,
+                _event_closure(definitions),
+                GENERATED_HEADER.format(source=_comment(source_label)),
+            ),
         )
     )
     files.append(
@@ -416,6 +435,7 @@ def _compile_audience(
     attributes: set[Attribute] | None = None,
     windows: set[TimeWindow] | None = None,
     events: str = EVENTS_SOURCE,
+    event_state: str | None = None,
 ) -> _CompiledAudience:
     """An audience's WHERE clause over the columns of int_users_flattened, ready for a model file.
 
@@ -458,6 +478,8 @@ def _compile_audience(
         user_id=exp.column("user_id"),
         on_time_window=windows.add if windows is not None else None,
         events=exp.to_table(events_placeholder),
+        # Event conditions with a state read it from this relation (audience_members).
+        event_state=exp.to_table(event_state) if event_state is not None else None,
         # A per-tenant audience's model reads its pairs (audiences/dbt/tenants.py).
         pair_attribute=pair_attribute if definition.per_tenant else None,
     )
@@ -606,6 +628,40 @@ def event_audiences_per_user(definitions: dict[str, AudienceDefinition]) -> set[
         for key in per_user_audiences(definitions)
         if any(reads_events(definitions[other].segments) for other in _closure(key, definitions))
     }
+
+
+def _event_closure(definitions: dict[str, AudienceDefinition]) -> set[str]:
+    """The per-user event audiences and every audience they read: their event conditions are
+    inlined into audience_members' per-user branches."""
+    return {
+        other
+        for key in event_audiences_per_user(definitions)
+        for other in _closure(key, definitions)
+    }
+
+
+def counts_events_per_user(definitions: dict[str, AudienceDefinition]) -> bool:
+    """True when a per-user event audience (or one it reads) has an event condition without a
+    state, counted over the re-evaluated users' events (`events_to_reevaluate`)."""
+    return any(
+        condition.operator in ("performed", "last_performed_before", "last_performed_after")
+        and event_state(condition) is None
+        for key in _event_closure(definitions)
+        for segment in definitions[key].segments
+        for condition in segment
+    )
+
+
+def events_state_of_users(users: str, state: str, event_users: str = EVENT_USERS_SOURCE) -> str:
+    """The rows of int_event_state of the users in the relation `users` (a `user_id` column), with
+    their user ids, selected by their numbers, as `events_of_users` selects their events."""
+    return f"""select state.*, numbers.user_id
+    from {state} as state
+    join (
+        select user_number, user_id
+        from {event_users}
+        where user_id in (select user_id from {users})
+    ) as numbers on numbers.user_number = state.user_number"""
 
 
 def _time_columns(
@@ -788,7 +844,12 @@ def _members_branches(
             # Event conditions of users re-evaluated in time count only those users' events.
             events = EVENTS_TO_REEVALUATE if key in event_users else EVENTS_SOURCE
             compiled = _compile_audience(
-                definition, definitions, users, placeholders, events=events
+                definition,
+                definitions,
+                users,
+                placeholders,
+                events=events,
+                event_state=EVENT_STATE_TO_REEVALUATE if key in event_users else None,
             )
         per_user[key] = hashlib.sha256(compiled.where.encode()).hexdigest()[:12]
         scoped = (
@@ -921,7 +982,7 @@ def _members_model(
         indent=4,
     ).replace("\n", "\n        ")
     # The batches (macros) read these models; dbt must know it before it runs the hooks.
-    reads = [FLATTENED_MODEL, REEVALUATE_MODEL, EVENT_REEVALUATE_MODEL]
+    reads = [FLATTENED_MODEL, REEVALUATE_MODEL, EVENT_REEVALUATE_MODEL, EVENT_STATE_MODEL]
     if per_pair_audiences(definitions):  # the pairs' tenants and memberships
         reads += [TENANTS_MODEL, MEMBERSHIPS_MODEL]
     reads += [definitions[key].model_name for key in sorted(definitions)]
@@ -975,7 +1036,12 @@ def _members_users_macro(
         reevaluate=REEVALUATE_MODEL,
         timed=bool(timed),
         columns=columns,
-        events=bool(event_audiences_per_user(definitions)),
+        events=counts_events_per_user(definitions),
+        states=bool(state_conditions(definitions, _event_closure(definitions))),
+        event_state_to_reevaluate=EVENT_STATE_TO_REEVALUATE,
+        state_of_users=events_state_of_users(
+            REEVALUATED_IN_TIME, f"{{{{ ref('{EVENT_STATE_MODEL}') }}}}"
+        ),
         calls=[f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1)],
         pairs=PAIRS_TO_REEVALUATE,
         pair_rows=PAIR_ROWS,

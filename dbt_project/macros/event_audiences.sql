@@ -44,3 +44,20 @@
     delete from {{ state }};
     insert into {{ state }} select max(events_through) from {{ ref('int_event_users_to_reevaluate') }}
 {%- endmacro %}
+
+
+{% macro event_state_markers(state, now) -%}
+    {#- int_event_state's marker rows kept at or before `now` (a literal): each event condition's
+        key and the newest event its state covers. A condition kept at a later "now" is absent,
+        so it is recomputed from every event. -#}
+    {%- if not execute -%}
+        {{ return({}) }}
+    {%- endif -%}
+    {%- set result = run_query("select state_key, events_through from " ~ state
+                               ~ " where user_number = -1 and evaluated_at <= " ~ now) -%}
+    {%- set markers = {} -%}
+    {%- for row in result.rows -%}
+        {%- do markers.update({row[0]: row[1] | string}) -%}
+    {%- endfor -%}
+    {{ return(markers) }}
+{%- endmacro %}

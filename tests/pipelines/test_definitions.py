@@ -34,6 +34,7 @@ EXPECTED_ASSET_KEYS = [
     "audiences/workspace_admins_trial_ending",
     "event_sources/segment_tracks",
     "events",
+    "int_event_state",
     "int_event_users_to_reevaluate",
     "int_users_flattened",
     "int_users_to_reevaluate",

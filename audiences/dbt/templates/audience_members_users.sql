@@ -1,6 +1,7 @@
 [# The users audience_members re-evaluates per user, as temporary tables every batch reads, and
    the list of batches. `columns` are the int_users_flattened columns the time-relative audiences
-   read (`timed`); `events` when per-user audiences count events. #]
+   read (`timed`); `events` when per-user audiences count events without a state, `states` when
+   they have event conditions with one. #]
 [[ header ]]
 
 {% macro audience_members_users(changed_users, users_after) -%}
@@ -30,6 +31,13 @@
         [[ columns | join(",\n        ") ]]
     from {{ ref('[[ flattened ]]') }}
     where user_key in (select user_key from {{ ref('[[ reevaluate ]]') }} where not changed);
+[% if states %]
+
+    {#- those users' rows of int_event_state: event conditions with a state read their verdicts
+        from it, never the events (selected by the users' numbers, as below) -#}
+    create or replace temp table [[ event_state_to_reevaluate ]] as
+    [[ state_of_users ]];
+[% endif %]
 [% if events %]
 
     {#- the events of those users: event conditions re-evaluated per user count only theirs, so

@@ -71,18 +71,16 @@
     from {{ ref('int_users_flattened') }}
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed);
 
-    {#- the events of those users: event conditions re-evaluated per user count only theirs, so
-        the events are read once here rather than once per event condition. Selected by the
-        users' numbers (integers), which the scan checks before reading the events' other
-        columns: only those users' events are read in full -#}
-    create or replace temp table events_to_reevaluate as
-    select *
-    from {{ source('warehouse', 'events') }}
-    where user_number in (
-        select user_number
+    {#- those users' rows of int_event_state: event conditions with a state read their verdicts
+        from it, never the events (selected by the users' numbers, as below) -#}
+    create or replace temp table event_state_to_reevaluate as
+    select state.*, numbers.user_id
+    from {{ ref('int_event_state') }} as state
+    join (
+        select user_number, user_id
         from {{ source('warehouse', 'event_users') }}
         where user_id in (select user_id from users_to_reevaluate_in_time)
-    );
+    ) as numbers on numbers.user_number = state.user_number;
 {%- endmacro %}
 
 {% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}

@@ -503,26 +503,22 @@ where
           (
             user_id in (
               select
-                event_user_id
+                user_id
               from (
                 select
-                  message_id as event_message_id,
-                  user_id as event_user_id,
-                  event as event_name,
-                  "timestamp" as event_at,
-                  properties as event_properties
-                from events_to_reevaluate
-              ) as counted_events
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
-                event_name = 'Order Completed'
-                and event_at <= {{ evaluation_time() }}
-                and event_at > (
-                  {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
-                )
-              group by
-                event_user_id
-              having
-                count(*) >= 3
+                state_key = '2cd1652570e9199f'
+                and user_number <> -1
+                and length(
+                  list_filter(
+                    times,
+                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                  )
+                ) >= 3
             )
           ),
           false
@@ -883,60 +879,22 @@ where
           (
             user_id in (
               select
-                event_user_id
+                user_id
               from (
                 select
-                  message_id as event_message_id,
-                  user_id as event_user_id,
-                  event as event_name,
-                  "timestamp" as event_at,
-                  properties as event_properties
-                from events_to_reevaluate
-              ) as counted_events
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
-                event_name = 'Order Completed'
-                and event_at <= {{ evaluation_time() }}
-                and event_at > (
-                  {{ evaluation_time() }} + to_minutes(cast(-20160 as bigint))
-                )
-                and coalesce(
-                  (
-                    case
-                      when (
-                        json_type(json_extract(event_properties, '/total')) = 'BIGINT'
-                        or json_type(json_extract(event_properties, '/total')) = 'UBIGINT'
-                        or json_type(json_extract(event_properties, '/total')) = 'DOUBLE'
-                        or json_type(json_extract(event_properties, '/total')) = 'HUGEINT'
-                        or json_type(json_extract(event_properties, '/total')) = 'INTEGER'
-                      )
-                      then cast(json_extract(event_properties, '/total') as double)
-                      when json_type(json_extract(event_properties, '/total')) = 'VARCHAR'
-                      and regexp_full_match(
-                        (
-                          json_extract(event_properties, '/total') ->> '$'
-                        ),
-                        '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
-                      )
-                      then cast(json_extract(event_properties, '/total') ->> '$' as double)
-                    end > 200
-                  ),
-                  false
-                )
-                and coalesce(
-                  (
-                    case
-                      when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR'
-                      then (
-                        json_extract(event_properties, '/currency') ->> '$'
-                      )
-                    end = 'USD'
-                  ),
-                  false
-                )
-              group by
-                event_user_id
-              having
-                count(*) >= 1
+                state_key = '604bdf1234c424a4'
+                and user_number <> -1
+                and length(
+                  list_filter(
+                    times,
+                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-20160 as bigint))
+                  )
+                ) >= 1
             )
           ),
           false
@@ -959,22 +917,17 @@ where
           (
             user_id in (
               select
-                event_user_id
+                user_id
               from (
                 select
-                  message_id as event_message_id,
-                  user_id as event_user_id,
-                  event as event_name,
-                  "timestamp" as event_at,
-                  properties as event_properties
-                from events_to_reevaluate
-              ) as counted_events
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
-                event_name = 'Order Completed' and event_at <= {{ evaluation_time() }}
-              group by
-                event_user_id
-              having
-                max(event_at) >= (
+                state_key = '2321f9e67d1bd871'
+                and user_number <> -1
+                and list_max(list_filter(times, lambda t : t <= state_now)) >= (
                   {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
                 )
             )
@@ -1003,26 +956,22 @@ where
           (
             user_id in (
               select
-                event_user_id
+                user_id
               from (
                 select
-                  message_id as event_message_id,
-                  user_id as event_user_id,
-                  event as event_name,
-                  "timestamp" as event_at,
-                  properties as event_properties
-                from events_to_reevaluate
-              ) as counted_events
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
-                event_name = 'Signed Up'
-                and event_at <= {{ evaluation_time() }}
-                and event_at > (
-                  {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
-                )
-              group by
-                event_user_id
-              having
-                count(*) >= 1
+                state_key = '3e00b5869b7c70aa'
+                and user_number <> -1
+                and length(
+                  list_filter(
+                    times,
+                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                  )
+                ) >= 1
             )
           ),
           false
@@ -1035,22 +984,17 @@ where
           (
             user_id in (
               select
-                event_user_id
+                user_id
               from (
                 select
-                  message_id as event_message_id,
-                  user_id as event_user_id,
-                  event as event_name,
-                  "timestamp" as event_at,
-                  properties as event_properties
-                from events_to_reevaluate
-              ) as counted_events
+                  *,
+                  {{ evaluation_time() }} as state_now
+                from event_state_to_reevaluate
+              ) as state_rows
               where
-                event_name = 'Signed Up' and event_at <= {{ evaluation_time() }}
-              group by
-                event_user_id
-              having
-                max(event_at) < (
+                state_key = '88369935f63d16d1'
+                and user_number <> -1
+                and list_max(list_filter(times, lambda t : t <= state_now)) < (
                   {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
                 )
             )
@@ -1067,26 +1011,22 @@ where
               (
                 user_id in (
                   select
-                    event_user_id
+                    user_id
                   from (
                     select
-                      message_id as event_message_id,
-                      user_id as event_user_id,
-                      event as event_name,
-                      "timestamp" as event_at,
-                      properties as event_properties
-                    from events_to_reevaluate
-                  ) as counted_events
+                      *,
+                      {{ evaluation_time() }} as state_now
+                    from event_state_to_reevaluate
+                  ) as state_rows
                   where
-                    event_name = 'Order Completed'
-                    and event_at <= {{ evaluation_time() }}
-                    and event_at > (
-                      {{ evaluation_time() }} + to_minutes(cast(-43200 as bigint))
-                    )
-                  group by
-                    event_user_id
-                  having
-                    count(*) > 0
+                    state_key = 'f2ef26d2823ed4b3'
+                    and user_number <> -1
+                    and length(
+                      list_filter(
+                        times,
+                        lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                      )
+                    ) > 0
                 )
               ),
               false

@@ -54,14 +54,14 @@
                 "dormant-free-users": "ae7f948e2c55",
                 "enterprise-admins": "c8f4347a58d7",
                 "eu-customers": "de79e4f979ea",
-                "frequent-buyers": "0ebd1f2dffdb",
+                "frequent-buyers": "96f850f44a89",
                 "new-signups-this-week": "78345bcd67ff",
                 "nps-promoters": "8c9d51d4446d",
                 "onboarding-incomplete": "b8b167710801",
                 "power-users": "4569d24a2d73",
                 "product-survey-sample": "b6fb2becafc3",
-                "recent-big-spenders": "756636d6c8bc",
-                "signed-up-no-order": "28ad4db385f9",
+                "recent-big-spenders": "e4e263d4ed8b",
+                "signed-up-no-order": "149f7397918d",
                 "trial-ending-soon": "a787403f7c66",
                 "trial-expired-unconverted": "fd4920ac8e48",
                 "workspace-admins-trial-ending": "89edec583950"
@@ -90,6 +90,7 @@
 -- depends_on: {{ ref('int_users_flattened') }}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}
 -- depends_on: {{ ref('int_event_users_to_reevaluate') }}
+-- depends_on: {{ ref('int_event_state') }}
 -- depends_on: {{ ref('stg_warehouse__tenants') }}
 -- depends_on: {{ ref('stg_warehouse__tenant_memberships') }}
 -- depends_on: {{ ref('beta_invite_candidates') }}

@@ -21,7 +21,7 @@ from condition_harness import (
     matching_ids,
     model_matching_ids,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlglot import exp
 
@@ -32,6 +32,8 @@ from audiences.conditions.compiler import (
     attribute_expression,
     attributes_used,
     compile_segments,
+    event_state,
+    event_state_sql,
     property_json,
     render,
     timestamp_literal,
@@ -423,3 +425,211 @@ def test_users_reevaluated_over_their_own_events_match_a_full_evaluation(
             ).fetchall()
         }
     assert again == full & set(listed)
+
+
+# --- the event state (int_event_state): built once, then kept from new events alone -------------
+# A full rebuild and any sequence of incremental builds give the same members: at each step the
+# state is updated as the generated model does (rows of the users with new events or a due verdict,
+# replaced by (state_key, user_number)), only the users it lists are re-evaluated (new events, or a
+# `due_at` that "now" moved over), and the members equal the reference over every event so far.
+
+# Evaluation times where verdicts change: when an event is reached (its time), leaves a 1-day or
+# 7-day window (its time plus that), or crosses a "1 day ago" / "7 days ago" bound (a microsecond
+# later); each also a microsecond before and after.
+EDGES = sorted(
+    {
+        NOW - offset + length + tick
+        for offset in OFFSETS
+        for length in (timedelta(0), timedelta(days=1), timedelta(days=7))
+        for tick in (-timedelta(microseconds=1), timedelta(0), timedelta(microseconds=1))
+    }
+)
+
+
+def state_context(now, events="raw.events", state="state_ids") -> CompileContext:
+    return CompileContext(
+        attribute=lambda a: attribute_expression(
+            property_json(a.path, exp.column("properties"), exp.column("user_id")), a.variant
+        ),
+        audience_members=lambda key: exp.select("user_key").from_("raw.users"),
+        evaluation_time=timestamp_literal(now),
+        user_key=exp.column("user_key"),
+        user_id=exp.column("user_id"),
+        events=exp.to_table(events),
+        event_state=exp.to_table(state),
+    )
+
+
+def update_state(connection, conditions: list[Condition], now) -> set[str]:
+    """One build of the state at `now`, as int_event_state runs it; returns the users it lists
+    for re-evaluation (as int_event_users_to_reevaluate: events loaded since the last build, and
+    rows whose `due_at` lies after the last build's "now")."""
+    through = connection.execute("select coalesce(max(event_seq), 0) from raw.events").fetchone()[0]
+    context = state_context(now)
+    first = not connection.execute(
+        "select count(*) from information_schema.tables where table_name = 'state'"
+    ).fetchone()[0]
+    previous_now, after = (
+        (None, 0)
+        if first
+        else connection.execute(
+            "select max(evaluated_at), max(events_through) from state where user_number = -1"
+        ).fetchone()
+    )
+    if first:
+        rows = event_state_sql(conditions, context, exp.Literal.number(through))
+    else:
+        rows = event_state_sql(
+            conditions,
+            context,
+            exp.Literal.number(through),
+            previous=exp.to_table("state"),
+            markers=lambda key: (exp.Literal.number(after), exp.true()),
+        )
+    if first:
+        connection.execute("create table state as " + rows)
+        connection.execute(
+            "create view state_ids as select * from state join raw.event_users using (user_number)"
+        )
+        assert_next_changes_ahead(connection, now)
+        return set()
+    connection.execute("create or replace temp table fresh as " + rows)
+    connection.execute(
+        "delete from state using fresh where state.state_key = fresh.state_key "
+        "and state.user_number = fresh.user_number"
+    )
+    connection.execute("insert into state select * from fresh")
+    assert_next_changes_ahead(connection, now)
+    listed = connection.execute(
+        "select user_id from raw.events where event_seq > $after "
+        "union select user_id from state join raw.event_users using (user_number) "
+        "where due_at > $previous and due_at <= $now",
+        {"after": after, "previous": previous_now, "now": now},
+    ).fetchall()
+    return {row[0] for row in listed}
+
+
+def assert_next_changes_ahead(connection, now) -> None:
+    """After a build, every kept verdict's next change lies after "now": a row left due would be
+    recomputed at every later build (not proportional to the verdicts that change)."""
+    stale = connection.execute(
+        "select state_key, user_number, next_change from state where next_change <= $now",
+        {"now": now},
+    ).fetchall()
+    assert stale == [], stale
+
+
+def state_members(connection, segments, now) -> set[str]:
+    condition = render(compile_segments(segments, state_context(now)))
+    return {
+        row[0]
+        for row in connection.execute(f"select user_id from raw.users where {condition}").fetchall()
+    }
+
+
+def stateful_conditions():
+    """Event conditions that keep a state (no bound read from the user)."""
+    return event_conditions().filter(lambda raw: event_state(Condition.from_json(raw)) is not None)
+
+
+LAPSES = [
+    # an order leaves "at least 1 in 1 day" exactly 1 day after it, not a microsecond before
+    (
+        [[event("ann", "Order Completed", NOW, "o1")]],
+        [NOW, NOW + timedelta(days=1, microseconds=-1), NOW + timedelta(days=1)],
+        [performed(count={"at_least": 1}, within="1 day")],
+    ),
+    # "at most 1 in 1 day" holds again when the 2nd most recent order leaves; a late order
+    (
+        [
+            [event("ann", "Order Completed", NOW, "o1")],
+            [event("ann", "Order Completed", NOW - timedelta(hours=2), "o2")],
+            [],
+        ],
+        [NOW, NOW + timedelta(hours=1), NOW + timedelta(days=1, hours=-2)],
+        [performed(count={"at_most": 1}, within="1 day")],
+    ),
+    # "last performed before 1 day ago" a microsecond after the last order plus 1 day, not at it
+    (
+        [[event("bob", "Order Completed", NOW, "o1")]],
+        [NOW, NOW + timedelta(days=1), NOW + timedelta(days=1, microseconds=1)],
+        [
+            {
+                "property": "recipient",
+                "operator": "last_performed_before",
+                "argument": {"event": "Order Completed", "time": "1 day ago"},
+            }
+        ],
+    ),
+    # an order stamped after "now" counts when "now" reaches it; the same id again counts once
+    (
+        [
+            [event("cat", "Order Completed", NOW + timedelta(hours=2), "o1")],
+            [event("cat", "Order Completed", NOW + timedelta(hours=2), "o1")],
+        ],
+        [NOW, NOW + timedelta(hours=2)],
+        [performed(count={"exactly": 1}, within="7 days")],
+    ),
+]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(event_streams(), min_size=1, max_size=3),
+    st.lists(st.sampled_from(EDGES), min_size=1, max_size=5),
+    st.lists(stateful_conditions(), min_size=1, max_size=2),
+)
+@example(*LAPSES[0])
+@example(*LAPSES[1])
+@example(*LAPSES[2])
+@example(*LAPSES[3])
+def test_incremental_builds_of_the_event_state_match_a_full_evaluation(batches, steps, conditions):
+    users = [{"id": "ann", "plan": "pro"}, {"id": "bob"}, {"id": "cat"}]
+    segments = [[Condition.from_json(c) for c in conditions]]
+    times = sorted(steps)
+    # A batch per evaluation; an evaluation without a batch is time passing with no new event.
+    batches = (batches + [[]] * len(times))[: len(times)]
+    loaded: list[dict] = []
+    with tempfile.TemporaryDirectory() as folder:
+        connection = connect_memory()
+        insert_users(connection, users)
+        members: set[str] = set()
+        for step, (now, batch) in enumerate(zip(times, batches, strict=True)):
+            if batch:
+                load_events(connection, batch, Path(folder) / "events")
+            loaded += batch
+            listed = update_state(connection, [c for s in segments for c in s], now)
+            verdicts = state_members(connection, segments, now)
+            members = verdicts if step == 0 else (members - listed) | (verdicts & listed)
+            assert verdicts == reference(users, loaded, conditions, now), f"state at {now}"
+            assert members == reference(users, loaded, conditions, now), f"listed at {now}"
+
+
+def test_a_verdict_is_due_the_moment_the_window_lapses(tmp_path):
+    """ "At least 2 within 1 day": due when the 2nd most recent order is 1 day old, not a
+    microsecond later (it left the window then) nor earlier; "last performed before 1 day ago":
+    a microsecond after the last time plus 1 day (strictly before)."""
+    day, tick = timedelta(days=1), timedelta(microseconds=1)
+    connection = connect_memory()
+    insert_users(connection, USERS)
+    orders = [event("ann", "Order Completed", NOW - timedelta(hours=h), f"o{h}") for h in (1, 5, 9)]
+    load_events(connection, orders, tmp_path / "events")
+    twice = Condition.from_json(performed(count={"at_least": 2}, within="1 day"))
+    last = Condition.from_json(
+        {
+            "property": "recipient",
+            "operator": "last_performed_before",
+            "argument": {"event": "Order Completed", "time": "1 day ago"},
+        }
+    )
+    update_state(connection, [twice, last], NOW)
+    due = dict(
+        connection.execute(
+            "select state_key, next_change from state_ids where user_id = 'ann'"
+        ).fetchall()
+    )
+    assert due[event_state(twice).key] == NOW - timedelta(hours=5) + day
+    assert due[event_state(last).key] == NOW - timedelta(hours=1) + day + tick
+    assert update_state(connection, [twice, last], NOW + day - timedelta(hours=5) - tick) == set()
+    assert update_state(connection, [twice, last], NOW + day - timedelta(hours=5)) == {"ann"}
+    assert state_members(connection, [[twice]], NOW + day - timedelta(hours=5)) == set()
