@@ -255,6 +255,7 @@ def run_mode(
             time.sleep(0.2)
         with sink.lock:
             sink.received.clear()
+        warm_up = warm_up_realtime(url, headers, sink) if realtime else None
         responses: dict[str, float] = {}  # user id -> when the identify that moved them in answered
         answered_wall: dict[str, float] = {}  # the same, in wall-clock time (for the breakdown)
         moved_out: set[str] = set()  # moved out again: with real time off, maybe never seen in
@@ -361,7 +362,27 @@ def run_mode(
         "disagreements_after_pipeline_run": final["disagreements"],
         "final_pipeline_pass": final,
         "breakdown_ms": breakdown,
+        "warm_up_seconds": warm_up,
     }
+
+
+def warm_up_realtime(url: str, headers: dict, sink: Sink) -> float:
+    """Before the timed calls: a new user moved in (every audience evaluated: the whole plan
+    compiled and prepared), out and in again (only the probe), each entry awaited at the webhook.
+    Returns the seconds from the first call to the second entry's webhook."""
+    user = f"bench_warm_up_{int(time.time())}"
+    started = time.perf_counter()
+    with httpx.Client(headers=headers, timeout=60) as http:
+        for value, entries in (("in", 1), ("out", 0), ("in", 2)):
+            response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
+            assert response.status_code == 200, response.text
+            deadline = time.monotonic() + 60
+            while entries and time.monotonic() < deadline:
+                with sink.lock:
+                    if sum(1 for entry in sink.received if entry[2] == user) >= entries:
+                        break
+                time.sleep(0.02)
+    return time.perf_counter() - started
 
 
 def _moment(text: str | None) -> float | None:
@@ -404,7 +425,14 @@ def stage_breakdown(
         "commit_pickup_send": [],
         "total": [],
     }
-    for row in rows:
+    newest: dict[str, dict] = {}
+    for row in rows:  # the newest entry of each user (--keep: older runs' are there too)
+        if (
+            row["user_id"] not in newest
+            or row["occurred_at"] > newest[row["user_id"]]["occurred_at"]
+        ):
+            newest[row["user_id"]] = row
+    for row in newest.values():
         user = row["user_id"]
         if user not in received:
             continue
