@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 from audiences.conditions.definitions import load_definition_set
 from audiences.dbt.models import CUSTOM_FOLDER, custom_audience_keys
 from audiences.workflows.realtime import (
-    Decisions,
     Plan,
     UserEvaluator,
     compile_plan,
@@ -225,7 +224,8 @@ class RealtimeWorker:
         default_sink: str,
     ) -> None:
         """Evaluate outside the store's write lock, each group of users over the audiences their
-        identifies may move them in or out of, then record the events in one write."""
+        identifies may move them in or out of, and record each group's events in one write (while
+        the evaluator holds that group's users, which trigger conditions read)."""
         store = self.environment.store
         groups: dict[frozenset[str], set[str]] = {}
         for user_id, changed in users.items():
@@ -234,28 +234,28 @@ class RealtimeWorker:
                 groups.setdefault(affected, set()).add(user_id)
         if not groups:
             return
-        started = time.perf_counter()
+        started, events, writing = time.perf_counter(), 0, 0.0
         with evaluator.lock:
-            decisions = Decisions(now=datetime.now(UTC))
+            now = datetime.now(UTC)
             for affected, user_ids in groups.items():
-                found = decide(
-                    store, user_ids, evaluator.subset(plan, affected), evaluator, decisions.now
+                decisions = decide(
+                    store, user_ids, evaluator.subset(plan, affected), evaluator, now
                 )
-                decisions.events += found.events
-                decisions.event_rows += found.event_rows
-                decisions.realtime_rows += found.realtime_rows
-            decided = time.perf_counter()
-            if decisions.events:
+                if not decisions.events:
+                    continue
+                events += len(decisions.events)
+                written = time.perf_counter()
                 self.environment.write(
-                    lambda connection: record(
+                    lambda connection, decisions=decisions: record(
                         store, connection, decisions, evaluator, triggers, default_sink
                     )
                 )
+                writing += time.perf_counter() - written
         log.debug(
             "real time: %d users in %d groups, %d events; evaluated in %.1f ms, written in %.1f ms",
             len(users),
             len(groups),
-            len(decisions.events),
-            1000 * (decided - started),
-            1000 * (time.perf_counter() - decided),
+            events,
+            1000 * (time.perf_counter() - started - writing),
+            1000 * writing,
         )

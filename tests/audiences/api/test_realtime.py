@@ -194,3 +194,71 @@ def test_a_full_evaluation_holds_up_no_identify_and_no_user_is_evaluated_twice_a
         full.lock.release()
     settle(service)
     assert [row[:3] for row in recorded(service, "bo")] == [("pro-plan", "entered", 1)]
+
+
+def test_users_of_one_batch_with_different_changes_all_get_their_triggers(service):
+    """Users evaluated together over different sets of audiences (their identifies set different
+    properties) each get the deliveries of their events, trigger conditions read for each."""
+    folder = service.settings.definitions_dir
+    (folder / "locale-en").mkdir()
+    (folder / "locale-en" / "audience.json").write_text(
+        json.dumps(
+            {
+                "name": "English",
+                "type": "dynamic",
+                "segments": [
+                    {
+                        "conditions": [
+                            {
+                                "property": "recipient.locale",
+                                "operator": "equal_to",
+                                "argument": "en",
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    )
+    workflows = service.settings.workflows_dir / "pro-welcome"
+    workflows.mkdir(parents=True)
+    (workflows / "trigger.json").write_text(
+        json.dumps(
+            {
+                "audience": "pro-plan",
+                "on": "entered",
+                "conditions": {
+                    "all": [
+                        {"variable": "recipient.locale", "operator": "equal_to", "argument": "en"}
+                    ]
+                },
+            }
+        )
+    )
+    definitions = load_definitions(folder)
+    set_plan(service, {key: definitions[key].version for key in ("pro-plan", "locale-en")})
+    worker = service.environment("development").realtime
+    for user in ("ana", "bo", "cy"):  # new users: the full lane
+        put(service, user, {"plan": "free", "locale": "en" if user != "cy" else "fr"})
+    settle(service)
+
+    fast = worker.evaluators["fast"]
+    fast.lock.acquire()
+    try:
+        put(service, "cy", {"locale": "de"})  # taken by the fast lane, which waits for the lock
+        deadline = time.monotonic() + 10
+        while "cy" not in worker._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        put(service, "ana", {"plan": "pro"})  # pro-plan only
+        put(service, "bo", {"plan": "pro", "locale": "en"})  # pro-plan and locale-en
+    finally:
+        fast.lock.release()
+    settle(service)
+    store = service.environment("development").store
+    deliveries = tables.deliveries.c
+    assert sorted(
+        row["user_id"]
+        for row in store.rows(
+            sa.select(deliveries.user_id).where(deliveries.workflow_key == "pro-welcome")
+        )
+    ) == ["ana", "bo"]
