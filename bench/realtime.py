@@ -18,7 +18,13 @@ entered event, p50 and p99; identify latency p99; entered events lost; events de
 under different keys; and, after one more pipeline run over the same patches, the extra events
 it emitted for the probe users.
 
+With real time on, the interval is also split per user by the store's timestamps
+(`stage_breakdown`): waiting for the worker, evaluating and writing, and commit, the delivery
+worker's pickup and the send; real time is warmed up first (`warm_up_realtime`).
+
 Results go to `bench/realtime-results.md` and `.json`. Data lives in `bench/data/` (ignored).
+`--mode on` (or `off`) runs one mode and prints its figures without writing the results;
+`--keep` reuses the last run's data (same `--users`) instead of setting it up again.
 """
 
 from __future__ import annotations
