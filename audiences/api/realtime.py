@@ -64,7 +64,8 @@ class RealtimeWorker:
     def __init__(self, environment: Environment):
         self.environment = environment
         self.settings = environment.settings.for_environment(environment.name)
-        self.evaluators = {lane: UserEvaluator() for lane in LANES}
+        # Each lane opens its evaluator in its own thread, off the service's start.
+        self.evaluators: dict[str, UserEvaluator] = {}
         self._state = threading.Condition()
         # Waiting users: per lane, user id -> the top-level properties their identifies set
         # (None in the full lane); users being evaluated; whether to stop.
@@ -83,11 +84,6 @@ class RealtimeWorker:
             )
             for lane in LANES
         ]
-
-    @property
-    def evaluator(self) -> UserEvaluator:
-        """The fast lane's evaluator."""
-        return self.evaluators["fast"]
 
     def start(self) -> RealtimeWorker:
         for thread in self._threads:
@@ -126,7 +122,7 @@ class RealtimeWorker:
             self._state.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
-        for evaluator in self.evaluators.values():
+        for evaluator in list(self.evaluators.values()):
             evaluator.close()
 
     def _take(self, lane: str) -> dict[str, frozenset[str] | None] | None:
@@ -147,7 +143,7 @@ class RealtimeWorker:
                 self._state.wait()
 
     def _run(self, lane: str) -> None:
-        evaluator = self.evaluators[lane]
+        evaluator = self.evaluators[lane] = UserEvaluator()
         while True:
             batch = self._take(lane)
             if batch is None:
