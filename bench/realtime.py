@@ -18,7 +18,13 @@ entered event, p50 and p99; identify latency p99; entered events lost; events de
 under different keys; and, after one more pipeline run over the same patches, the extra events
 it emitted for the probe users.
 
+With real time on, the interval is also split per user by the store's timestamps
+(`stage_breakdown`): waiting for the worker, evaluating and writing, and commit, the delivery
+worker's pickup and the send; real time is warmed up first (`warm_up_realtime`).
+
 Results go to `bench/realtime-results.md` and `.json`. Data lives in `bench/data/` (ignored).
+`--mode on` (or `off`) runs one mode and prints its figures without writing the results;
+`--keep` reuses the last run's data (same `--users`) instead of setting it up again.
 """
 
 from __future__ import annotations
@@ -169,6 +175,7 @@ class Sink:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 at = time.perf_counter()
+                wall = time.time()
                 message = json.loads(body)
                 data = message.get("data", {})
                 with lock:
@@ -178,6 +185,7 @@ class Sink:
                             self.headers.get("webhook-id"),
                             data.get("recipients", [None])[0],
                             data.get("data", {}).get("event_id"),
+                            wall,
                         )
                     )
                 self.send_response(200)
@@ -222,6 +230,7 @@ def run_mode(
     seconds: float,
     rate: float,
     offset: int,
+    skip: frozenset[str] = frozenset(),
 ) -> dict:
     from audiences.api.keys import create_key
 
@@ -252,7 +261,9 @@ def run_mode(
             time.sleep(0.2)
         with sink.lock:
             sink.received.clear()
+        warm_up = warm_up_realtime(url, headers, sink) if realtime else None
         responses: dict[str, float] = {}  # user id -> when the identify that moved them in answered
+        answered_wall: dict[str, float] = {}  # the same, in wall-clock time (for the breakdown)
         moved_out: set[str] = set()  # moved out again: with real time off, maybe never seen in
         latencies: list[float] = []
         lock = threading.Lock()
@@ -276,17 +287,22 @@ def run_mode(
                     if moved_in and rng.random() < 0.3:
                         user, value = moved_in.pop(rng.randrange(len(moved_in))), "out"
                     else:
-                        sequence += 1
-                        index = offset + (number * 1_000_003 + sequence * 7919) % (users // 2)
-                        user, value = f"user_{index:09d}", "in"
+                        user = None
+                        while user is None or user in skip:  # --keep: not those already in
+                            sequence += 1
+                            index = offset + (number * 1_000_003 + sequence * 7919) % (users // 2)
+                            user = f"user_{index:09d}"
+                        value = "in"
                     sent = time.perf_counter()
                     response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
                     answered = time.perf_counter()
+                    answered_at = time.time()
                     assert response.status_code == 200, response.text
                     with lock:
                         latencies.append(answered - sent)
                         if value == "in" and user not in responses:
                             responses[user] = answered
+                            answered_wall[user] = answered_at
                     if value == "in":
                         moved_in.append(user)
                     else:
@@ -311,7 +327,7 @@ def run_mode(
         drain_deadline = time.monotonic() + 30
         while time.monotonic() < drain_deadline:
             with sink.lock:
-                got = {user for _, _, user, _ in sink.received}
+                got = {user for _, _, user, _, _ in sink.received}
             if set(responses) - moved_out <= got:
                 break
             time.sleep(0.5)
@@ -326,11 +342,14 @@ def run_mode(
     with sink.lock:
         received = list(sink.received)
     first: dict[str, float] = {}
+    first_wall: dict[str, float] = {}
     keys: dict[str, set[str]] = {}
-    for at, webhook_id, user, event in received:
+    for at, webhook_id, user, event, wall in received:
         if user in responses:
             first.setdefault(user, at)
+            first_wall.setdefault(user, wall)
         keys.setdefault(event, set()).add(webhook_id)
+    breakdown = stage_breakdown(store, answered_wall, first_wall) if realtime else None
     to_sink = [first[user] - answered for user, answered in responses.items() if user in first]
     # An entered event that was never delivered: the user's entry is recorded, its trigger lost.
     lost = sum(1 for user in responses if user not in first and user not in moved_out)
@@ -348,6 +367,101 @@ def run_mode(
         "extra_events_after_pipeline_run": final["probe_events"] if realtime else None,
         "disagreements_after_pipeline_run": final["disagreements"],
         "final_pipeline_pass": final,
+        "breakdown_ms": breakdown,
+        "warm_up_seconds": warm_up,
+    }
+
+
+def warm_up_realtime(url: str, headers: dict, sink: Sink) -> float:
+    """Before the timed calls: a new user moved in (every audience evaluated: the whole plan
+    compiled and prepared), then out and, once that is evaluated, in again (only the probe), each
+    entry awaited at the webhook. Returns the seconds from the first call to its entry's webhook."""
+    user = f"bench_warm_up_{int(time.time())}"
+    started = time.perf_counter()
+    first = None
+    with httpx.Client(headers=headers, timeout=60) as http:
+        for value, entries in (("in", 1), ("out", 0), ("in", 2)):
+            response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
+            assert response.status_code == 200, response.text
+            if not entries:
+                time.sleep(3)  # the exit evaluated before the next entry (else they coalesce)
+            deadline = time.monotonic() + 60
+            while entries and time.monotonic() < deadline:
+                with sink.lock:
+                    if sum(1 for entry in sink.received if entry[2] == user) >= entries:
+                        break
+                time.sleep(0.02)
+            if first is None:
+                first = time.perf_counter() - started
+    return first
+
+
+def _moment(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def stage_breakdown(
+    store: MembershipStore, answered: dict[str, float], received: dict[str, float]
+) -> dict:
+    """Where the identify -> webhook interval went, per probe user moved in (wall clock, ms,
+    p50 / p99): waiting for the real-time worker (identify answered -> the evaluation's time, the
+    events' `occurred_at`), evaluating and writing (-> the delivery row's `created_at`, stamped
+    inside the store write), committing and the delivery worker's pickup and send (-> the
+    delivery's `delivered_at`), and the webhook's receipt (-> received, a few ms before
+    `delivered_at` is stamped)."""
+    import sqlalchemy as sa
+
+    from audiences.store import database as tables
+
+    events, deliveries = tables.membership_events, tables.deliveries
+    rows = store.rows(
+        sa.select(
+            events.c.user_id,
+            events.c.occurred_at,
+            deliveries.c.created_at,
+            deliveries.c.delivered_at,
+        )
+        .join(deliveries, deliveries.c.event_id == events.c.event_id)
+        .where(
+            events.c.audience_key == PROBE_KEY,
+            events.c.event_type == "entered",
+            events.c.user_id.in_(sorted(answered)),
+        )
+    )
+    stages: dict[str, list[float]] = {
+        "wait_for_evaluation": [],
+        "evaluate_and_write": [],
+        "commit_pickup_send": [],
+        "total": [],
+    }
+    newest: dict[str, dict] = {}
+    for row in rows:  # the newest entry of each user (--keep: older runs' are there too)
+        if (
+            row["user_id"] not in newest
+            or row["occurred_at"] > newest[row["user_id"]]["occurred_at"]
+        ):
+            newest[row["user_id"]] = row
+    for row in newest.values():
+        user = row["user_id"]
+        if user not in received:
+            continue
+        start, evaluated, queued = (
+            answered[user],
+            _moment(row["occurred_at"]),
+            _moment(row["created_at"]),
+        )
+        stages["wait_for_evaluation"].append(evaluated - start)
+        stages["evaluate_and_write"].append(queued - evaluated)
+        stages["commit_pickup_send"].append(received[user] - queued)
+        stages["total"].append(received[user] - start)
+    return {
+        name: {
+            "p50": None if not values else round(1000 * percentile(values, 0.5), 1),
+            "p99": None if not values else round(1000 * percentile(values, 0.99), 1),
+        }
+        for name, values in stages.items()
     }
 
 
@@ -358,15 +472,32 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=100, help="identify calls per second, all clients"
     )
-    parser.add_argument("--keep", action="store_true", help="reuse bench/data/realtime's warehouse")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="reuse bench/data/realtime's warehouse and store (set up by an earlier run of the same "
+        "--users); users already in the probe audience are not moved in again",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("both", "on", "off"),
+        default="both",
+        help="which modes to run; only `both` writes bench/realtime-results.*",
+    )
     arguments = parser.parse_args()
     os.environ.setdefault(SECRET_ENV, "whsec_" + base64.b64encode(os.urandom(24)).decode())
     sink_port = free_port()
     sink = Sink(sink_port)
     started = time.perf_counter()
-    settings = setup(DATA, arguments.users, sink_port)
-    store = MembershipStore(settings.store_url).create()
-    first = pipeline_pass(settings, store, lean=False)
+    if arguments.keep:
+        settings = reuse(DATA, sink_port)
+        store = MembershipStore(settings.store_url).create()
+        first = pipeline_pass(settings, store)
+    else:
+        settings = setup(DATA, arguments.users, sink_port)
+        store = MembershipStore(settings.store_url).create()
+        first = pipeline_pass(settings, store, lean=False)
+    skip = frozenset(probe_members(store)) if arguments.keep else frozenset()
     setup_seconds = time.perf_counter() - started
     results = {
         "run_at": datetime.now(UTC).isoformat(),
@@ -383,6 +514,8 @@ def main() -> None:
     }
     half = arguments.users // 2
     for realtime, offset in ((True, 0), (False, half)):
+        if arguments.mode != "both" and realtime != (arguments.mode == "on"):
+            continue
         results["modes"].append(
             run_mode(
                 settings,
@@ -393,11 +526,48 @@ def main() -> None:
                 arguments.seconds,
                 arguments.rate,
                 offset,
+                skip,
             )
         )
     sink.close()
     store.dispose()
+    if arguments.mode != "both":
+        print(json.dumps(results, indent=2, default=str))
+        return
     write_results(results, " ".join(sys.argv[1:]))
+
+
+def reuse(folder: Path, sink_port: int) -> Settings:
+    """The settings of an earlier run's folder, its webhook sink moved to `sink_port`."""
+    if not (folder / "warehouse.duckdb").exists():
+        raise SystemExit(f"--keep: no earlier run in {folder}")
+    (folder / "sinks.yml").write_text(
+        "default: webhook\nsinks:\n"
+        f"  webhook: {{type: webhook, url: 'http://127.0.0.1:{sink_port}/hook', "
+        f"secret_env: {SECRET_ENV}}}\n"
+    )
+    return Settings.from_env(
+        {},
+        duckdb_path=folder / "warehouse.duckdb",
+        definitions_dir=folder / "audiences",
+        dbt_project_dir=folder / "dbt_project",
+        workflows_dir=folder / "workflows",
+        sinks_file=folder / "sinks.yml",
+    )
+
+
+def probe_members(store: MembershipStore) -> list[str]:
+    import sqlalchemy as sa
+
+    from audiences.store import database as tables
+
+    members = tables.audience_members
+    return [
+        row["user_id"]
+        for row in store.rows(
+            sa.select(members.c.user_id).where(members.c.audience_key == PROBE_KEY)
+        )
+    ]
 
 
 def write_results(results: dict, arguments: str) -> None:
@@ -432,6 +602,14 @@ def write_results(results: dict, arguments: str) -> None:
         "disagreements_after_pipeline_run",
     ):
         rows.append(f"| {key} | {value(on, key)} | {value(off, key)} |")
+    stages = [
+        "| stage (real time on), ms | p50 | p99 |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {figures['p50']} | {figures['p99']} |"
+            for name, figures in (on.get("breakdown_ms") or {}).items()
+        ),
+    ]
     text = f"""# Real-time benchmark
 
 `.venv/bin/python bench/realtime.py {arguments}` at {results["run_at"]} on {results["machine"]}.
@@ -442,6 +620,8 @@ probe), {results["clients"]} clients at {results["rate"]} identify calls a secon
 Delivery worker: {results["delivery_worker"]}.
 
 {chr(10).join(rows)}
+
+{chr(10).join(stages)}
 
 "to webhook" is from the identify's response to the webhook receiving the entered trigger.
 "events lost" counts users moved in whose entered trigger never reached the webhook (30 s grace

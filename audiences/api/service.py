@@ -114,10 +114,12 @@ class Environment:
                     self._writer = GroupCommitWriter(self.store.engine, f"writer-{self.name}")
         return self._writer.write(work)
 
-    def identified(self, user_ids) -> None:
-        """Users whose identify committed: evaluate their audiences at once (with real time on)."""
+    def identified(self, user_ids, changed=None) -> None:
+        """Users whose identify committed: evaluate their audiences at once (with real time on);
+        `changed`, the top-level properties it set on users that existed before, limits that to
+        the audiences reading them (None: every audience)."""
         if self.realtime is not None:
-            self.realtime.submit(user_ids)
+            self.realtime.submit(user_ids, changed)
 
     def close(self) -> None:
         if self.bulk_worker is not None:
@@ -316,13 +318,17 @@ class Environment:
         """Merge properties into the user (`null` removes one); returns the user in Knock's shape."""
         properties = profiles.user_properties(properties)
         check_properties(properties)
-        user = self.write(
-            lambda connection: profiles.identify(self.store, connection, [(user_id, properties)])[
-                user_id
-            ].as_knock_user(),
-            claim,
-        )
-        self.identified([user_id])
+        existed = {}
+
+        def work(connection):
+            profile = profiles.identify(self.store, connection, [(user_id, properties)])[user_id]
+            existed[user_id] = not profile.created
+            return profile.as_knock_user()
+
+        user = self.write(work, claim)
+        # Real time: an existing user's identify can move them only in audiences reading what it
+        # set (an idempotent replay, which ran nothing, evaluates every audience).
+        self.identified([user_id], list(properties) if existed.get(user_id) else None)
         return user
 
     def get_user(self, user_id: str) -> dict:

@@ -91,6 +91,8 @@ audience_members = sa.Table(
     sa.Column("tenant_key", sa.String(255), primary_key=True),
     sa.Column("tenant", sa.String(255)),
     sa.Column("added_at", sa.String(32), nullable=False),
+    # A user's memberships, which real time reads for each user it evaluates.
+    sa.Index("audience_members_by_user", "user_id"),
     # On SQLite the rows live in the primary key's B-tree: one tree to update per change, not two.
     sqlite_with_rowid=False,
 )
@@ -200,6 +202,8 @@ user_patches = sa.Table(
     sa.Column("received_at", sa.String(32), nullable=False),
     sa.Column("loaded", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Index("user_patches_waiting", "loaded", "patch_id"),
+    # A user's newest patch, which real time reads for each user it evaluates.
+    sa.Index("user_patches_by_user", "user_id", "patch_id"),
 )
 
 # Uploads whose identify patches wait to be applied (`store/profiles.py`): an upload records its

@@ -67,6 +67,7 @@ class Profile:
     user_id: str
     properties: dict
     updated_at: str
+    created: bool = False  # from `identify`: the user had no profile (or a deleted one) before
 
     def as_knock_user(self) -> dict:
         """Knock's `User` shape: id, `__typename`, `updated_at`, and every property."""
@@ -145,7 +146,12 @@ def identify(
         stamp,
     )
     return {
-        user_id: Profile(user_id, properties, stored[user_id][1] if user_id in unchanged else stamp)
+        user_id: Profile(
+            user_id,
+            properties,
+            stored[user_id][1] if user_id in unchanged else stamp,
+            created=user_id not in current,
+        )
         for user_id, properties in merged.items()
     }
 

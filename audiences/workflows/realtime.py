@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlglot import exp
 
 from audiences.conditions.compiler import (
+    DIALECT,
     EXTENSION_OPERATORS,
     Attribute,
     CompileContext,
@@ -68,6 +69,9 @@ PLAN_MARKER = "realtime_plan"
 FAULT_POINT = "AUDIENCES_FAULT_POINT"
 FAULT_BEFORE_EVENTS = "realtime-before-events"
 SOURCE = "realtime"
+# Plans (the whole plan and its subsets for the properties identifies change) whose statements the
+# evaluator keeps prepared.
+PREPARED_PLANS = 32
 NEXT_RUN_SQL = "a custom SQL audience: evaluated in the warehouse, at the next pipeline run"
 
 
@@ -121,21 +125,46 @@ def path_description(reason: str | None) -> str:
     return f"next run: {reason}"
 
 
+# A property name no identify sets: an audience that reads the user's whole properties document
+# (or nothing an identify could name) is evaluated at every identify.
+EVERY_PROPERTY = "\x00every property"
+
+
 @dataclass(frozen=True)
 class Plan:
     """The audiences real time evaluates, in levels (an audience after those it refers to): the
     query that extracts every attribute they read into one typed column each (as
     `int_users_flattened` does), and one query per level selecting one membership verdict per
-    audience of the level over those columns."""
+    audience of the level over those columns. `reads`: per audience, the top-level properties its
+    conditions read, with those of the plan's audiences it refers to (an identify changing none
+    of them cannot move the user in or out of it). `table`: the evaluator's table of the users'
+    flattened rows, which the level queries read."""
 
     definitions: dict[str, AudienceDefinition]
     levels: tuple[tuple[str, ...], ...]
     flatten: str
     queries: tuple[str, ...]
+    reads: dict[str, frozenset[str]] = field(default_factory=dict)
+    table: str = "realtime_users"
 
     @property
     def keys(self) -> set[str]:
         return set(self.definitions)
+
+    def affected(self, changed: Iterable[str] | None) -> frozenset[str]:
+        """The plan's audiences an identify that set these top-level properties may move the user
+        in or out of (None: unknown, such as a new or deleted user: every audience)."""
+        if changed is None:
+            return frozenset(self.definitions)
+        changed = {*changed, EVERY_PROPERTY}
+        return frozenset(key for key, names in self.reads.items() if names & changed)
+
+    def subset(self, keys: Iterable[str], table: str) -> Plan:
+        """The plan of only these audiences (each with those it refers to already in `keys`, as
+        `affected` gives them), compiled by the same compiler; its users' rows go to `table`.
+        An audience outside `keys` that one of them refers to is read as a membership."""
+        keys = set(keys)
+        return _build({k: d for k, d in self.definitions.items() if k in keys}, table)
 
 
 def compile_plan(
@@ -150,7 +179,6 @@ def compile_plan(
     order = TopologicalSorter(
         {key: definition.references() & set(definitions) for key, definition in definitions.items()}
     )
-    depth: dict[str, int] = {}
     for key in order.static_order():
         definition = definitions[key]
         if definition.type != "dynamic" or reasons.get(key) is not None:
@@ -161,7 +189,23 @@ def compile_plan(
         if not all(r in chosen or definitions[r].type == "static" for r in references):
             continue  # it refers to an audience real time leaves to the next run
         chosen[key] = definition
-        depth[key] = 1 + max((depth[r] for r in references if r in depth), default=-1)
+    return _build(chosen)
+
+
+def _build(chosen: Mapping[str, AudienceDefinition], table: str = "realtime_users") -> Plan:
+    """The plan's levels, queries and reads for these audiences, in an order where an audience
+    comes after those of them it refers to."""
+    depth: dict[str, int] = {}
+    reads: dict[str, frozenset[str]] = {}
+    order = TopologicalSorter({key: d.references() & set(chosen) for key, d in chosen.items()})
+    for key in order.static_order():
+        references = chosen[key].references() & set(chosen)
+        depth[key] = 1 + max((depth[r] for r in references), default=-1)
+        names = {
+            attribute.path[0] if attribute.path else EVERY_PROPERTY
+            for attribute in attributes_used(chosen[key].segments)
+        }
+        reads[key] = frozenset(names.union(*(reads[r] for r in references)))
     levels = tuple(
         tuple(sorted(key for key in chosen if depth[key] == level))
         for level in range(1 + max(depth.values(), default=-1))
@@ -171,10 +215,12 @@ def compile_plan(
         key=lambda attribute: attribute.column_name,
     )
     return Plan(
-        chosen,
+        dict(chosen),
         levels,
         _flatten_query(attributes),
-        tuple(_level_query(chosen, level) for level in levels),
+        tuple(_level_query(chosen, level, table) for level in levels),
+        reads,
+        table,
     )
 
 
@@ -200,7 +246,9 @@ def _flatten_query(attributes: list[Attribute]) -> str:
     )
 
 
-def _level_query(definitions: Mapping[str, AudienceDefinition], keys: tuple[str, ...]) -> str:
+def _level_query(
+    definitions: Mapping[str, AudienceDefinition], keys: tuple[str, ...], table: str
+) -> str:
     def members_of(key: str) -> exp.Expression:
         return (
             exp.select("user_key")
@@ -223,16 +271,17 @@ def _level_query(definitions: Mapping[str, AudienceDefinition], keys: tuple[str,
     ]
     return render(
         exp.select("users.user_id", "users.user_key", *verdicts).from_(
-            exp.to_table("main.realtime_users").as_("users")
+            exp.table_(table, db="main", quoted=True).as_("users")
         ),
         pretty=False,
     )
 
 
 class UserEvaluator:
-    """An in-memory DuckDB holding one user at a time as the store knows them (properties and
-    memberships), opened once and reused; a plan's queries are prepared once. The callers
-    serialize on `lock`."""
+    """An in-memory DuckDB holding some users at a time as the store knows them (properties and
+    memberships), opened once and reused. Each plan's statements are prepared once, the
+    `PREPARED_PLANS` most recently used kept: planning a query costs far more than running it on
+    a few users. The callers serialize on `lock`."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -241,8 +290,26 @@ class UserEvaluator:
         ensure_user_tables(self.connection)
         self.connection.execute(AUDIENCE_MEMBERS_STAND_IN)
         self.connection.execute("create table main.realtime_clock (evaluated_at timestamptz)")
-        self._prepared: tuple[Plan, int] | None = None
+        # plan -> its generation (the suffix of its statements), most recently used last
+        self._prepared: dict[int, tuple[Plan, int]] = {}
         self._generation = 0
+        # (plan, audiences) -> (plan, its subset), most recently used last
+        self._subsets: dict[tuple[int, frozenset[str]], tuple[Plan, Plan]] = {}
+
+    def subset(self, plan: Plan, keys: frozenset[str]) -> Plan:
+        """`plan.subset(keys)`, compiled once per plan and set of audiences (the whole plan when
+        `keys` are all of them)."""
+        if keys == plan.keys:
+            return plan
+        cache_key = (id(plan), keys)
+        found = self._subsets.pop(cache_key, None)
+        if found is None or found[0] is not plan:
+            self._generation += 1
+            found = (plan, plan.subset(keys, f"realtime_users_{self._generation}"))
+        self._subsets[cache_key] = found
+        while len(self._subsets) > PREPARED_PLANS:
+            self._subsets.pop(next(iter(self._subsets)))
+        return found[1]
 
     def load(
         self,
@@ -260,27 +327,42 @@ class UserEvaluator:
             if properties is not None:
                 rows.append((key, user_id, json.dumps(properties), now, now))
             members += [(audience, key, user_id, tenant) for audience, tenant in memberships]
+        # One statement per table (executemany runs one per row).
         if rows:
-            connection.executemany(
-                "insert into raw.users values (?, ?, ?::json, 'store', ?, ?, null)", rows
+            connection.execute(
+                "insert into raw.users values "
+                + ", ".join(["(?, ?, ?::json, 'store', ?, ?, null)"] * len(rows)),
+                [value for row in rows for value in row],
             )
         if members:
-            connection.executemany("insert into main.audience_members values (?, ?, ?, ?)", members)
+            connection.execute(
+                "insert into main.audience_members values "
+                + ", ".join(["(?, ?, ?, ?)"] * len(members)),
+                [value for row in members for value in row],
+            )
 
     def _prepare(self, plan: Plan) -> int:
-        """Prepare the plan's statements (once per plan): planning a query of every audience
-        costs far more than running it on one user."""
-        if self._prepared is not None and self._prepared[0] is plan:
-            return self._prepared[1]
+        """Prepare the plan's statements (once per plan, while it is among the most recently
+        used)."""
+        found = self._prepared.pop(id(plan), None)
+        if found is not None and found[0] is plan:
+            self._prepared[id(plan)] = found
+            return found[1]
         self._generation += 1
         generation, connection = self._generation, self.connection
-        connection.execute(f"create or replace table main.realtime_users as {plan.flatten} limit 0")
-        connection.execute(
-            f"prepare flatten_{generation} as insert into main.realtime_users {plan.flatten}"
-        )
+        table = f"main.{_quoted(plan.table)}"
+        connection.execute(f"create or replace table {table} as {plan.flatten} limit 0")
+        connection.execute(f"prepare flatten_{generation} as insert into {table} {plan.flatten}")
         for index, query in enumerate(plan.queries):
             connection.execute(f"prepare level_{generation}_{index} as {query}")
-        self._prepared = (plan, generation)
+        self._prepared[id(plan)] = (plan, generation)
+        while len(self._prepared) > PREPARED_PLANS:
+            old_plan, old = self._prepared.pop(next(iter(self._prepared)))
+            connection.execute(f"deallocate flatten_{old}")
+            for index in range(len(old_plan.queries)):
+                connection.execute(f"deallocate level_{old}_{index}")
+            if all(kept.table != old_plan.table for kept, _ in self._prepared.values()):
+                connection.execute(f"drop table if exists main.{_quoted(old_plan.table)}")
         return generation
 
     def evaluate(self, plan: Plan) -> dict[str, set[str]]:
@@ -290,7 +372,7 @@ class UserEvaluator:
             return {}
         generation = self._prepare(plan)
         connection = self.connection
-        connection.execute("delete from main.realtime_users")
+        connection.execute(f"delete from main.{_quoted(plan.table)}")
         connection.execute(f"execute flatten_{generation}")
         members: dict[str, set[str]] = {}
         for index, keys in enumerate(plan.levels):
@@ -315,6 +397,10 @@ class UserEvaluator:
 
     def close(self) -> None:
         self.connection.close()
+
+
+def _quoted(name: str) -> str:
+    return exp.to_identifier(name, quoted=True).sql(DIALECT)
 
 
 def event_id(

@@ -99,3 +99,166 @@ def test_identify_bulk_identify_and_delete_move_the_user_at_once(service):
     put(service, "dee", {"plan": "pro"})
     settle(service)
     assert recorded(service, "dee") == []
+
+
+def test_an_identify_evaluates_the_audiences_reading_what_it_set(tmp_path):
+    """An existing user's identify can move them only in audiences whose conditions read a
+    property it set, or that refer to such an audience; the subset's compiled queries give the
+    same verdicts as the whole plan's."""
+    from datetime import UTC, datetime
+
+    from audiences.workflows.realtime import UserEvaluator, compile_plan
+
+    folder = tmp_path / "audiences"
+
+    def audience(key, *conditions):
+        (folder / key).mkdir(parents=True)
+        (folder / key / "audience.json").write_text(
+            json.dumps(
+                {"name": key, "type": "dynamic", "segments": [{"conditions": list(conditions)}]}
+            )
+        )
+
+    audience("pro", {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"})
+    audience(
+        "pro-admins",
+        {"property": "recipient", "operator": "is_audience_member", "argument": "pro"},
+        {"property": "recipient.tags", "operator": "contains", "argument": "admin"},
+    )
+    audience(
+        "adults", {"property": "recipient.person.age", "operator": "greater_than", "argument": 17}
+    )
+    definitions = load_definitions(folder)
+    plan = compile_plan(definitions, {key: d.version for key, d in definitions.items()})
+    assert plan.affected({"plan"}) == {"pro", "pro-admins"}
+    assert plan.affected({"tags", "nickname"}) == {"pro-admins"}
+    assert plan.affected({"person"}) == {"adults"}
+    assert plan.affected({"nickname"}) == set()
+    assert plan.affected(None) == {"pro", "pro-admins", "adults"}
+
+    users = {
+        "u1": {"plan": "pro", "tags": ["admin"], "person": {"age": 40}},
+        "u2": {"plan": "free", "tags": ["admin"]},
+        "u3": {"plan": "pro", "person": {"age": "12"}},
+    }
+    evaluator = UserEvaluator()
+    try:
+        now = datetime.now(UTC)
+        evaluator.load([(u, properties, []) for u, properties in users.items()], now)
+        whole = evaluator.evaluate(plan)
+        for changed in ({"plan"}, {"tags"}, {"person"}):
+            subset = evaluator.subset(plan, plan.affected(changed))
+            assert subset.keys == plan.affected(changed)
+            # The other audiences are read as the memberships the store holds.
+            memberships = {
+                u: [(key, None) for key in whole.get(u, set()) - subset.keys] for u in users
+            }
+            evaluator.load([(u, p, memberships[u]) for u, p in users.items()], now)
+            verdicts = evaluator.evaluate(subset)
+            for user_id in users:
+                assert verdicts.get(user_id, set()) == whole.get(user_id, set()) & subset.keys
+    finally:
+        evaluator.close()
+    assert whole == {"u1": {"pro", "pro-admins", "adults"}, "u2": set(), "u3": {"pro"}}
+
+
+def test_a_full_evaluation_holds_up_no_identify_and_no_user_is_evaluated_twice_at_once(service):
+    """A new user's identify evaluates every audience, in a lane of its own: while it runs (held
+    here), an existing user's identify is evaluated and recorded; an identify of the user being
+    evaluated waits for that evaluation to end."""
+    version = load_definitions(service.settings.definitions_dir)["pro-plan"].version
+    set_plan(service, {"pro-plan": version})  # read by the worker's first evaluation
+    worker = service.environment("development").realtime
+    put(service, "ana", {"plan": "free"})  # a new user: the full lane
+    settle(service)
+    assert recorded(service, "ana") == []
+
+    full = worker.evaluators["full"]
+    full.lock.acquire()
+    try:
+        put(service, "bo", {"plan": "pro"})  # new: the full lane, which waits for the lock
+        deadline = time.monotonic() + 10
+        while "bo" not in worker._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "bo" in worker._busy
+        put(service, "ana", {"plan": "pro"})  # existing: the fast lane, at once
+        deadline = time.monotonic() + 10
+        while not recorded(service, "ana") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [row[:3] for row in recorded(service, "ana")] == [("pro-plan", "entered", 1)]
+        put(service, "bo", {"plan": "pro", "seen": 1})  # waits: bo is being evaluated
+        time.sleep(0.3)
+        assert recorded(service, "bo") == []
+        assert "bo" in worker._waiting["fast"]
+    finally:
+        full.lock.release()
+    settle(service)
+    assert [row[:3] for row in recorded(service, "bo")] == [("pro-plan", "entered", 1)]
+
+
+def test_users_of_one_batch_with_different_changes_all_get_their_triggers(service):
+    """Users evaluated together over different sets of audiences (their identifies set different
+    properties) each get the deliveries of their events, trigger conditions read for each."""
+    folder = service.settings.definitions_dir
+    (folder / "locale-en").mkdir()
+    (folder / "locale-en" / "audience.json").write_text(
+        json.dumps(
+            {
+                "name": "English",
+                "type": "dynamic",
+                "segments": [
+                    {
+                        "conditions": [
+                            {
+                                "property": "recipient.locale",
+                                "operator": "equal_to",
+                                "argument": "en",
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    )
+    workflows = service.settings.workflows_dir / "pro-welcome"
+    workflows.mkdir(parents=True)
+    (workflows / "trigger.json").write_text(
+        json.dumps(
+            {
+                "audience": "pro-plan",
+                "on": "entered",
+                "conditions": {
+                    "all": [
+                        {"variable": "recipient.locale", "operator": "equal_to", "argument": "en"}
+                    ]
+                },
+            }
+        )
+    )
+    definitions = load_definitions(folder)
+    set_plan(service, {key: definitions[key].version for key in ("pro-plan", "locale-en")})
+    worker = service.environment("development").realtime
+    for user in ("ana", "bo", "cy"):  # new users: the full lane
+        put(service, user, {"plan": "free", "locale": "en" if user != "cy" else "fr"})
+    settle(service)
+
+    fast = worker.evaluators["fast"]
+    fast.lock.acquire()
+    try:
+        put(service, "cy", {"locale": "de"})  # taken by the fast lane, which waits for the lock
+        deadline = time.monotonic() + 10
+        while "cy" not in worker._busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        put(service, "ana", {"plan": "pro"})  # pro-plan only
+        put(service, "bo", {"plan": "pro", "locale": "en"})  # pro-plan and locale-en
+    finally:
+        fast.lock.release()
+    settle(service)
+    store = service.environment("development").store
+    deliveries = tables.deliveries.c
+    assert sorted(
+        row["user_id"]
+        for row in store.rows(
+            sa.select(deliveries.user_id).where(deliveries.workflow_key == "pro-welcome")
+        )
+    ) == ["ana", "bo"]
