@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,7 @@ sys.path.insert(0, str(BENCH))
 import scale  # noqa: E402
 import synthetic  # noqa: E402
 
-from audiences.dbt.project import generate  # noqa: E402
+from audiences.dbt.project import build_state, generate, prepare  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
 
 DATA = BENCH / "data"
@@ -166,27 +167,124 @@ def reference_check(path: Path, definitions_dir: Path, evaluated_at: datetime) -
 
 
 def parse(settings: Settings) -> dict:
-    """`dbt parse` in its own process (it writes no run_results.json)."""
-    environment = {
-        **os.environ,
-        **settings.environment_variables(),
-        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
-    }
+    """`dbt parse` in its own process, as `prepare` runs it when the code location loads (it
+    records the project's fingerprint, so the Dagster run below finds the manifest current)."""
+    os.environ["DBT_SEND_ANONYMOUS_USAGE_STATS"] = "false"
     start = time.perf_counter()
-    subprocess.run(
-        [
-            scale.dbt_executable(),
-            "parse",
-            "--project-dir",
-            str(settings.dbt_project_dir),
-            "--profiles-dir",
-            str(settings.dbt_project_dir),
-        ],
-        env=environment,
-        check=True,
-        capture_output=True,
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    prepare(settings)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+    }
+
+
+def scale_fingerprint(settings: Settings) -> str | None:
+    """The fingerprint the warehouse was last fully built from (`raw.dbt_full_builds`)."""
+    from audiences.warehouse.evaluation import last_full_build
+
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        return last_full_build(connection)
+
+
+def record_full_build(settings: Settings) -> None:
+    """What the Dagster asset records after a full build (the cold one here): the fingerprint the
+    warehouse was built from, and its manifest as the state later runs compare with."""
+    from audiences.dbt.project import keep_build_state, project_fingerprint
+    from audiences.warehouse.evaluation import record_full_build as record
+
+    fingerprint = project_fingerprint(settings.dbt_project_dir)
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        record(connection, fingerprint)
+    keep_build_state(settings.dbt_project_dir, fingerprint)
+
+
+def dagster_environment(settings: Settings, folder: Path) -> dict[str, str]:
+    """The code location's settings for this N: everything under the bench's data folder."""
+    sources = folder / "sources.yml"
+    sources.write_text(
+        "# The benchmark loads users straight into raw.users: no sources.\nsources: []\n"
     )
-    return {"wall_s": time.perf_counter() - start}
+    (folder / "workflows").mkdir(exist_ok=True)
+    return {
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "DO_NOT_TRACK": "1",
+        "AUDIENCES_DUCKDB": str(settings.duckdb_path),
+        "AUDIENCES_DEFINITIONS": str(settings.definitions_dir),
+        "AUDIENCES_DBT_PROJECT": str(settings.dbt_project_dir),
+        "AUDIENCES_SOURCES": str(sources),
+        "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}",
+        "AUDIENCES_WORKFLOWS": str(folder / "workflows"),
+    }
+
+
+def dagster_run(environment: dict[str, str], evaluation_time: str) -> dict:
+    """One `reevaluate_audiences` evaluation through Dagster, in its own process: the code
+    location loaded (`load_s`), then the definitions asset, the dbt assets and their checks
+    (`execute_s`: dagster-dbt, dbt, one materialization per audience). Peak memory is the largest
+    of that process and the dbt it starts."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--dagster-child", evaluation_time],
+        env={**os.environ, **environment},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"the Dagster run failed:\n{output[-4000:]}")
+    result = json.loads(output.strip().splitlines()[-1])
+    return {
+        **result,
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": usage.ru_utime + usage.ru_stime + result["dbt_cpu_s"],
+        "peak_rss_mb": max(usage.ru_maxrss / 1024, result["dbt_peak_rss_mb"]),
+    }
+
+
+def dagster_child(evaluation_time: str) -> dict:
+    start = time.perf_counter()
+    import dagster as dg
+
+    from pipelines.definitions import defs
+
+    job = defs.resolve_job_def("reevaluate_audiences")
+    # The evaluation only: the definitions asset, the dbt assets and their checks (the membership
+    # diff, publishing and deliveries come after it and do not depend on N's models).
+    selection = sorted(
+        {
+            key
+            for assets in defs.assets
+            if isinstance(assets, dg.AssetsDefinition)
+            and assets.op.name in ("audience_definitions", "audience_models")
+            for key in assets.keys
+        },
+        key=str,
+    )
+    loaded = time.perf_counter()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(
+            run_config={
+                "ops": {"audience_models": {"config": {"evaluation_time": evaluation_time}}}
+            },
+            instance=instance,
+            asset_selection=selection,
+        )
+        if not result.success:
+            raise RuntimeError("the Dagster run failed")
+        materialized = len(result.get_asset_materialization_events())
+    finished = time.perf_counter()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "load_s": loaded - start,
+        "execute_s": finished - loaded,
+        "materializations": materialized,
+        "dbt_cpu_s": children.ru_utime + children.ru_stime,
+        "dbt_peak_rss_mb": children.ru_maxrss / 1024,
+    }
 
 
 def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -> dict:
@@ -226,9 +324,9 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
     r["sizes"] = statement_sizes(project)
     print(count, "generate", r["generate"], r["generate_again"], r["sizes"], flush=True)
     r["runs"]["parse"] = parse(settings)
-    from pipelines.defs.audiences import UNCHANGED_WHEN_DEFINITIONS_ARE
+    from pipelines.defs.audiences import evaluation_arguments
 
-    lean = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
+    lean = evaluation_arguments(lean=True, state=None)
     steps = [
         ("cold", 0, None, ["build", "--full-refresh"]),
         ("warm", 15, 1, lean),
@@ -243,15 +341,23 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
         )
         r["runs"][name] = scale.dbt(settings, arguments)
         print(count, name, {k: v for k, v in r["runs"][name].items() if k != "slowest"}, flush=True)
-    r["check"] = scale.in_child("check", path=settings.duckdb_path)
-    r["reference"] = reference_check(
-        settings.duckdb_path, definitions_dir, NOW + timedelta(minutes=30)
+        if name == "cold":
+            record_full_build(settings)
+    # The Dagster warm run: 1% of users touched again, the `reevaluate_audiences` job's evaluation.
+    evaluated_at = NOW + timedelta(minutes=45)
+    scale.in_child("step", path=settings.duckdb_path, touch=2, now=evaluated_at.isoformat())
+    r["runs"]["dagster_warm"] = dagster_run(
+        dagster_environment(settings, folder), evaluated_at.isoformat()
     )
+    print(count, "dagster warm", r["runs"]["dagster_warm"], flush=True)
+    r["check"] = scale.in_child("check", path=settings.duckdb_path)
+    r["reference"] = reference_check(settings.duckdb_path, definitions_dir, evaluated_at)
     print(count, "check", r["check"], r["reference"], flush=True)
     if skip_change:
         return r
-    # One definition changed: its argument edited, generated again, and the full build that the
-    # Dagster job runs when the dbt project changed.
+    # One definition changed: its argument edited, generated again, parsed again (partial parsing:
+    # `prepare`, as the code location does when it loads), and the build that the Dagster job runs
+    # then: against the manifest of the last full build, only the changed view is rebuilt.
     changed = definitions_dir / "free-plan" / "audience.json"
     changed.write_text(changed.read_text().replace('"free"', '"starter"'))
     cpu, wall = time.process_time(), time.perf_counter()
@@ -261,15 +367,30 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
         "cpu_s": time.process_time() - cpu,
         "files_written": len(written),
     }
+    state = build_state(project, scale_fingerprint(settings))
+    r["runs"]["one_definition_changed_parse"] = parse(settings)
     scale.in_child(
-        "step", path=settings.duckdb_path, touch=None, now=(NOW + timedelta(minutes=45)).isoformat()
+        "step", path=settings.duckdb_path, touch=None, now=(NOW + timedelta(minutes=60)).isoformat()
     )
-    r["runs"]["one_definition_changed"] = scale.dbt(settings, ["build"])
+    r["runs"]["one_definition_changed"] = scale.dbt(
+        settings, evaluation_arguments(lean=False, state=state)
+    )
+    one = r["runs"]["one_definition_changed"]
+    one["total_wall_s"] = (
+        r["generate_one_changed"]["wall_s"]
+        + r["runs"]["one_definition_changed_parse"]["wall_s"]
+        + one["wall_s"]
+    )
+    one["total_cpu_s"] = (
+        r["generate_one_changed"]["cpu_s"]
+        + r["runs"]["one_definition_changed_parse"]["cpu_s"]
+        + one["cpu_s"]
+    )
     print(
         count,
         "one changed",
         r["generate_one_changed"],
-        r["runs"]["one_definition_changed"]["wall_s"],
+        {k: v for k, v in one.items() if k != "slowest"},
         flush=True,
     )
     r["check_after_change"] = scale.in_child("check", path=settings.duckdb_path)
@@ -323,13 +444,31 @@ def render(document: dict) -> str:
         ("cold", "cold build"),
         ("warm", "warm build, 1% of users changed"),
         ("tick", "schedule tick"),
+        ("dagster_warm", "Dagster warm run, 1% of users changed"),
         ("one_definition_changed", "one definition changed: build"),
     ):
         if not all(name in r["runs"] for r in results):
             continue
-        row(f"{label} (wall)", [r["runs"][name]["wall_s"] for r in results])
-        row(f"{label} (dbt elapsed)", [r["runs"][name]["evaluation_s"] for r in results])
-        row(f"{label} (peak memory)", [r["runs"][name]["peak_rss_mb"] for r in results], "MB", 0)
+        runs = [r["runs"][name] for r in results]
+        row(f"{label} (wall)", [run["wall_s"] for run in runs])
+        if "cpu_s" in runs[0]:
+            row(f"{label} (CPU)", [run["cpu_s"] for run in runs])
+        if "evaluation_s" in runs[0]:
+            row(f"{label} (dbt elapsed)", [run["evaluation_s"] for run in runs])
+        if "execute_s" in runs[0]:
+            row(f"{label}: loading the code location", [run["load_s"] for run in runs])
+            row(f"{label}: the run", [run["execute_s"] for run in runs])
+        row(f"{label} (peak memory)", [run["peak_rss_mb"] for run in runs], "MB", 0)
+    if all("total_wall_s" in r["runs"].get("one_definition_changed", {}) for r in results):
+        runs = [r["runs"]["one_definition_changed"] for r in results]
+        row(
+            "one definition changed: generate + parse + build (wall)",
+            [run["total_wall_s"] for run in runs],
+        )
+        row(
+            "one definition changed: generate + parse + build (CPU)",
+            [run["total_cpu_s"] for run in runs],
+        )
     changed = all("generate_one_changed" in r for r in results)
     row(
         "one definition changed: `generate`",
@@ -392,4 +531,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 2 and sys.argv[1] == "--dagster-child":
+        print(json.dumps(dagster_child(sys.argv[2])))
+    else:
+        main()

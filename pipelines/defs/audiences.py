@@ -200,6 +200,17 @@ def every_definition_is_usable(definition_set: DefinitionSetParam) -> dg.AssetCh
     return skipped_audiences_check(definition_set)
 
 
+def evaluation_arguments(lean: bool, state: Path | None) -> list[str]:
+    """The dbt command of an evaluation: `lean` (the dbt project unchanged since the warehouse's
+    last full build) leaves the views alone; else `state` (the manifest of that build) limits the
+    rebuild to the audience views that changed; without either, everything is built."""
+    if lean:
+        return ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
+    if state is not None:
+        return ["build", "--exclude", "tag:audience,state:unmodified", "--state", str(state)]
+    return ["build"]
+
+
 def build_audiences(
     context: dg.AssetExecutionContext,
     dbt: DbtCliResource,
@@ -233,14 +244,12 @@ def build_audiences(
     # warehouse was built from are left as they are: editing one of 2,000 audiences rebuilds one.
     # (dagster-dbt keeps its own --select; an --exclude is how a run narrows it.)
     state = None if lean else build_state(settings.dbt_project_dir, built_from)
+    arguments = evaluation_arguments(lean, state)
     if lean:
-        arguments = ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
         context.log.info("re-evaluation: views unchanged")
     elif state is not None:
-        arguments = ["build", "--exclude", "tag:audience,state:unmodified", "--state", str(state)]
         context.log.info("definitions changed: rebuilding the changed audience views")
     else:
-        arguments = ["build"]
         context.log.info("full build: the dbt project changed")
     # DuckDB allows one writer: read member counts only after dbt has finished and let go.
     events = list(dbt.cli(arguments, context=context).stream())
