@@ -287,9 +287,44 @@ def dagster_child(evaluation_time: str) -> dict:
     }
 
 
-def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -> dict:
+def run_count(
+    count: int, users: int, folder: Path, skip_change: bool = False, previous: dict | None = None
+) -> dict:
+    """Every step at N=`count`. Given `previous` (this N's results of an earlier run whose project
+    and warehouse are still in `folder`, `--reuse`), generation, parsing and the cold build are
+    taken from it and the other steps measured again on its warehouse, later in time."""
     project = folder / f"dbt_project_{count}"
     definitions_dir = folder / f"audiences_{count}"
+    # Each N its own warehouse, so that a later run can reuse the builds of every N (a run before
+    # this option kept one, warehouse.duckdb, for all of them).
+    warehouse = folder / f"warehouse-{count}.duckdb"
+    if previous is not None:
+        warehouse = Path(previous.get("warehouse", folder / "warehouse.duckdb"))
+    settings = Settings.from_env(
+        {},
+        duckdb_path=warehouse,
+        definitions_dir=definitions_dir,
+        dbt_project_dir=project,
+        store_url=f"sqlite:///{folder / 'store.sqlite'}",
+    )
+    reuse = (
+        previous is not None
+        and (project / "target" / "partial_parse.msgpack").exists()
+        and settings.duckdb_path.exists()
+        and not generate(settings)  # the same generated files
+    )
+    r: dict = {"audiences": count, "users": users, "warehouse": str(warehouse), "runs": {}}
+    if reuse:
+        r["reused"] = {"from": previous["started"], "steps": ["generate", "parse", "cold"]}
+        for name in ("generate", "generate_again", "sizes"):
+            r[name] = previous[name]
+        r["runs"]["parse"] = previous["runs"]["parse"]
+        r["runs"]["cold"] = previous["runs"]["cold"]
+        prepare(settings)  # partial parsing: nothing changed since
+        record_full_build(settings)
+        clock = datetime.fromisoformat(scale.in_child("clock", path=settings.duckdb_path)["now"])
+        base = clock + timedelta(minutes=15)
+        return measure(r, count, settings, folder, base, skip_change, reuse=True)
     if project.exists():
         shutil.rmtree(project)
     shutil.copytree(
@@ -297,14 +332,6 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
     )
     shutil.rmtree(project / "models" / "audiences" / "custom", ignore_errors=True)
     write_definitions(definitions_dir, count)
-    settings = Settings.from_env(
-        {},
-        duckdb_path=folder / "warehouse.duckdb",
-        definitions_dir=definitions_dir,
-        dbt_project_dir=project,
-        store_url=f"sqlite:///{folder / 'store.sqlite'}",
-    )
-    r: dict = {"audiences": count, "users": users, "runs": {}}
     r.update(scale.in_child("reset", path=settings.duckdb_path, users=users))
 
     cpu, wall = time.process_time(), time.perf_counter()
@@ -324,6 +351,20 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
     r["sizes"] = statement_sizes(project)
     print(count, "generate", r["generate"], r["generate_again"], r["sizes"], flush=True)
     r["runs"]["parse"] = parse(settings)
+    return measure(r, count, settings, folder, NOW, skip_change)
+
+
+def measure(
+    r: dict,
+    count: int,
+    settings: Settings,
+    folder: Path,
+    base: datetime,
+    skip_change: bool,
+    reuse: bool = False,
+) -> dict:
+    """The builds from the cold one on (without it when `reuse`), at times from `base` on."""
+    project, definitions_dir = settings.dbt_project_dir, settings.definitions_dir
     from pipelines.defs.audiences import evaluation_arguments
 
     lean = evaluation_arguments(lean=True, state=None)
@@ -332,19 +373,19 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
         ("warm", 15, 1, lean),
         ("tick", 30, None, lean),
     ]
-    for name, minutes, touch, arguments in steps:
+    for name, minutes, touch, arguments in steps[1:] if reuse else steps:
         scale.in_child(
             "step",
             path=settings.duckdb_path,
             touch=touch,
-            now=(NOW + timedelta(minutes=minutes)).isoformat(),
+            now=(base + timedelta(minutes=minutes)).isoformat(),
         )
         r["runs"][name] = scale.dbt(settings, arguments)
         print(count, name, {k: v for k, v in r["runs"][name].items() if k != "slowest"}, flush=True)
         if name == "cold":
             record_full_build(settings)
     # The Dagster warm run: 1% of users touched again, the `reevaluate_audiences` job's evaluation.
-    evaluated_at = NOW + timedelta(minutes=45)
+    evaluated_at = base + timedelta(minutes=45)
     scale.in_child("step", path=settings.duckdb_path, touch=2, now=evaluated_at.isoformat())
     r["runs"]["dagster_warm"] = dagster_run(
         dagster_environment(settings, folder), evaluated_at.isoformat()
@@ -370,7 +411,10 @@ def run_count(count: int, users: int, folder: Path, skip_change: bool = False) -
     state = build_state(project, scale_fingerprint(settings))
     r["runs"]["one_definition_changed_parse"] = parse(settings)
     scale.in_child(
-        "step", path=settings.duckdb_path, touch=None, now=(NOW + timedelta(minutes=60)).isoformat()
+        "step",
+        path=settings.duckdb_path,
+        touch=None,
+        now=(base + timedelta(minutes=60)).isoformat(),
     )
     r["runs"]["one_definition_changed"] = scale.dbt(
         settings, evaluation_arguments(lean=False, state=state)
@@ -482,6 +526,7 @@ def render(document: dict) -> str:
         0,
     )
     row("memberships", [r["check"]["members"] for r in results], "", 0)
+    lines += ["", *targets(results)]
     lines += [
         "",
         "Correctness, at every N: `audience_members` against every audience view evaluated whole, "
@@ -498,6 +543,54 @@ def render(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets(results: list[dict]) -> list[str]:
+    """Issue 25's targets, each ratio against its limit (the largest N against the smallest)."""
+    first, last = results[0], results[-1]
+    if first is last:
+        return []
+    lines = [
+        f"Issue 25's targets, N={last['audiences']:,} against N={first['audiences']:,} "
+        "(CPU seconds are the comparable figure on a shared machine):",
+        "",
+        "| target | wall | CPU | limit | met (CPU) |",
+        "|---|---:|---:|---:|---|",
+    ]
+
+    def ratio(label, a, b, limit):
+        wall = a["wall_s"] / b["wall_s"]
+        cpu = a["cpu_s"] / b["cpu_s"] if b.get("cpu_s") else float("nan")
+        met = "yes" if cpu <= limit else "no"
+        lines.append(f"| {label} | {wall:.1f}x | {cpu:.1f}x | {limit}x | {met} |")
+
+    ratio("`generate`", last["generate"], first["generate"], 40)
+    ratio("`dbt parse`", last["runs"]["parse"], first["runs"]["parse"], 40)
+    for name, label, limit in (
+        ("cold", "cold build", 40),
+        ("warm", "warm build, 1% of users changed", 3),
+        ("tick", "schedule tick", 3),
+        ("dagster_warm", "Dagster warm run", 3),
+    ):
+        if name in last["runs"] and name in first["runs"]:
+            ratio(label, last["runs"][name], first["runs"][name], limit)
+    one = last["runs"].get("one_definition_changed", {})
+    if "total_wall_s" in one:
+        total = {"wall_s": one["total_wall_s"], "cpu_s": one["total_cpu_s"]}
+        ratio(
+            f"one definition changed (generate + parse + build) ÷ warm build, N={last['audiences']:,}",
+            total,
+            last["runs"]["warm"],
+            2,
+        )
+    for name, label in (("warm", "warm build"), ("dagster_warm", "Dagster warm run")):
+        if name in last["runs"]:
+            peak = last["runs"][name]["peak_rss_mb"]
+            lines.append(
+                f"| {label}, peak memory at N={last['audiences']:,} | {peak:,.0f} MB | | 1,024 MB | "
+                f"{'yes' if peak < 1024 else 'no'} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=300_000)
@@ -510,7 +603,20 @@ def main() -> None:
         action="store_true",
         help="leave out step 7 (one definition changed: a full build, as long as a cold one)",
     )
+    parser.add_argument(
+        "--reuse",
+        metavar="RESULTS",
+        help="an earlier run's results (file name in bench/, no suffix) whose projects and "
+        "warehouses are still in bench/data/: for the N it measured, generation, parsing and the "
+        "cold build are taken from it, and the other steps measured again",
+    )
     options = parser.parse_args()
+    previous = {}
+    if options.reuse:
+        earlier = json.loads((BENCH / f"{options.reuse}.json").read_text())
+        previous = {
+            r["audiences"]: {**r, "started": earlier["started"]} for r in earlier["results"]
+        }
     folder = DATA / f"audience-count-{options.users}"
     folder.mkdir(parents=True, exist_ok=True)
     document = {
@@ -522,7 +628,8 @@ def main() -> None:
             "duckdb": duckdb.__version__,
         },
         "results": [
-            run_count(count, options.users, folder, options.skip_change) for count in options.counts
+            run_count(count, options.users, folder, options.skip_change, previous.get(count))
+            for count in options.counts
         ],
     }
     (BENCH / f"{options.output}.json").write_text(json.dumps(document, indent=1, default=str))

@@ -63,6 +63,10 @@ UNCHANGED_WHEN_DEFINITIONS_ARE = (
     "source:warehouse",
     "unique_int_users_flattened_user_key",
 )
+# dbt's per-command costs that grow with the number of nodes, left out of a re-evaluation: the
+# JSON artifacts (manifest, graph, run_results) and listing the relations of the schemas it does
+# not build (the audience views).
+LEAN_FLAGS = ("--no-write-json", "--cache-selected-only")
 GROUPS = {
     "staging": "staging",
     "intermediate": "staging",
@@ -205,7 +209,16 @@ def evaluation_arguments(lean: bool, state: Path | None) -> list[str]:
     last full build) leaves the views alone; else `state` (the manifest of that build) limits the
     rebuild to the audience views that changed; without either, everything is built."""
     if lean:
-        return ["build", "--exclude", " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE)]
+        return [
+            "build",
+            "--exclude",
+            " ".join(UNCHANGED_WHEN_DEFINITIONS_ARE),
+            # dbt writes its manifest twice per command, and run_results: 15 MB of JSON and
+            # ~8 s of CPU each at 2,000 audiences (bench/analysis.md, "Thousands of audiences").
+            # Nothing reads them after a re-evaluation (a full build keeps its manifest as the
+            # state of the next definitions change), and dagster-dbt reads dbt's event stream.
+            *LEAN_FLAGS,
+        ]
     if state is not None:
         return ["build", "--exclude", "tag:audience,state:unmodified", "--state", str(state)]
     return ["build"]
