@@ -214,6 +214,47 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(
     assert changed == 0  # no user's data changed: the schedule tick's path
 
 
+def test_a_reevaluation_writes_none_of_dbts_json_artifacts(sample_run, dbt_project_copy, tmp_path):
+    """Issue 25: a re-evaluation (the dbt project unchanged since the last full build) runs dbt
+    without writing its manifest, graph and run results, whose writing grows with the number of
+    audiences (two manifest writes, ~8 s of CPU each, at 2,000). The members are still the
+    reference evaluator's."""
+    from audiences.dbt.project import run_dbt
+    from audiences.settings import Settings
+    from audiences.warehouse.evaluation import set_evaluation_clock
+    from pipelines.defs.audiences import evaluation_arguments
+
+    copy = tmp_path / "warehouse.duckdb"
+    copy_sample_run(sample_run, tmp_path)
+    settings = Settings.from_env(
+        {},
+        duckdb_path=copy,
+        dbt_project_dir=dbt_project_copy,
+        definitions_dir=ROOT / "data" / "audiences",
+    )
+    artifacts = ("manifest.json", "run_results.json", "graph.gpickle")
+    target = dbt_project_copy / "target"
+
+    def written() -> dict[str, int | None]:
+        return {
+            name: (target / name).stat().st_mtime_ns if (target / name).exists() else None
+            for name in artifacts
+        }
+
+    before = written()
+    later = datetime.fromisoformat("2026-11-27T00:00:00+00:00")
+    with duckdb.connect(str(copy)) as connection:
+        set_evaluation_clock(connection, later)
+    run_dbt(evaluation_arguments(lean=True, state=None), settings)
+    assert written() == before
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        expected = reference_members(connection, now=later)
+        actual = compiled_members(connection)
+    assert {key: ids for key, ids in actual.items() if key != "high_value_accounts"} == {
+        key: ids for key, ids in expected.items() if ids
+    }
+
+
 def test_incremental_members_equal_a_full_evaluation_after_data_and_definition_changes(
     sample_run, tmp_path
 ):
