@@ -447,10 +447,12 @@ def measure(
 def render(document: dict) -> str:
     counts = [r["audiences"] for r in document["results"]]
     first = document["results"][0]
+    command = document["command"]
+    command = command if command.startswith("`") else f"`{command}`"
     lines = [
         "# Thousands of audiences",
         "",
-        f"Produced by `{document['command']}` on {document['started']} "
+        f"Produced by {command} on {document['started']} "
         f"({document['machine']['cores']} cores, Python {document['machine']['python']}, "
         f"DuckDB {document['machine']['duckdb']}); single runs on a shared machine. "
         f"{first['users']:,} synthetic users. What each step is: the docstring of `bench/audience_count.py`.",
@@ -526,6 +528,14 @@ def render(document: dict) -> str:
         0,
     )
     row("memberships", [r["check"]["members"] for r in results], "", 0)
+    for r in results:
+        if "reused" in r:
+            lines += [
+                "",
+                f"N={r['audiences']:,}: {', '.join(r['reused']['steps'])} are those of the run of "
+                f"{r['reused']['from']} (`--reuse`: the same generated project and warehouse), "
+                "the other steps measured again on its warehouse.",
+            ]
     lines += ["", *targets(results)]
     lines += [
         "",
@@ -611,7 +621,27 @@ def main() -> None:
         "warehouses are still in bench/data/: for the N it measured, generation, parsing and the "
         "cold build are taken from it, and the other steps measured again",
     )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="RESULTS",
+        help="render the results of runs made separately (file names in bench/, no suffix), "
+        "e.g. each N in its own process, as one table into --output; measures nothing",
+    )
     options = parser.parse_args()
+    if options.combine:
+        documents = [json.loads((BENCH / f"{name}.json").read_text()) for name in options.combine]
+        document = {
+            **documents[0],
+            "command": "; ".join(f"`{d['command']}`" for d in documents),
+            "results": sorted(
+                (r for d in documents for r in d["results"]), key=lambda r: r["audiences"]
+            ),
+        }
+        (BENCH / f"{options.output}.json").write_text(json.dumps(document, indent=1, default=str))
+        (BENCH / f"{options.output}.md").write_text(render(document))
+        print(render(document))
+        return
     previous = {}
     if options.reuse:
         earlier = json.loads((BENCH / f"{options.reuse}.json").read_text())
