@@ -81,8 +81,9 @@ def paths(
     """For each dynamic and custom SQL audience: None when an identify evaluates it at once, else
     why it waits for the next pipeline run."""
     reasons: dict[str, str | None] = dict.fromkeys(custom_keys, NEXT_RUN_SQL)
+    known = set(definitions)  # once, not once per audience (quadratic at thousands: issue 25)
     order = TopologicalSorter(
-        {key: definition.references() & set(definitions) for key, definition in definitions.items()}
+        {key: definition.references() & known for key, definition in definitions.items()}
     )
     for key in order.static_order():
         definition = definitions[key]
@@ -176,8 +177,9 @@ def compile_plan(
     evaluated at their current version, and their queries, compiled once."""
     reasons = paths(definitions, custom_keys)
     chosen: dict[str, AudienceDefinition] = {}
+    known = set(definitions)  # once, not once per audience (quadratic at thousands: issue 25)
     order = TopologicalSorter(
-        {key: definition.references() & set(definitions) for key, definition in definitions.items()}
+        {key: definition.references() & known for key, definition in definitions.items()}
     )
     for key in order.static_order():
         definition = definitions[key]
