@@ -13,15 +13,27 @@ ordering is exercised at every N. For each N, in this order, on a fresh copy of 
 2. **generate again**: nothing changed, so nothing may be written;
 3. **parse**: `dbt parse`;
 4. **cold**: `dbt build --full-refresh`;
-5. **warm**: 1% of users touched, "now" 15 minutes later, the selection the Dagster job runs while
-   the definitions are unchanged (`pipelines/defs/audiences.py`: `--exclude` the views);
-6. **tick**: nothing changed, "now" 15 minutes later again, the same selection;
-7. **one definition changed**: one audience's argument edited, `generate`, and the build the
-   Dagster job runs then (a full `dbt build`, partial parsing on);
+5. **warm**: 1% of users touched, "now" 15 minutes later, the dbt command the Dagster job runs
+   while the definitions are unchanged (`pipelines/defs/audiences.py`, `evaluation_arguments`:
+   `--exclude` the views, no JSON artifacts written);
+6. **tick**: nothing changed, "now" 15 minutes later again, the same command; then the same tick
+   with dbt's JSON artifacts written, as before that cut;
+7. **Dagster warm run**: 1% of users touched again, and the `reevaluate_audiences` job's
+   evaluation (the definitions asset, the dbt assets, their checks) in its own process: loading
+   the code location, then the run;
 8. **check**: `audience_members` against every audience view evaluated whole, and against the
-   independent reference evaluator (`audiences/conditions/reference.py`) on a sample of users.
+   independent reference evaluator (`audiences/conditions/reference.py`) on a sample of users;
+9. **one definition changed**: one audience's argument edited, `generate`, `dbt parse` (partial
+   parsing, as `prepare` runs it when the code location loads), and the build the Dagster job runs
+   then (against the manifest of the last full build: only the changed view and what is not an
+   audience view are built), and the check again.
 
-Each dbt command runs in its own process: *elapsed* is dbt's `elapsed_time`, *peak* the process's
+`--reuse` measures steps 5-9 again on an earlier run's project and warehouse (generation, parsing
+and the cold build are slow at 2,000 audiences on a shared machine); `--combine` renders runs made
+separately as one table.
+
+Each dbt command runs in its own process: *elapsed* is dbt's `elapsed_time`, *CPU* its CPU seconds
+(DuckDB's threads included; the comparable figure on a shared machine), *peak* the process's
 maximum resident set. The largest statement `audience_members` runs is reported too (its
 branches): it must not grow with N.
 """
