@@ -546,7 +546,8 @@ def render(document: dict) -> str:
         "",
         0,
     )
-    row("memberships", [r["check"]["members"] for r in results], "", 0)
+    if all("check" in r for r in results):
+        row("memberships", [r["check"]["members"] for r in results], "", 0)
     for r in results:
         if "reused" in r:
             lines += [
@@ -563,6 +564,9 @@ def render(document: dict) -> str:
         "",
     ]
     for r in results:
+        if "check" not in r:
+            lines.append(f"- N={r['audiences']:,}: not checked (the run was stopped before it)")
+            continue
         c, ref = r["check"], r["reference"]
         lines.append(
             f"- N={r['audiences']:,}: views {c['missing']} missing, {c['extra']} extra; reference "
