@@ -266,13 +266,16 @@ def dagster_child(evaluation_time: str) -> dict:
 
     job = defs.resolve_job_def("reevaluate_audiences")
     # The evaluation only: the definitions asset, the dbt assets and their checks (the membership
-    # diff, publishing and deliveries come after it and do not depend on N's models).
+    # diff, publishing and deliveries come after it and do not depend on N's models), and `users`
+    # (with no sources, it loads nothing), whose checks are dbt's source tests: without it
+    # dagster-dbt sees a subset and hands dbt one selector per model, 2,000 of them (the job
+    # selects every asset: dbt gets `fqn:*`).
     selection = sorted(
         {
             key
             for assets in defs.assets
             if isinstance(assets, dg.AssetsDefinition)
-            and assets.op.name in ("audience_definitions", "audience_models")
+            and assets.op.name in ("users", "audience_definitions", "audience_models")
             for key in assets.keys
         },
         key=str,
