@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import signal
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import duckdb
 import pytest
@@ -125,7 +125,7 @@ def _outbox(connection, keys) -> tuple[set[tuple], set[tuple]]:
 
 def _deliveries(store) -> set[tuple]:
     return {
-        (row.delivery_id, row.event_id, row.workflow_key, row.user_id, row.status)
+        (row["delivery_id"], row["event_id"], row["workflow_key"], row["user_id"], row["status"])
         for row in store.rows(sa.select(tables.deliveries))
     }
 
@@ -182,8 +182,11 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
         ).fetchall()
     }
     # Between the two evaluations: three users change plan, one is deleted, one is new (a copy of
-    # a member of most audiences), all loaded an hour before LATER.
-    changed_at = LATER - timedelta(hours=1)
+    # a member of most audiences), all loaded an hour after the sample (updated_at is the time of
+    # the load, not of the evaluation).
+    (changed_at,) = connection.execute(
+        "select max(updated_at) + interval 1 hour from raw.users"
+    ).fetchone()
     member_counts = connection.execute(
         "select user_key, count(*) from main.audience_members where audience_key in "
         "(select unnest($keys)) group by user_key order by 2 desc, 1 limit 5",
