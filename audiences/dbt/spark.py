@@ -6,6 +6,10 @@ then the typed columns), one view per audience with its conditions compiled by t
 in Spark's dialect, `audience_members` (their union) and `audience_catalog` (the audiences this
 evaluation covers). The project's hand-written models then diff the members against the committed
 membership history in Spark SQL and publish the events atomically (`macros/membership.sql`).
+Builds are incremental: `int_build_plan` (full or incremental, from the last completion marker,
+with `models_hash`, the hash of the other generated models) and `int_users_to_reevaluate` (the
+changed users and the compiler's time windows) choose the users evaluated; the two tables kept
+between builds are replaced in one step each (`macros/incremental.sql`).
 
 What does not run on Spark yet is named, per audience, by `spark_unsupported`: static audiences
 (their members live in the store), audiences with event conditions, and those reading either.
