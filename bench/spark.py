@@ -1,21 +1,22 @@
 """Benchmark: the same audiences on DuckDB and on local Apache Spark, in the same run.
 
-    .venv/bin/python bench/spark.py --users 20000     # writes bench/spark-results.md and .json
+    .venv/bin/python bench/spark.py --users 20000     # adds its section to bench/spark-results.md
 
 The synthetic users of bench/synthetic.py (typed fields, lists, nested objects, missing and null
 properties, 0.5% deleted) are generated into a DuckDB file under bench/data/spark-<users>/, with
 the 50 synthetic audience definitions. Both dbt projects are copied there and generated from those
-definitions. Then, one after the other:
+definitions. Then four evaluations an hour apart, each first on DuckDB (`dbt build` of the DuckDB
+project, as the `audience_models` asset runs it), then on Spark (`dbt run` of the Spark project,
+dbt-spark's session mode, Spark inside the dbt process, `local[2]`, the users loaded from a
+parquet export of raw.users first):
 
-1. DuckDB, cold: `dbt build` of the DuckDB project (dbt-duckdb), as the `audience_models` asset
-   runs it, at the synthetic evaluation time; then warm: the same build an hour later (no user
-   changed: DuckDB's incremental models re-evaluate only the users "now" moved over).
-2. Spark, cold: `dbt run` of the Spark project (dbt-spark's session mode, Spark inside the dbt
-   process, `local[2]`), the users loaded from a parquet export of raw.users first, the membership
-   events published; then warm: the same run an hour later (Spark's models are full rebuilds: the
-   whole table is evaluated again).
-3. The member counts per audience on both engines must be equal (`dbt show` reads Spark's; the
-   tests compare the members themselves).
+1. cold: every user evaluated;
+2. warm, no user changed: only the users "now" moved over are re-evaluated;
+3. warm, 1% of the users changed (bench/synthetic.py's touch), then 10%.
+
+Spark's per-model times (dbt's run_results.json) and the users it re-evaluated show that warm work
+follows the changed users. At the end the member counts per audience on both engines must be equal
+(`dbt show` reads Spark's; the tests compare the members and the events themselves).
 
 Wall times include each tool's start-up (dbt's parse; Spark's JVM and metastore), which dominates
 at small sizes; the ratio is Spark's wall time over DuckDB's, measured in the same run on the same
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -50,7 +52,6 @@ from audiences.dbt.spark import (  # noqa: E402
 from audiences.settings import Settings  # noqa: E402
 
 RESULTS_MD = BENCH / "spark-results.md"
-RESULTS_JSON = BENCH / "spark-results.json"
 
 
 def _prepare(folder: Path, users: int) -> Settings:
@@ -100,6 +101,44 @@ def _timed(action) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+# The warm evaluations: (hours after the cold one, users touched: 1 in `modulus`; 0 = none).
+WARM_STEPS = ((1, 0), (2, 100), (3, 10))
+# The models whose work an incremental build should scale with the changed users.
+TIMED_MODELS = (
+    "int_users_extracted",
+    "int_users_flattened",
+    "int_users_to_reevaluate",
+    "audience_members",
+    "membership_changes",
+)
+
+
+def _touch(settings: Settings, folder: Path, step: int, modulus: int) -> int:
+    """Change 1 in `modulus` users in DuckDB's raw.users (bench/synthetic.py's touch, at `step`
+    hours after the cold evaluation), export them for Spark; returns how many changed."""
+    import duckdb
+
+    touched = 0
+    with duckdb.connect(str(settings.duckdb_path)) as connection:
+        if modulus:
+            for statement in synthetic.touch_users_sql(4 * step, modulus, 7).split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            touched = connection.execute("select count(*) from touched_users").fetchall()[0][0]
+        connection.execute(
+            "copy (select user_key, user_id, cast(properties as varchar) as properties, "
+            f"updated_at, deleted_at from raw.users) to '{folder / 'users.parquet'}' (format parquet)"
+        )
+    return touched
+
+
+def _model_seconds(project: Path) -> dict[str, float]:
+    """Each timed model's execution time in the last dbt command (its run_results.json)."""
+    results = json.loads((project / "target" / "run_results.json").read_text())
+    seconds = {r["unique_id"].rsplit(".", 1)[1]: r["execution_time"] for r in results["results"]}
+    return {name: round(seconds.get(name, 0.0), 1) for name in TIMED_MODELS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=20_000)
@@ -110,19 +149,34 @@ def main() -> None:
     load = os.getloadavg()
     settings = _prepare(folder, options.users)
     cold = datetime.fromisoformat(synthetic.EVALUATION_TIME.replace("Z", "+00:00"))
-    warm = cold + timedelta(hours=1)
 
     def duckdb_build(moment: datetime):
         stamp = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
         return run_dbt(["build", "--vars", json.dumps({"evaluation_time": stamp})], settings)
 
+    project = spark_project_dir(settings.dbt_project_dir)
+    spark = SparkRun(project, folder / "spark-warehouse")
+    steps = []
     run_dbt(["parse"], settings)  # as `prepare` does when the code location loads
-    duckdb_cold, _ = _timed(lambda: duckdb_build(cold))
-    duckdb_warm, _ = _timed(lambda: duckdb_build(warm))
-
-    spark = SparkRun(spark_project_dir(settings.dbt_project_dir), folder / "spark-warehouse")
-    spark_cold, _ = _timed(lambda: spark.run(cold, folder / "users.parquet"))
-    spark_warm, _ = _timed(lambda: spark.run(warm))
+    for hours, modulus in ((0, 0), *WARM_STEPS):
+        moment = cold + timedelta(hours=hours)
+        touched = _touch(settings, folder, hours, modulus) if hours else 0
+        duckdb_seconds, _ = _timed(lambda moment=moment: duckdb_build(moment))
+        spark_seconds, output = _timed(
+            lambda moment=moment: spark.run(moment, folder / "users.parquet")
+        )
+        found = re.findall(r"incremental build: (\d+) users re-evaluated", output)
+        steps.append(
+            {
+                "build": "cold" if not hours else f"warm +{hours}h",
+                "users_changed": touched,
+                "users_reevaluated_on_spark": int(found[-1]) if found else options.users,
+                "duckdb_seconds": round(duckdb_seconds, 1),
+                "spark_seconds": round(spark_seconds, 1),
+                "spark_model_seconds": _model_seconds(project),
+            }
+        )
+        print(json.dumps(steps[-1]), flush=True)
 
     import duckdb
 
@@ -147,39 +201,61 @@ def main() -> None:
         "audiences": len(duckdb_counts),
         "memberships": sum(duckdb_counts.values()),
         "members_equal": equal,
-        "seconds": {
-            "duckdb_cold": round(duckdb_cold, 1),
-            "duckdb_warm": round(duckdb_warm, 1),
-            "spark_cold": round(spark_cold, 1),
-            "spark_warm": round(spark_warm, 1),
-        },
-        "ratio_cold": round(spark_cold / duckdb_cold, 1),
-        "ratio_warm": round(spark_warm / duckdb_warm, 1),
+        "builds": steps,
     }
-    RESULTS_JSON.write_text(json.dumps(document, indent=2) + "\n")
-    s = document["seconds"]
-    RESULTS_MD.write_text(
-        f"""# DuckDB vs local Spark, same audiences, same run
+    results_json = BENCH / f"spark-results-{options.users}.json"
+    results_json.write_text(json.dumps(document, indent=2) + "\n")
+    rows = "\n".join(
+        f"| {b['build']} | {b['users_changed']:,} | {b['users_reevaluated_on_spark']:,} | "
+        f"{b['duckdb_seconds']} s | {b['spark_seconds']} s | "
+        f"{round(b['spark_seconds'] / b['duckdb_seconds'], 1)}x | "
+        + " | ".join(f"{b['spark_model_seconds'][m]}" for m in TIMED_MODELS)
+        + " |"
+        for b in steps
+    )
+    section = f"""## {options.users:,} users
 
 `{document["command"]}` on {document["machine"]}, started {document["started"]}.
 {options.users:,} synthetic users, {document["audiences"]} audiences, {document["memberships"]:,}
-memberships. Member counts per audience equal on both engines: **{equal}**.
+memberships after the last build. Member counts per audience equal on both engines: **{equal}**.
+Each warm build is an hour after the previous one, after the users named changed.
 
-| | DuckDB (dbt-duckdb) | Spark local[2] (dbt-spark session) | Spark / DuckDB |
-|---|---|---|---|
-| cold (every user evaluated) | {s["duckdb_cold"]} s | {s["spark_cold"]} s | {document["ratio_cold"]}x |
-| warm (an hour later, no user changed) | {s["duckdb_warm"]} s | {s["spark_warm"]} s | {document["ratio_warm"]}x |
-
-Wall times of one dbt command each, start-up included (dbt's parse; for Spark the JVM, the Hive
-metastore and the session). Spark's cold run also loads the users from parquet and publishes the
-membership events; its warm run rebuilds every model (no incremental models on Spark yet), while
-DuckDB's re-evaluates only the users "now" moved over. At this size the fixed costs dominate both:
-the ratio says what a small deployment pays for Spark, not how the engines scale.
+| build | users changed | re-evaluated on Spark | DuckDB | Spark local[2] | Spark / DuckDB | {" | ".join(TIMED_MODELS)} (Spark, s) |
+|---|---|---|---|---|---|{"---|" * len(TIMED_MODELS)}
+{rows}
 """
-    )
-    print(RESULTS_MD.read_text())
+    RESULTS_MD.write_text(_merge_section(RESULTS_MD, options.users, section))
+    print(section)
     if not equal:
         raise SystemExit(f"members differ: duckdb {duckdb_counts} spark {spark_counts}")
+
+
+def _merge_section(path: Path, users: int, section: str) -> str:
+    """The results document with this size's section replaced (or added), sizes in order."""
+    text = path.read_text() if path.exists() else ""
+    head, _, rest = text.partition("\n## ")
+    sections = {}
+    for part in ("## " + rest).split("\n## ") if rest else []:
+        part = part if part.startswith("## ") else "## " + part
+        size = int(part.split()[1].replace(",", ""))
+        sections[size] = part.rstrip() + "\n"
+    sections[users] = section
+    head = head.rstrip() + "\n" if head.strip() else RESULTS_HEAD
+    return head + "\n" + "\n".join(sections[size] for size in sorted(sections))
+
+
+RESULTS_HEAD = """# DuckDB vs local Spark, same audiences, same run
+
+`bench/spark.py --users N`: a cold build, then three warm builds an hour apart (no user changed;
+1% changed; 10% changed), each on DuckDB (dbt-duckdb, `dbt build`) and on Spark (dbt-spark session
+mode, `local[2]`, `dbt run`), the same users and definitions. Wall times of one dbt command each,
+start-up included (dbt's parse; for Spark the JVM, the Hive metastore and the session; Spark's also
+loads the users from parquet, replacing raw.users). The per-model columns are Spark's own
+execution times (dbt's run_results.json): an incremental build parses, evaluates and diffs only
+the users re-evaluated; it still copies every other user's rows into the new versions of
+int_users_flattened and audience_members (a scan and a write, no JSON, no condition) and scans the
+typed timestamp columns for the time windows.
+"""
 
 
 if __name__ == "__main__":

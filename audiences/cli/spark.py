@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,8 +14,11 @@ def spark_run(settings: Settings, arguments) -> int:
     at the evaluation time (--evaluation-time, else now) and publish the membership events to
     raw.membership_events, all or nothing. --users-parquet first replaces raw.users with those
     users (local runs). Target `spark` runs Spark inside dbt's process (a Java runtime is needed);
-    `cluster` a Spark Thrift server at --spark-host. Both are checked before anything is written."""
-    from audiences.dbt.spark import SparkRun, spark_project_dir
+    `cluster` a Spark Thrift server at --spark-host. Both are checked before anything is written.
+    Then (target `spark`, unless --no-publish) the committed builds' events are recorded in the
+    DuckDB warehouse's outbox, the circuit breaker applied, and published to the store with their
+    workflow triggers, as after a DuckDB evaluation (`audiences deliver` sends them)."""
+    from audiences.dbt.spark import COMMITTED, SparkRun, spark_project_dir
 
     warehouse = (
         Path(arguments.spark_warehouse)
@@ -33,13 +37,61 @@ def spark_run(settings: Settings, arguments) -> int:
     if users is not None and not users.exists():
         raise FileNotFoundError(f"--users-parquet {users}: no such file or folder")
     output = run.run(moment, users)
+    committed = COMMITTED.findall(output)
     published = [
         line.strip() for line in output.splitlines() if "membership events published" in line
     ]
+    kind = re.findall(r"((?:full|incremental) build: [^\n]*)", output)
     print(
-        f"evaluated on Spark at {moment.isoformat()}; {published[-1] if published else 'no events published'}"
+        f"evaluated on Spark at {moment.isoformat()} ({kind[-1].strip() if kind else 'no build'}); "
+        f"{published[-1] if published else 'no events published'}"
     )
+    if committed and not arguments.no_publish:
+        if arguments.spark_target != "spark":
+            print(
+                "the events stay in the cluster's raw.membership_events: recording them in the "
+                "store reads the warehouse's files, which only the local target has here"
+            )
+        else:
+            _publish(settings, run.warehouse_dir, committed[-1], moment)
     return 0
+
+
+def _publish(settings: Settings, warehouse: Path, committed_run: str, moment: datetime) -> None:
+    """The committed Spark builds' events into the DuckDB warehouse's outbox (the circuit breaker
+    applies), then into the store with their workflow triggers, as after a DuckDB evaluation."""
+    from audiences.cli.common import open_store
+    from audiences.delivery.setup import load_workflow_setup
+    from audiences.membership.changes import CircuitBreaker
+    from audiences.warehouse.queries import connect
+    from audiences.workflows.spark_events import publish_spark_builds
+
+    breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
+    with connect(settings.duckdb_path) as connection:
+        summaries, report = publish_spark_builds(
+            connection,
+            open_store(settings),
+            load_workflow_setup(settings),
+            warehouse,
+            committed_run,
+            breaker,
+            moment,
+        )
+    for summary in summaries:
+        print(
+            f"recorded the Spark build at {summary.evaluated_at.isoformat()}: "
+            f"{summary.entered} entered, {summary.exited} exited"
+        )
+        for held in summary.held:
+            print(
+                f"{held.audience_key}: {held.entered} entered and {held.exited} exited of "
+                f"{held.size_before}: events held as batch {held.held_batch}; "
+                f"`audiences release {held.held_batch}` or `audiences discard {held.held_batch}`"
+            )
+    print(
+        f"published {report.events} events to the store, {report.deliveries} workflow "
+        f"deliveries queued ({report.held_deliveries} held)"
+    )
 
 
 def register(command) -> None:
@@ -60,3 +112,9 @@ def register(command) -> None:
     )
     sub.add_argument("--spark-host", help="the Thrift server's host (--spark-target cluster)")
     sub.add_argument("--spark-port", type=int, default=10000, help="its port (default 10000)")
+    sub.add_argument(
+        "--no-publish",
+        action="store_true",
+        help="leave the events in Spark: do not record them in the DuckDB warehouse's outbox "
+        "nor publish them to the store (workflows are not triggered)",
+    )

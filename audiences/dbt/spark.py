@@ -6,6 +6,10 @@ then the typed columns), one view per audience with its conditions compiled by t
 in Spark's dialect, `audience_members` (their union) and `audience_catalog` (the audiences this
 evaluation covers). The project's hand-written models then diff the members against the committed
 membership history in Spark SQL and publish the events atomically (`macros/membership.sql`).
+Builds are incremental: `int_build_plan` (full or incremental, from the last completion marker,
+with `models_hash`, the hash of the other generated models) and `int_users_to_reevaluate` (the
+changed users and the compiler's time windows) choose the users evaluated; the two tables kept
+between builds are replaced in one step each (`macros/incremental.sql`).
 
 What does not run on Spark yet is named, per audience, by `spark_unsupported`: static audiences
 (their members live in the store), audiences with event conditions, and those reading either.
@@ -14,8 +18,10 @@ Hand-written SQL audiences (`models/generated/custom/`) are DuckDB SQL and stay 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +39,7 @@ from audiences.conditions.compiler import (
     compile_condition,
     reads_events,
     render,
+    time_windows,
 )
 from audiences.conditions.definitions import AudienceDefinition, Problem, evaluation_order
 from audiences.dbt.models import (
@@ -40,6 +47,7 @@ from audiences.dbt.models import (
     GeneratedFile,
     _comment,
     _indent,
+    _placeholder,
     _Placeholders,
     _with_jinja,
     condition_json,
@@ -54,8 +62,14 @@ SPARK_PROJECT_FOLDER = "dbt_spark"
 EXTRACTED_MODEL = "int_users_extracted"
 FLATTENED_MODEL = "int_users_flattened"
 USERS_MODEL = "stg_users"
+PLAN_MODEL = "int_build_plan"
+REEVALUATE_MODEL = "int_users_to_reevaluate"
+# What every audience reads: the users this build evaluates (hand-written, models/intermediate/).
+EVALUATED_USERS_MODEL = "int_users_to_evaluate"
 # Generated into the Spark project (the rest of it is hand-written).
 SPARK_GENERATED_FOLDERS = (Path("models/generated"),)
+# The line a build's last statement logs (dbt_spark/macros/incremental.sql), with its run id.
+COMMITTED = re.compile(r"build committed: run ([0-9A-Za-z-]+)")
 # How long a cluster target may take to accept a connection before it counts as unreachable.
 CONNECT_TIMEOUT_SECONDS = 10
 
@@ -249,6 +263,21 @@ def generate_spark_models(
     files.append(
         GeneratedFile(Path("models/generated/audience_members.sql"), _members(audiences, header))
     )
+    files.append(
+        GeneratedFile(
+            Path(f"models/generated/{REEVALUATE_MODEL}.sql"),
+            _reevaluate(audiences, placeholders, header),
+        )
+    )
+    # The hash of every other generated model: a build after any of them changed is full.
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda f: str(f.path)):
+        digest.update(f"{file.path}\0{file.text}\0".encode())
+    files.append(
+        GeneratedFile(
+            Path(f"models/generated/{PLAN_MODEL}.sql"), _plan(digest.hexdigest()[:16], header)
+        )
+    )
     return files
 
 
@@ -258,13 +287,21 @@ def _extracted(attributes: list[Attribute], header: str) -> str:
 -- Every property an audience reads, parsed out of each user's JSON once (Spark 4 VARIANTs). A
 -- table of its own: one projection would let Spark's optimizer inline the parse into every column.
 
+-- An incremental build parses only the users loaded, changed or deleted since the last committed
+-- build (macros/incremental.sql).
+
 {{{{ config(materialized='table') }}}}
+
+{{%- set plan = build_plan() %}}
 
 select
     user_key,
     user_id,
     {_indent(escape_jinja(extraction), 4, SPARK).lstrip()} as property_values
 from {{{{ ref('{USERS_MODEL}') }}}}
+{{%- if not plan.full %}}
+where {{{{ changed_users_filter(plan) }}}}
+{{%- endif %}}
 """
 
 
@@ -276,13 +313,30 @@ def _flattened(attributes: list[Attribute], header: str) -> str:
     ]
     body = ",\n".join(["    user_key", "    user_id", *selected])
     return f"""{header}
--- One typed column per property an audience reads (`<property>__text`, `__number`, ...).
+-- One typed column per property an audience reads (`<property>__text`, `__number`, ...). Replaced
+-- in one step (materialized `atomic_table`): an incremental build writes the rows of the users
+-- it parsed and keeps everyone else's (macros/incremental.sql).
 
-{{{{ config(materialized='table') }}}}
+{{{{ config(materialized='atomic_table') }}}}
+
+{{%- set plan = build_plan() %}}
 
 select
 {body}
 from {{{{ ref('{EXTRACTED_MODEL}') }}}}
+{{%- if not plan.full %}}
+
+union all
+
+-- every other user as the last build left them (a deleted user's row goes)
+select kept.*
+from {{{{ this }}}} as kept
+left anti join (
+    select user_key from {{{{ source('raw', 'users') }}}}
+    where {{{{ changed_users_filter(plan) }}}}
+) as changed
+    on kept.user_key = changed.user_key
+{{%- endif %}}
 """
 
 
@@ -303,7 +357,7 @@ select
     user_key,
     user_id,
     cast(null as string) as tenant
-from {{{{ ref('{FLATTENED_MODEL}') }}}}
+from {{{{ ref('{EVALUATED_USERS_MODEL}') }}}}
 where
 {_indent(compiled.where, 4, SPARK)}
 """
@@ -349,10 +403,121 @@ def _members(audiences: list[AudienceDefinition], header: str) -> str:
     )
     return f"""{header}
 -- (audience_key, user_key, user_id, tenant): every Spark audience's members at this evaluation.
+-- Replaced in one step (materialized `atomic_table`): the audiences read only the users this
+-- build evaluates; an incremental build keeps everyone else's rows (macros/incremental.sql).
+
+{{{{ config(materialized='atomic_table') }}}}
+
+{{%- set plan = build_plan() %}}
+-- depends_on: {{{{ ref('{REEVALUATE_MODEL}') }}}}
+
+{union}
+{{%- if not plan.full %}}
+
+union all
+
+-- every other user's memberships as the last build left them
+select kept.audience_key, kept.user_key, kept.user_id, kept.tenant
+from {{{{ this }}}} as kept
+left anti join {{{{ ref('{REEVALUATE_MODEL}') }}}} as reevaluated
+    on kept.user_key = reevaluated.user_key
+{{%- endif %}}
+"""
+
+
+def _reevaluate(
+    audiences: list[AudienceDefinition], placeholders: _Placeholders, header: str
+) -> str:
+    """`int_users_to_reevaluate`: the users an incremental build re-evaluates (every Spark
+    audience reads only the user's own properties, other such audiences, and "now")."""
+    keys_by_window: dict = {}
+    for definition in audiences:
+        for window in time_windows(definition.segments):
+            keys_by_window.setdefault(window, []).append(definition.key)
+    taken = placeholders.now + json.dumps(
+        [list(w.attribute.path) for w in keys_by_window], ensure_ascii=False
+    )
+    previous, current = _placeholder("previous_now", taken), _placeholder("current_now", taken)
+    selects = []
+    for window, keys in sorted(
+        keys_by_window.items(), key=lambda item: (item[0].attribute.path, item[0].minutes)
+    ):
+        predicate = render(
+            window.moved_over(window.attribute.column(), exp.column(previous), exp.column(current)),
+            dialect=SPARK,
+        )
+        about = (
+            f"-- {', '.join(keys)}: recipient.{'.'.join(window.attribute.path)} against now "
+            f"{window.minutes:+d} minutes"
+        )
+        text = escape_jinja(f"{_comment(about)}\n{predicate}")
+        for name, jinja in ((previous, "{{ previous_now }}"), (current, "{{ current_now }}")):
+            text = text.replace(f"`{name}`", jinja).replace(name, jinja)
+        selects.append(
+            f"    select user_key\n    from {{{{ ref('{FLATTENED_MODEL}') }}}}\n    where\n"
+            f"{_indent(text, 8, SPARK)}"
+        )
+    windows = "".join(f"\n\n    union all\n\n{select}" for select in selects)
+    return f"""{header}
+-- The users an incremental build re-evaluates, in every audience: those loaded, changed or deleted
+-- since the last committed build; those with a timestamp that "now" moved over since then, where a
+-- time-relative condition may have changed; and those an interrupted build since then
+-- re-evaluated (raw.reevaluation_log). Empty in a full build, which evaluates everyone. The
+-- post-hook logs them before audience_members changes (macros/incremental.sql).
+
+{{{{ config(materialized='table', post_hook="{{{{ log_reevaluated_users() }}}}") }}}}
+
+{{%- set plan = build_plan() %}}
+{{%- set previous_now = timestamp_literal(plan.previous_now) %}}
+{{%- set current_now = evaluation_time() %}}
+
+{{%- if plan.full %}}
+
+select cast(null as int) as user_key where false
+
+{{%- else %}}
+
+select distinct user_key
+from (
+
+    -- users loaded, changed or deleted since the last committed build
+    select user_key
+    from {{{{ source('raw', 'users') }}}}
+    where {{{{ changed_users_filter(plan) }}}}{windows}
+
+    union all
+
+    -- users that a build interrupted since the last committed one re-evaluated
+    select user_key
+    from {{{{ source('raw', 'reevaluation_log') }}}}
+    where after_run = {{{{ run_id_literal(plan.after_run) }}}} and user_key is not null
+
+) as candidates
+
+{{%- endif %}}
+"""
+
+
+def _plan(models_hash: str, header: str) -> str:
+    """`int_build_plan`: one row, whether this build is full or incremental and from where
+    (macros/incremental.sql decides it from the last completion marker)."""
+    return f"""{header}
+-- This build's plan, one row: full (every user evaluated) or incremental (since the last committed
+-- build: its run, evaluation time and newest user change), and the newest user change it covers.
+-- `models_hash` is the hash of the other generated models: a build after they changed is full.
 
 {{{{ config(materialized='table') }}}}
 
-{union}
+{{%- set plan = plan_build('{models_hash}') %}}
+
+select
+    {{{{ 'true' if plan.full else 'false' }}}} as full_build,
+    {{{{ run_id_literal(plan.after_run) }}}} as after_run,
+    {{{{ timestamp_literal(plan.previous_now) }}}} as previous_now,
+    {{{{ timestamp_literal(plan.users_after) }}}} as users_after,
+    {{{{ timestamp_literal(plan.users_through) }}}} as users_through,
+    '{models_hash}' as models_hash,
+    {{{{ evaluation_time() }}}} as evaluated_at
 """
 
 
@@ -476,7 +641,22 @@ class SparkRun:
         output, _ = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"`dbt run` on Spark failed:\n{output[-6000:]}")
+        committed = COMMITTED.findall(output)
+        if committed and self.target == "spark":
+            self.remove_replaced_versions(committed[-1])
         return output
+
+    def remove_replaced_versions(self, run_id: str) -> list[Path]:
+        """Delete the folders of the `atomic_table` versions that no table reads any more: after
+        a committed build every such table reads its own folder, `versions/<table>/<run_id>`
+        (earlier builds', an interrupted build's). Local warehouses only: on a cluster, the
+        storage's lifecycle rules do it. Returns the folders removed."""
+        removed = []
+        for folder in sorted((Path(self.warehouse_dir) / "versions").glob("*/*")):
+            if folder.is_dir() and folder.name != run_id:
+                shutil.rmtree(folder)
+                removed.append(folder)
+        return removed
 
     def query(self, sql: str) -> list[dict]:
         """Rows of one query on the target, through dbt (`dbt show`; one Spark start)."""

@@ -112,6 +112,98 @@ def _record(
     return summary
 
 
+def record_computed_changes(
+    connection: duckdb.DuckDBPyConnection,
+    evaluated_at: datetime,
+    breaker: CircuitBreaker,
+    events: str,
+    catalog: str,
+    run_id: str,
+) -> ChangeSummary | None:
+    """Record the changes another engine's diff computed, by the same steps as `record_changes`:
+    the circuit breaker (on the sizes of the open intervals here), the outbox (each event's id
+    computed here again, and checked against the engine's), the intervals, the audiences'
+    first evaluation. `events`: a relation of the run's entered and exited rows (event_id,
+    audience_key, user_key, user_id, tenant, event_type, entry_number), as Spark's
+    membership_changes writes them; `catalog`: the audiences it evaluated (audience_key,
+    audience_version). One transaction, with `run_id` recorded in raw.recorded_runs: a run
+    already recorded is left alone (returns None).
+    """
+    ensure_membership_tables(connection)
+    connection.execute("begin transaction")
+    try:
+        if connection.execute(
+            "select count(*) from raw.recorded_runs where run_id = $run", {"run": run_id}
+        ).fetchall()[0][0]:
+            connection.execute("rollback")
+            return None
+        _refuse_earlier(connection, evaluated_at)
+        connection.execute(
+            f"""
+            create or replace temp table computed_catalog as
+            select audience_key, 'dynamic' as audience_type, audience_version, false as is_skipped
+            from {catalog}
+            """
+        )
+        connection.execute(
+            "create or replace temp table archived_audiences (audience_key varchar, audience_version varchar)"
+        )
+        connection.execute(
+            f"""
+            create or replace temp table changes as
+            select
+                computed.audience_key, computed.user_key, computed.tenant, computed.user_id,
+                computed.entry_number, open_intervals.interval_row, computed.event_type,
+                computed.event_id
+            from {events} as computed
+            left join (
+                select rowid as interval_row, audience_key, user_key, tenant
+                from raw.membership_intervals where exited_at is null
+            ) as open_intervals
+                on computed.event_type = 'exited'
+                and open_intervals.audience_key = computed.audience_key
+                and open_intervals.user_key = computed.user_key
+                and open_intervals.tenant is not distinct from computed.tenant
+            """
+        )
+        disagreeing = connection.execute(
+            """
+            select count(*) filter (where event_type = 'exited' and interval_row is null),
+                count(*) filter (where event_id <> substr(sha256(concat_ws(chr(31), audience_key,
+                    user_id, coalesce(tenant, ''), event_type, entry_number::varchar)), 1, 32))
+            from changes
+            """
+        ).fetchall()[0]
+        if any(disagreeing):
+            raise ValueError(
+                f"run {run_id}: {disagreeing[0]} exits of memberships not open here and "
+                f"{disagreeing[1]} event ids unlike ours; the history here is not the engine's"
+            )
+        connection.execute(
+            "create or replace temp table entries as select audience_key, user_key, tenant, "
+            "user_id, entry_number from changes where event_type = 'entered'"
+        )
+        catalog_table = "temp.computed_catalog"
+        summary, batches = _hold_large_changes(
+            connection,
+            evaluated_at,
+            breaker,
+            _audience_moves(connection, evaluated_at, catalog_table),
+        )
+        _write_outbox(connection, evaluated_at, catalog_table, batches)
+        _move_intervals(connection, evaluated_at, catalog_table)
+        connection.execute(
+            "insert into raw.recorded_runs values ($run, $t)", {"run": run_id, "t": evaluated_at}
+        )
+        for table in ("computed_catalog", "archived_audiences", "changes", "entries", "held"):
+            connection.execute(f"drop table {table}")
+        connection.execute("commit")
+    except BaseException:
+        connection.execute("rollback")
+        raise
+    return summary
+
+
 @dataclass(frozen=True)
 class _HeldBatch:
     batch_id: str

@@ -232,6 +232,8 @@ MEMBERSHIP_TABLES = (
     """,
     "create table if not exists raw.membership_audiences (audience_key varchar not null, first_evaluated_at timestamptz not null)",
     "create table if not exists raw.outbox_published (published_sequence bigint not null)",
+    # The runs of another engine (Spark) whose computed changes were recorded (record_computed_changes).
+    "create table if not exists raw.recorded_runs (run_id varchar not null, evaluated_at timestamptz not null)",
     # Replaced by audience_members__reevaluated, which says which rows a build may have changed.
     "drop table if exists raw.membership_signatures",
 )

@@ -7,7 +7,7 @@ select
     user_key,
     user_id,
     cast(null as string) as tenant
-from {{ ref('int_users_flattened') }}
+from {{ ref('int_users_to_evaluate') }}
 where
     -- segment 1
     (

@@ -2,7 +2,12 @@
 -- Every property an audience reads, parsed out of each user's JSON once (Spark 4 VARIANTs). A
 -- table of its own: one projection would let Spark's optimizer inline the parse into every column.
 
+-- An incremental build parses only the users loaded, changed or deleted since the last committed
+-- build (macros/incremental.sql).
+
 {{ config(materialized='table') }}
+
+{%- set plan = build_plan() %}
 
 select
     user_key,
@@ -57,3 +62,6 @@ select
       )
     ) as property_values
 from {{ ref('stg_users') }}
+{%- if not plan.full %}
+where {{ changed_users_filter(plan) }}
+{%- endif %}

@@ -1,14 +1,32 @@
 -- This evaluation's membership events: audience_members diffed against the open memberships of
 -- the committed history (raw.membership_events), with the ids DuckDB gives the same changes
 -- (audiences/membership/changes.py): the n-th entry of a user into an audience, or its end, always
--- gets the same id. The post-hook publishes them in one step (macros/membership.sql).
+-- gets the same id. An incremental build compares only the users it re-evaluated (the members
+-- and the history of everyone else agree already: macros/incremental.sql). With them, the build's
+-- completion marker (a `committed` row). The post-hook publishes them all in one step
+-- (macros/membership.sql): that step commits the build.
 
 {{ config(materialized='table', post_hook="{{ publish_membership_changes() }}") }}
+
+{%- set plan = build_plan() %}
+-- depends_on: {{ ref('int_users_to_reevaluate') }}
 
 with history as (
 
     select * from {{ source('raw', 'membership_events') }}
     where event_type in ('entered', 'exited')
+    {%- if not plan.full %}
+        and user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+    {%- endif %}
+
+),
+
+evaluated as (
+
+    select * from {{ ref('audience_members') }}
+    {%- if not plan.full %}
+    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+    {%- endif %}
 
 ),
 
@@ -52,7 +70,7 @@ changes as (
         coalesce(evaluated.tenant, open_memberships.tenant) as tenant,
         case when open_memberships.user_key is null then 'entered' else 'exited' end as event_type,
         open_memberships.entry_number as open_entry
-    from {{ ref('audience_members') }} as evaluated
+    from evaluated
     full outer join open_memberships
         on evaluated.audience_key = open_memberships.audience_key
         and evaluated.user_key = open_memberships.user_key
@@ -113,7 +131,10 @@ select
     cast(entry_number as int) as entry_number,
     {{ evaluation_time() }} as evaluated_at,
     cast(audience_version as string) as audience_version,
-    is_backfill
+    is_backfill,
+    cast(null as timestamp) as users_through,
+    cast(null as string) as models_hash,
+    cast(null as string) as after_run
 from events
 
 union all
@@ -129,5 +150,27 @@ select
     cast(null as int),
     {{ evaluation_time() }},
     cast(audience_version as string),
-    false
+    false,
+    cast(null as timestamp),
+    cast(null as string),
+    cast(null as string)
 from {{ ref('audience_catalog') }}
+
+union all
+
+-- the build's completion marker: where the next build starts (macros/incremental.sql)
+select
+    substr(sha2(concat_ws(char(31), 'committed', cast({{ evaluation_time() }} as string), '{{ invocation_id }}'), 256), 1, 32),
+    '',
+    cast(null as int),
+    cast(null as string),
+    cast(null as string),
+    'committed',
+    cast(null as int),
+    {{ evaluation_time() }},
+    cast(null as string),
+    false,
+    users_through,
+    models_hash,
+    after_run
+from {{ ref('int_build_plan') }}

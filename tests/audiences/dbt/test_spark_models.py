@@ -3,30 +3,43 @@
 Real parts only: the generated Spark project run by `dbt run` (dbt-spark's session mode: pyspark's
 bundled Spark inside the dbt process, tables and a Hive metastore in a temporary folder), the
 sample users exported from the DuckDB warehouse of the sample run, and DuckDB's own diff
-(`record_changes`). The first Spark run is killed with SIGKILL (its whole process group, JVM
-included) while it writes its events, before it publishes them; the rerun must publish
-each event exactly once, with the ids DuckDB gives the same changes. A second evaluation, a week
-later, moves the time-relative audiences: exits and entries against DuckDB's diff at that time.
+(`record_changes`). The first Spark build is full. A week later some users change, one is deleted,
+one is new, and "now" moves the time-relative audiences: that build is incremental. It is first
+killed with SIGKILL (its whole process group, JVM included) while it writes its events, after it
+replaced int_users_flattened and audience_members; the rerun is incremental again and must give
+DuckDB's members and exactly DuckDB's events (same ids), each published once. So a full build
+and an incremental one (after a crash) both equal DuckDB for the same input.
 
 Slow (several Spark starts): one test, marked `slow`; skipped where Java or pyspark is missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 from datetime import UTC, datetime
 
 import duckdb
 import pytest
+import sqlalchemy as sa
 from condition_harness import ROOT
 from spark_harness import DIALECT, matches, on_duckdb, require_spark
 
 from audiences.conditions.definitions import evaluation_order, load_definition_set
 from audiences.dbt.models import custom_audience_keys
 from audiences.dbt.spark import SPARK_PROJECT_FOLDER, SparkRun, spark_unsupported
+from audiences.delivery.loop import deliver_due
+from audiences.delivery.setup import load_workflow_setup
+from audiences.delivery.sinks import load_sinks
 from audiences.membership.changes import CircuitBreaker, record_changes
+from audiences.settings import Settings
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore
+from audiences.workflows.publish import publish_outbox, release_batch
+from audiences.workflows.spark_events import publish_spark_builds
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +76,58 @@ def _duckdb_members_at(connection, definitions, keys, moment) -> dict[str, set[s
         )
         members[key] = found & live  # deleted users are in no audience
     return members
+
+
+# Holds every audience that moves by two users or more (the default would hold none here): the
+# breaker must hold the same audiences, with the same batches, for Spark's events as for DuckDB's.
+BREAKER = CircuitBreaker(share=0.0, minimum=2)
+
+
+def _mirror_settings(tmp_path) -> Settings:
+    """The settings of the DuckDB warehouse and store that Spark's events are recorded in."""
+    (tmp_path / "sinks.yml").write_text(
+        "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"
+    )
+    return Settings.from_env(
+        {},
+        duckdb_path=str(tmp_path / "mirror.duckdb"),
+        store_url=f"sqlite:///{tmp_path / 'mirror-store.sqlite'}",
+        sinks_file=str(tmp_path / "sinks.yml"),
+        workflows_dir=str(ROOT / "data" / "workflows"),
+        definitions_dir=str(ROOT / "data" / "audiences"),
+        dbt_project_dir=str(ROOT / "dbt_project"),
+        breaker_share=BREAKER.share,
+        breaker_minimum=BREAKER.minimum,
+    )
+
+
+def _outbox(connection, keys) -> tuple[set[tuple], set[tuple]]:
+    """The outbox's events of these audiences, and their held batches."""
+    events = {
+        tuple(row)
+        for row in connection.execute(
+            "select event_id, audience_key, user_id, event_type, entry_number, is_backfill, "
+            "batch_id, occurred_at from raw.membership_outbox "
+            "where audience_key in (select unnest($keys))",
+            {"keys": keys},
+        ).fetchall()
+    }
+    batches = {
+        tuple(row)
+        for row in connection.execute(
+            "select batch_id, audience_key, evaluated_at, entered, exited, audience_size "
+            "from raw.membership_batches where audience_key in (select unnest($keys))",
+            {"keys": keys},
+        ).fetchall()
+    }
+    return events, batches
+
+
+def _deliveries(store) -> set[tuple]:
+    return {
+        (row["delivery_id"], row["event_id"], row["workflow_key"], row["user_id"], row["status"])
+        for row in store.rows(sa.select(tables.deliveries))
+    }
 
 
 def _events(rows) -> set[tuple]:
@@ -116,6 +181,42 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
             {"t": FIRST, "keys": keys},
         ).fetchall()
     }
+    # Between the two evaluations: three users change plan, one is deleted, one is new (a copy of
+    # a member of most audiences), all loaded an hour after the sample (updated_at is the time of
+    # the load, not of the evaluation).
+    (changed_at,) = connection.execute(
+        "select max(updated_at) + interval 1 hour from raw.users"
+    ).fetchone()
+    member_counts = connection.execute(
+        "select user_key, count(*) from main.audience_members where audience_key in "
+        "(select unnest($keys)) group by user_key order by 2 desc, 1 limit 5",
+        {"keys": keys},
+    ).fetchall()
+    busiest, deleted, *changed = [row[0] for row in member_counts]
+    connection.execute(
+        "update raw.users set properties = json_merge_patch(properties, "
+        'case when user_key % 2 = 0 then \'{"plan": "free"}\' else \'{"plan": "enterprise"}\' end), '
+        "updated_at = $t where user_key in (select unnest($changed))",
+        {"t": changed_at, "changed": changed},
+    )
+    connection.execute(
+        "update raw.users set deleted_at = $t, updated_at = $t where user_key = $k",
+        {"t": changed_at, "k": deleted},
+    )
+    connection.execute(
+        "insert into raw.users select (select max(user_key) + 1 from raw.users), 'spark-new-user', "
+        "properties, source_name, $t, $t, null from raw.users where user_key = $k",
+        {"t": changed_at, "k": busiest},
+    )
+    (deleted_id,) = connection.execute(
+        "select user_id from raw.users where user_key = $k", {"k": deleted}
+    ).fetchone()
+    later_users = tmp_path / "later-users.parquet"
+    connection.execute(
+        "copy (select user_key, user_id, cast(properties as varchar) as properties, updated_at, "
+        f"deleted_at from raw.users) to '{later_users}' (format parquet)"
+    )
+    user_count = connection.execute("select count(*) from raw.users").fetchall()[0][0]
     later_members = _duckdb_members_at(connection, definitions, keys, LATER)
     connection.execute(
         "create table main.later_members (audience_key varchar, user_key integer, tenant varchar)"
@@ -134,10 +235,15 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     record_changes(
         connection,
         LATER,
-        CircuitBreaker(share=1.0, minimum=10**9),
+        BREAKER,
         members_table="main.later_members",
         catalog_table="main.later_catalog",
     )
+    # DuckDB's publish step: the week's events into a store of their own, with the workflows.
+    setup = load_workflow_setup(_mirror_settings(tmp_path))
+    duckdb_store = MembershipStore(f"sqlite:///{tmp_path / 'duckdb-store.sqlite'}").create()
+    publish_outbox(connection, duckdb_store, setup.triggers, setup.default_sink, LATER)
+    duckdb_outbox = _outbox(connection, keys)
     later_events = {
         tuple(row)
         for row in connection.execute(
@@ -149,6 +255,8 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     connection.close()
     assert any(event[3] == "exited" for event in later_events), "the week moves someone out"
     assert any(event[3] == "entered" for event in later_events), "... and someone in"
+    assert any(e[2] == deleted_id and e[3] == "exited" for e in later_events)
+    assert any(e[2] == "spark-new-user" and e[3] == "entered" for e in later_events)
 
     # Spark: the generated project, in a temporary copy (dbt writes its target/ and logs/ there).
     project = tmp_path / SPARK_PROJECT_FOLDER
@@ -157,10 +265,15 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     )
     spark = SparkRun(project, tmp_path / "spark")
 
-    # 1. Killed (SIGKILL, the whole process group, JVM included) while it writes its events into
-    # their folder, before it attaches them. (A kill at the "staged" line races with the attach,
-    # which follows within milliseconds; the write takes Spark seconds.)
-    process = spark.start(FIRST, users)
+    # 1. The first build: full.
+    first_output = spark.run(FIRST, users)
+    assert "full build: every user evaluated" in first_output
+
+    # 2. A week later, with the changed users: incremental. Killed (SIGKILL, the whole process
+    # group, JVM included) while it writes its events into their folder, before it attaches them,
+    # after it replaced int_users_flattened and audience_members. (A kill at the "staged" line
+    # races with the attach, which follows within milliseconds; the write takes Spark seconds.)
+    process = spark.start(LATER, later_users)
     output, killed_run = [], None
     for line in process.stdout:
         output.append(line)
@@ -171,29 +284,37 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     output.append(process.stdout.read())
     process.stdout.close()
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "".join(output[-40:])
-    assert killed_run and not any("membership events published" in line for line in output)
+    text = "".join(output)
+    assert process.returncode == -signal.SIGKILL, text[-4000:]
+    assert killed_run and "membership events published" not in text
+    assert "incremental build: " in text and "audience_members replaced" in text
 
-    # 2. The rerun at the same time, then the evaluation a week later.
-    spark.run(FIRST, users)
-    spark.run(LATER)
+    # 3. The rerun at the same time: incremental again (the killed build's users included), and
+    # only the users that changed or that "now" moved over are re-evaluated.
+    later_output = spark.run(LATER, later_users)
+    (reevaluated,) = re.findall(r"incremental build: (\d+) users re-evaluated", later_output)
+    assert 5 <= int(reevaluated) < user_count / 2, (reevaluated, user_count)
 
     rows = spark.query(
         "select 'event' as kind, event_id, audience_key, user_id, event_type, entry_number, "
         "is_backfill, cast(evaluated_at as string) as evaluated_at, run_id "
-        "from raw.membership_events where event_type <> 'evaluated' "
+        "from raw.membership_events where event_type in ('entered', 'exited') "
         "union all "
         "select 'member', null, audience_key, user_id, null, null, null, null, null "
         "from audiences.audience_members"
     )
     events = [r for r in rows if r["kind"] == "event"]
-    # Exactly once: no event id twice in the whole history, the first evaluation in one partition.
+    # Exactly once: no event id twice in the whole history, each evaluation in one partition.
     assert len(events) == len({r["event_id"] for r in events})
     spark_first = [r for r in events if r["evaluated_at"].startswith("2026-11-01")]
     spark_later = [r for r in events if r["evaluated_at"].startswith("2026-11-09")]
     assert len({r["run_id"] for r in spark_first}) == 1
+    assert len({r["run_id"] for r in spark_later}) == 1
     assert killed_run not in {r["run_id"] for r in events}, "the killed run published nothing"
     assert len(spark_first) + len(spark_later) == len(events)
+    # Only the committed build's table versions are left on disk.
+    versions = sorted(p.name for p in (tmp_path / "spark" / "versions").glob("*/*"))
+    assert versions == [spark_later[0]["run_id"]] * 2, versions
 
     # The first evaluation: every member entered (backfill), as on DuckDB, per audience.
     assert _events(spark_first) == first_events
@@ -208,3 +329,50 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     for key in keys:
         assert spark_members[key] == later_members[key], key
     assert _events(spark_later) == later_events
+
+    # 4. Spark's committed builds (not the killed one) through DuckDB's path: recorded in a DuckDB
+    # warehouse's outbox by the same steps as DuckDB's diff (the circuit breaker holds the same
+    # audiences, with the same batches), published to the store with the workflow triggers, and
+    # delivered to the file sink.
+    settings = _mirror_settings(tmp_path)
+    mirror = duckdb.connect(str(settings.duckdb_path))
+    mirror.execute("set TimeZone = 'UTC'")
+    mirror.execute("attach $path as source (read_only)", {"path": str(warehouse)})
+    mirror.execute("create schema raw")
+    mirror.execute("create table raw.users as select * from source.raw.users")  # for conditions
+    mirror.execute("detach source")
+    mirror_store = MembershipStore(settings.store_url).create()
+    summaries, report = publish_spark_builds(
+        mirror,
+        mirror_store,
+        load_workflow_setup(settings),
+        tmp_path / "spark",
+        spark_later[0]["run_id"],
+        BREAKER,
+        LATER,
+    )
+    assert [s.evaluated_at for s in summaries] == [FIRST, LATER]
+    mirror_outbox = _outbox(mirror, keys)
+    assert mirror_outbox[0] == duckdb_outbox[0], "the same events, ids and held batch ids"
+    assert mirror_outbox[1] == duckdb_outbox[1] and duckdb_outbox[1], "the same held batches"
+    # Recorded once: publishing the same builds again records and queues nothing more.
+    again, _ = publish_spark_builds(
+        mirror, mirror_store, setup, tmp_path / "spark", spark_later[0]["run_id"], BREAKER, LATER
+    )
+    assert again == []
+    mirror.close()
+    deliveries = _deliveries(mirror_store)
+    assert deliveries == _deliveries(duckdb_store), "the same workflow deliveries, held or not"
+    assert report.deliveries == len(deliveries) > 0
+    assert "held" in {d[4] for d in deliveries}, (
+        "the breaker holds the deliveries it holds on DuckDB"
+    )
+    # Held deliveries wait for a person; once released, every one reaches the file sink.
+    for batch_id in {row[6] for row in mirror_outbox[0] if row[6]}:
+        release_batch(mirror_store, batch_id)
+    sinks, _ = load_sinks(settings.sinks_file)
+    deliver_due(mirror_store, sinks)
+    lines = (tmp_path / "out" / "triggers.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["delivery_id"] for line in lines) == sorted(
+        d[0] for d in deliveries
+    )

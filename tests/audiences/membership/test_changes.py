@@ -317,3 +317,76 @@ def test_an_archived_audience_that_empties_a_large_audience_is_held(warehouse):
     )
     assert [change.held_batch is not None for change in summary.audiences] == [True]
     assert {row[6] for row in outbox(warehouse)[10:]} == {True}
+
+
+def test_changes_computed_elsewhere_are_recorded_as_duckdb_records_its_own(warehouse):
+    """Spark's diff computes the events; `record_computed_changes` records them by DuckDB's own
+    steps: the same outbox rows (ids, backfill, held batches), batches and intervals."""
+    from condition_harness import connect_memory, insert_users
+
+    from audiences.membership.changes import record_computed_changes
+
+    breaker = CircuitBreaker(share=0.2, minimum=3)
+    evaluations = [
+        (T0, {"pro": list(range(1, 11)), "free": [1]}),
+        (T0 + timedelta(hours=1), {"pro": [1, 2], "free": [1, 3]}),  # pro: 8 of 10 leave, held
+        (T0 + timedelta(hours=2), {"pro": [1, 2, 4], "free": [3], "new": [5]}),
+    ]
+    elsewhere = connect_memory()
+    insert_users(elsewhere, [{"id": f"u{i}"} for i in range(1, 11)])
+    for number, (moment, members) in enumerate(evaluations):
+        evaluate(warehouse, moment, members, breaker=breaker)
+        computed = warehouse.execute(
+            "select event_id, audience_key, user_key, user_id, tenant, event_type, entry_number "
+            "from raw.membership_outbox join raw.users using (user_id) where occurred_at = $t",
+            {"t": moment},
+        ).fetchall()
+        elsewhere.execute(
+            "create or replace table computed_events (event_id varchar, audience_key varchar, "
+            "user_key integer, user_id varchar, tenant varchar, event_type varchar, "
+            "entry_number integer)"
+        )
+        elsewhere.executemany("insert into computed_events values (?, ?, ?, ?, ?, ?, ?)", computed)
+        elsewhere.execute(
+            "create or replace table computed_catalog as select unnest($keys) as audience_key, "
+            "'v1' as audience_version",
+            {"keys": sorted(members)},
+        )
+        summary = record_computed_changes(
+            elsewhere, moment, breaker, "computed_events", "computed_catalog", f"run-{number}"
+        )
+        assert summary is not None
+        assert (
+            record_computed_changes(
+                elsewhere, moment, breaker, "computed_events", "computed_catalog", f"run-{number}"
+            )
+            is None
+        ), "a run is recorded once"
+    for table, columns in (
+        ("raw.membership_outbox", "* exclude (sequence)"),
+        ("raw.membership_batches", "* exclude (last_sequence)"),
+        ("raw.membership_intervals", "*"),
+        ("raw.membership_audiences", "*"),
+    ):
+        query = f"select {columns} from {table} order by all"
+        assert elsewhere.execute(query).fetchall() == warehouse.execute(query).fetchall(), table
+    assert any(
+        row[-1]
+        for row in warehouse.execute("select batch_id from raw.membership_outbox").fetchall()
+    )
+
+    # An exit of a membership not open here: the histories differ, nothing is recorded.
+    elsewhere.execute("delete from computed_events")
+    elsewhere.execute(
+        "insert into computed_events values ('x', 'free', 9, 'u9', null, 'exited', 1)"
+    )
+    with pytest.raises(ValueError, match="not open here"):
+        record_computed_changes(
+            elsewhere,
+            T0 + timedelta(hours=3),
+            breaker,
+            "computed_events",
+            "computed_catalog",
+            "bad",
+        )
+    assert elsewhere.execute("select count(*) from raw.recorded_runs").fetchall()[0][0] == 3
