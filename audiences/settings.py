@@ -488,3 +488,19 @@ def format_time(moment: datetime) -> str:
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@contextlib.contextmanager
+def environment_set(values: dict[str, str]):
+    """These variables in this process's environment for the duration of the block only (the
+    settings for Dagster and dbt during a run); what was there before is put back after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -6,12 +6,11 @@ import contextlib
 import dataclasses
 import io
 import logging
-import os
 import sys
 from pathlib import Path
 
 from audiences.cli.common import open_store
-from audiences.settings import Settings, format_time
+from audiences.settings import Settings, environment_set, format_time
 
 
 def run(settings: Settings, arguments) -> int:
@@ -59,7 +58,7 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
     if settings.duckdb_path.exists():  # refused before anything is loaded or written
         with connect(settings.duckdb_path, read_only=True) as connection:
             earlier = check_evaluation_time(connection, evaluated_at, arguments.allow_earlier)
-    with _environment(settings.environment_variables()):
+    with environment_set(settings.environment_variables()):
         outcome = _execute_main_job(
             evaluated_at,
             settings.dagster_home,
@@ -158,21 +157,6 @@ def _skipped_audiences(result) -> tuple[list[str], list[str]]:
                 list(evaluation.metadata["problems"].value),
             )
     return [], []
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """These settings as environment variables for Dagster and dbt, for the duration of a run only."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @dataclasses.dataclass

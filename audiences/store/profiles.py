@@ -527,20 +527,7 @@ def load_identify_queue(
     # Patches apply in the order received; a deletion (the patch `null`, from the API's delete user)
     # applies between the patches before and after it.
     apply_patch_queue(connection, store, patches, rows, load, "users", "user_id", loaded_at, totals)
-    return LoadResult(
-        source_name=IDENTIFY_SOURCE,
-        **{
-            key: totals.get(key, 0)
-            for key in (
-                "rows_read",
-                "rows_quarantined",
-                "users_inserted",
-                "users_updated",
-                "users_unchanged",
-                "users_deleted",
-            )
-        },
-    )
+    return LoadResult.from_totals(IDENTIFY_SOURCE, totals)
 
 
 def apply_patch_queue(

@@ -188,17 +188,4 @@ def load_tenant_queue(
     apply_patch_queue(
         connection, store, patches, rows, load, "tenants", "tenant_id", loaded_at, totals
     )
-    return LoadResult(
-        source_name=TENANT_QUEUE_SOURCE,
-        **{
-            key: totals.get(key, 0)
-            for key in (
-                "rows_read",
-                "rows_quarantined",
-                "users_inserted",
-                "users_updated",
-                "users_unchanged",
-                "users_deleted",
-            )
-        },
-    )
+    return LoadResult.from_totals(TENANT_QUEUE_SOURCE, totals)

@@ -73,6 +73,24 @@ class LoadResult:
     def as_metadata(self) -> dict[str, int]:
         return {key: value for key, value in self.__dict__.items() if key != "source_name"}
 
+    @classmethod
+    def from_totals(cls, source_name: str, totals: dict[str, int]) -> LoadResult:
+        """The sum of several loads' counts (`as_metadata`, added up), under one source's name."""
+        return cls(
+            source_name=source_name,
+            **{
+                key: totals.get(key, 0)
+                for key in (
+                    "rows_read",
+                    "rows_quarantined",
+                    "users_inserted",
+                    "users_updated",
+                    "users_unchanged",
+                    "users_deleted",
+                )
+            },
+        )
+
 
 def load_users(
     connection: duckdb.DuckDBPyConnection,

@@ -1,7 +1,6 @@
 """Resources: the DuckDB warehouse and the dbt CLI, both located by `audiences.settings`, and how
 each environment's objects are named in the one code location."""
 
-import os
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from packaging.version import Version
 from pydantic import Field
 
 from audiences.dbt.project import dbt_executable
-from audiences.settings import Settings
+from audiences.settings import Settings, environment_set
 from audiences.warehouse.lock import hold_writer_lock
 from audiences.warehouse.queries import connect
 
@@ -44,16 +43,8 @@ class DbtResource(DbtCliResource):
 
     def cli(self, *args, **kwargs):
         """dagster-dbt's `cli`, with `variables` in the environment dbt starts in."""
-        saved = {name: os.environ.get(name) for name in self.variables}
-        os.environ.update(self.variables)
-        try:
+        with environment_set(self.variables):
             return super().cli(*args, **kwargs)  # dbt has started when it returns
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 def run_trigger(tags: dict[str, str]) -> str:
