@@ -73,6 +73,7 @@ from audiences.dbt.tenants import (
     pair_windows_sql,
     pairs_sql,
     per_tenant_body,
+    times_spec,
 )
 
 GENERATED_HEADER = (
@@ -1064,9 +1065,10 @@ def _members_users_macro(
     }
     taken = json.dumps([[list(w.attribute.path) for w in pair_windows]], ensure_ascii=False)
     previous, current = _placeholder("previous_now", taken), _placeholder("current_now", taken)
-    tenants_in_time, memberships_in_time = pair_windows_sql(
+    times_setup, tenants_in_time, memberships_in_time = pair_windows_sql(
         sorted(pair_windows, key=window_order), previous, current, escape_jinja
     )
+    times = {scope: spec for scope, spec in times_spec(pair_windows).items() if spec is not None}
     return render_template(
         "audience_members_users.sql",
         header=_jinja_comment(GENERATED_HEADER.format(source=label)[3:]),
@@ -1097,6 +1099,8 @@ def _members_users_macro(
             ),
             4,
         ),
+        times=times,
+        times_setup=_indent(times_setup, 4),
         tenants_in_time=_indent(tenants_in_time, 12),
         memberships_in_time=_indent(memberships_in_time, 8),
     )

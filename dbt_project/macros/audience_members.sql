@@ -26,6 +26,10 @@
     `memberships_watermark`), or whose tenant's or membership's timestamp "now" moved over, in
     the temporary table pairs_to_reevaluate (`audience_members_pairs`, macros/generated/). Their
     rows are deleted first, and the log names `(audience, user)` for each user of those pairs.
+    The timestamps "now" is compared with are read from typed tables kept beside this one
+    (audience_members__tenant_times_<hash>, ..._membership_times_<hash>), rewritten per change.
+    A per-tenant audience over other audiences is re-evaluated so too when it reads only per-user
+    and such per-tenant audiences (inlined over the same pairs); else it is evaluated whole.
 
     Skipped audiences (meta `skipped`: their definitions have errors this time) are neither
     evaluated nor deleted: their rows stay as the last good evaluation left them. The state lists

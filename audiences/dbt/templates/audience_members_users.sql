@@ -52,6 +52,22 @@
 
 {% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}
 
+    {#- the tables of the tenants' and memberships' timestamps the windows compare with "now"
+        (audiences/dbt/tenants.py `pair_windows_sql`), brought up to date; those of other
+        columns (definitions changed since) dropped -#}
+    {%- set keep = [] -%}
+[% for scope, spec in times.items() %]
+    {%- set [[ scope ]]_times = this.incorporate(path={'identifier': this.identifier ~ '__[[ scope ]]_times_[[ spec ]]'}) -%}
+    {%- do keep.append([[ scope ]]_times.identifier) -%}
+[% endfor %]
+    {%- set found = run_query("select table_name from information_schema.tables where table_schema = '"
+        ~ this.schema ~ "' and regexp_full_match(table_name, '" ~ this.identifier
+        ~ "__(tenant|membership)_times_[0-9a-f]+')") -%}
+    {%- for row in found.rows if row[0] not in keep %}
+    drop table if exists {{ this.incorporate(path={'identifier': row[0]}) }};
+    {%- endfor %}
+[[ times_setup ]]
+
     {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,
         tenant or user changed since the last build (deleted ones too, whose rows go), or whose
         tenant's or membership's timestamp lies where "now" moved over; the times are literals -#}
