@@ -89,7 +89,8 @@ def pair_windows_sql(
     was written). So a build reads a few typed
     columns, one select per window (a comparison of one column reaches the scan), not every
     tenant's JSON. The table's name carries a hash of its columns: a definition that starts or
-    stops comparing a timestamp gets a new table, filled whole; the pairs macro drops the old."""
+    stops comparing a timestamp gets a new table, filled whole; the pairs macro drops the old
+    (`audience_members_drop_times`)."""
     previous_sql, current_sql = exp.column(previous), exp.column(current)
     chosen = {
         scope: sorted(
@@ -132,8 +133,7 @@ def pair_windows_sql(
             f"    select {key} from {{{{ source('warehouse', '{table}') }}}}\n"
             f"    where updated_at > (select after from {variable}_after)\n);\n"
             f"insert into {{{{ {variable} }}}}\n{extract}\n"
-            f"where updated_at > (select after from {variable}_after);\n"
-            f"drop table {variable}_after;"
+            f"where updated_at > (select after from {variable}_after);"
         )
         parts = []
         for window in sorted(

@@ -143,7 +143,21 @@
     drop table if exists temp.users_to_reevaluate;
     drop table if exists temp.users_to_reevaluate_in_time;
     drop table if exists temp.events_to_reevaluate;
-    drop table if exists temp.pair_rows_to_reevaluate
+    drop table if exists temp.pair_rows_to_reevaluate;
+    drop table if exists temp.tenant_times_after;
+    drop table if exists temp.membership_times_after
+{%- endmacro %}
+
+
+{% macro audience_members_drop_times(keep) -%}
+    {#- The tables of the tenants' and memberships' timestamps (audiences/dbt/tenants.py) other than
+        those in `keep`: kept for columns the definitions no longer compare with "now". -#}
+    {%- set found = run_query("select table_name from information_schema.tables where table_schema = '"
+        ~ this.schema ~ "' and regexp_full_match(table_name, '" ~ this.identifier
+        ~ "__(tenant|membership)_times_[0-9a-f]+')") -%}
+    {%- for row in found.rows if row[0] not in keep %}
+    drop table if exists {{ this.incorporate(path={'identifier': row[0]}) }};
+    {%- endfor %}
 {%- endmacro %}
 
 

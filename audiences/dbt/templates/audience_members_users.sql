@@ -60,12 +60,7 @@
     {%- set [[ scope ]]_times = this.incorporate(path={'identifier': this.identifier ~ '__[[ scope ]]_times_[[ spec ]]'}) -%}
     {%- do keep.append([[ scope ]]_times.identifier) -%}
 [% endfor %]
-    {%- set found = run_query("select table_name from information_schema.tables where table_schema = '"
-        ~ this.schema ~ "' and regexp_full_match(table_name, '" ~ this.identifier
-        ~ "__(tenant|membership)_times_[0-9a-f]+')") -%}
-    {%- for row in found.rows if row[0] not in keep %}
-    drop table if exists {{ this.incorporate(path={'identifier': row[0]}) }};
-    {%- endfor %}
+    {{ audience_members_drop_times(keep) }}
 [[ times_setup ]]
 
     {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,

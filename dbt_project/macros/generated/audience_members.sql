@@ -91,12 +91,7 @@
     {%- set keep = [] -%}
     {%- set tenant_times = this.incorporate(path={'identifier': this.identifier ~ '__tenant_times_d5ca948c5f'}) -%}
     {%- do keep.append(tenant_times.identifier) -%}
-    {%- set found = run_query("select table_name from information_schema.tables where table_schema = '"
-        ~ this.schema ~ "' and regexp_full_match(table_name, '" ~ this.identifier
-        ~ "__(tenant|membership)_times_[0-9a-f]+')") -%}
-    {%- for row in found.rows if row[0] not in keep %}
-    drop table if exists {{ this.incorporate(path={'identifier': row[0]}) }};
-    {%- endfor %}
+    {{ audience_members_drop_times(keep) }}
     -- the tenants' timestamps that per-tenant audiences compare with "now"
     create table if not exists {{ tenant_times }} as
     select
@@ -132,7 +127,6 @@
         from {{ source('warehouse', 'tenants') }}
     ) as rows
     where updated_at > (select after from tenant_times_after);
-    drop table tenant_times_after;
 
     {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,
         tenant or user changed since the last build (deleted ones too, whose rows go), or whose
