@@ -4,6 +4,7 @@ timestamp "now" moved over, and gives the members and events a full evaluation g
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from datetime import timedelta
@@ -182,15 +183,16 @@ class Workspace:
                 path.write_text("".join(json.dumps(row) + "\n" for row in rows))
                 load_source(connection, UserSource(kind, "jsonl", path, kind=kind), loaded_at)
 
-    def build(self, now) -> dict:
+    def build(self, now, everything: bool = False) -> dict:
         """One incremental dbt build at `now` and the membership diff after it: what the build
         re-evaluated (its log, read before the diff empties it) and the events the diff queued."""
         self.now = now
         with duckdb.connect(str(self.warehouse)) as connection:
             set_evaluation_clock(connection, now)
-        # the first build evaluates everything; then what a run rebuilds while the definitions
-        # are unchanged
-        run_dbt(["run"] if now == NOW else ["run", "--select", *REEVALUATED_MODELS], self.settings)
+        # the first build (and one after a definition changed) runs every model; then what a run
+        # rebuilds while the definitions are unchanged
+        whole = now == NOW or everything
+        run_dbt(["run"] if whole else ["run", "--select", *REEVALUATED_MODELS], self.settings)
         with duckdb.connect(str(self.warehouse)) as connection:
             log = connection.execute(
                 "select audience_key, users.user_id from main.audience_members__reevaluated "
@@ -386,3 +388,38 @@ def test_per_tenant_audiences_reevaluate_only_the_changed_pairs(tmp_path):
     assert reevaluated_pairs(step["log"]) == {key: expected for key in PER_TENANT}
     # ... and "now" moving rewrites none: the moved windows read the typed column
     assert tenant_times(space.warehouse) == times
+
+    # 4. a definition compares another timestamp with "now": its table of the tenants' timestamps
+    # is replaced by one with the new column, filled whole, and the old one dropped; the changed
+    # audience (and the one that inlines it) is evaluated whole, the others still by pairs
+    document = copy.deepcopy(DEFINITIONS["trial-ending"])
+    document["segments"][0]["conditions"].append(
+        {"property": "tenant.renewed_at", "operator": "is_timestamp_before_now"}
+    )
+    path = space.folder / "audiences" / "trial-ending" / "audience.json"
+    path.write_text(json.dumps(document))
+    tenants["t5"]["renewed_at"] = day(1)
+    space.load(users, tenants, memberships)
+    generate(space.settings)
+    prepare(space.settings)
+    step = space.build(NOW + timedelta(days=3, minutes=40), everything=True)
+    with duckdb.connect(str(space.warehouse)) as connection:
+        tables = {
+            name
+            for (name,) in connection.execute(
+                "select table_name from information_schema.tables "
+                "where table_name like 'audience_members__%_times_%'"
+            ).fetchall()
+        }
+        (table,) = tables & {t for t in tables if "tenant_times" in t}
+        assert connection.execute(
+            f'select tenant, "tenant:renewed_at__timestamp" from main.{table} '
+            '\nwhere "tenant:renewed_at__timestamp" is not null'
+        ).fetchall() == [("t5", NOW + timedelta(days=1))]
+    assert len(tables) == 2  # one of the tenants' timestamps, one of the memberships'
+    assert reevaluated_pairs(step["log"]) == {
+        "trial-ending": None,
+        "trial-admins": None,
+        "pro-admins": users_of(memberships, "t5"),
+        "newcomers": users_of(memberships, "t5"),
+    }
