@@ -12,7 +12,8 @@ two tenants) with a `role`, and 10 per-tenant audiences over `recipient.*`, `ten
    `audiences.users.load_source` (the `users` asset's loader: validation, upsert, quarantine).
 2. **First build**: the models `audiences generate` writes for the 10 audiences, in a copy of the
    engine's dbt project, built by dbt (`dbt run`), and the membership diff (`record_changes`).
-3. **A change to 1% of tenants** (their plan and trial end), loaded as a stream source; then the
+3. **A first re-evaluation with nothing changed** (it fills the typed tables of the tenants'
+   timestamps, once), then **a change to 1% of tenants** (their plan and trial end), loaded as a stream source; then the
    pipeline's re-evaluation (`dbt run` of the models a run rebuilds while the definitions are
    unchanged, `REEVALUATED_MODELS`): `audience_members` re-evaluates only the pairs of the
    changed tenants; and the diff.
@@ -235,6 +236,17 @@ def main() -> None:
         results["first_diff_s"] = round(seconds, 2)
         results["members_before"] = len(members(connection))
 
+    # The first re-evaluation (nothing changed, "now" 5 minutes later): it fills the typed tables
+    # of the tenants' timestamps once (audiences/dbt/tenants.py), as every run after a full build's
+    # first does; the measured re-evaluation below is then a steady run's.
+    with duckdb.connect(str(warehouse)) as connection:
+        set_evaluation_clock(connection, NOW + timedelta(minutes=5))
+    results["settle_build_s"], results["settle_members_s"] = dbt(
+        ["run", "--select", *REEVALUATED_MODELS], settings
+    )
+    with duckdb.connect(str(warehouse)) as connection:
+        record_changes(connection, NOW + timedelta(minutes=5))
+
     # A change to 1% of tenants: their plan and trial end, loaded as a stream source.
     changed = max(1, int(tenants * arguments.changed_share))
     change = folder / "tenant_changes.parquet"
@@ -308,6 +320,8 @@ def write_results(results: dict) -> None:
         f"| first build, `dbt run` ({results['members_before']:,} member pairs) | "
         f"{results['first_build_s']} | {results['first_build_members_s']} |",
         f"| first membership diff | {results['first_diff_s']} | |",
+        f"| first re-evaluation, nothing changed (fills the typed tables of tenants' timestamps "
+        f"once) | {results['settle_build_s']} | {results['settle_members_s']} |",
         f"| load a change to {results['changed_tenants']:,} tenants (1%, stream; "
         f"{results['pairs_of_changed_tenants']:,} pairs) | {results['load_tenant_change_s']} | |",
         f"| incremental build (`dbt run --select` the re-evaluated models): "

@@ -523,6 +523,32 @@ def without_tenant(column: str | exp.Expression = "tenant") -> exp.Expression:
 
 
 @dataclass(frozen=True)
+class AudienceTenancy:
+    """What `is_audience_member` needs to know of the audience it names: its type (`dynamic`,
+    `static`, or None for a hand-written SQL audience) and whether it is evaluated per tenant."""
+
+    type: str | None
+    per_tenant: bool = False
+
+
+def reads_pair_membership(tenancy: AudienceTenancy) -> bool:
+    """The rule of `is_audience_member` in a per-tenant audience (our rule, reference §10 and
+    docs/conditions.md): evaluating the pair (user, tenant T), the condition names an audience X.
+
+    - X carries tenants (a per-tenant audience, a static audience, a hand-written SQL audience):
+      the pair (user, T) must be a member of X, tenant-strict as `audiences check --tenant T`
+      answers; a membership of X with no tenant, or with another tenant, does not count.
+    - X is a dynamic audience without tenancy: its conditions read the user alone, and its
+      members never carry a tenant, so the user's membership (user, no tenant) is read: a
+      condition on the user holds in every tenant the user belongs to.
+
+    Outside a pair (an audience without tenancy) it is always the user's membership with no
+    tenant, tenant-strict as `audiences check` without a tenant: a per-tenant audience has none.
+    """
+    return not (tenancy.type == "dynamic" and not tenancy.per_tenant)
+
+
+@dataclass(frozen=True)
 class CompileContext:
     """Where a compiled condition reads from.
 
@@ -549,6 +575,14 @@ class CompileContext:
     # `times`), from which an event condition that has a state (`event_state`) reads its verdict
     # instead of counting events; None: count the events.
     event_state: exp.Expression | None = None
+    # For an audience evaluated per (user, tenant) pair: the SQL of the pair's tenant, a query of
+    # (`user_key`, `tenant`) of an audience's members with their tenants (a blank one as none,
+    # `normalized_tenant`), and each audience's tenancy (`AudienceTenancy`). With them,
+    # `is_audience_member` reads the pair's membership (`reads_pair_membership`); without them,
+    # the user's membership with no tenant.
+    pair_tenant: exp.Expression | None = None
+    audience_pairs: AudienceReader | None = None
+    audience_tenancy: Callable[[str], AudienceTenancy] | None = None
 
 
 def pair_attribute(attribute: Attribute) -> exp.Expression:
@@ -979,7 +1013,17 @@ def audience_argument(condition: Condition) -> str:
 def _compile_audience_member(
     condition: Condition, read: _Reader, context: CompileContext
 ) -> exp.Expression:
-    members = context.audience_members(audience_argument(condition))
+    key = audience_argument(condition)
+    if (
+        context.pair_tenant is not None
+        and context.audience_pairs is not None
+        and context.audience_tenancy is not None
+        and reads_pair_membership(context.audience_tenancy(key))
+    ):
+        # The pair (user, tenant) among the members with their tenants (`reads_pair_membership`).
+        pair = exp.Tuple(expressions=[context.user_key.copy(), context.pair_tenant.copy()])
+        return exp.In(this=pair, query=exp.paren(context.audience_pairs(key)))
+    members = context.audience_members(key)
     return exp.In(this=context.user_key, query=exp.paren(members))
 
 

@@ -673,13 +673,31 @@ def evaluate_pairs(
     memberships: list[dict],
     *,
     now: datetime,
+    is_member: Callable[[str, str, str | None], bool] | None = None,
+    audiences: dict[str, dict] | None = None,
 ) -> set[tuple[str, str]]:
     """The (user id, tenant id) members of a per-tenant audience: each membership (`user_id`,
     `tenant_id`, and its properties) whose user and tenant both exist is one pair, evaluated with
     `tenant.*` reading the tenant and `membership.*` the membership's properties. A membership
-    naming a missing user or tenant is no pair."""
+    naming a missing user or tenant is no pair.
+
+    `is_audience_member X` in the pair (user, T): `is_member(X, user id, tenant or None)` tells
+    whether X holds that exact membership row, and `audiences` (definitions by key; a key absent
+    is a hand-written SQL audience) X's kind. A dynamic X without `"tenancy": "per_tenant"` has
+    members with no tenant, read as (user, None): a condition on the user holds in each of the
+    user's tenants. Any other X (per-tenant, static, SQL) is read tenant-strict: (user, T)."""
     by_user = {user["id"]: user for user in users}
     by_tenant = {tenant["id"]: tenant for tenant in tenants}
+    known = audiences or {}
+
+    def tenantless(key: str) -> bool:
+        found = known.get(key)
+        return (
+            found is not None
+            and found.get("type") == "dynamic"
+            and found.get("tenancy") != "per_tenant"
+        )
+
     members = set()
     for membership in memberships:
         user = by_user.get(membership["user_id"])
@@ -691,7 +709,20 @@ def evaluate_pairs(
             for name, value in membership.items()
             if name not in ("user_id", "tenant_id")
         }
-        if evaluate_audience(audience, user, now=now, tenant=tenant, membership=properties):
+        pair_member = None
+        if is_member is not None:
+
+            def pair_member(key: str, user_id: str, tenant_id: str = tenant["id"]) -> bool:
+                return is_member(key, user_id, None if tenantless(key) else tenant_id)
+
+        if evaluate_audience(
+            audience,
+            user,
+            now=now,
+            is_member=pair_member,
+            tenant=tenant,
+            membership=properties,
+        ):
             members.add((user["id"], tenant["id"]))
     return members
 

@@ -31,6 +31,7 @@ from audiences.conditions.compiler import (
     SPARK,
     VARIANTS,
     Attribute,
+    AudienceTenancy,
     CompileContext,
     TimeWindow,
     attribute_expression,
@@ -72,6 +73,7 @@ from audiences.dbt.tenants import (
     pair_windows_sql,
     pairs_sql,
     per_tenant_body,
+    times_spec,
 )
 
 GENERATED_HEADER = (
@@ -436,13 +438,16 @@ def _compile_audience(
     windows: set[TimeWindow] | None = None,
     events: str = EVENTS_SOURCE,
     event_state: str | None = None,
+    known: dict[str, AudienceDefinition] | None = None,
 ) -> _CompiledAudience:
     """An audience's WHERE clause over the columns of int_users_flattened, ready for a model file.
 
     Another audience's members are read from its model; or, given `definitions` (for
     audience_members' per-user re-evaluation), computed from its conditions over the same users
-    (the table `users`). `placeholders` are computed once for a whole generation. The attributes
-    it reads and its comparisons with "now" are added to `attributes` and `windows`, if given.
+    (the table `users`; a per-tenant audience's over the same pairs). `placeholders` are computed
+    once for a whole generation. The attributes it reads and its comparisons with "now" are added
+    to `attributes` and `windows`, if given. `known` (or `definitions`) tells the tenancy of the
+    audiences it reads (any other is a hand-written SQL audience).
     """
     if placeholders is None:
         placeholders = _Placeholders.for_definitions([definition, *(definitions or {}).values()])
@@ -465,6 +470,26 @@ def _compile_audience(
             .where(compile_segments(definitions[key].segments, context))
         )
 
+    def pairs_of(key: str) -> exp.Expression:
+        # A per-tenant audience's (user, tenant) members; over the same pairs when inlined.
+        references.add(key)
+        if definitions is not None and key in definitions and definitions[key].per_tenant:
+            return (
+                exp.select("user_key", "tenant")
+                .from_(users)
+                .where(compile_segments(definitions[key].segments, context))
+            )
+        return exp.select(
+            "user_key", exp.alias_(normalized_tenant(), "tenant", quoted=False)
+        ).from_(exp.to_table(refs.setdefault(key, f"{ref_prefix}_{len(refs)}")))
+
+    tenancies = known if known is not None else (definitions or {})
+
+    def tenancy_of(key: str) -> AudienceTenancy:
+        if key not in tenancies:
+            return AudienceTenancy(None)  # a hand-written SQL audience
+        return AudienceTenancy(tenancies[key].type, tenancies[key].per_tenant)
+
     def attribute_column(attribute: Attribute) -> exp.Expression:
         if attributes is not None:
             attributes.add(attribute)
@@ -482,6 +507,10 @@ def _compile_audience(
         event_state=exp.to_table(event_state) if event_state is not None else None,
         # A per-tenant audience's model reads its pairs (audiences/dbt/tenants.py).
         pair_attribute=pair_attribute if definition.per_tenant else None,
+        # ... and reads other audiences' members by pair where they carry tenants.
+        pair_tenant=exp.column("tenant") if definition.per_tenant else None,
+        audience_pairs=pairs_of if definition.per_tenant else None,
+        audience_tenancy=tenancy_of if definition.per_tenant else None,
     )
     segments_sql = []
     for index, segment in enumerate(definition.segments, start=1):
@@ -523,7 +552,11 @@ def _analyse(
         attributes: set[Attribute] = set()
         windows: set[TimeWindow] = set()
         compiled = _compile_audience(
-            definition, placeholders=placeholders, attributes=attributes, windows=windows
+            definition,
+            placeholders=placeholders,
+            attributes=attributes,
+            windows=windows,
+            known=definitions,
         )
         analysed[key] = _Analysis(
             compiled.where,
@@ -564,18 +597,26 @@ def per_pair_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """Per-tenant audiences that `audience_members` re-evaluates by (user, tenant) pairs: their
     members change only when a pair's user, tenant or membership changes, or when "now" moves
     over one of their timestamps; so those that count no events (nor does an audience they read)
-    and read no audience but per-user ones. The others are evaluated whole."""
+    and read no audience but per-user ones and other such per-tenant ones (inlined over the same
+    pairs: `is_audience_member` reads the pair's membership of a per-tenant audience, the user's
+    of a per-user one, `compiler.reads_pair_membership`). The others are evaluated whole: an
+    audience over a static or hand-written SQL audience, whose members change without any
+    user, tenant or membership changing (no watermark of ours lists them), and one over event
+    audiences, whose pairs would also move with every new event of their users."""
     per_user = per_user_audiences(definitions)
-    return {
-        key
-        for key, definition in definitions.items()
-        if definition.type == "dynamic"
-        and definition.per_tenant
-        and definition.references() <= per_user
-        and not any(
-            reads_events(definitions[other].segments) for other in _closure(key, definitions)
-        )
-    }
+    by_pairs: set[str] = set()
+    for key in evaluation_order(definitions):
+        definition = definitions[key]
+        if (
+            definition.type == "dynamic"
+            and definition.per_tenant
+            and definition.references() <= per_user | by_pairs
+            and not any(
+                reads_events(definitions[other].segments) for other in _closure(key, definitions)
+            )
+        ):
+            by_pairs.add(key)
+    return by_pairs
 
 
 def _closure(key: str, definitions: dict[str, AudienceDefinition]) -> set[str]:
@@ -681,9 +722,9 @@ def _time_columns(
     return sorted({attribute.column_name for attribute in attributes} - {"user_key", "user_id"})
 
 
-def _dynamic_model(definition: AudienceDefinition, analysis: _Analysis | None = None) -> str:
+def _dynamic_model(definition: AudienceDefinition, analysis: _Analysis) -> str:
     """An audience's model (templates/audience_dynamic.sql)."""
-    compiled = analysis or _compile_audience(definition)
+    compiled = analysis
     return render_template(
         "audience_dynamic.sql",
         header=escape_jinja(
@@ -887,14 +928,16 @@ def _pairs_branch(
     per_user: dict[str, str],
 ) -> str:
     """A per-tenant audience's SELECT for `audience_members`: over the pairs it re-evaluates
-    (`PAIRS_TO_REEVALUATE`) when the pre-hook decided so, else its model whole. Its hash joins
-    `per_user`'s: an audience whose SQL is unchanged is re-evaluated by pairs."""
+    (`PAIR_ROWS`) when the pre-hook decided so, else its model whole. Its hash joins
+    `per_user`'s: an audience whose SQL is unchanged is re-evaluated by pairs. The audiences it
+    reads (per-user and per-tenant ones) are inlined over the same pairs: a pair's membership of
+    a per-tenant audience depends on that pair's row only, as a user's of a per-user audience
+    on that user's."""
     key = definition.key
     literal = escape_jinja(render(exp.Literal.string(key)))
     if analysed is not None and not definition.references():
         compiled = analysed[key]
     else:
-        # Audiences it reads (per-user ones) are inlined over the pairs' users.
         compiled = _compile_audience(definition, definitions, PAIR_ROWS, placeholders)
     per_user[key] = hashlib.sha256(f"pairs\n{compiled.where}".encode()).hexdigest()[:12]
     scoped = (
@@ -1022,9 +1065,10 @@ def _members_users_macro(
     }
     taken = json.dumps([[list(w.attribute.path) for w in pair_windows]], ensure_ascii=False)
     previous, current = _placeholder("previous_now", taken), _placeholder("current_now", taken)
-    tenants_in_time, memberships_in_time = pair_windows_sql(
+    times_setup, tenants_in_time, memberships_in_time = pair_windows_sql(
         sorted(pair_windows, key=window_order), previous, current, escape_jinja
     )
+    times = {scope: spec for scope, spec in times_spec(pair_windows).items() if spec is not None}
     return render_template(
         "audience_members_users.sql",
         header=_jinja_comment(GENERATED_HEADER.format(source=label)[3:]),
@@ -1055,6 +1099,8 @@ def _members_users_macro(
             ),
             4,
         ),
+        times=times,
+        times_setup=_indent(times_setup, 4),
         tenants_in_time=_indent(tenants_in_time, 12),
         memberships_in_time=_indent(memberships_in_time, 8),
     )

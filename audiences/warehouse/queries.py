@@ -24,6 +24,7 @@ from audiences.conditions.compiler import (
     EXTENSION_OPERATORS,
     RECIPIENT,
     Attribute,
+    AudienceTenancy,
     CompileContext,
     Condition,
     attribute_expression,
@@ -31,6 +32,7 @@ from audiences.conditions.compiler import (
     compile_condition,
     compile_segments,
     event_summary,
+    normalized_tenant,
     pair_attribute,
     property_json,
     render,
@@ -151,6 +153,34 @@ def _users_query(
             )
         )
 
+    def pairs_of(key: str) -> exp.Expression:
+        # (user_key, tenant) of the members, for a per-tenant pair (`reads_pair_membership`).
+        if evaluated:
+            return (
+                exp.select("user_key", exp.alias_(normalized_tenant(), "tenant", quoted=False))
+                .from_(MEMBERS_TABLE)
+                .where(exp.column("audience_key").eq(exp.Literal.string(key)))
+            )
+        if key in definitions and definitions[key].per_tenant:
+            referenced = definitions[key]
+            inner = _pairs(
+                connection, _users_query(connection, referenced.segments, definitions, now)
+            )
+            return (
+                exp.select("users.user_key", "users.tenant")
+                .from_(inner.source)
+                .where(compile_segments(referenced.segments, inner.context))
+            )
+        # Not evaluated yet: none of its members has a tenant.
+        return exp.select(
+            "user_key", exp.alias_(exp.cast(exp.null(), "varchar"), "tenant", quoted=False)
+        ).from_(exp.paren(members_of(key)).as_("members"))
+
+    def tenancy_of(key: str) -> AudienceTenancy:
+        if key not in definitions:
+            return AudienceTenancy(None)  # a hand-written SQL audience
+        return AudienceTenancy(definitions[key].type, definitions[key].per_tenant)
+
     if fresh:
         source = exp.to_table(FLATTENED_TABLE).as_("users")
         context = CompileContext(
@@ -159,6 +189,8 @@ def _users_query(
             evaluation_time=now_sql,
             user_key=exp.column("user_key", table="users"),
             user_id=exp.column("user_id", table="users"),
+            audience_pairs=pairs_of,
+            audience_tenancy=tenancy_of,
         )
         return _Query(source, context)
     properties, identifier = (
@@ -179,6 +211,8 @@ def _users_query(
         evaluation_time=now_sql,
         user_key=exp.column("user_key", table="users"),
         user_id=identifier,
+        audience_pairs=pairs_of,
+        audience_tenancy=tenancy_of,
     )
     return _Query(source, context)
 
@@ -223,7 +257,12 @@ def _pairs(connection, query: _Query, tenant: str | None = None) -> _Query:
         pairs = pairs.where(
             exp.column("tenant_id", table="memberships").eq(exp.Literal.string(tenant))
         )
-    return _Query(pairs.subquery("users"), replace(query.context, pair_attribute=pair_attribute))
+    context = replace(
+        query.context,
+        pair_attribute=pair_attribute,
+        pair_tenant=exp.column("tenant", table="users"),
+    )
+    return _Query(pairs.subquery("users"), context)
 
 
 def _is_fresh(connection) -> bool:

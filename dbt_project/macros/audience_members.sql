@@ -26,6 +26,10 @@
     `memberships_watermark`), or whose tenant's or membership's timestamp "now" moved over, in
     the temporary table pairs_to_reevaluate (`audience_members_pairs`, macros/generated/). Their
     rows are deleted first, and the log names `(audience, user)` for each user of those pairs.
+    The timestamps "now" is compared with are read from typed tables kept beside this one
+    (audience_members__tenant_times_<hash>, ..._membership_times_<hash>), rewritten per change.
+    A per-tenant audience over other audiences is re-evaluated so too when it reads only per-user
+    and such per-tenant audiences (inlined over the same pairs); else it is evaluated whole.
 
     Skipped audiences (meta `skipped`: their definitions have errors this time) are neither
     evaluated nor deleted: their rows stay as the last good evaluation left them. The state lists
@@ -139,7 +143,21 @@
     drop table if exists temp.users_to_reevaluate;
     drop table if exists temp.users_to_reevaluate_in_time;
     drop table if exists temp.events_to_reevaluate;
-    drop table if exists temp.pair_rows_to_reevaluate
+    drop table if exists temp.pair_rows_to_reevaluate;
+    drop table if exists temp.tenant_times_after;
+    drop table if exists temp.membership_times_after
+{%- endmacro %}
+
+
+{% macro audience_members_drop_times(keep) -%}
+    {#- The tables of the tenants' and memberships' timestamps (audiences/dbt/tenants.py) other than
+        those in `keep`: kept for columns the definitions no longer compare with "now". -#}
+    {%- set found = run_query("select table_name from information_schema.tables where table_schema = '"
+        ~ this.schema ~ "' and regexp_full_match(table_name, '" ~ this.identifier
+        ~ "__(tenant|membership)_times_[0-9a-f]+')") -%}
+    {%- for row in found.rows if row[0] not in keep %}
+    drop table if exists {{ this.incorporate(path={'identifier': row[0]}) }};
+    {%- endfor %}
 {%- endmacro %}
 
 

@@ -52,6 +52,17 @@
 
 {% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}
 
+    {#- the tables of the tenants' and memberships' timestamps the windows compare with "now"
+        (audiences/dbt/tenants.py `pair_windows_sql`), brought up to date; those of other
+        columns (definitions changed since) dropped -#}
+    {%- set keep = [] -%}
+[% for scope, spec in times.items() %]
+    {%- set [[ scope ]]_times = this.incorporate(path={'identifier': this.identifier ~ '__[[ scope ]]_times_[[ spec ]]'}) -%}
+    {%- do keep.append([[ scope ]]_times.identifier) -%}
+[% endfor %]
+    {{ audience_members_drop_times(keep) }}
+[[ times_setup ]]
+
     {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,
         tenant or user changed since the last build (deleted ones too, whose rows go), or whose
         tenant's or membership's timestamp lies where "now" moved over; the times are literals -#}

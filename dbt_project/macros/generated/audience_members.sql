@@ -85,6 +85,49 @@
 
 {% macro audience_members_pairs(tenants_after, memberships_after, previous_now, current_now) -%}
 
+    {#- the tables of the tenants' and memberships' timestamps the windows compare with "now"
+        (audiences/dbt/tenants.py `pair_windows_sql`), brought up to date; those of other
+        columns (definitions changed since) dropped -#}
+    {%- set keep = [] -%}
+    {%- set tenant_times = this.incorporate(path={'identifier': this.identifier ~ '__tenant_times_d5ca948c5f'}) -%}
+    {%- do keep.append(tenant_times.identifier) -%}
+    {{ audience_members_drop_times(keep) }}
+    -- the tenants' timestamps that per-tenant audiences compare with "now"
+    create table if not exists {{ tenant_times }} as
+    select
+        tenant_key,
+        updated_at,
+        deleted_at is null as is_current,
+        current_timestamp as extracted_at,
+        tenant,
+        case when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR' and regexp_full_match((json_extract(tenant_properties, '/trial_ends_at') ->> '$'), '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?') then try_cast((json_extract(tenant_properties, '/trial_ends_at') ->> '$') as timestamptz) when case when (json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER') then cast(json_extract(tenant_properties, '/trial_ends_at') as double) when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR' and regexp_full_match((json_extract(tenant_properties, '/trial_ends_at') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double) end between (-62135596800.0) and 253402300799.0 then to_timestamp(case when (json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER') then cast(json_extract(tenant_properties, '/trial_ends_at') as double) when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR' and regexp_full_match((json_extract(tenant_properties, '/trial_ends_at') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double) end) end as "tenant:trial_ends_at__timestamp"
+    from (
+        select tenant_key, updated_at, deleted_at, tenant_id as tenant, properties as tenant_properties
+        from {{ source('warehouse', 'tenants') }}
+    ) as rows
+    where false;
+    create or replace temp table tenant_times_after as
+    select coalesce(max(updated_at), timestamptz '0001-01-01 00:00:00+00') as after
+    from {{ tenant_times }};
+    delete from {{ tenant_times }}
+    where tenant_key in (
+        select tenant_key from {{ source('warehouse', 'tenants') }}
+        where updated_at > (select after from tenant_times_after)
+    );
+    insert into {{ tenant_times }}
+    select
+        tenant_key,
+        updated_at,
+        deleted_at is null as is_current,
+        current_timestamp as extracted_at,
+        tenant,
+        case when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR' and regexp_full_match((json_extract(tenant_properties, '/trial_ends_at') ->> '$'), '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?') then try_cast((json_extract(tenant_properties, '/trial_ends_at') ->> '$') as timestamptz) when case when (json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER') then cast(json_extract(tenant_properties, '/trial_ends_at') as double) when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR' and regexp_full_match((json_extract(tenant_properties, '/trial_ends_at') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double) end between (-62135596800.0) and 253402300799.0 then to_timestamp(case when (json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT' or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER') then cast(json_extract(tenant_properties, '/trial_ends_at') as double) when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR' and regexp_full_match((json_extract(tenant_properties, '/trial_ends_at') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double) end) end as "tenant:trial_ends_at__timestamp"
+    from (
+        select tenant_key, updated_at, deleted_at, tenant_id as tenant, properties as tenant_properties
+        from {{ source('warehouse', 'tenants') }}
+    ) as rows
+    where updated_at > (select after from tenant_times_after);
+
     {#- the (user, tenant) pairs the per-tenant audiences re-evaluate: those whose membership,
         tenant or user changed since the last build (deleted ones too, whose rows go), or whose
         tenant's or membership's timestamp lies where "now" moved over; the times are literals -#}
@@ -114,118 +157,16 @@
 
         -- tenants whose timestamp "now" moved over
         (
-            select tenant from (
-                select tenant_id as tenant, properties as tenant_properties
-                from {{ ref('stg_warehouse__tenants') }}
-            ) as tenants
-            where
-            (
-              case
-                when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
-                and regexp_full_match(
-                  (
-                    json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                  ),
-                  '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?'
-                )
-                then try_cast((
-                  json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                ) as timestamptz)
-                when case
-                  when (
-                    json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
-                  )
-                  then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
-                  when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
-                  and regexp_full_match(
-                    (
-                      json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                    ),
-                    '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
-                  )
-                  then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
-                end between (
-                  -62135596800.0
-                ) and 253402300799.0
-                then to_timestamp(
-                  case
-                    when (
-                      json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
-                    )
-                    then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
-                    when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
-                    and regexp_full_match(
-                      (
-                        json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                      ),
-                      '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
-                    )
-                    then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
-                  end
-                )
-              end between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
+            select tenant from {{ tenant_times }}
+            where is_current and (
+              "tenant:trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(0 as bigint))
             )
-            or (
-              case
-                when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
-                and regexp_full_match(
-                  (
-                    json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                  ),
-                  '[0-9]{4}-[0-9]{2}-[0-9]{2}([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?'
-                )
-                then try_cast((
-                  json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                ) as timestamptz)
-                when case
-                  when (
-                    json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
-                    or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
-                  )
-                  then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
-                  when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
-                  and regexp_full_match(
-                    (
-                      json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                    ),
-                    '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
-                  )
-                  then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
-                end between (
-                  -62135596800.0
-                ) and 253402300799.0
-                then to_timestamp(
-                  case
-                    when (
-                      json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'BIGINT'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'UBIGINT'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'DOUBLE'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'HUGEINT'
-                      or json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'INTEGER'
-                    )
-                    then cast(json_extract(tenant_properties, '/trial_ends_at') as double)
-                    when json_type(json_extract(tenant_properties, '/trial_ends_at')) = 'VARCHAR'
-                    and regexp_full_match(
-                      (
-                        json_extract(tenant_properties, '/trial_ends_at') ->> '$'
-                      ),
-                      '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?'
-                    )
-                    then cast(json_extract(tenant_properties, '/trial_ends_at') ->> '$' as double)
-                  end
-                )
-              end between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
+
+            union all
+
+            select tenant from {{ tenant_times }}
+            where is_current and (
+              "tenant:trial_ends_at__timestamp" between least({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint)) and greatest({{ previous_now }}, {{ current_now }}) + to_minutes(cast(10080 as bigint))
             )
         )
     )
@@ -240,12 +181,7 @@
     -- memberships whose timestamp "now" moved over
     select users.user_key, in_time.tenant
     from (
-        select user_id, tenant from (
-            select user_id, tenant_id as tenant, properties as membership_properties
-            from {{ ref('stg_warehouse__tenant_memberships') }}
-        ) as memberships
-        where
-        false
+        select user_id, tenant from (select cast(null as varchar) as user_id, cast(null as varchar) as tenant) as nothing where false
     ) as in_time
     inner join {{ source('warehouse', 'users') }} as users on users.user_id = in_time.user_id;
 

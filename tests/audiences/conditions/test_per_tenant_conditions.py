@@ -375,7 +375,202 @@ def test_preview_of_an_audience_over_a_per_tenant_audience_evaluates_it_per_tena
         evaluated[key] = set(connection.execute(f"select user_id, tenant from ({sql})").fetchall())
     assert previewed == evaluated
     assert previewed["pro"] == {("ann", "acme"), ("bob", "acme")}
-    # tenant-strict: the per-tenant audience has no member without a tenant
-    assert previewed["in-pro"] == set() and previewed["admins-in-pro"] == set()
+    # tenant-strict: the per-tenant audience has no member without a tenant, so an audience
+    # without tenancy never finds one; a per-tenant audience reads the pair's membership
+    assert previewed["in-pro"] == set()
     assert previewed["not-in-pro"] == {("ann", None), ("bob", None), ("cid", None)}
-    assert previewed["admins-not-in-pro"] == {("ann", "acme"), ("ann", "globex"), ("cid", "globex")}
+    assert previewed["admins-in-pro"] == {("ann", "acme")}
+    assert previewed["admins-not-in-pro"] == {("ann", "globex"), ("cid", "globex")}
+
+
+# ---------------------------------------------------------------------------------------------
+# `is_audience_member` in a per-tenant audience: the pair's membership, tenant-strict.
+
+MEMBERSHIP_TENANTS = [*TENANT_IDS, None, " "]  # a blank tenant is no tenant
+
+
+@st.composite
+def referring(draw):
+    """Audiences an audience under test reads: `per-pair` (per tenant), `per-user` (no tenancy)
+    and `listed` (static, its member rows drawn with any tenant, none or a blank one); and the
+    segments of the audience under test, mixing pair conditions and membership of those three
+    or of `sql` (a hand-written SQL audience, rows drawn too)."""
+    recipient_only = conditions().filter(lambda c: c["property"] != "recipient")
+    member = st.builds(
+        lambda operator, key: {"property": "recipient", "operator": operator, "argument": key},
+        st.sampled_from(["is_audience_member", "is_not_audience_member"]),
+        st.sampled_from(["per-pair", "per-user", "listed", "sql"]),
+    )
+    under_test = st.lists(
+        st.lists(st.one_of(member, member, pair_conditions()), min_size=1, max_size=3),
+        min_size=1,
+        max_size=2,
+    )
+    return {
+        "per-pair": draw(st.lists(st.lists(pair_conditions(), min_size=1, max_size=2), max_size=2)),
+        "per-user": draw(st.lists(st.lists(recipient_only, min_size=1, max_size=2), max_size=2)),
+        "under-test": draw(under_test),
+    }
+
+
+def _rows(draw_from, users) -> list[tuple[str, str | None]]:
+    return sorted(
+        draw_from(
+            st.sets(
+                st.tuples(
+                    st.sampled_from([u["id"] for u in users]),
+                    st.sampled_from(MEMBERSHIP_TENANTS),
+                ),
+                max_size=6,
+            )
+        ),
+        key=repr,
+    )
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drawn=population(), audiences=referring(), data=st.data())
+@example(
+    drawn=(
+        [{"id": "user_0", "plan": "pro"}, {"id": "user_1"}],
+        [{"id": "acme", "plan": "pro"}, {"id": "globex", "plan": "free"}],
+        [
+            {"user_id": "user_0", "tenant_id": "acme"},
+            {"user_id": "user_0", "tenant_id": "globex"},
+            {"user_id": "user_1", "tenant_id": "acme"},
+        ],
+    ),
+    audiences={
+        "per-pair": [[{"property": "tenant.plan", "operator": "equal_to", "argument": "pro"}]],
+        "per-user": [[{"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}]],
+        "under-test": [
+            [{"property": "recipient", "operator": "is_audience_member", "argument": "per-pair"}],
+            [{"property": "recipient", "operator": "is_audience_member", "argument": "listed"}],
+        ],
+    },
+    data=None,
+)
+def test_audience_membership_in_a_pair_is_the_pairs_membership(drawn, audiences, data):
+    """Issue 18: `is_audience_member` in a per-tenant audience reads the pair (user, tenant)'s
+    membership of a per-tenant, static or SQL audience (tenant-strict, as `check --tenant`), and
+    the user's (no tenant) of a per-user audience. The generated models (Jinja rendered, each
+    `ref` its model) and `preview` over an evaluated warehouse agree with the reference."""
+    from audiences.warehouse.queries import preview
+
+    users, tenants, memberships = drawn
+    listed = (
+        [("user_0", "globex"), ("user_1", None), ("user_0", " ")]
+        if data is None
+        else _rows(data.draw, users)
+    )
+    sql_rows = [("user_1", "acme")] if data is None else _rows(data.draw, users)
+    documents = {
+        "per-pair": per_tenant(audiences["per-pair"]),
+        "per-user": {
+            "name": "u",
+            "type": "dynamic",
+            "segments": [{"conditions": s} for s in audiences["per-user"]],
+        },
+        "listed": {"name": "l", "type": "static"},
+        "under-test": per_tenant(audiences["under-test"]),
+    }
+    blank = {" ": None}
+    rows = {
+        "per-pair": set(
+            evaluate_pairs(documents["per-pair"], users, tenants, memberships, now=NOW)
+        ),
+        "per-user": {
+            (user["id"], None)
+            for user in users
+            if evaluate_audience(documents["per-user"], user, now=NOW)
+        },
+        "listed": {(user, blank.get(tenant, tenant)) for user, tenant in listed},
+        "sql": {(user, blank.get(tenant, tenant)) for user, tenant in sql_rows},
+    }
+    expected = evaluate_pairs(
+        documents["under-test"],
+        users,
+        tenants,
+        memberships,
+        now=NOW,
+        is_member=lambda key, user_id, tenant: (user_id, tenant) in rows[key],
+        audiences={key: d for key, d in documents.items()},
+    )
+
+    definitions = {
+        key: parse_definition(document, key, Path(key) / "audience.json")
+        for key, document in documents.items()
+    }
+    connection = connect_memory()
+    insert_users(connection, users)
+    insert_pairs(connection, tenants, memberships)
+
+    def recorded(pairs) -> str:
+        values = ", ".join(
+            f"({json.dumps(user).replace(chr(39), chr(39) * 2)!r}, "
+            + ("null" if tenant is None else "'" + tenant.replace("'", "''") + "'")
+            + ")"
+            for user, tenant in pairs
+        ).replace('"', "")
+        listing = f"(values {values})" if pairs else "(select null, null where false)"
+        return (
+            "(select users.user_key, users.user_id, listed.tenant "
+            f"from {listing} as listed(user_id, tenant) join raw.users as users using (user_id))"
+        )
+
+    # The generated models, rendered as dbt renders them.
+    files = {
+        str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")
+    }
+    _build_flattened(
+        connection,
+        sorted(
+            {a for d in definitions.values() for a in attributes_used(d.segments)},
+            key=lambda a: (a.path, a.variant),
+        ),
+    )
+    relations = {
+        "int_users_flattened": "flattened",
+        "stg_warehouse__tenants": "(select * from raw.tenants where deleted_at is null)",
+        "stg_warehouse__tenant_memberships": (
+            "(select * from raw.tenant_memberships where deleted_at is null)"
+        ),
+        definitions["listed"].model_name: recorded(listed),
+        "sql": recorded(sql_rows),
+    }
+    for key in ("per-pair", "per-user", "under-test"):
+        name = definitions[key].model_name
+        sql = (
+            jinja2.Environment(extensions=["jinja2.ext.do"])
+            .from_string(files[f"models/audiences/dynamic/{name}.sql"])
+            .render(
+                ref=relations.__getitem__,
+                config=lambda **_: "",
+                evaluation_time=lambda: render(timestamp_literal(NOW), pretty=False),
+            )
+        )
+        relations[name] = f"({sql}\n)"
+    evaluated = set(
+        connection.execute(
+            f"select user_id, tenant from {relations[definitions['under-test'].model_name]}"
+        ).fetchall()
+    )
+    assert evaluated == expected
+
+    # `preview` (and so `explain`, same compilation) over a warehouse that evaluated the others.
+    connection.execute(
+        "create table main.audience_members (audience_key varchar, user_key integer, tenant varchar)"
+    )
+    for key, listing in (
+        ("per-pair", relations[definitions["per-pair"].model_name]),
+        ("per-user", relations[definitions["per-user"].model_name]),
+        ("listed", recorded(listed)),
+        ("sql", recorded(sql_rows)),
+    ):
+        connection.execute(
+            f"insert into main.audience_members select $key, user_key, tenant from {listing}",
+            {"key": key},
+        )
+    result = preview(connection, definitions["under-test"], definitions, NOW, sample_size=100)
+    assert {(row["user_id"], row["tenant"]) for row in result.sample} == expected
+    assert result.count == len(expected)

@@ -4,6 +4,7 @@ timestamp "now" moved over, and gives the members and events a full evaluation g
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from datetime import timedelta
@@ -74,8 +75,43 @@ DEFINITIONS = {
             }
         ],
     },
+    # reads a per-tenant audience: the pair's membership of it, inlined over the same pairs
+    "trial-admins": {
+        "name": "Admins of workspaces whose trial ends within a week",
+        "type": "dynamic",
+        "tenancy": "per_tenant",
+        "segments": [
+            {
+                "conditions": [
+                    {"property": "membership.role", "operator": "equal_to", "argument": "admin"},
+                    {
+                        "property": "recipient",
+                        "operator": "is_audience_member",
+                        "argument": "trial-ending",
+                    },
+                ]
+            }
+        ],
+    },
+    # compares a membership's timestamp with "now"
+    "newcomers": {
+        "name": "Members who joined a workspace in the last two days",
+        "type": "dynamic",
+        "tenancy": "per_tenant",
+        "segments": [
+            {
+                "conditions": [
+                    {
+                        "property": "membership.joined_at",
+                        "operator": "is_timestamp_on_or_after",
+                        "argument": "2 days ago",
+                    }
+                ]
+            }
+        ],
+    },
 }
-PER_TENANT = ("pro-admins", "trial-ending")
+PER_TENANT = ("pro-admins", "trial-ending", "trial-admins", "newcomers")
 
 
 def day(days: float) -> str:
@@ -95,11 +131,14 @@ def initial_data() -> tuple[dict, dict, dict]:
     memberships = {}
     for n in range(1, 21):
         for t in sorted({n % 6 + 1, (n * 5) % 6 + 1, 6 if n % 7 == 0 else n % 6 + 1}):
-            role = "admin" if (n + t) % 3 == 0 else "member"
+            # (u09 is t4's one admin: it enters "trial-admins" with t4's trial)
+            role = "admin" if (n + t) % 3 == 0 or (n, t) == (9, 4) else "member"
             memberships[(f"u{n:02d}", f"t{t}")] = {
                 "user_id": f"u{n:02d}",
                 "tenant_id": f"t{t}",
                 "role": role,
+                # joined a day ago (leaves "newcomers" when "now" moves 3 days) or long ago
+                "joined_at": day(-1) if (n + t) % 5 == 0 else day(-100),
             }
     return users, tenants, memberships
 
@@ -144,15 +183,16 @@ class Workspace:
                 path.write_text("".join(json.dumps(row) + "\n" for row in rows))
                 load_source(connection, UserSource(kind, "jsonl", path, kind=kind), loaded_at)
 
-    def build(self, now) -> dict:
+    def build(self, now, everything: bool = False) -> dict:
         """One incremental dbt build at `now` and the membership diff after it: what the build
         re-evaluated (its log, read before the diff empties it) and the events the diff queued."""
         self.now = now
         with duckdb.connect(str(self.warehouse)) as connection:
             set_evaluation_clock(connection, now)
-        # the first build evaluates everything; then what a run rebuilds while the definitions
-        # are unchanged
-        run_dbt(["run"] if now == NOW else ["run", "--select", *REEVALUATED_MODELS], self.settings)
+        # the first build (and one after a definition changed) runs every model; then what a run
+        # rebuilds while the definitions are unchanged
+        whole = now == NOW or everything
+        run_dbt(["run"] if whole else ["run", "--select", *REEVALUATED_MODELS], self.settings)
         with duckdb.connect(str(self.warehouse)) as connection:
             log = connection.execute(
                 "select audience_key, users.user_id from main.audience_members__reevaluated "
@@ -224,6 +264,44 @@ def users_of(memberships: dict, tenant: str) -> set:
     return {user for user, t in memberships if t == tenant}
 
 
+def newcomers(memberships: dict, tenant: str | None = None) -> set:
+    """The (user, tenant) memberships that joined a day before NOW."""
+    return {
+        pair
+        for pair, row in memberships.items()
+        if row.get("joined_at") == day(-1) and tenant in (None, pair[1])
+    }
+
+
+def admins_of(memberships: dict, tenant: str) -> set:
+    return {
+        user for (user, t), row in memberships.items() if t == tenant and row["role"] == "admin"
+    }
+
+
+def tenant_times(warehouse) -> dict:
+    """audience_members' table of the tenants' timestamps (issue 18): per tenant id, when its
+    row was written, whether it is current, its change time and the typed
+    trial end."""
+    with duckdb.connect(str(warehouse)) as connection:
+        (table,) = connection.execute(
+            "select table_name from information_schema.tables "
+            "where table_name like 'audience_members__tenant_times_%'"
+        ).fetchone()
+        return {
+            tenant: rest
+            for tenant, *rest in connection.execute(
+                f'select tenant, extracted_at, is_current, updated_at, "tenant:trial_ends_at__timestamp" '
+                f"from main.{table}"
+            ).fetchall()
+        }
+
+
+def raw_tenants(warehouse) -> dict:
+    with duckdb.connect(str(warehouse)) as connection:
+        return dict(connection.execute("select tenant_id, updated_at from raw.tenants").fetchall())
+
+
 def test_per_tenant_audiences_reevaluate_only_the_changed_pairs(tmp_path):
     space = Workspace(tmp_path)
     users, tenants, memberships = initial_data()
@@ -253,6 +331,14 @@ def test_per_tenant_audiences_reevaluate_only_the_changed_pairs(tmp_path):
     assert {event[0] for event in step["events"]} == {"entered"}
     expected = users_of(memberships, "t2") | {"u01", "u02", "u04"}
     assert reevaluated_pairs(step["log"]) == {key: expected for key in PER_TENANT}
+    # The tenants' timestamps the windows compare with "now", typed in a table (filled by the
+    # first build by pairs): every row is the loaded tenant's, its trial end read as the
+    # audience reads it.
+    times = tenant_times(space.warehouse)
+    assert {t: row[2] for t, row in times.items()} == raw_tenants(space.warehouse)
+    assert {t: row[3] for t, row in times.items() if row[3] is not None} == {
+        t: NOW + timedelta(days=d) for t, d in (("t2", 3), ("t4", 9), ("t6", 30))
+    }
 
     # 2. a user's property changes (that user's pairs, and the user in per-user audiences), the
     # user of the kept membership arrives (its pair is evaluated), and a tenant is deleted (gone
@@ -268,16 +354,72 @@ def test_per_tenant_audiences_reevaluate_only_the_changed_pairs(tmp_path):
         ("entered", "pro-admins", "u21", "t1"),
         ("exited", "pro-admins", "u01", "t3"),
         ("exited", "pro-admins", "u02", "t3"),
+        *{("exited", "newcomers", *pair) for pair in newcomers(memberships, "t3")},
     }
     expected = {"u05", "u21"} | users_of(memberships, "t3")
     assert reevaluated_pairs(step["log"]) == {key: expected for key in PER_TENANT}
+    # ... rewritten once per change, as the users' are: t3's row alone (deleted: kept, not
+    # current, so never a pair in time)
+    before, times = times, tenant_times(space.warehouse)
+    assert {t for t in times if times[t][0] != before[t][0]} == {"t3"}
+    assert times["t3"][1] is False and before["t3"][1] is True
+    assert {t: row[2] for t, row in times.items()} == raw_tenants(space.warehouse)
 
     # 3. nothing changes but "now" moves 3 days: t4's trial enters the week, t2's ends; only the
     # pairs of the tenants whose timestamp "now" moved over are re-evaluated
+    # (the pairs of a per-tenant audience over another per-tenant audience move with it, by pairs;
+    # the memberships that joined a day ago leave "newcomers", re-evaluated by their timestamps)
+    assert newcomers(memberships) - newcomers(memberships, "t3")
     step = space.build(NOW + timedelta(days=3, minutes=30))
-    assert {(event[0], event[1], event[3]) for event in step["events"]} == {
-        ("entered", "trial-ending", "t4"),
-        ("exited", "trial-ending", "t2"),
+    assert {(event[0], event[1], event[2], event[3]) for event in step["events"]} == {
+        *{("entered", "trial-ending", user, "t4") for user in users_of(memberships, "t4")},
+        *{("exited", "trial-ending", user, "t2") for user in users_of(memberships, "t2")},
+        *{("entered", "trial-admins", user, "t4") for user in admins_of(memberships, "t4")},
+        *{("exited", "trial-admins", user, "t2") for user in admins_of(memberships, "t2")},
+        *{("exited", "newcomers", *pair) for pair in newcomers(memberships) if pair[1] != "t3"},
     }
-    expected = users_of(memberships, "t4") | users_of(memberships, "t2")
+    assert admins_of(memberships, "t4") and admins_of(memberships, "t2")
+    expected = (
+        users_of(memberships, "t4")
+        | users_of(memberships, "t2")
+        # (t3's too: its tenant is gone but the membership's timestamp moved; no row comes back)
+        | {user for user, _ in newcomers(memberships)}
+    )
     assert reevaluated_pairs(step["log"]) == {key: expected for key in PER_TENANT}
+    # ... and "now" moving rewrites none: the moved windows read the typed column
+    assert tenant_times(space.warehouse) == times
+
+    # 4. a definition compares another timestamp with "now": its table of the tenants' timestamps
+    # is replaced by one with the new column, filled whole, and the old one dropped; the changed
+    # audience (and the one that inlines it) is evaluated whole, the others still by pairs
+    document = copy.deepcopy(DEFINITIONS["trial-ending"])
+    document["segments"][0]["conditions"].append(
+        {"property": "tenant.renewed_at", "operator": "is_timestamp_before_now"}
+    )
+    path = space.folder / "audiences" / "trial-ending" / "audience.json"
+    path.write_text(json.dumps(document))
+    tenants["t5"]["renewed_at"] = day(1)
+    space.load(users, tenants, memberships)
+    generate(space.settings)
+    prepare(space.settings)
+    step = space.build(NOW + timedelta(days=3, minutes=40), everything=True)
+    with duckdb.connect(str(space.warehouse)) as connection:
+        tables = {
+            name
+            for (name,) in connection.execute(
+                "select table_name from information_schema.tables "
+                "where table_name like 'audience_members__%_times_%'"
+            ).fetchall()
+        }
+        (table,) = tables & {t for t in tables if "tenant_times" in t}
+        assert connection.execute(
+            f'select tenant, "tenant:renewed_at__timestamp" from main.{table} '
+            '\nwhere "tenant:renewed_at__timestamp" is not null'
+        ).fetchall() == [("t5", NOW + timedelta(days=1))]
+    assert len(tables) == 2  # one of the tenants' timestamps, one of the memberships'
+    assert reevaluated_pairs(step["log"]) == {
+        "trial-ending": None,
+        "trial-admins": None,
+        "pro-admins": users_of(memberships, "t5"),
+        "newcomers": users_of(memberships, "t5"),
+    }
