@@ -33,6 +33,13 @@ def pytest_configure(config):
         tempfile.tempdir = str(MEMORY_TEMP_ROOT)
 
 
+def pytest_collection_modifyitems(items):
+    """The files marked slow first (each keeps its tests' order): with `--dist loadfile
+    --no-loadscope-reorder` the workers take the long files while there are many left, and the
+    quick ones fill in at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def dagster_home(tmp_path_factory):
     """`audiences run` records its runs in the Dagster instance of DAGSTER_HOME (by default the
