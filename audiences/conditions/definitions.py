@@ -12,6 +12,7 @@ skipped while the others are evaluated (dbt's way with a broken model).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -209,11 +210,20 @@ def load_definition_file(path: Path, key: str | None = None) -> AudienceDefiniti
         text = _read_utf8(path)
     except OSError as error:
         raise DefinitionError([Problem(str(path), "$", f"cannot read: {error.strerror}")]) from None
+    return _parse_text(text, key, str(path))
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_text(text: str, key: str, path: str) -> AudienceDefinition:
+    """One file's parsed definition, kept per (text, key, path): a run reads the folder several
+    times (its checks, models, triggers and catalog), and parsing compiles every condition. The
+    definition is immutable and depends on nothing else; a file that cannot be used raises every
+    time, as it is not kept."""
     try:
         raw = json.loads(text)
     except ValueError as error:
-        raise DefinitionError([Problem(str(path), "$", f"not valid JSON: {error}")]) from None
-    return parse_definition(raw, key, path)
+        raise DefinitionError([Problem(path, "$", f"not valid JSON: {error}")]) from None
+    return parse_definition(raw, key, Path(path))
 
 
 def _read_utf8(path: Path) -> str:
