@@ -235,7 +235,12 @@ class RealtimeWorker:
             now = datetime.now(UTC)
             for affected, user_ids in groups.items():
                 decisions = decide(
-                    store, user_ids, evaluator.subset(plan, affected), evaluator, now
+                    store,
+                    user_ids,
+                    evaluator.subset(plan, affected),
+                    evaluator,
+                    now,
+                    triggers.values(),
                 )
                 if not decisions.events:
                     continue

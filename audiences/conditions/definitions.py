@@ -86,12 +86,17 @@ class AudienceDefinition:
 
     def references(self) -> set[str]:
         """Keys of the audiences this one's conditions refer to."""
-        return {
-            audience_argument(condition)
-            for segment in self.segments
-            for condition in segment
-            if condition.operator in ("is_audience_member", "is_not_audience_member")
-        }
+        return audiences_referred_to(self.segments)
+
+
+def audiences_referred_to(segments: Iterable[Iterable[Condition]]) -> set[str]:
+    """Keys of the audiences these conditions (an audience's or a workflow trigger's) refer to."""
+    return {
+        audience_argument(condition)
+        for segment in segments
+        for condition in segment
+        if condition.operator in ("is_audience_member", "is_not_audience_member")
+    }
 
 
 def knock_incompatibilities(definition: AudienceDefinition) -> list[Problem]:

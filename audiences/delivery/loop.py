@@ -38,7 +38,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_all
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,8 +54,9 @@ from audiences.store.database import (
     sink_rate_limits,
 )
 
-# The most rows one claim takes; a claim covers this many sends of a sink (fewer rows per claim
-# share a queue better between workers, more cost fewer claim transactions).
+# The most rows one claim takes; a claim covers this many sends of a sink, or two per send it may
+# have in flight (fewer rows per claim share a queue better between workers, more cost fewer claim
+# transactions).
 PAGE_SIZE = 1000
 CLAIM_SENDS = 10
 # The most outcomes (or seconds) held in memory before they are written.
@@ -246,11 +247,14 @@ def deliver_due(
     new sends in this pass. Deliveries are claimed before they are sent (`worker_id` names this
     worker in the claims, and a lease of `lease_seconds`, longer for a slow sink, lets another
     worker take them if this one dies), so workers running at once never send the same delivery.
+    A delivery is claimed only when no earlier delivery of its recipient (audience, user, tenant)
+    to its sink is pending (`first_of_its_recipient`): one recipient's deliveries go out one at a
+    time, in queue order, and a sink may send a claim's deliveries concurrently.
 
-    Each sink gets its deliveries in batches of its `batch_size` (times its `concurrency`, when it
-    has one), paced by its `rate_limit_per_second` in a token bucket kept in the store and shared
-    by every worker (`clock` and `sleep` drive it; `rate_limiters` keeps the bucket objects across
-    passes). A sink with `keeps_batches` (a batching webhook) gets each batch formed once and
+    Each sink gets its deliveries in batches of its `batch_size`, with up to its `concurrency`
+    (when it has one) sends in flight at once, each paced by its `rate_limit_per_second` in a
+    token bucket kept in the store and shared by every worker (`clock` and `sleep` drive it;
+    `rate_limiters` keeps the bucket objects across passes). A sink with `keeps_batches` (a batching webhook) gets each batch formed once and
     written with its id before it is first sent, then always sent whole under that id.
 
     Outcomes are written in bulk as the pass goes: delivered sets status 'delivered' and
@@ -488,20 +492,32 @@ def _each_sink(work: _Pass, sinks: dict[str, Sink]) -> dict[str, DeliveryReport]
 
 
 def _deliver_to_sink(work: _Pass, sink_name: str, sink: Sink) -> DeliveryReport:
-    """One sink's share of a pass: claim, send, record, until nothing is due or time is up."""
+    """One sink's share of a pass: claim, send, record, until nothing is due or time is up.
+
+    Up to the sink's `concurrency` sends are in flight at once (`_Sends`); each waits for its rate
+    limit's tokens before it starts, and its outcomes are recorded in this thread as it finishes.
+    A claim holds at most one delivery per recipient (`first_of_its_recipient`), so sends in
+    flight together never carry two triggers of one recipient; the next claim comes after every
+    send of this one is recorded.
+    """
     report = DeliveryReport()
     recorder = _OutcomeRecorder(work, report)
     send_seconds = _send_seconds(sink)
     lease = max(work.lease_seconds, 3 * send_seconds)
-    claim_size = min(PAGE_SIZE, _chunk_size(sink) * CLAIM_SENDS)
+    claim_size = min(PAGE_SIZE, _chunk_size(sink) * max(CLAIM_SENDS, 2 * _concurrency(sink)))
     started = work.clock()
     skipped: set[str] = set()
     claim: _Claim | None = None
+    sends = _Sends(_concurrency(sink), f"deliver-{sink_name}")
     try:
         while not work.stop.is_set() and not work.spent(started):
             reserved = work.reserve(claim_size)
             if reserved <= 0:
                 break
+            # What was sent is recorded before the next claim: a recipient's next delivery can be
+            # claimed only once the one before it is no longer pending.
+            sends.finish()
+            recorder.flush()
             claim = _claim(work, sink_name, sink, work.claim_token(), lease, reserved, skipped)
             work.settle(reserved, len(claim.rows))
             if claim.found == 0:
@@ -509,16 +525,63 @@ def _deliver_to_sink(work: _Pass, sink_name: str, sink: Sink) -> DeliveryReport:
             for unit, together in _units(claim.rows, _chunk_size(sink)):
                 if work.stop.is_set() or work.spent(started):
                     break
-                _send_unit(work, sink_name, sink, unit, together, claim, recorder, send_seconds)
+                _send_unit(
+                    work, sink_name, sink, unit, together, claim, recorder, send_seconds, sends
+                )
     finally:
         try:
+            sends.finish()  # every send in flight ends (each within the sink's timeout) and is recorded
             recorder.flush()
         finally:
+            sends.close()
             if claim is not None:
                 # Rows of the last claim with no outcome recorded: not sent (time was up), or sent
                 # when an error struck. Whoever claims next sends them (under the same ids).
                 _release(work.store, claim.token, claim.rows)
     return report
+
+
+class _Sends:
+    """A sink's sends in flight: at most `concurrency` at once, on threads of their own (none
+    when it is 1: each send runs in the caller's thread). `start` hands a send over, first
+    waiting for a free slot; each send's `done(outcomes)` runs in the caller's thread, in
+    `start` or `finish`, so the outcome recorder is never shared between threads."""
+
+    def __init__(self, concurrency: int, name: str):
+        self.concurrency = max(1, concurrency)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=name)
+            if self.concurrency > 1
+            else None
+        )
+        self._in_flight: dict = {}  # future -> done
+
+    def free_slot(self) -> None:
+        """Wait until fewer than `concurrency` sends are in flight (before taking rate-limit
+        tokens, so that a send starts when its tokens are taken)."""
+        while len(self._in_flight) >= self.concurrency:
+            self._collect(FIRST_COMPLETED)
+
+    def start(self, send: Callable[[], list], done: Callable[[list], None]) -> None:
+        if self._pool is None:
+            done(send())
+            return
+        self.free_slot()
+        self._in_flight[self._pool.submit(send)] = done
+
+    def finish(self) -> None:
+        """Wait for every send in flight and record it."""
+        while self._in_flight:
+            self._collect(ALL_COMPLETED)
+
+    def _collect(self, when: str) -> None:
+        finished, _ = wait_for_all(list(self._in_flight), return_when=when)
+        for future in finished:
+            self._in_flight.pop(future)(future.result())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 @dataclass
@@ -581,6 +644,36 @@ def _order(row: dict) -> tuple[str, str, str]:
     return (row["next_attempt_at"], row["created_at"], row["delivery_id"])
 
 
+def first_of_its_recipient() -> sa.ColumnElement[bool]:
+    """No delivery of the same recipient to the same sink waits before this one.
+
+    A recipient is an (audience, user, tenant); "before" is queue order (`created_at`, then the
+    delivery id). A claim takes only such deliveries, so one recipient's deliveries to a sink go
+    out one at a time in the order they were queued, across retries and across workers: an
+    `exited` waits for the `entered` before it to be delivered (or dead, or held), whatever that
+    one's back-off. It also keeps two deliveries of one recipient out of one claim, so a sink may
+    send a claim's deliveries concurrently.
+    """
+    this, earlier = deliveries.c, _EARLIER.c
+    return ~sa.exists().where(
+        earlier.user_id == this.user_id,
+        earlier.audience_key == this.audience_key,
+        earlier.sink == this.sink,
+        earlier.status == "pending",
+        earlier.tenant.is_not_distinct_from(this.tenant),
+        sa.or_(
+            earlier.created_at < this.created_at,
+            sa.and_(
+                earlier.created_at == this.created_at,
+                earlier.delivery_id < this.delivery_id,
+            ),
+        ),
+    )
+
+
+_EARLIER = deliveries.alias("earlier")
+
+
 def _claim(
     work: _Pass, sink_name: str, sink: Sink, token: str, lease: float, size: int, skipped: set[str]
 ) -> _Claim:
@@ -606,6 +699,7 @@ def _claim(
     ]
     if skipped:
         conditions.append(columns.delivery_id.not_in(sorted(skipped)))
+    conditions.append(first_of_its_recipient())
     due = (
         sa.select(*_CLAIMED_COLUMNS)
         .where(*conditions)
@@ -739,6 +833,7 @@ def _send_unit(
     claim: _Claim,
     recorder: _OutcomeRecorder,
     send_seconds: float,
+    sends: _Sends,
 ) -> None:
     sendable: list[tuple[dict, Delivery]] = []
     for row in rows:
@@ -749,6 +844,7 @@ def _send_unit(
             sendable.append((row, delivery))
     if not sendable:
         return
+    sends.free_slot()
     bucket = work.bucket(sink_name, sink)
     if bucket is not None:
         bucket.acquire(len(sendable))
@@ -763,28 +859,32 @@ def _send_unit(
         if not sendable:
             return
     batch = [delivery for _, delivery in sendable]
-    try:
-        outcomes = list(sink.send(batch))
-    except Exception as error:  # a sink should not raise; if one does, the batch is retried
-        outcomes = [
-            Outcome.retry(f"sink {sink_name!r} raised {type(error).__name__}: {error}")
-        ] * len(batch)
-    if len(outcomes) != len(batch):
-        message = (
-            f"sink {sink_name!r} answered {len(outcomes)} outcomes for {len(batch)} deliveries"
+    sent_rows = [row for row, _ in sendable]
+
+    def send() -> list[Outcome]:
+        try:
+            outcomes = list(sink.send(batch))
+        except Exception as error:  # a sink should not raise; if one does, the batch is retried
+            return [
+                Outcome.retry(f"sink {sink_name!r} raised {type(error).__name__}: {error}")
+            ] * len(batch)
+        if len(outcomes) != len(batch):
+            message = (
+                f"sink {sink_name!r} answered {len(outcomes)} outcomes for {len(batch)} deliveries"
+            )
+            return [Outcome.retry(message)] * len(batch)
+        return outcomes
+
+    # One jitter draw per send, drawn as it starts (in queue order, whatever order sends in flight
+    # end in): deliveries that went out in one request and are retried come back due together.
+    jitter = work.jitter()
+
+    def done(outcomes: list[Outcome]) -> None:
+        recorder.record_send(
+            sink_name, sent_rows, outcomes, work.moment(), jitter, claim.token, together
         )
-        outcomes = [Outcome.retry(message)] * len(batch)
-    # One jitter draw per send: deliveries that went out together and are retried come back due
-    # together.
-    recorder.record_send(
-        sink_name,
-        [row for row, _ in sendable],
-        outcomes,
-        work.moment(),
-        work.jitter(),
-        claim.token,
-        together,
-    )
+
+    sends.start(send, done)
 
 
 class _OutcomeRecorder:
@@ -940,7 +1040,13 @@ def _unknown_sink_counts(
 
 
 def _chunk_size(sink: Sink) -> int:
-    return max(1, int(sink.batch_size)) * max(1, int(getattr(sink, "concurrency", 1) or 1))
+    """How many loose deliveries one send carries: the sink's `batch_size`."""
+    return max(1, int(sink.batch_size))
+
+
+def _concurrency(sink: Sink) -> int:
+    """How many sends of the sink may be in flight at once: its `concurrency`, else 1."""
+    return max(1, int(getattr(sink, "concurrency", 1) or 1))
 
 
 def _send_seconds(sink: Sink) -> float:

@@ -46,6 +46,11 @@ KNOCK_API_URL = "https://api.knock.app"
 # Status codes worth trying again: throttling and server-side trouble. Everything else that is not
 # 2xx is a refusal that the same request will meet again.
 RETRYABLE_STATUS = {408, 429}
+# How many requests an HTTP sink (webhook, Knock) has in flight at once, unless its settings say
+# otherwise (a batching webhook: one), and the most they may say; never more than its rate limit
+# per second.
+DEFAULT_CONCURRENCY = 8
+MAX_CONCURRENCY = 64
 
 
 @runtime_checkable
@@ -141,6 +146,11 @@ class WebhookSink:
     retried batch is the same deliveries under the same id and a receiver that deduplicates on
     `webhook-id` runs each delivery once. Deliveries given without a `message_id` are sliced by
     `batch_size`, each slice under a hash of its delivery ids.
+
+    Up to `concurrency` requests are in flight at once (`DEFAULT_CONCURRENCY` unless set, or 1
+    with `batch_size` above 1, where a request carries many; never more than the rate limit per
+    second): the delivery loop's sends, and the requests of one `send` of several. The loop never
+    has two deliveries of one recipient in flight, so one recipient's triggers keep their order.
     """
 
     def __init__(
@@ -152,15 +162,19 @@ class WebhookSink:
         rate_limit_per_second: float | None = None,
         batch_size: int = 1,
         headers: Mapping[str, str] | None = None,
+        concurrency: int | None = None,
     ):
         self.name = name
         self.url = url
         self.timeout_seconds = _positive_number(timeout_seconds, "timeout_seconds", name)
         self.rate_limit_per_second = _optional_rate(rate_limit_per_second, name)
         self.batch_size = _positive_int(batch_size, "batch_size", name)
+        if concurrency is None:
+            concurrency = DEFAULT_CONCURRENCY if self.batch_size == 1 else 1
+        self.concurrency = _concurrency(concurrency, self.rate_limit_per_second, name)
         self.headers = dict(headers or {})
         self._secret = webhook_secret_bytes(secret, name)
-        self._session = _session(pool_size=1)
+        self._session = _session(pool_size=self.concurrency)
 
     def __repr__(self) -> str:
         return f"WebhookSink({self.name!r}, {self.url!r}, batch_size={self.batch_size})"
@@ -176,11 +190,13 @@ class WebhookSink:
         Consecutive deliveries with the same `message_id` go in one request under that id, however
         many they are. Every delivery of one request shares that request's outcome: 2xx delivered;
         408, 429, 5xx, timeouts and connection errors retry (after `Retry-After` when the receiver
-        gives one); any other status fails.
+        gives one); any other status fails. Several requests go out concurrently (`concurrency`).
         """
+        batches = self._requests(deliveries)
         outcomes: list[Outcome] = []
-        for batch in self._requests(deliveries):
-            outcome = self._post(batch)
+        for batch, outcome in zip(
+            batches, _concurrently(self._post, batches, self.concurrency), strict=True
+        ):
             outcomes.extend([outcome] * len(batch))
         return outcomes
 
@@ -246,11 +262,9 @@ class KnockSink:
     The payload is the request body, `Authorization: Bearer <secret key>` authenticates and the
     delivery id is the `Idempotency-Key` (Knock honours it for 24 hours), so a retried trigger
     runs the workflow once. A `send` with several deliveries makes its calls concurrently, on at
-    most `concurrency` threads (no more than the rate limit per second, and 8 at most); pacing the
-    calls to the rate limit is the delivery loop's job.
+    most `concurrency` threads (`DEFAULT_CONCURRENCY`, no more than the rate limit per second);
+    pacing the calls to the rate limit is the delivery loop's job.
     """
-
-    MAX_CONCURRENCY = 8
 
     def __init__(
         self,
@@ -267,12 +281,7 @@ class KnockSink:
         self.timeout_seconds = _positive_number(timeout_seconds, "timeout_seconds", name)
         self.rate_limit_per_second = _optional_rate(rate_limit_per_second, name)
         self.batch_size = 1
-        limit = self.rate_limit_per_second
-        self.concurrency = (
-            self.MAX_CONCURRENCY
-            if limit is None
-            else max(1, min(self.MAX_CONCURRENCY, math.floor(limit)))
-        )
+        self.concurrency = _concurrency(DEFAULT_CONCURRENCY, self.rate_limit_per_second, name)
         self._secret_key = secret_key
         self._session = _session(pool_size=self.concurrency)
 
@@ -291,10 +300,7 @@ class KnockSink:
         timeouts and connection errors retry (after `Retry-After` when Knock gives one); other
         statuses (a bad key, an unknown workflow, an invalid body) fail.
         """
-        if len(deliveries) <= 1:
-            return [self._trigger(delivery) for delivery in deliveries]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(deliveries))) as pool:
-            return list(pool.map(self._trigger, deliveries))
+        return _concurrently(self._trigger, deliveries, self.concurrency)
 
     def _trigger(self, delivery: Delivery) -> Outcome:
         try:
@@ -470,7 +476,7 @@ def load_sinks(path: Path, environ: Mapping[str, str] = os.environ) -> tuple[dic
           file: {type: file, path: out/workflow_triggers.jsonl, batch_size: 500}
           webhook: {type: webhook, url: "https://example.test/hooks", secret_env: WEBHOOK_SECRET,
                     batch_size: 100, rate_limit_per_second: 50, timeout_seconds: 10,
-                    headers: {X-Team: growth}}
+                    headers: {X-Team: growth}, concurrency: 8}
           knock: {type: knock, base_url: "https://api.knock.app", secret_key_env: KNOCK_API_KEY,
                   rate_limit_per_second: 60, timeout_seconds: 10}
 
@@ -536,6 +542,7 @@ def _webhook_sink(
         rate_limit_per_second=settings.get("rate_limit_per_second"),
         batch_size=settings.get("batch_size", 1),
         headers={str(key): str(value) for key, value in headers.items()},
+        concurrency=settings.get("concurrency"),
     )
 
 
@@ -561,6 +568,7 @@ _ALLOWED_KEYS = {
         "rate_limit_per_second",
         "batch_size",
         "headers",
+        "concurrency",
     },
     "knock": {"base_url", "secret_key_env", "timeout_seconds", "rate_limit_per_second"},
 }
@@ -604,6 +612,19 @@ def _positive_number(value, setting: str, sink_name: str) -> float:
     return float(value)
 
 
+def _concurrency(value, rate_limit: float | None, sink_name: str) -> int:
+    """How many requests a sink makes at once: `value` (1 to `MAX_CONCURRENCY`), and no more than
+    its rate limit per second (a request in flight per token a second)."""
+    concurrency = _positive_int(value, "concurrency", sink_name)
+    if concurrency > MAX_CONCURRENCY:
+        raise SinkConfigError(
+            f"sink {sink_name!r}: `concurrency` must be at most {MAX_CONCURRENCY}, not {value!r}"
+        )
+    if rate_limit is not None:
+        concurrency = min(concurrency, max(1, math.floor(rate_limit)))
+    return concurrency
+
+
 def _optional_rate(value, sink_name: str) -> float | None:
     if value is None:
         return None
@@ -620,6 +641,14 @@ def _session(pool_size: int) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def _concurrently(send, items: list, concurrency: int) -> list[Outcome]:
+    """`send(item)` for each item, on at most `concurrency` threads; the outcomes in item order."""
+    if len(items) <= 1 or concurrency <= 1:
+        return [send(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(items))) as pool:
+        return list(pool.map(send, items))
 
 
 def _post_for_outcome(

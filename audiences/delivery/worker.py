@@ -6,6 +6,8 @@ delivers pass after pass (`loop.deliver_due`, so the claims and leases, retries 
 idempotency keys, rate limits and dead letters are those of every other delivery), and sleeps only
 when nothing of its sink is due. A sink whose receiver hangs holds up its own thread only, each
 send for at most the sink's `timeout_seconds`; the other sinks' deliveries never wait for it.
+Within a sink, a webhook or Knock sink has up to its `concurrency` requests in flight, one per
+recipient at a time (`loop.first_of_its_recipient`).
 
 A sleeping thread wakes:
 - at once when a transaction of this process that queued deliveries commits
@@ -31,7 +33,12 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from audiences.delivery.loop import DeliveryReport, deliver_due, new_worker_id
+from audiences.delivery.loop import (
+    DeliveryReport,
+    deliver_due,
+    first_of_its_recipient,
+    new_worker_id,
+)
 from audiences.delivery.sinks import Sink
 from audiences.store.database import (
     DELIVERIES_CHANNEL,
@@ -174,6 +181,7 @@ class DeliveryWorker:
                 columns.status == "pending",
                 columns.sink == name,
                 sa.or_(columns.claimed_until.is_(None), columns.claimed_until < now),
+                first_of_its_recipient(),  # one waiting for an earlier delivery is not due
             )
             .order_by(columns.next_attempt_at)
             .limit(1)

@@ -141,6 +141,9 @@ deliveries = sa.Table(
     sa.Index("deliveries_due", "status", "next_attempt_at", "created_at", "delivery_id"),
     sa.Index("deliveries_by_batch", "batch_id"),
     sa.Index("deliveries_by_message", "message_id"),
+    # A recipient's earlier pending deliveries to a sink, which its next one waits for (the loop's
+    # `first_of_its_recipient`).
+    sa.Index("deliveries_by_recipient", "user_id", "audience_key", "sink", "status", "created_at"),
 )
 
 

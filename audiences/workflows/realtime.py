@@ -53,7 +53,7 @@ from audiences.conditions.compiler import (
     render,
     without_tenant,
 )
-from audiences.conditions.definitions import AudienceDefinition
+from audiences.conditions.definitions import AudienceDefinition, audiences_referred_to
 from audiences.membership.events import MembershipEvent
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, apply_membership_changes, now_text
@@ -151,6 +151,18 @@ class Plan:
     @property
     def keys(self) -> set[str]:
         return set(self.definitions)
+
+    def memberships_read(self, triggers: Iterable[WorkflowTrigger] = ()) -> frozenset[str]:
+        """The audiences whose memberships evaluating this plan (and these triggers' conditions)
+        reads: those their conditions refer to. The evaluator holds only these of a user's
+        memberships (a user is in dozens of audiences; loading them all was most of an
+        evaluation's time)."""
+        return frozenset(
+            audiences_referred_to(
+                [s for definition in self.definitions.values() for s in definition.segments]
+                + [s for trigger in triggers for s in trigger.segments]
+            )
+        )
 
     def affected(self, changed: Iterable[str] | None) -> frozenset[str]:
         """The plan's audiences an identify that set these top-level properties may move the user
@@ -292,6 +304,7 @@ class UserEvaluator:
         ensure_user_tables(self.connection)
         self.connection.execute(AUDIENCE_MEMBERS_STAND_IN)
         self.connection.execute("create table main.realtime_clock (evaluated_at timestamptz)")
+        self._holds_memberships = False  # whether main.audience_members has rows to delete
         # plan -> its generation (the suffix of its statements), most recently used last
         self._prepared: dict[int, tuple[Plan, int]] = {}
         self._generation = 0
@@ -317,18 +330,29 @@ class UserEvaluator:
         self,
         users: Iterable[tuple[str, dict | None, Iterable[tuple[str, str | None]]]],
         now: datetime,
+        audiences: Iterable[str] | None = None,
     ) -> None:
         """Hold these users, each (user id, properties or None when deleted or unknown, memberships
-        [(audience, tenant)]), at `now`."""
+        [(audience, tenant)]), at `now`; of their memberships, only those of `audiences` when
+        given (what the conditions to evaluate read: `Plan.memberships_read`)."""
         connection = self.connection
-        for table in ("raw.users", "main.audience_members", "main.realtime_clock"):
+        tables = ["raw.users", "main.realtime_clock"]
+        if self._holds_memberships:
+            tables.append("main.audience_members")
+        for table in tables:
             connection.execute(f"delete from {table}")
+        self._holds_memberships = False
         connection.execute("insert into main.realtime_clock values ($now)", {"now": now})
+        wanted = None if audiences is None else set(audiences)
         users, rows, members = list(users), [], []
         for key, (user_id, properties, memberships) in enumerate(users, start=1):
             if properties is not None:
                 rows.append((key, user_id, json.dumps(properties), now, now))
-            members += [(audience, key, user_id, tenant) for audience, tenant in memberships]
+            members += [
+                (audience, key, user_id, tenant)
+                for audience, tenant in memberships
+                if wanted is None or audience in wanted
+            ]
         # One statement per table (executemany runs one per row).
         if rows:
             connection.execute(
@@ -342,6 +366,7 @@ class UserEvaluator:
                 + ", ".join(["(?, ?, ?, ?)"] * len(members)),
                 [value for row in members for value in row],
             )
+            self._holds_memberships = True
 
     def _prepare(self, plan: Plan) -> int:
         """Prepare the plan's statements (once per plan, while it is among the most recently
@@ -395,6 +420,7 @@ class UserEvaluator:
                 connection.executemany(
                     "insert into main.audience_members values (?, ?, ?, null)", entered
                 )
+                self._holds_memberships = True
         return members
 
     def close(self) -> None:
@@ -429,11 +455,14 @@ def decide(
     plan: Plan,
     evaluator: UserEvaluator,
     now: datetime | None = None,
+    triggers: Iterable[WorkflowTrigger] | None = None,
 ) -> Decisions:
     """Evaluate these users' real-time audiences over the store's copy of them (read outside any
     write, so the store's write lock is not held meanwhile); each difference from the store's
     current membership is an event with the pipeline's id. The caller holds `evaluator.lock`
-    until `record` has run (trigger conditions read the users the evaluator holds)."""
+    until `record` has run (trigger conditions read the users the evaluator holds: with
+    `triggers`, the evaluator holds only the memberships that the plan and these triggers read;
+    without, all of them)."""
     decisions = Decisions(now=now or datetime.now(UTC))
     user_ids = sorted(set(user_ids))
     if not user_ids or not plan.definitions:
@@ -443,7 +472,11 @@ def decide(
         state = _read_state(store, connection, user_ids, plan)
     # Never identified through the store (no patch): the pipeline's users only.
     known = [user_id for user_id in user_ids if state[user_id][3] is not None]
-    evaluator.load([(u, state[u][0], state[u][1]) for u in known], decisions.now)
+    evaluator.load(
+        [(u, state[u][0], state[u][1]) for u in known],
+        decisions.now,
+        None if triggers is None else plan.memberships_read(triggers),
+    )
     verdicts = evaluator.evaluate(plan)
     for user_id in known:
         _, memberships, entries, patch_id = state[user_id]

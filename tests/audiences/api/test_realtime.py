@@ -262,3 +262,77 @@ def test_users_of_one_batch_with_different_changes_all_get_their_triggers(servic
             sa.select(deliveries.user_id).where(deliveries.workflow_key == "pro-welcome")
         )
     ) == ["ana", "bo"]
+
+
+def test_the_evaluator_holds_only_the_memberships_the_plan_and_triggers_read(tmp_path):
+    """A user is in dozens of audiences; an evaluation loads only the memberships its conditions
+    (and its triggers' conditions) refer to, and decides the same."""
+    from datetime import UTC, datetime
+
+    from audiences.store.database import MembershipStore
+    from audiences.workflows.realtime import UserEvaluator, compile_plan, decide
+    from audiences.workflows.triggers import WorkflowTrigger, condition_segments
+
+    folder = tmp_path / "audiences"
+
+    def audience(key: str, *conditions: dict) -> None:
+        (folder / key).mkdir(parents=True)
+        document = {
+            "key": key,
+            "name": key,
+            "type": "dynamic",
+            "segments": [{"conditions": conditions}],
+        }
+        (folder / key / "audience.json").write_text(json.dumps(document))
+
+    for key in ("beta", "vip"):
+        (folder / key).mkdir(parents=True)
+        (folder / key / "audience.json").write_text(json.dumps({"name": key, "type": "static"}))
+    audience("pro", {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"})
+    audience(
+        "pro-beta",
+        {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"},
+        {"property": "recipient", "operator": "is_audience_member", "argument": "beta"},
+    )
+    definitions = load_definitions(folder)
+    plan = compile_plan(definitions, {key: d.version for key, d in definitions.items()})
+    vip = {"property": "recipient", "operator": "is_not_audience_member", "argument": "vip"}
+    segments = condition_segments([vip], "$.conditions")
+    triggers = [WorkflowTrigger("welcome", "pro", "entered", segments=segments)]
+    assert plan.memberships_read() == {"beta"}
+    assert plan.memberships_read(triggers) == {"beta", "vip"}
+
+    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+    others = [f"other-{n}" for n in range(30)]
+    with store.engine.begin() as connection:
+        connection.execute(
+            tables.user_profiles.insert(),
+            [{"user_id": "u1", "properties": json.dumps({"plan": "pro"}), "updated_at": "x"}],
+        )
+        connection.execute(
+            tables.user_patches.insert(),
+            [{"user_id": "u1", "patch": json.dumps({"plan": "pro"}), "received_at": "x"}],
+        )
+        connection.execute(
+            tables.audience_members.insert(),
+            [
+                {"audience_key": key, "user_id": "u1", "tenant_key": "", "added_at": "x"}
+                for key in ["beta", "vip", *others]
+            ],
+        )
+    evaluator = UserEvaluator()
+    try:
+        with evaluator.lock:
+            now = datetime.now(UTC)
+            held = decide(store, ["u1"], plan, evaluator, now, triggers)
+            kept = evaluator.connection.execute(
+                "select audience_key from main.audience_members order by 1"
+            ).fetchall()
+            everything = decide(store, ["u1"], plan, evaluator, now)
+    finally:
+        evaluator.close()
+        store.dispose()
+    assert kept == [("beta",), ("vip",)]
+    decided = [(e.audience_key, e.event_type, e.event_id) for e in held.events]
+    assert decided == [(e.audience_key, e.event_type, e.event_id) for e in everything.events]
+    assert sorted(key for key, _, _ in decided) == ["pro", "pro-beta"]

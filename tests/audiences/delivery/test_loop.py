@@ -195,7 +195,10 @@ def test_backoff_doubles_per_attempt_with_full_jitter_and_a_ceiling(store, knock
     for attempts in (0, 3, 20):
         pending(store, f"dlv-{attempts}", "knock", attempts=attempts)
     random_source = random.Random(7)
-    jitter = random.Random(7).random()  # the three go out in one send, so they share one draw
+    # One draw per send, as each starts, in queue order (dlv-0, dlv-20, dlv-3: by id): the Knock
+    # sink sends one delivery per request, several in flight at once.
+    draws = random.Random(7)
+    jitters = {attempts: draws.random() for attempts in (0, 20, 3)}
 
     deliver_due(
         store,
@@ -216,10 +219,10 @@ def test_backoff_doubles_per_attempt_with_full_jitter_and_a_ceiling(store, knock
         ).total_seconds()
         for attempts in (0, 3, 20)
     }
-    assert 0 < jitter < 1
-    assert delays[0] == pytest.approx(jitter * 1, abs=1e-6)
-    assert delays[3] == pytest.approx(jitter * 8, abs=1e-6)
-    assert delays[20] == pytest.approx(jitter * 300, abs=1e-6)
+    assert all(0 < jitter < 1 for jitter in jitters.values())
+    assert delays[0] == pytest.approx(jitters[0] * 1, abs=1e-6)
+    assert delays[3] == pytest.approx(jitters[3] * 8, abs=1e-6)
+    assert delays[20] == pytest.approx(jitters[20] * 300, abs=1e-6)
 
 
 # -- dead letters ---------------------------------------------------------------------------------
@@ -279,7 +282,12 @@ def test_rate_limit_is_respected_per_delivery(store, recorder):
             for number in range(20)
         ],
     )
-    sink = WebhookSink("webhook", recorder.url, SECRET, rate_limit_per_second=5, timeout_seconds=1)
+    # One send at a time: the fake clock moves when the loop sleeps for tokens, so requests in
+    # flight together would read it at arbitrary moments (concurrent sends under a rate limit:
+    # test_sink_concurrency.py, on the wall clock).
+    sink = WebhookSink(
+        "webhook", recorder.url, SECRET, rate_limit_per_second=5, timeout_seconds=1, concurrency=1
+    )
     try:
         report = deliver_due(store, {"webhook": sink}, now=T0, clock=clock, sleep=clock.sleep)
     finally:
@@ -660,6 +668,10 @@ def test_a_pass_spends_at_most_its_time_on_a_sink_and_gives_back_what_it_did_not
 ):
     hanging, healthy = two_receivers
     sinks = slow_and_fast(store, hanging, healthy)
+    # One send at a time, so that the budget, not the sends in flight, decides how many go out.
+    sinks["a-hangs"] = WebhookSink(
+        "a-hangs", hanging.url, SECRET, timeout_seconds=0.5, concurrency=1
+    )
     started = time.monotonic()
     try:
         report = deliver_due(store, sinks, now=T0, seconds_per_sink=1.2)
