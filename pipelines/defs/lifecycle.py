@@ -1,14 +1,18 @@
 """Promotion as a Dagster run: the `promote_definitions` job promotes commits to an environment
-(as `audiences promote` does, through the same `promote_now`), records each changed audience's
-impact (members now and after, entered, exited, deliveries) as the run's metadata, and evaluates
-the target environment at once, in its own run of its main job."""
+through `promote_now`, records each changed audience's impact (members now and after, entered,
+exited, deliveries) as the run's metadata, and evaluates the target environment at once, in its
+own run of its main job. `audiences promote` runs this job too (`run_promotion`), so every
+promotion, from the UI or the CLI, is a run of it in the instance `dg dev` shows."""
 
 import argparse
+import contextlib
 
 import dagster as dg
 from pydantic import Field
 
-from audiences.lifecycle.commands import promote_now
+from audiences.lifecycle.commands import PromotionReport, promote_now
+from audiences.lifecycle.commits import LifecycleError
+from audiences.settings import Settings
 from pipelines.defs.resources import EnvironmentNames, SettingsParam
 
 PROMOTION_JOB = "promote_definitions"
@@ -32,28 +36,41 @@ class PromotionConfig(dg.Config):
         "impact on its users; then evaluate it at once, in a run of its main job. The output's "
         "metadata holds each changed audience's members now and after, entered and exited, the "
         "deliveries they would cause, and the evaluation's own counts."
-    )
+    ),
 )
 def promote_commits(
-    context: dg.OpExecutionContext, config: PromotionConfig, settings: SettingsParam
+    context: dg.OpExecutionContext,
+    config: PromotionConfig,
+    settings: SettingsParam,
+    promotion_report: dg.ResourceParam[PromotionReport | None],
 ) -> dg.Output[dict]:
     from audiences.lifecycle.impact import format_impact
+
+    report = promotion_report or PromotionReport()
 
     def before(plan, result) -> None:
         context.log.info(
             f"promoting {len(plan.commits)} commits from {plan.source} to {plan.target}:\n"
             + "\n".join(format_impact(result))
         )
+        if report.before is not None:
+            report.before(plan, result)
 
-    outcome = promote_now(
-        settings,
-        config.to,
-        config.commit,
-        evaluate=config.evaluate,
-        arguments=argparse.Namespace(debug=False, verbose=False),
-        instance=context.instance,
-        before=before,
-    )
+    try:
+        outcome = promote_now(
+            settings,
+            config.to,
+            config.commit,
+            evaluate=config.evaluate,
+            arguments=report.arguments or argparse.Namespace(debug=False, verbose=False),
+            instance=context.instance,
+            before=before,
+            promoted=report.promoted,
+        )
+    except LifecycleError as error:
+        report.error = error  # refused, nothing written: the CLI says so in its own words
+        raise
+    report.outcome = outcome
     plan, result = outcome.plan, outcome.impact
     impact = {
         each.audience_key: {
@@ -117,3 +134,53 @@ def promote_commits(
 )
 def promotion_job():
     promote_commits()
+
+
+def promotion_resources() -> dict[str, dg.ResourceDefinition]:
+    """The promotion job's own resource in the code location: no report (a run from the UI is
+    followed in the UI)."""
+    return {
+        "promotion_report": dg.ResourceDefinition.none_resource(
+            description="`audiences promote`'s printer of the impact and outcome (none in the UI)"
+        )
+    }
+
+
+def run_promotion(
+    settings: Settings,
+    to: str,
+    commit: str | None,
+    *,
+    evaluate: bool,
+    report: PromotionReport,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Run the `promote_definitions` job in this process, in the instance `dg dev` shows
+    (DAGSTER_HOME) unless one is given: what `audiences promote` does, so that its promotion is
+    the same run, with the same metadata, as one launched from the UI. `report` sees the impact
+    before anything is written, and receives the outcome (or the refusal)."""
+    from audiences.settings import prepare_dagster_home
+
+    verbose = bool(getattr(report.arguments, "verbose", False))
+    opened = (
+        contextlib.nullcontext(instance)
+        if instance is not None
+        else dg.DagsterInstance.from_config(str(prepare_dagster_home(settings.dagster_home)))
+    )
+    with opened as chosen:
+        return promotion_job.execute_in_process(
+            run_config={
+                "ops": {
+                    "promote_commits": {
+                        "config": {"to": to, "commit": commit, "evaluate": evaluate}
+                    }
+                },
+                "loggers": {
+                    "console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}
+                },
+            },
+            instance=chosen,
+            resources={"settings": settings, "promotion_report": report},
+            raise_on_error=False,
+            tags={"audiences/launched_by": "audiences promote"},
+        )
