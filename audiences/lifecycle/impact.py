@@ -294,11 +294,10 @@ def _scan(
     dynamic = [definitions[key] for key in keys if key in definitions]  # the others: archived
     source, conditions = matching_scan(connection, dynamic, definitions, now, replaced)
     number = {key: place for place, key in enumerate(keys)}
-    branches = [
-        "select null::integer as number, null::integer as user_key, null::varchar as user_id "
-        "where false"
-    ] + [
-        f"select {number[definition.key]} as number, users.user_key, users.user_id "
+    # A member is one number: the audience's place in `keys` above the user's key, so the join
+    # compares one integer and holds no text (the ids of the few that move are read after).
+    branches = ["select null::bigint as member where false"] + [
+        f"select ({number[definition.key]}::bigint << 32) | users.user_key::bigint as member "
         f"from {source} where {condition}"
         for definition, condition in zip(dynamic, conditions, strict=True)
     ]
@@ -314,7 +313,7 @@ def _scan(
     }
     if evaluated:
         recorded = f"""
-            select chosen.number, members.user_key
+            select (chosen.number::bigint << 32) | members.user_key::bigint as member
             from {MEMBERS_TABLE} as members
             join (select unnest($keys) as audience_key, generate_subscripts($keys, 1) - 1 as number)
                 as chosen using (audience_key)
@@ -327,26 +326,22 @@ def _scan(
         ).fetchall():
             found[key]["members_now"] = count
     else:
-        recorded = "select null::integer as number, null::integer as user_key where false"
+        recorded = "select null::bigint as member where false"
     rows = connection.execute(
         f"""
         with after_members as ({" union all ".join(branches)}),
         now_members as ({recorded}),
         moved as (
-            select
-                number,
-                after_members.user_key is not null as entering,
-                coalesce(after_members.user_key, now_members.user_key) as user_key,
-                after_members.user_id
+            select coalesce(after_members.member, now_members.member) as member,
+                after_members.member is not null as entering
             from after_members
-            full join now_members using (number, user_key)
-            where after_members.user_key is null or now_members.user_key is null
+            full join now_members using (member)
+            where after_members.member is null or now_members.member is null
         )
-        select moved.number, moved.entering, count(*),
-            min(coalesce(moved.user_id, users.user_id), {SAMPLE_SIZE})
+        select moved.member >> 32 as number, moved.entering, count(*),
+            min(users.user_id, {SAMPLE_SIZE})
         from moved
-        left join raw.users as users
-            on moved.user_id is null and users.user_key = moved.user_key
+        join raw.users as users on users.user_key = (moved.member & 4294967295)::integer
         group by all
         """,
         {"keys": keys} if evaluated else {},
