@@ -71,6 +71,7 @@ def promote_commits(
         report.error = error  # refused, nothing written: the CLI says so in its own words
         raise
     report.outcome = outcome
+    context.log.info(reload_code_locations(settings.for_environment(config.to), context.run_id))
     plan, result = outcome.plan, outcome.impact
     impact = {
         each.audience_key: {
@@ -134,6 +135,58 @@ def promote_commits(
 )
 def promotion_job():
     promote_commits()
+
+
+# The UI's own queries: whether it knows a run (so it shows this instance), and its "Reload all".
+KNOWS_RUN = "query KnowsRun($runId: ID!) { runOrError(runId: $runId) { __typename } }"
+RELOAD_WORKSPACE = """
+mutation ReloadWorkspace {
+  reloadWorkspace {
+    __typename
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def _graphql(url: str, query: str, variables: dict, timeout: float) -> dict:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read()).get("data") or {}
+
+
+def reload_code_locations(settings: Settings, run_id: str, timeout: float = 300.0) -> str:
+    """Ask the Dagster UI at `settings.dagster_url` to reload its code locations (GraphQL
+    `reloadWorkspace`, its "Reload all" button), so that it shows what a promotion changed at
+    once: a later environment's audience assets come from its dbt project, read when the code
+    location loads. Only a UI of this run's instance (one that knows `run_id`) is reloaded.
+    Returns what happened, as a line for the log; no UI running is not an error (the next
+    `dg dev` loads the new definitions)."""
+    url = settings.dagster_url
+    if url is None:
+        return "the Dagster UI was not reloaded (AUDIENCES_DAGSTER_URL=none)"
+    try:
+        known = _graphql(url, KNOWS_RUN, {"runId": run_id}, timeout=10)
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        return f"no Dagster UI at {url} to reload ({reason}): it shows the promotion once it loads"
+    if (known.get("runOrError") or {}).get("__typename") != "Run":
+        return f"the Dagster UI at {url} shows another Dagster instance: not reloaded"
+    try:
+        result = _graphql(url, RELOAD_WORKSPACE, {}, timeout=timeout).get("reloadWorkspace") or {}
+    except (OSError, ValueError) as error:
+        return f"the Dagster UI at {url} did not reload: {getattr(error, 'reason', error)}"
+    if result.get("__typename") != "Workspace":
+        return f"the Dagster UI at {url} could not reload: {result.get('message') or result}"
+    return f"reloaded the code locations of the Dagster UI at {url}: it shows {settings.environment}'s new audiences"
 
 
 def promotion_resources() -> dict[str, dg.ResourceDefinition]:
