@@ -244,10 +244,11 @@ def promote_now(
     before: Callable[[lifecycle.Promotion, Impact], None] | None = None,
     promoted: Callable[[lifecycle.Promotion], object] | None = None,
 ) -> PromotionOutcome:
-    """Promote, the one way `audiences promote` and the Dagster promotion job both do: plan it,
-    measure its impact on the target's users (`before` sees both before anything is written),
-    promote, and evaluate the target at once through its Dagster job, tagged with the promotion's
-    commits and impact (in `instance`, else the DAGSTER_HOME one)."""
+    """Promote, the one way: the op of the `promote_definitions` job calls this (from the UI, and
+    from `audiences promote`, which runs that job). Plan it, measure its impact on the target's
+    users (`before` sees both before anything is written), promote, and evaluate the target at
+    once through its main job, in a run tagged with the promotion's commits and impact (in
+    `instance`, the promotion run's, else the DAGSTER_HOME one)."""
     plan = lifecycle.plan_promotion(settings, to, commit_id)
     result = planned_impact(settings, plan)
     if before is not None:
@@ -270,7 +271,7 @@ def promote_now(
 
 def _evaluate(settings: Settings, arguments, tags: dict[str, str], instance=None) -> int:
     """Evaluate the environment now, as `audiences run` does; the Dagster run carries the
-    promotion's commits and impact as tags, so the UI shows it as the promotion's run."""
+    promotion's commits and impact as tags, so the UI links it to the promotion's run."""
     from audiences.cli.runs import run
 
     given = vars(arguments) if arguments is not None else {"debug": False}
