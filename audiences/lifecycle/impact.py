@@ -3,8 +3,9 @@
 For each changed audience, against the target environment's warehouse as it is now: its members
 now and after the change, who would enter and exit (with a sample of ids each way), the workflow
 deliveries that would follow per trigger, and whether the circuit breaker would hold them. The new
-definition is compiled by the same compiler as every evaluation and run as one DuckDB query per
-audience over the environment's flattened attributes, so it reads nothing it does not need.
+definitions are compiled by the same compiler as every evaluation and evaluated read-only in
+DuckDB over the environment's current users (no dbt, nothing written): most in one query, the
+few that need it alone (`_measure`).
 """
 
 from __future__ import annotations
@@ -183,13 +184,13 @@ def _measure(
 ) -> list[AudienceImpact]:
     """Every changed audience's members now and after, entering and exiting, read-only in DuckDB.
 
-    Dynamic audiences over users' properties (the most) are evaluated together: one scan of the
-    users computes every new definition's verdict, joined with one pass over the members the
-    environment's last evaluation recorded (a bit per audience), and aggregated into the counts
-    and samples of each (`_scan`). The others are evaluated one by one (`_alone`), exactly as
-    their evaluation will: a per-tenant audience by (user, tenant) pairs, an audience with event
-    conditions over the loaded events, and one that reads another changed audience over that
-    audience's new members. Static audiences keep their members; archived ones lose them all."""
+    Dynamic audiences over users' properties (the most) are measured together, in one query per
+    batch (`_scan`): each new definition a filtered branch over the users, fully joined with the
+    members the environment's last evaluation recorded. A per-tenant audience (by (user, tenant)
+    pairs) and one with event conditions are measured one by one (`_alone`), and say so
+    (`method`). A changed audience that a changed one reads is read at its new members (its
+    query inlined, or its result kept), as the evaluation will. Static audiences keep their
+    members; archived ones lose them all."""
     keys = sorted(after)
     changes = {
         key: "archived"
