@@ -219,7 +219,7 @@ def _measure(
         if other in after
     }
     replaced: dict = {
-        key: exp.select("user_key").from_(MEMBERS_TABLE).where(exp.false())
+        key: exp.select("user_key", "tenant").from_(MEMBERS_TABLE).where(exp.false())
         for key in read
         if key not in definitions  # archived: no one
     }
@@ -231,8 +231,7 @@ def _measure(
             results[key] = replace(results[key], **found, method=f"alone: {alone[key]}")
             replaced[key] = members
         elif definitions[key].type == "dynamic":
-            members = members_query(connection, definitions[key], definitions, now, replaced)
-            replaced[key] = exp.select("user_key").from_(members.subquery("members"))
+            replaced[key] = members_query(connection, definitions[key], definitions, now, replaced)
     scanned = [key for key in keys if key not in alone and key not in static]
     for batch in range(0, len(scanned), SCAN_BATCH):
         chosen = scanned[batch : batch + SCAN_BATCH]
@@ -382,9 +381,9 @@ def _alone(
 ) -> tuple[dict, object]:
     """One audience's members now and after, compared as the warehouse records them ((user,
     tenant) rows), with the changed audiences it reads taken at their new members (`replaced`).
-    Returns the counts and the query of its new members' `user_key`s (kept in a temporary table
-    of this read-only connection, for the audiences that read it)."""
-    from audiences.conditions.compiler import render, without_tenant
+    Returns the counts and the query of its new members (`user_key`, `tenant`, kept in a
+    temporary table of this read-only connection, for the audiences that read it)."""
+    from audiences.conditions.compiler import render
 
     sql = render(members_query(connection, definitions[key], definitions, now, replaced))
     table = f"impact_after_{len(replaced)}"
@@ -419,9 +418,7 @@ def _alone(
     )
     found["entered_sample"] = list(row[4] or [])
     found["exited_sample"] = list(row[5] or [])
-    # What `is_audience_member` reads: its members without a tenant (as the warehouse reads them).
-    members = exp.select("user_key").from_(table).where(without_tenant())
-    return found, members
+    return found, exp.select("user_key", "tenant").from_(table)
 
 
 def format_impact(result: Impact) -> list[str]:

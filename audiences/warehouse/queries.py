@@ -107,8 +107,9 @@ def _users_query(
 ) -> _Query:
     """Users to evaluate conditions over: all current users, or those `user_filter` (a condition on
     `users.user_id`) keeps, in which case attributes are read inline (a few users, no table scan).
-    `replaced` gives, for some audience keys, the query of their members (`user_key`) that
-    `is_audience_member` reads instead of the last evaluation's (a dry run's new members)."""
+    `replaced` gives, for some audience keys, the query of their members (`user_key`, `tenant`,
+    as `audience_members` holds them) that `is_audience_member` reads instead of the last
+    evaluation's (a dry run's new members)."""
     needed = attributes_used(segments)
     fresh = (
         table_exists(connection, FLATTENED_TABLE)
@@ -121,7 +122,11 @@ def _users_query(
 
     def members_of(key: str) -> exp.Expression:
         if replaced and key in replaced:
-            return replaced[key].copy()
+            return (
+                exp.select("user_key")
+                .from_(replaced[key].copy().subquery("replaced"))
+                .where(without_tenant())
+            )
         if evaluated:
             return (
                 exp.select("user_key")
@@ -160,6 +165,8 @@ def _users_query(
 
     def pairs_of(key: str) -> exp.Expression:
         # (user_key, tenant) of the members, for a per-tenant pair (`reads_pair_membership`).
+        if replaced and key in replaced:
+            return exp.select("user_key", "tenant").from_(replaced[key].copy().subquery("replaced"))
         if evaluated:
             return (
                 exp.select("user_key", exp.alias_(normalized_tenant(), "tenant", quoted=False))
@@ -396,7 +403,7 @@ def members_query(
     """The query (`user_key`, `tenant`) of the members a dynamic definition would have now, as the
     warehouse records them (`audience_members`): one row per user with no tenant, or one per
     matching (user, tenant) pair of a per-tenant audience. `replaced`: audiences whose members
-    `is_audience_member` reads from the given queries (`user_key`) instead of the last
+    `is_audience_member` reads from the given queries (`user_key`, `tenant`) instead of the last
     evaluation's."""
     _require_users(connection)
     query = _users_query(connection, definition.segments, definitions, now, replaced=replaced)
