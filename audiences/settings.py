@@ -112,6 +112,14 @@ class Settings:
         return _absolute(os.environ.get("DAGSTER_HOME") or "dagster_home")
 
     @property
+    def dagster_url(self) -> str | None:
+        """The Dagster UI whose code location a promotion reloads, so it shows the target's new
+        audiences at once: AUDIENCES_DAGSTER_URL, else `dg dev`'s default address; "none" (or
+        empty) reloads nothing."""
+        value = os.environ.get("AUDIENCES_DAGSTER_URL", "http://127.0.0.1:3000").strip()
+        return None if value.lower() in ("", "none", "off") else value.rstrip("/")
+
+    @property
     def environments(self) -> list[str]:
         """Every environment, in promotion order: the first is where definitions are edited and
         committed, and each later one receives the commits promoted from the one before."""

@@ -1054,6 +1054,8 @@ _EVENT_KEYS = {
     "last_performed_before": ("event", "time", "where"),
     "last_performed_after": ("event", "time", "where"),
 }
+# The operators of event conditions (they count loaded events, not the user's properties).
+EVENT_OPERATORS = tuple(_EVENT_KEYS)
 # Operators a `where` cannot use: they read the user, not the event.
 _NOT_EVENT_PROPERTY_OPERATORS = (
     "is_audience_member",

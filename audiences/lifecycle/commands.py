@@ -161,19 +161,51 @@ def promote(settings: Settings, arguments) -> int:
         if not arguments.json:
             print(f"promoted {len(plan.commits)} commits from {plan.source} to {plan.target}")
 
-    outcome = promote_now(
+    from pipelines.defs.lifecycle import run_promotion
+
+    # Refusals (an unknown environment or commit) before any run is made.
+    lifecycle.plan_promotion(settings, arguments.to, arguments.commit)
+    # A run of the `promote_definitions` job, as from the UI: the one way to promote.
+    tracked = PromotionReport(report, promoted, arguments)
+    result = run_promotion(
         settings,
         arguments.to,
         arguments.commit,
         evaluate=not arguments.no_evaluate,
-        arguments=arguments,
-        before=report,
-        promoted=promoted,
+        report=tracked,
     )
+    if tracked.error is not None:
+        raise tracked.error
+    outcome = tracked.outcome
+    if outcome is None:
+        for event in result.get_step_failure_events():
+            error = event.step_failure_data.error
+            if getattr(arguments, "debug", False) and error is not None:
+                sys.stderr.write(error.to_string())
+            message = error.message.strip() if error is not None else "the promotion failed"
+            print(f"error: {message}", file=sys.stderr)
+        print(
+            f"the promotion failed: see run {result.run_id} of promote_definitions", file=sys.stderr
+        )
+        return 1
     if arguments.json:
         summary = promotion_summary(outcome.plan, outcome.impact)
         print(json.dumps({**summary, "evaluated": not arguments.no_evaluate}, indent=2))
     return outcome.status or 0
+
+
+@dataclass
+class PromotionReport:
+    """How a caller of the `promote_definitions` job (`audiences promote`) follows it: `before`
+    sees the plan and its impact before anything is written, `promoted` the plan once the commits
+    are in the target; the job leaves the outcome, or the refusal, here. `arguments`: the CLI's
+    (--verbose, --debug) for the target's evaluation."""
+
+    before: Callable[[lifecycle.Promotion, Impact], None] | None = None
+    promoted: Callable[[lifecycle.Promotion], object] | None = None
+    arguments: object = None
+    outcome: PromotionOutcome | None = None
+    error: Exception | None = None
 
 
 @dataclass
@@ -212,10 +244,11 @@ def promote_now(
     before: Callable[[lifecycle.Promotion, Impact], None] | None = None,
     promoted: Callable[[lifecycle.Promotion], object] | None = None,
 ) -> PromotionOutcome:
-    """Promote, the one way `audiences promote` and the Dagster promotion job both do: plan it,
-    measure its impact on the target's users (`before` sees both before anything is written),
-    promote, and evaluate the target at once through its Dagster job, tagged with the promotion's
-    commits and impact (in `instance`, else the DAGSTER_HOME one)."""
+    """Promote, the one way: the op of the `promote_definitions` job calls this (from the UI, and
+    from `audiences promote`, which runs that job). Plan it, measure its impact on the target's
+    users (`before` sees both before anything is written), promote, and evaluate the target at
+    once through its main job, in a run tagged with the promotion's commits and impact (in
+    `instance`, the promotion run's, else the DAGSTER_HOME one)."""
     plan = lifecycle.plan_promotion(settings, to, commit_id)
     result = planned_impact(settings, plan)
     if before is not None:
@@ -238,7 +271,7 @@ def promote_now(
 
 def _evaluate(settings: Settings, arguments, tags: dict[str, str], instance=None) -> int:
     """Evaluate the environment now, as `audiences run` does; the Dagster run carries the
-    promotion's commits and impact as tags, so the UI shows it as the promotion's run."""
+    promotion's commits and impact as tags, so the UI links it to the promotion's run."""
     from audiences.cli.runs import run
 
     given = vars(arguments) if arguments is not None else {"debug": False}

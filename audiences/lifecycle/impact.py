@@ -3,24 +3,22 @@
 For each changed audience, against the target environment's warehouse as it is now: its members
 now and after the change, who would enter and exit (with a sample of ids each way), the workflow
 deliveries that would follow per trigger, and whether the circuit breaker would hold them. The new
-definition is compiled by the same compiler as every evaluation and run as one DuckDB query per
-audience over the environment's flattened attributes, so it reads nothing it does not need.
+definitions are compiled by the same compiler as every evaluation and evaluated read-only in
+DuckDB over the environment's current users (no dbt, nothing written): most in one query, the
+few that need it alone (`_measure`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+
+from sqlglot import exp
 
 from audiences.conditions.definitions import AudienceDefinition, parse_definition
 from audiences.membership.changes import CircuitBreaker
 from audiences.settings import Settings, format_time, utc_now
-from audiences.warehouse.queries import (
-    MEMBERS_TABLE,
-    connect,
-    matching_users_sql,
-    table_exists,
-)
+from audiences.warehouse.queries import MEMBERS_TABLE, connect, members_query, table_exists
 
 SAMPLE_SIZE = 5
 
@@ -49,6 +47,9 @@ class AudienceImpact:
     # The circuit breaker would hold the change's deliveries until `release` or `discard`.
     would_hold: bool
     triggers: list[TriggerImpact] = field(default_factory=list)
+    # How it was measured: "scan" (with the other audiences over users' properties, in one pass),
+    # or "alone: <why>" (per tenant, event conditions, reading a changed audience).
+    method: str = "scan"
 
     @property
     def deliveries(self) -> int:
@@ -170,6 +171,10 @@ def _definitions_after(settings: Settings, after: dict[str, dict | None]) -> dic
     return documents
 
 
+# Audiences evaluated in one query (a branch each): larger sets are measured in batches.
+SCAN_BATCH = 100
+
+
 def _measure(
     connection,
     after: dict[str, dict | None],
@@ -177,11 +182,15 @@ def _measure(
     definitions: dict[str, AudienceDefinition],
     now: datetime,
 ) -> list[AudienceImpact]:
-    """Every changed audience's members now and after, entering and exiting, in one DuckDB query:
-    the new definitions' matches (one branch each, scanned in parallel) against the members the
-    environment's last evaluation recorded."""
-    from sqlglot import exp
+    """Every changed audience's members now and after, entering and exiting, read-only in DuckDB.
 
+    Dynamic audiences over users' properties (the most) are measured together, in one query per
+    batch (`_scan`): each new definition a filtered branch over the users, fully joined with the
+    members the environment's last evaluation recorded. A per-tenant audience (by (user, tenant)
+    pairs) and one with event conditions are measured one by one (`_alone`), and say so
+    (`method`). A changed audience that a changed one reads is read at its new members (its
+    query inlined, or its result kept), as the evaluation will. Static audiences keep their
+    members; archived ones lose them all."""
     keys = sorted(after)
     changes = {
         key: "archived"
@@ -191,88 +200,225 @@ def _measure(
         else "modified"
         for key in keys
     }
-    empty = {
+    results = {
         key: AudienceImpact(key, changes[key], 0, 0, 0, 0, [], [], before.get(key) is None, False)
         for key in keys
     }
     if connection is None or not table_exists(connection, "raw.users"):
-        return [empty[key] for key in keys]
+        return [results[key] for key in keys]
     evaluated = table_exists(connection, MEMBERS_TABLE)
-    now_members = (
-        f"select distinct audience_key, user_key from {MEMBERS_TABLE} "
-        "where list_contains($keys, audience_key)"
-        if evaluated
-        else "select null::varchar as audience_key, null::integer as user_key where false"
-    )
-    branches = ["select null::varchar as audience_key, null::integer as user_key where false"]
+    alone = _evaluated_alone(keys, definitions)
+    static = [key for key in keys if key in definitions and definitions[key].type == "static"]
+    # The changed audiences that changed ones read are read at their new members: their query
+    # inlined (or, for one evaluated alone, its kept result), in the order they read each other.
+    read = {
+        other
+        for key in keys
+        if key in definitions
+        for other in definitions[key].references()
+        if other in after
+    }
+    replaced: dict = {
+        key: exp.select("user_key", "tenant").from_(MEMBERS_TABLE).where(exp.false())
+        for key in read
+        if key not in definitions  # archived: no one
+    }
+    for key in _in_dependency_order(
+        [key for key in keys if key in alone or (key in read and key in definitions)], definitions
+    ):
+        if key in alone:
+            found, members = _alone(connection, key, definitions, now, evaluated, replaced)
+            results[key] = replace(results[key], **found, method=f"alone: {alone[key]}")
+            replaced[key] = members
+        elif definitions[key].type == "dynamic":
+            replaced[key] = members_query(connection, definitions[key], definitions, now, replaced)
+    scanned = [key for key in keys if key not in alone and key not in static]
+    for batch in range(0, len(scanned), SCAN_BATCH):
+        chosen = scanned[batch : batch + SCAN_BATCH]
+        for key, found in _scan(connection, chosen, definitions, now, evaluated, replaced).items():
+            results[key] = replace(results[key], **found)
+    for key, found in _static(connection, static, evaluated).items():
+        results[key] = replace(results[key], **found)
+    return [results[key] for key in keys]
+
+
+def _evaluated_alone(keys: list[str], definitions: dict[str, AudienceDefinition]) -> dict[str, str]:
+    """The changed audiences the scan does not evaluate, each with why: per tenant (members are
+    (user, tenant) pairs), or with event conditions (counted over the loaded events)."""
+    from audiences.conditions.compiler import EVENT_OPERATORS
+
+    reasons: dict[str, str] = {}
     for key in keys:
-        label = exp.Literal.string(key).sql(dialect="duckdb")
         definition = definitions.get(key)
-        if definition is None:
-            continue  # archived: nobody after
-        if definition.type == "static":  # static members are added, not matched
-            branches.append(
-                f"select audience_key, user_key from now_members where audience_key = {label}"
-            )
-        else:
-            matching = matching_users_sql(connection, definition, definitions, now)
-            branches.append(f"select {label} as audience_key, user_key from ({matching})")
+        if definition is None or definition.type != "dynamic":
+            continue
+        if definition.per_tenant:
+            reasons[key] = "per tenant"
+        elif any(c.operator in EVENT_OPERATORS for s in definition.segments for c in s):
+            reasons[key] = "event conditions"
+    return reasons
+
+
+def _in_dependency_order(keys, definitions: dict[str, AudienceDefinition]) -> list[str]:
+    """The keys, each after the changed audiences it reads (the definitions have no cycles:
+    `validate` refuses them)."""
+    ordered: list[str] = []
+
+    def visit(key: str) -> None:
+        if key in ordered or key not in keys:
+            return
+        for read in sorted(definitions[key].references()):
+            visit(read)
+        ordered.append(key)
+
+    for key in sorted(keys):
+        visit(key)
+    return ordered
+
+
+def _scan(
+    connection,
+    keys: list[str],
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+    evaluated: bool,
+    replaced: dict,
+) -> dict[str, dict]:
+    """Members now and after, entering and exiting with samples, for audiences over users without
+    tenants (an archived one: no one after), in one query: each new definition's matches as a
+    filter over the users (one branch each, which DuckDB runs in parallel and short-circuits),
+    fully joined on (audience, user) with the members the last evaluation recorded; only the rows
+    on one side are counted and sampled. Members now are counted where recorded."""
+    from audiences.warehouse.queries import matching_scan
+
+    dynamic = [definitions[key] for key in keys if key in definitions]  # the others: archived
+    source, conditions = matching_scan(connection, dynamic, definitions, now, replaced)
+    number = {key: place for place, key in enumerate(keys)}
+    # A member is one number: the audience's place in `keys` above the user's key, so the join
+    # compares one integer and holds no text (the ids of the few that move are read after).
+    branches = ["select null::bigint as member where false"] + [
+        f"select ({number[definition.key]}::bigint << 32) | users.user_key::bigint as member "
+        f"from {source} where {condition}"
+        for definition, condition in zip(dynamic, conditions, strict=True)
+    ]
+    found = {
+        key: {
+            "members_now": 0,
+            "entered": 0,
+            "exited": 0,
+            "entered_sample": [],
+            "exited_sample": [],
+        }
+        for key in keys
+    }
+    if evaluated:
+        recorded = f"""
+            select (chosen.number::bigint << 32) | members.user_key::bigint as member
+            from {MEMBERS_TABLE} as members
+            join (select unnest($keys) as audience_key, generate_subscripts($keys, 1) - 1 as number)
+                as chosen using (audience_key)
+            where members.tenant is null
+        """
+        for key, count in connection.execute(
+            f"select audience_key, count(*) from {MEMBERS_TABLE} "
+            "where tenant is null and list_contains($keys, audience_key) group by all",
+            {"keys": keys},
+        ).fetchall():
+            found[key]["members_now"] = count
+    else:
+        recorded = "select null::bigint as member where false"
     rows = connection.execute(
         f"""
-        with now_members as materialized ({now_members}),
-        after_members as materialized ({" union all ".join(branches)}),
-        entering as materialized (select * from after_members except select * from now_members),
-        exiting as materialized (select * from now_members except select * from after_members),
-        counted as (
-            select audience_key, 'now' as side, count(*) as total, [] as sample from now_members group by all
-            union all
-            select audience_key, 'after', count(*), [] from after_members group by all
-            union all
-            select audience_key, 'entering', count(*), [] from entering group by all
-            union all
-            select audience_key, 'exiting', count(*), [] from exiting group by all
-        ),
-        sampled as (
-            select audience_key, side, 0 as total, list(user_id order by user_id) as sample
-            from (
-                select side, moved.audience_key, users.user_id
-                from (
-                    select 'entering' as side, * from entering
-                    union all
-                    select 'exiting', * from exiting
-                ) as moved
-                join raw.users as users using (user_key)
-                qualify row_number() over (
-                    partition by side, moved.audience_key order by users.user_id
-                ) <= {SAMPLE_SIZE}
-            )
-            group by all
+        with after_members as ({" union all ".join(branches)}),
+        now_members as ({recorded}),
+        moved as (
+            select coalesce(after_members.member, now_members.member) as member,
+                after_members.member is not null as entering
+            from after_members
+            full join now_members using (member)
+            where after_members.member is null or now_members.member is null
         )
-        select audience_key, side, total, sample from counted
-        union all
-        select audience_key, side || '_sample', total, sample from sampled
+        select moved.member >> 32 as number, moved.entering, count(*),
+            min(users.user_id, {SAMPLE_SIZE})
+        from moved
+        join raw.users as users on users.user_key = (moved.member & 4294967295)::integer
+        group by all
         """,
+        {"keys": keys} if evaluated else {},
+    ).fetchall()
+    for place, entering, count, sample in rows:
+        side = "entered" if entering else "exited"
+        found[keys[place]][side] = count
+        found[keys[place]][f"{side}_sample"] = list(sample or [])
+    for each in found.values():
+        each["members_after"] = each["members_now"] + each["entered"] - each["exited"]
+    return found
+
+
+def _static(connection, keys: list[str], evaluated: bool) -> dict[str, dict]:
+    """Static audiences keep the members they were given: as many after as now, none moving."""
+    if not keys or not evaluated:
+        return {}
+    rows = connection.execute(
+        f"select audience_key, count(*) from {MEMBERS_TABLE} "
+        "where list_contains($keys, audience_key) group by all",
         {"keys": keys},
     ).fetchall()
-    found: dict[str, dict] = {key: {} for key in keys}
-    for key, side, total, sample in rows:
-        if key in found:
-            found[key][side] = list(sample) if side.endswith("_sample") else total
-    return [
-        AudienceImpact(
-            key,
-            changes[key],
-            found[key].get("now", 0),
-            found[key].get("after", 0),
-            found[key].get("entering", 0),
-            found[key].get("exiting", 0),
-            found[key].get("entering_sample", []),
-            found[key].get("exiting_sample", []),
-            before.get(key) is None,
-            False,
-        )
+    counts = dict(rows)
+    return {
+        key: {"members_now": counts.get(key, 0), "members_after": counts.get(key, 0)}
         for key in keys
-    ]
+    }
+
+
+def _alone(
+    connection,
+    key: str,
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+    evaluated: bool,
+    replaced: dict,
+) -> tuple[dict, object]:
+    """One audience's members now and after, compared as the warehouse records them ((user,
+    tenant) rows), with the changed audiences it reads taken at their new members (`replaced`).
+    Returns the counts and the query of its new members (`user_key`, `tenant`, kept in a
+    temporary table of this read-only connection, for the audiences that read it)."""
+    from audiences.conditions.compiler import render
+
+    sql = render(members_query(connection, definitions[key], definitions, now, replaced))
+    table = f"impact_after_{len(replaced)}"
+    connection.execute(f"create or replace temporary table {table} as {sql}")
+    now_members = (
+        f"select user_key, tenant from {MEMBERS_TABLE} where audience_key = $key"
+        if evaluated
+        else "select null::integer as user_key, null::varchar as tenant where false"
+    )
+    row = connection.execute(
+        f"""
+        with now_members as materialized ({now_members}),
+        after_members as (select user_key, tenant from {table}),
+        entering as materialized (select * from after_members except all select * from now_members),
+        exiting as materialized (select * from now_members except all select * from after_members)
+        select
+            (select count(*) from now_members),
+            (select count(*) from after_members),
+            (select count(*) from entering),
+            (select count(*) from exiting),
+            (select min(user_id, {SAMPLE_SIZE}) from entering join raw.users using (user_key)),
+            (select min(user_id, {SAMPLE_SIZE}) from exiting join raw.users using (user_key))
+        """,
+        {"key": key} if evaluated else {},
+    ).fetchone()
+    found = dict(
+        zip(
+            ("members_now", "members_after", "entered", "exited"),
+            row[:4],
+            strict=True,
+        )
+    )
+    found["entered_sample"] = list(row[4] or [])
+    found["exited_sample"] = list(row[5] or [])
+    return found, exp.select("user_key", "tenant").from_(table)
 
 
 def format_impact(result: Impact) -> list[str]:
@@ -291,6 +437,8 @@ def format_impact(result: Impact) -> list[str]:
             lines.append(f"    entering: {', '.join(audience.entered_sample)}")
         if audience.exited_sample:
             lines.append(f"    exiting:  {', '.join(audience.exited_sample)}")
+        if audience.method != "scan":
+            lines.append(f"    evaluated on its own ({audience.method.removeprefix('alone: ')})")
         if audience.is_new:
             lines.append("    new audience: its first members trigger no workflow (no backfill)")
         for trigger in audience.triggers:

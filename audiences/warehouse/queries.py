@@ -103,9 +103,13 @@ def _users_query(
     definitions: dict[str, AudienceDefinition],
     now: datetime,
     user_filter: exp.Expression | None = None,
+    replaced: dict[str, exp.Expression] | None = None,
 ) -> _Query:
     """Users to evaluate conditions over: all current users, or those `user_filter` (a condition on
-    `users.user_id`) keeps, in which case attributes are read inline (a few users, no table scan)."""
+    `users.user_id`) keeps, in which case attributes are read inline (a few users, no table scan).
+    `replaced` gives, for some audience keys, the query of their members (`user_key`, `tenant`,
+    as `audience_members` holds them) that `is_audience_member` reads instead of the last
+    evaluation's (a dry run's new members)."""
     needed = attributes_used(segments)
     fresh = (
         table_exists(connection, FLATTENED_TABLE)
@@ -117,6 +121,12 @@ def _users_query(
     evaluated = table_exists(connection, MEMBERS_TABLE)
 
     def members_of(key: str) -> exp.Expression:
+        if replaced and key in replaced:
+            return (
+                exp.select("user_key")
+                .from_(replaced[key].copy().subquery("replaced"))
+                .where(without_tenant())
+            )
         if evaluated:
             return (
                 exp.select("user_key")
@@ -132,7 +142,7 @@ def _users_query(
                 f"audience {key!r} has never been evaluated; run `audiences run` first"
             )
         referenced = definitions[key]
-        inner = _users_query(connection, referenced.segments, definitions, now)
+        inner = _users_query(connection, referenced.segments, definitions, now, replaced=replaced)
         if not referenced.per_tenant:
             return (
                 exp.select("user_key")
@@ -155,6 +165,8 @@ def _users_query(
 
     def pairs_of(key: str) -> exp.Expression:
         # (user_key, tenant) of the members, for a per-tenant pair (`reads_pair_membership`).
+        if replaced and key in replaced:
+            return exp.select("user_key", "tenant").from_(replaced[key].copy().subquery("replaced"))
         if evaluated:
             return (
                 exp.select("user_key", exp.alias_(normalized_tenant(), "tenant", quoted=False))
@@ -357,6 +369,50 @@ def matching_users_sql(
     condition = compile_segments(definition.segments, query.context)
     selected = exp.select("users.user_key", "users.user_id").from_(query.source).where(condition)
     return render(selected.distinct() if definition.per_tenant else selected)
+
+
+def matching_scan(
+    connection: duckdb.DuckDBPyConnection,
+    chosen: list[AudienceDefinition],
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+    replaced: dict[str, exp.Expression] | None = None,
+) -> tuple[str, list[str]]:
+    """Many dynamic definitions over the same users (not per tenant): the SQL of the relation of
+    current users (aliased `users`, with `user_key` and `user_id`: the flattened attributes when
+    they are fresh and hold every property the definitions read, else `raw.users`) and, per
+    definition, the SQL of its condition over it, compiled by the one compiler as `preview`
+    compiles it. `replaced`: as for `members_query`."""
+    _require_users(connection)
+    segments = tuple(segment for definition in chosen for segment in definition.segments)
+    query = _users_query(connection, segments, definitions, now, replaced=replaced)
+    conditions = [
+        render(compile_segments(definition.segments, query.context), pretty=False)
+        for definition in chosen
+    ]
+    return render(query.source, pretty=False), conditions
+
+
+def members_query(
+    connection: duckdb.DuckDBPyConnection,
+    definition: AudienceDefinition,
+    definitions: dict[str, AudienceDefinition],
+    now: datetime,
+    replaced: dict[str, exp.Expression] | None = None,
+) -> exp.Expression:
+    """The query (`user_key`, `tenant`) of the members a dynamic definition would have now, as the
+    warehouse records them (`audience_members`): one row per user with no tenant, or one per
+    matching (user, tenant) pair of a per-tenant audience. `replaced`: audiences whose members
+    `is_audience_member` reads from the given queries (`user_key`, `tenant`) instead of the last
+    evaluation's."""
+    _require_users(connection)
+    query = _users_query(connection, definition.segments, definitions, now, replaced=replaced)
+    tenant = exp.cast(exp.null(), "varchar").as_("tenant")
+    if definition.per_tenant:
+        query = _pairs(connection, query)
+        tenant = exp.column("tenant", table="users")
+    condition = compile_segments(definition.segments, query.context)
+    return exp.select("users.user_key", tenant).from_(query.source).where(condition).distinct()
 
 
 def _summary(properties: dict) -> dict:

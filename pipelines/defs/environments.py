@@ -176,7 +176,7 @@ def environment_definitions(settings: Settings):
 def definitions(environments: list[str] | None = None) -> dg.Definitions:
     """The code location: every served environment's definitions, and resources that give each
     run its environment's settings, warehouse, store, dbt project and definitions."""
-    from pipelines.defs.lifecycle import promotion_job
+    from pipelines.defs.lifecycle import promotion_job, promotion_resources
 
     served = served_settings(environments)
     parts, definition_sets = [], {}
@@ -187,7 +187,10 @@ def definitions(environments: list[str] | None = None) -> dg.Definitions:
             definition_sets[name] = definition_set
     first = next(iter(served.values()))
     jobs = [promotion_job] if len(first.environments) > 1 else []
+    resources = environment_resources(served, definition_sets)
     return dg.Definitions.merge(
         *parts,
-        dg.Definitions(jobs=jobs, resources=environment_resources(served, definition_sets)),
+        dg.Definitions(
+            jobs=jobs, resources={**resources, **(promotion_resources() if jobs else {})}
+        ),
     )

@@ -1,14 +1,18 @@
 """Promotion as a Dagster run: the `promote_definitions` job promotes commits to an environment
-(as `audiences promote` does, through the same `promote_now`), records each changed audience's
-impact (members now and after, entered, exited, deliveries) as the run's metadata, and evaluates
-the target environment at once, in its own run of its main job."""
+through `promote_now`, records each changed audience's impact (members now and after, entered,
+exited, deliveries) as the run's metadata, and evaluates the target environment at once, in its
+own run of its main job. `audiences promote` runs this job too (`run_promotion`), so every
+promotion, from the UI or the CLI, is a run of it in the instance `dg dev` shows."""
 
 import argparse
+import contextlib
 
 import dagster as dg
 from pydantic import Field
 
-from audiences.lifecycle.commands import promote_now
+from audiences.lifecycle.commands import PromotionReport, promote_now
+from audiences.lifecycle.commits import LifecycleError
+from audiences.settings import Settings
 from pipelines.defs.resources import EnvironmentNames, SettingsParam
 
 PROMOTION_JOB = "promote_definitions"
@@ -32,28 +36,42 @@ class PromotionConfig(dg.Config):
         "impact on its users; then evaluate it at once, in a run of its main job. The output's "
         "metadata holds each changed audience's members now and after, entered and exited, the "
         "deliveries they would cause, and the evaluation's own counts."
-    )
+    ),
 )
 def promote_commits(
-    context: dg.OpExecutionContext, config: PromotionConfig, settings: SettingsParam
+    context: dg.OpExecutionContext,
+    config: PromotionConfig,
+    settings: SettingsParam,
+    promotion_report: dg.ResourceParam[PromotionReport | None],
 ) -> dg.Output[dict]:
     from audiences.lifecycle.impact import format_impact
+
+    report = promotion_report or PromotionReport()
 
     def before(plan, result) -> None:
         context.log.info(
             f"promoting {len(plan.commits)} commits from {plan.source} to {plan.target}:\n"
             + "\n".join(format_impact(result))
         )
+        if report.before is not None:
+            report.before(plan, result)
 
-    outcome = promote_now(
-        settings,
-        config.to,
-        config.commit,
-        evaluate=config.evaluate,
-        arguments=argparse.Namespace(debug=False, verbose=False),
-        instance=context.instance,
-        before=before,
-    )
+    try:
+        outcome = promote_now(
+            settings,
+            config.to,
+            config.commit,
+            evaluate=config.evaluate,
+            arguments=report.arguments or argparse.Namespace(debug=False, verbose=False),
+            instance=context.instance,
+            before=before,
+            promoted=report.promoted,
+        )
+    except LifecycleError as error:
+        report.error = error  # refused, nothing written: the CLI says so in its own words
+        raise
+    report.outcome = outcome
+    context.log.info(reload_code_locations(settings.for_environment(config.to), context.run_id))
     plan, result = outcome.plan, outcome.impact
     impact = {
         each.audience_key: {
@@ -117,3 +135,105 @@ def promote_commits(
 )
 def promotion_job():
     promote_commits()
+
+
+# The UI's own queries: whether it knows a run (so it shows this instance), and its "Reload all".
+KNOWS_RUN = "query KnowsRun($runId: ID!) { runOrError(runId: $runId) { __typename } }"
+RELOAD_WORKSPACE = """
+mutation ReloadWorkspace {
+  reloadWorkspace {
+    __typename
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def _graphql(url: str, query: str, variables: dict, timeout: float) -> dict:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read()).get("data") or {}
+
+
+def reload_code_locations(settings: Settings, run_id: str, timeout: float = 300.0) -> str:
+    """Ask the Dagster UI at `settings.dagster_url` to reload its code locations (GraphQL
+    `reloadWorkspace`, its "Reload all" button), so that it shows what a promotion changed at
+    once: a later environment's audience assets come from its dbt project, read when the code
+    location loads. Only a UI of this run's instance (one that knows `run_id`) is reloaded.
+    Returns what happened, as a line for the log; no UI running is not an error (the next
+    `dg dev` loads the new definitions)."""
+    url = settings.dagster_url
+    if url is None:
+        return "the Dagster UI was not reloaded (AUDIENCES_DAGSTER_URL=none)"
+    try:
+        known = _graphql(url, KNOWS_RUN, {"runId": run_id}, timeout=10)
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        return f"no Dagster UI at {url} to reload ({reason}): it shows the promotion once it loads"
+    if (known.get("runOrError") or {}).get("__typename") != "Run":
+        return f"the Dagster UI at {url} shows another Dagster instance: not reloaded"
+    try:
+        result = _graphql(url, RELOAD_WORKSPACE, {}, timeout=timeout).get("reloadWorkspace") or {}
+    except (OSError, ValueError) as error:
+        return f"the Dagster UI at {url} did not reload: {getattr(error, 'reason', error)}"
+    if result.get("__typename") != "Workspace":
+        return f"the Dagster UI at {url} could not reload: {result.get('message') or result}"
+    return f"reloaded the code locations of the Dagster UI at {url}: it shows {settings.environment}'s new audiences"
+
+
+def promotion_resources() -> dict[str, dg.ResourceDefinition]:
+    """The promotion job's own resource in the code location: no report (a run from the UI is
+    followed in the UI)."""
+    return {
+        "promotion_report": dg.ResourceDefinition.none_resource(
+            description="`audiences promote`'s printer of the impact and outcome (none in the UI)"
+        )
+    }
+
+
+def run_promotion(
+    settings: Settings,
+    to: str,
+    commit: str | None,
+    *,
+    evaluate: bool,
+    report: PromotionReport,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Run the `promote_definitions` job in this process, in the instance `dg dev` shows
+    (DAGSTER_HOME) unless one is given: what `audiences promote` does, so that its promotion is
+    the same run, with the same metadata, as one launched from the UI. `report` sees the impact
+    before anything is written, and receives the outcome (or the refusal)."""
+    from audiences.settings import prepare_dagster_home
+
+    verbose = bool(getattr(report.arguments, "verbose", False))
+    opened = (
+        contextlib.nullcontext(instance)
+        if instance is not None
+        else dg.DagsterInstance.from_config(str(prepare_dagster_home(settings.dagster_home)))
+    )
+    with opened as chosen:
+        return promotion_job.execute_in_process(
+            run_config={
+                "ops": {
+                    "promote_commits": {
+                        "config": {"to": to, "commit": commit, "evaluate": evaluate}
+                    }
+                },
+                "loggers": {
+                    "console": {"config": {"log_level": "DEBUG" if verbose else "CRITICAL"}}
+                },
+            },
+            instance=chosen,
+            resources={"settings": settings, "promotion_report": report},
+            raise_on_error=False,
+            tags={"audiences/launched_by": "audiences promote"},
+        )

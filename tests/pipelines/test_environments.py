@@ -202,3 +202,65 @@ def test_a_promotion_is_a_run_with_its_impact_and_evaluates_the_target_at_once(e
     assert ("free-users", "user_2") in members(data / "production" / "store.sqlite")
     # Development was not touched by production's promotion and evaluation.
     assert members(data / "store.sqlite") == development
+
+
+def test_a_promotion_reloads_the_dagster_ui_which_then_shows_the_new_audiences(
+    tmp_path, monkeypatch
+):
+    """A real `dagster-webserver` over the project's instance: after `audiences promote`, with no
+    reload by hand, the UI lists production's newly promoted audience (the promotion asks the UI
+    to reload its code locations, `reload_code_locations`)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from api_server import free_port
+
+    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AUDIENCES_AUTHOR", "ana")
+    folder = tmp_path / "project"
+    assert cli.main(["init", str(folder)]) == 0
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    (tmp_path / "dagster_home").mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AUDIENCES_DAGSTER_URL", url)
+    command = [sys.executable, "-m", "dagster_webserver", "-m", "pipelines.definitions"]
+    webserver = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = "{ assetNodes { assetKey { path } } }"
+
+    def asset_keys() -> set[str]:
+        answer = httpx.post(f"{url}/graphql", json={"query": query}, timeout=60).json()
+        return {"/".join(node["assetKey"]["path"]) for node in answer["data"]["assetNodes"]}
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if "production/audience_definitions" in asset_keys():
+                    break  # loaded: production has nothing promoted yet
+            except (httpx.HTTPError, KeyError, TypeError):
+                pass
+            assert time.monotonic() < deadline, "the Dagster UI did not load the code location"
+            assert webserver.poll() is None, "dagster-webserver exited"
+            time.sleep(1)
+        assert "production/audiences/pro_users" not in asset_keys()
+        audiences("commit", "-m", "pro users")
+        audiences("--evaluation-time", AT, "promote", "--to", "production")
+        assert "production/audiences/pro_users" in asset_keys()
+    finally:
+        webserver.send_signal(signal.SIGTERM)
+        try:
+            webserver.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            webserver.kill()
+            webserver.wait()

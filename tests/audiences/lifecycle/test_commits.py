@@ -346,3 +346,33 @@ def test_members_at_names_the_version_in_force_and_its_commit(project, capsys):
     assert note("2026-11-01T07:00:00Z") == (
         "pro: no evaluation at or before 2026-11-01T07:00:00.000000Z"
     )
+
+
+def test_a_promotion_from_the_cli_is_a_run_of_the_promotion_job(project, capsys):
+    """`audiences promote` runs the `promote_definitions` job in the instance `dg dev` shows, as
+    the UI does: the run's metadata holds the promotion's commits and impact."""
+    import os
+
+    import dagster as dg
+
+    assert audiences("commit", "-m", "first", capsys=capsys)[0] == 0
+    development = lifecycle.open_store(Settings.from_env(), "development")
+    committed = [commit.commit_id for commit in lifecycle.commits_in(development)]
+    development.dispose()
+    with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as instance:
+        earlier = {run.run_id for run in instance.get_runs()}
+    code, out, err = audiences("promote", "--to", "production", "--no-evaluate", capsys=capsys)
+    assert code == 0, err
+    assert "promoted 2 commits from development to production" in out
+    with dg.DagsterInstance.from_config(os.environ["DAGSTER_HOME"]) as instance:
+        [run] = [run for run in instance.get_runs() if run.run_id not in earlier]
+        [output] = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_OUTPUT)
+    assert run.job_name == "promote_definitions"
+    assert run.status == dg.DagsterRunStatus.SUCCESS
+    assert run.tags["audiences/launched_by"] == "audiences promote"
+    metadata = {
+        key: value.value for key, value in output.dagster_event.event_specific_data.metadata.items()
+    }
+    assert (metadata["source"], metadata["target"]) == ("development", "production")
+    assert sorted(metadata["commits"]) == sorted(committed)
+    assert metadata["impact"]["pro"]["change"] == "created"
