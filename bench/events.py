@@ -156,13 +156,20 @@ def build_state(connection, definitions, now) -> None:
     connection.execute("create or replace table bench_state_rows as " + rows)
 
 
-def update_state(connection, definitions, now) -> None:
+def update_state(connection, definitions, now, results: dict, label: str) -> None:
     """An incremental build of int_event_state, as dbt's delete+insert runs the model: the rows
-    of the users with new events or a due verdict, then those keys replaced."""
-    through, after = connection.execute(
-        "select coalesce(max(event_seq), 0), "
-        "(select max(events_through) from bench_state_rows where user_number = -1) from raw.events"
-    ).fetchone()
+    of the users with new events or a due verdict, then those keys replaced (each step timed
+    under `label`)."""
+    through, after = timed(
+        f"{label}: event state: markers",
+        results,
+        lambda: connection.execute(
+            "select coalesce(max(event_seq), 0), "
+            "(select max(events_through) from bench_state_rows where user_number = -1) from raw.events"
+        ).fetchone(),
+    )
+    # Rendered outside the timings, as `audiences generate` renders the model once (in dbt the
+    # markers are subqueries of the rendered SQL).
     rows = event_state_sql(
         state_conditions(definitions),
         context(now),
@@ -170,13 +177,25 @@ def update_state(connection, definitions, now) -> None:
         previous=exp.to_table("bench_state_rows"),
         markers=lambda key: (exp.Literal.number(after), exp.true()),
     )
-    connection.execute("create or replace temp table bench_fresh as " + rows)
-    connection.execute(
-        "delete from bench_state_rows using bench_fresh "
-        "where bench_state_rows.state_key = bench_fresh.state_key "
-        "and bench_state_rows.user_number = bench_fresh.user_number"
-    )
-    connection.execute("insert into bench_state_rows select * from bench_fresh")
+    steps = [
+        ("rows", "create or replace temp table bench_fresh as " + rows),
+        (
+            "delete",
+            "delete from bench_state_rows using bench_fresh "
+            "where bench_state_rows.state_key = bench_fresh.state_key "
+            "and bench_state_rows.user_number = bench_fresh.user_number",
+        ),
+        ("insert", "insert into bench_state_rows select * from bench_fresh"),
+    ]
+    for step, statement in steps:
+        timed(f"{label}: event state: {step}", results, connection.execute, statement)
+    for where in (results, results["cpu"]):
+        where[f"{label}: event state"] = round(
+            sum(where[f"{label}: event state: {step}"] for step in ("markers", *dict(steps))), 3
+        )
+    results[f"{label}: event state rows rewritten"] = connection.execute(
+        "select count(*) from bench_fresh"
+    ).fetchone()[0]
 
 
 def users_to_reevaluate(connection, previous, now, watermark: int) -> int:
@@ -357,12 +376,12 @@ def main() -> None:
         timed(
             f"{label}: floor: one scan of the new events",
             results,
-            lambda: connection.execute(
+            lambda watermark=watermark: connection.execute(
                 'select count(*), max(user_number), max(event), max("timestamp"), '
                 f"max(length(cast(properties as varchar))) from raw.events where event_seq > {int(watermark)}"
             ).fetchall(),
         )
-        timed(f"{label}: event state", results, update_state, connection, definitions, now)
+        update_state(connection, definitions, now, results, label)
         listed = timed(
             f"{label}: users to re-evaluate",
             results,
@@ -385,7 +404,7 @@ def main() -> None:
         now = previous + step
         watermark = connection.execute("select max(event_seq) from raw.events").fetchone()[0]
         label = f"time passes {step}"
-        timed(f"{label}: event state", results, update_state, connection, definitions, now)
+        update_state(connection, definitions, now, results, label)
         listed = timed(
             f"{label}: users to re-evaluate",
             results,
@@ -406,8 +425,17 @@ def main() -> None:
 
     # The fixed cost of a run: nothing new and no time passed (no user listed), the same steps.
     label = "nothing new"
+    # What reading the state costs whatever is new: a scan of its next changes (O(state rows)).
+    timed(
+        f"{label}: floor: one scan of the state's next changes",
+        results,
+        lambda: connection.execute(
+            "select count(*) from bench_state_rows where next_change <= "
+            + render(timestamp_literal(previous), pretty=False)
+        ).fetchall(),
+    )
     watermark = connection.execute("select max(event_seq) from raw.events").fetchone()[0]
-    timed(f"{label}: event state", results, update_state, connection, definitions, previous)
+    update_state(connection, definitions, previous, results, label)
     results[f"{label}: users listed"] = timed(
         f"{label}: users to re-evaluate",
         results,
