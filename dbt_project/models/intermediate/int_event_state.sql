@@ -72,9 +72,10 @@ from (select state_key, user_number, times, next_change, due_at
 from {{ this }}
 where next_change <= {{ now }}
 union all
-select state_key, user_number, times, next_change, due_at
-from {{ this }} as kept_rows semi
-join fresh on fresh.state_key = kept_rows.state_key and fresh.user_number = kept_rows.user_number) as found
+select kept_rows.state_key, kept_rows.user_number, times, next_change, due_at
+from {{ this }} as kept_rows
+join (select distinct state_key, user_number
+from fresh) as fresh_pairs on fresh_pairs.state_key = kept_rows.state_key and fresh_pairs.user_number = kept_rows.user_number) as found
 where user_number <> -1 and state_key in (select state_key
 from parameters
 where incremental) qualify row_number() over (partition by state_key, user_number) = 1),
