@@ -45,6 +45,7 @@ from audiences.warehouse.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
+from pipelines.defs.dagster_scale import cache_asset_and_check_keys
 from pipelines.defs.resources import EnvironmentNames, SettingsParam, WarehouseResource
 
 # The definitions the code location loaded with, which its models were generated from.
@@ -416,6 +417,7 @@ def audience_models_from(
     )
     translator.evaluation_paths = dict(evaluation_paths or {})
     translator.names = names = names or EnvironmentNames()
+    cache_asset_and_check_keys()  # one output per audience: Dagster's cost per output, bounded
     return dbt_assets(
         # Read now, not through dagster-dbt's cache of manifests by path: a promotion evaluates
         # the target environment in the process that loaded its previous manifest.
