@@ -74,6 +74,11 @@ UNCHANGED_WHEN_DEFINITIONS_ARE = (
 # JSON artifacts (manifest, graph, run_results) and listing the relations of the schemas it does
 # not build (the audience views).
 LEAN_FLAGS = ("--no-write-json", "--cache-selected-only")
+# dbt's historical way of ordering a build's tests before their models' dependents walks every
+# ancestor's children for every node: audience_members has one ancestor per audience, and at
+# 2,000 it took ~4 s of a warm build's 22 s of CPU. The fast way orders them the same (dbt: "the
+# same transitive reduction"), in time linear in the graph.
+GRAPH_FLAGS = ("--use-fast-test-edges",)
 GROUPS = {
     "staging": "staging",
     "intermediate": "staging",
@@ -230,10 +235,18 @@ def evaluation_arguments(lean: bool, state: Path | None) -> list[str]:
             # Nothing reads them after a re-evaluation (a full build keeps its manifest as the
             # state of the next definitions change), and dagster-dbt reads dbt's event stream.
             *LEAN_FLAGS,
+            *GRAPH_FLAGS,
         ]
     if state is not None:
-        return ["build", "--exclude", "tag:audience,state:unmodified", "--state", str(state)]
-    return ["build"]
+        return [
+            "build",
+            "--exclude",
+            "tag:audience,state:unmodified",
+            "--state",
+            str(state),
+            *GRAPH_FLAGS,
+        ]
+    return ["build", *GRAPH_FLAGS]
 
 
 def dbt_selection(context: dg.AssetExecutionContext) -> list[str]:
