@@ -267,9 +267,9 @@ def dagster_child(evaluation_time: str) -> dict:
     job = defs.resolve_job_def("reevaluate_audiences")
     # The evaluation only: the definitions asset, the dbt assets and their checks (the membership
     # diff, publishing and deliveries come after it and do not depend on N's models), and `users`
-    # (with no sources, it loads nothing), whose checks are dbt's source tests: without it
-    # dagster-dbt sees a subset and hands dbt one selector per model, 2,000 of them (the job
-    # selects every asset: dbt gets `fqn:*`).
+    # (with no sources, it loads nothing), whose checks are dbt's source tests: the whole dbt
+    # asset, as the job selects it (dbt gets `fqn:*`). A subset would get a bounded selection
+    # too (`dbt_selection`); before that, one selector per model (2,009 at 2,000 audiences).
     selection = sorted(
         {
             key

@@ -13,6 +13,12 @@ from dagster_dbt import (
     DbtCliResource,
     dbt_assets,
 )
+from dagster_dbt.asset_utils import (
+    DAGSTER_DBT_UNIQUE_ID_METADATA_KEY,
+    get_checks_on_sources_upstream_of_selected_assets,
+    get_dbt_test_names_for_check_keys,
+    get_manifest_and_translator_from_dbt_assets,
+)
 from pydantic import Field
 
 from audiences.conditions.definitions import DefinitionSet, model_name_for, validate_definitions
@@ -39,6 +45,7 @@ from audiences.warehouse.evaluation import (
     registered_types,
     set_evaluation_clock,
 )
+from pipelines.defs.dagster_scale import cache_asset_and_check_keys
 from pipelines.defs.resources import EnvironmentNames, SettingsParam, WarehouseResource
 
 # The definitions the code location loaded with, which its models were generated from.
@@ -67,12 +74,22 @@ UNCHANGED_WHEN_DEFINITIONS_ARE = (
 # JSON artifacts (manifest, graph, run_results) and listing the relations of the schemas it does
 # not build (the audience views).
 LEAN_FLAGS = ("--no-write-json", "--cache-selected-only")
+# dbt's historical way of ordering a build's tests before their models' dependents walks every
+# ancestor's children for every node: audience_members has one ancestor per audience, and at
+# 2,000 it took ~4 s of a warm build's 22 s of CPU. The fast way orders them the same (dbt: "the
+# same transitive reduction"), in time linear in the graph.
+GRAPH_FLAGS = ("--use-fast-test-edges",)
 GROUPS = {
     "staging": "staging",
     "intermediate": "staging",
     "audiences": "audiences",
     "marts": "audiences_marts",
 }
+# A run over some of the dbt assets names at most this many audience views to dbt one by one; past
+# it, and when it selects all of them, it selects them by their tag. dbt resolves each selector
+# over every node, so one selector per audience (what dagster-dbt hands dbt for a subset) costs
+# N^2: 2,009 selectors took 998 s at 2,000 audiences (bench/analysis.md).
+LISTED_AUDIENCE_VIEWS = 20
 # The asset check that fails while some definitions have errors; `audiences run` reads it too.
 DEFINITIONS_CHECK = "every_definition_is_usable"
 
@@ -218,10 +235,50 @@ def evaluation_arguments(lean: bool, state: Path | None) -> list[str]:
             # Nothing reads them after a re-evaluation (a full build keeps its manifest as the
             # state of the next definitions change), and dagster-dbt reads dbt's event stream.
             *LEAN_FLAGS,
+            *GRAPH_FLAGS,
         ]
     if state is not None:
-        return ["build", "--exclude", "tag:audience,state:unmodified", "--state", str(state)]
-    return ["build"]
+        return [
+            "build",
+            "--exclude",
+            "tag:audience,state:unmodified",
+            "--state",
+            str(state),
+            *GRAPH_FLAGS,
+        ]
+    return ["build", *GRAPH_FLAGS]
+
+
+def dbt_selection(context: dg.AssetExecutionContext) -> list[str]:
+    """The dbt selection of the run's dbt assets and checks, its size bounded whatever the run
+    selects: the engine's own models and tests by name (a fixed set), the audience views by name
+    up to `LISTED_AUDIENCE_VIEWS` and by `tag:audience` past it or when all are selected. A view
+    selected through its tag and not by the run is built if the build's `--exclude` lets it (a
+    changed definition) and reported by no materialization (`build_audiences` drops it)."""
+    assets = context.assets_def
+    manifest, translator, _ = get_manifest_and_translator_from_dbt_assets([assets])
+    selected = context.selected_asset_keys & assets.keys
+    checks = {
+        *context.selected_asset_check_keys,
+        # dagster-dbt runs, and reports, the source tests of what a run selects
+        *get_checks_on_sources_upstream_of_selected_assets(assets, selected),
+    }
+    every_check = {spec.key for spec in assets.node_check_specs_by_output_name.values()}
+    if selected == assets.keys and checks == every_check:
+        return ["--select", "fqn:*"]  # dagster-dbt's selection of the whole dbt asset
+    views, others, every_view = [], [], 0
+    for key in assets.keys:
+        unique_id = assets.get_asset_spec(key).metadata[DAGSTER_DBT_UNIQUE_ID_METADATA_KEY]
+        node = manifest["nodes"][unique_id]
+        is_view = "audience" in node.get("tags", ())
+        every_view += is_view
+        if key in selected:
+            (views if is_view else others).append(".".join(node["fqn"]))
+    if views and (len(views) > LISTED_AUDIENCE_VIEWS or len(views) == every_view):
+        views = ["tag:audience"]
+    tests = get_dbt_test_names_for_check_keys(translator, manifest, assets, checks)
+    # Only the selected checks' tests: none through the models they test (dbt's indirect selection).
+    return ["--select", " ".join([*others, *views, *tests]), "--indirect-selection", "empty"]
 
 
 def build_audiences(
@@ -264,8 +321,15 @@ def build_audiences(
         context.log.info("definitions changed: rebuilding the changed audience views")
     else:
         context.log.info("full build: the dbt project changed")
+    # The selection is ours (`dbt_selection`), not dagster-dbt's (one selector per model of a
+    # subset): dbt starts without the run's context, which then maps its events to the run's assets.
+    manifest, translator, _ = get_manifest_and_translator_from_dbt_assets([context.assets_def])
+    invocation = dbt.cli(
+        [*arguments, *dbt_selection(context)], manifest=manifest, dagster_dbt_translator=translator
+    )
+    invocation.context = context
     # DuckDB allows one writer: read member counts only after dbt has finished and let go.
-    events = list(dbt.cli(arguments, context=context).stream())
+    events = list(invocation.stream())
     # An earlier evaluation records no membership events: its audiences report their members only.
     audiences = _audience_metadata(warehouse, evaluated_at, with_changes=not earlier)
     # Each audience names the version it was evaluated from: its commit in this environment.
@@ -284,6 +348,8 @@ def build_audiences(
             key = context.asset_key_for_output(event.output_name)
         if not isinstance(event, (dg.Output, dg.AssetMaterialization)) or key is None:
             others.append(event)
+            continue
+        if key not in context.selected_asset_keys:  # built through `tag:audience`, not selected
             continue
         extra = {"evaluated_at": format_time(evaluated_at)}
         relative = key.path[len(names.prefix) :]
@@ -364,6 +430,7 @@ def audience_models_from(
     )
     translator.evaluation_paths = dict(evaluation_paths or {})
     translator.names = names = names or EnvironmentNames()
+    cache_asset_and_check_keys()  # one output per audience: Dagster's cost per output, bounded
     return dbt_assets(
         # Read now, not through dagster-dbt's cache of manifests by path: a promotion evaluates
         # the target environment in the process that loaded its previous manifest.
