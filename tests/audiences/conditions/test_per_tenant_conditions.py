@@ -342,6 +342,27 @@ def test_preview_of_an_audience_over_a_per_tenant_audience_evaluates_it_per_tena
         assert result.count == len(previewed[key])
 
     # The generated models, rendered as dbt renders them: what a run gives.
+    files, relations = _generated_models(connection, definitions)
+    evaluated = {}
+    for key in ("pro", "in-pro", "not-in-pro", "admins-in-pro", "admins-not-in-pro"):
+        name = definitions[key].model_name
+        sql = _rendered(files, relations, name)
+        relations[name] = f"({sql})"
+        evaluated[key] = set(connection.execute(f"select user_id, tenant from ({sql})").fetchall())
+    assert previewed == evaluated
+    assert previewed["pro"] == {("ann", "acme"), ("bob", "acme")}
+    # tenant-strict: the per-tenant audience has no member without a tenant, so an audience
+    # without tenancy never finds one; a per-tenant audience reads the pair's membership
+    assert previewed["in-pro"] == set()
+    assert previewed["not-in-pro"] == {("ann", None), ("bob", None), ("cid", None)}
+    assert previewed["admins-in-pro"] == {("ann", "acme")}
+    assert previewed["admins-not-in-pro"] == {("ann", "globex"), ("cid", "globex")}
+
+
+def _generated_models(connection, definitions) -> tuple[dict[str, str], dict[str, str]]:
+    """The models `generate` writes for `definitions`, by path, and the relations their refs read:
+    the typed users (built here from the attributes the definitions use), tenants and memberships.
+    Each audience rendered with `_rendered` is added to the relations by the caller."""
     files = {
         str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")
     }
@@ -359,28 +380,20 @@ def test_preview_of_an_audience_over_a_per_tenant_audience_evaluates_it_per_tena
             "(select * from raw.tenant_memberships where deleted_at is null)"
         ),
     }
-    evaluated = {}
-    for key in ("pro", "in-pro", "not-in-pro", "admins-in-pro", "admins-not-in-pro"):
-        name = definitions[key].model_name
-        sql = (
-            jinja2.Environment(extensions=["jinja2.ext.do"])
-            .from_string(files[f"models/audiences/dynamic/{name}.sql"])
-            .render(
-                ref=relations.__getitem__,
-                config=lambda **_: "",
-                evaluation_time=lambda: render(timestamp_literal(NOW), pretty=False),
-            )
+    return files, relations
+
+
+def _rendered(files: dict[str, str], relations: dict[str, str], name: str) -> str:
+    """An audience model's SQL as dbt renders it at NOW, its refs read from `relations`."""
+    return (
+        jinja2.Environment(extensions=["jinja2.ext.do"])
+        .from_string(files[f"models/audiences/dynamic/{name}.sql"])
+        .render(
+            ref=relations.__getitem__,
+            config=lambda **_: "",
+            evaluation_time=lambda: render(timestamp_literal(NOW), pretty=False),
         )
-        relations[name] = f"({sql})"
-        evaluated[key] = set(connection.execute(f"select user_id, tenant from ({sql})").fetchall())
-    assert previewed == evaluated
-    assert previewed["pro"] == {("ann", "acme"), ("bob", "acme")}
-    # tenant-strict: the per-tenant audience has no member without a tenant, so an audience
-    # without tenancy never finds one; a per-tenant audience reads the pair's membership
-    assert previewed["in-pro"] == set()
-    assert previewed["not-in-pro"] == {("ann", None), ("bob", None), ("cid", None)}
-    assert previewed["admins-in-pro"] == {("ann", "acme")}
-    assert previewed["admins-not-in-pro"] == {("ann", "globex"), ("cid", "globex")}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,37 +532,12 @@ def test_audience_membership_in_a_pair_is_the_pairs_membership(drawn, audiences,
         )
 
     # The generated models, rendered as dbt renders them.
-    files = {
-        str(f.path): f.text for f in generate_models(definitions, ROOT / "dbt_project", "audiences")
-    }
-    _build_flattened(
-        connection,
-        sorted(
-            {a for d in definitions.values() for a in attributes_used(d.segments)},
-            key=lambda a: (a.path, a.variant),
-        ),
-    )
-    relations = {
-        "int_users_flattened": "flattened",
-        "stg_warehouse__tenants": "(select * from raw.tenants where deleted_at is null)",
-        "stg_warehouse__tenant_memberships": (
-            "(select * from raw.tenant_memberships where deleted_at is null)"
-        ),
-        definitions["listed"].model_name: recorded(listed),
-        "sql": recorded(sql_rows),
-    }
+    files, relations = _generated_models(connection, definitions)
+    relations[definitions["listed"].model_name] = recorded(listed)
+    relations["sql"] = recorded(sql_rows)
     for key in ("per-pair", "per-user", "under-test"):
         name = definitions[key].model_name
-        sql = (
-            jinja2.Environment(extensions=["jinja2.ext.do"])
-            .from_string(files[f"models/audiences/dynamic/{name}.sql"])
-            .render(
-                ref=relations.__getitem__,
-                config=lambda **_: "",
-                evaluation_time=lambda: render(timestamp_literal(NOW), pretty=False),
-            )
-        )
-        relations[name] = f"({sql}\n)"
+        relations[name] = f"({_rendered(files, relations, name)}\n)"
     evaluated = set(
         connection.execute(
             f"select user_id, tenant from {relations[definitions['under-test'].model_name]}"
