@@ -58,18 +58,6 @@ class FakeClock:
         self.now += seconds
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """A fresh store: a SQLite file, and a PostgreSQL database (see `postgres_server.py`)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/store.sqlite"
-    else:
-        url = request.getfixturevalue("postgres_server").fresh_database()
-    store = MembershipStore(url).create()
-    yield store
-    store.dispose()
-
-
 @pytest.fixture
 def recorder():
     with HttpRecorder() as server:

@@ -29,17 +29,6 @@ SECRET = "whsec_" + base64.b64encode(b"concurrency tests secret").decode()
 HANDLING_SECONDS = 0.05  # how long the receiver takes per request
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/store.sqlite"
-    else:
-        url = request.getfixturevalue("postgres_server").fresh_database()
-    opened = MembershipStore(url).create()
-    yield opened
-    opened.dispose()
-
-
 class Receiver:
     """Answers each request after `HANDLING_SECONDS`, by a rule per request, and counts how many
     requests were in flight at once and which ones it answered 2xx."""

@@ -32,20 +32,6 @@ SECRET = "whsec_" + base64.b64encode(b"worker tests secret").decode()
 PROMPT = 2.0  # "at once", loosely: well under a poll of 30 s, well over a loaded machine's jitter
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.sqlite"
-    return request.getfixturevalue("postgres_server").fresh_database()
-
-
-@pytest.fixture
-def store(store_url):
-    opened = MembershipStore(store_url).create()
-    yield opened
-    opened.dispose()
-
-
 @pytest.fixture
 def recorder():
     with HttpRecorder() as server:

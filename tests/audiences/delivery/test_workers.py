@@ -32,20 +32,6 @@ SECRET = "whsec_" + base64.b64encode(b"workers tests secret").decode()
 LONG_AGO = "2000-01-01T00:00:00.000000Z"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.sqlite"
-    return request.getfixturevalue("postgres_server").fresh_database()
-
-
-@pytest.fixture
-def store(store_url):
-    opened = MembershipStore(store_url).create()
-    yield opened
-    opened.dispose()
-
-
 @pytest.fixture
 def recorder():
     with HttpRecorder() as server:
