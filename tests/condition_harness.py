@@ -7,6 +7,7 @@ pipeline tests. Real DuckDB, real compiler; nothing is mocked.
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -270,3 +271,17 @@ def load_events(connection: duckdb.DuckDBPyConnection, events: list[dict], folde
         "".join(json.dumps(event, ensure_ascii=False) + "\n" for event in events), encoding="utf-8"
     )
     load_event_source(connection, EventSource("tracks", "jsonl", path), NOW)
+
+
+def init_project(folder: Path, patch) -> Path:
+    """`audiences init` in `folder`, made the working folder, as the analyst "ana" and with none of
+    the session's AUDIENCES_ variables: what a new user's commands see. `patch` is a pytest
+    MonkeyPatch, which restores all of it."""
+    from audiences import cli
+
+    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
+        patch.delenv(name)
+    patch.setenv("AUDIENCES_AUTHOR", "ana")
+    assert cli.main(["init", str(folder)]) == 0
+    patch.chdir(folder)
+    return folder

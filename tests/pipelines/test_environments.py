@@ -11,6 +11,7 @@ import sqlite3
 import dagster as dg
 import duckdb
 import pytest
+from condition_harness import init_project
 
 from audiences import cli
 from pipelines import build_definitions
@@ -70,11 +71,7 @@ def environments(tmp_path_factory):
     environment's main job run once from one code location that serves both."""
     folder = tmp_path_factory.mktemp("environments") / "project"
     with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
-            patch.delenv(name)
-        patch.setenv("AUDIENCES_AUTHOR", "ana")
-        assert cli.main(["init", str(folder)]) == 0
-        patch.chdir(folder)
+        init_project(folder, patch)
         audiences("commit", "-m", "pro users")
         audiences("promote", "--to", "production", "--no-evaluate")
         audiences("--environment", "production", "generate")
@@ -218,12 +215,7 @@ def test_a_promotion_reloads_the_dagster_ui_which_then_shows_the_new_audiences(
     import httpx
     from api_server import free_port
 
-    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AUDIENCES_AUTHOR", "ana")
-    folder = tmp_path / "project"
-    assert cli.main(["init", str(folder)]) == 0
-    monkeypatch.chdir(folder)
+    folder = init_project(tmp_path / "project", monkeypatch)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     port = free_port()

@@ -9,6 +9,7 @@ import os
 import sqlite3
 
 import pytest
+from condition_harness import init_project
 
 from audiences import cli
 
@@ -38,12 +39,7 @@ PRO_OR_FREE = {
 def project(tmp_path, monkeypatch):
     """`audiences init`'s project (pro-users over three users, a welcome workflow on entering
     it), with production's deliveries going to a file of its own."""
-    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AUDIENCES_AUTHOR", "ana")
-    folder = tmp_path / "project"
-    assert cli.main(["init", str(folder)]) == 0
-    monkeypatch.chdir(folder)
+    folder = init_project(tmp_path / "project", monkeypatch)
     (folder / "data" / "production").mkdir(parents=True)
     (folder / "data" / "production" / "sinks.yml").write_text(
         "default: file\nsinks:\n  file: {type: file, path: out/triggers.jsonl}\n"

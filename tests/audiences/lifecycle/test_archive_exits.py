@@ -5,10 +5,10 @@ ones never again). That later runs record nothing more is `test_changes.py`'s (t
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 
 import pytest
+from condition_harness import init_project
 
 from audiences import cli
 
@@ -19,12 +19,7 @@ pytestmark = pytest.mark.slow
 def project(tmp_path, monkeypatch):
     """`audiences init`'s project (pro-users, a welcome workflow on entering it) and a goodbye
     workflow on leaving it."""
-    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AUDIENCES_AUTHOR", "ana")
-    folder = tmp_path / "project"
-    assert cli.main(["init", str(folder)]) == 0
-    monkeypatch.chdir(folder)
+    folder = init_project(tmp_path / "project", monkeypatch)
     goodbye = folder / "data" / "workflows" / "goodbye-pro-users"
     goodbye.mkdir(parents=True)
     (goodbye / "trigger.json").write_text(json.dumps({"audience": "pro-users", "on": "exited"}))
