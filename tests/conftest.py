@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from condition_harness import ROOT, SAMPLE_TIME, connect_memory, copy_dbt_project, dbt_project_files
+from spark_harness import TEST_JVM_OPTIONS
 
 # The tests' files (warehouses, stores, Dagster's run history, dbt projects) are written with an
 # fsync per commit: a warm pipeline run makes ~1,800 of them, about 8 s of waiting on this disk.
@@ -21,7 +22,9 @@ MEMORY_TEMP_MIN_FREE = 8 * 2**30
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
     """Put the session's temporary folders (pytest's, and every `tempfile` user's, the
-    subprocesses' included) in memory, unless TMPDIR or --basetemp already says where."""
+    subprocesses' included) in memory, unless TMPDIR or --basetemp already says where. The
+    Spark runs' JVMs start with the tests' options (spark_harness.TEST_JVM_OPTIONS)."""
+    os.environ.setdefault("AUDIENCES_SPARK_DRIVER_JAVA_OPTIONS", TEST_JVM_OPTIONS)
     if os.environ.get("TMPDIR") or config.option.basetemp:
         return
     try:
