@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,8 +122,14 @@ def model_name_for(key: str) -> str:
 PER_TENANT = "per_tenant"
 
 
-def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
-    """Parse one audience.json document; raise `DefinitionError` naming every problem in it."""
+def parse_definition(
+    raw: object, key: str, file: Path, compile_conditions: bool = True
+) -> AudienceDefinition:
+    """Parse one audience.json document; raise `DefinitionError` naming every problem in it.
+
+    Each condition is compiled once, as the check of its argument; `compile_conditions=False`
+    leaves that out, for a document known to compile with this compiler (see
+    `load_definition_set`'s `known_to_compile`)."""
     where = str(file)
     problems: list[Problem] = []
     if not KEY_PATTERN.fullmatch(key):
@@ -188,7 +194,8 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
                 location = f"$.segments[{s}].conditions[{c}]"
                 try:
                     condition = Condition.from_json(raw_condition, location)
-                    attributes_used([[condition]])  # compiling is the argument check
+                    if compile_conditions:
+                        attributes_used([[condition]])  # compiling is the argument check
                     if condition.scope != RECIPIENT and tenancy != PER_TENANT:
                         raise ConditionError(
                             f"`{condition.property_name}` reads the {condition.scope}: only an "
@@ -206,20 +213,25 @@ def parse_definition(raw: object, key: str, file: Path) -> AudienceDefinition:
     )
 
 
-def load_definition_file(path: Path, key: str | None = None) -> AudienceDefinition:
+def load_definition_file(
+    path: Path, key: str | None = None, compile_conditions: bool = True
+) -> AudienceDefinition:
     """Load one definition file; the key is its folder's name for an `audience.json` (Knock's CLI
-    layout), else the file's name without `.json` (a draft such as `drafts/premium-users.json`)."""
+    layout), else the file's name without `.json` (a draft such as `drafts/premium-users.json`).
+    `compile_conditions`: see `parse_definition`."""
     path = Path(path)
     key = key or (path.parent.name if path.name == DEFINITION_FILE else path.stem)
     try:
         text = _read_utf8(path)
     except OSError as error:
         raise DefinitionError([Problem(str(path), "$", f"cannot read: {error.strerror}")]) from None
-    return _parse_text(text, key, str(path))
+    return _parse_text(text, key, str(path), compile_conditions)
 
 
 @functools.lru_cache(maxsize=8192)
-def _parse_text(text: str, key: str, path: str) -> AudienceDefinition:
+def _parse_text(
+    text: str, key: str, path: str, compile_conditions: bool = True
+) -> AudienceDefinition:
     """One file's parsed definition, kept per (text, key, path): a run reads the folder several
     times (its checks, models, triggers and catalog), and parsing compiles every condition. The
     definition is immutable and depends on nothing else; a file that cannot be used raises every
@@ -228,7 +240,7 @@ def _parse_text(text: str, key: str, path: str) -> AudienceDefinition:
         raw = json.loads(text)
     except ValueError as error:
         raise DefinitionError([Problem(path, "$", f"not valid JSON: {error}")]) from None
-    return parse_definition(raw, key, Path(path))
+    return parse_definition(raw, key, Path(path), compile_conditions)
 
 
 def _read_utf8(path: Path) -> str:
@@ -280,14 +292,20 @@ class _LoadedFiles:
     broken: dict[str, list[Problem]]  # key (its folder's name) -> why its file cannot be used
 
 
-def _load_files(folder: Path) -> _LoadedFiles:
+def _load_files(
+    folder: Path, known_to_compile: Callable[[str], bool] | None = None
+) -> _LoadedFiles:
     folder = Path(folder)
     if not folder.is_dir():
         raise DefinitionError([Problem(str(folder), "$", "the definitions folder does not exist")])
     loaded = _LoadedFiles({}, {})
     for file in sorted(folder.glob(f"*/{DEFINITION_FILE}")):
         try:
-            definition = load_definition_file(file)
+            definition = load_definition_file(
+                file,
+                compile_conditions=known_to_compile is None
+                or not known_to_compile(file.parent.name),
+            )
         except DefinitionError as error:
             loaded.broken[file.parent.name] = list(error.problems)
             continue
@@ -333,11 +351,19 @@ class DefinitionSet:
         return self.definitions[key]
 
 
-def load_definition_set(folder: Path, other_audiences: Iterable[str] = ()) -> DefinitionSet:
+def load_definition_set(
+    folder: Path,
+    other_audiences: Iterable[str] = (),
+    known_to_compile: Callable[[str], bool] | None = None,
+) -> DefinitionSet:
     """Every definition in `folder`, those that can be evaluated apart from those that cannot (see
     `DefinitionSet`). Only a missing folder raises: one broken file never hides the others.
-    `other_audiences` are keys defined elsewhere (hand-written SQL audiences)."""
-    loaded = _load_files(folder)
+    `other_audiences` are keys defined elsewhere (hand-written SQL audiences).
+
+    `known_to_compile(key)` says that `<key>/audience.json` is a file this compiler compiled
+    without error (`dbt.project` knows it of every file the generated models were made from): its
+    conditions are not compiled again. Every other check runs as usual."""
+    loaded = _load_files(folder, known_to_compile)
     problems = [problem for key in sorted(loaded.broken) for problem in loaded.broken[key]]
     skipped: dict[str, list[Problem]] = {key: list(found) for key, found in loaded.broken.items()}
     definitions = dict(loaded.definitions)

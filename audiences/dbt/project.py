@@ -11,11 +11,14 @@ from those the manifest was parsed from.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import sqlglot
 
 from audiences.conditions.definitions import DefinitionSet, load_definition_set
 from audiences.dbt.models import (
@@ -33,8 +36,9 @@ FINGERPRINT_FILE = "audiences_fingerprint.txt"
 BUILD_STATE_FOLDER = "build_state"
 BUILD_STATES_KEPT = 3
 # The models on disk were generated from these definitions by this generator (target/, beside the
-# manifest): a run whose definitions, generator and project files are unchanged compiles nothing.
-GENERATED_STAMP_FILE = "audiences_generated.txt"
+# manifest), and which audiences it skipped: a run whose definitions, generator and project files
+# are unchanged compiles nothing, not even to check the definitions when the code location loads.
+GENERATED_STAMP_FILE = "audiences_generated.json"
 # The generator's own source: a change to it changes what the same definitions generate.
 _GENERATOR_SOURCES = (
     Path(__file__).parent,
@@ -67,6 +71,7 @@ def generation_fingerprint(settings: Settings) -> str:
     Reading the files costs milliseconds; compiling the definitions again, seconds."""
     digest = hashlib.sha256(project_fingerprint(settings.dbt_project_dir).encode())
     digest.update(settings.definitions_dir.name.encode())
+    digest.update(sqlglot.__version__.encode())  # the compiler renders through SQLGlot
     folders = [settings.definitions_dir, *_GENERATOR_SOURCES]
     for folder in folders:
         digest.update(b"\0" + str(folder).encode())
@@ -82,23 +87,50 @@ def _stamp(settings: Settings) -> Path:
     return settings.dbt_project_dir / "target" / GENERATED_STAMP_FILE
 
 
+def _current_stamp(settings: Settings) -> dict | None:
+    """The stamp of the last generation (or check) when the models on disk were generated, or
+    checked, from what is there now; else None."""
+    try:
+        stamp = json.loads(_stamp(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict) or stamp.get("fingerprint") != generation_fingerprint(settings):
+        return None
+    return stamp
+
+
 def _models_are_current(settings: Settings) -> bool:
     """Whether the models on disk were generated, or checked, from what is there now."""
-    stamp = _stamp(settings)
-    return stamp.exists() and stamp.read_text() == generation_fingerprint(settings)
+    return _current_stamp(settings) is not None
 
 
-def _record_models_current(settings: Settings) -> None:
+def _record_models_current(settings: Settings, definitions: DefinitionSet) -> None:
     stamp = _stamp(settings)
     stamp.parent.mkdir(exist_ok=True)
-    stamp.write_text(generation_fingerprint(settings))
+    stamp.write_text(
+        json.dumps(
+            {
+                "fingerprint": generation_fingerprint(settings),
+                # what could not be used then; every other definition compiled
+                "skipped": sorted(definitions.skipped),
+            }
+        )
+    )
 
 
 def project_definitions(settings: Settings) -> DefinitionSet:
     """The definitions folder as a run uses it: the audiences to evaluate, and those skipped
-    because their definitions have errors (hand-written SQL audiences count as known keys)."""
+    because their definitions have errors (hand-written SQL audiences count as known keys).
+
+    When the models on disk were generated (or checked) from these very files by this generator,
+    the definitions that compiled then are not compiled again (at 2,000 audiences that was
+    seconds of every code location load); the skipped ones are, to name their problems."""
+    stamp = _current_stamp(settings)
+    skipped = None if stamp is None else set(stamp.get("skipped", ()))
     return load_definition_set(
-        settings.definitions_dir, custom_audience_keys(settings.dbt_project_dir)
+        settings.definitions_dir,
+        custom_audience_keys(settings.dbt_project_dir),
+        known_to_compile=None if skipped is None else lambda key: key not in skipped,
     )
 
 
@@ -138,7 +170,7 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
             f"and run from that folder"
         )
     changed = write_models(files, settings.dbt_project_dir)
-    _record_models_current(settings)
+    _record_models_current(settings, definitions)
     return changed
 
 
@@ -199,14 +231,16 @@ models: []
 """
 
 
-def check_generated(settings: Settings, definitions: DefinitionSet | None = None) -> None:
+def check_generated(
+    settings: Settings, definitions: DefinitionSet | None = None
+) -> DefinitionSet | None:
     """Fail with `ModelsOutOfDate` when the generated models on disk differ from what the
     definitions generate (missing, different or stale files). Reads only; skipped when the
     definitions, the generator and the project are those the models were last generated or
-    checked from (`generation_fingerprint`)."""
+    checked from (`generation_fingerprint`). Returns the definitions it checked (None if skipped)."""
     require_dbt_project(settings.dbt_project_dir)
     if _models_are_current(settings):
-        return
+        return None
     definitions = definitions or project_definitions(settings)
     problems = drift(generated_files(settings, definitions), settings.dbt_project_dir)
     if problems:
@@ -215,6 +249,7 @@ def check_generated(settings: Settings, definitions: DefinitionSet | None = None
             f"{settings.dbt_project_dir}: the generated models differ from the definitions in "
             f"{settings.definitions_dir}: {problems[0]}{more}; run `audiences generate`"
         )
+    return definitions
 
 
 def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Path:
@@ -224,8 +259,9 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
     `audiences generate` when they drift from the definitions), and runs `dbt parse` (which writes
     only dbt's `target/`) when the project changed since the manifest was parsed."""
     if not _models_are_current(settings):
-        check_generated(settings, definitions)
-        _record_models_current(settings)
+        checked = check_generated(settings, definitions)
+        if checked is not None:
+            _record_models_current(settings, checked)
     project_dir = settings.dbt_project_dir
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE

@@ -591,3 +591,66 @@ def test_a_run_with_nothing_changed_compiles_no_definition(tmp_path, monkeypatch
     with pytest.raises(ModelsOutOfDate):
         check_generated(settings)
     assert compiled == [1, 1]
+
+
+def test_loading_compiles_only_the_definitions_that_did_not_compile(
+    tmp_path, monkeypatch, dbt_project_copy
+):
+    """Issue 25: loading the code location read every definition and compiled every condition
+    again (5.6 CPU s at 2,000 audiences), although `generate` had just compiled the same files with
+    the same compiler. When the models were generated from these very files, loading compiles
+    only the definitions that could not be used then, to name their problems; the set it returns
+    is the one a full check returns."""
+    import audiences.conditions.compiler as compiler_module
+    from audiences.conditions.definitions import _parse_text, load_definition_set
+    from audiences.dbt.project import GENERATED_STAMP_FILE, project_definitions
+
+    project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
+    definitions = shutil.copytree(ROOT / "data" / "audiences", tmp_path / "audiences")
+    broken = definitions / "seats-misspelled" / "audience.json"
+    broken.parent.mkdir()
+    broken.write_text(
+        json.dumps(
+            {
+                "name": "Seats",
+                "type": "dynamic",
+                "segments": [
+                    {
+                        "conditions": [
+                            {
+                                "property": "recipient.seats",
+                                "operator": "greater_than",
+                                "argument": "many",
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    )
+    settings = Settings.from_env({}, dbt_project_dir=project, definitions_dir=definitions)
+    generate(settings)
+    compiled: list[str] = []
+    real = compiler_module.compile_segments
+
+    def counting(segments, *args, **kwargs):
+        compiled.extend(condition.location for segment in segments for condition in segment)
+        return real(segments, *args, **kwargs)
+
+    monkeypatch.setattr(compiler_module, "compile_segments", counting)
+    _parse_text.cache_clear()  # as in a new process
+    loaded = project_definitions(settings)
+    assert compiled == ["$.segments[0].conditions[0]"]  # the broken one's only condition
+    _parse_text.cache_clear()
+    checked = load_definition_set(definitions)
+    assert len(compiled) > 20  # a full load compiles every condition
+    assert loaded == checked
+    assert "seats-misspelled" in loaded.skipped
+    assert "not a number" in str(loaded.skipped["seats-misspelled"][0])
+
+    # Files that are not those the models were generated from are compiled in full.
+    (project / "target" / GENERATED_STAMP_FILE).unlink()
+    compiled.clear()
+    _parse_text.cache_clear()
+    assert project_definitions(settings) == checked
+    assert len(compiled) > 20
