@@ -118,6 +118,16 @@ class AudiencesTranslator(DagsterDbtTranslator):
     names = EnvironmentNames()
 
     def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project) -> dg.AssetSpec:
+        # Once per node, as dagster-dbt's own method: it resolves each node's dependencies through
+        # this method, so without it an audience's spec was made again for every model that reads
+        # it (audience_members reads every audience, at load and when a run maps dbt's events).
+        made = self.__dict__.setdefault("_made_specs", {})
+        memo = (id(manifest), unique_id, id(project))
+        if memo not in made:
+            made[memo] = self._prefixed_spec(manifest, unique_id, project)
+        return made[memo]
+
+    def _prefixed_spec(self, manifest: Mapping[str, Any], unique_id: str, project) -> dg.AssetSpec:
         spec = self._unprefixed_spec(manifest, unique_id, project)
         if not self.names.prefix:
             return spec

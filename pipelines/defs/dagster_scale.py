@@ -6,16 +6,24 @@ for each output yielded (`StepExecutionContext.get_output_asset_keys`): cubic in
 The dbt assets yield one output per audience, so at 2,000 audiences a Dagster run spent tens of
 minutes there after dbt had finished (`bench/analysis.md`). An `AssetsDefinition` never changes its
 keys (a subset is a new one), so the set is computed once per definition.
+
+The same step execution also asks, for each output yielded, which asset keys the step's outputs
+are (`StepExecutionContext.get_output_asset_keys`), looking up every output: quadratic, 4 million
+look-ups at 2,000 audiences. A step's outputs and its selection are fixed when it starts, so the
+answer is computed once per step.
 """
 
 from functools import cached_property
 
 from dagster._core.definitions.assets.definition.assets_definition import AssetsDefinition
+from dagster._core.execution.context.system import StepExecutionContext
 
 
 def cache_asset_and_check_keys() -> None:
-    """Compute `AssetsDefinition.asset_and_check_keys` once per definition (a frozenset: no
-    caller may change it). Idempotent; called when the code location's assets are built."""
+    """Compute `AssetsDefinition.asset_and_check_keys` once per definition, and a step's output
+    asset keys once per step (frozensets: no caller may change them). Idempotent; called when
+    the code location's assets are built."""
+    _cache_output_asset_keys()
     current = AssetsDefinition.__dict__["asset_and_check_keys"]
     if isinstance(current, cached_property):
         return
@@ -27,3 +35,19 @@ def cache_asset_and_check_keys() -> None:
     cached = cached_property(asset_and_check_keys)
     cached.__set_name__(AssetsDefinition, "asset_and_check_keys")
     AssetsDefinition.asset_and_check_keys = cached
+
+
+def _cache_output_asset_keys() -> None:
+    current = StepExecutionContext.__dict__["get_output_asset_keys"]
+    if getattr(current, "cached_per_step", False):
+        return
+
+    def get_output_asset_keys(self: StepExecutionContext) -> frozenset:
+        keys = self.__dict__.get("_audiences_output_asset_keys")
+        if keys is None:
+            keys = self.__dict__["_audiences_output_asset_keys"] = frozenset(current(self))
+        return keys
+
+    get_output_asset_keys.cached_per_step = True
+    get_output_asset_keys.__doc__ = current.__doc__
+    StepExecutionContext.get_output_asset_keys = get_output_asset_keys

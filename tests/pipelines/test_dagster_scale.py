@@ -1,11 +1,13 @@
 """Issue 25: a Dagster run's cost per output of a multi-asset does not grow with their number."""
 
 import dagster as dg
+import pytest
 from dagster._core.definitions.assets.definition.assets_definition import AssetsDefinition
 
 from pipelines.defs.dagster_scale import cache_asset_and_check_keys
 
 OUTPUTS = 300
+STEP_OUTPUTS = 100
 
 
 def test_a_multi_assets_keys_are_listed_once_per_run_not_once_per_output_per_output(monkeypatch):
@@ -35,3 +37,57 @@ def test_a_multi_assets_keys_are_listed_once_per_run_not_once_per_output_per_out
     assert result.success
     assert len(result.get_asset_materialization_events()) == OUTPUTS
     assert listed < 10 * OUTPUTS, listed
+
+
+def test_a_steps_output_asset_keys_are_looked_up_once_per_step(monkeypatch):
+    """For each output yielded, Dagster looked up the asset key of every output of the step
+    (`get_output_asset_keys`): quadratic, 4 million look-ups at 2,000 audiences, most of a Dagster
+    run's own time after dbt. Counted here through the look-ups (quadratic: 100 outputs show it)."""
+    from dagster._core.definitions.assets.job.asset_layer import AssetLayer
+
+    cache_asset_and_check_keys()  # what loading the code location does
+    looked_up = 0
+    look_up = AssetLayer.get_asset_key_for_node_output
+
+    def counted(self, *args, **kwargs):
+        nonlocal looked_up
+        looked_up += 1
+        return look_up(self, *args, **kwargs)
+
+    monkeypatch.setattr(AssetLayer, "get_asset_key_for_node_output", counted)
+
+    @dg.multi_asset(
+        specs=[dg.AssetSpec(f"a{index}") for index in range(STEP_OUTPUTS)],
+        can_subset=True,
+    )
+    def many(context: dg.AssetExecutionContext):
+        for key in sorted(context.selected_asset_keys, key=str):
+            yield dg.MaterializeResult(asset_key=key)
+
+    result = dg.materialize([many])
+    assert result.success
+    assert len(result.get_asset_materialization_events()) == STEP_OUTPUTS
+    assert looked_up < 10 * STEP_OUTPUTS, looked_up
+
+
+def test_each_dbt_nodes_asset_spec_is_made_once():
+    """dagster-dbt resolves a node's dependencies through the translator, so without a memo the
+    engine's translator made an audience's spec again for every model that reads it
+    (`audience_members` reads them all): at 2,000 audiences, seconds of every code location load."""
+    from collections import Counter
+
+    from audiences.settings import Settings
+    from pipelines.defs.audiences import AudiencesTranslator, audience_models
+
+    made = Counter()
+    unprefixed = AudiencesTranslator._unprefixed_spec
+
+    def counted(self, manifest, unique_id, project):
+        made[unique_id] += 1
+        return unprefixed(self, manifest, unique_id, project)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AudiencesTranslator, "_unprefixed_spec", counted)
+        assets, _ = audience_models(Settings.from_env())
+    assert len(assets.keys) > 20
+    assert made and max(made.values()) == 1, made.most_common(3)
