@@ -286,6 +286,15 @@ def load_definitions(folder: Path) -> dict[str, AudienceDefinition]:
     return loaded.definitions
 
 
+def definition_keys(folder: Path) -> set[str]:
+    """Every audience key the folder defines, evaluated or skipped (`DefinitionSet.keys`): its
+    `<key>/audience.json` files, read and compiled by none (a trigger check needs only the keys)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DefinitionError([Problem(str(folder), "$", "the definitions folder does not exist")])
+    return {file.parent.name for file in folder.glob(f"*/{DEFINITION_FILE}")}
+
+
 @dataclass
 class _LoadedFiles:
     definitions: dict[str, AudienceDefinition]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from audiences.conditions.definitions import DefinitionError, load_definition_set
+from audiences.conditions.definitions import DefinitionError, definition_keys
 from audiences.dbt.models import custom_audience_keys
 from audiences.settings import Settings
 from audiences.workflows.triggers import WorkflowTrigger, load_triggers
@@ -23,7 +23,9 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
 
     sinks, default_sink = load_sinks(settings.sinks_file)
     # A trigger on an audience skipped for errors in its definition stays: the audience still exists.
-    audiences = load_definition_set(settings.definitions_dir).keys | set(
+    # Its keys only: no definition is compiled (every one was, at 2,000 audiences: seconds of each
+    # run's `audience_definitions` asset).
+    audiences = definition_keys(settings.definitions_dir) | set(
         custom_audience_keys(settings.dbt_project_dir)
     )
     try:
@@ -39,7 +41,7 @@ def load_workflow_setup(settings: Settings) -> WorkflowSetup:
         archived = archived_in(settings.store_url)
         inactive = set(archived)
         if settings.environment != settings.development_environment:
-            inactive |= load_definition_set(settings.working_definitions_dir).keys - audiences
+            inactive |= definition_keys(settings.working_definitions_dir) - audiences
         if not inactive:
             raise
         triggers = load_triggers(settings.workflows_dir, audiences | inactive, set(sinks))

@@ -441,3 +441,36 @@ def test_two_properties_that_would_share_columns_make_their_audiences_unusable(t
     assert repr(first) in message and repr(second) in message
     assert "map to the same columns" in message and "$.segments[0]" in message
     assert any("map to the same columns" in problem for problem in problems_of(tmp_path))
+
+
+def test_the_workflow_setup_reads_the_audience_keys_without_compiling(tmp_path, monkeypatch):
+    """Issue 25: checking the triggers against the audiences needs only their keys, but loading
+    them compiled every condition of every definition again, in each run's
+    `audience_definitions` asset (seconds at 2,000 audiences). The keys are the same set, broken
+    definitions included."""
+    import shutil
+
+    import audiences.conditions.compiler as compiler_module
+    from audiences.conditions.definitions import _parse_text, definition_keys
+    from audiences.delivery.setup import load_workflow_setup
+    from audiences.settings import Settings
+
+    folder = shutil.copytree(ROOT / "data" / "audiences", tmp_path / "audiences")
+    write(folder, "broken", dynamic({"property": "recipient.a", "operator": "no_such"}))
+    assert definition_keys(folder) == load_definition_set(folder).keys
+    assert "broken" in definition_keys(folder)
+    compiled = []
+    real = compiler_module.compile_segments
+    monkeypatch.setattr(
+        compiler_module,
+        "compile_segments",
+        lambda *args, **kwargs: compiled.append(1) or real(*args, **kwargs),
+    )
+    _parse_text.cache_clear()  # as in a new process
+    settings = Settings.from_env(
+        {}, definitions_dir=folder, workflows_dir=ROOT / "data" / "workflows"
+    )
+    setup = load_workflow_setup(settings)
+    assert setup.triggers  # the sample's triggers, checked against the keys
+    # only the triggers' own conditions, none of the audiences'
+    assert len(compiled) <= len(setup.triggers) < 18
