@@ -30,6 +30,7 @@ import errno
 import json
 import logging
 import os
+import queue
 import secrets
 import signal
 import socket
@@ -47,11 +48,12 @@ log = logging.getLogger("audiences.workers")
 
 # Set by `audiences serve` for uvicorn's own worker processes: the worker process's socket.
 ADDRESS_VARIABLE = "_AUDIENCES_WORKER_ADDRESS"
-# Users named in one datagram (a bulk identify is sent in several).
-USERS_PER_MESSAGE = 500
-# How long the API waits for room in the worker's receive buffer before it drops a message (the
-# worker is stuck: its restart, or the next pipeline run, evaluates those users).
-SEND_TIMEOUT_SECONDS = 0.5
+# Users named in one datagram, about (a bulk identify is sent in several).
+USERS_PER_MESSAGE = 200
+# How long the API's sending thread waits for room in the worker's receive queue before it drops
+# a message (the worker is stuck: its restart, or the next pipeline run, evaluates those users).
+SEND_TIMEOUT_SECONDS = 5.0
+WAKE = "wake"  # the client's queue item that says deliveries were queued
 # The supervisor starts a dead worker again after this pause, doubled while it keeps dying within
 # `STABLE_SECONDS` of its start, up to `MAX_RESTART_PAUSE_SECONDS`.
 RESTART_PAUSE_SECONDS = 0.2
@@ -70,7 +72,9 @@ def new_address() -> str:
 class WorkerClient:
     """The API's side, in place of an in-process `RealtimeWorker` (`Environment.realtime`): sends
     the users whose identifies committed, and the news that deliveries were queued, to the worker
-    process. A message the worker cannot take is dropped (see the module's docstring)."""
+    process. A thread of its own sends them, everything waiting at that moment in one datagram, so
+    a request never waits for the worker's receive queue (ten datagrams on Linux). A message the
+    worker cannot take is dropped (see the module's docstring)."""
 
     def __init__(self, address: str, environment: Environment):
         from audiences.store.database import on_deliveries_queued
@@ -79,8 +83,14 @@ class WorkerClient:
         self.environment = environment.name
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.settimeout(SEND_TIMEOUT_SECONDS)
-        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[list[str], list[str] | None] | str | None] = (
+            queue.SimpleQueue()
+        )
         self._warned = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name=f"worker-client-{environment.name}", daemon=True
+        )
+        self._thread.start()
         # Deliveries this process queues (broadcasts, static members) wake the worker's threads.
         self._unsubscribe = on_deliveries_queued(environment.store.url, self.wake_delivery)
 
@@ -88,37 +98,58 @@ class WorkerClient:
         """Have the worker process evaluate these users (their identify committed); `changed`
         as `RealtimeWorker.submit`."""
         user_ids = list(user_ids)
-        changed = None if changed is None else sorted(changed)
-        for start in range(0, len(user_ids), USERS_PER_MESSAGE):
-            self._send(
-                {
-                    "environment": self.environment,
-                    "users": user_ids[start : start + USERS_PER_MESSAGE],
-                    "changed": changed,
-                }
-            )
+        if user_ids:
+            self._queue.put((user_ids, None if changed is None else sorted(changed)))
 
     def wake_delivery(self) -> None:
         """A transaction of this process queued deliveries: have the worker look now."""
-        self._send({"environment": self.environment, "wake": True})
+        self._queue.put(WAKE)
+
+    def close(self) -> None:
+        """Send what waits, then stop (idempotent)."""
+        self._unsubscribe()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+        self._socket.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            items = [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in items:
+                stopping = True
+            wake, submitted, users = False, [], 0
+            for item in items:
+                if item is None:
+                    continue
+                if item == WAKE:
+                    wake = True
+                    continue
+                submitted.append(item)
+                users += len(item[0])
+                if users >= USERS_PER_MESSAGE:
+                    self._send({"environment": self.environment, "submit": submitted})
+                    submitted, users = [], 0
+            if submitted or wake:
+                self._send({"environment": self.environment, "submit": submitted, "wake": wake})
 
     def _send(self, message: dict) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
         try:
-            with self._lock:
-                self._socket.sendto(data, self.address)
+            self._socket.sendto(data, self.address)
         except OSError as error:
-            # No worker listening (it is starting again) or a full buffer for too long: its start
-            # (or the next pipeline run) evaluates these users; say so at most once a minute.
+            # No worker listening (it is starting again) or its queue full for too long: its
+            # start (or the next pipeline run) evaluates these users; say so at most once a minute.
             now = time.monotonic()
             if error.errno not in (errno.ECONNREFUSED, errno.ENOENT) and now - self._warned > 60:
                 self._warned = now
                 log.warning("the worker process took no message (%s); it catches up", error)
-
-    def close(self) -> None:
-        """Stop sending (idempotent)."""
-        self._unsubscribe()
-        self._socket.close()
 
 
 class WorkerSupervisor:
@@ -249,12 +280,11 @@ def run_worker(arguments) -> int:
             except (ValueError, KeyError, TypeError):
                 log.warning("the worker process ignored a message it cannot read")
                 continue
-            if message.get("wake"):
-                worker = deliverers.get(environment.name)
-                if worker is not None:
-                    worker.wake()
-            elif environment.realtime is not None:
-                environment.realtime.submit(message["users"], message["changed"])
+            if message.get("wake") and environment.name in deliverers:
+                deliverers[environment.name].wake()
+            if environment.realtime is not None:
+                for user_ids, changed in message.get("submit", ()):
+                    environment.realtime.submit(user_ids, changed)
     finally:
         listener.close()
         if deliverers:
