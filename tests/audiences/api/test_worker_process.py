@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from api_server import free_port, serve_process
 from condition_harness import ROOT
@@ -127,6 +128,7 @@ def wait_for(check, seconds: float, what: str):
     raise AssertionError(f"not within {seconds} s: {what}")
 
 
+@pytest.mark.slow  # two starts of the worker process, the service's own start
 def test_a_worker_process_killed_mid_stream_is_restarted_and_nothing_is_lost_or_doubled(tmp_path):
     receiver = Receiver()
     env = project(tmp_path, receiver)
