@@ -65,8 +65,14 @@ STOP_TIMEOUT_SECONDS = 30.0
 
 
 def new_address() -> str:
-    """A socket address of the abstract namespace, unique to this supervisor."""
-    return f"\0audiences-serve-{os.getpid()}-{secrets.token_hex(6)}"
+    """A socket address of the abstract namespace, unique to this supervisor, written as `@name`
+    (an argument or environment variable holds no NUL; `socket_address` gives the real one)."""
+    return f"@audiences-serve-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def socket_address(address: str) -> str:
+    """The address to bind or send to: `@name` is `name` in Linux's abstract namespace."""
+    return "\0" + address[1:] if address.startswith("@") else address
 
 
 class WorkerClient:
@@ -79,7 +85,7 @@ class WorkerClient:
     def __init__(self, address: str, environment: Environment):
         from audiences.store.database import on_deliveries_queued
 
-        self.address = address
+        self.address = socket_address(address)
         self.environment = environment.name
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.settimeout(SEND_TIMEOUT_SECONDS)
@@ -171,8 +177,7 @@ class WorkerSupervisor:
         return self
 
     def _command(self, worker_id: str, dead: str | None) -> list[str]:
-        address = "@" + self.address[1:]  # an argument holds no NUL: `main` puts it back
-        command = [sys.executable, "-m", "audiences.api.workers", "--address", address]
+        command = [sys.executable, "-m", "audiences.api.workers", "--address", self.address]
         command += ["--supervisor", str(os.getpid()), "--worker-id", worker_id]
         if dead:
             command += ["--release-claims-of", dead]
@@ -245,7 +250,9 @@ def run_worker(arguments) -> int:
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stopping.set())
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(arguments.address)  # first: whatever commits from now on reaches this worker
+    listener.bind(
+        socket_address(arguments.address)
+    )  # first: whatever commits from now on reaches this worker
     listener.settimeout(PARENT_CHECK_SECONDS)
     environments: dict[str, Environment] = {}
     deliverers: dict[str, object] = {}
@@ -304,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deliver", action="store_true")
     parser.add_argument("--poll-seconds", type=float, default=None)
     arguments = parser.parse_args(argv)
-    if arguments.address.startswith("@"):  # how a shell can name an abstract address
-        arguments.address = "\0" + arguments.address[1:]
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s"
     )
