@@ -8,8 +8,8 @@ served on 127.0.0.1, after a first evaluation (dbt build, diff, publish, the use
 the store as the `users` asset does, the real-time plan published):
 
 For each mode, real time on and off (`AUDIENCES_REALTIME`), in the same run: `audiences serve`
-in a process of its own, with its always-on delivery worker (woken when its own transactions queue
-deliveries; the pipeline's, from another process, found by its 0.2 s poll); 8 client
+in a process of its own, with its worker process (real time and the always-on delivery worker, woken
+when real time's transactions queue deliveries; the pipeline's found by its 0.2 s poll); 8 client
 threads make `--rate` identify calls a second for `--seconds`, each moving a fresh user into the
 probe audience or a user it moved in back out; with real time off, the pipeline (load the identify
 queue, dbt re-evaluation, diff, publish, as the main job does) runs in a loop meanwhile, as the
@@ -316,10 +316,12 @@ def run_mode(
         if batcher:
             batcher.start()
         threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+        load = [os.getloadavg()[0]]  # the machine is shared: its load beside each result
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        load.append(os.getloadavg()[0])
         # Wait for the entered triggers of users still in (those moved out again may never enter).
         if batcher:
             batch_stop.set()
@@ -370,6 +372,7 @@ def run_mode(
         "disagreements_after_pipeline_run": final["disagreements"],
         "final_pipeline_pass": final,
         "breakdown_ms": breakdown,
+        "load_average": f"{load[0]:.1f} -> {load[1]:.1f}",
         "warm_up_seconds": warm_up,
     }
 
@@ -511,7 +514,7 @@ def main() -> None:
         "clients": CLIENTS,
         "setup_seconds": setup_seconds,
         "first_evaluation": first,
-        "delivery_worker": "`audiences serve`'s always-on worker",
+        "delivery_worker": "`audiences serve`'s worker process (real time and delivery)",
         "modes": [],
     }
     half = arguments.users // 2
@@ -587,7 +590,11 @@ def write_results(results: dict, arguments: str) -> None:
         return (
             "n/a"
             if found is None
-            else (f"{found:,.1f}" if isinstance(found, float) else f"{found:,}")
+            else (
+                f"{found:,.1f}"
+                if isinstance(found, float)
+                else (found if isinstance(found, str) else f"{found:,}")
+            )
         )
 
     for key in (
@@ -602,6 +609,7 @@ def write_results(results: dict, arguments: str) -> None:
         "pipeline_passes_during",
         "extra_events_after_pipeline_run",
         "disagreements_after_pipeline_run",
+        "load_average",
     ):
         rows.append(f"| {key} | {value(on, key)} | {value(off, key)} |")
     stages = [

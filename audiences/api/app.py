@@ -9,6 +9,7 @@ command-line tool does. Every error is Knock's shape (errors.py); bad input neve
 """
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -44,13 +45,18 @@ from audiences.api.routes import (
     users,
 )
 from audiences.api.service import Environment
+from audiences.api.workers import ADDRESS_VARIABLE, WorkerClient
 from audiences.settings import Settings
 
 log = logging.getLogger("audiences.api")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, worker_address: str | None = None) -> FastAPI:
+    """The app over every served environment. With `worker_address` (`audiences serve`: its
+    worker process, `api/workers.py`), identifies are evaluated and deliveries sent in that
+    process; without, real time runs in this one (tests, embedding)."""
     settings = settings or Settings.from_env()
+    worker_address = worker_address or os.environ.get(ADDRESS_VARIABLE)
     environments = open_environments(settings)
     limiter = RateLimiter(
         {
@@ -76,7 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception:
             log.exception("%s: could not apply the queued uploads' patches", environment.name)
         environment.bulk_worker = BulkWorker(environment).start()
-        if settings.realtime:
+        if worker_address is not None:
+            environment.worker = WorkerClient(worker_address, environment)
+            if settings.realtime:
+                environment.realtime = environment.worker
+        elif settings.realtime:
             environment.realtime = RealtimeWorker(environment).start()
 
     # The bulk and list routes before users' `/v1/users/{user_id}`: FastAPI matches in order.
@@ -289,12 +299,12 @@ def close_app(app: FastAPI) -> None:
     app.state.limiter.close()
 
 
-def asgi_app(settings: Settings | None = None):
-    """The service with its body limit, as uvicorn runs it."""
+def asgi_app(settings: Settings | None = None, worker_address: str | None = None):
+    """The service with its body limit, as uvicorn runs it (`worker_address`: `create_app`'s)."""
     import gc
 
     settings = settings or Settings.from_env()
-    app = BodyLimit(create_app(settings), settings.api_max_body_bytes)
+    app = BodyLimit(create_app(settings, worker_address), settings.api_max_body_bytes)
     # The objects alive now (modules, the app, its routes and schemas) live as long as the process:
     # moved out of the collector's reach, the full collections that the per-request garbage of a
     # 1,000-member batch sets off no longer walk them (they were the slowest answers' pauses).

@@ -30,6 +30,7 @@ from audiences.api.writer import GroupCommitWriter
 if TYPE_CHECKING:
     from audiences.api.bulk import BulkWorker
     from audiences.api.realtime import RealtimeWorker
+    from audiences.api.workers import WorkerClient
 from audiences.conditions.definitions import KEY_PATTERN, load_definitions
 from audiences.settings import Settings
 from audiences.static.members import (
@@ -65,7 +66,9 @@ class Environment:
     _writer: GroupCommitWriter | None = None
     bulk_worker: BulkWorker | None = None  # processes queued bulk operations (api/bulk.py)
     # Evaluates identified users at once (api/realtime.py); None when real time is off.
-    realtime: RealtimeWorker | None = None
+    realtime: RealtimeWorker | WorkerClient | None = None
+    # `audiences serve`'s worker process (api/workers.py), which runs real time and delivery.
+    worker: WorkerClient | None = None
 
     @classmethod
     def open(cls, settings: Settings, name: str) -> Environment:
@@ -126,6 +129,8 @@ class Environment:
             self.bulk_worker.close()
         if self.realtime is not None:
             self.realtime.close()
+        if self.worker is not None:
+            self.worker.close()
         if self._writer is not None:
             self._writer.close()
         self.store.dispose()

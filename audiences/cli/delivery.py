@@ -91,10 +91,11 @@ def deliver(settings: Settings, arguments) -> int:
 
 
 def start_delivery_workers(
-    settings: Settings, environments: list[str], poll_seconds: float | None = None
+    settings: Settings, environments: list[str], poll_seconds: float | None = None, **options
 ) -> list:
     """An always-on delivery worker (`delivery/worker.py`) for each environment, started: each
-    delivers from its environment's store to that environment's sinks."""
+    delivers from its environment's store to that environment's sinks (`options`: the worker's,
+    such as `worker_id`)."""
     from audiences.delivery.sinks import load_sinks
     from audiences.delivery.worker import DeliveryWorker
     from audiences.store.database import MembershipStore
@@ -105,7 +106,9 @@ def start_delivery_workers(
             own = settings.for_environment(environment)
             sinks, _ = load_sinks(own.sinks_file)
             store = MembershipStore(own.store_url).create()
-            workers.append(DeliveryWorker(store, sinks, poll_seconds=poll_seconds).start())
+            workers.append(
+                DeliveryWorker(store, sinks, poll_seconds=poll_seconds, **options).start()
+            )
     except BaseException:
         stop_delivery_workers(workers)
         raise

@@ -11,10 +11,12 @@ from audiences.settings import Settings
 
 def serve(settings: Settings, arguments) -> int:
     """Serve the API (Knock's audiences and users endpoints, checks, guides, broadcasts, Census)
-    under uvicorn, one process. The OpenAPI document is at /openapi.json, its pages at /docs.
-    Clients send a key from `audiences keys create` as `Authorization: Bearer <key>`. Unless
-    --no-deliver, it also delivers every served environment's workflow triggers as they are queued
-    (the worker of `audiences deliver --watch`); SIGTERM stops both cleanly."""
+    under uvicorn. The OpenAPI document is at /openapi.json, its pages at /docs.
+    Clients send a key from `audiences keys create` as `Authorization: Bearer <key>`. Beside the
+    API, a worker process (`api/workers.py`), started, restarted if it dies and stopped with the
+    service, evaluates identified users at once (real time) and, unless --no-deliver, delivers
+    every served environment's workflow triggers as they are queued (the worker of `audiences
+    deliver --watch`); SIGTERM stops both cleanly."""
     import signal
 
     import uvicorn
@@ -24,36 +26,39 @@ def serve(settings: Settings, arguments) -> int:
 
     options = {"host": arguments.host, "port": arguments.port, "log_level": "info"}
     options.update(access_log=False, http=PROTOCOL)
+    from audiences.api.workers import ADDRESS_VARIABLE, WorkerSupervisor
+
+    supervisor = None
+    if arguments.deliver or settings.realtime:
+        # Real time and delivery in a process of their own, which the API's writes wake.
+        supervisor = WorkerSupervisor(
+            settings, deliver=arguments.deliver, poll_seconds=arguments.poll_seconds
+        )
+    address = supervisor.address if supervisor else None
     if arguments.workers > 1:
         from audiences.api.app import close_app, create_app
 
-        close_app(create_app(settings))  # a misconfigured environment stops here, with its message
+        close_app(create_app(settings, address))  # a misconfigured environment stops here
         # Each worker process builds the app from these settings, passed as environment variables.
         os.environ.update(settings.environment_variables())
+        if address:
+            os.environ[ADDRESS_VARIABLE] = address
         app, options = "audiences.api.app:asgi_app", {**options, "factory": True}
         options["workers"] = arguments.workers
     else:
-        app = asgi_app(settings)
-    workers = []
-    if arguments.deliver:
-        from audiences.cli.delivery import start_delivery_workers
-
-        # In this process: its API's writes wake them directly; other processes' by poll or NOTIFY.
-        workers = start_delivery_workers(
-            settings, settings.api_environments, arguments.poll_seconds
-        )
+        app = asgi_app(settings, address)
+    if supervisor:
+        supervisor.start()
     # uvicorn handles SIGTERM and Ctrl-C itself (a graceful shutdown), then raises the signal again
-    # under the handlers it found: these ones let the delivery workers stop cleanly after it.
+    # under the handlers it found: these ones let the worker process stop cleanly after it.
     previous = {
         number: signal.signal(number, lambda *_: None) for number in (signal.SIGTERM, signal.SIGINT)
     }
     try:
         uvicorn.run(app, **options)
     finally:
-        if workers:
-            from audiences.cli.delivery import stop_delivery_workers
-
-            stop_delivery_workers(workers)
+        if supervisor:
+            supervisor.stop()
         for number, handler in previous.items():
             signal.signal(number, handler)
     return 0
@@ -124,7 +129,7 @@ def register(command) -> None:
         "--no-deliver",
         dest="deliver",
         action="store_false",
-        help="do not deliver workflow triggers in this process (run `audiences deliver --watch`)",
+        help="do not deliver workflow triggers in this service (run `audiences deliver --watch`)",
     )
     sub.add_argument(
         "--poll-seconds",

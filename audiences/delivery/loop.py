@@ -341,6 +341,22 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()[:24]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+def release_claims_of(store: MembershipStore, worker_id: str) -> int:
+    """Give back the pending deliveries that a worker known to be dead (killed, say) still holds
+    a claim on, so that they are due now rather than when their lease ends; their sends, if they
+    happened, go again under the same idempotency keys. Returns how many were given back."""
+    columns = deliveries.c
+    with store.engine.begin() as connection:
+        return connection.execute(
+            deliveries.update()
+            .where(
+                columns.status == "pending",
+                columns.claimed_by.startswith(f"{worker_id}/", autoescape=True),
+            )
+            .values(claimed_by=None, claimed_until=None)
+        ).rowcount
+
+
 def replay(
     store: MembershipStore,
     *,

@@ -68,6 +68,7 @@ PLAN_MARKER = "realtime_plan"
 # the events of an identify that has committed.
 FAULT_POINT = "AUDIENCES_FAULT_POINT"
 FAULT_BEFORE_EVENTS = "realtime-before-events"
+FAULT_ALSO_KILLS = "_AUDIENCES_FAULT_ALSO_KILLS"  # a process id the fault point kills first
 SOURCE = "realtime"
 # Plans (the whole plan and its subsets for the properties identifies change) whose statements the
 # evaluator keeps prepared.
@@ -529,6 +530,9 @@ def record(
     if not decisions.events:
         return PublishReport()
     if os.environ.get(FAULT_POINT) == FAULT_BEFORE_EVENTS:
+        # The whole service: in `audiences serve`'s worker process, the API's process too.
+        if os.environ.get(FAULT_ALSO_KILLS):
+            os.kill(int(os.environ[FAULT_ALSO_KILLS]), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     report = queue_event_deliveries(
         evaluator.connection,

@@ -1,0 +1,188 @@
+"""`audiences serve` runs real time and delivery in a worker process of its own, beside the API:
+started with the service, started again when it is killed (SIGKILL) in the middle of a stream of
+identifies, stopped with the service; every user moved in is entered once and delivered, never
+under two idempotency keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from api_server import free_port, serve_process
+from condition_harness import ROOT
+
+from audiences.api.keys import create_key
+from audiences.conditions.definitions import load_definitions
+from audiences.store import database as tables
+from audiences.store.database import MembershipStore
+from audiences.workflows.realtime import PLAN_MARKER, event_id
+
+SECRET_ENV = "TEST_WORKER_PROCESS_WEBHOOK_SECRET"
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: (webhook id, recipient, event id) of each request."""
+
+    def __init__(self):
+        received = self.received = []
+        lock = self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                data = body.get("data", {})
+                with lock:
+                    received.append(
+                        (
+                            self.headers.get("webhook-id"),
+                            data.get("recipients", [None])[0],
+                            data.get("data", {}).get("event_id"),
+                        )
+                    )
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def recipients(self) -> set[str]:
+        with self.lock:
+            return {recipient for _, recipient, _ in self.received}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def project(folder: Path, receiver: Receiver) -> dict:
+    """One dynamic audience (plan is pro), an entered trigger to the webhook, and the variables
+    that point `audiences serve` at them."""
+    definitions = folder / "audiences" / "pro-plan"
+    definitions.mkdir(parents=True)
+    condition = {"property": "recipient.plan", "operator": "equal_to", "argument": "pro"}
+    (definitions / "audience.json").write_text(
+        json.dumps({"name": "Pro", "type": "dynamic", "segments": [{"conditions": [condition]}]})
+    )
+    trigger = folder / "workflows" / "pro-welcome"
+    trigger.mkdir(parents=True)
+    (trigger / "trigger.json").write_text(json.dumps({"audience": "pro-plan", "on": "entered"}))
+    (folder / "sinks.yml").write_text(
+        "default: webhook\nsinks:\n"
+        f"  webhook: {{type: webhook, url: 'http://127.0.0.1:{receiver.port}/hook', "
+        f"secret_env: {SECRET_ENV}}}\n"
+    )
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_DUCKDB": str(folder / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(folder / "audiences"),
+        "AUDIENCES_WORKFLOWS": str(folder / "workflows"),
+        "AUDIENCES_SINKS": str(folder / "sinks.yml"),
+        "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}",
+        "AUDIENCES_API_ENVIRONMENTS": "development",
+        "AUDIENCES_API_WRITE_RATE": "1000",
+        SECRET_ENV: "whsec_" + "dGVzdC1zZWNyZXQtZm9yLXdvcmtlcnM=",
+    }
+
+
+def children(pid: int) -> list[int]:
+    """The process's children (each thread's: the supervisor thread starts the worker)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def wait_for(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+@pytest.mark.slow  # two starts of the worker process, the service's own start
+def test_a_worker_process_killed_mid_stream_is_restarted_and_nothing_is_lost_or_doubled(tmp_path):
+    receiver = Receiver()
+    env = project(tmp_path, receiver)
+    store = MembershipStore(env["AUDIENCES_STORE_URL"]).create()
+    version = load_definitions(tmp_path / "audiences")["pro-plan"].version
+    with store.engine.begin() as connection:  # as if the pipeline had evaluated this version
+        connection.execute(
+            tables.store_markers.insert().values(
+                name=PLAN_MARKER, value=json.dumps({"pro-plan": version})
+            )
+        )
+    headers = {"Authorization": f"Bearer {create_key(store, 'development', 'tests')[1]}"}
+    users = [f"user-{number:03d}" for number in range(60)]
+    try:
+        with serve_process(env, ROOT) as (url, service):
+            first = wait_for(lambda: children(service.pid), 30, "a worker process")[0]
+            with httpx.Client(headers=headers, timeout=10) as http:
+                for number, user in enumerate(users):
+                    answer = http.put(f"{url}/v1/users/{user}", json={"plan": "pro"})
+                    assert answer.status_code == 200, answer.text
+                    if number == 20:  # in the middle of evaluating and delivering the first ones
+                        os.kill(first, signal.SIGKILL)
+                    time.sleep(0.02)
+            second = wait_for(
+                lambda: [child for child in children(service.pid) if child != first],
+                30,
+                "the worker process started again",
+            )[0]
+            wait_for(lambda: receiver.recipients() >= set(users), 60, "every entry delivered")
+            time.sleep(1)  # a send that would come twice would come now
+            # Stopped with the service.
+            service.terminate()
+            assert service.wait(60) == 0
+            wait_for(lambda: not alive(second), 10, "the worker process stopped")
+        assert not alive(first)
+
+        columns = tables.membership_events.c
+        events = store.rows(
+            sa.select(columns.user_id, columns.event_type, columns.event_id).where(
+                columns.audience_key == "pro-plan"
+            )
+        )
+        assert sorted((row["user_id"], row["event_type"], row["event_id"]) for row in events) == [
+            (user, "entered", event_id("pro-plan", user, None, "entered", 1)) for user in users
+        ]
+        keys: dict[str, set[str]] = {}
+        for webhook_id, _, event in receiver.received:
+            keys.setdefault(event, set()).add(webhook_id)
+        assert set(keys) == {row["event_id"] for row in events}
+        assert all(len(ids) == 1 for ids in keys.values()), keys
+        delivered = tables.deliveries.c
+        assert store.rows(
+            sa.select(delivered.status, sa.func.count().label("count")).group_by(delivered.status)
+        ) == [{"status": "delivered", "count": len(users)}]
+    finally:
+        receiver.close()
+        store.dispose()
