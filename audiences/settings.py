@@ -25,6 +25,11 @@ BREAKER_SHARE = 0.2
 BREAKER_MINIMUM = 1000
 UPLOAD_MAX_BYTES = 10 * 1024 * 1024
 API_MAX_BODY_BYTES = 10 * 1024 * 1024
+# Where the audiences are evaluated (docs/scale-out.md): DuckDB, or Apache Spark through dbt-spark
+# (`spark`: in this machine's process; `cluster`: a Spark Thrift server).
+ENGINES = ("duckdb", "spark")
+SPARK_TARGETS = ("spark", "cluster")
+SPARK_PORT = 10000
 
 ENVIRONMENT_VARIABLES = {
     "AUDIENCES_DUCKDB": "the DuckDB warehouse file (default data/warehouse.duckdb)",
@@ -65,6 +70,13 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_API_DELETE_RATE": "API deletes and merges per second per environment (default 5, Knock's tier 2)",
     "AUDIENCES_API_BULK_RATE": "API bulk operations per second per environment (default 1, Knock's tier 1)",
     "AUDIENCES_API_MAX_BODY_BYTES": f"the largest API request body, in bytes (default {API_MAX_BODY_BYTES})",
+    "AUDIENCES_ENGINE": "where the Dagster code location evaluates the audiences: duckdb (default) or spark "
+    "(adds the job spark_audiences_job; docs/scale-out.md)",
+    "AUDIENCES_SPARK_WAREHOUSE": "the local Spark warehouse folder, tables and metastore (default: spark-warehouse "
+    "beside the DuckDB file; a later environment's: <it>/<env>)",
+    "AUDIENCES_SPARK_TARGET": "spark: Spark inside dbt's process (default); cluster: a Spark Thrift server",
+    "AUDIENCES_SPARK_HOST": "the Spark Thrift server's host (AUDIENCES_SPARK_TARGET=cluster)",
+    "AUDIENCES_SPARK_PORT": f"its port (default {SPARK_PORT})",
 }
 
 
@@ -227,6 +239,38 @@ class Settings:
     @property
     def api_max_body_bytes(self) -> int:
         return _variable(os.environ, "AUDIENCES_API_MAX_BODY_BYTES", int, API_MAX_BODY_BYTES)
+
+    @property
+    def engine(self) -> str:
+        """Where the Dagster code location evaluates the audiences: `duckdb` (the dbt assets), or
+        `spark` (also the Spark assets and `spark_audiences_job`, `pipelines/defs/spark.py`)."""
+        return _choice("AUDIENCES_ENGINE", ENGINES)
+
+    @property
+    def spark_target(self) -> str:
+        """The Spark dbt target: `spark` (in dbt's process) or `cluster` (a Thrift server)."""
+        return _choice("AUDIENCES_SPARK_TARGET", SPARK_TARGETS)
+
+    @property
+    def spark_host(self) -> str | None:
+        return os.environ.get("AUDIENCES_SPARK_HOST") or None
+
+    @property
+    def spark_port(self) -> int:
+        return _variable(os.environ, "AUDIENCES_SPARK_PORT", int, SPARK_PORT)
+
+    @property
+    def spark_warehouse(self) -> Path:
+        """The local Spark warehouse (tables, metastore, the published events' files): the
+        AUDIENCES_SPARK_WAREHOUSE folder for the first environment and `<it>/<environment>` for
+        a later one, else `spark-warehouse` beside the environment's DuckDB file."""
+        explicit = os.environ.get("AUDIENCES_SPARK_WAREHOUSE")
+        if not explicit:
+            return self.duckdb_path.parent / "spark-warehouse"
+        folder = _absolute(explicit)
+        if self.environment in ("", self.development_environment):
+            return folder
+        return folder / self.environment
 
     def store_url_for(self, environment: str) -> str:
         """Each environment's data lives in its own store, so no key of one can see another's. An
@@ -431,6 +475,15 @@ _VARIABLE = {
     "sinks_file": "AUDIENCES_SINKS",
     "store_url": "AUDIENCES_STORE_URL",
 }
+
+
+def _choice(variable: str, choices: tuple[str, ...]) -> str:
+    """The variable's value, one of `choices` (the first when unset); any other is an error
+    that names the variable."""
+    value = (os.environ.get(variable) or choices[0]).strip().lower()
+    if value not in choices:
+        raise ValueError(f"{variable}={value!r} is not one of {', '.join(choices)}")
+    return value
 
 
 def _positive_rate(variable: str, default: float) -> float:

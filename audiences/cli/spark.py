@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from audiences.settings import Settings
+from audiences.settings import SPARK_PORT, SPARK_TARGETS, Settings
 
 
 def spark_run(settings: Settings, arguments) -> int:
@@ -17,17 +16,13 @@ def spark_run(settings: Settings, arguments) -> int:
     `cluster` a Spark Thrift server at --spark-host. Both are checked before anything is written.
     Then (target `spark`, unless --no-publish) the committed builds' events are recorded in the
     DuckDB warehouse's outbox, the circuit breaker applied, and published to the store with their
-    workflow triggers, as after a DuckDB evaluation (`audiences deliver` sends them)."""
-    from audiences.dbt.spark import COMMITTED, SparkRun, spark_project_dir
+    workflow triggers, as after a DuckDB evaluation (`audiences deliver` sends them). The Dagster
+    job `spark_audiences_job` (AUDIENCES_ENGINE=spark) runs the same steps."""
+    from audiences.dbt.spark import spark_run_for
 
-    warehouse = (
-        Path(arguments.spark_warehouse)
-        if arguments.spark_warehouse
-        else settings.duckdb_path.parent / "spark-warehouse"
-    )
-    run = SparkRun(
-        spark_project_dir(settings.dbt_project_dir),
-        warehouse.resolve(),
+    run = spark_run_for(
+        settings,
+        Path(arguments.spark_warehouse) if arguments.spark_warehouse else None,
         target=arguments.spark_target,
         host=arguments.spark_host,
         port=arguments.spark_port,
@@ -36,24 +31,16 @@ def spark_run(settings: Settings, arguments) -> int:
     users = Path(arguments.users_parquet) if arguments.users_parquet else None
     if users is not None and not users.exists():
         raise FileNotFoundError(f"--users-parquet {users}: no such file or folder")
-    output = run.run(moment, users)
-    committed = COMMITTED.findall(output)
-    published = [
-        line.strip() for line in output.splitlines() if "membership events published" in line
-    ]
-    kind = re.findall(r"((?:full|incremental) build: [^\n]*)", output)
-    print(
-        f"evaluated on Spark at {moment.isoformat()} ({kind[-1].strip() if kind else 'no build'}); "
-        f"{published[-1] if published else 'no events published'}"
-    )
-    if committed and not arguments.no_publish:
-        if arguments.spark_target != "spark":
+    build = run.build(moment, users)
+    print(build.summary())
+    if build.committed_run and not arguments.no_publish:
+        if run.target != "spark":
             print(
                 "the events stay in the cluster's raw.membership_events: recording them in the "
                 "store reads the warehouse's files, which only the local target has here"
             )
         else:
-            _publish(settings, run.warehouse_dir, committed[-1], moment)
+            _publish(settings, run.warehouse_dir, build.committed_run, moment)
     return 0
 
 
@@ -102,16 +89,24 @@ def register(command) -> None:
     )
     sub.add_argument(
         "--spark-warehouse",
-        help="the Spark warehouse folder: tables and metastore (default: spark-warehouse beside the DuckDB file)",
+        help="the Spark warehouse folder: tables and metastore (default: AUDIENCES_SPARK_WAREHOUSE, "
+        "else spark-warehouse beside the DuckDB file)",
     )
     sub.add_argument(
         "--spark-target",
-        choices=("spark", "cluster"),
-        default="spark",
-        help="spark: Spark in dbt's process (default); cluster: a Thrift server at --spark-host",
+        choices=SPARK_TARGETS,
+        help="spark: Spark in dbt's process (default: AUDIENCES_SPARK_TARGET, else spark); "
+        "cluster: a Thrift server at --spark-host",
     )
-    sub.add_argument("--spark-host", help="the Thrift server's host (--spark-target cluster)")
-    sub.add_argument("--spark-port", type=int, default=10000, help="its port (default 10000)")
+    sub.add_argument(
+        "--spark-host",
+        help="the Thrift server's host (--spark-target cluster; default AUDIENCES_SPARK_HOST)",
+    )
+    sub.add_argument(
+        "--spark-port",
+        type=int,
+        help=f"its port (default AUDIENCES_SPARK_PORT, else {SPARK_PORT})",
+    )
     sub.add_argument(
         "--no-publish",
         action="store_true",

@@ -70,6 +70,8 @@ EVALUATED_USERS_MODEL = "int_users_to_evaluate"
 SPARK_GENERATED_FOLDERS = (Path("models/generated"),)
 # The line a build's last statement logs (dbt_spark/macros/incremental.sql), with its run id.
 COMMITTED = re.compile(r"build committed: run ([0-9A-Za-z-]+)")
+# Where a build's events are written before their partition is attached (macros/membership.sql).
+EVENTS_FOLDER = "membership_events_published"
 # How long a cluster target may take to accept a connection before it counts as unreachable.
 CONNECT_TIMEOUT_SECONDS = 10
 
@@ -557,7 +559,9 @@ def check_java(environ: dict[str, str] | None = None) -> None:
         )
 
 
-def check_reachable(host: str, port: int, setting: str = "--spark-host, --spark-port") -> None:
+def check_reachable(
+    host: str, port: int, setting: str = "--spark-host, --spark-port or AUDIENCES_SPARK_HOST, _PORT"
+) -> None:
     """Fail with one line naming the setting when a cluster target does not accept a connection."""
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS):
@@ -567,6 +571,65 @@ def check_reachable(host: str, port: int, setting: str = "--spark-host, --spark-
         raise SparkTargetError(
             f"the Spark target at {host}:{port} ({setting}) is not reachable: {reason}"
         ) from None
+
+
+# What a build logs (macros/incremental.sql, macros/membership.sql).
+_BUILD_KIND = re.compile(r"((?:full|incremental) build: [^\n]*)")
+_REEVALUATED = re.compile(r"incremental build: (\d+) users re-evaluated")
+_PUBLISHED = "membership events published"
+
+
+@dataclass(frozen=True)
+class SparkBuild:
+    """One Spark build, as its output tells it: full or incremental (and how many users it
+    re-evaluated), and the run that committed (None when nothing committed)."""
+
+    evaluated_at: datetime
+    output: str
+    kind: str | None
+    users_reevaluated: int | None
+    published: str | None
+    committed_run: str | None
+
+    @classmethod
+    def of(cls, output: str, evaluated_at: datetime) -> SparkBuild:
+        kind = _BUILD_KIND.findall(output)
+        reevaluated = _REEVALUATED.findall(output)
+        published = [line.strip() for line in output.splitlines() if _PUBLISHED in line]
+        committed = COMMITTED.findall(output)
+        return cls(
+            evaluated_at=evaluated_at,
+            output=output,
+            kind=kind[-1].strip() if kind else None,
+            users_reevaluated=int(reevaluated[-1]) if reevaluated else None,
+            published=published[-1] if published else None,
+            committed_run=committed[-1] if committed else None,
+        )
+
+    @property
+    def full(self) -> bool:
+        return bool(self.kind and self.kind.startswith("full"))
+
+    def summary(self) -> str:
+        """One line: when, which kind of build, what was published."""
+        return (
+            f"evaluated on Spark at {self.evaluated_at.isoformat()} "
+            f"({self.kind or 'no build'}); {self.published or 'no events published'}"
+        )
+
+
+def spark_run_for(settings, warehouse: Path | None = None, **target) -> SparkRun:
+    """The Spark run of these settings (`audiences.settings`: the Spark project beside the dbt
+    project, AUDIENCES_SPARK_WAREHOUSE, _TARGET, _HOST, _PORT); `warehouse` and the keyword
+    arguments `target`, `host`, `port` (flags) win when not None."""
+    given = {key: value for key, value in target.items() if value is not None}
+    return SparkRun(
+        spark_project_dir(settings.dbt_project_dir),
+        Path(warehouse or settings.spark_warehouse).resolve(),
+        target=given.get("target", settings.spark_target),
+        host=given.get("host", settings.spark_host),
+        port=given.get("port", settings.spark_port),
+    )
 
 
 @dataclass(frozen=True)
@@ -612,7 +675,9 @@ class SparkRun:
         """The one-line checks made before anything is written."""
         if self.target == "cluster":
             if not self.host:
-                raise SparkTargetError("the Spark target `cluster` needs --spark-host")
+                raise SparkTargetError(
+                    "the Spark target `cluster` needs a host: --spark-host or AUDIENCES_SPARK_HOST"
+                )
             check_reachable(self.host, self.port)
         else:
             check_java()
@@ -646,6 +711,11 @@ class SparkRun:
             self.remove_replaced_versions(committed[-1])
         return output
 
+    def build(self, evaluation_time: datetime, users_parquet: Path | None = None) -> SparkBuild:
+        """`run`, and what its output says (what `audiences spark-run` and the Dagster Spark
+        assets report)."""
+        return SparkBuild.of(self.run(evaluation_time, users_parquet), evaluation_time)
+
     def remove_replaced_versions(self, run_id: str) -> list[Path]:
         """Delete the folders of the `atomic_table` versions that no table reads any more: after
         a committed build every such table reads its own folder, `versions/<table>/<run_id>`
@@ -657,6 +727,30 @@ class SparkRun:
                 shutil.rmtree(folder)
                 removed.append(folder)
         return removed
+
+    def member_counts(self, run_id: str) -> dict[str, int]:
+        """Members per audience in `audience_members` as the committed build `run_id` left it
+        (every audience it evaluated, those with none included), read from the files of its
+        version (`versions/audience_members/<run_id>`) and of its events without starting Spark. Local warehouses only: a cluster's storage is not read from here."""
+        import duckdb
+
+        folder = Path(self.warehouse_dir) / "versions" / "audience_members" / run_id
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no audience_members of Spark build {run_id}")
+        events = Path(self.warehouse_dir) / EVENTS_FOLDER / f"run_id={run_id}"
+        with duckdb.connect() as connection:
+            counts = dict(
+                connection.execute(
+                    "select audience_key, count(*) from read_parquet($files) group by all",
+                    {"files": str(folder / "*.parquet")},
+                ).fetchall()
+            )
+            # The build's audiences (its `evaluated` markers), those with no member included.
+            evaluated = connection.execute(
+                "select audience_key from read_parquet($files) where event_type = 'evaluated'",
+                {"files": str(events / "*.parquet")},
+            ).fetchall()
+        return {key: counts.get(key, 0) for key in sorted({k for (k,) in evaluated} | set(counts))}
 
     def query(self, sql: str) -> list[dict]:
         """Rows of one query on the target, through dbt (`dbt show`; one Spark start)."""

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import duckdb
 
+from audiences.dbt.spark import EVENTS_FOLDER
 from audiences.membership.changes import ChangeSummary, CircuitBreaker, record_computed_changes
 from audiences.warehouse.schema import ensure_membership_tables
 from audiences.workflows.publish import PublishReport, publish_outbox
-
-EVENTS_FOLDER = "membership_events_published"
 
 
 def _partition(warehouse_dir: Path, run_id: str) -> str:

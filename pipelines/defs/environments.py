@@ -33,6 +33,7 @@ from pipelines.defs.membership import (
 from pipelines.defs.resources import EnvironmentNames, environment_resources
 from pipelines.defs.schedules import environment_jobs
 from pipelines.defs.sensors import environment_sensors
+from pipelines.defs.spark import SPARK_ASSETS, spark_job
 from pipelines.defs.static import (
     static_audience_members,
     static_audience_syncs,
@@ -126,6 +127,8 @@ def environment_definitions(settings: Settings):
     """One environment's assets, checks, jobs, schedules and sensors, and the definitions it
     evaluates (None when it cannot be served yet: then a single asset says why)."""
     names = EnvironmentNames.of(settings)
+    # AUDIENCES_ENGINE=spark: the Spark assets and their job too (pipelines/defs/spark.py).
+    spark = SPARK_ASSETS if settings.engine == "spark" else ()
     reason = unavailable(settings)
     if reason is None:
         try:
@@ -145,7 +148,7 @@ def environment_definitions(settings: Settings):
         return dg.Definitions(assets=[placeholder]), None
     users = users_definitions(settings)
     events = events_definitions(settings)
-    templates = [*users.assets, *events.assets, *ASSETS]
+    templates = [*users.assets, *events.assets, *ASSETS, *spark]
     checks = [*users.asset_checks, *CHECKS]
     keys = {key: names.prefixed(key) for key in referenced_keys([*templates, *checks])}
     assets = [in_environment(each, names, keys) for each in templates] + [models]
@@ -155,17 +158,21 @@ def environment_definitions(settings: Settings):
         if isinstance(each, dg.AssetsDefinition) and each.is_executable
         for key in each.keys
     ]
+    spark_keys = {names.prefixed(key) for each in spark for key in each.keys}
+    executable = [key for key in executable if key not in spark_keys]
     selection = dg.AssetSelection.assets(*executable)
+    deliveries = dg.AssetSelection.assets(names.key("workflow_trigger_deliveries"))
     main, reevaluate, deliver, schedule = environment_jobs(
-        names,
-        selection | dg.AssetSelection.checks_for_assets(*executable),
-        dg.AssetSelection.assets(names.key("workflow_trigger_deliveries")),
+        names, selection | dg.AssetSelection.checks_for_assets(*executable), deliveries
+    )
+    spark_jobs = (
+        [spark_job(names, dg.AssetSelection.assets(*spark_keys) | deliveries)] if spark else []
     )
     return (
         dg.Definitions(
             assets=assets,
             asset_checks=[in_environment(each, names, keys) for each in checks],
-            jobs=[main, reevaluate, deliver, static_member_job(names)],
+            jobs=[main, reevaluate, deliver, static_member_job(names), *spark_jobs],
             schedules=[schedule],
             sensors=environment_sensors(settings, names),
         ),

@@ -145,6 +145,39 @@ def test_jobs_that_write_duckdb_run_one_step_at_a_time_and_are_serialized():
         assert job.tags.get("audiences/duckdb") == "writer"
 
 
+def test_the_spark_engine_adds_the_spark_job_and_a_bad_engine_is_named(monkeypatch):
+    """AUDIENCES_ENGINE=spark: the Spark assets and `spark_audiences_job` (evaluate on Spark,
+    record and publish, deliver), serialized with the warehouse's other writers; the DuckDB jobs
+    do not run the Spark assets. The default engine has none of them (EXPECTED_ASSET_KEYS); the
+    run itself: tests/audiences/dbt/test_spark_models.py."""
+    import pytest
+
+    spark_keys = {
+        dg.AssetKey(["spark", "audience_members"]),
+        dg.AssetKey(["spark", "membership_events"]),
+    }
+    monkeypatch.setenv("AUDIENCES_ENGINE", "spark")
+    defs = build_definitions()
+    job = defs.resolve_job_def("spark_audiences_job")
+    assert job.asset_layer.selected_asset_keys == spark_keys | {
+        dg.AssetKey("workflow_trigger_deliveries")
+    }
+    assert job.executor_def.name == "in_process"
+    assert job.tags.get("audiences/duckdb") == "writer"
+    main = defs.resolve_job_def("audiences_job").asset_layer.selected_asset_keys
+    assert not main & spark_keys
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey(["spark", "membership_events"])).parent_keys == {
+        dg.AssetKey(["spark", "audience_members"])
+    }
+
+    monkeypatch.setenv("AUDIENCES_ENGINE", "Spark-SQL")
+    with pytest.raises(
+        ValueError, match="AUDIENCES_ENGINE='spark-sql' is not one of duckdb, spark"
+    ):
+        build_definitions()
+
+
 def test_the_dbt_resource_knows_the_version_of_the_dbt_it_runs_without_asking_it():
     import subprocess
 

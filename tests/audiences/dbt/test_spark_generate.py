@@ -118,7 +118,8 @@ def test_spark_run_without_java_or_a_reachable_cluster_is_one_line_and_writes_no
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert (
-        f"the Spark target at 127.0.0.1:{port} (--spark-host, --spark-port) is not reachable" in err
+        f"the Spark target at 127.0.0.1:{port} (--spark-host, --spark-port or AUDIENCES_SPARK_HOST, _PORT) is not reachable"
+        in err
     )
     assert not warehouse.exists(), "nothing is written before the target is known to work"
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
+from dataclasses import replace
 from datetime import UTC, datetime
 
+import dagster as dg
 import duckdb
 import pytest
 import sqlalchemy as sa
@@ -30,12 +31,12 @@ from spark_harness import DIALECT, matches, on_duckdb, require_spark
 
 from audiences.conditions.definitions import evaluation_order, load_definition_set
 from audiences.dbt.models import custom_audience_keys
-from audiences.dbt.spark import SPARK_PROJECT_FOLDER, SparkRun, spark_unsupported
+from audiences.dbt.spark import SPARK_PROJECT_FOLDER, SparkRun, spark_run_for, spark_unsupported
 from audiences.delivery.loop import deliver_due
 from audiences.delivery.setup import load_workflow_setup
 from audiences.delivery.sinks import load_sinks
 from audiences.membership.changes import CircuitBreaker, record_changes
-from audiences.settings import Settings
+from audiences.settings import Settings, format_time
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore
 from audiences.workflows.publish import publish_outbox, release_batch
@@ -144,8 +145,41 @@ def _events(rows) -> set[tuple]:
     }
 
 
+def _dagster_spark_run(settings, tmp_path, users, monkeypatch) -> tuple[dict, dict]:
+    """The Spark assets of the code location (AUDIENCES_ENGINE=spark) materialized by Dagster at
+    LATER, with the code location's resources, on the test's Spark project and warehouse (the
+    Spark project beside `dbt_project_dir`, AUDIENCES_SPARK_WAREHOUSE). Returns each asset's
+    materialization metadata, as the UI shows it."""
+    from pipelines.defs.resources import environment_resources
+    from pipelines.defs.spark import EVENTS_KEY, MEMBERS_KEY, SPARK_ASSETS
+
+    monkeypatch.setenv("AUDIENCES_ENGINE", "spark")
+    monkeypatch.setenv("AUDIENCES_SPARK_WAREHOUSE", str(tmp_path / "spark"))
+    settings = replace(settings, dbt_project_dir=tmp_path / "dbt_project")
+    assert spark_run_for(settings).project_dir == tmp_path / SPARK_PROJECT_FOLDER
+    result = dg.materialize(
+        SPARK_ASSETS,
+        resources=environment_resources({settings.environment: settings}, {}),
+        run_config={
+            "ops": {
+                "spark__audience_members": {
+                    "config": {"evaluation_time": format_time(LATER), "users_parquet": str(users)}
+                }
+            }
+        },
+    )
+    assert result.success
+    found = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        found[materialization.asset_key] = {
+            name: value.value for name, value in materialization.metadata.items()
+        }
+    return found[MEMBERS_KEY], found[EVENTS_KEY]
+
+
 def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
-    sample_run, tmp_path
+    sample_run, tmp_path, monkeypatch
 ):
     require_spark()
     definitions, keys = _spark_audiences()
@@ -289,11 +323,27 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     assert killed_run and "membership events published" not in text
     assert "incremental build: " in text and "audience_members replaced" in text
 
-    # 3. The rerun at the same time: incremental again (the killed build's users included), and
-    # only the users that changed or that "now" moved over are re-evaluated.
-    later_output = spark.run(LATER, later_users)
-    (reevaluated,) = re.findall(r"incremental build: (\d+) users re-evaluated", later_output)
-    assert 5 <= int(reevaluated) < user_count / 2, (reevaluated, user_count)
+    # 3. The rerun at the same time, as a Dagster run of the Spark assets (AUDIENCES_ENGINE=spark's
+    # job): incremental again (the killed build's users included), and only the users that changed
+    # or that "now" moved over are re-evaluated. Its second asset records Spark's committed builds
+    # (not the killed one) in a DuckDB warehouse by the same steps as DuckDB's diff, and publishes
+    # them to the store with the workflow triggers (checked in 4).
+    settings = _mirror_settings(tmp_path)
+    mirror = duckdb.connect(str(settings.duckdb_path))
+    mirror.execute("set TimeZone = 'UTC'")
+    mirror.execute("attach $path as source (read_only)", {"path": str(warehouse)})
+    mirror.execute("create schema raw")
+    mirror.execute("create table raw.users as select * from source.raw.users")  # for conditions
+    mirror.execute("detach source")
+    mirror.close()
+    mirror_store = MembershipStore(settings.store_url).create()
+    members_meta, events_meta = _dagster_spark_run(settings, tmp_path, later_users, monkeypatch)
+    assert members_meta["build"] == "incremental"
+    reevaluated = members_meta["users_reevaluated"]
+    assert 5 <= reevaluated < user_count / 2, (reevaluated, user_count)
+    # What the UI shows: each audience's members, as DuckDB finds them.
+    assert members_meta["audience_sizes"] == {key: len(later_members[key]) for key in keys}
+    assert members_meta["members"] == sum(len(ids) for ids in later_members.values())
 
     rows = spark.query(
         "select 'event' as kind, event_id, audience_key, user_id, event_type, entry_number, "
@@ -330,29 +380,19 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
         assert spark_members[key] == later_members[key], key
     assert _events(spark_later) == later_events
 
-    # 4. Spark's committed builds (not the killed one) through DuckDB's path: recorded in a DuckDB
-    # warehouse's outbox by the same steps as DuckDB's diff (the circuit breaker holds the same
-    # audiences, with the same batches), published to the store with the workflow triggers, and
-    # delivered to the file sink.
-    settings = _mirror_settings(tmp_path)
+    # 4. Spark's committed builds (not the killed one) through DuckDB's path, by the Dagster run's
+    # second asset: recorded in a DuckDB warehouse's outbox by the same steps as DuckDB's diff (the
+    # circuit breaker holds the same audiences, with the same batches), published to the store
+    # with the workflow triggers, and delivered to the file sink.
+    assert members_meta["committed_run"] == spark_later[0]["run_id"]
+    assert events_meta["builds_recorded"] == [format_time(FIRST), format_time(LATER)]
+    assert events_meta["entered"] == sum(r["event_type"] == "entered" for r in events)
+    assert events_meta["exited"] == sum(r["event_type"] == "exited" for r in events) > 0
     mirror = duckdb.connect(str(settings.duckdb_path))
-    mirror.execute("set TimeZone = 'UTC'")
-    mirror.execute("attach $path as source (read_only)", {"path": str(warehouse)})
-    mirror.execute("create schema raw")
-    mirror.execute("create table raw.users as select * from source.raw.users")  # for conditions
-    mirror.execute("detach source")
-    mirror_store = MembershipStore(settings.store_url).create()
-    summaries, report = publish_spark_builds(
-        mirror,
-        mirror_store,
-        load_workflow_setup(settings),
-        tmp_path / "spark",
-        spark_later[0]["run_id"],
-        BREAKER,
-        LATER,
-    )
-    assert [s.evaluated_at for s in summaries] == [FIRST, LATER]
     mirror_outbox = _outbox(mirror, keys)
+    assert sorted(events_meta["held_batches"]) == sorted(
+        {row[6] for row in mirror_outbox[0] if row[6]}
+    )
     assert mirror_outbox[0] == duckdb_outbox[0], "the same events, ids and held batch ids"
     assert mirror_outbox[1] == duckdb_outbox[1] and duckdb_outbox[1], "the same held batches"
     # Recorded once: publishing the same builds again records and queues nothing more.
@@ -363,7 +403,8 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     mirror.close()
     deliveries = _deliveries(mirror_store)
     assert deliveries == _deliveries(duckdb_store), "the same workflow deliveries, held or not"
-    assert report.deliveries == len(deliveries) > 0
+    assert events_meta["deliveries_created"] == len(deliveries) > 0
+    assert events_meta["events_published"] == len(events)
     assert "held" in {d[4] for d in deliveries}, (
         "the breaker holds the deliveries it holds on DuckDB"
     )
