@@ -149,3 +149,45 @@
     {{ run_hooks(post_hooks) }}
     {{ return({'relations': [target]}) }}
 {% endmaterialization %}
+
+
+{#-
+    The users a build evaluates (int_users_to_evaluate), read by every audience: in a full build a
+    view of int_users_flattened (everyone: a copy would only add a write), in an incremental one a
+    table of the re-evaluated users' rows, written once into a folder of the build's own
+    (versions/<table>/<run>, as `atomic_table`'s), so that each audience reads those few rows
+    instead of joining the whole of int_users_flattened with them again. Rebuilt by every build
+    and read by no other, so a build killed here leaves nothing to undo.
+-#}
+{% materialization evaluated_users, adapter='spark' %}
+    {%- set existing = adapter.get_relation(database=this.database, schema=this.schema, identifier=this.identifier) -%}
+    {%- set plan = build_plan() -%}
+    {%- set target = this.incorporate(type='view' if plan.full else 'table') -%}
+    {%- set folder = spark_warehouse() ~ "/versions/" ~ this.identifier ~ "/" ~ invocation_id -%}
+    {{ run_hooks(pre_hooks) }}
+    {% if plan.full %}
+        {% if existing is not none %}
+            {% do adapter.drop_relation(existing) %}
+        {% endif %}
+        {% call statement('main') -%}
+            create view {{ target }} as {{ sql }}
+        {%- endcall %}
+    {% else %}
+        {% call statement('main') -%}
+            insert overwrite directory {{ path_literal(folder) }} using parquet
+            select * from (
+            {{ sql }}
+            ) as model_rows
+        {%- endcall %}
+        {% if existing is not none and existing.type == 'table' %}
+            {% do run_query("alter table " ~ target ~ " set location " ~ path_literal(folder)) %}
+        {% else %}
+            {% if existing is not none %}
+                {% do adapter.drop_relation(existing) %}
+            {% endif %}
+            {% do run_query("create table " ~ target ~ " using parquet location " ~ path_literal(folder)) %}
+        {% endif %}
+    {% endif %}
+    {{ run_hooks(post_hooks) }}
+    {{ return({'relations': [target]}) }}
+{% endmaterialization %}

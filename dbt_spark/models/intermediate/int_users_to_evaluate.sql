@@ -1,8 +1,8 @@
--- The users this build evaluates, with their typed columns: every user in a full build, only the
--- users of int_users_to_reevaluate in an incremental one (macros/incremental.sql). Every audience
--- reads from here.
+-- The users this build evaluates, with their typed columns: every user in a full build (a view),
+-- only the users of int_users_to_reevaluate in an incremental one (a table of their rows, written
+-- once: materialized `evaluated_users`, macros/incremental.sql). Every audience reads from here.
 
-{{ config(materialized='view') }}
+{{ config(materialized='evaluated_users') }}
 
 {%- set plan = build_plan() %}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}

@@ -302,6 +302,8 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     # 1. The first build: full.
     first_output = spark.run(FIRST, users)
     assert "full build: every user evaluated" in first_output
+    # A full build's audiences read every user's typed columns (int_users_to_evaluate: a view).
+    assert not (tmp_path / "spark" / "versions" / "int_users_to_evaluate").exists()
 
     # 2. A week later, with the changed users: incremental. Killed (SIGKILL, the whole process
     # group, JVM included) while it writes its events into their folder, before it attaches them,
@@ -362,9 +364,24 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     assert len({r["run_id"] for r in spark_later}) == 1
     assert killed_run not in {r["run_id"] for r in events}, "the killed run published nothing"
     assert len(spark_first) + len(spark_later) == len(events)
-    # Only the committed build's table versions are left on disk.
-    versions = sorted(p.name for p in (tmp_path / "spark" / "versions").glob("*/*"))
-    assert versions == [spark_later[0]["run_id"]] * 2, versions
+    # Only the committed build's table versions are left on disk: int_users_flattened's,
+    # audience_members', and the users it evaluated, written once for every audience to read
+    # (int_users_to_evaluate: a table of the re-evaluated users' rows only).
+    versions = sorted(
+        p.relative_to(tmp_path / "spark" / "versions").parts
+        for p in (tmp_path / "spark" / "versions").glob("*/*")
+    )
+    committed = spark_later[0]["run_id"]
+    assert versions == [
+        ("audience_members", committed),
+        ("int_users_flattened", committed),
+        ("int_users_to_evaluate", committed),
+    ], versions
+    evaluated_files = tmp_path / "spark" / "versions" / "int_users_to_evaluate" / committed
+    (evaluated_rows,) = duckdb.execute(
+        "select count(*) from read_parquet($files)", {"files": str(evaluated_files / "*.parquet")}
+    ).fetchone()
+    assert evaluated_rows == reevaluated
 
     # The first evaluation: every member entered (backfill), as on DuckDB, per audience.
     assert _events(spark_first) == first_events
