@@ -123,6 +123,22 @@ def test_spark_run_without_java_or_a_reachable_cluster_is_one_line_and_writes_no
     )
     assert not warehouse.exists(), "nothing is written before the target is known to work"
 
+    # The same target from the settings (AUDIENCES_SPARK_*, what the Dagster Spark job reads);
+    # the warehouse too. A target that is not one is named.
+    monkeypatch.setenv("AUDIENCES_SPARK_TARGET", "cluster")
+    monkeypatch.setenv("AUDIENCES_SPARK_HOST", "127.0.0.1")
+    monkeypatch.setenv("AUDIENCES_SPARK_PORT", str(port))
+    monkeypatch.setenv("AUDIENCES_SPARK_WAREHOUSE", str(warehouse))
+    assert _cli(projects, "spark-run") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the Spark target at 127.0.0.1:{port} (" in err
+    monkeypatch.setenv("AUDIENCES_SPARK_TARGET", "yarn")
+    assert _cli(projects, "spark-run") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "AUDIENCES_SPARK_TARGET='yarn' is not one of spark, cluster" in err
+    assert not warehouse.exists()
+
 
 def _plain_sql(text: str, full: bool) -> str:
     """A generated model as the SQL dbt runs, in a full or an incremental build (the project's
