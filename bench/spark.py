@@ -108,6 +108,7 @@ TIMED_MODELS = (
     "int_users_extracted",
     "int_users_flattened",
     "int_users_to_reevaluate",
+    "int_users_to_evaluate",
     "audience_members",
     "membership_changes",
 )
