@@ -6,8 +6,10 @@ sample users exported from the DuckDB warehouse of the sample run, and DuckDB's 
 (`record_changes`). The first Spark build is full. A week later some users change, one is deleted,
 one is new, and "now" moves the time-relative audiences: that build is incremental. It is first
 killed with SIGKILL (its whole process group, JVM included) while it writes its events, after it
-replaced int_users_flattened and audience_members; the rerun is incremental again and must give
-DuckDB's members and exactly DuckDB's events (same ids), each published once. So a full build
+replaced int_users_flattened and audience_members; the rerun, a Dagster materialization of the
+Spark assets (AUDIENCES_ENGINE=spark's job, which also records and publishes the events), is
+incremental again and must give DuckDB's members and exactly DuckDB's events (same ids), each
+published once. So a full build
 and an incremental one (after a crash) both equal DuckDB for the same input.
 
 Slow (several Spark starts): one test, marked `slow`; skipped where Java or pyspark is missing.
