@@ -9,8 +9,8 @@ killed with SIGKILL (its whole process group, JVM included) while it writes its 
 replaced int_users_flattened and audience_members; the rerun, a Dagster materialization of the
 Spark assets (AUDIENCES_ENGINE=spark's job, which also records and publishes the events), is
 incremental again and must give DuckDB's members and exactly DuckDB's events (same ids), each
-published once. So a full build
-and an incremental one (after a crash) both equal DuckDB for the same input.
+published once. So a full build and an incremental one (after a crash) both equal DuckDB for the
+same input.
 
 Slow (several Spark starts): one test, marked `slow`; skipped where Java or pyspark is missing.
 """
