@@ -77,6 +77,7 @@ ENVIRONMENT_VARIABLES = {
     "AUDIENCES_SPARK_TARGET": "spark: Spark inside dbt's process (default); cluster: a Spark Thrift server",
     "AUDIENCES_SPARK_HOST": "the Spark Thrift server's host (AUDIENCES_SPARK_TARGET=cluster)",
     "AUDIENCES_SPARK_PORT": f"its port (default {SPARK_PORT})",
+    "AUDIENCES_SPARK_DRIVER_JAVA_OPTIONS": "the local Spark driver JVM's options (default: Java's)",
 }
 
 
