@@ -9,9 +9,12 @@ again must not flip members back under the later time's name and trigger everyon
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 import sqlite3
 from datetime import datetime
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -40,9 +43,15 @@ def later_run(sample_run, tmp_path_factory):
     """README command 1 (the sample at 2026-11-01), then a later evaluation (what the UI's schedule
     does): a folder with that warehouse, store and trigger file, to copy from."""
     folder = tmp_path_factory.mktemp("later_run")
+    target = Path(os.environ["AUDIENCES_DBT_PROJECT"]) / "target"
+    before = set(target.iterdir())
     with pytest.MonkeyPatch.context() as patch:
         _plain_environment(patch)
         assert cli.main([*copy_sample(sample_run, folder), "--evaluation-time", LATER, "run"]) == 0
+    # The target folders of the run's dbt commands (each has its dbt.log), for the tests of how dbt ran.
+    (folder / "dbt_targets.txt").write_text(
+        "\n".join(str(path) for path in sorted(set(target.iterdir()) - before) if path.is_dir())
+    )
     assert (folder / "out" / "triggers.jsonl").read_text().count("\n") > 0, (
         "the later run triggers workflows"
     )
@@ -58,6 +67,45 @@ def walk(later_run, tmp_path, monkeypatch):
     (tmp_path / "sinks.yml").write_text(SINKS)
     _plain_environment(monkeypatch)
     return ["--duckdb", str(tmp_path / "warehouse.duckdb"), "--sinks", str(tmp_path / "sinks.yml")]
+
+
+def test_a_later_evaluation_reuses_the_parsed_project_and_runs_dbt_in_the_run_process(later_run):
+    """The fixed cost of a run (issue 17): a new evaluation time reaches dbt through the warehouse's
+    clock table, not a dbt variable, so dbt skips parsing (partial parsing, nothing changed); and
+    dbt runs in the run's own process, not in a subprocess that imports dbt again."""
+    logs = [Path(path) / "dbt.log" for path in (later_run / "dbt_targets.txt").read_text().split()]
+    events = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    assert events, "the run's dbt commands wrote their logs"
+    assert "PartialParsingSkipParsing" in {event["info"]["name"] for event in events}
+    assert not [event for event in events if "Unable to do partial parsing" in event["info"]["msg"]]
+    assert {event["info"]["pid"] for event in events} == {os.getpid()}
+
+
+def test_a_dbt_error_in_the_run_process_names_dbts_error_and_lets_go_of_the_warehouse(
+    walk, tmp_path
+):
+    """dbt in the run's process fails as the subprocess did, with dbt's own message; and dbt-duckdb
+    lets go of the warehouse, which this process then opens with its own settings (DuckDB refuses
+    a second handle on a file with other settings)."""
+    from audiences.dbt.project import dbt_executable
+    from pipelines.defs.resources import DbtResource
+
+    project = os.environ["AUDIENCES_DBT_PROJECT"]
+    warehouse = tmp_path / "warehouse.duckdb"
+    dbt = DbtResource(
+        project_dir=project,
+        profiles_dir=project,
+        dbt_executable=dbt_executable(),
+        variables={"AUDIENCES_DUCKDB": str(warehouse)},
+    )
+    invocation = dbt.cli(
+        ["show", "--inline", "select * from main.no_such_table"], raise_on_error=False
+    )
+    error = invocation.get_error()
+    assert error is not None
+    assert "Table with name no_such_table does not exist" in str(error)
+    with duckdb.connect(str(warehouse), read_only=True) as connection:
+        assert connection.execute("select count(*) from main.audience_members").fetchone()[0] > 0
 
 
 def _plain_environment(patch):
