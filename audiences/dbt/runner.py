@@ -10,6 +10,7 @@ What a subprocess gave for free, and this keeps:
 - letting go of the warehouse when it exits: dbt-duckdb keeps its DuckDB database open in the
   process after the command (one per process, `DuckDBConnectionManager`), and DuckDB refuses a
   second handle on the same file with other settings, so it is closed when the command ends;
+- closing its log file and forgetting its loggers when the command ends;
 - one command at a time: dbt's flags, adapters and event manager are global to the process, so
   commands in one process run one after another.
 What it does not keep: a crash of DuckDB inside dbt ends this process, not only dbt.
@@ -60,6 +61,19 @@ def _release_duckdb() -> None:
             manager._ENV = None
 
 
+def _close_logs() -> None:
+    """Close the log files dbt opened for a command (dbt drops them unclosed at its next command)
+    and forget its loggers and callbacks, as a subprocess's exit would."""
+    from dbt_common.events.event_manager_client import cleanup_event_logger, get_event_manager
+
+    for logger in get_event_manager().loggers:
+        python_logger = getattr(logger, "_python_logger", None)
+        for handler in list(python_logger.handlers) if python_logger else []:
+            handler.close()
+            python_logger.removeHandler(handler)
+    cleanup_event_logger()
+
+
 def run_dbt_here(
     arguments: list[str], environment: Mapping[str, str], folder: Path
 ) -> tuple[int, list[dict[str, Any]], BaseException | None]:
@@ -84,6 +98,7 @@ def run_dbt_here(
             result = dbtRunner(callbacks=[keep]).invoke([*arguments, *_QUIET_CONSOLE])
         finally:
             _release_duckdb()
+            _close_logs()
     error = result.exception
     if error is not None and not isinstance(error, Exception):
         raise error  # an interrupt (Dagster's termination, Ctrl-C) stops the run, as it stopped dbt

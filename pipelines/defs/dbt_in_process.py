@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dagster_dbt.core import resource as dagster_dbt_resource
@@ -27,6 +31,8 @@ from dagster_dbt.core.dbt_cli_invocation import (
 
 from audiences.dbt.runner import run_dbt_here
 
+# The partial-parse files of the profiles a project was run with (`parse_cache`), in its target.
+PARSE_CACHE_FOLDER = "partial_parse"
 # Whether dbt commands started in this context run here (`dbt_in_this_process`).
 _HERE = contextvars.ContextVar("dbt_in_this_process", default=False)
 
@@ -45,6 +51,35 @@ class FinishedDbt:
 
     def send_signal(self, signal: int) -> None:
         """Nothing to interrupt: the command has finished."""
+
+
+def parse_cache(project_dir: Path, environment: Mapping[str, str]) -> Path:
+    """Where the partial-parse file of a dbt profile is kept between commands. dbt parses the whole
+    project again when the profile's connection differs from the one the file was parsed with (the
+    DuckDB file's path, its settings: "Unable to do partial parsing because profile has changed"),
+    so a project that several warehouses share (environments' copies, the tests' warehouses) keeps
+    one file per profile: keyed by the values of the variables `profiles.yml` reads."""
+    profile = (project_dir / "profiles.yml").read_text(encoding="utf-8")
+    names = sorted(set(re.findall(r"env_var\(\s*['\"]([A-Za-z0-9_]+)['\"]", profile)))
+    key = hashlib.sha256(repr([(name, environment.get(name)) for name in names]).encode())
+    return project_dir / "target" / PARSE_CACHE_FOLDER / f"{key.hexdigest()[:16]}.msgpack"
+
+
+def _project_parse_file(project_dir: Path) -> Path:
+    current = _get_dbt_target_path()
+    folder = current if current.is_absolute() else project_dir / current
+    return folder / PARTIAL_PARSE_FILE_NAME
+
+
+def _keep_parse(written: Path, copied: int | None, cache: Path) -> None:
+    """After a command that parsed (its target folder's partial-parse file is not the one copied
+    in), keep that file as its profile's; written beside, then renamed into place."""
+    if not written.exists() or written.stat().st_mtime_ns == copied:
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    scratch = cache.with_name(f".{cache.name}.{os.getpid()}")
+    shutil.copyfile(written, scratch)
+    os.replace(scratch, cache)
 
 
 @dataclass
@@ -84,19 +119,19 @@ class InProcessDbtInvocation(DbtCliInvocation):
                 cli_version,
                 dbt_project,
             )
-        # As dagster-dbt does: the project's partial-parse file, copied into the command's own
-        # target folder, lets dbt skip parsing a project that has not changed.
-        current = _get_dbt_target_path()
-        parsed = (
-            current.joinpath(PARTIAL_PARSE_FILE_NAME)
-            if current.is_absolute()
-            else project_dir.joinpath(current, PARTIAL_PARSE_FILE_NAME)
-        )
+        # As dagster-dbt does, a partial-parse file copied into the command's own target folder lets
+        # dbt skip parsing a project that has not changed: here the one last written for this
+        # command's profile (`parse_cache`), since dbt parses again when the profile differs.
+        cache = parse_cache(project_dir, env)
         destination = target_path.joinpath(PARTIAL_PARSE_FILE_NAME)
-        if parsed.exists() and not destination.exists():
+        source = cache if cache.exists() else _project_parse_file(project_dir)
+        copied = None
+        if source.exists() and not destination.exists():
             destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(parsed, destination)
+            shutil.copy(source, destination)
+            copied = destination.stat().st_mtime_ns
         code, events, error = run_dbt_here(list(args[1:]), env, project_dir)
+        _keep_parse(destination, copied, cache)
         invocation = cls(
             process=FinishedDbt(list(args), code),  # type: ignore[arg-type]
             manifest=manifest,
