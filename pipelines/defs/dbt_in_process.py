@@ -27,6 +27,7 @@ from dagster_dbt.core.dbt_cli_invocation import (
     PARTIAL_PARSE_FILE_NAME,
     DbtCliInvocation,
     _get_dbt_target_path,
+    logger,
 )
 
 from audiences.dbt.runner import run_dbt_here
@@ -130,6 +131,8 @@ class InProcessDbtInvocation(DbtCliInvocation):
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, destination)
             copied = destination.stat().st_mtime_ns
+        # dagster-dbt's own line, which the run's log (and what reads it) expects.
+        logger.info(f"Running dbt command: `{' '.join(args)}`.")
         code, events, error = run_dbt_here(list(args[1:]), env, project_dir)
         _keep_parse(destination, copied, cache)
         invocation = cls(
