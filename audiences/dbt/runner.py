@@ -19,10 +19,12 @@ What it does not keep: a crash of DuckDB inside dbt ends this process, not only 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,11 @@ def run_dbt_here(
         finally:
             _release_duckdb()
             _close_logs()
+            # A command that fails leaves dbt's thread pool running until it is collected: end
+            # it now, as a subprocess's exit would, not in the middle of later work.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
     error = result.exception
     if error is not None and not isinstance(error, Exception):
         raise error  # an interrupt (Dagster's termination, Ctrl-C) stops the run, as it stopped dbt
