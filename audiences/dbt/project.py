@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -316,20 +315,21 @@ def keep_build_state(project_dir: Path, fingerprint: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_dbt(arguments: list[str], settings: Settings) -> subprocess.CompletedProcess:
-    """Run one dbt command against the project with the engine's settings in its environment."""
-    environment = {**os.environ, **settings.environment_variables()}
-    command = [
-        dbt_executable(),
-        *arguments,
-        "--project-dir",
-        str(settings.dbt_project_dir),
-        "--profiles-dir",
-        str(settings.dbt_project_dir),
-    ]
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"`dbt {' '.join(arguments)}` failed:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
-        )
-    return result
+def run_dbt(arguments: list[str], settings: Settings) -> None:
+    """Run one dbt command against the project with the engine's settings in its environment, in
+    this process (`audiences.dbt.runner`: dbt is imported once, not by a new Python per command).
+    A failed command raises with dbt's own messages."""
+    from audiences.dbt.runner import run_dbt_here
+
+    project = str(settings.dbt_project_dir)
+    code, events, error = run_dbt_here(
+        [*arguments, "--project-dir", project, "--profiles-dir", project],
+        {**os.environ, **settings.environment_variables()},
+        Path.cwd(),
+    )
+    if code != 0:
+        messages = [
+            event["info"]["msg"] for event in events if event["info"]["level"] in ("warn", "error")
+        ]
+        reason = "\n".join(messages[-20:]) or (str(error) if error else f"exit code {code}")
+        raise RuntimeError(f"`dbt {' '.join(arguments)}` failed:\n{reason[-4000:]}")

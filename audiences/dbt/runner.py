@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -76,6 +77,17 @@ def _close_logs() -> None:
     cleanup_event_logger()
 
 
+def _forget_frames(error: BaseException | None) -> None:
+    """Drop the frames a failed command's exception (and those it chains) keeps alive: they hold
+    dbt's thread pool, which must end with the command, not whenever the caller lets the exception
+    go (the message and type stay)."""
+    while error is not None:
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__)
+            error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+
+
 def run_dbt_here(
     arguments: list[str], environment: Mapping[str, str], folder: Path
 ) -> tuple[int, list[dict[str, Any]], BaseException | None]:
@@ -96,8 +108,11 @@ def run_dbt_here(
             events.append(json.loads(scrub_secrets(line, env_secrets())))
 
     with _ONE_AT_A_TIME, _environment(environment), contextlib.chdir(folder):
+        error: BaseException | None = None
         try:
             result = dbtRunner(callbacks=[keep]).invoke([*arguments, *_QUIET_CONSOLE])
+            error, success = result.exception, result.success
+            del result
         finally:
             _release_duckdb()
             _close_logs()
@@ -105,9 +120,9 @@ def run_dbt_here(
             # it now, as a subprocess's exit would, not in the middle of later work.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ResourceWarning)
+                _forget_frames(error)
                 gc.collect()
-    error = result.exception
     if error is not None and not isinstance(error, Exception):
         raise error  # an interrupt (Dagster's termination, Ctrl-C) stops the run, as it stopped dbt
-    code = 0 if result.success else (2 if error is not None else 1)
+    code = 0 if success else (2 if error is not None else 1)
     return code, events, error
