@@ -380,9 +380,11 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
         ("int_users_to_evaluate", committed),
     ], versions
     evaluated_files = tmp_path / "spark" / "versions" / "int_users_to_evaluate" / committed
-    (evaluated_rows,) = duckdb.execute(
-        "select count(*) from read_parquet($files)", {"files": str(evaluated_files / "*.parquet")}
-    ).fetchone()
+    with duckdb.connect() as reader:  # not the module's shared connection, left to other tests
+        (evaluated_rows,) = reader.execute(
+            "select count(*) from read_parquet($files)",
+            {"files": str(evaluated_files / "*.parquet")},
+        ).fetchone()
     # Every re-evaluated user but the deleted one, who is in no audience (the diff exits it).
     assert evaluated_rows == reevaluated - 1
 

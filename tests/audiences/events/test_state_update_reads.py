@@ -58,20 +58,21 @@ def context() -> CompileContext:
 
 
 def write_log(folder, name: str, count: int, offset: int) -> None:
-    duckdb.execute(
-        f"""
-        copy (
-            select
-                'm' || (range + {offset}) as messageId,
-                'u' || (hash(range + {offset}) % {USERS}) as userId,
-                ['Order Completed', 'Page Viewed'][1 + cast(range % 2 as bigint)] as event,
-                timestamptz '2026-08-05 00:00:00+00' + to_seconds((range + {offset}) * 30)
-                    as "timestamp",
-                {{'total': range % 500}} as properties
-            from range({count})
-        ) to '{folder / name}' (format parquet)
-        """
-    )
+    with duckdb.connect() as connection:  # not the module's shared one, left to other tests
+        connection.execute(
+            f"""
+            copy (
+                select
+                    'm' || (range + {offset}) as messageId,
+                    'u' || (hash(range + {offset}) % {USERS}) as userId,
+                    ['Order Completed', 'Page Viewed'][1 + cast(range % 2 as bigint)] as event,
+                    timestamptz '2026-08-05 00:00:00+00' + to_seconds((range + {offset}) * 30)
+                        as "timestamp",
+                    {{'total': range % 500}} as properties
+                from range({count})
+            ) to '{folder / name}' (format parquet)
+            """
+        )
 
 
 def state_hash_builds(connection, sql: str) -> list[tuple[int, int]]:

@@ -38,10 +38,12 @@ objects = st.dictionaries(st.sampled_from("abcd"), json_values, max_size=4)
 @settings(max_examples=200, deadline=None)
 def test_merge_patch_agrees_with_duckdbs_json_merge_patch(target, patch):
     # The store applies identify in Python, the warehouse in DuckDB: they must agree.
-    expected = duckdb.sql(
-        "select json_merge_patch($t::json, $p::json)::varchar",
-        params={"t": json.dumps(target), "p": json.dumps(patch)},
-    ).fetchall()[0][0]
+    # A connection of its own: the module's shared one may hold another test's unfinished result.
+    with duckdb.connect() as connection:
+        (expected,) = connection.execute(
+            "select json_merge_patch($t::json, $p::json)::varchar",
+            {"t": json.dumps(target), "p": json.dumps(patch)},
+        ).fetchone()
     assert merge_patch(target, patch) == json.loads(expected)
 
 
