@@ -10,6 +10,22 @@ OUTPUTS = 300
 STEP_OUTPUTS = 100
 
 
+def materialize_outputs(count: int) -> None:
+    """One step of a multi-asset with `count` outputs, each yielded, materialized in process."""
+
+    @dg.multi_asset(
+        specs=[dg.AssetSpec(f"a{index}") for index in range(count)],
+        can_subset=True,
+    )
+    def many(context: dg.AssetExecutionContext):
+        for key in sorted(context.selected_asset_keys, key=str):
+            yield dg.MaterializeResult(asset_key=key)
+
+    result = dg.materialize([many])
+    assert result.success
+    assert len(result.get_asset_materialization_events()) == count
+
+
 def test_a_multi_assets_keys_are_listed_once_per_run_not_once_per_output_per_output(monkeypatch):
     """The dbt assets yield one output per audience; Dagster listed every key of the multi-asset
     once per output of the step for each output yielded (cubic: tens of minutes at 2,000
@@ -25,17 +41,7 @@ def test_a_multi_assets_keys_are_listed_once_per_run_not_once_per_output_per_out
 
     monkeypatch.setattr(AssetsDefinition, "check_keys", property(counted))
 
-    @dg.multi_asset(
-        specs=[dg.AssetSpec(f"a{index}") for index in range(OUTPUTS)],
-        can_subset=True,
-    )
-    def many(context: dg.AssetExecutionContext):
-        for key in sorted(context.selected_asset_keys, key=str):
-            yield dg.MaterializeResult(asset_key=key)
-
-    result = dg.materialize([many])
-    assert result.success
-    assert len(result.get_asset_materialization_events()) == OUTPUTS
+    materialize_outputs(OUTPUTS)
     assert listed < 10 * OUTPUTS, listed
 
 
@@ -56,17 +62,7 @@ def test_a_steps_output_asset_keys_are_looked_up_once_per_step(monkeypatch):
 
     monkeypatch.setattr(AssetLayer, "get_asset_key_for_node_output", counted)
 
-    @dg.multi_asset(
-        specs=[dg.AssetSpec(f"a{index}") for index in range(STEP_OUTPUTS)],
-        can_subset=True,
-    )
-    def many(context: dg.AssetExecutionContext):
-        for key in sorted(context.selected_asset_keys, key=str):
-            yield dg.MaterializeResult(asset_key=key)
-
-    result = dg.materialize([many])
-    assert result.success
-    assert len(result.get_asset_materialization_events()) == STEP_OUTPUTS
+    materialize_outputs(STEP_OUTPUTS)
     assert looked_up < 10 * STEP_OUTPUTS, looked_up
 
 
