@@ -120,6 +120,29 @@
 
 
 {#-
+    The model's rows written into `folder` (a version of the build's own), then `target` made to
+    read them: an existing table is pointed at the folder in one metastore operation when
+    `repoint`; otherwise what exists is dropped and the table created on the folder.
+-#}
+{% macro write_version(target, existing, folder, sql, repoint) %}
+    {% call statement('main') -%}
+        insert overwrite directory {{ path_literal(folder) }} using parquet
+        select * from (
+        {{ sql }}
+        ) as model_rows
+    {%- endcall %}
+    {% if repoint and existing is not none and existing.type == 'table' %}
+        {% do run_query("alter table " ~ target ~ " set location " ~ path_literal(folder)) %}
+    {% else %}
+        {% if existing is not none %}
+            {% do adapter.drop_relation(existing) %}
+        {% endif %}
+        {% do run_query("create table " ~ target ~ " using parquet location " ~ path_literal(folder)) %}
+    {% endif %}
+{% endmacro %}
+
+
+{#-
     A table replaced in one metastore operation: the model's rows are written into a folder of
     this build's own (versions/<table>/<run>), then the table is pointed at it. A full build
     drops and creates the table instead (its columns may have changed); a build killed between
@@ -131,20 +154,7 @@
     {%- set plan = build_plan() -%}
     {%- set folder = spark_warehouse() ~ "/versions/" ~ this.identifier ~ "/" ~ invocation_id -%}
     {{ run_hooks(pre_hooks) }}
-    {% call statement('main') -%}
-        insert overwrite directory {{ path_literal(folder) }} using parquet
-        select * from (
-        {{ sql }}
-        ) as model_rows
-    {%- endcall %}
-    {% if existing is not none and existing.type == 'table' and not plan.full %}
-        {% do run_query("alter table " ~ target ~ " set location " ~ path_literal(folder)) %}
-    {% else %}
-        {% if existing is not none %}
-            {% do adapter.drop_relation(existing) %}
-        {% endif %}
-        {% do run_query("create table " ~ target ~ " using parquet location " ~ path_literal(folder)) %}
-    {% endif %}
+    {% do write_version(target, existing, folder, sql, repoint=not plan.full) %}
     {{ log(this.identifier ~ " replaced: " ~ folder, info=true) }}
     {{ run_hooks(post_hooks) }}
     {{ return({'relations': [target]}) }}
@@ -173,20 +183,7 @@
             create view {{ target }} as {{ sql }}
         {%- endcall %}
     {% else %}
-        {% call statement('main') -%}
-            insert overwrite directory {{ path_literal(folder) }} using parquet
-            select * from (
-            {{ sql }}
-            ) as model_rows
-        {%- endcall %}
-        {% if existing is not none and existing.type == 'table' %}
-            {% do run_query("alter table " ~ target ~ " set location " ~ path_literal(folder)) %}
-        {% else %}
-            {% if existing is not none %}
-                {% do adapter.drop_relation(existing) %}
-            {% endif %}
-            {% do run_query("create table " ~ target ~ " using parquet location " ~ path_literal(folder)) %}
-        {% endif %}
+        {% do write_version(target, existing, folder, sql, repoint=true) %}
     {% endif %}
     {{ run_hooks(post_hooks) }}
     {{ return({'relations': [target]}) }}

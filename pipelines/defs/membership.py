@@ -3,7 +3,7 @@
 import dagster as dg
 
 from audiences.delivery.setup import load_workflow_setup
-from audiences.membership.changes import CircuitBreaker, record_changes
+from audiences.membership.changes import AudienceChanges, CircuitBreaker, record_changes
 from audiences.settings import format_time
 from audiences.store.commits import archived_in
 from audiences.warehouse.evaluation import (
@@ -89,11 +89,7 @@ def membership_changes(
         )
     rows = ["| audience | entered | exited | members before | note |", "|---|---|---|---|---|"]
     for change in summary.audiences:
-        note = (
-            ("held: " + change.held_batch)
-            if change.held_batch
-            else ("first evaluation (backfill)" if change.is_backfill else "")
-        )
+        note = change_note(change)
         rows.append(
             f"| {change.audience_key} | {change.entered} | {change.exited} | {change.size_before} | {note} |"
         )
@@ -251,6 +247,14 @@ def workflow_trigger_deliveries(
             "status_per_sink": dg.MetadataValue.json(status),
         }
     )
+
+
+def change_note(change: AudienceChanges) -> str:
+    """What a person reading an audience's row of a run's changes should know: its events are
+    held (and by which batch), or they are its first evaluation's backfill."""
+    if change.held_batch:
+        return "held: " + change.held_batch
+    return "first evaluation (backfill)" if change.is_backfill else ""
 
 
 def release_instructions(batches: list[str]) -> str:

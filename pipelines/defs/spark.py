@@ -16,7 +16,7 @@ from audiences.delivery.setup import load_workflow_setup
 from audiences.membership.changes import CircuitBreaker
 from audiences.settings import format_time, parse_evaluation_time
 from audiences.warehouse.evaluation import evaluation_time_for
-from pipelines.defs.membership import release_instructions
+from pipelines.defs.membership import change_note, release_instructions
 from pipelines.defs.resources import (
     EnvironmentNames,
     MembershipStoreResource,
@@ -159,11 +159,6 @@ def spark_membership_events(
             f"{summary.entered} entered, {summary.exited} exited"
         )
         for change in summary.audiences:
-            note = (
-                ("held: " + change.held_batch)
-                if change.held_batch
-                else ("first evaluation (backfill)" if change.is_backfill else "")
-            )
             rows.append(
                 (
                     format_time(summary.evaluated_at),
@@ -171,7 +166,7 @@ def spark_membership_events(
                     change.entered,
                     change.exited,
                     change.size_before,
-                    note,
+                    change_note(change),
                 )
             )
     held = [h for summary in summaries for h in summary.held]
