@@ -93,19 +93,29 @@ def main() -> None:
     )
 
 
-def last_evaluation(folder: Path) -> tuple[float, bool]:
-    """The last dbt command's evaluation (its first node's start to its last node's end, from its
-    dbt.log) and whether it skipped parsing."""
+def _last_dbt_log(folder: Path) -> list[dict]:
     log = max((folder / "dbt" / "target").glob("*/dbt.log"), key=lambda p: p.stat().st_mtime)
-    events = [json.loads(line) for line in log.read_text().splitlines()]
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def evaluation_bounds(folder: Path) -> tuple[float, float]:
+    """The last dbt command's first node's start and last node's end (epoch seconds)."""
+    events = _last_dbt_log(folder)
 
     def at(event) -> float:
         return datetime.fromisoformat(event["info"]["ts"].replace("Z", "+00:00")).timestamp()
 
     starts = [at(e) for e in events if e["info"]["name"] == "NodeStart"]
     ends = [at(e) for e in events if e["info"]["name"] == "NodeFinished"]
-    skipped = any(e["info"]["name"] == "PartialParsingSkipParsing" for e in events)
-    return max(ends) - min(starts), skipped
+    return min(starts), max(ends)
+
+
+def last_evaluation(folder: Path) -> tuple[float, bool]:
+    """The last dbt command's evaluation (its first node's start to its last node's end, from its
+    dbt.log) and whether it skipped parsing."""
+    first, last = evaluation_bounds(folder)
+    skipped = any(e["info"]["name"] == "PartialParsingSkipParsing" for e in _last_dbt_log(folder))
+    return last - first, skipped
 
 
 def fork_server_runs(folder: Path, when: str, runs: int) -> None:
@@ -150,6 +160,32 @@ def fork_server_runs(folder: Path, when: str, runs: int) -> None:
             done = time.perf_counter()
             status = instance.get_run_by_id(run.run_id).status
             evaluation, skipped = last_evaluation(folder)
+            first, last = evaluation_bounds(folder)
+            logs = instance.all_logs(run.run_id)
+
+            def when(test, logs=logs) -> float:
+                return next(entry.timestamp for entry in logs if test(entry))
+
+            started = when(
+                lambda e: (
+                    e.is_dagster_event
+                    and "Started process for run" in (e.dagster_event.message or "")
+                )
+            )
+            dbt_step = when(
+                lambda e: (
+                    e.is_dagster_event
+                    and e.dagster_event.event_type_value == "STEP_START"
+                    and e.step_key == "audience_models"
+                )
+            )
+            ended = max(entry.timestamp for entry in logs)
+            phases = {
+                "to_process_start_s": started - logs[0].timestamp,
+                "to_dbt_step_s": dbt_step - started,
+                "to_first_node_s": first - dbt_step,
+                "after_last_node_s": ended - last,
+            }
             print(
                 json.dumps(
                     {
@@ -160,6 +196,7 @@ def fork_server_runs(folder: Path, when: str, runs: int) -> None:
                         "evaluation_s": round(evaluation, 2),
                         "ratio": round((done - launched) / evaluation, 1),
                         "parse": "skipped" if skipped else "parsed",
+                        **{name: round(value, 2) for name, value in phases.items()},
                         "load_average": os.getloadavg()[0],
                     }
                 ),
