@@ -61,6 +61,8 @@ PID_TAG = "audiences/run_worker_pid"
 HOST_TAG = "audiences/run_worker_host"
 # How long a launch waits for a new server to import everything and load the definitions.
 START_TIMEOUT_SECONDS = 600.0
+# A server's log (its runs' console output too) is set aside past this size when a server starts.
+LOG_ROTATE_BYTES = 16 * 2**20
 # How often the server, between launches, reaps ended runs and checks that its starter lives.
 POLL_SECONDS = 0.2
 # The environment a server's load depends on besides its files: it serves only launchers that
@@ -262,6 +264,10 @@ class ForkServer:
         only waits for the one it started to say the server's pid."""
         code_pointer = self.origin.code_pointer
         working_directory = getattr(code_pointer, "working_directory", None) or os.getcwd()
+        # The runs' console output goes to the log too: one earlier log is kept, not every one.
+        with contextlib.suppress(FileNotFoundError):
+            if self.log_path.stat().st_size > LOG_ROTATE_BYTES:
+                os.replace(self.log_path, self.log_path.with_suffix(".log.1"))
         with open(self.log_path, "ab") as log:
             process = subprocess.Popen(
                 [
