@@ -339,7 +339,7 @@ def _read_line(connection: socket.socket) -> bytes:
 
 class LoadInputs:
     """What loading the code location read, to tell when a warm load is out of date: the files it
-    opened for reading and the folders it listed (recorded by an audit hook while loading), and the
+    opened for reading and the folders it scanned (recorded by an audit hook while loading), and the
     source of every module imported from outside the Python installation. A dbt project's
     `target/` is left out but for its manifest: the runs write there, and what the load derives
     from it (a parse, the models' check) follows the project's own files."""
@@ -376,7 +376,10 @@ class LoadInputs:
             path, mode, flags = arguments
             if isinstance(path, (str, bytes, os.PathLike)) and _reads_only(mode, flags):
                 self.files.add(os.path.abspath(os.fsdecode(path)))
-        elif event in ("os.listdir", "os.scandir") and isinstance(arguments[0], (str, bytes)):
+        elif event == "os.scandir" and isinstance(arguments[0], (str, bytes, os.PathLike)):
+            # glob, rglob and os.walk list folders this way; the import system lists sys.path's
+            # folders with os.listdir, which is left out: the modules it imported are watched, and
+            # a folder on sys.path may be the working folder, where runs write (a warehouse's lock)
             self.folders.add(os.path.abspath(os.fsdecode(arguments[0] or ".")))
 
     def _current(self) -> dict[str, tuple[int, int] | None]:
