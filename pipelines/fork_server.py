@@ -22,6 +22,12 @@ it refuses the next launch as stale, stops listening and exits once its runs hav
 launcher starts a new one, so a run always executes the definitions its files say, as a freshly
 spawned process would. It also ends, after its runs, when the process that started it (the
 daemon, the web server) is gone.
+
+A fork copies only the thread that forks: the server keeps to one thread of its own, and loading
+the code location must not start a library's worker pool (polars' starts on its first parallel
+operation, and a child would wait forever on its locks); the idle threads some libraries start on
+import (jemalloc's, polars' spill cleaner) hold nothing. The server's log names its threads when it
+starts listening, and says so when a fork finds more.
 """
 
 from __future__ import annotations
@@ -429,6 +435,7 @@ class Server:
         self.runs: dict[int, tuple[str, str]] = {}  # child pid -> run id, instance ref
         self.listening: socket.socket | None = None
         self.inputs = LoadInputs()
+        self.threads: int | str = 0  # the process's threads when it started listening
 
     def load(self) -> None:
         """Load the code location, as a run's process would, and import what every run imports
@@ -454,6 +461,7 @@ class Server:
         finally:
             os.umask(old_mask)
         self._inode = self.socket_path.stat().st_ino
+        self.threads = _native_threads()
         self.listening.listen(16)
         print(
             f"fork server {os.getpid()} listening on {self.socket_path} (threads: "
@@ -518,6 +526,12 @@ class Server:
         # and the pages stay shared with the server rather than copied when they are walked.
         gc.collect()
         gc.freeze()
+        if _native_threads() != self.threads:  # a thread holding a lock at the fork stays locked
+            print(
+                f"fork server: {_native_threads()} threads at a fork, {self.threads} when it "
+                "started listening (a library's thread pool started in the server?)",
+                flush=True,
+            )
         pid = os.fork()
         if pid:
             self.runs[pid] = (run_id, instance_ref)
