@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +48,9 @@ def running_server(app):
 @contextmanager
 def serve_process(env: dict, cwd, workers: int = 1):
     """`audiences serve` in a process of its own, once it answers; yields (url, process) and kills
-    the process (SIGKILL) at the end if it still runs."""
+    its whole process group (SIGKILL) at the end: the service, and uvicorn's worker processes
+    (`workers` > 1), which outlive a service killed alone. (Its real-time and delivery worker
+    process, in a session of its own, stops by itself once the service is gone.)"""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -63,6 +68,7 @@ def serve_process(env: dict, cwd, workers: int = 1):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # a process group of its own, which the end kills whole
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -80,7 +86,7 @@ def serve_process(env: dict, cwd, workers: int = 1):
             time.sleep(0.2)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):  # the group is gone already
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
         process.stderr.close()

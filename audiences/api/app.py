@@ -88,6 +88,11 @@ def create_app(settings: Settings | None = None, worker_address: str | None = No
                 environment.realtime = environment.worker
         elif settings.realtime:
             environment.realtime = RealtimeWorker(environment).start()
+        # Identifies journaled just before a previous process died: applied, then evaluated.
+        try:
+            environment.apply_journal()
+        except Exception:
+            log.exception("%s: could not apply the identify journal", environment.name)
 
     # The bulk and list routes before users' `/v1/users/{user_id}`: FastAPI matches in order.
     for routes in (audiences, bulk, user_list, user_merge, users, tenants, guides, census):

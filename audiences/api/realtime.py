@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from audiences.conditions.definitions import load_definition_set
 from audiences.dbt.models import CUSTOM_FOLDER, custom_audience_keys
+from audiences.store.profiles import apply_journal
 from audiences.workflows.realtime import (
     Plan,
     UserEvaluator,
@@ -88,6 +89,12 @@ class RealtimeWorker:
     def start(self) -> RealtimeWorker:
         for thread in self._threads:
             thread.start()
+        # Identifies journaled by an API that died before applying them join the store's queue
+        # first, and so the users waiting.
+        try:
+            apply_journal(self.environment.store)
+        except Exception:
+            log.exception("the identify journal could not be applied; the next run applies it")
         self.submit(waiting_users(self.environment.store))
         return self
 
@@ -110,7 +117,11 @@ class RealtimeWorker:
             self._state.notify_all()
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Wait until every submitted user was evaluated (for tests and benchmarks)."""
+        """Wait until every submitted user was evaluated (for tests and benchmarks), with the
+        identifies this process journaled applied and submitted first."""
+        applier = self.environment.applier
+        if applier is not None and not applier.wait_idle(timeout):
+            return False
         with self._state:
             return self._state.wait_for(
                 lambda: not self._busy and not any(self._waiting.values()), timeout

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from audiences.api import idempotency
 from audiences.api.errors import ApiError, invalid, not_found
 from audiences.api.keys import StoreEnvironmentError, bind_store
-from audiences.api.writer import GroupCommitWriter
+from audiences.api.writer import GroupCommitWriter, JournalApplier
 
 if TYPE_CHECKING:
     from audiences.api.bulk import BulkWorker
@@ -46,7 +46,8 @@ from audiences.static.members import (
 from audiences.static.uploads import prepare_upload, record_upload
 from audiences.store import database as tables
 from audiences.store import profiles
-from audiences.store.database import MembershipStore, normalize_tenant, tenant_key
+from audiences.store.database import MembershipStore, normalize_tenant, now_text, tenant_key
+from audiences.store.journal import IdentifyJournal, journal_of, journal_path
 from audiences.store.tenants import set_tenants
 from audiences.users.sources import ROW_COLUMN
 
@@ -64,6 +65,10 @@ class Environment:
     settings: Settings
     _types: tuple[float, dict[str, str]] | None = None
     _writer: GroupCommitWriter | None = None
+    _journal: IdentifyJournal | None = None
+    _journal_writer: GroupCommitWriter | None = None  # the identify journal's group commit
+    # Applies the identifies this process journaled to the store, then real time (api/writer.py).
+    applier: JournalApplier | None = None
     bulk_worker: BulkWorker | None = None  # processes queued bulk operations (api/bulk.py)
     # Evaluates identified users at once (api/realtime.py); None when real time is off.
     realtime: RealtimeWorker | WorkerClient | None = None
@@ -124,7 +129,16 @@ class Environment:
         if self.realtime is not None:
             self.realtime.submit(user_ids, changed)
 
+    def apply_journal(self) -> None:
+        """Apply the identify journal's waiting entries (an API that died before applying them),
+        and have real time evaluate their users (every audience): at the service's start."""
+        self.identified(profiles.apply_journal(self.store))
+
     def close(self) -> None:
+        if self.applier is not None:
+            self.applier.close()  # the journaled identifies applied and handed to real time
+        if self._journal_writer is not None:
+            self._journal_writer.close()
         if self.bulk_worker is not None:
             self.bulk_worker.close()
         if self.realtime is not None:
@@ -330,11 +344,36 @@ class Environment:
             existed[user_id] = not profile.created
             return profile.as_knock_user()
 
+        if claim is None and self.journal is not None:
+            return self._journaled_identify(user_id, properties)
         user = self.write(work, claim)
         # Real time: an existing user's identify can move them only in audiences reading what it
         # set (an idempotent replay, which ran nothing, evaluates every audience).
         self.identified([user_id], list(properties) if existed.get(user_id) else None)
         return user
+
+    @property
+    def journal(self) -> IdentifyJournal | None:
+        """The store's identify journal (`store/journal.py`); None on PostgreSQL."""
+        if self._journal is None and journal_path(self.store) is not None:
+            self._journal = journal_of(self.store, create=True)
+        return self._journal
+
+    def _journaled_identify(self, user_id: str, properties: dict) -> dict:
+        """An identify on a SQLite store: committed to the identify journal (its own file, lock
+        and group commit), answered with the user as the store and the journal then hold them;
+        the applier merges it into the store, then real time evaluates the user."""
+        journal = self.journal
+        entry = (user_id, profiles.dump_patch(properties), now_text())
+        with _WRITER_LOCK:
+            if self._journal_writer is None:
+                self._journal_writer = GroupCommitWriter(journal.engine, f"journal-{self.name}")
+            if self.applier is None:
+                self.applier = JournalApplier(self)
+        seq = self._journal_writer.write(lambda connection: journal.append(connection, [entry]))[0]
+        self.applier.journaled(seq, user_id, properties)
+        profile = profiles.get_profile(self.store, user_id)
+        return profile.as_knock_user()
 
     def get_user(self, user_id: str) -> dict:
         profile = profiles.get_profile(self.store, user_id)

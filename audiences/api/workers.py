@@ -6,8 +6,10 @@ process, which it starts with itself, starts again when it dies (SIGKILL include
 itself. The two share no interpreter lock: evaluating users, writing their events and sending
 webhooks never hold up an identify's answer.
 
-An identify is answered once its patch is committed to the store (the durable record: SQLite's
-WAL, or PostgreSQL). The API then sends the worker process one datagram on a local socket (Linux's
+An identify is answered once its patch is durable: committed to the identify journal on SQLite
+(`store/journal.py`), to the store on PostgreSQL. Once the patch is in the store (on SQLite, the
+API's journal applier puts it there right after the answer), the API sends the worker process one
+datagram on a local socket (Linux's
 abstract namespace, named after the supervising process: no file, gone when its owner dies) naming
 the users and what their identifies set, and another when one of its own transactions queued
 deliveries; the worker hands them to its real-time lanes and wakes its delivery threads. A

@@ -11,14 +11,19 @@ this: each request writes in its own transaction.
 from __future__ import annotations
 
 import fcntl
+import logging
+import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
 MAX_GROUP = 32
+log = logging.getLogger("audiences.api")
 
 
 class GroupCommitWriter:
@@ -117,3 +122,95 @@ class GroupCommitWriter:
             return
         for (_, future), result in zip(group, results, strict=True):
             future.set_result(result)
+
+
+# The applier deletes the journal's applied entries at most this often (a write of the journal,
+# which identifies would otherwise wait for after every pass).
+FORGET_EVERY_SECONDS = 1.0
+RETRY_SECONDS = 0.5  # after a failed pass (the store busy past its wait): the entries wait
+# A test's fault (`AUDIENCES_FAULT_POINT`): the process is killed (SIGKILL) after an identify is
+# journaled and answered, before the store applies it.
+FAULT_BEFORE_APPLIED = "identify-before-applied"
+FAULT_PAUSE_SECONDS = 1.0  # the identify's answer goes out first
+
+
+class JournalApplier:
+    """Applies the identifies this process journaled (`store/journal.py`) to the store, right
+    after their answers, each pass every entry waiting at that moment in one write of the
+    store's group commit; then hands their users to real time: with the properties each set
+    when its user existed before it (only the audiences reading them are evaluated), else every
+    audience (a new user, or an entry another writer of profiles applied first)."""
+
+    def __init__(self, environment):
+        self.environment = environment
+        self._waiting: list[tuple[int, str, frozenset[str]]] = []
+        self._state = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._forgotten = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name=f"journal-applier-{environment.name}", daemon=True
+        )
+        self._thread.start()
+
+    def journaled(self, seq: int, user_id: str, properties) -> None:
+        """Entry `seq` (user_id's identify, which set `properties`) is committed to the journal."""
+        with self._state:
+            self._waiting.append((seq, user_id, frozenset(properties)))
+            self._state.notify()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until every entry journaled so far was applied and handed to real time."""
+        with self._state:
+            return self._state.wait_for(lambda: not self._waiting and not self._busy, timeout)
+
+    def close(self) -> None:
+        """Apply what waits, then stop."""
+        with self._state:
+            self._stopping = True
+            self._state.notify()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            with self._state:
+                while not self._waiting and not self._stopping:
+                    self._state.wait()
+                if not self._waiting:
+                    return
+                taken, self._waiting, self._busy = self._waiting, [], True
+            try:
+                self._apply(taken)
+            finally:
+                with self._state:
+                    self._busy = False
+                    self._state.notify_all()
+
+    def _apply(self, taken: list[tuple[int, str, frozenset[str]]]) -> None:
+        from audiences.store.profiles import apply_journal_in
+        from audiences.workflows.realtime import FAULT_POINT
+
+        environment = self.environment
+        store, journal = environment.store, environment.journal
+        if os.environ.get(FAULT_POINT) == FAULT_BEFORE_APPLIED:
+            time.sleep(FAULT_PAUSE_SECONDS)
+            os.kill(os.getpid(), signal.SIGKILL)
+        while True:
+            try:
+                existed = environment.write(lambda connection: apply_journal_in(store, connection))
+                break
+            except Exception:
+                if self._stopping:  # the entries stay journaled: the next start applies them
+                    log.exception("the identify journal could not be applied to the store")
+                    return
+                log.exception("the identify journal could not be applied to the store; retrying")
+                time.sleep(RETRY_SECONDS)
+        for seq, user_id, changed in taken:
+            environment.identified([user_id], changed if existed.get(seq) else None)
+        now = time.monotonic()
+        if now - self._forgotten > FORGET_EVERY_SECONDS:
+            self._forgotten = now
+            try:
+                journal.forget_applied(store)
+            except Exception:
+                log.exception("the identify journal's applied entries could not be deleted")

@@ -29,6 +29,8 @@ import sqlalchemy as sa
 
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
+from audiences.store.journal import MARKER as JOURNAL_MARKER
+from audiences.store.journal import Entry, journal_of
 from audiences.users.sources import ROW_COLUMN, UserSource
 from audiences.users.store import LoadResult, load_users
 from audiences.users.validation import row_patches, validate_users
@@ -60,6 +62,11 @@ def merge_patch(target: object, patch: object) -> object:
 
 def _dump(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def dump_patch(patch: dict) -> str:
+    """An identify patch as the identify queue and the journal keep it (JSON text)."""
+    return _dump(patch)
 
 
 @dataclass(frozen=True)
@@ -284,13 +291,109 @@ def _upsert_profiles(store: MembershipStore, connection, rows: list[tuple]) -> N
 
 
 def get_profile(store: MembershipStore, user_id: str) -> Profile | None:
-    profiles = tables.user_profiles
-    rows = store.rows(
-        sa.select(profiles).where(profiles.c.user_id == user_id, profiles.c.deleted_at.is_(None))
-    )
-    if not rows:
+    """The user as the store knows them, with their identifies that wait in the identify journal
+    (`store/journal.py`) applied on top; None for a user the store does not know (or deleted)."""
+    journal = journal_of(store)
+    # The journal first, then the store: an entry deleted from the journal in between was applied
+    # before the store is read, and one the store's marker has passed is not applied twice.
+    pending = journal.entries_after(0, user_id) if journal is not None else []
+    profiles, markers = tables.user_profiles, tables.store_markers
+    marker = sa.select(markers.c.value).where(markers.c.name == JOURNAL_MARKER).scalar_subquery()
+    with store.read_engine.connect() as connection:
+        # One statement, one snapshot: the profile and the marker of what it holds.
+        row = connection.execute(
+            sa.select(
+                marker.label("marker"),
+                profiles.c.properties,
+                profiles.c.updated_at,
+                profiles.c.deleted_at,
+            )
+            .select_from(sa.select(sa.literal(1).label("one")).subquery())
+            .outerjoin(profiles, profiles.c.user_id == user_id)
+        ).one()
+    state = {}
+    if row.properties is not None and row.deleted_at is None:
+        state[user_id] = (json.loads(row.properties), row.updated_at)
+    if pending:
+        applied = journal.applied_in(row.marker)
+        replay(state, [entry for entry in pending if entry.seq > applied])
+    if state.get(user_id, (None,))[0] is None:
         return None
-    return Profile(user_id, json.loads(rows[0]["properties"]), rows[0]["updated_at"])
+    properties, updated_at = state[user_id]
+    return Profile(user_id, properties, updated_at)
+
+
+def replay(
+    state: dict[str, tuple[dict | None, str | None]], entries: Iterable[Entry]
+) -> list[tuple[Entry, bool, bool]]:
+    """Apply identify journal entries in order to `state` (user id -> (properties, or None for a
+    user unknown or deleted; updated_at)), in place, as `identify` applies patches: merged by
+    `merge_patch`, and a known user whose properties an entry leaves as they were is not changed
+    (their `updated_at` stays). Returns, per entry, (entry, whether the user existed before it,
+    whether it changed them)."""
+    results = []
+    for entry in entries:
+        properties, _ = state.get(entry.user_id, (None, None))
+        merged = merge_patch(properties or {}, json.loads(entry.patch))
+        changed = properties is None or _dump(merged) != _dump(properties)
+        if changed:
+            state[entry.user_id] = (merged, entry.received_at)
+        results.append((entry, properties is not None, changed))
+    return results
+
+
+def apply_journal_in(store: MembershipStore, connection) -> dict[int, bool]:
+    """Apply the identify journal's entries the store has not applied yet, in order, inside the
+    caller's write transaction (profiles locked): profiles merged, patches queued for the
+    warehouse (those that change their user), the store's marker moved. Returns, per entry
+    applied, whether its user existed before it. `lock_profiles` calls it."""
+    journal = journal_of(store)
+    if journal is None:
+        return {}
+    entries = journal.entries_after(journal.applied(connection))
+    if not entries:
+        return {}
+    state = {
+        user_id: (None if deleted_at else json.loads(properties), updated_at)
+        for user_id, properties, deleted_at, updated_at in _stored_profiles(
+            store, connection, {entry.user_id for entry in entries}
+        )
+    }
+    results = replay(state, entries)
+    changed = sorted({entry.user_id for entry, _, moved in results if moved})
+    _upsert_profiles(
+        store,
+        connection,
+        [(user_id, _dump(state[user_id][0]), state[user_id][1], None) for user_id in changed],
+    )
+    store.insert_rows(
+        connection,
+        tables.user_patches,
+        ("user_id", "patch", "received_at", "loaded"),
+        [
+            (entry.user_id, entry.patch, entry.received_at, False)
+            for entry, _, moved in results
+            if moved
+        ],
+    )
+    journal.set_applied(connection, entries[-1].seq)
+    return {entry.seq: existed for entry, existed, _ in results}
+
+
+def apply_journal(store: MembershipStore) -> list[str]:
+    """Apply the identify journal's waiting entries in a store transaction of their own (the
+    service's and the worker process's start, the pipeline's load of the identify queue); returns
+    the users they identified."""
+    journal = journal_of(store)
+    if journal is None or not journal.waiting(store):
+        return []
+    with store.engine.begin() as connection:
+        _lock_profiles_only(store, connection)
+        applied = journal.applied(connection)
+        users = {entry.user_id for entry in journal.entries_after(applied)}
+        apply_journal_in(store, connection)
+    journal.forget_applied(store)
+    return sorted(users)
 
 
 def delete_user(store: MembershipStore, connection, user_id: str) -> bool:
@@ -362,11 +465,13 @@ def publish_warehouse_users(store: MembershipStore, warehouse, since: str | None
 
 def lock_profiles(store: MembershipStore, connection) -> None:
     """Serialize writers of profiles: SQLite's write transactions already are ("begin immediate");
-    on PostgreSQL a transaction-scoped advisory lock does it. Then the uploads queued before are
-    applied (`apply_queued_uploads`), so that every writer of profiles (identify, delete, merge,
-    publishing the warehouse's users) comes after them: patches apply in the order they arrived."""
+    on PostgreSQL a transaction-scoped advisory lock does it. Then the uploads queued before and
+    the identify journal's waiting entries are applied (`apply_queued_uploads`,
+    `apply_journal_in`), so that every writer of profiles (identify, delete, merge, publishing the
+    warehouse's users) comes after them: patches apply in the order they arrived."""
     _lock_profiles_only(store, connection)
     apply_queued_uploads(store, connection)
+    apply_journal_in(store, connection)
 
 
 def _lock_profiles_only(store: MembershipStore, connection) -> None:
@@ -488,7 +593,10 @@ def identify_queue_waiting(store) -> tuple[int, int | None]:
         uploads = connection.execute(
             sa.select(sa.func.coalesce(sa.func.sum(tables.upload_batches.c.row_count), 0))
         ).scalar()
-    return waiting + uploads, newest
+    # And identifies journaled by an API that has not applied them (it died): the load applies them.
+    journal = journal_of(store)
+    journaled = journal.waiting(store) if journal is not None else 0
+    return waiting + uploads + journaled, newest
 
 
 def load_identify_queue(
@@ -496,6 +604,7 @@ def load_identify_queue(
 ) -> LoadResult:
     """Load identify calls queued in the membership store (API, uploads) as a stream source."""
     apply_uploads(store)  # an upload's patches join the queue first, in the order they came
+    apply_journal(store)  # and identifies the API journaled and had not applied (it died)
     patches = tables.user_patches
     rows = store.rows(
         sa.select(patches.c.patch_id, patches.c.user_id, patches.c.patch)

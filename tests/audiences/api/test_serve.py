@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import knockapi
 import pytest
@@ -36,7 +38,9 @@ def test_keys_and_serve_commands_work_with_the_sdk(tmp_path, workers):
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("sk_development_")
     key_id = created.stdout.split()[2]
-    with serve_process(env, ROOT, workers=workers) as (url, _):
+    with serve_process(env, ROOT, workers=workers) as (url, service):
+        started = processes_started_by(service.pid)
+        assert len(started) >= workers  # uvicorn's worker processes (and the worker process)
         knock = knockapi.Knock(api_key=secret, base_url=url, max_retries=0)
         knock.audiences.add_members(
             "vip-customers", members=[{"user": {"id": "from-sdk"}, "tenant": "acme"}]
@@ -49,3 +53,27 @@ def test_keys_and_serve_commands_work_with_the_sdk(tmp_path, workers):
         assert audiences("keys", "revoke", key_id, env=env).returncode == 0
         with pytest.raises(knockapi.AuthenticationError):
             knock.audiences.list_members("vip-customers")
+    # Nothing the service started outlives the harness's end (uvicorn's worker processes did).
+    deadline = time.monotonic() + 10
+    while any(map(alive, started)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in started if alive(pid)]
+
+
+def processes_started_by(pid: int) -> list[int]:
+    """The process's children (each thread's, where a supervisor thread starts one)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -186,3 +186,61 @@ def test_a_worker_process_killed_mid_stream_is_restarted_and_nothing_is_lost_or_
     finally:
         receiver.close()
         store.dispose()
+
+
+@pytest.mark.slow  # two starts of the service
+def test_an_identify_journaled_and_answered_is_applied_once_after_the_service_is_killed(tmp_path):
+    """The service is killed (SIGKILL) after an identify was committed to the identify journal
+    and answered, before the store applied it: nothing of it is in the store, yet it is not lost.
+    The restarted service applies it once (profile, queued patch), real time enters the user
+    and the webhook gets it once; the pipeline's load of the identify queue would apply it too."""
+    from audiences.api.writer import FAULT_BEFORE_APPLIED
+    from audiences.store.journal import journal_of
+    from audiences.workflows.realtime import FAULT_POINT
+
+    receiver = Receiver()
+    env = project(tmp_path, receiver)
+    store = MembershipStore(env["AUDIENCES_STORE_URL"]).create()
+    version = load_definitions(tmp_path / "audiences")["pro-plan"].version
+    with store.engine.begin() as connection:
+        connection.execute(
+            tables.store_markers.insert().values(
+                name=PLAN_MARKER, value=json.dumps({"pro-plan": version})
+            )
+        )
+    headers = {"Authorization": f"Bearer {create_key(store, 'development', 'tests')[1]}"}
+    patches, profiles = tables.user_patches.c, tables.user_profiles.c
+    try:
+        with serve_process({**env, FAULT_POINT: FAULT_BEFORE_APPLIED}, ROOT) as (url, service):
+            answer = httpx.put(
+                f"{url}/v1/users/kim", json={"plan": "pro"}, headers=headers, timeout=10
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["plan"] == "pro"
+            assert service.wait(timeout=30) == -signal.SIGKILL
+        # Acknowledged, and only in the journal.
+        assert store.rows(sa.select(patches.patch).where(patches.user_id == "kim")) == []
+        assert store.rows(sa.select(profiles.user_id).where(profiles.user_id == "kim")) == []
+        assert [entry.user_id for entry in journal_of(store).entries_after(0)] == ["kim"]
+
+        with serve_process(env, ROOT) as (url, service):
+            wait_for(lambda: "kim" in receiver.recipients(), 60, "kim's entry delivered")
+            user = httpx.get(f"{url}/v1/users/kim", headers=headers, timeout=10).json()
+            assert user["plan"] == "pro"
+            time.sleep(1)  # a second delivery would come now
+            service.terminate()
+            assert service.wait(60) == 0
+        assert store.rows(sa.select(patches.patch).where(patches.user_id == "kim")) == [
+            {"patch": '{"plan":"pro"}'}
+        ]
+        columns = tables.membership_events.c
+        assert store.rows(
+            sa.select(columns.event_type, columns.event_id).where(columns.user_id == "kim")
+        ) == [
+            {"event_type": "entered", "event_id": event_id("pro-plan", "kim", None, "entered", 1)}
+        ]
+        assert [recipient for _, recipient, _ in receiver.received] == ["kim"]
+        assert journal_of(store).entries_after(0) == []  # applied, then deleted
+    finally:
+        receiver.close()
+        store.dispose()

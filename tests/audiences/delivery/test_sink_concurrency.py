@@ -154,8 +154,23 @@ def test_throttled_and_failing_receivers_get_retries_under_the_same_key_and_no_d
     assert {rows[i]["attempts"] for i in ids} == {3}
 
 
-def test_concurrent_sends_keep_the_sinks_rate_limit(store):
+def test_concurrent_sends_keep_the_sinks_rate_limit(store, monkeypatch):
+    """The bucket's grants keep the limit exactly, and no request reaches the receiver before
+    its grant. (The receiver's clock alone cannot say it under load: a send delayed after its
+    grant, then one on time, arrive closer together than they were granted.)"""
+    from audiences.delivery import loop
+
     rate = 10  # deliveries a second, bursts of 10: at most 10 + 10 * t sends in any t seconds
+    grants: list[float] = []  # when the bucket let each delivery go (time.time: 1e-4 s of float)
+    reserve = loop._reserve
+
+    def recording(tokens, updated, moment, count, *arguments):
+        reserved = reserve(tokens, updated, moment, count, *arguments)
+        grants.extend([reserved[2]] * count)  # the moment the tokens are taken
+        return reserved
+
+    monkeypatch.setattr(loop, "_reserve", recording)
+    wall = time.time() - time.monotonic()  # the receiver stamps time.monotonic()
     with HttpRecorder() as recorder:
         receiver = Receiver(recorder)
         for number in range(30):
@@ -164,16 +179,18 @@ def test_concurrent_sends_keep_the_sinks_rate_limit(store):
             "hooks", f"{recorder.url}/hooks", SECRET, timeout_seconds=5, rate_limit_per_second=rate
         )
         deliver_everything(store, sink, expected=30)
-        times = sorted(request.received_at for request in recorder.requests)
-    assert len(times) == 30
+        times = sorted(wall + request.received_at for request in recorder.requests)
+    grants.sort()
+    assert len(times) == 30 and len(grants) == 30
     assert receiver.most_in_flight > 1
-    slack = 0.05  # the receiver reads a request a little after it was sent
-    for first in range(len(times)):
-        for last in range(first, len(times)):
-            assert last - first + 1 <= rate + rate * (times[last] - times[first] + slack), (
-                f"{last - first + 1} sends within {times[last] - times[first]:.3f} s"
+    for first in range(len(grants)):
+        for last in range(first, len(grants)):
+            assert last - first + 1 <= rate + rate * (grants[last] - grants[first]) + 1e-4, (
+                f"{last - first + 1} sends granted within {grants[last] - grants[first]:.3f} s"
             )
-    assert times[-1] - times[0] >= (30 - rate) / rate - slack  # paced, not one burst
+    assert grants[-1] - grants[0] >= (30 - rate) / rate - 1e-4  # paced, not one burst
+    # The n-th request arrived no earlier than the n-th grant (1 ms for the clocks' conversion).
+    assert all(time >= grant - 0.001 for time, grant in zip(times, grants, strict=True))
 
 
 def test_a_webhooks_concurrency_is_read_from_its_settings_and_checked(tmp_path):

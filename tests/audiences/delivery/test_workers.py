@@ -38,9 +38,29 @@ def recorder():
         yield server
 
 
+# `audiences deliver --watch`, with each grant of a rate limit's bucket (the moment its tokens
+# are taken, and how many) written to the file named first: what the limit decided, which the
+# receiver's clock cannot tell under load (a send delayed after its grant, then one on time,
+# arrive closer together than they were granted).
+RECORDING_GRANTS = """
+import json, sys
+from audiences.cli import main
+from audiences.delivery import loop
+reserve = loop._reserve
+def recording(tokens, updated, moment, count, *rest):
+    reserved = reserve(tokens, updated, moment, count, *rest)
+    with open(sys.argv[1], "a") as grants:
+        grants.write(json.dumps([reserved[2], count]) + "\\n")
+    return reserved
+loop._reserve = recording
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 class Workers:
     """`audiences deliver --watch` processes, each with its own sinks file (same sinks, but a
-    `X-Worker` header naming the worker, and its own file for the warm-up file sink)."""
+    `X-Worker` header naming the worker, and its own file for the warm-up file sink), recording
+    their rate limits' grants (`grants`)."""
 
     def __init__(self, folder: Path, store_url: str):
         self.folder = folder
@@ -68,7 +88,15 @@ class Workers:
         )
         log = (self.folder / f"worker-{name}.log").open("w")
         process = subprocess.Popen(
-            [sys.executable, "-m", "audiences.cli", "deliver", "--watch", *arguments],
+            [
+                sys.executable,
+                "-c",
+                RECORDING_GRANTS,
+                str(self.folder / f"grants-{name}.jsonl"),
+                "deliver",
+                "--watch",
+                *arguments,
+            ],
             cwd=self.folder,
             env=environment,
             stdout=log,
@@ -98,6 +126,15 @@ class Workers:
             if process.poll() is not None:
                 log = (self.folder / f"worker-{name}.log").read_text()
                 raise AssertionError(f"worker {name} exited with {process.returncode}:\n{log}")
+
+    def grants(self) -> list[float]:
+        """When every worker's buckets let a delivery go (time.time), in order."""
+        found = []
+        for path in self.folder.glob("grants-*.jsonl"):
+            for line in path.read_text().splitlines():
+                moment, count = json.loads(line)
+                found += [moment] * count
+        return sorted(found)
 
     def kill(self, name: str) -> None:
         process = self.processes.pop(name)
@@ -244,6 +281,7 @@ def test_a_sinks_rate_limit_holds_across_two_workers(store, recorder, workers):
     workers.start("a", sinks)
     workers.start("b", sinks)
     workers.wait_ready(store, ["a", "b"])
+    wall = time.time() - time.monotonic()  # the receiver stamps time.monotonic()
     expected = queue(store, "limited", 80, "dlv")
 
     wait_delivered(store, workers, ["limited"], len(expected))
@@ -254,13 +292,17 @@ def test_a_sinks_rate_limit_holds_across_two_workers(store, recorder, workers):
         expected
     )
     assert {request.header("X-Worker") for request in hooks} == {"a", "b"}
-    stamps = sorted(request.received_at for request in hooks)
-    # A burst of one second's worth, then `rate` a second, whichever worker sends (a little slack
-    # for the time between a send and its arrival).
+    # The shared bucket's grants, whichever worker took them: a burst of one second's worth, then
+    # `rate` a second (1e-4 s: time.time's float at today's dates) ...
+    grants = workers.grants()
+    assert len(grants) == len(expected)
     worst = max(
-        last - first + 1 - rate * (stamps[last] - stamps[first])
-        for first in range(len(stamps))
-        for last in range(first, len(stamps))
+        last - first + 1 - rate * (grants[last] - grants[first])
+        for first in range(len(grants))
+        for last in range(first, len(grants))
     )
-    assert worst <= rate + 2
-    assert stamps[-1] - stamps[0] >= (len(stamps) - rate) / rate - 0.2
+    assert worst <= rate + 1e-4
+    assert grants[-1] - grants[0] >= (len(grants) - rate) / rate - 1e-4
+    # ... and the n-th request arrived no earlier than the n-th grant (1 ms for the clocks).
+    stamps = sorted(wall + request.received_at for request in hooks)
+    assert all(stamp >= grant - 0.001 for stamp, grant in zip(stamps, grants, strict=True))
