@@ -1,11 +1,12 @@
 """What a commit or promotion would do to an environment's members, before it happens.
 
-For each changed audience, against the target environment's warehouse as it is now: its members
-now and after the change, who would enter and exit (with a sample of ids each way), the workflow
-deliveries that would follow per trigger, and whether the circuit breaker would hold them. The new
-definitions are compiled by the same compiler as every evaluation and evaluated read-only in
-DuckDB over the environment's current users (no dbt, nothing written): most in one query, the
-few that need it alone (`_measure`).
+For each changed audience, against the target environment as it is now: its members now (the
+open membership intervals its history holds, which the promotion's diff compares with; a static
+audience's members in its store) and after the change, who would enter and exit (with a sample of
+ids each way), the workflow deliveries that would follow per trigger, and whether the circuit
+breaker would hold them. The new definitions are compiled by the same compiler as every
+evaluation and evaluated read-only in DuckDB over the environment's current users (no dbt,
+nothing written): most in one pass per 64 audiences, the few that need it alone (`_measure`).
 """
 
 from __future__ import annotations
