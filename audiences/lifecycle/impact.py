@@ -395,6 +395,15 @@ def _scan(
         if sampled
         else []
     )
+    missing = [key for key in sampled if key not in ids]
+    if missing and recorded:  # a user gone from raw.users: the id its interval kept
+        ids.update(
+            connection.execute(
+                f"select user_key, any_value(user_id) from {OPEN_INTERVALS} "
+                "where list_contains($keys, user_key) group by all",
+                {"keys": missing},
+            ).fetchall()
+        )
     for (place, side), kept in chosen_keys.items():
         found[keys[place]][f"{side}_sample"] = [ids[key] for key in kept if key in ids]
     for each in found.values():
