@@ -99,10 +99,7 @@ def impact(
         for trigger in load_triggers(target.workflows_dir, _trigger_audiences(target)).values()
         if trigger.audience_key in after
     ]
-    definitions = {
-        key: parse_definition(document, key, target.definitions_dir / key / "audience.json")
-        for key, document in _definitions_after(target, after).items()
-    }
+    definitions = _parsed(target, after)
     results: list[AudienceImpact] = []
     users = 0
     if not target.duckdb_path.exists():
@@ -176,6 +173,27 @@ def _definitions_after(settings: Settings, after: dict[str, dict | None]) -> dic
         else:
             documents[key] = document
     return documents
+
+
+def _parsed(settings: Settings, after: dict[str, dict | None]) -> dict[str, AudienceDefinition]:
+    """The changed definitions, parsed and checked, with the environment's definitions they read
+    (at any depth: their conditions compile, they are the environment's own), so that a change
+    to one audience of thousands parses a few."""
+    documents = _definitions_after(settings, after)
+    definitions: dict[str, AudienceDefinition] = {}
+    waiting = sorted(key for key, document in after.items() if document is not None)
+    while waiting:
+        key = waiting.pop()
+        if key in definitions or key not in documents:
+            continue
+        definitions[key] = parse_definition(
+            documents[key],
+            key,
+            settings.definitions_dir / key / "audience.json",
+            compile_conditions=key in after,
+        )
+        waiting.extend(sorted(definitions[key].references()))
+    return definitions
 
 
 # Audiences evaluated in one pass over the users: each is one bit of an unsigned 64-bit integer.
