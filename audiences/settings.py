@@ -206,9 +206,9 @@ class Settings:
 
     @property
     def promotion_evaluates(self) -> bool:
-        """A promotion through the management API evaluates the target environment at once, in
-        a process of its own (`audiences promote` evaluates in its own process, unless
-        --no-evaluate)."""
+        """A promotion through the management API (`knock commit promote`) evaluates the target
+        environment at once, as `audiences promote` does; AUDIENCES_PROMOTION_EVALUATES=false is
+        its `--no-evaluate`."""
         return os.environ.get("AUDIENCES_PROMOTION_EVALUATES", "true").lower() not in (
             "false",
             "0",

@@ -13,7 +13,6 @@ file in the Knock CLI layout; committing, promoting and archiving call the same 
 import json
 import os
 import secrets
-import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -174,6 +173,85 @@ def page(entries: list[dict], limit: int | None, after: str | None, cursor: Call
             "page_size": size,
         },
     }
+
+
+# -- promoting ----------------------------------------------------------------------------------
+
+
+def promote_in_process_of_its_own(
+    settings: Settings, to: str, commit_id: str | None, *, evaluate: bool
+) -> tuple[str, str]:
+    """Promote as `audiences promote` does, the one way: a run of the `promote_definitions` job
+    (`run_promotion`: impact measured, commits copied, the target evaluated at once in a run of
+    its main job, all in the Dagster instance's history), in a process of its own so that the
+    evaluation never holds the API's interpreter. Waits for it. Returns ("promoted", log path),
+    ("refused", why: nothing was written) or ("failed", why); the run's output goes to
+    `promotion-runs.log` beside the target's warehouse."""
+    import multiprocessing
+
+    log = settings.for_environment(to).duckdb_path.parent / "promotion-runs.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    receiving, sending = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_promotion_process,
+        args=(settings, to, commit_id, evaluate, str(log), sending),
+        name="audiences-promotion",
+    )
+    process.start()
+    sending.close()
+    try:
+        answer = receiving.recv()
+    except EOFError:
+        answer = ("failed", f"the promotion's process ended without an answer; see {log}")
+    finally:
+        receiving.close()
+        process.join()
+    return answer
+
+
+def _promotion_process(settings, to, commit_id, evaluate, log, answers) -> None:
+    """The promotion's process: `run_promotion`, its output in `log`, its outcome sent back."""
+    import argparse
+
+    with open(log, "ab") as output:
+        os.dup2(output.fileno(), 1)
+        os.dup2(output.fileno(), 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    try:
+        from audiences.lifecycle.commands import PromotionReport
+        from pipelines.defs.lifecycle import run_promotion
+
+        report = PromotionReport(arguments=argparse.Namespace(debug=False, verbose=False))
+        result = run_promotion(
+            settings,
+            to,
+            commit_id,
+            evaluate=evaluate,
+            report=report,
+            launched_by="knock commit promote",
+        )
+        if report.error is not None:
+            answers.send(("refused", str(report.error)))
+        elif report.outcome is None or report.outcome.status not in (None, 0):
+            errors = [
+                event.step_failure_data.error.message.strip()
+                for event in result.get_step_failure_events()
+                if event.step_failure_data.error is not None
+            ]
+            answers.send(
+                (
+                    "failed",
+                    "; ".join(errors) or f"run {result.run_id} of promote_definitions failed",
+                )
+            )
+        else:
+            answers.send(("promoted", log))
+    except BaseException as error:  # sent back, so the request is answered whatever happened
+        answers.send(("failed", f"{type(error).__name__}: {error}; see {log}"))
+    finally:
+        answers.close()
 
 
 # -- the router ---------------------------------------------------------------------------------
@@ -518,27 +596,29 @@ def management_router(settings: Settings, bearer) -> APIRouter:
             raise not_found(f"commit {commit_id!r}")
         return commit_body(*found)
 
-    def evaluate(environment: str) -> None:
-        """Evaluate the environment now, in its own process (a run takes longer than a request)."""
-        target = settings.for_environment(environment)
-        log = target.duckdb_path.parent / "promotion-runs.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as output:
-            subprocess.Popen(
-                [sys.executable, "-m", "audiences.cli", "run"],
-                env={**os.environ, **target.environment_variables()},
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
     def promoted(to: str, commit_id: str | None):
         try:
-            lifecycle.promote(settings, to, commit_id)
+            # Refusals (an unknown environment or commit, nothing to promote) answered at once.
+            plan = lifecycle.plan_promotion(settings, to, commit_id)
+            if not plan.commits:
+                raise lifecycle.LifecycleError(
+                    f"nothing to promote: {to} has every commit of {plan.source}"
+                )
+            source = lifecycle.open_store(settings, plan.source)
+            try:
+                with source.read_engine.connect() as connection:
+                    lifecycle.refuse_during_promotion(connection, plan.source)
+            finally:
+                source.dispose()
         except lifecycle.LifecycleError as error:
             raise refuse(error) from None
-        if settings.promotion_evaluates:
-            evaluate(to)
+        outcome, detail = promote_in_process_of_its_own(
+            settings, to, commit_id, evaluate=settings.promotion_evaluates
+        )
+        if outcome == "refused":
+            raise refuse(lifecycle.LifecycleError(detail))
+        if outcome != "promoted":
+            raise ApiError(500, "promotion_failed", detail)
 
     @router.put("/v1/commits/promote", summary="Promote every commit to an environment")
     async def promote_all(_token: Token, to_environment: str | None = None):

@@ -1,17 +1,19 @@
 """What a commit or promotion would do to an environment's members, before it happens.
 
-For each changed audience, against the target environment's warehouse as it is now: its members
-now and after the change, who would enter and exit (with a sample of ids each way), the workflow
-deliveries that would follow per trigger, and whether the circuit breaker would hold them. The new
-definitions are compiled by the same compiler as every evaluation and evaluated read-only in
-DuckDB over the environment's current users (no dbt, nothing written): most in one query, the
-few that need it alone (`_measure`).
+For each changed audience, against the target environment as it is now: its members now (the
+open membership intervals its history holds, which the promotion's diff compares with; a static
+audience's members in its store) and after the change, who would enter and exit (with a sample of
+ids each way), the workflow deliveries that would follow per trigger, and whether the circuit
+breaker would hold them. The new definitions are compiled by the same compiler as every
+evaluation and evaluated read-only in DuckDB over the environment's current users (no dbt,
+nothing written): most in one pass per 64 audiences, the few that need it alone (`_measure`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 
 from sqlglot import exp
 
@@ -97,10 +99,7 @@ def impact(
         for trigger in load_triggers(target.workflows_dir, _trigger_audiences(target)).values()
         if trigger.audience_key in after
     ]
-    definitions = {
-        key: parse_definition(document, key, target.definitions_dir / key / "audience.json")
-        for key, document in _definitions_after(target, after).items()
-    }
+    definitions = _parsed(target, after)
     results: list[AudienceImpact] = []
     users = 0
     if not target.duckdb_path.exists():
@@ -112,7 +111,12 @@ def impact(
             users = connection.execute(
                 "select count(*) from raw.users where deleted_at is null"
             ).fetchall()[0][0]
-        results = _measure(connection, after, before, definitions, now)
+        static = [
+            key for key, each in definitions.items() if key in after and each.type == "static"
+        ]
+        results = _measure(
+            connection, after, before, definitions, now, static_member_counts(target, static)
+        )
     finally:
         if connection is not None:
             connection.close()
@@ -171,8 +175,37 @@ def _definitions_after(settings: Settings, after: dict[str, dict | None]) -> dic
     return documents
 
 
-# Audiences evaluated in one query (a branch each): larger sets are measured in batches.
-SCAN_BATCH = 100
+def _parsed(settings: Settings, after: dict[str, dict | None]) -> dict[str, AudienceDefinition]:
+    """The changed definitions, parsed and checked, with the environment's definitions they read
+    (at any depth: their conditions compile, they are the environment's own), so that a change
+    to one audience of thousands parses a few."""
+    documents = _definitions_after(settings, after)
+    definitions: dict[str, AudienceDefinition] = {}
+    waiting = sorted(key for key, document in after.items() if document is not None)
+    while waiting:
+        key = waiting.pop()
+        if key in definitions or key not in documents:
+            continue
+        definitions[key] = parse_definition(
+            documents[key],
+            key,
+            settings.definitions_dir / key / "audience.json",
+            compile_conditions=key in after,
+        )
+        waiting.extend(sorted(definitions[key].references()))
+    return definitions
+
+
+# Audiences evaluated in one pass over the users: each is one bit of an unsigned 64-bit integer.
+SCAN_BATCH = 64
+# The members the target holds now: its open membership intervals, which the promotion's diff
+# compares its evaluation with (`record_changes`), not the last evaluation's `audience_members`,
+# which may not have been recorded yet.
+OPEN_INTERVALS = "(select * from raw.membership_intervals where exited_at is null)"
+# DuckDB aggregates by a perfect hash (an array indexed by the key) when the keys' range has at
+# most this many bits, instead of a hash table: the members now, grouped by user key, take half
+# the time (`bench/analysis.md`, "The promotion dry run").
+PERFECT_HASH_BITS = 24
 
 
 def _measure(
@@ -181,16 +214,17 @@ def _measure(
     before: dict[str, dict | None],
     definitions: dict[str, AudienceDefinition],
     now: datetime,
+    static_members: dict[str, int],
 ) -> list[AudienceImpact]:
     """Every changed audience's members now and after, entering and exiting, read-only in DuckDB.
 
-    Dynamic audiences over users' properties (the most) are measured together, in one query per
-    batch (`_scan`): each new definition a filtered branch over the users, fully joined with the
-    members the environment's last evaluation recorded. A per-tenant audience (by (user, tenant)
-    pairs) and one with event conditions are measured one by one (`_alone`), and say so
-    (`method`). A changed audience that a changed one reads is read at its new members (its
-    query inlined, or its result kept), as the evaluation will. Static audiences keep their
-    members; archived ones lose them all."""
+    Members now are the target's current members as its history holds them: the open membership
+    intervals (a static audience's: its members in the store, `static_members`). Dynamic
+    audiences over users' properties (the most) are measured together, one pass over the users
+    per batch (`_scan`). A per-tenant audience (by (user, tenant) pairs) and one with event
+    conditions are measured one by one (`_alone`), and say so (`method`). A changed audience that
+    a changed one reads is read at its new members (its query inlined, or its result kept), as
+    the evaluation will. Static audiences keep their members; archived ones lose them all."""
     keys = sorted(after)
     changes = {
         key: "archived"
@@ -204,11 +238,15 @@ def _measure(
         key: AudienceImpact(key, changes[key], 0, 0, 0, 0, [], [], before.get(key) is None, False)
         for key in keys
     }
+    static = [key for key in keys if key in definitions and definitions[key].type == "static"]
+    for key in static:
+        count = static_members.get(key, 0)
+        results[key] = replace(results[key], members_now=count, members_after=count)
     if connection is None or not table_exists(connection, "raw.users"):
         return [results[key] for key in keys]
-    evaluated = table_exists(connection, MEMBERS_TABLE)
+    connection.execute(f"set perfect_ht_threshold = {PERFECT_HASH_BITS}")
+    recorded = table_exists(connection, "raw.membership_intervals")
     alone = _evaluated_alone(keys, definitions)
-    static = [key for key in keys if key in definitions and definitions[key].type == "static"]
     # The changed audiences that changed ones read are read at their new members: their query
     # inlined (or, for one evaluated alone, its kept result), in the order they read each other.
     read = {
@@ -227,7 +265,7 @@ def _measure(
         [key for key in keys if key in alone or (key in read and key in definitions)], definitions
     ):
         if key in alone:
-            found, members = _alone(connection, key, definitions, now, evaluated, replaced)
+            found, members = _alone(connection, key, definitions, now, recorded, replaced)
             results[key] = replace(results[key], **found, method=f"alone: {alone[key]}")
             replaced[key] = members
         elif definitions[key].type == "dynamic":
@@ -235,10 +273,8 @@ def _measure(
     scanned = [key for key in keys if key not in alone and key not in static]
     for batch in range(0, len(scanned), SCAN_BATCH):
         chosen = scanned[batch : batch + SCAN_BATCH]
-        for key, found in _scan(connection, chosen, definitions, now, evaluated, replaced).items():
+        for key, found in _scan(connection, chosen, definitions, now, recorded, replaced).items():
             results[key] = replace(results[key], **found)
-    for key, found in _static(connection, static, evaluated).items():
-        results[key] = replace(results[key], **found)
     return [results[key] for key in keys]
 
 
@@ -281,26 +317,34 @@ def _scan(
     keys: list[str],
     definitions: dict[str, AudienceDefinition],
     now: datetime,
-    evaluated: bool,
+    recorded: bool,
     replaced: dict,
 ) -> dict[str, dict]:
-    """Members now and after, entering and exiting with samples, for audiences over users without
-    tenants (an archived one: no one after), in one query: each new definition's matches as a
-    filter over the users (one branch each, which DuckDB runs in parallel and short-circuits),
-    fully joined on (audience, user) with the members the last evaluation recorded; only the rows
-    on one side are counted and sampled. Members now are counted where recorded."""
+    """Members now and after, entering and exiting with samples, for at most `SCAN_BATCH`
+    audiences over users without tenants (an archived one: no one after), in one query.
+
+    Each audience is one bit (its place in `keys`): one pass over the users gives each user the
+    bits of the new definitions it matches (each definition's condition, compiled by the one
+    compiler, a `case` that DuckDB evaluates short-circuiting, as a filter); the open intervals,
+    grouped by user, the bits of the audiences it is a member of now. The two are fully joined
+    on the user (one row a side per user, not one per membership), and only the users whose bits
+    differ are kept, grouped by which bits they gain and lose: a few thousand groups, each with its
+    count and five lowest user keys, from which every audience's entering and exiting counts and
+    samples follow (an audience's five lowest movers are among the five lowest of the groups that
+    move it)."""
     from audiences.warehouse.queries import matching_scan
 
     dynamic = [definitions[key] for key in keys if key in definitions]  # the others: archived
     source, conditions = matching_scan(connection, dynamic, definitions, now, replaced)
     number = {key: place for place, key in enumerate(keys)}
-    # A member is one number: the audience's place in `keys` above the user's key, so the join
-    # compares one integer and holds no text (the ids of the few that move are read after).
-    branches = ["select null::bigint as member where false"] + [
-        f"select ({number[definition.key]}::bigint << 32) | users.user_key::bigint as member "
-        f"from {source} where {condition}"
-        for definition, condition in zip(dynamic, conditions, strict=True)
-    ]
+    bits = " + ".join(
+        ["0::ubigint"]
+        + [
+            f"(case when {condition} then {1 << number[definition.key]}::ubigint "
+            "else 0::ubigint end)"
+            for definition, condition in zip(dynamic, conditions, strict=True)
+        ]
+    )
     found = {
         key: {
             "members_now": 0,
@@ -311,64 +355,110 @@ def _scan(
         }
         for key in keys
     }
-    if evaluated:
-        recorded = f"""
-            select (chosen.number::bigint << 32) | members.user_key::bigint as member
-            from {MEMBERS_TABLE} as members
+    parameters = {}
+    if recorded:
+        parameters = {"keys": keys}
+        now_members = f"""
+            select intervals.user_key, bit_or(1::ubigint << chosen.number) as bits
+            from {OPEN_INTERVALS} as intervals
             join (select unnest($keys) as audience_key, generate_subscripts($keys, 1) - 1 as number)
                 as chosen using (audience_key)
-            where members.tenant is null
+            where intervals.tenant is null
+            group by intervals.user_key
         """
         for key, count in connection.execute(
-            f"select audience_key, count(*) from {MEMBERS_TABLE} "
+            f"select audience_key, count(*) from {OPEN_INTERVALS} "
             "where tenant is null and list_contains($keys, audience_key) group by all",
-            {"keys": keys},
+            parameters,
         ).fetchall():
             found[key]["members_now"] = count
     else:
-        recorded = "select null::bigint as member where false"
-    rows = connection.execute(
+        now_members = "select null::integer as user_key, null::ubigint as bits where false"
+    groups = connection.execute(
         f"""
-        with after_members as ({" union all ".join(branches)}),
-        now_members as ({recorded}),
-        moved as (
-            select coalesce(after_members.member, now_members.member) as member,
-                after_members.member is not null as entering
+        with after_members as (select users.user_key, {bits} as bits from {source}),
+        now_members as ({now_members}),
+        compared as (
+            select user_key,
+                coalesce(after_members.bits, 0::ubigint) as after_bits,
+                coalesce(now_members.bits, 0::ubigint) as now_bits
             from after_members
-            full join now_members using (member)
-            where after_members.member is null or now_members.member is null
+            full join now_members using (user_key)
         )
-        select moved.member >> 32 as number, moved.entering, count(*),
-            min(users.user_id, {SAMPLE_SIZE})
-        from moved
-        join raw.users as users on users.user_key = (moved.member & 4294967295)::integer
+        select after_bits & ~now_bits, now_bits & ~after_bits, count(*), min(user_key, {SAMPLE_SIZE})
+        from compared
+        where after_bits <> now_bits
         group by all
         """,
-        {"keys": keys} if evaluated else {},
+        parameters,
     ).fetchall()
-    for place, entering, count, sample in rows:
-        side = "entered" if entering else "exited"
-        found[keys[place]][side] = count
-        found[keys[place]][f"{side}_sample"] = list(sample or [])
+    samples: dict[tuple[int, str], list[int]] = {}
+    for entering, exiting, count, lowest in groups:
+        for bits_of, side in ((entering, "entered"), (exiting, "exited")):
+            while bits_of:
+                place = (bits_of & -bits_of).bit_length() - 1
+                bits_of &= bits_of - 1
+                found[keys[place]][side] += count
+                kept = samples.setdefault((place, side), [])
+                kept.extend(lowest)
+                if len(kept) > 4 * SAMPLE_SIZE:
+                    kept[:] = sorted(kept)[:SAMPLE_SIZE]
+    chosen_keys = {place: sorted(kept)[:SAMPLE_SIZE] for place, kept in samples.items()}
+    sampled = sorted({key for kept in chosen_keys.values() for key in kept})
+    ids = dict(
+        connection.execute(
+            "select user_key, user_id from raw.users where list_contains($keys, user_key)",
+            {"keys": sampled},
+        ).fetchall()
+        if sampled
+        else []
+    )
+    missing = [key for key in sampled if key not in ids]
+    if missing and recorded:  # a user gone from raw.users: the id its interval kept
+        ids.update(
+            connection.execute(
+                f"select user_key, any_value(user_id) from {OPEN_INTERVALS} "
+                "where list_contains($keys, user_key) group by all",
+                {"keys": missing},
+            ).fetchall()
+        )
+    for (place, side), kept in chosen_keys.items():
+        found[keys[place]][f"{side}_sample"] = [ids[key] for key in kept if key in ids]
     for each in found.values():
         each["members_after"] = each["members_now"] + each["entered"] - each["exited"]
     return found
 
 
-def _static(connection, keys: list[str], evaluated: bool) -> dict[str, dict]:
-    """Static audiences keep the members they were given: as many after as now, none moving."""
-    if not keys or not evaluated:
+def static_member_counts(settings: Settings, keys: list[str]) -> dict[str, int]:
+    """Per static audience, its members as the environment's store holds them now (they are
+    added and removed there, and reach the warehouse only at the next run); nothing for a store
+    that does not exist yet (a dry run creates nothing)."""
+    if not keys:
         return {}
-    rows = connection.execute(
-        f"select audience_key, count(*) from {MEMBERS_TABLE} "
-        "where list_contains($keys, audience_key) group by all",
-        {"keys": keys},
-    ).fetchall()
-    counts = dict(rows)
-    return {
-        key: {"members_now": counts.get(key, 0), "members_after": counts.get(key, 0)}
-        for key in keys
-    }
+    import sqlalchemy as sa
+
+    from audiences.store import database as tables
+    from audiences.store.database import MembershipStore
+
+    url = settings.store_url
+    database = sa.engine.make_url(url).database
+    if url.startswith("sqlite") and database and not Path(database).expanduser().exists():
+        return {}
+    store = MembershipStore(url)
+    try:
+        if not sa.inspect(store.read_engine).has_table(tables.audience_members.name):
+            return {}
+        members = tables.audience_members
+        with store.read_engine.connect() as connection:
+            return dict(
+                connection.execute(
+                    sa.select(members.c.audience_key, sa.func.count())
+                    .where(members.c.audience_key.in_(keys))
+                    .group_by(members.c.audience_key)
+                ).all()
+            )
+    finally:
+        store.dispose()
 
 
 def _alone(
@@ -376,21 +466,22 @@ def _alone(
     key: str,
     definitions: dict[str, AudienceDefinition],
     now: datetime,
-    evaluated: bool,
+    recorded: bool,
     replaced: dict,
 ) -> tuple[dict, object]:
-    """One audience's members now and after, compared as the warehouse records them ((user,
-    tenant) rows), with the changed audiences it reads taken at their new members (`replaced`).
-    Returns the counts and the query of its new members (`user_key`, `tenant`, kept in a
-    temporary table of this read-only connection, for the audiences that read it)."""
+    """One audience's members now (its open intervals) and after, compared as the warehouse
+    records them ((user, tenant) rows), with the changed audiences it reads taken at their new
+    members (`replaced`). Returns the counts and the query of its new members (`user_key`,
+    `tenant`, kept in a temporary table of this read-only connection, for the audiences that
+    read it)."""
     from audiences.conditions.compiler import render
 
     sql = render(members_query(connection, definitions[key], definitions, now, replaced))
     table = f"impact_after_{len(replaced)}"
     connection.execute(f"create or replace temporary table {table} as {sql}")
     now_members = (
-        f"select user_key, tenant from {MEMBERS_TABLE} where audience_key = $key"
-        if evaluated
+        f"select user_key, tenant from {OPEN_INTERVALS} where audience_key = $key"
+        if recorded
         else "select null::integer as user_key, null::varchar as tenant where false"
     )
     row = connection.execute(
@@ -407,7 +498,7 @@ def _alone(
             (select min(user_id, {SAMPLE_SIZE}) from entering join raw.users using (user_key)),
             (select min(user_id, {SAMPLE_SIZE}) from exiting join raw.users using (user_key))
         """,
-        {"key": key} if evaluated else {},
+        {"key": key} if recorded else {},
     ).fetchone()
     found = dict(
         zip(

@@ -207,11 +207,13 @@ def run_promotion(
     evaluate: bool,
     report: PromotionReport,
     instance: dg.DagsterInstance | None = None,
+    launched_by: str = "audiences promote",
 ) -> dg.ExecuteInProcessResult:
     """Run the `promote_definitions` job in this process, in the instance `dg dev` shows
     (DAGSTER_HOME) unless one is given: what `audiences promote` does, so that its promotion is
     the same run, with the same metadata, as one launched from the UI. `report` sees the impact
-    before anything is written, and receives the outcome (or the refusal)."""
+    before anything is written, and receives the outcome (or the refusal). `launched_by` tags the
+    run with its caller (the management API's promote passes `knock commit promote`)."""
     from audiences.settings import prepare_dagster_home
 
     verbose = bool(getattr(report.arguments, "verbose", False))
@@ -235,5 +237,5 @@ def run_promotion(
             instance=chosen,
             resources={"settings": settings, "promotion_report": report},
             raise_on_error=False,
-            tags={"audiences/launched_by": "audiences promote"},
+            tags={"audiences/launched_by": launched_by},
         )
