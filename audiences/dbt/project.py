@@ -149,11 +149,17 @@ def _save_compile_cache(
 ) -> None:
     """Keep the entries this generation used, and which files compiled (every definition it
     evaluates, and those skipped only for what they refer to), written beside, then renamed."""
-    compiled = [
-        definition_digest(definition.file.read_bytes())
-        for definition in definitions.definitions.values()
-        if definition.file.name == DEFINITION_FILE
-    ]
+    compiled = []
+    for definition in definitions.definitions.values():
+        if definition.file.name != DEFINITION_FILE:
+            continue
+        try:
+            text = definition.file.read_bytes()
+            # the text compiled, not one written since (that one is checked when next read)
+            if json.loads(text.decode("utf-8-sig")) == definition.raw:
+                compiled.append(definition_digest(text))
+        except (OSError, ValueError):
+            continue
     known = load_compile_cache(settings)
     if not cache.changed and set(compiled) == known.compiled_files:
         return
