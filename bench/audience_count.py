@@ -69,6 +69,8 @@ from audiences.settings import Settings  # noqa: E402
 DATA = BENCH / "data"
 NOW = scale.NOW
 REFERENCE_SAMPLE = 2_000  # users evaluated by the reference evaluator, per N
+# The Dagster instance of the Dagster step (`dagster_run`); `--dagster-instance` sets it.
+DAGSTER_INSTANCE = "sqlite"
 
 
 def definitions_for(count: int) -> dict[str, dict]:
@@ -180,16 +182,20 @@ def reference_check(path: Path, definitions_dir: Path, evaluated_at: datetime) -
 
 
 def parse(settings: Settings) -> dict:
-    """`dbt parse` in its own process, as `prepare` runs it when the code location loads (it
-    records the project's fingerprint, so the Dagster run below finds the manifest current)."""
+    """`prepare` as the code location runs it when it loads: its checks and `dbt parse` (it
+    records the project's fingerprint, so the Dagster run below finds the manifest current).
+    dbt runs in this process (`audiences/dbt/runner.py`), imported by the first parse of a run
+    as the code location imports it once; CPU is this process's and any child's."""
     os.environ["DBT_SEND_ANONYMOUS_USAGE_STATS"] = "false"
     start = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time()
     prepare(settings)
+    cpu = time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "wall_s": time.perf_counter() - start,
-        "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+        "cpu_s": cpu + after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
     }
 
 
@@ -214,7 +220,8 @@ def record_full_build(settings: Settings) -> None:
 
 
 def dagster_environment(settings: Settings, folder: Path) -> dict[str, str]:
-    """The code location's settings for this N: everything under the bench's data folder."""
+    """The code location's settings for this N: everything under the bench's data folder, and a
+    Dagster instance folder of its own (new for each run of the bench)."""
     sources = folder / "sources.yml"
     sources.write_text(
         "# The benchmark loads users straight into raw.users: no sources.\nsources: []\n"
@@ -229,17 +236,22 @@ def dagster_environment(settings: Settings, folder: Path) -> dict[str, str]:
         "AUDIENCES_SOURCES": str(sources),
         "AUDIENCES_STORE_URL": f"sqlite:///{folder / 'store.sqlite'}",
         "AUDIENCES_WORKFLOWS": str(folder / "workflows"),
+        "DAGSTER_HOME": str(folder / f"dagster_home_{settings.dbt_project_dir.name}"),
     }
 
 
-def dagster_run(environment: dict[str, str], evaluation_time: str) -> dict:
+def dagster_run(environment: dict[str, str], evaluation_time: str, instance: str) -> dict:
     """One `reevaluate_audiences` evaluation through Dagster, in its own process: the code
     location loaded (`load_s`), then the definitions asset, the dbt assets and their checks
     (`execute_s`: dagster-dbt, dbt, one materialization per audience). Peak memory is the largest
-    of that process and the dbt it starts."""
+    of that process and the dbt it starts. `instance`: `sqlite`, a Dagster instance folder as
+    users have (`DAGSTER_HOME`: `audiences run`, `dg dev`, the daemon; SQLite files, with
+    `pipelines/defs/dagster_storage.py`'s connections kept open), or `ephemeral` (in memory,
+    Dagster's `DagsterInstance.ephemeral()`, which opens a connection per use: what this bench
+    measured before)."""
     start = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, __file__, "--dagster-child", evaluation_time],
+        [sys.executable, __file__, "--dagster-child", evaluation_time, instance],
         env={**os.environ, **environment},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -258,10 +270,11 @@ def dagster_run(environment: dict[str, str], evaluation_time: str) -> dict:
     }
 
 
-def dagster_child(evaluation_time: str) -> dict:
+def dagster_child(evaluation_time: str, instance_kind: str = "ephemeral") -> dict:
     start = time.perf_counter()
     import dagster as dg
 
+    from audiences.settings import prepare_dagster_home
     from pipelines.definitions import defs
 
     job = defs.resolve_job_def("reevaluate_audiences")
@@ -281,7 +294,14 @@ def dagster_child(evaluation_time: str) -> dict:
         key=str,
     )
     loaded = time.perf_counter()
-    with dg.DagsterInstance.ephemeral() as instance:
+    opened = (
+        dg.DagsterInstance.ephemeral()
+        if instance_kind == "ephemeral"
+        else dg.DagsterInstance.from_config(
+            str(prepare_dagster_home(Path(os.environ["DAGSTER_HOME"])))
+        )
+    )
+    with opened as instance:
         result = job.execute_in_process(
             run_config={
                 "ops": {"audience_models": {"config": {"evaluation_time": evaluation_time}}}
@@ -408,9 +428,10 @@ def measure(
     # The Dagster warm run: 1% of users touched again, the `reevaluate_audiences` job's evaluation.
     evaluated_at = base + timedelta(minutes=45)
     scale.in_child("step", path=settings.duckdb_path, touch=2, now=evaluated_at.isoformat())
-    r["runs"]["dagster_warm"] = dagster_run(
-        dagster_environment(settings, folder), evaluated_at.isoformat()
-    )
+    environment = dagster_environment(settings, folder)
+    shutil.rmtree(environment["DAGSTER_HOME"], ignore_errors=True)
+    r["runs"]["dagster_warm"] = dagster_run(environment, evaluated_at.isoformat(), DAGSTER_INSTANCE)
+    r["runs"]["dagster_warm"]["instance"] = DAGSTER_INSTANCE
     print(count, "dagster warm", r["runs"]["dagster_warm"], flush=True)
     r["check"] = scale.in_child("check", path=settings.duckdb_path)
     r["reference"] = reference_check(settings.duckdb_path, definitions_dir, evaluated_at)
@@ -629,6 +650,7 @@ def targets(results: list[dict]) -> list[str]:
 
 
 def main() -> None:
+    global DAGSTER_INSTANCE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=300_000)
     parser.add_argument("--counts", type=int, nargs="+", default=[50, 500, 2000])
@@ -654,7 +676,15 @@ def main() -> None:
         help="render the results of runs made separately (file names in bench/, no suffix), "
         "e.g. each N in its own process, as one table into --output; measures nothing",
     )
+    parser.add_argument(
+        "--dagster-instance",
+        choices=["sqlite", "ephemeral"],
+        default=DAGSTER_INSTANCE,
+        help="the Dagster run's instance: a SQLite instance folder, as users have (default), or "
+        "Dagster's in-memory ephemeral one (what runs before issue 25's fifth pass measured)",
+    )
     options = parser.parse_args()
+    DAGSTER_INSTANCE = options.dagster_instance
     if options.combine:
         documents = [json.loads((BENCH / f"{name}.json").read_text()) for name in options.combine]
         document = {
@@ -696,6 +726,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--dagster-child":
-        print(json.dumps(dagster_child(sys.argv[2])))
+        print(json.dumps(dagster_child(*sys.argv[2:4])))
     else:
         main()

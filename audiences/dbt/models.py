@@ -14,11 +14,12 @@ escaped before our own Jinja (`ref`, `evaluation_time`) is put in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -133,6 +134,90 @@ class GeneratedFile:
     text: str
 
 
+# The generator's own source: a change to it changes what the same definitions generate.
+GENERATOR_SOURCES = (Path(__file__).parent, Path(__file__).parent.parent / "conditions")
+
+
+@functools.cache
+def generator_fingerprint() -> str:
+    """A hash of everything the generated SQL depends on besides the definitions: the generator's
+    source and templates (`GENERATOR_SOURCES`), SQLGlot's version (the compiler renders through
+    it) and the target dialect. Once per process: the code running is the code it imported."""
+    digest = hashlib.sha256(f"{sqlglot.__version__}\0{DIALECT}".encode())
+    for folder in GENERATOR_SOURCES:
+        digest.update(b"\0" + str(folder).encode())
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and path.suffix in (".json", ".py", ".sql"):
+                digest.update(str(path.relative_to(folder)).encode() + b"\0")
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def definition_digest(text: str | bytes) -> str:
+    """The content key of one definition file's text for `CompileCache.compiled_files`."""
+    data = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(generator_fingerprint().encode() + b"\0" + data).hexdigest()
+
+
+@dataclass
+class CompileCache:
+    """Compiled audiences kept by content, across processes (issue 25): editing one of 2,000
+    definitions compiles that one (and the audiences that inline it), not all of them.
+
+    Each entry is one compilation's result (JSON), under a hash of everything it depends on: the
+    generator (`generator_fingerprint`: its source, SQLGlot's version, the dialect), the
+    definition's own JSON, and the keys, types, tenancies and JSON of the audiences it reads or
+    inlines. `generate` keeps it beside dbt's files (`target/`); a generation keeps only the
+    entries it used (`used`), so it never grows past the definitions of one project.
+    `compiled_files` are the `definition_digest`s of the files whose conditions all compiled,
+    which loading then need not compile again to check them."""
+
+    entries: dict[str, dict] = field(default_factory=dict)
+    compiled_files: frozenset[str] = frozenset()
+    used: dict[str, dict] = field(default_factory=dict)
+    misses: int = 0
+
+    def get(self, parts: list, compute: Callable[[], dict]) -> dict:
+        """The entry for `parts` (JSON values), computed by `compute` when it is not kept."""
+        key = hashlib.sha256(
+            json.dumps([generator_fingerprint(), *parts], ensure_ascii=False).encode()
+        ).hexdigest()
+        value = self.used.get(key) or self.entries.get(key)
+        if value is None:
+            value = compute()
+            self.misses += 1
+        self.used[key] = value
+        return value
+
+    @property
+    def changed(self) -> bool:
+        """Whether the entries to keep differ from those it was loaded with."""
+        return self.misses > 0 or self.used.keys() != self.entries.keys()
+
+    @classmethod
+    def from_json(cls, text: str) -> CompileCache:
+        """A cache written by `to_json`; an empty one for a file of another generator or shape."""
+        try:
+            document = json.loads(text)
+            if document.get("generator") != generator_fingerprint():
+                return cls()
+            return cls(dict(document["entries"]), frozenset(document["compiled_files"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls()
+
+    def to_json(self, compiled_files: Iterable[str]) -> str:
+        """The entries this generation used, and the files known to compile."""
+        return json.dumps(
+            {
+                "generator": generator_fingerprint(),
+                "compiled_files": sorted(compiled_files),
+                "entries": self.used,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+
 def custom_audience_keys(project_dir: Path) -> list[str]:
     """Hand-written SQL audiences: each `models/audiences/custom/<key>.sql` is the audience `<key>`."""
     folder = Path(project_dir) / CUSTOM_FOLDER
@@ -144,13 +229,16 @@ def generate_models(
     project_dir: Path,
     source_label: str,
     skipped: Iterable[str] = (),
+    cache: CompileCache | None = None,
 ) -> list[GeneratedFile]:
     """Every generated file's path and text, deterministically, for these definitions.
 
     `skipped` are audiences whose definitions cannot be used this time (`DefinitionSet.skipped`):
     they get no model and are not evaluated, but `audience_members` keeps their rows and the
     catalog their last entry, marked `is_skipped`, so the membership diff leaves them alone.
+    `cache` holds compilations of earlier generations (the same text whatever it holds).
     """
+    cache = cache if cache is not None else CompileCache()
     # A folder name that is no audience key was never evaluated: nothing of it to keep.
     skipped = sorted(key for key in set(skipped) - set(definitions) if KEY_PATTERN.fullmatch(key))
     custom = [key for key in custom_audience_keys(project_dir) if key not in skipped]
@@ -159,7 +247,7 @@ def generate_models(
     placeholders = _Placeholders.for_definitions(definitions.values())
     # Each definition is compiled once here; audience_members compiles again only the audiences
     # that read others (their conditions are inlined there).
-    analysed = _analyse(definitions, placeholders)
+    analysed = _analyse(definitions, placeholders, cache)
     attributes = sorted(
         set().union(*(analysed[d.key].attributes for d in dynamic)) if dynamic else set(),
         key=lambda a: (a.path, VARIANTS.index(a.variant)),
@@ -235,6 +323,7 @@ def generate_models(
         source_label,
         placeholders,
         analysed,
+        cache,
     )
     return files
 
@@ -399,6 +488,7 @@ class _CompiledAudience:
 
     where: str  # over the columns of int_users_flattened, with `{{ evaluation_time() }}` and refs
     references: set[str]
+    indented: str = ""  # `where` indented by 4 for the files (`_indent`), as the files use it
 
 
 REEVALUATED_USERS = (
@@ -528,7 +618,7 @@ def _compile_audience(
     replacements[now] = "{{ evaluation_time() }}"
     replacements[events_placeholder] = events
     where = _with_jinja(where, dict(sorted(replacements.items(), key=lambda item: -len(item[0]))))
-    return _CompiledAudience(where, references)
+    return _CompiledAudience(where, references, _indent(where, 4))
 
 
 @dataclass(frozen=True)
@@ -539,31 +629,129 @@ class _Analysis:
     where: str
     attributes: frozenset[Attribute]
     windows: tuple[TimeWindow, ...]
+    indented: str = ""
+
+
+def _canonical(raw: object) -> str:
+    return json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _read_by(key: str, definitions: dict[str, AudienceDefinition], inlined: bool) -> list[list]:
+    """What a compilation of `key` knows of the audiences it reads: each one's key, type and
+    tenancy (None for a hand-written SQL audience), and when `inlined` (their conditions compiled
+    into it) their JSON and every audience they read in turn."""
+    seen: dict[str, list] = {}
+    pending = sorted(definitions[key].references())
+    while pending:
+        other = pending.pop()
+        if other in seen:
+            continue
+        definition = definitions.get(other)
+        if definition is None:
+            seen[other] = [other, None]
+            continue
+        seen[other] = [other, definition.type, definition.tenancy]
+        if inlined:
+            seen[other].append(_canonical(definition.raw))
+            pending.extend(sorted(definition.references()))
+    return [seen[other] for other in sorted(seen)]
 
 
 def _analyse(
-    definitions: dict[str, AudienceDefinition], placeholders: _Placeholders
+    definitions: dict[str, AudienceDefinition],
+    placeholders: _Placeholders,
+    cache: CompileCache | None = None,
 ) -> dict[str, _Analysis]:
-    """Each dynamic audience compiled once, for everything generation needs to know of it."""
+    """Each dynamic audience compiled once, for everything generation needs to know of it (or
+    taken from `cache`, given the same definition and audiences it reads)."""
+    cache = cache if cache is not None else CompileCache()
     analysed = {}
     for key, definition in definitions.items():
         if definition.type != "dynamic":
             continue
-        attributes: set[Attribute] = set()
-        windows: set[TimeWindow] = set()
-        compiled = _compile_audience(
-            definition,
-            placeholders=placeholders,
-            attributes=attributes,
-            windows=windows,
-            known=definitions,
+
+        def compute(definition: AudienceDefinition = definition) -> dict:
+            attributes: set[Attribute] = set()
+            windows: set[TimeWindow] = set()
+            compiled = _compile_audience(
+                definition,
+                placeholders=placeholders,
+                attributes=attributes,
+                windows=windows,
+                known=definitions,
+            )
+            return {
+                "where": compiled.where,
+                "indented": compiled.indented,
+                "attributes": sorted(
+                    [list(a.path), a.variant, a.scope]
+                    for a in attributes  # sorted: the same entry whatever the set's order
+                ),
+                "windows": [
+                    [list(w.attribute.path), w.attribute.variant, w.attribute.scope, w.minutes]
+                    for w in sorted(windows, key=window_order)
+                ],
+            }
+
+        entry = cache.get(
+            [
+                "model",
+                key,
+                _canonical(definition.raw),
+                [placeholders.ref_prefix, placeholders.now, placeholders.events],
+                _read_by(key, definitions, inlined=False),
+            ],
+            compute,
         )
         analysed[key] = _Analysis(
-            compiled.where,
-            frozenset(attributes),
-            tuple(sorted(windows, key=window_order)),
+            entry["where"],
+            frozenset(
+                Attribute(tuple(path), variant, scope)
+                for path, variant, scope in entry["attributes"]
+            ),
+            tuple(
+                TimeWindow(Attribute(tuple(path), variant, scope), minutes)
+                for path, variant, scope, minutes in entry["windows"]
+            ),
+            entry["indented"],
         )
     return analysed
+
+
+def _compile_inlined(
+    definition: AudienceDefinition,
+    definitions: dict[str, AudienceDefinition],
+    users: str,
+    placeholders: _Placeholders,
+    cache: CompileCache,
+    events: str = EVENTS_SOURCE,
+    event_state: str | None = None,
+) -> _CompiledAudience:
+    """`_compile_audience` with the audiences it reads inlined (audience_members' per-user and
+    per-pair branches), taken from `cache` when the same audiences were compiled before."""
+
+    def compute() -> dict:
+        compiled = _compile_audience(
+            definition, definitions, users, placeholders, events=events, event_state=event_state
+        )
+        return {
+            "where": compiled.where,
+            "indented": compiled.indented,
+            "references": sorted(compiled.references),
+        }
+
+    entry = cache.get(
+        [
+            "inlined",
+            definition.key,
+            _canonical(definition.raw),
+            [users, events, event_state],
+            [placeholders.ref_prefix, placeholders.now, placeholders.events],
+            _read_by(definition.key, definitions, inlined=True),
+        ],
+        compute,
+    )
+    return _CompiledAudience(entry["where"], set(entry["references"]), entry["indented"])
 
 
 def _windows_of(
@@ -574,6 +762,24 @@ def _windows_of(
     return time_windows(definitions[key].segments)
 
 
+def _once_per_definitions(function: Callable[..., set[str]]) -> Callable[..., set[str]]:
+    """`function(definitions)` computed once for the same definitions (the same objects under
+    the same keys): a generation asks for these sets a dozen times, each a walk over every
+    audience (~0.15 s at 2,000). The last answer only is kept; callers get a copy."""
+    last: list = [None, None, None]  # the definitions' items, the dict itself, the answer
+
+    @functools.wraps(function)
+    def once(definitions: dict[str, AudienceDefinition]) -> set[str]:
+        items = [(key, id(definition)) for key, definition in definitions.items()]
+        if last[1] is not definitions or last[0] != items:
+            # keeping the dict keeps its definitions alive, so their ids are not reused
+            last[:] = [items, definitions, function(definitions)]
+        return set(last[2])
+
+    return once
+
+
+@_once_per_definitions
 def per_user_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """Dynamic audiences whose members depend only on each user's own data and "now": those that
     read no other audience, or only audiences that are themselves per user (never static or custom
@@ -593,6 +799,7 @@ def per_user_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
     return per_user
 
 
+@_once_per_definitions
 def per_pair_audiences(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """Per-tenant audiences that `audience_members` re-evaluates by (user, tenant) pairs: their
     members change only when a pair's user, tenant or membership changes, or when "now" moves
@@ -661,6 +868,7 @@ def events_of_users(
     )"""
 
 
+@_once_per_definitions
 def event_audiences_per_user(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """Per-user audiences that count events, themselves or through an audience they read: their
     users are also those `int_event_users_to_reevaluate` lists."""
@@ -671,6 +879,7 @@ def event_audiences_per_user(definitions: dict[str, AudienceDefinition]) -> set[
     }
 
 
+@_once_per_definitions
 def _event_closure(definitions: dict[str, AudienceDefinition]) -> set[str]:
     """The per-user event audiences and every audience they read: their event conditions are
     inlined into audience_members' per-user branches."""
@@ -736,7 +945,7 @@ def _dynamic_model(definition: AudienceDefinition, analysis: _Analysis) -> str:
         name=escape_jinja(_comment(definition.name)),
         description=escape_jinja(_comment(definition.description or "")),
         flattened=FLATTENED_MODEL,
-        where=_indent(compiled.where, 4),
+        where=compiled.indented,
         # A per-tenant audience selects from its (user, tenant) pairs (audiences/dbt/tenants.py).
         per_tenant=per_tenant_body(FLATTENED_MODEL, compiled.where).strip("\n")
         if definition.per_tenant
@@ -856,9 +1065,11 @@ def _members_branches(
     custom: list[str],
     placeholders: _Placeholders,
     analysed: dict[str, _Analysis] | None = None,
+    cache: CompileCache | None = None,
 ) -> tuple[list[str], dict[str, str], set[str]]:
     """One SELECT per audience for `audience_members`, the hash of each per-user audience's SQL,
     and the per-user audiences that compare a timestamp with "now"."""
+    cache = cache if cache is not None else CompileCache()
     branches, per_user, eligible = [], {}, per_user_audiences(definitions)
     timed = time_dependent_audiences(definitions, analysed)
     event_users = event_audiences_per_user(definitions)
@@ -868,7 +1079,7 @@ def _members_branches(
         full = f"select {literal} as audience_key, user_key, tenant from {{{{ ref('{definition.model_name}') }}}}"
         if key in by_pairs:
             branches.append(
-                _pairs_branch(definition, definitions, placeholders, analysed, per_user)
+                _pairs_branch(definition, definitions, placeholders, analysed, per_user, cache)
             )
             continue
         if key not in eligible:
@@ -884,18 +1095,19 @@ def _members_branches(
         else:
             # Event conditions of users re-evaluated in time count only those users' events.
             events = EVENTS_TO_REEVALUATE if key in event_users else EVENTS_SOURCE
-            compiled = _compile_audience(
+            compiled = _compile_inlined(
                 definition,
                 definitions,
                 users,
                 placeholders,
+                cache,
                 events=events,
                 event_state=EVENT_STATE_TO_REEVALUATE if key in event_users else None,
             )
         per_user[key] = hashlib.sha256(compiled.where.encode()).hexdigest()[:12]
         scoped = (
             f"select {literal} as audience_key, user_key, cast(null as varchar) as tenant\n"
-            f"from {users}\nwhere\n{_indent(compiled.where, 4)}"
+            f"from {users}\nwhere\n{compiled.indented}"
         )
         quoted = json.dumps(key)
         # In a schedule tick (nobody's data changed) an audience that does not compare with "now"
@@ -926,6 +1138,7 @@ def _pairs_branch(
     placeholders: _Placeholders,
     analysed: dict[str, _Analysis] | None,
     per_user: dict[str, str],
+    cache: CompileCache,
 ) -> str:
     """A per-tenant audience's SELECT for `audience_members`: over the pairs it re-evaluates
     (`PAIR_ROWS`) when the pre-hook decided so, else its model whole. Its hash joins
@@ -938,11 +1151,11 @@ def _pairs_branch(
     if analysed is not None and not definition.references():
         compiled = analysed[key]
     else:
-        compiled = _compile_audience(definition, definitions, PAIR_ROWS, placeholders)
+        compiled = _compile_inlined(definition, definitions, PAIR_ROWS, placeholders, cache)
     per_user[key] = hashlib.sha256(f"pairs\n{compiled.where}".encode()).hexdigest()[:12]
     scoped = (
         f"select {literal} as audience_key, user_key, tenant\n"
-        f"from {PAIR_ROWS}\nwhere\n{_indent(compiled.where, 4)}"
+        f"from {PAIR_ROWS}\nwhere\n{compiled.indented}"
     )
     full = f"select {literal} as audience_key, user_key, tenant from {{{{ ref('{definition.model_name}') }}}}"
     return (
@@ -958,6 +1171,7 @@ def _members_files(
     source_label: str,
     placeholders: _Placeholders,
     analysed: dict[str, _Analysis] | None = None,
+    cache: CompileCache | None = None,
 ) -> list[GeneratedFile]:
     """`audience_members` and the macros that evaluate it in batches (macros/audience_members.sql).
 
@@ -965,7 +1179,9 @@ def _members_files(
     batch is one INSERT statement: no statement grows with the number of audiences (DuckDB's
     planning of one statement over every audience grew with its square; bench/analysis.md).
     """
-    branches, per_user, timed = _members_branches(definitions, custom, placeholders, analysed)
+    branches, per_user, timed = _members_branches(
+        definitions, custom, placeholders, analysed, cache
+    )
     batches = [
         branches[start : start + MEMBERS_BATCH_SIZE]
         for start in range(0, len(branches), MEMBERS_BATCH_SIZE)

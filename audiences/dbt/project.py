@@ -17,16 +17,21 @@ import shutil
 import sys
 from pathlib import Path
 
-import sqlglot
-
-from audiences.conditions.definitions import DefinitionSet, load_definition_set
+from audiences.conditions.definitions import (
+    DEFINITION_FILE,
+    DefinitionSet,
+    load_definition_set,
+)
 from audiences.dbt.models import (
     CUSTOM_FOLDER,
     GENERATED_FOLDERS,
+    CompileCache,
     GeneratedFile,
     custom_audience_keys,
+    definition_digest,
     drift,
     generate_models,
+    generator_fingerprint,
     write_models,
 )
 from audiences.settings import ENGINE_DBT_PROJECT, ENGINE_DEFINITIONS, Settings, require_dbt_project
@@ -38,11 +43,8 @@ BUILD_STATES_KEPT = 3
 # manifest), and which audiences it skipped: a run whose definitions, generator and project files
 # are unchanged compiles nothing, not even to check the definitions when the code location loads.
 GENERATED_STAMP_FILE = "audiences_generated.json"
-# The generator's own source: a change to it changes what the same definitions generate.
-_GENERATOR_SOURCES = (
-    Path(__file__).parent,
-    Path(__file__).parent.parent / "conditions",
-)
+# Compiled audiences by content (`models.CompileCache`), written by `generate` only.
+COMPILE_CACHE_FILE = "audiences_compiled.json"
 
 
 def dbt_executable() -> str:
@@ -50,11 +52,16 @@ def dbt_executable() -> str:
     return str(candidate) if candidate.exists() else "dbt"
 
 
+def _parts(path: Path) -> tuple[str, ...]:
+    """Paths' own order (by their parts), without `Path.__lt__`'s cost per comparison."""
+    return path.parts
+
+
 def project_fingerprint(project_dir: Path) -> str:
     """A hash of every file dbt parses (models, macros, project and profile files)."""
     digest = hashlib.sha256()
     for folder in ("models", "macros", "tests"):
-        for path in sorted((project_dir / folder).rglob("*")):
+        for path in sorted((project_dir / folder).rglob("*"), key=_parts):
             if path.is_file():
                 digest.update(str(path.relative_to(project_dir)).encode())
                 digest.update(path.read_bytes())
@@ -63,22 +70,22 @@ def project_fingerprint(project_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def generation_fingerprint(settings: Settings) -> str:
+def generation_fingerprint(settings: Settings, project: str | None = None) -> str:
     """A hash of what the generated models depend on: the definitions folder's files, the
-    generator's source (its templates too) and every file of the dbt project (hand-written SQL
-    audiences included).
-    Reading the files costs milliseconds; compiling the definitions again, seconds."""
-    digest = hashlib.sha256(project_fingerprint(settings.dbt_project_dir).encode())
+    generator (`models.generator_fingerprint`: its source and templates, SQLGlot's version, the
+    dialect) and every file of the dbt project (hand-written SQL audiences included).
+    Reading the files costs milliseconds; compiling the definitions again, seconds. `project`:
+    the dbt project's `project_fingerprint`, if already computed."""
+    digest = hashlib.sha256((project or project_fingerprint(settings.dbt_project_dir)).encode())
     digest.update(settings.definitions_dir.name.encode())
-    digest.update(sqlglot.__version__.encode())  # the compiler renders through SQLGlot
-    folders = [settings.definitions_dir, *_GENERATOR_SOURCES]
-    for folder in folders:
-        digest.update(b"\0" + str(folder).encode())
-        if folder.is_dir():
-            for path in sorted(folder.rglob("*")):
-                if path.is_file() and path.suffix in (".json", ".py", ".sql"):
-                    digest.update(str(path.relative_to(folder)).encode() + b"\0")
-                    digest.update(path.read_bytes())
+    digest.update(generator_fingerprint().encode())
+    folder = settings.definitions_dir
+    digest.update(b"\0" + str(folder).encode())
+    if folder.is_dir():
+        for path in sorted(folder.rglob("*"), key=_parts):
+            if path.is_file() and path.suffix in (".json", ".py", ".sql"):
+                digest.update(str(path.relative_to(folder)).encode() + b"\0")
+                digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -86,30 +93,37 @@ def _stamp(settings: Settings) -> Path:
     return settings.dbt_project_dir / "target" / GENERATED_STAMP_FILE
 
 
-def _current_stamp(settings: Settings) -> dict | None:
+def _current_stamp(settings: Settings, fingerprint: str | None = None) -> dict | None:
     """The stamp of the last generation (or check) when the models on disk were generated, or
-    checked, from what is there now; else None."""
+    checked, from what is there now (`fingerprint`, computed if not given); else None."""
     try:
         stamp = json.loads(_stamp(settings).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(stamp, dict) or stamp.get("fingerprint") != generation_fingerprint(settings):
+    if not isinstance(stamp, dict) or stamp.get("fingerprint") != (
+        fingerprint or generation_fingerprint(settings)
+    ):
         return None
     return stamp
 
 
-def _models_are_current(settings: Settings) -> bool:
+def _models_are_current(settings: Settings, fingerprint: str | None = None) -> bool:
     """Whether the models on disk were generated, or checked, from what is there now."""
-    return _current_stamp(settings) is not None
+    return _current_stamp(settings, fingerprint) is not None
 
 
-def _record_models_current(settings: Settings, definitions: DefinitionSet) -> None:
+def _record_models_current(
+    settings: Settings, definitions: DefinitionSet, fingerprint: str | None = None
+) -> None:
+    """Stamp the models on disk as generated from what is there now. `fingerprint`: the one
+    computed before the models were written, when writing them did not change it (a
+    generation that wrote files changed the project's part of it: computed again then)."""
     stamp = _stamp(settings)
     stamp.parent.mkdir(exist_ok=True)
     stamp.write_text(
         json.dumps(
             {
-                "fingerprint": generation_fingerprint(settings),
+                "fingerprint": fingerprint or generation_fingerprint(settings),
                 # what could not be used then; every other definition compiled
                 "skipped": sorted(definitions.skipped),
             }
@@ -117,19 +131,72 @@ def _record_models_current(settings: Settings, definitions: DefinitionSet) -> No
     )
 
 
-def project_definitions(settings: Settings) -> DefinitionSet:
+def _compile_cache_file(settings: Settings) -> Path:
+    return settings.dbt_project_dir / "target" / COMPILE_CACHE_FILE
+
+
+def load_compile_cache(settings: Settings) -> CompileCache:
+    """The compiled audiences `generate` kept (`models.CompileCache`); empty when there are none
+    or they were compiled by another generator. Reads only."""
+    try:
+        return CompileCache.from_json(_compile_cache_file(settings).read_text(encoding="utf-8"))
+    except OSError:
+        return CompileCache()
+
+
+def _save_compile_cache(
+    settings: Settings, cache: CompileCache, definitions: DefinitionSet
+) -> None:
+    """Keep the entries this generation used, and which files compiled (every definition it
+    evaluates, and those skipped only for what they refer to), written beside, then renamed."""
+    compiled = []
+    for definition in definitions.definitions.values():
+        if definition.file.name != DEFINITION_FILE:
+            continue
+        try:
+            text = definition.file.read_bytes()
+            # the text compiled, not one written since (that one is checked when next read)
+            if json.loads(text.decode("utf-8-sig")) == definition.raw:
+                compiled.append(definition_digest(text))
+        except (OSError, ValueError):
+            continue
+    known = load_compile_cache(settings)
+    if not cache.changed and set(compiled) == known.compiled_files:
+        return
+    target = _compile_cache_file(settings)
+    target.parent.mkdir(exist_ok=True)
+    scratch = target.with_name(f".{target.name}.{os.getpid()}")
+    scratch.write_text(cache.to_json(compiled), encoding="utf-8")
+    scratch.replace(target)
+
+
+def project_definitions(settings: Settings, fingerprint: str | None = None) -> DefinitionSet:
     """The definitions folder as a run uses it: the audiences to evaluate, and those skipped
     because their definitions have errors (hand-written SQL audiences count as known keys).
 
-    When the models on disk were generated (or checked) from these very files by this generator,
-    the definitions that compiled then are not compiled again (at 2,000 audiences that was
-    seconds of every code location load); the skipped ones are, to name their problems."""
-    stamp = _current_stamp(settings)
+    A definition file this generator compiled before, with the same text (the compile cache
+    `generate` keeps, or the stamp of generated models that are current), is not compiled again
+    (at 2,000 audiences that was seconds of every code location load); the others are, to check
+    them and name their problems. `fingerprint`: `generation_fingerprint`, if already computed."""
+    stamp = _current_stamp(settings, fingerprint)
     skipped = None if stamp is None else set(stamp.get("skipped", ()))
+    compiled_files = load_compile_cache(settings).compiled_files
+
+    def known_to_compile(key: str) -> bool:
+        if skipped is not None and key not in skipped:
+            return True
+        if not compiled_files:
+            return False
+        try:
+            text = (settings.definitions_dir / key / DEFINITION_FILE).read_bytes()
+        except OSError:
+            return False
+        return definition_digest(text) in compiled_files
+
     return load_definition_set(
         settings.definitions_dir,
         custom_audience_keys(settings.dbt_project_dir),
-        known_to_compile=None if skipped is None else lambda key: key not in skipped,
+        known_to_compile=known_to_compile,
     )
 
 
@@ -137,13 +204,17 @@ class ModelsOutOfDate(ValueError):
     """The dbt project's generated models are not the ones the definitions generate."""
 
 
-def generated_files(settings: Settings, definitions: DefinitionSet) -> list[GeneratedFile]:
-    """The generated files the definitions call for in the settings' dbt project."""
+def generated_files(
+    settings: Settings, definitions: DefinitionSet, cache: CompileCache | None = None
+) -> list[GeneratedFile]:
+    """The generated files the definitions call for in the settings' dbt project; `cache`
+    (by default the one `generate` kept, read only) spares compiling what compiled before."""
     return generate_models(
         definitions.definitions,
         settings.dbt_project_dir,
         source_label=settings.definitions_dir.name,
         skipped=definitions.skipped,
+        cache=cache if cache is not None else load_compile_cache(settings),
     )
 
 
@@ -154,10 +225,12 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
     members are kept as they were (see `generate_models`), and the others are generated as usual.
     """
     require_dbt_project(settings.dbt_project_dir)
-    if _models_are_current(settings):
+    fingerprint = generation_fingerprint(settings)  # once: reading every file costs ~1 s at 2,000
+    if _models_are_current(settings, fingerprint):
         return []
-    definitions = definitions or project_definitions(settings)
-    files = generated_files(settings, definitions)
+    definitions = definitions or project_definitions(settings, fingerprint)
+    cache = load_compile_cache(settings)
+    files = generated_files(settings, definitions, cache)
     if (
         _is_engine_project(settings.dbt_project_dir)
         and not _is_engine_project(settings.definitions_dir, ENGINE_DEFINITIONS)
@@ -169,7 +242,9 @@ def generate(settings: Settings, definitions: DefinitionSet | None = None) -> li
             f"and run from that folder"
         )
     changed = write_models(files, settings.dbt_project_dir)
-    _record_models_current(settings, definitions)
+    _save_compile_cache(settings, cache, definitions)
+    # Files written change the project's part of the fingerprint: computed again only then.
+    _record_models_current(settings, definitions, None if changed else fingerprint)
     return changed
 
 
@@ -231,16 +306,18 @@ models: []
 
 
 def check_generated(
-    settings: Settings, definitions: DefinitionSet | None = None
+    settings: Settings, definitions: DefinitionSet | None = None, fingerprint: str | None = None
 ) -> DefinitionSet | None:
     """Fail with `ModelsOutOfDate` when the generated models on disk differ from what the
     definitions generate (missing, different or stale files). Reads only; skipped when the
     definitions, the generator and the project are those the models were last generated or
-    checked from (`generation_fingerprint`). Returns the definitions it checked (None if skipped)."""
+    checked from (`generation_fingerprint`, given as `fingerprint` if already computed). Returns
+    the definitions it checked (None if skipped)."""
     require_dbt_project(settings.dbt_project_dir)
-    if _models_are_current(settings):
+    fingerprint = fingerprint or generation_fingerprint(settings)
+    if _models_are_current(settings, fingerprint):
         return None
-    definitions = definitions or project_definitions(settings)
+    definitions = definitions or project_definitions(settings, fingerprint)
     problems = drift(generated_files(settings, definitions), settings.dbt_project_dir)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -257,14 +334,15 @@ def prepare(settings: Settings, definitions: DefinitionSet | None = None) -> Pat
     Called when the code location loads: it never writes the models (`ModelsOutOfDate` says to run
     `audiences generate` when they drift from the definitions), and runs `dbt parse` (which writes
     only dbt's `target/`) when the project changed since the manifest was parsed."""
-    if not _models_are_current(settings):
-        checked = check_generated(settings, definitions)
-        if checked is not None:
-            _record_models_current(settings, checked)
     project_dir = settings.dbt_project_dir
+    fingerprint = project_fingerprint(project_dir)
+    generated = generation_fingerprint(settings, fingerprint)
+    if not _models_are_current(settings, generated):
+        checked = check_generated(settings, definitions, generated)
+        if checked is not None:
+            _record_models_current(settings, checked, generated)
     manifest = project_dir / "target" / "manifest.json"
     fingerprint_file = project_dir / "target" / FINGERPRINT_FILE
-    fingerprint = project_fingerprint(project_dir)
     if (
         manifest.exists()
         and fingerprint_file.exists()

@@ -254,6 +254,9 @@ def evaluation_arguments(lean: bool, state: Path | None) -> list[str]:
             "tag:audience,state:unmodified",
             "--state",
             str(state),
+            # As lean: the next change's state is `dbt parse`'s manifest of this project
+            # (`keep_build_state`), not this build's (~5 s of CPU at 2,000 audiences).
+            *LEAN_FLAGS,
             *GRAPH_FLAGS,
         ]
     return ["build", *GRAPH_FLAGS]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from audiences.conditions.definitions import load_definition_set
+from audiences.dbt.project import project_definitions
 from audiences.membership.changes import CircuitBreaker
 from audiences.settings import Settings
 from audiences.static.members import (
@@ -45,8 +45,9 @@ def uploads_dir(settings: Settings) -> Path:
 
 
 def types(settings: Settings, store) -> dict[str, str]:
-    """Every audience's type; a broken definition elsewhere must not stop uploads."""
-    return audience_types(store, load_definition_set(settings.definitions_dir).definitions)
+    """Every audience's type; a broken definition elsewhere must not stop uploads. The folder as
+    a run reads it (`project_definitions`): files `generate` compiled are not compiled again."""
+    return audience_types(store, project_definitions(settings).definitions)
 
 
 @dg.asset(
