@@ -1557,9 +1557,16 @@ def event_state_sql(
         # The new events of this condition per user: those stamped after "now", and the `keep`
         # most recent at or before it inside the window (newest first). Aggregates of constants
         # per condition: no per-row list work, and no user id (read from raw.event_users).
+        # In a relative window only the events after its start matter (those after "now" and
+        # those that count): an older one can never count again, as "now" only moves forward.
+        # Filtered in the scan, the time-ordered log's zone maps skip the older events, and a
+        # user with none of them gets no row (no row and an empty one mean the same).
         counts = f"event_at <= {now}"
-        if state.window is not None:
-            counts += f" and event_at > {now} + to_minutes(cast({int(state.window)} as bigint))"
+        inside = (
+            f" and event_at > {now} + to_minutes(cast({int(state.window)} as bigint))"
+            if state.window is not None
+            else ""
+        )
         past = (
             f"case when max(event_at) filter (where {counts}) is null then {_EMPTY_TIMES} "
             f"else [max(event_at) filter (where {counts})] end"
@@ -1574,7 +1581,7 @@ def event_state_sql(
             'event as event_name, "timestamp" as event_at, '
             f"properties as event_properties from {table}) as counted_events "
             f"where event_seq > {sql(values[6])} and event_seq <= {sql(through)} "
-            f"and {sql(_state_qualifies(state, context))} group by user_number"
+            f"and {sql(_state_qualifies(state, context))}{inside} group by user_number"
         )
     if not rows:
         return (

@@ -38,22 +38,22 @@ from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
 group by user_number
 union all
-select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))), cast([] as timestamptz[])) as past
+select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }}), cast([] as timestamptz[])) as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+where event_seq > cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint)))] end as past
+select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false)
+where event_seq > cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false) and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))
 group by user_number
 union all
 select '88369935f63d16d1' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
@@ -62,10 +62,10 @@ from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast({{ markers.get('88369935f63d16d1', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
 group by user_number
 union all
-select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number),
 previous as (select *
 from (select state_key, user_number, times, next_change, due_at
@@ -102,22 +102,22 @@ from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
 group by user_number
 union all
-select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))), cast([] as timestamptz[])) as past
+select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }}), cast([] as timestamptz[])) as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint)))] end as past
+select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false)
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false) and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))
 group by user_number
 union all
 select '88369935f63d16d1' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
@@ -126,10 +126,10 @@ from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
 group by user_number
 union all
-select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number),
 merged as (select *, cast(null as timestamptz) as due_at
 from fresh),
