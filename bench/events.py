@@ -273,6 +273,8 @@ def ratios(results: dict, label: str) -> None:
     )
     cpu = results["cpu"]
     results[f"{label}: run / cold (CPU)"] = round(sum(cpu[s] for s in steps) / cpu["cold build"], 4)
+    # The machine is shared: the load beside each ratio (`uptime`'s 1-minute figure).
+    results[f"{label}: load average (1 min)"] = round(os.getloadavg()[0], 1)
 
 
 def main() -> None:
@@ -365,6 +367,7 @@ def main() -> None:
     results["cold / floor (CPU)"] = round(
         results["cpu"]["cold build"] / results["cpu"]["floor: group by user_id, event"], 2
     )
+    results["cold: load average (1 min)"] = round(os.getloadavg()[0], 1)
 
     previous, offset = NOW, arguments.events
     for share in (0.001, 0.01):

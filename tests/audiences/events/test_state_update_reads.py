@@ -141,6 +141,25 @@ def test_new_events_of_a_few_users_read_only_their_state_rows(tmp_path):
     # state: the state's rows are probed against it.
     assert builds, "no hash join over the state"
     assert all(build < total / 10 for build, _ in builds), (builds, total)
+    # A row both due and with new events comes once without a window over the rows found, and
+    # the keys the joins hash are short enough for DuckDB to keep inline (12 bytes at most).
+    assert "WINDOW" not in operators(connection, sql)
+    assert connection.execute("select max(length(state_key)) from state").fetchone()[0] <= 12
+
+
+def operators(connection, sql: str) -> set[str]:
+    """The operator types of `sql`'s plan (DuckDB's profile, as JSON)."""
+    plan = json.loads(connection.execute("explain (analyze, format json) " + sql).fetchall()[0][1])
+    found = set()
+
+    def walk(node):
+        found.add(node.get("type"))
+        for child in node.get("children", []):
+            walk(child)
+
+    for node in plan["operator"]:
+        walk(node)
+    return found
 
 
 def event_scans(connection, sql: str) -> int:
