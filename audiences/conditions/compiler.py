@@ -1389,6 +1389,7 @@ def _compile_last_performed(condition: Condition, context: CompileContext) -> ex
 # date from new events alone, and the time at which its verdict can next change.
 
 _STATE_NOW = "state_now"  # "now" beside each state row, which a verdict's lambdas read
+STATE_KEY_LENGTH = 12  # hexadecimal digits of an event condition's state key
 EVENT_STATE_MARKER = -1  # `user_number` of a condition's marker row: its watermark and "now"
 
 
@@ -1439,7 +1440,9 @@ def event_state(condition: Condition) -> EventState | None:
     if isinstance(raw, str):
         raw = decode_argument(raw).value
     text = json.dumps([condition.operator, raw], sort_keys=True, ensure_ascii=False, default=str)
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    # 12 characters (48 bits): DuckDB keeps a string of up to 12 bytes inline, so the state's
+    # joins on (key, user) hash and compare it without following a pointer (~15% of a join).
+    key = hashlib.sha256(text.encode()).hexdigest()[:STATE_KEY_LENGTH]
     if condition.operator != "performed":
         shift = argument.time.minutes if isinstance(argument.time, RelativeTime) else None
         return EventState(key, argument.event, argument.where, None, None, 1, last_shift=shift)
@@ -1557,9 +1560,16 @@ def event_state_sql(
         # The new events of this condition per user: those stamped after "now", and the `keep`
         # most recent at or before it inside the window (newest first). Aggregates of constants
         # per condition: no per-row list work, and no user id (read from raw.event_users).
+        # In a relative window only the events after its start matter (those after "now" and
+        # those that count): an older one can never count again, as "now" only moves forward.
+        # Filtered in the scan, the time-ordered log's zone maps skip the older events, and a
+        # user with none of them gets no row (no row and an empty one mean the same).
         counts = f"event_at <= {now}"
-        if state.window is not None:
-            counts += f" and event_at > {now} + to_minutes(cast({int(state.window)} as bigint))"
+        inside = (
+            f" and event_at > {now} + to_minutes(cast({int(state.window)} as bigint))"
+            if state.window is not None
+            else ""
+        )
         past = (
             f"case when max(event_at) filter (where {counts}) is null then {_EMPTY_TIMES} "
             f"else [max(event_at) filter (where {counts})] end"
@@ -1574,7 +1584,7 @@ def event_state_sql(
             'event as event_name, "timestamp" as event_at, '
             f"properties as event_properties from {table}) as counted_events "
             f"where event_seq > {sql(values[6])} and event_seq <= {sql(through)} "
-            f"and {sql(_state_qualifies(state, context))} group by user_number"
+            f"and {sql(_state_qualifies(state, context))}{inside} group by user_number"
         )
     if not rows:
         return (
@@ -1595,11 +1605,12 @@ def event_state_sql(
         incremental_keys = "select state_key from parameters where incremental"
         columns = "state_key, user_number, times, next_change, due_at"
         # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
-        # the rows with new events by their (key, number) pairs; a row in both once. Any other
-        # filter in the scans (the keys kept incrementally, "not due") made DuckDB read every
-        # row: they apply to the few rows found. The pairs are joined as distinct pairs, not
-        # by a semi join: DuckDB built the semi join's hash table on the whole state (4 of 5
-        # CPU s at 1M users), the inner join on the pairs, filtering the state's scan by them.
+        # the rows with new events by their (key, number) pairs, less the due ones (a row in
+        # both comes once, without a window over the two). Any other filter in the first scan
+        # (the keys kept incrementally) made DuckDB read every row: it applies to the few rows
+        # found; the pairs' scan reads every row's keys anyway. The pairs are joined as
+        # distinct pairs, not by a semi join: DuckDB built the semi join's hash table on the
+        # whole state (4 of 5 CPU s at 1M users), the inner join on the pairs.
         kept_columns = (
             ", ".join(f"kept_rows.{column}" for column in ("state_key", "user_number"))
             + ", times, next_change, due_at"
@@ -1610,9 +1621,9 @@ def event_state_sql(
             f"from {table_sql} as kept_rows "
             "join (select distinct state_key, user_number from fresh) as fresh_pairs "
             "on fresh_pairs.state_key = kept_rows.state_key "
-            "and fresh_pairs.user_number = kept_rows.user_number) as found "
-            f"where user_number <> {marker} and state_key in ({incremental_keys}) "
-            "qualify row_number() over (partition by state_key, user_number) = 1), "
+            "and fresh_pairs.user_number = kept_rows.user_number "
+            f"where kept_rows.next_change is null or kept_rows.next_change > {now}) as found "
+            f"where user_number <> {marker} and state_key in ({incremental_keys})), "
         )
         # The kept times of those users, split again at this "now" (a few rows), merged with
         # their new events: a late event merges like any other.

@@ -511,7 +511,7 @@ where
                 from event_state_to_reevaluate
               ) as state_rows
               where
-                state_key = '2cd1652570e9199f'
+                state_key = '2cd1652570e9'
                 and user_number <> -1
                 and length(
                   list_filter(
@@ -887,7 +887,7 @@ where
                 from event_state_to_reevaluate
               ) as state_rows
               where
-                state_key = '604bdf1234c424a4'
+                state_key = '604bdf1234c4'
                 and user_number <> -1
                 and length(
                   list_filter(
@@ -925,7 +925,7 @@ where
                 from event_state_to_reevaluate
               ) as state_rows
               where
-                state_key = '2321f9e67d1bd871'
+                state_key = '2321f9e67d1b'
                 and user_number <> -1
                 and list_max(list_filter(times, lambda t : t <= state_now)) >= (
                   {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
@@ -964,7 +964,7 @@ where
                 from event_state_to_reevaluate
               ) as state_rows
               where
-                state_key = '3e00b5869b7c70aa'
+                state_key = '3e00b5869b7c'
                 and user_number <> -1
                 and length(
                   list_filter(
@@ -992,7 +992,7 @@ where
                 from event_state_to_reevaluate
               ) as state_rows
               where
-                state_key = '88369935f63d16d1'
+                state_key = '88369935f63d'
                 and user_number <> -1
                 and list_max(list_filter(times, lambda t : t <= state_now)) < (
                   {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
@@ -1019,7 +1019,7 @@ where
                     from event_state_to_reevaluate
                   ) as state_rows
                   where
-                    state_key = 'f2ef26d2823ed4b3'
+                    state_key = 'f2ef26d2823e'
                     and user_number <> -1
                     and length(
                       list_filter(

@@ -7,12 +7,12 @@
    kept at), and those whose `next_change` "now" reached, from their kept times and new events
    alone. A condition without a marker, or kept at a later "now" than this build's (time went
    back), is recomputed from every event, its users all due. The conditions, by state key:
-   - 2321f9e67d1bd871: last_performed_after  'event': 'Order Completed', 'time': '7 days ago'  (recent-big-spenders)
-   - 2cd1652570e9199f: performed  'event': 'Order Completed', 'count':  'at_least': 3 , 'within': '30 days'  (frequent-buyers)
-   - 3e00b5869b7c70aa: performed  'event': 'Signed Up', 'count':  'at_least': 1 , 'within': '30 days'  (signed-up-no-order)
-   - 604bdf1234c424a4: performed  'event': 'Order Completed', 'count':  'at_least': 1 , 'within':  'value': 14, 'unit': 'days' , 'where': [ 'property': 'data.total', 'operator': 'greater_than', 'argument': '200' ,  'property': 'data.currency', 'operator': 'equal_to', 'argument': 'USD' ]  (recent-big-spenders)
-   - 88369935f63d16d1: last_performed_before  'event': 'Signed Up', 'time': '7 days ago'  (signed-up-no-order)
-   - f2ef26d2823ed4b3: performed  'event': 'Order Completed', 'count':  'at_most': 0 , 'within': '30 days'  (signed-up-no-order)
+   - 2321f9e67d1b: last_performed_after  'event': 'Order Completed', 'time': '7 days ago'  (recent-big-spenders)
+   - 2cd1652570e9: performed  'event': 'Order Completed', 'count':  'at_least': 3 , 'within': '30 days'  (frequent-buyers)
+   - 3e00b5869b7c: performed  'event': 'Signed Up', 'count':  'at_least': 1 , 'within': '30 days'  (signed-up-no-order)
+   - 604bdf1234c4: performed  'event': 'Order Completed', 'count':  'at_least': 1 , 'within':  'value': 14, 'unit': 'days' , 'where': [ 'property': 'data.total', 'operator': 'greater_than', 'argument': '200' ,  'property': 'data.currency', 'operator': 'equal_to', 'argument': 'USD' ]  (recent-big-spenders)
+   - 88369935f63d: last_performed_before  'event': 'Signed Up', 'time': '7 days ago'  (signed-up-no-order)
+   - f2ef26d2823e: performed  'event': 'Order Completed', 'count':  'at_most': 0 , 'within': '30 days'  (signed-up-no-order)
 #}
 
 {{
@@ -20,7 +20,7 @@
         materialized='incremental',
         incremental_strategy='delete+insert',
         unique_key=['state_key', 'user_number'],
-        post_hook="delete from {{ this }} where state_key not in ('2321f9e67d1bd871', '2cd1652570e9199f', '3e00b5869b7c70aa', '604bdf1234c424a4', '88369935f63d16d1', 'f2ef26d2823ed4b3')",
+        post_hook="delete from {{ this }} where state_key not in ('2321f9e67d1b', '2cd1652570e9', '3e00b5869b7c', '604bdf1234c4', '88369935f63d', 'f2ef26d2823e')",
     )
 }}
 
@@ -31,41 +31,41 @@
 
 {% set markers = event_state_markers(this, now) %}
 {% set due = now %}
-with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint), cast({{ '2321f9e67d1bd871' in markers }} as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint), cast({{ '2cd1652570e9199f' in markers }} as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint), cast({{ '3e00b5869b7c70aa' in markers }} as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint), cast({{ '604bdf1234c424a4' in markers }} as boolean), cast({{ now }} as timestamptz)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('88369935f63d16d1', 0) }} as bigint), cast({{ '88369935f63d16d1' in markers }} as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint), cast({{ 'f2ef26d2823ed4b3' in markers }} as boolean), cast({{ now }} as timestamptz))),
-fresh as (select '2321f9e67d1bd871' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1b', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('2321f9e67d1b', 0) }} as bigint), cast({{ '2321f9e67d1b' in markers }} as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('2cd1652570e9', 0) }} as bigint), cast({{ '2cd1652570e9' in markers }} as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('3e00b5869b7c', 0) }} as bigint), cast({{ '3e00b5869b7c' in markers }} as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('604bdf1234c4', 0) }} as bigint), cast({{ '604bdf1234c4' in markers }} as boolean), cast({{ now }} as timestamptz)), ('88369935f63d', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('88369935f63d', 0) }} as bigint), cast({{ '88369935f63d' in markers }} as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823e', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('f2ef26d2823e', 0) }} as bigint), cast({{ 'f2ef26d2823e' in markers }} as boolean), cast({{ now }} as timestamptz))),
+fresh as (select '2321f9e67d1b' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('2321f9e67d1bd871', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast({{ markers.get('2321f9e67d1b', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
 group by user_number
 union all
-select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))), cast([] as timestamptz[])) as past
+select '2cd1652570e9' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }}), cast([] as timestamptz[])) as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('2cd1652570e9199f', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast({{ markers.get('2cd1652570e9', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select '3e00b5869b7c' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('3e00b5869b7c70aa', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+where event_seq > cast({{ markers.get('3e00b5869b7c', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint)))] end as past
+select '604bdf1234c4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('604bdf1234c424a4', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false)
+where event_seq > cast({{ markers.get('604bdf1234c4', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false) and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))
 group by user_number
 union all
-select '88369935f63d16d1' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+select '88369935f63d' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('88369935f63d16d1', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
+where event_seq > cast({{ markers.get('88369935f63d', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
 group by user_number
 union all
-select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select 'f2ef26d2823e' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast({{ markers.get('f2ef26d2823ed4b3', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast({{ markers.get('f2ef26d2823e', 0) }} as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number),
 previous as (select *
 from (select state_key, user_number, times, next_change, due_at
@@ -75,10 +75,11 @@ union all
 select kept_rows.state_key, kept_rows.user_number, times, next_change, due_at
 from {{ this }} as kept_rows
 join (select distinct state_key, user_number
-from fresh) as fresh_pairs on fresh_pairs.state_key = kept_rows.state_key and fresh_pairs.user_number = kept_rows.user_number) as found
+from fresh) as fresh_pairs on fresh_pairs.state_key = kept_rows.state_key and fresh_pairs.user_number = kept_rows.user_number
+where kept_rows.next_change is null or kept_rows.next_change > {{ now }}) as found
 where user_number <> -1 and state_key in (select state_key
 from parameters
-where incremental) qualify row_number() over (partition by state_key, user_number) = 1),
+where incremental)),
 merged as (select coalesce(previous.state_key, fresh.state_key) as state_key, coalesce(previous.user_number, fresh.user_number) as user_number, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t > state_now), coalesce(fresh.future, cast([] as timestamptz[]))), 'DESC') as future, list_sort(list_concat(list_filter(coalesce(previous.times, cast([] as timestamptz[])), lambda t: t <= state_now and (window_minutes is null or t > state_now + to_minutes(window_minutes))), coalesce(fresh.past, cast([] as timestamptz[]))), 'DESC') as past, case when previous.next_change <= {{ now }} then previous.next_change when previous.state_key is not null then previous.due_at when parameters.incremental then null else cast({{ due }} as timestamptz) end as due_at
 from previous
 full outer
@@ -95,41 +96,41 @@ from parameters
 
 {% else %}
 
-with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1bd871', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9199f', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c70aa', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c424a4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('88369935f63d16d1', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823ed4b3', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz))),
-fresh as (select '2321f9e67d1bd871' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now) as (values ('2321f9e67d1b', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('2cd1652570e9', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('3e00b5869b7c', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('604bdf1234c4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('88369935f63d', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz)), ('f2ef26d2823e', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(0 as bigint), cast(false as boolean), cast({{ now }} as timestamptz))),
+fresh as (select '2321f9e67d1b' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
 group by user_number
 union all
-select '2cd1652570e9199f' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))), cast([] as timestamptz[])) as past
+select '2cd1652570e9' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, coalesce(max(event_at, 3) filter (where event_at <= {{ now }}), cast([] as timestamptz[])) as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number
 union all
-select '3e00b5869b7c70aa' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
+select '3e00b5869b7c' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
+from {{ source('warehouse', 'events') }}) as counted_events
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
+group by user_number
+union all
+select '604bdf1234c4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
+from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
+from {{ source('warehouse', 'events') }}) as counted_events
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false) and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))
+group by user_number
+union all
+select '88369935f63d' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
 where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
 group by user_number
 union all
-select '604bdf1234c424a4' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-20160 as bigint)))] end as past
+select 'f2ef26d2823e' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
 from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
 from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and coalesce((case when (json_type(json_extract(event_properties, '/total')) = 'BIGINT' or json_type(json_extract(event_properties, '/total')) = 'UBIGINT' or json_type(json_extract(event_properties, '/total')) = 'DOUBLE' or json_type(json_extract(event_properties, '/total')) = 'HUGEINT' or json_type(json_extract(event_properties, '/total')) = 'INTEGER') then cast(json_extract(event_properties, '/total') as double) when json_type(json_extract(event_properties, '/total')) = 'VARCHAR' and regexp_full_match((json_extract(event_properties, '/total') ->> '$'), '-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?') then cast(json_extract(event_properties, '/total') ->> '$' as double) end > 200), false) and coalesce((case when json_type(json_extract(event_properties, '/currency')) = 'VARCHAR' then (json_extract(event_properties, '/currency') ->> '$') end = 'USD'), false)
-group by user_number
-union all
-select '88369935f63d16d1' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }}) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }})] end as past
-from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
-from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Signed Up'
-group by user_number
-union all
-select 'f2ef26d2823ed4b3' as state_key, user_number, coalesce(list(event_at) filter (where event_at > {{ now }}), cast([] as timestamptz[])) as future, case when max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))) is null then cast([] as timestamptz[]) else [max(event_at) filter (where event_at <= {{ now }} and event_at > {{ now }} + to_minutes(cast(-43200 as bigint)))] end as past
-from (select event_seq, user_number, event as event_name, "timestamp" as event_at, properties as event_properties
-from {{ source('warehouse', 'events') }}) as counted_events
-where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed'
+where event_seq > cast(0 as bigint) and event_seq <= {{ through }} and event_name = 'Order Completed' and event_at > {{ now }} + to_minutes(cast(-43200 as bigint))
 group by user_number),
 merged as (select *, cast(null as timestamptz) as due_at
 from fresh),
