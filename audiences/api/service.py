@@ -352,6 +352,13 @@ class Environment:
         self.identified([user_id], list(properties) if existed.get(user_id) else None)
         return user
 
+    def journal_applier(self) -> JournalApplier:
+        """This process's applier of the identify journal (`api/writer.py`), started at first use."""
+        with _WRITER_LOCK:
+            if self.applier is None:
+                self.applier = JournalApplier(self)
+        return self.applier
+
     @property
     def journal(self) -> IdentifyJournal | None:
         """The store's identify journal (`store/journal.py`); None on PostgreSQL."""
@@ -362,16 +369,20 @@ class Environment:
     def _journaled_identify(self, user_id: str, properties: dict) -> dict:
         """An identify on a SQLite store: committed to the identify journal (its own file, lock
         and group commit), answered with the user as the store and the journal then hold them;
-        the applier merges it into the store, then real time evaluates the user."""
+        the applier (in `audiences serve`'s worker process when real time runs there, else in
+        this one) merges it into the store, then real time evaluates the user."""
         journal = self.journal
         entry = (user_id, profiles.dump_patch(properties), now_text())
         with _WRITER_LOCK:
             if self._journal_writer is None:
                 self._journal_writer = GroupCommitWriter(journal.engine, f"journal-{self.name}")
-            if self.applier is None:
-                self.applier = JournalApplier(self)
         seq = self._journal_writer.write(lambda connection: journal.append(connection, [entry]))[0]
-        self.applier.journaled(seq, user_id, properties)
+        if self.worker is not None and self.realtime is self.worker:
+            # `audiences serve` with real time: the worker process applies it, then evaluates the
+            # user, so this process's interpreter only journals and answers.
+            self.worker.journaled(seq, user_id, properties)
+        else:
+            self.journal_applier().journaled(seq, user_id, properties)
         profile = profiles.get_profile(self.store, user_id)
         return profile.as_knock_user()
 

@@ -7,12 +7,14 @@ itself. The two share no interpreter lock: evaluating users, writing their event
 webhooks never hold up an identify's answer.
 
 An identify is answered once its patch is durable: committed to the identify journal on SQLite
-(`store/journal.py`), to the store on PostgreSQL. Once the patch is in the store (on SQLite, the
-API's journal applier puts it there right after the answer), the API sends the worker process one
+(`store/journal.py`), to the store on PostgreSQL. Then the API sends the worker process one
 datagram on a local socket (Linux's
 abstract namespace, named after the supervising process: no file, gone when its owner dies) naming
-the users and what their identifies set, and another when one of its own transactions queued
-deliveries; the worker hands them to its real-time lanes and wakes its delivery threads. A
+the users and what their identifies set (on SQLite, the journal entries: the worker's journal
+applier puts them in the store, then evaluates their users, so the API's process only journals and
+answers), and another when one of its own transactions queued deliveries; the worker hands them to
+its real-time lanes and wakes its delivery threads. An entry whose datagram is lost stays in the
+journal: the next worker's start (or any writer of profiles, or the pipeline's load) applies it. A
 datagram that finds no worker (it is starting again) is dropped, and nothing is lost with it: a
 worker binds its socket first, then evaluates again every user whose patches the pipeline has not
 loaded (`waiting_users`), so every identify committed before it listened is evaluated then, and
@@ -56,6 +58,7 @@ USERS_PER_MESSAGE = 200
 # a message (the worker is stuck: its restart, or the next pipeline run, evaluates those users).
 SEND_TIMEOUT_SECONDS = 5.0
 WAKE = "wake"  # the client's queue item that says deliveries were queued
+JOURNALED = "journaled"  # the client's queue item for an identify journal entry to apply
 # The supervisor starts a dead worker again after this pause, doubled while it keeps dying within
 # `STABLE_SECONDS` of its start, up to `MAX_RESTART_PAUSE_SECONDS`.
 RESTART_PAUSE_SECONDS = 0.2
@@ -109,6 +112,23 @@ class WorkerClient:
         if user_ids:
             self._queue.put((user_ids, None if changed is None else sorted(changed)))
 
+    def journaled(self, seq: int, user_id: str, changed: Iterable[str]) -> None:
+        """Have the worker process apply identify journal entry `seq` (user_id's identify, which
+        set `changed`) to the store, then evaluate the user (`JournalApplier.journaled`)."""
+        from audiences.api.writer import FAULT_BEFORE_APPLIED, FAULT_PAUSE_SECONDS
+        from audiences.workflows.realtime import FAULT_POINT
+
+        if os.environ.get(FAULT_POINT) == FAULT_BEFORE_APPLIED:
+            # A test's fault: the service dies after the answer (the pause), before the worker
+            # hears of the entry; the worker process stops on its own once its supervisor is gone.
+            def die():
+                time.sleep(FAULT_PAUSE_SECONDS)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            threading.Thread(target=die, daemon=True).start()
+            return
+        self._queue.put((JOURNALED, [seq, user_id, sorted(changed)]))
+
     def wake_delivery(self) -> None:
         """A transaction of this process queued deliveries: have the worker look now."""
         self._queue.put(WAKE)
@@ -132,20 +152,37 @@ class WorkerClient:
                     break
             if None in items:
                 stopping = True
-            wake, submitted, users = False, [], 0
+            wake, submitted, journaled, users = False, [], [], 0
             for item in items:
                 if item is None:
                     continue
                 if item == WAKE:
                     wake = True
                     continue
-                submitted.append(item)
-                users += len(item[0])
+                if item[0] == JOURNALED:
+                    journaled.append(item[1])
+                    users += 1
+                else:
+                    submitted.append(item)
+                    users += len(item[0])
                 if users >= USERS_PER_MESSAGE:
-                    self._send({"environment": self.environment, "submit": submitted})
-                    submitted, users = [], 0
-            if submitted or wake:
-                self._send({"environment": self.environment, "submit": submitted, "wake": wake})
+                    self._send(
+                        {
+                            "environment": self.environment,
+                            "submit": submitted,
+                            "journaled": journaled,
+                        }
+                    )
+                    submitted, journaled, users = [], [], 0
+            if submitted or journaled or wake:
+                self._send(
+                    {
+                        "environment": self.environment,
+                        "submit": submitted,
+                        "journaled": journaled,
+                        "wake": wake,
+                    }
+                )
 
     def _send(self, message: dict) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
@@ -294,6 +331,8 @@ def run_worker(arguments) -> int:
             if environment.realtime is not None:
                 for user_ids, changed in message.get("submit", ()):
                     environment.realtime.submit(user_ids, changed)
+                for seq, user_id, changed in message.get("journaled", ()):
+                    environment.journal_applier().journaled(seq, user_id, changed)
     finally:
         listener.close()
         if deliverers:

@@ -135,7 +135,8 @@ FAULT_PAUSE_SECONDS = 1.0  # the identify's answer goes out first
 
 
 class JournalApplier:
-    """Applies the identifies this process journaled (`store/journal.py`) to the store, right
+    """Applies the identifies journaled (`store/journal.py`) by this process, or by the API's
+    processes for `audiences serve`'s worker process (`api/workers.py`), to the store, right
     after their answers, each pass every entry waiting at that moment in one write of the
     store's group commit; then hands their users to real time: with the properties each set
     when its user existed before it (only the audiences reading them are evaluated), else every
@@ -188,12 +189,15 @@ class JournalApplier:
 
     def _apply(self, taken: list[tuple[int, str, frozenset[str]]]) -> None:
         from audiences.store.profiles import apply_journal_in
-        from audiences.workflows.realtime import FAULT_POINT
+        from audiences.workflows.realtime import FAULT_ALSO_KILLS, FAULT_POINT
 
         environment = self.environment
         store, journal = environment.store, environment.journal
         if os.environ.get(FAULT_POINT) == FAULT_BEFORE_APPLIED:
             time.sleep(FAULT_PAUSE_SECONDS)
+            # The whole service: in `audiences serve`'s worker process, the API's process too.
+            if os.environ.get(FAULT_ALSO_KILLS):
+                os.kill(int(os.environ[FAULT_ALSO_KILLS]), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         while True:
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -242,5 +243,71 @@ def test_an_identify_journaled_and_answered_is_applied_once_after_the_service_is
         assert [recipient for _, recipient, _ in receiver.received] == ["kim"]
         assert journal_of(store).entries_after(0) == []  # applied, then deleted
     finally:
+        receiver.close()
+        store.dispose()
+
+
+def test_with_the_worker_process_the_api_only_journals_an_identify(tmp_path, monkeypatch):
+    """With `audiences serve`'s worker process (here a socket the test reads in its place), the
+    API's process commits an identify to the identify journal, answers and sends the worker the
+    entry; it does not apply it to the store itself (its interpreter stays on requests). The
+    worker's applier then applies it once and the user is in the store."""
+    from api_server import running_server
+
+    from audiences.api.app import close_app, create_app
+    from audiences.api.service import Environment
+    from audiences.api.workers import new_address, socket_address
+    from audiences.settings import Settings
+    from audiences.store.journal import journal_of
+
+    receiver = Receiver()
+    for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
+        monkeypatch.delenv(name)
+    for name, value in project(tmp_path, receiver).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert settings.realtime
+    store = MembershipStore(settings.store_url).create()
+    headers = {"Authorization": f"Bearer {create_key(store, 'development', 'tests')[1]}"}
+    address = new_address()
+    worker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    worker.bind(socket_address(address))
+    worker.settimeout(10)
+    profiles = tables.user_profiles.c
+    try:
+        app = create_app(settings, worker_address=address)
+        with running_server(app) as url:
+            answer = httpx.put(
+                f"{url}/v1/users/kim", json={"plan": "pro"}, headers=headers, timeout=10
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["plan"] == "pro"
+            message = json.loads(worker.recv(1 << 20))
+            assert message["environment"] == "development"
+            [entry] = journal_of(store).entries_after(0)
+            assert message["journaled"] == [[entry.seq, "kim", ["plan"]]]
+            assert message["submit"] == []
+            time.sleep(0.5)  # the API's own applier took milliseconds to apply it
+            assert store.rows(sa.select(profiles.user_id).where(profiles.user_id == "kim")) == []
+            assert httpx.get(f"{url}/v1/users/kim", headers=headers).json()["plan"] == "pro"
+        close_app(app)
+        assert store.rows(sa.select(profiles.user_id).where(profiles.user_id == "kim")) == []
+
+        # The worker process's side: its environment's applier applies the entry, once.
+        environment = Environment.open(settings, "development")
+        try:
+            environment.journal_applier().journaled(*message["journaled"][0])
+            assert environment.applier.wait_idle(10)
+        finally:
+            environment.close()
+        assert store.rows(sa.select(profiles.properties).where(profiles.user_id == "kim")) == [
+            {"properties": '{"plan":"pro"}'}
+        ]
+        patches = tables.user_patches.c
+        assert store.rows(sa.select(patches.patch).where(patches.user_id == "kim")) == [
+            {"patch": '{"plan":"pro"}'}
+        ]
+    finally:
+        worker.close()
         receiver.close()
         store.dispose()
