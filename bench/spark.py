@@ -15,7 +15,8 @@ parquet export of raw.users first):
 3. warm, 1% of the users changed (bench/synthetic.py's touch), then 10%.
 
 Spark's per-model times (dbt's run_results.json) and the users it re-evaluated show that warm work
-follows the changed users. At the end the member counts per audience on both engines must be equal
+follows the changed users. `--scaling 20000 100000` runs only Spark, a cold and a 1%-changed warm
+build at each size in the same run, and reports what each build wrote into the versioned tables. At the end the member counts per audience on both engines must be equal
 (`dbt show` reads Spark's; the tests compare the members and the events themselves).
 
 Wall times include each tool's start-up (dbt's parse; Spark's JVM and metastore), which dominates
@@ -333,14 +334,17 @@ def _merge_section(path: Path, users: int, section: str) -> str:
     """The results document with this size's section replaced (or added), sizes in order."""
     text = path.read_text() if path.exists() else ""
     head, _, rest = text.partition("\n## ")
-    sections = {}
+    sections, others = {}, []
     for part in ("## " + rest).split("\n## ") if rest else []:
         part = part if part.startswith("## ") else "## " + part
-        size = int(part.split()[1].replace(",", ""))
-        sections[size] = part.rstrip() + "\n"
+        size = part.split()[1].replace(",", "")
+        if size.isdigit():
+            sections[int(size)] = part.rstrip() + "\n"
+        else:  # a section of its own (--scaling's, by hand): kept after the sizes
+            others.append(part.rstrip() + "\n")
     sections[users] = section
     head = head.rstrip() + "\n" if head.strip() else RESULTS_HEAD
-    return head + "\n" + "\n".join(sections[size] for size in sorted(sections))
+    return head + "\n" + "\n".join([*(sections[size] for size in sorted(sections)), *others])
 
 
 RESULTS_HEAD = """# DuckDB vs local Spark, same audiences, same run
@@ -351,9 +355,9 @@ mode, `local[2]`, `dbt run`), the same users and definitions. Wall times of one 
 start-up included (dbt's parse; for Spark the JVM, the Hive metastore and the session; Spark's also
 loads the users from parquet, replacing raw.users). The per-model columns are Spark's own
 execution times (dbt's run_results.json): an incremental build parses, evaluates and diffs only
-the users re-evaluated; it still copies every other user's rows into the new versions of
-int_users_flattened and audience_members (a scan and a write, no JSON, no condition) and scans the
-typed timestamp columns for the time windows.
+the users re-evaluated, and writes only their rows (a delta of int_users_flattened and
+audience_members); it still reads the committed state (the time windows' timestamp columns, the
+window users' rows).
 """
 
 
