@@ -9,7 +9,8 @@ membership history in Spark SQL and publish the events atomically (`macros/membe
 Builds are incremental: `int_build_plan` (full or incremental, from the last completion marker,
 with `models_hash`, the hash of the other generated models) and `int_users_to_reevaluate` (the
 changed users and the compiler's time windows) choose the users evaluated; the two tables kept
-between builds are replaced in one step each (`macros/incremental.sql`).
+between builds are a base plus one delta per build, read only once the build commits
+(`macros/incremental.sql`).
 
 What does not run on Spark yet is named, per audience, by `spark_unsupported`: static audiences
 (their members live in the store), audiences with event conditions, and those reading either.
