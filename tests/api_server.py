@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -90,3 +91,22 @@ def serve_process(env: dict, cwd, workers: int = 1):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
         process.stderr.close()
+
+
+def processes_started_by(pid: int) -> list[int]:
+    """The process's children (each thread's, where a supervisor thread starts one)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from api_server import serve_process
 from condition_harness import ROOT
+from project_state import project_state
 
 pytestmark = pytest.mark.slow
 
@@ -48,24 +49,6 @@ def knock(tmp_path_factory) -> Path:
             pytest.skip(f"the npm registry is unreachable: {installed.stderr.strip()[-300:]}")
         raise AssertionError(f"npm install {KNOCK_CLI} failed:\n{installed.stderr}")
     return folder / "node_modules" / ".bin" / "knock"
-
-
-def state(folder: Path) -> dict:
-    """Every row of every store under `folder` and every definition file."""
-    import sqlite3
-
-    found = {}
-    for database in sorted(folder.rglob("store.sqlite")):
-        with sqlite3.connect(database) as connection:
-            for (table,) in connection.execute(
-                "select name from sqlite_master where type = 'table' order by name"
-            ).fetchall():
-                found[f"{database}:{table}"] = sorted(
-                    map(repr, connection.execute(f'select * from "{table}"'))
-                )
-    for path in sorted(folder.rglob("audience.json")):
-        found[str(path)] = path.read_text()
-    return found
 
 
 @pytest.fixture
@@ -170,20 +153,20 @@ def test_knock_cli_pulls_pushes_commits_and_promotes(knock, served, tmp_path):
             }
         )
     )
-    before = state(project)
+    before = project_state(project)
     bad = run_knock(knock, served, "audience", "push", "bad", cwd=pulled)
     assert bad.returncode != 0
     assert "bad: $.segments[0].conditions[0].operator: unknown operator 'equalz'" in bad.message
-    assert state(project) == before
+    assert project_state(project) == before
     retyped = json.loads((pulled / "newsletter" / "audience.json").read_text())
     (pulled / "newsletter" / "audience.json").write_text(
         json.dumps({**retyped, "type": "dynamic", "segments": PRO["segments"]})
     )
     assert run_knock(knock, served, "commit", "-m", "first", "--force").returncode == 0
-    before = state(project)
+    before = project_state(project)
     retype = run_knock(knock, served, "audience", "push", "newsletter", cwd=pulled)
     assert retype.returncode != 0 and "newsletter: $.type" in retype.message
-    assert state(project) == before
+    assert project_state(project) == before
 
     # Commits are per audience; --only promotes one, --to the rest.
     commits = run_knock(knock, served, "commit", "list", "--json")
@@ -199,12 +182,12 @@ def test_knock_cli_pulls_pushes_commits_and_promotes(knock, served, tmp_path):
     )
     assert [entry["key"] for entry in json.loads(production.stdout)["entries"]] == ["pro"]
 
-    before = state(project)
+    before = project_state(project)
     earlier = run_knock(knock, served, "commit", "promote", "--to", "development", "--force")
     assert earlier.returncode != 0 and "development is the first environment" in earlier.message
     missing = run_knock(knock, served, "commit", "promote", "--only", "c0ffee", "--force")
     assert missing.returncode != 0 and "commit 'c0ffee' does not exist" in missing.message
-    assert state(project) == before
+    assert project_state(project) == before
 
     everything = run_knock(knock, served, "commit", "promote", "--to", "production", "--force")
     assert everything.returncode == 0, everything.stderr

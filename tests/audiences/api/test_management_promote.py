@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from api_server import running_server
 from condition_harness import init_project
+from project_state import project_state
 
 from audiences.api.app import asgi_app, close_app
 from audiences.api.management import create_service_token
@@ -36,22 +36,6 @@ PRO_OR_FREE = {
         },
     ],
 }
-
-
-def state(folder: Path) -> dict:
-    """Every row of every store under `folder`, and every definition file."""
-    found = {}
-    for database in sorted(folder.rglob("*.sqlite")):
-        with sqlite3.connect(database) as connection:
-            for (table,) in connection.execute(
-                "select name from sqlite_master where type = 'table' order by name"
-            ).fetchall():
-                found[f"{database}:{table}"] = sorted(
-                    map(repr, connection.execute(f'select * from "{table}"'))
-                )
-    for path in sorted(folder.rglob("audience.json")):
-        found[str(path)] = path.read_text()
-    return found
 
 
 @pytest.fixture
@@ -143,7 +127,7 @@ def test_a_commit_or_promotion_while_a_promotion_runs_is_refused_and_changes_not
     worker.start()
     try:
         assert promoting.wait(30)
-        before = state(project)
+        before = project_state(project, "*.sqlite")
         for answer in (
             http.put("/v1/commits", params={"commit_message": "during the promotion"}),
             http.put("/v1/commits/promote", params={"to_environment": "production"}),
@@ -156,7 +140,7 @@ def test_a_commit_or_promotion_while_a_promotion_runs_is_refused_and_changes_not
                 "invalid_params_error",
             )
             assert "a promotion from development to production is in progress" in body["message"]
-        assert state(project) == before
+        assert project_state(project, "*.sqlite") == before
     finally:
         release.set()
         worker.join()

@@ -7,11 +7,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import knockapi
 import pytest
-from api_server import serve_process
+from api_server import alive, processes_started_by, serve_process
 from condition_harness import ROOT
 
 
@@ -58,22 +57,3 @@ def test_keys_and_serve_commands_work_with_the_sdk(tmp_path, workers):
     while any(map(alive, started)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in started if alive(pid)]
-
-
-def processes_started_by(pid: int) -> list[int]:
-    """The process's children (each thread's, where a supervisor thread starts one)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            continue
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, dead and not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False

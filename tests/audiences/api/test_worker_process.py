@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from api_server import free_port, serve_process
+from api_server import alive, free_port, processes_started_by, serve_process
 from condition_harness import ROOT
 
 from audiences.api.keys import create_key
@@ -100,25 +100,6 @@ def project(folder: Path, receiver: Receiver) -> dict:
     }
 
 
-def children(pid: int) -> list[int]:
-    """The process's children (each thread's: the supervisor thread starts the worker)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except FileNotFoundError:  # a thread that ended meanwhile
-            continue
-    return found
-
-
-def alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, dead and not yet reaped, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def wait_for(check, seconds: float, what: str):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -145,7 +126,7 @@ def test_a_worker_process_killed_mid_stream_is_restarted_and_nothing_is_lost_or_
     users = [f"user-{number:03d}" for number in range(60)]
     try:
         with serve_process(env, ROOT) as (url, service):
-            first = wait_for(lambda: children(service.pid), 30, "a worker process")[0]
+            first = wait_for(lambda: processes_started_by(service.pid), 30, "a worker process")[0]
             with httpx.Client(headers=headers, timeout=10) as http:
                 for number, user in enumerate(users):
                     answer = http.put(f"{url}/v1/users/{user}", json={"plan": "pro"})
@@ -154,7 +135,7 @@ def test_a_worker_process_killed_mid_stream_is_restarted_and_nothing_is_lost_or_
                         os.kill(first, signal.SIGKILL)
                     time.sleep(0.02)
             second = wait_for(
-                lambda: [child for child in children(service.pid) if child != first],
+                lambda: [child for child in processes_started_by(service.pid) if child != first],
                 30,
                 "the worker process started again",
             )[0]

@@ -5,12 +5,12 @@ were."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 from condition_harness import ROOT
+from project_state import project_state
 
 from audiences import cli
 from audiences.lifecycle import commits as lifecycle
@@ -48,26 +48,6 @@ def audiences(*arguments: str, capsys=None) -> tuple[int, str, str]:
     code = cli.main(list(arguments))
     out, err = capsys.readouterr() if capsys else ("", "")
     return code, out, err
-
-
-def state(folder: Path) -> dict:
-    """Every row of every table of every store under `folder`, and every definition file."""
-    found = {}
-    for database in sorted(folder.rglob("store.sqlite")):
-        with sqlite3.connect(database) as connection:
-            tables = [
-                row[0]
-                for row in connection.execute(
-                    "select name from sqlite_master where type = 'table' order by name"
-                )
-            ]
-            for table in tables:
-                found[f"{database.relative_to(folder)}:{table}"] = sorted(
-                    map(repr, connection.execute(f'select * from "{table}"'))
-                )
-    for path in sorted(folder.rglob("audience.json")):
-        found[str(path.relative_to(folder))] = path.read_text()
-    return found
 
 
 def test_commit_records_each_changed_audience_durably(project, capsys):
@@ -165,10 +145,12 @@ def test_archive_is_a_commit_in_every_environment(project, capsys):
 
 
 def refused(project: Path, capsys, *arguments: str) -> str:
-    before = state(project)
+    before = project_state(project)
     code, _, err = audiences(*arguments, capsys=capsys)
     assert code == 1
-    assert state(project) == before, "a refused command changed a store or a definition file"
+    assert project_state(project) == before, (
+        "a refused command changed a store or a definition file"
+    )
     assert "Traceback" not in err
     return err
 
