@@ -285,3 +285,21 @@ def init_project(folder: Path, patch) -> Path:
     assert cli.main(["init", str(folder)]) == 0
     patch.chdir(folder)
     return folder
+
+
+def counted_compilations(patch) -> list[str]:
+    """From now on (as in a new process: definitions parsed anew), the location of every condition
+    the compiler compiles, in order; `patch` is pytest's monkeypatch."""
+    import audiences.conditions.compiler as compiler_module
+    from audiences.conditions.definitions import _parse_text
+
+    compiled: list[str] = []
+    real = compiler_module.compile_segments
+
+    def counting(segments, *args, **kwargs):
+        compiled.extend(condition.location for segment in segments for condition in segment)
+        return real(segments, *args, **kwargs)
+
+    patch.setattr(compiler_module, "compile_segments", counting)
+    _parse_text.cache_clear()
+    return compiled

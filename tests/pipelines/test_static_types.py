@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from condition_harness import ROOT
+from condition_harness import ROOT, counted_compilations
 
-import audiences.conditions.compiler as compiler_module
-from audiences.conditions.definitions import _parse_text
 from audiences.dbt.project import generate
 from audiences.settings import Settings
 from audiences.store.database import MembershipStore
@@ -32,15 +30,7 @@ def test_static_uploads_read_the_audience_types_without_compiling(
     settings = Settings.from_env({}, dbt_project_dir=project, definitions_dir=definitions)
     generate(settings)
     store = MembershipStore(f"sqlite:///{tmp_path / 'store.sqlite'}").create()
-    compiled: list[str] = []
-    real = compiler_module.compile_segments
-
-    def counting(segments, *args, **kwargs):
-        compiled.extend(condition.location for segment in segments for condition in segment)
-        return real(segments, *args, **kwargs)
-
-    monkeypatch.setattr(compiler_module, "compile_segments", counting)
-    _parse_text.cache_clear()  # as in a new process
+    compiled = counted_compilations(monkeypatch)
     found = types(settings, store)
     assert compiled == ["$.segments[0].conditions[0]"]  # the broken one's only condition
     assert found["vip-customers"] == "static"

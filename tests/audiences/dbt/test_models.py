@@ -7,7 +7,7 @@ import shutil
 
 import duckdb
 import pytest
-from condition_harness import NOW, ROOT, SAMPLE_TIME, insert_users
+from condition_harness import NOW, ROOT, SAMPLE_TIME, counted_compilations, insert_users
 
 from audiences.conditions.definitions import load_definitions
 from audiences.conditions.reference import evaluate_audience
@@ -601,7 +601,6 @@ def test_loading_compiles_only_the_definitions_that_did_not_compile(
     the same compiler. When the models were generated from these very files, loading compiles
     only the definitions that could not be used then, to name their problems; the set it returns
     is the one a full check returns."""
-    import audiences.conditions.compiler as compiler_module
     from audiences.conditions.definitions import _parse_text, load_definition_set
     from audiences.dbt.project import (
         COMPILE_CACHE_FILE,
@@ -634,15 +633,7 @@ def test_loading_compiles_only_the_definitions_that_did_not_compile(
     )
     settings = Settings.from_env({}, dbt_project_dir=project, definitions_dir=definitions)
     generate(settings)
-    compiled: list[str] = []
-    real = compiler_module.compile_segments
-
-    def counting(segments, *args, **kwargs):
-        compiled.extend(condition.location for segment in segments for condition in segment)
-        return real(segments, *args, **kwargs)
-
-    monkeypatch.setattr(compiler_module, "compile_segments", counting)
-    _parse_text.cache_clear()  # as in a new process
+    compiled = counted_compilations(monkeypatch)
     loaded = project_definitions(settings)
     assert compiled == ["$.segments[0].conditions[0]"]  # the broken one's only condition
     _parse_text.cache_clear()
