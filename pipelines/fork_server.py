@@ -26,8 +26,9 @@ daemon, the web server) is gone.
 A fork copies only the thread that forks: the server keeps to one thread of its own, and loading
 the code location must not start a library's worker pool (polars' starts on its first parallel
 operation, and a child would wait forever on its locks); the idle threads some libraries start on
-import (jemalloc's, polars' spill cleaner) hold nothing. The server's log names its threads when it
-starts listening, and says so when a fork finds more.
+import (jemalloc's, polars' spill cleaner) hold nothing. dbt's warm-up command in the server
+parses, when it must, without dbt_extractor, whose pool would be one. The server's log names its
+threads when it starts listening, and says so when a fork finds more.
 """
 
 from __future__ import annotations
@@ -438,8 +439,9 @@ class Server:
         self.threads: int | str = 0  # the process's threads when it started listening
 
     def load(self) -> None:
-        """Load the code location, as a run's process would, and import what every run imports
-        after that (`RUN_MODULES`)."""
+        """Load the code location, as a run's process would, import what every run imports
+        after that (`RUN_MODULES`), and run one dbt command that selects nothing
+        (`_warm_dbt_command`), for what dbt builds once per process."""
         import importlib
 
         from dagster._utils.hosted_user_process import recon_repository_from_origin
