@@ -13,6 +13,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+# The environment variable naming a test's fault point: a place where the process kills itself
+# (SIGKILL), to test what a crash there leaves (`workflows.realtime`, `store.journal`).
+FAULT_POINT = "AUDIENCES_FAULT_POINT"
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The engine's own dbt project and sample definitions: the template `audiences init` copies, and
 # the sample's project. A user's project never writes into them.

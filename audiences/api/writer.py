@@ -22,6 +22,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
+from audiences.store.journal import FAULT_BEFORE_APPLIED
+
 MAX_GROUP = 32
 log = logging.getLogger("audiences.api")
 
@@ -128,9 +130,6 @@ class GroupCommitWriter:
 # which identifies would otherwise wait for after every pass).
 FORGET_EVERY_SECONDS = 1.0
 RETRY_SECONDS = 0.5  # after a failed pass (the store busy past its wait): the entries wait
-# A test's fault (`AUDIENCES_FAULT_POINT`): the process is killed (SIGKILL) after an identify is
-# journaled and answered, before the store applies it.
-FAULT_BEFORE_APPLIED = "identify-before-applied"
 FAULT_PAUSE_SECONDS = 1.0  # the identify's answer goes out first
 
 

@@ -37,6 +37,11 @@ import sqlalchemy as sa
 from audiences.store import database as tables
 from audiences.store.database import SQLITE_WRITE_WAIT_SECONDS, MembershipStore
 
+# A test's fault (`settings.FAULT_POINT`): the service is killed (SIGKILL) after an identify is
+# journaled and answered, before the store applies it (`api/writer.py` kills; meanwhile nothing
+# applies the journal: `profiles.apply_journal_in`).
+FAULT_BEFORE_APPLIED = "identify-before-applied"
+
 SUFFIX = "-identifies"  # the journal's file is the store's file name with this after it
 MARKER = "identify_journal_applied"  # in `store_markers`: {"journal": token, "applied": seq}
 

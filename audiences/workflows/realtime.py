@@ -55,6 +55,7 @@ from audiences.conditions.compiler import (
 )
 from audiences.conditions.definitions import AudienceDefinition, audiences_referred_to
 from audiences.membership.events import MembershipEvent
+from audiences.settings import FAULT_POINT
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, apply_membership_changes, now_text
 from audiences.warehouse.schema import AUDIENCE_MEMBERS_STAND_IN, ensure_user_tables
@@ -64,9 +65,8 @@ from audiences.workflows.triggers import WorkflowTrigger
 # The store marker holding the pipeline's plan: {audience key: version} of the dynamic audiences it
 # has evaluated, which real time may evaluate when the definition it has is that version.
 PLAN_MARKER = "realtime_plan"
-# A test's fault point: the real-time path kills its own process (SIGKILL) right before it commits
-# the events of an identify that has committed.
-FAULT_POINT = "AUDIENCES_FAULT_POINT"
+# A test's fault point (`settings.FAULT_POINT`): the real-time path kills its own process (SIGKILL)
+# right before it commits the events of an identify that has committed.
 FAULT_BEFORE_EVENTS = "realtime-before-events"
 FAULT_ALSO_KILLS = "_AUDIENCES_FAULT_ALSO_KILLS"  # a process id the fault point kills first
 SOURCE = "realtime"

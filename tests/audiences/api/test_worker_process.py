@@ -176,8 +176,7 @@ def test_an_identify_journaled_and_answered_is_applied_once_after_the_service_is
     and answered, before the store applied it: nothing of it is in the store, yet it is not lost.
     The restarted service applies it once (profile, queued patch), real time enters the user
     and the webhook gets it once; the pipeline's load of the identify queue would apply it too."""
-    from audiences.api.writer import FAULT_BEFORE_APPLIED
-    from audiences.store.journal import journal_of
+    from audiences.store.journal import FAULT_BEFORE_APPLIED, journal_of
     from audiences.workflows.realtime import FAULT_POINT
 
     receiver = Receiver()
