@@ -1,13 +1,12 @@
--- This evaluation's membership events: this build's rows of audience_members diffed against the
--- open memberships of the committed history (raw.membership_events), with the ids DuckDB gives the
--- same changes (audiences/membership/changes.py): the n-th entry of a user into an audience, or its
--- end, always gets the same id. An incremental build compares only the users it re-evaluated (the
--- members and the history of everyone else agree already: macros/incremental.sql). With them, the
--- build's completion marker (a `committed` row). The post-hooks publish them all in one step
--- (macros/membership.sql): that step commits the build; then the versions no committed state
--- reads any more are pruned.
+-- This evaluation's membership events: audience_members diffed against the open memberships of
+-- the committed history (raw.membership_events), with the ids DuckDB gives the same changes
+-- (audiences/membership/changes.py): the n-th entry of a user into an audience, or its end, always
+-- gets the same id. An incremental build compares only the users it re-evaluated (the members
+-- and the history of everyone else agree already: macros/incremental.sql). With them, the build's
+-- completion marker (a `committed` row). The post-hook publishes them all in one step
+-- (macros/membership.sql): that step commits the build.
 
-{{ config(materialized='table', post_hook=["{{ publish_membership_changes() }}", "{{ prune_versions() }}"]) }}
+{{ config(materialized='table', post_hook="{{ publish_membership_changes() }}") }}
 
 {%- set plan = build_plan() %}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}
@@ -24,12 +23,9 @@ with history as (
 
 evaluated as (
 
-    -- this build's version of audience_members (not committed yet: the view does not show it)
-    select audience_key, user_key, user_id, tenant
-    from {{ versions_of(ref('audience_members')) }}
-    where run_id = {{ run_id_literal(invocation_id) }}
+    select * from {{ ref('audience_members') }}
     {%- if not plan.full %}
-        and user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
     {%- endif %}
 
 ),
@@ -138,8 +134,7 @@ select
     is_backfill,
     cast(null as timestamp) as users_through,
     cast(null as string) as models_hash,
-    cast(null as string) as after_run,
-    cast(null as int) as build_sequence
+    cast(null as string) as after_run
 from events
 
 union all
@@ -158,8 +153,7 @@ select
     false,
     cast(null as timestamp),
     cast(null as string),
-    cast(null as string),
-    cast(null as int)
+    cast(null as string)
 from {{ ref('audience_catalog') }}
 
 union all
@@ -178,6 +172,5 @@ select
     false,
     users_through,
     models_hash,
-    after_run,
-    build_sequence
+    after_run
 from {{ ref('int_build_plan') }}
