@@ -15,7 +15,8 @@ parquet export of raw.users first):
 3. warm, 1% of the users changed (bench/synthetic.py's touch), then 10%.
 
 Spark's per-model times (dbt's run_results.json) and the users it re-evaluated show that warm work
-follows the changed users. At the end the member counts per audience on both engines must be equal
+follows the changed users. `--scaling 20000 100000` runs only Spark, a cold and a 1%-changed warm
+build at each size in the same run, and reports what each build wrote into the versioned tables. At the end the member counts per audience on both engines must be equal
 (`dbt show` reads Spark's; the tests compare the members and the events themselves).
 
 Wall times include each tool's start-up (dbt's parse; Spark's JVM and metastore), which dominates
@@ -133,6 +134,30 @@ def _touch(settings: Settings, folder: Path, step: int, modulus: int) -> int:
     return touched
 
 
+# The tables kept as versions: a build's writes into them follow the users it re-evaluates.
+VERSIONED = ("int_users_flattened", "audience_members")
+
+
+def _written(warehouse: Path, output: str) -> dict[str, dict[str, int]]:
+    """Rows and bytes the committed build of `output` wrote into each versioned table (its
+    version folder: a delta, or a base in a full build), read by DuckDB from the files."""
+    import duckdb
+
+    from audiences.dbt.spark import COMMITTED
+
+    (run,) = COMMITTED.findall(output)
+    written = {}
+    with duckdb.connect() as connection:
+        for table in VERSIONED:
+            folder = warehouse / "versions" / table / f"run_id={run}"
+            files = sorted(folder.glob("*.parquet"))
+            rows = connection.execute(
+                "select count(*) from read_parquet($files)", {"files": [str(f) for f in files]}
+            ).fetchall()[0][0]
+            written[table] = {"rows": rows, "bytes": sum(f.stat().st_size for f in files)}
+    return written
+
+
 def _model_seconds(project: Path) -> dict[str, float]:
     """Each timed model's execution time in the last dbt command (its run_results.json)."""
     results = json.loads((project / "target" / "run_results.json").read_text())
@@ -140,11 +165,85 @@ def _model_seconds(project: Path) -> dict[str, float]:
     return {name: round(seconds.get(name, 0.0), 1) for name in TIMED_MODELS}
 
 
+def _scaling(sizes: list[int]) -> None:
+    """`--scaling`: Spark only, at each size in the same run: a cold build, then a warm build an
+    hour later with 1% of the users changed; what each wrote into the versioned tables (rows and
+    bytes of its version) beside Spark's model times. A warm build whose writes follow the changed
+    users writes about the share it re-evaluated of what the cold build wrote, at every size."""
+    started = datetime.now(UTC)
+    load = os.getloadavg()
+    cold = datetime.fromisoformat(synthetic.EVALUATION_TIME.replace("Z", "+00:00"))
+    results = []
+    for users in sizes:
+        folder = BENCH / "data" / f"spark-{users}"
+        settings = _prepare(folder, users)
+        project = spark_project_dir(settings.dbt_project_dir)
+        warehouse = folder / "spark-warehouse"
+        spark = SparkRun(project, warehouse)
+        for hours, modulus in ((0, 0), (1, 100)):
+            touched = _touch(settings, folder, hours, modulus) if hours else 0
+            moment, loaded = cold + timedelta(hours=hours), folder / "users.parquet"
+            started_at = time.perf_counter()
+            output = spark.run(moment, loaded)
+            seconds = time.perf_counter() - started_at
+            found = re.findall(r"incremental build: (\d+) users re-evaluated", output)
+            results.append(
+                {
+                    "users": users,
+                    "build": "cold" if not hours else "warm, 1% changed",
+                    "users_changed": touched,
+                    "users_reevaluated": int(found[-1]) if found else users,
+                    "spark_seconds": round(seconds, 1),
+                    "written": _written(warehouse, output),
+                    "spark_model_seconds": _model_seconds(project),
+                    "load_after": round(os.getloadavg()[0], 1),
+                }
+            )
+            print(json.dumps(results[-1]), flush=True)
+    document = {
+        "command": "bench/spark.py --scaling " + " ".join(str(n) for n in sizes),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} at start",
+        "builds": results,
+    }
+    (BENCH / "spark-scaling.json").write_text(json.dumps(document, indent=2) + "\n")
+    cold_rows = {b["users"]: b for b in results if b["build"] == "cold"}
+    lines = []
+    for b in results:
+        share = " | ".join(
+            f"{b['written'][t]['rows']:,} rows, {b['written'][t]['bytes'] / 1e6:.2f} MB"
+            f" ({b['written'][t]['bytes'] / cold_rows[b['users']]['written'][t]['bytes']:.1%} of cold)"
+            for t in VERSIONED
+        )
+        models = b["spark_model_seconds"]
+        lines.append(
+            f"| {b['users']:,} | {b['build']} | {b['users_changed']:,} | {b['users_reevaluated']:,} | "
+            f"{share} | {b['spark_seconds']} s | {models['int_users_flattened']} | "
+            f"{models['audience_members']} | {models['membership_changes']} | {b['load_after']} |"
+        )
+    print(
+        f"`{document['command']}` on {document['machine']}, started {document['started']}.\n\n"
+        "| users | build | changed | re-evaluated | written: int_users_flattened | written: "
+        "audience_members | Spark wall | int_users_flattened (s) | audience_members (s) | "
+        "membership_changes (s) | load after |\n" + "|---" * 11 + "|\n" + "\n".join(lines)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        nargs="+",
+        metavar="USERS",
+        help="Spark only: a cold and a 1%%-changed warm build at each size, with what each wrote",
+    )
     options = parser.parse_args()
     os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+    if options.scaling:
+        _scaling(options.scaling)
+        return
     folder = BENCH / "data" / f"spark-{options.users}"
     started = datetime.now(UTC)
     load = os.getloadavg()
@@ -235,14 +334,17 @@ def _merge_section(path: Path, users: int, section: str) -> str:
     """The results document with this size's section replaced (or added), sizes in order."""
     text = path.read_text() if path.exists() else ""
     head, _, rest = text.partition("\n## ")
-    sections = {}
+    sections, others = {}, []
     for part in ("## " + rest).split("\n## ") if rest else []:
         part = part if part.startswith("## ") else "## " + part
-        size = int(part.split()[1].replace(",", ""))
-        sections[size] = part.rstrip() + "\n"
+        size = part.split()[1].replace(",", "")
+        if size.isdigit():
+            sections[int(size)] = part.rstrip() + "\n"
+        else:  # a section of its own (--scaling's, by hand): kept after the sizes
+            others.append(part.rstrip() + "\n")
     sections[users] = section
     head = head.rstrip() + "\n" if head.strip() else RESULTS_HEAD
-    return head + "\n" + "\n".join(sections[size] for size in sorted(sections))
+    return head + "\n" + "\n".join([*(sections[size] for size in sorted(sections)), *others])
 
 
 RESULTS_HEAD = """# DuckDB vs local Spark, same audiences, same run
@@ -253,9 +355,9 @@ mode, `local[2]`, `dbt run`), the same users and definitions. Wall times of one 
 start-up included (dbt's parse; for Spark the JVM, the Hive metastore and the session; Spark's also
 loads the users from parquet, replacing raw.users). The per-model columns are Spark's own
 execution times (dbt's run_results.json): an incremental build parses, evaluates and diffs only
-the users re-evaluated; it still copies every other user's rows into the new versions of
-int_users_flattened and audience_members (a scan and a write, no JSON, no condition) and scans the
-typed timestamp columns for the time windows.
+the users re-evaluated, and writes only their rows (a delta of int_users_flattened and
+audience_members); it still reads the committed state (the time windows' timestamp columns, the
+window users' rows).
 """
 
 

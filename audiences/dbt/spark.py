@@ -9,7 +9,8 @@ membership history in Spark SQL and publish the events atomically (`macros/membe
 Builds are incremental: `int_build_plan` (full or incremental, from the last completion marker,
 with `models_hash`, the hash of the other generated models) and `int_users_to_reevaluate` (the
 changed users and the compiler's time windows) choose the users evaluated; the two tables kept
-between builds are replaced in one step each (`macros/incremental.sql`).
+between builds are a base plus one delta per build, read only once the build commits
+(`macros/incremental.sql`).
 
 What does not run on Spark yet is named, per audience, by `spark_unsupported`: static audiences
 (their members live in the store), audiences with event conditions, and those reading either.
@@ -26,7 +27,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlglot import exp
@@ -315,13 +316,15 @@ def _flattened(attributes: list[Attribute], header: str) -> str:
     ]
     body = ",\n".join(["    user_key", "    user_id", *selected])
     return f"""{header}
--- One typed column per property an audience reads (`<property>__text`, `__number`, ...). Replaced
--- in one step (materialized `atomic_table`): an incremental build writes the rows of the users
--- it parsed and keeps everyone else's (macros/incremental.sql).
+-- One typed column per property an audience reads (`<property>__text`, `__number`, ...), for the
+-- users this build evaluates. Kept as versions (materialized `versioned_table`): an incremental
+-- build writes only the re-evaluated users' rows (a delta), a full or compacting one every row (a
+-- base); the model's relation is a view of the committed state (macros/incremental.sql).
 
-{{{{ config(materialized='atomic_table') }}}}
+{{{{ config(materialized='versioned_table') }}}}
 
 {{%- set plan = build_plan() %}}
+-- depends_on: {{{{ ref('{REEVALUATE_MODEL}') }}}}
 
 select
 {body}
@@ -330,7 +333,9 @@ from {{{{ ref('{EXTRACTED_MODEL}') }}}}
 
 union all
 
--- every other user as the last build left them (a deleted user's row goes)
+-- the users re-evaluated without a change of their own (a time window "now" moved over) as the
+-- last committed build left them; a compacting build keeps every other user too (a deleted
+-- user's row goes)
 select kept.*
 from {{{{ this }}}} as kept
 left anti join (
@@ -338,6 +343,10 @@ left anti join (
     where {{{{ changed_users_filter(plan) }}}}
 ) as changed
     on kept.user_key = changed.user_key
+{{%- if not plan.compacting %}}
+left semi join {{{{ ref('{REEVALUATE_MODEL}') }}}} as reevaluated
+    on kept.user_key = reevaluated.user_key
+{{%- endif %}}
 {{%- endif %}}
 """
 
@@ -405,20 +414,22 @@ def _members(audiences: list[AudienceDefinition], header: str) -> str:
     )
     return f"""{header}
 -- (audience_key, user_key, user_id, tenant): every Spark audience's members at this evaluation.
--- Replaced in one step (materialized `atomic_table`): the audiences read only the users this
--- build evaluates; an incremental build keeps everyone else's rows (macros/incremental.sql).
+-- Kept as versions (materialized `versioned_table`): the audiences read only the users this build
+-- evaluates, so an incremental build writes their rows only (a delta); a compacting build adds
+-- everyone else's as the last committed build left them (a new base). The model's relation is a
+-- view of the committed state (macros/incremental.sql).
 
-{{{{ config(materialized='atomic_table') }}}}
+{{{{ config(materialized='versioned_table') }}}}
 
 {{%- set plan = build_plan() %}}
 -- depends_on: {{{{ ref('{REEVALUATE_MODEL}') }}}}
 
 {union}
-{{%- if not plan.full %}}
+{{%- if plan.compacting %}}
 
 union all
 
--- every other user's memberships as the last build left them
+-- a new base: every other user's memberships as the last committed build left them
 select kept.audience_key, kept.user_key, kept.user_id, kept.tenant
 from {{{{ this }}}} as kept
 left anti join {{{{ ref('{REEVALUATE_MODEL}') }}}} as reevaluated
@@ -440,7 +451,7 @@ def _reevaluate(
         [list(w.attribute.path) for w in keys_by_window], ensure_ascii=False
     )
     previous, current = _placeholder("previous_now", taken), _placeholder("current_now", taken)
-    selects = []
+    predicates = []
     for window, keys in sorted(
         keys_by_window.items(), key=lambda item: (item[0].attribute.path, item[0].minutes)
     ):
@@ -455,17 +466,22 @@ def _reevaluate(
         text = escape_jinja(f"{_comment(about)}\n{predicate}")
         for name, jinja in ((previous, "{{ previous_now }}"), (current, "{{ current_now }}")):
             text = text.replace(f"`{name}`", jinja).replace(name, jinja)
-        selects.append(
-            f"    select user_key\n    from {{{{ ref('{FLATTENED_MODEL}') }}}}\n    where\n"
-            f"{_indent(text, 8, SPARK)}"
-        )
-    windows = "".join(f"\n\n    union all\n\n{select}" for select in selects)
+        predicates.append(_indent(text, 8, SPARK))
+    # One scan of the committed typed columns for every window (`committed_state`: the last
+    # committed build's rows, so no dependency on this build's version of the table).
+    windows = (
+        '\n\n    union all\n\n    -- users with a timestamp that "now" moved over since the last '
+        f"committed build\n    select user_key\n    from {{{{ committed_state('{FLATTENED_MODEL}') }}}}"
+        "\n    where\n" + "\n        or\n".join(predicates)
+        if predicates
+        else ""
+    )
     return f"""{header}
 -- The users an incremental build re-evaluates, in every audience: those loaded, changed or deleted
--- since the last committed build; those with a timestamp that "now" moved over since then, where a
--- time-relative condition may have changed; and those an interrupted build since then
--- re-evaluated (raw.reevaluation_log). Empty in a full build, which evaluates everyone. The
--- post-hook logs them before audience_members changes (macros/incremental.sql).
+-- since the last committed build, and those with a timestamp that "now" moved over since then,
+-- where a time-relative condition may have changed. Empty in a full build, which evaluates
+-- everyone. The post-hook logs them (raw.reevaluation_log): they are this build's tombstones,
+-- whose rows its versions replace (macros/incremental.sql).
 
 {{{{ config(materialized='table', post_hook="{{{{ log_reevaluated_users() }}}}") }}}}
 
@@ -487,13 +503,6 @@ from (
     from {{{{ source('raw', 'users') }}}}
     where {{{{ changed_users_filter(plan) }}}}{windows}
 
-    union all
-
-    -- users that a build interrupted since the last committed one re-evaluated
-    select user_key
-    from {{{{ source('raw', 'reevaluation_log') }}}}
-    where after_run = {{{{ run_id_literal(plan.after_run) }}}} and user_key is not null
-
 ) as candidates
 
 {{%- endif %}}
@@ -505,15 +514,20 @@ def _plan(models_hash: str, header: str) -> str:
     (macros/incremental.sql decides it from the last completion marker)."""
     return f"""{header}
 -- This build's plan, one row: full (every user evaluated) or incremental (since the last committed
--- build: its run, evaluation time and newest user change), and the newest user change it covers.
--- `models_hash` is the hash of the other generated models: a build after they changed is full.
+-- build: its run, evaluation time and newest user change), whether it writes new bases of the
+-- versioned tables (full, or compacting), its place in the chain of committed builds, and the
+-- newest user change it covers. `models_hash` is the hash of the other generated models: a build
+-- after they changed is full.
 
 {{{{ config(materialized='table') }}}}
 
 {{%- set plan = plan_build('{models_hash}') %}}
+{{%- if plan.reason %}}{{{{ log("build plan: " ~ plan.reason, info=true) }}}}{{%- endif %}}
 
 select
     {{{{ 'true' if plan.full else 'false' }}}} as full_build,
+    {{{{ 'true' if plan.writes_base else 'false' }}}} as writes_base,
+    {{{{ plan.build_sequence }}}} as build_sequence,
     {{{{ run_id_literal(plan.after_run) }}}} as after_run,
     {{{{ timestamp_literal(plan.previous_now) }}}} as previous_now,
     {{{{ timestamp_literal(plan.users_after) }}}} as users_after,
@@ -577,6 +591,43 @@ def check_reachable(
 _BUILD_KIND = re.compile(r"((?:full|incremental) build: [^\n]*)")
 _REEVALUATED = re.compile(r"incremental build: (\d+) users re-evaluated")
 _PUBLISHED = "membership events published"
+# The runs whose partitions a committed build dropped (prune_versions, macros/incremental.sql).
+_PRUNED = re.compile(r"(superseded|uncommitted) builds pruned: ([0-9A-Za-z -]*)")
+
+
+def committed_chain(warehouse_dir: Path, committed_run: str):
+    """The committed Spark builds from `committed_run` back to the first, newest first, as
+    (the parquet files of its events partition, run id, evaluation time in UTC), each read from
+    its completion marker, which names the build before it (`after_run`). Local warehouses: the
+    files Spark wrote (`<warehouse>/membership_events_published/run_id=<run>/`); an attached
+    partition is known from its marker, never from a folder merely being there (a build killed
+    before it attached its folder leaves one)."""
+    import duckdb
+
+    run = committed_run
+    with duckdb.connect() as connection:
+        while run:
+            folder = Path(warehouse_dir) / EVENTS_FOLDER / f"run_id={run}"
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder}: no published Spark build {run} there")
+            files = str(folder / "*.parquet")
+            marker = connection.execute(
+                "select evaluated_at, after_run from read_parquet($files) "
+                "where event_type = 'committed'",
+                {"files": files},
+            ).fetchall()
+            if len(marker) != 1:
+                raise ValueError(
+                    f"Spark build {run}: {len(marker)} completion markers, expected one"
+                )
+            evaluated_at, after_run = marker[0]
+            moment = (
+                evaluated_at.replace(tzinfo=UTC)
+                if evaluated_at.tzinfo is None
+                else evaluated_at.astimezone(UTC)
+            )
+            yield files, run, moment
+            run = after_run
 
 
 @dataclass(frozen=True)
@@ -706,9 +757,8 @@ class SparkRun:
         output, _ = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"`dbt run` on Spark failed:\n{output[-6000:]}")
-        committed = COMMITTED.findall(output)
-        if committed and self.target == "spark":
-            self.remove_replaced_versions(committed[-1])
+        if COMMITTED.findall(output) and self.target == "spark":
+            self.remove_pruned_folders(output)
         return output
 
     def build(self, evaluation_time: datetime, users_parquet: Path | None = None) -> SparkBuild:
@@ -716,41 +766,51 @@ class SparkRun:
         assets report)."""
         return SparkBuild.of(self.run(evaluation_time, users_parquet), evaluation_time)
 
-    def remove_replaced_versions(self, run_id: str) -> list[Path]:
-        """Delete the folders of the `atomic_table` versions that no table reads any more: after
-        a committed build every such table reads its own folder, `versions/<table>/<run_id>`
-        (earlier builds', an interrupted build's). Local warehouses only: on a cluster, the
-        storage's lifecycle rules do it. Returns the folders removed."""
+    def remove_pruned_folders(self, output: str) -> list[Path]:
+        """Delete the folders of the partitions a committed build pruned (its output lists their
+        runs, `prune_versions` in macros/incremental.sql): the versions and re-evaluation logs of
+        builds superseded by a newer base, and of builds that never committed (with their staged
+        events). Local warehouses only: on a cluster, the storage's lifecycle rules do it.
+        Returns the folders removed."""
+        warehouse = Path(self.warehouse_dir)
         removed = []
-        for folder in sorted((Path(self.warehouse_dir) / "versions").glob("*/*")):
-            if folder.is_dir() and folder.name != run_id:
-                shutil.rmtree(folder)
-                removed.append(folder)
+        for kind, runs in _PRUNED.findall(output):
+            for run in runs.split():
+                folders = [
+                    *warehouse.glob(f"versions/*/run_id={run}"),
+                    warehouse / "reevaluation_log" / f"run_id={run}",
+                ]
+                if kind == "uncommitted":
+                    folders.append(warehouse / EVENTS_FOLDER / f"run_id={run}")
+                for folder in folders:
+                    if folder.is_dir():
+                        shutil.rmtree(folder)
+                        removed.append(folder)
         return removed
 
     def member_counts(self, run_id: str) -> dict[str, int]:
-        """Members per audience in `audience_members` as the committed build `run_id` left it
-        (every audience it evaluated, those with none included), read from the files of its
-        version (`versions/audience_members/<run_id>`) and of its events without starting Spark. Local warehouses only: a cluster's storage is not read from here."""
+        """Members per audience as the committed build `run_id` left them (every audience it
+        evaluated, those with none included), without starting Spark: the memberships its history
+        leaves open (entries less exits, over the committed builds back from it), which the
+        committed audience_members equals by construction (both switch with one partition). Local
+        warehouses only: a cluster's storage is not read from here."""
         import duckdb
 
-        folder = Path(self.warehouse_dir) / "versions" / "audience_members" / run_id
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no audience_members of Spark build {run_id}")
-        events = Path(self.warehouse_dir) / EVENTS_FOLDER / f"run_id={run_id}"
+        files = [partition for partition, _, _ in committed_chain(self.warehouse_dir, run_id)]
         with duckdb.connect() as connection:
-            counts = dict(
-                connection.execute(
-                    "select audience_key, count(*) from read_parquet($files) group by all",
-                    {"files": str(folder / "*.parquet")},
-                ).fetchall()
-            )
-            # The build's audiences (its `evaluated` markers), those with no member included.
             evaluated = connection.execute(
                 "select audience_key from read_parquet($files) where event_type = 'evaluated'",
-                {"files": str(events / "*.parquet")},
+                {"files": files[0]},
             ).fetchall()
-        return {key: counts.get(key, 0) for key in sorted({k for (k,) in evaluated} | set(counts))}
+            counts = dict(
+                connection.execute(
+                    "select audience_key, count(*) filter (where event_type = 'entered') "
+                    "- count(*) filter (where event_type = 'exited') "
+                    "from read_parquet($files) group by all",
+                    {"files": files},
+                ).fetchall()
+            )
+        return {key: counts.get(key, 0) for (key,) in sorted(evaluated)}
 
     def query(self, sql: str) -> list[dict]:
         """Rows of one query on the target, through dbt (`dbt show`; one Spark start)."""

@@ -16,12 +16,11 @@ killed before it attached its folder leaves one).
 
 from __future__ import annotations
 
-from datetime import UTC
 from pathlib import Path
 
 import duckdb
 
-from audiences.dbt.spark import EVENTS_FOLDER
+from audiences.dbt.spark import EVENTS_FOLDER, committed_chain
 from audiences.membership.changes import ChangeSummary, CircuitBreaker, record_computed_changes
 from audiences.warehouse.schema import ensure_membership_tables
 from audiences.workflows.publish import PublishReport, publish_outbox
@@ -38,29 +37,15 @@ def unrecorded_builds(
     connection: duckdb.DuckDBPyConnection, warehouse_dir: Path, committed_run: str
 ) -> list[tuple[str, object]]:
     """(run id, evaluation time) of the committed Spark builds up to `committed_run` that are not
-    recorded here yet, oldest first, following each marker's `after_run`."""
+    recorded here yet, oldest first, following each marker's `after_run` (`committed_chain`)."""
     ensure_membership_tables(connection)
     chain = []
-    run = committed_run
-    while run:
+    for _, run, moment in committed_chain(warehouse_dir, committed_run):
         if connection.execute(
             "select count(*) from raw.recorded_runs where run_id = $run", {"run": run}
         ).fetchall()[0][0]:
             break
-        marker = connection.execute(
-            "select evaluated_at, after_run from read_parquet($files) where event_type = 'committed'",
-            {"files": _partition(warehouse_dir, run)},
-        ).fetchall()
-        if len(marker) != 1:
-            raise ValueError(f"Spark build {run}: {len(marker)} completion markers, expected one")
-        evaluated_at, after_run = marker[0]
-        moment = (
-            evaluated_at.replace(tzinfo=UTC)
-            if evaluated_at.tzinfo is None
-            else evaluated_at.astimezone(UTC)
-        )
         chain.append((run, moment))
-        run = after_run
     return list(reversed(chain))
 
 

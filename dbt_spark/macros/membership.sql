@@ -43,10 +43,10 @@
             ~ "event_id string, audience_key string, user_key int, user_id string, tenant string, "
             ~ "event_type string, entry_number int, evaluated_at timestamp, audience_version string, "
             ~ "is_backfill boolean, users_through timestamp, models_hash string, after_run string, "
-            ~ "run_id string) using parquet partitioned by (run_id) location "
+            ~ "build_sequence int, run_id string) using parquet partitioned by (run_id) location "
             ~ path_literal(spark_warehouse() ~ "/membership_events")) %}
         {% do run_query(
-            "create table if not exists raw.reevaluation_log (after_run string, user_key int, "
+            "create table if not exists raw.reevaluation_log (user_key int, "
             ~ "run_id string) using parquet partitioned by (run_id) location "
             ~ path_literal(spark_warehouse() ~ "/reevaluation_log")) %}
         {% set later = run_query("select count(*) from raw.membership_events where evaluated_at > "
@@ -65,8 +65,8 @@
         {{ log("membership events staging: " ~ folder, info=true) }}
         {% do run_query("insert overwrite directory " ~ path_literal(folder) ~ " using parquet "
             ~ "select event_id, audience_key, user_key, user_id, tenant, event_type, entry_number, "
-            ~ "evaluated_at, audience_version, is_backfill, users_through, models_hash, after_run "
-            ~ "from " ~ this) %}
+            ~ "evaluated_at, audience_version, is_backfill, users_through, models_hash, after_run, "
+            ~ "build_sequence from " ~ this) %}
         {{ log("membership events staged: " ~ folder, info=true) }}
         {% do run_query("alter table raw.membership_events add partition (run_id = '"
             ~ invocation_id ~ "') location " ~ path_literal(folder)) %}

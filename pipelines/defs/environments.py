@@ -33,7 +33,7 @@ from pipelines.defs.membership import (
 from pipelines.defs.resources import EnvironmentNames, environment_resources
 from pipelines.defs.schedules import environment_jobs
 from pipelines.defs.sensors import environment_sensors
-from pipelines.defs.spark import SPARK_ASSETS, spark_job
+from pipelines.defs.spark import SPARK_ASSETS, spark_job, spark_schedule
 from pipelines.defs.static import (
     static_audience_members,
     static_audience_syncs,
@@ -168,12 +168,14 @@ def environment_definitions(settings: Settings):
     spark_jobs = (
         [spark_job(names, dg.AssetSelection.assets(*spark_keys) | deliveries)] if spark else []
     )
+    # With Spark, its schedule re-evaluates instead of DuckDB's (pipelines/defs/spark.py).
+    schedules = [spark_schedule(names, spark_jobs[0])] if spark else [schedule]
     return (
         dg.Definitions(
             assets=assets,
             asset_checks=[in_environment(each, names, keys) for each in checks],
             jobs=[main, reevaluate, deliver, static_member_job(names), *spark_jobs],
-            schedules=[schedule],
+            schedules=schedules,
             sensors=environment_sensors(settings, names),
         ),
         definition_set,

@@ -12,6 +12,8 @@ MAIN_JOB = "audiences_job"
 REEVALUATE_JOB = "reevaluate_audiences"
 DELIVERY_JOB = "deliver_workflow_triggers"
 REEVALUATION_SCHEDULE = "reevaluate_every_15_minutes"
+# Every 15 minutes: the smallest relative time Knock allows (the DuckDB and the Spark schedules).
+REEVALUATION_CRON = "*/15 * * * *"
 
 
 def writer_tag(names: EnvironmentNames) -> dict[str, str]:
@@ -65,7 +67,7 @@ def environment_jobs(
     @dg.schedule(
         name=names.name(REEVALUATION_SCHEDULE),
         job=reevaluate,
-        cron_schedule="*/15 * * * *",
+        cron_schedule=REEVALUATION_CRON,
         default_status=dg.DefaultScheduleStatus.RUNNING,
     )
     def reevaluate_every_15_minutes(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:

@@ -171,6 +171,24 @@ def test_the_spark_engine_adds_the_spark_job_and_a_bad_engine_is_named(monkeypat
         dg.AssetKey(["spark", "audience_members"])
     }
 
+    # A schedule starts the Spark job every 15 minutes at the tick's time, in place of DuckDB's
+    # re-evaluation (both would record events in the same DuckDB warehouse); the run config it
+    # gives is one the job accepts.
+    assert [schedule.name for schedule in defs.schedules] == ["spark_reevaluate_every_15_minutes"]
+    schedule = defs.resolve_schedule_def("spark_reevaluate_every_15_minutes")
+    assert schedule.job_name == "spark_audiences_job"
+    assert schedule.cron_schedule == "*/15 * * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    tick = datetime(2026, 11, 27, 9, 15, tzinfo=UTC)
+    request = schedule.evaluate_tick(
+        dg.build_schedule_context(scheduled_execution_time=tick)
+    ).run_requests[0]
+    assert request.run_key == tick.isoformat()
+    assert request.run_config == {
+        "ops": {"spark__audience_members": {"config": {"evaluation_time": tick.isoformat()}}}
+    }
+    assert dg.validate_run_config(job, request.run_config)
+
     monkeypatch.setenv("AUDIENCES_ENGINE", "Spark-SQL")
     with pytest.raises(
         ValueError, match="AUDIENCES_ENGINE='spark-sql' is not one of duckdb, spark"

@@ -1,12 +1,13 @@
--- This evaluation's membership events: audience_members diffed against the open memberships of
--- the committed history (raw.membership_events), with the ids DuckDB gives the same changes
--- (audiences/membership/changes.py): the n-th entry of a user into an audience, or its end, always
--- gets the same id. An incremental build compares only the users it re-evaluated (the members
--- and the history of everyone else agree already: macros/incremental.sql). With them, the build's
--- completion marker (a `committed` row). The post-hook publishes them all in one step
--- (macros/membership.sql): that step commits the build.
+-- This evaluation's membership events: this build's rows of audience_members diffed against the
+-- open memberships of the committed history (raw.membership_events), with the ids DuckDB gives the
+-- same changes (audiences/membership/changes.py): the n-th entry of a user into an audience, or its
+-- end, always gets the same id. An incremental build compares only the users it re-evaluated (the
+-- members and the history of everyone else agree already: macros/incremental.sql). With them, the
+-- build's completion marker (a `committed` row). The post-hooks publish them all in one step
+-- (macros/membership.sql): that step commits the build; then the versions no committed state
+-- reads any more are pruned.
 
-{{ config(materialized='table', post_hook="{{ publish_membership_changes() }}") }}
+{{ config(materialized='table', post_hook=["{{ publish_membership_changes() }}", "{{ prune_versions() }}"]) }}
 
 {%- set plan = build_plan() %}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}
@@ -23,9 +24,12 @@ with history as (
 
 evaluated as (
 
-    select * from {{ ref('audience_members') }}
+    -- this build's version of audience_members (not committed yet: the view does not show it)
+    select audience_key, user_key, user_id, tenant
+    from {{ versions_of(ref('audience_members')) }}
+    where run_id = {{ run_id_literal(invocation_id) }}
     {%- if not plan.full %}
-    where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+        and user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
     {%- endif %}
 
 ),
@@ -134,7 +138,8 @@ select
     is_backfill,
     cast(null as timestamp) as users_through,
     cast(null as string) as models_hash,
-    cast(null as string) as after_run
+    cast(null as string) as after_run,
+    cast(null as int) as build_sequence
 from events
 
 union all
@@ -153,7 +158,8 @@ select
     false,
     cast(null as timestamp),
     cast(null as string),
-    cast(null as string)
+    cast(null as string),
+    cast(null as int)
 from {{ ref('audience_catalog') }}
 
 union all
@@ -172,5 +178,6 @@ select
     false,
     users_through,
     models_hash,
-    after_run
+    after_run,
+    build_sequence
 from {{ ref('int_build_plan') }}

@@ -140,13 +140,17 @@ def test_spark_run_without_java_or_a_reachable_cluster_is_one_line_and_writes_no
     assert not warehouse.exists()
 
 
-def _plain_sql(text: str, full: bool) -> str:
-    """A generated model as the SQL dbt runs, in a full or an incremental build (the project's
-    macros stood in for by what they return)."""
+def _plain_sql(text: str, full: bool, compacting: bool = False) -> str:
+    """A generated model as the SQL dbt runs, in a full, an incremental or a compacting build
+    (the project's macros stood in for by what they return)."""
     import jinja2
 
     plan = {
         "full": full,
+        "writes_base": full or compacting,
+        "compacting": compacting,
+        "reason": "",
+        "build_sequence": 2,
         "after_run": "run-1",
         "previous_now": "2026-10-31 00:00:00.000000",
         "users_after": "2026-10-31 00:00:00.000000",
@@ -169,6 +173,7 @@ def _plain_sql(text: str, full: bool) -> str:
             ),
             timestamp_literal=lambda text: "null" if text is None else f"timestamp'{text}'",
             run_id_literal=lambda run: f"'{run}'",
+            committed_state=lambda name: f"audiences.{name}",
         )
     )
 
@@ -177,8 +182,9 @@ def test_generated_spark_models_compile_for_databricks_and_trino():
     files = sorted(GENERATED.glob("*.sql"))
     assert len(files) > 10
     missing_in_trino: set[str] = set()
-    for path, full in ((path, full) for path in files for full in (True, False)):
-        sql = _plain_sql(path.read_text(), full)
+    modes = ((True, False), (False, False), (False, True))  # full, incremental, compacting
+    for path, (full, compacting) in ((path, mode) for path in files for mode in modes):
+        sql = _plain_sql(path.read_text(), full, compacting)
         # Databricks SQL is Spark SQL with VARIANT (DBR 15.3+): the same models, parsed strictly.
         for dialect in ("spark", "databricks"):
             sqlglot.parse_one(sql, read=dialect, error_level=ErrorLevel.RAISE)

@@ -33,7 +33,14 @@ from spark_harness import DIALECT, matches, on_duckdb, require_spark
 
 from audiences.conditions.definitions import evaluation_order, load_definition_set
 from audiences.dbt.models import custom_audience_keys
-from audiences.dbt.spark import SPARK_PROJECT_FOLDER, SparkRun, spark_run_for, spark_unsupported
+from audiences.dbt.spark import (
+    COMMITTED,
+    EVENTS_FOLDER,
+    SPARK_PROJECT_FOLDER,
+    SparkRun,
+    spark_run_for,
+    spark_unsupported,
+)
 from audiences.delivery.loop import deliver_due
 from audiences.delivery.setup import load_workflow_setup
 from audiences.delivery.sinks import load_sinks
@@ -145,6 +152,23 @@ def _events(rows) -> set[tuple]:
         )
         for r in rows
     }
+
+
+def _versions_folder(tmp_path, table):
+    return tmp_path / "spark" / "versions" / table
+
+
+def _versions_on_disk(tmp_path) -> set[tuple[str, str]]:
+    """(table, run_id=<run>) of every version folder in the test's Spark warehouse."""
+    root = tmp_path / "spark" / "versions"
+    return {p.relative_to(root).parts for p in root.glob("*/*") if p.is_dir()}
+
+
+def _parquet_rows(reader, folder, run) -> list[tuple]:
+    """The rows of one build's partition folder (`<folder>/run_id=<run>/`), read by DuckDB."""
+    return reader.execute(
+        "select * from read_parquet($files)", {"files": str(folder / f"run_id={run}" / "*.parquet")}
+    ).fetchall()
 
 
 def _dagster_spark_run(settings, tmp_path, users, monkeypatch) -> tuple[dict, dict]:
@@ -301,16 +325,19 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     )
     spark = SparkRun(project, tmp_path / "spark")
 
-    # 1. The first build: full.
+    # 1. The first build: full. It writes the bases of the versioned tables (its log: one row, a
+    # null user).
     first_output = spark.run(FIRST, users)
     assert "full build: every user evaluated" in first_output
+    (first_run,) = COMMITTED.findall(first_output)
     # A full build's audiences read every user's typed columns (int_users_to_evaluate: a view).
     assert not (tmp_path / "spark" / "versions" / "int_users_to_evaluate").exists()
 
     # 2. A week later, with the changed users: incremental. Killed (SIGKILL, the whole process
     # group, JVM included) while it writes its events into their folder, before it attaches them,
-    # after it replaced int_users_flattened and audience_members. (A kill at the "staged" line
-    # races with the attach, which follows within milliseconds; the write takes Spark seconds.)
+    # after it wrote and attached its versions of int_users_flattened and audience_members. (A kill
+    # at the "staged" line races with the attach, which follows within milliseconds; the write
+    # takes Spark seconds.)
     process = spark.start(LATER, later_users)
     output, killed_run = [], None
     for line in process.stdout:
@@ -325,7 +352,14 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     text = "".join(output)
     assert process.returncode == -signal.SIGKILL, text[-4000:]
     assert killed_run and "membership events published" not in text
-    assert "incremental build: " in text and "audience_members replaced" in text
+    assert "incremental build: " in text and "audience_members version written" in text
+    assert _versions_on_disk(tmp_path) >= {("audience_members", f"run_id={killed_run}")}
+    # What a reader sees after the kill: the first build's members, not the killed build's
+    # (its versions are attached but not committed).
+    after_kill = spark.query("select audience_key, user_id from audiences.audience_members")
+    assert {
+        key: {r["user_id"] for r in after_kill if r["audience_key"] == key} for key in keys
+    } == {key: first_members[key] for key in keys}
 
     # 3. The rerun at the same time, as a Dagster run of the Spark assets (AUDIENCES_ENGINE=spark's
     # job): incremental again (the killed build's users included), and only the users that changed
@@ -349,6 +383,63 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     assert members_meta["audience_sizes"] == {key: len(later_members[key]) for key in keys}
     assert members_meta["members"] == sum(len(ids) for ids in later_members.values())
 
+    # On disk after the rerun: the first build's bases and the rerun's deltas. The killed build's
+    # versions, log and staged events are gone (pruned once a build committed after it).
+    committed = members_meta["committed_run"]
+    assert _versions_on_disk(tmp_path) == {
+        (table, f"run_id={run}")
+        for table in ("audience_members", "int_users_flattened")
+        for run in (first_run, committed)
+    }
+    logs = {p.name for p in (tmp_path / "spark" / "reevaluation_log").iterdir()}
+    assert logs == {f"run_id={first_run}", f"run_id={committed}"}
+    assert not (tmp_path / "spark" / EVENTS_FOLDER / f"run_id={killed_run}").exists()
+    # The deltas hold the re-evaluated users' rows only: the write follows the changed users.
+    with duckdb.connect() as reader:  # not the module's shared connection, left to other tests
+        reader.execute("attach $path as duck (read_only)", {"path": str(warehouse)})
+        logged = _parquet_rows(reader, tmp_path / "spark" / "reevaluation_log", committed)
+        assert len(logged) == reevaluated
+        reevaluated_ids = {
+            row[0]
+            for row in reader.execute(
+                "select user_id from duck.raw.users where user_key in (select unnest($keys))",
+                {"keys": [row[0] for row in logged]},
+            ).fetchall()
+        }
+        assert {
+            row[0]
+            for row in _parquet_rows(reader, tmp_path / "spark" / "reevaluation_log", first_run)
+        } == {None}
+        flattened_delta = _parquet_rows(
+            reader, _versions_folder(tmp_path, "int_users_flattened"), committed
+        )
+        members_delta = _parquet_rows(
+            reader, _versions_folder(tmp_path, "audience_members"), committed
+        )
+    # Every re-evaluated user but the deleted one, who is in no audience (the diff exits it).
+    assert len(flattened_delta) == reevaluated - 1
+    assert {(row[0], row[2]) for row in members_delta} == {
+        (key, user) for key in keys for user in later_members[key] if user in reevaluated_ids
+    }
+
+    # 3b. A build at the same time with nothing changed, made to compact (one delta since the
+    # base is enough here): it re-evaluates nobody and writes new bases, the committed state as
+    # it was; the first build's and the rerun's versions and logs are then pruned.
+    settings_file = project / "dbt_project.yml"
+    settings_file.write_text(
+        settings_file.read_text().replace("compact_after_builds: 48", "compact_after_builds: 1")
+    )
+    compacted = spark.build(LATER)
+    assert compacted.users_reevaluated == 0 and "writes new bases" in compacted.kind
+    assert _versions_on_disk(tmp_path) == {
+        ("audience_members", f"run_id={compacted.committed_run}"),
+        ("int_users_flattened", f"run_id={compacted.committed_run}"),
+    }
+    assert {p.name for p in (tmp_path / "spark" / "reevaluation_log").iterdir()} == {
+        f"run_id={compacted.committed_run}"
+    }
+    assert spark.member_counts(compacted.committed_run) == members_meta["audience_sizes"]
+
     rows = spark.query(
         "select 'event' as kind, event_id, audience_key, user_id, event_type, entry_number, "
         "is_backfill, cast(evaluated_at as string) as evaluated_at, run_id "
@@ -363,30 +454,9 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     spark_first = [r for r in events if r["evaluated_at"].startswith("2026-11-01")]
     spark_later = [r for r in events if r["evaluated_at"].startswith("2026-11-09")]
     assert len({r["run_id"] for r in spark_first}) == 1
-    assert len({r["run_id"] for r in spark_later}) == 1
+    assert {r["run_id"] for r in spark_later} == {committed}
     assert killed_run not in {r["run_id"] for r in events}, "the killed run published nothing"
     assert len(spark_first) + len(spark_later) == len(events)
-    # Only the committed build's table versions are left on disk: int_users_flattened's,
-    # audience_members', and the users it evaluated, written once for every audience to read
-    # (int_users_to_evaluate: a table of the re-evaluated users' rows only).
-    versions = sorted(
-        p.relative_to(tmp_path / "spark" / "versions").parts
-        for p in (tmp_path / "spark" / "versions").glob("*/*")
-    )
-    committed = spark_later[0]["run_id"]
-    assert versions == [
-        ("audience_members", committed),
-        ("int_users_flattened", committed),
-        ("int_users_to_evaluate", committed),
-    ], versions
-    evaluated_files = tmp_path / "spark" / "versions" / "int_users_to_evaluate" / committed
-    with duckdb.connect() as reader:  # not the module's shared connection, left to other tests
-        (evaluated_rows,) = reader.execute(
-            "select count(*) from read_parquet($files)",
-            {"files": str(evaluated_files / "*.parquet")},
-        ).fetchone()
-    # Every re-evaluated user but the deleted one, who is in no audience (the diff exits it).
-    assert evaluated_rows == reevaluated - 1
 
     # The first evaluation: every member entered (backfill), as on DuckDB, per audience.
     assert _events(spark_first) == first_events
