@@ -5,6 +5,7 @@ materializes what the same run executed in its own process does."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -180,3 +181,84 @@ def test_forked_runs_materialize_as_before_and_a_killed_run_dies_alone(project, 
         while _alive(new_pid) or _alive(server_pid):
             assert time.monotonic() < deadline, "the fork servers did not exit"
             time.sleep(0.1)
+
+
+# A fork server's load, then a run's dbt command in a process forked from it (as `Server._fork`
+# forks a run): it prints the JSON schemas dbt built for that command, and its exit code.
+FORKED_DBT_COMMAND = """
+import json, os, shutil, sys
+from pathlib import Path
+
+import dbt_common.dataclass_schema as schemas
+from audiences.dbt.runner import run_dbt_here
+from audiences.settings import Settings
+from pipelines.defs.dbt_in_process import parse_cache
+from pipelines.fork_server import Server
+
+socket_path, origin, target = sys.argv[1:]
+server = Server(Path(socket_path), origin, os.getpid())
+server.load()
+print("loaded", flush=True)
+sys.stdin.readline()  # the test lets go of the warehouse
+built = []
+build_json_schema = schemas.build_json_schema
+schemas.build_json_schema = lambda cls, *a, **k: (built.append(cls.__name__), build_json_schema(cls, *a, **k))[1]
+pid = os.fork()
+if pid == 0:
+    settings = Settings.from_env()
+    project = settings.dbt_project_dir
+    environment = {**os.environ, **settings.environment_variables()}
+    Path(target).mkdir()
+    parsed = parse_cache(project, environment)
+    parsed = parsed if parsed.is_file() else project / "target" / "partial_parse.msgpack"
+    shutil.copyfile(parsed, Path(target, "partial_parse.msgpack"))
+    arguments = ["build", "--select", "stg_warehouse__tenants", "--target-path", target]
+    code, _, error = run_dbt_here(arguments, environment, project)
+    print(json.dumps({"code": code, "error": str(error), "built": built}), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_forked_runs_dbt_builds_no_json_schema_and_the_load_opens_no_warehouse(project):
+    """dbt checks the project and profile against JSON schemas it builds the first time a
+    process needs them (about 0.9 CPU s of a run's first command with its artifacts' writers):
+    the server builds them once, with a dbt command that selects nothing; that command opens no
+    warehouse (here one another process holds for writing) and writes nothing in the project."""
+    import subprocess
+    import sys
+
+    job, _ = _evaluation_job()
+    origin = job.get_python_origin().repository_origin
+    dbt_project = Settings.from_env().dbt_project_dir
+    before = sorted((p, p.stat().st_mtime_ns) for p in dbt_project.rglob("*"))
+    warehouse = duckdb.connect(str(project / "forked" / "warehouse.duckdb"))
+    from dagster._serdes import serialize_value
+
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            FORKED_DBT_COMMAND,
+            str(project / "server.sock"),
+            serialize_value(origin),
+            str(project / "run_target"),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            while (line := process.stdout.readline()) and line.strip() != "loaded":
+                pass
+            assert line.strip() == "loaded", "the server's load did not finish"
+            assert sorted((p, p.stat().st_mtime_ns) for p in dbt_project.rglob("*")) == before
+            warehouse.close()
+            output, _ = process.communicate("go\n", timeout=180)
+        finally:
+            warehouse.close()
+            if process.poll() is None:
+                process.kill()
+    answer = json.loads(output.strip().splitlines()[-1])
+    assert answer == {"code": 0, "error": "None", "built": []}
