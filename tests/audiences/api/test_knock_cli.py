@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from api_server import serve_process
-from condition_harness import ROOT
 from project_state import project_state
 
 pytestmark = pytest.mark.slow
@@ -52,9 +51,11 @@ def knock(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def served(tmp_path):
-    """A project (two definitions) served by `audiences serve`, and a service token."""
+def served(tmp_path, dbt_project_copy):
+    """A project (two definitions) served by `audiences serve`, and a service token. Its dbt
+    project is a copy of its own: no test writes the repository's (or the session's) `target/`."""
     project = tmp_path / "project"
+    dbt_project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
     for key, definition in {"pro": PRO, "newsletter": NEWSLETTER}.items():
         (project / "data" / "audiences" / key).mkdir(parents=True)
         (project / "data" / "audiences" / key / "audience.json").write_text(
@@ -62,7 +63,7 @@ def served(tmp_path):
         )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
-        "AUDIENCES_DBT_PROJECT": str(ROOT / "dbt_project"),
+        "AUDIENCES_DBT_PROJECT": str(dbt_project),
         "AUDIENCES_PROMOTION_EVALUATES": "false",
     }
     created = subprocess.run(

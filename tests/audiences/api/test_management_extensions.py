@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import httpx
 from api_server import running_server
@@ -25,7 +26,9 @@ PRO = {
 }
 
 
-def test_event_conditions_are_named_as_not_pushable_to_knock(tmp_path, monkeypatch):
+def test_event_conditions_are_named_as_not_pushable_to_knock(
+    tmp_path, monkeypatch, dbt_project_copy
+):
     from audiences.api.app import asgi_app
     from audiences.api.management import create_service_token
     from audiences.settings import Settings
@@ -33,7 +36,9 @@ def test_event_conditions_are_named_as_not_pushable_to_knock(tmp_path, monkeypat
 
     for name in [name for name in os.environ if name.startswith("AUDIENCES_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AUDIENCES_DBT_PROJECT", str(ROOT / "dbt_project"))
+    # A copy of its own: no test writes the repository's (or the session's) `target/`.
+    project = shutil.copytree(dbt_project_copy, tmp_path / "dbt_project")
+    monkeypatch.setenv("AUDIENCES_DBT_PROJECT", str(project))
     definitions = tmp_path / "audiences"
     definitions.mkdir()
     settings = Settings.from_env(

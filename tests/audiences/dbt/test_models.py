@@ -29,10 +29,19 @@ def test_escape_jinja_renders_back_to_the_original_text():
 
 
 def test_repository_models_match_the_sample_definitions():
+    import difflib
+
     files = generate_models(
         load_definitions(ROOT / "data" / "audiences"), ROOT / "dbt_project", "audiences"
     )
-    assert drift(files, ROOT / "dbt_project") == []
+    problems = drift(files, ROOT / "dbt_project")
+    # What differs, line by line: a drift seen once in CI and not alone must say what it was.
+    differences = [
+        "".join(difflib.unified_diff(path.read_text().splitlines(True), f.text.splitlines(True)))
+        for f in files
+        if (path := ROOT / "dbt_project" / f.path).exists() and path.read_text() != f.text
+    ]
+    assert problems == [], "\n".join(problems + differences[:3])
 
 
 def test_loading_the_code_location_never_writes_models_and_names_the_drift(
