@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # The environment variable naming a test's fault point: a place where the process kills itself
-# (SIGKILL), to test what a crash there leaves (`workflows.realtime`, `store.journal`).
+# (SIGKILL), to test what a crash there leaves (`workflows.realtime`, `store.journal`,
+# `static.uploads`); where a fault kills after an answer, it waits this long for the answer to go out.
 FAULT_POINT = "AUDIENCES_FAULT_POINT"
+FAULT_PAUSE_SECONDS = 1.0
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The engine's own dbt project and sample definitions: the template `audiences init` copies, and

@@ -117,6 +117,16 @@ def sample_run(tmp_path_factory, dbt_project_copy):
     return warehouse
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for the session (see `postgres_server.py`); skips when there is none."""
+    from postgres_server import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def store(tmp_path):
     """A fresh membership store: a SQLite file in the test's temporary folder, or, when

@@ -184,8 +184,8 @@ class UploadRejection(BaseModel):
 
 
 class UploadAnswer(BaseModel):
-    """An upload recorded: its members and their events are committed; the users' properties
-    follow within moments (applied after the answer)."""
+    """An upload recorded: its members are journaled with its rows, and every read sees them
+    (with their events) from this answer on; the users' properties follow within moments."""
 
     rows: int
     blank_lines: int

@@ -43,7 +43,7 @@ from audiences.static.members import (
     is_member,
     prepare_change,
 )
-from audiences.static.uploads import prepare_upload, record_upload
+from audiences.static.uploads import after_answer, prepare_upload, record_upload
 from audiences.store import database as tables
 from audiences.store import profiles
 from audiences.store.database import MembershipStore, normalize_tenant, now_text, tenant_key
@@ -225,8 +225,9 @@ class Environment:
         claim: idempotency.Claim | None = None,
     ) -> dict:
         """Upload a CSV file (the request body) into a static audience, as `audiences upload` does:
-        answered once its members, their events and its rows' identify patches (one queued batch)
-        are committed; the patches are applied after the answer (`apply_uploads`)."""
+        answered once its members and rows are journaled (one batch); its members and events are
+        written right after, before any read or write of the store sees it, then its identify
+        patches (`after_upload`)."""
         self._static_audience(key, create_audience)
         with tempfile.TemporaryDirectory(prefix="audiences-upload-") as folder:
             path = Path(folder) / "upload.csv"
@@ -257,6 +258,11 @@ class Environment:
                 ).iter_rows()
             ],
         }
+
+    def after_upload(self) -> int:
+        """After an upload's answer: write what it journaled (`apply_uploads`)."""
+        after_answer()
+        return self.apply_uploads()
 
     def apply_uploads(self) -> int:
         """Apply the identify patches of uploads this store has queued (after an upload's answer,

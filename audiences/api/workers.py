@@ -115,7 +115,7 @@ class WorkerClient:
     def journaled(self, seq: int, user_id: str, changed: Iterable[str]) -> None:
         """Have the worker process apply identify journal entry `seq` (user_id's identify, which
         set `changed`) to the store, then evaluate the user (`JournalApplier.journaled`)."""
-        from audiences.api.writer import FAULT_PAUSE_SECONDS
+        from audiences.settings import FAULT_PAUSE_SECONDS
         from audiences.store.journal import FAULT_BEFORE_APPLIED
         from audiences.workflows.realtime import FAULT_POINT
 

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
 
+from audiences.settings import FAULT_PAUSE_SECONDS  # the identify's answer goes out first
 from audiences.store.journal import FAULT_BEFORE_APPLIED
 
 MAX_GROUP = 32
@@ -130,7 +131,6 @@ class GroupCommitWriter:
 # which identifies would otherwise wait for after every pass).
 FORGET_EVERY_SECONDS = 1.0
 RETRY_SECONDS = 0.5  # after a failed pass (the store busy past its wait): the entries wait
-FAULT_PAUSE_SECONDS = 1.0  # the identify's answer goes out first
 
 
 class JournalApplier:

@@ -75,7 +75,8 @@ def upload(settings: Settings, arguments) -> int:
     """Upload a CSV file into a static audience: map columns to user fields (--map column=field,
     dots for nested properties), upsert the users, add them as members (tenant from
     --tenant-column). Rows with a missing or malformed id are skipped and written to a rejects file."""
-    from audiences.static.uploads import parse_mapping, upload_csv
+    from audiences.static.uploads import after_answer, parse_mapping, upload_csv
+    from audiences.store.profiles import apply_uploads
 
     store = open_store(settings)
     result = upload_csv(
@@ -87,13 +88,18 @@ def upload(settings: Settings, arguments) -> int:
         arguments.tenant_column,
         settings.upload_max_bytes,
         Path(arguments.rejects) if arguments.rejects else None,
+        apply_patches=False,
     )
+    # Answered once journaled: the members, events and patches are written after the answer.
     print(
         f"{arguments.file}: {result.rows:,} rows, {result.members_added:,} members added, "
         f"{result.members_unchanged:,} already members, {result.rejected:,} rejected"
         + (f" (see {result.rejects_file})" if result.rejects_file else "")
-        + (f", {result.blank_lines} blank lines skipped" if result.blank_lines else "")
+        + (f", {result.blank_lines} blank lines skipped" if result.blank_lines else ""),
+        flush=True,
     )
+    after_answer()
+    apply_uploads(store)
     return 0
 
 

@@ -199,23 +199,15 @@ def prepare_change(
     )
 
 
-def prepare_checked_change(
-    audience_key: str,
-    members,
-    action: str,
-    source: str = "static",
-    occurred_at: str | None = None,
-) -> PreparedChange:
-    """`prepare_change` for a large batch whose user ids were already checked (an upload's rows,
-    by `validate_users`), given as a polars frame of `user_id` and `tenant`: the same normalized
-    tenants, first occurrences and event ids, worked out a column at a time."""
+def distinct_members(members):
+    """An upload's members (a polars frame of checked `user_id` and `tenant`), each (user, tenant)
+    once, in first-occurrence order, tenants normalized (`normalize_tenant`): `user_id`, `tenant`
+    and `tenant_key` (the tenant or ''), worked out a column at a time."""
     import polars as pl
 
-    if action not in ("add", "remove"):
-        raise ValueError(f"action is add or remove, not {action!r}")
     given = [tenant for tenant in members["tenant"].unique().to_list() if tenant is not None]
     normalized = [normalize_tenant(tenant) for tenant in given]
-    members = (
+    return (
         members.select(
             "user_id",
             pl.col("tenant").replace_strict(
@@ -227,6 +219,21 @@ def prepare_checked_change(
         .with_columns(pl.col("tenant").fill_null("").alias("tenant_key"))
         .unique(["user_id", "tenant_key"], keep="first", maintain_order=True)
     )
+
+
+def prepare_checked_change(
+    audience_key: str,
+    members,
+    action: str,
+    source: str = "static",
+    occurred_at: str | None = None,
+) -> PreparedChange:
+    """`prepare_change` for a large batch whose user ids were already checked (an upload's rows,
+    by `validate_users`), given as a polars frame of `user_id` and `tenant`: the same normalized
+    tenants, first occurrences (`distinct_members`) and event ids, worked out a column at a time."""
+    if action not in ("add", "remove"):
+        raise ValueError(f"action is add or remove, not {action!r}")
+    members = distinct_members(members)
     event_type = "entered" if action == "add" else "exited"
     keys = list(zip(members["user_id"].to_list(), members["tenant_key"].to_list(), strict=True))
     wanted = dict(zip(keys, members["tenant"].to_list(), strict=True))
@@ -238,10 +245,24 @@ def prepare_checked_change(
     )
 
 
+def count_current_members(store: MembershipStore, connection, audience_key: str, members) -> int:
+    """How many of these distinct members (`distinct_members`' frame) the audience holds now."""
+    current, _ = _current_state(
+        store, connection, audience_key, members["user_id"].unique().sort().to_list(), False
+    )
+    keys = zip(members["user_id"].to_list(), members["tenant_key"].to_list(), strict=True)
+    return sum(1 for key in keys if key in current)
+
+
 def _current_state(
-    store: MembershipStore, connection, audience_key: str, user_ids: list[str]
+    store: MembershipStore,
+    connection,
+    audience_key: str,
+    user_ids: list[str],
+    with_entries: bool = True,
 ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], int]]:
-    """The audience's current members among these users, and each one's number of entries.
+    """The audience's current members among these users, and each one's number of entries
+    (unless not `with_entries`: then none).
 
     An audience with fewer rows than the users asked about is read whole, through its index, in
     one range scan: an upload of 100,000 users into a new or small audience would otherwise probe
@@ -263,7 +284,8 @@ def _current_state(
         )
 
     wanted = set(user_ids)
-    members_whole, events_whole = smaller("audience_members"), smaller("membership_events")
+    members_whole = smaller("audience_members")
+    events_whole = smaller("membership_events") if with_entries else True
     if members_whole:
         current.update(
             (user_id, tenant)
@@ -273,7 +295,7 @@ def _current_state(
             )
             if user_id in wanted
         )
-    if events_whole:
+    if events_whole and with_entries:
         for user_id, tenant, count in connection.exec_driver_sql(
             f"select user_id, tenant, count(*) from membership_events where audience_key = {mark} "
             "and event_type = 'entered' group by user_id, tenant",

@@ -9,10 +9,13 @@ duplicate rows and blank lines are handled by the same reader as user sources.
 An empty cell in an upload means "not given" (it never removes a property), since upload files are
 partial by nature.
 
-What an upload records before it is answered: its members and their `entered` events, and its
-checked rows as one queued batch (`store.profiles.queue_upload`), in one transaction. What follows:
-the rows' identify patches, merged into the users' profiles and queued for the warehouse
-(`apply_uploads`), exactly once, before any later write of those profiles.
+What an upload records before it is answered: its checked rows and its members, as one batch of
+the store's upload journal (`store.profiles.queue_upload`), in one transaction. What follows, each
+exactly once and in the order uploads came: its members and their `entered` events
+(`settle_uploads`), written right after the answer and before anything else reads or writes the
+store (`MembershipStore` sees to it), so every read sees the upload from its answer on; then the
+rows' identify patches, merged into the users' profiles and queued for the warehouse
+(`apply_uploads`), before any later write of those profiles.
 """
 
 from __future__ import annotations
@@ -20,21 +23,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
-from audiences.settings import UPLOAD_MAX_BYTES
+from audiences.settings import FAULT_PAUSE_SECONDS, FAULT_POINT, UPLOAD_MAX_BYTES
 from audiences.static.members import (
     ChangeResult,
-    PreparedChange,
-    apply_change,
-    prepare_checked_change,
+    count_current_members,
+    distinct_members,
     require_static,
 )
-from audiences.store.database import MembershipStore
-from audiences.store.profiles import apply_uploads, queue_upload
+from audiences.store.database import MembershipStore, now_text
+from audiences.store.profiles import apply_uploads, lock_upload_members, queue_upload
 
 # The same reading as user sources (encodings, BOM, delimiters).
 from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter
@@ -42,6 +47,9 @@ from audiences.users.validation import check_users
 
 DEFAULT_MAX_BYTES = UPLOAD_MAX_BYTES
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A test's fault (`settings.FAULT_POINT`): the process kills itself (SIGKILL) right after an
+# upload's answer, before it writes the members, events and patches that follow.
+FAULT_AFTER_ANSWER = "upload-after-answer"
 
 
 class UploadError(ValueError):
@@ -78,12 +86,12 @@ def parse_mapping(pairs: list[str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class PreparedUpload:
-    """An upload read and checked, with nothing written yet: the membership change, the rows whose
+    """An upload read and checked, with nothing written yet: its members, the rows whose
     identify patches follow, and what to report."""
 
     audience_key: str
     path: Path
-    change: PreparedChange
+    members: pl.DataFrame  # `user_id`, `tenant`, `tenant_key`: each once (`distinct_members`)
     rows: pl.DataFrame  # `_row`, `id` and the other cells of the rows that passed
     rows_read: int
     blank_lines: int
@@ -149,9 +157,7 @@ def prepare_upload(
     return PreparedUpload(
         audience_key,
         path,
-        prepare_checked_change(
-            audience_key, members.rename({"id": "user_id"}), "add", source="upload"
-        ),
+        distinct_members(members.rename({"id": "user_id"})),
         given,
         frame.height + blank_lines + ragged.height,
         blank_lines,
@@ -161,12 +167,25 @@ def prepare_upload(
 
 
 def record_upload(store: MembershipStore, connection, upload: PreparedUpload) -> ChangeResult:
-    """Write a prepared upload inside the caller's write transaction: its members and their events,
-    and its rows as one queued batch whose identify patches follow (`apply_uploads`)."""
-    result = apply_change(store, connection, upload.change)
-    if upload.rows.height:
-        queue_upload(store, connection, upload.audience_key, upload.rows)
-    return result
+    """Journal a prepared upload inside the caller's write transaction: its members and its rows
+    as one batch, whose members and events are written right after the commit and before any
+    other read or write (`settle_uploads`), then its identify patches (`apply_uploads`). Returns
+    how many members it adds and how many were members already: the transaction began by writing
+    every upload before it, and nothing writes members between its commit and its own."""
+    if upload.members.is_empty():
+        return ChangeResult(0, 0, [])
+    lock_upload_members(store, connection)
+    unchanged = count_current_members(store, connection, upload.audience_key, upload.members)
+    queue_upload(store, connection, upload.audience_key, upload.rows, upload.members, now_text())
+    return ChangeResult(upload.members.height - unchanged, unchanged, [])
+
+
+def after_answer() -> None:
+    """Called once an upload's answer is given, before what follows it is written: a test's fault
+    (`FAULT_AFTER_ANSWER`) kills the process here."""
+    if os.environ.get(FAULT_POINT) == FAULT_AFTER_ANSWER:
+        time.sleep(FAULT_PAUSE_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def upload_csv(
@@ -182,11 +201,13 @@ def upload_csv(
 ) -> UploadResult:
     """Upload one CSV file into a static audience; see the module docstring.
 
-    The members, their events and the rows' identify patches (as one batch) are committed in one
-    transaction: that is the upload done, and nothing of it is lost if the process dies after it.
-    With `apply_patches` (the CLI), the batch's patches are then applied (users' profiles merged,
-    patches queued for the warehouse) before returning; otherwise whoever writes profiles next
-    applies them first (`store.profiles.lock_profiles`), the API right after answering."""
+    The members and the rows (as one batch of the upload journal) are committed in one
+    transaction: that is the upload done, and nothing of it is lost if the process dies after it;
+    any read or write of the store from then on writes its members and events first. With
+    `apply_patches`, those and then the batch's patches (users' profiles merged, patches queued
+    for the warehouse) are written before returning; otherwise right after (the API after
+    answering, the CLI after printing its answer), or by whoever reads the store or writes
+    profiles next."""
     upload = prepare_upload(audience_key, path, audience_types, mapping, tenant_column, max_bytes)
     with store.engine.begin() as connection:
         result = record_upload(store, connection, upload)

@@ -209,17 +209,23 @@ user_patches = sa.Table(
     sa.Index("user_patches_by_user", "user_id", "patch_id"),
 )
 
-# Uploads whose identify patches wait to be applied (`store/profiles.py`): an upload records its
-# members and events and, in the same transaction, its checked rows as one batch (Arrow IPC);
-# the profiles and the identify queue follow from it, in the order the batches came.
+# The uploads' journal (`store/profiles.py`): an upload is answered once its checked rows and its
+# members are committed here as one batch (Arrow IPC). Its members and their events are written
+# right after, before any other write or read of the store sees it (`settle_uploads`, which every
+# transaction and every read connection of `MembershipStore` runs first while `members` is set);
+# then its identify patches go to the profiles and the identify queue, in the order batches came.
 upload_batches = sa.Table(
     "upload_batches",
     metadata,
     sa.Column("batch_id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("audience_key", sa.String(255), nullable=False),
+    # When the upload was answered: its events' time and its members' `added_at`.
     sa.Column("received_at", sa.String(32), nullable=False),
     sa.Column("row_count", sa.Integer, nullable=False),
     sa.Column("rows", sa.LargeBinary, nullable=False),
+    # The members (`user_id`, `tenant`) while they and their events wait to be written; null once
+    # written (and in batches of stores from before uploads were journaled, written at once).
+    sa.Column("members", sa.LargeBinary),
 )
 
 # What each warehouse sync last wrote, so the next sync writes only the difference.
@@ -485,6 +491,87 @@ class MembershipStore:
                 sa.event.listen(self.engine, "begin", _begin_immediate)
             sa.event.listen(self.engine, "commit", lambda c: _wake_workers(url, c))
             sa.event.listen(self.engine, "rollback", lambda c: c.info.pop(_QUEUED, None))
+        # An upload is answered once it is journaled (`upload_batches`); its members and events are
+        # written before anything else reads or writes the store: every write transaction first
+        # writes those that wait (after the listeners above, which take SQLite's write lock), and a
+        # read connection that finds one waiting has a write transaction write it first.
+        self._writers = writers
+        self._journal_ready = False
+        self._in_transaction = threading.local()  # this thread's open write transactions
+        sa.event.listen(self.engine, "begin", self._settle_uploads_in)
+        sa.event.listen(self.engine, "commit", self._transaction_ended)
+        sa.event.listen(self.engine, "rollback", self._transaction_ended)
+        sa.event.listen(self.read_engine, "checkout", self._settle_uploads_before_read)
+
+    def _open_transactions(self) -> set[int]:
+        if not hasattr(self._in_transaction, "ids"):
+            self._in_transaction.ids = set()
+        return self._in_transaction.ids
+
+    def _transaction_ended(self, connection) -> None:
+        self._open_transactions().discard(id(connection))
+
+    def _uploads_waiting(self, cursor) -> bool:
+        """Whether an answered upload's members wait to be written (`cursor`: a DBAPI cursor of
+        either engine). A store whose `upload_batches` has no `members` column yet (not created by
+        this version) has none."""
+        if not self._journal_ready:
+            cursor.execute(
+                "select 1 from pragma_table_info('upload_batches') where name = 'members'"
+                if self.engine.dialect.name == "sqlite"
+                else "select 1 from information_schema.columns where table_schema = "
+                "current_schema() and table_name = 'upload_batches' and column_name = 'members'"
+            )
+            self._journal_ready = cursor.fetchone() is not None
+            if not self._journal_ready:
+                return False
+        cursor.execute("select 1 from upload_batches where members is not null limit 1")
+        return cursor.fetchone() is not None
+
+    def _settle_uploads_in(self, connection) -> None:
+        """At the start of every write transaction: write the members and events of answered
+        uploads that wait (`profiles.settle_uploads`), so that no write comes between an upload's
+        answer and its members."""
+        transactions = self._open_transactions()
+        if transactions:  # a transaction of this thread already settled, or is settling
+            transactions.add(id(connection))
+            return
+        transactions.add(id(connection))
+        try:
+            cursor = connection.connection.dbapi_connection.cursor()
+            try:
+                waiting = self._uploads_waiting(cursor)
+            finally:
+                cursor.close()
+            if waiting:
+                from audiences.store.profiles import settle_uploads  # it writes through this module
+
+                settle_uploads(self, connection)
+        except BaseException:
+            # The transaction never began for SQLAlchemy: end it and give back the write turn.
+            transactions.discard(id(connection))
+            connection.connection.dbapi_connection.rollback()
+            if self._writers is not None:
+                self._writers.give_back(connection)
+            raise
+
+    def _settle_uploads_before_read(self, dbapi_connection, _record, _proxy) -> None:
+        """Before every read connection is handed out: if an answered upload's members wait, a
+        write transaction writes them first (`_settle_uploads_in`), so that every read sees an
+        upload from its answer on. A thread inside a write transaction skips this: that
+        transaction settled when it began, and its own lock would make the wait endless."""
+        if self._open_transactions():
+            return
+        cursor = dbapi_connection.cursor()
+        try:
+            waiting = self._uploads_waiting(cursor)
+        finally:
+            cursor.close()
+            if self.engine.dialect.name != "sqlite":
+                dbapi_connection.rollback()
+        if waiting:
+            with self.engine.begin():
+                pass  # its start writes them
 
     def create(self) -> MembershipStore:
         """Create missing tables, and add columns that newer versions of the engine introduced."""

@@ -29,6 +29,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from audiences.settings import FAULT_POINT
+from audiences.static.members import apply_change, prepare_checked_change
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
 from audiences.store.journal import FAULT_BEFORE_APPLIED, Entry, journal_of
@@ -485,50 +486,112 @@ def _lock_profiles_only(store: MembershipStore, connection) -> None:
 
 # An upload's batch, as Arrow IPC: LZ4 compresses a 10 MB CSV's rows to a few MB in milliseconds.
 UPLOAD_COMPRESSION = "lz4"
+# On PostgreSQL, the advisory lock that serializes journaling an upload (and counting what it adds)
+# with writing journaled uploads' members.
+UPLOAD_MEMBERS_LOCK = "audiences.upload_members"
 
 
-def queue_upload(store: MembershipStore, connection, audience_key: str, rows: pl.DataFrame) -> None:
-    """Queue an upload's checked rows (`_row`, `id` and its other cells, every one text) as one
-    batch, inside the upload's write transaction: the upload is acknowledged once its members,
-    events and this batch are committed, and the batch's identify patches follow
-    (`apply_queued_uploads`: profiles merged and patches queued for the warehouse)."""
+def _ipc(frame: pl.DataFrame) -> bytes:
     buffer = io.BytesIO()
-    rows.write_ipc(buffer, compression=UPLOAD_COMPRESSION)
-    batches = tables.upload_batches
+    frame.write_ipc(buffer, compression=UPLOAD_COMPRESSION)
+    return buffer.getvalue()
+
+
+def lock_upload_members(store: MembershipStore, connection) -> None:
+    """Serialize an upload's journaling with the writing of journaled members: SQLite's write
+    transactions already are; on PostgreSQL a transaction-scoped advisory lock does it."""
+    if store.engine.dialect.name == "postgresql":
+        connection.execute(
+            sa.text("select pg_advisory_xact_lock(hashtext(:name))"),
+            {"name": UPLOAD_MEMBERS_LOCK},
+        )
+
+
+def queue_upload(
+    store: MembershipStore,
+    connection,
+    audience_key: str,
+    rows: pl.DataFrame,
+    members: pl.DataFrame,
+    received_at: str,
+) -> None:
+    """Journal an upload inside its write transaction, as one batch: its members (`user_id`,
+    `tenant`, each once), whose entered events are written right after the answer
+    (`settle_uploads`), and its checked rows (`_row`, `id` and its other cells, every one text),
+    whose identify patches follow those (`apply_queued_uploads`). The upload is answered once the
+    batch is committed; `received_at` is its members' `added_at` and their events' time."""
     connection.execute(
-        batches.insert().values(
+        tables.upload_batches.insert().values(
             audience_key=audience_key,
-            received_at=now_text(),
+            received_at=received_at,
             row_count=rows.height,
-            rows=buffer.getvalue(),
+            rows=_ipc(rows),
+            members=_ipc(members.select("user_id", "tenant")),
         )
     )
+
+
+def settle_uploads(store: MembershipStore, connection) -> int:
+    """Write the members and entered events of every journaled upload that waits, oldest first,
+    inside the caller's write transaction, each with the time of its answer and the event ids any
+    add gives; each batch's `members` is cleared in the same transaction, so each is written
+    exactly once whenever the process dies. `MembershipStore` calls it at the start of every write
+    transaction (and so before every read) while one waits; returns the members added."""
+    lock_upload_members(store, connection)
+    batches = tables.upload_batches
+    waiting = connection.execute(
+        sa.select(batches.c.batch_id, batches.c.audience_key, batches.c.received_at)
+        .where(batches.c.members.is_not(None))
+        .order_by(batches.c.batch_id)
+    ).all()
+    added = 0
+    for batch_id, audience_key, received_at in waiting:
+        data = connection.execute(
+            sa.select(batches.c.members).where(batches.c.batch_id == batch_id)
+        ).scalar_one()
+        change = prepare_checked_change(
+            audience_key, pl.read_ipc(data), "add", source="upload", occurred_at=received_at
+        )
+        added += apply_change(store, connection, change).changed
+        connection.execute(
+            batches.update().where(batches.c.batch_id == batch_id).values(members=None)
+        )
+    return added
 
 
 def apply_queued_uploads(store: MembershipStore, connection) -> int:
     """Apply queued uploads' identify patches inside the caller's write transaction, oldest first,
     and remove their batches in it (so each applies exactly once, whenever the process dies);
-    returns how many users they identified. `lock_profiles` calls it: call that instead."""
+    returns how many users they identified. Only batches whose members are written: the write
+    transaction wrote those that waited when it began. `lock_profiles` calls it: call that instead."""
     batches = tables.upload_batches
     queued = connection.execute(
-        sa.select(batches.c.batch_id).order_by(batches.c.batch_id)
+        sa.select(batches.c.batch_id)
+        .where(batches.c.members.is_(None))
+        .order_by(batches.c.batch_id)
     ).scalars()
     identified = 0
     for batch_id in list(queued):
         data = connection.execute(
             sa.select(batches.c.rows).where(batches.c.batch_id == batch_id)
         ).scalar_one()
-        identified += _identify_rows(store, connection, upload_patches(pl.read_ipc(data)))
+        rows = pl.read_ipc(data)
+        if rows.height:
+            identified += _identify_rows(store, connection, upload_patches(rows))
         connection.execute(batches.delete().where(batches.c.batch_id == batch_id))
     return identified
 
 
 def apply_uploads(store: MembershipStore) -> int:
-    """Apply every queued upload's identify patches, in a transaction of their own (after an
-    upload's acknowledgement, and when a service starts); returns the users identified."""
+    """Write what journaled uploads wait for: their members and events in one transaction (which
+    any write or read would do first anyway), then their identify patches in another (after an
+    upload's answer, and when a service starts); returns the users identified."""
     batches = tables.upload_batches
     if store.scalar(sa.select(sa.func.count()).select_from(batches)) == 0:
         return 0
+    with store.engine.begin() as connection:
+        # (None wait by now, unless a PostgreSQL writer journaled one since.)
+        settle_uploads(store, connection)
     with store.engine.begin() as connection:
         _lock_profiles_only(store, connection)
         return apply_queued_uploads(store, connection)

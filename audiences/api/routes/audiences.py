@@ -74,9 +74,9 @@ async def upload_members(
     tenant_column: str | None = Query(None, description="The column holding each row's tenant."),
     create_audience: bool = Query(False, description="Create a missing static audience."),
 ):
-    """The answer comes once the members, their events and the rows' identify patches (one
-    queued batch) are committed; the patches are applied right after it, or when the service
-    next starts if it dies first."""
+    """The answer comes once the members and the rows are journaled (one batch); the members and
+    their events are written right after it, before any read or write of the store sees the
+    upload, then the rows' identify patches (or when the service next starts, if it dies first)."""
     try:
         mapping = parse_mapping(columns)
     except UploadError as error:
@@ -95,7 +95,7 @@ async def upload_members(
             key, body, mapping, tenant_column, create_audience, claim=claim
         ),
     )
-    response.background = BackgroundTask(environment.apply_uploads)
+    response.background = BackgroundTask(environment.after_upload)
     return response
 
 

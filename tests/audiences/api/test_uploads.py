@@ -125,6 +125,70 @@ def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_pa
     }
 
 
+@pytest.mark.slow  # an `audiences serve` process: 10-30 s
+def test_an_upload_whose_service_dies_right_after_answering_is_seen_whole_and_once(tmp_path):
+    """The service kills itself (SIGKILL) right after answering an upload, before it writes what
+    follows the answer (its members and events, then its patches): the store, read by another
+    process, holds every member and its event exactly once, and the answer named the rejected
+    rows by number."""
+    from audiences.settings import FAULT_POINT
+    from audiences.static.members import is_member
+    from audiences.static.uploads import FAULT_AFTER_ANSWER
+
+    store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(ROOT / "data" / "audiences"),
+        "AUDIENCES_STORE_URL": store_url,
+        "AUDIENCES_REALTIME": "false",
+    }
+    created = subprocess.run(
+        [sys.executable, "-m", "audiences.cli", "keys", "create", "--name", "ci"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    headers = {
+        "Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}",
+        "Content-Type": "text/csv",
+    }
+    with serve_process({**env, FAULT_POINT: FAULT_AFTER_ANSWER}, ROOT) as (url, process):
+        answer = httpx.post(
+            f"{url}/v1/audiences/imported/members/upload",
+            params={"create_audience": "true"},
+            content=upload_file(),
+            headers=headers,
+            timeout=120,
+        )
+        assert process.wait(timeout=60) == -9  # it killed itself after answering
+    assert answer.status_code == 200, answer.text
+    kept = USERS - len(BAD)
+    assert answer.json()["members_added"] == kept
+    assert [(r["row"], r["id"]) for r in answer.json()["rejected"]] == [
+        (number + 1, f" u{number}") for number in BAD
+    ]
+    store = MembershipStore(store_url)
+    try:
+        assert is_member(store, "imported", "u7") and not is_member(store, "imported", " u500")
+        per_user = store.rows(
+            sa.text(
+                "select user_id, count(*) as events, min(entry_number) as entry, "
+                "min(event_type) as kind from membership_events group by user_id"
+            )
+        )
+        members = store.scalar(sa.text("select count(*) from audience_members"))
+    finally:
+        store.dispose()
+    assert members == kept
+    assert len(per_user) == kept
+    assert {(row["events"], row["entry"], row["kind"]) for row in per_user} == {(1, 1, "entered")}
+    assert counts(store_url)["membership_events"] == kept
+
+
 def test_uploads_refuse_what_the_cli_refuses_and_tenants_stay_strict(service):
     """Through the API, an upload keeps `audiences upload`'s rules: a dynamic audience is refused,
     an unknown one is missing, a file with no id column is refused on `body`; a tenant column gives

@@ -1,20 +1,11 @@
-"""Delivery tests' shared fixtures: a real PostgreSQL server, when one can be had, and a fresh
-store on SQLite and on PostgreSQL for each test."""
+"""Delivery tests' shared fixtures: a fresh store on SQLite and on PostgreSQL (the session's
+`postgres_server`, when one can be had) for each test."""
 
 from __future__ import annotations
 
 import pytest
-from postgres_server import start_postgres
 
 from audiences.store.database import MembershipStore
-
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A PostgreSQL server for the session (see `postgres_server.py`); skips when there is none."""
-    server = start_postgres()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

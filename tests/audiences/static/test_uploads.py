@@ -299,3 +299,150 @@ def test_an_acknowledged_upload_keeps_its_place_before_a_later_identify(store, t
         ("u1", {"plan": "enterprise"}),
     ]
     assert store.scalar(sa.text("select count(*) from upload_batches")) == 0
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request, tmp_path):
+    """A fresh store on SQLite and on PostgreSQL (the session's `postgres_server`, when one can be
+    had)."""
+    from audiences.store.database import MembershipStore
+
+    url = (
+        f"sqlite:///{tmp_path}/store.sqlite"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres_server").fresh_database()
+    )
+    opened = MembershipStore(url).create()
+    yield opened
+    opened.dispose()
+
+
+def as_answered(store) -> tuple[int, int]:
+    """The members written, and the uploads whose members wait, read without the store's own
+    engines (which write those first): the store as the answer left it."""
+    plain = sa.create_engine(store.url)
+    try:
+        with plain.connect() as connection:
+            return (
+                connection.execute(sa.text("select count(*) from audience_members")).scalar(),
+                connection.execute(
+                    sa.text("select count(*) from upload_batches where members is not null")
+                ).scalar(),
+            )
+    finally:
+        plain.dispose()
+
+
+def test_an_upload_is_answered_once_journaled_and_every_read_and_write_comes_after_it(
+    any_store, tmp_path
+):
+    """An upload is answered once its rows and members are journaled (one batch): its members
+    and events are not written yet, but the first read writes them before it reads, and a write
+    right after the answer (a remove of a member it added) comes after them. Then nothing is
+    written twice, and the patches follow."""
+    from audiences.static.members import Member, change_members, is_member
+    from audiences.static.uploads import prepare_upload, record_upload
+    from audiences.store.profiles import apply_uploads
+
+    store = any_store
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text("id,plan,tenant\nu1,free,\nu2,pro,acme\n u3,pro,\nu2,pro,acme\n")
+    second.write_text("id,plan\nu3,free\nu1,\n")
+    upload = prepare_upload("vips", first, TYPES, tenant_column="tenant")
+    assert upload.quarantined.select("_row", "reason").rows() == [
+        (3, "id has leading or trailing whitespace")
+    ]
+    with store.engine.begin() as connection:
+        result = record_upload(store, connection, upload)
+    assert (result.changed, result.unchanged) == (2, 0)
+    assert as_answered(store) == (0, 1)
+    # A read sees the upload: it has its members written first.
+    assert is_member(store, "vips", "u2", "acme") and is_member(store, "vips", "u1")
+    assert not is_member(store, "vips", "u2")
+    assert as_answered(store) == (2, 0)
+
+    with store.engine.begin() as connection:
+        result = record_upload(store, connection, prepare_upload("vips", second, TYPES))
+    assert (result.changed, result.unchanged) == (1, 1)
+    assert as_answered(store) == (2, 1)
+    # A write right after the answer comes after the upload: u3 is added, then removed.
+    assert change_members(store, "vips", [Member("u3")], "remove").changed == 1
+    assert members(store) == {("u1", None), ("u2", "acme")}
+    apply_uploads(store)
+    apply_uploads(store)
+    events = store.rows(
+        sa.text(
+            "select user_id, tenant, event_type, entry_number, source from membership_events "
+            "order by user_id, event_type"
+        )
+    )
+    assert [tuple(row.values()) for row in events] == [
+        ("u1", None, "entered", 1, "upload"),
+        ("u2", "acme", "entered", 1, "upload"),
+        ("u3", None, "entered", 1, "upload"),
+        ("u3", None, "exited", 1, "static"),
+    ]
+    assert store.scalar(sa.text("select count(*) from upload_batches")) == 0
+    assert patches(store) == {"u1": {"plan": "free"}, "u2": {"plan": "pro"}, "u3": {"plan": "free"}}
+
+
+def test_a_cli_upload_killed_right_after_its_answer_loses_nothing_and_doubles_nothing(tmp_path):
+    """`audiences upload`, killed (SIGKILL) right after it printed its answer, before it wrote the
+    members, events and patches that follow: the next commands see every member and event once,
+    and the rows rejected are named by their row number."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from audiences.settings import FAULT_POINT
+    from audiences.static.members import create_static_audience
+    from audiences.static.uploads import FAULT_AFTER_ANSWER
+    from audiences.store.database import MembershipStore
+
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    store = MembershipStore(url).create()
+    create_static_audience(store, "imported")
+    path = tmp_path / "members.csv"
+    bad = range(0, 3000, 300)
+    path.write_text(
+        "id,name\n" + "".join(f"{' ' if n in bad else ''}u{n},User {n}\n" for n in range(3000)),
+        encoding="utf-8",
+    )
+    kept = {f"u{n}" for n in range(3000) if n not in bad}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
+        "AUDIENCES_STORE_URL": url,
+        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
+        "AUDIENCES_DEFINITIONS": str(tmp_path / "audiences"),
+    }
+
+    def cli(*arguments, **extra):
+        return subprocess.run(
+            [sys.executable, "-m", "audiences.cli", *arguments],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    killed = cli("upload", "imported", str(path), **{FAULT_POINT: FAULT_AFTER_ANSWER})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "2,990 members added, 0 already members, 10 rejected" in killed.stdout
+    with (tmp_path / "members.rejects.csv").open(encoding="utf-8") as handle:
+        assert [row["row"] for row in csv.DictReader(handle)] == [str(n + 1) for n in bad]
+    assert as_answered(store) == (0, 1)  # answered, and killed before anything followed
+    listed = cli("members", "imported")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(json.loads(line)["user_id"] for line in listed.stdout.splitlines()) == sorted(
+        kept
+    )
+    events = cli("events", "--audience", "imported", "--limit", "10000")
+    assert events.returncode == 0, events.stderr
+    assert sorted(
+        (event["user_id"], event["event_type"])
+        for event in map(json.loads, events.stdout.splitlines())
+    ) == sorted((user_id, "entered") for user_id in kept)
+    assert as_answered(store) == (len(kept), 0)
+    store.dispose()
