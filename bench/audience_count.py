@@ -304,6 +304,12 @@ def dagster_child(evaluation_time: str, instance_kind: str = "ephemeral") -> dic
             str(prepare_dagster_home(Path(os.environ["DAGSTER_HOME"])))
         )
     )
+    # The SQLite transactions the run commits (Dagster's history: the run's file, the index, runs).
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    commits = [0]
+    event.listen(Engine, "commit", lambda connection: commits.__setitem__(0, commits[0] + 1))
     with opened as instance:
         result = job.execute_in_process(
             run_config={
@@ -315,12 +321,15 @@ def dagster_child(evaluation_time: str, instance_kind: str = "ephemeral") -> dic
         if not result.success:
             raise RuntimeError("the Dagster run failed")
         materialized = len(result.get_asset_materialization_events())
-    finished = time.perf_counter()
+        finished = time.perf_counter()
+        stored = len(instance.all_logs(result.run_id))
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "load_s": loaded - start,
         "execute_s": finished - loaded,
         "materializations": materialized,
+        "events_stored": stored,
+        "sqlite_commits": commits[0],
         "dbt_cpu_s": children.ru_utime + children.ru_stime,
         "dbt_peak_rss_mb": children.ru_maxrss / 1024,
     }
