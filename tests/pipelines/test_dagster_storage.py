@@ -171,9 +171,7 @@ with DagsterInstance.get() as instance:
 """
 
 
-def test_a_run_killed_while_its_events_are_written_leaves_the_history_usable(
-    tmp_path, monkeypatch
-):
+def test_a_run_killed_while_its_events_are_written_leaves_the_history_usable(tmp_path, monkeypatch):
     """kill -9 while the kept events are being written: their transactions are rolled back whole
     (none of those events stored, in the run's file or in the index), the run is left as Dagster
     leaves a killed run, and the next run stores and reads its events as usual."""
