@@ -13,7 +13,8 @@ still holds the storage's lock and runs in its own transaction, and the files st
 so the web server and other processes read and write them as before. A long-lived process (the
 web server, the daemon) touches many runs' files: only the most recently used ones stay open.
 The index's tables, which Dagster looks up again with a connection of its own for every
-materialization, are remembered once found (a table is added by a migration, never removed). The
+materialization, and the asset table's columns, which it lists for every asset event and read, are
+remembered once found (a migration adds them, none removes them). The
 run storage's one file gets one engine with SQLAlchemy's default pool for a file (a connection
 per concurrent user, handed between threads).
 
@@ -99,6 +100,7 @@ def reuse_sqlite_connections() -> None:
     _reuse_run_storage_engine()
     wipe = SqliteEventLogStorage.wipe
     has_table = SqliteEventLogStorage.has_table
+    has_asset_key_column = SqliteEventLogStorage._has_asset_key_col_on_connection
     dispose = SqliteEventLogStorage.dispose
 
     store_event = SqliteEventLogStorage.store_event
@@ -132,6 +134,14 @@ def reuse_sqlite_connections() -> None:
             found.add(table_name)
         return table_name in found
 
+    def has_asset_key_column_remembered(self: SqliteEventLogStorage, connection, column) -> bool:
+        # Dagster lists the asset table's columns (SQLAlchemy's inspector) for every asset event it
+        # stores and every asset read; a column is added by a migration, never removed.
+        found = self.__dict__.setdefault("_audiences_asset_key_columns", set())
+        if column not in found and has_asset_key_column(self, connection, column):
+            found.add(column)
+        return column in found
+
     def wipe_closing(self: SqliteEventLogStorage) -> None:
         # Dagster removes the files: nothing may keep them open (events kept are written first).
         with self._db_lock:
@@ -155,6 +165,7 @@ def reuse_sqlite_connections() -> None:
     SqliteEventLogStorage.store_event_batch = store_event_batch_together
     SqliteEventLogStorage._audiences_store_event = store_event
     SqliteEventLogStorage.has_table = has_table_remembered
+    SqliteEventLogStorage._has_asset_key_col_on_connection = has_asset_key_column_remembered
     SqliteEventLogStorage.wipe = wipe_closing
     SqliteEventLogStorage.dispose = dispose_closing
     SqliteEventLogStorage._audiences_reuses_connections = True
