@@ -30,8 +30,9 @@ ordering is exercised at every N. For each N, in this order, on a fresh copy of 
    audience view are built), and the check again.
 
 `--reuse` measures steps 5-9 again on an earlier run's project and warehouse (generation, parsing
-and the cold build are slow at 2,000 audiences on a shared machine); `--combine` renders runs made
-separately as one table.
+and the cold build are slow at 2,000 audiences on a shared machine; the earlier run with `--keep`,
+or `--skip-change`, leaves them in place; step 9 toggles the same argument back); `--combine`
+renders runs made separately as one table.
 
 Each dbt command runs in its own process: *elapsed* is dbt's `elapsed_time`, *CPU* its CPU seconds
 (DuckDB's threads included; the comparable figure on a shared machine), *peak* the process's
@@ -71,6 +72,8 @@ NOW = scale.NOW
 REFERENCE_SAMPLE = 2_000  # users evaluated by the reference evaluator, per N
 # The Dagster instance of the Dagster step (`dagster_run`); `--dagster-instance` sets it.
 DAGSTER_INSTANCE = "sqlite"
+# Keep each N's project and definitions after the definition change (`--keep`), for a `--reuse`.
+KEEP = False
 
 
 def definitions_for(count: int) -> dict[str, dict]:
@@ -265,7 +268,10 @@ def dagster_run(environment: dict[str, str], evaluation_time: str, instance: str
     return {
         **result,
         "wall_s": time.perf_counter() - start,
-        "cpu_s": usage.ru_utime + usage.ru_stime + result["dbt_cpu_s"],
+        "cpu_s": usage.ru_utime
+        + usage.ru_stime
+        + result["dbt_cpu_s"]
+        - result.get("counting_cpu_s", 0.0),
         "peak_rss_mb": max(usage.ru_maxrss / 1024, result["dbt_peak_rss_mb"]),
     }
 
@@ -294,6 +300,7 @@ def dagster_child(evaluation_time: str, instance_kind: str = "ephemeral") -> dic
         key=str,
     )
     loaded = time.perf_counter()
+    load_cpu = time.process_time()
     opened = (
         dg.DagsterInstance.ephemeral()
         if instance_kind == "ephemeral"
@@ -301,6 +308,12 @@ def dagster_child(evaluation_time: str, instance_kind: str = "ephemeral") -> dic
             str(prepare_dagster_home(Path(os.environ["DAGSTER_HOME"])))
         )
     )
+    # The SQLite transactions the run commits (Dagster's history: the run's file, the index, runs).
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    commits = [0]
+    event.listen(Engine, "commit", lambda connection: commits.__setitem__(0, commits[0] + 1))
     with opened as instance:
         result = job.execute_in_process(
             run_config={
@@ -312,12 +325,21 @@ def dagster_child(evaluation_time: str, instance_kind: str = "ephemeral") -> dic
         if not result.success:
             raise RuntimeError("the Dagster run failed")
         materialized = len(result.get_asset_materialization_events())
-    finished = time.perf_counter()
+        finished, finished_cpu = time.perf_counter(), time.process_time()
+        stored = len(instance.all_logs(result.run_id))  # counted outside the run's CPU
+        counting_cpu = time.process_time() - finished_cpu
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "load_s": loaded - start,
         "execute_s": finished - loaded,
+        # CPU of this process (dbt runs in it) loading the code location, and running: what a run
+        # forked from a warm code location (`pipelines/fork_server.py`) pays is the run's.
+        "load_cpu_s": load_cpu,
+        "execute_cpu_s": finished_cpu - load_cpu,
+        "counting_cpu_s": counting_cpu,
         "materializations": materialized,
+        "events_stored": stored,
+        "sqlite_commits": commits[0],
         "dbt_cpu_s": children.ru_utime + children.ru_stime,
         "dbt_peak_rss_mb": children.ru_maxrss / 1024,
     }
@@ -442,7 +464,10 @@ def measure(
     # `prepare`, as the code location does when it loads), and the build that the Dagster job runs
     # then: against the manifest of the last full build, only the changed view is rebuilt.
     changed = definitions_dir / "free-plan" / "audience.json"
-    changed.write_text(changed.read_text().replace('"free"', '"starter"'))
+    text = changed.read_text()
+    # Toggled, so that a later `--reuse` run of a kept project (`--keep`) changes it again.
+    edited = text.replace('"free"', '"starter"')
+    changed.write_text(edited if edited != text else text.replace('"starter"', '"free"'))
     cpu, wall = time.process_time(), time.perf_counter()
     written = generate(settings)
     r["generate_one_changed"] = {
@@ -481,8 +506,9 @@ def measure(
     )
     r["check_after_change"] = scale.in_child("check", path=settings.duckdb_path)
     print(count, "check after the change", r["check_after_change"], flush=True)
-    shutil.rmtree(project, ignore_errors=True)
-    shutil.rmtree(definitions_dir, ignore_errors=True)
+    if not KEEP:
+        shutil.rmtree(project, ignore_errors=True)
+        shutil.rmtree(definitions_dir, ignore_errors=True)
     return r
 
 
@@ -650,7 +676,7 @@ def targets(results: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    global DAGSTER_INSTANCE
+    global DAGSTER_INSTANCE, KEEP
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=300_000)
     parser.add_argument("--counts", type=int, nargs="+", default=[50, 500, 2000])
@@ -683,8 +709,15 @@ def main() -> None:
         help="the Dagster run's instance: a SQLite instance folder, as users have (default), or "
         "Dagster's in-memory ephemeral one (what runs before issue 25's fifth pass measured)",
     )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each N's project and definitions after the definition change, so that a later "
+        "`--reuse` run measures the steps from the warm build on again (the change toggles back)",
+    )
     options = parser.parse_args()
     DAGSTER_INSTANCE = options.dagster_instance
+    KEEP = options.keep
     if options.combine:
         documents = [json.loads((BENCH / f"{name}.json").read_text()) for name in options.combine]
         document = {

@@ -46,6 +46,7 @@ from audiences.warehouse.evaluation import (
     set_evaluation_clock,
 )
 from pipelines.defs.dagster_scale import cache_asset_and_check_keys
+from pipelines.defs.dagster_storage import stored_together
 from pipelines.defs.resources import EnvironmentNames, SettingsParam, WarehouseResource
 
 # The definitions the code location loaded with, which its models were generated from.
@@ -387,12 +388,14 @@ def build_audiences(
                     "status": "members re-evaluated (view unchanged)",
                 },
             )
-    # A multi-asset yields its assets in dependency order; dbt's tests (checks) after them.
-    for key in TopologicalSorter(context.assets_def.asset_deps).static_order():
-        if key in outputs:
-            yield outputs.pop(key)
-    yield from outputs.values()
-    yield from others
+    # A multi-asset yields its assets in dependency order; dbt's tests (checks) after them. Their
+    # events (two per audience) are written together, not each in transactions of its own.
+    with stored_together(context.instance):
+        for key in TopologicalSorter(context.assets_def.asset_deps).static_order():
+            if key in outputs:
+                yield outputs.pop(key)
+        yield from outputs.values()
+        yield from others
 
 
 @dg.asset_check(

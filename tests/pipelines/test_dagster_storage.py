@@ -66,3 +66,141 @@ def test_a_runs_events_reuse_their_connections_and_other_processes_read_them(tmp
         assert instance.get_latest_materialization_event(dg.AssetKey("a29")) is None
         assert job.execute_in_process(instance=instance).success
         assert instance.get_latest_materialization_event(dg.AssetKey("a29")) is not None
+
+
+def _commits_counted() -> tuple[list[int], callable]:
+    """A counter of the SQLite transactions committed by any SQLAlchemy engine, and its remover."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    committed = [0]
+
+    def count(connection):
+        committed[0] += 1
+
+    event.listen(Engine, "commit", count)
+    return committed, lambda: event.remove(Engine, "commit", count)
+
+
+def test_a_steps_outputs_and_a_runs_planned_events_are_stored_together(tmp_path, monkeypatch):
+    """Issue 25: Dagster stored each event in transactions of its own, a materialization in three
+    (the run's file, then the index's event, tags and asset row), and a run's creation its planned
+    materializations one by one: a run of 100 outputs committed 549 times, now 50 (20,000 times at
+    2,000 audiences). What is stored
+    is the same: every event in Dagster's order, each asset's latest materialization with its
+    metadata, and the provenance of an asset whose parent was materialized earlier in the step
+    pointing at that parent's stored record (events kept are written before any read)."""
+    from pipelines.defs.dagster_storage import stored_together
+
+    reuse_sqlite_connections()  # what loading the code location does
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    views = [dg.AssetSpec(f"view{index}") for index in range(100)]
+    members = dg.AssetSpec("members", deps=[views[0].key, views[1].key])
+
+    @dg.multi_asset(specs=[*views, members])
+    def evaluation(context: dg.AssetExecutionContext):
+        with stored_together(context.instance):  # as the dbt assets yield their outputs
+            for index, spec in enumerate(views):
+                yield dg.MaterializeResult(asset_key=spec.key, metadata={"member_count": index})
+            yield dg.MaterializeResult(asset_key=members.key)
+
+    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    with DagsterInstance.get() as instance:
+        job.execute_in_process(instance=instance)  # the index and storage are set up
+        committed, stop = _commits_counted()
+        try:
+            result = job.execute_in_process(instance=instance)
+        finally:
+            stop()
+        assert result.success
+        assert committed[0] < 100, committed[0]  # 549 before, 50 after
+
+        stored = [
+            (entry.dagster_event.event_type_value, entry.dagster_event.step_key)
+            for entry in instance.all_logs(result.run_id)
+            if entry.dagster_event is not None
+        ]
+        produced = [(event.event_type_value, event.step_key) for event in result.all_events]
+        assert [e for e in stored if e in produced] == [e for e in produced if e in stored]
+        assert stored.count(("ASSET_MATERIALIZATION", "evaluation")) == 101
+        assert stored.count(("STEP_OUTPUT", "evaluation")) == 101
+        assert stored.count(("ASSET_MATERIALIZATION_PLANNED", "evaluation")) == 101
+        latest = instance.get_latest_materialization_event(views[99].key)
+        assert latest.run_id == result.run_id
+        assert latest.asset_materialization.metadata["member_count"].value == 99
+        [parent] = instance.get_asset_records([views[1].key])
+        child = instance.get_latest_materialization_event(members.key)
+        tags = child.asset_materialization.tags
+        assert tags[f"dagster/input_event_pointer/{views[1].key.to_user_string()}"] == str(
+            parent.asset_entry.last_materialization_record.storage_id
+        )
+
+
+KILLED_RUN = """
+import os, signal
+import dagster as dg
+from dagster import DagsterInstance
+from pipelines.defs import dagster_storage
+from pipelines.defs.dagster_storage import reuse_sqlite_connections, stored_together
+
+reuse_sqlite_connections()
+dagster_storage.EVENTS_PER_TRANSACTION = 10**6
+store_event = dagster_storage.SqliteEventLogStorage._audiences_store_event
+written = 0
+
+def store_then_die(storage, event):
+    global written
+    store_event(storage, event)
+    written += 1
+    if written == 61:  # inside the transactions of the kept events: the run's file and the index
+        os.kill(os.getpid(), signal.SIGKILL)
+
+dagster_storage.SqliteEventLogStorage._audiences_store_event = store_then_die
+specs = [dg.AssetSpec(f"view{index}") for index in range(50)]
+
+@dg.multi_asset(specs=specs)
+def evaluation(context):
+    with stored_together(context.instance):
+        for spec in specs:
+            yield dg.MaterializeResult(asset_key=spec.key, metadata={"run": "killed"})
+
+job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+with DagsterInstance.get() as instance:
+    job.execute_in_process(instance=instance)
+"""
+
+
+def test_a_run_killed_while_its_events_are_written_leaves_the_history_usable(tmp_path, monkeypatch):
+    """kill -9 while the kept events are being written: their transactions are rolled back whole
+    (none of those events stored, in the run's file or in the index), the run is left as Dagster
+    leaves a killed run, and the next run stores and reads its events as usual."""
+    reuse_sqlite_connections()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN], capture_output=True, timeout=180)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+
+    specs = [dg.AssetSpec(f"view{index}") for index in range(50)]
+
+    @dg.multi_asset(specs=specs)
+    def evaluation(context):
+        for spec in specs:
+            yield dg.MaterializeResult(asset_key=spec.key, metadata={"run": "next"})
+
+    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    with DagsterInstance.get() as instance:
+        [run] = instance.get_runs()
+        outputs = [
+            entry
+            for entry in instance.all_logs(run.run_id)
+            if entry.dagster_event is not None
+            and entry.dagster_event.event_type_value in ("STEP_OUTPUT", "ASSET_MATERIALIZATION")
+        ]
+        assert outputs == []  # the kept events' transaction was rolled back whole
+        assert instance.get_latest_materialization_event(specs[0].key) is None
+        result = job.execute_in_process(instance=instance)
+        assert result.success
+        latest = instance.get_latest_materialization_event(specs[49].key)
+        assert latest.run_id == result.run_id
+        assert latest.asset_materialization.metadata["run"].value == "next"
