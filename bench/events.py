@@ -204,17 +204,17 @@ def update_state(connection, definitions, now, results: dict, label: str) -> Non
 
 def users_to_reevaluate(connection, previous, now, watermark: int) -> int:
     """The users of int_event_users_to_reevaluate, into `bench_reevaluate`; returns how many:
-    events loaded since the last build, and verdicts that fell due since (`due_at`)."""
+    those whose verdict of an event condition changed since the last build (`changed_at`; every
+    condition here keeps a state, so new events list no one by themselves). `watermark` is
+    unused: the events loaded since list users only for conditions counted over events."""
     low, high = (render(timestamp_literal(t), pretty=False) for t in (previous, now))
     connection.execute(
         f"""
         create or replace table bench_reevaluate as
         select user_key, user_id from raw.users
         where user_id in (
-            select user_id from raw.events where event_seq > {int(watermark)}
-            union all
             select user_id from bench_state_rows join raw.event_users using (user_number)
-            where (due_at > {low} and due_at <= {high}) or due_at = {high}
+            where (changed_at > {low} and changed_at <= {high}) or changed_at = {high}
         )
         """
     )

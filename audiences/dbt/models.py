@@ -313,6 +313,7 @@ def generate_models(
                 definitions,
                 event_audiences_per_user(definitions),
                 GENERATED_HEADER.format(source=_comment(source_label)),
+                counts_events_per_user(definitions),
             ),
         )
     )
