@@ -204,9 +204,9 @@ def update_state(connection, definitions, now, results: dict, label: str) -> Non
 
 def users_to_reevaluate(connection, previous, now, watermark: int) -> int:
     """The users of int_event_users_to_reevaluate, into `bench_reevaluate`; returns how many:
-    those whose verdict of an event condition changed since the last build (`changed_at`; every
-    condition here keeps a state, so new events list no one by themselves). `watermark` is
-    unused: the events loaded since list users only for conditions counted over events."""
+    those whose verdict of an event condition changed since the last build (`changed_at` where
+    "now" moved, or at this "now" by events past `watermark`, the last build's; every condition
+    here keeps a state, so new events list no one by themselves)."""
     low, high = (render(timestamp_literal(t), pretty=False) for t in (previous, now))
     connection.execute(
         f"""
@@ -214,14 +214,16 @@ def users_to_reevaluate(connection, previous, now, watermark: int) -> int:
         select user_key, user_id from raw.users
         where user_id in (
             select user_id from bench_state_rows join raw.event_users using (user_number)
-            where (changed_at > {low} and changed_at <= {high}) or changed_at = {high}
+            where (changed_at > {low} and changed_at <= {high})
+                or (changed_at = {high} and (coalesce({low} > {high}, true)
+                    or events_through > {int(watermark)}))
         )
         """
     )
     return connection.execute("select count(*) from bench_reevaluate").fetchone()[0]
 
 
-def incremental(connection, sql: str, results: dict, label: str) -> None:
+def incremental(connection, sql: str, results: dict, label: str, now) -> None:
     """Re-evaluate the listed users: delete their rows, select their state rows (by their
     numbers, with the SQL of audience_members' `event_state_to_reevaluate`), evaluate the
     audiences from them, append. Each step is timed under `label`."""
@@ -233,7 +235,12 @@ def incremental(connection, sql: str, results: dict, label: str) -> None:
         (
             "their state",
             "create or replace temp table bench_state_subset as "
-            + events_state_of_users("bench_reevaluate", "bench_state_rows", "raw.event_users"),
+            + events_state_of_users(
+                "bench_reevaluate",
+                "bench_state_rows",
+                "raw.event_users",
+                render(timestamp_literal(now), pretty=False),
+            ),
         ),
         ("evaluate", "create or replace table bench_members as " + sql),
         ("insert", "insert into bench_state select * from bench_members"),
@@ -420,7 +427,7 @@ def main() -> None:
         )
         results[f"{label}: users listed"] = listed
         sql = compiled(definitions, now, "bench_reevaluate", "bench_state_subset")
-        timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label)
+        timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label, now)
         timed(f"{label}: checkpoint", results, connection.execute, "checkpoint")
         ratios(results, label)
         assert not differences(connection, definitions, now), f"{label}: incremental differs"
@@ -442,7 +449,7 @@ def main() -> None:
         )
         results[f"{label}: users listed"] = listed
         sql = compiled(definitions, now, "bench_reevaluate", "bench_state_subset")
-        timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label)
+        timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label, now)
         timed(f"{label}: checkpoint", results, connection.execute, "checkpoint")
         ratios(results, label)
         assert not differences(connection, definitions, now), f"{label}: incremental differs"
@@ -471,7 +478,7 @@ def main() -> None:
         watermark,
     )
     sql = compiled(definitions, previous, "bench_reevaluate", "bench_state_subset")
-    timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label)
+    timed(f"{label}: re-evaluate", results, incremental, connection, sql, results, label, previous)
     timed(f"{label}: checkpoint", results, connection.execute, "checkpoint")
     ratios(results, label)
 

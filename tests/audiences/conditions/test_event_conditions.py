@@ -644,19 +644,20 @@ def test_a_verdict_is_due_the_moment_the_window_lapses(tmp_path):
 def changed_listing(connection, conditions: list[Condition], now) -> set[str]:
     """One build of the state at `now` (as `update_state`), and the users it lists as
     int_event_users_to_reevaluate does: rows whose `changed_at` lies after the last build's
-    "now", or at this one."""
-    previous_now = None
+    "now", or is this one, when time went back or by events the last build did not cover."""
+    previous_now, after = None, 0
     if connection.execute(
         "select count(*) from information_schema.tables where table_name = 'state'"
     ).fetchone()[0]:
-        previous_now = connection.execute(
-            "select max(evaluated_at) from state where user_number = -1"
-        ).fetchone()[0]
+        previous_now, after = connection.execute(
+            "select max(evaluated_at), max(events_through) from state where user_number = -1"
+        ).fetchone()
     update_state(connection, conditions, now)
     listed = connection.execute(
         "select user_id from state join raw.event_users using (user_number) "
-        "where (changed_at > $previous and changed_at <= $now) or changed_at = $now",
-        {"previous": previous_now, "now": now},
+        "where (changed_at > $previous and changed_at <= $now) or (changed_at = $now "
+        "and (coalesce($previous > $now, true) or events_through > $after))",
+        {"previous": previous_now, "now": now, "after": after},
     ).fetchall()
     return {row[0] for row in listed}
 
@@ -722,8 +723,13 @@ def test_a_new_event_that_changes_no_verdict_lists_no_one(tmp_path):
     later = NOW + timedelta(minutes=1)
     assert changed_listing(connection, [ordered], later) == {"bob"}
     assert state_members(connection, [[ordered]], later) == {"ann", "bob"}
-    # nothing new: no one
+    # nothing new: no one; nor again at the same "now"; a new event at the same "now" does
     assert changed_listing(connection, [ordered], later + timedelta(minutes=1)) == set()
+    assert changed_listing(connection, [ordered], later + timedelta(minutes=1)) == set()
+    load_events(
+        connection, [event("cat", "Order Completed", NOW - timedelta(hours=3), "o4")], tmp_path
+    )
+    assert changed_listing(connection, [ordered], later + timedelta(minutes=1)) == {"cat"}
 
 
 def test_a_kept_verdict_is_read_only_while_it_is_current(tmp_path):
