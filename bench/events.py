@@ -15,13 +15,14 @@ one DuckDB file and one run:
 - **new events** (0.1% and 1% more, some late, some duplicates): loading them, updating the event
   state (the users with new events and those whose next change "now" reached, from their kept
   times and new events alone, replaced by (state_key, user_number) as dbt's delete+insert does),
-  finding the users to re-evaluate (as `int_event_users_to_reevaluate`: events past the watermark,
-  rows whose `due_at` "now" moved over) and re-evaluating only those, from their state rows;
+  finding the users to re-evaluate (as `int_event_users_to_reevaluate`: rows whose verdict a
+  build changed since, `changed_at`) and re-evaluating only those, from their state rows (a
+  current verdict, `holds`, without the kept times);
   then a `checkpoint`: each run (and the cold build) pays for writing its own changes out, which
   DuckDB otherwise does in whichever statement passes its log's 16 MB (the load of the new events
   and the bench's checks checkpoint outside the timings);
 - **time passes** (one hour, one day, no new event): the same, the users found being only those
-  whose verdicts fell due;
+  whose verdicts changed as their windows lapsed;
 - **nothing new** (no new event, no time passed): the same steps, the fixed cost of a run; and,
   as the floor of a run over new events, one scan of the new events alone.
 
