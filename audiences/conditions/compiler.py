@@ -1344,7 +1344,7 @@ def _compile_performed(condition: Condition, context: CompileContext) -> exp.Exp
         return exp.true()
     state = event_state(condition) if context.event_state is not None else None
     if state is not None:
-        return _performed_from_state(state, kind, number, context)
+        return _performed_from_state(condition, state, kind, number, context)
     if kind == "at_most" or (kind == "exactly" and number == 0):
         # No counted event is a count of 0: "at most N" is "not more than N".
         more = _users_having(
@@ -1368,12 +1368,7 @@ def _compile_last_performed(condition: Condition, context: CompileContext) -> ex
     before = condition.operator == "last_performed_before"
     state = event_state(condition) if context.event_state is not None else None
     if state is not None:
-        comparison = exp.LT if before else exp.GTE
-        last = _template(
-            "list_max(list_filter(times, lambda t: t <= :now))", now=exp.column(_STATE_NOW)
-        )
-        bound = time_argument_sql(event_argument(condition).time, context)
-        return _state_users(state, context, comparison(this=last, expression=bound))
+        return _state_users(condition, state, context)
 
     def last_event(argument: EventArgument) -> exp.Expression:
         bound = time_argument_sql(argument.time, context)
@@ -1498,7 +1493,8 @@ def _counts_now(state: EventState, now: exp.Expression) -> exp.Expression:
 # The per-condition numbers of the state's rule, as the columns of one `parameters` row: the
 # kept count, the window's shift, the two threshold ranks, the last-performed bound's shift.
 _STATE_PARAMETERS = (
-    "state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now"
+    "state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, "
+    "state_now, test_number"
 )
 _EMPTY_TIMES = "cast([] as timestamptz[])"
 
@@ -1540,8 +1536,8 @@ def event_state_sql(
             states.setdefault(state.key, (condition, state))
     now = sql(context.evaluation_time)
     table = sql(context.events if context.events is not None else exp.to_table(EVENTS_TABLE))
-    rows, qualifying = [], []
-    for key, (_, state) in sorted(states.items()):
+    rows, qualifying, tests = [], [], []
+    for number, (key, (condition, state)) in enumerate(sorted(states.items())):
         after, incremental = (
             markers(key) if markers is not None and previous is not None else (None, None)
         )
@@ -1555,7 +1551,14 @@ def event_state_sql(
             exp.cast(after if after is not None else exp.Literal.number(0), "bigint"),
             exp.cast(incremental if incremental is not None else exp.false(), "boolean"),
             exp.cast(context.evaluation_time.copy(), "timestamptz"),
+            exp.cast(exp.Literal.number(number), "bigint"),
         ]
+        # The verdict at this "now", from the kept times: those at or before "now" (`past`) are
+        # exactly the counted ones, the most recent `keep` of them, newest first.
+        verdict = _state_test(
+            condition, context, exp.func("len", exp.column("past")), _template("past[1]")
+        )
+        tests.append(f"when {number} then {sql(verdict)}")
         rows.append("(" + ", ".join(sql(value) for value in values) + ")")
         # The new events of this condition per user: those stamped after "now", and the `keep`
         # most recent at or before it inside the window (newest first). Aggregates of constants
@@ -1591,19 +1594,23 @@ def event_state_sql(
             "select cast(null as varchar) as state_key, cast(null as bigint) as user_number, "
             f"{_EMPTY_TIMES} as times, "
             "cast(null as timestamptz) as next_change, cast(null as timestamptz) as due_at, "
-            "cast(null as bigint) as events_through, cast(null as timestamptz) as evaluated_at "
-            "where false"
+            "cast(null as bigint) as events_through, cast(null as timestamptz) as evaluated_at, "
+            "cast(null as boolean) as holds, cast(null as timestamptz) as changed_at where false"
         )
     due_at = sql(exp.cast(due if due is not None else exp.null(), "timestamptz"))
     marker = EVENT_STATE_MARKER
     fresh = " union all ".join(qualifying)
     if previous is None:
-        merged = f"select *, {due_at} as due_at from fresh"
+        merged = (
+            f"select *, {due_at} as due_at, false as previous_found, "
+            "cast(null as boolean) as previous_holds, "
+            "cast(null as timestamptz) as previous_changed_at from fresh"
+        )
         previous_cte = ""
     else:
         table_sql = sql(previous)
         incremental_keys = "select state_key from parameters where incremental"
-        columns = "state_key, user_number, times, next_change, due_at"
+        columns = "state_key, user_number, times, next_change, due_at, holds, changed_at"
         # Two selects, each a filter DuckDB checks in the scan: the due rows by `next_change`,
         # the rows with new events by their (key, number) pairs, less the due ones (a row in
         # both comes once, without a window over the two). Any other filter in the first scan
@@ -1613,7 +1620,7 @@ def event_state_sql(
         # whole state (4 of 5 CPU s at 1M users), the inner join on the pairs.
         kept_columns = (
             ", ".join(f"kept_rows.{column}" for column in ("state_key", "user_number"))
-            + ", times, next_change, due_at"
+            + ", times, next_change, due_at, holds, changed_at"
         )
         previous_cte = (
             f"previous as (select * from (select {columns} from {table_sql} "
@@ -1640,7 +1647,9 @@ def event_state_sql(
             f"case when previous.next_change <= {now} then previous.next_change "
             "when previous.state_key is not null then previous.due_at "
             "when parameters.incremental then null "
-            f"else {due_at} end as due_at "
+            f"else {due_at} end as due_at, "
+            "previous.state_key is not null as previous_found, "
+            "previous.holds as previous_holds, previous.changed_at as previous_changed_at "
             "from previous full outer join fresh "
             "on previous.state_key = fresh.state_key "
             "and previous.user_number = fresh.user_number "
@@ -1652,8 +1661,16 @@ def event_state_sql(
         f"fresh as ({fresh}), {previous_cte}"
         f"merged as ({merged}), "
         "kept as (select merged.state_key, user_number, due_at, list_sort(future, 'DESC') as future, "
-        "list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift "
-        "from merged join parameters on parameters.state_key = merged.state_key) "
+        "list_slice(past, 1, keep) as past, window_minutes, rank_a, rank_b, last_shift, "
+        "test_number, incremental, previous_found, previous_holds, previous_changed_at "
+        "from merged join parameters on parameters.state_key = merged.state_key), "
+        # The verdict at this "now" (`holds`, which audience_members reads while it is current),
+        # and `changed_at`, the latest build that changed it, which int_event_users_to_reevaluate
+        # lists: a row new to the state changed it if it holds (no row holds nothing), a row kept
+        # before the column existed did. A condition recomputed whole has `due_at`'s.
+        "judged as (select *, coalesce(case test_number "
+        + " ".join(tests)
+        + " end, false) as holds from kept) "
         "select state_key, user_number, list_concat(future, past) as times, "
         "least(list_min(future), "
         "past[rank_a] - to_minutes(window_minutes), "
@@ -1662,19 +1679,59 @@ def event_state_sql(
         f"> {now} then past[1] - to_minutes(last_shift) "
         "+ to_microseconds(cast(1 as bigint)) end"
         ") as next_change, "
-        f"due_at, {sql(through)} as events_through, {now} as evaluated_at from kept "
+        f"due_at, {sql(through)} as events_through, {now} as evaluated_at, holds, "
+        "case when not incremental then due_at "
+        "when previous_found and previous_holds is null then "
+        f"{now} when holds <> coalesce(previous_holds, false) then {now} "
+        "else previous_changed_at end as changed_at from judged "
         f"union all select state_key, {marker}, {_EMPTY_TIMES}, null, null, "
-        f"{sql(through)}, {now} from parameters"
+        f"{sql(through)}, {now}, null, null from parameters"
     )
 
 
-def _state_users(
-    state: EventState, context: CompileContext, predicate: exp.Expression
+def _state_test(
+    condition: Condition, context: CompileContext, count: exp.Expression, last: exp.Expression
 ) -> exp.Expression:
-    """The user is among those whose state of this condition meets `predicate` (on `times`)."""
+    """What a state row of this condition is tested for, given the user's `count` of counted
+    events at "now" (exact up to the state's `keep`) and their `last` qualifying time at or
+    before "now" (null when none): for `performed`, the count's comparison with N ("at most N"
+    and "exactly 0" as its negation, "more than N", which no row fails as no row has no event);
+    for `last_performed_*`, the last time's comparison with the bound. A user without a row
+    never passes it."""
+    argument = event_argument(condition)
+    if condition.operator == "performed":
+        kind, number = argument.count
+        if kind == "at_most" or (kind == "exactly" and number == 0):
+            return exp.GT(this=count, expression=exp.Literal.number(number))
+        return _COUNT_COMPARISONS[kind](this=count, expression=exp.Literal.number(number))
+    comparison = exp.LT if condition.operator == "last_performed_before" else exp.GTE
+    return comparison(this=last, expression=time_argument_sql(argument.time, context))
+
+
+def _state_users(
+    condition: Condition, state: EventState, context: CompileContext
+) -> exp.Expression:
+    """The user is among those whose state row of this condition passes `_state_test`: the
+    row's `holds`, which its build computed at its "now", while that verdict is still current
+    (kept at or before this "now", its next change after it); otherwise (a row kept before the
+    column existed, or a state not built at this "now") the test over its kept `times`."""
     # "Now" as a column: in a lambda DuckDB binds columns but not subqueries (dbt's "now" is one).
+    now = exp.column(_STATE_NOW)
     rows = exp.select(exp.Star(), exp.alias_(context.evaluation_time.copy(), _STATE_NOW)).from_(
         context.event_state.copy()
+    )
+    count = _template(
+        "len(list_filter(times, lambda t: :counts))", counts=_counts_now(state, now.copy())
+    )
+    last = _template("list_max(list_filter(times, lambda t: t <= :now))", now=now.copy())
+    current = _template(
+        "holds is not null and evaluated_at <= :now "
+        "and (next_change is null or next_change > :now)",
+        now=now.copy(),
+    )
+    test = exp.Case(
+        ifs=[exp.If(this=current, true=exp.column("holds"))],
+        default=_state_test(condition, context, count, last),
     )
     users = (
         exp.select(exp.column("user_id"))
@@ -1683,7 +1740,7 @@ def _state_users(
             exp.and_(
                 exp.column("state_key").eq(exp.Literal.string(state.key)),
                 exp.column("user_number").neq(exp.Literal.number(EVENT_STATE_MARKER)),
-                predicate,
+                test,
             )
         )
     )
@@ -1691,21 +1748,14 @@ def _state_users(
 
 
 def _performed_from_state(
-    state: EventState, kind: str, number: int, context: CompileContext
+    condition: Condition, state: EventState, kind: str, number: int, context: CompileContext
 ) -> exp.Expression:
-    """`performed`'s verdict from the user's kept times: their count at "now" is exact up to
-    `keep`, which is all that "at least / at most / exactly N" compare."""
-    count = _template(
-        "len(list_filter(times, lambda t: :counts))",
-        counts=_counts_now(state, exp.column(_STATE_NOW)),
-    )
+    """`performed`'s verdict from the user's state row: "at most N" (and "exactly 0") is not
+    being among the users with more than N."""
     if kind == "at_most" or (kind == "exactly" and number == 0):
-        more = _state_users(
-            state, context, exp.GT(this=count, expression=exp.Literal.number(number))
-        )
+        more = _state_users(condition, state, context)
         return exp.not_(exp.func("coalesce", exp.paren(more), exp.false()))
-    comparison = _COUNT_COMPARISONS[kind](this=count, expression=exp.Literal.number(number))
-    return _state_users(state, context, comparison)
+    return _state_users(condition, state, context)
 
 
 def event_summary(condition: Condition, context: CompileContext, ids: int = 3) -> exp.Expression:

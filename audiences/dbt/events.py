@@ -154,11 +154,12 @@ def _wrap(text: str) -> str:
 
 
 def event_reevaluate_model(
-    definitions: dict[str, AudienceDefinition], keys: set[str], header: str
+    definitions: dict[str, AudienceDefinition], keys: set[str], header: str, counted: bool
 ) -> str:
     """`int_event_users_to_reevaluate` for the per-user event audiences `keys`
-    (templates/int_event_users_to_reevaluate.sql). Event names enter only as SQL literals, made
-    inert for Jinja."""
+    (templates/int_event_users_to_reevaluate.sql); `counted` when one of them (or an audience it
+    reads) has an event condition without a state, whose users new events list. Event names
+    enter only as SQL literals, made inert for Jinja."""
     from audiences.dbt.models import escape_jinja, render_template
 
     windows = windows_by_event(definitions, keys)
@@ -182,6 +183,7 @@ def event_reevaluate_model(
         event_users="{{ source('warehouse', 'event_users') }}",
         events_source=EVENTS_SOURCE,
         windows=moved,
+        counted=counted,
     )
 
 

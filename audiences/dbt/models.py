@@ -313,6 +313,7 @@ def generate_models(
                 definitions,
                 event_audiences_per_user(definitions),
                 GENERATED_HEADER.format(source=_comment(source_label)),
+                counts_events_per_user(definitions),
             ),
         )
     )
@@ -902,16 +903,44 @@ def counts_events_per_user(definitions: dict[str, AudienceDefinition]) -> bool:
     )
 
 
-def events_state_of_users(users: str, state: str, event_users: str = EVENT_USERS_SOURCE) -> str:
+def events_state_of_users(
+    users: str, state: str, event_users: str = EVENT_USERS_SOURCE, now: str | None = None
+) -> str:
     """The rows of int_event_state of the users in the relation `users` (a `user_id` column), with
-    their user ids, selected by their numbers, as `events_of_users` selects their events."""
-    return f"""select state.*, numbers.user_id
-    from {state} as state
-    join (
+    their user ids, selected by their numbers, as `events_of_users` selects their events.
+
+    Given `now` (SQL of the evaluation time), a row whose kept verdict is current then comes only
+    if it holds, and without its times: its verdict is all the evaluation reads of it, and a row
+    that does not hold passes no test (no row holds nothing). The others (kept before `holds`
+    existed, at a later "now", or whose next change "now" reached) come whole, and their times
+    are tested. Each part is a conjunction of comparisons DuckDB checks in the scan."""
+    numbers = f"""join (
         select user_number, user_id
         from {event_users}
         where user_id in (select user_id from {users})
     ) as numbers on numbers.user_number = state.user_number"""
+    if now is None:
+        return f"""select state.*, numbers.user_id
+    from {state} as state
+    {numbers}"""
+    columns = "state_key, user_number, {times}, next_change, evaluated_at, holds"
+    parts = [
+        (
+            "cast(null as timestamptz[]) as times",
+            f"holds and evaluated_at <= {now} and (next_change is null or next_change > {now})",
+        ),
+        ("times", "holds is null"),
+        ("times", f"holds is not null and evaluated_at > {now}"),
+        ("times", f"holds is not null and evaluated_at <= {now} and next_change <= {now}"),
+    ]
+    rows = "\n        union all\n        ".join(
+        f"select {columns.format(times=times)} from {state} where {where}" for times, where in parts
+    )
+    return f"""select state.*, numbers.user_id
+    from (
+        {rows}
+    ) as state
+    {numbers}"""
 
 
 def _time_columns(
@@ -1300,7 +1329,9 @@ def _members_users_macro(
         states=bool(state_conditions(definitions, _event_closure(definitions))),
         event_state_to_reevaluate=EVENT_STATE_TO_REEVALUATE,
         state_of_users=events_state_of_users(
-            REEVALUATED_IN_TIME, f"{{{{ ref('{EVENT_STATE_MODEL}') }}}}"
+            REEVALUATED_IN_TIME,
+            f"{{{{ ref('{EVENT_STATE_MODEL}') }}}}",
+            now="{{ state_now }}",
         ),
         calls=[f"{_batch_macro(n)}(per_user, idle)" for n in range(1, batches + 1)],
         pairs=PAIRS_TO_REEVALUATE,

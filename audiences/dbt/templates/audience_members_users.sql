@@ -34,7 +34,9 @@
 [% if states %]
 
     {#- those users' rows of int_event_state: event conditions with a state read their verdicts
-        from it, never the events (selected by the users' numbers, as below) -#}
+        from it, never the events (selected by the users' numbers, as below; a verdict current
+        at "now", as a literal the scans check, without its times) -#}
+    {%- set state_now = evaluation_time_literal() %}
     create or replace temp table [[ event_state_to_reevaluate ]] as
     [[ state_of_users ]];
 [% endif %]

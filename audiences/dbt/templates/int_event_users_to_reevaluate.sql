@@ -5,12 +5,14 @@
 -- depends_on: {{ ref('[[ users ]]') }}
 -- depends_on: {{ ref('[[ state ]]') }}
 {# The users whose event conditions may have changed since the last build of audience_members:
-   those with events loaded since (by `event_seq`), those whose verdict of an event condition
-   with a state fell due where "now" moved since ([[ state ]]'s `due_at`; when time went back,
-   the rows recomputed at this "now"), and, for event conditions counted over events, those with
-   an event whose time, shifted by one of the windows below, lies where "now" moved since. int_users_to_reevaluate lists them
-   as users in a time window. One row with no user carries `events_through`: the newest event
-   this list covers, which audience_members records as where its next build starts. #}
+   those whose verdict of an event condition with a state changed where "now" moved since
+   ([[ state ]]'s `changed_at`: new events or a lapsed window that changed it; at this "now",
+   the rows recomputed when time went back, or rewritten by events past the last build's; a run
+   again at the same "now" lists no one the last build evaluated), and, for event conditions counted over events, those
+   with events loaded since (by `event_seq`) and those with an event whose time, shifted by one
+   of the windows below, lies where "now" moved since. int_users_to_reevaluate lists them as users
+   in a time window. One row with no user carries `events_through`: the newest event this list
+   covers, which audience_members records as where its next build starts. #}
 
 {{ config(materialized='table') }}
 
@@ -33,19 +35,24 @@ select users.user_key, {{ events_through }} as events_through
 from {{ ref('[[ users ]]') }} as users
 where users.user_id in (
 
-    -- events loaded since the last build
-    select user_id
-    from [[ events_source ]]
-    where event_seq > {{ events_after }} and event_seq <= {{ events_through }}
-
-    union all
-
-    -- verdicts of event conditions with a state that fell due since the last build
+    -- verdicts of event conditions with a state that changed since the last build: where "now"
+    -- moved since, or at this "now" when time went back or by events the last build did not cover
     select numbers.user_id
     from {{ ref('[[ state ]]') }} as state
     join [[ event_users ]] as numbers on numbers.user_number = state.user_number
-    where (state.due_at > {{ previous_now }} and state.due_at <= {{ current_now }})
-        or state.due_at = {{ current_now }}
+    where (state.changed_at > {{ previous_now }} and state.changed_at <= {{ current_now }})
+        or (state.changed_at = {{ current_now }}
+            and (coalesce({{ previous_now }} > {{ current_now }}, true)
+                or state.events_through > {{ events_after }}))
+[% if counted %]
+
+    union all
+
+    -- events loaded since the last build, for the event conditions counted over events
+    select user_id
+    from [[ events_source ]]
+    where event_seq > {{ events_after }} and event_seq <= {{ events_through }}
+[% endif %]
 [% for window in windows %]
 
     union all

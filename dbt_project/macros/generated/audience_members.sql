@@ -72,10 +72,20 @@
     where user_key in (select user_key from {{ ref('int_users_to_reevaluate') }} where not changed);
 
     {#- those users' rows of int_event_state: event conditions with a state read their verdicts
-        from it, never the events (selected by the users' numbers, as below) -#}
+        from it, never the events (selected by the users' numbers, as below; a verdict current
+        at "now", as a literal the scans check, without its times) -#}
+    {%- set state_now = evaluation_time_literal() %}
     create or replace temp table event_state_to_reevaluate as
     select state.*, numbers.user_id
-    from {{ ref('int_event_state') }} as state
+    from (
+        select state_key, user_number, cast(null as timestamptz[]) as times, next_change, evaluated_at, holds from {{ ref('int_event_state') }} where holds and evaluated_at <= {{ state_now }} and (next_change is null or next_change > {{ state_now }})
+        union all
+        select state_key, user_number, times, next_change, evaluated_at, holds from {{ ref('int_event_state') }} where holds is null
+        union all
+        select state_key, user_number, times, next_change, evaluated_at, holds from {{ ref('int_event_state') }} where holds is not null and evaluated_at > {{ state_now }}
+        union all
+        select state_key, user_number, times, next_change, evaluated_at, holds from {{ ref('int_event_state') }} where holds is not null and evaluated_at <= {{ state_now }} and next_change <= {{ state_now }}
+    ) as state
     join (
         select user_number, user_id
         from {{ source('warehouse', 'event_users') }}

@@ -513,12 +513,20 @@ where
               where
                 state_key = '2cd1652570e9'
                 and user_number <> -1
-                and length(
-                  list_filter(
-                    times,
-                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                and case
+                  when not holds is null
+                  and evaluated_at <= state_now
+                  and (
+                    next_change is null or next_change > state_now
                   )
-                ) >= 3
+                  then holds
+                  else length(
+                    list_filter(
+                      times,
+                      lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                    )
+                  ) >= 3
+                end
             )
           ),
           false
@@ -889,12 +897,20 @@ where
               where
                 state_key = '604bdf1234c4'
                 and user_number <> -1
-                and length(
-                  list_filter(
-                    times,
-                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-20160 as bigint))
+                and case
+                  when not holds is null
+                  and evaluated_at <= state_now
+                  and (
+                    next_change is null or next_change > state_now
                   )
-                ) >= 1
+                  then holds
+                  else length(
+                    list_filter(
+                      times,
+                      lambda t : t <= state_now and t > state_now + to_minutes(cast(-20160 as bigint))
+                    )
+                  ) >= 1
+                end
             )
           ),
           false
@@ -927,9 +943,17 @@ where
               where
                 state_key = '2321f9e67d1b'
                 and user_number <> -1
-                and list_max(list_filter(times, lambda t : t <= state_now)) >= (
-                  {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
-                )
+                and case
+                  when not holds is null
+                  and evaluated_at <= state_now
+                  and (
+                    next_change is null or next_change > state_now
+                  )
+                  then holds
+                  else list_max(list_filter(times, lambda t : t <= state_now)) >= (
+                    {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
+                  )
+                end
             )
           ),
           false
@@ -966,12 +990,20 @@ where
               where
                 state_key = '3e00b5869b7c'
                 and user_number <> -1
-                and length(
-                  list_filter(
-                    times,
-                    lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                and case
+                  when not holds is null
+                  and evaluated_at <= state_now
+                  and (
+                    next_change is null or next_change > state_now
                   )
-                ) >= 1
+                  then holds
+                  else length(
+                    list_filter(
+                      times,
+                      lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                    )
+                  ) >= 1
+                end
             )
           ),
           false
@@ -994,9 +1026,17 @@ where
               where
                 state_key = '88369935f63d'
                 and user_number <> -1
-                and list_max(list_filter(times, lambda t : t <= state_now)) < (
-                  {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
-                )
+                and case
+                  when not holds is null
+                  and evaluated_at <= state_now
+                  and (
+                    next_change is null or next_change > state_now
+                  )
+                  then holds
+                  else list_max(list_filter(times, lambda t : t <= state_now)) < (
+                    {{ evaluation_time() }} + to_minutes(cast(-10080 as bigint))
+                  )
+                end
             )
           ),
           false
@@ -1021,12 +1061,20 @@ where
                   where
                     state_key = 'f2ef26d2823e'
                     and user_number <> -1
-                    and length(
-                      list_filter(
-                        times,
-                        lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                    and case
+                      when not holds is null
+                      and evaluated_at <= state_now
+                      and (
+                        next_change is null or next_change > state_now
                       )
-                    ) > 0
+                      then holds
+                      else length(
+                        list_filter(
+                          times,
+                          lambda t : t <= state_now and t > state_now + to_minutes(cast(-43200 as bigint))
+                        )
+                      ) > 0
+                    end
                 )
               ),
               false

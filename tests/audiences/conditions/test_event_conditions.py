@@ -633,3 +633,117 @@ def test_a_verdict_is_due_the_moment_the_window_lapses(tmp_path):
     assert update_state(connection, [twice, last], NOW + day - timedelta(hours=5) - tick) == set()
     assert update_state(connection, [twice, last], NOW + day - timedelta(hours=5)) == {"ann"}
     assert state_members(connection, [[twice]], NOW + day - timedelta(hours=5)) == set()
+
+
+# --- only the users whose verdict changed are re-evaluated (`holds`, `changed_at`) --------------
+# int_event_users_to_reevaluate lists the users with a state row whose verdict a build changed
+# since the last evaluation (`changed_at`), not every user with a new event: a new order of a
+# user who already ordered in the window changes no member and re-evaluates no one.
+
+
+def changed_listing(connection, conditions: list[Condition], now) -> set[str]:
+    """One build of the state at `now` (as `update_state`), and the users it lists as
+    int_event_users_to_reevaluate does: rows whose `changed_at` lies after the last build's
+    "now", or is this one, when time went back or by events the last build did not cover."""
+    previous_now, after = None, 0
+    if connection.execute(
+        "select count(*) from information_schema.tables where table_name = 'state'"
+    ).fetchone()[0]:
+        previous_now, after = connection.execute(
+            "select max(evaluated_at), max(events_through) from state where user_number = -1"
+        ).fetchone()
+    update_state(connection, conditions, now)
+    listed = connection.execute(
+        "select user_id from state join raw.event_users using (user_number) "
+        "where (changed_at > $previous and changed_at <= $now) or (changed_at = $now "
+        "and (coalesce($previous > $now, true) or events_through > $after))",
+        {"previous": previous_now, "now": now, "after": after},
+    ).fetchall()
+    return {row[0] for row in listed}
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(event_streams(), min_size=1, max_size=3),
+    st.lists(st.sampled_from(EDGES), min_size=1, max_size=5),
+    st.lists(stateful_conditions(), min_size=1, max_size=2),
+)
+@example(*LAPSES[0])
+@example(*LAPSES[1])
+@example(*LAPSES[2])
+@example(*LAPSES[3])
+# bob's first order arrives after the first build: a row new to the state changes his verdict
+@example(
+    [
+        [event("ann", "Order Completed", NOW - timedelta(hours=1), "o1")],
+        [event("bob", "Order Completed", NOW, "o2")],
+    ],
+    [NOW, NOW + timedelta(hours=1)],
+    [performed(count={"at_least": 1}, within="1 day")],
+)
+def test_reevaluating_only_the_users_whose_verdict_changed_matches_a_full_evaluation(
+    batches, steps, conditions
+):
+    users = [{"id": "ann", "plan": "pro"}, {"id": "bob"}, {"id": "cat"}]
+    segments = [[Condition.from_json(c) for c in conditions]]
+    times = sorted(steps)
+    batches = (batches + [[]] * len(times))[: len(times)]
+    loaded: list[dict] = []
+    with tempfile.TemporaryDirectory() as folder:
+        connection = connect_memory()
+        insert_users(connection, users)
+        members: set[str] = set()
+        for step, (now, batch) in enumerate(zip(times, batches, strict=True)):
+            if batch:
+                load_events(connection, batch, Path(folder) / "events")
+            loaded += batch
+            listed = changed_listing(connection, [c for s in segments for c in s], now)
+            verdicts = state_members(connection, segments, now)
+            members = verdicts if step == 0 else (members - listed) | (verdicts & listed)
+            assert members == reference(users, loaded, conditions, now), f"listed at {now}"
+
+
+def test_a_new_event_that_changes_no_verdict_lists_no_one(tmp_path):
+    connection = connect_memory()
+    insert_users(connection, USERS)
+    load_events(
+        connection, [event("ann", "Order Completed", NOW - timedelta(hours=2), "o1")], tmp_path
+    )
+    ordered = Condition.from_json(performed(count={"at_least": 1}, within="7 days"))
+    assert changed_listing(connection, [ordered], NOW) == set()
+    # ann orders again (still a buyer), bob orders for the first time
+    load_events(
+        connection,
+        [
+            event("ann", "Order Completed", NOW - timedelta(hours=1), "o2"),
+            event("bob", "Order Completed", NOW - timedelta(minutes=30), "o3"),
+        ],
+        tmp_path,
+    )
+    later = NOW + timedelta(minutes=1)
+    assert changed_listing(connection, [ordered], later) == {"bob"}
+    assert state_members(connection, [[ordered]], later) == {"ann", "bob"}
+    # nothing new: no one; nor again at the same "now"; a new event at the same "now" does
+    assert changed_listing(connection, [ordered], later + timedelta(minutes=1)) == set()
+    assert changed_listing(connection, [ordered], later + timedelta(minutes=1)) == set()
+    load_events(
+        connection, [event("cat", "Order Completed", NOW - timedelta(hours=3), "o4")], tmp_path
+    )
+    assert changed_listing(connection, [ordered], later + timedelta(minutes=1)) == {"cat"}
+
+
+def test_a_kept_verdict_is_read_only_while_it_is_current(tmp_path):
+    """`holds` is the verdict at the build's "now" until the row's next change: evaluated later
+    without a build in between, the kept times decide."""
+    connection = connect_memory()
+    insert_users(connection, USERS)
+    orders = [event("ann", "Order Completed", NOW - timedelta(hours=2), "o1")]
+    load_events(connection, orders, tmp_path)
+    day = Condition.from_json(performed(count={"at_least": 1}, within="1 day"))
+    update_state(connection, [day], NOW)
+    lapse = NOW + timedelta(hours=22)  # the order leaves the window then
+    raw = [performed(count={"at_least": 1}, within="1 day")]
+    for moment in (NOW, lapse - timedelta(microseconds=1), lapse, lapse + timedelta(days=3)):
+        assert state_members(connection, [[day]], moment) == reference(
+            USERS, orders, raw, moment
+        ), moment
