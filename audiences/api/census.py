@@ -23,8 +23,8 @@ from audiences.api.dependencies import authenticate, bearer, check_rate, parsed_
 from audiences.api.errors import ApiError
 from audiences.api.identifiers import id_problem
 from audiences.api.service import Environment
-from audiences.static.members import MAX_MEMBERS_PER_CALL
 from audiences.store.database import normalize_tenant
+from audiences.store.members import MAX_MEMBERS_PER_CALL
 
 OPERATIONS = ["insert", "upsert", "mirror"]
 RPC_ADAPTER = TypeAdapter(dict[str, Any])

@@ -14,7 +14,7 @@ from typing_extensions import TypedDict
 from audiences.api.errors import ErrorBody
 from audiences.api.identifiers import ID_PATTERN, DateTime, Id
 from audiences.conditions.definitions import KEY_PATTERN
-from audiences.static.members import MAX_MEMBERS_PER_CALL
+from audiences.store.members import MAX_MEMBERS_PER_CALL
 
 # -- request and response shapes ------------------------------------------------------------------
 

@@ -33,7 +33,12 @@ if TYPE_CHECKING:
     from audiences.api.workers import WorkerClient
 from audiences.conditions.definitions import KEY_PATTERN, load_definitions
 from audiences.settings import Settings
-from audiences.static.members import (
+from audiences.static.uploads import after_answer, prepare_upload, record_upload
+from audiences.store import database as tables
+from audiences.store import profiles
+from audiences.store.database import MembershipStore, normalize_tenant, now_text, tenant_key
+from audiences.store.journal import IdentifyJournal, journal_of, journal_path
+from audiences.store.members import (
     Member,
     MembershipError,
     apply_change,
@@ -43,11 +48,6 @@ from audiences.static.members import (
     is_member,
     prepare_change,
 )
-from audiences.static.uploads import after_answer, prepare_upload, record_upload
-from audiences.store import database as tables
-from audiences.store import profiles
-from audiences.store.database import MembershipStore, normalize_tenant, now_text, tenant_key
-from audiences.store.journal import IdentifyJournal, journal_of, journal_path
 from audiences.store.tenants import set_tenants
 from audiences.users.sources import ROW_COLUMN
 

@@ -111,7 +111,7 @@ def members(settings: Settings, arguments) -> int:
     the warehouse's history (static changes reach it at the next run)."""
     from audiences.conditions.definitions import DefinitionError
     from audiences.membership.changes import members_at
-    from audiences.static.members import audience_types
+    from audiences.store.members import audience_types
     from audiences.store.queries import current_members
     from audiences.warehouse.queries import connect
     from audiences.warehouse.queries import members as list_members

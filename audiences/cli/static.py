@@ -9,7 +9,7 @@ from audiences.settings import Settings
 
 
 def _audience_types(settings: Settings, store) -> dict[str, str]:
-    from audiences.static.members import audience_types
+    from audiences.store.members import audience_types
 
     return audience_types(store, usable_definitions(settings))
 
@@ -27,7 +27,7 @@ def remove(settings: Settings, arguments) -> int:
 
 
 def _change(settings: Settings, arguments, action: str) -> int:
-    from audiences.static.members import Member, change_members, require_static
+    from audiences.store.members import Member, change_members, require_static
     from audiences.store.profiles import get_profile
 
     store = open_store(settings)
@@ -58,7 +58,7 @@ def _change(settings: Settings, arguments, action: str) -> int:
 def check(settings: Settings, arguments) -> int:
     """Tenant-strict membership check: a member only when the membership's tenant equals --tenant
     (no --tenant: only a membership without tenant counts). Exit code 0 when a member, 1 when not."""
-    from audiences.static.members import is_member
+    from audiences.store.members import is_member
 
     store = open_store(settings)
     if arguments.audience not in _audience_types(settings, store):

@@ -2,7 +2,7 @@
 
 Evaluated audiences' events are written to the warehouse outbox by `changes.record_changes` and
 read back by `publish.publish_outbox`; static audiences' events are written straight to the store
-(`static.members`) and read back by `publish.process_static_triggers`. Both reads make
+(`store.members`) and read back by `publish.process_static_triggers`. Both reads make
 `MembershipEvent`s, which the trigger rules, the trigger payload and the store's current-membership
 table consume.
 """

@@ -21,10 +21,10 @@ import json
 
 import sqlalchemy as sa
 
-from audiences.static.members import Member, change_members
 from audiences.store import database as tables
 from audiences.store import profiles
 from audiences.store.database import MembershipStore
+from audiences.store.members import Member, change_members
 
 
 def merge_users(

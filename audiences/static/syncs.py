@@ -31,9 +31,9 @@ import yaml
 
 from audiences.conditions.compiler import BLANK_TENANT
 from audiences.membership.changes import CircuitBreaker
-from audiences.static.members import Member, change_members, require_static
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
+from audiences.store.members import Member, change_members, require_static
 from audiences.users.sources import UserSource, guess_format, read_source
 from audiences.users.validation import validate_users
 

@@ -32,13 +32,13 @@ from pathlib import Path
 import polars as pl
 
 from audiences.settings import FAULT_PAUSE_SECONDS, FAULT_POINT, UPLOAD_MAX_BYTES
-from audiences.static.members import (
+from audiences.store.database import MembershipStore, now_text
+from audiences.store.members import (
     ChangeResult,
     count_current_members,
     distinct_members,
     require_static,
 )
-from audiences.store.database import MembershipStore, now_text
 from audiences.store.profiles import apply_uploads, lock_upload_members, queue_upload
 
 # The same reading as user sources (encodings, BOM, delimiters).

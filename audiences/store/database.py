@@ -400,7 +400,7 @@ def normalize_tenant(tenant: str | None) -> str | None:
     """A member's tenant as stored: a blank or whitespace-only tenant is no tenant (None).
 
     Every write of a member goes through it (API, uploads, syncs, the CLI, through
-    `static.members.prepare_change`); `compiler.normalized_tenant` is the same rule in SQL.
+    `store.members.prepare_change`); `compiler.normalized_tenant` is the same rule in SQL.
     Other tenants are kept as given."""
     if tenant is None or not tenant.strip(_BLANK_CHARACTERS):
         return None

@@ -29,11 +29,11 @@ import polars as pl
 import sqlalchemy as sa
 
 from audiences.settings import FAULT_POINT
-from audiences.static.members import apply_change, prepare_checked_change
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore, now_text
 from audiences.store.journal import FAULT_BEFORE_APPLIED, Entry, journal_of
 from audiences.store.journal import MARKER as JOURNAL_MARKER
+from audiences.store.members import apply_change, prepare_checked_change
 from audiences.users.sources import ROW_COLUMN, UserSource
 from audiences.users.store import LoadResult, load_users
 from audiences.users.validation import row_patches, validate_users

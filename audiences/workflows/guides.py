@@ -23,9 +23,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from audiences.static.members import is_member
 from audiences.store import database as tables
 from audiences.store.database import MembershipStore
+from audiences.store.members import is_member
 from audiences.workflows.triggers import condition_segments
 
 

@@ -10,15 +10,15 @@ import dagster as dg
 from audiences.dbt.project import project_definitions
 from audiences.membership.changes import CircuitBreaker
 from audiences.settings import Settings
-from audiences.static.members import (
+from audiences.static.syncs import load_syncs, run_sync
+from audiences.static.uploads import UploadError, upload_csv
+from audiences.store.members import (
     Member,
     audience_types,
     change_members,
     copy_to_warehouse,
     require_static,
 )
-from audiences.static.syncs import load_syncs, run_sync
-from audiences.static.uploads import UploadError, upload_csv
 from pipelines.defs.resources import (
     EnvironmentNames,
     MembershipStoreResource,

@@ -132,8 +132,8 @@ def test_an_upload_whose_service_dies_right_after_answering_is_seen_whole_and_on
     process, holds every member and its event exactly once, and the answer named the rejected
     rows by number."""
     from audiences.settings import FAULT_POINT
-    from audiences.static.members import is_member
     from audiences.static.uploads import FAULT_AFTER_ANSWER
+    from audiences.store.members import is_member
 
     store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     env = {

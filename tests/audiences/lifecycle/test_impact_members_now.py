@@ -116,8 +116,8 @@ def test_members_now_are_the_open_intervals_not_an_unrecorded_evaluation(product
 
 
 def test_a_static_audiences_members_now_are_the_stores(production):
-    from audiences.static.members import Member, change_members
     from audiences.store.database import MembershipStore
+    from audiences.store.members import Member, change_members
 
     warehouse = production.duckdb_path_for("production")
     with duckdb.connect(str(warehouse), read_only=True) as connection:

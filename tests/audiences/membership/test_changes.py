@@ -75,9 +75,9 @@ def test_the_same_change_always_gets_the_same_event_id(warehouse):
 
 
 def test_the_warehouses_event_ids_are_the_ones_python_computes_for_static_changes(warehouse):
-    """The diff's SQL and `static.members.event_id` mint the id of the same change alike: entered
+    """The diff's SQL and `store.members.event_id` mint the id of the same change alike: entered
     and exited, a second entry, with a tenant and without (no tenant hashes as '')."""
-    from audiences.static.members import event_id
+    from audiences.store.members import event_id
 
     evaluate(warehouse, T0, {"pro": []})
     evaluate(warehouse, T0 + timedelta(hours=1), {"pro": [1, (2, "acme")]})

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from audiences.static.members import Member, change_members, is_member
 from audiences.static.syncs import Sync, run_sync
 from audiences.static.uploads import upload_csv
+from audiences.store.members import Member, change_members, is_member
 from audiences.users.sources import UserSource
 
 SPELLINGS = [None, "", " ", "  ", "\t", " \n\r\v\f ", "acme", " acme ", "\u00a0", "a b"]

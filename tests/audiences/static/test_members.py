@@ -12,14 +12,14 @@ import sqlalchemy as sa
 from condition_harness import insert_users
 
 from audiences.membership.changes import CircuitBreaker
-from audiences.static.members import (
+from audiences.static.syncs import Sync, run_sync
+from audiences.store.members import (
     Member,
     MembershipError,
     change_members,
     is_member,
     require_static,
 )
-from audiences.static.syncs import Sync, run_sync
 from audiences.users.sources import UserSource
 from audiences.workflows.publish import process_static_triggers
 from audiences.workflows.triggers import WorkflowTrigger
@@ -149,7 +149,7 @@ def test_a_sync_from_an_emptied_table_is_held(store, tmp_path):
 def test_a_batch_prepared_at_once_has_the_ids_and_members_of_one_by_one():
     """An upload's change is worked out a column at a time (event ids in DuckDB): the same
     members (first of repeated rows, blank tenants none) and the same ids as `prepare_change`."""
-    from audiences.static.members import Member, prepare_change, prepare_checked_change
+    from audiences.store.members import Member, prepare_change, prepare_checked_change
 
     rows = [
         ("u1", None),

@@ -340,8 +340,8 @@ def test_an_upload_is_answered_once_journaled_and_every_read_and_write_comes_aft
     and events are not written yet, but the first read writes them before it reads, and a write
     right after the answer (a remove of a member it added) comes after them. Then nothing is
     written twice, and the patches follow."""
-    from audiences.static.members import Member, change_members, is_member
     from audiences.static.uploads import prepare_upload, record_upload
+    from audiences.store.members import Member, change_members, is_member
     from audiences.store.profiles import apply_uploads
 
     store = any_store
@@ -396,9 +396,9 @@ def test_a_cli_upload_killed_right_after_its_answer_loses_nothing_and_doubles_no
     import sys
 
     from audiences.settings import FAULT_POINT
-    from audiences.static.members import create_static_audience
     from audiences.static.uploads import FAULT_AFTER_ANSWER
     from audiences.store.database import MembershipStore
+    from audiences.store.members import create_static_audience
 
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     store = MembershipStore(url).create()
