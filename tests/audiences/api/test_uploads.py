@@ -40,8 +40,9 @@ def counts(url: str) -> dict[str, int]:
         store.dispose()
 
 
-@pytest.mark.slow  # two `audiences serve` processes: 15-60 s
-def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_path):
+def _service_with_a_key(tmp_path) -> tuple[str, dict[str, str], dict[str, str]]:
+    """A service's store, its environment (no real time) and the headers of a key made in it by
+    `audiences keys create`, for an `audiences serve` process over the sample definitions."""
     store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
@@ -63,6 +64,12 @@ def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_pa
         "Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}",
         "Content-Type": "text/csv",
     }
+    return store_url, env, headers
+
+
+@pytest.mark.slow  # two `audiences serve` processes: 15-60 s
+def test_an_upload_answered_then_killed_loses_nothing_and_doubles_nothing(tmp_path):
+    store_url, env, headers = _service_with_a_key(tmp_path)
     kept = USERS - len(BAD)
     with serve_process(env, ROOT) as (url, process):
         answer = httpx.post(
@@ -135,27 +142,7 @@ def test_an_upload_whose_service_dies_right_after_answering_is_seen_whole_and_on
     from audiences.static.uploads import FAULT_AFTER_ANSWER
     from audiences.store.members import is_member
 
-    store_url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AUDIENCES_")},
-        "AUDIENCES_DUCKDB": str(tmp_path / "warehouse.duckdb"),
-        "AUDIENCES_DEFINITIONS": str(ROOT / "data" / "audiences"),
-        "AUDIENCES_STORE_URL": store_url,
-        "AUDIENCES_REALTIME": "false",
-    }
-    created = subprocess.run(
-        [sys.executable, "-m", "audiences.cli", "keys", "create", "--name", "ci"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert created.returncode == 0, created.stderr
-    headers = {
-        "Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}",
-        "Content-Type": "text/csv",
-    }
+    store_url, env, headers = _service_with_a_key(tmp_path)
     with serve_process({**env, FAULT_POINT: FAULT_AFTER_ANSWER}, ROOT) as (url, process):
         answer = httpx.post(
             f"{url}/v1/audiences/imported/members/upload",
