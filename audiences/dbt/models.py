@@ -976,7 +976,7 @@ def _dynamic_model(definition: AudienceDefinition, analysis: _Analysis) -> str:
         flattened=FLATTENED_MODEL,
         where=compiled.indented,
         # A per-tenant audience selects from its (user, tenant) pairs (audiences/dbt/tenants.py).
-        per_tenant=per_tenant_body(FLATTENED_MODEL, compiled.where).strip("\n")
+        per_tenant=per_tenant_body(FLATTENED_MODEL, compiled.indented).strip("\n")
         if definition.per_tenant
         else "",
     )

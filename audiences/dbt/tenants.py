@@ -162,15 +162,15 @@ def times_spec(windows: Iterable[TimeWindow]) -> dict[str, str | None]:
     return spec
 
 
-def per_tenant_body(flattened_model: str, where: str) -> str:
-    """The body of a per-tenant audience's model: its pairs that match `where` (compiled SQL,
-    already Jinja-escaped, with our Jinja in place)."""
+def per_tenant_body(flattened_model: str, indented_where: str) -> str:
+    """The body of a per-tenant audience's model: its pairs that match `indented_where` (compiled
+    SQL, already Jinja-escaped, with our Jinja in place, indented by `models._indent`, which never
+    indents a line inside a string literal: a property name may hold a newline)."""
     pairs = pairs_sql(
         f"{{{{ ref('{flattened_model}') }}}}",
         f"{{{{ ref('{MEMBERSHIPS_MODEL}') }}}}",
         f"{{{{ ref('{TENANTS_MODEL}') }}}}",
     )
-    indented_where = "\n".join(f"    {line}" if line else line for line in where.splitlines())
     indented_pairs = "\n".join(f"    {line}" for line in pairs.splitlines())
     return f"""
 -- One row per (user, tenant) pair: the tenant memberships whose user and tenant exist.
