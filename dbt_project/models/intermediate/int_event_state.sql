@@ -78,6 +78,8 @@ where next_change <= {{ now }}
 union all
 select kept_rows.state_key, kept_rows.user_number, times, next_change, due_at, holds, changed_at
 from {{ this }} as kept_rows
+join (select distinct user_number
+from fresh) as fresh_users on fresh_users.user_number = kept_rows.user_number
 join (select distinct state_key, user_number
 from fresh) as fresh_pairs on fresh_pairs.state_key = kept_rows.state_key and fresh_pairs.user_number = kept_rows.user_number
 where kept_rows.next_change is null or kept_rows.next_change > {{ now }}) as found
