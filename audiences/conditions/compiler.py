@@ -1617,7 +1617,10 @@ def event_state_sql(
         # (the keys kept incrementally) made DuckDB read every row: it applies to the few rows
         # found; the pairs' scan reads every row's keys anyway. The pairs are joined as
         # distinct pairs, not by a semi join: DuckDB built the semi join's hash table on the
-        # whole state (4 of 5 CPU s at 1M users), the inner join on the pairs.
+        # whole state (4 of 5 CPU s at 1M users), the inner join on the pairs. The users' join
+        # comes first: on one integer DuckDB filters the scan by the join's keys and hands on
+        # only those users' rows (at 1M users, 5M events and 1% new: 311k of 4.3M rows; the
+        # statement 0.61 -> 0.54 CPU s), which the (key, number) pairs then narrow.
         kept_columns = (
             ", ".join(f"kept_rows.{column}" for column in ("state_key", "user_number"))
             + ", times, next_change, due_at, holds, changed_at"
@@ -1626,6 +1629,8 @@ def event_state_sql(
             f"previous as (select * from (select {columns} from {table_sql} "
             f"where next_change <= {now} union all select {kept_columns} "
             f"from {table_sql} as kept_rows "
+            "join (select distinct user_number from fresh) as fresh_users "
+            "on fresh_users.user_number = kept_rows.user_number "
             "join (select distinct state_key, user_number from fresh) as fresh_pairs "
             "on fresh_pairs.state_key = kept_rows.state_key "
             "and fresh_pairs.user_number = kept_rows.user_number "

@@ -239,3 +239,53 @@ def test_an_event_mapping_naming_a_missing_column_is_one_line_and_loads_nothing(
     ]
     with duckdb.connect(str(project / "data" / "warehouse.duckdb"), read_only=True) as connection:
         assert connection.execute("select count(*) from raw.events").fetchone()[0] == 0
+
+
+def test_a_state_table_of_the_layout_before_verdicts_is_upgraded_in_place(project):
+    """A workspace whose `int_event_state` was built before the state kept its verdicts (no
+    `holds`, no `changed_at`: the layout of 40ed7f0) is run by this code: dbt appends the two
+    columns (`on_schema_change='append_new_columns'`), a kept row without `holds` counts as
+    changed when it is rewritten and is tested over its times when it is read, so the members
+    equal a full evaluation, and the only events sent are the real changes."""
+    history = [
+        track("ann", "Order Completed", T0 - 5 * DAY, "o1"),
+        track("ann", "Order Completed", T0 - 2 * DAY, "o2"),
+        track("bob", "Order Completed", T0 - 1 * DAY, "o3"),
+        track("bob", "Signed Up", T0 - 3 * DAY, "s-bob"),
+        track("cat", "Signed Up", T0 - 2 * DAY, "s-cat"),
+    ]
+    write_events(project, "day-0.jsonl", history)
+    run(T0)
+    assert members(project) == expected(history, T0)
+    database = project / "data" / "warehouse.duckdb"
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("alter table main.int_event_state drop column holds")
+        connection.execute("alter table main.int_event_state drop column changed_at")
+    before = len(outbox(project))
+
+    # bob orders again (enters frequent-buyers); cat orders (leaves signed-up-no-order).
+    later = [
+        track("bob", "Order Completed", T0 + DAY / 2, "o5"),
+        track("cat", "Order Completed", T0 + DAY / 2, "o6"),
+    ]
+    write_events(project, "day-1.jsonl", later)
+    run(T0 + DAY)
+    with duckdb.connect(str(database), read_only=True) as connection:
+        columns = {row[0] for row in connection.execute("describe main.int_event_state").fetchall()}
+        kept = connection.execute(
+            "select count(*) from main.int_event_state where user_number <> -1 and holds is null"
+        ).fetchone()[0]
+    assert {"holds", "changed_at"} <= columns
+    assert kept  # rows the run did not rewrite keep no verdict, and are tested over their times
+    assert members(project) == expected(history + later, T0 + DAY)
+    assert sorted(row[:3] for row in outbox(project)[before:]) == [
+        ("frequent-buyers", "bob", "entered"),
+        ("signed-up-no-order", "cat", "exited"),
+    ]
+
+    # Time passes with no event: ann's first order leaves the 7 days, and she exits, once.
+    lapsed = T0 + 2 * DAY + timedelta(minutes=1)
+    count = len(outbox(project))
+    run(lapsed)
+    assert members(project) == expected(history + later, lapsed)
+    assert [row[:3] for row in outbox(project)[count:]] == [("frequent-buyers", "ann", "exited")]

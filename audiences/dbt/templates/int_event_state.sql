@@ -32,6 +32,7 @@
 
 {% if is_incremental() %}
 
+{% do event_state_columns(this, [('holds', 'boolean'), ('changed_at', 'timestamptz')]) %}
 {% set markers = event_state_markers(this, now) %}
 {% set due = now %}
 [[ incremental ]]

@@ -32,6 +32,7 @@
 
 {% if is_incremental() %}
 
+{% do event_state_columns(this, [('holds', 'boolean'), ('changed_at', 'timestamptz')]) %}
 {% set markers = event_state_markers(this, now) %}
 {% set due = now %}
 with parameters(state_key, keep, window_minutes, rank_a, rank_b, last_shift, after_seq, incremental, state_now, test_number) as (values ('2321f9e67d1b', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('2321f9e67d1b', 0) }} as bigint), cast({{ '2321f9e67d1b' in markers }} as boolean), cast({{ now }} as timestamptz), cast(0 as bigint)), ('2cd1652570e9', cast(3 as bigint), cast(-43200 as bigint), cast(3 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('2cd1652570e9', 0) }} as bigint), cast({{ '2cd1652570e9' in markers }} as boolean), cast({{ now }} as timestamptz), cast(1 as bigint)), ('3e00b5869b7c', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('3e00b5869b7c', 0) }} as bigint), cast({{ '3e00b5869b7c' in markers }} as boolean), cast({{ now }} as timestamptz), cast(2 as bigint)), ('604bdf1234c4', cast(1 as bigint), cast(-20160 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('604bdf1234c4', 0) }} as bigint), cast({{ '604bdf1234c4' in markers }} as boolean), cast({{ now }} as timestamptz), cast(3 as bigint)), ('88369935f63d', cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast(null as bigint), cast(-10080 as bigint), cast({{ markers.get('88369935f63d', 0) }} as bigint), cast({{ '88369935f63d' in markers }} as boolean), cast({{ now }} as timestamptz), cast(4 as bigint)), ('f2ef26d2823e', cast(1 as bigint), cast(-43200 as bigint), cast(1 as bigint), cast(null as bigint), cast(null as bigint), cast({{ markers.get('f2ef26d2823e', 0) }} as bigint), cast({{ 'f2ef26d2823e' in markers }} as boolean), cast({{ now }} as timestamptz), cast(5 as bigint))),
@@ -77,6 +78,8 @@ where next_change <= {{ now }}
 union all
 select kept_rows.state_key, kept_rows.user_number, times, next_change, due_at, holds, changed_at
 from {{ this }} as kept_rows
+join (select distinct user_number
+from fresh) as fresh_users on fresh_users.user_number = kept_rows.user_number
 join (select distinct state_key, user_number
 from fresh) as fresh_pairs on fresh_pairs.state_key = kept_rows.state_key and fresh_pairs.user_number = kept_rows.user_number
 where kept_rows.next_change is null or kept_rows.next_change > {{ now }}) as found
