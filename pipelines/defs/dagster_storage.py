@@ -32,6 +32,18 @@ transaction commits whole or not at all (as before, the run's file commits befor
 The dbt assets store their outputs' events this way (`build_audiences`), and so does the creation
 of a run, its planned materializations (`RunDomain._log_asset_planned_events`), in whichever
 process stores them: `audiences run`, the fork server's runs, the daemon and the web server.
+
+Two costs per materialization go too (issue 25, seventh pass). Dagster serialized each
+materialization twice, once as the event's row and again inside the asset's row (its latest
+record, `EventLogRecord(storage_id, event)`): the record's text is now made from the event's,
+which is what Dagster's serializer gives for it (a test compares them). And for each asset a step
+materializes, Dagster records its parents' data versions (provenance) by reading each parent's
+latest materialization from the index, deserializing the whole record: `audience_members` reads
+2,000 parents that the same step has just materialized. A parent's materialization written from
+this storage's kept events is remembered (its index id, data version, run and time, once its
+transaction committed), and the step's lookup of a parent this run materialized, unpartitioned,
+takes it from there instead of reading it back: the same values the read gives (tested against
+Dagster's own lookup). A wipe of an asset, or of the history, forgets it.
 """
 
 from __future__ import annotations
@@ -40,8 +52,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
+from dagster._core.event_api import EventLogRecord
+from dagster._core.events import DagsterEventType
+from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log import sql_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
@@ -170,6 +186,8 @@ def reuse_sqlite_connections() -> None:
     SqliteEventLogStorage.dispose = dispose_closing
     SqliteEventLogStorage._audiences_reuses_connections = True
     _store_planned_events_together()
+    _remember_materializations()
+    _serialize_each_event_once()
 
 
 def _reuse_run_storage_engine() -> None:
@@ -194,11 +212,13 @@ def _reuse_run_storage_engine() -> None:
 
 
 class _Writing:
-    """The open transactions (one per file) of the thread writing kept events."""
+    """The open transactions (one per file) of the thread writing kept events, and the
+    materializations they hold (remembered once committed)."""
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
         self.open: dict[str, tuple[Connection, Any]] = {}
+        self.materialized: dict[Any, Materialized] = {}
 
     def connection(self, storage: SqliteEventLogStorage, shard: str) -> Connection:
         if shard not in self.open:
@@ -221,6 +241,7 @@ def _write_kept(storage: SqliteEventLogStorage, store_event) -> None:
             store_event(storage, event)
         for _, transaction in writing.open.values():
             transaction.commit()
+        storage.__dict__.setdefault("_audiences_materialized", {}).update(writing.materialized)
     finally:
         storage.__dict__["_audiences_writing"] = None
         for connection, transaction in writing.open.values():
@@ -274,3 +295,125 @@ def _store_planned_events_together() -> None:
     _log_asset_planned_events.stores_together = True
     _log_asset_planned_events.__doc__ = current.__doc__
     RunDomain._log_asset_planned_events = _log_asset_planned_events
+
+
+class Materialized(NamedTuple):
+    """An asset's latest materialization as this process stored it: what a step's provenance
+    reads of it (Dagster's `InputAssetVersionInfo`)."""
+
+    storage_id: int
+    data_version: Any  # DataVersion | None
+    run_id: str
+    timestamp: float
+
+
+def _remember_materializations() -> None:
+    """Remember each unpartitioned materialization written from kept events (its index id comes
+    from the same transaction), and let a step's provenance take the parents its run materialized
+    from there (see the module's text)."""
+    from dagster._core.definitions.data_version import extract_data_version_from_entry
+    from dagster._core.execution.context.data_version_cache import (
+        DataVersionCache,
+        InputAssetVersionInfo,
+    )
+
+    store_asset_event = SqliteEventLogStorage._store_asset_event
+
+    def _store_asset_event(self: SqliteEventLogStorage, conn, event, event_id) -> None:
+        store_asset_event(self, conn, event, event_id)
+        writing = self.__dict__.get("_audiences_writing")
+        dagster_event = event.dagster_event
+        if (
+            writing is not None
+            and dagster_event is not None
+            and dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION
+            and dagster_event.partition is None
+        ):
+            writing.materialized[dagster_event.asset_key] = Materialized(
+                event_id, extract_data_version_from_entry(event), event.run_id, event.timestamp
+            )
+
+    def forgetting(method):
+        def forget(self: SqliteEventLogStorage, *arguments, **keywords):
+            with self._db_lock:
+                _write_kept(self, type(self)._audiences_store_event)
+                self.__dict__.pop("_audiences_materialized", None)
+            return method(self, *arguments, **keywords)
+
+        forget.__doc__ = method.__doc__
+        return forget
+
+    SqliteEventLogStorage._store_asset_event = _store_asset_event
+    SqliteEventLogStorage.wipe_asset = forgetting(SqliteEventLogStorage.wipe_asset)
+    SqliteEventLogStorage.wipe_asset_partitions = forgetting(
+        SqliteEventLogStorage.wipe_asset_partitions
+    )
+    SqliteEventLogStorage.wipe = forgetting(SqliteEventLogStorage.wipe)
+
+    fetch = DataVersionCache._fetch_input_asset_version_info
+
+    def _fetch_input_asset_version_info(self: DataVersionCache, asset_keys) -> None:
+        context = self._context
+        storage = context.instance.event_log_storage
+        if isinstance(storage, SqliteEventLogStorage) and storage.__dict__.get("_audiences_kept"):
+            with storage._db_lock:  # a parent's event may still be kept: written (and remembered)
+                _write_kept(storage, type(storage)._audiences_store_event)
+        remembered = storage.__dict__.get("_audiences_materialized") or {}
+        unknown = []
+        for key in asset_keys:
+            found = remembered.get(key)
+            input_name = (
+                context.job_def.asset_layer.get_node_input_name(context.node_handle, key)
+                if found is not None
+                else None
+            )
+            if (
+                found is None
+                or found.run_id != context.run_id
+                or (input_name and context.has_asset_partitions_for_input(input_name))
+            ):
+                unknown.append(key)
+                continue
+            self.input_asset_version_info[key] = InputAssetVersionInfo(
+                found.storage_id,
+                DagsterEventType.ASSET_MATERIALIZATION,
+                found.data_version,
+                found.run_id,
+                found.timestamp,
+            )
+        if unknown:
+            fetch(self, unknown)
+
+    _fetch_input_asset_version_info.remembers = True
+    DataVersionCache._fetch_input_asset_version_info = _fetch_input_asset_version_info
+
+
+# What Dagster's serializer writes around an event for the asset's latest record,
+# `EventLogRecord(storage_id, event_log_entry)` (`test_dagster_storage.py` compares them).
+RECORD_START = '{"__class__": "EventLogRecord", "event_log_entry": '
+RECORD_STORAGE_ID = ', "storage_id": '
+
+
+def _serialize_each_event_once() -> None:
+    """The event log serializes a materialization for its row, then the same event again inside
+    the asset's latest record: the record's text is made from the event's, in the same thread."""
+    serialize = sql_event_log.serialize_value
+    if getattr(serialize, "reuses_events", False):
+        return
+    last = threading.local()
+
+    def serialize_value(value, *arguments, **keywords):
+        if arguments or keywords:
+            return serialize(value, *arguments, **keywords)
+        if type(value) is EventLogEntry:
+            text = serialize(value)
+            last.entry = (value, text)
+            return text
+        if type(value) is EventLogRecord and type(value.storage_id) is int:
+            entry, text = getattr(last, "entry", (None, None))
+            if entry is value.event_log_entry:
+                return f"{RECORD_START}{text}{RECORD_STORAGE_ID}{value.storage_id}}}"
+        return serialize(value)
+
+    serialize_value.reuses_events = True
+    sql_event_log.serialize_value = serialize_value

@@ -204,3 +204,95 @@ def test_a_run_killed_while_its_events_are_written_leaves_the_history_usable(tmp
         latest = instance.get_latest_materialization_event(specs[49].key)
         assert latest.run_id == result.run_id
         assert latest.asset_materialization.metadata["run"].value == "next"
+
+
+def test_a_steps_parents_are_taken_from_what_it_stored_and_each_event_serialized_once(
+    tmp_path, monkeypatch
+):
+    """Issue 25, seventh pass: an asset's provenance read each parent's latest materialization
+    back from the index (the whole record deserialized), though the same step had just stored it;
+    and the event log serialized each materialization twice (its row, then the asset's latest
+    record). Now neither: what the step records is what Dagster's own read gives (the parent's
+    stored record: its id, data version, run and time), and the asset's latest record is the text
+    Dagster's serializer writes for it."""
+    from dagster._core.definitions.data_version import (
+        extract_data_version_from_entry,
+        get_input_data_version_tag,
+        get_input_event_pointer_tag,
+    )
+    from dagster._core.event_api import EventLogRecord
+    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+    from dagster_shared.serdes import deserialize_value, serdes, serialize_value
+
+    from pipelines.defs.dagster_storage import stored_together
+
+    reuse_sqlite_connections()  # what loading the code location does
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    views = [dg.AssetSpec(f"view{index}") for index in range(OUTPUTS)]
+    members = dg.AssetSpec("members", deps=[view.key for view in views])
+
+    @dg.multi_asset(specs=[*views, members])
+    def evaluation(context: dg.AssetExecutionContext):
+        with stored_together(context.instance):  # as the dbt assets yield their outputs
+            for index, spec in enumerate(views):
+                yield dg.MaterializeResult(asset_key=spec.key, metadata={"member_count": index})
+            yield dg.MaterializeResult(asset_key=members.key)
+
+    read: list = []
+    get_asset_records = SqlEventLogStorage.get_asset_records
+
+    def counted_reads(self, asset_keys=None):
+        read.extend(asset_keys or [])
+        return get_asset_records(self, asset_keys)
+
+    records_serialized = [0]
+    transform = serdes._transform_for_serialization
+
+    def counted_serialization(value, *arguments, **keywords):
+        records_serialized[0] += type(value) is EventLogRecord
+        return transform(value, *arguments, **keywords)
+
+    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    with DagsterInstance.get() as instance:
+        job.execute_in_process(instance=instance)  # the index and storage are set up
+        monkeypatch.setattr(SqlEventLogStorage, "get_asset_records", counted_reads)
+        monkeypatch.setattr(serdes, "_transform_for_serialization", counted_serialization)
+        result = job.execute_in_process(instance=instance)
+        monkeypatch.undo()
+        assert result.success
+        assert not {view.key for view in views} & set(read), read  # 30 parents read back before
+        assert records_serialized[0] == 0  # one per materialization before (31)
+
+        child = instance.get_latest_materialization_event(members.key).asset_materialization
+        remembered = instance.event_log_storage.__dict__["_audiences_materialized"]
+        for record in instance.get_asset_records([view.key for view in views]):
+            key, latest = (
+                record.asset_entry.asset_key,
+                record.asset_entry.last_materialization_record,
+            )
+            assert latest.run_id == result.run_id
+            version = extract_data_version_from_entry(latest.event_log_entry)
+            assert child.tags[get_input_event_pointer_tag(key)] == str(latest.storage_id)
+            assert child.tags[get_input_data_version_tag(key)] == version.value
+            assert remembered[key] == (
+                latest.storage_id,
+                version,
+                latest.run_id,
+                latest.event_log_entry.timestamp,
+            )
+
+        # the asset's latest record as stored is the text Dagster's serializer writes for it
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "history" / "runs" / "index.db") as index:
+            stored = dict(index.execute("select asset_key, last_materialization from asset_keys"))
+        for key in (views[0].key, members.key):
+            text = stored[key.to_string()]
+            assert serialize_value(deserialize_value(text, EventLogRecord)) == text
+
+        # a wiped asset is forgotten: its next reader reads the index again
+        instance.wipe_assets([views[0].key])
+        assert views[0].key not in instance.event_log_storage.__dict__.get(
+            "_audiences_materialized", {}
+        )
