@@ -1524,6 +1524,14 @@ def event_state_sql(
     next change a build passed, which `int_event_users_to_reevaluate` lists. Each condition also
     writes its marker row (`user_number` -1): the events its state covers and the "now" it was
     kept at.
+
+    A condition recomputed from every event writes no row for a user without a qualifying event
+    after its window's start at this "now" (every other user's events, past or future, give one),
+    and dbt's delete+insert keeps that user's older row. It says what no row says: a true `holds`
+    counted an event that lies after this window's start (the row was kept at a later "now", or
+    its verdict is still current: the event has not left the window), which would give a new
+    row; and the times it keeps count nothing at this "now" or later. The tests replaying time
+    going back: tests/audiences/conditions/test_event_conditions.py.
     """
 
     def sql(expression: exp.Expression) -> str:

@@ -187,6 +187,24 @@ def test_new_events_move_users_in_and_a_lapsed_window_moves_them_out(project):
     assert members(project) == expected(history + later, T0 + 9 * DAY)
     assert members(project)["frequent-buyers"] == set()
 
+    # Evaluated back in time (`--allow-earlier`): the event state is recomputed from every event,
+    # and dbt replaces only the (condition, user) pairs it writes. At T0 + 8 days no order is in
+    # the window: the rows that the T0 + 9 days run rewrote (their orders had left it) get no new
+    # row and stay, yet the members are the reference's; back to T0 + 1 day, every order counts.
+    for back in (T0 + 8 * DAY, T0 + DAY):
+        flags = ["--definitions", "audiences", "--sources", "sources.yml", "--sinks", "sinks.yml"]
+        assert cli.main([*flags, "--evaluation-time", stamp(back), "run", "--allow-earlier"]) == 0
+        assert members(project) == expected(history + later, back), back
+        if back == T0 + 8 * DAY:
+            warehouse = str(project / "data" / "warehouse.duckdb")
+            with duckdb.connect(warehouse, read_only=True) as connection:
+                left = connection.execute(
+                    "select count(*) from main.int_event_state "
+                    "where user_number <> -1 and evaluated_at > $back",
+                    {"back": back},
+                ).fetchone()[0]
+            assert left > 0
+
 
 def test_incremental_runs_over_random_streams_with_late_and_duplicate_events_match_a_full_evaluation(
     project,
