@@ -66,6 +66,7 @@ class Environment:
     _types: tuple[float, dict[str, str]] | None = None
     _writer: GroupCommitWriter | None = None
     _journal: IdentifyJournal | None = None
+    _journal_writer: GroupCommitWriter | None = None  # the identify journal's group commit
     # Applies the identifies this process journaled to the store, then real time (api/writer.py).
     applier: JournalApplier | None = None
     bulk_worker: BulkWorker | None = None  # processes queued bulk operations (api/bulk.py)
@@ -136,6 +137,8 @@ class Environment:
     def close(self) -> None:
         if self.applier is not None:
             self.applier.close()  # the journaled identifies applied and handed to real time
+        if self._journal_writer is not None:
+            self._journal_writer.close()
         if self.bulk_worker is not None:
             self.bulk_worker.close()
         if self.realtime is not None:
@@ -369,23 +372,17 @@ class Environment:
             self._journal = journal_of(self.store, create=True)
         return self._journal
 
-    @property
-    def identifies_inline(self) -> bool:
-        """Whether an identify without an idempotency key is journaled (`_journaled_identify`):
-        then the API runs it on its event loop, without the thread pool."""
-        return self.journal is not None
-
     def _journaled_identify(self, user_id: str, properties: dict) -> dict:
-        """An identify on a SQLite store: committed to the identify journal (its own file and
-        lock) in the calling thread, answered with the user as the store and the journal then
-        hold them; the applier (in `audiences serve`'s worker process when real time runs there,
-        else in this one) merges it into the store, then real time evaluates the user. The API
-        calls it on its event loop: the commit (no `fsync`) and the two indexed reads take about
-        a millisecond, less than the wake-ups of a thread-pool hop and a writer thread's on a
-        busy machine (each hop waits for a CPU and the interpreter lock)."""
+        """An identify on a SQLite store: committed to the identify journal (its own file, lock
+        and group commit), answered with the user as the store and the journal then hold them;
+        the applier (in `audiences serve`'s worker process when real time runs there, else in
+        this one) merges it into the store, then real time evaluates the user."""
         journal = self.journal
         entry = (user_id, profiles.dump_patch(properties), now_text())
-        seq = journal.append_now([entry])[0]
+        with _WRITER_LOCK:
+            if self._journal_writer is None:
+                self._journal_writer = GroupCommitWriter(journal.engine, f"journal-{self.name}")
+        seq = self._journal_writer.write(lambda connection: journal.append(connection, [entry]))[0]
         if self.worker is not None and self.realtime is self.worker:
             # `audiences serve` with real time: the worker process applies it, then evaluates the
             # user, so this process's interpreter only journals and answers.

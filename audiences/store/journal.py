@@ -6,8 +6,8 @@ uploads. An identify that waited for them to answer took hundreds of millisecond
 percentile. So an identify (`PUT /v1/users/{id}` without an `Idempotency-Key`) is committed to a
 SQLite file of its own beside the store, `<store>-identifies` (WAL, `synchronous = normal`: a
 committed transaction survives the process's death, SIGKILL included; only a crash of the
-machine's OS can lose the last ones, as for the store itself), committed on the API's event loop
-itself (`append_now`: no thread hands it on), and answered then. Only identifies write this file, so an identify waits only
+machine's OS can lose the last ones, as for the store itself), by a group commit of its own
+(`api/writer.py`), and answered then. Only identifies write this file, so an identify waits only
 for other identifies.
 
 Its entries reach the store in order, exactly once (`profiles.apply_journal_in`): merged into
@@ -26,7 +26,6 @@ apply and the deletion happen in between.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import secrets
 import threading
@@ -100,25 +99,6 @@ class IdentifyJournal:
         # A journal made again (its file deleted) numbers from 1 again: the store's marker names
         # the journal it counts in, so a marker of another one counts as nothing applied.
         self.token = token
-        self._turn = threading.Lock()  # `append_now`'s writers of this process
-        self._lock_file = None
-
-    def append_now(self, entries: list[tuple[str, str, str]]) -> list[int]:
-        """Add (user_id, patch text, received_at) entries in a transaction of their own, committed
-        in the calling thread (the API's event loop: a commit of a few rows, without `fsync`,
-        costs less than handing it to a writer thread and back). Threads of this process take
-        turns through a lock, processes through a file lock (a blocked writer wakes as soon as
-        it is free, where SQLite's busy handler would sleep and poll)."""
-        with self._turn:
-            if self._lock_file is None:
-                # Held (and locked) for the journal's life and closed by `dispose()`.
-                self._lock_file = open(f"{self.path}-writer.lock", "a+b")  # noqa: SIM115
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX)
-            try:
-                with self.engine.begin() as connection:
-                    return self.append(connection, entries)
-            finally:
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
 
     def append(self, connection, entries: list[tuple[str, str, str]]) -> list[int]:
         """Add (user_id, patch text, received_at) entries inside the caller's transaction on
@@ -186,10 +166,6 @@ class IdentifyJournal:
     def dispose(self) -> None:
         self.engine.dispose()
         self.read_engine.dispose()
-        with self._turn:
-            if self._lock_file is not None:
-                self._lock_file.close()
-                self._lock_file = None
 
 
 _journals: dict[str, IdentifyJournal] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from audiences.api.dependencies import Deleter, Reader, Writer, parsed_body, respond, write
+from audiences.api.dependencies import Deleter, Reader, Writer, parsed_body, write
 from audiences.api.errors import invalid
 from audiences.api.models import ERRORS, PROPERTIES_ADAPTER, PROPERTIES_BODY, User, UserId
 
@@ -24,15 +24,11 @@ async def identify(user_id: UserId, request: Request, caller: Writer):
     if properties.get("id", user_id) != user_id:
         raise invalid("id", "differs from the user id in the path")
     properties.pop("id", None)
-    environment = caller.environment
-    if "idempotency-key" not in request.headers and environment.identifies_inline:
-        # Journaled on the event loop (`Environment._journaled_identify`): no thread hops.
-        return respond(200, environment.identify(user_id, properties))
     return await write(
         request,
         caller,
         200,
-        lambda claim: environment.identify(user_id, properties, claim),
+        lambda claim: caller.environment.identify(user_id, properties, claim),
     )
 
 
