@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import platform
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -206,11 +208,15 @@ class Sink:
         self.server.server_close()
 
 
+# Where `audiences serve` is run from: its `audiences` package is this folder's (`--service-code`).
+SERVICE_CODE = {"folder": ROOT}
+
+
 def start(arguments: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "audiences.cli", *arguments],
         env=env,
-        cwd=ROOT,
+        cwd=SERVICE_CODE["folder"],
         stdout=log.open("a"),
         stderr=subprocess.STDOUT,
     )
@@ -282,7 +288,7 @@ def run_mode(
             rng = random.Random(number)
             moved_in: list[str] = []
             sequence = 0
-            with httpx.Client(headers=headers, timeout=30) as http:
+            with LightClient(port, headers) as http:
                 next_call = time.perf_counter()
                 while next_call < stop_at:
                     time.sleep(max(0.0, next_call - time.perf_counter()))
@@ -296,10 +302,10 @@ def run_mode(
                             user = f"user_{index:09d}"
                         value = "in"
                     sent = time.perf_counter()
-                    response = http.put(f"{url}/v1/users/{user}", json={"rt_probe": value})
+                    status, text = http.put(f"/v1/users/{user}", {"rt_probe": value})
                     answered = time.perf_counter()
                     answered_at = time.time()
-                    assert response.status_code == 200, response.text
+                    assert status == 200, text
                     with lock:
                         latencies.append(answered - sent)
                         if value == "in" and user not in responses:
@@ -375,6 +381,135 @@ def run_mode(
         "load_average": f"{load[0]:.1f} -> {load[1]:.1f}",
         "warm_up_seconds": warm_up,
     }
+
+
+class LightClient:
+    """One keep-alive HTTP/1.1 connection (the standard library's `http.client`): the bench's
+    clients share a process and its interpreter with the webhook receiver, so each request costs
+    that process as little as it can (httpx's client took several times the CPU per request)."""
+
+    def __init__(self, port: int, headers: dict[str, str]):
+        self.port = port
+        self.headers = {**headers, "Content-Type": "application/json"}
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def put(self, path: str, body: dict) -> tuple[int, bytes]:
+        payload = json.dumps(body).encode()
+        for attempt in (1, 2):  # a keep-alive connection the server closed: once more, anew
+            try:
+                self.connection.request("PUT", path, body=payload, headers=self.headers)
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.connection.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> LightClient:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.connection.close()
+
+
+def run_clients(
+    port: int,
+    headers: dict[str, str],
+    seconds: float,
+    rate: float,
+    path: str = "/v1/users/floor_{number}_{sequence}",
+) -> list[float]:
+    """The identify clients' load (`CLIENTS` threads at `rate` calls a second in all), against any
+    server: the answers' latencies, in seconds (the floor's measure, `run_floor`)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+    per_client = rate / CLIENTS
+
+    def client(number: int) -> None:
+        sequence = 0
+        with LightClient(port, headers) as http:
+            next_call = time.perf_counter()
+            while next_call < stop_at:
+                time.sleep(max(0.0, next_call - time.perf_counter()))
+                sequence += 1
+                sent = time.perf_counter()
+                status, text = http.put(
+                    path.format(number=number, sequence=sequence), {"rt_probe": "in"}
+                )
+                answered = time.perf_counter()
+                assert status == 200, text
+                with lock:
+                    latencies.append(answered - sent)
+                next_call += 1 / per_client
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies
+
+
+FLOOR_APP = """
+import sys
+import uvicorn
+from fastapi import FastAPI, Request
+
+app = FastAPI()
+
+
+@app.put("/v1/users/{user_id}")
+async def identify(user_id: str, request: Request):
+    return {"id": user_id, **(await request.json())}
+
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+            access_log=False, http="httptools")
+"""
+
+
+def run_floor(seconds: float, rate: float, log: Path) -> dict:
+    """The floor of an identify's latency on this machine at this moment: an empty FastAPI
+    endpoint (one async route answering the body back, under uvicorn with httptools, as
+    `audiences serve` runs), called by the same clients at the same rate for the same time. The
+    gap between it and the identify's latency is ours; the floor is the machine's and the HTTP
+    stack's."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", FLOOR_APP, str(port)],
+        cwd=ROOT,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, server, log)
+        load = [os.getloadavg()[0]]
+        latencies = run_clients(port, {}, seconds, rate)
+        load.append(os.getloadavg()[0])
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {
+        "calls": len(latencies),
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "load_average": f"{load[0]:.1f} -> {load[1]:.1f}",
+    }
+
+
+def wait_for_port(port: int, server: subprocess.Popen, log: Path, path: str = "/") -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise RuntimeError(f"the server did not start; see {log}")
+        time.sleep(0.2)
 
 
 def warm_up_realtime(url: str, headers: dict, sink: Sink) -> float:
@@ -489,17 +624,39 @@ def main() -> None:
         default="both",
         help="which modes to run; only `both` writes bench/realtime-results.*",
     )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DATA,
+        help="the folder of the warehouse and store (default bench/data/realtime): one per --users "
+        "lets --keep runs of two sizes alternate",
+    )
+    parser.add_argument(
+        "--no-floor",
+        dest="floor",
+        action="store_false",
+        help="skip the floor (an empty FastAPI endpoint under the same clients, before each mode)",
+    )
+    parser.add_argument(
+        "--service-code",
+        type=Path,
+        default=None,
+        help="run `audiences serve` from this checkout's `audiences` package (an A/B of two "
+        "versions in one session); the bench itself and the pipeline passes run this one's",
+    )
     arguments = parser.parse_args()
+    if arguments.service_code:
+        SERVICE_CODE["folder"] = arguments.service_code.resolve()
     os.environ.setdefault(SECRET_ENV, "whsec_" + base64.b64encode(os.urandom(24)).decode())
     sink_port = free_port()
     sink = Sink(sink_port)
     started = time.perf_counter()
     if arguments.keep:
-        settings = reuse(DATA, sink_port)
+        settings = reuse(arguments.data, sink_port)
         store = MembershipStore(settings.store_url).create()
         first = pipeline_pass(settings, store)
     else:
-        settings = setup(DATA, arguments.users, sink_port)
+        settings = setup(arguments.data, arguments.users, sink_port)
         store = MembershipStore(settings.store_url).create()
         first = pipeline_pass(settings, store, lean=False)
     skip = frozenset(probe_members(store)) if arguments.keep else frozenset()
@@ -521,6 +678,15 @@ def main() -> None:
     for realtime, offset in ((True, 0), (False, half)):
         if arguments.mode != "both" and realtime != (arguments.mode == "on"):
             continue
+        floor = (
+            run_floor(
+                arguments.seconds,
+                arguments.rate,
+                settings.duckdb_path.parent / "processes-floor.log",
+            )
+            if arguments.floor
+            else None
+        )
         results["modes"].append(
             run_mode(
                 settings,
@@ -533,6 +699,7 @@ def main() -> None:
                 offset,
                 skip,
             )
+            | {"floor": floor}
         )
     sink.close()
     store.dispose()
@@ -597,11 +764,19 @@ def write_results(results: dict, arguments: str) -> None:
             )
         )
 
+    for mode in (on, off):
+        floor = mode.get("floor") or {}
+        mode["floor_p50_ms"] = floor.get("p50_ms")
+        mode["floor_p99_ms"] = floor.get("p99_ms")
+        mode["floor_load_average"] = floor.get("load_average")
     for key in (
         "identify_calls",
         "users_moved_in",
         "identify_p50_ms",
         "identify_p99_ms",
+        "floor_p50_ms",
+        "floor_p99_ms",
+        "floor_load_average",
         "to_webhook_p50_ms",
         "to_webhook_p99_ms",
         "events_lost",

@@ -92,8 +92,7 @@ class WorkerClient:
 
         self.address = socket_address(address)
         self.environment = environment.name
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.settimeout(SEND_TIMEOUT_SECONDS)
+        self._socket: socket.socket | None = None  # connected to the worker's (`_send`)
         self._queue: queue.SimpleQueue[tuple[list[str], list[str] | None] | str | None] = (
             queue.SimpleQueue()
         )
@@ -140,7 +139,8 @@ class WorkerClient:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(STOP_TIMEOUT_SECONDS)
-        self._socket.close()
+        if self._socket is not None:
+            self._socket.close()
 
     def _run(self) -> None:
         stopping = False
@@ -185,17 +185,44 @@ class WorkerClient:
                     }
                 )
 
+    def _connected(self) -> socket.socket:
+        """The socket, connected to the worker's. Connected, a send to a worker whose receive
+        queue is full sleeps until it has room (the kernel wakes it); unconnected, `sendto` found
+        the socket writable and the queue full, again and again, and so spun for as long as the
+        queue stayed full, taking the API's interpreter lock back at every turn."""
+        if self._socket is None:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            connection.settimeout(SEND_TIMEOUT_SECONDS)
+            try:
+                connection.connect(self.address)
+            except OSError:
+                connection.close()
+                raise
+            self._socket = connection
+        return self._socket
+
     def _send(self, message: dict) -> None:
         data = json.dumps(message, separators=(",", ":")).encode()
         try:
-            self._socket.sendto(data, self.address)
+            try:
+                self._connected().send(data)
+            except (ConnectionRefusedError, FileNotFoundError):
+                # The worker it was connected to is gone; a new one may listen at the address.
+                self._disconnect()
+                self._connected().send(data)
         except OSError as error:
+            self._disconnect()
             # No worker listening (it is starting again) or its queue full for too long: its
             # start (or the next pipeline run) evaluates these users; say so at most once a minute.
             now = time.monotonic()
             if error.errno not in (errno.ECONNREFUSED, errno.ENOENT) and now - self._warned > 60:
                 self._warned = now
                 log.warning("the worker process took no message (%s); it catches up", error)
+
+    def _disconnect(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
 
 class WorkerSupervisor:

@@ -131,15 +131,21 @@ class GroupCommitWriter:
 # which identifies would otherwise wait for after every pass).
 FORGET_EVERY_SECONDS = 1.0
 RETRY_SECONDS = 0.5  # after a failed pass (the store busy past its wait): the entries wait
+# How long the applier remembers an entry it applied before it was told of it (a pass applies
+# every entry waiting in the journal, also those whose news is still on its way): the news that
+# comes later hands nothing to real time again. News lost for longer is forgotten with it.
+EARLY_SECONDS = 60.0
 
 
 class JournalApplier:
     """Applies the identifies journaled (`store/journal.py`) by this process, or by the API's
     processes for `audiences serve`'s worker process (`api/workers.py`), to the store, right
     after their answers, each pass every entry waiting at that moment in one write of the
-    store's group commit; then hands their users to real time: with the properties each set
-    when its user existed before it (only the audiences reading them are evaluated), else every
-    audience (a new user, or an entry another writer of profiles applied first)."""
+    store's group commit; then hands the users of every entry the pass applied to real time
+    (also those journaled but not yet told of: under load, most of them): with the properties
+    each set when its user existed before it (only the audiences reading them are evaluated),
+    else every audience (a new user). An entry another writer of profiles applied first (a
+    delete, an upload, the pipeline's load) has its user evaluated for every audience."""
 
     def __init__(self, environment):
         self.environment = environment
@@ -148,6 +154,8 @@ class JournalApplier:
         self._stopping = False
         self._busy = False
         self._forgotten = 0.0
+        # Entries a pass applied before the applier was told of them: number -> when.
+        self._early: dict[int, float] = {}
         self._thread = threading.Thread(
             target=self._run, name=f"journal-applier-{environment.name}", daemon=True
         )
@@ -200,7 +208,7 @@ class JournalApplier:
             os.kill(os.getpid(), signal.SIGKILL)
         while True:
             try:
-                existed = environment.write(lambda connection: apply_journal_in(store, connection))
+                applied = environment.write(lambda connection: apply_journal_in(store, connection))
                 break
             except Exception:
                 if self._stopping:  # the entries stay journaled: the next start applies them
@@ -208,9 +216,18 @@ class JournalApplier:
                     return
                 log.exception("the identify journal could not be applied to the store; retrying")
                 time.sleep(RETRY_SECONDS)
-        for seq, user_id, changed in taken:
-            environment.identified([user_id], changed if existed.get(seq) else None)
         now = time.monotonic()
+        for seq in sorted(applied):
+            entry = applied[seq]
+            environment.identified([entry.user_id], entry.properties if entry.existed else None)
+        told = {seq for seq, _, _ in taken}
+        self._early.update((seq, now) for seq in applied if seq not in told)
+        for seq, user_id, _ in taken:
+            if seq not in applied and self._early.pop(seq, None) is None:
+                # Applied by another writer of profiles: whether the user existed is not known.
+                environment.identified([user_id], None)
+        for seq in [seq for seq, at in self._early.items() if now - at > EARLY_SECONDS]:
+            del self._early[seq]
         if now - self._forgotten > FORGET_EVERY_SECONDS:
             self._forgotten = now
             try:

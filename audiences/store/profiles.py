@@ -345,11 +345,22 @@ def replay(
     return results
 
 
-def apply_journal_in(store: MembershipStore, connection) -> dict[int, bool]:
+@dataclass(frozen=True)
+class Applied:
+    """An identify journal entry applied to the store: its user, the top-level properties it set,
+    and whether the user existed before it (if so, it can move them only in the audiences that
+    read those properties)."""
+
+    user_id: str
+    properties: frozenset[str]
+    existed: bool
+
+
+def apply_journal_in(store: MembershipStore, connection) -> dict[int, Applied]:
     """Apply the identify journal's entries the store has not applied yet, in order, inside the
     caller's write transaction (profiles locked): profiles merged, patches queued for the
-    warehouse (those that change their user), the store's marker moved. Returns, per entry
-    applied, whether its user existed before it. `lock_profiles` calls it."""
+    warehouse (those that change their user), the store's marker moved. Returns each entry
+    applied, by its number. `lock_profiles` calls it."""
     journal = journal_of(store)
     if journal is None or os.environ.get(FAULT_POINT) == FAULT_BEFORE_APPLIED:
         return {}  # (a test's fault: the service is about to die with the entries unapplied)
@@ -380,7 +391,10 @@ def apply_journal_in(store: MembershipStore, connection) -> dict[int, bool]:
         ],
     )
     journal.set_applied(connection, entries[-1].seq)
-    return {entry.seq: existed for entry, existed, _ in results}
+    return {
+        entry.seq: Applied(entry.user_id, frozenset(json.loads(entry.patch)), existed)
+        for entry, existed, _ in results
+    }
 
 
 def apply_journal(store: MembershipStore) -> list[str]:

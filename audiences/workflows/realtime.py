@@ -412,14 +412,19 @@ class UserEvaluator:
                 entered += [(key, user_key, user_id) for key in sorted(now_in)]
             if index + 1 == len(plan.levels):
                 break
-            # Later levels read this level's verdicts as memberships.
-            connection.executemany(
-                "delete from main.audience_members where audience_key = ? and tenant is null",
-                [(key,) for key in keys],
+            # Later levels read this level's verdicts as memberships. One statement each (an
+            # `executemany` runs one per row, each bound and planned: most of a full evaluation).
+            connection.execute(
+                "delete from main.audience_members where tenant is null and audience_key in ("
+                + ", ".join(["?"] * len(keys))
+                + ")",
+                list(keys),
             )
             if entered:
-                connection.executemany(
-                    "insert into main.audience_members values (?, ?, ?, null)", entered
+                connection.execute(
+                    "insert into main.audience_members values "
+                    + ", ".join(["(?, ?, ?, null)"] * len(entered)),
+                    [value for row in entered for value in row],
                 )
                 self._holds_memberships = True
         return members

@@ -291,3 +291,34 @@ def test_with_the_worker_process_the_api_only_journals_an_identify(tmp_path, mon
         worker.close()
         receiver.close()
         store.dispose()
+
+
+def test_the_api_reaches_a_worker_started_again_at_its_address():
+    """The API's client keeps its socket connected to the worker's (a send to a full queue then
+    sleeps until there is room, where an unconnected one spun); when that worker is gone and a
+    new one listens at the same address, the next message reaches the new one."""
+    from types import SimpleNamespace
+
+    from audiences.api.workers import WorkerClient, new_address, socket_address
+
+    address = new_address()
+    environment = SimpleNamespace(name="development", store=SimpleNamespace(url="sqlite://"))
+
+    def listening() -> socket.socket:
+        worker = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        worker.bind(socket_address(address))
+        worker.settimeout(10)
+        return worker
+
+    first = listening()
+    client = WorkerClient(address, environment)
+    try:
+        client.journaled(1, "ada", ["plan"])
+        assert json.loads(first.recv(1 << 16))["journaled"] == [[1, "ada", ["plan"]]]
+        first.close()  # the worker process died; its next one binds the same address
+        second = listening()
+        client.journaled(2, "bea", ["plan"])
+        assert json.loads(second.recv(1 << 16))["journaled"] == [[2, "bea", ["plan"]]]
+        second.close()
+    finally:
+        client.close()

@@ -78,3 +78,66 @@ def test_writes_are_visible_only_after_they_return(tmp_path):
         writer.write(lambda connection: (_ for _ in ()).throw(RuntimeError("no")))
     writer.close()
     store.dispose()
+
+
+def test_the_applier_hands_every_entry_it_applies_to_real_time_with_what_it_set(tmp_path):
+    """A pass applies every entry waiting in the journal, also those the applier has not been
+    told of yet (their news on its way, as under load): each of their users goes to real time
+    at once, with the properties it set (only the audiences reading them), and the news that
+    comes later hands nothing again; an entry applied by another writer of profiles goes to real
+    time for every audience."""
+    from audiences.api.writer import JournalApplier
+    from audiences.store.database import now_text
+    from audiences.store.journal import journal_of
+    from audiences.store.profiles import apply_journal, dump_patch, identify
+
+    store = MembershipStore(f"sqlite:///{tmp_path}/store.sqlite").create()
+    with store.engine.begin() as connection:  # known users: an identify changes what it sets
+        identify(store, connection, [("ada", {"plan": "free"}), ("bea", {"plan": "free"})])
+    journal = journal_of(store, create=True)
+    handed: list[tuple[list[str], frozenset[str] | None]] = []
+
+    class Environment:
+        name = "development"
+
+        def __init__(self):
+            self.store, self.journal = store, journal
+            self.writer = GroupCommitWriter(store.engine)
+
+        def write(self, work):
+            return self.writer.write(work)
+
+        def identified(self, user_ids, changed=None):
+            handed.append((list(user_ids), None if changed is None else frozenset(changed)))
+
+    def journaled(user_id: str, patch: dict) -> int:
+        with journal.engine.begin() as connection:
+            return journal.append(connection, [(user_id, dump_patch(patch), now_text())])[0]
+
+    environment = Environment()
+    applier = JournalApplier(environment)
+    try:
+        first, second = journaled("ada", {"plan": "pro"}), journaled("bea", {"seats": 3})
+        third = journaled("cy", {"plan": "pro"})  # a new user: every audience
+        applier.journaled(first, "ada", ["plan"])  # the others' news is still on its way
+        assert applier.wait_idle(10)
+        assert handed == [
+            (["ada"], frozenset({"plan"})),
+            (["bea"], frozenset({"seats"})),
+            (["cy"], None),
+        ]
+        applier.journaled(second, "bea", ["seats"])
+        applier.journaled(third, "cy", ["plan"])
+        assert applier.wait_idle(10)
+        assert len(handed) == 3  # already handed: nothing twice
+
+        fourth = journaled("ada", {"seats": 1})
+        apply_journal(store)  # another writer of profiles applies it first
+        applier.journaled(fourth, "ada", ["seats"])
+        assert applier.wait_idle(10)
+        assert handed[3:] == [(["ada"], None)]
+    finally:
+        applier.close()
+        environment.writer.close()
+        journal.dispose()
+        store.dispose()

@@ -111,6 +111,25 @@ def test_server_error_then_success_delivers_on_retry_with_the_same_idempotency_k
     ]
 
 
+def test_a_pass_that_finds_nothing_due_takes_no_write_transaction(store, webhook, recorder):
+    """The always-on worker runs a pass each time it is woken, and every pass ends with a claim
+    that finds nothing: that claim reads, it takes no write turn from real time and the API. A
+    pass that sends writes its claim and its outcome."""
+    pending(store, "dlv-1", "webhook", status="delivered")
+    pending(store, "dlv-2", "webhook")
+    writes: list[int] = []
+    listener = lambda connection: writes.append(1)  # noqa: E731
+    sa.event.listen(store.engine, "begin", listener)
+    try:
+        report = deliver_due(store, {"webhook": webhook}, now=at(-1))  # dlv-2 not due yet
+        assert (report.attempted, len(writes)) == (0, 0)
+        report = deliver_due(store, {"webhook": webhook}, now=T0)
+        assert report.delivered == 1
+        assert len(writes) == 2  # the claim and the outcome; the pass's last claim only read
+    finally:
+        sa.event.remove(store.engine, "begin", listener)
+
+
 def test_a_retry_is_not_sent_again_before_it_is_due(store, knock, recorder):
     pending(store, "dlv-1", "knock")
     recorder.script(Reply(503, headers={"Retry-After": "60"}))
