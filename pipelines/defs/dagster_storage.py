@@ -33,6 +33,18 @@ The dbt assets store their outputs' events this way (`build_audiences`), and so 
 of a run, its planned materializations (`RunDomain._log_asset_planned_events`), in whichever
 process stores them: `audiences run`, the fork server's runs, the daemon and the web server.
 
+Where the patches apply: they change Dagster's classes in the process that applies them, which
+loading the code location does (`audiences run`, the fork server and its runs, a code server).
+The daemon (schedules, sensors) and the web server (the UI's launches) create runs, and store
+their planned materializations, without loading the code location: there the instance applies
+them as it is built, the project's `dagster_home/dagster.yaml` naming `AudiencesInstance` as its
+`instance_class` (Dagster's instance and default storages; `audiences init` copies the file). An
+instance whose event log is not Dagster's SQLite one (PostgreSQL) patches nothing, and a
+`dagster.yaml` without the class behaves as Dagster's. It is an instance class rather than an
+`event_log_storage` class because the default's `base_dir` is the instance's folder, which a
+`dagster.yaml` cannot name (it is copied to every project, `DAGSTER_HOME` may be unset when the
+CLI opens `./dagster_home`), while an instance class keeps Dagster's defaults for that folder.
+
 Two costs per materialization go too (issue 25, seventh pass). Dagster serialized each
 materialization twice, once as the event's row and again inside the asset's row (its latest
 record, `EventLogRecord(storage_id, event)`): the record's text is now made from the event's,
@@ -57,6 +69,8 @@ from typing import Any, NamedTuple
 from dagster._core.event_api import EventLogRecord
 from dagster._core.events import DagsterEventType
 from dagster._core.events.log import EventLogEntry
+from dagster._core.instance import DagsterInstance
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log import sql_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     SQLITE_BUSY_TIMEOUT_SECONDS,
@@ -188,6 +202,28 @@ def reuse_sqlite_connections() -> None:
     _store_planned_events_together()
     _remember_materializations()
     _serialize_each_event_once()
+
+
+class AudiencesInstance(DagsterInstance):
+    """Dagster's instance, with its SQLite storage's patches (`reuse_sqlite_connections`) applied
+    as it is built: in every process that loads an instance from `dagster_home/dagster.yaml`
+    (`instance_class`), the daemon's and the web server's too, which create the runs of the
+    schedules, sensors and the UI's launches without loading the code location. Only when its
+    event log is Dagster's SQLite one: on any other storage (PostgreSQL) nothing is patched. Its
+    storages are Dagster's defaults for the instance's folder, or what `dagster.yaml` names."""
+
+    def __init__(self, *arguments, **keywords) -> None:
+        if isinstance(keywords.get("event_storage"), SqliteEventLogStorage):
+            reuse_sqlite_connections()
+        super().__init__(*arguments, **keywords)
+
+    @classmethod
+    def config_schema(cls) -> dict:
+        return {}  # no settings of its own
+
+    @staticmethod
+    def config_defaults(base_dir: str):
+        return InstanceRef.config_defaults(base_dir)
 
 
 def _reuse_run_storage_engine() -> None:

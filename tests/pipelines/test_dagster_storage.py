@@ -1,10 +1,13 @@
 """Issue 17, item 4: a run's events are stored without opening SQLite files once per event."""
 
+import json
+import os
 import subprocess
 import sys
 from sqlite3 import dbapi2  # what SQLAlchemy's SQLite dialect connects with
 
 import dagster as dg
+from condition_harness import ROOT
 from dagster import DagsterInstance
 
 from pipelines.defs.dagster_storage import reuse_sqlite_connections
@@ -296,3 +299,91 @@ def test_a_steps_parents_are_taken_from_what_it_stored_and_each_event_serialized
         assert views[0].key not in instance.event_log_storage.__dict__.get(
             "_audiences_materialized", {}
         )
+
+
+CREATE_RUN = """
+import json, sys
+import dagster as dg
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+specs = [dg.AssetSpec(f"view{index}") for index in range(100)]
+
+@dg.multi_asset(specs=specs)
+def evaluation():
+    for spec in specs:
+        yield dg.MaterializeResult(asset_key=spec.key)
+
+job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+with dg.DagsterInstance.get() as instance:
+    instance.get_runs()  # the storages are set up
+    committed = [0]
+    def count(connection):
+        committed[0] += 1
+    event.listen(Engine, "commit", count)
+    run = instance.create_run_for_job(job_def=job)  # what the daemon and the web server do
+    event.remove(Engine, "commit", count)
+    stored = [
+        (entry.dagster_event.event_type_value, entry.dagster_event.asset_key.to_user_string())
+        for entry in instance.all_logs(run.run_id)
+    ]
+    print(json.dumps({
+        "commits": committed[0],
+        "stored": stored,
+        "patched": getattr(SqliteEventLogStorage, "_audiences_reuses_connections", False),
+        "instance": type(instance).__name__,
+        "code_location_loaded": "pipelines.defs.environments" in sys.modules,
+    }))
+"""
+
+
+def test_runs_the_daemon_and_the_web_server_create_store_their_planned_events_together(tmp_path):
+    """Issue 25: the patches of the SQLite history were applied where the code location loads;
+    the daemon (schedules, sensors) and the web server (the UI's launches) create runs without
+    loading it, and stored a run's planned materializations (one per asset, 2,000 at 2,000
+    audiences) each in its own transactions: 209 commits for 100 assets. The project's
+    `dagster.yaml` names an instance class that applies them as the instance is built: 11. The
+    same events in the same order; with an event log other than Dagster's SQLite one (PostgreSQL,
+    here Dagster's in-memory one, which is not SQLite's either) nothing is patched."""
+    project_yaml = (ROOT / "dagster_home" / "dagster.yaml").read_text()
+    assert "AudiencesInstance" in project_yaml
+    homes = {
+        "project": project_yaml,
+        # A user's own dagster.yaml without the class: as before.
+        "without the class": project_yaml.split("instance_class:")[0],
+        "other event log": project_yaml
+        + "event_log_storage:\n  module: dagster._core.storage.event_log\n"
+        + "  class: InMemoryEventLogStorage\n",
+    }
+    results = {}
+    for name, text in homes.items():
+        home = tmp_path / name.replace(" ", "_")
+        home.mkdir()
+        (home / "dagster.yaml").write_text(text)
+        created = subprocess.run(
+            [sys.executable, "-c", CREATE_RUN],
+            env={**os.environ, "DAGSTER_HOME": str(home)},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert created.returncode == 0, created.stderr[-3000:]
+        results[name] = json.loads(created.stdout.splitlines()[-1])
+
+    project = results["project"]
+    assert project["instance"] == "AudiencesInstance" and project["patched"]
+    assert not project["code_location_loaded"]
+    planned = [["ASSET_MATERIALIZATION_PLANNED", f"view{index}"] for index in range(100)]
+    assert sorted(project["stored"]) == sorted(planned)
+    assert project["commits"] < 20, project["commits"]  # 209 without the class
+
+    without = results["without the class"]
+    assert without["instance"] == "DagsterInstance" and not without["patched"]
+    assert without["commits"] > 100
+    assert project["stored"] == without["stored"]  # the same events, in Dagster's order
+
+    other = results["other event log"]
+    assert other["instance"] == "AudiencesInstance" and not other["patched"]
+    assert other["stored"] == without["stored"]
