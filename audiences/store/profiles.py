@@ -67,6 +67,24 @@ def _dump(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _same_json(after: str, before: str | None) -> bool:
+    """Whether two JSON texts DuckDB wrote hold the same document. DuckDB's `json_merge_patch`
+    moves a key it patches to the end of its object, so a patch that changes nothing can change
+    the text's key order: texts of the same length are compared as documents, keys in any order
+    (values by type: `1`, `1.0` and `true` stay different)."""
+    if before is None:
+        return False
+    if after == before:
+        return True
+    if len(after) != len(before):
+        return False
+    return _canonical(after) == _canonical(before)
+
+
+def _canonical(text: str) -> str:
+    return json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def dump_patch(patch: dict) -> str:
     """An identify patch as the identify queue and the journal keep it (JSON text)."""
     return _dump(patch)
@@ -220,15 +238,19 @@ def _identify_rows(store: MembershipStore, connection, patches: pl.DataFrame) ->
                 left join current on current.user_id = patches.user_id
                 group by patches.user_id
             )
-            select user_id, properties, properties is not distinct from before as unchanged
+            select user_id, properties, before
             from merged
             order by user_id
         """).fetchall()
-    unchanged = {user_id for user_id, _, same in merged if same}
+    unchanged = {user_id for user_id, after, before in merged if _same_json(after, before)}
     _upsert_profiles(
         store,
         connection,
-        [(user_id, properties, stamp, None) for user_id, properties, same in merged if not same],
+        [
+            (user_id, properties, stamp, None)
+            for user_id, properties, _ in merged
+            if user_id not in unchanged
+        ],
     )
     _queue_patches(
         store,
