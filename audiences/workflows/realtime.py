@@ -724,6 +724,18 @@ def import_realtime_events(
                 "versions": [row["audience_version"] for row in rows],
             },
         )
+        # The events of users the warehouse holds, with their keys (an event of another user
+        # changes no interval; it is still remembered below).
+        warehouse.execute(
+            """
+            create or replace temp table realtime_import_keyed as
+            select imported.seq, imported.audience_key, users.user_key, users.user_id,
+                imported.event_type, imported.entry_number, imported.at,
+                imported.audience_version
+            from realtime_import_rows as imported
+            join raw.users as users on users.user_id = imported.user_id
+            """
+        )
         warehouse.execute(
             """
             create or replace temp table realtime_import_intervals as
@@ -731,20 +743,18 @@ def import_realtime_events(
             from raw.membership_intervals as intervals
             where intervals.tenant is null and exists (
                 select 1
-                from realtime_import_rows as imported
-                join raw.users as users on users.user_id = imported.user_id
-                where imported.audience_key = intervals.audience_key
-                    and users.user_key = intervals.user_key
+                from realtime_import_keyed as keyed
+                where keyed.audience_key = intervals.audience_key
+                    and keyed.user_key = intervals.user_key
             )
             """
         )
         keyed = warehouse.execute(
             """
-            select imported.audience_key, users.user_key, users.user_id, imported.event_type,
-                imported.entry_number, imported.at, imported.audience_version
-            from realtime_import_rows as imported
-            join raw.users as users on users.user_id = imported.user_id
-            order by imported.seq
+            select keyed.audience_key, keyed.user_key, keyed.user_id, keyed.event_type,
+                keyed.entry_number, keyed.at, keyed.audience_version
+            from realtime_import_keyed as keyed
+            order by keyed.seq
             """
         ).fetchall()
         for audience, user_key, user_id, event_type, entry, at, version in keyed:
@@ -796,6 +806,7 @@ def import_realtime_events(
             {"e": evaluated_at},
         )
         warehouse.execute("drop table realtime_import_rows")
+        warehouse.execute("drop table realtime_import_keyed")
         warehouse.execute("drop table realtime_import_intervals")
         warehouse.execute("commit")
     except BaseException:
