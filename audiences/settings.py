@@ -8,6 +8,7 @@ setting `AUDIENCES_*` variables. Secrets never live here, only paths and choices
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -507,16 +508,33 @@ def default_dbt_project() -> Path:
     return _absolute("dbt_project")
 
 
+# The sha256 of each `dagster.yaml` the engine shipped before the current one (git history of
+# dagster_home/dagster.yaml). A project's copy equal to one of them was never edited, so it is
+# brought up to date (the fork-server launcher, the instance class); an edited copy is its owner's.
+_SHIPPED_DAGSTER_YAML = frozenset(
+    {
+        "40bad8b71ef1a272d3a886e3c480c8c31b58feed22261f2ecd16241ff689df61",
+        "d5ba46af2dfebf9b95bcf3d0e8e7ac90340293dee254c7d10d4279428e8f1e3b",
+        "5801bb7cf3bf31e015ca769b55968d7f040ed2c4439a10dd6c75b78bb96636a4",
+    }
+)
+
+
 def prepare_dagster_home(folder: Path) -> Path:
     """A Dagster instance folder ready to use: created, with the engine's `dagster.yaml` (which
-    serializes the runs that write DuckDB) when it has none. Returns the folder."""
+    serializes the runs that write DuckDB) when it has none, or when it has an unedited copy of
+    an earlier one. Written whole or not at all (a kill mid-write leaves the old file). Returns
+    the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     instance_file = folder / "dagster.yaml"
-    if not instance_file.exists():
-        instance_file.write_text(
-            (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"),
-            encoding="utf-8",
-        )
+    current = (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_bytes()
+    if instance_file.exists():
+        kept = instance_file.read_bytes()
+        if kept == current or hashlib.sha256(kept).hexdigest() not in _SHIPPED_DAGSTER_YAML:
+            return folder
+    written = instance_file.with_name(f".dagster.yaml.{os.getpid()}.tmp")
+    written.write_bytes(current)
+    os.replace(written, instance_file)
     return folder
 
 
