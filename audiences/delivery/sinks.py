@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 import yaml
@@ -648,6 +648,9 @@ def _session(pool_size: int, url: str) -> requests.Session:
     environment = session.merge_environment_settings(url, {}, None, None, None)
     session.proxies = environment["proxies"]
     session.verify = environment["verify"]
+    if urlsplit(url).scheme == "http" and not session.proxies:
+        # No TLS on the way: a CA bundle's path would only cost a directory check per request.
+        session.verify = True
     session.auth = requests.utils.get_netrc_auth(url)
     session.trust_env = False
     return session

@@ -257,6 +257,11 @@ def test_a_sink_reads_the_proxy_and_netrc_of_its_environment_once(tmp_path, monk
             knock.close()
     assert target.requests == []
     hook, trigger = proxy.requests
+    # Without a proxy, plain HTTP needs no CA bundle: none is looked up per request.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(netrc))
+    direct = WebhookSink("webhook", "http://127.0.0.1:9/hooks", SECRET)
+    direct.close()
+    assert direct._session.verify is True
     # Through the proxy the request names the whole URL; the netrc's credentials as built.
     assert hook.path == f"{target.url}/hooks"
     assert trigger.path == f"{target.url}/v1/workflows/welcome/trigger"
