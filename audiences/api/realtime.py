@@ -62,8 +62,11 @@ class RealtimeWorker:
     with its own in-memory DuckDB; a user is evaluated by one lane at a time, in the order of
     their identifies."""
 
-    def __init__(self, environment: Environment):
+    def __init__(self, environment: Environment, settle_heap: bool = False):
         self.environment = environment
+        # In `audiences serve`'s worker process: the heap is frozen again after a plan is compiled
+        # (`workers.settle_heap`; the plan's objects live until the next one).
+        self._settle_heap = settle_heap
         self.settings = environment.settings.for_environment(environment.name)
         # Each lane opens its evaluator in its own thread, off the service's start.
         self.evaluators: dict[str, UserEvaluator] = {}
@@ -220,6 +223,10 @@ class RealtimeWorker:
         setup = load_workflow_setup(settings)
         close_sinks(setup.sinks)
         self._plan = (now, fingerprint, plan, setup.triggers, setup.default_sink)
+        if self._settle_heap:
+            from audiences.api.workers import settle_heap
+
+            settle_heap()
         return plan, setup.triggers, setup.default_sink
 
     def _record(

@@ -238,6 +238,7 @@ def deliver_due(
     worker_id: str | None = None,
     stop: threading.Event | None = None,
     report_unknown_sinks: bool = True,
+    wake: threading.Event | None = None,
 ) -> DeliveryReport:
     """Send every due pending delivery (at most `limit`) to its sink and record each outcome.
 
@@ -267,6 +268,12 @@ def deliver_due(
     are never touched (`report_unknown_sinks=False` skips counting them). Claims this worker could
     not use are given back when the pass ends, even when it ends with an error. Setting `stop` ends
     the pass early: each sink finishes and records the send in flight and gives back its claims.
+
+    With `wake` (the always-on worker's event, set when deliveries are queued), a sink claims again
+    while its sends are in flight, each time one of them ends or `wake` is set, instead of waiting
+    for all of them: a delivery queued behind a slow send goes out at once. Its recipient's order
+    still holds: a delivery in flight is pending until its outcome is written, so no later one of
+    its recipient is claimed before that.
     """
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -293,6 +300,7 @@ def deliver_due(
         worker_id=worker_id or new_worker_id(),
         remaining=limit,
         stop=stop if stop is not None else threading.Event(),
+        wake=wake,
     )
     names = sorted(sinks)
     reports = _each_sink(work, {name: sinks[name] for name in names})
@@ -444,6 +452,7 @@ class _Pass:
     worker_id: str
     remaining: int | None
     stop: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _claims: itertools.count = field(default_factory=itertools.count)
 
@@ -461,6 +470,13 @@ class _Pass:
         with self._lock:
             if self.remaining is not None:
                 self.remaining += reserved - claimed
+
+    def due_now(self) -> None:
+        """Move the pass's due time to now (a pass with `wake`: it claims what is queued as it
+        goes; a retry is still due no earlier than its back-off)."""
+        with self._lock:
+            self.due_at = _utc_now()
+            self.due_text = _text(self.due_at)
 
     def jitter(self) -> float:
         with self._lock:
@@ -514,7 +530,9 @@ def _deliver_to_sink(work: _Pass, sink_name: str, sink: Sink) -> DeliveryReport:
     limit's tokens before it starts, and its outcomes are recorded in this thread as it finishes.
     A claim holds at most one delivery per recipient (`first_of_its_recipient`), so sends in
     flight together never carry two triggers of one recipient; the next claim comes after every
-    send of this one is recorded.
+    send of this one is recorded, or, with the pass's `wake`, as soon as one send ends or more
+    deliveries are queued (the sends still in flight keep their rows pending and claimed: neither
+    they nor a later delivery of their recipients can be claimed meanwhile).
     """
     report = DeliveryReport()
     recorder = _OutcomeRecorder(work, report)
@@ -532,12 +550,22 @@ def _deliver_to_sink(work: _Pass, sink_name: str, sink: Sink) -> DeliveryReport:
                 break
             # What was sent is recorded before the next claim: a recipient's next delivery can be
             # claimed only once the one before it is no longer pending.
-            sends.finish()
+            if work.wake is None:
+                sends.finish()
+            else:
+                work.wake.clear()  # before the claim: what is queued after it wakes the next one
+                work.due_now()  # what was queued since the pass began is due too
+                sends.collect()
             recorder.flush()
             claim = _claim(work, sink_name, sink, work.claim_token(), lease, reserved, skipped)
             work.settle(reserved, len(claim.rows))
             if claim.found == 0:
-                break
+                if work.wake is None or not sends.in_flight:
+                    break
+                # Claim again when a send ends (its recipient's next delivery may be due) or more
+                # deliveries are queued; the sends set `wake` as they end.
+                work.wake.wait(send_seconds)
+                continue
             for unit, together in _units(claim.rows, _chunk_size(sink)):
                 if work.stop.is_set() or work.spent(started):
                     break
@@ -578,12 +606,30 @@ class _Sends:
         while len(self._in_flight) >= self.concurrency:
             self._collect(FIRST_COMPLETED)
 
-    def start(self, send: Callable[[], list], done: Callable[[list], None]) -> None:
+    def start(
+        self,
+        send: Callable[[], list],
+        done: Callable[[list], None],
+        ended: threading.Event | None = None,
+    ) -> None:
+        """Start a send (`ended`, when given, is set as it ends, in its own thread)."""
         if self._pool is None:
             done(send())
             return
         self.free_slot()
-        self._in_flight[self._pool.submit(send)] = done
+        future = self._pool.submit(send)
+        self._in_flight[future] = done
+        if ended is not None:
+            future.add_done_callback(lambda _future: ended.set())
+
+    @property
+    def in_flight(self) -> bool:
+        return bool(self._in_flight)
+
+    def collect(self) -> None:
+        """Record the sends that have ended, waiting for none."""
+        for future in [future for future in self._in_flight if future.done()]:
+            self._in_flight.pop(future)(future.result())
 
     def finish(self) -> None:
         """Wait for every send in flight and record it."""
@@ -909,7 +955,7 @@ def _send_unit(
             sink_name, sent_rows, outcomes, work.moment(), jitter, claim.token, together
         )
 
-    sends.start(send, done)
+    sends.start(send, done, work.wake)
 
 
 class _OutcomeRecorder:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 import yaml
@@ -174,7 +174,7 @@ class WebhookSink:
         self.concurrency = _concurrency(concurrency, self.rate_limit_per_second, name)
         self.headers = dict(headers or {})
         self._secret = webhook_secret_bytes(secret, name)
-        self._session = _session(pool_size=self.concurrency)
+        self._session = _session(self.concurrency, url)
 
     def __repr__(self) -> str:
         return f"WebhookSink({self.name!r}, {self.url!r}, batch_size={self.batch_size})"
@@ -283,7 +283,7 @@ class KnockSink:
         self.batch_size = 1
         self.concurrency = _concurrency(DEFAULT_CONCURRENCY, self.rate_limit_per_second, name)
         self._secret_key = secret_key
-        self._session = _session(pool_size=self.concurrency)
+        self._session = _session(self.concurrency, self.base_url)
 
     def __repr__(self) -> str:
         rate = self.rate_limit_per_second
@@ -634,12 +634,25 @@ def _optional_rate(value, sink_name: str) -> float | None:
 # -- HTTP -----------------------------------------------------------------------------------------
 
 
-def _session(pool_size: int) -> requests.Session:
+def _session(pool_size: int, url: str) -> requests.Session:
+    """A sink's HTTP session for requests to `url`'s host. What `requests` reads from the
+    environment for a request (the proxy variables and `no_proxy`, the CA bundle variables,
+    `~/.netrc`) is read here, once, for the sink's life: `requests` reads them again for every
+    request (file look-ups on each send). A sink is built again when the sinks file changes and
+    at each worker's start."""
     session = requests.Session()
     # No automatic retries or redirects: the delivery loop owns retries, with back-off and a record.
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    environment = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies = environment["proxies"]
+    session.verify = environment["verify"]
+    if urlsplit(url).scheme == "http" and not session.proxies:
+        # No TLS on the way: a CA bundle's path would only cost a directory check per request.
+        session.verify = True
+    session.auth = requests.utils.get_netrc_auth(url)
+    session.trust_env = False
     return session
 
 

@@ -146,6 +146,7 @@ class DeliveryWorker:
                     {name: sink},
                     stop=self._stop,
                     report_unknown_sinks=False,
+                    wake=wake,
                     **self.options,
                 )
             except Exception as error:  # the store unreachable, say: report it, try again

@@ -302,6 +302,10 @@ class UserEvaluator:
         self.lock = threading.Lock()
         self.connection = duckdb.connect(":memory:")
         self.connection.execute("set TimeZone = 'UTC'")
+        # A few users per statement: one thread runs each at once, where DuckDB's pool of one per
+        # core cost more in handing out tasks than it saved (a fast-lane evaluation 8.0 -> 7.0 ms
+        # of wall, 5.6 -> 4.9 ms of CPU; a whole-plan one about a quarter less).
+        self.connection.execute("set threads = 1")
         ensure_user_tables(self.connection)
         self.connection.execute(AUDIENCE_MEMBERS_STAND_IN)
         self.connection.execute("create table main.realtime_clock (evaluated_at timestamptz)")

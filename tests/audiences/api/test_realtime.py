@@ -143,6 +143,8 @@ def test_an_identify_evaluates_the_audiences_reading_what_it_set(tmp_path):
     }
     evaluator = UserEvaluator()
     try:
+        # A few users per statement: one DuckDB thread (its pool cost more than it saved).
+        assert evaluator.connection.execute("select current_setting('threads')").fetchone() == (1,)
         now = datetime.now(UTC)
         evaluator.load([(u, properties, []) for u, properties in users.items()], now)
         whole = evaluator.evaluate(plan)
@@ -336,3 +338,21 @@ def test_the_evaluator_holds_only_the_memberships_the_plan_and_triggers_read(tmp
     decided = [(e.audience_key, e.event_type, e.event_id) for e in held.events]
     assert decided == [(e.audience_key, e.event_type, e.event_id) for e in everything.events]
     assert sorted(key for key, _, _ in decided) == ["pro", "pro-beta"]
+
+
+def test_the_worker_processs_real_time_freezes_the_heap_after_compiling_a_plan(service):
+    """In `audiences serve`'s worker process (`settle_heap=True`), a plan just compiled is moved
+    out of the collector's reach with everything else alive (`workers.settle_heap`): full
+    collections stop walking it. The API's in-process real time (tests, embedding) does not."""
+    import gc
+
+    from audiences.api.realtime import RealtimeWorker
+
+    environment = service.environment("development")
+    for settle_heap, grows in ((False, False), (True, True)):
+        worker = RealtimeWorker(environment, settle_heap=settle_heap)
+        gc.collect()
+        before = gc.get_freeze_count()
+        worker._current()
+        assert (gc.get_freeze_count() > before) == grows
+    gc.unfreeze()

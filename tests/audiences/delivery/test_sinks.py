@@ -230,6 +230,45 @@ def test_webhook_nothing_listening_answers_retry():
     assert outcome.status == "retry"
 
 
+def test_a_sink_reads_the_proxy_and_netrc_of_its_environment_once(tmp_path, monkeypatch):
+    """What `requests` would read from the environment for every request (proxy variables,
+    `~/.netrc`) is read when the sink is built and kept: honoured as before, but no longer looked
+    up at each send (file look-ups on every webhook)."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login hook-user password hook-secret\n")
+    netrc.chmod(0o600)
+    with HttpRecorder() as target, HttpRecorder() as proxy:
+        monkeypatch.setenv("NETRC", str(netrc))
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        webhook = WebhookSink("webhook", f"{target.url}/hooks", SECRET, timeout_seconds=2)
+        knock = KnockSink("knock", target.url, "sk_test_123", timeout_seconds=2)
+        try:
+            # Changed after the sinks were built: not read again.
+            monkeypatch.delenv("HTTP_PROXY")
+            monkeypatch.delenv("http_proxy")
+            netrc.write_text("machine 127.0.0.1 login someone-else password other\n")
+            for sink in (webhook, knock):
+                assert [o.status for o in sink.send([delivery(1)])] == ["delivered"]
+        finally:
+            webhook.close()
+            knock.close()
+    assert target.requests == []
+    hook, trigger = proxy.requests
+    # Without a proxy, plain HTTP needs no CA bundle: none is looked up per request.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(netrc))
+    direct = WebhookSink("webhook", "http://127.0.0.1:9/hooks", SECRET)
+    direct.close()
+    assert direct._session.verify is True
+    # Through the proxy the request names the whole URL; the netrc's credentials as built.
+    assert hook.path == f"{target.url}/hooks"
+    assert trigger.path == f"{target.url}/v1/workflows/welcome/trigger"
+    credentials = base64.b64encode(b"hook-user:hook-secret").decode()
+    assert hook.header("authorization") == f"Basic {credentials}"
+
+
 def test_retry_after_reads_seconds_and_http_dates():
     now = datetime(2015, 10, 21, 7, 27, 30, tzinfo=UTC)
     assert parse_retry_after("120") == 120.0

@@ -138,6 +138,53 @@ def test_a_hanging_receiver_holds_up_no_other_delivery_past_its_timeout(store, r
     assert stuck["claimed_by"] is None  # given back when the worker stopped
 
 
+def test_a_delivery_queued_behind_a_slow_send_goes_out_at_once_but_never_before_its_recipients(
+    store, recorder
+):
+    """The always-on worker claims again while a send is in flight: a delivery queued behind a
+    slow (not hanging) receiver's answer is sent at once, while a later delivery of the slow
+    send's own recipient still waits for that send's outcome."""
+    slow = 5.0
+
+    def answer(request):
+        if request.header("webhook-id") == "slow":
+            time.sleep(slow)  # then 200: slow, not failing
+        return 200
+
+    recorder.respond_with(answer)
+    worker = DeliveryWorker(store, {"hooks": hook(recorder, timeout=30)}, poll_seconds=30).start()
+
+    def enqueue_for(delivery_id: str, user_id: str) -> None:
+        stamp = now_text()
+        payload = json.dumps({"recipients": [user_id], "data": {"id": delivery_id}})
+        queued = new_delivery(
+            delivery_id,
+            workflow_key="welcome",
+            sink="hooks",
+            audience_key="vip",
+            user_id=user_id,
+            tenant=None,
+            payload=payload,
+            stamp=stamp,
+        )
+        with store.engine.begin() as connection:
+            store.insert_ignoring_duplicates(connection, deliveries, [queued])
+
+    try:
+        enqueue_for("slow", "ana")
+        assert received(recorder, "slow", timeout=10), "the slow delivery was not sent"
+        queued_at = time.monotonic()
+        enqueue_for("ana-next", "ana")  # the slow send's recipient: after its outcome
+        enqueue_for("bob-first", "bob")  # another recipient: at once
+        behind = received(recorder, "bob-first", timeout=slow + 10)
+        after = received(recorder, "ana-next", timeout=slow + 10)
+    finally:
+        worker.stop(timeout=30)
+    assert behind and behind[0].received_at - queued_at < PROMPT < slow
+    assert after and after[0].received_at - queued_at > slow - PROMPT
+    assert {row(store, d)["status"] for d in ("slow", "ana-next", "bob-first")} == {"delivered"}
+
+
 def watch(folder: Path, store_url: str, recorder: HttpRecorder, *arguments: str):
     """`audiences deliver --watch` in a process of its own, delivering to the recorder."""
     sinks = {"sinks": {"hooks": {"type": "webhook", "url": f"{recorder.url}/hooks"}}}
