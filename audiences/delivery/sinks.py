@@ -174,7 +174,9 @@ class WebhookSink:
         self.concurrency = _concurrency(concurrency, self.rate_limit_per_second, name)
         self.headers = dict(headers or {})
         self._secret = webhook_secret_bytes(secret, name)
-        self._session = _session(self.concurrency, url)
+        self._session = _session(
+            self.concurrency, url, authorizes="authorization" in map(str.lower, self.headers)
+        )
 
     def __repr__(self) -> str:
         return f"WebhookSink({self.name!r}, {self.url!r}, batch_size={self.batch_size})"
@@ -283,7 +285,7 @@ class KnockSink:
         self.batch_size = 1
         self.concurrency = _concurrency(DEFAULT_CONCURRENCY, self.rate_limit_per_second, name)
         self._secret_key = secret_key
-        self._session = _session(self.concurrency, self.base_url)
+        self._session = _session(self.concurrency, self.base_url, authorizes=True)
 
     def __repr__(self) -> str:
         rate = self.rate_limit_per_second
@@ -634,12 +636,14 @@ def _optional_rate(value, sink_name: str) -> float | None:
 # -- HTTP -----------------------------------------------------------------------------------------
 
 
-def _session(pool_size: int, url: str) -> requests.Session:
+def _session(pool_size: int, url: str, *, authorizes: bool) -> requests.Session:
     """A sink's HTTP session for requests to `url`'s host. What `requests` reads from the
     environment for a request (the proxy variables and `no_proxy`, the CA bundle variables,
     `~/.netrc`) is read here, once, for the sink's life: `requests` reads them again for every
     request (file look-ups on each send). A sink is built again when the sinks file changes and
-    at each worker's start."""
+    at each worker's start. A sink that `authorizes` its requests itself (Knock's Bearer key, a
+    webhook's own `Authorization` header) takes no `~/.netrc` credentials: `requests` would put
+    them in place of its header."""
     session = requests.Session()
     # No automatic retries or redirects: the delivery loop owns retries, with back-off and a record.
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0)
@@ -651,7 +655,7 @@ def _session(pool_size: int, url: str) -> requests.Session:
     if urlsplit(url).scheme == "http" and not session.proxies:
         # No TLS on the way: a CA bundle's path would only cost a directory check per request.
         session.verify = True
-    session.auth = requests.utils.get_netrc_auth(url)
+    session.auth = None if authorizes else requests.utils.get_netrc_auth(url)
     session.trust_env = False
     return session
 

@@ -245,18 +245,29 @@ def test_a_sink_reads_the_proxy_and_netrc_of_its_environment_once(tmp_path, monk
         monkeypatch.setenv("http_proxy", proxy.url)
         webhook = WebhookSink("webhook", f"{target.url}/hooks", SECRET, timeout_seconds=2)
         knock = KnockSink("knock", target.url, "sk_test_123", timeout_seconds=2)
+        # A sink that authorizes itself keeps its own header: requests would put netrc's in place.
+        bearer = WebhookSink(
+            "bearer",
+            f"{target.url}/hooks",
+            SECRET,
+            timeout_seconds=2,
+            headers={"Authorization": "Bearer hook-token"},
+        )
         try:
             # Changed after the sinks were built: not read again.
             monkeypatch.delenv("HTTP_PROXY")
             monkeypatch.delenv("http_proxy")
             netrc.write_text("machine 127.0.0.1 login someone-else password other\n")
-            for sink in (webhook, knock):
+            for sink in (webhook, knock, bearer):
                 assert [o.status for o in sink.send([delivery(1)])] == ["delivered"]
         finally:
             webhook.close()
             knock.close()
+            bearer.close()
     assert target.requests == []
-    hook, trigger = proxy.requests
+    hook, trigger, own = proxy.requests
+    assert trigger.header("authorization") == "Bearer sk_test_123"
+    assert own.header("authorization") == "Bearer hook-token"
     # Without a proxy, plain HTTP needs no CA bundle: none is looked up per request.
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(netrc))
     direct = WebhookSink("webhook", "http://127.0.0.1:9/hooks", SECRET)
