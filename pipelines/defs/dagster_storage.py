@@ -66,13 +66,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+from dagster._core.definitions.data_version import extract_data_version_from_entry
+from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.event_api import EventLogRecord
-from dagster._core.events import DagsterEventType
+from dagster._core.events import (
+    ASSET_CHECK_EVENTS,
+    ASSET_EVENTS,
+    EVENT_TYPE_TO_PIPELINE_RUN_STATUS,
+    DagsterEventType,
+)
 from dagster._core.events.log import EventLogEntry
 from dagster._core.instance import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log import sql_event_log
+from dagster._core.storage.event_log.schema import (
+    AssetEventTagsTable,
+    AssetKeyTable,
+    SqlEventLogStorageTable,
+)
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
@@ -255,6 +268,16 @@ class _Writing:
         self.thread = threading.get_ident()
         self.open: dict[str, tuple[Connection, Any]] = {}
         self.materialized: dict[Any, Materialized] = {}
+        self.cursors: dict[str, Any] = {}
+
+    def cursor(self, storage: SqliteEventLogStorage, shard: str):
+        """A cursor of the DB-API connection under `shard`'s open transaction (the same
+        transaction Dagster's statements of this batch join)."""
+        cursor = self.cursors.get(shard)
+        if cursor is None:
+            connection = self.connection(storage, shard)
+            cursor = self.cursors[shard] = connection.connection.dbapi_connection.cursor()
+        return cursor
 
     def connection(self, storage: SqliteEventLogStorage, shard: str) -> Connection:
         if shard not in self.open:
@@ -274,12 +297,17 @@ def _write_kept(storage: SqliteEventLogStorage, store_event) -> None:
     writing = storage.__dict__["_audiences_writing"] = _Writing()
     try:
         for event in kept:
-            store_event(storage, event)
+            if _writes_rows(event):
+                _store_rows(storage, writing, event)
+            else:
+                store_event(storage, event)
         for _, transaction in writing.open.values():
             transaction.commit()
         storage.__dict__.setdefault("_audiences_materialized", {}).update(writing.materialized)
     finally:
         storage.__dict__["_audiences_writing"] = None
+        for cursor in writing.cursors.values():
+            cursor.close()
         for connection, transaction in writing.open.values():
             if transaction.is_active:
                 transaction.rollback()
@@ -347,7 +375,6 @@ def _remember_materializations() -> None:
     """Remember each unpartitioned materialization written from kept events (its index id comes
     from the same transaction), and let a step's provenance take the parents its run materialized
     from there (see the module's text)."""
-    from dagster._core.definitions.data_version import extract_data_version_from_entry
     from dagster._core.execution.context.data_version_cache import (
         DataVersionCache,
         InputAssetVersionInfo,
@@ -453,3 +480,128 @@ def _serialize_each_event_once() -> None:
 
     serialize_value.reuses_events = True
     sql_event_log.serialize_value = serialize_value
+
+
+# Events whose rows `_store_rows` writes; any other (run status, asset checks, an asset's
+# failure or freshness) goes through Dagster's `store_event`, in the same transactions, in turn.
+_ROWS_ASSET_EVENTS = frozenset(
+    {
+        DagsterEventType.ASSET_MATERIALIZATION,
+        DagsterEventType.ASSET_OBSERVATION,
+        DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+    }
+)
+_NOT_ROWS = (
+    frozenset(ASSET_EVENTS - _ROWS_ASSET_EVENTS)
+    | ASSET_CHECK_EVENTS
+    | frozenset(EVENT_TYPE_TO_PIPELINE_RUN_STATUS)
+)
+
+
+def _writes_rows(event: EventLogEntry) -> bool:
+    dagster_event = event.dagster_event
+    if dagster_event is None:
+        return True
+    if dagster_event.event_type in _NOT_ROWS:
+        return False
+    return dagster_event.event_type not in ASSET_EVENTS or dagster_event.asset_key is not None
+
+
+class _Statement(NamedTuple):
+    sql: str
+    processors: tuple  # each column's SQLAlchemy bind processor for SQLite, or None
+
+
+_STATEMENTS: dict[tuple, _Statement] = {}
+
+
+def _statement(dialect, kind: str, table, columns: tuple[str, ...]) -> _Statement:
+    """The SQL text SQLAlchemy would execute for an insert of `columns` into `table` (or an update
+    of them by asset key), with each column's bind processor (SQLite's text for a timestamp)."""
+    found = _STATEMENTS.get((kind, table.name, columns))
+    if found is not None:
+        return found
+    quote = dialect.identifier_preparer.quote
+    if kind == "insert":
+        sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(map(quote, columns))}) "
+            f"VALUES ({', '.join('?' for _ in columns)})"
+        )
+    else:  # update of the columns but the last, by the last (the asset key)
+        sets = ", ".join(f"{quote(column)}=?" for column in columns[:-1])
+        sql = f"UPDATE {quote(table.name)} SET {sets} WHERE {quote(table.name)}.{quote(columns[-1])} = ?"
+    processors = tuple(
+        table.c[column].type.dialect_impl(dialect).bind_processor(dialect) for column in columns
+    )
+    found = _STATEMENTS[(kind, table.name, columns)] = _Statement(sql, processors)
+    return found
+
+
+def _execute(cursor, dialect, kind: str, table, values: dict[str, Any]):
+    columns = tuple(values)
+    statement = _statement(dialect, kind, table, columns)
+    cursor.execute(
+        statement.sql,
+        [
+            value if processor is None or value is None else processor(value)
+            for processor, value in zip(statement.processors, values.values(), strict=True)
+        ],
+    )
+    return cursor
+
+
+def _store_rows(storage: SqliteEventLogStorage, writing: _Writing, event: EventLogEntry) -> None:
+    """What Dagster's `SqliteEventLogStorage.store_event` writes for `event`, row for row, with
+    the DB-API cursors of the batch's transactions instead of a SQLAlchemy statement per row: the
+    event's row in the run's file; for an asset event the same row in the index, its indexed tags
+    and the asset's row (updated, or inserted when the asset has none). The values are Dagster's
+    own (`_event_to_row`, `_tags_for_asset_event`, `_get_asset_entry_values`), and so is each
+    column's conversion to SQLite (SQLAlchemy's bind processors)."""
+    row = storage._event_to_row(event)
+    run = writing.connection(storage, event.run_id)
+    dialect = run.dialect
+    _execute(writing.cursor(storage, event.run_id), dialect, "insert", SqlEventLogStorageTable, row)
+    dagster_event = event.dagster_event
+    if dagster_event is None or dagster_event.event_type not in ASSET_EVENTS:
+        return
+    index = writing.connection(storage, INDEX_SHARD_NAME)
+    cursor = writing.cursor(storage, INDEX_SHARD_NAME)
+    event_id = _execute(cursor, dialect, "insert", SqlEventLogStorageTable, row).lastrowid
+    if event_id is None:
+        raise DagsterInvariantViolationError("Cannot store asset event tags for null event id.")
+    asset_key = dagster_event.asset_key.to_string()
+    tags = storage._tags_for_asset_event(event)
+    if tags and storage.has_table(AssetEventTagsTable.name):
+        timestamp = storage._event_insert_timestamp(event)
+        for key, value in tags.items():
+            _execute(
+                cursor,
+                dialect,
+                "insert",
+                AssetEventTagsTable,
+                {
+                    "event_id": event_id,
+                    "asset_key": asset_key,
+                    "key": key,
+                    "value": value,
+                    "event_timestamp": timestamp,
+                },
+            )
+    values = storage._get_asset_entry_values(
+        event, event_id, storage._has_asset_key_index_cols_on_connection(index)
+    )
+    if values:
+        # Dagster inserts the asset's row, and updates it when the insert fails on the unique
+        # asset key: the same row either way.
+        updated = _execute(
+            cursor, dialect, "update", AssetKeyTable, {**values, "asset_key": asset_key}
+        )
+        if updated.rowcount == 0:
+            _execute(cursor, dialect, "insert", AssetKeyTable, {"asset_key": asset_key, **values})
+    if (
+        dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION
+        and dagster_event.partition is None
+    ):
+        writing.materialized[dagster_event.asset_key] = Materialized(
+            event_id, extract_data_version_from_entry(event), event.run_id, event.timestamp
+        )
