@@ -227,6 +227,7 @@ def reuse_sqlite_connections() -> None:
     _store_planned_events_together()
     _remember_materializations()
     _serialize_each_event_once()
+    _serialize_each_snapshot_once()
 
 
 class AudiencesInstance(DagsterInstance):
@@ -617,3 +618,58 @@ def _store_rows(storage: SqliteEventLogStorage, writing: _Writing, event: EventL
         writing.materialized[dagster_event.asset_key] = Materialized(
             event_id, extract_data_version_from_entry(event), event.run_id, event.timestamp
         )
+
+
+def _serialize_each_snapshot_once() -> None:
+    """A run's creation serializes its execution plan's snapshot three times (its id in
+    `RunDomain`, its id again in the run storage's `add_execution_plan_snapshot`, its stored body)
+    and each job snapshot twice (its id, its body): at 2,000 audiences the job of a subset and its
+    parent hold 2,000 assets each. While a run is created (`RunDomain.create_run` and
+    `create_run_for_job`, in the thread creating it), a snapshot serialized again gives the text
+    it gave the first time (the same object: snapshots are immutable records); the texts are let
+    go when the run is created."""
+    from dagster._core.instance.runs.run_domain import RunDomain
+    from dagster._core.snap.execution_plan_snapshot import ExecutionPlanSnapshot
+    from dagster._core.snap.job_snapshot import JobSnap
+    from dagster._core.storage.runs import sql_run_storage
+    from dagster_shared.serdes import utils as serdes_utils
+
+    if getattr(RunDomain.create_run, "serializes_snapshots_once", False):
+        return
+    snapshots = (JobSnap, ExecutionPlanSnapshot)
+    creating = threading.local()
+
+    def remembering(serialize):
+        def serialize_value(value, *arguments, **keywords):
+            kept = getattr(creating, "texts", None)
+            if kept is None or arguments or keywords or type(value) not in snapshots:
+                return serialize(value, *arguments, **keywords)
+            for snapshot, text in kept:
+                if snapshot is value:
+                    return text
+            text = serialize(value)
+            kept.append((value, text))
+            return text
+
+        return serialize_value
+
+    serdes_utils.serialize_value = remembering(serdes_utils.serialize_value)
+    sql_run_storage.serialize_value = remembering(sql_run_storage.serialize_value)
+
+    def while_creating(method):
+        def create(self, *arguments, **keywords):
+            outermost = getattr(creating, "texts", None) is None
+            if outermost:
+                creating.texts = []
+            try:
+                return method(self, *arguments, **keywords)
+            finally:
+                if outermost:
+                    creating.texts = None
+
+        create.serializes_snapshots_once = True
+        create.__doc__ = method.__doc__
+        return create
+
+    RunDomain.create_run = while_creating(RunDomain.create_run)
+    RunDomain.create_run_for_job = while_creating(RunDomain.create_run_for_job)

@@ -574,3 +574,63 @@ def test_events_written_as_rows_equal_dagsters_own_writes(tmp_path, monkeypatch)
     assert reads(instances["rows"]) == reads(instances["dagster"])
     for instance in instances.values():
         instance.dispose()
+
+
+def test_a_runs_snapshots_are_serialized_once_and_stored_as_dagster_writes_them(
+    tmp_path, monkeypatch
+):
+    """Issue 25, eighth pass: creating a run serialized its execution plan's snapshot three times
+    (its id twice, its body) and the job snapshots it stores twice (the subset's and its parent's:
+    2,000 assets each at 2,000 audiences). Now each once; what is stored is what Dagster's serializer
+    writes: each snapshot's body is its text, and its id that text's hash."""
+    import zlib
+
+    from dagster._core.snap.execution_plan_snapshot import ExecutionPlanSnapshot
+    from dagster._core.snap.job_snapshot import JobSnap
+    from dagster_shared.serdes import serdes
+    from dagster_shared.serdes.utils import hash_str
+
+    reuse_sqlite_connections()  # what loading the code location does
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    specs = [dg.AssetSpec(f"view{index}") for index in range(OUTPUTS)]
+
+    @dg.multi_asset(specs=specs, can_subset=True)
+    def evaluation(context: dg.AssetExecutionContext):
+        for key in sorted(context.selected_asset_keys):
+            yield dg.MaterializeResult(asset_key=key)
+
+    serialized: list = []
+    transform = serdes._transform_for_serialization
+
+    def counted(value, *arguments, **keywords):
+        if type(value) in (JobSnap, ExecutionPlanSnapshot):
+            serialized.append(value)
+        return transform(value, *arguments, **keywords)
+
+    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    with DagsterInstance.get() as instance:
+        monkeypatch.setattr(serdes, "_transform_for_serialization", counted)
+        result = job.execute_in_process(instance=instance, asset_selection=[specs[0].key])
+        monkeypatch.undo()
+        assert result.success
+        kinds = [type(value).__name__ for value in serialized]
+        # three job snapshots (the subset's, its parent's twice over) and the plan's, each
+        # serialized once: 8 serializations before (the plan's 3 times, two job snapshots twice)
+        assert sorted(kinds) == ["ExecutionPlanSnapshot", "JobSnap", "JobSnap", "JobSnap"], kinds
+        assert len({id(value) for value in serialized}) == len(serialized)
+
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "history" / "runs.db") as runs:
+            stored = runs.execute("select snapshot_id, snapshot_body from snapshots").fetchall()
+        run = instance.get_run_by_id(result.run_id)
+        assert {snapshot_id for snapshot_id, _ in stored} >= {
+            run.job_snapshot_id,
+            run.execution_plan_snapshot_id,
+        }
+        for snapshot_id, body in stored:
+            text = zlib.decompress(body).decode("utf-8")
+            snapshot = serdes.deserialize_value(text, (JobSnap, ExecutionPlanSnapshot))
+            assert serdes.serialize_value(snapshot) == text  # Dagster's own serializer's text
+            assert hash_str(text) == snapshot_id
