@@ -56,6 +56,21 @@ this storage's kept events is remembered (its index id, data version, run and ti
 transaction committed), and the step's lookup of a parent this run materialized, unpartitioned,
 takes it from there instead of reading it back: the same values the read gives (tested against
 Dagster's own lookup). A wipe of an asset, or of the history, forgets it.
+
+Kept events are written as rows (issue 25, eighth pass). Dagster's `store_event` builds a
+SQLAlchemy statement for each row it writes (the event in the run's file, the same event in the
+index, its indexed tags, the asset's row: five statements for a materialization), and building
+and executing them was most of what storing an output cost. `_store_rows` writes the same rows
+with the DB-API cursor of the batch's transaction in each file: the values are Dagster's own
+(`_event_to_row`, `_tags_for_asset_event`, `_get_asset_entry_values`), converted for SQLite by
+the columns' own SQLAlchemy bind processors, in Dagster's order (the asset's row is updated, or
+inserted when it has none: what Dagster's insert-then-update leaves). Events it does not know
+(run status, asset checks, an asset's failure or freshness) go through Dagster's `store_event`
+in their turn, in the same transactions. A test stores the events of real runs both ways on two
+instances and compares every table's rows and Dagster's reads. And a run's creation serialized
+its execution plan's snapshot three times and each job snapshot it stores twice (2,000 assets
+each at 2,000 audiences): while a run is created, each is serialized once
+(`_serialize_each_snapshot_once`).
 """
 
 from __future__ import annotations
@@ -66,13 +81,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+from dagster._core.definitions.data_version import extract_data_version_from_entry
+from dagster._core.errors import DagsterInvariantViolationError
 from dagster._core.event_api import EventLogRecord
-from dagster._core.events import DagsterEventType
+from dagster._core.events import (
+    ASSET_CHECK_EVENTS,
+    ASSET_EVENTS,
+    EVENT_TYPE_TO_PIPELINE_RUN_STATUS,
+    DagsterEventType,
+)
 from dagster._core.events.log import EventLogEntry
 from dagster._core.instance import DagsterInstance
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.storage.event_log import sql_event_log
+from dagster._core.storage.event_log.schema import (
+    AssetEventTagsTable,
+    AssetKeyTable,
+    SqlEventLogStorageTable,
+)
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
@@ -202,6 +230,7 @@ def reuse_sqlite_connections() -> None:
     _store_planned_events_together()
     _remember_materializations()
     _serialize_each_event_once()
+    _serialize_each_snapshot_once()
 
 
 class AudiencesInstance(DagsterInstance):
@@ -255,6 +284,16 @@ class _Writing:
         self.thread = threading.get_ident()
         self.open: dict[str, tuple[Connection, Any]] = {}
         self.materialized: dict[Any, Materialized] = {}
+        self.cursors: dict[str, Any] = {}
+
+    def cursor(self, storage: SqliteEventLogStorage, shard: str):
+        """A cursor of the DB-API connection under `shard`'s open transaction (the same
+        transaction Dagster's statements of this batch join)."""
+        cursor = self.cursors.get(shard)
+        if cursor is None:
+            connection = self.connection(storage, shard)
+            cursor = self.cursors[shard] = connection.connection.dbapi_connection.cursor()
+        return cursor
 
     def connection(self, storage: SqliteEventLogStorage, shard: str) -> Connection:
         if shard not in self.open:
@@ -274,12 +313,17 @@ def _write_kept(storage: SqliteEventLogStorage, store_event) -> None:
     writing = storage.__dict__["_audiences_writing"] = _Writing()
     try:
         for event in kept:
-            store_event(storage, event)
+            if _writes_rows(event):
+                _store_rows(storage, writing, event)
+            else:
+                store_event(storage, event)
         for _, transaction in writing.open.values():
             transaction.commit()
         storage.__dict__.setdefault("_audiences_materialized", {}).update(writing.materialized)
     finally:
         storage.__dict__["_audiences_writing"] = None
+        for cursor in writing.cursors.values():
+            cursor.close()
         for connection, transaction in writing.open.values():
             if transaction.is_active:
                 transaction.rollback()
@@ -347,7 +391,6 @@ def _remember_materializations() -> None:
     """Remember each unpartitioned materialization written from kept events (its index id comes
     from the same transaction), and let a step's provenance take the parents its run materialized
     from there (see the module's text)."""
-    from dagster._core.definitions.data_version import extract_data_version_from_entry
     from dagster._core.execution.context.data_version_cache import (
         DataVersionCache,
         InputAssetVersionInfo,
@@ -453,3 +496,183 @@ def _serialize_each_event_once() -> None:
 
     serialize_value.reuses_events = True
     sql_event_log.serialize_value = serialize_value
+
+
+# Events whose rows `_store_rows` writes; any other (run status, asset checks, an asset's
+# failure or freshness) goes through Dagster's `store_event`, in the same transactions, in turn.
+_ROWS_ASSET_EVENTS = frozenset(
+    {
+        DagsterEventType.ASSET_MATERIALIZATION,
+        DagsterEventType.ASSET_OBSERVATION,
+        DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+    }
+)
+_NOT_ROWS = (
+    frozenset(ASSET_EVENTS - _ROWS_ASSET_EVENTS)
+    | ASSET_CHECK_EVENTS
+    | frozenset(EVENT_TYPE_TO_PIPELINE_RUN_STATUS)
+)
+
+
+def _writes_rows(event: EventLogEntry) -> bool:
+    dagster_event = event.dagster_event
+    if dagster_event is None:
+        return True
+    if dagster_event.event_type in _NOT_ROWS:
+        return False
+    return dagster_event.event_type not in ASSET_EVENTS or dagster_event.asset_key is not None
+
+
+class _Statement(NamedTuple):
+    sql: str
+    processors: tuple  # each column's SQLAlchemy bind processor for SQLite, or None
+
+
+_STATEMENTS: dict[tuple, _Statement] = {}
+
+
+def _statement(dialect, kind: str, table, columns: tuple[str, ...]) -> _Statement:
+    """The SQL text SQLAlchemy would execute for an insert of `columns` into `table` (or an update
+    of them by asset key), with each column's bind processor (SQLite's text for a timestamp)."""
+    found = _STATEMENTS.get((kind, table.name, columns))
+    if found is not None:
+        return found
+    quote = dialect.identifier_preparer.quote
+    if kind == "insert":
+        sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(map(quote, columns))}) "
+            f"VALUES ({', '.join('?' for _ in columns)})"
+        )
+    else:  # update of the columns but the last, by the last (the asset key)
+        sets = ", ".join(f"{quote(column)}=?" for column in columns[:-1])
+        sql = f"UPDATE {quote(table.name)} SET {sets} WHERE {quote(table.name)}.{quote(columns[-1])} = ?"
+    processors = tuple(
+        table.c[column].type.dialect_impl(dialect).bind_processor(dialect) for column in columns
+    )
+    found = _STATEMENTS[(kind, table.name, columns)] = _Statement(sql, processors)
+    return found
+
+
+def _execute(cursor, dialect, kind: str, table, values: dict[str, Any]):
+    columns = tuple(values)
+    statement = _statement(dialect, kind, table, columns)
+    cursor.execute(
+        statement.sql,
+        [
+            value if processor is None or value is None else processor(value)
+            for processor, value in zip(statement.processors, values.values(), strict=True)
+        ],
+    )
+    return cursor
+
+
+def _store_rows(storage: SqliteEventLogStorage, writing: _Writing, event: EventLogEntry) -> None:
+    """What Dagster's `SqliteEventLogStorage.store_event` writes for `event`, row for row, with
+    the DB-API cursors of the batch's transactions instead of a SQLAlchemy statement per row: the
+    event's row in the run's file; for an asset event the same row in the index, its indexed tags
+    and the asset's row (updated, or inserted when the asset has none). The values are Dagster's
+    own (`_event_to_row`, `_tags_for_asset_event`, `_get_asset_entry_values`), and so is each
+    column's conversion to SQLite (SQLAlchemy's bind processors)."""
+    row = storage._event_to_row(event)
+    run = writing.connection(storage, event.run_id)
+    dialect = run.dialect
+    _execute(writing.cursor(storage, event.run_id), dialect, "insert", SqlEventLogStorageTable, row)
+    dagster_event = event.dagster_event
+    if dagster_event is None or dagster_event.event_type not in ASSET_EVENTS:
+        return
+    index = writing.connection(storage, INDEX_SHARD_NAME)
+    cursor = writing.cursor(storage, INDEX_SHARD_NAME)
+    event_id = _execute(cursor, dialect, "insert", SqlEventLogStorageTable, row).lastrowid
+    if event_id is None:
+        raise DagsterInvariantViolationError("Cannot store asset event tags for null event id.")
+    asset_key = dagster_event.asset_key.to_string()
+    tags = storage._tags_for_asset_event(event)
+    if tags and storage.has_table(AssetEventTagsTable.name):
+        timestamp = storage._event_insert_timestamp(event)
+        for key, value in tags.items():
+            _execute(
+                cursor,
+                dialect,
+                "insert",
+                AssetEventTagsTable,
+                {
+                    "event_id": event_id,
+                    "asset_key": asset_key,
+                    "key": key,
+                    "value": value,
+                    "event_timestamp": timestamp,
+                },
+            )
+    values = storage._get_asset_entry_values(
+        event, event_id, storage._has_asset_key_index_cols_on_connection(index)
+    )
+    if values:
+        # Dagster inserts the asset's row, and updates it when the insert fails on the unique
+        # asset key: the same row either way.
+        updated = _execute(
+            cursor, dialect, "update", AssetKeyTable, {**values, "asset_key": asset_key}
+        )
+        if updated.rowcount == 0:
+            _execute(cursor, dialect, "insert", AssetKeyTable, {"asset_key": asset_key, **values})
+    if (
+        dagster_event.event_type == DagsterEventType.ASSET_MATERIALIZATION
+        and dagster_event.partition is None
+    ):
+        writing.materialized[dagster_event.asset_key] = Materialized(
+            event_id, extract_data_version_from_entry(event), event.run_id, event.timestamp
+        )
+
+
+def _serialize_each_snapshot_once() -> None:
+    """A run's creation serializes its execution plan's snapshot three times (its id in
+    `RunDomain`, its id again in the run storage's `add_execution_plan_snapshot`, its stored body)
+    and each job snapshot twice (its id, its body): at 2,000 audiences the job of a subset and its
+    parent hold 2,000 assets each. While a run is created (`RunDomain.create_run` and
+    `create_run_for_job`, in the thread creating it), a snapshot serialized again gives the text
+    it gave the first time (the same object: snapshots are immutable records); the texts are let
+    go when the run is created."""
+    from dagster._core.instance.runs.run_domain import RunDomain
+    from dagster._core.snap.execution_plan_snapshot import ExecutionPlanSnapshot
+    from dagster._core.snap.job_snapshot import JobSnap
+    from dagster._core.storage.runs import sql_run_storage
+    from dagster_shared.serdes import utils as serdes_utils
+
+    if getattr(RunDomain.create_run, "serializes_snapshots_once", False):
+        return
+    snapshots = (JobSnap, ExecutionPlanSnapshot)
+    creating = threading.local()
+
+    def remembering(serialize):
+        def serialize_value(value, *arguments, **keywords):
+            kept = getattr(creating, "texts", None)
+            if kept is None or arguments or keywords or type(value) not in snapshots:
+                return serialize(value, *arguments, **keywords)
+            for snapshot, text in kept:
+                if snapshot is value:
+                    return text
+            text = serialize(value)
+            kept.append((value, text))
+            return text
+
+        return serialize_value
+
+    serdes_utils.serialize_value = remembering(serdes_utils.serialize_value)
+    sql_run_storage.serialize_value = remembering(sql_run_storage.serialize_value)
+
+    def while_creating(method):
+        def create(self, *arguments, **keywords):
+            outermost = getattr(creating, "texts", None) is None
+            if outermost:
+                creating.texts = []
+            try:
+                return method(self, *arguments, **keywords)
+            finally:
+                if outermost:
+                    creating.texts = None
+
+        create.serializes_snapshots_once = True
+        create.__doc__ = method.__doc__
+        return create
+
+    RunDomain.create_run = while_creating(RunDomain.create_run)
+    RunDomain.create_run_for_job = while_creating(RunDomain.create_run_for_job)

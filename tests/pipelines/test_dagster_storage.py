@@ -150,16 +150,26 @@ from pipelines.defs.dagster_storage import reuse_sqlite_connections, stored_toge
 reuse_sqlite_connections()
 dagster_storage.EVENTS_PER_TRANSACTION = 10**6
 store_event = dagster_storage.SqliteEventLogStorage._audiences_store_event
+store_rows = dagster_storage._store_rows
 written = 0
 
-def store_then_die(storage, event):
+def then_die():
     global written
-    store_event(storage, event)
     written += 1
     if written == 61:  # inside the transactions of the kept events: the run's file and the index
         os.kill(os.getpid(), signal.SIGKILL)
 
+def store_then_die(storage, event):
+    store_event(storage, event)
+    then_die()
+
+def store_rows_then_die(storage, writing, event):
+    store_rows(storage, writing, event)
+    then_die()
+
+# Kept events are written by Dagster's store_event or as rows (_store_rows): either way
 dagster_storage.SqliteEventLogStorage._audiences_store_event = store_then_die
+dagster_storage._store_rows = store_rows_then_die
 specs = [dg.AssetSpec(f"view{index}") for index in range(50)]
 
 @dg.multi_asset(specs=specs)
@@ -387,3 +397,240 @@ def test_runs_the_daemon_and_the_web_server_create_store_their_planned_events_to
     other = results["other event log"]
     assert other["instance"] == "AudiencesInstance" and not other["patched"]
     assert other["stored"] == without["stored"]
+
+
+HISTORY_EVENTS = """
+import json, sys
+import dagster as dg
+from dagster import DagsterInstance
+
+parents = [dg.AssetSpec(f"view{index}") for index in range(12)]
+child = dg.AssetSpec("members", deps=[spec.key for spec in parents])
+
+@dg.multi_asset(specs=[*parents, child], check_specs=[dg.AssetCheckSpec("counted", asset="members")])
+def evaluation(context: dg.AssetExecutionContext):
+    context.log.info("a message of the step's own")
+    context.log_event(dg.AssetObservation(asset_key=parents[0].key, metadata={"seen": 1}))
+    for index, spec in enumerate(parents):
+        yield dg.MaterializeResult(
+            asset_key=spec.key, metadata={"member_count": index}, data_version=dg.DataVersion(str(index % 3))
+        )
+    yield dg.MaterializeResult(asset_key=child.key, metadata={"members": 12})
+    yield dg.AssetCheckResult(asset_key=child.key, check_name="counted", passed=True)
+
+days = dg.StaticPartitionsDefinition(["a", "b"])
+
+@dg.asset(partitions_def=days)
+def daily(context):
+    return dg.MaterializeResult(metadata={"partition": context.partition_key})
+
+@dg.multi_asset(specs=[dg.AssetSpec("broken_a"), dg.AssetSpec("broken_b")])
+def broken():
+    yield dg.MaterializeResult(asset_key="broken_a")
+    raise Exception("fails after one of its two outputs")
+
+definitions = dg.Definitions(assets=[evaluation, daily, broken])
+job = definitions.resolve_implicit_global_asset_job_def()
+with DagsterInstance.get() as instance:
+    runs = [
+        job.execute_in_process(instance=instance, asset_selection=[*[s.key for s in parents], child.key]),
+        job.execute_in_process(instance=instance, asset_selection=[*[s.key for s in parents], child.key]),
+        job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("daily")], partition_key="b"),
+        job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("broken_a"), dg.AssetKey("broken_b")], raise_on_error=False),
+    ]
+    print(json.dumps([result.run_id for result in runs]))
+"""
+
+
+def _tables(folder) -> dict:
+    """Every row of every table of every SQLite file in an event log's folder (but the times the
+    database sets on its own when a row is made: `create_timestamp`, a migration's completion)."""
+    import sqlite3
+
+    found = {}
+    for path in sorted(folder.glob("*.db")):
+        with sqlite3.connect(path) as database:
+            names = [
+                name
+                for (name,) in database.execute(
+                    "select name from sqlite_master where type = 'table' order by name"
+                )
+            ]
+            for name in names:
+                cursor = database.execute(f'select * from "{name}" order by rowid')
+                columns = [column[0] for column in cursor.description]
+                kept = [
+                    index
+                    for index, column in enumerate(columns)
+                    if column not in ("create_timestamp", "migration_completed")
+                ]
+                found[(path.name, name)] = [tuple(row[i] for i in kept) for row in cursor]
+    return found
+
+
+def test_events_written_as_rows_equal_dagsters_own_writes(tmp_path, monkeypatch):
+    """Issue 25, eighth pass: kept events are written as rows through the DB-API (`_store_rows`),
+    not by Dagster's `store_event` one SQLAlchemy statement at a time. The events of real runs
+    (planned and done materializations with data versions and provenance, an observation, a
+    check, a partition, a failed step, run and step events, a message) are stored once as rows
+    and once by Dagster's `store_event` on two new SQLite instances: every table of every file
+    holds the same rows, and Dagster's reads give the same answers."""
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    from pipelines.defs import dagster_storage
+    from pipelines.defs.dagster_storage import stored_together
+
+    reuse_sqlite_connections()
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    made = subprocess.run(
+        [sys.executable, "-c", HISTORY_EVENTS],
+        env={**os.environ, "DAGSTER_HOME": str(source)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    run_ids = json.loads(made.stdout.splitlines()[-1])
+    with DagsterInstance.from_config(str(source)) as instance:
+        events = [entry for run_id in run_ids for entry in instance.all_logs(run_id)]
+    types = {entry.dagster_event.event_type_value for entry in events if entry.dagster_event}
+    assert {
+        "ASSET_MATERIALIZATION_PLANNED",
+        "ASSET_MATERIALIZATION",
+        "ASSET_OBSERVATION",
+        "ASSET_CHECK_EVALUATION",
+        "STEP_OUTPUT",
+        "STEP_FAILURE",
+        "PIPELINE_SUCCESS",
+        "PIPELINE_FAILURE",
+    } <= types, sorted(types)
+    assert any(entry.dagster_event is None for entry in events)
+    assert any(entry.dagster_event and entry.dagster_event.partition for entry in events)
+
+    written_as_rows = [0]
+    store_rows = dagster_storage._store_rows
+
+    def counted(*arguments):
+        written_as_rows[0] += 1
+        return store_rows(*arguments)
+
+    monkeypatch.setattr(dagster_storage, "_store_rows", counted)
+    instances = {}
+    for name in ("rows", "dagster"):
+        home = tmp_path / name
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        instance = instances[name] = DagsterInstance.from_config(str(home))
+        storage = instance.event_log_storage
+        if name == "rows":
+            with stored_together(instance):
+                for entry in events:
+                    storage.store_event(entry)
+        else:  # Dagster's own, one event after another
+            for entry in events:
+                SqliteEventLogStorage._audiences_store_event(storage, entry)
+    assert written_as_rows[0] > len(events) * 0.8, (written_as_rows[0], len(events))
+
+    rows, dagster = (_tables(tmp_path / name / "history" / "runs") for name in instances)
+    assert rows.keys() == dagster.keys()
+    assert ("index.db", "asset_event_tags") in rows
+    for table, expected in dagster.items():
+        assert rows[table] == expected, table
+    assert all(dagster[(f"{run_id}.db", "event_logs")] for run_id in run_ids)
+
+    def reads(instance) -> list:
+        keys = sorted(instance.get_asset_keys(), key=str)
+        answers = [[str(key) for key in keys]]
+        for key in keys:
+            latest = instance.get_latest_materialization_event(key)
+            answers.append(None if latest is None else dg.serialize_value(latest))
+            answers.append(
+                dg.serialize_value(list(instance.fetch_materializations(key, limit=100).records))
+            )
+            answers.append(
+                dg.serialize_value(list(instance.fetch_observations(key, limit=100).records))
+            )
+            answers.append(
+                dg.serialize_value(
+                    list(instance.fetch_planned_materializations(key, limit=100).records)
+                )
+            )
+        for record in instance.get_asset_records(keys):
+            entry = record.asset_entry
+            answers.append(
+                (
+                    record.storage_id,
+                    dg.serialize_value(entry.last_materialization_record),
+                    entry.last_run_id,
+                    entry.asset_details,
+                )
+            )
+        for run_id in run_ids:
+            answers.append(dg.serialize_value(list(instance.all_logs(run_id))))
+        return answers
+
+    assert reads(instances["rows"]) == reads(instances["dagster"])
+    for instance in instances.values():
+        instance.dispose()
+
+
+def test_a_runs_snapshots_are_serialized_once_and_stored_as_dagster_writes_them(
+    tmp_path, monkeypatch
+):
+    """Issue 25, eighth pass: creating a run serialized its execution plan's snapshot three times
+    (its id twice, its body) and the job snapshots it stores twice (the subset's and its parent's:
+    2,000 assets each at 2,000 audiences). Now each once; what is stored is what Dagster's serializer
+    writes: each snapshot's body is its text, and its id that text's hash."""
+    import zlib
+
+    from dagster._core.snap.execution_plan_snapshot import ExecutionPlanSnapshot
+    from dagster._core.snap.job_snapshot import JobSnap
+    from dagster_shared.serdes import serdes
+    from dagster_shared.serdes.utils import hash_str
+
+    reuse_sqlite_connections()  # what loading the code location does
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    specs = [dg.AssetSpec(f"view{index}") for index in range(OUTPUTS)]
+
+    @dg.multi_asset(specs=specs, can_subset=True)
+    def evaluation(context: dg.AssetExecutionContext):
+        for key in sorted(context.selected_asset_keys):
+            yield dg.MaterializeResult(asset_key=key)
+
+    serialized: list = []
+    transform = serdes._transform_for_serialization
+
+    def counted(value, *arguments, **keywords):
+        if type(value) in (JobSnap, ExecutionPlanSnapshot):
+            serialized.append(value)
+        return transform(value, *arguments, **keywords)
+
+    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    with DagsterInstance.get() as instance:
+        monkeypatch.setattr(serdes, "_transform_for_serialization", counted)
+        result = job.execute_in_process(instance=instance, asset_selection=[specs[0].key])
+        monkeypatch.undo()
+        assert result.success
+        kinds = [type(value).__name__ for value in serialized]
+        # three job snapshots (the subset's, its parent's twice over) and the plan's, each
+        # serialized once: 8 serializations before (the plan's 3 times, two job snapshots twice)
+        assert sorted(kinds) == ["ExecutionPlanSnapshot", "JobSnap", "JobSnap", "JobSnap"], kinds
+        assert len({id(value) for value in serialized}) == len(serialized)
+
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "history" / "runs.db") as runs:
+            stored = runs.execute("select snapshot_id, snapshot_body from snapshots").fetchall()
+        run = instance.get_run_by_id(result.run_id)
+        assert {snapshot_id for snapshot_id, _ in stored} >= {
+            run.job_snapshot_id,
+            run.execution_plan_snapshot_id,
+        }
+        for snapshot_id, body in stored:
+            text = zlib.decompress(body).decode("utf-8")
+            snapshot = serdes.deserialize_value(text, (JobSnap, ExecutionPlanSnapshot))
+            assert serdes.serialize_value(snapshot) == text  # Dagster's own serializer's text
+            assert hash_str(text) == snapshot_id
