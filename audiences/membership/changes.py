@@ -515,11 +515,11 @@ def _changes_query(members_table: str) -> str:
         ),
         open_intervals as (
             {
-            in_scope(
-                "(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
-                "interval_row, audience_key, user_key, user_id, tenant, entry_number",
-            )
-        }
+        in_scope(
+            "(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
+            "interval_row, audience_key, user_key, user_id, tenant, entry_number",
+        )
+    }
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
