@@ -415,6 +415,17 @@ def _diff(
     """Build the temp table `changes`: one row per membership that entered or exited since the last
     diff (the evaluated rows in scope against the open intervals). Returns the re-evaluation log
     the diff read, if any."""
+    log = _diff_scope(connection, members_table, catalog_table, archived)
+    connection.execute(f"create or replace temp table changes as {_changes_query(members_table)}")
+    return log
+
+
+def _diff_scope(
+    connection, members_table: str, catalog_table: str, archived: Collection[str] = ()
+) -> str | None:
+    """The temp tables that scope the diff (`_changes_query`): the evaluated audiences, and the
+    audiences, users and pairs whose rows may have changed since the last diff. Returns the
+    re-evaluation log it read, if any."""
     _archived_audiences(connection, catalog_table, archived)
     connection.execute(
         f"""
@@ -476,6 +487,13 @@ def _diff(
             """
         )
 
+    return log
+
+
+def _changes_query(members_table: str) -> str:
+    """The diff itself over `_diff_scope`'s tables: one row per membership that entered or exited
+    (the evaluated rows in scope against the open intervals)."""
+
     def in_scope(relation: str, columns: str) -> str:
         # Two simple semi-joins, not one OR of them: DuckDB runs these about four times faster.
         return f"""
@@ -491,19 +509,17 @@ def _diff(
             )
         """
 
-    connection.execute(
-        f"""
-        create or replace temp table changes as
+    return f"""
         with evaluated as (
             {in_scope(members_table, "audience_key, user_key, tenant")}
         ),
         open_intervals as (
             {
-            in_scope(
-                "(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
-                "interval_row, audience_key, user_key, user_id, tenant, entry_number",
-            )
-        }
+        in_scope(
+            "(select rowid as interval_row, * from raw.membership_intervals where exited_at is null)",
+            "interval_row, audience_key, user_key, user_id, tenant, entry_number",
+        )
+    }
         )
         select
             coalesce(evaluated.audience_key, open_intervals.audience_key) as audience_key,
@@ -519,9 +535,7 @@ def _diff(
             and evaluated.user_key = open_intervals.user_key
             and evaluated.tenant is not distinct from open_intervals.tenant
         where evaluated.user_key is null or open_intervals.user_key is null
-        """
-    )
-    return log
+    """
 
 
 def _archived_audiences(connection, catalog_table: str, archived: Collection[str]) -> None:
@@ -592,7 +606,7 @@ def pending_changes(
     connection.execute("begin transaction")
     try:
         ensure_membership_tables(connection)
-        _diff(connection, members_table, catalog_table)
+        _diff_scope(connection, members_table, catalog_table)
         moved = dict.fromkeys(
             (
                 key
@@ -606,8 +620,11 @@ def pending_changes(
             {
                 key: (entered, exited)
                 for key, entered, exited in connection.execute(
+                    # counted as the diff finds them: 6M rows at 2,000 audiences when nothing
+                    # is recorded yet, not kept in a table only to be counted
                     "select audience_key, count(*) filter (where event_type = 'entered'), "
-                    "count(*) filter (where event_type = 'exited') from changes group by audience_key"
+                    "count(*) filter (where event_type = 'exited') "
+                    f"from ({_changes_query(members_table)}) group by audience_key"
                 ).fetchall()
             }
         )

@@ -276,6 +276,28 @@ def test_pending_changes_counts_what_the_diff_will_record_and_records_nothing(wa
     } == {"pro": (1, 1), "eu": (0, 0)}
 
 
+def test_pending_changes_counts_only_the_rows_the_re_evaluation_log_puts_in_scope(warehouse):
+    """pending_changes counts the diff `record_changes` records, scope included: a user the log
+    re-evaluated in every audience, one pair, a whole audience; a change outside the log's scope
+    (user 6 entering `pro`) is neither counted nor recorded."""
+    from audiences.membership.changes import pending_changes
+
+    evaluate(warehouse, T0, {"pro": [1, 2, 3], "eu": [4, (5, "acme")], "all": [1, 2]})
+    warehouse.execute(
+        "create table main.audience_members__reevaluated (audience_key varchar, user_key integer)"
+    )
+    warehouse.execute(
+        "insert into main.audience_members__reevaluated values (null, 2), ('eu', 5), ('all', null)"
+    )
+    set_evaluation(warehouse, {"pro": [1, 3, 6], "eu": [4], "all": [1, 7, 8]})
+    pending = pending_changes(warehouse)
+    assert pending == {"pro": (0, 1), "eu": (0, 1), "all": (2, 1)}
+    summary = record_changes(warehouse, T0 + timedelta(hours=1))
+    assert {
+        change.audience_key: (change.entered, change.exited) for change in summary.audiences
+    } == pending
+
+
 def test_an_archived_audiences_members_exit_once_and_only_once(warehouse):
     """Archived (its latest commit is an archive), the audience is no longer in the catalog: every
     open membership closes with an exit event, under the version its members entered with, and
