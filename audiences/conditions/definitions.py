@@ -360,6 +360,10 @@ class DefinitionSet:
         return self.definitions[key]
 
 
+# The operators whose argument is another audience's key.
+_MEMBERSHIP_OPERATORS = ("is_audience_member", "is_not_audience_member")
+
+
 def load_definition_set(
     folder: Path,
     other_audiences: Iterable[str] = (),
@@ -388,21 +392,38 @@ def load_definition_set(
             skipped[key].append(problem)
     for key in skipped:
         definitions.pop(key, None)
-    # Then every audience that refers to a skipped one, until none is left.
-    while dependents := {
-        key: found
-        for key, definition in definitions.items()
-        if (found := references_to_skipped(definition, skipped))
-    }:
+    # Then every audience that refers to a skipped one, one step of references at a time until
+    # none is left (its reasons: the audiences skipped before that step). Only the audiences that
+    # refer to those skipped in the step before are checked again: a chain of thousands costs its
+    # length, not its square.
+    referrers: dict[str, set[str]] = {}
+    for key, definition in definitions.items():
+        for segment in definition.segments:
+            for condition in segment:
+                if condition.operator in _MEMBERSHIP_OPERATORS and isinstance(
+                    condition.argument, str
+                ):
+                    referrers.setdefault(condition.argument, set()).add(key)
+    gone = set(skipped)
+    step = set(skipped)
+    while step:
+        candidates = {key for s in step for key in referrers.get(s, ()) if key in definitions}
+        dependents = {
+            key: found
+            for key in candidates
+            if (found := references_to_skipped(definitions[key], gone))
+        }
         for key, reasons in dependents.items():
             skipped[key] = reasons
             del definitions[key]
+        gone |= dependents.keys()
+        step = set(dependents)
     return DefinitionSet(definitions, dict(sorted(skipped.items())), problems, str(folder))
 
 
 def references_to_skipped(definition: AudienceDefinition, skipped: Iterable[str]) -> list[Problem]:
     """A problem for each condition of `definition` that refers to one of the `skipped` audiences."""
-    skipped = set(skipped)
+    skipped = skipped if isinstance(skipped, set | frozenset) else set(skipped)
     return [
         Problem(
             str(definition.file),
@@ -411,8 +432,7 @@ def references_to_skipped(definition: AudienceDefinition, skipped: Iterable[str]
         )
         for segment in definition.segments
         for condition in segment
-        if condition.operator in ("is_audience_member", "is_not_audience_member")
-        and condition.argument in skipped
+        if condition.operator in _MEMBERSHIP_OPERATORS and condition.argument in skipped
     ]
 
 

@@ -367,6 +367,27 @@ def test_a_cycle_at_the_end_of_a_long_chain_is_named_not_a_recursion_error(tmp_p
     assert order == [f"b{n:04d}" for n in range(length, -1, -1)]
 
 
+def test_an_audience_that_refers_to_a_skipped_one_names_those_skipped_a_step_before(tmp_path):
+    """The audiences skipped for their references, a step of references at a time: each names the
+    audiences skipped before its step (`direct` refers to `broken` and to `middle`, skipped in the
+    same step: only `broken` is named), and those referring to nothing skipped are kept."""
+    write(tmp_path, "broken", dynamic({"property": "recipient.x", "operator": "equals"}))
+    write(tmp_path, "middle", dynamic(member_of("broken")))
+    write(tmp_path, "direct", dynamic(member_of("broken"), member_of("middle")))
+    write(tmp_path, "last", dynamic(member_of("direct"), member_of("middle")))
+    write(tmp_path, "fine", dynamic(member_of("other")))
+    write(tmp_path, "other", dynamic({"property": "recipient.x", "operator": "exists"}))
+    found = load_definition_set(tmp_path)
+    assert set(found.definitions) == {"fine", "other"}
+
+    def named(key):
+        return [p.message.split("'")[1] for p in found.skipped[key]]
+
+    assert named("middle") == ["broken"]
+    assert named("direct") == ["broken"]
+    assert named("last") == ["direct", "middle"]
+
+
 def test_keys_that_collide_with_sql_audiences_or_engine_models_are_refused_by_name(tmp_path):
     """Issue 25: a definition whose model (relation, file) would be a hand-written SQL audience's
     (names compared ignoring case), an engine model's, or too long for a file name is refused by
