@@ -170,7 +170,7 @@ def pipeline_pass(settings: Settings, store: MembershipStore, lean: bool = True)
 class Sink:
     """The webhook receiver: when each entered trigger arrived, under which webhook id."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, forward=None):
         received = self.received = []
         lock = self.lock = threading.Lock()
 
@@ -183,16 +183,18 @@ class Sink:
                 wall = time.time()
                 message = json.loads(body)
                 data = message.get("data", {})
-                with lock:
-                    received.append(
-                        (
-                            at,
-                            self.headers.get("webhook-id"),
-                            data.get("recipients", [None])[0],
-                            data.get("data", {}).get("event_id"),
-                            wall,
-                        )
-                    )
+                record = (
+                    at,
+                    self.headers.get("webhook-id"),
+                    data.get("recipients", [None])[0],
+                    data.get("data", {}).get("event_id"),
+                    wall,
+                )
+                if forward is not None:
+                    forward(record)
+                else:
+                    with lock:
+                        received.append(record)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -207,6 +209,57 @@ class Sink:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class SinkProcess:
+    """The webhook receiver in a process of its own (the default): its HTTP threads and its
+    interpreter's pauses no longer share the clients' interpreter, which timed the identifies.
+    Each record is sent back over a pipe and kept here as `Sink` keeps it (`time.perf_counter`
+    is the machine's monotonic clock, the same in both processes)."""
+
+    def __init__(self, port: int):
+        import multiprocessing
+
+        self.received = []
+        self.lock = threading.Lock()
+        context = multiprocessing.get_context("fork")  # before any thread of this process
+        self._records, sending = context.Pipe(duplex=False)
+        self._ready = context.Event()
+        self.process = context.Process(
+            target=self._serve, args=(port, sending, self._ready), daemon=True
+        )
+        self.process.start()
+        sending.close()
+        if not self._ready.wait(30):
+            raise RuntimeError("the webhook receiver's process did not start")
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _serve(port: int, sending, ready) -> None:
+        lock = threading.Lock()
+
+        def forward(record):
+            with lock:
+                sending.send(record)
+
+        Sink(port, forward)
+        ready.set()
+        threading.Event().wait()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                record = self._records.recv()
+            except (EOFError, OSError):
+                return
+            with self.lock:
+                self.received.append(record)
+
+    def close(self):
+        self.process.terminate()
+        self.process.join(10)
+        self._records.close()
 
 
 # Where `audiences serve` is run from: its `audiences` package is this folder's (`--service-code`).
@@ -233,7 +286,7 @@ def percentile(values: list[float], share: float) -> float | None:
 def run_mode(
     settings: Settings,
     store: MembershipStore,
-    sink: Sink,
+    sink: Sink | SinkProcess,
     realtime: bool,
     users: int,
     seconds: float,
@@ -513,7 +566,7 @@ def wait_for_port(port: int, server: subprocess.Popen, log: Path, path: str = "/
         time.sleep(0.2)
 
 
-def warm_up_realtime(url: str, headers: dict, sink: Sink) -> float:
+def warm_up_realtime(url: str, headers: dict, sink: Sink | SinkProcess) -> float:
     """Before the timed calls: a new user moved in (every audience evaluated: the whole plan
     compiled and prepared), then out and, once that is evaluated, in again (only the probe), each
     entry awaited at the webhook. Returns the seconds from the first call to its entry's webhook."""
@@ -645,12 +698,18 @@ def main() -> None:
         help="run `audiences serve` from this checkout's `audiences` package (an A/B of two "
         "versions in one session); the bench itself and the pipeline passes run this one's",
     )
+    parser.add_argument(
+        "--receiver-in-process",
+        action="store_true",
+        help="serve the webhook receiver in the clients' process (the layout before h19i) "
+        "instead of a process of its own",
+    )
     arguments = parser.parse_args()
     if arguments.service_code:
         SERVICE_CODE["folder"] = arguments.service_code.resolve()
     os.environ.setdefault(SECRET_ENV, "whsec_" + base64.b64encode(os.urandom(24)).decode())
     sink_port = free_port()
-    sink = Sink(sink_port)
+    sink = Sink(sink_port) if arguments.receiver_in_process else SinkProcess(sink_port)
     started = time.perf_counter()
     if arguments.keep:
         settings = reuse(arguments.data, sink_port)
@@ -673,6 +732,9 @@ def main() -> None:
         "setup_seconds": setup_seconds,
         "first_evaluation": first,
         "delivery_worker": "`audiences serve`'s worker process (real time and delivery)",
+        "receiver": "the clients' process"
+        if arguments.receiver_in_process
+        else "a process of its own",
         "modes": [],
     }
     half = arguments.users // 2
@@ -809,7 +871,7 @@ def write_results(results: dict, arguments: str) -> None:
 {results["users"]:,} users, {results["audiences"]} audiences (the 50 benchmark audiences and the
 probe), {results["clients"]} clients at {results["rate"]} identify calls a second for
 {results["seconds"]} s per mode; setup (users, first evaluation) {results["setup_seconds"]:.0f} s.
-Delivery worker: {results["delivery_worker"]}.
+Delivery worker: {results["delivery_worker"]}. Webhook receiver: {results.get("receiver", "the clients' process")}.
 
 {chr(10).join(rows)}
 
