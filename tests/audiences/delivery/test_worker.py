@@ -38,16 +38,20 @@ def recorder():
         yield server
 
 
-def enqueue(store: MembershipStore, delivery_id: str, sink: str = "hooks") -> None:
-    """Queue one delivery the way every enqueue path does (`insert_ignoring_duplicates`)."""
+def enqueue(
+    store: MembershipStore, delivery_id: str, sink: str = "hooks", user_id: str | None = None
+) -> None:
+    """Queue one delivery (for `user_id`, else a user of its own) the way every enqueue path does
+    (`insert_ignoring_duplicates`)."""
+    user_id = user_id or f"user-{delivery_id}"
     row = new_delivery(
         delivery_id,
         workflow_key="welcome",
         sink=sink,
         audience_key="vip",
-        user_id=f"user-{delivery_id}",
+        user_id=user_id,
         tenant=None,
-        payload=json.dumps({"recipients": [f"user-{delivery_id}"], "data": {"id": delivery_id}}),
+        payload=json.dumps({"recipients": [user_id], "data": {"id": delivery_id}}),
         stamp=now_text(),
     )
     with store.engine.begin() as connection:
@@ -154,28 +158,12 @@ def test_a_delivery_queued_behind_a_slow_send_goes_out_at_once_but_never_before_
     recorder.respond_with(answer)
     worker = DeliveryWorker(store, {"hooks": hook(recorder, timeout=30)}, poll_seconds=30).start()
 
-    def enqueue_for(delivery_id: str, user_id: str) -> None:
-        stamp = now_text()
-        payload = json.dumps({"recipients": [user_id], "data": {"id": delivery_id}})
-        queued = new_delivery(
-            delivery_id,
-            workflow_key="welcome",
-            sink="hooks",
-            audience_key="vip",
-            user_id=user_id,
-            tenant=None,
-            payload=payload,
-            stamp=stamp,
-        )
-        with store.engine.begin() as connection:
-            store.insert_ignoring_duplicates(connection, deliveries, [queued])
-
     try:
-        enqueue_for("slow", "ana")
+        enqueue(store, "slow", user_id="ana")
         assert received(recorder, "slow", timeout=10), "the slow delivery was not sent"
         queued_at = time.monotonic()
-        enqueue_for("ana-next", "ana")  # the slow send's recipient: after its outcome
-        enqueue_for("bob-first", "bob")  # another recipient: at once
+        enqueue(store, "ana-next", user_id="ana")  # the slow send's recipient: after its outcome
+        enqueue(store, "bob-first", user_id="bob")  # another recipient: at once
         behind = received(recorder, "bob-first", timeout=slow + 10)
         after = received(recorder, "ana-next", timeout=slow + 10)
     finally:
