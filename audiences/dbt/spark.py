@@ -60,6 +60,9 @@ from audiences.dbt.models import (
 
 # The Spark dbt project: a folder beside the DuckDB project (`dbt_project`).
 SPARK_PROJECT_FOLDER = "dbt_spark"
+# The run's settings, as dbt's environment (read by macros/evaluation_time.sql).
+EVALUATION_TIME_VARIABLE = "AUDIENCES_SPARK_EVALUATION_TIME"
+USERS_PARQUET_VARIABLE = "AUDIENCES_SPARK_USERS_PARQUET"
 EXTRACTED_MODEL = "int_users_extracted"
 FLATTENED_MODEL = "int_users_flattened"
 USERS_MODEL = "stg_users"
@@ -694,23 +697,35 @@ class SparkRun:
     host: str | None = None
     port: int = 10000
 
-    def environment(self) -> dict[str, str]:
+    def environment(
+        self, evaluation_time: datetime | None = None, users_parquet: Path | None = None
+    ) -> dict[str, str]:
+        """dbt's environment. The run's evaluation time and users' parquet are environment
+        variables, not `--vars`: dbt re-parses the whole project when its vars change (seconds
+        each run), and the Spark project's macros read these variables only while executing
+        (`run_setting` in macros/evaluation_time.sql), so a new value re-parses nothing."""
         values = {
-            **os.environ,
+            **{
+                name: value
+                for name, value in os.environ.items()
+                if name not in (EVALUATION_TIME_VARIABLE, USERS_PARQUET_VARIABLE)
+            },
             "AUDIENCES_SPARK_WAREHOUSE": str(Path(self.warehouse_dir).resolve()),
             "AUDIENCES_DBT_TARGET": self.target,
         }
+        if evaluation_time is not None:
+            values[EVALUATION_TIME_VARIABLE] = evaluation_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if users_parquet is not None:
+            values[USERS_PARQUET_VARIABLE] = str(Path(users_parquet).resolve())
         if self.host:
             values["AUDIENCES_SPARK_HOST"] = self.host
             values["AUDIENCES_SPARK_PORT"] = str(self.port)
         return values
 
-    def command(self, evaluation_time: datetime, users_parquet: Path | None = None) -> list[str]:
+    def command(self) -> list[str]:
+        """`dbt run` on the project; the run's settings are in `environment`."""
         from audiences.dbt.project import dbt_executable
 
-        variables = {"evaluation_time": evaluation_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        if users_parquet is not None:
-            variables["users_parquet"] = str(Path(users_parquet).resolve())
         return [
             dbt_executable(),
             "run",
@@ -718,8 +733,6 @@ class SparkRun:
             str(self.project_dir),
             "--profiles-dir",
             str(self.project_dir),
-            "--vars",
-            json.dumps(variables),
         ]
 
     def check(self) -> None:
@@ -740,8 +753,8 @@ class SparkRun:
         self.check()
         Path(self.warehouse_dir).mkdir(parents=True, exist_ok=True)
         return subprocess.Popen(
-            self.command(evaluation_time, users_parquet),
-            env=self.environment(),
+            self.command(),
+            env=self.environment(evaluation_time, users_parquet),
             cwd=self.warehouse_dir,  # Spark's and Derby's own logs land there
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -27,11 +27,11 @@
 
 {% macro prepare_raw() %}
     {% if execute %}
-        {% if not var('evaluation_time', none) %}
+        {% if not evaluation_time_setting() %}
             {{ exceptions.raise_compiler_error("set the evaluation_time var (ISO 8601 UTC) for a run") }}
         {% endif %}
         {% do run_query("create database if not exists raw") %}
-        {% set users = var('users_parquet', none) %}
+        {% set users = users_parquet_setting() %}
         {% if users %}
             {% do run_query("drop table if exists raw.users") %}
             {% do run_query("create table raw.users using parquet as select user_key, user_id, "
@@ -52,7 +52,7 @@
         {% set later = run_query("select count(*) from raw.membership_events where evaluated_at > "
             ~ evaluation_time()).columns[0].values()[0] %}
         {% if later %}
-            {{ exceptions.raise_compiler_error("evaluation time " ~ var('evaluation_time') ~ " is before the last recorded change; membership history only moves forward") }}
+            {{ exceptions.raise_compiler_error("evaluation time " ~ evaluation_time_setting() ~ " is before the last recorded change; membership history only moves forward") }}
         {% endif %}
     {% endif %}
 {% endmacro %}

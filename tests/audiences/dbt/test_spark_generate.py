@@ -196,3 +196,27 @@ def test_generated_spark_models_compile_for_databricks_and_trino():
             "arrays_overlap"
         }  # Trino has it
     assert missing_in_trino == NOT_IN_TRINO
+
+
+def test_spark_run_hands_dbt_its_time_and_users_in_the_environment_not_as_vars(
+    tmp_path, monkeypatch
+):
+    """dbt re-parses the whole Spark project (seconds, each run) when its `--vars` change: the
+    engine's `dbt run` is the same command at every time, its evaluation time and users' parquet
+    in the environment (read only while executing: macros/evaluation_time.sql). The e2e test
+    checks dbt's own log (test_spark_models.py)."""
+    from datetime import UTC, datetime
+
+    from audiences.dbt.spark import EVALUATION_TIME_VARIABLE, USERS_PARQUET_VARIABLE, SparkRun
+
+    run = SparkRun(tmp_path / SPARK_PROJECT_FOLDER, tmp_path / "spark")
+    first = datetime(2026, 11, 1, tzinfo=UTC)
+    later = datetime(2026, 11, 8, 12, 30, tzinfo=UTC)
+    assert "--vars" not in run.command()
+    environment = run.environment(later, tmp_path / "users.parquet")
+    assert environment[EVALUATION_TIME_VARIABLE] == "2026-11-08T12:30:00.000000Z"
+    assert environment[USERS_PARQUET_VARIABLE] == str(tmp_path / "users.parquet")
+    assert run.environment(first)[EVALUATION_TIME_VARIABLE] == "2026-11-01T00:00:00.000000Z"
+    # A run without users' parquet loads none, whatever the engine's own environment holds.
+    monkeypatch.setenv(USERS_PARQUET_VARIABLE, str(tmp_path / "stale.parquet"))
+    assert USERS_PARQUET_VARIABLE not in run.environment(first)

@@ -352,6 +352,8 @@ def test_sample_audiences_on_spark_match_duckdb_and_a_killed_run_publishes_once(
     text = "".join(output)
     assert process.returncode == -signal.SIGKILL, text[-4000:]
     assert killed_run and "membership events published" not in text
+    # A new time and new users re-parse nothing: dbt reuses the first build's parse (issue 16).
+    assert "Unable to do partial parsing" not in text, text[:3000]
     assert "incremental build: " in text and "audience_members version written" in text
     assert _versions_on_disk(tmp_path) >= {("audience_members", f"run_id={killed_run}")}
     # What a reader sees after the kill: the first build's members, not the killed build's
