@@ -15,6 +15,30 @@ from pipelines.defs.dagster_storage import reuse_sqlite_connections
 OUTPUTS = 30
 
 
+def _views_and_members_job(tmp_path, monkeypatch, count: int, parents: int):
+    """A job of one step materializing `count` views and then `members`, whose parents are the
+    first `parents` views, its outputs stored together as the dbt assets store theirs; in a
+    Dagster instance of its own (DAGSTER_HOME), with the engine's SQLite patches applied as
+    loading the code location applies them. Returns the job, the views and `members`."""
+    from pipelines.defs.dagster_storage import stored_together
+
+    reuse_sqlite_connections()  # what loading the code location does
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    views = [dg.AssetSpec(f"view{index}") for index in range(count)]
+    members = dg.AssetSpec("members", deps=[view.key for view in views[:parents]])
+
+    @dg.multi_asset(specs=[*views, members])
+    def evaluation(context: dg.AssetExecutionContext):
+        with stored_together(context.instance):  # as the dbt assets yield their outputs
+            for index, spec in enumerate(views):
+                yield dg.MaterializeResult(asset_key=spec.key, metadata={"member_count": index})
+            yield dg.MaterializeResult(asset_key=members.key)
+
+    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    return job, views, members
+
+
 def test_a_runs_events_reuse_their_connections_and_other_processes_read_them(tmp_path, monkeypatch):
     """Dagster's SQLite event log opened the run's file (and the index, for a materialization)
     anew for every event: two connections per materialization. Kept open, a run of 30
@@ -93,22 +117,7 @@ def test_a_steps_outputs_and_a_runs_planned_events_are_stored_together(tmp_path,
     is the same: every event in Dagster's order, each asset's latest materialization with its
     metadata, and the provenance of an asset whose parent was materialized earlier in the step
     pointing at that parent's stored record (events kept are written before any read)."""
-    from pipelines.defs.dagster_storage import stored_together
-
-    reuse_sqlite_connections()  # what loading the code location does
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    views = [dg.AssetSpec(f"view{index}") for index in range(100)]
-    members = dg.AssetSpec("members", deps=[views[0].key, views[1].key])
-
-    @dg.multi_asset(specs=[*views, members])
-    def evaluation(context: dg.AssetExecutionContext):
-        with stored_together(context.instance):  # as the dbt assets yield their outputs
-            for index, spec in enumerate(views):
-                yield dg.MaterializeResult(asset_key=spec.key, metadata={"member_count": index})
-            yield dg.MaterializeResult(asset_key=members.key)
-
-    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
+    job, views, members = _views_and_members_job(tmp_path, monkeypatch, 100, parents=2)
     with DagsterInstance.get() as instance:
         job.execute_in_process(instance=instance)  # the index and storage are set up
         committed, stop = _commits_counted()
@@ -237,20 +246,7 @@ def test_a_steps_parents_are_taken_from_what_it_stored_and_each_event_serialized
     from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
     from dagster_shared.serdes import deserialize_value, serdes, serialize_value
 
-    from pipelines.defs.dagster_storage import stored_together
-
-    reuse_sqlite_connections()  # what loading the code location does
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    views = [dg.AssetSpec(f"view{index}") for index in range(OUTPUTS)]
-    members = dg.AssetSpec("members", deps=[view.key for view in views])
-
-    @dg.multi_asset(specs=[*views, members])
-    def evaluation(context: dg.AssetExecutionContext):
-        with stored_together(context.instance):  # as the dbt assets yield their outputs
-            for index, spec in enumerate(views):
-                yield dg.MaterializeResult(asset_key=spec.key, metadata={"member_count": index})
-            yield dg.MaterializeResult(asset_key=members.key)
+    job, views, members = _views_and_members_job(tmp_path, monkeypatch, OUTPUTS, parents=OUTPUTS)
 
     read: list = []
     get_asset_records = SqlEventLogStorage.get_asset_records
@@ -266,7 +262,6 @@ def test_a_steps_parents_are_taken_from_what_it_stored_and_each_event_serialized
         records_serialized[0] += type(value) is EventLogRecord
         return transform(value, *arguments, **keywords)
 
-    job = dg.Definitions(assets=[evaluation]).resolve_implicit_global_asset_job_def()
     with DagsterInstance.get() as instance:
         job.execute_in_process(instance=instance)  # the index and storage are set up
         monkeypatch.setattr(SqlEventLogStorage, "get_asset_records", counted_reads)
