@@ -448,9 +448,21 @@ def on_deliveries_queued(url: str, wake: Callable[[], None]) -> Callable[[], Non
     return stop
 
 
-def _wake_workers(url: str, connection: sa.Connection) -> None:
-    # Called as the transaction commits: a woken worker's claim begins with SQLite's write lock,
-    # which this transaction holds until its commit is done, so the worker sees the new rows.
+def _committing_then_waking(url: str, do_commit: Callable) -> Callable:
+    """The store engine's dialect `do_commit`, then the wake of this process's delivery workers
+    when the transaction queued deliveries: after the commit, not at SQLAlchemy's `commit` event
+    (which comes before it), so that a woken worker's first read, which takes no lock, sees the
+    new rows. (A wake before the commit raced with that read: the worker found nothing and slept
+    until its poll.)"""
+
+    def commit(dbapi_connection) -> None:
+        do_commit(dbapi_connection)
+        _wake_workers(url, dbapi_connection)  # its `info` is the connection's
+
+    return commit
+
+
+def _wake_workers(url: str, connection) -> None:
     if connection.info.pop(_QUEUED, False):
         with _wakers_lock:
             listeners = list(_wakers.get(url, ()))
@@ -489,7 +501,9 @@ class MembershipStore:
                 sa.event.listen(self.engine, "rollback", writers.give_back)
             else:
                 sa.event.listen(self.engine, "begin", _begin_immediate)
-            sa.event.listen(self.engine, "commit", lambda c: _wake_workers(url, c))
+            self.engine.dialect.do_commit = _committing_then_waking(
+                url, self.engine.dialect.do_commit
+            )
             sa.event.listen(self.engine, "rollback", lambda c: c.info.pop(_QUEUED, None))
         # An upload is answered once it is journaled (`upload_batches`); its members and events are
         # written before anything else reads or writes the store: every write transaction first

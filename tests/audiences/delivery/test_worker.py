@@ -305,3 +305,24 @@ def _answers(http) -> bool:
         return http.get("/v1/audiences/vip-customers/members").status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_woken_worker_reads_the_deliveries_that_woke_it(store):
+    """The wake comes after the commit: a woken worker's first read (which takes no lock) finds
+    the deliveries that woke it. Woken at SQLAlchemy's `commit` event, before the commit, that
+    read raced with it, and the worker slept until its poll with a delivery due."""
+    from audiences.store.database import on_deliveries_queued
+
+    seen: list[list[str]] = []
+
+    def wake() -> None:
+        with store.read_engine.connect() as connection:
+            seen.append(list(connection.execute(sa.select(deliveries.c.delivery_id)).scalars()))
+
+    stop = on_deliveries_queued(store.url, wake)
+    try:
+        enqueue(store, "woke-it")
+    finally:
+        stop()
+    # (PostgreSQL wakes the workers by a NOTIFY, which it sends at the commit: no call here.)
+    assert seen == ([["woke-it"]] if store.engine.dialect.name == "sqlite" else [])
