@@ -470,6 +470,11 @@ def _wake_workers(url: str, connection) -> None:
             wake()
 
 
+# The PostgreSQL advisory lock `MembershipStore.create` holds while it creates and upgrades tables
+# (a constant of the database: "audience" in ASCII).
+_CREATE_LOCK = int.from_bytes(b"audience", "big")
+
+
 class MembershipStore:
     """A connection to the operational store; `create()` makes its tables (idempotent)."""
 
@@ -588,12 +593,17 @@ class MembershipStore:
                 pass  # its start writes them
 
     def create(self) -> MembershipStore:
-        """Create missing tables, and add columns that newer versions of the engine introduced."""
-        metadata.create_all(self.engine)
+        """Create missing tables, and add columns that newer versions of the engine introduced.
+
+        One transaction, which processes starting at once on a new store (two delivery workers,
+        the API and a run) take in turn: SQLite's write lock; on PostgreSQL an advisory lock, since
+        two `create table`s of one name there fail on the catalog's keys rather than wait."""
         with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                connection.exec_driver_sql("select pg_advisory_xact_lock(%s)", (_CREATE_LOCK,))
+            metadata.create_all(connection)
             self._drop_event_id_key(connection)
-        inspector = sa.inspect(self.read_engine)
-        with self.engine.begin() as connection:
+            inspector = sa.inspect(connection)
             for table in metadata.sorted_tables:
                 present = {column["name"] for column in inspector.get_columns(table.name)}
                 for column in table.columns:
