@@ -165,6 +165,68 @@ def _model_seconds(project: Path) -> dict[str, float]:
     return {name: round(seconds.get(name, 0.0), 1) for name in TIMED_MODELS}
 
 
+# Spark's own task metrics summed per model: what its stages read, shuffled and wrote.
+STAGE_METRICS = (
+    "stages",
+    "input_rows",
+    "shuffle_rows",
+    "shuffle_bytes",
+    "output_rows",
+    "output_bytes",
+)
+
+
+def _stage_metrics(event_log: Path, project: Path) -> dict[str, dict[str, int]]:
+    """Each model's stages and their task metrics, from the Spark event log of the last build
+    (`AUDIENCES_SPARK_EVENT_LOG`): every job is given to the model whose execution (dbt's
+    run_results.json) was running when the job was submitted; jobs outside every model (the
+    run's hooks: loading the users, the commit) go to `hooks`. Shuffle is what stages wrote for a
+    later stage to read (`Shuffle Bytes Written`): the bytes that cross a cluster's network."""
+    results = json.loads((project / "target" / "run_results.json").read_text())
+    windows = []
+    for result in results["results"]:
+        execute = next((t for t in result["timing"] if t["name"] == "execute"), None)
+        if execute:
+            windows.append(
+                (
+                    datetime.fromisoformat(
+                        execute["started_at"].replace("Z", "+00:00")
+                    ).timestamp(),
+                    datetime.fromisoformat(
+                        execute["completed_at"].replace("Z", "+00:00")
+                    ).timestamp(),
+                    result["unique_id"].rsplit(".", 1)[1],
+                )
+            )
+    (log,) = [path for path in event_log.iterdir() if path.is_file()]
+    stage_model: dict[int, str] = {}
+    totals: dict[str, dict[str, int]] = {}
+    with log.open() as events:
+        for line in events:
+            event = json.loads(line)
+            kind = event["Event"]
+            if kind == "SparkListenerJobStart":
+                moment = event["Submission Time"] / 1000
+                model = next((m for start, end, m in windows if start <= moment <= end), "hooks")
+                for stage in event["Stage IDs"]:
+                    stage_model[stage] = model
+            elif kind == "SparkListenerStageCompleted":
+                info = event["Stage Info"]
+                if "Completion Time" in info and info.get("Number of Tasks"):
+                    model = stage_model.get(info["Stage ID"], "hooks")
+                    totals.setdefault(model, dict.fromkeys(STAGE_METRICS, 0))["stages"] += 1
+            elif kind == "SparkListenerTaskEnd" and event.get("Task Metrics"):
+                metrics = event["Task Metrics"]
+                model = stage_model.get(event["Stage ID"], "hooks")
+                total = totals.setdefault(model, dict.fromkeys(STAGE_METRICS, 0))
+                total["input_rows"] += metrics["Input Metrics"]["Records Read"]
+                total["shuffle_rows"] += metrics["Shuffle Write Metrics"]["Shuffle Records Written"]
+                total["shuffle_bytes"] += metrics["Shuffle Write Metrics"]["Shuffle Bytes Written"]
+                total["output_rows"] += metrics["Output Metrics"]["Records Written"]
+                total["output_bytes"] += metrics["Output Metrics"]["Bytes Written"]
+    return totals
+
+
 def _scaling(sizes: list[int]) -> None:
     """`--scaling`: Spark only, at each size in the same run: a cold build, then a warm build an
     hour later with 1% of the users changed; what each wrote into the versioned tables (rows and
@@ -183,6 +245,12 @@ def _scaling(sizes: list[int]) -> None:
         for hours, modulus in ((0, 0), (1, 100)):
             touched = _touch(settings, folder, hours, modulus) if hours else 0
             moment, loaded = cold + timedelta(hours=hours), folder / "users.parquet"
+            event_log = folder / "spark-events" / f"build-{hours}"
+            shutil.rmtree(event_log, ignore_errors=True)
+            event_log.mkdir(parents=True)
+            os.environ["AUDIENCES_SPARK_EVENT_LOG"] = str(event_log)
+            # Joins planned as at 100M users (shuffled, not broadcast), for the shuffle's cost model.
+            os.environ["AUDIENCES_SPARK_BROADCAST_BYTES"] = "-1"
             started_at = time.perf_counter()
             output = spark.run(moment, loaded)
             seconds = time.perf_counter() - started_at
@@ -196,6 +264,7 @@ def _scaling(sizes: list[int]) -> None:
                     "spark_seconds": round(seconds, 1),
                     "written": _written(warehouse, output),
                     "spark_model_seconds": _model_seconds(project),
+                    "spark_stages": _stage_metrics(event_log, project),
                     "load_after": round(os.getloadavg()[0], 1),
                 }
             )
@@ -206,7 +275,9 @@ def _scaling(sizes: list[int]) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.1f} at start",
         "builds": results,
     }
-    (BENCH / "spark-scaling.json").write_text(json.dumps(document, indent=2) + "\n")
+    # (bench/spark-scaling.json is the run before stages were read: that section's data, kept)
+    name = f"spark-scaling-{'-'.join(map(str, sizes))}.json"
+    (BENCH / name).write_text(json.dumps(document, indent=2) + "\n")
     cold_rows = {b["users"]: b for b in results if b["build"] == "cold"}
     lines = []
     for b in results:
@@ -226,6 +297,64 @@ def _scaling(sizes: list[int]) -> None:
         "| users | build | changed | re-evaluated | written: int_users_flattened | written: "
         "audience_members | Spark wall | int_users_flattened (s) | audience_members (s) | "
         "membership_changes (s) | load after |\n" + "|---" * 11 + "|\n" + "\n".join(lines)
+    )
+    print("\n" + _stages_table(results) + "\n\n" + _shuffle_model(results))
+
+
+def _stages_table(results: list[dict]) -> str:
+    """Spark's task metrics per model and build (the event log's, `_stage_metrics`)."""
+    lines = []
+    for b in results:
+        for model, m in sorted(
+            b["spark_stages"].items(), key=lambda item: -item[1]["shuffle_bytes"]
+        ):
+            lines.append(
+                f"| {b['users']:,} | {b['build']} | {model} | {m['stages']} | {m['input_rows']:,} | "
+                f"{m['shuffle_rows']:,} | {m['shuffle_bytes'] / 1e6:.2f} | {m['output_rows']:,} | "
+                f"{m['output_bytes'] / 1e6:.2f} |"
+            )
+    return (
+        "| users | build | model | stages | rows read | rows shuffled | MB shuffled | rows written "
+        "| MB written |\n" + "|---" * 9 + "|\n" + "\n".join(lines)
+    )
+
+
+# The sizes the cost model extrapolates to, and the share of users a warm build re-evaluates there.
+MODEL_SIZES = (100_000_000, 1_000_000_000)
+WARM_SHARE = 0.01
+
+
+def _shuffle_model(results: list[dict]) -> str:
+    """Bytes shuffled at 100M and 1B users, per model: a cold build's per user, a warm build's per
+    re-evaluated user, both from the largest size measured, scaled linearly (a cold build's to every
+    user, a warm build's to 1% of them)."""
+    largest = max(b["users"] for b in results)
+    builds = {b["build"]: b for b in results if b["users"] == largest}
+    cold, warm = builds["cold"], builds.get("warm, 1% changed")
+    lines = []
+    for model in sorted(
+        cold["spark_stages"], key=lambda m: -cold["spark_stages"][m]["shuffle_bytes"]
+    ):
+        per_user = cold["spark_stages"][model]["shuffle_bytes"] / largest
+        per_reevaluated = (
+            warm["spark_stages"].get(model, {"shuffle_bytes": 0})["shuffle_bytes"]
+            / max(warm["users_reevaluated"], 1)
+            if warm
+            else None
+        )
+        cells = [f"{per_user * size / 1e9:,.1f} GB" for size in MODEL_SIZES]
+        cells += [
+            f"{per_reevaluated * size * WARM_SHARE / 1e9:,.2f} GB" if warm else "-"
+            for size in MODEL_SIZES
+        ]
+        lines.append(f"| {model} | {per_user:,.0f} | " + " | ".join(cells) + " |")
+    return (
+        f"Shuffle at 100M and 1B users, from the {largest:,}-user builds (bytes per user cold; a warm "
+        f"build's per re-evaluated user, at {WARM_SHARE:.0%} re-evaluated):\n\n"
+        "| model | bytes per user, cold | cold, 100M | cold, 1B | warm 1%, 100M | warm 1%, 1B |\n"
+        + "|---" * 6
+        + "|\n"
+        + "\n".join(lines)
     )
 
 
