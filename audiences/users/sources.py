@@ -11,6 +11,7 @@ the encoding (`UNREADABLE_COLUMN`), which validation quarantines it with.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ import polars as pl
 import yaml
 
 ROW_COLUMN = "_row"
+# A UTF-16 surrogate on its own: JSON can spell one (`"\\ud800"`), but it is not Unicode text.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Set on rows of a file that hold bytes the file's encoding cannot read: why, naming file and line.
 UNREADABLE_COLUMN = "_unreadable"
 MODES = ("snapshot", "stream")
@@ -443,14 +446,26 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
                 ids[key].append(None)
             documents.append(line)
             continue
+        line_ids = []
         for key in keys:
             identifier = document.pop(key, None) if isinstance(document, dict) else None
-            ids[key].append(
+            line_ids.append(
                 identifier
                 if isinstance(identifier, str) or identifier is None
                 else json.dumps(identifier)
             )
-        documents.append(json.dumps(document, ensure_ascii=False))
+        text = json.dumps(document, ensure_ascii=False)
+        # Only a `\u` escape can spell a lone surrogate: decoded UTF-8 never holds one.
+        surrogate = "\\u" in line and lone_surrogate_problem(
+            "\n".join(filter(None, [text, *line_ids]))
+        )
+        if surrogate:
+            text = replace_lone_surrogates(text)
+            line_ids = [replace_lone_surrogates(value) for value in line_ids]
+            unreadable[-1] = unreadable[-1] or f"{source.location}, line {number}: {surrogate}"
+        for key, identifier in zip(keys, line_ids, strict=True):
+            ids[key].append(identifier)
+        documents.append(text)
     frame = pl.DataFrame(
         {**ids, "properties": documents},
         schema={**dict.fromkeys(keys, pl.String), "properties": pl.String},
@@ -458,6 +473,21 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
     if any(problem is not None for problem in unreadable):
         frame = frame.with_columns(pl.Series(UNREADABLE_COLUMN, unreadable, dtype=pl.String))
     return frame
+
+
+def lone_surrogate_problem(text: str) -> str | None:
+    """Why JSON-decoded `text` is not Unicode text (it holds a lone surrogate, which JSON can
+    spell as `\\ud800` but UTF-8 cannot hold), or None. A line with one is quarantined, never the
+    reason a load fails."""
+    found = _LONE_SURROGATE.search(text)
+    if found is None:
+        return None
+    return f"`\\u{ord(found.group()):04x}` is a lone surrogate, not Unicode text"
+
+
+def replace_lone_surrogates(text: str | None) -> str | None:
+    """`text` with each lone surrogate replaced by U+FFFD, so that the row can be kept (quarantined)."""
+    return None if text is None else _LONE_SURROGATE.sub(REPLACEMENT, text)
 
 
 def _read_duckdb(source: UserSource) -> pl.DataFrame:

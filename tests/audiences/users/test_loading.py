@@ -392,6 +392,37 @@ def test_a_latin_1_json_lines_file_is_quarantined_naming_the_file_the_line_and_u
     ]
 
 
+def test_a_json_line_with_a_lone_surrogate_escape_is_quarantined_and_the_rest_loads(
+    warehouse, tmp_path
+):
+    # JSON can spell a lone surrogate (`"\ud800"`), which is not Unicode text: such a line failed
+    # the whole load with a UnicodeEncodeError. Now it is quarantined, naming the file and the line,
+    # and a snapshot keeps the user it names (not deleted). A valid pair (an emoji) still loads.
+    path = tmp_path / "people.jsonl"
+    path.write_text(
+        '{"id": "u1", "name": "Ann"}\n'
+        '{"id": "u2", "name": "\\ud800 broken"}\n'
+        '{"id": "u3\\udfff", "name": "Cy"}\n'
+        '{"id": "u4", "name": "\\ud83d\\ude00"}\n'
+    )
+    result = load_source(warehouse, source_from_uri(str(path)), T0)
+    assert (result.rows_quarantined, users(warehouse)) == (
+        2,
+        {"u1": {"name": "Ann"}, "u4": {"name": "\U0001f600"}},
+    )
+    assert quarantine(warehouse) == [
+        (2, "u2", f"{path}, line 2: `\\ud800` is a lone surrogate, not Unicode text"),
+        (3, "u3\ufffd", f"{path}, line 3: `\\udfff` is a lone surrogate, not Unicode text"),
+    ]
+    path.write_text('{"id": "u1", "name": "Ann"}\n{"id": "u4", "name": "\\udc00"}\n')
+    again = load_source(warehouse, source_from_uri(str(path)), T0 + timedelta(hours=1))
+    assert (again.rows_quarantined, again.users_deleted, set(users(warehouse))) == (
+        1,
+        0,
+        {"u1", "u4"},
+    )
+
+
 def test_a_csv_with_bad_bytes_is_quarantined_by_line_and_the_rest_is_not_garbled(
     warehouse, tmp_path
 ):
