@@ -392,6 +392,44 @@ def test_a_latin_1_json_lines_file_is_quarantined_naming_the_file_the_line_and_u
     ]
 
 
+def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_quarantined_by_line(
+    warehouse, tmp_path
+):
+    # A row with a field too many failed the whole load (polars: "found more fields than
+    # defined"); a row with a field too few was read with nulls, which in a stream *removed*
+    # the user's properties. Both are quarantined now, naming the line, as an upload rejects
+    # them; a snapshot keeps their users (not deleted).
+    first = csv_source(tmp_path, "id,plan,seats\nu1,pro,3\nu2,free,1\nu3,pro,9\n", mode="stream")
+    load_source(warehouse, first, T0)
+    source = csv_source(
+        tmp_path,
+        "id,plan,seats\n"
+        'u1,"team\nplan",4\n'  # lines 2-3: one row over two lines
+        "u2,enterprise\n"  # line 4: a field short
+        "u3,pro,9,extra\n"  # line 5: a field too many
+        "u4,free,\n",  # an empty cell is not a missing field
+        mode="stream",
+    )
+    result = load_source(warehouse, source, T0 + timedelta(hours=1))
+    assert (result.rows_quarantined, users(warehouse)) == (
+        2,
+        {
+            "u1": {"plan": "team\nplan", "seats": "4"},
+            "u2": {"plan": "free", "seats": "1"},
+            "u3": {"plan": "pro", "seats": "9"},
+            "u4": {"plan": "free"},
+        },
+    )
+    assert quarantine(warehouse) == [
+        (2, "u2", "line 4: 2 fields where the header has 3"),
+        (3, "u3", "line 5: 4 fields where the header has 3"),
+    ]
+    snapshot = csv_source(tmp_path, "id,plan\nu1,pro\nu2\nu3,pro,x\n", name="all.csv")
+    again = load_source(warehouse, snapshot, T0 + timedelta(hours=2))
+    assert (again.rows_quarantined, again.users_deleted) == (2, 1)  # u4 only
+    assert set(users(warehouse)) == {"u1", "u2", "u3"}
+
+
 def test_a_json_line_with_a_lone_surrogate_escape_is_quarantined_and_the_rest_loads(
     warehouse, tmp_path
 ):
