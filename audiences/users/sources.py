@@ -543,11 +543,17 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
         line_ids = []
         for key in keys:
             identifier = document.pop(key, None) if isinstance(document, dict) else None
-            line_ids.append(
-                identifier
-                if isinstance(identifier, str) or identifier is None
-                else json.dumps(identifier)
-            )
+            if isinstance(identifier, str) or identifier is None:
+                line_ids.append(identifier)
+                continue
+            line_ids.append(json.dumps(identifier, ensure_ascii=False))
+            # A whole number is an id as its digits (as a CSV or Parquet id is); `true`, `1.5`,
+            # a list or an object is no id at all, however it would print.
+            if type(identifier) is not int:
+                unreadable[-1] = unreadable[-1] or (
+                    f"{source.location}, line {number}: {key} is "
+                    f"{_json_kind(identifier)}, not text or a whole number"
+                )
         text = json.dumps(document, ensure_ascii=False)
         # Only a `\u` escape can spell a lone surrogate: decoded UTF-8 never holds one.
         surrogate = "\\u" in line and lone_surrogate_problem(
@@ -567,6 +573,15 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
     if any(problem is not None for problem in unreadable):
         frame = frame.with_columns(pl.Series(UNREADABLE_COLUMN, unreadable, dtype=pl.String))
     return frame
+
+
+def _json_kind(value: object) -> str:
+    """What a decoded JSON value is, for a message: `a boolean (true)`, `a list`, ..."""
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, float):
+        return f"a fractional number ({json.dumps(value)})"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def lone_surrogate_problem(text: str) -> str | None:

@@ -430,6 +430,27 @@ def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_quarantined_by_l
     assert set(users(warehouse)) == {"u1", "u2", "u3"}
 
 
+def test_a_json_line_whose_id_is_no_text_nor_whole_number_is_quarantined(warehouse, tmp_path):
+    # `{"id": true}` loaded a user "true", `{"id": 1.5}` a user "1.5", `{"id": {"a": 1}}` a user
+    # '{"a": 1}': malformed ids that were silently accepted. A whole number is an id, as in CSV.
+    path = tmp_path / "people.jsonl"
+    path.write_text(
+        '{"id": 7, "plan": "pro"}\n'
+        '{"id": true, "plan": "pro"}\n'
+        '{"id": 1.5, "plan": "pro"}\n'
+        '{"id": ["u1"], "plan": "pro"}\n'
+        '{"id": {"a": 1}, "plan": "pro"}\n'
+    )
+    result = load_source(warehouse, source_from_uri(str(path)), T0)
+    assert (result.rows_quarantined, users(warehouse)) == (4, {"7": {"plan": "pro"}})
+    assert quarantine(warehouse) == [
+        (2, "true", f"{path}, line 2: id is a boolean (true), not text or a whole number"),
+        (3, "1.5", f"{path}, line 3: id is a fractional number (1.5), not text or a whole number"),
+        (4, '["u1"]', f"{path}, line 4: id is a list, not text or a whole number"),
+        (5, '{"a": 1}', f"{path}, line 5: id is an object, not text or a whole number"),
+    ]
+
+
 def test_a_json_line_with_a_lone_surrogate_escape_is_quarantined_and_the_rest_loads(
     warehouse, tmp_path
 ):
