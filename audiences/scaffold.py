@@ -104,6 +104,28 @@ class InitReport:
     generated: list[Path] = field(default_factory=list)
 
 
+def _record_definitions(folder: Path, definitions_dir: Path, report: InitReport) -> None:
+    """Name the definitions folder in the project's `.env` (`AUDIENCES_DEFINITIONS`, relative to
+    the project when inside it), unless `.env` already names one."""
+    from dotenv import dotenv_values
+
+    path = folder / ".env"
+    if path.is_file() and dotenv_values(path).get("AUDIENCES_DEFINITIONS"):
+        report.kept.append(path)
+        return
+    target = definitions_dir.resolve()
+    value = target.relative_to(folder) if folder in target.parents else target
+    existing = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if existing and not existing.endswith("\n"):
+        existing += "\n"
+    path.write_text(
+        f"{existing}# The definitions folder `audiences init --definitions` was given.\n"
+        f"AUDIENCES_DEFINITIONS={json.dumps(str(value))}\n",
+        encoding="utf-8",
+    )
+    report.created.append(path)
+
+
 def init_project(folder: Path, definitions_dir: Path | None = None) -> InitReport:
     """Scaffold a project folder at `folder` (see the module docstring), keeping what exists, and
     generate its dbt models from its definitions: `definitions_dir` when given (then no example is
@@ -153,6 +175,10 @@ def init_project(folder: Path, definitions_dir: Path | None = None) -> InitRepor
         (PROJECT_ROOT / "dagster_home" / "dagster.yaml").read_text(encoding="utf-8"),
     )
     write(folder / "workspace.yaml", WORKSPACE)
+    if definitions_dir is not None:
+        # The Dagster UI (`dagster dev` here) is given no flags: without this, its code location
+        # looked for `data/audiences` and failed to load. Commands run here read `.env` too.
+        _record_definitions(folder, settings.definitions_dir, report)
     write(folder / ".gitignore", GITIGNORE)
     if settings.dbt_project_dir.exists():
         report.kept.append(settings.dbt_project_dir)

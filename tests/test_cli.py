@@ -346,6 +346,13 @@ def test_adding_a_user_nobody_identified_says_they_are_kept_as_a_missing_user(ca
     )
     _, out, _ = run_cli(capsys, *store_copy, "add", "vip-customers", "user_00007")
     assert out.strip() == "user_00007 added to vip-customers"
+    # An id that the warehouse's loader would quarantine never becomes a member (the API's rule).
+    code, out, error = run_cli(capsys, *store_copy, "add", "vip-customers", " user_00007")
+    assert (code, out, error.strip()) == (
+        1,
+        "",
+        "error: user id: ' user_00007' has leading or trailing whitespace",
+    )
 
 
 def test_members_of_a_dynamic_audience_survive_a_broken_definition_elsewhere(

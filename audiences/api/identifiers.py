@@ -6,6 +6,12 @@ an id could be added but never read back through a URL path (a `/` ends a path s
 starts the fragment), so it is refused when written, with a 422 naming the id, and a path that
 carries one percent-encoded answers the same 422 rather than the router's 404 (`encoded_slash`).
 Tenant ids follow the same rule, since they travel in paths too (`/v1/tenants/{id}`).
+
+A user id is also refused when the warehouse's loader would quarantine it
+(`audiences/users/validation.py`): leading or trailing whitespace, or a control character. Such an
+id was answered 200, entered audiences in real time (with workflow triggers), and was then
+quarantined by every run, so the warehouse never held the user and its audiences disagreed with
+the store's.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from pydantic import AfterValidator, StringConstraints, WithJsonSchema
 
 MAX_ID_LENGTH = 255
 BLANK = "\t\n\x0b\x0c\r "  # ASCII whitespace: an id of only these is blank
-# Not blank (ASCII whitespace only), no NUL, and neither '/' nor '#' (Knock's rule). Spelled out
-# as a pattern too, so that the OpenAPI document says what the validation does.
-ID_PATTERN = r"^[^\x00/#]*[^\x00/#\t\n\x0b\x0c\r ][^\x00/#]*$"
+# Not blank, no whitespace at either end, no control character, and neither '/' nor '#' (Knock's
+# rule). Spelled out as a pattern too, so that the OpenAPI document says what the validation does.
+ID_PATTERN = r"^[^\x00-\x1f\x7f/#\s]([^\x00-\x1f\x7f/#]*[^\x00-\x1f\x7f/#\s])?$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?$")
 
 
@@ -31,8 +38,10 @@ def id_problem(value: object) -> str | None:
         return "an id is a non-blank string"
     if len(value) > MAX_ID_LENGTH:
         return f"an id is at most {MAX_ID_LENGTH} characters"
-    if "\x00" in value:
-        return "an id cannot contain a NUL character"
+    if _CONTROL.search(value):
+        return f"{value!r} contains a control character"
+    if value != value.strip():
+        return f"{value!r} has leading or trailing whitespace"
     for character in "/#":
         if character in value:
             return f"{value!r} contains {character!r}: Knock's ids cannot contain '/' or '#'"

@@ -30,6 +30,13 @@ def _change(settings: Settings, arguments, action: str) -> int:
     from audiences.store.members import Member, change_members, require_static
     from audiences.store.profiles import get_profile
 
+    if action == "add":  # the API's rule: an id the warehouse's loader would quarantine is refused
+        from audiences.api.identifiers import id_problem
+        from audiences.store.members import MembershipError
+
+        problem = id_problem(arguments.user_id)
+        if problem:
+            raise MembershipError(f"user id: {problem}")
     store = open_store(settings)
     require_static(arguments.audience, _audience_types(settings, store))
     result = change_members(

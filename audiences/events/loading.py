@@ -23,6 +23,7 @@ import polars as pl
 import yaml
 
 from audiences.conditions.arguments import TIMESTAMP_PATTERN
+from audiences.users.sources import lone_surrogate_problem, replace_lone_surrogates
 from audiences.warehouse.schema import ensure_event_tables, number_event_users
 
 FORMATS = ("jsonl", "parquet", "duckdb")
@@ -210,6 +211,13 @@ def _read_jsonl(source: EventSource, path: Path) -> pl.DataFrame:
         row["properties"] = (
             None if properties is None else json.dumps(properties, ensure_ascii=False)
         )
+        # Only a `\u` escape can spell a lone surrogate: decoded UTF-8 never holds one.
+        texts = [row[key] for key in (*FIELDS[:4], "properties")]
+        surrogate = "\\u" in line and lone_surrogate_problem("\n".join(filter(None, texts)))
+        if surrogate:
+            for key in (*FIELDS[:4], "properties"):
+                row[key] = replace_lone_surrogates(row[key])
+            row["_problem"] = row["_problem"] or f"{path}, line {number}: {surrogate}"
         row["_properties_type"] = type(properties).__name__
         rows.append(row)
     schema = {

@@ -21,7 +21,6 @@ rows' identify patches, merged into the users' profiles and queued for the wareh
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import signal
@@ -42,7 +41,7 @@ from audiences.store.members import (
 from audiences.store.profiles import apply_uploads, lock_upload_members, queue_upload
 
 # The same reading as user sources (encodings, BOM, delimiters).
-from audiences.users.sources import ROW_COLUMN, UserSource, _decode, _read_csv, _sniff_delimiter
+from audiences.users.sources import ROW_COLUMN, SourceError, ragged_reason, read_csv_rows
 from audiences.users.validation import check_users
 
 DEFAULT_MAX_BYTES = UPLOAD_MAX_BYTES
@@ -238,25 +237,10 @@ def write_rejects(upload: PreparedUpload, rejects_file: Path | None = None) -> P
 def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The file's rows (with their 1-based `_row`), and its ragged rows as rejects: a row with more
     or fewer fields than the header is reported with its line number, and the others are read."""
-    header, ragged = [], {}
     try:
-        frame, failure = _read_csv(UserSource("upload", "csv", path, mode="stream")), None
-    except Exception as error:
-        frame, failure = None, error
-    # The fast reader fails on a row with too many fields, and fills a row with too few with
-    # nulls: only then (an error, or nulls in the last column) is the file read record by record
-    # to find such rows (0.8 s for 10 MB, three times the fast reader).
-    if frame is None or (frame.width and frame[frame.columns[-1]].null_count()):
-        text = _decode(path.read_bytes(), path)
-        delimiter = _sniff_delimiter(text)
-        try:
-            header, ragged = _ragged_records(text, delimiter)
-            if ragged:
-                frame = _frame_of_records(text, delimiter, ragged)
-        except csv.Error as error:
-            failure = failure or error
-    if frame is None:
-        raise UploadError(f"{path}: cannot read as CSV: {failure}")
+        frame, header, ragged = read_csv_rows(path)
+    except SourceError as error:
+        raise UploadError(str(error)) from None
     if ROW_COLUMN in frame.columns:
         frame = frame.drop(ROW_COLUMN)
     frame = frame.with_row_index(ROW_COLUMN, offset=1).with_columns(
@@ -272,7 +256,7 @@ def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFra
             (
                 row,
                 fields[position] if position is not None and position < len(fields) else None,
-                f"line {line}: {len(fields)} fields where the header has {len(header)}",
+                ragged_reason(line, fields, header),
                 json.dumps(fields, ensure_ascii=False),
             )
             for row, (line, fields) in ragged.items()
@@ -286,57 +270,6 @@ def _read(path: Path, mapping: dict[str, str]) -> tuple[pl.DataFrame, pl.DataFra
         orient="row",
     )
     return frame.filter(~pl.col(ROW_COLUMN).is_in(list(ragged))), rejects
-
-
-def _ragged_records(
-    text: str, delimiter: str
-) -> tuple[list[str], dict[int, tuple[int, list[str]]]]:
-    """The header, and the records whose number of fields differs from the header's, by row
-    number (1-based, blank lines counted as rows, as the CSV reader counts them): (line, fields)."""
-    csv.field_size_limit(
-        max(csv.field_size_limit(), len(text))
-    )  # a cell may be as large as the file
-    records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(records, None)
-    if header is None:
-        return [], {}
-    width, ragged, line = len(header), {}, records.line_num + 1
-    for row, fields in enumerate(records, start=1):
-        if fields and len(fields) != width:
-            ragged[row] = (line, fields)
-        line = records.line_num + 1
-    return header, ragged
-
-
-def _frame_of_records(text: str, delimiter: str, ragged: dict) -> pl.DataFrame:
-    """The file read record by record (when it has ragged rows, which the fast reader cannot
-    report): ragged rows are kept as empty rows, to be dropped by their row number."""
-    records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(records)
-    rows = []
-    for row, fields in enumerate(records, start=1):
-        rows.append(
-            [None] * len(header)
-            if row in ragged or not fields
-            else [value or None for value in fields]
-        )
-    return pl.DataFrame(
-        rows, schema={name: pl.String for name in _unique_names(header)}, orient="row"
-    )
-
-
-def _unique_names(header: list[str]) -> list[str]:
-    """Column names as the fast reader makes them unique (`name`, `name_duplicated_0`, ...)."""
-    seen: dict[str, int] = {}
-    names = []
-    for name in header:
-        if name in seen:
-            names.append(f"{name}_duplicated_{seen[name]}")
-            seen[name] += 1
-        else:
-            seen[name] = 0
-            names.append(name)
-    return names
 
 
 def _neutralise(value: str | None) -> str:

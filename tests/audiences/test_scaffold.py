@@ -176,3 +176,27 @@ def test_init_then_run_in_the_new_folder(capsys, tmp_path, monkeypatch):
     assert cli.main(["init"]) == 0
     assert project_files() == written
     assert engine_state() == before
+
+
+def test_init_with_own_definitions_lets_the_ui_load_them_from_env(capsys, own_folder, monkeypatch):
+    # `audiences --definitions audiences init`, then the UI (`dagster dev` here, no flags): its
+    # code location looked for `data/audiences` and failed to load ("the definitions folder does
+    # not exist"). init now names the folder in the project's `.env`, which Dagster loads.
+    from dotenv import dotenv_values
+
+    from pipelines import build_definitions
+
+    assert cli.main(["--definitions", "audiences", "init"]) == 0
+    capsys.readouterr()
+    assert dotenv_values(own_folder / ".env") == {"AUDIENCES_DEFINITIONS": "audiences"}
+    for name, value in dotenv_values(own_folder / ".env").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DAGSTER_HOME", str(own_folder / "dagster_home"))
+    keys = {
+        key.to_user_string() for key in build_definitions(["development"]).resolve_all_asset_keys()
+    }
+    assert {"audiences/big_spenders", "audiences/germans"} <= keys
+    # A `.env` that names a folder already is kept as it is.
+    (own_folder / ".env").write_text("AUDIENCES_DEFINITIONS=elsewhere\n")
+    assert cli.main(["--definitions", "audiences", "init"]) == 0
+    assert (own_folder / ".env").read_text() == "AUDIENCES_DEFINITIONS=elsewhere\n"

@@ -93,6 +93,33 @@ def test_segment_tracks_load_once_per_message_id_and_bad_rows_are_quarantined_wi
     assert connection.execute("select count(*) from raw.events").fetchone()[0] == 3
 
 
+def test_a_track_with_a_lone_surrogate_escape_is_quarantined_and_the_rest_loads(tmp_path):
+    # `"\ud800"` is valid JSON but not Unicode text: such a line failed the whole load with a
+    # UnicodeEncodeError. Now it is quarantined with the file and line; the others load.
+    path = tmp_path / "tracks.jsonl"
+    write_jsonl(
+        path,
+        [
+            track("ann", "Order Completed", "m1", note="\ud800"),
+            track("ann", "Order \udc00", "m2"),
+            track("ann", "Order Completed", "m3", note="\ud83d\ude00"),  # a valid pair
+        ],
+    )
+    source = sources(tmp_path, "events:\n  - name: segment\n    path: tracks.jsonl\n")["segment"]
+    connection = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    result = load_event_source(connection, source, AT)
+    assert (result.rows_read, result.events_loaded, result.rows_quarantined) == (3, 1, 2)
+    assert connection.execute(
+        "select message_id, properties->>'$.note' from raw.events"
+    ).fetchall() == [("m3", "\U0001f600")]
+    assert connection.execute(
+        "select row_number, reason from raw.events_quarantine order by row_number"
+    ).fetchall() == [
+        (1, f"{path}, line 1: `\\ud800` is a lone surrogate, not Unicode text"),
+        (2, f"{path}, line 2: `\\udc00` is a lone surrogate, not Unicode text"),
+    ]
+
+
 def test_a_warehouse_tracks_table_is_mapped_and_read_past_its_ingestion_watermark(tmp_path):
     origin = duckdb.connect(str(tmp_path / "segment.duckdb"))
     origin.execute(

@@ -392,6 +392,96 @@ def test_a_latin_1_json_lines_file_is_quarantined_naming_the_file_the_line_and_u
     ]
 
 
+def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_quarantined_by_line(
+    warehouse, tmp_path
+):
+    # A row with a field too many failed the whole load (polars: "found more fields than
+    # defined"); a row with a field too few was read with nulls, which in a stream *removed*
+    # the user's properties. Both are quarantined now, naming the line, as an upload rejects
+    # them; a snapshot keeps their users (not deleted).
+    first = csv_source(tmp_path, "id,plan,seats\nu1,pro,3\nu2,free,1\nu3,pro,9\n", mode="stream")
+    load_source(warehouse, first, T0)
+    source = csv_source(
+        tmp_path,
+        "id,plan,seats\n"
+        'u1,"team\nplan",4\n'  # lines 2-3: one row over two lines
+        "u2,enterprise\n"  # line 4: a field short
+        "u3,pro,9,extra\n"  # line 5: a field too many
+        "u4,free,\n",  # an empty cell is not a missing field
+        mode="stream",
+    )
+    result = load_source(warehouse, source, T0 + timedelta(hours=1))
+    assert (result.rows_quarantined, users(warehouse)) == (
+        2,
+        {
+            "u1": {"plan": "team\nplan", "seats": "4"},
+            "u2": {"plan": "free", "seats": "1"},
+            "u3": {"plan": "pro", "seats": "9"},
+            "u4": {"plan": "free"},
+        },
+    )
+    assert quarantine(warehouse) == [
+        (2, "u2", "line 4: 2 fields where the header has 3"),
+        (3, "u3", "line 5: 4 fields where the header has 3"),
+    ]
+    snapshot = csv_source(tmp_path, "id,plan\nu1,pro\nu2\nu3,pro,x\n", name="all.csv")
+    again = load_source(warehouse, snapshot, T0 + timedelta(hours=2))
+    assert (again.rows_quarantined, again.users_deleted) == (2, 1)  # u4 only
+    assert set(users(warehouse)) == {"u1", "u2", "u3"}
+
+
+def test_a_json_line_whose_id_is_no_text_nor_whole_number_is_quarantined(warehouse, tmp_path):
+    # `{"id": true}` loaded a user "true", `{"id": 1.5}` a user "1.5", `{"id": {"a": 1}}` a user
+    # '{"a": 1}': malformed ids that were silently accepted. A whole number is an id, as in CSV.
+    path = tmp_path / "people.jsonl"
+    path.write_text(
+        '{"id": 7, "plan": "pro"}\n'
+        '{"id": true, "plan": "pro"}\n'
+        '{"id": 1.5, "plan": "pro"}\n'
+        '{"id": ["u1"], "plan": "pro"}\n'
+        '{"id": {"a": 1}, "plan": "pro"}\n'
+    )
+    result = load_source(warehouse, source_from_uri(str(path)), T0)
+    assert (result.rows_quarantined, users(warehouse)) == (4, {"7": {"plan": "pro"}})
+    assert quarantine(warehouse) == [
+        (2, "true", f"{path}, line 2: id is a boolean (true), not text or a whole number"),
+        (3, "1.5", f"{path}, line 3: id is a fractional number (1.5), not text or a whole number"),
+        (4, '["u1"]', f"{path}, line 4: id is a list, not text or a whole number"),
+        (5, '{"a": 1}', f"{path}, line 5: id is an object, not text or a whole number"),
+    ]
+
+
+def test_a_json_line_with_a_lone_surrogate_escape_is_quarantined_and_the_rest_loads(
+    warehouse, tmp_path
+):
+    # JSON can spell a lone surrogate (`"\ud800"`), which is not Unicode text: such a line failed
+    # the whole load with a UnicodeEncodeError. Now it is quarantined, naming the file and the line,
+    # and a snapshot keeps the user it names (not deleted). A valid pair (an emoji) still loads.
+    path = tmp_path / "people.jsonl"
+    path.write_text(
+        '{"id": "u1", "name": "Ann"}\n'
+        '{"id": "u2", "name": "\\ud800 broken"}\n'
+        '{"id": "u3\\udfff", "name": "Cy"}\n'
+        '{"id": "u4", "name": "\\ud83d\\ude00"}\n'
+    )
+    result = load_source(warehouse, source_from_uri(str(path)), T0)
+    assert (result.rows_quarantined, users(warehouse)) == (
+        2,
+        {"u1": {"name": "Ann"}, "u4": {"name": "\U0001f600"}},
+    )
+    assert quarantine(warehouse) == [
+        (2, "u2", f"{path}, line 2: `\\ud800` is a lone surrogate, not Unicode text"),
+        (3, "u3\ufffd", f"{path}, line 3: `\\udfff` is a lone surrogate, not Unicode text"),
+    ]
+    path.write_text('{"id": "u1", "name": "Ann"}\n{"id": "u4", "name": "\\udc00"}\n')
+    again = load_source(warehouse, source_from_uri(str(path)), T0 + timedelta(hours=1))
+    assert (again.rows_quarantined, again.users_deleted, set(users(warehouse))) == (
+        1,
+        0,
+        {"u1", "u4"},
+    )
+
+
 def test_a_csv_with_bad_bytes_is_quarantined_by_line_and_the_rest_is_not_garbled(
     warehouse, tmp_path
 ):
