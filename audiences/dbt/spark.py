@@ -338,8 +338,9 @@ union all
 
 -- the users re-evaluated without a change of their own (a time window "now" moved over) as the
 -- last committed build left them; a compacting build keeps every other user too (a deleted
--- user's row goes)
-select kept.*
+-- user's row goes). The users' keys are broadcast, whatever their size: joined by a shuffle they
+-- would move every kept row, so that a warm build's shuffle follows the table, not the changed users
+select /*+ BROADCAST(changed, reevaluated) */ kept.*
 from {{{{ this }}}} as kept
 left anti join (
     select user_key from {{{{ source('raw', 'users') }}}}

@@ -7,7 +7,7 @@
 
 {{ config(materialized='table') }}
 
-{%- set plan = plan_build('701d15669d08e1e3') %}
+{%- set plan = plan_build('fa14bb677cbb53dc') %}
 {%- if plan.reason %}{{ log("build plan: " ~ plan.reason, info=true) }}{%- endif %}
 
 select
@@ -18,5 +18,5 @@ select
     {{ timestamp_literal(plan.previous_now) }} as previous_now,
     {{ timestamp_literal(plan.users_after) }} as users_after,
     {{ timestamp_literal(plan.users_through) }} as users_through,
-    '701d15669d08e1e3' as models_hash,
+    'fa14bb677cbb53dc' as models_hash,
     {{ evaluation_time() }} as evaluated_at

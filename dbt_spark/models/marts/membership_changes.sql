@@ -12,25 +12,32 @@
 {%- set plan = build_plan() %}
 -- depends_on: {{ ref('int_users_to_reevaluate') }}
 
+-- An incremental build's re-evaluated users are joined by broadcasting their keys, whatever their
+-- size: a shuffled join would move the whole history, so that a warm build's shuffle would follow
+-- the table instead of the changed users.
 with history as (
 
-    select * from {{ source('raw', 'membership_events') }}
-    where event_type in ('entered', 'exited')
+    select /*+ BROADCAST(reevaluated) */ events.*
+    from {{ source('raw', 'membership_events') }} as events
     {%- if not plan.full %}
-        and user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+    left semi join {{ ref('int_users_to_reevaluate') }} as reevaluated
+        on events.user_key = reevaluated.user_key
     {%- endif %}
+    where events.event_type in ('entered', 'exited')
 
 ),
 
 evaluated as (
 
     -- this build's version of audience_members (not committed yet: the view does not show it)
-    select audience_key, user_key, user_id, tenant
-    from {{ versions_of(ref('audience_members')) }}
-    where run_id = {{ run_id_literal(invocation_id) }}
+    select /*+ BROADCAST(reevaluated) */ members.audience_key, members.user_key, members.user_id,
+        members.tenant
+    from {{ versions_of(ref('audience_members')) }} as members
     {%- if not plan.full %}
-        and user_key in (select user_key from {{ ref('int_users_to_reevaluate') }})
+    left semi join {{ ref('int_users_to_reevaluate') }} as reevaluated
+        on members.user_key = reevaluated.user_key
     {%- endif %}
+    where members.run_id = {{ run_id_literal(invocation_id) }}
 
 ),
 
