@@ -530,6 +530,17 @@ def test_dynamic_time_argument_compares_two_properties():
             "beyond years 1..9999",
         ),
         ({"property": "recipient.\udc00", "operator": "exists"}, "property", "not valid Unicode"),
+        # `recipient` alone is the user: `exists` on it passed validation and matched nobody.
+        (
+            {"property": "recipient", "operator": "exists"},
+            "property",
+            '"recipient" alone is the user',
+        ),
+        (
+            {"property": "recipient", "operator": "not_equal_to", "argument": "x"},
+            "property",
+            '"recipient" alone is the user',
+        ),
     ],
 )
 def test_bad_conditions_are_rejected_with_the_field_named(raw, field, message):
