@@ -530,6 +530,9 @@ def test_dynamic_time_argument_compares_two_properties():
             "beyond years 1..9999",
         ),
         ({"property": "recipient.\udc00", "operator": "exists"}, "property", "not valid Unicode"),
+        # An empty part read a property named "", which no one has: it matched nobody.
+        ({"property": "recipient.a..b", "operator": "exists"}, "property", "has an empty part"),
+        ({"property": "recipient.", "operator": "equal_to", "argument": "x"}, "property", "empty"),
         # `recipient` alone is the user: `exists` on it passed validation and matched nobody.
         (
             {"property": "recipient", "operator": "exists"},
