@@ -353,6 +353,16 @@ def test_adding_a_user_nobody_identified_says_they_are_kept_as_a_missing_user(ca
         "",
         "error: user id: ' user_00007' has leading or trailing whitespace",
     )
+    # So does a tenant the API refuses (given as a string or as an object alike).
+    for command in ("add", "check"):
+        code, out, error = run_cli(
+            capsys, *store_copy, command, "vip-customers", "user_00007", "--tenant", "a/b"
+        )
+        assert (code, out, error.strip()) == (
+            1,
+            "",
+            "error: --tenant: 'a/b' contains '/': Knock's ids cannot contain '/' or '#'",
+        )
 
 
 def test_members_of_a_dynamic_audience_survive_a_broken_definition_elsewhere(

@@ -21,8 +21,8 @@ from starlette.concurrency import run_in_threadpool
 
 from audiences.api.dependencies import authenticate, bearer, check_rate, parsed_body
 from audiences.api.errors import ApiError
-from audiences.api.identifiers import id_problem
 from audiences.api.service import Environment
+from audiences.identifiers import id_problem, tenant_problem
 from audiences.store.database import normalize_tenant
 from audiences.store.members import MAX_MEMBERS_PER_CALL
 
@@ -182,6 +182,9 @@ def _problem(user_id: object, tenant: object) -> str | None:
         return f"user_id: {problem}"
     if tenant is not None and not isinstance(tenant, str):
         return "tenant must be text"
+    problem = tenant_problem(tenant)
+    if problem:
+        return f"tenant: {problem}"
     for text in (user_id, tenant or ""):
         try:
             text.encode("utf-8")

@@ -8,9 +8,11 @@ dependencies are plain functions of the request.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -95,6 +97,19 @@ Deleter = Annotated[Caller, Depends(limited("delete"))]  # deletes and merges: K
 BulkWriter = Annotated[Caller, Depends(limited("bulk"))]  # bulk operations: Knock's tier 1
 
 
+def _parameters(content_type: str | None, body: bytes) -> bytes:
+    """A request body as its parameters, for comparing two requests with one Idempotency-Key
+    (Knock: "mismatched parameters produce an error"): a JSON body as its parsed value (so that
+    whitespace and key order do not count), any other body (an upload's CSV) as its bytes."""
+    if content_type is None or content_type.split(";")[0].strip().lower() != "application/json":
+        return body
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    return b"json:" + json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()
+
+
 async def write(
     request: Request,
     caller: Caller,
@@ -114,8 +129,8 @@ async def write(
             [
                 request.method.encode(),
                 request.url.path.encode(),
-                request.url.query.encode(),
-                await request.body(),
+                urlencode(sorted(parse_qsl(request.url.query, keep_blank_values=True))).encode(),
+                _parameters(request.headers.get("content-type"), await request.body()),
             ]
         )
     ).hexdigest()

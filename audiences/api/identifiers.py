@@ -1,17 +1,11 @@
-"""The API's rules for ids and date-times, in one place: request shapes, path parameters, Census
-records and bulk operations all check them here.
+"""The API's types for ids and date-times: request shapes, path parameters, Census records and bulk
+operations all check them here, by the rules of `audiences/identifiers.py` (the one place they are
+spelled, shared with the CLI, uploads, the store and the warehouse's loader).
 
-Knock's rule for user ids (docs.knock.app/concepts/users): "it cannot contain a '/' or '#'". Such
-an id could be added but never read back through a URL path (a `/` ends a path segment, a `#`
-starts the fragment), so it is refused when written, with a 422 naming the id, and a path that
-carries one percent-encoded answers the same 422 rather than the router's 404 (`encoded_slash`).
-Tenant ids follow the same rule, since they travel in paths too (`/v1/tenants/{id}`).
-
-A user id is also refused when the warehouse's loader would quarantine it
-(`audiences/users/validation.py`): leading or trailing whitespace, or a control character. Such an
-id was answered 200, entered audiences in real time (with workflow triggers), and was then
-quarantined by every run, so the warehouse never held the user and its audiences disagreed with
-the store's.
+An id Knock would refuse ('/' or '#'), or that the warehouse's loader would quarantine (whitespace
+at either end, a control character), is refused when written, with a 422 naming it; a path that
+carries a '/' percent-encoded answers the same 422 rather than the router's 404 (`encoded_slash`).
+A member's tenant given as a string is checked as one given as an object (`TenantId`).
 """
 
 from __future__ import annotations
@@ -23,29 +17,17 @@ from urllib.parse import unquote
 
 from pydantic import AfterValidator, StringConstraints, WithJsonSchema
 
-MAX_ID_LENGTH = 255
-BLANK = "\t\n\x0b\x0c\r "  # ASCII whitespace: an id of only these is blank
-# Not blank, no whitespace at either end, no control character, and neither '/' nor '#' (Knock's
-# rule). Spelled out as a pattern too, so that the OpenAPI document says what the validation does.
-ID_PATTERN = r"^[^\x00-\x1f\x7f/#\s]([^\x00-\x1f\x7f/#]*[^\x00-\x1f\x7f/#\s])?$"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+from audiences.identifiers import (
+    ID_PATTERN,
+    MAX_ID_LENGTH,
+    TENANT_PATTERN,
+    id_problem,
+    tenant_problem,
+)
+
+__all__ = ["ID_PATTERN", "MAX_ID_LENGTH", "DateTime", "Id", "TenantId", "id_problem"]
+
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?$")
-
-
-def id_problem(value: object) -> str | None:
-    """Why `value` cannot be a user or tenant id, or None when it can."""
-    if not isinstance(value, str) or not value.strip(BLANK):
-        return "an id is a non-blank string"
-    if len(value) > MAX_ID_LENGTH:
-        return f"an id is at most {MAX_ID_LENGTH} characters"
-    if _CONTROL.search(value):
-        return f"{value!r} contains a control character"
-    if value != value.strip():
-        return f"{value!r} has leading or trailing whitespace"
-    for character in "/#":
-        if character in value:
-            return f"{value!r} contains {character!r}: Knock's ids cannot contain '/' or '#'"
-    return None
 
 
 def _checked_id(value: str) -> str:
@@ -77,6 +59,23 @@ Id = Annotated[
     WithJsonSchema(
         {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH, "pattern": ID_PATTERN}
     ),
+]
+
+
+def _checked_tenant(value: str) -> str:
+    problem = tenant_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# A member's tenant as a string (in a body or a query): blank is no tenant, anything else is an id
+# (the same rule as a tenant given as an object, `{"id": ...}`, or set by `PUT /v1/tenants/{id}`).
+TenantId = Annotated[
+    str,
+    StringConstraints(max_length=MAX_ID_LENGTH),
+    AfterValidator(_checked_tenant),
+    WithJsonSchema({"type": "string", "maxLength": MAX_ID_LENGTH, "pattern": TENANT_PATTERN}),
 ]
 # Knock's `created_at`: a date-time, kept as the text that was sent.
 DateTime = Annotated[

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from typing_extensions import TypedDict
 
 from audiences.api.errors import ErrorBody
-from audiences.api.identifiers import ID_PATTERN, DateTime, Id
+from audiences.api.identifiers import ID_PATTERN, DateTime, Id, TenantId
 from audiences.conditions.definitions import KEY_PATTERN
 from audiences.store.members import MAX_MEMBERS_PER_CALL
 
@@ -29,7 +29,8 @@ TEXT_PATTERN = r"^[^\x00]*$"
 Identifier = Annotated[
     str, StringConstraints(min_length=1, max_length=255, pattern=IDENTIFIER_PATTERN)
 ]
-Tenant = Annotated[str, StringConstraints(max_length=255, pattern=TEXT_PATTERN)]
+# A member's tenant as a string: blank (no tenant) or an id, as `{"id": ...}` is.
+Tenant = TenantId
 Text = Annotated[str, StringConstraints(pattern=TEXT_PATTERN)]
 AudienceKey = Annotated[
     str,

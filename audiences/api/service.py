@@ -244,20 +244,26 @@ class Environment:
             except ValueError as error:  # UploadError, MembershipError, an unreadable file
                 message = str(error).replace(str(path), "the uploaded file")
                 raise invalid("body", message) from None
-        result = self.write(lambda connection: record_upload(self.store, connection, upload), claim)
-        return {
-            "rows": upload.rows_read,
-            "blank_lines": upload.blank_lines,
-            "members_added": result.changed,
-            "members_unchanged": result.unchanged,
-            "users_identified": upload.users_identified,
-            "rejected": [
-                {"row": row, "reason": reason, "id": user_id}
-                for row, reason, user_id in upload.quarantined.select(
-                    ROW_COLUMN, "reason", "user_id"
-                ).iter_rows()
-            ],
-        }
+
+        def answer(connection) -> dict:
+            # The answer is the work's result, so that an Idempotency-Key records it (it recorded
+            # the ChangeResult, which is no JSON: every upload with a key failed with a 500).
+            result = record_upload(self.store, connection, upload)
+            return {
+                "rows": upload.rows_read,
+                "blank_lines": upload.blank_lines,
+                "members_added": result.changed,
+                "members_unchanged": result.unchanged,
+                "users_identified": upload.users_identified,
+                "rejected": [
+                    {"row": row, "reason": reason, "id": user_id}
+                    for row, reason, user_id in upload.quarantined.select(
+                        ROW_COLUMN, "reason", "user_id"
+                    ).iter_rows()
+                ],
+            }
+
+        return self.write(answer, claim)
 
     def after_upload(self) -> int:
         """After an upload's answer: write what it journaled (`apply_uploads`)."""

@@ -31,12 +31,15 @@ def _change(settings: Settings, arguments, action: str) -> int:
     from audiences.store.profiles import get_profile
 
     if action == "add":  # the API's rule: an id the warehouse's loader would quarantine is refused
-        from audiences.api.identifiers import id_problem
+        from audiences.identifiers import id_problem, tenant_problem
         from audiences.store.members import MembershipError
 
         problem = id_problem(arguments.user_id)
         if problem:
             raise MembershipError(f"user id: {problem}")
+        problem = tenant_problem(arguments.tenant)
+        if problem:
+            raise MembershipError(f"--tenant: {problem}")
     store = open_store(settings)
     require_static(arguments.audience, _audience_types(settings, store))
     result = change_members(
@@ -65,8 +68,12 @@ def _change(settings: Settings, arguments, action: str) -> int:
 def check(settings: Settings, arguments) -> int:
     """Tenant-strict membership check: a member only when the membership's tenant equals --tenant
     (no --tenant: only a membership without tenant counts). Exit code 0 when a member, 1 when not."""
-    from audiences.store.members import is_member
+    from audiences.identifiers import tenant_problem
+    from audiences.store.members import MembershipError, is_member
 
+    problem = tenant_problem(arguments.tenant)
+    if problem:  # the API's rule: such a tenant is refused, never a member
+        raise MembershipError(f"--tenant: {problem}")
     store = open_store(settings)
     if arguments.audience not in _audience_types(settings, store):
         raise ValueError(f"unknown audience {arguments.audience!r}")
@@ -186,7 +193,10 @@ def register(command) -> None:
         help="map a column to a user field or custom property (dots nest); repeatable",
     )
     sub.add_argument("--tenant-column", help="the column that holds each membership's tenant")
-    sub.add_argument("--rejects", help="where to write rejected rows (default: <file>.rejects.csv)")
+    sub.add_argument(
+        "--rejects",
+        help="where to write rejected rows (default: beside the file, up.rejects.csv for up.csv)",
+    )
     sub = command("sync", sync, "run the warehouse syncs that feed static audiences")
     sub.add_argument(
         "names", nargs="*", help="only these syncs (default: every sync in the syncs file)"

@@ -209,6 +209,10 @@ def parse_property_path(text: str) -> tuple[str, ...]:
     if not isinstance(text, str) or text == "":
         raise ArgumentError(f"a property must be a non-empty string, got {text!r}")
     parts = tuple(text.split("."))
+    if "" in parts:  # `a..b`, `recipient.`: they read a property named "", which no one has
+        raise ArgumentError(
+            f"{text!r} has an empty part: a property path is names joined by single dots"
+        )
     if parts[0] == "recipient" and len(parts) > 1:
         parts = parts[1:]
     return parts

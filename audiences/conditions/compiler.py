@@ -660,6 +660,18 @@ def compile_condition(condition: Condition, context: CompileContext) -> exp.Expr
             "(Knock's rule); store it as a custom property instead",
             field="property",
         )
+    if (
+        condition.scope == RECIPIENT
+        and condition.path in ((), ("recipient",))
+        and operator not in ("is_audience_member", *EXTENSION_OPERATORS)
+    ):
+        # `recipient` alone is the user, which only membership and event operators read: as a
+        # property it read a custom property named `recipient`, so `exists` matched nobody.
+        raise ConditionError(
+            f"`{condition.operator}` reads a property of the recipient: name one, such as "
+            '"recipient.email" ("recipient" alone is the user)',
+            field="property",
+        )
     kind = OPERATORS[condition.operator]
     if kind == "none" and condition.has_argument and condition.argument not in (None, ""):
         raise ConditionError(f"`{condition.operator}` takes no argument")

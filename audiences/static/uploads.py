@@ -30,6 +30,7 @@ from pathlib import Path
 
 import polars as pl
 
+from audiences.identifiers import tenant_problem
 from audiences.settings import FAULT_PAUSE_SECONDS, FAULT_POINT, UPLOAD_MAX_BYTES
 from audiences.store.database import MembershipStore, now_text
 from audiences.store.members import (
@@ -147,7 +148,8 @@ def prepare_upload(
     # The rows' checks now (a bad row is rejected with its number); their identify patches are
     # built after the upload is acknowledged, from the rows as they are (`queue_upload`).
     passed, quarantined = check_users(frame)
-    passed = passed.sort(ROW_COLUMN)
+    passed, refused = _refuse_bad_tenants(passed.sort(ROW_COLUMN), tenants, tenant_column)
+    quarantined = pl.concat([quarantined, refused])
     members = passed.select(ROW_COLUMN, "id").join(tenants, on=ROW_COLUMN, how="left")
     cells = [name for name in passed.columns if name not in (ROW_COLUMN, "id")]
     given = (
@@ -163,6 +165,51 @@ def prepare_upload(
         given["id"].n_unique(),
         pl.concat([quarantined, ragged]).sort(ROW_COLUMN),
     )
+
+
+def _refuse_bad_tenants(
+    passed: pl.DataFrame, tenants: pl.DataFrame, tenant_column: str | None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The rows whose tenant cell is not a tenant (`identifiers.tenant_problem`: blank is no tenant,
+    anything else an id, as the API checks a tenant) taken out of `passed`, as rejects naming the
+    column; the rest of `passed`."""
+    problems = {
+        tenant: problem
+        for tenant in tenants["tenant"].drop_nulls().unique().to_list()
+        if (problem := tenant_problem(tenant))
+    }
+    if not problems:
+        return passed, passed.clear().select(
+            pl.col(ROW_COLUMN),
+            pl.col("id").alias("user_id"),
+            pl.lit(None, pl.String).alias("reason"),
+            pl.lit(None, pl.String).alias("raw_row"),
+        )
+    bad = passed.join(tenants, on=ROW_COLUMN, how="left").filter(
+        pl.col("tenant").is_in(list(problems))
+    )
+    refused = pl.DataFrame(
+        {
+            ROW_COLUMN: bad[ROW_COLUMN],
+            "user_id": bad["id"],
+            "reason": [f"{tenant_column}: {problems[t]}" for t in bad["tenant"]],
+            "raw_row": [
+                json.dumps(
+                    {(tenant_column if k == "tenant" else k): v for k, v in row.items()},
+                    ensure_ascii=False,
+                    default=str,
+                )
+                for row in bad.drop(ROW_COLUMN).iter_rows(named=True)
+            ],
+        },
+        schema={
+            ROW_COLUMN: pl.Int64,
+            "user_id": pl.String,
+            "reason": pl.String,
+            "raw_row": pl.String,
+        },
+    )
+    return passed.filter(~pl.col(ROW_COLUMN).is_in(bad[ROW_COLUMN].implode())), refused
 
 
 def record_upload(store: MembershipStore, connection, upload: PreparedUpload) -> ChangeResult:

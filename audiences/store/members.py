@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 
+from audiences.identifiers import is_blank
 from audiences.store import database as tables
 from audiences.store.database import (
     MembershipStore,
@@ -182,9 +183,8 @@ def prepare_change(
         raise ValueError(f"action is add or remove, not {action!r}")
     wanted: dict[tuple[str, str], str | None] = {}
     for member in members:
-        # Blank is ASCII whitespace only, as the API's id pattern says (`str.strip` also strips
-        # control characters such as \x1d, which the API accepts).
-        if not isinstance(member.user_id, str) or not member.user_id.strip("\t\n\x0b\x0c\r "):
+        # Blank is ASCII whitespace only (`identifiers.is_blank`).
+        if not isinstance(member.user_id, str) or is_blank(member.user_id):
             raise MembershipError(f"a member needs a user id, got {member.user_id!r}")
         tenant = normalize_tenant(member.tenant)
         if tenant is not member.tenant:  # a blank tenant is no tenant, on every write path

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import pandera.polars as pa
 import polars as pl
 
+from audiences.identifiers import CONTROL_CHARACTERS, MAX_ID_LENGTH
 from audiences.users.sources import ROW_COLUMN, UNREADABLE_COLUMN
 
-ID_MAX_LENGTH = 255
 REPLACEMENT_CHARACTER = "\ufffd"
 UNREADABLE_TEXT = "has bytes that are not valid text"
 
@@ -49,7 +49,8 @@ def _not_json(constant: str) -> None:
 
 
 def _id_column(name: str) -> pa.Column:
-    """The checks of an id column (`id`, or a membership's `user_id` and `tenant_id`)."""
+    """The checks of an id column (`id`, or a membership's `user_id` and `tenant_id`): the rules of
+    `audiences/identifiers.py` as polars expressions (Knock's '/' and '#' are the API's to refuse)."""
     return pa.Column(
         str,
         nullable=False,
@@ -62,13 +63,13 @@ def _id_column(name: str) -> pa.Column:
             ),
             _check(
                 f"long_{name}",
-                f"{name} is longer than {ID_MAX_LENGTH} characters",
-                lambda c: c.str.len_chars() <= ID_MAX_LENGTH,
+                f"{name} is longer than {MAX_ID_LENGTH} characters",
+                lambda c: c.str.len_chars() <= MAX_ID_LENGTH,
             ),
             _check(
                 f"control_characters_in_{name}",
                 f"{name} contains control characters",
-                lambda c: ~c.str.contains(r"[\x00-\x1f\x7f]"),
+                lambda c: ~c.str.contains(CONTROL_CHARACTERS),
             ),
         ],
     )
@@ -232,7 +233,8 @@ def row_patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFram
     """One JSON patch per row: columns by name, dotted names nested, `properties` merged under them.
 
     With `empty_cells="remove"`, a null cell is a JSON `null` in the patch, which removes the
-    property (Knock's identify rule). With "skip", a null cell is left out of the patch, and so is
+    property (Knock's identify rule); a nested object none of whose cells is given is left out, so
+    that an empty `a.b` never creates an empty object `a`. With "skip", a null cell is left out of the patch, and so is
     a nested object with no given cell: a row with no given cell has the patch `{}`.
     """
     if empty_cells not in ("remove", "skip"):
@@ -263,7 +265,30 @@ def row_patches(frame: pl.DataFrame, empty_cells: str = "remove") -> pl.DataFram
             pl.struct(children)
         )
 
-    columns_json = build(tree, top=True).struct.json_encode() if tree else pl.lit("{}")
+    def cells(node: dict) -> list[str]:
+        return [n for v in node.values() for n in (cells(v) if isinstance(v, dict) else [v])]
+
+    def removing(node: dict, top: bool = False) -> pl.Expr:
+        """The object's JSON text, null cells as `null`; a nested object none of whose cells is
+        given is left out (null), so that an empty cell removes a property and never creates the
+        object that would hold it (`{"a": {"b": null}}` merged into `{}` is `{"a": {}}`)."""
+        members = [
+            pl.lit(json.dumps(key) + ":") + removing(value)
+            if isinstance(value, dict)
+            else pl.struct(pl.col(value).alias(key)).struct.json_encode().str.slice(1).str.head(-1)
+            for key, value in node.items()
+        ]
+        text = pl.lit("{") + pl.concat_str(members, separator=",", ignore_nulls=True) + pl.lit("}")
+        if top:
+            return text
+        return pl.when(pl.any_horizontal([pl.col(n).is_not_null() for n in cells(node)])).then(text)
+
+    if not tree:
+        columns_json = pl.lit("{}")
+    elif empty_cells == "remove":
+        columns_json = removing(tree, top=True)
+    else:
+        columns_json = build(tree, top=True).struct.json_encode()
     if empty_cells == "skip" and tree:
         # json_encode writes null fields; dropping them is one JSON merge into an empty object
         columns_json = _without_nulls(columns_json)

@@ -133,3 +133,45 @@ def test_the_api_accepts_exactly_the_user_ids_the_warehouse_loads(http, service)
     store = service.environment("development").store
     profiles = store.rows(sa.text("select user_id from user_profiles"))
     assert {row["user_id"] for row in profiles} == loadable
+
+
+BAD_TENANTS = ["a/b", "a#b", " acme", "acme ", "t\x01x"]
+
+
+def test_a_tenant_given_as_a_string_is_checked_as_one_given_as_an_object(http, service):
+    # `"tenant": "a/b"` or `" acme"` was added (204) while `{"id": "a/b"}` and `PUT /v1/tenants`
+    # refused the same tenant: one rule for a tenant however it is given (blank is no tenant).
+    for tenant in BAD_TENANTS:
+        for given in (tenant, {"id": tenant}):
+            for method in ("POST", "DELETE"):
+                answer = http.request(
+                    method,
+                    "/v1/audiences/newsletter/members",
+                    json={"members": [{"user": {"id": "t4"}, "tenant": given}]},
+                )
+                assert answer.status_code == 422, (method, given, answer.text)
+                assert answer.json()["errors"][0]["field"].startswith("members.0.tenant"), given
+        check = http.get("/v1/audiences/newsletter/members/t4", params={"tenant": tenant})
+        assert_refused(check, "tenant")
+        upload = http.post(
+            "/v1/audiences/newsletter/members/upload",
+            params={"tenant_column": "org"},
+            content=f'id,org\nt5,"{tenant}"\nt6,acme\n'.encode(),
+            headers={"content-type": "text/csv"},
+        )
+        assert upload.status_code == 200, upload.text
+        rejected = upload.json()["rejected"]
+        assert [(r["row"], r["id"]) for r in rejected] == [(1, "t5")], rejected
+        assert rejected[0]["reason"].startswith("org: "), rejected
+    for tenant in ("", "  ", "acme"):
+        added = http.post(
+            "/v1/audiences/newsletter/members",
+            json={"members": [{"user": {"id": "t4"}, "tenant": tenant}]},
+        )
+        assert added.status_code == 204, (tenant, added.text)
+    tenants = http.get("/v1/audiences/newsletter/members", params={"page_size": 50}).json()
+    assert sorted((m["user_id"], m["tenant"] or "") for m in tenants["entries"]) == [
+        ("t4", ""),
+        ("t4", "acme"),
+        ("t6", "acme"),
+    ]

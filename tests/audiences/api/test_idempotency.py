@@ -166,3 +166,32 @@ def test_a_claim_left_without_an_answer_by_the_older_engine_does_not_block_its_k
         timeout=30,
     )
     assert again.status_code == 204 and again.headers["idempotent-replayed"] == "true"
+
+
+def test_a_key_compares_the_parsed_request_not_its_bytes(service):
+    # The same JSON with other whitespace or key order was refused as "different parameters":
+    # Knock refuses mismatched parameters, and these are the same parameters.
+    url = f"{service.url}/v1/audiences/newsletter/members"
+    headers = {**service.headers(), "Idempotency-Key": "k1", "content-type": "application/json"}
+    bodies = [
+        '{"members": [{"user": {"id": "u1", "plan": "pro"}, "tenant": "acme"}]}',
+        '{ "members":[ {"tenant":"acme","user":{"plan":"pro","id":"u1"}} ] }\n',
+    ]
+    answers = [httpx.post(url, content=body, headers=headers, timeout=30) for body in bodies]
+    assert [a.status_code for a in answers] == [204, 204], answers[1].text
+    assert answers[1].headers["idempotent-replayed"] == "true"
+    other = httpx.post(url, content=bodies[0].replace("pro", "free"), headers=headers, timeout=30)
+    assert other.status_code == 422 and other.json()["code"] == "idempotency_key_reused"
+
+
+def test_an_upload_with_a_key_is_answered_and_its_retry_replays_the_answer(service):
+    # The upload's work returned a ChangeResult, which the key's record could not hold as JSON:
+    # every upload with an Idempotency-Key failed with a 500 and wrote nothing.
+    url = f"{service.url}/v1/audiences/newsletter/members/upload"
+    headers = {**service.headers(), "Idempotency-Key": "up-1", "content-type": "text/csv"}
+    body = b"id,plan\nu1,pro\n u2,free\nu3,free\n"
+    first, again = (httpx.post(url, content=body, headers=headers, timeout=30) for _ in range(2))
+    assert first.status_code == 200, first.text
+    assert (first.json()["members_added"], len(first.json()["rejected"])) == (2, 1)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()

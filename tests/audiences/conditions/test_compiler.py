@@ -530,6 +530,20 @@ def test_dynamic_time_argument_compares_two_properties():
             "beyond years 1..9999",
         ),
         ({"property": "recipient.\udc00", "operator": "exists"}, "property", "not valid Unicode"),
+        # An empty part read a property named "", which no one has: it matched nobody.
+        ({"property": "recipient.a..b", "operator": "exists"}, "property", "has an empty part"),
+        ({"property": "recipient.", "operator": "equal_to", "argument": "x"}, "property", "empty"),
+        # `recipient` alone is the user: `exists` on it passed validation and matched nobody.
+        (
+            {"property": "recipient", "operator": "exists"},
+            "property",
+            '"recipient" alone is the user',
+        ),
+        (
+            {"property": "recipient", "operator": "not_equal_to", "argument": "x"},
+            "property",
+            '"recipient" alone is the user',
+        ),
     ],
 )
 def test_bad_conditions_are_rejected_with_the_field_named(raw, field, message):

@@ -591,3 +591,34 @@ def test_a_source_row_unchanged_since_its_last_load_keeps_newer_identifies(
     run(T0 + timedelta(hours=6))
     run(T0 + timedelta(hours=7))
     assert set(users(warehouse)) == {"u2", "u3"}
+
+
+def test_an_empty_dotted_cell_removes_nothing_it_does_not_hold_and_creates_no_object(
+    warehouse, tmp_path
+):
+    # An empty `address.city` gave every row `"address": {}`, so `not_empty address` matched all.
+    # An empty cell is `null` (it removes the property); it never creates the object holding it.
+    source = csv_source(
+        tmp_path,
+        "id,plan,address.city,address.geo.lat,address.zip\n"
+        "u1,pro,,,\n"
+        "u2,,Paris,,\n"
+        "u3,free,,,75001\n",
+        mode="stream",
+    )
+    load_source(warehouse, source, T0)
+    assert users(warehouse) == {
+        "u1": {"plan": "pro"},
+        "u2": {"address": {"city": "Paris"}},
+        "u3": {"plan": "free", "address": {"zip": "75001"}},
+    }
+    emptied = csv_source(
+        tmp_path, "id,plan,address.city,address.zip\nu2,pro,,x\nu3,,,\n", mode="stream"
+    )
+    load_source(warehouse, emptied, T0 + timedelta(days=1))
+    # An empty cell beside a given one removes its property; an all-empty object is left alone.
+    assert users(warehouse) == {
+        "u1": {"plan": "pro"},
+        "u2": {"plan": "pro", "address": {"zip": "x"}},
+        "u3": {"address": {"zip": "75001"}},
+    }
