@@ -3,6 +3,7 @@ non-zero exit, and no traceback (`--debug` shows one). Run through the real `aud
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,11 @@ def scratch(tmp_path) -> Path:
     (tmp_path / "sinks.yml").write_text("sinks:\n  file: {type: carrier-pigeon}\n")
     (tmp_path / "syncs.yml").write_text("syncs: [\n")
     (tmp_path / "draft.json").write_text("{not json")
+    for name, other in [("orphan", "no-such-audience"), ("loop", "loop")]:
+        condition = {"property": "recipient", "operator": "is_audience_member", "argument": other}
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps({"name": name, "type": "dynamic", "segments": [{"conditions": [condition]}]})
+        )
     return tmp_path
 
 
@@ -95,6 +101,14 @@ CASES = {
     ),
     "bad syncs.yml": (["--definitions", "{tmp}/audiences", "sync"], ["{tmp}/syncs.yml"]),
     "draft definition not JSON": (["preview", "{tmp}/draft.json"], ["{tmp}/draft.json"]),
+    "draft definition referring to no audience": (
+        ["preview", "{tmp}/orphan.json"],
+        ["{tmp}/orphan.json", "unknown audience 'no-such-audience'"],
+    ),
+    "draft definition on a cycle": (
+        ["explain", "{tmp}/loop.json", "u1"],
+        ["{tmp}/loop.json", "cycle: loop -> loop"],
+    ),
     "definitions folder that does not exist": (
         ["--definitions", "{tmp}/nowhere", "validate"],
         ["{tmp}/nowhere"],

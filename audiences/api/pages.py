@@ -19,9 +19,23 @@ def encode_position(key: str) -> str:
 
 def decode_position(cursor: str, field_name: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        position = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise invalid(field_name, "not a cursor this API returned") from None
+    return storable_position(position, field_name)
+
+
+def storable_position(position: str, field_name: str) -> str:
+    """A decoded cursor's position, refused unless a store can compare it: no lone surrogate
+    (SQLite's driver cannot encode it) and no NUL (PostgreSQL refuses it). Positions this API
+    returns are ids, which hold neither."""
+    try:
+        position.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(field_name, "not a cursor this API returned") from None
+    if "\x00" in position:
+        raise invalid(field_name, "not a cursor this API returned")
+    return position
 
 
 def keyset_page(

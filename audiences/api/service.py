@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from audiences.api import idempotency
 from audiences.api.errors import ApiError, invalid, not_found
 from audiences.api.keys import StoreEnvironmentError, bind_store
+from audiences.api.pages import storable_position
 from audiences.api.writer import GroupCommitWriter, JournalApplier
 
 if TYPE_CHECKING:
@@ -528,7 +529,7 @@ def decode_cursor(cursor: str, field_name: str) -> tuple[str, str]:
         isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value)
     ):
         raise invalid(field_name, "not a cursor this API returned")
-    return value[0], value[1]
+    return storable_position(value[0], field_name), storable_position(value[1], field_name)
 
 
 def check_properties(properties: dict, path: str = "") -> None:

@@ -16,6 +16,7 @@ def _definition(settings: Settings, key_or_file: str):
         Problem,
         load_definition_file,
         load_definition_set,
+        problems_of,
         references_to_skipped,
     )
 
@@ -30,7 +31,12 @@ def _definition(settings: Settings, key_or_file: str):
         definition = load_definition_file(path)
         if found and (problems := references_to_skipped(definition, found.skipped)):
             raise DefinitionError(problems)
-        return definition, {**definitions, definition.key: definition}
+        # As a file of the folder would be checked: a reference to no audience, or a cycle
+        # through this definition (which replaces the folder's audience of its key), is an error.
+        definitions = {**definitions, definition.key: definition}
+        if problems := problems_of(definition.key, definitions, found.skipped if found else ()):
+            raise DefinitionError(problems)
+        return definition, definitions
     if found is None:
         raise DefinitionError(
             [Problem(str(settings.definitions_dir), "$", f"no audience {key_or_file!r}")]

@@ -552,6 +552,14 @@ def validate_definitions(
     return problems
 
 
+def problems_of(
+    key: str, definitions: dict[str, AudienceDefinition], other_audiences: Iterable[str] = ()
+) -> list[Problem]:
+    """The problems across the set (`validate_definitions`') that make audience `key` unusable:
+    its references to no audience, and a cycle it is on."""
+    return [problem for of, problem in _set_problems(definitions, other_audiences) if of == key]
+
+
 def _set_problems(
     definitions: dict[str, AudienceDefinition],
     other_audiences: Iterable[str] = (),

@@ -462,6 +462,19 @@ def _decide(store: MembershipStore, batch_id: str, batch_status: str, delivery_s
             .where(batches.c.batch_id == batch_id)
             .values(status=batch_status, decided_at=now_text())
         )
+        if delivery_status == "discarded":
+            # A once-per-recipient trigger has not fired for a recipient whose delivery is never
+            # sent: a later entry of theirs triggers it.
+            recipients = tables.trigger_recipients
+            connection.execute(
+                recipients.delete().where(
+                    recipients.c.delivery_id.in_(
+                        sa.select(deliveries.c.delivery_id).where(
+                            deliveries.c.batch_id == batch_id, deliveries.c.status == "held"
+                        )
+                    )
+                )
+            )
         result = connection.execute(
             deliveries.update()
             .where(deliveries.c.batch_id == batch_id, deliveries.c.status == "held")

@@ -3,6 +3,7 @@ broadcasts and Census's custom-destination protocol."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import httpx
@@ -63,6 +64,11 @@ def test_list_members_walks_pages_forwards_and_backwards_and_filters_by_tenant(h
         "/v1/audiences/newsletter/members", params={"tenant": "", "page_size": 50}
     ).json()
     assert {entry["tenant"] for entry in none["entries"]} == {None}
+
+
+def _forged(text: str) -> str:
+    """A cursor in this API's encoding (base64 of UTF-8 text) that it never returns."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def _cursor(http, position: int) -> str:
@@ -171,6 +177,18 @@ def test_bad_input_gets_knock_shaped_errors_never_a_500(http):
         (http.put("/v1/users/x", json={"id": "y"}), 422, "id"),
         (http.get("/v1/audiences/newsletter/members", params={"page_size": 51}), 422, "page_size"),
         (http.get("/v1/audiences/newsletter/members", params={"after": "garbage"}), 422, "after"),
+        # Cursors that decode to text no store can compare (a lone surrogate: SQLite's driver
+        # cannot encode it; a NUL: PostgreSQL refuses it), which this API never returns.
+        *[
+            (http.get(path, params={direction: _forged(text)}), 422, direction)
+            for path, texts in [
+                ("/v1/audiences/newsletter/members", ['["\\ud800", ""]', '["u1", "a\\u0000"]']),
+                ("/v1/users", ["a\u0000"]),
+                ("/v1/tenants", ["a\u0000"]),
+            ]
+            for text in texts
+            for direction in ["after", "before"]
+        ],
     ]
     for response, status, field in cases:
         assert response.status_code == status, response.text

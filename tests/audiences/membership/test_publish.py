@@ -185,6 +185,23 @@ def test_held_batch_sends_nothing_until_released_or_discarded(warehouse, store):
     assert len(pipeline.deliveries("discarded")) == 19
 
 
+def test_a_discarded_entry_leaves_a_once_per_recipient_trigger_unfired(warehouse, store):
+    pipeline = Pipeline(
+        warehouse,
+        store,
+        trigger(trigger_frequency="once_per_recipient"),
+        breaker=CircuitBreaker(share=0.2, minimum=5),
+    )
+    pipeline.evaluate({"pro": []})
+    _, report = pipeline.evaluate({"pro": list(range(1, 11))})  # a mistake: everyone enters
+    [batch] = report.held_batches
+    assert discard_batch(store, batch) == 10
+    pipeline.evaluate({"pro": []})  # held as well, and no trigger for exits
+    pipeline.evaluate({"pro": [3]})  # u3 enters for real: the workflow never ran for them
+    pending = [d["user_id"] for d in pipeline.deliveries("pending")]
+    assert pending == ["u3"]
+
+
 def test_store_membership_follows_the_events(warehouse, store):
     pipeline = Pipeline(warehouse, store, {})
     pipeline.evaluate({"pro": [1, 2, (3, "acme")]})
