@@ -1,8 +1,10 @@
 """The packages read as the data flow: a stage imports only itself and the stages before it.
 
 users → conditions → dbt → warehouse → membership → store → workflows → delivery. Every import
-counts, also those inside functions. Beside the flow: `settings` (imported by any stage) and
-`warehouse.schema` (the raw tables' DDL, a leaf every stage that writes DuckDB may import); static,
+counts, also those inside functions. Beside the flow: `settings` (imported by any stage),
+`identifiers` (the rules for user and tenant ids, a leaf the loader, the store, the API and the CLI
+read alike) and `warehouse.schema` (the raw tables' DDL, a leaf every stage that writes DuckDB may
+import); static,
 api and cli sit beside it and may import any stage, but no stage imports them. (Static
 membership changes and the one tenant-strict check, `store.members`, write only the store: the
 store writes an answered upload's members before any read.)
@@ -16,7 +18,7 @@ from pathlib import Path
 from condition_harness import ROOT
 
 FLOW = ["users", "conditions", "dbt", "warehouse", "membership", "store", "workflows", "delivery"]
-ANYWHERE = {"audiences.settings", "audiences.warehouse.schema"}
+ANYWHERE = {"audiences.settings", "audiences.identifiers", "audiences.warehouse.schema"}
 # (importing module, imported module): beside-the-flow imports kept on purpose.
 ALLOWED: set[tuple[str, str]] = set()
 
@@ -53,3 +55,4 @@ def test_the_shared_schema_module_imports_nothing_of_the_engine():
     """Only a leaf may be imported from anywhere, or it would carry its imports upward."""
     assert imports(ROOT / "audiences" / "warehouse" / "schema.py") == []
     assert [name for name, _ in imports(ROOT / "audiences" / "settings.py")] == []
+    assert imports(ROOT / "audiences" / "identifiers.py") == []
