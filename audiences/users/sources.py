@@ -319,9 +319,9 @@ def read_csv_rows(
     # to find such rows (0.8 s for 10 MB, three times the fast reader).
     if frame is None or (frame.width and frame[frame.columns[-1]].null_count()):
         try:
-            header, ragged = _ragged_records(text, delimiter)
+            header, records, ragged = _records(text, delimiter)
             if ragged:
-                frame = _frame_of_records(text, delimiter, ragged)
+                frame = _frame_of_records(header, records, ragged)
         except csv.Error as error:
             failure = failure or error
     if frame is None:
@@ -342,31 +342,31 @@ def ragged_reason(line: int, fields: list[str], header: list[str]) -> str:
     return f"line {line}: {len(fields)} fields where the header has {len(header)}"
 
 
-def _ragged_records(
+def _records(
     text: str, delimiter: str
-) -> tuple[list[str], dict[int, tuple[int, list[str]]]]:
-    """The header, and the records whose number of fields differs from the header's, by row
-    number (1-based, blank lines counted as rows, as the CSV reader counts them): (line, fields)."""
+) -> tuple[list[str], list[list[str]], dict[int, tuple[int, list[str]]]]:
+    """The header, every record, and the records whose number of fields differs from the
+    header's, by row number (1-based, blank lines counted as rows, as the CSV reader counts
+    them): (line, fields)."""
     csv.field_size_limit(
         max(csv.field_size_limit(), len(text))
     )  # a cell may be as large as the file
-    records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(records, None)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
     if header is None:
-        return [], {}
-    width, ragged, line = len(header), {}, records.line_num + 1
-    for row, fields in enumerate(records, start=1):
+        return [], [], {}
+    width, records, ragged, line = len(header), [], {}, reader.line_num + 1
+    for row, fields in enumerate(reader, start=1):
         if fields and len(fields) != width:
             ragged[row] = (line, fields)
-        line = records.line_num + 1
-    return header, ragged
+        records.append(fields)
+        line = reader.line_num + 1
+    return header, records, ragged
 
 
-def _frame_of_records(text: str, delimiter: str, ragged: dict) -> pl.DataFrame:
-    """The file read record by record (when it has ragged rows, which the fast reader cannot
+def _frame_of_records(header: list[str], records: list[list[str]], ragged: dict) -> pl.DataFrame:
+    """The file's records as a frame (when it has ragged rows, which the fast reader cannot
     report): a ragged row's fields are cut or padded with nulls to the header's number."""
-    records = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(records)
     width = len(header)
     rows = []
     for row, fields in enumerate(records, start=1):
