@@ -25,6 +25,8 @@ from pathlib import Path
 
 # How often a waiting run says again what it waits for.
 REPORT_EVERY_SECONDS = 60.0
+# How long a waiter gives the holder to write who it is, once it has the lock.
+HOLDER_RECORD_WAIT_SECONDS = 2.0
 
 _held: dict[
     Path, tuple[int, int, dict]
@@ -38,12 +40,23 @@ def lock_path(duckdb_path: Path) -> Path:
     return duckdb_path.with_name(duckdb_path.name + ".run-lock")
 
 
-def describe_holder(path: Path) -> str:
-    """What the lock file says about the run holding it, in words."""
+def _read_holder(path: Path) -> dict:
     try:
         holder = json.loads(path.read_text(encoding="utf-8") or "{}")
     except (OSError, ValueError):
-        holder = {}
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def describe_holder(path: Path, wait_seconds: float = 0.0) -> str:
+    """What the lock file says about the run holding it, in words. A holder writes its record just
+    after it takes the lock, so a waiter that looks in between finds the file empty: it waits up to
+    `wait_seconds` for the record to appear."""
+    deadline = time.monotonic() + wait_seconds
+    holder = _read_holder(path)
+    while not holder and time.monotonic() < deadline:
+        time.sleep(0.02)
+        holder = _read_holder(path)
     if not holder:
         return "another run"
     parts = [f"run {holder['run_id']}" if holder.get("run_id") else "a run"]
@@ -117,7 +130,8 @@ def _acquire(
         return
     except BlockingIOError:
         pass
-    message = f"{warehouse}: {describe_holder(path)} is writing this warehouse"
+    holder = describe_holder(path, wait_seconds=HOLDER_RECORD_WAIT_SECONDS)
+    message = f"{warehouse}: {holder} is writing this warehouse"
     while True:
         if report:
             report(message + "; waiting for it to finish")
@@ -132,8 +146,10 @@ def _acquire(
 
 
 def _write(descriptor: int, record: dict) -> None:
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, json.dumps(record).encode("utf-8"), 0)
+    # The new record over the old, then the old one's tail cut: the file is never empty while held.
+    data = json.dumps(record).encode("utf-8")
+    os.pwrite(descriptor, data, 0)
+    os.ftruncate(descriptor, len(data))
 
 
 def _release(path: Path) -> None:
