@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from audiences.settings import Settings
 
@@ -78,6 +79,38 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
+def read_warehouse(settings: Settings):
+    """The warehouse, read-only, for a command: waits for a run writing it, saying so on stderr,
+    and keeps a run from starting until the command is done with it."""
+    import sys
+
+    from audiences.warehouse.queries import reading
+
+    return reading(
+        settings.duckdb_path, report=lambda message: print(message, file=sys.stderr, flush=True)
+    )
+
+
+@contextlib.contextmanager
+def write_warehouse(settings: Settings, command: str):
+    """The warehouse opened for writing by a command outside a run (`audiences publish`): it holds
+    the writer lock as a run does, so it waits for a run or a reader, and they wait for it."""
+    import sys
+
+    from audiences.warehouse.lock import hold_writer_lock
+    from audiences.warehouse.queries import connect
+
+    with (
+        hold_writer_lock(
+            settings.duckdb_path,
+            {"trigger": command},
+            report=lambda message: print(message, file=sys.stderr, flush=True),
+        ),
+        connect(settings.duckdb_path) as connection,
+    ):
+        yield connection
 
 
 def open_store(settings: Settings):

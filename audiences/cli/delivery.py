@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from audiences.cli.common import open_store
+from audiences.cli.common import open_store, read_warehouse
 from audiences.settings import Settings
 
 
@@ -212,11 +212,10 @@ def backfill_entries(settings: Settings, arguments) -> int:
     from datetime import UTC, datetime
 
     from audiences.delivery.setup import load_workflow_setup
-    from audiences.warehouse.queries import connect
     from audiences.workflows.entry_backfill import backfill_entries as run_backfill
 
     setup = load_workflow_setup(settings)
-    with connect(settings.duckdb_path, read_only=True) as connection:
+    with read_warehouse(settings) as connection:
         result = run_backfill(
             connection,
             open_store(settings),

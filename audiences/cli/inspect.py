@@ -6,7 +6,13 @@ import json
 import sys
 from pathlib import Path
 
-from audiences.cli.common import TIME_FORMAT, open_store, time_flag, usable_definitions
+from audiences.cli.common import (
+    TIME_FORMAT,
+    open_store,
+    read_warehouse,
+    time_flag,
+    usable_definitions,
+)
 from audiences.settings import Settings, format_time
 
 
@@ -77,11 +83,10 @@ def preview(settings: Settings, arguments) -> int:
     (or at --evaluation-time; the output says which, and when the last evaluation was). Nothing is
     written. The audience can be a key from the definitions folder or the path of an audience.json
     that is not committed yet."""
-    from audiences.warehouse.queries import connect
     from audiences.warehouse.queries import preview as run_preview
 
     definition, definitions = _definition(settings, arguments.audience)
-    with connect(settings.duckdb_path, read_only=True) as connection:
+    with read_warehouse(settings) as connection:
         now, source = _chosen_time(
             settings, arguments, connection, default_to_last_evaluation=False
         )
@@ -119,7 +124,6 @@ def members(settings: Settings, arguments) -> int:
     from audiences.membership.changes import members_at
     from audiences.store.members import audience_types
     from audiences.store.queries import current_members
-    from audiences.warehouse.queries import connect
     from audiences.warehouse.queries import members as list_members
 
     try:
@@ -135,7 +139,7 @@ def members(settings: Settings, arguments) -> int:
             for member in current_members(store, arguments.audience):
                 sys.stdout.write(json.dumps(member, ensure_ascii=False) + "\n")
             return 0
-    with connect(settings.duckdb_path, read_only=True) as connection:
+    with read_warehouse(settings) as connection:
         if arguments.at:
             rows = members_at(connection, arguments.audience, arguments.at)
             # The definition in force then, on stderr: stdout stays JSON lines.
@@ -156,11 +160,10 @@ def explain(settings: Settings, arguments) -> int:
     time is the last evaluation's, the one `members` lists, unless --evaluation-time (or
     AUDIENCES_EVALUATION_TIME) gives another; the output says which."""
     from audiences.lifecycle.commits import describe_version, stored_commits
-    from audiences.warehouse.queries import connect
     from audiences.warehouse.queries import explain as run_explain
 
     definition, definitions = _definition(settings, arguments.audience)
-    with connect(settings.duckdb_path, read_only=True) as connection:
+    with read_warehouse(settings) as connection:
         at, source = _chosen_time(settings, arguments, connection, default_to_last_evaluation=True)
         result = run_explain(
             connection, definition, definitions, arguments.user_id, at, tenant=arguments.tenant

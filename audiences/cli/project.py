@@ -40,6 +40,7 @@ def validate(settings: Settings, arguments) -> int:
     relative times under 15 minutes), audience references and cycles, and, when a warehouse exists,
     that no audience changed type. Each problem names the file and the JSON path. With
     --knock-compatible, conditions Knock cannot hold (event conditions) are problems too."""
+    from audiences.cli.common import read_warehouse
     from audiences.conditions.definitions import (
         DefinitionError,
         load_definition_set,
@@ -47,7 +48,7 @@ def validate(settings: Settings, arguments) -> int:
     )
     from audiences.dbt.models import custom_audience_keys
     from audiences.warehouse.evaluation import registered_types
-    from audiences.warehouse.queries import WarehouseError, connect
+    from audiences.warehouse.queries import WarehouseError
 
     # Every problem at once: a broken file does not hide another file's unknown reference.
     found = load_definition_set(
@@ -57,7 +58,7 @@ def validate(settings: Settings, arguments) -> int:
     existing: dict[str, str] = {}
     if settings.duckdb_path.exists():
         try:
-            with connect(settings.duckdb_path, read_only=True) as connection:
+            with read_warehouse(settings) as connection:
                 existing = registered_types(connection)
         except WarehouseError as error:
             print(f"warning: type changes not checked: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from audiences.cli.common import open_store
+from audiences.cli.common import open_store, write_warehouse
 from audiences.settings import Settings, environment_set, format_time
 
 
@@ -295,7 +295,7 @@ def publish(settings: Settings, arguments) -> int:
     triggers (the pipeline does this after each evaluation; this is for recovery)."""
     from audiences.delivery.setup import load_workflow_setup
     from audiences.warehouse.evaluation import evaluation_time_for
-    from audiences.warehouse.queries import WarehouseError, connect
+    from audiences.warehouse.queries import WarehouseError
     from audiences.workflows.publish import publish_outbox
 
     if (
@@ -303,7 +303,7 @@ def publish(settings: Settings, arguments) -> int:
     ):  # nothing to publish, and no empty warehouse to leave behind
         raise WarehouseError(f"{settings.duckdb_path}: no warehouse yet; run `audiences run` first")
     setup = load_workflow_setup(settings)
-    with connect(settings.duckdb_path) as connection:
+    with write_warehouse(settings, "audiences publish") as connection:
         report = publish_outbox(
             connection,
             open_store(settings),

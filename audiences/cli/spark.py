@@ -47,14 +47,13 @@ def spark_run(settings: Settings, arguments) -> int:
 def _publish(settings: Settings, warehouse: Path, committed_run: str, moment: datetime) -> None:
     """The committed Spark builds' events into the DuckDB warehouse's outbox (the circuit breaker
     applies), then into the store with their workflow triggers, as after a DuckDB evaluation."""
-    from audiences.cli.common import open_store
+    from audiences.cli.common import open_store, write_warehouse
     from audiences.delivery.setup import load_workflow_setup
     from audiences.membership.changes import CircuitBreaker
-    from audiences.warehouse.queries import connect
     from audiences.workflows.spark_events import publish_spark_builds
 
     breaker = CircuitBreaker(settings.breaker_share, settings.breaker_minimum)
-    with connect(settings.duckdb_path) as connection:
+    with write_warehouse(settings, "audiences spark-run") as connection:
         summaries, report = publish_spark_builds(
             connection,
             open_store(settings),

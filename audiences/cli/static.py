@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from audiences.cli.common import open_store, usable_definitions
+from audiences.cli.common import open_store, read_warehouse, usable_definitions
 from audiences.settings import Settings
 
 
@@ -148,12 +148,11 @@ def eligible(settings: Settings, arguments) -> int:
     """Guide eligibility for a user (and the request's tenant): the guide's audience, with Knock's
     tenancy strict mode, and its property conditions. Exit code 0 when eligible, 1 when not."""
     from audiences.warehouse.evaluation import evaluation_time_for
-    from audiences.warehouse.queries import connect
     from audiences.workflows.guides import eligible as guide_eligibility
     from audiences.workflows.guides import load_guide
 
     guide = load_guide(settings.guides_dir, arguments.guide)
-    with connect(settings.duckdb_path, read_only=True) as connection:
+    with read_warehouse(settings) as connection:
         result = guide_eligibility(
             guide,
             arguments.user_id,

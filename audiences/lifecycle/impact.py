@@ -11,6 +11,7 @@ nothing written): most in one pass per 64 audiences, the few that need it alone 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from sqlglot import exp
 from audiences.conditions.definitions import AudienceDefinition, parse_definition
 from audiences.membership.changes import CircuitBreaker
 from audiences.settings import Settings, format_time, utc_now
-from audiences.warehouse.queries import MEMBERS_TABLE, connect, members_query, table_exists
+from audiences.warehouse.queries import MEMBERS_TABLE, members_query, reading, table_exists
 
 SAMPLE_SIZE = 5
 
@@ -102,11 +103,13 @@ def impact(
     definitions = _parsed(target, after)
     results: list[AudienceImpact] = []
     users = 0
-    if not target.duckdb_path.exists():
-        connection = None
-    else:
-        connection = connect(target.duckdb_path, read_only=True)
-    try:
+    with contextlib.ExitStack() as opened:
+        # Read as a command reads: a run writing the warehouse now is waited for, none starts meanwhile.
+        connection = (
+            opened.enter_context(reading(target.duckdb_path))
+            if target.duckdb_path.exists()
+            else None
+        )
         if connection is not None and table_exists(connection, "raw.users"):
             users = connection.execute(
                 "select count(*) from raw.users where deleted_at is null"
@@ -117,9 +120,6 @@ def impact(
         results = _measure(
             connection, after, before, definitions, now, static_member_counts(target, static)
         )
-    finally:
-        if connection is not None:
-            connection.close()
     for result in results:
         result.would_hold = not result.is_new and breaker.trips(
             max(result.entered, result.exited), result.members_now

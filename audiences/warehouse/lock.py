@@ -9,11 +9,18 @@ exclusive lock on a file beside it (`<warehouse>.run-lock`, removed when the run
 start to its end, and a second run waits for it, saying which run it waits for. The operating
 system releases the lock when its holder exits, even when killed, so a crashed run never blocks the
 next one.
+
+Commands that only read the warehouse (`preview`, `explain`, `members`, `validate`, a promotion's
+dry run) hold the same file's lock shared while their connection is open. DuckDB lets no process
+open the file for writing while another has it open, so a reader that slipped in between two of a
+run's steps used to make the run's next step fail. Now a reader waits for a run writing the warehouse
+(saying which), readers run side by side, and a run that starts while one reads waits for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -36,27 +43,31 @@ _guard = threading.Lock()
 
 def lock_path(duckdb_path: Path) -> Path:
     """The lock file of a warehouse: beside it, `warehouse.duckdb.run-lock`."""
-    duckdb_path = Path(duckdb_path)
+    # Resolved: a run and a reader that spell the same warehouse differently share its lock.
+    duckdb_path = Path(duckdb_path).resolve()
     return duckdb_path.with_name(duckdb_path.name + ".run-lock")
 
 
 def _read_holder(path: Path) -> dict:
+    """The record of the run holding the lock at `path`; empty when there is none, or when the
+    process that wrote it is gone (a run killed before it could remove its file)."""
     try:
         holder = json.loads(path.read_text(encoding="utf-8") or "{}")
     except (OSError, ValueError):
         return {}
-    return holder if isinstance(holder, dict) else {}
+    if not isinstance(holder, dict):
+        return {}
+    if isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return {}
+        except PermissionError:
+            pass
+    return holder
 
 
-def describe_holder(path: Path, wait_seconds: float = 0.0) -> str:
-    """What the lock file says about the run holding it, in words. A holder writes its record just
-    after it takes the lock, so a waiter that looks in between finds the file empty: it waits up to
-    `wait_seconds` for the record to appear."""
-    deadline = time.monotonic() + wait_seconds
-    holder = _read_holder(path)
-    while not holder and time.monotonic() < deadline:
-        time.sleep(0.02)
-        holder = _read_holder(path)
+def _described(holder: dict) -> str:
     if not holder:
         return "another run"
     parts = [f"run {holder['run_id']}" if holder.get("run_id") else "a run"]
@@ -94,20 +105,7 @@ def hold_writer_lock(
             _release(path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            _acquire(descriptor, path, Path(duckdb_path), report)
-        except BaseException:
-            os.close(descriptor)
-            raise
-        # The holder we waited for removed the file as it finished: lock the one now at the path.
-        try:
-            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(descriptor)
+    descriptor = _locked_file(path, Path(duckdb_path), fcntl.LOCK_EX, report)
     record = {
         **holder,
         "pid": os.getpid(),
@@ -122,27 +120,109 @@ def hold_writer_lock(
         _release(path)
 
 
-def _acquire(
-    descriptor: int, path: Path, warehouse: Path, report: Callable[[str], None] | None
-) -> None:
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+@contextlib.contextmanager
+def hold_reader_lock(
+    duckdb_path: Path, report: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the warehouse's lock shared for the block: wait for a run writing it now (calling
+    `report` with a sentence naming it, as a waiting run does), and keep runs from starting until
+    the block ends. Nothing to take in a process that holds the writer lock (a run reading what it
+    wrote), for a warehouse not made yet, or in a folder this process cannot write (a read-only
+    copy no run writes)."""
+    path = lock_path(duckdb_path)
+    with _guard:
+        writing = path in _held
+    if writing or not Path(duckdb_path).exists():
+        yield
         return
-    except BlockingIOError:
-        pass
-    holder = describe_holder(path, wait_seconds=HOLDER_RECORD_WAIT_SECONDS)
-    message = f"{warehouse}: {holder} is writing this warehouse"
+    try:
+        descriptor = _locked_file(path, Path(duckdb_path), fcntl.LOCK_SH, report)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield
+        return
+    try:
+        yield
+    finally:
+        # The last reader out removes the file, as a run does: taking it exclusively succeeds
+        # only when no other reader holds it.
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
+def _locked_file(
+    path: Path, warehouse: Path, mode: int, report: Callable[[str], None] | None
+) -> int:
+    """A descriptor of the lock file at `path`, locked in `mode` (waiting for the holders)."""
     while True:
-        if report:
-            report(message + "; waiting for it to finish")
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _acquire(descriptor, path, warehouse, mode, report)
+        except BaseException:
+            os.close(descriptor)
+            raise
+        # The holder we waited for removed the file as it finished: lock the one now at the path.
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+
+
+def _try_lock(descriptor: int, mode: int) -> bool:
+    try:
+        fcntl.flock(descriptor, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holders(descriptor: int, path: Path) -> str | None:
+    """Who holds the lock that `descriptor` waits for, in words; None once it is free. A run
+    writes its record just after it takes the lock, so one looked at in between is waited for
+    (briefly); a lock held by readers only has no record, and can be shared."""
+    deadline = time.monotonic() + HOLDER_RECORD_WAIT_SECONDS
+    while True:
+        if _try_lock(descriptor, fcntl.LOCK_EX):
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            return None
+        holder = _read_holder(path)
+        if holder:
+            return _described(holder) + " is writing this warehouse"
+        if _try_lock(descriptor, fcntl.LOCK_SH):
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            return "a command reading this warehouse (preview, explain, members) is using it"
+        if time.monotonic() >= deadline:
+            return "another run is writing this warehouse"
+        time.sleep(0.02)
+
+
+def _acquire(
+    descriptor: int,
+    path: Path,
+    warehouse: Path,
+    mode: int,
+    report: Callable[[str], None] | None,
+) -> None:
+    if _try_lock(descriptor, mode):
+        return
+    holders = _holders(descriptor, path)
+    while True:
+        if holders and report:
+            report(f"{warehouse}: {holders}; waiting for it to finish")
         deadline = time.monotonic() + REPORT_EVERY_SECONDS
         while time.monotonic() < deadline:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _try_lock(descriptor, mode):
                 return
-            except BlockingIOError:
-                time.sleep(0.5)
-        message = f"{warehouse}: {describe_holder(path)} is still writing this warehouse"
+            time.sleep(0.1)
+        holders = _holders(descriptor, path)
 
 
 def _write(descriptor: int, record: dict) -> None:

@@ -10,9 +10,10 @@ otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ from audiences.conditions.compiler import (
 )
 from audiences.conditions.definitions import AudienceDefinition
 from audiences.dbt.models import FLATTENED_MODEL
+from audiences.warehouse.lock import hold_reader_lock
 
 MEMBERS_TABLE = "main.audience_members"
 FLATTENED_TABLE = f"main.{FLATTENED_MODEL}"
@@ -68,6 +70,18 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         {"limit": os.environ.get("AUDIENCES_DUCKDB_MEMORY_LIMIT", "1500MB")},
     )
     return connection
+
+
+@contextlib.contextmanager
+def reading(
+    path: Path, report: Callable[[str], None] | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to the warehouse that no run writes while it is open: a run writing
+    it now is waited for (`report` names it), and a run that starts meanwhile waits for this one
+    (`audiences/warehouse/lock.py`). Outside a run, read the warehouse through this, not `connect`:
+    DuckDB refuses a writer the file while any reader has it open."""
+    with hold_reader_lock(Path(path), report), connect(path, read_only=True) as connection:
+        yield connection
 
 
 def table_exists(connection: duckdb.DuckDBPyConnection, qualified: str) -> bool:
