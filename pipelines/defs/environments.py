@@ -200,6 +200,11 @@ def definitions(environments: list[str] | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         *parts,
         dg.Definitions(
-            jobs=jobs, resources={**resources, **(promotion_resources() if jobs else {})}
+            jobs=jobs,
+            resources={**resources, **(promotion_resources() if jobs else {})},
+            # Assets materialized from the UI's graph, outside the jobs, run their steps one after
+            # another in the run's process too: in parallel processes they would take turns at
+            # the warehouse's writer lock, and another run could write between their steps.
+            executor=dg.in_process_executor,
         ),
     )

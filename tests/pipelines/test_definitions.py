@@ -143,6 +143,8 @@ def test_jobs_that_write_duckdb_run_one_step_at_a_time_and_are_serialized():
         # and DuckDB allows one writer (seen under `dg dev`: "Could not set lock on file").
         assert job.executor_def.name == "in_process"
         assert job.tags.get("audiences/duckdb") == "writer"
+    # So do assets materialized from the UI's asset graph, outside any job.
+    assert defs.resolve_implicit_global_asset_job_def().executor_def.name == "in_process"
 
 
 def test_the_spark_engine_adds_the_spark_job_and_a_bad_engine_is_named(monkeypatch):
