@@ -265,7 +265,12 @@ def test_broadcast_is_delivered_once_even_when_sent_twice(capsys, store_copy, tm
         '{"issue": 12}',
     )
     assert "65 recipients, 0 new deliveries" in again
-    assert run_cli(capsys, *store_copy, "deliver")[0] == 0
+    code, out, _ = run_cli(capsys, *store_copy, "deliver")
+    assert code == 0
+    assert out.splitlines() == [
+        "deliveries: 65 delivered, 0 to retry, 0 dead-lettered (`audiences deliveries`)",
+        "  file: 65 delivered",
+    ]
     lines = [
         json.loads(line) for line in (tmp_path / "out" / "triggers.jsonl").read_text().splitlines()
     ]

@@ -105,6 +105,24 @@ class DeliveryReport:
         counts = self.per_sink.setdefault(sink, {})
         counts[kind] = counts.get(kind, 0) + count
 
+    def __str__(self) -> str:
+        """The report as `audiences deliver` prints it: totals, then one line per sink."""
+        lines = [
+            f"deliveries: {self.delivered:,} delivered, {self.retried:,} to retry, "
+            f"{self.dead:,} dead-lettered (`audiences deliveries`)"
+            + (
+                f", {self.skipped_unknown_sink:,} waiting for a sink that is not configured"
+                if self.skipped_unknown_sink
+                else ""
+            )
+        ]
+        for sink, counts in sorted(self.per_sink.items()):
+            lines.append(
+                f"  {sink}: "
+                + ", ".join(f"{count:,} {kind.replace('_', ' ')}" for kind, count in counts.items())
+            )
+        return "\n".join(lines)
+
     def merge(self, other: DeliveryReport) -> None:
         """Add a later pass's counts to these totals.
 

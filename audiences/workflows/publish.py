@@ -73,6 +73,17 @@ class PublishReport:
     skipped_by_conditions: int = 0
     held_batches: list[str] = field(default_factory=list)
 
+    def __str__(self) -> str:
+        """The report as `audiences publish` prints it."""
+        line = (
+            f"published {self.events:,} membership events; {self.deliveries:,} workflow triggers "
+            f"queued ({self.held_deliveries:,} held), {self.skipped_by_frequency:,} skipped by "
+            f"their frequency rule, {self.skipped_by_conditions:,} by their conditions"
+        )
+        for batch in self.held_batches:
+            line += f"\nheld by the circuit breaker as {batch}: `audiences release` or `discard` it"
+        return line
+
 
 def outbox_position(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     """(last published sequence, last written sequence) of the warehouse's outbox."""
