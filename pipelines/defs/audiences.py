@@ -21,7 +21,12 @@ from dagster_dbt.asset_utils import (
 )
 from pydantic import Field
 
-from audiences.conditions.definitions import DefinitionSet, model_name_for, validate_definitions
+from audiences.conditions.definitions import (
+    DefinitionError,
+    DefinitionSet,
+    model_name_for,
+    validate_definitions,
+)
 from audiences.dbt.models import custom_audience_keys
 from audiences.dbt.project import (
     build_state,
@@ -194,7 +199,18 @@ def audience_definitions(
             f"(their last members are kept): {', '.join(definition_set.skipped)}; "
             f"see the {DEFINITIONS_CHECK} check"
         )
-    triggers = load_workflow_setup(settings).triggers
+    # A broken trigger file does not stop the evaluation: the audiences are evaluated and their
+    # events kept in the outbox, which `published_membership_events` publishes, with every
+    # trigger, once the file is fixed (it fails naming the file until then).
+    try:
+        triggers = load_workflow_setup(settings).triggers
+        trigger_problems: list[str] = []
+    except DefinitionError as error:
+        triggers, trigger_problems = {}, [str(problem) for problem in error.problems]
+        context.log.warning(
+            "workflow triggers with errors; the audiences are evaluated and their membership "
+            "events wait in the outbox until they are fixed:\n" + "\n".join(trigger_problems)
+        )
     # Which commit each definition is in this environment (`commit_id` "uncommitted" for a
     # working file that differs from development's latest commit).
     commits = version_metadata(settings)
@@ -214,6 +230,7 @@ def audience_definitions(
             "static_audiences": sum(d.type == "static" for d in definitions.values()),
             "skipped_audiences": sorted(definition_set.skipped),
             "workflow_triggers": len(triggers),
+            **({"workflow_trigger_problems": trigger_problems} if trigger_problems else {}),
             "definitions": dg.MetadataValue.md("\n".join(rows)),
         }
     )

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from audiences.conditions.definitions import DefinitionError
 from audiences.delivery.setup import load_workflow_setup
 from audiences.membership.changes import AudienceChanges, CircuitBreaker, record_changes
 from audiences.settings import format_time
@@ -166,7 +167,13 @@ def published_membership_events(
     store: MembershipStoreResource,
     settings: SettingsParam,
 ) -> dg.MaterializeResult:
-    setup = load_workflow_setup(settings)
+    try:
+        setup = load_workflow_setup(settings)
+    except DefinitionError as error:
+        raise dg.Failure(
+            description="workflow triggers with errors; this evaluation's membership events wait "
+            "in the outbox, and the next run after the fix publishes them:\n" + str(error)
+        ) from None
     with warehouse.connect() as connection:
         evaluated_at = members_evaluated_at(connection)
         if is_earlier_evaluation(connection):  # no trigger is queued at an earlier time
@@ -223,17 +230,18 @@ def workflow_trigger_deliveries(
     context: dg.AssetExecutionContext, store: MembershipStoreResource, settings: SettingsParam
 ) -> dg.MaterializeResult:
     from audiences.delivery.loop import deliver_due, delivery_status
-    from audiences.delivery.sinks import close_sinks
+    from audiences.delivery.sinks import close_sinks, load_sinks
 
-    setup = load_workflow_setup(settings)
+    # The sinks only: deliveries already queued are sent even while a trigger file has errors.
+    sinks, _ = load_sinks(settings.sinks_file)
     opened = store.open()
     try:
         report = deliver_due(
-            opened, setup.sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK
+            opened, sinks, limit=PASS_LIMIT, seconds_per_sink=PASS_SECONDS_PER_SINK
         )
         status = delivery_status(opened)
     finally:
-        close_sinks(setup.sinks)
+        close_sinks(sinks)
     if report.dead:
         context.log.warning(
             f"{report.dead} deliveries were dead-lettered; see `audiences deliveries`"

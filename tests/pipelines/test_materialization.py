@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import dagster as dg
 import duckdb
 import pytest
+import sqlalchemy as sa
 from condition_harness import NOW, ROOT, copy_sample_run, copy_store
 
 from audiences.conditions.definitions import evaluation_order, load_definitions
@@ -213,6 +214,89 @@ def test_reevaluation_moves_users_as_time_passes_and_reports_counts(
     }
     assert 0 < reevaluated < 2964  # 26 days of windows cover most of the sample's users
     assert changed == 0  # no user's data changed: the schedule tick's path
+
+
+def test_a_broken_trigger_file_holds_the_events_not_the_evaluation(
+    sample_run, tmp_path, monkeypatch
+):
+    """A typo in one trigger.json used to fail the run before any audience was evaluated. Now
+    the audiences are evaluated, their events wait in the outbox (none published without its
+    triggers, none lost), and the run after the fix publishes them with every trigger."""
+    from audiences.store.database import MembershipStore, membership_events
+
+    copy = tmp_path / "warehouse.duckdb"
+    copy_sample_run(sample_run, tmp_path)
+    workflows = tmp_path / "workflows"
+    shutil.copytree(ROOT / "data" / "workflows", workflows)
+    broken = workflows / "churn-risk-exit" / "trigger.json"
+    good = broken.read_text()
+    broken.write_text(good.replace('"exited"', '"exitted"'))
+    monkeypatch.setenv("AUDIENCES_DUCKDB", str(copy))
+    monkeypatch.setenv("AUDIENCES_SINKS", str(tmp_path / "sinks.yml"))
+    monkeypatch.setenv("AUDIENCES_WORKFLOWS", str(workflows))
+    defs = build_definitions()
+    job = defs.resolve_job_def("reevaluate_audiences")
+
+    def reevaluate(at: str):
+        with dg.DagsterInstance.ephemeral() as instance:
+            return job.execute_in_process(
+                run_config={"ops": {"audience_models": {"config": {"evaluation_time": at}}}},
+                instance=instance,
+                raise_on_error=False,
+            )
+
+    def outbox() -> tuple[int, int]:
+        with duckdb.connect(str(copy), read_only=True) as connection:
+            return connection.execute(
+                "select (select max(published_sequence) from raw.outbox_published), "
+                "(select max(sequence) from raw.membership_outbox)"
+            ).fetchone()
+
+    published_before, written_before = outbox()
+    result = reevaluate("2026-11-27T00:00:00+00:00")
+    assert not result.success
+    failures = [event for event in result.all_events if event.event_type_value == "STEP_FAILURE"]
+    assert [event.step_key for event in failures] == ["published_membership_events"]
+    assert f"{broken}: $.on" in failures[0].step_failure_data.user_failure_data.description
+    materialized = {
+        event.asset_key.to_user_string() for event in result.get_asset_materialization_events()
+    }
+    assert {"audience_definitions", "audience_members", "membership_changes"} <= materialized
+    # Evaluated at the new time, with its events written and held.
+    published, written = outbox()
+    assert published == published_before and written > written_before
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        assert (
+            connection.execute(
+                "select count(*) from main.audience_evaluations "
+                "where evaluated_at = '2026-11-27 00:00:00+00'"
+            ).fetchone()[0]
+            > 0
+        )
+    # Fixed: the next run publishes everything waiting, once, with the triggers.
+    broken.write_text(good)
+    assert reevaluate("2026-11-28T00:00:00+00:00").success
+    published, written = outbox()
+    assert published == written
+    with duckdb.connect(str(copy), read_only=True) as connection:
+        held = {
+            row[0]
+            for row in connection.execute(
+                "select event_id from raw.membership_outbox where not is_backfill "
+                "and sequence > $before",
+                {"before": written_before},
+            ).fetchall()
+        }
+    store = MembershipStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    stored = [row["event_id"] for row in store.rows(sa.select(membership_events.c.event_id))]
+    store.dispose()
+    assert held and held <= set(stored) and len(stored) == len(set(stored))
+    exits = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "triggers.jsonl").read_text().splitlines()
+        if json.loads(line)["workflow_key"] == "churn-risk-exit"
+    ]
+    assert all(line["data"]["event"] == "exited" for line in exits)
 
 
 def test_a_reevaluation_writes_none_of_dbts_json_artifacts(sample_run, dbt_project_copy, tmp_path):
