@@ -26,12 +26,15 @@ def run(settings: Settings, arguments) -> int:
     Time only moves forward: an evaluation time earlier than the last recorded one is refused, and
     with --allow-earlier it is evaluated (members and counts) without recording membership events
     or triggering workflows."""
+    from audiences.api.keys import refuse_other_environment
     from audiences.dbt.project import generate as generate_models
     from audiences.delivery.sinks import load_sinks
     from audiences.lifecycle.commits import prepare_environment
     from audiences.settings import require_dbt_project
     from audiences.warehouse.lock import hold_writer_lock
 
+    # A store of another environment is refused before anything is read or written.
+    refuse_other_environment(settings.store_url, settings.environment)
     prepare_environment(settings)  # a later environment evaluates what its store holds
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     # The models follow the definitions before the code location loads (loading never writes them).
