@@ -32,11 +32,19 @@ class Reply:
     body: bytes = b""
     hang_seconds: float | None = None
     reset: bool = False
+    trickle_seconds: float | None = None
+    trickle_headers: bool = False
 
     @classmethod
     def hang(cls, seconds: float) -> Reply:
         """Answer nothing for `seconds` (longer than the client's timeout), then close."""
         return cls(hang_seconds=seconds)
+
+    @classmethod
+    def trickle(cls, seconds: float, *, headers: bool = False) -> Reply:
+        """Answer 200 a byte of the body every 0.1 s for `seconds` (or, with `headers`, a header
+        line every 0.1 s): each read is quick, the whole answer never ends in time."""
+        return cls(trickle_seconds=seconds, trickle_headers=headers)
 
     @classmethod
     def connection_reset(cls) -> Reply:
@@ -153,6 +161,21 @@ def _handler_for(recorder: HttpRecorder) -> type[BaseHTTPRequestHandler]:
             if reply.hang_seconds is not None:
                 recorder._closing.wait(reply.hang_seconds)
                 self.close_connection = True
+                return
+            if reply.trickle_seconds is not None:
+                self.close_connection = True
+                head = b"HTTP/1.1 200 OK\r\n"
+                if not reply.trickle_headers:
+                    head += b"Content-Length: 1000000\r\n\r\n"
+                piece = b"X-Slow: 1\r\n" if reply.trickle_headers else b" "
+                ends = time.monotonic() + reply.trickle_seconds
+                try:
+                    self.wfile.write(head)
+                    while time.monotonic() < ends and not recorder._closing.wait(0.1):
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                except OSError:
+                    pass  # the client hung up
                 return
             self.send_response(reply.status)
             for name, value in reply.headers.items():

@@ -17,6 +17,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -126,10 +127,35 @@ def bind_store(store: MembershipStore, environment: str) -> None:
                     sa.select(markers.c.value).where(markers.c.name == ENVIRONMENT_MARKER)
                 ).scalar()
     if owner != environment:
-        raise StoreEnvironmentError(
-            f"the store {safe_url(store.url)} belongs to the {owner} environment, not {environment}; "
-            f"check AUDIENCES_ENV, AUDIENCES_STORE_URL and AUDIENCES_STORE_URL_{environment.upper()}"
-        )
+        raise _belongs_elsewhere(store.url, owner, environment)
+
+
+def refuse_other_environment(url: str, environment: str) -> None:
+    """`bind_store`'s refusal without its writes: raise when the store at `url` exists and records
+    another environment; a store not made yet, or with no record, is left as it is."""
+    database = sa.engine.make_url(url).database
+    if url.startswith("sqlite") and (not database or not Path(database).expanduser().exists()):
+        return
+    store = MembershipStore(url)
+    try:
+        markers = tables.store_markers
+        if not sa.inspect(store.read_engine).has_table(markers.name):
+            return
+        with store.read_engine.connect() as connection:
+            owner = connection.execute(
+                sa.select(markers.c.value).where(markers.c.name == ENVIRONMENT_MARKER)
+            ).scalar()
+    finally:
+        store.dispose()
+    if owner is not None and owner != environment:
+        raise _belongs_elsewhere(url, owner, environment)
+
+
+def _belongs_elsewhere(url: str, owner: str, environment: str) -> StoreEnvironmentError:
+    return StoreEnvironmentError(
+        f"the store {safe_url(url)} belongs to the {owner} environment, not {environment}; "
+        f"check AUDIENCES_ENV, AUDIENCES_STORE_URL and AUDIENCES_STORE_URL_{environment.upper()}"
+    )
 
 
 def safe_url(url: str) -> str:

@@ -114,9 +114,19 @@ def write_warehouse(settings: Settings, command: str):
 
 
 def open_store(settings: Settings):
+    """The environment's store, refused (one line) when it belongs to another environment: a
+    `deliver --watch` of production pointed at development's store by a stray
+    `AUDIENCES_STORE_URL` would send development's triggers through production's sinks."""
+    from audiences.api.keys import bind_store
     from audiences.store.database import MembershipStore
 
-    return MembershipStore(settings.store_url).create()
+    store = MembershipStore(settings.store_url).create()
+    try:
+        bind_store(store, settings.environment)
+    except Exception:
+        store.dispose()
+        raise
+    return store
 
 
 def usable_definitions(settings: Settings) -> dict:

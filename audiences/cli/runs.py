@@ -26,12 +26,15 @@ def run(settings: Settings, arguments) -> int:
     Time only moves forward: an evaluation time earlier than the last recorded one is refused, and
     with --allow-earlier it is evaluated (members and counts) without recording membership events
     or triggering workflows."""
+    from audiences.api.keys import refuse_other_environment
     from audiences.dbt.project import generate as generate_models
     from audiences.delivery.sinks import load_sinks
     from audiences.lifecycle.commits import prepare_environment
     from audiences.settings import require_dbt_project
     from audiences.warehouse.lock import hold_writer_lock
 
+    # A store of another environment is refused before anything is read or written.
+    refuse_other_environment(settings.store_url, settings.environment)
     prepare_environment(settings)  # a later environment evaluates what its store holds
     require_dbt_project(settings.dbt_project_dir)  # before Dagster loads it, with a plain message
     # The models follow the definitions before the code location loads (loading never writes them).
@@ -79,7 +82,7 @@ def _run(settings: Settings, arguments, sinks: dict, default_sink: str) -> int:
             "the run failed (--verbose shows Dagster's and dbt's log)"
         ]:
             print(f"error: {failure}", file=sys.stderr)
-        return 1
+        return 130 if any(failure.endswith(INTERRUPTED) for failure in outcome.failures) else 1
     with connect(settings.duckdb_path, read_only=True) as connection:
         counts = last_evaluation(connection, evaluated_at)
         users, quarantined = connection.execute(
@@ -261,6 +264,10 @@ def _execute_main_job(
     )
 
 
+# A step stopped by SIGTERM or Ctrl-C (Dagster's handlers raise in the step): the run exits 130.
+INTERRUPTED = "interrupted (SIGTERM or Ctrl-C)"
+
+
 def _step_error_message(error) -> str:
     """The user-facing message of a failed step: the error Dagster wrapped (an `Error occurred while
     executing op` names only Dagster), without its module path; a `dg.Failure`'s own description."""
@@ -268,10 +275,12 @@ def _step_error_message(error) -> str:
         error = error.cause
     if error is None:
         return "no error recorded"
+    if error.cls_name == "DagsterExecutionInterruptedError":
+        return INTERRUPTED
     message = error.message.strip()
     qualified = message.split(":", 1)[0]
     if qualified.endswith(error.cls_name) and " " not in qualified:
-        message = message.split(":", 1)[1].strip()
+        message = message.split(":", 1)[1].strip() if ":" in message else ""
         user_error = error.cls_name in (
             "Failure",
             "SourceError",

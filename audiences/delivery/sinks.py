@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
+import heapq
 import hmac
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +38,8 @@ from urllib.parse import quote, urlsplit
 import requests
 import yaml
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from audiences.delivery import Delivery, Outcome
 from audiences.store.database import now_text
@@ -646,7 +651,7 @@ def _session(pool_size: int, url: str, *, authorizes: bool) -> requests.Session:
     them in place of its header."""
     session = requests.Session()
     # No automatic retries or redirects: the delivery loop owns retries, with back-off and a record.
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0)
+    adapter = _DeadlineAdapter(pool_connections=1, pool_maxsize=max(1, pool_size), max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     environment = session.merge_environment_settings(url, {}, None, None, None)
@@ -675,20 +680,173 @@ def _post_for_outcome(
     headers: dict[str, str],
     timeout: float,
 ) -> Outcome:
+    """One POST, answered within `timeout` seconds in all: `requests`' own timeout bounds the
+    connection and each read, and the request's `_Deadline` ends one whose receiver keeps sending
+    its headers or body a little at a time (every read within the timeout, the whole never done)."""
+    deadline = _Deadline(time.monotonic() + timeout)
+    _DEADLINES.current = deadline
+    _WATCHDOG.watch(deadline)
     try:
-        response = session.post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-        )
-    except requests.Timeout as error:
-        return Outcome.retry(f"timed out after {timeout:g} s: {error}")
-    except requests.ConnectionError as error:
-        return Outcome.retry(f"connection error: {error}")
+        # `stream`: the body is read below, inside the deadline, rather than in `post`.
+        with session.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False, stream=True
+        ) as response:
+            text = response.text
+        if deadline.expired:
+            # Cut off mid-answer: what was read (headers ended early by the shutdown) is no answer.
+            return Outcome.retry(f"timed out: no whole answer within {timeout:g} s")
+        return outcome_for_response(response.status_code, response.headers, text)
     except requests.RequestException as error:
+        if deadline.expired:
+            return Outcome.retry(f"timed out: no whole answer within {timeout:g} s")
+        if isinstance(error, requests.Timeout):
+            return Outcome.retry(f"timed out after {timeout:g} s: {error}")
+        if isinstance(error, requests.ConnectionError):
+            return Outcome.retry(f"connection error: {error}")
         # Anything else requests can raise (an invalid URL, a broken response) may be fixed by an
         # operator before the attempts run out, so it retries rather than failing at once.
         return Outcome.retry(f"request error: {type(error).__name__}: {error}")
-    with response:
-        return outcome_for_response(response.status_code, response.headers, response.text)
+    finally:
+        _DEADLINES.current = None
+        deadline.cancel()
+
+
+class _Deadline:
+    """When one request must be over. Its connection is attached (`attach`) as the request goes
+    out; at `at` (monotonic seconds) the watchdog shuts that connection's socket down, which ends
+    any read blocked on it, unless the request was over and `cancel`led first, or its connection
+    has gone on to another request."""
+
+    def __init__(self, at: float):
+        self.at = at
+        self.expired = False
+        self.cancelled = False
+        self._connection = None
+        self._lock = threading.Lock()
+
+    def attach(self, connection) -> None:
+        with self._lock:
+            self._connection = connection
+            late = self.expired
+        if late:
+            _shut_down(connection, self)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.cancelled:
+                return
+            self.expired = True
+            connection = self._connection
+        if connection is not None:
+            _shut_down(connection, self)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            self._connection = None
+
+
+def _shut_down(connection, deadline: _Deadline) -> None:
+    """Shut down `connection`'s socket if it still serves `deadline`'s request."""
+    with connection._deadline_lock:
+        if connection._deadline is not deadline or connection.sock is None:
+            return
+        with contextlib.suppress(OSError):  # already closed
+            socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One daemon thread that expires the requests' deadlines as they come due."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: _Deadline) -> None:
+        with self._condition:
+            self._count += 1
+            heapq.heappush(self._heap, (deadline.at, self._count, deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="sink-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._condition.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while self._heap and self._heap[0][2].cancelled:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._condition.wait()
+                    continue
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._condition.wait(wait)
+                    continue
+                deadline = heapq.heappop(self._heap)[2]
+            deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+_DEADLINES = threading.local()  # `current`: the deadline of the request this thread is making
+
+
+class _DeadlineConnectionMixin:
+    """A connection that attaches itself to the deadline of the request its thread is making."""
+
+    def request(self, *args, **kwargs):
+        deadline = getattr(_DEADLINES, "current", None)
+        if not hasattr(self, "_deadline_lock"):
+            self._deadline_lock = threading.Lock()
+        with self._deadline_lock:
+            self._deadline = deadline
+        if deadline is not None:
+            deadline.attach(self)
+        return super().request(*args, **kwargs)
+
+    def getresponse(self, *args, **kwargs):
+        deadline = getattr(self, "_deadline", None)
+        if deadline is not None and deadline.expired:
+            _shut_down(self, deadline)  # it expired while this connection was being made
+        return super().getresponse(*args, **kwargs)
+
+
+class _DeadlineHTTPConnection(_DeadlineConnectionMixin, HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_DEADLINE_POOLS = {"http": _DeadlineHTTPPool, "https": _DeadlineHTTPSPool}
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    """`requests`' adapter whose connections obey `_post_for_outcome`'s deadlines (through an
+    HTTP proxy too; a SOCKS proxy's connections keep `requests`' per-read timeout alone)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(_DEADLINE_POOLS)
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        if not proxy.lower().startswith("socks"):
+            manager.pool_classes_by_scheme = dict(_DEADLINE_POOLS)
+        return manager
 
 
 def _webhook_item(delivery: Delivery) -> dict:

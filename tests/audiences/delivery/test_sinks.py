@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -209,6 +210,38 @@ def test_webhook_hanging_past_the_timeout_answers_retry(webhook, recorder):
     (outcome,) = webhook.send([delivery(1)])
     assert outcome.status == "retry"
     assert "timed out" in outcome.error
+
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+@pytest.mark.parametrize("kind", ["webhook", "knock"])
+def test_a_receiver_answering_a_byte_at_a_time_is_cut_off_at_the_timeout(
+    request, recorder, kind, headers
+):
+    """A receiver that keeps each read within the timeout but never ends its answer (headers or
+    body a byte at a time) is cut off when `timeout_seconds` are over in all: a send that never
+    ends would hold its sink's thread, its claim's lease and a run's delivery step for good."""
+    sink = request.getfixturevalue(kind)  # timeout_seconds=0.5
+    recorder.script(Reply.trickle(8, headers=headers), Reply(200))
+    started = time.monotonic()
+    (outcome,) = sink.send([delivery(1)])
+    assert time.monotonic() - started < 2.5
+    assert outcome.status == "retry"
+    assert "no whole answer within 0.5 s" in outcome.error
+    # The sink's connection pool is still usable: the next send goes out and is answered.
+    (outcome,) = sink.send([delivery(2)])
+    assert outcome.status == "delivered"
+    assert len(recorder.requests) == 2
+
+
+def test_sends_on_a_pooled_connection_outlive_the_deadlines_of_earlier_ones(webhook, recorder):
+    """The deadline cuts off only what is late: sends one after another on the same pooled
+    connection are delivered, and so is one sent after their deadlines have passed."""
+    for number in range(30):
+        (outcome,) = webhook.send([delivery(number)])
+        assert outcome.status == "delivered", outcome.error
+    time.sleep(0.7)  # every deadline of those sends has passed: none cuts off the next send
+    (outcome,) = webhook.send([delivery(99)])
+    assert outcome.status == "delivered", outcome.error
 
 
 def test_webhook_connection_reset_answers_retry(webhook, recorder):
