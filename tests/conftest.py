@@ -19,6 +19,7 @@ MEMORY_TEMP_ROOT = Path("/dev/shm")
 MEMORY_TEMP_MIN_FREE = 8 * 2**30
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker more than the cores this process may use. Much of a worker's time is
     spent waiting on other processes (dbt and Dagster subprocesses, served APIs, the JVM, the
