@@ -75,7 +75,7 @@ def deliver(settings: Settings, arguments) -> int:
 
     sinks, _ = load_sinks(settings.sinks_file)
     store = open_store(settings)
-    options = {"max_attempts": arguments.max_attempts}
+    options = {} if arguments.max_attempts is None else {"max_attempts": arguments.max_attempts}
     if arguments.lease_seconds is not None:
         options["lease_seconds"] = arguments.lease_seconds
     if arguments.watch:
@@ -263,7 +263,11 @@ def register(command) -> None:
         "--watch", action="store_true", help="keep delivering as new triggers arrive (Ctrl-C stops)"
     )
     sub.add_argument(
-        "--max-attempts", type=int, default=8, help="attempts before a delivery is dead-lettered"
+        "--max-attempts",
+        type=int,
+        default=None,
+        help="attempts before a retried delivery is dead-lettered (default: the engine's, about "
+        "half an hour of back-off)",
     )
     sub.add_argument(
         "--lease-seconds",

@@ -77,6 +77,13 @@ CLOCK_SKEW_SECONDS = 86_400.0
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _MICROSECOND = timedelta(microseconds=1)
 
+# Attempts before a retried delivery is dead-lettered (`audiences deliver --max-attempts` says
+# so). With the back-off's defaults (full jitter, doubling from 1 s up to 300 s) 20 attempts span
+# about half an hour on average: a receiver down for minutes, or answering 429 for a while, loses
+# nothing to the dead-letter list (8 attempts spanned about a minute). A refusal (a 4xx other
+# than 408 and 429) is dead at once.
+MAX_ATTEMPTS = 20
+
 
 @dataclass
 class DeliveryReport:
@@ -243,7 +250,7 @@ def deliver_due(
     sinks: Mapping[str, Sink],
     *,
     now: datetime | None = None,
-    max_attempts: int = 8,
+    max_attempts: int = MAX_ATTEMPTS,
     limit: int | None = None,
     base_delay: float = 1.0,
     max_delay: float = 300.0,

@@ -824,3 +824,27 @@ def test_a_worker_slowed_by_the_rate_limit_renews_its_lease_so_no_other_takes_it
     ids = [request.header("webhook-id") for request in recorder.requests]
     assert sorted(ids) == sorted(f"dlv-{n}" for n in range(15))  # each once: the leases held
     assert recorder.requests[-1].received_at - recorder.requests[0].received_at > 1.5
+
+
+def test_a_receiver_down_for_ten_minutes_loses_no_delivery_to_the_dead_letters(
+    store, knock, recorder
+):
+    """With the default attempts, a delivery outlives an outage of minutes: before, 8 attempts of
+    the back-off spanned about a minute, and a receiver answering 500 (or 429) that long sent its
+    deliveries to the dead-letter list."""
+    pending(store, "dlv-1", "knock")
+    moment = {"now": T0}
+    recorder.respond_with(lambda request: 500 if moment["now"] < at(600) else 200)
+    rng = random.Random(11)
+    sent = 0
+    while sent < 100:
+        report = deliver_due(store, {"knock": knock}, now=moment["now"], rng=rng)
+        sent += report.attempted
+        row = delivery_row(store, "dlv-1")
+        if row["status"] != "pending":
+            break
+        moment["now"] = datetime.strptime(row["next_attempt_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=UTC
+        )
+    assert row["status"] == "delivered", row["last_error"]
+    assert moment["now"] >= at(600) and 1 < row["attempts"] <= 20
