@@ -38,3 +38,25 @@ def test_a_store_of_development_is_refused_by_production_commands(tmp_path):
             f"error: the store {store} belongs to the development environment, not production; "
             "check AUDIENCES_ENV, AUDIENCES_STORE_URL and AUDIENCES_STORE_URL_PRODUCTION"
         ], command
+
+
+def test_a_dagster_run_refuses_a_store_of_another_environment(tmp_path, monkeypatch):
+    """The runs `dg dev` launches open the store through the run's resource: it refuses a store
+    recorded as another environment's before any step writes to it."""
+    import dagster as dg
+
+    from pipelines import build_definitions
+
+    store = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    created = audiences(tmp_path, "--environment", "production", "--store", store, "keys", "create")
+    assert created.returncode == 0, created.stderr
+    monkeypatch.setenv("AUDIENCES_STORE_URL", store)
+    monkeypatch.setenv("AUDIENCES_DUCKDB", str(tmp_path / "warehouse.duckdb"))
+    job = build_definitions().resolve_job_def("deliver_workflow_triggers")
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    assert not result.get_asset_materialization_events()  # no step ran
+    assert f"the store {store} belongs to the production environment, not development" in str(
+        result.all_events
+    )

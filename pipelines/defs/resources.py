@@ -217,7 +217,13 @@ def environment_resources(
 
     @dg.resource(description="The membership store of the run's environment.")
     def store(context: dg.InitResourceContext) -> MembershipStoreResource:
-        return MembershipStoreResource(url=chosen(context).store_url)
+        from audiences.api.keys import refuse_other_environment
+
+        settings = chosen(context)
+        # A store recorded as another environment's (a stray AUDIENCES_STORE_URL) is refused
+        # before the run writes to it, as the CLI and the API refuse it.
+        refuse_other_environment(settings.store_url, settings.environment)
+        return MembershipStoreResource(url=settings.store_url)
 
     @dg.resource(
         description="The dbt project of the run's environment, run by the dbt beside this Python."
