@@ -32,7 +32,12 @@ if TYPE_CHECKING:
     from audiences.api.bulk import BulkWorker
     from audiences.api.realtime import RealtimeWorker
     from audiences.api.workers import WorkerClient
-from audiences.conditions.definitions import KEY_PATTERN, load_definitions
+from audiences.conditions.definitions import (
+    DEFINITION_FILE,
+    KEY_PATTERN,
+    declared_type,
+    load_definition_set,
+)
 from audiences.settings import Settings
 from audiences.static.uploads import after_answer, prepare_upload, record_upload
 from audiences.store import database as tables
@@ -94,10 +99,22 @@ class Environment:
         most once a second (and at once after this process creates an audience)."""
         now = time.monotonic()
         if self._types is None or now - self._types[0] > 1.0:
-            definitions = (
-                load_definitions(self.definitions_dir) if self.definitions_dir.exists() else {}
-            )
-            self._types = (now, audience_types(self.store, definitions))
+            definitions: dict = {}
+            declared: dict[str, str] = {}
+            if self.definitions_dir.exists():
+                # A definition with errors stops that audience, not the API: it keeps the type
+                # its file declares (a run keeps its last members), and the others are served.
+                loaded = load_definition_set(self.definitions_dir)
+                definitions = loaded.definitions
+                declared = {
+                    key: declared_type(self.definitions_dir / key / DEFINITION_FILE)
+                    for key in loaded.skipped
+                }
+            types = audience_types(self.store, definitions)
+            for key, kind in declared.items():
+                if kind is not None:
+                    types.setdefault(key, kind)
+            self._types = (now, types)
         return self._types[1]
 
     def require_audience(self, key: str) -> str:

@@ -286,6 +286,16 @@ def load_definitions(folder: Path) -> dict[str, AudienceDefinition]:
     return loaded.definitions
 
 
+def declared_type(path: Path) -> str | None:
+    """The `type` a definition file declares, read even when the file has errors (None when it
+    cannot be read or declares no known type)."""
+    try:
+        declared = json.loads(Path(path).read_bytes()).get("type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return declared if declared in ("dynamic", "static") else None
+
+
 def definition_keys(folder: Path) -> set[str]:
     """Every audience key the folder defines, evaluated or skipped (`DefinitionSet.keys`): its
     `<key>/audience.json` files, read and compiled by none (a trigger check needs only the keys)."""

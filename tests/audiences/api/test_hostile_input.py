@@ -4,6 +4,7 @@ Each is a 422 naming the field, and nothing is written."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -175,3 +176,38 @@ def test_a_tenant_given_as_a_string_is_checked_as_one_given_as_an_object(http, s
         ("t4", "acme"),
         ("t6", "acme"),
     ]
+
+
+def test_one_broken_definition_leaves_the_other_audiences_served(http, service):
+    """A definition with an error stops that audience, not the API (found by redteam4: every
+    member listing answered 500 while one file of the folder had an error)."""
+    broken = service.settings.definitions_dir / "broken"
+    broken.mkdir()
+    (broken / "audience.json").write_text(
+        json.dumps(
+            {
+                "name": "Broken",
+                "type": "dynamic",
+                "segments": [
+                    {
+                        "conditions": [
+                            {
+                                "property": "recipient.seen_at",
+                                "operator": "is_timestamp_before",
+                                "argument": 253402300800,
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    )
+    time.sleep(1.1)  # the service re-reads the definitions at most once a second
+    assert http.get("/v1/audiences/newsletter/members").status_code == 200
+    assert http.get("/v1/audiences/pro-plan/members").status_code == 200
+    added = http.post(
+        "/v1/audiences/newsletter/members", json={"members": [{"user": {"id": "u1"}}]}
+    )
+    assert added.status_code == 204, added.text
+    # The skipped audience keeps its type (and its last members, none here).
+    assert http.get("/v1/audiences/broken/members").status_code == 200

@@ -226,6 +226,15 @@ CASES = [
     _case("equal_to", '"\\ud83c"', '"\\ud83c"', True),
     _case("contains", '["\\ud83c", "x"]', ["x"], True),
     _case("contains", '["\\ud83c"]', ["x"], False),
+    # docs/conditions.md, `contains_all`: null and object arguments match
+    # nothing, an empty list argument is held by every list.
+    _case("contains_all", "null", [None], False),
+    _case("not_contains_all", "null", [None, "null"], True),
+    _case("contains_all", '{"a":1}', [{"a": 1}, "a"], False),
+    _case("not_contains_all", '{"a":1}', [{"a": 1}], True),
+    _case("contains_all", "[]", ["a"], True),
+    _case("contains_all", "[]", [], True),
+    _case("contains_all", "[]", "", False),
 ]
 
 
@@ -351,6 +360,24 @@ def test_dynamic_time_argument_compares_two_properties():
             "operator": "is_timestamp_before",
             "argument": "{{ recipient.due_at }}",
         }
+    )
+    assert matching_ids(connection, [[late]]) == {"late"}
+
+
+@pytest.mark.parametrize(
+    "argument", ["{{recipient.due_at}}", "{{\trecipient.due_at\n}}", "{{ recipient.due_at}}"]
+)
+def test_dynamic_time_argument_takes_any_whitespace_inside_its_braces(argument):
+    connection = connect_memory()
+    insert_users(
+        connection,
+        [
+            {"id": "late", "paid_at": "2026-09-30", "due_at": "2026-10-01"},
+            {"id": "renewed", "paid_at": "2026-10-02", "due_at": "2026-10-01"},
+        ],
+    )
+    late = Condition.from_json(
+        {"property": "paid_at", "operator": "is_timestamp_before", "argument": argument}
     )
     assert matching_ids(connection, [[late]]) == {"late"}
 
