@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -555,6 +556,13 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
                     f"{_json_kind(identifier)}, not text or a whole number"
                 )
         text = json.dumps(document, ensure_ascii=False)
+        # Python reads NaN, Infinity and 1e400, which JSON has not: such a line is quarantined,
+        # saying so (looked for only where Python wrote one back, at no cost to other lines).
+        if "NaN" in text or "Infinity" in text:
+            not_json = _not_json_number(line)
+            if not_json:
+                unreadable[-1] = unreadable[-1] or f"{source.location}, line {number}: {not_json}"
+                text = json.dumps(_finite_only(document), ensure_ascii=False)  # kept as JSON
         # Only a `\u` escape can spell a lone surrogate: decoded UTF-8 never holds one.
         surrogate = "\\u" in line and lone_surrogate_problem(
             "\n".join(filter(None, [text, *line_ids]))
@@ -573,6 +581,41 @@ def _read_jsonl(source: UserSource) -> pl.DataFrame:
     if any(problem is not None for problem in unreadable):
         frame = frame.with_columns(pl.Series(UNREADABLE_COLUMN, unreadable, dtype=pl.String))
     return frame
+
+
+class _NotJson(ValueError):
+    """A number Python's JSON reader takes that JSON does not have."""
+
+
+def _not_json(constant: str):
+    raise _NotJson(f"{constant} is not a JSON number")
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"{text} is beyond what a JSON number can hold")
+    return value
+
+
+def _finite_only(value: object) -> object:
+    """`value` with each NaN or infinite number in it as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_only(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_only(item) for item in value]
+    return value
+
+
+def _not_json_number(line: str) -> str | None:
+    """Why a line Python's reader took is not JSON (NaN, Infinity, 1e400), or None."""
+    try:
+        json.loads(line, parse_constant=_not_json, parse_float=_finite_number)
+    except _NotJson as error:
+        return str(error)
+    return None
 
 
 def _json_kind(value: object) -> str:

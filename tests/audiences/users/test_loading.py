@@ -482,6 +482,29 @@ def test_a_json_line_with_a_lone_surrogate_escape_is_quarantined_and_the_rest_lo
     )
 
 
+def test_a_json_line_with_nan_or_infinity_is_quarantined_saying_why(warehouse, tmp_path):
+    # Python's JSON reader takes NaN, Infinity and 1e400, which JSON has not. Such a line was
+    # quarantined as "`properties` is not a JSON object", which sent users looking at the wrong
+    # thing; the reason now names the number. The words inside a string are no number.
+    path = tmp_path / "people.jsonl"
+    path.write_text(
+        '{"id": "u1", "score": NaN}\n'
+        '{"id": "u2", "score": 1e400}\n'
+        '{"id": "u3", "score": -Infinity}\n'
+        '{"id": "u4", "score": 1.5, "note": "NaN or Infinity"}\n'
+    )
+    result = load_source(warehouse, source_from_uri(str(path)), T0)
+    assert (result.rows_quarantined, users(warehouse)) == (
+        3,
+        {"u4": {"score": 1.5, "note": "NaN or Infinity"}},
+    )
+    assert quarantine(warehouse) == [
+        (1, "u1", f"{path}, line 1: NaN is not a JSON number"),
+        (2, "u2", f"{path}, line 2: 1e400 is beyond what a JSON number can hold"),
+        (3, "u3", f"{path}, line 3: -Infinity is not a JSON number"),
+    ]
+
+
 def test_a_csv_with_bad_bytes_is_quarantined_by_line_and_the_rest_is_not_garbled(
     warehouse, tmp_path
 ):
