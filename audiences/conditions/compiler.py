@@ -850,7 +850,7 @@ def _compile_contains(
     if isinstance(value, list):
         return _template(
             "case when :kind = 'list' then list_has_any(:items, :keys) "
-            "when :kind is null or :kind in ('string', 'number', 'boolean') then list_contains(:keys, :key) "
+            "when :kind is null or :kind in ('string', 'number', 'boolean') then array_contains(:keys, :key) "
             "else false end",
             kind=read.kind,
             items=read.items,
@@ -858,12 +858,14 @@ def _compile_contains(
             key=read.scalar_key(),
         )
     # A list item matches by key, or (for an argument written as text) as a string equal to the
-    # argument's original text.
+    # argument's original text. `array_contains`, not DuckDB's `list_contains`: every dialect's
+    # reader knows that name, so the rendering never depends on the template's dialect (one CI
+    # worker rendered `list_contains` where the committed models say `array_contains`).
     key, text_key = _argument_key(value), _original_text_key(argument)
     in_list = (
-        "list_contains(:items, :key)"
+        "array_contains(:items, :key)"
         if text_key in (None, key)
-        else "list_contains(:items, :key) or list_contains(:items, :text_key)"
+        else "array_contains(:items, :key) or array_contains(:items, :text_key)"
     )
     return _template(
         f"case when :kind = 'list' then {in_list} "
@@ -897,13 +899,13 @@ def _compile_contains_all(
     key, text_key = _argument_key(value), _original_text_key(argument)
     if text_key in (None, key):
         return _template(
-            "(:kind = 'list' and list_contains(:items, :key))",
+            "(:kind = 'list' and array_contains(:items, :key))",
             kind=read.kind,
             items=read.items,
             key=key,
         )
     return _template(
-        "(:kind = 'list' and (list_contains(:items, :key) or list_contains(:items, :text_key)))",
+        "(:kind = 'list' and (array_contains(:items, :key) or array_contains(:items, :text_key)))",
         kind=read.kind,
         items=read.items,
         key=key,
